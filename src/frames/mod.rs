@@ -1,0 +1,432 @@
+//! Host frames: a `FrameStore` keeps guest pages in one memfd, so a frame is
+//! a file offset. That is what lets a frame be mapped at several guest pages
+//! (sharing), be freed for real with `fallocate(PUNCH_HOLE)`, and be handed to
+//! KVM, vhost-user or another process as (fd, offset).
+//!
+//! The store owns frame allocation and the kernel's view of how much memory
+//! the frames really hold. It never reads or writes frame contents.
+
+mod allocator;
+mod mapping;
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    sync::Mutex,
+};
+
+pub use mapping::HostMapping;
+
+use crate::addr::{FrameNumber, PageSize, PAGE_SHIFT};
+use allocator::RangeAllocator;
+
+/// Errors of the frame store.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call that failed.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A request for zero frames.
+    #[error("a frame range must hold at least one frame")]
+    Empty,
+    /// The request does not fit the store's address arithmetic.
+    #[error("{frames} frames do not fit in a file offset or this process's address space")]
+    TooLarge {
+        /// Frames asked for (or the end frame reached).
+        frames: u64,
+    },
+    /// A range is not a multiple of the store's allocation granule.
+    #[error("frame range {start}+{count} is not aligned to the store's {granule} granule")]
+    Misaligned {
+        /// First frame.
+        start: u64,
+        /// Frames in the range.
+        count: u64,
+        /// The store's granule.
+        granule: PageSize,
+    },
+    /// A range that the store did not hand out, or already took back.
+    #[error("frame range {start}+{count} is not allocated in this store")]
+    NotAllocated {
+        /// First frame.
+        start: u64,
+        /// Frames in the range.
+        count: u64,
+    },
+    /// Hugetlb backing was asked for but the kernel has no huge pages to give.
+    #[error(
+        "no {size} huge pages available: reserve some in /sys/kernel/mm/hugepages (nr_hugepages)"
+    )]
+    NoHugePages {
+        /// The huge page size asked for.
+        size: PageSize,
+    },
+}
+
+/// What backs the store's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A shmem memfd with 4 KiB pages (optionally transparent huge pages).
+    Memfd,
+    /// A hugetlbfs memfd (`MFD_HUGETLB`) with 2 MiB or 1 GiB pages; frames
+    /// are allocated and released in whole huge pages.
+    Hugetlb(PageSize),
+}
+
+/// How a [`FrameStore`] is built.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// The backing.
+    pub backing: Backing,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on mappings; effective
+    /// only where `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows.
+    pub transparent_huge_pages: bool,
+    /// Populate mappings up front (`MAP_POPULATE`) instead of on first touch.
+    pub populate: bool,
+    /// Name of the memfd, as seen in `/proc/PID/maps`.
+    pub name: String,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            backing: Backing::Memfd,
+            transparent_huge_pages: false,
+            populate: false,
+            name: "pagefold".to_owned(),
+        }
+    }
+}
+
+/// A run of consecutive frames in a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrameRange {
+    /// First frame.
+    pub start: FrameNumber,
+    /// Number of 4 KiB frames.
+    pub count: u64,
+}
+
+impl FrameRange {
+    /// Size in bytes (saturating; ranges the store hands out never saturate).
+    #[inline]
+    pub const fn bytes(&self) -> u64 {
+        self.count.saturating_mul(1 << PAGE_SHIFT)
+    }
+
+    /// The frame after the last one.
+    #[inline]
+    pub const fn end(&self) -> u64 {
+        self.start.0 + self.count
+    }
+}
+
+/// Host frames in one memfd, allocated in runs.
+#[derive(Debug)]
+pub struct FrameStore {
+    fd: OwnedFd,
+    options: StoreOptions,
+    granule: PageSize,
+    allocator: Mutex<RangeAllocator>,
+}
+
+/// Largest store, in frames: 2^40 frames = 4 PiB, far past any host, and
+/// small enough that frame numbers fit the page-state word.
+const MAX_FRAMES: u64 = 1 << 40;
+
+impl FrameStore {
+    /// Creates an empty store.
+    pub fn new(options: StoreOptions) -> Result<Self, FrameError> {
+        let (flags, granule) = match options.backing {
+            Backing::Memfd => (0, PageSize::Size4K),
+            Backing::Hugetlb(PageSize::Size2M) => {
+                (libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, PageSize::Size2M)
+            }
+            Backing::Hugetlb(PageSize::Size1G) => {
+                (libc::MFD_HUGETLB | libc::MFD_HUGE_1GB, PageSize::Size1G)
+            }
+            Backing::Hugetlb(PageSize::Size4K) => (0, PageSize::Size4K),
+        };
+        let name = std::ffi::CString::new(options.name.replace('\0', "_"))
+            .unwrap_or_else(|_| c"pagefold".to_owned());
+        // SAFETY: `name` is a valid NUL-terminated string that outlives the
+        // call; the flags are valid memfd_create flags.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+        if raw < 0 {
+            let source = io::Error::last_os_error();
+            if matches!(options.backing, Backing::Hugetlb(_)) {
+                return Err(FrameError::NoHugePages { size: granule });
+            }
+            return Err(FrameError::Os {
+                op: "memfd_create",
+                source,
+            });
+        }
+        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(FrameStore {
+            fd,
+            options,
+            granule,
+            allocator: Mutex::new(RangeAllocator::default()),
+        })
+    }
+
+    /// A store with default options (shmem memfd, 4 KiB pages).
+    pub fn memfd() -> Result<Self, FrameError> {
+        Self::new(StoreOptions::default())
+    }
+
+    /// The options the store was built with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// The unit frames are allocated and released in: 4 KiB for memfd
+    /// backing, the huge page size for hugetlb.
+    pub fn granule(&self) -> PageSize {
+        self.granule
+    }
+
+    /// Frames per granule.
+    fn granule_frames(&self) -> u64 {
+        self.granule.base_pages()
+    }
+
+    /// Allocates `count` consecutive frames (rounded up to the granule),
+    /// growing the memfd if needed. New frames read as zeros and hold no
+    /// memory until touched.
+    pub fn allocate(&self, count: u64) -> Result<FrameRange, FrameError> {
+        if count == 0 {
+            return Err(FrameError::Empty);
+        }
+        let g = self.granule_frames();
+        let count = count
+            .checked_next_multiple_of(g)
+            .filter(|c| *c <= MAX_FRAMES)
+            .ok_or(FrameError::TooLarge { frames: count })?;
+        let mut alloc = self.lock_allocator();
+        let (start, grew_to) = alloc.allocate(count);
+        if let Some(new_len) = grew_to {
+            if new_len > MAX_FRAMES {
+                alloc.free(start, count);
+                return Err(FrameError::TooLarge { frames: new_len });
+            }
+            if let Err(e) = self.set_len(new_len) {
+                alloc.free(start, count);
+                alloc.shrink_to(self.current_len_frames().unwrap_or(0));
+                return Err(e);
+            }
+        }
+        Ok(FrameRange {
+            start: FrameNumber(start),
+            count,
+        })
+    }
+
+    /// Returns frames to the store: their memory goes back to the host now
+    /// (punch hole) and the frame numbers can be handed out again.
+    pub fn free(&self, range: FrameRange) -> Result<(), FrameError> {
+        self.check_granule(range)?;
+        let mut alloc = self.lock_allocator();
+        if !alloc.is_allocated(range.start.0, range.count) {
+            return Err(FrameError::NotAllocated {
+                start: range.start.0,
+                count: range.count,
+            });
+        }
+        self.punch(range)?;
+        alloc.free(range.start.0, range.count);
+        Ok(())
+    }
+
+    /// Gives the memory behind `range` back to the host while the frames
+    /// stay allocated: they read as zeros afterwards and a write allocates
+    /// again. Any mapping of the frames sees the zeros.
+    pub fn release(&self, range: FrameRange) -> Result<(), FrameError> {
+        self.check_granule(range)?;
+        self.punch(range)
+    }
+
+    /// Bytes of memory the kernel really holds for this store right now
+    /// (allocated blocks of the memfd, from `fstat`), not our own count.
+    pub fn allocated_bytes(&self) -> Result<u64, FrameError> {
+        let st = self.fstat()?;
+        Ok(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
+    }
+
+    /// Size of the memfd in frames (allocated or not).
+    pub fn len_frames(&self) -> u64 {
+        self.lock_allocator().len()
+    }
+
+    /// Frames currently handed out.
+    pub fn allocated_frames(&self) -> u64 {
+        self.lock_allocator().allocated()
+    }
+
+    /// Maps `range` into this process, shared and writable.
+    pub fn map(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
+        self.check_granule(range)?;
+        HostMapping::new(self, range)
+    }
+
+    fn lock_allocator(&self) -> std::sync::MutexGuard<'_, RangeAllocator> {
+        // The allocator's state is consistent between statements, so a
+        // panic elsewhere while the lock was held cannot have corrupted it.
+        self.allocator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check_granule(&self, range: FrameRange) -> Result<(), FrameError> {
+        let g = self.granule_frames();
+        if range.count == 0 {
+            return Err(FrameError::Empty);
+        }
+        if range.start.0 % g != 0 || range.count % g != 0 || range.end() > MAX_FRAMES {
+            return Err(FrameError::Misaligned {
+                start: range.start.0,
+                count: range.count,
+                granule: self.granule,
+            });
+        }
+        Ok(())
+    }
+
+    fn punch(&self, range: FrameRange) -> Result<(), FrameError> {
+        let (off, len) = byte_span(range)?;
+        // SAFETY: plain syscall on a descriptor we own; offset and length
+        // are in range and aligned to the granule (checked by the caller).
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(FrameError::Os {
+                op: "fallocate(PUNCH_HOLE)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, frames: u64) -> Result<(), FrameError> {
+        let bytes = libc::off_t::try_from(frames << PAGE_SHIFT)
+            .map_err(|_| FrameError::TooLarge { frames })?;
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::ftruncate(self.fd.as_raw_fd(), bytes) };
+        if rc != 0 {
+            let source = io::Error::last_os_error();
+            if matches!(self.options.backing, Backing::Hugetlb(_)) {
+                return Err(FrameError::NoHugePages { size: self.granule });
+            }
+            return Err(FrameError::Os {
+                op: "ftruncate",
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    fn current_len_frames(&self) -> Result<u64, FrameError> {
+        let st = self.fstat()?;
+        Ok(u64::try_from(st.st_size).unwrap_or(0) >> PAGE_SHIFT)
+    }
+
+    fn fstat(&self) -> Result<libc::stat, FrameError> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `st` is a writable buffer of the right type; the kernel
+        // fills it completely when the call succeeds.
+        let rc = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(FrameError::Os {
+                op: "fstat",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: fstat succeeded, so the buffer is initialised.
+        Ok(unsafe { st.assume_init() })
+    }
+}
+
+fn byte_span(range: FrameRange) -> Result<(libc::off_t, libc::off_t), FrameError> {
+    let too_large = FrameError::TooLarge {
+        frames: range.end(),
+    };
+    let off = libc::off_t::try_from(range.start.file_offset()).map_err(|_| too_large)?;
+    let len = libc::off_t::try_from(range.bytes()).map_err(|_| FrameError::TooLarge {
+        frames: range.end(),
+    })?;
+    Ok((off, len))
+}
+
+impl AsRawFd for FrameStore {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for FrameStore {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocate_grows_and_free_reuses() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let a = store.allocate(4)?;
+        let b = store.allocate(8)?;
+        assert_eq!(a.start, FrameNumber(0));
+        assert_eq!(b.start, FrameNumber(4));
+        assert_eq!(store.len_frames(), 12);
+        store.free(a)?;
+        let c = store.allocate(2)?;
+        assert_eq!(c.start, FrameNumber(0), "freed frames are reused first");
+        assert!(matches!(
+            store.free(FrameRange {
+                start: FrameNumber(100),
+                count: 1
+            }),
+            Err(FrameError::NotAllocated { .. })
+        ));
+        assert!(matches!(store.allocate(0), Err(FrameError::Empty)));
+        Ok(())
+    }
+
+    #[test]
+    fn release_returns_memory_to_the_kernel() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let range = store.allocate(256)?;
+        let map = store.map(range)?;
+        // SAFETY: the mapping is 256 pages long and exclusively ours here.
+        unsafe { std::ptr::write_bytes(map.as_ptr(), 0xa5, map.len()) };
+        let before = store.allocated_bytes()?;
+        assert!(
+            before >= 256 * 4096,
+            "kernel holds the touched pages: {before}"
+        );
+        store.release(range)?;
+        let after = store.allocated_bytes()?;
+        assert!(after < 4096, "punch hole freed the pages: {after}");
+        // SAFETY: in bounds of the live mapping.
+        let b = unsafe { std::ptr::read_volatile(map.as_ptr().add(100)) };
+        assert_eq!(b, 0, "released frames read as zero");
+        Ok(())
+    }
+}

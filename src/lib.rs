@@ -1,0 +1,38 @@
+//! pagefold: guest memory virtualization for virtual machine monitors.
+//!
+//! A VMM hands pagefold the layout of a guest's physical memory and gets
+//! back [`GuestMemory`]: regions backed by frames in a memfd
+//! ([`frames::FrameStore`]), one contiguous host mapping per region (what a
+//! KVM memory slot points at), a per-page state word that the dedup, balloon
+//! and migration layers change by compare-and-swap, and a bounds-checked
+//! access API (bytes, plain-old-data objects, aligned atomics) that stays
+//! sound while guest vCPUs write the same memory.
+//!
+//! Layers, bottom up: [`addr`] (address newtypes), [`frames`] (host frames),
+//! [`memory`] (guest-physical memory). Guest-controlled input never makes the
+//! library touch memory outside a mapping or panic: it gets a typed error.
+//!
+//! ```
+//! use pagefold::{GuestMemory, GuestPhysAddr};
+//!
+//! let mem = GuestMemory::new(&[(GuestPhysAddr(0), 1 << 20)])?;
+//! mem.write_obj(GuestPhysAddr(0x1000), 0xdead_beef_u32)?;
+//! assert_eq!(mem.read_obj::<u32>(GuestPhysAddr(0x1000))?, 0xdead_beef);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("pagefold supports little-endian hosts only (guest memory is little-endian)");
+#[cfg(not(target_os = "linux"))]
+compile_error!("pagefold needs Linux (memfd, fallocate, userfaultfd)");
+
+pub mod addr;
+pub mod frames;
+pub mod memory;
+mod sync;
+
+pub use addr::{
+    FrameNumber, GuestFrame, GuestPhysAddr, GuestVirtAddr, HostVirtAddr, PageSize, PAGE_SIZE,
+};
+pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
+pub use memory::{AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo};

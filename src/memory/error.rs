@@ -1,0 +1,117 @@
+//! Errors of guest memory: a bad region layout, or an access that does not
+//! fit the memory. Each names the offending address or region so a VMM can
+//! report it to the operator or inject a fault into the guest.
+
+use crate::{addr::GuestPhysAddr, frames::FrameError};
+
+/// A region list that cannot become guest memory.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The list is empty.
+    #[error("guest memory needs at least one region")]
+    NoRegions,
+    /// A region of size zero.
+    #[error("region {index} at {start} has size zero")]
+    ZeroSize {
+        /// Position in the list given.
+        index: usize,
+        /// Its start.
+        start: GuestPhysAddr,
+    },
+    /// Start or size not a multiple of the backing's page size.
+    #[error("region {index} ({start}, size {size:#x}) is not aligned to {align:#x} bytes")]
+    Misaligned {
+        /// Position in the list given.
+        index: usize,
+        /// Its start.
+        start: GuestPhysAddr,
+        /// Its size.
+        size: u64,
+        /// Required alignment of start and size.
+        align: u64,
+    },
+    /// `start + size` wraps past the top of the 64-bit address space.
+    #[error("region {index} ({start}, size {size:#x}) runs past the end of the address space")]
+    AddressOverflow {
+        /// Position in the list given.
+        index: usize,
+        /// Its start.
+        start: GuestPhysAddr,
+        /// Its size.
+        size: u64,
+    },
+    /// Two regions share addresses.
+    #[error("regions {first} and {second} overlap at {at}")]
+    Overlap {
+        /// Position of the lower region in the list given.
+        first: usize,
+        /// Position of the other one.
+        second: usize,
+        /// First shared address.
+        at: GuestPhysAddr,
+    },
+}
+
+/// Why guest memory could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The region list is invalid.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The host could not provide the frames or mappings.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+}
+
+/// An access that guest memory refused. Nothing was written when a write
+/// returns one of these (ranges are checked before any byte moves).
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// No region holds this address (a hole, or past the end of memory).
+    #[error("guest-physical address {addr} is not backed by any region")]
+    Unmapped {
+        /// The first unbacked address of the access.
+        addr: GuestPhysAddr,
+    },
+    /// `addr + len` wraps past the top of the address space.
+    #[error("access of {len} bytes at {addr} wraps past the end of the address space")]
+    Overflow {
+        /// Start of the access.
+        addr: GuestPhysAddr,
+        /// Its length.
+        len: usize,
+    },
+    /// An atomic or page-granular operation on an unaligned address.
+    #[error("address {addr} is not aligned to {align} bytes")]
+    Misaligned {
+        /// The address.
+        addr: GuestPhysAddr,
+        /// Required alignment.
+        align: u64,
+    },
+    /// The page is write-protected by a layer that has no resolver for
+    /// library writes installed.
+    #[error("page at {addr} is write-protected")]
+    WriteProtected {
+        /// Start of the page.
+        addr: GuestPhysAddr,
+    },
+    /// The host failed to release or provide memory.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+}
+
+impl PartialEq for AccessError {
+    fn eq(&self, other: &Self) -> bool {
+        use AccessError::*;
+        match (self, other) {
+            (Unmapped { addr: a }, Unmapped { addr: b }) => a == b,
+            (Overflow { addr: a, len: l }, Overflow { addr: b, len: m }) => a == b && l == m,
+            (Misaligned { addr: a, align: x }, Misaligned { addr: b, align: y }) => {
+                a == b && x == y
+            }
+            (WriteProtected { addr: a }, WriteProtected { addr: b }) => a == b,
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Guest-physical memory: a set of non-overlapping regions, each one host
+//! mapping of consecutive store frames plus a page-state table, and the
+//! bounds-checked access API every other layer and every VMM goes through.
+//!
+//! Nothing here hands out a Rust reference into guest memory: guest vCPUs
+//! write it concurrently, so every access is a raw copy or an atomic.
+//! No guest-controlled address can make an access leave the mapping: lengths
+//! and offsets are checked against the region before any pointer is formed.
+
+mod atomic;
+mod copy;
+mod error;
+pub mod page_state;
+mod region;
+
+use std::sync::{atomic::Ordering as MemOrdering, Arc};
+
+use bytemuck::Pod;
+
+pub use atomic::AtomicInt;
+pub use error::{AccessError, LayoutError, MemoryError};
+pub use page_state::{PageKind, PageState, PageStateTable};
+pub use region::{GuestRegion, RegionInfo};
+
+use crate::{
+    addr::{GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SHIFT, PAGE_SIZE},
+    frames::FrameStore,
+    sync::{AtomicUsize, Ordering},
+};
+
+/// Guest-physical memory of one VM.
+///
+/// `Send + Sync`: any number of threads (vCPU threads, device emulation, the
+/// dedup scanner) may access it at once.
+#[derive(Debug)]
+pub struct GuestMemory {
+    store: Arc<FrameStore>,
+    /// Sorted by start address.
+    regions: Box<[GuestRegion]>,
+    /// `regions[i].start()`, packed so the lookup's binary search touches
+    /// one or two cache lines rather than one per region.
+    starts: Box<[u64]>,
+    /// Index of the region the last lookup hit: guests touch one region
+    /// (usually low RAM) most of the time.
+    last_hit: AtomicUsize,
+}
+
+/// Pages of a [`GuestMemory`] by how they are backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageCensus {
+    /// Pages with their own frame.
+    pub private: u64,
+    /// Pages released because they were zero.
+    pub zero: u64,
+    /// Pages mapped onto a shared frame.
+    pub shared: u64,
+    /// Pages given up through the balloon.
+    pub ballooned: u64,
+}
+
+impl GuestMemory {
+    /// Guest memory with the given `(start, size)` regions, on a new memfd
+    /// frame store with 4 KiB pages.
+    pub fn new(layout: &[(GuestPhysAddr, u64)]) -> Result<Self, MemoryError> {
+        let store = Arc::new(FrameStore::memfd()?);
+        Self::with_store(store, layout)
+    }
+
+    /// Guest memory on an existing frame store; several VMs may share one
+    /// store, which is what lets dedup map one frame into all of them.
+    pub fn with_store(
+        store: Arc<FrameStore>,
+        layout: &[(GuestPhysAddr, u64)],
+    ) -> Result<Self, MemoryError> {
+        let order = validate_layout(layout, store.granule().bytes())?;
+        let mut regions = Vec::with_capacity(order.len());
+        for i in order {
+            let (start, size) = layout[i];
+            // On error, the regions built so far drop and free their frames.
+            regions.push(GuestRegion::new(&store, start, size)?);
+        }
+        let starts = regions.iter().map(|r| r.start().0).collect();
+        Ok(GuestMemory {
+            store,
+            regions: regions.into_boxed_slice(),
+            starts,
+            last_hit: AtomicUsize::new(0),
+        })
+    }
+
+    /// The frame store holding this memory's frames.
+    pub fn frame_store(&self) -> &Arc<FrameStore> {
+        &self.store
+    }
+
+    /// The regions, sorted by guest-physical address.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Sum of region sizes in bytes.
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::size).sum()
+    }
+
+    /// What KVM and vhost-user need, one entry per region.
+    pub fn region_infos(&self) -> Vec<RegionInfo> {
+        self.regions.iter().map(GuestRegion::info).collect()
+    }
+
+    /// Index of the region holding `addr`. O(1) when it is the region hit
+    /// last, O(log n) otherwise.
+    #[inline]
+    pub fn find_region(&self, addr: GuestPhysAddr) -> Option<usize> {
+        let hint = self.last_hit.load(Ordering::Relaxed);
+        if let Some(r) = self.regions.get(hint) {
+            if addr.0.wrapping_sub(r.start().0) < r.size() {
+                return Some(hint);
+            }
+        }
+        // Last region whose start is <= addr.
+        let i = self
+            .starts
+            .partition_point(|&s| s <= addr.0)
+            .checked_sub(1)?;
+        let r = &self.regions[i];
+        if addr.0 - r.start().0 < r.size() {
+            // Only write when it changes: a shared line written on every
+            // lookup would bounce between vCPU threads.
+            self.last_hit.store(i, Ordering::Relaxed);
+            Some(i)
+        } else {
+            None
+        }
+    }
+
+    /// The region holding `addr` and the offset of `addr` in it.
+    #[inline]
+    pub fn region_of(&self, addr: GuestPhysAddr) -> Result<(&GuestRegion, u64), AccessError> {
+        let i = self
+            .find_region(addr)
+            .ok_or(AccessError::Unmapped { addr })?;
+        let r = &self.regions[i];
+        Ok((r, addr.0 - r.start().0))
+    }
+
+    /// Host address of guest-physical `addr`.
+    pub fn host_address(&self, addr: GuestPhysAddr) -> Result<HostVirtAddr, AccessError> {
+        let (r, off) = self.region_of(addr)?;
+        Ok(HostVirtAddr(r.host_addr().0 + off))
+    }
+
+    /// Reads `buf.len()` bytes at `addr`. The range may span adjacent regions.
+    #[inline]
+    pub fn read(&self, addr: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
+        let (r, off) = self.region_of(addr)?;
+        if (buf.len() as u64) <= r.size() - off {
+            r.read_at(off, buf);
+            return Ok(());
+        }
+        self.check_span(addr, buf.len())?;
+        let mut done = 0;
+        self.for_each_chunk(addr, buf.len(), |r, off, n| {
+            r.read_at(off, &mut buf[done..done + n]);
+            done += n;
+            Ok(())
+        })
+    }
+
+    /// Writes `data` at `addr`. The range may span adjacent regions. The whole
+    /// range is checked first: on error nothing was written.
+    #[inline]
+    pub fn write(&self, addr: GuestPhysAddr, data: &[u8]) -> Result<(), AccessError> {
+        let (r, off) = self.region_of(addr)?;
+        if (data.len() as u64) <= r.size() - off {
+            return r.write_at(off, data);
+        }
+        self.check_span(addr, data.len())?;
+        // Prepare every page first, so a refused page leaves nothing written.
+        self.for_each_chunk(addr, data.len(), |r, off, n| r.prepare_write(off, n as u64))?;
+        let mut done = 0;
+        self.for_each_chunk(addr, data.len(), |r, off, n| {
+            r.write_at(off, &data[done..done + n])?;
+            done += n;
+            Ok(())
+        })
+    }
+
+    /// Fills `len` bytes at `addr` with `byte`.
+    pub fn fill(&self, addr: GuestPhysAddr, byte: u8, len: usize) -> Result<(), AccessError> {
+        self.check_span(addr, len)?;
+        self.for_each_chunk(addr, len, |r, off, n| r.prepare_write(off, n as u64))?;
+        self.for_each_chunk(addr, len, |r, off, n| {
+            r.prepare_write(off, n as u64)?;
+            // SAFETY: `for_each_chunk` only yields in-bounds chunks of a
+            // live region.
+            unsafe { copy::fill_guest(r.ptr_at(off), byte, n) };
+            Ok(())
+        })
+    }
+
+    /// Reads a plain-old-data object at `addr` (any alignment). Guest
+    /// memory is little-endian, as is every host pagefold builds for.
+    #[inline]
+    pub fn read_obj<T: Pod>(&self, addr: GuestPhysAddr) -> Result<T, AccessError> {
+        let mut v = T::zeroed();
+        self.read(addr, bytemuck::bytes_of_mut(&mut v))?;
+        Ok(v)
+    }
+
+    /// Writes a plain-old-data object at `addr` (any alignment).
+    #[inline]
+    pub fn write_obj<T: Pod>(&self, addr: GuestPhysAddr, val: T) -> Result<(), AccessError> {
+        self.write(addr, bytemuck::bytes_of(&val))
+    }
+
+    /// Atomic load of an aligned integer.
+    #[inline]
+    pub fn load<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+        order: MemOrdering,
+    ) -> Result<T, AccessError> {
+        let (r, off) = self.atomic_target::<T>(addr)?;
+        if r.page_states()
+            .load((off >> PAGE_SHIFT) as usize)
+            .reads_zero()
+        {
+            return Ok(zero_of::<T>());
+        }
+        // SAFETY: `atomic_target` checked alignment and that the integer lies
+        // inside the region's live mapping.
+        Ok(unsafe { T::load(r.ptr_at(off), order) })
+    }
+
+    /// Atomic store of an aligned integer.
+    #[inline]
+    pub fn store<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+        val: T,
+        order: MemOrdering,
+    ) -> Result<(), AccessError> {
+        let (r, off) = self.atomic_target::<T>(addr)?;
+        r.prepare_write(off, T::SIZE as u64)?;
+        // SAFETY: as in `load`.
+        unsafe { T::store(r.ptr_at(off), val, order) };
+        Ok(())
+    }
+
+    /// Atomic swap of an aligned integer; returns the previous value.
+    pub fn swap<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+        val: T,
+        order: MemOrdering,
+    ) -> Result<T, AccessError> {
+        let (r, off) = self.atomic_target::<T>(addr)?;
+        r.prepare_write(off, T::SIZE as u64)?;
+        // SAFETY: as in `load`.
+        Ok(unsafe { T::swap(r.ptr_at(off), val, order) })
+    }
+
+    /// Atomic compare-exchange of an aligned integer. The outer result is
+    /// the access; the inner one is the exchange (`Err` holds the value
+    /// found when it differed from `current`).
+    pub fn compare_exchange<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+        current: T,
+        new: T,
+        success: MemOrdering,
+        failure: MemOrdering,
+    ) -> Result<Result<T, T>, AccessError> {
+        let (r, off) = self.atomic_target::<T>(addr)?;
+        r.prepare_write(off, T::SIZE as u64)?;
+        // SAFETY: as in `load`.
+        Ok(unsafe { T::compare_exchange(r.ptr_at(off), current, new, success, failure) })
+    }
+
+    /// Gives the memory of whole pages in `[addr, addr+len)` back to the host
+    /// (punch hole). They read as zeros afterwards and the next write
+    /// allocates again. `addr` and `len` must be multiples of the store's
+    /// granule. Returns the number of pages released. Writes racing with a
+    /// discard of the same page may be lost, as with `MADV_DONTNEED`.
+    pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
+        let granule = self.store.granule();
+        for x in [addr.0, len] {
+            if x % granule.bytes() != 0 {
+                return Err(AccessError::Misaligned {
+                    addr: GuestPhysAddr(x),
+                    align: granule.bytes(),
+                });
+            }
+        }
+        let len = usize::try_from(len).map_err(|_| AccessError::Overflow {
+            addr,
+            len: usize::MAX,
+        })?;
+        self.check_span(addr, len)?;
+        let mut released = 0;
+        self.for_each_chunk(addr, len, |r, off, n| {
+            released += r.discard_pages((off >> PAGE_SHIFT) as usize, n / PAGE_SIZE)?;
+            Ok(())
+        })?;
+        Ok(released)
+    }
+
+    /// Counts pages by backing, over all regions.
+    pub fn census(&self) -> PageCensus {
+        let mut c = PageCensus::default();
+        for r in self.regions.iter() {
+            let [p, z, s, b] = r.page_states().census();
+            c.private += p;
+            c.zero += z;
+            c.shared += s;
+            c.ballooned += b;
+        }
+        c
+    }
+
+    fn atomic_target<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+    ) -> Result<(&GuestRegion, u64), AccessError> {
+        if addr.0 % T::SIZE as u64 != 0 {
+            return Err(AccessError::Misaligned {
+                addr,
+                align: T::SIZE as u64,
+            });
+        }
+        let (r, off) = self.region_of(addr)?;
+        // Regions are page-aligned and the integer is naturally aligned, so
+        // it cannot straddle the region's end.
+        Ok((r, off))
+    }
+
+    /// Checks that `[addr, addr+len)` is covered by regions with no hole.
+    fn check_span(&self, addr: GuestPhysAddr, len: usize) -> Result<(), AccessError> {
+        if addr.checked_add(len as u64).is_none() {
+            return Err(AccessError::Overflow { addr, len });
+        }
+        self.for_each_chunk(addr, len, |_, _, _| Ok(()))
+    }
+
+    /// Calls `f(region, offset, n)` for each piece of `[addr, addr+len)`,
+    /// in order. Stops at the first hole with `Unmapped`.
+    fn for_each_chunk(
+        &self,
+        addr: GuestPhysAddr,
+        len: usize,
+        mut f: impl FnMut(&GuestRegion, u64, usize) -> Result<(), AccessError>,
+    ) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut cur = addr.0;
+        let mut left = len as u64;
+        let mut idx = self
+            .find_region(addr)
+            .ok_or(AccessError::Unmapped { addr })?;
+        loop {
+            let r = &self.regions[idx];
+            let off = cur - r.start().0;
+            let n = left.min(r.size() - off);
+            f(r, off, n as usize)?;
+            left -= n;
+            if left == 0 {
+                return Ok(());
+            }
+            cur = r.end();
+            idx += 1;
+            match self.regions.get(idx) {
+                Some(next) if next.start().0 == cur => {}
+                _ => {
+                    return Err(AccessError::Unmapped {
+                        addr: GuestPhysAddr(cur),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn zero_of<T: AtomicInt>() -> T {
+    // SAFETY: every `AtomicInt` is an unsigned integer, for which all-zero
+    // bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Checks a layout; returns the region indices sorted by start address.
+fn validate_layout(layout: &[(GuestPhysAddr, u64)], align: u64) -> Result<Vec<usize>, LayoutError> {
+    if layout.is_empty() {
+        return Err(LayoutError::NoRegions);
+    }
+    let align = align.max(PageSize::Size4K.bytes());
+    for (index, &(start, size)) in layout.iter().enumerate() {
+        if size == 0 {
+            return Err(LayoutError::ZeroSize { index, start });
+        }
+        if start.0 % align != 0 || size % align != 0 {
+            return Err(LayoutError::Misaligned {
+                index,
+                start,
+                size,
+                align,
+            });
+        }
+        if start.checked_add(size).is_none() {
+            return Err(LayoutError::AddressOverflow { index, start, size });
+        }
+    }
+    let mut order: Vec<usize> = (0..layout.len()).collect();
+    order.sort_by_key(|&i| layout[i].0);
+    for pair in order.windows(2) {
+        let (a, b) = (layout[pair[0]], layout[pair[1]]);
+        if b.0 .0 < a.0 .0 + a.1 {
+            return Err(LayoutError::Overlap {
+                first: pair[0],
+                second: pair[1],
+                at: b.0,
+            });
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const fn gpa(a: u64) -> GuestPhysAddr {
+        GuestPhysAddr(a)
+    }
+
+    #[test]
+    fn layout_errors_name_the_culprit() {
+        let e = |l: &[(GuestPhysAddr, u64)]| validate_layout(l, 4096).unwrap_err();
+        assert_eq!(e(&[]), LayoutError::NoRegions);
+        assert_eq!(
+            e(&[(gpa(0), 4096), (gpa(8192), 0)]),
+            LayoutError::ZeroSize {
+                index: 1,
+                start: gpa(8192)
+            }
+        );
+        assert!(matches!(
+            e(&[(gpa(100), 4096)]),
+            LayoutError::Misaligned { index: 0, .. }
+        ));
+        assert!(matches!(
+            e(&[(gpa(0), 4097)]),
+            LayoutError::Misaligned { .. }
+        ));
+        assert!(matches!(
+            e(&[(gpa(u64::MAX - 4095), 4096)]),
+            LayoutError::AddressOverflow { index: 0, .. }
+        ));
+        assert_eq!(
+            e(&[(gpa(0x10000), 0x2000), (gpa(0x9000), 0x8000)]),
+            LayoutError::Overlap {
+                first: 1,
+                second: 0,
+                at: gpa(0x10000)
+            }
+        );
+    }
+
+    #[test]
+    fn memory_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<GuestMemory>();
+    }
+
+    #[test]
+    fn access_spans_adjacent_regions_but_not_holes() -> Result<(), MemoryError> {
+        let m = GuestMemory::new(&[
+            (gpa(0), 0x2000),
+            (gpa(0x2000), 0x1000),
+            (gpa(0x10000), 0x1000),
+        ])?;
+        let data: Vec<u8> = (0..0x1800u32).map(|i| i as u8).collect();
+        m.write(gpa(0x1400), &data).map_err(|e| panic!("{e}")).ok();
+        let mut back = vec![0; data.len()];
+        m.read(gpa(0x1400), &mut back)
+            .map_err(|e| panic!("{e}"))
+            .ok();
+        assert_eq!(back, data);
+        assert_eq!(
+            m.write(gpa(0x2800), &[1u8; 0x1000]),
+            Err(AccessError::Unmapped { addr: gpa(0x3000) })
+        );
+        let mut b = [0u8; 1];
+        m.read(gpa(0x2800), &mut b).map_err(|e| panic!("{e}")).ok();
+        assert_eq!(
+            b[0],
+            data[0x2800 - 0x1400],
+            "refused write left bytes untouched"
+        );
+        assert_eq!(
+            m.read_obj::<u64>(gpa(0x5000)),
+            Err(AccessError::Unmapped { addr: gpa(0x5000) })
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,235 @@
+//! The page-state table: one atomic word per 4 KiB guest page saying what
+//! backs it (a private frame, a shared frame, nothing because it is zero or
+//! ballooned), which frame, and transient flags. Every layer that changes how
+//! a page is backed (dedup, balloon, migration) does so by compare-and-swap on
+//! this word; the access path reads it once per page touched.
+//!
+//! Layout of a word (bit 0 first):
+//!
+//! | bits   | meaning                                                   |
+//! |--------|-----------------------------------------------------------|
+//! | 0..2   | [`PageKind`]; bit 0 set means "no memory behind the page" |
+//! | 2      | `LOCKED`: a layer is changing the page; writers wait      |
+//! | 3      | `WRITE_PROTECTED`: writes must be resolved first          |
+//! | 4..12  | reserved, zero                                            |
+//! | 12..64 | frame number in the frame store                           |
+
+use crate::{
+    addr::FrameNumber,
+    sync::{AtomicU64, Ordering},
+};
+
+/// What backs a guest page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PageKind {
+    /// The page's own frame, writable.
+    Private = 0,
+    /// Released because it was all zeros: reads give zeros without touching
+    /// host memory, the first write allocates again.
+    Zero = 1,
+    /// Mapped read-only onto a frame shared with other pages.
+    Shared = 2,
+    /// Given up by the guest's balloon; reads give zeros, a write deflates.
+    Ballooned = 3,
+}
+
+const KIND_MASK: u64 = 0b11;
+const NO_MEMORY_BIT: u64 = 0b01;
+/// A layer holds the page while it changes its backing.
+pub const LOCKED: u64 = 1 << 2;
+/// Writes must go through the slow path (sharing or protection is armed).
+pub const WRITE_PROTECTED: u64 = 1 << 3;
+const FLAG_MASK: u64 = LOCKED | WRITE_PROTECTED;
+const FRAME_SHIFT: u32 = 12;
+
+/// Anything but a plain private page sends a write to the slow path.
+const WRITE_SLOW_MASK: u64 = KIND_MASK | FLAG_MASK;
+
+/// A decoded snapshot of one page-state word.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageState(u64);
+
+impl PageState {
+    /// A state from its parts. `flags` is a mix of [`LOCKED`] and
+    /// [`WRITE_PROTECTED`]; other bits are dropped.
+    #[inline]
+    pub const fn new(kind: PageKind, frame: FrameNumber, flags: u64) -> Self {
+        PageState((frame.0 << FRAME_SHIFT) | (flags & FLAG_MASK) | kind as u64)
+    }
+
+    /// The raw word.
+    #[inline]
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// What backs the page.
+    #[inline]
+    pub const fn kind(self) -> PageKind {
+        match self.0 & KIND_MASK {
+            0 => PageKind::Private,
+            1 => PageKind::Zero,
+            2 => PageKind::Shared,
+            _ => PageKind::Ballooned,
+        }
+    }
+
+    /// The frame the page maps (for zero/ballooned pages: the frame it will
+    /// get back on the next write).
+    #[inline]
+    pub const fn frame(self) -> FrameNumber {
+        FrameNumber(self.0 >> FRAME_SHIFT)
+    }
+
+    /// The flag bits.
+    #[inline]
+    pub const fn flags(self) -> u64 {
+        self.0 & FLAG_MASK
+    }
+
+    /// Whether no host memory stands behind the page, so reads give zeros.
+    #[inline]
+    pub const fn reads_zero(self) -> bool {
+        self.0 & NO_MEMORY_BIT != 0
+    }
+
+    /// Whether a write may land without any state change.
+    #[inline]
+    pub const fn is_plain_writable(self) -> bool {
+        self.0 & WRITE_SLOW_MASK == 0
+    }
+
+    /// The same state with another kind.
+    #[inline]
+    pub const fn with_kind(self, kind: PageKind) -> Self {
+        PageState((self.0 & !KIND_MASK) | kind as u64)
+    }
+
+    /// The same state with `flags` set.
+    #[inline]
+    pub const fn with_flags(self, flags: u64) -> Self {
+        PageState(self.0 | (flags & FLAG_MASK))
+    }
+
+    /// The same state with `flags` cleared.
+    #[inline]
+    pub const fn without_flags(self, flags: u64) -> Self {
+        PageState(self.0 & !(flags & FLAG_MASK))
+    }
+}
+
+impl std::fmt::Debug for PageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageState")
+            .field("kind", &self.kind())
+            .field("frame", &self.frame().0)
+            .field("locked", &(self.0 & LOCKED != 0))
+            .field("write_protected", &(self.0 & WRITE_PROTECTED != 0))
+            .finish()
+    }
+}
+
+/// One atomic state word per page of a region.
+#[derive(Debug)]
+pub struct PageStateTable {
+    words: Box<[AtomicU64]>,
+}
+
+impl PageStateTable {
+    /// A table whose page `i` is private and maps frame `first_frame + i`.
+    pub(crate) fn new_private(first_frame: FrameNumber, pages: usize) -> Self {
+        let words = (0..pages as u64)
+            .map(|i| {
+                AtomicU64::new(
+                    PageState::new(PageKind::Private, FrameNumber(first_frame.0 + i), 0).bits(),
+                )
+            })
+            .collect();
+        PageStateTable { words }
+    }
+
+    /// Pages in the table.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Whether the table is empty (never, for a live region).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Current state of page `index` (acquire: the backing it describes is
+    /// visible). Panics if `index` is out of range: callers index with page
+    /// numbers derived from a bounds-checked address.
+    #[inline]
+    pub fn load(&self, index: usize) -> PageState {
+        PageState(self.words[index].load(Ordering::Acquire))
+    }
+
+    /// Moves page `index` from `current` to `new` if it is still `current`;
+    /// on failure returns what it was.
+    #[inline]
+    pub fn compare_exchange(
+        &self,
+        index: usize,
+        current: PageState,
+        new: PageState,
+    ) -> Result<PageState, PageState> {
+        self.words[index]
+            .compare_exchange(current.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+            .map(PageState)
+            .map_err(PageState)
+    }
+
+    /// Counts pages per kind: `[private, zero, shared, ballooned]`.
+    pub fn census(&self) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for w in self.words.iter() {
+            out[(w.load(Ordering::Relaxed) & KIND_MASK) as usize] += 1;
+        }
+        out
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_round_trips_every_field() {
+        for kind in [
+            PageKind::Private,
+            PageKind::Zero,
+            PageKind::Shared,
+            PageKind::Ballooned,
+        ] {
+            let s = PageState::new(kind, FrameNumber((1 << 40) - 1), LOCKED);
+            assert_eq!(s.kind(), kind);
+            assert_eq!(s.frame(), FrameNumber((1 << 40) - 1));
+            assert_eq!(s.flags(), LOCKED);
+            assert_eq!(
+                s.reads_zero(),
+                matches!(kind, PageKind::Zero | PageKind::Ballooned)
+            );
+            assert!(!s.is_plain_writable());
+        }
+        let p = PageState::new(PageKind::Private, FrameNumber(7), 0);
+        assert!(p.is_plain_writable());
+        assert!(!p.with_flags(WRITE_PROTECTED).is_plain_writable());
+        assert_eq!(p.with_flags(LOCKED).without_flags(LOCKED), p);
+    }
+
+    #[test]
+    fn cas_reports_the_current_value_on_failure() {
+        let t = PageStateTable::new_private(FrameNumber(10), 4);
+        let s = t.load(2);
+        assert_eq!(s.frame(), FrameNumber(12));
+        let z = s.with_kind(PageKind::Zero);
+        assert_eq!(t.compare_exchange(2, s, z), Ok(s));
+        assert_eq!(t.compare_exchange(2, s, z), Err(z));
+        assert_eq!(t.census(), [3, 1, 0, 0]);
+    }
+}

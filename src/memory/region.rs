@@ -1,0 +1,266 @@
+//! One guest-physical region: a contiguous host mapping of a contiguous run of
+//! store frames, and the page-state table for its pages. A region only knows
+//! offsets inside itself; `GuestMemory` does the address lookup.
+
+use std::{os::fd::RawFd, sync::Arc};
+
+use super::{
+    copy,
+    page_state::{PageKind, PageState, PageStateTable, LOCKED},
+    AccessError,
+};
+use crate::{
+    addr::{GuestPhysAddr, HostVirtAddr, PAGE_SHIFT, PAGE_SIZE},
+    frames::{FrameRange, FrameStore, HostMapping},
+};
+
+/// What a hypervisor or a vhost-user backend needs to map a region itself:
+/// KVM's `kvm_userspace_memory_region` takes `guest_start`, `size` and
+/// `host_addr`; vhost-user's memory table also takes `fd` and `file_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// First guest-physical address.
+    pub guest_start: GuestPhysAddr,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where the region is mapped in this process.
+    pub host_addr: HostVirtAddr,
+    /// The frame store's memfd (owned by the store; do not close).
+    pub fd: RawFd,
+    /// Offset of the region's first frame in `fd`.
+    pub file_offset: u64,
+}
+
+/// A guest-physical region of [`GuestMemory`](super::GuestMemory).
+#[derive(Debug)]
+pub struct GuestRegion {
+    start: GuestPhysAddr,
+    size: u64,
+    mapping: HostMapping,
+    frames: FrameRange,
+    states: PageStateTable,
+    store: Arc<FrameStore>,
+}
+
+impl GuestRegion {
+    /// Allocates and maps frames for `size` bytes at `start`. The caller
+    /// has validated the layout.
+    pub(super) fn new(
+        store: &Arc<FrameStore>,
+        start: GuestPhysAddr,
+        size: u64,
+    ) -> Result<Self, crate::frames::FrameError> {
+        let pages = size >> PAGE_SHIFT;
+        let frames = store.allocate(pages)?;
+        let mapping = match store.map(frames) {
+            Ok(m) => m,
+            Err(e) => {
+                // Best effort: the store stays usable either way.
+                let _ = store.free(frames);
+                return Err(e);
+            }
+        };
+        let page_count = usize::try_from(pages)
+            .map_err(|_| crate::frames::FrameError::TooLarge { frames: pages })?;
+        Ok(GuestRegion {
+            start,
+            size,
+            mapping,
+            frames,
+            states: PageStateTable::new_private(frames.start, page_count),
+            store: Arc::clone(store),
+        })
+    }
+
+    /// First guest-physical address.
+    #[inline]
+    pub fn start(&self) -> GuestPhysAddr {
+        self.start
+    }
+
+    /// Size in bytes.
+    #[inline]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// One past the last address (fits in `u64`: layouts that wrap are refused).
+    #[inline]
+    pub fn end(&self) -> u64 {
+        self.start.0 + self.size
+    }
+
+    /// Host address of the region's first byte.
+    #[inline]
+    pub fn host_addr(&self) -> HostVirtAddr {
+        HostVirtAddr(self.mapping.as_ptr() as u64)
+    }
+
+    /// The frames backing the region, in order.
+    #[inline]
+    pub fn frames(&self) -> FrameRange {
+        self.frames
+    }
+
+    /// The region's page states.
+    #[inline]
+    pub fn page_states(&self) -> &PageStateTable {
+        &self.states
+    }
+
+    /// What KVM and vhost-user need to map the region.
+    pub fn info(&self) -> RegionInfo {
+        use std::os::fd::AsRawFd;
+        RegionInfo {
+            guest_start: self.start,
+            size: self.size,
+            host_addr: self.host_addr(),
+            fd: self.store.as_raw_fd(),
+            file_offset: self.frames.start.file_offset(),
+        }
+    }
+
+    /// Host pointer to byte `offset` of the region.
+    ///
+    /// The caller keeps `offset` below `size` before dereferencing.
+    #[inline]
+    pub(super) fn ptr_at(&self, offset: u64) -> *mut u8 {
+        // Wrapping: computing the address is harmless; every caller has
+        // bounds-checked `offset` against `size`, which equals the mapping length.
+        self.mapping.as_ptr().wrapping_add(offset as usize)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
+    /// by the caller. Pages with no memory behind them read as zeros
+    /// without touching (and so re-allocating) host memory.
+    #[inline]
+    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let page = (off >> PAGE_SHIFT) as usize;
+            let zero = self.states.load(page).reads_zero();
+            // Extend the run over following pages with the same answer, so a
+            // large copy is one `rep movsb`, not one per page.
+            let mut end = (((off >> PAGE_SHIFT) + 1) << PAGE_SHIFT).min(offset + buf.len() as u64);
+            while end < offset + buf.len() as u64
+                && self.states.load((end >> PAGE_SHIFT) as usize).reads_zero() == zero
+            {
+                end = (end + PAGE_SIZE as u64).min(offset + buf.len() as u64);
+            }
+            let n = (end - off) as usize;
+            let dst = &mut buf[done..done + n];
+            if zero {
+                dst.fill(0);
+            } else {
+                // SAFETY: `off + n <= offset + len <= size`, the mapping's
+                // length, and the mapping lives as long as `self`.
+                unsafe { copy::copy_from_guest(self.ptr_at(off), dst) };
+            }
+            done += n;
+        }
+    }
+
+    /// Makes every page of `[offset, offset+len)` plainly writable, then
+    /// writes `data` there. The caller checked the bounds.
+    #[inline]
+    pub(super) fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+        self.prepare_write(offset, data.len() as u64)?;
+        // SAFETY: bounds checked by the caller against the mapping length;
+        // the mapping lives as long as `self`.
+        unsafe { copy::copy_to_guest(self.ptr_at(offset), data) };
+        Ok(())
+    }
+
+    /// Brings each page in `[offset, offset+len)` to a state that accepts a
+    /// write. Cheap when all are plain private pages: one load per page.
+    #[inline]
+    pub(super) fn prepare_write(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+        let first = (offset >> PAGE_SHIFT) as usize;
+        let last = ((offset + len.max(1) - 1) >> PAGE_SHIFT) as usize;
+        for page in first..=last {
+            let s = self.states.load(page);
+            if !s.is_plain_writable() {
+                self.make_writable(page, s)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn make_writable(&self, page: usize, mut s: PageState) -> Result<(), AccessError> {
+        let mut spins = 0u32;
+        loop {
+            if s.flags() & LOCKED != 0 {
+                // Another layer is changing this page's backing: wait for it.
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                s = self.states.load(page);
+                continue;
+            }
+            match s.kind() {
+                PageKind::Private if s.is_plain_writable() => return Ok(()),
+                // No memory behind it: the write allocates a fresh zeroed frame
+                // in the memfd at the same offset; the state just says so.
+                PageKind::Zero | PageKind::Ballooned if s.flags() == 0 => {
+                    match self
+                        .states
+                        .compare_exchange(page, s, s.with_kind(PageKind::Private))
+                    {
+                        Ok(_) => return Ok(()),
+                        Err(now) => s = now,
+                    }
+                }
+                _ => {
+                    return Err(AccessError::WriteProtected {
+                        addr: GuestPhysAddr(self.start.0 + ((page as u64) << PAGE_SHIFT)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Releases the memory of whole pages `[first, first+count)`: they read as
+    /// zeros afterwards and the next write allocates again. Returns how many
+    /// pages changed state (pages already released are left alone).
+    pub(super) fn discard_pages(&self, first: usize, count: usize) -> Result<u64, AccessError> {
+        let mut changed = 0u64;
+        for page in first..first + count {
+            let mut s = self.states.load(page);
+            loop {
+                if s.reads_zero() || s.flags() & LOCKED != 0 || s.kind() != PageKind::Private {
+                    break;
+                }
+                match self
+                    .states
+                    .compare_exchange(page, s, s.with_kind(PageKind::Zero))
+                {
+                    Ok(_) => {
+                        changed += 1;
+                        break;
+                    }
+                    Err(now) => s = now,
+                }
+            }
+        }
+        // One punch for the whole run: the region's frames are consecutive.
+        let range = FrameRange {
+            start: crate::addr::FrameNumber(self.frames.start.0 + first as u64),
+            count: count as u64,
+        };
+        self.store.release(range)?;
+        Ok(changed)
+    }
+}
+
+impl Drop for GuestRegion {
+    fn drop(&mut self) {
+        // The mapping is unmapped after this (field drop order); freeing the
+        // frames first only punches memory no one reads any more.
+        let _ = self.store.free(self.frames);
+    }
+}
