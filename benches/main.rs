@@ -1,1 +1,2 @@
+//! Benchmarks (filled in by the bench modules).
 fn main() {}

@@ -95,6 +95,14 @@ address_type!(
     "HostVirtAddr"
 );
 
+/// Converts a `u64` that indexes host memory to `usize`. Lossless: pagefold
+/// builds only for 64-bit hosts (see the `compile_error!` in `lib.rs`).
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) const fn usize_from(x: u64) -> usize {
+    x as usize
+}
+
 /// A guest frame number: a guest-physical address shifted right by
 /// [`PAGE_SHIFT`]. Balloon queues and dirty bitmaps speak in these.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug)]

@@ -23,6 +23,8 @@
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("pagefold supports little-endian hosts only (guest memory is little-endian)");
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("pagefold needs a 64-bit host");
 #[cfg(not(target_os = "linux"))]
 compile_error!("pagefold needs Linux (memfd, fallocate, userfaultfd)");
 

@@ -116,6 +116,7 @@ unsafe fn opaque_copy(src: *const u8, dst: *mut u8, len: usize) {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // byte patterns wrap on purpose
 mod tests {
     use super::*;
 

@@ -10,7 +10,7 @@ use super::{
     AccessError,
 };
 use crate::{
-    addr::{GuestPhysAddr, HostVirtAddr, PAGE_SHIFT, PAGE_SIZE},
+    addr::{usize_from, GuestPhysAddr, HostVirtAddr, PAGE_SHIFT, PAGE_SIZE},
     frames::{FrameRange, FrameStore, HostMapping},
 };
 
@@ -127,7 +127,7 @@ impl GuestRegion {
     pub(super) fn ptr_at(&self, offset: u64) -> *mut u8 {
         // Wrapping: computing the address is harmless; every caller has
         // bounds-checked `offset` against `size`, which equals the mapping length.
-        self.mapping.as_ptr().wrapping_add(offset as usize)
+        self.mapping.as_ptr().wrapping_add(usize_from(offset))
     }
 
     /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
@@ -148,7 +148,7 @@ impl GuestRegion {
             {
                 end = (end + PAGE_SIZE as u64).min(offset + buf.len() as u64);
             }
-            let n = (end - off) as usize;
+            let n = usize_from(end - off);
             let dst = &mut buf[done..done + n];
             if zero {
                 dst.fill(0);
