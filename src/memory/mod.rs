@@ -283,6 +283,11 @@ impl GuestMemory {
     /// allocates again. `addr` and `len` must be multiples of the store's
     /// granule. Returns the number of pages released. Writes racing with a
     /// discard of the same page may be lost, as with `MADV_DONTNEED`.
+    ///
+    /// Reading a released page through its shared mapping makes the kernel
+    /// allocate it again (shmem has no shared zero page), so a released page
+    /// stays free only while nothing reads it, or once a layer traps raw
+    /// writes to it so reads can answer zeros from the page state.
     pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
         let granule = self.store.granule();
         for x in [addr.0, len] {

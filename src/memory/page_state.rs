@@ -38,7 +38,9 @@ const KIND_MASK: u64 = 0b11;
 const NO_MEMORY_BIT: u64 = 0b01;
 /// A layer holds the page while it changes its backing.
 pub const LOCKED: u64 = 1 << 2;
-/// Writes must go through the slow path (sharing or protection is armed).
+/// The page's host mapping is write-protected: a raw write (a vCPU, a device
+/// model's pointer) faults to pagefold's handler before it lands, and library
+/// writes must go through the same resolution.
 pub const WRITE_PROTECTED: u64 = 1 << 3;
 const FLAG_MASK: u64 = LOCKED | WRITE_PROTECTED;
 const FRAME_SHIFT: u32 = 12;
@@ -88,10 +90,19 @@ impl PageState {
         self.0 & FLAG_MASK
     }
 
-    /// Whether no host memory stands behind the page, so reads give zeros.
+    /// Whether no host memory stands behind the page (zero or ballooned).
+    #[inline]
+    pub const fn has_no_memory(self) -> bool {
+        self.0 & NO_MEMORY_BIT != 0
+    }
+
+    /// Whether a read may answer zeros without touching the mapping: the
+    /// page has no memory *and* raw writes are trapped, so nothing can have
+    /// written it behind the state's back. (Reading a released shmem page
+    /// through the mapping would allocate it again.)
     #[inline]
     pub const fn reads_zero(self) -> bool {
-        self.0 & NO_MEMORY_BIT != 0
+        self.0 & (NO_MEMORY_BIT | WRITE_PROTECTED) == NO_MEMORY_BIT | WRITE_PROTECTED
     }
 
     /// Whether a write may land without any state change.
@@ -210,10 +221,13 @@ mod tests {
             assert_eq!(s.kind(), kind);
             assert_eq!(s.frame(), FrameNumber((1 << 40) - 1));
             assert_eq!(s.flags(), LOCKED);
-            assert_eq!(
-                s.reads_zero(),
-                matches!(kind, PageKind::Zero | PageKind::Ballooned)
+            let no_memory = matches!(kind, PageKind::Zero | PageKind::Ballooned);
+            assert_eq!(s.has_no_memory(), no_memory);
+            assert!(
+                !s.reads_zero(),
+                "unprotected pages are always read from memory"
             );
+            assert_eq!(s.with_flags(WRITE_PROTECTED).reads_zero(), no_memory);
             assert!(!s.is_plain_writable());
         }
         let p = PageState::new(PageKind::Private, FrameNumber(7), 0);

@@ -131,8 +131,8 @@ impl GuestRegion {
     }
 
     /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
-    /// by the caller. Pages with no memory behind them read as zeros
-    /// without touching (and so re-allocating) host memory.
+    /// by the caller. Released pages whose raw writes are trapped read as
+    /// zeros without touching (and so re-allocating) host memory.
     #[inline]
     pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
         let mut done = 0usize;
@@ -232,7 +232,7 @@ impl GuestRegion {
         for page in first..first + count {
             let mut s = self.states.load(page);
             loop {
-                if s.reads_zero() || s.flags() & LOCKED != 0 || s.kind() != PageKind::Private {
+                if s.flags() & LOCKED != 0 || s.kind() != PageKind::Private {
                     break;
                 }
                 match self
