@@ -1,0 +1,198 @@
+//! The status code every call returns, and the error type the exports use
+//! internally: a status plus the message `pf_last_error_message` hands out.
+
+use std::{ffi::c_char, fmt};
+
+use pagefold::{AccessError, FrameError, MemoryError};
+
+/// What a call did: `PF_OK` (0) or why it failed (negative). The values are
+/// part of the ABI and never change meaning; later versions only add codes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum pf_status {
+    /// Success.
+    PF_OK = 0,
+    /// A required pointer argument was NULL.
+    PF_ERR_NULL_POINTER = -1,
+    /// An argument is out of its domain: an unknown enum value or flag bit,
+    /// a length larger than PTRDIFF_MAX or one that wraps the address space.
+    PF_ERR_INVALID_ARGUMENT = -2,
+    /// A size-prefixed struct's `struct_size` is smaller than the first
+    /// version of that struct.
+    PF_ERR_STRUCT_TOO_SMALL = -3,
+    /// A caller buffer is too small; the call reported the size it needs.
+    PF_ERR_BUFFER_TOO_SMALL = -4,
+    /// An index is not below the number of items (e.g. a region index).
+    PF_ERR_OUT_OF_RANGE = -5,
+    /// The region list cannot become guest memory: empty, a zero-sized or
+    /// misaligned region, overlapping regions, or one that wraps past 2^64.
+    PF_ERR_LAYOUT = -6,
+    /// A guest-physical address of the access is not backed by any region.
+    PF_ERR_UNMAPPED = -7,
+    /// An atomic access to an address that is not a multiple of its size, or
+    /// a page-granular operation on a range not aligned to the page size.
+    PF_ERR_MISALIGNED = -8,
+    /// `address + length` wraps past 2^64, or a size does not fit this host.
+    PF_ERR_OVERFLOW = -9,
+    /// The page is write-protected by a layer that has no way to resolve
+    /// library writes installed.
+    PF_ERR_WRITE_PROTECTED = -10,
+    /// Hugetlb backing was asked for but the kernel has no huge pages of that
+    /// size to give (see /sys/kernel/mm/hugepages).
+    PF_ERR_NO_HUGE_PAGES = -11,
+    /// A system call failed; the message names it and the OS error.
+    PF_ERR_OS = -12,
+    /// pagefold panicked; the message says where. The library stays usable,
+    /// but a handle passed to the call that panicked should only be freed.
+    PF_ERR_PANIC = -13,
+    /// An invariant inside pagefold failed (a bug; please report it).
+    PF_ERR_INTERNAL = -14,
+}
+
+impl pf_status {
+    /// Every status, in order of value from 0 down.
+    pub(crate) const ALL: [pf_status; 15] = [
+        pf_status::PF_OK,
+        pf_status::PF_ERR_NULL_POINTER,
+        pf_status::PF_ERR_INVALID_ARGUMENT,
+        pf_status::PF_ERR_STRUCT_TOO_SMALL,
+        pf_status::PF_ERR_BUFFER_TOO_SMALL,
+        pf_status::PF_ERR_OUT_OF_RANGE,
+        pf_status::PF_ERR_LAYOUT,
+        pf_status::PF_ERR_UNMAPPED,
+        pf_status::PF_ERR_MISALIGNED,
+        pf_status::PF_ERR_OVERFLOW,
+        pf_status::PF_ERR_WRITE_PROTECTED,
+        pf_status::PF_ERR_NO_HUGE_PAGES,
+        pf_status::PF_ERR_OS,
+        pf_status::PF_ERR_PANIC,
+        pf_status::PF_ERR_INTERNAL,
+    ];
+
+    /// The constant's name as it appears in the header, NUL-terminated.
+    pub(crate) const fn name(self) -> &'static std::ffi::CStr {
+        match self {
+            pf_status::PF_OK => c"PF_OK",
+            pf_status::PF_ERR_NULL_POINTER => c"PF_ERR_NULL_POINTER",
+            pf_status::PF_ERR_INVALID_ARGUMENT => c"PF_ERR_INVALID_ARGUMENT",
+            pf_status::PF_ERR_STRUCT_TOO_SMALL => c"PF_ERR_STRUCT_TOO_SMALL",
+            pf_status::PF_ERR_BUFFER_TOO_SMALL => c"PF_ERR_BUFFER_TOO_SMALL",
+            pf_status::PF_ERR_OUT_OF_RANGE => c"PF_ERR_OUT_OF_RANGE",
+            pf_status::PF_ERR_LAYOUT => c"PF_ERR_LAYOUT",
+            pf_status::PF_ERR_UNMAPPED => c"PF_ERR_UNMAPPED",
+            pf_status::PF_ERR_MISALIGNED => c"PF_ERR_MISALIGNED",
+            pf_status::PF_ERR_OVERFLOW => c"PF_ERR_OVERFLOW",
+            pf_status::PF_ERR_WRITE_PROTECTED => c"PF_ERR_WRITE_PROTECTED",
+            pf_status::PF_ERR_NO_HUGE_PAGES => c"PF_ERR_NO_HUGE_PAGES",
+            pf_status::PF_ERR_OS => c"PF_ERR_OS",
+            pf_status::PF_ERR_PANIC => c"PF_ERR_PANIC",
+            pf_status::PF_ERR_INTERNAL => c"PF_ERR_INTERNAL",
+        }
+    }
+}
+
+/// The name of a status code as a static NUL-terminated string, e.g.
+/// `"PF_ERR_UNMAPPED"` for `PF_ERR_UNMAPPED`, or `"PF_UNKNOWN_STATUS"` for a
+/// value this library does not define. Never NULL; never freed by the caller.
+/// Takes an `int32_t` rather than a `pf_status` so that any value is safe.
+#[no_mangle]
+pub extern "C" fn pf_status_name(status: i32) -> *const c_char {
+    ffi_boundary! { returns *const c_char;
+        pf_status::ALL
+            .iter()
+            .find(|s| **s as i32 == status)
+            .map_or(c"PF_UNKNOWN_STATUS", |s| s.name())
+            .as_ptr()
+    }
+}
+
+/// A failed call: the status it returns and the message it leaves behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Error {
+    pub(crate) status: pf_status,
+    pub(crate) message: String,
+}
+
+impl Error {
+    pub(crate) fn new(status: pf_status, message: impl Into<String>) -> Self {
+        Error {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// A required pointer argument `arg` was NULL.
+    pub(crate) fn null(arg: &str) -> Self {
+        Error::new(
+            pf_status::PF_ERR_NULL_POINTER,
+            format!("argument `{arg}` is NULL"),
+        )
+    }
+
+    pub(crate) fn invalid(message: impl fmt::Display) -> Self {
+        Error::new(pf_status::PF_ERR_INVALID_ARGUMENT, message.to_string())
+    }
+}
+
+fn frame_status(e: &FrameError) -> pf_status {
+    match e {
+        FrameError::Os { .. } => pf_status::PF_ERR_OS,
+        FrameError::TooLarge { .. } => pf_status::PF_ERR_OVERFLOW,
+        FrameError::NoHugePages { .. } => pf_status::PF_ERR_NO_HUGE_PAGES,
+        // Guest memory validates ranges before the frame store sees them.
+        FrameError::Empty | FrameError::Misaligned { .. } | FrameError::NotAllocated { .. } => {
+            pf_status::PF_ERR_INTERNAL
+        }
+    }
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Self {
+        Error::new(frame_status(&e), e.to_string())
+    }
+}
+
+impl From<MemoryError> for Error {
+    fn from(e: MemoryError) -> Self {
+        let status = match &e {
+            MemoryError::Layout(_) => pf_status::PF_ERR_LAYOUT,
+            MemoryError::Frames(f) => frame_status(f),
+        };
+        Error::new(status, e.to_string())
+    }
+}
+
+impl From<AccessError> for Error {
+    fn from(e: AccessError) -> Self {
+        let status = match &e {
+            AccessError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
+            AccessError::Overflow { .. } => pf_status::PF_ERR_OVERFLOW,
+            AccessError::Misaligned { .. } => pf_status::PF_ERR_MISALIGNED,
+            AccessError::WriteProtected { .. } => pf_status::PF_ERR_WRITE_PROTECTED,
+            AccessError::Frames(f) => frame_status(f),
+        };
+        Error::new(status, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    use super::*;
+
+    #[test]
+    fn codes_are_dense_and_names_match() {
+        for (i, s) in pf_status::ALL.iter().enumerate() {
+            assert_eq!(i32::try_from(i).map(|i| -i), Ok(*s as i32), "{s:?}");
+            assert_eq!(s.name().to_str().ok(), Some(format!("{s:?}").as_str()));
+            // SAFETY: pf_status_name returns a static NUL-terminated string.
+            let n = unsafe { CStr::from_ptr(pf_status_name(*s as i32)) };
+            assert_eq!(n, s.name());
+        }
+        // SAFETY: as above.
+        let unknown = unsafe { CStr::from_ptr(pf_status_name(12345)) };
+        assert_eq!(unknown, c"PF_UNKNOWN_STATUS");
+    }
+}
