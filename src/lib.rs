@@ -29,12 +29,15 @@ compile_error!("pagefold needs a 64-bit host");
 compile_error!("pagefold needs Linux (memfd, fallocate, userfaultfd)");
 
 pub mod addr;
+pub mod dedup;
 pub mod frames;
 pub mod memory;
 mod sync;
+pub mod userfault;
 
 pub use addr::{
     FrameNumber, GuestFrame, GuestPhysAddr, GuestVirtAddr, HostVirtAddr, PageSize, PAGE_SIZE,
 };
+pub use dedup::{DedupError, DedupHost, DedupStats, DomainId, ScanBudget, VmId, VmOptions};
 pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
 pub use memory::{AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo};

@@ -10,6 +10,28 @@ use std::{io, os::fd::AsRawFd, ptr::NonNull};
 
 use super::{FrameError, FrameRange, FrameStore};
 
+/// What a range of a [`HostMapping`] can be remapped to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RemapTarget {
+    /// The store's frames at `file_offset`, shared and writable: a page's
+    /// own frame.
+    OwnShared {
+        /// Byte offset in the memfd.
+        file_offset: u64,
+    },
+    /// A private copy-on-write view of the store's frames at `file_offset`:
+    /// reads see the frame, and a write makes the kernel copy the page into
+    /// anonymous memory first, so the frame itself can never be written
+    /// through this mapping.
+    PrivateCopyOf {
+        /// Byte offset in the memfd.
+        file_offset: u64,
+    },
+    /// Private anonymous memory: reads see the kernel's zero page without
+    /// allocating, a write allocates.
+    AnonZero,
+}
+
 /// A shared, writable mapping of a contiguous run of frames.
 #[derive(Debug)]
 pub struct HostMapping {
@@ -86,6 +108,68 @@ impl HostMapping {
     #[inline]
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Replaces the pages `[offset, offset+len)` of this mapping with
+    /// `target`, in one `mmap(MAP_FIXED)`; the range stays mapped throughout
+    /// (the kernel swaps it under the mmap lock), so concurrent raw readers
+    /// see the old or the new page, never a hole.
+    ///
+    /// `store` must be the store this mapping's frames come from.
+    pub(crate) fn remap(
+        &self,
+        store: &FrameStore,
+        offset: usize,
+        len: usize,
+        target: RemapTarget,
+    ) -> Result<(), FrameError> {
+        let page = crate::addr::PAGE_SIZE;
+        if len == 0
+            || offset % page != 0
+            || len % page != 0
+            || offset.checked_add(len).map_or(true, |e| e > self.len)
+        {
+            return Err(FrameError::Misaligned {
+                start: offset as u64 / page as u64,
+                count: len as u64 / page as u64,
+                granule: crate::addr::PageSize::Size4K,
+            });
+        }
+        let (flags, fd, file_offset) = match target {
+            RemapTarget::OwnShared { file_offset } => {
+                (libc::MAP_SHARED, store.as_raw_fd(), file_offset)
+            }
+            RemapTarget::PrivateCopyOf { file_offset } => {
+                (libc::MAP_PRIVATE, store.as_raw_fd(), file_offset)
+            }
+            RemapTarget::AnonZero => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+        };
+        let file_offset = libc::off_t::try_from(file_offset).map_err(|_| FrameError::TooLarge {
+            frames: file_offset >> crate::addr::PAGE_SHIFT,
+        })?;
+        // SAFETY:
+        // 1. `offset + len <= self.len` (checked above), so MAP_FIXED replaces
+        //    only pages this value owns, never someone else's mapping.
+        // 2. No Rust reference into the range exists (module invariant), so
+        //    swapping the pages under concurrent raw accesses is sound.
+        // 3. `fd` is the store's memfd (alive for the call) or -1 for anon.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                file_offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(FrameError::Os {
+                op: "mmap(MAP_FIXED)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Always false: empty mappings are refused at creation.

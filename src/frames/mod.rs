@@ -16,8 +16,9 @@ use std::{
 };
 
 pub use mapping::HostMapping;
+pub(crate) use mapping::RemapTarget;
 
-use crate::addr::{FrameNumber, PageSize, PAGE_SHIFT};
+use crate::addr::{FrameNumber, PageSize, PAGE_SHIFT, PAGE_SIZE};
 use allocator::RangeAllocator;
 
 /// Errors of the frame store.
@@ -275,6 +276,65 @@ impl FrameStore {
     pub fn map(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
         self.check_granule(range)?;
         HostMapping::new(self, range)
+    }
+
+    /// Writes one frame's bytes (`pwrite`): how a shared frame gets its
+    /// content before anything maps it, and how a page's bytes go back to its
+    /// own frame when sharing is broken.
+    pub fn write_frame(
+        &self,
+        frame: FrameNumber,
+        data: &[u8; PAGE_SIZE],
+    ) -> Result<(), FrameError> {
+        self.pio(frame, data.as_ptr().cast_mut(), PAGE_SIZE, true)
+    }
+
+    /// Reads consecutive frames starting at `frame` into `out` (`pread`;
+    /// `out.len()` a multiple of the page size).
+    pub fn read_frames(&self, frame: FrameNumber, out: &mut [u8]) -> Result<(), FrameError> {
+        self.pio(frame, out.as_mut_ptr(), out.len(), false)
+    }
+
+    fn pio(
+        &self,
+        frame: FrameNumber,
+        buf: *mut u8,
+        len: usize,
+        write: bool,
+    ) -> Result<(), FrameError> {
+        let mut done = 0usize;
+        let base = libc::off_t::try_from(frame.file_offset())
+            .map_err(|_| FrameError::TooLarge { frames: frame.0 })?;
+        while done < len {
+            let off = base + done as libc::off_t;
+            // SAFETY: `buf + done .. buf + len` is valid for reads (write) or
+            // writes (read): it is the caller's slice; the fd is ours.
+            let n = unsafe {
+                if write {
+                    libc::pwrite(self.fd.as_raw_fd(), buf.add(done).cast(), len - done, off)
+                } else {
+                    libc::pread(self.fd.as_raw_fd(), buf.add(done).cast(), len - done, off)
+                }
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(FrameError::Os {
+                    op: if write { "pwrite" } else { "pread" },
+                    source: e,
+                });
+            }
+            if n == 0 {
+                return Err(FrameError::NotAllocated {
+                    start: frame.0,
+                    count: (len / PAGE_SIZE) as u64,
+                });
+            }
+            done += n.unsigned_abs();
+        }
+        Ok(())
     }
 
     fn lock_allocator(&self) -> std::sync::MutexGuard<'_, RangeAllocator> {

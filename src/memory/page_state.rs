@@ -11,7 +11,9 @@
 //! | 0..2   | [`PageKind`]; bit 0 set means "no memory behind the page" |
 //! | 2      | `LOCKED`: a layer is changing the page; writers wait      |
 //! | 3      | `WRITE_PROTECTED`: writes must be resolved first          |
-//! | 4..12  | reserved, zero                                            |
+//! | 4      | `REMAPPED`: the host page maps something other than the    |
+//! |        | page's own frame (a shared frame, anonymous memory)        |
+//! | 5..12  | reserved, zero                                            |
 //! | 12..64 | frame number in the frame store                           |
 
 use crate::{
@@ -42,7 +44,12 @@ pub const LOCKED: u64 = 1 << 2;
 /// model's pointer) faults to pagefold's handler before it lands, and library
 /// writes must go through the same resolution.
 pub const WRITE_PROTECTED: u64 = 1 << 3;
-const FLAG_MASK: u64 = LOCKED | WRITE_PROTECTED;
+/// The host page does not map the page's own frame: it is a private
+/// copy-on-write view of a shared frame, or anonymous memory. A write through
+/// it never reaches another page's frame (the kernel copies first), so it
+/// needs no resolution; giving the page back needs the dedup layer.
+pub const REMAPPED: u64 = 1 << 4;
+const FLAG_MASK: u64 = LOCKED | WRITE_PROTECTED | REMAPPED;
 const FRAME_SHIFT: u32 = 12;
 
 /// Anything but a plain private page sends a write to the slow path.
@@ -53,8 +60,8 @@ const WRITE_SLOW_MASK: u64 = KIND_MASK | FLAG_MASK;
 pub struct PageState(u64);
 
 impl PageState {
-    /// A state from its parts. `flags` is a mix of [`LOCKED`] and
-    /// [`WRITE_PROTECTED`]; other bits are dropped.
+    /// A state from its parts. `flags` is a mix of [`LOCKED`],
+    /// [`WRITE_PROTECTED`] and [`REMAPPED`]; other bits are dropped.
     #[inline]
     pub const fn new(kind: PageKind, frame: FrameNumber, flags: u64) -> Self {
         PageState((frame.0 << FRAME_SHIFT) | (flags & FLAG_MASK) | kind as u64)
@@ -137,6 +144,7 @@ impl std::fmt::Debug for PageState {
             .field("frame", &self.frame().0)
             .field("locked", &(self.0 & LOCKED != 0))
             .field("write_protected", &(self.0 & WRITE_PROTECTED != 0))
+            .field("remapped", &(self.0 & REMAPPED != 0))
             .finish()
     }
 }

@@ -6,7 +6,7 @@ use std::{os::fd::RawFd, sync::Arc};
 
 use super::{
     copy,
-    page_state::{PageKind, PageState, PageStateTable, LOCKED},
+    page_state::{PageKind, PageState, PageStateTable, LOCKED, REMAPPED},
     AccessError,
 };
 use crate::{
@@ -206,6 +206,11 @@ impl GuestRegion {
                 PageKind::Private if s.is_plain_writable() => return Ok(()),
                 // No memory behind it: the write allocates a fresh zeroed frame
                 // in the memfd at the same offset; the state just says so.
+                // Mapped onto a private copy-on-write view (a shared frame,
+                // anonymous zeros): the kernel copies before the write lands,
+                // so no other page can see it. The dedup layer notices the
+                // copy when it reconciles.
+                _ if s.flags() == REMAPPED => return Ok(()),
                 PageKind::Zero | PageKind::Ballooned if s.flags() == 0 => {
                     match self
                         .states
@@ -254,6 +259,56 @@ impl GuestRegion {
         };
         self.store.release(range)?;
         Ok(changed)
+    }
+}
+
+impl GuestRegion {
+    /// Pages in the region.
+    #[inline]
+    pub fn pages(&self) -> usize {
+        self.states.len()
+    }
+
+    /// The page's own frame: where its bytes live while it is private.
+    #[inline]
+    pub(crate) fn own_frame(&self, page: usize) -> crate::addr::FrameNumber {
+        crate::addr::FrameNumber(self.frames.start.0 + page as u64)
+    }
+
+    /// Host address of page `page`'s first byte.
+    #[inline]
+    pub(crate) fn page_host_addr(&self, page: usize) -> HostVirtAddr {
+        HostVirtAddr(self.host_addr().0 + ((page as u64) << PAGE_SHIFT))
+    }
+
+    /// Host pointer to page `page` (the caller keeps `page < pages()`).
+    #[inline]
+    pub(crate) fn page_ptr(&self, page: usize) -> *mut u8 {
+        self.ptr_at((page as u64) << PAGE_SHIFT)
+    }
+
+    /// Guest-physical address of page `page`.
+    #[inline]
+    pub fn page_gpa(&self, page: usize) -> GuestPhysAddr {
+        GuestPhysAddr(self.start.0 + ((page as u64) << PAGE_SHIFT))
+    }
+
+    /// Copies page `page` as the host mapping shows it now.
+    pub(crate) fn read_page(&self, page: usize, out: &mut [u8; PAGE_SIZE]) {
+        // SAFETY: `page < pages()` is the caller's contract, so the page lies
+        // inside the live mapping.
+        unsafe { copy::copy_from_guest(self.page_ptr(page), out) };
+    }
+
+    /// Points pages `[first, first+count)` at `target` in one remap.
+    pub(crate) fn remap_pages(
+        &self,
+        first: usize,
+        count: usize,
+        target: crate::frames::RemapTarget,
+    ) -> Result<(), crate::frames::FrameError> {
+        self.mapping
+            .remap(&self.store, first * PAGE_SIZE, count * PAGE_SIZE, target)
     }
 }
 

@@ -1,0 +1,101 @@
+//! Noticing the copies the kernel made. A merged page is a private
+//! copy-on-write view of its shared frame; when anything writes it, the kernel
+//! gives the page an anonymous copy and the write lands there. The page-state
+//! word still says "shared" until this module reads the kernel's page map
+//! (`/proc/self/pagemap`: present, not file-backed, not the zero page) and
+//! moves the page to private-remapped, dropping its shared-frame reference.
+
+use std::{fs::File, io, os::unix::fs::FileExt, sync::OnceLock};
+
+use crate::{addr::PAGE_SIZE, memory::GuestRegion};
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_FILE: u64 = 1 << 61;
+const PM_PFN_MASK: u64 = (1 << 55) - 1;
+
+/// The process's page map, opened once.
+pub(super) struct PageMap {
+    file: File,
+    /// PFN of the kernel's zero page as this process sees it (0 when PFNs
+    /// are hidden, then content decides).
+    zero_pfn: u64,
+}
+
+impl PageMap {
+    pub(super) fn open() -> io::Result<Self> {
+        let file = File::open("/proc/self/pagemap")?;
+        let zero_pfn = zero_page_pfn(&file).unwrap_or(0);
+        Ok(PageMap { file, zero_pfn })
+    }
+
+    /// Entries for `count` pages of `region` starting at `first`.
+    pub(super) fn entries(
+        &self,
+        region: &GuestRegion,
+        first: usize,
+        count: usize,
+    ) -> io::Result<Vec<u64>> {
+        let mut buf = vec![0u8; count * 8];
+        let off = region.page_host_addr(first).0 / PAGE_SIZE as u64 * 8;
+        self.file.read_exact_at(&mut buf, off)?;
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect())
+    }
+
+    /// Whether an entry shows a page the kernel copied (anonymous memory
+    /// that is not the shared zero page). `content_is_zero` is asked only
+    /// when PFNs are hidden from this process.
+    pub(super) fn is_private_copy(
+        &self,
+        entry: u64,
+        content_is_zero: impl FnOnce() -> bool,
+    ) -> bool {
+        if entry & PM_PRESENT == 0 || entry & PM_FILE != 0 {
+            return false;
+        }
+        let pfn = entry & PM_PFN_MASK;
+        if self.zero_pfn != 0 && pfn != 0 {
+            return pfn != self.zero_pfn;
+        }
+        !content_is_zero()
+    }
+}
+
+/// Finds the zero page's PFN by reading an untouched anonymous page.
+fn zero_page_pfn(pagemap: &File) -> Option<u64> {
+    static ZERO_PFN: OnceLock<Option<u64>> = OnceLock::new();
+    *ZERO_PFN.get_or_init(|| {
+        // SAFETY: a fresh private anonymous mapping of one page; nothing
+        // else knows its address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: `p` is a readable mapping of one page; a read maps the
+        // kernel's zero page.
+        let _ = unsafe { std::ptr::read_volatile(p.cast::<u8>()) };
+        let mut buf = [0u8; 8];
+        let ok = pagemap
+            .read_exact_at(&mut buf, p as u64 / PAGE_SIZE as u64 * 8)
+            .is_ok();
+        // SAFETY: unmapping the page mapped above, which nothing references.
+        unsafe { libc::munmap(p, PAGE_SIZE) };
+        let e = u64::from_le_bytes(buf);
+        (ok && e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0).then_some(e & PM_PFN_MASK)
+    })
+}

@@ -1,0 +1,128 @@
+//! The shared frames: frames of the store that hold one copy of a content
+//! mapped (copy-on-write) by several guest pages, with their reference counts
+//! and the per-domain index from content hash to frame. A shared frame is
+//! written once, by `pwrite`, before any page maps it, and is only ever
+//! mapped `MAP_PRIVATE` afterwards, so nothing can change its bytes.
+
+use std::collections::HashMap;
+
+use super::DomainId;
+use crate::{
+    addr::FrameNumber,
+    frames::{FrameError, FrameRange, FrameStore},
+};
+
+#[derive(Debug)]
+struct SharedFrame {
+    refs: u64,
+    hash: u64,
+    domain: DomainId,
+}
+
+/// Shared frames and the content index of every domain.
+#[derive(Debug, Default)]
+pub(crate) struct SharedFrames {
+    frames: HashMap<FrameNumber, SharedFrame>,
+    /// Per domain: hash -> frames with that hash (more than one only on a
+    /// hash collision).
+    index: HashMap<DomainId, HashMap<u64, Vec<FrameNumber>>>,
+}
+
+impl SharedFrames {
+    /// Shared frames of `domain` whose content hashes to `hash`.
+    pub(crate) fn lookup(&self, domain: DomainId, hash: u64) -> &[FrameNumber] {
+        self.index
+            .get(&domain)
+            .and_then(|m| m.get(&hash))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Records a new shared frame with no references yet.
+    pub(crate) fn insert(&mut self, frame: FrameNumber, domain: DomainId, hash: u64) {
+        self.frames.insert(
+            frame,
+            SharedFrame {
+                refs: 0,
+                hash,
+                domain,
+            },
+        );
+        self.index
+            .entry(domain)
+            .or_default()
+            .entry(hash)
+            .or_default()
+            .push(frame);
+    }
+
+    /// One more page maps `frame`.
+    pub(crate) fn add_ref(&mut self, frame: FrameNumber, n: u64) {
+        if let Some(f) = self.frames.get_mut(&frame) {
+            f.refs += n;
+        }
+    }
+
+    /// One page less maps `frame`; the frame is freed when none does.
+    pub(crate) fn drop_ref(
+        &mut self,
+        store: &FrameStore,
+        frame: FrameNumber,
+    ) -> Result<(), FrameError> {
+        let Some(f) = self.frames.get_mut(&frame) else {
+            return Ok(());
+        };
+        f.refs = f.refs.saturating_sub(1);
+        if f.refs == 0 {
+            self.remove(store, frame)?;
+        }
+        Ok(())
+    }
+
+    /// Frees every frame that ended up with no references (a merge that
+    /// found its pages changed).
+    pub(crate) fn free_unreferenced(&mut self, store: &FrameStore) -> Result<(), FrameError> {
+        let dead: Vec<FrameNumber> = self
+            .frames
+            .iter()
+            .filter(|(_, f)| f.refs == 0)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in dead {
+            self.remove(store, n)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, store: &FrameStore, frame: FrameNumber) -> Result<(), FrameError> {
+        if let Some(f) = self.frames.remove(&frame) {
+            if let Some(m) = self.index.get_mut(&f.domain) {
+                if let Some(v) = m.get_mut(&f.hash) {
+                    v.retain(|x| *x != frame);
+                    if v.is_empty() {
+                        m.remove(&f.hash);
+                    }
+                }
+            }
+            store.free(FrameRange {
+                start: frame,
+                count: 1,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Shared frames in use (KSM's `pages_shared`).
+    pub(crate) fn len(&self) -> u64 {
+        self.frames.len() as u64
+    }
+
+    /// Sum of references (pages mapping a shared frame).
+    pub(crate) fn total_refs(&self) -> u64 {
+        self.frames.values().map(|f| f.refs).sum()
+    }
+
+    /// Bytes of bookkeeping, for the profit figure.
+    pub(crate) fn metadata_bytes(&self) -> u64 {
+        (self.frames.len() * (std::mem::size_of::<(FrameNumber, SharedFrame)>() + 16)) as u64
+    }
+}

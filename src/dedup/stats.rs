@@ -1,0 +1,169 @@
+//! Dedup statistics with KSM's meanings, and the kernel's own view of the
+//! memory (store blocks, RSS/PSS, mappings) that every saving is checked
+//! against.
+
+use std::fs;
+
+use super::DedupError;
+use crate::frames::FrameStore;
+
+/// Host-wide dedup statistics (names and meanings as in
+/// `/sys/kernel/mm/ksm/`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Pages of all registered VMs.
+    pub pages_total: u64,
+    /// Shared frames in use.
+    pub pages_shared: u64,
+    /// Guest pages mapping a shared frame beyond the first of each: the
+    /// pages saved by sharing.
+    pub pages_sharing: u64,
+    /// Pages seen stable this full scan with no match (incremental mode).
+    pub pages_unshared: u64,
+    /// Pages whose content changed between visits (last full scan).
+    pub pages_volatile: u64,
+    /// Zero pages released (no frame, no shared copy).
+    pub zero_pages: u64,
+    /// Full passes over all VMs.
+    pub full_scans: u64,
+    /// Writes to merged pages that made a private copy.
+    pub cow_breaks: u64,
+    /// Pages not merged because the process neared `vm.max_map_count`.
+    pub map_limit_hits: u64,
+    /// Write faults the userfaultfd handler saw (writers that met a merge
+    /// in progress).
+    pub write_faults_seen: u64,
+    /// Bytes saved minus bytes of dedup bookkeeping (KSM's general_profit).
+    pub profit_bytes: i64,
+}
+
+/// Per-VM statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Pages of the VM.
+    pub pages: u64,
+    /// Pages mapping a shared frame.
+    pub pages_merged: u64,
+    /// Zero pages released.
+    pub zero_pages: u64,
+    /// Writes to merged pages that made a private copy.
+    pub cow_breaks: u64,
+}
+
+/// What one merge pass or scan step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Pages visited.
+    pub pages_scanned: u64,
+    /// Pages newly mapped onto a shared frame.
+    pub merged_shared: u64,
+    /// Zero pages newly released.
+    pub merged_zero: u64,
+    /// Pages skipped because their hash changed since the last visit.
+    pub volatile: u64,
+    /// Pages whose bytes changed between hashing and merging.
+    pub changed: u64,
+    /// Pages another operation held.
+    pub busy: u64,
+    /// Pages not merged for lack of kernel mappings.
+    pub map_limit: u64,
+    /// Remap calls made.
+    pub remaps: u64,
+    /// Whether a full pass over all VMs ended in this call.
+    pub full_scan_completed: bool,
+}
+
+impl ScanReport {
+    pub(super) fn add(&mut self, o: &ScanReport) {
+        self.pages_scanned += o.pages_scanned;
+        self.merged_shared += o.merged_shared;
+        self.merged_zero += o.merged_zero;
+        self.volatile += o.volatile;
+        self.changed += o.changed;
+        self.busy += o.busy;
+        self.map_limit += o.map_limit;
+        self.remaps += o.remaps;
+        self.full_scan_completed |= o.full_scan_completed;
+    }
+}
+
+/// The kernel's figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelView {
+    /// Bytes the frame store's memfd really holds.
+    pub store_bytes: u64,
+    /// Resident set of the process.
+    pub rss_bytes: u64,
+    /// Proportional set of the process (shared pages divided by sharers).
+    pub pss_bytes: u64,
+    /// Anonymous memory of the process (includes pages the kernel copied on
+    /// write to a merged page).
+    pub anon_bytes: u64,
+    /// Mappings (VMAs) of the whole process.
+    pub mappings: u64,
+    /// Mappings covering registered guest memory.
+    pub guest_mappings: u64,
+}
+
+pub(super) fn kernel_view(
+    store: &FrameStore,
+    ranges: &[(u64, u64)],
+) -> Result<KernelView, DedupError> {
+    let proc_err = |what| move |source| DedupError::Proc { what, source };
+    let rollup = fs::read_to_string("/proc/self/smaps_rollup")
+        .map_err(proc_err("/proc/self/smaps_rollup"))?;
+    let field = |name: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let maps = fs::read_to_string("/proc/self/maps").map_err(proc_err("/proc/self/maps"))?;
+    let mut mappings = 0;
+    let mut guest_mappings = 0;
+    for line in maps.lines() {
+        mappings += 1;
+        let Some((span, _)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((a, b)) = span.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if ranges.iter().any(|&(s, e)| a < e && b > s) {
+            guest_mappings += 1;
+        }
+    }
+    Ok(KernelView {
+        store_bytes: store.allocated_bytes()?,
+        rss_bytes: field("Rss:"),
+        pss_bytes: field("Pss:"),
+        anon_bytes: field("Anonymous:"),
+        mappings,
+        guest_mappings,
+    })
+}
+
+/// `vm.max_map_count`.
+pub(super) fn max_map_count() -> Option<u64> {
+    fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Mappings of this process now.
+pub(super) fn mapping_count() -> Option<u64> {
+    Some(fs::read_to_string("/proc/self/maps").ok()?.lines().count() as u64)
+}

@@ -1,0 +1,330 @@
+//! A thin, typed wrapper over Linux `userfaultfd` in write-protect mode: the
+//! mechanism that holds a raw-pointer writer or a KVM vCPU inside the kernel's
+//! fault path, with no exit, while pagefold changes a page's backing.
+//!
+//! Hand-written on `libc` because the `userfaultfd` crate's bindings are
+//! generated with bindgen at build time (libclang on every build machine) and
+//! do not expose `UFFD_FEATURE_WP_UNPOPULATED`; the interface is five ioctls.
+//!
+//! Kernel-mode faults (KVM touching guest memory on a vCPU's behalf) are only
+//! delivered to a userfaultfd created without `UFFD_USER_MODE_ONLY`, which
+//! needs `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd = 1`.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use crate::addr::HostVirtAddr;
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// `struct uffd_msg` for page faults (32 bytes; other events share the size).
+#[repr(C)]
+#[derive(Default)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    _feat: u64,
+}
+
+/// Errors of userfaultfd operations.
+#[derive(Debug, thiserror::Error)]
+pub enum UserfaultError {
+    /// `userfaultfd(2)` could not be created.
+    #[error("userfaultfd unavailable: {0} (kernel-mode faults need CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)")]
+    Unavailable(#[source] io::Error),
+    /// The kernel lacks write-protect support for shmem mappings.
+    #[error(
+        "this kernel's userfaultfd has no write-protect support for shmem (features {features:#x})"
+    )]
+    NoShmemWriteProtect {
+        /// Features the kernel offered.
+        features: u64,
+    },
+    /// An ioctl failed.
+    #[error("{op} on [{start:#x}, +{len:#x}) failed: {source}")]
+    Ioctl {
+        /// The ioctl.
+        op: &'static str,
+        /// Range start.
+        start: u64,
+        /// Range length.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A write fault a thread is waiting in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteFault {
+    /// The faulting address (page-aligned by the kernel unless the exact
+    /// address feature is on).
+    pub addr: HostVirtAddr,
+    /// The fault is due to write protection (not a missing page).
+    pub write_protect: bool,
+}
+
+/// One userfaultfd, in write-protect mode.
+#[derive(Debug)]
+pub struct Userfault {
+    fd: OwnedFd,
+    features: u64,
+}
+
+impl Userfault {
+    /// Opens a userfaultfd (non-blocking, close-on-exec) that also receives
+    /// kernel-mode faults, with shmem write protection enabled.
+    pub fn new() -> Result<Self, UserfaultError> {
+        // SAFETY: plain syscall with flag arguments only.
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if raw < 0 {
+            return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
+        }
+        let raw = RawFd::try_from(raw)
+            .map_err(|_| UserfaultError::Unavailable(io::Error::from_raw_os_error(libc::EBADF)))?;
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        // SAFETY: `api` is a valid, writable `uffdio_api` for the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            // Retry with only the feature pagefold cannot do without.
+            let err = io::Error::last_os_error();
+            let mut api2 = UffdioApi {
+                api: UFFD_API,
+                features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+                ioctls: 0,
+            };
+            // A failed UFFDIO_API leaves the fd unusable: open a new one.
+            drop(fd);
+            // SAFETY: as above.
+            let raw =
+                unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+            let raw = RawFd::try_from(raw).map_err(|_| UserfaultError::Unavailable(err))?;
+            if raw < 0 {
+                return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
+            }
+            // SAFETY: fresh descriptor, as above.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: as above.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api2) } != 0 {
+                return Err(UserfaultError::NoShmemWriteProtect { features: 0 });
+            }
+            return Ok(Userfault {
+                fd,
+                features: api2.features,
+            });
+        }
+        if api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM == 0 {
+            return Err(UserfaultError::NoShmemWriteProtect {
+                features: api.features,
+            });
+        }
+        Ok(Userfault {
+            fd,
+            features: api.features,
+        })
+    }
+
+    /// Features the kernel granted.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Registers `[addr, addr+len)` for write-protect faults. Registration
+    /// belongs to the mappings (VMAs) present now: a mapping created later
+    /// over the range (a `MAP_FIXED` remap) must be registered again.
+    pub fn register(&self, addr: HostVirtAddr, len: u64) -> Result<(), UserfaultError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: addr.0, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid, writable `uffdio_register`; the kernel
+        // validates the range against this process's mappings.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        self.check(rc, "UFFDIO_REGISTER", addr, len)
+    }
+
+    /// Unregisters `[addr, addr+len)`; waiting faulters are woken.
+    pub fn unregister(&self, addr: HostVirtAddr, len: u64) -> Result<(), UserfaultError> {
+        let mut range = UffdioRange { start: addr.0, len };
+        // SAFETY: `range` is a valid `uffdio_range` for the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+        self.check(rc, "UFFDIO_UNREGISTER", addr, len)
+    }
+
+    /// Arms write protection on a registered range: from now on a write to
+    /// it blocks in the kernel until the range is unprotected or woken.
+    pub fn protect(&self, addr: HostVirtAddr, len: u64) -> Result<(), UserfaultError> {
+        self.writeprotect(addr, len, UFFDIO_WRITEPROTECT_MODE_WP)
+    }
+
+    /// Disarms write protection; `wake` releases threads waiting on it.
+    pub fn unprotect(
+        &self,
+        addr: HostVirtAddr,
+        len: u64,
+        wake: bool,
+    ) -> Result<(), UserfaultError> {
+        let mode = if wake {
+            0
+        } else {
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        };
+        self.writeprotect(addr, len, mode)
+    }
+
+    /// Wakes threads waiting on faults in the range; they retry the access
+    /// against whatever is mapped there now.
+    pub fn wake(&self, addr: HostVirtAddr, len: u64) -> Result<(), UserfaultError> {
+        let mut range = UffdioRange { start: addr.0, len };
+        // SAFETY: `range` is a valid `uffdio_range` for the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range) };
+        self.check(rc, "UFFDIO_WAKE", addr, len)
+    }
+
+    /// Reads the next pending write fault, if any (non-blocking).
+    pub fn read_fault(&self) -> Result<Option<WriteFault>, UserfaultError> {
+        loop {
+            let mut msg = UffdMsg::default();
+            // SAFETY: `msg` is a writable buffer of exactly one `uffd_msg`.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut msg as *mut UffdMsg).cast(),
+                    std::mem::size_of::<UffdMsg>(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(None),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(UserfaultError::Ioctl {
+                        op: "read(userfaultfd)",
+                        start: 0,
+                        len: 0,
+                        source: e,
+                    }),
+                };
+            }
+            if msg.event != UFFD_EVENT_PAGEFAULT || msg.flags & UFFD_PAGEFAULT_FLAG_WRITE == 0 {
+                continue;
+            }
+            return Ok(Some(WriteFault {
+                addr: HostVirtAddr(msg.address),
+                write_protect: msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+            }));
+        }
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for a fault to be readable.
+    /// Returns whether one is.
+    pub fn wait(&self, timeout_ms: i32) -> Result<bool, UserfaultError> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                return Ok(false);
+            }
+            return Err(UserfaultError::Ioctl {
+                op: "poll(userfaultfd)",
+                start: 0,
+                len: 0,
+                source: e,
+            });
+        }
+        Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
+    }
+
+    fn writeprotect(&self, addr: HostVirtAddr, len: u64, mode: u64) -> Result<(), UserfaultError> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start: addr.0, len },
+            mode,
+        };
+        // SAFETY: `wp` is a valid `uffdio_writeprotect` for the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) };
+        self.check(rc, "UFFDIO_WRITEPROTECT", addr, len)
+    }
+
+    fn check(
+        &self,
+        rc: libc::c_int,
+        op: &'static str,
+        addr: HostVirtAddr,
+        len: u64,
+    ) -> Result<(), UserfaultError> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(UserfaultError::Ioctl {
+                op,
+                start: addr.0,
+                len,
+                source: io::Error::last_os_error(),
+            })
+        }
+    }
+}
+
+impl AsRawFd for Userfault {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
