@@ -59,7 +59,7 @@ fn held_by_an_operation(inner: &Inner, addr: HostVirtAddr) -> bool {
         for r in vm.mem.regions() {
             let start = r.host_addr().0;
             if addr.0 >= start && addr.0 < start + r.size() {
-                let page = ((addr.0 - start) / PAGE_SIZE as u64) as usize;
+                let page = crate::addr::usize_from((addr.0 - start) / PAGE_SIZE as u64);
                 return r.page_states().load(page).flags() & LOCKED != 0;
             }
         }

@@ -147,6 +147,22 @@ struct PageRef {
     page: u32,
 }
 
+impl PageRef {
+    /// `None` past 2^32 VMs, regions or pages per region (16 TiB regions):
+    /// such pages are not scanned.
+    fn new(vm: usize, region: usize, page: usize) -> Option<Self> {
+        Some(PageRef {
+            vm: u32::try_from(vm).ok()?,
+            region: u32::try_from(region).ok()?,
+            page: u32::try_from(page).ok()?,
+        })
+    }
+}
+
+/// A group of equal pages, checked byte for byte, with the content their
+/// shared frame gets.
+type VerifiedGroup = (DomainId, u64, Box<[u8; PAGE_SIZE]>, Vec<Hashed>);
+
 struct ScanState {
     keys: HashMap<DomainId, Arc<DomainKey>>,
     /// Hash of each page at its last visit, per VM and region.
@@ -264,9 +280,9 @@ impl DedupHost {
         }
         {
             let mut scan = lock(&self.inner.scan);
-            if !scan.keys.contains_key(&options.domain) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain) {
                 let key = DomainKey::random().map_err(|e| DedupError::Random(e.to_string()))?;
-                scan.keys.insert(options.domain, Arc::new(key));
+                slot.insert(Arc::new(key));
             }
         }
         let id = VmId(self.inner.next_vm.fetch_add(1, Ordering::Relaxed));
@@ -517,11 +533,7 @@ fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
             if !vm.included[ri] {
                 continue;
             }
-            refs.extend((0..r.pages()).map(|p| PageRef {
-                vm: v as u32,
-                region: ri as u32,
-                page: p as u32,
-            }));
+            refs.extend((0..r.pages()).filter_map(|p| PageRef::new(v, ri, p)));
         }
     }
     refs
@@ -547,11 +559,7 @@ fn next_pages(
             let region = &vm.mem.regions()[r];
             if vm.included[r] && p < region.pages() {
                 let n = (region.pages() - p).min(want - refs.len());
-                refs.extend((p..p + n).map(|page| PageRef {
-                    vm: v as u32,
-                    region: r as u32,
-                    page: page as u32,
-                }));
+                refs.extend((p..p + n).filter_map(|page| PageRef::new(v, r, page)));
                 p += n;
                 continue;
             }
@@ -698,16 +706,15 @@ impl Inner {
                             if let Some(v) = vms.iter().position(|e| e.id == vm_id) {
                                 let r = &vms[v].mem.regions()[region as usize];
                                 let state = r.page_states().load(page as usize);
-                                if state.kind() == PageKind::Private && state.flags() & LOCKED == 0
-                                {
+                                let at = PageRef::new(v, region as usize, page as usize);
+                                if let (Some(at), true) = (
+                                    at,
+                                    state.kind() == PageKind::Private && state.flags() & LOCKED == 0,
+                                ) {
                                     extra.push((
                                         (domain, hash),
                                         Hashed {
-                                            at: PageRef {
-                                                vm: v as u32,
-                                                region,
-                                                page,
-                                            },
+                                            at,
                                             state,
                                             hash,
                                             zero: false,
@@ -747,7 +754,7 @@ impl Inner {
         // Allocation order = order of each group's first page, so clones of
         // one guest map runs of consecutive shared frames.
         multi.sort_by_key(|(_, _, m)| m[0].at);
-        let verified: Vec<(DomainId, u64, Box<[u8; PAGE_SIZE]>, Vec<Hashed>)> = multi
+        let verified: Vec<VerifiedGroup> = multi
             .into_par_iter()
             .filter_map(|(d, h, members)| {
                 let first = members[0].at;
