@@ -203,3 +203,133 @@ fn different_domains_share_nothing() {
     assert_eq!(s.pages_shared, 0);
     assert!(s.zero_pages > 0, "zero pages are released in every domain");
 }
+
+#[test]
+fn incremental_steps_merge_only_pages_that_held_still() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 2);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    // First full pass: every page is seen for the first time, so nothing is
+    // stable yet (KSM's rule) and nothing merges.
+    let first = host
+        .scan_step(pagefold::ScanBudget::Pages((2 * PAGES) as u64))
+        .unwrap();
+    assert!(first.full_scan_completed);
+    assert_eq!(first.merged_shared + first.merged_zero, 0);
+    assert_eq!(first.volatile as usize, 2 * PAGES);
+
+    // Keep one shared page changing between passes: it must stay unmerged.
+    let hot = GuestPhysAddr(5 * PAGE_SIZE as u64);
+    vms[1].write_obj(hot, 1u64).unwrap();
+    let second = host
+        .scan_step(pagefold::ScanBudget::Pages((2 * PAGES) as u64))
+        .unwrap();
+    let dup_contents = (0..PAGES).filter(|i| i * 3 / PAGES == 0).count();
+    let zero_pages = (0..PAGES).filter(|i| i * 3 / PAGES == 1).count();
+    assert_eq!(
+        second.volatile, 1,
+        "the page written between passes is volatile"
+    );
+    assert_eq!(second.merged_zero as usize, 2 * zero_pages);
+    // VM 0's copy of the hot page has no stable partner; the rest pair up.
+    assert_eq!(second.merged_shared as usize, 2 * dup_contents - 2);
+    assert_eq!(host.stats().unwrap().full_scans, 2);
+
+    // A time budget also makes progress and stops.
+    let t = host
+        .scan_step(pagefold::ScanBudget::Time(
+            std::time::Duration::from_millis(5),
+        ))
+        .unwrap();
+    assert!(t.pages_scanned > 0);
+}
+
+#[test]
+fn excluded_regions_are_left_alone() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let layout = [
+        (GuestPhysAddr(0), 64 * PAGE_SIZE as u64),
+        (GuestPhysAddr(1 << 30), 64 * PAGE_SIZE as u64),
+    ];
+    let a = Arc::new(GuestMemory::with_store(Arc::clone(&store), &layout).unwrap());
+    let b = Arc::new(GuestMemory::with_store(Arc::clone(&store), &layout).unwrap());
+    for m in [&a, &b] {
+        m.fill(GuestPhysAddr(0), 0x5a, 64 * PAGE_SIZE).unwrap();
+        m.fill(GuestPhysAddr(1 << 30), 0x5a, 64 * PAGE_SIZE)
+            .unwrap();
+    }
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    let opts = VmOptions {
+        domain: DomainId(0),
+        exclude: vec![GuestPhysAddr(1 << 30)],
+    };
+    host.register(Arc::clone(&a), opts.clone()).unwrap();
+    host.register(Arc::clone(&b), opts).unwrap();
+    host.merge_now().unwrap();
+    for m in [&a, &b] {
+        let high = &m.regions()[1];
+        assert_eq!(
+            high.page_states().census(),
+            [64, 0, 0, 0],
+            "excluded region untouched"
+        );
+        let low = &m.regions()[0];
+        assert_eq!(low.page_states().census()[2], 64, "included region merged");
+    }
+}
+
+#[test]
+fn near_the_mapping_limit_merging_stops_and_writes_still_work() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 2);
+    // A headroom as large as the whole budget leaves nothing for dedup.
+    let host = pagefold::DedupHost::with_options(
+        Arc::clone(&store),
+        pagefold::dedup::DedupOptions {
+            map_headroom: u64::MAX / 2,
+        },
+    )
+    .unwrap();
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    let r = host.merge_now().unwrap();
+    assert_eq!(r.merged_shared + r.merged_zero, 0);
+    assert!(r.map_limit > 0);
+    assert_eq!(host.stats().unwrap().map_limit_hits, r.map_limit);
+    vms[0].write_obj(GuestPhysAddr(0), 42u64).unwrap();
+    assert_eq!(vms[0].read_obj::<u64>(GuestPhysAddr(0)).unwrap(), 42);
+}
+
+#[test]
+fn unregister_gives_the_vm_back_private_and_whole() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 2);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    let a = host
+        .register(Arc::clone(&vms[0]), VmOptions::default())
+        .unwrap();
+    host.register(Arc::clone(&vms[1]), VmOptions::default())
+        .unwrap();
+    host.merge_now().unwrap();
+    let mem = host.unregister(a).unwrap();
+    assert_eq!(mem.census().private as usize, PAGES);
+    let model: Vec<_> = (0..PAGES).map(|i| content(0, i)).collect();
+    check(&mem, &model);
+    assert!(matches!(
+        host.vm_stats(a),
+        Err(pagefold::DedupError::UnknownVm(_))
+    ));
+    // A VM on another store is refused.
+    let other = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), 4096)]).unwrap());
+    assert!(matches!(
+        host.register(other, VmOptions::default()),
+        Err(pagefold::DedupError::ForeignStore)
+    ));
+    // Dropping the host unmerges the rest.
+    drop(host);
+    assert_eq!(vms[1].census().private as usize, PAGES);
+}

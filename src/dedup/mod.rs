@@ -280,7 +280,8 @@ impl DedupHost {
         }
         {
             let mut scan = lock(&self.inner.scan);
-            if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain)
+            {
                 let key = DomainKey::random().map_err(|e| DedupError::Random(e.to_string()))?;
                 slot.insert(Arc::new(key));
             }
@@ -539,7 +540,8 @@ fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
     refs
 }
 
-/// The next `want` pages from `cursor`; `true` if the scan wrapped around.
+/// The next `want` pages from `cursor`; `true` if this call reached the end
+/// of a full pass (the cursor is back at the start).
 fn next_pages(
     cursor: &mut (usize, usize, usize),
     vms: &[Arc<VmEntry>],
@@ -547,34 +549,37 @@ fn next_pages(
 ) -> (Vec<PageRef>, bool) {
     let mut refs = Vec::with_capacity(want);
     let (mut v, mut r, mut p) = *cursor;
-    let mut wrapped = false;
     if v >= vms.len() {
-        v = 0;
-        r = 0;
-        p = 0;
+        (v, r, p) = (0, 0, 0);
     }
-    while refs.len() < want {
-        let vm = &vms[v];
-        if r < vm.mem.regions().len() {
-            let region = &vm.mem.regions()[r];
-            if vm.included[r] && p < region.pages() {
-                let n = (region.pages() - p).min(want - refs.len());
-                refs.extend((p..p + n).filter_map(|page| PageRef::new(v, r, page)));
-                p += n;
-                continue;
+    let mut wrapped = false;
+    loop {
+        // Move past exhausted or excluded regions, and past the last VM.
+        loop {
+            let vm = &vms[v];
+            let regions = vm.mem.regions();
+            if r < regions.len() {
+                if !vm.included[r] || p >= regions[r].pages() {
+                    r += 1;
+                    p = 0;
+                    continue;
+                }
+                break;
             }
-            r += 1;
-            p = 0;
-            continue;
+            v += 1;
+            (r, p) = (0, 0);
+            if v >= vms.len() {
+                v = 0;
+                wrapped = true;
+                break;
+            }
         }
-        v += 1;
-        r = 0;
-        p = 0;
-        if v >= vms.len() {
-            v = 0;
-            wrapped = true;
+        if wrapped || refs.len() >= want {
             break;
         }
+        let n = (vms[v].mem.regions()[r].pages() - p).min(want - refs.len());
+        refs.extend((p..p + n).filter_map(|page| PageRef::new(v, r, page)));
+        p += n;
     }
     *cursor = (v, r, p);
     (refs, wrapped)
@@ -709,7 +714,8 @@ impl Inner {
                                 let at = PageRef::new(v, region as usize, page as usize);
                                 if let (Some(at), true) = (
                                     at,
-                                    state.kind() == PageKind::Private && state.flags() & LOCKED == 0,
+                                    state.kind() == PageKind::Private
+                                        && state.flags() & LOCKED == 0,
                                 ) {
                                     extra.push((
                                         (domain, hash),
