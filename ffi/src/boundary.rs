@@ -1,7 +1,7 @@
 //! The panic boundary every export runs behind, and the thread-local
 //! last-error message it maintains.
 //!
-//! An export's body goes inside [`ffi_boundary!`], which runs it under
+//! An export's body goes inside `ffi_boundary!`, which runs it under
 //! `catch_unwind`: a panic never unwinds into C (that would abort the process
 //! since Rust 1.81, or be undefined behaviour before). What the body returns
 //! decides the bookkeeping ([`BoundaryResult`]): a `Result<(), Error>` becomes
@@ -113,7 +113,7 @@ impl BoundaryResult for *const c_char {
     }
 }
 
-/// The body of [`ffi_boundary!`]: runs `body`, turning a panic into
+/// The body of `ffi_boundary!`: runs `body`, turning a panic into
 /// `R::panicked()` plus a last-error message.
 #[inline]
 pub(crate) fn enter<R: BoundaryResult>(body: impl FnOnce() -> R) -> R::Output {

@@ -13,7 +13,7 @@
 //!   and return their result, and the `_free` functions, which return nothing.
 //! - A call that fails stores a message in a thread-local slot that
 //!   `pf_last_error_message` copies out; a call that succeeds clears it.
-//! - Every export runs behind one panic boundary ([`ffi_boundary!`]): a panic
+//! - Every export runs behind one panic boundary (`ffi_boundary!` in `boundary.rs`): a panic
 //!   never unwinds into C; the call returns `PF_ERR_PANIC` instead.
 //! - Every pointer argument is checked for NULL, and every length against what
 //!   the host can address, before anything happens.
@@ -52,4 +52,19 @@ pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MI
 #[no_mangle]
 pub extern "C" fn pf_abi_version() -> u32 {
     ffi_boundary! { returns u32; PF_ABI_VERSION }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soname_follows_abi_major() {
+        assert_eq!(
+            env!("PAGEFOLD_SONAME_MAJOR").parse::<u32>().ok(),
+            Some(PF_ABI_VERSION_MAJOR),
+            "build.rs SONAME_MAJOR and PF_ABI_VERSION_MAJOR disagree"
+        );
+        assert_eq!(pf_abi_version() >> 16, PF_ABI_VERSION_MAJOR);
+    }
 }

@@ -183,6 +183,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn core_errors_map_to_their_codes() {
+        use pagefold::{GuestPhysAddr, LayoutError, PageSize};
+        let a = GuestPhysAddr(0x5000);
+        let os = || FrameError::Os {
+            op: "mmap",
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        let cases: [(Error, pf_status); 10] = [
+            (
+                AccessError::Unmapped { addr: a }.into(),
+                pf_status::PF_ERR_UNMAPPED,
+            ),
+            (
+                AccessError::Overflow { addr: a, len: 1 }.into(),
+                pf_status::PF_ERR_OVERFLOW,
+            ),
+            (
+                AccessError::Misaligned { addr: a, align: 8 }.into(),
+                pf_status::PF_ERR_MISALIGNED,
+            ),
+            (
+                AccessError::WriteProtected { addr: a }.into(),
+                pf_status::PF_ERR_WRITE_PROTECTED,
+            ),
+            (AccessError::Frames(os()).into(), pf_status::PF_ERR_OS),
+            (
+                MemoryError::Layout(LayoutError::NoRegions).into(),
+                pf_status::PF_ERR_LAYOUT,
+            ),
+            (
+                MemoryError::Frames(FrameError::NoHugePages {
+                    size: PageSize::Size2M,
+                })
+                .into(),
+                pf_status::PF_ERR_NO_HUGE_PAGES,
+            ),
+            (
+                FrameError::TooLarge { frames: 1 << 50 }.into(),
+                pf_status::PF_ERR_OVERFLOW,
+            ),
+            (FrameError::Empty.into(), pf_status::PF_ERR_INTERNAL),
+            (os().into(), pf_status::PF_ERR_OS),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
     fn codes_are_dense_and_names_match() {
         for (i, s) in pf_status::ALL.iter().enumerate() {
             assert_eq!(i32::try_from(i).map(|i| -i), Ok(*s as i32), "{s:?}");

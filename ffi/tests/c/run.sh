@@ -7,7 +7,9 @@
 # binary under valgrind (definite and indirect leaks and memory errors fail;
 # "still reachable" blocks from the Rust runtime do not), checks that every
 # function in include/pagefold.h is exported by the library and used by a
-# test, and ends with the line "N passed, M failed". Exit status 0 only when
+# test, installs into a scratch prefix with install.sh and builds
+# examples/minimal.c through pkg-config (shared and static), and ends with
+# the line "N passed, M failed". Exit status 0 only when
 # nothing failed.
 #
 # Usage: ffi/tests/c/run.sh        (from anywhere)
@@ -73,7 +75,11 @@ for f in libpagefold.a libpagefold.so; do
         exit 1
     fi
 done
-mkdir -p "$out"
+mkdir -p "$out/lib"
+# The library's SONAME is libpagefold.so.<ABI major>: that is the file the
+# C++ binaries look for at run time (through their rpath).
+soname=$(readelf -d "$lib_dir/libpagefold.so" | sed -nE 's/.*Library soname: \[(.*)\].*/\1/p')
+ln -sf "$lib_dir/libpagefold.so" "$out/lib/${soname:-libpagefold.so}"
 
 # Runs one test binary; adds up its summary line "# suite: N passed, M failed".
 run_binary() { # label, binary
@@ -125,12 +131,41 @@ for src in "$here"/test_*.c; do
     echo "== $name (C++17, shared)"
     # shellcheck disable=SC2086
     if $CXX -x c++ -std=c++17 $warnings -g -I"$ffi/include" "$src" -x none -o "$out/$name-cxx" \
-        -L"$lib_dir" -Wl,-rpath,"$lib_dir" -lpagefold -lpthread; then
+        -L"$lib_dir" -Wl,-rpath,"$out/lib" -lpagefold -lpthread; then
         run_binary "$name (C++)" "$out/$name-cxx"
     else
         fail "$name (C++)" "does not compile"
     fi
 done
+
+echo "== install.sh and pkg-config (examples/minimal.c)"
+prefix=$out/prefix
+rm -rf "$prefix"
+if PROFILE=debug "$ffi/install.sh" "$prefix" >"$out/install.log" 2>&1; then
+    export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
+    # shellcheck disable=SC2046
+    if $CC -std=c11 $warnings "$ffi/examples/minimal.c" -o "$out/minimal-shared" \
+        $(pkg-config --cflags --libs pagefold) -Wl,-rpath,"$prefix/lib" &&
+        "$out/minimal-shared" 2>&1 | grep -q "read back: hello, guest"; then
+        pass "install.pkg_config_shared"
+    else
+        fail "install.pkg_config_shared" "examples/minimal.c did not build or run against the installed .so"
+    fi
+    # shellcheck disable=SC2046
+    if $CC -std=c11 $warnings "$ffi/examples/minimal.c" -o "$out/minimal-static" \
+        $(pkg-config --cflags pagefold) "$(pkg-config --variable=libdir pagefold)/libpagefold.a" \
+        $(pkg-config --static --libs-only-l pagefold | sed 's/-lpagefold//') &&
+        ! readelf -d "$out/minimal-static" | grep -q libpagefold &&
+        "$out/minimal-static" 2>&1 | grep -q "read back: hello, guest"; then
+        pass "install.pkg_config_static"
+    else
+        fail "install.pkg_config_static" "examples/minimal.c did not build or run against the installed .a"
+    fi
+else
+    sed 's/^/    /' "$out/install.log"
+    fail "install.pkg_config_shared" "install.sh failed"
+    fail "install.pkg_config_static" "install.sh failed"
+fi
 
 echo "== coverage"
 # Function names declared in the header, symbols the library exports.
