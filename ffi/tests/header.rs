@@ -20,6 +20,18 @@ fn header_is_up_to_date() {
     bindings.write(&mut generated);
     let generated = String::from_utf8(generated).expect("cbindgen writes UTF-8");
 
+    // cbindgen copies doc comments verbatim into `/** ... */` blocks: a `*/`
+    // in a Rust doc comment would end the C comment early.
+    for (i, line) in generated.lines().enumerate() {
+        if let Some(at) = line.find("*/") {
+            assert!(
+                line[at + 2..].trim().is_empty(),
+                "header line {}: `*/` inside a comment (from a doc comment?): {line}",
+                i + 1
+            );
+        }
+    }
+
     if std::env::var_os("PAGEFOLD_BLESS").is_some_and(|v| v == "1") {
         fs::create_dir_all(dir.join("include")).expect("create include/");
         fs::write(&header_path, &generated).expect("write the header");
