@@ -34,10 +34,17 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
     let store = Arc::new(FrameStore::memfd().unwrap());
     let vms: Vec<Arc<GuestMemory>> = (0..VMS)
         .map(|_| {
-            let m = GuestMemory::with_store(Arc::clone(&store), &[(GuestPhysAddr(0), (PAGES * PAGE_SIZE) as u64)])
-                .unwrap();
+            let m = GuestMemory::with_store(
+                Arc::clone(&store),
+                &[(GuestPhysAddr(0), (PAGES * PAGE_SIZE) as u64)],
+            )
+            .unwrap();
             for p in 0..PAGES {
-                m.write(GuestPhysAddr((p * PAGE_SIZE) as u64), &palette((p % 4) as u8)).unwrap();
+                m.write(
+                    GuestPhysAddr((p * PAGE_SIZE) as u64),
+                    &palette((p % 4) as u8),
+                )
+                .unwrap();
             }
             Arc::new(m)
         })
@@ -58,8 +65,9 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
             let stop = Arc::clone(&stop);
             thread::spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(w as u64 + 1);
-                let mut model: Vec<Vec<[u8; PAGE_SIZE]>> =
-                    (0..VMS).map(|_| (0..PAGES).map(|p| palette((p % 4) as u8)).collect()).collect();
+                let mut model: Vec<Vec<[u8; PAGE_SIZE]>> = (0..VMS)
+                    .map(|_| (0..PAGES).map(|p| palette((p % 4) as u8)).collect())
+                    .collect();
                 let mut ops = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let vm = rng.gen_range(0..VMS);
@@ -76,14 +84,18 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
                         1 => {
                             let off = rng.gen_range(0..PAGE_SIZE / 8) * 8;
                             let v: u64 = rng.gen();
-                            vms[vm].store(GuestPhysAddr(gpa + off as u64), v, Ordering::SeqCst).unwrap();
+                            vms[vm]
+                                .store(GuestPhysAddr(gpa + off as u64), v, Ordering::SeqCst)
+                                .unwrap();
                             model[vm][page][off..off + 8].copy_from_slice(&v.to_le_bytes());
                         }
                         // A word through the raw host mapping, like a vCPU.
                         2 => {
                             let off = rng.gen_range(0..PAGE_SIZE / 8) * 8;
                             let v: u64 = rng.gen();
-                            let hva = vms[vm].host_address(GuestPhysAddr(gpa + off as u64)).unwrap();
+                            let hva = vms[vm]
+                                .host_address(GuestPhysAddr(gpa + off as u64))
+                                .unwrap();
                             // SAFETY: `hva` is 8-byte aligned inside the VM's
                             // live mapping; this thread owns the page.
                             unsafe { std::ptr::write_volatile(hva.0 as *mut u64, v) };
@@ -99,7 +111,10 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
                                 w8.copy_from_slice(chunk);
                                 // SAFETY: inside the page this thread owns.
                                 unsafe {
-                                    std::ptr::write_volatile((hva.0 as *mut u64).add(i), u64::from_le_bytes(w8))
+                                    std::ptr::write_volatile(
+                                        (hva.0 as *mut u64).add(i),
+                                        u64::from_le_bytes(w8),
+                                    )
                                 };
                             }
                             model[vm][page] = c;
@@ -129,7 +144,8 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
             4 => {
                 let vm = rng.gen_range(0..VMS);
                 let page = rng.gen_range(0..PAGES);
-                host.resolve_write_fault(ids[vm], GuestPhysAddr((page * PAGE_SIZE) as u64)).unwrap();
+                host.resolve_write_fault(ids[vm], GuestPhysAddr((page * PAGE_SIZE) as u64))
+                    .unwrap();
             }
             _ => {
                 host.stats().unwrap();
@@ -156,15 +172,23 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
          cow breaks {}, writers that met a merge window {}",
         st.cow_breaks, st.write_faults_seen
     );
-    assert!(merged > 0 && unmerged > 0, "the scanner did real work: merged {merged}, unmerged {unmerged}");
+    assert!(
+        merged > 0 && unmerged > 0,
+        "the scanner did real work: merged {merged}, unmerged {unmerged}"
+    );
     assert!(total_ops > 1000, "writers did real work: {total_ops}");
 
     let check = |when: &str| {
         let mut buf = [0u8; PAGE_SIZE];
         for vm in 0..VMS {
             for p in 0..PAGES {
-                vms[vm].read(GuestPhysAddr((p * PAGE_SIZE) as u64), &mut buf).unwrap();
-                assert!(buf[..] == expected[vm][p][..], "{when}: VM {vm} page {p} lost a write ({rounds} rounds)");
+                vms[vm]
+                    .read(GuestPhysAddr((p * PAGE_SIZE) as u64), &mut buf)
+                    .unwrap();
+                assert!(
+                    buf[..] == expected[vm][p][..],
+                    "{when}: VM {vm} page {p} lost a write ({rounds} rounds)"
+                );
             }
         }
     };

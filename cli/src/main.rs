@@ -1,9 +1,13 @@
 //! The `pagefold` command line: a demo of the library on built-in guests,
 //! and operator tools over raw guest RAM images.
 
+mod compare;
 mod demo;
+mod estimate;
+mod ksm;
+mod workload;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -27,12 +31,41 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         mib: u64,
     },
+    /// Estimate the saving of folding raw guest RAM images (for example QEMU
+    /// memory-backend-file files), with the real scanner.
+    Estimate {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Raw guest RAM images, one per VM.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Fold the same bytes with pagefold and with Linux KSM at its fastest,
+    /// and compare (needs root for /sys/kernel/mm/ksm; every KSM setting is
+    /// restored). Without images, runs the built-in workloads.
+    CompareKsm {
+        /// Run only pagefold's side (for profiling; prints no ratios).
+        #[arg(long)]
+        no_ksm: bool,
+        /// Raw guest RAM images, one per VM.
+        images: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { vms, mib } => demo::run(vms, mib),
+        Command::Estimate { json, images } => estimate::run(&images, json),
+        Command::CompareKsm { no_ksm, images } => {
+            let workloads = if images.is_empty() {
+                Ok(vec![workload::Workload::booted_clones(), workload::Workload::duplicates_1g()])
+            } else {
+                workload::Workload::images(&images).map(|w| vec![w])
+            };
+            workloads.map_err(Into::into).and_then(|w| compare::run(&w, !no_ksm))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

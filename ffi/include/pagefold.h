@@ -59,11 +59,9 @@
 /**
  * What backs guest memory: the values of `pf_memory_options.backing`.
  *
- * Hugetlb caveat (current core): huge pages are not reserved when memory is
- * created, so creation can succeed while the pool (`free_hugepages` in
- * /sys/kernel/mm/hugepages/hugepages-SIZEkB) cannot back the memory, and
- * the first access to an unbacked page then raises SIGBUS. Reserve enough
- * huge pages before using hugetlb backing.
+ * Hugetlb memory reserves its huge pages when it is created: if the pool
+ * (`free_hugepages` in /sys/kernel/mm/hugepages/hugepages-SIZEkB) cannot
+ * back it, creation fails with `PF_ERR_NO_HUGE_PAGES`.
  */
 typedef enum pf_backing {
     /**

@@ -512,6 +512,10 @@ impl Drop for DedupHost {
     }
 }
 
+fn nanos_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn zero_remapped(mem: &GuestMemory) -> u64 {
     let mut n = 0;
     for r in mem.regions() {
@@ -630,6 +634,7 @@ impl Inner {
             .iter()
             .map(|v| Arc::clone(&scan.keys[&v.domain]))
             .collect();
+        let hash_started = Instant::now();
         let hashed: Vec<Hashed> = refs
             .par_iter()
             .filter_map(|&at| {
@@ -652,6 +657,9 @@ impl Inner {
                 })
             })
             .collect();
+        report.pages_hashed = hashed.len() as u64;
+        report.hash_nanos = nanos_since(hash_started);
+        report.hash_threads = rayon::current_num_threads() as u64;
 
         // Volatility: an incremental step merges only pages whose hash did
         // not change since their previous visit.
@@ -799,6 +807,8 @@ impl Inner {
             }
         }
 
+        report.group_nanos = nanos_since(hash_started).saturating_sub(report.hash_nanos);
+        let merge_started = Instant::now();
         // Merge, region by region, in page order.
         let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
         keys_sorted.sort_unstable();
@@ -819,6 +829,7 @@ impl Inner {
             report.map_limit += out.map_limit;
             report.remaps += out.remaps;
         }
+        report.merge_nanos = nanos_since(merge_started);
         self.map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
         let mut shared = lock(&self.shared);

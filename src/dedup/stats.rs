@@ -69,6 +69,16 @@ pub struct ScanReport {
     pub map_limit: u64,
     /// Remap calls made.
     pub remaps: u64,
+    /// Pages read and hashed.
+    pub pages_hashed: u64,
+    /// Wall-clock nanoseconds spent hashing.
+    pub hash_nanos: u64,
+    /// Threads that hashed in parallel.
+    pub hash_threads: u64,
+    /// Wall-clock nanoseconds spent grouping and comparing candidates.
+    pub group_nanos: u64,
+    /// Wall-clock nanoseconds spent merging (protect, compare, remap, punch).
+    pub merge_nanos: u64,
     /// Whether a full pass over all VMs ended in this call.
     pub full_scan_completed: bool,
 }
@@ -83,6 +93,11 @@ impl ScanReport {
         self.busy += o.busy;
         self.map_limit += o.map_limit;
         self.remaps += o.remaps;
+        self.pages_hashed += o.pages_hashed;
+        self.hash_nanos += o.hash_nanos;
+        self.hash_threads = self.hash_threads.max(o.hash_threads);
+        self.group_nanos += o.group_nanos;
+        self.merge_nanos += o.merge_nanos;
         self.full_scan_completed |= o.full_scan_completed;
     }
 }

@@ -59,7 +59,13 @@ impl HostMapping {
             libc::off_t::try_from(range.start.file_offset()).map_err(|_| FrameError::TooLarge {
                 frames: range.start.0.saturating_add(range.count),
             })?;
-        let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        // Hugetlb pages are reserved at mmap time (no MAP_NORESERVE), so a
+        // shortage is an error here rather than a SIGBUS on first touch.
+        let hugetlb = matches!(store.options().backing, super::Backing::Hugetlb(_));
+        let mut flags = libc::MAP_SHARED;
+        if !hugetlb {
+            flags |= libc::MAP_NORESERVE;
+        }
         if store.options().populate {
             flags |= libc::MAP_POPULATE;
         }
@@ -80,10 +86,13 @@ impl HostMapping {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(FrameError::Os {
-                op: "mmap",
-                source: io::Error::last_os_error(),
-            });
+            let source = io::Error::last_os_error();
+            if hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
+                return Err(FrameError::NoHugePages {
+                    size: store.granule(),
+                });
+            }
+            return Err(FrameError::Os { op: "mmap", source });
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(FrameError::Os {
             op: "mmap",

@@ -490,3 +490,33 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod hugetlb_tests {
+    use super::*;
+
+    /// Without reserved huge pages, mapping hugetlb frames is a typed error,
+    /// never a SIGBUS on first touch.
+    #[test]
+    fn hugetlb_shortage_is_an_error_not_a_crash() {
+        let reserved = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let store = match FrameStore::new(StoreOptions {
+            backing: Backing::Hugetlb(PageSize::Size2M),
+            ..StoreOptions::default()
+        }) {
+            Ok(s) => s,
+            Err(FrameError::NoHugePages { .. }) => return,
+            Err(e) => panic!("unexpected: {e}"),
+        };
+        // Ask for more than is free.
+        let want = (reserved + 1) * 512;
+        match store.allocate(want).and_then(|r| store.map(r)) {
+            Err(FrameError::NoHugePages { size }) => assert_eq!(size, PageSize::Size2M),
+            Ok(_) => panic!("mapped {} huge pages with only {reserved} free", reserved + 1),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Linux KSM as the peer: its knobs under `/sys/kernel/mm/ksm/`, set to its
+//! fastest and always put back as they were (also on error or panic), and
+//! the figures it reports about itself and its `ksmd` thread.
+
+use std::{fs, io, path::Path, time::Duration};
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+/// The knobs this module changes; every one is restored on drop.
+const KNOBS: [&str; 4] = ["run", "pages_to_scan", "sleep_millisecs", "use_zero_pages"];
+
+/// KSM switched to its fastest setting until dropped.
+pub(crate) struct KsmSession {
+    saved: Vec<(&'static str, String)>,
+}
+
+fn knob(name: &str) -> String {
+    format!("{KSM}/{name}")
+}
+
+/// Reads a numeric KSM counter.
+pub(crate) fn counter(name: &str) -> io::Result<u64> {
+    fs::read_to_string(knob(name))?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {e}")))
+}
+
+impl KsmSession {
+    /// Saves the knobs and sets KSM to scan as fast as it can.
+    pub(crate) fn fastest() -> io::Result<Self> {
+        if !Path::new(KSM).exists() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "this kernel has no KSM (/sys/kernel/mm/ksm)"));
+        }
+        let mut saved = Vec::new();
+        for k in KNOBS {
+            saved.push((k, fs::read_to_string(knob(k))?.trim().to_owned()));
+        }
+        let session = KsmSession { saved };
+        // Unmerge anything left from before so counters start clean.
+        fs::write(knob("run"), "2")?;
+        fs::write(knob("pages_to_scan"), "100000")?;
+        fs::write(knob("sleep_millisecs"), "0")?;
+        fs::write(knob("use_zero_pages"), "1")?;
+        Ok(session)
+    }
+
+    /// Starts scanning.
+    pub(crate) fn start(&self) -> io::Result<()> {
+        fs::write(knob("run"), "1")
+    }
+
+    /// Pages KSM saves now: sharing pages plus zero pages it mapped to the
+    /// kernel's zero page.
+    pub(crate) fn saved_pages(&self) -> io::Result<u64> {
+        Ok(counter("pages_sharing")? + counter("ksm_zero_pages").unwrap_or(0))
+    }
+
+    /// Stops KSM and unmerges everything it merged (run=2).
+    pub(crate) fn unmerge(&self) -> io::Result<()> {
+        fs::write(knob("run"), "2")
+    }
+}
+
+impl Drop for KsmSession {
+    fn drop(&mut self) {
+        // Unmerge first (run=2 works whatever the old run value), then put
+        // back every knob, run last.
+        let _ = fs::write(knob("run"), "2");
+        std::thread::sleep(Duration::from_millis(10));
+        for (k, v) in self.saved.iter().rev() {
+            if *k != "run" {
+                let _ = fs::write(knob(k), v);
+            }
+        }
+        if let Some((_, v)) = self.saved.iter().find(|(k, _)| *k == "run") {
+            let _ = fs::write(knob("run"), v);
+        }
+    }
+}
+
+/// CPU seconds `ksmd` has used so far.
+pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
+    for e in fs::read_dir("/proc")? {
+        let e = e?;
+        let comm = e.path().join("comm");
+        if fs::read_to_string(&comm).map(|c| c.trim() == "ksmd").unwrap_or(false) {
+            let stat = fs::read_to_string(e.path().join("stat"))?;
+            // Fields after the ")" of the command name; utime and stime are
+            // fields 14 and 15 of the whole line.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            // SAFETY: sysconf has no memory-safety preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            return Ok((ticks(11) + ticks(12)) as f64 / hz);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, "no ksmd thread found"))
+}
