@@ -179,13 +179,12 @@ fn merge_locked(
             return Err(e.into());
         }
     }
-    let mut page = [0u8; PAGE_SIZE];
     let equal: Vec<bool> = run
         .iter()
-        .enumerate()
-        .map(|(idx, c)| {
-            region.read_page(c.page, &mut page);
-            page[..] == target_bytes[idx * PAGE_SIZE..(idx + 1) * PAGE_SIZE]
+        .zip(target_bytes.chunks_exact(PAGE_SIZE))
+        .map(|(c, want)| {
+            let want: &[u8; PAGE_SIZE] = want.try_into().unwrap_or(&[0u8; PAGE_SIZE]);
+            region.page_equals(c.page, want)
         })
         .collect();
 

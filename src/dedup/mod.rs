@@ -159,9 +159,14 @@ impl PageRef {
     }
 }
 
-/// A group of equal pages, checked byte for byte, with the content their
-/// shared frame gets.
-type VerifiedGroup = (DomainId, u64, Box<[u8; PAGE_SIZE]>, Vec<Hashed>);
+/// Pages with one hash in one domain: a slice of the sorted candidates, plus
+/// possibly one page from the unstable tree.
+struct Group {
+    domain: DomainId,
+    hash: u64,
+    members: std::ops::Range<usize>,
+    extra: Option<Hashed>,
+}
 
 struct ScanState {
     keys: HashMap<DomainId, Arc<DomainKey>>,
@@ -682,127 +687,116 @@ impl Inner {
 
         // Classify: zero, matches a shared frame, or needs a group.
         let mut cands: HashMap<(u32, u32), Vec<Candidate>> = HashMap::new();
-        let mut groups: HashMap<(DomainId, u64), Vec<Hashed>> = HashMap::new();
+        let mut push = |at: PageRef, expected: PageState, target: Target| {
+            cands
+                .entry((at.vm, at.region))
+                .or_default()
+                .push(Candidate {
+                    page: at.page as usize,
+                    expected,
+                    target,
+                });
+        };
+        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
         {
             let shared = lock(&self.shared);
-            for h in &stable {
+            for h in stable {
                 let domain = vms[h.at.vm as usize].domain;
-                let target = if h.zero {
-                    Some(Target::Zero)
+                if h.zero {
+                    push(h.at, h.state, Target::Zero);
+                } else if let Some(s) = shared.lookup(domain, h.hash).first() {
+                    push(h.at, h.state, Target::Shared(*s));
                 } else {
-                    shared
-                        .lookup(domain, h.hash)
-                        .first()
-                        .map(|s| Target::Shared(*s))
-                };
-                match target {
-                    Some(t) => cands
-                        .entry((h.at.vm, h.at.region))
-                        .or_default()
-                        .push(Candidate {
-                            page: h.at.page as usize,
-                            expected: h.state,
-                            target: t,
-                        }),
-                    None => groups.entry((domain, h.hash)).or_default().push(*h),
+                    rest.push((domain, h));
                 }
             }
         }
-        // Incremental: a page alone in this batch may match one seen earlier
-        // in this full scan (the unstable tree).
-        if !one_shot {
-            let mut extra = Vec::new();
-            for (&(domain, hash), members) in groups.iter_mut() {
-                if members.len() == 1 {
-                    match scan.unstable.remove(&(domain, hash)) {
-                        Some((vm_id, region, page)) => {
-                            if let Some(v) = vms.iter().position(|e| e.id == vm_id) {
-                                let r = &vms[v].mem.regions()[region as usize];
-                                let state = r.page_states().load(page as usize);
-                                let at = PageRef::new(v, region as usize, page as usize);
-                                if let (Some(at), true) = (
-                                    at,
-                                    state.kind() == PageKind::Private
-                                        && state.flags() & LOCKED == 0,
-                                ) {
-                                    extra.push((
-                                        (domain, hash),
-                                        Hashed {
-                                            at,
-                                            state,
-                                            hash,
-                                            zero: false,
-                                        },
-                                    ));
-                                }
+        // Equal hashes sit together after a sort; each run is a group whose
+        // first page (in VM, region, page order) is its canonical copy.
+        rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));
+        let mut groups: Vec<Group> = Vec::new();
+        let mut i = 0;
+        while i < rest.len() {
+            let (d, h) = rest[i];
+            let mut j = i + 1;
+            while j < rest.len() && rest[j].0 == d && rest[j].1.hash == h.hash {
+                j += 1;
+            }
+            if j - i >= 2 {
+                groups.push(Group {
+                    domain: d,
+                    hash: h.hash,
+                    members: i..j,
+                    extra: None,
+                });
+            } else if !one_shot {
+                // Incremental: a page alone in this batch may match one seen
+                // earlier in this full scan (KSM's unstable tree).
+                match scan.unstable.remove(&(d, h.hash)) {
+                    Some(earlier) => {
+                        if let Some(e) = self.unstable_page(vms, earlier, h.hash) {
+                            if e.at != h.at {
+                                groups.push(Group {
+                                    domain: d,
+                                    hash: h.hash,
+                                    members: i..j,
+                                    extra: Some(e),
+                                });
                             }
                         }
-                        None => {
-                            let at = members[0].at;
-                            scan.unstable.insert(
-                                (domain, hash),
-                                (vms[at.vm as usize].id, at.region, at.page),
-                            );
-                        }
+                    }
+                    None => {
+                        scan.unstable.insert(
+                            (d, h.hash),
+                            (vms[h.at.vm as usize].id, h.at.region, h.at.page),
+                        );
                     }
                 }
             }
-            for (k, h) in extra {
-                if let Some(g) = groups.get_mut(&k) {
-                    if !g.iter().any(|m| m.at == h.at) {
-                        g.push(h);
-                    }
-                }
-            }
+            i = j;
         }
-
-        // Groups of two or more equal pages get a new shared frame each.
-        let mut multi: Vec<(DomainId, u64, Vec<Hashed>)> = groups
-            .into_iter()
-            .filter(|(_, m)| m.len() >= 2)
-            .map(|((d, h), mut m)| {
-                m.sort_by_key(|x| x.at);
-                (d, h, m)
-            })
-            .collect();
-        // Allocation order = order of each group's first page, so clones of
-        // one guest map runs of consecutive shared frames.
-        multi.sort_by_key(|(_, _, m)| m[0].at);
-        let verified: Vec<VerifiedGroup> = multi
-            .into_par_iter()
-            .filter_map(|(d, h, members)| {
-                let first = members[0].at;
-                let region = &vms[first.vm as usize].mem.regions()[first.region as usize];
-                let mut canon = Box::new([0u8; PAGE_SIZE]);
-                region.read_page(first.page as usize, &mut canon);
-                let mut buf = [0u8; PAGE_SIZE];
-                let same: Vec<Hashed> = members
-                    .into_iter()
-                    .filter(|m| {
-                        let r = &vms[m.at.vm as usize].mem.regions()[m.at.region as usize];
-                        r.read_page(m.at.page as usize, &mut buf);
-                        buf[..] == canon[..]
-                    })
-                    .collect();
-                (same.len() >= 2).then_some((d, h, canon, same))
-            })
-            .collect();
-        if !verified.is_empty() {
-            let base = self.store.allocate(verified.len() as u64)?;
+        // Allocation order = order of each group's canonical page, so clones
+        // of one guest map runs of consecutive shared frames.
+        let canonical = |g: &Group| {
+            let first = rest[g.members.start].1;
+            match g.extra {
+                Some(e) if e.at < first.at => e,
+                _ => first,
+            }
+        };
+        groups.sort_by_key(|g| canonical(g).at);
+        if !groups.is_empty() {
+            let base = self.store.allocate(groups.len() as u64)?;
+            // Copy canonical pages into the new shared frames, a chunk of
+            // frames per pwrite. Members that differ from the canonical page
+            // (a hash collision, or a write since hashing) fail the byte
+            // comparison at merge time and stay private.
+            const CHUNK: usize = 256;
+            let mut content = vec![0u8; CHUNK * PAGE_SIZE];
+            for (c, chunk) in groups.chunks(CHUNK).enumerate() {
+                content[..chunk.len() * PAGE_SIZE]
+                    .par_chunks_mut(PAGE_SIZE)
+                    .zip(chunk.par_iter())
+                    .for_each(|(dst, g)| {
+                        let at = canonical(g).at;
+                        let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
+                        let mut page = [0u8; PAGE_SIZE];
+                        region.read_page(at.page as usize, &mut page);
+                        dst.copy_from_slice(&page);
+                    });
+                let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
+                self.store
+                    .write_frames(first, &content[..chunk.len() * PAGE_SIZE])?;
+            }
             let mut shared = lock(&self.shared);
-            for (i, (domain, hash, content, members)) in verified.into_iter().enumerate() {
-                let frame = FrameNumber(base.start.0 + i as u64);
-                self.store.write_frame(frame, &content)?;
-                shared.insert(frame, domain, hash);
-                for m in members {
-                    cands
-                        .entry((m.at.vm, m.at.region))
-                        .or_default()
-                        .push(Candidate {
-                            page: m.at.page as usize,
-                            expected: m.state,
-                            target: Target::Shared(frame),
-                        });
+            for (k, g) in groups.iter().enumerate() {
+                let frame = FrameNumber(base.start.0 + k as u64);
+                shared.insert(frame, g.domain, g.hash);
+                for (_, m) in &rest[g.members.clone()] {
+                    push(m.at, m.state, Target::Shared(frame));
+                }
+                if let Some(e) = g.extra {
+                    push(e.at, e.state, Target::Shared(frame));
                 }
             }
         }
@@ -838,6 +832,27 @@ impl Inner {
         }
         shared.free_unreferenced(&self.store)?;
         Ok(report)
+    }
+
+    /// The page an unstable-tree entry names, if it is still a candidate.
+    fn unstable_page(
+        &self,
+        vms: &[Arc<VmEntry>],
+        (vm_id, region, page): (VmId, u32, u32),
+        hash: u64,
+    ) -> Option<Hashed> {
+        let v = vms.iter().position(|e| e.id == vm_id)?;
+        let r = vms[v].mem.regions().get(region as usize)?;
+        let state = r.page_states().load(page as usize);
+        if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
+            return None;
+        }
+        Some(Hashed {
+            at: PageRef::new(v, region as usize, page as usize)?,
+            state,
+            hash,
+            zero: false,
+        })
     }
 
     /// Moves pages the kernel copied (a write to a merged page) from

@@ -289,6 +289,12 @@ impl FrameStore {
         self.pio(frame, data.as_ptr().cast_mut(), PAGE_SIZE, true)
     }
 
+    /// Writes consecutive frames starting at `frame` from `data` (a multiple
+    /// of the page size) in one `pwrite`.
+    pub fn write_frames(&self, frame: FrameNumber, data: &[u8]) -> Result<(), FrameError> {
+        self.pio(frame, data.as_ptr().cast_mut(), data.len(), true)
+    }
+
     /// Reads consecutive frames starting at `frame` into `out` (`pread`;
     /// `out.len()` a multiple of the page size).
     pub fn read_frames(&self, frame: FrameNumber, out: &mut [u8]) -> Result<(), FrameError> {
@@ -499,10 +505,11 @@ mod hugetlb_tests {
     /// never a SIGBUS on first touch.
     #[test]
     fn hugetlb_shortage_is_an_error_not_a_crash() {
-        let reserved = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let reserved =
+            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
         let store = match FrameStore::new(StoreOptions {
             backing: Backing::Hugetlb(PageSize::Size2M),
             ..StoreOptions::default()
@@ -515,7 +522,10 @@ mod hugetlb_tests {
         let want = (reserved + 1) * 512;
         match store.allocate(want).and_then(|r| store.map(r)) {
             Err(FrameError::NoHugePages { size }) => assert_eq!(size, PageSize::Size2M),
-            Ok(_) => panic!("mapped {} huge pages with only {reserved} free", reserved + 1),
+            Ok(_) => panic!(
+                "mapped {} huge pages with only {reserved} free",
+                reserved + 1
+            ),
             Err(e) => panic!("unexpected error: {e}"),
         }
     }

@@ -153,11 +153,13 @@ impl GuestMemory {
     /// Reads `buf.len()` bytes at `addr`. The range may span adjacent regions.
     #[inline]
     pub fn read(&self, addr: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
-        let (r, off) = self.region_of(addr)?;
-        if (buf.len() as u64) <= r.size() - off {
-            r.read_at(off, buf);
-            return Ok(());
+        if let Ok((r, off)) = self.region_of(addr) {
+            if (buf.len() as u64) <= r.size() - off {
+                r.read_at(off, buf);
+                return Ok(());
+            }
         }
+        // Slow path: empty, spanning regions, or an error to name exactly.
         self.check_span(addr, buf.len())?;
         let mut done = 0;
         self.for_each_chunk(addr, buf.len(), |r, off, n| {
@@ -171,9 +173,10 @@ impl GuestMemory {
     /// range is checked first: on error nothing was written.
     #[inline]
     pub fn write(&self, addr: GuestPhysAddr, data: &[u8]) -> Result<(), AccessError> {
-        let (r, off) = self.region_of(addr)?;
-        if (data.len() as u64) <= r.size() - off {
-            return r.write_at(off, data);
+        if let Ok((r, off)) = self.region_of(addr) {
+            if !data.is_empty() && (data.len() as u64) <= r.size() - off {
+                return r.write_at(off, data);
+            }
         }
         self.check_span(addr, data.len())?;
         // Prepare every page first, so a refused page leaves nothing written.
@@ -290,7 +293,8 @@ impl GuestMemory {
     /// writes to it so reads can answer zeros from the page state.
     pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
         let granule = self.store.granule();
-        for x in [addr.0, len] {
+        // Name the unaligned edge: the start, else the end.
+        for x in [addr.0, addr.0.wrapping_add(len)] {
             if x % granule.bytes() != 0 {
                 return Err(AccessError::Misaligned {
                     addr: GuestPhysAddr(x),
@@ -342,6 +346,10 @@ impl GuestMemory {
 
     /// Checks that `[addr, addr+len)` is covered by regions with no hole.
     fn check_span(&self, addr: GuestPhysAddr, len: usize) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        // The end must be representable: regions never reach 2^64 either.
         if addr.checked_add(len as u64).is_none() {
             return Err(AccessError::Overflow { addr, len });
         }

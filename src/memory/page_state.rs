@@ -157,15 +157,18 @@ pub struct PageStateTable {
 
 impl PageStateTable {
     /// A table whose page `i` is private and maps frame `first_frame + i`.
-    pub(crate) fn new_private(first_frame: FrameNumber, pages: usize) -> Self {
-        let words = (0..pages as u64)
-            .map(|i| {
-                AtomicU64::new(
-                    PageState::new(PageKind::Private, FrameNumber(first_frame.0 + i), 0).bits(),
-                )
-            })
-            .collect();
-        PageStateTable { words }
+    /// `None` if the table's memory cannot be had (a layout of tens of TiB).
+    pub(crate) fn new_private(first_frame: FrameNumber, pages: usize) -> Option<Self> {
+        let mut words = Vec::new();
+        words.try_reserve_exact(pages).ok()?;
+        words.extend((0..pages as u64).map(|i| {
+            AtomicU64::new(
+                PageState::new(PageKind::Private, FrameNumber(first_frame.0 + i), 0).bits(),
+            )
+        }));
+        Some(PageStateTable {
+            words: words.into_boxed_slice(),
+        })
     }
 
     /// Pages in the table.
@@ -246,7 +249,7 @@ mod tests {
 
     #[test]
     fn cas_reports_the_current_value_on_failure() {
-        let t = PageStateTable::new_private(FrameNumber(10), 4);
+        let t = PageStateTable::new_private(FrameNumber(10), 4).unwrap();
         let s = t.load(2);
         assert_eq!(s.frame(), FrameNumber(12));
         let z = s.with_kind(PageKind::Zero);

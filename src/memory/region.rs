@@ -62,12 +62,16 @@ impl GuestRegion {
         };
         let page_count = usize::try_from(pages)
             .map_err(|_| crate::frames::FrameError::TooLarge { frames: pages })?;
+        let Some(states) = PageStateTable::new_private(frames.start, page_count) else {
+            let _ = store.free(frames);
+            return Err(crate::frames::FrameError::TooLarge { frames: pages });
+        };
         Ok(GuestRegion {
             start,
             size,
             mapping,
             frames,
-            states: PageStateTable::new_private(frames.start, page_count),
+            states,
             store: Arc::clone(store),
         })
     }
@@ -298,6 +302,16 @@ impl GuestRegion {
         // SAFETY: `page < pages()` is the caller's contract, so the page lies
         // inside the live mapping.
         unsafe { copy::copy_from_guest(self.page_ptr(page), out) };
+    }
+
+    /// Whether page `page`, as the host mapping shows it now, equals `bytes`
+    /// (one page). Compares in place with the C library's `memcmp`: the call
+    /// is opaque to the compiler, so a racing write only changes the answer,
+    /// which the callers re-check under write protection anyway.
+    pub(crate) fn page_equals(&self, page: usize, bytes: &[u8; PAGE_SIZE]) -> bool {
+        // SAFETY: `page < pages()` is the caller's contract, so the page lies
+        // inside the live mapping; `bytes` is a page-sized buffer.
+        unsafe { libc::memcmp(self.page_ptr(page).cast(), bytes.as_ptr().cast(), PAGE_SIZE) == 0 }
     }
 
     /// Points pages `[first, first+count)` at `target` in one remap.
