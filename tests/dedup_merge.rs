@@ -3,6 +3,9 @@
 //! writes through the API and through raw pointers copy on write, domains
 //! stay apart, and unmerge restores private frames.
 
+// A failed unwrap is a failed test; every size here is small.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
 use std::sync::{atomic::Ordering, Arc};
 
 use pagefold::{DedupHost, DomainId, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE};

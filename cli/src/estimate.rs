@@ -49,7 +49,10 @@ pub(crate) fn run(images: &[PathBuf], json: bool) -> Result<(), Box<dyn Error>> 
     let mut buf = vec![0u8; 256 * PAGE_SIZE];
     let mut vms = Vec::new();
     for (vm, (_, pages)) in w.vms.iter().enumerate() {
-        let mem = GuestMemory::with_store(Arc::clone(&store), &[(GuestPhysAddr(0), (*pages * PAGE_SIZE) as u64)])?;
+        let mem = GuestMemory::with_store(
+            Arc::clone(&store),
+            &[(GuestPhysAddr(0), (*pages * PAGE_SIZE) as u64)],
+        )?;
         let mut p = 0;
         while p < *pages {
             let n = (*pages - p).min(256);
@@ -108,7 +111,7 @@ pub(crate) fn run(images: &[PathBuf], json: bool) -> Result<(), Box<dyn Error>> 
             "{}: {} pages ({} MiB), {} zero, {} merged with other pages",
             i.image,
             i.total_pages,
-            i.total_pages * PAGE_SIZE as u64 >> 20,
+            (i.total_pages * PAGE_SIZE as u64) >> 20,
             i.zero_pages,
             i.merged_pages
         );
@@ -119,7 +122,7 @@ pub(crate) fn run(images: &[PathBuf], json: bool) -> Result<(), Box<dyn Error>> 
         t.zero_pages,
         t.distinct_pages,
         t.saved_pages,
-        t.saved_pages * PAGE_SIZE as u64 >> 20,
+        (t.saved_pages * PAGE_SIZE as u64) >> 20,
         100.0 * t.saved_pages as f64 / t.total_pages.max(1) as f64,
         t.saved_bytes_kernel >> 20
     );

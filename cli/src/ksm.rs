@@ -29,7 +29,10 @@ impl KsmSession {
     /// Saves the knobs and sets KSM to scan as fast as it can.
     pub(crate) fn fastest() -> io::Result<Self> {
         if !Path::new(KSM).exists() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "this kernel has no KSM (/sys/kernel/mm/ksm)"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "this kernel has no KSM (/sys/kernel/mm/ksm)",
+            ));
         }
         let mut saved = Vec::new();
         for k in KNOBS {
@@ -83,7 +86,10 @@ pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
     for e in fs::read_dir("/proc")? {
         let e = e?;
         let comm = e.path().join("comm");
-        if fs::read_to_string(&comm).map(|c| c.trim() == "ksmd").unwrap_or(false) {
+        if fs::read_to_string(&comm)
+            .map(|c| c.trim() == "ksmd")
+            .unwrap_or(false)
+        {
             let stat = fs::read_to_string(e.path().join("stat"))?;
             // Fields after the ")" of the command name; utime and stime are
             // fields 14 and 15 of the whole line.
@@ -95,5 +101,8 @@ pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
             return Ok((ticks(11) + ticks(12)) as f64 / hz);
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, "no ksmd thread found"))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no ksmd thread found",
+    ))
 }

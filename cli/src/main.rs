@@ -48,6 +48,11 @@ enum Command {
         /// Run only pagefold's side (for profiling; prints no ratios).
         #[arg(long)]
         no_ksm: bool,
+        /// Raise vm.max_map_count to this for the run (restored after); 0
+        /// keeps the machine's value. Isolated merges cost the process
+        /// mappings, which KSM, inside the kernel, does not need.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_map_count: u64,
         /// Raw guest RAM images, one per VM.
         images: Vec<PathBuf>,
     },
@@ -58,13 +63,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { vms, mib } => demo::run(vms, mib),
         Command::Estimate { json, images } => estimate::run(&images, json),
-        Command::CompareKsm { no_ksm, images } => {
+        Command::CompareKsm {
+            no_ksm,
+            max_map_count,
+            images,
+        } => {
             let workloads = if images.is_empty() {
-                Ok(vec![workload::Workload::booted_clones(), workload::Workload::duplicates_1g()])
+                Ok(vec![
+                    workload::Workload::booted_clones(),
+                    workload::Workload::duplicates_1g(),
+                ])
             } else {
                 workload::Workload::images(&images).map(|w| vec![w])
             };
-            workloads.map_err(Into::into).and_then(|w| compare::run(&w, !no_ksm))
+            workloads.map_err(Into::into).and_then(|w| {
+                compare::run(&w, !no_ksm, (max_map_count > 0).then_some(max_map_count))
+            })
         }
     };
     match result {

@@ -3,13 +3,7 @@
 //! the figure every saving is judged against: how many pages could be saved
 //! at best (all pages minus distinct non-zero contents).
 
-use std::{
-    collections::HashSet,
-    fs::File,
-    io,
-    os::unix::fs::FileExt,
-    path::PathBuf,
-};
+use std::{collections::HashSet, fs::File, io, os::unix::fs::FileExt, path::PathBuf};
 
 use pagefold::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_128;
@@ -39,7 +33,9 @@ impl Workload {
         let pages = (256 << 20) / PAGE_SIZE;
         Workload {
             name: "4 booted clones x 256 MiB (synthetic)".into(),
-            vms: (0..4).map(|vm| (Source::BootedClone { vm }, pages)).collect(),
+            vms: (0..4)
+                .map(|vm| (Source::BootedClone { vm }, pages))
+                .collect(),
         }
     }
 
@@ -78,7 +74,13 @@ impl Workload {
     }
 
     /// Fills `buf` (a whole number of pages) with pages `first..` of VM `vm`.
-    pub(crate) fn fill(&self, vm: usize, first: usize, buf: &mut [u8], files: &mut Vec<Option<File>>) -> io::Result<()> {
+    pub(crate) fn fill(
+        &self,
+        vm: usize,
+        first: usize,
+        buf: &mut [u8],
+        files: &mut Vec<Option<File>>,
+    ) -> io::Result<()> {
         match &self.vms[vm].0 {
             Source::Image(path) => {
                 if files.len() <= vm {
@@ -87,7 +89,9 @@ impl Workload {
                 if files[vm].is_none() {
                     files[vm] = Some(File::open(path)?);
                 }
-                let f = files[vm].as_ref().ok_or_else(|| io::Error::other("image not open"))?;
+                let f = files[vm]
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("image not open"))?;
                 f.read_exact_at(buf, (first * PAGE_SIZE) as u64)
             }
             Source::BootedClone { vm: id } => {
