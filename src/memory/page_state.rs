@@ -156,9 +156,10 @@ pub struct PageStateTable {
 }
 
 impl PageStateTable {
-    /// A table whose page `i` is private and maps frame `first_frame + i`.
-    /// `None` if the table's memory cannot be had (a layout of tens of TiB).
-    pub(crate) fn new_private(first_frame: FrameNumber, pages: usize) -> Option<Self> {
+    /// A table of `pages` private pages mapping `first_frame`, `first_frame +
+    /// 1`, ...; `None` if the table's memory cannot be had (a layout of tens
+    /// of TiB).
+    pub fn new_private(first_frame: FrameNumber, pages: usize) -> Option<Self> {
         let mut words = Vec::new();
         words.try_reserve_exact(pages).ok()?;
         words.extend((0..pages as u64).map(|i| {
