@@ -1,7 +1,8 @@
 //! The `pagefold` binary end to end: `estimate --json` on images whose
 //! answer is known by construction, errors on bad input, and `demo`.
 
-#![allow(clippy::unwrap_used)]
+// A failed unwrap is a failed test; byte patterns are small numbers.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::{path::PathBuf, process::Command};
 
