@@ -197,6 +197,14 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<(EngineResult, f64), Box<dy
         report.remaps,
         report.map_limit
     );
+    let kv = host.kernel_view()?;
+    let merged = report.merged_shared + report.merged_zero;
+    println!(
+        "  pagefold mappings: {} for guest memory, {:.4} per merged page ({} merged)",
+        kv.guest_mappings,
+        kv.guest_mappings.saturating_sub(vms.len() as u64) as f64 / merged.max(1) as f64,
+        merged
+    );
     let hash_rate = report.pages_hashed as f64 * PAGE_SIZE as f64
         / (report.hash_nanos as f64 * report.hash_threads.max(1) as f64);
 
