@@ -21,6 +21,7 @@ mod handler;
 mod key;
 mod merge;
 mod reconcile;
+mod scan;
 mod shared;
 mod stats;
 
@@ -33,22 +34,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rayon::prelude::*;
-
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
 use self::{
     key::DomainKey,
-    merge::{Candidate, MergeCtx, Target},
+    merge::MergeCtx,
     reconcile::PageMap,
+    scan::{all_pages, next_pages},
     shared::SharedFrames,
 };
 use crate::{
-    addr::{FrameNumber, GuestPhysAddr, PageSize, PAGE_SIZE},
+    addr::{GuestPhysAddr, PageSize, PAGE_SIZE},
     frames::{FrameError, FrameStore},
     memory::{
         page_state::{LOCKED, REMAPPED},
-        GuestMemory, PageKind, PageState,
+        GuestMemory, PageKind,
     },
     userfault::{Userfault, UserfaultError},
 };
@@ -138,34 +138,6 @@ struct VmEntry {
     domain: DomainId,
     included: Vec<bool>,
     cow_breaks: AtomicU64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct PageRef {
-    vm: u32,
-    region: u32,
-    page: u32,
-}
-
-impl PageRef {
-    /// `None` past 2^32 VMs, regions or pages per region (16 TiB regions):
-    /// such pages are not scanned.
-    fn new(vm: usize, region: usize, page: usize) -> Option<Self> {
-        Some(PageRef {
-            vm: u32::try_from(vm).ok()?,
-            region: u32::try_from(region).ok()?,
-            page: u32::try_from(page).ok()?,
-        })
-    }
-}
-
-/// Pages with one hash in one domain: a slice of the sorted candidates, plus
-/// possibly one page from the unstable tree.
-struct Group {
-    domain: DomainId,
-    hash: u64,
-    members: std::ops::Range<usize>,
-    extra: Option<Hashed>,
 }
 
 struct ScanState {
@@ -535,74 +507,6 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
     n
 }
 
-/// Every page of every included region, in VM, region, page order.
-fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
-    let mut refs = Vec::new();
-    for (v, vm) in vms.iter().enumerate() {
-        for (ri, r) in vm.mem.regions().iter().enumerate() {
-            if !vm.included[ri] {
-                continue;
-            }
-            refs.extend((0..r.pages()).filter_map(|p| PageRef::new(v, ri, p)));
-        }
-    }
-    refs
-}
-
-/// The next `want` pages from `cursor`; `true` if this call reached the end
-/// of a full pass (the cursor is back at the start).
-fn next_pages(
-    cursor: &mut (usize, usize, usize),
-    vms: &[Arc<VmEntry>],
-    want: usize,
-) -> (Vec<PageRef>, bool) {
-    let mut refs = Vec::with_capacity(want);
-    let (mut v, mut r, mut p) = *cursor;
-    if v >= vms.len() {
-        (v, r, p) = (0, 0, 0);
-    }
-    let mut wrapped = false;
-    loop {
-        // Move past exhausted or excluded regions, and past the last VM.
-        loop {
-            let vm = &vms[v];
-            let regions = vm.mem.regions();
-            if r < regions.len() {
-                if !vm.included[r] || p >= regions[r].pages() {
-                    r += 1;
-                    p = 0;
-                    continue;
-                }
-                break;
-            }
-            v += 1;
-            (r, p) = (0, 0);
-            if v >= vms.len() {
-                v = 0;
-                wrapped = true;
-                break;
-            }
-        }
-        if wrapped || refs.len() >= want {
-            break;
-        }
-        let n = (vms[v].mem.regions()[r].pages() - p).min(want - refs.len());
-        refs.extend((p..p + n).filter_map(|page| PageRef::new(v, r, page)));
-        p += n;
-    }
-    *cursor = (v, r, p);
-    (refs, wrapped)
-}
-
-/// A page hashed this pass.
-#[derive(Clone, Copy)]
-struct Hashed {
-    at: PageRef,
-    state: PageState,
-    hash: u64,
-    zero: bool,
-}
-
 impl Inner {
     fn ctx(&self) -> MergeCtx<'_> {
         MergeCtx {
@@ -619,296 +523,6 @@ impl Inner {
             .saturating_sub(now)
             .saturating_sub(self.options.map_headroom);
         self.map_budget.store(budget, Ordering::Relaxed);
-    }
-
-    /// Hash, group, compare and merge a batch of pages.
-    fn process(
-        &self,
-        scan: &mut ScanState,
-        vms: &[Arc<VmEntry>],
-        refs: Vec<PageRef>,
-        one_shot: bool,
-    ) -> Result<ScanReport, DedupError> {
-        let mut report = ScanReport {
-            pages_scanned: refs.len() as u64,
-            ..ScanReport::default()
-        };
-        // Hash in parallel. Only private pages are candidates: merged and
-        // released pages are already where they should be.
-        let keys: Vec<Arc<DomainKey>> = vms
-            .iter()
-            .map(|v| Arc::clone(&scan.keys[&v.domain]))
-            .collect();
-        let hash_started = Instant::now();
-        let hashed: Vec<Hashed> = refs
-            .par_iter()
-            .filter_map(|&at| {
-                let vm = &vms[at.vm as usize];
-                let region = &vm.mem.regions()[at.region as usize];
-                let state = region.page_states().load(at.page as usize);
-                if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
-                    return None;
-                }
-                let mut buf = [0u8; PAGE_SIZE];
-                region.read_page(at.page as usize, &mut buf);
-                let key = &keys[at.vm as usize];
-                let hash = key.hash(&buf);
-                let zero = key.may_be_zero(hash) && buf.iter().all(|&b| b == 0);
-                Some(Hashed {
-                    at,
-                    state,
-                    hash,
-                    zero,
-                })
-            })
-            .collect();
-        report.pages_hashed = hashed.len() as u64;
-        report.hash_nanos = nanos_since(hash_started);
-        report.hash_threads = rayon::current_num_threads() as u64;
-
-        // Volatility: an incremental step merges only pages whose hash did
-        // not change since their previous visit.
-        let mut stable = Vec::with_capacity(hashed.len());
-        for h in hashed {
-            let vm = &vms[h.at.vm as usize];
-            let slot = scan
-                .old_hashes
-                .get_mut(&vm.id)
-                .and_then(|r| r.get_mut(h.at.region as usize))
-                .and_then(|r| r.get_mut(h.at.page as usize));
-            let old = slot.map(|s| std::mem::replace(s, h.hash));
-            if !one_shot && old != Some(h.hash) {
-                report.volatile += 1;
-                scan.volatile_this_scan += 1;
-                continue;
-            }
-            stable.push(h);
-        }
-
-        // Classify: zero, matches a shared frame, or needs a group.
-        let mut cands: HashMap<(u32, u32), Vec<Candidate>> = HashMap::new();
-        let mut push = |at: PageRef, expected: PageState, target: Target| {
-            cands
-                .entry((at.vm, at.region))
-                .or_default()
-                .push(Candidate {
-                    page: at.page as usize,
-                    expected,
-                    target,
-                });
-        };
-        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
-        {
-            let shared = lock(&self.shared);
-            for h in stable {
-                let domain = vms[h.at.vm as usize].domain;
-                if h.zero {
-                    push(h.at, h.state, Target::Zero);
-                } else if let Some(s) = shared.lookup(domain, h.hash).first() {
-                    push(h.at, h.state, Target::Shared(*s));
-                } else {
-                    rest.push((domain, h));
-                }
-            }
-        }
-        // Equal hashes sit together after a sort; each run is a group whose
-        // first page (in VM, region, page order) is its canonical copy.
-        rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));
-        let mut groups: Vec<Group> = Vec::new();
-        let mut i = 0;
-        while i < rest.len() {
-            let (d, h) = rest[i];
-            let mut j = i + 1;
-            while j < rest.len() && rest[j].0 == d && rest[j].1.hash == h.hash {
-                j += 1;
-            }
-            if j - i >= 2 {
-                groups.push(Group {
-                    domain: d,
-                    hash: h.hash,
-                    members: i..j,
-                    extra: None,
-                });
-            } else if !one_shot {
-                // Incremental: a page alone in this batch may match one seen
-                // earlier in this full scan (KSM's unstable tree).
-                match scan.unstable.remove(&(d, h.hash)) {
-                    Some(earlier) => {
-                        if let Some(e) = self.unstable_page(vms, earlier, h.hash) {
-                            if e.at != h.at {
-                                groups.push(Group {
-                                    domain: d,
-                                    hash: h.hash,
-                                    members: i..j,
-                                    extra: Some(e),
-                                });
-                            }
-                        }
-                    }
-                    None => {
-                        scan.unstable.insert(
-                            (d, h.hash),
-                            (vms[h.at.vm as usize].id, h.at.region, h.at.page),
-                        );
-                    }
-                }
-            }
-            i = j;
-        }
-        // Allocation order = order of each group's canonical page, so clones
-        // of one guest map runs of consecutive shared frames.
-        let canonical = |g: &Group| {
-            let first = rest[g.members.start].1;
-            match g.extra {
-                Some(e) if e.at < first.at => e,
-                _ => first,
-            }
-        };
-        groups.sort_by_key(|g| canonical(g).at);
-        if !groups.is_empty() {
-            let base = self.store.allocate(groups.len() as u64)?;
-            // Copy canonical pages into the new shared frames, a chunk of
-            // frames per pwrite. Members that differ from the canonical page
-            // (a hash collision, or a write since hashing) fail the byte
-            // comparison at merge time and stay private.
-            const CHUNK: usize = 256;
-            let mut content = vec![0u8; CHUNK * PAGE_SIZE];
-            for (c, chunk) in groups.chunks(CHUNK).enumerate() {
-                content[..chunk.len() * PAGE_SIZE]
-                    .par_chunks_mut(PAGE_SIZE)
-                    .zip(chunk.par_iter())
-                    .for_each(|(dst, g)| {
-                        let at = canonical(g).at;
-                        let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
-                        let mut page = [0u8; PAGE_SIZE];
-                        region.read_page(at.page as usize, &mut page);
-                        dst.copy_from_slice(&page);
-                    });
-                let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
-                self.store
-                    .write_frames(first, &content[..chunk.len() * PAGE_SIZE])?;
-            }
-            let mut shared = lock(&self.shared);
-            for (k, g) in groups.iter().enumerate() {
-                let frame = FrameNumber(base.start.0 + k as u64);
-                shared.insert(frame, g.domain, g.hash);
-                for (_, m) in &rest[g.members.clone()] {
-                    push(m.at, m.state, Target::Shared(frame));
-                }
-                if let Some(e) = g.extra {
-                    push(e.at, e.state, Target::Shared(frame));
-                }
-            }
-        }
-
-        report.group_nanos = nanos_since(hash_started).saturating_sub(report.hash_nanos);
-        let merge_started = Instant::now();
-        // Merge, region by region, in page order.
-        let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
-        keys_sorted.sort_unstable();
-        let ctx = self.ctx();
-        let mut refs_added: HashMap<FrameNumber, u64> = HashMap::new();
-        for k in keys_sorted {
-            let mut list = cands.remove(&k).unwrap_or_default();
-            list.sort_by_key(|c| c.page);
-            list.dedup_by_key(|c| c.page);
-            let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
-            let out = merge::merge_region(&ctx, region, &list, |f, n| {
-                *refs_added.entry(f).or_default() += n;
-            })?;
-            report.merged_shared += out.shared;
-            report.merged_zero += out.zero;
-            report.changed += out.changed;
-            report.busy += out.busy;
-            report.map_limit += out.map_limit;
-            report.remaps += out.remaps;
-        }
-        report.merge_nanos = nanos_since(merge_started);
-        self.map_limit_hits
-            .fetch_add(report.map_limit, Ordering::Relaxed);
-        let mut shared = lock(&self.shared);
-        for (f, n) in refs_added {
-            shared.add_ref(f, n);
-        }
-        shared.free_unreferenced(&self.store)?;
-        Ok(report)
-    }
-
-    /// The page an unstable-tree entry names, if it is still a candidate.
-    fn unstable_page(
-        &self,
-        vms: &[Arc<VmEntry>],
-        (vm_id, region, page): (VmId, u32, u32),
-        hash: u64,
-    ) -> Option<Hashed> {
-        let v = vms.iter().position(|e| e.id == vm_id)?;
-        let r = vms[v].mem.regions().get(region as usize)?;
-        let state = r.page_states().load(page as usize);
-        if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
-            return None;
-        }
-        Some(Hashed {
-            at: PageRef::new(v, region as usize, page as usize)?,
-            state,
-            hash,
-            zero: false,
-        })
-    }
-
-    /// Moves pages the kernel copied (a write to a merged page) from
-    /// "shared" to "private, remapped" and drops their references.
-    fn reconcile(&self, scan: &mut ScanState, vms: &[Arc<VmEntry>]) -> Result<(), DedupError> {
-        let mut dropped: Vec<FrameNumber> = Vec::new();
-        for vm in vms {
-            for region in vm.mem.regions() {
-                let t = region.page_states();
-                // Only regions with merged pages need the kernel's page map.
-                let Some(first) = (0..t.len()).find(|&p| {
-                    let s = t.load(p);
-                    s.flags() & REMAPPED != 0 && s.kind() != PageKind::Private
-                }) else {
-                    continue;
-                };
-                let entries = scan
-                    .pagemap
-                    .entries(region, first, t.len() - first)
-                    .map_err(|source| DedupError::Proc {
-                        what: "/proc/self/pagemap",
-                        source,
-                    })?;
-                for (i, e) in entries.into_iter().enumerate() {
-                    let p = first + i;
-                    let s = t.load(p);
-                    if s.flags() & REMAPPED == 0
-                        || s.flags() & LOCKED != 0
-                        || s.kind() == PageKind::Private
-                    {
-                        continue;
-                    }
-                    let copied = scan.pagemap.is_private_copy(e, || {
-                        let mut b = [0u8; PAGE_SIZE];
-                        region.read_page(p, &mut b);
-                        b.iter().all(|&x| x == 0)
-                    });
-                    if !copied {
-                        continue;
-                    }
-                    let new = PageState::new(PageKind::Private, region.own_frame(p), REMAPPED);
-                    if t.compare_exchange(p, s, new).is_ok() {
-                        vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                        self.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                        if s.kind() == PageKind::Shared {
-                            dropped.push(s.frame());
-                        }
-                    }
-                }
-            }
-        }
-        let mut shared = lock(&self.shared);
-        for f in dropped {
-            shared.drop_ref(&self.store, f)?;
-        }
-        Ok(())
     }
 
     fn unmerge_vm(&self, vm: &VmEntry) -> Result<u64, DedupError> {

@@ -5,9 +5,21 @@
 //! (`/proc/self/pagemap`: present, not file-backed, not the zero page) and
 //! moves the page to private-remapped, dropping its shared-frame reference.
 
-use std::{fs::File, io, os::unix::fs::FileExt, sync::OnceLock};
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    sync::{atomic::Ordering, Arc, OnceLock},
+};
 
-use crate::{addr::PAGE_SIZE, memory::GuestRegion};
+use super::{lock, DedupError, Inner, ScanState, VmEntry};
+use crate::{
+    addr::{FrameNumber, PAGE_SIZE},
+    memory::{
+        page_state::{LOCKED, REMAPPED},
+        GuestRegion, PageKind, PageState,
+    },
+};
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_FILE: u64 = 1 << 61;
@@ -98,4 +110,66 @@ fn zero_page_pfn(pagemap: &File) -> Option<u64> {
         let e = u64::from_le_bytes(buf);
         (ok && e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0).then_some(e & PM_PFN_MASK)
     })
+}
+
+impl Inner {
+    /// Moves pages the kernel copied (a write to a merged page) from
+    /// "shared" to "private, remapped" and drops their references.
+    pub(super) fn reconcile(
+        &self,
+        scan: &mut ScanState,
+        vms: &[Arc<VmEntry>],
+    ) -> Result<(), DedupError> {
+        let mut dropped: Vec<FrameNumber> = Vec::new();
+        for vm in vms {
+            for region in vm.mem.regions() {
+                let t = region.page_states();
+                // Only regions with merged pages need the kernel's page map.
+                let Some(first) = (0..t.len()).find(|&p| {
+                    let s = t.load(p);
+                    s.flags() & REMAPPED != 0 && s.kind() != PageKind::Private
+                }) else {
+                    continue;
+                };
+                let entries = scan
+                    .pagemap
+                    .entries(region, first, t.len() - first)
+                    .map_err(|source| DedupError::Proc {
+                        what: "/proc/self/pagemap",
+                        source,
+                    })?;
+                for (i, e) in entries.into_iter().enumerate() {
+                    let p = first + i;
+                    let s = t.load(p);
+                    if s.flags() & REMAPPED == 0
+                        || s.flags() & LOCKED != 0
+                        || s.kind() == PageKind::Private
+                    {
+                        continue;
+                    }
+                    let copied = scan.pagemap.is_private_copy(e, || {
+                        let mut b = [0u8; PAGE_SIZE];
+                        region.read_page(p, &mut b);
+                        b.iter().all(|&x| x == 0)
+                    });
+                    if !copied {
+                        continue;
+                    }
+                    let new = PageState::new(PageKind::Private, region.own_frame(p), REMAPPED);
+                    if t.compare_exchange(p, s, new).is_ok() {
+                        vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                        self.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                        if s.kind() == PageKind::Shared {
+                            dropped.push(s.frame());
+                        }
+                    }
+                }
+            }
+        }
+        let mut shared = lock(&self.shared);
+        for f in dropped {
+            shared.drop_ref(&self.store, f)?;
+        }
+        Ok(())
+    }
 }
