@@ -1,2 +1,24 @@
-//! Benchmarks (filled in by the bench modules).
-fn main() {}
+//! pagefold's benchmarks, one module per area. Every group measures pagefold
+//! beside its peer on identical input, as functions `pagefold` and the peer's
+//! crate name, so `benches/*_ratios.sh` can print the ratios of one run.
+
+use criterion::criterion_main;
+
+mod memory;
+
+/// The groups `criterion_main!` runs; the macro's `pub fn`s take no doc
+/// comment, hence the `allow`.
+#[allow(missing_docs)]
+mod groups {
+    use criterion::criterion_group;
+
+    use super::memory;
+
+    criterion_group! {
+        name = memory_benches;
+        config = memory::config();
+        targets = memory::benches
+    }
+}
+
+criterion_main!(groups::memory_benches);
