@@ -95,6 +95,14 @@ address_type!(
     "HostVirtAddr"
 );
 
+/// Whether a page-sized buffer is all zeros (compared as a whole, which the
+/// compiler turns into a vectorised `memcmp`, not a byte loop).
+#[inline]
+pub fn is_zero_page(page: &[u8; PAGE_SIZE]) -> bool {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    page == &ZERO
+}
+
 /// Converts a `u64` that indexes host memory to `usize`. Lossless: pagefold
 /// builds only for 64-bit hosts (see the `compile_error!` in `lib.rs`).
 #[inline(always)]

@@ -414,7 +414,7 @@ fn unmerge_locked(
     let mut page = [0u8; PAGE_SIZE];
     for &(p, s) in run {
         region.read_page(p, &mut page);
-        let is_zero_page = s.kind() == PageKind::Zero && page.iter().all(|&b| b == 0);
+        let is_zero_page = s.kind() == PageKind::Zero && crate::addr::is_zero_page(&page);
         if !is_zero_page {
             if let Err(e) = ctx.store.write_frame(region.own_frame(p), &page) {
                 release_protection(ctx, addr, len);

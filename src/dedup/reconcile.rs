@@ -150,7 +150,7 @@ impl Inner {
                     let copied = scan.pagemap.is_private_copy(e, || {
                         let mut b = [0u8; PAGE_SIZE];
                         region.read_page(p, &mut b);
-                        b.iter().all(|&x| x == 0)
+                        crate::addr::is_zero_page(&b)
                     });
                     if !copied {
                         continue;

@@ -152,7 +152,7 @@ impl Inner {
                 region.read_page(at.page as usize, &mut buf);
                 let key = &keys[at.vm as usize];
                 let hash = key.hash(&buf);
-                let zero = key.may_be_zero(hash) && buf.iter().all(|&b| b == 0);
+                let zero = key.may_be_zero(hash) && crate::addr::is_zero_page(&buf);
                 Some(Hashed {
                     at,
                     state,
