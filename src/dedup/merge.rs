@@ -114,6 +114,7 @@ fn merge_run(
     on_merged: &mut impl FnMut(FrameNumber, u64),
 ) -> Result<(), DedupError> {
     let states = region.page_states();
+    region.enable_state_checks();
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let locked: Vec<bool> = run
         .iter()

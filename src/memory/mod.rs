@@ -10,6 +10,7 @@
 mod atomic;
 mod copy;
 mod error;
+mod index;
 pub mod page_state;
 mod region;
 
@@ -25,7 +26,6 @@ pub use region::{GuestRegion, RegionInfo};
 use crate::{
     addr::{usize_from, GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SHIFT, PAGE_SIZE},
     frames::FrameStore,
-    sync::{AtomicUsize, Ordering},
 };
 
 /// Guest-physical memory of one VM.
@@ -37,12 +37,8 @@ pub struct GuestMemory {
     store: Arc<FrameStore>,
     /// Sorted by start address.
     regions: Box<[GuestRegion]>,
-    /// `regions[i].start()`, packed so the lookup's binary search touches
-    /// one or two cache lines rather than one per region.
-    starts: Box<[u64]>,
-    /// Index of the region the last lookup hit: guests touch one region
-    /// (usually low RAM) most of the time.
-    last_hit: AtomicUsize,
+    /// Address-to-region lookup.
+    index: index::RegionIndex,
 }
 
 /// Pages of a [`GuestMemory`] by how they are backed.
@@ -79,12 +75,12 @@ impl GuestMemory {
             // On error, the regions built so far drop and free their frames.
             regions.push(GuestRegion::new(&store, start, size)?);
         }
-        let starts = regions.iter().map(|r| r.start().0).collect();
+        let index =
+            index::RegionIndex::new(regions.iter().map(|r| (r.start().0, r.end())).collect());
         Ok(GuestMemory {
             store,
             regions: regions.into_boxed_slice(),
-            starts,
-            last_hit: AtomicUsize::new(0),
+            index,
         })
     }
 
@@ -108,30 +104,11 @@ impl GuestMemory {
         self.regions.iter().map(GuestRegion::info).collect()
     }
 
-    /// Index of the region holding `addr`. O(1) when it is the region hit
-    /// last, O(log n) otherwise.
+    /// Index of the region holding `addr` (see `index.rs`: O(1) for even
+    /// layouts, O(log n) at worst).
     #[inline]
     pub fn find_region(&self, addr: GuestPhysAddr) -> Option<usize> {
-        let hint = self.last_hit.load(Ordering::Relaxed);
-        if let Some(r) = self.regions.get(hint) {
-            if addr.0.wrapping_sub(r.start().0) < r.size() {
-                return Some(hint);
-            }
-        }
-        // Last region whose start is <= addr.
-        let i = self
-            .starts
-            .partition_point(|&s| s <= addr.0)
-            .checked_sub(1)?;
-        let r = &self.regions[i];
-        if addr.0 - r.start().0 < r.size() {
-            // Only write when it changes: a shared line written on every
-            // lookup would bounce between vCPU threads.
-            self.last_hit.store(i, Ordering::Relaxed);
-            Some(i)
-        } else {
-            None
-        }
+        self.index.find(addr.0)
     }
 
     /// The region holding `addr` and the offset of `addr` in it.
@@ -206,6 +183,19 @@ impl GuestMemory {
     /// memory is little-endian, as is every host pagefold builds for.
     #[inline]
     pub fn read_obj<T: Pod>(&self, addr: GuestPhysAddr) -> Result<T, AccessError> {
+        // Fast path, inlined: one region, one page, no page state to consult.
+        if let Some((r, off)) = self.one_page_target(addr, std::mem::size_of::<T>()) {
+            let mut v = T::zeroed();
+            // SAFETY: `one_page_target` checked that the object lies inside
+            // one page of the region's live mapping.
+            unsafe { copy::copy_from_guest(r.ptr_at(off), bytemuck::bytes_of_mut(&mut v)) };
+            return Ok(v);
+        }
+        self.read_obj_slow(addr)
+    }
+
+    #[inline(never)]
+    fn read_obj_slow<T: Pod>(&self, addr: GuestPhysAddr) -> Result<T, AccessError> {
         let mut v = T::zeroed();
         self.read(addr, bytemuck::bytes_of_mut(&mut v))?;
         Ok(v)
@@ -214,7 +204,30 @@ impl GuestMemory {
     /// Writes a plain-old-data object at `addr` (any alignment).
     #[inline]
     pub fn write_obj<T: Pod>(&self, addr: GuestPhysAddr, val: T) -> Result<(), AccessError> {
+        if let Some((r, off)) = self.one_page_target(addr, std::mem::size_of::<T>()) {
+            // SAFETY: as in `read_obj`.
+            unsafe { copy::copy_to_guest(r.ptr_at(off), bytemuck::bytes_of(&val)) };
+            return Ok(());
+        }
+        self.write_obj_slow(addr, val)
+    }
+
+    #[inline(never)]
+    fn write_obj_slow<T: Pod>(&self, addr: GuestPhysAddr, val: T) -> Result<(), AccessError> {
         self.write(addr, bytemuck::bytes_of(&val))
+    }
+
+    /// The region and offset for an access of `len` (non-zero) bytes at
+    /// `addr` that stays inside one page of a region whose pages need no
+    /// state check; `None` sends the access down the general path.
+    #[inline]
+    fn one_page_target(&self, addr: GuestPhysAddr, len: usize) -> Option<(&GuestRegion, u64)> {
+        let r = &self.regions[self.index.find(addr.0)?];
+        let off = addr.0 - r.start().0;
+        let in_page = usize_from(off & (PAGE_SIZE as u64 - 1));
+        // Regions are whole pages, so staying inside the page keeps the
+        // access inside the region.
+        (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
     /// Atomic load of an aligned integer.

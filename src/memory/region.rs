@@ -2,7 +2,13 @@
 //! store frames, and the page-state table for its pages. A region only knows
 //! offsets inside itself; `GuestMemory` does the address lookup.
 
-use std::{os::fd::RawFd, sync::Arc};
+use std::{
+    os::fd::RawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use super::{
     copy,
@@ -39,6 +45,13 @@ pub struct GuestRegion {
     mapping: HostMapping,
     frames: FrameRange,
     states: PageStateTable,
+    /// Set once any page may be other than plain private (a layer changed
+    /// one); until then accesses skip the state table entirely. A layer sets
+    /// it before its first compare-and-swap on a page word, so an access that
+    /// saw it clear raced that change exactly as one that read the word
+    /// just before the swap would have (the layers' own protocols cover
+    /// that). Never cleared.
+    state_checks: AtomicBool,
     store: Arc<FrameStore>,
 }
 
@@ -72,6 +85,7 @@ impl GuestRegion {
             mapping,
             frames,
             states,
+            state_checks: AtomicBool::new(false),
             store: Arc::clone(store),
         })
     }
@@ -139,6 +153,17 @@ impl GuestRegion {
     /// zeros without touching (and so re-allocating) host memory.
     #[inline]
     pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        if !self.needs_state_checks() {
+            // SAFETY: the caller checked `offset + len <= size`, the mapping's
+            // length; the mapping lives as long as `self`.
+            unsafe { copy::copy_from_guest(self.ptr_at(offset), buf) };
+            return;
+        }
+        self.read_at_checked(offset, buf);
+    }
+
+    #[inline(never)]
+    fn read_at_checked(&self, offset: u64, buf: &mut [u8]) {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
@@ -180,6 +205,14 @@ impl GuestRegion {
     /// write. Cheap when all are plain private pages: one load per page.
     #[inline]
     pub(super) fn prepare_write(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+        if !self.needs_state_checks() {
+            return Ok(());
+        }
+        self.prepare_write_checked(offset, len)
+    }
+
+    #[inline(never)]
+    fn prepare_write_checked(&self, offset: u64, len: u64) -> Result<(), AccessError> {
         let first = (offset >> PAGE_SHIFT) as usize;
         let last = ((offset + len.max(1) - 1) >> PAGE_SHIFT) as usize;
         for page in first..=last {
@@ -237,6 +270,7 @@ impl GuestRegion {
     /// zeros afterwards and the next write allocates again. Returns how many
     /// pages changed state (pages already released are left alone).
     pub(super) fn discard_pages(&self, first: usize, count: usize) -> Result<u64, AccessError> {
+        self.enable_state_checks();
         let mut changed = 0u64;
         for page in first..first + count {
             let mut s = self.states.load(page);
@@ -271,6 +305,18 @@ impl GuestRegion {
     #[inline]
     pub fn pages(&self) -> usize {
         self.states.len()
+    }
+
+    /// Whether accesses must consult the page-state table.
+    #[inline]
+    pub(crate) fn needs_state_checks(&self) -> bool {
+        self.state_checks.load(Ordering::Acquire)
+    }
+
+    /// Makes accesses consult the page-state table from now on; every layer
+    /// calls it before it first changes a page's state word.
+    pub(crate) fn enable_state_checks(&self) {
+        self.state_checks.store(true, Ordering::SeqCst);
     }
 
     /// The page's own frame: where its bytes live while it is private.
