@@ -35,13 +35,19 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 1
+#define PF_ABI_VERSION_MINOR 2
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
  * `pf_abi_version()` for the header this constant comes from.
  */
 #define PF_ABI_VERSION ((PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR)
+
+/**
+ * `pf_dedup_options.map_headroom` when it is 0: kernel mappings (VMAs) left
+ * to the rest of the process.
+ */
+#define PF_DEDUP_DEFAULT_MAP_HEADROOM 4096
 
 /**
  * `pf_memory_options.flags`: advise transparent huge pages
@@ -150,15 +156,328 @@ typedef enum pf_status {
      * An invariant inside pagefold failed (a bug; please report it).
      */
     PF_ERR_INTERNAL = -14,
+    /**
+     * No VM with this id is registered with the dedup host (never was, or
+     * was unregistered).
+     */
+    PF_ERR_UNKNOWN_VM = -15,
+    /**
+     * The guest memory lives in another frame store than the dedup host's:
+     * dedup shares frames only within one store, so every VM of a host must
+     * be made by `pf_guest_memory_new_in_store` on the host's store.
+     */
+    PF_ERR_FOREIGN_STORE = -16,
+    /**
+     * userfaultfd write protection, which dedup needs, is unavailable (no
+     * userfaultfd syscall, no privilege for kernel-mode faults: needs
+     * CAP_SYS_PTRACE or vm.unprivileged_userfaultfd = 1, no shmem write
+     * protect in this kernel) or one of its operations failed; the message
+     * says which.
+     */
+    PF_ERR_USERFAULT = -17,
+    /**
+     * Another operation held the page for too long; try again.
+     */
+    PF_ERR_BUSY = -18,
+    /**
+     * The operation does not support this configuration, e.g. dedup on a
+     * hugetlb-backed frame store (dedup needs 4 KiB pages).
+     */
+    PF_ERR_UNSUPPORTED = -19,
 } pf_status;
 
 /**
+ * The deduplication engine for the guest memories of one frame store:
+ * folds identical pages of the registered VMs into one copy-on-write frame
+ * and gives the memory of the duplicates, and of zero pages, back to the
+ * host. Pages are shared only within a merge domain. A write to a merged
+ * page (through this library, a raw pointer or a KVM vCPU) gets a private
+ * copy from the kernel first; the other VMs never see it.
+ *
+ * Made by `pf_dedup_new`, released by `pf_dedup_free`. Thread-safe: every
+ * call but `pf_dedup_free` may run on one handle from several threads at
+ * once (scans and merges take turns inside), and guest memory stays fully
+ * usable by vCPU and device threads while they run.
+ */
+typedef struct pf_dedup pf_dedup;
+
+/**
+ * A pool of host frames in one memfd that guest memories are made in.
+ * Dedup shares frames only within one store: make every VM that should be
+ * deduplicated together in the same store (`pf_guest_memory_new_in_store`)
+ * and give the store to `pf_dedup_new`. Made by `pf_frame_store_new`,
+ * released by `pf_frame_store_free`; the memories made in it and dedup
+ * hosts on it keep it alive after that. Thread-safe.
+ */
+typedef struct pf_frame_store pf_frame_store;
+
+/**
  * Guest-physical memory of one VM: regions backed by a memfd, each mapped
- * once into this process. Made by `pf_guest_memory_new`, released by
- * `pf_guest_memory_free`. Thread-safe: every call but `pf_guest_memory_free`
- * may run on one handle from several threads at once.
+ * once into this process. Made by `pf_guest_memory_new` (on a frame store of
+ * its own) or `pf_guest_memory_new_in_store` (on a shared `pf_frame_store`),
+ * released by `pf_guest_memory_free`. Thread-safe: every call but
+ * `pf_guest_memory_free` may run on one handle from several threads at once.
  */
 typedef struct pf_guest_memory pf_guest_memory;
+
+/**
+ * How `pf_dedup_new` builds a dedup host. Size-prefixed: set `struct_size`
+ * to `sizeof(pf_dedup_options)`. All-zero fields mean the defaults.
+ */
+typedef struct pf_dedup_options {
+    /**
+     * `sizeof(pf_dedup_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * Kernel mappings (VMAs) to leave to the rest of the process: merging
+     * stops while fewer than this many are left below `vm.max_map_count`
+     * (pages it skips are counted in `map_limit`). 0 means
+     * `PF_DEDUP_DEFAULT_MAP_HEADROOM`.
+     */
+    uint64_t map_headroom;
+} pf_dedup_options;
+
+/**
+ * How a VM takes part in deduplication (`pf_dedup_register`).
+ * Size-prefixed: set `struct_size` to `sizeof(pf_vm_options)`. All-zero
+ * fields mean the defaults (domain 0, every region deduplicated).
+ */
+typedef struct pf_vm_options {
+    /**
+     * `sizeof(pf_vm_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * Merge domain (tenant): pages of VMs in different domains are never
+     * shared (identical pages of two tenants must not reveal each other
+     * through timing). Zero pages are released in every domain.
+     */
+    uint32_t domain;
+    /**
+     * Zero; reserved (other values are refused with
+     * `PF_ERR_INVALID_ARGUMENT`).
+     */
+    uint32_t reserved;
+    /**
+     * Guest-physical start addresses of regions to leave alone (device
+     * memory, regions another process maps through their fd). Each must be
+     * the start of one of the memory's regions. NULL when `exclude_count`
+     * is 0; only read during the call.
+     */
+    const uint64_t *exclude_starts;
+    /**
+     * Number of addresses at `exclude_starts`.
+     */
+    size_t exclude_count;
+} pf_vm_options;
+
+/**
+ * What one `pf_dedup_merge_now` or `pf_dedup_scan_step` did, in 4 KiB
+ * pages unless named otherwise. Size-prefixed: set `struct_size` to
+ * `sizeof(pf_scan_report)` before the call; the call sets it to the number
+ * of bytes it filled in.
+ */
+typedef struct pf_scan_report {
+    /**
+     * In: `sizeof(pf_scan_report)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages visited.
+     */
+    uint64_t pages_scanned;
+    /**
+     * Pages newly mapped onto a shared frame.
+     */
+    uint64_t merged_shared;
+    /**
+     * Zero pages newly released.
+     */
+    uint64_t merged_zero;
+    /**
+     * Pages skipped because their content changed since their previous
+     * visit (scan steps only: a page must hold still for a full scan).
+     */
+    uint64_t volatile_pages;
+    /**
+     * Pages whose bytes changed between hashing and merging (not merged).
+     */
+    uint64_t changed;
+    /**
+     * Pages another operation held (not merged).
+     */
+    uint64_t busy;
+    /**
+     * Pages not merged for lack of kernel mappings (see
+     * `pf_dedup_options.map_headroom`).
+     */
+    uint64_t map_limit;
+    /**
+     * Remap (mmap) calls made.
+     */
+    uint64_t remaps;
+    /**
+     * Pages read and hashed.
+     */
+    uint64_t pages_hashed;
+    /**
+     * Wall-clock nanoseconds spent hashing.
+     */
+    uint64_t hash_nanos;
+    /**
+     * Threads that hashed in parallel.
+     */
+    uint64_t hash_threads;
+    /**
+     * Wall-clock nanoseconds spent grouping and comparing candidates.
+     */
+    uint64_t group_nanos;
+    /**
+     * Wall-clock nanoseconds spent merging (protect, compare, remap, punch).
+     */
+    uint64_t merge_nanos;
+    /**
+     * 1 if a full pass over all VMs ended in this call, else 0.
+     */
+    uint32_t full_scan_completed;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+} pf_scan_report;
+
+/**
+ * Host-wide dedup statistics, in 4 KiB pages, with the names and meanings
+ * of Linux KSM's `/sys/kernel/mm/ksm/`. Size-prefixed like
+ * `pf_scan_report`.
+ */
+typedef struct pf_host_stats {
+    /**
+     * In: `sizeof(pf_host_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages of all registered VMs.
+     */
+    uint64_t pages_total;
+    /**
+     * Shared frames in use (KSM `pages_shared`).
+     */
+    uint64_t pages_shared;
+    /**
+     * Guest pages mapping a shared frame beyond the first of each: the
+     * pages saved by sharing (KSM `pages_sharing`).
+     */
+    uint64_t pages_sharing;
+    /**
+     * Pages seen stable this full scan with no match yet (scan steps;
+     * KSM `pages_unshared`).
+     */
+    uint64_t pages_unshared;
+    /**
+     * Pages whose content changed between visits in the last full scan
+     * (KSM `pages_volatile`).
+     */
+    uint64_t pages_volatile;
+    /**
+     * Zero pages released: no frame, no shared copy (KSM
+     * `ksm_zero_pages`).
+     */
+    uint64_t zero_pages;
+    /**
+     * Full passes over all VMs (KSM `full_scans`).
+     */
+    uint64_t full_scans;
+    /**
+     * Writes to merged pages that made a private copy.
+     */
+    uint64_t cow_breaks;
+    /**
+     * Pages not merged because the process neared `vm.max_map_count`.
+     */
+    uint64_t map_limit_hits;
+    /**
+     * Write faults the userfaultfd handler saw (writers that met a merge
+     * in progress).
+     */
+    uint64_t write_faults_seen;
+    /**
+     * Bytes saved minus bytes of dedup bookkeeping (KSM
+     * `general_profit`); negative when dedup costs more than it saves.
+     */
+    int64_t profit_bytes;
+} pf_host_stats;
+
+/**
+ * Dedup statistics of one VM, in 4 KiB pages. Size-prefixed like
+ * `pf_scan_report`.
+ */
+typedef struct pf_vm_stats {
+    /**
+     * In: `sizeof(pf_vm_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages of the VM.
+     */
+    uint64_t pages;
+    /**
+     * Pages mapping a shared frame.
+     */
+    uint64_t pages_merged;
+    /**
+     * Zero pages released.
+     */
+    uint64_t zero_pages;
+    /**
+     * Writes to merged pages that made a private copy.
+     */
+    uint64_t cow_breaks;
+} pf_vm_stats;
+
+/**
+ * What the kernel says about memory right now, in bytes unless named
+ * otherwise: the figures every saving is checked against. Size-prefixed
+ * like `pf_scan_report`.
+ */
+typedef struct pf_kernel_view {
+    /**
+     * In: `sizeof(pf_kernel_view)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Bytes the frame store's memfd really holds (as
+     * `pf_frame_store_allocated_bytes`).
+     */
+    uint64_t store_bytes;
+    /**
+     * Resident set of the process (`Rss` of /proc/self/smaps_rollup).
+     */
+    uint64_t rss_bytes;
+    /**
+     * Proportional set of the process: shared pages divided by sharers
+     * (`Pss`).
+     */
+    uint64_t pss_bytes;
+    /**
+     * Anonymous memory of the process (`Anonymous`; includes the copies
+     * the kernel made on writes to merged pages).
+     */
+    uint64_t anon_bytes;
+    /**
+     * Mappings (VMAs) of the whole process.
+     */
+    uint64_t mappings;
+    /**
+     * Mappings covering registered guest memory.
+     */
+    uint64_t guest_mappings;
+} pf_kernel_view;
 
 /**
  * One region of a guest-physical memory layout: `size` bytes starting at
@@ -177,7 +496,9 @@ typedef struct pf_region {
 } pf_region;
 
 /**
- * How `pf_guest_memory_new` builds memory. Size-prefixed: set `struct_size`
+ * How `pf_guest_memory_new` builds memory, and how `pf_frame_store_new`
+ * builds a frame store (as `pf_store_options`, the same struct): what backs
+ * the frames and how they are mapped. Size-prefixed: set `struct_size`
  * to `sizeof(pf_memory_options)`. All-zero fields mean the defaults, so
  * `pf_memory_options o = { .struct_size = sizeof o };` is a valid start.
  */
@@ -232,8 +553,10 @@ typedef struct pf_region_info {
      */
     uint64_t file_offset;
     /**
-     * The memfd holding the region. Owned by the guest memory: valid until
-     * `pf_guest_memory_free`; do not close it (dup it to keep it).
+     * The memfd holding the region: the frame store's, shared by every
+     * guest memory in that store. Owned by the store: valid while the
+     * memory or anything else holding the store (a `pf_frame_store`
+     * handle, a `pf_dedup`) lives; do not close it (dup it to keep it).
      */
     int fd;
     /**
@@ -269,6 +592,14 @@ typedef struct pf_page_census {
      */
     uint64_t ballooned_pages;
 } pf_page_census;
+
+/**
+ * How `pf_frame_store_new` builds a frame store: the backing, the mapping
+ * flags and the memfd's name. The same struct as `pf_memory_options` (which
+ * `pf_guest_memory_new` uses to build the store of its own), under the name
+ * that says what it configures.
+ */
+typedef struct pf_memory_options pf_store_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -312,6 +643,220 @@ enum pf_status pf_last_error_message(char *buf,
                                      size_t *needed);
 
 /**
+ * Creates a dedup host for the guest memories of `store`, built as
+ * `options` says (NULL means the defaults), and stores the handle in
+ * `*out_dedup`. The host holds the store. It opens a userfaultfd (write
+ * protection holds writers while a page changes backing) and starts one
+ * thread, "pagefold-uffd", that serves it.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`store`, `out_dedup`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_UNSUPPORTED` (a hugetlb
+ * store: dedup needs 4 KiB pages), `PF_ERR_USERFAULT` (no userfaultfd
+ * write protection for shmem here, or no privilege for it), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `store` is NULL or a live `pf_frame_store` handle.
+ * - `options` is NULL or points to a `pf_dedup_options` whose
+ *   `struct_size` bytes are readable.
+ * - `out_dedup` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_dedup_new(const struct pf_frame_store *store,
+                            const struct pf_dedup_options *options,
+                            struct pf_dedup **out_dedup);
+
+/**
+ * Releases a dedup host: every merged page is brought back to a frame of
+ * its own first (with its current bytes), then the host lets go of the
+ * memories and the store (a memory whose handle was freed is unmapped now)
+ * and its thread ends. Unmerging needs memory for every merged page again.
+ * NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `dedup` is NULL or a handle from `pf_dedup_new` that has not been freed,
+ * and no other call uses it during or after this one.
+ */
+void pf_dedup_free(struct pf_dedup *dedup);
+
+/**
+ * Registers the guest memory `mem` as a VM with the dedup host, as
+ * `options` says (NULL means domain 0, every region included), and stores
+ * its id (never 0) in `*out_vm_id`. Its pages are merged from the next
+ * `pf_dedup_merge_now` or `pf_dedup_scan_step` on. The host holds the
+ * memory until `pf_dedup_unregister` or `pf_dedup_free`, so
+ * `pf_guest_memory_free` may come first. A memory is registered with one
+ * host at a time, once.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`dedup`, `mem`, `out_vm_id`,
+ * `options->exclude_starts` while `exclude_count > 0`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT` (nonzero
+ * `reserved`, an excluded address that does not start a region, the
+ * memory is registered already), `PF_ERR_FOREIGN_STORE` (the memory is not
+ * in the host's store), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `options` is NULL or points to a `pf_vm_options` whose `struct_size`
+ *   bytes are readable, and whose `exclude_starts` is NULL or valid for
+ *   reads of `exclude_count` `uint64_t`s.
+ * - `out_vm_id` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_dedup_register(const struct pf_dedup *dedup,
+                                 const struct pf_guest_memory *mem,
+                                 const struct pf_vm_options *options,
+                                 uint64_t *out_vm_id);
+
+/**
+ * Unregisters VM `vm_id`: its merged pages get frames of their own again
+ * (with their current bytes) and the host lets go of its memory (unmapped
+ * now if its handle was freed). Pages of other VMs that shared frames with
+ * it stay merged.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_USERFAULT`,
+ * `PF_ERR_OS` (then the VM stays registered).
+ *
+ * # Safety
+ *
+ * `dedup` is NULL or a live `pf_dedup` handle.
+ */
+enum pf_status pf_dedup_unregister(const struct pf_dedup *dedup,
+                                   uint64_t vm_id);
+
+/**
+ * One pass over every page of every registered VM, merging all it can now:
+ * identical pages (within a domain) onto one shared frame, zero pages onto
+ * nothing. For moments the VMM knows memory is quiet, e.g. right after
+ * restoring VMs from one snapshot; pages need not hold still across scans
+ * as with `pf_dedup_scan_step` (bytes are compared under write protection
+ * before every merge either way). What it did goes to `*out_report` unless
+ * that is NULL (set `out_report->struct_size` first).
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`dedup`), `PF_ERR_STRUCT_TOO_SMALL`
+ * (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_report` is NULL or points to a `pf_scan_report` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_dedup_merge_now(const struct pf_dedup *dedup,
+                                  struct pf_scan_report *out_report);
+
+/**
+ * One incremental scan step, for a background thread: visits pages from
+ * where the last step stopped, merging those whose content did not change
+ * since their previous visit (KSM's rule: a page is merged on its second
+ * stable visit at the earliest). Exactly one budget must be nonzero: at most
+ * `max_pages` pages, or no new batch after `max_micros` microseconds (at
+ * least one batch is done). What it did goes to `*out_report` unless that
+ * is NULL (set `out_report->struct_size` first).
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`dedup`), `PF_ERR_INVALID_ARGUMENT` (both
+ * budgets or neither nonzero), `PF_ERR_STRUCT_TOO_SMALL` (`out_report`),
+ * `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_report` is NULL or points to a `pf_scan_report` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_dedup_scan_step(const struct pf_dedup *dedup,
+                                  uint64_t max_pages,
+                                  uint64_t max_micros,
+                                  struct pf_scan_report *out_report);
+
+/**
+ * Unmerges every page of every VM (KSM's `run = 2`): each merged or
+ * released page gets a frame of its own again, with its current bytes.
+ * `*out_pages` receives the number of pages brought back. Registrations
+ * stay; a later merge or scan merges again.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_dedup_unmerge_all(const struct pf_dedup *dedup,
+                                    uint64_t *out_pages);
+
+/**
+ * Gives the page holding guest-physical `gpa` of VM `vm_id` a frame of its
+ * own now, with its current bytes: for a VMM that met a write fault on a
+ * merged page itself (an exit it cannot retry through the kernel's
+ * copy-on-write). `*out_was_merged` receives 1 if the page was merged (or
+ * released as zero) and is its own now, 0 if it was its own already.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_UNMAPPED`
+ * (`gpa` is in no region of the VM), `PF_ERR_BUSY` (another operation held
+ * the page for seconds; try again), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_was_merged` is NULL or valid for a write of one `int`.
+ */
+enum pf_status pf_dedup_resolve_write_fault(const struct pf_dedup *dedup,
+                                            uint64_t vm_id,
+                                            uint64_t gpa,
+                                            int *out_was_merged);
+
+/**
+ * Host-wide statistics into `*out_stats` (set `out_stats->struct_size`
+ * first). Copies the kernel made on writes to merged pages since the last
+ * scan are counted first, so the figures are current.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_stats` is NULL or points to a `pf_host_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_dedup_stats(const struct pf_dedup *dedup,
+                              struct pf_host_stats *out_stats);
+
+/**
+ * Statistics of VM `vm_id` into `*out_stats` (set `out_stats->struct_size`
+ * first), current like `pf_dedup_stats`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_UNKNOWN_VM`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_stats` is NULL or points to a `pf_vm_stats` whose `struct_size`
+ *   bytes are readable and writable.
+ */
+enum pf_status pf_dedup_vm_stats(const struct pf_dedup *dedup,
+                                 uint64_t vm_id,
+                                 struct pf_vm_stats *out_stats);
+
+/**
+ * What the kernel says about memory right now into `*out_view` (set
+ * `out_view->struct_size` first): the store's allocated bytes, this
+ * process's RSS, PSS and anonymous memory, and its mappings.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `out_view` is NULL or points to a `pf_kernel_view` whose `struct_size`
+ *   bytes are readable and writable.
+ */
+enum pf_status pf_dedup_kernel_view(const struct pf_dedup *dedup,
+                                    struct pf_kernel_view *out_view);
+
+/**
  * Creates guest memory with the `region_count` regions at `regions`, on a
  * new memfd built as `options` says (NULL means the defaults), and stores
  * the handle in `*out_mem`. Regions may be given in any order; they must not
@@ -339,14 +884,18 @@ enum pf_status pf_guest_memory_new(const struct pf_region *regions,
                                    struct pf_guest_memory **out_mem);
 
 /**
- * Releases guest memory: unmaps it and closes its memfd (file descriptors
- * from `pf_guest_memory_region_info` become invalid; host addresses dangle).
+ * Releases the handle. The memory is unmapped (host addresses dangle) once
+ * nothing else holds it: a dedup host it is registered with keeps it,
+ * mapped and deduplicated, until `pf_dedup_unregister` or `pf_dedup_free`.
+ * Its frames go back to the store, and the store's memfd is closed once no
+ * memory, `pf_frame_store` handle or dedup host holds the store (file
+ * descriptors from `pf_guest_memory_region_info` are invalid from then on).
  * NULL is allowed and does nothing.
  *
  * # Safety
  *
- * `mem` is NULL or a handle from `pf_guest_memory_new` that has not been
- * freed, and no other call uses it during or after this one.
+ * `mem` is NULL or a `pf_guest_memory` handle that has not been freed, and
+ * no other call uses it during or after this one.
  */
 void pf_guest_memory_free(struct pf_guest_memory *mem);
 
@@ -362,7 +911,7 @@ void pf_guest_memory_free(struct pf_guest_memory *mem);
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `buf` is NULL or valid for writes of `len` bytes, and not read or
  *   written by anyone else during the call (in particular it is not guest
  *   memory itself: copy through a separate buffer).
@@ -383,7 +932,7 @@ enum pf_status pf_guest_memory_read(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `data` is NULL or valid for reads of `len` bytes that nobody writes
  *   during the call (in particular it is not guest memory itself).
  */
@@ -399,7 +948,7 @@ enum pf_status pf_guest_memory_write(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_count` is NULL or valid for a write of one `size_t`.
  */
 enum pf_status pf_guest_memory_region_count(const struct pf_guest_memory *mem,
@@ -415,7 +964,7 @@ enum pf_status pf_guest_memory_region_count(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_info` is NULL or points to a `pf_region_info` whose
  *   `struct_size` bytes are readable and writable.
  */
@@ -432,7 +981,7 @@ enum pf_status pf_guest_memory_region_info(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_host_addr` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_host_address(const struct pf_guest_memory *mem,
@@ -452,7 +1001,7 @@ enum pf_status pf_guest_memory_host_address(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_released_pages` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_discard(const struct pf_guest_memory *mem,
@@ -469,7 +1018,7 @@ enum pf_status pf_guest_memory_discard(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_census` is NULL or points to a `pf_page_census` whose
  *   `struct_size` bytes are readable and writable.
  */
@@ -483,7 +1032,7 @@ enum pf_status pf_guest_memory_census(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_size` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_total_size(const struct pf_guest_memory *mem,
@@ -493,12 +1042,16 @@ enum pf_status pf_guest_memory_total_size(const struct pf_guest_memory *mem,
  * Stores in `*out_bytes` how many bytes of memory the kernel really holds
  * for this guest memory's memfd right now (its allocated blocks, from
  * `fstat`): written pages count, never-written and discarded ones do not.
+ * The memfd is the frame store's: for memory made by
+ * `pf_guest_memory_new_in_store` this is the whole store, every guest
+ * memory in it and its shared (deduplicated) frames, the same figure as
+ * `pf_frame_store_allocated_bytes`.
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_bytes` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_allocated_bytes(const struct pf_guest_memory *mem,
@@ -512,7 +1065,7 @@ enum pf_status pf_guest_memory_allocated_bytes(const struct pf_guest_memory *mem
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_value` is NULL or valid for a write of one `uint8_t`.
  */
 enum pf_status pf_guest_memory_load_u8(const struct pf_guest_memory *mem,
@@ -527,7 +1080,7 @@ enum pf_status pf_guest_memory_load_u8(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  */
 enum pf_status pf_guest_memory_store_u8(const struct pf_guest_memory *mem,
                                         uint64_t gpa,
@@ -541,7 +1094,7 @@ enum pf_status pf_guest_memory_store_u8(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint8_t`.
  */
 enum pf_status pf_guest_memory_swap_u8(const struct pf_guest_memory *mem,
@@ -560,7 +1113,7 @@ enum pf_status pf_guest_memory_swap_u8(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint8_t`.
  */
 enum pf_status pf_guest_memory_compare_exchange_u8(const struct pf_guest_memory *mem,
@@ -577,7 +1130,7 @@ enum pf_status pf_guest_memory_compare_exchange_u8(const struct pf_guest_memory 
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_value` is NULL or valid for a write of one `uint16_t`.
  */
 enum pf_status pf_guest_memory_load_u16(const struct pf_guest_memory *mem,
@@ -593,7 +1146,7 @@ enum pf_status pf_guest_memory_load_u16(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  */
 enum pf_status pf_guest_memory_store_u16(const struct pf_guest_memory *mem,
                                          uint64_t gpa,
@@ -609,7 +1162,7 @@ enum pf_status pf_guest_memory_store_u16(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint16_t`.
  */
 enum pf_status pf_guest_memory_swap_u16(const struct pf_guest_memory *mem,
@@ -629,7 +1182,7 @@ enum pf_status pf_guest_memory_swap_u16(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint16_t`.
  */
 enum pf_status pf_guest_memory_compare_exchange_u16(const struct pf_guest_memory *mem,
@@ -646,7 +1199,7 @@ enum pf_status pf_guest_memory_compare_exchange_u16(const struct pf_guest_memory
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_value` is NULL or valid for a write of one `uint32_t`.
  */
 enum pf_status pf_guest_memory_load_u32(const struct pf_guest_memory *mem,
@@ -662,7 +1215,7 @@ enum pf_status pf_guest_memory_load_u32(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  */
 enum pf_status pf_guest_memory_store_u32(const struct pf_guest_memory *mem,
                                          uint64_t gpa,
@@ -678,7 +1231,7 @@ enum pf_status pf_guest_memory_store_u32(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint32_t`.
  */
 enum pf_status pf_guest_memory_swap_u32(const struct pf_guest_memory *mem,
@@ -698,7 +1251,7 @@ enum pf_status pf_guest_memory_swap_u32(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint32_t`.
  */
 enum pf_status pf_guest_memory_compare_exchange_u32(const struct pf_guest_memory *mem,
@@ -715,7 +1268,7 @@ enum pf_status pf_guest_memory_compare_exchange_u32(const struct pf_guest_memory
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_value` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_load_u64(const struct pf_guest_memory *mem,
@@ -731,7 +1284,7 @@ enum pf_status pf_guest_memory_load_u64(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  */
 enum pf_status pf_guest_memory_store_u64(const struct pf_guest_memory *mem,
                                          uint64_t gpa,
@@ -747,7 +1300,7 @@ enum pf_status pf_guest_memory_store_u64(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_swap_u64(const struct pf_guest_memory *mem,
@@ -767,7 +1320,7 @@ enum pf_status pf_guest_memory_swap_u64(const struct pf_guest_memory *mem,
  *
  * # Safety
  *
- * - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
  * - `out_previous` is NULL or valid for a write of one `uint64_t`.
  */
 enum pf_status pf_guest_memory_compare_exchange_u64(const struct pf_guest_memory *mem,
@@ -783,6 +1336,80 @@ enum pf_status pf_guest_memory_compare_exchange_u64(const struct pf_guest_memory
  * Takes an `int32_t` rather than a `pf_status` so that any value is safe.
  */
 const char *pf_status_name(int32_t status);
+
+/**
+ * Creates an empty frame store built as `options` says (NULL means the
+ * defaults: a shmem memfd with 4 KiB pages named "pagefold") and stores the
+ * handle in `*out_store`. It takes no host memory until memory made in it
+ * is written.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`out_store`), `PF_ERR_STRUCT_TOO_SMALL`
+ * (`options`), `PF_ERR_INVALID_ARGUMENT` (unknown backing or flag),
+ * `PF_ERR_NO_HUGE_PAGES`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `options` is NULL or points to a `pf_store_options` whose
+ *   `struct_size` bytes are readable, and whose `name` is NULL or a
+ *   NUL-terminated string.
+ * - `out_store` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_frame_store_new(const pf_store_options *options,
+                                  struct pf_frame_store **out_store);
+
+/**
+ * Releases the handle. The store itself lives on while guest memory made
+ * in it or a dedup host on it does; its memfd is closed when the last of
+ * them goes. NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `store` is NULL or a handle from `pf_frame_store_new` that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_frame_store_free(struct pf_frame_store *store);
+
+/**
+ * Stores in `*out_bytes` how many bytes of memory the kernel really holds
+ * for the store's memfd right now (its allocated blocks, from `fstat`): the
+ * written pages of every guest memory in the store plus the shared frames
+ * of deduplicated pages; never-written, discarded and merged-away pages do
+ * not count. This is the figure deduplication lowers.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `store` is NULL or a live `pf_frame_store` handle.
+ * - `out_bytes` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_frame_store_allocated_bytes(const struct pf_frame_store *store,
+                                              uint64_t *out_bytes);
+
+/**
+ * Creates guest memory with the `region_count` regions at `regions` in the
+ * frame store `store`, and stores the handle in `*out_mem`: like
+ * `pf_guest_memory_new`, but on the given store (with its backing and
+ * flags) rather than a new one. Memories in one store can be deduplicated
+ * together (`pf_dedup_register`). The memory holds the store: freeing the
+ * store's handle first is fine.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`store`, `out_mem`, or `regions` while
+ * `region_count > 0`), `PF_ERR_INVALID_ARGUMENT` (absurd `region_count`),
+ * `PF_ERR_LAYOUT` (no regions, a zero-sized, misaligned, wrapping or
+ * overlapping region), `PF_ERR_NO_HUGE_PAGES`, `PF_ERR_OVERFLOW`,
+ * `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `store` is NULL or a live `pf_frame_store` handle.
+ * - `regions` is NULL or valid for reads of `region_count` `pf_region`s.
+ * - `out_mem` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_guest_memory_new_in_store(const struct pf_frame_store *store,
+                                            const struct pf_region *regions,
+                                            size_t region_count,
+                                            struct pf_guest_memory **out_mem);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -108,6 +108,64 @@ pub(crate) unsafe fn bytes_mut<'a>(
     Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) })
 }
 
+/// Plain data that C hands over in arrays: every bit pattern is a valid
+/// value, so copying one out of C memory cannot produce an invalid value.
+///
+/// # Safety
+///
+/// Implementors are `#[repr(C)]` (or primitive) integers, or structs of
+/// them, with no padding-dependent invariants.
+pub(crate) unsafe trait Plain: Copy {}
+
+// SAFETY: an integer is valid for every bit pattern.
+unsafe impl Plain for u64 {}
+
+/// Copies the caller's array of `count` `T`s at `p` (named `arg` in
+/// messages; `count_arg` names the count). NULL is allowed only with
+/// `count == 0`; a count no array can have is refused, and so is one that
+/// the allocator cannot hold, before anything is read.
+///
+/// # Safety
+///
+/// Unless `count` is 0, `p` is NULL or valid for reads of `count` `T`s (any
+/// alignment) during the call.
+pub(crate) unsafe fn array<T: Plain>(
+    p: *const T,
+    count: usize,
+    arg: &str,
+    count_arg: &str,
+) -> Result<Vec<T>, Error> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if p.is_null() {
+        return Err(Error::null(arg));
+    }
+    let fits = count
+        .checked_mul(size_of::<T>())
+        .filter(|bytes| *bytes <= isize::MAX.unsigned_abs())
+        .and_then(|bytes| (p as usize).checked_add(bytes))
+        .is_some();
+    if !fits {
+        return Err(Error::invalid(format!(
+            "{count_arg} {count} is larger than any array can be"
+        )));
+    }
+    let mut items = Vec::new();
+    items
+        .try_reserve_exact(count)
+        .map_err(|e| Error::invalid(format!("{count_arg} {count}: {e}")))?;
+    for i in 0..count {
+        // SAFETY:
+        // - `i < count` and the caller guarantees `count` readable elements
+        //   at `p`; the offset does not wrap (checked above);
+        // - `read_unaligned` needs no alignment;
+        // - every bit pattern is a valid `T` (`Plain` contract).
+        items.push(unsafe { p.add(i).read_unaligned() });
+    }
+    Ok(items)
+}
+
 /// A struct that starts with `size_t struct_size` so later versions can grow
 /// it: callers set `struct_size` to the `sizeof` they were compiled with.
 ///

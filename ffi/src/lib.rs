@@ -28,19 +28,23 @@
 #[macro_use]
 mod boundary;
 mod args;
+mod dedup;
 mod memory;
 mod status;
+mod store;
 
 pub use boundary::pf_last_error_message;
+pub use dedup::*;
 pub use memory::*;
 pub use status::{pf_status, pf_status_name};
+pub use store::*;
 
 /// Major ABI version: changes when a layout, a signature or a meaning changes
 /// incompatibly. A program built against major M runs only with major M.
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 1;
+pub const PF_ABI_VERSION_MINOR: u32 = 2;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -1,7 +1,10 @@
 //! Guest memory: `pf_guest_memory` and its exports.
 //!
-//! A handle is a boxed [`GuestMemory`] on its own frame store. `GuestMemory`
-//! is `Send + Sync`, so every export but `pf_guest_memory_free` may be called
+//! A handle is a boxed `Arc<GuestMemory>`, on a frame store of its own
+//! (`pf_guest_memory_new`) or on a shared one (`pf_guest_memory_new_in_store`
+//! in `store.rs`). The `Arc` lets a dedup host hold the memory too, so the
+//! C handle and the host release it independently. `GuestMemory` is
+//! `Send + Sync`, so every export but `pf_guest_memory_free` may be called
 //! on one handle from any number of threads at once.
 
 // The types carry their C names, so the header and the Rust agree.
@@ -23,11 +26,14 @@ use crate::{
 };
 
 /// Guest-physical memory of one VM: regions backed by a memfd, each mapped
-/// once into this process. Made by `pf_guest_memory_new`, released by
-/// `pf_guest_memory_free`. Thread-safe: every call but `pf_guest_memory_free`
-/// may run on one handle from several threads at once.
+/// once into this process. Made by `pf_guest_memory_new` (on a frame store of
+/// its own) or `pf_guest_memory_new_in_store` (on a shared `pf_frame_store`),
+/// released by `pf_guest_memory_free`. Thread-safe: every call but
+/// `pf_guest_memory_free` may run on one handle from several threads at once.
 pub struct pf_guest_memory {
-    mem: GuestMemory,
+    /// Shared with a dedup host the memory is registered with, which keeps
+    /// it alive after `pf_guest_memory_free` until it lets go.
+    pub(crate) mem: Arc<GuestMemory>,
 }
 
 /// One region of a guest-physical memory layout: `size` bytes starting at
@@ -67,7 +73,9 @@ pub const PF_MEMORY_TRANSPARENT_HUGE_PAGES: u32 = 1 << 0;
 pub const PF_MEMORY_POPULATE: u32 = 1 << 1;
 const PF_MEMORY_KNOWN_FLAGS: u32 = PF_MEMORY_TRANSPARENT_HUGE_PAGES | PF_MEMORY_POPULATE;
 
-/// How `pf_guest_memory_new` builds memory. Size-prefixed: set `struct_size`
+/// How `pf_guest_memory_new` builds memory, and how `pf_frame_store_new`
+/// builds a frame store (as `pf_store_options`, the same struct): what backs
+/// the frames and how they are mapped. Size-prefixed: set `struct_size`
 /// to `sizeof(pf_memory_options)`. All-zero fields mean the defaults, so
 /// `pf_memory_options o = { .struct_size = sizeof o };` is a valid start.
 #[repr(C)]
@@ -121,8 +129,10 @@ pub struct pf_region_info {
     pub host_addr: u64,
     /// Offset of the region's first byte in `fd`.
     pub file_offset: u64,
-    /// The memfd holding the region. Owned by the guest memory: valid until
-    /// `pf_guest_memory_free`; do not close it (dup it to keep it).
+    /// The memfd holding the region: the frame store's, shared by every
+    /// guest memory in that store. Owned by the store: valid while the
+    /// memory or anything else holding the store (a `pf_frame_store`
+    /// handle, a `pf_dedup`) lives; do not close it (dup it to keep it).
     pub fd: c_int,
     /// Zero; reserved.
     pub reserved: u32,
@@ -161,7 +171,7 @@ unsafe impl SizePrefixed for pf_page_census {
 /// # Safety
 ///
 /// `o.name` is NULL or a NUL-terminated string readable during the call.
-unsafe fn store_options(o: &pf_memory_options) -> Result<StoreOptions, Error> {
+pub(crate) unsafe fn store_options(o: &pf_memory_options) -> Result<StoreOptions, Error> {
     let backing = match o.backing {
         b if b == pf_backing::PF_BACKING_MEMFD as u32 => Backing::Memfd,
         b if b == pf_backing::PF_BACKING_HUGETLB_2M as u32 => Backing::Hugetlb(PageSize::Size2M),
@@ -189,46 +199,26 @@ unsafe fn store_options(o: &pf_memory_options) -> Result<StoreOptions, Error> {
     })
 }
 
+// SAFETY: two integers, valid for every bit pattern.
+unsafe impl args::Plain for pf_region {}
+
 /// Copies the caller's region array.
 ///
 /// # Safety
 ///
 /// Unless `count` is 0, `p` is NULL or valid for reads of `count`
 /// `pf_region`s (any alignment).
-unsafe fn read_layout(
+pub(crate) unsafe fn read_layout(
     p: *const pf_region,
     count: usize,
 ) -> Result<Vec<(GuestPhysAddr, u64)>, Error> {
-    if count == 0 {
-        // The core reports the empty layout as PF_ERR_LAYOUT.
-        return Ok(Vec::new());
-    }
-    if p.is_null() {
-        return Err(Error::null("regions"));
-    }
-    let fits = count
-        .checked_mul(size_of::<pf_region>())
-        .filter(|bytes| *bytes <= isize::MAX.unsigned_abs())
-        .and_then(|bytes| (p as usize).checked_add(bytes))
-        .is_some();
-    if !fits {
-        return Err(Error::invalid(format!(
-            "region_count {count} is larger than any array can be"
-        )));
-    }
-    let mut layout = Vec::new();
-    layout
-        .try_reserve_exact(count)
-        .map_err(|e| Error::invalid(format!("region_count {count}: {e}")))?;
-    for i in 0..count {
-        // SAFETY: `i < count` and the caller guarantees `count` readable
-        // elements at `p` (the offset does not wrap: checked above);
-        // `read_unaligned` needs no alignment; `pf_region` is two integers,
-        // valid for every bit pattern.
-        let r = unsafe { p.add(i).read_unaligned() };
-        layout.push((GuestPhysAddr(r.guest_start), r.size));
-    }
-    Ok(layout)
+    // The core reports the empty layout as PF_ERR_LAYOUT.
+    // SAFETY: forwarded from this function's contract.
+    let regions = unsafe { args::array(p, count, "regions", "region_count") }?;
+    Ok(regions
+        .into_iter()
+        .map(|r| (GuestPhysAddr(r.guest_start), r.size))
+        .collect())
 }
 
 /// Borrows the guest memory behind `mem`.
@@ -236,7 +226,9 @@ unsafe fn read_layout(
 /// # Safety
 ///
 /// `mem` is NULL or a live handle that is not freed during `'a`.
-unsafe fn memory<'a>(mem: *const pf_guest_memory) -> Result<&'a GuestMemory, Error> {
+pub(crate) unsafe fn memory<'a>(
+    mem: *const pf_guest_memory,
+) -> Result<&'a Arc<GuestMemory>, Error> {
     // SAFETY: forwarded from this function's contract.
     Ok(&unsafe { args::handle(mem, "mem") }?.mem)
 }
@@ -282,27 +274,32 @@ pub unsafe extern "C" fn pf_guest_memory_new(
         // SAFETY: `regions` is NULL or holds `region_count` elements (contract).
         let layout = unsafe { read_layout(regions, region_count) }?;
         let store = Arc::new(FrameStore::new(store_options)?);
-        let mem = GuestMemory::with_store(store, &layout)?;
+        let mem = Arc::new(GuestMemory::with_store(store, &layout)?);
         out_mem.write(Box::into_raw(Box::new(pf_guest_memory { mem })));
         Ok(())
     }
 }
 
-/// Releases guest memory: unmaps it and closes its memfd (file descriptors
-/// from `pf_guest_memory_region_info` become invalid; host addresses dangle).
+/// Releases the handle. The memory is unmapped (host addresses dangle) once
+/// nothing else holds it: a dedup host it is registered with keeps it,
+/// mapped and deduplicated, until `pf_dedup_unregister` or `pf_dedup_free`.
+/// Its frames go back to the store, and the store's memfd is closed once no
+/// memory, `pf_frame_store` handle or dedup host holds the store (file
+/// descriptors from `pf_guest_memory_region_info` are invalid from then on).
 /// NULL is allowed and does nothing.
 ///
 /// # Safety
 ///
-/// `mem` is NULL or a handle from `pf_guest_memory_new` that has not been
-/// freed, and no other call uses it during or after this one.
+/// `mem` is NULL or a `pf_guest_memory` handle that has not been freed, and
+/// no other call uses it during or after this one.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_free(mem: *mut pf_guest_memory) {
     ffi_boundary! { returns ();
         if !mem.is_null() {
             // SAFETY:
-            // - `mem` came from `Box::into_raw` in `pf_guest_memory_new` and
-            //   was not freed (contract), so it owns a live box;
+            // - `mem` came from `Box::into_raw` in `pf_guest_memory_new` or
+            //   `pf_guest_memory_new_in_store` and was not freed (contract),
+            //   so it owns a live box;
             // - nothing uses it during or after this call (contract).
             drop(unsafe { Box::from_raw(mem) });
         }
@@ -320,7 +317,7 @@ pub unsafe extern "C" fn pf_guest_memory_free(mem: *mut pf_guest_memory) {
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `buf` is NULL or valid for writes of `len` bytes, and not read or
 ///   written by anyone else during the call (in particular it is not guest
 ///   memory itself: copy through a separate buffer).
@@ -351,7 +348,7 @@ pub unsafe extern "C" fn pf_guest_memory_read(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `data` is NULL or valid for reads of `len` bytes that nobody writes
 ///   during the call (in particular it is not guest memory itself).
 #[no_mangle]
@@ -377,7 +374,7 @@ pub unsafe extern "C" fn pf_guest_memory_write(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_count` is NULL or valid for a write of one `size_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_region_count(
@@ -403,7 +400,7 @@ pub unsafe extern "C" fn pf_guest_memory_region_count(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_info` is NULL or points to a `pf_region_info` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
@@ -447,7 +444,7 @@ pub unsafe extern "C" fn pf_guest_memory_region_info(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_host_addr` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_host_address(
@@ -477,7 +474,7 @@ pub unsafe extern "C" fn pf_guest_memory_host_address(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_released_pages` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_discard(
@@ -504,7 +501,7 @@ pub unsafe extern "C" fn pf_guest_memory_discard(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_census` is NULL or points to a `pf_page_census` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
@@ -536,7 +533,7 @@ pub unsafe extern "C" fn pf_guest_memory_census(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_size` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_total_size(
@@ -556,12 +553,16 @@ pub unsafe extern "C" fn pf_guest_memory_total_size(
 /// Stores in `*out_bytes` how many bytes of memory the kernel really holds
 /// for this guest memory's memfd right now (its allocated blocks, from
 /// `fstat`): written pages count, never-written and discarded ones do not.
+/// The memfd is the frame store's: for memory made by
+/// `pf_guest_memory_new_in_store` this is the whole store, every guest
+/// memory in it and its shared (deduplicated) frames, the same figure as
+/// `pf_frame_store_allocated_bytes`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_bytes` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_allocated_bytes(
@@ -673,7 +674,7 @@ unsafe fn atomic_compare_exchange<T: AtomicInt>(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_value` is NULL or valid for a write of one `uint8_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_load_u8(
@@ -693,7 +694,7 @@ pub unsafe extern "C" fn pf_guest_memory_load_u8(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_store_u8(
     mem: *const pf_guest_memory,
@@ -712,7 +713,7 @@ pub unsafe extern "C" fn pf_guest_memory_store_u8(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint8_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_swap_u8(
@@ -736,7 +737,7 @@ pub unsafe extern "C" fn pf_guest_memory_swap_u8(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint8_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u8(
@@ -758,7 +759,7 @@ pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u8(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_value` is NULL or valid for a write of one `uint16_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_load_u16(
@@ -779,7 +780,7 @@ pub unsafe extern "C" fn pf_guest_memory_load_u16(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_store_u16(
     mem: *const pf_guest_memory,
@@ -800,7 +801,7 @@ pub unsafe extern "C" fn pf_guest_memory_store_u16(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint16_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_swap_u16(
@@ -825,7 +826,7 @@ pub unsafe extern "C" fn pf_guest_memory_swap_u16(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint16_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u16(
@@ -847,7 +848,7 @@ pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u16(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_value` is NULL or valid for a write of one `uint32_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_load_u32(
@@ -868,7 +869,7 @@ pub unsafe extern "C" fn pf_guest_memory_load_u32(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_store_u32(
     mem: *const pf_guest_memory,
@@ -889,7 +890,7 @@ pub unsafe extern "C" fn pf_guest_memory_store_u32(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint32_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_swap_u32(
@@ -914,7 +915,7 @@ pub unsafe extern "C" fn pf_guest_memory_swap_u32(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint32_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u32(
@@ -936,7 +937,7 @@ pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u32(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_value` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_load_u64(
@@ -957,7 +958,7 @@ pub unsafe extern "C" fn pf_guest_memory_load_u64(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_store_u64(
     mem: *const pf_guest_memory,
@@ -978,7 +979,7 @@ pub unsafe extern "C" fn pf_guest_memory_store_u64(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_swap_u64(
@@ -1003,7 +1004,7 @@ pub unsafe extern "C" fn pf_guest_memory_swap_u64(
 ///
 /// # Safety
 ///
-/// - `mem` is NULL or a live handle from `pf_guest_memory_new`.
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
 /// - `out_previous` is NULL or valid for a write of one `uint64_t`.
 #[no_mangle]
 pub unsafe extern "C" fn pf_guest_memory_compare_exchange_u64(

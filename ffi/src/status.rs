@@ -3,7 +3,7 @@
 
 use std::{ffi::c_char, fmt};
 
-use pagefold::{AccessError, FrameError, MemoryError};
+use pagefold::{AccessError, DedupError, FrameError, MemoryError};
 
 /// What a call did: `PF_OK` (0) or why it failed (negative). The values are
 /// part of the ABI and never change meaning; later versions only add codes.
@@ -48,11 +48,29 @@ pub enum pf_status {
     PF_ERR_PANIC = -13,
     /// An invariant inside pagefold failed (a bug; please report it).
     PF_ERR_INTERNAL = -14,
+    /// No VM with this id is registered with the dedup host (never was, or
+    /// was unregistered).
+    PF_ERR_UNKNOWN_VM = -15,
+    /// The guest memory lives in another frame store than the dedup host's:
+    /// dedup shares frames only within one store, so every VM of a host must
+    /// be made by `pf_guest_memory_new_in_store` on the host's store.
+    PF_ERR_FOREIGN_STORE = -16,
+    /// userfaultfd write protection, which dedup needs, is unavailable (no
+    /// userfaultfd syscall, no privilege for kernel-mode faults: needs
+    /// CAP_SYS_PTRACE or vm.unprivileged_userfaultfd = 1, no shmem write
+    /// protect in this kernel) or one of its operations failed; the message
+    /// says which.
+    PF_ERR_USERFAULT = -17,
+    /// Another operation held the page for too long; try again.
+    PF_ERR_BUSY = -18,
+    /// The operation does not support this configuration, e.g. dedup on a
+    /// hugetlb-backed frame store (dedup needs 4 KiB pages).
+    PF_ERR_UNSUPPORTED = -19,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 15] = [
+    pub(crate) const ALL: [pf_status; 20] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -68,6 +86,11 @@ impl pf_status {
         pf_status::PF_ERR_OS,
         pf_status::PF_ERR_PANIC,
         pf_status::PF_ERR_INTERNAL,
+        pf_status::PF_ERR_UNKNOWN_VM,
+        pf_status::PF_ERR_FOREIGN_STORE,
+        pf_status::PF_ERR_USERFAULT,
+        pf_status::PF_ERR_BUSY,
+        pf_status::PF_ERR_UNSUPPORTED,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -88,6 +111,11 @@ impl pf_status {
             pf_status::PF_ERR_OS => c"PF_ERR_OS",
             pf_status::PF_ERR_PANIC => c"PF_ERR_PANIC",
             pf_status::PF_ERR_INTERNAL => c"PF_ERR_INTERNAL",
+            pf_status::PF_ERR_UNKNOWN_VM => c"PF_ERR_UNKNOWN_VM",
+            pf_status::PF_ERR_FOREIGN_STORE => c"PF_ERR_FOREIGN_STORE",
+            pf_status::PF_ERR_USERFAULT => c"PF_ERR_USERFAULT",
+            pf_status::PF_ERR_BUSY => c"PF_ERR_BUSY",
+            pf_status::PF_ERR_UNSUPPORTED => c"PF_ERR_UNSUPPORTED",
         }
     }
 }
@@ -176,6 +204,27 @@ impl From<AccessError> for Error {
     }
 }
 
+impl From<DedupError> for Error {
+    fn from(e: DedupError) -> Self {
+        match &e {
+            DedupError::Userfault(_) => Error::new(pf_status::PF_ERR_USERFAULT, e.to_string()),
+            DedupError::Frames(f) => Error::new(frame_status(f), e.to_string()),
+            DedupError::Random(_) | DedupError::Proc { .. } => {
+                Error::new(pf_status::PF_ERR_OS, e.to_string())
+            }
+            DedupError::ForeignStore => Error::new(pf_status::PF_ERR_FOREIGN_STORE, e.to_string()),
+            DedupError::HugeBacking(_) => Error::new(pf_status::PF_ERR_UNSUPPORTED, e.to_string()),
+            // The core's message prints the id in Rust's debug form.
+            DedupError::UnknownVm(vm) => Error::new(
+                pf_status::PF_ERR_UNKNOWN_VM,
+                format!("vm_id {} is not registered with this dedup host", vm.0),
+            ),
+            DedupError::Unmapped(_) => Error::new(pf_status::PF_ERR_UNMAPPED, e.to_string()),
+            DedupError::Busy(_) => Error::new(pf_status::PF_ERR_BUSY, e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::CStr;
@@ -230,6 +279,58 @@ mod tests {
             assert_eq!(e.status, want, "{}", e.message);
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn dedup_errors_map_to_their_codes() {
+        use pagefold::{userfault::UserfaultError, GuestPhysAddr, PageSize, VmId};
+        let io = || std::io::Error::from_raw_os_error(libc::ENOSYS);
+        let cases: [(DedupError, pf_status); 10] = [
+            (
+                UserfaultError::Unavailable(io()).into(),
+                pf_status::PF_ERR_USERFAULT,
+            ),
+            (
+                UserfaultError::NoShmemWriteProtect { features: 0 }.into(),
+                pf_status::PF_ERR_USERFAULT,
+            ),
+            (
+                FrameError::TooLarge { frames: 1 }.into(),
+                pf_status::PF_ERR_OVERFLOW,
+            ),
+            (
+                DedupError::Random("no entropy".into()),
+                pf_status::PF_ERR_OS,
+            ),
+            (DedupError::ForeignStore, pf_status::PF_ERR_FOREIGN_STORE),
+            (
+                DedupError::HugeBacking(PageSize::Size2M),
+                pf_status::PF_ERR_UNSUPPORTED,
+            ),
+            (DedupError::UnknownVm(VmId(7)), pf_status::PF_ERR_UNKNOWN_VM),
+            (
+                DedupError::Unmapped(GuestPhysAddr(0x1000)),
+                pf_status::PF_ERR_UNMAPPED,
+            ),
+            (
+                DedupError::Busy(GuestPhysAddr(0x1000)),
+                pf_status::PF_ERR_BUSY,
+            ),
+            (
+                DedupError::Proc {
+                    what: "/proc/self/pagemap",
+                    source: io(),
+                },
+                pf_status::PF_ERR_OS,
+            ),
+        ];
+        for (e, want) in cases {
+            let e = Error::from(e);
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+        let e = Error::from(DedupError::UnknownVm(VmId(7)));
+        assert_eq!(e.message, "vm_id 7 is not registered with this dedup host");
     }
 
     #[test]

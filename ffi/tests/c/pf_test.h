@@ -1,9 +1,15 @@
 /*
  * A minimal test harness for the C tests of libpagefold. Each test file
  * defines TEST functions, lists them in a pf_test_case array and calls
- * pf_test_main. Output: one "ok"/"FAIL" line per test and a summary line
- * "# <suite>: N passed, M failed" that run.sh adds up. Exit status 0 when
- * every test passed, 2 otherwise (valgrind reports its own errors as 1).
+ * pf_test_main. Output: one "ok"/"FAIL"/"skip" line per test and a summary
+ * line "# <suite>: N passed, M failed" (with ", K skipped" appended when
+ * tests were skipped) that run.sh adds up. Exit status 0 when every test
+ * passed or was skipped, 2 otherwise (valgrind reports its own errors as 1).
+ *
+ * A test is skipped only where run.sh says so: PF_TEST_NO_USERFAULTFD=1
+ * means the binary runs under a tool (valgrind) that does not implement
+ * userfaultfd, so tests that need a dedup host cannot run there (run.sh
+ * runs them natively as well). Without it, no test skips.
  *
  * Compiles as C11 and as C++17, warning-free with -Wall -Wextra.
  */
@@ -27,6 +33,8 @@
 
 /* Checks that failed in the running test. */
 static int pf_test_failures;
+/* Why the running test was skipped, or NULL. */
+static const char *pf_test_skip_reason;
 
 /* This thread's last error message (static buffer; for diagnostics). */
 static inline const char *pf_test_last_error(void) {
@@ -89,11 +97,15 @@ typedef struct pf_test_case {
 #define PF_TEST_CASE(name) { #name, name }
 
 static inline int pf_test_main(const char *suite, const pf_test_case *tests, size_t count) {
-    int passed = 0, failed = 0;
+    int passed = 0, failed = 0, skipped = 0;
     for (size_t i = 0; i < count; i++) {
         pf_test_failures = 0;
+        pf_test_skip_reason = NULL;
         tests[i].fn();
-        if (pf_test_failures == 0) {
+        if (pf_test_failures == 0 && pf_test_skip_reason != NULL) {
+            printf("skip %s.%s: %s\n", suite, tests[i].name, pf_test_skip_reason);
+            skipped++;
+        } else if (pf_test_failures == 0) {
             printf("ok   %s.%s\n", suite, tests[i].name);
             passed++;
         } else {
@@ -102,7 +114,10 @@ static inline int pf_test_main(const char *suite, const pf_test_case *tests, siz
         }
         fflush(stdout);
     }
-    printf("# %s: %d passed, %d failed\n", suite, passed, failed);
+    if (skipped == 0)
+        printf("# %s: %d passed, %d failed\n", suite, passed, failed);
+    else
+        printf("# %s: %d passed, %d failed, %d skipped\n", suite, passed, failed, skipped);
     return failed == 0 ? 0 : 2;
 }
 
@@ -142,6 +157,31 @@ static inline pf_page_census pf_test_census(void) {
     memset(&census, 0, sizeof census);
     census.struct_size = sizeof census;
     return census;
+}
+
+/* Whether run.sh runs this binary where userfaultfd does not exist. */
+static inline int pf_test_no_userfaultfd(void) {
+    const char *v = getenv("PF_TEST_NO_USERFAULTFD");
+    return v != NULL && strcmp(v, "1") == 0;
+}
+
+/* A dedup host on `store` with `options`. NULL if that failed (a failed
+ * check), or if userfaultfd is missing where run.sh said it would be: then
+ * the call must have failed with PF_ERR_USERFAULT, and the test is marked
+ * skipped. Tests call this before they make anything they must free. */
+static inline pf_dedup *pf_test_dedup(const pf_frame_store *store,
+                                      const pf_dedup_options *options) {
+    pf_dedup *dedup = NULL;
+    pf_status s = pf_dedup_new(store, options, &dedup);
+    if (s == PF_ERR_USERFAULT && pf_test_no_userfaultfd()) {
+        CHECK(dedup == NULL);
+        CHECK(strstr(pf_test_last_error(), "userfaultfd") != NULL);
+        pf_test_skip_reason = "needs userfaultfd (PF_TEST_NO_USERFAULTFD=1)";
+        return NULL;
+    }
+    CHECK_STATUS(s, PF_OK);
+    CHECK((s == PF_OK) == (dedup != NULL));
+    return dedup;
 }
 
 #endif /* PF_TEST_H */

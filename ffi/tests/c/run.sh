@@ -12,6 +12,15 @@
 # the line "N passed, M failed". Exit status 0 only when
 # nothing failed.
 #
+# Test files marked "pf-test: needs-userfaultfd" (dedup) need the
+# userfaultfd syscall, which valgrind (3.19 at least) does not implement:
+# each of their binaries runs natively, always, and under valgrind as well.
+# A probe decides how: where valgrind runs userfaultfd, the valgrind run is
+# complete; where it does not, the binary gets PF_TEST_NO_USERFAULTFD=1
+# under valgrind and reports the tests that need a dedup host as "skip"
+# (they passed natively); run.sh lists them before its last line. No test
+# skips anywhere else.
+#
 # Usage: ffi/tests/c/run.sh        (from anywhere)
 # Env:   CC, CXX (default cc, c++), CARGO_TARGET_DIR,
 #        PF_NO_VALGRIND=1 to run the binaries without valgrind.
@@ -36,6 +45,7 @@ warnings="-Wall -Wextra -Werror"
 passed=0
 failed=0
 failures=()
+skipped=()
 
 fail() { # name, reason
     failed=$((failed + 1))
@@ -81,38 +91,138 @@ mkdir -p "$out/lib"
 soname=$(readelf -d "$lib_dir/libpagefold.so" | sed -nE 's/.*Library soname: \[(.*)\].*/\1/p')
 ln -sf "$lib_dir/libpagefold.so" "$out/lib/${soname:-libpagefold.so}"
 
-# Runs one test binary; adds up its summary line "# suite: N passed, M failed".
-run_binary() { # label, binary
-    local label=$1 bin=$2 log=$out/$(basename "$2").log rc summary n m
-    local runner=()
-    if [ "$use_valgrind" = 1 ]; then
-        runner=(valgrind --quiet --leak-check=full --error-exitcode=1
-            --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect
-            --log-file="$log.valgrind")
+valgrind_cmd=(valgrind --quiet --leak-check=full --error-exitcode=1
+    --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect)
+
+# Whether valgrind runs the userfaultfd syscall (and its UFFDIO_API ioctl).
+# Natively the dedup tests need it too; if the host lacks it they fail.
+valgrind_userfaultfd=0
+if [ "$use_valgrind" = 1 ] && grep -lq 'pf-test: needs-userfaultfd' "$here"/test_*.c; then
+    cat >"$out/uffd-probe.c" <<'PROBE'
+#define _GNU_SOURCE 1
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    long fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    struct uffdio_api api;
+    if (fd < 0) {
+        printf("userfaultfd: %s\n", strerror(errno));
+        return 1;
+    }
+    memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    if (ioctl((int)fd, UFFDIO_API, &api) != 0) {
+        printf("UFFDIO_API: %s\n", strerror(errno));
+        return 1;
+    }
+    close((int)fd);
+    printf("userfaultfd works\n");
+    return 0;
+}
+PROBE
+    if $CC -std=c11 $warnings "$out/uffd-probe.c" -o "$out/uffd-probe"; then
+        probe_native=$("$out/uffd-probe" 2>&1)
+        probe_valgrind=$(valgrind --quiet --log-file=/dev/null "$out/uffd-probe" 2>&1)
+        echo "== userfaultfd probe: natively \"$probe_native\"; under valgrind \"$probe_valgrind\""
+        if [ "$probe_valgrind" = "userfaultfd works" ]; then
+            valgrind_userfaultfd=1
+        fi
+    else
+        fail "userfaultfd probe" "does not compile"
     fi
-    "${runner[@]}" "$bin" >"$log" 2>&1
+    if [ "$valgrind_userfaultfd" = 1 ]; then
+        echo "   valgrind runs userfaultfd: dedup tests run natively and fully under valgrind"
+    else
+        echo "   valgrind lacks userfaultfd: dedup tests run natively in full, and under valgrind"
+        echo "   with PF_TEST_NO_USERFAULTFD=1 (tests needing a dedup host report skip there)"
+    fi
+fi
+
+# Runs one test binary; adds up its summary line "# suite: N passed, M
+# failed[, K skipped]". mode: valgrind, native, or valgrind-no-uffd
+# (valgrind with PF_TEST_NO_USERFAULTFD=1, the only mode that may skip).
+run_binary() { # label, binary, mode
+    local label=$1 bin=$2 mode=$3 rc summary n m k
+    local log=$out/$(basename "$2").$mode.log
+    local runner=() env=()
+    rm -f "$log.valgrind"
+    case $mode in
+    valgrind) runner=("${valgrind_cmd[@]}" --log-file="$log.valgrind") ;;
+    valgrind-no-uffd)
+        runner=("${valgrind_cmd[@]}" --log-file="$log.valgrind")
+        env=(PF_TEST_NO_USERFAULTFD=1)
+        ;;
+    esac
+    env "${env[@]}" "${runner[@]}" "$bin" >"$log" 2>&1
     rc=$?
     sed 's/^/    /' "$log"
-    summary=$(grep -E '^# .*: [0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+    summary=$(grep -E '^# .*: [0-9]+ passed, [0-9]+ failed(, [0-9]+ skipped)?$' "$log" | tail -n 1)
     if [ -z "$summary" ]; then
         fail "$label" "no summary line (crashed? exit status $rc)"
         [ -s "$log.valgrind" ] && sed 's/^/    valgrind: /' "$log.valgrind"
         return
     fi
     n=$(sed -E 's/.*: ([0-9]+) passed.*/\1/' <<<"$summary")
-    m=$(sed -E 's/.*, ([0-9]+) failed$/\1/' <<<"$summary")
+    m=$(sed -E 's/.*, ([0-9]+) failed.*/\1/' <<<"$summary")
+    k=$(sed -nE 's/.*, ([0-9]+) skipped$/\1/p' <<<"$summary")
     passed=$((passed + n))
     failed=$((failed + m))
     if [ "$m" != 0 ]; then
         failures+=("$label: $m tests failed")
     fi
+    if [ -n "$k" ] && [ "$k" != 0 ]; then
+        if [ "$mode" = valgrind-no-uffd ]; then
+            while IFS= read -r line; do
+                skipped+=("$label: ${line#skip }")
+            done < <(grep -E '^skip ' "$log")
+        else
+            fail "$label" "$k tests skipped where nothing may skip"
+        fi
+    fi
     # Exit status: 0 all passed, 2 tests failed (counted above), 1 valgrind
     # found errors, anything else a crash.
-    if [ -s "$log.valgrind" ]; then
+    if [ -s "$log.valgrind" ] && [ "$mode" = valgrind-no-uffd ]; then
+        # Valgrind's warning about the syscall it lacks (5 lines each time)
+        # is what this mode expects: count it, show anything else.
+        k=$(grep -c 'WARNING: unhandled .* syscall' "$log.valgrind")
+        echo "    valgrind: $k \"unhandled syscall\" warnings (userfaultfd), as expected"
+        grep -vE 'WARNING: unhandled .* syscall|You may be able to write your own handler|README_MISSING_SYSCALL_OR_IOCTL|Nevertheless we consider this a bug|valgrind.org/support/bug_reports' \
+            "$log.valgrind" | sed 's/^/    valgrind: /'
+    elif [ -s "$log.valgrind" ]; then
         sed 's/^/    valgrind: /' "$log.valgrind"
     fi
     if [ "$rc" != 0 ] && ! { [ "$rc" = 2 ] && [ "$m" != 0 ]; }; then
         fail "$label" "valgrind reported errors or the binary exited $rc"
+    fi
+}
+
+# Runs a binary as its source file needs: see the header of this script.
+run_test() { # label, binary, source
+    local label=$1 bin=$2 src=$3
+    if ! grep -q 'pf-test: needs-userfaultfd' "$src"; then
+        if [ "$use_valgrind" = 1 ]; then
+            run_binary "$label" "$bin" valgrind
+        else
+            run_binary "$label" "$bin" native
+        fi
+        return
+    fi
+    echo "  -- natively (needs userfaultfd)"
+    run_binary "$label, native" "$bin" native
+    if [ "$use_valgrind" = 1 ]; then
+        if [ "$valgrind_userfaultfd" = 1 ]; then
+            echo "  -- under valgrind"
+            run_binary "$label, valgrind" "$bin" valgrind
+        else
+            echo "  -- under valgrind, which lacks userfaultfd (PF_TEST_NO_USERFAULTFD=1)"
+            run_binary "$label, valgrind without userfaultfd" "$bin" valgrind-no-uffd
+        fi
     fi
 }
 
@@ -123,7 +233,7 @@ for src in "$here"/test_*.c; do
     # shellcheck disable=SC2086
     if $CC -std=c11 $warnings -g -I"$ffi/include" "$src" -o "$out/$name-c" \
         "$lib_dir/libpagefold.a" $static_libs; then
-        run_binary "$name (C)" "$out/$name-c"
+        run_test "$name (C)" "$out/$name-c" "$src"
     else
         fail "$name (C)" "does not compile"
     fi
@@ -132,7 +242,7 @@ for src in "$here"/test_*.c; do
     # shellcheck disable=SC2086
     if $CXX -x c++ -std=c++17 $warnings -g -I"$ffi/include" "$src" -x none -o "$out/$name-cxx" \
         -L"$lib_dir" -Wl,-rpath,"$out/lib" -lpagefold -lpthread; then
-        run_binary "$name (C++)" "$out/$name-cxx"
+        run_test "$name (C++)" "$out/$name-cxx" "$src"
     else
         fail "$name (C++)" "does not compile"
     fi
@@ -196,6 +306,10 @@ else
 fi
 
 echo
+if [ ${#skipped[@]} != 0 ]; then
+    echo "skipped under valgrind, which lacks userfaultfd (these ran natively above):"
+    printf '  %s\n' "${skipped[@]}"
+fi
 if [ "$failed" != 0 ]; then
     echo "failures:"
     printf '  %s\n' "${failures[@]}"

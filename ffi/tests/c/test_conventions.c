@@ -33,6 +33,11 @@ TEST(status_names_cover_every_code) {
         {PF_ERR_OS, "PF_ERR_OS"},
         {PF_ERR_PANIC, "PF_ERR_PANIC"},
         {PF_ERR_INTERNAL, "PF_ERR_INTERNAL"},
+        {PF_ERR_UNKNOWN_VM, "PF_ERR_UNKNOWN_VM"},
+        {PF_ERR_FOREIGN_STORE, "PF_ERR_FOREIGN_STORE"},
+        {PF_ERR_USERFAULT, "PF_ERR_USERFAULT"},
+        {PF_ERR_BUSY, "PF_ERR_BUSY"},
+        {PF_ERR_UNSUPPORTED, "PF_ERR_UNSUPPORTED"},
     };
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         CHECK_EQ((int64_t)codes[i].status, -(int64_t)i);
@@ -40,6 +45,7 @@ TEST(status_names_cover_every_code) {
         CHECK(name != NULL && strcmp(name, codes[i].name) == 0);
     }
     CHECK(strcmp(pf_status_name(1), "PF_UNKNOWN_STATUS") == 0);
+    CHECK(strcmp(pf_status_name(PF_ERR_UNSUPPORTED - 1), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(-1000), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(INT32_MIN), "PF_UNKNOWN_STATUS") == 0);
 }
@@ -133,6 +139,8 @@ TEST(last_error_is_per_thread) {
 
 TEST(free_accepts_null) {
     pf_guest_memory_free(NULL);
+    pf_frame_store_free(NULL);
+    pf_dedup_free(NULL);
 }
 
 int main(void) {
