@@ -38,6 +38,9 @@ pub mod userfault;
 pub use addr::{
     FrameNumber, GuestFrame, GuestPhysAddr, GuestVirtAddr, HostVirtAddr, PageSize, PAGE_SIZE,
 };
-pub use dedup::{DedupError, DedupHost, DedupStats, DomainId, ScanBudget, VmId, VmOptions};
+pub use dedup::{
+    DedupError, DedupHost, DedupOptions, DedupStats, DomainId, KernelView, ScanBudget, ScanReport,
+    VmId, VmOptions, VmStats,
+};
 pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
 pub use memory::{AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo};

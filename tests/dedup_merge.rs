@@ -336,3 +336,37 @@ fn unregister_gives_the_vm_back_private_and_whole() {
     drop(host);
     assert_eq!(vms[1].census().private as usize, PAGES);
 }
+
+#[test]
+fn registration_is_checked() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 1);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    let bad = VmOptions {
+        domain: DomainId(0),
+        exclude: vec![GuestPhysAddr(0x1000)],
+    };
+    assert!(matches!(
+        host.register(Arc::clone(&vms[0]), bad),
+        Err(pagefold::DedupError::NoSuchRegion(GuestPhysAddr(0x1000)))
+    ));
+    let id = host
+        .register(Arc::clone(&vms[0]), VmOptions::default())
+        .unwrap();
+    assert!(matches!(
+        host.register(Arc::clone(&vms[0]), VmOptions::default()),
+        Err(pagefold::DedupError::AlreadyRegistered)
+    ));
+    // A second host on the same store may not take the same memory either.
+    let other = DedupHost::new(Arc::clone(&store)).unwrap();
+    assert!(matches!(
+        other.register(Arc::clone(&vms[0]), VmOptions::default()),
+        Err(pagefold::DedupError::AlreadyRegistered)
+    ));
+    host.unregister(id).unwrap();
+    other
+        .register(Arc::clone(&vms[0]), VmOptions::default())
+        .unwrap();
+    let msg = host.vm_stats(id).unwrap_err().to_string();
+    assert!(msg.contains(&format!("VM {}", id.0)), "{msg}");
+}

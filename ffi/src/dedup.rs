@@ -3,23 +3,13 @@
 //! A handle is a boxed [`DedupHost`]. The host holds an `Arc` of every
 //! registered guest memory (the same `Arc` as the `pf_guest_memory` handle,
 //! see `memory.rs`) and of its frame store, so the C handles of both may be
-//! freed in any order. One table, shared by all hosts, remembers which
-//! memory is registered where, so that a memory is never registered twice
-//! (with one host or two).
+//! freed in any order. The core refuses a memory that a host already owns
+//! (`PF_ERR_INVALID_ARGUMENT`).
 
 // The types carry their C names, so the header and the Rust agree.
 #![allow(non_camel_case_types)]
 
-use std::{
-    collections::BTreeMap,
-    ffi::c_int,
-    mem::size_of,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
-    },
-    time::Duration,
-};
+use std::{ffi::c_int, mem::size_of, sync::Arc, time::Duration};
 
 use pagefold::{
     dedup::{DedupOptions, KernelView, ScanReport},
@@ -46,9 +36,6 @@ use crate::{
 /// usable by vCPU and device threads while they run.
 pub struct pf_dedup {
     host: DedupHost,
-    /// Names the host in the registration table (an address could be
-    /// reused by a host made after this one is freed).
-    id: u64,
 }
 
 // Every export but `pf_dedup_free` shares the handle between threads.
@@ -56,29 +43,6 @@ const _: fn() = || {
     fn shared_between_threads<T: Send + Sync>() {}
     shared_between_threads::<pf_dedup>();
 };
-
-/// A registered guest memory.
-struct Registration {
-    /// `pf_dedup::id` of the host.
-    host: u64,
-    /// Its VM id there.
-    vm: u64,
-    /// Keeps the memory's allocation, and so its address (the table's key),
-    /// from being reused by another memory while the entry exists, even
-    /// after the host let go of the memory itself.
-    _memory: Weak<GuestMemory>,
-}
-
-/// Registered guest memories by `Arc::as_ptr` address.
-fn registered() -> MutexGuard<'static, BTreeMap<usize, Registration>> {
-    static REGISTERED: Mutex<BTreeMap<usize, Registration>> = Mutex::new(BTreeMap::new());
-    // The table is consistent between statements; a panic elsewhere cannot
-    // have left it half-changed.
-    REGISTERED.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Source of `pf_dedup::id`.
-static NEXT_HOST_ID: AtomicU64 = AtomicU64::new(1);
 
 /// `pf_dedup_options.map_headroom` when it is 0: kernel mappings (VMAs) left
 /// to the rest of the process.
@@ -416,8 +380,7 @@ pub unsafe extern "C" fn pf_dedup_new(
             },
         };
         let host = DedupHost::with_options(Arc::clone(store), options)?;
-        let id = NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed);
-        out_dedup.write(Box::into_raw(Box::new(pf_dedup { host, id })));
+        out_dedup.write(Box::into_raw(Box::new(pf_dedup { host })));
         Ok(())
     }
 }
@@ -440,12 +403,8 @@ pub unsafe extern "C" fn pf_dedup_free(dedup: *mut pf_dedup) {
             // - `dedup` came from `Box::into_raw` in `pf_dedup_new` and was
             //   not freed (contract), so it owns a live box;
             // - nothing uses it during or after this call (contract).
-            let dedup = unsafe { Box::from_raw(dedup) };
-            let id = dedup.id;
-            // Unmerges and lets go of the memories first: they count as
-            // registered until they are free to go elsewhere.
-            drop(dedup);
-            registered().retain(|_, r| r.host != id);
+            // Dropping unmerges and lets go of the memories.
+            drop(unsafe { Box::from_raw(dedup) });
         }
     }
 }
@@ -511,18 +470,6 @@ pub unsafe extern "C" fn pf_dedup_register(
         }?;
         let exclude = region_starts(mem, &exclude)?;
 
-        // Held across the registration, so two threads cannot both register
-        // one memory.
-        let mut table = registered();
-        let key = Arc::as_ptr(mem) as usize;
-        if let Some(r) = table.get(&key) {
-            let whose = if r.host == dedup.id { "this" } else { "another" };
-            return Err(Error::invalid(format!(
-                "this guest memory is registered already (vm_id {} of {whose} dedup host); \
-                 unregister it first",
-                r.vm
-            )));
-        }
         let id = dedup.host.register(
             Arc::clone(mem),
             VmOptions {
@@ -530,14 +477,6 @@ pub unsafe extern "C" fn pf_dedup_register(
                 exclude,
             },
         )?;
-        table.insert(
-            key,
-            Registration {
-                host: dedup.id,
-                vm: id.0,
-                _memory: Arc::downgrade(mem),
-            },
-        );
         out.write(id.0);
         Ok(())
     }
@@ -577,8 +516,7 @@ pub unsafe extern "C" fn pf_dedup_unregister(dedup: *const pf_dedup, vm_id: u64)
     ffi_boundary! {
         // SAFETY: `dedup` is NULL or a live handle (contract).
         let host = unsafe { host(dedup) }?;
-        let mem = host.unregister(VmId(vm_id))?;
-        registered().remove(&(Arc::as_ptr(&mem) as usize));
+        host.unregister(VmId(vm_id))?;
         Ok(())
     }
 }

@@ -214,11 +214,10 @@ impl From<DedupError> for Error {
             }
             DedupError::ForeignStore => Error::new(pf_status::PF_ERR_FOREIGN_STORE, e.to_string()),
             DedupError::HugeBacking(_) => Error::new(pf_status::PF_ERR_UNSUPPORTED, e.to_string()),
-            // The core's message prints the id in Rust's debug form.
-            DedupError::UnknownVm(vm) => Error::new(
-                pf_status::PF_ERR_UNKNOWN_VM,
-                format!("vm_id {} is not registered with this dedup host", vm.0),
-            ),
+            DedupError::UnknownVm(_) => Error::new(pf_status::PF_ERR_UNKNOWN_VM, e.to_string()),
+            DedupError::AlreadyRegistered | DedupError::NoSuchRegion(_) => {
+                Error::new(pf_status::PF_ERR_INVALID_ARGUMENT, e.to_string())
+            }
             DedupError::Unmapped(_) => Error::new(pf_status::PF_ERR_UNMAPPED, e.to_string()),
             DedupError::Busy(_) => Error::new(pf_status::PF_ERR_BUSY, e.to_string()),
         }
@@ -330,7 +329,7 @@ mod tests {
             assert!(!e.message.is_empty());
         }
         let e = Error::from(DedupError::UnknownVm(VmId(7)));
-        assert_eq!(e.message, "vm_id 7 is not registered with this dedup host");
+        assert_eq!(e.message, "VM 7 is not registered with this dedup host");
     }
 
     #[test]

@@ -80,8 +80,14 @@ pub enum DedupError {
     #[error("dedup needs a frame store with 4 KiB pages, not {0}")]
     HugeBacking(PageSize),
     /// No such VM is registered.
-    #[error("VM {0:?} is not registered with this dedup host")]
+    #[error("VM {} is not registered with this dedup host", .0 .0)]
     UnknownVm(VmId),
+    /// The memory is already registered with a dedup host.
+    #[error("this guest memory is already registered with a dedup host")]
+    AlreadyRegistered,
+    /// An excluded address is not the start of one of the VM's regions.
+    #[error("exclude: no region of the VM starts at {0}")]
+    NoSuchRegion(GuestPhysAddr),
     /// The address is not in the VM's memory.
     #[error("guest-physical address {0} is not backed by any region of the VM")]
     Unmapped(GuestPhysAddr),
@@ -255,6 +261,17 @@ impl DedupHost {
         if !Arc::ptr_eq(mem.frame_store(), &self.inner.store) {
             return Err(DedupError::ForeignStore);
         }
+        if let Some(&bad) = options
+            .exclude
+            .iter()
+            .find(|a| !mem.regions().iter().any(|r| r.start() == **a))
+        {
+            return Err(DedupError::NoSuchRegion(bad));
+        }
+        // One host per memory: two would each think they own its pages.
+        if !mem.claim_for_dedup() {
+            return Err(DedupError::AlreadyRegistered);
+        }
         {
             let mut scan = lock(&self.inner.scan);
             if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain)
@@ -291,6 +308,7 @@ impl DedupHost {
         let entry = self.entry(vm)?;
         self.inner.unmerge_vm(&entry)?;
         write(&self.inner.vms).retain(|e| e.id != vm);
+        entry.mem.release_from_dedup();
         let mut scan = _scan;
         scan.old_hashes.remove(&vm);
         scan.unstable.retain(|_, (v, _, _)| *v != vm);
@@ -482,6 +500,9 @@ impl Drop for DedupHost {
     fn drop(&mut self) {
         // Give every page its own frame back before the shared frames go.
         let _ = self.unmerge_all();
+        for vm in read(&self.inner.vms).iter() {
+            vm.mem.release_from_dedup();
+        }
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handler.take() {
             let _ = h.join();

@@ -39,6 +39,8 @@ pub struct GuestMemory {
     regions: Box<[GuestRegion]>,
     /// Address-to-region lookup.
     index: index::RegionIndex,
+    /// Registered with a dedup host (at most one may own its pages).
+    dedup_claimed: std::sync::atomic::AtomicBool,
 }
 
 /// Pages of a [`GuestMemory`] by how they are backed.
@@ -81,7 +83,18 @@ impl GuestMemory {
             store,
             regions: regions.into_boxed_slice(),
             index,
+            dedup_claimed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the memory as owned by a dedup host; `false` if one already does.
+    pub(crate) fn claim_for_dedup(&self) -> bool {
+        !self.dedup_claimed.swap(true, MemOrdering::AcqRel)
+    }
+
+    /// Ends a dedup host's ownership.
+    pub(crate) fn release_from_dedup(&self) {
+        self.dedup_claimed.store(false, MemOrdering::Release);
     }
 
     /// The frame store holding this memory's frames.
