@@ -370,3 +370,68 @@ fn registration_is_checked() {
     let msg = host.vm_stats(id).unwrap_err().to_string();
     assert!(msg.contains(&format!("VM {}", id.0)), "{msg}");
 }
+
+#[test]
+fn background_scanner_folds_like_ksmd_and_stops() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 2);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    host.start_background(
+        pagefold::ScanBudget::Pages(512),
+        std::time::Duration::from_millis(2),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let dup_contents = (0..PAGES).filter(|i| i * 3 / PAGES == 0).count() as u64;
+    loop {
+        let s = host.stats().unwrap();
+        if s.pages_sharing == dup_contents {
+            // Pages merge during the second pass, after a first one saw them.
+            assert!(s.full_scans >= 1, "merging needs a page seen twice: {s:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background scanner made no progress: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    host.stop_background();
+    let scans = host.stats().unwrap().full_scans;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        host.stats().unwrap().full_scans,
+        scans,
+        "stopped means stopped"
+    );
+    assert_eq!(host.stats().unwrap().background_errors, 0);
+}
+
+#[test]
+fn a_step_over_nothing_returns() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let m =
+        Arc::new(GuestMemory::with_store(Arc::clone(&store), &[(GuestPhysAddr(0), 4096)]).unwrap());
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    let empty = host.scan_step(pagefold::ScanBudget::Pages(100)).unwrap();
+    assert_eq!(empty.pages_scanned, 0);
+    host.register(
+        m,
+        VmOptions {
+            domain: DomainId(0),
+            exclude: vec![GuestPhysAddr(0)],
+        },
+    )
+    .unwrap();
+    let r = host.scan_step(pagefold::ScanBudget::Pages(100)).unwrap();
+    assert_eq!(r.pages_scanned, 0);
+    let r = host
+        .scan_step(pagefold::ScanBudget::Time(
+            std::time::Duration::from_millis(1),
+        ))
+        .unwrap();
+    assert_eq!(r.pages_scanned, 0);
+}

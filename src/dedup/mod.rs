@@ -172,6 +172,7 @@ struct Inner {
     cow_breaks: AtomicU64,
     map_limit_hits: AtomicU64,
     faults_seen: AtomicU64,
+    background_errors: AtomicU64,
 }
 
 /// The dedup engine for every VM of one frame store.
@@ -179,6 +180,7 @@ pub struct DedupHost {
     inner: Arc<Inner>,
     stop: Arc<AtomicBool>,
     handler: Option<std::thread::JoinHandle<()>>,
+    background: Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for DedupHost {
@@ -240,6 +242,7 @@ impl DedupHost {
             cow_breaks: AtomicU64::new(0),
             map_limit_hits: AtomicU64::new(0),
             faults_seen: AtomicU64::new(0),
+            background_errors: AtomicU64::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let handler =
@@ -253,6 +256,7 @@ impl DedupHost {
             inner,
             stop,
             handler: Some(handler),
+            background: Mutex::new(None),
         })
     }
 
@@ -333,42 +337,51 @@ impl DedupHost {
     /// One incremental step: visits pages from where the last step stopped,
     /// merging those that hashed the same on their previous visit.
     pub fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
-        let started = Instant::now();
-        let mut scan = lock(&self.inner.scan);
-        let vms = read(&self.inner.vms).clone();
-        self.inner.refresh_map_budget();
-        let mut total = ScanReport::default();
-        if vms.is_empty() {
-            return Ok(total);
-        }
-        const BATCH: usize = 4096;
-        let mut left = match budget {
-            ScanBudget::Pages(n) => n,
-            ScanBudget::Time(_) => u64::MAX,
-        };
-        while left > 0 {
-            if let ScanBudget::Time(d) = budget {
-                if started.elapsed() >= d && total.pages_scanned > 0 {
-                    break;
+        self.inner.scan_step(budget)
+    }
+
+    /// Runs [`scan_step`](Self::scan_step) with `budget` on a thread of its
+    /// own every `interval`, as `ksmd` does with `pages_to_scan` and
+    /// `sleep_millisecs`, until [`stop_background`](Self::stop_background)
+    /// or drop. Replaces a scanner already running. A failed step is counted
+    /// in `DedupStats::background_errors` and the next one runs as planned.
+    pub fn start_background(
+        &self,
+        budget: ScanBudget,
+        interval: Duration,
+    ) -> Result<(), DedupError> {
+        self.stop_background();
+        let stop = Arc::new(AtomicBool::new(false));
+        let inner = Arc::clone(&self.inner);
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("pagefold-scan".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    if inner.scan_step(budget).is_err() {
+                        inner.background_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Sleep in short slices so a stop is prompt.
+                    let until = Instant::now() + interval;
+                    while !flag.load(Ordering::Relaxed) && Instant::now() < until {
+                        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+                    }
                 }
-            }
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(BATCH);
-            let (refs, wrapped) = next_pages(&mut scan.cursor, &vms, want);
-            left = left.saturating_sub(refs.len() as u64);
-            let r = self.inner.process(&mut scan, &vms, refs, false)?;
-            total.add(&r);
-            if wrapped {
-                self.inner.full_scans.fetch_add(1, Ordering::Relaxed);
-                scan.unstable.clear();
-                scan.volatile_last_scan = std::mem::take(&mut scan.volatile_this_scan);
-                self.inner.reconcile(&mut scan, &vms)?;
-                total.full_scan_completed = true;
-                if matches!(budget, ScanBudget::Pages(_)) {
-                    continue;
-                }
-            }
+            })
+            .map_err(|source| DedupError::Proc {
+                what: "spawning the background scanner thread",
+                source,
+            })?;
+        *lock(&self.background) = Some((stop, handle));
+        Ok(())
+    }
+
+    /// Stops the background scanner, if one runs, after its current step.
+    pub fn stop_background(&self) {
+        if let Some((stop, handle)) = lock(&self.background).take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
         }
-        Ok(total)
     }
 
     /// Unmerges every page of every VM (KSM's `run=2`). Returns the number
@@ -434,6 +447,7 @@ impl DedupHost {
             cow_breaks: self.inner.cow_breaks.load(Ordering::Relaxed),
             map_limit_hits: self.inner.map_limit_hits.load(Ordering::Relaxed),
             write_faults_seen: self.inner.faults_seen.load(Ordering::Relaxed),
+            background_errors: self.inner.background_errors.load(Ordering::Relaxed),
             ..DedupStats::default()
         };
         let mut metadata = shared.metadata_bytes() + scan.unstable.len() as u64 * 40;
@@ -498,6 +512,7 @@ impl DedupHost {
 
 impl Drop for DedupHost {
     fn drop(&mut self) {
+        self.stop_background();
         // Give every page its own frame back before the shared frames go.
         let _ = self.unmerge_all();
         for vm in read(&self.inner.vms).iter() {
@@ -529,6 +544,44 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
 }
 
 impl Inner {
+    fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
+        const BATCH: usize = 4096;
+        let started = Instant::now();
+        let mut scan = lock(&self.scan);
+        let vms = read(&self.vms).clone();
+        self.refresh_map_budget();
+        let mut total = ScanReport::default();
+        let mut left = match budget {
+            ScanBudget::Pages(n) => n,
+            ScanBudget::Time(_) => u64::MAX,
+        };
+        while left > 0 && !vms.is_empty() {
+            if let ScanBudget::Time(d) = budget {
+                if started.elapsed() >= d {
+                    break;
+                }
+            }
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(BATCH);
+            let (refs, wrapped) = next_pages(&mut scan.cursor, &vms, want);
+            let visited = refs.len();
+            left = left.saturating_sub(visited as u64);
+            let r = self.process(&mut scan, &vms, refs, false)?;
+            total.add(&r);
+            if wrapped {
+                self.full_scans.fetch_add(1, Ordering::Relaxed);
+                scan.unstable.clear();
+                scan.volatile_last_scan = std::mem::take(&mut scan.volatile_this_scan);
+                self.reconcile(&mut scan, &vms)?;
+                total.full_scan_completed = true;
+            }
+            if visited == 0 {
+                // Nothing to scan at all (every region excluded).
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     fn ctx(&self) -> MergeCtx<'_> {
         MergeCtx {
             store: &self.store,

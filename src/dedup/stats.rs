@@ -33,6 +33,8 @@ pub struct DedupStats {
     /// Write faults the userfaultfd handler saw (writers that met a merge
     /// in progress).
     pub write_faults_seen: u64,
+    /// Background scan steps that failed (see `DedupHost::start_background`).
+    pub background_errors: u64,
     /// Bytes saved minus bytes of dedup bookkeeping (KSM's general_profit).
     pub profit_bytes: i64,
 }
