@@ -409,6 +409,10 @@ typedef struct pf_host_stats {
      * `general_profit`); negative when dedup costs more than it saves.
      */
     int64_t profit_bytes;
+    /**
+     * Background scan steps that failed (`pf_dedup_start_background`).
+     */
+    uint64_t background_errors;
 } pf_host_stats;
 
 /**
@@ -769,6 +773,38 @@ enum pf_status pf_dedup_scan_step(const struct pf_dedup *dedup,
                                   uint64_t max_pages,
                                   uint64_t max_micros,
                                   struct pf_scan_report *out_report);
+
+/**
+ * Starts a background scanner thread, as the kernel's `ksmd`: every
+ * `interval_micros` microseconds it runs one `pf_dedup_scan_step` with the
+ * budget given (exactly one of `max_pages`, `max_micros` nonzero), until
+ * `pf_dedup_stop_background` or `pf_dedup_free`. Replaces a scanner
+ * already running. A failed step is counted in
+ * `pf_host_stats.background_errors`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (budgets),
+ * `PF_ERR_OS` (no thread).
+ *
+ * # Safety
+ *
+ * `dedup` is NULL or a live `pf_dedup` handle.
+ */
+enum pf_status pf_dedup_start_background(const struct pf_dedup *dedup,
+                                         uint64_t max_pages,
+                                         uint64_t max_micros,
+                                         uint64_t interval_micros);
+
+/**
+ * Stops the background scanner after its current step; does nothing if
+ * none runs.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * `dedup` is NULL or a live `pf_dedup` handle.
+ */
+enum pf_status pf_dedup_stop_background(const struct pf_dedup *dedup);
 
 /**
  * Unmerges every page of every VM (KSM's `run = 2`): each merged or

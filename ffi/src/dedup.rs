@@ -218,6 +218,8 @@ pub struct pf_host_stats {
     /// Bytes saved minus bytes of dedup bookkeeping (KSM
     /// `general_profit`); negative when dedup costs more than it saves.
     pub profit_bytes: i64,
+    /// Background scan steps that failed (`pf_dedup_start_background`).
+    pub background_errors: u64,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -240,6 +242,7 @@ impl From<DedupStats> for pf_host_stats {
             map_limit_hits: s.map_limit_hits,
             write_faults_seen: s.write_faults_seen,
             profit_bytes: s.profit_bytes,
+            background_errors: s.background_errors,
         }
     }
 }
@@ -583,21 +586,7 @@ pub unsafe extern "C" fn pf_dedup_scan_step(
     ffi_boundary! {
         // SAFETY: `dedup` is NULL or a live handle (contract).
         let host = unsafe { host(dedup) }?;
-        let budget = match (max_pages, max_micros) {
-            (0, 0) => {
-                return Err(Error::invalid(
-                    "no budget: set max_pages or max_micros (exactly one) to nonzero",
-                ))
-            }
-            (pages, 0) => ScanBudget::Pages(pages),
-            (0, micros) => ScanBudget::Time(Duration::from_micros(micros)),
-            (pages, micros) => {
-                return Err(Error::invalid(format!(
-                    "two budgets (max_pages {pages}, max_micros {micros}): \
-                     set exactly one to nonzero"
-                )))
-            }
-        };
+        let budget = budget(max_pages, max_micros)?;
         // SAFETY: `out_report` is NULL or `struct_size` bytes we may read
         // and write (contract).
         let out = unsafe { optional_sized_out(out_report, "out_report") }?;
@@ -605,6 +594,67 @@ pub unsafe extern "C" fn pf_dedup_scan_step(
         if let Some(out) = out {
             out.write(report.into());
         }
+        Ok(())
+    }
+}
+
+/// The scan budget from the two C arguments, exactly one nonzero.
+fn budget(max_pages: u64, max_micros: u64) -> Result<ScanBudget, Error> {
+    match (max_pages, max_micros) {
+        (0, 0) => Err(Error::invalid(
+            "no budget: set max_pages or max_micros (exactly one) to nonzero",
+        )),
+        (pages, 0) => Ok(ScanBudget::Pages(pages)),
+        (0, micros) => Ok(ScanBudget::Time(Duration::from_micros(micros))),
+        (pages, micros) => Err(Error::invalid(format!(
+            "two budgets (max_pages {pages}, max_micros {micros}): set exactly one to nonzero"
+        ))),
+    }
+}
+
+/// Starts a background scanner thread, as the kernel's `ksmd`: every
+/// `interval_micros` microseconds it runs one `pf_dedup_scan_step` with the
+/// budget given (exactly one of `max_pages`, `max_micros` nonzero), until
+/// `pf_dedup_stop_background` or `pf_dedup_free`. Replaces a scanner
+/// already running. A failed step is counted in
+/// `pf_host_stats.background_errors`.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (budgets),
+/// `PF_ERR_OS` (no thread).
+///
+/// # Safety
+///
+/// `dedup` is NULL or a live `pf_dedup` handle.
+#[no_mangle]
+pub unsafe extern "C" fn pf_dedup_start_background(
+    dedup: *const pf_dedup,
+    max_pages: u64,
+    max_micros: u64,
+    interval_micros: u64,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `dedup` is NULL or a live handle (contract).
+        let host = unsafe { host(dedup) }?;
+        let budget = budget(max_pages, max_micros)?;
+        host.start_background(budget, Duration::from_micros(interval_micros))?;
+        Ok(())
+    }
+}
+
+/// Stops the background scanner after its current step; does nothing if
+/// none runs.
+///
+/// Errors: `PF_ERR_NULL_POINTER`.
+///
+/// # Safety
+///
+/// `dedup` is NULL or a live `pf_dedup` handle.
+#[no_mangle]
+pub unsafe extern "C" fn pf_dedup_stop_background(dedup: *const pf_dedup) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `dedup` is NULL or a live handle (contract).
+        let host = unsafe { host(dedup) }?;
+        host.stop_background();
         Ok(())
     }
 }

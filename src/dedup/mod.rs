@@ -557,7 +557,8 @@ impl Inner {
         };
         while left > 0 && !vms.is_empty() {
             if let ScanBudget::Time(d) = budget {
-                if started.elapsed() >= d {
+                // At least one batch, however short the budget.
+                if started.elapsed() >= d && total.pages_scanned > 0 {
                     break;
                 }
             }

@@ -11,6 +11,7 @@
 #include "pf_test.h"
 
 #include <pthread.h>
+#include <time.h>
 
 #define PAGE 4096ull
 #define PAGES 64u        /* per VM */
@@ -274,6 +275,8 @@ TEST(dedup_calls_reject_a_null_handle) {
     CHECK_ERR(pf_dedup_stats(NULL, &stats), PF_ERR_NULL_POINTER, "dedup");
     CHECK_ERR(pf_dedup_vm_stats(NULL, 1, &vm), PF_ERR_NULL_POINTER, "dedup");
     CHECK_ERR(pf_dedup_kernel_view(NULL, &view), PF_ERR_NULL_POINTER, "dedup");
+    CHECK_ERR(pf_dedup_start_background(NULL, 1, 0, 1000), PF_ERR_NULL_POINTER, "dedup");
+    CHECK_ERR(pf_dedup_stop_background(NULL), PF_ERR_NULL_POINTER, "dedup");
     pf_guest_memory_free(mem);
 }
 
@@ -679,6 +682,44 @@ TEST(scan_steps_merge_pages_that_held_still) {
     pf_frame_store_free(store);
 }
 
+TEST(background_scanner_merges_and_stops) {
+    pf_frame_store *store = new_store();
+    pf_dedup *dedup = pf_test_dedup(store, NULL);
+    if (dedup == NULL) {
+        pf_frame_store_free(store);
+        return;
+    }
+    pf_guest_memory *vms[VMS];
+    for (unsigned v = 0; v < VMS; v++) {
+        vms[v] = new_vm(store, v);
+        (void)reg(dedup, vms[v], NULL);
+    }
+    CHECK_ERR(pf_dedup_start_background(dedup, 0, 0, 1000), PF_ERR_INVALID_ARGUMENT, "no budget");
+    CHECK_OK(pf_dedup_start_background(dedup, PAGES, 0, 1000));
+    /* Restarting replaces the running scanner. */
+    CHECK_OK(pf_dedup_start_background(dedup, PAGES, 0, 1000));
+    pf_host_stats s = stats_of(dedup);
+    for (int i = 0; i < 2000 && s.pages_sharing < (VMS - 1) * SHARED_PAGES; i++) {
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        s = stats_of(dedup);
+    }
+    CHECK_EQ(s.pages_sharing, (VMS - 1) * SHARED_PAGES);
+    CHECK_EQ(s.zero_pages, VMS * ZERO_PAGES);
+    CHECK_EQ(s.background_errors, 0);
+    CHECK_OK(pf_dedup_stop_background(dedup));
+    CHECK_OK(pf_dedup_stop_background(dedup)); /* none running: fine */
+    uint64_t scans = stats_of(dedup).full_scans;
+    struct timespec ts = {0, 30 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    CHECK_EQ(stats_of(dedup).full_scans, scans);
+    for (unsigned v = 0; v < VMS; v++) check_vm(vms[v], v, PAGES);
+
+    pf_dedup_free(dedup);
+    for (unsigned v = 0; v < VMS; v++) pf_guest_memory_free(vms[v]);
+    pf_frame_store_free(store);
+}
+
 TEST(map_headroom_option_limits_merging) {
     pf_frame_store *store = new_store();
     pf_dedup_options o;
@@ -1043,6 +1084,7 @@ int main(void) {
         PF_TEST_CASE(different_domains_share_nothing),
         PF_TEST_CASE(excluded_regions_are_left_alone),
         PF_TEST_CASE(scan_steps_merge_pages_that_held_still),
+        PF_TEST_CASE(background_scanner_merges_and_stops),
         PF_TEST_CASE(map_headroom_option_limits_merging),
         PF_TEST_CASE(handles_are_released_in_any_order),
         PF_TEST_CASE(writers_run_while_pages_merge),
