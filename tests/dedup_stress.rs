@@ -130,6 +130,29 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
         })
         .collect();
 
+    // A VMM thread resolving write faults itself, concurrently with the
+    // scanner: unmerges race merges, pins and recounts.
+    let resolver = {
+        let host = Arc::clone(&host);
+        let stop = Arc::clone(&stop);
+        let ids = ids.clone();
+        thread::spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(7);
+            let mut resolved = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let vm = rng.gen_range(0..VMS);
+                let page = rng.gen_range(0..PAGES);
+                if host
+                    .resolve_write_fault(ids[vm], GuestPhysAddr((page * PAGE_SIZE) as u64))
+                    .unwrap()
+                {
+                    resolved += 1;
+                }
+            }
+            resolved
+        })
+    };
+
     let started = Instant::now();
     let mut rng = SmallRng::seed_from_u64(99);
     let (mut merged, mut unmerged, mut rounds) = (0u64, 0u64, 0u64);
@@ -157,6 +180,7 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
         rounds += 1;
     }
     stop.store(true, Ordering::Relaxed);
+    let resolved = resolver.join().unwrap();
 
     let mut expected: Vec<Vec<[u8; PAGE_SIZE]>> = vec![vec![[0u8; PAGE_SIZE]; PAGES]; VMS];
     let mut total_ops = 0;
@@ -180,6 +204,7 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
         "the scanner did real work: merged {merged}, unmerged {unmerged}"
     );
     assert!(total_ops > 1000, "writers did real work: {total_ops}");
+    assert!(resolved > 0, "the resolver broke sharing of some pages");
 
     let check = |when: &str| {
         let mut buf = [0u8; PAGE_SIZE];
@@ -187,6 +212,19 @@ fn writers_lose_nothing_while_pages_merge_and_unmerge() {
             for (p, want) in want.iter().enumerate() {
                 mem.read(GuestPhysAddr((p * PAGE_SIZE) as u64), &mut buf)
                     .unwrap();
+                if buf[..] != want[..] {
+                    let diffs: Vec<usize> = (0..PAGE_SIZE).filter(|&i| buf[i] != want[i]).collect();
+                    eprintln!(
+                        "VM {vm} page {p}: state {:?}; {} bytes differ, first at {} (got {:#x}, want {:#x}); got[0..8] {:?} want[0..8] {:?}",
+                        mem.regions()[0].page_states().load(p),
+                        diffs.len(),
+                        diffs[0],
+                        buf[diffs[0]],
+                        want[diffs[0]],
+                        &buf[..8],
+                        &want[..8]
+                    );
+                }
                 assert!(
                     buf[..] == want[..],
                     "{when}: VM {vm} page {p} lost a write ({rounds} rounds)"

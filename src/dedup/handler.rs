@@ -1,9 +1,10 @@
-//! The userfaultfd handler thread. Writers meet write protection only while a
-//! merge or unmerge holds their page; that operation wakes them itself when
-//! it is done. The handler is the safety net that makes "a writer never waits
-//! forever" independent of every error path: for a fault on a page no
-//! operation holds, it disarms the protection and wakes the writer. It also
-//! counts the faults, so their number is visible in the statistics.
+//! The userfaultfd handler thread. Writers meet write protection only inside
+//! a merge's or unmerge's write-protect window; that operation wakes them
+//! itself when it closes the window. The handler is the safety net that makes
+//! "a writer never waits forever" independent of every error path: between
+//! windows (it takes the window lock), a fault on a page no operation holds
+//! has its stale protection removed and its writer woken. It also counts
+//! the faults, so their number is visible in the statistics.
 
 use std::{
     sync::{
@@ -13,7 +14,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use super::{read, Inner};
+use super::{lock, read, Inner};
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
     memory::page_state::LOCKED,
@@ -44,6 +45,11 @@ fn run(inner: &Weak<Inner>, uffd: &Userfault, stop: &AtomicBool) {
             let Some(inner) = inner.upgrade() else { return };
             inner.faults_seen.fetch_add(1, Ordering::Relaxed);
             let page = HostVirtAddr(fault.addr.0 & !(PAGE_SIZE as u64 - 1));
+            // With the window lock held no write-protect window is open, so
+            // protection found on a page no operation holds is stale: drop
+            // it. (Without the lock, this could disarm a window opened since
+            // the fault and let a write slip between its compare and remap.)
+            let _no_window = lock(&inner.windows);
             if !held_by_an_operation(&inner, page) {
                 let _ = uffd.unprotect(page, PAGE_SIZE as u64, true);
                 let _ = uffd.wake(page, PAGE_SIZE as u64);

@@ -39,6 +39,12 @@ impl DomainKey {
         xxh3_64_with_secret(page, &self.secret[..])
     }
 
+    /// The hash of the zero page under this key.
+    #[inline]
+    pub(crate) fn zero_hash(&self) -> u64 {
+        self.zero_hash
+    }
+
     /// Whether `hash` is the hash of the zero page (bytes still need checking).
     #[inline]
     pub(crate) fn may_be_zero(&self, hash: u64) -> bool {

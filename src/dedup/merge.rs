@@ -15,10 +15,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rayon::prelude::*;
+
 use super::DedupError;
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    frames::{FrameRange, FrameStore, RemapTarget},
+    frames::{FrameRange, FrameStore, HostMapping, RemapTarget},
     memory::{
         page_state::{LOCKED, REMAPPED},
         GuestRegion, PageKind, PageState,
@@ -26,7 +28,13 @@ use crate::{
     userfault::Userfault,
 };
 
-/// Longest run merged under one write-protect window (2 MiB).
+/// Pages under one write-protect window (8 MiB): long enough to amortise
+/// registration over many short runs, short enough that a writer caught in
+/// it waits only for a few hundred page comparisons and remaps.
+const MAX_WINDOW: usize = 2048;
+/// The all-zero page, the target of zero pages.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+/// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
 
 /// What a page should become.
@@ -69,28 +77,64 @@ pub(super) struct MergeCtx<'a> {
     pub(super) uffd: &'a Userfault,
     /// Mappings (VMAs) the process may still create before dedup stops.
     pub(super) map_budget: &'a AtomicU64,
+    /// A read-only view of the shared frames made in this pass, to compare
+    /// against in place instead of reading them with `pread`.
+    pub(super) fresh: Option<FreshFrames<'a>>,
+    /// Shared frames and their references.
+    pub(super) shared: &'a std::sync::Mutex<super::shared::SharedFrames>,
+    /// Held for the life of every write-protect window. Registration belongs
+    /// to the one userfaultfd, not to a caller: an unmerge's unregister inside
+    /// a merge's window (or the reverse) would drop the other's protection
+    /// between its comparison or copy and its remap, and lose a write.
+    pub(super) windows: &'a std::sync::Mutex<()>,
 }
 
-/// Merges `cands` (sorted by page, distinct pages) of `region`. Shared
-/// frame references are returned per frame through `on_merged`.
+/// Shared frames `start..start+count`, mapped read-only at `view`.
+#[derive(Clone, Copy)]
+pub(super) struct FreshFrames<'a> {
+    pub(super) start: FrameNumber,
+    pub(super) view: &'a HostMapping,
+}
+
+impl<'a> FreshFrames<'a> {
+    /// The bytes of `frame` if it is one of these.
+    fn page(self, frame: FrameNumber) -> Option<&'a [u8; PAGE_SIZE]> {
+        let k = usize::try_from(frame.0.checked_sub(self.start.0)?).ok()?;
+        if (k + 1) * PAGE_SIZE > self.view.len() {
+            return None;
+        }
+        // SAFETY:
+        // 1. `k < count`, so the page lies inside the live read-only mapping
+        //    `view`, which outlives the returned borrow.
+        // 2. The frames are shared frames: written once by `pwrite` before
+        //    this view existed and never mapped writable anywhere, so their
+        //    bytes cannot change while borrowed.
+        Some(unsafe { &*self.view.as_ptr().add(k * PAGE_SIZE).cast::<[u8; PAGE_SIZE]>() })
+    }
+}
+
+/// Merges `cands` (sorted by page, distinct pages) of `region`, a window
+/// of nearby runs at a time. Shared frame references are taken as pages
+/// are published.
 pub(super) fn merge_region(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
     cands: &[Candidate],
-    mut on_merged: impl FnMut(FrameNumber, u64),
 ) -> Result<MergeOutcome, DedupError> {
+    region.enable_state_checks();
     let mut out = MergeOutcome::default();
     let mut i = 0;
     while i < cands.len() {
-        let mut j = i + 1;
-        while j < cands.len() && j - i < MAX_RUN && continues_run(&cands[j - 1], &cands[j]) {
-            j += 1;
-        }
         if ctx.map_budget.load(Ordering::Relaxed) < 2 {
             out.map_limit += cands[i..].len() as u64;
             break;
         }
-        merge_run(ctx, region, &cands[i..j], &mut out, &mut on_merged)?;
+        let first = cands[i].page;
+        let mut j = i + 1;
+        while j < cands.len() && cands[j].page < first + MAX_WINDOW {
+            j += 1;
+        }
+        merge_window(ctx, region, &cands[i..j], &mut out)?;
         i = j;
     }
     Ok(out)
@@ -105,164 +149,155 @@ fn continues_run(a: &Candidate, b: &Candidate) -> bool {
         }
 }
 
-/// One run: consecutive pages with consecutive targets.
-fn merge_run(
+/// Calls `f(start, end)` for each maximal run `items[start..end]` in which
+/// `same(items[k-1], items[k])` holds throughout.
+fn for_each_run<T>(items: &[T], same: impl Fn(&T, &T) -> bool, mut f: impl FnMut(usize, usize)) {
+    let mut k = 0;
+    while k < items.len() {
+        let mut e = k + 1;
+        while e < items.len() && same(&items[e - 1], &items[e]) {
+            e += 1;
+        }
+        f(k, e);
+        k = e;
+    }
+}
+
+/// One window: candidates within `MAX_WINDOW` pages of each other, protected
+/// together so that registration and protection cost one call each for many
+/// runs; each run is still remapped on its own.
+fn merge_window(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
-    run: &[Candidate],
+    window: &[Candidate],
     out: &mut MergeOutcome,
-    on_merged: &mut impl FnMut(FrameNumber, u64),
 ) -> Result<(), DedupError> {
     let states = region.page_states();
-    region.enable_state_checks();
     // 1. Lock. A page whose state moved since it was hashed is left alone.
-    let locked: Vec<bool> = run
+    let run: Vec<Candidate> = window
         .iter()
-        .map(|c| {
+        .filter(|c| {
             states
                 .compare_exchange(c.page, c.expected, c.expected.with_flags(LOCKED))
                 .is_ok()
         })
+        .copied()
         .collect();
-    out.busy += locked.iter().filter(|l| !**l).count() as u64;
-    // Work on maximal locked sub-runs.
-    let mut k = 0;
-    while k < run.len() {
-        if !locked[k] {
-            k += 1;
-            continue;
-        }
-        let mut e = k + 1;
-        while e < run.len() && locked[e] {
-            e += 1;
-        }
-        merge_locked(ctx, region, &run[k..e], out, on_merged)?;
-        k = e;
-    }
-    Ok(())
-}
-
-fn merge_locked(
-    ctx: &MergeCtx<'_>,
-    region: &GuestRegion,
-    run: &[Candidate],
-    out: &mut MergeOutcome,
-    on_merged: &mut impl FnMut(FrameNumber, u64),
-) -> Result<(), DedupError> {
-    let states = region.page_states();
-    let first = run[0].page;
-    let n = run.len();
-    let addr = region.page_host_addr(first);
-    let len = (n * PAGE_SIZE) as u64;
+    out.busy += (window.len() - run.len()) as u64;
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(());
+    };
+    let addr = region.page_host_addr(first.page);
+    let len = ((last.page - first.page + 1) * PAGE_SIZE) as u64;
     let unlock_all = |run: &[Candidate]| {
         for c in run {
             let _ = states.compare_exchange(c.page, c.expected.with_flags(LOCKED), c.expected);
         }
     };
 
-    // 2. Arm write protection: from here, raw writes wait in the kernel.
+    let window = super::lock(ctx.windows);
+    // 2. Arm write protection over the window: from here, raw writes to it
+    // wait in the kernel (pages in the window that are not candidates too,
+    // briefly; they are woken with the rest).
     if let Err(e) = ctx
         .uffd
         .register(addr, len)
         .and_then(|()| ctx.uffd.protect(addr, len))
     {
-        let _ = ctx.uffd.unregister(addr, len);
-        unlock_all(run);
+        release_protection(ctx, addr, len);
+        unlock_all(&run);
         return Err(e.into());
     }
 
-    // 3. Compare under protection, against the target's bytes.
-    let mut target_bytes = vec![0u8; n * PAGE_SIZE];
-    if let Target::Shared(s) = run[0].target {
-        if let Err(e) = ctx.store.read_frames(s, &mut target_bytes) {
-            release_protection(ctx, addr, len);
-            unlock_all(run);
-            return Err(e.into());
+    // 3. Compare under protection, each page against its target's bytes:
+    // shared frames are read a run per `pread`, then both cores compare.
+    let fresh = |c: &Candidate| match (c.target, ctx.fresh) {
+        (Target::Shared(s), Some(f)) => f.page(s),
+        _ => None,
+    };
+    let mut target_bytes = vec![0u8; run.len() * PAGE_SIZE];
+    let mut failed = None;
+    for_each_run(&run, continues_run, |k, e| {
+        if let (Target::Shared(s), None, None) = (run[k].target, &failed, fresh(&run[k])) {
+            if let Err(err) = ctx.store.read_frames(s, &mut target_bytes[k * PAGE_SIZE..e * PAGE_SIZE]) {
+                failed = Some(err);
+            }
         }
+    });
+    if let Some(err) = failed {
+        release_protection(ctx, addr, len);
+        unlock_all(&run);
+        return Err(err.into());
     }
     let equal: Vec<bool> = run
-        .iter()
-        .zip(target_bytes.chunks_exact(PAGE_SIZE))
-        .map(|(c, want)| {
-            let want: &[u8; PAGE_SIZE] = want.try_into().unwrap_or(&[0u8; PAGE_SIZE]);
-            region.page_equals(c.page, want)
+        .par_iter()
+        .zip(target_bytes.par_chunks_exact(PAGE_SIZE))
+        .map(|(c, want)| match c.target {
+            Target::Zero => region.page_equals(c.page, &ZERO_PAGE),
+            Target::Shared(_) => {
+                let want = fresh(c).unwrap_or_else(|| want.try_into().unwrap_or(&ZERO_PAGE));
+                region.page_equals(c.page, want)
+            }
         })
         .collect();
 
-    // 4. Remap each maximal equal sub-run; 5. punch the own frames it used.
-    let mut merged = vec![false; n];
-    let mut k = 0;
-    while k < n {
-        if !equal[k] {
-            k += 1;
-            continue;
-        }
-        let mut e = k + 1;
-        while e < n && equal[e] {
-            e += 1;
-        }
-        if ctx.map_budget.load(Ordering::Relaxed) < 2 {
-            out.map_limit += (e - k) as u64;
-            k = e;
-            continue;
-        }
-        let target = match run[k].target {
-            Target::Zero => RemapTarget::AnonZero,
-            Target::Shared(s) => RemapTarget::PrivateCopyOf {
-                file_offset: s.file_offset(),
-            },
-        };
-        match region.remap_pages(run[k].page, e - k, target) {
-            Ok(()) => {
-                out.remaps += 1;
-                let _ = ctx
-                    .map_budget
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                        Some(b.saturating_sub(2))
-                    });
-                merged[k..e].iter_mut().for_each(|m| *m = true);
-                punch_own_frames(ctx.store, region, &run[k..e])?;
+    // 4. Remap each maximal equal sub-run of a run in one call.
+    let mut merged = vec![false; run.len()];
+    let mut remap_error = None;
+    for_each_run(
+        &run.iter().zip(&equal).collect::<Vec<_>>(),
+        |a, b| *a.1 && *b.1 && continues_run(a.0, b.0),
+        |k, e| {
+            if !equal[k] || remap_error.is_some() {
+                return;
             }
-            Err(crate::frames::FrameError::Os { source, .. })
-                if source.raw_os_error() == Some(libc::ENOMEM) =>
-            {
-                // The kernel's mapping budget is spent: stop merging, never
-                // fail a guest write for it.
-                ctx.map_budget.store(0, Ordering::Relaxed);
+            if ctx.map_budget.load(Ordering::Relaxed) < 2 {
                 out.map_limit += (e - k) as u64;
+                return;
             }
-            Err(e) => {
-                release_protection(ctx, addr, len);
-                unlock_all(run);
-                return Err(e.into());
+            let target = match run[k].target {
+                Target::Zero => RemapTarget::AnonZero,
+                Target::Shared(s) => RemapTarget::PrivateCopyOf {
+                    file_offset: s.file_offset(),
+                },
+            };
+            match region.remap_pages(run[k].page, e - k, target) {
+                Ok(()) => {
+                    out.remaps += 1;
+                    let _ =
+                        ctx.map_budget
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                                Some(b.saturating_sub(2))
+                            });
+                    merged[k..e].iter_mut().for_each(|m| *m = true);
+                }
+                Err(crate::frames::FrameError::Os { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    // The kernel's mapping budget is spent: stop merging,
+                    // never fail a guest write for it.
+                    ctx.map_budget.store(0, Ordering::Relaxed);
+                    out.map_limit += (e - k) as u64;
+                }
+                Err(err) => remap_error = Some(err),
             }
-        }
-        k = e;
-    }
+        },
+    );
+
+    // 5. Release the own frames of the merged pages, a call per stretch of
+    // consecutive pages (runs of different targets join up here).
+    let punched = punch_own_frames(ctx.store, region, &run, &merged);
 
     // 6. Disarm and wake: waiting writers retry against the new mapping.
-    // Pages left in place still have their protected mapping: unprotect them
-    // explicitly (the remapped ones have a fresh, unprotected mapping).
-    let mut k = 0;
-    while k < n {
-        if merged[k] {
-            k += 1;
-            continue;
-        }
-        let mut e = k + 1;
-        while e < n && !merged[e] {
-            e += 1;
-        }
-        let _ = ctx.uffd.unprotect(
-            region.page_host_addr(run[k].page),
-            ((e - k) * PAGE_SIZE) as u64,
-            false,
-        );
-        k = e;
-    }
+    // Unregistering drops the protection of the pages left in place; the
+    // remapped ones have fresh, unprotected mappings.
     release_protection(ctx, addr, len);
+    drop(window);
 
-    // 7. Publish the new states (this also unlocks).
+    // 7. Publish the new states (this also unlocks), taking each shared
+    // frame's reference under its table's lock: an unmerge of a page just
+    // published then finds the count it expects.
+    let mut shared = super::lock(ctx.shared);
     for (idx, c) in run.iter().enumerate() {
         let locked = c.expected.with_flags(LOCKED);
         if merged[idx] {
@@ -273,7 +308,7 @@ fn merge_locked(
                 }
                 Target::Shared(s) => {
                     out.shared += 1;
-                    on_merged(FrameNumber(s.0), 1);
+                    shared.add_ref(s, 1);
                     PageState::new(PageKind::Shared, s, REMAPPED)
                 }
             };
@@ -285,43 +320,44 @@ fn merge_locked(
             let _ = states.compare_exchange(c.page, locked, c.expected);
         }
     }
-    Ok(())
+    if let Some(err) = remap_error {
+        return Err(err.into());
+    }
+    punched
 }
 
-/// Releases the memory of the own frames of pages that used them (pages that
-/// were remapped before hold their bytes elsewhere, already released).
+/// Releases the memory of the own frames of merged pages that used them
+/// (pages remapped before hold their bytes elsewhere, already released).
 fn punch_own_frames(
     store: &FrameStore,
     region: &GuestRegion,
     run: &[Candidate],
+    merged: &[bool],
 ) -> Result<(), DedupError> {
-    let mut k = 0;
-    while k < run.len() {
-        if run[k].expected.flags() & REMAPPED != 0 {
-            k += 1;
-            continue;
-        }
-        let mut e = k + 1;
-        while e < run.len()
-            && run[e].expected.flags() & REMAPPED == 0
-            && run[e].page == run[e - 1].page + 1
-        {
-            e += 1;
-        }
-        store.release(FrameRange {
-            start: region.own_frame(run[k].page),
-            count: (e - k) as u64,
-        })?;
-        k = e;
-    }
-    Ok(())
+    let own = |k: usize| merged[k] && run[k].expected.flags() & REMAPPED == 0;
+    let idx: Vec<usize> = (0..run.len()).filter(|&k| own(k)).collect();
+    let mut result = Ok(());
+    for_each_run(
+        &idx,
+        |a, b| run[*b].page == run[*a].page + 1,
+        |k, e| {
+            if result.is_ok() {
+                result = store.release(FrameRange {
+                    start: region.own_frame(run[idx[k]].page),
+                    count: (e - k) as u64,
+                });
+            }
+        },
+    );
+    result.map_err(Into::into)
 }
 
 /// Removes write protection and registration from a range and wakes anyone
-/// waiting there. Never fails silently into a stuck writer: unregistering
-/// wakes waiters even if the range was partly remapped.
+/// waiting there (unregistering alone does not wake write-protect waiters).
+/// Errors are ignored on purpose: parts of the range may have been
+/// remapped (fresh, unregistered mappings), and the handler thread wakes
+/// any writer that a failed call would have left waiting.
 fn release_protection(ctx: &MergeCtx<'_>, addr: crate::addr::HostVirtAddr, len: u64) {
-    let _ = ctx.uffd.unprotect(addr, len, false);
     let _ = ctx.uffd.unregister(addr, len);
     let _ = ctx.uffd.wake(addr, len);
 }
@@ -336,14 +372,13 @@ pub(super) struct UnmergeOutcome {
 }
 
 /// Brings every remapped page of `region` in `[first, first+count)` back to
-/// its own frame, with its current bytes. `on_unshared` is told each shared
-/// frame a page stopped mapping.
+/// its own frame, with its current bytes. Shared-frame references are not
+/// touched here: the host recounts them from the page states.
 pub(super) fn unmerge_range(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
     first: usize,
     count: usize,
-    mut on_unshared: impl FnMut(FrameNumber),
 ) -> Result<UnmergeOutcome, DedupError> {
     let states = region.page_states();
     let mut out = UnmergeOutcome::default();
@@ -377,7 +412,7 @@ pub(super) fn unmerge_range(
             p += 1;
             continue;
         }
-        unmerge_locked(ctx, region, &run, &mut out, &mut on_unshared)?;
+        unmerge_locked(ctx, region, &run, &mut out)?;
         p = q;
     }
     Ok(out)
@@ -388,7 +423,6 @@ fn unmerge_locked(
     region: &GuestRegion,
     run: &[(usize, PageState)],
     out: &mut UnmergeOutcome,
-    on_unshared: &mut impl FnMut(FrameNumber),
 ) -> Result<(), DedupError> {
     let states = region.page_states();
     let first = run[0].0;
@@ -400,12 +434,13 @@ fn unmerge_locked(
             let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
         }
     };
+    let window = super::lock(ctx.windows);
     if let Err(e) = ctx
         .uffd
         .register(addr, len)
         .and_then(|()| ctx.uffd.protect(addr, len))
     {
-        let _ = ctx.uffd.unregister(addr, len);
+        release_protection(ctx, addr, len);
         unlock_all();
         return Err(e.into());
     }
@@ -433,13 +468,19 @@ fn unmerge_locked(
         return Err(e.into());
     }
     release_protection(ctx, addr, len);
+    drop(window);
+    // Publish and drop the shared-frame references under the shared-frame
+    // lock, so a recount (which holds it too) sees both or neither.
+    let mut shared = super::lock(ctx.shared);
+    let mut result = Ok(());
     for &(p, s) in run {
-        if s.kind() == PageKind::Shared {
-            on_unshared(s.frame());
-        }
         let new = PageState::new(PageKind::Private, region.own_frame(p), 0);
-        let _ = states.compare_exchange(p, s.with_flags(LOCKED), new);
+        if states.compare_exchange(p, s.with_flags(LOCKED), new).is_ok() && s.kind() == PageKind::Shared {
+            if let Err(e) = shared.drop_ref(ctx.store, s.frame()) {
+                result = Err(e.into());
+            }
+        }
         out.restored += 1;
     }
-    Ok(())
+    result
 }

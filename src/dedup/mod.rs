@@ -167,6 +167,8 @@ struct Inner {
     next_vm: AtomicU64,
     scan: Mutex<ScanState>,
     shared: Mutex<SharedFrames>,
+    /// Serialises write-protect windows (see `merge::MergeCtx::windows`).
+    windows: Mutex<()>,
     map_budget: AtomicU64,
     full_scans: AtomicU64,
     cow_breaks: AtomicU64,
@@ -237,6 +239,7 @@ impl DedupHost {
                 volatile_last_scan: 0,
             }),
             shared: Mutex::new(SharedFrames::default()),
+            windows: Mutex::new(()),
             map_budget: AtomicU64::new(0),
             full_scans: AtomicU64::new(0),
             cow_breaks: AtomicU64::new(0),
@@ -313,6 +316,7 @@ impl DedupHost {
         self.inner.unmerge_vm(&entry)?;
         write(&self.inner.vms).retain(|e| e.id != vm);
         entry.mem.release_from_dedup();
+        self.inner.recount()?;
         let mut scan = _scan;
         scan.old_hashes.remove(&vm);
         scan.unstable.retain(|_, (v, _, _)| *v != vm);
@@ -393,6 +397,7 @@ impl DedupHost {
         for vm in &vms {
             n += self.inner.unmerge_vm(vm)?;
         }
+        self.inner.recount()?;
         Ok(n)
     }
 
@@ -588,6 +593,9 @@ impl Inner {
             store: &self.store,
             uffd: &self.uffd,
             map_budget: &self.map_budget,
+            fresh: None,
+            shared: &self.shared,
+            windows: &self.windows,
         }
     }
 
@@ -616,12 +624,6 @@ impl Inner {
         count: usize,
     ) -> Result<merge::UnmergeOutcome, DedupError> {
         let r = &vm.mem.regions()[region];
-        let mut unshared = Vec::new();
-        let out = merge::unmerge_range(&self.ctx(), r, first, count, |f| unshared.push(f))?;
-        let mut shared = lock(&self.shared);
-        for f in unshared {
-            shared.drop_ref(&self.store, f)?;
-        }
-        Ok(out)
+        merge::unmerge_range(&self.ctx(), r, first, count)
     }
 }

@@ -6,13 +6,14 @@
 //! moves the page to private-remapped, dropping its shared-frame reference.
 
 use std::{
+    collections::HashMap,
     fs::File,
     io,
     os::unix::fs::FileExt,
     sync::{atomic::Ordering, Arc, OnceLock},
 };
 
-use super::{lock, DedupError, Inner, ScanState, VmEntry};
+use super::{lock, read, DedupError, Inner, ScanState, VmEntry};
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     memory::{
@@ -115,12 +116,7 @@ fn zero_page_pfn(pagemap: &File) -> Option<u64> {
 impl Inner {
     /// Moves pages the kernel copied (a write to a merged page) from
     /// "shared" to "private, remapped" and drops their references.
-    pub(super) fn reconcile(
-        &self,
-        scan: &mut ScanState,
-        vms: &[Arc<VmEntry>],
-    ) -> Result<(), DedupError> {
-        let mut dropped: Vec<FrameNumber> = Vec::new();
+    pub(super) fn reconcile(&self, scan: &mut ScanState, vms: &[Arc<VmEntry>]) -> Result<(), DedupError> {
         for vm in vms {
             for region in vm.mem.regions() {
                 let t = region.page_states();
@@ -141,10 +137,7 @@ impl Inner {
                 for (i, e) in entries.into_iter().enumerate() {
                     let p = first + i;
                     let s = t.load(p);
-                    if s.flags() & REMAPPED == 0
-                        || s.flags() & LOCKED != 0
-                        || s.kind() == PageKind::Private
-                    {
+                    if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 || s.kind() == PageKind::Private {
                         continue;
                     }
                     let copied = scan.pagemap.is_private_copy(e, || {
@@ -159,17 +152,37 @@ impl Inner {
                     if t.compare_exchange(p, s, new).is_ok() {
                         vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
                         self.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                        if s.kind() == PageKind::Shared {
-                            dropped.push(s.frame());
-                        }
                     }
                 }
             }
         }
+        self.recount()
+    }
+
+    /// Recounts shared-frame references from the page states of *every*
+    /// registered VM (a subset would count too few and free frames still
+    /// mapped) and frees the frames no page maps any more.
+    pub(super) fn recount(&self) -> Result<(), DedupError> {
+        let vms = read(&self.vms).clone();
+        // Held while counting, so no unmerge publishes a state and drops
+        // its reference in between.
         let mut shared = lock(&self.shared);
-        for f in dropped {
-            shared.drop_ref(&self.store, f)?;
+        let mut counts: HashMap<FrameNumber, u64> = HashMap::new();
+        for vm in &vms {
+            for region in vm.mem.regions() {
+                let t = region.page_states();
+                if !region.needs_state_checks() {
+                    continue;
+                }
+                for p in 0..t.len() {
+                    let s = t.load(p);
+                    if s.kind() == PageKind::Shared {
+                        *counts.entry(s.frame()).or_default() += 1;
+                    }
+                }
+            }
         }
+        shared.recount(&self.store, &counts)?;
         Ok(())
     }
 }

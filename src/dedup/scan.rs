@@ -18,6 +18,9 @@ use super::{
     merge::{self, Candidate, Target},
     nanos_since, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry, VmId,
 };
+/// The all-zero page, to compare candidates against.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     memory::{page_state::LOCKED, PageKind, PageState},
@@ -148,11 +151,19 @@ impl Inner {
                 if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
                     return None;
                 }
-                let mut buf = [0u8; PAGE_SIZE];
-                region.read_page(at.page as usize, &mut buf);
                 let key = &keys[at.vm as usize];
-                let hash = key.hash(&buf);
-                let zero = key.may_be_zero(hash) && crate::addr::is_zero_page(&buf);
+                // Zero pages (half of a freshly booted guest) are found by
+                // comparing in place, which stops at the first non-zero byte
+                // of any other page; only the rest is copied and hashed.
+                let (hash, zero) = if region.page_equals(at.page as usize, &ZERO_PAGE) {
+                    (key.zero_hash(), true)
+                } else {
+                    let mut buf = [0u8; PAGE_SIZE];
+                    region.read_page(at.page as usize, &mut buf);
+                    let hash = key.hash(&buf);
+                    // Written to zero between the two reads: still zero.
+                    (hash, key.may_be_zero(hash) && crate::addr::is_zero_page(&buf))
+                };
                 Some(Hashed {
                     at,
                     state,
@@ -197,14 +208,23 @@ impl Inner {
                 });
         };
         let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
+        // Every shared frame this pass may map pages onto holds one extra
+        // reference ("pin") until the pass ends, so an unmerge elsewhere
+        // cannot free it between a page's remap and its published state.
+        let mut pinned: Vec<FrameNumber> = Vec::new();
+        let mut is_pinned = std::collections::HashSet::new();
         {
-            let shared = lock(&self.shared);
+            let mut shared = lock(&self.shared);
             for h in stable {
                 let domain = vms[h.at.vm as usize].domain;
                 if h.zero {
                     push(h.at, h.state, Target::Zero);
-                } else if let Some(s) = shared.lookup(domain, h.hash).first() {
-                    push(h.at, h.state, Target::Shared(*s));
+                } else if let Some(&s) = shared.lookup(domain, h.hash).first() {
+                    if is_pinned.insert(s) {
+                        shared.add_ref(s, 1);
+                        pinned.push(s);
+                    }
+                    push(h.at, h.state, Target::Shared(s));
                 } else {
                     rest.push((domain, h));
                 }
@@ -231,19 +251,20 @@ impl Inner {
             } else if !one_shot {
                 // Incremental: a page alone in this batch may match one seen
                 // earlier in this full scan (KSM's unstable tree).
-                match scan.unstable.remove(&(d, h.hash)) {
-                    Some(earlier) => {
-                        if let Some(e) = self.unstable_page(vms, earlier, h.hash) {
-                            if e.at != h.at {
-                                groups.push(Group {
-                                    domain: d,
-                                    hash: h.hash,
-                                    members: i..j,
-                                    extra: Some(e),
-                                });
-                            }
-                        }
-                    }
+                // The earlier page is hashed again: it may have changed since
+                // (then this page takes its place in the tree).
+                let earlier = scan
+                    .unstable
+                    .remove(&(d, h.hash))
+                    .and_then(|e| self.unstable_page(vms, &keys, e, h.hash))
+                    .filter(|e| e.at != h.at);
+                match earlier {
+                    Some(e) => groups.push(Group {
+                        domain: d,
+                        hash: h.hash,
+                        members: i..j,
+                        extra: Some(e),
+                    }),
                     None => {
                         scan.unstable.insert(
                             (d, h.hash),
@@ -264,6 +285,7 @@ impl Inner {
             }
         };
         groups.sort_by_key(|g| canonical(g).at);
+        let mut fresh = None;
         if !groups.is_empty() {
             let base = self.store.allocate(groups.len() as u64)?;
             // Copy canonical pages into the new shared frames, a chunk of
@@ -287,10 +309,13 @@ impl Inner {
                 self.store
                     .write_frames(first, &content[..chunk.len() * PAGE_SIZE])?;
             }
+            fresh = Some(base);
             let mut shared = lock(&self.shared);
             for (k, g) in groups.iter().enumerate() {
                 let frame = FrameNumber(base.start.0 + k as u64);
                 shared.insert(frame, g.domain, g.hash);
+                shared.add_ref(frame, 1);
+                pinned.push(frame);
                 for (_, m) in &rest[g.members.clone()] {
                     push(m.at, m.state, Target::Shared(frame));
                 }
@@ -305,16 +330,22 @@ impl Inner {
         // Merge, region by region, in page order.
         let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
         keys_sorted.sort_unstable();
-        let ctx = self.ctx();
-        let mut refs_added: HashMap<FrameNumber, u64> = HashMap::new();
+        // Read-only view of this pass's new shared frames, for comparing in
+        // place (best effort: without it the merge reads them with pread).
+        let view = fresh.and_then(|range| self.store.map_read_only(range).ok());
+        let mut ctx = self.ctx();
+        if let (Some(view), Some(range)) = (&view, fresh) {
+            ctx.fresh = Some(merge::FreshFrames {
+                start: range.start,
+                view,
+            });
+        }
         for k in keys_sorted {
             let mut list = cands.remove(&k).unwrap_or_default();
             list.sort_by_key(|c| c.page);
             list.dedup_by_key(|c| c.page);
             let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
-            let out = merge::merge_region(&ctx, region, &list, |f, n| {
-                *refs_added.entry(f).or_default() += n;
-            })?;
+            let out = merge::merge_region(&ctx, region, &list)?;
             report.merged_shared += out.shared;
             report.merged_zero += out.zero;
             report.changed += out.changed;
@@ -325,11 +356,11 @@ impl Inner {
         report.merge_nanos = nanos_since(merge_started);
         self.map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
+        // Unpin: frames no page ended up mapping are freed here.
         let mut shared = lock(&self.shared);
-        for (f, n) in refs_added {
-            shared.add_ref(f, n);
+        for f in pinned {
+            shared.drop_ref(&self.store, f)?;
         }
-        shared.free_unreferenced(&self.store)?;
         Ok(report)
     }
 
@@ -337,6 +368,7 @@ impl Inner {
     fn unstable_page(
         &self,
         vms: &[Arc<VmEntry>],
+        keys: &[Arc<DomainKey>],
         (vm_id, region, page): (VmId, u32, u32),
         hash: u64,
     ) -> Option<Hashed> {
@@ -344,6 +376,11 @@ impl Inner {
         let r = vms[v].mem.regions().get(region as usize)?;
         let state = r.page_states().load(page as usize);
         if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
+            return None;
+        }
+        let mut buf = [0u8; PAGE_SIZE];
+        r.read_page(page as usize, &mut buf);
+        if keys[v].hash(&buf) != hash {
             return None;
         }
         Some(Hashed {

@@ -62,12 +62,9 @@ impl SharedFrames {
         }
     }
 
-    /// One page less maps `frame`; the frame is freed when none does.
-    pub(crate) fn drop_ref(
-        &mut self,
-        store: &FrameStore,
-        frame: FrameNumber,
-    ) -> Result<(), FrameError> {
+    /// One page less maps `frame` (a page was unmerged: its state changed
+    /// under this lock); the frame is freed when none does.
+    pub(crate) fn drop_ref(&mut self, store: &FrameStore, frame: FrameNumber) -> Result<(), FrameError> {
         let Some(f) = self.frames.get_mut(&frame) else {
             return Ok(());
         };
@@ -76,6 +73,19 @@ impl SharedFrames {
             self.remove(store, frame)?;
         }
         Ok(())
+    }
+
+    /// Sets every frame's reference count to the number of pages whose
+    /// state maps it (`counts`), and frees frames no page maps. The page
+    /// states are the truth: pages leave a shared frame by unmerging, by
+    /// the kernel's copy on write, or by a discard, and only a recount from
+    /// the states can never count one too few (which would free a frame a
+    /// page still maps). Callers recount while no merge runs.
+    pub(crate) fn recount(&mut self, store: &FrameStore, counts: &HashMap<FrameNumber, u64>) -> Result<(), FrameError> {
+        for (frame, f) in self.frames.iter_mut() {
+            f.refs = counts.get(frame).copied().unwrap_or(0);
+        }
+        self.free_unreferenced(store)
     }
 
     /// Frees every frame that ended up with no references (a merge that

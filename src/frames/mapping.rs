@@ -49,6 +49,16 @@ unsafe impl Sync for HostMapping {}
 impl HostMapping {
     /// Maps `range` of `store` read-write and shared.
     pub(crate) fn new(store: &FrameStore, range: FrameRange) -> Result<Self, FrameError> {
+        Self::with_prot(store, range, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `range` of `store` read-only and shared: a view of shared frames
+    /// that can never write them.
+    pub(crate) fn read_only(store: &FrameStore, range: FrameRange) -> Result<Self, FrameError> {
+        Self::with_prot(store, range, libc::PROT_READ)
+    }
+
+    fn with_prot(store: &FrameStore, range: FrameRange, prot: libc::c_int) -> Result<Self, FrameError> {
         let len = usize::try_from(range.bytes()).map_err(|_| FrameError::TooLarge {
             frames: range.count,
         })?;
@@ -79,7 +89,7 @@ impl HostMapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 flags,
                 store.as_raw_fd(),
                 offset,

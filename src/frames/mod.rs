@@ -278,6 +278,12 @@ impl FrameStore {
         HostMapping::new(self, range)
     }
 
+    /// Maps `range` read-only, for reading frames nobody may write.
+    pub(crate) fn map_read_only(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
+        self.check_granule(range)?;
+        HostMapping::read_only(self, range)
+    }
+
     /// Writes one frame's bytes (`pwrite`): how a shared frame gets its
     /// content before anything maps it, and how a page's bytes go back to its
     /// own frame when sharing is broken.

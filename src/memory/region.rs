@@ -272,23 +272,32 @@ impl GuestRegion {
     pub(super) fn discard_pages(&self, first: usize, count: usize) -> Result<u64, AccessError> {
         self.enable_state_checks();
         let mut changed = 0u64;
-        for page in first..first + count {
-            let mut s = self.states.load(page);
-            loop {
-                if s.flags() & LOCKED != 0 || s.kind() != PageKind::Private {
-                    break;
-                }
-                match self
+        let mut page = first;
+        while page < first + count {
+            let s = self.states.load(page);
+            if s.flags() & LOCKED != 0 {
+                // Another layer holds it; it keeps what that layer decides.
+                page += 1;
+                continue;
+            }
+            if s.flags() & REMAPPED != 0 {
+                // Mapped elsewhere (a shared frame, the kernel's copy, anonymous
+                // zeros): put its own frame, a hole, back under it. The dedup
+                // layer recounts shared-frame references from the states.
+                let end = self.remapped_run(page, first + count);
+                changed += self.discard_remapped(page, end)?;
+                page = end;
+                continue;
+            }
+            if s.kind() == PageKind::Private
+                && self
                     .states
                     .compare_exchange(page, s, s.with_kind(PageKind::Zero))
-                {
-                    Ok(_) => {
-                        changed += 1;
-                        break;
-                    }
-                    Err(now) => s = now,
-                }
+                    .is_ok()
+            {
+                changed += 1;
             }
+            page += 1;
         }
         // One punch for the whole run: the region's frames are consecutive.
         let range = FrameRange {
@@ -296,6 +305,57 @@ impl GuestRegion {
             count: count as u64,
         };
         self.store.release(range)?;
+        Ok(changed)
+    }
+
+    /// End of the run of unlocked remapped pages starting at `page`.
+    fn remapped_run(&self, page: usize, limit: usize) -> usize {
+        let mut end = page;
+        while end < limit {
+            let s = self.states.load(end);
+            if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
+                break;
+            }
+            end += 1;
+        }
+        end
+    }
+
+    /// Locks remapped pages `[from, to)`, maps their own frames back (holes
+    /// by the time the caller punches), and marks them released.
+    fn discard_remapped(&self, from: usize, to: usize) -> Result<u64, AccessError> {
+        let mut held = Vec::with_capacity(to - from);
+        for p in from..to {
+            let s = self.states.load(p);
+            if s.flags() & (REMAPPED | LOCKED) == REMAPPED
+                && self.states.compare_exchange(p, s, s.with_flags(LOCKED)).is_ok()
+            {
+                held.push((p, s));
+            }
+        }
+        let mut changed = 0;
+        let mut k = 0;
+        while k < held.len() {
+            let mut e = k + 1;
+            while e < held.len() && held[e].0 == held[e - 1].0 + 1 {
+                e += 1;
+            }
+            let own = crate::frames::RemapTarget::OwnShared {
+                file_offset: self.own_frame(held[k].0).file_offset(),
+            };
+            let remapped = self.remap_pages(held[k].0, e - k, own);
+            for &(p, s) in &held[k..e] {
+                let new = if remapped.is_ok() {
+                    changed += 1;
+                    PageState::new(PageKind::Zero, self.own_frame(p), 0)
+                } else {
+                    s
+                };
+                let _ = self.states.compare_exchange(p, s.with_flags(LOCKED), new);
+            }
+            remapped?;
+            k = e;
+        }
         Ok(changed)
     }
 }
