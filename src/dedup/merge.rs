@@ -109,7 +109,13 @@ impl<'a> FreshFrames<'a> {
         // 2. The frames are shared frames: written once by `pwrite` before
         //    this view existed and never mapped writable anywhere, so their
         //    bytes cannot change while borrowed.
-        Some(unsafe { &*self.view.as_ptr().add(k * PAGE_SIZE).cast::<[u8; PAGE_SIZE]>() })
+        Some(unsafe {
+            &*self
+                .view
+                .as_ptr()
+                .add(k * PAGE_SIZE)
+                .cast::<[u8; PAGE_SIZE]>()
+        })
     }
 }
 
@@ -219,7 +225,10 @@ fn merge_window(
     let mut failed = None;
     for_each_run(&run, continues_run, |k, e| {
         if let (Target::Shared(s), None, None) = (run[k].target, &failed, fresh(&run[k])) {
-            if let Err(err) = ctx.store.read_frames(s, &mut target_bytes[k * PAGE_SIZE..e * PAGE_SIZE]) {
+            if let Err(err) = ctx
+                .store
+                .read_frames(s, &mut target_bytes[k * PAGE_SIZE..e * PAGE_SIZE])
+            {
                 failed = Some(err);
             }
         }
@@ -445,18 +454,24 @@ fn unmerge_locked(
         return Err(e.into());
     }
     // Copy each page's bytes (as its mapping shows them, kernel copies
-    // included) into its own frame. Zero pages need nothing: their own
-    // frame is a hole, which reads as zeros.
+    // included) into its own frame. A page that reads all zeros gets a hole
+    // punched instead: no memory, and no trust in what the frame held.
     let mut page = [0u8; PAGE_SIZE];
-    for &(p, s) in run {
+    for &(p, _) in run {
         region.read_page(p, &mut page);
-        let is_zero_page = s.kind() == PageKind::Zero && crate::addr::is_zero_page(&page);
-        if !is_zero_page {
-            if let Err(e) = ctx.store.write_frame(region.own_frame(p), &page) {
-                release_protection(ctx, addr, len);
-                unlock_all();
-                return Err(e.into());
-            }
+        let own = region.own_frame(p);
+        let stored = if crate::addr::is_zero_page(&page) {
+            ctx.store.release(FrameRange {
+                start: own,
+                count: 1,
+            })
+        } else {
+            ctx.store.write_frame(own, &page)
+        };
+        if let Err(e) = stored {
+            release_protection(ctx, addr, len);
+            unlock_all();
+            return Err(e.into());
         }
     }
     let own = RemapTarget::OwnShared {
@@ -475,7 +490,11 @@ fn unmerge_locked(
     let mut result = Ok(());
     for &(p, s) in run {
         let new = PageState::new(PageKind::Private, region.own_frame(p), 0);
-        if states.compare_exchange(p, s.with_flags(LOCKED), new).is_ok() && s.kind() == PageKind::Shared {
+        if states
+            .compare_exchange(p, s.with_flags(LOCKED), new)
+            .is_ok()
+            && s.kind() == PageKind::Shared
+        {
             if let Err(e) = shared.drop_ref(ctx.store, s.frame()) {
                 result = Err(e.into());
             }

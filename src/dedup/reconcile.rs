@@ -116,7 +116,11 @@ fn zero_page_pfn(pagemap: &File) -> Option<u64> {
 impl Inner {
     /// Moves pages the kernel copied (a write to a merged page) from
     /// "shared" to "private, remapped" and drops their references.
-    pub(super) fn reconcile(&self, scan: &mut ScanState, vms: &[Arc<VmEntry>]) -> Result<(), DedupError> {
+    pub(super) fn reconcile(
+        &self,
+        scan: &mut ScanState,
+        vms: &[Arc<VmEntry>],
+    ) -> Result<(), DedupError> {
         for vm in vms {
             for region in vm.mem.regions() {
                 let t = region.page_states();
@@ -137,7 +141,10 @@ impl Inner {
                 for (i, e) in entries.into_iter().enumerate() {
                     let p = first + i;
                     let s = t.load(p);
-                    if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 || s.kind() == PageKind::Private {
+                    if s.flags() & REMAPPED == 0
+                        || s.flags() & LOCKED != 0
+                        || s.kind() == PageKind::Private
+                    {
                         continue;
                     }
                     let copied = scan.pagemap.is_private_copy(e, || {

@@ -162,7 +162,10 @@ impl Inner {
                     region.read_page(at.page as usize, &mut buf);
                     let hash = key.hash(&buf);
                     // Written to zero between the two reads: still zero.
-                    (hash, key.may_be_zero(hash) && crate::addr::is_zero_page(&buf))
+                    (
+                        hash,
+                        key.may_be_zero(hash) && crate::addr::is_zero_page(&buf),
+                    )
                 };
                 Some(Hashed {
                     at,

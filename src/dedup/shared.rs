@@ -64,7 +64,11 @@ impl SharedFrames {
 
     /// One page less maps `frame` (a page was unmerged: its state changed
     /// under this lock); the frame is freed when none does.
-    pub(crate) fn drop_ref(&mut self, store: &FrameStore, frame: FrameNumber) -> Result<(), FrameError> {
+    pub(crate) fn drop_ref(
+        &mut self,
+        store: &FrameStore,
+        frame: FrameNumber,
+    ) -> Result<(), FrameError> {
         let Some(f) = self.frames.get_mut(&frame) else {
             return Ok(());
         };
@@ -81,7 +85,11 @@ impl SharedFrames {
     /// the kernel's copy on write, or by a discard, and only a recount from
     /// the states can never count one too few (which would free a frame a
     /// page still maps). Callers recount while no merge runs.
-    pub(crate) fn recount(&mut self, store: &FrameStore, counts: &HashMap<FrameNumber, u64>) -> Result<(), FrameError> {
+    pub(crate) fn recount(
+        &mut self,
+        store: &FrameStore,
+        counts: &HashMap<FrameNumber, u64>,
+    ) -> Result<(), FrameError> {
         for (frame, f) in self.frames.iter_mut() {
             f.refs = counts.get(frame).copied().unwrap_or(0);
         }

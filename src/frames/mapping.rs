@@ -58,7 +58,11 @@ impl HostMapping {
         Self::with_prot(store, range, libc::PROT_READ)
     }
 
-    fn with_prot(store: &FrameStore, range: FrameRange, prot: libc::c_int) -> Result<Self, FrameError> {
+    fn with_prot(
+        store: &FrameStore,
+        range: FrameRange,
+        prot: libc::c_int,
+    ) -> Result<Self, FrameError> {
         let len = usize::try_from(range.bytes()).map_err(|_| FrameError::TooLarge {
             frames: range.count,
         })?;

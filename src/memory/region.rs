@@ -328,7 +328,10 @@ impl GuestRegion {
         for p in from..to {
             let s = self.states.load(p);
             if s.flags() & (REMAPPED | LOCKED) == REMAPPED
-                && self.states.compare_exchange(p, s, s.with_flags(LOCKED)).is_ok()
+                && self
+                    .states
+                    .compare_exchange(p, s, s.with_flags(LOCKED))
+                    .is_ok()
             {
                 held.push((p, s));
             }
