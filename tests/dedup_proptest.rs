@@ -353,9 +353,17 @@ fn merge_now_merges_duplicates_after_a_stale_unstable_match() {
         .collect();
     // VMs 1 and 2 hold the same bytes in one domain: merged onto one frame
     // (by the scan steps or by merge_now); VM 0's new bytes stay its own.
-    assert_eq!(states[0].kind(), PageKind::Private, "report {r:?}, states {states:?}");
+    assert_eq!(
+        states[0].kind(),
+        PageKind::Private,
+        "report {r:?}, states {states:?}"
+    );
     for s in &states[1..] {
-        assert_eq!(s.kind(), PageKind::Shared, "report {r:?}, states {states:?}");
+        assert_eq!(
+            s.kind(),
+            PageKind::Shared,
+            "report {r:?}, states {states:?}"
+        );
     }
     assert_eq!(states[1].frame(), states[2].frame());
     let mut page = [0u8; PAGE_SIZE];
