@@ -405,6 +405,11 @@ impl DedupHost {
     /// its own frame: for a VMM that saw a write fault itself (an exit it
     /// cannot retry through the kernel's copy-on-write). Returns whether the
     /// page was merged.
+    ///
+    /// Known defect: called from another thread while a scan or merge pass
+    /// runs, a concurrent write to a page of that pass can, rarely, be lost
+    /// (see DESIGN.md, "Open defect"). Call it from the thread that drives
+    /// the passes until that is fixed.
     pub fn resolve_write_fault(&self, vm: VmId, gpa: GuestPhysAddr) -> Result<bool, DedupError> {
         let entry = self.entry(vm)?;
         let (ri, _) = entry
