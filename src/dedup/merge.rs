@@ -223,7 +223,14 @@ fn merge_window(
     };
     let mut target_bytes = vec![0u8; run.len() * PAGE_SIZE];
     let mut failed = None;
-    for_each_run(&run, continues_run, |k, e| {
+    // A run is read with one pread only where none of its frames is in the
+    // fresh view: a run may straddle the view's edge (an older frame can sit
+    // right after the fresh ones), and a page compared against a buffer
+    // nobody filled would compare against zeros.
+    let same_source = |a: &Candidate, b: &Candidate| {
+        continues_run(a, b) && fresh(a).is_some() == fresh(b).is_some()
+    };
+    for_each_run(&run, same_source, |k, e| {
         if let (Target::Shared(s), None, None) = (run[k].target, &failed, fresh(&run[k])) {
             if let Err(err) = ctx
                 .store

