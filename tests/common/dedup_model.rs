@@ -33,8 +33,7 @@
 //! per page it takes off its own frame minus the shared frames it creates,
 //! and leave nothing mergeable behind (no zero page, no two equal private
 //! pages of one domain, no private page equal to a shared frame of its
-//! domain) -- unless the known stale-unstable-tree defect is in play (see
-//! `dedup_proptest::merge_now_merges_duplicates_after_a_stale_unstable_match`).
+//! domain).
 //!
 //! Left out on purpose: `GuestMemory::discard` (on a merged or copied page it
 //! neither zeroes the page nor frees anything; pinned by failing tests in
@@ -673,14 +672,16 @@ impl Model {
                 groups.push((d, key, members, None));
             } else if !one_shot {
                 let (at, _) = members[0];
-                match self.unstable.remove(&(d, key.clone())) {
-                    Some(earlier) => {
-                        if let Some(e) = self.unstable_page(earlier) {
-                            if e.0 != at {
-                                groups.push((d, key, members, Some(e)));
-                            }
-                        }
-                    }
+                // Like the host: the earlier page counts only if it still
+                // holds the content it was entered with; else this page
+                // takes its place in the tree.
+                let earlier = self
+                    .unstable
+                    .remove(&(d, key.clone()))
+                    .and_then(|e| self.unstable_page(e))
+                    .filter(|e| e.0 != at && self.content(e.0) == key);
+                match earlier {
+                    Some(e) => groups.push((d, key, members, Some(e))),
                     None => {
                         let id = self.vms[self.vm_at(at)]
                             .reg
@@ -779,8 +780,8 @@ impl Model {
         (rep, own_merged, new_frames)
     }
 
-    /// The page an unstable-tree entry names, if it is still a candidate.
-    /// (Like the host, this does not look at its content again.)
+    /// The page an unstable-tree entry names, if it is still a candidate
+    /// (the caller checks its content).
     fn unstable_page(&self, (id, r, p): (VmId, usize, usize)) -> Option<(At, Back)> {
         let v = self
             .order
