@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pagefold::{DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE};
+use pagefold::{DedupHost, FrameStore, GuestPhysAddr, VmOptions, PAGE_SIZE};
 
 use crate::{ksm, workload::Workload};
 
@@ -134,33 +134,6 @@ fn print_row(name: &str, r: &EngineResult, achievable: u64) {
     );
 }
 
-/// Loads the workload into guest memory, one VM per source.
-fn load_pagefold(
-    w: &Workload,
-    store: &Arc<FrameStore>,
-) -> Result<Vec<Arc<GuestMemory>>, Box<dyn Error>> {
-    let mut files = Vec::new();
-    let mut buf = vec![0u8; 256 * PAGE_SIZE];
-    let mut vms = Vec::new();
-    for (vm, (_, pages)) in w.vms.iter().enumerate() {
-        let mem = GuestMemory::with_store(
-            Arc::clone(store),
-            &[(GuestPhysAddr(0), (*pages * PAGE_SIZE) as u64)],
-        )?;
-        let mut p = 0;
-        while p < *pages {
-            let n = (*pages - p).min(256);
-            w.fill(vm, p, &mut buf[..n * PAGE_SIZE], &mut files)?;
-            // Every page is written, zero pages too: a guest's zeroed memory
-            // is memory the host allocated, and both engines start alike.
-            mem.write(GuestPhysAddr((p * PAGE_SIZE) as u64), &buf[..n * PAGE_SIZE])?;
-            p += n;
-        }
-        vms.push(Arc::new(mem));
-    }
-    Ok(vms)
-}
-
 fn cpu_seconds_self() -> f64 {
     let mut ru = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: `ru` is a writable rusage buffer, filled on success.
@@ -176,7 +149,7 @@ fn cpu_seconds_self() -> f64 {
 /// Returns the engine result and the scanner's hashing rate (GB/s per core).
 fn run_pagefold(w: &Workload, target: u64) -> Result<(EngineResult, f64), Box<dyn Error>> {
     let store = Arc::new(FrameStore::memfd()?);
-    let vms = load_pagefold(w, &store)?;
+    let vms = w.load(&store, |_| {})?;
     let host = DedupHost::new(Arc::clone(&store))?;
     for m in &vms {
         host.register(Arc::clone(m), VmOptions::default())?;

@@ -4,7 +4,7 @@
 
 use std::{error::Error, io::IsTerminal, path::PathBuf, sync::Arc};
 
-use pagefold::{DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE};
+use pagefold::{DedupHost, FrameStore, VmOptions, PAGE_SIZE};
 use serde::Serialize;
 
 use crate::workload::Workload;
@@ -45,26 +45,11 @@ pub(crate) fn run(images: &[PathBuf], json: bool) -> Result<(), Box<dyn Error>> 
         b.set_message("loading");
         b
     });
-    let mut files = Vec::new();
-    let mut buf = vec![0u8; 256 * PAGE_SIZE];
-    let mut vms = Vec::new();
-    for (vm, (_, pages)) in w.vms.iter().enumerate() {
-        let mem = GuestMemory::with_store(
-            Arc::clone(&store),
-            &[(GuestPhysAddr(0), (*pages * PAGE_SIZE) as u64)],
-        )?;
-        let mut p = 0;
-        while p < *pages {
-            let n = (*pages - p).min(256);
-            w.fill(vm, p, &mut buf[..n * PAGE_SIZE], &mut files)?;
-            mem.write(GuestPhysAddr((p * PAGE_SIZE) as u64), &buf[..n * PAGE_SIZE])?;
-            p += n;
-            if let Some(b) = &bar {
-                b.inc(n as u64);
-            }
+    let vms = w.load(&store, |n| {
+        if let Some(b) = &bar {
+            b.inc(n as u64);
         }
-        vms.push(Arc::new(mem));
-    }
+    })?;
     if let Some(b) = &bar {
         b.set_message("merging");
     }

@@ -3,9 +3,12 @@
 //! the figure every saving is judged against: how many pages could be saved
 //! at best (all pages minus distinct non-zero contents).
 
-use std::{collections::HashSet, fs::File, io, os::unix::fs::FileExt, path::PathBuf};
+use std::{
+    collections::HashSet, error::Error, fs::File, io, os::unix::fs::FileExt, path::PathBuf,
+    sync::Arc,
+};
 
-use pagefold::PAGE_SIZE;
+use pagefold::{FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// Where one VM's RAM comes from.
@@ -107,6 +110,35 @@ impl Workload {
                 Ok(())
             }
         }
+    }
+
+    /// Loads every VM into guest memory on `store` (one region at GPA 0 per
+    /// VM), writing every page, zero pages too: a guest's zeroed memory is
+    /// memory the host allocated. `progress` is told each chunk of pages.
+    pub(crate) fn load(
+        &self,
+        store: &Arc<FrameStore>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Arc<GuestMemory>>, Box<dyn Error>> {
+        let mut files = Vec::new();
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        let mut vms = Vec::new();
+        for (vm, (_, pages)) in self.vms.iter().enumerate() {
+            let mem = GuestMemory::with_store(
+                Arc::clone(store),
+                &[(GuestPhysAddr(0), (*pages * PAGE_SIZE) as u64)],
+            )?;
+            let mut p = 0;
+            while p < *pages {
+                let n = (*pages - p).min(256);
+                self.fill(vm, p, &mut buf[..n * PAGE_SIZE], &mut files)?;
+                mem.write(GuestPhysAddr((p * PAGE_SIZE) as u64), &buf[..n * PAGE_SIZE])?;
+                p += n;
+                progress(n);
+            }
+            vms.push(Arc::new(mem));
+        }
+        Ok(vms)
     }
 
     /// Pages that can be saved at best: all pages minus distinct non-zero
