@@ -81,10 +81,9 @@ pub(crate) unsafe fn bytes<'a>(p: *const c_void, len: usize, arg: &str) -> Resul
         return Ok(&[]);
     }
     check_buffer(p, len, arg)?;
-    // SAFETY:
-    // - `p` is not NULL and `len <= isize::MAX` without wrapping (checked);
-    // - the caller guarantees `len` readable bytes, unchanged during 'a;
-    // - any byte value is a valid `u8`, and `u8` needs no alignment.
+    // `p` is not NULL and `len <= isize::MAX` without wrapping (checked).
+    // SAFETY: the caller guarantees `len` readable bytes, unchanged during
+    // 'a; any byte is a valid `u8`, which needs no alignment.
     Ok(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) })
 }
 
@@ -156,11 +155,9 @@ pub(crate) unsafe fn array<T: Plain>(
         .try_reserve_exact(count)
         .map_err(|e| Error::invalid(format!("{count_arg} {count}: {e}")))?;
     for i in 0..count {
-        // SAFETY:
-        // - `i < count` and the caller guarantees `count` readable elements
-        //   at `p`; the offset does not wrap (checked above);
-        // - `read_unaligned` needs no alignment;
-        // - every bit pattern is a valid `T` (`Plain` contract).
+        // `i < count`, and the offset does not wrap (checked above).
+        // SAFETY: `count` readable elements at `p` (caller); no alignment
+        // needed; every bit pattern is a valid `T` (`Plain` contract).
         items.push(unsafe { p.add(i).read_unaligned() });
     }
     Ok(items)
@@ -190,10 +187,9 @@ pub(crate) unsafe fn read_sized<T: SizePrefixed>(p: *const T, arg: &str) -> Resu
     if p.is_null() {
         return Err(Error::null(arg));
     }
-    // SAFETY:
-    // - `p` is not NULL and readable for a `size_t` (caller);
-    // - `struct_size` is the first field of `T` (`SizePrefixed` contract),
-    //   so it is at offset 0; `read_unaligned` needs no alignment.
+    // `struct_size` is the first field of `T` (`SizePrefixed` contract).
+    // SAFETY: `p` is not NULL and readable for a `size_t` (caller), at
+    // offset 0; `read_unaligned` needs no alignment.
     let declared = unsafe { p.cast::<usize>().read_unaligned() };
     check_size::<T>(declared, arg)?;
     // SAFETY:

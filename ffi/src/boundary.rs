@@ -241,10 +241,9 @@ unsafe fn copy_message(msg: &str, buf: *mut c_char, len: usize, needed: *mut usi
     while !msg.is_char_boundary(n) {
         n -= 1;
     }
-    // SAFETY:
-    // - `buf` is valid for `len` byte writes (caller) and `n + 1 <= len`
-    //   bytes are written;
-    // - `msg` is a Rust string, which cannot overlap a C caller's buffer.
+    // SAFETY: `buf` is valid for `len` byte writes (caller), `n + 1 <= len`
+    // bytes are written, and `msg` (a Rust string) cannot overlap the C
+    // caller's buffer.
     unsafe {
         std::ptr::copy_nonoverlapping(msg.as_ptr(), buf.cast::<u8>(), n);
         buf.add(n).write(0);

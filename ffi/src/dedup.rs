@@ -402,11 +402,9 @@ pub unsafe extern "C" fn pf_dedup_new(
 pub unsafe extern "C" fn pf_dedup_free(dedup: *mut pf_dedup) {
     ffi_boundary! { returns ();
         if !dedup.is_null() {
-            // SAFETY:
-            // - `dedup` came from `Box::into_raw` in `pf_dedup_new` and was
-            //   not freed (contract), so it owns a live box;
-            // - nothing uses it during or after this call (contract).
             // Dropping unmerges and lets go of the memories.
+            // SAFETY: `dedup` came from `Box::into_raw` in `pf_dedup_new`, was
+            // not freed, and nothing uses it during or after this call.
             drop(unsafe { Box::from_raw(dedup) });
         }
     }

@@ -296,11 +296,9 @@ pub unsafe extern "C" fn pf_guest_memory_new(
 pub unsafe extern "C" fn pf_guest_memory_free(mem: *mut pf_guest_memory) {
     ffi_boundary! { returns ();
         if !mem.is_null() {
-            // SAFETY:
-            // - `mem` came from `Box::into_raw` in `pf_guest_memory_new` or
-            //   `pf_guest_memory_new_in_store` and was not freed (contract),
-            //   so it owns a live box;
-            // - nothing uses it during or after this call (contract).
+            // SAFETY: `mem` came from `Box::into_raw` in a `pf_guest_memory_new*`
+            // call, was not freed, and nothing uses it during or after this
+            // call (contract), so it owns a live box.
             drop(unsafe { Box::from_raw(mem) });
         }
     }

@@ -94,10 +94,9 @@ pub unsafe extern "C" fn pf_frame_store_new(
 pub unsafe extern "C" fn pf_frame_store_free(store: *mut pf_frame_store) {
     ffi_boundary! { returns ();
         if !store.is_null() {
-            // SAFETY:
-            // - `store` came from `Box::into_raw` in `pf_frame_store_new` and
-            //   was not freed (contract), so it owns a live box;
-            // - nothing uses it during or after this call (contract).
+            // SAFETY: `store` came from `Box::into_raw` in `pf_frame_store_new`,
+            // was not freed, and nothing uses it during or after this call
+            // (contract), so it owns a live box.
             drop(unsafe { Box::from_raw(store) });
         }
     }

@@ -103,12 +103,9 @@ impl<'a> FreshFrames<'a> {
         if (k + 1) * PAGE_SIZE > self.view.len() {
             return None;
         }
-        // SAFETY:
-        // 1. `k < count`, so the page lies inside the live read-only mapping
-        //    `view`, which outlives the returned borrow.
-        // 2. The frames are shared frames: written once by `pwrite` before
-        //    this view existed and never mapped writable anywhere, so their
-        //    bytes cannot change while borrowed.
+        // The page lies inside the live read-only `view` (bounds checked), and
+        // shared frames are never mapped writable, so the bytes cannot change.
+        // SAFETY: in bounds, outlives the borrow, immutable (above).
         Some(unsafe {
             &*self
                 .view

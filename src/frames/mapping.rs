@@ -83,12 +83,9 @@ impl HostMapping {
         if store.options().populate {
             flags |= libc::MAP_POPULATE;
         }
-        // SAFETY:
-        // 1. A null hint lets the kernel choose an unused address range, so no
-        //    existing mapping is replaced.
-        // 2. `fd` is a valid memfd owned by `store` for the duration of the call.
-        // 3. `offset` and `len` are multiples of the store's granule (checked
-        //    by the allocator that produced `range`).
+        // A null hint lets the kernel pick an unused range (nothing replaced);
+        // `offset`/`len` are granule multiples (checked by the allocator).
+        // SAFETY: `fd` is the store's live memfd; the hint is null (above).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -170,12 +167,9 @@ impl HostMapping {
         let file_offset = libc::off_t::try_from(file_offset).map_err(|_| FrameError::TooLarge {
             frames: file_offset >> crate::addr::PAGE_SHIFT,
         })?;
-        // SAFETY:
-        // 1. `offset + len <= self.len` (checked above), so MAP_FIXED replaces
-        //    only pages this value owns, never someone else's mapping.
-        // 2. No Rust reference into the range exists (module invariant), so
-        //    swapping the pages under concurrent raw accesses is sound.
-        // 3. `fd` is the store's memfd (alive for the call) or -1 for anon.
+        // `offset + len <= self.len` (checked above): MAP_FIXED replaces only
+        // pages this value owns; no Rust reference into them exists.
+        // SAFETY: as argued above; `fd` is the live memfd or -1 for anon.
         let p = unsafe {
             libc::mmap(
                 self.ptr.as_ptr().add(offset).cast(),

@@ -1217,11 +1217,9 @@ impl Harness {
                 let addr = self.addr(vm, at);
                 let data = pattern(seed, 1 + usize::from(len) % PAGE);
                 if let Some((ptr, n)) = self.host_target(vm, addr, data.len())? {
-                    // SAFETY: `ptr..ptr+n` lies inside one page of the VM's
-                    // live mapping (`host_target` checked the address against
-                    // the model's layout and clipped `n` to the page); `data`
-                    // is a separate buffer; no Rust reference into guest
-                    // memory exists.
+                    // `host_target` clipped `ptr..ptr+n` to one live page.
+                    // SAFETY: in bounds; `data` is a separate buffer; no Rust
+                    // reference into guest memory exists.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, n) };
                     let chunks = self.m.span(vm, addr, n).map_err(|e| e.to_string())?;
                     self.m.put(vm, &chunks, &data[..n]);

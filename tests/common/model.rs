@@ -746,11 +746,9 @@ impl Model {
         data: &[u8],
     ) -> Result<(), String> {
         if let Some((ptr, chunk)) = self.host_target(mem, addr, data.len())? {
-            // SAFETY:
-            // 1. `ptr..ptr+n` lies inside one region's live mapping: `n` was
-            //    clipped to the region's end, checked against the model.
-            // 2. `data` is a separate Rust buffer, so the ranges do not overlap.
-            // 3. No Rust reference into guest memory exists to be aliased.
+            // `ptr..ptr+n` lies inside one region's live mapping (clipped to
+            // the region's end); `data` is a separate buffer.
+            // SAFETY: in bounds, non-overlapping, no Rust reference aliased.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, chunk.2) };
             self.put(&[chunk], &data[..chunk.2], false);
         }
