@@ -218,38 +218,59 @@ fn merge_window(
         (Target::Shared(s), Some(f)) => f.page(s),
         _ => None,
     };
-    let mut target_bytes = vec![0u8; run.len() * PAGE_SIZE];
-    let mut failed = None;
-    // A run is read with one pread only where none of its frames is in the
-    // fresh view: a run may straddle the view's edge (an older frame can sit
+    // Pages whose target is an older shared frame (not in the fresh view)
+    // get its bytes with one pread per run; `slot[i]` is page `i`'s offset
+    // in that buffer. A run is read whole only where none of its frames is
+    // in the view: a run may straddle the view's edge (an older frame can sit
     // right after the fresh ones), and a page compared against a buffer
     // nobody filled would compare against zeros.
     let same_source = |a: &Candidate, b: &Candidate| {
         continues_run(a, b) && fresh(a).is_some() == fresh(b).is_some()
     };
+    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
+    let mut reads: Vec<(usize, usize)> = Vec::new();
+    let mut pages = 0;
     for_each_run(&run, same_source, |k, e| {
-        if let (Target::Shared(s), None, None) = (run[k].target, &failed, fresh(&run[k])) {
-            if let Err(err) = ctx
-                .store
-                .read_frames(s, &mut target_bytes[k * PAGE_SIZE..e * PAGE_SIZE])
-            {
-                failed = Some(err);
+        if let (Target::Shared(_), None) = (run[k].target, fresh(&run[k])) {
+            for (n, s) in slot[k..e].iter_mut().enumerate() {
+                *s = Some((pages + n) * PAGE_SIZE);
             }
+            reads.push((k, e));
+            pages += e - k;
         }
     });
+    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
+    let mut failed = None;
+    for &(k, e) in &reads {
+        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
+            continue;
+        };
+        if let Err(err) = ctx
+            .store
+            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])
+        {
+            failed = Some(err);
+            break;
+        }
+    }
     if let Some(err) = failed {
         release_protection(ctx, addr, len);
         unlock_all(&run);
         return Err(err.into());
     }
+    // A shared target with no source of bytes (impossible by the above)
+    // compares unequal: never merge against bytes nobody read.
     let equal: Vec<bool> = run
         .par_iter()
-        .zip(target_bytes.par_chunks_exact(PAGE_SIZE))
-        .map(|(c, want)| match c.target {
-            Target::Zero => region.page_equals(c.page, &ZERO_PAGE),
-            Target::Shared(_) => {
-                let want = fresh(c).unwrap_or_else(|| want.try_into().unwrap_or(&ZERO_PAGE));
-                region.page_equals(c.page, want)
+        .zip(slot.par_iter())
+        .map(|(c, at)| match (c.target, at) {
+            (Target::Zero, _) => region.page_equals(c.page, &ZERO_PAGE),
+            (Target::Shared(_), Some(at)) => {
+                <&[u8; PAGE_SIZE]>::try_from(&target_bytes[*at..*at + PAGE_SIZE])
+                    .is_ok_and(|want| region.page_equals(c.page, want))
+            }
+            (Target::Shared(_), None) => {
+                fresh(c).is_some_and(|want| region.page_equals(c.page, want))
             }
         })
         .collect();
