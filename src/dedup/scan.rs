@@ -304,9 +304,9 @@ impl Inner {
                     .for_each(|(dst, g)| {
                         let at = canonical(g).at;
                         let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
-                        let mut page = [0u8; PAGE_SIZE];
-                        region.read_page(at.page as usize, &mut page);
-                        dst.copy_from_slice(&page);
+                        if let Ok(dst) = <&mut [u8; PAGE_SIZE]>::try_from(dst) {
+                            region.read_page(at.page as usize, dst);
+                        }
                     });
                 let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
                 self.store
