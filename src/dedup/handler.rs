@@ -2,7 +2,7 @@
 //! a merge's or unmerge's write-protect window; that operation wakes them
 //! itself when it closes the window. The handler is the safety net that makes
 //! "a writer never waits forever" independent of every error path: between
-//! windows (it takes the window lock), a fault on a page no operation holds
+//! windows (it takes the region's protection lock), a fault on a page no operation holds
 //! has its stale protection removed and its writer woken. It also counts
 //! the faults, so their number is visible in the statistics.
 
@@ -14,7 +14,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use super::{lock, read, Inner};
+use super::{read, Inner};
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
     memory::page_state::LOCKED,
@@ -45,30 +45,36 @@ fn run(inner: &Weak<Inner>, uffd: &Userfault, stop: &AtomicBool) {
             let Some(inner) = inner.upgrade() else { return };
             inner.faults_seen.fetch_add(1, Ordering::Relaxed);
             let page = HostVirtAddr(fault.addr.0 & !(PAGE_SIZE as u64 - 1));
-            // With the window lock held no write-protect window is open, so
-            // protection found on a page no operation holds is stale: drop
-            // it. (Without the lock, this could disarm a window opened since
-            // the fault and let a write slip between its compare and remap.)
-            let _no_window = lock(&inner.windows);
-            if !held_by_an_operation(&inner, page) {
-                let _ = uffd.unprotect(page, PAGE_SIZE as u64, true);
-                let _ = uffd.wake(page, PAGE_SIZE as u64);
-            }
+            // With the region's protection lock held no write-protect window
+            // is open over it, so protection found on a page no operation
+            // holds is stale: drop it. (Without the lock, this could disarm a
+            // window opened since the fault and let a write slip between its
+            // compare and remap.)
+            for_page(&inner, page, |held| {
+                if !held {
+                    let _ = uffd.unprotect(page, PAGE_SIZE as u64, true);
+                    let _ = uffd.wake(page, PAGE_SIZE as u64);
+                }
+            });
         }
     }
 }
 
-/// Whether the page at host address `addr` is locked by a merge or unmerge
-/// (which will wake its writers when done).
-fn held_by_an_operation(inner: &Inner, addr: HostVirtAddr) -> bool {
+/// Runs `f(locked)` for the page at host address `addr` with its region's
+/// protection lock held; `locked` says whether a merge or unmerge holds the
+/// page (it will wake its writers itself).
+fn for_page(inner: &Inner, addr: HostVirtAddr, f: impl FnOnce(bool)) {
     for vm in read(&inner.vms).iter() {
         for r in vm.mem.regions() {
             let start = r.host_addr().0;
             if addr.0 >= start && addr.0 < start + r.size() {
                 let page = crate::addr::usize_from((addr.0 - start) / PAGE_SIZE as u64);
-                return r.page_states().load(page).flags() & LOCKED != 0;
+                let _no_window = r.lock_protection();
+                f(r.page_states().load(page).flags() & LOCKED != 0);
+                return;
             }
         }
     }
-    false
+    // Not guest memory of any registered VM (unregistered since): wake.
+    f(false);
 }

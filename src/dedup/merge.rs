@@ -82,11 +82,6 @@ pub(super) struct MergeCtx<'a> {
     pub(super) fresh: Option<FreshFrames<'a>>,
     /// Shared frames and their references.
     pub(super) shared: &'a std::sync::Mutex<super::shared::SharedFrames>,
-    /// Held for the life of every write-protect window. Registration belongs
-    /// to the one userfaultfd, not to a caller: an unmerge's unregister inside
-    /// a merge's window (or the reverse) would drop the other's protection
-    /// between its comparison or copy and its remap, and lose a write.
-    pub(super) windows: &'a std::sync::Mutex<()>,
 }
 
 /// Shared frames `start..start+count`, mapped read-only at `view`.
@@ -198,7 +193,12 @@ fn merge_window(
         }
     };
 
-    let window = super::lock(ctx.windows);
+    // The region's protection lock is held for the life of the window:
+    // registration belongs to the one userfaultfd, not to a caller, so an
+    // unmerge's unregister inside this window (or the reverse) would drop
+    // the other's protection between its comparison or copy and its remap,
+    // and lose a write.
+    let window = region.lock_protection();
     // 2. Arm write protection over the window: from here, raw writes to it
     // wait in the kernel (pages in the window that are not candidates too,
     // briefly; they are woken with the rest).
@@ -468,7 +468,7 @@ fn unmerge_locked(
             let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
         }
     };
-    let window = super::lock(ctx.windows);
+    let window = region.lock_protection();
     if let Err(e) = ctx
         .uffd
         .register(addr, len)

@@ -167,8 +167,6 @@ struct Inner {
     next_vm: AtomicU64,
     scan: Mutex<ScanState>,
     shared: Mutex<SharedFrames>,
-    /// Serialises write-protect windows (see `merge::MergeCtx::windows`).
-    windows: Mutex<()>,
     map_budget: AtomicU64,
     full_scans: AtomicU64,
     cow_breaks: AtomicU64,
@@ -239,7 +237,6 @@ impl DedupHost {
                 volatile_last_scan: 0,
             }),
             shared: Mutex::new(SharedFrames::default()),
-            windows: Mutex::new(()),
             map_budget: AtomicU64::new(0),
             full_scans: AtomicU64::new(0),
             cow_breaks: AtomicU64::new(0),
@@ -597,7 +594,6 @@ impl Inner {
             map_budget: &self.map_budget,
             fresh: None,
             shared: &self.shared,
-            windows: &self.windows,
         }
     }
 

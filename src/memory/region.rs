@@ -52,6 +52,11 @@ pub struct GuestRegion {
     /// just before the swap would have (the layers' own protocols cover
     /// that). Never cleared.
     state_checks: AtomicBool,
+    /// Held by whoever changes the write protection of this region's host
+    /// pages (a dedup window, a userfaultfd handler): protection is
+    /// registered on a userfaultfd, not per caller, so two at once over the
+    /// same pages would disarm each other.
+    protection: std::sync::Mutex<()>,
     store: Arc<FrameStore>,
 }
 
@@ -86,6 +91,7 @@ impl GuestRegion {
             frames,
             states,
             state_checks: AtomicBool::new(false),
+            protection: std::sync::Mutex::new(()),
             store: Arc::clone(store),
         })
     }
@@ -380,6 +386,14 @@ impl GuestRegion {
     /// calls it before it first changes a page's state word.
     pub(crate) fn enable_state_checks(&self) {
         self.state_checks.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the region's write-protection lock (see the field).
+    pub(crate) fn lock_protection(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data, only the order of kernel calls.
+        self.protection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The page's own frame: where its bytes live while it is private.
