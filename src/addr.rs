@@ -95,12 +95,14 @@ address_type!(
     "HostVirtAddr"
 );
 
+/// The all-zero page, to compare against.
+pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// Whether a page-sized buffer is all zeros (compared as a whole, which the
 /// compiler turns into a vectorised `memcmp`, not a byte loop).
 #[inline]
 pub fn is_zero_page(page: &[u8; PAGE_SIZE]) -> bool {
-    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    page == &ZERO
+    page == &ZERO_PAGE
 }
 
 /// Converts a `u64` that indexes host memory to `usize`. Lossless: pagefold

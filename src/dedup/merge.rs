@@ -32,8 +32,6 @@ use crate::{
 /// registration over many short runs, short enough that a writer caught in
 /// it waits only for a few hundred page comparisons and remaps.
 const MAX_WINDOW: usize = 2048;
-/// The all-zero page, the target of zero pages.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 /// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
 
@@ -264,7 +262,7 @@ fn merge_window(
         .par_iter()
         .zip(slot.par_iter())
         .map(|(c, at)| match (c.target, at) {
-            (Target::Zero, _) => region.page_equals(c.page, &ZERO_PAGE),
+            (Target::Zero, _) => region.page_is_zero(c.page),
             (Target::Shared(_), Some(at)) => {
                 <&[u8; PAGE_SIZE]>::try_from(&target_bytes[*at..*at + PAGE_SIZE])
                     .is_ok_and(|want| region.page_equals(c.page, want))
@@ -491,7 +489,7 @@ fn unmerge_locked(
                 count: 1,
             })
         } else {
-            ctx.store.write_frame(own, &page)
+            ctx.store.write_frames(own, &page)
         };
         if let Err(e) = stored {
             release_protection(ctx, addr, len);

@@ -406,10 +406,9 @@ impl DedupHost {
     /// Safe to call from any thread while passes run.
     pub fn resolve_write_fault(&self, vm: VmId, gpa: GuestPhysAddr) -> Result<bool, DedupError> {
         let entry = self.entry(vm)?;
-        let (ri, _) = entry
+        let ri = entry
             .mem
             .find_region(gpa)
-            .map(|i| (i, ()))
             .ok_or(DedupError::Unmapped(gpa))?;
         let region = &entry.mem.regions()[ri];
         let page = usize::try_from((gpa.0 - region.start().0) / PAGE_SIZE as u64)

@@ -18,9 +18,6 @@ use super::{
     merge::{self, Candidate, Target},
     nanos_since, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry, VmId,
 };
-/// The all-zero page, to compare candidates against.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     memory::{page_state::LOCKED, PageKind, PageState},
@@ -155,7 +152,7 @@ impl Inner {
                 // Zero pages (half of a freshly booted guest) are found by
                 // comparing in place, which stops at the first non-zero byte
                 // of any other page; only the rest is copied and hashed.
-                let (hash, zero) = if region.page_equals(at.page as usize, &ZERO_PAGE) {
+                let (hash, zero) = if region.page_is_zero(at.page as usize) {
                     (key.zero_hash(), true)
                 } else {
                     let mut buf = [0u8; PAGE_SIZE];

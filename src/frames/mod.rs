@@ -284,19 +284,10 @@ impl FrameStore {
         HostMapping::read_only(self, range)
     }
 
-    /// Writes one frame's bytes (`pwrite`): how a shared frame gets its
-    /// content before anything maps it, and how a page's bytes go back to its
-    /// own frame when sharing is broken.
-    pub fn write_frame(
-        &self,
-        frame: FrameNumber,
-        data: &[u8; PAGE_SIZE],
-    ) -> Result<(), FrameError> {
-        self.pio(frame, data.as_ptr().cast_mut(), PAGE_SIZE, true)
-    }
-
     /// Writes consecutive frames starting at `frame` from `data` (a multiple
-    /// of the page size) in one `pwrite`.
+    /// of the page size) in one `pwrite`: how shared frames get their
+    /// content before anything maps them, and how a page's bytes go back to
+    /// its own frame when sharing is broken.
     pub fn write_frames(&self, frame: FrameNumber, data: &[u8]) -> Result<(), FrameError> {
         self.pio(frame, data.as_ptr().cast_mut(), data.len(), true)
     }

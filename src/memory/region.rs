@@ -414,12 +414,6 @@ impl GuestRegion {
         self.ptr_at((page as u64) << PAGE_SHIFT)
     }
 
-    /// Guest-physical address of page `page`.
-    #[inline]
-    pub fn page_gpa(&self, page: usize) -> GuestPhysAddr {
-        GuestPhysAddr(self.start.0 + ((page as u64) << PAGE_SHIFT))
-    }
-
     /// Copies page `page` as the host mapping shows it now.
     pub(crate) fn read_page(&self, page: usize, out: &mut [u8; PAGE_SIZE]) {
         // SAFETY: `page < pages()` is the caller's contract, so the page lies
@@ -435,6 +429,12 @@ impl GuestRegion {
         // SAFETY: `page < pages()` is the caller's contract, so the page lies
         // inside the live mapping; `bytes` is a page-sized buffer.
         unsafe { libc::memcmp(self.page_ptr(page).cast(), bytes.as_ptr().cast(), PAGE_SIZE) == 0 }
+    }
+
+    /// Whether page `page`, as the host mapping shows it now, is all zeros
+    /// (compared in place; stops at the first non-zero byte).
+    pub(crate) fn page_is_zero(&self, page: usize) -> bool {
+        self.page_equals(page, &crate::addr::ZERO_PAGE)
     }
 
     /// Points pages `[first, first+count)` at `target` in one remap.
