@@ -32,6 +32,7 @@ pub mod addr;
 pub mod dedup;
 pub mod frames;
 pub mod memory;
+pub mod paging;
 mod sync;
 pub mod userfault;
 

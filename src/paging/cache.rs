@@ -1,0 +1,421 @@
+//! `WalkCache`: what a TLB and paging-structure caches keep, in software —
+//! final translations (guest-virtual to the walker's memory, both levels
+//! folded in), upper-level guest entries (so a miss starts its walk low in
+//! the tree), and second-level translations of guest-physical pages (so a
+//! nested walk reads guest tables without walking the second level again).
+//!
+//! A cache belongs to one vCPU, as a TLB does: it is `&mut` on every use, so
+//! a hit is a few loads with no atomics. Entries are tagged with the
+//! walker's address-space tag ([`super::Walker::space`]: CR3, PCID, mode,
+//! second level), so one cache serves a guest that switches CR3. Like a
+//! TLB, it is not coherent with the tables: after the guest (or the VMM)
+//! edits page tables, invalidate — per address ([`WalkCache::invalidate_page`],
+//! INVLPG), per address space ([`WalkCache::invalidate_space`],
+//! [`WalkCache::invalidate_pcid`]: MOV CR3, INVPCID), the second level
+//! ([`WalkCache::invalidate_second_level`]: INVEPT) or everything — or
+//! attach a [`TableWatch`] so that writes to page-table pages through the
+//! library invalidate for you.
+//!
+//! Permissions are checked again on every hit (CR0.WP, SMEP, SMAP and PKRU
+//! are not part of the tag), and an access that needs an accessed or dirty
+//! flag set that the cached walk did not set misses, so the walk sets it.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use super::{
+    engine::{Start, Walked},
+    format::Format,
+    walker::SecondOut,
+};
+
+const TLB_SLOTS: usize = 1024;
+const UPPER_SLOTS: usize = 512;
+const NESTED_SLOTS: usize = 1024;
+
+/// A cached final translation (crate-internal layout).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TlbEntry {
+    /// `va >> shift`.
+    pub(crate) tag: u64,
+    /// log2 of the span this entry covers (the smaller of both levels'
+    /// pages).
+    pub(crate) shift: u8,
+    pub(crate) gpa_base: u64,
+    pub(crate) pa_base: u64,
+    pub(crate) shift1: u8,
+    pub(crate) level1: u8,
+    pub(crate) acc1: u64,
+    pub(crate) leaf1: u64,
+    /// Second level: shift, level, accumulated permissions, leaf.
+    pub(crate) second: Option<(u8, u8, u64, u64)>,
+    /// The walk that filled it set the accessed flags.
+    pub(crate) accessed: bool,
+    /// ... and the dirty flags.
+    pub(crate) dirty: bool,
+    pub(crate) global: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct TlbSlot {
+    valid: bool,
+    pcid: u16,
+    space: u64,
+    entry: TlbEntry,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct UpperSlot {
+    valid: bool,
+    /// The walk that filled it set the accessed flags above `level`.
+    accessed: bool,
+    level: u8,
+    pcid: u16,
+    space: u64,
+    tag: u64,
+    table: u64,
+    acc: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct NestedSlot {
+    valid: bool,
+    space: u64,
+    tag: u64,
+    out: SecondOut,
+}
+
+/// Hit and miss counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Translations answered from the cache.
+    pub hits: u64,
+    /// Translations that walked.
+    pub misses: u64,
+    /// Walks that started below the root thanks to a cached upper entry.
+    pub upper_hits: u64,
+    /// Second-level translations answered from the cache.
+    pub nested_hits: u64,
+    /// Whole-cache flushes caused by a [`TableWatch`].
+    pub watch_flushes: u64,
+}
+
+/// Signals writes to guest page-table pages. Share one watch between the
+/// writer side (the VMM calls [`TableWatch::note_write`], or installs it on
+/// guest memory) and every vCPU's [`WalkCache`]; a cache checks it on each
+/// translation (one atomic load) and drops everything after a write to a
+/// page it has read tables from.
+#[derive(Debug)]
+pub struct TableWatch {
+    generation: AtomicU64,
+    /// A 4096-bit filter of table frames read by any attached cache: a
+    /// write to a frame whose bit is clear is certainly not a table.
+    filter: [AtomicU64; 64],
+}
+
+impl TableWatch {
+    /// A new watch.
+    pub fn new() -> Arc<Self> {
+        Arc::new(TableWatch {
+            generation: AtomicU64::new(0),
+            filter: std::array::from_fn(|_| AtomicU64::new(0)),
+        })
+    }
+
+    #[inline]
+    fn bit(gpa: u64) -> (usize, u64) {
+        let frame = gpa >> 12;
+        let h = frame.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52;
+        ((h >> 6) as usize & 63, 1u64 << (h & 63))
+    }
+
+    /// Records that a table was read from the page holding `gpa`.
+    pub(crate) fn note_table(&self, gpa: u64) {
+        let (w, b) = Self::bit(gpa);
+        if self.filter[w].load(Ordering::Relaxed) & b == 0 {
+            self.filter[w].fetch_or(b, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells the watch that `[gpa, gpa + len)` was written. If any page of
+    /// the range may hold a page table an attached cache used, every
+    /// attached cache flushes before its next translation.
+    pub fn note_write(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> 12;
+        let last = gpa.saturating_add(len - 1) >> 12;
+        // Bounded: past 64 pages, flush rather than test each.
+        let hit = last - first >= 64
+            || (first..=last).any(|f| {
+                let (w, b) = Self::bit(f << 12);
+                self.filter[w].load(Ordering::Relaxed) & b != 0
+            });
+        if hit {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// A software TLB and paging-structure cache for one vCPU.
+#[derive(Debug)]
+pub struct WalkCache {
+    tlb: Box<[TlbSlot]>,
+    upper: Box<[UpperSlot]>,
+    nested: Box<[NestedSlot]>,
+    /// Bit `s` set: some TLB entry covers `1 << s` bytes.
+    shifts: u64,
+    stats: CacheStats,
+    watch: Option<(Arc<TableWatch>, u64)>,
+}
+
+impl Default for WalkCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline]
+fn slot(space: u64, tag: u64, salt: u64, slots: usize) -> usize {
+    let h = (space ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt)
+        .wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (h >> 32) as usize & (slots - 1)
+}
+
+impl WalkCache {
+    /// An empty cache (1024 translations, 512 upper-level entries, 1024
+    /// second-level translations).
+    pub fn new() -> Self {
+        WalkCache {
+            tlb: vec![TlbSlot::default(); TLB_SLOTS].into_boxed_slice(),
+            upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
+            nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
+            shifts: 0,
+            stats: CacheStats::default(),
+            watch: None,
+        }
+    }
+
+    /// Attaches `watch`: writes it is told of flush this cache.
+    pub fn attach_watch(&mut self, watch: Arc<TableWatch>) {
+        let g = watch.generation();
+        self.watch = Some((watch, g));
+    }
+
+    /// Hit and miss counts so far.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Drops every entry.
+    pub fn invalidate_all(&mut self) {
+        self.tlb.iter_mut().for_each(|s| s.valid = false);
+        self.upper.iter_mut().for_each(|s| s.valid = false);
+        self.nested.iter_mut().for_each(|s| s.valid = false);
+        self.shifts = 0;
+    }
+
+    /// Drops what covers `va` in address space `space` (INVLPG), global
+    /// translations included, and that space's upper-level entries (as
+    /// INVLPG drops paging-structure caches for the current PCID).
+    pub fn invalidate_page(&mut self, space: u64, va: u64) {
+        for s in 0..64u32 {
+            if self.shifts & (1 << s) == 0 {
+                continue;
+            }
+            let tag = va >> s;
+            let i = slot(space, tag, u64::from(s), TLB_SLOTS);
+            let e = &mut self.tlb[i];
+            if e.valid && e.space == space && e.entry.tag == tag && u32::from(e.entry.shift) == s {
+                e.valid = false;
+            }
+        }
+        self.upper
+            .iter_mut()
+            .filter(|u| u.space == space)
+            .for_each(|u| u.valid = false);
+    }
+
+    /// Drops every entry of address space `space` (a CR3 switch without
+    /// PCID preservation, INVPCID single-context); global translations go
+    /// too, which is conservative.
+    pub fn invalidate_space(&mut self, space: u64) {
+        self.tlb
+            .iter_mut()
+            .filter(|s| s.space == space)
+            .for_each(|s| s.valid = false);
+        self.upper
+            .iter_mut()
+            .filter(|s| s.space == space)
+            .for_each(|s| s.valid = false);
+    }
+
+    /// Drops every entry tagged with `pcid`, whatever its CR3, except global
+    /// translations (INVPCID single-context, MOV CR3 with CR4.PGE).
+    pub fn invalidate_pcid(&mut self, pcid: u16) {
+        self.tlb
+            .iter_mut()
+            .filter(|s| s.pcid == pcid && !s.entry.global)
+            .for_each(|s| s.valid = false);
+        self.upper
+            .iter_mut()
+            .filter(|s| s.pcid == pcid)
+            .for_each(|s| s.valid = false);
+    }
+
+    /// Drops what depends on the second level (INVEPT, a change of NPT
+    /// entries): every final translation and every cached second-level
+    /// translation. Upper-level guest entries hold guest-physical table
+    /// addresses and stay.
+    pub fn invalidate_second_level(&mut self) {
+        self.tlb.iter_mut().for_each(|s| s.valid = false);
+        self.nested.iter_mut().for_each(|s| s.valid = false);
+        self.shifts = 0;
+    }
+
+    /// Flushes everything if the watch saw a page-table write since last
+    /// time.
+    #[inline]
+    fn sync_watch(&mut self) {
+        let Some((w, seen)) = &self.watch else {
+            return;
+        };
+        let g = w.generation();
+        if g != *seen {
+            self.watch = self.watch.take().map(|(w, _)| (w, g));
+            self.invalidate_all();
+            self.stats.watch_flushes += 1;
+        }
+    }
+
+    #[inline]
+    pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<TlbEntry> {
+        self.sync_watch();
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let s = shifts.trailing_zeros();
+            shifts &= shifts - 1;
+            let tag = va >> s;
+            let e = &self.tlb[slot(space, tag, u64::from(s), TLB_SLOTS)];
+            if e.valid && e.space == space && e.entry.tag == tag && u32::from(e.entry.shift) == s {
+                return Some(e.entry);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn insert(&mut self, space: u64, pcid: u16, entry: TlbEntry) {
+        let i = slot(space, entry.tag, u64::from(entry.shift), TLB_SLOTS);
+        self.tlb[i] = TlbSlot {
+            valid: true,
+            pcid,
+            space,
+            entry,
+        };
+        self.shifts |= 1 << entry.shift;
+    }
+
+    pub(crate) fn count_hit(&mut self) {
+        self.stats.hits += 1;
+    }
+
+    pub(crate) fn count_miss(&mut self) {
+        self.stats.misses += 1;
+    }
+
+    /// The deepest cached upper-level entry for `va`, as a walk start.
+    pub(crate) fn lookup_upper<F: Format>(
+        &mut self,
+        space: u64,
+        va: u64,
+        fmt: &F,
+        need_accessed: bool,
+    ) -> Option<Start> {
+        for level in 1..fmt.top_level() {
+            let tag = va >> fmt.index_shift(level + 1);
+            let u = &self.upper[slot(space, tag, u64::from(level) << 8, UPPER_SLOTS)];
+            if u.valid
+                && u.space == space
+                && u.level == level
+                && u.tag == tag
+                && (u.accessed || !need_accessed)
+            {
+                self.stats.upper_hits += 1;
+                return Some(Start {
+                    level,
+                    table: u.table,
+                    acc: u.acc,
+                });
+            }
+        }
+        None
+    }
+
+    /// Keeps the tables a walk used below its start.
+    pub(crate) fn insert_upper<F: Format>(
+        &mut self,
+        space: u64,
+        pcid: u16,
+        va: u64,
+        fmt: &F,
+        w: &Walked,
+        accessed: bool,
+    ) {
+        let top = fmt.top_level();
+        for level in w.leaf_level.max(1)..w.start_level.min(top) {
+            let (table, acc) = w.tables[usize::from(level)];
+            if let Some((watch, _)) = &self.watch {
+                watch.note_table(table);
+            }
+            let tag = va >> fmt.index_shift(level + 1);
+            let i = slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
+            self.upper[i] = UpperSlot {
+                valid: true,
+                accessed,
+                level,
+                pcid,
+                space,
+                tag,
+                table,
+                acc,
+            };
+        }
+        if let Some((watch, _)) = &self.watch {
+            let (table, _) = w.tables[usize::from(w.start_level.min(5))];
+            watch.note_table(table);
+            let (leaf_table, _) = w.tables[usize::from(w.leaf_level.min(5))];
+            watch.note_table(leaf_table);
+        }
+    }
+
+    pub(crate) fn lookup_nested(&mut self, space: u64, gpa: u64) -> Option<SecondOut> {
+        // Second-level pages are at least 4 KiB; try the sizes cached.
+        for shift in [12u8, 21, 30] {
+            let tag = gpa >> shift;
+            let n = &self.nested[slot(space, tag, u64::from(shift), NESTED_SLOTS)];
+            if n.valid && n.space == space && n.tag == tag && n.out.shift == shift {
+                self.stats.nested_hits += 1;
+                return Some(n.out);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn insert_nested(&mut self, space: u64, gpa: u64, out: SecondOut) {
+        let tag = gpa >> out.shift;
+        let i = slot(space, tag, u64::from(out.shift), NESTED_SLOTS);
+        self.nested[i] = NestedSlot {
+            valid: true,
+            space,
+            tag,
+            out,
+        };
+    }
+}

@@ -1,0 +1,271 @@
+//! The walk engine: one loop, generic over a paging [`Format`] and over a
+//! [`Port`] that reads and updates entries. A direct port reads physical
+//! memory; the nested port first translates every table address through the
+//! second level, which makes the same loop hardware's two-dimensional walk.
+//!
+//! The engine is the only code that follows guest-controlled pointers. Its
+//! work is bounded by construction: one entry per level, `top_level()`
+//! levels at most (five), and a bounded number of restarts when an
+//! accessed/dirty update races with a writer of the entry.
+
+use super::{
+    format::{Decoded, Format},
+    Access, FaultReason, WalkFault,
+};
+
+/// How many times a walk restarts after losing an accessed/dirty
+/// compare-exchange before it reports [`FaultReason::Contended`].
+pub(crate) const AD_RETRIES: u32 = 16;
+
+/// Where a walk stopped inside its own format (the caller turns it into a
+/// [`WalkFault`] with the right stage and code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stop {
+    pub(crate) level: u8,
+    pub(crate) entry_addr: Option<u64>,
+    pub(crate) entry: Option<u64>,
+    pub(crate) reason: FaultReason,
+    /// Permissions accumulated before the stop (for EPT qualifications).
+    pub(crate) acc: u64,
+}
+
+/// A failed walk: a stop in this walk's format, or a fault the port raised
+/// (a second-level fault while reading a table), already complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fail {
+    Stop(Stop),
+    Port(WalkFault),
+}
+
+/// Reads and exchanges entries for the engine.
+pub(crate) trait Port {
+    /// The entry at `pa` (a table of level `level`).
+    fn read(&mut self, pa: u64, wide: bool, level: u8) -> Result<u64, Fail>;
+    /// Exchanges the entry at `pa` from `old` to `new`; `Ok(false)` if it
+    /// no longer held `old`.
+    fn exchange(
+        &mut self,
+        pa: u64,
+        wide: bool,
+        level: u8,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, Fail>;
+}
+
+/// Where a walk begins: the root, or a cached upper-level entry.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Start {
+    /// Level of the table to read first.
+    pub(crate) level: u8,
+    /// Physical address of that table.
+    pub(crate) table: u64,
+    /// Permissions accumulated above it.
+    pub(crate) acc: u64,
+}
+
+/// A completed walk.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Walked {
+    /// Output address of the page.
+    pub(crate) base: u64,
+    /// log2 of the page size.
+    pub(crate) shift: u8,
+    /// Accumulated permissions.
+    pub(crate) acc: u64,
+    /// Level of the leaf entry.
+    pub(crate) leaf_level: u8,
+    /// The leaf entry (as left after any accessed/dirty update).
+    pub(crate) leaf: u64,
+    /// For each level read (index = level), the table it was read from and
+    /// the permissions accumulated above it: what a paging-structure cache
+    /// keeps.
+    pub(crate) tables: [(u64, u64); 6],
+    /// The first level this walk read.
+    pub(crate) start_level: u8,
+}
+
+/// Walks `va` from `start`, checks `access`, and when `set_ad` updates the
+/// accessed/dirty flags as hardware does (compare-exchange; the walk
+/// restarts if an entry changed under it). A faulting walk changes nothing.
+pub(crate) fn walk<F: Format, P: Port>(
+    fmt: &F,
+    port: &mut P,
+    va: u64,
+    access: Access,
+    user_linear: bool,
+    set_ad: bool,
+    start: Start,
+) -> Result<Walked, Fail> {
+    let stop = |level, entry_addr, entry, reason, acc| {
+        Fail::Stop(Stop {
+            level,
+            entry_addr,
+            entry,
+            reason,
+            acc,
+        })
+    };
+    let wide = fmt.wide();
+    let mut tries = 0;
+    'restart: loop {
+        let mut level = start.level;
+        let mut table = start.table;
+        let mut acc = start.acc;
+        let mut out = Walked {
+            start_level: start.level,
+            ..Walked::default()
+        };
+        // Entries as read, for the accessed/dirty pass.
+        let mut used: [(u64, u64); 6] = [(0, 0); 6];
+        loop {
+            let at = fmt.entry_addr(table, level, va);
+            let raw = port.read(at, wide, level)?;
+            out.tables[usize::from(level)] = (table, acc);
+            used[usize::from(level)] = (at, raw);
+            match fmt.decode(level, raw) {
+                Decoded::NotPresent => {
+                    return Err(stop(
+                        level,
+                        Some(at),
+                        Some(raw),
+                        FaultReason::NotPresent,
+                        acc,
+                    ))
+                }
+                Decoded::Reserved(bits) => {
+                    return Err(stop(
+                        level,
+                        Some(at),
+                        Some(raw),
+                        FaultReason::Reserved { bits },
+                        acc,
+                    ))
+                }
+                Decoded::Misconfigured => {
+                    return Err(stop(
+                        level,
+                        Some(at),
+                        Some(raw),
+                        FaultReason::Misconfigured,
+                        acc,
+                    ))
+                }
+                Decoded::Table(next) => {
+                    acc = fmt.accumulate(acc, level, raw);
+                    if level <= 1 {
+                        // A format never yields a table at level 1; treat a
+                        // broken one as not present rather than loop.
+                        return Err(stop(
+                            level,
+                            Some(at),
+                            Some(raw),
+                            FaultReason::NotPresent,
+                            acc,
+                        ));
+                    }
+                    table = next;
+                    level -= 1;
+                }
+                Decoded::Leaf { base, shift } => {
+                    acc = fmt.accumulate(acc, level, raw);
+                    if let Err(d) = fmt.check(acc, raw, access, user_linear) {
+                        let (ea, e) = used[usize::from(d.level)];
+                        return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
+                    }
+                    out.base = base;
+                    out.shift = shift;
+                    out.acc = acc;
+                    out.leaf_level = level;
+                    out.leaf = raw;
+                    break;
+                }
+            }
+        }
+        if set_ad {
+            // Root first, as hardware sets them on the way down.
+            for l in (out.leaf_level..=start.level).rev() {
+                let (at, raw) = used[usize::from(l)];
+                let leaf = l == out.leaf_level;
+                let new = fmt.with_accessed(l, raw, leaf, access.is_write());
+                if new == raw {
+                    continue;
+                }
+                if !port.exchange(at, wide, l, raw, new)? {
+                    tries += 1;
+                    if tries >= AD_RETRIES {
+                        return Err(stop(
+                            l,
+                            Some(at),
+                            Some(raw),
+                            FaultReason::Contended,
+                            out.acc,
+                        ));
+                    }
+                    continue 'restart;
+                }
+                if leaf {
+                    out.leaf = new;
+                }
+            }
+        }
+        return Ok(out);
+    }
+}
+
+/// A port straight onto physical memory, counting the references it makes.
+pub(crate) struct DirectPort<'m, M: ?Sized> {
+    pub(crate) mem: &'m M,
+    pub(crate) refs: u32,
+}
+
+impl<M: super::PhysMemory + ?Sized> Port for DirectPort<'_, M> {
+    #[inline]
+    fn read(&mut self, pa: u64, wide: bool, level: u8) -> Result<u64, Fail> {
+        self.refs += 1;
+        let v = if wide {
+            self.mem.read_u64(pa)
+        } else {
+            self.mem.read_u32(pa).map(u64::from)
+        };
+        v.ok_or(Fail::Stop(Stop {
+            level,
+            entry_addr: Some(pa),
+            entry: None,
+            reason: FaultReason::Unbacked { pa },
+            acc: 0,
+        }))
+    }
+
+    fn exchange(
+        &mut self,
+        pa: u64,
+        wide: bool,
+        level: u8,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, Fail> {
+        self.refs += 1;
+        let r = if wide {
+            self.mem.compare_exchange_u64(pa, old, new)
+        } else {
+            match (u32::try_from(old), u32::try_from(new)) {
+                (Ok(o), Ok(n)) => self
+                    .mem
+                    .compare_exchange_u32(pa, o, n)
+                    .map(|r| r.map_err(u64::from)),
+                _ => None,
+            }
+        };
+        match r {
+            Some(r) => Ok(r.is_ok()),
+            None => Err(Fail::Stop(Stop {
+                level,
+                entry_addr: Some(pa),
+                entry: Some(old),
+                reason: FaultReason::ReadOnlyTable,
+                acc: 0,
+            })),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `WalkFault`: why a translation failed — which stage, which level, which
+//! entry, the reason — and the architectural event a VMM would raise for it
+//! (an x86 page-fault error code, an EPT-violation exit qualification, an
+//! NPT `EXITINFO1`).
+
+use super::Access;
+
+/// Which translation stage faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The guest's own page tables (guest-virtual to guest-physical).
+    First,
+    /// The second level (EPT or NPT), translating a guest-physical address.
+    Second {
+        /// `Some(level)`: the address was the guest's level-`level` table
+        /// (a page-table read during the first-level walk); `None`: it was
+        /// the final guest-physical address of the access.
+        guest_table: Option<u8>,
+    },
+}
+
+/// Why a walk stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultReason {
+    /// The entry at `level` is not present.
+    NotPresent,
+    /// The access is not allowed by the combined permissions; `level` is the
+    /// first (rootmost) level whose entry denies it.
+    Permission,
+    /// A protection-key check denied a data access (x86 PKU/PKS).
+    ProtectionKey {
+        /// The page's key.
+        key: u8,
+    },
+    /// Bits that must be zero are set in a present entry.
+    Reserved {
+        /// The offending bits.
+        bits: u64,
+    },
+    /// An x86-64 address whose upper bits are not a sign extension.
+    NonCanonical,
+    /// The address is wider than the mode translates (above 4 GiB in 32-bit
+    /// and PAE paging, above the guest-physical width in the second level).
+    AddressTooWide,
+    /// An EPT entry with a meaning the hardware refuses (write without
+    /// read, execute-only without support, a reserved memory type).
+    Misconfigured,
+    /// A table (or, for `read_virt`/`write_virt`, the page) lies at a
+    /// physical address no memory backs: a hole or past the end.
+    Unbacked {
+        /// The physical address that could not be read.
+        pa: u64,
+    },
+    /// Listing mappings visited its budget of entries (tables that point at
+    /// each other can describe more mappings than any listing should walk).
+    TooManyEntries,
+    /// An accessed/dirty update was asked for but the memory is read-only.
+    ReadOnlyTable,
+    /// An accessed/dirty update kept losing races with concurrent writers of
+    /// the entry; the walk gave up after a bounded number of retries.
+    Contended,
+}
+
+/// The architectural event for a fault, as a VMM injects or reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultCode {
+    /// An x86 page fault (#PF) for the guest, with its error code: bit 0 P
+    /// (protection, not absence), 1 W/R, 2 U/S, 3 RSVD, 4 I/D, 5 PK.
+    PageFault {
+        /// The error code pushed on the guest's stack.
+        error_code: u32,
+    },
+    /// A general-protection fault (#GP(0)): a non-canonical address.
+    GeneralProtection,
+    /// An EPT violation VM exit, with the exit qualification (bits 0–2 the
+    /// access, 3–5 the permissions the EPT entries allowed, 7 linear
+    /// address valid, 8 final translation vs. guest page-table access).
+    EptViolation {
+        /// The exit qualification.
+        qualification: u64,
+    },
+    /// An EPT misconfiguration VM exit.
+    EptMisconfig,
+    /// An AMD nested page fault (#VMEXIT(NPF)) with `EXITINFO1`: the #PF
+    /// error-code bits, plus bit 32 (final translation) or bit 33 (guest
+    /// page-table access).
+    NestedPageFault {
+        /// `EXITINFO1`.
+        exit_info1: u64,
+    },
+    /// No architectural event: the walk needed memory that nothing backs,
+    /// or an accessed/dirty update could not be made. A VMM treats this as
+    /// an emulation failure.
+    Emulation,
+}
+
+/// A failed translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{} fault at level {level} ({reason:?}) translating {va:#x}{}{}",
+    match stage { Stage::First => "guest page-table", Stage::Second { .. } => "second-level" },
+    match gpa { Some(g) => format!(" (guest-physical {g:#x})"), None => String::new() },
+    match entry { Some(e) => format!(", entry {e:#x}"), None => String::new() }
+)]
+pub struct WalkFault {
+    /// The address being translated (guest-virtual, or guest-physical when
+    /// there is no first level).
+    pub va: u64,
+    /// For a second-level fault: the guest-physical address it was
+    /// translating.
+    pub gpa: Option<u64>,
+    /// The access that faulted.
+    pub access: Access,
+    /// First or second level.
+    pub stage: Stage,
+    /// The level of the entry that faulted (1 = the last-level table); 0
+    /// when no entry is involved (a non-canonical address).
+    pub level: u8,
+    /// The physical address of that entry, if one was read.
+    pub entry_addr: Option<u64>,
+    /// The entry's value, if one was read.
+    pub entry: Option<u64>,
+    /// Why.
+    pub reason: FaultReason,
+    /// The event a VMM would raise.
+    pub code: FaultCode,
+}
+
+/// x86 page-fault error-code bits.
+pub(crate) mod pf {
+    pub(crate) const PRESENT: u32 = 1 << 0;
+    pub(crate) const WRITE: u32 = 1 << 1;
+    pub(crate) const USER: u32 = 1 << 2;
+    pub(crate) const RSVD: u32 = 1 << 3;
+    pub(crate) const FETCH: u32 = 1 << 4;
+    pub(crate) const PK: u32 = 1 << 5;
+}

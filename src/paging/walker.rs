@@ -1,0 +1,891 @@
+//! `Walker`: one guest address space (the guest's paging registers, and
+//! optionally a second level) and the translations a VMM asks of it — one
+//! address, with or without accessed/dirty updates, with or without a
+//! [`WalkCache`]. Faults come back as [`WalkFault`] with the architectural
+//! event filled in for the stage that faulted.
+
+use super::{
+    cache::{TlbEntry, WalkCache},
+    engine::{self, DirectPort, Fail, Port, Start, Stop},
+    ept::{EptConfig, EptFormat, NptConfig},
+    format::Format,
+    x86::{X86Format, X86Mode, X86Paging, X86PagingError},
+    Access, AccessKind, FaultCode, FaultReason, PhysMemory, Privilege, Stage, WalkFault,
+};
+
+/// The guest's first-level paging. x86 today; AArch64 and RISC-V would be
+/// further variants over their own formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GuestPaging {
+    /// x86 paging in any mode the registers select.
+    X86(X86Paging),
+}
+
+impl From<X86Paging> for GuestPaging {
+    fn from(p: X86Paging) -> Self {
+        GuestPaging::X86(p)
+    }
+}
+
+/// The second level, translating guest-physical addresses to the memory the
+/// walker reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecondLevel {
+    /// Intel EPT.
+    Ept(EptConfig),
+    /// AMD nested paging.
+    Npt(NptConfig),
+}
+
+/// Options of one walk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WalkOptions {
+    /// Set accessed flags on the entries used and the dirty flag on the leaf
+    /// of a write, by compare-exchange, as hardware does (both levels). Off,
+    /// the walk writes nothing: what a debugger wants.
+    pub set_accessed_dirty: bool,
+}
+
+/// What a translation allows, combined over every level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Permissions {
+    /// Data reads (always, for x86; EPT's R).
+    pub read: bool,
+    /// Data writes (R/W at every level; EPT's W).
+    pub write: bool,
+    /// Instruction fetches (no XD at any level with NXE; EPT's X, or
+    /// supervisor-mode execute with mode-based execute control).
+    pub execute: bool,
+    /// A user page (U/S at every level). Always set for EPT.
+    pub user: bool,
+    /// User-mode fetches (x86: user and execute; EPT with mode-based
+    /// execute control: bit 10).
+    pub user_execute: bool,
+    /// The protection key (x86 with CR4.PKE or PKS), else 0.
+    pub key: u8,
+}
+
+/// Attributes of a leaf entry (what the entry says, not what was checked).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LeafAttributes {
+    /// Accessed flag.
+    pub accessed: bool,
+    /// Dirty flag.
+    pub dirty: bool,
+    /// x86 global flag.
+    pub global: bool,
+    /// x86 PWT.
+    pub write_through: bool,
+    /// x86 PCD.
+    pub cache_disable: bool,
+    /// x86 PAT bit (bit 7 in a PTE, bit 12 in a large page).
+    pub pat: bool,
+    /// EPT memory type (bits 5:3).
+    pub memory_type: Option<u8>,
+    /// EPT ignore-PAT (bit 6).
+    pub ignore_pat: bool,
+}
+
+/// The second level's part of a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SecondTranslation {
+    /// Size of the second-level page.
+    pub page_size: u64,
+    /// Its level (1 = last-level table).
+    pub level: u8,
+    /// What the second level allows.
+    pub permissions: Permissions,
+    /// Its leaf's attributes.
+    pub attributes: LeafAttributes,
+}
+
+/// A successful translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// The address translated.
+    pub va: u64,
+    /// The guest-physical address (first-level output).
+    pub gpa: u64,
+    /// The address in the walker's memory: the second level's output, or
+    /// `gpa` without one.
+    pub pa: u64,
+    /// Size of the guest's page (the whole linear space without paging is
+    /// reported as 4 KiB pages).
+    pub page_size: u64,
+    /// Level of the guest's leaf entry (0 without paging).
+    pub level: u8,
+    /// What the guest's tables allow.
+    pub permissions: Permissions,
+    /// The guest's leaf attributes.
+    pub attributes: LeafAttributes,
+    /// The second level's part, if there is one.
+    pub second: Option<SecondTranslation>,
+    /// Memory references the walk made (entries read and updated, both
+    /// levels); 0 for a translation answered from the cache.
+    pub memory_refs: u32,
+}
+
+impl Translation {
+    /// Bytes from `va` to the end of the page it is in, taking the smaller
+    /// of the two levels' pages: how far `pa` stays contiguous.
+    pub fn contiguous_bytes(&self) -> u64 {
+        let size = match self.second {
+            Some(s) => s.page_size.min(self.page_size),
+            None => self.page_size,
+        };
+        size - (self.va & (size - 1))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum First {
+    NoPaging,
+    X86(X86Format),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Second {
+    Ept(EptFormat),
+    Npt(X86Format),
+}
+
+/// One guest address space, ready to translate.
+#[derive(Clone, Copy, Debug)]
+pub struct Walker {
+    first: First,
+    second: Option<Second>,
+    /// Tag of this address space in a [`WalkCache`].
+    space: u64,
+    /// Tag of the second level in a [`WalkCache`].
+    second_space: u64,
+    pcid: u16,
+}
+
+/// Errors building a walker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WalkerError {
+    /// The x86 registers select no valid mode.
+    #[error(transparent)]
+    X86(#[from] X86PagingError),
+    /// The EPTP's walk length is neither 4 nor 5 levels.
+    #[error("EPTP {eptp:#x} has walk length {} (only 4 and 5 levels exist)", ((eptp >> 3) & 7) + 1)]
+    EptWalkLength {
+        /// The EPTP.
+        eptp: u64,
+    },
+}
+
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+}
+
+impl Walker {
+    /// A walker for the guest's paging registers, with no second level.
+    pub fn new(paging: impl Into<GuestPaging>) -> Result<Self, WalkerError> {
+        let GuestPaging::X86(regs) = paging.into();
+        let mode = regs.mode()?;
+        let first = match mode {
+            X86Mode::NoPaging => First::NoPaging,
+            m => First::X86(X86Format::first_level(&regs, m)),
+        };
+        let mut space = mix(0x5041_4745, mode as u64);
+        if let First::X86(f) = &first {
+            space = mix(space, f.root());
+        }
+        // Everything that changes what an entry means (not what is allowed:
+        // that is checked again on every cache hit) goes into the tag.
+        space = mix(
+            space,
+            regs.cr4 & (super::x86::CR4_PSE | super::x86::CR4_LA57),
+        );
+        space = mix(space, regs.efer & super::x86::EFER_NXE);
+        space = mix(
+            space,
+            u64::from(regs.maxphyaddr) | (u64::from(regs.gbpages) << 8),
+        );
+        space = mix(space, u64::from(regs.pcid()));
+        Ok(Walker {
+            first,
+            second: None,
+            space,
+            second_space: 0,
+            pcid: regs.pcid(),
+        })
+    }
+
+    /// The same guest with a second level under it: every guest-physical
+    /// address, page-table pointers included, is translated through it.
+    pub fn with_second_level(mut self, second: SecondLevel) -> Result<Self, WalkerError> {
+        let (s, tag) = match second {
+            SecondLevel::Ept(cfg) => (
+                Second::Ept(
+                    EptFormat::new(&cfg).ok_or(WalkerError::EptWalkLength { eptp: cfg.eptp })?,
+                ),
+                mix(mix(1, cfg.eptp), u64::from(cfg.maxphyaddr)),
+            ),
+            SecondLevel::Npt(cfg) => (
+                Second::Npt(X86Format::nested(
+                    cfg.ncr3,
+                    cfg.five_level,
+                    cfg.nxe,
+                    cfg.maxphyaddr,
+                )),
+                mix(
+                    mix(2, cfg.ncr3),
+                    u64::from(cfg.five_level)
+                        | u64::from(cfg.nxe) << 1
+                        | u64::from(cfg.maxphyaddr) << 2,
+                ),
+            ),
+        };
+        self.second = Some(s);
+        self.second_space = tag;
+        self.space = mix(self.space, tag);
+        Ok(self)
+    }
+
+    /// The guest's paging mode.
+    pub fn mode(&self) -> X86Mode {
+        match &self.first {
+            First::NoPaging => X86Mode::NoPaging,
+            First::X86(f) => f.mode(),
+        }
+    }
+
+    /// Whether a second level is configured.
+    pub fn has_second_level(&self) -> bool {
+        self.second.is_some()
+    }
+
+    /// This address space's tag in a [`WalkCache`] (CR3, PCID, mode and
+    /// second level together): what [`WalkCache::invalidate_space`] takes.
+    pub fn space(&self) -> u64 {
+        self.space
+    }
+
+    /// The PCID (0 without CR4.PCIDE).
+    pub fn pcid(&self) -> u16 {
+        self.pcid
+    }
+
+    /// Translates `va` for `access`, changing nothing in memory.
+    pub fn translate<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Result<Translation, WalkFault> {
+        self.translate_with(mem, va, access, WalkOptions::default(), None)
+    }
+
+    /// Translates `va` for `access` with `options`, through `cache` when
+    /// given: a hit costs no memory reference; a miss walks (starting from
+    /// the deepest cached upper-level entry) and fills the cache.
+    pub fn translate_with<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+        mut cache: Option<&mut WalkCache>,
+    ) -> Result<Translation, WalkFault> {
+        let set_ad = options.set_accessed_dirty;
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some(e) = c.lookup(self.space, va) {
+                if let Some(t) = self.answer_from_cache(&e, va, access, set_ad) {
+                    c.count_hit();
+                    return Ok(t);
+                }
+            }
+            c.count_miss();
+        }
+        let mut refs = 0;
+        let (first, start_level) = match &self.first {
+            First::NoPaging => {
+                if va > u64::from(u32::MAX) {
+                    return Err(self.fault_first(
+                        va,
+                        access,
+                        Stop {
+                            level: 0,
+                            entry_addr: None,
+                            entry: None,
+                            reason: FaultReason::AddressTooWide,
+                            acc: 0,
+                        },
+                    ));
+                }
+                (None, 0)
+            }
+            First::X86(fmt) => {
+                if let Err(reason) = fmt.check_input(va) {
+                    return Err(self.fault_first(
+                        va,
+                        access,
+                        Stop {
+                            level: 0,
+                            entry_addr: None,
+                            entry: None,
+                            reason,
+                            acc: 0,
+                        },
+                    ));
+                }
+                let mut start = Start {
+                    level: fmt.top_level(),
+                    table: fmt.root(),
+                    acc: fmt.acc_start(),
+                };
+                if let Some(c) = cache.as_deref_mut() {
+                    if let Some(s) = c.lookup_upper(self.space, va, fmt, set_ad) {
+                        start = s;
+                    }
+                }
+                let walked = match &self.second {
+                    None => {
+                        let mut port = DirectPort { mem, refs: 0 };
+                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
+                        refs += port.refs;
+                        r
+                    }
+                    Some(second) => {
+                        let mut port = NestedPort {
+                            walker: self,
+                            second,
+                            mem,
+                            va,
+                            access,
+                            set_ad,
+                            refs: 0,
+                            cache: cache.as_deref_mut(),
+                        };
+                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
+                        refs += port.refs;
+                        r
+                    }
+                };
+                let walked = walked.map_err(|f| match f {
+                    Fail::Stop(s) => self.fault_first(va, access, s),
+                    Fail::Port(w) => w,
+                })?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.insert_upper(self.space, self.pcid, va, fmt, &walked, set_ad);
+                }
+                (Some(walked), start.level)
+            }
+        };
+        let _ = start_level;
+        let (gpa, shift1, level1, perms1, attrs1, acc1, leaf1) = match (&first, &self.first) {
+            (Some(w), First::X86(fmt)) => (
+                w.base | (va & ((1u64 << w.shift) - 1)),
+                w.shift,
+                w.leaf_level,
+                fmt.permissions(w.acc, w.leaf),
+                fmt.attributes(w.leaf_level, w.leaf),
+                w.acc,
+                w.leaf,
+            ),
+            _ => (
+                va,
+                12,
+                0,
+                no_paging_permissions(),
+                LeafAttributes::default(),
+                0,
+                0,
+            ),
+        };
+        let mut t = Translation {
+            va,
+            gpa,
+            pa: gpa,
+            page_size: 1 << shift1,
+            level: level1,
+            permissions: perms1,
+            attributes: attrs1,
+            second: None,
+            memory_refs: 0,
+        };
+        let mut second_out = None;
+        if let Some(second) = &self.second {
+            let s = self.second_walk(
+                second,
+                mem,
+                gpa,
+                access.kind,
+                perms1.user,
+                set_ad,
+                FaultSite {
+                    va,
+                    access,
+                    guest_table: None,
+                },
+                cache.as_deref_mut(),
+                &mut refs,
+            )?;
+            t.pa = s.base | (gpa & ((1u64 << s.shift) - 1));
+            t.second = Some(self.second_info(second, &s));
+            second_out = Some(s);
+        }
+        t.memory_refs = refs;
+        if let Some(c) = cache {
+            let shift = second_out.map_or(shift1, |s| s.shift.min(shift1));
+            let mask = (1u64 << shift) - 1;
+            c.insert(
+                self.space,
+                self.pcid,
+                TlbEntry {
+                    tag: va >> shift,
+                    shift,
+                    gpa_base: gpa & !mask,
+                    pa_base: t.pa & !mask,
+                    shift1,
+                    level1,
+                    acc1,
+                    leaf1,
+                    second: second_out.map(|s| (s.shift, s.level, s.acc, s.leaf)),
+                    accessed: set_ad,
+                    dirty: set_ad
+                        && (access.is_write()
+                            || (attrs1.dirty && second_out.map_or(true, |s| s.dirty))),
+                    global: attrs1.global,
+                },
+            );
+        }
+        Ok(t)
+    }
+
+    /// A translation from a cache entry, if the entry answers this access
+    /// (permissions allow it, and no accessed/dirty update is due).
+    #[inline]
+    fn answer_from_cache(
+        &self,
+        e: &TlbEntry,
+        va: u64,
+        access: Access,
+        set_ad: bool,
+    ) -> Option<Translation> {
+        if set_ad && (!e.accessed || (access.is_write() && !e.dirty)) {
+            return None;
+        }
+        let mask = (1u64 << e.shift) - 1;
+        let (perms1, attrs1) = match &self.first {
+            First::X86(fmt) => {
+                if fmt.check(e.acc1, e.leaf1, access, false).is_err() {
+                    return None;
+                }
+                (
+                    fmt.permissions(e.acc1, e.leaf1),
+                    fmt.attributes(e.level1, e.leaf1),
+                )
+            }
+            First::NoPaging => (no_paging_permissions(), LeafAttributes::default()),
+        };
+        let second = match (&self.second, e.second) {
+            (None, None) => None,
+            (Some(s), Some((shift, level, acc, leaf))) => {
+                let acc_ok = match s {
+                    Second::Ept(f) => f
+                        .check(acc, leaf, second_access(access.kind), perms1.user)
+                        .is_ok(),
+                    Second::Npt(f) => f
+                        .check(acc, leaf, second_access(access.kind), perms1.user)
+                        .is_ok(),
+                };
+                if !acc_ok {
+                    return None;
+                }
+                Some(self.second_info(
+                    s,
+                    &SecondOut {
+                        base: 0,
+                        shift,
+                        level,
+                        acc,
+                        leaf,
+                        accessed: false,
+                        dirty: false,
+                    },
+                ))
+            }
+            _ => return None,
+        };
+        Some(Translation {
+            va,
+            gpa: e.gpa_base | (va & mask),
+            pa: e.pa_base | (va & mask),
+            page_size: 1 << e.shift1,
+            level: e.level1,
+            permissions: perms1,
+            attributes: attrs1,
+            second,
+            memory_refs: 0,
+        })
+    }
+
+    fn second_info(&self, second: &Second, s: &SecondOut) -> SecondTranslation {
+        let (permissions, attributes) = match second {
+            Second::Ept(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
+            Second::Npt(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
+        };
+        SecondTranslation {
+            page_size: 1 << s.shift,
+            level: s.level,
+            permissions,
+            attributes,
+        }
+    }
+
+    /// A first-level stop as the fault the guest would see.
+    fn fault_first(&self, va: u64, access: Access, s: Stop) -> WalkFault {
+        let code = match (s.reason, &self.first) {
+            (FaultReason::NonCanonical, _) => FaultCode::GeneralProtection,
+            (
+                FaultReason::Unbacked { .. }
+                | FaultReason::ReadOnlyTable
+                | FaultReason::Contended
+                | FaultReason::Misconfigured,
+                _,
+            ) => FaultCode::Emulation,
+            (FaultReason::AddressTooWide, First::NoPaging) => FaultCode::GeneralProtection,
+            (reason, First::X86(fmt)) => FaultCode::PageFault {
+                error_code: fmt.error_code(reason, access),
+            },
+            (_, First::NoPaging) => FaultCode::Emulation,
+        };
+        WalkFault {
+            va,
+            gpa: None,
+            access,
+            stage: Stage::First,
+            level: s.level,
+            entry_addr: s.entry_addr,
+            entry: s.entry,
+            reason: s.reason,
+            code,
+        }
+    }
+
+    /// Translates `gpa` through the second level.
+    #[allow(clippy::too_many_arguments)]
+    fn second_walk<M: PhysMemory + ?Sized>(
+        &self,
+        second: &Second,
+        mem: &M,
+        gpa: u64,
+        kind: AccessKind,
+        user_linear: bool,
+        set_ad: bool,
+        site: FaultSite,
+        mut cache: Option<&mut WalkCache>,
+        refs: &mut u32,
+    ) -> Result<SecondOut, WalkFault> {
+        let access = second_access(kind);
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some(n) = c.lookup_nested(self.second_space, gpa) {
+                let ok = match second {
+                    Second::Ept(f) => f.check(n.acc, n.leaf, access, user_linear).is_ok(),
+                    Second::Npt(f) => f.check(n.acc, n.leaf, access, user_linear).is_ok(),
+                };
+                let ad_ok = !set_ad || (n.accessed && (kind != AccessKind::Write || n.dirty));
+                if ok && ad_ok {
+                    return Ok(n);
+                }
+            }
+        }
+        let mut port = DirectPort { mem, refs: 0 };
+        let r = match second {
+            Second::Ept(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
+                engine::walk(
+                    f,
+                    &mut port,
+                    gpa,
+                    access,
+                    user_linear,
+                    set_ad,
+                    root_start(f),
+                )
+            }),
+            Second::Npt(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
+                engine::walk(
+                    f,
+                    &mut port,
+                    gpa,
+                    access,
+                    user_linear,
+                    set_ad,
+                    root_start(f),
+                )
+            }),
+        };
+        *refs += port.refs;
+        let w = r.map_err(|f| match f {
+            Fail::Stop(s) => self.fault_second(second, gpa, kind, site, s),
+            Fail::Port(w) => w,
+        })?;
+        let out = SecondOut {
+            base: w.base,
+            shift: w.shift,
+            level: w.leaf_level,
+            acc: w.acc,
+            leaf: w.leaf,
+            accessed: set_ad,
+            dirty: set_ad && kind == AccessKind::Write,
+        };
+        if let Some(c) = cache {
+            c.insert_nested(self.second_space, gpa, out);
+        }
+        Ok(out)
+    }
+
+    /// A second-level stop as the VM exit a hypervisor would see.
+    fn fault_second(
+        &self,
+        second: &Second,
+        gpa: u64,
+        kind: AccessKind,
+        site: FaultSite,
+        s: Stop,
+    ) -> WalkFault {
+        let paging = !matches!(self.first, First::NoPaging);
+        let code = match (second, s.reason) {
+            (
+                _,
+                FaultReason::Unbacked { .. } | FaultReason::ReadOnlyTable | FaultReason::Contended,
+            ) => FaultCode::Emulation,
+            (Second::Ept(_), FaultReason::Misconfigured) => FaultCode::EptMisconfig,
+            (Second::Ept(f), reason) => {
+                let mut q = match kind {
+                    AccessKind::Read => 1,
+                    AccessKind::Write => 2,
+                    AccessKind::Fetch => 4,
+                };
+                if reason != FaultReason::NotPresent {
+                    q |= f.qualification_perms(s.acc);
+                }
+                if paging {
+                    q |= 1 << 7;
+                    if site.guest_table.is_none() {
+                        q |= 1 << 8;
+                    }
+                }
+                FaultCode::EptViolation { qualification: q }
+            }
+            (Second::Npt(f), reason) => {
+                let mut info = u64::from(f.error_code(reason, second_access(kind)));
+                info |= if site.guest_table.is_none() {
+                    1 << 32
+                } else {
+                    1 << 33
+                };
+                FaultCode::NestedPageFault { exit_info1: info }
+            }
+        };
+        WalkFault {
+            va: site.va,
+            gpa: Some(gpa),
+            access: site.access,
+            stage: Stage::Second {
+                guest_table: site.guest_table,
+            },
+            level: s.level,
+            entry_addr: s.entry_addr,
+            entry: s.entry,
+            reason: s.reason,
+            code,
+        }
+    }
+
+    /// The access kind the second level checks for a guest page-table
+    /// access: a write where the hardware updates accessed/dirty flags
+    /// through it (EPT with A/D enabled; always for NPT, as the APM and
+    /// KVM's nested MMU do), else a read.
+    fn table_access_kind(second: &Second) -> AccessKind {
+        match second {
+            Second::Ept(f) if !f.ad() => AccessKind::Read,
+            _ => AccessKind::Write,
+        }
+    }
+
+    pub(crate) fn first_format(&self) -> Option<&X86Format> {
+        match &self.first {
+            First::X86(f) => Some(f),
+            First::NoPaging => None,
+        }
+    }
+
+    /// Translates a guest-physical address through the second level (the
+    /// identity without one): what reading a guest page table costs.
+    pub(crate) fn guest_table_to_pa<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        gpa: u64,
+        va: u64,
+        level: u8,
+    ) -> Result<u64, WalkFault> {
+        match &self.second {
+            None => Ok(gpa),
+            Some(second) => {
+                let mut refs = 0;
+                let s = self.second_walk(
+                    second,
+                    mem,
+                    gpa,
+                    Self::table_access_kind(second),
+                    false,
+                    false,
+                    FaultSite {
+                        va,
+                        access: Access::read(),
+                        guest_table: Some(level),
+                    },
+                    None,
+                    &mut refs,
+                )?;
+                Ok(s.base | (gpa & ((1u64 << s.shift) - 1)))
+            }
+        }
+    }
+}
+
+/// Second-level result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SecondOut {
+    pub(crate) base: u64,
+    pub(crate) shift: u8,
+    pub(crate) level: u8,
+    pub(crate) acc: u64,
+    pub(crate) leaf: u64,
+    /// The walk set the accessed flags.
+    pub(crate) accessed: bool,
+    /// The leaf's dirty flag is known to be set.
+    pub(crate) dirty: bool,
+}
+
+/// Where a second-level walk was needed, for its fault.
+#[derive(Clone, Copy, Debug)]
+struct FaultSite {
+    va: u64,
+    access: Access,
+    guest_table: Option<u8>,
+}
+
+fn stop_at_input(reason: FaultReason) -> Fail {
+    Fail::Stop(Stop {
+        level: 0,
+        entry_addr: None,
+        entry: None,
+        reason,
+        acc: 0,
+    })
+}
+
+fn root_start<F: Format>(f: &F) -> Start {
+    Start {
+        level: f.top_level(),
+        table: f.root(),
+        acc: f.acc_start(),
+    }
+}
+
+/// The second level sees every access as a user access of the same kind
+/// (what NPT checks; EPT ignores privilege).
+fn second_access(kind: AccessKind) -> Access {
+    Access::new(kind, Privilege::User)
+}
+
+fn no_paging_permissions() -> Permissions {
+    Permissions {
+        read: true,
+        write: true,
+        execute: true,
+        user: true,
+        user_execute: true,
+        key: 0,
+    }
+}
+
+/// The engine's port for a nested walk: every guest page-table address is
+/// translated through the second level before it is read or updated.
+struct NestedPort<'a, M: ?Sized> {
+    walker: &'a Walker,
+    second: &'a Second,
+    mem: &'a M,
+    va: u64,
+    access: Access,
+    set_ad: bool,
+    refs: u32,
+    cache: Option<&'a mut WalkCache>,
+}
+
+impl<M: PhysMemory + ?Sized> NestedPort<'_, M> {
+    fn table_pa(&mut self, gpa: u64, level: u8) -> Result<u64, Fail> {
+        let kind = Walker::table_access_kind(self.second);
+        let s = self
+            .walker
+            .second_walk(
+                self.second,
+                self.mem,
+                gpa,
+                kind,
+                false,
+                self.set_ad,
+                FaultSite {
+                    va: self.va,
+                    access: self.access,
+                    guest_table: Some(level),
+                },
+                self.cache.as_deref_mut(),
+                &mut self.refs,
+            )
+            .map_err(Fail::Port)?;
+        Ok(s.base | (gpa & ((1u64 << s.shift) - 1)))
+    }
+
+    fn unbacked(&self, gpa: u64, pa: u64, level: u8) -> Fail {
+        Fail::Port(WalkFault {
+            va: self.va,
+            gpa: Some(gpa),
+            access: self.access,
+            stage: Stage::Second {
+                guest_table: Some(level),
+            },
+            level,
+            entry_addr: None,
+            entry: None,
+            reason: FaultReason::Unbacked { pa },
+            code: FaultCode::Emulation,
+        })
+    }
+}
+
+impl<M: PhysMemory + ?Sized> Port for NestedPort<'_, M> {
+    fn read(&mut self, gpa: u64, wide: bool, level: u8) -> Result<u64, Fail> {
+        let pa = self.table_pa(gpa, level)?;
+        self.refs += 1;
+        let v = if wide {
+            self.mem.read_u64(pa)
+        } else {
+            self.mem.read_u32(pa).map(u64::from)
+        };
+        v.ok_or_else(|| self.unbacked(gpa, pa, level))
+    }
+
+    fn exchange(
+        &mut self,
+        gpa: u64,
+        wide: bool,
+        level: u8,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, Fail> {
+        let pa = self.table_pa(gpa, level)?;
+        let mut direct = DirectPort {
+            mem: self.mem,
+            refs: 0,
+        };
+        let r = direct.exchange(pa, wide, level, old, new);
+        self.refs += direct.refs;
+        r
+    }
+}

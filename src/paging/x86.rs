@@ -1,0 +1,651 @@
+//! x86 paging: the guest's registers ([`X86Paging`]), the mode they select
+//! ([`X86Mode`]), and the entry formats of 32-bit, PAE, 4-level and 5-level
+//! paging with their permission rules (R/W, U/S, XD with EFER.NXE, CR0.WP,
+//! SMEP, SMAP, protection keys), reserved bits per level and the page-fault
+//! error code. AMD's nested page tables reuse the 4/5-level format, with
+//! every access checked as a user access.
+//!
+//! References: Intel SDM vol. 3A chapter 4 (Paging), AMD APM vol. 2 §5 and
+//! §15.25 (nested paging).
+
+use super::{
+    fault::pf,
+    format::{bits, Decoded, Denied, Format},
+    walker::{LeafAttributes, Permissions},
+    Access, AccessKind, FaultReason,
+};
+
+/// CR0.PE: protection enabled.
+pub const CR0_PE: u64 = 1 << 0;
+/// CR0.WP: supervisor writes honour read-only pages.
+pub const CR0_WP: u64 = 1 << 16;
+/// CR0.PG: paging enabled.
+pub const CR0_PG: u64 = 1 << 31;
+/// CR4.PSE: 4 MiB pages in 32-bit paging.
+pub const CR4_PSE: u64 = 1 << 4;
+/// CR4.PAE: physical address extension (PAE and 4/5-level paging).
+pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.PGE: global pages.
+pub const CR4_PGE: u64 = 1 << 7;
+/// CR4.LA57: 5-level paging.
+pub const CR4_LA57: u64 = 1 << 12;
+/// CR4.PCIDE: process-context identifiers in CR3 bits 11:0.
+pub const CR4_PCIDE: u64 = 1 << 17;
+/// CR4.SMEP: supervisor-mode execution prevention.
+pub const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP: supervisor-mode access prevention.
+pub const CR4_SMAP: u64 = 1 << 21;
+/// CR4.PKE: protection keys for user pages.
+pub const CR4_PKE: u64 = 1 << 22;
+/// CR4.PKS: protection keys for supervisor pages.
+pub const CR4_PKS: u64 = 1 << 24;
+/// EFER.LME: long mode enable.
+pub const EFER_LME: u64 = 1 << 8;
+/// EFER.LMA: long mode active.
+pub const EFER_LMA: u64 = 1 << 10;
+/// EFER.NXE: execute-disable bit enabled.
+pub const EFER_NXE: u64 = 1 << 11;
+
+/// Entry bits shared by every x86 format.
+pub(crate) const P: u64 = 1 << 0;
+pub(crate) const RW: u64 = 1 << 1;
+pub(crate) const US: u64 = 1 << 2;
+pub(crate) const PWT: u64 = 1 << 3;
+pub(crate) const PCD: u64 = 1 << 4;
+pub(crate) const A: u64 = 1 << 5;
+pub(crate) const D: u64 = 1 << 6;
+pub(crate) const PS: u64 = 1 << 7;
+pub(crate) const G: u64 = 1 << 8;
+pub(crate) const XD: u64 = 1 << 63;
+
+/// The paging mode the control registers select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum X86Mode {
+    /// CR0.PG = 0: linear addresses are physical (real mode, or protected
+    /// mode without paging).
+    NoPaging,
+    /// 32-bit paging: two levels of 4-byte entries, 4 KiB and (with
+    /// CR4.PSE) 4 MiB pages.
+    Bits32,
+    /// PAE paging: a 4-entry PDPT, then two levels of 8-byte entries; 4 KiB
+    /// and 2 MiB pages.
+    Pae,
+    /// IA-32e 4-level paging: 48-bit linear addresses; 4 KiB, 2 MiB, 1 GiB.
+    Level4,
+    /// IA-32e 5-level paging (CR4.LA57): 57-bit linear addresses.
+    Level5,
+}
+
+impl X86Mode {
+    /// Number of table levels (0 without paging).
+    pub const fn levels(self) -> u8 {
+        match self {
+            X86Mode::NoPaging => 0,
+            X86Mode::Bits32 => 2,
+            X86Mode::Pae => 3,
+            X86Mode::Level4 => 4,
+            X86Mode::Level5 => 5,
+        }
+    }
+}
+
+/// Register combinations no x86 processor accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum X86PagingError {
+    /// CR0.PG without CR0.PE.
+    #[error("CR0.PG is set without CR0.PE (cr0 = {cr0:#x})")]
+    PagingWithoutProtection {
+        /// CR0.
+        cr0: u64,
+    },
+    /// Long mode (EFER.LMA) without CR4.PAE.
+    #[error("long mode is active but CR4.PAE is clear (cr4 = {cr4:#x})")]
+    LongModeWithoutPae {
+        /// CR4.
+        cr4: u64,
+    },
+    /// MAXPHYADDR outside 32..=52.
+    #[error("MAXPHYADDR {bits} is outside 32..=52")]
+    PhysicalWidth {
+        /// The width given.
+        bits: u8,
+    },
+}
+
+/// The guest registers that decide how it translates addresses, plus the
+/// CPU facts the checks need (MAXPHYADDR, 1 GiB page support, PKRU/PKRS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct X86Paging {
+    /// CR0 (PE, WP, PG matter).
+    pub cr0: u64,
+    /// CR3: the root table, and the PCID with CR4.PCIDE.
+    pub cr3: u64,
+    /// CR4 (PSE, PAE, PGE, LA57, PCIDE, SMEP, SMAP, PKE, PKS matter).
+    pub cr4: u64,
+    /// IA32_EFER (LME, LMA, NXE matter).
+    pub efer: u64,
+    /// The processor's physical-address width (CPUID 0x8000_0008 EAX[7:0]):
+    /// entry bits at and above it are reserved. 52 unless set.
+    pub maxphyaddr: u8,
+    /// Whether 1 GiB pages exist (CPUID 0x8000_0001 EDX[26]); without
+    /// them, PS in a PDPTE is a reserved bit. `true` unless set.
+    pub gbpages: bool,
+    /// PKRU, for protection keys on user pages (CR4.PKE).
+    pub pkru: u32,
+    /// IA32_PKRS, for protection keys on supervisor pages (CR4.PKS).
+    pub pkrs: u32,
+}
+
+impl X86Paging {
+    /// The registers as given, with MAXPHYADDR 52, 1 GiB pages supported,
+    /// and PKRU/PKRS zero.
+    pub const fn new(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Self {
+        X86Paging {
+            cr0,
+            cr3,
+            cr4,
+            efer,
+            maxphyaddr: 52,
+            gbpages: true,
+            pkru: 0,
+            pkrs: 0,
+        }
+    }
+
+    /// A typical 64-bit kernel's setting: 4-level paging rooted at `cr3`,
+    /// CR0.WP and EFER.NXE set.
+    pub const fn long_mode(cr3: u64) -> Self {
+        Self::new(
+            CR0_PE | CR0_WP | CR0_PG,
+            cr3,
+            CR4_PAE,
+            EFER_LME | EFER_LMA | EFER_NXE,
+        )
+    }
+
+    /// The same registers with MAXPHYADDR `bits`.
+    pub const fn with_maxphyaddr(self, bits: u8) -> Self {
+        X86Paging {
+            maxphyaddr: bits,
+            ..self
+        }
+    }
+
+    /// The paging mode the registers select.
+    pub fn mode(&self) -> Result<X86Mode, X86PagingError> {
+        if !(32..=52).contains(&self.maxphyaddr) {
+            return Err(X86PagingError::PhysicalWidth {
+                bits: self.maxphyaddr,
+            });
+        }
+        if self.cr0 & CR0_PG == 0 {
+            return Ok(X86Mode::NoPaging);
+        }
+        if self.cr0 & CR0_PE == 0 {
+            return Err(X86PagingError::PagingWithoutProtection { cr0: self.cr0 });
+        }
+        // Setting CR0.PG with EFER.LME is what activates long mode; accept
+        // register sets that carry LME but were saved before LMA was set.
+        let long = self.efer & (EFER_LMA | EFER_LME) != 0;
+        match (self.cr4 & CR4_PAE != 0, long) {
+            (false, false) => Ok(X86Mode::Bits32),
+            (false, true) => Err(X86PagingError::LongModeWithoutPae { cr4: self.cr4 }),
+            (true, false) => Ok(X86Mode::Pae),
+            (true, true) if self.cr4 & CR4_LA57 != 0 => Ok(X86Mode::Level5),
+            (true, true) => Ok(X86Mode::Level4),
+        }
+    }
+
+    /// The PCID in effect (CR3 bits 11:0 with CR4.PCIDE in long mode), else 0.
+    pub const fn pcid(&self) -> u16 {
+        if self.cr4 & CR4_PCIDE != 0 {
+            (self.cr3 & 0xfff) as u16
+        } else {
+            0
+        }
+    }
+}
+
+/// An x86 table format, first level or AMD nested.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct X86Format {
+    mode: X86Mode,
+    root: u64,
+    maxphy: u32,
+    nxe: bool,
+    pse: bool,
+    gbpages: bool,
+    wp: bool,
+    smep: bool,
+    smap: bool,
+    pke: bool,
+    pks: bool,
+    pkru: u32,
+    pkrs: u32,
+    /// AMD nested paging: every access is checked as a user access.
+    npt: bool,
+}
+
+// Accumulated permissions: the AND of U/S and R/W, the OR of XD, the first
+// level that cleared or set each, and the leaf's level.
+const ACC_USER: u64 = 1 << 0;
+const ACC_RW: u64 = 1 << 1;
+const ACC_XD: u64 = 1 << 2;
+const ACC_FIRST_SUPER: u32 = 8;
+const ACC_FIRST_RO: u32 = 12;
+const ACC_FIRST_XD: u32 = 16;
+const ACC_LEAF: u32 = 20;
+
+#[inline]
+fn acc_level(acc: u64, at: u32) -> u8 {
+    ((acc >> at) & 0xf) as u8
+}
+
+#[inline]
+fn set_first(acc: u64, at: u32, level: u8) -> u64 {
+    if acc_level(acc, at) == 0 {
+        acc | (u64::from(level) << at)
+    } else {
+        acc
+    }
+}
+
+impl X86Format {
+    /// The guest's format, for a mode with paging.
+    pub(crate) fn first_level(regs: &X86Paging, mode: X86Mode) -> Self {
+        let maxphy = u32::from(regs.maxphyaddr);
+        let root = match mode {
+            X86Mode::NoPaging | X86Mode::Bits32 => regs.cr3 & 0xffff_f000,
+            X86Mode::Pae => regs.cr3 & 0xffff_ffe0,
+            X86Mode::Level4 | X86Mode::Level5 => regs.cr3 & bits(12, maxphy - 1),
+        };
+        let long = matches!(mode, X86Mode::Level4 | X86Mode::Level5);
+        X86Format {
+            mode,
+            root,
+            maxphy,
+            // XD exists only in PAE and IA-32e paging.
+            nxe: regs.efer & EFER_NXE != 0 && mode != X86Mode::Bits32,
+            pse: regs.cr4 & CR4_PSE != 0 || mode != X86Mode::Bits32,
+            gbpages: regs.gbpages,
+            wp: regs.cr0 & CR0_WP != 0,
+            smep: regs.cr4 & CR4_SMEP != 0,
+            smap: regs.cr4 & CR4_SMAP != 0,
+            pke: long && regs.cr4 & CR4_PKE != 0,
+            pks: long && regs.cr4 & CR4_PKS != 0,
+            pkru: regs.pkru,
+            pkrs: regs.pkrs,
+            npt: false,
+        }
+    }
+
+    /// AMD nested page tables rooted at `ncr3`.
+    pub(crate) fn nested(ncr3: u64, five_level: bool, nxe: bool, maxphyaddr: u8) -> Self {
+        let maxphy = u32::from(maxphyaddr.clamp(32, 52));
+        X86Format {
+            mode: if five_level {
+                X86Mode::Level5
+            } else {
+                X86Mode::Level4
+            },
+            root: ncr3 & bits(12, maxphy - 1),
+            maxphy,
+            nxe,
+            pse: true,
+            gbpages: true,
+            wp: true,
+            smep: false,
+            smap: false,
+            pke: false,
+            pks: false,
+            pkru: 0,
+            pkrs: 0,
+            npt: true,
+        }
+    }
+
+    /// Whether fetches set the I/D bit of the error code.
+    fn reports_fetch(&self) -> bool {
+        self.nxe || self.smep
+    }
+
+    /// The #PF error code for a fault with `reason` on `access`.
+    pub(crate) fn error_code(&self, reason: FaultReason, access: Access) -> u32 {
+        let mut ec = 0;
+        if reason != FaultReason::NotPresent {
+            ec |= pf::PRESENT;
+        }
+        if access.is_write() {
+            ec |= pf::WRITE;
+        }
+        if access.is_user() || self.npt {
+            ec |= pf::USER;
+        }
+        if matches!(reason, FaultReason::Reserved { .. }) {
+            ec |= pf::RSVD;
+        }
+        if access.is_fetch() && (self.reports_fetch() || self.npt) {
+            ec |= pf::FETCH;
+        }
+        if matches!(reason, FaultReason::ProtectionKey { .. }) {
+            ec |= pf::PK;
+        }
+        ec
+    }
+
+    fn phys_reserved(&self) -> u64 {
+        let high = match self.mode {
+            // PAE: bits 62:MAXPHYADDR are reserved.
+            X86Mode::Pae => bits(self.maxphy, 62),
+            // 4/5-level: bits 51:MAXPHYADDR; 62:52 are ignored (or keys).
+            _ => bits(self.maxphy, 51),
+        };
+        high | if self.nxe { 0 } else { XD }
+    }
+
+    fn addr_mask(&self) -> u64 {
+        bits(12, self.maxphy - 1)
+    }
+
+    /// Protection-key check for a data access to a page with `user_page`.
+    fn key_check(
+        &self,
+        leaf: u64,
+        access: Access,
+        user_page: bool,
+        level: u8,
+    ) -> Result<(), Denied> {
+        let (enabled, rights) = if user_page {
+            (self.pke, self.pkru)
+        } else {
+            (self.pks, self.pkrs)
+        };
+        if !enabled || access.is_fetch() {
+            return Ok(());
+        }
+        let key = ((leaf >> 59) & 0xf) as u8;
+        let ad = rights >> (2 * u32::from(key)) & 1 != 0;
+        let wd = rights >> (2 * u32::from(key) + 1) & 1 != 0;
+        let denied = ad || (access.is_write() && wd && (access.is_user() || self.wp));
+        if denied {
+            Err(Denied {
+                level,
+                reason: FaultReason::ProtectionKey { key },
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Format for X86Format {
+    #[inline]
+    fn top_level(&self) -> u8 {
+        self.mode.levels()
+    }
+
+    #[inline]
+    fn root(&self) -> u64 {
+        self.root
+    }
+
+    #[inline]
+    fn wide(&self) -> bool {
+        self.mode != X86Mode::Bits32
+    }
+
+    #[inline]
+    fn check_input(&self, va: u64) -> Result<(), FaultReason> {
+        match self.mode {
+            X86Mode::NoPaging | X86Mode::Bits32 | X86Mode::Pae => {
+                if va > u64::from(u32::MAX) {
+                    return Err(FaultReason::AddressTooWide);
+                }
+            }
+            X86Mode::Level4 | X86Mode::Level5 => {
+                let width = if self.mode == X86Mode::Level5 { 57 } else { 48 };
+                if self.npt {
+                    // A guest-physical address has no sign extension.
+                    if va >> width != 0 {
+                        return Err(FaultReason::AddressTooWide);
+                    }
+                } else if ((va << (64 - width)) as i64 >> (64 - width)) as u64 != va {
+                    return Err(FaultReason::NonCanonical);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn entries(&self, level: u8) -> u64 {
+        match self.mode {
+            X86Mode::Bits32 => 1024,
+            X86Mode::Pae if level == 3 => 4,
+            _ => 512,
+        }
+    }
+
+    #[inline]
+    fn index_shift(&self, level: u8) -> u32 {
+        let l = u32::from(level);
+        match self.mode {
+            X86Mode::Bits32 => 12 + 10 * (l - 1),
+            X86Mode::Pae if level == 3 => 30,
+            _ => 12 + 9 * (l - 1),
+        }
+    }
+
+    #[inline]
+    fn entry_addr(&self, table: u64, level: u8, va: u64) -> u64 {
+        let l = u32::from(level);
+        match self.mode {
+            X86Mode::Bits32 => table + ((va >> (12 + 10 * (l - 1))) & 0x3ff) * 4,
+            X86Mode::Pae if level == 3 => table + ((va >> 30) & 3) * 8,
+            _ => table + ((va >> (12 + 9 * (l - 1))) & 0x1ff) * 8,
+        }
+    }
+
+    #[inline]
+    fn decode(&self, level: u8, raw: u64) -> Decoded {
+        if raw & P == 0 {
+            return Decoded::NotPresent;
+        }
+        let check = |reserved: u64, ok: Decoded| {
+            if raw & reserved != 0 {
+                Decoded::Reserved(raw & reserved)
+            } else {
+                ok
+            }
+        };
+        match self.mode {
+            X86Mode::NoPaging => Decoded::NotPresent,
+            X86Mode::Bits32 => {
+                if level == 2 && raw & PS != 0 && self.pse {
+                    // PSE-36: PDE bits 20:13 are physical bits 39:32, as many
+                    // as MAXPHYADDR allows; bit 21 is reserved.
+                    let high_bits = self.maxphy.min(40) - 32;
+                    let reserved = (1 << 21) | bits(13 + high_bits, 20);
+                    let base = (raw & 0xffc0_0000) | (((raw >> 13) & 0xff) << 32);
+                    check(reserved, Decoded::Leaf { base, shift: 22 })
+                } else if level == 1 {
+                    Decoded::Leaf {
+                        base: raw & 0xffff_f000,
+                        shift: 12,
+                    }
+                } else {
+                    Decoded::Table(raw & 0xffff_f000)
+                }
+            }
+            X86Mode::Pae if level == 3 => {
+                // PDPTEs carry no permissions: 2:1 and 8:5 are reserved.
+                let reserved = bits(1, 2) | bits(5, 8) | bits(self.maxphy, 63);
+                check(reserved, Decoded::Table(raw & self.addr_mask()))
+            }
+            _ => {
+                let phys = self.phys_reserved();
+                let mask = self.addr_mask();
+                match level {
+                    1 => check(
+                        phys,
+                        Decoded::Leaf {
+                            base: raw & mask,
+                            shift: 12,
+                        },
+                    ),
+                    2 if raw & PS != 0 => check(
+                        phys | bits(13, 20),
+                        Decoded::Leaf {
+                            base: raw & mask & !bits(0, 20),
+                            shift: 21,
+                        },
+                    ),
+                    3 if raw & PS != 0 => {
+                        if !self.gbpages {
+                            return Decoded::Reserved(PS);
+                        }
+                        check(
+                            phys | bits(13, 29),
+                            Decoded::Leaf {
+                                base: raw & mask & !bits(0, 29),
+                                shift: 30,
+                            },
+                        )
+                    }
+                    2 | 3 => check(phys, Decoded::Table(raw & mask)),
+                    // PML4E and PML5E: PS is reserved.
+                    _ => check(phys | PS, Decoded::Table(raw & mask)),
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn acc_start(&self) -> u64 {
+        ACC_USER | ACC_RW
+    }
+
+    #[inline]
+    fn accumulate(&self, mut acc: u64, level: u8, raw: u64) -> u64 {
+        acc = (acc & !(0xf << ACC_LEAF)) | (u64::from(level) << ACC_LEAF);
+        if self.mode == X86Mode::Pae && level == 3 {
+            return acc;
+        }
+        if raw & US == 0 && acc & ACC_USER != 0 {
+            acc = set_first(acc & !ACC_USER, ACC_FIRST_SUPER, level);
+        }
+        if raw & RW == 0 && acc & ACC_RW != 0 {
+            acc = set_first(acc & !ACC_RW, ACC_FIRST_RO, level);
+        }
+        if self.nxe && raw & XD != 0 && acc & ACC_XD == 0 {
+            acc = set_first(acc | ACC_XD, ACC_FIRST_XD, level);
+        }
+        acc
+    }
+
+    #[inline]
+    fn check(&self, acc: u64, leaf: u64, access: Access, _: bool) -> Result<(), Denied> {
+        let user_page = acc & ACC_USER != 0;
+        let writable = acc & ACC_RW != 0;
+        let xd = acc & ACC_XD != 0;
+        let leaf_level = acc_level(acc, ACC_LEAF);
+        let deny = |at: u32| {
+            Err(Denied {
+                level: acc_level(acc, at),
+                reason: FaultReason::Permission,
+            })
+        };
+        let at_leaf = Err(Denied {
+            level: leaf_level,
+            reason: FaultReason::Permission,
+        });
+        if access.is_user() || self.npt {
+            if !user_page {
+                return deny(ACC_FIRST_SUPER);
+            }
+            match access.kind {
+                AccessKind::Read => {}
+                AccessKind::Write if !writable => return deny(ACC_FIRST_RO),
+                AccessKind::Fetch if xd => return deny(ACC_FIRST_XD),
+                _ => {}
+            }
+        } else {
+            let smap_applies = user_page
+                && self.smap
+                && (access.privilege == super::Privilege::SupervisorImplicit || !access.ac);
+            match access.kind {
+                AccessKind::Fetch => {
+                    if user_page && self.smep {
+                        return at_leaf;
+                    }
+                    if xd {
+                        return deny(ACC_FIRST_XD);
+                    }
+                }
+                AccessKind::Read if smap_applies => return at_leaf,
+                AccessKind::Read => {}
+                AccessKind::Write => {
+                    if smap_applies {
+                        return at_leaf;
+                    }
+                    if self.wp && !writable {
+                        return deny(ACC_FIRST_RO);
+                    }
+                }
+            }
+        }
+        self.key_check(leaf, access, user_page, leaf_level)
+    }
+
+    #[inline]
+    fn with_accessed(&self, level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
+        if self.mode == X86Mode::Pae && level == 3 {
+            // PDPTEs are loaded with CR3 and have no accessed flag.
+            return raw;
+        }
+        let mut new = raw | A;
+        if leaf && write {
+            new |= D;
+        }
+        new
+    }
+
+    fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
+        let user = acc & ACC_USER != 0;
+        let execute = acc & ACC_XD == 0;
+        Permissions {
+            read: true,
+            write: acc & ACC_RW != 0,
+            execute,
+            user,
+            user_execute: user && execute,
+            key: if self.pke || self.pks {
+                ((leaf >> 59) & 0xf) as u8
+            } else {
+                0
+            },
+        }
+    }
+}
+
+impl X86Format {
+    /// Leaf attributes of `leaf` at `level`.
+    pub(crate) fn attributes(&self, level: u8, leaf: u64) -> LeafAttributes {
+        let large = level > 1;
+        let pat_bit = if large { 1 << 12 } else { PS };
+        LeafAttributes {
+            accessed: leaf & A != 0,
+            dirty: leaf & D != 0,
+            global: leaf & G != 0,
+            write_through: leaf & PWT != 0,
+            cache_disable: leaf & PCD != 0,
+            pat: leaf & pat_bit != 0,
+            memory_type: None,
+            ignore_pat: false,
+        }
+    }
+
+    /// The mode this format walks.
+    pub(crate) fn mode(&self) -> X86Mode {
+        self.mode
+    }
+}
