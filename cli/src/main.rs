@@ -1,10 +1,12 @@
 //! The `pagefold` command line: a demo of the library on built-in guests,
-//! and operator tools over raw guest RAM images.
+//! and operator tools over raw guest RAM images (folding estimates, the
+//! guest's page tables).
 
 mod compare;
 mod demo;
 mod estimate;
 mod ksm;
+mod maps;
 mod workload;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -56,13 +58,64 @@ enum Command {
         /// Raw guest RAM images, one per VM.
         images: Vec<PathBuf>,
     },
+    /// List every mapping of a guest address space, read from its RAM image
+    /// with the guest's paging registers: one line per page or large page
+    /// (virtual address, physical address, size, permissions, flags).
+    /// Entries the walk cannot use are reported on stderr.
+    Maps {
+        #[command(flatten)]
+        guest: maps::GuestArgs,
+        /// Output: text, json (JSON lines) or qemu (QEMU 7.2 `info tlb`).
+        #[arg(long, value_enum, default_value_t = maps::MapsFormat::Text)]
+        format: maps::MapsFormat,
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+    },
+    /// Translate one guest-virtual address (hex) with the guest's paging
+    /// registers, or say which fault it takes (level, entry, reason, #PF
+    /// error code; exit status 3).
+    Translate {
+        #[command(flatten)]
+        guest: maps::GuestArgs,
+        /// Check a write.
+        #[arg(long, conflicts_with = "fetch")]
+        write: bool,
+        /// Check an instruction fetch.
+        #[arg(long)]
+        fetch: bool,
+        /// Check a user-mode (CPL 3) access.
+        #[arg(long)]
+        user: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The virtual address (hex, with or without 0x).
+        #[arg(value_parser = maps::parse_hex)]
+        va: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { vms, mib } => demo::run(vms, mib),
-        Command::Estimate { json, images } => estimate::run(&images, json),
+        Command::Maps {
+            guest,
+            format,
+            json,
+        } => maps::run_maps(&guest, if json { maps::MapsFormat::Json } else { format }),
+        Command::Translate {
+            guest,
+            write,
+            fetch,
+            user,
+            json,
+            va,
+        } => maps::run_translate(&guest, va, maps::access(write, fetch, user), json),
+        Command::Demo { vms, mib } => demo::run(vms, mib).map(|()| ExitCode::SUCCESS),
+        Command::Estimate { json, images } => {
+            estimate::run(&images, json).map(|()| ExitCode::SUCCESS)
+        }
         Command::CompareKsm {
             no_ksm,
             max_map_count,
@@ -76,13 +129,16 @@ fn main() -> ExitCode {
             } else {
                 workload::Workload::images(&images).map(|w| vec![w])
             };
-            workloads.map_err(Into::into).and_then(|w| {
-                compare::run(&w, !no_ksm, (max_map_count > 0).then_some(max_map_count))
-            })
+            workloads
+                .map_err(Into::into)
+                .and_then(|w| {
+                    compare::run(&w, !no_ksm, (max_map_count > 0).then_some(max_map_count))
+                })
+                .map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pagefold: {e}");
             let mut source = e.source();
@@ -92,5 +148,119 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::{Cli, Command};
+    use crate::maps::MapsFormat;
+
+    const GUEST: [&str; 8] = [
+        "--ram",
+        "ram.img",
+        "--cr3",
+        "0x2b04000",
+        "--cr4",
+        "6f0",
+        "--efer",
+        "0xd01",
+    ];
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pagefold").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn maps_arguments() {
+        let cli = parse(&[&["maps"][..], &GUEST[..]].concat()).unwrap();
+        let Command::Maps {
+            guest,
+            format,
+            json,
+        } = cli.command
+        else {
+            panic!("not maps")
+        };
+        assert_eq!(guest.cr3, 0x2b0_4000);
+        assert_eq!(guest.cr4, 0x6f0);
+        assert_eq!(guest.efer, 0xd01);
+        assert_eq!(guest.cr0, 0x8001_0001);
+        assert_eq!(guest.ram_base, 0);
+        assert_eq!(guest.maxphyaddr, 52);
+        assert!(!guest.no_1g_pages);
+        assert_eq!(format, MapsFormat::Text);
+        assert!(!json);
+
+        let cli = parse(
+            &[
+                &["maps"][..],
+                &GUEST[..],
+                &[
+                    "--cr0",
+                    "80050033",
+                    "--ram-base",
+                    "0x100000",
+                    "--format",
+                    "qemu",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let Command::Maps { guest, format, .. } = cli.command else {
+            panic!("not maps")
+        };
+        assert_eq!(guest.cr0, 0x8005_0033);
+        assert_eq!(guest.ram_base, 0x10_0000);
+        assert_eq!(format, MapsFormat::Qemu);
+
+        // --json and --format exclude each other; registers are required
+        // and must be hex.
+        assert!(
+            parse(&[&["maps", "--json", "--format", "text"][..], &GUEST[..]].concat()).is_err()
+        );
+        assert!(parse(&["maps", "--ram", "r", "--cr3", "1", "--cr4", "20"]).is_err());
+        assert!(parse(&[&["maps"][..], &GUEST[..], &["--cr0", "xyz"]].concat()).is_err());
+    }
+
+    #[test]
+    fn translate_arguments() {
+        let cli = parse(
+            &[
+                &["translate"][..],
+                &GUEST[..],
+                &["--write", "--user", "ffff888000001000"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let Command::Translate {
+            write,
+            fetch,
+            user,
+            json,
+            va,
+            ..
+        } = cli.command
+        else {
+            panic!("not translate")
+        };
+        assert!(write && user && !fetch && !json);
+        assert_eq!(va, 0xffff_8880_0000_1000);
+        assert!(parse(
+            &[
+                &["translate"][..],
+                &GUEST[..],
+                &["--write", "--fetch", "0x1000"]
+            ]
+            .concat()
+        )
+        .is_err());
+        assert!(parse(&[&["translate"][..], &GUEST[..]].concat()).is_err());
     }
 }

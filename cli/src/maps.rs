@@ -1,0 +1,703 @@
+//! `pagefold maps` and `pagefold translate`: the guest's page tables read
+//! out of a raw RAM image with the library's walker — every mapping of an
+//! address space (as text, JSON lines, or QEMU's `info tlb` lines), or the
+//! translation of one virtual address (or the fault it takes).
+
+use std::{
+    error::Error,
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::{Args, ValueEnum};
+use pagefold::paging::{
+    Access, AccessKind, FaultCode, FaultReason, Mapping, PhysImage, Translation, WalkFault, Walker,
+    X86Mode, X86Paging,
+};
+use serde::Serialize;
+
+/// Exit status of `translate` when the address does not translate.
+pub(crate) const EXIT_FAULT: u8 = 3;
+
+/// At most this many walker errors are printed one by one; the rest are
+/// only counted.
+const MAX_ERRORS_SHOWN: u64 = 100;
+
+/// A hexadecimal number, with or without `0x`; `_` may separate digits.
+pub(crate) fn parse_hex(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t)
+        .replace('_', "");
+    if digits.is_empty() {
+        return Err(format!("'{s}' is not a hexadecimal number"));
+    }
+    u64::from_str_radix(&digits, 16)
+        .map_err(|e| format!("'{s}' is not a hexadecimal number of at most 64 bits ({e})"))
+}
+
+/// The guest: its RAM image and its paging registers.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct GuestArgs {
+    /// Raw guest RAM image: byte o of the file is guest-physical address
+    /// RAM_BASE + o (a QEMU memory-backend-file, a dump).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ram: PathBuf,
+    /// Guest-physical address of the image's first byte (hex).
+    #[arg(long, value_name = "GPA", value_parser = parse_hex, default_value = "0")]
+    pub(crate) ram_base: u64,
+    /// CR3 (hex).
+    #[arg(long, value_parser = parse_hex)]
+    pub(crate) cr3: u64,
+    /// CR4 (hex): PSE, PAE, LA57, PCIDE, SMEP, SMAP, PKE matter.
+    #[arg(long, value_parser = parse_hex)]
+    pub(crate) cr4: u64,
+    /// IA32_EFER (hex): LME/LMA select long mode, NXE the XD bit.
+    #[arg(long, value_parser = parse_hex)]
+    pub(crate) efer: u64,
+    /// CR0 (hex); the default is PE, WP and PG set.
+    #[arg(long, value_parser = parse_hex, default_value = "80010001")]
+    pub(crate) cr0: u64,
+    /// The CPU's physical-address width: entry bits at and above it are
+    /// reserved (decimal, 32 to 52).
+    #[arg(long, value_name = "BITS", default_value_t = 52)]
+    pub(crate) maxphyaddr: u8,
+    /// The CPU has no 1 GiB pages: PS in a PDPTE is a reserved bit.
+    #[arg(long)]
+    pub(crate) no_1g_pages: bool,
+}
+
+impl GuestArgs {
+    fn paging(&self) -> X86Paging {
+        let mut p = X86Paging::new(self.cr0, self.cr3, self.cr4, self.efer)
+            .with_maxphyaddr(self.maxphyaddr);
+        p.gbpages = !self.no_1g_pages;
+        p
+    }
+}
+
+/// How `maps` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MapsFormat {
+    /// One line per mapping: `VA PA SIZE PERMS U/S FLAGS`.
+    Text,
+    /// JSON lines: one object per mapping.
+    Json,
+    /// QEMU 7.2's `info tlb` lines, from the leaf entry alone.
+    Qemu,
+}
+
+/// A read-only mapping of the RAM image.
+struct Image {
+    map: memmap2::Mmap,
+}
+
+impl Image {
+    fn open(args: &GuestArgs) -> Result<Self, Box<dyn Error>> {
+        let path = &args.ram;
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .len();
+        if len == 0 {
+            return Err(format!("{} is empty", path.display()).into());
+        }
+        if args.ram_base.checked_add(len).is_none() {
+            return Err(format!(
+                "--ram-base {:#x} plus the image size {len:#x} is past 2^64",
+                args.ram_base
+            )
+            .into());
+        }
+        // SAFETY: the mapping is private to this process and only read. A
+        // process that writes the file meanwhile (a guest still running on
+        // it) changes what the walker reads, never the validity of the
+        // mapping itself; `pagefold maps` is meant for a stopped guest.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+        Ok(Image { map })
+    }
+
+    fn phys<'a>(&'a self, args: &GuestArgs) -> PhysImage<'a> {
+        PhysImage::new(args.ram_base, &self.map)
+    }
+}
+
+fn walker(args: &GuestArgs) -> Result<Walker, Box<dyn Error>> {
+    Walker::new(args.paging()).map_err(|e| format!("bad paging registers: {e}").into())
+}
+
+/// `4K`, `2M`, `4M`, `1G`, `4G`.
+pub(crate) fn size_text(size: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (unit, suffix) in UNITS {
+        if size >= unit && size % unit == 0 {
+            return format!("{}{suffix}", size / unit);
+        }
+    }
+    format!("{size}B")
+}
+
+fn perms_text(read: bool, write: bool, execute: bool) -> String {
+    [(read, 'r'), (write, 'w'), (execute, 'x')]
+        .iter()
+        .map(|&(on, c)| if on { c } else { '-' })
+        .collect()
+}
+
+/// Leaf flags, one column each: G global, A accessed, D dirty, T PWT,
+/// C PCD, P PAT.
+fn flags_text(a: &pagefold::paging::LeafAttributes) -> String {
+    [
+        (a.global, 'G'),
+        (a.accessed, 'A'),
+        (a.dirty, 'D'),
+        (a.write_through, 'T'),
+        (a.cache_disable, 'C'),
+        (a.pat, 'P'),
+    ]
+    .iter()
+    .map(|&(on, c)| if on { c } else { '-' })
+    .collect()
+}
+
+/// The text form of a mapping:
+/// `ffff888000000000 0000000000000000 2M rw- s GAD---`.
+pub(crate) fn text_line(m: &Mapping) -> String {
+    let p = &m.permissions;
+    let mut s = format!(
+        "{:016x} {:016x} {} {} {} {}",
+        m.va,
+        m.gpa,
+        size_text(m.size),
+        perms_text(p.read, p.write, p.execute),
+        if p.user { 'u' } else { 's' },
+        flags_text(&m.attributes)
+    );
+    if p.key != 0 {
+        s.push_str(&format!(" key={}", p.key));
+    }
+    s
+}
+
+/// QEMU 7.2's `print_pte` for the leaf of `m` (target/i386/monitor.c):
+/// `%016lx: %016lx` then X G P D A C T U W from the leaf entry alone, the
+/// entry masked as `info tlb` masks it in `mode`, and bit 7 (PAT in a
+/// 4 KiB PTE) cleared for 4 KiB pages.
+pub(crate) fn qemu_line(m: &Mapping, mode: X86Mode) -> String {
+    const X4K_LONG: u64 = 0x3_ffff_ffff_f000;
+    const X2M_LONG: u64 = 0x3_ffff_ffe0_0000;
+    const X1G_LONG: u64 = 0x3_ffff_c000_0000;
+    let small = m.level <= 1;
+    let pte = if small { m.entry & !(1 << 7) } else { m.entry };
+    let mask = match (mode, m.level) {
+        (X86Mode::Level4 | X86Mode::Level5, 1) => X4K_LONG,
+        (X86Mode::Level4 | X86Mode::Level5, 2) => X2M_LONG,
+        (X86Mode::Level4 | X86Mode::Level5, _) => X1G_LONG,
+        // PAE and 32-bit 4 KiB pages: ~0xfff (high bits, NX included, stay).
+        (_, 1) => !0xfff,
+        // PAE 2 MiB pages: QEMU masks with ~((1 << 20) - 1).
+        (X86Mode::Pae, _) => !((1 << 20) - 1),
+        // 32-bit 4 MiB pages: ~((1 << 21) - 1) of a 32-bit entry.
+        (_, _) => !((1 << 21) - 1),
+    };
+    let bit = |b: u32, c: char| if pte & (1 << b) != 0 { c } else { '-' };
+    format!(
+        "{:016x}: {:016x} {}{}{}{}{}{}{}{}{}",
+        m.va,
+        pte & mask,
+        bit(63, 'X'),
+        bit(8, 'G'),
+        bit(7, 'P'),
+        bit(6, 'D'),
+        bit(5, 'A'),
+        bit(4, 'C'),
+        bit(3, 'T'),
+        bit(2, 'U'),
+        bit(1, 'W'),
+    )
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+#[derive(Serialize)]
+struct JsonMapping {
+    va: String,
+    gpa: String,
+    size: u64,
+    level: u8,
+    read: bool,
+    write: bool,
+    execute: bool,
+    user: bool,
+    key: u8,
+    global: bool,
+    accessed: bool,
+    dirty: bool,
+    write_through: bool,
+    cache_disable: bool,
+    pat: bool,
+    entry: String,
+}
+
+impl From<&Mapping> for JsonMapping {
+    fn from(m: &Mapping) -> Self {
+        let (p, a) = (&m.permissions, &m.attributes);
+        JsonMapping {
+            va: hex(m.va),
+            gpa: hex(m.gpa),
+            size: m.size,
+            level: m.level,
+            read: p.read,
+            write: p.write,
+            execute: p.execute,
+            user: p.user,
+            key: p.key,
+            global: a.global,
+            accessed: a.accessed,
+            dirty: a.dirty,
+            write_through: a.write_through,
+            cache_disable: a.cache_disable,
+            pat: a.pat,
+            entry: hex(m.entry),
+        }
+    }
+}
+
+/// A fault's reason in words.
+pub(crate) fn reason_text(r: &FaultReason) -> String {
+    match r {
+        FaultReason::NotPresent => "not present".into(),
+        FaultReason::Permission => "permission".into(),
+        FaultReason::ProtectionKey { key } => format!("protection key {key}"),
+        FaultReason::Reserved { bits } => format!("reserved bits {bits:#x} set"),
+        FaultReason::NonCanonical => "non-canonical address".into(),
+        FaultReason::AddressTooWide => "address too wide for the mode".into(),
+        FaultReason::Misconfigured => "misconfigured entry".into(),
+        FaultReason::Unbacked { pa } => format!("table at {pa:#x} is outside the RAM image"),
+        FaultReason::TooManyEntries => "entry budget exhausted".into(),
+        FaultReason::ReadOnlyTable => "read-only table".into(),
+        FaultReason::Contended => "contended".into(),
+    }
+}
+
+/// A short machine-friendly name of a reason (for JSON).
+fn reason_name(r: &FaultReason) -> &'static str {
+    match r {
+        FaultReason::NotPresent => "not-present",
+        FaultReason::Permission => "permission",
+        FaultReason::ProtectionKey { .. } => "protection-key",
+        FaultReason::Reserved { .. } => "reserved",
+        FaultReason::NonCanonical => "non-canonical",
+        FaultReason::AddressTooWide => "address-too-wide",
+        FaultReason::Misconfigured => "misconfigured",
+        FaultReason::Unbacked { .. } => "unbacked",
+        FaultReason::TooManyEntries => "too-many-entries",
+        FaultReason::ReadOnlyTable => "read-only-table",
+        FaultReason::Contended => "contended",
+    }
+}
+
+fn code_text(c: &FaultCode) -> String {
+    match c {
+        FaultCode::PageFault { error_code } => format!("#PF error code {error_code:#x}"),
+        FaultCode::GeneralProtection => "#GP(0)".into(),
+        FaultCode::EptViolation { qualification } => {
+            format!("EPT violation, qualification {qualification:#x}")
+        }
+        FaultCode::EptMisconfig => "EPT misconfiguration".into(),
+        FaultCode::NestedPageFault { exit_info1 } => {
+            format!("nested page fault, EXITINFO1 {exit_info1:#x}")
+        }
+        FaultCode::Emulation => "no architectural event (emulation failure)".into(),
+    }
+}
+
+/// One line for a fault: `VA: fault at level L: REASON; entry E at A; EVENT`.
+pub(crate) fn fault_text(f: &WalkFault) -> String {
+    let mut s = format!(
+        "{:016x}: fault at level {}: {}",
+        f.va,
+        f.level,
+        reason_text(&f.reason)
+    );
+    match (f.entry, f.entry_addr) {
+        (Some(e), Some(at)) => s.push_str(&format!("; entry {e:016x} at {at:#x}")),
+        (None, Some(at)) => s.push_str(&format!("; entry at {at:#x}")),
+        (Some(e), None) => s.push_str(&format!("; entry {e:016x}")),
+        (None, None) => {}
+    }
+    s.push_str("; ");
+    s.push_str(&code_text(&f.code));
+    s
+}
+
+/// Writes one line, treating a closed pipe (`| head`) as the end.
+enum Flow {
+    Go,
+    Stop,
+}
+
+fn emit(out: &mut impl Write, line: &str) -> io::Result<Flow> {
+    match writeln!(out, "{line}") {
+        Ok(()) => Ok(Flow::Go),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Flow::Stop),
+        Err(e) => Err(e),
+    }
+}
+
+/// `pagefold maps`.
+pub(crate) fn run_maps(args: &GuestArgs, format: MapsFormat) -> Result<ExitCode, Box<dyn Error>> {
+    let walker = walker(args)?;
+    let image = Image::open(args)?;
+    let mem = image.phys(args);
+    let mode = walker.mode();
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    if format == MapsFormat::Qemu && mode == X86Mode::NoPaging {
+        emit(&mut out, "PG disabled")?;
+        flush(&mut out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (mut listed, mut errors) = (0u64, 0u64);
+    for item in walker.mappings(&mem) {
+        match item {
+            Ok(m) => {
+                listed += 1;
+                let line = match format {
+                    MapsFormat::Text => text_line(&m),
+                    MapsFormat::Qemu => qemu_line(&m, mode),
+                    MapsFormat::Json => serde_json::to_string(&JsonMapping::from(&m))?,
+                };
+                if let Flow::Stop = emit(&mut out, &line)? {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            Err(f) => {
+                errors += 1;
+                if errors <= MAX_ERRORS_SHOWN {
+                    flush(&mut out)?;
+                    eprintln!("pagefold: maps: skipped {}", fault_text(&f));
+                }
+            }
+        }
+    }
+    flush(&mut out)?;
+    if errors > 0 {
+        eprintln!(
+            "pagefold: maps: {errors} entr{} could not be used{}; {listed} mappings listed",
+            if errors == 1 { "y" } else { "ies" },
+            if errors > MAX_ERRORS_SHOWN {
+                format!(" (the first {MAX_ERRORS_SHOWN} are shown)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    if listed == 0 {
+        return Err(format!(
+            "no mapping could be listed from CR3 {:#x} (is the CR3 right, and --ram-base?)",
+            args.cr3
+        )
+        .into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn flush(out: &mut impl Write) -> io::Result<()> {
+    match out.flush() {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
+/// The access `translate` checks.
+pub(crate) fn access(write: bool, fetch: bool, user: bool) -> Access {
+    let kind = if write {
+        AccessKind::Write
+    } else if fetch {
+        AccessKind::Fetch
+    } else {
+        AccessKind::Read
+    };
+    let a = Access::new(kind, pagefold::paging::Privilege::Supervisor);
+    if user {
+        a.user()
+    } else {
+        a
+    }
+}
+
+/// The text form of a translation:
+/// `VA -> GPA SIZE PERMS U/S FLAGS level L`.
+pub(crate) fn translation_text(t: &Translation) -> String {
+    let p = &t.permissions;
+    let mut s = format!(
+        "{:016x} -> {:016x} {} {} {} {} level {}",
+        t.va,
+        t.gpa,
+        size_text(t.page_size),
+        perms_text(p.read, p.write, p.execute),
+        if p.user { 'u' } else { 's' },
+        flags_text(&t.attributes),
+        t.level
+    );
+    if p.key != 0 {
+        s.push_str(&format!(" key={}", p.key));
+    }
+    s
+}
+
+#[derive(Serialize)]
+struct JsonTranslation {
+    va: String,
+    gpa: String,
+    page_base: String,
+    page_size: u64,
+    level: u8,
+    read: bool,
+    write: bool,
+    execute: bool,
+    user: bool,
+    key: u8,
+    global: bool,
+    accessed: bool,
+    dirty: bool,
+    write_through: bool,
+    cache_disable: bool,
+    pat: bool,
+}
+
+#[derive(Serialize)]
+struct JsonFault {
+    va: String,
+    fault: JsonFaultBody,
+}
+
+#[derive(Serialize)]
+struct JsonFaultBody {
+    level: u8,
+    reason: &'static str,
+    detail: String,
+    entry: Option<String>,
+    entry_addr: Option<String>,
+    /// The #PF error code, when the event is a page fault.
+    error_code: Option<u32>,
+    event: String,
+}
+
+/// `pagefold translate`.
+pub(crate) fn run_translate(
+    args: &GuestArgs,
+    va: u64,
+    access: Access,
+    json: bool,
+) -> Result<ExitCode, Box<dyn Error>> {
+    let walker = walker(args)?;
+    let image = Image::open(args)?;
+    let mem = image.phys(args);
+    let result = walker.translate(&mem, va, access);
+    let line = match (&result, json) {
+        (Ok(t), false) => translation_text(t),
+        (Ok(t), true) => {
+            let (p, a) = (&t.permissions, &t.attributes);
+            serde_json::to_string(&JsonTranslation {
+                va: hex(t.va),
+                gpa: hex(t.gpa),
+                page_base: hex(t.gpa & !(t.page_size - 1)),
+                page_size: t.page_size,
+                level: t.level,
+                read: p.read,
+                write: p.write,
+                execute: p.execute,
+                user: p.user,
+                key: p.key,
+                global: a.global,
+                accessed: a.accessed,
+                dirty: a.dirty,
+                write_through: a.write_through,
+                cache_disable: a.cache_disable,
+                pat: a.pat,
+            })?
+        }
+        (Err(f), false) => fault_text(f),
+        (Err(f), true) => serde_json::to_string(&JsonFault {
+            va: hex(f.va),
+            fault: JsonFaultBody {
+                level: f.level,
+                reason: reason_name(&f.reason),
+                detail: reason_text(&f.reason),
+                entry: f.entry.map(hex),
+                entry_addr: f.entry_addr.map(hex),
+                error_code: match f.code {
+                    FaultCode::PageFault { error_code } => Some(error_code),
+                    _ => None,
+                },
+                event: code_text(&f.code),
+            },
+        })?,
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    emit(&mut out, &line)?;
+    flush(&mut out)?;
+    Ok(if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAULT)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use pagefold::paging::{LeafAttributes, Permissions};
+
+    fn mapping(va: u64, gpa: u64, level: u8, entry: u64) -> Mapping {
+        Mapping {
+            va,
+            gpa,
+            size: 1 << (12 + 9 * (u32::from(level) - 1)),
+            level,
+            permissions: Permissions {
+                read: true,
+                write: entry & 2 != 0,
+                execute: entry >> 63 == 0,
+                user: entry & 4 != 0,
+                user_execute: false,
+                key: 0,
+            },
+            attributes: LeafAttributes {
+                accessed: entry & 0x20 != 0,
+                dirty: entry & 0x40 != 0,
+                global: entry & 0x100 != 0,
+                ..LeafAttributes::default()
+            },
+            entry,
+        }
+    }
+
+    #[test]
+    fn hex_with_and_without_prefix() {
+        assert_eq!(parse_hex("0x2b04000"), Ok(0x2b0_4000));
+        assert_eq!(parse_hex("2b04000"), Ok(0x2b0_4000));
+        assert_eq!(
+            parse_hex("0XFFFF_8880_0000_0000"),
+            Ok(0xffff_8880_0000_0000)
+        );
+        assert_eq!(parse_hex("ffffffffffffffff"), Ok(u64::MAX));
+        assert!(parse_hex("").is_err());
+        assert!(parse_hex("0x").is_err());
+        assert!(parse_hex("12g").is_err());
+        assert!(parse_hex("1ffffffffffffffff").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_text(4096), "4K");
+        assert_eq!(size_text(2 << 20), "2M");
+        assert_eq!(size_text(4 << 20), "4M");
+        assert_eq!(size_text(1 << 30), "1G");
+        assert_eq!(size_text(1 << 32), "4G");
+        assert_eq!(size_text(100), "100B");
+    }
+
+    #[test]
+    fn text_lines() {
+        // A kernel 2 MiB page: present, writable, accessed, dirty, PS,
+        // global, NX.
+        let m = mapping(0xffff_8880_0000_0000, 0, 2, (1 << 63) | 0x1e3);
+        assert_eq!(
+            text_line(&m),
+            "ffff888000000000 0000000000000000 2M rw- s GAD---"
+        );
+        let m = mapping(0x40_0000, 0x950_e000, 1, 0x950_e025);
+        assert_eq!(
+            text_line(&m),
+            "0000000000400000 000000000950e000 4K r-x u -A----"
+        );
+    }
+
+    #[test]
+    fn qemu_lines_match_info_tlb() {
+        // Lines as QEMU 7.2 printed them for a Debian guest.
+        let m = mapping(0x40_0000, 0x950_e000, 1, (1 << 63) | 0x950_e025);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Level4),
+            "0000000000400000: 000000000950e000 X---A--U-"
+        );
+        // PAT (bit 7) of a 4 KiB PTE is not shown; bits 52..62 are masked.
+        let m = mapping(0x1000, 0x2000, 1, 0x7ff0_0000_0000_21a3);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Level4),
+            "0000000000001000: 0000000000002000 -G--A---W"
+        );
+        // A 2 MiB page shows P, and its PAT bit (12) is masked out.
+        let m = mapping(0xffff_8880_0020_0000, 0x20_0000, 2, 0x20_11e3);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Level4),
+            "ffff888000200000: 0000000000200000 -GPDA---W"
+        );
+        // A 1 GiB page.
+        let m = mapping(0xffff_8880_0000_0000, 0x4000_0000, 3, 0x4000_0087);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Level4),
+            "ffff888000000000: 0000000040000000 --P----UW"
+        );
+        // PAE 4 KiB: NX stays in the printed address (mask ~0xfff).
+        let m = mapping(0x1000, 0x3000, 1, (1 << 63) | 0x3001);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Pae),
+            "0000000000001000: 8000000000003000 X--------"
+        );
+        // PAE 2 MiB: QEMU's mask keeps bit 20.
+        let m = mapping(0x20_0000, 0x20_0000, 2, 0x30_0081);
+        assert_eq!(
+            qemu_line(&m, X86Mode::Pae),
+            "0000000000200000: 0000000000300000 --P------"
+        );
+        // 32-bit 4 MiB: mask ~((1 << 21) - 1).
+        let mut m = mapping(0x40_0000, 0x40_0000, 2, 0x40_0083);
+        m.size = 4 << 20;
+        assert_eq!(
+            qemu_line(&m, X86Mode::Bits32),
+            "0000000000400000: 0000000000400000 --P-----W"
+        );
+    }
+
+    #[test]
+    fn fault_lines() {
+        let f = WalkFault {
+            va: 0x1234,
+            gpa: None,
+            access: Access::write(),
+            stage: pagefold::paging::Stage::First,
+            level: 2,
+            entry_addr: Some(0x3000),
+            entry: Some(0),
+            reason: FaultReason::NotPresent,
+            code: FaultCode::PageFault { error_code: 2 },
+        };
+        assert_eq!(
+            fault_text(&f),
+            "0000000000001234: fault at level 2: not present; \
+             entry 0000000000000000 at 0x3000; #PF error code 0x2"
+        );
+    }
+
+    #[test]
+    fn access_flags() {
+        assert_eq!(access(false, false, false), Access::read());
+        assert_eq!(access(true, false, false), Access::write());
+        assert_eq!(access(false, true, true), Access::fetch().user());
+    }
+}
