@@ -5,6 +5,7 @@
 use criterion::criterion_main;
 
 mod memory;
+mod paging;
 
 /// The groups `criterion_main!` runs; the macro's `pub fn`s take no doc
 /// comment, hence the `allow`.
@@ -12,13 +13,19 @@ mod memory;
 mod groups {
     use criterion::criterion_group;
 
-    use super::memory;
+    use super::{memory, paging};
 
     criterion_group! {
         name = memory_benches;
         config = memory::config();
         targets = memory::benches
     }
+
+    criterion_group! {
+        name = paging_benches;
+        config = paging::config();
+        targets = paging::benches
+    }
 }
 
-criterion_main!(groups::memory_benches);
+criterion_main!(groups::memory_benches, groups::paging_benches);

@@ -251,9 +251,12 @@ impl GuestMemory {
         order: MemOrdering,
     ) -> Result<T, AccessError> {
         let (r, off) = self.atomic_target::<T>(addr)?;
-        if r.page_states()
-            .load((off >> PAGE_SHIFT) as usize)
-            .reads_zero()
+        // Until a layer changes some page of the region, no page reads zero
+        // from its state word: skip the state table (a cache line per load).
+        if r.needs_state_checks()
+            && r.page_states()
+                .load((off >> PAGE_SHIFT) as usize)
+                .reads_zero()
         {
             return Ok(zero_of::<T>());
         }

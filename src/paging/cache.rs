@@ -31,40 +31,45 @@ use super::{
     walker::SecondOut,
 };
 
-const TLB_SLOTS: usize = 1024;
+/// Translation sets; two ways each.
+const TLB_SETS: usize = 1024;
 const UPPER_SLOTS: usize = 512;
 const NESTED_SLOTS: usize = 1024;
 
-/// A cached final translation (crate-internal layout).
+/// A cached final translation: one cache line, so a hit reads one line.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TlbEntry {
+    pub(crate) space: u64,
     /// `va >> shift`.
     pub(crate) tag: u64,
+    pub(crate) gpa_base: u64,
+    pub(crate) pa_base: u64,
+    pub(crate) leaf1: u64,
+    pub(crate) leaf2: u64,
+    /// Accumulated permissions of each level (formats use under 32 bits).
+    pub(crate) acc1: u32,
+    pub(crate) acc2: u32,
+    pub(crate) pcid: u16,
     /// log2 of the span this entry covers (the smaller of both levels'
     /// pages).
     pub(crate) shift: u8,
-    pub(crate) gpa_base: u64,
-    pub(crate) pa_base: u64,
     pub(crate) shift1: u8,
     pub(crate) level1: u8,
-    pub(crate) acc1: u64,
-    pub(crate) leaf1: u64,
-    /// Second level: shift, level, accumulated permissions, leaf.
-    pub(crate) second: Option<(u8, u8, u64, u64)>,
-    /// The walk that filled it set the accessed flags.
-    pub(crate) accessed: bool,
-    /// ... and the dirty flags.
-    pub(crate) dirty: bool,
-    pub(crate) global: bool,
+    /// 0 without a second level.
+    pub(crate) shift2: u8,
+    pub(crate) level2: u8,
+    pub(crate) flags: u8,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct TlbSlot {
-    valid: bool,
-    pcid: u16,
-    space: u64,
-    entry: TlbEntry,
-}
+/// The entry holds a translation.
+pub(crate) const TLB_VALID: u8 = 1;
+/// The walk that filled it set the accessed flags.
+pub(crate) const TLB_ACCESSED: u8 = 2;
+/// ... and the dirty flags.
+pub(crate) const TLB_DIRTY: u8 = 4;
+/// x86 global page.
+pub(crate) const TLB_GLOBAL: u8 = 8;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct UpperSlot {
@@ -167,7 +172,8 @@ impl TableWatch {
 /// A software TLB and paging-structure cache for one vCPU.
 #[derive(Debug)]
 pub struct WalkCache {
-    tlb: Box<[TlbSlot]>,
+    /// Two ways per set; the most recent in the first.
+    tlb: Box<[TlbEntry]>,
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
@@ -182,6 +188,14 @@ impl Default for WalkCache {
     }
 }
 
+/// The set of a translation. `space` is already a well-mixed tag, so the
+/// page number's low bits pick the set directly: consecutive pages of one
+/// space land in consecutive sets and a range never conflicts with itself.
+#[inline(always)]
+fn tlb_set(space: u64, tag: u64, shift: u32) -> usize {
+    2 * (crate::addr::usize_from(space ^ tag ^ (u64::from(shift) << 7)) & (TLB_SETS - 1))
+}
+
 #[inline]
 fn slot(space: u64, tag: u64, salt: u64, slots: usize) -> usize {
     let h = (space ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt)
@@ -190,11 +204,11 @@ fn slot(space: u64, tag: u64, salt: u64, slots: usize) -> usize {
 }
 
 impl WalkCache {
-    /// An empty cache (1024 translations, 512 upper-level entries, 1024
-    /// second-level translations).
+    /// An empty cache (2048 translations in 2-way sets, 512 upper-level
+    /// entries, 1024 second-level translations).
     pub fn new() -> Self {
         WalkCache {
-            tlb: vec![TlbSlot::default(); TLB_SLOTS].into_boxed_slice(),
+            tlb: vec![TlbEntry::default(); 2 * TLB_SETS].into_boxed_slice(),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -216,7 +230,7 @@ impl WalkCache {
 
     /// Drops every entry.
     pub fn invalidate_all(&mut self) {
-        self.tlb.iter_mut().for_each(|s| s.valid = false);
+        self.tlb.iter_mut().for_each(|e| e.flags = 0);
         self.upper.iter_mut().for_each(|s| s.valid = false);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
@@ -231,10 +245,11 @@ impl WalkCache {
                 continue;
             }
             let tag = va >> s;
-            let i = slot(space, tag, u64::from(s), TLB_SLOTS);
-            let e = &mut self.tlb[i];
-            if e.valid && e.space == space && e.entry.tag == tag && u32::from(e.entry.shift) == s {
-                e.valid = false;
+            let set = tlb_set(space, tag, s);
+            for e in &mut self.tlb[set..set + 2] {
+                if e.tag == tag && e.space == space && u32::from(e.shift) == s {
+                    e.flags = 0;
+                }
             }
         }
         self.upper
@@ -249,8 +264,8 @@ impl WalkCache {
     pub fn invalidate_space(&mut self, space: u64) {
         self.tlb
             .iter_mut()
-            .filter(|s| s.space == space)
-            .for_each(|s| s.valid = false);
+            .filter(|e| e.space == space)
+            .for_each(|e| e.flags = 0);
         self.upper
             .iter_mut()
             .filter(|s| s.space == space)
@@ -262,8 +277,8 @@ impl WalkCache {
     pub fn invalidate_pcid(&mut self, pcid: u16) {
         self.tlb
             .iter_mut()
-            .filter(|s| s.pcid == pcid && !s.entry.global)
-            .for_each(|s| s.valid = false);
+            .filter(|e| e.pcid == pcid && e.flags & TLB_GLOBAL == 0)
+            .for_each(|e| e.flags = 0);
         self.upper
             .iter_mut()
             .filter(|s| s.pcid == pcid)
@@ -275,14 +290,14 @@ impl WalkCache {
     /// translation. Upper-level guest entries hold guest-physical table
     /// addresses and stay.
     pub fn invalidate_second_level(&mut self) {
-        self.tlb.iter_mut().for_each(|s| s.valid = false);
+        self.tlb.iter_mut().for_each(|e| e.flags = 0);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
     }
 
     /// Flushes everything if the watch saw a page-table write since last
     /// time.
-    #[inline]
+    #[inline(always)]
     fn sync_watch(&mut self) {
         let Some((w, seen)) = &self.watch else {
             return;
@@ -295,30 +310,49 @@ impl WalkCache {
         }
     }
 
-    #[inline]
-    pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<TlbEntry> {
+    #[inline(always)]
+    pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<&TlbEntry> {
         self.sync_watch();
         let mut shifts = self.shifts;
         while shifts != 0 {
             let s = shifts.trailing_zeros();
             shifts &= shifts - 1;
             let tag = va >> s;
-            let e = &self.tlb[slot(space, tag, u64::from(s), TLB_SLOTS)];
-            if e.valid && e.space == space && e.entry.tag == tag && u32::from(e.entry.shift) == s {
-                return Some(e.entry);
+            let set = tlb_set(space, tag, s);
+            for i in set..set + 2 {
+                let e = &self.tlb[i];
+                if e.tag == tag
+                    && e.space == space
+                    && u32::from(e.shift) == s
+                    && e.flags & TLB_VALID != 0
+                {
+                    return Some(&self.tlb[i]);
+                }
             }
         }
         None
     }
 
-    pub(crate) fn insert(&mut self, space: u64, pcid: u16, entry: TlbEntry) {
-        let i = slot(space, entry.tag, u64::from(entry.shift), TLB_SLOTS);
-        self.tlb[i] = TlbSlot {
-            valid: true,
-            pcid,
-            space,
-            entry,
+    pub(crate) fn insert(&mut self, mut entry: TlbEntry) {
+        entry.flags |= TLB_VALID;
+        let set = tlb_set(entry.space, entry.tag, u32::from(entry.shift));
+        let same = |e: &TlbEntry| {
+            e.flags & TLB_VALID != 0
+                && e.tag == entry.tag
+                && e.space == entry.space
+                && e.shift == entry.shift
         };
+        // Most recent in way 0: a new entry pushes way 0 to way 1 unless it
+        // replaces one of them.
+        let way = if same(&self.tlb[set]) || self.tlb[set].flags & TLB_VALID == 0 {
+            set
+        } else if same(&self.tlb[set + 1]) {
+            set + 1
+        } else {
+            self.tlb[set + 1] = self.tlb[set];
+            set
+        };
+        self.tlb[way] = entry;
         self.shifts |= 1 << entry.shift;
     }
 

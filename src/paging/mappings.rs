@@ -57,6 +57,7 @@ pub struct Mappings<'a, M: ?Sized> {
     budget: u64,
     done: bool,
     no_paging_left: bool,
+    root_fault: Option<WalkFault>,
 }
 
 impl Walker {
@@ -78,6 +79,7 @@ impl Walker {
             budget,
             done: false,
             no_paging_left: self.mode() == X86Mode::NoPaging,
+            root_fault: None,
         };
         if let Some(fmt) = self.first_format() {
             match self.guest_table_to_pa(mem, fmt.root(), 0, fmt.top_level()) {
@@ -88,7 +90,8 @@ impl Walker {
                     va_prefix: 0,
                     acc: fmt.acc_start(),
                 }),
-                Err(_) => it.done = true,
+                // The root itself is unreachable: say so once, then stop.
+                Err(w) => it.root_fault = Some(w),
             }
         }
         it
@@ -150,6 +153,10 @@ impl<M: PhysMemory + ?Sized> Iterator for Mappings<'_, M> {
                 attributes: LeafAttributes::default(),
                 entry: 0,
             }));
+        }
+        if let Some(w) = self.root_fault.take() {
+            self.done = true;
+            return Some(Err(w));
         }
         if self.done {
             return None;

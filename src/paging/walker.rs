@@ -5,7 +5,7 @@
 //! event filled in for the stage that faulted.
 
 use super::{
-    cache::{TlbEntry, WalkCache},
+    cache::{TlbEntry, WalkCache, TLB_ACCESSED, TLB_DIRTY, TLB_GLOBAL},
     engine::{self, DirectPort, Fail, Port, Start, Stop},
     ept::{EptConfig, EptFormat, NptConfig},
     format::Format,
@@ -269,6 +269,7 @@ impl Walker {
     }
 
     /// Translates `va` for `access`, changing nothing in memory.
+    #[inline]
     pub fn translate<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
@@ -281,6 +282,7 @@ impl Walker {
     /// Translates `va` for `access` with `options`, through `cache` when
     /// given: a hit costs no memory reference; a miss walks (starting from
     /// the deepest cached upper-level entry) and fills the cache.
+    #[inline(always)]
     pub fn translate_with<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
@@ -289,16 +291,31 @@ impl Walker {
         options: WalkOptions,
         mut cache: Option<&mut WalkCache>,
     ) -> Result<Translation, WalkFault> {
-        let set_ad = options.set_accessed_dirty;
         if let Some(c) = cache.as_deref_mut() {
-            if let Some(e) = c.lookup(self.space, va) {
-                if let Some(t) = self.answer_from_cache(&e, va, access, set_ad) {
-                    c.count_hit();
-                    return Ok(t);
-                }
+            let hit = c
+                .lookup(self.space, va)
+                .and_then(|e| self.answer_from_cache(e, va, access, options.set_accessed_dirty));
+            if let Some(t) = hit {
+                c.count_hit();
+                return Ok(t);
             }
             c.count_miss();
         }
+        self.translate_walk(mem, va, access, options, cache)
+    }
+
+    /// The miss path of [`Walker::translate_with`]: walk, then fill the
+    /// cache. Kept out of line so a hit stays a few instructions.
+    #[inline(never)]
+    fn translate_walk<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+        mut cache: Option<&mut WalkCache>,
+    ) -> Result<Translation, WalkFault> {
+        let set_ad = options.set_accessed_dirty;
         let mut refs = 0;
         let (first, start_level) = match &self.first {
             First::NoPaging => {
@@ -431,33 +448,46 @@ impl Walker {
         if let Some(c) = cache {
             let shift = second_out.map_or(shift1, |s| s.shift.min(shift1));
             let mask = (1u64 << shift) - 1;
-            c.insert(
-                self.space,
-                self.pcid,
-                TlbEntry {
+            let mut flags = 0;
+            if set_ad {
+                flags |= TLB_ACCESSED;
+                let dirty2 = second_out.map_or(true, |s| s.dirty);
+                if access.is_write() || (attrs1.dirty && dirty2) {
+                    flags |= TLB_DIRTY;
+                }
+            }
+            if attrs1.global {
+                flags |= TLB_GLOBAL;
+            }
+            let s2 = second_out.unwrap_or_default();
+            // Formats keep their accumulated permissions under 32 bits; an
+            // entry that could not hold them is simply not cached.
+            if let (Ok(acc1), Ok(acc2)) = (u32::try_from(acc1), u32::try_from(s2.acc)) {
+                c.insert(TlbEntry {
+                    space: self.space,
                     tag: va >> shift,
-                    shift,
                     gpa_base: gpa & !mask,
                     pa_base: t.pa & !mask,
+                    leaf1,
+                    leaf2: s2.leaf,
+                    acc1,
+                    acc2,
+                    pcid: self.pcid,
+                    shift,
                     shift1,
                     level1,
-                    acc1,
-                    leaf1,
-                    second: second_out.map(|s| (s.shift, s.level, s.acc, s.leaf)),
-                    accessed: set_ad,
-                    dirty: set_ad
-                        && (access.is_write()
-                            || (attrs1.dirty && second_out.map_or(true, |s| s.dirty))),
-                    global: attrs1.global,
-                },
-            );
+                    shift2: s2.shift,
+                    level2: s2.level,
+                    flags,
+                });
+            }
         }
         Ok(t)
     }
 
     /// A translation from a cache entry, if the entry answers this access
     /// (permissions allow it, and no accessed/dirty update is due).
-    #[inline]
+    #[inline(always)]
     fn answer_from_cache(
         &self,
         e: &TlbEntry,
@@ -465,50 +495,53 @@ impl Walker {
         access: Access,
         set_ad: bool,
     ) -> Option<Translation> {
-        if set_ad && (!e.accessed || (access.is_write() && !e.dirty)) {
+        if set_ad
+            && (e.flags & TLB_ACCESSED == 0 || (access.is_write() && e.flags & TLB_DIRTY == 0))
+        {
             return None;
         }
         let mask = (1u64 << e.shift) - 1;
+        let acc1 = u64::from(e.acc1);
         let (perms1, attrs1) = match &self.first {
             First::X86(fmt) => {
-                if fmt.check(e.acc1, e.leaf1, access, false).is_err() {
+                if fmt.check(acc1, e.leaf1, access, false).is_err() {
                     return None;
                 }
                 (
-                    fmt.permissions(e.acc1, e.leaf1),
+                    fmt.permissions(acc1, e.leaf1),
                     fmt.attributes(e.level1, e.leaf1),
                 )
             }
             First::NoPaging => (no_paging_permissions(), LeafAttributes::default()),
         };
-        let second = match (&self.second, e.second) {
-            (None, None) => None,
-            (Some(s), Some((shift, level, acc, leaf))) => {
+        let second = match &self.second {
+            None => None,
+            Some(s) => {
+                let acc = u64::from(e.acc2);
                 let acc_ok = match s {
                     Second::Ept(f) => f
-                        .check(acc, leaf, second_access(access.kind), perms1.user)
+                        .check(acc, e.leaf2, second_access(access.kind), perms1.user)
                         .is_ok(),
                     Second::Npt(f) => f
-                        .check(acc, leaf, second_access(access.kind), perms1.user)
+                        .check(acc, e.leaf2, second_access(access.kind), perms1.user)
                         .is_ok(),
                 };
-                if !acc_ok {
+                if !acc_ok || e.shift2 == 0 {
                     return None;
                 }
                 Some(self.second_info(
                     s,
                     &SecondOut {
                         base: 0,
-                        shift,
-                        level,
+                        shift: e.shift2,
+                        level: e.level2,
                         acc,
-                        leaf,
+                        leaf: e.leaf2,
                         accessed: false,
                         dirty: false,
                     },
                 ))
             }
-            _ => return None,
         };
         Some(Translation {
             va,

@@ -1,0 +1,394 @@
+//! Guest page-table walks: pagefold's [`Walker`] against the `x86_64`
+//! crate's `OffsetPageTable` (`Translate::translate_addr`) on identical
+//! 4-level tables in the same guest memory, plus pagefold's nested (EPT)
+//! walks, which the crate does not do.
+//!
+//! The tables map 4096 random 4 KiB pages in the upper canonical half (a
+//! kernel's direct map is there) to random frames; the crate reads them
+//! through the guest memory's host mapping (its "physical memory offset"
+//! is the mapping's base), pagefold through `GuestMemory`'s checked atomic
+//! loads. Address lists are drawn once from a fixed seed.
+//!
+//! Groups (`paging/<row>`, functions `pagefold` and `x86_64`):
+//! - `cold_walk`: a full walk per address, no cache on either side.
+//! - `warm_translate`: pagefold with a warm [`WalkCache`] (the 512 addresses
+//!   fit it) against the crate's walk (it has no cache).
+//! - `range_1mib`: the 256 pages of a 1 MiB virtual range, pagefold with a
+//!   warm cache.
+//! - `nested_cold`, `nested_warm` (pagefold only): 4-level guest tables
+//!   under a 4-level EPT, without and with the cache; the memory references
+//!   per translation are printed beside them.
+//!
+//! `benches/paging_ratios.sh` prints the ratios of one run.
+
+use std::{hint::black_box, time::Duration};
+
+use criterion::{Criterion, Throughput};
+use pagefold::{
+    paging::{Access, EptConfig, SecondLevel, WalkCache, WalkOptions, Walker, X86Paging},
+    GuestMemory, GuestPhysAddr,
+};
+use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
+use x86_64::{
+    structures::paging::{OffsetPageTable, PageTable, Translate},
+    VirtAddr,
+};
+
+/// Seed of the layout and address lists.
+const SEED: u64 = 0x7061_6765_7761_6c6b;
+/// Pages mapped.
+const PAGES: usize = 4096;
+/// Addresses per measured list (fits the walk cache's 1024 entries).
+const ADDRS: usize = 512;
+/// Base of the mapped virtual range.
+const VA_BASE: u64 = 0xffff_8880_0000_0000;
+/// Guest memory: 64 MiB.
+const MEM: u64 = 64 << 20;
+/// Where the host side of a nested guest's physical space starts.
+const NESTED_SHIFT: u64 = 32 << 20;
+
+/// Criterion settings for this module.
+pub(crate) fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .without_plots()
+}
+
+/// A bump allocator of zeroed 4 KiB table pages in guest memory.
+struct Tables<'m> {
+    mem: &'m GuestMemory,
+    next: u64,
+    /// Added to every table address when writing (the host side of a
+    /// nested guest's physical space); 0 for a plain guest.
+    shift: u64,
+}
+
+impl Tables<'_> {
+    fn alloc(&mut self) -> u64 {
+        let t = self.next;
+        self.next += 4096;
+        t
+    }
+
+    /// Maps the 4 KiB page at `va` to `pa` under `root` with `leaf_flags`,
+    /// creating tables (present + writable, `upper_flags`) on the way.
+    fn map(&mut self, root: u64, va: u64, pa: u64, levels: u32, upper: u64, leaf: u64) {
+        let mut table = root;
+        for level in (2..=levels).rev() {
+            let at = table + ((va >> (12 + 9 * (level - 1))) & 0x1ff) * 8;
+            let e: u64 = self
+                .mem
+                .read_obj(GuestPhysAddr(at + self.shift))
+                .expect("table entry in memory");
+            table = if e & 0x7 != 0 {
+                e & 0x000f_ffff_ffff_f000
+            } else {
+                let t = self.alloc();
+                self.mem
+                    .write_obj(GuestPhysAddr(at + self.shift), t | upper)
+                    .expect("table entry in memory");
+                t
+            };
+        }
+        let at = table + ((va >> 12) & 0x1ff) * 8;
+        self.mem
+            .write_obj(GuestPhysAddr(at + self.shift), pa | leaf)
+            .expect("leaf entry in memory");
+    }
+}
+
+struct Setup {
+    mem: GuestMemory,
+    plain: Walker,
+    nested: Walker,
+    pml4: u64,
+    vas: Vec<u64>,
+}
+
+fn setup() -> Setup {
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).expect("guest memory");
+    let mut rng = SmallRng::seed_from_u64(SEED);
+    let mut pages: Vec<u64> = (0..(1u64 << 18)).collect();
+    pages.shuffle(&mut rng);
+    let vas: Vec<u64> = pages[..PAGES].iter().map(|p| VA_BASE + p * 4096).collect();
+
+    // Plain guest: tables from 1 MiB, data frames anywhere below 16 MiB.
+    let mut t = Tables {
+        mem: &mem,
+        next: 1 << 20,
+        shift: 0,
+    };
+    let pml4 = t.alloc();
+    let frames: Vec<u64> = vas
+        .iter()
+        .map(|_| rng.gen_range(1..4096u64) * 4096)
+        .collect();
+    for (&va, &frame) in vas.iter().zip(&frames) {
+        t.map(pml4, va, frame, 4, 0x3, 0x3);
+    }
+
+    // Nested guest: the same mappings in guest-physical space (tables from
+    // 1 MiB, frames below 16 MiB), stored at +32 MiB in memory, and an EPT
+    // (tables from 56 MiB) mapping guest-physical p to p + 32 MiB.
+    let mut g = Tables {
+        mem: &mem,
+        next: 1 << 20,
+        shift: NESTED_SHIFT,
+    };
+    let gpml4 = g.alloc();
+    for (&va, &frame) in vas.iter().zip(&frames) {
+        g.map(gpml4, va, frame, 4, 0x3, 0x3);
+    }
+    let mut e = Tables {
+        mem: &mem,
+        next: 56 << 20,
+        shift: 0,
+    };
+    let eptp_root = e.alloc();
+    for gpa in (0..(16u64 << 20)).step_by(4096) {
+        // Read, write, execute; write-back memory type on the leaf.
+        e.map(eptp_root, gpa, gpa + NESTED_SHIFT, 4, 0x7, 0x7 | (6 << 3));
+    }
+    let plain = Walker::new(X86Paging::long_mode(pml4)).expect("valid registers");
+    let nested = Walker::new(X86Paging::long_mode(gpml4))
+        .and_then(|w| {
+            w.with_second_level(SecondLevel::Ept(EptConfig::four_level(eptp_root, false)))
+        })
+        .expect("valid registers");
+    Setup {
+        mem,
+        plain,
+        nested,
+        pml4,
+        vas,
+    }
+}
+
+/// Every row.
+pub(crate) fn benches(c: &mut Criterion) {
+    let s = setup();
+    let mut rng = SmallRng::seed_from_u64(SEED ^ 1);
+    let addrs: Vec<u64> = s
+        .vas
+        .choose_multiple(&mut rng, ADDRS)
+        .map(|va| va + rng.gen_range(0..4096))
+        .collect();
+    let host = s.mem.host_address(GuestPhysAddr(0)).expect("mapped").0;
+    // SAFETY: (1) `host + pml4` is the page-aligned PML4 inside the guest
+    // memory's live mapping, which outlives `table`; (2) nothing else
+    // accesses guest memory while the crate holds this reference (the
+    // benchmark is single-threaded and pagefold only reads); (3) a 4 KiB
+    // page is a valid `PageTable` (any bits are valid entries).
+    let table = unsafe { &mut *((host + s.pml4) as *mut PageTable) };
+    let crate_pt = unsafe_offset_table(table, host);
+
+    // Both sides agree before anything is measured.
+    for &va in &addrs {
+        let ours = s
+            .plain
+            .translate(&s.mem, va, Access::read())
+            .expect("mapped")
+            .gpa;
+        let theirs = crate_pt
+            .translate_addr(VirtAddr::new(va))
+            .expect("mapped")
+            .as_u64();
+        assert_eq!(ours, theirs, "translation of {va:#x}");
+        let nested = s
+            .nested
+            .translate(&s.mem, va, Access::read())
+            .expect("mapped");
+        assert_eq!(nested.pa, ours + NESTED_SHIFT);
+        assert_eq!(nested.memory_refs, 24);
+    }
+
+    let n = addrs.len() as u64;
+    let mut g = c.benchmark_group("paging/cold_walk");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(
+                    s.plain
+                        .translate(&s.mem, black_box(va), Access::read())
+                        .map(|t| t.pa)
+                        .ok(),
+                );
+            }
+        })
+    });
+    g.bench_function("x86_64", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(crate_pt.translate_addr(VirtAddr::new(black_box(va))));
+            }
+        })
+    });
+    g.finish();
+
+    let mut cache = WalkCache::new();
+    let opts = WalkOptions::default();
+    let mut g = c.benchmark_group("paging/warm_translate");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(
+                    s.plain
+                        .translate_with(
+                            &s.mem,
+                            black_box(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut cache),
+                        )
+                        .map(|t| t.pa)
+                        .ok(),
+                );
+            }
+        })
+    });
+    g.bench_function("x86_64", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(crate_pt.translate_addr(VirtAddr::new(black_box(va))));
+            }
+        })
+    });
+    g.finish();
+
+    // A 1 MiB range: map it first (256 consecutive pages after the list's
+    // first page are not all mapped, so use a freshly mapped range).
+    let range_va = VA_BASE - (1 << 20);
+    {
+        let mut t = Tables {
+            mem: &s.mem,
+            next: 40 << 20,
+            shift: 0,
+        };
+        for k in 0..256u64 {
+            t.map(
+                s.pml4,
+                range_va + k * 4096,
+                (20 << 20) + k * 4096,
+                4,
+                0x3,
+                0x3,
+            );
+        }
+    }
+    let mut range_cache = WalkCache::new();
+    let mut g = c.benchmark_group("paging/range_1mib");
+    g.throughput(Throughput::Elements(256));
+    g.bench_function("pagefold", |b| {
+        b.iter(|| {
+            for k in 0..256u64 {
+                let va = black_box(range_va + k * 4096);
+                black_box(
+                    s.plain
+                        .translate_with(&s.mem, va, Access::read(), opts, Some(&mut range_cache))
+                        .map(|t| t.pa)
+                        .ok(),
+                );
+            }
+        })
+    });
+    g.bench_function("x86_64", |b| {
+        b.iter(|| {
+            for k in 0..256u64 {
+                let va = black_box(range_va + k * 4096);
+                black_box(crate_pt.translate_addr(VirtAddr::new(va)));
+            }
+        })
+    });
+    g.finish();
+
+    // Nested walks, with their memory references.
+    let cold_refs: u64 = addrs
+        .iter()
+        .map(|&va| {
+            s.nested
+                .translate(&s.mem, va, Access::read())
+                .map_or(0, |t| u64::from(t.memory_refs))
+        })
+        .sum();
+    let mut ncache = WalkCache::new();
+    for &va in &addrs {
+        let _ = s
+            .nested
+            .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache));
+    }
+    let warm_refs: u64 = addrs
+        .iter()
+        .map(|&va| {
+            s.nested
+                .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache))
+                .map_or(0, |t| u64::from(t.memory_refs))
+        })
+        .sum();
+    // Fresh addresses under a cache warmed by the list: what upper-level
+    // and second-level caching save on a TLB miss.
+    let mut rng3 = SmallRng::seed_from_u64(SEED ^ 2);
+    let fresh: Vec<u64> = s.vas.choose_multiple(&mut rng3, ADDRS).copied().collect();
+    let miss_refs: u64 = fresh
+        .iter()
+        .map(|&va| {
+            s.nested
+                .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache))
+                .map_or(0, |t| u64::from(t.memory_refs))
+        })
+        .sum();
+    eprintln!(
+        "paging/nested memory references per translation: cold {:.2}, warm {:.2}, \
+         other pages under a warm cache {:.2}",
+        cold_refs as f64 / n as f64,
+        warm_refs as f64 / n as f64,
+        miss_refs as f64 / fresh.len() as f64
+    );
+    let mut g = c.benchmark_group("paging/nested_cold");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(
+                    s.nested
+                        .translate(&s.mem, black_box(va), Access::read())
+                        .map(|t| t.pa)
+                        .ok(),
+                );
+            }
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("paging/nested_warm");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(
+                    s.nested
+                        .translate_with(
+                            &s.mem,
+                            black_box(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut ncache),
+                        )
+                        .map(|t| t.pa)
+                        .ok(),
+                );
+            }
+        })
+    });
+    g.finish();
+}
+
+/// The crate's table over guest memory whose physical address 0 is at host
+/// address `host`.
+fn unsafe_offset_table(table: &mut PageTable, host: u64) -> OffsetPageTable<'_> {
+    // SAFETY: (1) every physical address the tables hold is below `MEM` and
+    // so maps to `host + pa` inside the guest memory's live mapping; (2)
+    // `table` is the level-4 table at that mapping, as required.
+    unsafe { OffsetPageTable::new(table, VirtAddr::new(host)) }
+}
