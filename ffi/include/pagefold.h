@@ -35,7 +35,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 2
+#define PF_ABI_VERSION_MINOR 3
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -61,6 +61,239 @@
  * (`MAP_POPULATE`) instead of on first touch.
  */
 #define PF_MEMORY_POPULATE (1 << 1)
+
+/**
+ * `pf_x86_paging.flags`: the CPU has no 1 GiB pages (PS in a PDPTE is a
+ * reserved bit).
+ */
+#define PF_X86_NO_1G_PAGES (1 << 0)
+
+/**
+ * `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
+ */
+#define PF_SECOND_LEVEL_EPT 1
+
+/**
+ * `pf_second_level.kind`: AMD nested paging (`root` is N_CR3).
+ */
+#define PF_SECOND_LEVEL_NPT 2
+
+/**
+ * `pf_second_level.flags` (EPT): execute-only entries are supported.
+ */
+#define PF_EPT_EXECUTE_ONLY (1 << 0)
+
+/**
+ * `pf_second_level.flags` (EPT): mode-based execute control.
+ */
+#define PF_EPT_MODE_BASED_EXECUTE (1 << 1)
+
+/**
+ * `pf_second_level.flags` (NPT): 5-level nested paging.
+ */
+#define PF_NPT_FIVE_LEVEL (1 << 2)
+
+/**
+ * `pf_second_level.flags` (NPT): host EFER.NXE (the XD bit is honoured).
+ */
+#define PF_NPT_NXE (1 << 3)
+
+/**
+ * Access flag: a data write (default: a data read).
+ */
+#define PF_ACCESS_WRITE (1 << 0)
+
+/**
+ * Access flag: an instruction fetch.
+ */
+#define PF_ACCESS_FETCH (1 << 1)
+
+/**
+ * Access flag: from user mode (CPL 3).
+ */
+#define PF_ACCESS_USER (1 << 2)
+
+/**
+ * Access flag: an implicit supervisor access (SMAP applies whatever AC).
+ */
+#define PF_ACCESS_IMPLICIT (1 << 3)
+
+/**
+ * Access flag: EFLAGS.AC is set.
+ */
+#define PF_ACCESS_AC (1 << 4)
+
+/**
+ * Walk flag: set accessed/dirty flags as hardware does.
+ */
+#define PF_WALK_SET_ACCESSED_DIRTY (1 << 5)
+
+/**
+ * Permission bits of `pf_translation.permissions` / `pf_mapping.permissions`.
+ */
+#define PF_PERM_READ (1 << 0)
+
+/**
+ * Writable at every level.
+ */
+#define PF_PERM_WRITE (1 << 1)
+
+/**
+ * Executable.
+ */
+#define PF_PERM_EXECUTE (1 << 2)
+
+/**
+ * A user page.
+ */
+#define PF_PERM_USER (1 << 3)
+
+/**
+ * Executable from user mode.
+ */
+#define PF_PERM_USER_EXECUTE (1 << 4)
+
+/**
+ * Leaf attribute bits of `pf_translation.attributes` / `pf_mapping.attributes`.
+ */
+#define PF_ATTR_ACCESSED (1 << 0)
+
+/**
+ * Dirty.
+ */
+#define PF_ATTR_DIRTY (1 << 1)
+
+/**
+ * Global.
+ */
+#define PF_ATTR_GLOBAL (1 << 2)
+
+/**
+ * PWT.
+ */
+#define PF_ATTR_WRITE_THROUGH (1 << 3)
+
+/**
+ * PCD.
+ */
+#define PF_ATTR_CACHE_DISABLE (1 << 4)
+
+/**
+ * PAT bit.
+ */
+#define PF_ATTR_PAT (1 << 5)
+
+/**
+ * `pf_walk_fault.code_kind`: an x86 #PF; `code` is its error code.
+ */
+#define PF_FAULT_PAGE_FAULT 1
+
+/**
+ * `pf_walk_fault.code_kind`: #GP(0) (a non-canonical address).
+ */
+#define PF_FAULT_GENERAL_PROTECTION 2
+
+/**
+ * `pf_walk_fault.code_kind`: EPT violation; `code` is the exit
+ * qualification.
+ */
+#define PF_FAULT_EPT_VIOLATION 3
+
+/**
+ * `pf_walk_fault.code_kind`: EPT misconfiguration.
+ */
+#define PF_FAULT_EPT_MISCONFIG 4
+
+/**
+ * `pf_walk_fault.code_kind`: AMD #VMEXIT(NPF); `code` is EXITINFO1.
+ */
+#define PF_FAULT_NESTED_PAGE_FAULT 5
+
+/**
+ * `pf_walk_fault.code_kind`: no architectural event (memory not backed);
+ * an emulation failure for the VMM.
+ */
+#define PF_FAULT_EMULATION 6
+
+/**
+ * `pf_walk_fault.reason` values.
+ */
+#define PF_REASON_NOT_PRESENT 1
+
+/**
+ * Permission (R/W, U/S, XD, SMEP, SMAP; EPT R/W/X).
+ */
+#define PF_REASON_PERMISSION 2
+
+/**
+ * Protection key.
+ */
+#define PF_REASON_PROTECTION_KEY 3
+
+/**
+ * Reserved bits set.
+ */
+#define PF_REASON_RESERVED 4
+
+/**
+ * Non-canonical address.
+ */
+#define PF_REASON_NON_CANONICAL 5
+
+/**
+ * Address wider than the mode translates.
+ */
+#define PF_REASON_ADDRESS_TOO_WIDE 6
+
+/**
+ * EPT misconfiguration.
+ */
+#define PF_REASON_MISCONFIGURED 7
+
+/**
+ * A table or page outside guest memory.
+ */
+#define PF_REASON_UNBACKED 8
+
+/**
+ * Accessed/dirty update on read-only memory.
+ */
+#define PF_REASON_READ_ONLY_TABLE 9
+
+/**
+ * Accessed/dirty update kept losing races.
+ */
+#define PF_REASON_CONTENDED 10
+
+/**
+ * Listing visited its entry budget.
+ */
+#define PF_REASON_TOO_MANY_ENTRIES 11
+
+/**
+ * `pf_walk_cache_invalidate` scope: everything.
+ */
+#define PF_INVALIDATE_ALL 0
+
+/**
+ * Scope: what covers `va` in address space `space` (INVLPG).
+ */
+#define PF_INVALIDATE_PAGE 1
+
+/**
+ * Scope: address space `space` (MOV CR3).
+ */
+#define PF_INVALIDATE_SPACE 2
+
+/**
+ * Scope: PCID `va` (INVPCID single-context; global pages stay).
+ */
+#define PF_INVALIDATE_PCID 3
+
+/**
+ * Scope: the second level (INVEPT).
+ */
+#define PF_INVALIDATE_SECOND_LEVEL 4
 
 /**
  * What backs guest memory: the values of `pf_memory_options.backing`.
@@ -184,6 +417,12 @@ typedef enum pf_status {
      * hugetlb-backed frame store (dedup needs 4 KiB pages).
      */
     PF_ERR_UNSUPPORTED = -19,
+    /**
+     * A guest page-table walk faulted (not present, permission, reserved
+     * bits, a second-level fault, ...); the call's `pf_walk_fault` says
+     * which, with the code a VMM would inject or report.
+     */
+    PF_ERR_FAULT = -20,
 } pf_status;
 
 /**
@@ -219,6 +458,19 @@ typedef struct pf_frame_store pf_frame_store;
  * `pf_guest_memory_free` may run on one handle from several threads at once.
  */
 typedef struct pf_guest_memory pf_guest_memory;
+
+/**
+ * A walk cache (software TLB and paging-structure cache) for one vCPU:
+ * made by `pf_walk_cache_new`, released by `pf_walk_cache_free`. Not
+ * thread-safe: one thread at a time.
+ */
+typedef struct pf_walk_cache pf_walk_cache;
+
+/**
+ * One guest address space: made by `pf_walker_new`, released by
+ * `pf_walker_free`. Immutable and thread-safe.
+ */
+typedef struct pf_walker pf_walker;
 
 /**
  * How `pf_dedup_new` builds a dedup host. Size-prefixed: set `struct_size`
@@ -596,6 +848,234 @@ typedef struct pf_page_census {
      */
     uint64_t ballooned_pages;
 } pf_page_census;
+
+/**
+ * The guest's x86 paging registers. Size-prefixed: set `struct_size` to
+ * `sizeof(pf_x86_paging)`.
+ */
+typedef struct pf_x86_paging {
+    /**
+     * `sizeof(pf_x86_paging)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * CR0 (PE, WP, PG).
+     */
+    uint64_t cr0;
+    /**
+     * CR3.
+     */
+    uint64_t cr3;
+    /**
+     * CR4 (PSE, PAE, PGE, LA57, PCIDE, SMEP, SMAP, PKE, PKS).
+     */
+    uint64_t cr4;
+    /**
+     * IA32_EFER (LME, LMA, NXE).
+     */
+    uint64_t efer;
+    /**
+     * PKRU (protection keys for user pages).
+     */
+    uint32_t pkru;
+    /**
+     * IA32_PKRS (protection keys for supervisor pages).
+     */
+    uint32_t pkrs;
+    /**
+     * MAXPHYADDR (32..=52); 0 means 52.
+     */
+    uint32_t maxphyaddr;
+    /**
+     * `PF_X86_*` flags.
+     */
+    uint32_t flags;
+} pf_x86_paging;
+
+/**
+ * A second level under the guest's paging. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_second_level)`.
+ */
+typedef struct pf_second_level {
+    /**
+     * `sizeof(pf_second_level)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * `PF_SECOND_LEVEL_EPT` or `PF_SECOND_LEVEL_NPT`.
+     */
+    uint32_t kind;
+    /**
+     * `PF_EPT_*` / `PF_NPT_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * The EPTP (EPT) or N_CR3 (NPT).
+     */
+    uint64_t root;
+    /**
+     * MAXPHYADDR (32..=52); 0 means 52.
+     */
+    uint32_t maxphyaddr;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+} pf_second_level;
+
+/**
+ * A translation. Size-prefixed out-struct: set `struct_size` to
+ * `sizeof(pf_translation)` before the call.
+ */
+typedef struct pf_translation {
+    /**
+     * In: `sizeof(pf_translation)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * The address translated.
+     */
+    uint64_t va;
+    /**
+     * Guest-physical address.
+     */
+    uint64_t gpa;
+    /**
+     * Address in guest memory (the second level's output; `gpa` without
+     * one).
+     */
+    uint64_t pa;
+    /**
+     * The guest page's size.
+     */
+    uint64_t page_size;
+    /**
+     * The second-level page's size (0 without a second level).
+     */
+    uint64_t second_page_size;
+    /**
+     * `PF_PERM_*` of the guest's tables.
+     */
+    uint32_t permissions;
+    /**
+     * `PF_ATTR_*` of the guest's leaf.
+     */
+    uint32_t attributes;
+    /**
+     * Level of the guest's leaf (0 without paging).
+     */
+    uint32_t level;
+    /**
+     * Memory references the walk made (0 for a cache hit).
+     */
+    uint32_t memory_refs;
+} pf_translation;
+
+/**
+ * Why a walk failed. Size-prefixed out-struct: set `struct_size` to
+ * `sizeof(pf_walk_fault)` before the call.
+ */
+typedef struct pf_walk_fault {
+    /**
+     * In: `sizeof(pf_walk_fault)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * The address being translated.
+     */
+    uint64_t va;
+    /**
+     * For a second-level fault: the guest-physical address it translated.
+     */
+    uint64_t gpa;
+    /**
+     * The entry's address (0 when `has_entry` is 0).
+     */
+    uint64_t entry_addr;
+    /**
+     * The entry's value.
+     */
+    uint64_t entry;
+    /**
+     * `code_kind`'s value: #PF error code, EPT qualification, EXITINFO1.
+     */
+    uint64_t code;
+    /**
+     * For `PF_REASON_RESERVED`: the offending bits; for
+     * `PF_REASON_UNBACKED`: the address; for `PF_REASON_PROTECTION_KEY`:
+     * the key.
+     */
+    uint64_t detail;
+    /**
+     * `PF_FAULT_*`.
+     */
+    uint32_t code_kind;
+    /**
+     * `PF_REASON_*`.
+     */
+    uint32_t reason;
+    /**
+     * 1 for the guest's tables, 2 for the second level.
+     */
+    uint32_t stage;
+    /**
+     * Second level: the guest table level being read, or 0 for the final
+     * address.
+     */
+    uint32_t guest_table_level;
+    /**
+     * The faulting entry's level (0: none).
+     */
+    uint32_t level;
+    /**
+     * 1 when `entry_addr`/`entry` are set.
+     */
+    uint32_t has_entry;
+} pf_walk_fault;
+
+/**
+ * One mapping, as `pf_walker_mappings` hands it to its callback.
+ */
+typedef struct pf_mapping {
+    /**
+     * First virtual address.
+     */
+    uint64_t va;
+    /**
+     * First guest-physical address.
+     */
+    uint64_t gpa;
+    /**
+     * Size in bytes.
+     */
+    uint64_t size;
+    /**
+     * The leaf entry.
+     */
+    uint64_t entry;
+    /**
+     * `PF_PERM_*`.
+     */
+    uint32_t permissions;
+    /**
+     * `PF_ATTR_*`.
+     */
+    uint32_t attributes;
+    /**
+     * Level of the leaf.
+     */
+    uint32_t level;
+    /**
+     * Protection key (0 without keys).
+     */
+    uint32_t key;
+} pf_mapping;
+
+/**
+ * Called once per mapping; return 0 to go on, anything else to stop.
+ */
+typedef int (*pf_mapping_fn)(const struct pf_mapping *mapping,
+                             void *user);
 
 /**
  * How `pf_frame_store_new` builds a frame store: the backing, the mapping
@@ -1364,6 +1844,178 @@ enum pf_status pf_guest_memory_compare_exchange_u64(const struct pf_guest_memory
                                                     uint64_t expected,
                                                     uint64_t desired,
                                                     uint64_t *out_previous);
+
+/**
+ * Creates a walker for the guest registers `paging` with the optional
+ * second level `second` (NULL: none) and stores it in `*out_walker`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`paging`, `out_walker`),
+ * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (registers no x86
+ * CPU accepts, MAXPHYADDR outside 32..=52, an EPTP walk length other than
+ * 4 or 5, an unknown kind or flag).
+ *
+ * # Safety
+ *
+ * - `paging` is NULL or points to a `pf_x86_paging` whose `struct_size`
+ *   bytes are readable; `second` likewise for `pf_second_level`.
+ * - `out_walker` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
+                             const struct pf_second_level *second,
+                             struct pf_walker **out_walker);
+
+/**
+ * Releases a walker. NULL is allowed.
+ *
+ * # Safety
+ *
+ * `walker` is NULL or a handle from `pf_walker_new` that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_walker_free(struct pf_walker *walker);
+
+/**
+ * Stores the walker's address-space tag (what `pf_walk_cache_invalidate_space`
+ * takes) in `*out_space`.
+ *
+ * # Safety
+ *
+ * `walker` is NULL or a live handle; `out_space` is NULL or valid for a
+ * write of one `uint64_t`.
+ */
+enum pf_status pf_walker_space(const struct pf_walker *walker,
+                               uint64_t *out_space);
+
+/**
+ * Translates `va` for the access `flags` (`PF_ACCESS_*`, plus
+ * `PF_WALK_SET_ACCESSED_DIRTY` to update accessed/dirty flags as hardware
+ * does) in guest memory `mem`, through `cache` when not NULL, and stores
+ * the result in `*out`.
+ *
+ * Errors: `PF_ERR_FAULT` when the walk faults: the details (stage, level,
+ * entry, reason, #PF error code / EPT qualification / NPT EXITINFO1) go to
+ * `*fault_out` when it is not NULL; `PF_ERR_NULL_POINTER`,
+ * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (unknown or
+ * conflicting flags).
+ *
+ * # Safety
+ *
+ * - `walker` and `mem` are NULL or live handles.
+ * - `cache` is NULL or a live `pf_walk_cache` no other thread uses during
+ *   the call.
+ * - `out` is NULL or valid for reads and writes of its `struct_size`
+ *   bytes; `fault_out` likewise, or NULL.
+ */
+enum pf_status pf_walker_translate(const struct pf_walker *walker,
+                                   const struct pf_guest_memory *mem,
+                                   uint64_t va,
+                                   uint32_t flags,
+                                   struct pf_walk_cache *cache,
+                                   struct pf_translation *out,
+                                   struct pf_walk_fault *fault_out);
+
+/**
+ * Reads `len` bytes at guest-virtual `va` into `buf` (page by page, across
+ * page boundaries), as the access `flags` says (its kind is a read).
+ *
+ * Errors: `PF_ERR_FAULT` (details in `*fault_out`; `fault_out->detail`
+ * for `PF_REASON_UNBACKED` is the physical address; the bytes before the
+ * faulting page were read), `PF_ERR_NULL_POINTER`,
+ * `PF_ERR_INVALID_ARGUMENT`, `PF_ERR_STRUCT_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * As `pf_walker_translate`; `buf` is valid for writes of `len` bytes (NULL
+ * allowed when `len` is 0).
+ */
+enum pf_status pf_walker_read_virt(const struct pf_walker *walker,
+                                   const struct pf_guest_memory *mem,
+                                   uint64_t va,
+                                   void *buf,
+                                   size_t len,
+                                   uint32_t flags,
+                                   struct pf_walk_cache *cache,
+                                   struct pf_walk_fault *fault_out);
+
+/**
+ * Writes `len` bytes from `data` at guest-virtual `va`, as the access
+ * `flags` says (its kind is a write). Every page is translated before any
+ * byte moves: a fault writes nothing (for writes up to 1 MiB).
+ *
+ * Errors: as `pf_walker_read_virt`.
+ *
+ * # Safety
+ *
+ * As `pf_walker_translate`; `data` is valid for reads of `len` bytes (NULL
+ * allowed when `len` is 0).
+ */
+enum pf_status pf_walker_write_virt(const struct pf_walker *walker,
+                                    const struct pf_guest_memory *mem,
+                                    uint64_t va,
+                                    const void *data,
+                                    size_t len,
+                                    uint32_t flags,
+                                    struct pf_walk_cache *cache,
+                                    struct pf_walk_fault *fault_out);
+
+/**
+ * Calls `callback(mapping, user)` for every mapping of the address space in
+ * virtual-address order (as QEMU's `info tlb`), reading at most `budget`
+ * entries (0: the default, 2^24). Entries that cannot be used (reserved
+ * bits, a table outside memory) are skipped and counted in
+ * `*out_skipped` (NULL allowed). Stops early when the callback returns
+ * nonzero. The callback must not unwind.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`walker`, `mem`, `callback`).
+ *
+ * # Safety
+ *
+ * `walker` and `mem` are NULL or live handles; `callback` is safe to call
+ * with a pointer to a `pf_mapping` valid during the call and `user`;
+ * `out_skipped` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_walker_mappings(const struct pf_walker *walker,
+                                  const struct pf_guest_memory *mem,
+                                  uint64_t budget,
+                                  pf_mapping_fn callback,
+                                  void *user,
+                                  uint64_t *out_skipped);
+
+/**
+ * Creates an empty walk cache and stores it in `*out_cache`.
+ *
+ * # Safety
+ *
+ * `out_cache` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_walk_cache_new(struct pf_walk_cache **out_cache);
+
+/**
+ * Releases a walk cache. NULL is allowed.
+ *
+ * # Safety
+ *
+ * `cache` is NULL or a handle from `pf_walk_cache_new` that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_walk_cache_free(struct pf_walk_cache *cache);
+
+/**
+ * Invalidates part of a walk cache: `scope` is a `PF_INVALIDATE_*`;
+ * `space` comes from `pf_walker_space`; `va` is the address (or, for
+ * `PF_INVALIDATE_PCID`, the PCID).
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (unknown scope,
+ * a PCID above 4095).
+ *
+ * # Safety
+ *
+ * `cache` is NULL or a live handle no other thread uses during the call.
+ */
+enum pf_status pf_walk_cache_invalidate(struct pf_walk_cache *cache,
+                                        uint32_t scope,
+                                        uint64_t space,
+                                        uint64_t va);
 
 /**
  * The name of a status code as a static NUL-terminated string, e.g.

@@ -66,11 +66,15 @@ pub enum pf_status {
     /// The operation does not support this configuration, e.g. dedup on a
     /// hugetlb-backed frame store (dedup needs 4 KiB pages).
     PF_ERR_UNSUPPORTED = -19,
+    /// A guest page-table walk faulted (not present, permission, reserved
+    /// bits, a second-level fault, ...); the call's `pf_walk_fault` says
+    /// which, with the code a VMM would inject or report.
+    PF_ERR_FAULT = -20,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 20] = [
+    pub(crate) const ALL: [pf_status; 21] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -91,6 +95,7 @@ impl pf_status {
         pf_status::PF_ERR_USERFAULT,
         pf_status::PF_ERR_BUSY,
         pf_status::PF_ERR_UNSUPPORTED,
+        pf_status::PF_ERR_FAULT,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -116,6 +121,7 @@ impl pf_status {
             pf_status::PF_ERR_USERFAULT => c"PF_ERR_USERFAULT",
             pf_status::PF_ERR_BUSY => c"PF_ERR_BUSY",
             pf_status::PF_ERR_UNSUPPORTED => c"PF_ERR_UNSUPPORTED",
+            pf_status::PF_ERR_FAULT => c"PF_ERR_FAULT",
         }
     }
 }
