@@ -15,7 +15,7 @@
 #[path = "common/page_tables.rs"]
 mod page_tables;
 
-use page_tables::{expected_attributes, Expect, Flags, Kind, Rng, Tables, EWB, PAGE};
+use page_tables::{expected_attributes, Expect, Flags, Kind, Rng, Tables, PAGE};
 use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, LeafAttributes, Permissions, Stage, Translation,
     WalkCache, WalkFault, WalkOptions, Walker, X86Paging,
@@ -721,7 +721,6 @@ fn memory_refs_formula() {
                 )
                 .unwrap();
             assert_eq!(t.memory_refs, 0);
-            let _ = EWB;
         }
     }
 }

@@ -505,6 +505,21 @@ impl<'m> Tables<'m> {
         out
     }
 
+    /// Memory address of the level-`level` entry for `va` (the entries
+    /// above it must be present tables).
+    pub(crate) fn entry_at(&self, va: u64, level: u8) -> u64 {
+        let mut table = self.root;
+        for l in (level + 1..=self.kind.levels()).rev() {
+            let raw = self.read_entry(self.entry_mem_addr(table, l, va));
+            assert!(
+                self.present(raw) && !self.is_leaf(l, raw),
+                "level {l} is a table"
+            );
+            table = self.addr_of(raw);
+        }
+        self.entry_mem_addr(table, level, va)
+    }
+
     /// x86 registers for this first-level format (CR0.WP, NXE where it
     /// exists).
     pub(crate) fn regs(&self) -> X86Paging {
