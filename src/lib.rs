@@ -44,4 +44,6 @@ pub use dedup::{
     VmId, VmOptions, VmStats,
 };
 pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
-pub use memory::{AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo};
+pub use memory::{
+    AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo, WriteObserver,
+};

@@ -41,6 +41,18 @@ pub struct GuestMemory {
     index: index::RegionIndex,
     /// Registered with a dedup host (at most one may own its pages).
     dedup_claimed: std::sync::atomic::AtomicBool,
+    /// Told of every write through this API (see [`WriteObserver`]).
+    observer: std::sync::OnceLock<Arc<dyn WriteObserver>>,
+}
+
+/// Something that wants to know when guest memory is written through this
+/// library — e.g. [`crate::paging::TableWatch`], which invalidates walk
+/// caches when a page-table page changes. Raw writes through the host
+/// mapping (vCPUs) are not seen; a VMM learns of those from the guest
+/// (INVLPG, MOV CR3) as hardware does.
+pub trait WriteObserver: Send + Sync + std::fmt::Debug {
+    /// `[gpa, gpa + len)` was written.
+    fn wrote(&self, gpa: u64, len: u64);
 }
 
 /// Pages of a [`GuestMemory`] by how they are backed.
@@ -84,6 +96,7 @@ impl GuestMemory {
             regions: regions.into_boxed_slice(),
             index,
             dedup_claimed: std::sync::atomic::AtomicBool::new(false),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -140,6 +153,24 @@ impl GuestMemory {
         Ok(HostVirtAddr(r.host_addr().0 + off))
     }
 
+    /// Installs `observer`, told of every write through this API from now
+    /// on (library writes, atomics, fills; not raw writes through the host
+    /// mapping). One per memory: `Err` hands it back if one is installed.
+    pub fn set_write_observer(
+        &self,
+        observer: Arc<dyn WriteObserver>,
+    ) -> Result<(), Arc<dyn WriteObserver>> {
+        self.observer.set(observer)
+    }
+
+    /// Tells the observer, if any, of a write.
+    #[inline(always)]
+    fn wrote(&self, addr: GuestPhysAddr, len: usize) {
+        if let Some(o) = self.observer.get() {
+            o.wrote(addr.0, len as u64);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `addr`. The range may span adjacent regions.
     #[inline]
     pub fn read(&self, addr: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
@@ -165,7 +196,9 @@ impl GuestMemory {
     pub fn write(&self, addr: GuestPhysAddr, data: &[u8]) -> Result<(), AccessError> {
         if let Ok((r, off)) = self.region_of(addr) {
             if !data.is_empty() && (data.len() as u64) <= r.size() - off {
-                return r.write_at(off, data);
+                r.write_at(off, data)?;
+                self.wrote(addr, data.len());
+                return Ok(());
             }
         }
         self.check_span(addr, data.len())?;
@@ -176,7 +209,9 @@ impl GuestMemory {
             r.write_at(off, &data[done..done + n])?;
             done += n;
             Ok(())
-        })
+        })?;
+        self.wrote(addr, data.len());
+        Ok(())
     }
 
     /// Fills `len` bytes at `addr` with `byte`.
@@ -189,7 +224,9 @@ impl GuestMemory {
             // live region.
             unsafe { copy::fill_guest(r.ptr_at(off), byte, n) };
             Ok(())
-        })
+        })?;
+        self.wrote(addr, len);
+        Ok(())
     }
 
     /// Reads a plain-old-data object at `addr` (any alignment). Guest
@@ -220,6 +257,7 @@ impl GuestMemory {
         if let Some((r, off)) = self.one_page_target(addr, std::mem::size_of::<T>()) {
             // SAFETY: as in `read_obj`.
             unsafe { copy::copy_to_guest(r.ptr_at(off), bytemuck::bytes_of(&val)) };
+            self.wrote(addr, std::mem::size_of::<T>());
             return Ok(());
         }
         self.write_obj_slow(addr, val)
@@ -277,6 +315,7 @@ impl GuestMemory {
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
         unsafe { T::store(r.ptr_at(off), val, order) };
+        self.wrote(addr, T::SIZE);
         Ok(())
     }
 
@@ -290,13 +329,33 @@ impl GuestMemory {
         let (r, off) = self.atomic_target::<T>(addr)?;
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
-        Ok(unsafe { T::swap(r.ptr_at(off), val, order) })
+        let old = unsafe { T::swap(r.ptr_at(off), val, order) };
+        self.wrote(addr, T::SIZE);
+        Ok(old)
     }
 
     /// Atomic compare-exchange of an aligned integer. The outer result is
     /// the access; the inner one is the exchange (`Err` holds the value
     /// found when it differed from `current`).
     pub fn compare_exchange<T: AtomicInt>(
+        &self,
+        addr: GuestPhysAddr,
+        current: T,
+        new: T,
+        success: MemOrdering,
+        failure: MemOrdering,
+    ) -> Result<Result<T, T>, AccessError> {
+        let r = self.compare_exchange_quiet(addr, current, new, success, failure)?;
+        if r.is_ok() {
+            self.wrote(addr, T::SIZE);
+        }
+        Ok(r)
+    }
+
+    /// [`GuestMemory::compare_exchange`] without telling the write observer:
+    /// for hardware-like updates (a walker setting accessed/dirty flags)
+    /// that change no translation.
+    pub(crate) fn compare_exchange_quiet<T: AtomicInt>(
         &self,
         addr: GuestPhysAddr,
         current: T,

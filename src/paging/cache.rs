@@ -107,11 +107,12 @@ pub struct CacheStats {
     pub watch_flushes: u64,
 }
 
-/// Signals writes to guest page-table pages. Share one watch between the
-/// writer side (the VMM calls [`TableWatch::note_write`], or installs it on
-/// guest memory) and every vCPU's [`WalkCache`]; a cache checks it on each
-/// translation (one atomic load) and drops everything after a write to a
-/// page it has read tables from.
+/// Signals writes to guest page-table pages. Install one on guest memory
+/// ([`crate::GuestMemory::set_write_observer`]: every library write then
+/// reaches it) or call [`TableWatch::note_write`] yourself, and attach it to
+/// every vCPU's [`WalkCache`]; a cache checks it on each translation (one
+/// atomic load) and drops everything after a write to a page it has read
+/// tables from. The walker's own accessed/dirty updates do not count.
 #[derive(Debug)]
 pub struct TableWatch {
     generation: AtomicU64,
@@ -166,6 +167,12 @@ impl TableWatch {
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+impl crate::memory::WriteObserver for TableWatch {
+    fn wrote(&self, gpa: u64, len: u64) {
+        self.note_write(gpa, len);
     }
 }
 

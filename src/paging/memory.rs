@@ -55,14 +55,14 @@ impl PhysMemory for GuestMemory {
 
     fn compare_exchange_u64(&self, pa: u64, old: u64, new: u64) -> Option<Result<(), u64>> {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        self.compare_exchange(GuestPhysAddr(pa), old, new, AcqRel, Acquire)
+        self.compare_exchange_quiet(GuestPhysAddr(pa), old, new, AcqRel, Acquire)
             .ok()
             .map(|r| r.map(drop))
     }
 
     fn compare_exchange_u32(&self, pa: u64, old: u32, new: u32) -> Option<Result<(), u32>> {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        self.compare_exchange(GuestPhysAddr(pa), old, new, AcqRel, Acquire)
+        self.compare_exchange_quiet(GuestPhysAddr(pa), old, new, AcqRel, Acquire)
             .ok()
             .map(|r| r.map(drop))
     }
