@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Prints x86_64-crate / pagefold time ratios for the page-table walk benches
+# (benches/paging), all measured in one run, and the memory references of
+# pagefold's nested walks.
+#
+#   benches/paging_ratios.sh [--from DIR] [-- CRITERION_ARGS...]
+#
+# Without --from: runs `cargo bench --bench main -- paging/` once with
+# CRITERION_HOME set to a fresh directory (target/paging-ratios/<UTC time>),
+# so every number comes from that run. With --from DIR: prints an earlier
+# run kept in DIR.
+#
+# Ratio = x86_64 time / pagefold time per translation (criterion medians):
+# above 1 means pagefold is faster. Targets (issue 4): cold walk >= 1.0,
+# warm translation >= 10, range >= 1.0; nested walks with a warm cache
+# under 2 memory references per translation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+from=""
+extra=()
+while (($#)); do
+    case "$1" in
+        --from) from="${2:?--from needs a directory}"; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --) shift; extra=("$@"); break ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -z "$from" ]]; then
+    target_dir="${CARGO_TARGET_DIR:-target}"
+    from="$target_dir/paging-ratios/$(date -u +%Y%m%dT%H%M%SZ)"
+    mkdir -p "$from"
+    from="$(cd "$from" && pwd)"
+    echo "criterion output: $from" >&2
+    CRITERION_HOME="$from" cargo bench --bench main -- paging/ "${extra[@]}" 2>&1 \
+        | tee "$from/bench.log" >&2
+fi
+
+exec python3 - "$from" <<'PY'
+import json, os, re, sys
+
+home = sys.argv[1]
+ROWS = [("cold_walk", 1.0), ("warm_translate", 10.0), ("range_1mib", 1.0)]
+
+
+def load(d):
+    out = {}
+    for root, _dirs, files in os.walk(d):
+        if os.path.basename(root) != "new" or "estimates.json" not in files:
+            continue
+        with open(os.path.join(root, "benchmark.json")) as f:
+            bench = json.load(f)
+        with open(os.path.join(root, "estimates.json")) as f:
+            med = json.load(f)["median"]
+        n = (bench.get("throughput") or {}).get("Elements", 1)
+        out[(bench["group_id"], bench["function_id"])] = med["point_estimate"] / n
+    return out
+
+
+data = load(home)
+print(f"pagefold vs x86_64 crate (OffsetPageTable), median ns per translation, run {home}")
+print(f"{'row':<16} {'pagefold':>9} {'x86_64':>9} {'ratio':>7} {'target':>7}  met")
+for row, target in ROWS:
+    pf = data.get((f"paging/{row}", "pagefold"))
+    xc = data.get((f"paging/{row}", "x86_64"))
+    if pf is None or xc is None:
+        print(f"{row:<16} (missing)")
+        continue
+    r = xc / pf
+    print(f"{row:<16} {pf:>9.2f} {xc:>9.2f} {r:>7.2f} {target:>7.1f}  {'yes' if r >= target else 'NO'}")
+for row in ("nested_cold", "nested_warm"):
+    pf = data.get((f"paging/{row}", "pagefold"))
+    if pf is not None:
+        print(f"{row:<16} {pf:>9.2f}        -       -       -   (pagefold only)")
+log = os.path.join(home, "bench.log")
+if os.path.exists(log):
+    for line in open(log):
+        if "memory references" in line:
+            print(line.strip())
+            m = re.search(r"warm ([0-9.]+)", line)
+            if m:
+                print(f"nested warm refs {m.group(1)} (target < 2): {'yes' if float(m.group(1)) < 2 else 'NO'}")
+PY
