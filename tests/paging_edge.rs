@@ -606,6 +606,26 @@ fn protection_keys() {
     w.translate(&mem, 0x1000, Access::write().user())
         .unwrap_err();
     w.translate(&mem, 0x1000, Access::write()).unwrap();
+    // A user write to a read-only page whose key also denies it: PK is set
+    // with the other bits (SDM 4.7, the PK flag's conditions hold).
+    let ro_user = Flags { key: 3, ..ro() };
+    assert!(t.map(0x3000, 0x7000, 12, ro_user, |_| full()));
+    let mut both = regs;
+    both.pkru = 1 << 6;
+    let f = Walker::new(both)
+        .unwrap()
+        .translate(&mem, 0x3000, Access::write().user())
+        .unwrap_err();
+    assert_eq!((f.level, pf(&f)), (1, PF_P | PF_W | PF_U | PF_PK));
+    both.pkru = 0;
+    let f = Walker::new(both)
+        .unwrap()
+        .translate(&mem, 0x3000, Access::write().user())
+        .unwrap_err();
+    assert_eq!(
+        (f.reason, pf(&f)),
+        (FaultReason::Permission, PF_P | PF_W | PF_U)
+    );
     // Keys off: the same bits mean nothing.
     Walker::new(t.regs())
         .unwrap()

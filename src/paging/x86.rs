@@ -545,6 +545,61 @@ impl Format for X86Format {
     #[inline]
     fn check(&self, acc: u64, leaf: u64, access: Access, _: bool) -> Result<(), Denied> {
         let user_page = acc & ACC_USER != 0;
+        let leaf_level = acc_level(acc, ACC_LEAF);
+        let keys = self.key_check(leaf, access, user_page, leaf_level);
+        match self.paging_check(acc, access) {
+            Ok(()) => keys,
+            // SDM vol. 3A §4.7: the error code's PK flag is set whenever the
+            // protection-key conditions hold for a data access, even when
+            // the ordinary access rights deny it as well. Report the key
+            // (so the error code carries PK) at the level the rights denied.
+            Err(d) => match keys {
+                Err(k) => Err(Denied {
+                    level: d.level,
+                    reason: k.reason,
+                }),
+                Ok(()) => Err(d),
+            },
+        }
+    }
+
+    #[inline]
+    fn with_accessed(&self, level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
+        if self.mode == X86Mode::Pae && level == 3 {
+            // PDPTEs are loaded with CR3 and have no accessed flag.
+            return raw;
+        }
+        let mut new = raw | A;
+        if leaf && write {
+            new |= D;
+        }
+        new
+    }
+
+    fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
+        let user = acc & ACC_USER != 0;
+        let execute = acc & ACC_XD == 0;
+        Permissions {
+            read: true,
+            write: acc & ACC_RW != 0,
+            execute,
+            user,
+            user_execute: user && execute,
+            key: if self.pke || self.pks {
+                ((leaf >> 59) & 0xf) as u8
+            } else {
+                0
+            },
+        }
+    }
+}
+
+impl X86Format {
+    /// The paging access rights (U/S, R/W, XD, CR0.WP, SMEP, SMAP),
+    /// without protection keys.
+    #[inline]
+    fn paging_check(&self, acc: u64, access: Access) -> Result<(), Denied> {
+        let user_page = acc & ACC_USER != 0;
         let writable = acc & ACC_RW != 0;
         let xd = acc & ACC_XD != 0;
         let leaf_level = acc_level(acc, ACC_LEAF);
@@ -593,41 +648,9 @@ impl Format for X86Format {
                 }
             }
         }
-        self.key_check(leaf, access, user_page, leaf_level)
+        Ok(())
     }
 
-    #[inline]
-    fn with_accessed(&self, level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
-        if self.mode == X86Mode::Pae && level == 3 {
-            // PDPTEs are loaded with CR3 and have no accessed flag.
-            return raw;
-        }
-        let mut new = raw | A;
-        if leaf && write {
-            new |= D;
-        }
-        new
-    }
-
-    fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
-        let user = acc & ACC_USER != 0;
-        let execute = acc & ACC_XD == 0;
-        Permissions {
-            read: true,
-            write: acc & ACC_RW != 0,
-            execute,
-            user,
-            user_execute: user && execute,
-            key: if self.pke || self.pks {
-                ((leaf >> 59) & 0xf) as u8
-            } else {
-                0
-            },
-        }
-    }
-}
-
-impl X86Format {
     /// Leaf attributes of `leaf` at `level`.
     pub(crate) fn attributes(&self, level: u8, leaf: u64) -> LeafAttributes {
         let large = level > 1;
