@@ -60,11 +60,17 @@ impl RegionIndex {
     }
 
     /// Index of the region holding `addr`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn find(&self, addr: u64) -> Option<usize> {
         if let [(start, end)] = *self.bounds {
             return (addr.wrapping_sub(start) < end - start).then_some(0);
         }
+        self.find_among(addr)
+    }
+
+    /// [`RegionIndex::find`] with more than one region.
+    #[inline]
+    fn find_among(&self, addr: u64) -> Option<usize> {
         let b = crate::addr::usize_from(addr.wrapping_sub(self.base) >> self.shift);
         let lo = *self.buckets.get(b)? as usize;
         let hi = (*self.buckets.get(b + 1)? as usize + 1).min(self.bounds.len());

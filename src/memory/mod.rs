@@ -281,6 +281,30 @@ impl GuestMemory {
         (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
+    /// Atomic load of an aligned integer, `None` for an unbacked or
+    /// misaligned address: the page-table walker's entry read, kept free of
+    /// error construction so it inlines into the walk.
+    #[inline(always)]
+    pub(crate) fn load_entry<T: AtomicInt>(&self, addr: GuestPhysAddr) -> Option<T> {
+        if addr.0 % T::SIZE as u64 != 0 {
+            return None;
+        }
+        let r = &self.regions[self.index.find(addr.0)?];
+        let off = addr.0 - r.start().0;
+        if r.needs_state_checks()
+            && r.page_states()
+                .load((off >> PAGE_SHIFT) as usize)
+                .reads_zero()
+        {
+            return Some(zero_of::<T>());
+        }
+        // SAFETY: (1) `find` put `addr` inside region `r`, whose mapping is
+        // live while `self` is borrowed; (2) regions are whole pages and
+        // `addr` is aligned to `T::SIZE`, so the integer lies inside it and
+        // is aligned.
+        Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
+    }
+
     /// Atomic load of an aligned integer.
     #[inline]
     pub fn load<T: AtomicInt>(

@@ -185,6 +185,9 @@ pub struct WalkCache {
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
     shifts: u64,
+    /// Some TLB entry covers less than its guest page (a large guest page
+    /// over smaller second-level pages).
+    splintered: bool,
     stats: CacheStats,
     watch: Option<(Arc<TableWatch>, u64)>,
 }
@@ -219,6 +222,7 @@ impl WalkCache {
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
+            splintered: false,
             stats: CacheStats::default(),
             watch: None,
         }
@@ -247,6 +251,16 @@ impl WalkCache {
     /// translations included, and that space's upper-level entries (as
     /// INVLPG drops paging-structure caches for the current PCID).
     pub fn invalidate_page(&mut self, space: u64, va: u64) {
+        if self.splintered {
+            // A large guest page over smaller second-level pages is cached
+            // as pieces; INVLPG drops every piece of the guest's page.
+            for e in self.tlb.iter_mut() {
+                let first_page = (e.tag << e.shift) >> e.shift1;
+                if e.space == space && first_page == va >> e.shift1 {
+                    e.flags = 0;
+                }
+            }
+        }
         for s in 0..64u32 {
             if self.shifts & (1 << s) == 0 {
                 continue;
@@ -361,6 +375,7 @@ impl WalkCache {
         };
         self.tlb[way] = entry;
         self.shifts |= 1 << entry.shift;
+        self.splintered |= entry.shift < entry.shift1;
     }
 
     pub(crate) fn count_hit(&mut self) {

@@ -41,16 +41,14 @@ fn failed_at(e: &AccessError, fallback: u64) -> u64 {
 }
 
 impl PhysMemory for GuestMemory {
-    #[inline]
+    #[inline(always)]
     fn read_u64(&self, pa: u64) -> Option<u64> {
-        self.load::<u64>(GuestPhysAddr(pa), std::sync::atomic::Ordering::Acquire)
-            .ok()
+        self.load_entry::<u64>(GuestPhysAddr(pa))
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_u32(&self, pa: u64) -> Option<u32> {
-        self.load::<u32>(GuestPhysAddr(pa), std::sync::atomic::Ordering::Acquire)
-            .ok()
+        self.load_entry::<u32>(GuestPhysAddr(pa))
     }
 
     fn compare_exchange_u64(&self, pa: u64, old: u64, new: u64) -> Option<Result<(), u64>> {

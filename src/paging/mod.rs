@@ -44,6 +44,7 @@ mod engine;
 pub mod ept;
 mod fault;
 mod format;
+mod lean;
 mod mappings;
 mod memory;
 mod virt;

@@ -358,14 +358,22 @@ impl Walker {
                         start = s;
                     }
                 }
-                let walked = match &self.second {
-                    None => {
+                let lean = match &self.second {
+                    None if !set_ad => super::lean::walk(fmt, mem, va, access, start),
+                    _ => None,
+                };
+                let walked = match (&self.second, lean) {
+                    (_, Some((w, n))) => {
+                        refs += n;
+                        Ok(w)
+                    }
+                    (None, None) => {
                         let mut port = DirectPort { mem, refs: 0 };
                         let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
                         refs += port.refs;
                         r
                     }
-                    Some(second) => {
+                    (Some(second), None) => {
                         let mut port = NestedPort {
                             walker: self,
                             second,

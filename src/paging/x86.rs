@@ -445,7 +445,7 @@ impl Format for X86Format {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode(&self, level: u8, raw: u64) -> Decoded {
         if raw & P == 0 {
             return Decoded::NotPresent;
