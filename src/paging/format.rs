@@ -62,6 +62,13 @@ pub(crate) trait Format {
     fn acc_start(&self) -> u64;
     /// Folds the entry `raw` at `level` into `acc`.
     fn accumulate(&self, acc: u64, level: u8, raw: u64) -> u64;
+    /// As [`Format::accumulate`], for a walk that will not fault: the
+    /// allowed bits only, without the bookkeeping a fault report needs (the
+    /// first level that denied each right, the leaf's level).
+    #[inline(always)]
+    fn accumulate_fast(&self, acc: u64, level: u8, raw: u64) -> u64 {
+        self.accumulate(acc, level, raw)
+    }
     /// Checks `access` against the accumulated permissions and the leaf
     /// entry. `user_linear` says whether the first-level page is a user page
     /// (used by EPT's mode-based execute control; ignored otherwise).

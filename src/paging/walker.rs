@@ -9,7 +9,7 @@ use super::{
     engine::{self, DirectPort, Fail, Port, Start, Stop},
     ept::{EptConfig, EptFormat, NptConfig},
     format::Format,
-    x86::{X86Format, X86Mode, X86Paging, X86PagingError},
+    x86::{X86Format, X86Long, X86Mode, X86Paging, X86PagingError},
     Access, AccessKind, FaultCode, FaultReason, PhysMemory, Privilege, Stage, WalkFault,
 };
 
@@ -291,6 +291,14 @@ impl Walker {
         options: WalkOptions,
         mut cache: Option<&mut WalkCache>,
     ) -> Result<Translation, WalkFault> {
+        // A walk with nothing to remember, update or translate again (no
+        // cache, no A/D, no second level) in a 64-bit guest: the lean walk
+        // straight into the answer.
+        if cache.is_none() && self.second.is_none() && !options.set_accessed_dirty {
+            if let Some(t) = self.translate_lean(mem, va, access) {
+                return Ok(t);
+            }
+        }
         if let Some(c) = cache.as_deref_mut() {
             let hit = c
                 .lookup(self.space, va)
@@ -302,6 +310,34 @@ impl Walker {
             c.count_miss();
         }
         self.translate_walk(mem, va, access, options, cache)
+    }
+
+    /// The lean walk of a 4/5-level guest, straight into a translation;
+    /// `None` sends the caller down the full path.
+    #[inline(always)]
+    fn translate_lean<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        let First::X86(fmt) = &self.first else {
+            return None;
+        };
+        let long = X86Long::of(fmt)?;
+        long.check_input(va).ok()?;
+        let l = super::lean::walk(&long, mem, va, access, root_start(&long), None)?;
+        Some(Translation {
+            va,
+            gpa: l.base | (va & ((1u64 << l.shift) - 1)),
+            pa: l.base | (va & ((1u64 << l.shift) - 1)),
+            page_size: 1 << l.shift,
+            level: l.level,
+            permissions: fmt.permissions(l.acc, l.leaf),
+            attributes: fmt.attributes(l.level, l.leaf),
+            second: None,
+            memory_refs: l.refs,
+        })
     }
 
     /// The miss path of [`Walker::translate_with`]: walk, then fill the
@@ -358,10 +394,22 @@ impl Walker {
                         start = s;
                     }
                 }
-                let lean = match &self.second {
-                    None if !set_ad => super::lean::walk(fmt, mem, va, access, start),
+                let lean = match (&self.second, X86Long::of(fmt)) {
+                    (None, Some(long)) if !set_ad => {
+                        super::lean::walk_recorded(&long, mem, va, access, start)
+                    }
+                    (None, None) if !set_ad => {
+                        super::lean::walk_recorded(fmt, mem, va, access, start)
+                    }
                     _ => None,
                 };
+                // The lean walk stopped (a fault ahead, or not its case): the
+                // full engine walks from the root, so a fault it reports
+                // names the level that really denied, whatever the cache
+                // held.
+                if lean.is_none() && self.second.is_none() && !set_ad {
+                    start = root_start(fmt);
+                }
                 let walked = match (&self.second, lean) {
                     (_, Some((w, n))) => {
                         refs += n;

@@ -224,13 +224,19 @@ pub(crate) struct X86Format {
     pkrs: u32,
     /// AMD nested paging: every access is checked as a user access.
     npt: bool,
+    /// Reserved physical-address bits (and XD without NXE), precomputed.
+    phys: u64,
+    /// Table and 4 KiB frame address bits, precomputed.
+    mask: u64,
 }
 
 // Accumulated permissions: the AND of U/S and R/W, the OR of XD, the first
 // level that cleared or set each, and the leaf's level.
-const ACC_USER: u64 = 1 << 0;
-const ACC_RW: u64 = 1 << 1;
-const ACC_XD: u64 = 1 << 2;
+// R/W and U/S sit where the entry has them, so the lean walk folds an
+// entry in with one AND.
+const ACC_RW: u64 = RW;
+const ACC_USER: u64 = US;
+const ACC_XD: u64 = 1 << 3;
 const ACC_FIRST_SUPER: u32 = 8;
 const ACC_FIRST_RO: u32 = 12;
 const ACC_FIRST_XD: u32 = 16;
@@ -276,7 +282,17 @@ impl X86Format {
             pkru: regs.pkru,
             pkrs: regs.pkrs,
             npt: false,
+            phys: 0,
+            mask: 0,
         }
+        .with_masks()
+    }
+
+    /// Fills the precomputed masks.
+    fn with_masks(mut self) -> Self {
+        self.phys = self.phys_reserved();
+        self.mask = self.addr_mask();
+        self
     }
 
     /// AMD nested page tables rooted at `ncr3`.
@@ -301,7 +317,10 @@ impl X86Format {
             pkru: 0,
             pkrs: 0,
             npt: true,
+            phys: 0,
+            mask: 0,
         }
+        .with_masks()
     }
 
     /// Whether fetches set the I/D bit of the error code.
@@ -479,11 +498,10 @@ impl Format for X86Format {
             X86Mode::Pae if level == 3 => {
                 // PDPTEs carry no permissions: 2:1 and 8:5 are reserved.
                 let reserved = bits(1, 2) | bits(5, 8) | bits(self.maxphy, 63);
-                check(reserved, Decoded::Table(raw & self.addr_mask()))
+                check(reserved, Decoded::Table(raw & self.mask))
             }
             _ => {
-                let phys = self.phys_reserved();
-                let mask = self.addr_mask();
+                let (phys, mask) = (self.phys, self.mask);
                 match level {
                     1 => check(
                         phys,
@@ -522,6 +540,15 @@ impl Format for X86Format {
     #[inline]
     fn acc_start(&self) -> u64 {
         ACC_USER | ACC_RW
+    }
+
+    #[inline(always)]
+    fn accumulate_fast(&self, acc: u64, level: u8, raw: u64) -> u64 {
+        if self.mode == X86Mode::Pae && level == 3 {
+            return acc;
+        }
+        let xd = if self.nxe { (raw >> 60) & ACC_XD } else { 0 };
+        (acc & (raw | !(ACC_RW | ACC_USER))) | xd
     }
 
     #[inline]
@@ -670,5 +697,102 @@ impl X86Format {
     /// The mode this format walks.
     pub(crate) fn mode(&self) -> X86Mode {
         self.mode
+    }
+}
+
+/// The 4- and 5-level format with the mode known: what the lean walk runs
+/// for a 64-bit guest, with the per-mode branches of [`X86Format`] gone.
+/// Meanings are [`X86Format`]'s, bit for bit (it delegates everything but
+/// the hot path, and `tests/paging_model.rs` checks both against one model).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct X86Long<'a>(pub(crate) &'a X86Format);
+
+impl X86Long<'_> {
+    /// Wraps `f` if it is a 4- or 5-level format.
+    pub(crate) fn of(f: &X86Format) -> Option<X86Long<'_>> {
+        matches!(f.mode, X86Mode::Level4 | X86Mode::Level5).then_some(X86Long(f))
+    }
+}
+
+impl Format for X86Long<'_> {
+    #[inline(always)]
+    fn top_level(&self) -> u8 {
+        self.0.top_level()
+    }
+    #[inline(always)]
+    fn root(&self) -> u64 {
+        self.0.root
+    }
+    #[inline(always)]
+    fn wide(&self) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn check_input(&self, va: u64) -> Result<(), FaultReason> {
+        self.0.check_input(va)
+    }
+    #[inline(always)]
+    fn entries(&self, _level: u8) -> u64 {
+        512
+    }
+    #[inline(always)]
+    fn index_shift(&self, level: u8) -> u32 {
+        12 + 9 * (u32::from(level) - 1)
+    }
+    #[inline(always)]
+    fn entry_addr(&self, table: u64, level: u8, va: u64) -> u64 {
+        table + ((va >> self.index_shift(level)) & 0x1ff) * 8
+    }
+    #[inline(always)]
+    fn decode(&self, level: u8, raw: u64) -> Decoded {
+        if raw & P == 0 {
+            return Decoded::NotPresent;
+        }
+        let f = self.0;
+        let large = raw & PS != 0;
+        let (reserved, leaf_shift) = match (level, large) {
+            (1, _) => (f.phys, 12),
+            (2, true) => (f.phys | bits(13, 20), 21),
+            (3, true) if f.gbpages => (f.phys | bits(13, 29), 30),
+            (3, true) => return Decoded::Reserved(PS),
+            (2 | 3, false) => (f.phys, 0),
+            _ => (f.phys | PS, 0),
+        };
+        if raw & reserved != 0 {
+            return Decoded::Reserved(raw & reserved);
+        }
+        if leaf_shift == 0 {
+            Decoded::Table(raw & f.mask)
+        } else {
+            Decoded::Leaf {
+                base: raw & f.mask & !((1u64 << leaf_shift) - 1),
+                shift: leaf_shift,
+            }
+        }
+    }
+    #[inline(always)]
+    fn acc_start(&self) -> u64 {
+        self.0.acc_start()
+    }
+    #[inline(always)]
+    fn accumulate(&self, acc: u64, level: u8, raw: u64) -> u64 {
+        self.0.accumulate(acc, level, raw)
+    }
+    #[inline(always)]
+    fn accumulate_fast(&self, acc: u64, _level: u8, raw: u64) -> u64 {
+        let xd = if self.0.nxe { (raw >> 60) & ACC_XD } else { 0 };
+        (acc & (raw | !(ACC_RW | ACC_USER))) | xd
+    }
+    #[inline(always)]
+    fn check(&self, acc: u64, leaf: u64, access: Access, user_linear: bool) -> Result<(), Denied> {
+        self.0.check(acc, leaf, access, user_linear)
+    }
+    #[inline(always)]
+    fn with_accessed(&self, level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
+        self.0.with_accessed(level, raw, leaf, write)
+    }
+    #[inline(always)]
+    fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
+        self.0.permissions(acc, leaf)
     }
 }
