@@ -3,7 +3,7 @@
 //! AMD NPT), both together as hardware's two-dimensional walk, and a walk
 //! cache (translations and upper-level entries) with explicit invalidation.
 //!
-//! The walk engine ([`engine`]) knows nothing about x86: a paging format
+//! The walk engine (`engine.rs`) knows nothing about x86: a paging format
 //! (one implementation of the crate-private `Format` trait) says how wide an
 //! entry is, which virtual-address bits index each level, what an entry
 //! means (not present, reserved bits set, next table, leaf page) and how

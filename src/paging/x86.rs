@@ -124,10 +124,10 @@ pub struct X86Paging {
     pub cr4: u64,
     /// IA32_EFER (LME, LMA, NXE matter).
     pub efer: u64,
-    /// The processor's physical-address width (CPUID 0x8000_0008 EAX[7:0]):
+    /// The processor's physical-address width (CPUID 0x8000_0008 EAX bits 7:0):
     /// entry bits at and above it are reserved. 52 unless set.
     pub maxphyaddr: u8,
-    /// Whether 1 GiB pages exist (CPUID 0x8000_0001 EDX[26]); without
+    /// Whether 1 GiB pages exist (CPUID 0x8000_0001 EDX bit 26); without
     /// them, PS in a PDPTE is a reserved bit. `true` unless set.
     pub gbpages: bool,
     /// PKRU, for protection keys on user pages (CR4.PKE).
