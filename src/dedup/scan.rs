@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
+    frames::{FrameRange, HostMapping},
     memory::{page_state::LOCKED, PageKind, PageState},
 };
 
@@ -108,6 +109,22 @@ pub(super) fn next_pages(
     }
     *cursor = (v, r, p);
     (refs, wrapped)
+}
+
+/// The fill mapping's address, handed to rayon's tasks; each writes only
+/// its own pages through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+
+// SAFETY: only an address; `fill_shared_frames` argues each access.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// A page hashed this pass.
@@ -285,31 +302,20 @@ impl Inner {
             }
         };
         groups.sort_by_key(|g| canonical(g).at);
-        let mut fresh = None;
+        // This pass's new shared frames, and a read-only, populated view of
+        // them for comparing in place (without it, merges read with pread).
+        let mut fresh: Option<(FrameRange, Option<HostMapping>)> = None;
         if !groups.is_empty() {
             let base = self.store.allocate(groups.len() as u64)?;
-            // Copy canonical pages into the new shared frames, a chunk of
-            // frames per pwrite. Members that differ from the canonical page
-            // (a hash collision, or a write since hashing) fail the byte
-            // comparison at merge time and stay private.
-            const CHUNK: usize = 256;
-            let mut content = vec![0u8; CHUNK * PAGE_SIZE];
-            for (c, chunk) in groups.chunks(CHUNK).enumerate() {
-                content[..chunk.len() * PAGE_SIZE]
-                    .par_chunks_mut(PAGE_SIZE)
-                    .zip(chunk.par_iter())
-                    .for_each(|(dst, g)| {
-                        let at = canonical(g).at;
-                        let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
-                        if let Ok(dst) = <&mut [u8; PAGE_SIZE]>::try_from(dst) {
-                            region.read_page(at.page as usize, dst);
-                        }
-                    });
-                let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
-                self.store
-                    .write_frames(first, &content[..chunk.len() * PAGE_SIZE])?;
-            }
-            fresh = Some(base);
+            let view = self.fill_shared_frames(vms, base, &groups, |g| canonical(g).at);
+            let view = match view {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = self.store.free(base);
+                    return Err(e);
+                }
+            };
+            fresh = Some((base, view));
             let mut shared = lock(&self.shared);
             for (k, g) in groups.iter().enumerate() {
                 let frame = FrameNumber(base.start.0 + k as u64);
@@ -330,11 +336,8 @@ impl Inner {
         // Merge, region by region, in page order.
         let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
         keys_sorted.sort_unstable();
-        // Read-only view of this pass's new shared frames, for comparing in
-        // place (best effort: without it the merge reads them with pread).
-        let view = fresh.and_then(|range| self.store.map_read_only(range).ok());
         let mut ctx = self.ctx();
-        if let (Some(view), Some(range)) = (&view, fresh) {
+        if let Some((range, Some(view))) = &fresh {
             ctx.fresh = Some(merge::FreshFrames {
                 start: range.start,
                 view,
@@ -362,6 +365,77 @@ impl Inner {
             shared.drop_ref(&self.store, f)?;
         }
         Ok(report)
+    }
+
+    /// Copies the canonical page of each group into the new shared frames
+    /// `base` (group `k` into frame `base.start + k`), in parallel, before
+    /// anything maps them; returns a read-only view of them, already
+    /// populated, or `None` where only `pwrite` could fill them.
+    ///
+    /// The frames are mapped shared and writable only here, while no guest
+    /// page maps them and nothing else reads them; the mapping is made
+    /// read-only before this returns, and is dropped if that fails. Members
+    /// that differ from the canonical page (a hash collision, or a write
+    /// since hashing) fail the byte comparison at merge time and stay
+    /// private.
+    fn fill_shared_frames<G: Sync>(
+        &self,
+        vms: &[Arc<VmEntry>],
+        base: FrameRange,
+        groups: &[G],
+        canonical: impl Fn(&G) -> PageRef + Sync,
+    ) -> Result<Option<HostMapping>, DedupError> {
+        const CHUNK: usize = 64;
+        let copy = |at: PageRef, dst: &mut [u8; PAGE_SIZE]| {
+            let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
+            region.read_page(at.page as usize, dst);
+        };
+        // A chunk the mapping cannot take (no mapping, or populating failed:
+        // no memory) goes through pwrite, which reports the error instead of
+        // a SIGBUS on the write.
+        let by_pwrite = |c: usize, chunk: &[G]| -> Result<(), DedupError> {
+            let mut buf = vec![0u8; chunk.len() * PAGE_SIZE];
+            for (g, dst) in chunk.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
+                if let Ok(dst) = <&mut [u8; PAGE_SIZE]>::try_from(dst) {
+                    copy(canonical(g), dst);
+                }
+            }
+            let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
+            self.store.write_frames(first, &buf)?;
+            Ok(())
+        };
+        let Ok(map) = self.store.map_for_fill(base) else {
+            groups
+                .par_chunks(CHUNK)
+                .enumerate()
+                .try_for_each(|(c, chunk)| by_pwrite(c, chunk))?;
+            return Ok(None);
+        };
+        let dst = SendPtr(map.as_ptr());
+        groups
+            .par_chunks(CHUNK)
+            .enumerate()
+            .try_for_each(|(c, chunk)| {
+                let off = c * CHUNK * PAGE_SIZE;
+                if map.populate_write(off, chunk.len() * PAGE_SIZE).is_err() {
+                    return by_pwrite(c, chunk);
+                }
+                for (k, g) in chunk.iter().enumerate() {
+                    let page = dst.at(off + k * PAGE_SIZE);
+                    // Frame `c * CHUNK + k` < `groups.len()` <= `base.count`
+                    // lies inside the live mapping, populated just above;
+                    // this task is its only writer and nothing reads it
+                    // until the fill ends (no guest page maps new frames).
+                    // SAFETY: in bounds, exclusive, page-aligned (above).
+                    let page = unsafe { &mut *page.cast::<[u8; PAGE_SIZE]>() };
+                    copy(canonical(g), page);
+                }
+                Ok(())
+            })?;
+        // Read-only from here: every later read of the view sees bytes that
+        // can no longer change. If this fails the mapping is dropped
+        // (unmapped) here, before any page maps the frames.
+        Ok(map.make_read_only().ok().map(|()| map))
     }
 
     /// The page an unstable-tree entry names, if it is still a candidate.

@@ -278,10 +278,12 @@ impl FrameStore {
         HostMapping::new(self, range)
     }
 
-    /// Maps `range` read-only, for reading frames nobody may write.
-    pub(crate) fn map_read_only(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
+    /// Maps new frames `range` shared and writable, with no huge-page
+    /// advice, for filling them before anything else maps them (see
+    /// [`HostMapping::make_read_only`]).
+    pub(crate) fn map_for_fill(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
         self.check_granule(range)?;
-        HostMapping::read_only(self, range)
+        HostMapping::for_fill(self, range)
     }
 
     /// Writes consecutive frames starting at `frame` from `data` (a multiple
