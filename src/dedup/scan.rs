@@ -5,7 +5,6 @@
 //! whether it is still safe to, under write protection.
 
 use std::{
-    collections::HashMap,
     sync::{atomic::Ordering, Arc},
     time::Instant,
 };
@@ -54,7 +53,18 @@ struct Group {
 
 /// Every page of every included region, in VM, region, page order.
 pub(super) fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
-    let mut refs = Vec::new();
+    let total = vms
+        .iter()
+        .flat_map(|vm| {
+            vm.mem
+                .regions()
+                .iter()
+                .zip(&vm.included)
+                .filter(|(_, inc)| **inc)
+                .map(|(r, _)| r.pages())
+        })
+        .sum();
+    let mut refs = Vec::with_capacity(total);
     for (v, vm) in vms.iter().enumerate() {
         for (ri, r) in vm.mem.regions().iter().enumerate() {
             if !vm.included[ri] {
@@ -156,9 +166,11 @@ impl Inner {
             .map(|v| Arc::clone(&scan.keys[&v.domain]))
             .collect();
         let hash_started = Instant::now();
-        let hashed: Vec<Hashed> = refs
+        // One slot per page (an indexed collect writes the Vec in place,
+        // sized once); `None` for pages that are not candidates.
+        let hashed: Vec<Option<Hashed>> = refs
             .par_iter()
-            .filter_map(|&at| {
+            .map(|&at| {
                 let vm = &vms[at.vm as usize];
                 let region = &vm.mem.regions()[at.region as usize];
                 let state = region.page_states().load(at.page as usize);
@@ -189,14 +201,15 @@ impl Inner {
                 })
             })
             .collect();
-        report.pages_hashed = hashed.len() as u64;
+        drop(refs);
+        report.pages_hashed = hashed.iter().filter(|h| h.is_some()).count() as u64;
         report.hash_nanos = nanos_since(hash_started);
         report.hash_threads = rayon::current_num_threads() as u64;
 
         // Volatility: an incremental step merges only pages whose hash did
         // not change since their previous visit.
-        let mut stable = Vec::with_capacity(hashed.len());
-        for h in hashed {
+        let mut stable = Vec::with_capacity(report.pages_hashed as usize);
+        for h in hashed.into_iter().flatten() {
             let vm = &vms[h.at.vm as usize];
             let slot = scan
                 .old_hashes
@@ -213,16 +226,18 @@ impl Inner {
         }
 
         // Classify: zero, matches a shared frame, or needs a group.
-        let mut cands: HashMap<(u32, u32), Vec<Candidate>> = HashMap::new();
+        // One list for every region, sorted by (VM, region, page) before
+        // merging: at most one entry per stable page plus one per group.
+        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(stable.len());
         let mut push = |at: PageRef, expected: PageState, target: Target| {
-            cands
-                .entry((at.vm, at.region))
-                .or_default()
-                .push(Candidate {
+            cands.push((
+                (at.vm, at.region),
+                Candidate {
                     page: at.page as usize,
                     expected,
                     target,
-                });
+                },
+            ));
         };
         let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
         // Every shared frame this pass may map pages onto holds one extra
@@ -334,8 +349,8 @@ impl Inner {
         report.group_nanos = nanos_since(hash_started).saturating_sub(report.hash_nanos);
         let merge_started = Instant::now();
         // Merge, region by region, in page order.
-        let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
-        keys_sorted.sort_unstable();
+        // A stable sort: of two entries for one page, the first pushed wins.
+        cands.par_sort_by_key(|(k, c)| (*k, c.page));
         let mut ctx = self.ctx();
         if let Some((range, Some(view))) = &fresh {
             ctx.fresh = Some(merge::FreshFrames {
@@ -343,9 +358,11 @@ impl Inner {
                 view,
             });
         }
-        for k in keys_sorted {
-            let mut list = cands.remove(&k).unwrap_or_default();
-            list.sort_by_key(|c| c.page);
+        let mut list: Vec<Candidate> = Vec::new();
+        for region_cands in cands.chunk_by(|a, b| a.0 == b.0) {
+            let k = region_cands[0].0;
+            list.clear();
+            list.extend(region_cands.iter().map(|(_, c)| *c));
             list.dedup_by_key(|c| c.page);
             let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
             let out = merge::merge_region(&ctx, region, &list)?;
