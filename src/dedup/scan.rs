@@ -228,7 +228,8 @@ impl Inner {
         // Classify: zero, matches a shared frame, or needs a group.
         // One list for every region, sorted by (VM, region, page) before
         // merging: at most one entry per stable page plus one per group.
-        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(stable.len());
+        let n_stable = stable.len();
+        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(n_stable);
         let mut push = |at: PageRef, expected: PageState, target: Target| {
             cands.push((
                 (at.vm, at.region),
@@ -262,6 +263,10 @@ impl Inner {
                 }
             }
         }
+        // Entries so far follow `refs`, in (VM, region, page) order; group
+        // members are pushed after these, in group order.
+        // (Each stable page went either there or to `rest`.)
+        let direct = n_stable - rest.len();
         // Equal hashes sit together after a sort; each run is a group whose
         // first page (in VM, region, page order) is its canonical copy.
         rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));
@@ -349,8 +354,24 @@ impl Inner {
         report.group_nanos = nanos_since(hash_started).saturating_sub(report.hash_nanos);
         let merge_started = Instant::now();
         // Merge, region by region, in page order.
-        // A stable sort: of two entries for one page, the first pushed wins.
-        cands.par_sort_by_key(|(k, c)| (*k, c.page));
+        // Sorted by (VM, region, page): only the group members need a sort,
+        // then the two sorted runs are merged. Stable sorts: of two entries
+        // for one page, the first pushed wins.
+        let key = |e: &((u32, u32), Candidate)| (e.0, e.1.page);
+        let (head, tail) = cands.split_at_mut(direct);
+        tail.par_sort_by_key(key);
+        if !head.is_sorted_by_key(key) {
+            cands.par_sort_by_key(key);
+        }
+        let (head, tail) = cands.split_at(direct);
+        let mut sorted = {
+            let (mut h, mut t) = (head.iter().peekable(), tail.iter().peekable());
+            std::iter::from_fn(move || match (h.peek(), t.peek()) {
+                (Some(a), Some(b)) if key(b) < key(a) => t.next(),
+                (Some(_), _) => h.next(),
+                (None, _) => t.next(),
+            })
+        };
         let mut ctx = self.ctx();
         if let Some((range, Some(view))) = &fresh {
             ctx.fresh = Some(merge::FreshFrames {
@@ -358,21 +379,34 @@ impl Inner {
                 view,
             });
         }
-        let mut list: Vec<Candidate> = Vec::new();
-        for region_cands in cands.chunk_by(|a, b| a.0 == b.0) {
-            let k = region_cands[0].0;
-            list.clear();
-            list.extend(region_cands.iter().map(|(_, c)| *c));
-            list.dedup_by_key(|c| c.page);
+        // Each region's candidates, one entry per page, in one list.
+        let mut list: Vec<Candidate> = Vec::with_capacity(cands.len());
+        let mut spans = Vec::new();
+        let mut next = sorted.next();
+        while let Some(&(k, first)) = next {
+            let start = list.len();
+            list.push(first);
+            next = sorted.next();
+            while let Some(&(k2, c)) = next {
+                if k2 != k {
+                    break;
+                }
+                if list[list.len() - 1].page != c.page {
+                    list.push(c);
+                }
+                next = sorted.next();
+            }
             let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
-            let out = merge::merge_region(&ctx, region, &list)?;
-            report.merged_shared += out.shared;
-            report.merged_zero += out.zero;
-            report.changed += out.changed;
-            report.busy += out.busy;
-            report.map_limit += out.map_limit;
-            report.remaps += out.remaps;
+            spans.push((region, start..list.len()));
         }
+        drop(cands);
+        let out = merge::merge_regions(&ctx, &spans, &list)?;
+        report.merged_shared += out.shared;
+        report.merged_zero += out.zero;
+        report.changed += out.changed;
+        report.busy += out.busy;
+        report.map_limit += out.map_limit;
+        report.remaps += out.remaps;
         report.merge_nanos = nanos_since(merge_started);
         self.map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
