@@ -5,10 +5,14 @@
 //! now waits in the kernel), compare each page byte for byte with its target
 //! (a shared frame's content, or zeros), remap the equal ones in one
 //! `mmap(MAP_FIXED)` per run as a *private* copy-on-write view of the shared
-//! frames (or anonymous zeros), punch their own frames, then disarm and wake.
+//! frames (or anonymous zeros), disarm and wake, then punch their own frames
+//! and publish the new states (on a second thread, overlapping the next
+//! window).
 //! A writer that waited retries against the new mapping, where the kernel
-//! copies the page before its write lands. The shared frame is never mapped
-//! writable anywhere, so no write can ever reach it.
+//! copies the page before its write lands. Once a page may map a shared
+//! frame, the frame is never mapped writable anywhere (its only writable
+//! mapping, the pass's fill, is made read-only first), so no write can ever
+//! reach it.
 //!
 //! Unmerge is the mirror: lock, protect, copy each page's current bytes into
 //! its own frame, remap the run onto its own frames (shared, writable), wake.
