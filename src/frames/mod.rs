@@ -288,8 +288,8 @@ impl FrameStore {
 
     /// Writes consecutive frames starting at `frame` from `data` (a multiple
     /// of the page size) in one `pwrite`: how shared frames get their
-    /// content where their fill mapping cannot take it, and how a page's bytes go back to
-    /// its own frame when sharing is broken.
+    /// content where their fill mapping cannot take it, and how a page's
+    /// bytes go back to its own frame when sharing is broken.
     pub fn write_frames(&self, frame: FrameNumber, data: &[u8]) -> Result<(), FrameError> {
         self.pio(frame, data.as_ptr().cast_mut(), data.len(), true)
     }
