@@ -202,13 +202,14 @@ impl Inner {
             })
             .collect();
         drop(refs);
-        report.pages_hashed = hashed.iter().filter(|h| h.is_some()).count() as u64;
+        let candidates = hashed.iter().filter(|h| h.is_some()).count();
+        report.pages_hashed = candidates as u64;
         report.hash_nanos = nanos_since(hash_started);
         report.hash_threads = rayon::current_num_threads() as u64;
 
         // Volatility: an incremental step merges only pages whose hash did
         // not change since their previous visit.
-        let mut stable = Vec::with_capacity(report.pages_hashed as usize);
+        let mut stable = Vec::with_capacity(candidates);
         for h in hashed.into_iter().flatten() {
             let vm = &vms[h.at.vm as usize];
             let slot = scan
@@ -360,7 +361,7 @@ impl Inner {
         let key = |e: &((u32, u32), Candidate)| (e.0, e.1.page);
         let (head, tail) = cands.split_at_mut(direct);
         tail.par_sort_by_key(key);
-        if !head.is_sorted_by_key(key) {
+        if !head.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
             cands.par_sort_by_key(key);
         }
         let (head, tail) = cands.split_at(direct);
