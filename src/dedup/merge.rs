@@ -5,10 +5,14 @@
 //! now waits in the kernel), compare each page byte for byte with its target
 //! (a shared frame's content, or zeros), remap the equal ones in one
 //! `mmap(MAP_FIXED)` per run as a *private* copy-on-write view of the shared
-//! frames (or anonymous zeros), punch their own frames, then disarm and wake.
+//! frames (or anonymous zeros), disarm and wake, then punch their own frames
+//! and publish the new states (on a second thread, overlapping the next
+//! window).
 //! A writer that waited retries against the new mapping, where the kernel
-//! copies the page before its write lands. The shared frame is never mapped
-//! writable anywhere, so no write can ever reach it.
+//! copies the page before its write lands. Once a page may map a shared
+//! frame, the frame is never mapped writable anywhere (its only writable
+//! mapping, the pass's fill, is made read-only first), so no write can ever
+//! reach it.
 //!
 //! Unmerge is the mirror: lock, protect, copy each page's current bytes into
 //! its own frame, remap the run onto its own frames (shared, writable), wake.
@@ -109,31 +113,115 @@ impl<'a> FreshFrames<'a> {
     }
 }
 
-/// Merges `cands` (sorted by page, distinct pages) of `region`, a window
-/// of nearby runs at a time. Shared frame references are taken as pages
-/// are published.
-pub(super) fn merge_region(
+/// Merges each region's candidates (`cands[span]`, sorted by page,
+/// distinct pages), a window of nearby runs at a time. Shared frame
+/// references are taken as pages are published.
+///
+/// Two stages overlap: this thread locks, protects, compares, remaps and
+/// wakes a window, then hands it to a second thread that punches the merged
+/// pages' own frames and publishes their states, while this one goes on to
+/// the next window (the punch is kernel work of about the remap's size).
+pub(super) fn merge_regions(
     ctx: &MergeCtx<'_>,
-    region: &GuestRegion,
+    regions: &[(&GuestRegion, std::ops::Range<usize>)],
     cands: &[Candidate],
 ) -> Result<MergeOutcome, DedupError> {
-    region.enable_state_checks();
     let mut out = MergeOutcome::default();
-    let mut i = 0;
-    while i < cands.len() {
-        if ctx.map_budget.load(Ordering::Relaxed) < 2 {
-            out.map_limit += cands[i..].len() as u64;
-            break;
-        }
-        let first = cands[i].page;
-        let mut j = i + 1;
-        while j < cands.len() && cands[j].page < first + MAX_WINDOW {
-            j += 1;
-        }
-        merge_window(ctx, region, &cands[i..j], &mut out)?;
-        i = j;
+    // One window has nothing to overlap with.
+    if regions.len() < 2 && cands.len() <= MAX_WINDOW {
+        let mut first_err = None;
+        arm_windows(ctx, regions, cands, &mut out, |done, out| {
+            if let Err(e) = finish_window(ctx, done, out) {
+                first_err.get_or_insert(e);
+            }
+        })?;
+        return first_err.map_or(Ok(out), Err);
     }
-    Ok(out)
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Remapped<'_>>(8);
+        let finisher = scope.spawn(move || {
+            let mut out = MergeOutcome::default();
+            let mut first_err = None;
+            for done in rx {
+                if let Err(e) = finish_window(ctx, done, &mut out) {
+                    first_err.get_or_insert(e);
+                }
+            }
+            (out, first_err)
+        });
+        let armed = arm_windows(ctx, regions, cands, &mut out, |done, _| {
+            // The receiver lives until the sender is dropped below; should it
+            // have panicked, the windows it took stay locked, and the panic
+            // is raised by the join.
+            let _ = tx.send(done);
+        });
+        drop(tx);
+        let (finished, first_err) = match finisher.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        out.add(&finished);
+        armed?;
+        first_err.map_or(Ok(out), Err)
+    })
+}
+
+/// Runs the first stage over every window of every region, handing each
+/// window that got as far as its remap (or a failed one) to `finish`.
+fn arm_windows<'r>(
+    ctx: &MergeCtx<'_>,
+    regions: &[(&'r GuestRegion, std::ops::Range<usize>)],
+    cands: &[Candidate],
+    out: &mut MergeOutcome,
+    mut finish: impl FnMut(Remapped<'r>, &mut MergeOutcome),
+) -> Result<(), DedupError> {
+    for (region, span) in regions {
+        let cands = &cands[span.clone()];
+        region.enable_state_checks();
+        let mut i = 0;
+        while i < cands.len() {
+            if ctx.map_budget.load(Ordering::Relaxed) < 2 {
+                out.map_limit += cands[i..].len() as u64;
+                break;
+            }
+            let first = cands[i].page;
+            let mut j = i + 1;
+            while j < cands.len() && cands[j].page < first + MAX_WINDOW {
+                j += 1;
+            }
+            if let Some(done) = merge_window(ctx, region, &cands[i..j], out)? {
+                let failed = done.remap_error.is_some();
+                finish(done, out);
+                if failed {
+                    // Reported by the finishing stage.
+                    return Ok(());
+                }
+            }
+            i = j;
+        }
+    }
+    Ok(())
+}
+
+impl MergeOutcome {
+    fn add(&mut self, o: &MergeOutcome) {
+        self.shared += o.shared;
+        self.zero += o.zero;
+        self.changed += o.changed;
+        self.busy += o.busy;
+        self.map_limit += o.map_limit;
+        self.remaps += o.remaps;
+    }
+}
+
+/// A window after its remaps, protection released: its pages are still
+/// locked, the merged ones' own frames not yet punched.
+pub(super) struct Remapped<'r> {
+    region: &'r GuestRegion,
+    run: Vec<Candidate>,
+    equal: Vec<bool>,
+    merged: Vec<bool>,
+    remap_error: Option<crate::frames::FrameError>,
 }
 
 fn continues_run(a: &Candidate, b: &Candidate) -> bool {
@@ -162,12 +250,12 @@ fn for_each_run<T>(items: &[T], same: impl Fn(&T, &T) -> bool, mut f: impl FnMut
 /// One window: candidates within `MAX_WINDOW` pages of each other, protected
 /// together so that registration and protection cost one call each for many
 /// runs; each run is still remapped on its own.
-fn merge_window(
+fn merge_window<'r>(
     ctx: &MergeCtx<'_>,
-    region: &GuestRegion,
+    region: &'r GuestRegion,
     window: &[Candidate],
     out: &mut MergeOutcome,
-) -> Result<(), DedupError> {
+) -> Result<Option<Remapped<'r>>, DedupError> {
     let states = region.page_states();
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let run: Vec<Candidate> = window
@@ -181,7 +269,7 @@ fn merge_window(
         .collect();
     out.busy += (window.len() - run.len()) as u64;
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
-        return Ok(());
+        return Ok(None);
     };
     let addr = region.page_host_addr(first.page);
     let len = ((last.page - first.page + 1) * PAGE_SIZE) as u64;
@@ -316,15 +404,40 @@ fn merge_window(
         },
     );
 
-    // 5. Release the own frames of the merged pages, a call per stretch of
-    // consecutive pages (runs of different targets join up here).
-    let punched = punch_own_frames(ctx.store, region, &run, &merged);
-
-    // 6. Disarm and wake: waiting writers retry against the new mapping.
+    // 5. Disarm and wake: waiting writers retry against the new mapping.
     // Unregistering drops the protection of the pages left in place; the
     // remapped ones have fresh, unprotected mappings.
     release_protection(ctx, addr, len);
     drop(window);
+    Ok(Some(Remapped {
+        region,
+        run,
+        equal,
+        merged,
+        remap_error,
+    }))
+}
+
+/// The second stage of a window: punch, then publish.
+fn finish_window(
+    ctx: &MergeCtx<'_>,
+    done: Remapped<'_>,
+    out: &mut MergeOutcome,
+) -> Result<(), DedupError> {
+    let Remapped {
+        region,
+        run,
+        equal,
+        merged,
+        remap_error,
+    } = done;
+    let states = region.page_states();
+    // 6. Release the own frames of the merged pages, a call per stretch of
+    // consecutive pages (runs of different targets join up here). Nothing
+    // maps them any more, and the pages stay locked until they are
+    // published, so no unmerge can write a page's bytes back into its own
+    // frame before this punch.
+    let punched = punch_own_frames(ctx.store, region, &run, &merged);
 
     // 7. Publish the new states (this also unlocks), taking each shared
     // frame's reference under its table's lock: an unmerge of a page just

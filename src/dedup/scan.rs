@@ -5,7 +5,6 @@
 //! whether it is still safe to, under write protection.
 
 use std::{
-    collections::HashMap,
     sync::{atomic::Ordering, Arc},
     time::Instant,
 };
@@ -20,6 +19,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
+    frames::{FrameRange, HostMapping},
     memory::{page_state::LOCKED, PageKind, PageState},
 };
 
@@ -53,7 +53,18 @@ struct Group {
 
 /// Every page of every included region, in VM, region, page order.
 pub(super) fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
-    let mut refs = Vec::new();
+    let total = vms
+        .iter()
+        .flat_map(|vm| {
+            vm.mem
+                .regions()
+                .iter()
+                .zip(&vm.included)
+                .filter(|(_, inc)| **inc)
+                .map(|(r, _)| r.pages())
+        })
+        .sum();
+    let mut refs = Vec::with_capacity(total);
     for (v, vm) in vms.iter().enumerate() {
         for (ri, r) in vm.mem.regions().iter().enumerate() {
             if !vm.included[ri] {
@@ -110,6 +121,22 @@ pub(super) fn next_pages(
     (refs, wrapped)
 }
 
+/// The fill mapping's address, handed to rayon's tasks; each writes only
+/// its own pages through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+
+// SAFETY: only an address; `fill_shared_frames` argues each access.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// A page hashed this pass.
 #[derive(Clone, Copy)]
 struct Hashed {
@@ -139,9 +166,11 @@ impl Inner {
             .map(|v| Arc::clone(&scan.keys[&v.domain]))
             .collect();
         let hash_started = Instant::now();
-        let hashed: Vec<Hashed> = refs
+        // One slot per page (an indexed collect writes the Vec in place,
+        // sized once); `None` for pages that are not candidates.
+        let hashed: Vec<Option<Hashed>> = refs
             .par_iter()
-            .filter_map(|&at| {
+            .map(|&at| {
                 let vm = &vms[at.vm as usize];
                 let region = &vm.mem.regions()[at.region as usize];
                 let state = region.page_states().load(at.page as usize);
@@ -172,14 +201,16 @@ impl Inner {
                 })
             })
             .collect();
-        report.pages_hashed = hashed.len() as u64;
+        drop(refs);
+        let candidates = hashed.iter().filter(|h| h.is_some()).count();
+        report.pages_hashed = candidates as u64;
         report.hash_nanos = nanos_since(hash_started);
         report.hash_threads = rayon::current_num_threads() as u64;
 
         // Volatility: an incremental step merges only pages whose hash did
         // not change since their previous visit.
-        let mut stable = Vec::with_capacity(hashed.len());
-        for h in hashed {
+        let mut stable = Vec::with_capacity(candidates);
+        for h in hashed.into_iter().flatten() {
             let vm = &vms[h.at.vm as usize];
             let slot = scan
                 .old_hashes
@@ -196,16 +227,19 @@ impl Inner {
         }
 
         // Classify: zero, matches a shared frame, or needs a group.
-        let mut cands: HashMap<(u32, u32), Vec<Candidate>> = HashMap::new();
+        // One list for every region, sorted by (VM, region, page) before
+        // merging: at most one entry per stable page plus one per group.
+        let n_stable = stable.len();
+        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(n_stable);
         let mut push = |at: PageRef, expected: PageState, target: Target| {
-            cands
-                .entry((at.vm, at.region))
-                .or_default()
-                .push(Candidate {
+            cands.push((
+                (at.vm, at.region),
+                Candidate {
                     page: at.page as usize,
                     expected,
                     target,
-                });
+                },
+            ));
         };
         let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
         // Every shared frame this pass may map pages onto holds one extra
@@ -230,6 +264,10 @@ impl Inner {
                 }
             }
         }
+        // Entries so far follow `refs`, in (VM, region, page) order; group
+        // members are pushed after these, in group order.
+        // (Each stable page went either there or to `rest`.)
+        let direct = n_stable - rest.len();
         // Equal hashes sit together after a sort; each run is a group whose
         // first page (in VM, region, page order) is its canonical copy.
         rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));
@@ -285,31 +323,20 @@ impl Inner {
             }
         };
         groups.sort_by_key(|g| canonical(g).at);
-        let mut fresh = None;
+        // This pass's new shared frames, and a read-only, populated view of
+        // them for comparing in place (without it, merges read with pread).
+        let mut fresh: Option<(FrameRange, Option<HostMapping>)> = None;
         if !groups.is_empty() {
             let base = self.store.allocate(groups.len() as u64)?;
-            // Copy canonical pages into the new shared frames, a chunk of
-            // frames per pwrite. Members that differ from the canonical page
-            // (a hash collision, or a write since hashing) fail the byte
-            // comparison at merge time and stay private.
-            const CHUNK: usize = 256;
-            let mut content = vec![0u8; CHUNK * PAGE_SIZE];
-            for (c, chunk) in groups.chunks(CHUNK).enumerate() {
-                content[..chunk.len() * PAGE_SIZE]
-                    .par_chunks_mut(PAGE_SIZE)
-                    .zip(chunk.par_iter())
-                    .for_each(|(dst, g)| {
-                        let at = canonical(g).at;
-                        let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
-                        if let Ok(dst) = <&mut [u8; PAGE_SIZE]>::try_from(dst) {
-                            region.read_page(at.page as usize, dst);
-                        }
-                    });
-                let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
-                self.store
-                    .write_frames(first, &content[..chunk.len() * PAGE_SIZE])?;
-            }
-            fresh = Some(base);
+            let view = self.fill_shared_frames(vms, base, &groups, |g| canonical(g).at);
+            let view = match view {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = self.store.free(base);
+                    return Err(e);
+                }
+            };
+            fresh = Some((base, view));
             let mut shared = lock(&self.shared);
             for (k, g) in groups.iter().enumerate() {
                 let frame = FrameNumber(base.start.0 + k as u64);
@@ -328,31 +355,59 @@ impl Inner {
         report.group_nanos = nanos_since(hash_started).saturating_sub(report.hash_nanos);
         let merge_started = Instant::now();
         // Merge, region by region, in page order.
-        let mut keys_sorted: Vec<(u32, u32)> = cands.keys().copied().collect();
-        keys_sorted.sort_unstable();
-        // Read-only view of this pass's new shared frames, for comparing in
-        // place (best effort: without it the merge reads them with pread).
-        let view = fresh.and_then(|range| self.store.map_read_only(range).ok());
+        // Sorted by (VM, region, page): only the group members need a sort,
+        // then the two sorted runs are merged. Stable sorts: of two entries
+        // for one page, the first pushed wins.
+        let key = |e: &((u32, u32), Candidate)| (e.0, e.1.page);
+        let (head, tail) = cands.split_at_mut(direct);
+        tail.par_sort_by_key(key);
+        if !head.windows(2).all(|w| key(&w[0]) <= key(&w[1])) {
+            cands.par_sort_by_key(key);
+        }
+        let (head, tail) = cands.split_at(direct);
+        let mut sorted = {
+            let (mut h, mut t) = (head.iter().peekable(), tail.iter().peekable());
+            std::iter::from_fn(move || match (h.peek(), t.peek()) {
+                (Some(a), Some(b)) if key(b) < key(a) => t.next(),
+                (Some(_), _) => h.next(),
+                (None, _) => t.next(),
+            })
+        };
         let mut ctx = self.ctx();
-        if let (Some(view), Some(range)) = (&view, fresh) {
+        if let Some((range, Some(view))) = &fresh {
             ctx.fresh = Some(merge::FreshFrames {
                 start: range.start,
                 view,
             });
         }
-        for k in keys_sorted {
-            let mut list = cands.remove(&k).unwrap_or_default();
-            list.sort_by_key(|c| c.page);
-            list.dedup_by_key(|c| c.page);
+        // Each region's candidates, one entry per page, in one list.
+        let mut list: Vec<Candidate> = Vec::with_capacity(cands.len());
+        let mut spans = Vec::new();
+        let mut next = sorted.next();
+        while let Some(&(k, first)) = next {
+            let start = list.len();
+            list.push(first);
+            next = sorted.next();
+            while let Some(&(k2, c)) = next {
+                if k2 != k {
+                    break;
+                }
+                if list[list.len() - 1].page != c.page {
+                    list.push(c);
+                }
+                next = sorted.next();
+            }
             let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
-            let out = merge::merge_region(&ctx, region, &list)?;
-            report.merged_shared += out.shared;
-            report.merged_zero += out.zero;
-            report.changed += out.changed;
-            report.busy += out.busy;
-            report.map_limit += out.map_limit;
-            report.remaps += out.remaps;
+            spans.push((region, start..list.len()));
         }
+        drop(cands);
+        let out = merge::merge_regions(&ctx, &spans, &list)?;
+        report.merged_shared += out.shared;
+        report.merged_zero += out.zero;
+        report.changed += out.changed;
+        report.busy += out.busy;
+        report.map_limit += out.map_limit;
+        report.remaps += out.remaps;
         report.merge_nanos = nanos_since(merge_started);
         self.map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
@@ -362,6 +417,77 @@ impl Inner {
             shared.drop_ref(&self.store, f)?;
         }
         Ok(report)
+    }
+
+    /// Copies the canonical page of each group into the new shared frames
+    /// `base` (group `k` into frame `base.start + k`), in parallel, before
+    /// anything maps them; returns a read-only view of them, already
+    /// populated, or `None` where only `pwrite` could fill them.
+    ///
+    /// The frames are mapped shared and writable only here, while no guest
+    /// page maps them and nothing else reads them; the mapping is made
+    /// read-only before this returns, and is dropped if that fails. Members
+    /// that differ from the canonical page (a hash collision, or a write
+    /// since hashing) fail the byte comparison at merge time and stay
+    /// private.
+    fn fill_shared_frames<G: Sync>(
+        &self,
+        vms: &[Arc<VmEntry>],
+        base: FrameRange,
+        groups: &[G],
+        canonical: impl Fn(&G) -> PageRef + Sync,
+    ) -> Result<Option<HostMapping>, DedupError> {
+        const CHUNK: usize = 64;
+        let copy = |at: PageRef, dst: &mut [u8; PAGE_SIZE]| {
+            let region = &vms[at.vm as usize].mem.regions()[at.region as usize];
+            region.read_page(at.page as usize, dst);
+        };
+        // A chunk the mapping cannot take (no mapping, or populating failed:
+        // no memory) goes through pwrite, which reports the error instead of
+        // a SIGBUS on the write.
+        let by_pwrite = |c: usize, chunk: &[G]| -> Result<(), DedupError> {
+            let mut buf = vec![0u8; chunk.len() * PAGE_SIZE];
+            for (g, dst) in chunk.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
+                if let Ok(dst) = <&mut [u8; PAGE_SIZE]>::try_from(dst) {
+                    copy(canonical(g), dst);
+                }
+            }
+            let first = FrameNumber(base.start.0 + (c * CHUNK) as u64);
+            self.store.write_frames(first, &buf)?;
+            Ok(())
+        };
+        let Ok(map) = self.store.map_for_fill(base) else {
+            groups
+                .par_chunks(CHUNK)
+                .enumerate()
+                .try_for_each(|(c, chunk)| by_pwrite(c, chunk))?;
+            return Ok(None);
+        };
+        let dst = SendPtr(map.as_ptr());
+        groups
+            .par_chunks(CHUNK)
+            .enumerate()
+            .try_for_each(|(c, chunk)| {
+                let off = c * CHUNK * PAGE_SIZE;
+                if map.populate_write(off, chunk.len() * PAGE_SIZE).is_err() {
+                    return by_pwrite(c, chunk);
+                }
+                for (k, g) in chunk.iter().enumerate() {
+                    let page = dst.at(off + k * PAGE_SIZE);
+                    // Frame `c * CHUNK + k` < `groups.len()` <= `base.count`
+                    // lies inside the live mapping, populated just above;
+                    // this task is its only writer and nothing reads it
+                    // until the fill ends (no guest page maps new frames).
+                    // SAFETY: in bounds, exclusive, page-aligned (above).
+                    let page = unsafe { &mut *page.cast::<[u8; PAGE_SIZE]>() };
+                    copy(canonical(g), page);
+                }
+                Ok(())
+            })?;
+        // Read-only from here: every later read of the view sees bytes that
+        // can no longer change. If this fails the mapping is dropped
+        // (unmapped) here, before any page maps the frames.
+        Ok(map.make_read_only().ok().map(|()| map))
     }
 
     /// The page an unstable-tree entry names, if it is still a candidate.

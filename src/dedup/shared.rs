@@ -1,8 +1,10 @@
 //! The shared frames: frames of the store that hold one copy of a content
 //! mapped (copy-on-write) by several guest pages, with their reference counts
 //! and the per-domain index from content hash to frame. A shared frame is
-//! written once, by `pwrite`, before any page maps it, and is only ever
-//! mapped `MAP_PRIVATE` afterwards, so nothing can change its bytes.
+//! written once, before any page maps it (through the pass's fill mapping,
+//! made read-only before the first merge, or by `pwrite`), and is only ever
+//! mapped `MAP_PRIVATE` or read-only afterwards, so nothing can change its
+//! bytes.
 
 use std::collections::HashMap;
 

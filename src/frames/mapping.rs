@@ -49,19 +49,22 @@ unsafe impl Sync for HostMapping {}
 impl HostMapping {
     /// Maps `range` of `store` read-write and shared.
     pub(crate) fn new(store: &FrameStore, range: FrameRange) -> Result<Self, FrameError> {
-        Self::with_prot(store, range, libc::PROT_READ | libc::PROT_WRITE)
+        Self::with_prot(store, range, libc::PROT_READ | libc::PROT_WRITE, true)
     }
 
-    /// Maps `range` of `store` read-only and shared: a view of shared frames
+    /// Maps new frames `range` of `store` read-write and shared, ignoring
+    /// the store's populate and huge-page options, to fill them before anything else maps them;
+    /// [`make_read_only`](Self::make_read_only) then turns it into a view
     /// that can never write them.
-    pub(crate) fn read_only(store: &FrameStore, range: FrameRange) -> Result<Self, FrameError> {
-        Self::with_prot(store, range, libc::PROT_READ)
+    pub(crate) fn for_fill(store: &FrameStore, range: FrameRange) -> Result<Self, FrameError> {
+        Self::with_prot(store, range, libc::PROT_READ | libc::PROT_WRITE, false)
     }
 
     fn with_prot(
         store: &FrameStore,
         range: FrameRange,
         prot: libc::c_int,
+        store_options: bool,
     ) -> Result<Self, FrameError> {
         let len = usize::try_from(range.bytes()).map_err(|_| FrameError::TooLarge {
             frames: range.count,
@@ -80,7 +83,7 @@ impl HostMapping {
         if !hugetlb {
             flags |= libc::MAP_NORESERVE;
         }
-        if store.options().populate {
+        if store_options && store.options().populate {
             flags |= libc::MAP_POPULATE;
         }
         // A null hint lets the kernel pick an unused range (nothing replaced);
@@ -110,7 +113,7 @@ impl HostMapping {
             source: io::Error::from_raw_os_error(libc::EINVAL),
         })?;
         let mapping = HostMapping { ptr, len };
-        if store.options().transparent_huge_pages {
+        if store_options && store.options().transparent_huge_pages {
             // Advice only: where shmem THP is off, the kernel ignores it.
             // SAFETY: the range is exactly the mapping created above.
             unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
@@ -183,6 +186,52 @@ impl HostMapping {
         if p == libc::MAP_FAILED {
             return Err(FrameError::Os {
                 op: "mmap(MAP_FIXED)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Allocates and maps the pages `[offset, offset+len)` for writing now
+    /// (`MADV_POPULATE_WRITE`), so that writes to them cannot fault; an
+    /// error (no memory, or a kernel without the advice) is returned rather
+    /// than raised as `SIGBUS` on a later write.
+    pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Result<(), FrameError> {
+        if offset.checked_add(len).map_or(true, |e| e > self.len) {
+            return Err(FrameError::TooLarge {
+                frames: (offset.saturating_add(len) >> crate::addr::PAGE_SHIFT) as u64,
+            });
+        }
+        // `offset + len <= self.len` (checked above), so the range lies in
+        // this live mapping; the advice only faults pages in, it changes no
+        // byte.
+        // SAFETY: as argued above.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(FrameError::Os {
+                op: "madvise(MADV_POPULATE_WRITE)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the whole mapping read-only (`mprotect(PROT_READ)`): from here
+    /// nothing can write the frames through it. Pages already mapped stay
+    /// mapped, so reads do not fault again.
+    pub(crate) fn make_read_only(&self) -> Result<(), FrameError> {
+        // SAFETY: `ptr`/`len` describe exactly the mapping this value owns;
+        // dropping write permission cannot invalidate any reader.
+        let rc = unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, libc::PROT_READ) };
+        if rc != 0 {
+            return Err(FrameError::Os {
+                op: "mprotect(PROT_READ)",
                 source: io::Error::last_os_error(),
             });
         }

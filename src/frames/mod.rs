@@ -278,16 +278,18 @@ impl FrameStore {
         HostMapping::new(self, range)
     }
 
-    /// Maps `range` read-only, for reading frames nobody may write.
-    pub(crate) fn map_read_only(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
+    /// Maps new frames `range` shared and writable, ignoring the store's
+    /// populate and huge-page options, for filling them before anything else maps them (see
+    /// [`HostMapping::make_read_only`]).
+    pub(crate) fn map_for_fill(&self, range: FrameRange) -> Result<HostMapping, FrameError> {
         self.check_granule(range)?;
-        HostMapping::read_only(self, range)
+        HostMapping::for_fill(self, range)
     }
 
     /// Writes consecutive frames starting at `frame` from `data` (a multiple
     /// of the page size) in one `pwrite`: how shared frames get their
-    /// content before anything maps them, and how a page's bytes go back to
-    /// its own frame when sharing is broken.
+    /// content where their fill mapping cannot take it, and how a page's
+    /// bytes go back to its own frame when sharing is broken.
     pub fn write_frames(&self, frame: FrameNumber, data: &[u8]) -> Result<(), FrameError> {
         self.pio(frame, data.as_ptr().cast_mut(), data.len(), true)
     }
