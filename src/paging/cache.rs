@@ -31,8 +31,10 @@ use super::{
     walker::SecondOut,
 };
 
-/// Translation sets; two ways each.
-const TLB_SETS: usize = 1024;
+/// Translation sets; `TLB_WAYS` ways each.
+const TLB_SETS: usize = 512;
+/// Ways per set.
+const TLB_WAYS: usize = 4;
 const UPPER_SLOTS: usize = 512;
 const NESTED_SLOTS: usize = 1024;
 
@@ -47,9 +49,16 @@ pub(crate) struct TlbEntry {
     pub(crate) pa_base: u64,
     pub(crate) leaf1: u64,
     pub(crate) leaf2: u64,
-    /// Accumulated permissions of each level (formats use under 32 bits).
-    pub(crate) acc1: u32,
-    pub(crate) acc2: u32,
+    /// Accumulated permission bits of each level (the low byte: the
+    /// rights, without the levels a fault report would name).
+    pub(crate) acc1: u8,
+    pub(crate) acc2: u8,
+    /// The walker's permission-check settings when the entry was made
+    /// (CR0.WP, SMEP, SMAP, keys): `allowed` holds only while they match.
+    pub(crate) check_tag: u16,
+    /// Bit `Access::index()` set: that access was checked (bits 0..12),
+    /// and, 16 bits up, allowed. Filled as accesses come.
+    pub(crate) rights: u32,
     pub(crate) pcid: u16,
     /// log2 of the span this entry covers (the smaller of both levels'
     /// pages).
@@ -201,9 +210,11 @@ impl Default for WalkCache {
 /// The set of a translation. `space` is already a well-mixed tag, so the
 /// page number's low bits pick the set directly: consecutive pages of one
 /// space land in consecutive sets and a range never conflicts with itself.
+/// Way `w` of set `s` is entry `w * TLB_SETS + s`: way 0 of consecutive sets
+/// is consecutive lines, where most hits land.
 #[inline(always)]
 fn tlb_set(space: u64, tag: u64, shift: u32) -> usize {
-    2 * (crate::addr::usize_from(space ^ tag ^ (u64::from(shift) << 7)) & (TLB_SETS - 1))
+    crate::addr::usize_from(space ^ tag ^ (u64::from(shift) << 7)) & (TLB_SETS - 1)
 }
 
 #[inline]
@@ -218,7 +229,7 @@ impl WalkCache {
     /// entries, 1024 second-level translations).
     pub fn new() -> Self {
         WalkCache {
-            tlb: vec![TlbEntry::default(); 2 * TLB_SETS].into_boxed_slice(),
+            tlb: vec![TlbEntry::default(); TLB_WAYS * TLB_SETS].into_boxed_slice(),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -267,7 +278,7 @@ impl WalkCache {
             }
             let tag = va >> s;
             let set = tlb_set(space, tag, s);
-            for e in &mut self.tlb[set..set + 2] {
+            for e in self.tlb[set..].iter_mut().step_by(TLB_SETS) {
                 if e.tag == tag && e.space == space && u32::from(e.shift) == s {
                     e.flags = 0;
                 }
@@ -331,8 +342,9 @@ impl WalkCache {
         }
     }
 
+    /// The index of the entry translating `va` in `space`.
     #[inline(always)]
-    pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<&TlbEntry> {
+    pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<usize> {
         self.sync_watch();
         let mut shifts = self.shifts;
         while shifts != 0 {
@@ -340,18 +352,24 @@ impl WalkCache {
             shifts &= shifts - 1;
             let tag = va >> s;
             let set = tlb_set(space, tag, s);
-            for i in set..set + 2 {
+            for i in (set..TLB_WAYS * TLB_SETS).step_by(TLB_SETS) {
                 let e = &self.tlb[i];
                 if e.tag == tag
                     && e.space == space
                     && u32::from(e.shift) == s
                     && e.flags & TLB_VALID != 0
                 {
-                    return Some(&self.tlb[i]);
+                    return Some(i);
                 }
             }
         }
         None
+    }
+
+    /// The entry at `i` (from `lookup`).
+    #[inline(always)]
+    pub(crate) fn entry(&mut self, i: usize) -> &mut TlbEntry {
+        &mut self.tlb[i]
     }
 
     pub(crate) fn insert(&mut self, mut entry: TlbEntry) {
@@ -363,17 +381,18 @@ impl WalkCache {
                 && e.space == entry.space
                 && e.shift == entry.shift
         };
-        // Most recent in way 0: a new entry pushes way 0 to way 1 unless it
-        // replaces one of them.
-        let way = if same(&self.tlb[set]) || self.tlb[set].flags & TLB_VALID == 0 {
-            set
-        } else if same(&self.tlb[set + 1]) {
-            set + 1
-        } else {
-            self.tlb[set + 1] = self.tlb[set];
-            set
-        };
-        self.tlb[way] = entry;
+        // Most recent first: the entry goes to way 0 and the others move
+        // down one, dropping the last (or the entry's own older copy).
+        let end = (0..TLB_WAYS)
+            .find(|&w| {
+                let e = &self.tlb[w * TLB_SETS + set];
+                same(e) || e.flags & TLB_VALID == 0
+            })
+            .unwrap_or(TLB_WAYS - 1);
+        for w in (0..end).rev() {
+            self.tlb[(w + 1) * TLB_SETS + set] = self.tlb[w * TLB_SETS + set];
+        }
+        self.tlb[set] = entry;
         self.shifts |= 1 << entry.shift;
         self.splintered |= entry.shift < entry.shift1;
     }

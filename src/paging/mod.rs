@@ -151,4 +151,60 @@ impl Access {
     pub const fn is_user(self) -> bool {
         matches!(self.privilege, Privilege::User)
     }
+
+    /// Every access that permission checks tell apart, in `index` order:
+    /// three kinds by user, supervisor with AC clear, supervisor with AC
+    /// set, and implicit supervisor (AC matters only to explicit
+    /// supervisor accesses).
+    #[cfg(test)]
+    pub(crate) const ALL: [Access; 12] = {
+        let kinds = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch];
+        let mut all = [Access::read(); 12];
+        let mut i = 0;
+        while i < 12 {
+            let (privilege, ac) = match i % 4 {
+                0 => (Privilege::User, false),
+                1 => (Privilege::Supervisor, false),
+                2 => (Privilege::Supervisor, true),
+                _ => (Privilege::SupervisorImplicit, false),
+            };
+            all[i] = Access {
+                kind: kinds[i / 4],
+                privilege,
+                ac,
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// A dense number for this access, 0..12, equal for accesses no
+    /// permission check tells apart.
+    #[inline(always)]
+    pub(crate) const fn index(self) -> u32 {
+        let k = match self.kind {
+            AccessKind::Read => 0,
+            AccessKind::Write => 1,
+            AccessKind::Fetch => 2,
+        };
+        let p = match (self.privilege, self.ac) {
+            (Privilege::User, _) => 0,
+            (Privilege::Supervisor, false) => 1,
+            (Privilege::Supervisor, true) => 2,
+            (Privilege::SupervisorImplicit, _) => 3,
+        };
+        k * 4 + p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Access;
+
+    #[test]
+    fn access_indices_are_dense_and_match_the_table() {
+        for (i, a) in Access::ALL.iter().enumerate() {
+            assert_eq!(a.index() as usize, i);
+        }
+    }
 }

@@ -159,6 +159,9 @@ pub struct Walker {
     /// Tag of the second level in a [`WalkCache`].
     second_space: u64,
     pcid: u16,
+    /// Fingerprint of the settings permission checks read but the space
+    /// tag leaves out (CR0.WP, SMEP, SMAP, PKE/PKS, PKRU/PKRS).
+    check_tag: u16,
 }
 
 /// Errors building a walker.
@@ -204,12 +207,20 @@ impl Walker {
             u64::from(regs.maxphyaddr) | (u64::from(regs.gbpages) << 8),
         );
         space = mix(space, u64::from(regs.pcid()));
+        let checks = regs.cr0 & super::x86::CR0_WP
+            | regs.cr4
+                & (super::x86::CR4_SMEP
+                    | super::x86::CR4_SMAP
+                    | super::x86::CR4_PKE
+                    | super::x86::CR4_PKS);
+        let check_tag = mix(mix(checks, u64::from(regs.pkru)), u64::from(regs.pkrs)) >> 48;
         Ok(Walker {
             first,
             second: None,
             space,
             second_space: 0,
             pcid: regs.pcid(),
+            check_tag: check_tag as u16,
         })
     }
 
@@ -300,9 +311,9 @@ impl Walker {
             }
         }
         if let Some(c) = cache.as_deref_mut() {
-            let hit = c
-                .lookup(self.space, va)
-                .and_then(|e| self.answer_from_cache(e, va, access, options.set_accessed_dirty));
+            let hit = c.lookup(self.space, va).and_then(|i| {
+                self.answer_from_cache(c.entry(i), va, access, options.set_accessed_dirty)
+            });
             if let Some(t) = hit {
                 c.count_hit();
                 return Ok(t);
@@ -516,9 +527,10 @@ impl Walker {
                 flags |= TLB_GLOBAL;
             }
             let s2 = second_out.unwrap_or_default();
-            // Formats keep their accumulated permissions under 32 bits; an
-            // entry that could not hold them is simply not cached.
-            if let (Ok(acc1), Ok(acc2)) = (u32::try_from(acc1), u32::try_from(s2.acc)) {
+            // The access that made the walk is allowed; others are checked
+            // on the hit that first asks, then remembered.
+            let bit = 1u32 << access.index();
+            {
                 c.insert(TlbEntry {
                     space: self.space,
                     tag: va >> shift,
@@ -526,8 +538,10 @@ impl Walker {
                     pa_base: t.pa & !mask,
                     leaf1,
                     leaf2: s2.leaf,
-                    acc1,
-                    acc2,
+                    acc1: (acc1 & 0xff) as u8,
+                    acc2: (s2.acc & 0xff) as u8,
+                    check_tag: self.check_tag,
+                    rights: bit | (bit << 16),
                     pcid: self.pcid,
                     shift,
                     shift1,
@@ -546,7 +560,7 @@ impl Walker {
     #[inline(always)]
     fn answer_from_cache(
         &self,
-        e: &TlbEntry,
+        e: &mut TlbEntry,
         va: u64,
         access: Access,
         set_ad: bool,
@@ -558,31 +572,36 @@ impl Walker {
         }
         let mask = (1u64 << e.shift) - 1;
         let acc1 = u64::from(e.acc1);
+        let acc2 = u64::from(e.acc2);
+        let bit = 1u32 << access.index();
+        if e.check_tag != self.check_tag {
+            // The guest changed CR0.WP, SMEP, SMAP or its keys since: forget
+            // what was checked under the old settings.
+            e.check_tag = self.check_tag;
+            e.rights = 0;
+        }
+        let allowed = if e.rights & bit != 0 {
+            e.rights & (bit << 16) != 0
+        } else {
+            let ok = self.allows(acc1, e.leaf1, acc2, e.leaf2, e.shift2 != 0, access);
+            e.rights |= bit | if ok { bit << 16 } else { 0 };
+            ok
+        };
+        if !allowed {
+            return None;
+        }
         let (perms1, attrs1) = match &self.first {
-            First::X86(fmt) => {
-                if fmt.check(acc1, e.leaf1, access, false).is_err() {
-                    return None;
-                }
-                (
-                    fmt.permissions(acc1, e.leaf1),
-                    fmt.attributes(e.level1, e.leaf1),
-                )
-            }
+            First::X86(fmt) => (
+                fmt.permissions(acc1, e.leaf1),
+                fmt.attributes(e.level1, e.leaf1),
+            ),
             First::NoPaging => (no_paging_permissions(), LeafAttributes::default()),
         };
         let second = match &self.second {
             None => None,
             Some(s) => {
-                let acc = u64::from(e.acc2);
-                let acc_ok = match s {
-                    Second::Ept(f) => f
-                        .check(acc, e.leaf2, second_access(access.kind), perms1.user)
-                        .is_ok(),
-                    Second::Npt(f) => f
-                        .check(acc, e.leaf2, second_access(access.kind), perms1.user)
-                        .is_ok(),
-                };
-                if !acc_ok || e.shift2 == 0 {
+                let acc = acc2;
+                if e.shift2 == 0 {
                     return None;
                 }
                 Some(self.second_info(
@@ -610,6 +629,37 @@ impl Walker {
             second,
             memory_refs: 0,
         })
+    }
+
+    /// Whether both levels' cached rights allow `access`, with this
+    /// walker's check settings.
+    fn allows(
+        &self,
+        acc1: u64,
+        leaf1: u64,
+        acc2: u64,
+        leaf2: u64,
+        has_second: bool,
+        access: Access,
+    ) -> bool {
+        let (first_ok, user) = match &self.first {
+            First::X86(fmt) => (
+                fmt.check(acc1, leaf1, access, false).is_ok(),
+                fmt.permissions(acc1, leaf1).user,
+            ),
+            First::NoPaging => (true, true),
+        };
+        let second_ok = match (&self.second, has_second) {
+            (None, _) => true,
+            (Some(_), false) => false,
+            (Some(Second::Ept(f)), true) => f
+                .check(acc2, leaf2, second_access(access.kind), user)
+                .is_ok(),
+            (Some(Second::Npt(f)), true) => f
+                .check(acc2, leaf2, second_access(access.kind), user)
+                .is_ok(),
+        };
+        first_ok && second_ok
     }
 
     fn second_info(&self, second: &Second, s: &SecondOut) -> SecondTranslation {
