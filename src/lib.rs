@@ -9,8 +9,10 @@
 //! sound while guest vCPUs write the same memory.
 //!
 //! Layers, bottom up: [`addr`] (address newtypes), [`frames`] (host frames),
-//! [`memory`] (guest-physical memory). Guest-controlled input never makes the
-//! library touch memory outside a mapping or panic: it gets a typed error.
+//! [`memory`] (guest-physical memory), and beside it [`dirty`] (the dirty
+//! log: library writes, KVM bitmaps, raw writes via userfaultfd).
+//! Guest-controlled input never makes the library touch memory outside a
+//! mapping or panic: it gets a typed error.
 //!
 //! ```
 //! use pagefold::{GuestMemory, GuestPhysAddr};
@@ -30,6 +32,7 @@ compile_error!("pagefold needs Linux (memfd, fallocate, userfaultfd)");
 
 pub mod addr;
 pub mod dedup;
+pub mod dirty;
 pub mod frames;
 pub mod memory;
 pub mod paging;
@@ -43,6 +46,7 @@ pub use dedup::{
     DedupError, DedupHost, DedupOptions, DedupStats, DomainId, KernelView, ScanBudget, ScanReport,
     VmId, VmOptions, VmStats,
 };
+pub use dirty::{DirtyError, DirtyRun, RawWriteTracker, RegionSet};
 pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
 pub use memory::{
     AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo, WriteObserver,

@@ -39,7 +39,9 @@ pub struct GuestMemory {
     regions: Box<[GuestRegion]>,
     /// Address-to-region lookup.
     index: index::RegionIndex,
-    /// Registered with a dedup host (at most one may own its pages).
+    /// Registered with a dedup host (at most one may own its pages), or
+    /// with a raw-write tracker (`dirty::RawWriteTracker`), which cannot
+    /// share the userfaultfd registration with dedup.
     dedup_claimed: std::sync::atomic::AtomicBool,
     /// Told of every write through this API (see [`WriteObserver`]).
     observer: std::sync::OnceLock<Arc<dyn WriteObserver>>,
@@ -223,6 +225,7 @@ impl GuestMemory {
             // SAFETY: `for_each_chunk` only yields in-bounds chunks of a
             // live region.
             unsafe { copy::fill_guest(r.ptr_at(off), byte, n) };
+            r.dirty_log().note_write(off, n as u64);
             Ok(())
         })?;
         self.wrote(addr, len);
@@ -257,6 +260,8 @@ impl GuestMemory {
         if let Some((r, off)) = self.one_page_target(addr, std::mem::size_of::<T>()) {
             // SAFETY: as in `read_obj`.
             unsafe { copy::copy_to_guest(r.ptr_at(off), bytemuck::bytes_of(&val)) };
+            r.dirty_log()
+                .note_write(off, std::mem::size_of::<T>() as u64);
             self.wrote(addr, std::mem::size_of::<T>());
             return Ok(());
         }
@@ -339,6 +344,7 @@ impl GuestMemory {
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
         unsafe { T::store(r.ptr_at(off), val, order) };
+        r.dirty_log().note_write(off, T::SIZE as u64);
         self.wrote(addr, T::SIZE);
         Ok(())
     }
@@ -354,6 +360,7 @@ impl GuestMemory {
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
         let old = unsafe { T::swap(r.ptr_at(off), val, order) };
+        r.dirty_log().note_write(off, T::SIZE as u64);
         self.wrote(addr, T::SIZE);
         Ok(old)
     }
@@ -379,6 +386,11 @@ impl GuestMemory {
     /// [`GuestMemory::compare_exchange`] without telling the write observer:
     /// for hardware-like updates (a walker setting accessed/dirty flags)
     /// that change no translation.
+    ///
+    /// A successful exchange still marks the dirty log: a processor's
+    /// accessed/dirty update is a write to the page-table page, and KVM's
+    /// dirty log records it too (a migrated guest must find its A/D bits
+    /// as it left them). A failed one wrote nothing and marks nothing.
     pub(crate) fn compare_exchange_quiet<T: AtomicInt>(
         &self,
         addr: GuestPhysAddr,
@@ -390,7 +402,11 @@ impl GuestMemory {
         let (r, off) = self.atomic_target::<T>(addr)?;
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
-        Ok(unsafe { T::compare_exchange(r.ptr_at(off), current, new, success, failure) })
+        let res = unsafe { T::compare_exchange(r.ptr_at(off), current, new, success, failure) };
+        if res.is_ok() {
+            r.dirty_log().note_write(off, T::SIZE as u64);
+        }
+        Ok(res)
     }
 
     /// Gives the memory of whole pages in `[addr, addr+len)` back to the host
@@ -421,7 +437,12 @@ impl GuestMemory {
         self.check_span(addr, len)?;
         let mut released = 0;
         self.for_each_chunk(addr, len, |r, off, n| {
-            released += r.discard_pages((off >> PAGE_SHIFT) as usize, n / PAGE_SIZE)?;
+            let pages = r.discard_pages((off >> PAGE_SHIFT) as usize, n / PAGE_SIZE);
+            // Released pages read as zeros from now on: their contents
+            // changed, so the dirty log hears of it (even on a partial
+            // failure, conservatively).
+            r.dirty_log().note_write(off, n as u64);
+            released += pages?;
             Ok(())
         })?;
         Ok(released)

@@ -57,6 +57,9 @@ pub struct GuestRegion {
     /// registered on a userfaultfd, not per caller, so two at once over the
     /// same pages would disarm each other.
     protection: std::sync::Mutex<()>,
+    /// The dirty log: on/off flag and the lazily allocated bitmap
+    /// (`crate::dirty`).
+    dirty: crate::dirty::RegionLog,
     store: Arc<FrameStore>,
 }
 
@@ -92,6 +95,7 @@ impl GuestRegion {
             states,
             state_checks: AtomicBool::new(false),
             protection: std::sync::Mutex::new(()),
+            dirty: crate::dirty::RegionLog::new(page_count),
             store: Arc::clone(store),
         })
     }
@@ -204,6 +208,7 @@ impl GuestRegion {
         // SAFETY: bounds checked by the caller against the mapping length;
         // the mapping lives as long as `self`.
         unsafe { copy::copy_to_guest(self.ptr_at(offset), data) };
+        self.dirty.note_write(offset, data.len() as u64);
         Ok(())
     }
 
@@ -386,6 +391,12 @@ impl GuestRegion {
     /// calls it before it first changes a page's state word.
     pub(crate) fn enable_state_checks(&self) {
         self.state_checks.store(true, Ordering::SeqCst);
+    }
+
+    /// The region's dirty log (see `crate::dirty`).
+    #[inline(always)]
+    pub(crate) fn dirty_log(&self) -> &crate::dirty::RegionLog {
+        &self.dirty
     }
 
     /// Takes the region's write-protection lock (see the field).

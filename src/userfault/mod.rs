@@ -28,6 +28,15 @@ const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Write faults on protected pages are resolved by the kernel itself (the
+/// protection is dropped and the write goes on, no message), leaving the
+/// page marked written for `PAGEMAP_SCAN` (Linux 6.7+). Implies
+/// `UFFD_FEATURE_WP_UNPOPULATED`.
+pub(crate) const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `userfaultfd(2)` flag: only user-mode faults are delivered. Enough for
+/// asynchronous write protection, where no fault is ever delivered, and
+/// needs no privilege.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
@@ -76,6 +85,13 @@ pub enum UserfaultError {
     /// `userfaultfd(2)` could not be created.
     #[error("userfaultfd unavailable: {0} (kernel-mode faults need CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)")]
     Unavailable(#[source] io::Error),
+    /// The kernel lacks asynchronous write protection
+    /// (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+) for shmem mappings.
+    #[error("this kernel's userfaultfd has no asynchronous write protection for shmem (features {features:#x}; needs WP_ASYNC, Linux 6.7+)")]
+    NoAsyncWriteProtect {
+        /// Features the kernel offered.
+        features: u64,
+    },
     /// The kernel lacks write-protect support for shmem mappings.
     #[error(
         "this kernel's userfaultfd has no write-protect support for shmem (features {features:#x})"
@@ -173,6 +189,70 @@ impl Userfault {
             fd,
             features: api.features,
         })
+    }
+
+    /// Opens a userfaultfd in asynchronous write-protect mode
+    /// (`UFFD_FEATURE_WP_ASYNC`): a write to a protected page is resolved
+    /// by the kernel at once and only marks the page written, which
+    /// `PAGEMAP_SCAN` reports and re-protects. No fault is ever delivered,
+    /// so the descriptor is opened user-mode-only where the kernel allows
+    /// (no privilege needed) and needs no handler thread.
+    pub fn new_async_wp() -> Result<Self, UserfaultError> {
+        let want =
+            UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        // First ask what the kernel offers (features 0 reports them all):
+        // requesting an unknown feature would only fail with EINVAL.
+        let probe = Self::open_raw(UFFD_USER_MODE_ONLY)?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: `api` is a valid, writable `uffdio_api` for the call.
+        if unsafe { libc::ioctl(probe.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
+        }
+        drop(probe);
+        if api.features & want != want {
+            return Err(UserfaultError::NoAsyncWriteProtect {
+                features: api.features,
+            });
+        }
+        let fd = Self::open_raw(UFFD_USER_MODE_ONLY)?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: want,
+            ioctls: 0,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(UserfaultError::NoAsyncWriteProtect {
+                features: api.features,
+            });
+        }
+        Ok(Userfault {
+            fd,
+            features: api.features,
+        })
+    }
+
+    /// A new userfaultfd with `extra` flags (falling back to none where the
+    /// kernel refuses them), close-on-exec and non-blocking.
+    fn open_raw(extra: libc::c_int) -> Result<OwnedFd, UserfaultError> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: plain syscall with flag arguments only.
+        let mut raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | extra) };
+        if raw < 0 && extra != 0 {
+            // SAFETY: as above.
+            raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        }
+        if raw < 0 {
+            return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
+        }
+        let raw = RawFd::try_from(raw)
+            .map_err(|_| UserfaultError::Unavailable(io::Error::from_raw_os_error(libc::EBADF)))?;
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Features the kernel granted.

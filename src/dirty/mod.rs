@@ -1,0 +1,333 @@
+//! The dirty log: which guest pages changed since the last harvest, for
+//! live migration and snapshots.
+//!
+//! Each region has a two-level atomic bitmap (`bitmap.rs`: one bit per
+//! 4 KiB page, and a summary bit per 64-page word), so a harvest costs what
+//! is dirty, not what is mapped. Three sources feed it:
+//!
+//! - every write through [`GuestMemory`]'s API (`write`, `write_obj`,
+//!   `fill`, atomic `store`/`swap`/successful `compare_exchange`, the page
+//!   walker's accessed/dirty updates, `discard`), while tracking is on for
+//!   the region ([`GuestMemory::set_dirty_tracking`]);
+//! - bitmaps handed over by the VMM, e.g. KVM's `KVM_GET_DIRTY_LOG`
+//!   ([`GuestMemory::merge_dirty_bitmap`]);
+//! - [`RawWriteTracker`]: writes through raw host pointers (device models,
+//!   vCPUs), found with userfaultfd asynchronous write protection and the
+//!   `PAGEMAP_SCAN` ioctl (Linux 6.7+).
+//!
+//! [`GuestMemory::harvest_dirty`] takes the marked pages as runs and clears
+//! them; a write that races with a harvest is reported by that harvest or
+//! the next, never lost (the argument is in `bitmap.rs`).
+//!
+//! This module never changes guest memory or page backing: it only reads
+//! and clears bits.
+
+mod barrier;
+mod bitmap;
+mod tracker;
+
+use std::sync::{
+    atomic::{compiler_fence, AtomicBool, Ordering},
+    OnceLock,
+};
+
+pub use tracker::RawWriteTracker;
+
+use crate::{
+    addr::{GuestPhysAddr, PAGE_SHIFT},
+    memory::GuestMemory,
+    userfault::UserfaultError,
+};
+
+/// Errors of the dirty log.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// A region index is not below the number of regions.
+    #[error("region index {index} is not below the region count {count}")]
+    NoSuchRegion {
+        /// The index asked for.
+        index: usize,
+        /// Regions in the memory.
+        count: usize,
+    },
+    /// The bitmap of a region could not be allocated.
+    #[error("cannot allocate the dirty bitmap of region {index} ({pages} pages)")]
+    OutOfMemory {
+        /// The region.
+        index: usize,
+        /// Its pages.
+        pages: usize,
+    },
+    /// A merged bitmap does not have one bit per page of the region, rounded
+    /// up to whole 64-bit words (KVM's layout), or sets bits past the end.
+    #[error("bitmap for region {index} has {words} words or bits past page {pages}; it needs {pages} bits in {} words", pages.div_ceil(64))]
+    BitmapSize {
+        /// The region.
+        index: usize,
+        /// Pages in the region.
+        pages: usize,
+        /// Words handed over.
+        words: usize,
+    },
+    /// The raw-write tracker cannot run on this kernel: no userfaultfd, no
+    /// asynchronous write protection (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+)
+    /// or no `PAGEMAP_SCAN` ioctl on `/proc/self/pagemap`. Library writes,
+    /// KVM bitmaps and the rest of the log work without it.
+    #[error("raw-write tracking unavailable: {reason}")]
+    TrackerUnavailable {
+        /// What is missing.
+        reason: String,
+    },
+    /// The memory's userfaultfd registration is taken: it is registered
+    /// with a dedup host (which write-protects and remaps pages with its own
+    /// synchronous userfaultfd; a mapping can be registered with one
+    /// userfaultfd only, and a remap would drop the tracker's protection)
+    /// or already has a raw-write tracker.
+    #[error("the guest memory is registered with a dedup host or another raw-write tracker; raw-write tracking and dedup cannot share its userfaultfd registration")]
+    UserfaultTaken,
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Userfault(#[from] UserfaultError),
+    /// `PAGEMAP_SCAN` failed.
+    #[error("PAGEMAP_SCAN on [{start:#x}, {end:#x}) failed: {source}")]
+    Scan {
+        /// Host range start.
+        start: u64,
+        /// Host range end.
+        end: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which regions an operation applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionSet {
+    /// Every region of the memory.
+    All,
+    /// The region with this index (regions are numbered in address order).
+    One(usize),
+}
+
+/// A run of consecutive dirty pages: `pages` 4 KiB pages from `start`.
+/// Runs never cross a region's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DirtyRun {
+    /// Guest-physical address of the first page.
+    pub start: GuestPhysAddr,
+    /// Number of pages.
+    pub pages: u64,
+}
+
+/// A region's dirty log: whether library writes mark it, and the bitmap,
+/// allocated on first use.
+#[derive(Debug)]
+pub(crate) struct RegionLog {
+    on: AtomicBool,
+    bitmap: OnceLock<bitmap::DirtyBitmap>,
+    pages: usize,
+}
+
+impl RegionLog {
+    pub(crate) fn new(pages: usize) -> Self {
+        RegionLog {
+            on: AtomicBool::new(false),
+            bitmap: OnceLock::new(),
+            pages,
+        }
+    }
+
+    /// Called after every library write of `len` bytes at region offset
+    /// `off`, once the bytes are stored. With tracking off this is one
+    /// load. The compiler fence keeps the load after the store of the
+    /// bytes in program order; `set_dirty_tracking`'s process-wide barrier
+    /// does the CPU's half (see `enable`).
+    #[inline(always)]
+    pub(crate) fn note_write(&self, off: u64, len: u64) {
+        compiler_fence(Ordering::SeqCst);
+        if self.on.load(Ordering::Acquire) {
+            self.mark(off, len);
+        }
+    }
+
+    #[inline]
+    fn mark(&self, off: u64, len: u64) {
+        if let Some(b) = self.bitmap.get() {
+            let first = (off >> PAGE_SHIFT) as usize;
+            let last = (off.saturating_add(len.max(1)) - 1) >> PAGE_SHIFT;
+            if last as usize == first {
+                if first < b.pages() {
+                    b.mark_page(first);
+                }
+            } else {
+                b.mark_pages(first, last as usize - first + 1);
+            }
+        }
+    }
+
+    /// The bitmap, allocated (zeroed, lazily backed) on first use.
+    pub(crate) fn bitmap(&self, index: usize) -> Result<&bitmap::DirtyBitmap, DirtyError> {
+        if let Some(b) = self.bitmap.get() {
+            return Ok(b);
+        }
+        let b = bitmap::DirtyBitmap::new(self.pages).ok_or(DirtyError::OutOfMemory {
+            index,
+            pages: self.pages,
+        })?;
+        // A racing initialiser wins; ours is dropped, both were empty.
+        let _ = self.bitmap.set(b);
+        self.bitmap.get().ok_or(DirtyError::OutOfMemory {
+            index,
+            pages: self.pages,
+        })
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// Marks pages `[first, first + count)` regardless of the flag (other
+    /// sources: the raw-write tracker).
+    pub(crate) fn mark_pages(
+        &self,
+        index: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), DirtyError> {
+        self.bitmap(index)?.mark_pages(first, count);
+        Ok(())
+    }
+}
+
+impl GuestMemory {
+    fn region_indices(&self, which: RegionSet) -> Result<std::ops::Range<usize>, DirtyError> {
+        let count = self.regions().len();
+        match which {
+            RegionSet::All => Ok(0..count),
+            RegionSet::One(index) if index < count => Ok(index..index + 1),
+            RegionSet::One(index) => Err(DirtyError::NoSuchRegion { index, count }),
+        }
+    }
+
+    /// Starts (`on`) or stops dirty tracking of library writes for the
+    /// regions in `which`. Starting is cheap whatever the region's size: the
+    /// bitmap is allocated zeroed on first use (the kernel backs it with
+    /// zero pages as bits are set; 512 KiB of address space per 16 GiB).
+    ///
+    /// Every library write that *returns* after `set_dirty_tracking(_,
+    /// true)` returns is logged, and so is any write still in flight whose
+    /// bytes a copy made after this call could miss: the call ends with a
+    /// process-wide memory barrier, so a writer that read the flag as off
+    /// had its bytes globally visible by then.
+    ///
+    /// Stopping drops nothing: pages already logged stay logged until a
+    /// harvest takes them (a migration that pauses tracking must not lose
+    /// what was dirtied before); writes after the stop are not logged.
+    pub fn set_dirty_tracking(&self, which: RegionSet, on: bool) -> Result<(), DirtyError> {
+        let range = self.region_indices(which)?;
+        for i in range.clone() {
+            let log = self.regions()[i].dirty_log();
+            if on {
+                log.bitmap(i)?;
+            }
+        }
+        for i in range {
+            self.regions()[i].dirty_log().on.store(on, Ordering::SeqCst);
+        }
+        if on {
+            barrier::heavy();
+        }
+        Ok(())
+    }
+
+    /// Whether library writes to region `index` are logged now.
+    pub fn dirty_tracking(&self, index: usize) -> Result<bool, DirtyError> {
+        let count = self.regions().len();
+        let r = self
+            .regions()
+            .get(index)
+            .ok_or(DirtyError::NoSuchRegion { index, count })?;
+        Ok(r.dirty_log().is_on())
+    }
+
+    /// Takes the dirty pages of the regions in `which`: appends them to
+    /// `out` as runs in address order and clears them, word by word. Returns
+    /// the number of pages. A write racing with the harvest is reported by
+    /// this harvest or the next; the bytes of every reported write are
+    /// visible to a copy made after this returns. Regions that were never
+    /// tracked and never merged into report nothing.
+    pub fn harvest_dirty(
+        &self,
+        which: RegionSet,
+        out: &mut Vec<DirtyRun>,
+    ) -> Result<u64, DirtyError> {
+        let range = self.region_indices(which)?;
+        let mut total = 0u64;
+        for i in range {
+            let r = &self.regions()[i];
+            let Some(b) = r.dirty_log().bitmap.get() else {
+                continue;
+            };
+            let base = r.start().0;
+            total += b.take(|first, count| {
+                out.push(DirtyRun {
+                    start: GuestPhysAddr(base + ((first as u64) << PAGE_SHIFT)),
+                    pages: count as u64,
+                });
+            }) as u64;
+        }
+        if total != 0 {
+            // Writers that skipped an already-set bit rely on this barrier
+            // for their bytes to be visible to the caller's copies.
+            barrier::heavy();
+        }
+        Ok(total)
+    }
+
+    /// ORs a dirty bitmap from another source into region `index`'s log:
+    /// bit `i` (bit `i % 64` of word `i / 64`, little-endian words, as
+    /// `KVM_GET_DIRTY_LOG` returns them) is page `i` of the region. The
+    /// bitmap must have exactly `ceil(pages / 64)` words and no bit set past
+    /// the last page. Works whether or not tracking is on.
+    pub fn merge_dirty_bitmap(&self, index: usize, bitmap: &[u64]) -> Result<(), DirtyError> {
+        let count = self.regions().len();
+        let r = self
+            .regions()
+            .get(index)
+            .ok_or(DirtyError::NoSuchRegion { index, count })?;
+        let pages = r.pages();
+        let tail_ok = match bitmap.last() {
+            Some(&last) if pages % 64 != 0 => last >> (pages % 64) == 0,
+            _ => true,
+        };
+        if bitmap.len() != pages.div_ceil(64) || !tail_ok {
+            return Err(DirtyError::BitmapSize {
+                index,
+                pages,
+                words: bitmap.len(),
+            });
+        }
+        r.dirty_log().bitmap(index)?.merge(bitmap);
+        Ok(())
+    }
+
+    /// Whether page `gpa` is logged dirty now (a snapshot, without
+    /// clearing; `false` for an address in no region).
+    pub fn is_dirty(&self, gpa: GuestPhysAddr) -> bool {
+        let Some(i) = self.find_region(gpa) else {
+            return false;
+        };
+        let r = &self.regions()[i];
+        r.dirty_log()
+            .bitmap
+            .get()
+            .is_some_and(|b| b.is_marked(((gpa.0 - r.start().0) >> PAGE_SHIFT) as usize))
+    }
+}
+
+/// The mechanism behind the process-wide barrier (`"membarrier"`, or a
+/// fallback), for diagnostics and test output.
+pub fn barrier_mechanism() -> &'static str {
+    barrier::mechanism()
+}
