@@ -35,6 +35,7 @@ pub mod dedup;
 pub mod dirty;
 pub mod frames;
 pub mod memory;
+pub mod migration;
 pub mod paging;
 mod sync;
 pub mod userfault;
@@ -51,3 +52,4 @@ pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
 pub use memory::{
     AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo, WriteObserver,
 };
+pub use migration::{StreamError, StreamReader, StreamWriter};

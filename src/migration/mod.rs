@@ -1,0 +1,29 @@
+//! Live migration: the versioned, self-describing stream that carries guest
+//! memory from a sender to a receiver.
+//!
+//! [`StreamWriter`] turns pages into records, each the cheapest the receiver
+//! can decode: ZERO (no payload), REF (content the receiver already holds,
+//! named by a keyed 128-bit hash), DELTA (an XBZRLE-style delta against the
+//! version of the page last sent), or FULL. Records travel in checksummed
+//! chunks with round markers and an end marker. [`StreamReader`] checks a
+//! whole chunk before applying any of it to a [`GuestMemory`](crate::GuestMemory).
+//! DESIGN.md ("migration stream") has the wire format.
+//!
+//! This module owns the format and its two ends. It never decides which
+//! pages to send or when (the pre-copy rounds and dirty harvesting live with
+//! the sender), and no stream, however crafted, makes it panic, read or
+//! write outside guest memory, or allocate more than its limits allow.
+
+mod cache;
+mod digest;
+mod error;
+pub mod format;
+mod index;
+mod reader;
+mod writer;
+pub mod xbzrle;
+
+pub use digest::memory_digest;
+pub use error::{Malformed, Position, StreamError};
+pub use reader::{receive, Event, ReaderLimits, ReceiveStats, StreamHeader, StreamReader};
+pub use writer::{Sent, StreamWriter, WriterOptions, WriterStats};

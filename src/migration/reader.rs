@@ -1,0 +1,547 @@
+//! The receiving end: [`StreamReader`] reads a stream from any
+//! `std::io::Read`, checks each chunk whole (length bounds, checksum, every
+//! record parsed and checked against the layout) before applying any of it
+//! to a [`GuestMemory`], and keeps the receiver's content index.
+//!
+//! Nothing read from the stream sizes an allocation unchecked: the region
+//! count and guest size are checked against [`ReaderLimits`] before memory
+//! is created, and chunk buffers grow with the bytes actually received, up
+//! to [`MAX_CHUNK`](super::format::MAX_CHUNK).
+
+use std::io::{ErrorKind, Read};
+
+use crate::{
+    addr::{GuestPhysAddr, PAGE_SIZE},
+    memory::GuestMemory,
+};
+
+use super::{
+    digest::memory_digest,
+    error::{Malformed, Position, StreamError},
+    format::{self, Layout, Record},
+    index::ContentIndex,
+    xbzrle,
+};
+
+/// What a reader accepts from a stream before it creates any memory.
+#[derive(Clone, Copy, Debug)]
+pub struct ReaderLimits {
+    /// Most guest memory a layout may describe (set it to the VM's size).
+    pub max_guest_bytes: u64,
+    /// Most regions a layout may have.
+    pub max_regions: u32,
+}
+
+impl Default for ReaderLimits {
+    fn default() -> Self {
+        ReaderLimits {
+            max_guest_bytes: 64 << 30,
+            max_regions: 4096,
+        }
+    }
+}
+
+/// The stream's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// Format version.
+    pub version: u16,
+    /// Header flags (none defined in version 1).
+    pub flags: u16,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// The content-hash seed.
+    pub seed: u64,
+    /// `(start, size)` per region, sorted.
+    pub layout: Vec<(GuestPhysAddr, u64)>,
+}
+
+/// One record, applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A round began.
+    Round(u32),
+    /// `pages` pages from `gpa` became zero.
+    Zero {
+        /// First page.
+        gpa: GuestPhysAddr,
+        /// Pages in the run.
+        pages: u32,
+    },
+    /// A page arrived whole.
+    Full {
+        /// The page.
+        gpa: GuestPhysAddr,
+    },
+    /// A page was copied from a page holding the same content.
+    Ref {
+        /// The page.
+        gpa: GuestPhysAddr,
+        /// The page it was copied from.
+        from: GuestPhysAddr,
+    },
+    /// A delta was applied to a page.
+    Delta {
+        /// The page.
+        gpa: GuestPhysAddr,
+        /// Delta bytes.
+        len: usize,
+    },
+    /// The end marker: the memory is complete.
+    End {
+        /// Pages the stream carried.
+        pages: u64,
+        /// Whether a whole-memory digest was checked.
+        verified: bool,
+    },
+}
+
+/// What a reader has received so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// Bytes read, header included.
+    pub bytes: u64,
+    /// Chunks read.
+    pub chunks: u64,
+    /// The last round marker seen.
+    pub round: Option<u32>,
+    /// Pages zeroed.
+    pub zero_pages: u64,
+    /// Pages received whole.
+    pub full_pages: u64,
+    /// Pages received as references.
+    pub ref_pages: u64,
+    /// Pages received as deltas.
+    pub delta_pages: u64,
+    /// Whether the end marker's digest was checked.
+    pub verified: bool,
+}
+
+/// Reads one migration stream. After any error the reader refuses further
+/// use ([`StreamError::ReaderFailed`]) and the memory it was filling must
+/// be discarded ([`receive`] does that).
+#[derive(Debug)]
+pub struct StreamReader<R: Read> {
+    input: R,
+    header: StreamHeader,
+    layout: Layout,
+    /// The current chunk: its length field, then its payload.
+    chunk: Vec<u8>,
+    chunk_no: u64,
+    chunk_start: u64,
+    records: Vec<(usize, Record)>,
+    next: usize,
+    index: ContentIndex,
+    pages: u64,
+    stats: ReceiveStats,
+    done: bool,
+    failed: bool,
+}
+
+/// Reads a whole stream into new guest memory created from its layout. On
+/// any error the partial memory is dropped (its frames go back to the host).
+pub fn receive<R: Read>(
+    input: R,
+    limits: ReaderLimits,
+) -> Result<(GuestMemory, ReceiveStats), StreamError> {
+    let mut reader = StreamReader::new(input, limits)?;
+    let mem = reader.create_memory()?;
+    let stats = reader.apply_all(&mem, |_| {})?;
+    Ok((mem, stats))
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header.
+    pub fn new(input: R, limits: ReaderLimits) -> Result<Self, StreamError> {
+        let mut r = StreamReader {
+            input,
+            header: StreamHeader {
+                version: 0,
+                flags: 0,
+                page_size: 0,
+                seed: 0,
+                layout: Vec::new(),
+            },
+            layout: Layout::new(&[(GuestPhysAddr(0), PAGE_SIZE as u64)])?,
+            chunk: Vec::new(),
+            chunk_no: 0,
+            chunk_start: 0,
+            records: Vec::new(),
+            next: 0,
+            index: ContentIndex::default(),
+            pages: 0,
+            stats: ReceiveStats::default(),
+            done: false,
+            failed: false,
+        };
+        r.read_header(limits)?;
+        Ok(r)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// What has been received so far.
+    pub fn stats(&self) -> ReceiveStats {
+        self.stats
+    }
+
+    /// New guest memory with the stream's layout.
+    pub fn create_memory(&self) -> Result<GuestMemory, StreamError> {
+        Ok(GuestMemory::new(&self.header.layout)?)
+    }
+
+    /// Applies every remaining record to `mem`, calling `progress` after
+    /// each, up to the end marker.
+    pub fn apply_all(
+        &mut self,
+        mem: &GuestMemory,
+        mut progress: impl FnMut(&Event),
+    ) -> Result<ReceiveStats, StreamError> {
+        while let Some(ev) = self.next_event(mem)? {
+            progress(&ev);
+        }
+        Ok(self.stats)
+    }
+
+    /// Applies the next record to `mem` (memory with the stream's layout,
+    /// holding only what this stream wrote) and says what it was; `None`
+    /// after the end marker. Reads the next chunk when the current one is
+    /// used up; nothing of a chunk is applied unless all of it checks out.
+    pub fn next_event(&mut self, mem: &GuestMemory) -> Result<Option<Event>, StreamError> {
+        if self.failed {
+            return Err(StreamError::ReaderFailed);
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let r = self.step(mem);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r.map(Some)
+    }
+
+    fn step(&mut self, mem: &GuestMemory) -> Result<Event, StreamError> {
+        if self.next == self.records.len() {
+            self.read_chunk()?;
+        }
+        let Some(&(off, rec)) = self.records.get(self.next) else {
+            // A checked chunk has at least one record; be safe anyway.
+            return Err(StreamError::Malformed {
+                at: Position {
+                    offset: self.chunk_start,
+                    chunk: self.chunk_no.saturating_sub(1),
+                    record: 0,
+                },
+                problem: Malformed::CutOff,
+            });
+        };
+        let at = Position {
+            offset: self.chunk_start + 4 + off as u64,
+            chunk: self.chunk_no.saturating_sub(1),
+            #[allow(clippy::cast_possible_truncation)] // records per chunk < 2^20
+            record: self.next as u32,
+        };
+        self.next += 1;
+        let access = |source| StreamError::Access { at, source };
+        let seed = self.header.seed;
+        let mut page = [0u8; PAGE_SIZE];
+        Ok(match rec {
+            Record::Round(n) => {
+                self.stats.round = Some(n);
+                Event::Round(n)
+            }
+            Record::Zero { gpa, pages } => {
+                let len = u64::from(pages) * PAGE_SIZE as u64;
+                if mem.frame_store().granule().bytes() == PAGE_SIZE as u64 {
+                    mem.discard(GuestPhysAddr(gpa), len).map_err(access)?;
+                } else {
+                    #[allow(clippy::cast_possible_truncation)] // inside a region
+                    mem.fill(GuestPhysAddr(gpa), 0, len as usize)
+                        .map_err(access)?;
+                }
+                for pfn in (gpa >> 12)..(gpa >> 12) + u64::from(pages) {
+                    self.index.set(pfn, None);
+                }
+                self.pages += u64::from(pages);
+                self.stats.zero_pages += u64::from(pages);
+                Event::Zero {
+                    gpa: GuestPhysAddr(gpa),
+                    pages,
+                }
+            }
+            Record::Full { gpa, data } => {
+                page.copy_from_slice(&self.chunk[4 + data..4 + data + PAGE_SIZE]);
+                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
+                self.index
+                    .set(gpa >> 12, Some(format::content_hash(&page, seed)));
+                self.pages += 1;
+                self.stats.full_pages += 1;
+                Event::Full {
+                    gpa: GuestPhysAddr(gpa),
+                }
+            }
+            Record::Ref { gpa, hash } => {
+                let from = self
+                    .index
+                    .holder(hash)
+                    .ok_or(StreamError::UnknownRef { at, hash })?;
+                let from = GuestPhysAddr(from << 12);
+                mem.read(from, &mut page).map_err(access)?;
+                // Second check: the page we copy from still holds the
+                // content (a desync between the two ends' indexes is an
+                // error here, never a silently wrong page).
+                if format::content_hash(&page, seed) != hash {
+                    return Err(StreamError::ContentMismatch { at, gpa: from });
+                }
+                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
+                self.index.set(gpa >> 12, Some(hash));
+                self.pages += 1;
+                self.stats.ref_pages += 1;
+                Event::Ref {
+                    gpa: GuestPhysAddr(gpa),
+                    from,
+                }
+            }
+            Record::Delta {
+                gpa,
+                check,
+                data,
+                len,
+            } => {
+                mem.read(GuestPhysAddr(gpa), &mut page).map_err(access)?;
+                xbzrle::apply(&self.chunk[4 + data..4 + data + len], &mut page).map_err(|e| {
+                    StreamError::Malformed {
+                        at,
+                        problem: Malformed::Delta(e),
+                    }
+                })?;
+                let hash = format::content_hash(&page, seed);
+                #[allow(clippy::cast_possible_truncation)] // the low half, by design
+                if hash as u64 != check {
+                    return Err(StreamError::ContentMismatch {
+                        at,
+                        gpa: GuestPhysAddr(gpa),
+                    });
+                }
+                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
+                self.index.set(gpa >> 12, Some(hash));
+                self.pages += 1;
+                self.stats.delta_pages += 1;
+                Event::Delta {
+                    gpa: GuestPhysAddr(gpa),
+                    len,
+                }
+            }
+            Record::End { pages, digest } => {
+                if pages != self.pages {
+                    return Err(StreamError::Malformed {
+                        at,
+                        problem: Malformed::PageCount {
+                            claimed: pages,
+                            seen: self.pages,
+                        },
+                    });
+                }
+                if let Some(d) = digest {
+                    if memory_digest(mem, seed).map_err(access)? != d {
+                        return Err(StreamError::DigestMismatch);
+                    }
+                }
+                self.done = true;
+                self.stats.verified = digest.is_some();
+                Event::End {
+                    pages,
+                    verified: digest.is_some(),
+                }
+            }
+        })
+    }
+
+    fn read_header(&mut self, limits: ReaderLimits) -> Result<(), StreamError> {
+        const WHAT: &str = "the header";
+        let mut fixed = [0u8; format::FIXED_HEADER];
+        self.fill_exact(&mut fixed[..8], WHAT)?;
+        if fixed[..8] != format::MAGIC {
+            let mut found = [0u8; 8];
+            found.copy_from_slice(&fixed[..8]);
+            return Err(StreamError::BadMagic { found });
+        }
+        self.fill_exact(&mut fixed[8..10], WHAT)?;
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        if version != format::VERSION {
+            return Err(StreamError::UnsupportedVersion {
+                found: version,
+                supported: format::VERSION,
+            });
+        }
+        self.fill_exact(&mut fixed[10..], WHAT)?;
+        let mut f = Fields(&fixed[10..]);
+        let (flags, page_size, seed, count) = (f.u16(), f.u32(), f.u64(), f.u32());
+        if flags != 0 {
+            return Err(StreamError::UnsupportedFlags { flags });
+        }
+        if page_size != format::PAGE_SIZE_U32 {
+            return Err(StreamError::UnsupportedPageSize { found: page_size });
+        }
+        if count > limits.max_regions {
+            return Err(StreamError::TooManyRegions {
+                count,
+                max: limits.max_regions,
+            });
+        }
+        // Bounded by `max_regions`, checked above.
+        let mut rest = vec![0u8; count as usize * 16 + 8];
+        self.fill_exact(&mut rest, WHAT)?;
+        let (regions, sum) = rest.split_at(count as usize * 16);
+        let mut f = Fields(sum);
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        h.update(&fixed);
+        h.update(regions);
+        if h.digest() != f.u64() {
+            return Err(StreamError::HeaderChecksum {
+                at: self.stats.bytes - 8,
+            });
+        }
+        let mut f = Fields(regions);
+        let layout: Vec<_> = (0..count)
+            .map(|_| (GuestPhysAddr(f.u64()), f.u64()))
+            .collect();
+        self.layout = Layout::new(&layout)?;
+        let bytes = self.layout.total_bytes();
+        if bytes > limits.max_guest_bytes {
+            return Err(StreamError::TooLarge {
+                bytes,
+                max: limits.max_guest_bytes,
+            });
+        }
+        self.header = StreamHeader {
+            version,
+            flags,
+            page_size,
+            seed,
+            layout: self.layout.regions(),
+        };
+        Ok(())
+    }
+
+    /// Reads, checks and parses the next chunk.
+    fn read_chunk(&mut self) -> Result<(), StreamError> {
+        self.chunk_start = self.stats.bytes;
+        let pos = Position {
+            offset: self.chunk_start,
+            chunk: self.chunk_no,
+            record: 0,
+        };
+        let mut len = [0u8; 4];
+        self.fill_exact(&mut len, "a chunk length (no end marker yet)")?;
+        let len32 = u32::from_le_bytes(len);
+        if len32 == 0 || len32 > format::MAX_CHUNK {
+            return Err(StreamError::ChunkLength {
+                at: pos,
+                len: len32,
+                max: format::MAX_CHUNK,
+            });
+        }
+        let mut chunk = std::mem::take(&mut self.chunk);
+        chunk.clear();
+        chunk.extend_from_slice(&len);
+        // Grows with the bytes that arrive, not with the length claimed.
+        let got = (&mut self.input)
+            .take(u64::from(len32))
+            .read_to_end(&mut chunk);
+        self.chunk = chunk;
+        let got = got.map_err(|source| StreamError::Io {
+            at: self.stats.bytes,
+            source,
+        })?;
+        self.stats.bytes += got as u64;
+        if got < len32 as usize {
+            return Err(StreamError::Truncated {
+                at: self.stats.bytes,
+                what: "a chunk's records",
+            });
+        }
+        let mut sum = [0u8; 8];
+        self.fill_exact(&mut sum, "a chunk checksum")?;
+        let found = u64::from_le_bytes(sum);
+        let computed = format::chunk_checksum(&self.chunk, self.header.seed, self.chunk_no);
+        if found != computed {
+            return Err(StreamError::ChunkChecksum {
+                at: pos,
+                found,
+                computed,
+            });
+        }
+        format::parse_chunk(
+            &self.chunk[4..],
+            &self.layout,
+            self.stats.round,
+            &mut self.records,
+        )
+        .map_err(|(record, off, problem)| StreamError::Malformed {
+            at: Position {
+                offset: self.chunk_start + 4 + off as u64,
+                chunk: self.chunk_no,
+                record,
+            },
+            problem,
+        })?;
+        self.chunk_no += 1;
+        self.stats.chunks += 1;
+        self.next = 0;
+        Ok(())
+    }
+
+    /// `read_exact` that counts bytes and names a short read.
+    fn fill_exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), StreamError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.input.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(StreamError::Truncated {
+                        at: self.stats.bytes,
+                        what,
+                    })
+                }
+                Ok(n) => {
+                    got += n;
+                    self.stats.bytes += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(StreamError::Io {
+                        at: self.stats.bytes,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Little-endian fields from a slice already known to be long enough.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        let n = N.min(self.0.len());
+        a[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        a
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
