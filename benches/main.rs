@@ -4,6 +4,7 @@
 
 use criterion::criterion_main;
 
+mod dirty;
 mod memory;
 mod paging;
 
@@ -13,12 +14,18 @@ mod paging;
 mod groups {
     use criterion::criterion_group;
 
-    use super::{memory, paging};
+    use super::{dirty, memory, paging};
 
     criterion_group! {
         name = memory_benches;
         config = memory::config();
         targets = memory::benches
+    }
+
+    criterion_group! {
+        name = dirty_benches;
+        config = dirty::config();
+        targets = dirty::benches
     }
 
     criterion_group! {
@@ -28,4 +35,8 @@ mod groups {
     }
 }
 
-criterion_main!(groups::memory_benches, groups::paging_benches);
+criterion_main!(
+    groups::memory_benches,
+    groups::dirty_benches,
+    groups::paging_benches
+);
