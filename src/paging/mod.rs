@@ -47,6 +47,7 @@ mod format;
 mod lean;
 mod mappings;
 mod memory;
+mod range;
 mod virt;
 mod walker;
 pub mod x86;
@@ -56,6 +57,7 @@ pub use ept::{EptConfig, NptConfig};
 pub use fault::{FaultCode, FaultReason, Stage, WalkFault};
 pub use mappings::{Mapping, Mappings, DEFAULT_ENTRY_BUDGET};
 pub use memory::{PhysImage, PhysMemory};
+pub use range::{RangeSegments, Segment};
 pub use virt::VirtError;
 pub use walker::{
     GuestPaging, LeafAttributes, Permissions, SecondLevel, SecondTranslation, Translation,

@@ -712,6 +712,16 @@ impl X86Long<'_> {
     pub(crate) fn of(f: &X86Format) -> Option<X86Long<'_>> {
         matches!(f.mode, X86Mode::Level4 | X86Mode::Level5).then_some(X86Long(f))
     }
+
+    /// The frame of a present last-level entry with no reserved bit set,
+    /// else `None` (what `decode(1, raw)` calls a leaf, in two tests).
+    #[inline(always)]
+    pub(crate) fn pte_frame(&self, raw: u64) -> Option<u64> {
+        (raw & P != 0 && raw & self.0.phys == 0).then_some(raw & self.0.mask)
+    }
+
+    /// The entry bits a permission check reads (R/W, U/S, XD, the key).
+    pub(crate) const RIGHTS: u64 = RW | US | XD | bits(59, 62);
 }
 
 impl Format for X86Long<'_> {
