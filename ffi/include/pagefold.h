@@ -35,7 +35,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 3
+#define PF_ABI_VERSION_MINOR 4
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -48,6 +48,11 @@
  * to the rest of the process.
  */
 #define PF_DEDUP_DEFAULT_MAP_HEADROOM 4096
+
+/**
+ * `region_index` value meaning every region of the memory.
+ */
+#define PF_ALL_REGIONS 18446744073709551615ull
 
 /**
  * `pf_memory_options.flags`: advise transparent huge pages
@@ -736,6 +741,21 @@ typedef struct pf_kernel_view {
 } pf_kernel_view;
 
 /**
+ * A run of consecutive dirty 4 KiB pages: `pages` pages from guest-physical
+ * address `gpa`. A run never crosses the end of a region.
+ */
+typedef struct pf_dirty_run {
+    /**
+     * Guest-physical address of the first page.
+     */
+    uint64_t gpa;
+    /**
+     * Number of pages.
+     */
+    uint64_t pages;
+} pf_dirty_run;
+
+/**
  * One region of a guest-physical memory layout: `size` bytes starting at
  * guest-physical address `guest_start`. Both must be multiples of the
  * backing's page size (4 KiB, or the huge page size for hugetlb).
@@ -1371,6 +1391,93 @@ enum pf_status pf_dedup_vm_stats(const struct pf_dedup *dedup,
  */
 enum pf_status pf_dedup_kernel_view(const struct pf_dedup *dedup,
                                     struct pf_kernel_view *out_view);
+
+/**
+ * Starts (`enable` non-zero) or stops dirty tracking of writes made
+ * through this library (`pf_guest_memory_write`, atomics, ...) to region
+ * `region_index`, or to every region with `PF_ALL_REGIONS`. Starting is
+ * cheap on any size (the bitmap is allocated zeroed and backed lazily);
+ * every write that returns after it is logged. Stopping keeps what was
+ * logged until it is harvested. Writes through raw host pointers (KVM,
+ * device models) are not seen: merge KVM's dirty log with
+ * `pf_guest_memory_merge_dirty_bitmap`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OUT_OF_RANGE` (`region_index`),
+ * `PF_ERR_OS` (the bitmap could not be allocated).
+ *
+ * # Safety
+ *
+ * `mem` is NULL or a live `pf_guest_memory` handle.
+ */
+enum pf_status pf_guest_memory_set_dirty_tracking(const struct pf_guest_memory *mem,
+                                                  size_t region_index,
+                                                  uint32_t enable);
+
+/**
+ * Takes the dirty pages of region `region_index` (or of every region with
+ * `PF_ALL_REGIONS`): stores them as runs, in address order, in `runs`
+ * (room for `capacity`), their number in `*out_count`, and clears them. A
+ * write racing with the harvest is reported by this harvest or the next;
+ * every reported write's bytes are visible to copies made after the call.
+ *
+ * If the runs do not fit, nothing is taken (the pages stay dirty),
+ * `*out_count` receives the number of runs needed and the call returns
+ * `PF_ERR_BUFFER_TOO_SMALL`; retry with a larger buffer (the number can
+ * grow in between). `runs` may be NULL with `capacity` 0 to ask.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_count`, or `runs` while
+ * `capacity > 0`), `PF_ERR_INVALID_ARGUMENT` (absurd `capacity`),
+ * `PF_ERR_OUT_OF_RANGE`, `PF_ERR_BUFFER_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `runs` is NULL or valid for writes of `capacity` `pf_dirty_run`s.
+ * - `out_count` is NULL or valid for a write of one `size_t`.
+ */
+enum pf_status pf_guest_memory_harvest_dirty(const struct pf_guest_memory *mem,
+                                             size_t region_index,
+                                             struct pf_dirty_run *runs,
+                                             size_t capacity,
+                                             size_t *out_count);
+
+/**
+ * ORs a dirty bitmap into region `region_index`'s log, as
+ * `KVM_GET_DIRTY_LOG` returns it for the memory slot of that region: bit
+ * `i` (bit `i % 64` of `bitmap[i / 64]`) is the region's page `i`. `words`
+ * must be `ceil(pages / 64)` for the region's 4 KiB pages, and no bit past
+ * the last page may be set. Works whether or not tracking is on; the pages
+ * are reported by the next harvest.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OUT_OF_RANGE` (`region_index`;
+ * `PF_ALL_REGIONS` is not accepted here), `PF_ERR_INVALID_ARGUMENT` (wrong
+ * `words`, or bits past the last page), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `bitmap` is NULL or valid for reads of `words` `uint64_t`s.
+ */
+enum pf_status pf_guest_memory_merge_dirty_bitmap(const struct pf_guest_memory *mem,
+                                                  size_t region_index,
+                                                  const uint64_t *bitmap,
+                                                  size_t words);
+
+/**
+ * Marks `pages` 4 KiB pages from the page holding `gpa` dirty, whether or
+ * not tracking is on: for writes the log cannot see, such as a device
+ * model's DMA through a raw pointer. The range may span adjacent regions;
+ * a hole is `PF_ERR_UNMAPPED` and then nothing is marked.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * `mem` is NULL or a live `pf_guest_memory` handle.
+ */
+enum pf_status pf_guest_memory_mark_dirty(const struct pf_guest_memory *mem,
+                                          uint64_t gpa,
+                                          uint64_t pages);
 
 /**
  * Creates guest memory with the `region_count` regions at `regions`, on a

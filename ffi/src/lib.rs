@@ -29,6 +29,7 @@
 mod boundary;
 mod args;
 mod dedup;
+mod dirty;
 mod memory;
 mod paging;
 mod status;
@@ -36,6 +37,7 @@ mod store;
 
 pub use boundary::pf_last_error_message;
 pub use dedup::*;
+pub use dirty::*;
 pub use memory::*;
 pub use paging::*;
 pub use status::{pf_status, pf_status_name};
@@ -46,7 +48,7 @@ pub use store::*;
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 3;
+pub const PF_ABI_VERSION_MINOR: u32 = 4;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -34,7 +34,7 @@ use std::sync::{
 pub use tracker::RawWriteTracker;
 
 use crate::{
-    addr::{GuestPhysAddr, PAGE_SHIFT},
+    addr::{usize_from, GuestPhysAddr, PAGE_SHIFT},
     memory::GuestMemory,
     userfault::UserfaultError,
 };
@@ -85,6 +85,12 @@ pub enum DirtyError {
     /// or already has a raw-write tracker.
     #[error("the guest memory is registered with a dedup host or another raw-write tracker; raw-write tracking and dedup cannot share its userfaultfd registration")]
     UserfaultTaken,
+    /// An address is in no region.
+    #[error("guest-physical address {addr} is in no region")]
+    Unmapped {
+        /// The address.
+        addr: GuestPhysAddr,
+    },
     /// A userfaultfd operation failed.
     #[error(transparent)]
     Userfault(#[from] UserfaultError),
@@ -309,6 +315,38 @@ impl GuestMemory {
             });
         }
         r.dirty_log().bitmap(index)?.merge(bitmap);
+        Ok(())
+    }
+
+    /// Marks `pages` pages from the page holding `start` dirty, whether or
+    /// not tracking is on: for writes the log cannot see (a DMA a device
+    /// model made through a raw pointer without the tracker), or to put
+    /// back runs a caller took but could not use. The range may span
+    /// adjacent regions; a hole is `Unmapped` and nothing is marked.
+    pub fn mark_dirty(&self, start: GuestPhysAddr, pages: u64) -> Result<(), DirtyError> {
+        let first = start.0 >> PAGE_SHIFT;
+        let end = first
+            .checked_add(pages)
+            .filter(|e| e.checked_mul(1 << PAGE_SHIFT).is_some())
+            .ok_or(DirtyError::Unmapped { addr: start })?;
+        // Check the whole span first, then mark.
+        for pass in 0..2 {
+            let mut page = first;
+            while page < end {
+                let addr = GuestPhysAddr(page << PAGE_SHIFT);
+                let i = self
+                    .find_region(addr)
+                    .ok_or(DirtyError::Unmapped { addr })?;
+                let r = &self.regions()[i];
+                let off = (addr.0 - r.start().0) >> PAGE_SHIFT;
+                let n = (end - page).min(r.pages() as u64 - off);
+                if pass == 1 {
+                    r.dirty_log()
+                        .mark_pages(i, usize_from(off), usize_from(n))?;
+                }
+                page += n;
+            }
+        }
         Ok(())
     }
 
