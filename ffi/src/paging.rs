@@ -277,6 +277,25 @@ pub struct pf_mapping {
     pub key: u32,
 }
 
+/// One physically contiguous piece of a virtual range
+/// (`pf_walker_translate_range`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct pf_segment {
+    /// First virtual address.
+    pub va: u64,
+    /// Its guest-physical address.
+    pub gpa: u64,
+    /// Its address in guest memory (the second level's output).
+    pub pa: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Called once per segment; return 0 to go on, anything else to stop.
+pub type pf_segment_fn =
+    Option<unsafe extern "C" fn(segment: *const pf_segment, user: *mut c_void) -> c_int>;
+
 /// Called once per mapping; return 0 to go on, anything else to stop.
 pub type pf_mapping_fn =
     Option<unsafe extern "C" fn(mapping: *const pf_mapping, user: *mut c_void) -> c_int>;
@@ -741,6 +760,59 @@ pub unsafe extern "C" fn pf_walker_mappings(
         if !out_skipped.is_null() {
             // SAFETY: not NULL; writable (contract).
             unsafe { args::out(out_skipped, "out_skipped") }?.write(skipped);
+        }
+        Ok(())
+    }
+}
+
+/// Calls `callback(segment, user)` for each physically contiguous segment
+/// of `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
+/// is not accepted: ranges are translated without updates), in order: what
+/// a device model needs for a DMA buffer. Stops early when the callback
+/// returns nonzero. The callback must not unwind.
+///
+/// Errors: `PF_ERR_FAULT` when a page of the range faults (the segments
+/// before it were delivered; details in `*fault_out`, NULL allowed),
+/// `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags).
+///
+/// # Safety
+///
+/// As `pf_walker_translate`; `callback` is safe to call with a pointer to a
+/// `pf_segment` valid during the call and `user`.
+#[no_mangle]
+pub unsafe extern "C" fn pf_walker_translate_range(
+    walker: *const pf_walker,
+    mem: *const pf_guest_memory,
+    va: u64,
+    len: u64,
+    flags: u32,
+    callback: pf_segment_fn,
+    user: *mut c_void,
+    fault_out: *mut pf_walk_fault,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: NULL or live (contract).
+        let w = unsafe { self::walker(walker) }?;
+        // SAFETY: NULL or live (contract).
+        let mem = unsafe { memory(mem) }?;
+        let callback = callback.ok_or_else(|| Error::null("callback"))?;
+        if flags & PF_WALK_SET_ACCESSED_DIRTY != 0 {
+            return Err(Error::invalid("ranges are translated without accessed/dirty updates"));
+        }
+        let (access, _) = access_of(flags)?;
+        for seg in w.translate_range(&**mem, va, len, access) {
+            match seg {
+                Ok(s) => {
+                    let c = pf_segment { va: s.va, gpa: s.gpa, pa: s.pa, len: s.len };
+                    // SAFETY: callable with a pointer valid for the call and
+                    // `user` (contract).
+                    if unsafe { callback(&c, user) } != 0 {
+                        break;
+                    }
+                }
+                // SAFETY: `fault_out` is NULL or valid (contract).
+                Err(f) => return Err(unsafe { report_fault(&f, fault_out) }),
+            }
         }
         Ok(())
     }

@@ -272,6 +272,50 @@ TEST(mappings_are_listed_in_order) {
     pf_guest_memory_free(mem);
 }
 
+struct segs {
+    pf_segment s[8];
+    size_t n;
+};
+
+static int take_segment(const pf_segment *s, void *user) {
+    struct segs *v = (struct segs *)user;
+    if (v->n < 8) v->s[v->n] = *s;
+    v->n++;
+    return 0;
+}
+
+TEST(ranges_come_as_contiguous_segments) {
+    pf_guest_memory *mem = guest();
+    pf_walker *w = walker_for(0x1000, NULL);
+    pf_walk_fault f = fault();
+    struct segs v;
+    memset(&v, 0, sizeof v);
+
+    /* 0x400000 -> 0x5000 and 0x401000 -> 0x6000 are contiguous. */
+    CHECK_OK(pf_walker_translate_range(w, mem, 0x400800, 0x1000, 0, take_segment, &v, NULL));
+    CHECK_EQ(v.n, 1);
+    CHECK_EQ(v.s[0].va, 0x400800);
+    CHECK_EQ(v.s[0].pa, 0x5800);
+    CHECK_EQ(v.s[0].len, 0x1000);
+
+    /* A user write: the second page is supervisor read-only, so the range
+     * faults there after delivering the first segment. */
+    memset(&v, 0, sizeof v);
+    CHECK_STATUS(pf_walker_translate_range(w, mem, 0x400800, 0x1000, PF_ACCESS_USER | PF_ACCESS_WRITE,
+                                           take_segment, &v, &f),
+                 PF_ERR_FAULT);
+    CHECK_EQ(v.n, 1);
+    CHECK_EQ(v.s[0].len, 0x800);
+    CHECK_EQ(f.va, 0x401000);
+    CHECK_EQ(f.code, 7);
+
+    CHECK_ERR(pf_walker_translate_range(w, mem, 0, 1, 0, NULL, NULL, NULL), PF_ERR_NULL_POINTER, "callback");
+    CHECK_ERR(pf_walker_translate_range(w, mem, 0, 1, PF_WALK_SET_ACCESSED_DIRTY, take_segment, &v, NULL),
+              PF_ERR_INVALID_ARGUMENT, "accessed/dirty");
+    pf_walker_free(w);
+    pf_guest_memory_free(mem);
+}
+
 TEST(nested_walk_under_ept) {
     pf_guest_memory *mem = guest();
     /* EPT at 0x10000: one 1 GiB page mapping guest-physical 0.. to 0..,
@@ -353,6 +397,7 @@ int main(void) {
         PF_TEST_CASE(cache_hits_and_invalidation),
         PF_TEST_CASE(virtual_reads_and_writes_cross_pages),
         PF_TEST_CASE(mappings_are_listed_in_order),
+        PF_TEST_CASE(ranges_come_as_contiguous_segments),
         PF_TEST_CASE(nested_walk_under_ept),
         PF_TEST_CASE(argument_errors),
     };
