@@ -1098,6 +1098,35 @@ typedef int (*pf_mapping_fn)(const struct pf_mapping *mapping,
                              void *user);
 
 /**
+ * One physically contiguous piece of a virtual range
+ * (`pf_walker_translate_range`).
+ */
+typedef struct pf_segment {
+    /**
+     * First virtual address.
+     */
+    uint64_t va;
+    /**
+     * Its guest-physical address.
+     */
+    uint64_t gpa;
+    /**
+     * Its address in guest memory (the second level's output).
+     */
+    uint64_t pa;
+    /**
+     * Bytes.
+     */
+    uint64_t len;
+} pf_segment;
+
+/**
+ * Called once per segment; return 0 to go on, anything else to stop.
+ */
+typedef int (*pf_segment_fn)(const struct pf_segment *segment,
+                             void *user);
+
+/**
  * How `pf_frame_store_new` builds a frame store: the backing, the mapping
  * flags and the memfd's name. The same struct as `pf_memory_options` (which
  * `pf_guest_memory_new` uses to build the store of its own), under the name
@@ -2087,6 +2116,31 @@ enum pf_status pf_walker_mappings(const struct pf_walker *walker,
                                   pf_mapping_fn callback,
                                   void *user,
                                   uint64_t *out_skipped);
+
+/**
+ * Calls `callback(segment, user)` for each physically contiguous segment
+ * of `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
+ * is not accepted: ranges are translated without updates), in order: what
+ * a device model needs for a DMA buffer. Stops early when the callback
+ * returns nonzero. The callback must not unwind.
+ *
+ * Errors: `PF_ERR_FAULT` when a page of the range faults (the segments
+ * before it were delivered; details in `*fault_out`, NULL allowed),
+ * `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags).
+ *
+ * # Safety
+ *
+ * As `pf_walker_translate`; `callback` is safe to call with a pointer to a
+ * `pf_segment` valid during the call and `user`.
+ */
+enum pf_status pf_walker_translate_range(const struct pf_walker *walker,
+                                         const struct pf_guest_memory *mem,
+                                         uint64_t va,
+                                         uint64_t len,
+                                         uint32_t flags,
+                                         pf_segment_fn callback,
+                                         void *user,
+                                         struct pf_walk_fault *fault_out);
 
 /**
  * Creates an empty walk cache and stores it in `*out_cache`.
