@@ -82,8 +82,13 @@ pub enum DedupError {
     /// No such VM is registered.
     #[error("VM {} is not registered with this dedup host", .0 .0)]
     UnknownVm(VmId),
-    /// The memory is already registered with a dedup host.
-    #[error("this guest memory is already registered with a dedup host")]
+    /// The memory's userfaultfd is taken: it is registered with a dedup host
+    /// already, or a raw-write dirty tracker (`dirty::RawWriteTracker`)
+    /// holds it (a mapping belongs to one userfaultfd, and dedup's remaps
+    /// would drop the tracker's protection).
+    #[error(
+        "this guest memory is already registered with a dedup host or watched by a raw-write dirty tracker"
+    )]
     AlreadyRegistered,
     /// An excluded address is not the start of one of the VM's regions.
     #[error("exclude: no region of the VM starts at {0}")]
