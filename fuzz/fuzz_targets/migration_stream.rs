@@ -4,7 +4,9 @@
 //!   payloads sealed with valid checksums, so the record parser and the
 //!   receiver's checks (references, deltas, page counts) are reached;
 //! - a valid stream written by `StreamWriter` from arbitrary pages over
-//!   rounds, then damaged at one byte (or not).
+//!   rounds (and, optionally, a last round sending every page in address
+//!   order, so duplicates form REF_RUN records of several pages), then
+//!   damaged at one byte (or not).
 //! Any panic is a crash; every input must end in `Ok` or a typed error, and
 //! an undamaged valid stream must rebuild the sender's memory exactly.
 //!
@@ -39,6 +41,7 @@ enum Input {
         /// Per round: (page index, content kind, byte) writes.
         rounds: Vec<Vec<(u8, u8, u8)>>,
         cache: u8,
+        sweep: bool,
         damage: Option<(u16, u8)>,
     },
 }
@@ -112,6 +115,7 @@ fuzz_target!(|input: Input| {
             pages,
             rounds,
             cache,
+            sweep,
             damage,
         } => {
             let n = u64::from(pages % 64) + 1;
@@ -133,6 +137,12 @@ fuzz_target!(|input: Input| {
                     page_content(kind, byte, &mut page);
                     mem.write(gpa, &page).expect("write");
                     w.send_page(&mem, gpa).expect("send");
+                }
+            }
+            if sweep {
+                w.begin_round(6).expect("round");
+                for p in 0..n {
+                    w.send_page(&mem, GuestPhysAddr(p * 4096)).expect("send");
                 }
             }
             let (mut bytes, _) = w.finish_verified(&mem).expect("finish");

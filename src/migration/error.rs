@@ -187,6 +187,15 @@ pub enum StreamError {
         /// The content hash.
         hash: u128,
     },
+    /// A reference run copies from a page that holds no content this
+    /// stream sent.
+    #[error("record at {at} copies from page {gpa}, which holds nothing this stream sent")]
+    UnknownSource {
+        /// Where the record starts.
+        at: Position,
+        /// The source page.
+        gpa: GuestPhysAddr,
+    },
     /// A page's content after a reference or delta is not what the sender
     /// meant: the two ends disagree about what the receiver holds.
     #[error("record at {at}: page {gpa} does not hold the content the sender meant")]

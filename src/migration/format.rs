@@ -1,4 +1,4 @@
-//! The wire format, version 1: constants, the region layout, and the
+//! The wire format, version 2: constants, the region layout, and the
 //! encoding and parsing of records. All integers are little-endian.
 //! DESIGN.md ("migration stream") has the tables.
 
@@ -12,7 +12,7 @@ use super::{error::Malformed, xbzrle};
 /// First eight bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"\x89PFMIG\r\n";
 /// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of the fixed header: magic, version, flags, page size, seed,
 /// region count.
 pub(crate) const FIXED_HEADER: usize = 8 + 2 + 2 + 4 + 8 + 4;
@@ -28,6 +28,7 @@ pub(crate) mod kind {
     pub(crate) const FULL: u8 = 0x03;
     pub(crate) const REF: u8 = 0x04;
     pub(crate) const DELTA: u8 = 0x05;
+    pub(crate) const REF_RUN: u8 = 0x06;
     pub(crate) const END: u8 = 0xff;
 }
 
@@ -35,8 +36,8 @@ pub(crate) mod kind {
 pub(crate) const ROUND_LEN: usize = 1 + 4;
 pub(crate) const ZERO_LEN: usize = 1 + 8 + 4;
 pub(crate) const FULL_LEN: usize = 1 + 8 + PAGE_SIZE;
-pub(crate) const REF_LEN: usize = 1 + 8 + 16;
 pub(crate) const DELTA_HEAD: usize = 1 + 8 + 8 + 2;
+pub(crate) const REF_RUN_LEN: usize = 1 + 8 + 8 + 4;
 pub(crate) const END_LEN: usize = 1 + 8 + 1;
 /// End-marker flag: a 16-byte whole-memory digest follows.
 pub(crate) const END_DIGEST: u8 = 1;
@@ -165,6 +166,14 @@ pub(crate) enum Record {
         gpa: u64,
         hash: u128,
     },
+    /// Page `gpa + i` gets the content page `from + i` holds, for `i` in
+    /// `0..pages`, one page after the other (so a source page may be one
+    /// the run itself just wrote).
+    RefRun {
+        gpa: u64,
+        from: u64,
+        pages: u32,
+    },
     Delta {
         gpa: u64,
         check: u64,
@@ -288,6 +297,12 @@ fn parse_record(
             let (gpa, hash) = (c.u64()?, c.u128()?);
             page(gpa, 1)?;
             Record::Ref { gpa, hash }
+        }
+        kind::REF_RUN => {
+            let (gpa, from, pages) = (c.u64()?, c.u64()?, c.u32()?);
+            page(gpa, pages)?;
+            page(from, pages)?;
+            Record::RefRun { gpa, from, pages }
         }
         kind::DELTA => {
             let (gpa, check, len16) = (c.u64()?, c.u64()?, c.u16()?);

@@ -80,6 +80,15 @@ pub enum Event {
         /// The page it was copied from.
         from: GuestPhysAddr,
     },
+    /// A run of pages was copied from pages holding the same content.
+    RefRun {
+        /// First page.
+        gpa: GuestPhysAddr,
+        /// First page copied from.
+        from: GuestPhysAddr,
+        /// Pages in the run.
+        pages: u32,
+    },
     /// A delta was applied to a page.
     Delta {
         /// The page.
@@ -304,6 +313,34 @@ impl<R: Read> StreamReader<R> {
                 Event::Ref {
                     gpa: GuestPhysAddr(gpa),
                     from,
+                }
+            }
+            Record::RefRun { gpa, from, pages } => {
+                // One page after the other, each checked against what this
+                // end's index says its source holds at that moment (the
+                // sender chose each source from the same index state).
+                for i in 0..u64::from(pages) {
+                    let (dst, src) = ((gpa >> 12) + i, (from >> 12) + i);
+                    let src_gpa = GuestPhysAddr(src << 12);
+                    let want = self
+                        .index
+                        .content_of(src)
+                        .ok_or(StreamError::UnknownSource { at, gpa: src_gpa })?;
+                    mem.read(src_gpa, &mut page).map_err(access)?;
+                    if format::content_hash(&page, seed) != want {
+                        return Err(StreamError::ContentMismatch { at, gpa: src_gpa });
+                    }
+                    if dst != src {
+                        mem.write(GuestPhysAddr(dst << 12), &page).map_err(access)?;
+                    }
+                    self.index.set(dst, Some(want));
+                }
+                self.pages += u64::from(pages);
+                self.stats.ref_pages += u64::from(pages);
+                Event::RefRun {
+                    gpa: GuestPhysAddr(gpa),
+                    from: GuestPhysAddr(from),
+                    pages,
                 }
             }
             Record::Delta {

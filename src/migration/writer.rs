@@ -87,6 +87,20 @@ pub struct WriterStats {
     pub indexed_contents: u64,
 }
 
+/// The open reference run at the end of the chunk being built.
+#[derive(Clone, Copy, Debug)]
+struct RefRun {
+    /// Offset of the record in the chunk.
+    at: usize,
+    /// The page the run would cover next, and its region's end.
+    next_dst: u64,
+    dst_end: u64,
+    /// The page it would copy that one from, and its region's end.
+    next_src: u64,
+    src_end: u64,
+    pages: u32,
+}
+
 /// Writes one migration stream. Keeps the content index (to send repeated
 /// content as references) and the delta cache; a stream is one migration
 /// attempt, and after any error the writer refuses further use
@@ -103,6 +117,8 @@ pub struct StreamWriter<W: Write> {
     /// The last record is a zero run: (offset in `chunk`, next pfn, region
     /// end pfn, pages).
     zero_run: Option<(usize, u64, u64, u32)>,
+    /// The last record is a reference run that may grow.
+    ref_run: Option<RefRun>,
     round: Option<u32>,
     index: ContentIndex,
     cache: PageCache,
@@ -136,6 +152,7 @@ impl<W: Write> StreamWriter<W> {
             chunk: Vec::with_capacity(opts.chunk_bytes as usize + 4),
             chunk_no: 0,
             zero_run: None,
+            ref_run: None,
             round: None,
             index: ContentIndex::default(),
             cache: PageCache::new(opts.delta_cache_pages),
@@ -227,12 +244,8 @@ impl<W: Write> StreamWriter<W> {
             self.stats.unchanged_pages += 1;
             return Ok(Sent::Unchanged);
         }
-        let sent = if self.index.holder(hash).is_some() {
-            let mut rec = [0u8; format::REF_LEN];
-            rec[0] = kind::REF;
-            rec[1..9].copy_from_slice(&gpa.0.to_le_bytes());
-            rec[9..].copy_from_slice(&hash.to_le_bytes());
-            self.push(&[&rec])?;
+        let sent = if let Some(holder) = self.index.holder(hash) {
+            self.reference(pfn, hash, holder)?;
             self.stats.ref_pages += 1;
             Sent::Ref
         } else if let Some(len) = self.try_delta(pfn, hash, data)? {
@@ -331,6 +344,43 @@ impl<W: Write> StreamWriter<W> {
         Ok(Some(len))
     }
 
+    /// Sends page `pfn` as a copy of content the receiver holds at
+    /// `holder`: extends the open reference run when the page after its
+    /// last source holds that content too (clones then cost one record per
+    /// stretch), else starts a run of one page (21 bytes).
+    fn reference(&mut self, pfn: u64, hash: u128, holder: u64) -> Result<(), StreamError> {
+        if let Some(mut run) = self.ref_run {
+            if run.next_dst == pfn
+                && pfn < run.dst_end
+                && run.next_src < run.src_end
+                && run.pages < u32::MAX
+                && self.index.content_of(run.next_src) == Some(hash)
+            {
+                run.pages += 1;
+                run.next_dst += 1;
+                run.next_src += 1;
+                self.chunk[run.at + 17..run.at + 21].copy_from_slice(&run.pages.to_le_bytes());
+                self.ref_run = Some(run);
+                return Ok(());
+            }
+        }
+        let mut rec = [0u8; format::REF_RUN_LEN];
+        rec[0] = kind::REF_RUN;
+        rec[1..9].copy_from_slice(&(pfn << 12).to_le_bytes());
+        rec[9..17].copy_from_slice(&(holder << 12).to_le_bytes());
+        rec[17..].copy_from_slice(&1u32.to_le_bytes());
+        self.push(&[&rec])?;
+        self.ref_run = Some(RefRun {
+            at: self.chunk.len() - format::REF_RUN_LEN,
+            next_dst: pfn + 1,
+            dst_end: self.layout.region_end(pfn).unwrap_or(pfn + 1),
+            next_src: holder + 1,
+            src_end: self.layout.region_end(holder).unwrap_or(holder + 1),
+            pages: 1,
+        });
+        Ok(())
+    }
+
     /// Sends page `pfn` as zero, extending the previous record if it is a
     /// zero run ending just before `pfn` in the same region.
     fn zero(&mut self, pfn: u64) -> Result<(), StreamError> {
@@ -363,12 +413,14 @@ impl<W: Write> StreamWriter<W> {
             self.chunk.extend_from_slice(p);
         }
         self.zero_run = None;
+        self.ref_run = None;
         Ok(())
     }
 
     /// Writes the chunk being built, if it has any record.
     fn end_chunk(&mut self) -> Result<(), StreamError> {
         self.zero_run = None;
+        self.ref_run = None;
         if self.chunk.len() <= 4 {
             return Ok(());
         }
