@@ -19,11 +19,15 @@ mod digest;
 mod error;
 pub mod format;
 mod index;
+mod precopy;
 mod reader;
 mod writer;
 pub mod xbzrle;
 
 pub use digest::memory_digest;
 pub use error::{Malformed, Position, StreamError};
+pub use precopy::{
+    receive_migration, MigrationError, PrecopyOptions, Progress, Received, Sender, Summary,
+};
 pub use reader::{receive, Event, ReaderLimits, ReceiveStats, StreamHeader, StreamReader};
 pub use writer::{Sent, StreamWriter, WriterOptions, WriterStats};
