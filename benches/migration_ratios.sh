@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Bytes on the wire of a migration (one round, guest idle) against the
+# distinct non-zero content (target: at most +1%) and against a
+# zero-page-only stream (QEMU's default), for four clones of a booted guest
+# image, the four booted images, and 1 GiB with 10% duplicates.
+#
+#   benches/migration_ratios.sh [IMAGE_DIR]   (default target/guest-images)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec cargo run --release --example migration_ratios -- "$@"
