@@ -340,6 +340,45 @@ impl DedupHost {
         Ok(report)
     }
 
+    /// The frame store this host's VMs live in.
+    pub fn frame_store(&self) -> &Arc<FrameStore> {
+        &self.inner.store
+    }
+
+    /// Merges only the given pages of one VM, now (no volatility check, as
+    /// [`merge_now`](Self::merge_now)): each is hashed, compared and mapped
+    /// onto a shared frame it matches (one already shared by any VM of its
+    /// domain, or another page of the list), or released if zero. For a
+    /// caller that knows where duplicates are (a migration receiver folding
+    /// the pages that arrived as references); the cost is that of the list,
+    /// not of the VM. Addresses outside the VM's memory or in excluded
+    /// regions are skipped; duplicates in the list are visited once.
+    pub fn merge_pages(&self, vm: VmId, pages: &[GuestPhysAddr]) -> Result<ScanReport, DedupError> {
+        let mut scan = lock(&self.inner.scan);
+        let vms = read(&self.inner.vms).clone();
+        let Some(v) = vms.iter().position(|e| e.id == vm) else {
+            return Err(DedupError::UnknownVm(vm));
+        };
+        self.inner.reconcile(&mut scan, &vms)?;
+        self.inner.refresh_map_budget();
+        let entry = &vms[v];
+        let mut refs: Vec<scan::PageRef> = pages
+            .iter()
+            .filter_map(|&gpa| {
+                let ri = entry.mem.find_region(gpa)?;
+                if !entry.included[ri] {
+                    return None;
+                }
+                let r = &entry.mem.regions()[ri];
+                let page = usize::try_from((gpa.0 - r.start().0) / PAGE_SIZE as u64).ok()?;
+                scan::PageRef::new(v, ri, page)
+            })
+            .collect();
+        refs.sort_unstable_by_key(|r| (r.region, r.page));
+        refs.dedup();
+        self.inner.process(&mut scan, &vms, refs, true)
+    }
+
     /// One incremental step: visits pages from where the last step stopped,
     /// merging those that hashed the same on their previous visit.
     pub fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {

@@ -27,7 +27,8 @@ pub mod xbzrle;
 pub use digest::memory_digest;
 pub use error::{Malformed, Position, StreamError};
 pub use precopy::{
-    receive_migration, MigrationError, PrecopyOptions, Progress, Received, Sender, Summary,
+    receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,
+    Progress, ReceiveError, Received, Sender, Summary,
 };
 pub use reader::{receive, Event, ReaderLimits, ReceiveStats, StreamHeader, StreamReader};
 pub use writer::{Sent, StreamWriter, WriterOptions, WriterStats};

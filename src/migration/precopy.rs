@@ -21,6 +21,7 @@
 //! ```
 
 use std::{
+    collections::HashSet,
     io::{self, Read, Write},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -31,13 +32,14 @@ use std::{
 
 use crate::{
     addr::{is_zero_page, GuestPhysAddr, PAGE_SIZE},
+    dedup::{DedupError, DedupHost, ScanReport, VmId, VmOptions},
     dirty::{DirtyError, DirtyRun, RegionSet},
     memory::{AccessError, GuestMemory, PageKind},
 };
 
 use super::{
     error::StreamError,
-    reader::{ReaderLimits, ReceiveStats, StreamReader},
+    reader::{Event, ReaderLimits, ReceiveStats, StreamReader},
     writer::{StreamWriter, WriterOptions, WriterStats},
 };
 
@@ -522,5 +524,128 @@ pub fn receive_migration<R: Read>(input: R, limits: ReaderLimits) -> Result<Rece
         stats,
         elapsed: t.elapsed(),
         last_round: last.elapsed(),
+    })
+}
+
+/// What [`receive_migration_folded`] rebuilt.
+#[derive(Debug)]
+pub struct FoldedReceived {
+    /// The guest memory, byte for byte the sender's at pause time, on the
+    /// host's frame store and registered with it.
+    pub mem: Arc<GuestMemory>,
+    /// Its id with the dedup host.
+    pub vm: VmId,
+    /// What the stream carried.
+    pub stats: ReceiveStats,
+    /// Pages the stream delivered as references (and their sources) that
+    /// were offered to the dedup host.
+    pub fold_candidates: u64,
+    /// What folding them did.
+    pub fold: ScanReport,
+    /// Time folding took (after the end marker).
+    pub fold_time: Duration,
+    /// Time from the first byte to the end marker, folding not included.
+    pub elapsed: Duration,
+    /// Time from the last round marker to the end marker.
+    pub last_round: Duration,
+}
+
+/// Why [`receive_migration_folded`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The stream was truncated, corrupt or of an unknown version, or the
+    /// memory could not be created; nothing was kept.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Registering with or folding by the dedup host failed.
+    #[error(transparent)]
+    Dedup(#[from] DedupError),
+}
+
+/// Receives a pre-copy migration folded on arrival: the memory is created
+/// on `host`'s frame store and registered with it (`options`), and every
+/// page that arrived as a reference (REF, REF_RUN), together with the page
+/// it was copied from, is merged by the host once the end marker has
+/// checked out ([`DedupHost::merge_pages`]: hashed and compared again, so a
+/// page overwritten by a later round simply does not merge). Duplicates of
+/// content the host already shares for other VMs of the domain fold onto
+/// those frames too. Zero pages are never allocated (the receiver starts
+/// zeroed and punches ZERO runs). Pages that arrived whole are not
+/// scanned; the host's own scanner finds anything else later.
+///
+/// On any stream error the partial memory is dropped (it is registered
+/// only after the end marker checked out); if folding fails, it is
+/// unregistered again.
+pub fn receive_migration_folded<R: Read>(
+    input: R,
+    limits: ReaderLimits,
+    host: &DedupHost,
+    options: VmOptions,
+) -> Result<FoldedReceived, ReceiveError> {
+    let t = Instant::now();
+    let mut reader = StreamReader::new(input, limits)?;
+    let mem = Arc::new(reader.create_memory_in(Arc::clone(host.frame_store()))?);
+    let mut last = Instant::now();
+    // Pages whose last record carried them whole (FULL, DELTA): not
+    // offered. References and their sources are; so are pages no record
+    // wrote, which the end marker's digest read (a read of a memfd hole
+    // allocates it) and which now fold back to nothing as zero pages.
+    let mut whole: HashSet<u64> = HashSet::new();
+    let mut sources: Vec<GuestPhysAddr> = Vec::new();
+    let page = PAGE_SIZE as u64;
+    let applied = reader.apply_all(&mem, |ev| match *ev {
+        Event::Round(_) => last = Instant::now(),
+        Event::Full { gpa } | Event::Delta { gpa, .. } => {
+            whole.insert(gpa.0);
+        }
+        Event::Zero { gpa, pages } => {
+            for i in 0..u64::from(pages) {
+                whole.remove(&(gpa.0 + i * page));
+            }
+        }
+        Event::Ref { gpa, from } => {
+            whole.remove(&gpa.0);
+            sources.push(from);
+        }
+        Event::RefRun { gpa, from, pages } => {
+            for i in 0..u64::from(pages) {
+                whole.remove(&(gpa.0 + i * page));
+                sources.push(GuestPhysAddr(from.0 + i * page));
+            }
+        }
+        Event::End { .. } => {}
+    });
+    let stats = applied?;
+    let elapsed = t.elapsed();
+    let last_round = last.elapsed();
+    let vm = host.register(Arc::clone(&mem), options)?;
+    let f = Instant::now();
+    let mut candidates = sources;
+    for r in mem.regions() {
+        candidates.extend(
+            (0..r.size() / page)
+                .map(|i| r.start().0 + i * page)
+                .filter(|a| !whole.contains(a))
+                .map(GuestPhysAddr),
+        );
+    }
+    candidates.sort_unstable();
+    candidates.dedup();
+    let fold = match host.merge_pages(vm, &candidates) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = host.unregister(vm);
+            return Err(e.into());
+        }
+    };
+    Ok(FoldedReceived {
+        mem,
+        vm,
+        stats,
+        fold_candidates: candidates.len() as u64,
+        fold,
+        fold_time: f.elapsed(),
+        elapsed,
+        last_round,
     })
 }

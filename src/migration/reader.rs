@@ -8,10 +8,14 @@
 //! is created, and chunk buffers grow with the bytes actually received, up
 //! to [`MAX_CHUNK`](super::format::MAX_CHUNK).
 
-use std::io::{ErrorKind, Read};
+use std::{
+    io::{ErrorKind, Read},
+    sync::Arc,
+};
 
 use crate::{
     addr::{GuestPhysAddr, PAGE_SIZE},
+    frames::FrameStore,
     memory::GuestMemory,
 };
 
@@ -200,6 +204,12 @@ impl<R: Read> StreamReader<R> {
     /// New guest memory with the stream's layout.
     pub fn create_memory(&self) -> Result<GuestMemory, StreamError> {
         Ok(GuestMemory::new(&self.header.layout)?)
+    }
+
+    /// New guest memory with the stream's layout on `store` (so a dedup
+    /// host of that store can fold it).
+    pub fn create_memory_in(&self, store: Arc<FrameStore>) -> Result<GuestMemory, StreamError> {
+        Ok(GuestMemory::with_store(store, &self.header.layout)?)
     }
 
     /// Applies every remaining record to `mem`, calling `progress` after
