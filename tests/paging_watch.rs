@@ -71,3 +71,67 @@ fn one_observer_per_memory() {
     mem.set_write_observer(TableWatch::new()).unwrap();
     assert!(mem.set_write_observer(TableWatch::new()).is_err());
 }
+
+#[test]
+fn cached_rights_follow_wp_and_keys() {
+    use pagefold::paging::x86::{CR0_WP, CR4_PKE};
+    // The page at 0x40_0000 is read-only (entry bit 1 clear at the leaf).
+    let mem = guest();
+    mem.write_obj(GuestPhysAddr(0x4000), 0x5001u64 | 4).unwrap();
+    let wp_on = X86Paging::long_mode(0x1000);
+    let mut wp_off = wp_on;
+    wp_off.cr0 &= !CR0_WP;
+    let on = Walker::new(wp_on).unwrap();
+    let off = Walker::new(wp_off).unwrap();
+    assert_eq!(
+        on.space(),
+        off.space(),
+        "CR0.WP is not part of the space tag"
+    );
+    let mut cache = WalkCache::new();
+    let opts = WalkOptions::default();
+    // CR0.WP=0: a supervisor write to a read-only page is allowed; cached.
+    off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
+        .unwrap();
+    assert_eq!(
+        off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
+            .unwrap()
+            .memory_refs,
+        0
+    );
+    // CR0.WP=1 on the same cache: the cached rights must not answer.
+    let f = on
+        .translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
+        .unwrap_err();
+    assert_eq!(f.reason, pagefold::paging::FaultReason::Permission);
+    // And back: allowed again.
+    off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
+        .unwrap();
+
+    // Protection keys: PKRU write-disable for key 0 denies a user write.
+    let mut keys = X86Paging::long_mode(0x1000);
+    keys.cr4 |= CR4_PKE;
+    // User pages all the way down.
+    for (at, v) in [
+        (0x1000u64, 0x2007u64),
+        (0x2000, 0x3007),
+        (0x3010, 0x4007),
+        (0x4000, 0x5007),
+    ] {
+        mem.write_obj(GuestPhysAddr(at), v).unwrap();
+    }
+    cache.invalidate_all();
+    let open = Walker::new(keys).unwrap();
+    keys.pkru = 0b10;
+    let closed = Walker::new(keys).unwrap();
+    let user_write = Access::write().user();
+    open.translate_with(&mem, 0x40_0000, user_write, opts, Some(&mut cache))
+        .unwrap();
+    let f = closed
+        .translate_with(&mem, 0x40_0000, user_write, opts, Some(&mut cache))
+        .unwrap_err();
+    assert_eq!(
+        f.reason,
+        pagefold::paging::FaultReason::ProtectionKey { key: 0 }
+    );
+}

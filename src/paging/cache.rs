@@ -53,8 +53,9 @@ pub(crate) struct TlbEntry {
     /// rights, without the levels a fault report would name).
     pub(crate) acc1: u8,
     pub(crate) acc2: u8,
-    /// The walker's permission-check settings when the entry was made
-    /// (CR0.WP, SMEP, SMAP, keys): `allowed` holds only while they match.
+    /// The number (see `WalkCache::check_index`) of the walker's exact
+    /// permission-check settings (CR0.WP, SMEP, SMAP, keys) when `rights`
+    /// was filled: the rights hold only while they match.
     pub(crate) check_tag: u16,
     /// Bit `Access::index()` set: that access was checked (bits 0..12),
     /// and, 16 bits up, allowed. Filled as accesses come.
@@ -199,6 +200,10 @@ pub struct WalkCache {
     splintered: bool,
     stats: CacheStats,
     watch: Option<(Arc<TableWatch>, u64)>,
+    /// Permission-check settings seen, numbered by position; the last one
+    /// asked for, with its number, answers the common case in a compare.
+    check_configs: Vec<u128>,
+    last_check: (u128, u16),
 }
 
 impl Default for WalkCache {
@@ -236,6 +241,8 @@ impl WalkCache {
             splintered: false,
             stats: CacheStats::default(),
             watch: None,
+            check_configs: vec![0],
+            last_check: (0, 0),
         }
     }
 
@@ -243,6 +250,35 @@ impl WalkCache {
     pub fn attach_watch(&mut self, watch: Arc<TableWatch>) {
         let g = watch.generation();
         self.watch = Some((watch, g));
+    }
+
+    /// The number of an exact permission-check configuration. Numbers are
+    /// stable until 65536 distinct ones were seen; then every entry is
+    /// dropped and numbering starts again, so a number never names two.
+    #[inline(always)]
+    pub(crate) fn check_index(&mut self, config: u128) -> u16 {
+        if self.last_check.0 == config {
+            return self.last_check.1;
+        }
+        self.check_index_slow(config)
+    }
+
+    #[inline(never)]
+    fn check_index_slow(&mut self, config: u128) -> u16 {
+        let i = match self.check_configs.iter().position(|&c| c == config) {
+            Some(i) => i,
+            None => {
+                if self.check_configs.len() > usize::from(u16::MAX) {
+                    self.invalidate_all();
+                    self.check_configs.clear();
+                }
+                self.check_configs.push(config);
+                self.check_configs.len() - 1
+            }
+        };
+        let i = u16::try_from(i).unwrap_or(0);
+        self.last_check = (config, i);
+        i
     }
 
     /// Hit and miss counts so far.

@@ -159,9 +159,10 @@ pub struct Walker {
     /// Tag of the second level in a [`WalkCache`].
     second_space: u64,
     pcid: u16,
-    /// Fingerprint of the settings permission checks read but the space
-    /// tag leaves out (CR0.WP, SMEP, SMAP, PKE/PKS, PKRU/PKRS).
-    check_tag: u16,
+    /// The settings permission checks read but the space tag leaves out,
+    /// exactly: CR0.WP, SMEP, SMAP, PKE, PKS (bits 0..5), PKRU (32..64),
+    /// PKRS (64..96). A cache numbers the ones it has seen.
+    check_config: u128,
 }
 
 /// Errors building a walker.
@@ -207,20 +208,21 @@ impl Walker {
             u64::from(regs.maxphyaddr) | (u64::from(regs.gbpages) << 8),
         );
         space = mix(space, u64::from(regs.pcid()));
-        let checks = regs.cr0 & super::x86::CR0_WP
-            | regs.cr4
-                & (super::x86::CR4_SMEP
-                    | super::x86::CR4_SMAP
-                    | super::x86::CR4_PKE
-                    | super::x86::CR4_PKS);
-        let check_tag = mix(mix(checks, u64::from(regs.pkru)), u64::from(regs.pkrs)) >> 48;
+        let flag = |on: bool, bit: u32| u128::from(on) << bit;
+        let check_config = flag(regs.cr0 & super::x86::CR0_WP != 0, 0)
+            | flag(regs.cr4 & super::x86::CR4_SMEP != 0, 1)
+            | flag(regs.cr4 & super::x86::CR4_SMAP != 0, 2)
+            | flag(regs.cr4 & super::x86::CR4_PKE != 0, 3)
+            | flag(regs.cr4 & super::x86::CR4_PKS != 0, 4)
+            | u128::from(regs.pkru) << 32
+            | u128::from(regs.pkrs) << 64;
         Ok(Walker {
             first,
             second: None,
             space,
             second_space: 0,
             pcid: regs.pcid(),
-            check_tag: check_tag as u16,
+            check_config,
         })
     }
 
@@ -311,8 +313,9 @@ impl Walker {
             }
         }
         if let Some(c) = cache.as_deref_mut() {
+            let checks = c.check_index(self.check_config);
             let hit = c.lookup(self.space, va).and_then(|i| {
-                self.answer_from_cache(c.entry(i), va, access, options.set_accessed_dirty)
+                self.answer_from_cache(c.entry(i), checks, va, access, options.set_accessed_dirty)
             });
             if let Some(t) = hit {
                 c.count_hit();
@@ -531,6 +534,7 @@ impl Walker {
             // on the hit that first asks, then remembered.
             let bit = 1u32 << access.index();
             {
+                let check_tag = c.check_index(self.check_config);
                 c.insert(TlbEntry {
                     space: self.space,
                     tag: va >> shift,
@@ -540,7 +544,7 @@ impl Walker {
                     leaf2: s2.leaf,
                     acc1: (acc1 & 0xff) as u8,
                     acc2: (s2.acc & 0xff) as u8,
-                    check_tag: self.check_tag,
+                    check_tag,
                     rights: bit | (bit << 16),
                     pcid: self.pcid,
                     shift,
@@ -561,6 +565,7 @@ impl Walker {
     fn answer_from_cache(
         &self,
         e: &mut TlbEntry,
+        checks: u16,
         va: u64,
         access: Access,
         set_ad: bool,
@@ -574,10 +579,10 @@ impl Walker {
         let acc1 = u64::from(e.acc1);
         let acc2 = u64::from(e.acc2);
         let bit = 1u32 << access.index();
-        if e.check_tag != self.check_tag {
+        if e.check_tag != checks {
             // The guest changed CR0.WP, SMEP, SMAP or its keys since: forget
             // what was checked under the old settings.
-            e.check_tag = self.check_tag;
+            e.check_tag = checks;
             e.rights = 0;
         }
         let allowed = if e.rights & bit != 0 {
