@@ -35,7 +35,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 4
+#define PF_ABI_VERSION_MINOR 5
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -66,6 +66,13 @@
  * (`MAP_POPULATE`) instead of on first touch.
  */
 #define PF_MEMORY_POPULATE (1 << 1)
+
+/**
+ * `pf_migration_options.flags`: leave the whole-memory digest out of the
+ * end marker (by default it is sent and the receiver checks it, at the
+ * cost of one read of memory on each side during the downtime).
+ */
+#define PF_MIGRATION_NO_VERIFY (1 << 0)
 
 /**
  * `pf_x86_paging.flags`: the CPU has no 1 GiB pages (PS in a PDPTE is a
@@ -428,6 +435,19 @@ typedef enum pf_status {
      * which, with the code a VMM would inject or report.
      */
     PF_ERR_FAULT = -20,
+    /**
+     * A migration stream is not one this library can read, or is damaged:
+     * not a pagefold stream, an unknown format version, truncated, a chunk
+     * that fails its checksum, a malformed record, a layout over the
+     * receiver's limits, or a memory digest that does not match. The
+     * partial memory was discarded; the message says what and where.
+     */
+    PF_ERR_STREAM = -21,
+    /**
+     * The operation was cancelled (a migration sender's cancel, cancel
+     * token or progress callback).
+     */
+    PF_ERR_CANCELLED = -22,
 } pf_status;
 
 /**
@@ -463,6 +483,30 @@ typedef struct pf_frame_store pf_frame_store;
  * `pf_guest_memory_free` may run on one handle from several threads at once.
  */
 typedef struct pf_guest_memory pf_guest_memory;
+
+/**
+ * A cancel flag of a sender that outlives it: made by
+ * `pf_migration_sender_cancel_token`, released by
+ * `pf_migration_cancel_token_free`. Thread-safe.
+ */
+typedef struct pf_migration_cancel_token pf_migration_cancel_token;
+
+/**
+ * A pre-copy migration in progress: made by `pf_migration_sender_start`,
+ * driven by `pf_migration_sender_iterate`, completed (and released) by
+ * `pf_migration_sender_finish`, or released early by
+ * `pf_migration_sender_free`. One thread at a time drives it;
+ * `pf_migration_sender_cancel` (and a cancel token) may be used from any
+ * thread.
+ */
+typedef struct pf_migration_sender pf_migration_sender;
+
+/**
+ * Finds writes made through raw host pointers (KVM vCPUs, device models)
+ * to some regions of one guest memory: made by `pf_raw_write_tracker_new`,
+ * released by `pf_raw_write_tracker_free`. Thread-safe.
+ */
+typedef struct pf_raw_write_tracker pf_raw_write_tracker;
 
 /**
  * A walk cache (software TLB and paging-structure cache) for one vCPU:
@@ -868,6 +912,232 @@ typedef struct pf_page_census {
      */
     uint64_t ballooned_pages;
 } pf_page_census;
+
+/**
+ * How a pre-copy migration runs. Size-prefixed: set `struct_size` to
+ * `sizeof(pf_migration_options)`. Zero fields mean the defaults, so
+ * `pf_migration_options o = { .struct_size = sizeof o };` is a valid start.
+ */
+typedef struct pf_migration_options {
+    /**
+     * `sizeof(pf_migration_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * `pf_migration_sender_iterate` returns once the dirty pages left
+     * would take at most this many milliseconds to send at the measured
+     * bandwidth (the time the vCPUs stay paused). 0: 300 ms.
+     */
+    uint64_t downtime_budget_ms;
+    /**
+     * Most bytes per second written to the file descriptor; 0: no cap.
+     */
+    uint64_t bandwidth_limit;
+    /**
+     * `pf_migration_sender_iterate` returns after this many rounds (round
+     * 0, the full pass, included) even if the budget is not met. 0: 30.
+     */
+    uint32_t max_rounds;
+    /**
+     * `PF_MIGRATION_NO_VERIFY` or 0; other bits are refused with
+     * `PF_ERR_INVALID_ARGUMENT`.
+     */
+    uint32_t flags;
+} pf_migration_options;
+
+/**
+ * What the progress callback is told after each round of
+ * `pf_migration_sender_iterate`. `struct_size` is the bytes this library
+ * filled in; fields past what a caller knows are ignored by it.
+ */
+typedef struct pf_migration_progress {
+    /**
+     * `sizeof(pf_migration_progress)` of this library.
+     */
+    size_t struct_size;
+    /**
+     * The round just sent (0: the full pass).
+     */
+    uint32_t round;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+    /**
+     * Bytes written to the file descriptor so far.
+     */
+    uint64_t bytes;
+    /**
+     * Pages sent in that round.
+     */
+    uint64_t round_pages;
+    /**
+     * Pages dirtied while that round was sent (what the next one sends).
+     */
+    uint64_t dirty_pages;
+    /**
+     * Those pages per second of that round.
+     */
+    double dirty_rate;
+    /**
+     * Measured bandwidth over all rounds, bytes per second.
+     */
+    double bandwidth;
+    /**
+     * Estimated downtime in microseconds if the VMM paused now.
+     */
+    uint64_t estimated_downtime_us;
+} pf_migration_progress;
+
+/**
+ * Called after each round of `pf_migration_sender_iterate`, on the thread
+ * that runs it, with a progress report valid during the call and the
+ * `user` pointer given to `pf_migration_sender_start`. Return 0 to go on;
+ * anything else cancels the migration (`pf_migration_sender_iterate` then
+ * returns `PF_ERR_CANCELLED`). It must not unwind (no C++ exception, no
+ * longjmp out of it) and must not call into the same sender.
+ */
+typedef int (*pf_migration_progress_fn)(const struct pf_migration_progress *progress,
+                                        void *user);
+
+/**
+ * How a migration went: `pf_migration_sender_finish` fills it in.
+ * Size-prefixed: set `struct_size` before the call; the call sets it to the
+ * bytes it filled in.
+ */
+typedef struct pf_migration_summary {
+    /**
+     * In: `sizeof(pf_migration_summary)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Rounds sent, the last (paused) one included.
+     */
+    uint32_t rounds;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+    /**
+     * Pages sent in the last round, with the vCPUs paused.
+     */
+    uint64_t last_round_pages;
+    /**
+     * Time `pf_migration_sender_finish` took, in microseconds: the
+     * downtime the sender caused.
+     */
+    uint64_t downtime_us;
+    /**
+     * Time from `pf_migration_sender_start` to the end, in microseconds.
+     */
+    uint64_t total_us;
+    /**
+     * Bytes written to the file descriptor, header included.
+     */
+    uint64_t bytes;
+    /**
+     * Chunks written.
+     */
+    uint64_t chunks;
+    /**
+     * Pages sent as zero records.
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages sent whole.
+     */
+    uint64_t full_pages;
+    /**
+     * Pages sent as references to content the receiver already had.
+     */
+    uint64_t ref_pages;
+    /**
+     * Pages sent as deltas against their last version.
+     */
+    uint64_t delta_pages;
+    /**
+     * Pages not sent because the receiver held them already.
+     */
+    uint64_t unchanged_pages;
+} pf_migration_summary;
+
+/**
+ * What `pf_migration_receive` accepts from a stream before it creates any
+ * memory. Size-prefixed; zero fields mean the defaults.
+ */
+typedef struct pf_migration_limits {
+    /**
+     * `sizeof(pf_migration_limits)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * Most guest memory the stream's layout may describe, in bytes (set it
+     * to the VM's size). 0: 64 GiB.
+     */
+    uint64_t max_guest_bytes;
+    /**
+     * Most regions the layout may have. 0: 4096.
+     */
+    uint32_t max_regions;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+} pf_migration_limits;
+
+/**
+ * What `pf_migration_receive` received. Size-prefixed like
+ * `pf_migration_summary`.
+ */
+typedef struct pf_migration_received {
+    /**
+     * In: `sizeof(pf_migration_received)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Rounds the stream carried (the last round number plus one).
+     */
+    uint32_t rounds;
+    /**
+     * 1 if the sender's whole-memory digest was checked (and matched).
+     */
+    uint32_t verified;
+    /**
+     * Bytes read, header included.
+     */
+    uint64_t bytes;
+    /**
+     * Chunks read.
+     */
+    uint64_t chunks;
+    /**
+     * Pages zeroed.
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages received whole.
+     */
+    uint64_t full_pages;
+    /**
+     * Pages received as references (shared frames on arrival).
+     */
+    uint64_t ref_pages;
+    /**
+     * Pages received as deltas.
+     */
+    uint64_t delta_pages;
+    /**
+     * Time from the first byte to the end marker, in microseconds.
+     */
+    uint64_t elapsed_us;
+    /**
+     * Time from the last round marker to the end marker, in microseconds
+     * (the receiver's share of the downtime).
+     */
+    uint64_t last_round_us;
+} pf_migration_received;
 
 /**
  * The guest's x86 paging registers. Size-prefixed: set `struct_size` to
@@ -1509,6 +1779,65 @@ enum pf_status pf_guest_memory_mark_dirty(const struct pf_guest_memory *mem,
                                           uint64_t pages);
 
 /**
+ * Starts tracking writes through host pointers to region `region_index`
+ * of `mem` (or every region with `PF_ALL_REGIONS`) and stores the tracker
+ * in `*out_tracker`. The regions are registered with a userfaultfd in
+ * asynchronous write-protect mode and write-protected: the kernel resolves
+ * the first write to each page itself (no thread handles faults) and
+ * `pf_raw_write_tracker_collect` asks it which pages were written. Needs
+ * Linux 6.7 or later (`UFFD_FEATURE_WP_ASYNC` and the `PAGEMAP_SCAN`
+ * ioctl), checked here with a real scan. The memory cannot be registered
+ * with a dedup host while a tracker lives, nor tracked by two trackers.
+ * The tracker keeps the memory alive.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OUT_OF_RANGE` (`region_index`),
+ * `PF_ERR_UNSUPPORTED` (this kernel lacks asynchronous write protection
+ * or `PAGEMAP_SCAN`, or userfaultfd is not permitted; the message says
+ * which), `PF_ERR_INVALID_ARGUMENT` (registered with a dedup host or
+ * another tracker), `PF_ERR_USERFAULT` (registering or protecting
+ * failed), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `out_tracker` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_raw_write_tracker_new(const struct pf_guest_memory *mem,
+                                        size_t region_index,
+                                        struct pf_raw_write_tracker **out_tracker);
+
+/**
+ * Finds the pages written through host pointers since the last collect (or
+ * since the tracker was made), write-protects them again and marks them in
+ * the memory's dirty log, whether or not tracking is on there; stores their
+ * number in `*out_pages` (NULL allowed). Call it before
+ * `pf_guest_memory_harvest_dirty`, which then reports them. A write racing
+ * with the collect is reported by this collect or the next.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`tracker`), `PF_ERR_OS` (the scan
+ * failed).
+ *
+ * # Safety
+ *
+ * - `tracker` is NULL or a live `pf_raw_write_tracker` handle.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_raw_write_tracker_collect(const struct pf_raw_write_tracker *tracker,
+                                            uint64_t *out_pages);
+
+/**
+ * Stops tracking: unregisters the regions (which drops their write
+ * protection) and releases the tracker and its hold on the memory. Pages
+ * already marked stay in the dirty log. NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `tracker` is NULL or a `pf_raw_write_tracker` handle that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_raw_write_tracker_free(struct pf_raw_write_tracker *tracker);
+
+/**
  * Creates guest memory with the `region_count` regions at `regions`, on a
  * new memfd built as `options` says (NULL means the defaults), and stores
  * the handle in `*out_mem`. Regions may be given in any order; they must not
@@ -1980,6 +2309,195 @@ enum pf_status pf_guest_memory_compare_exchange_u64(const struct pf_guest_memory
                                                     uint64_t expected,
                                                     uint64_t desired,
                                                     uint64_t *out_previous);
+
+/**
+ * Starts a pre-copy migration of `mem` to the file descriptor `fd` (a
+ * socket, pipe or file open for writing): turns dirty tracking on for every
+ * region (what it had logged is dropped: the full pass reads every page)
+ * and writes the stream header. Nothing else is sent until
+ * `pf_migration_sender_iterate`. `options` NULL means the defaults.
+ * `progress` (NULL: none) is called with `user` after each round.
+ *
+ * `fd` is borrowed, never closed: it must stay open until the sender is
+ * finished or freed. Writes are plain write(2) calls, blocking or not as
+ * the descriptor is (a non-blocking one fails with `PF_ERR_OS` when full);
+ * writing to a pipe or socket whose reader is gone raises SIGPIPE unless
+ * the process ignores it. Dirty tracking is put back as it was when the
+ * sender finishes, fails or is freed. While the sender lives the memory
+ * stays alive even if its handle is freed.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_sender`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT`
+ * (unknown flag, `fd` not open), `PF_ERR_OS` (writing the header).
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `options` is NULL or points to a `pf_migration_options` whose
+ *   `struct_size` bytes are readable.
+ * - `progress`, if not NULL, is safe to call with a progress report valid
+ *   during the call and `user`, on whatever thread iterates.
+ * - `fd` stays open, and is not closed or reused, until the sender is
+ *   finished or freed.
+ * - `out_sender` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_migration_sender_start(const struct pf_guest_memory *mem,
+                                         int fd,
+                                         const struct pf_migration_options *options,
+                                         pf_migration_progress_fn progress,
+                                         void *user,
+                                         struct pf_migration_sender **out_sender);
+
+/**
+ * Sends round 0 (every page that is not zero) if not yet sent, then rounds
+ * of the pages dirtied meanwhile, until the estimated downtime fits the
+ * budget or the round limit is reached; calls the progress callback after
+ * each round. Returns when the VMM should pause its vCPUs and call
+ * `pf_migration_sender_finish`; may be called again instead (e.g. when the
+ * VMM cannot pause yet). `*out_progress` (NULL allowed; set its
+ * `struct_size` first) receives the last round's report.
+ *
+ * After an error or a cancel the sender is spent: it has put dirty tracking
+ * back and refuses further use (`PF_ERR_INVALID_ARGUMENT`); free it and
+ * start a new migration (a new stream) to retry.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`
+ * (`out_progress`), `PF_ERR_CANCELLED` (`pf_migration_sender_cancel`, a
+ * cancel token or the callback), `PF_ERR_OS` (writing to the descriptor),
+ * `PF_ERR_BUSY` (another thread is iterating or finishing it),
+ * `PF_ERR_INVALID_ARGUMENT` (spent).
+ *
+ * # Safety
+ *
+ * - `sender` is NULL or a live `pf_migration_sender` handle.
+ * - `out_progress` is NULL or points to a `pf_migration_progress` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_migration_sender_iterate(const struct pf_migration_sender *sender,
+                                           struct pf_migration_progress *out_progress);
+
+/**
+ * With the vCPUs paused: sends the last round (every page dirtied since the
+ * last round), the end marker (with the memory digest unless
+ * `PF_MIGRATION_NO_VERIFY`), puts dirty tracking back as it was and
+ * releases the sender, whatever the call returns (unless `sender` is
+ * NULL). `*out_summary` (NULL allowed; set its `struct_size` first)
+ * receives how the migration went. The descriptor is not closed.
+ *
+ * Errors: `PF_ERR_STRUCT_TOO_SMALL` (`out_summary`; the sender is released
+ * all the same), `PF_ERR_CANCELLED`, `PF_ERR_OS`, `PF_ERR_BUSY` (another
+ * thread is iterating: then the sender is not released),
+ * `PF_ERR_INVALID_ARGUMENT` (spent).
+ *
+ * # Safety
+ *
+ * - `sender` is NULL or a `pf_migration_sender` handle that has not been
+ *   released, and no other call uses it after this one (a cancel from
+ *   another thread must have returned before this call starts).
+ * - `out_summary` is NULL or points to a `pf_migration_summary` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_migration_sender_finish(struct pf_migration_sender *sender,
+                                          struct pf_migration_summary *out_summary);
+
+/**
+ * Asks the migration to stop: the `pf_migration_sender_iterate` running on
+ * another thread (or the next call) returns `PF_ERR_CANCELLED` within a
+ * few pages or, under a bandwidth cap, about 50 ms. The sender is then
+ * spent; free it. May be called from any thread while another iterates,
+ * but not during or after `pf_migration_sender_finish` or
+ * `pf_migration_sender_free` (which release the handle): a thread that
+ * cannot know when those run uses a cancel token instead.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * `sender` is NULL or a live `pf_migration_sender` handle that is not
+ * released during the call.
+ */
+enum pf_status pf_migration_sender_cancel(const struct pf_migration_sender *sender);
+
+/**
+ * Stores in `*out_token` a token that cancels this sender
+ * (`pf_migration_cancel_token_cancel`) and stays valid after the sender is
+ * finished or freed (cancelling then does nothing). Release it with
+ * `pf_migration_cancel_token_free`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * - `sender` is NULL or a live `pf_migration_sender` handle.
+ * - `out_token` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_migration_sender_cancel_token(const struct pf_migration_sender *sender,
+                                                struct pf_migration_cancel_token **out_token);
+
+/**
+ * Cancels the sender the token came from, as `pf_migration_sender_cancel`
+ * does; from any thread, at any time while the token lives.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * `token` is NULL or a live `pf_migration_cancel_token`.
+ */
+enum pf_status pf_migration_cancel_token_cancel(const struct pf_migration_cancel_token *token);
+
+/**
+ * Releases a cancel token. NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `token` is NULL or a `pf_migration_cancel_token` that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_migration_cancel_token_free(struct pf_migration_cancel_token *token);
+
+/**
+ * Releases a sender without finishing: the stream stays incomplete (a
+ * receiver reports it truncated), dirty tracking is put back as it was,
+ * the descriptor is not closed. NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `sender` is NULL or a `pf_migration_sender` handle that has not been
+ * released, and no other call uses it during or after this one.
+ */
+void pf_migration_sender_free(struct pf_migration_sender *sender);
+
+/**
+ * Receives a migration stream from the file descriptor `fd` (a socket,
+ * pipe or file open for reading, at the stream's first byte) into new guest
+ * memory with the stream's layout, and stores its handle in `*out_mem` and,
+ * if `out_stats` is not NULL (set its `struct_size` first), what the stream
+ * carried in `*out_stats`. Reads until the end marker; the descriptor is
+ * not closed. `limits` NULL means the defaults.
+ *
+ * On error nothing is stored: memory filled from a truncated, corrupt or
+ * unexpected stream is discarded.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`out_mem`), `PF_ERR_STRUCT_TOO_SMALL`
+ * (`limits`, `out_stats`), `PF_ERR_INVALID_ARGUMENT` (`fd` not open),
+ * `PF_ERR_STREAM` (not a pagefold stream, an unknown version, truncated,
+ * corrupt, over the limits, or the digest does not match), `PF_ERR_OS`
+ * (reading), `PF_ERR_LAYOUT`, `PF_ERR_OVERFLOW` (memory for the layout).
+ *
+ * # Safety
+ *
+ * - `fd` stays open during the call.
+ * - `limits` is NULL or points to a `pf_migration_limits` whose
+ *   `struct_size` bytes are readable.
+ * - `out_mem` is NULL or valid for a write of one pointer.
+ * - `out_stats` is NULL or points to a `pf_migration_received` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_migration_receive(int fd,
+                                    const struct pf_migration_limits *limits,
+                                    struct pf_guest_memory **out_mem,
+                                    struct pf_migration_received *out_stats);
 
 /**
  * Creates a walker for the guest registers `paging` with the optional

@@ -1,13 +1,15 @@
 //! The dirty log of guest memory: turning tracking on and off per region,
 //! harvesting dirty pages as runs into a caller buffer, and merging a KVM
-//! dirty bitmap in. The raw-write tracker (userfaultfd) is not exported yet.
+//! dirty bitmap in; and the raw-write tracker (`pf_raw_write_tracker`,
+//! userfaultfd asynchronous write protection), which finds writes made
+//! through raw host pointers.
 
 // The types carry their C names, so the header and the Rust agree.
 #![allow(non_camel_case_types)]
 
-use std::mem::size_of;
+use std::{mem::size_of, sync::Arc};
 
-use pagefold::{DirtyError, DirtyRun, GuestPhysAddr, RegionSet};
+use pagefold::{DirtyError, DirtyRun, GuestPhysAddr, RawWriteTracker, RegionSet};
 
 use crate::{
     args,
@@ -204,5 +206,101 @@ pub unsafe extern "C" fn pf_guest_memory_mark_dirty(
         let mem = unsafe { memory(mem) }?;
         mem.mark_dirty(GuestPhysAddr(gpa), pages)?;
         Ok(())
+    }
+}
+
+/// Finds writes made through raw host pointers (KVM vCPUs, device models)
+/// to some regions of one guest memory: made by `pf_raw_write_tracker_new`,
+/// released by `pf_raw_write_tracker_free`. Thread-safe.
+pub struct pf_raw_write_tracker {
+    tracker: RawWriteTracker,
+}
+
+/// Starts tracking writes through host pointers to region `region_index`
+/// of `mem` (or every region with `PF_ALL_REGIONS`) and stores the tracker
+/// in `*out_tracker`. The regions are registered with a userfaultfd in
+/// asynchronous write-protect mode and write-protected: the kernel resolves
+/// the first write to each page itself (no thread handles faults) and
+/// `pf_raw_write_tracker_collect` asks it which pages were written. Needs
+/// Linux 6.7 or later (`UFFD_FEATURE_WP_ASYNC` and the `PAGEMAP_SCAN`
+/// ioctl), checked here with a real scan. The memory cannot be registered
+/// with a dedup host while a tracker lives, nor tracked by two trackers.
+/// The tracker keeps the memory alive.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OUT_OF_RANGE` (`region_index`),
+/// `PF_ERR_UNSUPPORTED` (this kernel lacks asynchronous write protection
+/// or `PAGEMAP_SCAN`, or userfaultfd is not permitted; the message says
+/// which), `PF_ERR_INVALID_ARGUMENT` (registered with a dedup host or
+/// another tracker), `PF_ERR_USERFAULT` (registering or protecting
+/// failed), `PF_ERR_OS`.
+///
+/// # Safety
+///
+/// - `mem` is NULL or a live `pf_guest_memory` handle.
+/// - `out_tracker` is NULL or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn pf_raw_write_tracker_new(
+    mem: *const pf_guest_memory,
+    region_index: usize,
+    out_tracker: *mut *mut pf_raw_write_tracker,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `mem` is NULL or a live handle (contract).
+        let mem = Arc::clone(unsafe { memory(mem) }?);
+        // SAFETY: `out_tracker` is NULL or writable for a pointer (contract).
+        let out = unsafe { args::out(out_tracker, "out_tracker") }?;
+        let tracker = RawWriteTracker::new(mem, region_set(region_index))?;
+        out.write(Box::into_raw(Box::new(pf_raw_write_tracker { tracker })));
+        Ok(())
+    }
+}
+
+/// Finds the pages written through host pointers since the last collect (or
+/// since the tracker was made), write-protects them again and marks them in
+/// the memory's dirty log, whether or not tracking is on there; stores their
+/// number in `*out_pages` (NULL allowed). Call it before
+/// `pf_guest_memory_harvest_dirty`, which then reports them. A write racing
+/// with the collect is reported by this collect or the next.
+///
+/// Errors: `PF_ERR_NULL_POINTER` (`tracker`), `PF_ERR_OS` (the scan
+/// failed).
+///
+/// # Safety
+///
+/// - `tracker` is NULL or a live `pf_raw_write_tracker` handle.
+/// - `out_pages` is NULL or valid for a write of one `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn pf_raw_write_tracker_collect(
+    tracker: *const pf_raw_write_tracker,
+    out_pages: *mut u64,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: NULL or a live handle (contract).
+        let t = unsafe { args::handle(tracker, "tracker") }?;
+        let found = t.tracker.collect()?;
+        if !out_pages.is_null() {
+            // SAFETY: not NULL; writable for a `uint64_t` (contract).
+            unsafe { args::out(out_pages, "out_pages") }?.write(found);
+        }
+        Ok(())
+    }
+}
+
+/// Stops tracking: unregisters the regions (which drops their write
+/// protection) and releases the tracker and its hold on the memory. Pages
+/// already marked stay in the dirty log. NULL is allowed and does nothing.
+///
+/// # Safety
+///
+/// `tracker` is NULL or a `pf_raw_write_tracker` handle that has not been
+/// freed, and no other call uses it during or after this one.
+#[no_mangle]
+pub unsafe extern "C" fn pf_raw_write_tracker_free(tracker: *mut pf_raw_write_tracker) {
+    ffi_boundary! { returns ();
+        if !tracker.is_null() {
+            // SAFETY: from `Box::into_raw` in `pf_raw_write_tracker_new`, not
+            // freed, not used again (contract).
+            drop(unsafe { Box::from_raw(tracker) });
+        }
     }
 }

@@ -31,6 +31,7 @@ mod args;
 mod dedup;
 mod dirty;
 mod memory;
+mod migration;
 mod paging;
 mod status;
 mod store;
@@ -39,6 +40,7 @@ pub use boundary::pf_last_error_message;
 pub use dedup::*;
 pub use dirty::*;
 pub use memory::*;
+pub use migration::*;
 pub use paging::*;
 pub use status::{pf_status, pf_status_name};
 pub use store::*;
@@ -48,7 +50,7 @@ pub use store::*;
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 4;
+pub const PF_ABI_VERSION_MINOR: u32 = 5;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -70,11 +70,20 @@ pub enum pf_status {
     /// bits, a second-level fault, ...); the call's `pf_walk_fault` says
     /// which, with the code a VMM would inject or report.
     PF_ERR_FAULT = -20,
+    /// A migration stream is not one this library can read, or is damaged:
+    /// not a pagefold stream, an unknown format version, truncated, a chunk
+    /// that fails its checksum, a malformed record, a layout over the
+    /// receiver's limits, or a memory digest that does not match. The
+    /// partial memory was discarded; the message says what and where.
+    PF_ERR_STREAM = -21,
+    /// The operation was cancelled (a migration sender's cancel, cancel
+    /// token or progress callback).
+    PF_ERR_CANCELLED = -22,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 21] = [
+    pub(crate) const ALL: [pf_status; 23] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -96,6 +105,8 @@ impl pf_status {
         pf_status::PF_ERR_BUSY,
         pf_status::PF_ERR_UNSUPPORTED,
         pf_status::PF_ERR_FAULT,
+        pf_status::PF_ERR_STREAM,
+        pf_status::PF_ERR_CANCELLED,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -122,6 +133,8 @@ impl pf_status {
             pf_status::PF_ERR_BUSY => c"PF_ERR_BUSY",
             pf_status::PF_ERR_UNSUPPORTED => c"PF_ERR_UNSUPPORTED",
             pf_status::PF_ERR_FAULT => c"PF_ERR_FAULT",
+            pf_status::PF_ERR_STREAM => c"PF_ERR_STREAM",
+            pf_status::PF_ERR_CANCELLED => c"PF_ERR_CANCELLED",
         }
     }
 }
@@ -187,26 +200,34 @@ impl From<FrameError> for Error {
     }
 }
 
+/// The status of a memory creation error.
+pub(crate) fn memory_status(e: &MemoryError) -> pf_status {
+    match e {
+        MemoryError::Layout(_) => pf_status::PF_ERR_LAYOUT,
+        MemoryError::Frames(f) => frame_status(f),
+    }
+}
+
+/// The status of a refused guest memory access.
+pub(crate) fn access_status(e: &AccessError) -> pf_status {
+    match e {
+        AccessError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
+        AccessError::Overflow { .. } => pf_status::PF_ERR_OVERFLOW,
+        AccessError::Misaligned { .. } => pf_status::PF_ERR_MISALIGNED,
+        AccessError::WriteProtected { .. } => pf_status::PF_ERR_WRITE_PROTECTED,
+        AccessError::Frames(f) => frame_status(f),
+    }
+}
+
 impl From<MemoryError> for Error {
     fn from(e: MemoryError) -> Self {
-        let status = match &e {
-            MemoryError::Layout(_) => pf_status::PF_ERR_LAYOUT,
-            MemoryError::Frames(f) => frame_status(f),
-        };
-        Error::new(status, e.to_string())
+        Error::new(memory_status(&e), e.to_string())
     }
 }
 
 impl From<AccessError> for Error {
     fn from(e: AccessError) -> Self {
-        let status = match &e {
-            AccessError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
-            AccessError::Overflow { .. } => pf_status::PF_ERR_OVERFLOW,
-            AccessError::Misaligned { .. } => pf_status::PF_ERR_MISALIGNED,
-            AccessError::WriteProtected { .. } => pf_status::PF_ERR_WRITE_PROTECTED,
-            AccessError::Frames(f) => frame_status(f),
-        };
-        Error::new(status, e.to_string())
+        Error::new(access_status(&e), e.to_string())
     }
 }
 
