@@ -801,3 +801,105 @@ pub unsafe extern "C" fn pf_migration_receive(
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pagefold::{migration::Position, LayoutError, MemoryError};
+
+    use super::*;
+
+    #[test]
+    fn stream_and_migration_errors_map_to_their_codes() {
+        let at = Position {
+            offset: 40,
+            chunk: 1,
+            record: 0,
+        };
+        let cases: [(Error, pf_status); 8] = [
+            (
+                StreamError::Truncated {
+                    at: 9,
+                    what: "a chunk",
+                }
+                .into(),
+                pf_status::PF_ERR_STREAM,
+            ),
+            (
+                StreamError::ChunkChecksum {
+                    at,
+                    found: 1,
+                    computed: 2,
+                }
+                .into(),
+                pf_status::PF_ERR_STREAM,
+            ),
+            (
+                StreamError::UnsupportedVersion {
+                    found: 9,
+                    supported: 2,
+                }
+                .into(),
+                pf_status::PF_ERR_STREAM,
+            ),
+            (
+                StreamError::Io {
+                    at: 0,
+                    source: io::Error::from_raw_os_error(libc::EPIPE),
+                }
+                .into(),
+                pf_status::PF_ERR_OS,
+            ),
+            (
+                StreamError::Memory(MemoryError::Layout(LayoutError::NoRegions)).into(),
+                pf_status::PF_ERR_LAYOUT,
+            ),
+            (StreamError::WriterFailed.into(), pf_status::PF_ERR_INTERNAL),
+            (
+                MigrationError::Cancelled.into(),
+                pf_status::PF_ERR_CANCELLED,
+            ),
+            (
+                MigrationError::Failed.into(),
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn zero_options_mean_the_defaults() {
+        let d = PrecopyOptions::default();
+        let o = pf_migration_options {
+            struct_size: size_of::<pf_migration_options>(),
+            downtime_budget_ms: 0,
+            bandwidth_limit: 0,
+            max_rounds: 0,
+            flags: 0,
+        };
+        let got = precopy_options(&o).ok();
+        assert_eq!(got.map(|g| g.downtime_budget), Some(d.downtime_budget));
+        assert_eq!(got.map(|g| g.max_rounds), Some(d.max_rounds));
+        assert_eq!(
+            got.map(|g| (g.bandwidth_limit, g.verify)),
+            Some((None, true))
+        );
+        let o = pf_migration_options {
+            flags: PF_MIGRATION_NO_VERIFY,
+            bandwidth_limit: 5,
+            ..o
+        };
+        let got = precopy_options(&o).ok();
+        assert_eq!(
+            got.map(|g| (g.bandwidth_limit, g.verify)),
+            Some((Some(5), false))
+        );
+        let bad = pf_migration_options { flags: 2, ..o };
+        assert_eq!(
+            precopy_options(&bad).err().map(|e| e.status),
+            Some(pf_status::PF_ERR_INVALID_ARGUMENT)
+        );
+    }
+}
