@@ -102,4 +102,13 @@ fn demo_runs_and_verifies_every_vm() {
         "{text}"
     );
     assert!(text.contains("copy-on-write breaks so far: 1"), "{text}");
+    assert!(text.contains("migration: VM 0 (8 MiB)"), "{text}");
+    assert!(text.contains("  round 0: "), "{text}");
+    assert!(text.contains("on the wire ("), "{text}");
+    assert!(text.contains("zero-page-only stream"), "{text}");
+    assert!(text.contains("downtime "), "{text}");
+    assert!(
+        text.contains("migration verified: receiver equals VM 0 byte for byte (end-marker digest checked: true)"),
+        "{text}"
+    );
 }
