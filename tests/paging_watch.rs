@@ -135,3 +135,47 @@ fn cached_rights_follow_wp_and_keys() {
         pagefold::paging::FaultReason::ProtectionKey { key: 0 }
     );
 }
+
+#[test]
+fn walkers_that_decode_differently_never_share_cache_entries() {
+    use pagefold::paging::{EptConfig, FaultCode, SecondLevel};
+    // Guest tables as in `guest()`, now mapping 0x40_0000 to guest-physical
+    // 0x40_0000; an EPT (PML4 0x8000, PDPT 0x9000, PD 0xa000) of 2 MiB pages:
+    // the first, holding the guest tables, read/write/execute; the one at
+    // 4 MiB execute-only, which is fine where the CPU supports execute-only
+    // entries and a misconfiguration where it does not.
+    let mem = guest();
+    mem.write_obj(GuestPhysAddr(0x4000), 0x40_0003u64).unwrap();
+    mem.write_obj(GuestPhysAddr(0x8000), 0x9007u64).unwrap();
+    mem.write_obj(GuestPhysAddr(0x9000), 0xa007u64).unwrap();
+    mem.write_obj(GuestPhysAddr(0xa000), 0x7u64 | (6 << 3) | 0x80)
+        .unwrap();
+    mem.write_obj(GuestPhysAddr(0xa010), 0x40_0004u64 | (6 << 3) | 0x80)
+        .unwrap();
+    let with = |execute_only| {
+        let mut ept = EptConfig::four_level(0x8000, false);
+        ept.execute_only = execute_only;
+        Walker::new(X86Paging::long_mode(0x1000))
+            .and_then(|w| w.with_second_level(SecondLevel::Ept(ept)))
+            .unwrap()
+    };
+    let (xo, no_xo) = (with(true), with(false));
+    let mut cache = WalkCache::new();
+    let opts = WalkOptions::default();
+    let t = xo
+        .translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
+        .unwrap();
+    assert_eq!(t.pa, 0x40_0000);
+    assert_eq!(
+        xo.translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
+            .unwrap()
+            .memory_refs,
+        0,
+        "cached for the walker that filled it"
+    );
+    // Same CR3, same EPTP, one capability apart: no cached answer.
+    let f = no_xo
+        .translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
+        .unwrap_err();
+    assert_eq!(f.code, FaultCode::EptMisconfig, "{f}");
+}

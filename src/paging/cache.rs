@@ -5,9 +5,12 @@
 //! nested walk reads guest tables without walking the second level again).
 //!
 //! A cache belongs to one vCPU, as a TLB does: it is `&mut` on every use, so
-//! a hit is a few loads with no atomics. Entries are tagged with the
-//! walker's address-space tag ([`super::Walker::space`]: CR3, PCID, mode,
-//! second level), so one cache serves a guest that switches CR3. Like a
+//! a hit is a few loads with no atomics. Entries carry the number of the
+//! walker's exact address-space key (root and PCID from CR3, mode and
+//! format settings, second level root and settings), so one cache serves
+//! a guest that switches CR3, and two spaces can never share an entry;
+//! [`super::Walker::space`] is a hash of the key for naming a space to
+//! invalidate. Like a
 //! TLB, it is not coherent with the tables: after the guest (or the VMM)
 //! edits page tables, invalidate — per address ([`WalkCache::invalidate_page`],
 //! INVLPG), per address space ([`WalkCache::invalidate_space`],
@@ -204,6 +207,18 @@ pub struct WalkCache {
     /// asked for, with its number, answers the common case in a compare.
     check_configs: Vec<u128>,
     last_check: (u128, u16),
+    /// Address-space keys seen (`Walker`'s exact keys); an entry's `space`
+    /// is its key's number here plus one, so equal numbers mean equal keys.
+    spaces: Vec<[u64; 4]>,
+    last_space: ([u64; 4], u64),
+}
+
+/// The public tag of an address-space key ([`super::Walker::space`]): a hash,
+/// for naming spaces to invalidate; the cache itself compares exact keys.
+pub(crate) fn space_tag(key: &[u64; 4]) -> u64 {
+    key.iter().fold(0x5041_4745_u64, |h, &w| {
+        (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+    })
 }
 
 impl Default for WalkCache {
@@ -243,6 +258,8 @@ impl WalkCache {
             watch: None,
             check_configs: vec![0],
             last_check: (0, 0),
+            spaces: Vec::new(),
+            last_space: ([u64::MAX; 4], 0),
         }
     }
 
@@ -281,6 +298,45 @@ impl WalkCache {
         i
     }
 
+    /// The number of an exact address-space key (never 0). Stable until a
+    /// million distinct keys were seen; then every entry is dropped and
+    /// numbering starts again, so a number never names two keys.
+    #[inline(always)]
+    pub(crate) fn space_id(&mut self, key: &[u64; 4]) -> u64 {
+        if self.last_space.0 == *key {
+            return self.last_space.1;
+        }
+        self.space_id_slow(key)
+    }
+
+    #[inline(never)]
+    fn space_id_slow(&mut self, key: &[u64; 4]) -> u64 {
+        let i = match self.spaces.iter().position(|k| k == key) {
+            Some(i) => i,
+            None => {
+                if self.spaces.len() >= 1 << 20 {
+                    self.invalidate_all();
+                    self.spaces.clear();
+                }
+                self.spaces.push(*key);
+                self.spaces.len() - 1
+            }
+        };
+        let id = i as u64 + 1;
+        self.last_space = (*key, id);
+        id
+    }
+
+    /// The numbers of the keys whose public tag is `tag`.
+    fn ids_of(&self, tag: u64) -> Vec<u64> {
+        self.spaces
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| space_tag(k) == tag)
+            .map(|(i, _)| i as u64 + 1)
+            .collect()
+    }
+
     /// Hit and miss counts so far.
     pub fn stats(&self) -> CacheStats {
         self.stats
@@ -298,6 +354,12 @@ impl WalkCache {
     /// translations included, and that space's upper-level entries (as
     /// INVLPG drops paging-structure caches for the current PCID).
     pub fn invalidate_page(&mut self, space: u64, va: u64) {
+        for id in self.ids_of(space) {
+            self.invalidate_page_of(id, va);
+        }
+    }
+
+    fn invalidate_page_of(&mut self, space: u64, va: u64) {
         if self.splintered {
             // A large guest page over smaller second-level pages is cached
             // as pieces; INVLPG drops every piece of the guest's page.
@@ -330,14 +392,16 @@ impl WalkCache {
     /// PCID preservation, INVPCID single-context); global translations go
     /// too, which is conservative.
     pub fn invalidate_space(&mut self, space: u64) {
-        self.tlb
-            .iter_mut()
-            .filter(|e| e.space == space)
-            .for_each(|e| e.flags = 0);
-        self.upper
-            .iter_mut()
-            .filter(|s| s.space == space)
-            .for_each(|s| s.valid = false);
+        for id in self.ids_of(space) {
+            self.tlb
+                .iter_mut()
+                .filter(|e| e.space == id)
+                .for_each(|e| e.flags = 0);
+            self.upper
+                .iter_mut()
+                .filter(|s| s.space == id)
+                .for_each(|s| s.valid = false);
+        }
     }
 
     /// Drops every entry tagged with `pcid`, whatever its CR3, except global

@@ -154,10 +154,12 @@ enum Second {
 pub struct Walker {
     first: First,
     second: Option<Second>,
-    /// Tag of this address space in a [`WalkCache`].
-    space: u64,
-    /// Tag of the second level in a [`WalkCache`].
-    second_space: u64,
+    /// This address space, exactly: the first level's root and format
+    /// settings, then the second level's root and settings (zeros without
+    /// one). A [`WalkCache`] numbers the keys it sees.
+    space_key: [u64; 4],
+    /// The second level alone, for its cached translations.
+    second_key: [u64; 4],
     pcid: u16,
     /// The settings permission checks read but the space tag leaves out,
     /// exactly: CR0.WP, SMEP, SMAP, PKE, PKS (bits 0..5), PKRU (32..64),
@@ -179,10 +181,6 @@ pub enum WalkerError {
     },
 }
 
-fn mix(h: u64, v: u64) -> u64 {
-    (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
-}
-
 impl Walker {
     /// A walker for the guest's paging registers, with no second level.
     pub fn new(paging: impl Into<GuestPaging>) -> Result<Self, WalkerError> {
@@ -192,22 +190,23 @@ impl Walker {
             X86Mode::NoPaging => First::NoPaging,
             m => First::X86(X86Format::first_level(&regs, m)),
         };
-        let mut space = mix(0x5041_4745, mode as u64);
-        if let First::X86(f) = &first {
-            space = mix(space, f.root());
-        }
-        // Everything that changes what an entry means (not what is allowed:
-        // that is checked again on every cache hit) goes into the tag.
-        space = mix(
-            space,
-            regs.cr4 & (super::x86::CR4_PSE | super::x86::CR4_LA57),
-        );
-        space = mix(space, regs.efer & super::x86::EFER_NXE);
-        space = mix(
-            space,
-            u64::from(regs.maxphyaddr) | (u64::from(regs.gbpages) << 8),
-        );
-        space = mix(space, u64::from(regs.pcid()));
+        // Everything that changes what an entry means goes into the key,
+        // exactly (what is allowed is checked again on every cache hit).
+        let root = match &first {
+            First::X86(f) => f.root(),
+            First::NoPaging => 0,
+        };
+        let space_key = [
+            root,
+            mode as u64
+                | u64::from(regs.cr4 & super::x86::CR4_PSE != 0) << 3
+                | u64::from(regs.efer & super::x86::EFER_NXE != 0) << 4
+                | u64::from(regs.gbpages) << 5
+                | u64::from(regs.maxphyaddr) << 8
+                | u64::from(regs.pcid()) << 16,
+            0,
+            0,
+        ];
         let flag = |on: bool, bit: u32| u128::from(on) << bit;
         let check_config = flag(regs.cr0 & super::x86::CR0_WP != 0, 0)
             | flag(regs.cr4 & super::x86::CR4_SMEP != 0, 1)
@@ -219,8 +218,8 @@ impl Walker {
         Ok(Walker {
             first,
             second: None,
-            space,
-            second_space: 0,
+            space_key,
+            second_key: [0; 4],
             pcid: regs.pcid(),
             check_config,
         })
@@ -229,12 +228,15 @@ impl Walker {
     /// The same guest with a second level under it: every guest-physical
     /// address, page-table pointers included, is translated through it.
     pub fn with_second_level(mut self, second: SecondLevel) -> Result<Self, WalkerError> {
-        let (s, tag) = match second {
+        let (s, root, bits) = match second {
             SecondLevel::Ept(cfg) => (
                 Second::Ept(
                     EptFormat::new(&cfg).ok_or(WalkerError::EptWalkLength { eptp: cfg.eptp })?,
                 ),
-                mix(mix(1, cfg.eptp), u64::from(cfg.maxphyaddr)),
+                cfg.eptp,
+                1 | u64::from(cfg.execute_only) << 2
+                    | u64::from(cfg.mode_based_execute) << 3
+                    | u64::from(cfg.maxphyaddr) << 8,
             ),
             SecondLevel::Npt(cfg) => (
                 Second::Npt(X86Format::nested(
@@ -243,17 +245,16 @@ impl Walker {
                     cfg.nxe,
                     cfg.maxphyaddr,
                 )),
-                mix(
-                    mix(2, cfg.ncr3),
-                    u64::from(cfg.five_level)
-                        | u64::from(cfg.nxe) << 1
-                        | u64::from(cfg.maxphyaddr) << 2,
-                ),
+                cfg.ncr3,
+                2 | u64::from(cfg.five_level) << 2
+                    | u64::from(cfg.nxe) << 3
+                    | u64::from(cfg.maxphyaddr) << 8,
             ),
         };
         self.second = Some(s);
-        self.second_space = tag;
-        self.space = mix(self.space, tag);
+        self.space_key[2] = root;
+        self.space_key[3] = bits;
+        self.second_key = [0, 0, root, bits];
         Ok(self)
     }
 
@@ -273,7 +274,7 @@ impl Walker {
     /// This address space's tag in a [`WalkCache`] (CR3, PCID, mode and
     /// second level together): what [`WalkCache::invalidate_space`] takes.
     pub fn space(&self) -> u64 {
-        self.space
+        super::cache::space_tag(&self.space_key)
     }
 
     /// The PCID (0 without CR4.PCIDE).
@@ -314,7 +315,8 @@ impl Walker {
         }
         if let Some(c) = cache.as_deref_mut() {
             let checks = c.check_index(self.check_config);
-            let hit = c.lookup(self.space, va).and_then(|i| {
+            let space = c.space_id(&self.space_key);
+            let hit = c.lookup(space, va).and_then(|i| {
                 self.answer_from_cache(c.entry(i), checks, va, access, options.set_accessed_dirty)
             });
             if let Some(t) = hit {
@@ -404,7 +406,8 @@ impl Walker {
                     acc: fmt.acc_start(),
                 };
                 if let Some(c) = cache.as_deref_mut() {
-                    if let Some(s) = c.lookup_upper(self.space, va, fmt, set_ad) {
+                    let space = c.space_id(&self.space_key);
+                    if let Some(s) = c.lookup_upper(space, va, fmt, set_ad) {
                         start = s;
                     }
                 }
@@ -456,7 +459,8 @@ impl Walker {
                     Fail::Port(w) => w,
                 })?;
                 if let Some(c) = cache.as_deref_mut() {
-                    c.insert_upper(self.space, self.pcid, va, fmt, &walked, set_ad);
+                    let space = c.space_id(&self.space_key);
+                    c.insert_upper(space, self.pcid, va, fmt, &walked, set_ad);
                 }
                 (Some(walked), start.level)
             }
@@ -535,8 +539,9 @@ impl Walker {
             let bit = 1u32 << access.index();
             {
                 let check_tag = c.check_index(self.check_config);
+                let space = c.space_id(&self.space_key);
                 c.insert(TlbEntry {
-                    space: self.space,
+                    space,
                     tag: va >> shift,
                     gpa_base: gpa & !mask,
                     pa_base: t.pa & !mask,
@@ -726,7 +731,8 @@ impl Walker {
     ) -> Result<SecondOut, WalkFault> {
         let access = second_access(kind);
         if let Some(c) = cache.as_deref_mut() {
-            if let Some(n) = c.lookup_nested(self.second_space, gpa) {
+            let second_space = c.space_id(&self.second_key);
+            if let Some(n) = c.lookup_nested(second_space, gpa) {
                 let ok = match second {
                     Second::Ept(f) => f.check(n.acc, n.leaf, access, user_linear).is_ok(),
                     Second::Npt(f) => f.check(n.acc, n.leaf, access, user_linear).is_ok(),
@@ -777,7 +783,8 @@ impl Walker {
             dirty: set_ad && kind == AccessKind::Write,
         };
         if let Some(c) = cache {
-            c.insert_nested(self.second_space, gpa, out);
+            let second_space = c.space_id(&self.second_key);
+            c.insert_nested(second_space, gpa, out);
         }
         Ok(out)
     }
