@@ -316,12 +316,12 @@ impl Walker {
         if let Some(c) = cache.as_deref_mut() {
             let checks = c.check_index(self.check_config);
             let space = c.space_id(&self.space_key);
-            let hit = c.lookup(space, va).and_then(|i| {
-                self.answer_from_cache(c.entry(i), checks, va, access, options.set_accessed_dirty)
-            });
-            if let Some(t) = hit {
-                c.count_hit();
-                return Ok(t);
+            if let Some(i) = c.lookup(space, va) {
+                let set_ad = options.set_accessed_dirty;
+                if let Some(t) = self.answer_from_cache(c.entry(i), checks, va, access, set_ad) {
+                    c.count_hit();
+                    return Ok(t);
+                }
             }
             c.count_miss();
         }
