@@ -156,7 +156,9 @@ impl<W: Write> Write for Throttle<W> {
                     break;
                 }
                 if self.cancel.load(Ordering::Relaxed) {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                    // Not `Interrupted`: `write_all` retries that kind, and
+                    // would spin here until the tokens came back.
+                    return Err(io::Error::other("migration cancelled"));
                 }
                 let wait = ((want - self.tokens) / rate).min(0.05);
                 std::thread::sleep(Duration::from_secs_f64(wait));
