@@ -177,11 +177,12 @@ pub(crate) fn benches(c: &mut Criterion) {
         .map(|va| va + rng.gen_range(0..4096))
         .collect();
     let host = s.mem.host_address(GuestPhysAddr(0)).expect("mapped").0;
-    // SAFETY: (1) `host + pml4` is the page-aligned PML4 inside the guest
-    // memory's live mapping, which outlives `table`; (2) nothing else
-    // accesses guest memory while the crate holds this reference (the
-    // benchmark is single-threaded and pagefold only reads); (3) a 4 KiB
-    // page is a valid `PageTable` (any bits are valid entries).
+    // (1) `host + pml4` is the page-aligned PML4 inside the guest memory's
+    // live mapping, which outlives `table`; (2) nothing else accesses guest
+    // memory while the crate holds this reference (the benchmark is
+    // single-threaded and pagefold only reads); (3) a 4 KiB page is a valid
+    // `PageTable` (any bits are valid entries).
+    // SAFETY: (1)-(3) above.
     let table = unsafe { &mut *((host + s.pml4) as *mut PageTable) };
     let crate_pt = unsafe_offset_table(table, host);
 

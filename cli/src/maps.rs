@@ -114,10 +114,10 @@ impl Image {
             )
             .into());
         }
-        // SAFETY: the mapping is private to this process and only read. A
-        // process that writes the file meanwhile (a guest still running on
-        // it) changes what the walker reads, never the validity of the
-        // mapping itself; `pagefold maps` is meant for a stopped guest.
+        // A process writing the file meanwhile (a guest still running on it)
+        // changes what the walker reads, never the mapping's validity;
+        // `pagefold maps` is meant for a stopped guest.
+        // SAFETY: the mapping is private to this process and only read.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
         Ok(Image { map })

@@ -282,10 +282,11 @@ impl BorrowedFd {
                 "fd {fd} is not an open file descriptor"
             )));
         }
-        // SAFETY: `fd` is open (checked) and stays open while `self` lives
-        // (caller). `File` would own and close it on drop, but it is wrapped
-        // in `ManuallyDrop` and never dropped, so ownership stays with the
+        // `fd` is open (checked) and stays open while `self` lives (caller).
+        // `File` would own and close it on drop, but it is wrapped in
+        // `ManuallyDrop` and never dropped, so ownership stays with the
         // caller; the `File` only issues read(2)/write(2) on it.
+        // SAFETY: as just argued.
         Ok(BorrowedFd(ManuallyDrop::new(unsafe {
             File::from_raw_fd(fd)
         })))
@@ -440,10 +441,11 @@ pub unsafe extern "C" fn pf_migration_sender_start(
         // SAFETY: `fd` stays open until the sender, which holds this, is
         // finished or freed (contract).
         let fd = unsafe { BorrowedFd::new(fd) }?;
-        // SAFETY: the `Arc` in the handle keeps the memory alive at this
-        // address for as long as the handle, and the handle drops `sender`
-        // before `mem` (field order); no reference leaves the handle, so
-        // `'static` is never observed past the memory's life.
+        // The `Arc` in the handle keeps the memory alive at this address for
+        // as long as the handle, and the handle drops `sender` before `mem`
+        // (field order); no reference leaves the handle, so `'static` is
+        // never observed past the memory's life.
+        // SAFETY: as just argued.
         let borrowed: &'static GuestMemory = unsafe { &*Arc::as_ptr(&mem) };
         let mut s = Sender::start(borrowed, fd, opts)?;
         let cancel = s.cancel_handle();

@@ -66,12 +66,12 @@ impl ZeroedWords {
 
     #[inline(always)]
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY:
         // 1. `ptr` is a live allocation of at least `len` `AtomicU64`s,
         //    aligned for them (`Layout::array`), owned by `self`;
         // 2. all-zero bytes are a valid `AtomicU64`;
         // 3. only shared references are ever made, and atomics allow
         //    concurrent access through them.
+        // SAFETY: 1-3 above.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }

@@ -201,13 +201,13 @@ impl RawWriteTracker {
                     return_mask: PAGE_IS_WRITTEN,
                     ..PmScanArg::default()
                 };
-                // SAFETY:
                 // 1. `arg` is a valid, writable `pm_scan_arg` whose `size`
                 //    is its own size;
                 // 2. `vec` points to `vec_len` writable `page_region`s
                 //    (`buf`, locked by us for the call);
                 // 3. the range is this region's live mapping; the kernel
                 //    only reads and changes its page tables.
+                // SAFETY: 1-3 above.
                 let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
                 if n < 0 {
                     let source = io::Error::last_os_error();

@@ -303,10 +303,9 @@ impl GuestMemory {
         {
             return Some(zero_of::<T>());
         }
-        // SAFETY: (1) `find` put `addr` inside region `r`, whose mapping is
-        // live while `self` is borrowed; (2) regions are whole pages and
-        // `addr` is aligned to `T::SIZE`, so the integer lies inside it and
-        // is aligned.
+        // SAFETY: `find` put `addr` in region `r` (mapping live while `self`
+        // is borrowed); regions are whole pages and `addr` is aligned to
+        // `T::SIZE`, so the integer lies inside, aligned.
         Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
     }
 
