@@ -31,6 +31,7 @@ compile_error!("pagefold needs a 64-bit host");
 compile_error!("pagefold needs Linux (memfd, fallocate, userfaultfd)");
 
 pub mod addr;
+pub mod balloon;
 pub mod dedup;
 pub mod dirty;
 pub mod frames;
@@ -43,6 +44,7 @@ pub mod userfault;
 pub use addr::{
     FrameNumber, GuestFrame, GuestPhysAddr, GuestVirtAddr, HostVirtAddr, PageSize, PAGE_SIZE,
 };
+pub use balloon::{Balloon, BalloonError, BalloonOptions, BalloonStats, BatchReport, EntryError};
 pub use dedup::{
     DedupError, DedupHost, DedupOptions, DedupStats, DomainId, KernelView, ScanBudget, ScanReport,
     VmId, VmOptions, VmStats,

@@ -60,6 +60,9 @@ pub struct GuestRegion {
     /// The dirty log: on/off flag and the lazily allocated bitmap
     /// (`crate::dirty`).
     dirty: crate::dirty::RegionLog,
+    /// Ballooned pages a library write took back (each counts as deflated;
+    /// see `crate::balloon`).
+    balloon_writes: std::sync::atomic::AtomicU64,
     store: Arc<FrameStore>,
 }
 
@@ -96,6 +99,7 @@ impl GuestRegion {
             state_checks: AtomicBool::new(false),
             protection: std::sync::Mutex::new(()),
             dirty: crate::dirty::RegionLog::new(page_count),
+            balloon_writes: std::sync::atomic::AtomicU64::new(0),
             store: Arc::clone(store),
         })
     }
@@ -264,7 +268,14 @@ impl GuestRegion {
                         .states
                         .compare_exchange(page, s, s.with_kind(PageKind::Private))
                     {
-                        Ok(_) => return Ok(()),
+                        Ok(_) => {
+                            if s.kind() == PageKind::Ballooned {
+                                // The guest took a ballooned page back by
+                                // writing it: it counts as deflated.
+                                self.balloon_writes.fetch_add(1, Ordering::Relaxed);
+                            }
+                            return Ok(());
+                        }
                         Err(now) => s = now,
                     }
                 }
@@ -391,6 +402,12 @@ impl GuestRegion {
     /// calls it before it first changes a page's state word.
     pub(crate) fn enable_state_checks(&self) {
         self.state_checks.store(true, Ordering::SeqCst);
+    }
+
+    /// Ballooned pages a library write has taken back since the region was
+    /// made (see `crate::balloon`).
+    pub(crate) fn balloon_writes(&self) -> u64 {
+        self.balloon_writes.load(Ordering::Relaxed)
     }
 
     /// The region's dirty log (see `crate::dirty`).
