@@ -4,27 +4,120 @@
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
-    addr::GuestPhysAddr,
-    memory::{AccessError, GuestMemory},
+    addr::{GuestPhysAddr, PAGE_SIZE},
+    memory::{AccessError, GuestMemory, GuestRegion},
 };
+
+/// Bytes hashed per step.
+const CHUNK: usize = 64 << 10;
 
 /// 128-bit xxh3, keyed by `seed`, over each region's start, size and bytes
 /// in address order.
+///
+/// Pages that are holes in the frame store (never written, or released)
+/// and whose state says the page maps its own frame are hashed as the
+/// zeros they read as, without reading them: reading a hole through the
+/// shared mapping would make the kernel allocate it, and a receiver (or a
+/// sender at `finish`) would end up holding memory for every page of the
+/// guest.
 pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> {
     let mut h = Xxh3::with_seed(seed);
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; CHUNK];
+    let zeros = [0u8; CHUNK];
     for r in mem.regions() {
         h.update(&r.start().0.to_le_bytes());
         h.update(&r.size().to_le_bytes());
+        // Data extents of the region's own frames; on error, read all.
+        let data = mem
+            .frame_store()
+            .data_in(r.frames())
+            .unwrap_or_else(|_| vec![r.frames()]);
+        let mut next_data = 0;
         let mut off = 0u64;
         while off < r.size() {
-            let n = (r.size() - off).min(buf.len() as u64);
-            #[allow(clippy::cast_possible_truncation)] // <= buf.len()
-            let part = &mut buf[..n as usize];
-            mem.read(GuestPhysAddr(r.start().0 + off), part)?;
-            h.update(part);
+            let n = (r.size() - off).min(CHUNK as u64);
+            #[allow(clippy::cast_possible_truncation)] // <= CHUNK
+            let len = n as usize;
+            let first = r.frames().start.0 + (off >> 12);
+            let pages = n.div_ceil(PAGE_SIZE as u64);
+            while next_data < data.len() && data[next_data].start.0 + data[next_data].count <= first
+            {
+                next_data += 1;
+            }
+            let touches_data = data
+                .get(next_data)
+                .is_some_and(|d| d.start.0 < first + pages);
+            if !touches_data && own_frames(r, off >> 12, pages) {
+                h.update(&zeros[..len]);
+            } else {
+                // Page by page: read what holds data (or maps another
+                // frame), zero-fill the holes.
+                let part = &mut buf[..len];
+                for (k, page) in part.chunks_mut(PAGE_SIZE).enumerate() {
+                    let frame = first + k as u64;
+                    let in_data = data[next_data..]
+                        .iter()
+                        .take_while(|d| d.start.0 <= frame)
+                        .any(|d| frame < d.start.0 + d.count);
+                    if in_data || !own_frames(r, (off >> 12) + k as u64, 1) {
+                        mem.read(
+                            GuestPhysAddr(r.start().0 + off + (k * PAGE_SIZE) as u64),
+                            page,
+                        )?;
+                    } else {
+                        page.fill(0);
+                    }
+                }
+                h.update(part);
+            }
             off += n;
         }
     }
     Ok(h.digest128())
+}
+
+/// Whether pages `[first, first + count)` of `r` each map their own frame
+/// (so a hole in the frame means the page reads zeros).
+fn own_frames(r: &GuestRegion, first: u64, count: u64) -> bool {
+    if !r.needs_state_checks() {
+        return true;
+    }
+    let states = r.page_states();
+    (first..first + count)
+        .all(|p| usize::try_from(p).is_ok_and(|p| states.load(p).is_plain_writable()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest is the same whether holes are read or skipped, and
+    /// computing it allocates nothing.
+    #[test]
+    fn holes_hash_as_zeros_without_allocating() {
+        let mem = GuestMemory::new(&[
+            (GuestPhysAddr(0), 8 << 20),
+            (GuestPhysAddr(16 << 20), 4 << 20),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        mem.write(GuestPhysAddr(0x3000), b"data")
+            .unwrap_or_else(|e| panic!("{e}"));
+        mem.write(GuestPhysAddr((16 << 20) + 0x12_3456), &[7; 9000])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let before = mem.frame_store().allocated_bytes().unwrap_or(0);
+        let fast = memory_digest(&mem, 5).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mem.frame_store().allocated_bytes().unwrap_or(0), before);
+
+        // The reference: read every byte.
+        let mut h = Xxh3::with_seed(5);
+        for r in mem.regions() {
+            h.update(&r.start().0.to_le_bytes());
+            h.update(&r.size().to_le_bytes());
+            let mut all = vec![0u8; usize::try_from(r.size()).unwrap_or(0)];
+            mem.read(r.start(), &mut all)
+                .unwrap_or_else(|e| panic!("{e}"));
+            h.update(&all);
+        }
+        assert_eq!(fast, h.digest128());
+    }
 }

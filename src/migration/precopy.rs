@@ -590,8 +590,7 @@ pub fn receive_migration_folded<R: Read>(
     let mut last = Instant::now();
     // Pages whose last record carried them whole (FULL, DELTA): not
     // offered. References and their sources are; so are pages no record
-    // wrote, which the end marker's digest read (a read of a memfd hole
-    // allocates it) and which now fold back to nothing as zero pages.
+    // wrote (holes: the scan finds them zero and leaves them released).
     let mut whole: HashSet<u64> = HashSet::new();
     let mut sources: Vec<GuestPhysAddr> = Vec::new();
     let page = PAGE_SIZE as u64;
