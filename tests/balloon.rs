@@ -3,6 +3,8 @@
 //! hugetlb accumulation (skipped with a reason when no huge pages are
 //! reserved), dedup and migration leave ballooned pages alone.
 
+#![allow(clippy::cast_possible_truncation)]
+
 use std::sync::{
     atomic::{AtomicU64, Ordering},
     Arc,

@@ -17,7 +17,7 @@
 //!   store's memfd, which is what lets dedup share frames), so there is no
 //!   `MADV_DONTNEED` path.
 //! * **State.** An inflated page's state word says
-//!   [`PageKind::Ballooned`](crate::PageKind::Ballooned): dedup skips it
+//!   [`PageKind::Ballooned`]: dedup skips it
 //!   (the scanner only merges private pages), pre-copy migration sends it as
 //!   nothing, it reads as zeros. A page that was already released as zero
 //!   becomes ballooned without a second release. A library write to a
