@@ -404,3 +404,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn migration_sends_ballooned_pages_as_nothing() {
+    use pagefold::migration::{receive_migration, PrecopyOptions, ReaderLimits, Sender};
+    let m = mem(&[(0, 4 << 20)]);
+    m.fill(GuestPhysAddr(0x5000), 9, PAGE as usize)
+        .expect("fill");
+    m.fill(GuestPhysAddr(0x9000), 7, PAGE as usize)
+        .expect("fill");
+    let b = Balloon::new(Arc::clone(&m));
+    assert_eq!(b.inflate_pfns(&[9]).applied, 1);
+    let s = Sender::start(&m, Vec::new(), PrecopyOptions::default()).expect("start");
+    let (wire, summary) = s.finish().expect("finish");
+    assert_eq!(summary.stream.full_pages, 1);
+    assert!(wire.len() < 4096 + 200, "{}", wire.len());
+    let got = receive_migration(&wire[..], ReaderLimits::default()).expect("receive");
+    assert_eq!(
+        got.mem.read_obj::<u8>(GuestPhysAddr(0x9000)).expect("read"),
+        0
+    );
+    assert_eq!(
+        got.mem.read_obj::<u8>(GuestPhysAddr(0x5000)).expect("read"),
+        9
+    );
+}
