@@ -35,13 +35,140 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 5
+#define PF_ABI_VERSION_MINOR 6
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
  * `pf_abi_version()` for the header this constant comes from.
  */
 #define PF_ABI_VERSION ((PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR)
+
+/**
+ * Entry error code: the PFN lies beyond the end of guest memory.
+ */
+#define PF_BALLOON_E_OUT_OF_RANGE 1
+
+/**
+ * Entry error code: the PFN lies in a hole between regions.
+ */
+#define PF_BALLOON_E_HOLE 2
+
+/**
+ * Entry error code: the PFN appeared earlier in the same batch.
+ */
+#define PF_BALLOON_E_REPEATED 3
+
+/**
+ * Entry error code: the entry lies beyond the batch limit (`max_batch`).
+ */
+#define PF_BALLOON_E_OVER_LIMIT 4
+
+/**
+ * Entry error code: inflate of a page already in the balloon.
+ */
+#define PF_BALLOON_E_ALREADY_BALLOONED 5
+
+/**
+ * Entry error code: deflate of a page not in the balloon.
+ */
+#define PF_BALLOON_E_NOT_BALLOONED 6
+
+/**
+ * Entry error code: the page is merged by dedup (shared or remapped);
+ * unmerge it first.
+ */
+#define PF_BALLOON_E_SHARED 7
+
+/**
+ * Entry error code: another layer holds the page right now.
+ */
+#define PF_BALLOON_E_BUSY 8
+
+/**
+ * Entry error code: a le32 payload ends in a partial entry (its index is
+ * the number of whole entries).
+ */
+#define PF_BALLOON_E_TRUNCATED 9
+
+/**
+ * Entry error code: a range is misaligned.
+ */
+#define PF_BALLOON_E_MISALIGNED 10
+
+/**
+ * Entry error code: a free page report's order is too large.
+ */
+#define PF_BALLOON_E_ORDER 11
+
+/**
+ * Entry error code: the access layer refused the page.
+ */
+#define PF_BALLOON_E_ACCESS 12
+
+/**
+ * Entry error code: the host refused to release the memory.
+ */
+#define PF_BALLOON_E_RELEASE 13
+
+/**
+ * Number of standard stats tags (virtio tags 0..=10).
+ */
+#define PF_BALLOON_STAT_TAGS 11
+
+/**
+ * Stats tag 0: bytes swapped in.
+ */
+#define PF_BALLOON_STAT_SWAP_IN 0
+
+/**
+ * Stats tag 1: bytes swapped out.
+ */
+#define PF_BALLOON_STAT_SWAP_OUT 1
+
+/**
+ * Stats tag 2: major page faults.
+ */
+#define PF_BALLOON_STAT_MAJOR_FAULTS 2
+
+/**
+ * Stats tag 3: minor page faults.
+ */
+#define PF_BALLOON_STAT_MINOR_FAULTS 3
+
+/**
+ * Stats tag 4: free memory in bytes.
+ */
+#define PF_BALLOON_STAT_FREE_MEMORY 4
+
+/**
+ * Stats tag 5: total memory in bytes.
+ */
+#define PF_BALLOON_STAT_TOTAL_MEMORY 5
+
+/**
+ * Stats tag 6: available memory in bytes.
+ */
+#define PF_BALLOON_STAT_AVAILABLE_MEMORY 6
+
+/**
+ * Stats tag 7: disk caches in bytes.
+ */
+#define PF_BALLOON_STAT_DISK_CACHES 7
+
+/**
+ * Stats tag 8: successful hugetlb page allocations.
+ */
+#define PF_BALLOON_STAT_HUGETLB_ALLOCATIONS 8
+
+/**
+ * Stats tag 9: failed hugetlb page allocations.
+ */
+#define PF_BALLOON_STAT_HUGETLB_FAILURES 9
+
+/**
+ * Stats tag 10: OOM kills.
+ */
+#define PF_BALLOON_STAT_OOM_KILLS 10
 
 /**
  * `pf_dedup_options.map_headroom` when it is 0: kernel mappings (VMAs) left
@@ -451,6 +578,14 @@ typedef enum pf_status {
 } pf_status;
 
 /**
+ * The balloon of one guest memory: made by `pf_balloon_new`, released by
+ * `pf_balloon_free`. Thread-safe: every call but `pf_balloon_free` may run
+ * on one handle from several threads at once (the operations are
+ * serialized inside). It keeps its guest memory alive.
+ */
+typedef struct pf_balloon pf_balloon;
+
+/**
  * The deduplication engine for the guest memories of one frame store:
  * folds identical pages of the registered VMs into one copy-on-write frame
  * and gives the memory of the duplicates, and of zero pages, back to the
@@ -520,6 +655,128 @@ typedef struct pf_walk_cache pf_walk_cache;
  * `pf_walker_free`. Immutable and thread-safe.
  */
 typedef struct pf_walker pf_walker;
+
+/**
+ * One entry of a batch that was not applied.
+ */
+typedef struct pf_balloon_entry_error {
+    /**
+     * Index of the entry in the batch (for a range: the page's index in
+     * the range).
+     */
+    size_t index;
+    /**
+     * Why: a `PF_BALLOON_E_*` code.
+     */
+    int32_t code;
+} pf_balloon_entry_error;
+
+/**
+ * What one inflate or deflate call did. Size-prefixed: set `struct_size`
+ * to `sizeof(pf_balloon_report)`, and `errors` / `errors_capacity` to an
+ * array for the entry errors (NULL and 0 to only count them); the call
+ * fills in the rest and sets `struct_size` to the bytes it filled in.
+ */
+typedef struct pf_balloon_report {
+    /**
+     * In: `sizeof(pf_balloon_report)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * In: NULL, or room for `errors_capacity` entry errors. The first
+     * `min(error_count, errors_capacity)` are stored, in batch order.
+     */
+    struct pf_balloon_entry_error *errors;
+    /**
+     * In: the number of entries `errors` has room for.
+     */
+    size_t errors_capacity;
+    /**
+     * Out: entries applied.
+     */
+    uint64_t applied;
+    /**
+     * Out: 4 KiB pages whose memory went back to the host in this call (a
+     * page already released counts nothing; on hugetlb, pages count when
+     * their whole huge page is released).
+     */
+    uint64_t released_pages;
+    /**
+     * Out: entries not applied (all of them, even beyond
+     * `errors_capacity`).
+     */
+    size_t error_count;
+} pf_balloon_report;
+
+/**
+ * The balloon's counters, in 4 KiB pages. Size-prefixed: set
+ * `struct_size` first.
+ */
+typedef struct pf_balloon_counts {
+    /**
+     * In: `sizeof(pf_balloon_counts)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * The target set last (`pf_balloon_set_target`; the device's
+     * `num_pages`).
+     */
+    uint64_t target;
+    /**
+     * Pages in the balloon now (the device's `actual`).
+     */
+    uint64_t actual;
+    /**
+     * Pages deflated so far: by deflate requests and by library writes to
+     * ballooned pages.
+     */
+    uint64_t deflated;
+    /**
+     * Pages the guest deflated below the target (deflate on OOM).
+     */
+    uint64_t oom_deflated;
+    /**
+     * Pages released through free page reporting.
+     */
+    uint64_t reported;
+} pf_balloon_counts;
+
+/**
+ * The guest's memory statistics recorded last. Size-prefixed: set
+ * `struct_size` first.
+ */
+typedef struct pf_balloon_stats {
+    /**
+     * In: `sizeof(pf_balloon_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Value per standard tag, indexed by `PF_BALLOON_STAT_*`; 0 where the
+     * guest did not send the tag.
+     */
+    uint64_t values[PF_BALLOON_STAT_TAGS];
+    /**
+     * Bit `t` is set when the guest sent tag `t` (`1u << PF_BALLOON_STAT_*`).
+     */
+    uint32_t set;
+    /**
+     * Entries with a tag this library does not know (ignored).
+     */
+    uint32_t unknown_tags;
+} pf_balloon_stats;
+
+/**
+ * Called with the number of pages each time a deflate takes the
+ * balloon's `actual` below its target (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`),
+ * with the `user` pointer given to `pf_balloon_set_oom_hook`. It runs on
+ * the thread that made the deflate call, while the balloon is locked: it must not call into the same
+ * balloon, and must not unwind (no C++ exception, no longjmp out of it).
+ */
+typedef void (*pf_balloon_oom_fn)(uint64_t pages,
+                                  void *user);
 
 /**
  * How `pf_dedup_new` builds a dedup host. Size-prefixed: set `struct_size`
@@ -1444,6 +1701,254 @@ uint32_t pf_abi_version(void);
 enum pf_status pf_last_error_message(char *buf,
                                      size_t len,
                                      size_t *needed);
+
+/**
+ * Creates the balloon of `mem` and stores the handle in `*out_balloon`.
+ * `max_batch` is the most PFNs one inflate or deflate call may carry
+ * (entries past it get `PF_BALLOON_E_OVER_LIMIT`); 0 means virtio's 256.
+ * The balloon keeps the memory alive. Make one balloon per guest memory.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `out_balloon` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_balloon_new(const struct pf_guest_memory *mem,
+                              size_t max_batch,
+                              struct pf_balloon **out_balloon);
+
+/**
+ * Releases the balloon and its hold on the memory. Ballooned pages stay
+ * ballooned (they read as zeros; a write takes them back). NULL is allowed
+ * and does nothing.
+ *
+ * # Safety
+ *
+ * `b` is NULL or a `pf_balloon` handle that has not been freed, and no
+ * other call uses it during or after this one.
+ */
+void pf_balloon_free(struct pf_balloon *b);
+
+/**
+ * Inflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
+ * virtio inflate request): their memory goes back to the host. Bad entries
+ * (out of range, in a hole, repeated, past `max_batch`, already
+ * ballooned, dedup-shared, busy) are reported in `*out_report` and the
+ * rest is applied; the call still returns `PF_OK`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `pfns` while `n > 0`,
+ * `out_report->errors` while its capacity is not 0),
+ * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (absurd `n` or
+ * capacity). Nothing is applied when the call fails.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `pfns` is NULL or valid for reads of `n` `uint64_t`s.
+ * - `out_report` is NULL or points to a `pf_balloon_report` whose
+ *   `struct_size` bytes are readable and writable, and whose `errors` is
+ *   NULL or valid for writes of `errors_capacity` entries.
+ */
+enum pf_status pf_balloon_inflate_pfns(const struct pf_balloon *b,
+                                       const uint64_t *pfns,
+                                       size_t n,
+                                       struct pf_balloon_report *out_report);
+
+/**
+ * Deflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
+ * virtio deflate request): they are the guest's again and take memory on
+ * their next write. A valid page is never refused (deflate on OOM needs no
+ * consent); a deflate below the target counts in `oom_deflated` and calls
+ * the OOM hook. Bad entries are reported as for `pf_balloon_inflate_pfns`.
+ *
+ * Errors: as `pf_balloon_inflate_pfns`.
+ *
+ * # Safety
+ *
+ * As `pf_balloon_inflate_pfns`.
+ */
+enum pf_status pf_balloon_deflate_pfns(const struct pf_balloon *b,
+                                       const uint64_t *pfns,
+                                       size_t n,
+                                       struct pf_balloon_report *out_report);
+
+/**
+ * Inflates from the raw payload of the virtio inflate queue: `len` bytes
+ * of little-endian 32-bit PFNs. A trailing partial entry is reported as a
+ * `PF_BALLOON_E_TRUNCATED` entry error; the whole entries are applied.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `bytes` while
+ * `len > 0`, `out_report->errors` while its capacity is not 0),
+ * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (absurd `len` or
+ * capacity).
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `bytes` is NULL or valid for reads of `len` bytes.
+ * - `out_report` as for `pf_balloon_inflate_pfns`.
+ */
+enum pf_status pf_balloon_inflate_le32(const struct pf_balloon *b,
+                                       const void *bytes,
+                                       size_t len,
+                                       struct pf_balloon_report *out_report);
+
+/**
+ * Deflates from the raw payload of the virtio deflate queue; see
+ * `pf_balloon_inflate_le32` and `pf_balloon_deflate_pfns`.
+ *
+ * Errors: as `pf_balloon_inflate_le32`.
+ *
+ * # Safety
+ *
+ * As `pf_balloon_inflate_le32`.
+ */
+enum pf_status pf_balloon_deflate_le32(const struct pf_balloon *b,
+                                       const void *bytes,
+                                       size_t len,
+                                       struct pf_balloon_report *out_report);
+
+/**
+ * Inflates every 4 KiB page of `[gpa, gpa + len)`, which must be 4 KiB
+ * aligned and wholly inside guest memory (it may span adjacent regions).
+ * Pages already in the balloon are skipped silently; other per-page
+ * errors (shared, busy) carry the page's index in the range. The range is
+ * not bounded by `max_batch`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_INVALID_ARGUMENT` (absurd capacity), `PF_ERR_MISALIGNED`,
+ * `PF_ERR_UNMAPPED` (a page of the range is not guest memory); then
+ * nothing is applied and `*out_report` is left alone.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `out_report` as for `pf_balloon_inflate_pfns`.
+ */
+enum pf_status pf_balloon_inflate_range(const struct pf_balloon *b,
+                                        uint64_t gpa,
+                                        uint64_t len,
+                                        struct pf_balloon_report *out_report);
+
+/**
+ * Deflates every 4 KiB page of `[gpa, gpa + len)`; pages not in the
+ * balloon are skipped silently. See `pf_balloon_inflate_range` and
+ * `pf_balloon_deflate_pfns`.
+ *
+ * Errors: as `pf_balloon_inflate_range`.
+ *
+ * # Safety
+ *
+ * As `pf_balloon_inflate_range`.
+ */
+enum pf_status pf_balloon_deflate_range(const struct pf_balloon *b,
+                                        uint64_t gpa,
+                                        uint64_t len,
+                                        struct pf_balloon_report *out_report);
+
+/**
+ * Free page reporting: the guest reports `2^order` free 4 KiB pages at
+ * `gpa` (aligned to that size or to the store's page size). Their memory is
+ * released; they stay the guest's (zero pages, not counted in `actual`).
+ * On a hugetlb store a report smaller than a huge page releases nothing.
+ * Stores the pages released in `*out_released_pages` (NULL allowed).
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`b`), `PF_ERR_INVALID_ARGUMENT` (`order`
+ * above 40), `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `out_released_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_balloon_report_free(const struct pf_balloon *b,
+                                      uint64_t gpa,
+                                      uint32_t order,
+                                      uint64_t *out_released_pages);
+
+/**
+ * Sets the number of 4 KiB pages the host wants in the balloon (the
+ * device's `num_pages`). Deflates that take `actual` below it count as OOM
+ * deflates.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * `b` is NULL or a live `pf_balloon` handle.
+ */
+enum pf_status pf_balloon_set_target(const struct pf_balloon *b,
+                                     uint64_t pages);
+
+/**
+ * Stores the balloon's counters in `*out_counts`. Set
+ * `out_counts->struct_size` first. A snapshot: other threads may change
+ * them while they are read.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `out_counts` is NULL or points to a `pf_balloon_counts` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_balloon_counts(const struct pf_balloon *b,
+                                 struct pf_balloon_counts *out_counts);
+
+/**
+ * Records the stats queue's buffer: `len` bytes of packed
+ * `(le16 tag, le64 value)` entries (10 bytes each). Unknown tags are
+ * counted and ignored; a later entry with the same tag wins. Read them
+ * back with `pf_balloon_stats`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`b`, `bytes` while `len > 0`),
+ * `PF_ERR_INVALID_ARGUMENT` (`len` not a multiple of 10, or absurd); then
+ * the stats recorded before stay.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `bytes` is NULL or valid for reads of `len` bytes.
+ */
+enum pf_status pf_balloon_update_stats(const struct pf_balloon *b,
+                                       const void *bytes,
+                                       size_t len);
+
+/**
+ * Stores the stats recorded last in `*out_stats` (all unset before the
+ * first `pf_balloon_update_stats`). Set `out_stats->struct_size` first.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `out_stats` is NULL or points to a `pf_balloon_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_balloon_stats(const struct pf_balloon *b,
+                                struct pf_balloon_stats *out_stats);
+
+/**
+ * Sets the OOM hook: `hook(pages, user)` is called each time a deflate
+ * takes `actual` below the target (see `pf_balloon_oom_fn`). A NULL `hook`
+ * removes it. `user` must stay valid, and usable from any thread that
+ * deflates, until the hook is replaced or the balloon freed.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`b`).
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `hook` is NULL or callable as `pf_balloon_oom_fn` says, from any
+ *   thread, with `user`, for as long as it is set.
+ */
+enum pf_status pf_balloon_set_oom_hook(const struct pf_balloon *b,
+                                       pf_balloon_oom_fn hook,
+                                       void *user);
 
 /**
  * Creates a dedup host for the guest memories of `store`, built as

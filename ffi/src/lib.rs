@@ -28,6 +28,7 @@
 #[macro_use]
 mod boundary;
 mod args;
+mod balloon;
 mod dedup;
 mod dirty;
 mod memory;
@@ -36,6 +37,7 @@ mod paging;
 mod status;
 mod store;
 
+pub use balloon::*;
 pub use boundary::pf_last_error_message;
 pub use dedup::*;
 pub use dirty::*;
@@ -50,7 +52,7 @@ pub use store::*;
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 5;
+pub const PF_ABI_VERSION_MINOR: u32 = 6;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -182,7 +182,7 @@ impl Error {
     }
 }
 
-fn frame_status(e: &FrameError) -> pf_status {
+pub(crate) fn frame_status(e: &FrameError) -> pf_status {
     match e {
         FrameError::Os { .. } => pf_status::PF_ERR_OS,
         FrameError::TooLarge { .. } => pf_status::PF_ERR_OVERFLOW,
