@@ -1895,14 +1895,14 @@ enum pf_status pf_balloon_set_target(const struct pf_balloon *b,
  * - `out_counts` is NULL or points to a `pf_balloon_counts` whose
  *   `struct_size` bytes are readable and writable.
  */
-enum pf_status pf_balloon_counts(const struct pf_balloon *b,
-                                 struct pf_balloon_counts *out_counts);
+enum pf_status pf_balloon_get_counts(const struct pf_balloon *b,
+                                     struct pf_balloon_counts *out_counts);
 
 /**
  * Records the stats queue's buffer: `len` bytes of packed
  * `(le16 tag, le64 value)` entries (10 bytes each). Unknown tags are
  * counted and ignored; a later entry with the same tag wins. Read them
- * back with `pf_balloon_stats`.
+ * back with `pf_balloon_get_stats`.
  *
  * Errors: `PF_ERR_NULL_POINTER` (`b`, `bytes` while `len > 0`),
  * `PF_ERR_INVALID_ARGUMENT` (`len` not a multiple of 10, or absurd); then
@@ -1929,8 +1929,8 @@ enum pf_status pf_balloon_update_stats(const struct pf_balloon *b,
  * - `out_stats` is NULL or points to a `pf_balloon_stats` whose
  *   `struct_size` bytes are readable and writable.
  */
-enum pf_status pf_balloon_stats(const struct pf_balloon *b,
-                                struct pf_balloon_stats *out_stats);
+enum pf_status pf_balloon_get_stats(const struct pf_balloon *b,
+                                    struct pf_balloon_stats *out_stats);
 
 /**
  * Sets the OOM hook: `hook(pages, user)` is called each time a deflate

@@ -608,7 +608,7 @@ pub unsafe extern "C" fn pf_balloon_set_target(b: *const pf_balloon, pages: u64)
 /// - `out_counts` is NULL or points to a `pf_balloon_counts` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
-pub unsafe extern "C" fn pf_balloon_counts(
+pub unsafe extern "C" fn pf_balloon_get_counts(
     b: *const pf_balloon,
     out_counts: *mut pf_balloon_counts,
 ) -> pf_status {
@@ -633,7 +633,7 @@ pub unsafe extern "C" fn pf_balloon_counts(
 /// Records the stats queue's buffer: `len` bytes of packed
 /// `(le16 tag, le64 value)` entries (10 bytes each). Unknown tags are
 /// counted and ignored; a later entry with the same tag wins. Read them
-/// back with `pf_balloon_stats`.
+/// back with `pf_balloon_get_stats`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`, `bytes` while `len > 0`),
 /// `PF_ERR_INVALID_ARGUMENT` (`len` not a multiple of 10, or absurd); then
@@ -698,7 +698,7 @@ fn stats_out(s: &BalloonStats) -> pf_balloon_stats {
 /// - `out_stats` is NULL or points to a `pf_balloon_stats` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
-pub unsafe extern "C" fn pf_balloon_stats(
+pub unsafe extern "C" fn pf_balloon_get_stats(
     b: *const pf_balloon,
     out_stats: *mut pf_balloon_stats,
 ) -> pf_status {
