@@ -4,7 +4,8 @@
 //! image common to all VMs, zero pages, data of its own), read back and
 //! verified, then folded by the dedup host (incremental scan with live
 //! statistics, then a one-shot merge), written through copy-on-write, and
-//! unmerged. Memory figures come from the kernel (the memfd's allocated
+//! unmerged; part of one VM is ballooned (through the virtio queue's le32
+//! payload and as a range) and partly deflated again. Memory figures come from the kernel (the memfd's allocated
 //! blocks, RSS/PSS), not only from our counters. Last, VM 0 is live-migrated
 //! in-process (pre-copy over an in-memory pipe with a bandwidth cap, a writer
 //! thread dirtying it meanwhile) and the receiver is verified byte for byte.
@@ -21,7 +22,7 @@ use std::{
 
 use pagefold::{
     migration::{receive_migration, PrecopyOptions, ReaderLimits, Sender},
-    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
+    Balloon, DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -171,7 +172,93 @@ pub(crate) fn run(vms: u32, mib: u64) -> Result<(), Box<dyn Error>> {
         "unmerge_all: {n} pages back in their own frames; store holds {} MiB",
         store.allocated_bytes()? / MIB
     );
+    balloon(&store, &guests)?;
     migrate(&guests[0])
+}
+
+/// Balloons part of the last VM: 1 MiB through the virtio inflate queue's
+/// le32 payload, 1 MiB as a range; the kernel's allocated bytes drop. Then
+/// the guest deflates the range back and reuses it; the ballooned pages read
+/// as zeros and every other page keeps its bytes.
+fn balloon(store: &FrameStore, guests: &[Arc<GuestMemory>]) -> Result<(), Box<dyn Error>> {
+    const QUEUE_PAGES: u64 = 256; // one virtio request
+    const RANGE_PAGES: u64 = 256;
+    let vm = guests.len() - 1;
+    let mem = &guests[vm];
+    let balloon = Balloon::new(Arc::clone(mem));
+    balloon.set_target(QUEUE_PAGES + RANGE_PAGES);
+    let before = store.allocated_bytes()?;
+    // Low RAM starts at guest-physical 0: PFN = page index. Pages
+    // [0, 256) by the queue, [256, 512) by range (low RAM is >= 2 MiB).
+    let payload: Vec<u8> = (0..QUEUE_PAGES)
+        .flat_map(|pfn| (pfn as u32).to_le_bytes())
+        .collect();
+    let q = balloon.inflate_pfns_le32(&payload);
+    let r = balloon.inflate_range(
+        QUEUE_PAGES * PAGE_SIZE as u64,
+        RANGE_PAGES * PAGE_SIZE as u64,
+    )?;
+    if !q.errors.is_empty() || !r.errors.is_empty() {
+        return Err(format!("balloon: entry errors {:?} {:?}", q.errors, r.errors).into());
+    }
+    let inflated = store.allocated_bytes()?;
+    println!(
+        "balloon: VM {vm} inflates {} pages (le32 queue payload) + {} pages (range): actual {} \
+         pages, {} pages released; store {} KiB -> {} KiB",
+        q.applied,
+        r.applied,
+        balloon.actual(),
+        q.released_pages + r.released_pages,
+        before >> 10,
+        inflated >> 10
+    );
+    // The host lowers its target, the guest deflates down to it.
+    balloon.set_target(QUEUE_PAGES);
+    let d = balloon.deflate_range(
+        QUEUE_PAGES * PAGE_SIZE as u64,
+        RANGE_PAGES * PAGE_SIZE as u64,
+    )?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    for p in QUEUE_PAGES..QUEUE_PAGES + RANGE_PAGES {
+        page_pattern(vm_id(vm), p, &mut page);
+        if page.iter().any(|&b| b != 0) {
+            mem.write(GuestPhysAddr(p * PAGE_SIZE as u64), &page)?;
+        }
+    }
+    println!(
+        "balloon: VM {vm} deflates {} pages and writes them again: actual {} pages, {} \
+         deflated, {} below target (deflate on OOM); store {} KiB",
+        d.applied,
+        balloon.actual(),
+        balloon.deflated(),
+        balloon.oom_deflated(),
+        store.allocated_bytes()? >> 10
+    );
+    // Every page: zeros if still in the balloon, the pattern otherwise.
+    let mut expect = vec![0u8; PAGE_SIZE];
+    let mut index = 0;
+    for reg in mem.regions() {
+        for p in 0..reg.size() / PAGE_SIZE as u64 {
+            mem.read(
+                GuestPhysAddr(reg.start().0 + p * PAGE_SIZE as u64),
+                &mut page,
+            )?;
+            if index < QUEUE_PAGES {
+                expect.fill(0);
+            } else {
+                page_pattern(vm_id(vm), index, &mut expect);
+            }
+            if page != expect {
+                return Err(format!("balloon: VM {vm} page {index} has the wrong bytes").into());
+            }
+            index += 1;
+        }
+    }
+    if inflated >= before || balloon.actual() != QUEUE_PAGES {
+        return Err("balloon: memory was not released".into());
+    }
+    println!("balloon verified: ballooned pages read as zeros, every other page intact");
+    Ok(())
 }
 
 /// Guest writes per second during the migration, in pages, and the link.

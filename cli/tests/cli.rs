@@ -102,6 +102,18 @@ fn demo_runs_and_verifies_every_vm() {
         "{text}"
     );
     assert!(text.contains("copy-on-write breaks so far: 1"), "{text}");
+    assert!(
+        text.contains("balloon: VM 1 inflates 256 pages (le32 queue payload) + 256 pages (range): actual 512 pages"),
+        "{text}"
+    );
+    assert!(
+        text.contains("balloon: VM 1 deflates 256 pages and writes them again: actual 256 pages"),
+        "{text}"
+    );
+    assert!(
+        text.contains("balloon verified: ballooned pages read as zeros, every other page intact"),
+        "{text}"
+    );
     assert!(text.contains("migration: VM 0 (8 MiB)"), "{text}");
     assert!(text.contains("  round 0: "), "{text}");
     assert!(text.contains("on the wire ("), "{text}");
