@@ -190,9 +190,10 @@ fn balloon(store: &FrameStore, guests: &[Arc<GuestMemory>]) -> Result<(), Box<dy
     let before = store.allocated_bytes()?;
     // Low RAM starts at guest-physical 0: PFN = page index. Pages
     // [0, 256) by the queue, [256, 512) by range (low RAM is >= 2 MiB).
-    let payload: Vec<u8> = (0..QUEUE_PAGES)
-        .flat_map(|pfn| (pfn as u32).to_le_bytes())
-        .collect();
+    let mut payload = Vec::new();
+    for pfn in 0..QUEUE_PAGES {
+        payload.extend(u32::try_from(pfn)?.to_le_bytes());
+    }
     let q = balloon.inflate_pfns_le32(&payload);
     let r = balloon.inflate_range(
         QUEUE_PAGES * PAGE_SIZE as u64,
