@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut released = 0u64;
         let t = Instant::now();
         if mode == "ranges" {
-            let r = balloon.inflate_range(0, size)?;
+            let r = balloon.inflate_range(GuestPhysAddr(0), size)?;
             released += r.released_pages;
         } else {
             let mut buf = Vec::with_capacity(256 * 4);

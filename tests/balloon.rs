@@ -55,7 +55,7 @@ fn kernel_figure_drops_by_what_was_ballooned() {
     assert!(before >= size, "filled memory is allocated: {before}");
     let b = Balloon::new(Arc::clone(&m));
     // Half by range, a quarter by PFN lists of 256.
-    let r = b.inflate_range(0, size / 2).expect("range");
+    let r = b.inflate_range(GuestPhysAddr(0), size / 2).expect("range");
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.released_pages, size / 2 / PAGE);
     let pfns: Vec<u64> = (size / 2 / PAGE..3 * size / 4 / PAGE).collect();
@@ -77,7 +77,7 @@ fn kernel_figure_drops_by_what_was_ballooned() {
         assert!(a.saturating_sub(z) >= ballooned / PAGE * 9 / 10);
     }
     // Deflate all, the guest writes again: memory comes back.
-    let r = b.deflate_range(0, size).expect("deflate");
+    let r = b.deflate_range(GuestPhysAddr(0), size).expect("deflate");
     assert_eq!(r.applied, ballooned / PAGE);
     assert_eq!(b.actual(), 0);
     assert_eq!(b.deflated(), ballooned / PAGE);
@@ -137,11 +137,11 @@ fn bad_pfn_batches_get_per_entry_errors() {
     ));
     // Ranges: misaligned, into a hole.
     assert!(matches!(
-        b.inflate_range(1, PAGE),
+        b.inflate_range(GuestPhysAddr(1), PAGE),
         Err(BalloonError::Misaligned { .. })
     ));
     assert!(matches!(
-        b.inflate_range(0, 2 << 20),
+        b.inflate_range(GuestPhysAddr(0), 2 << 20),
         Err(BalloonError::Hole { .. })
     ));
     assert_eq!(b.actual(), 6);
@@ -169,21 +169,41 @@ fn write_deflates_and_zero_page_frees_nothing_twice() {
 }
 
 #[test]
+fn pages_never_written_release_nothing() {
+    // Only the first 8 pages hold memory; the rest were never written.
+    let m = mem(&[(0, 1 << 20)]);
+    m.fill(GuestPhysAddr(0), 0x5a, 8 * PAGE as usize)
+        .expect("fill");
+    let b = Balloon::new(Arc::clone(&m));
+    let r = b
+        .inflate_range(GuestPhysAddr(0), 32 * PAGE)
+        .expect("inflate");
+    assert_eq!(r.applied, 32);
+    assert_eq!(
+        r.released_pages, 8,
+        "only pages that held memory are released"
+    );
+    assert_eq!(m.frame_store().allocated_bytes().expect("fstat"), 0);
+    let r = b.inflate_pfns(&[40, 41]);
+    assert_eq!((r.applied, r.released_pages), (2, 0));
+}
+
+#[test]
 fn free_page_reporting_releases_without_counting() {
     let m = mem(&[(0, 4 << 20)]);
     fill_all(&m);
     let b = Balloon::new(Arc::clone(&m));
     let before = m.frame_store().allocated_bytes().expect("fstat");
-    let n = b.report_free(2 << 20, 9).expect("report");
+    let n = b.report_free(GuestPhysAddr(2 << 20), 9).expect("report");
     assert_eq!(n, 512);
     let after = m.frame_store().allocated_bytes().expect("fstat");
     assert!(before - after >= 2 << 20);
     assert_eq!(b.actual(), 0);
     assert_eq!(b.reported(), 512);
     assert_eq!(kind(&m, 2 << 20), PageKind::Zero);
-    assert!(b.report_free(4 << 20, 0).is_err());
+    assert!(b.report_free(GuestPhysAddr(4 << 20), 0).is_err());
     assert!(matches!(
-        b.report_free(0, 99),
+        b.report_free(GuestPhysAddr(0), 99),
         Err(BalloonError::Order { .. })
     ));
 }
@@ -198,7 +218,9 @@ fn deflate_below_target_calls_the_oom_hook() {
         s.fetch_add(n, Ordering::Relaxed);
     });
     b.set_target(10);
-    let r = b.inflate_range(0, 10 * PAGE).expect("inflate");
+    let r = b
+        .inflate_range(GuestPhysAddr(0), 10 * PAGE)
+        .expect("inflate");
     assert_eq!(r.applied, 10);
     assert_eq!(b.actual(), b.target());
     b.deflate_pfns(&[0, 1, 2]);
@@ -242,7 +264,9 @@ fn dedup_skips_ballooned_and_shared_pages_are_refused() {
             .expect("fill");
     }
     let b = Balloon::new(Arc::clone(&m));
-    let r = b.inflate_range(0, 128 * PAGE).expect("inflate");
+    let r = b
+        .inflate_range(GuestPhysAddr(0), 128 * PAGE)
+        .expect("inflate");
     assert_eq!(r.applied, 128);
     let host = DedupHost::new(Arc::clone(&store)).expect("host");
     let vm = host
@@ -368,7 +392,7 @@ proptest! {
                     prop_assert_eq!(r.applied, applied);
                 }
                 Op::InflateRange(a, n) => {
-                    let r = b.inflate_range(a * PAGE, n * PAGE);
+                    let r = b.inflate_range(GuestPhysAddr(a * PAGE), n * PAGE);
                     if n > 0 && a + n > PAGES {
                         prop_assert!(r.is_err());
                     } else {
@@ -385,7 +409,7 @@ proptest! {
                 Op::Report(k) => {
                     // Order 0 report of page k*8: released, not ballooned.
                     let gpa = k * 8 * PAGE;
-                    b.report_free(gpa, 0).expect("report");
+                    b.report_free(GuestPhysAddr(gpa), 0).expect("report");
                     if !ball[(k * 8) as usize] { byte[(k * 8) as usize] = 0; }
                 }
                 Op::Write(p, v) => {

@@ -196,7 +196,7 @@ fn balloon(store: &FrameStore, guests: &[Arc<GuestMemory>]) -> Result<(), Box<dy
     }
     let q = balloon.inflate_pfns_le32(&payload);
     let r = balloon.inflate_range(
-        QUEUE_PAGES * PAGE_SIZE as u64,
+        GuestPhysAddr(QUEUE_PAGES * PAGE_SIZE as u64),
         RANGE_PAGES * PAGE_SIZE as u64,
     )?;
     if !q.errors.is_empty() || !r.errors.is_empty() {
@@ -216,7 +216,7 @@ fn balloon(store: &FrameStore, guests: &[Arc<GuestMemory>]) -> Result<(), Box<dy
     // The host lowers its target, the guest deflates down to it.
     balloon.set_target(QUEUE_PAGES);
     let d = balloon.deflate_range(
-        QUEUE_PAGES * PAGE_SIZE as u64,
+        GuestPhysAddr(QUEUE_PAGES * PAGE_SIZE as u64),
         RANGE_PAGES * PAGE_SIZE as u64,
     )?;
     let mut page = vec![0u8; PAGE_SIZE];

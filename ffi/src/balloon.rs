@@ -514,7 +514,7 @@ pub unsafe extern "C" fn pf_balloon_inflate_range(
         let b = unsafe { balloon(b) }?;
         // SAFETY: as `report_out` needs (contract).
         let out = unsafe { report_out(out_report) }?;
-        out.finish(&b.inflate_range(gpa, len)?);
+        out.finish(&b.inflate_range(pagefold::GuestPhysAddr(gpa), len)?);
         Ok(())
     }
 }
@@ -540,7 +540,7 @@ pub unsafe extern "C" fn pf_balloon_deflate_range(
         let b = unsafe { balloon(b) }?;
         // SAFETY: as `report_out` needs (contract).
         let out = unsafe { report_out(out_report) }?;
-        out.finish(&b.deflate_range(gpa, len)?);
+        out.finish(&b.deflate_range(pagefold::GuestPhysAddr(gpa), len)?);
         Ok(())
     }
 }
@@ -568,7 +568,7 @@ pub unsafe extern "C" fn pf_balloon_report_free(
     ffi_boundary! {
         // SAFETY: `b` is NULL or a live handle (contract).
         let b = unsafe { balloon(b) }?;
-        let released = b.report_free(gpa, order)?;
+        let released = b.report_free(pagefold::GuestPhysAddr(gpa), order)?;
         if !out_released_pages.is_null() {
             // SAFETY: not NULL; writable for a `uint64_t` (contract).
             unsafe { args::out(out_released_pages, "out_released_pages") }?.write(released);

@@ -48,9 +48,9 @@ fuzz_target!(|input: (u8, Vec<Op>)| {
             Op::DeflateLe32(v) => drop(b.deflate_pfns_le32(&v)),
             Op::Inflate(v) => drop(b.inflate_pfns(&v)),
             Op::Deflate(v) => drop(b.deflate_pfns(&v)),
-            Op::InflateRange(a, l) => drop(b.inflate_range(a % (1 << 22), l % (1 << 22))),
-            Op::DeflateRange(a, l) => drop(b.deflate_range(a, l)),
-            Op::Report(a, o) => drop(b.report_free(a, o)),
+            Op::InflateRange(a, l) => drop(b.inflate_range(GuestPhysAddr(a % (1 << 22)), l % (1 << 22))),
+            Op::DeflateRange(a, l) => drop(b.deflate_range(GuestPhysAddr(a), l)),
+            Op::Report(a, o) => drop(b.report_free(GuestPhysAddr(a), o)),
             Op::Stats(v) => drop(b.update_stats(&v)),
             Op::Target(t) => b.set_target(t),
             Op::Write(p, v) => {

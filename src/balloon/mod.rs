@@ -173,8 +173,9 @@ pub struct BatchReport {
     /// Entries applied.
     pub applied: u64,
     /// 4 KiB pages whose memory went back to the host in this batch (a page
-    /// that was already released counts nothing; on hugetlb, pages waiting
-    /// for the rest of their huge page count when it is released).
+    /// that was already released, or never written, counts nothing; on
+    /// hugetlb, pages waiting for the rest of their huge page count when it
+    /// is released).
     pub released_pages: u64,
     /// Entries not applied, in batch order.
     pub errors: Vec<EntryError>,
@@ -519,7 +520,8 @@ impl Balloon {
     /// Inflates every page of `[gpa, gpa+len)` (4 KiB aligned). Pages
     /// already in the balloon are skipped silently; per-page errors carry the
     /// page's index in the range.
-    pub fn inflate_range(&self, gpa: u64, len: u64) -> Result<BatchReport, BalloonError> {
+    pub fn inflate_range(&self, gpa: GuestPhysAddr, len: u64) -> Result<BatchReport, BalloonError> {
+        let gpa = gpa.0;
         let runs = self.range_pages(gpa, len)?;
         let mut report = BatchReport::default();
         let mut inner = self.lock();
@@ -547,7 +549,8 @@ impl Balloon {
 
     /// Deflates every page of `[gpa, gpa+len)`; pages not in the balloon are
     /// skipped silently.
-    pub fn deflate_range(&self, gpa: u64, len: u64) -> Result<BatchReport, BalloonError> {
+    pub fn deflate_range(&self, gpa: GuestPhysAddr, len: u64) -> Result<BatchReport, BalloonError> {
+        let gpa = gpa.0;
         let runs = self.range_pages(gpa, len)?;
         let mut report = BatchReport::default();
         let mut inner = self.lock();
@@ -577,7 +580,8 @@ impl Balloon {
     /// `gpa`. Their memory is released; they stay the guest's (zero pages,
     /// not counted in [`actual`](Self::actual)). On a hugetlb store a report
     /// smaller than a huge page releases nothing. Returns the pages released.
-    pub fn report_free(&self, gpa: u64, order: u32) -> Result<u64, BalloonError> {
+    pub fn report_free(&self, gpa: GuestPhysAddr, order: u32) -> Result<u64, BalloonError> {
+        let gpa = gpa.0;
         if order > 40 {
             return Err(BalloonError::Order { order });
         }
@@ -649,10 +653,19 @@ impl Balloon {
             region
                 .dirty_log()
                 .note_write((l.page as u64) << PAGE_SHIFT, (count * PAGE_SIZE) as u64);
+            // What the punch really frees: the pages of the run that hold
+            // memory (a page never written is a hole already), as the
+            // store's extents say; by page state if it cannot tell.
+            let backed = self
+                .mem
+                .frame_store()
+                .data_in(range)
+                .map(|d| d.iter().map(|r| r.count).sum::<u64>())
+                .unwrap_or_else(|_| taken[k..e].iter().filter(|t| t.2).count() as u64);
             match self.mem.frame_store().release(range) {
                 Ok(()) => {
                     report.applied += count as u64;
-                    report.released_pages += taken[k..e].iter().filter(|t| t.2).count() as u64;
+                    report.released_pages += backed;
                 }
                 Err(source) => {
                     // Give the pages back as they were: the memory is still
