@@ -169,6 +169,65 @@ fn write_deflates_and_zero_page_frees_nothing_twice() {
 }
 
 #[test]
+fn ballooning_a_shared_page_drops_its_reference() {
+    // Two VMs with the same distinct pages: dedup folds each pair into one
+    // shared frame.
+    let store = Arc::new(FrameStore::memfd().expect("store"));
+    let vm = |_| {
+        let m = Arc::new(
+            GuestMemory::with_store(Arc::clone(&store), &[(GuestPhysAddr(0), 64 * PAGE)])
+                .expect("mem"),
+        );
+        for p in 0..64u64 {
+            m.fill(GuestPhysAddr(p * PAGE), p as u8 + 1, PAGE as usize)
+                .expect("fill");
+        }
+        m
+    };
+    let (a, b) = (vm(0), vm(1));
+    let host = Arc::new(DedupHost::new(Arc::clone(&store)).expect("host"));
+    let ida = host
+        .register(Arc::clone(&a), VmOptions::default())
+        .expect("register");
+    let idb = host
+        .register(Arc::clone(&b), VmOptions::default())
+        .expect("register");
+    host.merge_now().expect("merge");
+    assert_eq!(kind(&a, 5 * PAGE), PageKind::Shared);
+    let sharing = host.stats().expect("stats").pages_sharing;
+    let before = store.allocated_bytes().expect("fstat");
+
+    let ba = Balloon::new(Arc::clone(&a)).with_dedup(Arc::clone(&host), ida);
+    let r = ba.inflate_pfns(&[5]);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(kind(&a, 5 * PAGE), PageKind::Ballooned);
+    // The other VM still reads the shared content; the pair shares no more.
+    let mut buf = [0u8; 8];
+    b.read(GuestPhysAddr(5 * PAGE), &mut buf).expect("read");
+    assert_eq!(buf, [6; 8]);
+    assert_eq!(host.stats().expect("stats").pages_sharing, sharing - 1);
+
+    // The last reference goes too: the shared frame itself is freed.
+    let bb = Balloon::new(Arc::clone(&b)).with_dedup(Arc::clone(&host), idb);
+    let r = bb.inflate_pfns(&[5]);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let s = host.stats().expect("stats");
+    assert_eq!(s.pages_sharing, sharing - 1);
+    assert!(
+        store.allocated_bytes().expect("fstat") <= before - PAGE,
+        "the shared frame of page 5 is released"
+    );
+    // Without a host the same situation is refused.
+    let plain = Balloon::new(Arc::clone(&a));
+    let r = plain.inflate_pfns(&[6]);
+    assert!(
+        matches!(r.errors[0].error, BalloonError::Shared { .. }),
+        "{:?}",
+        r.errors
+    );
+}
+
+#[test]
 fn pages_never_written_release_nothing() {
     // Only the first 8 pages hold memory; the rest were never written.
     let m = mem(&[(0, 1 << 20)]);

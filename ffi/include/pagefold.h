@@ -1703,6 +1703,28 @@ enum pf_status pf_last_error_message(char *buf,
                                      size_t *needed);
 
 /**
+ * Makes balloon `b` release pages that dedup merged through the dedup host
+ * `dedup`, where its memory is registered as `vm_id`: such a page's
+ * sharing is broken first (as on a copy-on-write break; the shared frame
+ * loses the page's reference and is freed at the host's next recount if
+ * it was the last), then it is ballooned like any other. Without it, such
+ * entries get `PF_BALLOON_E_SHARED`. The balloon holds the host: a
+ * `pf_dedup_free` before `pf_balloon_free` releases the host only when the
+ * balloon goes. Call it before the balloon is used from other threads.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle that no other thread uses
+ *   during the call.
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ */
+enum pf_status pf_balloon_attach_dedup(struct pf_balloon *b,
+                                       const struct pf_dedup *dedup,
+                                       uint64_t vm_id);
+
+/**
  * Creates the balloon of `mem` and stores the handle in `*out_balloon`.
  * `max_batch` is the most PFNs one inflate or deflate call may carry
  * (entries past it get `PF_BALLOON_E_OVER_LIMIT`); 0 means virtio's 256.

@@ -84,6 +84,40 @@ pub struct pf_balloon {
     balloon: Balloon,
 }
 
+/// Makes balloon `b` release pages that dedup merged through the dedup host
+/// `dedup`, where its memory is registered as `vm_id`: such a page's
+/// sharing is broken first (as on a copy-on-write break; the shared frame
+/// loses the page's reference and is freed at the host's next recount if
+/// it was the last), then it is ballooned like any other. Without it, such
+/// entries get `PF_BALLOON_E_SHARED`. The balloon holds the host: a
+/// `pf_dedup_free` before `pf_balloon_free` releases the host only when the
+/// balloon goes. Call it before the balloon is used from other threads.
+///
+/// Errors: `PF_ERR_NULL_POINTER`.
+///
+/// # Safety
+///
+/// - `b` is NULL or a live `pf_balloon` handle that no other thread uses
+///   during the call.
+/// - `dedup` is NULL or a live `pf_dedup` handle.
+#[no_mangle]
+pub unsafe extern "C" fn pf_balloon_attach_dedup(
+    b: *mut pf_balloon,
+    dedup: *const crate::dedup::pf_dedup,
+    vm_id: u64,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `dedup` is NULL or a live handle (contract).
+        let host = unsafe { crate::dedup::shared_host(dedup) }?;
+        // SAFETY: NULL or a live handle used by this thread only (contract).
+        let b = unsafe { b.as_mut() }.ok_or_else(|| Error::null("b"))?;
+        let placeholder = Balloon::new(Arc::clone(b.balloon.memory()));
+        let balloon = std::mem::replace(&mut b.balloon, placeholder);
+        b.balloon = balloon.with_dedup(host, pagefold::VmId(vm_id));
+        Ok(())
+    }
+}
+
 /// One entry of a batch that was not applied.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

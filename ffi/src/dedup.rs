@@ -35,7 +35,9 @@ use crate::{
 /// once (scans and merges take turns inside), and guest memory stays fully
 /// usable by vCPU and device threads while they run.
 pub struct pf_dedup {
-    host: DedupHost,
+    /// Shared with balloons that release merged pages through it
+    /// (`pf_balloon_attach_dedup`).
+    pub(crate) host: Arc<DedupHost>,
 }
 
 // Every export but `pf_dedup_free` shares the handle between threads.
@@ -325,6 +327,16 @@ unsafe fn host<'a>(dedup: *const pf_dedup) -> Result<&'a DedupHost, Error> {
     Ok(&unsafe { args::handle(dedup, "dedup") }?.host)
 }
 
+/// The shared dedup host behind `dedup`.
+///
+/// # Safety
+///
+/// `dedup` is NULL or a live handle that is not freed during the call.
+pub(crate) unsafe fn shared_host(dedup: *const pf_dedup) -> Result<Arc<DedupHost>, Error> {
+    // SAFETY: forwarded from this function's contract.
+    Ok(Arc::clone(&unsafe { args::handle(dedup, "dedup") }?.host))
+}
+
 /// Checks an optional size-prefixed out-parameter: NULL means the caller
 /// does not want it.
 ///
@@ -383,7 +395,7 @@ pub unsafe extern "C" fn pf_dedup_new(
             },
         };
         let host = DedupHost::with_options(Arc::clone(store), options)?;
-        out_dedup.write(Box::into_raw(Box::new(pf_dedup { host })));
+        out_dedup.write(Box::into_raw(Box::new(pf_dedup { host: Arc::new(host) })));
         Ok(())
     }
 }

@@ -26,10 +26,12 @@
 //!   (a library read while raw writes are not trapped) makes the kernel
 //!   allocate a zeroed page again, as with any released shmem page.
 //! * **Shared pages.** A page merged by dedup (shared or remapped) is
-//!   refused with [`BalloonError::Shared`] for that entry: releasing it needs
-//!   the dedup host's shared-frame reference dropped exactly once, which is
-//!   the dedup layer's business. A VMM that wants such pages back unmerges
-//!   first (`DedupHost::unmerge_all`) or lets the guest retry.
+//!   released through the dedup host when the balloon knows it
+//!   ([`Balloon::with_dedup`]): the host breaks the page's sharing as on a
+//!   copy-on-write break (its shared frame loses one reference, counted again
+//!   from the page states at the host's next recount, and is freed if it was
+//!   the last), then the page is ballooned as a private one. Without a host
+//!   it is refused with [`BalloonError::Shared`] for that entry.
 //! * **Untrusted input.** A PFN out of range, in a hole between regions,
 //!   repeated within a batch, beyond the batch limit, already in the balloon,
 //!   locked by another layer, or shared is a typed error for that entry
@@ -56,6 +58,7 @@ use std::{
 
 use crate::{
     addr::{GuestPhysAddr, PAGE_SHIFT, PAGE_SIZE},
+    dedup::{DedupHost, VmId},
     frames::{FrameError, FrameRange},
     memory::{
         page_state::{LOCKED, REMAPPED},
@@ -289,6 +292,9 @@ pub struct Balloon {
     /// 4 KiB pages per store granule (1 for a 4 KiB memfd store).
     huge_pages: usize,
     inner: Mutex<Inner>,
+    /// The dedup host the memory is registered with, if any: a shared page
+    /// to balloon is unmerged through it first (see [`Balloon::with_dedup`]).
+    dedup: Option<(Arc<DedupHost>, VmId)>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -325,7 +331,20 @@ impl Balloon {
             target: AtomicU64::new(0),
             huge_pages,
             inner: Mutex::new(Inner::default()),
+            dedup: None,
         }
+    }
+
+    /// The same balloon for a memory registered with `host` as `vm`: an
+    /// inflate of a page that dedup merged first breaks its sharing through
+    /// the host (`DedupHost::resolve_write_fault`: the bytes go back to the
+    /// page's own frame and the shared frame loses this page's reference,
+    /// as on a copy-on-write break — freed at the host's next recount if it
+    /// was the last), then releases the page like any other. Without it,
+    /// such pages are refused with [`BalloonError::Shared`].
+    pub fn with_dedup(mut self, host: Arc<DedupHost>, vm: VmId) -> Self {
+        self.dedup = Some((host, vm));
+        self
     }
 
     /// The memory.
@@ -628,7 +647,17 @@ impl Balloon {
                 }
                 continue;
             }
-            match take_page(region, l.page, pfn) {
+            let mut took = take_page(region, l.page, pfn);
+            if let (Err(BalloonError::Shared { .. }), Some((host, vm))) = (&took, &self.dedup) {
+                // Break the sharing through the host, then take the page as
+                // a private one.
+                let gpa = GuestPhysAddr(pfn << PAGE_SHIFT);
+                took = match host.resolve_write_fault(*vm, gpa) {
+                    Ok(_) => take_page(region, l.page, pfn),
+                    Err(_) => Err(BalloonError::Busy { pfn }),
+                };
+            }
+            match took {
                 Ok(had_memory) => taken.push((index, l, had_memory)),
                 Err(error) => report.errors.push(EntryError { index, error }),
             }

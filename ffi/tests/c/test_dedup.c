@@ -1068,6 +1068,56 @@ TEST(outputs_are_size_checked_and_versioned) {
     pf_frame_store_free(store);
 }
 
+/* A balloon releases a merged page through the dedup host once attached;
+ * before that the entry is refused as shared. */
+TEST(balloon_releases_merged_pages_through_the_host) {
+    pf_frame_store *store = new_store();
+    pf_dedup *dedup = pf_test_dedup(store, NULL);
+    if (dedup == NULL) {
+        pf_frame_store_free(store);
+        return;
+    }
+    pf_guest_memory *a = new_vm(store, 0), *b = new_vm(store, 1);
+    uint64_t ida = reg(dedup, a, NULL);
+    (void)reg(dedup, b, NULL);
+    CHECK_OK(pf_dedup_merge_now(dedup, NULL));
+    uint64_t sharing = stats_of(dedup).pages_sharing;
+
+    pf_balloon *bal = NULL;
+    CHECK_OK(pf_balloon_new(a, 0, &bal));
+    pf_balloon_entry_error errs[1];
+    pf_balloon_report r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    r.errors = errs;
+    r.errors_capacity = 1;
+    uint64_t pfn = 3; /* a page [0, SHARED_END): merged across the VMs */
+    CHECK_OK(pf_balloon_inflate_pfns(bal, &pfn, 1, &r));
+    CHECK_EQ(r.applied, 0);
+    CHECK_EQ(r.error_count, 1);
+    CHECK_EQ(errs[0].code, PF_BALLOON_E_SHARED);
+
+    CHECK_ERR(pf_balloon_attach_dedup(NULL, dedup, ida), PF_ERR_NULL_POINTER, "b");
+    CHECK_ERR(pf_balloon_attach_dedup(bal, NULL, ida), PF_ERR_NULL_POINTER, "dedup");
+    CHECK_OK(pf_balloon_attach_dedup(bal, dedup, ida));
+    CHECK_OK(pf_balloon_inflate_pfns(bal, &pfn, 1, &r));
+    CHECK_EQ(r.applied, 1);
+    CHECK_EQ(r.error_count, 0);
+    CHECK_EQ(stats_of(dedup).pages_sharing, sharing - 1);
+    /* The other VM keeps its content; the ballooned page reads zeros. */
+    check_vm(b, 1, PAGES);
+    uint8_t buf[PAGE], zeros[PAGE];
+    memset(zeros, 0, sizeof zeros);
+    CHECK_OK(pf_guest_memory_read(a, 3 * PAGE, buf, PAGE));
+    CHECK(memcmp(buf, zeros, PAGE) == 0);
+
+    pf_balloon_free(bal);
+    pf_dedup_free(dedup);
+    pf_guest_memory_free(a);
+    pf_guest_memory_free(b);
+    pf_frame_store_free(store);
+}
+
 int main(void) {
     static const pf_test_case tests[] = {
         PF_TEST_CASE(frame_store_new_and_free),
@@ -1090,6 +1140,7 @@ int main(void) {
         PF_TEST_CASE(writers_run_while_pages_merge),
         PF_TEST_CASE(register_rejects_bad_arguments),
         PF_TEST_CASE(outputs_are_size_checked_and_versioned),
+        PF_TEST_CASE(balloon_releases_merged_pages_through_the_host),
     };
     return pf_test_main("dedup", tests, sizeof tests / sizeof tests[0]);
 }
