@@ -228,6 +228,43 @@ fn ballooning_a_shared_page_drops_its_reference() {
 }
 
 #[test]
+fn raw_touches_of_ballooned_pages_count_as_deflated() {
+    let m = mem(&[(0, 1 << 20)]);
+    fill_all(&m);
+    let b = Balloon::new(Arc::clone(&m));
+    let r = b
+        .inflate_range(GuestPhysAddr(0), 16 * PAGE)
+        .expect("inflate");
+    assert_eq!(r.applied, 16);
+    assert_eq!(
+        b.reclaim_touched().expect("reclaim"),
+        0,
+        "nothing touched yet"
+    );
+    // A vCPU writes page 3 and reads page 7 through the raw mapping.
+    let host = m.host_address(GuestPhysAddr(0)).expect("host").0 as *mut u8;
+    // SAFETY: pages 3 and 7 lie inside the memory's live mapping (1 MiB at
+    // `host`); the accesses are volatile, as a vCPU's would be.
+    let seen = unsafe {
+        host.add(3 * PAGE as usize).write_volatile(0xab);
+        host.add(7 * PAGE as usize).read_volatile()
+    };
+    assert_eq!(seen, 0, "a ballooned page reads zeros");
+    let deflated = b.deflated();
+    assert_eq!(b.reclaim_touched().expect("reclaim"), 2);
+    assert_eq!(b.deflated(), deflated + 2);
+    assert_eq!(b.actual(), 14);
+    assert_eq!(kind(&m, 3 * PAGE), PageKind::Private);
+    assert_eq!(kind(&m, 7 * PAGE), PageKind::Private);
+    assert_eq!(kind(&m, 5 * PAGE), PageKind::Ballooned);
+    assert_eq!(
+        m.read_obj::<u8>(GuestPhysAddr(3 * PAGE)).expect("read"),
+        0xab
+    );
+    assert_eq!(b.reclaim_touched().expect("reclaim"), 0);
+}
+
+#[test]
 fn pages_never_written_release_nothing() {
     // Only the first 8 pages hold memory; the rest were never written.
     let m = mem(&[(0, 1 << 20)]);

@@ -1905,6 +1905,23 @@ enum pf_status pf_balloon_set_target(const struct pf_balloon *b,
                                      uint64_t pages);
 
 /**
+ * Takes back the ballooned pages the guest touched through the raw
+ * mapping (a vCPU or a device read or wrote one, so the kernel gave it
+ * memory again), counts them as deflated, and stores how many in
+ * `*out_pages` (NULL allowed). Call it before reporting `actual` to the
+ * device. Finds nothing on hugetlb.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `b` is NULL or a live `pf_balloon` handle.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_balloon_reclaim_touched(const struct pf_balloon *b,
+                                          uint64_t *out_pages);
+
+/**
  * Stores the balloon's counters in `*out_counts`. Set
  * `out_counts->struct_size` first. A snapshot: other threads may change
  * them while they are read.

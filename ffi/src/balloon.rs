@@ -630,6 +630,35 @@ pub unsafe extern "C" fn pf_balloon_set_target(b: *const pf_balloon, pages: u64)
     }
 }
 
+/// Takes back the ballooned pages the guest touched through the raw
+/// mapping (a vCPU or a device read or wrote one, so the kernel gave it
+/// memory again), counts them as deflated, and stores how many in
+/// `*out_pages` (NULL allowed). Call it before reporting `actual` to the
+/// device. Finds nothing on hugetlb.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
+///
+/// # Safety
+///
+/// - `b` is NULL or a live `pf_balloon` handle.
+/// - `out_pages` is NULL or valid for a write of one `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn pf_balloon_reclaim_touched(
+    b: *const pf_balloon,
+    out_pages: *mut u64,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `b` is NULL or a live handle (contract).
+        let b = unsafe { balloon(b) }?;
+        let n = b.reclaim_touched()?;
+        if !out_pages.is_null() {
+            // SAFETY: not NULL; writable for a `uint64_t` (contract).
+            unsafe { args::out(out_pages, "out_pages") }?.write(n);
+        }
+        Ok(())
+    }
+}
+
 /// Stores the balloon's counters in `*out_counts`. Set
 /// `out_counts->struct_size` first. A snapshot: other threads may change
 /// them while they are read.

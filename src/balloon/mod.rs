@@ -22,9 +22,10 @@
 //!   nothing, it reads as zeros. A page that was already released as zero
 //!   becomes ballooned without a second release. A library write to a
 //!   ballooned page takes it back: it counts as deflated
-//!   ([`Balloon::deflated`]). Reading a ballooned page through the mapping
-//!   (a library read while raw writes are not trapped) makes the kernel
-//!   allocate a zeroed page again, as with any released shmem page.
+//!   ([`Balloon::deflated`]). A guest that touches a ballooned page through
+//!   the raw mapping (a vCPU, a device) reads zeros — the kernel gives it a
+//!   zeroed page again — and [`Balloon::reclaim_touched`] finds such pages
+//!   (their frame holds memory again) and counts them as deflated.
 //! * **Shared pages.** A page merged by dedup (shared or remapped) is
 //!   released through the dedup host when the balloon knows it
 //!   ([`Balloon::with_dedup`]): the host breaks the page's sharing as on a
@@ -381,6 +382,60 @@ impl Balloon {
     pub fn deflated(&self) -> u64 {
         let writes: u64 = self.mem.regions().iter().map(|r| r.balloon_writes()).sum();
         self.lock().deflated + writes
+    }
+
+    /// Takes back the ballooned pages the guest touched behind the
+    /// balloon's back — a vCPU or a device read or wrote one through the raw
+    /// mapping, so the kernel gave it memory again (zeros, then whatever
+    /// was written) — and counts them as deflated. Returns how many. Found
+    /// from the store's data extents (`SEEK_DATA`): a ballooned page whose
+    /// frame holds memory again was touched. Cheap enough to call before
+    /// reading [`Balloon::actual`] for the device (one `lseek` pair per
+    /// extent). On hugetlb (whole huge pages, no holes smaller than one)
+    /// it finds nothing.
+    pub fn reclaim_touched(&self) -> Result<u64, BalloonError> {
+        if self.huge_pages > 1 {
+            return Ok(0);
+        }
+        // Under the balloon's lock: an inflate holds it from its state
+        // change to its punch, so a page being ballooned is never taken
+        // for a touched one.
+        let mut inner = self.lock();
+        let mut n = 0;
+        for r in self.mem.regions() {
+            if !r.needs_state_checks() {
+                continue; // nothing ballooned in this region
+            }
+            let data = self
+                .mem
+                .frame_store()
+                .data_in(r.frames())
+                .map_err(|source| BalloonError::Release {
+                    pfn: r.start().0 >> PAGE_SHIFT,
+                    source,
+                })?;
+            let states = r.page_states();
+            for d in data {
+                let first = d.start.0.saturating_sub(r.frames().start.0);
+                for p in first..first + d.count {
+                    let Ok(p) = usize::try_from(p) else { continue };
+                    if p >= r.pages() {
+                        break;
+                    }
+                    let s = states.load(p);
+                    if s.kind() == PageKind::Ballooned
+                        && s.flags() == 0
+                        && states
+                            .compare_exchange(p, s, s.with_kind(PageKind::Private))
+                            .is_ok()
+                    {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        inner.deflated += n;
+        Ok(n)
     }
 
     /// Pages the guest deflated below the target (deflate on OOM).

@@ -399,6 +399,34 @@ TEST(errors_are_typed) {
     pf_guest_memory_free(mem);
 }
 
+/* A vCPU touching a ballooned page through the raw mapping reads zeros;
+ * pf_balloon_reclaim_touched finds the page and counts it as deflated. */
+TEST(raw_touches_are_reclaimed_as_deflated) {
+    pf_guest_memory *mem = two_regions();
+    pf_balloon *b = new_balloon(mem, 0);
+    pf_balloon_report r = report(NULL, 0);
+    uint64_t n = 99, host = 0;
+    fill(mem, 0, 16);
+    CHECK_OK(pf_balloon_inflate_range(b, 0, 16u * PAGE, &r));
+    CHECK_EQ(r.applied, 16);
+    CHECK_OK(pf_balloon_reclaim_touched(b, &n));
+    CHECK_EQ(n, 0);
+    CHECK_OK(pf_guest_memory_host_address(mem, 0, &host));
+    volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)host;
+    CHECK_EQ(p[2u * PAGE + 1], 0); /* reads zeros */
+    p[5u * PAGE] = 0x42;             /* and writes */
+    uint64_t deflated = counts(b).deflated;
+    CHECK_OK(pf_balloon_reclaim_touched(b, &n));
+    CHECK_EQ(n, 2);
+    pf_balloon_counts c = counts(b);
+    CHECK_EQ(c.deflated, deflated + 2);
+    CHECK_EQ(c.actual, 14);
+    CHECK_OK(pf_balloon_reclaim_touched(b, NULL));
+    CHECK_ERR(pf_balloon_reclaim_touched(NULL, &n), PF_ERR_NULL_POINTER, "balloon");
+    pf_balloon_free(b);
+    pf_guest_memory_free(mem);
+}
+
 TEST(the_balloon_keeps_its_memory_alive) {
     pf_guest_memory *mem = two_regions();
     pf_balloon *b = new_balloon(mem, 0);
@@ -420,6 +448,7 @@ int main(void) {
         PF_TEST_CASE(stats_are_parsed_with_unknown_tags),
         PF_TEST_CASE(the_oom_hook_sees_deflates_below_the_target),
         PF_TEST_CASE(errors_are_typed),
+        PF_TEST_CASE(raw_touches_are_reclaimed_as_deflated),
         PF_TEST_CASE(the_balloon_keeps_its_memory_alive),
     };
     return pf_test_main("balloon", tests, sizeof tests / sizeof tests[0]);
