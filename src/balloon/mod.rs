@@ -738,14 +738,10 @@ impl Balloon {
                 .dirty_log()
                 .note_write((l.page as u64) << PAGE_SHIFT, (count * PAGE_SIZE) as u64);
             // What the punch really frees: the pages of the run that hold
-            // memory (a page never written is a hole already), as the
-            // store's extents say; by page state if it cannot tell.
-            let backed = self
-                .mem
-                .frame_store()
-                .data_in(range)
-                .map(|d| d.iter().map(|r| r.count).sum::<u64>())
-                .unwrap_or_else(|_| taken[k..e].iter().filter(|t| t.2).count() as u64);
+            // memory (a page never written is a hole already); by page
+            // state if the kernel cannot tell.
+            let backed = resident_pages(region, l.page, count)
+                .unwrap_or_else(|| taken[k..e].iter().filter(|t| t.2).count() as u64);
             match self.mem.frame_store().release(range) {
                 Ok(()) => {
                     report.applied += count as u64;
@@ -924,6 +920,24 @@ fn check_inflatable(s: crate::memory::PageState, pfn: u64) -> Result<(), Balloon
         return Err(BalloonError::Busy { pfn });
     }
     Ok(())
+}
+
+/// How many of pages `[first, first + count)` of `region` hold memory
+/// (`mincore` on the region's mapping: bounded by the run, unlike a
+/// `SEEK_HOLE` scan of the shared memfd). The pages map their own frames
+/// here (remapped pages are never taken), so residency is the frame's.
+/// `None` if the kernel refuses.
+fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usize) -> Option<u64> {
+    if first.checked_add(count)? > region.pages() {
+        return None;
+    }
+    let addr = region.page_host_addr(first).0 as *mut libc::c_void;
+    let mut vec = vec![0u8; count];
+    // SAFETY: `[addr, addr + count pages)` lies inside the region's live
+    // mapping (checked against its page count above; page aligned), and
+    // `vec` has one writable byte per page, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(addr, count * PAGE_SIZE, vec.as_mut_ptr()) };
+    (rc == 0).then(|| vec.iter().filter(|&&v| v & 1 != 0).count() as u64)
 }
 
 /// Moves page `page` to Ballooned; `Ok(true)` if it had memory (private),
