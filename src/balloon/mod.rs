@@ -387,12 +387,13 @@ impl Balloon {
     /// Takes back the ballooned pages the guest touched behind the
     /// balloon's back — a vCPU or a device read or wrote one through the raw
     /// mapping, so the kernel gave it memory again (zeros, then whatever
-    /// was written) — and counts them as deflated. Returns how many. Found
-    /// from the store's data extents (`SEEK_DATA`): a ballooned page whose
-    /// frame holds memory again was touched. Cheap enough to call before
-    /// reading [`Balloon::actual`] for the device (one `lseek` pair per
-    /// extent). On hugetlb (whole huge pages, no holes smaller than one)
-    /// it finds nothing.
+    /// was written) — and counts them as deflated. Returns how many. A
+    /// ballooned page whose frame holds memory again (`mincore` over the
+    /// runs of ballooned pages) was touched. Costs one state load per page
+    /// of regions that have any layer's pages, plus one `mincore` per run
+    /// of ballooned pages: cheap enough before reporting
+    /// [`Balloon::actual`] to the device. On hugetlb (whole huge pages) it
+    /// finds nothing.
     pub fn reclaim_touched(&self) -> Result<u64, BalloonError> {
         if self.huge_pages > 1 {
             return Ok(0);
@@ -406,27 +407,34 @@ impl Balloon {
             if !r.needs_state_checks() {
                 continue; // nothing ballooned in this region
             }
-            let data = self
-                .mem
-                .frame_store()
-                .data_in(r.frames())
-                .map_err(|source| BalloonError::Release {
-                    pfn: r.start().0 >> PAGE_SHIFT,
-                    source,
-                })?;
             let states = r.page_states();
-            for d in data {
-                let first = d.start.0.saturating_sub(r.frames().start.0);
-                for p in first..first + d.count {
-                    let Ok(p) = usize::try_from(p) else { continue };
-                    if p >= r.pages() {
-                        break;
-                    }
-                    let s = states.load(p);
-                    if s.kind() == PageKind::Ballooned
+            let ballooned = |p: usize| {
+                let s = states.load(p);
+                s.kind() == PageKind::Ballooned && s.flags() == 0
+            };
+            // Runs of ballooned pages; `mincore` says which hold memory
+            // again (bounded by the run, unlike a hole scan of the memfd).
+            let mut p = 0;
+            while p < r.pages() {
+                if !ballooned(p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < r.pages() && ballooned(p) {
+                    p += 1;
+                }
+                let Some(resident) = resident_map(r, start, p - start) else {
+                    continue;
+                };
+                for (k, &v) in resident.iter().enumerate() {
+                    let page = start + k;
+                    let s = states.load(page);
+                    if v & 1 != 0
+                        && s.kind() == PageKind::Ballooned
                         && s.flags() == 0
                         && states
-                            .compare_exchange(p, s, s.with_kind(PageKind::Private))
+                            .compare_exchange(page, s, s.with_kind(PageKind::Private))
                             .is_ok()
                     {
                         n += 1;
@@ -928,6 +936,16 @@ fn check_inflatable(s: crate::memory::PageState, pfn: u64) -> Result<(), Balloon
 /// here (remapped pages are never taken), so residency is the frame's.
 /// `None` if the kernel refuses.
 fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usize) -> Option<u64> {
+    resident_map(region, first, count).map(|v| v.iter().filter(|&&b| b & 1 != 0).count() as u64)
+}
+
+/// `mincore`'s answer for pages `[first, first + count)` of `region`: bit 0
+/// of each byte set where the page holds memory.
+fn resident_map(
+    region: &crate::memory::GuestRegion,
+    first: usize,
+    count: usize,
+) -> Option<Vec<u8>> {
     if first.checked_add(count)? > region.pages() {
         return None;
     }
@@ -937,7 +955,7 @@ fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usiz
     // mapping (checked against its page count above; page aligned), and
     // `vec` has one writable byte per page, as mincore(2) requires.
     let rc = unsafe { libc::mincore(addr, count * PAGE_SIZE, vec.as_mut_ptr()) };
-    (rc == 0).then(|| vec.iter().filter(|&&v| v & 1 != 0).count() as u64)
+    (rc == 0).then_some(vec)
 }
 
 /// Moves page `page` to Ballooned; `Ok(true)` if it had memory (private),
