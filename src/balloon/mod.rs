@@ -424,7 +424,7 @@ impl Balloon {
                 while p < r.pages() && ballooned(p) {
                     p += 1;
                 }
-                let Some(resident) = resident_map(r, start, p - start) else {
+                let Some(resident) = r.resident(start, p - start) else {
                     continue;
                 };
                 for (k, &v) in resident.iter().enumerate() {
@@ -936,26 +936,9 @@ fn check_inflatable(s: crate::memory::PageState, pfn: u64) -> Result<(), Balloon
 /// here (remapped pages are never taken), so residency is the frame's.
 /// `None` if the kernel refuses.
 fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usize) -> Option<u64> {
-    resident_map(region, first, count).map(|v| v.iter().filter(|&&b| b & 1 != 0).count() as u64)
-}
-
-/// `mincore`'s answer for pages `[first, first + count)` of `region`: bit 0
-/// of each byte set where the page holds memory.
-fn resident_map(
-    region: &crate::memory::GuestRegion,
-    first: usize,
-    count: usize,
-) -> Option<Vec<u8>> {
-    if first.checked_add(count)? > region.pages() {
-        return None;
-    }
-    let addr = region.page_host_addr(first).0 as *mut libc::c_void;
-    let mut vec = vec![0u8; count];
-    // SAFETY: `[addr, addr + count pages)` lies inside the region's live
-    // mapping (checked against its page count above; page aligned), and
-    // `vec` has one writable byte per page, as mincore(2) requires.
-    let rc = unsafe { libc::mincore(addr, count * PAGE_SIZE, vec.as_mut_ptr()) };
-    (rc == 0).then_some(vec)
+    region
+        .resident(first, count)
+        .map(|v| v.iter().filter(|&&b| b & 1 != 0).count() as u64)
 }
 
 /// Moves page `page` to Ballooned; `Ok(true)` if it had memory (private),

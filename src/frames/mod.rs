@@ -262,55 +262,6 @@ impl FrameStore {
         Ok(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
     }
 
-    /// The parts of `range` that hold memory (`lseek(SEEK_DATA/SEEK_HOLE)`
-    /// on the memfd), in order; the rest are holes and read as zeros. What
-    /// lets a whole-memory pass skip pages nobody wrote instead of reading
-    /// them, which would make the kernel allocate them. A store whose
-    /// filesystem does not report holes returns `range` whole. Moves the
-    /// memfd's file offset, which nothing here uses (frames are read and
-    /// written with `pread`/`pwrite`, and mapped).
-    pub fn data_in(&self, range: FrameRange) -> Result<Vec<FrameRange>, FrameError> {
-        let (start, len) = byte_span(range)?;
-        let end = start.saturating_add(len);
-        let mut out = Vec::new();
-        let mut at = start;
-        while at < end {
-            // SAFETY: plain syscall on a descriptor we own; it moves only the
-            // file offset, which no other code of this store relies on.
-            let data = unsafe { libc::lseek(self.fd.as_raw_fd(), at, libc::SEEK_DATA) };
-            if data < 0 {
-                let source = io::Error::last_os_error();
-                if source.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data from `at` to the end of the file
-                }
-                return Err(FrameError::Os {
-                    op: "lseek(SEEK_DATA)",
-                    source,
-                });
-            }
-            if data >= end {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(self.fd.as_raw_fd(), data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(FrameError::Os {
-                    op: "lseek(SEEK_HOLE)",
-                    source: io::Error::last_os_error(),
-                });
-            }
-            let hole = hole.min(end);
-            let first = u64::try_from(data).unwrap_or(0) >> PAGE_SHIFT;
-            let last = u64::try_from(hole).unwrap_or(0).div_ceil(1 << PAGE_SHIFT);
-            out.push(FrameRange {
-                start: FrameNumber(first),
-                count: last.saturating_sub(first),
-            });
-            at = hole;
-        }
-        Ok(out)
-    }
-
     /// Size of the memfd in frames (allocated or not).
     pub fn len_frames(&self) -> u64 {
         self.lock_allocator().len()

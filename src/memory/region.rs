@@ -430,6 +430,27 @@ impl GuestRegion {
         crate::addr::FrameNumber(self.frames.start.0 + page as u64)
     }
 
+    /// Which of pages `[first, first + count)` hold memory in the kernel
+    /// (`mincore` on this region's mapping; bit 0 of each byte), or `None`
+    /// if the range is not inside the region or the kernel refuses. For a
+    /// page that maps its own frame this is whether the frame holds memory:
+    /// a hole reads as zeros, and reading it through the mapping would
+    /// allocate it.
+    pub(crate) fn resident(&self, first: usize, count: usize) -> Option<Vec<u8>> {
+        if first.checked_add(count)? > self.pages() {
+            return None;
+        }
+        let addr = self
+            .ptr_at((first as u64) << PAGE_SHIFT)
+            .cast::<libc::c_void>();
+        let mut vec = vec![0u8; count];
+        // SAFETY: `[addr, addr + count pages)` lies inside this region's live
+        // mapping (checked against its page count; page aligned), and `vec`
+        // has one writable byte per page, as mincore(2) requires.
+        let rc = unsafe { libc::mincore(addr, count << PAGE_SHIFT, vec.as_mut_ptr()) };
+        (rc == 0).then_some(vec)
+    }
+
     /// Host address of page `page`'s first byte.
     #[inline]
     pub(crate) fn page_host_addr(&self, page: usize) -> HostVirtAddr {

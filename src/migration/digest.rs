@@ -27,39 +27,25 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
     for r in mem.regions() {
         h.update(&r.start().0.to_le_bytes());
         h.update(&r.size().to_le_bytes());
-        // Data extents of the region's own frames; on error, read all.
-        let data = mem
-            .frame_store()
-            .data_in(r.frames())
-            .unwrap_or_else(|_| vec![r.frames()]);
-        let mut next_data = 0;
         let mut off = 0u64;
         while off < r.size() {
             let n = (r.size() - off).min(CHUNK as u64);
             #[allow(clippy::cast_possible_truncation)] // <= CHUNK
             let len = n as usize;
-            let first = r.frames().start.0 + (off >> 12);
-            let pages = n.div_ceil(PAGE_SIZE as u64);
-            while next_data < data.len() && data[next_data].start.0 + data[next_data].count <= first
-            {
-                next_data += 1;
-            }
-            let touches_data = data
-                .get(next_data)
-                .is_some_and(|d| d.start.0 < first + pages);
-            if !touches_data && own_frames(r, off >> 12, pages) {
+            let part = &mut buf[..len];
+            #[allow(clippy::cast_possible_truncation)] // a page index of the region
+            let first = (off >> 12) as usize;
+            let pages = len.div_ceil(PAGE_SIZE);
+            // Which pages hold memory; without an answer, read them all.
+            let resident = r.resident(first, pages);
+            let holds = |k: usize| resident.as_ref().map_or(true, |v| v[k] & 1 != 0);
+            if (0..pages).all(|k| !holds(k)) && own_frames(r, first as u64, pages as u64) {
                 h.update(&zeros[..len]);
             } else {
-                // Page by page: read what holds data (or maps another
+                // Page by page: read what holds memory (or maps another
                 // frame), zero-fill the holes.
-                let part = &mut buf[..len];
                 for (k, page) in part.chunks_mut(PAGE_SIZE).enumerate() {
-                    let frame = first + k as u64;
-                    let in_data = data[next_data..]
-                        .iter()
-                        .take_while(|d| d.start.0 <= frame)
-                        .any(|d| frame < d.start.0 + d.count);
-                    if in_data || !own_frames(r, (off >> 12) + k as u64, 1) {
+                    if holds(k) || !own_frames(r, (first + k) as u64, 1) {
                         mem.read(
                             GuestPhysAddr(r.start().0 + off + (k * PAGE_SIZE) as u64),
                             page,
