@@ -35,6 +35,8 @@ pub mod balloon;
 pub mod dedup;
 pub mod dirty;
 pub mod frames;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod paging;

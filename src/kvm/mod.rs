@@ -1,0 +1,293 @@
+//! KVM (feature `kvm`): a VM whose memory slots are the regions of a
+//! [`GuestMemory`], KVM's dirty log fetched into pagefold's dirty log, and a
+//! minimal vCPU runner for small real-mode guests.
+//!
+//! Lifetime rule: a KVM memory slot points at a region's host mapping by
+//! address. The kernel VM (and with it every slot) lives as long as any of
+//! its file descriptors: the VM fd and every vCPU fd. So [`KvmVm`] and every
+//! [`KvmVcpu`] hold an `Arc<GuestMemory>` and close their fd before dropping
+//! it (field order), which keeps the mappings alive for as long as the
+//! kernel can reach them.
+//!
+//! Not here yet (issue 7): the COW path for guest writes to shared pages
+//! (userfaultfd write-protect, see `DESIGN.md`), `KVM_CLEAR_DIRTY_LOG` with
+//! manual protection, and long mode.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::{
+    addr::{GuestPhysAddr, PAGE_SIZE},
+    dirty::DirtyError,
+    memory::GuestMemory,
+};
+
+/// Errors of the KVM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// An ioctl (or opening `/dev/kvm`) failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The memory has more regions than KVM has slots.
+    #[error("{regions} regions but KVM offers {slots} memory slots")]
+    TooManyRegions {
+        /// Regions in the memory.
+        regions: usize,
+        /// Slots KVM offers.
+        slots: usize,
+    },
+    /// Dirty logging needs one page-state entry per 4 KiB page (KVM logs at
+    /// that granularity); this region's pages are larger.
+    #[error("region {index}: dirty logging needs 4 KiB pages in the page-state table")]
+    DirtyGranule {
+        /// The region.
+        index: usize,
+    },
+    /// Merging a KVM bitmap into the dirty log failed.
+    #[error("merging KVM's dirty bitmap: {0}")]
+    Dirty(#[from] DirtyError),
+    /// The guest exited for a reason the runner does not handle.
+    #[error("unhandled vCPU exit: {0}")]
+    UnhandledExit(String),
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}
+
+/// Options of [`KvmVm::with_options`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvmOptions {
+    /// Register every slot with `KVM_MEM_LOG_DIRTY_PAGES`, so
+    /// [`KvmVm::fetch_dirty_log`] can fetch guest writes.
+    pub log_dirty_pages: bool,
+}
+
+/// One memory slot: the region it maps.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    id: u32,
+    region: usize,
+    size: u64,
+}
+
+/// A KVM VM whose memory slots are the regions of a [`GuestMemory`]
+/// (slot `i` is region `i`).
+#[derive(Debug)]
+pub struct KvmVm {
+    // Field order matters: `vm` drops (closing the VM fd) before `mem`.
+    vm: VmFd,
+    slots: Vec<Slot>,
+    options: KvmOptions,
+    mem: Arc<GuestMemory>,
+    _kvm: Kvm,
+}
+
+impl KvmVm {
+    /// A VM over `mem` with dirty logging on.
+    pub fn new(mem: &Arc<GuestMemory>) -> Result<Self, KvmError> {
+        Self::with_options(
+            mem,
+            KvmOptions {
+                log_dirty_pages: true,
+            },
+        )
+    }
+
+    /// A VM over `mem`: opens `/dev/kvm`, creates a VM and registers every
+    /// region as a memory slot.
+    pub fn with_options(mem: &Arc<GuestMemory>, options: KvmOptions) -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(ioctl("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        let max_slots = usize::try_from(kvm.check_extension_int(Cap::NrMemslots)).unwrap_or(0);
+        let regions = mem.regions();
+        if regions.len() > max_slots {
+            return Err(KvmError::TooManyRegions {
+                regions: regions.len(),
+                slots: max_slots,
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Intel needs a 3-page TSS region for real mode without
+            // unrestricted guest; put it just below 4 GiB, where QEMU does.
+            vm.set_tss_address(0xfffb_d000)
+                .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        }
+        let mut slots = Vec::with_capacity(regions.len());
+        for (index, region) in regions.iter().enumerate() {
+            if options.log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64 {
+                return Err(KvmError::DirtyGranule { index });
+            }
+            let info = region.info();
+            let id = u32::try_from(index).map_err(|_| KvmError::TooManyRegions {
+                regions: regions.len(),
+                slots: max_slots,
+            })?;
+            let desc = kvm_userspace_memory_region {
+                slot: id,
+                flags: if options.log_dirty_pages {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: info.guest_start.0,
+                memory_size: info.size,
+                userspace_addr: info.host_addr.0,
+            };
+            // SAFETY: `userspace_addr..+memory_size` is region `index`'s host
+            // mapping, which lives as long as `mem`; the returned `KvmVm`
+            // (and every vCPU it creates) holds an `Arc` of `mem` and closes
+            // its fd before dropping that `Arc`, so the kernel can reach the
+            // mapping only while it exists. Slots do not overlap: regions do
+            // not (checked by `GuestMemory`).
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(Slot {
+                id,
+                region: index,
+                size: info.size,
+            });
+        }
+        Ok(KvmVm {
+            vm,
+            slots,
+            options,
+            mem: Arc::clone(mem),
+            _kvm: kvm,
+        })
+    }
+
+    /// The guest memory behind the slots.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The VM fd, for ioctls this type does not wrap.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Fetches (and clears) KVM's dirty log of every slot with
+    /// `KVM_GET_DIRTY_LOG` and ORs it into pagefold's dirty log
+    /// ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
+    /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM
+    /// reported. Does nothing (returns 0) without `log_dirty_pages`.
+    pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
+        if !self.options.log_dirty_pages {
+            return Ok(0);
+        }
+        let mut total = 0u64;
+        for slot in &self.slots {
+            let size = usize::try_from(slot.size).unwrap_or(usize::MAX);
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot.id, size)
+                .map_err(ioctl("KVM_GET_DIRTY_LOG"))?;
+            total += bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+            self.mem.merge_dirty_bitmap(slot.region, &bitmap)?;
+        }
+        Ok(total)
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, KvmError> {
+        let fd = self.vm.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(KvmVcpu {
+            fd,
+            _mem: Arc::clone(&self.mem),
+        })
+    }
+}
+
+/// How a [`KvmVcpu::run_until_halt`] ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Exits to userspace (the final `HLT` included).
+    pub exits: u64,
+    /// Port writes passed to the handler.
+    pub io_out: u64,
+}
+
+/// A vCPU of a [`KvmVm`].
+#[derive(Debug)]
+pub struct KvmVcpu {
+    // Field order matters: `fd` (which keeps the kernel VM and its slots
+    // alive) drops before `_mem`.
+    fd: VcpuFd,
+    _mem: Arc<GuestMemory>,
+}
+
+impl KvmVcpu {
+    /// The vCPU fd, for ioctls this type does not wrap.
+    pub fn vcpu_fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// Puts the vCPU in 16-bit real mode with every segment based at 0, so
+    /// guest-physical address = offset, and `IP` at `entry` (below 64 KiB).
+    #[cfg(target_arch = "x86_64")]
+    pub fn setup_real_mode(&mut self, entry: GuestPhysAddr) -> Result<(), KvmError> {
+        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        for seg in [
+            &mut sregs.cs,
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.fs,
+            &mut sregs.gs,
+            &mut sregs.ss,
+        ] {
+            seg.base = 0;
+            seg.selector = 0;
+        }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(ioctl("KVM_SET_SREGS"))?;
+        let mut regs = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        regs.rip = entry.0;
+        regs.rflags = 2; // bit 1 is reserved and must be set
+        regs.rsp = 0;
+        self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    /// Runs until the guest executes `HLT`. Port writes go to `on_io_out`
+    /// (port, data); port reads read zeros. Any other exit is an error.
+    pub fn run_until_halt(
+        &mut self,
+        mut on_io_out: impl FnMut(u16, &[u8]),
+    ) -> Result<RunReport, KvmError> {
+        let mut report = RunReport::default();
+        loop {
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => {
+                    return Err(KvmError::Ioctl {
+                        op: "KVM_RUN",
+                        source,
+                    })
+                }
+            };
+            report.exits += 1;
+            match exit {
+                VcpuExit::Hlt => return Ok(report),
+                VcpuExit::IoOut(port, data) => {
+                    report.io_out += 1;
+                    on_io_out(port, data);
+                }
+                VcpuExit::IoIn(_, data) => data.fill(0),
+                VcpuExit::Intr => {}
+                other => return Err(KvmError::UnhandledExit(format!("{other:?}"))),
+            }
+        }
+    }
+}
