@@ -54,8 +54,11 @@ fn dirty_pages(mem: &GuestMemory) -> Vec<u64> {
 #[test]
 fn real_mode_guest_writes_memory_port_and_dirty_log() {
     let mem = Arc::new(
-        GuestMemory::new(&[(GuestPhysAddr(0), 0x10000), (GuestPhysAddr(0x10000), 0x10000)])
-            .unwrap(),
+        GuestMemory::new(&[
+            (GuestPhysAddr(0), 0x10000),
+            (GuestPhysAddr(0x10000), 0x10000),
+        ])
+        .unwrap(),
     );
     mem.write(GuestPhysAddr(CODE), GUEST).unwrap();
     // Whatever the library log holds from loading the code goes; from here
@@ -80,7 +83,10 @@ fn real_mode_guest_writes_memory_port_and_dirty_log() {
     let dirty = dirty_pages(&mem);
     println!("kvm_basic: KVM reported {reported} dirty pages: {dirty:#x?}");
     assert!(dirty.contains(&0x1000), "page 0x1000 not in the dirty log");
-    assert!(dirty.contains(&0x10000), "page 0x10000 not in the dirty log");
+    assert!(
+        dirty.contains(&0x10000),
+        "page 0x10000 not in the dirty log"
+    );
     assert!(!dirty.contains(&0x2000), "untouched page 0x2000 logged");
     assert!(!dirty.contains(&CODE), "code page (only read) logged");
 

@@ -124,7 +124,8 @@ impl KvmVm {
         }
         let mut slots = Vec::with_capacity(regions.len());
         for (index, region) in regions.iter().enumerate() {
-            if options.log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64 {
+            if options.log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64
+            {
                 return Err(KvmError::DirtyGranule { index });
             }
             let info = region.info();
@@ -143,12 +144,12 @@ impl KvmVm {
                 memory_size: info.size,
                 userspace_addr: info.host_addr.0,
             };
-            // SAFETY: `userspace_addr..+memory_size` is region `index`'s host
-            // mapping, which lives as long as `mem`; the returned `KvmVm`
-            // (and every vCPU it creates) holds an `Arc` of `mem` and closes
-            // its fd before dropping that `Arc`, so the kernel can reach the
-            // mapping only while it exists. Slots do not overlap: regions do
-            // not (checked by `GuestMemory`).
+            // The slot points at region `index`'s host mapping, which lives
+            // as long as `mem`. Slots do not overlap: regions do not
+            // (checked by `GuestMemory`).
+            // SAFETY: the returned `KvmVm` and its vCPUs hold an `Arc` of
+            // `mem` and close their fds before dropping it (field order), so
+            // the kernel reaches the mapping only while it exists.
             unsafe { vm.set_user_memory_region(desc) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
             slots.push(Slot {
@@ -192,7 +193,10 @@ impl KvmVm {
                 .vm
                 .get_dirty_log(slot.id, size)
                 .map_err(ioctl("KVM_GET_DIRTY_LOG"))?;
-            total += bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+            total += bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>();
             self.mem.merge_dirty_bitmap(slot.region, &bitmap)?;
         }
         Ok(total)
@@ -248,9 +252,7 @@ impl KvmVcpu {
             seg.base = 0;
             seg.selector = 0;
         }
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(ioctl("KVM_SET_SREGS"))?;
+        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         let mut regs = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
         regs.rip = entry.0;
         regs.rflags = 2; // bit 1 is reserved and must be set
