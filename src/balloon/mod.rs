@@ -603,26 +603,7 @@ impl Balloon {
     /// already in the balloon are skipped silently; per-page errors carry the
     /// page's index in the range.
     pub fn inflate_range(&self, gpa: GuestPhysAddr, len: u64) -> Result<BatchReport, BalloonError> {
-        let gpa = gpa.0;
-        let runs = self.range_pages(gpa, len)?;
-        let mut report = BatchReport::default();
-        let mut inner = self.lock();
-        let mut index = 0usize;
-        for (region, first, count) in runs {
-            let entries: Vec<(usize, Loc)> = (0..count)
-                .map(|i| {
-                    (
-                        index + i,
-                        Loc {
-                            region,
-                            page: first + i,
-                        },
-                    )
-                })
-                .collect();
-            index += count;
-            self.inflate_entries(&mut inner, &entries, &mut report);
-        }
+        let mut report = self.for_range(gpa, len, Self::inflate_entries)?;
         report
             .errors
             .retain(|e| !matches!(e.error, BalloonError::AlreadyBallooned { .. }));
@@ -632,8 +613,23 @@ impl Balloon {
     /// Deflates every page of `[gpa, gpa+len)`; pages not in the balloon are
     /// skipped silently.
     pub fn deflate_range(&self, gpa: GuestPhysAddr, len: u64) -> Result<BatchReport, BalloonError> {
-        let gpa = gpa.0;
-        let runs = self.range_pages(gpa, len)?;
+        let mut report = self.for_range(gpa, len, Self::deflate_entries)?;
+        report
+            .errors
+            .retain(|e| !matches!(e.error, BalloonError::NotBallooned { .. }));
+        Ok(report)
+    }
+
+    /// Runs `apply` (inflate or deflate) over every page of `[gpa, gpa+len)`,
+    /// one region's run at a time, under the balloon's lock; entry indices
+    /// count pages from the start of the range.
+    fn for_range(
+        &self,
+        gpa: GuestPhysAddr,
+        len: u64,
+        apply: fn(&Self, &mut Inner, &[(usize, Loc)], &mut BatchReport),
+    ) -> Result<BatchReport, BalloonError> {
+        let runs = self.range_pages(gpa.0, len)?;
         let mut report = BatchReport::default();
         let mut inner = self.lock();
         let mut index = 0usize;
@@ -650,11 +646,8 @@ impl Balloon {
                 })
                 .collect();
             index += count;
-            self.deflate_entries(&mut inner, &entries, &mut report);
+            apply(self, &mut inner, &entries, &mut report);
         }
-        report
-            .errors
-            .retain(|e| !matches!(e.error, BalloonError::NotBallooned { .. }));
         Ok(report)
     }
 
