@@ -43,14 +43,16 @@ if [[ -z "$from" ]]; then
 fi
 
 exec python3 - "$from" "$strict" <<'PY'
-import json, math, os, re, sys
+import re, sys
+
+sys.path.insert(0, "benches")
+from ratio_table import table
 
 home, strict = sys.argv[1], sys.argv[2] == "1"
 ROWS = ["read_obj_u64", "write_obj_u64", "read_4k", "write_4k", "read_64k",
         "write_64k", "find_region", "to_region_addr", "host_address"]
 LAYOUTS = ["1_region", "8_regions", "64_regions"]
 LOOKUPS = {"find_region", "to_region_addr", "host_address"}
-PF, VM = "pagefold", "vm-memory"
 
 
 def target(row, layout):
@@ -59,23 +61,6 @@ def target(row, layout):
     if row in LOOKUPS and layout == "64_regions":
         return 1.3
     return 1.0
-
-
-def load(d):
-    """(group_id, function_id) -> (median ns, lo, hi, throughput)."""
-    out = {}
-    for root, _dirs, files in os.walk(d):
-        if os.path.basename(root) != "new" or "estimates.json" not in files:
-            continue
-        with open(os.path.join(root, "benchmark.json")) as f:
-            bench = json.load(f)
-        with open(os.path.join(root, "estimates.json")) as f:
-            med = json.load(f)["median"]
-        ci = med["confidence_interval"]
-        out[(bench["group_id"], bench["function_id"])] = (
-            med["point_estimate"], ci["lower_bound"], ci["upper_bound"],
-            bench.get("throughput") or {})
-    return out
 
 
 def per_op(ns, row, throughput):
@@ -89,63 +74,6 @@ def per_op(ns, row, throughput):
     return ns
 
 
-def fmt_time(ns):
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    if ns >= 1e3:
-        return f"{ns / 1e3:.2f} us"
-    return f"{ns:.2f} ns"
-
-
-def order(group):
-    row, _, layout = group.partition("/")
-    return (ROWS.index(row) if row in ROWS else len(ROWS), row,
-            LAYOUTS.index(layout) if layout in LAYOUTS else len(LAYOUTS), layout)
-
-
-data = load(home)
-groups = sorted({g for g, fn in data if fn in (PF, VM)}, key=order)
-if not groups:
-    sys.exit(f"no pagefold/vm-memory results under {home}")
-
-print(f"pagefold vs vm-memory, criterion median per access, run {home}")
-hdr = f"{'row':<28} {'pagefold':>10} {'vm-memory':>10} {'ratio':>6} {'95% range':>13} {'target':>6}  met"
-print(hdr)
-print("-" * len(hdr))
-met = noise = 0
-missed, missing = [], []
-for g in groups:
-    pf, vm = data.get((g, PF)), data.get((g, VM))
-    if pf is None or vm is None:
-        missing.append(g)
-        print(f"{g:<28} {'-' if pf is None else 'ok':>10} {'-' if vm is None else 'ok':>10}   (one side missing)")
-        continue
-    row, _, layout = g.partition("/")
-    ratio = vm[0] / pf[0]
-    lo, hi = vm[1] / pf[2], vm[2] / pf[1]
-    t = target(row, layout)
-    if ratio >= t:
-        status, met = "yes", met + 1
-    elif hi >= t:
-        status, noise = "noise", noise + 1
-        missed.append(g)
-    else:
-        status = "NO"
-        missed.append(g)
-    print(f"{g:<28} {fmt_time(per_op(pf[0], row, pf[3])):>10} "
-          f"{fmt_time(per_op(vm[0], row, vm[3])):>10} {ratio:>6.2f} "
-          f"{f'{lo:.2f}-{hi:.2f}':>13} {t:>6.1f}  {status}")
-
-total = len(groups) - len(missing)
-geo = math.exp(sum(math.log(data[(g, VM)][0] / data[(g, PF)][0])
-                   for g in groups if g not in missing) / max(total, 1))
-summary = f"summary: {met}/{total} rows meet their target, geometric-mean ratio {geo:.2f}"
-if missed:
-    summary += f"; below target: {', '.join(missed)}"
-    if noise:
-        summary += f" ({noise} of them within noise)"
-if missing:
-    summary += f"; incomplete: {', '.join(missing)}"
-print(summary)
-sys.exit(1 if strict and (missed or missing) else 0)
+table(home, strict, ROWS, LAYOUTS, target, per_op,
+      "pagefold vs vm-memory, criterion median per access")
 PY
