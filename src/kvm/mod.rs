@@ -16,13 +16,14 @@
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::{
-    addr::{GuestPhysAddr, PAGE_SIZE},
-    dirty::DirtyError,
-    memory::GuestMemory,
-};
+mod dirty_log;
+mod vcpu;
+
+pub use vcpu::{KvmVcpu, RunReport};
+
+use crate::{addr::PAGE_SIZE, dirty::DirtyError, memory::GuestMemory};
 
 /// Errors of the KVM layer.
 #[derive(Debug, thiserror::Error)]
@@ -177,119 +178,9 @@ impl KvmVm {
         &self.vm
     }
 
-    /// Fetches (and clears) KVM's dirty log of every slot with
-    /// `KVM_GET_DIRTY_LOG` and ORs it into pagefold's dirty log
-    /// ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
-    /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM
-    /// reported. Does nothing (returns 0) without `log_dirty_pages`.
-    pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
-        if !self.options.log_dirty_pages {
-            return Ok(0);
-        }
-        let mut total = 0u64;
-        for slot in &self.slots {
-            let size = usize::try_from(slot.size).unwrap_or(usize::MAX);
-            let bitmap = self
-                .vm
-                .get_dirty_log(slot.id, size)
-                .map_err(ioctl("KVM_GET_DIRTY_LOG"))?;
-            total += bitmap
-                .iter()
-                .map(|w| u64::from(w.count_ones()))
-                .sum::<u64>();
-            self.mem.merge_dirty_bitmap(slot.region, &bitmap)?;
-        }
-        Ok(total)
-    }
-
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, KvmError> {
         let fd = self.vm.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu {
-            fd,
-            _mem: Arc::clone(&self.mem),
-        })
-    }
-}
-
-/// How a [`KvmVcpu::run_until_halt`] ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunReport {
-    /// Exits to userspace (the final `HLT` included).
-    pub exits: u64,
-    /// Port writes passed to the handler.
-    pub io_out: u64,
-}
-
-/// A vCPU of a [`KvmVm`].
-#[derive(Debug)]
-pub struct KvmVcpu {
-    // Field order matters: `fd` (which keeps the kernel VM and its slots
-    // alive) drops before `_mem`.
-    fd: VcpuFd,
-    _mem: Arc<GuestMemory>,
-}
-
-impl KvmVcpu {
-    /// The vCPU fd, for ioctls this type does not wrap.
-    pub fn vcpu_fd(&mut self) -> &mut VcpuFd {
-        &mut self.fd
-    }
-
-    /// Puts the vCPU in 16-bit real mode with every segment based at 0, so
-    /// guest-physical address = offset, and `IP` at `entry` (below 64 KiB).
-    #[cfg(target_arch = "x86_64")]
-    pub fn setup_real_mode(&mut self, entry: GuestPhysAddr) -> Result<(), KvmError> {
-        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        for seg in [
-            &mut sregs.cs,
-            &mut sregs.ds,
-            &mut sregs.es,
-            &mut sregs.fs,
-            &mut sregs.gs,
-            &mut sregs.ss,
-        ] {
-            seg.base = 0;
-            seg.selector = 0;
-        }
-        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
-        let mut regs = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        regs.rip = entry.0;
-        regs.rflags = 2; // bit 1 is reserved and must be set
-        regs.rsp = 0;
-        self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
-        Ok(())
-    }
-
-    /// Runs until the guest executes `HLT`. Port writes go to `on_io_out`
-    /// (port, data); port reads read zeros. Any other exit is an error.
-    pub fn run_until_halt(
-        &mut self,
-        mut on_io_out: impl FnMut(u16, &[u8]),
-    ) -> Result<RunReport, KvmError> {
-        let mut report = RunReport::default();
-        loop {
-            let exit = match self.fd.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(source) => {
-                    return Err(KvmError::Ioctl {
-                        op: "KVM_RUN",
-                        source,
-                    })
-                }
-            };
-            report.exits += 1;
-            match exit {
-                VcpuExit::Hlt => return Ok(report),
-                VcpuExit::IoOut(port, data) => {
-                    report.io_out += 1;
-                    on_io_out(port, data);
-                }
-                VcpuExit::IoIn(_, data) => data.fill(0),
-                VcpuExit::Intr => {}
-                other => return Err(KvmError::UnhandledExit(format!("{other:?}"))),
-            }
-        }
+        Ok(KvmVcpu::new(fd, Arc::clone(&self.mem)))
     }
 }
