@@ -256,6 +256,7 @@ impl From<MigrationError> for Error {
             MigrationError::Stream(s) => s.into(),
             MigrationError::Access(a) => a.into(),
             MigrationError::Dirty(d) => d.into(),
+            MigrationError::DirtySource(_) => Error::new(pf_status::PF_ERR_OS, e.to_string()),
             MigrationError::Failed => Error::invalid(e),
         }
     }

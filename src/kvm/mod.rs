@@ -21,7 +21,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 mod dirty_log;
 mod vcpu;
 
-pub use vcpu::{KvmVcpu, RunReport};
+pub use vcpu::{Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError};
 
 use crate::{addr::PAGE_SIZE, dirty::DirtyError, memory::GuestMemory};
 
@@ -89,7 +89,7 @@ pub struct KvmVm {
     slots: Vec<Slot>,
     options: KvmOptions,
     mem: Arc<GuestMemory>,
-    _kvm: Kvm,
+    kvm: Kvm,
 }
 
 impl KvmVm {
@@ -164,7 +164,7 @@ impl KvmVm {
             slots,
             options,
             mem: Arc::clone(mem),
-            _kvm: kvm,
+            kvm,
         })
     }
 
@@ -178,9 +178,24 @@ impl KvmVm {
         &self.vm
     }
 
-    /// Creates vCPU `id`.
+    /// Creates vCPU `id` with KVM's supported CPUID (so the guest sees
+    /// the host's features KVM can virtualize: SSE, AVX, XSAVE, ...).
     pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, KvmError> {
         let fd = self.vm.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu::new(fd, Arc::clone(&self.mem)))
+        let mut features = VcpuFeatures::default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cpuid = self
+                .kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+            // CPUID leaf 1, ECX: bit 26 XSAVE, bit 28 AVX.
+            if let Some(leaf1) = cpuid.as_slice().iter().find(|e| e.function == 1) {
+                features.xsave = leaf1.ecx & (1 << 26) != 0;
+                features.avx = features.xsave && leaf1.ecx & (1 << 28) != 0;
+            }
+            fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        }
+        Ok(KvmVcpu::new(fd, features, Arc::clone(&self.mem)))
     }
 }

@@ -1,38 +1,125 @@
-//! A vCPU of a [`KvmVm`](super::KvmVm) and a minimal runner: real mode, and exits to userspace.
+//! A vCPU of a [`KvmVm`](super::KvmVm): real-mode and 64-bit long-mode
+//! setup, a run loop that hands port I/O and `HLT` to the VMM, and the
+//! vCPU state a migration carries ([`VcpuState`]).
 
 use std::sync::Arc;
 
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use zerocopy::{AsBytes, FromBytes};
 
 use super::{ioctl, KvmError};
 use crate::{addr::GuestPhysAddr, memory::GuestMemory};
 
-/// How a [`KvmVcpu::run_until_halt`] ended.
+/// How a run ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunReport {
-    /// Exits to userspace (the final `HLT` included).
+    /// Exits to userspace (the last one included).
     pub exits: u64,
     /// Port writes passed to the handler.
     pub io_out: u64,
 }
 
-/// A vCPU of a [`KvmVm`].
+/// An exit the VMM handles in [`KvmVcpu::run`].
+#[derive(Debug)]
+pub enum Exit<'a> {
+    /// The guest wrote `data` to `port` (`OUT`).
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The bytes written (1, 2 or 4).
+        data: &'a [u8],
+    },
+    /// The guest reads `port` (`IN`): fill `data` (it starts zeroed).
+    IoIn {
+        /// The port.
+        port: u16,
+        /// What the guest will read.
+        data: &'a mut [u8],
+    },
+    /// The guest executed `HLT` (with interrupts off: it stays halted
+    /// until the next run).
+    Halt,
+}
+
+/// What [`KvmVcpu::run`] does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Enter the guest again.
+    Continue,
+    /// Return to the caller; a later [`KvmVcpu::run`] resumes the guest
+    /// after the instruction that exited.
+    Stop,
+}
+
+/// The CPU features a vCPU was given that guest programs care about.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuFeatures {
+    /// `XSAVE` (and with it `CR4.OSXSAVE` in long mode).
+    pub xsave: bool,
+    /// AVX: 256-bit vector stores (`XCR0` enables its state in long mode).
+    pub avx: bool,
+}
+
+/// Where a 64-bit guest starts: see [`KvmVcpu::setup_long_mode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongMode {
+    /// Guest-physical address of the PML4 (4-level paging).
+    pub cr3: GuestPhysAddr,
+    /// Guest-virtual address of the first instruction.
+    pub entry: u64,
+    /// Initial `RSP` (guest-virtual).
+    pub stack: u64,
+    /// Initial `RDI` and `RSI`: arguments for the guest program.
+    pub args: [u64; 2],
+}
+
+/// A vCPU of a [`KvmVm`](super::KvmVm).
 #[derive(Debug)]
 pub struct KvmVcpu {
     // Field order matters: `fd` (which keeps the kernel VM and its slots
     // alive) drops before `_mem`.
     fd: VcpuFd,
+    features: VcpuFeatures,
     _mem: Arc<GuestMemory>,
 }
 
+// Control-register and EFER bits (Intel SDM vol. 3A, 2.5 and 2.2.1).
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+/// XCR0: x87, SSE and AVX state.
+const XCR0_X87_SSE: u64 = 0b011;
+const XCR0_AVX: u64 = 0b100;
+
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd, mem: Arc<GuestMemory>) -> Self {
-        KvmVcpu { fd, _mem: mem }
+    pub(super) fn new(fd: VcpuFd, features: VcpuFeatures, mem: Arc<GuestMemory>) -> Self {
+        KvmVcpu {
+            fd,
+            features,
+            _mem: mem,
+        }
     }
 
     /// The vCPU fd, for ioctls this type does not wrap.
     pub fn vcpu_fd(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// The features its CPUID offers (KVM's supported CPUID, set at
+    /// creation).
+    pub fn features(&self) -> VcpuFeatures {
+        self.features
     }
 
     /// Puts the vCPU in 16-bit real mode with every segment based at 0, so
@@ -60,11 +147,88 @@ impl KvmVcpu {
         Ok(())
     }
 
-    /// Runs until the guest executes `HLT`. Port writes go to `on_io_out`
-    /// (port, data); port reads read zeros. Any other exit is an error.
-    pub fn run_until_halt(
+    /// Puts the vCPU directly in 64-bit mode (no firmware, no mode
+    /// switch in the guest): 4-level paging from `mode.cr3` with write
+    /// protection and no-execute on, flat 64-bit code and data segments,
+    /// SSE enabled (and AVX state in `XCR0` where the vCPU has AVX),
+    /// interrupts off. The page tables must map `mode.entry` and the stack;
+    /// there is no IDT, so any exception ends in a triple fault, which
+    /// [`run`](Self::run) reports as [`KvmError::UnhandledExit`].
+    #[cfg(target_arch = "x86_64")]
+    pub fn setup_long_mode(&mut self, mode: &LongMode) -> Result<(), KvmError> {
+        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x08,
+            type_: 0b1011, // execute/read, accessed
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: 0x10,
+            type_: 0b0011, // read/write, accessed
+            db: 1,
+            l: 0,
+            ..code
+        };
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            selector: 0x18,
+            limit: 0x67,
+            type_: 0b1011, // 64-bit TSS, busy
+            s: 0,
+            db: 0,
+            l: 0,
+            g: 0,
+            ..code
+        };
+        sregs.cr3 = mode.cr3.0;
+        sregs.cr4 = CR4_PAE
+            | CR4_OSFXSR
+            | CR4_OSXMMEXCPT
+            | if self.features.xsave { CR4_OSXSAVE } else { 0 };
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+        if self.features.xsave {
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = XCR0_X87_SSE | if self.features.avx { XCR0_AVX } else { 0 };
+            self.fd.set_xcrs(&xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+        }
+        let regs = kvm_regs {
+            rip: mode.entry,
+            rsp: mode.stack,
+            rdi: mode.args[0],
+            rsi: mode.args[1],
+            rflags: 2, // bit 1 is reserved and must be set; IF off
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    /// Runs the guest, handing each port access and `HLT` to `on_exit`
+    /// until it returns [`Flow::Stop`]. Any other exit (a triple fault, an
+    /// MMIO access, a failed entry) is an error naming the exit and the
+    /// guest's `RIP`. A signal that interrupts `KVM_RUN` just re-enters.
+    pub fn run(
         &mut self,
-        mut on_io_out: impl FnMut(u16, &[u8]),
+        mut on_exit: impl FnMut(Exit<'_>) -> Flow,
     ) -> Result<RunReport, KvmError> {
         let mut report = RunReport::default();
         loop {
@@ -79,16 +243,146 @@ impl KvmVcpu {
                 }
             };
             report.exits += 1;
-            match exit {
-                VcpuExit::Hlt => return Ok(report),
+            let flow = match exit {
+                VcpuExit::Hlt => on_exit(Exit::Halt),
                 VcpuExit::IoOut(port, data) => {
                     report.io_out += 1;
-                    on_io_out(port, data);
+                    on_exit(Exit::IoOut { port, data })
                 }
-                VcpuExit::IoIn(_, data) => data.fill(0),
-                VcpuExit::Intr => {}
-                other => return Err(KvmError::UnhandledExit(format!("{other:?}"))),
+                VcpuExit::IoIn(port, data) => {
+                    data.fill(0);
+                    on_exit(Exit::IoIn { port, data })
+                }
+                VcpuExit::Intr => Flow::Continue,
+                other => {
+                    let what = format!("{other:?}");
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+                    return Err(KvmError::UnhandledExit(format!("{what} at RIP {rip:#x}")));
+                }
+            };
+            if flow == Flow::Stop {
+                return Ok(report);
             }
         }
+    }
+
+    /// Runs until the guest executes `HLT`. Port writes go to `on_io_out`
+    /// (port, data); port reads read zeros. Any other exit is an error.
+    pub fn run_until_halt(
+        &mut self,
+        mut on_io_out: impl FnMut(u16, &[u8]),
+    ) -> Result<RunReport, KvmError> {
+        self.run(|exit| match exit {
+            Exit::Halt => Flow::Stop,
+            Exit::IoOut { port, data } => {
+                on_io_out(port, data);
+                Flow::Continue
+            }
+            Exit::IoIn { .. } => Flow::Continue,
+        })
+    }
+
+    /// The vCPU's architectural state, for a migration: general registers,
+    /// segment and control registers, the whole `XSAVE` area (x87, SSE,
+    /// AVX) and `XCR0`. Take it with the vCPU stopped (after
+    /// [`run`](Self::run) returned).
+    #[cfg(target_arch = "x86_64")]
+    pub fn state(&self) -> Result<VcpuState, KvmError> {
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?.region,
+            xcrs: self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
+        })
+    }
+
+    /// Loads a state taken by [`state`](Self::state), on this or another
+    /// host's vCPU with the same features.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(ioctl("KVM_SET_SREGS"))?;
+        if state.xcrs.nr_xcrs > 0 {
+            self.fd
+                .set_xcrs(&state.xcrs)
+                .map_err(ioctl("KVM_SET_XCRS"))?;
+        }
+        let xsave = kvm_xsave {
+            region: state.xsave,
+            ..Default::default()
+        };
+        self.fd.set_xsave(&xsave).map_err(ioctl("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(ioctl("KVM_SET_REGS"))?;
+        Ok(())
+    }
+}
+
+/// A vCPU's state as [`KvmVcpu::state`] takes it, with a byte form to
+/// send next to a migration stream.
+#[derive(Clone, Debug)]
+pub struct VcpuState {
+    /// General registers, `RIP`, `RFLAGS`.
+    pub regs: kvm_regs,
+    /// Segment, descriptor-table and control registers, `EFER`.
+    pub sregs: kvm_sregs,
+    /// The `XSAVE` area (4 KiB; `kvm_xsave::region`).
+    pub xsave: [u32; 1024],
+    /// Extended control registers (`XCR0`).
+    pub xcrs: kvm_xcrs,
+}
+
+/// Why [`VcpuState::from_bytes`] refused its input.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VcpuStateError {
+    /// The input is not a vCPU state of this format (wrong magic or
+    /// length).
+    #[error("not a vCPU state: {0}")]
+    Malformed(&'static str),
+}
+
+const STATE_MAGIC: &[u8; 8] = b"PFVCPU01";
+
+impl VcpuState {
+    /// Length of the byte form.
+    pub const BYTES: usize = STATE_MAGIC.len()
+        + std::mem::size_of::<kvm_regs>()
+        + std::mem::size_of::<kvm_sregs>()
+        + std::mem::size_of::<[u32; 1024]>()
+        + std::mem::size_of::<kvm_xcrs>();
+
+    /// The byte form: a magic, then each structure as the kernel lays it
+    /// out (this host's byte order).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::BYTES);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(self.regs.as_bytes());
+        out.extend_from_slice(self.sregs.as_bytes());
+        out.extend_from_slice(self.xsave.as_bytes());
+        out.extend_from_slice(self.xcrs.as_bytes());
+        out
+    }
+
+    /// Parses the byte form of [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, VcpuStateError> {
+        if bytes.len() != Self::BYTES {
+            return Err(VcpuStateError::Malformed("wrong length"));
+        }
+        let (magic, rest) = bytes.split_at(STATE_MAGIC.len());
+        if magic != STATE_MAGIC {
+            return Err(VcpuStateError::Malformed("wrong magic"));
+        }
+        let short = VcpuStateError::Malformed("truncated");
+        let (regs, rest) = rest.split_at(std::mem::size_of::<kvm_regs>());
+        let (sregs, rest) = rest.split_at(std::mem::size_of::<kvm_sregs>());
+        let (region, xcrs) = rest.split_at(std::mem::size_of::<[u32; 1024]>());
+        Ok(VcpuState {
+            xsave: <[u32; 1024]>::read_from(region).ok_or(short.clone())?,
+            regs: kvm_regs::read_from(regs).ok_or(short.clone())?,
+            sregs: kvm_sregs::read_from(sregs).ok_or(short.clone())?,
+            xcrs: kvm_xcrs::read_from(xcrs).ok_or(short)?,
+        })
     }
 }

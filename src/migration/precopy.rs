@@ -127,6 +127,10 @@ pub enum MigrationError {
     /// Dirty tracking could not be set up or harvested.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// The dirty source ([`Sender::set_dirty_source`], e.g. KVM's dirty
+    /// log) failed.
+    #[error("fetching dirty pages from the dirty source: {0}")]
+    DirtySource(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The sender failed or was cancelled earlier; it refuses further use.
     #[error("this migration already failed or was cancelled; start a new one")]
     Failed,
@@ -183,6 +187,8 @@ impl<W> std::fmt::Debug for Throttle<W> {
 }
 
 type ProgressFn<'a> = Box<dyn FnMut(&Progress) + Send + 'a>;
+type DirtySourceFn<'a> =
+    Box<dyn FnMut() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + 'a>;
 
 /// The sending end of a pre-copy migration of `mem` to an output `W`.
 ///
@@ -197,6 +203,7 @@ pub struct Sender<'m, W: Write> {
     opts: PrecopyOptions,
     cancel: Arc<AtomicBool>,
     progress: Option<ProgressFn<'m>>,
+    dirty_source: Option<DirtySourceFn<'m>>,
     /// Each region's tracking before the migration (restored at the end).
     tracking_before: Option<Vec<bool>>,
     /// The next round to send.
@@ -249,6 +256,7 @@ impl<'m, W: Write> Sender<'m, W> {
             opts,
             cancel,
             progress: None,
+            dirty_source: None,
             tracking_before: Some(before),
             round: 0,
             pending: Vec::new(),
@@ -275,6 +283,30 @@ impl<'m, W: Write> Sender<'m, W> {
     /// Calls `f` after each round's dirty harvest.
     pub fn on_progress(&mut self, f: impl FnMut(&Progress) + Send + 'm) {
         self.progress = Some(Box::new(f));
+    }
+
+    /// Calls `f` before every harvest of the dirty log, for writers the
+    /// memory layer does not see: a KVM VMM passes a closure that calls
+    /// [`KvmVm::fetch_dirty_log`](crate::kvm::KvmVm::fetch_dirty_log),
+    /// which ORs KVM's log into the memory's. Call it right after
+    /// [`start`](Self::start) (round 0 reads every page after `start`, so
+    /// KVM's log need only cover writes from then on: fetch and discard it
+    /// before `start` if the VM ran with logging on). An error of `f` fails
+    /// the migration with [`MigrationError::DirtySource`].
+    pub fn set_dirty_source(
+        &mut self,
+        f: impl FnMut() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + 'm,
+    ) {
+        self.dirty_source = Some(Box::new(f));
+    }
+
+    /// Harvests the dirty log into `pending`, after asking the dirty
+    /// source (if any) to bring its writes in.
+    fn harvest(&mut self) -> Result<u64, MigrationError> {
+        if let Some(f) = self.dirty_source.as_mut() {
+            f().map_err(MigrationError::DirtySource)?;
+        }
+        Ok(self.mem.harvest_dirty(RegionSet::All, &mut self.pending)?)
     }
 
     /// Bytes written so far.
@@ -305,7 +337,7 @@ impl<'m, W: Write> Sender<'m, W> {
             self.busy += elapsed;
             self.round += 1;
             // What was dirtied while this round was sent.
-            let dirty = self.mem.harvest_dirty(RegionSet::All, &mut self.pending)?;
+            let dirty = self.harvest()?;
             self.pending_pages += dirty;
             let p = self.progress_now(sent, dirty, elapsed);
             if let Some(f) = self.progress.as_mut() {
@@ -347,7 +379,7 @@ impl<'m, W: Write> Sender<'m, W> {
             self.full_pass()?;
             self.round = 1;
         }
-        let dirty = self.mem.harvest_dirty(RegionSet::All, &mut self.pending)?;
+        let dirty = self.harvest()?;
         self.pending_pages += dirty;
         let pages = self.send_pending()?;
         self.round += 1;
