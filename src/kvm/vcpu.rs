@@ -72,6 +72,14 @@ pub struct LongMode {
     pub stack: u64,
     /// Initial `RDI` and `RSI`: arguments for the guest program.
     pub args: [u64; 2],
+    /// Start the program in ring 3 (user mode, with `IOPL` 3 so it may
+    /// still use port I/O; `HLT` is then not allowed: signal the end with
+    /// a port write instead). Every page it touches must be mapped with
+    /// the U/S bit at every level. Needed where KVM is PVM
+    /// (`kvm_pvm`, KVM on shadow page tables without VMX): there only
+    /// ring-3 guest code runs natively, ring 0 goes through KVM's
+    /// instruction emulator (slow, and without most SSE instructions).
+    pub user_mode: bool,
 }
 
 /// A vCPU of a [`KvmVm`](super::KvmVm).
@@ -157,13 +165,18 @@ impl KvmVcpu {
     #[cfg(target_arch = "x86_64")]
     pub fn setup_long_mode(&mut self, mode: &LongMode) -> Result<(), KvmError> {
         let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let (cpl, code_sel, data_sel) = if mode.user_mode {
+            (3, 0x2b, 0x33)
+        } else {
+            (0, 0x08, 0x10)
+        };
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x08,
+            selector: code_sel,
             type_: 0b1011, // execute/read, accessed
             present: 1,
-            dpl: 0,
+            dpl: cpl,
             db: 0,
             s: 1,
             l: 1,
@@ -171,7 +184,7 @@ impl KvmVcpu {
             ..Default::default()
         };
         let data = kvm_segment {
-            selector: 0x10,
+            selector: data_sel,
             type_: 0b0011, // read/write, accessed
             db: 1,
             l: 0,
@@ -215,7 +228,8 @@ impl KvmVcpu {
             rsp: mode.stack,
             rdi: mode.args[0],
             rsi: mode.args[1],
-            rflags: 2, // bit 1 is reserved and must be set; IF off
+            // Bit 1 is reserved and must be set; IF off; IOPL 3 in ring 3.
+            rflags: 2 | if mode.user_mode { 3 << 12 } else { 0 },
             ..Default::default()
         };
         self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
@@ -254,6 +268,13 @@ impl KvmVcpu {
                     on_exit(Exit::IoIn { port, data })
                 }
                 VcpuExit::Intr => Flow::Continue,
+                VcpuExit::InternalError => {
+                    let detail = self.internal_error();
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+                    return Err(KvmError::UnhandledExit(format!(
+                        "internal error ({detail}) at RIP {rip:#x}"
+                    )));
+                }
                 other => {
                     let what = format!("{other:?}");
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
@@ -264,6 +285,24 @@ impl KvmVcpu {
                 return Ok(report);
             }
         }
+    }
+
+    /// The suberror and data words of the last `KVM_EXIT_INTERNAL_ERROR`.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called right after `KVM_RUN` returned
+        // `KVM_EXIT_INTERNAL_ERROR`, for which the kernel fills the
+        // `internal` member of the exit union; every bit pattern of its
+        // integer fields is valid.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = usize::try_from(internal.ndata)
+            .unwrap_or(0)
+            .min(internal.data.len());
+        format!(
+            "suberror {}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
     }
 
     /// Runs until the guest executes `HLT`. Port writes go to `on_io_out`
