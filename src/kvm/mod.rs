@@ -10,8 +10,9 @@
 //! kernel can reach them.
 //!
 //! Not here yet (issue 7): the COW path for guest writes to shared pages
-//! (userfaultfd write-protect, see `DESIGN.md`), `KVM_CLEAR_DIRTY_LOG` with
-//! manual protection, and long mode.
+//! (userfaultfd write-protect, see `DESIGN.md`), and long mode. The dirty
+//! log uses manual protection (`KVM_CLEAR_DIRTY_LOG`) where KVM offers it
+//! (`dirty_log.rs`).
 
 use std::sync::Arc;
 
@@ -70,6 +71,10 @@ pub struct KvmOptions {
     /// Register every slot with `KVM_MEM_LOG_DIRTY_PAGES`, so
     /// [`KvmVm::fetch_dirty_log`] can fetch guest writes.
     pub log_dirty_pages: bool,
+    /// Fetch with the legacy get-and-clear `KVM_GET_DIRTY_LOG` even where
+    /// KVM offers manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
+    /// used by default); for comparisons and tests.
+    pub legacy_dirty_log: bool,
 }
 
 /// One memory slot: the region it maps.
@@ -88,6 +93,7 @@ pub struct KvmVm {
     vm: VmFd,
     slots: Vec<Slot>,
     options: KvmOptions,
+    dirty: dirty_log::DirtyLog,
     mem: Arc<GuestMemory>,
     kvm: Kvm,
 }
@@ -99,6 +105,7 @@ impl KvmVm {
             mem,
             KvmOptions {
                 log_dirty_pages: true,
+                ..KvmOptions::default()
             },
         )
     }
@@ -123,6 +130,8 @@ impl KvmVm {
             vm.set_tss_address(0xfffb_d000)
                 .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         }
+        // Before the slots: manual protection applies to slots added later.
+        let dirty = dirty_log::DirtyLog::enable(&vm, &options)?;
         let mut slots = Vec::with_capacity(regions.len());
         for (index, region) in regions.iter().enumerate() {
             if options.log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64
@@ -159,10 +168,12 @@ impl KvmVm {
                 size: info.size,
             });
         }
+        dirty.start(&vm, &slots, mem)?;
         Ok(KvmVm {
             vm,
             slots,
             options,
+            dirty,
             mem: Arc::clone(mem),
             kvm,
         })

@@ -1,0 +1,433 @@
+//! KVM's dirty log fetched into pagefold's log, with manual protection
+//! (`KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG`) and with the legacy
+//! get-and-clear: a real-mode guest writes pages of two memory slots in
+//! rounds, and each fetch reports exactly the pages written since the one
+//! before (a page written twice once; a page written again in the next
+//! round again). A second test races fetches and harvests against a guest
+//! that keeps writing, and checks a copy kept from the harvests ends equal
+//! to memory: no write lost. Skips, saying so, where `/dev/kvm` is absent or
+//! unusable.
+#![cfg(feature = "kvm")]
+#![cfg(target_arch = "x86_64")]
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use pagefold::{
+    kvm::{KvmError, KvmOptions, KvmVm},
+    DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
+};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+/// Region 0: 128 pages; region 1 (after a hole): 111 pages, so its bitmap
+/// ends inside a word. Real mode reaches both (below 1 MiB).
+const LAYOUT: [(GuestPhysAddr, u64); 2] = [
+    (GuestPhysAddr(0), 0x8_0000),
+    (GuestPhysAddr(0x9_0000), 0x6_f000),
+];
+const TABLE: u64 = 0x7000;
+const CODE: u64 = 0x8000;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Writes one byte per table entry. Table at 0x7000: `count: u16`, then
+/// `count` entries `(segment: u16, offset: u16)`; `count` >= 1.
+const WRITE_TABLE: &[u8] = &[
+    0xbe, 0x00, 0x70, // 00: mov si, 0x7000
+    0x8b, 0x0c, // 03: mov cx, [si]
+    0x83, 0xc6, 0x02, // 05: add si, 2
+    0x8b, 0x04, // 08: mov ax, [si]
+    0x8e, 0xc0, // 0a: mov es, ax
+    0x8b, 0x7c, 0x02, // 0c: mov di, [si+2]
+    0x26, 0x88, 0x0d, // 0f: mov es:[di], cl
+    0x83, 0xc6, 0x04, // 12: add si, 4
+    0xe2, 0xf1, // 15: loop 08
+    0xf4, // 17: hlt
+];
+
+/// Two passes over the `count: u16` (at 0x7002) segments listed from
+/// 0x7004: the first writes the 16-bit `value` at 0x7000 to `segment:0` of
+/// each, the second `value + 1`, with a pause (a 128-step `loop`)
+/// after each pass. Then `hlt`. Each page's second write is
+/// its last: a lost one leaves the page different from any copy taken.
+const WRITE_TWICE: &[u8] = &[
+    0x8b, 0x1e, 0x00, 0x70, // 00: mov bx, [0x7000]
+    0xb2, 0x02, // 04: mov dl, 2
+    0xbe, 0x02, 0x70, // 06: mov si, 0x7002
+    0x8b, 0x0c, // 09: mov cx, [si]
+    0x83, 0xc6, 0x02, // 0b: add si, 2
+    0x8e, 0x04, // 0e: mov es, [si]
+    0x26, 0x89, 0x1e, 0x00, 0x00, // 10: mov es:[0], bx
+    0x83, 0xc6, 0x02, // 15: add si, 2
+    0xe2, 0xf4, // 18: loop 0e
+    0xb9, 0x80, 0x00, // 1a: mov cx, 0x80
+    0xe2, 0xfe, // 1d: loop 1d (a pause between the passes)
+    0x43, // 1f: inc bx
+    0xfe, 0xca, // 20: dec dl
+    0x75, 0xe2, // 22: jnz 06
+    0xf4, // 24: hlt
+];
+
+fn memory(code: &[u8]) -> Arc<GuestMemory> {
+    let mem = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    mem.write(GuestPhysAddr(CODE), code).unwrap();
+    mem
+}
+
+/// The VM, or why KVM is unusable here (`None` and a SKIP line).
+fn vm_or_skip(test: &str, mem: &Arc<GuestMemory>, legacy: bool) -> Option<KvmVm> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIP {test}: /dev/kvm does not exist");
+        return None;
+    }
+    let options = KvmOptions {
+        log_dirty_pages: true,
+        legacy_dirty_log: legacy,
+    };
+    match KvmVm::with_options(mem, options) {
+        Ok(vm) => Some(vm),
+        Err(e @ KvmError::Ioctl { op, .. }) if op == "open /dev/kvm" || op == "KVM_CREATE_VM" => {
+            println!("SKIP {test}: /dev/kvm is not usable: {e}");
+            None
+        }
+        Err(e) => panic!("creating the VM: {e}"),
+    }
+}
+
+/// Whether this KVM offers manual dirty-log protection at all.
+fn kvm_offers_manual_protect() -> bool {
+    kvm_ioctls::Kvm::new()
+        .map(|k| {
+            k.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) > 0
+        })
+        .unwrap_or(false)
+}
+
+fn check_mode(test: &str, vm: &KvmVm, legacy: bool) {
+    println!(
+        "{test}: manual protect {}, initially set {}",
+        vm.manual_dirty_log_protect(),
+        vm.dirty_log_initially_set()
+    );
+    if legacy {
+        assert!(!vm.manual_dirty_log_protect(), "legacy forced");
+    } else {
+        assert_eq!(vm.manual_dirty_log_protect(), kvm_offers_manual_protect());
+    }
+}
+
+fn harvest_pages(mem: &GuestMemory) -> BTreeSet<u64> {
+    let mut runs: Vec<DirtyRun> = Vec::new();
+    mem.harvest_dirty(RegionSet::All, &mut runs).unwrap();
+    runs.iter()
+        .flat_map(|r| (0..r.pages).map(move |i| r.start.0 + i * PAGE))
+        .collect()
+}
+
+/// Every page the guests may write: all pages of both regions but the
+/// table's and the code's.
+fn writable_pages() -> Vec<u64> {
+    LAYOUT
+        .iter()
+        .flat_map(|&(start, size)| (0..size / PAGE).map(move |i| start.0 + i * PAGE))
+        .filter(|&p| p != TABLE && p != CODE)
+        .collect()
+}
+
+/// Runs `WRITE_TABLE` over `writes` (guest-physical byte addresses).
+fn guest_writes(vm: &KvmVm, vcpu: &mut pagefold::kvm::KvmVcpu, writes: &[u64]) {
+    assert!(!writes.is_empty() && writes.len() <= 1000);
+    let mut table = Vec::with_capacity(2 + 4 * writes.len());
+    table.extend_from_slice(&u16::try_from(writes.len()).unwrap().to_le_bytes());
+    for &gpa in writes {
+        let page = gpa & !(PAGE - 1);
+        table.extend_from_slice(&u16::try_from(page >> 4).unwrap().to_le_bytes());
+        table.extend_from_slice(&u16::try_from(gpa - page).unwrap().to_le_bytes());
+    }
+    // A library write: not in KVM's log, and library tracking is off.
+    vm.memory().write(GuestPhysAddr(TABLE), &table).unwrap();
+    vcpu.setup_real_mode(GuestPhysAddr(CODE)).unwrap();
+    vcpu.run_until_halt(|_, _| {}).unwrap();
+}
+
+fn rounds(legacy: bool) {
+    let test = if legacy {
+        "kvm_dirty_log rounds (legacy)"
+    } else {
+        "kvm_dirty_log rounds (manual protect)"
+    };
+    let mem = memory(WRITE_TABLE);
+    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+        return;
+    };
+    check_mode(test, &vm, legacy);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    // Nothing written by the guest yet: the first fetch reports nothing,
+    // whatever KVM_DIRTY_LOG_INITIALLY_SET did to the slots.
+    assert_eq!(vm.fetch_dirty_log().unwrap(), 0, "{test}: first fetch");
+    assert!(harvest_pages(&mem).is_empty());
+
+    let pages = writable_pages();
+    let r1_end = LAYOUT[1].0 .0 + LAYOUT[1].1;
+    // Edges: each region's first and last page, both sides of the word
+    // boundary at page 64 of each region, a page written twice (two
+    // offsets) and one written at the very same byte twice.
+    let mut edge = vec![
+        0,
+        0x3f000,
+        0x40000,
+        0x40ffe,
+        0x40ffe,
+        0x7f000,
+        0x9_0000,
+        0x9_0000 + 63 * PAGE,
+        0x9_0000 + 64 * PAGE,
+        r1_end - PAGE,
+        r1_end - 1,
+    ];
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut expect_next = BTreeSet::new();
+    for round in 0..40 {
+        let writes: Vec<u64> = match round {
+            0 => std::mem::take(&mut edge),
+            // Written in round 0 and again now: reported again (the
+            // fetch re-armed tracking of the pages it cleared).
+            1 => vec![0x40000 + 17, r1_end - PAGE + 5, 0x1000],
+            _ => {
+                let n = rng.gen_range(1..300);
+                (0..n)
+                    .map(|_| pages[rng.gen_range(0..pages.len())] + rng.gen_range(0..PAGE))
+                    .collect()
+            }
+        };
+        if round % 7 == 3 {
+            // A round in which the guest does not run.
+            assert_eq!(vm.fetch_dirty_log().unwrap(), 0, "{test}: idle round");
+            assert!(harvest_pages(&mem).is_empty(), "{test}: idle round");
+        }
+        guest_writes(&vm, &mut vcpu, &writes);
+        expect_next.clear();
+        expect_next.extend(writes.iter().map(|a| a & !(PAGE - 1)));
+        let reported = vm.fetch_dirty_log().unwrap();
+        let got = harvest_pages(&mem);
+        assert_eq!(got, expect_next, "{test}: round {round}");
+        assert_eq!(
+            reported,
+            expect_next.len() as u64,
+            "{test}: round {round} count"
+        );
+        // Every write landed: write j stores the low byte of the loop
+        // counter, `len - j`; the last write to an address wins.
+        let mut last = std::collections::BTreeMap::new();
+        for (j, &a) in writes.iter().enumerate() {
+            last.insert(a, (writes.len() - j).to_le_bytes()[0]);
+        }
+        for (&a, &v) in &last {
+            assert_eq!(mem.read_obj::<u8>(GuestPhysAddr(a)).unwrap(), v, "{a:#x}");
+        }
+    }
+    println!("{test}: 40 rounds exact");
+}
+
+#[test]
+fn rounds_report_exactly_the_pages_written_manual_protect() {
+    rounds(false);
+}
+
+#[test]
+fn rounds_report_exactly_the_pages_written_legacy() {
+    rounds(true);
+}
+
+/// Runs of a guest that writes every one of 200 pages twice (two passes),
+/// while one thread fetches in a loop and this one harvests and copies
+/// what was reported into a shadow. After each run (guest halted) a last
+/// fetch and harvest must leave the shadow equal to memory: a second write
+/// that slipped between a fetch's get and clear, or between a clear and a
+/// harvest's copy, unreported, would leave a stale page.
+fn racing(legacy: bool) {
+    let test = if legacy {
+        "kvm_dirty_log racing (legacy)"
+    } else {
+        "kvm_dirty_log racing (manual protect)"
+    };
+    let mem = memory(WRITE_TWICE);
+    let pages: Vec<u64> = writable_pages().into_iter().take(200).collect();
+    let mut table = vec![0u8, 0];
+    table.extend_from_slice(&u16::try_from(pages.len()).unwrap().to_le_bytes());
+    for &p in &pages {
+        table.extend_from_slice(&u16::try_from(p >> 4).unwrap().to_le_bytes());
+    }
+    mem.write(GuestPhysAddr(TABLE), &table).unwrap();
+    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+        return;
+    };
+    check_mode(test, &vm, legacy);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+
+    let mut shadow = vec![0u16; pages.len()];
+    let copy = |shadow: &mut Vec<u16>, got: &BTreeSet<u64>| {
+        for &p in got {
+            let i = pages
+                .binary_search(&p)
+                .unwrap_or_else(|_| panic!("{test}: page {p:#x} never written"));
+            shadow[i] = mem.read_obj::<u16>(GuestPhysAddr(p)).unwrap();
+        }
+    };
+    let stop_fetching = AtomicBool::new(false);
+    let (mut runs, mut harvests, mut busy) = (0u16, 0u64, 0u64);
+    let mut lost = Vec::new();
+    let fetches = std::thread::scope(|s| {
+        let fetcher = s.spawn(|| {
+            let mut fetches = 0u64;
+            while !stop_fetching.load(Ordering::SeqCst) {
+                vm.fetch_dirty_log().unwrap();
+                fetches += 1;
+                // Leave the guest CPU time (each fetch kicks the vCPU out;
+                // this host may have two CPUs for three threads).
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            fetches
+        });
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(500) && runs < 1000 {
+            runs += 1;
+            let value = runs * 2 + 1;
+            mem.write_obj(GuestPhysAddr(TABLE), value).unwrap();
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let runner = s.spawn(|| {
+                    vcpu.setup_real_mode(GuestPhysAddr(CODE)).unwrap();
+                    let r = vcpu.run_until_halt(|_, _| {});
+                    done.store(true, Ordering::SeqCst);
+                    r
+                });
+                while !done.load(Ordering::SeqCst) {
+                    let got = harvest_pages(&mem);
+                    copy(&mut shadow, &got);
+                    harvests += 1;
+                    busy += u64::from(!got.is_empty());
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                runner.join().unwrap().unwrap();
+            });
+            // The guest is halted: this fetch (after any the fetcher has
+            // under way) and harvest take everything it wrote.
+            vm.fetch_dirty_log().unwrap();
+            let got = harvest_pages(&mem);
+            copy(&mut shadow, &got);
+            for (i, &p) in pages.iter().enumerate() {
+                let now = mem.read_obj::<u16>(GuestPhysAddr(p)).unwrap();
+                assert_eq!(now, value + 1, "{test}: run {runs}: page {p:#x}");
+                if shadow[i] != now {
+                    lost.push((runs, p, shadow[i], now));
+                }
+            }
+            shadow.copy_from_slice(&vec![value + 1; pages.len()]);
+        }
+        stop_fetching.store(true, Ordering::SeqCst);
+        fetcher.join().unwrap()
+    });
+    println!(
+        "{test}: {runs} runs, {fetches} fetches, {harvests} harvests ({busy} found pages), lost writes (run, page, copy, memory): {lost:x?}"
+    );
+    assert!(lost.is_empty(), "{test}: writes lost: {lost:x?}");
+    assert!(
+        busy >= 10,
+        "{test}: too few harvests met the running guest ({busy})"
+    );
+}
+
+#[test]
+fn no_write_lost_while_the_guest_runs_manual_protect() {
+    racing(false);
+}
+
+#[test]
+fn no_write_lost_while_the_guest_runs_legacy() {
+    racing(true);
+}
+
+/// The KVM behaviour the order inside a fetch rests on, shown with raw
+/// ioctls: with manual protection, a guest write between
+/// `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` to a page the get
+/// reported sets nothing (the page is still writable), and the clear then
+/// drops the page's bit. So a fetch must clear before the bits reach
+/// pagefold's log: a harvest that copied the page before that write would
+/// otherwise never see it again. (The clear-then-merge order makes every
+/// harvest that reports the page start after the clear.)
+#[test]
+fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
+    use std::os::fd::AsRawFd;
+    const TEST: &str = "kvm_dirty_log get/write/clear";
+    let mem = memory(WRITE_TABLE);
+    let Some(vm) = vm_or_skip(TEST, &mem, false) else {
+        return;
+    };
+    if !vm.manual_dirty_log_protect() {
+        println!("SKIP {TEST}: KVM offers no manual dirty-log protection");
+        return;
+    }
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let page = 0x5000u64;
+    let bit = 1u64 << (page / PAGE);
+    let fd = vm.vm_fd().as_raw_fd();
+    let mut bitmap = [0u64; 2]; // slot 0: 128 pages
+    let get = |bitmap: &mut [u64; 2]| {
+        let log = kvm_bindings::kvm_dirty_log {
+            slot: 0,
+            padding1: 0,
+            __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM_GET_DIRTY_LOG (_IOW(0xae, 0x42, 16 bytes)) writes
+        // slot 0's bitmap, 128 pages = 16 bytes, into `bitmap` (16 bytes,
+        // exclusively borrowed); `log` lives across the call.
+        let r = unsafe { libc::ioctl(fd, 0x4010_ae42, &log) };
+        assert_eq!(r, 0, "KVM_GET_DIRTY_LOG");
+        bitmap[0]
+    };
+    let clear = |mask: u64| {
+        let mut words = [mask, 0];
+        let c = kvm_bindings::kvm_clear_dirty_log {
+            slot: 0,
+            num_pages: 128,
+            first_page: 0,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: words.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM_CLEAR_DIRTY_LOG (_IOWR(0xae, 0xc0, 24 bytes)) reads
+        // 128 bits = 16 bytes from `words` (16 bytes, live); `c` lives
+        // across the call.
+        let r = unsafe { libc::ioctl(fd, 0xc018_aec0, &c) };
+        assert_eq!(r, 0, "KVM_CLEAR_DIRTY_LOG");
+    };
+    guest_writes(&vm, &mut vcpu, &[page + 1]);
+    assert_eq!(get(&mut bitmap), bit, "written once");
+    guest_writes(&vm, &mut vcpu, &[page + 2]);
+    clear(bit);
+    assert_eq!(
+        get(&mut bitmap),
+        0,
+        "the write between get and clear left no bit"
+    );
+    guest_writes(&vm, &mut vcpu, &[page + 3]);
+    assert_eq!(
+        get(&mut bitmap),
+        bit,
+        "a write after the clear sets it again"
+    );
+    clear(bit);
+    // And through the API: a page written between fetches is reported.
+    guest_writes(&vm, &mut vcpu, &[page + 4]);
+    assert_eq!(vm.fetch_dirty_log().unwrap(), 1);
+    assert_eq!(harvest_pages(&mem), BTreeSet::from([page]));
+}
