@@ -1,0 +1,107 @@
+//! The mini VMM (`examples/mini_vmm`) as a test: three KVM VMs whose guests
+//! fill, balloon and keep writing their memory while the dedup host folds
+//! them; the walker on each vCPU's CR3; VM 0 live-migrated over TCP into a
+//! fresh VM in another process (this test binary again, running the
+//! ignored `receiver_process` entry point), where the guest runs on and
+//! verifies its whole memory against its running checksum. Skips, saying
+//! so, where `/dev/kvm` is absent or unusable.
+#![cfg(feature = "kvm")]
+#![cfg(target_arch = "x86_64")]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+#[path = "../examples/mini_vmm/guest.rs"]
+mod guest;
+#[path = "../examples/mini_vmm/vmm.rs"]
+mod vmm;
+
+use std::{process::Command, sync::Arc};
+
+use pagefold::{
+    kvm::{KvmError, KvmVm},
+    GuestMemory, GuestPhysAddr,
+};
+
+const PORT_VAR: &str = "PAGEFOLD_MINI_VMM_RECEIVE_PORT";
+
+fn kvm_usable(test: &str) -> bool {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIP {test}: /dev/kvm does not exist");
+        return false;
+    }
+    let probe = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), 0x10000)]).unwrap());
+    match KvmVm::new(&probe) {
+        Ok(_) => true,
+        Err(e @ KvmError::Ioctl { op, .. }) if op == "open /dev/kvm" || op == "KVM_CREATE_VM" => {
+            println!("SKIP {test}: /dev/kvm is not usable: {e}");
+            false
+        }
+        Err(e) => panic!("creating a probe VM: {e}"),
+    }
+}
+
+/// The receiving process's entry point, run by `mini_vmm_end_to_end`
+/// through this binary with `--ignored --exact receiver_process`.
+#[test]
+#[ignore = "entry point of the receiving process, started by mini_vmm_end_to_end"]
+fn receiver_process() {
+    let port: u16 = std::env::var(PORT_VAR)
+        .expect("started without the port")
+        .parse()
+        .unwrap();
+    vmm::receive(port).unwrap();
+}
+
+#[test]
+fn mini_vmm_end_to_end() {
+    if !kvm_usable("mini_vmm_end_to_end") {
+        return;
+    }
+    let cfg = vmm::Config {
+        vms: 3,
+        data_mib: 16,
+        balloon_mib: 4,
+        fold_secs: 1.5,
+        verbose: true,
+    };
+    let exe = std::env::current_exe().unwrap();
+    let report = vmm::run(&cfg, &|port| {
+        Command::new(&exe)
+            .args(["--ignored", "--exact", "receiver_process", "--nocapture"])
+            .env(PORT_VAR, port.to_string())
+            .spawn()
+    })
+    .unwrap();
+    println!("mini_vmm_end_to_end: {report:#?}");
+
+    let prog = vmm::program(&cfg);
+    // Every guest verified its whole memory (after the balloon, while
+    // folded, and at the end), and none failed.
+    for (i, &(verified, failed)) in report.verified.iter().enumerate() {
+        assert_eq!(failed, 0, "VM {i}: a verification failed");
+        assert!(verified >= 2, "VM {i} verified only {verified} times");
+    }
+    // The migrated guest ran on in the other process and checked out.
+    let m = report.migration.unwrap();
+    assert_eq!(m.failed, 0, "the migrated guest's verification failed");
+    assert!(m.verified >= 2 && m.rounds_after >= 200, "{m:?}");
+    // The balloon released exactly what the guests gave up, for real.
+    assert_eq!(report.ballooned_pages, prog.balloon_pages * cfg.vms as u64);
+    assert!(
+        report.store_after_balloon + report.ballooned_pages * 4096 / 2
+            <= report.store_before_balloon,
+        "the frame store did not shrink: {} -> {}",
+        report.store_before_balloon,
+        report.store_after_balloon
+    );
+    // Folding: half of each VM's data is alike across VMs; the moving
+    // window had rewritten at most part of it at the best moment.
+    let alike = prog.data_pages / 2 * (cfg.vms as u64 - 1);
+    assert!(
+        report.peak.pages_sharing >= alike / 2,
+        "peak sharing {} pages, want at least {}",
+        report.peak.pages_sharing,
+        alike / 2
+    );
+    assert!(report.last.cow_breaks > 0, "no guest write broke COW");
+    assert_eq!(report.walks_checked, 3 * cfg.vms as u64);
+}
