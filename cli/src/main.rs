@@ -4,10 +4,18 @@
 
 mod compare;
 mod demo;
+mod demo_kvm;
 mod estimate;
 mod ksm;
 mod maps;
 mod workload;
+
+// The mini VMM of `examples/mini_vmm`: its guest program and its VMM, which
+// `pagefold demo` runs when KVM is usable.
+#[path = "../../examples/mini_vmm/guest.rs"]
+mod guest;
+#[path = "../../examples/mini_vmm/vmm.rs"]
+mod vmm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -32,6 +40,13 @@ enum Command {
         /// Guest RAM per VM, in MiB.
         #[arg(long, default_value_t = 64)]
         mib: u64,
+        /// Use the software path (library writes stand in for the guests)
+        /// even where KVM is usable.
+        #[arg(long)]
+        no_kvm: bool,
+        /// Internal: be the receiving process of the KVM demo's migration.
+        #[arg(long, hide = true, value_name = "PORT")]
+        receive_migration: Option<u16>,
     },
     /// Estimate the saving of folding raw guest RAM images (for example QEMU
     /// memory-backend-file files), with the real scanner.
@@ -112,7 +127,12 @@ fn main() -> ExitCode {
             json,
             va,
         } => maps::run_translate(&guest, va, maps::access(write, fetch, user), json),
-        Command::Demo { vms, mib } => demo::run(vms, mib).map(|()| ExitCode::SUCCESS),
+        Command::Demo {
+            vms,
+            mib,
+            no_kvm,
+            receive_migration,
+        } => demo_kvm::run(vms, mib, no_kvm, receive_migration).map(|()| ExitCode::SUCCESS),
         Command::Estimate { json, images } => {
             estimate::run(&images, json).map(|()| ExitCode::SUCCESS)
         }

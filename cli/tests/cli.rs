@@ -88,10 +88,14 @@ fn estimate_refuses_missing_and_tiny_images() {
 #[test]
 fn demo_runs_and_verifies_every_vm() {
     let out = bin()
-        .args(["demo", "--vms", "2", "--mib", "8"])
+        .args(["demo", "--vms", "2", "--mib", "8", "--no-kvm"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("pagefold demo: software path (--no-kvm given)"),
+        "{text}"
+    );
     assert!(
         out.status.success(),
         "{text}\n{}",
@@ -121,6 +125,41 @@ fn demo_runs_and_verifies_every_vm() {
     assert!(text.contains("downtime "), "{text}");
     assert!(
         text.contains("migration verified: receiver equals VM 0 byte for byte (end-marker digest checked: true)"),
+        "{text}"
+    );
+}
+
+/// Where KVM is usable the demo runs real guests (and says so); elsewhere
+/// it says why not and runs the software path.
+#[test]
+fn demo_uses_kvm_where_usable_and_says_which() {
+    let out = bin()
+        .args(["demo", "--vms", "2", "--mib", "8"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.starts_with("pagefold demo: software path (") {
+        println!("SKIP the KVM path: {}", text.lines().next().unwrap_or(""));
+        assert!(
+            text.contains("every VM's memory verified byte for byte"),
+            "{text}"
+        );
+        return;
+    }
+    assert!(text.starts_with("pagefold demo: KVM path: 2 VMs"), "{text}");
+    assert!(
+        text.contains("every guest verified its whole memory while being folded"),
+        "{text}"
+    );
+    assert!(text.contains("2048 KiB page"), "{text}");
+    assert!(text.contains("VM 0 migrated:"), "{text}");
+    assert!(
+        text.contains("every guest's memory checked out, before and after the migration"),
         "{text}"
     );
 }
