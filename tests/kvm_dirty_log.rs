@@ -21,7 +21,7 @@ use std::{
 };
 
 use pagefold::{
-    kvm::{KvmError, KvmOptions, KvmVm},
+    kvm::{Exit, Flow, KvmError, KvmOptions, KvmVcpu, KvmVm, LongMode},
     DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -49,29 +49,6 @@ const WRITE_TABLE: &[u8] = &[
     0x83, 0xc6, 0x04, // 12: add si, 4
     0xe2, 0xf1, // 15: loop 08
     0xf4, // 17: hlt
-];
-
-/// Two passes over the `count: u16` (at 0x7002) segments listed from
-/// 0x7004: the first writes the 16-bit `value` at 0x7000 to `segment:0` of
-/// each, the second `value + 1`, with a pause (a 128-step `loop`)
-/// after each pass. Then `hlt`. Each page's second write is
-/// its last: a lost one leaves the page different from any copy taken.
-const WRITE_TWICE: &[u8] = &[
-    0x8b, 0x1e, 0x00, 0x70, // 00: mov bx, [0x7000]
-    0xb2, 0x02, // 04: mov dl, 2
-    0xbe, 0x02, 0x70, // 06: mov si, 0x7002
-    0x8b, 0x0c, // 09: mov cx, [si]
-    0x83, 0xc6, 0x02, // 0b: add si, 2
-    0x8e, 0x04, // 0e: mov es, [si]
-    0x26, 0x89, 0x1e, 0x00, 0x00, // 10: mov es:[0], bx
-    0x83, 0xc6, 0x02, // 15: add si, 2
-    0xe2, 0xf4, // 18: loop 0e
-    0xb9, 0x80, 0x00, // 1a: mov cx, 0x80
-    0xe2, 0xfe, // 1d: loop 1d (a pause between the passes)
-    0x43, // 1f: inc bx
-    0xfe, 0xca, // 20: dec dl
-    0x75, 0xe2, // 22: jnz 06
-    0xf4, // 24: hlt
 ];
 
 fn memory(code: &[u8]) -> Arc<GuestMemory> {
@@ -141,7 +118,7 @@ fn writable_pages() -> Vec<u64> {
 }
 
 /// Runs `WRITE_TABLE` over `writes` (guest-physical byte addresses).
-fn guest_writes(vm: &KvmVm, vcpu: &mut pagefold::kvm::KvmVcpu, writes: &[u64]) {
+fn guest_writes(vm: &KvmVm, vcpu: &mut KvmVcpu, writes: &[u64]) {
     assert!(!writes.is_empty() && writes.len() <= 1000);
     let mut table = Vec::with_capacity(2 + 4 * writes.len());
     table.extend_from_slice(&u16::try_from(writes.len()).unwrap().to_le_bytes());
@@ -245,43 +222,236 @@ fn rounds_report_exactly_the_pages_written_legacy() {
     rounds(true);
 }
 
-/// Runs of a guest that writes every one of 200 pages twice (two passes),
-/// while one thread fetches in a loop and this one harvests and copies
-/// what was reported into a shadow. After each run (guest halted) a last
-/// fetch and harvest must leave the shadow equal to memory: a second write
-/// that slipped between a fetch's get and clear, or between a clear and a
-/// harvest's copy, unreported, would leave a stale page.
+/// The same rounds with a 64-bit guest in ring 3, whose stores run
+/// natively where KVM runs ring 0 through its instruction emulator (PVM):
+/// there only these exercise KVM's write protection and its re-arming by
+/// the clear. Memory: [0, 4 MiB) and [6 MiB, 8 MiB - 20 KiB), identity
+/// mapped with 2 MiB pages; the first 2 MiB (tables, code, address table)
+/// read-only, the rest writable with accessed and dirty already set, so no
+/// page-table walk writes to guest memory.
+mod long_mode {
+    use super::*;
+
+    pub(super) const LAYOUT: [(GuestPhysAddr, u64); 2] = [
+        (GuestPhysAddr(0), 4 << 20),
+        (GuestPhysAddr(6 << 20), (2 << 20) - 5 * PAGE),
+    ];
+    const PML4: u64 = 0x1000;
+    const PDPT: u64 = 0x2000;
+    const PD: u64 = 0x3000;
+    const CODE: u64 = 0x1_0000;
+    const CODE2: u64 = 0x1_1000;
+    const TABLE: u64 = 0x2_0000;
+    const STACK: u64 = 0x8_0000;
+    /// `rdi` = table of `rsi` addresses: writes `esi` (the count left) to
+    /// each, then `out 0x10, al` (ring 3 with IOPL 3).
+    const GUEST: &[u8] = &[
+        0x48, 0x8b, 0x07, // 00: mov rax, [rdi]
+        0x89, 0x30, // 03: mov [rax], esi
+        0x48, 0x83, 0xc7, 0x08, // 05: add rdi, 8
+        0x48, 0xff, 0xce, // 09: dec rsi
+        0x75, 0xf2, // 0c: jnz 00
+        0xe6, 0x10, // 0e: out 0x10, al
+        0xeb, 0xfe, // 10: jmp 10
+    ];
+
+    /// `rdi` = table: `value: u64`, `pause: u64` (at least 1), then `rsi`
+    /// addresses. Writes `value` (32 bits) to every address, spins `pause`
+    /// times, writes `value + 1` to every address, then `out 0x10, al`.
+    pub(super) const WRITE_TWICE: &[u8] = &[
+        0x8b, 0x17, // 00: mov edx, [rdi]
+        0x48, 0x8b, 0x6f, 0x08, // 02: mov rbp, [rdi+8]
+        0x48, 0x83, 0xc7, 0x10, // 06: add rdi, 16
+        0x48, 0x89, 0xf1, // 0a: mov rcx, rsi
+        0x48, 0x89, 0xfb, // 0d: mov rbx, rdi
+        0x48, 0x8b, 0x03, // 10: mov rax, [rbx]
+        0x89, 0x10, // 13: mov [rax], edx
+        0x48, 0x83, 0xc3, 0x08, // 15: add rbx, 8
+        0x48, 0xff, 0xc9, // 19: dec rcx
+        0x75, 0xf2, // 1c: jnz 10
+        0x48, 0x89, 0xe9, // 1e: mov rcx, rbp
+        0xe2, 0xfe, // 21: loop 21
+        0xff, 0xc2, // 23: inc edx
+        0x48, 0x89, 0xf1, // 25: mov rcx, rsi
+        0x48, 0x89, 0xfb, // 28: mov rbx, rdi
+        0x48, 0x8b, 0x03, // 2b: mov rax, [rbx]
+        0x89, 0x10, // 2e: mov [rax], edx
+        0x48, 0x83, 0xc3, 0x08, // 30: add rbx, 8
+        0x48, 0xff, 0xc9, // 34: dec rcx
+        0x75, 0xf2, // 37: jnz 2b
+        0xe6, 0x10, // 39: out 0x10, al
+        0xeb, 0xfe, // 3b: jmp 3b
+    ];
+
+    pub(super) fn memory() -> Arc<GuestMemory> {
+        let mem = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+        // P, RW, US, A; and PS, D for the 2 MiB leaves.
+        mem.write_obj(GuestPhysAddr(PML4), PDPT | 0x27).unwrap();
+        mem.write_obj(GuestPhysAddr(PDPT), PD | 0x27).unwrap();
+        for i in 0..4u64 {
+            let leaf = if i == 0 { 0xa5 } else { 0xe7 };
+            mem.write_obj(GuestPhysAddr(PD + 8 * i), (i << 21) | leaf)
+                .unwrap();
+        }
+        mem.write(GuestPhysAddr(CODE), GUEST).unwrap();
+        mem.write(GuestPhysAddr(CODE2), WRITE_TWICE).unwrap();
+        mem
+    }
+
+    /// Starts `WRITE_TWICE` over `table` (value, pause, addresses) in a
+    /// fresh run of `vcpu`; returns when the guest signals the end.
+    pub(super) fn run_twice(
+        mem: &GuestMemory,
+        vcpu: &mut KvmVcpu,
+        table: &[u64],
+    ) -> Result<(), KvmError> {
+        let bytes: Vec<u8> = table.iter().flat_map(|a| a.to_le_bytes()).collect();
+        mem.write(GuestPhysAddr(TABLE), &bytes).unwrap();
+        vcpu.setup_long_mode(&LongMode {
+            cr3: GuestPhysAddr(PML4),
+            entry: CODE2,
+            stack: STACK,
+            args: [TABLE, table.len() as u64 - 2],
+            user_mode: true,
+        })?;
+        vcpu.run(|exit| match exit {
+            Exit::IoOut { .. } => Flow::Stop,
+            _ => Flow::Continue,
+        })?;
+        Ok(())
+    }
+
+    /// Every writable page.
+    pub(super) fn pages() -> Vec<u64> {
+        LAYOUT
+            .iter()
+            .flat_map(|&(start, size)| (0..size / PAGE).map(move |i| start.0 + i * PAGE))
+            .filter(|&p| p >= 2 << 20)
+            .collect()
+    }
+
+    /// Runs the guest over `writes` (4-byte aligned, inside one page each).
+    pub(super) fn run(mem: &GuestMemory, vcpu: &mut KvmVcpu, writes: &[u64]) {
+        let table: Vec<u8> = writes.iter().flat_map(|a| a.to_le_bytes()).collect();
+        mem.write(GuestPhysAddr(TABLE), &table).unwrap();
+        vcpu.setup_long_mode(&LongMode {
+            cr3: GuestPhysAddr(PML4),
+            entry: CODE,
+            stack: STACK,
+            args: [TABLE, writes.len() as u64],
+            user_mode: true,
+        })
+        .unwrap();
+        vcpu.run(|exit| match exit {
+            Exit::IoOut { .. } => Flow::Stop,
+            _ => Flow::Continue,
+        })
+        .unwrap();
+        let mut last = std::collections::BTreeMap::new();
+        for (j, &a) in writes.iter().enumerate() {
+            last.insert(a, u32::try_from(writes.len() - j).unwrap());
+        }
+        for (&a, &v) in &last {
+            assert_eq!(mem.read_obj::<u32>(GuestPhysAddr(a)).unwrap(), v, "{a:#x}");
+        }
+    }
+}
+
+fn rounds_long_mode(legacy: bool) {
+    let test = if legacy {
+        "kvm_dirty_log long-mode rounds (legacy)"
+    } else {
+        "kvm_dirty_log long-mode rounds (manual protect)"
+    };
+    let mem = long_mode::memory();
+    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+        return;
+    };
+    check_mode(test, &vm, legacy);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    assert_eq!(vm.fetch_dirty_log().unwrap(), 0, "{test}: first fetch");
+    assert!(harvest_pages(&mem).is_empty());
+    let pages = long_mode::pages();
+    let r1 = long_mode::LAYOUT[1].0 .0;
+    let r1_end = r1 + long_mode::LAYOUT[1].1;
+    let mut rng = SmallRng::seed_from_u64(11);
+    for round in 0..40 {
+        let writes: Vec<u64> = match round {
+            0 => vec![
+                2 << 20,
+                (2 << 20) + 0x10,
+                (4 << 20) - PAGE,
+                r1,
+                r1 + 63 * PAGE,
+                r1 + 64 * PAGE + 0xffc,
+                r1_end - PAGE,
+                r1_end - 4,
+                r1_end - 4,
+            ],
+            1 => vec![(2 << 20) + 8, r1_end - PAGE, r1 + 63 * PAGE + 4],
+            _ => {
+                let n = rng.gen_range(1..400);
+                (0..n)
+                    .map(|_| pages[rng.gen_range(0..pages.len())] + 4 * rng.gen_range(0..PAGE / 4))
+                    .collect()
+            }
+        };
+        if round % 7 == 3 {
+            assert_eq!(vm.fetch_dirty_log().unwrap(), 0, "{test}: idle round");
+            assert!(harvest_pages(&mem).is_empty(), "{test}: idle round");
+        }
+        long_mode::run(&mem, &mut vcpu, &writes);
+        let expect: BTreeSet<u64> = writes.iter().map(|a| a & !(PAGE - 1)).collect();
+        let reported = vm.fetch_dirty_log().unwrap();
+        assert_eq!(harvest_pages(&mem), expect, "{test}: round {round}");
+        assert_eq!(reported, expect.len() as u64, "{test}: round {round} count");
+    }
+    println!("{test}: 40 rounds exact");
+}
+
+#[test]
+fn long_mode_rounds_report_exactly_the_pages_written_manual_protect() {
+    rounds_long_mode(false);
+}
+
+#[test]
+fn long_mode_rounds_report_exactly_the_pages_written_legacy() {
+    rounds_long_mode(true);
+}
+
+/// Runs of a ring-3 guest that writes every one of 200 pages twice (two
+/// passes, a random pause between them), while one thread fetches in a
+/// loop and this one harvests and copies what was reported into a shadow.
+/// After each run (guest stopped) a last fetch and harvest must leave the
+/// shadow equal to memory: a second write that slipped between a fetch's
+/// get and clear, or between a clear and a harvest's copy, unreported,
+/// would leave a stale page.
 fn racing(legacy: bool) {
     let test = if legacy {
         "kvm_dirty_log racing (legacy)"
     } else {
         "kvm_dirty_log racing (manual protect)"
     };
-    let mem = memory(WRITE_TWICE);
-    let pages: Vec<u64> = writable_pages().into_iter().take(200).collect();
-    let mut table = vec![0u8, 0];
-    table.extend_from_slice(&u16::try_from(pages.len()).unwrap().to_le_bytes());
-    for &p in &pages {
-        table.extend_from_slice(&u16::try_from(p >> 4).unwrap().to_le_bytes());
-    }
-    mem.write(GuestPhysAddr(TABLE), &table).unwrap();
+    let mem = long_mode::memory();
+    let pages: Vec<u64> = long_mode::pages().into_iter().step_by(97).take(8).collect();
     let Some(vm) = vm_or_skip(test, &mem, legacy) else {
         return;
     };
     check_mode(test, &vm, legacy);
     let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut rng = SmallRng::seed_from_u64(5);
 
-    let mut shadow = vec![0u16; pages.len()];
-    let copy = |shadow: &mut Vec<u16>, got: &BTreeSet<u64>| {
+    let mut shadow = vec![0u32; pages.len()];
+    let copy = |shadow: &mut Vec<u32>, got: &BTreeSet<u64>| {
         for &p in got {
             let i = pages
                 .binary_search(&p)
                 .unwrap_or_else(|_| panic!("{test}: page {p:#x} never written"));
-            shadow[i] = mem.read_obj::<u16>(GuestPhysAddr(p)).unwrap();
+            shadow[i] = mem.read_obj::<u32>(GuestPhysAddr(p)).unwrap();
         }
     };
     let stop_fetching = AtomicBool::new(false);
-    let (mut runs, mut harvests, mut busy) = (0u16, 0u64, 0u64);
+    let (mut runs, mut harvests, mut busy) = (0u32, 0u64, 0u64);
     let mut lost = Vec::new();
     let fetches = std::thread::scope(|s| {
         let fetcher = s.spawn(|| {
@@ -289,8 +459,8 @@ fn racing(legacy: bool) {
             while !stop_fetching.load(Ordering::SeqCst) {
                 vm.fetch_dirty_log().unwrap();
                 fetches += 1;
-                // Leave the guest CPU time (each fetch kicks the vCPU out;
-                // this host may have two CPUs for three threads).
+                // Leave the guest CPU time (this host may have two CPUs
+                // for three threads).
                 std::thread::sleep(Duration::from_micros(50));
             }
             fetches
@@ -299,12 +469,12 @@ fn racing(legacy: bool) {
         while t.elapsed() < Duration::from_millis(500) && runs < 1000 {
             runs += 1;
             let value = runs * 2 + 1;
-            mem.write_obj(GuestPhysAddr(TABLE), value).unwrap();
+            let mut table = vec![u64::from(value), rng.gen_range(1..20_000)];
+            table.extend(&pages);
             let done = AtomicBool::new(false);
             std::thread::scope(|s| {
                 let runner = s.spawn(|| {
-                    vcpu.setup_real_mode(GuestPhysAddr(CODE)).unwrap();
-                    let r = vcpu.run_until_halt(|_, _| {});
+                    let r = long_mode::run_twice(&mem, &mut vcpu, &table);
                     done.store(true, Ordering::SeqCst);
                     r
                 });
@@ -317,19 +487,19 @@ fn racing(legacy: bool) {
                 }
                 runner.join().unwrap().unwrap();
             });
-            // The guest is halted: this fetch (after any the fetcher has
+            // The guest is stopped: this fetch (after any the fetcher has
             // under way) and harvest take everything it wrote.
             vm.fetch_dirty_log().unwrap();
             let got = harvest_pages(&mem);
             copy(&mut shadow, &got);
             for (i, &p) in pages.iter().enumerate() {
-                let now = mem.read_obj::<u16>(GuestPhysAddr(p)).unwrap();
+                let now = mem.read_obj::<u32>(GuestPhysAddr(p)).unwrap();
                 assert_eq!(now, value + 1, "{test}: run {runs}: page {p:#x}");
                 if shadow[i] != now {
                     lost.push((runs, p, shadow[i], now));
                 }
             }
-            shadow.copy_from_slice(&vec![value + 1; pages.len()]);
+            shadow.fill(value + 1);
         }
         stop_fetching.store(true, Ordering::SeqCst);
         fetcher.join().unwrap()
@@ -355,18 +525,22 @@ fn no_write_lost_while_the_guest_runs_legacy() {
 }
 
 /// The KVM behaviour the order inside a fetch rests on, shown with raw
-/// ioctls: with manual protection, a guest write between
-/// `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` to a page the get
-/// reported sets nothing (the page is still writable), and the clear then
-/// drops the page's bit. So a fetch must clear before the bits reach
-/// pagefold's log: a harvest that copied the page before that write would
-/// otherwise never see it again. (The clear-then-merge order makes every
+/// ioctls and the ring-3 guest (native stores): with manual protection, a
+/// guest write between `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` to a
+/// page the get reported sets nothing (the page is still writable), and
+/// the clear then drops the page's bit. So a fetch must clear before the
+/// bits reach pagefold's log: a harvest that copied the page before that
+/// write would otherwise never see it again. (Clear-then-merge makes every
 /// harvest that reports the page start after the clear.)
 #[test]
 fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
     use std::os::fd::AsRawFd;
     const TEST: &str = "kvm_dirty_log get/write/clear";
-    let mem = memory(WRITE_TABLE);
+    /// Slot 0 is [0, 4 MiB): 1024 pages, 16 bitmap words.
+    const WORDS: usize = 16;
+    const PAGE_INDEX: usize = 0x205;
+    const PAGE_GPA: u64 = PAGE_INDEX as u64 * PAGE;
+    let mem = long_mode::memory();
     let Some(vm) = vm_or_skip(TEST, &mem, false) else {
         return;
     };
@@ -375,11 +549,10 @@ fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
         return;
     }
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let page = 0x5000u64;
-    let bit = 1u64 << (page / PAGE);
+    let bit = 1u64 << (PAGE_INDEX % 64);
     let fd = vm.vm_fd().as_raw_fd();
-    let mut bitmap = [0u64; 2]; // slot 0: 128 pages
-    let get = |bitmap: &mut [u64; 2]| {
+    let get = || {
+        let mut bitmap = [0u64; WORDS];
         let log = kvm_bindings::kvm_dirty_log {
             slot: 0,
             padding1: 0,
@@ -388,46 +561,40 @@ fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
             },
         };
         // SAFETY: KVM_GET_DIRTY_LOG (_IOW(0xae, 0x42, 16 bytes)) writes
-        // slot 0's bitmap, 128 pages = 16 bytes, into `bitmap` (16 bytes,
-        // exclusively borrowed); `log` lives across the call.
+        // slot 0's bitmap, 1024 pages = 128 bytes, into `bitmap` (128
+        // bytes, live and not otherwise borrowed); `log` lives across the
+        // call.
         let r = unsafe { libc::ioctl(fd, 0x4010_ae42, &log) };
         assert_eq!(r, 0, "KVM_GET_DIRTY_LOG");
-        bitmap[0]
+        bitmap[PAGE_INDEX / 64]
     };
     let clear = |mask: u64| {
-        let mut words = [mask, 0];
+        let mut words = [0u64; WORDS];
+        words[PAGE_INDEX / 64] = mask;
         let c = kvm_bindings::kvm_clear_dirty_log {
             slot: 0,
-            num_pages: 128,
+            num_pages: 1024,
             first_page: 0,
             __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
                 dirty_bitmap: words.as_mut_ptr().cast(),
             },
         };
         // SAFETY: KVM_CLEAR_DIRTY_LOG (_IOWR(0xae, 0xc0, 24 bytes)) reads
-        // 128 bits = 16 bytes from `words` (16 bytes, live); `c` lives
+        // 1024 bits = 128 bytes from `words` (128 bytes, live); `c` lives
         // across the call.
         let r = unsafe { libc::ioctl(fd, 0xc018_aec0, &c) };
         assert_eq!(r, 0, "KVM_CLEAR_DIRTY_LOG");
     };
-    guest_writes(&vm, &mut vcpu, &[page + 1]);
-    assert_eq!(get(&mut bitmap), bit, "written once");
-    guest_writes(&vm, &mut vcpu, &[page + 2]);
+    long_mode::run(&mem, &mut vcpu, &[PAGE_GPA + 4]);
+    assert_eq!(get(), bit, "written once");
+    long_mode::run(&mem, &mut vcpu, &[PAGE_GPA + 8]);
     clear(bit);
-    assert_eq!(
-        get(&mut bitmap),
-        0,
-        "the write between get and clear left no bit"
-    );
-    guest_writes(&vm, &mut vcpu, &[page + 3]);
-    assert_eq!(
-        get(&mut bitmap),
-        bit,
-        "a write after the clear sets it again"
-    );
+    assert_eq!(get(), 0, "the write between get and clear left no bit");
+    long_mode::run(&mem, &mut vcpu, &[PAGE_GPA + 12]);
+    assert_eq!(get(), bit, "a write after the clear sets it again");
     clear(bit);
     // And through the API: a page written between fetches is reported.
-    guest_writes(&vm, &mut vcpu, &[page + 4]);
+    long_mode::run(&mem, &mut vcpu, &[PAGE_GPA + 16]);
     assert_eq!(vm.fetch_dirty_log().unwrap(), 1);
-    assert_eq!(harvest_pages(&mem), BTreeSet::from([page]));
+    assert_eq!(harvest_pages(&mem), BTreeSet::from([PAGE_GPA]));
 }
