@@ -33,6 +33,15 @@
 //! bitmap. A VMM that wants "everything is dirty" for the first round of a
 //! migration marks it itself ([`GuestMemory::mark_dirty`]).
 //!
+//! The price of `INITIALLY_SET`: KVM then also write-protects (and, with
+//! eager splitting, splits) the 2 MiB ranges of every word a clear covers
+//! (`kvm_arch_mmu_enable_log_dirty_pt_masked`), for huge pages it may have
+//! mapped before logging began. `benches/kvm_dirty_ratios.sh` measured
+//! fetches of 1000 dirty pages 1.1-1.6x dearer with it than without it on
+//! a PVM host. It pays only where logging starts on a slot a guest already
+//! uses, which `KvmVm` never does (slots are registered with logging before
+//! any vCPU exists): a candidate to make opt-in.
+//!
 //! # Why no guest write is lost (manual mode)
 //!
 //! Per slot a fetch does: get (copy KVM's bits), clear exactly those bits
