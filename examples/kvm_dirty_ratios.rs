@@ -168,6 +168,7 @@ mod bench {
             let options = KvmOptions {
                 log_dirty_pages: true,
                 legacy_dirty_log: legacy,
+                ..KvmOptions::default()
             };
             let vm = match KvmVm::with_options(&mem, options) {
                 Ok(vm) => vm,

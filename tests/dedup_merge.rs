@@ -410,6 +410,48 @@ fn background_scanner_folds_like_ksmd_and_stops() {
     assert_eq!(host.stats().unwrap().background_errors, 0);
 }
 
+/// A background scanner on a one-thread pool of its own, with a budget of
+/// endless full scans per step (`Pages(u64::MAX)`, no pause): it folds, and
+/// a stop still ends it (between batches, not after the step).
+#[test]
+fn one_thread_background_scanner_with_an_endless_budget_folds_and_stops() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 2);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    host.start_background_on(
+        pagefold::ScanBudget::Pages(u64::MAX),
+        std::time::Duration::ZERO,
+        std::num::NonZeroUsize::new(1).unwrap(),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let dup_contents = (0..PAGES).filter(|i| i * 3 / PAGES == 0).count() as u64;
+    while host.stats().unwrap().pages_sharing < dup_contents {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background scanner made no progress: {:?}",
+            host.stats().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    host.stop_background();
+    let scans = host.stats().unwrap().full_scans;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        host.stats().unwrap().full_scans,
+        scans,
+        "stopped means stopped"
+    );
+    assert_eq!(host.stats().unwrap().background_errors, 0);
+    for (vm, m) in vms.iter().enumerate() {
+        let model: Vec<[u8; PAGE_SIZE]> = (0..PAGES).map(|i| content(vm, i)).collect();
+        check(m, &model);
+    }
+}
+
 #[test]
 fn a_step_over_nothing_returns() {
     let store = Arc::new(FrameStore::memfd().unwrap());

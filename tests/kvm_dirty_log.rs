@@ -57,15 +57,27 @@ fn memory(code: &[u8]) -> Arc<GuestMemory> {
     mem
 }
 
+/// How the VM fetches its dirty log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Manual protection where offered (the default).
+    Manual,
+    /// Manual protection with `KVM_DIRTY_LOG_INITIALLY_SET`.
+    ManualInitiallySet,
+    /// The legacy get-and-clear, forced.
+    Legacy,
+}
+
 /// The VM, or why KVM is unusable here (`None` and a SKIP line).
-fn vm_or_skip(test: &str, mem: &Arc<GuestMemory>, legacy: bool) -> Option<KvmVm> {
+fn vm_or_skip(test: &str, mem: &Arc<GuestMemory>, mode: Mode) -> Option<KvmVm> {
     if !std::path::Path::new("/dev/kvm").exists() {
         println!("SKIP {test}: /dev/kvm does not exist");
         return None;
     }
     let options = KvmOptions {
         log_dirty_pages: true,
-        legacy_dirty_log: legacy,
+        legacy_dirty_log: mode == Mode::Legacy,
+        dirty_log_initially_set: mode == Mode::ManualInitiallySet,
     };
     match KvmVm::with_options(mem, options) {
         Ok(vm) => Some(vm),
@@ -86,16 +98,19 @@ fn kvm_offers_manual_protect() -> bool {
         .unwrap_or(false)
 }
 
-fn check_mode(test: &str, vm: &KvmVm, legacy: bool) {
+fn check_mode(test: &str, vm: &KvmVm, mode: Mode) {
     println!(
         "{test}: manual protect {}, initially set {}",
         vm.manual_dirty_log_protect(),
         vm.dirty_log_initially_set()
     );
-    if legacy {
+    if mode == Mode::Legacy {
         assert!(!vm.manual_dirty_log_protect(), "legacy forced");
     } else {
         assert_eq!(vm.manual_dirty_log_protect(), kvm_offers_manual_protect());
+    }
+    if mode != Mode::ManualInitiallySet {
+        assert!(!vm.dirty_log_initially_set(), "INITIALLY_SET is opt-in");
     }
 }
 
@@ -133,17 +148,18 @@ fn guest_writes(vm: &KvmVm, vcpu: &mut KvmVcpu, writes: &[u64]) {
     vcpu.run_until_halt(|_, _| {}).unwrap();
 }
 
-fn rounds(legacy: bool) {
+fn rounds(mode: Mode) {
+    let legacy = mode == Mode::Legacy;
     let test = if legacy {
         "kvm_dirty_log rounds (legacy)"
     } else {
         "kvm_dirty_log rounds (manual protect)"
     };
     let mem = memory(WRITE_TABLE);
-    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+    let Some(vm) = vm_or_skip(test, &mem, mode) else {
         return;
     };
-    check_mode(test, &vm, legacy);
+    check_mode(test, &vm, mode);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     // Nothing written by the guest yet: the first fetch reports nothing,
     // whatever KVM_DIRTY_LOG_INITIALLY_SET did to the slots.
@@ -214,12 +230,17 @@ fn rounds(legacy: bool) {
 
 #[test]
 fn rounds_report_exactly_the_pages_written_manual_protect() {
-    rounds(false);
+    rounds(Mode::Manual);
+}
+
+#[test]
+fn rounds_report_exactly_the_pages_written_manual_protect_initially_set() {
+    rounds(Mode::ManualInitiallySet);
 }
 
 #[test]
 fn rounds_report_exactly_the_pages_written_legacy() {
-    rounds(true);
+    rounds(Mode::Legacy);
 }
 
 /// The same rounds with a 64-bit guest in ring 3, whose stores run
@@ -357,17 +378,18 @@ mod long_mode {
     }
 }
 
-fn rounds_long_mode(legacy: bool) {
+fn rounds_long_mode(mode: Mode) {
+    let legacy = mode == Mode::Legacy;
     let test = if legacy {
         "kvm_dirty_log long-mode rounds (legacy)"
     } else {
         "kvm_dirty_log long-mode rounds (manual protect)"
     };
     let mem = long_mode::memory();
-    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+    let Some(vm) = vm_or_skip(test, &mem, mode) else {
         return;
     };
-    check_mode(test, &vm, legacy);
+    check_mode(test, &vm, mode);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     assert_eq!(vm.fetch_dirty_log().unwrap(), 0, "{test}: first fetch");
     assert!(harvest_pages(&mem).is_empty());
@@ -411,12 +433,17 @@ fn rounds_long_mode(legacy: bool) {
 
 #[test]
 fn long_mode_rounds_report_exactly_the_pages_written_manual_protect() {
-    rounds_long_mode(false);
+    rounds_long_mode(Mode::Manual);
+}
+
+#[test]
+fn long_mode_rounds_report_exactly_the_pages_written_manual_protect_initially_set() {
+    rounds_long_mode(Mode::ManualInitiallySet);
 }
 
 #[test]
 fn long_mode_rounds_report_exactly_the_pages_written_legacy() {
-    rounds_long_mode(true);
+    rounds_long_mode(Mode::Legacy);
 }
 
 /// Runs of a ring-3 guest that writes every one of 200 pages twice (two
@@ -426,7 +453,8 @@ fn long_mode_rounds_report_exactly_the_pages_written_legacy() {
 /// shadow equal to memory: a second write that slipped between a fetch's
 /// get and clear, or between a clear and a harvest's copy, unreported,
 /// would leave a stale page.
-fn racing(legacy: bool) {
+fn racing(mode: Mode) {
+    let legacy = mode == Mode::Legacy;
     let test = if legacy {
         "kvm_dirty_log racing (legacy)"
     } else {
@@ -434,10 +462,10 @@ fn racing(legacy: bool) {
     };
     let mem = long_mode::memory();
     let pages: Vec<u64> = long_mode::pages().into_iter().step_by(97).take(8).collect();
-    let Some(vm) = vm_or_skip(test, &mem, legacy) else {
+    let Some(vm) = vm_or_skip(test, &mem, mode) else {
         return;
     };
-    check_mode(test, &vm, legacy);
+    check_mode(test, &vm, mode);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut rng = SmallRng::seed_from_u64(5);
 
@@ -516,12 +544,12 @@ fn racing(legacy: bool) {
 
 #[test]
 fn no_write_lost_while_the_guest_runs_manual_protect() {
-    racing(false);
+    racing(Mode::Manual);
 }
 
 #[test]
 fn no_write_lost_while_the_guest_runs_legacy() {
-    racing(true);
+    racing(Mode::Legacy);
 }
 
 /// The KVM behaviour the order inside a fetch rests on, shown with raw
@@ -541,7 +569,7 @@ fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
     const PAGE_INDEX: usize = 0x205;
     const PAGE_GPA: u64 = PAGE_INDEX as u64 * PAGE;
     let mem = long_mode::memory();
-    let Some(vm) = vm_or_skip(TEST, &mem, false) else {
+    let Some(vm) = vm_or_skip(TEST, &mem, Mode::Manual) else {
         return;
     };
     if !vm.manual_dirty_log_protect() {

@@ -515,3 +515,30 @@ pub fn store_kinds(avx: bool) -> Res<Vec<u8>> {
     .map_err(asm_err)?;
     a.assemble(CODE).map_err(asm_err)
 }
+
+/// The touch program: writes one qword to each of the first `pages` data
+/// pages, in order, then `OUT`s [`PORT_HALT`]; resumed, it starts over.
+/// Timing a run of it over merged pages against a run over pages it
+/// already owns gives the cost of a guest write's copy-on-write break.
+pub fn touch_pages(pages: u64) -> Res<Vec<u8>> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    (|| -> Result<(), IcedError> {
+        let mut start = a.create_label();
+        let mut page = a.create_label();
+        a.set_label(&mut start)?;
+        a.mov(r15, DATA_VA)?;
+        a.mov(rcx, pages)?;
+        a.set_label(&mut page)?;
+        a.mov(qword_ptr(r15 + 8), rcx)?;
+        a.add(r15, PAGE_SIZE as i32)?;
+        a.dec(rcx)?;
+        a.jnz(page)?;
+        a.mov(dx, u32::from(PORT_HALT))?;
+        a.out(dx, eax)?;
+        a.jmp(start)?;
+        Ok(())
+    })()
+    .map_err(asm_err)?;
+    a.assemble(CODE).map_err(asm_err)
+}

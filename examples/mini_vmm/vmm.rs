@@ -277,6 +277,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
                 pagefold::kvm::KvmOptions {
                     log_dirty_pages: true,
                     legacy_dirty_log: true,
+                    ..Default::default()
                 },
             )?
         } else {

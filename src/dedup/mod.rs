@@ -382,7 +382,7 @@ impl DedupHost {
     /// One incremental step: visits pages from where the last step stopped,
     /// merging those that hashed the same on their previous visit.
     pub fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
-        self.inner.scan_step(budget)
+        self.inner.scan_step(budget, None)
     }
 
     /// Runs [`scan_step`](Self::scan_step) with `budget` on a thread of its
@@ -390,10 +390,45 @@ impl DedupHost {
     /// `sleep_millisecs`, until [`stop_background`](Self::stop_background)
     /// or drop. Replaces a scanner already running. A failed step is counted
     /// in `DedupStats::background_errors` and the next one runs as planned.
+    /// Each step's parallel work (hashing, sorting, comparing) uses rayon's
+    /// global pool, every core: see
+    /// [`start_background_on`](Self::start_background_on) to leave the
+    /// guests more.
     pub fn start_background(
         &self,
         budget: ScanBudget,
         interval: Duration,
+    ) -> Result<(), DedupError> {
+        self.spawn_background(budget, interval, None)
+    }
+
+    /// [`start_background`](Self::start_background) with each step's
+    /// parallel work on a pool of `threads` threads of the scanner's own
+    /// (1: the whole scanner on one core, as `ksmd`), so a background
+    /// scanner running flat out takes at most that many cores from the
+    /// vCPUs. [`merge_now`](Self::merge_now) still uses every core.
+    pub fn start_background_on(
+        &self,
+        budget: ScanBudget,
+        interval: Duration,
+        threads: std::num::NonZeroUsize,
+    ) -> Result<(), DedupError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.get())
+            .thread_name(|i| format!("pagefold-scan-{i}"))
+            .build()
+            .map_err(|e| DedupError::Proc {
+                what: "building the background scanner's thread pool",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        self.spawn_background(budget, interval, Some(pool))
+    }
+
+    fn spawn_background(
+        &self,
+        budget: ScanBudget,
+        interval: Duration,
+        pool: Option<rayon::ThreadPool>,
     ) -> Result<(), DedupError> {
         self.stop_background();
         let stop = Arc::new(AtomicBool::new(false));
@@ -403,7 +438,12 @@ impl DedupHost {
             .name("pagefold-scan".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    if inner.scan_step(budget).is_err() {
+                    let step = || inner.background_step(budget, &flag);
+                    let result = match &pool {
+                        Some(pool) => pool.install(step),
+                        None => step(),
+                    };
+                    if result.is_err() {
                         inner.background_errors.fetch_add(1, Ordering::Relaxed);
                     }
                     // Sleep in short slices so a stop is prompt.
@@ -421,7 +461,8 @@ impl DedupHost {
         Ok(())
     }
 
-    /// Stops the background scanner, if one runs, after its current step.
+    /// Stops the background scanner, if one runs, after its current batch
+    /// (4096 pages at most).
     pub fn stop_background(&self) {
         if let Some((stop, handle)) = lock(&self.background).take() {
             stop.store(true, Ordering::Relaxed);
@@ -591,7 +632,40 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
 }
 
 impl Inner {
-    fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
+    /// The background scanner's step: `budget` spent in steps of one batch
+    /// each, so the scan lock is free between batches (statistics,
+    /// `merge_now`, unmerging and registration get in even when the budget
+    /// is many full scans), and `stop` ends it between batches.
+    fn background_step(&self, budget: ScanBudget, stop: &AtomicBool) -> Result<(), DedupError> {
+        const BATCH: u64 = 4096;
+        let started = Instant::now();
+        let mut left = match budget {
+            ScanBudget::Pages(n) => n,
+            ScanBudget::Time(_) => u64::MAX,
+        };
+        while left > 0 && !stop.load(Ordering::Relaxed) {
+            let r = self.scan_step(ScanBudget::Pages(left.min(BATCH)), Some(stop))?;
+            if r.pages_scanned == 0 {
+                return Ok(()); // nothing to scan
+            }
+            left = left.saturating_sub(r.pages_scanned);
+            if let ScanBudget::Time(d) = budget {
+                if started.elapsed() >= d {
+                    return Ok(());
+                }
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// One step; `stop` (the background scanner's flag) ends it between
+    /// batches.
+    fn scan_step(
+        &self,
+        budget: ScanBudget,
+        stop: Option<&AtomicBool>,
+    ) -> Result<ScanReport, DedupError> {
         const BATCH: usize = 4096;
         let started = Instant::now();
         let mut scan = lock(&self.scan);
@@ -603,6 +677,9 @@ impl Inner {
             ScanBudget::Time(_) => u64::MAX,
         };
         while left > 0 && !vms.is_empty() {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                break;
+            }
             if let ScanBudget::Time(d) = budget {
                 // At least one batch, however short the budget.
                 if started.elapsed() >= d && total.pages_scanned > 0 {

@@ -25,8 +25,9 @@
 //!
 //! In both modes the first fetch reports the pages the guest wrote since
 //! the VM was created, and every later fetch the pages written since the
-//! fetch before. Where KVM offers `KVM_DIRTY_LOG_INITIALLY_SET` it is
-//! enabled with manual protection: slots then start with every bit set and
+//! fetch before. With [`KvmOptions::dirty_log_initially_set`], where KVM
+//! offers `KVM_DIRTY_LOG_INITIALLY_SET`, it is enabled with manual
+//! protection: slots then start with every bit set and
 //! nothing write-protected (registering a large slot costs nothing), so
 //! creation ends with one `KVM_CLEAR_DIRTY_LOG` of every page of every slot
 //! — before any vCPU exists, with nothing mapped yet, so it only walks the
@@ -40,7 +41,7 @@
 //! fetches of 1000 dirty pages 1.1-1.6x dearer with it than without it on
 //! a PVM host. It pays only where logging starts on a slot a guest already
 //! uses, which `KvmVm` never does (slots are registered with logging before
-//! any vCPU exists): a candidate to make opt-in.
+//! any vCPU exists): so it is opt-in.
 //!
 //! # Why no guest write is lost (manual mode)
 //!
@@ -254,7 +255,7 @@ impl DirtyLog {
                 Mode::Legacy
             } else {
                 let init = u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
-                let initially_set = offered & init != 0;
+                let initially_set = options.dirty_log_initially_set && offered & init != 0;
                 let mut cap = kvm_enable_cap {
                     cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                     ..Default::default()

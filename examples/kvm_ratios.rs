@@ -1,0 +1,443 @@
+//! KVM measurements against Linux KSM, same guest program, same KVM, same
+//! run: (1) the round trip of a guest write to a merged page (the vCPU's
+//! fault, the copy-on-write break, the resume), pagefold's merged pages
+//! against KSM-merged anonymous memory; (2) the guest's slowdown while the
+//! scanner runs flat out (pagefold's background scanner against `ksmd` at
+//! its fastest), as write rounds per second against the same guest with no
+//! scanner. KSM's settings are put back afterwards (also on error).
+//!
+//! `cargo run --release --example kvm_ratios [-- PAGES REPS SECONDS]`
+//! (root, `/dev/kvm`); `benches/kvm_ratios.sh` runs it.
+
+// Sizes here are small page counts (a 64-bit host).
+#![allow(clippy::cast_possible_truncation)]
+
+#[path = "mini_vmm/guest.rs"]
+mod guest;
+#[path = "../cli/src/ksm.rs"]
+#[allow(dead_code)] // the CLI uses the rest
+mod ksm;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use guest::Res;
+use kvm_bindings::kvm_userspace_memory_region;
+use pagefold::{
+    kvm::{Exit, Flow, KvmOptions, KvmVcpu, KvmVm},
+    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
+};
+
+const NO_LOG: KvmOptions = KvmOptions {
+    log_dirty_pages: false,
+    legacy_dirty_log: false,
+    dirty_log_initially_set: false,
+};
+
+/// Private anonymous memory, `MADV_MERGEABLE`: what a VMM gives KSM.
+struct Anon {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `Anon` owns its mapping; the pointer is only used to build
+// slices and a memory slot, and the mapping lives until `drop`.
+unsafe impl Send for Anon {}
+// SAFETY: as above; concurrent access is by the guest (through KVM) and by
+// this process's `fill`, which the caller never runs at the same time.
+unsafe impl Sync for Anon {}
+
+impl Anon {
+    fn new(len: usize) -> Res<Self> {
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks;
+        // no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `ptr..ptr+len` is the mapping just created.
+        if unsafe { libc::madvise(ptr, len, libc::MADV_MERGEABLE) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping the mapping just created, which nothing else
+            // refers to yet.
+            unsafe { libc::munmap(ptr, len) };
+            return Err(e.into());
+        }
+        Ok(Anon {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and
+        // lives as long as `self`; `&mut self` makes this the only slice.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` and every VM that used
+        // it as a memory slot was dropped first (field order of `TestVm`).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A VM whose data region is pagefold guest memory or KSM anonymous memory.
+struct TestVm {
+    // Field order matters: the vCPU and VM fds close before the memory
+    // they map is unmapped.
+    vcpu: KvmVcpu,
+    _vm: KvmVm,
+    mem: Arc<GuestMemory>,
+    anon: Option<Anon>,
+}
+
+impl TestVm {
+    /// `mem` holds region 0 (and the data too unless `anon` is given).
+    fn new(
+        mem: Arc<GuestMemory>,
+        mut anon: Option<Anon>,
+        code: &[u8],
+        pages: u64,
+        seed: u64,
+    ) -> Res<Self> {
+        let cr3 = guest::build_page_tables(&mem, pages)?;
+        let start = guest::load(&mem, code, cr3, seed)?;
+        let vm = KvmVm::with_options(&mem, NO_LOG)?;
+        if let Some(a) = anon.as_mut() {
+            let region = kvm_userspace_memory_region {
+                slot: 1,
+                flags: 0,
+                guest_phys_addr: guest::DATA_GPA,
+                memory_size: a.len as u64,
+                userspace_addr: a.ptr as u64,
+            };
+            // SAFETY: the slot maps `anon`, which `TestVm` drops after the
+            // VM and vCPU fds (field order), so KVM never reaches a
+            // mapping that is gone; it does not overlap region 0.
+            unsafe { vm.vm_fd().set_user_memory_region(region) }?;
+        }
+        let mut vcpu = vm.create_vcpu(0)?;
+        vcpu.setup_long_mode(&start)?;
+        Ok(TestVm {
+            vcpu,
+            _vm: vm,
+            mem,
+            anon,
+        })
+    }
+
+    /// Runs until the guest's halt port; returns the time it took.
+    fn run_to_halt(&mut self) -> Res<Duration> {
+        let t = Instant::now();
+        self.vcpu.run(|exit| match exit {
+            Exit::IoOut { port, .. } if port == guest::PORT_HALT => Flow::Stop,
+            _ => Flow::Continue,
+        })?;
+        Ok(t.elapsed())
+    }
+}
+
+/// One page of the content every page of the COW test holds.
+fn alike_page() -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Starts `ksmd` and waits until it has completed two full scans (its
+/// counters are only brought up to date by scanning: pages a guest wrote
+/// since still count as merged until then) and has merged `at_least`
+/// pages (shared + sharing: KSM shares one page at most
+/// `max_page_sharing` times, 256 by default, so 4096 alike pages become 16
+/// KSM pages).
+fn wait_ksm_merged(at_least: u64, timeout: Duration) -> Res<()> {
+    let t = Instant::now();
+    let scans = ksm::counter("full_scans")?;
+    ksm_run("1")?;
+    while ksm::counter("full_scans")? < scans + 2
+        || ksm::counter("pages_sharing")? + ksm::counter("pages_shared")? < at_least
+    {
+        if t.elapsed() > timeout {
+            return Err(format!(
+                "KSM merged only {} pages in {timeout:?}",
+                ksm::counter("pages_sharing")?
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn ksm_run(value: &str) -> Res<()> {
+    std::fs::write("/sys/kernel/mm/ksm/run", value)?;
+    Ok(())
+}
+
+/// (first write to each merged page, second write to the same pages) in
+/// microseconds per page, medians over `reps`.
+fn cow_pagefold(pages: u64, reps: usize) -> Res<(f64, f64)> {
+    let store = Arc::new(FrameStore::memfd()?);
+    let host = DedupHost::new(Arc::clone(&store))?;
+    let mem = guest::memory(&store, pages)?;
+    let mut vm = TestVm::new(
+        Arc::clone(&mem),
+        None,
+        &guest::touch_pages(pages)?,
+        pages,
+        1,
+    )?;
+    host.register(Arc::clone(&mem), VmOptions::default())?;
+    let page = alike_page();
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        for p in 0..pages {
+            vm.mem
+                .write(GuestPhysAddr(guest::DATA_GPA + p * PAGE_SIZE as u64), &page)?;
+        }
+        host.merge_now()?;
+        let merged = host.stats()?.pages_sharing;
+        if merged + 1 < pages {
+            return Err(format!("pagefold merged only {merged} of {pages} pages").into());
+        }
+        let t1 = vm.run_to_halt()?;
+        let t2 = vm.run_to_halt()?;
+        first.push(t1.as_secs_f64() * 1e6 / pages as f64);
+        second.push(t2.as_secs_f64() * 1e6 / pages as f64);
+    }
+    Ok((median(&mut first), median(&mut second)))
+}
+
+fn cow_ksm(pages: u64, reps: usize, _session: &ksm::KsmSession) -> Res<(f64, f64)> {
+    let low = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), guest::LOW_SIZE)])?);
+    let anon = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
+    let mut vm = TestVm::new(low, Some(anon), &guest::touch_pages(pages)?, pages, 1)?;
+    let page = alike_page();
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        if let Some(a) = vm.anon.as_mut() {
+            for chunk in a.bytes().chunks_exact_mut(PAGE_SIZE) {
+                chunk.copy_from_slice(&page);
+            }
+        }
+        wait_ksm_merged(pages, Duration::from_secs(120))?;
+        ksm_run("0")?; // ksmd stops; merged pages stay merged
+        let t1 = vm.run_to_halt()?;
+        let t2 = vm.run_to_halt()?;
+        first.push(t1.as_secs_f64() * 1e6 / pages as f64);
+        second.push(t2.as_secs_f64() * 1e6 / pages as f64);
+    }
+    Ok((median(&mut first), median(&mut second)))
+}
+
+/// Runs the fill-and-write guest; returns its write rounds per second over
+/// `secs` with no scanner and then with `scan_on` running.
+fn rounds_per_second(
+    vm: TestVm,
+    secs: f64,
+    scan_on: &dyn Fn() -> Res<()>,
+    scan_off: &dyn Fn() -> Res<()>,
+) -> Res<(f64, f64)> {
+    let rounds = Arc::new(AtomicU64::new(0));
+    let filled = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, f, s) = (Arc::clone(&rounds), Arc::clone(&filled), Arc::clone(&stop));
+    let mut vm = vm;
+    let thread = std::thread::spawn(move || -> Res<TestVm> {
+        vm.vcpu.run(|exit| match exit {
+            Exit::IoOut { port, .. } if port == guest::PORT_FILLED => {
+                f.store(true, Ordering::SeqCst);
+                Flow::Continue
+            }
+            Exit::IoOut { port, .. } if port == guest::PORT_PROGRESS => {
+                r.fetch_add(1, Ordering::Relaxed);
+                if s.load(Ordering::SeqCst) {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            }
+            _ => Flow::Continue,
+        })?;
+        Ok(vm)
+    });
+    while !filled.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // settle
+    let rate = |d: f64| -> f64 {
+        let r0 = rounds.load(Ordering::Relaxed);
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(d));
+        (rounds.load(Ordering::Relaxed) - r0) as f64 / t.elapsed().as_secs_f64()
+    };
+    let idle = rate(secs);
+    scan_on()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = rate(secs);
+    scan_off()?;
+    stop.store(true, Ordering::SeqCst);
+    thread.join().map_err(|_| "vCPU thread panicked")??;
+    Ok((idle, busy))
+}
+
+/// Data for the slowdown runs: the guest's fill plus a second VM's worth
+/// of the same mix (seed 2) written by the host, so there is something to
+/// fold.
+fn other_vm_bytes(pages: u64) -> Vec<u8> {
+    let mut out = vec![0u8; (pages * PAGE_SIZE as u64) as usize];
+    for (q, w) in out.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&guest::fill_value(q as u64, 2).to_le_bytes());
+    }
+    out
+}
+
+fn program(pages: u64) -> guest::Program {
+    guest::Program {
+        data_pages: pages,
+        balloon_pages: 0,
+        hot_pages: 64,
+        window_shift: 12,
+        writes_per_round: 4096,
+    }
+}
+
+fn slowdown_pagefold(
+    pages: u64,
+    secs: f64,
+    threads: Option<std::num::NonZeroUsize>,
+) -> Res<(f64, f64)> {
+    let store = Arc::new(FrameStore::memfd()?);
+    let host = Arc::new(DedupHost::new(Arc::clone(&store))?);
+    let mem = guest::memory(&store, pages)?;
+    let other = guest::memory(&store, pages)?;
+    other.write(GuestPhysAddr(guest::DATA_GPA), &other_vm_bytes(pages))?;
+    let vm = TestVm::new(
+        Arc::clone(&mem),
+        None,
+        &guest::fill_and_write(&program(pages))?,
+        pages,
+        1,
+    )?;
+    host.register(mem, VmOptions::default())?;
+    host.register(other, VmOptions::default())?;
+    let (h1, h2) = (Arc::clone(&host), Arc::clone(&host));
+    let r = rounds_per_second(
+        vm,
+        secs,
+        &move || {
+            let budget = ScanBudget::Pages(100_000);
+            match threads {
+                Some(n) => h1.start_background_on(budget, Duration::ZERO, n)?,
+                None => h1.start_background(budget, Duration::ZERO)?,
+            }
+            Ok(())
+        },
+        &move || {
+            h2.stop_background();
+            Ok(())
+        },
+    )?;
+    println!(
+        "  pagefold: {} pages sharing after the scanning phase",
+        host.stats()?.pages_sharing
+    );
+    Ok(r)
+}
+
+fn slowdown_ksm(pages: u64, secs: f64, _session: &ksm::KsmSession) -> Res<(f64, f64)> {
+    ksm_run("2")?;
+    let low = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), guest::LOW_SIZE)])?);
+    let anon = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
+    let mut other = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
+    other.bytes().copy_from_slice(&other_vm_bytes(pages));
+    let vm = TestVm::new(
+        low,
+        Some(anon),
+        &guest::fill_and_write(&program(pages))?,
+        pages,
+        1,
+    )?;
+    let r = rounds_per_second(vm, secs, &|| ksm_run("1"), &|| ksm_run("0"))?;
+    println!(
+        "  KSM: {} pages sharing after the scanning phase",
+        ksm::counter("pages_sharing")?
+    );
+    drop(other);
+    Ok(r)
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize, d: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    let pages = num(0, 4096).max(1024) / 1024 * 1024;
+    let reps = usize::try_from(num(1, 5)).unwrap_or(5).max(1);
+    let secs = num(2, 3) as f64;
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIP kvm_ratios: /dev/kvm does not exist");
+        return Ok(());
+    }
+    let session = ksm::KsmSession::fastest()?;
+
+    println!("COW break of a guest write, {pages} merged pages, one 8-byte write each, median of {reps}:");
+    let (pf1, pf2) = cow_pagefold(pages, reps)?;
+    let (k1, k2) = cow_ksm(pages, reps, &session)?;
+    println!("| engine | write to a merged page | write to an own page | COW cost |");
+    println!("|---|---|---|---|");
+    println!(
+        "| pagefold | {pf1:.2} us | {pf2:.3} us | {:.2} us |",
+        pf1 - pf2
+    );
+    println!("| KSM | {k1:.2} us | {k2:.3} us | {:.2} us |", k1 - k2);
+    println!(
+        "cow_round_trip_ratio={:.2} (KSM time / pagefold time per write to a merged page; >1: pagefold faster)",
+        k1 / pf1
+    );
+
+    println!("\nGuest slowdown while the scanner runs flat out (pagefold: 100000 pages per step, no pause; ksmd: pages_to_scan 100000, sleep 0), 2 x {} MiB to fold, {secs} s each:", pages / 256);
+    let one = std::num::NonZeroUsize::new(1).ok_or("1 is not zero")?;
+    let (pi, pb) = slowdown_pagefold(pages, secs, None)?;
+    let (p1i, p1b) = slowdown_pagefold(pages, secs, Some(one))?;
+    let (ki, kb) = slowdown_ksm(pages, secs, &session)?;
+    println!("| scanner | rounds/s idle | rounds/s scanning | guest speed kept |");
+    println!("|---|---|---|---|");
+    println!(
+        "| pagefold, every core (start_background) | {pi:.0} | {pb:.0} | {:.1}% |",
+        100.0 * pb / pi
+    );
+    println!(
+        "| pagefold, one thread (start_background_on 1) | {p1i:.0} | {p1b:.0} | {:.1}% |",
+        100.0 * p1b / p1i
+    );
+    println!(
+        "| ksmd (one thread) | {ki:.0} | {kb:.0} | {:.1}% |",
+        100.0 * kb / ki
+    );
+    println!(
+        "guest_speed_ratio={:.2} (share of guest speed kept under pagefold's one-thread scanner / under ksmd's; every core: {:.2})",
+        (p1b / p1i) / (kb / ki),
+        (pb / pi) / (kb / ki)
+    );
+    drop(session);
+    Ok(())
+}
