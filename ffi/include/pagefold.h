@@ -35,7 +35,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 6
+#define PF_ABI_VERSION_MINOR 7
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -2138,8 +2138,29 @@ enum pf_status pf_dedup_start_background(const struct pf_dedup *dedup,
                                          uint64_t interval_micros);
 
 /**
- * Stops the background scanner after its current step; does nothing if
- * none runs.
+ * `pf_dedup_start_background` with each step's parallel work (hashing,
+ * sorting, comparing) on a thread pool of the scanner's own of `threads`
+ * threads (1: the whole scanner on one core, as `ksmd`), so a scanner
+ * running flat out takes at most that many cores from the vCPUs.
+ * (`pf_dedup_start_background` uses every core, as `pf_dedup_merge_now`
+ * does.) ABI 0.7.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (budgets,
+ * `threads` 0), `PF_ERR_OS` (no thread).
+ *
+ * # Safety
+ *
+ * `dedup` is NULL or a live `pf_dedup` handle.
+ */
+enum pf_status pf_dedup_start_background_on(const struct pf_dedup *dedup,
+                                            uint64_t max_pages,
+                                            uint64_t max_micros,
+                                            uint64_t interval_micros,
+                                            uint32_t threads);
+
+/**
+ * Stops the background scanner after its current batch (4096 pages at
+ * most); does nothing if none runs.
  *
  * Errors: `PF_ERR_NULL_POINTER`.
  *

@@ -651,8 +651,42 @@ pub unsafe extern "C" fn pf_dedup_start_background(
     }
 }
 
-/// Stops the background scanner after its current step; does nothing if
-/// none runs.
+/// `pf_dedup_start_background` with each step's parallel work (hashing,
+/// sorting, comparing) on a thread pool of the scanner's own of `threads`
+/// threads (1: the whole scanner on one core, as `ksmd`), so a scanner
+/// running flat out takes at most that many cores from the vCPUs.
+/// (`pf_dedup_start_background` uses every core, as `pf_dedup_merge_now`
+/// does.) ABI 0.7.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (budgets,
+/// `threads` 0), `PF_ERR_OS` (no thread).
+///
+/// # Safety
+///
+/// `dedup` is NULL or a live `pf_dedup` handle.
+#[no_mangle]
+pub unsafe extern "C" fn pf_dedup_start_background_on(
+    dedup: *const pf_dedup,
+    max_pages: u64,
+    max_micros: u64,
+    interval_micros: u64,
+    threads: u32,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: `dedup` is NULL or a live handle (contract).
+        let host = unsafe { host(dedup) }?;
+        let budget = budget(max_pages, max_micros)?;
+        let threads = usize::try_from(threads)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| Error::invalid("threads must be at least 1"))?;
+        host.start_background_on(budget, Duration::from_micros(interval_micros), threads)?;
+        Ok(())
+    }
+}
+
+/// Stops the background scanner after its current batch (4096 pages at
+/// most); does nothing if none runs.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`.
 ///

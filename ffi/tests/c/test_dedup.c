@@ -276,6 +276,7 @@ TEST(dedup_calls_reject_a_null_handle) {
     CHECK_ERR(pf_dedup_vm_stats(NULL, 1, &vm), PF_ERR_NULL_POINTER, "dedup");
     CHECK_ERR(pf_dedup_kernel_view(NULL, &view), PF_ERR_NULL_POINTER, "dedup");
     CHECK_ERR(pf_dedup_start_background(NULL, 1, 0, 1000), PF_ERR_NULL_POINTER, "dedup");
+    CHECK_ERR(pf_dedup_start_background_on(NULL, 1, 0, 1000, 1), PF_ERR_NULL_POINTER, "dedup");
     CHECK_ERR(pf_dedup_stop_background(NULL), PF_ERR_NULL_POINTER, "dedup");
     pf_guest_memory_free(mem);
 }
@@ -696,8 +697,11 @@ TEST(background_scanner_merges_and_stops) {
     }
     CHECK_ERR(pf_dedup_start_background(dedup, 0, 0, 1000), PF_ERR_INVALID_ARGUMENT, "no budget");
     CHECK_OK(pf_dedup_start_background(dedup, PAGES, 0, 1000));
-    /* Restarting replaces the running scanner. */
-    CHECK_OK(pf_dedup_start_background(dedup, PAGES, 0, 1000));
+    /* Restarting replaces the running scanner: here with one of its own
+     * thread and a budget of endless full scans per step. */
+    CHECK_ERR(pf_dedup_start_background_on(dedup, PAGES, 0, 1000, 0), PF_ERR_INVALID_ARGUMENT,
+              "threads must be at least 1");
+    CHECK_OK(pf_dedup_start_background_on(dedup, UINT64_MAX, 0, 0, 1));
     pf_host_stats s = stats_of(dedup);
     for (int i = 0; i < 2000 && s.pages_sharing < (VMS - 1) * SHARED_PAGES; i++) {
         struct timespec ts = {0, 5 * 1000 * 1000};
