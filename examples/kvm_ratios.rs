@@ -250,14 +250,41 @@ fn cow_ksm(pages: u64, reps: usize, _session: &ksm::KsmSession) -> Res<(f64, f64
     Ok((median(&mut first), median(&mut second)))
 }
 
+/// What one slowdown run measured.
+#[derive(Clone, Copy, Debug)]
+struct Slowdown {
+    /// Guest write rounds per second with no scanner.
+    idle: f64,
+    /// The same with the scanner running.
+    busy: f64,
+    /// Full scans per second the scanner completed meanwhile.
+    scans: f64,
+}
+
+impl Slowdown {
+    fn kept(&self) -> f64 {
+        self.busy / self.idle
+    }
+}
+
+/// How hard a scanner runs: pages per step (`pages_to_scan`) and the pause
+/// between steps (`sleep_millisecs`).
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    pages: u64,
+    sleep_ms: u64,
+}
+
 /// Runs the fill-and-write guest; returns its write rounds per second over
-/// `secs` with no scanner and then with `scan_on` running.
+/// `secs` with no scanner and then with `scan_on` running, and the full
+/// scans per second (`full_scans`) meanwhile.
 fn rounds_per_second(
     vm: TestVm,
     secs: f64,
     scan_on: &dyn Fn() -> Res<()>,
     scan_off: &dyn Fn() -> Res<()>,
-) -> Res<(f64, f64)> {
+    full_scans: &dyn Fn() -> Res<u64>,
+) -> Res<Slowdown> {
     let rounds = Arc::new(AtomicU64::new(0));
     let filled = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -291,14 +318,28 @@ fn rounds_per_second(
         std::thread::sleep(Duration::from_secs_f64(d));
         (rounds.load(Ordering::Relaxed) - r0) as f64 / t.elapsed().as_secs_f64()
     };
-    let idle = rate(secs);
-    scan_on()?;
-    std::thread::sleep(Duration::from_millis(200));
-    let busy = rate(secs);
-    scan_off()?;
+    // Idle and scanning windows alternate (three of each), so a change in
+    // the machine's load hits both alike.
+    let (mut idle, mut busy, mut scans) = (0.0, 0.0, 0.0);
+    const CYCLES: u32 = 3;
+    for _ in 0..CYCLES {
+        idle += rate(secs / f64::from(CYCLES));
+        scan_on()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let (s0, t0) = (full_scans()?, Instant::now());
+        busy += rate(secs / f64::from(CYCLES));
+        scans += (full_scans()? - s0) as f64 / t0.elapsed().as_secs_f64();
+        scan_off()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (idle, busy, scans) = (
+        idle / f64::from(CYCLES),
+        busy / f64::from(CYCLES),
+        scans / f64::from(CYCLES),
+    );
     stop.store(true, Ordering::SeqCst);
     thread.join().map_err(|_| "vCPU thread panicked")??;
-    Ok((idle, busy))
+    Ok(Slowdown { idle, busy, scans })
 }
 
 /// Data for the slowdown runs: the guest's fill plus a second VM's worth
@@ -325,8 +366,9 @@ fn program(pages: u64) -> guest::Program {
 fn slowdown_pagefold(
     pages: u64,
     secs: f64,
+    pace: Pace,
     threads: Option<std::num::NonZeroUsize>,
-) -> Res<(f64, f64)> {
+) -> Res<Slowdown> {
     let store = Arc::new(FrameStore::memfd()?);
     let host = Arc::new(DedupHost::new(Arc::clone(&store))?);
     let mem = guest::memory(&store, pages)?;
@@ -341,15 +383,16 @@ fn slowdown_pagefold(
     )?;
     host.register(mem, VmOptions::default())?;
     host.register(other, VmOptions::default())?;
-    let (h1, h2) = (Arc::clone(&host), Arc::clone(&host));
+    let (h1, h2, h3) = (Arc::clone(&host), Arc::clone(&host), Arc::clone(&host));
     let r = rounds_per_second(
         vm,
         secs,
         &move || {
-            let budget = ScanBudget::Pages(100_000);
+            let budget = ScanBudget::Pages(pace.pages);
+            let pause = Duration::from_millis(pace.sleep_ms);
             match threads {
-                Some(n) => h1.start_background_on(budget, Duration::ZERO, n)?,
-                None => h1.start_background(budget, Duration::ZERO)?,
+                Some(n) => h1.start_background_on(budget, pause, n)?,
+                None => h1.start_background(budget, pause)?,
             }
             Ok(())
         },
@@ -357,6 +400,7 @@ fn slowdown_pagefold(
             h2.stop_background();
             Ok(())
         },
+        &move || Ok(h3.stats()?.full_scans),
     )?;
     println!(
         "  pagefold: {} pages sharing after the scanning phase",
@@ -365,8 +409,13 @@ fn slowdown_pagefold(
     Ok(r)
 }
 
-fn slowdown_ksm(pages: u64, secs: f64, _session: &ksm::KsmSession) -> Res<(f64, f64)> {
+fn slowdown_ksm(pages: u64, secs: f64, pace: Pace, _session: &ksm::KsmSession) -> Res<Slowdown> {
     ksm_run("2")?;
+    std::fs::write("/sys/kernel/mm/ksm/pages_to_scan", pace.pages.to_string())?;
+    std::fs::write(
+        "/sys/kernel/mm/ksm/sleep_millisecs",
+        pace.sleep_ms.to_string(),
+    )?;
     let low = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), guest::LOW_SIZE)])?);
     let anon = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
     let mut other = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
@@ -378,7 +427,9 @@ fn slowdown_ksm(pages: u64, secs: f64, _session: &ksm::KsmSession) -> Res<(f64, 
         pages,
         1,
     )?;
-    let r = rounds_per_second(vm, secs, &|| ksm_run("1"), &|| ksm_run("0"))?;
+    let r = rounds_per_second(vm, secs, &|| ksm_run("1"), &|| ksm_run("0"), &|| {
+        Ok(ksm::counter("full_scans")?)
+    })?;
     println!(
         "  KSM: {} pages sharing after the scanning phase",
         ksm::counter("pages_sharing")?
@@ -414,30 +465,53 @@ fn main() -> Res<()> {
         k1 / pf1
     );
 
-    println!("\nGuest slowdown while the scanner runs flat out (pagefold: 100000 pages per step, no pause; ksmd: pages_to_scan 100000, sleep 0), 2 x {} MiB to fold, {secs} s each:", pages / 256);
     let one = std::num::NonZeroUsize::new(1).ok_or("1 is not zero")?;
-    let (pi, pb) = slowdown_pagefold(pages, secs, None)?;
-    let (p1i, p1b) = slowdown_pagefold(pages, secs, Some(one))?;
-    let (ki, kb) = slowdown_ksm(pages, secs, &session)?;
-    println!("| scanner | rounds/s idle | rounds/s scanning | guest speed kept |");
-    println!("|---|---|---|---|");
-    println!(
-        "| pagefold, every core (start_background) | {pi:.0} | {pb:.0} | {:.1}% |",
-        100.0 * pb / pi
-    );
-    println!(
-        "| pagefold, one thread (start_background_on 1) | {p1i:.0} | {p1b:.0} | {:.1}% |",
-        100.0 * p1b / p1i
-    );
-    println!(
-        "| ksmd (one thread) | {ki:.0} | {kb:.0} | {:.1}% |",
-        100.0 * kb / ki
-    );
-    println!(
-        "guest_speed_ratio={:.2} (share of guest speed kept under pagefold's one-thread scanner / under ksmd's; every core: {:.2})",
-        (p1b / p1i) / (kb / ki),
-        (pb / pi) / (kb / ki)
-    );
+    for (name, pace) in [
+        (
+            "flat out (100000 pages per step, no pause)",
+            Pace {
+                pages: 100_000,
+                sleep_ms: 0,
+            },
+        ),
+        (
+            "paced (1024 pages per step, 20 ms pause: both scan at most 50k pages/s)",
+            Pace {
+                pages: 1024,
+                sleep_ms: 20,
+            },
+        ),
+    ] {
+        println!(
+            "\nGuest slowdown while the scanner runs {name}, 2 x {} MiB to fold, {secs} s each:",
+            pages / 256
+        );
+        let all = slowdown_pagefold(pages, secs, pace, None)?;
+        let single = slowdown_pagefold(pages, secs, pace, Some(one))?;
+        let k = slowdown_ksm(pages, secs, pace, &session)?;
+        println!(
+            "| scanner | rounds/s idle | rounds/s scanning | guest speed kept | full scans/s |"
+        );
+        println!("|---|---|---|---|---|");
+        for (who, s) in [
+            ("pagefold, every core (start_background)", all),
+            ("pagefold, one thread (start_background_on 1)", single),
+            ("ksmd (one thread)", k),
+        ] {
+            println!(
+                "| {who} | {:.0} | {:.0} | {:.1}% | {:.1} |",
+                s.idle,
+                s.busy,
+                100.0 * s.kept(),
+                s.scans
+            );
+        }
+        println!(
+            "guest_speed_ratio={:.2} (share of guest speed kept under pagefold's one-thread scanner / under ksmd's; every core: {:.2})",
+            single.kept() / k.kept(),
+            all.kept() / k.kept()
+        );
+    }
     drop(session);
     Ok(())
 }
