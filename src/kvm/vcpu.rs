@@ -425,3 +425,57 @@ impl VcpuState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VcpuState {
+        let mut s = VcpuState {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            xsave: [0; 1024],
+            xcrs: kvm_xcrs::default(),
+        };
+        s.regs.rip = 0x40134;
+        s.regs.r14 = 0xdead_beef;
+        s.sregs.cr3 = 0x1000;
+        s.sregs.cs.l = 1;
+        s.xsave[100] = 7;
+        s.xcrs.nr_xcrs = 1;
+        s.xcrs.xcrs[0].value = 3;
+        s
+    }
+
+    #[test]
+    fn state_bytes_round_trip() {
+        let s = sample();
+        let bytes = s.to_bytes();
+        assert_eq!(bytes.len(), VcpuState::BYTES);
+        let back = VcpuState::from_bytes(&bytes).expect("round trip");
+        assert_eq!(back.to_bytes(), bytes);
+        assert_eq!(back.regs.rip, 0x40134);
+        assert_eq!(back.sregs.cs.l, 1);
+        assert_eq!(back.xsave[100], 7);
+    }
+
+    #[test]
+    fn malformed_state_bytes_are_refused() {
+        let bytes = sample().to_bytes();
+        for len in [0, 7, 8, VcpuState::BYTES - 1, VcpuState::BYTES + 1] {
+            let mut b = bytes.clone();
+            b.resize(len, 0);
+            assert_eq!(
+                VcpuState::from_bytes(&b).err(),
+                Some(VcpuStateError::Malformed("wrong length")),
+                "length {len}"
+            );
+        }
+        let mut b = bytes;
+        b[0] ^= 1;
+        assert_eq!(
+            VcpuState::from_bytes(&b).err(),
+            Some(VcpuStateError::Malformed("wrong magic"))
+        );
+    }
+}
