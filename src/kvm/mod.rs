@@ -1,6 +1,7 @@
 //! KVM (feature `kvm`): a VM whose memory slots are the regions of a
-//! [`GuestMemory`], KVM's dirty log fetched into pagefold's dirty log, and a
-//! minimal vCPU runner for small real-mode guests.
+//! [`GuestMemory`], KVM's dirty log fetched into pagefold's dirty log
+//! (`dirty_log.rs`), and vCPUs in real mode or directly in 64-bit mode with
+//! a run loop and a migratable state (`vcpu.rs`).
 //!
 //! Lifetime rule: a KVM memory slot points at a region's host mapping by
 //! address. The kernel VM (and with it every slot) lives as long as any of
@@ -9,10 +10,11 @@
 //! it (field order), which keeps the mappings alive for as long as the
 //! kernel can reach them.
 //!
-//! Not here yet (issue 7): the COW path for guest writes to shared pages
-//! (userfaultfd write-protect, see `DESIGN.md`), and long mode. The dirty
-//! log uses manual protection (`KVM_CLEAR_DIRTY_LOG`) where KVM offers it
-//! (`dirty_log.rs`).
+//! Guest writes to pages the dedup host merged need nothing from this
+//! module: a merged page is a private read-only view of its shared frame,
+//! so KVM's own fault path copies it on the first write (no exit), and
+//! merge windows hold a vCPU's store in the kernel with userfaultfd write
+//! protection until they close (`DESIGN.md`, "kvm"; `tests/kvm_cow.rs`).
 
 use std::sync::Arc;
 
