@@ -286,6 +286,28 @@ impl GuestMemory {
         (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
+    /// The page-table walker's direct view of the only region (empty with
+    /// several regions): a walk then bounds-checks each entry against
+    /// values it holds in registers instead of looking the region up.
+    #[inline(always)]
+    pub(crate) fn entry_window(&self) -> crate::paging::EntryWindow<'_> {
+        match &*self.regions {
+            // SAFETY: the region maps its `size()` bytes from `ptr_at(0)`
+            // for as long as `self` is borrowed (the lifetime the window
+            // gets); the flag is the one `load_entry` reads before it loads
+            // through the mapping.
+            [r] => unsafe {
+                crate::paging::EntryWindow::new(
+                    r.start().0,
+                    r.size(),
+                    r.ptr_at(0),
+                    r.state_checks_flag(),
+                )
+            },
+            _ => crate::paging::EntryWindow::empty(),
+        }
+    }
+
     /// Atomic load of an aligned integer, `None` for an unbacked or
     /// misaligned address: the page-table walker's entry read, kept free of
     /// error construction so it inlines into the walk.
@@ -294,8 +316,17 @@ impl GuestMemory {
         if addr.0 % T::SIZE as u64 != 0 {
             return None;
         }
-        let r = &self.regions[self.index.find(addr.0)?];
-        let off = addr.0 - r.start().0;
+        // One region, the common layout: its bounds are the whole lookup.
+        let (r, off) = if let [r] = &*self.regions {
+            let off = addr.0.wrapping_sub(r.start().0);
+            if off >= r.size() {
+                return None;
+            }
+            (r, off)
+        } else {
+            let r = &self.regions[self.index.find(addr.0)?];
+            (r, addr.0 - r.start().0)
+        };
         if r.needs_state_checks()
             && r.page_states()
                 .load((off >> PAGE_SHIFT) as usize)
@@ -303,9 +334,10 @@ impl GuestMemory {
         {
             return Some(zero_of::<T>());
         }
-        // SAFETY: `find` put `addr` in region `r` (mapping live while `self`
-        // is borrowed); regions are whole pages and `addr` is aligned to
-        // `T::SIZE`, so the integer lies inside, aligned.
+        // SAFETY: `off < r.size()` (checked above, or `find` put `addr` in
+        // `r`), the mapping is live while `self` is borrowed; regions are
+        // whole pages and `addr` is aligned to `T::SIZE`, so the integer lies
+        // inside, aligned.
         Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
     }
 

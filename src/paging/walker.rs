@@ -342,7 +342,7 @@ impl Walker {
         };
         let long = X86Long::of(fmt)?;
         long.check_input(va).ok()?;
-        let l = super::lean::walk(&long, mem, va, access, root_start(&long), None)?;
+        let l = long.walk_root(mem, va, access)?;
         Some(Translation {
             va,
             gpa: l.base | (va & ((1u64 << l.shift) - 1)),
