@@ -13,7 +13,7 @@ use super::{
     format::{bits, Decoded, Denied, Format},
     lean::LeanOut,
     walker::{LeafAttributes, Permissions},
-    Access, AccessKind, FaultReason, PhysMemory,
+    Access, AccessKind, EntryWindow, FaultReason, PhysMemory,
 };
 
 /// CR0.PE: protection enabled.
@@ -740,6 +740,28 @@ impl X86Format {
     }
 }
 
+/// How [`X86Long::walk_root`] reads an entry.
+trait ReadEntry {
+    fn read(&self, pa: u64) -> Option<u64>;
+}
+
+impl ReadEntry for EntryWindow<'_> {
+    #[inline(always)]
+    fn read(&self, pa: u64) -> Option<u64> {
+        self.read_u64(pa)
+    }
+}
+
+/// Reads through [`PhysMemory::read_u64`].
+struct ByMemory<'m, M: ?Sized>(&'m M);
+
+impl<M: PhysMemory + ?Sized> ReadEntry for ByMemory<'_, M> {
+    #[inline(always)]
+    fn read(&self, pa: u64) -> Option<u64> {
+        self.0.read_u64(pa)
+    }
+}
+
 /// The 4- and 5-level format with the mode known: what the lean walk runs
 /// for a 64-bit guest, with the per-mode branches of [`X86Format`] gone.
 /// Meanings are [`X86Format`]'s, bit for bit (it delegates everything but
@@ -769,7 +791,8 @@ impl X86Long<'_> {
     /// table entry has, of P, PS and the reserved bits, exactly P; a usable
     /// leaf exactly P and, above level 1, PS) and the permissions folded as
     /// an AND of the entries (R/W, U/S) and an OR (XD). `None` where the
-    /// full engine must decide (any entry not usable, the access denied).
+    /// full engine must decide (a non-canonical address, any entry not
+    /// usable, the access denied). First-level formats only.
     ///
     /// Entries are read through the memory's [`super::memory::EntryWindow`]
     /// when it has one open (a single-region guest memory whose pages all
@@ -785,32 +808,37 @@ impl X86Long<'_> {
     ) -> Option<LeanOut> {
         let window = mem.entry_window();
         if window.is_open() {
-            self.walk_root_by(va, access, |pa| window.read_u64(pa))
+            self.walk_root_by(va, access, &window)
         } else {
-            self.walk_root_by(va, access, |pa| mem.read_u64(pa))
+            self.walk_root_by(va, access, &ByMemory(mem))
         }
     }
 
-    /// [`X86Long::walk_root`] with entries read by `read`.
+    /// [`X86Long::walk_root`] with entries read through `reader`.
     #[inline(always)]
-    fn walk_root_by(
-        &self,
-        va: u64,
-        access: Access,
-        read_entry: impl Fn(u64) -> Option<u64>,
-    ) -> Option<LeanOut> {
+    fn walk_root_by(&self, va: u64, access: Access, reader: &impl ReadEntry) -> Option<LeanOut> {
         let f = self.0;
+        // A first-level format (AMD's nested one checks its input
+        // differently).
+        debug_assert!(!f.npt);
+        // `va` must be canonical: bits 63:47 (63:56 with LA57) copies of
+        // one bit.
+        let canonical = |s: u32| ((va << s) as i64 >> s) as u64 == va;
+        let five = f.mode == X86Mode::Level5;
+        if !(if five { canonical(7) } else { canonical(16) }) {
+            return None;
+        }
         // `mask` has no bit below 12 (the `&` tells the compiler, which
         // then drops the entry reads' alignment checks).
         let (phys, mask) = (f.phys, f.mask & !0xfff);
         let table_bits = phys | PS | P;
-        let read = |table: u64, shift: u32| read_entry(table + ((va >> shift) & 0x1ff) * 8);
+        let read = |table: u64, shift: u32| reader.read(table + ((va >> shift) & 0x1ff) * 8);
         let mut and = !0u64;
         let mut or = 0u64;
         let mut table = f.root & !0xfff;
         let mut refs = 0;
         // PML5E (5-level paging) and PML4E: tables only, PS reserved.
-        if f.mode == X86Mode::Level5 {
+        if five {
             let raw = read(table, 48)?;
             if raw & table_bits != P {
                 return None;
