@@ -286,25 +286,33 @@ impl GuestMemory {
         (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
-    /// The page-table walker's direct view of the only region (empty with
-    /// several regions): a walk then bounds-checks each entry against
-    /// values it holds in registers instead of looking the region up.
+    /// The page-table walker's direct view of the region holding `addr`
+    /// (empty if none does; with one region, that region whatever `addr`):
+    /// a walk then bounds-checks each entry against values it holds in
+    /// registers instead of looking the region up.
     #[inline(always)]
-    pub(crate) fn entry_window(&self) -> crate::paging::EntryWindow<'_> {
-        match &*self.regions {
-            // SAFETY: the region maps its `size()` bytes from `ptr_at(0)`
-            // for as long as `self` is borrowed (the lifetime the window
-            // gets); the flag is the one `load_entry` reads before it loads
-            // through the mapping.
-            [r] => unsafe {
-                crate::paging::EntryWindow::new(
-                    r.start().0,
-                    r.size(),
-                    r.ptr_at(0),
-                    r.state_checks_flag(),
-                )
+    pub(crate) fn entry_window(&self, addr: u64) -> crate::paging::EntryWindow<'_> {
+        // One region, the common layout: no index (and no bounds check
+        // here: a window onto it is right for any address, as the window
+        // checks its own bounds).
+        let r = match &*self.regions {
+            [r] => r,
+            _ => match self.index.find(addr) {
+                Some(i) => &self.regions[i],
+                None => return crate::paging::EntryWindow::empty(),
             },
-            _ => crate::paging::EntryWindow::empty(),
+        };
+        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for as
+        // long as `self` is borrowed (the lifetime the window gets); the
+        // flag is the one `load_entry` reads before it loads through the
+        // mapping.
+        unsafe {
+            crate::paging::EntryWindow::new(
+                r.start().0,
+                r.size(),
+                r.ptr_at(0),
+                r.state_checks_flag(),
+            )
         }
     }
 

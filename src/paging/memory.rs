@@ -35,12 +35,13 @@ pub trait PhysMemory {
     fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), u64>;
 
     /// Internal to pagefold (its type cannot be named outside the crate):
-    /// a run of this memory a walk may load entries from directly. Empty
-    /// unless the memory says otherwise; everything else is read through
-    /// [`PhysMemory::read_u64`].
+    /// a run of this memory around `pa` that a walk may load entries from
+    /// directly. Empty unless the memory says otherwise; everything else is
+    /// read through [`PhysMemory::read_u64`].
     #[doc(hidden)]
     #[inline(always)]
-    fn entry_window(&self) -> EntryWindow<'_> {
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        let _ = pa;
         EntryWindow::empty()
     }
 }
@@ -166,8 +167,8 @@ impl PhysMemory for GuestMemory {
     }
 
     #[inline(always)]
-    fn entry_window(&self) -> EntryWindow<'_> {
-        GuestMemory::entry_window(self)
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        GuestMemory::entry_window(self, pa)
     }
 }
 
@@ -193,8 +194,8 @@ impl<M: PhysMemory + ?Sized> PhysMemory for &M {
         (**self).write_bytes(pa, data)
     }
     #[inline(always)]
-    fn entry_window(&self) -> EntryWindow<'_> {
-        (**self).entry_window()
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        (**self).entry_window(pa)
     }
 }
 

@@ -742,14 +742,43 @@ impl X86Format {
 
 /// How [`X86Long::walk_root`] reads an entry.
 trait ReadEntry {
-    fn read(&self, pa: u64) -> Option<u64>;
+    fn read(&mut self, pa: u64) -> Option<u64>;
 }
 
-impl ReadEntry for EntryWindow<'_> {
+/// Reads through a window onto the region of the last table read,
+/// reopened on the region of `pa` when `pa` falls outside (tables in
+/// several regions) or the window closed (a layer turned the region's
+/// page-state checks on): then through [`PhysMemory::read_u64`].
+struct Windowed<'m, M: ?Sized> {
+    mem: &'m M,
+    window: EntryWindow<'m>,
+}
+
+impl<M: PhysMemory + ?Sized> ReadEntry for Windowed<'_, M> {
     #[inline(always)]
-    fn read(&self, pa: u64) -> Option<u64> {
-        self.read_u64(pa)
+    fn read(&mut self, pa: u64) -> Option<u64> {
+        match self.window.read_u64(pa) {
+            Some(raw) => Some(raw),
+            None => {
+                let (window, raw) = reopen(self.mem, pa);
+                self.window = window;
+                raw
+            }
+        }
     }
+}
+
+/// The window onto the region of `pa`, and the entry at `pa` (read
+/// through it, or through [`PhysMemory::read_u64`] if it is closed).
+#[cold]
+#[inline(never)]
+fn reopen<M: PhysMemory + ?Sized>(mem: &M, pa: u64) -> (EntryWindow<'_>, Option<u64>) {
+    let window = mem.entry_window(pa);
+    let raw = match window.read_u64(pa) {
+        Some(raw) => Some(raw),
+        None => mem.read_u64(pa),
+    };
+    (window, raw)
 }
 
 /// Reads through [`PhysMemory::read_u64`].
@@ -757,7 +786,7 @@ struct ByMemory<'m, M: ?Sized>(&'m M);
 
 impl<M: PhysMemory + ?Sized> ReadEntry for ByMemory<'_, M> {
     #[inline(always)]
-    fn read(&self, pa: u64) -> Option<u64> {
+    fn read(&mut self, pa: u64) -> Option<u64> {
         self.0.read_u64(pa)
     }
 }
@@ -794,11 +823,12 @@ impl X86Long<'_> {
     /// full engine must decide (a non-canonical address, any entry not
     /// usable, the access denied). First-level formats only.
     ///
-    /// Entries are read through the memory's [`super::memory::EntryWindow`]
-    /// when it has one open (a single-region guest memory whose pages all
-    /// read as mapped): a bounds check on values held in registers instead
-    /// of a region lookup per entry. A read that leaves the window ends the
-    /// lean walk, as any other surprise does.
+    /// Entries are read through the memory's [`EntryWindow`] onto the
+    /// region of the root table when it has one open (guest memory whose
+    /// pages in that region all read as mapped): a bounds check on values
+    /// held in registers instead of a region lookup per entry; a read
+    /// outside moves the window to the entry's region. Memory without
+    /// windows is read through [`PhysMemory::read_u64`].
     #[inline(always)]
     pub(crate) fn walk_root<M: PhysMemory + ?Sized>(
         &self,
@@ -806,17 +836,22 @@ impl X86Long<'_> {
         va: u64,
         access: Access,
     ) -> Option<LeanOut> {
-        let window = mem.entry_window();
+        let window = mem.entry_window(self.0.root);
         if window.is_open() {
-            self.walk_root_by(va, access, &window)
+            self.walk_root_by(va, access, &mut Windowed { mem, window })
         } else {
-            self.walk_root_by(va, access, &ByMemory(mem))
+            self.walk_root_by(va, access, &mut ByMemory(mem))
         }
     }
 
     /// [`X86Long::walk_root`] with entries read through `reader`.
     #[inline(always)]
-    fn walk_root_by(&self, va: u64, access: Access, reader: &impl ReadEntry) -> Option<LeanOut> {
+    fn walk_root_by(
+        &self,
+        va: u64,
+        access: Access,
+        reader: &mut impl ReadEntry,
+    ) -> Option<LeanOut> {
         let f = self.0;
         // A first-level format (AMD's nested one checks its input
         // differently).
@@ -832,7 +867,7 @@ impl X86Long<'_> {
         // then drops the entry reads' alignment checks).
         let (phys, mask) = (f.phys, f.mask & !0xfff);
         let table_bits = phys | PS | P;
-        let read = |table: u64, shift: u32| reader.read(table + ((va >> shift) & 0x1ff) * 8);
+        let mut read = |table: u64, shift: u32| reader.read(table + ((va >> shift) & 0x1ff) * 8);
         let mut and = !0u64;
         let mut or = 0u64;
         let mut table = f.root & !0xfff;
