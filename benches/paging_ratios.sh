@@ -16,7 +16,9 @@
 # under 2 memory references per translation. Two sets of rows: hot tables
 # (4096 pages, tables in L1/L2, throughput) and big tables (4 GiB of 4 KiB
 # pages, 1 TiB of 2 MiB pages, tables missing L1/L2, latency); see
-# benches/paging/mod.rs and benches/paging/big.rs.
+# benches/paging/mod.rs and benches/paging/big.rs. Beside criterion's
+# ratio, "paired" is the median ratio over alternating pagefold/crate
+# passes over the same list, which see the same load from other processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,7 @@ extra=()
 while (($#)); do
     case "$1" in
         --from) from="${2:?--from needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -71,44 +73,46 @@ def load(d):
         with open(os.path.join(root, "estimates.json")) as f:
             med = json.load(f)["median"]
         n = (bench.get("throughput") or {}).get("Elements", 1)
-        fastest = None
-        sample = os.path.join(root, "sample.json")
-        if os.path.exists(sample):
-            with open(sample) as f:
-                s = json.load(f)
-            fastest = min(t / i for t, i in zip(s["times"], s["iters"])) / n
-        out[(bench["group_id"], bench["function_id"])] = (med["point_estimate"] / n, fastest)
+        out[(bench["group_id"], bench["function_id"])] = med["point_estimate"] / n
     return out
 
 
 data = load(home)
+# "paging/<row> paired: ratio R (...)" lines from the bench's stderr.
+paired = {}
+log = os.path.join(home, "bench.log")
+if os.path.exists(log):
+    for line in open(log):
+        m = re.match(r"paging/(\w+) paired: ratio ([0-9.]+)", line)
+        if m:
+            paired[m.group(1)] = float(m.group(2))
 print(f"pagefold vs x86_64 crate (OffsetPageTable), median ns per translation, run {home}")
 W = 52
 for title, rows in SECTIONS:
     print()
     print(title)
-    print(f"{'row':<{W}} {'pagefold':>9} {'x86_64':>9} {'ratio':>7} {'target':>7}  met  {'fastest-sample ratio':>20}")
+    print(f"{'row':<{W}} {'pagefold':>9} {'x86_64':>9} {'ratio':>7} {'target':>7}  met  {'paired':>6}")
     for row, label, target in rows:
         pf = data.get((f"paging/{row}", "pagefold"))
         xc = data.get((f"paging/{row}", "x86_64"))
         if pf is None or xc is None:
             print(f"{label:<{W}} (missing)")
             continue
-        r = xc[0] / pf[0]
-        fast = f"{xc[1] / pf[1]:>20.2f}" if pf[1] and xc[1] else f"{'-':>20}"
-        print(f"{label:<{W}} {pf[0]:>9.2f} {xc[0]:>9.2f} {r:>7.2f} {target:>7.1f}  {'yes' if r >= target else 'NO ':<3}  {fast}")
+        r = xc / pf
+        pr = f"{paired[row]:>6.2f}" if row in paired else f"{'-':>6}"
+        print(f"{label:<{W}} {pf:>9.2f} {xc:>9.2f} {r:>7.2f} {target:>7.1f}  {'yes' if r >= target else 'NO ':<3}  {pr}")
 print()
-print("fastest-sample ratio: the same ratio from each side's fastest criterion sample, a check")
-print("against other load on the machine (the medians decide 'met').")
+print("ratio: criterion medians (decides 'met'). paired: median ratio over alternating")
+print("pagefold/crate passes of the same list, which see the same load on the machine.")
 print()
 for row in ("nested_cold", "nested_warm"):
     pf = data.get((f"paging/{row}", "pagefold"))
     if pf is not None:
-        print(f"{row + ' (hot tables)':<{W}} {pf[0]:>9.2f}        -       -       -   (pagefold only)")
+        print(f"{row + ' (hot tables)':<{W}} {pf:>9.2f}        -       -       -   (pagefold only)")
 log = os.path.join(home, "bench.log")
 if os.path.exists(log):
     for line in open(log):
-        if re.match(r"paging/big(_warm_\w+)?: ", line):
+        if re.match(r"paging/\w+ paired: |paging/big(_warm_\w+)?: ", line):
             print(line.strip())
         if "memory references" in line:
             print(line.strip())

@@ -259,6 +259,17 @@ pub(crate) fn benches(c: &mut Criterion) {
             b.iter_custom(|iters| passes(iters, || chain(black_box(&cold), theirs)))
         });
         g.finish();
+        super::paired(
+            &format!("big_cold_{name}"),
+            cold.len(),
+            101,
+            || {
+                black_box(chain(black_box(&cold), ours));
+            },
+            || {
+                black_box(chain(black_box(&cold), theirs));
+            },
+        );
 
         let before = cache.stats();
         let mut g = c.benchmark_group(format!("paging/big_warm_{name}"));
@@ -278,6 +289,21 @@ pub(crate) fn benches(c: &mut Criterion) {
             b.iter_custom(|iters| passes(iters, || chain(black_box(&warm), theirs)))
         });
         g.finish();
+        super::paired(
+            &format!("big_warm_{name}"),
+            warm.len(),
+            2001,
+            || {
+                black_box(chain(black_box(&warm), |va| {
+                    big.walker
+                        .translate_with(&big.mem, va, Access::read(), opts, Some(&mut cache))
+                        .map_or(0, |t| t.pa)
+                }));
+            },
+            || {
+                black_box(chain(black_box(&warm), theirs));
+            },
+        );
         let stats = cache.stats();
         assert_eq!(stats.misses, before.misses, "every warm translation hit");
         eprintln!(
