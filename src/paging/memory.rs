@@ -57,7 +57,11 @@ pub trait PhysMemory {
 pub struct EntryWindow<'a> {
     start: u64,
     size: u64,
-    base: *const u8,
+    /// Where physical address 0 would be: `base - start`, so that an
+    /// entry's host address is one add away from its physical address (no
+    /// subtraction on a walk's chain of dependent loads). Only ever
+    /// dereferenced at `origin + pa` with `pa` inside the window.
+    origin: *const u8,
     checks: &'a AtomicBool,
 }
 
@@ -71,7 +75,7 @@ impl<'a> EntryWindow<'a> {
         EntryWindow {
             start: 0,
             size: 0,
-            base: std::ptr::null(),
+            origin: std::ptr::null(),
             checks: &NO_CHECKS,
         }
     }
@@ -92,7 +96,7 @@ impl<'a> EntryWindow<'a> {
         EntryWindow {
             start,
             size,
-            base,
+            origin: base.wrapping_sub(addr::usize_from(start)),
             checks,
         }
     }
@@ -114,12 +118,15 @@ impl<'a> EntryWindow<'a> {
             return None;
         }
         // SAFETY: `off` is 8-aligned (`pa` is, and so is `start` by `new`'s
-        // contract) and below `size`, a multiple of 8 by that contract, so the 8 bytes at `base + off`
-        // lie inside the window, aligned; `checks` read false, so `new`'s
-        // contract makes the atomic load valid.
+        // contract) and below `size`, a multiple of 8 by that contract, so
+        // the 8 bytes at `origin + pa` = `base + off` lie inside the window,
+        // aligned; `checks` read false, so `new`'s contract makes the atomic
+        // load valid.
         Some(
-            unsafe { AtomicU64::from_ptr(self.base.add(addr::usize_from(off)) as *mut u64) }
-                .load(Ordering::Acquire),
+            unsafe {
+                AtomicU64::from_ptr(self.origin.wrapping_add(addr::usize_from(pa)) as *mut u64)
+            }
+            .load(Ordering::Acquire),
         )
     }
 }
