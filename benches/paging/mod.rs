@@ -370,6 +370,25 @@ pub(crate) fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+    paired(
+        "range_1mib",
+        256,
+        2001,
+        || {
+            for seg in s
+                .plain
+                .translate_range(&s.mem, black_box(range_va), 1 << 20, Access::read())
+            {
+                black_box(seg.map(|g| g.pa).ok());
+            }
+        },
+        || {
+            for k in 0..256u64 {
+                let va = black_box(range_va + k * 4096);
+                black_box(crate_pt.translate_addr(VirtAddr::new(va)));
+            }
+        },
+    );
 
     // Nested walks, with their memory references.
     let cold_refs: u64 = addrs
