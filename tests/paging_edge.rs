@@ -1138,6 +1138,42 @@ fn tables_outside_memory_or_in_holes() {
 }
 
 #[test]
+fn discarded_table_page_reads_as_zeros() {
+    // The walker reads a region through a direct window until a layer
+    // discards a page of it: from then on the region's page states decide,
+    // and the discarded page table reads as zeros (not present). Tables in
+    // one region, then spread over two (the window follows the walk).
+    for (layout, pd, pt) in [
+        (vec![(GuestPhysAddr(0), 1u64 << 20)], 0x3000u64, 0x4000u64),
+        (
+            vec![
+                (GuestPhysAddr(0), 1 << 20),
+                (GuestPhysAddr(2 << 20), 1 << 20),
+            ],
+            0x20_3000,
+            0x20_4000,
+        ),
+    ] {
+        let mem = GuestMemory::new(&layout).unwrap();
+        let (pml4, pdpt) = (0x1000u64, 0x2000u64);
+        mem.write_obj(GuestPhysAddr(pml4), pdpt | 3).unwrap();
+        mem.write_obj(GuestPhysAddr(pdpt), pd | 3).unwrap();
+        mem.write_obj(GuestPhysAddr(pd), pt | 3).unwrap();
+        mem.write_obj(GuestPhysAddr(pt + 8), 0x5000u64 | 3).unwrap();
+        let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
+        let t = w.translate(&mem, 0x1234, Access::read()).unwrap();
+        assert_eq!((t.gpa, t.memory_refs), (0x5234, 4));
+        mem.discard(GuestPhysAddr(pt), PAGE).unwrap();
+        let f = w.translate(&mem, 0x1234, Access::read()).unwrap_err();
+        assert_eq!((f.reason, f.level), (FaultReason::NotPresent, 1));
+        // Written again, it is read again.
+        mem.write_obj(GuestPhysAddr(pt + 8), 0x6000u64 | 3).unwrap();
+        let t = w.translate(&mem, 0x1234, Access::read()).unwrap();
+        assert_eq!((t.gpa, t.memory_refs), (0x6234, 4));
+    }
+}
+
+#[test]
 fn second_level_table_in_a_hole() {
     let mem = GuestMemory::new(&[
         (GuestPhysAddr(0), 16 << 20),

@@ -286,6 +286,36 @@ impl GuestMemory {
         (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
+    /// The page-table walker's direct view of the region holding `addr`
+    /// (empty if none does; with one region, that region whatever `addr`):
+    /// a walk then bounds-checks each entry against values it holds in
+    /// registers instead of looking the region up.
+    #[inline(always)]
+    pub(crate) fn entry_window(&self, addr: u64) -> crate::paging::EntryWindow<'_> {
+        // One region, the common layout: no index (and no bounds check
+        // here: a window onto it is right for any address, as the window
+        // checks its own bounds).
+        let r = match &*self.regions {
+            [r] => r,
+            _ => match self.index.find(addr) {
+                Some(i) => &self.regions[i],
+                None => return crate::paging::EntryWindow::empty(),
+            },
+        };
+        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for as
+        // long as `self` is borrowed (the lifetime the window gets); the
+        // flag is the one `load_entry` reads before it loads through the
+        // mapping.
+        unsafe {
+            crate::paging::EntryWindow::new(
+                r.start().0,
+                r.size(),
+                r.ptr_at(0),
+                r.state_checks_flag(),
+            )
+        }
+    }
+
     /// Atomic load of an aligned integer, `None` for an unbacked or
     /// misaligned address: the page-table walker's entry read, kept free of
     /// error construction so it inlines into the walk.
@@ -294,8 +324,17 @@ impl GuestMemory {
         if addr.0 % T::SIZE as u64 != 0 {
             return None;
         }
-        let r = &self.regions[self.index.find(addr.0)?];
-        let off = addr.0 - r.start().0;
+        // One region, the common layout: its bounds are the whole lookup.
+        let (r, off) = if let [r] = &*self.regions {
+            let off = addr.0.wrapping_sub(r.start().0);
+            if off >= r.size() {
+                return None;
+            }
+            (r, off)
+        } else {
+            let r = &self.regions[self.index.find(addr.0)?];
+            (r, addr.0 - r.start().0)
+        };
         if r.needs_state_checks()
             && r.page_states()
                 .load((off >> PAGE_SHIFT) as usize)
@@ -303,9 +342,10 @@ impl GuestMemory {
         {
             return Some(zero_of::<T>());
         }
-        // SAFETY: `find` put `addr` in region `r` (mapping live while `self`
-        // is borrowed); regions are whole pages and `addr` is aligned to
-        // `T::SIZE`, so the integer lies inside, aligned.
+        // SAFETY: `off < r.size()` (checked above, or `find` put `addr` in
+        // `r`), the mapping is live while `self` is borrowed; regions are
+        // whole pages and `addr` is aligned to `T::SIZE`, so the integer lies
+        // inside, aligned.
         Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
     }
 

@@ -398,6 +398,11 @@ impl GuestRegion {
         self.state_checks.load(Ordering::Acquire)
     }
 
+    /// The flag [`GuestRegion::needs_state_checks`] reads.
+    pub(super) fn state_checks_flag(&self) -> &AtomicBool {
+        &self.state_checks
+    }
+
     /// Makes accesses consult the page-state table from now on; every layer
     /// calls it before it first changes a page's state word.
     pub(crate) fn enable_state_checks(&self) {

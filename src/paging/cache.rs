@@ -192,7 +192,7 @@ impl crate::memory::WriteObserver for TableWatch {
 /// A software TLB and paging-structure cache for one vCPU.
 #[derive(Debug)]
 pub struct WalkCache {
-    /// Two ways per set; the most recent in the first.
+    /// `TLB_WAYS` (4) ways per set; the most recent in the first.
     tlb: Box<[TlbEntry]>,
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
@@ -245,7 +245,7 @@ fn slot(space: u64, tag: u64, salt: u64, slots: usize) -> usize {
 }
 
 impl WalkCache {
-    /// An empty cache (2048 translations in 2-way sets, 512 upper-level
+    /// An empty cache (2048 translations in 512 sets of 4 ways, 512 upper-level
     /// entries, 1024 second-level translations).
     pub fn new() -> Self {
         WalkCache {

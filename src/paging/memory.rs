@@ -3,8 +3,10 @@
 //! [`PhysImage`], a read-only byte image (a saved RAM file) for offline
 //! tools.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use crate::{
-    addr::GuestPhysAddr,
+    addr::{self, GuestPhysAddr},
     memory::{AccessError, GuestMemory},
 };
 
@@ -31,6 +33,102 @@ pub trait PhysMemory {
     /// Writes `data` at `pa` (within one page); `Err` holds the first
     /// address that cannot be written.
     fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), u64>;
+
+    /// Internal to pagefold (its type cannot be named outside the crate):
+    /// a run of this memory around `pa` that a walk may load entries from
+    /// directly. Empty unless the memory says otherwise; everything else is
+    /// read through [`PhysMemory::read_u64`].
+    #[doc(hidden)]
+    #[inline(always)]
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        let _ = pa;
+        EntryWindow::empty()
+    }
+}
+
+/// A run of physical memory whose 8-byte entries a walk may load straight
+/// from the host mapping: `[start, start + size)` at host address `base`,
+/// while `checks` reads false (a region some of whose pages may read as
+/// zeros sets it for good; reads then go through
+/// [`PhysMemory::read_u64`], which consults the page states). Obtained from
+/// [`PhysMemory::entry_window`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct EntryWindow<'a> {
+    start: u64,
+    size: u64,
+    /// Where physical address 0 would be: `base - start`, so that an
+    /// entry's host address is one add away from its physical address (no
+    /// subtraction on a walk's chain of dependent loads). Only ever
+    /// dereferenced at `origin + pa` with `pa` inside the window.
+    origin: *const u8,
+    checks: &'a AtomicBool,
+}
+
+/// The `checks` flag of an empty window (never read: nothing is inside).
+static NO_CHECKS: AtomicBool = AtomicBool::new(false);
+
+impl<'a> EntryWindow<'a> {
+    /// A window with nothing inside.
+    #[inline(always)]
+    pub(crate) fn empty() -> EntryWindow<'static> {
+        EntryWindow {
+            start: 0,
+            size: 0,
+            origin: std::ptr::null(),
+            checks: &NO_CHECKS,
+        }
+    }
+
+    /// The window of physical `[start, start + size)` at `base`.
+    ///
+    /// # Safety
+    /// `start`, `size` and `base` are multiples of 8, and `base` is valid
+    /// for atomic reads of `size` bytes for `'a` whenever `checks` reads
+    /// false.
+    #[inline(always)]
+    pub(crate) unsafe fn new(
+        start: u64,
+        size: u64,
+        base: *const u8,
+        checks: &'a AtomicBool,
+    ) -> Self {
+        EntryWindow {
+            start,
+            size,
+            origin: base.wrapping_sub(addr::usize_from(start)),
+            checks,
+        }
+    }
+
+    /// Whether the window holds anything and its pages need no state
+    /// check now.
+    #[inline(always)]
+    pub(crate) fn is_open(&self) -> bool {
+        self.size != 0 && !self.checks.load(Ordering::Acquire)
+    }
+
+    /// The aligned 8-byte entry at `pa`, if it lies inside the window and
+    /// the window is still open; else `None` (the entry may still be
+    /// readable through [`PhysMemory::read_u64`]).
+    #[inline(always)]
+    pub(crate) fn read_u64(&self, pa: u64) -> Option<u64> {
+        let off = pa.wrapping_sub(self.start);
+        if off >= self.size || pa % 8 != 0 || self.checks.load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: `off` is 8-aligned (`pa` is, and so is `start` by `new`'s
+        // contract) and below `size`, a multiple of 8 by that contract, so
+        // the 8 bytes at `origin + pa` = `base + off` lie inside the window,
+        // aligned; `checks` read false, so `new`'s contract makes the atomic
+        // load valid.
+        Some(
+            unsafe {
+                AtomicU64::from_ptr(self.origin.wrapping_add(addr::usize_from(pa)) as *mut u64)
+            }
+            .load(Ordering::Acquire),
+        )
+    }
 }
 
 fn failed_at(e: &AccessError, fallback: u64) -> u64 {
@@ -74,6 +172,11 @@ impl PhysMemory for GuestMemory {
         self.write(GuestPhysAddr(pa), data)
             .map_err(|e| failed_at(&e, pa))
     }
+
+    #[inline(always)]
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        GuestMemory::entry_window(self, pa)
+    }
 }
 
 impl<M: PhysMemory + ?Sized> PhysMemory for &M {
@@ -96,6 +199,10 @@ impl<M: PhysMemory + ?Sized> PhysMemory for &M {
     }
     fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), u64> {
         (**self).write_bytes(pa, data)
+    }
+    #[inline(always)]
+    fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
+        (**self).entry_window(pa)
     }
 }
 

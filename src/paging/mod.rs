@@ -56,6 +56,7 @@ pub use cache::{CacheStats, TableWatch, WalkCache};
 pub use ept::{EptConfig, NptConfig};
 pub use fault::{FaultCode, FaultReason, Stage, WalkFault};
 pub use mappings::{Mapping, Mappings, DEFAULT_ENTRY_BUDGET};
+pub(crate) use memory::EntryWindow;
 pub use memory::{PhysImage, PhysMemory};
 pub use range::{RangeSegments, Segment};
 pub use virt::VirtError;

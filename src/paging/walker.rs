@@ -340,9 +340,7 @@ impl Walker {
         let First::X86(fmt) = &self.first else {
             return None;
         };
-        let long = X86Long::of(fmt)?;
-        long.check_input(va).ok()?;
-        let l = super::lean::walk(&long, mem, va, access, root_start(&long), None)?;
+        let l = X86Long::of(fmt)?.walk_root(mem, va, access)?;
         Some(Translation {
             va,
             gpa: l.base | (va & ((1u64 << l.shift) - 1)),
