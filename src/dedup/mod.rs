@@ -382,7 +382,7 @@ impl DedupHost {
     /// One incremental step: visits pages from where the last step stopped,
     /// merging those that hashed the same on their previous visit.
     pub fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
-        self.inner.scan_step(budget, None)
+        self.inner.scan_step(budget, None, true)
     }
 
     /// Runs [`scan_step`](Self::scan_step) with `budget` on a thread of its
@@ -643,8 +643,11 @@ impl Inner {
             ScanBudget::Pages(n) => n,
             ScanBudget::Time(_) => u64::MAX,
         };
+        // The mapping budget is read once per step (it reads
+        // /proc/self/maps, which takes the mmap lock the vCPUs' faults need).
+        self.refresh_map_budget();
         while left > 0 && !stop.load(Ordering::Relaxed) {
-            let r = self.scan_step(ScanBudget::Pages(left.min(BATCH)), Some(stop))?;
+            let r = self.scan_step(ScanBudget::Pages(left.min(BATCH)), Some(stop), false)?;
             if r.pages_scanned == 0 {
                 return Ok(()); // nothing to scan
             }
@@ -660,17 +663,20 @@ impl Inner {
     }
 
     /// One step; `stop` (the background scanner's flag) ends it between
-    /// batches.
+    /// batches; `refresh` re-reads the mapping budget first.
     fn scan_step(
         &self,
         budget: ScanBudget,
         stop: Option<&AtomicBool>,
+        refresh: bool,
     ) -> Result<ScanReport, DedupError> {
         const BATCH: usize = 4096;
         let started = Instant::now();
         let mut scan = lock(&self.scan);
         let vms = read(&self.vms).clone();
-        self.refresh_map_budget();
+        if refresh {
+            self.refresh_map_budget();
+        }
         let mut total = ScanReport::default();
         let mut left = match budget {
             ScanBudget::Pages(n) => n,
