@@ -121,6 +121,48 @@ pub(super) fn next_pages(
     (refs, wrapped)
 }
 
+/// Longest template of identical shared frames for one content.
+const MAX_TEMPLATE: usize = 64;
+/// Mappings a template frame must save to be worth its page.
+const MAPPINGS_PER_TEMPLATE_FRAME: usize = 16;
+
+/// Whether `b` is the page right after `a` in the same region.
+fn follows(a: PageRef, b: PageRef) -> bool {
+    a.vm == b.vm && a.region == b.region && a.page.checked_add(1) == Some(b.page)
+}
+
+/// How many identical shared frames a group of pages gets (`members`, in
+/// (VM, region, page) order): 1, or a template of `n` where the group's
+/// pages come in runs of consecutive pages (a guest's pages of `0xcc`
+/// padding or `0xff` fill, hundreds in a row). One remap maps one run of
+/// consecutive frames, so a run of `k` pages on one frame costs `k` remaps
+/// and `k` mappings; on a template of `n`, `ceil(k / n)`. The `n - 1` extra
+/// frames are memory that is not saved, so a template is made only where
+/// each extra frame saves at least `MAPPINGS_PER_TEMPLATE_FRAME` mappings
+/// (about the kernel memory those mappings would take: a mapping and its
+/// tree entries are about 250 bytes).
+fn template_len(members: &[(DomainId, Hashed)]) -> usize {
+    let mut runs: Vec<usize> = Vec::new();
+    let mut prev: Option<PageRef> = None;
+    for (_, m) in members {
+        match (prev, runs.last_mut()) {
+            (Some(p), Some(len)) if follows(p, m.at) => *len += 1,
+            _ => runs.push(1),
+        }
+        prev = Some(m.at);
+    }
+    let longest = runs.iter().copied().max().unwrap_or(0);
+    let mut n = longest.min(MAX_TEMPLATE);
+    while n >= 2 {
+        let saved: usize = runs.iter().map(|&k| k - k.div_ceil(n)).sum();
+        if saved >= MAPPINGS_PER_TEMPLATE_FRAME * (n - 1) {
+            return n;
+        }
+        n /= 2;
+    }
+    1
+}
+
 /// The fill mapping's address, handed to rayon's tasks; each writes only
 /// its own pages through it.
 #[derive(Clone, Copy)]
@@ -327,8 +369,19 @@ impl Inner {
         // them for comparing in place (without it, merges read with pread).
         let mut fresh: Option<(FrameRange, Option<HostMapping>)> = None;
         if !groups.is_empty() {
-            let base = self.store.allocate(groups.len() as u64)?;
-            let view = self.fill_shared_frames(vms, base, &groups, |g| canonical(g).at);
+            // Frames per group: one, or a template of identical frames where
+            // the group's pages come in long runs (see `template_len`).
+            let lens: Vec<usize> = groups
+                .iter()
+                .map(|g| template_len(&rest[g.members.clone()]))
+                .collect();
+            let sources: Vec<PageRef> = groups
+                .iter()
+                .zip(&lens)
+                .flat_map(|(g, &n)| std::iter::repeat(canonical(g).at).take(n))
+                .collect();
+            let base = self.store.allocate(sources.len() as u64)?;
+            let view = self.fill_shared_frames(vms, base, &sources, |&at| at);
             let view = match view {
                 Ok(v) => v,
                 Err(e) => {
@@ -338,16 +391,34 @@ impl Inner {
             };
             fresh = Some((base, view));
             let mut shared = lock(&self.shared);
-            for (k, g) in groups.iter().enumerate() {
-                let frame = FrameNumber(base.start.0 + k as u64);
-                shared.insert(frame, g.domain, g.hash);
-                shared.add_ref(frame, 1);
-                pinned.push(frame);
+            let mut next = base.start.0;
+            for (g, &n) in groups.iter().zip(&lens) {
+                let first = next;
+                next += n as u64;
+                for f in first..next {
+                    let frame = FrameNumber(f);
+                    shared.insert(frame, g.domain, g.hash);
+                    shared.add_ref(frame, 1);
+                    pinned.push(frame);
+                }
+                // Page `k` of a run of consecutive members maps template
+                // frame `k mod n`, so the run is remapped `n` pages a call.
+                let mut off = 0;
+                let mut prev: Option<PageRef> = None;
                 for (_, m) in &rest[g.members.clone()] {
-                    push(m.at, m.state, Target::Shared(frame));
+                    off = match prev {
+                        Some(p) if follows(p, m.at) => (off + 1) % n,
+                        _ => 0,
+                    };
+                    prev = Some(m.at);
+                    push(
+                        m.at,
+                        m.state,
+                        Target::Shared(FrameNumber(first + off as u64)),
+                    );
                 }
                 if let Some(e) = g.extra {
-                    push(e.at, e.state, Target::Shared(frame));
+                    push(e.at, e.state, Target::Shared(FrameNumber(first)));
                 }
             }
         }

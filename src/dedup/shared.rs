@@ -25,8 +25,8 @@ struct SharedFrame {
 #[derive(Debug, Default)]
 pub(crate) struct SharedFrames {
     frames: HashMap<FrameNumber, SharedFrame>,
-    /// Per domain: hash -> frames with that hash (more than one only on a
-    /// hash collision).
+    /// Per domain: hash -> frames with that hash (more than one on a hash
+    /// collision, and for a template of identical frames).
     index: HashMap<DomainId, HashMap<u64, Vec<FrameNumber>>>,
 }
 
