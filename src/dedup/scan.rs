@@ -249,30 +249,15 @@ impl Inner {
         report.hash_nanos = nanos_since(hash_started);
         report.hash_threads = rayon::current_num_threads() as u64;
 
-        // Volatility: an incremental step merges only pages whose hash did
-        // not change since their previous visit.
-        let mut stable = Vec::with_capacity(candidates);
-        for h in hashed.into_iter().flatten() {
-            let vm = &vms[h.at.vm as usize];
-            let slot = scan
-                .old_hashes
-                .get_mut(&vm.id)
-                .and_then(|r| r.get_mut(h.at.region as usize))
-                .and_then(|r| r.get_mut(h.at.page as usize));
-            let old = slot.map(|s| std::mem::replace(s, h.hash));
-            if !one_shot && old != Some(h.hash) {
-                report.volatile += 1;
-                scan.volatile_this_scan += 1;
-                continue;
-            }
-            stable.push(h);
-        }
-
-        // Classify: zero, matches a shared frame, or needs a group.
+        // One pass over the hashed pages (no intermediate list: at a
+        // quarter of a million pages, a list is megabytes of fresh memory
+        // the kernel faults in page by page):
+        // - Volatility: an incremental step merges only pages whose hash
+        //   did not change since their previous visit.
+        // - Classify: zero, matches a shared frame, or needs a group.
         // One list for every region, sorted by (VM, region, page) before
         // merging: at most one entry per stable page plus one per group.
-        let n_stable = stable.len();
-        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(n_stable);
+        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(candidates);
         let mut push = |at: PageRef, expected: PageState, target: Target| {
             cands.push((
                 (at.vm, at.region),
@@ -283,33 +268,64 @@ impl Inner {
                 },
             ));
         };
-        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
+        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(candidates);
         // Every shared frame this pass may map pages onto holds one extra
         // reference ("pin") until the pass ends, so an unmerge elsewhere
         // cannot free it between a page's remap and its published state.
         let mut pinned: Vec<FrameNumber> = Vec::new();
         let mut is_pinned = std::collections::HashSet::new();
+        let mut volatile = 0;
+        // Entries pushed by this pass follow `refs`, in (VM, region, page)
+        // order; group members are pushed after these, in group order.
+        let mut direct = 0;
         {
-            let mut shared = lock(&self.shared);
-            for h in stable {
-                let domain = vms[h.at.vm as usize].domain;
-                if h.zero {
-                    push(h.at, h.state, Target::Zero);
-                } else if let Some(&s) = shared.lookup(domain, h.hash).first() {
-                    if is_pinned.insert(s) {
-                        shared.add_ref(s, 1);
-                        pinned.push(s);
-                    }
-                    push(h.at, h.state, Target::Shared(s));
-                } else {
-                    rest.push((domain, h));
+            // Each VM's hash table and domain index, found once (not once
+            // per page).
+            let mut old_hashes: Vec<Option<&mut Vec<Vec<u64>>>> =
+                vms.iter().map(|_| None).collect();
+            for (id, table) in scan.old_hashes.iter_mut() {
+                if let Some(v) = vms.iter().position(|e| e.id == *id) {
+                    old_hashes[v] = Some(table);
                 }
             }
+            let mut shared = lock(&self.shared);
+            let index: Vec<_> = vms.iter().map(|v| shared.domain_index(v.domain)).collect();
+            let mut found = Vec::new();
+            for h in hashed.into_iter().flatten() {
+                let v = h.at.vm as usize;
+                let slot = old_hashes[v]
+                    .as_mut()
+                    .and_then(|r| r.get_mut(h.at.region as usize))
+                    .and_then(|r| r.get_mut(h.at.page as usize));
+                let old = slot.map(|s| std::mem::replace(s, h.hash));
+                if !one_shot && old != Some(h.hash) {
+                    volatile += 1;
+                    continue;
+                }
+                if h.zero {
+                    direct += 1;
+                    push(h.at, h.state, Target::Zero);
+                } else if let Some(&s) = index[v]
+                    .and_then(|m| m.get(&h.hash))
+                    .and_then(|f| f.first())
+                {
+                    if is_pinned.insert(s) {
+                        found.push(s);
+                    }
+                    direct += 1;
+                    push(h.at, h.state, Target::Shared(s));
+                } else {
+                    rest.push((vms[v].domain, h));
+                }
+            }
+            drop(index);
+            for s in found {
+                shared.add_ref(s, 1);
+                pinned.push(s);
+            }
         }
-        // Entries so far follow `refs`, in (VM, region, page) order; group
-        // members are pushed after these, in group order.
-        // (Each stable page went either there or to `rest`.)
-        let direct = n_stable - rest.len();
+        report.volatile += volatile;
+        scan.volatile_this_scan += volatile;
         // Equal hashes sit together after a sort; each run is a group whose
         // first page (in VM, region, page order) is its canonical copy.
         rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));

@@ -31,12 +31,9 @@ pub(crate) struct SharedFrames {
 }
 
 impl SharedFrames {
-    /// Shared frames of `domain` whose content hashes to `hash`.
-    pub(crate) fn lookup(&self, domain: DomainId, hash: u64) -> &[FrameNumber] {
-        self.index
-            .get(&domain)
-            .and_then(|m| m.get(&hash))
-            .map_or(&[], Vec::as_slice)
+    /// The content index of `domain`: hash -> frames with that hash.
+    pub(crate) fn domain_index(&self, domain: DomainId) -> Option<&HashMap<u64, Vec<FrameNumber>>> {
+        self.index.get(&domain)
     }
 
     /// Records a new shared frame with no references yet.
