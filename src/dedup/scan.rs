@@ -123,6 +123,10 @@ pub(super) fn next_pages(
 
 /// Longest template of identical shared frames for one content.
 const MAX_TEMPLATE: usize = 64;
+/// Shortest template: a shorter one saves little (a run of `k` still needs
+/// `k / n` remaps), so short runs stay on one frame and small guests fold
+/// exactly as KSM would.
+const MIN_TEMPLATE: usize = 8;
 /// Mappings a template frame must save to be worth its page.
 const MAPPINGS_PER_TEMPLATE_FRAME: usize = 16;
 
@@ -132,7 +136,7 @@ fn follows(a: PageRef, b: PageRef) -> bool {
 }
 
 /// How many identical shared frames a group of pages gets (`members`, in
-/// (VM, region, page) order): 1, or a template of `n` where the group's
+/// (VM, region, page) order): 1, or a template of `n` (8 to 64) where the group's
 /// pages come in runs of consecutive pages (a guest's pages of `0xcc`
 /// padding or `0xff` fill, hundreds in a row). One remap maps one run of
 /// consecutive frames, so a run of `k` pages on one frame costs `k` remaps
@@ -153,7 +157,7 @@ fn template_len(members: &[(DomainId, Hashed)]) -> usize {
     }
     let longest = runs.iter().copied().max().unwrap_or(0);
     let mut n = longest.min(MAX_TEMPLATE);
-    while n >= 2 {
+    while n >= MIN_TEMPLATE {
         let saved: usize = runs.iter().map(|&k| k - k.div_ceil(n)).sum();
         if saved >= MAPPINGS_PER_TEMPLATE_FRAME * (n - 1) {
             return n;
