@@ -176,6 +176,72 @@ fn writes_to_merged_pages_copy_on_write() {
     );
 }
 
+/// Long runs of one content (a guest's `0xcc` padding, `0xff` fill) map a
+/// template of identical shared frames, so a run costs a remap per 64
+/// pages instead of one per page; the contents, copy on write and unmerge
+/// are as for any merged page.
+#[test]
+fn runs_of_one_content_map_a_template() {
+    const RUN: usize = 512;
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let fill = |vm: usize, i: usize| {
+        let mut p = content(vm, i);
+        if (100..100 + RUN).contains(&i) {
+            p = [0xcc; PAGE_SIZE];
+        }
+        p
+    };
+    let vms: Vec<Arc<GuestMemory>> = (0..2)
+        .map(|vm| {
+            let mem = GuestMemory::with_store(
+                Arc::clone(&store),
+                &[(GuestPhysAddr(0), (PAGES * PAGE_SIZE) as u64)],
+            )
+            .unwrap();
+            for i in 0..PAGES {
+                mem.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &fill(vm, i))
+                    .unwrap();
+            }
+            Arc::new(mem)
+        })
+        .collect();
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    let report = host.merge_now().unwrap();
+    let mut models: Vec<Vec<[u8; PAGE_SIZE]>> = (0..2)
+        .map(|vm| (0..PAGES).map(|i| fill(vm, i)).collect())
+        .collect();
+    // Shared: the run in both VMs, and the rest of the first third.
+    let others = (0..PAGES)
+        .filter(|i| i * 3 / PAGES == 0 && !(100..100 + RUN).contains(i))
+        .count();
+    assert_eq!(report.merged_shared as usize, 2 * (RUN + others));
+    // One template of 64 frames for the run: 8 remaps per VM for it, where
+    // one frame would need 512.
+    let s = host.stats().unwrap();
+    assert_eq!(s.pages_shared as usize, others + 64);
+    assert!(report.remaps <= 2 * (8 + 8), "remaps {}", report.remaps);
+    for (vm, mem) in vms.iter().enumerate() {
+        check(mem, &models[vm]);
+    }
+    // A write to one page of the run copies only that page.
+    vms[1]
+        .write(GuestPhysAddr(200 * PAGE_SIZE as u64 + 5), b"x")
+        .unwrap();
+    models[1][200][5] = b'x';
+    for (vm, mem) in vms.iter().enumerate() {
+        check(mem, &models[vm]);
+    }
+    host.unmerge_all().unwrap();
+    for (vm, mem) in vms.iter().enumerate() {
+        assert_eq!(mem.census().private as usize, PAGES);
+        check(mem, &models[vm]);
+    }
+    assert_eq!(host.stats().unwrap().pages_shared, 0);
+}
+
 #[test]
 fn different_domains_share_nothing() {
     let store = Arc::new(FrameStore::memfd().unwrap());

@@ -121,6 +121,52 @@ pub(super) fn next_pages(
     (refs, wrapped)
 }
 
+/// Longest template of identical shared frames for one content.
+const MAX_TEMPLATE: usize = 64;
+/// Shortest template: a shorter one saves little (a run of `k` still needs
+/// `k / n` remaps), so short runs stay on one frame and small guests fold
+/// exactly as KSM would.
+const MIN_TEMPLATE: usize = 8;
+/// Mappings a template frame must save to be worth its page.
+const MAPPINGS_PER_TEMPLATE_FRAME: usize = 16;
+
+/// Whether `b` is the page right after `a` in the same region.
+fn follows(a: PageRef, b: PageRef) -> bool {
+    a.vm == b.vm && a.region == b.region && a.page.checked_add(1) == Some(b.page)
+}
+
+/// How many identical shared frames a group of pages gets (`members`, in
+/// (VM, region, page) order): 1, or a template of `n` (8 to 64) where the group's
+/// pages come in runs of consecutive pages (a guest's pages of `0xcc`
+/// padding or `0xff` fill, hundreds in a row). One remap maps one run of
+/// consecutive frames, so a run of `k` pages on one frame costs `k` remaps
+/// and `k` mappings; on a template of `n`, `ceil(k / n)`. The `n - 1` extra
+/// frames are memory that is not saved, so a template is made only where
+/// each extra frame saves at least `MAPPINGS_PER_TEMPLATE_FRAME` mappings
+/// (about the kernel memory those mappings would take: a mapping and its
+/// tree entries are about 250 bytes).
+fn template_len(members: &[(DomainId, Hashed)]) -> usize {
+    let mut runs: Vec<usize> = Vec::new();
+    let mut prev: Option<PageRef> = None;
+    for (_, m) in members {
+        match (prev, runs.last_mut()) {
+            (Some(p), Some(len)) if follows(p, m.at) => *len += 1,
+            _ => runs.push(1),
+        }
+        prev = Some(m.at);
+    }
+    let longest = runs.iter().copied().max().unwrap_or(0);
+    let mut n = longest.min(MAX_TEMPLATE);
+    while n >= MIN_TEMPLATE {
+        let saved: usize = runs.iter().map(|&k| k - k.div_ceil(n)).sum();
+        if saved >= MAPPINGS_PER_TEMPLATE_FRAME * (n - 1) {
+            return n;
+        }
+        n /= 2;
+    }
+    1
+}
+
 /// The fill mapping's address, handed to rayon's tasks; each writes only
 /// its own pages through it.
 #[derive(Clone, Copy)]
@@ -207,30 +253,15 @@ impl Inner {
         report.hash_nanos = nanos_since(hash_started);
         report.hash_threads = rayon::current_num_threads() as u64;
 
-        // Volatility: an incremental step merges only pages whose hash did
-        // not change since their previous visit.
-        let mut stable = Vec::with_capacity(candidates);
-        for h in hashed.into_iter().flatten() {
-            let vm = &vms[h.at.vm as usize];
-            let slot = scan
-                .old_hashes
-                .get_mut(&vm.id)
-                .and_then(|r| r.get_mut(h.at.region as usize))
-                .and_then(|r| r.get_mut(h.at.page as usize));
-            let old = slot.map(|s| std::mem::replace(s, h.hash));
-            if !one_shot && old != Some(h.hash) {
-                report.volatile += 1;
-                scan.volatile_this_scan += 1;
-                continue;
-            }
-            stable.push(h);
-        }
-
-        // Classify: zero, matches a shared frame, or needs a group.
+        // One pass over the hashed pages (no intermediate list: at a
+        // quarter of a million pages, a list is megabytes of fresh memory
+        // the kernel faults in page by page):
+        // - Volatility: an incremental step merges only pages whose hash
+        //   did not change since their previous visit.
+        // - Classify: zero, matches a shared frame, or needs a group.
         // One list for every region, sorted by (VM, region, page) before
         // merging: at most one entry per stable page plus one per group.
-        let n_stable = stable.len();
-        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(n_stable);
+        let mut cands: Vec<((u32, u32), Candidate)> = Vec::with_capacity(candidates);
         let mut push = |at: PageRef, expected: PageState, target: Target| {
             cands.push((
                 (at.vm, at.region),
@@ -241,33 +272,64 @@ impl Inner {
                 },
             ));
         };
-        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(stable.len());
+        let mut rest: Vec<(DomainId, Hashed)> = Vec::with_capacity(candidates);
         // Every shared frame this pass may map pages onto holds one extra
         // reference ("pin") until the pass ends, so an unmerge elsewhere
         // cannot free it between a page's remap and its published state.
         let mut pinned: Vec<FrameNumber> = Vec::new();
         let mut is_pinned = std::collections::HashSet::new();
+        let mut volatile = 0;
+        // Entries pushed by this pass follow `refs`, in (VM, region, page)
+        // order; group members are pushed after these, in group order.
+        let mut direct = 0;
         {
-            let mut shared = lock(&self.shared);
-            for h in stable {
-                let domain = vms[h.at.vm as usize].domain;
-                if h.zero {
-                    push(h.at, h.state, Target::Zero);
-                } else if let Some(&s) = shared.lookup(domain, h.hash).first() {
-                    if is_pinned.insert(s) {
-                        shared.add_ref(s, 1);
-                        pinned.push(s);
-                    }
-                    push(h.at, h.state, Target::Shared(s));
-                } else {
-                    rest.push((domain, h));
+            // Each VM's hash table and domain index, found once (not once
+            // per page).
+            let mut old_hashes: Vec<Option<&mut Vec<Vec<u64>>>> =
+                vms.iter().map(|_| None).collect();
+            for (id, table) in scan.old_hashes.iter_mut() {
+                if let Some(v) = vms.iter().position(|e| e.id == *id) {
+                    old_hashes[v] = Some(table);
                 }
             }
+            let mut shared = lock(&self.shared);
+            let index: Vec<_> = vms.iter().map(|v| shared.domain_index(v.domain)).collect();
+            let mut found = Vec::new();
+            for h in hashed.into_iter().flatten() {
+                let v = h.at.vm as usize;
+                let slot = old_hashes[v]
+                    .as_mut()
+                    .and_then(|r| r.get_mut(h.at.region as usize))
+                    .and_then(|r| r.get_mut(h.at.page as usize));
+                let old = slot.map(|s| std::mem::replace(s, h.hash));
+                if !one_shot && old != Some(h.hash) {
+                    volatile += 1;
+                    continue;
+                }
+                if h.zero {
+                    direct += 1;
+                    push(h.at, h.state, Target::Zero);
+                } else if let Some(&s) = index[v]
+                    .and_then(|m| m.get(&h.hash))
+                    .and_then(|f| f.first())
+                {
+                    if is_pinned.insert(s) {
+                        found.push(s);
+                    }
+                    direct += 1;
+                    push(h.at, h.state, Target::Shared(s));
+                } else {
+                    rest.push((vms[v].domain, h));
+                }
+            }
+            drop(index);
+            for s in found {
+                shared.add_ref(s, 1);
+                pinned.push(s);
+            }
         }
-        // Entries so far follow `refs`, in (VM, region, page) order; group
-        // members are pushed after these, in group order.
-        // (Each stable page went either there or to `rest`.)
-        let direct = n_stable - rest.len();
+        report.volatile += volatile;
+        scan.volatile_this_scan += volatile;
         // Equal hashes sit together after a sort; each run is a group whose
         // first page (in VM, region, page order) is its canonical copy.
         rest.par_sort_unstable_by_key(|(d, h)| (*d, h.hash, h.at));
@@ -327,8 +389,19 @@ impl Inner {
         // them for comparing in place (without it, merges read with pread).
         let mut fresh: Option<(FrameRange, Option<HostMapping>)> = None;
         if !groups.is_empty() {
-            let base = self.store.allocate(groups.len() as u64)?;
-            let view = self.fill_shared_frames(vms, base, &groups, |g| canonical(g).at);
+            // Frames per group: one, or a template of identical frames where
+            // the group's pages come in long runs (see `template_len`).
+            let lens: Vec<usize> = groups
+                .iter()
+                .map(|g| template_len(&rest[g.members.clone()]))
+                .collect();
+            let sources: Vec<PageRef> = groups
+                .iter()
+                .zip(&lens)
+                .flat_map(|(g, &n)| std::iter::repeat(canonical(g).at).take(n))
+                .collect();
+            let base = self.store.allocate(sources.len() as u64)?;
+            let view = self.fill_shared_frames(vms, base, &sources, |&at| at);
             let view = match view {
                 Ok(v) => v,
                 Err(e) => {
@@ -338,16 +411,34 @@ impl Inner {
             };
             fresh = Some((base, view));
             let mut shared = lock(&self.shared);
-            for (k, g) in groups.iter().enumerate() {
-                let frame = FrameNumber(base.start.0 + k as u64);
-                shared.insert(frame, g.domain, g.hash);
-                shared.add_ref(frame, 1);
-                pinned.push(frame);
+            let mut next = base.start.0;
+            for (g, &n) in groups.iter().zip(&lens) {
+                let first = next;
+                next += n as u64;
+                for f in first..next {
+                    let frame = FrameNumber(f);
+                    shared.insert(frame, g.domain, g.hash);
+                    shared.add_ref(frame, 1);
+                    pinned.push(frame);
+                }
+                // Page `k` of a run of consecutive members maps template
+                // frame `k mod n`, so the run is remapped `n` pages a call.
+                let mut off = 0;
+                let mut prev: Option<PageRef> = None;
                 for (_, m) in &rest[g.members.clone()] {
-                    push(m.at, m.state, Target::Shared(frame));
+                    off = match prev {
+                        Some(p) if follows(p, m.at) => (off + 1) % n,
+                        _ => 0,
+                    };
+                    prev = Some(m.at);
+                    push(
+                        m.at,
+                        m.state,
+                        Target::Shared(FrameNumber(first + off as u64)),
+                    );
                 }
                 if let Some(e) = g.extra {
-                    push(e.at, e.state, Target::Shared(frame));
+                    push(e.at, e.state, Target::Shared(FrameNumber(first)));
                 }
             }
         }

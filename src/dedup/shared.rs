@@ -25,18 +25,15 @@ struct SharedFrame {
 #[derive(Debug, Default)]
 pub(crate) struct SharedFrames {
     frames: HashMap<FrameNumber, SharedFrame>,
-    /// Per domain: hash -> frames with that hash (more than one only on a
-    /// hash collision).
+    /// Per domain: hash -> frames with that hash (more than one on a hash
+    /// collision, and for a template of identical frames).
     index: HashMap<DomainId, HashMap<u64, Vec<FrameNumber>>>,
 }
 
 impl SharedFrames {
-    /// Shared frames of `domain` whose content hashes to `hash`.
-    pub(crate) fn lookup(&self, domain: DomainId, hash: u64) -> &[FrameNumber] {
-        self.index
-            .get(&domain)
-            .and_then(|m| m.get(&hash))
-            .map_or(&[], Vec::as_slice)
+    /// The content index of `domain`: hash -> frames with that hash.
+    pub(crate) fn domain_index(&self, domain: DomainId) -> Option<&HashMap<u64, Vec<FrameNumber>>> {
+        self.index.get(&domain)
     }
 
     /// Records a new shared frame with no references yet.
