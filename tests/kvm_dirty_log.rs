@@ -588,10 +588,10 @@ fn kvm_drops_a_write_between_get_and_clear_of_a_reported_page() {
                 dirty_bitmap: bitmap.as_mut_ptr().cast(),
             },
         };
-        // SAFETY: KVM_GET_DIRTY_LOG (_IOW(0xae, 0x42, 16 bytes)) writes
-        // slot 0's bitmap, 1024 pages = 128 bytes, into `bitmap` (128
-        // bytes, live and not otherwise borrowed); `log` lives across the
-        // call.
+        // KVM_GET_DIRTY_LOG (_IOW(0xae, 0x42, 16 bytes)) writes slot 0's
+        // bitmap, 1024 pages = 128 bytes.
+        // SAFETY: `bitmap` has those 128 bytes, live and not otherwise
+        // borrowed; `log` lives across the call.
         let r = unsafe { libc::ioctl(fd, 0x4010_ae42, &log) };
         assert_eq!(r, 0, "KVM_GET_DIRTY_LOG");
         bitmap[PAGE_INDEX / 64]

@@ -162,12 +162,11 @@ fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<(), KvmErro
             dirty_bitmap: bitmap.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `log` is a live `kvm_dirty_log` for the duration of the call.
     // The kernel writes `ALIGN(npages, 64) / 8` bytes (the slot's bitmap
-    // size) through `dirty_bitmap`; `bitmap` is exclusively borrowed and has
-    // `ceil(npages / 64)` `u64`s (built from the slot's size in
-    // `DirtyLog::start`), exactly that many bytes, and any bit pattern is a
-    // valid `u64`.
+    // size) through `dirty_bitmap`; `bitmap` has `ceil(npages / 64)` `u64`s
+    // (built from the slot's size in `DirtyLog::start`), exactly that many.
+    // SAFETY: `log` is live for the call, `bitmap` exclusively borrowed and
+    // large enough (above), and any bit pattern is a valid `u64`.
     let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG as libc::Ioctl, &log) };
     if r < 0 {
         return Err(KvmError::Ioctl {
@@ -209,11 +208,10 @@ fn clear_dirty_log(
                 dirty_bitmap: chunk.as_mut_ptr().cast(),
             },
         };
-        // SAFETY: `clear` is a live `kvm_clear_dirty_log` for the call. The
-        // kernel reads `ALIGN(num_pages, 64) / 8` bytes through
-        // `dirty_bitmap` (and writes none); `chunk` is an exclusively
-        // borrowed slice of exactly `ceil(num_pages / 64)` `u64`s (the `get`
-        // above checked it is in bounds), so the read stays inside it.
+        // The kernel reads `ALIGN(num_pages, 64) / 8` bytes through
+        // `dirty_bitmap` (and writes none); `chunk` holds exactly
+        // `ceil(num_pages / 64)` `u64`s (the `get` above checked the bounds).
+        // SAFETY: `clear` is live for the call and the read stays in `chunk`.
         let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as libc::Ioctl, &clear) };
         if r < 0 {
             return Err(KvmError::Ioctl {

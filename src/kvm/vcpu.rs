@@ -290,10 +290,9 @@ impl KvmVcpu {
     /// The suberror and data words of the last `KVM_EXIT_INTERNAL_ERROR`.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
-        // SAFETY: called right after `KVM_RUN` returned
-        // `KVM_EXIT_INTERNAL_ERROR`, for which the kernel fills the
-        // `internal` member of the exit union; every bit pattern of its
-        // integer fields is valid.
+        // Called right after `KVM_RUN` returned `KVM_EXIT_INTERNAL_ERROR`.
+        // SAFETY: for that exit the kernel fills the `internal` member of
+        // the union; every bit pattern of its integer fields is valid.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = usize::try_from(internal.ndata)
             .unwrap_or(0)

@@ -302,10 +302,10 @@ impl GuestMemory {
                 None => return crate::paging::EntryWindow::empty(),
             },
         };
-        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for as
-        // long as `self` is borrowed (the lifetime the window gets); the
-        // flag is the one `load_entry` reads before it loads through the
+        // The flag is the one `load_entry` reads before it loads through the
         // mapping.
+        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for as
+        // long as `self` is borrowed (the lifetime the window gets).
         unsafe {
             crate::paging::EntryWindow::new(
                 r.start().0,
@@ -342,10 +342,10 @@ impl GuestMemory {
         {
             return Some(zero_of::<T>());
         }
-        // SAFETY: `off < r.size()` (checked above, or `find` put `addr` in
-        // `r`), the mapping is live while `self` is borrowed; regions are
-        // whole pages and `addr` is aligned to `T::SIZE`, so the integer lies
-        // inside, aligned.
+        // `off < r.size()` (checked above, or `find` put `addr` in `r`);
+        // regions are whole pages and `addr` is aligned to `T::SIZE`.
+        // SAFETY: so the integer lies inside the mapping, aligned, and the
+        // mapping is live while `self` is borrowed.
         Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
     }
 

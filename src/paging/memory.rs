@@ -117,17 +117,14 @@ impl<'a> EntryWindow<'a> {
         if off >= self.size || pa % 8 != 0 || self.checks.load(Ordering::Acquire) {
             return None;
         }
-        // SAFETY: `off` is 8-aligned (`pa` is, and so is `start` by `new`'s
-        // contract) and below `size`, a multiple of 8 by that contract, so
-        // the 8 bytes at `origin + pa` = `base + off` lie inside the window,
-        // aligned; `checks` read false, so `new`'s contract makes the atomic
-        // load valid.
-        Some(
-            unsafe {
-                AtomicU64::from_ptr(self.origin.wrapping_add(addr::usize_from(pa)) as *mut u64)
-            }
-            .load(Ordering::Acquire),
-        )
+        let at = self.origin.wrapping_add(addr::usize_from(pa)) as *mut u64;
+        // `off` is 8-aligned (`pa` is, and so is `start` by `new`'s contract)
+        // and below `size`, a multiple of 8 by that contract, so the 8 bytes
+        // at `origin + pa` = `base + off` lie inside the window, aligned.
+        // SAFETY: `at` is in the window and aligned (above); `checks` read
+        // false, so `new`'s contract makes the atomic load valid.
+        let entry = unsafe { AtomicU64::from_ptr(at) };
+        Some(entry.load(Ordering::Acquire))
     }
 }
 
