@@ -2,25 +2,13 @@
 //! `examples/mini_vmm`) where `/dev/kvm` is usable, the software path
 //! ([`crate::demo`]) where it is not or when asked; it says which, and why.
 
-use std::{error::Error, process::Command, sync::Arc};
-
-use pagefold::{kvm::KvmVm, GuestMemory, GuestPhysAddr};
+use std::{error::Error, process::Command};
 
 use crate::{demo, vmm};
 
 /// Why KVM cannot run the demo here, or `None` if it can.
 fn kvm_unusable() -> Option<String> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm does not exist".into());
-    }
-    let probe = match GuestMemory::new(&[(GuestPhysAddr(0), 0x10000)]) {
-        Ok(m) => Arc::new(m),
-        Err(e) => return Some(format!("guest memory for a probe VM: {e}")),
-    };
-    match KvmVm::new(&probe).and_then(|vm| vm.create_vcpu(0).map(|_| ())) {
-        Ok(()) => None,
-        Err(e) => Some(e.to_string()),
-    }
+    pagefold::kvm::probe().err().map(|e| e.to_string())
 }
 
 pub(crate) fn run(

@@ -67,6 +67,17 @@ fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |source| KvmError::Ioctl { op, source }
 }
 
+/// Whether KVM can run a guest here: opens `/dev/kvm`, creates a VM and a
+/// vCPU, and drops them. The error says why not (no `/dev/kvm`, no
+/// permission, no virtualization), for a VMM or a test to report before it
+/// falls back or skips.
+pub fn probe() -> Result<(), KvmError> {
+    let kvm = Kvm::new().map_err(ioctl("open /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
+    Ok(())
+}
+
 /// Options of [`KvmVm::with_options`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KvmOptions {
