@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             let port: u16 = args.get(i + 1).ok_or("--receive PORT")?.parse()?;
             return vmm::receive(port);
         }
+        pagefold::kvm::probe().map_err(|e| format!("needs a usable /dev/kvm: {e}"))?;
         let d = vmm::Config::default();
         let cfg = vmm::Config {
             vms: arg(&args, "--vms", d.vms)?,
