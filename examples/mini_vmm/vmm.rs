@@ -435,7 +435,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
     }
 
     // 5. Live-migrate VM 0 into another process.
-    report.migration = Some(migrate(&vms[0], &host, spawn_receiver, &say)?);
+    report.migration = Some(migrate(&vms[0], spawn_receiver, &say)?);
     let vm0 = vms.remove(0);
     host.unregister(vm0.id)?;
 
@@ -479,14 +479,32 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
 /// receiver runs the guest on, verifies, and reports.
 fn migrate(
     vm: &Vm,
-    host: &DedupHost,
     spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>,
     say: &dyn Fn(String),
 ) -> Res<MigrationOutcome> {
     let listener = TcpListener::bind(("127.0.0.1", 0))?;
     let port = listener.local_addr()?.port();
     let mut child = spawn_receiver(port)?;
-    let (stream, _) = listener.accept()?;
+    // Accept with a deadline, and give up at once if the receiver died.
+    listener.set_nonblocking(true)?;
+    let t = Instant::now();
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait()? {
+                    return Err(format!("the receiving process exited early: {status}").into());
+                }
+                if t.elapsed() > Duration::from_secs(60) {
+                    let _ = child.kill();
+                    return Err("the receiving process never connected".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
     let mut back = stream.try_clone()?;
     let opts = PrecopyOptions {
         downtime_budget: Duration::from_millis(20),
@@ -516,7 +534,6 @@ fn migrate(
     out.write_all(&bytes)?;
     out.flush()?;
     drop(out);
-    let _ = host; // VM 0 stays registered until the caller unregisters it
     let mut answer = [0u8; 24];
     back.read_exact(&mut answer)?;
     let status = child.wait()?;
