@@ -45,8 +45,11 @@ const NESTED_SLOTS: usize = 1024;
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TlbEntry {
+    /// The space number (never 0 while valid; 0 once dropped, so a probe
+    /// needs no separate validity test).
     pub(crate) space: u64,
-    /// `va >> shift`.
+    /// [`TlbEntry::tag_of`]: `va >> shift` with `shift` in bits 58..64, so
+    /// one compare matches page and size.
     pub(crate) tag: u64,
     pub(crate) gpa_base: u64,
     pub(crate) pa_base: u64,
@@ -73,6 +76,26 @@ pub(crate) struct TlbEntry {
     pub(crate) shift2: u8,
     pub(crate) level2: u8,
     pub(crate) flags: u8,
+}
+
+impl TlbEntry {
+    /// The tag of the `1 << shift`-byte page holding `va` (`shift` >= 12,
+    /// so `va >> shift` fits in 52 bits and bits 58.. are free).
+    #[inline(always)]
+    pub(crate) fn tag_of(va: u64, shift: u32) -> u64 {
+        (va >> shift) | (u64::from(shift) << 58)
+    }
+
+    /// `va >> shift` of the page this entry covers.
+    fn page(&self) -> u64 {
+        self.tag & ((1 << 58) - 1)
+    }
+
+    /// Drops the entry: a cleared `space` never matches a probe.
+    fn clear(&mut self) {
+        self.flags = 0;
+        self.space = 0;
+    }
 }
 
 /// The entry holds a translation.
@@ -192,8 +215,9 @@ impl crate::memory::WriteObserver for TableWatch {
 /// A software TLB and paging-structure cache for one vCPU.
 #[derive(Debug)]
 pub struct WalkCache {
-    /// `TLB_WAYS` (4) ways per set; the most recent in the first.
-    tlb: Box<[TlbEntry]>,
+    /// `TLB_WAYS` (4) ways per set; the most recent in the first. An
+    /// array, so a masked set index needs no bounds check.
+    tlb: Box<[TlbEntry; TLB_WAYS * TLB_SETS]>,
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
@@ -249,7 +273,7 @@ impl WalkCache {
     /// entries, 1024 second-level translations).
     pub fn new() -> Self {
         WalkCache {
-            tlb: vec![TlbEntry::default(); TLB_WAYS * TLB_SETS].into_boxed_slice(),
+            tlb: Box::new([TlbEntry::default(); TLB_WAYS * TLB_SETS]),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -344,7 +368,7 @@ impl WalkCache {
 
     /// Drops every entry.
     pub fn invalidate_all(&mut self) {
-        self.tlb.iter_mut().for_each(|e| e.flags = 0);
+        self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.upper.iter_mut().for_each(|s| s.valid = false);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
@@ -364,9 +388,9 @@ impl WalkCache {
             // A large guest page over smaller second-level pages is cached
             // as pieces; INVLPG drops every piece of the guest's page.
             for e in self.tlb.iter_mut() {
-                let first_page = (e.tag << e.shift) >> e.shift1;
+                let first_page = (e.page() << e.shift) >> e.shift1;
                 if e.space == space && first_page == va >> e.shift1 {
-                    e.flags = 0;
+                    e.clear();
                 }
             }
         }
@@ -374,11 +398,11 @@ impl WalkCache {
             if self.shifts & (1 << s) == 0 {
                 continue;
             }
-            let tag = va >> s;
-            let set = tlb_set(space, tag, s);
+            let set = tlb_set(space, va >> s, s);
+            let tag = TlbEntry::tag_of(va, s);
             for e in self.tlb[set..].iter_mut().step_by(TLB_SETS) {
-                if e.tag == tag && e.space == space && u32::from(e.shift) == s {
-                    e.flags = 0;
+                if e.tag == tag && e.space == space {
+                    e.clear();
                 }
             }
         }
@@ -396,7 +420,7 @@ impl WalkCache {
             self.tlb
                 .iter_mut()
                 .filter(|e| e.space == id)
-                .for_each(|e| e.flags = 0);
+                .for_each(TlbEntry::clear);
             self.upper
                 .iter_mut()
                 .filter(|s| s.space == id)
@@ -410,7 +434,7 @@ impl WalkCache {
         self.tlb
             .iter_mut()
             .filter(|e| e.pcid == pcid && e.flags & TLB_GLOBAL == 0)
-            .for_each(|e| e.flags = 0);
+            .for_each(TlbEntry::clear);
         self.upper
             .iter_mut()
             .filter(|s| s.pcid == pcid)
@@ -422,7 +446,7 @@ impl WalkCache {
     /// translation. Upper-level guest entries hold guest-physical table
     /// addresses and stay.
     pub fn invalidate_second_level(&mut self) {
-        self.tlb.iter_mut().for_each(|e| e.flags = 0);
+        self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
     }
@@ -446,24 +470,62 @@ impl WalkCache {
     #[inline(always)]
     pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<usize> {
         self.sync_watch();
+        self.probe(space, va)
+    }
+
+    /// The index of the entry translating `va` in `space` (a number from
+    /// `space_id`, never 0), without looking at the watch: per page size
+    /// cached, the set, then one tag and one space compare per way (a
+    /// dropped entry's space is 0, its tag holds the size).
+    #[inline(always)]
+    fn probe(&self, space: u64, va: u64) -> Option<usize> {
         let mut shifts = self.shifts;
         while shifts != 0 {
             let s = shifts.trailing_zeros();
             shifts &= shifts - 1;
-            let tag = va >> s;
-            let set = tlb_set(space, tag, s);
-            for i in (set..TLB_WAYS * TLB_SETS).step_by(TLB_SETS) {
+            let set = tlb_set(space, va >> s, s);
+            let tag = TlbEntry::tag_of(va, s);
+            for w in 0..TLB_WAYS {
+                let i = w * TLB_SETS + set;
                 let e = &self.tlb[i];
-                if e.tag == tag
-                    && e.space == space
-                    && u32::from(e.shift) == s
-                    && e.flags & TLB_VALID != 0
-                {
+                if e.tag == tag && e.space == space {
                     return Some(i);
                 }
             }
         }
         None
+    }
+
+    /// The lean hit: the address in the walker's memory for `va`, if the
+    /// entry for it in `space` is known to allow the access numbered
+    /// `access_index` under check settings `checks` and has set the
+    /// accessed/dirty flags in `need` (`TLB_ACCESSED`, `TLB_DIRTY`), and
+    /// the watch saw no table write since the last sync. `None` says
+    /// nothing: the caller takes the full path, which decides.
+    #[inline(always)]
+    pub(crate) fn hit_pa(
+        &mut self,
+        space: u64,
+        checks: u16,
+        va: u64,
+        access_index: u32,
+        need: u8,
+    ) -> Option<u64> {
+        if let Some((w, seen)) = &self.watch {
+            if w.generation() != *seen {
+                return None;
+            }
+        }
+        let e = &self.tlb[self.probe(space, va)?];
+        if e.check_tag != checks || e.rights & (1 << (access_index + 16)) == 0 {
+            return None;
+        }
+        if e.flags & need != need {
+            return None;
+        }
+        let pa = e.pa_base | (va & ((1u64 << e.shift) - 1));
+        self.stats.hits += 1;
+        Some(pa)
     }
 
     /// The entry at `i` (from `lookup`).
@@ -473,20 +535,17 @@ impl WalkCache {
     }
 
     pub(crate) fn insert(&mut self, mut entry: TlbEntry) {
+        debug_assert!(entry.space != 0, "space numbers start at 1");
+        debug_assert_eq!(entry.tag >> 58, u64::from(entry.shift), "tag from tag_of");
         entry.flags |= TLB_VALID;
-        let set = tlb_set(entry.space, entry.tag, u32::from(entry.shift));
-        let same = |e: &TlbEntry| {
-            e.flags & TLB_VALID != 0
-                && e.tag == entry.tag
-                && e.space == entry.space
-                && e.shift == entry.shift
-        };
+        let set = tlb_set(entry.space, entry.page(), u32::from(entry.shift));
+        let same = |e: &TlbEntry| e.tag == entry.tag && e.space == entry.space;
         // Most recent first: the entry goes to way 0 and the others move
         // down one, dropping the last (or the entry's own older copy).
         let end = (0..TLB_WAYS)
             .find(|&w| {
                 let e = &self.tlb[w * TLB_SETS + set];
-                same(e) || e.flags & TLB_VALID == 0
+                same(e) || e.space == 0
             })
             .unwrap_or(TLB_WAYS - 1);
         for w in (0..end).rev() {
