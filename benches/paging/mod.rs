@@ -13,6 +13,10 @@
 //! - `cold_walk`: a full walk per address, no cache on either side.
 //! - `warm_translate`: pagefold with a warm [`WalkCache`] (the 512 addresses
 //!   fit it) against the crate's walk (it has no cache).
+//!   `Walker::translate_with`, building the whole `Translation`.
+//! - `warm_lean`: the same cache and addresses through the lean path,
+//!   `BoundCache::translate_pa` (bound once per pass; the address only, as
+//!   the crate's `translate_addr` returns).
 //! - `range_1mib`: the 256 pages of a 1 MiB virtual range: pagefold's
 //!   `translate_range` (one walk, then the last-level table read in order;
 //!   the range is one physical segment) against a crate walk per page; and
@@ -317,6 +321,46 @@ pub(crate) fn benches(c: &mut Criterion) {
 
     // A 1 MiB range: map it first (256 consecutive pages after the list's
     // first page are not all mapped, so use a freshly mapped range).
+    // The same addresses through the lean path (the cache bound once per
+    // pass): the address only, as the crate's `translate_addr`.
+    for &va in &addrs {
+        assert_eq!(
+            cache
+                .bind(&s.plain)
+                .translate_pa(&s.mem, va, Access::read(), opts),
+            s.plain.translate(&s.mem, va, Access::read()).map(|t| t.pa),
+        );
+    }
+    let lean_pass = |cache: &mut WalkCache| {
+        let mut b = cache.bind(&s.plain);
+        for &va in &addrs {
+            black_box(
+                b.translate_pa(&s.mem, black_box(va), Access::read(), opts)
+                    .ok(),
+            );
+        }
+    };
+    let misses = cache.stats().misses;
+    let mut g = c.benchmark_group("paging/warm_lean");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| b.iter(|| lean_pass(&mut cache)));
+    g.bench_function("x86_64", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(crate_pt.translate_addr(VirtAddr::new(black_box(va))));
+            }
+        })
+    });
+    g.finish();
+    paired(
+        "warm_lean",
+        addrs.len(),
+        2001,
+        || lean_pass(&mut cache),
+        crate_pass,
+    );
+    assert_eq!(cache.stats().misses, misses, "every lean translation hit");
+
     let range_va = VA_BASE - (1 << 20);
     {
         let mut t = Tables {
