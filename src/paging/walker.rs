@@ -318,7 +318,14 @@ impl Walker {
             let space = c.space_id(&self.space_key);
             if let Some(i) = c.lookup(space, va) {
                 let set_ad = options.set_accessed_dirty;
-                if let Some(t) = self.answer_from_cache(c.entry(i), checks, va, access, set_ad) {
+                let e = c.entry(i);
+                let known = (e.rights, e.check_tag);
+                let t = self.answer_from_cache(e, checks, va, access, set_ad);
+                if (e.rights, e.check_tag) != known {
+                    // The entry's rights changed: its hit slot follows.
+                    c.sync_hit(i);
+                }
+                if let Some(t) = t {
                     c.count_hit();
                     return Ok(t);
                 }
