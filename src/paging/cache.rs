@@ -533,7 +533,9 @@ impl WalkCache {
     /// The index of the entry translating `va` in `space` (a number from
     /// `space_id`, never 0), without looking at the watch: per page size
     /// cached, the set, then one tag and one space compare per way (a
-    /// dropped entry's space is 0, its tag holds the size).
+    /// dropped entry's space is 0, its tag holds the size). The full path
+    /// reads the entries themselves (it needs the line anyway); the lean
+    /// path reads the hit slots (`probe_hit`).
     #[inline(always)]
     fn probe(&self, space: u64, va: u64) -> Option<usize> {
         let mut shifts = self.shifts;
@@ -542,10 +544,10 @@ impl WalkCache {
             shifts &= shifts - 1;
             let set = tlb_set(space, va >> s);
             let tag = TlbEntry::tag_of(va, s);
-            for (w, h) in self.hits[set].iter().enumerate() {
-                debug_assert_eq!(*h, HitSlot::of(&self.tlb[set * TLB_WAYS + w]), "in sync");
-                if h.tag == tag && h.space == space {
-                    return Some(set * TLB_WAYS + w);
+            for i in set * TLB_WAYS..(set + 1) * TLB_WAYS {
+                let e = &self.tlb[i];
+                if e.tag == tag && e.space == space {
+                    return Some(i);
                 }
             }
         }
@@ -561,8 +563,9 @@ impl WalkCache {
             shifts &= shifts - 1;
             let page = va >> s;
             let tag = page | (u64::from(s) << 58);
-            let set = &self.hits[tlb_set(space, page)];
-            for h in set {
+            let set = tlb_set(space, page);
+            for (w, h) in self.hits[set].iter().enumerate() {
+                debug_assert_eq!(*h, HitSlot::of(&self.tlb[set * TLB_WAYS + w]), "in sync");
                 if h.tag == tag && h.space == space {
                     return Some((h, s));
                 }
@@ -608,12 +611,13 @@ impl WalkCache {
     /// `sync_hit(i)` before the cache is probed again.
     #[inline(always)]
     pub(crate) fn entry(&mut self, i: usize) -> &mut TlbEntry {
-        &mut self.tlb[i]
+        &mut self.tlb[i & (TLB_WAYS * TLB_SETS - 1)]
     }
 
     /// Copies the entry at `i` to its hit slot.
     #[inline(always)]
     pub(crate) fn sync_hit(&mut self, i: usize) {
+        let i = i & (TLB_WAYS * TLB_SETS - 1);
         self.hits[i / TLB_WAYS][i % TLB_WAYS] = HitSlot::of(&self.tlb[i]);
     }
 

@@ -318,10 +318,10 @@ impl Walker {
             let space = c.space_id(&self.space_key);
             if let Some(i) = c.lookup(space, va) {
                 let set_ad = options.set_accessed_dirty;
-                let e = c.entry(i);
-                let known = (e.rights, e.check_tag);
-                let t = self.answer_from_cache(e, checks, va, access, set_ad);
-                if (e.rights, e.check_tag) != known {
+                let mut changed = false;
+                let t =
+                    self.answer_from_cache(c.entry(i), checks, va, access, set_ad, &mut changed);
+                if changed {
                     // The entry's rights changed: its hit slot follows.
                     c.sync_hit(i);
                 }
@@ -592,7 +592,8 @@ impl Walker {
     }
 
     /// A translation from a cache entry, if the entry answers this access
-    /// (permissions allow it, and no accessed/dirty update is due).
+    /// (permissions allow it, and no accessed/dirty update is due). Sets
+    /// `changed` when it changed the entry's remembered rights.
     #[inline(always)]
     fn answer_from_cache(
         &self,
@@ -601,6 +602,7 @@ impl Walker {
         va: u64,
         access: Access,
         set_ad: bool,
+        changed: &mut bool,
     ) -> Option<Translation> {
         if set_ad
             && (e.flags & TLB_ACCESSED == 0 || (access.is_write() && e.flags & TLB_DIRTY == 0))
@@ -616,12 +618,14 @@ impl Walker {
             // what was checked under the old settings.
             e.check_tag = checks;
             e.rights = 0;
+            *changed = true;
         }
         let allowed = if e.rights & bit != 0 {
             e.rights & (bit << 16) != 0
         } else {
             let ok = self.allows(acc1, e.leaf1, acc2, e.leaf2, e.shift2 != 0, access);
             e.rights |= bit | if ok { bit << 16 } else { 0 };
+            *changed = true;
             ok
         };
         if !allowed {
