@@ -3137,7 +3137,7 @@ enum pf_status pf_walker_translate(const struct pf_walker *walker,
  * As `pf_walker_translate`, storing only the address in the walker's
  * memory (`pf_translation.pa`) in `*out_pa`: a walk-cache hit builds no
  * `pf_translation`, so it costs a fraction of one. Same flags, same
- * faults, same cache behaviour.
+ * faults, same cache behaviour. ABI 0.8.
  *
  * Errors: as `pf_walker_translate`.
  *

@@ -640,7 +640,7 @@ pub unsafe extern "C" fn pf_walker_translate(
 /// As `pf_walker_translate`, storing only the address in the walker's
 /// memory (`pf_translation.pa`) in `*out_pa`: a walk-cache hit builds no
 /// `pf_translation`, so it costs a fraction of one. Same flags, same
-/// faults, same cache behaviour.
+/// faults, same cache behaviour. ABI 0.8.
 ///
 /// Errors: as `pf_walker_translate`.
 ///

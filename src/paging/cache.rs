@@ -22,6 +22,12 @@
 //! Permissions are checked again on every hit (CR0.WP, SMEP, SMAP and PKRU
 //! are not part of the tag), and an access that needs an accessed or dirty
 //! flag set that the cached walk did not set misses, so the walk sets it.
+//!
+//! [`WalkCache::bind`] binds a cache to one walker for a run of
+//! translations ([`super::BoundCache`]): its
+//! [`translate_pa`](super::BoundCache::translate_pa) answers a hit with the
+//! address alone from a 32-byte hit slot per entry, and sends everything
+//! else down the full path.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
