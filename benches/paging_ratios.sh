@@ -19,6 +19,8 @@
 # benches/paging/mod.rs and benches/paging/big.rs. Beside criterion's
 # ratio, "paired" is the median ratio over alternating pagefold/crate
 # passes over the same list, which see the same load from other processes.
+# Warm rows come twice: the full Translation (`translate_with`) and the
+# lean path (`BoundCache::translate_pa`, the address only, as the crate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ extra=()
 while (($#)); do
     case "$1" in
         --from) from="${2:?--from needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra=("$@"); break ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -51,14 +53,17 @@ home = sys.argv[1]
 SECTIONS = [
     ("hot tables (4096 pages, 8 table pages in L1/L2; throughput, 512 independent addresses)", [
         ("cold_walk", "cold walk", 1.0),
-        ("warm_translate", "warm translation", 10.0),
+        ("warm_translate", "warm translation, full Translation", 10.0),
+        ("warm_lean", "warm translation, lean (address only)", 10.0),
         ("range_1mib", "1 MiB range", 1.0),
     ]),
     ("big tables (tables scattered in 1 GiB of guest memory, missing L1/L2; latency, each address waits for the previous)", [
         ("big_cold_4k", "cold walk, 4 GiB of 4 KiB pages (2048 PTs, 8 MiB)", 1.0),
-        ("big_warm_4k", "warm translation, 4 KiB pages", 10.0),
+        ("big_warm_4k", "warm, 4 KiB pages, full Translation", 10.0),
+        ("big_warm_lean_4k", "warm, 4 KiB pages, lean (address only)", 10.0),
         ("big_cold_2m", "cold walk, 1 TiB of 2 MiB pages (1024 PDs, 4 MiB)", 1.0),
-        ("big_warm_2m", "warm translation, 2 MiB pages", 10.0),
+        ("big_warm_2m", "warm, 2 MiB pages, full Translation", 10.0),
+        ("big_warm_lean_2m", "warm, 2 MiB pages, lean (address only)", 10.0),
     ]),
 ]
 
@@ -112,7 +117,7 @@ for row in ("nested_cold", "nested_warm"):
 log = os.path.join(home, "bench.log")
 if os.path.exists(log):
     for line in open(log):
-        if re.match(r"paging/\w+ paired: |paging/big(_warm_\w+)?: ", line):
+        if re.match(r"paging/\w+ paired: |paging/big(_warm_\w+)?: |paging/warm_\w+: ", line):
             print(line.strip())
         if "memory references" in line:
             print(line.strip())

@@ -31,7 +31,13 @@
 //!   crate walking the same addresses. The list is random pages over the
 //!   whole range that fit the cache: it holds 2048 translations in 512 sets
 //!   of 4 ways, so of `WARM_CANDIDATES` random pages those whose set would
-//!   hold more than 4 are dropped (about 15%).
+//!   hold more than 4 are dropped (about 15%). `Walker::translate_with`,
+//!   which builds the whole `Translation` (page size, level, permissions,
+//!   attributes).
+//! - `big_warm_lean_4k`, `big_warm_lean_2m`: the same list through the lean
+//!   path, `BoundCache::translate_pa` (the cache bound to the walker once
+//!   per pass), which returns the address only, as the crate's
+//!   `translate_addr` does.
 
 use std::{
     hint::black_box,
@@ -40,7 +46,7 @@ use std::{
 
 use criterion::{Criterion, Throughput};
 use pagefold::{
-    paging::{Access, WalkCache, WalkOptions, Walker, X86Paging},
+    paging::{Access, BoundCache, WalkCache, WalkOptions, Walker, X86Paging},
     GuestMemory, GuestPhysAddr,
 };
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
@@ -310,6 +316,48 @@ pub(crate) fn benches(c: &mut Criterion) {
             "paging/big_warm_{name}: {} addresses in distinct pages; {} hits and no miss \
              in the group (warm-up included)",
             warm.len(),
+            stats.hits - before.hits
+        );
+
+        // The lean path over the same list and cache: the address only.
+        let lean_pass = |b: &mut BoundCache<'_>| {
+            chain(black_box(&warm), |va| {
+                b.translate_pa(&big.mem, va, Access::read(), opts)
+                    .unwrap_or(0)
+            })
+        };
+        for &va in &warm {
+            let full = big.walker.translate(&big.mem, va, Access::read());
+            let lean = cache
+                .bind(&big.walker)
+                .translate_pa(&big.mem, va, Access::read(), opts);
+            assert_eq!(lean, full.map(|t| t.pa), "lean translation of {va:#x}");
+        }
+        let before = cache.stats();
+        let mut g = c.benchmark_group(format!("paging/big_warm_lean_{name}"));
+        g.throughput(Throughput::Elements(warm.len() as u64));
+        g.bench_function("pagefold", |b| {
+            b.iter_custom(|iters| passes(iters, || lean_pass(&mut cache.bind(&big.walker))))
+        });
+        g.bench_function("x86_64", |b| {
+            b.iter_custom(|iters| passes(iters, || chain(black_box(&warm), theirs)))
+        });
+        g.finish();
+        super::paired(
+            &format!("big_warm_lean_{name}"),
+            warm.len(),
+            2001,
+            || {
+                black_box(lean_pass(&mut cache.bind(&big.walker)));
+            },
+            || {
+                black_box(chain(black_box(&warm), theirs));
+            },
+        );
+        let stats = cache.stats();
+        assert_eq!(stats.misses, before.misses, "every lean translation hit");
+        eprintln!(
+            "paging/big_warm_lean_{name}: {} hits and no miss in the group (warm-up included)",
             stats.hits - before.hits
         );
     }

@@ -13,6 +13,10 @@
 //! - `cold_walk`: a full walk per address, no cache on either side.
 //! - `warm_translate`: pagefold with a warm [`WalkCache`] (the 512 addresses
 //!   fit it) against the crate's walk (it has no cache).
+//!   `Walker::translate_with`, building the whole `Translation`.
+//! - `warm_lean`: the same cache and addresses through the lean path,
+//!   `BoundCache::translate_pa` (bound once per pass; the address only, as
+//!   the crate's `translate_addr` returns).
 //! - `range_1mib`: the 256 pages of a 1 MiB virtual range: pagefold's
 //!   `translate_range` (one walk, then the last-level table read in order;
 //!   the range is one physical segment) against a crate walk per page; and
@@ -264,6 +268,7 @@ pub(crate) fn benches(c: &mut Criterion) {
 
     let mut cache = WalkCache::new();
     let opts = WalkOptions::default();
+    let before = cache.stats();
     let mut g = c.benchmark_group("paging/warm_translate");
     g.throughput(Throughput::Elements(n));
     g.bench_function("pagefold", |b| {
@@ -317,6 +322,59 @@ pub(crate) fn benches(c: &mut Criterion) {
 
     // A 1 MiB range: map it first (256 consecutive pages after the list's
     // first page are not all mapped, so use a freshly mapped range).
+    let after = cache.stats();
+    eprintln!(
+        "paging/warm_translate: {} hits, {} misses in the group (warm-up included)",
+        after.hits - before.hits,
+        after.misses - before.misses
+    );
+    // The same addresses through the lean path (the cache bound once per
+    // pass): the address only, as the crate's `translate_addr`.
+    for &va in &addrs {
+        assert_eq!(
+            cache
+                .bind(&s.plain)
+                .translate_pa(&s.mem, va, Access::read(), opts),
+            s.plain.translate(&s.mem, va, Access::read()).map(|t| t.pa),
+        );
+    }
+    let lean_pass = |cache: &mut WalkCache| {
+        let mut b = cache.bind(&s.plain);
+        for &va in &addrs {
+            black_box(
+                b.translate_pa(&s.mem, black_box(va), Access::read(), opts)
+                    .ok(),
+            );
+        }
+    };
+    let before = cache.stats();
+    let mut g = c.benchmark_group("paging/warm_lean");
+    g.throughput(Throughput::Elements(n));
+    g.bench_function("pagefold", |b| b.iter(|| lean_pass(&mut cache)));
+    g.bench_function("x86_64", |b| {
+        b.iter(|| {
+            for &va in &addrs {
+                black_box(crate_pt.translate_addr(VirtAddr::new(black_box(va))));
+            }
+        })
+    });
+    g.finish();
+    paired(
+        "warm_lean",
+        addrs.len(),
+        2001,
+        || lean_pass(&mut cache),
+        crate_pass,
+    );
+    // The list is random pages: a set that draws more than its 4 ways
+    // misses, on both rows alike.
+    let after = cache.stats();
+    eprintln!(
+        "paging/warm_lean: {} hits, {} misses in the group (warm-up included)",
+        after.hits - before.hits,
+        after.misses - before.misses
+    );
+
     let range_va = VA_BASE - (1 << 20);
     {
         let mut t = Tables {

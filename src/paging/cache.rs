@@ -22,6 +22,12 @@
 //! Permissions are checked again on every hit (CR0.WP, SMEP, SMAP and PKRU
 //! are not part of the tag), and an access that needs an accessed or dirty
 //! flag set that the cached walk did not set misses, so the walk sets it.
+//!
+//! [`WalkCache::bind`] binds a cache to one walker for a run of
+//! translations ([`super::BoundCache`]): its
+//! [`translate_pa`](super::BoundCache::translate_pa) answers a hit with the
+//! address alone from a 32-byte hit slot per entry, and sends everything
+//! else down the full path.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -45,8 +51,11 @@ const NESTED_SLOTS: usize = 1024;
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TlbEntry {
+    /// The space number (never 0 while valid; 0 once dropped, so a probe
+    /// needs no separate validity test).
     pub(crate) space: u64,
-    /// `va >> shift`.
+    /// [`TlbEntry::tag_of`]: `va >> shift` with `shift` in bits 58..64, so
+    /// one compare matches page and size.
     pub(crate) tag: u64,
     pub(crate) gpa_base: u64,
     pub(crate) pa_base: u64,
@@ -73,6 +82,63 @@ pub(crate) struct TlbEntry {
     pub(crate) shift2: u8,
     pub(crate) level2: u8,
     pub(crate) flags: u8,
+}
+
+impl TlbEntry {
+    /// The tag of the `1 << shift`-byte page holding `va` (`shift` >= 12,
+    /// so `va >> shift` fits in 52 bits and bits 58.. are free).
+    #[inline(always)]
+    pub(crate) fn tag_of(va: u64, shift: u32) -> u64 {
+        (va >> shift) | (u64::from(shift) << 58)
+    }
+
+    /// `va >> shift` of the page this entry covers.
+    fn page(&self) -> u64 {
+        self.tag & ((1 << 58) - 1)
+    }
+
+    /// Drops the entry: a cleared `space` never matches a probe.
+    fn clear(&mut self) {
+        self.flags = 0;
+        self.space = 0;
+    }
+}
+
+/// What a lean hit reads of a TLB entry, kept beside the entries in their
+/// own array (32 bytes each, 64 KiB in all, against 128 KiB of entries) so
+/// that the lean hits of a well-filled cache mostly stay in the L1 data
+/// cache. Always equal to [`HitSlot::of`] its entry: every change of an
+/// entry goes through `WalkCache` methods that copy it here.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct HitSlot {
+    /// The entry's `tag`.
+    tag: u64,
+    /// The entry's `space` (0: dropped).
+    space: u64,
+    /// The entry's `pa_base`.
+    pa_base: u64,
+    /// The entry's `check_tag`.
+    check_tag: u16,
+    /// Bit `Access::index()`: that access is known to be allowed under
+    /// check settings `check_tag` (the entry's `rights >> 16`).
+    allowed: u16,
+    /// The entry's `flags`.
+    flags: u8,
+}
+
+impl HitSlot {
+    #[inline(always)]
+    fn of(e: &TlbEntry) -> Self {
+        HitSlot {
+            tag: e.tag,
+            space: e.space,
+            pa_base: e.pa_base,
+            check_tag: e.check_tag,
+            allowed: (e.rights >> 16) as u16,
+            flags: e.flags,
+        }
+    }
 }
 
 /// The entry holds a translation.
@@ -192,8 +258,12 @@ impl crate::memory::WriteObserver for TableWatch {
 /// A software TLB and paging-structure cache for one vCPU.
 #[derive(Debug)]
 pub struct WalkCache {
-    /// `TLB_WAYS` (4) ways per set; the most recent in the first.
-    tlb: Box<[TlbEntry]>,
+    /// `TLB_WAYS` (4) ways per set, set `s` at `s * TLB_WAYS..`; the most
+    /// recent in the first. An array, so a masked set index needs no bounds
+    /// check.
+    tlb: Box<[TlbEntry; TLB_WAYS * TLB_SETS]>,
+    /// `HitSlot::of` each entry: entry `s * TLB_WAYS + w` at `[s][w]`.
+    hits: Box<[[HitSlot; TLB_WAYS]; TLB_SETS]>,
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
@@ -227,14 +297,16 @@ impl Default for WalkCache {
     }
 }
 
-/// The set of a translation. `space` is already a well-mixed tag, so the
-/// page number's low bits pick the set directly: consecutive pages of one
-/// space land in consecutive sets and a range never conflicts with itself.
-/// Way `w` of set `s` is entry `w * TLB_SETS + s`: way 0 of consecutive sets
-/// is consecutive lines, where most hits land.
+/// The set of a translation: the page number's low bits (`page` is `va >>
+/// shift`) pick it, so consecutive pages of one space land in consecutive
+/// sets and a range never conflicts with itself; the space's number, xored
+/// in, moves other spaces' pages to other sets. Pages of different sizes
+/// may share a set (their tags differ). Way `w` of set `s` is entry
+/// `s * TLB_WAYS + w`: a set's hit slots are two adjacent cache lines, the
+/// first two ways (where most hits land) in one.
 #[inline(always)]
-fn tlb_set(space: u64, tag: u64, shift: u32) -> usize {
-    crate::addr::usize_from(space ^ tag ^ (u64::from(shift) << 7)) & (TLB_SETS - 1)
+fn tlb_set(space: u64, page: u64) -> usize {
+    crate::addr::usize_from(space ^ page) & (TLB_SETS - 1)
 }
 
 #[inline]
@@ -249,7 +321,8 @@ impl WalkCache {
     /// entries, 1024 second-level translations).
     pub fn new() -> Self {
         WalkCache {
-            tlb: vec![TlbEntry::default(); TLB_WAYS * TLB_SETS].into_boxed_slice(),
+            tlb: Box::new([TlbEntry::default(); TLB_WAYS * TLB_SETS]),
+            hits: Box::new([[HitSlot::default(); TLB_WAYS]; TLB_SETS]),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -344,7 +417,8 @@ impl WalkCache {
 
     /// Drops every entry.
     pub fn invalidate_all(&mut self) {
-        self.tlb.iter_mut().for_each(|e| e.flags = 0);
+        self.tlb.iter_mut().for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.upper.iter_mut().for_each(|s| s.valid = false);
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
@@ -364,21 +438,24 @@ impl WalkCache {
             // A large guest page over smaller second-level pages is cached
             // as pieces; INVLPG drops every piece of the guest's page.
             for e in self.tlb.iter_mut() {
-                let first_page = (e.tag << e.shift) >> e.shift1;
+                let first_page = (e.page() << e.shift) >> e.shift1;
                 if e.space == space && first_page == va >> e.shift1 {
-                    e.flags = 0;
+                    e.clear();
                 }
             }
+            self.sync_all_hits();
         }
         for s in 0..64u32 {
             if self.shifts & (1 << s) == 0 {
                 continue;
             }
-            let tag = va >> s;
-            let set = tlb_set(space, tag, s);
-            for e in self.tlb[set..].iter_mut().step_by(TLB_SETS) {
-                if e.tag == tag && e.space == space && u32::from(e.shift) == s {
-                    e.flags = 0;
+            let set = tlb_set(space, va >> s);
+            let tag = TlbEntry::tag_of(va, s);
+            for w in 0..TLB_WAYS {
+                let e = &mut self.tlb[set * TLB_WAYS + w];
+                if e.tag == tag && e.space == space {
+                    e.clear();
+                    self.hits[set][w] = HitSlot::of(e);
                 }
             }
         }
@@ -396,7 +473,8 @@ impl WalkCache {
             self.tlb
                 .iter_mut()
                 .filter(|e| e.space == id)
-                .for_each(|e| e.flags = 0);
+                .for_each(TlbEntry::clear);
+            self.sync_all_hits();
             self.upper
                 .iter_mut()
                 .filter(|s| s.space == id)
@@ -410,7 +488,8 @@ impl WalkCache {
         self.tlb
             .iter_mut()
             .filter(|e| e.pcid == pcid && e.flags & TLB_GLOBAL == 0)
-            .for_each(|e| e.flags = 0);
+            .for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.upper
             .iter_mut()
             .filter(|s| s.pcid == pcid)
@@ -422,9 +501,17 @@ impl WalkCache {
     /// translation. Upper-level guest entries hold guest-physical table
     /// addresses and stay.
     pub fn invalidate_second_level(&mut self) {
-        self.tlb.iter_mut().for_each(|e| e.flags = 0);
+        self.tlb.iter_mut().for_each(TlbEntry::clear);
+        self.sync_all_hits();
         self.nested.iter_mut().for_each(|s| s.valid = false);
         self.shifts = 0;
+    }
+
+    /// Copies every entry's hit slot (after a bulk change of entries).
+    fn sync_all_hits(&mut self) {
+        for (h, e) in self.hits.iter_mut().flatten().zip(self.tlb.iter()) {
+            *h = HitSlot::of(e);
+        }
     }
 
     /// Flushes everything if the watch saw a page-table write since last
@@ -446,19 +533,26 @@ impl WalkCache {
     #[inline(always)]
     pub(crate) fn lookup(&mut self, space: u64, va: u64) -> Option<usize> {
         self.sync_watch();
+        self.probe(space, va)
+    }
+
+    /// The index of the entry translating `va` in `space` (a number from
+    /// `space_id`, never 0), without looking at the watch: per page size
+    /// cached, the set, then one tag and one space compare per way (a
+    /// dropped entry's space is 0, its tag holds the size). The full path
+    /// reads the entries themselves (it needs the line anyway); the lean
+    /// path reads the hit slots (`probe_hit`).
+    #[inline(always)]
+    fn probe(&self, space: u64, va: u64) -> Option<usize> {
         let mut shifts = self.shifts;
         while shifts != 0 {
             let s = shifts.trailing_zeros();
             shifts &= shifts - 1;
-            let tag = va >> s;
-            let set = tlb_set(space, tag, s);
-            for i in (set..TLB_WAYS * TLB_SETS).step_by(TLB_SETS) {
+            let set = tlb_set(space, va >> s);
+            let tag = TlbEntry::tag_of(va, s);
+            for i in set * TLB_WAYS..(set + 1) * TLB_WAYS {
                 let e = &self.tlb[i];
-                if e.tag == tag
-                    && e.space == space
-                    && u32::from(e.shift) == s
-                    && e.flags & TLB_VALID != 0
-                {
+                if e.tag == tag && e.space == space {
                     return Some(i);
                 }
             }
@@ -466,33 +560,94 @@ impl WalkCache {
         None
     }
 
-    /// The entry at `i` (from `lookup`).
+    /// As `probe`, the hit slot itself, and the page's shift.
+    #[inline(always)]
+    fn probe_hit(&self, space: u64, va: u64) -> Option<(&HitSlot, u32)> {
+        let mut shifts = self.shifts;
+        while shifts != 0 {
+            let s = shifts.trailing_zeros();
+            shifts &= shifts - 1;
+            let page = va >> s;
+            let tag = page | (u64::from(s) << 58);
+            let set = tlb_set(space, page);
+            for (w, h) in self.hits[set].iter().enumerate() {
+                debug_assert_eq!(*h, HitSlot::of(&self.tlb[set * TLB_WAYS + w]), "in sync");
+                if h.tag == tag && h.space == space {
+                    return Some((h, s));
+                }
+            }
+        }
+        None
+    }
+
+    /// The lean hit: the address in the walker's memory for `va`, if the
+    /// entry for it in `space` is known to allow the access numbered
+    /// `access_index` under check settings `checks` and has set the
+    /// accessed/dirty flags in `need` (`TLB_ACCESSED`, `TLB_DIRTY`), and
+    /// the watch saw no table write since the last sync. `None` says
+    /// nothing: the caller takes the full path, which decides.
+    #[inline(always)]
+    pub(crate) fn hit_pa(
+        &mut self,
+        space: u64,
+        checks: u16,
+        va: u64,
+        access_index: u32,
+        need: u8,
+    ) -> Option<u64> {
+        if let Some((w, seen)) = &self.watch {
+            if w.generation() != *seen {
+                return None;
+            }
+        }
+        let (h, s) = self.probe_hit(space, va)?;
+        if h.check_tag != checks || h.allowed & (1 << access_index) == 0 {
+            return None;
+        }
+        if h.flags & need != need {
+            return None;
+        }
+        let offset = va - ((va >> s) << s);
+        let pa = h.pa_base | offset;
+        self.stats.hits += 1;
+        Some(pa)
+    }
+
+    /// The entry at `i` (from `lookup`). Whoever changes it calls
+    /// `sync_hit(i)` before the cache is probed again.
     #[inline(always)]
     pub(crate) fn entry(&mut self, i: usize) -> &mut TlbEntry {
-        &mut self.tlb[i]
+        &mut self.tlb[i & (TLB_WAYS * TLB_SETS - 1)]
+    }
+
+    /// Copies the entry at `i` to its hit slot.
+    #[inline(always)]
+    pub(crate) fn sync_hit(&mut self, i: usize) {
+        let i = i & (TLB_WAYS * TLB_SETS - 1);
+        self.hits[i / TLB_WAYS][i % TLB_WAYS] = HitSlot::of(&self.tlb[i]);
     }
 
     pub(crate) fn insert(&mut self, mut entry: TlbEntry) {
+        debug_assert!(entry.space != 0, "space numbers start at 1");
+        debug_assert_eq!(entry.tag >> 58, u64::from(entry.shift), "tag from tag_of");
         entry.flags |= TLB_VALID;
-        let set = tlb_set(entry.space, entry.tag, u32::from(entry.shift));
-        let same = |e: &TlbEntry| {
-            e.flags & TLB_VALID != 0
-                && e.tag == entry.tag
-                && e.space == entry.space
-                && e.shift == entry.shift
-        };
+        let set = tlb_set(entry.space, entry.page());
+        let same = |e: &TlbEntry| e.tag == entry.tag && e.space == entry.space;
         // Most recent first: the entry goes to way 0 and the others move
         // down one, dropping the last (or the entry's own older copy).
+        let first = set * TLB_WAYS;
         let end = (0..TLB_WAYS)
             .find(|&w| {
-                let e = &self.tlb[w * TLB_SETS + set];
-                same(e) || e.flags & TLB_VALID == 0
+                let e = &self.tlb[first + w];
+                same(e) || e.space == 0
             })
             .unwrap_or(TLB_WAYS - 1);
         for w in (0..end).rev() {
-            self.tlb[(w + 1) * TLB_SETS + set] = self.tlb[w * TLB_SETS + set];
+            self.tlb[first + w + 1] = self.tlb[first + w];
+            self.hits[set][w + 1] = self.hits[set][w];
         }
-        self.tlb[set] = entry;
+        self.tlb[first] = entry;
+        self.hits[set][0] = HitSlot::of(&entry);
         self.shifts |= 1 << entry.shift;
         self.splintered |= entry.shift < entry.shift1;
     }

@@ -61,8 +61,8 @@ pub use memory::{PhysImage, PhysMemory};
 pub use range::{RangeSegments, Segment};
 pub use virt::VirtError;
 pub use walker::{
-    GuestPaging, LeafAttributes, Permissions, SecondLevel, SecondTranslation, Translation,
-    WalkOptions, Walker, WalkerError,
+    BoundCache, GuestPaging, LeafAttributes, Permissions, SecondLevel, SecondTranslation,
+    Translation, WalkOptions, Walker, WalkerError,
 };
 pub use x86::{X86Mode, X86Paging, X86PagingError};
 

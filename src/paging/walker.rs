@@ -318,7 +318,14 @@ impl Walker {
             let space = c.space_id(&self.space_key);
             if let Some(i) = c.lookup(space, va) {
                 let set_ad = options.set_accessed_dirty;
-                if let Some(t) = self.answer_from_cache(c.entry(i), checks, va, access, set_ad) {
+                let mut changed = false;
+                let t =
+                    self.answer_from_cache(c.entry(i), checks, va, access, set_ad, &mut changed);
+                if changed {
+                    // The entry's rights changed: its hit slot follows.
+                    c.sync_hit(i);
+                }
+                if let Some(t) = t {
                     c.count_hit();
                     return Ok(t);
                 }
@@ -326,6 +333,28 @@ impl Walker {
             c.count_miss();
         }
         self.translate_walk(mem, va, access, options, cache)
+    }
+
+    /// The address in the walker's memory for `va` (what
+    /// [`Walker::translate_with`] returns as [`Translation::pa`]), through
+    /// `cache` when given. With a cache this binds it for one call
+    /// ([`WalkCache::bind`]); to translate many addresses, bind once and
+    /// call [`BoundCache::translate_pa`].
+    #[inline]
+    pub fn translate_pa<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+        cache: Option<&mut WalkCache>,
+    ) -> Result<u64, WalkFault> {
+        match cache {
+            Some(c) => c.bind(self).translate_pa(mem, va, access, options),
+            None => self
+                .translate_with(mem, va, access, options, None)
+                .map(|t| t.pa),
+        }
     }
 
     /// The lean walk of a 4/5-level guest, straight into a translation;
@@ -540,7 +569,7 @@ impl Walker {
                 let space = c.space_id(&self.space_key);
                 c.insert(TlbEntry {
                     space,
-                    tag: va >> shift,
+                    tag: TlbEntry::tag_of(va, u32::from(shift)),
                     gpa_base: gpa & !mask,
                     pa_base: t.pa & !mask,
                     leaf1,
@@ -563,7 +592,8 @@ impl Walker {
     }
 
     /// A translation from a cache entry, if the entry answers this access
-    /// (permissions allow it, and no accessed/dirty update is due).
+    /// (permissions allow it, and no accessed/dirty update is due). Sets
+    /// `changed` when it changed the entry's remembered rights.
     #[inline(always)]
     fn answer_from_cache(
         &self,
@@ -572,6 +602,7 @@ impl Walker {
         va: u64,
         access: Access,
         set_ad: bool,
+        changed: &mut bool,
     ) -> Option<Translation> {
         if set_ad
             && (e.flags & TLB_ACCESSED == 0 || (access.is_write() && e.flags & TLB_DIRTY == 0))
@@ -587,12 +618,14 @@ impl Walker {
             // what was checked under the old settings.
             e.check_tag = checks;
             e.rights = 0;
+            *changed = true;
         }
         let allowed = if e.rights & bit != 0 {
             e.rights & (bit << 16) != 0
         } else {
             let ok = self.allows(acc1, e.leaf1, acc2, e.leaf2, e.shift2 != 0, access);
             e.rights |= bit | if ok { bit << 16 } else { 0 };
+            *changed = true;
             ok
         };
         if !allowed {
@@ -894,6 +927,120 @@ impl Walker {
                 Ok(s.base | (gpa & ((1u64 << s.shift) - 1)))
             }
         }
+    }
+}
+
+/// A [`WalkCache`] bound to one [`Walker`] ([`WalkCache::bind`]): the
+/// cache's numbers for the walker's address space and permission-check
+/// settings are looked up once, so a hit of [`BoundCache::translate_pa`]
+/// is the watch's generation compare, the set probe, one rights bit and
+/// the page offset added: no `Translation` is built.
+///
+/// Exactly as correct as [`Walker::translate_with`]: the lean hit answers
+/// only from an entry of this space whose rights for this access were
+/// already checked under these settings (and whose walk set the
+/// accessed/dirty flags an update would need), and only while the attached
+/// [`super::TableWatch`] saw no table write; anything else (a miss, a
+/// first check of an access, a pending flush) goes through
+/// `translate_with` with the cache, which walks, checks, flushes and fills
+/// as always. The binding borrows the cache, so nothing else can
+/// invalidate it meanwhile; drop it to invalidate, then bind again.
+#[derive(Debug)]
+pub struct BoundCache<'a> {
+    cache: &'a mut WalkCache,
+    walker: &'a Walker,
+    /// `cache.space_id(&walker.space_key)`, valid until the cache renumbers
+    /// (only inside a call that takes it `&mut`: the miss path, which
+    /// refreshes both numbers).
+    space: u64,
+    /// `cache.check_index(walker.check_config)`, as `space`.
+    checks: u16,
+}
+
+impl WalkCache {
+    /// Binds this cache to `walker` for a run of translations
+    /// ([`BoundCache`]).
+    pub fn bind<'a>(&'a mut self, walker: &'a Walker) -> BoundCache<'a> {
+        let space = self.space_id(&walker.space_key);
+        let checks = self.check_index(walker.check_config);
+        BoundCache {
+            cache: self,
+            walker,
+            space,
+            checks,
+        }
+    }
+}
+
+impl BoundCache<'_> {
+    /// The address in the walker's memory for `va`, as
+    /// `walker.translate_with(mem, va, access, options, Some(cache))`
+    /// would return in [`Translation::pa`], answered from the cache without
+    /// building a `Translation` where it can.
+    #[inline(always)]
+    pub fn translate_pa<M: PhysMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+    ) -> Result<u64, WalkFault> {
+        let need = if options.set_accessed_dirty {
+            TLB_ACCESSED | if access.is_write() { TLB_DIRTY } else { 0 }
+        } else {
+            0
+        };
+        match self
+            .cache
+            .hit_pa(self.space, self.checks, va, access.index(), need)
+        {
+            Some(pa) => Ok(pa),
+            None => self.miss_pa(mem, va, access, options),
+        }
+    }
+
+    /// The full translation, as [`Walker::translate_with`] with the cache.
+    #[inline]
+    pub fn translate<M: PhysMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+    ) -> Result<Translation, WalkFault> {
+        let r = self
+            .walker
+            .translate_with(mem, va, access, options, Some(&mut *self.cache));
+        self.refresh();
+        r
+    }
+
+    /// The walker bound.
+    pub fn walker(&self) -> &Walker {
+        self.walker
+    }
+
+    /// The cache's counts so far.
+    pub fn stats(&self) -> super::CacheStats {
+        self.cache.stats()
+    }
+
+    /// Everything but the lean hit: the full path, then the numbers again
+    /// (the full path may have renumbered spaces or settings).
+    #[inline(never)]
+    fn miss_pa<M: PhysMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        options: WalkOptions,
+    ) -> Result<u64, WalkFault> {
+        self.translate(mem, va, access, options).map(|t| t.pa)
+    }
+
+    fn refresh(&mut self) {
+        self.space = self.cache.space_id(&self.walker.space_key);
+        self.checks = self.cache.check_index(self.walker.check_config);
     }
 }
 

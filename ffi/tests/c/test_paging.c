@@ -199,6 +199,52 @@ TEST(cache_hits_and_invalidation) {
     pf_guest_memory_free(mem);
 }
 
+TEST(lean_translation_returns_the_address) {
+    pf_guest_memory *mem = guest();
+    pf_walker *w = walker_for(0x1000, NULL);
+    pf_walk_cache *c = NULL;
+    pf_translation t = translation();
+    pf_walk_fault f = fault();
+    uint64_t space = 0, pa = 0;
+
+    CHECK_OK(pf_walk_cache_new(&c));
+    CHECK_OK(pf_walker_space(w, &space));
+    /* Without a cache, then through one: equal to the full translation. */
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x400123, 0, NULL, &pa, NULL));
+    CHECK_EQ(pa, 0x5123);
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x6abcde, PF_ACCESS_USER | PF_ACCESS_WRITE, c, &pa,
+                                    NULL));
+    CHECK_EQ(pa, 0x2abcde);
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x400010, 0, c, &pa, NULL));
+    CHECK_EQ(pa, 0x5010);
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x400020, 0, c, &pa, NULL)); /* a hit */
+    CHECK_EQ(pa, 0x5020);
+    CHECK_OK(pf_walker_translate(w, mem, 0x400020, 0, c, &t, NULL));
+    CHECK_EQ(t.pa, pa);
+    CHECK_EQ(t.memory_refs, 0);
+
+    /* Stale until invalidated, as a TLB; then walked again. */
+    put(mem, 0x4000, 0x7000 | P | RW | US);
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x400020, 0, c, &pa, NULL));
+    CHECK_EQ(pa, 0x5020);
+    CHECK_OK(pf_walk_cache_invalidate(c, PF_INVALIDATE_PAGE, space, 0x400000));
+    CHECK_OK(pf_walker_translate_pa(w, mem, 0x400020, 0, c, &pa, NULL));
+    CHECK_EQ(pa, 0x7020);
+
+    /* Faults as pf_walker_translate reports them, hit or not. */
+    CHECK_ERR(pf_walker_translate_pa(w, mem, 0x401000, PF_ACCESS_USER | PF_ACCESS_WRITE, c, &pa, &f),
+              PF_ERR_FAULT, "fault");
+    CHECK_EQ(f.code_kind, PF_FAULT_PAGE_FAULT);
+    CHECK_EQ(f.code, 7);
+    CHECK_ERR(pf_walker_translate_pa(w, mem, 0x400000, 0, c, NULL, NULL), PF_ERR_NULL_POINTER,
+              "out_pa");
+    CHECK_ERR(pf_walker_translate_pa(NULL, mem, 0x400000, 0, c, &pa, NULL), PF_ERR_NULL_POINTER,
+              "walker");
+    pf_walk_cache_free(c);
+    pf_walker_free(w);
+    pf_guest_memory_free(mem);
+}
+
 TEST(virtual_reads_and_writes_cross_pages) {
     pf_guest_memory *mem = guest();
     pf_walker *w = walker_for(0x1000, NULL);
@@ -395,6 +441,7 @@ int main(void) {
         PF_TEST_CASE(faults_carry_the_page_fault_error_code),
         PF_TEST_CASE(accessed_and_dirty_only_when_asked),
         PF_TEST_CASE(cache_hits_and_invalidation),
+        PF_TEST_CASE(lean_translation_returns_the_address),
         PF_TEST_CASE(virtual_reads_and_writes_cross_pages),
         PF_TEST_CASE(mappings_are_listed_in_order),
         PF_TEST_CASE(ranges_come_as_contiguous_segments),
