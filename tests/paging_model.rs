@@ -482,11 +482,21 @@ fn check_all(
             let want = sp.want(va, a);
             let got = walker.translate(mem, va, a);
             check(&want, &got, va, a, false);
+            let uncached = got.clone();
             let pa = got.map(|t| t.pa);
             let got = walker.translate_with(mem, va, a, opts, Some(cache));
             check(&want, &got, va, a, true);
-            // An address exactly; a fault as the cached path's is checked
-            // (a walk from a cached upper entry may name no entry).
+            // A cached fault names the same entry as the walk (a walk from
+            // a cached upper entry denied above its start walks again from
+            // the root to name it).
+            if let (Err(u), Err(c)) = (&uncached, &got) {
+                assert_eq!(
+                    (c.level, c.entry_addr, c.entry),
+                    (u.level, u.entry_addr, u.entry),
+                    "cached fault names another entry: va {va:#x} {a:?}: {c:?} vs {u:?}"
+                );
+            }
+            // An address exactly; a fault as the cached path's is checked.
             let mut bound = lean.bind(walker);
             for _ in 0..2 {
                 match bound.translate_pa(mem, va, a, opts) {

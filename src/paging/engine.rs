@@ -170,8 +170,17 @@ pub(crate) fn walk<F: Format, P: Port>(
                 Decoded::Leaf { base, shift } => {
                     acc = fmt.accumulate(acc, level, raw);
                     if let Err(d) = fmt.check(acc, raw, access, user_linear) {
-                        let (ea, e) = used[usize::from(d.level)];
-                        return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
+                        // The denying entry was read by this walk, or (a
+                        // walk started from a cached upper entry) above its
+                        // start: then it names none, and the caller walks
+                        // again from the root to name it.
+                        let (ea, e) = if d.level <= start.level {
+                            let (ea, e) = used[usize::from(d.level)];
+                            (Some(ea), Some(e))
+                        } else {
+                            (None, None)
+                        };
+                        return Err(stop(d.level, ea, e, d.reason, acc));
                     }
                     out.base = base;
                     out.shift = shift;
