@@ -482,7 +482,7 @@ fn check_all(
             let want = sp.want(va, a);
             let got = walker.translate(mem, va, a);
             check(&want, &got, va, a, false);
-            let uncached = got.clone();
+            let uncached = got;
             let pa = got.map(|t| t.pa);
             let got = walker.translate_with(mem, va, a, opts, Some(cache));
             check(&want, &got, va, a, true);
