@@ -27,6 +27,10 @@
 #![allow(clippy::cast_possible_truncation)]
 
 #[cfg(all(feature = "kvm", target_arch = "x86_64"))]
+#[path = "mini_vmm/guest.rs"]
+mod guest;
+
+#[cfg(all(feature = "kvm", target_arch = "x86_64"))]
 mod bench {
     use std::{sync::Arc, time::Instant};
 
@@ -35,7 +39,7 @@ mod bench {
         DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
     };
 
-    type Res<T> = Result<T, Box<dyn std::error::Error>>;
+    use crate::guest::Res;
 
     const PAGE: u64 = PAGE_SIZE as u64;
     const GIB: u64 = 1 << 30;
@@ -48,18 +52,6 @@ mod bench {
     const STACK: u64 = 0x8_0000;
     /// Guest pages below this hold the tables and code (mapped read-only).
     const RESERVED: u64 = 0x20_0000;
-
-    /// `rdi` = table of `rsi` addresses: writes `esi` to each, then
-    /// `out 0x10, al` (ring 3 with IOPL 3).
-    const GUEST: &[u8] = &[
-        0x48, 0x8b, 0x07, // 00: mov rax, [rdi]
-        0x89, 0x30, // 03: mov [rax], esi
-        0x48, 0x83, 0xc7, 0x08, // 05: add rdi, 8
-        0x48, 0xff, 0xce, // 09: dec rsi
-        0x75, 0xf2, // 0c: jnz 00
-        0xe6, 0x10, // 0e: out 0x10, al
-        0xeb, 0xfe, // 10: jmp 10
-    ];
 
     const P: u64 = 1;
     const RW: u64 = 1 << 1;
@@ -161,7 +153,7 @@ mod bench {
             let layout = layout(size);
             let mem = Arc::new(GuestMemory::new(&layout)?);
             page_tables(&mem)?;
-            mem.write(GuestPhysAddr(CODE), GUEST)?;
+            mem.write(GuestPhysAddr(CODE), &crate::guest::write_table()?)?;
             let targets = targets(&layout, pages);
             let table: Vec<u8> = targets.iter().flat_map(|a| a.to_le_bytes()).collect();
             mem.write(GuestPhysAddr(TABLE), &table)?;
@@ -365,7 +357,7 @@ mod bench {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     #[cfg(all(feature = "kvm", target_arch = "x86_64"))]
     return bench::main();
     #[cfg(not(all(feature = "kvm", target_arch = "x86_64")))]

@@ -11,6 +11,9 @@
 #![cfg(target_arch = "x86_64")]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../examples/mini_vmm/guest.rs"]
+mod guest;
+
 use std::{
     collections::BTreeSet,
     sync::{
@@ -260,21 +263,11 @@ mod long_mode {
     const PML4: u64 = 0x1000;
     const PDPT: u64 = 0x2000;
     const PD: u64 = 0x3000;
+    /// Where `guest::write_table` runs.
     const CODE: u64 = 0x1_0000;
     const CODE2: u64 = 0x1_1000;
     const TABLE: u64 = 0x2_0000;
     const STACK: u64 = 0x8_0000;
-    /// `rdi` = table of `rsi` addresses: writes `esi` (the count left) to
-    /// each, then `out 0x10, al` (ring 3 with IOPL 3).
-    const GUEST: &[u8] = &[
-        0x48, 0x8b, 0x07, // 00: mov rax, [rdi]
-        0x89, 0x30, // 03: mov [rax], esi
-        0x48, 0x83, 0xc7, 0x08, // 05: add rdi, 8
-        0x48, 0xff, 0xce, // 09: dec rsi
-        0x75, 0xf2, // 0c: jnz 00
-        0xe6, 0x10, // 0e: out 0x10, al
-        0xeb, 0xfe, // 10: jmp 10
-    ];
 
     /// `rdi` = table: `value: u64`, `pause: u64` (at least 1), then `rsi`
     /// addresses. Writes `value` (32 bits) to every address, spins `pause`
@@ -314,7 +307,8 @@ mod long_mode {
             mem.write_obj(GuestPhysAddr(PD + 8 * i), (i << 21) | leaf)
                 .unwrap();
         }
-        mem.write(GuestPhysAddr(CODE), GUEST).unwrap();
+        mem.write(GuestPhysAddr(CODE), &crate::guest::write_table().unwrap())
+            .unwrap();
         mem.write(GuestPhysAddr(CODE2), WRITE_TWICE).unwrap();
         mem
     }

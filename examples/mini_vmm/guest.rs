@@ -542,3 +542,28 @@ pub fn touch_pages(pages: u64) -> Res<Vec<u8>> {
     .map_err(asm_err)?;
     a.assemble(CODE).map_err(asm_err)
 }
+
+/// The write-table program (position-independent; any identity-mapped
+/// layout): `RDI` = a table of `RSI` (at least 1) addresses; writes `ESI`
+/// (the count left) as 4 bytes to each, then `OUT 0x10, AL` and spins.
+/// Used by the dirty-log tests and `examples/kvm_dirty_ratios`.
+pub fn write_table() -> Res<Vec<u8>> {
+    use iced_x86::code_asm::*;
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    (|| -> Result<(), IcedError> {
+        let mut next = a.create_label();
+        let mut spin = a.create_label();
+        a.set_label(&mut next)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(dword_ptr(rax), esi)?;
+        a.add(rdi, 8)?;
+        a.dec(rsi)?;
+        a.jnz(next)?;
+        a.out(0x10u32, al)?;
+        a.set_label(&mut spin)?;
+        a.jmp(spin)?;
+        Ok(())
+    })()
+    .map_err(asm_err)?;
+    a.assemble(0).map_err(asm_err)
+}
