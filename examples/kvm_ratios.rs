@@ -39,65 +39,6 @@ const NO_LOG: KvmOptions = KvmOptions {
     dirty_log_initially_set: false,
 };
 
-/// Private anonymous memory, `MADV_MERGEABLE`: what a VMM gives KSM.
-struct Anon {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: `Anon` owns its mapping; the pointer is only used to build
-// slices and a memory slot, and the mapping lives until `drop`.
-unsafe impl Send for Anon {}
-// SAFETY: as above; concurrent access is by the guest (through KVM) and by
-// this process's `fill`, which the caller never runs at the same time.
-unsafe impl Sync for Anon {}
-
-impl Anon {
-    fn new(len: usize) -> Res<Self> {
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks;
-        // no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: `ptr..ptr+len` is the mapping just created.
-        if unsafe { libc::madvise(ptr, len, libc::MADV_MERGEABLE) } != 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: unmapping the mapping just created, which nothing else
-            // refers to yet.
-            unsafe { libc::munmap(ptr, len) };
-            return Err(e.into());
-        }
-        Ok(Anon {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, readable and writable, and
-        // lives as long as `self`; `&mut self` makes this the only slice.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by `new` and every VM that used
-        // it as a memory slot was dropped first (field order of `TestVm`).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// A VM whose data region is pagefold guest memory or KSM anonymous memory.
 struct TestVm {
     // Field order matters: the vCPU and VM fds close before the memory
@@ -105,14 +46,14 @@ struct TestVm {
     vcpu: KvmVcpu,
     _vm: KvmVm,
     mem: Arc<GuestMemory>,
-    anon: Option<Anon>,
+    anon: Option<ksm::MergeableMap>,
 }
 
 impl TestVm {
     /// `mem` holds region 0 (and the data too unless `anon` is given).
     fn new(
         mem: Arc<GuestMemory>,
-        mut anon: Option<Anon>,
+        mut anon: Option<ksm::MergeableMap>,
         code: &[u8],
         pages: u64,
         seed: u64,
@@ -125,8 +66,8 @@ impl TestVm {
                 slot: 1,
                 flags: 0,
                 guest_phys_addr: guest::DATA_GPA,
-                memory_size: a.len as u64,
-                userspace_addr: a.ptr as u64,
+                memory_size: a.bytes_mut().len() as u64,
+                userspace_addr: a.as_ptr() as u64,
             };
             // SAFETY: the slot maps `anon`, which `TestVm` drops after the
             // VM and vCPU fds (field order), so KVM never reaches a
@@ -233,13 +174,13 @@ fn cow_pagefold(pages: u64, reps: usize) -> Res<(f64, f64)> {
 
 fn cow_ksm(pages: u64, reps: usize, _session: &ksm::KsmSession) -> Res<(f64, f64)> {
     let low = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), guest::LOW_SIZE)])?);
-    let anon = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
+    let anon = ksm::MergeableMap::new((pages * PAGE_SIZE as u64) as usize)?;
     let mut vm = TestVm::new(low, Some(anon), &guest::touch_pages(pages)?, pages, 1)?;
     let page = alike_page();
     let (mut first, mut second) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         if let Some(a) = vm.anon.as_mut() {
-            for chunk in a.bytes().chunks_exact_mut(PAGE_SIZE) {
+            for chunk in a.bytes_mut().chunks_exact_mut(PAGE_SIZE) {
                 chunk.copy_from_slice(&page);
             }
         }
@@ -420,9 +361,9 @@ fn slowdown_ksm(pages: u64, secs: f64, pace: Pace, _session: &ksm::KsmSession) -
         pace.sleep_ms.to_string(),
     )?;
     let low = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), guest::LOW_SIZE)])?);
-    let anon = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
-    let mut other = Anon::new((pages * PAGE_SIZE as u64) as usize)?;
-    other.bytes().copy_from_slice(&other_vm_bytes(pages));
+    let anon = ksm::MergeableMap::new((pages * PAGE_SIZE as u64) as usize)?;
+    let mut other = ksm::MergeableMap::new((pages * PAGE_SIZE as u64) as usize)?;
+    other.bytes_mut().copy_from_slice(&other_vm_bytes(pages));
     let vm = TestVm::new(
         low,
         Some(anon),

@@ -241,18 +241,6 @@ fn raw_xxh3_gbps(w: &Workload) -> Result<f64, Box<dyn Error>> {
 }
 
 /// Anonymous private memory handed to KSM.
-struct AnonMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Drop for AnonMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping a mapping this value created and owns.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 fn run_ksm(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error>> {
     let session = ksm::KsmSession::fastest()?;
     std::thread::sleep(Duration::from_millis(50));
@@ -261,39 +249,14 @@ fn run_ksm(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error>> {
     let mut dup_pages = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (vm, (_, pages)) in w.vms.iter().enumerate() {
-        let len = pages * PAGE_SIZE;
-        // SAFETY: a fresh private anonymous mapping; nothing else knows it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        let map = AnonMap { ptr: p.cast(), len };
-        // SAFETY: advice on the mapping just created.
-        if unsafe { libc::madvise(p, len, libc::MADV_MERGEABLE) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        let mut map = ksm::MergeableMap::new(pages * PAGE_SIZE)?;
         let mut buf = vec![0u8; 256 * PAGE_SIZE];
         let mut q = 0;
         while q < *pages {
             let n = (*pages - q).min(256);
             w.fill(vm, q, &mut buf[..n * PAGE_SIZE], &mut files)?;
-            // SAFETY: pages `q..q+n` lie inside the mapping; `buf` holds them.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    buf.as_ptr(),
-                    map.ptr.add(q * PAGE_SIZE),
-                    n * PAGE_SIZE,
-                )
-            };
+            map.bytes_mut()[q * PAGE_SIZE..(q + n) * PAGE_SIZE]
+                .copy_from_slice(&buf[..n * PAGE_SIZE]);
             for (k, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
                 // A repeat of a non-zero content seen before is a page KSM
                 // merges: the COW-break sample.
@@ -342,7 +305,7 @@ fn run_ksm(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error>> {
     let cow_ns = time_writes(dup_pages.iter().map(|&(m, p)| {
         Ok::<_, std::io::Error>(
             // SAFETY: page `p` lies inside mapping `m` (both from the loop above).
-            unsafe { maps[m].ptr.add(p * PAGE_SIZE) },
+            unsafe { maps[m].as_ptr().add(p * PAGE_SIZE) },
         )
     }))?;
     session.unmerge()?;

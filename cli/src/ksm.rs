@@ -106,3 +106,64 @@ pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
         "no ksmd thread found",
     ))
 }
+
+/// Private anonymous memory advised `MADV_MERGEABLE`: what a VMM gives KSM
+/// (and what KSM scans). Unmapped on drop.
+pub(crate) struct MergeableMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the value owns its mapping; the pointer is only used for slices
+// and addresses of it, and the mapping lives until `drop`.
+unsafe impl Send for MergeableMap {}
+// SAFETY: as above; `&self` hands out only the address, writes need
+// `&mut self`.
+unsafe impl Sync for MergeableMap {}
+
+impl MergeableMap {
+    /// `len` bytes of fresh zero memory (no swap reserved), mergeable.
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping at an address the kernel
+        // picks; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Owned from here: an error below unmaps it.
+        let map = MergeableMap { ptr: p.cast(), len };
+        // SAFETY: advice on the mapping just created.
+        if unsafe { libc::madvise(p, len, libc::MADV_MERGEABLE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(map)
+    }
+
+    /// The mapping's first byte (for a KVM memory slot or a raw write).
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Its bytes.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` readable and writable bytes that live
+        // as long as `self`; `&mut self` makes this the only slice.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for MergeableMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this value created and owns.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
