@@ -95,7 +95,7 @@ pub(crate) fn walk<F: Format, P: Port>(
     access: Access,
     user_linear: bool,
     set_ad: bool,
-    start: Start,
+    mut start: Start,
 ) -> Result<Walked, Fail> {
     let stop = |level, entry_addr, entry, reason, acc| {
         Fail::Stop(Stop {
@@ -170,17 +170,19 @@ pub(crate) fn walk<F: Format, P: Port>(
                 Decoded::Leaf { base, shift } => {
                     acc = fmt.accumulate(acc, level, raw);
                     if let Err(d) = fmt.check(acc, raw, access, user_linear) {
-                        // The denying entry was read by this walk, or (a
-                        // walk started from a cached upper entry) above its
-                        // start: then it names none, and the caller walks
-                        // again from the root to name it.
-                        let (ea, e) = if d.level <= start.level {
-                            let (ea, e) = used[usize::from(d.level)];
-                            (Some(ea), Some(e))
-                        } else {
-                            (None, None)
-                        };
-                        return Err(stop(d.level, ea, e, d.reason, acc));
+                        if d.level > start.level {
+                            // Denied by an entry above a cached start, which
+                            // this walk never read: walk again from the root
+                            // so the fault names it.
+                            start = Start {
+                                level: fmt.top_level(),
+                                table: fmt.root(),
+                                acc: fmt.acc_start(),
+                            };
+                            continue 'restart;
+                        }
+                        let (ea, e) = used[usize::from(d.level)];
+                        return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
                     }
                     out.base = base;
                     out.shift = shift;

@@ -461,20 +461,7 @@ impl Walker {
                     }
                     (None, None) => {
                         let mut port = DirectPort { mem, refs: 0 };
-                        let mut r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
-                        if matches!(&r, Err(Fail::Stop(s)) if s.entry_addr.is_none() && s.level > 0)
-                        {
-                            // As below: name the entry above the cached start.
-                            r = engine::walk(
-                                fmt,
-                                &mut port,
-                                va,
-                                access,
-                                false,
-                                set_ad,
-                                root_start(fmt),
-                            );
-                        }
+                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
                         refs += port.refs;
                         r
                     }
@@ -489,21 +476,7 @@ impl Walker {
                             refs: 0,
                             cache: cache.as_deref_mut(),
                         };
-                        let mut r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
-                        if matches!(&r, Err(Fail::Stop(s)) if s.entry_addr.is_none() && s.level > 0)
-                        {
-                            // Denied by an entry above the cached start: walk
-                            // from the root so the fault names it.
-                            r = engine::walk(
-                                fmt,
-                                &mut port,
-                                va,
-                                access,
-                                false,
-                                set_ad,
-                                root_start(fmt),
-                            );
-                        }
+                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
                         refs += port.refs;
                         r
                     }
