@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use pagefold::{
-    paging::{Access, TableWatch, WalkCache, WalkOptions, Walker, X86Paging},
+    paging::{x86::CR0_WP, Access, TableWatch, WalkCache, WalkOptions, Walker, X86Paging},
     GuestMemory, GuestPhysAddr,
 };
 
@@ -352,4 +352,124 @@ fn two_spaces_never_share_lean_hits() {
         Ok(0x5010)
     );
     assert_eq!(cache.stats().misses, 3);
+}
+
+#[test]
+fn check_settings_never_share_lean_hits() {
+    // One address space (same CR3) under CR0.WP = 0 and 1: a supervisor
+    // write to a read-only page is allowed only without WP, and the lean
+    // answers must follow the walker bound, in either order, however often
+    // they alternate.
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap();
+    Tables::new(&mem).map(0x40_0000, 0x5000, 1, 0);
+    let wp = X86Paging::long_mode(Tables::ROOT);
+    let mut no_wp = wp;
+    no_wp.cr0 &= !CR0_WP;
+    let wp = Walker::new(wp).unwrap();
+    let no_wp = Walker::new(no_wp).unwrap();
+    assert_eq!(wp.space(), no_wp.space(), "one space, two check settings");
+    let mut cache = WalkCache::new();
+    let w = Access::write();
+    for _ in 0..3 {
+        for _ in 0..2 {
+            assert_eq!(
+                cache.bind(&no_wp).translate_pa(&mem, 0x40_0010, w, OPTS),
+                Ok(0x5010)
+            );
+        }
+        for _ in 0..2 {
+            assert_eq!(
+                cache.bind(&wp).translate_pa(&mem, 0x40_0010, w, OPTS),
+                wp.translate(&mem, 0x40_0010, w).map(|t| t.pa)
+            );
+            assert!(cache.bind(&wp).translate_pa(&mem, 0x40_0010, w, OPTS).is_err());
+        }
+    }
+}
+
+#[test]
+fn a_new_walk_replaces_what_the_lean_path_answers() {
+    // The tables change without an invalidation; a write that must set the
+    // dirty flag walks again and caches the new translation. From then on
+    // the lean path and the full path answer alike (the new one), as a TLB
+    // that refilled the entry would.
+    let (mem, leaf, walker) = one_page();
+    let mut cache = WalkCache::new();
+    let va = 0x40_0123;
+    let ad = WalkOptions {
+        set_accessed_dirty: true,
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+            Ok(0x5123)
+        );
+    }
+    mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
+    assert_eq!(
+        cache.bind(&walker).translate_pa(&mem, va, Access::write(), ad),
+        Ok(0x6123)
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+            Ok(0x6123)
+        );
+        assert_eq!(
+            walker
+                .translate_with(&mem, va, Access::read(), OPTS, Some(&mut cache))
+                .map(|t| t.pa),
+            Ok(0x6123)
+        );
+    }
+}
+
+#[test]
+fn lean_answers_stay_exact_across_many_invalidations() {
+    // More invalidations than the lean front has epochs (4095): after each,
+    // the next answers are the tables' new ones.
+    let (mem, leaf, walker) = one_page();
+    let mut cache = WalkCache::new();
+    let va = 0x40_0123;
+    for i in 0..10_000u64 {
+        let frame = 0x5000 + (i % 7) * 0x1000;
+        mem.write_obj(GuestPhysAddr(leaf), frame | 3).unwrap();
+        cache.invalidate_page(walker.space(), va);
+        for _ in 0..2 {
+            assert_eq!(
+                cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+                Ok(frame | 0x123),
+                "after invalidation {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_old_lean_answer_never_comes_back() {
+    // A page's answer kept by the lean path, then the page invalidated and
+    // left alone while other pages are invalidated thousands of times (the
+    // front's epochs wrap around): the page's next answer is the tables'.
+    let (mem, leaf, walker) = one_page();
+    let (a, b) = (0x40_0123, 0x7f_f000);
+    for flushes in 4085..4105 {
+        mem.write_obj(GuestPhysAddr(leaf), 0x5003u64).unwrap();
+        let mut cache = WalkCache::new();
+        for _ in 0..2 {
+            assert_eq!(
+                cache.bind(&walker).translate_pa(&mem, a, Access::read(), OPTS),
+                Ok(0x5123)
+            );
+        }
+        mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
+        cache.invalidate_page(walker.space(), a);
+        for _ in 0..flushes {
+            cache.invalidate_page(walker.space(), b);
+        }
+        assert_eq!(
+            cache.bind(&walker).translate_pa(&mem, a, Access::read(), OPTS),
+            Ok(0x6123),
+            "after {flushes} more invalidations"
+        );
+    }
 }

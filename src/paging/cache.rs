@@ -45,6 +45,15 @@ const TLB_SETS: usize = 512;
 /// Ways per set.
 const TLB_WAYS: usize = 4;
 const UPPER_SLOTS: usize = 512;
+/// Slots of the lean path's direct-mapped front (16 bytes each: 32 KiB).
+const FRONT_SLOTS: usize = 2048;
+/// A front slot's value: the 4 KiB frame's address (bits 12..52).
+const FRONT_PA: u64 = ((1 << 52) - 1) & !0xfff;
+/// A front slot's value: the walk set the accessed (bit 52) and dirty (bit
+/// 53) flags; `TLB_ACCESSED` and `TLB_DIRTY` shifted up by this.
+const FRONT_FLAGS_SHIFT: u32 = 51;
+/// A front key's epoch: bits 52..64 (a 4 KiB page number has 52 bits).
+const FRONT_EPOCH_SHIFT: u32 = 52;
 const NESTED_SLOTS: usize = 1024;
 
 /// A cached final translation: one cache line, so a hit reads one line.
@@ -139,6 +148,19 @@ impl HitSlot {
             flags: e.flags,
         }
     }
+}
+
+/// One 4 KiB page's translation in the lean path's front
+/// ([`WalkCache::front_hit`]): `key` is the page number (`va >> 12`) with
+/// the front's epoch in bits 52..64 (epoch 0 is never current, so an empty
+/// slot never matches); `value` is the frame's address (`FRONT_PA`), bit
+/// `Access::index()` for each access known allowed (bits 0..12), and the
+/// accessed/dirty flags the walk set (bits 52, 53).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default)]
+struct FrontSlot {
+    key: u64,
+    value: u64,
 }
 
 /// The entry holds a translation.
@@ -264,6 +286,18 @@ pub struct WalkCache {
     tlb: Box<[TlbEntry; TLB_WAYS * TLB_SETS]>,
     /// `HitSlot::of` each entry: entry `s * TLB_WAYS + w` at `[s][w]`.
     hits: Box<[[HitSlot; TLB_WAYS]; TLB_SETS]>,
+    /// The lean path's direct-mapped front: 4 KiB pieces of entries that
+    /// answered lean hits for one owner (space and check settings,
+    /// `front_owner`), slot `(va >> 12) % FRONT_SLOTS`. A hit is one slot
+    /// compare; anything else falls to the sets. Only valid slots of the
+    /// current epoch match, and every change that could make a slot wrong
+    /// starts a new epoch (`front_flush`) or clears the slots it covers
+    /// (`insert`).
+    front: Box<[FrontSlot; FRONT_SLOTS]>,
+    /// The current epoch, shifted to bits 52..64 (never 0).
+    front_epoch: u64,
+    /// The (space number, check number) whose translations the front holds.
+    front_owner: (u64, u16),
     upper: Box<[UpperSlot]>,
     nested: Box<[NestedSlot]>,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
@@ -323,6 +357,9 @@ impl WalkCache {
         WalkCache {
             tlb: Box::new([TlbEntry::default(); TLB_WAYS * TLB_SETS]),
             hits: Box::new([[HitSlot::default(); TLB_WAYS]; TLB_SETS]),
+            front: Box::new([FrontSlot::default(); FRONT_SLOTS]),
+            front_epoch: 1 << FRONT_EPOCH_SHIFT,
+            front_owner: (0, 0),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
@@ -417,6 +454,7 @@ impl WalkCache {
 
     /// Drops every entry.
     pub fn invalidate_all(&mut self) {
+        self.front_flush();
         self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.sync_all_hits();
         self.upper.iter_mut().for_each(|s| s.valid = false);
@@ -428,6 +466,7 @@ impl WalkCache {
     /// translations included, and that space's upper-level entries (as
     /// INVLPG drops paging-structure caches for the current PCID).
     pub fn invalidate_page(&mut self, space: u64, va: u64) {
+        self.front_flush();
         for id in self.ids_of(space) {
             self.invalidate_page_of(id, va);
         }
@@ -469,6 +508,7 @@ impl WalkCache {
     /// PCID preservation, INVPCID single-context); global translations go
     /// too, which is conservative.
     pub fn invalidate_space(&mut self, space: u64) {
+        self.front_flush();
         for id in self.ids_of(space) {
             self.tlb
                 .iter_mut()
@@ -485,6 +525,7 @@ impl WalkCache {
     /// Drops every entry tagged with `pcid`, whatever its CR3, except global
     /// translations (INVPCID single-context, MOV CR3 with CR4.PGE).
     pub fn invalidate_pcid(&mut self, pcid: u16) {
+        self.front_flush();
         self.tlb
             .iter_mut()
             .filter(|e| e.pcid == pcid && e.flags & TLB_GLOBAL == 0)
@@ -501,6 +542,7 @@ impl WalkCache {
     /// translation. Upper-level guest entries hold guest-physical table
     /// addresses and stay.
     pub fn invalidate_second_level(&mut self) {
+        self.front_flush();
         self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.sync_all_hits();
         self.nested.iter_mut().for_each(|s| s.valid = false);
@@ -609,8 +651,93 @@ impl WalkCache {
         }
         let offset = va - ((va >> s) << s);
         let pa = h.pa_base | offset;
+        let (allowed, flags) = (h.allowed, h.flags);
         self.stats.hits += 1;
+        if self.front_owner == (space, checks) {
+            self.front_fill(va, pa, allowed, flags);
+        }
         Some(pa)
+    }
+
+    /// Starts a new front epoch: every front slot stops matching. After
+    /// 4095 epochs the slots are cleared and the count starts again, so an
+    /// epoch never comes back while a slot of it remains.
+    fn front_flush(&mut self) {
+        let next = (self.front_epoch >> FRONT_EPOCH_SHIFT) + 1;
+        if next >> (64 - FRONT_EPOCH_SHIFT) != 0 {
+            self.front.fill(FrontSlot::default());
+            self.front_epoch = 1 << FRONT_EPOCH_SHIFT;
+        } else {
+            self.front_epoch = next << FRONT_EPOCH_SHIFT;
+        }
+    }
+
+    /// Drops the front slots of the 4 KiB pages of `[va, va + (1 << shift))`
+    /// (a new entry for them may differ from what the front holds).
+    fn front_forget(&mut self, va: u64, shift: u8) {
+        let first = va >> 12;
+        let pages = 1u64 << (shift.saturating_sub(12)).min(63);
+        if pages > FRONT_SLOTS as u64 {
+            self.front_flush();
+            return;
+        }
+        for page in first..first.saturating_add(pages) {
+            let s = &mut self.front[crate::addr::usize_from(page) % FRONT_SLOTS];
+            if s.key & ((1 << FRONT_EPOCH_SHIFT) - 1) == page {
+                *s = FrontSlot::default();
+            }
+        }
+    }
+
+    /// Makes the front hold translations of `space` under check settings
+    /// `checks` (a [`super::BoundCache`]'s numbers), starting a new epoch if
+    /// it held another's.
+    #[inline(always)]
+    pub(crate) fn front_claim(&mut self, space: u64, checks: u16) {
+        if self.front_owner != (space, checks) {
+            self.front_owner = (space, checks);
+            self.front_flush();
+        }
+    }
+
+    /// The front's answer for `va`, for the owner's translations
+    /// (`front_claim`): the address, if the 4 KiB page's slot is of the
+    /// current epoch, allows the access numbered `access_index` and has
+    /// the accessed/dirty flags in `need`, and the watch saw no table
+    /// write. `None` says nothing.
+    #[inline(always)]
+    pub(crate) fn front_hit(&mut self, va: u64, access_index: u32, need: u8) -> Option<u64> {
+        if let Some((w, seen)) = &self.watch {
+            if w.generation() != *seen {
+                return None;
+            }
+        }
+        let page = va >> 12;
+        let s = self.front[crate::addr::usize_from(page) % FRONT_SLOTS];
+        let want = (1u64 << (access_index & 15)) | (u64::from(need) << FRONT_FLAGS_SHIFT);
+        if s.key != page | self.front_epoch || s.value & want != want {
+            return None;
+        }
+        self.stats.hits += 1;
+        Some((s.value & FRONT_PA) | (va & 0xfff))
+    }
+
+    /// Keeps in the front what a lean hit of the sets for `va` found: the
+    /// 4 KiB page at `pa` (of the owner's space), with the accesses in
+    /// `allowed` (bit `Access::index()`, checked under the owner's check
+    /// settings) and the entry's `flags`.
+    #[inline(always)]
+    fn front_fill(&mut self, va: u64, pa: u64, allowed: u16, flags: u8) {
+        if pa & !FRONT_PA & !0xfff != 0 {
+            // Past 52 bits: not representable; the sets answer it.
+            return;
+        }
+        let page = va >> 12;
+        let flags = u64::from(flags & (TLB_ACCESSED | TLB_DIRTY)) << FRONT_FLAGS_SHIFT;
+        self.front[crate::addr::usize_from(page) % FRONT_SLOTS] = FrontSlot {
+            key: page | self.front_epoch,
+            value: (pa & FRONT_PA) | u64::from(allowed & 0xfff) | flags,
+        };
     }
 
     /// The entry at `i` (from `lookup`). Whoever changes it calls
@@ -631,6 +758,7 @@ impl WalkCache {
         debug_assert!(entry.space != 0, "space numbers start at 1");
         debug_assert_eq!(entry.tag >> 58, u64::from(entry.shift), "tag from tag_of");
         entry.flags |= TLB_VALID;
+        self.front_forget(entry.page() << entry.shift, entry.shift);
         let set = tlb_set(entry.space, entry.page());
         let same = |e: &TlbEntry| e.tag == entry.tag && e.space == entry.space;
         // Most recent first: the entry goes to way 0 and the others move

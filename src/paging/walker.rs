@@ -963,6 +963,7 @@ impl WalkCache {
     pub fn bind<'a>(&'a mut self, walker: &'a Walker) -> BoundCache<'a> {
         let space = self.space_id(&walker.space_key);
         let checks = self.check_index(walker.check_config);
+        self.front_claim(space, checks);
         BoundCache {
             cache: self,
             walker,
@@ -990,6 +991,9 @@ impl BoundCache<'_> {
         } else {
             0
         };
+        if let Some(pa) = self.cache.front_hit(va, access.index(), need) {
+            return Ok(pa);
+        }
         match self
             .cache
             .hit_pa(self.space, self.checks, va, access.index(), need)
@@ -1041,6 +1045,7 @@ impl BoundCache<'_> {
     fn refresh(&mut self) {
         self.space = self.cache.space_id(&self.walker.space_key);
         self.checks = self.cache.check_index(self.walker.check_config);
+        self.cache.front_claim(self.space, self.checks);
     }
 }
 
