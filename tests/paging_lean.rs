@@ -382,7 +382,10 @@ fn check_settings_never_share_lean_hits() {
                 cache.bind(&wp).translate_pa(&mem, 0x40_0010, w, OPTS),
                 wp.translate(&mem, 0x40_0010, w).map(|t| t.pa)
             );
-            assert!(cache.bind(&wp).translate_pa(&mem, 0x40_0010, w, OPTS).is_err());
+            assert!(cache
+                .bind(&wp)
+                .translate_pa(&mem, 0x40_0010, w, OPTS)
+                .is_err());
         }
     }
 }
@@ -401,18 +404,24 @@ fn a_new_walk_replaces_what_the_lean_path_answers() {
     };
     for _ in 0..3 {
         assert_eq!(
-            cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+            cache
+                .bind(&walker)
+                .translate_pa(&mem, va, Access::read(), OPTS),
             Ok(0x5123)
         );
     }
     mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
     assert_eq!(
-        cache.bind(&walker).translate_pa(&mem, va, Access::write(), ad),
+        cache
+            .bind(&walker)
+            .translate_pa(&mem, va, Access::write(), ad),
         Ok(0x6123)
     );
     for _ in 0..3 {
         assert_eq!(
-            cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+            cache
+                .bind(&walker)
+                .translate_pa(&mem, va, Access::read(), OPTS),
             Ok(0x6123)
         );
         assert_eq!(
@@ -437,7 +446,9 @@ fn lean_answers_stay_exact_across_many_invalidations() {
         cache.invalidate_page(walker.space(), va);
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS),
+                cache
+                    .bind(&walker)
+                    .translate_pa(&mem, va, Access::read(), OPTS),
                 Ok(frame | 0x123),
                 "after invalidation {i}"
             );
@@ -457,7 +468,9 @@ fn an_old_lean_answer_never_comes_back() {
         let mut cache = WalkCache::new();
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&walker).translate_pa(&mem, a, Access::read(), OPTS),
+                cache
+                    .bind(&walker)
+                    .translate_pa(&mem, a, Access::read(), OPTS),
                 Ok(0x5123)
             );
         }
@@ -467,7 +480,9 @@ fn an_old_lean_answer_never_comes_back() {
             cache.invalidate_page(walker.space(), b);
         }
         assert_eq!(
-            cache.bind(&walker).translate_pa(&mem, a, Access::read(), OPTS),
+            cache
+                .bind(&walker)
+                .translate_pa(&mem, a, Access::read(), OPTS),
             Ok(0x6123),
             "after {flushes} more invalidations"
         );

@@ -5,7 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use pagefold::{
-    paging::{Access, TableWatch, WalkCache, WalkOptions, Walker, X86Paging},
+    paging::{
+        x86::{CR4_PCIDE, CR4_PGE},
+        Access, PhysMemory, TableWatch, WalkCache, WalkOptions, Walker, X86Paging,
+    },
     GuestMemory, GuestPhysAddr,
 };
 
@@ -178,4 +181,151 @@ fn walkers_that_decode_differently_never_share_cache_entries() {
         .translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
         .unwrap_err();
     assert_eq!(f.code, FaultCode::EptMisconfig, "{f}");
+}
+
+#[test]
+fn attaching_a_watch_drops_what_was_cached_before() {
+    // Tables read before the watch was attached are unknown to it, so a
+    // cache keeping their translations could never see them change.
+    let mem = guest();
+    let watch = TableWatch::new();
+    mem.set_write_observer(watch.clone()).unwrap();
+    let w = Walker::new(X86Paging::long_mode(0x1000)).unwrap();
+    let mut cache = WalkCache::new();
+    let t = |c: &mut WalkCache| {
+        w.translate_with(
+            &mem,
+            0x40_0010,
+            Access::read(),
+            WalkOptions::default(),
+            Some(c),
+        )
+        .unwrap()
+        .gpa
+    };
+    assert_eq!(t(&mut cache), 0x5010);
+    cache.attach_watch(watch.clone());
+    mem.write_obj(GuestPhysAddr(0x4000), 0x7003u64).unwrap();
+    assert_eq!(t(&mut cache), 0x7010);
+}
+
+/// Guest memory whose first read of `racy` is followed, at once, by a
+/// write of `new` there through the library: a vCPU thread's write landing
+/// between a walk's read of an entry and the cache's insertion.
+struct Racy<'a> {
+    mem: &'a GuestMemory,
+    racy: u64,
+    new: u64,
+    fired: std::cell::Cell<bool>,
+}
+
+impl PhysMemory for Racy<'_> {
+    fn read_u64(&self, pa: u64) -> Option<u64> {
+        let v = self.mem.read_u64(pa);
+        if pa == self.racy && !self.fired.replace(true) {
+            self.mem.write_obj(GuestPhysAddr(pa), self.new).unwrap();
+        }
+        v
+    }
+    fn read_u32(&self, pa: u64) -> Option<u32> {
+        self.mem.read_u32(pa)
+    }
+    fn compare_exchange_u64(&self, pa: u64, old: u64, new: u64) -> Option<Result<(), u64>> {
+        self.mem.compare_exchange_u64(pa, old, new)
+    }
+    fn compare_exchange_u32(&self, pa: u64, old: u32, new: u32) -> Option<Result<(), u32>> {
+        self.mem.compare_exchange_u32(pa, old, new)
+    }
+    fn read_bytes(&self, pa: u64, buf: &mut [u8]) -> Result<(), u64> {
+        self.mem.read_bytes(pa, buf)
+    }
+    fn write_bytes(&self, pa: u64, data: &[u8]) -> Result<(), u64> {
+        self.mem.write_bytes(pa, data)
+    }
+}
+
+#[test]
+fn a_table_write_racing_a_walk_is_never_cached_stale() {
+    // The racing write lands after the walk read the entry, before anything
+    // was cached: that translation may give either page, but the next ones
+    // through the cache must see the write (it was told to the watch).
+    // Raced: the leaf itself, and the PDE (pointed at another page table
+    // whose entry maps 0x7000).
+    for (racy, new) in [(0x4000u64, 0x7003u64), (0x3000 + 2 * 8, 0x9003)] {
+        let mem = guest();
+        mem.write_obj(GuestPhysAddr(0x9000), 0x7003u64).unwrap();
+        let watch = TableWatch::new();
+        mem.set_write_observer(watch.clone()).unwrap();
+        let w = Walker::new(X86Paging::long_mode(0x1000)).unwrap();
+        let mut cache = WalkCache::new();
+        cache.attach_watch(watch.clone());
+        let racing = Racy {
+            mem: &mem,
+            racy,
+            new,
+            fired: std::cell::Cell::new(false),
+        };
+        let opts = WalkOptions::default();
+        let first = w
+            .translate_with(&racing, 0x40_0010, Access::read(), opts, Some(&mut cache))
+            .unwrap();
+        assert!(racing.fired.get());
+        assert!(first.gpa == 0x5010 || first.gpa == 0x7010);
+        for _ in 0..3 {
+            let later = w
+                .translate_with(&mem, 0x40_0010, Access::read(), opts, Some(&mut cache))
+                .unwrap();
+            assert_eq!(
+                later.gpa, 0x7010,
+                "entry {racy:#x}: a racing write was lost"
+            );
+            assert_eq!(
+                cache
+                    .bind(&w)
+                    .translate_pa(&mem, 0x40_0010, Access::read(), opts),
+                Ok(0x7010)
+            );
+        }
+    }
+}
+
+#[test]
+fn invlpg_drops_a_global_page_in_every_address_space() {
+    // Two processes (PCIDs 1 and 2) share the kernel's tables; the kernel
+    // page is global. INVLPG in one drops the page for both (SDM 4.10.4.1):
+    // the other, switched to with a no-flush MOV CR3, sees the new entry.
+    let mem = guest();
+    mem.write_obj(GuestPhysAddr(0x4000), 0x5103u64).unwrap(); // G
+    mem.write_obj(GuestPhysAddr(0x8000), 0x2003u64).unwrap(); // B's PML4E
+    let mut ra = X86Paging::long_mode(0x1001);
+    ra.cr4 |= CR4_PCIDE | CR4_PGE;
+    let mut rb = X86Paging::long_mode(0x8002);
+    rb.cr4 |= CR4_PCIDE | CR4_PGE;
+    let (a, b) = (Walker::new(ra).unwrap(), Walker::new(rb).unwrap());
+    assert_ne!(a.space(), b.space());
+    let mut cache = WalkCache::new();
+    let t = |w: &Walker, c: &mut WalkCache| {
+        w.translate_with(
+            &mem,
+            0x40_0010,
+            Access::read(),
+            WalkOptions::default(),
+            Some(c),
+        )
+        .unwrap()
+        .gpa
+    };
+    assert_eq!(t(&a, &mut cache), 0x5010);
+    assert_eq!(t(&b, &mut cache), 0x5010);
+    mem.write_obj(GuestPhysAddr(0x4000), 0x7103u64).unwrap();
+    cache.invalidate_page(a.space(), 0x40_0010);
+    assert_eq!(t(&b, &mut cache), 0x7010);
+    assert_eq!(t(&a, &mut cache), 0x7010);
+    // The lean path agrees.
+    assert_eq!(
+        cache
+            .bind(&b)
+            .translate_pa(&mem, 0x40_0010, Access::read(), WalkOptions::default()),
+        Ok(0x7010)
+    );
 }

@@ -238,12 +238,15 @@ impl TableWatch {
         ((h >> 6) as usize & 63, 1u64 << (h & 63))
     }
 
-    /// Records that a table was read from the page holding `gpa`.
-    pub(crate) fn note_table(&self, gpa: u64) {
+    /// Records that tables are read from the page holding `gpa`; `true`
+    /// if its bit was clear until now. A read-modify-write in sequential
+    /// consistency, paired with the fence in `note_write`: of a walk that
+    /// reads the page's entries after this and a write to them that is
+    /// followed by `note_write`, either the walk reads the new bytes or the
+    /// writer sees the bit (and flushes the caches).
+    pub(crate) fn note_table(&self, gpa: u64) -> bool {
         let (w, b) = Self::bit(gpa);
-        if self.filter[w].load(Ordering::Relaxed) & b == 0 {
-            self.filter[w].fetch_or(b, Ordering::Relaxed);
-        }
+        self.filter[w].fetch_or(b, Ordering::SeqCst) & b == 0
     }
 
     /// Tells the watch that `[gpa, gpa + len)` was written. If any page of
@@ -253,13 +256,16 @@ impl TableWatch {
         if len == 0 {
             return;
         }
+        // The write's bytes are stored; order them before the filter's
+        // loads (see `note_table`).
+        std::sync::atomic::fence(Ordering::SeqCst);
         let first = gpa >> 12;
         let last = gpa.saturating_add(len - 1) >> 12;
         // Bounded: past 64 pages, flush rather than test each.
         let hit = last - first >= 64
             || (first..=last).any(|f| {
                 let (w, b) = Self::bit(f << 12);
-                self.filter[w].load(Ordering::Relaxed) & b != 0
+                self.filter[w].load(Ordering::SeqCst) & b != 0
             });
         if hit {
             self.generation.fetch_add(1, Ordering::Release);
@@ -305,6 +311,8 @@ pub struct WalkCache {
     /// Some TLB entry covers less than its guest page (a large guest page
     /// over smaller second-level pages).
     splintered: bool,
+    /// Some TLB entry may be a global translation.
+    globals: bool,
     stats: CacheStats,
     watch: Option<(Arc<TableWatch>, u64)>,
     /// Permission-check settings seen, numbered by position; the last one
@@ -364,6 +372,7 @@ impl WalkCache {
             nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
             shifts: 0,
             splintered: false,
+            globals: false,
             stats: CacheStats::default(),
             watch: None,
             check_configs: vec![0],
@@ -373,10 +382,41 @@ impl WalkCache {
         }
     }
 
-    /// Attaches `watch`: writes it is told of flush this cache.
+    /// Attaches `watch`: writes it is told of flush this cache. Everything
+    /// cached so far is dropped: the watch knows nothing of the tables it
+    /// came from, so it could not tell when they change.
     pub fn attach_watch(&mut self, watch: Arc<TableWatch>) {
+        self.invalidate_all();
         let g = watch.generation();
         self.watch = Some((watch, g));
+    }
+
+    /// With a watch attached: marks the table pages `walked` read (from its
+    /// first level down to its leaf) in the watch, and says whether all of
+    /// them are in `pinned`, the pages this translation marked before the
+    /// walk began; the pages not yet there are added (at most 24). Without
+    /// a watch: `true`.
+    ///
+    /// A translation may cache a walk only if every table it read was
+    /// marked before the read (then any later write to those tables, told
+    /// to the watch, flushes this cache); a walk whose pages were not is
+    /// walked again (`Walker::translate_walk`).
+    pub(crate) fn tables_pinned(&self, walked: &Walked, pinned: &mut Vec<u64>) -> bool {
+        let Some((watch, _)) = &self.watch else {
+            return true;
+        };
+        let mut all = true;
+        for level in walked.leaf_level.max(1)..=walked.start_level.min(5) {
+            let page = walked.tables[usize::from(level)].0 >> 12;
+            if !pinned.contains(&page) {
+                all = false;
+                if pinned.len() < 24 {
+                    pinned.push(page);
+                }
+                watch.note_table(page << 12);
+            }
+        }
+        all
     }
 
     /// The number of an exact permission-check configuration. Numbers are
@@ -469,6 +509,22 @@ impl WalkCache {
         self.front_flush();
         for id in self.ids_of(space) {
             self.invalidate_page_of(id, va);
+        }
+        // INVLPG drops global translations of the page whatever their
+        // PCID (SDM 4.10.4.1): those cached under other spaces go too.
+        if self.globals {
+            let mut any = false;
+            for e in self.tlb.iter_mut() {
+                if e.flags & TLB_GLOBAL != 0 {
+                    any = true;
+                    let first_page = (e.page() << e.shift) >> e.shift1;
+                    if first_page == va >> e.shift1 {
+                        e.clear();
+                    }
+                }
+            }
+            self.globals = any;
+            self.sync_all_hits();
         }
     }
 
@@ -778,6 +834,7 @@ impl WalkCache {
         self.hits[set][0] = HitSlot::of(&entry);
         self.shifts |= 1 << entry.shift;
         self.splintered |= entry.shift < entry.shift1;
+        self.globals |= entry.flags & TLB_GLOBAL != 0;
     }
 
     pub(crate) fn count_hit(&mut self) {
@@ -829,9 +886,6 @@ impl WalkCache {
         let top = fmt.top_level();
         for level in w.leaf_level.max(1)..w.start_level.min(top) {
             let (table, acc) = w.tables[usize::from(level)];
-            if let Some((watch, _)) = &self.watch {
-                watch.note_table(table);
-            }
             let tag = va >> fmt.index_shift(level + 1);
             let i = slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
             self.upper[i] = UpperSlot {
@@ -844,12 +898,6 @@ impl WalkCache {
                 table,
                 acc,
             };
-        }
-        if let Some((watch, _)) = &self.watch {
-            let (table, _) = w.tables[usize::from(w.start_level.min(5))];
-            watch.note_table(table);
-            let (leaf_table, _) = w.tables[usize::from(w.leaf_level.min(5))];
-            watch.note_table(leaf_table);
         }
     }
 

@@ -438,53 +438,78 @@ impl Walker {
                         start = s;
                     }
                 }
-                let lean = match (&self.second, X86Long::of(fmt)) {
-                    (None, Some(long)) if !set_ad => {
-                        super::lean::walk_recorded(&long, mem, va, access, start)
+                // With a watch attached, a walk is cached only if every
+                // table it read was marked in the watch before it read it
+                // (`WalkCache::tables_pinned`): a write racing the walk
+                // then either shows in it or flushes the cache. The first
+                // walk through unmarked pages marks them and walks again.
+                let first_start = start;
+                let refs_before = refs;
+                let mut pinned = Vec::new();
+                let mut tries = 0;
+                let walked = loop {
+                    let mut start = first_start;
+                    refs = refs_before;
+                    let lean = match (&self.second, X86Long::of(fmt)) {
+                        (None, Some(long)) if !set_ad => {
+                            super::lean::walk_recorded(&long, mem, va, access, start)
+                        }
+                        (None, None) if !set_ad => {
+                            super::lean::walk_recorded(fmt, mem, va, access, start)
+                        }
+                        _ => None,
+                    };
+                    // The lean walk stopped (a fault ahead, or not its case): the
+                    // full engine walks from the root, so a fault it reports
+                    // names the level that really denied, whatever the cache
+                    // held.
+                    if lean.is_none() && self.second.is_none() && !set_ad {
+                        start = root_start(fmt);
                     }
-                    (None, None) if !set_ad => {
-                        super::lean::walk_recorded(fmt, mem, va, access, start)
+                    let walked = match (&self.second, lean) {
+                        (_, Some((w, n))) => {
+                            refs += n;
+                            Ok(w)
+                        }
+                        (None, None) => {
+                            let mut port = DirectPort { mem, refs: 0 };
+                            let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
+                            refs += port.refs;
+                            r
+                        }
+                        (Some(second), None) => {
+                            let mut port = NestedPort {
+                                walker: self,
+                                second,
+                                mem,
+                                va,
+                                access,
+                                set_ad,
+                                refs: 0,
+                                cache: cache.as_deref_mut(),
+                            };
+                            let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
+                            refs += port.refs;
+                            r
+                        }
+                    };
+                    let walked = walked.map_err(|f| match f {
+                        Fail::Stop(s) => self.fault_first(va, access, s),
+                        Fail::Port(w) => w,
+                    })?;
+                    match cache.as_deref_mut() {
+                        Some(c) if !c.tables_pinned(&walked, &mut pinned) => {
+                            tries += 1;
+                            if tries > 3 {
+                                // Tables that keep changing under the walk:
+                                // answer, but cache nothing.
+                                cache = None;
+                                break walked;
+                            }
+                        }
+                        _ => break walked,
                     }
-                    _ => None,
                 };
-                // The lean walk stopped (a fault ahead, or not its case): the
-                // full engine walks from the root, so a fault it reports
-                // names the level that really denied, whatever the cache
-                // held.
-                if lean.is_none() && self.second.is_none() && !set_ad {
-                    start = root_start(fmt);
-                }
-                let walked = match (&self.second, lean) {
-                    (_, Some((w, n))) => {
-                        refs += n;
-                        Ok(w)
-                    }
-                    (None, None) => {
-                        let mut port = DirectPort { mem, refs: 0 };
-                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
-                        refs += port.refs;
-                        r
-                    }
-                    (Some(second), None) => {
-                        let mut port = NestedPort {
-                            walker: self,
-                            second,
-                            mem,
-                            va,
-                            access,
-                            set_ad,
-                            refs: 0,
-                            cache: cache.as_deref_mut(),
-                        };
-                        let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
-                        refs += port.refs;
-                        r
-                    }
-                };
-                let walked = walked.map_err(|f| match f {
-                    Fail::Stop(s) => self.fault_first(va, access, s),
-                    Fail::Port(w) => w,
-                })?;
                 if let Some(c) = cache.as_deref_mut() {
                     let space = c.space_id(&self.space_key);
                     c.insert_upper(space, self.pcid, va, fmt, &walked, set_ad);
