@@ -2,8 +2,8 @@
 //! a merge's or unmerge's write-protect window; that operation wakes them
 //! itself when it closes the window. The handler is the safety net that makes
 //! "a writer never waits forever" independent of every error path: between
-//! windows (it takes the region's protection lock), a fault on a page no operation holds
-//! has its stale protection removed and its writer woken. It also counts
+//! windows (it takes the region's protection lock), a fault finds only
+//! stale protection, which it removes before waking the writer. It also counts
 //! the faults, so their number is visible in the statistics.
 
 use std::{
@@ -17,7 +17,6 @@ use std::{
 use super::{read, Inner};
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
-    memory::page_state::LOCKED,
     userfault::Userfault,
 };
 
@@ -46,35 +45,34 @@ fn run(inner: &Weak<Inner>, uffd: &Userfault, stop: &AtomicBool) {
             inner.faults_seen.fetch_add(1, Ordering::Relaxed);
             let page = HostVirtAddr(fault.addr.0 & !(PAGE_SIZE as u64 - 1));
             // With the region's protection lock held no write-protect window
-            // is open over it, so protection found on a page no operation
-            // holds is stale: drop it. (Without the lock, this could disarm a
-            // window opened since the fault and let a write slip between its
-            // compare and remap.)
-            for_page(&inner, page, |held| {
-                if !held {
-                    let _ = uffd.unprotect(page, PAGE_SIZE as u64, true);
-                    let _ = uffd.wake(page, PAGE_SIZE as u64);
-                }
+            // is open over it, so any protection found is stale: drop it and
+            // wake the writer, even on a page an operation still holds (one
+            // whose window has closed, its publication pending, already woke
+            // its writers; a failed unregister can leave the protection on,
+            // and a writer arriving after that wake would wait forever).
+            // (Without the lock, this could disarm a window opened since the
+            // fault and let a write slip between its compare and remap.)
+            for_page(&inner, page, || {
+                let _ = uffd.unprotect(page, PAGE_SIZE as u64, true);
+                let _ = uffd.wake(page, PAGE_SIZE as u64);
             });
         }
     }
 }
 
-/// Runs `f(locked)` for the page at host address `addr` with its region's
-/// protection lock held; `locked` says whether a merge or unmerge holds the
-/// page (it will wake its writers itself).
-fn for_page(inner: &Inner, addr: HostVirtAddr, f: impl FnOnce(bool)) {
+/// Runs `f` for the page at host address `addr` with its region's
+/// protection lock held (no write-protect window is open over it).
+fn for_page(inner: &Inner, addr: HostVirtAddr, f: impl FnOnce()) {
     for vm in read(&inner.vms).iter() {
         for r in vm.mem.regions() {
             let start = r.host_addr().0;
             if addr.0 >= start && addr.0 < start + r.size() {
-                let page = crate::addr::usize_from((addr.0 - start) / PAGE_SIZE as u64);
                 let _no_window = r.lock_protection();
-                f(r.page_states().load(page).flags() & LOCKED != 0);
+                f();
                 return;
             }
         }
     }
     // Not guest memory of any registered VM (unregistered since): wake.
-    f(false);
+    f();
 }

@@ -285,7 +285,14 @@ impl DedupHost {
             let mut scan = lock(&self.inner.scan);
             if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain)
             {
-                let key = DomainKey::random().map_err(|e| DedupError::Random(e.to_string()))?;
+                let key = match DomainKey::random() {
+                    Ok(key) => key,
+                    Err(e) => {
+                        // Leave the memory as it came: free for another host.
+                        mem.release_from_dedup();
+                        return Err(DedupError::Random(e.to_string()));
+                    }
+                };
                 slot.insert(Arc::new(key));
             }
         }
@@ -315,7 +322,23 @@ impl DedupHost {
     pub fn unregister(&self, vm: VmId) -> Result<Arc<GuestMemory>, DedupError> {
         let _scan = lock(&self.inner.scan);
         let entry = self.entry(vm)?;
-        self.inner.unmerge_vm(&entry)?;
+        // Every page back in its own frame before the VM is forgotten: a
+        // page another thread holds (a `resolve_write_fault` in progress)
+        // is waited for, since once the VM is gone nothing would count its
+        // reference to a shared frame, and the frame could be freed under
+        // another VM's page. Pages still held after the deadline leave the
+        // VM registered (and usable), with `Busy`.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            self.inner.unmerge_vm(&entry)?;
+            let Some(busy) = first_held_page(&entry) else {
+                break;
+            };
+            if Instant::now() > deadline {
+                return Err(DedupError::Busy(busy));
+            }
+            std::thread::yield_now();
+        }
         write(&self.inner.vms).retain(|e| e.id != vm);
         entry.mem.release_from_dedup();
         self.inner.recount()?;
@@ -430,7 +453,14 @@ impl DedupHost {
         interval: Duration,
         pool: Option<rayon::ThreadPool>,
     ) -> Result<(), DedupError> {
-        self.stop_background();
+        // The slot stays locked from the stop to the store, so two callers
+        // at once cannot both start a scanner and lose one (it would run on,
+        // unstoppable, after the host is dropped).
+        let mut slot = lock(&self.background);
+        if let Some((stop, handle)) = slot.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let inner = Arc::clone(&self.inner);
         let flag = Arc::clone(&stop);
@@ -457,7 +487,7 @@ impl DedupHost {
                 what: "spawning the background scanner thread",
                 source,
             })?;
-        *lock(&self.background) = Some((stop, handle));
+        *slot = Some((stop, handle));
         Ok(())
     }
 
@@ -611,6 +641,17 @@ impl Drop for DedupHost {
             let _ = h.join();
         }
     }
+}
+
+/// The guest-physical address of the first page of `vm` that is still
+/// remapped or held by an operation, if any.
+fn first_held_page(vm: &VmEntry) -> Option<GuestPhysAddr> {
+    vm.mem.regions().iter().find_map(|r| {
+        let states = r.page_states();
+        (0..r.pages())
+            .find(|&p| states.load(p).flags() & (REMAPPED | LOCKED) != 0)
+            .map(|p| GuestPhysAddr(r.start().0 + (p * PAGE_SIZE) as u64))
+    })
 }
 
 fn nanos_since(t: Instant) -> u64 {

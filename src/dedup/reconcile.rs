@@ -131,39 +131,58 @@ impl Inner {
                 }) else {
                     continue;
                 };
-                let entries = scan
-                    .pagemap
-                    .entries(region, first, t.len() - first)
-                    .map_err(|source| DedupError::Proc {
-                        what: "/proc/self/pagemap",
-                        source,
-                    })?;
-                for (i, e) in entries.into_iter().enumerate() {
-                    let p = first + i;
-                    let s = t.load(p);
-                    if s.flags() & REMAPPED == 0
-                        || s.flags() & LOCKED != 0
-                        || s.kind() == PageKind::Private
-                    {
-                        continue;
-                    }
-                    let copied = scan.pagemap.is_private_copy(e, || {
-                        let mut b = [0u8; PAGE_SIZE];
-                        region.read_page(p, &mut b);
-                        crate::addr::is_zero_page(&b)
-                    });
-                    if !copied {
-                        continue;
-                    }
-                    let new = PageState::new(PageKind::Private, region.own_frame(p), REMAPPED);
-                    if t.compare_exchange(p, s, new).is_ok() {
-                        vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                        self.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                    }
+                // A chunk of the page map at a time (1 MiB of entries for
+                // 512 MiB of guest memory), not the region's whole tail: a
+                // TiB region would ask for gigabytes at once.
+                const CHUNK: usize = 1 << 17;
+                for chunk in (first..t.len()).step_by(CHUNK) {
+                    let count = CHUNK.min(t.len() - chunk);
+                    let entries = scan
+                        .pagemap
+                        .entries(region, chunk, count)
+                        .map_err(|source| DedupError::Proc {
+                            what: "/proc/self/pagemap",
+                            source,
+                        })?;
+                    self.reconcile_entries(vm, region, chunk, &entries, &scan.pagemap);
                 }
             }
         }
         self.recount()
+    }
+
+    /// Reconciles the pages `first..` of `region` from their page-map
+    /// `entries`.
+    fn reconcile_entries(
+        &self,
+        vm: &VmEntry,
+        region: &crate::memory::GuestRegion,
+        first: usize,
+        entries: &[u64],
+        pagemap: &PageMap,
+    ) {
+        let t = region.page_states();
+        for (i, &e) in entries.iter().enumerate() {
+            let p = first + i;
+            let s = t.load(p);
+            if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 || s.kind() == PageKind::Private
+            {
+                continue;
+            }
+            let copied = pagemap.is_private_copy(e, || {
+                let mut b = [0u8; PAGE_SIZE];
+                region.read_page(p, &mut b);
+                crate::addr::is_zero_page(&b)
+            });
+            if !copied {
+                continue;
+            }
+            let new = PageState::new(PageKind::Private, region.own_frame(p), REMAPPED);
+            if t.compare_exchange(p, s, new).is_ok() {
+                vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                self.cow_breaks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Recounts shared-frame references from the page states of *every*

@@ -110,21 +110,27 @@ impl SharedFrames {
         Ok(())
     }
 
+    /// Frees an unreferenced frame. Out of the content index first (no
+    /// merge may target it any more); the record goes only once the store
+    /// freed the frame, so a failed punch (which leaves the allocator as it
+    /// was) is retried by the next `free_unreferenced`, not leaked.
     fn remove(&mut self, store: &FrameStore, frame: FrameNumber) -> Result<(), FrameError> {
-        if let Some(f) = self.frames.remove(&frame) {
-            if let Some(m) = self.index.get_mut(&f.domain) {
-                if let Some(v) = m.get_mut(&f.hash) {
-                    v.retain(|x| *x != frame);
-                    if v.is_empty() {
-                        m.remove(&f.hash);
-                    }
+        let Some(f) = self.frames.get(&frame) else {
+            return Ok(());
+        };
+        if let Some(m) = self.index.get_mut(&f.domain) {
+            if let Some(v) = m.get_mut(&f.hash) {
+                v.retain(|x| *x != frame);
+                if v.is_empty() {
+                    m.remove(&f.hash);
                 }
             }
-            store.free(FrameRange {
-                start: frame,
-                count: 1,
-            })?;
         }
+        store.free(FrameRange {
+            start: frame,
+            count: 1,
+        })?;
+        self.frames.remove(&frame);
         Ok(())
     }
 

@@ -92,9 +92,11 @@ pub enum UserfaultError {
         /// Features the kernel offered.
         features: u64,
     },
-    /// The kernel lacks write-protect support for shmem mappings.
+    /// The kernel lacks write protection for shmem mappings, or for pages
+    /// not yet populated (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM` and
+    /// `UFFD_FEATURE_WP_UNPOPULATED`, Linux 6.4+); dedup needs both.
     #[error(
-        "this kernel's userfaultfd has no write-protect support for shmem (features {features:#x})"
+        "this kernel's userfaultfd lacks write protection for shmem or for unpopulated pages (features {features:#x}; needs WP_HUGETLBFS_SHMEM and WP_UNPOPULATED, Linux 6.4+)"
     )]
     NoShmemWriteProtect {
         /// Features the kernel offered.
@@ -134,7 +136,9 @@ pub struct Userfault {
 
 impl Userfault {
     /// Opens a userfaultfd (non-blocking, close-on-exec) that also receives
-    /// kernel-mode faults, with shmem write protection enabled.
+    /// kernel-mode faults, with write protection for shmem and for pages
+    /// not yet populated (Linux 6.4+; an older kernel gets
+    /// [`UserfaultError::NoShmemWriteProtect`]).
     pub fn new() -> Result<Self, UserfaultError> {
         // SAFETY: plain syscall with flag arguments only.
         let raw =
@@ -153,34 +157,30 @@ impl Userfault {
         };
         // SAFETY: `api` is a valid, writable `uffdio_api` for the call.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            // Retry with only the feature pagefold cannot do without.
-            let err = io::Error::last_os_error();
-            let mut api2 = UffdioApi {
+            // Both are needed: without WP_UNPOPULATED, protection does not
+            // cover a page with no page-table entry yet (a merged zero
+            // page's untouched anonymous memory), so a write there during
+            // an unmerge's copy would not wait, and would be lost. Report
+            // what the kernel offers (a failed UFFDIO_API leaves the fd
+            // unusable: ask on a new one).
+            drop(fd);
+            let probe = Self::open_raw(0)?;
+            let mut offered = UffdioApi {
                 api: UFFD_API,
-                features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+                features: 0,
                 ioctls: 0,
             };
-            // A failed UFFDIO_API leaves the fd unusable: open a new one.
-            drop(fd);
-            // SAFETY: as above.
-            let raw =
-                unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-            let raw = RawFd::try_from(raw).map_err(|_| UserfaultError::Unavailable(err))?;
-            if raw < 0 {
-                return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
-            }
-            // SAFETY: fresh descriptor, as above.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: as above.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api2) } != 0 {
-                return Err(UserfaultError::NoShmemWriteProtect { features: 0 });
-            }
-            return Ok(Userfault {
-                fd,
-                features: api2.features,
-            });
+            // SAFETY: `offered` is a valid, writable `uffdio_api`.
+            let features =
+                if unsafe { libc::ioctl(probe.as_raw_fd(), UFFDIO_API, &mut offered) } == 0 {
+                    offered.features
+                } else {
+                    0
+                };
+            return Err(UserfaultError::NoShmemWriteProtect { features });
         }
-        if api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM == 0 {
+        let needed = UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+        if api.features & needed != needed {
             return Err(UserfaultError::NoShmemWriteProtect {
                 features: api.features,
             });
