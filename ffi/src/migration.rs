@@ -509,7 +509,10 @@ fn spent() -> Error {
 /// (`out_progress`), `PF_ERR_CANCELLED` (`pf_migration_sender_cancel`, a
 /// cancel token or the callback), `PF_ERR_OS` (writing to the descriptor),
 /// `PF_ERR_BUSY` (another thread is iterating or finishing it),
-/// `PF_ERR_INVALID_ARGUMENT` (spent).
+/// `PF_ERR_INVALID_ARGUMENT` (spent); also, rarely, the status of a failed
+/// guest-memory read (as `pf_guest_memory_read` reports it), of the dirty
+/// tracking (as `pf_guest_memory_harvest_dirty` reports it), or
+/// `PF_ERR_INTERNAL` (the stream's writer failed).
 ///
 /// # Safety
 ///

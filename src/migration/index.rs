@@ -67,6 +67,29 @@ impl ContentIndex {
         }
     }
 
+    /// Pages `first..first + count` now hold zeros (or nothing known): as
+    /// `set(pfn, None)` for each, in time proportional to the smaller of
+    /// `count` and the pages indexed, so a record that covers a huge range
+    /// of pages the index does not hold costs next to nothing.
+    pub(crate) fn clear_range(&mut self, first: u64, count: u64) {
+        let end = first.saturating_add(count);
+        if count <= self.by_page.len() as u64 {
+            for pfn in first..end {
+                self.unlink(pfn);
+            }
+        } else {
+            let held: Vec<u64> = self
+                .by_page
+                .keys()
+                .copied()
+                .filter(|pfn| (first..end).contains(pfn))
+                .collect();
+            for pfn in held {
+                self.unlink(pfn);
+            }
+        }
+    }
+
     /// Number of distinct contents indexed.
     pub(crate) fn contents(&self) -> usize {
         self.by_hash.len()
@@ -96,6 +119,36 @@ impl ContentIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clearing_a_range_equals_clearing_each_page() {
+        for (first, count) in [(0, 3), (2, 1), (1, 100), (5, 0), (0, u64::MAX)] {
+            let mut a = ContentIndex::default();
+            let mut b = ContentIndex::default();
+            for (pfn, h) in [(1, 7), (2, 7), (3, 8), (9, 7), (4, 9)] {
+                a.set(pfn, Some(h));
+                b.set(pfn, Some(h));
+            }
+            a.clear_range(first, count);
+            for pfn in first..first.saturating_add(count).min(20) {
+                b.set(pfn, None);
+            }
+            for pfn in 0..20 {
+                assert_eq!(
+                    a.content_of(pfn),
+                    b.content_of(pfn),
+                    "{first}+{count}: {pfn}"
+                );
+            }
+            for h in [7, 8, 9] {
+                assert_eq!(a.holder(h).is_some(), b.holder(h).is_some());
+                if let Some(p) = a.holder(h) {
+                    assert_eq!(a.content_of(p), Some(h));
+                }
+            }
+            assert_eq!(a.contents(), b.contents());
+        }
+    }
 
     #[test]
     fn holders_follow_overwrites() {

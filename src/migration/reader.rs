@@ -282,9 +282,7 @@ impl<R: Read> StreamReader<R> {
                     mem.fill(GuestPhysAddr(gpa), 0, len as usize)
                         .map_err(access)?;
                 }
-                for pfn in (gpa >> 12)..(gpa >> 12) + u64::from(pages) {
-                    self.index.set(pfn, None);
-                }
+                self.index.clear_range(gpa >> 12, u64::from(pages));
                 self.pages += u64::from(pages);
                 self.stats.zero_pages += u64::from(pages);
                 Event::Zero {
