@@ -59,16 +59,21 @@ impl RangeAllocator {
         self.free.insert(start, count);
     }
 
-    /// Undoes a failed growth: forget free space past `len`.
-    pub(super) fn shrink_to(&mut self, len: u64) {
-        if let Some((&s, &l)) = self.free.last_key_value() {
-            if s + l == self.len && s >= len {
-                self.free.remove(&s);
-                self.len = s.max(len);
-                return;
+    /// Undoes a failed growth (after freeing what it allocated): the file
+    /// is `len` frames again, and no free run reaches past it (a run that
+    /// did is cut at `len`), so nothing past the file is handed out.
+    pub(super) fn truncate_to(&mut self, len: u64) {
+        while let Some((&s, &l)) = self.free.last_key_value() {
+            if s + l <= len {
+                break;
+            }
+            self.free.remove(&s);
+            if s < len {
+                self.free.insert(s, len - s);
+                break;
             }
         }
-        self.len = self.len.max(len);
+        self.len = len;
     }
 
     /// Whether `[start, start+count)` is entirely handed out.

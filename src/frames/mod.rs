@@ -213,15 +213,19 @@ impl FrameStore {
             .filter(|c| *c <= MAX_FRAMES)
             .ok_or(FrameError::TooLarge { frames: count })?;
         let mut alloc = self.lock_allocator();
+        // A failed growth leaves the file at this length (a refused one
+        // never touches it; a failed `ftruncate` changes nothing).
+        let file_len = alloc.len();
         let (start, grew_to) = alloc.allocate(count);
         if let Some(new_len) = grew_to {
             if new_len > MAX_FRAMES {
                 alloc.free(start, count);
+                alloc.truncate_to(file_len);
                 return Err(FrameError::TooLarge { frames: new_len });
             }
             if let Err(e) = self.set_len(new_len) {
                 alloc.free(start, count);
-                alloc.shrink_to(self.current_len_frames().unwrap_or(0));
+                alloc.truncate_to(file_len);
                 return Err(e);
             }
         }
@@ -402,11 +406,6 @@ impl FrameStore {
             });
         }
         Ok(())
-    }
-
-    fn current_len_frames(&self) -> Result<u64, FrameError> {
-        let st = self.fstat()?;
-        Ok(u64::try_from(st.st_size).unwrap_or(0) >> PAGE_SHIFT)
     }
 
     fn fstat(&self) -> Result<libc::stat, FrameError> {
