@@ -39,7 +39,10 @@ fn failed_or_refused_growth_hands_out_no_frame_past_the_file() {
     assert!(GuestMemory::with_store(store.clone(), &[(GuestPhysAddr(0), 1 << 52)]).is_err());
     let c = GuestMemory::with_store(store.clone(), &[(GuestPhysAddr(0), 4096)]).unwrap();
     let fr = c.regions()[0].frames();
-    assert!(fr.end() <= file_frames(&store), "frames {fr:?} past the file");
+    assert!(
+        fr.end() <= file_frames(&store),
+        "frames {fr:?} past the file"
+    );
     assert_eq!(store.len_frames(), file_frames(&store));
     c.write(GuestPhysAddr(0), &[1, 2, 3]).unwrap();
 
@@ -59,5 +62,7 @@ fn failed_or_refused_growth_hands_out_no_frame_past_the_file() {
     assert!(r.end() <= file_frames(&store), "frames {r:?} past the file");
     let r = store.allocate(8).unwrap();
     assert!(r.end() <= file_frames(&store), "frames {r:?} past the file");
-    store.write_frames(r.start, &vec![7u8; 8 * PAGE_SIZE]).unwrap();
+    store
+        .write_frames(r.start, &vec![7u8; 8 * PAGE_SIZE])
+        .unwrap();
 }

@@ -2447,8 +2447,10 @@ void pf_guest_memory_free(struct pf_guest_memory *mem);
 
 /**
  * Copies `len` bytes of guest memory at `gpa` into `buf`. The range may span
- * adjacent regions but no hole. Pages that were never written or were
- * discarded read as zeros without allocating host memory.
+ * adjacent regions but no hole. Reads go through the host mapping, so a
+ * discarded page reads as whatever was written to it since (zeros if
+ * nothing), and reading one that holds no memory makes the kernel
+ * allocate it.
  *
  * Errors: `PF_ERR_NULL_POINTER` (`mem`, or `buf` while `len > 0`),
  * `PF_ERR_INVALID_ARGUMENT` (`len` > PTRDIFF_MAX), `PF_ERR_UNMAPPED`
