@@ -29,6 +29,7 @@ struct EngineResult {
 /// it, as they do for other mapping-heavy services.
 struct MapCountRaised {
     saved: Option<String>,
+    _on_signal: Option<ksm::RestoreOnSignal>,
 }
 
 const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
@@ -40,11 +41,26 @@ impl MapCountRaised {
             .as_deref()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        if current < n && std::fs::write(MAX_MAP_COUNT, n.to_string()).is_ok() {
-            println!("vm.max_map_count raised from {current} to {n} for this run (restored after)");
-            return MapCountRaised { saved };
+        if current < n {
+            // Armed before the change, so a signal at any moment after it
+            // finds the old value to put back.
+            let on_signal = saved.as_ref().map(|v| {
+                ksm::RestoreOnSignal::new(vec![(MAX_MAP_COUNT.to_owned(), v.trim().to_owned())])
+            });
+            if std::fs::write(MAX_MAP_COUNT, n.to_string()).is_ok() {
+                println!(
+                    "vm.max_map_count raised from {current} to {n} for this run (restored after)"
+                );
+                return MapCountRaised {
+                    saved,
+                    _on_signal: on_signal,
+                };
+            }
         }
-        MapCountRaised { saved: None }
+        MapCountRaised {
+            saved: None,
+            _on_signal: None,
+        }
     }
 }
 

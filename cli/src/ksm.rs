@@ -2,7 +2,12 @@
 //! fastest and always put back as they were (also on error or panic), and
 //! the figures it reports about itself and its `ksmd` thread.
 
-use std::{fs, io, path::Path, time::Duration};
+use std::{
+    fs, io,
+    path::Path,
+    sync::{Mutex, Once},
+    time::Duration,
+};
 
 const KSM: &str = "/sys/kernel/mm/ksm";
 /// The knobs this module changes; every one is restored on drop.
@@ -11,6 +16,65 @@ const KNOBS: [&str; 4] = ["run", "pages_to_scan", "sleep_millisecs", "use_zero_p
 /// KSM switched to its fastest setting until dropped.
 pub(crate) struct KsmSession {
     saved: Vec<(&'static str, String)>,
+    _on_signal: RestoreOnSignal,
+}
+
+/// Settings to put back if the process is told to stop (SIGINT, SIGTERM,
+/// SIGHUP) while they are changed: the default action of those signals ends
+/// the process without unwinding, so no `Drop` would run. Each entry is
+/// (token, file, value), written in order.
+static ON_SIGNAL: Mutex<Vec<(u64, String, String)>> = Mutex::new(Vec::new());
+static NEXT_TOKEN: Mutex<u64> = Mutex::new(0);
+
+/// While alive, `(file, value)` pairs are written back if a stop signal
+/// arrives (by a thread that waits for those signals; then the process
+/// exits with 128 + the signal's number). Dropping it forgets them (the
+/// owner restores the settings itself).
+pub(crate) struct RestoreOnSignal(u64);
+
+impl RestoreOnSignal {
+    pub(crate) fn new(writes: Vec<(String, String)>) -> Self {
+        static WATCHER: Once = Once::new();
+        WATCHER.call_once(|| {
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            // Without the watcher the settings are still restored on every
+            // normal exit, error or panic; only a signal would miss them.
+            if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            {
+                std::thread::spawn(move || {
+                    if let Some(sig) = signals.forever().next() {
+                        let pending = ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+                        for (_, file, value) in pending.iter() {
+                            let _ = fs::write(file, value);
+                        }
+                        if !pending.is_empty() {
+                            eprintln!("interrupted (signal {sig}): changed settings put back");
+                        }
+                        std::process::exit(128 + sig);
+                    }
+                });
+            }
+        });
+        let token = {
+            let mut t = NEXT_TOKEN.lock().unwrap_or_else(|e| e.into_inner());
+            *t += 1;
+            *t
+        };
+        let mut pending = ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+        for (file, value) in writes {
+            pending.push((token, file, value));
+        }
+        RestoreOnSignal(token)
+    }
+}
+
+impl Drop for RestoreOnSignal {
+    fn drop(&mut self) {
+        ON_SIGNAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(t, _, _)| *t != self.0);
+    }
 }
 
 fn knob(name: &str) -> String {
@@ -38,7 +102,18 @@ impl KsmSession {
         for k in KNOBS {
             saved.push((k, fs::read_to_string(knob(k))?.trim().to_owned()));
         }
-        let session = KsmSession { saved };
+        // What `drop` does, in its order, should a signal end the process.
+        let mut writes = vec![(knob("run"), "2".to_owned())];
+        for (k, v) in saved.iter().rev().filter(|(k, _)| *k != "run") {
+            writes.push((knob(k), v.clone()));
+        }
+        if let Some((_, v)) = saved.iter().find(|(k, _)| *k == "run") {
+            writes.push((knob("run"), v.clone()));
+        }
+        let session = KsmSession {
+            saved,
+            _on_signal: RestoreOnSignal::new(writes),
+        };
         // Unmerge anything left from before so counters start clean.
         fs::write(knob("run"), "2")?;
         fs::write(knob("pages_to_scan"), "100000")?;
