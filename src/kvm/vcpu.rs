@@ -240,6 +240,9 @@ impl KvmVcpu {
     /// until it returns [`Flow::Stop`]. Any other exit (a triple fault, an
     /// MMIO access, a failed entry) is an error naming the exit and the
     /// guest's `RIP`. A signal that interrupts `KVM_RUN` just re-enters.
+    /// On a stop the access is completed first (a port read's value is in
+    /// the guest's register, `RIP` past the instruction), so
+    /// [`state`](Self::state) then gives a state to resume from anywhere.
     pub fn run(
         &mut self,
         mut on_exit: impl FnMut(Exit<'_>) -> Flow,
@@ -282,9 +285,33 @@ impl KvmVcpu {
                 }
             };
             if flow == Flow::Stop {
+                self.complete_pending_exit()?;
                 return Ok(report);
             }
         }
+    }
+
+    /// Finishes the exit the guest stopped at. KVM completes a port access
+    /// only on the next `KVM_RUN` (the value read into `RAX`, `RIP` past
+    /// the instruction), so a state taken right after a stop would be the
+    /// vCPU *at* the instruction: restored elsewhere (a migration) it would
+    /// ask for the port again or repeat the write. One `KVM_RUN` with
+    /// `immediate_exit` set completes it and returns `EINTR` without
+    /// entering the guest (the KVM API's advice before saving state).
+    fn complete_pending_exit(&mut self) -> Result<(), KvmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let ran = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(KvmError::Ioctl {
+                op: "KVM_RUN (completing the exit before a stop)",
+                source,
+            }),
+            Ok(exit) => Err(KvmError::UnhandledExit(format!(
+                "{exit:?} while completing the exit before a stop"
+            ))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        ran
     }
 
     /// The suberror and data words of the last `KVM_EXIT_INTERNAL_ERROR`.
