@@ -115,9 +115,11 @@ impl Image {
             .into());
         }
         // A process writing the file meanwhile (a guest still running on it)
-        // changes what the walker reads, never the mapping's validity;
-        // `pagefold maps` is meant for a stopped guest.
-        // SAFETY: the mapping is private to this process and only read.
+        // changes what the walker reads; one truncating it would make reads
+        // past the new end fault (SIGBUS): `pagefold maps` is for the image
+        // of a stopped guest, which nothing changes while it runs.
+        // SAFETY: the mapping is private to this process and only read; the
+        // file keeps its length while the tool runs (above).
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
         Ok(Image { map })

@@ -1712,7 +1712,9 @@ enum pf_status pf_last_error_message(char *buf,
  * `pf_dedup_free` before `pf_balloon_free` releases the host only when the
  * balloon goes. Call it before the balloon is used from other threads.
  *
- * Errors: `PF_ERR_NULL_POINTER`.
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (`vm_id` is
+ * not registered with `dedup`, or is registered for another memory than
+ * the balloon's; the balloon is left as it was).
  *
  * # Safety
  *

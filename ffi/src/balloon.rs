@@ -93,7 +93,9 @@ pub struct pf_balloon {
 /// `pf_dedup_free` before `pf_balloon_free` releases the host only when the
 /// balloon goes. Call it before the balloon is used from other threads.
 ///
-/// Errors: `PF_ERR_NULL_POINTER`.
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (`vm_id` is
+/// not registered with `dedup`, or is registered for another memory than
+/// the balloon's; the balloon is left as it was).
 ///
 /// # Safety
 ///
@@ -111,6 +113,14 @@ pub unsafe extern "C" fn pf_balloon_attach_dedup(
         let host = unsafe { crate::dedup::shared_host(dedup) }?;
         // SAFETY: NULL or a live handle used by this thread only (contract).
         let b = unsafe { b.as_mut() }.ok_or_else(|| Error::null("b"))?;
+        let registered = host
+            .memory(pagefold::VmId(vm_id))
+            .map_err(|e| Error::invalid(format!("vm_id {vm_id}: {e}")))?;
+        if !Arc::ptr_eq(&registered, b.balloon.memory()) {
+            return Err(Error::invalid(format!(
+                "vm_id {vm_id} is registered for another memory than the balloon's"
+            )));
+        }
         let placeholder = Balloon::new(Arc::clone(b.balloon.memory()));
         let balloon = std::mem::replace(&mut b.balloon, placeholder);
         b.balloon = balloon.with_dedup(host, pagefold::VmId(vm_id));

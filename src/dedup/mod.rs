@@ -586,6 +586,11 @@ impl DedupHost {
         Ok(s)
     }
 
+    /// The memory registered as `vm`.
+    pub fn memory(&self, vm: VmId) -> Result<Arc<GuestMemory>, DedupError> {
+        Ok(Arc::clone(&self.entry(vm)?.mem))
+    }
+
     /// Statistics of one VM.
     pub fn vm_stats(&self, vm: VmId) -> Result<VmStats, DedupError> {
         let entry = self.entry(vm)?;

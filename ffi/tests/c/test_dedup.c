@@ -1083,7 +1083,7 @@ TEST(balloon_releases_merged_pages_through_the_host) {
     }
     pf_guest_memory *a = new_vm(store, 0), *b = new_vm(store, 1);
     uint64_t ida = reg(dedup, a, NULL);
-    (void)reg(dedup, b, NULL);
+    uint64_t idb = reg(dedup, b, NULL);
     CHECK_OK(pf_dedup_merge_now(dedup, NULL));
     uint64_t sharing = stats_of(dedup).pages_sharing;
 
@@ -1103,6 +1103,12 @@ TEST(balloon_releases_merged_pages_through_the_host) {
 
     CHECK_ERR(pf_balloon_attach_dedup(NULL, dedup, ida), PF_ERR_NULL_POINTER, "b");
     CHECK_ERR(pf_balloon_attach_dedup(bal, NULL, ida), PF_ERR_NULL_POINTER, "dedup");
+    /* Another VM's id, and one nobody registered: refused, balloon as it was. */
+    CHECK_ERR(pf_balloon_attach_dedup(bal, dedup, idb), PF_ERR_INVALID_ARGUMENT, "another memory");
+    CHECK_ERR(pf_balloon_attach_dedup(bal, dedup, ida + idb + 100), PF_ERR_INVALID_ARGUMENT,
+              "not registered");
+    CHECK_OK(pf_balloon_inflate_pfns(bal, &pfn, 1, &r));
+    CHECK_EQ(errs[0].code, PF_BALLOON_E_SHARED);
     CHECK_OK(pf_balloon_attach_dedup(bal, dedup, ida));
     CHECK_OK(pf_balloon_inflate_pfns(bal, &pfn, 1, &r));
     CHECK_EQ(r.applied, 1);
