@@ -181,3 +181,65 @@ fn a_port_read_keeps_its_answer() {
     println!("after restore: {seen:?}");
     assert_eq!(seen, vec!["out 0x21 0x55".to_string()]);
 }
+
+/// What a guest kernel set up travels with the state: model-specific
+/// registers (the `SYSCALL` entry, `KERNEL_GS_BASE`), pending events and
+/// debug registers; and a state KVM refuses leaves the vCPU as it was.
+#[test]
+fn msrs_and_events_travel_and_a_refused_state_changes_nothing() {
+    let mem = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), 0x10000)]).unwrap());
+    mem.write(GuestPhysAddr(CODE), &[0xf4]).unwrap(); // hlt
+    let Some(src) = vm_or_skip("msrs_and_events_travel", &mem) else {
+        return;
+    };
+    let mut vcpu = src.create_vcpu(0).unwrap();
+    vcpu.setup_real_mode(GuestPhysAddr(CODE)).unwrap();
+    let mut state = vcpu.state().unwrap();
+    let lstar = 0xc000_0082u32;
+    let kernel_gs = 0xc000_0102u32;
+    assert!(
+        state.msrs.iter().any(|&(i, _)| i == lstar),
+        "this KVM has LSTAR: {:x?}",
+        state.msrs
+    );
+    for (i, v) in state.msrs.iter_mut() {
+        if *i == lstar {
+            *v = 0xffff_ffff_8160_0000;
+        } else if *i == kernel_gs {
+            *v = 0xffff_8880_7fc0_0000;
+        }
+    }
+    state.debugregs.db[0] = 0x1234;
+    vcpu.set_state(&state).unwrap();
+    let taken = vcpu.state().unwrap();
+    let bytes = taken.to_bytes();
+
+    let dst = KvmVm::new(&mem).unwrap();
+    let mut v2 = dst.create_vcpu(0).unwrap();
+    v2.set_state(&VcpuState::from_bytes(&bytes).unwrap())
+        .unwrap();
+    let arrived = v2.state().unwrap();
+    let msr =
+        |s: &VcpuState, index: u32| s.msrs.iter().find(|&&(i, _)| i == index).map(|&(_, v)| v);
+    assert_eq!(msr(&arrived, lstar), Some(0xffff_ffff_8160_0000));
+    if msr(&taken, kernel_gs).is_some() {
+        assert_eq!(msr(&arrived, kernel_gs), Some(0xffff_8880_7fc0_0000));
+    }
+    assert_eq!(arrived.debugregs.db[0], 0x1234);
+    assert_eq!(arrived.regs.rip, taken.regs.rip);
+
+    // An MSR this KVM does not have: refused, named, and v2 unchanged.
+    let mut bad = arrived.clone();
+    bad.regs.rip = 0x1111;
+    bad.msrs.push((0x4b56_ffff, 1));
+    match v2.set_state(&bad) {
+        Err(KvmError::MsrRefused { index }) => assert_eq!(index, 0x4b56_ffff),
+        other => panic!("want MsrRefused, got {other:?}"),
+    }
+    let after = v2.state().unwrap();
+    assert_eq!(
+        after.regs.rip, arrived.regs.rip,
+        "the refused state was undone"
+    );
+    assert_eq!(msr(&after, lstar), Some(0xffff_ffff_8160_0000));
+}

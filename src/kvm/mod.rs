@@ -24,7 +24,10 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 mod dirty_log;
 mod vcpu;
 
-pub use vcpu::{Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError};
+pub use vcpu::{
+    Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
+    MIGRATED_MSRS,
+};
 
 use crate::{addr::PAGE_SIZE, dirty::DirtyError, memory::GuestMemory};
 
@@ -61,6 +64,13 @@ pub enum KvmError {
     /// The guest exited for a reason the runner does not handle.
     #[error("unhandled vCPU exit: {0}")]
     UnhandledExit(String),
+    /// KVM would not load a model-specific register of a vCPU state (this
+    /// host's KVM lacks it, or refused the value).
+    #[error("KVM refused MSR {index:#x} of the vCPU state")]
+    MsrRefused {
+        /// The register's index.
+        index: u32,
+    },
 }
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {

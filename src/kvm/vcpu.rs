@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, kvm_xsave};
+use kvm_bindings::{
+    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use zerocopy::{AsBytes, FromBytes};
 
@@ -349,7 +352,11 @@ impl KvmVcpu {
 
     /// The vCPU's architectural state, for a migration: general registers,
     /// segment and control registers, the whole `XSAVE` area (x87, SSE,
-    /// AVX) and `XCR0`. Take it with the vCPU stopped (after
+    /// AVX), `XCR0`, the model-specific registers a running kernel depends
+    /// on (`MIGRATED_MSRS`: TSC, `SYSCALL`/`SYSENTER` targets, `PAT`,
+    /// `KERNEL_GS_BASE`, ... — those this host's KVM has), pending events
+    /// (exception, interrupt, NMI, interrupt shadow), the run state and the
+    /// debug registers. Take it with the vCPU stopped (after
     /// [`run`](Self::run) returned).
     #[cfg(target_arch = "x86_64")]
     pub fn state(&self) -> Result<VcpuState, KvmError> {
@@ -358,13 +365,50 @@ impl KvmVcpu {
             sregs: self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
             xsave: self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?.region,
             xcrs: self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+            msrs: self.read_msrs()?,
         })
     }
 
+    /// The values of the `MIGRATED_MSRS` this KVM has. `KVM_GET_MSRS` stops
+    /// at the first register it lacks; that one is left out and the rest
+    /// asked again.
+    #[cfg(target_arch = "x86_64")]
+    fn read_msrs(&self) -> Result<Vec<(u32, u64)>, KvmError> {
+        let mut wanted: &[u32] = &MIGRATED_MSRS;
+        let mut out = Vec::with_capacity(wanted.len());
+        while !wanted.is_empty() {
+            let mut msrs = msr_list(wanted.iter().map(|&index| (index, 0)))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+            let n = n.min(wanted.len());
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            wanted = &wanted[(n + 1).min(wanted.len())..];
+        }
+        Ok(out)
+    }
+
     /// Loads a state taken by [`state`](Self::state), on this or another
-    /// host's vCPU with the same features.
+    /// host's vCPU with the same features. If KVM refuses a part, the
+    /// vCPU's previous state is loaded back (as far as KVM takes it) and
+    /// the error says which part.
     #[cfg(target_arch = "x86_64")]
     pub fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        let before = self.state()?;
+        self.load_state(state).inspect_err(|_| {
+            let _ = self.load_state(&before);
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn load_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
         self.fd
             .set_sregs(&state.sregs)
             .map_err(ioctl("KVM_SET_SREGS"))?;
@@ -381,8 +425,56 @@ impl KvmVcpu {
         self.fd
             .set_regs(&state.regs)
             .map_err(ioctl("KVM_SET_REGS"))?;
+        if !state.msrs.is_empty() {
+            let msrs = msr_list(state.msrs.iter().copied())?;
+            let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+            if let Some(&(index, _)) = state.msrs.get(n) {
+                return Err(KvmError::MsrRefused { index });
+            }
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(ioctl("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         Ok(())
     }
+}
+
+/// The model-specific registers a vCPU state carries: what a guest kernel
+/// sets once and relies on (`FS`/`GS` bases and `EFER` travel in the
+/// segment registers).
+pub const MIGRATED_MSRS: [u32; 12] = [
+    0x10,        // IA32_TIME_STAMP_COUNTER
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// Most MSRs a state's byte form may carry.
+const MAX_STATE_MSRS: usize = 64;
+
+fn msr_list(entries: impl Iterator<Item = (u32, u64)>) -> Result<Msrs, KvmError> {
+    let entries: Vec<kvm_msr_entry> = entries
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|e| KvmError::UnhandledExit(format!("MSR list: {e:?}")))
 }
 
 /// A vCPU's state as [`KvmVcpu::state`] takes it, with a byte form to
@@ -397,6 +489,15 @@ pub struct VcpuState {
     pub xsave: [u32; 1024],
     /// Extended control registers (`XCR0`).
     pub xcrs: kvm_xcrs,
+    /// Pending exception, interrupt and NMI, interrupt shadow, SMM.
+    pub events: kvm_vcpu_events,
+    /// Run state (runnable, halted, waiting for INIT/SIPI).
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Model-specific registers: (index, value), of [`MIGRATED_MSRS`] those
+    /// the source's KVM had.
+    pub msrs: Vec<(u32, u64)>,
 }
 
 /// Why [`VcpuState::from_bytes`] refused its input.
@@ -408,46 +509,93 @@ pub enum VcpuStateError {
     Malformed(&'static str),
 }
 
-const STATE_MAGIC: &[u8; 8] = b"PFVCPU01";
+const STATE_MAGIC: &[u8; 8] = b"PFVCPU02";
+
+/// The fixed-size part of the byte form, after the magic.
+const FIXED_BYTES: usize = std::mem::size_of::<kvm_regs>()
+    + std::mem::size_of::<kvm_sregs>()
+    + std::mem::size_of::<[u32; 1024]>()
+    + std::mem::size_of::<kvm_xcrs>()
+    + std::mem::size_of::<kvm_vcpu_events>()
+    + std::mem::size_of::<kvm_mp_state>()
+    + std::mem::size_of::<kvm_debugregs>();
 
 impl VcpuState {
-    /// Length of the byte form.
-    pub const BYTES: usize = STATE_MAGIC.len()
-        + std::mem::size_of::<kvm_regs>()
-        + std::mem::size_of::<kvm_sregs>()
-        + std::mem::size_of::<[u32; 1024]>()
-        + std::mem::size_of::<kvm_xcrs>();
+    /// Longest byte form (with the most MSRs `from_bytes` takes): a bound
+    /// for a receiver reading a length from the wire.
+    pub const MAX_BYTES: usize = STATE_MAGIC.len() + FIXED_BYTES + 4 + MAX_STATE_MSRS * 12;
 
-    /// The byte form: a magic, then each structure as the kernel lays it
-    /// out (this host's byte order).
+    /// The byte form: a magic, each structure as the kernel lays it out
+    /// (this host's byte order), then the MSR count (`u32`) and each MSR as
+    /// its index (`u32`) and value (`u64`).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::BYTES);
+        let mut out =
+            Vec::with_capacity(STATE_MAGIC.len() + FIXED_BYTES + 4 + 12 * self.msrs.len());
         out.extend_from_slice(STATE_MAGIC);
         out.extend_from_slice(self.regs.as_bytes());
         out.extend_from_slice(self.sregs.as_bytes());
         out.extend_from_slice(self.xsave.as_bytes());
         out.extend_from_slice(self.xcrs.as_bytes());
+        out.extend_from_slice(self.events.as_bytes());
+        out.extend_from_slice(self.mp_state.as_bytes());
+        out.extend_from_slice(self.debugregs.as_bytes());
+        let n = u32::try_from(self.msrs.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&n.to_ne_bytes());
+        for &(index, value) in &self.msrs {
+            out.extend_from_slice(&index.to_ne_bytes());
+            out.extend_from_slice(&value.to_ne_bytes());
+        }
         out
     }
 
-    /// Parses the byte form of [`to_bytes`](Self::to_bytes).
+    /// Parses the byte form of [`to_bytes`](Self::to_bytes): the length
+    /// must be exactly what the magic and the MSR count (at most 64) say.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, VcpuStateError> {
-        if bytes.len() != Self::BYTES {
-            return Err(VcpuStateError::Malformed("wrong length"));
+        let malformed = VcpuStateError::Malformed;
+        if bytes.len() < STATE_MAGIC.len() + FIXED_BYTES + 4 {
+            return Err(malformed("wrong length"));
         }
         let (magic, rest) = bytes.split_at(STATE_MAGIC.len());
         if magic != STATE_MAGIC {
-            return Err(VcpuStateError::Malformed("wrong magic"));
+            return Err(malformed("wrong magic"));
         }
-        let short = VcpuStateError::Malformed("truncated");
-        let (regs, rest) = rest.split_at(std::mem::size_of::<kvm_regs>());
+        let (fixed, tail) = rest.split_at(FIXED_BYTES);
+        let (count, msr_bytes) = tail.split_at(4);
+        let count = u32::from_ne_bytes(count.try_into().map_err(|_| malformed("wrong length"))?);
+        let count = usize::try_from(count).map_err(|_| malformed("too many MSRs"))?;
+        if count > MAX_STATE_MSRS {
+            return Err(malformed("too many MSRs"));
+        }
+        if msr_bytes.len() != count * 12 {
+            return Err(malformed("wrong length"));
+        }
+        let short = || malformed("truncated");
+        let (regs, rest) = fixed.split_at(std::mem::size_of::<kvm_regs>());
         let (sregs, rest) = rest.split_at(std::mem::size_of::<kvm_sregs>());
-        let (region, xcrs) = rest.split_at(std::mem::size_of::<[u32; 1024]>());
+        let (region, rest) = rest.split_at(std::mem::size_of::<[u32; 1024]>());
+        let (xcrs, rest) = rest.split_at(std::mem::size_of::<kvm_xcrs>());
+        let (events, rest) = rest.split_at(std::mem::size_of::<kvm_vcpu_events>());
+        let (mp_state, debugregs) = rest.split_at(std::mem::size_of::<kvm_mp_state>());
+        let msrs = msr_bytes
+            .chunks_exact(12)
+            .map(|c| {
+                let (i, v) = c.split_at(4);
+                Some((
+                    u32::from_ne_bytes(i.try_into().ok()?),
+                    u64::from_ne_bytes(v.try_into().ok()?),
+                ))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(short)?;
         Ok(VcpuState {
-            xsave: <[u32; 1024]>::read_from(region).ok_or(short.clone())?,
-            regs: kvm_regs::read_from(regs).ok_or(short.clone())?,
-            sregs: kvm_sregs::read_from(sregs).ok_or(short.clone())?,
-            xcrs: kvm_xcrs::read_from(xcrs).ok_or(short)?,
+            xsave: <[u32; 1024]>::read_from(region).ok_or_else(short)?,
+            regs: kvm_regs::read_from(regs).ok_or_else(short)?,
+            sregs: kvm_sregs::read_from(sregs).ok_or_else(short)?,
+            xcrs: kvm_xcrs::read_from(xcrs).ok_or_else(short)?,
+            events: kvm_vcpu_events::read_from(events).ok_or_else(short)?,
+            mp_state: kvm_mp_state::read_from(mp_state).ok_or_else(short)?,
+            debugregs: kvm_debugregs::read_from(debugregs).ok_or_else(short)?,
+            msrs,
         })
     }
 }
@@ -462,7 +610,14 @@ mod tests {
             sregs: kvm_sregs::default(),
             xsave: [0; 1024],
             xcrs: kvm_xcrs::default(),
+            events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state::default(),
+            debugregs: kvm_debugregs::default(),
+            msrs: vec![(0xc000_0082, 0xffff_ffff_8100_0000), (0x10, 12345)],
         };
+        s.events.nmi.pending = 1;
+        s.mp_state.mp_state = 3;
+        s.debugregs.dr7 = 0x400;
         s.regs.rip = 0x40134;
         s.regs.r14 = 0xdead_beef;
         s.sregs.cr3 = 0x1000;
@@ -477,18 +632,23 @@ mod tests {
     fn state_bytes_round_trip() {
         let s = sample();
         let bytes = s.to_bytes();
-        assert_eq!(bytes.len(), VcpuState::BYTES);
+        assert_eq!(bytes.len(), 8 + FIXED_BYTES + 4 + 2 * 12);
         let back = VcpuState::from_bytes(&bytes).expect("round trip");
         assert_eq!(back.to_bytes(), bytes);
         assert_eq!(back.regs.rip, 0x40134);
         assert_eq!(back.sregs.cs.l, 1);
         assert_eq!(back.xsave[100], 7);
+        assert_eq!(back.events.nmi.pending, 1);
+        assert_eq!(back.mp_state.mp_state, 3);
+        assert_eq!(back.debugregs.dr7, 0x400);
+        assert_eq!(back.msrs, s.msrs);
     }
 
     #[test]
     fn malformed_state_bytes_are_refused() {
         let bytes = sample().to_bytes();
-        for len in [0, 7, 8, VcpuState::BYTES - 1, VcpuState::BYTES + 1] {
+        let full = bytes.len();
+        for len in [0, 7, 8, 8 + FIXED_BYTES + 3, full - 1, full + 1, full + 12] {
             let mut b = bytes.clone();
             b.resize(len, 0);
             assert_eq!(
@@ -497,11 +657,17 @@ mod tests {
                 "length {len}"
             );
         }
-        let mut b = bytes;
+        let mut b = bytes.clone();
         b[0] ^= 1;
         assert_eq!(
             VcpuState::from_bytes(&b).err(),
             Some(VcpuStateError::Malformed("wrong magic"))
         );
+        // An MSR count past the limit, or one the bytes do not hold.
+        for count in [65u32, u32::MAX, 3] {
+            let mut b = bytes.clone();
+            b[8 + FIXED_BYTES..8 + FIXED_BYTES + 4].copy_from_slice(&count.to_ne_bytes());
+            assert!(VcpuState::from_bytes(&b).is_err(), "count {count}");
+        }
     }
 }
