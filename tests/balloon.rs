@@ -549,3 +549,48 @@ fn migration_sends_ballooned_pages_as_nothing() {
         9
     );
 }
+
+/// A library write racing an inflate of its page: either the write came
+/// first (the page is ballooned, its bytes gone, as the guest asked), or it
+/// took the page back after (the page is private and holds the write). A
+/// write that took the page back and then lost its bytes to the inflate's
+/// punch is the bug this catches (found by review).
+#[test]
+fn a_write_racing_an_inflate_is_never_lost() {
+    let m = mem(&[(0, 64 * PAGE)]);
+    let b = Arc::new(Balloon::new(Arc::clone(&m)));
+    let mut taken_back = 0;
+    for round in 0..6000u64 {
+        let pfn = round % 64;
+        let gpa = GuestPhysAddr(pfn * PAGE);
+        m.fill(gpa, 0x11, PAGE as usize).expect("fill");
+        let value = (round % 250) as u8 + 2;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let (bb, bm, bar) = (Arc::clone(&b), Arc::clone(&m), Arc::clone(&barrier));
+        let inflater = std::thread::spawn(move || {
+            bar.wait();
+            bb.inflate_pfns(&[pfn])
+        });
+        barrier.wait();
+        bm.fill(gpa, value, PAGE as usize).expect("write");
+        let r = inflater.join().expect("inflater");
+        assert_eq!(r.errors.len(), 0, "{:?}", r.errors);
+        let mut page = vec![0u8; PAGE as usize];
+        m.read(gpa, &mut page).expect("read");
+        match kind(&m, gpa.0) {
+            PageKind::Private => {
+                taken_back += 1;
+                assert!(
+                    page.iter().all(|&x| x == value),
+                    "round {round}: the write took the page back but its bytes are gone"
+                );
+            }
+            PageKind::Ballooned => assert!(page.iter().all(|&x| x == 0), "round {round}"),
+            other => panic!("round {round}: {other:?}"),
+        }
+        if kind(&m, gpa.0) == PageKind::Ballooned {
+            b.deflate_pfns(&[pfn]);
+        }
+    }
+    println!("{taken_back} of 6000 writes took their page back after the inflate");
+}

@@ -745,6 +745,9 @@ impl Balloon {
                 .unwrap_or_else(|| taken[k..e].iter().filter(|t| t.2).count() as u64);
             match self.mem.frame_store().release(range) {
                 Ok(()) => {
+                    for &(_, tl, _) in &taken[k..e] {
+                        unlock_page(region, tl.page, PageKind::Ballooned);
+                    }
                     report.applied += count as u64;
                     report.released_pages += backed;
                 }
@@ -752,11 +755,7 @@ impl Balloon {
                     // Give the pages back as they were: the memory is still
                     // there, so they must not claim to read zeros.
                     for &(index, tl, _) in &taken[k..e] {
-                        let t = region.page_states();
-                        let s = t.load(tl.page);
-                        if s.kind() == PageKind::Ballooned && s.flags() == 0 {
-                            let _ = t.compare_exchange(tl.page, s, s.with_kind(PageKind::Private));
-                        }
+                        unlock_page(region, tl.page, PageKind::Private);
                         report.errors.push(EntryError {
                             index,
                             error: BalloonError::Release {
@@ -800,14 +799,30 @@ impl Balloon {
         if !whole {
             return Ok(0);
         }
+        // Every page of the huge page is locked from here to the punch: the
+        // pending ones as they are taken, the ones ballooned before as they
+        // are (a library write takes a ballooned page back by writing it; it
+        // waits for the lock, then writes into the fresh huge page). A page
+        // taken back since the check above makes the huge page not whole.
         let mut held = Vec::new();
+        let mut kept = Vec::new();
         let mut ok = true;
         for i in 0..self.huge_pages {
+            let p = first + i;
             if bits[i / 64] & (1 << (i % 64)) == 0 {
-                continue;
+                let s = t.load(p);
+                if s.kind() == PageKind::Ballooned
+                    && s.flags() == 0
+                    && t.compare_exchange(p, s, s.with_flags(LOCKED)).is_ok()
+                {
+                    kept.push(p);
+                    continue;
+                }
+                ok = false;
+                break;
             }
-            match take_page(region, first + i, pfn) {
-                Ok(_) => held.push(first + i),
+            match take_page(region, p, pfn) {
+                Ok(_) => held.push(p),
                 Err(_) => {
                     ok = false;
                     break;
@@ -822,16 +837,21 @@ impl Balloon {
         } else {
             Ok(())
         };
+        for &p in &kept {
+            unlock_page(region, p, PageKind::Ballooned);
+        }
         if !ok || release.is_err() {
             // Stays pending: a later inflate of the same huge page retries.
             for p in held {
-                let s = t.load(p);
-                let _ = t.compare_exchange(p, s, s.with_kind(PageKind::Private));
+                unlock_page(region, p, PageKind::Private);
             }
             return match release {
                 Err(source) => Err(BalloonError::Release { pfn, source }),
                 Ok(()) => Ok(0),
             };
+        }
+        for &p in &held {
+            unlock_page(region, p, PageKind::Ballooned);
         }
         region.dirty_log().note_write(
             (first as u64) << PAGE_SHIFT,
@@ -936,6 +956,10 @@ fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usiz
 
 /// Moves page `page` to Ballooned; `Ok(true)` if it had memory (private),
 /// `Ok(false)` if it was already released as zero.
+/// Makes the page ballooned and locked (until `unlock_page`, after its
+/// punch): a library write that would take it back waits, then writes into
+/// the fresh frame, instead of landing in the frame about to be punched.
+/// `Ok(true)` if it was private (may hold memory).
 fn take_page(
     region: &crate::memory::GuestRegion,
     page: usize,
@@ -945,10 +969,19 @@ fn take_page(
     let mut s = t.load(page);
     loop {
         check_inflatable(s, pfn)?;
-        match t.compare_exchange(page, s, s.with_kind(PageKind::Ballooned)) {
+        match t.compare_exchange(page, s, s.with_kind(PageKind::Ballooned).with_flags(LOCKED)) {
             Ok(_) => return Ok(s.kind() == PageKind::Private),
             Err(now) => s = now,
         }
+    }
+}
+
+/// Unlocks a page `take_page` (or the huge-page path) locked, as `kind`.
+fn unlock_page(region: &crate::memory::GuestRegion, page: usize, kind: PageKind) {
+    let t = region.page_states();
+    let s = t.load(page);
+    if s.kind() == PageKind::Ballooned && s.flags() == LOCKED {
+        let _ = t.compare_exchange(page, s, s.without_flags(LOCKED).with_kind(kind));
     }
 }
 
