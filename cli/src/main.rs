@@ -60,7 +60,10 @@ enum Command {
     },
     /// Fold the same bytes with pagefold and with Linux KSM at its fastest,
     /// and compare (needs root for /sys/kernel/mm/ksm; every KSM setting is
-    /// restored). Without images, runs the built-in workloads.
+    /// restored, also on Ctrl-C; KSM is set to unmerge, run=2, before and
+    /// after, which unmerges every KSM page on the host, other processes'
+    /// too: do not run it on a host that relies on KSM). Without images,
+    /// runs the built-in workloads.
     CompareKsm {
         /// Run only pagefold's side (for profiling; prints no ratios).
         #[arg(long)]

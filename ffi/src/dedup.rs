@@ -404,7 +404,11 @@ pub unsafe extern "C" fn pf_dedup_new(
 /// its own first (with its current bytes), then the host lets go of the
 /// memories and the store (a memory whose handle was freed is unmapped now)
 /// and its thread ends. Unmerging needs memory for every merged page again.
-/// NULL is allowed and does nothing.
+/// NULL is allowed and does nothing. A balloon attached to the host
+/// (`pf_balloon_attach_dedup`) holds it: then all of this happens only when
+/// the last such balloon is freed, and until then the host, and a
+/// background scanner it runs, go on (stop the scanner first with
+/// `pf_dedup_stop_background` if that matters).
 ///
 /// # Safety
 ///
