@@ -735,15 +735,21 @@ impl Balloon {
                 start: region.own_frame(l.page),
                 count: count as u64,
             };
-            region
-                .dirty_log()
-                .note_write((l.page as u64) << PAGE_SHIFT, (count * PAGE_SIZE) as u64);
             // What the punch really frees: the pages of the run that hold
             // memory (a page never written is a hole already); by page
             // state if the kernel cannot tell.
             let backed = resident_pages(region, l.page, count)
                 .unwrap_or_else(|| taken[k..e].iter().filter(|t| t.2).count() as u64);
-            match self.mem.frame_store().release(range) {
+            let released = self.mem.frame_store().release(range);
+            // The pages changed (now zeros, or back to private after a failed
+            // punch): marked after the punch, as every write marks after its
+            // bytes are stored, so a harvest that took the mark copies the
+            // zeros (marked before, a harvest in between copied the old bytes
+            // and nothing marked the zeros; found by review).
+            region
+                .dirty_log()
+                .note_write((l.page as u64) << PAGE_SHIFT, (count * PAGE_SIZE) as u64);
+            match released {
                 Ok(()) => {
                     for &(_, tl, _) in &taken[k..e] {
                         unlock_page(region, tl.page, PageKind::Ballooned);
