@@ -4,7 +4,7 @@
 //! marked the page before punching it, so a harvest in between copied the
 //! old bytes and nothing reported the zeros.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
     Arc, Mutex,
