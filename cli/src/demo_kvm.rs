@@ -41,6 +41,7 @@ pub(crate) fn run(
         data_mib: mib,
         balloon_mib: mib / 8,
         fold_secs: 2.0,
+        fold_goal_sharing: 0,
         verbose: true,
     };
     let report = vmm::run(&cfg, &|port| {

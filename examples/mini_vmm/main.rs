@@ -42,6 +42,7 @@ fn main() -> ExitCode {
             data_mib: arg(&args, "--data-mib", d.data_mib)?,
             balloon_mib: arg(&args, "--balloon-mib", d.balloon_mib)?,
             fold_secs: arg(&args, "--fold-secs", d.fold_secs)?,
+            fold_goal_sharing: d.fold_goal_sharing,
             verbose: true,
         };
         let exe = std::env::current_exe()?;

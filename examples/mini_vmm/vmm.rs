@@ -36,8 +36,12 @@ pub struct Config {
     /// MiB of each VM's data its guest gives to the balloon.
     pub balloon_mib: u64,
     /// How long the dedup host folds with live statistics before the
-    /// migration, seconds.
+    /// migration, seconds (at least).
     pub fold_secs: f64,
+    /// Fold on past `fold_secs`, up to a minute, until this many pages
+    /// share a frame (0: no goal). On a loaded machine the scanner gets
+    /// less time; a goal keeps a check of the saving from depending on it.
+    pub fold_goal_sharing: u64,
     /// Print progress.
     pub verbose: bool,
 }
@@ -49,6 +53,7 @@ impl Default for Config {
             data_mib: 64,
             balloon_mib: 8,
             fold_secs: 2.0,
+            fold_goal_sharing: 0,
             verbose: true,
         }
     }
@@ -348,7 +353,9 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
     host.start_background(ScanBudget::Pages(32 * 1024), Duration::from_millis(5))?;
     let t = Instant::now();
     let mut best = 0i64;
-    while t.elapsed().as_secs_f64() < cfg.fold_secs {
+    while t.elapsed().as_secs_f64() < cfg.fold_secs
+        || (report.peak.pages_sharing < cfg.fold_goal_sharing && t.elapsed().as_secs() < 60)
+    {
         std::thread::sleep(Duration::from_millis(250));
         let s = host.stats()?;
         let v = host.kernel_view()?;
