@@ -794,10 +794,15 @@ fn ept_execute_only_and_misconfigurations() {
     // bit 5 (executable) in the permissions.
     s.write_entry(leaf, base | EX);
     w.translate(&mem, 0x1000, Access::fetch()).unwrap();
+    // (No guest paging: the linear address is the guest-physical one, so
+    // bits 7 and 8 are set.)
     let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
-    assert_eq!((f.reason, qual(&f)), (FaultReason::Permission, 1 | 1 << 5));
+    assert_eq!(
+        (f.reason, qual(&f)),
+        (FaultReason::Permission, 1 | 1 << 5 | 1 << 7 | 1 << 8)
+    );
     let f = w.translate(&mem, 0x1000, Access::write()).unwrap_err();
-    assert_eq!(qual(&f), 2 | 1 << 5);
+    assert_eq!(qual(&f), 2 | 1 << 5 | 1 << 7 | 1 << 8);
     // ... and a misconfiguration where not.
     let mem2 = self::mem();
     let (s2, w_noxo) = ept_only(&mem2, |c| c.execute_only = false);
@@ -952,8 +957,11 @@ fn ept_violation_qualification() {
         .unwrap()
         .with_second_level(s.second(true))
         .unwrap();
+    // With EPT A/D on, a guest paging-structure access counts as a write
+    // and its violation sets both the read and the write bit (SDM table
+    // 28-7, note 1).
     let f = w_ad.translate(&mem, 0x1000, Access::read()).unwrap_err();
-    assert_eq!(qual(&f), 2 | 1 << 7);
+    assert_eq!(qual(&f), 3 | 1 << 7);
     // Read-only table page: fine without A/D, a write violation with it.
     s.write_entry(ept_leaf, saved & !EW);
     w.translate(&mem, 0x1000, Access::read()).unwrap();
@@ -964,16 +972,18 @@ fn ept_violation_qualification() {
             Stage::Second {
                 guest_table: Some(1)
             },
-            2 | 1 << 3 | 1 << 5 | 1 << 7
+            3 | 1 << 3 | 1 << 5 | 1 << 7
         )
     );
-    // Without guest paging: no linear address, bits 7 and 8 clear.
+    // Without guest paging the linear address is the guest-physical one:
+    // bits 7 and 8 set (SDM table 28-7: bit 7 is clear only for PDPTE
+    // loads and trace-address pre-translation).
     let w0 = Walker::new(pagefold::paging::X86Paging::new(0, 0, 0, 0))
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
     let f = w0.translate(&mem, 0x5000, Access::write()).unwrap_err();
-    assert_eq!(qual(&f), 2 | 1 << 3);
+    assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
 }
 
 #[test]

@@ -271,13 +271,13 @@ impl Space<'_> {
         let (pa, second) = match &self.second {
             None => (gpa, None),
             Some(s) => {
-                let paging = self.first.is_some();
+                // Bits 7 and 8: a linear address is known and this is its
+                // translation (with paging off the linear address is the
+                // guest-physical one; SDM table 28-7).
                 let Some(e) = s.lookup(gpa) else {
                     let code = if s.kind.is_ept() {
                         FaultCode::EptViolation {
-                            qualification: ept_access_bits(a)
-                                | u64::from(paging) << 7
-                                | u64::from(paging) << 8,
+                            qualification: ept_access_bits(a) | 1 << 7 | 1 << 8,
                         }
                     } else {
                         FaultCode::NestedPageFault {
@@ -304,8 +304,8 @@ impl Space<'_> {
                                 | u64::from(p.read) << 3
                                 | u64::from(p.write) << 4
                                 | u64::from(p.execute) << 5
-                                | u64::from(paging) << 7
-                                | u64::from(paging) << 8,
+                                | 1 << 7
+                                | 1 << 8,
                         }
                     } else {
                         FaultCode::NestedPageFault {

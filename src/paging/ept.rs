@@ -222,7 +222,10 @@ impl Format for EptFormat {
         if raw & (R | W) == W {
             return Decoded::Misconfigured;
         }
-        if raw & (R | W | X) == X && !self.execute_only {
+        // Without execute-only support, an entry that executes but does not
+        // read is misconfigured; with mode-based execute that includes
+        // user-mode execute (bit 10) without read (SDM 29.3.3.1).
+        if !self.execute_only && raw & R == 0 && (raw & X != 0 || (self.mbec && raw & XU != 0)) {
             return Decoded::Misconfigured;
         }
         let phys = bits(self.maxphy, 51);

@@ -854,7 +854,6 @@ impl Walker {
         site: FaultSite,
         s: Stop,
     ) -> WalkFault {
-        let paging = !matches!(self.first, First::NoPaging);
         let code = match (second, s.reason) {
             (
                 _,
@@ -862,15 +861,25 @@ impl Walker {
             ) => FaultCode::Emulation,
             (Second::Ept(_), FaultReason::Misconfigured) => FaultCode::EptMisconfig,
             (Second::Ept(f), reason) => {
+                let pdpte = site.guest_table.is_some_and(|l| self.is_pae_pdpte(l));
                 let mut q = match kind {
                     AccessKind::Read => 1,
+                    // With EPT A/D on, every guest paging-structure access
+                    // counts as a write, and a violation reports both the
+                    // read and the write bit (SDM table 28-7, note 1).
+                    AccessKind::Write if site.guest_table.is_some() && f.ad() && !pdpte => 3,
                     AccessKind::Write => 2,
                     AccessKind::Fetch => 4,
                 };
                 if reason != FaultReason::NotPresent {
                     q |= f.qualification_perms(s.acc);
                 }
-                if paging {
+                // Bit 7: a linear address is known, for every violation but
+                // a PDPTE load (at MOV CR3, not during a translation); with
+                // paging off the linear address is the guest-physical one.
+                // Bit 8: the access was to the translation of that linear
+                // address, not to a guest paging structure.
+                if !pdpte {
                     q |= 1 << 7;
                     if site.guest_table.is_none() {
                         q |= 1 << 8;
@@ -912,6 +921,15 @@ impl Walker {
             Second::Ept(f) if !f.ad() => AccessKind::Read,
             _ => AccessKind::Write,
         }
+    }
+
+    /// Whether a guest table of `level` is PAE paging's PDPT (its entries
+    /// are loaded as the PDPTE registers, not walked).
+    fn is_pae_pdpte(&self, level: u8) -> bool {
+        level == 3
+            && self
+                .first_format()
+                .is_some_and(|f| f.mode() == X86Mode::Pae)
     }
 
     pub(crate) fn first_format(&self) -> Option<&X86Format> {
@@ -1145,8 +1163,22 @@ struct NestedPort<'a, M: ?Sized> {
 }
 
 impl<M: PhysMemory + ?Sized> NestedPort<'_, M> {
-    fn table_pa(&mut self, gpa: u64, level: u8) -> Result<u64, Fail> {
-        let kind = Walker::table_access_kind(self.second);
+    /// Where the guest table entry at `gpa` (a table of `level`) lives, as
+    /// the second level allows the access: a read of the entry
+    /// (`update` false) or the update of its accessed/dirty flags (true).
+    fn table_pa(&mut self, gpa: u64, level: u8, update: bool) -> Result<u64, Fail> {
+        let kind = if self.walker.is_pae_pdpte(level) {
+            // PDPTEs are loaded (at MOV CR3, VM entry) as reads, even with
+            // EPT A/D on, and carry no accessed flag (SDM 29.3.3.2, 4.4.1).
+            AccessKind::Read
+        } else if update {
+            // Accessed/dirty updates of guest paging structures are data
+            // writes to the second level, with EPT A/D off too (SDM
+            // 29.3.3.2): a read-only mapping of the table faults.
+            AccessKind::Write
+        } else {
+            Walker::table_access_kind(self.second)
+        };
         let s = self
             .walker
             .second_walk(
@@ -1187,7 +1219,7 @@ impl<M: PhysMemory + ?Sized> NestedPort<'_, M> {
 
 impl<M: PhysMemory + ?Sized> Port for NestedPort<'_, M> {
     fn read(&mut self, gpa: u64, wide: bool, level: u8) -> Result<u64, Fail> {
-        let pa = self.table_pa(gpa, level)?;
+        let pa = self.table_pa(gpa, level, false)?;
         self.refs += 1;
         let v = if wide {
             self.mem.read_u64(pa)
@@ -1205,7 +1237,7 @@ impl<M: PhysMemory + ?Sized> Port for NestedPort<'_, M> {
         old: u64,
         new: u64,
     ) -> Result<bool, Fail> {
-        let pa = self.table_pa(gpa, level)?;
+        let pa = self.table_pa(gpa, level, true)?;
         let mut direct = DirectPort {
             mem: self.mem,
             refs: 0,

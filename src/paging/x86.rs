@@ -530,9 +530,13 @@ impl Format for X86Format {
                             },
                         )
                     }
-                    2 | 3 => check(phys, Decoded::Table(raw & mask)),
+                    2 => check(phys, Decoded::Table(raw & mask)),
+                    // AMD reserves bit 8 of non-leaf PDPEs and PML4Es (as
+                    // KVM's nested MMU checks, `nonleaf_bit8_rsvd`); NPT is
+                    // AMD's, so its tables follow.
+                    3 => check(phys | self.npt_bit8(), Decoded::Table(raw & mask)),
                     // PML4E and PML5E: PS is reserved.
-                    _ => check(phys | PS, Decoded::Table(raw & mask)),
+                    _ => check(phys | PS | self.npt_bit8(), Decoded::Table(raw & mask)),
                 }
             }
         }
@@ -735,6 +739,16 @@ impl X86Format {
     }
 
     /// The mode this format walks.
+    /// Bit 8 where AMD reserves it in non-leaf entries (NPT), else 0.
+    #[inline(always)]
+    fn npt_bit8(&self) -> u64 {
+        if self.npt {
+            1 << 8
+        } else {
+            0
+        }
+    }
+
     pub(crate) fn mode(&self) -> X86Mode {
         self.mode
     }
