@@ -214,6 +214,21 @@ impl RawWriteTracker {
                     if source.raw_os_error() == Some(libc::EINTR) {
                         continue;
                     }
+                    // The kernel may have reported and re-protected pages
+                    // before the error, and the count of what it put in
+                    // `buf` is lost with it: their writes would not be found
+                    // again. Mark everything it may have walked (to
+                    // `walk_end`, which it writes back on errors too; the
+                    // rest of the region if it did not say) as written, so
+                    // a caller that retries loses nothing.
+                    let upto = if arg.walk_end > start && arg.walk_end <= end {
+                        arg.walk_end
+                    } else {
+                        end
+                    };
+                    let first = ((start - base) >> PAGE_SHIFT) as usize;
+                    let count = ((upto - start) >> PAGE_SHIFT) as usize;
+                    r.dirty_log().mark_pages(i, first, count)?;
                     return Err(DirtyError::Scan { start, end, source });
                 }
                 let n = usize::try_from(n).unwrap_or(0).min(buf.len());
