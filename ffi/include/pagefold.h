@@ -18,7 +18,10 @@
  * - Pointer arguments are checked for NULL (PF_ERR_NULL_POINTER).
  * - Structs with a leading `size_t struct_size` are versioned: set it to
  *   sizeof the struct. Smaller than the library's first version is refused
- *   (PF_ERR_STRUCT_TOO_SMALL); larger is accepted.
+ *   (PF_ERR_STRUCT_TOO_SMALL); a program built against an older, shorter
+ *   version is served up to its size (fields added since are neither read,
+ *   defaulting to zero, nor written; an output's struct_size says how much
+ *   was filled in); larger is accepted.
  * - No panic crosses this ABI: the call returns PF_ERR_PANIC instead.
  */
 
@@ -1911,9 +1914,10 @@ enum pf_status pf_balloon_set_target(const struct pf_balloon *b,
  * mapping (a vCPU or a device read or wrote one, so the kernel gave it
  * memory again), counts them as deflated, and stores how many in
  * `*out_pages` (NULL allowed). Call it before reporting `actual` to the
- * device. Finds nothing on hugetlb.
+ * device. Finds nothing on hugetlb, nor in a run of pages whose residency
+ * the kernel would not report (`mincore` failing: left for the next call).
  *
- * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
+ * Errors: `PF_ERR_NULL_POINTER`.
  *
  * # Safety
  *
@@ -2069,7 +2073,9 @@ enum pf_status pf_dedup_register(const struct pf_dedup *dedup,
  * it stay merged.
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_USERFAULT`,
- * `PF_ERR_OS` (then the VM stays registered).
+ * `PF_ERR_OS`, `PF_ERR_BUSY` (a page stayed held by another call, such as
+ * a `pf_dedup_resolve_write_fault`, for 2 s); after any of them the VM
+ * stays registered.
  *
  * # Safety
  *
@@ -3241,7 +3247,8 @@ enum pf_status pf_walker_mappings(const struct pf_walker *walker,
  *
  * Errors: `PF_ERR_FAULT` when a page of the range faults (the segments
  * before it were delivered; details in `*fault_out`, NULL allowed),
- * `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags).
+ * `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`fault_out`, checked before the walk).
  *
  * # Safety
  *

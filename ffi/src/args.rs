@@ -174,15 +174,21 @@ pub(crate) unsafe fn array<T: Plain>(
 pub(crate) unsafe trait SizePrefixed: Copy {
     /// The C type name, for messages.
     const NAME: &'static str;
+    /// Size of the struct's first published version: a caller compiled
+    /// against it passes this `struct_size`, and is served (fields added
+    /// since are neither read nor written). At most `size_of::<Self>()`.
+    const FIRST_SIZE: usize = size_of::<Self>();
 }
 
-/// Reads `*p` after checking `p` for NULL and its `struct_size` against this
-/// version's size. Bytes past this version's struct are ignored.
+/// Reads `*p` after checking `p` for NULL and its `struct_size` against the
+/// struct's first version. A caller compiled against an older, shorter
+/// version is read up to its `struct_size`, the fields added since as zero
+/// (their defaults); bytes past this version's struct are ignored.
 ///
 /// # Safety
 ///
 /// `p` is NULL or valid for reads of a `size_t`, and of `struct_size` bytes
-/// if that is at least `size_of::<T>()`.
+/// if that is at least `T::FIRST_SIZE`.
 pub(crate) unsafe fn read_sized<T: SizePrefixed>(p: *const T, arg: &str) -> Result<T, Error> {
     if p.is_null() {
         return Err(Error::null(arg));
@@ -191,57 +197,92 @@ pub(crate) unsafe fn read_sized<T: SizePrefixed>(p: *const T, arg: &str) -> Resu
     // SAFETY: `p` is not NULL and readable for a `size_t` (caller), at
     // offset 0; `read_unaligned` needs no alignment.
     let declared = unsafe { p.cast::<usize>().read_unaligned() };
-    check_size::<T>(declared, arg)?;
+    let n = check_size::<T>(declared, arg)?;
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
     // SAFETY:
-    // - `declared >= size_of::<T>()` bytes are readable (caller, and checked);
-    // - every bit pattern is a valid `T` (`SizePrefixed` contract).
-    Ok(unsafe { p.read_unaligned() })
+    // - `n <= declared` bytes at `p` are readable (caller, and checked);
+    // - `n <= size_of::<T>()` bytes fit in `value`; the two do not overlap;
+    // - all zeros, and then any bytes, are a valid `T` (`SizePrefixed`
+    //   contract), so `value` is initialised either way.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), value.as_mut_ptr().cast::<u8>(), n);
+        Ok(value.assume_init())
+    }
 }
 
-fn check_size<T: SizePrefixed>(declared: usize, arg: &str) -> Result<(), Error> {
-    if declared < size_of::<T>() {
+/// Checks `struct_size` against the struct's first version; returns how
+/// many bytes of it this version uses (`min(declared, size_of::<T>())`).
+fn check_size<T: SizePrefixed>(declared: usize, arg: &str) -> Result<usize, Error> {
+    if declared < T::FIRST_SIZE {
         return Err(Error::new(
             pf_status::PF_ERR_STRUCT_TOO_SMALL,
             format!(
                 "`{arg}`->struct_size is {declared}, but {} needs at least {}",
                 T::NAME,
-                size_of::<T>()
+                T::FIRST_SIZE
             ),
         ));
     }
-    Ok(())
+    Ok(declared.min(size_of::<T>()))
 }
 
 /// A size-prefixed out-parameter whose pointer and `struct_size` were
-/// checked; written at most once.
-pub(crate) struct SizedOut<'a, T>(Out<'a, T>);
+/// checked; written at most once, up to the size its caller declared.
+pub(crate) struct SizedOut<'a, T> {
+    ptr: NonNull<T>,
+    /// Bytes to write: `min(struct_size, size_of::<T>())`.
+    len: usize,
+    _borrow: PhantomData<&'a mut T>,
+}
 
 impl<T: SizePrefixed> SizedOut<'_, T> {
-    /// Stores the result, whose `struct_size` says how many bytes this
-    /// version filled in. Bytes past them are left alone.
+    /// Stores the result: as many bytes as the caller's version has, with
+    /// `struct_size` set to that many (the fields it filled in). Bytes past
+    /// them are left alone.
     pub(crate) fn write(self, value: T) {
-        self.0.write(value);
+        let mut value = value;
+        let len = self.len;
+        // SAFETY: `struct_size: usize` is the first field (`SizePrefixed`
+        // contract), so offset 0 of `value` holds it; `write_unaligned`
+        // needs no alignment.
+        unsafe {
+            std::ptr::addr_of_mut!(value)
+                .cast::<usize>()
+                .write_unaligned(len)
+        };
+        // SAFETY:
+        // - `sized_out` checked the pointer and that the caller declared at
+        //   least `len` bytes, valid for writes during 'a (its contract);
+        // - `len <= size_of::<T>()` bytes of `value` are readable; the
+        //   caller's struct and `value` (a local) do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                std::ptr::addr_of!(value).cast::<u8>(),
+                self.ptr.as_ptr().cast::<u8>(),
+                len,
+            );
+        }
     }
 }
 
 /// Checks a size-prefixed out-parameter: not NULL, and `struct_size` at
-/// least this version's size.
+/// least the struct's first version's size.
 ///
 /// # Safety
 ///
 /// `p` is NULL or valid for reads of a `size_t`, and for reads and writes of
-/// `struct_size` bytes if that is at least `size_of::<T>()`, during `'a`.
+/// `struct_size` bytes if that is at least `T::FIRST_SIZE`, during `'a`.
 pub(crate) unsafe fn sized_out<'a, T: SizePrefixed>(
     p: *mut T,
     arg: &str,
 ) -> Result<SizedOut<'a, T>, Error> {
-    if p.is_null() {
-        return Err(Error::null(arg));
-    }
+    let ptr = NonNull::new(p).ok_or_else(|| Error::null(arg))?;
     // SAFETY: as the first read in `read_sized`.
     let declared = unsafe { p.cast::<usize>().read_unaligned() };
-    check_size::<T>(declared, arg)?;
-    // SAFETY: `p` is not NULL and, `struct_size` being large enough, valid
-    // for a write of `T` (caller).
-    Ok(SizedOut(unsafe { out(p, arg) }?))
+    let len = check_size::<T>(declared, arg)?;
+    Ok(SizedOut {
+        ptr,
+        len,
+        _borrow: PhantomData,
+    })
 }

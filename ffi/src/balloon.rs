@@ -644,9 +644,10 @@ pub unsafe extern "C" fn pf_balloon_set_target(b: *const pf_balloon, pages: u64)
 /// mapping (a vCPU or a device read or wrote one, so the kernel gave it
 /// memory again), counts them as deflated, and stores how many in
 /// `*out_pages` (NULL allowed). Call it before reporting `actual` to the
-/// device. Finds nothing on hugetlb.
+/// device. Finds nothing on hugetlb, nor in a run of pages whose residency
+/// the kernel would not report (`mincore` failing: left for the next call).
 ///
-/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS`.
+/// Errors: `PF_ERR_NULL_POINTER`.
 ///
 /// # Safety
 ///

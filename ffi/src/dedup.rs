@@ -227,6 +227,8 @@ pub struct pf_host_stats {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_host_stats {
     const NAME: &'static str = "pf_host_stats";
+    // ABI 0.2 published it without `background_errors`.
+    const FIRST_SIZE: usize = std::mem::offset_of!(pf_host_stats, background_errors);
 }
 
 impl From<DedupStats> for pf_host_stats {
@@ -523,7 +525,9 @@ fn region_starts(mem: &GuestMemory, starts: &[u64]) -> Result<Vec<GuestPhysAddr>
 /// it stay merged.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_USERFAULT`,
-/// `PF_ERR_OS` (then the VM stays registered).
+/// `PF_ERR_OS`, `PF_ERR_BUSY` (a page stayed held by another call, such as
+/// a `pf_dedup_resolve_write_fault`, for 2 s); after any of them the VM
+/// stays registered.
 ///
 /// # Safety
 ///

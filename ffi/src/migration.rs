@@ -590,7 +590,30 @@ pub unsafe extern "C" fn pf_migration_sender_finish(
         // SAFETY: `sender` came from `Box::into_raw` in
         // `pf_migration_sender_start`, was not released, and nothing uses it
         // after this call (contract); the lock above was released.
-        drop(unsafe { Box::from_raw(sender) });
+        let handle = unsafe { Box::from_raw(sender) };
+        // The handle holds the memory the sender borrows (the caller may
+        // have freed its own memory handle): it is dropped only after the
+        // sender is, on every path (a review found `finish` running on
+        // freed memory when the handle went first).
+        // SAFETY: `out_summary` is NULL or valid (contract).
+        let r = unsafe { finish_sender(taken, out_summary) };
+        drop(handle);
+        r
+    }
+}
+
+/// The body of `pf_migration_sender_finish` once the sender is out of its
+/// handle: consumes (and drops) the sender before returning.
+///
+/// # Safety
+///
+/// `out_summary` is NULL or points to a `pf_migration_summary` whose
+/// `struct_size` bytes are readable and writable.
+unsafe fn finish_sender(
+    taken: Option<Sender<'static, BorrowedFd>>,
+    out_summary: *mut pf_migration_summary,
+) -> Result<(), Error> {
+    {
         let out = if out_summary.is_null() {
             None
         } else {

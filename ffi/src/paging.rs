@@ -431,20 +431,30 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
     }
 }
 
-/// A walk fault as the call's error, with the details copied to
-/// `fault_out` when the caller gave one.
+/// Checks the caller's `fault_out` (NULL allowed) before a walk, so a
+/// too-small struct is refused before anything happens, not when the walk
+/// faults (a review found it refused only then, after a partial read or
+/// accessed/dirty updates, and with the wrong status).
 ///
 /// # Safety
 ///
 /// `fault_out` is NULL or valid for reads and writes of its `struct_size`
 /// bytes.
-unsafe fn report_fault(f: &WalkFault, fault_out: *mut pf_walk_fault) -> Error {
-    if !fault_out.is_null() {
-        // SAFETY: not NULL, and valid as the caller guarantees.
-        match unsafe { args::sized_out(fault_out, "fault_out") } {
-            Ok(out) => out.write(fault_value(f)),
-            Err(e) => return e,
-        }
+unsafe fn fault_slot<'a>(
+    fault_out: *mut pf_walk_fault,
+) -> Result<Option<args::SizedOut<'a, pf_walk_fault>>, Error> {
+    if fault_out.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: not NULL, and valid as the caller guarantees.
+    Ok(Some(unsafe { args::sized_out(fault_out, "fault_out") }?))
+}
+
+/// The `PF_ERR_FAULT` error for `f`, its description written to the slot
+/// `fault_slot` checked before the walk.
+fn report_fault(f: &WalkFault, slot: Option<args::SizedOut<'_, pf_walk_fault>>) -> Error {
+    if let Some(out) = slot {
+        out.write(fault_value(f));
     }
     Error::new(pf_status::PF_ERR_FAULT, f.to_string())
 }
@@ -619,6 +629,8 @@ pub unsafe extern "C" fn pf_walker_translate(
     ffi_boundary! {
         // SAFETY: NULL or live (contract).
         let w = unsafe { self::walker(walker) }?;
+        // SAFETY: `fault_out` is NULL or valid (contract).
+        let fault_slot = unsafe { fault_slot(fault_out) }?;
         // SAFETY: NULL or live (contract).
         let mem = unsafe { memory(mem) }?;
         // SAFETY: NULL or valid for its declared size (contract).
@@ -631,8 +643,7 @@ pub unsafe extern "C" fn pf_walker_translate(
                 out.write(translation_out(&t));
                 Ok(())
             }
-            // SAFETY: `fault_out` is NULL or valid (contract).
-            Err(f) => Err(unsafe { report_fault(&f, fault_out) }),
+            Err(f) => Err(report_fault(&f, fault_slot)),
         }
     }
 }
@@ -661,6 +672,8 @@ pub unsafe extern "C" fn pf_walker_translate_pa(
     ffi_boundary! {
         // SAFETY: NULL or live (contract).
         let w = unsafe { self::walker(walker) }?;
+        // SAFETY: `fault_out` is NULL or valid (contract).
+        let fault_slot = unsafe { fault_slot(fault_out) }?;
         // SAFETY: NULL or live (contract).
         let mem = unsafe { memory(mem) }?;
         // SAFETY: NULL or writable (contract).
@@ -673,8 +686,7 @@ pub unsafe extern "C" fn pf_walker_translate_pa(
                 out.write(pa);
                 Ok(())
             }
-            // SAFETY: `fault_out` is NULL or valid (contract).
-            Err(f) => Err(unsafe { report_fault(&f, fault_out) }),
+            Err(f) => Err(report_fault(&f, fault_slot)),
         }
     }
 }
@@ -705,6 +717,8 @@ pub unsafe extern "C" fn pf_walker_read_virt(
     ffi_boundary! {
         // SAFETY: NULL or live (contract).
         let w = unsafe { self::walker(walker) }?;
+        // SAFETY: `fault_out` is NULL or valid (contract).
+        let fault_slot = unsafe { fault_slot(fault_out) }?;
         // SAFETY: NULL or live (contract).
         let mem = unsafe { memory(mem) }?;
         // SAFETY: valid for writes of `len` bytes (contract).
@@ -713,8 +727,7 @@ pub unsafe extern "C" fn pf_walker_read_virt(
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
         w.read_virt(&**mem, va, buf, access, options, cache)
-            // SAFETY: `fault_out` is NULL or valid (contract).
-            .map_err(|e| unsafe { report_fault(&e.fault, fault_out) })
+            .map_err(|e| report_fault(&e.fault, fault_slot))
     }
 }
 
@@ -742,6 +755,8 @@ pub unsafe extern "C" fn pf_walker_write_virt(
     ffi_boundary! {
         // SAFETY: NULL or live (contract).
         let w = unsafe { self::walker(walker) }?;
+        // SAFETY: `fault_out` is NULL or valid (contract).
+        let fault_slot = unsafe { fault_slot(fault_out) }?;
         // SAFETY: NULL or live (contract).
         let mem = unsafe { memory(mem) }?;
         // SAFETY: valid for reads of `len` bytes (contract).
@@ -750,8 +765,7 @@ pub unsafe extern "C" fn pf_walker_write_virt(
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
         w.write_virt(&**mem, va, data, access, options, cache)
-            // SAFETY: `fault_out` is NULL or valid (contract).
-            .map_err(|e| unsafe { report_fault(&e.fault, fault_out) })
+            .map_err(|e| report_fault(&e.fault, fault_slot))
     }
 }
 
@@ -815,7 +829,8 @@ pub unsafe extern "C" fn pf_walker_mappings(
 ///
 /// Errors: `PF_ERR_FAULT` when a page of the range faults (the segments
 /// before it were delivered; details in `*fault_out`, NULL allowed),
-/// `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags).
+/// `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (flags),
+/// `PF_ERR_STRUCT_TOO_SMALL` (`fault_out`, checked before the walk).
 ///
 /// # Safety
 ///
@@ -835,6 +850,8 @@ pub unsafe extern "C" fn pf_walker_translate_range(
     ffi_boundary! {
         // SAFETY: NULL or live (contract).
         let w = unsafe { self::walker(walker) }?;
+        // SAFETY: `fault_out` is NULL or valid (contract).
+        let fault_slot = unsafe { fault_slot(fault_out) }?;
         // SAFETY: NULL or live (contract).
         let mem = unsafe { memory(mem) }?;
         let callback = callback.ok_or_else(|| Error::null("callback"))?;
@@ -852,8 +869,7 @@ pub unsafe extern "C" fn pf_walker_translate_range(
                         break;
                     }
                 }
-                // SAFETY: `fault_out` is NULL or valid (contract).
-                Err(f) => return Err(unsafe { report_fault(&f, fault_out) }),
+                Err(f) => return Err(report_fault(&f, fault_slot)),
             }
         }
         Ok(())

@@ -990,6 +990,16 @@ TEST(outputs_are_size_checked_and_versioned) {
     memset(&s, 0, sizeof s);
     s.struct_size = 8;
     CHECK_ERR(pf_dedup_stats(dedup, &s), PF_ERR_STRUCT_TOO_SMALL, "pf_host_stats");
+    /* A program built against ABI 0.2's first pf_host_stats (no
+     * background_errors) is served up to its size; the rest is untouched. */
+    memset(&s, 0xee, sizeof s);
+    s.struct_size = offsetof(pf_host_stats, background_errors);
+    CHECK_OK(pf_dedup_stats(dedup, &s));
+    CHECK_EQ(s.struct_size, offsetof(pf_host_stats, background_errors));
+    CHECK_EQ(s.full_scans, 0);
+    CHECK_EQ(s.background_errors, 0xeeeeeeeeeeeeeeeeull);
+    s.struct_size = offsetof(pf_host_stats, background_errors) - 1;
+    CHECK_ERR(pf_dedup_stats(dedup, &s), PF_ERR_STRUCT_TOO_SMALL, "pf_host_stats");
     CHECK_ERR(pf_dedup_stats(dedup, NULL), PF_ERR_NULL_POINTER, "out_stats");
     pf_vm_stats vs;
     memset(&vs, 0, sizeof vs);

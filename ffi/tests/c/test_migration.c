@@ -378,8 +378,34 @@ TEST(argument_errors) {
     pf_guest_memory_free(mem);
 }
 
+/* The sender keeps the memory alive after its handle is freed, through
+ * iterate and finish, on finish's error path too (valgrind runs of this
+ * test catch a use after free; a review found one in finish). */
+TEST(the_sender_keeps_a_freed_memory_alive_to_the_end) {
+    for (int too_small = 0; too_small < 2; too_small++) {
+        pf_guest_memory *mem = source_memory();
+        int fd = new_memfd();
+        pf_migration_sender *s = NULL;
+        CHECK_OK(pf_migration_sender_start(mem, fd, NULL, NULL, NULL, &s));
+        pf_guest_memory_free(mem);
+        CHECK_OK(pf_migration_sender_iterate(s, NULL));
+        pf_migration_summary sum;
+        memset(&sum, 0, sizeof sum);
+        sum.struct_size = too_small ? 8 : sizeof sum;
+        if (too_small) {
+            CHECK_ERR(pf_migration_sender_finish(s, &sum), PF_ERR_STRUCT_TOO_SMALL,
+                      "pf_migration_summary");
+        } else {
+            CHECK_OK(pf_migration_sender_finish(s, &sum));
+            CHECK(sum.bytes > 0);
+        }
+        close(fd);
+    }
+}
+
 int main(void) {
     static const pf_test_case tests[] = {
+        PF_TEST_CASE(the_sender_keeps_a_freed_memory_alive_to_the_end),
         PF_TEST_CASE(migrates_through_a_memfd_byte_for_byte),
         PF_TEST_CASE(migrates_through_a_pipe_with_the_sender_in_a_thread),
         PF_TEST_CASE(a_callback_returning_nonzero_cancels),

@@ -430,6 +430,19 @@ TEST(argument_errors) {
     t.struct_size = 8;
     CHECK_ERR(pf_walker_translate(w, mem, 0x400000, 0, NULL, &t, NULL), PF_ERR_STRUCT_TOO_SMALL,
               "pf_translation");
+    t = translation();
+    /* A too-small fault_out is refused before the walk, whether or not the
+     * walk would fault, and nothing is read or updated. */
+    pf_walk_fault small;
+    memset(&small, 0, sizeof small);
+    small.struct_size = 8;
+    CHECK_ERR(pf_walker_translate(w, mem, 0x400000, 0, NULL, &t, &small), PF_ERR_STRUCT_TOO_SMALL,
+              "pf_walk_fault");
+    CHECK_ERR(pf_walker_translate(w, mem, 0x7f000000, 0, NULL, &t, &small), PF_ERR_STRUCT_TOO_SMALL,
+              "pf_walk_fault");
+    uint8_t byte = 0;
+    CHECK_ERR(pf_walker_read_virt(w, mem, 0x400000, &byte, 1, 0, NULL, &small),
+              PF_ERR_STRUCT_TOO_SMALL, "pf_walk_fault");
     pf_walker_free(NULL);
     pf_walker_free(w);
     pf_guest_memory_free(mem);
