@@ -320,7 +320,7 @@ impl DedupHost {
 
     /// Unmerges a VM's pages and forgets it; returns its memory.
     pub fn unregister(&self, vm: VmId) -> Result<Arc<GuestMemory>, DedupError> {
-        let _scan = lock(&self.inner.scan);
+        let mut scan = lock(&self.inner.scan);
         let entry = self.entry(vm)?;
         // Every page back in its own frame before the VM is forgotten: a
         // page another thread holds (a `resolve_write_fault` in progress)
@@ -339,14 +339,28 @@ impl DedupHost {
             }
             std::thread::yield_now();
         }
-        write(&self.inner.vms).retain(|e| e.id != vm);
+        {
+            let mut vms = write(&self.inner.vms);
+            // The incremental scan's cursor names a VM by position: the VMs
+            // after this one move down one, and a cursor inside this one
+            // goes on at the start of the next (found by review: it skipped
+            // pages and counted a short pass as a full scan).
+            if let Some(gone) = vms.iter().position(|e| e.id == vm) {
+                let cursor = &mut scan.cursor;
+                if cursor.0 > gone {
+                    cursor.0 -= 1;
+                } else if cursor.0 == gone {
+                    *cursor = (gone, 0, 0);
+                }
+            }
+            vms.retain(|e| e.id != vm);
+        }
         entry.mem.release_from_dedup();
         // Every page of the VM is back in its own frame, so the recount only
         // frees shared frames nobody maps any more; one whose punch fails
         // stays recorded and is freed by a later recount. The VM is gone
         // either way, so this is no reason to report a failure.
         let _ = self.inner.recount();
-        let mut scan = _scan;
         scan.old_hashes.remove(&vm);
         scan.unstable.retain(|_, (v, _, _)| *v != vm);
         Ok(Arc::clone(&entry.mem))
@@ -362,6 +376,11 @@ impl DedupHost {
         let mut report = self.inner.process(&mut scan, &vms, refs, true)?;
         scan.unstable.clear();
         scan.cursor = (0, 0, 0);
+        // A full scan: what the last one found volatile is this one's (none:
+        // a one-shot pass ignores the rule), and a partial incremental scan
+        // it cut short starts over.
+        scan.volatile_last_scan = report.volatile;
+        scan.volatile_this_scan = 0;
         self.inner.full_scans.fetch_add(1, Ordering::Relaxed);
         report.full_scan_completed = true;
         Ok(report)
@@ -539,11 +558,18 @@ impl DedupHost {
                 return Ok(false);
             }
             if s.flags() & LOCKED == 0 {
+                // A page the kernel already copied on a write (reconciled to
+                // private) shares nothing: it goes back to its own frame,
+                // but that is no new COW break (found by review: it was
+                // counted twice and reported as merged).
+                let was_shared = s.kind() != PageKind::Private;
                 let out = self.inner.unmerge_pages(&entry, ri, page, 1)?;
                 if out.restored == 1 {
-                    entry.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                    self.inner.cow_breaks.fetch_add(1, Ordering::Relaxed);
-                    return Ok(true);
+                    if was_shared {
+                        entry.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                        self.inner.cow_breaks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(was_shared);
                 }
             }
             if Instant::now() > deadline {
@@ -693,10 +719,20 @@ impl Inner {
             ScanBudget::Pages(n) => n,
             ScanBudget::Time(_) => u64::MAX,
         };
-        // The mapping budget is read once per step (it reads
-        // /proc/self/maps, which takes the mmap lock the vCPUs' faults need).
+        // The mapping budget is read at the start of a step and then at
+        // most every 100 ms (it reads /proc/self/maps, which takes the mmap
+        // lock the vCPUs' faults need; per batch was measured too dear), so
+        // a step with a budget of many full scans still sees mappings the
+        // rest of the process made or freed (found by review: an endless
+        // step merged past the headroom, or stayed stopped after it).
+        const MAP_REFRESH: Duration = Duration::from_millis(100);
         self.refresh_map_budget();
+        let mut refreshed = Instant::now();
         while left > 0 && !stop.load(Ordering::Relaxed) {
+            if refreshed.elapsed() >= MAP_REFRESH {
+                self.refresh_map_budget();
+                refreshed = Instant::now();
+            }
             let r = self.scan_step(ScanBudget::Pages(left.min(BATCH)), Some(stop), false)?;
             if r.pages_scanned == 0 {
                 return Ok(()); // nothing to scan

@@ -86,7 +86,9 @@ pub(super) fn next_pages(
     let mut refs = Vec::with_capacity(want);
     let (mut v, mut r, mut p) = *cursor;
     if v >= vms.len() {
-        (v, r, p) = (0, 0, 0);
+        // Past the last VM (it was unregistered): that pass is over.
+        *cursor = (0, 0, 0);
+        return (refs, true);
     }
     let mut wrapped = false;
     loop {
@@ -119,6 +121,28 @@ pub(super) fn next_pages(
     }
     *cursor = (v, r, p);
     (refs, wrapped)
+}
+
+/// Whether each page of `refs` holds memory (`mincore`, one call per run of
+/// consecutive pages of a region); `true` where the kernel would not say.
+fn residency(vms: &[Arc<VmEntry>], refs: &[PageRef]) -> Vec<bool> {
+    let mut out = vec![true; refs.len()];
+    let mut i = 0;
+    while i < refs.len() {
+        let first = refs[i];
+        let mut j = i + 1;
+        while j < refs.len() && follows(refs[j - 1], refs[j]) {
+            j += 1;
+        }
+        let region = &vms[first.vm as usize].mem.regions()[first.region as usize];
+        if let Some(v) = region.resident(first.page as usize, j - i) {
+            for (slot, b) in out[i..j].iter_mut().zip(v) {
+                *slot = b & 1 != 0;
+            }
+        }
+        i = j;
+    }
+    out
 }
 
 /// Longest template of identical shared frames for one content.
@@ -212,11 +236,22 @@ impl Inner {
             .map(|v| Arc::clone(&scan.keys[&v.domain]))
             .collect();
         let hash_started = Instant::now();
+        // Pages that hold no memory (never written, or released) are not
+        // candidates: they save nothing, and reading one would make the
+        // kernel allocate it (shmem has no shared zero page). KSM too scans
+        // only pages that are present. (Found by review: untouched memory
+        // was counted as saved zero pages, and the guest's first writes to
+        // it as copy-on-write breaks.)
+        let resident = residency(vms, &refs);
         // One slot per page (an indexed collect writes the Vec in place,
         // sized once); `None` for pages that are not candidates.
         let hashed: Vec<Option<Hashed>> = refs
             .par_iter()
-            .map(|&at| {
+            .zip(resident.par_iter())
+            .map(|(&at, &resident)| {
+                if !resident {
+                    return None;
+                }
                 let vm = &vms[at.vm as usize];
                 let region = &vm.mem.regions()[at.region as usize];
                 let state = region.page_states().load(at.page as usize);
@@ -593,6 +628,13 @@ impl Inner {
         let r = vms[v].mem.regions().get(region as usize)?;
         let state = r.page_states().load(page as usize);
         if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
+            return None;
+        }
+        // No memory (unmerged as zeros since): not a candidate, and reading
+        // it would allocate it.
+        if r.resident(page as usize, 1)
+            .is_some_and(|v| v.first().is_some_and(|b| b & 1 == 0))
+        {
             return None;
         }
         let mut buf = [0u8; PAGE_SIZE];

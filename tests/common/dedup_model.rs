@@ -276,6 +276,10 @@ struct MRegion {
     start: u64,
     bytes: Vec<u8>,
     back: Vec<Back>,
+    /// Whether the page's own frame holds memory (written, or read through
+    /// the mapping, which makes shmem allocate it); an unmerge that finds a
+    /// page all zeros punches it. Only pages that hold memory are scanned.
+    resident: Vec<bool>,
     excluded: bool,
 }
 
@@ -480,6 +484,32 @@ impl Model {
             done += n;
             for p in off / PAGE..=(off + n - 1) / PAGE {
                 region.back[p] = region.back[p].written();
+                region.resident[p] = true;
+            }
+        }
+    }
+
+    /// Every page on its own frame holds memory (all were read).
+    fn touch_all(&mut self) {
+        for vm in &mut self.vms {
+            for r in &mut vm.regions {
+                for (res, b) in r.resident.iter_mut().zip(&r.back) {
+                    if *b == Back::Own {
+                        *res = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A read through the mapping: a page's own frame then holds memory.
+    fn touch(&mut self, vm: usize, chunks: &[(usize, usize, usize)]) {
+        for &(r, off, n) in chunks {
+            let region = &mut self.vms[vm].regions[r];
+            for p in off / PAGE..=(off + n - 1) / PAGE {
+                if region.back[p] == Back::Own {
+                    region.resident[p] = true;
+                }
             }
         }
     }
@@ -552,6 +582,8 @@ impl Model {
                 continue;
             }
             self.vms[vm].regions[r].back[p] = Back::Own;
+            let zero = is_zero(self.vms[vm].regions[r].page(p));
+            self.vms[vm].regions[r].resident[p] = !zero;
             if let Back::Shared { frame, .. } = b {
                 self.drop_ref(frame);
             }
@@ -584,7 +616,9 @@ impl Model {
         let mut refs = Vec::new();
         let (mut v, mut r, mut p) = self.cursor;
         if v >= self.order.len() {
-            (v, r, p) = (0, 0, 0);
+            // Past the last VM (unregistered): that pass is over.
+            self.cursor = (0, 0, 0);
+            return (refs, true);
         }
         let mut wrapped = false;
         loop {
@@ -624,10 +658,10 @@ impl Model {
             scanned: refs.len() as u64,
             ..Report::default()
         };
-        // Only private pages are candidates.
+        // Only private pages that hold memory are candidates.
         let hashed: Vec<(At, Back, Vec<u8>)> = refs
             .iter()
-            .filter(|&&at| self.back(at).is_private())
+            .filter(|&&at| self.back(at).is_private() && self.region(at).resident[at.2])
             .map(|&at| (at, self.back(at), self.content(at)))
             .collect();
         rep.hashed = hashed.len() as u64;
@@ -789,7 +823,7 @@ impl Model {
             .position(|&vm| self.vms[vm].reg.as_ref().is_some_and(|g| g.id == id))?;
         let region = self.vms[self.order[v]].regions.get(r)?;
         let b = *region.back.get(p)?;
-        b.is_private().then_some(((v, r, p), b))
+        (b.is_private() && *region.resident.get(p)?).then_some(((v, r, p), b))
     }
 
     /// `merge_now`: the report, pages taken off their own frame, shared
@@ -801,6 +835,8 @@ impl Model {
         let (mut rep, own, created) = self.process(&refs, true);
         self.unstable.clear();
         self.cursor = (0, 0, 0);
+        self.volatile_last = rep.volatile;
+        self.volatile_this = 0;
         self.full_scans += 1;
         rep.full = true;
         (rep, own, created, stale)
@@ -848,6 +884,13 @@ impl Model {
 
     fn unregister(&mut self, vm: usize) {
         self.unmerge_vm(vm);
+        if let Some(gone) = self.order.iter().position(|&v| v == vm) {
+            if self.cursor.0 > gone {
+                self.cursor.0 -= 1;
+            } else if self.cursor.0 == gone {
+                self.cursor = (gone, 0, 0);
+            }
+        }
         self.order.retain(|&v| v != vm);
         if let Some(reg) = self.vms[vm].reg.take() {
             self.unstable.retain(|_, e| e.0 != reg.id);
@@ -949,6 +992,12 @@ pub(crate) fn run_with(
                 .map_or_else(|_| format!("{op:?} FAILED"), Clone::clone)
         );
         r.and_then(|_| h.check())
+            .map(|()| {
+                // `check` read every region through its mapping: every page
+                // on its own frame holds memory now (shmem allocates holes
+                // on a read).
+                h.m.touch_all();
+            })
             .and_then(|()| {
                 if s.stats_every_op {
                     h.check_stats()
@@ -997,6 +1046,7 @@ impl Harness {
                 let region = MRegion {
                     start: at,
                     back: vec![Back::Own; init.len()],
+                    resident: vec![true; init.len()],
                     bytes,
                     excluded,
                 };
@@ -1236,6 +1286,9 @@ impl Harness {
                 let mut buf = vec![0xa5; len];
                 let act = self.mems[vm].read(g(addr), &mut buf).map(|()| buf);
                 let exp = self.m.span(vm, addr, len).map(|c| self.m.get(vm, &c));
+                if let Ok(c) = self.m.span(vm, addr, len) {
+                    self.m.touch(vm, &c);
+                }
                 if exp != act {
                     return Err(format!("read({addr:#x}, {len}) differs from the model"));
                 }
@@ -1249,6 +1302,7 @@ impl Harness {
                     // SAFETY: as for the raw write, reading instead.
                     unsafe { std::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), n) };
                     let chunks = self.m.span(vm, addr, n).map_err(|e| e.to_string())?;
+                    self.m.touch(vm, &chunks);
                     if buf != self.m.get(vm, &chunks) {
                         return Err(format!("raw read at {addr:#x}+{n} differs from the model"));
                     }
@@ -1299,14 +1353,20 @@ impl Harness {
                     (true, None, Err(DedupError::Unmapped(x))) if x == g(addr) => {}
                     (true, Some((r, off, _)), Ok(merged)) => {
                         let p = off / PAGE;
-                        let was = self.m.vms[vm].regions[r].back[p].remapped();
+                        let b = self.m.vms[vm].regions[r].back[p];
+                        // A page the kernel already copied (reconciled to
+                        // `Anon`) goes back to its own frame, but shared
+                        // nothing: no COW break, and "not merged".
+                        let was = matches!(b, Back::Zero { .. } | Back::Shared { .. });
                         if merged != was {
                             return Err(format!(
                                 "resolve_write_fault({addr:#x}) = {merged}, model {was}"
                             ));
                         }
-                        if was {
+                        if b.remapped() {
                             self.m.unmerge(vm, r, p, 1);
+                        }
+                        if was {
                             self.m.cow_breaks += 1;
                             if let Some(reg) = self.m.vms[vm].reg.as_mut() {
                                 reg.cow_breaks += 1;
