@@ -145,3 +145,23 @@ fn merge_now_is_a_full_scan_for_pages_volatile() {
     assert!(r.full_scan_completed);
     assert_eq!(host.stats().unwrap().pages_volatile, r.volatile);
 }
+
+/// A background scanner with nothing to do per step is refused, not left to
+/// spin (re-reading the process's mappings under the mmap lock).
+#[test]
+fn an_empty_background_budget_is_refused() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    for budget in [
+        ScanBudget::Pages(0),
+        ScanBudget::Time(std::time::Duration::ZERO),
+    ] {
+        assert!(matches!(
+            host.start_background(budget, std::time::Duration::ZERO),
+            Err(pagefold::DedupError::EmptyBudget)
+        ));
+    }
+    host.start_background(ScanBudget::Pages(1), std::time::Duration::from_millis(1))
+        .unwrap();
+    host.stop_background();
+}

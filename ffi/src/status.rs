@@ -247,6 +247,7 @@ impl From<DedupError> for Error {
             }
             DedupError::Unmapped(_) => Error::new(pf_status::PF_ERR_UNMAPPED, e.to_string()),
             DedupError::Busy(_) => Error::new(pf_status::PF_ERR_BUSY, e.to_string()),
+            DedupError::EmptyBudget => Error::invalid(e),
         }
     }
 }

@@ -99,6 +99,10 @@ pub enum DedupError {
     /// The page stayed locked by another operation for too long.
     #[error("page at {0} stayed busy; try again")]
     Busy(GuestPhysAddr),
+    /// A background scanner asked to scan nothing per step (no pages, or no
+    /// time) would only spin.
+    #[error("a background scan step needs a budget of at least one page or some time")]
+    EmptyBudget,
     /// Reading the kernel's view of this process failed.
     #[error("reading {what}: {source}")]
     Proc {
@@ -439,7 +443,8 @@ impl DedupHost {
     /// Each step's parallel work (hashing, sorting, comparing) uses rayon's
     /// global pool, every core: see
     /// [`start_background_on`](Self::start_background_on) to leave the
-    /// guests more.
+    /// guests more. A budget of no pages or no time is refused
+    /// ([`DedupError::EmptyBudget`]): the scanner would only spin.
     pub fn start_background(
         &self,
         budget: ScanBudget,
@@ -476,6 +481,11 @@ impl DedupHost {
         interval: Duration,
         pool: Option<rayon::ThreadPool>,
     ) -> Result<(), DedupError> {
+        if matches!(budget, ScanBudget::Pages(0))
+            || matches!(budget, ScanBudget::Time(d) if d.is_zero())
+        {
+            return Err(DedupError::EmptyBudget);
+        }
         // The slot stays locked from the stop to the store, so two callers
         // at once cannot both start a scanner and lose one (it would run on,
         // unstoppable, after the host is dropped).
