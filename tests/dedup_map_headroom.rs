@@ -79,6 +79,9 @@ fn an_endless_background_step_keeps_the_mapping_headroom() {
         }
     }
     eprintln!("max {max}, maps now {}", maps());
+    // The scanner re-reads the budget at most every 100 ms: give it that
+    // (and more) to see the mappings just made, then make duplicates.
+    std::thread::sleep(std::time::Duration::from_millis(400));
     // Make isolated duplicates: every 4th page equal to page 0.
     let page0 = {
         let mut b = [0u8; PAGE_SIZE];
