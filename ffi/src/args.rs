@@ -211,7 +211,9 @@ pub(crate) unsafe fn read_sized<T: SizePrefixed>(p: *const T, arg: &str) -> Resu
 }
 
 /// Checks `struct_size` against the struct's first version; returns how
-/// many bytes of it this version uses (`min(declared, size_of::<T>())`).
+/// many bytes of it this version uses: the whole struct, or, for a caller
+/// between the first version and this one, the first version's size (no
+/// field is ever read or written in part).
 fn check_size<T: SizePrefixed>(declared: usize, arg: &str) -> Result<usize, Error> {
     if declared < T::FIRST_SIZE {
         return Err(Error::new(
@@ -223,14 +225,18 @@ fn check_size<T: SizePrefixed>(declared: usize, arg: &str) -> Result<usize, Erro
             ),
         ));
     }
-    Ok(declared.min(size_of::<T>()))
+    Ok(if declared >= size_of::<T>() {
+        size_of::<T>()
+    } else {
+        T::FIRST_SIZE
+    })
 }
 
 /// A size-prefixed out-parameter whose pointer and `struct_size` were
 /// checked; written at most once, up to the size its caller declared.
 pub(crate) struct SizedOut<'a, T> {
     ptr: NonNull<T>,
-    /// Bytes to write: `min(struct_size, size_of::<T>())`.
+    /// Bytes to write: what `check_size` returned.
     len: usize,
     _borrow: PhantomData<&'a mut T>,
 }

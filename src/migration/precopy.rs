@@ -408,6 +408,7 @@ impl<'m, W: Write> Sender<'m, W> {
         let mem = self.mem;
         let mut sent = 0u64;
         let mut page = [0u8; PAGE_SIZE];
+        let mut swapped = SwappedOut::new(mem);
         for region in mem.regions() {
             let states = region.page_states();
             // Residency of pages `first..first + len` (`None` inside: the
@@ -431,7 +432,7 @@ impl<'m, W: Write> Sender<'m, W> {
                         Some((_, Some(v))) => v.get(i - first).map_or(true, |b| b & 1 != 0),
                         _ => true,
                     };
-                    if !held {
+                    if !held && !swapped.holds_data(region, i, state) {
                         continue;
                     }
                 }
@@ -706,4 +707,75 @@ pub fn receive_migration_folded<R: Read>(
         elapsed,
         last_round,
     })
+}
+
+/// Whether a page `mincore` says holds no memory holds data after all:
+/// `mincore` does not count a page the host swapped out (found by review),
+/// and round 0 must not take that for a hole. A page on its own frame holds
+/// data if the memfd has data there (`SEEK_DATA`, which counts swapped
+/// shmem pages); a remapped page (anonymous memory) if the page map says it
+/// is swapped. Anything the kernel will not say counts as data (the page is
+/// then read: never wrong, at worst an allocation).
+struct SwappedOut {
+    fd: std::os::fd::RawFd,
+    /// From the last `SEEK_DATA`: file offsets `[from, data)` are a hole.
+    hole: (u64, u64),
+    pagemap: Option<std::fs::File>,
+}
+
+impl SwappedOut {
+    fn new(mem: &GuestMemory) -> Self {
+        use std::os::fd::AsRawFd;
+        SwappedOut {
+            fd: mem.frame_store().as_raw_fd(),
+            hole: (0, 0),
+            pagemap: None,
+        }
+    }
+
+    fn holds_data(
+        &mut self,
+        region: &crate::memory::GuestRegion,
+        page: usize,
+        state: crate::memory::PageState,
+    ) -> bool {
+        if state.flags() & crate::memory::page_state::REMAPPED == 0 {
+            let offset = region.own_frame(page).file_offset();
+            if self.hole.0 <= offset && offset + PAGE_SIZE as u64 <= self.hole.1 {
+                return false;
+            }
+            let Ok(at) = libc::off_t::try_from(offset) else {
+                return true;
+            };
+            // SAFETY: `lseek` only reads the descriptor's file; the store's
+            // memfd stays open while `mem` lives, which outlives this call.
+            let data = unsafe { libc::lseek(self.fd, at, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    u64::MAX // no data from here to the end
+                } else {
+                    return true;
+                }
+            } else {
+                u64::try_from(data).unwrap_or(0)
+            };
+            self.hole = (offset, data);
+            return data < offset + PAGE_SIZE as u64;
+        }
+        // Anonymous memory: the page map's "swapped" (bit 62) or "present"
+        // (bit 63).
+        use std::os::unix::fs::FileExt;
+        if self.pagemap.is_none() {
+            self.pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+        }
+        let Some(pm) = &self.pagemap else {
+            return true;
+        };
+        let vpn = region.page_host_addr(page).0 / PAGE_SIZE as u64;
+        let mut entry = [0u8; 8];
+        match pm.read_exact_at(&mut entry, vpn * 8) {
+            Ok(()) => u64::from_le_bytes(entry) & (3 << 62) != 0,
+            Err(_) => true,
+        }
+    }
 }
