@@ -199,11 +199,11 @@ pub(crate) unsafe fn read_sized<T: SizePrefixed>(p: *const T, arg: &str) -> Resu
     let declared = unsafe { p.cast::<usize>().read_unaligned() };
     let n = check_size::<T>(declared, arg)?;
     let mut value = std::mem::MaybeUninit::<T>::zeroed();
-    // SAFETY:
-    // - `n <= declared` bytes at `p` are readable (caller, and checked);
-    // - `n <= size_of::<T>()` bytes fit in `value`; the two do not overlap;
-    // - all zeros, and then any bytes, are a valid `T` (`SizePrefixed`
-    //   contract), so `value` is initialised either way.
+    // 1. `n <= declared` bytes at `p` are readable (caller, and checked);
+    // 2. `n <= size_of::<T>()` bytes fit in `value`; the two do not overlap;
+    // 3. all zeros, and then any bytes, are a valid `T` (`SizePrefixed`
+    //    contract), so `value` is initialised either way.
+    // SAFETY: 1-3 above.
     unsafe {
         std::ptr::copy_nonoverlapping(p.cast::<u8>(), value.as_mut_ptr().cast::<u8>(), n);
         Ok(value.assume_init())
@@ -256,11 +256,11 @@ impl<T: SizePrefixed> SizedOut<'_, T> {
                 .cast::<usize>()
                 .write_unaligned(len)
         };
-        // SAFETY:
-        // - `sized_out` checked the pointer and that the caller declared at
-        //   least `len` bytes, valid for writes during 'a (its contract);
-        // - `len <= size_of::<T>()` bytes of `value` are readable; the
-        //   caller's struct and `value` (a local) do not overlap.
+        // 1. `sized_out` checked the pointer and that the caller declared at
+        //    least `len` bytes, valid for writes during 'a (its contract);
+        // 2. `len <= size_of::<T>()` bytes of `value` are readable; the
+        //    caller's struct and `value` (a local) do not overlap.
+        // SAFETY: 1-2 above.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 std::ptr::addr_of!(value).cast::<u8>(),
