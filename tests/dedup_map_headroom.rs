@@ -6,27 +6,11 @@
 
 use std::sync::Arc;
 
-use pagefold::{
-    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
-};
+use pagefold::{DedupHost, FrameStore, ScanBudget, VmOptions, PAGE_SIZE};
 
-fn vm(store: &Arc<FrameStore>, pages: usize, fill: impl Fn(usize) -> u8) -> Arc<GuestMemory> {
-    let mem = GuestMemory::with_store(
-        Arc::clone(store),
-        &[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)],
-    )
-    .unwrap();
-    for i in 0..pages {
-        let mut p = [fill(i); PAGE_SIZE];
-        p[0..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-        mem.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &p)
-            .unwrap();
-    }
-    Arc::new(mem)
-}
-fn gpa(i: usize) -> GuestPhysAddr {
-    GuestPhysAddr((i * PAGE_SIZE) as u64)
-}
+#[path = "common/small_vms.rs"]
+mod small_vms;
+use small_vms::{gpa, vm};
 
 /// A background scanner whose step never ends (`Pages(u64::MAX)`) still
 /// sees the mappings the rest of the process makes: once fewer than

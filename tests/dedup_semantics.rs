@@ -12,23 +12,9 @@ use pagefold::{
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
 };
 
-fn vm(store: &Arc<FrameStore>, pages: usize, fill: impl Fn(usize) -> u8) -> Arc<GuestMemory> {
-    let mem = GuestMemory::with_store(
-        Arc::clone(store),
-        &[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)],
-    )
-    .unwrap();
-    for i in 0..pages {
-        let mut p = [fill(i); PAGE_SIZE];
-        p[0..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-        mem.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &p)
-            .unwrap();
-    }
-    Arc::new(mem)
-}
-fn gpa(i: usize) -> GuestPhysAddr {
-    GuestPhysAddr((i * PAGE_SIZE) as u64)
-}
+#[path = "common/small_vms.rs"]
+mod small_vms;
+use small_vms::{gpa, vm};
 
 /// A page the kernel already copied (counted by reconciliation) is not
 /// counted again by `resolve_write_fault`, which says it was not merged.
