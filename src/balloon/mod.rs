@@ -342,7 +342,11 @@ impl Balloon {
     /// page's own frame and the shared frame loses this page's reference,
     /// as on a copy-on-write break — freed at the host's next recount if it
     /// was the last), then releases the page like any other. Without it,
-    /// such pages are refused with [`BalloonError::Shared`].
+    /// such pages are refused with [`BalloonError::Shared`]. `vm` must be
+    /// the id this balloon's memory is registered under
+    /// ([`DedupHost::memory`] says which memory an id names; the C API checks
+    /// it): with another VM's id, an inflate would unmerge that VM's page at
+    /// the same address and then find its own page still shared.
     pub fn with_dedup(mut self, host: Arc<DedupHost>, vm: VmId) -> Self {
         self.dedup = Some((host, vm));
         self

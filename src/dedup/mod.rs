@@ -509,10 +509,18 @@ impl DedupHost {
                     if result.is_err() {
                         inner.background_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    // Sleep in short slices so a stop is prompt.
-                    let until = Instant::now() + interval;
-                    while !flag.load(Ordering::Relaxed) && Instant::now() < until {
-                        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+                    // Sleep in short slices so a stop is prompt (an
+                    // interval past what `Instant` holds sleeps until then).
+                    let until = Instant::now().checked_add(interval);
+                    while !flag.load(Ordering::Relaxed) {
+                        let slice = match until {
+                            Some(u) => match u.checked_duration_since(Instant::now()) {
+                                Some(left) if !left.is_zero() => left,
+                                _ => break,
+                            },
+                            None => Duration::MAX,
+                        };
+                        std::thread::sleep(slice.min(Duration::from_millis(20)));
                     }
                 }
             })

@@ -359,18 +359,33 @@ impl GuestRegion {
             }
         }
         let mut changed = 0;
+        let mut failed = None;
         let mut k = 0;
         while k < held.len() {
             let mut e = k + 1;
             while e < held.len() && held[e].0 == held[e - 1].0 + 1 {
                 e += 1;
             }
-            let own = crate::frames::RemapTarget::OwnShared {
-                file_offset: self.own_frame(held[k].0).file_offset(),
+            // After a failed remap the remaining stretches are only unlocked
+            // as they were (a review found them left locked for good, their
+            // writers waiting forever); the first error is returned.
+            let remapped = match failed {
+                Some(_) => false,
+                None => {
+                    let own = crate::frames::RemapTarget::OwnShared {
+                        file_offset: self.own_frame(held[k].0).file_offset(),
+                    };
+                    match self.remap_pages(held[k].0, e - k, own) {
+                        Ok(()) => true,
+                        Err(err) => {
+                            failed = Some(err);
+                            false
+                        }
+                    }
+                }
             };
-            let remapped = self.remap_pages(held[k].0, e - k, own);
             for &(p, s) in &held[k..e] {
-                let new = if remapped.is_ok() {
+                let new = if remapped {
                     changed += 1;
                     PageState::new(PageKind::Zero, self.own_frame(p), 0)
                 } else {
@@ -378,10 +393,12 @@ impl GuestRegion {
                 };
                 let _ = self.states.compare_exchange(p, s.with_flags(LOCKED), new);
             }
-            remapped?;
             k = e;
         }
-        Ok(changed)
+        match failed {
+            Some(err) => Err(err.into()),
+            None => Ok(changed),
+        }
     }
 }
 
