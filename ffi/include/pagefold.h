@@ -2907,7 +2907,8 @@ enum pf_status pf_guest_memory_compare_exchange_u64(const struct pf_guest_memory
  *
  * Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_sender`),
  * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT`
- * (unknown flag, `fd` not open), `PF_ERR_OS` (writing the header).
+ * (unknown flag, `fd` not open), `PF_ERR_OS` (writing the header),
+ * `PF_ERR_BUSY` (another sender of this memory is alive: free it first).
  *
  * # Safety
  *

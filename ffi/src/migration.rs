@@ -258,6 +258,7 @@ impl From<MigrationError> for Error {
             MigrationError::Dirty(d) => d.into(),
             MigrationError::DirtySource(_) => Error::new(pf_status::PF_ERR_OS, e.to_string()),
             MigrationError::Failed => Error::invalid(e),
+            MigrationError::Busy => Error::new(pf_status::PF_ERR_BUSY, e.to_string()),
         }
     }
 }
@@ -407,7 +408,8 @@ unsafe fn sender<'a>(s: *const pf_migration_sender) -> Result<&'a pf_migration_s
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_sender`),
 /// `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT`
-/// (unknown flag, `fd` not open), `PF_ERR_OS` (writing the header).
+/// (unknown flag, `fd` not open), `PF_ERR_OS` (writing the header),
+/// `PF_ERR_BUSY` (another sender of this memory is alive: free it first).
 ///
 /// # Safety
 ///

@@ -43,6 +43,9 @@ pub struct GuestMemory {
     /// with a raw-write tracker (`dirty::RawWriteTracker`), which cannot
     /// share the userfaultfd registration with dedup.
     dedup_claimed: std::sync::atomic::AtomicBool,
+    /// A migration `Sender` runs on it (one at a time: each saves and puts
+    /// back the dirty tracking it found).
+    migration_claimed: std::sync::atomic::AtomicBool,
     /// Told of every write through this API (see [`WriteObserver`]).
     observer: std::sync::OnceLock<Arc<dyn WriteObserver>>,
 }
@@ -98,6 +101,7 @@ impl GuestMemory {
             regions: regions.into_boxed_slice(),
             index,
             dedup_claimed: std::sync::atomic::AtomicBool::new(false),
+            migration_claimed: std::sync::atomic::AtomicBool::new(false),
             observer: std::sync::OnceLock::new(),
         })
     }
@@ -110,6 +114,16 @@ impl GuestMemory {
     /// Ends a dedup host's ownership.
     pub(crate) fn release_from_dedup(&self) {
         self.dedup_claimed.store(false, MemOrdering::Release);
+    }
+
+    /// Marks the memory as being migrated; `false` if a sender already is.
+    pub(crate) fn claim_for_migration(&self) -> bool {
+        !self.migration_claimed.swap(true, MemOrdering::AcqRel)
+    }
+
+    /// Ends a sender's migration.
+    pub(crate) fn release_from_migration(&self) {
+        self.migration_claimed.store(false, MemOrdering::Release);
     }
 
     /// The frame store holding this memory's frames.

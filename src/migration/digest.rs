@@ -5,7 +5,10 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
     addr::{GuestPhysAddr, PAGE_SIZE},
-    memory::{AccessError, GuestMemory, GuestRegion},
+    memory::{
+        page_state::{LOCKED, REMAPPED},
+        AccessError, GuestMemory, GuestRegion,
+    },
 };
 
 /// Bytes hashed per step.
@@ -22,6 +25,7 @@ const CHUNK: usize = 64 << 10;
 /// guest.
 pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> {
     let mut h = Xxh3::with_seed(seed);
+    let mut holes = super::holes::Holes::new(mem);
     let mut buf = vec![0u8; CHUNK];
     let zeros = [0u8; CHUNK];
     for r in mem.regions() {
@@ -36,16 +40,26 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
             #[allow(clippy::cast_possible_truncation)] // a page index of the region
             let first = (off >> 12) as usize;
             let pages = len.div_ceil(PAGE_SIZE);
-            // Which pages hold memory; without an answer, read them all.
+            // Which pages hold memory; without an answer, read them all. A
+            // page `mincore` calls empty may be swapped out: asked again
+            // (`Holes`, one `SEEK_DATA` per hole).
             let resident = r.resident(first, pages);
-            let holds = |k: usize| resident.as_ref().map_or(true, |v| v[k] & 1 != 0);
-            if (0..pages).all(|k| !holds(k)) && own_frames(r, first as u64, pages as u64) {
+            let states = r.page_states();
+            let hole: Vec<bool> = (0..pages)
+                .map(|k| {
+                    let p = first + k;
+                    resident.as_ref().is_some_and(|v| v[k] & 1 == 0)
+                        && own_frames(r, p as u64, 1)
+                        && !holes.swapped_data(r, p, states.load(p))
+                })
+                .collect();
+            if hole.iter().all(|&z| z) {
                 h.update(&zeros[..len]);
             } else {
                 // Page by page: read what holds memory (or maps another
                 // frame), zero-fill the holes.
                 for (k, page) in part.chunks_mut(PAGE_SIZE).enumerate() {
-                    if holds(k) || !own_frames(r, (first + k) as u64, 1) {
+                    if !hole[k] {
                         mem.read(
                             GuestPhysAddr(r.start().0 + off + (k * PAGE_SIZE) as u64),
                             page,
@@ -63,14 +77,18 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
 }
 
 /// Whether pages `[first, first + count)` of `r` each map their own frame
-/// (so a hole in the frame means the page reads zeros).
+/// (so a hole in the frame means the page reads zeros): any kind, not
+/// remapped, not held by an operation. (Released and ballooned pages map
+/// their own frame too: reading their holes would allocate them; a review
+/// found the digest giving a balloon's pages their memory back.)
 fn own_frames(r: &GuestRegion, first: u64, count: u64) -> bool {
     if !r.needs_state_checks() {
         return true;
     }
     let states = r.page_states();
-    (first..first + count)
-        .all(|p| usize::try_from(p).is_ok_and(|p| states.load(p).is_plain_writable()))
+    (first..first + count).all(|p| {
+        usize::try_from(p).is_ok_and(|p| states.load(p).flags() & (REMAPPED | LOCKED) == 0)
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod cache;
 mod digest;
 mod error;
 pub mod format;
+mod holes;
 mod index;
 mod precopy;
 mod reader;

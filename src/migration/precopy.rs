@@ -134,6 +134,11 @@ pub enum MigrationError {
     /// The sender failed or was cancelled earlier; it refuses further use.
     #[error("this migration already failed or was cancelled; start a new one")]
     Failed,
+    /// Another [`Sender`] is migrating this memory; drop it first. (Each
+    /// sender turns dirty tracking on and puts back what it found when it
+    /// ends, so two at once would turn it off under each other.)
+    #[error("another sender is migrating this memory; drop it first")]
+    Busy,
 }
 
 /// An output with an optional token-bucket rate limit that gives up while
@@ -206,6 +211,8 @@ pub struct Sender<'m, W: Write> {
     dirty_source: Option<DirtySourceFn<'m>>,
     /// Each region's tracking before the migration (restored at the end).
     tracking_before: Option<Vec<bool>>,
+    /// This sender holds the memory's migration claim (released on drop).
+    claimed: bool,
     /// The next round to send.
     round: u32,
     /// Dirty pages harvested and not yet sent.
@@ -230,12 +237,19 @@ impl<'m, W: Write> Sender<'m, W> {
     /// Starts a migration of `mem` to `out`: turns dirty tracking on for
     /// every region (clearing what it had logged: round 0 reads every page
     /// after this) and writes the stream header. Nothing else is sent until
-    /// [`iterate`](Self::iterate).
+    /// [`iterate`](Self::iterate). One sender at a time per memory: a
+    /// second start while one lives is [`MigrationError::Busy`] (to retry
+    /// after a cancel, drop the old sender first; a review found the
+    /// idiomatic `s = Sender::start(..)?` letting the old one turn tracking
+    /// off under the new one when it was dropped).
     pub fn start(
         mem: &'m GuestMemory,
         out: W,
         opts: PrecopyOptions,
     ) -> Result<Self, MigrationError> {
+        if !mem.claim_for_migration() {
+            return Err(MigrationError::Busy);
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         let rate = opts.bandwidth_limit.map(|r| r.max(1) as f64);
         let burst = rate.map_or(0.0, |r| (r / 10.0).max(64.0 * 1024.0));
@@ -247,9 +261,16 @@ impl<'m, W: Write> Sender<'m, W> {
             last: Instant::now(),
             cancel: Arc::clone(&cancel),
         };
-        let before = (0..mem.regions().len())
+        let before = match (0..mem.regions().len())
             .map(|i| mem.dirty_tracking(i))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(before) => before,
+            Err(e) => {
+                mem.release_from_migration();
+                return Err(e.into());
+            }
+        };
         let mut s = Sender {
             mem,
             writer: None,
@@ -258,6 +279,7 @@ impl<'m, W: Write> Sender<'m, W> {
             progress: None,
             dirty_source: None,
             tracking_before: Some(before),
+            claimed: true,
             round: 0,
             pending: Vec::new(),
             pending_pages: 0,
@@ -408,7 +430,7 @@ impl<'m, W: Write> Sender<'m, W> {
         let mem = self.mem;
         let mut sent = 0u64;
         let mut page = [0u8; PAGE_SIZE];
-        let mut swapped = SwappedOut::new(mem);
+        let mut swapped = super::holes::Holes::new(mem);
         for region in mem.regions() {
             let states = region.page_states();
             // Residency of pages `first..first + len` (`None` inside: the
@@ -420,7 +442,7 @@ impl<'m, W: Write> Sender<'m, W> {
                 }
                 let state = states.load(i);
                 if matches!(state.kind(), PageKind::Zero | PageKind::Ballooned) {
-                    if state.reads_zero() {
+                    if !super::holes::released(state) {
                         continue;
                     }
                     let first = i - i % RESIDENT_CHUNK;
@@ -432,7 +454,7 @@ impl<'m, W: Write> Sender<'m, W> {
                         Some((_, Some(v))) => v.get(i - first).map_or(true, |b| b & 1 != 0),
                         _ => true,
                     };
-                    if !held && !swapped.holds_data(region, i, state) {
+                    if !held && !swapped.swapped_data(region, i, state) {
                         continue;
                     }
                 }
@@ -549,6 +571,9 @@ impl<'m, W: Write> Sender<'m, W> {
 impl<W: Write> Drop for Sender<'_, W> {
     fn drop(&mut self) {
         self.restore_tracking();
+        if std::mem::take(&mut self.claimed) {
+            self.mem.release_from_migration();
+        }
     }
 }
 
@@ -707,75 +732,4 @@ pub fn receive_migration_folded<R: Read>(
         elapsed,
         last_round,
     })
-}
-
-/// Whether a page `mincore` says holds no memory holds data after all:
-/// `mincore` does not count a page the host swapped out (found by review),
-/// and round 0 must not take that for a hole. A page on its own frame holds
-/// data if the memfd has data there (`SEEK_DATA`, which counts swapped
-/// shmem pages); a remapped page (anonymous memory) if the page map says it
-/// is swapped. Anything the kernel will not say counts as data (the page is
-/// then read: never wrong, at worst an allocation).
-struct SwappedOut {
-    fd: std::os::fd::RawFd,
-    /// From the last `SEEK_DATA`: file offsets `[from, data)` are a hole.
-    hole: (u64, u64),
-    pagemap: Option<std::fs::File>,
-}
-
-impl SwappedOut {
-    fn new(mem: &GuestMemory) -> Self {
-        use std::os::fd::AsRawFd;
-        SwappedOut {
-            fd: mem.frame_store().as_raw_fd(),
-            hole: (0, 0),
-            pagemap: None,
-        }
-    }
-
-    fn holds_data(
-        &mut self,
-        region: &crate::memory::GuestRegion,
-        page: usize,
-        state: crate::memory::PageState,
-    ) -> bool {
-        if state.flags() & crate::memory::page_state::REMAPPED == 0 {
-            let offset = region.own_frame(page).file_offset();
-            if self.hole.0 <= offset && offset + PAGE_SIZE as u64 <= self.hole.1 {
-                return false;
-            }
-            let Ok(at) = libc::off_t::try_from(offset) else {
-                return true;
-            };
-            // SAFETY: `lseek` only reads the descriptor's file; the store's
-            // memfd stays open while `mem` lives, which outlives this call.
-            let data = unsafe { libc::lseek(self.fd, at, libc::SEEK_DATA) };
-            let data = if data < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                    u64::MAX // no data from here to the end
-                } else {
-                    return true;
-                }
-            } else {
-                u64::try_from(data).unwrap_or(0)
-            };
-            self.hole = (offset, data);
-            return data < offset + PAGE_SIZE as u64;
-        }
-        // Anonymous memory: the page map's "swapped" (bit 62) or "present"
-        // (bit 63).
-        use std::os::unix::fs::FileExt;
-        if self.pagemap.is_none() {
-            self.pagemap = std::fs::File::open("/proc/self/pagemap").ok();
-        }
-        let Some(pm) = &self.pagemap else {
-            return true;
-        };
-        let vpn = region.page_host_addr(page).0 / PAGE_SIZE as u64;
-        let mut entry = [0u8; 8];
-        match pm.read_exact_at(&mut entry, vpn * 8) {
-            Ok(()) => u64::from_le_bytes(entry) & (3 << 62) != 0,
-            Err(_) => true,
-        }
-    }
 }

@@ -1,0 +1,110 @@
+//! Which released pages hold data after all. A page whose state says zero
+//! or ballooned, and whose raw writes are not trapped, may have been
+//! written behind the library's back (a guest reusing a page it reported
+//! free, a vCPU touching a ballooned page); one that holds no memory reads
+//! as zeros, and reading it through the mapping would make shmem allocate
+//! it. So the sender and the digest ask the kernel before reading: `mincore`
+//! (which does not count a page the host swapped out), then `SEEK_DATA` on
+//! the memfd for a page on its own frame (which does) or the page map's
+//! swap bit for a remapped page (anonymous memory). Anything the kernel
+//! will not say counts as data: the page is then read, never wrong, at
+//! worst an allocation.
+
+use std::os::{fd::AsRawFd, unix::fs::FileExt};
+
+use crate::{
+    addr::PAGE_SIZE,
+    memory::{
+        page_state::{LOCKED, REMAPPED},
+        GuestMemory, GuestRegion, PageKind, PageState,
+    },
+};
+
+/// The probes, with what they learnt in passing (pages are asked in order).
+pub(super) struct Holes {
+    fd: std::os::fd::RawFd,
+    /// From the last `SEEK_DATA`: file offsets `[from, data)` are a hole.
+    hole: (u64, u64),
+    pagemap: Option<std::fs::File>,
+}
+
+/// Whether the page state is one whose bytes the state alone does not give:
+/// released or ballooned with raw writes untrapped. (`reads_zero` states
+/// read zeros without memory; other kinds are read as they are.)
+pub(super) fn released(state: PageState) -> bool {
+    matches!(state.kind(), PageKind::Zero | PageKind::Ballooned) && !state.reads_zero()
+}
+
+impl Holes {
+    pub(super) fn new(mem: &GuestMemory) -> Self {
+        Holes {
+            fd: mem.frame_store().as_raw_fd(),
+            hole: (0, 0),
+            pagemap: None,
+        }
+    }
+
+    /// Whether released page `page` of `region` (in `state`), which
+    /// `mincore` says holds no memory, holds data all the same (swapped out).
+    pub(super) fn swapped_data(
+        &mut self,
+        region: &GuestRegion,
+        page: usize,
+        state: PageState,
+    ) -> bool {
+        if state.flags() & LOCKED != 0 {
+            return true;
+        }
+        if state.flags() & REMAPPED == 0 {
+            let offset = region.own_frame(page).file_offset();
+            if self.hole.0 <= offset && offset + PAGE_SIZE as u64 <= self.hole.1 {
+                return false;
+            }
+            let Ok(at) = libc::off_t::try_from(offset) else {
+                return true;
+            };
+            // SAFETY: `lseek` only reads the descriptor's file; the store's
+            // memfd stays open while the memory lives, which outlives this.
+            let data = unsafe { libc::lseek(self.fd, at, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    u64::MAX // no data from here to the end
+                } else {
+                    return true;
+                }
+            } else {
+                u64::try_from(data).unwrap_or(0)
+            };
+            self.hole = (offset, data);
+            return data < offset + PAGE_SIZE as u64;
+        }
+        // Anonymous memory: the page map's "swapped" (bit 62) or "present"
+        // (bit 63).
+        if self.pagemap.is_none() {
+            self.pagemap = std::fs::File::open("/proc/self/pagemap").ok();
+        }
+        let Some(pm) = &self.pagemap else {
+            return true;
+        };
+        let vpn = region.page_host_addr(page).0 / PAGE_SIZE as u64;
+        let mut entry = [0u8; 8];
+        match pm.read_exact_at(&mut entry, vpn * 8) {
+            Ok(()) => u64::from_le_bytes(entry) & (3 << 62) != 0,
+            Err(_) => true,
+        }
+    }
+
+    /// Whether released page `page` of `region` holds data: resident, or
+    /// swapped out.
+    pub(super) fn holds_data(
+        &mut self,
+        region: &GuestRegion,
+        page: usize,
+        state: PageState,
+    ) -> bool {
+        let resident = region
+            .resident(page, 1)
+            .map_or(true, |v| v.first().map_or(true, |b| b & 1 != 0));
+        resident || self.swapped_data(region, page, state)
+    }
+}
