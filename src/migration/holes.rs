@@ -20,11 +20,18 @@ use crate::{
     },
 };
 
+/// Pages per `mincore` call.
+const RESIDENT_CHUNK: usize = 512;
+
 /// The probes, with what they learnt in passing (pages are asked in order).
 pub(super) struct Holes {
     fd: std::os::fd::RawFd,
     /// From the last `SEEK_DATA`: file offsets `[from, data)` are a hole.
     hole: (u64, u64),
+    /// The last `mincore` answer: (region's host address, first page,
+    /// residency of up to `RESIDENT_CHUNK` pages from there, `None` if
+    /// refused).
+    resident: Option<(u64, usize, Option<Vec<u8>>)>,
     pagemap: Option<std::fs::File>,
 }
 
@@ -40,6 +47,7 @@ impl Holes {
         Holes {
             fd: mem.frame_store().as_raw_fd(),
             hole: (0, 0),
+            resident: None,
             pagemap: None,
         }
     }
@@ -94,17 +102,24 @@ impl Holes {
         }
     }
 
-    /// Whether released page `page` of `region` holds data: resident, or
-    /// swapped out.
+    /// Whether released page `page` of `region` holds data: resident
+    /// (`mincore`, asked a chunk of pages at a time), or swapped out.
     pub(super) fn holds_data(
         &mut self,
         region: &GuestRegion,
         page: usize,
         state: PageState,
     ) -> bool {
-        let resident = region
-            .resident(page, 1)
-            .map_or(true, |v| v.first().map_or(true, |b| b & 1 != 0));
+        let base = region.host_addr().0;
+        let first = page - page % RESIDENT_CHUNK;
+        if !matches!(&self.resident, Some((b, f, _)) if *b == base && *f == first) {
+            let len = RESIDENT_CHUNK.min(region.pages() - first);
+            self.resident = Some((base, first, region.resident(first, len)));
+        }
+        let resident = match &self.resident {
+            Some((_, _, Some(v))) => v.get(page - first).map_or(true, |b| b & 1 != 0),
+            _ => true,
+        };
         resident || self.swapped_data(region, page, state)
     }
 }

@@ -424,39 +424,22 @@ impl<'m, W: Write> Sender<'m, W> {
     /// that holds none is a hole and reads as zeros (reading it through the
     /// mapping would only allocate it).
     fn full_pass(&mut self) -> Result<u64, MigrationError> {
-        /// Pages per `mincore` call.
-        const RESIDENT_CHUNK: usize = 512;
         self.begin_round(0)?;
         let mem = self.mem;
         let mut sent = 0u64;
         let mut page = [0u8; PAGE_SIZE];
-        let mut swapped = super::holes::Holes::new(mem);
+        let mut holes = super::holes::Holes::new(mem);
         for region in mem.regions() {
             let states = region.page_states();
-            // Residency of pages `first..first + len` (`None` inside: the
-            // kernel would not say, so read).
-            let mut resident: Option<(usize, Option<Vec<u8>>)> = None;
             for i in 0..states.len() {
                 if i % 256 == 0 {
                     self.check_cancel()?;
                 }
                 let state = states.load(i);
-                if matches!(state.kind(), PageKind::Zero | PageKind::Ballooned) {
-                    if !super::holes::released(state) {
-                        continue;
-                    }
-                    let first = i - i % RESIDENT_CHUNK;
-                    if resident.as_ref().map(|(f, _)| *f) != Some(first) {
-                        let len = RESIDENT_CHUNK.min(states.len() - first);
-                        resident = Some((first, region.resident(first, len)));
-                    }
-                    let held = match &resident {
-                        Some((_, Some(v))) => v.get(i - first).map_or(true, |b| b & 1 != 0),
-                        _ => true,
-                    };
-                    if !held && !swapped.swapped_data(region, i, state) {
-                        continue;
-                    }
+                if matches!(state.kind(), PageKind::Zero | PageKind::Ballooned)
+                    && !(super::holes::released(state) && holes.holds_data(region, i, state))
+                {
+                    continue;
                 }
                 let gpa = GuestPhysAddr(region.start().0 + (i as u64) * PAGE_SIZE as u64);
                 mem.read(gpa, &mut page)?;
