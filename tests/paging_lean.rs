@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used)]
 
 use pagefold::{
-    paging::{x86::CR0_WP, Access, TableWatch, WalkCache, WalkOptions, Walker, X86Paging},
+    paging::{
+        x86::CR0_WP, Access, TableWatch, WalkCache, WalkFault, WalkOptions, Walker, X86Paging,
+    },
     GuestMemory, GuestPhysAddr,
 };
 
@@ -390,6 +392,18 @@ fn check_settings_never_share_lean_hits() {
     }
 }
 
+/// A lean read translation of `va` through `cache` bound to `walker`.
+fn lean_read(
+    cache: &mut WalkCache,
+    walker: &Walker,
+    mem: &GuestMemory,
+    va: u64,
+) -> Result<u64, WalkFault> {
+    cache
+        .bind(walker)
+        .translate_pa(mem, va, Access::read(), OPTS)
+}
+
 #[test]
 fn a_new_walk_replaces_what_the_lean_path_answers() {
     // The tables change without an invalidation; a write that must set the
@@ -403,12 +417,7 @@ fn a_new_walk_replaces_what_the_lean_path_answers() {
         set_accessed_dirty: true,
     };
     for _ in 0..3 {
-        assert_eq!(
-            cache
-                .bind(&walker)
-                .translate_pa(&mem, va, Access::read(), OPTS),
-            Ok(0x5123)
-        );
+        assert_eq!(lean_read(&mut cache, &walker, &mem, va), Ok(0x5123));
     }
     mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
     assert_eq!(
@@ -418,12 +427,7 @@ fn a_new_walk_replaces_what_the_lean_path_answers() {
         Ok(0x6123)
     );
     for _ in 0..3 {
-        assert_eq!(
-            cache
-                .bind(&walker)
-                .translate_pa(&mem, va, Access::read(), OPTS),
-            Ok(0x6123)
-        );
+        assert_eq!(lean_read(&mut cache, &walker, &mem, va), Ok(0x6123));
         assert_eq!(
             walker
                 .translate_with(&mem, va, Access::read(), OPTS, Some(&mut cache))
@@ -446,9 +450,7 @@ fn lean_answers_stay_exact_across_many_invalidations() {
         cache.invalidate_page(walker.space(), va);
         for _ in 0..2 {
             assert_eq!(
-                cache
-                    .bind(&walker)
-                    .translate_pa(&mem, va, Access::read(), OPTS),
+                lean_read(&mut cache, &walker, &mem, va),
                 Ok(frame | 0x123),
                 "after invalidation {i}"
             );
@@ -467,12 +469,7 @@ fn an_old_lean_answer_never_comes_back() {
         mem.write_obj(GuestPhysAddr(leaf), 0x5003u64).unwrap();
         let mut cache = WalkCache::new();
         for _ in 0..2 {
-            assert_eq!(
-                cache
-                    .bind(&walker)
-                    .translate_pa(&mem, a, Access::read(), OPTS),
-                Ok(0x5123)
-            );
+            assert_eq!(lean_read(&mut cache, &walker, &mem, a), Ok(0x5123));
         }
         mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
         cache.invalidate_page(walker.space(), a);
@@ -480,9 +477,7 @@ fn an_old_lean_answer_never_comes_back() {
             cache.invalidate_page(walker.space(), b);
         }
         assert_eq!(
-            cache
-                .bind(&walker)
-                .translate_pa(&mem, a, Access::read(), OPTS),
+            lean_read(&mut cache, &walker, &mem, a),
             Ok(0x6123),
             "after {flushes} more invalidations"
         );
