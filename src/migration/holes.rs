@@ -24,6 +24,10 @@ use crate::{
 const RESIDENT_CHUNK: usize = 512;
 
 /// The probes, with what they learnt in passing (pages are asked in order).
+/// One pass only: what they learnt goes stale as the guest writes, which
+/// dirty tracking covers only by asking again next round, with new probes
+/// (kept across rounds, a page written after its `mincore` answer would be
+/// sent as zeros).
 pub(super) struct Holes {
     fd: std::os::fd::RawFd,
     /// From the last `SEEK_DATA`: file offsets `[from, data)` are a hole.
