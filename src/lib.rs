@@ -52,7 +52,7 @@ pub use dedup::{
     VmId, VmOptions, VmStats,
 };
 pub use dirty::{DirtyError, DirtyRun, RawWriteTracker, RegionSet};
-pub use frames::{Backing, FrameError, FrameStore, StoreOptions};
+pub use frames::{Backing, FrameError, FrameStore, MapBudget, StoreOptions};
 pub use memory::{
     AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo, WriteObserver,
 };

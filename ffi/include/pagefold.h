@@ -114,6 +114,13 @@
 #define PF_BALLOON_E_RELEASE 13
 
 /**
+ * Entry error code: breaking the page's dedup sharing failed (the
+ * process's mappings are used up, or the frame store failed); the page
+ * stays merged.
+ */
+#define PF_BALLOON_E_UNMERGE 14
+
+/**
  * Number of standard stats tags (virtio tags 0..=10).
  */
 #define PF_BALLOON_STAT_TAGS 11
@@ -578,6 +585,12 @@ typedef enum pf_status {
      * token or progress callback).
      */
     PF_ERR_CANCELLED = -22,
+    /**
+     * The process's kernel mappings (`vm.max_map_count`, less the dedup
+     * host's headroom) are used up: the pages stay as they were (merged
+     * pages merged); unmerge, or raise the limit.
+     */
+    PF_ERR_MAP_LIMIT = -23,
 } pf_status;
 
 /**

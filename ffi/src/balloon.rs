@@ -19,7 +19,7 @@ use pagefold::{Balloon, BalloonError, BalloonOptions, BalloonStats, BatchReport}
 use crate::{
     args::{self, SizePrefixed, SizedOut},
     memory::{memory, pf_guest_memory},
-    status::{access_status, frame_status, pf_status, Error},
+    status::{access_status, dedup_status, frame_status, pf_status, Error},
 };
 
 /// Entry error code: the PFN lies beyond the end of guest memory.
@@ -50,6 +50,10 @@ pub const PF_BALLOON_E_ORDER: i32 = 11;
 pub const PF_BALLOON_E_ACCESS: i32 = 12;
 /// Entry error code: the host refused to release the memory.
 pub const PF_BALLOON_E_RELEASE: i32 = 13;
+/// Entry error code: breaking the page's dedup sharing failed (the
+/// process's mappings are used up, or the frame store failed); the page
+/// stays merged.
+pub const PF_BALLOON_E_UNMERGE: i32 = 14;
 
 /// Number of standard stats tags (virtio tags 0..=10).
 pub const PF_BALLOON_STAT_TAGS: usize = 11;
@@ -252,6 +256,7 @@ fn entry_code(e: &BalloonError) -> i32 {
         BalloonError::Order { .. } => PF_BALLOON_E_ORDER,
         BalloonError::Access(_) => PF_BALLOON_E_ACCESS,
         BalloonError::Release { .. } => PF_BALLOON_E_RELEASE,
+        BalloonError::Unmerge { .. } => PF_BALLOON_E_UNMERGE,
     }
 }
 
@@ -266,6 +271,7 @@ impl From<BalloonError> for Error {
             BalloonError::Busy { .. } => pf_status::PF_ERR_BUSY,
             BalloonError::Access(a) => access_status(a),
             BalloonError::Release { source, .. } => frame_status(source),
+            BalloonError::Unmerge { source, .. } => dedup_status(source),
             BalloonError::Repeated { .. }
             | BalloonError::OverLimit { .. }
             | BalloonError::AlreadyBallooned { .. }

@@ -79,11 +79,15 @@ pub enum pf_status {
     /// The operation was cancelled (a migration sender's cancel, cancel
     /// token or progress callback).
     PF_ERR_CANCELLED = -22,
+    /// The process's kernel mappings (`vm.max_map_count`, less the dedup
+    /// host's headroom) are used up: the pages stay as they were (merged
+    /// pages merged); unmerge, or raise the limit.
+    PF_ERR_MAP_LIMIT = -23,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 23] = [
+    pub(crate) const ALL: [pf_status; 24] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -107,6 +111,7 @@ impl pf_status {
         pf_status::PF_ERR_FAULT,
         pf_status::PF_ERR_STREAM,
         pf_status::PF_ERR_CANCELLED,
+        pf_status::PF_ERR_MAP_LIMIT,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -135,6 +140,7 @@ impl pf_status {
             pf_status::PF_ERR_FAULT => c"PF_ERR_FAULT",
             pf_status::PF_ERR_STREAM => c"PF_ERR_STREAM",
             pf_status::PF_ERR_CANCELLED => c"PF_ERR_CANCELLED",
+            pf_status::PF_ERR_MAP_LIMIT => c"PF_ERR_MAP_LIMIT",
         }
     }
 }
@@ -187,6 +193,7 @@ pub(crate) fn frame_status(e: &FrameError) -> pf_status {
         FrameError::Os { .. } => pf_status::PF_ERR_OS,
         FrameError::TooLarge { .. } => pf_status::PF_ERR_OVERFLOW,
         FrameError::NoHugePages { .. } => pf_status::PF_ERR_NO_HUGE_PAGES,
+        FrameError::MapLimit { .. } => pf_status::PF_ERR_MAP_LIMIT,
         // Guest memory validates ranges before the frame store sees them.
         FrameError::Empty | FrameError::Misaligned { .. } | FrameError::NotAllocated { .. } => {
             pf_status::PF_ERR_INTERNAL
@@ -231,24 +238,25 @@ impl From<AccessError> for Error {
     }
 }
 
+pub(crate) fn dedup_status(e: &DedupError) -> pf_status {
+    match e {
+        DedupError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
+        DedupError::Frames(f) => frame_status(f),
+        DedupError::Random(_) | DedupError::Proc { .. } => pf_status::PF_ERR_OS,
+        DedupError::ForeignStore => pf_status::PF_ERR_FOREIGN_STORE,
+        DedupError::HugeBacking(_) => pf_status::PF_ERR_UNSUPPORTED,
+        DedupError::UnknownVm(_) => pf_status::PF_ERR_UNKNOWN_VM,
+        DedupError::AlreadyRegistered | DedupError::NoSuchRegion(_) | DedupError::EmptyBudget => {
+            pf_status::PF_ERR_INVALID_ARGUMENT
+        }
+        DedupError::Unmapped(_) => pf_status::PF_ERR_UNMAPPED,
+        DedupError::Busy(_) => pf_status::PF_ERR_BUSY,
+    }
+}
+
 impl From<DedupError> for Error {
     fn from(e: DedupError) -> Self {
-        match &e {
-            DedupError::Userfault(_) => Error::new(pf_status::PF_ERR_USERFAULT, e.to_string()),
-            DedupError::Frames(f) => Error::new(frame_status(f), e.to_string()),
-            DedupError::Random(_) | DedupError::Proc { .. } => {
-                Error::new(pf_status::PF_ERR_OS, e.to_string())
-            }
-            DedupError::ForeignStore => Error::new(pf_status::PF_ERR_FOREIGN_STORE, e.to_string()),
-            DedupError::HugeBacking(_) => Error::new(pf_status::PF_ERR_UNSUPPORTED, e.to_string()),
-            DedupError::UnknownVm(_) => Error::new(pf_status::PF_ERR_UNKNOWN_VM, e.to_string()),
-            DedupError::AlreadyRegistered | DedupError::NoSuchRegion(_) => {
-                Error::new(pf_status::PF_ERR_INVALID_ARGUMENT, e.to_string())
-            }
-            DedupError::Unmapped(_) => Error::new(pf_status::PF_ERR_UNMAPPED, e.to_string()),
-            DedupError::Busy(_) => Error::new(pf_status::PF_ERR_BUSY, e.to_string()),
-            DedupError::EmptyBudget => Error::invalid(e),
-        }
+        Error::new(dedup_status(&e), e.to_string())
     }
 }
 

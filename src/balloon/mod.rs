@@ -149,6 +149,18 @@ pub enum BalloonError {
         /// The order.
         order: u32,
     },
+    /// Breaking the page's dedup sharing failed for another reason than a
+    /// busy page: the process's kernel mappings are used up
+    /// ([`FrameError::MapLimit`] inside), or the frame store failed. The
+    /// page stays merged, and reads what it read.
+    #[error("PFN {pfn:#x}: breaking its dedup sharing failed: {source}")]
+    Unmerge {
+        /// The frame number.
+        pfn: u64,
+        /// What the dedup host said.
+        #[source]
+        source: crate::dedup::DedupError,
+    },
     /// The access layer refused the range.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -714,7 +726,9 @@ impl Balloon {
                 let gpa = GuestPhysAddr(pfn << PAGE_SHIFT);
                 took = match host.resolve_write_fault(*vm, gpa) {
                     Ok(_) => take_page(region, l.page, pfn),
-                    Err(_) => Err(BalloonError::Busy { pfn }),
+                    Err(crate::dedup::DedupError::Busy(_)) => Err(BalloonError::Busy { pfn }),
+                    // What ran out is said, not hidden behind "busy".
+                    Err(source) => Err(BalloonError::Unmerge { pfn, source }),
                 };
             }
             match took {

@@ -17,14 +17,12 @@
 //! Unmerge is the mirror: lock, protect, copy each page's current bytes into
 //! its own frame, remap the run onto its own frames (shared, writable), wake.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use rayon::prelude::*;
 
 use super::DedupError;
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    frames::{FrameRange, FrameStore, HostMapping, RemapTarget},
+    frames::{FrameError, FrameRange, FrameStore, HostMapping, MapBudget, RemapTarget},
     memory::{
         page_state::{LOCKED, REMAPPED},
         GuestRegion, PageKind, PageState,
@@ -78,7 +76,7 @@ pub(super) struct MergeCtx<'a> {
     pub(super) store: &'a FrameStore,
     pub(super) uffd: &'a Userfault,
     /// Mappings (VMAs) the process may still create before dedup stops.
-    pub(super) map_budget: &'a AtomicU64,
+    pub(super) map_budget: &'a MapBudget,
     /// A read-only view of the shared frames made in this pass, to compare
     /// against in place instead of reading them with `pread`.
     pub(super) fresh: Option<FreshFrames<'a>>,
@@ -139,16 +137,31 @@ pub(super) fn merge_regions(
     }
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Remapped<'_>>(8);
-        let finisher = scope.spawn(move || {
-            let mut out = MergeOutcome::default();
+        // A thread that cannot be made (its stack is a mapping, and the
+        // process may be out of them) is no error: the windows are then
+        // finished on this thread, without the overlap. `scope.spawn`
+        // would abort the process instead (found from outside).
+        let finisher = std::thread::Builder::new()
+            .name("pagefold-merge".into())
+            .spawn_scoped(scope, move || {
+                let mut out = MergeOutcome::default();
+                let mut first_err = None;
+                for done in rx {
+                    if let Err(e) = finish_window(ctx, done, &mut out) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                (out, first_err)
+            });
+        let Ok(finisher) = finisher else {
             let mut first_err = None;
-            for done in rx {
-                if let Err(e) = finish_window(ctx, done, &mut out) {
+            arm_windows(ctx, regions, cands, &mut out, |done, out| {
+                if let Err(e) = finish_window(ctx, done, out) {
                     first_err.get_or_insert(e);
                 }
-            }
-            (out, first_err)
-        });
+            })?;
+            return first_err.map_or(Ok(out), Err);
+        };
         let armed = arm_windows(ctx, regions, cands, &mut out, |done, _| {
             // The receiver lives until the sender is dropped below; should it
             // have panicked, the windows it took stay locked, and the panic
@@ -180,7 +193,7 @@ fn arm_windows<'r>(
         region.enable_state_checks();
         let mut i = 0;
         while i < cands.len() {
-            if ctx.map_budget.load(Ordering::Relaxed) < 2 {
+            if ctx.map_budget.left() < 2 {
                 out.map_limit += cands[i..].len() as u64;
                 break;
             }
@@ -221,7 +234,7 @@ pub(super) struct Remapped<'r> {
     run: Vec<Candidate>,
     equal: Vec<bool>,
     merged: Vec<bool>,
-    remap_error: Option<crate::frames::FrameError>,
+    remap_error: Option<FrameError>,
 }
 
 fn continues_run(a: &Candidate, b: &Candidate) -> bool {
@@ -371,7 +384,7 @@ fn merge_window<'r>(
             if !equal[k] || remap_error.is_some() {
                 return;
             }
-            if ctx.map_budget.load(Ordering::Relaxed) < 2 {
+            if !ctx.map_budget.try_spend(2) {
                 out.map_limit += (e - k) as u64;
                 return;
             }
@@ -384,19 +397,11 @@ fn merge_window<'r>(
             match region.remap_pages(run[k].page, e - k, target) {
                 Ok(()) => {
                     out.remaps += 1;
-                    let _ =
-                        ctx.map_budget
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                                Some(b.saturating_sub(2))
-                            });
                     merged[k..e].iter_mut().for_each(|m| *m = true);
                 }
-                Err(crate::frames::FrameError::Os { source, .. })
-                    if source.raw_os_error() == Some(libc::ENOMEM) =>
-                {
-                    // The kernel's mapping budget is spent: stop merging,
-                    // never fail a guest write for it.
-                    ctx.map_budget.store(0, Ordering::Relaxed);
+                Err(FrameError::MapLimit { .. }) => {
+                    // The kernel's mappings are spent (the budget says so
+                    // now): stop merging, never fail a guest write for it.
                     out.map_limit += (e - k) as u64;
                 }
                 Err(err) => remap_error = Some(err),
@@ -519,6 +524,14 @@ pub(super) struct UnmergeOutcome {
 /// Brings every remapped page of `region` in `[first, first+count)` back to
 /// its own frame, with its current bytes. Shared-frame references are not
 /// touched here: the host recounts them from the page states.
+///
+/// Each run is cut out of its merged stretch where the mapping budget can
+/// pay for the split; where it cannot, the whole stretch around it goes
+/// back to its own frames, which joins mappings instead of splitting them
+/// (found from outside: a guest ballooning scattered pages made one unmerge
+/// per page, two mappings each, until the process had none left and the
+/// next thread spawn aborted it). That costs memory, never more than the
+/// guest's own pages took before they were merged.
 pub(super) fn unmerge_range(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
@@ -530,37 +543,114 @@ pub(super) fn unmerge_range(
     let end = (first + count).min(region.pages());
     let mut p = first;
     while p < end {
-        // Find a run of remapped pages and lock it.
-        let s = states.load(p);
-        if s.flags() & REMAPPED == 0 {
+        if states.load(p).flags() & REMAPPED == 0 {
             p += 1;
             continue;
         }
-        let mut run: Vec<(usize, PageState)> = Vec::new();
-        let mut q = p;
-        while q < end && run.len() < MAX_RUN {
-            let s = states.load(q);
-            if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
-                break;
-            }
-            if states.compare_exchange(q, s, s.with_flags(LOCKED)).is_err() {
-                out.busy += 1;
-                break;
-            }
-            run.push((q, s));
-            q += 1;
-        }
+        let run = lock_run(region, p, end.min(p + MAX_RUN), &mut out);
         if run.is_empty() {
-            if states.load(p).flags() & LOCKED != 0 {
-                out.busy += 1;
-            }
             p += 1;
             continue;
         }
-        unmerge_locked(ctx, region, &run, &mut out)?;
-        p = q;
+        let cost = region.own_remap_cost(p, run.len());
+        if cost <= 0 || ctx.map_budget.try_spend(cost.unsigned_abs()) {
+            let q = p + run.len();
+            unmerge_locked(ctx, region, &run, &mut out)?;
+            if cost < 0 {
+                ctx.map_budget.give_back(cost.unsigned_abs());
+            }
+            p = q;
+        } else {
+            unlock_run(region, &run);
+            let stretch_end = unmerge_stretch(ctx, region, p, &mut out)?;
+            p = stretch_end.max(p + 1);
+        }
     }
     Ok(out)
+}
+
+/// Locks the remapped, unlocked pages from `p` on (up to `limit`), stopping
+/// at the first that is not; a page another operation holds counts as busy.
+fn lock_run(
+    region: &GuestRegion,
+    p: usize,
+    limit: usize,
+    out: &mut UnmergeOutcome,
+) -> Vec<(usize, PageState)> {
+    let states = region.page_states();
+    let mut run: Vec<(usize, PageState)> = Vec::new();
+    for q in p..limit {
+        let s = states.load(q);
+        if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
+            break;
+        }
+        if states.compare_exchange(q, s, s.with_flags(LOCKED)).is_err() {
+            out.busy += 1;
+            break;
+        }
+        run.push((q, s));
+    }
+    if run.is_empty() && states.load(p).flags() & LOCKED != 0 {
+        out.busy += 1;
+    }
+    run
+}
+
+fn unlock_run(region: &GuestRegion, run: &[(usize, PageState)]) {
+    let states = region.page_states();
+    for &(p, s) in run {
+        let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
+    }
+}
+
+/// Unmerges the whole stretch of remapped pages around `page`, a piece of
+/// at most `MAX_RUN` pages at a time, starting from the end whose neighbour
+/// is in its own frame, so that each piece joins the mapping beside it
+/// instead of splitting the stretch (at most one mapping more for a
+/// stretch that fills its region, and one fewer again once it is done).
+/// Returns the end of the stretch.
+fn unmerge_stretch(
+    ctx: &MergeCtx<'_>,
+    region: &GuestRegion,
+    page: usize,
+    out: &mut UnmergeOutcome,
+) -> Result<usize, DedupError> {
+    let states = region.page_states();
+    let remapped = |p: usize| states.load(p).flags() & (REMAPPED | LOCKED) == REMAPPED;
+    let mut lo = page;
+    while lo > 0 && remapped(lo - 1) {
+        lo -= 1;
+    }
+    let mut hi = page + 1;
+    while hi < region.pages() && remapped(hi) {
+        hi += 1;
+    }
+    let pieces: Vec<usize> = (lo..hi).step_by(MAX_RUN).collect();
+    // From the left unless only the right end has a neighbour in its own
+    // frame.
+    let leftwards = lo == 0 && hi < region.pages();
+    let order: Box<dyn Iterator<Item = &usize>> = if leftwards {
+        Box::new(pieces.iter().rev())
+    } else {
+        Box::new(pieces.iter())
+    };
+    for &start in order {
+        let run = lock_run(region, start, (start + MAX_RUN).min(hi), out);
+        if run.is_empty() {
+            continue;
+        }
+        let cost = region.own_remap_cost(start, run.len());
+        if cost > 0 {
+            // Made whatever the budget says: this is how the stretch
+            // gives mappings back.
+            ctx.map_budget.spend(cost.unsigned_abs());
+        }
+        unmerge_locked(ctx, region, &run, out)?;
+        if cost < 0 {
+            ctx.map_budget.give_back(cost.unsigned_abs());
+        }
+    }
+    Ok(hi)
 }
 
 fn unmerge_locked(
@@ -574,11 +664,7 @@ fn unmerge_locked(
     let n = run.len();
     let addr = region.page_host_addr(first);
     let len = (n * PAGE_SIZE) as u64;
-    let unlock_all = || {
-        for &(p, s) in run {
-            let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
-        }
-    };
+    let unlock_all = || unlock_run(region, run);
     let window = region.lock_protection();
     if let Err(e) = ctx
         .uffd

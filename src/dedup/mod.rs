@@ -171,12 +171,10 @@ struct ScanState {
 struct Inner {
     store: Arc<FrameStore>,
     uffd: Arc<Userfault>,
-    options: DedupOptions,
     vms: RwLock<Vec<Arc<VmEntry>>>,
     next_vm: AtomicU64,
     scan: Mutex<ScanState>,
     shared: Mutex<SharedFrames>,
-    map_budget: AtomicU64,
     full_scans: AtomicU64,
     cow_breaks: AtomicU64,
     map_limit_hits: AtomicU64,
@@ -225,6 +223,20 @@ impl DedupHost {
         if store.granule() != PageSize::Size4K {
             return Err(DedupError::HugeBacking(store.granule()));
         }
+        // The pool's threads exist before any mapping is spent: once the
+        // process's mappings run out a thread cannot map its stack, and
+        // rayon (like `std::thread::spawn`) aborts the process over it.
+        if let Err(e) = rayon::ThreadPoolBuilder::new().build_global() {
+            // Already built (by us or the application) is fine; a failed
+            // spawn is not.
+            if let Some(source) = std::error::Error::source(&e) {
+                return Err(DedupError::Proc {
+                    what: "starting rayon's thread pool",
+                    source: std::io::Error::other(source.to_string()),
+                });
+            }
+        }
+        store.map_budget().set_headroom(options.map_headroom);
         let uffd = Arc::new(Userfault::new()?);
         let pagemap = PageMap::open().map_err(|source| DedupError::Proc {
             what: "/proc/self/pagemap",
@@ -233,7 +245,6 @@ impl DedupHost {
         let inner = Arc::new(Inner {
             store,
             uffd: Arc::clone(&uffd),
-            options,
             vms: RwLock::new(Vec::new()),
             next_vm: AtomicU64::new(1),
             scan: Mutex::new(ScanState {
@@ -246,7 +257,6 @@ impl DedupHost {
                 volatile_last_scan: 0,
             }),
             shared: Mutex::new(SharedFrames::default()),
-            map_budget: AtomicU64::new(0),
             full_scans: AtomicU64::new(0),
             cow_breaks: AtomicU64::new(0),
             map_limit_hits: AtomicU64::new(0),
@@ -581,8 +591,10 @@ impl DedupHost {
                 // but that is no new COW break (found by review: it was
                 // counted twice and reported as merged).
                 let was_shared = s.kind() != PageKind::Private;
-                let out = self.inner.unmerge_pages(&entry, ri, page, 1)?;
-                if out.restored == 1 {
+                self.inner.unmerge_pages(&entry, ri, page, 1)?;
+                // Not `restored == 1`: with the mapping budget spent, the
+                // whole merged stretch around the page goes back with it.
+                if region.page_states().load(page).flags() & REMAPPED == 0 {
                     if was_shared {
                         entry.cow_breaks.fetch_add(1, Ordering::Relaxed);
                         self.inner.cow_breaks.fetch_add(1, Ordering::Relaxed);
@@ -821,19 +833,14 @@ impl Inner {
         MergeCtx {
             store: &self.store,
             uffd: &self.uffd,
-            map_budget: &self.map_budget,
+            map_budget: self.store.map_budget(),
             fresh: None,
             shared: &self.shared,
         }
     }
 
     fn refresh_map_budget(&self) {
-        let max = stats::max_map_count().unwrap_or(65530);
-        let now = stats::mapping_count().unwrap_or(max);
-        let budget = max
-            .saturating_sub(now)
-            .saturating_sub(self.options.map_headroom);
-        self.map_budget.store(budget, Ordering::Relaxed);
+        self.store.map_budget().refresh();
     }
 
     fn unmerge_vm(&self, vm: &VmEntry) -> Result<u64, DedupError> {

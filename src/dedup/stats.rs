@@ -170,17 +170,3 @@ pub(super) fn kernel_view(
         guest_mappings,
     })
 }
-
-/// `vm.max_map_count`.
-pub(super) fn max_map_count() -> Option<u64> {
-    fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Mappings of this process now.
-pub(super) fn mapping_count() -> Option<u64> {
-    Some(fs::read_to_string("/proc/self/maps").ok()?.lines().count() as u64)
-}

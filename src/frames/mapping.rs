@@ -184,9 +184,20 @@ impl HostMapping {
             )
         };
         if p == libc::MAP_FAILED {
+            let source = io::Error::last_os_error();
+            // A file or anonymous mapping with MAP_NORESERVE commits no
+            // memory: ENOMEM here is the process's mapping count (or its
+            // address space), which the caller must hear as such.
+            if source.raw_os_error() == Some(libc::ENOMEM) {
+                store.map_budget().exhausted();
+                return Err(FrameError::MapLimit {
+                    op: "mmap(MAP_FIXED) of guest pages",
+                    max: super::max_map_count().unwrap_or(0),
+                });
+            }
             return Err(FrameError::Os {
                 op: "mmap(MAP_FIXED)",
-                source: io::Error::last_os_error(),
+                source,
             });
         }
         Ok(())

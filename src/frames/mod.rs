@@ -7,6 +7,7 @@
 //! the frames really hold. It never reads or writes frame contents.
 
 mod allocator;
+mod map_budget;
 mod mapping;
 
 use std::{
@@ -15,6 +16,8 @@ use std::{
     sync::Mutex,
 };
 
+pub(crate) use map_budget::max_map_count;
+pub use map_budget::MapBudget;
 pub use mapping::HostMapping;
 pub(crate) use mapping::RemapTarget;
 
@@ -32,6 +35,17 @@ pub enum FrameError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The process's kernel mappings (VMAs) are used up: a remap would pass
+    /// `vm.max_map_count`, or the kernel refused one with `ENOMEM`.
+    #[error(
+        "{op}: this process's kernel mappings are used up (vm.max_map_count = {max}, headroom kept for the rest of the process included); raise vm.max_map_count or give the mappings back"
+    )]
+    MapLimit {
+        /// What needed the mapping.
+        op: &'static str,
+        /// `vm.max_map_count` when it was refused.
+        max: u64,
     },
     /// A request for zero frames.
     #[error("a frame range must hold at least one frame")]
@@ -135,6 +149,7 @@ pub struct FrameStore {
     options: StoreOptions,
     granule: PageSize,
     allocator: Mutex<RangeAllocator>,
+    map_budget: MapBudget,
 }
 
 /// Largest store, in frames: 2^40 frames = 4 PiB, far past any host, and
@@ -176,12 +191,19 @@ impl FrameStore {
             options,
             granule,
             allocator: Mutex::new(RangeAllocator::default()),
+            map_budget: MapBudget::default(),
         })
     }
 
     /// A store with default options (shmem memfd, 4 KiB pages).
     pub fn memfd() -> Result<Self, FrameError> {
         Self::new(StoreOptions::default())
+    }
+
+    /// The budget of kernel mappings that remaps of this store's frames
+    /// (merges, unmerges, discards of merged pages) spend from.
+    pub fn map_budget(&self) -> &MapBudget {
+        &self.map_budget
     }
 
     /// The options the store was built with.

@@ -468,6 +468,13 @@ impl GuestMemory {
     /// granule. Returns the number of pages released. Writes racing with a
     /// discard of the same page may be lost, as with `MADV_DONTNEED`.
     ///
+    /// A merged page (deduplicated) is released by mapping its own frame
+    /// back, which splits the merged stretch around it: where the frame
+    /// store's [`MapBudget`](crate::frames::MapBudget) has no mappings left
+    /// for that, the page stays merged and uncounted (it holds no memory of
+    /// its own, and reads what it read before), so a guest reporting
+    /// scattered free pages cannot use up the process's mappings.
+    ///
     /// Reading a released page through its shared mapping makes the kernel
     /// allocate it again (shmem has no shared zero page), so a released page
     /// stays free only while nothing reads it, or once a layer traps raw

@@ -344,7 +344,8 @@ impl GuestRegion {
     }
 
     /// Locks remapped pages `[from, to)`, maps their own frames back (holes
-    /// by the time the caller punches), and marks them released.
+    /// by the time the caller punches), and marks them released; pages the
+    /// mapping budget cannot split off their merged stretch stay as they are.
     fn discard_remapped(&self, from: usize, to: usize) -> Result<u64, AccessError> {
         let mut held = Vec::with_capacity(to - from);
         for p in from..to {
@@ -369,14 +370,29 @@ impl GuestRegion {
             // After a failed remap the remaining stretches are only unlocked
             // as they were (a review found them left locked for good, their
             // writers waiting forever); the first error is returned.
+            // Cutting pages out of a merged stretch splits its mapping: a
+            // discard spends from the process's mapping budget, and where
+            // the budget has nothing left the pages stay merged (found from
+            // outside: a guest reporting scattered free pages used up the
+            // VMM's mappings, and the next thread spawn aborted it). They
+            // hold no memory of their own; the shared frame holds theirs.
+            let cost = self.own_remap_cost(held[k].0, e - k);
+            let budget = self.store.map_budget();
+            let affordable = cost <= 0 || budget.try_spend(cost.unsigned_abs());
             let remapped = match failed {
                 Some(_) => false,
+                None if !affordable => false,
                 None => {
                     let own = crate::frames::RemapTarget::OwnShared {
                         file_offset: self.own_frame(held[k].0).file_offset(),
                     };
                     match self.remap_pages(held[k].0, e - k, own) {
-                        Ok(()) => true,
+                        Ok(()) => {
+                            if cost < 0 {
+                                budget.give_back(cost.unsigned_abs());
+                            }
+                            true
+                        }
                         Err(err) => {
                             failed = Some(err);
                             false
@@ -506,6 +522,22 @@ impl GuestRegion {
     /// (compared in place; stops at the first non-zero byte).
     pub(crate) fn page_is_zero(&self, page: usize) -> bool {
         self.page_equals(page, &crate::addr::ZERO_PAGE)
+    }
+
+    /// Mappings that remapping pages `[first, first+count)` (all remapped
+    /// now) back onto their own frames adds to the process, at most: one
+    /// per side whose neighbour stays remapped (the mapping around the
+    /// pages splits there), one less per side whose neighbour is already
+    /// in its own frame (the new mapping joins the neighbour's: one shared
+    /// mapping of the memfd at consecutive offsets), none at the region's
+    /// edges. Between -2 and 2; the kernel may join more, never split more.
+    pub(crate) fn own_remap_cost(&self, first: usize, count: usize) -> i64 {
+        let side = |page: Option<usize>| match page.filter(|&p| p < self.pages()) {
+            None => 0,
+            Some(p) if self.states.load(p).flags() & REMAPPED != 0 => 1,
+            Some(_) => -1,
+        };
+        side(first.checked_sub(1)) + side(first.checked_add(count))
     }
 
     /// Points pages `[first, first+count)` at `target` in one remap.
