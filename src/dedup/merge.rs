@@ -237,7 +237,7 @@ pub(super) struct Remapped<'r> {
     remap_error: Option<FrameError>,
 }
 
-fn continues_run(a: &Candidate, b: &Candidate) -> bool {
+pub(super) fn continues_run(a: &Candidate, b: &Candidate) -> bool {
     b.page == a.page + 1
         && match (a.target, b.target) {
             (Target::Zero, Target::Zero) => true,
@@ -248,7 +248,11 @@ fn continues_run(a: &Candidate, b: &Candidate) -> bool {
 
 /// Calls `f(start, end)` for each maximal run `items[start..end]` in which
 /// `same(items[k-1], items[k])` holds throughout.
-fn for_each_run<T>(items: &[T], same: impl Fn(&T, &T) -> bool, mut f: impl FnMut(usize, usize)) {
+pub(super) fn for_each_run<T>(
+    items: &[T],
+    same: impl Fn(&T, &T) -> bool,
+    mut f: impl FnMut(usize, usize),
+) {
     let mut k = 0;
     while k < items.len() {
         let mut e = k + 1;

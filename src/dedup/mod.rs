@@ -20,6 +20,7 @@
 mod handler;
 mod key;
 mod merge;
+mod plan;
 mod reconcile;
 mod scan;
 mod shared;

@@ -15,7 +15,7 @@ use super::{
     key::DomainKey,
     lock,
     merge::{self, Candidate, Target},
-    nanos_since, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry, VmId,
+    nanos_since, plan, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry, VmId,
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
@@ -423,13 +423,13 @@ impl Inner {
         // This pass's new shared frames, and a read-only, populated view of
         // them for comparing in place (without it, merges read with pread).
         let mut fresh: Option<(FrameRange, Option<HostMapping>)> = None;
+        // Frames per group: one, or a template of identical frames where
+        // the group's pages come in long runs (see `template_len`).
+        let lens: Vec<usize> = groups
+            .iter()
+            .map(|g| template_len(&rest[g.members.clone()]))
+            .collect();
         if !groups.is_empty() {
-            // Frames per group: one, or a template of identical frames where
-            // the group's pages come in long runs (see `template_len`).
-            let lens: Vec<usize> = groups
-                .iter()
-                .map(|g| template_len(&rest[g.members.clone()]))
-                .collect();
             let sources: Vec<PageRef> = groups
                 .iter()
                 .zip(&lens)
@@ -527,6 +527,46 @@ impl Inner {
             spans.push((region, start..list.len()));
         }
         drop(cands);
+        // More runs than mappings to spend: merge what saves most per
+        // mapping, each new frame with all its pages or none (see `plan`).
+        // Frames of groups left out are freed with the pins below.
+        let budget = self.store.map_budget();
+        budget.refresh_if_stale();
+        let mut runs = Vec::new();
+        for (_, span) in &spans {
+            merge::for_each_run(&list[span.clone()], merge::continues_run, |k, e| {
+                runs.push(plan::Run {
+                    start: span.start + k,
+                    len: e - k,
+                });
+            });
+        }
+        // A window's protection may split two mappings more while it lasts.
+        let spend = budget.left().saturating_sub(2);
+        let planned = plan::select(&list, &runs, fresh.as_ref().map(|(r, _)| *r), &lens, spend);
+        if let Some(keep) = planned {
+            let mut kept = Vec::with_capacity(list.len());
+            let mut kept_spans = Vec::with_capacity(spans.len());
+            let mut r = 0;
+            for (region, span) in &spans {
+                let start = kept.len();
+                while r < runs.len() && runs[r].start < span.end {
+                    let run = &list[runs[r].start..runs[r].start + runs[r].len];
+                    if keep[r] {
+                        kept.extend_from_slice(run);
+                    } else {
+                        report.map_limit += run.len() as u64;
+                    }
+                    r += 1;
+                }
+                if kept.len() > start {
+                    kept_spans.push((*region, start..kept.len()));
+                }
+            }
+            list = kept;
+            spans = kept_spans;
+        }
+        drop(runs);
         let out = merge::merge_regions(&ctx, &spans, &list)?;
         report.merged_shared += out.shared;
         report.merged_zero += out.zero;

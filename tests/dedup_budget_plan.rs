@@ -1,0 +1,107 @@
+//! A mapping budget too small for every merge buys the merges that save
+//! most, each new shared frame with all its pages or none (found from
+//! outside: merging in page order gave the budget to the first VM's
+//! canonical pages, whose duplicates in later VMs never got a mapping, and
+//! the frames saved nothing). Alone in its binary: it sets the budget from
+//! the process's mapping count.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::sync::Arc;
+
+use pagefold::{DedupHost, DedupOptions, FrameStore, VmOptions};
+
+#[path = "common/small_vms.rs"]
+mod small_vms;
+use small_vms::vm;
+
+fn maps() -> u64 {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count() as u64
+}
+
+/// The budget is the process's: one test at a time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A host whose budget is about `budget` mappings now.
+fn host_with_budget(store: &Arc<FrameStore>, budget: u64) -> DedupHost {
+    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    DedupHost::with_options(
+        Arc::clone(store),
+        DedupOptions {
+            map_headroom: max - maps() - budget,
+        },
+    )
+    .unwrap()
+}
+
+/// Four clones with a page of their own every 20 pages: with mappings for
+/// about a tenth of the runs, every shared frame made is mapped by all four
+/// clones (before: the budget went to VM 0, frames with one page each).
+#[test]
+fn clones_get_whole_units_not_canonical_pages() {
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let n = 4000;
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms: Vec<_> = (0..4)
+        .map(|v| {
+            vm(&store, n, |i| {
+                if i % 20 == 19 {
+                    (v * 64 + 7) as u8 // each clone's own page
+                } else {
+                    (i % 200) as u8 + 1
+                }
+            })
+        })
+        .collect();
+    let host = host_with_budget(&store, 400);
+    for m in &vms {
+        host.register(Arc::clone(m), VmOptions::default()).unwrap();
+    }
+    let r = host.merge_now().unwrap();
+    let s = host.stats().unwrap();
+    assert!(r.map_limit > 0, "the budget is short: {r:?}");
+    assert!(s.pages_shared > 0, "something merged: {s:?}");
+    // Every frame has its four pages: three saved per frame.
+    assert_eq!(s.pages_sharing, 3 * s.pages_shared, "{s:?}");
+    // 400 mappings, 8 per unit of 19 pages in 4 clones: about 50 units.
+    assert!(s.pages_sharing >= 40 * 3 * 19, "{s:?}");
+}
+
+/// Scattered pairs (every 10th page repeats a page far away): each pair is
+/// merged whole or not at all, so no shared frame is left with one page.
+#[test]
+fn scattered_pairs_merge_whole_or_not_at_all() {
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let n = 8000;
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    // Page i (i % 10 == 0) repeats page (i + n / 2) % n, which is not
+    // itself a repeat; everything else is distinct (numbered).
+    let mem = vm(&store, n, |i| (i % 251) as u8);
+    for i in (0..n).step_by(10) {
+        let j = (i + n / 2 + 5) % n;
+        let mut page = [0u8; pagefold::PAGE_SIZE];
+        mem.read(small_vms::gpa(j), &mut page).unwrap();
+        mem.write(small_vms::gpa(i), &page).unwrap();
+    }
+    let host = host_with_budget(&store, 200);
+    host.register(Arc::clone(&mem), VmOptions::default())
+        .unwrap();
+    let r = host.merge_now().unwrap();
+    let s = host.stats().unwrap();
+    assert!(r.map_limit > 0, "the budget is short: {r:?}");
+    assert!(s.pages_shared > 0, "{s:?}");
+    assert_eq!(s.pages_sharing, s.pages_shared, "pairs only: {s:?}");
+    // 200 mappings at 4 a pair.
+    assert!(s.pages_shared >= 40, "{s:?}");
+}
