@@ -3101,8 +3101,10 @@ enum pf_status pf_migration_receive(int fd,
  *
  * Errors: `PF_ERR_NULL_POINTER` (`paging`, `out_walker`),
  * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (registers no x86
- * CPU accepts, MAXPHYADDR outside 32..=52, an EPTP walk length other than
- * 4 or 5, an unknown kind or flag).
+ * CPU holds: a reserved bit of CR0, CR4 or EFER, which the message names
+ * with the bits, or a combination a MOV to CR0/CR4 or a WRMSR refuses;
+ * MAXPHYADDR outside 32..=52, an EPTP walk length other than 4 or 5, an
+ * unknown kind or flag).
  *
  * # Safety
  *

@@ -64,7 +64,7 @@ pub use walker::{
     BoundCache, GuestPaging, LeafAttributes, Permissions, SecondLevel, SecondTranslation,
     Translation, WalkOptions, Walker, WalkerError,
 };
-pub use x86::{X86Mode, X86Paging, X86PagingError};
+pub use x86::{X86Mode, X86Paging, X86PagingError, X86Register};
 
 /// What an access does with the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -16,6 +16,8 @@ use super::{
     Access, AccessKind, EntryWindow, FaultReason, PhysMemory,
 };
 
+mod regs;
+
 /// CR0.PE: protection enabled.
 pub const CR0_PE: u64 = 1 << 0;
 /// CR0.WP: supervisor writes honour read-only pages.
@@ -90,18 +92,85 @@ impl X86Mode {
     }
 }
 
-/// Register combinations no x86 processor accepts.
+/// A paging register, as an error names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum X86Register {
+    /// CR0.
+    Cr0,
+    /// CR4.
+    Cr4,
+    /// IA32_EFER.
+    Efer,
+}
+
+impl std::fmt::Display for X86Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            X86Register::Cr0 => "CR0",
+            X86Register::Cr4 => "CR4",
+            X86Register::Efer => "EFER",
+        })
+    }
+}
+
+/// Register values no x86 processor holds: reserved bits, or combinations
+/// a MOV to CR0/CR4 or a WRMSR to EFER refuses (each variant names its
+/// rule; `regs.rs` cites the manuals).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum X86PagingError {
+    /// A bit the register does not define is set.
+    #[error("{register} has reserved bits set: {bits:#x} ({register} = {value:#x})")]
+    ReservedBits {
+        /// The register.
+        register: X86Register,
+        /// The reserved bits that are set.
+        bits: u64,
+        /// The register's value.
+        value: u64,
+    },
     /// CR0.PG without CR0.PE.
     #[error("CR0.PG is set without CR0.PE (cr0 = {cr0:#x})")]
     PagingWithoutProtection {
         /// CR0.
         cr0: u64,
     },
-    /// Long mode (EFER.LMA) without CR4.PAE.
+    /// CR0.NW (not write-through) without CR0.CD (cache disable).
+    #[error("CR0.NW is set without CR0.CD (cr0 = {cr0:#x})")]
+    NotWriteThroughWithoutCacheDisable {
+        /// CR0.
+        cr0: u64,
+    },
+    /// EFER.LMA without both EFER.LME and CR0.PG, which are what make the
+    /// processor set it.
+    #[error(
+        "EFER.LMA is set but EFER.LME and CR0.PG are not both set \
+         (cr0 = {cr0:#x}, efer = {efer:#x})"
+    )]
+    LongModeActiveWithoutEnable {
+        /// CR0.
+        cr0: u64,
+        /// IA32_EFER.
+        efer: u64,
+    },
+    /// Long mode (CR0.PG with EFER.LME) without CR4.PAE.
     #[error("long mode is active but CR4.PAE is clear (cr4 = {cr4:#x})")]
     LongModeWithoutPae {
+        /// CR4.
+        cr4: u64,
+    },
+    /// CR4.PCIDE outside long mode (PCIDs exist in IA-32e mode only).
+    #[error("CR4.PCIDE is set outside long mode (cr4 = {cr4:#x}, efer = {efer:#x})")]
+    PcidOutsideLongMode {
+        /// CR4.
+        cr4: u64,
+        /// IA32_EFER.
+        efer: u64,
+    },
+    /// CR4.CET without CR0.WP.
+    #[error("CR4.CET is set without CR0.WP (cr0 = {cr0:#x}, cr4 = {cr4:#x})")]
+    CetWithoutWriteProtect {
+        /// CR0.
+        cr0: u64,
         /// CR4.
         cr4: u64,
     },
@@ -115,6 +184,9 @@ pub enum X86PagingError {
 
 /// The guest registers that decide how it translates addresses, plus the
 /// CPU facts the checks need (MAXPHYADDR, 1 GiB page support, PKRU/PKRS).
+/// Values no processor holds (reserved bits of CR0, CR4 or EFER, or a
+/// combination hardware refuses) are refused by [`X86Paging::mode`], and so
+/// by [`Walker::new`](super::Walker::new).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct X86Paging {
     /// CR0 (PE, WP, PG matter).
@@ -172,29 +244,33 @@ impl X86Paging {
         }
     }
 
-    /// The paging mode the registers select.
+    /// The paging mode the registers select, or why no processor would
+    /// hold them: a reserved bit of CR0, CR4 or EFER, or a combination a
+    /// MOV to a control register or a WRMSR to EFER refuses.
     pub fn mode(&self) -> Result<X86Mode, X86PagingError> {
         if !(32..=52).contains(&self.maxphyaddr) {
             return Err(X86PagingError::PhysicalWidth {
                 bits: self.maxphyaddr,
             });
         }
+        regs::check(self)?;
         if self.cr0 & CR0_PG == 0 {
             return Ok(X86Mode::NoPaging);
         }
-        if self.cr0 & CR0_PE == 0 {
-            return Err(X86PagingError::PagingWithoutProtection { cr0: self.cr0 });
-        }
-        // Setting CR0.PG with EFER.LME is what activates long mode; accept
-        // register sets that carry LME but were saved before LMA was set.
-        let long = self.efer & (EFER_LMA | EFER_LME) != 0;
-        match (self.cr4 & CR4_PAE != 0, long) {
-            (false, false) => Ok(X86Mode::Bits32),
-            (false, true) => Err(X86PagingError::LongModeWithoutPae { cr4: self.cr4 }),
-            (true, false) => Ok(X86Mode::Pae),
-            (true, true) if self.cr4 & CR4_LA57 != 0 => Ok(X86Mode::Level5),
-            (true, true) => Ok(X86Mode::Level4),
-        }
+        // `check` refused long mode without PAE.
+        Ok(match (self.cr4 & CR4_PAE != 0, self.ia32e()) {
+            (false, _) => X86Mode::Bits32,
+            (true, false) => X86Mode::Pae,
+            (true, true) if self.cr4 & CR4_LA57 != 0 => X86Mode::Level5,
+            (true, true) => X86Mode::Level4,
+        })
+    }
+
+    /// Whether the registers select IA-32e paging: CR0.PG with EFER.LME.
+    /// Setting PG with LME is what sets LMA; a register set that carries
+    /// LME but was saved before LMA was set counts as long mode too.
+    fn ia32e(&self) -> bool {
+        self.cr0 & CR0_PG != 0 && self.efer & (EFER_LMA | EFER_LME) != 0
     }
 
     /// The PCID in effect (CR3 bits 11:0 with CR4.PCIDE in long mode), else 0.

@@ -416,7 +416,19 @@ TEST(argument_errors) {
     regs.struct_size = sizeof regs;
     regs.cr0 = 0x80000000ull; /* PG without PE */
     CHECK_ERR(pf_walker_new(&regs, NULL, &none), PF_ERR_INVALID_ARGUMENT, "CR0.PG");
+    /* Reserved bits: all-ones registers name the register and the bits. */
+    regs.cr0 = ~0ull;
+    CHECK_ERR(pf_walker_new(&regs, NULL, &none), PF_ERR_INVALID_ARGUMENT,
+              "CR0 has reserved bits set: 0xffffffff1ffaffc0");
     regs.cr0 = CR0;
+    regs.cr4 = ~0ull;
+    CHECK_ERR(pf_walker_new(&regs, NULL, &none), PF_ERR_INVALID_ARGUMENT,
+              "CR4 has reserved bits set: 0xfffffffee4008000");
+    regs.cr4 = CR4;
+    regs.efer = ~0ull;
+    CHECK_ERR(pf_walker_new(&regs, NULL, &none), PF_ERR_INVALID_ARGUMENT,
+              "EFER has reserved bits set: 0xffffffffffc902fe");
+    regs.efer = EFER;
     regs.maxphyaddr = 60;
     CHECK_ERR(pf_walker_new(&regs, NULL, &none), PF_ERR_INVALID_ARGUMENT, "MAXPHYADDR");
     CHECK(none == NULL);
