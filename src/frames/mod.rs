@@ -4,7 +4,8 @@
 //! KVM, vhost-user or another process as (fd, offset).
 //!
 //! The store owns frame allocation and the kernel's view of how much memory
-//! the frames really hold. It never reads or writes frame contents.
+//! the frames really hold. It touches frame contents only when a caller
+//! asks, by `pread`/`pwrite`.
 
 mod allocator;
 mod mapping;
