@@ -19,7 +19,8 @@
 //! * **State.** An inflated page's state word says
 //!   [`PageKind::Ballooned`]: dedup skips it
 //!   (the scanner only merges private pages), pre-copy migration sends it as
-//!   nothing, it reads as zeros. A page that was already released as zero
+//!   nothing, it reads as zeros (a library read takes them from the memfd,
+//!   so it gives the page no memory). A page that was already released as zero
 //!   becomes ballooned without a second release. A library write to a
 //!   ballooned page takes it back: it counts as deflated
 //!   ([`Balloon::deflated`]). A guest that touches a ballooned page through

@@ -4,7 +4,8 @@
 //! KVM, vhost-user or another process as (fd, offset).
 //!
 //! The store owns frame allocation and the kernel's view of how much memory
-//! the frames really hold. It never reads or writes frame contents.
+//! the frames really hold. It touches frame contents only when a caller
+//! asks, by `pread`/`pwrite`.
 
 mod allocator;
 mod map_budget;
@@ -317,25 +318,34 @@ impl FrameStore {
     /// content where their fill mapping cannot take it, and how a page's
     /// bytes go back to its own frame when sharing is broken.
     pub fn write_frames(&self, frame: FrameNumber, data: &[u8]) -> Result<(), FrameError> {
-        self.pio(frame, data.as_ptr().cast_mut(), data.len(), true)
+        self.pio(
+            frame.file_offset(),
+            data.as_ptr().cast_mut(),
+            data.len(),
+            true,
+        )
     }
 
     /// Reads consecutive frames starting at `frame` into `out` (`pread`;
     /// `out.len()` a multiple of the page size).
     pub fn read_frames(&self, frame: FrameNumber, out: &mut [u8]) -> Result<(), FrameError> {
-        self.pio(frame, out.as_mut_ptr(), out.len(), false)
+        self.pio(frame.file_offset(), out.as_mut_ptr(), out.len(), false)
     }
 
-    fn pio(
-        &self,
-        frame: FrameNumber,
-        buf: *mut u8,
-        len: usize,
-        write: bool,
-    ) -> Result<(), FrameError> {
+    /// Reads `out.len()` bytes from byte `offset` of the memfd (`pread`, any
+    /// alignment). A hole reads as zeros and stays a hole, where a read
+    /// through a mapping would allocate it: how the memory layer reads pages
+    /// it knows are released.
+    pub(crate) fn read_bytes(&self, offset: u64, out: &mut [u8]) -> Result<(), FrameError> {
+        self.pio(offset, out.as_mut_ptr(), out.len(), false)
+    }
+
+    /// `pread`/`pwrite` of `len` bytes at byte `at` of the memfd.
+    fn pio(&self, at: u64, buf: *mut u8, len: usize, write: bool) -> Result<(), FrameError> {
         let mut done = 0usize;
-        let base = libc::off_t::try_from(frame.file_offset())
-            .map_err(|_| FrameError::TooLarge { frames: frame.0 })?;
+        let base = libc::off_t::try_from(at).map_err(|_| FrameError::TooLarge {
+            frames: at >> PAGE_SHIFT,
+        })?;
         while done < len {
             let off = base + done as libc::off_t;
             // SAFETY: `buf + done .. buf + len` is valid for reads (write) or
@@ -359,8 +369,8 @@ impl FrameStore {
             }
             if n == 0 {
                 return Err(FrameError::NotAllocated {
-                    start: frame.0,
-                    count: (len / PAGE_SIZE) as u64,
+                    start: at >> PAGE_SHIFT,
+                    count: len.div_ceil(PAGE_SIZE) as u64,
                 });
             }
             done += n.unsigned_abs();

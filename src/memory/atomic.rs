@@ -9,7 +9,7 @@ mod private {
 
 /// An unsigned integer usable with [`GuestMemory::load`](super::GuestMemory::load)
 /// and friends: `u8`, `u16`, `u32`, `u64`.
-pub trait AtomicInt: Copy + Eq + std::fmt::Debug + private::Sealed + 'static {
+pub trait AtomicInt: bytemuck::Pod + Eq + std::fmt::Debug + private::Sealed {
     /// The std atomic of the same width.
     type Atomic;
     /// Size and required alignment in bytes.

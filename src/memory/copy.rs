@@ -9,6 +9,14 @@
 //! as the guest expects of its own aligned accesses. A racing write shows up
 //! as a mix of old and new bytes, never as undefined behaviour.
 
+/// Whether a copy of `len` bytes at `addr` is one single-copy atomic access
+/// in [`copy_from_guest`] and [`copy_to_guest`]: a naturally aligned 1, 2, 4
+/// or 8 bytes.
+#[inline]
+pub(crate) fn is_single_copy(addr: *const u8, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4 | 8) && addr as usize % len == 0
+}
+
 /// Copies `dst.len()` bytes from `src` into `dst`.
 ///
 /// # Safety

@@ -13,6 +13,7 @@ mod error;
 mod index;
 pub mod page_state;
 mod region;
+mod released;
 
 use std::sync::{atomic::Ordering as MemOrdering, Arc};
 
@@ -188,6 +189,12 @@ impl GuestMemory {
     }
 
     /// Reads `buf.len()` bytes at `addr`. The range may span adjacent regions.
+    ///
+    /// A page the library knows is released (discarded, reported free,
+    /// ballooned) reads as zeros, or as what a vCPU wrote to it since,
+    /// without the kernel allocating memory for it: only writes take a page
+    /// back. The same holds for [`read_obj`](Self::read_obj) and
+    /// [`load`](Self::load).
     #[inline]
     pub fn read(&self, addr: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
         if let Ok((r, off)) = self.region_of(addr) {
@@ -349,17 +356,20 @@ impl GuestMemory {
             let r = &self.regions[self.index.find(addr.0)?];
             (r, addr.0 - r.start().0)
         };
-        if r.needs_state_checks()
-            && r.page_states()
-                .load((off >> PAGE_SHIFT) as usize)
-                .reads_zero()
-        {
-            return Some(zero_of::<T>());
-        }
         // `off < r.size()` (checked above, or `find` put `addr` in `r`);
-        // regions are whole pages and `addr` is aligned to `T::SIZE`.
-        // SAFETY: so the integer lies inside the mapping, aligned, and the
-        // mapping is live while `self` is borrowed.
+        // regions are whole pages and `addr` is aligned to `T::SIZE`: so the
+        // integer lies inside the mapping, aligned.
+        if r.needs_state_checks() {
+            match r.read_from((off >> PAGE_SHIFT) as usize) {
+                released::ReadFrom::Zeros => return Some(T::zeroed()),
+                released::ReadFrom::Frame => {
+                    return Some(r.load_released(off, MemOrdering::Acquire))
+                }
+                released::ReadFrom::Mapping => {}
+            }
+        }
+        // SAFETY: 1. the integer lies inside the mapping, aligned (above);
+        // 2. the mapping is live while `self` is borrowed.
         Some(unsafe { T::load(r.ptr_at(off), MemOrdering::Acquire) })
     }
 
@@ -371,14 +381,15 @@ impl GuestMemory {
         order: MemOrdering,
     ) -> Result<T, AccessError> {
         let (r, off) = self.atomic_target::<T>(addr)?;
-        // Until a layer changes some page of the region, no page reads zero
-        // from its state word: skip the state table (a cache line per load).
-        if r.needs_state_checks()
-            && r.page_states()
-                .load((off >> PAGE_SHIFT) as usize)
-                .reads_zero()
-        {
-            return Ok(zero_of::<T>());
+        // Until a layer changes some page of the region, every page reads
+        // through the mapping: skip the state table (a cache line per load).
+        if r.needs_state_checks() {
+            match r.read_from((off >> PAGE_SHIFT) as usize) {
+                released::ReadFrom::Zeros => return Ok(T::zeroed()),
+                // `atomic_target` checked alignment and bounds, as asked.
+                released::ReadFrom::Frame => return Ok(r.load_released(off, order)),
+                released::ReadFrom::Mapping => {}
+            }
         }
         // SAFETY: `atomic_target` checked alignment and that the integer lies
         // inside the region's live mapping.
@@ -475,10 +486,10 @@ impl GuestMemory {
     /// its own, and reads what it read before), so a guest reporting
     /// scattered free pages cannot use up the process's mappings.
     ///
-    /// Reading a released page through its shared mapping makes the kernel
-    /// allocate it again (shmem has no shared zero page), so a released page
-    /// stays free only while nothing reads it, or once a layer traps raw
-    /// writes to it so reads can answer zeros from the page state.
+    /// Reads through this API do not allocate a released page again (they
+    /// read its frame in the memfd, not the mapping); a raw access through
+    /// the host mapping (a vCPU's load or store) does: shmem has no shared
+    /// zero page.
     pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
         let granule = self.store.granule();
         // Name the unaligned edge: the start, else the end.
@@ -586,12 +597,6 @@ impl GuestMemory {
             }
         }
     }
-}
-
-fn zero_of<T: AtomicInt>() -> T {
-    // SAFETY: every `AtomicInt` is an unsigned integer, for which all-zero
-    // bytes are a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Checks a layout; returns the region indices sorted by start address.

@@ -112,6 +112,17 @@ impl PageState {
         self.0 & (NO_MEMORY_BIT | WRITE_PROTECTED) == NO_MEMORY_BIT | WRITE_PROTECTED
     }
 
+    /// Whether a read must come from the page's frame in the store rather
+    /// than through the mapping: the page has no memory by its state, its
+    /// raw writes are not trapped (a vCPU may have written it since, and
+    /// the frame then holds those bytes) and the host page maps its own
+    /// frame. A file read of a hole gives zeros and leaves it a hole; a
+    /// read through the mapping would make the kernel allocate it.
+    #[inline]
+    pub const fn reads_from_frame(self) -> bool {
+        self.0 & (NO_MEMORY_BIT | WRITE_PROTECTED | REMAPPED) == NO_MEMORY_BIT
+    }
+
     /// Whether a write may land without any state change.
     #[inline]
     pub const fn is_plain_writable(self) -> bool {
@@ -240,6 +251,9 @@ mod tests {
                 "unprotected pages are always read from memory"
             );
             assert_eq!(s.with_flags(WRITE_PROTECTED).reads_zero(), no_memory);
+            assert_eq!(s.reads_from_frame(), no_memory, "locked or not");
+            assert!(!s.with_flags(WRITE_PROTECTED).reads_from_frame());
+            assert!(!s.with_flags(REMAPPED).reads_from_frame());
             assert!(!s.is_plain_writable());
         }
         let p = PageState::new(PageKind::Private, FrameNumber(7), 0);

@@ -13,6 +13,7 @@ use std::{
 use super::{
     copy,
     page_state::{PageKind, PageState, PageStateTable, LOCKED, REMAPPED},
+    released::ReadFrom,
     AccessError,
 };
 use crate::{
@@ -163,8 +164,9 @@ impl GuestRegion {
     }
 
     /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
-    /// by the caller. Released pages whose raw writes are trapped read as
-    /// zeros without touching (and so re-allocating) host memory.
+    /// by the caller. Released pages read as zeros (or, if a vCPU wrote one
+    /// since, its bytes) without the kernel allocating them again
+    /// ([`ReadFrom`]).
     #[inline]
     pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
         if !self.needs_state_checks() {
@@ -181,24 +183,24 @@ impl GuestRegion {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
-            let page = (off >> PAGE_SHIFT) as usize;
-            let zero = self.states.load(page).reads_zero();
+            let from = self.read_from((off >> PAGE_SHIFT) as usize);
             // Extend the run over following pages with the same answer, so a
-            // large copy is one `rep movsb`, not one per page.
+            // large copy is one `rep movsb` (or one `pread`), not one per page.
             let mut end = (((off >> PAGE_SHIFT) + 1) << PAGE_SHIFT).min(offset + buf.len() as u64);
             while end < offset + buf.len() as u64
-                && self.states.load((end >> PAGE_SHIFT) as usize).reads_zero() == zero
+                && self.read_from((end >> PAGE_SHIFT) as usize) == from
             {
                 end = (end + PAGE_SIZE as u64).min(offset + buf.len() as u64);
             }
             let n = usize_from(end - off);
             let dst = &mut buf[done..done + n];
-            if zero {
-                dst.fill(0);
-            } else {
-                // SAFETY: `off + n <= offset + len <= size`, the mapping's
-                // length, and the mapping lives as long as `self`.
-                unsafe { copy::copy_from_guest(self.ptr_at(off), dst) };
+            match from {
+                ReadFrom::Zeros => dst.fill(0),
+                // `off + n <= offset + len <= size`, as `read_released` asks.
+                ReadFrom::Frame => self.read_released(off, dst),
+                // SAFETY: 1. `off + n <= offset + len <= size`, the mapping's
+                // length; 2. the mapping lives as long as `self`.
+                ReadFrom::Mapping => unsafe { copy::copy_from_guest(self.ptr_at(off), dst) },
             }
             done += n;
         }
@@ -475,18 +477,34 @@ impl GuestRegion {
     /// a hole reads as zeros, and reading it through the mapping would
     /// allocate it.
     pub(crate) fn resident(&self, first: usize, count: usize) -> Option<Vec<u8>> {
-        if first.checked_add(count)? > self.pages() {
-            return None;
+        let mut vec = vec![0u8; count];
+        self.mincore(first, &mut vec).then_some(vec)
+    }
+
+    /// `mincore` of pages `[first, first + out.len())` into `out`; `false`
+    /// if the range is not inside the region or the kernel refuses.
+    pub(super) fn mincore(&self, first: usize, out: &mut [u8]) -> bool {
+        if first
+            .checked_add(out.len())
+            .map_or(true, |end| end > self.pages())
+        {
+            return false;
         }
         let addr = self
             .ptr_at((first as u64) << PAGE_SHIFT)
             .cast::<libc::c_void>();
-        let mut vec = vec![0u8; count];
-        // SAFETY: `[addr, addr + count pages)` lies inside this region's live
-        // mapping (checked against its page count; page aligned), and `vec`
-        // has one writable byte per page, as mincore(2) requires.
-        let rc = unsafe { libc::mincore(addr, count << PAGE_SHIFT, vec.as_mut_ptr()) };
-        (rc == 0).then_some(vec)
+        // SAFETY: 1. `[addr, addr + out.len() pages)` lies inside this
+        // region's live mapping (checked against its page count) and is page
+        // aligned; 2. `out` has one writable byte per page, as mincore(2)
+        // requires.
+        let rc = unsafe { libc::mincore(addr, out.len() << PAGE_SHIFT, out.as_mut_ptr()) };
+        rc == 0
+    }
+
+    /// The frame store the region's frames are in.
+    #[inline]
+    pub(super) fn store(&self) -> &FrameStore {
+        &self.store
     }
 
     /// Host address of page `page`'s first byte.

@@ -79,8 +79,9 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
 /// Whether pages `[first, first + count)` of `r` each map their own frame
 /// (so a hole in the frame means the page reads zeros): any kind, not
 /// remapped, not held by an operation. (Released and ballooned pages map
-/// their own frame too: reading their holes would allocate them; a review
-/// found the digest giving a balloon's pages their memory back.)
+/// their own frame too: reading their holes through the mapping would
+/// allocate them; a review found the digest giving a balloon's pages their
+/// memory back.)
 fn own_frames(r: &GuestRegion, first: u64, count: u64) -> bool {
     if !r.needs_state_checks() {
         return true;

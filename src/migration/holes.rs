@@ -2,13 +2,14 @@
 //! or ballooned, and whose raw writes are not trapped, may have been
 //! written behind the library's back (a guest reusing a page it reported
 //! free, a vCPU touching a ballooned page); one that holds no memory reads
-//! as zeros, and reading it through the mapping would make shmem allocate
-//! it. So the sender and the digest ask the kernel before reading: `mincore`
-//! (which does not count a page the host swapped out), then `SEEK_DATA` on
-//! the memfd for a page on its own frame (which does) or the page map's
-//! swap bit for a remapped page (anonymous memory). Anything the kernel
-//! will not say counts as data: the page is then read, never wrong, at
-//! worst an allocation.
+//! as zeros. Round 0 and the digest ask the kernel before reading, so they
+//! skip holes a chunk of pages per call instead of reading each (a library
+//! read no longer allocates such a page, `memory/released.rs`, but costs a
+//! `pread`): `mincore` (which does not count a page the host swapped out),
+//! then `SEEK_DATA` on the memfd for a page on its own frame (which does) or
+//! the page map's swap bit for a remapped page (anonymous memory). Anything
+//! the kernel will not say counts as data: the page is then read, never
+//! wrong.
 
 use std::os::{fd::AsRawFd, unix::fs::FileExt};
 

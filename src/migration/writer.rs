@@ -211,21 +211,15 @@ impl<W: Write> StreamWriter<W> {
         gpa: GuestPhysAddr,
     ) -> Result<Sent, StreamError> {
         let mut page = [0u8; PAGE_SIZE];
-        // A released page that holds no memory is zeros: not read, since a
-        // read through the mapping would make shmem allocate it (a review
-        // found a migration giving a balloon's pages their memory back).
-        let hole = mem.region_of(gpa).ok().is_some_and(|(r, off)| {
-            let p = crate::addr::usize_from(off >> 12);
-            let state = r.page_states().load(p);
-            super::holes::released(state) && !super::holes::Holes::new(mem).holds_data(r, p, state)
-        });
-        if !hole {
-            mem.read(gpa, &mut page)
-                .map_err(|source| StreamError::Access {
-                    at: self.position(),
-                    source,
-                })?;
-        }
+        // A released or ballooned page is read from its frame, not the
+        // mapping (`memory/released.rs`): a hole reads as zeros without
+        // shmem allocating it (a review found a migration giving a
+        // balloon's pages their memory back).
+        mem.read(gpa, &mut page)
+            .map_err(|source| StreamError::Access {
+                at: self.position(),
+                source,
+            })?;
         self.page(gpa, &page)
     }
 

@@ -1,6 +1,7 @@
 /*
  * Balloon reclaim: inflate by PFN, by le32 queue payload and by range (the
- * kernel's allocated bytes drop), per-entry errors in a bad batch while the
+ * kernel's allocated bytes drop, and reads of ballooned pages do not raise
+ * them again), per-entry errors in a bad batch while the
  * rest applies, deflate, a write to a ballooned page, free page reports,
  * stats with unknown tags, the OOM hook, and the NULL / struct-size errors.
  */
@@ -97,11 +98,20 @@ TEST(inflate_releases_memory) {
     CHECK_OK(pf_guest_memory_census(mem, &census));
     CHECK_EQ(census.ballooned_pages, 13);
 
-    /* Ballooned pages read as zeros. */
+    /* Ballooned pages read as zeros, and reading them gives them no memory
+     * back: nothing allocated, nothing the guest touched. */
     {
-        uint8_t byte = 1;
-        CHECK_OK(pf_guest_memory_read(mem, 2u * PAGE + 7, &byte, 1));
-        CHECK_EQ(byte, 0);
+        uint8_t buf[64];
+        uint64_t word = 1, touched = 1;
+        memset(buf, 1, sizeof buf);
+        CHECK_OK(pf_guest_memory_read(mem, 2u * PAGE + 7, buf, sizeof buf));
+        for (size_t i = 0; i < sizeof buf; i++)
+            CHECK_EQ(buf[i], 0);
+        CHECK_OK(pf_guest_memory_load_u64(mem, 3u * PAGE + 64, &word));
+        CHECK_EQ(word, 0);
+        CHECK_EQ(allocated(mem), before - 13u * PAGE);
+        CHECK_OK(pf_balloon_reclaim_touched(b, &touched));
+        CHECK_EQ(touched, 0);
     }
 
     /* Range errors: misaligned, into the hole. Nothing changes. */

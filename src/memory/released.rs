@@ -1,0 +1,122 @@
+//! Library reads of pages the library knows are released: zero (discarded,
+//! reported free) or ballooned by their state word, raw writes not trapped,
+//! on their own frame. Such a page's memory is a hole in the memfd, unless a
+//! vCPU wrote it behind the state's back. Read through the shared mapping, a
+//! hole makes the kernel allocate the page again (shmem has no shared zero
+//! page): a 64-byte host read of a ballooned page grew the memfd by a page,
+//! and `Balloon::reclaim_touched` then deflated it as if the guest had used
+//! it. So these reads go to the page's frame with `pread`, which reads a
+//! hole as zeros and leaves it a hole, and reads a page the guest wrote as
+//! its bytes. Only writes take a page back.
+//!
+//! Must never read such a page through the mapping while it may be a hole;
+//! the one exception is a `pread` the kernel refuses, where reading the
+//! mapping is never wrong, at worst an allocation.
+
+use std::sync::atomic::{fence, Ordering};
+
+use super::{copy, page_state::PageState, region::GuestRegion, AtomicInt};
+use crate::addr::{usize_from, PAGE_SHIFT};
+
+/// Where a library read takes a page's bytes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReadFrom {
+    /// No memory and raw writes trapped: zeros, from the state alone.
+    Zeros,
+    /// Released on its own frame, raw writes not trapped: the frame, by
+    /// `pread` ([`PageState::reads_from_frame`]).
+    Frame,
+    /// Anything else (memory, or a remapped view): the mapping.
+    Mapping,
+}
+
+impl ReadFrom {
+    /// The source for a page in state `s`.
+    #[inline]
+    pub(super) fn of(s: PageState) -> Self {
+        if s.reads_zero() {
+            ReadFrom::Zeros
+        } else if s.reads_from_frame() {
+            ReadFrom::Frame
+        } else {
+            ReadFrom::Mapping
+        }
+    }
+}
+
+impl GuestRegion {
+    /// Where a library read takes page `page`'s bytes from now.
+    #[inline]
+    pub(super) fn read_from(&self, page: usize) -> ReadFrom {
+        ReadFrom::of(self.page_states().load(page))
+    }
+
+    /// Reads `dst.len()` bytes at `offset`, inside pages that read from their
+    /// frame; the caller checked `offset + dst.len() <= size`. A write racing
+    /// the read shows as a mix of old and new bytes, as through the mapping;
+    /// a naturally aligned word is still read whole (see
+    /// [`GuestRegion::read_released_word`]).
+    #[inline(never)]
+    pub(super) fn read_released(&self, offset: u64, dst: &mut [u8]) {
+        let done = if copy::is_single_copy(self.ptr_at(offset), dst.len()) {
+            self.read_released_word(offset, dst)
+        } else {
+            self.pread(offset, dst)
+        };
+        if !done {
+            // SAFETY: 1. the caller checked `offset + dst.len() <= size`, the
+            // mapping's length; 2. the mapping lives as long as `self`.
+            unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
+        }
+    }
+
+    /// Atomic load of the integer at `offset`, in a page that reads from its
+    /// frame; the caller checked that it is aligned and inside the region.
+    #[inline(never)]
+    pub(super) fn load_released<T: AtomicInt>(&self, offset: u64, order: Ordering) -> T {
+        let mut v = T::zeroed();
+        if self.read_released_word(offset, bytemuck::bytes_of_mut(&mut v)) {
+            // The page held no memory throughout, so the value is no store's
+            // and there is nothing to acquire; the fence orders the read
+            // with this thread's other accesses as strongly as any `order`.
+            fence(Ordering::SeqCst);
+            return v;
+        }
+        // SAFETY: 1. the caller checked that the integer lies inside the
+        // region's mapping and is aligned to its size; 2. the mapping lives as
+        // long as `self`.
+        unsafe { T::load(self.ptr_at(offset), order) }
+    }
+
+    /// Reads the naturally aligned word (1, 2, 4 or 8 bytes) at `offset`
+    /// into `dst` without tearing, or returns `false`: the page holds memory
+    /// (reading the mapping allocates nothing) and the caller does its own
+    /// single-copy load through the mapping.
+    ///
+    /// `pread` promises no single-copy atomicity, so its bytes are kept only
+    /// when the page held no memory both before and after it (`mincore`):
+    /// a write in between would have allocated the page, so no write
+    /// overlapped the copy. At either check a page holding memory was
+    /// written by the guest, or swapped out and brought back by the `pread`.
+    /// (On hugetlbfs `mincore` answers for this mapping: a page written only
+    /// through another process's mapping is read by `pread`, right bytes
+    /// without that guarantee.)
+    fn read_released_word(&self, offset: u64, dst: &mut [u8]) -> bool {
+        let page = usize_from(offset >> PAGE_SHIFT);
+        self.holds_no_memory(page) && self.pread(offset, dst) && self.holds_no_memory(page)
+    }
+
+    /// Whether the kernel says page `page` holds no memory (`false` when it
+    /// will not say).
+    fn holds_no_memory(&self, page: usize) -> bool {
+        let mut resident = [0u8; 1];
+        self.mincore(page, &mut resident) && resident[0] & 1 == 0
+    }
+
+    /// `pread` of `dst.len()` bytes at region offset `offset` from the
+    /// frames (consecutive in the memfd); `false` if the kernel refused.
+    fn pread(&self, offset: u64, dst: &mut [u8]) -> bool {
+        let at = self.frames().start.file_offset() + offset;
+        self.store().read_bytes(at, dst).is_ok()
+    }
+}
