@@ -41,7 +41,7 @@ use self::{
     key::DomainKey,
     merge::MergeCtx,
     reconcile::PageMap,
-    scan::{all_pages, next_pages},
+    scan::{next_pages, Batches},
     shared::SharedFrames,
 };
 use crate::{
@@ -53,6 +53,10 @@ use crate::{
     },
     userfault::{Userfault, UserfaultError},
 };
+
+/// Pages a `merge_now` pass takes at a time (128 MiB): its bookkeeping is
+/// per batch, not per pass.
+const MERGE_BATCH: usize = 32 * 1024;
 
 /// A merge domain (tenant). Pages of different domains are never shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -158,8 +162,11 @@ struct VmEntry {
 
 struct ScanState {
     keys: HashMap<DomainId, Arc<DomainKey>>,
-    /// Hash of each page at its last visit, per VM and region.
-    old_hashes: HashMap<VmId, Vec<Vec<u64>>>,
+    /// Hash of each page at its last visit, per VM and region: its top 32
+    /// bits ([`scan::visit_hash`]), enough for the volatility rule (a page
+    /// that changed yet kept them is merely compared, under protection, one
+    /// visit early), at half the metadata of the whole hash.
+    old_hashes: HashMap<VmId, Vec<Vec<u32>>>,
     /// Pages seen once this full scan with no match yet (KSM's unstable tree).
     unstable: HashMap<(DomainId, u64), (VmId, u32, u32)>,
     /// Where the incremental scan resumes: VM position, region, page.
@@ -167,6 +174,23 @@ struct ScanState {
     pagemap: PageMap,
     volatile_this_scan: u64,
     volatile_last_scan: u64,
+}
+
+impl ScanState {
+    /// Bytes allocated for the scan's bookkeeping: the hash each page left
+    /// and the unstable index (a `HashMap`: entries and a control byte per
+    /// bucket).
+    fn metadata_bytes(&self) -> u64 {
+        let hashes: usize = self
+            .old_hashes
+            .values()
+            .flatten()
+            .map(|r| r.capacity() * std::mem::size_of::<u32>())
+            .sum();
+        let unstable = self.unstable.capacity()
+            * (std::mem::size_of::<((DomainId, u64), (VmId, u32, u32))>() + 1);
+        (hashes + unstable) as u64
+    }
 }
 
 struct Inner {
@@ -320,7 +344,7 @@ impl DedupHost {
         let hashes = mem
             .regions()
             .iter()
-            .map(|r| vec![0u64; r.pages()])
+            .map(|r| vec![0u32; r.pages()])
             .collect();
         lock(&self.inner.scan).old_hashes.insert(id, hashes);
         write(&self.inner.vms).push(Arc::new(VmEntry {
@@ -387,8 +411,16 @@ impl DedupHost {
         let vms = read(&self.inner.vms).clone();
         self.inner.reconcile(&mut scan, &vms)?;
         self.inner.refresh_map_budget();
-        let refs = all_pages(&vms);
-        let mut report = self.inner.process(&mut scan, &vms, refs, true)?;
+        let mut report = ScanReport::default();
+        scan.unstable.clear();
+        let one_shot = scan::Mode {
+            volatility: false,
+            unstable: true,
+        };
+        for refs in Batches::new(&vms, MERGE_BATCH) {
+            let r = self.inner.process(&mut scan, &vms, refs, one_shot)?;
+            report.add(&r);
+        }
         scan.unstable.clear();
         scan.cursor = (0, 0, 0);
         // A full scan: what the last one found volatile is this one's (none:
@@ -396,6 +428,8 @@ impl DedupHost {
         // it cut short starts over.
         scan.volatile_last_scan = report.volatile;
         scan.volatile_this_scan = 0;
+        scan.unstable.shrink_to_fit();
+        lock(&self.inner.shared).trim();
         self.inner.full_scans.fetch_add(1, Ordering::Relaxed);
         report.full_scan_completed = true;
         Ok(report)
@@ -437,7 +471,11 @@ impl DedupHost {
             .collect();
         refs.sort_unstable_by_key(|r| (r.region, r.page));
         refs.dedup();
-        self.inner.process(&mut scan, &vms, refs, true)
+        let one_shot = scan::Mode {
+            volatility: false,
+            unstable: false,
+        };
+        self.inner.process(&mut scan, &vms, refs, one_shot)
     }
 
     /// One incremental step: visits pages from where the last step stopped,
@@ -629,7 +667,7 @@ impl DedupHost {
             background_errors: self.inner.background_errors.load(Ordering::Relaxed),
             ..DedupStats::default()
         };
-        let mut metadata = shared.metadata_bytes() + scan.unstable.len() as u64 * 40;
+        let mut metadata = shared.metadata_bytes() + scan.metadata_bytes();
         for vm in &vms {
             let c = vm.mem.census();
             s.zero_pages += zero_remapped(&vm.mem);
@@ -638,9 +676,10 @@ impl DedupHost {
                 .mem
                 .regions()
                 .iter()
-                .map(|r| r.pages() as u64 * 8)
+                .map(|r| (r.pages() * std::mem::size_of::<u64>()) as u64)
                 .sum::<u64>();
         }
+        s.metadata_bytes = metadata;
         let saved = (s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64;
         s.profit_bytes =
             i64::try_from(saved).unwrap_or(i64::MAX) - i64::try_from(metadata).unwrap_or(i64::MAX);
@@ -813,13 +852,19 @@ impl Inner {
             let (refs, wrapped) = next_pages(&mut scan.cursor, &vms, want);
             let visited = refs.len();
             left = left.saturating_sub(visited as u64);
-            let r = self.process(&mut scan, &vms, refs, false)?;
+            let incremental = scan::Mode {
+                volatility: true,
+                unstable: true,
+            };
+            let r = self.process(&mut scan, &vms, refs, incremental)?;
             total.add(&r);
             if wrapped {
                 self.full_scans.fetch_add(1, Ordering::Relaxed);
                 scan.unstable.clear();
+                scan.unstable.shrink_to_fit();
                 scan.volatile_last_scan = std::mem::take(&mut scan.volatile_this_scan);
                 self.reconcile(&mut scan, &vms)?;
+                lock(&self.shared).trim();
                 total.full_scan_completed = true;
             }
             if visited == 0 {

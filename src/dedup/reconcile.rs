@@ -6,7 +6,6 @@
 //! moves the page to private-remapped, dropping its shared-frame reference.
 
 use std::{
-    collections::HashMap,
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -15,7 +14,7 @@ use std::{
 
 use super::{lock, read, DedupError, Inner, ScanState, VmEntry};
 use crate::{
-    addr::{FrameNumber, PAGE_SIZE},
+    addr::PAGE_SIZE,
     memory::{
         page_state::{LOCKED, REMAPPED},
         GuestRegion, PageKind, PageState,
@@ -193,22 +192,22 @@ impl Inner {
         // Held while counting, so no unmerge publishes a state and drops
         // its reference in between.
         let mut shared = lock(&self.shared);
-        let mut counts: HashMap<FrameNumber, u64> = HashMap::new();
-        for vm in &vms {
-            for region in vm.mem.regions() {
-                let t = region.page_states();
-                if !region.needs_state_checks() {
-                    continue;
-                }
-                for p in 0..t.len() {
-                    let s = t.load(p);
-                    if s.kind() == PageKind::Shared {
-                        *counts.entry(s.frame()).or_default() += 1;
+        shared.recount(&self.store, |count| {
+            for vm in &vms {
+                for region in vm.mem.regions() {
+                    let t = region.page_states();
+                    if !region.needs_state_checks() {
+                        continue;
+                    }
+                    for p in 0..t.len() {
+                        let s = t.load(p);
+                        if s.kind() == PageKind::Shared {
+                            count(s.frame());
+                        }
                     }
                 }
             }
-        }
-        shared.recount(&self.store, &counts)?;
+        })?;
         Ok(())
     }
 }

@@ -51,29 +51,73 @@ struct Group {
     extra: Option<Hashed>,
 }
 
-/// Every page of every included region, in VM, region, page order.
-pub(super) fn all_pages(vms: &[Arc<VmEntry>]) -> Vec<PageRef> {
-    let total = vms
-        .iter()
-        .flat_map(|vm| {
-            vm.mem
-                .regions()
-                .iter()
-                .zip(&vm.included)
-                .filter(|(_, inc)| **inc)
-                .map(|(r, _)| r.pages())
-        })
-        .sum();
-    let mut refs = Vec::with_capacity(total);
-    for (v, vm) in vms.iter().enumerate() {
-        for (ri, r) in vm.mem.regions().iter().enumerate() {
-            if !vm.included[ri] {
-                continue;
-            }
-            refs.extend((0..r.pages()).filter_map(|p| PageRef::new(v, ri, p)));
+/// Every page of every included region, a batch at a time: batch `w`
+/// holds pages `[w * per_region, (w + 1) * per_region)` of every included
+/// region of every VM, so the same pages of clones meet in one batch (and
+/// merge there), and a pass never holds a list of every page: its
+/// bookkeeping per batch is about 160 bytes a page, which for a whole
+/// 4 GiB pass was the larger part of dedup's peak memory (found from
+/// outside). Pages that match one in another batch are found through the
+/// unstable index.
+pub(super) struct Batches<'a> {
+    vms: &'a [Arc<VmEntry>],
+    window: usize,
+    per_region: usize,
+}
+
+impl<'a> Batches<'a> {
+    /// Batches of about `pages` pages.
+    pub(super) fn new(vms: &'a [Arc<VmEntry>], pages: usize) -> Self {
+        let regions = vms
+            .iter()
+            .map(|vm| vm.included.iter().filter(|i| **i).count())
+            .sum::<usize>()
+            .max(1);
+        Batches {
+            vms,
+            window: 0,
+            per_region: (pages / regions).max(512),
         }
     }
-    refs
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Vec<PageRef>;
+
+    fn next(&mut self) -> Option<Vec<PageRef>> {
+        loop {
+            let lo = self.window.checked_mul(self.per_region)?;
+            let hi = lo.saturating_add(self.per_region);
+            self.window += 1;
+            let mut refs = Vec::new();
+            let mut more = false;
+            for (v, vm) in self.vms.iter().enumerate() {
+                for (ri, r) in vm.mem.regions().iter().enumerate() {
+                    if vm.included[ri] && r.pages() > lo {
+                        more = true;
+                        refs.extend((lo..hi.min(r.pages())).filter_map(|p| PageRef::new(v, ri, p)));
+                    }
+                }
+            }
+            if !more {
+                return None;
+            }
+            if !refs.is_empty() {
+                return Some(refs);
+            }
+        }
+    }
+}
+
+/// How a batch is processed.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Mode {
+    /// Merge only pages that hashed the same on their previous visit
+    /// (incremental scanning); `false`: every candidate now.
+    pub(super) volatility: bool,
+    /// Look pages without a match in the batch up in the unstable index
+    /// (and leave them there for later batches).
+    pub(super) unstable: bool,
 }
 
 /// The next `want` pages from `cursor`; `true` if this call reached the end
@@ -143,6 +187,13 @@ fn residency(vms: &[Arc<VmEntry>], refs: &[PageRef]) -> Vec<bool> {
         i = j;
     }
     out
+}
+
+/// What a page's visit leaves for the next one to compare: the hash's top
+/// 32 bits.
+pub(super) fn visit_hash(hash: u64) -> u32 {
+    let [a, b, c, d, ..] = hash.to_be_bytes();
+    u32::from_be_bytes([a, b, c, d])
 }
 
 /// Longest template of identical shared frames for one content.
@@ -223,7 +274,7 @@ impl Inner {
         scan: &mut ScanState,
         vms: &[Arc<VmEntry>],
         refs: Vec<PageRef>,
-        one_shot: bool,
+        mode: Mode,
     ) -> Result<ScanReport, DedupError> {
         let mut report = ScanReport {
             pages_scanned: refs.len() as u64,
@@ -320,7 +371,7 @@ impl Inner {
         {
             // Each VM's hash table and domain index, found once (not once
             // per page).
-            let mut old_hashes: Vec<Option<&mut Vec<Vec<u64>>>> =
+            let mut old_hashes: Vec<Option<&mut Vec<Vec<u32>>>> =
                 vms.iter().map(|_| None).collect();
             for (id, table) in scan.old_hashes.iter_mut() {
                 if let Some(v) = vms.iter().position(|e| e.id == *id) {
@@ -328,7 +379,7 @@ impl Inner {
                 }
             }
             let mut shared = lock(&self.shared);
-            let index: Vec<_> = vms.iter().map(|v| shared.domain_index(v.domain)).collect();
+
             let mut found = Vec::new();
             for h in hashed.into_iter().flatten() {
                 let v = h.at.vm as usize;
@@ -336,18 +387,16 @@ impl Inner {
                     .as_mut()
                     .and_then(|r| r.get_mut(h.at.region as usize))
                     .and_then(|r| r.get_mut(h.at.page as usize));
-                let old = slot.map(|s| std::mem::replace(s, h.hash));
-                if !one_shot && old != Some(h.hash) {
+                let seen = visit_hash(h.hash);
+                let old = slot.map(|s| std::mem::replace(s, seen));
+                if mode.volatility && old != Some(seen) {
                     volatile += 1;
                     continue;
                 }
                 if h.zero {
                     direct += 1;
                     push(h.at, h.state, Target::Zero);
-                } else if let Some(&s) = index[v]
-                    .and_then(|m| m.get(&h.hash))
-                    .and_then(|f| f.first())
-                {
+                } else if let Some(s) = shared.lookup(vms[v].domain, h.hash) {
                     if is_pinned.insert(s) {
                         found.push(s);
                     }
@@ -357,7 +406,6 @@ impl Inner {
                     rest.push((vms[v].domain, h));
                 }
             }
-            drop(index);
             for s in found {
                 shared.add_ref(s, 1);
                 pinned.push(s);
@@ -383,7 +431,7 @@ impl Inner {
                     members: i..j,
                     extra: None,
                 });
-            } else if !one_shot {
+            } else if mode.unstable {
                 // Incremental: a page alone in this batch may match one seen
                 // earlier in this full scan (KSM's unstable tree).
                 // The earlier page is hashed again: it may have changed since

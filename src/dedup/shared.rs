@@ -5,8 +5,16 @@
 //! made read-only before the first merge, or by `pwrite`), and is only ever
 //! mapped `MAP_PRIVATE` or read-only afterwards, so nothing can change its
 //! bytes.
+//!
+//! Kept compact because there is one record per shared frame (a quarter of
+//! a million for four clones of 1 GiB): a 24-byte record in a slab, and two
+//! open-addressing tables of 4-byte slab indexes (by frame, by content),
+//! about 36 bytes a frame where two `HashMap`s and a `Vec` per hash took
+//! about 195 (found from outside: metadata was 60 bytes per tracked page).
+//! `hashbrown`'s `HashTable` is used directly for that: its entries are the
+//! indexes alone, hashed through the slab.
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
 
 use super::DomainId;
 use crate::{
@@ -14,50 +22,117 @@ use crate::{
     frames::{FrameError, FrameRange, FrameStore},
 };
 
-#[derive(Debug)]
-struct SharedFrame {
-    refs: u64,
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    /// The content's hash in its domain.
     hash: u64,
+    frame: FrameNumber,
+    refs: u32,
     domain: DomainId,
+}
+
+/// A free slab slot's record: unreachable from either table.
+const FREE: Record = Record {
+    hash: 0,
+    frame: FrameNumber(u64::MAX),
+    refs: 0,
+    domain: DomainId(0),
+};
+
+/// SplitMix64's finaliser: frame numbers are consecutive, and the tables
+/// need their bits spread (content hashes are keyed xxh3, spread already,
+/// but mixed with their domain here too).
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn frame_key(frame: FrameNumber) -> u64 {
+    mix(frame.0)
+}
+
+fn content_key(domain: DomainId, hash: u64) -> u64 {
+    mix(hash ^ u64::from(domain.0).rotate_left(32))
 }
 
 /// Shared frames and the content index of every domain.
 #[derive(Debug, Default)]
 pub(crate) struct SharedFrames {
-    frames: HashMap<FrameNumber, SharedFrame>,
-    /// Per domain: hash -> frames with that hash (more than one on a hash
-    /// collision, and for a template of identical frames).
-    index: HashMap<DomainId, HashMap<u64, Vec<FrameNumber>>>,
+    slab: Vec<Record>,
+    free_slots: Vec<u32>,
+    by_frame: HashTable<u32>,
+    by_content: HashTable<u32>,
 }
 
 impl SharedFrames {
-    /// The content index of `domain`: hash -> frames with that hash.
-    pub(crate) fn domain_index(&self, domain: DomainId) -> Option<&HashMap<u64, Vec<FrameNumber>>> {
-        self.index.get(&domain)
+    fn record(&self, slot: u32) -> &Record {
+        &self.slab[slot as usize]
+    }
+
+    fn slot_of(&self, frame: FrameNumber) -> Option<u32> {
+        self.by_frame
+            .find(frame_key(frame), |&s| self.record(s).frame == frame)
+            .copied()
+    }
+
+    /// A shared frame of `domain` whose content hashed to `hash`, if any
+    /// (several on a hash collision or for a template of identical frames;
+    /// any of them will do: merges compare bytes first).
+    pub(crate) fn lookup(&self, domain: DomainId, hash: u64) -> Option<FrameNumber> {
+        self.by_content
+            .find(content_key(domain, hash), |&s| {
+                let r = self.record(s);
+                r.domain == domain && r.hash == hash
+            })
+            .map(|&s| self.record(s).frame)
     }
 
     /// Records a new shared frame with no references yet.
     pub(crate) fn insert(&mut self, frame: FrameNumber, domain: DomainId, hash: u64) {
-        self.frames.insert(
+        if self.slot_of(frame).is_some() {
+            return;
+        }
+        let record = Record {
+            hash,
             frame,
-            SharedFrame {
-                refs: 0,
-                hash,
-                domain,
-            },
-        );
-        self.index
-            .entry(domain)
-            .or_default()
-            .entry(hash)
-            .or_default()
-            .push(frame);
+            refs: 0,
+            domain,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.slab[s as usize] = record;
+                s
+            }
+            None => {
+                // Past 2^32 shared frames (16 TiB of distinct shared
+                // content) a frame is simply not recorded: nothing targets
+                // it, and the pass's pins free it.
+                let Ok(s) = u32::try_from(self.slab.len()) else {
+                    return;
+                };
+                self.slab.push(record);
+                s
+            }
+        };
+        let slab = &self.slab;
+        self.by_frame.insert_unique(frame_key(frame), slot, |&s| {
+            frame_key(slab[s as usize].frame)
+        });
+        self.by_content
+            .insert_unique(content_key(domain, hash), slot, |&s| {
+                let r = &slab[s as usize];
+                content_key(r.domain, r.hash)
+            });
     }
 
-    /// One more page maps `frame`.
+    /// `n` more pages map `frame`.
     pub(crate) fn add_ref(&mut self, frame: FrameNumber, n: u64) {
-        if let Some(f) = self.frames.get_mut(&frame) {
-            f.refs += n;
+        if let Some(s) = self.slot_of(frame) {
+            let r = &mut self.slab[s as usize];
+            r.refs = r.refs.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         }
     }
 
@@ -68,45 +143,47 @@ impl SharedFrames {
         store: &FrameStore,
         frame: FrameNumber,
     ) -> Result<(), FrameError> {
-        let Some(f) = self.frames.get_mut(&frame) else {
+        let Some(s) = self.slot_of(frame) else {
             return Ok(());
         };
-        f.refs = f.refs.saturating_sub(1);
-        if f.refs == 0 {
-            self.remove(store, frame)?;
+        let r = &mut self.slab[s as usize];
+        r.refs = r.refs.saturating_sub(1);
+        if r.refs == 0 {
+            self.remove(store, s)?;
         }
         Ok(())
     }
 
     /// Sets every frame's reference count to the number of pages whose
-    /// state maps it (`counts`), and frees frames no page maps. The page
-    /// states are the truth: pages leave a shared frame by unmerging, by
-    /// the kernel's copy on write, or by a discard, and only a recount from
-    /// the states can never count one too few (which would free a frame a
-    /// page still maps). Callers recount while no merge runs.
+    /// state maps it, as `count` reports them (it calls its argument once
+    /// per such page), and frees frames no page maps. The page states are
+    /// the truth: pages leave a shared frame by unmerging, by the kernel's
+    /// copy on write, or by a discard, and only a recount from the states
+    /// can never count one too few (which would free a frame a page still
+    /// maps). Callers recount while no merge runs.
     pub(crate) fn recount(
         &mut self,
         store: &FrameStore,
-        counts: &HashMap<FrameNumber, u64>,
+        count: impl FnOnce(&mut dyn FnMut(FrameNumber)),
     ) -> Result<(), FrameError> {
-        for (frame, f) in self.frames.iter_mut() {
-            f.refs = counts.get(frame).copied().unwrap_or(0);
+        for r in &mut self.slab {
+            r.refs = 0;
         }
+        count(&mut |frame| self.add_ref(frame, 1));
         self.free_unreferenced(store)
     }
 
     /// Frees every frame that ended up with no references (a merge that
     /// found its pages changed).
     pub(crate) fn free_unreferenced(&mut self, store: &FrameStore) -> Result<(), FrameError> {
-        let dead: Vec<FrameNumber> = self
-            .frames
-            .iter()
-            .filter(|(_, f)| f.refs == 0)
-            .map(|(n, _)| *n)
+        let dead: Vec<u32> = (0..self.slab.len())
+            .filter(|&s| self.slab[s].refs == 0 && self.slab[s].frame != FREE.frame)
+            .filter_map(|s| u32::try_from(s).ok())
             .collect();
-        for n in dead {
-            self.remove(store, n)?;
+        for s in dead {
+            self.remove(store, s)?;
         }
+        self.shrink();
         Ok(())
     }
 
@@ -114,38 +191,133 @@ impl SharedFrames {
     /// merge may target it any more); the record goes only once the store
     /// freed the frame, so a failed punch (which leaves the allocator as it
     /// was) is retried by the next `free_unreferenced`, not leaked.
-    fn remove(&mut self, store: &FrameStore, frame: FrameNumber) -> Result<(), FrameError> {
-        let Some(f) = self.frames.get(&frame) else {
-            return Ok(());
-        };
-        if let Some(m) = self.index.get_mut(&f.domain) {
-            if let Some(v) = m.get_mut(&f.hash) {
-                v.retain(|x| *x != frame);
-                if v.is_empty() {
-                    m.remove(&f.hash);
-                }
-            }
+    fn remove(&mut self, store: &FrameStore, slot: u32) -> Result<(), FrameError> {
+        let r = *self.record(slot);
+        if let Ok(e) = self
+            .by_content
+            .find_entry(content_key(r.domain, r.hash), |&s| s == slot)
+        {
+            e.remove();
         }
         store.free(FrameRange {
-            start: frame,
+            start: r.frame,
             count: 1,
         })?;
-        self.frames.remove(&frame);
+        if let Ok(e) = self.by_frame.find_entry(frame_key(r.frame), |&s| s == slot) {
+            e.remove();
+        }
+        self.slab[slot as usize] = FREE;
+        self.free_slots.push(slot);
         Ok(())
+    }
+
+    /// Gives back what a shrinking table no longer needs (after frames are
+    /// freed in numbers): the tables are the metadata a VMM pays for.
+    fn shrink(&mut self) {
+        let live = self.slab.len() - self.free_slots.len();
+        if self.slab.len() > 64 && live < self.slab.len() / 2 {
+            // Compact the slab: move live records down, rebuild the tables.
+            self.slab.retain(|r| r.frame != FREE.frame);
+            self.slab.shrink_to_fit();
+            self.free_slots = Vec::new();
+            self.by_frame = HashTable::with_capacity(self.slab.len());
+            self.by_content = HashTable::with_capacity(self.slab.len());
+            let slab = &self.slab;
+            for (s, r) in slab.iter().enumerate() {
+                let Ok(s) = u32::try_from(s) else { break };
+                self.by_frame.insert_unique(frame_key(r.frame), s, |&x| {
+                    frame_key(slab[x as usize].frame)
+                });
+                self.by_content
+                    .insert_unique(content_key(r.domain, r.hash), s, |&x| {
+                        let r = &slab[x as usize];
+                        content_key(r.domain, r.hash)
+                    });
+            }
+        }
+    }
+
+    /// Trims spare capacity at the end of a full scan: a slab that doubled
+    /// to take a pass's new frames keeps only an eighth more than it holds,
+    /// and the tables shrink to fit. Once a full scan, not per batch: a
+    /// table trimmed to fit doubles again on its next insert, a rehash of
+    /// every entry.
+    pub(crate) fn trim(&mut self) {
+        let want = self.slab.len() + self.slab.len() / 8;
+        if self.slab.capacity() > want {
+            self.slab.shrink_to(want);
+        }
+        let slab = &self.slab;
+        self.by_frame
+            .shrink_to(0, |&x| frame_key(slab[x as usize].frame));
+        self.by_content.shrink_to(0, |&x| {
+            let r = &slab[x as usize];
+            content_key(r.domain, r.hash)
+        });
     }
 
     /// Shared frames in use (KSM's `pages_shared`).
     pub(crate) fn len(&self) -> u64 {
-        self.frames.len() as u64
+        (self.slab.len() - self.free_slots.len()) as u64
     }
 
     /// Sum of references (pages mapping a shared frame).
     pub(crate) fn total_refs(&self) -> u64 {
-        self.frames.values().map(|f| f.refs).sum()
+        self.slab.iter().map(|r| u64::from(r.refs)).sum()
     }
 
-    /// Bytes of bookkeeping, for the profit figure.
+    /// Bytes allocated for the table, for the profit figure.
     pub(crate) fn metadata_bytes(&self) -> u64 {
-        (self.frames.len() * (std::mem::size_of::<(FrameNumber, SharedFrame)>() + 16)) as u64
+        (self.slab.capacity() * std::mem::size_of::<Record>()
+            + self.free_slots.capacity() * 4
+            + self.by_frame.allocation_size()
+            + self.by_content.allocation_size()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_found_by_frame_and_by_content_and_freed_at_zero() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let frames = store.allocate(300)?;
+        let mut t = SharedFrames::default();
+        let d = DomainId(3);
+        for k in 0..300u64 {
+            // Frames 0..100 share one content (a template), the rest their own.
+            let hash = if k < 100 { 7 } else { 1000 + k };
+            t.insert(FrameNumber(frames.start.0 + k), d, hash);
+            t.add_ref(FrameNumber(frames.start.0 + k), 2);
+        }
+        assert_eq!(t.len(), 300);
+        assert_eq!(t.total_refs(), 600);
+        assert!(t.lookup(d, 7).is_some_and(|f| f.0 < frames.start.0 + 100));
+        assert_eq!(t.lookup(d, 1150), Some(FrameNumber(frames.start.0 + 150)));
+        assert_eq!(t.lookup(DomainId(4), 1150), None, "domains never mix");
+        // Two drops free a frame; its content is no longer found.
+        let f = FrameNumber(frames.start.0 + 150);
+        t.drop_ref(&store, f)?;
+        assert_eq!(t.lookup(d, 1150), Some(f));
+        t.drop_ref(&store, f)?;
+        assert_eq!(t.lookup(d, 1150), None);
+        assert_eq!(t.len(), 299);
+        // A recount from the states: only the template's frames are mapped.
+        t.recount(&store, |count| {
+            for k in 0..100 {
+                count(FrameNumber(frames.start.0 + k));
+            }
+        })?;
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.total_refs(), 100);
+        assert!(t.lookup(d, 7).is_some());
+        assert_eq!(t.lookup(d, 1200), None);
+        // Slots are reused, the slab shrank, and records stay findable.
+        t.insert(FrameNumber(frames.start.0 + 200), d, 5);
+        assert_eq!(t.lookup(d, 5), Some(FrameNumber(frames.start.0 + 200)));
+        t.trim();
+        assert!(t.metadata_bytes() < 101 * 48, "{}", t.metadata_bytes());
+        Ok(())
     }
 }

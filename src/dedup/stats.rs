@@ -35,8 +35,14 @@ pub struct DedupStats {
     pub write_faults_seen: u64,
     /// Background scan steps that failed (see `DedupHost::start_background`).
     pub background_errors: u64,
-    /// Bytes saved minus bytes of dedup bookkeeping (KSM's general_profit).
+    /// Bytes saved minus [`metadata_bytes`](Self::metadata_bytes) (KSM's
+    /// general_profit).
     pub profit_bytes: i64,
+    /// Bytes of bookkeeping allocated now, as allocated (capacities, not
+    /// lengths): the page-state tables of the registered VMs, the hash each
+    /// page left at its last visit, the unstable index and the shared-frame
+    /// table.
+    pub metadata_bytes: u64,
 }
 
 /// Per-VM statistics.
