@@ -1,13 +1,23 @@
-//! `pagefold estimate`: how much a set of guest RAM images would save, found
-//! by the real scanner (images are loaded as VMs and merged), not by a
-//! separate counting path. The saving is the kernel's figure for the store.
+//! `pagefold estimate`: how much folding a set of raw guest RAM images would
+//! save. The figures come from a streaming, byte-checked count
+//! (`image_scan.rs`): no privilege, and memory that does not grow with the
+//! images' bytes. `--fold` also loads the images as VMs and folds them with
+//! the real scanner for the kernel's own figure; that needs userfaultfd and
+//! memory for every image, both checked before any work is done.
 
 use std::{error::Error, io::IsTerminal, path::PathBuf, sync::Arc};
 
-use pagefold::{DedupHost, FrameStore, VmOptions, PAGE_SIZE};
+use indicatif::{ProgressBar, ProgressStyle};
+use pagefold::{
+    userfault::UserfaultError, DedupError, DedupHost, FrameStore, VmOptions, PAGE_SIZE,
+};
 use serde::Serialize;
 
-use crate::workload::Workload;
+use crate::{
+    image_scan::{self, Counts},
+    images::Image,
+    workload::Workload,
+};
 
 #[derive(Serialize)]
 struct ImageStats {
@@ -15,6 +25,16 @@ struct ImageStats {
     total_pages: u64,
     zero_pages: u64,
     merged_pages: u64,
+    trailing_bytes: u64,
+}
+
+/// What the real scanner did with the images (`--fold`).
+#[derive(Serialize)]
+struct Folded {
+    saved_pages: u64,
+    saved_bytes_kernel: u64,
+    pages_shared: u64,
+    pages_sharing: u64,
 }
 
 #[derive(Serialize)]
@@ -23,93 +43,199 @@ struct Totals {
     zero_pages: u64,
     distinct_pages: u64,
     saved_pages: u64,
-    saved_bytes_kernel: u64,
     pages_shared: u64,
     pages_sharing: u64,
+    /// Every figure above is byte-checked, none rests on a hash alone.
+    exact: bool,
+    hash_collisions: u64,
+    trailing_bytes: u64,
     images: Vec<ImageStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fold: Option<Folded>,
 }
 
-/// Loads the images, merges them, prints per-image and total figures.
-pub(crate) fn run(images: &[PathBuf], json: bool) -> Result<(), Box<dyn Error>> {
-    if images.is_empty() {
-        return Err("estimate needs at least one image".into());
-    }
-    let w = Workload::images(images)?;
-    let store = Arc::new(FrameStore::memfd()?);
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(w.pages() as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} pages")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_message("loading");
-        b
-    });
-    let vms = w.load(&store, |n| {
-        if let Some(b) = &bar {
-            b.inc(n as u64);
-        }
-    })?;
-    if let Some(b) = &bar {
-        b.set_message("merging");
-    }
-    let host = DedupHost::new(Arc::clone(&store))?;
-    let ids = vms
-        .iter()
-        .map(|m| host.register(Arc::clone(m), VmOptions::default()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let before = store.allocated_bytes()?;
-    host.merge_now()?;
-    let after = store.allocated_bytes()?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let stats = host.stats()?;
-    let mut images_out = Vec::new();
-    for (path, id) in images.iter().zip(&ids) {
-        let s = host.vm_stats(*id)?;
-        images_out.push(ImageStats {
-            image: path.display().to_string(),
-            total_pages: s.pages,
-            zero_pages: s.zero_pages,
-            merged_pages: s.pages_merged,
-        });
-    }
-    let total_pages = stats.pages_total;
-    let saved_pages = stats.pages_sharing + stats.zero_pages;
-    let t = Totals {
-        total_pages,
-        zero_pages: stats.zero_pages,
-        distinct_pages: total_pages - saved_pages,
-        saved_pages,
-        saved_bytes_kernel: before.saturating_sub(after),
-        pages_shared: stats.pages_shared,
-        pages_sharing: stats.pages_sharing,
-        images: images_out,
+/// `--fold` refused before any work: the real scanner write-protects guest
+/// memory with userfaultfd, which an ordinary user may not open.
+#[derive(Debug, thiserror::Error)]
+#[error("--fold folds the images with the real scanner, which needs userfaultfd: run it with CAP_SYS_PTRACE (as root) or with vm.unprivileged_userfaultfd=1; without --fold, estimate needs no privilege")]
+struct FoldNeedsUserfault(#[source] DedupError);
+
+/// `--fold` refused before any work: it would hold every image in memory.
+#[derive(Debug, thiserror::Error)]
+#[error("--fold loads every image into memory: {need_mib} MiB of images, {available_mib} MiB available; without --fold, estimate streams the images")]
+struct FoldNeedsMemory {
+    need_mib: u64,
+    available_mib: u64,
+}
+
+/// Counts the images (and with `fold`, folds them), then prints per-image
+/// and total figures.
+pub(crate) fn run(paths: &[PathBuf], json: bool, fold: bool) -> Result<(), Box<dyn Error>> {
+    let images = Image::check_all(paths)?;
+    let bytes: u64 = images.iter().map(Image::bytes).sum();
+    let folder = if fold {
+        Some(Folder::start(bytes)?)
+    } else {
+        None
     };
+
+    let bar = progress_bar(
+        bytes,
+        "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+    );
+    bar.set_message("counting");
+    let counts = image_scan::count(&images, |n| bar.inc(n))?;
+    bar.finish_and_clear();
+
+    let folded = folder.map(|f| f.fold(&images)).transpose()?;
+    print(&totals(&images, &counts, folded), json)
+}
+
+fn totals(images: &[Image], c: &Counts, fold: Option<Folded>) -> Totals {
+    Totals {
+        total_pages: c.total_pages(),
+        zero_pages: c.zero_pages(),
+        distinct_pages: c.distinct_pages,
+        saved_pages: c.saved_pages(),
+        pages_shared: c.pages_shared,
+        pages_sharing: c.pages_sharing,
+        exact: true,
+        hash_collisions: c.hash_collisions,
+        trailing_bytes: images.iter().map(|i| i.trailing_bytes).sum(),
+        images: images
+            .iter()
+            .zip(&c.images)
+            .map(|(i, n)| ImageStats {
+                image: i.path.display().to_string(),
+                total_pages: n.pages,
+                zero_pages: n.zero_pages,
+                merged_pages: n.merged_pages,
+                trailing_bytes: i.trailing_bytes,
+            })
+            .collect(),
+        fold,
+    }
+}
+
+fn print(t: &Totals, json: bool) -> Result<(), Box<dyn Error>> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&t)?);
+        println!("{}", serde_json::to_string_pretty(t)?);
         return Ok(());
     }
+    let mib = |pages: u64| (pages * PAGE_SIZE as u64) >> 20;
     for i in &t.images {
+        let trailing = match i.trailing_bytes {
+            0 => String::new(),
+            n => format!("; {n} trailing bytes (a partial page) not counted"),
+        };
         println!(
-            "{}: {} pages ({} MiB), {} zero, {} merged with other pages",
+            "{}: {} pages ({} MiB), {} zero, {} merged with other pages{trailing}",
             i.image,
             i.total_pages,
-            (i.total_pages * PAGE_SIZE as u64) >> 20,
+            mib(i.total_pages),
             i.zero_pages,
             i.merged_pages
         );
     }
     println!(
-        "total: {} pages, {} zero, {} distinct, saving {} pages ({} MiB, {:.1}%); the kernel freed {} MiB",
+        "total: {} pages ({} MiB), {} zero, {} distinct, saving {} pages ({} MiB, {:.1}%)",
         t.total_pages,
+        mib(t.total_pages),
         t.zero_pages,
         t.distinct_pages,
         t.saved_pages,
-        (t.saved_pages * PAGE_SIZE as u64) >> 20,
+        mib(t.saved_pages),
         100.0 * t.saved_pages as f64 / t.total_pages.max(1) as f64,
-        t.saved_bytes_kernel >> 20
     );
+    println!(
+        "exact: every figure is byte-checked (zero pages read as zeros, each duplicate compared with its first copy; {} hash collisions told apart)",
+        t.hash_collisions
+    );
+    if let Some(f) = &t.fold {
+        println!(
+            "folded by the real scanner: saving {} pages ({} shared frames for {} sharing pages); the kernel freed {} MiB",
+            f.saved_pages,
+            f.pages_shared,
+            f.pages_sharing,
+            f.saved_bytes_kernel >> 20
+        );
+    }
     Ok(())
+}
+
+/// A progress bar on stderr, drawn only where stderr is a terminal (so
+/// scripts and tests see nothing of it).
+fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// The real scanner, started before any image is read so that a missing
+/// privilege or too little memory is said up front.
+struct Folder {
+    store: Arc<FrameStore>,
+    host: DedupHost,
+}
+
+impl Folder {
+    fn start(bytes: u64) -> Result<Self, Box<dyn Error>> {
+        if let Some(available) = mem_available() {
+            if bytes > available {
+                return Err(FoldNeedsMemory {
+                    need_mib: bytes >> 20,
+                    available_mib: available >> 20,
+                }
+                .into());
+            }
+        }
+        let store = Arc::new(FrameStore::memfd()?);
+        let host = DedupHost::new(Arc::clone(&store)).map_err(|e| -> Box<dyn Error> {
+            match e {
+                DedupError::Userfault(UserfaultError::Unavailable(_)) => {
+                    FoldNeedsUserfault(e).into()
+                }
+                e => e.into(),
+            }
+        })?;
+        Ok(Folder { store, host })
+    }
+
+    /// Loads the images as VMs (every page written: a guest's zeroed memory
+    /// is memory the host allocated), folds them, and reads the figures.
+    fn fold(self, images: &[Image]) -> Result<Folded, Box<dyn Error>> {
+        let w = Workload::from_images(images)?;
+        let bar = progress_bar(w.pages() as u64, "{msg} [{bar:40}] {pos}/{len} pages");
+        bar.set_message("loading");
+        let vms = w.load(&self.store, |n| bar.inc(n as u64))?;
+        bar.set_message("folding");
+        for vm in &vms {
+            self.host.register(Arc::clone(vm), VmOptions::default())?;
+        }
+        let before = self.store.allocated_bytes()?;
+        self.host.merge_now()?;
+        let after = self.store.allocated_bytes()?;
+        bar.finish_and_clear();
+        let s = self.host.stats()?;
+        Ok(Folded {
+            saved_pages: s.pages_sharing + s.zero_pages,
+            saved_bytes_kernel: before.saturating_sub(after),
+            pages_shared: s.pages_shared,
+            pages_sharing: s.pages_sharing,
+        })
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where unreadable:
+/// the check is a courtesy, the load itself reports a real shortage).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -3,19 +3,18 @@
 //! the figure every saving is judged against: how many pages could be saved
 //! at best (all pages minus distinct non-zero contents).
 
-use std::{
-    collections::HashSet, error::Error, fs::File, io, os::unix::fs::FileExt, path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::HashSet, error::Error, fs::File, io, path::PathBuf, sync::Arc};
 
 use pagefold::{FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::images::{Image, ImageError};
+
 /// Where one VM's RAM comes from.
 #[derive(Clone, Debug)]
 pub(crate) enum Source {
-    /// A raw image file (its size rounded down to whole pages).
-    Image(PathBuf),
+    /// A raw image file, checked (its whole pages are the VM's RAM).
+    Image(Image),
     /// Page `i` of a clone of a booted guest: zero, common to all clones,
     /// or the VM's own, in runs as a real guest's page cache and heap are.
     BootedClone { vm: u64 },
@@ -50,23 +49,24 @@ impl Workload {
         }
     }
 
-    /// One VM per image file.
-    pub(crate) fn images(paths: &[PathBuf]) -> io::Result<Self> {
+    /// One VM per image file, each checked before any is read (errors name
+    /// the file; a trailing partial page is warned of on stderr).
+    pub(crate) fn images(paths: &[PathBuf]) -> Result<Self, ImageError> {
+        Self::from_images(&Image::check_all(paths)?)
+    }
+
+    /// One VM per image already checked.
+    pub(crate) fn from_images(images: &[Image]) -> Result<Self, ImageError> {
         let mut vms = Vec::new();
-        for p in paths {
-            let len = File::open(p)?.metadata()?.len();
-            let pages = usize::try_from(len / PAGE_SIZE as u64)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "image too large"))?;
-            if pages == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{}: smaller than one page", p.display()),
-                ));
-            }
-            vms.push((Source::Image(p.clone()), pages));
+        for i in images {
+            // Only a 32-bit host could hold more pages than `usize` counts.
+            let pages = usize::try_from(i.pages).map_err(|_| ImageError::TooLarge {
+                path: i.path.clone(),
+            })?;
+            vms.push((Source::Image(i.clone()), pages));
         }
         Ok(Workload {
-            name: format!("{} image(s)", paths.len()),
+            name: format!("{} image(s)", images.len()),
             vms,
         })
     }
@@ -85,17 +85,18 @@ impl Workload {
         files: &mut Vec<Option<File>>,
     ) -> io::Result<()> {
         match &self.vms[vm].0 {
-            Source::Image(path) => {
+            Source::Image(image) => {
                 if files.len() <= vm {
                     files.resize_with(vm + 1, || None);
                 }
-                if files[vm].is_none() {
-                    files[vm] = Some(File::open(path)?);
-                }
-                let f = files[vm]
-                    .as_ref()
-                    .ok_or_else(|| io::Error::other("image not open"))?;
-                f.read_exact_at(buf, (first * PAGE_SIZE) as u64)
+                let f = match files[vm].take() {
+                    Some(f) => f,
+                    None => image.open().map_err(io::Error::other)?,
+                };
+                let f = files[vm].insert(f);
+                image
+                    .read_at(f, buf, (first * PAGE_SIZE) as u64)
+                    .map_err(io::Error::other)
             }
             Source::BootedClone { vm: id } => {
                 for (k, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
