@@ -120,7 +120,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         })
     };
+    let t = std::time::Instant::now();
     host.merge_now()?;
+    let merge_secs = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     let after = rss_anon();
@@ -130,7 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let own_figure = saved as i64 - s.profit_bytes;
     let per = |b: u64| b.saturating_sub(base) as f64 / pages as f64;
     println!(
-        "four {gib} GiB clones, {pages} pages: pages_shared {} pages_sharing {}",
+        "four {gib} GiB clones, {pages} pages: pages_shared {} pages_sharing {}, merge_now {merge_secs:.3} s",
         s.pages_shared, s.pages_sharing
     );
     println!(

@@ -279,3 +279,31 @@ fn raw_writes_to_discarded_pages_are_read_back() {
     // SAFETY: the mapping created above, unmapped once.
     assert_eq!(unsafe { libc::munmap(other, 2 * PAGE_LEN) }, 0);
 }
+
+/// An ordering an atomic operation cannot take is a typed error, not a
+/// panic inside std's atomics (found by review: `load` with `Release`).
+#[test]
+fn impossible_atomic_orderings_are_errors() {
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), 0x1000)]).unwrap();
+    let at = GuestPhysAddr(8);
+    for order in [Ordering::Release, Ordering::AcqRel] {
+        assert!(matches!(
+            mem.load::<u64>(at, order),
+            Err(AccessError::Ordering { op: "load", .. })
+        ));
+        assert!(matches!(
+            mem.compare_exchange::<u32>(at, 0, 1, Ordering::SeqCst, order),
+            Err(AccessError::Ordering { .. })
+        ));
+    }
+    for order in [Ordering::Acquire, Ordering::AcqRel] {
+        assert!(matches!(
+            mem.store::<u16>(at, 7, order),
+            Err(AccessError::Ordering { op: "store", .. })
+        ));
+    }
+    // Nothing was written, and the memory works as before.
+    assert_eq!(mem.load::<u64>(at, Ordering::SeqCst).unwrap(), 0);
+    mem.store::<u64>(at, 9, Ordering::Release).unwrap();
+    assert_eq!(mem.load::<u64>(at, Ordering::Acquire).unwrap(), 9);
+}

@@ -222,6 +222,8 @@ pub(crate) fn access_status(e: &AccessError) -> pf_status {
         AccessError::Overflow { .. } => pf_status::PF_ERR_OVERFLOW,
         AccessError::Misaligned { .. } => pf_status::PF_ERR_MISALIGNED,
         AccessError::WriteProtected { .. } => pf_status::PF_ERR_WRITE_PROTECTED,
+        // The C ABI's atomics always pass SeqCst.
+        AccessError::Ordering { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
         AccessError::Frames(f) => frame_status(f),
     }
 }

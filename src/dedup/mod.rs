@@ -25,6 +25,7 @@ mod reconcile;
 mod scan;
 mod shared;
 mod stats;
+mod unstable;
 
 use std::{
     collections::HashMap,
@@ -43,6 +44,7 @@ use self::{
     reconcile::PageMap,
     scan::{next_pages, Batches},
     shared::SharedFrames,
+    unstable::Unstable,
 };
 use crate::{
     addr::{GuestPhysAddr, PageSize, PAGE_SIZE},
@@ -54,9 +56,9 @@ use crate::{
     userfault::{Userfault, UserfaultError},
 };
 
-/// Pages a `merge_now` pass takes at a time (128 MiB): its bookkeeping is
+/// Pages a `merge_now` pass takes at a time (64 MiB): its bookkeeping is
 /// per batch, not per pass.
-const MERGE_BATCH: usize = 32 * 1024;
+const MERGE_BATCH: usize = 16 * 1024;
 
 /// A merge domain (tenant). Pages of different domains are never shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -168,7 +170,7 @@ struct ScanState {
     /// visit early), at half the metadata of the whole hash.
     old_hashes: HashMap<VmId, Vec<Vec<u32>>>,
     /// Pages seen once this full scan with no match yet (KSM's unstable tree).
-    unstable: HashMap<(DomainId, u64), (VmId, u32, u32)>,
+    unstable: Unstable,
     /// Where the incremental scan resumes: VM position, region, page.
     cursor: (usize, usize, usize),
     pagemap: PageMap,
@@ -178,8 +180,7 @@ struct ScanState {
 
 impl ScanState {
     /// Bytes allocated for the scan's bookkeeping: the hash each page left
-    /// and the unstable index (a `HashMap`: entries and a control byte per
-    /// bucket).
+    /// and the unstable index.
     fn metadata_bytes(&self) -> u64 {
         let hashes: usize = self
             .old_hashes
@@ -187,8 +188,7 @@ impl ScanState {
             .flatten()
             .map(|r| r.capacity() * std::mem::size_of::<u32>())
             .sum();
-        let unstable = self.unstable.capacity()
-            * (std::mem::size_of::<((DomainId, u64), (VmId, u32, u32))>() + 1);
+        let unstable = self.unstable.allocated_bytes();
         (hashes + unstable) as u64
     }
 }
@@ -275,7 +275,7 @@ impl DedupHost {
             scan: Mutex::new(ScanState {
                 keys: HashMap::new(),
                 old_hashes: HashMap::new(),
-                unstable: HashMap::new(),
+                unstable: Unstable::default(),
                 cursor: (0, 0, 0),
                 pagemap,
                 volatile_this_scan: 0,
@@ -385,6 +385,8 @@ impl DedupHost {
             // goes on at the start of the next (found by review: it skipped
             // pages and counted a short pass as a full scan).
             if let Some(gone) = vms.iter().position(|e| e.id == vm) {
+                // The unstable index names VMs by position too.
+                scan.unstable.forget_vm(gone);
                 let cursor = &mut scan.cursor;
                 if cursor.0 > gone {
                     cursor.0 -= 1;
@@ -401,7 +403,6 @@ impl DedupHost {
         // either way, so this is no reason to report a failure.
         let _ = self.inner.recount();
         scan.old_hashes.remove(&vm);
-        scan.unstable.retain(|_, (v, _, _)| *v != vm);
         Ok(Arc::clone(&entry.mem))
     }
 
@@ -428,7 +429,6 @@ impl DedupHost {
         // it cut short starts over.
         scan.volatile_last_scan = report.volatile;
         scan.volatile_this_scan = 0;
-        scan.unstable.shrink_to_fit();
         lock(&self.inner.shared).trim();
         self.inner.full_scans.fetch_add(1, Ordering::Relaxed);
         report.full_scan_completed = true;
@@ -861,7 +861,6 @@ impl Inner {
             if wrapped {
                 self.full_scans.fetch_add(1, Ordering::Relaxed);
                 scan.unstable.clear();
-                scan.unstable.shrink_to_fit();
                 scan.volatile_last_scan = std::mem::take(&mut scan.volatile_this_scan);
                 self.reconcile(&mut scan, &vms)?;
                 lock(&self.shared).trim();

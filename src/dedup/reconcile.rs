@@ -130,10 +130,11 @@ impl Inner {
                 }) else {
                     continue;
                 };
-                // A chunk of the page map at a time (1 MiB of entries for
-                // 512 MiB of guest memory), not the region's whole tail: a
-                // TiB region would ask for gigabytes at once.
-                const CHUNK: usize = 1 << 17;
+                // A chunk of the page map at a time (128 KiB of entries for
+                // 64 MiB of guest memory), not the region's whole tail: a
+                // TiB region would ask for gigabytes at once, and a larger
+                // chunk is dedup's peak memory (it is read and dropped).
+                const CHUNK: usize = 1 << 14;
                 for chunk in (first..t.len()).step_by(CHUNK) {
                     let count = CHUNK.min(t.len() - chunk);
                     let entries = scan

@@ -15,7 +15,7 @@ use super::{
     key::DomainKey,
     lock,
     merge::{self, Candidate, Target},
-    nanos_since, plan, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry, VmId,
+    nanos_since, plan, DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry,
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
@@ -438,7 +438,7 @@ impl Inner {
                 // (then this page takes its place in the tree).
                 let earlier = scan
                     .unstable
-                    .remove(&(d, h.hash))
+                    .take(vms, d, h.hash)
                     .and_then(|e| self.unstable_page(vms, &keys, e, h.hash))
                     .filter(|e| e.at != h.at);
                 match earlier {
@@ -449,10 +449,8 @@ impl Inner {
                         extra: Some(e),
                     }),
                     None => {
-                        scan.unstable.insert(
-                            (d, h.hash),
-                            (vms[h.at.vm as usize].id, h.at.region, h.at.page),
-                        );
+                        scan.unstable
+                            .insert((h.at.vm as usize, h.at.region, h.at.page), h.hash);
                     }
                 }
             }
@@ -704,16 +702,17 @@ impl Inner {
         Ok(map.make_read_only().ok().map(|()| map))
     }
 
-    /// The page an unstable-tree entry names, if it is still a candidate.
+    /// The page an unstable-tree entry names, if it is still a candidate
+    /// with this hash (read and hashed again: it may have changed, or
+    /// shared only the index's 32 bits).
     fn unstable_page(
         &self,
         vms: &[Arc<VmEntry>],
         keys: &[Arc<DomainKey>],
-        (vm_id, region, page): (VmId, u32, u32),
+        (v, region, page): super::unstable::Place,
         hash: u64,
     ) -> Option<Hashed> {
-        let v = vms.iter().position(|e| e.id == vm_id)?;
-        let r = vms[v].mem.regions().get(region as usize)?;
+        let r = vms.get(v)?.mem.regions().get(region as usize)?;
         let state = r.page_states().load(page as usize);
         if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
             return None;
@@ -727,7 +726,7 @@ impl Inner {
         }
         let mut buf = [0u8; PAGE_SIZE];
         r.read_page(page as usize, &mut buf);
-        if keys[v].hash(&buf) != hash {
+        if keys.get(v)?.hash(&buf) != hash {
             return None;
         }
         Some(Hashed {

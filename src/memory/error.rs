@@ -96,6 +96,16 @@ pub enum AccessError {
         /// Start of the page.
         addr: GuestPhysAddr,
     },
+    /// A memory ordering the atomic operation cannot take: a load cannot
+    /// release, a store cannot acquire, and the failure ordering of a
+    /// compare-exchange is a load's (std's atomics panic on these).
+    #[error("an atomic {op} cannot take the memory ordering {order:?}")]
+    Ordering {
+        /// The operation.
+        op: &'static str,
+        /// The ordering given.
+        order: std::sync::atomic::Ordering,
+    },
     /// The host failed to release or provide memory.
     #[error(transparent)]
     Frames(#[from] FrameError),
@@ -111,6 +121,7 @@ impl PartialEq for AccessError {
                 a == b && x == y
             }
             (WriteProtected { addr: a }, WriteProtected { addr: b }) => a == b,
+            (Ordering { op: a, order: x }, Ordering { op: b, order: y }) => a == b && x == y,
             _ => false,
         }
     }

@@ -380,6 +380,7 @@ impl GuestMemory {
         addr: GuestPhysAddr,
         order: MemOrdering,
     ) -> Result<T, AccessError> {
+        load_ordering("load", order)?;
         let (r, off) = self.atomic_target::<T>(addr)?;
         // Until a layer changes some page of the region, every page reads
         // through the mapping: skip the state table (a cache line per load).
@@ -404,6 +405,9 @@ impl GuestMemory {
         val: T,
         order: MemOrdering,
     ) -> Result<(), AccessError> {
+        if matches!(order, MemOrdering::Acquire | MemOrdering::AcqRel) {
+            return Err(AccessError::Ordering { op: "store", order });
+        }
         let (r, off) = self.atomic_target::<T>(addr)?;
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
@@ -463,6 +467,7 @@ impl GuestMemory {
         success: MemOrdering,
         failure: MemOrdering,
     ) -> Result<Result<T, T>, AccessError> {
+        load_ordering("compare-exchange's failure", failure)?;
         let (r, off) = self.atomic_target::<T>(addr)?;
         r.prepare_write(off, T::SIZE as u64)?;
         // SAFETY: as in `load`.
@@ -634,6 +639,15 @@ fn validate_layout(layout: &[(GuestPhysAddr, u64)], align: u64) -> Result<Vec<us
         }
     }
     Ok(order)
+}
+
+/// A load's ordering (and a failed compare-exchange's, which only loads)
+/// cannot release: std's atomics panic on one, a caller gets an error.
+fn load_ordering(op: &'static str, order: MemOrdering) -> Result<(), AccessError> {
+    if matches!(order, MemOrdering::Release | MemOrdering::AcqRel) {
+        return Err(AccessError::Ordering { op, order });
+    }
+    Ok(())
 }
 
 #[cfg(all(test, not(loom)))]
