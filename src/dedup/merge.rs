@@ -34,6 +34,9 @@ use crate::{
 /// registration over many short runs, short enough that a writer caught in
 /// it waits only for a few hundred page comparisons and remaps.
 const MAX_WINDOW: usize = 2048;
+/// Mappings that must be left below the kernel's limit for the merge to
+/// make its second thread.
+const SPAWN_MARGIN: u64 = 64;
 /// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
 
@@ -125,8 +128,11 @@ pub(super) fn merge_regions(
     cands: &[Candidate],
 ) -> Result<MergeOutcome, DedupError> {
     let mut out = MergeOutcome::default();
-    // One window has nothing to overlap with.
-    if regions.len() < 2 && cands.len() <= MAX_WINDOW {
+    // One window has nothing to overlap with; and near the kernel's
+    // mapping limit no thread is made: a thread that cannot map its signal
+    // stack aborts the process from inside (found by review).
+    let single = regions.len() < 2 && cands.len() <= MAX_WINDOW;
+    if single || ctx.map_budget.below_limit() < SPAWN_MARGIN {
         let mut first_err = None;
         arm_windows(ctx, regions, cands, &mut out, |done, out| {
             if let Err(e) = finish_window(ctx, done, out) {
@@ -191,6 +197,9 @@ fn arm_windows<'r>(
     for (region, span) in regions {
         let cands = &cands[span.clone()];
         region.enable_state_checks();
+        // Where the last remap of this region ended, and what page would
+        // continue it there.
+        let mut last_remap: Option<(usize, Target)> = None;
         let mut i = 0;
         while i < cands.len() {
             if ctx.map_budget.left() < 2 {
@@ -202,7 +211,7 @@ fn arm_windows<'r>(
             while j < cands.len() && cands[j].page < first + MAX_WINDOW {
                 j += 1;
             }
-            if let Some(done) = merge_window(ctx, region, &cands[i..j], out)? {
+            if let Some(done) = merge_window(ctx, region, &cands[i..j], &mut last_remap, out)? {
                 let failed = done.remap_error.is_some();
                 finish(done, out);
                 if failed {
@@ -271,6 +280,7 @@ fn merge_window<'r>(
     ctx: &MergeCtx<'_>,
     region: &'r GuestRegion,
     window: &[Candidate],
+    last_remap: &mut Option<(usize, Target)>,
     out: &mut MergeOutcome,
 ) -> Result<Option<Remapped<'r>>, DedupError> {
     let states = region.page_states();
@@ -388,7 +398,12 @@ fn merge_window<'r>(
             if !equal[k] || remap_error.is_some() {
                 return;
             }
-            if !ctx.map_budget.try_spend(2) {
+            // A run that continues the last remap (the page after it, the
+            // frame after it: a run the window's edge cut) joins its
+            // mapping, so it costs none (found by review: the plan costs a
+            // run once, and a long run was charged once per window).
+            let continues = *last_remap == Some((run[k].page, run[k].target));
+            if !continues && !ctx.map_budget.try_spend(2) {
                 out.map_limit += (e - k) as u64;
                 return;
             }
@@ -402,6 +417,11 @@ fn merge_window<'r>(
                 Ok(()) => {
                     out.remaps += 1;
                     merged[k..e].iter_mut().for_each(|m| *m = true);
+                    let next = match run[e - 1].target {
+                        Target::Zero => Target::Zero,
+                        Target::Shared(f) => Target::Shared(FrameNumber(f.0 + 1)),
+                    };
+                    *last_remap = Some((run[e - 1].page + 1, next));
                 }
                 Err(FrameError::MapLimit { .. }) => {
                     // The kernel's mappings are spent (the budget says so
@@ -523,6 +543,9 @@ pub(super) struct UnmergeOutcome {
     pub(super) restored: u64,
     /// Pages another operation held.
     pub(super) busy: u64,
+    /// Whether this call brought back the range's first page itself (not
+    /// a caller racing it): what a COW fault resolved for one page counts.
+    pub(super) first_restored: bool,
 }
 
 /// Brings every remapped page of `region` in `[first, first+count)` back to
@@ -559,15 +582,15 @@ pub(super) fn unmerge_range(
         let cost = region.own_remap_cost(p, run.len());
         if cost <= 0 || ctx.map_budget.try_spend(cost.unsigned_abs()) {
             let q = p + run.len();
-            unmerge_locked(ctx, region, &run, &mut out)?;
+            unmerge_locked(ctx, region, &run, first, &mut out)?;
             if cost < 0 {
                 ctx.map_budget.give_back(cost.unsigned_abs());
             }
             p = q;
         } else {
             unlock_run(region, &run);
-            let stretch_end = unmerge_stretch(ctx, region, p, &mut out)?;
-            p = stretch_end.max(p + 1);
+            unmerge_stretch(ctx, region, p, first, &mut out)?;
+            p += 1;
         }
     }
     Ok(out)
@@ -607,18 +630,19 @@ fn unlock_run(region: &GuestRegion, run: &[(usize, PageState)]) {
     }
 }
 
-/// Unmerges the whole stretch of remapped pages around `page`, a piece of
-/// at most `MAX_RUN` pages at a time, starting from the end whose neighbour
-/// is in its own frame, so that each piece joins the mapping beside it
-/// instead of splitting the stretch (at most one mapping more for a
-/// stretch that fills its region, and one fewer again once it is done).
-/// Returns the end of the stretch.
+/// Unmerges, around `page`, the part of its merged stretch that reaches
+/// the nearer end beside a page in its own frame: a piece of at most
+/// `MAX_RUN` pages at a time from that end inward, so each piece joins the
+/// mapping beside it instead of splitting the stretch (one mapping more
+/// only for a stretch that fills its region). The rest of the stretch stays
+/// merged. `watch` is the page whose unmerge the caller counts.
 fn unmerge_stretch(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
     page: usize,
+    watch: usize,
     out: &mut UnmergeOutcome,
-) -> Result<usize, DedupError> {
+) -> Result<(), DedupError> {
     let states = region.page_states();
     let remapped = |p: usize| states.load(p).flags() & (REMAPPED | LOCKED) == REMAPPED;
     let mut lo = page;
@@ -629,17 +653,28 @@ fn unmerge_stretch(
     while hi < region.pages() && remapped(hi) {
         hi += 1;
     }
-    let pieces: Vec<usize> = (lo..hi).step_by(MAX_RUN).collect();
-    // From the left unless only the right end has a neighbour in its own
-    // frame.
-    let leftwards = lo == 0 && hi < region.pages();
-    let order: Box<dyn Iterator<Item = &usize>> = if leftwards {
-        Box::new(pieces.iter().rev())
+    // Towards the start, `[lo, page]` from `lo` up; towards the end,
+    // `[page, hi)` from `hi` down. A side whose end is the region's edge
+    // costs one mapping; otherwise none. The cheaper, then shorter, side.
+    let left = (u8::from(lo == 0), page + 1 - lo);
+    let right = (u8::from(hi == region.pages()), hi - page);
+    let pieces: Vec<(usize, usize)> = if left <= right {
+        (lo..=page)
+            .step_by(MAX_RUN)
+            .map(|s| (s, (s + MAX_RUN).min(page + 1)))
+            .collect()
     } else {
-        Box::new(pieces.iter())
+        let mut v = Vec::new();
+        let mut end = hi;
+        while end > page {
+            let start = end.saturating_sub(MAX_RUN).max(page);
+            v.push((start, end));
+            end = start;
+        }
+        v
     };
-    for &start in order {
-        let run = lock_run(region, start, (start + MAX_RUN).min(hi), out);
+    for (start, end) in pieces {
+        let run = lock_run(region, start, end, out);
         if run.is_empty() {
             continue;
         }
@@ -649,18 +684,19 @@ fn unmerge_stretch(
             // gives mappings back.
             ctx.map_budget.spend(cost.unsigned_abs());
         }
-        unmerge_locked(ctx, region, &run, out)?;
+        unmerge_locked(ctx, region, &run, watch, out)?;
         if cost < 0 {
             ctx.map_budget.give_back(cost.unsigned_abs());
         }
     }
-    Ok(hi)
+    Ok(())
 }
 
 fn unmerge_locked(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
     run: &[(usize, PageState)],
+    watch: usize,
     out: &mut UnmergeOutcome,
 ) -> Result<(), DedupError> {
     let states = region.page_states();
@@ -716,11 +752,13 @@ fn unmerge_locked(
     let mut result = Ok(());
     for &(p, s) in run {
         let new = PageState::new(PageKind::Private, region.own_frame(p), 0);
-        if states
+        let published = states
             .compare_exchange(p, s.with_flags(LOCKED), new)
-            .is_ok()
-            && s.kind() == PageKind::Shared
-        {
+            .is_ok();
+        if published && p == watch {
+            out.first_restored = true;
+        }
+        if published && s.kind() == PageKind::Shared {
             if let Err(e) = shared.drop_ref(ctx.store, s.frame()) {
                 result = Err(e.into());
             }

@@ -413,14 +413,44 @@ impl DedupHost {
         self.inner.reconcile(&mut scan, &vms)?;
         self.inner.refresh_map_budget();
         let mut report = ScanReport::default();
-        scan.unstable.clear();
-        let one_shot = scan::Mode {
-            volatility: false,
-            unstable: true,
-        };
-        for refs in Batches::new(&vms, MERGE_BATCH) {
-            let r = self.inner.process(&mut scan, &vms, refs, one_shot)?;
-            report.add(&r);
+        let total: u64 = vms
+            .iter()
+            .flat_map(|vm| {
+                vm.mem
+                    .regions()
+                    .iter()
+                    .zip(&vm.included)
+                    .filter(|(_, inc)| **inc)
+                    .map(|(r, _)| r.pages() as u64)
+            })
+            .sum();
+        // Each batch plans with its share of the mapping budget; a pass that
+        // the budget cut short while mappings were still left (a batch used
+        // less than its share, after an earlier one had needed more) runs
+        // again, up to three passes, with what is left.
+        for _ in 0..3 {
+            scan.unstable.clear();
+            let mut pass_report = ScanReport::default();
+            let mut done = 0u64;
+            for refs in Batches::new(&vms, MERGE_BATCH) {
+                let part = refs.len() as u64;
+                let mode = scan::Mode {
+                    volatility: false,
+                    unstable: true,
+                    share: (part, total.saturating_sub(done)),
+                };
+                done += part;
+                let r = self.inner.process(&mut scan, &vms, refs, mode)?;
+                pass_report.add(&r);
+            }
+            let cut_short = pass_report.map_limit > 0;
+            // What every pass did; what the last left for lack of mappings.
+            report.add(&pass_report);
+            report.map_limit = pass_report.map_limit;
+            let merged = pass_report.merged_shared + pass_report.merged_zero;
+            if !cut_short || merged == 0 || self.inner.store.map_budget().left() < 4 {
+                break;
+            }
         }
         scan.unstable.clear();
         scan.cursor = (0, 0, 0);
@@ -474,6 +504,7 @@ impl DedupHost {
         let one_shot = scan::Mode {
             volatility: false,
             unstable: false,
+            share: (1, 1),
         };
         self.inner.process(&mut scan, &vms, refs, one_shot)
     }
@@ -630,10 +661,12 @@ impl DedupHost {
                 // but that is no new COW break (found by review: it was
                 // counted twice and reported as merged).
                 let was_shared = s.kind() != PageKind::Private;
-                self.inner.unmerge_pages(&entry, ri, page, 1)?;
-                // Not `restored == 1`: with the mapping budget spent, the
-                // whole merged stretch around the page goes back with it.
-                if region.page_states().load(page).flags() & REMAPPED == 0 {
+                // Not `restored == 1`: with the mapping budget spent, part
+                // of the merged stretch around the page goes back with it;
+                // and not "no longer remapped": a caller racing this one
+                // may have brought it back (found by review: both counted).
+                let out = self.inner.unmerge_pages(&entry, ri, page, 1)?;
+                if out.first_restored {
                     if was_shared {
                         entry.cow_breaks.fetch_add(1, Ordering::Relaxed);
                         self.inner.cow_breaks.fetch_add(1, Ordering::Relaxed);
@@ -855,6 +888,7 @@ impl Inner {
             let incremental = scan::Mode {
                 volatility: true,
                 unstable: true,
+                share: (1, 1),
             };
             let r = self.process(&mut scan, &vms, refs, incremental)?;
             total.add(&r);

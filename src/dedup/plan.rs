@@ -117,9 +117,15 @@ pub(super) fn select(
     }
     // A run onto consecutive new frames ties them (clones: one run in
     // every VM over the same frames).
-    let run_fresh = |r: &Run| match list[r.start].target {
-        Target::Shared(f) => fresh_offset(f),
-        Target::Zero => None,
+    // A run's first new frame stands for it (a run may begin on an older
+    // frame that sits right before the new ones).
+    let run_fresh = |r: &Run| {
+        list[r.start..r.start + r.len]
+            .iter()
+            .find_map(|c| match c.target {
+                Target::Shared(f) => fresh_offset(f),
+                Target::Zero => None,
+            })
     };
     for r in runs {
         let Some(k) = run_fresh(r) else {

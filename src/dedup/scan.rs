@@ -118,6 +118,9 @@ pub(super) struct Mode {
     /// Look pages without a match in the batch up in the unstable index
     /// (and leave them there for later batches).
     pub(super) unstable: bool,
+    /// The share of the mapping budget this batch may plan with: pages of
+    /// this batch, pages of the pass still to come (this batch's included).
+    pub(super) share: (u64, u64),
 }
 
 /// The next `want` pages from `cursor`; `true` if this call reached the end
@@ -425,11 +428,21 @@ impl Inner {
                 j += 1;
             }
             if j - i >= 2 {
+                // A page of an earlier batch with this content joins the
+                // group (found by review: it was left out for the pass).
+                let extra = if mode.unstable {
+                    scan.unstable
+                        .take(vms, d, h.hash)
+                        .and_then(|e| self.unstable_page(vms, &keys, e, h.hash))
+                        .filter(|e| !rest[i..j].iter().any(|(_, m)| m.at == e.at))
+                } else {
+                    None
+                };
                 groups.push(Group {
                     domain: d,
                     hash: h.hash,
                     members: i..j,
-                    extra: None,
+                    extra,
                 });
             } else if mode.unstable {
                 // Incremental: a page alone in this batch may match one seen
@@ -588,7 +601,14 @@ impl Inner {
             });
         }
         // A window's protection may split two mappings more while it lasts.
-        let spend = budget.left().saturating_sub(2);
+        // A pass in batches gives each its share of what is left (found by
+        // review: the first batch spent everything on its worst units).
+        let (part, whole) = mode.share;
+        let spend = u64::try_from(
+            u128::from(budget.left().saturating_sub(2)) * u128::from(part)
+                / u128::from(whole.max(part).max(1)),
+        )
+        .unwrap_or(u64::MAX);
         let planned = plan::select(&list, &runs, fresh.as_ref().map(|(r, _)| *r), &lens, spend);
         if let Some(keep) = planned {
             let mut kept = Vec::with_capacity(list.len());

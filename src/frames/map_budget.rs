@@ -93,6 +93,15 @@ impl MapBudget {
         self.left.load(Ordering::Relaxed)
     }
 
+    /// Mappings below the kernel's limit (the headroom included), as of the
+    /// last reading less what was spent since: whether a thread (a stack,
+    /// its guard and its signal stack) can still be made without the
+    /// process aborting.
+    pub fn below_limit(&self) -> u64 {
+        self.left()
+            .saturating_add(self.headroom.load(Ordering::Relaxed))
+    }
+
     /// Takes `n` mappings if that many are left; `false` (nothing taken)
     /// otherwise. A stale reading is refreshed first: the rest of the
     /// process may have made mappings since.

@@ -380,10 +380,9 @@ impl GuestRegion {
             // hold no memory of their own; the shared frame holds theirs.
             let cost = self.own_remap_cost(held[k].0, e - k);
             let budget = self.store.map_budget();
-            let affordable = cost <= 0 || budget.try_spend(cost.unsigned_abs());
             let remapped = match failed {
                 Some(_) => false,
-                None if !affordable => false,
+                None if cost > 0 && !budget.try_spend(cost.unsigned_abs()) => false,
                 None => {
                     let own = crate::frames::RemapTarget::OwnShared {
                         file_offset: self.own_frame(held[k].0).file_offset(),

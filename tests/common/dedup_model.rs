@@ -697,13 +697,22 @@ impl Model {
                 rest.entry((d, content)).or_default().push((at, b));
             }
         }
-        // Groups: equal contents in this batch, or a page alone in the batch
-        // and the unstable tree's page for its content.
+        // Groups: equal contents in this batch, with the unstable tree's
+        // page for their content if it has one (as KSM, which takes pages
+        // one by one, would merge it with the first of them).
         type Group = (u32, Vec<u8>, Vec<(At, Back)>, Option<(At, Back)>);
         let mut groups: Vec<Group> = Vec::new();
         for ((d, key), members) in rest {
             if members.len() >= 2 {
-                groups.push((d, key, members, None));
+                let extra = if one_shot {
+                    None
+                } else {
+                    self.unstable
+                        .remove(&(d, key.clone()))
+                        .and_then(|e| self.unstable_page(e))
+                        .filter(|e| !members.iter().any(|m| m.0 == e.0) && self.content(e.0) == key)
+                };
+                groups.push((d, key, members, extra));
             } else if !one_shot {
                 let (at, _) = members[0];
                 // Like the host: the earlier page counts only if it still
