@@ -82,7 +82,7 @@ pub(super) struct MergeCtx<'a> {
     pub(super) map_budget: &'a MapBudget,
     /// A read-only view of the shared frames made in this pass, to compare
     /// against in place instead of reading them with `pread`.
-    pub(super) fresh: Option<FreshFrames<'a>>,
+    pub(super) fresh: &'a [FreshFrames<'a>],
     /// Shared frames and their references.
     pub(super) shared: &'a std::sync::Mutex<super::shared::SharedFrames>,
 }
@@ -327,9 +327,9 @@ fn merge_window<'r>(
 
     // 3. Compare under protection, each page against its target's bytes:
     // shared frames are read a run per `pread`, then both cores compare.
-    let fresh = |c: &Candidate| match (c.target, ctx.fresh) {
-        (Target::Shared(s), Some(f)) => f.page(s),
-        _ => None,
+    let fresh = |c: &Candidate| match c.target {
+        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
+        Target::Zero => None,
     };
     // Pages whose target is an older shared frame (not in the fresh view)
     // get its bytes with one pread per run; `slot[i]` is page `i`'s offset

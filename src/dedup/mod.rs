@@ -432,17 +432,30 @@ impl DedupHost {
             scan.unstable.clear();
             let mut pass_report = ScanReport::default();
             let mut done = 0u64;
-            for refs in Batches::new(&vms, MERGE_BATCH) {
+            let mut deferred = scan::Deferred::default();
+            let mut batches = Batches::new(&vms, MERGE_BATCH);
+            while let Some(refs) = batches.next() {
                 let part = refs.len() as u64;
                 let mode = scan::Mode {
                     volatility: false,
                     unstable: true,
                     share: (part, total.saturating_sub(done)),
+                    batch: Some(batches.last_window()),
                 };
                 done += part;
-                let r = self.inner.process(&mut scan, &vms, refs, mode)?;
-                pass_report.add(&r);
+                match self
+                    .inner
+                    .process(&mut scan, &vms, refs, mode, Some(&mut deferred))
+                {
+                    Ok(r) => pass_report.add(&r),
+                    Err(e) => {
+                        self.inner.abandon_deferred(deferred);
+                        return Err(e);
+                    }
+                }
             }
+            let r = self.inner.merge_deferred(&vms, deferred)?;
+            pass_report.add(&r);
             let cut_short = pass_report.map_limit > 0;
             // What every pass did; what the last left for lack of mappings.
             report.add(&pass_report);
@@ -505,8 +518,9 @@ impl DedupHost {
             volatility: false,
             unstable: false,
             share: (1, 1),
+            batch: None,
         };
-        self.inner.process(&mut scan, &vms, refs, one_shot)
+        self.inner.process(&mut scan, &vms, refs, one_shot, None)
     }
 
     /// One incremental step: visits pages from where the last step stopped,
@@ -889,8 +903,9 @@ impl Inner {
                 volatility: true,
                 unstable: true,
                 share: (1, 1),
+                batch: None,
             };
-            let r = self.process(&mut scan, &vms, refs, incremental)?;
+            let r = self.process(&mut scan, &vms, refs, incremental, None)?;
             total.add(&r);
             if wrapped {
                 self.full_scans.fetch_add(1, Ordering::Relaxed);
@@ -913,7 +928,7 @@ impl Inner {
             store: &self.store,
             uffd: &self.uffd,
             map_budget: self.store.map_budget(),
-            fresh: None,
+            fresh: &[],
             shared: &self.shared,
         }
     }

@@ -65,7 +65,32 @@ pub(super) struct Batches<'a> {
     per_region: usize,
 }
 
+/// Candidates of a batched pass that lie outside the batch that found them
+/// (pages of earlier batches, from the unstable index), with a pin on each
+/// one's target and the mappings set aside for them: merged together at
+/// the end of the pass. One by one each would be a write-protect window of
+/// its own (found measuring: scattered duplicates, whose pairs all span
+/// batches, took the merge from 0.38 s to 0.99 s).
+#[derive(Default)]
+pub(super) struct Deferred {
+    cands: Vec<((u32, u32), Candidate)>,
+    pins: Vec<FrameNumber>,
+    reserved: u64,
+    /// The read-only views of the batches' new frames that deferred pages
+    /// target, kept for their comparison (else a `pread` a page).
+    views: Vec<(FrameRange, HostMapping)>,
+}
+
 impl<'a> Batches<'a> {
+    /// Pages `[lo, hi)` of every region: the batch last returned.
+    pub(super) fn last_window(&self) -> (usize, usize) {
+        let lo = self
+            .window
+            .saturating_sub(1)
+            .saturating_mul(self.per_region);
+        (lo, lo.saturating_add(self.per_region))
+    }
+
     /// Batches of about `pages` pages.
     pub(super) fn new(vms: &'a [Arc<VmEntry>], pages: usize) -> Self {
         let regions = vms
@@ -121,6 +146,9 @@ pub(super) struct Mode {
     /// The share of the mapping budget this batch may plan with: pages of
     /// this batch, pages of the pass still to come (this batch's included).
     pub(super) share: (u64, u64),
+    /// Pages `[lo, hi)` of every region, for a batch of a pass: candidates
+    /// outside them go to the pass's [`Deferred`].
+    pub(super) batch: Option<(usize, usize)>,
 }
 
 /// The next `want` pages from `cursor`; `true` if this call reached the end
@@ -278,6 +306,7 @@ impl Inner {
         vms: &[Arc<VmEntry>],
         refs: Vec<PageRef>,
         mode: Mode,
+        mut deferred: Option<&mut Deferred>,
     ) -> Result<ScanReport, DedupError> {
         let mut report = ScanReport {
             pages_scanned: refs.len() as u64,
@@ -559,15 +588,18 @@ impl Inner {
             })
         };
         let mut ctx = self.ctx();
-        if let Some((range, Some(view))) = &fresh {
-            ctx.fresh = Some(merge::FreshFrames {
+        let fresh_view: Vec<merge::FreshFrames<'_>> = match &fresh {
+            Some((range, Some(view))) => vec![merge::FreshFrames {
                 start: range.start,
                 view,
-            });
-        }
+            }],
+            _ => Vec::new(),
+        };
+        ctx.fresh = &fresh_view;
         // Each region's candidates, one entry per page, in one list.
         let mut list: Vec<Candidate> = Vec::with_capacity(cands.len());
         let mut spans = Vec::new();
+        let mut span_keys = Vec::new();
         let mut next = sorted.next();
         while let Some(&(k, first)) = next {
             let start = list.len();
@@ -584,6 +616,7 @@ impl Inner {
             }
             let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
             spans.push((region, start..list.len()));
+            span_keys.push(k);
         }
         drop(cands);
         // More runs than mappings to spend: merge what saves most per
@@ -610,18 +643,28 @@ impl Inner {
         )
         .unwrap_or(u64::MAX);
         let planned = plan::select(&list, &runs, fresh.as_ref().map(|(r, _)| *r), &lens, spend);
-        if let Some(keep) = planned {
+        let keep = planned.unwrap_or_default();
+        let window = mode.batch.filter(|_| deferred.is_some());
+        if !keep.is_empty() || window.is_some() {
             let mut kept = Vec::with_capacity(list.len());
             let mut kept_spans = Vec::with_capacity(spans.len());
+            let mut later = Vec::new();
             let mut r = 0;
-            for (region, span) in &spans {
+            for ((region, span), key) in spans.iter().zip(&span_keys) {
                 let start = kept.len();
                 while r < runs.len() && runs[r].start < span.end {
                     let run = &list[runs[r].start..runs[r].start + runs[r].len];
-                    if keep[r] {
-                        kept.extend_from_slice(run);
-                    } else {
+                    if keep.get(r).is_some_and(|k| !k) {
                         report.map_limit += run.len() as u64;
+                    } else {
+                        for c in run {
+                            match window {
+                                Some((lo, hi)) if c.page < lo || c.page >= hi => {
+                                    later.push((*key, *c));
+                                }
+                                _ => kept.push(*c),
+                            }
+                        }
                     }
                     r += 1;
                 }
@@ -631,9 +674,32 @@ impl Inner {
             }
             list = kept;
             spans = kept_spans;
+            if let Some(d) = deferred.as_deref_mut() {
+                // Pinned until the pass merges them; their mappings set
+                // aside now, as the plan counted them in this share.
+                let mut shared = lock(&self.shared);
+                for (_, c) in &later {
+                    if let Target::Shared(f) = c.target {
+                        shared.add_ref(f, 1);
+                        d.pins.push(f);
+                    }
+                }
+                let set_aside = 2 * later.len() as u64;
+                budget.spend(set_aside);
+                d.reserved += set_aside;
+                d.cands.extend(later);
+            }
         }
         drop(runs);
         let out = merge::merge_regions(&ctx, &spans, &list)?;
+        drop(fresh_view);
+        if let (Some(d), Some((range, Some(view)))) = (deferred, fresh.take()) {
+            if d.cands.iter().any(|(_, c)| {
+                matches!(c.target, Target::Shared(f) if f.0 >= range.start.0 && f.0 < range.end())
+            }) {
+                d.views.push((range, view));
+            }
+        }
         report.merged_shared += out.shared;
         report.merged_zero += out.zero;
         report.changed += out.changed;
@@ -648,6 +714,85 @@ impl Inner {
         for f in pinned {
             shared.drop_ref(&self.store, f)?;
         }
+        Ok(report)
+    }
+
+    /// Drops a failed pass's deferred candidates: their mappings back to the
+    /// budget, their pins (frames nobody maps are freed, or by the next
+    /// recount should this fail too).
+    pub(super) fn abandon_deferred(&self, deferred: Deferred) {
+        self.store.map_budget().give_back(deferred.reserved);
+        let mut shared = lock(&self.shared);
+        for f in deferred.pins {
+            let _ = shared.drop_ref(&self.store, f);
+        }
+    }
+
+    /// Merges a pass's deferred candidates, all together, and drops their
+    /// pins.
+    pub(super) fn merge_deferred(
+        &self,
+        vms: &[Arc<VmEntry>],
+        deferred: Deferred,
+    ) -> Result<ScanReport, DedupError> {
+        let Deferred {
+            mut cands,
+            pins,
+            reserved,
+            views,
+        } = deferred;
+        let fresh: Vec<merge::FreshFrames<'_>> = views
+            .iter()
+            .map(|(range, view)| merge::FreshFrames {
+                start: range.start,
+                view,
+            })
+            .collect();
+        let mut ctx = self.ctx();
+        ctx.fresh = &fresh;
+        self.store.map_budget().give_back(reserved);
+        let mut report = ScanReport::default();
+        let merge_started = Instant::now();
+        cands.sort_by_key(|(k, c)| (*k, c.page));
+        cands.dedup_by_key(|(k, c)| (*k, c.page));
+        let mut list = Vec::with_capacity(cands.len());
+        let mut spans = Vec::new();
+        let mut i = 0;
+        while i < cands.len() {
+            let k = cands[i].0;
+            let start = list.len();
+            while i < cands.len() && cands[i].0 == k {
+                list.push(cands[i].1);
+                i += 1;
+            }
+            if let Some(region) = vms
+                .get(k.0 as usize)
+                .and_then(|vm| vm.mem.regions().get(k.1 as usize))
+            {
+                spans.push((region, start..list.len()));
+            }
+        }
+        drop(cands);
+        let merged = merge::merge_regions(&ctx, &spans, &list);
+        let mut shared = lock(&self.shared);
+        let mut unpinned = Ok(());
+        for f in pins {
+            if let Err(e) = shared.drop_ref(&self.store, f) {
+                unpinned = unpinned.and(Err(e));
+            }
+        }
+        drop(shared);
+        let out = merged?;
+        unpinned?;
+        report.merged_shared += out.shared;
+        report.merged_zero += out.zero;
+        report.changed += out.changed;
+        report.busy += out.busy;
+        report.map_limit += out.map_limit;
+        report.remaps += out.remaps;
+        report.merge_nanos = nanos_since(merge_started);
+        self.map_limit_hits
+            .fetch_add(out.map_limit, Ordering::Relaxed);
         Ok(report)
     }
 
