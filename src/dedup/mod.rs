@@ -425,10 +425,11 @@ impl DedupHost {
             })
             .sum();
         // Each batch plans with its share of the mapping budget; a pass that
-        // the budget cut short while mappings were still left (a batch used
-        // less than its share, after an earlier one had needed more) runs
-        // again, up to three passes, with what is left.
+        // the budget cut short while an eighth of it was still left (a
+        // batch used less than its share, after an earlier one had needed
+        // more) runs again, up to three passes, with what is left.
         for _ in 0..3 {
+            let budget_at_start = self.inner.store.map_budget().left();
             scan.unstable.clear();
             let mut pass_report = ScanReport::default();
             let mut done = 0u64;
@@ -461,10 +462,14 @@ impl DedupHost {
             report.add(&pass_report);
             report.map_limit = pass_report.map_limit;
             let merged = pass_report.merged_shared + pass_report.merged_zero;
-            if !cut_short || merged == 0 || self.inner.store.map_budget().left() < 4 {
+            let left = self.inner.store.map_budget().left();
+            if !cut_short || merged == 0 || left < 4 || left < budget_at_start / 8 {
                 break;
             }
         }
+        self.inner
+            .map_limit_hits
+            .fetch_add(report.map_limit, Ordering::Relaxed);
         scan.unstable.clear();
         scan.cursor = (0, 0, 0);
         // A full scan: what the last one found volatile is this one's (none:
@@ -520,7 +525,11 @@ impl DedupHost {
             share: (1, 1),
             batch: None,
         };
-        self.inner.process(&mut scan, &vms, refs, one_shot, None)
+        let report = self.inner.process(&mut scan, &vms, refs, one_shot, None)?;
+        self.inner
+            .map_limit_hits
+            .fetch_add(report.map_limit, Ordering::Relaxed);
+        Ok(report)
     }
 
     /// One incremental step: visits pages from where the last step stopped,
@@ -906,6 +915,8 @@ impl Inner {
                 batch: None,
             };
             let r = self.process(&mut scan, &vms, refs, incremental, None)?;
+            self.map_limit_hits
+                .fetch_add(r.map_limit, Ordering::Relaxed);
             total.add(&r);
             if wrapped {
                 self.full_scans.fetch_add(1, Ordering::Relaxed);

@@ -4,10 +4,7 @@
 //! to the merge protocol. It decides *what* to merge; `merge` decides
 //! whether it is still safe to, under write protection.
 
-use std::{
-    sync::{atomic::Ordering, Arc},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use rayon::prelude::*;
 
@@ -685,7 +682,7 @@ impl Inner {
                     }
                 }
                 let set_aside = 2 * later.len() as u64;
-                budget.spend(set_aside);
+                budget.set_aside(set_aside);
                 d.reserved += set_aside;
                 d.cands.extend(later);
             }
@@ -707,8 +704,6 @@ impl Inner {
         report.map_limit += out.map_limit;
         report.remaps += out.remaps;
         report.merge_nanos = nanos_since(merge_started);
-        self.map_limit_hits
-            .fetch_add(report.map_limit, Ordering::Relaxed);
         // Unpin: frames no page ended up mapping are freed here.
         let mut shared = lock(&self.shared);
         for f in pinned {
@@ -721,7 +716,7 @@ impl Inner {
     /// budget, their pins (frames nobody maps are freed, or by the next
     /// recount should this fail too).
     pub(super) fn abandon_deferred(&self, deferred: Deferred) {
-        self.store.map_budget().give_back(deferred.reserved);
+        self.store.map_budget().release_aside(deferred.reserved);
         let mut shared = lock(&self.shared);
         for f in deferred.pins {
             let _ = shared.drop_ref(&self.store, f);
@@ -750,7 +745,7 @@ impl Inner {
             .collect();
         let mut ctx = self.ctx();
         ctx.fresh = &fresh;
-        self.store.map_budget().give_back(reserved);
+        self.store.map_budget().release_aside(reserved);
         let mut report = ScanReport::default();
         let merge_started = Instant::now();
         cands.sort_by_key(|(k, c)| (*k, c.page));
@@ -791,8 +786,6 @@ impl Inner {
         report.map_limit += out.map_limit;
         report.remaps += out.remaps;
         report.merge_nanos = nanos_since(merge_started);
-        self.map_limit_hits
-            .fetch_add(out.map_limit, Ordering::Relaxed);
         Ok(report)
     }
 

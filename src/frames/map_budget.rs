@@ -31,6 +31,9 @@ pub struct MapBudget {
     left: AtomicU64,
     /// Mappings kept for the rest of the process.
     headroom: AtomicU64,
+    /// Mappings set aside for remaps still to come (`set_aside`), kept out
+    /// of `left` across readings of the kernel's count.
+    aside: AtomicU64,
     /// When `left` was last read from the kernel.
     refreshed: Mutex<Option<Instant>>,
 }
@@ -40,6 +43,7 @@ impl Default for MapBudget {
         MapBudget {
             left: AtomicU64::new(0),
             headroom: AtomicU64::new(Self::DEFAULT_HEADROOM),
+            aside: AtomicU64::new(0),
             refreshed: Mutex::new(None),
         }
     }
@@ -67,7 +71,8 @@ impl MapBudget {
         let now = mapping_count().unwrap_or(max);
         let left = max
             .saturating_sub(now)
-            .saturating_sub(self.headroom.load(Ordering::Relaxed));
+            .saturating_sub(self.headroom.load(Ordering::Relaxed))
+            .saturating_sub(self.aside.load(Ordering::Relaxed));
         self.left.store(left, Ordering::Relaxed);
         *self
             .refreshed
@@ -135,6 +140,25 @@ impl MapBudget {
             });
     }
 
+    /// Sets `n` mappings aside for remaps a caller will make later: taken
+    /// from what is left now, and kept out of it by later readings of the
+    /// kernel's count until [`release_aside`](Self::release_aside).
+    pub fn set_aside(&self, n: u64) {
+        self.spend(n);
+        self.aside.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Gives back `n` mappings set aside, just before the remaps they were
+    /// kept for.
+    pub fn release_aside(&self, n: u64) {
+        let _ = self
+            .aside
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                Some(a.saturating_sub(n))
+            });
+        self.give_back(n);
+    }
+
     /// The kernel refused a mapping (`ENOMEM`): nothing is left until the
     /// next reading says otherwise.
     pub fn exhausted(&self) {
@@ -190,6 +214,15 @@ mod tests {
         assert!(b.left() > 0, "the kernel's count is back");
         b.exhausted();
         assert_eq!(b.left(), 0);
+        // Set aside survives a reading of the kernel's count.
+        b.refresh();
+        let before = b.left();
+        b.set_aside(10);
+        b.refresh();
+        assert!(b.left() + 10 <= before + 2, "{} of {before}", b.left());
+        b.release_aside(10);
+        b.refresh();
+        assert!(b.left() + 2 >= before, "{} of {before}", b.left());
         // A headroom past the limit leaves nothing, however fresh.
         b.set_headroom(u64::MAX);
         assert_eq!(b.left(), 0);
