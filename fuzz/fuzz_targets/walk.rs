@@ -111,7 +111,29 @@ fuzz_target!(|input: Input| {
         let at = u64::from(off) & !7;
         mem.write_obj(GuestPhysAddr(at), v).unwrap();
     }
-    let mut regs = X86Paging::new(input.cr0, u64::from(input.cr3) << 4, input.cr4, input.efer);
+    // The walker refuses reserved bits of the paging registers up front;
+    // to reach the walks, most inputs keep only the bits that shape them
+    // (1 in 256 goes through as it came, for the refusals).
+    let raw = input.cr0 & 0xff00 == 0xff00;
+    let (cr0, cr4, efer) = if raw {
+        (input.cr0, input.cr4, input.efer)
+    } else {
+        const CR0: u64 = 1 | 1 << 16 | 1 << 31; // PE, WP, PG
+                                                // PSE, PAE, PGE, LA57, PCIDE, SMEP, SMAP, PKE, CET, PKS
+        const CR4: u64 = 1 << 4
+            | 1 << 5
+            | 1 << 7
+            | 1 << 12
+            | 1 << 17
+            | 1 << 20
+            | 1 << 21
+            | 1 << 22
+            | 1 << 23
+            | 1 << 24;
+        const EFER: u64 = 1 << 8 | 1 << 10 | 1 << 11; // LME, LMA, NXE
+        (input.cr0 & CR0, input.cr4 & CR4, input.efer & EFER)
+    };
+    let mut regs = X86Paging::new(cr0, u64::from(input.cr3) << 4, cr4, efer);
     regs.maxphyaddr = input.maxphyaddr;
     regs.gbpages = input.gbpages;
     regs.pkru = input.pkru;
