@@ -477,17 +477,25 @@ impl GuestRegion {
     /// a hole reads as zeros, and reading it through the mapping would
     /// allocate it.
     pub(crate) fn resident(&self, first: usize, count: usize) -> Option<Vec<u8>> {
+        // The range first: the buffer is a byte per page asked for.
+        if !self.holds_pages(first, count) {
+            return None;
+        }
         let mut vec = vec![0u8; count];
         self.mincore(first, &mut vec).then_some(vec)
+    }
+
+    /// Whether pages `[first, first + count)` lie inside the region.
+    fn holds_pages(&self, first: usize, count: usize) -> bool {
+        first
+            .checked_add(count)
+            .is_some_and(|end| end <= self.pages())
     }
 
     /// `mincore` of pages `[first, first + out.len())` into `out`; `false`
     /// if the range is not inside the region or the kernel refuses.
     pub(super) fn mincore(&self, first: usize, out: &mut [u8]) -> bool {
-        if first
-            .checked_add(out.len())
-            .map_or(true, |end| end > self.pages())
-        {
+        if !self.holds_pages(first, out.len()) {
             return false;
         }
         let addr = self
@@ -575,5 +583,24 @@ impl Drop for GuestRegion {
         // The mapping is unmapped after this (field drop order); freeing the
         // frames first only punches memory no one reads any more.
         let _ = self.store.free(self.frames);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{GuestMemory, GuestPhysAddr};
+
+    /// Review: `resident` allocated its byte-per-page buffer before its
+    /// range check, so an absurd count panicked (capacity overflow) or
+    /// aborted on allocation instead of answering `None`.
+    #[test]
+    fn resident_checks_the_range_before_allocating() {
+        let m = GuestMemory::new(&[(GuestPhysAddr(0), 1 << 16)]).expect("guest memory");
+        let r = &m.regions()[0];
+        assert_eq!(r.resident(0, 16).map(|v| v.len()), Some(16));
+        assert_eq!(r.resident(1, 16), None);
+        assert_eq!(r.resident(1, usize::MAX), None);
+        assert_eq!(r.resident(0, usize::MAX), None);
+        assert_eq!(r.resident(0, isize::MAX as usize), None);
     }
 }
