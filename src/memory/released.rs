@@ -15,8 +15,17 @@
 
 use std::sync::atomic::{fence, Ordering};
 
-use super::{copy, page_state::PageState, region::GuestRegion, AtomicInt};
-use crate::addr::{usize_from, PAGE_SHIFT};
+use super::{
+    copy,
+    page_state::{PageKind, PageState},
+    region::GuestRegion,
+    AtomicInt,
+};
+use crate::addr::{usize_from, FrameNumber, PAGE_SHIFT};
+
+/// Pages one frame read covers at most: their state words, loaded before
+/// the read and compared after it, are kept on the stack.
+const CHUNK_PAGES: usize = 64;
 
 /// Where a library read takes a page's bytes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,8 +65,82 @@ impl GuestRegion {
     /// the read shows as a mix of old and new bytes, as through the mapping;
     /// a naturally aligned word is still read whole (see
     /// [`GuestRegion::read_released_word`]).
+    ///
+    /// A page's state may change while its frame is read: dedup punches a
+    /// merged page's own frame before it publishes the new state, so a page
+    /// that became private and was merged meanwhile is a hole there, and
+    /// its frame read gives zeros though the page held its bytes
+    /// throughout. So the state words of the pages read are loaded before
+    /// the frame read and again after it, and a page whose word changed
+    /// (every transition changes it: a merge locks the page first) is read
+    /// again by its new state.
     #[inline(never)]
     pub(super) fn read_released(&self, offset: u64, dst: &mut [u8]) {
+        let end = offset + dst.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let chunk_end = (((at >> PAGE_SHIFT) + CHUNK_PAGES as u64) << PAGE_SHIFT).min(end);
+            let d = &mut dst[usize_from(at - offset)..usize_from(chunk_end - offset)];
+            self.read_frame_chunk(at, d);
+            at = chunk_end;
+        }
+    }
+
+    /// [`GuestRegion::read_released`] of at most [`CHUNK_PAGES`] pages.
+    fn read_frame_chunk(&self, offset: u64, dst: &mut [u8]) {
+        let first = usize_from(offset >> PAGE_SHIFT);
+        let last = usize_from((offset + dst.len() as u64 - 1) >> PAGE_SHIFT);
+        let states = self.page_states();
+        let mut before = [PageState::new(PageKind::Private, FrameNumber(0), 0); CHUNK_PAGES];
+        for (w, page) in before.iter_mut().zip(first..=last) {
+            *w = states.load(page);
+        }
+        self.read_frame(offset, dst);
+        for (k, page) in (first..=last).enumerate() {
+            let was = before[k];
+            // A page that no longer read from its frame when its word was
+            // loaded above (it changed since the caller's load) is read
+            // again as well.
+            if states.load(page) != was || ReadFrom::of(was) != ReadFrom::Frame {
+                let from = offset.max((page as u64) << PAGE_SHIFT);
+                let to = (offset + dst.len() as u64).min((page as u64 + 1) << PAGE_SHIFT);
+                let d = &mut dst[usize_from(from - offset)..usize_from(to - offset)];
+                // `from..to` lies inside `offset..offset + len`, which the
+                // caller checked, and inside page `page`.
+                self.read_page_settled(page, from, d);
+            }
+        }
+    }
+
+    /// Reads `dst.len()` bytes at `offset`, inside page `page` (the caller
+    /// checked `offset + dst.len() <= size`), by the page's state now; a
+    /// frame read counts only if the state held still across it.
+    fn read_page_settled(&self, page: usize, offset: u64, dst: &mut [u8]) {
+        loop {
+            let s = self.page_states().load(page);
+            match ReadFrom::of(s) {
+                ReadFrom::Zeros => return dst.fill(0),
+                ReadFrom::Mapping => {
+                    // SAFETY: 1. the caller checked `offset + dst.len() <=
+                    // size`, the mapping's length; 2. the mapping lives as
+                    // long as `self`.
+                    return unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
+                }
+                ReadFrom::Frame => {
+                    self.read_frame(offset, dst);
+                    if self.page_states().load(page) == s {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The frame read itself: a naturally aligned word without tearing,
+    /// anything else with one `pread`; through the mapping where the kernel
+    /// refuses (or, for a word, where the page holds memory). The caller
+    /// checked `offset + dst.len() <= size`.
+    fn read_frame(&self, offset: u64, dst: &mut [u8]) {
         let done = if copy::is_single_copy(self.ptr_at(offset), dst.len()) {
             self.read_released_word(offset, dst)
         } else {
@@ -70,22 +153,41 @@ impl GuestRegion {
         }
     }
 
-    /// Atomic load of the integer at `offset`, in a page that reads from its
-    /// frame; the caller checked that it is aligned and inside the region.
+    /// Atomic load of the integer at `offset`, in a page that read from its
+    /// frame when the caller loaded its state; the caller checked that the
+    /// integer is aligned and inside the region. Read again by the page's
+    /// state until the state holds still across the read, as
+    /// [`GuestRegion::read_released`] does.
     #[inline(never)]
     pub(super) fn load_released<T: AtomicInt>(&self, offset: u64, order: Ordering) -> T {
-        let mut v = T::zeroed();
-        if self.read_released_word(offset, bytemuck::bytes_of_mut(&mut v)) {
-            // The page held no memory throughout, so the value is no store's
-            // and there is nothing to acquire; the fence orders the read
-            // with this thread's other accesses as strongly as any `order`.
-            fence(Ordering::SeqCst);
-            return v;
+        let page = usize_from(offset >> PAGE_SHIFT);
+        loop {
+            let s = self.page_states().load(page);
+            let v = match ReadFrom::of(s) {
+                ReadFrom::Zeros => return T::zeroed(),
+                // SAFETY: 1. the caller checked that the integer lies inside
+                // the region's mapping and is aligned to its size; 2. the
+                // mapping lives as long as `self`.
+                ReadFrom::Mapping => return unsafe { T::load(self.ptr_at(offset), order) },
+                ReadFrom::Frame => {
+                    let mut v = T::zeroed();
+                    if self.read_released_word(offset, bytemuck::bytes_of_mut(&mut v)) {
+                        // The page held no memory throughout, so the value
+                        // is no store's and there is nothing to acquire; the
+                        // fence orders the read with this thread's other
+                        // accesses as strongly as any `order`.
+                        fence(Ordering::SeqCst);
+                        v
+                    } else {
+                        // SAFETY: as above.
+                        unsafe { T::load(self.ptr_at(offset), order) }
+                    }
+                }
+            };
+            if self.page_states().load(page) == s {
+                return v;
+            }
         }
-        // SAFETY: 1. the caller checked that the integer lies inside the
-        // region's mapping and is aligned to its size; 2. the mapping lives as
-        // long as `self`.
-        unsafe { T::load(self.ptr_at(offset), order) }
     }
 
     /// Reads the naturally aligned word (1, 2, 4 or 8 bytes) at `offset`
