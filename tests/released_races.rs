@@ -9,6 +9,11 @@
 //!   next page is written (it becomes private) and merged by dedup (its own
 //!   frame punched). The merged page must read as its bytes, not as the
 //!   hole its own frame now is.
+//! * A word read of a page mid-inflate (ballooned and locked, its frame not
+//!   yet punched) must not go through the mapping: a minor-fault
+//!   registration on the guest page stops a read through the mapping, the
+//!   inflate's punch lands there, and the read then makes the kernel
+//!   allocate the page again.
 //!
 //! Needs userfaultfd with kernel-mode faults (root or
 //! `vm.unprivileged_userfaultfd=1`), as dedup does.
@@ -19,21 +24,26 @@
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     thread,
 };
 
 use pagefold::{
-    memory::{page_state::REMAPPED, PageState},
-    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, PageKind, PAGE_SIZE,
+    frames::FrameRange,
+    memory::{
+        page_state::{LOCKED, REMAPPED},
+        PageState,
+    },
+    paging::PhysMemory,
+    Balloon, DedupHost, FrameNumber, FrameStore, GuestMemory, GuestPhysAddr, PageKind, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// A bare userfaultfd for the tests: missing-page faults on an anonymous
-/// buffer.
+/// buffer, minor faults on a shmem page.
 struct Uffd {
     fd: OwnedFd,
 }
@@ -41,8 +51,11 @@ struct Uffd {
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
 #[repr(C)]
@@ -166,6 +179,17 @@ impl Uffd {
         // that outlives the call; the kernel checks `dst`.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut copy) };
         assert_eq!(rc, 0, "UFFDIO_COPY: {}", std::io::Error::last_os_error());
+    }
+
+    /// Wakes threads waiting on faults at `addr`'s page: they retry.
+    fn wake(&self, addr: u64) {
+        let mut range = UffdioRange {
+            start: addr & !(PAGE - 1),
+            len: PAGE,
+        };
+        // SAFETY: `range` is a valid `uffdio_range` for the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range) };
+        assert_eq!(rc, 0, "UFFDIO_WAKE: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -296,4 +320,129 @@ fn a_released_page_merged_during_the_read_keeps_its_bytes() {
     let mut again = [0u8; PAGE_SIZE];
     m.read(GuestPhysAddr(PAGE), &mut again).unwrap();
     assert!(again.iter().all(|&b| b == X));
+}
+
+/// Review finding: a word read of a page mid-inflate (ballooned and
+/// locked, memory not yet punched) saw the page hold memory (`mincore`)
+/// and loaded the word through the mapping; an inflate's punch landing in
+/// between made that load allocate the page again, which
+/// `Balloon::reclaim_touched` then took for a page the guest used. Here
+/// the page is taken exactly as `Balloon`'s inflate takes it (its state to
+/// ballooned and locked, the punch, the unlock), and the punch lands while
+/// a read through the mapping waits in its fault. Every word read: an
+/// aligned `read_obj`, an atomic `load`, the page-table walker's entry
+/// load.
+#[test]
+fn a_word_read_during_an_inflate_allocates_nothing() {
+    type WordRead = fn(&GuestMemory, u64) -> u64;
+    let reads: [(&str, WordRead); 3] = [
+        ("read_obj", |m, gpa| {
+            m.read_obj::<u64>(GuestPhysAddr(gpa)).unwrap()
+        }),
+        ("load", |m, gpa| {
+            m.load::<u64>(GuestPhysAddr(gpa), Ordering::SeqCst).unwrap()
+        }),
+        ("walker entry load", |m, gpa| {
+            PhysMemory::read_u64(m, gpa).unwrap()
+        }),
+    ];
+    let grew: Vec<String> = reads
+        .iter()
+        .filter_map(|&(name, read)| {
+            word_read_during_an_inflate(read).map(|e| format!("{name}: {e}"))
+        })
+        .collect();
+    assert!(grew.is_empty(), "{grew:#?}");
+}
+
+/// One read of [`a_word_read_during_an_inflate_allocates_nothing`]:
+/// `None` if it allocated nothing, else what went wrong.
+fn word_read_during_an_inflate(read: fn(&GuestMemory, u64) -> u64) -> Option<String> {
+    const P: u64 = 1;
+    const AT: u64 = 0x40;
+    const VALUE: u64 = 0x1122_3344_5566_7788;
+    let m = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), 4 * PAGE)]).unwrap());
+    let b = Balloon::new(Arc::clone(&m));
+    m.fill(GuestPhysAddr(0), 0x33, 4 * PAGE_SIZE).unwrap();
+    m.write_obj(GuestPhysAddr(P * PAGE + AT), VALUE).unwrap();
+    // Page 3 ballooned: the region consults page states from now on.
+    assert_eq!(
+        b.inflate_range(GuestPhysAddr(3 * PAGE), PAGE)
+            .unwrap()
+            .applied,
+        1
+    );
+    let allocated = || m.frame_store().allocated_bytes().unwrap();
+    assert_eq!(allocated(), 3 * PAGE);
+
+    // No page-table entry for page P in this process (the memfd keeps the
+    // page), so a load through the mapping faults; the minor-fault
+    // registration holds that fault for the handler.
+    let host = m.host_address(GuestPhysAddr(P * PAGE)).unwrap().0;
+    // SAFETY: `host` is a page-aligned page of the guest mapping; dropping
+    // its page-table entry leaves the shared memfd page in place.
+    let rc = unsafe { libc::madvise(host as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    let uffd = Arc::new(Uffd::new(UFFD_FEATURE_MINOR_SHMEM));
+    uffd.register(host, PAGE, UFFDIO_REGISTER_MODE_MINOR);
+
+    // The inflate's first step: ballooned and locked, memory still there.
+    let (r, _) = m.region_of(GuestPhysAddr(P * PAGE)).unwrap();
+    let s = r.page_states().load(P as usize);
+    let taken = s.with_kind(PageKind::Ballooned).with_flags(LOCKED);
+    r.page_states()
+        .compare_exchange(P as usize, s, taken)
+        .unwrap();
+    let frame = FrameRange {
+        start: FrameNumber(r.frames().start.0 + P),
+        count: 1,
+    };
+    let punched = Arc::new(AtomicBool::new(false));
+    let faults = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (uffd, stop, punched, faults, m) = (
+            Arc::clone(&uffd),
+            Arc::clone(&stop),
+            Arc::clone(&punched),
+            Arc::clone(&faults),
+            Arc::clone(&m),
+        );
+        thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Some(addr) = uffd.next_fault(50) else {
+                    continue;
+                };
+                faults.fetch_add(1, Ordering::Relaxed);
+                // The inflate's punch lands while the read waits.
+                if !punched.swap(true, Ordering::AcqRel) {
+                    m.frame_store().release(frame).unwrap();
+                }
+                uffd.wake(addr);
+            }
+        })
+    };
+    let got = read(&m, P * PAGE + AT);
+    stop.store(true, Ordering::Release);
+    handler.join().unwrap();
+    // The inflate goes on: its punch (unless it landed already), the unlock.
+    if !punched.load(Ordering::Acquire) {
+        m.frame_store().release(frame).unwrap();
+    }
+    r.page_states()
+        .compare_exchange(P as usize, taken, taken.without_flags(LOCKED))
+        .unwrap();
+
+    // Mid-inflate the page reads as before or as ballooned.
+    assert!(got == VALUE || got == 0, "read {got:#x}");
+    if allocated() != 2 * PAGE {
+        return Some(format!(
+            "the read gave the ballooned page memory again ({} bytes allocated, {} faults through the mapping)",
+            allocated(),
+            faults.load(Ordering::Relaxed)
+        ));
+    }
+    assert_eq!(b.reclaim_touched().unwrap(), 0, "only the host read it");
+    assert_eq!(read(&m, P * PAGE + AT), 0);
+    None
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use super::{
     copy,
-    page_state::{PageKind, PageState},
+    page_state::{PageKind, PageState, LOCKED},
     region::GuestRegion,
     AtomicInt,
 };
@@ -95,7 +95,7 @@ impl GuestRegion {
         for (w, page) in before.iter_mut().zip(first..=last) {
             *w = states.load(page);
         }
-        self.read_frame(offset, dst);
+        self.read_frame(offset, dst, before[0]);
         for (k, page) in (first..=last).enumerate() {
             let was = before[k];
             // A page that no longer read from its frame when its word was
@@ -127,7 +127,7 @@ impl GuestRegion {
                     return unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
                 }
                 ReadFrom::Frame => {
-                    self.read_frame(offset, dst);
+                    self.read_frame(offset, dst, s);
                     if self.page_states().load(page) == s {
                         return;
                     }
@@ -138,10 +138,15 @@ impl GuestRegion {
 
     /// The frame read itself: a naturally aligned word without tearing,
     /// anything else with one `pread`; through the mapping where the kernel
-    /// refuses (or, for a word, where the page holds memory). The caller
-    /// checked `offset + dst.len() <= size`.
-    fn read_frame(&self, offset: u64, dst: &mut [u8]) {
-        let done = if copy::is_single_copy(self.ptr_at(offset), dst.len()) {
+    /// refuses (or, for a word of an unlocked page, where the page holds
+    /// memory). `first` is the state of the first page read, as loaded
+    /// before the read. The caller checked `offset + dst.len() <= size`.
+    ///
+    /// A locked page (see [`is_mid_release`]) is read with `pread` even for
+    /// a word.
+    fn read_frame(&self, offset: u64, dst: &mut [u8], first: PageState) {
+        let done = if copy::is_single_copy(self.ptr_at(offset), dst.len()) && !is_mid_release(first)
+        {
             self.read_released_word(offset, dst)
         } else {
             self.pread(offset, dst)
@@ -171,11 +176,19 @@ impl GuestRegion {
                 ReadFrom::Mapping => return unsafe { T::load(self.ptr_at(offset), order) },
                 ReadFrom::Frame => {
                     let mut v = T::zeroed();
-                    if self.read_released_word(offset, bytemuck::bytes_of_mut(&mut v)) {
-                        // The page held no memory throughout, so the value
-                        // is no store's and there is nothing to acquire; the
-                        // fence orders the read with this thread's other
-                        // accesses as strongly as any `order`.
+                    let bytes = bytemuck::bytes_of_mut(&mut v);
+                    let from_frame = if is_mid_release(s) {
+                        self.pread(offset, bytes)
+                    } else {
+                        self.read_released_word(offset, bytes)
+                    };
+                    if from_frame {
+                        // Unlocked, the page held no memory throughout, so
+                        // the value is no store's and there is nothing to
+                        // acquire; locked, no library store races it (see
+                        // `is_mid_release`). The fence orders the read with
+                        // this thread's other accesses as strongly as any
+                        // `order`.
                         fence(Ordering::SeqCst);
                         v
                     } else {
@@ -221,4 +234,21 @@ impl GuestRegion {
         let at = self.frames().start.file_offset() + offset;
         self.store().read_bytes(at, dst).is_ok()
     }
+}
+
+/// Whether a page in state `s`, which reads from its frame, is locked: a
+/// layer is releasing it (an inflate between its state change and its
+/// punch; a discard likewise). Its frame still holds the old bytes or is
+/// already a hole, and a read through the mapping after the punch would
+/// make the kernel allocate the page again; `mincore` first cannot tell,
+/// since the punch can land between the check and the load (found by
+/// review). So it is read with `pread` only, even a single word, which
+/// gives the old bytes or zeros: what the page holds at one instant of the
+/// release. That is sound without the word's single-copy guarantee
+/// because library writes wait for the lock, so no library store can tear
+/// it; only a raw store by a vCPU into a page its guest is giving up could,
+/// and those bytes are punched away anyway.
+#[inline]
+fn is_mid_release(s: PageState) -> bool {
+    s.flags() & LOCKED != 0
 }
