@@ -7,7 +7,9 @@
 //! and `Balloon::reclaim_touched` then deflated it as if the guest had used
 //! it. So these reads go to the page's frame with `pread`, which reads a
 //! hole as zeros and leaves it a hole, and reads a page the guest wrote as
-//! its bytes. Only writes take a page back.
+//! its bytes. A read that finds the page holding memory again (the guest
+//! used it) takes it back as private, so later reads take the mapping
+//! ([`GuestRegion::take_back`]); a hole stays a hole.
 //!
 //! Must never read such a page through the mapping while it may be a hole;
 //! the one exception is a `pread` the kernel refuses, where reading the
@@ -21,7 +23,7 @@ use super::{
     region::GuestRegion,
     AtomicInt,
 };
-use crate::addr::{usize_from, FrameNumber, PAGE_SHIFT};
+use crate::addr::{usize_from, FrameNumber, PAGE_SHIFT, PAGE_SIZE};
 
 /// Pages one frame read covers at most: their state words, loaded before
 /// the read and compared after it, are kept on the stack.
@@ -95,7 +97,7 @@ impl GuestRegion {
         for (w, page) in before.iter_mut().zip(first..=last) {
             *w = states.load(page);
         }
-        self.read_frame(offset, dst, before[0]);
+        let held = self.read_frame(offset, dst, &before[..=last - first]);
         for (k, page) in (first..=last).enumerate() {
             let was = before[k];
             // A page that no longer read from its frame when its word was
@@ -108,6 +110,8 @@ impl GuestRegion {
                 // `from..to` lies inside `offset..offset + len`, which the
                 // caller checked, and inside page `page`.
                 self.read_page_settled(page, from, d);
+            } else if held & (1 << k) != 0 {
+                self.take_back(page, was);
             }
         }
     }
@@ -127,8 +131,11 @@ impl GuestRegion {
                     return unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
                 }
                 ReadFrom::Frame => {
-                    self.read_frame(offset, dst, s);
+                    let held = self.read_frame(offset, dst, &[s]);
                     if self.page_states().load(page) == s {
+                        if held & 1 != 0 {
+                            self.take_back(page, s);
+                        }
                         return;
                     }
                 }
@@ -139,23 +146,45 @@ impl GuestRegion {
     /// The frame read itself: a naturally aligned word without tearing,
     /// anything else with one `pread`; through the mapping where the kernel
     /// refuses (or, for a word of an unlocked page, where the page holds
-    /// memory). `first` is the state of the first page read, as loaded
+    /// memory). `states` are the states of the pages read, as loaded
     /// before the read. The caller checked `offset + dst.len() <= size`.
     ///
-    /// A locked page (see [`is_mid_release`]) is read with `pread` even for
-    /// a word.
-    fn read_frame(&self, offset: u64, dst: &mut [u8], first: PageState) {
-        let done = if copy::is_single_copy(self.ptr_at(offset), dst.len()) && !is_mid_release(first)
-        {
-            self.read_released_word(offset, dst)
-        } else {
-            self.pread(offset, dst)
-        };
-        if !done {
-            // SAFETY: 1. the caller checked `offset + dst.len() <= size`, the
-            // mapping's length; 2. the mapping lives as long as `self`.
+    /// Returns which of the pages (bit `k`: the `k`th) the kernel said hold
+    /// memory, for unlocked pages only ([`GuestRegion::take_back`]); a
+    /// locked page (see [`is_mid_release`]) is read with `pread` even for a
+    /// word.
+    fn read_frame(&self, offset: u64, dst: &mut [u8], states: &[PageState]) -> u64 {
+        if copy::is_single_copy(self.ptr_at(offset), dst.len()) && !is_mid_release(states[0]) {
+            return match self.read_released_word(offset, dst) {
+                WordRead::Frame => 0,
+                WordRead::Mapping { held } => {
+                    // SAFETY: 1. the caller checked `offset + dst.len() <=
+                    // size`, the mapping's length; 2. the mapping lives as
+                    // long as `self`.
+                    unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
+                    u64::from(held)
+                }
+            };
+        }
+        if !self.pread(offset, dst) {
+            // SAFETY: as above.
             unsafe { copy::copy_from_guest(self.ptr_at(offset), dst) };
         }
+        // Which pages hold memory: one `mincore` for the chunk, only where
+        // an unlocked page could be taken back.
+        if !states.iter().any(|s| s.flags() == 0) {
+            return 0;
+        }
+        let mut resident = [0u8; CHUNK_PAGES];
+        let first = usize_from(offset >> PAGE_SHIFT);
+        if !self.mincore(first, &mut resident[..states.len()]) {
+            return 0;
+        }
+        resident[..states.len()]
+            .iter()
+            .enumerate()
+            .filter(|&(_, r)| r & 1 != 0)
+            .fold(0, |bits, (k, _)| bits | 1 << k)
     }
 
     /// Atomic load of the integer at `offset`, in a page that read from its
@@ -168,6 +197,7 @@ impl GuestRegion {
         let page = usize_from(offset >> PAGE_SHIFT);
         loop {
             let s = self.page_states().load(page);
+            let mut held = false;
             let v = match ReadFrom::of(s) {
                 ReadFrom::Zeros => return T::zeroed(),
                 // SAFETY: 1. the caller checked that the integer lies inside
@@ -180,7 +210,13 @@ impl GuestRegion {
                     let from_frame = if is_mid_release(s) {
                         self.pread(offset, bytes)
                     } else {
-                        self.read_released_word(offset, bytes)
+                        match self.read_released_word(offset, bytes) {
+                            WordRead::Frame => true,
+                            WordRead::Mapping { held: h } => {
+                                held = h;
+                                false
+                            }
+                        }
                     };
                     if from_frame {
                         // Unlocked, the page held no memory throughout, so
@@ -198,15 +234,19 @@ impl GuestRegion {
                 }
             };
             if self.page_states().load(page) == s {
+                if held {
+                    self.take_back(page, s);
+                }
                 return v;
             }
         }
     }
 
     /// Reads the naturally aligned word (1, 2, 4 or 8 bytes) at `offset`
-    /// into `dst` without tearing, or returns `false`: the page holds memory
-    /// (reading the mapping allocates nothing) and the caller does its own
-    /// single-copy load through the mapping.
+    /// into `dst` without tearing ([`WordRead::Frame`]), or leaves it to
+    /// the caller's own single-copy load through the mapping
+    /// ([`WordRead::Mapping`]): the page holds memory, so reading the
+    /// mapping allocates nothing.
     ///
     /// `pread` promises no single-copy atomicity, so its bytes are kept only
     /// when the page held no memory both before and after it (`mincore`):
@@ -216,16 +256,75 @@ impl GuestRegion {
     /// (On hugetlbfs `mincore` answers for this mapping: a page written only
     /// through another process's mapping is read by `pread`, right bytes
     /// without that guarantee.)
-    fn read_released_word(&self, offset: u64, dst: &mut [u8]) -> bool {
+    fn read_released_word(&self, offset: u64, dst: &mut [u8]) -> WordRead {
         let page = usize_from(offset >> PAGE_SHIFT);
-        self.holds_no_memory(page) && self.pread(offset, dst) && self.holds_no_memory(page)
+        match self.memory_of(page) {
+            Some(false) => {}
+            held => {
+                return WordRead::Mapping {
+                    held: held.is_some(),
+                }
+            }
+        }
+        if !self.pread(offset, dst) {
+            return WordRead::Mapping { held: false };
+        }
+        match self.memory_of(page) {
+            Some(false) => WordRead::Frame,
+            held => WordRead::Mapping {
+                held: held.is_some(),
+            },
+        }
     }
 
-    /// Whether the kernel says page `page` holds no memory (`false` when it
+    /// Takes back page `page`, released by its state `s` (loaded before a
+    /// frame read and unchanged after it), which the kernel said holds
+    /// memory: the guest used it since it was released (a vCPU wrote or
+    /// read it through the mapping). It becomes private, so later reads
+    /// take the mapping, which allocates nothing now, instead of a `pread`
+    /// and `mincore` each (a reported-free page the guest reused cost 481
+    /// ns a read instead of 14). A ballooned page counts as deflated, as a
+    /// library write's does; on hugetlb stores ballooned pages are left to
+    /// the balloon, as `Balloon::reclaim_touched` leaves them (one touch
+    /// gives a whole huge page memory again).
+    ///
+    /// Only an unlocked word on the page's own frame is swapped, exactly
+    /// from `s`: a locked page is being released (its memory is about to be
+    /// punched), a remapped one is dedup's. Discards and inflates lock a
+    /// page until after their punch, but a page locked, punched and
+    /// unlocked since `s` was loaded has the same word again, so the memory
+    /// is asked for once more after the swap, and a page found empty goes
+    /// back to `s` (a write that saw it private in between left its bytes
+    /// in the frame, where a released page's reads find them).
+    fn take_back(&self, page: usize, s: PageState) {
+        let ballooned = match s.kind() {
+            PageKind::Zero => false,
+            PageKind::Ballooned if self.store().granule().bytes() == PAGE_SIZE as u64 => true,
+            _ => return,
+        };
+        if s.flags() != 0 {
+            return;
+        }
+        let states = self.page_states();
+        let private = s.with_kind(PageKind::Private);
+        if states.compare_exchange(page, s, private).is_err() {
+            return;
+        }
+        if self.memory_of(page) == Some(false) && states.compare_exchange(page, private, s).is_ok()
+        {
+            return;
+        }
+        if ballooned {
+            self.count_balloon_take_back();
+        }
+    }
+
+    /// Whether the kernel says page `page` holds memory (`None` when it
     /// will not say).
-    fn holds_no_memory(&self, page: usize) -> bool {
+    fn memory_of(&self, page: usize) -> Option<bool> {
         let mut resident = [0u8; 1];
-        self.mincore(page, &mut resident) && resident[0] & 1 == 0
+        self.mincore(page, &mut resident)
+            .then_some(resident[0] & 1 != 0)
     }
 
     /// `pread` of `dst.len()` bytes at region offset `offset` from the
@@ -234,6 +333,15 @@ impl GuestRegion {
         let at = self.frames().start.file_offset() + offset;
         self.store().read_bytes(at, dst).is_ok()
     }
+}
+
+/// How [`GuestRegion::read_released_word`] read a word.
+enum WordRead {
+    /// From the frame, the page holding no memory throughout.
+    Frame,
+    /// Not read: the caller loads it through the mapping. `held`: the
+    /// kernel said the page holds memory (else the kernel refused a call).
+    Mapping { held: bool },
 }
 
 /// Whether a page in state `s`, which reads from its frame, is locked: a
