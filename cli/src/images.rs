@@ -64,8 +64,9 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Checks `path`: opens it and finds its length (a block device's by
-    /// seeking to its end). The file is closed again, so a fleet's worth of
+    /// Checks `path`: refuses what is not a regular file or block device
+    /// before opening it, opens it and finds its length on the open handle
+    /// (a block device's by seeking to its end). The file is closed again, so a fleet's worth of
     /// images does not hold a descriptor each.
     pub(crate) fn check(path: &Path) -> Result<Self, ImageError> {
         let path_buf = || path.to_path_buf();
@@ -157,9 +158,27 @@ impl Image {
     }
 }
 
+/// Opens `path` for reading, once its type says an open is harmless: a
+/// FIFO with no writer would block the open forever, and opening some
+/// character devices has side effects, so anything that is not a regular
+/// file or a block device is refused before it is opened (by the path's
+/// metadata, following links; [`Image::check`] checks the opened handle's
+/// type again).
 fn open(path: &Path) -> Result<File, ImageError> {
+    let path_buf = || path.to_path_buf();
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Open {
+        path: path_buf(),
+        source,
+    })?;
+    let ty = meta.file_type();
+    if ty.is_dir() {
+        return Err(ImageError::Directory { path: path_buf() });
+    }
+    if !ty.is_file() && !ty.is_block_device() {
+        return Err(ImageError::NotAFile { path: path_buf() });
+    }
     File::open(path).map_err(|source| ImageError::Open {
-        path: path.to_path_buf(),
+        path: path_buf(),
         source,
     })
 }

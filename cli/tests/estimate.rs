@@ -150,6 +150,51 @@ fn estimate_errors_name_the_file() {
     }
 }
 
+/// Review: a named FIFO was opened before its type was looked at, and
+/// opening a FIFO with no writer blocks forever (`estimate` hung). It is
+/// refused, naming it, without being opened; so is a character device.
+#[test]
+fn estimate_refuses_a_fifo_without_opening_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, _) = known_images(dir.path());
+    let fifo = dir.path().join("ram.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let null = Path::new("/dev/null");
+    for path in [fifo.as_path(), null] {
+        let mut child = bin()
+            .arg("estimate")
+            .arg(&good)
+            .arg(path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Generous: the refusal comes before any work; a hang never ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("estimate of {} hangs", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{}", path.display());
+        assert!(out.stdout.is_empty(), "no figures before the check");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "pagefold: {}: not a regular file or block device",
+                path.display()
+            )),
+            "{err}"
+        );
+    }
+}
+
 /// Issue 13: a 4,097-byte image was read as one page and its last byte
 /// dropped without a word.
 #[test]

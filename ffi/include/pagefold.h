@@ -745,8 +745,9 @@ typedef struct pf_balloon_counts {
      */
     uint64_t actual;
     /**
-     * Pages deflated so far: by deflate requests and by library writes to
-     * ballooned pages.
+     * Pages deflated so far: by deflate requests, by library writes to
+     * ballooned pages, and by library reads or `pf_balloon_reclaim_touched`
+     * finding a ballooned page the guest touched (each page once).
      */
     uint64_t deflated;
     /**

@@ -188,8 +188,9 @@ pub struct pf_balloon_counts {
     pub target: u64,
     /// Pages in the balloon now (the device's `actual`).
     pub actual: u64,
-    /// Pages deflated so far: by deflate requests and by library writes to
-    /// ballooned pages.
+    /// Pages deflated so far: by deflate requests, by library writes to
+    /// ballooned pages, and by library reads or `pf_balloon_reclaim_touched`
+    /// finding a ballooned page the guest touched (each page once).
     pub deflated: u64,
     /// Pages the guest deflated below the target (deflate on OOM).
     pub oom_deflated: u64,

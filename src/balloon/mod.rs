@@ -26,7 +26,9 @@
 //!   ([`Balloon::deflated`]). A guest that touches a ballooned page through
 //!   the raw mapping (a vCPU, a device) reads zeros — the kernel gives it a
 //!   zeroed page again — and [`Balloon::reclaim_touched`] finds such pages
-//!   (their frame holds memory again) and counts them as deflated.
+//!   (their frame holds memory again) and counts them as deflated; a
+//!   library read that finds one first (4 KiB stores) takes it back and
+//!   counts it the same way, once.
 //! * **Shared pages.** A page merged by dedup (shared or remapped) is
 //!   released through the dedup host when the balloon knows it
 //!   ([`Balloon::with_dedup`]): the host breaks the page's sharing as on a
@@ -394,10 +396,11 @@ impl Balloon {
         self.mem.census().ballooned + pending
     }
 
-    /// Pages deflated so far: by deflate requests and by library writes to
-    /// ballooned pages.
+    /// Pages deflated so far: by deflate requests, by library writes to
+    /// ballooned pages, and by library reads or [`Balloon::reclaim_touched`]
+    /// finding a ballooned page the guest touched (each page once).
     pub fn deflated(&self) -> u64 {
-        let writes: u64 = self.mem.regions().iter().map(|r| r.balloon_writes()).sum();
+        let writes: u64 = self.mem.regions().iter().map(|r| r.balloon_taken()).sum();
         self.lock().deflated + writes
     }
 
@@ -410,7 +413,9 @@ impl Balloon {
     /// of regions that have any layer's pages, plus one `mincore` per run
     /// of ballooned pages: cheap enough before reporting
     /// [`Balloon::actual`] to the device. On hugetlb (whole huge pages) it
-    /// finds nothing.
+    /// finds nothing. A touched page a library read found first was taken
+    /// back and counted then (see [`Balloon::deflated`]); it is not found
+    /// again here.
     pub fn reclaim_touched(&self) -> Result<u64, BalloonError> {
         if self.huge_pages > 1 {
             return Ok(0);

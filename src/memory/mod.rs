@@ -482,7 +482,9 @@ impl GuestMemory {
     /// (punch hole). They read as zeros afterwards and the next write
     /// allocates again. `addr` and `len` must be multiples of the store's
     /// granule. Returns the number of pages released. Writes racing with a
-    /// discard of the same page may be lost, as with `MADV_DONTNEED`.
+    /// discard of the same page may be lost, as with `MADV_DONTNEED` (a
+    /// library write that finds the page locked by the discard waits, and
+    /// lands after its punch).
     ///
     /// A merged page (deduplicated) is released by mapping its own frame
     /// back, which splits the merged stretch around it: where the frame
@@ -494,7 +496,9 @@ impl GuestMemory {
     /// Reads through this API do not allocate a released page again (they
     /// read its frame in the memfd, not the mapping); a raw access through
     /// the host mapping (a vCPU's load or store) does: shmem has no shared
-    /// zero page.
+    /// zero page. A read through this API that then finds the page holding
+    /// memory takes it back as private (the guest reused it), so later
+    /// reads go through the mapping again.
     pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
         let granule = self.store.granule();
         // Name the unaligned edge: the start, else the end.

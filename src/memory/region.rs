@@ -61,9 +61,10 @@ pub struct GuestRegion {
     /// The dirty log: on/off flag and the lazily allocated bitmap
     /// (`crate::dirty`).
     dirty: crate::dirty::RegionLog,
-    /// Ballooned pages a library write took back (each counts as deflated;
-    /// see `crate::balloon`).
-    balloon_writes: std::sync::atomic::AtomicU64,
+    /// Ballooned pages the library took back: written through it, or found
+    /// holding memory again by a read (each counts as deflated; see
+    /// `crate::balloon`).
+    balloon_taken: std::sync::atomic::AtomicU64,
     store: Arc<FrameStore>,
 }
 
@@ -100,7 +101,7 @@ impl GuestRegion {
             state_checks: AtomicBool::new(false),
             protection: std::sync::Mutex::new(()),
             dirty: crate::dirty::RegionLog::new(page_count),
-            balloon_writes: std::sync::atomic::AtomicU64::new(0),
+            balloon_taken: std::sync::atomic::AtomicU64::new(0),
             store: Arc::clone(store),
         })
     }
@@ -274,7 +275,7 @@ impl GuestRegion {
                             if s.kind() == PageKind::Ballooned {
                                 // The guest took a ballooned page back by
                                 // writing it: it counts as deflated.
-                                self.balloon_writes.fetch_add(1, Ordering::Relaxed);
+                                self.count_balloon_take_back();
                             }
                             return Ok(());
                         }
@@ -293,9 +294,17 @@ impl GuestRegion {
     /// Releases the memory of whole pages `[first, first+count)`: they read as
     /// zeros afterwards and the next write allocates again. Returns how many
     /// pages changed state (pages already released are left alone).
+    ///
+    /// Every page it changes or punches is locked from before the punch to
+    /// after it, as an inflate does: a library write waits and lands in
+    /// the fresh frame instead of in memory the punch takes, and a read
+    /// that finds the page holding memory does not take it back as private
+    /// while that memory is about to go ([`GuestRegion::take_back`]).
     pub(super) fn discard_pages(&self, first: usize, count: usize) -> Result<u64, AccessError> {
         self.enable_state_checks();
         let mut changed = 0u64;
+        // Bit `k`: page `first + k` is locked here until after the punch.
+        let mut held = vec![0u64; count.div_ceil(64)];
         let mut page = first;
         while page < first + count {
             let s = self.states.load(page);
@@ -309,16 +318,37 @@ impl GuestRegion {
                 // zeros): put its own frame, a hole, back under it. The dedup
                 // layer recounts shared-frame references from the states.
                 let end = self.remapped_run(page, first + count);
-                changed += self.discard_remapped(page, end)?;
+                match self.discard_remapped(page, end, first, &mut held) {
+                    Ok(n) => changed += n,
+                    Err(e) => {
+                        // Nothing is punched; what this call locked is
+                        // unlocked as it stands.
+                        self.unlock_held(first, &held);
+                        return Err(e);
+                    }
+                }
                 page = end;
                 continue;
             }
-            if s.kind() == PageKind::Private
-                && self
-                    .states
-                    .compare_exchange(page, s, s.with_kind(PageKind::Zero))
-                    .is_ok()
+            let released = match s.kind() {
+                PageKind::Private => s.with_kind(PageKind::Zero),
+                PageKind::Zero | PageKind::Ballooned => s,
+                PageKind::Shared => {
+                    page += 1;
+                    continue;
+                }
+            };
+            if self
+                .states
+                .compare_exchange(page, s, released.with_flags(LOCKED))
+                .is_err()
             {
+                // It moved (a write, or a read taking it back as private):
+                // look at it again, so no page is punched unlocked.
+                continue;
+            }
+            held[(page - first) / 64] |= 1 << ((page - first) % 64);
+            if s.kind() == PageKind::Private {
                 changed += 1;
             }
             page += 1;
@@ -328,8 +358,28 @@ impl GuestRegion {
             start: crate::addr::FrameNumber(self.frames.start.0 + first as u64),
             count: count as u64,
         };
-        self.store.release(range)?;
+        let punched = self.store.release(range);
+        // Unlocked after the punch whether it worked or not: a page whose
+        // memory stayed reads its bytes from its frame, and a read takes it
+        // back as private.
+        self.unlock_held(first, &held);
+        punched?;
         Ok(changed)
+    }
+
+    /// Unlocks the pages `discard_pages` locked: bit `k` of `held` is page
+    /// `first + k`. Only the holder changes a locked word, so each is
+    /// unlocked as it stands.
+    fn unlock_held(&self, first: usize, held: &[u64]) {
+        for (w, &bits) in held.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                let p = first + w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let s = self.states.load(p);
+                let _ = self.states.compare_exchange(p, s, s.without_flags(LOCKED));
+            }
+        }
     }
 
     /// End of the run of unlocked remapped pages starting at `page`.
@@ -346,9 +396,17 @@ impl GuestRegion {
     }
 
     /// Locks remapped pages `[from, to)`, maps their own frames back (holes
-    /// by the time the caller punches), and marks them released; pages the
-    /// mapping budget cannot split off their merged stretch stay as they are.
-    fn discard_remapped(&self, from: usize, to: usize) -> Result<u64, AccessError> {
+    /// by the time the caller punches), and marks them released, still
+    /// locked (bit `p - first` of `held`: the caller unlocks them after its
+    /// punch); pages the mapping budget cannot split off their merged
+    /// stretch stay as they are.
+    fn discard_remapped(
+        &self,
+        from: usize,
+        to: usize,
+        first: usize,
+        held_out: &mut [u64],
+    ) -> Result<u64, AccessError> {
         let mut held = Vec::with_capacity(to - from);
         for p in from..to {
             let s = self.states.load(p);
@@ -404,7 +462,8 @@ impl GuestRegion {
             for &(p, s) in &held[k..e] {
                 let new = if remapped {
                     changed += 1;
-                    PageState::new(PageKind::Zero, self.own_frame(p), 0)
+                    held_out[(p - first) / 64] |= 1 << ((p - first) % 64);
+                    PageState::new(PageKind::Zero, self.own_frame(p), LOCKED)
                 } else {
                     s
                 };
@@ -443,10 +502,16 @@ impl GuestRegion {
         self.state_checks.store(true, Ordering::SeqCst);
     }
 
-    /// Ballooned pages a library write has taken back since the region was
-    /// made (see `crate::balloon`).
-    pub(crate) fn balloon_writes(&self) -> u64 {
-        self.balloon_writes.load(Ordering::Relaxed)
+    /// Ballooned pages the library has taken back since the region was
+    /// made: written through it, or found holding memory again by a read
+    /// (see `crate::balloon`).
+    pub(crate) fn balloon_taken(&self) -> u64 {
+        self.balloon_taken.load(Ordering::Relaxed)
+    }
+
+    /// Counts a ballooned page the library took back (it moved to private).
+    pub(super) fn count_balloon_take_back(&self) {
+        self.balloon_taken.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The region's dirty log (see `crate::dirty`).
@@ -476,17 +541,25 @@ impl GuestRegion {
     /// a hole reads as zeros, and reading it through the mapping would
     /// allocate it.
     pub(crate) fn resident(&self, first: usize, count: usize) -> Option<Vec<u8>> {
+        // The range first: the buffer is a byte per page asked for.
+        if !self.holds_pages(first, count) {
+            return None;
+        }
         let mut vec = vec![0u8; count];
         self.mincore(first, &mut vec).then_some(vec)
+    }
+
+    /// Whether pages `[first, first + count)` lie inside the region.
+    fn holds_pages(&self, first: usize, count: usize) -> bool {
+        first
+            .checked_add(count)
+            .is_some_and(|end| end <= self.pages())
     }
 
     /// `mincore` of pages `[first, first + out.len())` into `out`; `false`
     /// if the range is not inside the region or the kernel refuses.
     pub(super) fn mincore(&self, first: usize, out: &mut [u8]) -> bool {
-        if first
-            .checked_add(out.len())
-            .map_or(true, |end| end > self.pages())
-        {
+        if !self.holds_pages(first, out.len()) {
             return false;
         }
         let addr = self
@@ -574,5 +647,24 @@ impl Drop for GuestRegion {
         // The mapping is unmapped after this (field drop order); freeing the
         // frames first only punches memory no one reads any more.
         let _ = self.store.free(self.frames);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{GuestMemory, GuestPhysAddr};
+
+    /// Review: `resident` allocated its byte-per-page buffer before its
+    /// range check, so an absurd count panicked (capacity overflow) or
+    /// aborted on allocation instead of answering `None`.
+    #[test]
+    fn resident_checks_the_range_before_allocating() {
+        let m = GuestMemory::new(&[(GuestPhysAddr(0), 1 << 16)]).expect("guest memory");
+        let r = &m.regions()[0];
+        assert_eq!(r.resident(0, 16).map(|v| v.len()), Some(16));
+        assert_eq!(r.resident(1, 16), None);
+        assert_eq!(r.resident(1, usize::MAX), None);
+        assert_eq!(r.resident(0, usize::MAX), None);
+        assert_eq!(r.resident(0, isize::MAX as usize), None);
     }
 }
