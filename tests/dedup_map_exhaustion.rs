@@ -39,8 +39,12 @@ impl Eaten {
     fn until_left(left: u64) -> Eaten {
         let max = max_map_count();
         let mut held = Vec::new();
-        while maps() + left < max {
-            let batch = (max - left - maps()).min(4096);
+        loop {
+            let now = maps();
+            if now + left >= max {
+                break;
+            }
+            let batch = (max - left - now).min(4096);
             for _ in 0..batch {
                 let prot = if held.len() % 2 == 0 {
                     libc::PROT_READ
