@@ -34,8 +34,8 @@ use crate::{
 /// registration over many short runs, short enough that a writer caught in
 /// it waits only for a few hundred page comparisons and remaps.
 const MAX_WINDOW: usize = 2048;
-/// Mappings that must be left below the kernel's limit for the merge to
-/// make its second thread.
+/// Mappings the budget must have left for the merge to make its second
+/// thread (with the headroom, or at the kernel's limit with none).
 const SPAWN_MARGIN: u64 = 64;
 /// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
@@ -128,11 +128,13 @@ pub(super) fn merge_regions(
     cands: &[Candidate],
 ) -> Result<MergeOutcome, DedupError> {
     let mut out = MergeOutcome::default();
-    // One window has nothing to overlap with; and near the kernel's
-    // mapping limit no thread is made: a thread that cannot map its signal
-    // stack aborts the process from inside (found by review).
+    // One window has nothing to overlap with; and with the mapping budget
+    // nearly spent no thread is made: near the kernel's limit a thread that
+    // cannot map its signal stack aborts the process from inside (found by
+    // review; the budget is what is left above the headroom, so the
+    // headroom stays for the rest of the process).
     let single = regions.len() < 2 && cands.len() <= MAX_WINDOW;
-    if single || ctx.map_budget.below_limit() < SPAWN_MARGIN {
+    if single || ctx.map_budget.left() < SPAWN_MARGIN {
         let mut first_err = None;
         arm_windows(ctx, regions, cands, &mut out, |done, out| {
             if let Err(e) = finish_window(ctx, done, out) {

@@ -681,9 +681,15 @@ impl Inner {
                         d.pins.push(f);
                     }
                 }
-                let set_aside = 2 * later.len() as u64;
-                budget.set_aside(set_aside);
-                d.reserved += set_aside;
+                // Two a run, as the plan counted them (found by review: two
+                // a page took a batch's whole budget).
+                let mut runs = 0u64;
+                merge::for_each_run(
+                    &later,
+                    |a, b| a.0 == b.0 && merge::continues_run(&a.1, &b.1),
+                    |_, _| runs += 1,
+                );
+                d.reserved += budget.set_aside(2 * runs);
                 d.cands.extend(later);
             }
         }
@@ -750,6 +756,23 @@ impl Inner {
         let merge_started = Instant::now();
         cands.sort_by_key(|(k, c)| (*k, c.page));
         cands.dedup_by_key(|(k, c)| (*k, c.page));
+        // A page whose frame no page of its batch ended up mapping (they
+        // changed, were busy, or found no mapping) would be alone on it,
+        // saving nothing: left out (found by review).
+        {
+            let mut pinned: std::collections::HashMap<FrameNumber, u64> =
+                std::collections::HashMap::new();
+            for f in &pins {
+                *pinned.entry(*f).or_default() += 1;
+            }
+            let shared = lock(&self.shared);
+            let before = cands.len();
+            cands.retain(|(_, c)| match c.target {
+                Target::Shared(f) => shared.refs(f) > pinned.get(&f).copied().unwrap_or(0),
+                Target::Zero => true,
+            });
+            report.changed += (before - cands.len()) as u64;
+        }
         let mut list = Vec::with_capacity(cands.len());
         let mut spans = Vec::new();
         let mut i = 0;

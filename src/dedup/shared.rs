@@ -181,6 +181,12 @@ impl SharedFrames {
             });
     }
 
+    /// References to `frame` (pages and pins), 0 for no shared frame.
+    pub(crate) fn refs(&self, frame: FrameNumber) -> u64 {
+        self.slot_of(frame)
+            .map_or(0, |s| u64::from(self.record(s).refs))
+    }
+
     /// `n` more pages map `frame`.
     pub(crate) fn add_ref(&mut self, frame: FrameNumber, n: u64) {
         if let Some(s) = self.slot_of(frame) {

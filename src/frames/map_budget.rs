@@ -69,24 +69,29 @@ impl MapBudget {
         let max = max_map_count().unwrap_or(DEFAULT_MAX_MAP_COUNT);
         // Unreadable: assume the worst (nothing left) rather than the best.
         let now = mapping_count().unwrap_or(max);
+        // Under the lock that setting aside takes too, so a reading never
+        // sees a reservation half made or half given back (found by review:
+        // it overstated the budget by the whole reservation).
+        let mut refreshed = self.lock_refreshed();
         let left = max
             .saturating_sub(now)
             .saturating_sub(self.headroom.load(Ordering::Relaxed))
             .saturating_sub(self.aside.load(Ordering::Relaxed));
         self.left.store(left, Ordering::Relaxed);
-        *self
-            .refreshed
+        *refreshed = Some(Instant::now());
+    }
+
+    fn lock_refreshed(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.refreshed
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reads the kernel's count again if the last reading is older than
     /// [`REFRESH`](Self::REFRESH).
     pub fn refresh_if_stale(&self) {
         let stale = self
-            .refreshed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .lock_refreshed()
             .map_or(true, |t| t.elapsed() >= Self::REFRESH);
         if stale {
             self.refresh();
@@ -96,15 +101,6 @@ impl MapBudget {
     /// Mappings that may still be created.
     pub fn left(&self) -> u64 {
         self.left.load(Ordering::Relaxed)
-    }
-
-    /// Mappings below the kernel's limit (the headroom included), as of the
-    /// last reading less what was spent since: whether a thread (a stack,
-    /// its guard and its signal stack) can still be made without the
-    /// process aborting.
-    pub fn below_limit(&self) -> u64 {
-        self.left()
-            .saturating_add(self.headroom.load(Ordering::Relaxed))
     }
 
     /// Takes `n` mappings if that many are left; `false` (nothing taken)
@@ -140,17 +136,27 @@ impl MapBudget {
             });
     }
 
-    /// Sets `n` mappings aside for remaps a caller will make later: taken
-    /// from what is left now, and kept out of it by later readings of the
-    /// kernel's count until [`release_aside`](Self::release_aside).
-    pub fn set_aside(&self, n: u64) {
-        self.spend(n);
-        self.aside.fetch_add(n, Ordering::Relaxed);
+    /// Sets up to `n` mappings aside for remaps a caller will make later:
+    /// taken from what is left now (no more than is left), and kept out of
+    /// it by later readings of the kernel's count until
+    /// [`release_aside`](Self::release_aside). Returns how many.
+    pub fn set_aside(&self, n: u64) -> u64 {
+        let _refreshing = self.lock_refreshed();
+        let before = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(l.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        let taken = before.min(n);
+        self.aside.fetch_add(taken, Ordering::Relaxed);
+        taken
     }
 
-    /// Gives back `n` mappings set aside, just before the remaps they were
-    /// kept for.
+    /// Gives back `n` mappings [`set_aside`](Self::set_aside) took, just
+    /// before the remaps they were kept for.
     pub fn release_aside(&self, n: u64) {
+        let _refreshing = self.lock_refreshed();
         let _ = self
             .aside
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
@@ -217,12 +223,18 @@ mod tests {
         // Set aside survives a reading of the kernel's count.
         b.refresh();
         let before = b.left();
-        b.set_aside(10);
+        assert_eq!(b.set_aside(10), 10);
         b.refresh();
         assert!(b.left() + 10 <= before + 2, "{} of {before}", b.left());
         b.release_aside(10);
         b.refresh();
         assert!(b.left() + 2 >= before, "{} of {before}", b.left());
+        // No more is set aside than is left, and no more given back.
+        b.spend(u64::MAX);
+        b.give_back(10);
+        assert_eq!(b.set_aside(100), 10);
+        b.release_aside(10);
+        assert_eq!(b.left(), 10);
         // A headroom past the limit leaves nothing, however fresh.
         b.set_headroom(u64::MAX);
         assert_eq!(b.left(), 0);
