@@ -56,9 +56,10 @@ use crate::{
     userfault::{Userfault, UserfaultError},
 };
 
-/// Pages a `merge_now` pass takes at a time (64 MiB): its bookkeeping is
-/// per batch, not per pass.
-const MERGE_BATCH: usize = 16 * 1024;
+/// Pages a `merge_now` pass takes at a time (32 MiB): its bookkeeping is
+/// per batch, not per pass (8K measured 23.5 bytes per tracked page at the
+/// peak of merging four 1 GiB clones, 16K 24.3).
+const MERGE_BATCH: usize = 8 * 1024;
 
 /// A merge domain (tenant). Pages of different domains are never shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

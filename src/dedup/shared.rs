@@ -8,12 +8,16 @@
 //!
 //! Kept compact because there is one record per shared frame (a quarter of
 //! a million for four clones of 1 GiB): a 24-byte record in a slab grown a
-//! chunk at a time, and two
-//! open-addressing tables of 4-byte slab indexes (by frame, by content),
-//! about 36 bytes a frame where two `HashMap`s and a `Vec` per hash took
-//! about 195 (found from outside: metadata was 60 bytes per tracked page).
-//! `hashbrown`'s `HashTable` is used directly for that: its entries are the
-//! indexes alone, hashed through the slab.
+//! chunk at a time; an open-addressing table of 4-byte slab indexes by
+//! content (`hashbrown`'s `HashTable`, its entries the indexes alone,
+//! hashed through the slab); and by frame, a sorted list of extents, since
+//! a pass allocates its new frames as one run and records them in order
+//! (a slot is its extent's first slot plus the frame's offset in it). About
+//! 30 bytes a frame, where two `HashMap`s and a `Vec` per hash took about
+//! 195 (found from outside: metadata was 60 bytes per tracked page); a
+//! by-frame hash table, tried first, sat at 45% load for a quarter of a
+//! million frames (power-of-two buckets) and was 2.5 bytes per tracked
+//! page more, and more again while it grew.
 
 use hashbrown::HashTable;
 
@@ -107,20 +111,27 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn frame_key(frame: FrameNumber) -> u64 {
-    mix(frame.0)
-}
-
 fn content_key(domain: DomainId, hash: u64) -> u64 {
     mix(hash ^ u64::from(domain.0).rotate_left(32))
+}
+
+/// Frames `frame..frame + count` are (or were) recorded at slots
+/// `slot..slot + count`.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    frame: u64,
+    slot: u32,
+    count: u32,
 }
 
 /// Shared frames and the content index of every domain.
 #[derive(Debug, Default)]
 pub(crate) struct SharedFrames {
     slab: Slab,
-    free_slots: Vec<u32>,
-    by_frame: HashTable<u32>,
+    /// Records in use (the slab's other slots are FREE).
+    live: usize,
+    /// Sorted by frame, never overlapping.
+    extents: Vec<Extent>,
     by_content: HashTable<u32>,
 }
 
@@ -129,10 +140,20 @@ impl SharedFrames {
         self.slab.get(slot)
     }
 
+    /// The extent that covers `frame`'s slot position, by index.
+    fn extent_of(&self, frame: FrameNumber) -> Option<usize> {
+        let i = self
+            .extents
+            .partition_point(|e| e.frame <= frame.0)
+            .checked_sub(1)?;
+        let e = self.extents[i];
+        (frame.0 - e.frame < u64::from(e.count)).then_some(i)
+    }
+
     fn slot_of(&self, frame: FrameNumber) -> Option<u32> {
-        self.by_frame
-            .find(frame_key(frame), |&s| self.record(s).frame == frame)
-            .copied()
+        let e = self.extents[self.extent_of(frame)?];
+        let slot = e.slot + u32::try_from(frame.0 - e.frame).ok()?;
+        (self.record(slot).frame == frame).then_some(slot)
     }
 
     /// A shared frame of `domain` whose content hashed to `hash`, if any
@@ -158,27 +179,58 @@ impl SharedFrames {
             refs: 0,
             domain,
         };
-        let slot = match self.free_slots.pop() {
-            Some(s) => {
-                *self.slab.get_mut(s) = record;
-                s
+        let slot = match self.extent_of(frame) {
+            // Its old place, freed: taken again, as the extents say.
+            Some(i) => {
+                let e = self.extents[i];
+                let Ok(k) = u32::try_from(frame.0 - e.frame) else {
+                    return;
+                };
+                *self.slab.get_mut(e.slot + k) = record;
+                e.slot + k
             }
-            // Past 2^32 shared frames (16 TiB of distinct shared content)
-            // a frame is simply not recorded: nothing targets it, and the
-            // pass's pins free it.
+            // Past 2^32 records (16 TiB of distinct shared content) a frame
+            // is simply not recorded: nothing targets it.
             None => match self.slab.push(record) {
-                Some(s) => s,
+                Some(s) => {
+                    self.extend_extents(frame, s);
+                    s
+                }
                 None => return,
             },
         };
+        self.live += 1;
         let slab = &self.slab;
-        self.by_frame
-            .insert_unique(frame_key(frame), slot, |&s| frame_key(slab.get(s).frame));
         self.by_content
             .insert_unique(content_key(domain, hash), slot, |&s| {
                 let r = slab.get(s);
                 content_key(r.domain, r.hash)
             });
+    }
+
+    /// Records that `frame` sits at `slot` (the slab's last): the extent
+    /// ending right before both grows, or a new one goes in its place.
+    fn extend_extents(&mut self, frame: FrameNumber, slot: u32) {
+        let i = self.extents.partition_point(|e| e.frame <= frame.0);
+        if let Some(e) = i.checked_sub(1).map(|p| &mut self.extents[p]) {
+            if e.frame + u64::from(e.count) == frame.0
+                && e.slot.checked_add(e.count) == Some(slot)
+                && e.count < u32::MAX
+            {
+                // The next extent starts past `frame` (`extent_of` found
+                // none covering it), so they stay apart.
+                e.count += 1;
+                return;
+            }
+        }
+        self.extents.insert(
+            i,
+            Extent {
+                frame: frame.0,
+                slot,
+                count: 1,
+            },
+        );
     }
 
     /// References to `frame` (pages and pins), 0 for no shared frame.
@@ -265,29 +317,32 @@ impl SharedFrames {
             start: r.frame,
             count: 1,
         })?;
-        if let Ok(e) = self.by_frame.find_entry(frame_key(r.frame), |&s| s == slot) {
-            e.remove();
-        }
         *self.slab.get_mut(slot) = FREE;
-        self.free_slots.push(slot);
+        self.live -= 1;
         Ok(())
     }
 
     /// Gives back what a shrinking table no longer needs (after frames are
     /// freed in numbers): the tables are the metadata a VMM pays for.
     fn shrink(&mut self) {
-        let live = self.slab.len() - self.free_slots.len();
+        let live = self.live;
         if self.slab.len() > CHUNK && live < self.slab.len() / 2 {
-            // Compact the slab: move live records down, rebuild the tables.
-            let old = std::mem::take(&mut self.slab);
-            self.free_slots = Vec::new();
-            self.by_frame = HashTable::with_capacity(live);
+            // Compact the slab: live records in frame order, then the
+            // extents and the content table again.
+            let mut records: Vec<Record> = self
+                .slab
+                .iter()
+                .filter(|r| r.frame != FREE.frame)
+                .copied()
+                .collect();
+            records.sort_unstable_by_key(|r| r.frame);
+            self.slab = Slab::default();
+            self.extents = Vec::new();
             self.by_content = HashTable::with_capacity(live);
-            for r in old.iter().filter(|r| r.frame != FREE.frame) {
-                let Some(s) = self.slab.push(*r) else { break };
+            for r in records {
+                let Some(s) = self.slab.push(r) else { break };
+                self.extend_extents(r.frame, s);
                 let slab = &self.slab;
-                self.by_frame
-                    .insert_unique(frame_key(r.frame), s, |&x| frame_key(slab.get(x).frame));
                 self.by_content
                     .insert_unique(content_key(r.domain, r.hash), s, |&x| {
                         let r = slab.get(x);
@@ -301,10 +356,8 @@ impl SharedFrames {
     /// full scan, not per batch: a table trimmed to fit doubles again on
     /// its next insert, a rehash of every entry.
     pub(crate) fn trim(&mut self) {
-        self.free_slots.shrink_to_fit();
+        self.extents.shrink_to_fit();
         let slab = &self.slab;
-        self.by_frame
-            .shrink_to(0, |&x| frame_key(slab.get(x).frame));
         self.by_content.shrink_to(0, |&x| {
             let r = slab.get(x);
             content_key(r.domain, r.hash)
@@ -313,7 +366,7 @@ impl SharedFrames {
 
     /// Shared frames in use (KSM's `pages_shared`).
     pub(crate) fn len(&self) -> u64 {
-        (self.slab.len() - self.free_slots.len()) as u64
+        self.live as u64
     }
 
     /// Sum of references (pages mapping a shared frame).
@@ -324,8 +377,7 @@ impl SharedFrames {
     /// Bytes allocated for the table, for the profit figure.
     pub(crate) fn metadata_bytes(&self) -> u64 {
         (self.slab.allocated_bytes()
-            + self.free_slots.capacity() * 4
-            + self.by_frame.allocation_size()
+            + self.extents.capacity() * std::mem::size_of::<Extent>()
             + self.by_content.allocation_size()) as u64
     }
 }
