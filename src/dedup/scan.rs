@@ -531,13 +531,20 @@ impl Inner {
             };
             fresh = Some((base, view));
             let mut shared = lock(&self.shared);
+            // The pass's frames, recorded as one run.
+            shared.insert_run(
+                base.start,
+                groups
+                    .iter()
+                    .zip(&lens)
+                    .flat_map(|(g, &n)| std::iter::repeat((g.domain, g.hash)).take(n)),
+            );
             let mut next = base.start.0;
             for (g, &n) in groups.iter().zip(&lens) {
                 let first = next;
                 next += n as u64;
                 for f in first..next {
                     let frame = FrameNumber(f);
-                    shared.insert(frame, g.domain, g.hash);
                     shared.add_ref(frame, 1);
                     pinned.push(frame);
                 }
