@@ -5,28 +5,11 @@
 
 use std::sync::Arc;
 
-use pagefold::{DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE};
+use pagefold::{DedupHost, FrameStore, GuestPhysAddr, VmOptions, PAGE_SIZE};
 
-fn page(tag: u64) -> [u8; PAGE_SIZE] {
-    let mut p = [0x5au8; PAGE_SIZE];
-    p[0..8].copy_from_slice(&tag.to_le_bytes());
-    p
-}
-
-fn mem(store: &Arc<FrameStore>, pages: usize) -> Arc<GuestMemory> {
-    Arc::new(
-        GuestMemory::with_store(
-            Arc::clone(store),
-            &[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)],
-        )
-        .unwrap(),
-    )
-}
-
-fn put(m: &GuestMemory, i: usize, tag: u64) {
-    m.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &page(tag))
-        .unwrap();
-}
+#[path = "common/small_vms.rs"]
+mod small_vms;
+use small_vms::{blank, put};
 
 /// One content on page 0 (the first batch) and on pages 33,000 and 33,001
 /// (a later one): all three end on one frame, as in one list of every page
@@ -35,7 +18,7 @@ fn put(m: &GuestMemory, i: usize, tag: u64) {
 #[test]
 fn a_page_of_an_earlier_batch_joins_a_later_batchs_group() {
     let store = Arc::new(FrameStore::memfd().unwrap());
-    let m = mem(&store, 40_000);
+    let m = blank(&store, 40_000);
     for i in [0, 33_000, 33_001] {
         put(&m, i, 7);
     }
@@ -59,8 +42,8 @@ fn a_page_of_an_earlier_batch_joins_a_later_batchs_group() {
 fn racing_resolves_of_one_page_in_a_stretch_count_one_break() {
     let n = 4096;
     let store = Arc::new(FrameStore::memfd().unwrap());
-    let a = mem(&store, n);
-    let b = mem(&store, n + 16);
+    let a = blank(&store, n);
+    let b = blank(&store, n + 16);
     for i in 0..n {
         put(&a, i, 5000 + i as u64);
         put(&b, i, 5000 + i as u64);

@@ -9,40 +9,17 @@
 
 use std::sync::Arc;
 
-use pagefold::{
-    DedupHost, DedupOptions, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
-};
+use pagefold::{DedupHost, DedupOptions, FrameStore, VmOptions};
 
 #[path = "common/small_vms.rs"]
 mod small_vms;
-use small_vms::vm;
+use small_vms::{blank, put, vm};
 
 fn maps() -> u64 {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
         .count() as u64
-}
-
-fn page(tag: u64) -> [u8; PAGE_SIZE] {
-    let mut p = [0x5au8; PAGE_SIZE];
-    p[0..8].copy_from_slice(&tag.to_le_bytes());
-    p
-}
-
-fn mem(store: &Arc<FrameStore>, pages: usize) -> Arc<GuestMemory> {
-    Arc::new(
-        GuestMemory::with_store(
-            Arc::clone(store),
-            &[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)],
-        )
-        .unwrap(),
-    )
-}
-
-fn put(m: &GuestMemory, i: usize, tag: u64) {
-    m.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &page(tag))
-        .unwrap();
 }
 
 /// The budget is the process's: one test at a time.
@@ -139,7 +116,7 @@ fn a_later_batchs_better_units_get_their_share() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let store = Arc::new(FrameStore::memfd().unwrap());
-    let m = mem(&store, 65_536);
+    let m = blank(&store, 65_536);
     for i in 0..200usize {
         put(&m, i * 10, 1000 + i as u64);
         put(&m, i * 10 + 5, 1000 + i as u64);
@@ -173,7 +150,7 @@ fn a_run_longer_than_a_window_costs_its_plan_once() {
     let store = Arc::new(FrameStore::memfd().unwrap());
     let vms: Vec<_> = (0..4)
         .map(|_| {
-            let m = mem(&store, n);
+            let m = blank(&store, n);
             for i in 0..n {
                 put(&m, i, 70_000 + i as u64);
             }
@@ -212,7 +189,7 @@ fn deferred_pages_are_set_aside_by_the_run() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let store = Arc::new(FrameStore::memfd().unwrap());
     let n = 40_000;
-    let m = mem(&store, n);
+    let m = blank(&store, n);
     for i in 0..3000 {
         put(&m, i, 1_000 + i as u64);
         put(&m, 20_000 + i, 1_000 + i as u64);

@@ -131,6 +131,19 @@ impl Iterator for Batches<'_> {
     }
 }
 
+impl ScanReport {
+    /// What a merge of the batch's candidates did.
+    fn add_merge(&mut self, out: &merge::MergeOutcome, nanos: u64) {
+        self.merged_shared += out.shared;
+        self.merged_zero += out.zero;
+        self.changed += out.changed;
+        self.busy += out.busy;
+        self.map_limit += out.map_limit;
+        self.remaps += out.remaps;
+        self.merge_nanos = nanos;
+    }
+}
+
 /// How a batch is processed.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Mode {
@@ -710,13 +723,7 @@ impl Inner {
                 d.views.push((range, view));
             }
         }
-        report.merged_shared += out.shared;
-        report.merged_zero += out.zero;
-        report.changed += out.changed;
-        report.busy += out.busy;
-        report.map_limit += out.map_limit;
-        report.remaps += out.remaps;
-        report.merge_nanos = nanos_since(merge_started);
+        report.add_merge(&out, nanos_since(merge_started));
         // Unpin: frames no page ended up mapping are freed here.
         let mut shared = lock(&self.shared);
         for f in pinned {
@@ -809,13 +816,7 @@ impl Inner {
         drop(shared);
         let out = merged?;
         unpinned?;
-        report.merged_shared += out.shared;
-        report.merged_zero += out.zero;
-        report.changed += out.changed;
-        report.busy += out.busy;
-        report.map_limit += out.map_limit;
-        report.remaps += out.remaps;
-        report.merge_nanos = nanos_since(merge_started);
+        report.add_merge(&out, nanos_since(merge_started));
         Ok(report)
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pagefold::{FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE};
 
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, dead_code)]
 pub(crate) fn vm(
     store: &Arc<FrameStore>,
     pages: usize,
@@ -29,4 +29,30 @@ pub(crate) fn vm(
 /// The address of page `i`.
 pub(crate) fn gpa(i: usize) -> GuestPhysAddr {
     GuestPhysAddr((i * PAGE_SIZE) as u64)
+}
+
+/// A page of `0x5a` bytes tagged `tag` in its first 8.
+#[allow(dead_code)]
+pub(crate) fn tagged(tag: u64) -> [u8; PAGE_SIZE] {
+    let mut p = [0x5au8; PAGE_SIZE];
+    p[0..8].copy_from_slice(&tag.to_le_bytes());
+    p
+}
+
+/// An empty VM of `pages` pages on `store`.
+#[allow(clippy::unwrap_used, dead_code)]
+pub(crate) fn blank(store: &Arc<FrameStore>, pages: usize) -> Arc<GuestMemory> {
+    Arc::new(
+        GuestMemory::with_store(
+            Arc::clone(store),
+            &[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)],
+        )
+        .unwrap(),
+    )
+}
+
+/// Writes the page tagged `tag` at page `i`.
+#[allow(clippy::unwrap_used, dead_code)]
+pub(crate) fn put(m: &GuestMemory, i: usize, tag: u64) {
+    m.write(gpa(i), &tagged(tag)).unwrap();
 }
