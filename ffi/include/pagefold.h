@@ -805,9 +805,11 @@ typedef struct pf_dedup_options {
      */
     size_t struct_size;
     /**
-     * Kernel mappings (VMAs) to leave to the rest of the process: merging
-     * stops while fewer than this many are left below `vm.max_map_count`
-     * (pages it skips are counted in `map_limit`). 0 means
+     * Kernel mappings (VMAs) kept for the rest of the process, in the
+     * frame store's mapping budget, which every remap of its guest pages
+     * spends from: below it merging stops (pages it skips are counted in
+     * `map_limit`), an unmerge takes back part of a merged stretch instead
+     * of splitting it, and a discard leaves merged pages merged. 0 means
      * `PF_DEDUP_DEFAULT_MAP_HEADROOM`.
      */
     uint64_t map_headroom;
@@ -2099,7 +2101,8 @@ enum pf_status pf_dedup_unregister(const struct pf_dedup *dedup,
                                    uint64_t vm_id);
 
 /**
- * One pass over every page of every registered VM, merging all it can now:
+ * Visits every page of every registered VM now (in batches; a pass the
+ * mapping budget cut short runs again, up to three), merging what it can:
  * identical pages (within a domain) onto one shared frame, zero pages onto
  * nothing. For moments the VMM knows memory is quiet, e.g. right after
  * restoring VMs from one snapshot; pages need not hold still across scans
@@ -2108,7 +2111,8 @@ enum pf_status pf_dedup_unregister(const struct pf_dedup *dedup,
  * that is NULL (set `out_report->struct_size` first).
  *
  * Errors: `PF_ERR_NULL_POINTER` (`dedup`), `PF_ERR_STRUCT_TOO_SMALL`
- * (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ * (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`, `PF_ERR_MAP_LIMIT` (the
+ * kernel refused a remap: the process's mappings are used up).
  *
  * # Safety
  *
@@ -2202,7 +2206,8 @@ enum pf_status pf_dedup_stop_background(const struct pf_dedup *dedup);
  * `*out_pages` receives the number of pages brought back. Registrations
  * stay; a later merge or scan merges again.
  *
- * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT`, `PF_ERR_OS`,
+ * `PF_ERR_MAP_LIMIT` (the kernel refused a remap; pages stay merged).
  *
  * # Safety
  *
@@ -2221,7 +2226,9 @@ enum pf_status pf_dedup_unmerge_all(const struct pf_dedup *dedup,
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_UNMAPPED`
  * (`gpa` is in no region of the VM), `PF_ERR_BUSY` (another operation held
- * the page for seconds; try again), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+ * the page for seconds; try again), `PF_ERR_USERFAULT`, `PF_ERR_OS`,
+ * `PF_ERR_MAP_LIMIT` (the kernel refused the remap; the page stays
+ * merged).
  *
  * # Safety
  *
@@ -2571,7 +2578,8 @@ enum pf_status pf_guest_memory_host_address(const struct pf_guest_memory *mem,
  * lost, as with `MADV_DONTNEED`.
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`,
- * `PF_ERR_OVERFLOW`, `PF_ERR_OS`.
+ * `PF_ERR_OVERFLOW`, `PF_ERR_OS`, `PF_ERR_MAP_LIMIT` (the kernel refused
+ * to map a merged page's own frame back).
  *
  * # Safety
  *

@@ -57,9 +57,11 @@ pub const PF_DEDUP_DEFAULT_MAP_HEADROOM: u64 = 4096;
 pub struct pf_dedup_options {
     /// `sizeof(pf_dedup_options)` as the caller was compiled with.
     pub struct_size: usize,
-    /// Kernel mappings (VMAs) to leave to the rest of the process: merging
-    /// stops while fewer than this many are left below `vm.max_map_count`
-    /// (pages it skips are counted in `map_limit`). 0 means
+    /// Kernel mappings (VMAs) kept for the rest of the process, in the
+    /// frame store's mapping budget, which every remap of its guest pages
+    /// spends from: below it merging stops (pages it skips are counted in
+    /// `map_limit`), an unmerge takes back part of a merged stretch instead
+    /// of splitting it, and a discard leaves merged pages merged. 0 means
     /// `PF_DEDUP_DEFAULT_MAP_HEADROOM`.
     pub map_headroom: u64,
 }
@@ -542,7 +544,8 @@ pub unsafe extern "C" fn pf_dedup_unregister(dedup: *const pf_dedup, vm_id: u64)
     }
 }
 
-/// One pass over every page of every registered VM, merging all it can now:
+/// Visits every page of every registered VM now (in batches; a pass the
+/// mapping budget cut short runs again, up to three), merging what it can:
 /// identical pages (within a domain) onto one shared frame, zero pages onto
 /// nothing. For moments the VMM knows memory is quiet, e.g. right after
 /// restoring VMs from one snapshot; pages need not hold still across scans
@@ -551,7 +554,8 @@ pub unsafe extern "C" fn pf_dedup_unregister(dedup: *const pf_dedup, vm_id: u64)
 /// that is NULL (set `out_report->struct_size` first).
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`dedup`), `PF_ERR_STRUCT_TOO_SMALL`
-/// (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+/// (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`, `PF_ERR_MAP_LIMIT` (the
+/// kernel refused a remap: the process's mappings are used up).
 ///
 /// # Safety
 ///
@@ -716,7 +720,8 @@ pub unsafe extern "C" fn pf_dedup_stop_background(dedup: *const pf_dedup) -> pf_
 /// `*out_pages` receives the number of pages brought back. Registrations
 /// stay; a later merge or scan merges again.
 ///
-/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT`, `PF_ERR_OS`,
+/// `PF_ERR_MAP_LIMIT` (the kernel refused a remap; pages stay merged).
 ///
 /// # Safety
 ///
@@ -745,7 +750,9 @@ pub unsafe extern "C" fn pf_dedup_unmerge_all(
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNKNOWN_VM`, `PF_ERR_UNMAPPED`
 /// (`gpa` is in no region of the VM), `PF_ERR_BUSY` (another operation held
-/// the page for seconds; try again), `PF_ERR_USERFAULT`, `PF_ERR_OS`.
+/// the page for seconds; try again), `PF_ERR_USERFAULT`, `PF_ERR_OS`,
+/// `PF_ERR_MAP_LIMIT` (the kernel refused the remap; the page stays
+/// merged).
 ///
 /// # Safety
 ///

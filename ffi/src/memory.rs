@@ -470,7 +470,8 @@ pub unsafe extern "C" fn pf_guest_memory_host_address(
 /// lost, as with `MADV_DONTNEED`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`,
-/// `PF_ERR_OVERFLOW`, `PF_ERR_OS`.
+/// `PF_ERR_OVERFLOW`, `PF_ERR_OS`, `PF_ERR_MAP_LIMIT` (the kernel refused
+/// to map a merged page's own frame back).
 ///
 /// # Safety
 ///

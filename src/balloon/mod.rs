@@ -34,8 +34,12 @@
 //!   ([`Balloon::with_dedup`]): the host breaks the page's sharing as on a
 //!   copy-on-write break (its shared frame loses one reference, counted again
 //!   from the page states at the host's next recount, and is freed if it was
-//!   the last), then the page is ballooned as a private one. Without a host
-//!   it is refused with [`BalloonError::Shared`] for that entry.
+//!   the last), then the page is ballooned as a private one. If breaking
+//!   the sharing fails (the process's mappings are used up, or the store
+//!   fails) the entry gets [`BalloonError::Unmerge`] and the page stays
+//!   merged; with the mapping budget spent, the unmerge takes back the near
+//!   side of the page's merged stretch too. Without a host it is refused
+//!   with [`BalloonError::Shared`] for that entry.
 //! * **Untrusted input.** A PFN out of range, in a hole between regions,
 //!   repeated within a batch, beyond the batch limit, already in the balloon,
 //!   locked by another layer, or shared is a typed error for that entry

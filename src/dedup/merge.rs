@@ -555,8 +555,10 @@ pub(super) struct UnmergeOutcome {
 /// touched here: the host recounts them from the page states.
 ///
 /// Each run is cut out of its merged stretch where the mapping budget can
-/// pay for the split; where it cannot, the whole stretch around it goes
-/// back to its own frames, which joins mappings instead of splitting them
+/// pay for the split; where it cannot, the part of the stretch from the
+/// page to one end goes back (the side that costs no mapping, then the
+/// shorter), which joins mappings instead of splitting them; the rest stays
+/// merged
 /// (found from outside: a guest ballooning scattered pages made one unmerge
 /// per page, two mappings each, until the process had none left and the
 /// next thread spawn aborted it). That costs memory, never more than the

@@ -11,8 +11,8 @@
 //!
 //! Two modes: [`DedupHost::scan_step`] (incremental, with a budget, for a
 //! background thread; a page must hash the same on two visits before it is
-//! merged, KSM's volatility rule) and [`DedupHost::merge_now`] (one pass over
-//! everything, volatility ignored: it is for the moments a VMM knows memory
+//! merged, KSM's volatility rule) and [`DedupHost::merge_now`] (every page
+//! now, in batches, volatility ignored: it is for the moments a VMM knows memory
 //! is quiet, such as right after restoring N VMs from one snapshot; safety
 //! never depends on the rule, since bytes are compared under write
 //! protection before every merge).
@@ -144,8 +144,11 @@ pub enum ScanBudget {
 /// Options of a dedup host.
 #[derive(Clone, Debug)]
 pub struct DedupOptions {
-    /// Kernel mappings (VMAs) to leave to the rest of the process: merging
-    /// stops while fewer than this many are left below `vm.max_map_count`.
+    /// Kernel mappings (VMAs) kept for the rest of the process, in the frame
+    /// store's [`MapBudget`](crate::frames::MapBudget), which every remap of
+    /// its guest pages spends from: below it merging stops, an unmerge takes
+    /// back part of a merged stretch instead of splitting it, and a discard
+    /// leaves merged pages merged.
     pub map_headroom: u64,
 }
 
@@ -407,7 +410,9 @@ impl DedupHost {
         Ok(Arc::clone(&entry.mem))
     }
 
-    /// One pass over every page of every VM, merging all it can now.
+    /// Visits every page of every VM now, in batches of 8K pages, merging
+    /// what it can; a pass the mapping budget cut short while an eighth of
+    /// it was left runs again (up to three passes).
     pub fn merge_now(&self) -> Result<ScanReport, DedupError> {
         let mut scan = lock(&self.inner.scan);
         let vms = read(&self.inner.vms).clone();

@@ -484,7 +484,7 @@ impl Inner {
                     extra,
                 });
             } else if mode.unstable {
-                // Incremental: a page alone in this batch may match one seen
+                // A page alone in this batch (a step, or a batch of `merge_now`) may match one seen
                 // earlier in this full scan (KSM's unstable tree).
                 // The earlier page is hashed again: it may have changed since
                 // (then this page takes its place in the tree).

@@ -58,7 +58,7 @@ pub struct VmStats {
     pub cow_breaks: u64,
 }
 
-/// What one merge pass or scan step did.
+/// What one `merge_now` (all its passes; `map_limit` from the last) or scan step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
     /// Pages visited.

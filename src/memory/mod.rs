@@ -192,8 +192,10 @@ impl GuestMemory {
     ///
     /// A page the library knows is released (discarded, reported free,
     /// ballooned) reads as zeros, or as what a vCPU wrote to it since,
-    /// without the kernel allocating memory for it: only writes take a page
-    /// back. The same holds for [`read_obj`](Self::read_obj) and
+    /// without the kernel allocating memory for it. Writes take a page back,
+    /// and so does a read that finds the page holding memory again (the
+    /// guest reused it): it becomes private, so later reads take the mapping
+    /// (a ballooned page counts as deflated, once). The same holds for [`read_obj`](Self::read_obj) and
     /// [`load`](Self::load).
     #[inline]
     pub fn read(&self, addr: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
