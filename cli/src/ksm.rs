@@ -81,6 +81,32 @@ fn knob(name: &str) -> String {
     format!("{KSM}/{name}")
 }
 
+/// Whether this process may drive KSM, asked before any work: its `run`
+/// knob opened for writing (which changes nothing). Without it,
+/// `compare-ksm` used to load and fold every workload first and only then
+/// fail on the knob.
+pub(crate) fn check_access() -> io::Result<()> {
+    if !Path::new(KSM).exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "this kernel has no KSM (/sys/kernel/mm/ksm)",
+        ));
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(knob("run"))
+        .map(drop)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "compare-ksm drives KSM through {} and needs root for it ({e}); --no-ksm runs pagefold's side alone",
+                    knob("run")
+                ),
+            )
+        })
+}
+
 /// Reads a numeric KSM counter.
 pub(crate) fn counter(name: &str) -> io::Result<u64> {
     fs::read_to_string(knob(name))?

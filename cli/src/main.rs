@@ -156,16 +156,24 @@ fn main() -> ExitCode {
             max_map_count,
             images,
         } => {
-            let workloads = if images.is_empty() {
-                Ok(vec![
-                    workload::Workload::booted_clones(),
-                    workload::Workload::duplicates_1g(),
-                ])
+            let allowed: Result<(), Box<dyn std::error::Error>> = if no_ksm {
+                Ok(())
             } else {
-                workload::Workload::images(&images).map(|w| vec![w])
+                ksm::check_access().map_err(Into::into)
             };
-            workloads
-                .map_err(Into::into)
+            allowed
+                .and_then(|()| {
+                    if images.is_empty() {
+                        Ok(vec![
+                            workload::Workload::booted_clones(),
+                            workload::Workload::duplicates_1g(),
+                        ])
+                    } else {
+                        workload::Workload::images(&images)
+                            .map(|w| vec![w])
+                            .map_err(Into::into)
+                    }
+                })
                 .and_then(|w| {
                     compare::run(&w, !no_ksm, (max_map_count > 0).then_some(max_map_count))
                 })

@@ -88,3 +88,38 @@ fn demo_uses_kvm_where_usable_and_says_which() {
         "{text}"
     );
 }
+
+/// Issue 13 (noticed while fixing estimate): `compare-ksm` run by an
+/// ordinary user loaded and folded every workload before it failed on
+/// KSM's knobs. It says what it needs before any work.
+#[test]
+fn compare_ksm_says_it_needs_root_before_any_work() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP compare-ksm as nobody: not root, cannot switch to nobody");
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/ksm/run").exists()
+        || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        println!("SKIP compare-ksm as nobody: no KSM or no setpriv here");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_pagefold"))
+        .arg("compare-ksm")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "refused before any work: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("compare-ksm drives KSM through /sys/kernel/mm/ksm/run and needs root"),
+        "{err}"
+    );
+}
