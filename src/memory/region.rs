@@ -565,10 +565,10 @@ impl GuestRegion {
         let addr = self
             .ptr_at((first as u64) << PAGE_SHIFT)
             .cast::<libc::c_void>();
-        // SAFETY: 1. `[addr, addr + out.len() pages)` lies inside this
-        // region's live mapping (checked against its page count) and is page
-        // aligned; 2. `out` has one writable byte per page, as mincore(2)
-        // requires.
+        // `[addr, addr + out.len() pages)` lies inside this region's live
+        // mapping (checked against its page count) and is page aligned.
+        // SAFETY: 1. in bounds and aligned (above); 2. `out` has one
+        // writable byte per page, as mincore(2) requires.
         let rc = unsafe { libc::mincore(addr, out.len() << PAGE_SHIFT, out.as_mut_ptr()) };
         rc == 0
     }
