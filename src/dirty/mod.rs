@@ -1,7 +1,8 @@
 //! The dirty log: which guest pages changed since the last harvest, for
 //! live migration and snapshots.
 //!
-//! Each region has a two-level atomic bitmap (`bitmap.rs`: one bit per
+//! Each region has a two-level atomic bitmap (`memory/dirty_bitmap.rs`, in
+//! the region's `RegionLog`, `memory/dirty_log.rs`: one bit per
 //! 4 KiB page, and a summary bit per 64-page word), so a harvest costs what
 //! is dirty, not what is mapped. Three sources feed it:
 //!
@@ -17,25 +18,19 @@
 //!
 //! [`GuestMemory::harvest_dirty`] takes the marked pages as runs and clears
 //! them; a write that races with a harvest is reported by that harvest or
-//! the next, never lost (the argument is in `bitmap.rs`).
+//! the next, never lost (the argument is in `memory/dirty_bitmap.rs`).
 //!
 //! This module never changes guest memory or page backing: it only reads
 //! and clears bits.
 
 mod barrier;
-mod bitmap;
 mod tracker;
-
-use std::sync::{
-    atomic::{compiler_fence, AtomicBool, Ordering},
-    OnceLock,
-};
 
 pub use tracker::RawWriteTracker;
 
 use crate::{
     addr::{usize_from, GuestPhysAddr, PAGE_SHIFT},
-    memory::GuestMemory,
+    memory::{DirtyBitmap, GuestMemory, RegionLog},
     userfault::UserfaultError,
 };
 
@@ -126,84 +121,12 @@ pub struct DirtyRun {
     pub pages: u64,
 }
 
-/// A region's dirty log: whether library writes mark it, and the bitmap,
-/// allocated on first use.
-#[derive(Debug)]
-pub(crate) struct RegionLog {
-    on: AtomicBool,
-    bitmap: OnceLock<bitmap::DirtyBitmap>,
-    pages: usize,
-}
-
-impl RegionLog {
-    pub(crate) fn new(pages: usize) -> Self {
-        RegionLog {
-            on: AtomicBool::new(false),
-            bitmap: OnceLock::new(),
-            pages,
-        }
-    }
-
-    /// Called after every library write of `len` bytes at region offset
-    /// `off`, once the bytes are stored. With tracking off this is one
-    /// load. The compiler fence keeps the load after the store of the
-    /// bytes in program order; `set_dirty_tracking`'s process-wide barrier
-    /// does the CPU's half (see `enable`).
-    #[inline(always)]
-    pub(crate) fn note_write(&self, off: u64, len: u64) {
-        compiler_fence(Ordering::SeqCst);
-        if self.on.load(Ordering::Acquire) {
-            self.mark(off, len);
-        }
-    }
-
-    #[inline]
-    fn mark(&self, off: u64, len: u64) {
-        if let Some(b) = self.bitmap.get() {
-            let first = (off >> PAGE_SHIFT) as usize;
-            let last = (off.saturating_add(len.max(1)) - 1) >> PAGE_SHIFT;
-            if last as usize == first {
-                if first < b.pages() {
-                    b.mark_page(first);
-                }
-            } else {
-                b.mark_pages(first, last as usize - first + 1);
-            }
-        }
-    }
-
-    /// The bitmap, allocated (zeroed, lazily backed) on first use.
-    pub(crate) fn bitmap(&self, index: usize) -> Result<&bitmap::DirtyBitmap, DirtyError> {
-        if let Some(b) = self.bitmap.get() {
-            return Ok(b);
-        }
-        let b = bitmap::DirtyBitmap::new(self.pages).ok_or(DirtyError::OutOfMemory {
-            index,
-            pages: self.pages,
-        })?;
-        // A racing initialiser wins; ours is dropped, both were empty.
-        let _ = self.bitmap.set(b);
-        self.bitmap.get().ok_or(DirtyError::OutOfMemory {
-            index,
-            pages: self.pages,
-        })
-    }
-
-    pub(crate) fn is_on(&self) -> bool {
-        self.on.load(Ordering::Acquire)
-    }
-
-    /// Marks pages `[first, first + count)` regardless of the flag (other
-    /// sources: the raw-write tracker).
-    pub(crate) fn mark_pages(
-        &self,
-        index: usize,
-        first: usize,
-        count: usize,
-    ) -> Result<(), DirtyError> {
-        self.bitmap(index)?.mark_pages(first, count);
-        Ok(())
-    }
+/// The bitmap of region `index`'s log, allocated on first use.
+pub(crate) fn region_bitmap(log: &RegionLog, index: usize) -> Result<&DirtyBitmap, DirtyError> {
+    log.bitmap().ok_or(DirtyError::OutOfMemory {
+        index,
+        pages: log.pages(),
+    })
 }
 
 impl GuestMemory {
@@ -233,13 +156,12 @@ impl GuestMemory {
     pub fn set_dirty_tracking(&self, which: RegionSet, on: bool) -> Result<(), DirtyError> {
         let range = self.region_indices(which)?;
         for i in range.clone() {
-            let log = self.regions()[i].dirty_log();
             if on {
-                log.bitmap(i)?;
+                region_bitmap(self.regions()[i].dirty_log(), i)?;
             }
         }
         for i in range {
-            self.regions()[i].dirty_log().on.store(on, Ordering::SeqCst);
+            self.regions()[i].dirty_log().set_on(on);
         }
         if on {
             barrier::heavy();
@@ -272,7 +194,7 @@ impl GuestMemory {
         let mut total = 0u64;
         for i in range {
             let r = &self.regions()[i];
-            let Some(b) = r.dirty_log().bitmap.get() else {
+            let Some(b) = r.dirty_log().allocated_bitmap() else {
                 continue;
             };
             let base = r.start().0;
@@ -314,7 +236,7 @@ impl GuestMemory {
                 words: bitmap.len(),
             });
         }
-        r.dirty_log().bitmap(index)?.merge(bitmap);
+        region_bitmap(r.dirty_log(), index)?.merge(bitmap);
         Ok(())
     }
 
@@ -341,8 +263,7 @@ impl GuestMemory {
                 let off = (addr.0 - r.start().0) >> PAGE_SHIFT;
                 let n = (end - page).min(r.pages() as u64 - off);
                 if pass == 1 {
-                    r.dirty_log()
-                        .mark_pages(i, usize_from(off), usize_from(n))?;
+                    region_bitmap(r.dirty_log(), i)?.mark_pages(usize_from(off), usize_from(n));
                 }
                 page += n;
             }
@@ -358,8 +279,7 @@ impl GuestMemory {
         };
         let r = &self.regions()[i];
         r.dirty_log()
-            .bitmap
-            .get()
+            .allocated_bitmap()
             .is_some_and(|b| b.is_marked(((gpa.0 - r.start().0) >> PAGE_SHIFT) as usize))
     }
 }

@@ -118,7 +118,7 @@ impl RawWriteTracker {
                 reason: format!("/proc/self/pagemap: {e}"),
             })?;
         for &i in &regions {
-            mem.regions()[i].dirty_log().bitmap(i)?;
+            super::region_bitmap(mem.regions()[i].dirty_log(), i)?;
         }
         if !mem.claim_for_dedup() {
             return Err(DirtyError::UserfaultTaken);
@@ -228,7 +228,7 @@ impl RawWriteTracker {
                     };
                     let first = ((start - base) >> PAGE_SHIFT) as usize;
                     let count = ((upto - start) >> PAGE_SHIFT) as usize;
-                    r.dirty_log().mark_pages(i, first, count)?;
+                    super::region_bitmap(r.dirty_log(), i)?.mark_pages(first, count);
                     return Err(DirtyError::Scan { start, end, source });
                 }
                 let n = usize::try_from(n).unwrap_or(0).min(buf.len());
@@ -238,7 +238,7 @@ impl RawWriteTracker {
                     if e > s {
                         let first = ((s - base) >> PAGE_SHIFT) as usize;
                         let count = ((e - s) >> PAGE_SHIFT) as usize;
-                        r.dirty_log().mark_pages(i, first, count)?;
+                        super::region_bitmap(r.dirty_log(), i)?.mark_pages(first, count);
                         found += count as u64;
                     }
                 }

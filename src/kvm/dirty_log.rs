@@ -287,7 +287,7 @@ impl DirtyLog {
         bitmaps.clear();
         for slot in slots {
             if let Some(region) = mem.regions().get(slot.region) {
-                region.dirty_log().bitmap(slot.region)?;
+                crate::dirty::region_bitmap(region.dirty_log(), slot.region)?;
             }
             let pages = slot_pages(slot);
             let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);

@@ -9,11 +9,16 @@
 
 mod atomic;
 mod copy;
+mod dirty_bitmap;
+mod dirty_log;
 mod error;
 mod index;
 pub mod page_state;
 mod region;
 mod released;
+
+pub(crate) use dirty_bitmap::DirtyBitmap;
+pub(crate) use dirty_log::RegionLog;
 
 use std::sync::{atomic::Ordering as MemOrdering, Arc};
 
@@ -309,33 +314,15 @@ impl GuestMemory {
         (len != 0 && in_page + len <= PAGE_SIZE && !r.needs_state_checks()).then_some((r, off))
     }
 
-    /// The page-table walker's direct view of the region holding `addr`
-    /// (empty if none does; with one region, that region whatever `addr`):
-    /// a walk then bounds-checks each entry against values it holds in
-    /// registers instead of looking the region up.
+    /// The region a page-table walker's direct view of `addr` covers
+    /// (`paging::EntryWindow`): the one holding `addr`, or with one region
+    /// that region whatever `addr` (the window checks its own bounds, so no
+    /// index and no bounds check here, on the walk's path).
     #[inline(always)]
-    pub(crate) fn entry_window(&self, addr: u64) -> crate::paging::EntryWindow<'_> {
-        // One region, the common layout: no index (and no bounds check
-        // here: a window onto it is right for any address, as the window
-        // checks its own bounds).
-        let r = match &*self.regions {
-            [r] => r,
-            _ => match self.index.find(addr) {
-                Some(i) => &self.regions[i],
-                None => return crate::paging::EntryWindow::empty(),
-            },
-        };
-        // The flag is the one `load_entry` reads before it loads through the
-        // mapping.
-        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for as
-        // long as `self` is borrowed (the lifetime the window gets).
-        unsafe {
-            crate::paging::EntryWindow::new(
-                r.start().0,
-                r.size(),
-                r.ptr_at(0),
-                r.state_checks_flag(),
-            )
+    pub(crate) fn window_region(&self, addr: u64) -> Option<&GuestRegion> {
+        match &*self.regions {
+            [r] => Some(r),
+            _ => self.index.find(addr).map(|i| &self.regions[i]),
         }
     }
 

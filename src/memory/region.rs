@@ -60,7 +60,7 @@ pub struct GuestRegion {
     protection: std::sync::Mutex<()>,
     /// The dirty log: on/off flag and the lazily allocated bitmap
     /// (`crate::dirty`).
-    dirty: crate::dirty::RegionLog,
+    dirty: super::RegionLog,
     /// Ballooned pages the library took back: written through it, or found
     /// holding memory again by a read (each counts as deflated; see
     /// `crate::balloon`).
@@ -100,7 +100,7 @@ impl GuestRegion {
             states,
             state_checks: AtomicBool::new(false),
             protection: std::sync::Mutex::new(()),
-            dirty: crate::dirty::RegionLog::new(page_count),
+            dirty: super::RegionLog::new(page_count),
             balloon_taken: std::sync::atomic::AtomicU64::new(0),
             store: Arc::clone(store),
         })
@@ -158,7 +158,7 @@ impl GuestRegion {
     ///
     /// The caller keeps `offset` below `size` before dereferencing.
     #[inline]
-    pub(super) fn ptr_at(&self, offset: u64) -> *mut u8 {
+    pub(crate) fn ptr_at(&self, offset: u64) -> *mut u8 {
         // Wrapping: computing the address is harmless; every caller has
         // bounds-checked `offset` against `size`, which equals the mapping length.
         self.mapping.as_ptr().wrapping_add(usize_from(offset))
@@ -492,7 +492,7 @@ impl GuestRegion {
     }
 
     /// The flag [`GuestRegion::needs_state_checks`] reads.
-    pub(super) fn state_checks_flag(&self) -> &AtomicBool {
+    pub(crate) fn state_checks_flag(&self) -> &AtomicBool {
         &self.state_checks
     }
 
@@ -516,7 +516,7 @@ impl GuestRegion {
 
     /// The region's dirty log (see `crate::dirty`).
     #[inline(always)]
-    pub(crate) fn dirty_log(&self) -> &crate::dirty::RegionLog {
+    pub(crate) fn dirty_log(&self) -> &super::RegionLog {
         &self.dirty
     }
 

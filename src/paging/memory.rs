@@ -170,9 +170,19 @@ impl PhysMemory for GuestMemory {
             .map_err(|e| failed_at(&e, pa))
     }
 
+    /// The walker's direct view of the region holding `pa`: a walk then
+    /// bounds-checks each entry against values it holds in registers
+    /// instead of looking the region up.
     #[inline(always)]
     fn entry_window(&self, pa: u64) -> EntryWindow<'_> {
-        GuestMemory::entry_window(self, pa)
+        let Some(r) = self.window_region(pa) else {
+            return EntryWindow::empty();
+        };
+        // The flag is the one `load_entry` reads before it loads through
+        // the mapping.
+        // SAFETY: the region maps its `size()` bytes from `ptr_at(0)` for
+        // as long as `self` is borrowed (the lifetime the window gets).
+        unsafe { EntryWindow::new(r.start().0, r.size(), r.ptr_at(0), r.state_checks_flag()) }
     }
 }
 

@@ -9,7 +9,7 @@
 //! `fetch_or`; then the same for the word's summary bit. A harvester swaps
 //! a summary word to 0, then swaps each word its bits name to 0, reports
 //! the bits it took, and (if it took any) runs a process-wide memory
-//! barrier ([`super::barrier::heavy`]) before it returns; the caller copies
+//! barrier (`crate::dirty`'s process-wide barrier) before it returns; the caller copies
 //! the reported pages after that. All bitmap operations are `SeqCst`.
 //!
 //! 1. No orphan bits: after a writer's word `fetch_or` (or its load that
@@ -181,7 +181,7 @@ impl DirtyBitmap {
     /// page, count)` for each run of consecutive dirty pages, in order.
     /// Returns the number of pages reported. The caller must run the heavy
     /// barrier before it uses the pages if this returns non-zero (see the
-    /// module comment); `super::harvest` does.
+    /// module comment); `crate::dirty`'s harvest does.
     pub(crate) fn take(&self, mut run: impl FnMut(usize, usize)) -> usize {
         let words = self.words.words();
         let mut pending: Option<(usize, usize)> = None;
