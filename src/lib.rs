@@ -1,18 +1,50 @@
 //! pagefold: guest memory virtualization for virtual machine monitors.
 //!
 //! A VMM hands pagefold the layout of a guest's physical memory and gets
-//! back [`GuestMemory`]: regions backed by frames in a memfd
-//! ([`frames::FrameStore`]), one contiguous host mapping per region (what a
-//! KVM memory slot points at), a per-page state word that the dedup, balloon
-//! and migration layers change by compare-and-swap, and a bounds-checked
-//! access API (bytes, plain-old-data objects, aligned atomics) that stays
-//! sound while guest vCPUs write the same memory.
+//! back [`GuestMemory`]: regions on frames of a memfd, one host mapping per
+//! region (what a KVM memory slot or a vhost-user backend points at), and a
+//! bounds-checked access API (bytes, plain-old-data objects, aligned atomics)
+//! that stays sound while guest vCPUs write the same memory.
 //!
-//! Layers, bottom up: [`addr`] (address newtypes), [`frames`] (host frames),
-//! [`memory`] (guest-physical memory), and beside it [`dirty`] (the dirty
-//! log: library writes, KVM bitmaps, raw writes via userfaultfd).
-//! Guest-controlled input never makes the library touch memory outside a
-//! mapping or panic: it gets a typed error.
+//! # Layers
+//!
+//! Bottom up; each imports only those below it.
+//!
+//! - [`addr`]: one newtype per address space ([`GuestPhysAddr`],
+//!   [`GuestVirtAddr`], [`HostVirtAddr`]) and per frame number
+//!   ([`GuestFrame`], [`FrameNumber`]); raw integers stay inside hot loops.
+//! - `host` (crate-private): what the library asks the kernel: the page
+//!   map, `mincore`, `SEEK_DATA`, `/proc`.
+//! - [`frames`]: [`FrameStore`], host frames in a memfd (4 KiB or hugetlb),
+//!   their allocator and mappings, and the [`MapBudget`] every remap spends
+//!   from.
+//! - [`memory`]: [`GuestMemory`] and its regions, the per-page state word
+//!   that every layer above changes only through `memory`'s operations, and
+//!   each region's dirty log.
+//! - [`userfault`]: the userfaultfd descriptor that write-protects pages.
+//! - [`paging`]: guest page-table walkers (x86 32-bit, PAE, 4- and 5-level;
+//!   EPT and NPT as the second level), the walk cache and mapping listings.
+//! - [`dirty`]: harvesting the dirty log, merging KVM bitmaps, and the
+//!   raw-write tracker.
+//! - `kvm` (feature `kvm`): memory slots, KVM's dirty log, vCPUs.
+//! - [`dedup`]: [`DedupHost`], KSM-style merging of identical pages of
+//!   several VMs into shared copy-on-write frames, and unmerging.
+//! - [`balloon`]: the memory side of virtio-balloon over untrusted PFN lists.
+//! - [`migration`]: the live-migration stream, the pre-copy sender, and a
+//!   receiver that folds what arrives.
+//!
+//! # Invariants
+//!
+//! 1. **No lost write.** A page's backing changes only under its lock bit
+//!    with its old mapping write-protected, shared frames are never mapped
+//!    writable once a page maps them (a guest write is the kernel's own
+//!    copy-on-write), and the dirty log's ordering reports every write.
+//! 2. **No cross-domain sharing.** Pages merge only within a merge domain,
+//!    whose hashes are keyed by its own secret.
+//! 3. **No out-of-bounds access and no panic on guest data.** Addresses,
+//!    page tables, PFN lists and streams from a guest or a peer get a typed
+//!    error that names what was wrong, and leave the library usable.
+//! 4. **Real savings.** Every figure of memory held is the kernel's own.
 //!
 //! ```
 //! use pagefold::{GuestMemory, GuestPhysAddr};
