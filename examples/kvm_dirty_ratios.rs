@@ -27,8 +27,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 #[cfg(all(feature = "kvm", target_arch = "x86_64"))]
-#[path = "mini_vmm/guest.rs"]
-mod guest;
+use pagefold_tools::mini_vmm::guest;
 
 #[cfg(all(feature = "kvm", target_arch = "x86_64"))]
 mod bench {

@@ -12,12 +12,6 @@
 // Sizes here are small page counts (a 64-bit host).
 #![allow(clippy::cast_possible_truncation)]
 
-#[path = "mini_vmm/guest.rs"]
-mod guest;
-#[path = "../cli/src/ksm.rs"]
-#[allow(dead_code)] // the CLI uses the rest
-mod ksm;
-
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -32,6 +26,7 @@ use pagefold::{
     kvm::{Exit, Flow, KvmOptions, KvmVcpu, KvmVm},
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
 };
+use pagefold_tools::{ksm, mini_vmm::guest};
 
 const NO_LOG: KvmOptions = KvmOptions {
     log_dirty_pages: false,

@@ -20,11 +20,11 @@
 
 use std::{
     collections::HashSet,
-    io::{self, Read, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -36,6 +36,7 @@ use pagefold::{
     },
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
+use pagefold_tools::pipe::pipe;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
 /// A per-page header of a zero-page-only stream (kind + address).
@@ -188,43 +189,6 @@ fn measure_fold(mem: &GuestMemory) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The writing end of an in-memory pipe.
-struct PipeW(mpsc::SyncSender<Vec<u8>>);
-
-impl Write for PipeW {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .send(buf.to_vec())
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The reading end.
-struct PipeR {
-    rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for PipeR {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => (self.buf, self.pos) = (b, 0),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// Pre-copy of a 256 MiB guest over an in-memory pipe capped at
 /// `link_mib_s` while a writer thread dirties `dirty_mib_s` worth of pages
 /// a second; prints rounds and downtime against the 300 ms budget.
@@ -243,20 +207,11 @@ fn downtime_run(dirty_mib_s: u64, link_mib_s: u64) -> Result<(), Box<dyn std::er
         ..PrecopyOptions::default()
     };
     let budget = opts.downtime_budget;
-    let (tx, rx) = mpsc::sync_channel(64);
+    let (tx, rx) = pipe(64);
     let stop = AtomicBool::new(false);
     let (summary, got, writes) =
         std::thread::scope(|s| -> Result<_, Box<dyn std::error::Error>> {
-            let receiver = s.spawn(move || {
-                receive_migration(
-                    PipeR {
-                        rx,
-                        buf: Vec::new(),
-                        pos: 0,
-                    },
-                    ReaderLimits::default(),
-                )
-            });
+            let receiver = s.spawn(move || receive_migration(rx, ReaderLimits::default()));
             let writer = s.spawn(|| {
                 // Pages dirtied per second, paced in 5 ms steps.
                 let rate = (dirty_mib_s << 20) / PAGE_SIZE as u64;
@@ -276,11 +231,7 @@ fn downtime_run(dirty_mib_s: u64, link_mib_s: u64) -> Result<(), Box<dyn std::er
                 }
                 n
             });
-            let mut m = Sender::start(
-                &mem,
-                io::BufWriter::with_capacity(256 << 10, PipeW(tx)),
-                opts,
-            )?;
+            let mut m = Sender::start(&mem, io::BufWriter::with_capacity(256 << 10, tx), opts)?;
             m.on_progress(|p| {
                 println!(
                     "  round {}: {} pages, {} pages dirtied ({:.1} MiB/s), bandwidth {:.0} MiB/s, \

@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use pagefold::{DedupHost, FrameStore, GuestPhysAddr, VmOptions, PAGE_SIZE};
 
-#[path = "common/small_vms.rs"]
-mod small_vms;
-use small_vms::{blank, put};
+mod common;
+use common::small_vms::{blank, put};
 
 /// One content on page 0 (the first batch) and on pages 33,000 and 33,001
 /// (a later one): all three end on one frame, as in one list of every page

@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use pagefold::{DedupHost, DedupOptions, FrameStore, VmOptions};
 
-#[path = "common/small_vms.rs"]
-mod small_vms;
-use small_vms::{blank, put, vm};
+mod common;
+use common::small_vms::{self, blank, put, vm};
 
 fn maps() -> u64 {
     std::fs::read_to_string("/proc/self/maps")

@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use pagefold::{Balloon, DedupHost, FrameStore, VmOptions, PAGE_SIZE};
 
-#[path = "common/small_vms.rs"]
-mod small_vms;
-use small_vms::{gpa, vm};
+mod common;
+use common::small_vms::{gpa, vm};
 
 fn max_map_count() -> u64 {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")

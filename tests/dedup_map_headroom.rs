@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use pagefold::{DedupHost, FrameStore, ScanBudget, VmOptions, PAGE_SIZE};
 
-#[path = "common/small_vms.rs"]
-mod small_vms;
-use small_vms::{gpa, vm};
+mod common;
+use common::small_vms::{gpa, vm};
 
 /// A background scanner whose step never ends (`Pages(u64::MAX)`) still
 /// sees the mappings the rest of the process makes: once fewer than

@@ -5,7 +5,7 @@
 //! `unmerge_all`, `resolve_write_fault` and unregister/re-register. After
 //! every step every byte, every page state, the statistics and the kernel's
 //! count of the store's memory must be what the model in
-//! `common/dedup_model.rs` says (its module docs list the checks).
+//! `crates/pagefold-models/src/dedup_model.rs` says (its module docs list the checks).
 //!
 //! The named tests below run one fixed scenario with every operation, and
 //! pin defects the model found (those still open fail until the host is
@@ -14,21 +14,19 @@
 // A failed unwrap in a helper is a failed test, as in a test function.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::{
     process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::dedup_model::{
-    run, Addr, DedupOp, RegionSpec, Scenario, VmSpec, DOMAINS, MAX_PAGES, MAX_REGIONS, MAX_VMS,
-    MIN_VMS, PALETTE,
-};
 use pagefold::{
     DedupHost, DomainId, FrameStore, GuestMemory, GuestPhysAddr, PageKind, ScanBudget, VmOptions,
     PAGE_SIZE,
+};
+use pagefold_models::dedup_model::{
+    run, Addr, DedupOp, RegionSpec, Scenario, VmSpec, DOMAINS, MAX_PAGES, MAX_REGIONS, MAX_VMS,
+    MIN_VMS, PALETTE,
 };
 use proptest::{prelude::*, test_runner::Config as ProptestConfig};
 

@@ -12,9 +12,8 @@ use pagefold::{
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
 };
 
-#[path = "common/small_vms.rs"]
-mod small_vms;
-use small_vms::{gpa, vm};
+mod common;
+use common::small_vms::{gpa, vm};
 
 /// A page the kernel already copied (counted by reconciliation) is not
 /// counted again by `resolve_write_fault`, which says it was not merged.

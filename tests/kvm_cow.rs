@@ -11,8 +11,7 @@
 #![cfg(target_arch = "x86_64")]
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-#[path = "../examples/mini_vmm/guest.rs"]
-mod guest;
+use pagefold_tools::mini_vmm::guest;
 
 use std::{
     sync::{

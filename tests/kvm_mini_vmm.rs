@@ -9,10 +9,7 @@
 #![cfg(target_arch = "x86_64")]
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-#[path = "../examples/mini_vmm/guest.rs"]
-mod guest;
-#[path = "../examples/mini_vmm/vmm.rs"]
-mod vmm;
+use pagefold_tools::mini_vmm::vmm;
 
 use std::process::Command;
 

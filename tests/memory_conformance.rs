@@ -17,11 +17,12 @@ use std::{
     sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
 };
 
-use common::{model::Model, strategies};
+use common::strategies;
 use pagefold::{
     AccessError, Backing, FrameError, FrameStore, GuestMemory, GuestPhysAddr, LayoutError,
     MemoryError, PageSize, StoreOptions,
 };
+use pagefold_models::model::Model;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 
 const fn gpa(a: u64) -> GuestPhysAddr {

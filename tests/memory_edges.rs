@@ -1,7 +1,7 @@
 //! Named, deterministic cases at the edges of guest memory's access rules:
 //! zero-length accesses, ranges that wrap the address space, `discard`
 //! alignment, refused writes, region boundaries, and raw writes to released
-//! pages. Each pins one rule of `common/model.rs` that the proptests would
+//! pages. Each pins one rule of `crates/pagefold-models/src/model.rs` that the proptests would
 //! otherwise only hit at random.
 
 use std::sync::atomic::Ordering;

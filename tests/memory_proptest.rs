@@ -2,17 +2,15 @@
 //! layouts and random access sequences (bytes, objects, atomics, fill,
 //! discard, raw host writes) must leave memory equal to the model and give
 //! exactly the model's error; bad layouts give exactly the right
-//! `LayoutError`. The rules are written down once, in `common/model.rs`.
+//! `LayoutError`. The rules are written down once, in `crates/pagefold-models/src/model.rs`.
 
 mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{
-    model::{validate, Model, PAGE, TOP_END},
-    strategies,
-};
+use common::strategies;
 use pagefold::{GuestMemory, GuestPhysAddr, LayoutError, MemoryError};
+use pagefold_models::model::{validate, Model, PAGE, TOP_END};
 use proptest::{prelude::*, sample::Index, test_runner::Config as ProptestConfig};
 
 const fn gpa(a: u64) -> GuestPhysAddr {

@@ -9,10 +9,9 @@
 // Test code: page-table fields are built from small known values.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-#[path = "common/page_tables.rs"]
-mod page_tables;
+mod common;
 
-use page_tables::{Flags, Kind, Tables, A, D, EA, ED, ER, EW, EX, PAGE, PS, US, XD};
+use common::page_tables::{Flags, Kind, Tables, A, D, EA, ED, ER, EW, EX, PAGE, PS, US, XD};
 use pagefold::paging::{
     x86::{CR0_WP, CR4_PKE, CR4_PKS, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE},
     Access, EptConfig, FaultCode, FaultReason, PhysImage, SecondLevel, Stage, WalkCache, WalkFault,

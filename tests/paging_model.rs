@@ -15,10 +15,9 @@
 // Test code: page-table fields are built from small known values.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-#[path = "common/page_tables.rs"]
-mod page_tables;
+mod common;
 
-use page_tables::{expected_attributes, Expect, Flags, Kind, Rng, Tables, PAGE};
+use common::page_tables::{expected_attributes, Expect, Flags, Kind, Rng, Tables, PAGE};
 use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, LeafAttributes, Permissions, Stage, Translation,
     WalkCache, WalkFault, WalkOptions, Walker, X86Paging,

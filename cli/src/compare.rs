@@ -10,8 +10,9 @@ use std::{
 };
 
 use pagefold::{DedupHost, FrameStore, GuestPhysAddr, VmOptions, PAGE_SIZE};
+use pagefold_tools::ksm;
 
-use crate::{ksm, workload::Workload};
+use crate::workload::Workload;
 
 /// Results of one engine on one workload.
 #[derive(Debug, Default, Clone, Copy)]

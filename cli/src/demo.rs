@@ -12,10 +12,10 @@
 
 use std::{
     error::Error,
-    io::{self, Read, Write},
+    io,
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -24,6 +24,7 @@ use pagefold::{
     migration::{receive_migration, PrecopyOptions, ReaderLimits, Sender},
     Balloon, DedupHost, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmOptions, PAGE_SIZE,
 };
+use pagefold_tools::pipe::pipe;
 
 const MIB: u64 = 1 << 20;
 /// Where high RAM starts on a PC: above the 32-bit PCI hole.
@@ -289,19 +290,10 @@ fn migrate(mem: &GuestMemory) -> Result<(), Box<dyn Error>> {
         ..PrecopyOptions::default()
     };
     let budget = opts.downtime_budget;
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(64);
+    let (tx, rx) = pipe(64);
     let stop = AtomicBool::new(false);
     let (summary, got, writes) = std::thread::scope(|s| -> Result<_, Box<dyn Error>> {
-        let receiver = s.spawn(move || {
-            receive_migration(
-                PipeR {
-                    rx,
-                    buf: Vec::new(),
-                    pos: 0,
-                },
-                ReaderLimits::default(),
-            )
-        });
+        let receiver = s.spawn(move || receive_migration(rx, ReaderLimits::default()));
         let writer = s.spawn(|| {
             let rate = DIRTY_MIB_S * MIB / PAGE_SIZE as u64;
             let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -324,11 +316,7 @@ fn migrate(mem: &GuestMemory) -> Result<(), Box<dyn Error>> {
             }
             n
         });
-        let mut m = Sender::start(
-            mem,
-            io::BufWriter::with_capacity(256 << 10, PipeW(tx)),
-            opts,
-        )?;
+        let mut m = Sender::start(mem, io::BufWriter::with_capacity(256 << 10, tx), opts)?;
         m.on_progress(|p| {
             println!(
                 "  round {}: {} pages sent, {} dirtied meanwhile, {} KiB on the wire so far, \
@@ -389,43 +377,6 @@ fn migrate(mem: &GuestMemory) -> Result<(), Box<dyn Error>> {
         got.stats.verified
     );
     Ok(())
-}
-
-/// The writing end of an in-memory pipe.
-struct PipeW(mpsc::SyncSender<Vec<u8>>);
-
-impl Write for PipeW {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .send(buf.to_vec())
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The reading end.
-struct PipeR {
-    rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for PipeR {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => (self.buf, self.pos) = (b, 0),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
 }
 
 /// The first 8 bytes of page `index` of VM `vm`'s pattern.

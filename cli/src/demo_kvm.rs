@@ -1,10 +1,12 @@
 //! `pagefold demo`'s choice of path: real guests under KVM (the mini VMM of
-//! `examples/mini_vmm`) where `/dev/kvm` is usable, the software path
+//! `pagefold_tools::mini_vmm`) where `/dev/kvm` is usable, the software path
 //! ([`crate::demo`]) where it is not or when asked; it says which, and why.
 
 use std::{error::Error, process::Command};
 
-use crate::{demo, vmm};
+use pagefold_tools::mini_vmm::vmm;
+
+use crate::demo;
 
 /// Why KVM cannot run the demo here, or `None` if it can.
 fn kvm_unusable() -> Option<String> {

@@ -8,21 +8,14 @@ mod demo_kvm;
 mod estimate;
 mod image_scan;
 mod images;
-mod ksm;
 mod maps;
 mod report;
 mod workload;
 
-// The mini VMM of `examples/mini_vmm`: its guest program and its VMM, which
-// `pagefold demo` runs when KVM is usable.
-#[path = "../../examples/mini_vmm/guest.rs"]
-mod guest;
-#[path = "../../examples/mini_vmm/vmm.rs"]
-mod vmm;
-
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use pagefold_tools::ksm;
 
 /// pagefold: guest memory virtualization for VMMs.
 #[derive(Parser)]

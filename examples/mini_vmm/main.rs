@@ -13,10 +13,9 @@
 //! `cargo run --release --example mini_vmm [-- --vms N --data-mib M --fold-secs S]`
 //! (needs a usable `/dev/kvm`).
 
-mod guest;
-mod vmm;
-
 use std::process::{Command, ExitCode};
+
+use pagefold_tools::mini_vmm::{guest, vmm};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String> {
     match args.iter().position(|a| a == name) {

@@ -4,7 +4,7 @@
 //! sequence of guest writes (library, atomics, raw host pointers), reads,
 //! `merge_now`, `scan_step`, `unmerge_all`, `resolve_write_fault` and
 //! unregister/re-register, run against a real `DedupHost` and the model the
-//! integration tests use (`tests/common/dedup_model.rs`). A panic in
+//! integration tests use (`pagefold_models::dedup_model`). A panic in
 //! pagefold and any divergence from the model (a byte, a page state, a scan
 //! report, a statistic, the kernel's count of the store's memory) are
 //! crashes.
@@ -23,11 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pagefold::DedupHost;
-
-#[path = "../../tests/common/dedup_model.rs"]
-mod dedup_model;
-
-use dedup_model::{Addr, DedupOp, RegionSpec, Scenario, VmSpec, MAX_PAGES, MAX_REGIONS, MAX_VMS};
+use pagefold_models::dedup_model::{
+    self, Addr, DedupOp, RegionSpec, Scenario, VmSpec, MAX_PAGES, MAX_REGIONS, MAX_VMS,
+};
 
 const MAX_OPS: usize = 48;
 

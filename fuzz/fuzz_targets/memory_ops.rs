@@ -2,7 +2,7 @@
 //! construction, or raw and checked against the layout rules) and a
 //! sequence of accesses (bytes, objects, atomics, fill, discard, raw host
 //! writes), run against `GuestMemory` and the byte-array model the
-//! integration tests use (`tests/common/model.rs`). A panic in pagefold and
+//! integration tests use (`pagefold_models::model`). A panic in pagefold and
 //! any divergence from the model (a value, a byte, an error) are crashes.
 //!
 //! Sizes are capped (at most 8 regions of 64 pages, 64 operations of a few
@@ -13,11 +13,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pagefold::{GuestMemory, GuestPhysAddr, MemoryError};
-
-#[path = "../../tests/common/model.rs"]
-mod model;
-
-use model::{AddrSel, Model, OpSpec, Width, PAGE, TOP_END};
+use pagefold_models::model::{self, AddrSel, Model, OpSpec, Width, PAGE, TOP_END};
 
 const MAX_REGIONS: usize = 8;
 const MAX_PAGES: u64 = 64;

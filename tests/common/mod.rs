@@ -1,6 +1,13 @@
-//! Helpers shared by the `memory_*` integration tests: the byte-array model
-//! of guest memory and the proptest strategies that drive it.
+//! Helpers shared by the integration tests (each test binary uses a
+//! subset): the proptest strategies that drive the guest-memory model of
+//! `pagefold_models::model`, small VMs for the dedup tests, and x86 page
+//! tables built by hand for the paging tests. The reference models that
+//! the fuzz targets share live in the `pagefold-models` crate.
 
-pub(crate) mod dedup_model;
-pub(crate) mod model;
+// The lints the paging tests that use it allow: a failed unwrap in a helper
+// is a failed test; table indexes and entry offsets are small.
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+pub(crate) mod page_tables;
+#[allow(dead_code)] // each test binary uses a subset
+pub(crate) mod small_vms;
 pub(crate) mod strategies;

@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 
-use super::model::{AddrSel, OpSpec, Width, PAGE, TOP_END};
+use pagefold_models::model::{AddrSel, OpSpec, Width, PAGE, TOP_END};
 
 /// A valid layout of 1 to `max_regions` regions, each 1–4 granules, with
 /// zero to three granules between neighbours (adjacent more often than not),

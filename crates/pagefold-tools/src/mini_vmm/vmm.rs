@@ -1,8 +1,8 @@
 //! The mini VMM itself: several KVM VMs over pagefold guest memory, folded
 //! by one dedup host while they run, a balloon, the walker on each vCPU's
 //! CR3, and a live migration of one VM over TCP into another process.
-//! Shared by `examples/mini_vmm/main.rs` and `tests/kvm_mini_vmm.rs`.
-#![allow(dead_code, unreachable_pub)] // each includer uses its part
+//! Run by `examples/mini_vmm/main.rs`, `pagefold demo` (where KVM is
+//! usable) and `tests/kvm_mini_vmm.rs`.
 
 use std::{
     io::{BufReader, BufWriter, Read, Write},
@@ -24,7 +24,7 @@ use pagefold::{
     VmOptions, PAGE_SIZE,
 };
 
-use crate::guest::{self, Res};
+use super::guest::{self, Res};
 
 /// What to run.
 #[derive(Clone, Copy, Debug)]
@@ -72,8 +72,9 @@ pub struct Report {
     pub last: DedupStats,
     /// Pages the balloon released (all VMs).
     pub ballooned_pages: u64,
-    /// Frame-store bytes before and after the balloon.
+    /// Frame-store bytes before the balloon.
     pub store_before_balloon: u64,
+    /// Frame-store bytes after the balloon.
     pub store_after_balloon: u64,
     /// Translations checked against the layout (and their bytes against
     /// guest-physical reads).
@@ -91,8 +92,9 @@ pub struct MigrationOutcome {
     pub last_round_pages: u64,
     /// Downtime on the sending side, microseconds.
     pub downtime_us: u64,
-    /// Verifications the migrated guest passed and failed in the receiver.
+    /// Verifications the migrated guest passed in the receiver.
     pub verified: u32,
+    /// Verifications it failed there.
     pub failed: u32,
     /// Write rounds it ran there.
     pub rounds_after: u64,

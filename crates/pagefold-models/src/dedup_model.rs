@@ -4,7 +4,7 @@
 //! of guest writes (library, atomics, raw host pointers), reads, merges,
 //! incremental scan steps, unmerges, write-fault resolutions and
 //! unregister/re-register. `tests/dedup_proptest.rs` and the fuzz target
-//! `fuzz/fuzz_targets/dedup_ops.rs` (through `#[path]`) run the same
+//! `fuzz/fuzz_targets/dedup_ops.rs` run the same
 //! scenarios against the real host and this model.
 //!
 //! The model keeps every byte of every VM, and how each page is backed as
@@ -39,8 +39,6 @@
 //! neither zeroes the page nor frees anything; pinned by failing tests in
 //! `dedup_proptest.rs`), time budgets and the background scanner (how many
 //! pages they visit depends on the clock).
-#![allow(dead_code)]
-// the memory_* test binaries compile this module too
 // Every size here is tiny (at most 4 VMs x 3 regions x 8 pages), so casts
 // between page counts and integer widths cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
@@ -59,21 +57,21 @@ use pagefold::{
 };
 
 /// Bytes per page.
-pub(crate) const PAGE: usize = 4096;
+pub const PAGE: usize = 4096;
 /// VMs per scenario.
-pub(crate) const MIN_VMS: usize = 2;
+pub const MIN_VMS: usize = 2;
 /// VMs per scenario.
-pub(crate) const MAX_VMS: usize = 4;
+pub const MAX_VMS: usize = 4;
 /// Regions per VM.
-pub(crate) const MAX_REGIONS: usize = 3;
+pub const MAX_REGIONS: usize = 3;
 /// Pages per region.
-pub(crate) const MAX_PAGES: usize = 8;
+pub const MAX_PAGES: usize = 8;
 /// Merge domains.
-pub(crate) const DOMAINS: u8 = 2;
+pub const DOMAINS: u8 = 2;
 /// Longest library access: crosses up to three pages (and regions).
-pub(crate) const MAX_LEN: usize = 2 * PAGE + 64;
+pub const MAX_LEN: usize = 2 * PAGE + 64;
 /// Palette entries (see [`palette`]).
-pub(crate) const PALETTE: u8 = 6;
+pub const PALETTE: u8 = 6;
 /// The scanner's batch size (`scan_step` hands at most this many pages to
 /// one pass of hashing and grouping).
 const BATCH: u64 = 4096;
@@ -81,7 +79,7 @@ const BATCH: u64 = 4096;
 /// Whole-page contents, few enough that duplicates and zero pages are
 /// common: 0 zeros, 1 and 2 one byte repeated, 3 and 5 a pattern, 4 zeros
 /// but for the last byte (so "zero" is decided by every byte).
-pub(crate) fn palette(k: u8) -> Vec<u8> {
+pub fn palette(k: u8) -> Vec<u8> {
     match k % PALETTE {
         0 => vec![0; PAGE],
         1 => vec![0x11; PAGE],
@@ -97,7 +95,7 @@ pub(crate) fn palette(k: u8) -> Vec<u8> {
 }
 
 /// `len` bytes that differ per seed and are never zero.
-pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
     (0..len)
         .map(|_| {
@@ -112,40 +110,43 @@ pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// One region: `gap` pages after the previous region's end (0: adjacent,
 /// so accesses can span both), one palette entry per page.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct RegionSpec {
+pub struct RegionSpec {
     /// Pages between this region and the previous one (or address 0).
-    pub(crate) gap: u8,
+    pub gap: u8,
     /// Initial content of each page, as palette indices (1 to 8 pages).
-    pub(crate) init: Vec<u8>,
+    pub init: Vec<u8>,
 }
 
 /// One VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct VmSpec {
+pub struct VmSpec {
     /// 1 to 3 regions, in address order.
-    pub(crate) regions: Vec<RegionSpec>,
+    pub regions: Vec<RegionSpec>,
     /// Merge domain (modulo [`DOMAINS`]).
-    pub(crate) domain: u8,
+    pub domain: u8,
 }
 
 /// A guest-physical address relative to a VM's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Addr {
+pub struct Addr {
     /// Region (modulo the VM's region count).
-    pub(crate) region: u8,
+    pub region: u8,
     /// Page in the region (modulo its pages).
-    pub(crate) page: u8,
+    pub page: u8,
     /// Offset in the page (or, for mode 6, below the region's end).
-    pub(crate) offset: u16,
+    pub offset: u16,
     /// 0-4: inside the page; 5: the page's start; 6: just below the region's
     /// end (accesses run into the next region or a hole); 7: past every
     /// region (unmapped).
-    pub(crate) mode: u8,
+    pub mode: u8,
 }
 
 /// One operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum DedupOp {
+// Each variant says which call it makes; its fields are that call's
+// arguments, named as there.
+#[allow(missing_docs)]
+pub enum DedupOp {
     /// `GuestMemory::write` of a pattern; may span pages and regions or
     /// run into a hole.
     Write {
@@ -215,16 +216,16 @@ pub(crate) enum DedupOp {
 
 /// A whole scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Scenario {
+pub struct Scenario {
     /// 2 to 4 VMs (more are ignored).
-    pub(crate) vms: Vec<VmSpec>,
+    pub vms: Vec<VmSpec>,
     /// `(vm, region)`, each modulo the count: a region registered as excluded.
-    pub(crate) exclude: Option<(u8, u8)>,
+    pub exclude: Option<(u8, u8)>,
     /// Check statistics (which reconciles) after every operation, rather
     /// than at `Stats` operations and at the end only.
-    pub(crate) stats_every_op: bool,
+    pub stats_every_op: bool,
     /// The operations.
-    pub(crate) ops: Vec<DedupOp>,
+    pub ops: Vec<DedupOp>,
 }
 
 /// Integer width of `WriteObj` and `Store`.
@@ -971,7 +972,7 @@ fn shmem_thp() -> bool {
 /// Runs a scenario; `Err` describes the first divergence, with the steps
 /// that led to it. At the end the host is dropped, which must give every
 /// page its own frame back.
-pub(crate) fn run(s: &Scenario) -> Result<(), String> {
+pub fn run(s: &Scenario) -> Result<(), String> {
     run_with(s, |host| {
         drop(host);
         Ok(())
@@ -982,7 +983,7 @@ pub(crate) fn run(s: &Scenario) -> Result<(), String> {
 /// leave every page on its own frame (`DedupHost::unmerge_all` does), and may
 /// then drop the host elsewhere (a fuzzer does not want to wait for the
 /// userfaultfd handler thread to notice it should stop).
-pub(crate) fn run_with(
+pub fn run_with(
     s: &Scenario,
     dispose: impl FnOnce(DedupHost) -> Result<(), String>,
 ) -> Result<(), String> {

@@ -14,7 +14,7 @@ const KSM: &str = "/sys/kernel/mm/ksm";
 const KNOBS: [&str; 4] = ["run", "pages_to_scan", "sleep_millisecs", "use_zero_pages"];
 
 /// KSM switched to its fastest setting until dropped.
-pub(crate) struct KsmSession {
+pub struct KsmSession {
     saved: Vec<(&'static str, String)>,
     _on_signal: RestoreOnSignal,
 }
@@ -30,10 +30,13 @@ static NEXT_TOKEN: Mutex<u64> = Mutex::new(0);
 /// arrives (by a thread that waits for those signals; then the process
 /// exits with 128 + the signal's number). Dropping it forgets them (the
 /// owner restores the settings itself).
-pub(crate) struct RestoreOnSignal(u64);
+pub struct RestoreOnSignal(u64);
 
 impl RestoreOnSignal {
-    pub(crate) fn new(writes: Vec<(String, String)>) -> Self {
+    /// Writes each `(file, value)` back, in order, if a stop signal
+    /// arrives while the returned guard is alive (the first call starts
+    /// the thread that waits for the signals).
+    pub fn new(writes: Vec<(String, String)>) -> Self {
         static WATCHER: Once = Once::new();
         WATCHER.call_once(|| {
             use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -85,7 +88,7 @@ fn knob(name: &str) -> String {
 /// knob opened for writing (which changes nothing). Without it,
 /// `compare-ksm` used to load and fold every workload first and only then
 /// fail on the knob.
-pub(crate) fn check_access() -> io::Result<()> {
+pub fn check_access() -> io::Result<()> {
     if !Path::new(KSM).exists() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -108,7 +111,7 @@ pub(crate) fn check_access() -> io::Result<()> {
 }
 
 /// Reads a numeric KSM counter.
-pub(crate) fn counter(name: &str) -> io::Result<u64> {
+pub fn counter(name: &str) -> io::Result<u64> {
     fs::read_to_string(knob(name))?
         .trim()
         .parse()
@@ -117,7 +120,7 @@ pub(crate) fn counter(name: &str) -> io::Result<u64> {
 
 impl KsmSession {
     /// Saves the knobs and sets KSM to scan as fast as it can.
-    pub(crate) fn fastest() -> io::Result<Self> {
+    pub fn fastest() -> io::Result<Self> {
         if !Path::new(KSM).exists() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -149,18 +152,18 @@ impl KsmSession {
     }
 
     /// Starts scanning.
-    pub(crate) fn start(&self) -> io::Result<()> {
+    pub fn start(&self) -> io::Result<()> {
         fs::write(knob("run"), "1")
     }
 
     /// Pages KSM saves now: sharing pages plus zero pages it mapped to the
     /// kernel's zero page.
-    pub(crate) fn saved_pages(&self) -> io::Result<u64> {
+    pub fn saved_pages(&self) -> io::Result<u64> {
         Ok(counter("pages_sharing")? + counter("ksm_zero_pages").unwrap_or(0))
     }
 
     /// Stops KSM and unmerges everything it merged (run=2).
-    pub(crate) fn unmerge(&self) -> io::Result<()> {
+    pub fn unmerge(&self) -> io::Result<()> {
         fs::write(knob("run"), "2")
     }
 }
@@ -183,7 +186,7 @@ impl Drop for KsmSession {
 }
 
 /// CPU seconds `ksmd` has used so far.
-pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
+pub fn ksmd_cpu_seconds() -> io::Result<f64> {
     for e in fs::read_dir("/proc")? {
         let e = e?;
         let comm = e.path().join("comm");
@@ -210,7 +213,7 @@ pub(crate) fn ksmd_cpu_seconds() -> io::Result<f64> {
 
 /// Private anonymous memory advised `MADV_MERGEABLE`: what a VMM gives KSM
 /// (and what KSM scans). Unmapped on drop.
-pub(crate) struct MergeableMap {
+pub struct MergeableMap {
     ptr: *mut u8,
     len: usize,
 }
@@ -224,7 +227,7 @@ unsafe impl Sync for MergeableMap {}
 
 impl MergeableMap {
     /// `len` bytes of fresh zero memory (no swap reserved), mergeable.
-    pub(crate) fn new(len: usize) -> io::Result<Self> {
+    pub fn new(len: usize) -> io::Result<Self> {
         // SAFETY: a fresh private anonymous mapping at an address the kernel
         // picks; no existing memory is affected.
         let p = unsafe {
@@ -250,12 +253,12 @@ impl MergeableMap {
     }
 
     /// The mapping's first byte (for a KVM memory slot or a raw write).
-    pub(crate) fn as_ptr(&self) -> *mut u8 {
+    pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
     /// Its bytes.
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` readable and writable bytes that live
         // as long as `self`; `&mut self` makes this the only slice.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }

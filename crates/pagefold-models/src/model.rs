@@ -1,6 +1,6 @@
 //! A naive model of `GuestMemory`: one `Vec<u8>` per region, plus the exact
 //! error every access must give. The proptests, the conformance suite and the
-//! fuzz target (`fuzz/fuzz_targets/memory_ops.rs`, through `#[path]`) all run
+//! fuzz target (`fuzz/fuzz_targets/memory_ops.rs`) all run
 //! the same operations against the real memory and this model and demand
 //! equality after every step.
 //!
@@ -23,22 +23,21 @@
 //!
 //! Shared by several test binaries and the fuzz crate, each of which uses a
 //! subset of it.
-#![allow(dead_code)]
 
 use std::{fmt::Write as _, sync::atomic::Ordering};
 
 use pagefold::{AccessError, GuestMemory, GuestPhysAddr, LayoutError};
 
 /// Base page size: the unit of the page-state table and of `discard` counts.
-pub(crate) const PAGE: u64 = 4096;
+pub const PAGE: u64 = 4096;
 /// The highest end a region can have: start and size are page multiples and
 /// `start + size` must not wrap, so the top page of the address space can
 /// never be mapped.
-pub(crate) const TOP_END: u64 = 0xFFFF_FFFF_FFFF_F000;
+pub const TOP_END: u64 = 0xFFFF_FFFF_FFFF_F000;
 
 /// Width of an object or atomic access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Width {
+pub enum Width {
     /// `u8`.
     W1,
     /// `u16`.
@@ -51,10 +50,10 @@ pub(crate) enum Width {
 
 impl Width {
     /// All widths.
-    pub(crate) const ALL: [Width; 4] = [Width::W1, Width::W2, Width::W4, Width::W8];
+    pub const ALL: [Width; 4] = [Width::W1, Width::W2, Width::W4, Width::W8];
 
     /// Bytes.
-    pub(crate) const fn bytes(self) -> usize {
+    pub const fn bytes(self) -> usize {
         match self {
             Width::W1 => 1,
             Width::W2 => 2,
@@ -64,7 +63,7 @@ impl Width {
     }
 
     /// Mask of the value bits.
-    pub(crate) const fn mask(self) -> u64 {
+    pub const fn mask(self) -> u64 {
         match self {
             Width::W8 => u64::MAX,
             w => (1u64 << (8 * w.bytes())) - 1,
@@ -72,7 +71,7 @@ impl Width {
     }
 
     /// From any byte (for generators).
-    pub(crate) const fn from_index(i: u8) -> Width {
+    pub const fn from_index(i: u8) -> Width {
         Width::ALL[(i % 4) as usize]
     }
 }
@@ -111,18 +110,21 @@ fn narrow<T: TryFrom<u64>>(v: u64, w: Width) -> T {
 /// An address chosen relative to the layout, so generated operations hit
 /// region edges, holes and the top of the address space often.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct AddrSel {
+pub struct AddrSel {
     /// Which rule (see [`Model::addr`]).
-    pub(crate) kind: u8,
+    pub kind: u8,
     /// Which region (modulo the region count).
-    pub(crate) region: u8,
+    pub region: u8,
     /// Offset, used as the rule says.
-    pub(crate) delta: i64,
+    pub delta: i64,
 }
 
 /// An operation in layout-relative form, as generators produce it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum OpSpec {
+// Each variant says which call it makes; its fields are that call's
+// arguments, named as there.
+#[allow(missing_docs)]
+pub enum OpSpec {
     /// `read`.
     Read { at: AddrSel, len: usize },
     /// `write` of a pattern.
@@ -168,7 +170,10 @@ pub(crate) enum OpSpec {
 
 /// A concrete operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Op {
+// Each variant says which call it makes; its fields are that call's
+// arguments, named as there.
+#[allow(missing_docs)]
+pub enum Op {
     /// `read(addr, len bytes)`.
     Read { addr: u64, len: usize },
     /// `write(addr, data)`.
@@ -201,7 +206,7 @@ pub(crate) enum Op {
 }
 
 /// `len` bytes of a pattern that differs per seed and has few zeros.
-pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     let mut x = u32::from(seed).wrapping_mul(2_654_435_761) | 1;
     (0..len)
         .map(|_| {
@@ -214,7 +219,7 @@ pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// The layout rules of `GuestMemory::new` (see the module docs).
-pub(crate) fn validate(layout: &[(u64, u64)], granule: u64) -> Result<(), LayoutError> {
+pub fn validate(layout: &[(u64, u64)], granule: u64) -> Result<(), LayoutError> {
     if layout.is_empty() {
         return Err(LayoutError::NoRegions);
     }
@@ -289,7 +294,6 @@ enum Outcome {
     Bytes(Vec<u8>),
     Value(u64),
     Exchange(Result<u64, u64>),
-    Count(u64),
 }
 
 /// A chunk of a byte range: (region index, offset in region, length).
@@ -297,18 +301,18 @@ type Chunk = (usize, usize, usize);
 
 /// The model of one `GuestMemory`.
 #[derive(Clone, Debug)]
-pub(crate) struct Model {
+pub struct Model {
     granule: u64,
     /// Sorted by start.
     regions: Vec<ModelRegion>,
     /// Whether the frame store holds only this memory's frames and maps
     /// 4 KiB (or hugetlb) pages, so `allocated_bytes` bounds can be checked.
-    pub(crate) check_kernel_figure: bool,
+    pub check_kernel_figure: bool,
 }
 
 impl Model {
     /// A zero-filled model of `layout`, or the error `GuestMemory` must give.
-    pub(crate) fn new(layout: &[(u64, u64)], granule: u64) -> Result<Self, LayoutError> {
+    pub fn new(layout: &[(u64, u64)], granule: u64) -> Result<Self, LayoutError> {
         validate(layout, granule)?;
         let mut regions: Vec<ModelRegion> = layout
             .iter()
@@ -328,7 +332,7 @@ impl Model {
     }
 
     /// The layout, sorted.
-    pub(crate) fn layout(&self) -> Vec<(u64, u64)> {
+    pub fn layout(&self) -> Vec<(u64, u64)> {
         self.regions
             .iter()
             .map(|r| (r.start, r.bytes.len() as u64))
@@ -336,12 +340,12 @@ impl Model {
     }
 
     /// Sum of region sizes.
-    pub(crate) fn total_size(&self) -> u64 {
+    pub fn total_size(&self) -> u64 {
         self.regions.iter().map(|r| r.bytes.len() as u64).sum()
     }
 
     /// Resolves a layout-relative address.
-    pub(crate) fn addr(&self, sel: AddrSel) -> u64 {
+    pub fn addr(&self, sel: AddrSel) -> u64 {
         let r = &self.regions[usize::from(sel.region) % self.regions.len()];
         let size = r.bytes.len() as u64;
         let mag = sel.delta.unsigned_abs();
@@ -362,7 +366,7 @@ impl Model {
     }
 
     /// Resolves a generated operation against this layout and contents.
-    pub(crate) fn resolve(&self, spec: &OpSpec) -> Op {
+    pub fn resolve(&self, spec: &OpSpec) -> Op {
         match *spec {
             OpSpec::Read { at, len } => Op::Read {
                 addr: self.addr(at),
@@ -454,7 +458,7 @@ impl Model {
     }
 
     /// The chunks `[addr, addr+len)` covers, or the error it must give.
-    pub(crate) fn span(&self, addr: u64, len: usize) -> Result<Vec<Chunk>, AccessError> {
+    pub fn span(&self, addr: u64, len: usize) -> Result<Vec<Chunk>, AccessError> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -535,7 +539,7 @@ impl Model {
     /// Applies `op` to the model and to `mem`; `Err` describes a divergence.
     // `by_width!`'s u64 arm converts u64 to itself.
     #[allow(clippy::useless_conversion)]
-    pub(crate) fn apply(&mut self, mem: &GuestMemory, op: &Op) -> Result<(), String> {
+    pub fn apply(&mut self, mem: &GuestMemory, op: &Op) -> Result<(), String> {
         let g = GuestPhysAddr;
         let (expected, actual): (Result<Outcome, AccessError>, Result<Outcome, AccessError>) =
             match op {
@@ -798,7 +802,7 @@ impl Model {
     }
 
     /// Compares every byte of `mem` with the model, and the region list.
-    pub(crate) fn check_all(&self, mem: &GuestMemory) -> Result<(), String> {
+    pub fn check_all(&self, mem: &GuestMemory) -> Result<(), String> {
         let regions: Vec<(u64, u64)> = mem
             .regions()
             .iter()
@@ -834,12 +838,7 @@ impl Model {
     }
 
     /// Compares `[addr, addr+len)`, clipped to regions, with the model.
-    pub(crate) fn check_range(
-        &self,
-        mem: &GuestMemory,
-        addr: u64,
-        len: usize,
-    ) -> Result<(), String> {
+    pub fn check_range(&self, mem: &GuestMemory, addr: u64, len: usize) -> Result<(), String> {
         for r in &self.regions {
             let lo = addr.max(r.start);
             let hi = addr.saturating_add(len as u64).min(r.end());
@@ -859,12 +858,7 @@ impl Model {
 
     /// Applies every operation, checking all memory after each one (or,
     /// without `full`, the pages each touched, and all memory at the end).
-    pub(crate) fn run(
-        &mut self,
-        mem: &GuestMemory,
-        specs: &[OpSpec],
-        full: bool,
-    ) -> Result<(), String> {
+    pub fn run(&mut self, mem: &GuestMemory, specs: &[OpSpec], full: bool) -> Result<(), String> {
         let mut log = String::new();
         for (step, spec) in specs.iter().enumerate() {
             let op = self.resolve(spec);

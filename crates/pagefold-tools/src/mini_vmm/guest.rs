@@ -1,7 +1,8 @@
 //! The mini VMM's guest: its memory layout, the 4-level page tables the VMM
 //! builds for it (4 KiB and 2 MiB pages), and its 64-bit programs, assembled
-//! with iced-x86 at start-up. Shared by `examples/mini_vmm` and the KVM
-//! integration tests (`tests/kvm_*.rs` include this file).
+//! with iced-x86 at start-up. Used by the mini VMM ([`super::vmm`]), the
+//! KVM examples (`examples/kvm_*.rs`) and the KVM integration tests
+//! (`tests/kvm_*.rs`).
 //!
 //! Layout (guest-physical = guest-virtual below 2 MiB):
 //! - region 0, `0..2 MiB`: page tables at `0x1000..0x40000`, code at
@@ -10,7 +11,6 @@
 //! - region 1, [`DATA_GPA`]`..+data`: the data the program fills and
 //!   writes, mapped at [`DATA_VA`] (the upper half of the address space),
 //!   its first half with 2 MiB pages and the rest with 4 KiB pages, no-execute.
-#![allow(dead_code, unreachable_pub)] // each includer uses its part
 // Offsets and counts here are small constants (below 1 MiB).
 #![allow(clippy::cast_possible_truncation)]
 
@@ -19,10 +19,12 @@ use std::sync::Arc;
 use iced_x86::IcedError;
 use pagefold::{kvm::LongMode, FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE};
 
+/// The mini VMM's result: any error, sendable between threads.
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Size of region 0.
 pub const LOW_SIZE: u64 = 2 << 20;
+/// The root page table (PML4) of the guest's page tables: its CR3.
 pub const PML4: u64 = 0x1000;
 const PDPT_LOW: u64 = 0x2000;
 const PD_LOW: u64 = 0x3000;
@@ -34,6 +36,7 @@ const PT_HIGH: u64 = 0x8000;
 const TABLES_END: u64 = 0x40000;
 /// Where the program is loaded (and runs: identity-mapped).
 pub const CODE: u64 = 0x40000;
+/// The top of the program's stack (it grows down).
 pub const STACK_TOP: u64 = 0x80000;
 /// A page of the low region the store-kinds program reads its patterns
 /// from.
@@ -72,8 +75,12 @@ pub const PORT_STORE: u16 = 0x15;
 /// `OUT`: the program stopped (it runs in ring 3, where `HLT` is not
 /// allowed); it repeats the write if resumed.
 pub const PORT_HALT: u16 = 0x1f;
+/// [`PORT_CONTROL`]: run another round of writes.
 pub const CONTROL_RUN: u32 = 0;
+/// [`PORT_CONTROL`]: verify the data against the running checksum, then
+/// go on writing.
 pub const CONTROL_VERIFY: u32 = 1;
+/// [`PORT_CONTROL`]: verify, then stop ([`PORT_HALT`]).
 pub const CONTROL_VERIFY_HALT: u32 = 2;
 
 /// What the fill-and-write program does.
@@ -110,9 +117,13 @@ pub fn page_kind(p: u64) -> PageKind {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a data page holds after the fill (see [`page_kind`]).
 pub enum PageKind {
+    /// Content identical in every VM.
     Shared,
+    /// Zeros.
     Zero,
+    /// Content unique to the VM.
     Unique,
 }
 
@@ -380,12 +391,14 @@ pub fn fill_and_write(p: &Program) -> Res<Vec<u8>> {
 /// test can apply the same to its model of the page bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Store {
+    /// The store's name (its instruction), for messages.
     pub name: &'static str,
     /// Byte offset in the data.
     pub offset: u64,
     /// Bytes written, taken from the pattern at [`SCRATCH`] (`pattern[..len]`),
     /// except for `fxsave`, whose bytes the test does not model.
     pub len: u64,
+    /// Issued only where the vCPU offers AVX.
     pub needs_avx: bool,
 }
 

@@ -1,0 +1,7 @@
+//! The mini VMM on KVM over pagefold: its guest ([`guest`]: memory layout,
+//! page tables, programs) and the VMM that runs and migrates such guests
+//! ([`vmm`]). `examples/mini_vmm` and `pagefold demo` run it; the KVM
+//! integration tests and examples drive its guest programs themselves.
+
+pub mod guest;
+pub mod vmm;
