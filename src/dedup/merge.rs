@@ -23,12 +23,12 @@ use super::DedupError;
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     frames::{FrameError, FrameRange, FrameStore, HostMapping, MapBudget, RemapTarget},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        GuestRegion, PageKind, PageState,
-    },
+    memory::{GuestRegion, PageKind, PageState},
     userfault::Userfault,
 };
+
+pub(super) use super::steps::Target;
+use super::steps::{self, RemappedClaim};
 
 /// Pages under one write-protect window (8 MiB): long enough to amortise
 /// registration over many short runs, short enough that a writer caught in
@@ -39,15 +39,6 @@ const MAX_WINDOW: usize = 2048;
 const SPAWN_MARGIN: u64 = 64;
 /// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
-
-/// What a page should become.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Target {
-    /// A copy-on-write view of this shared frame.
-    Shared(FrameNumber),
-    /// Anonymous zeros.
-    Zero,
-}
 
 /// A page chosen for merging, with the state it had when it was hashed.
 #[derive(Clone, Copy, Debug)]
@@ -289,11 +280,7 @@ fn merge_window<'r>(
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let run: Vec<Candidate> = window
         .iter()
-        .filter(|c| {
-            states
-                .compare_exchange(c.page, c.expected, c.expected.with_flags(LOCKED))
-                .is_ok()
-        })
+        .filter(|c| steps::claim_candidate(states, c.page, c.expected))
         .copied()
         .collect();
     out.busy += (window.len() - run.len()) as u64;
@@ -304,7 +291,7 @@ fn merge_window<'r>(
     let len = ((last.page - first.page + 1) * PAGE_SIZE) as u64;
     let unlock_all = |run: &[Candidate]| {
         for c in run {
-            let _ = states.compare_exchange(c.page, c.expected.with_flags(LOCKED), c.expected);
+            steps::release_candidate(states, c.page, c.expected);
         }
     };
 
@@ -475,26 +462,20 @@ fn finish_window(
     // published then finds the count it expects.
     let mut shared = super::lock(ctx.shared);
     for (idx, c) in run.iter().enumerate() {
-        let locked = c.expected.with_flags(LOCKED);
-        if merged[idx] {
-            let new = match c.target {
-                Target::Zero => {
-                    out.zero += 1;
-                    PageState::new(PageKind::Zero, region.own_frame(c.page), REMAPPED)
-                }
+        let merged = merged[idx].then(|| {
+            match c.target {
+                Target::Zero => out.zero += 1,
                 Target::Shared(s) => {
                     out.shared += 1;
                     shared.add_ref(s, 1);
-                    PageState::new(PageKind::Shared, s, REMAPPED)
                 }
-            };
-            let _ = states.compare_exchange(c.page, locked, new);
-        } else {
-            if !equal[idx] {
-                out.changed += 1;
             }
-            let _ = states.compare_exchange(c.page, locked, c.expected);
+            steps::merged_state(c.target, region.own_frame(c.page))
+        });
+        if merged.is_none() && !equal[idx] {
+            out.changed += 1;
         }
+        let _ = steps::publish_merge(states, c.page, c.expected, merged);
     }
     if let Some(err) = remap_error {
         return Err(err.into());
@@ -510,7 +491,7 @@ fn punch_own_frames(
     run: &[Candidate],
     merged: &[bool],
 ) -> Result<(), DedupError> {
-    let own = |k: usize| merged[k] && run[k].expected.flags() & REMAPPED == 0;
+    let own = |k: usize| merged[k] && !run[k].expected.is_remapped();
     let idx: Vec<usize> = (0..run.len()).filter(|&k| own(k)).collect();
     let mut result = Ok(());
     for_each_run(
@@ -574,7 +555,7 @@ pub(super) fn unmerge_range(
     let end = (first + count).min(region.pages());
     let mut p = first;
     while p < end {
-        if states.load(p).flags() & REMAPPED == 0 {
+        if !states.load(p).is_remapped() {
             p += 1;
             continue;
         }
@@ -611,17 +592,16 @@ fn lock_run(
     let states = region.page_states();
     let mut run: Vec<(usize, PageState)> = Vec::new();
     for q in p..limit {
-        let s = states.load(q);
-        if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
-            break;
+        match steps::claim_remapped(states, q) {
+            RemappedClaim::Held(s) => run.push((q, s)),
+            RemappedClaim::Skip => break,
+            RemappedClaim::Busy => {
+                out.busy += 1;
+                break;
+            }
         }
-        if states.compare_exchange(q, s, s.with_flags(LOCKED)).is_err() {
-            out.busy += 1;
-            break;
-        }
-        run.push((q, s));
     }
-    if run.is_empty() && states.load(p).flags() & LOCKED != 0 {
+    if run.is_empty() && states.load(p).is_locked() {
         out.busy += 1;
     }
     run
@@ -630,7 +610,7 @@ fn lock_run(
 fn unlock_run(region: &GuestRegion, run: &[(usize, PageState)]) {
     let states = region.page_states();
     for &(p, s) in run {
-        let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
+        steps::release_remapped(states, p, s);
     }
 }
 
@@ -648,7 +628,7 @@ fn unmerge_stretch(
     out: &mut UnmergeOutcome,
 ) -> Result<(), DedupError> {
     let states = region.page_states();
-    let remapped = |p: usize| states.load(p).flags() & (REMAPPED | LOCKED) == REMAPPED;
+    let remapped = |p: usize| states.load(p).is_remapped_unlocked();
     let mut lo = page;
     while lo > 0 && remapped(lo - 1) {
         lo -= 1;
@@ -755,10 +735,7 @@ fn unmerge_locked(
     let mut shared = super::lock(ctx.shared);
     let mut result = Ok(());
     for &(p, s) in run {
-        let new = PageState::new(PageKind::Private, region.own_frame(p), 0);
-        let published = states
-            .compare_exchange(p, s.with_flags(LOCKED), new)
-            .is_ok();
+        let published = steps::publish_unmerge(states, p, s, region.own_frame(p));
         if published && p == watch {
             out.first_restored = true;
         }

@@ -25,6 +25,9 @@ mod reconcile;
 mod scan;
 mod shared;
 mod stats;
+// `pub` items for the loom door (`crate::__loom`); crate-private otherwise.
+#[cfg_attr(not(loom), allow(unreachable_pub))]
+pub(crate) mod steps;
 mod unstable;
 
 use std::{
@@ -49,10 +52,7 @@ use self::{
 use crate::{
     addr::{GuestPhysAddr, PageSize, PAGE_SIZE},
     frames::{FrameError, FrameStore},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        GuestMemory, PageKind,
-    },
+    memory::{GuestMemory, PageKind},
     userfault::{Userfault, UserfaultError},
 };
 
@@ -268,7 +268,7 @@ impl DedupHost {
         store.map_budget().set_headroom(options.map_headroom);
         let uffd = Arc::new(Userfault::new()?);
         let pagemap = PageMap::open().map_err(|source| DedupError::Proc {
-            what: "/proc/self/pagemap",
+            what: crate::host::pagemap::PATH,
             source,
         })?;
         let inner = Arc::new(Inner {
@@ -681,10 +681,10 @@ impl DedupHost {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let s = region.page_states().load(page);
-            if s.flags() & REMAPPED == 0 {
+            if !s.is_remapped() {
                 return Ok(false);
             }
-            if s.flags() & LOCKED == 0 {
+            if !s.is_locked() {
                 // A page the kernel already copied on a write (reconciled to
                 // private) shares nothing: it goes back to its own frame,
                 // but that is no new COW break (found by review: it was
@@ -816,7 +816,10 @@ fn first_held_page(vm: &VmEntry) -> Option<GuestPhysAddr> {
     vm.mem.regions().iter().find_map(|r| {
         let states = r.page_states();
         (0..r.pages())
-            .find(|&p| states.load(p).flags() & (REMAPPED | LOCKED) != 0)
+            .find(|&p| {
+                let s = states.load(p);
+                s.is_remapped() || s.is_locked()
+            })
             .map(|p| GuestPhysAddr(r.start().0 + (p * PAGE_SIZE) as u64))
     })
 }
@@ -831,7 +834,7 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
         let t = r.page_states();
         for p in 0..t.len() {
             let s = t.load(p);
-            if s.kind() == PageKind::Zero && s.flags() & REMAPPED != 0 {
+            if s.kind() == PageKind::Zero && s.is_remapped() {
                 n += 1;
             }
         }

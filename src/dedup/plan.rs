@@ -183,12 +183,12 @@ pub(super) fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{PageKind, PageState};
+    use crate::memory::{Flags, PageKind, PageState};
 
     fn cand(page: usize, target: Target) -> Candidate {
         Candidate {
             page,
-            expected: PageState::new(PageKind::Private, FrameNumber(page as u64), 0),
+            expected: PageState::new(PageKind::Private, FrameNumber(page as u64), Flags::NONE),
             target,
         }
     }

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     frames::{FrameRange, HostMapping},
-    memory::{page_state::LOCKED, PageKind, PageState},
+    memory::PageState,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -222,7 +222,7 @@ fn residency(vms: &[Arc<VmEntry>], refs: &[PageRef]) -> Vec<bool> {
         let region = &vms[first.vm as usize].mem.regions()[first.region as usize];
         if let Some(v) = region.resident(first.page as usize, j - i) {
             for (slot, b) in out[i..j].iter_mut().zip(v) {
-                *slot = b & 1 != 0;
+                *slot = crate::host::residency::is_resident(b);
             }
         }
         i = j;
@@ -348,7 +348,7 @@ impl Inner {
                 let vm = &vms[at.vm as usize];
                 let region = &vm.mem.regions()[at.region as usize];
                 let state = region.page_states().load(at.page as usize);
-                if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
+                if !super::steps::mergeable(state) {
                     return None;
                 }
                 let key = &keys[at.vm as usize];
@@ -903,14 +903,15 @@ impl Inner {
     ) -> Option<Hashed> {
         let r = vms.get(v)?.mem.regions().get(region as usize)?;
         let state = r.page_states().load(page as usize);
-        if state.kind() != PageKind::Private || state.flags() & LOCKED != 0 {
+        if !super::steps::mergeable(state) {
             return None;
         }
         // No memory (unmerged as zeros since): not a candidate, and reading
         // it would allocate it.
-        if r.resident(page as usize, 1)
-            .is_some_and(|v| v.first().is_some_and(|b| b & 1 == 0))
-        {
+        if r.resident(page as usize, 1).is_some_and(|v| {
+            v.first()
+                .is_some_and(|&b| !crate::host::residency::is_resident(b))
+        }) {
             return None;
         }
         let mut buf = [0u8; PAGE_SIZE];
