@@ -268,7 +268,8 @@ pub(super) fn for_each_run<T>(
 
 /// One window: candidates within `MAX_WINDOW` pages of each other, protected
 /// together so that registration and protection cost one call each for many
-/// runs; each run is still remapped on its own.
+/// runs; each run is still remapped on its own. The steps: lock, protect,
+/// compare, remap, disarm; the window then goes to [`finish_window`].
 fn merge_window<'r>(
     ctx: &MergeCtx<'_>,
     region: &'r GuestRegion,
@@ -304,65 +305,56 @@ fn merge_window<'r>(
     // 2. Arm write protection over the window: from here, raw writes to it
     // wait in the kernel (pages in the window that are not candidates too,
     // briefly; they are woken with the rest).
-    if let Err(e) = ctx
-        .uffd
+    // 3. Compare under protection, each page against its target's bytes.
+    let equal = match protect(ctx, addr, len).and_then(|()| compare_window(ctx, region, &run)) {
+        Ok(equal) => equal,
+        Err(e) => {
+            release_protection(ctx, addr, len);
+            unlock_all(&run);
+            return Err(e);
+        }
+    };
+    // 4. Remap each maximal equal sub-run of a run in one call.
+    let (merged, remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
+
+    // 5. Disarm and wake: waiting writers retry against the new mapping.
+    // Unregistering drops the protection of the pages left in place; the
+    // remapped ones have fresh, unprotected mappings.
+    release_protection(ctx, addr, len);
+    drop(window);
+    Ok(Some(Remapped {
+        region,
+        run,
+        equal,
+        merged,
+        remap_error,
+    }))
+}
+
+/// Registers and write-protects `[addr, addr + len)`.
+fn protect(
+    ctx: &MergeCtx<'_>,
+    addr: crate::addr::HostVirtAddr,
+    len: u64,
+) -> Result<(), DedupError> {
+    ctx.uffd
         .register(addr, len)
         .and_then(|()| ctx.uffd.protect(addr, len))
-    {
-        release_protection(ctx, addr, len);
-        unlock_all(&run);
-        return Err(e.into());
-    }
+        .map_err(Into::into)
+}
 
-    // 3. Compare under protection, each page against its target's bytes:
-    // shared frames are read a run per `pread`, then both cores compare.
-    let fresh = |c: &Candidate| match c.target {
-        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
-        Target::Zero => None,
-    };
-    // Pages whose target is an older shared frame (not in the fresh view)
-    // get its bytes with one pread per run; `slot[i]` is page `i`'s offset
-    // in that buffer. A run is read whole only where none of its frames is
-    // in the view: a run may straddle the view's edge (an older frame can sit
-    // right after the fresh ones), and a page compared against a buffer
-    // nobody filled would compare against zeros.
-    let same_source = |a: &Candidate, b: &Candidate| {
-        continues_run(a, b) && fresh(a).is_some() == fresh(b).is_some()
-    };
-    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
-    let mut reads: Vec<(usize, usize)> = Vec::new();
-    let mut pages = 0;
-    for_each_run(&run, same_source, |k, e| {
-        if let (Target::Shared(_), None) = (run[k].target, fresh(&run[k])) {
-            for (n, s) in slot[k..e].iter_mut().enumerate() {
-                *s = Some((pages + n) * PAGE_SIZE);
-            }
-            reads.push((k, e));
-            pages += e - k;
-        }
-    });
-    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
-    let mut failed = None;
-    for &(k, e) in &reads {
-        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
-            continue;
-        };
-        if let Err(err) = ctx
-            .store
-            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])
-        {
-            failed = Some(err);
-            break;
-        }
-    }
-    if let Some(err) = failed {
-        release_protection(ctx, addr, len);
-        unlock_all(&run);
-        return Err(err.into());
-    }
+/// The window's comparison, under protection: whether each page of `run`
+/// equals its target's bytes. Shared frames are compared in the fresh view
+/// in place, or read a run per `pread`; both cores compare.
+fn compare_window(
+    ctx: &MergeCtx<'_>,
+    region: &GuestRegion,
+    run: &[Candidate],
+) -> Result<Vec<bool>, DedupError> {
+    let (slot, target_bytes) = read_older_targets(ctx, run)?;
     // A shared target with no source of bytes (impossible by the above)
     // compares unequal: never merge against bytes nobody read.
-    let equal: Vec<bool> = run
+    Ok(run
         .par_iter()
         .zip(slot.par_iter())
         .map(|(c, at)| match (c.target, at) {
@@ -372,16 +364,71 @@ fn merge_window<'r>(
                     .is_ok_and(|want| region.page_equals(c.page, want))
             }
             (Target::Shared(_), None) => {
-                fresh(c).is_some_and(|want| region.page_equals(c.page, want))
+                fresh_page(ctx, c).is_some_and(|want| region.page_equals(c.page, want))
             }
         })
-        .collect();
+        .collect())
+}
 
-    // 4. Remap each maximal equal sub-run of a run in one call.
+/// The bytes of `c`'s target in the fresh view, if it is there.
+fn fresh_page<'a>(ctx: &MergeCtx<'a>, c: &Candidate) -> Option<&'a [u8; PAGE_SIZE]> {
+    match c.target {
+        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
+        Target::Zero => None,
+    }
+}
+
+/// Reads the targets of `run`'s pages that are older shared frames (not in
+/// the fresh view) with one `pread` per run: `slot[i]` is page `i`'s offset
+/// in the returned buffer. A run is read whole only where none of its
+/// frames is in the view: a run may straddle the view's edge (an older
+/// frame can sit right after the fresh ones), and a page compared against a
+/// buffer nobody filled would compare against zeros.
+fn read_older_targets(
+    ctx: &MergeCtx<'_>,
+    run: &[Candidate],
+) -> Result<(Vec<Option<usize>>, Vec<u8>), DedupError> {
+    let same_source = |a: &Candidate, b: &Candidate| {
+        continues_run(a, b) && fresh_page(ctx, a).is_some() == fresh_page(ctx, b).is_some()
+    };
+    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
+    let mut reads: Vec<(usize, usize)> = Vec::new();
+    let mut pages = 0;
+    for_each_run(run, same_source, |k, e| {
+        if let (Target::Shared(_), None) = (run[k].target, fresh_page(ctx, &run[k])) {
+            for (n, s) in slot[k..e].iter_mut().enumerate() {
+                *s = Some((pages + n) * PAGE_SIZE);
+            }
+            reads.push((k, e));
+            pages += e - k;
+        }
+    });
+    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
+    for &(k, e) in &reads {
+        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
+            continue;
+        };
+        ctx.store
+            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])?;
+    }
+    Ok((slot, target_bytes))
+}
+
+/// Remaps each maximal equal sub-run of a run of `run` onto its targets in
+/// one call: which pages were merged, and the first error that stopped the
+/// remaps (a spent mapping budget only skips).
+fn remap_equal(
+    ctx: &MergeCtx<'_>,
+    region: &GuestRegion,
+    run: &[Candidate],
+    equal: &[bool],
+    last_remap: &mut Option<(usize, Target)>,
+    out: &mut MergeOutcome,
+) -> (Vec<bool>, Option<FrameError>) {
     let mut merged = vec![false; run.len()];
     let mut remap_error = None;
     for_each_run(
-        &run.iter().zip(&equal).collect::<Vec<_>>(),
+        &run.iter().zip(equal).collect::<Vec<_>>(),
         |a, b| *a.1 && *b.1 && continues_run(a.0, b.0),
         |k, e| {
             if !equal[k] || remap_error.is_some() {
@@ -421,19 +468,7 @@ fn merge_window<'r>(
             }
         },
     );
-
-    // 5. Disarm and wake: waiting writers retry against the new mapping.
-    // Unregistering drops the protection of the pages left in place; the
-    // remapped ones have fresh, unprotected mappings.
-    release_protection(ctx, addr, len);
-    drop(window);
-    Ok(Some(Remapped {
-        region,
-        run,
-        equal,
-        merged,
-        remap_error,
-    }))
+    (merged, remap_error)
 }
 
 /// The second stage of a window: punch, then publish.

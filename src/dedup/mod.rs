@@ -20,6 +20,7 @@
 mod handler;
 mod key;
 mod merge;
+mod pipeline;
 mod plan;
 mod reconcile;
 mod scan;
@@ -450,18 +451,22 @@ impl DedupHost {
                     batch: Some(batches.last_window()),
                 };
                 done += part;
-                match self
-                    .inner
-                    .process(&mut scan, &vms, refs, mode, Some(&mut deferred))
-                {
+                match pipeline::process(
+                    &self.inner,
+                    &mut scan,
+                    &vms,
+                    refs,
+                    mode,
+                    Some(&mut deferred),
+                ) {
                     Ok(r) => pass_report.add(&r),
                     Err(e) => {
-                        self.inner.abandon_deferred(deferred);
+                        pipeline::abandon_deferred(&self.inner, deferred);
                         return Err(e);
                     }
                 }
             }
-            let r = self.inner.merge_deferred(&vms, deferred)?;
+            let r = pipeline::merge_deferred(&self.inner, &vms, deferred)?;
             pass_report.add(&r);
             let cut_short = pass_report.map_limit > 0;
             // What every pass did; what the last left for lack of mappings.
@@ -531,7 +536,7 @@ impl DedupHost {
             share: (1, 1),
             batch: None,
         };
-        let report = self.inner.process(&mut scan, &vms, refs, one_shot, None)?;
+        let report = pipeline::process(&self.inner, &mut scan, &vms, refs, one_shot, None)?;
         self.inner
             .map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
@@ -923,7 +928,7 @@ impl Inner {
                 share: (1, 1),
                 batch: None,
             };
-            let r = self.process(&mut scan, &vms, refs, incremental, None)?;
+            let r = pipeline::process(self, &mut scan, &vms, refs, incremental, None)?;
             self.map_limit_hits
                 .fetch_add(r.map_limit, Ordering::Relaxed);
             total.add(&r);

@@ -100,7 +100,7 @@ pub struct GuestMemory {
 /// (INVLPG, MOV CR3) as hardware does.
 pub trait WriteObserver: Send + Sync + std::fmt::Debug {
     /// `[gpa, gpa + len)` was written.
-    fn wrote(&self, gpa: u64, len: u64);
+    fn wrote(&self, gpa: GuestPhysAddr, len: u64);
 }
 
 impl GuestMemory {
@@ -213,7 +213,7 @@ impl GuestMemory {
     #[inline(always)]
     fn wrote(&self, addr: GuestPhysAddr, len: usize) {
         if let Some(o) = self.observer.get() {
-            o.wrote(addr.0, len as u64);
+            o.wrote(addr, len as u64);
         }
     }
 
