@@ -3,8 +3,9 @@
 //! A VMM hands pagefold the layout of a guest's physical memory and gets
 //! back [`GuestMemory`]: regions backed by frames in a memfd
 //! ([`frames::FrameStore`]), one contiguous host mapping per region (what a
-//! KVM memory slot points at), a per-page state word that the dedup, balloon
-//! and migration layers change by compare-and-swap, and a bounds-checked
+//! KVM memory slot points at), a per-page state word whose protocol memory
+//! owns (the dedup, balloon and migration layers change it through memory's
+//! page-state operations), and a bounds-checked
 //! access API (bytes, plain-old-data objects, aligned atomics) that stays
 //! sound while guest vCPUs write the same memory.
 //!

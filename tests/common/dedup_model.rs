@@ -1507,7 +1507,7 @@ impl Harness {
             let d = self.m.domain_of(v);
             for (mr, r) in self.m.vms[v].regions.iter().zip(self.mems[v].regions()) {
                 for p in 0..mr.pages() {
-                    if r.page_state(p).unwrap().kind() == PageKind::Shared {
+                    if r.page_state(p).expect("page in region").kind() == PageKind::Shared {
                         shared.insert((d, mr.page(p)));
                     }
                 }
@@ -1520,7 +1520,7 @@ impl Harness {
                     continue;
                 }
                 for p in 0..mr.pages() {
-                    if r.page_state(p).unwrap().kind() != PageKind::Private {
+                    if r.page_state(p).expect("page in region").kind() != PageKind::Private {
                         continue;
                     }
                     let gpa = mr.start + (p * PAGE) as u64;
@@ -1574,12 +1574,12 @@ impl Harness {
                         mr.start + i as u64,
                         buf[i],
                         mr.bytes[i],
-                        r.page_state(i / PAGE).unwrap(),
+                        r.page_state(i / PAGE).expect("page in region"),
                         mr.back[i / PAGE]
                     ));
                 }
                 for p in 0..mr.pages() {
-                    let s = r.page_state(p).unwrap();
+                    let s = r.page_state(p).expect("page in region");
                     let b = mr.back[p];
                     let gpa = mr.start + (p * PAGE) as u64;
                     let own = FrameNumber(r.frames().start.0 + p as u64);
