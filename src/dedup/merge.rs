@@ -497,7 +497,7 @@ fn finish_window(
     // published then finds the count it expects.
     let mut shared = super::lock(ctx.shared);
     for (idx, c) in run.iter().enumerate() {
-        let merged = merged[idx].then(|| {
+        let now = merged[idx].then(|| {
             match c.target {
                 Target::Zero => out.zero += 1,
                 Target::Shared(s) => {
@@ -507,10 +507,10 @@ fn finish_window(
             }
             steps::merged_state(c.target, region.own_frame(c.page))
         });
-        if merged.is_none() && !equal[idx] {
+        if now.is_none() && !equal[idx] {
             out.changed += 1;
         }
-        let _ = steps::publish_merge(states, c.page, c.expected, merged);
+        let _ = steps::publish_merge(states, c.page, c.expected, now);
     }
     if let Some(err) = remap_error {
         return Err(err.into());

@@ -6,8 +6,9 @@
 //!
 //! The bottom layer: it imports nothing from the crate but `addr`, and knows
 //! nothing of guest pages or their states; callers turn guest pages into
-//! host addresses and file offsets. Must never change anything: every
-//! function here only asks.
+//! host addresses and file offsets. Must never change anything the library
+//! or a guest can see: every function here only asks (the zero-page probe
+//! maps and unmaps one private page of its own).
 
 pub(crate) mod pagemap;
 pub(crate) mod proc;

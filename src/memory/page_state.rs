@@ -204,7 +204,7 @@ impl PageState {
 
     /// Whether the page is released (zero or ballooned) with raw writes not
     /// trapped: its bytes are not given by the state alone, a vCPU may have
-    /// written it since (ask [`GuestRegion::released_holds_data`](super::GuestRegion)).
+    /// written it since (memory's `ReleasedData` asks the kernel).
     #[inline]
     pub const fn is_released_untrapped(self) -> bool {
         self.has_no_memory() && !self.reads_zero()
