@@ -83,25 +83,12 @@ impl Flags {
     /// dedup layer.
     pub(crate) const REMAPPED: Flags = Flags(1 << 4);
     const ALL: Flags = Flags(Self::LOCKED.0 | Self::WRITE_PROTECTED.0 | Self::REMAPPED.0);
-
-    /// Both sets of flags.
-    #[inline]
-    pub(crate) const fn union(self, other: Flags) -> Flags {
-        Flags(self.0 | other.0)
-    }
-}
-
-impl std::ops::BitOr for Flags {
-    type Output = Flags;
-    #[inline]
-    fn bitor(self, other: Flags) -> Flags {
-        self.union(other)
-    }
 }
 
 /// A decoded snapshot of one page-state word. Outside the crate it is a
 /// read-only view ([`GuestRegion::page_state`](super::GuestRegion::page_state));
-/// only `memory` makes and changes states.
+/// inside it, states are built here and change only through
+/// [`PageStateTable`]'s operations.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageState(u64);
 
