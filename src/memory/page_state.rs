@@ -88,7 +88,7 @@ impl Flags {
 /// A decoded snapshot of one page-state word. Outside the crate it is a
 /// read-only view ([`GuestRegion::page_state`](super::GuestRegion::page_state));
 /// inside it, states are built here and change only through
-/// [`PageStateTable`]'s operations.
+/// the page-state table's operations.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageState(u64);
 
