@@ -2,9 +2,10 @@
 //! with a [`DedupHost`], into one copy-on-write frame, and give the memory of
 //! the duplicates (and of zero pages) back to the host for real.
 //!
-//! Pipeline: scan -> hash (xxh3 keyed per merge domain) -> group by hash ->
-//! compare bytes -> merge runs of pages (see [`merge`](self) for the
-//! protocol). Pages are shared only within a domain. A write to a merged
+//! Pipeline (`pipeline.rs`, one named stage each): scan and hash (xxh3
+//! keyed per merge domain) -> classify -> group and templates -> allocate
+//! and fill -> order and plan -> merge windows and publish (`merge.rs`;
+//! their page-state steps in `steps.rs`, which loom checks). Pages are shared only within a domain. A write to a merged
 //! page, through the library or a raw pointer or a KVM vCPU, is copied by the
 //! kernel first: merged pages are private copy-on-write views of their shared
 //! frame, and a shared frame is never mapped writable anywhere.
