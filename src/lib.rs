@@ -67,6 +67,7 @@ pub mod balloon;
 pub mod dedup;
 pub mod dirty;
 pub mod frames;
+mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
@@ -74,6 +75,22 @@ pub mod migration;
 pub mod paging;
 mod sync;
 pub mod userfault;
+
+/// The loom door: the page-state table and the real page-state steps of
+/// merge, unmerge and reconciliation, for `tests/loom_page_state.rs` (built
+/// with `--cfg loom` only; not part of the API).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::{
+        dedup::steps::{
+            claim_candidate, claim_remapped, mark_copied, mergeable, merged_state, publish_merge,
+            publish_unmerge, reconcilable, release_candidate, release_remapped, RemappedClaim,
+            Target,
+        },
+        memory::{page_state::PageStateTable, PageKind, PageState},
+    };
+}
 
 pub use addr::{
     FrameNumber, GuestFrame, GuestPhysAddr, GuestVirtAddr, HostVirtAddr, PageSize, PAGE_SIZE,

@@ -36,7 +36,9 @@ fn fill_all(m: &GuestMemory) {
 
 fn kind(m: &GuestMemory, gpa: u64) -> PageKind {
     let (r, off) = m.region_of(GuestPhysAddr(gpa)).expect("mapped");
-    r.page_states().load((off / PAGE) as usize).kind()
+    r.page_state((off / PAGE) as usize)
+        .expect("page in region")
+        .kind()
 }
 
 fn statm_rss_pages() -> Option<u64> {

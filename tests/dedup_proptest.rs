@@ -347,7 +347,7 @@ fn merge_now_merges_duplicates_after_a_stale_unstable_match() {
     let r = host.merge_now().unwrap();
     let states: Vec<_> = vms
         .iter()
-        .map(|m| m.regions()[0].page_states().load(0))
+        .map(|m| m.regions()[0].page_state(0).unwrap())
         .collect();
     // VMs 1 and 2 hold the same bytes in one domain: merged onto one frame
     // (by the scan steps or by merge_now); VM 0's new bytes stay its own.
@@ -453,13 +453,13 @@ fn discard_zeroes_a_merged_page() {
     let (_store, host, vms) = merged_pair();
     let mem = &vms[0];
     assert_eq!(
-        mem.regions()[0].page_states().load(0).kind(),
+        mem.regions()[0].page_state(0).unwrap().kind(),
         PageKind::Shared
     );
     let released = mem.discard(GuestPhysAddr(0), PAGE_SIZE as u64).unwrap();
     let mut page = vec![0xa5u8; PAGE_SIZE];
     mem.read(GuestPhysAddr(0), &mut page).unwrap();
-    let state = mem.regions()[0].page_states().load(0);
+    let state = mem.regions()[0].page_state(0).unwrap();
     assert!(
         page.iter().all(|&b| b == 0),
         "a discarded merged page reads {:#04x}.. (state {state:?}, discard returned {released})",
@@ -485,7 +485,7 @@ fn discard_zeroes_a_page_the_kernel_copied() {
     let mut page = vec![0xa5u8; PAGE_SIZE];
     mem.read(GuestPhysAddr(PAGE_SIZE as u64), &mut page)
         .unwrap();
-    let state = mem.regions()[0].page_states().load(1);
+    let state = mem.regions()[0].page_state(1).unwrap();
     assert!(
         page.iter().all(|&b| b == 0),
         "a discarded copied page reads {:#04x} {:#04x}.. (state {state:?})",

@@ -7,9 +7,7 @@
 #![allow(clippy::unwrap_used)]
 use std::{sync::Arc, thread};
 
-use pagefold::{
-    memory::page_state::LOCKED, DedupHost, FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE,
-};
+use pagefold::{DedupHost, FrameStore, GuestMemory, GuestPhysAddr, PAGE_SIZE};
 
 #[test]
 fn unregister_racing_resolve_keeps_other_vm_data() {
@@ -35,10 +33,10 @@ fn unregister_racing_resolve_keeps_other_vm_data() {
         let h2 = Arc::clone(&host);
         let t = thread::spawn(move || h2.resolve_write_fault(ia, GuestPhysAddr(0)));
         // Wait until the resolver holds the page, then unregister.
-        let st = a.regions()[0].page_states();
+        let st = &a.regions()[0];
         let mut saw = false;
         for _ in 0..10_000_000 {
-            if st.load(0).flags() & LOCKED != 0 {
+            if st.page_state(0).is_some_and(|s| s.is_locked()) {
                 saw = true;
                 break;
             }

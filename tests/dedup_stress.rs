@@ -231,7 +231,7 @@ fn stress(with_resolver: bool) {
                     let diffs: Vec<usize> = (0..PAGE_SIZE).filter(|&i| buf[i] != want[i]).collect();
                     eprintln!(
                         "VM {vm} page {p}: state {:?}; {} bytes differ, first at {} (got {:#x}, want {:#x}); got[0..8] {:?} want[0..8] {:?}",
-                        mem.regions()[0].page_states().load(p),
+                        mem.regions()[0].page_state(p),
                         diffs.len(),
                         diffs[0],
                         buf[diffs[0]],

@@ -1,9 +1,11 @@
 //! A loom model of the page-state machine: merge, library write, raw write
 //! (a vCPU through the host mapping), write-fault resolution, unmerge and
-//! reconcile, each driving the real `PageStateTable` word, against a small
-//! model of the kernel side of one guest page (what its host page maps, the
-//! userfaultfd write-protect bit, copy-on-write of a private mapping), where
-//! the page-table lock makes each kernel step atomic as it is in Linux.
+//! reconcile, against a small model of the kernel side of one guest page
+//! (what its host page maps, the userfaultfd write-protect bit,
+//! copy-on-write of a private mapping), where the page-table lock makes each
+//! kernel step atomic as it is in Linux. The page-state steps are the
+//! library's own (`dedup/steps.rs`, through the `pagefold::__loom` door) on
+//! the real `PageStateTable`; only the syscalls between them are modelled.
 //!
 //! Checked in every interleaving: the last value written is the value read
 //! (no lost write), the shared frame's bytes never change (no write lands in
@@ -19,9 +21,9 @@ use loom::{
     thread,
 };
 use pagefold::{
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        PageKind, PageState, PageStateTable,
+    __loom::{
+        claim_candidate, claim_remapped, mark_copied, mergeable, merged_state, publish_merge,
+        publish_unmerge, reconcilable, PageKind, PageStateTable, RemappedClaim, Target,
     },
     FrameNumber,
 };
@@ -101,24 +103,20 @@ impl Page {
     /// The library's write path: wait out a locked word (as
     /// `GuestRegion::make_writable` does), then store through the mapping.
     fn library_write(&self, v: u64) {
-        while self.table.load(0).flags() & LOCKED != 0 {
+        while self.table.load(0).is_locked() {
             thread::yield_now();
         }
         self.raw_write(v);
     }
 
-    /// The merge protocol of `dedup::merge`: lock, protect, compare,
-    /// remap, unprotect, publish.
+    /// The merge protocol of `dedup::merge`: the scan's candidate check,
+    /// lock, protect, compare, remap, unprotect, publish.
     fn merge(&self) {
         let s = self.table.load(0);
-        if s.kind() != PageKind::Private || s.flags() & LOCKED != 0 {
+        if !mergeable(s) {
             return;
         }
-        if self
-            .table
-            .compare_exchange(0, s, s.with_flags(LOCKED))
-            .is_err()
-        {
+        if !claim_candidate(&self.table, 0, s) {
             return;
         }
         self.pte.lock().unwrap().write_protected = true;
@@ -127,15 +125,9 @@ impl Page {
             self.pte.lock().unwrap().maps = Maps::Shared;
         }
         self.pte.lock().unwrap().write_protected = false;
-        let new = if equal {
-            PageState::new(PageKind::Shared, SHARED_FRAME, REMAPPED)
-        } else {
-            s
-        };
+        let merged = equal.then(|| merged_state(Target::Shared(SHARED_FRAME), FrameNumber(0)));
         assert!(
-            self.table
-                .compare_exchange(0, s.with_flags(LOCKED), new)
-                .is_ok(),
+            publish_merge(&self.table, 0, s, merged),
             "nobody else may change a locked word"
         );
     }
@@ -143,17 +135,9 @@ impl Page {
     /// Unmerge / resolve_write_fault: lock, protect, copy the page's bytes
     /// into its own frame, remap the own frame, unprotect, publish.
     fn unmerge(&self) {
-        let s = self.table.load(0);
-        if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
+        let RemappedClaim::Held(s) = claim_remapped(&self.table, 0) else {
             return;
-        }
-        if self
-            .table
-            .compare_exchange(0, s, s.with_flags(LOCKED))
-            .is_err()
-        {
-            return;
-        }
+        };
         self.pte.lock().unwrap().write_protected = true;
         let v = self.raw_read();
         {
@@ -162,25 +146,17 @@ impl Page {
             p.maps = Maps::Own;
             p.write_protected = false;
         }
-        let new = PageState::new(PageKind::Private, FrameNumber(0), 0);
-        assert!(self
-            .table
-            .compare_exchange(0, s.with_flags(LOCKED), new)
-            .is_ok());
+        assert!(publish_unmerge(&self.table, 0, s, FrameNumber(0)));
     }
 
     /// Reconcile: a shared page the kernel copied becomes private-remapped.
     fn reconcile(&self) {
         let s = self.table.load(0);
-        if s.kind() != PageKind::Shared || s.flags() & LOCKED != 0 {
+        if !reconcilable(s) {
             return;
         }
         if self.pte.lock().unwrap().maps == Maps::Anon {
-            let _ = self.table.compare_exchange(
-                0,
-                s,
-                PageState::new(PageKind::Private, FrameNumber(0), REMAPPED),
-            );
+            let _ = mark_copied(&self.table, 0, s, FrameNumber(0));
         }
     }
 
@@ -192,8 +168,8 @@ impl Page {
         assert_eq!(p.shared, SHARED_CONTENT, "a write reached the shared frame");
         assert!(!p.write_protected, "protection left armed");
         let s = self.table.load(0);
-        assert_eq!(s.flags() & LOCKED, 0, "state left locked");
-        match (s.kind(), s.flags() & REMAPPED != 0) {
+        assert!(!s.is_locked(), "state left locked");
+        match (s.kind(), s.is_remapped()) {
             (PageKind::Private, false) => assert_eq!(p.maps, Maps::Own),
             (PageKind::Private, true) => assert_eq!(p.maps, Maps::Anon),
             (PageKind::Shared, true) => assert!(matches!(p.maps, Maps::Shared | Maps::Anon)),

@@ -32,10 +32,7 @@ use std::{
 
 use pagefold::{
     frames::FrameRange,
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        PageState,
-    },
+    memory::{self, PageState},
     paging::PhysMemory,
     Balloon, DedupHost, FrameNumber, FrameStore, GuestMemory, GuestPhysAddr, PageKind, PAGE_SIZE,
 };
@@ -229,7 +226,7 @@ impl Drop for Anon {
 
 fn page_state(m: &GuestMemory, page: u64) -> PageState {
     let (r, off) = m.region_of(GuestPhysAddr(page * PAGE)).unwrap();
-    r.page_states().load((off / PAGE) as usize)
+    r.page_state((off / PAGE) as usize).unwrap()
 }
 
 /// Writes `byte` over page `page` through the host mapping, as a vCPU
@@ -305,11 +302,7 @@ fn a_released_page_merged_during_the_read_keeps_its_bytes() {
 
     assert!(merged.load(Ordering::Acquire), "the read never faulted");
     let s = page_state(&m, 1);
-    assert_ne!(
-        s.flags() & REMAPPED,
-        0,
-        "page 1 was merged during the read: {s:?}"
-    );
+    assert!(s.is_remapped(), "page 1 was merged during the read: {s:?}");
     assert!(dst[..PAGE_SIZE].iter().all(|&b| b == A), "page 0");
     let wrong = dst[PAGE_SIZE..].iter().filter(|&&b| b != X).count();
     assert_eq!(
@@ -388,10 +381,8 @@ fn word_read_during_an_inflate(read: fn(&GuestMemory, u64) -> u64) -> Option<Str
 
     // The inflate's first step: ballooned and locked, memory still there.
     let (r, _) = m.region_of(GuestPhysAddr(P * PAGE)).unwrap();
-    let s = r.page_states().load(P as usize);
-    let taken = s.with_kind(PageKind::Ballooned).with_flags(LOCKED);
-    r.page_states()
-        .compare_exchange(P as usize, s, taken)
+    let taken = memory::__test::hold_as(r, P as usize, PageKind::Ballooned)
+        .unwrap()
         .unwrap();
     let frame = FrameRange {
         start: FrameNumber(r.frames().start.0 + P),
@@ -429,9 +420,7 @@ fn word_read_during_an_inflate(read: fn(&GuestMemory, u64) -> u64) -> Option<Str
     if !punched.load(Ordering::Acquire) {
         m.frame_store().release(frame).unwrap();
     }
-    r.page_states()
-        .compare_exchange(P as usize, taken, taken.without_flags(LOCKED))
-        .unwrap();
+    memory::__test::release(r, P as usize, taken).unwrap();
 
     // Mid-inflate the page reads as before or as ballooned.
     assert!(got == VALUE || got == 0, "read {got:#x}");

@@ -36,7 +36,9 @@ fn allocated(m: &GuestMemory) -> u64 {
 
 fn kind(m: &GuestMemory, page: u64) -> PageKind {
     let (r, off) = m.region_of(GuestPhysAddr(page * PAGE)).expect("mapped");
-    r.page_states().load((off / PAGE) as usize).kind()
+    r.page_state((off / PAGE) as usize)
+        .expect("page in region")
+        .kind()
 }
 
 /// Stores `VALUE` at `AT` in page `page` through the host mapping, as a

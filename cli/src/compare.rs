@@ -201,9 +201,11 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<(EngineResult, f64), Box<dy
     // COW break: one write each to merged pages nobody touched since.
     let mut targets = Vec::new();
     for (vm, m) in vms.iter().enumerate() {
-        let states = m.regions()[0].page_states();
-        for p in 0..states.len() {
-            if states.load(p).kind() == pagefold::PageKind::Shared && targets.len() < 2000 {
+        let region = &m.regions()[0];
+        for p in 0..region.pages() {
+            if region.page_state(p).map(|s| s.kind()) == Some(pagefold::PageKind::Shared)
+                && targets.len() < 2000
+            {
                 targets.push((vm, p));
             }
         }

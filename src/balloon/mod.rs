@@ -68,10 +68,7 @@ use crate::{
     addr::{GuestPhysAddr, PAGE_SHIFT, PAGE_SIZE},
     dedup::{DedupHost, VmId},
     frames::{FrameError, FrameRange},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        AccessError, GuestMemory, PageKind,
-    },
+    memory::{AccessError, Flags, GuestMemory, PageKind},
 };
 
 /// Virtio's default: a `virtio_balloon` inflate/deflate request carries at
@@ -436,7 +433,7 @@ impl Balloon {
             let states = r.page_states();
             let ballooned = |p: usize| {
                 let s = states.load(p);
-                s.kind() == PageKind::Ballooned && s.flags() == 0
+                s.kind() == PageKind::Ballooned && s.is_unflagged()
             };
             // Runs of ballooned pages; `mincore` says which hold memory
             // again (bounded by the run, unlike a hole scan of the memfd).
@@ -456,11 +453,11 @@ impl Balloon {
                 for (k, &v) in resident.iter().enumerate() {
                     let page = start + k;
                     let s = states.load(page);
-                    if v & 1 != 0
+                    if crate::host::residency::is_resident(v)
                         && s.kind() == PageKind::Ballooned
-                        && s.flags() == 0
+                        && s.is_unflagged()
                         && states
-                            .compare_exchange(page, s, s.with_kind(PageKind::Private))
+                            .transition(page, s, s.with_kind(PageKind::Private))
                             .is_ok()
                     {
                         n += 1;
@@ -845,10 +842,7 @@ impl Balloon {
             let p = first + i;
             if bits[i / 64] & (1 << (i % 64)) == 0 {
                 let s = t.load(p);
-                if s.kind() == PageKind::Ballooned
-                    && s.flags() == 0
-                    && t.compare_exchange(p, s, s.with_flags(LOCKED)).is_ok()
-                {
+                if s.kind() == PageKind::Ballooned && s.is_unflagged() && t.try_lock(p, s).is_ok() {
                     kept.push(p);
                     continue;
                 }
@@ -930,11 +924,11 @@ impl Balloon {
                 if s.kind() != PageKind::Ballooned {
                     break Err(BalloonError::NotBallooned { pfn });
                 }
-                if s.flags() & LOCKED != 0 {
+                if s.is_locked() {
                     break Err(BalloonError::Busy { pfn });
                 }
-                match t.compare_exchange(l.page, s, s.with_kind(PageKind::Private)) {
-                    Ok(_) => break Ok(()),
+                match t.transition(l.page, s, s.with_kind(PageKind::Private)) {
+                    Ok(()) => break Ok(()),
                     Err(now) => s = now,
                 }
             };
@@ -962,16 +956,16 @@ impl Balloon {
 
 /// Whether a page in state `s` may enter the balloon.
 fn check_inflatable(s: crate::memory::PageState, pfn: u64) -> Result<(), BalloonError> {
-    if s.flags() & LOCKED != 0 {
+    if s.is_locked() {
         return Err(BalloonError::Busy { pfn });
     }
-    if s.flags() & REMAPPED != 0 || s.kind() == PageKind::Shared {
+    if s.is_remapped() || s.kind() == PageKind::Shared {
         return Err(BalloonError::Shared { pfn });
     }
     if s.kind() == PageKind::Ballooned {
         return Err(BalloonError::AlreadyBallooned { pfn });
     }
-    if s.flags() != 0 {
+    if !s.is_unflagged() {
         return Err(BalloonError::Busy { pfn });
     }
     Ok(())
@@ -983,9 +977,11 @@ fn check_inflatable(s: crate::memory::PageState, pfn: u64) -> Result<(), Balloon
 /// here (remapped pages are never taken), so residency is the frame's.
 /// `None` if the kernel refuses.
 fn resident_pages(region: &crate::memory::GuestRegion, first: usize, count: usize) -> Option<u64> {
-    region
-        .resident(first, count)
-        .map(|v| v.iter().filter(|&&b| b & 1 != 0).count() as u64)
+    region.resident(first, count).map(|v| {
+        v.iter()
+            .filter(|&&b| crate::host::residency::is_resident(b))
+            .count() as u64
+    })
 }
 
 /// Moves page `page` to Ballooned; `Ok(true)` if it had memory (private),
@@ -1003,8 +999,8 @@ fn take_page(
     let mut s = t.load(page);
     loop {
         check_inflatable(s, pfn)?;
-        match t.compare_exchange(page, s, s.with_kind(PageKind::Ballooned).with_flags(LOCKED)) {
-            Ok(_) => return Ok(s.kind() == PageKind::Private),
+        match t.try_lock_as(page, s, s.with_kind(PageKind::Ballooned)) {
+            Ok(()) => return Ok(s.kind() == PageKind::Private),
             Err(now) => s = now,
         }
     }
@@ -1014,8 +1010,9 @@ fn take_page(
 fn unlock_page(region: &crate::memory::GuestRegion, page: usize, kind: PageKind) {
     let t = region.page_states();
     let s = t.load(page);
-    if s.kind() == PageKind::Ballooned && s.flags() == LOCKED {
-        let _ = t.compare_exchange(page, s, s.without_flags(LOCKED).with_kind(kind));
+    if s.kind() == PageKind::Ballooned && s.flags() == Flags::LOCKED {
+        let held = s.without_flags(Flags::LOCKED);
+        let _ = t.unlock_to(page, held, held.with_kind(kind));
     }
 }
 

@@ -23,12 +23,12 @@ use super::DedupError;
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     frames::{FrameError, FrameRange, FrameStore, HostMapping, MapBudget, RemapTarget},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        GuestRegion, PageKind, PageState,
-    },
+    memory::{GuestRegion, PageKind, PageState},
     userfault::Userfault,
 };
+
+pub(super) use super::steps::Target;
+use super::steps::{self, RemappedClaim};
 
 /// Pages under one write-protect window (8 MiB): long enough to amortise
 /// registration over many short runs, short enough that a writer caught in
@@ -39,15 +39,6 @@ const MAX_WINDOW: usize = 2048;
 const SPAWN_MARGIN: u64 = 64;
 /// Longest run unmerged under one write-protect window (2 MiB).
 const MAX_RUN: usize = 512;
-
-/// What a page should become.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Target {
-    /// A copy-on-write view of this shared frame.
-    Shared(FrameNumber),
-    /// Anonymous zeros.
-    Zero,
-}
 
 /// A page chosen for merging, with the state it had when it was hashed.
 #[derive(Clone, Copy, Debug)]
@@ -277,7 +268,8 @@ pub(super) fn for_each_run<T>(
 
 /// One window: candidates within `MAX_WINDOW` pages of each other, protected
 /// together so that registration and protection cost one call each for many
-/// runs; each run is still remapped on its own.
+/// runs; each run is still remapped on its own. The steps: lock, protect,
+/// compare, remap, disarm; the window then goes to [`finish_window`].
 fn merge_window<'r>(
     ctx: &MergeCtx<'_>,
     region: &'r GuestRegion,
@@ -289,11 +281,7 @@ fn merge_window<'r>(
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let run: Vec<Candidate> = window
         .iter()
-        .filter(|c| {
-            states
-                .compare_exchange(c.page, c.expected, c.expected.with_flags(LOCKED))
-                .is_ok()
-        })
+        .filter(|c| steps::claim_candidate(states, c.page, c.expected))
         .copied()
         .collect();
     out.busy += (window.len() - run.len()) as u64;
@@ -304,7 +292,7 @@ fn merge_window<'r>(
     let len = ((last.page - first.page + 1) * PAGE_SIZE) as u64;
     let unlock_all = |run: &[Candidate]| {
         for c in run {
-            let _ = states.compare_exchange(c.page, c.expected.with_flags(LOCKED), c.expected);
+            steps::release_candidate(states, c.page, c.expected);
         }
     };
 
@@ -317,65 +305,56 @@ fn merge_window<'r>(
     // 2. Arm write protection over the window: from here, raw writes to it
     // wait in the kernel (pages in the window that are not candidates too,
     // briefly; they are woken with the rest).
-    if let Err(e) = ctx
-        .uffd
+    // 3. Compare under protection, each page against its target's bytes.
+    let equal = match protect(ctx, addr, len).and_then(|()| compare_window(ctx, region, &run)) {
+        Ok(equal) => equal,
+        Err(e) => {
+            release_protection(ctx, addr, len);
+            unlock_all(&run);
+            return Err(e);
+        }
+    };
+    // 4. Remap each maximal equal sub-run of a run in one call.
+    let (merged, remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
+
+    // 5. Disarm and wake: waiting writers retry against the new mapping.
+    // Unregistering drops the protection of the pages left in place; the
+    // remapped ones have fresh, unprotected mappings.
+    release_protection(ctx, addr, len);
+    drop(window);
+    Ok(Some(Remapped {
+        region,
+        run,
+        equal,
+        merged,
+        remap_error,
+    }))
+}
+
+/// Registers and write-protects `[addr, addr + len)`.
+fn protect(
+    ctx: &MergeCtx<'_>,
+    addr: crate::addr::HostVirtAddr,
+    len: u64,
+) -> Result<(), DedupError> {
+    ctx.uffd
         .register(addr, len)
         .and_then(|()| ctx.uffd.protect(addr, len))
-    {
-        release_protection(ctx, addr, len);
-        unlock_all(&run);
-        return Err(e.into());
-    }
+        .map_err(Into::into)
+}
 
-    // 3. Compare under protection, each page against its target's bytes:
-    // shared frames are read a run per `pread`, then both cores compare.
-    let fresh = |c: &Candidate| match c.target {
-        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
-        Target::Zero => None,
-    };
-    // Pages whose target is an older shared frame (not in the fresh view)
-    // get its bytes with one pread per run; `slot[i]` is page `i`'s offset
-    // in that buffer. A run is read whole only where none of its frames is
-    // in the view: a run may straddle the view's edge (an older frame can sit
-    // right after the fresh ones), and a page compared against a buffer
-    // nobody filled would compare against zeros.
-    let same_source = |a: &Candidate, b: &Candidate| {
-        continues_run(a, b) && fresh(a).is_some() == fresh(b).is_some()
-    };
-    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
-    let mut reads: Vec<(usize, usize)> = Vec::new();
-    let mut pages = 0;
-    for_each_run(&run, same_source, |k, e| {
-        if let (Target::Shared(_), None) = (run[k].target, fresh(&run[k])) {
-            for (n, s) in slot[k..e].iter_mut().enumerate() {
-                *s = Some((pages + n) * PAGE_SIZE);
-            }
-            reads.push((k, e));
-            pages += e - k;
-        }
-    });
-    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
-    let mut failed = None;
-    for &(k, e) in &reads {
-        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
-            continue;
-        };
-        if let Err(err) = ctx
-            .store
-            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])
-        {
-            failed = Some(err);
-            break;
-        }
-    }
-    if let Some(err) = failed {
-        release_protection(ctx, addr, len);
-        unlock_all(&run);
-        return Err(err.into());
-    }
+/// The window's comparison, under protection: whether each page of `run`
+/// equals its target's bytes. Shared frames are compared in the fresh view
+/// in place, or read a run per `pread`; both cores compare.
+fn compare_window(
+    ctx: &MergeCtx<'_>,
+    region: &GuestRegion,
+    run: &[Candidate],
+) -> Result<Vec<bool>, DedupError> {
+    let (slot, target_bytes) = read_older_targets(ctx, run)?;
     // A shared target with no source of bytes (impossible by the above)
     // compares unequal: never merge against bytes nobody read.
-    let equal: Vec<bool> = run
+    Ok(run
         .par_iter()
         .zip(slot.par_iter())
         .map(|(c, at)| match (c.target, at) {
@@ -385,16 +364,71 @@ fn merge_window<'r>(
                     .is_ok_and(|want| region.page_equals(c.page, want))
             }
             (Target::Shared(_), None) => {
-                fresh(c).is_some_and(|want| region.page_equals(c.page, want))
+                fresh_page(ctx, c).is_some_and(|want| region.page_equals(c.page, want))
             }
         })
-        .collect();
+        .collect())
+}
 
-    // 4. Remap each maximal equal sub-run of a run in one call.
+/// The bytes of `c`'s target in the fresh view, if it is there.
+fn fresh_page<'a>(ctx: &MergeCtx<'a>, c: &Candidate) -> Option<&'a [u8; PAGE_SIZE]> {
+    match c.target {
+        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
+        Target::Zero => None,
+    }
+}
+
+/// Reads the targets of `run`'s pages that are older shared frames (not in
+/// the fresh view) with one `pread` per run: `slot[i]` is page `i`'s offset
+/// in the returned buffer. A run is read whole only where none of its
+/// frames is in the view: a run may straddle the view's edge (an older
+/// frame can sit right after the fresh ones), and a page compared against a
+/// buffer nobody filled would compare against zeros.
+fn read_older_targets(
+    ctx: &MergeCtx<'_>,
+    run: &[Candidate],
+) -> Result<(Vec<Option<usize>>, Vec<u8>), DedupError> {
+    let same_source = |a: &Candidate, b: &Candidate| {
+        continues_run(a, b) && fresh_page(ctx, a).is_some() == fresh_page(ctx, b).is_some()
+    };
+    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
+    let mut reads: Vec<(usize, usize)> = Vec::new();
+    let mut pages = 0;
+    for_each_run(run, same_source, |k, e| {
+        if let (Target::Shared(_), None) = (run[k].target, fresh_page(ctx, &run[k])) {
+            for (n, s) in slot[k..e].iter_mut().enumerate() {
+                *s = Some((pages + n) * PAGE_SIZE);
+            }
+            reads.push((k, e));
+            pages += e - k;
+        }
+    });
+    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
+    for &(k, e) in &reads {
+        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
+            continue;
+        };
+        ctx.store
+            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])?;
+    }
+    Ok((slot, target_bytes))
+}
+
+/// Remaps each maximal equal sub-run of a run of `run` onto its targets in
+/// one call: which pages were merged, and the first error that stopped the
+/// remaps (a spent mapping budget only skips).
+fn remap_equal(
+    ctx: &MergeCtx<'_>,
+    region: &GuestRegion,
+    run: &[Candidate],
+    equal: &[bool],
+    last_remap: &mut Option<(usize, Target)>,
+    out: &mut MergeOutcome,
+) -> (Vec<bool>, Option<FrameError>) {
     let mut merged = vec![false; run.len()];
     let mut remap_error = None;
     for_each_run(
-        &run.iter().zip(&equal).collect::<Vec<_>>(),
+        &run.iter().zip(equal).collect::<Vec<_>>(),
         |a, b| *a.1 && *b.1 && continues_run(a.0, b.0),
         |k, e| {
             if !equal[k] || remap_error.is_some() {
@@ -434,19 +468,7 @@ fn merge_window<'r>(
             }
         },
     );
-
-    // 5. Disarm and wake: waiting writers retry against the new mapping.
-    // Unregistering drops the protection of the pages left in place; the
-    // remapped ones have fresh, unprotected mappings.
-    release_protection(ctx, addr, len);
-    drop(window);
-    Ok(Some(Remapped {
-        region,
-        run,
-        equal,
-        merged,
-        remap_error,
-    }))
+    (merged, remap_error)
 }
 
 /// The second stage of a window: punch, then publish.
@@ -475,26 +497,20 @@ fn finish_window(
     // published then finds the count it expects.
     let mut shared = super::lock(ctx.shared);
     for (idx, c) in run.iter().enumerate() {
-        let locked = c.expected.with_flags(LOCKED);
-        if merged[idx] {
-            let new = match c.target {
-                Target::Zero => {
-                    out.zero += 1;
-                    PageState::new(PageKind::Zero, region.own_frame(c.page), REMAPPED)
-                }
+        let now = merged[idx].then(|| {
+            match c.target {
+                Target::Zero => out.zero += 1,
                 Target::Shared(s) => {
                     out.shared += 1;
                     shared.add_ref(s, 1);
-                    PageState::new(PageKind::Shared, s, REMAPPED)
                 }
-            };
-            let _ = states.compare_exchange(c.page, locked, new);
-        } else {
-            if !equal[idx] {
-                out.changed += 1;
             }
-            let _ = states.compare_exchange(c.page, locked, c.expected);
+            steps::merged_state(c.target, region.own_frame(c.page))
+        });
+        if now.is_none() && !equal[idx] {
+            out.changed += 1;
         }
+        let _ = steps::publish_merge(states, c.page, c.expected, now);
     }
     if let Some(err) = remap_error {
         return Err(err.into());
@@ -510,7 +526,7 @@ fn punch_own_frames(
     run: &[Candidate],
     merged: &[bool],
 ) -> Result<(), DedupError> {
-    let own = |k: usize| merged[k] && run[k].expected.flags() & REMAPPED == 0;
+    let own = |k: usize| merged[k] && !run[k].expected.is_remapped();
     let idx: Vec<usize> = (0..run.len()).filter(|&k| own(k)).collect();
     let mut result = Ok(());
     for_each_run(
@@ -574,7 +590,7 @@ pub(super) fn unmerge_range(
     let end = (first + count).min(region.pages());
     let mut p = first;
     while p < end {
-        if states.load(p).flags() & REMAPPED == 0 {
+        if !states.load(p).is_remapped() {
             p += 1;
             continue;
         }
@@ -611,17 +627,16 @@ fn lock_run(
     let states = region.page_states();
     let mut run: Vec<(usize, PageState)> = Vec::new();
     for q in p..limit {
-        let s = states.load(q);
-        if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
-            break;
+        match steps::claim_remapped(states, q) {
+            RemappedClaim::Held(s) => run.push((q, s)),
+            RemappedClaim::Skip => break,
+            RemappedClaim::Busy => {
+                out.busy += 1;
+                break;
+            }
         }
-        if states.compare_exchange(q, s, s.with_flags(LOCKED)).is_err() {
-            out.busy += 1;
-            break;
-        }
-        run.push((q, s));
     }
-    if run.is_empty() && states.load(p).flags() & LOCKED != 0 {
+    if run.is_empty() && states.load(p).is_locked() {
         out.busy += 1;
     }
     run
@@ -630,7 +645,7 @@ fn lock_run(
 fn unlock_run(region: &GuestRegion, run: &[(usize, PageState)]) {
     let states = region.page_states();
     for &(p, s) in run {
-        let _ = states.compare_exchange(p, s.with_flags(LOCKED), s);
+        steps::release_remapped(states, p, s);
     }
 }
 
@@ -648,7 +663,7 @@ fn unmerge_stretch(
     out: &mut UnmergeOutcome,
 ) -> Result<(), DedupError> {
     let states = region.page_states();
-    let remapped = |p: usize| states.load(p).flags() & (REMAPPED | LOCKED) == REMAPPED;
+    let remapped = |p: usize| states.load(p).is_remapped_unlocked();
     let mut lo = page;
     while lo > 0 && remapped(lo - 1) {
         lo -= 1;
@@ -755,10 +770,7 @@ fn unmerge_locked(
     let mut shared = super::lock(ctx.shared);
     let mut result = Ok(());
     for &(p, s) in run {
-        let new = PageState::new(PageKind::Private, region.own_frame(p), 0);
-        let published = states
-            .compare_exchange(p, s.with_flags(LOCKED), new)
-            .is_ok();
+        let published = steps::publish_unmerge(states, p, s, region.own_frame(p));
         if published && p == watch {
             out.first_restored = true;
         }

@@ -2,9 +2,10 @@
 //! with a [`DedupHost`], into one copy-on-write frame, and give the memory of
 //! the duplicates (and of zero pages) back to the host for real.
 //!
-//! Pipeline: scan -> hash (xxh3 keyed per merge domain) -> group by hash ->
-//! compare bytes -> merge runs of pages (see [`merge`](self) for the
-//! protocol). Pages are shared only within a domain. A write to a merged
+//! Pipeline (`pipeline.rs`, one named stage each): scan and hash (xxh3
+//! keyed per merge domain) -> classify -> group and templates -> allocate
+//! and fill -> order and plan -> merge windows and publish (`merge.rs`;
+//! their page-state steps in `steps.rs`, which loom checks). Pages are shared only within a domain. A write to a merged
 //! page, through the library or a raw pointer or a KVM vCPU, is copied by the
 //! kernel first: merged pages are private copy-on-write views of their shared
 //! frame, and a shared frame is never mapped writable anywhere.
@@ -20,11 +21,15 @@
 mod handler;
 mod key;
 mod merge;
+mod pipeline;
 mod plan;
 mod reconcile;
 mod scan;
 mod shared;
 mod stats;
+// `pub` items for the loom door (`crate::__loom`); crate-private otherwise.
+#[cfg_attr(not(loom), allow(unreachable_pub))]
+pub(crate) mod steps;
 mod unstable;
 
 use std::{
@@ -49,10 +54,7 @@ use self::{
 use crate::{
     addr::{GuestPhysAddr, PageSize, PAGE_SIZE},
     frames::{FrameError, FrameStore},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        GuestMemory, PageKind,
-    },
+    memory::{GuestMemory, PageKind},
     userfault::{Userfault, UserfaultError},
 };
 
@@ -268,7 +270,7 @@ impl DedupHost {
         store.map_budget().set_headroom(options.map_headroom);
         let uffd = Arc::new(Userfault::new()?);
         let pagemap = PageMap::open().map_err(|source| DedupError::Proc {
-            what: "/proc/self/pagemap",
+            what: crate::host::pagemap::PATH,
             source,
         })?;
         let inner = Arc::new(Inner {
@@ -450,18 +452,22 @@ impl DedupHost {
                     batch: Some(batches.last_window()),
                 };
                 done += part;
-                match self
-                    .inner
-                    .process(&mut scan, &vms, refs, mode, Some(&mut deferred))
-                {
+                match pipeline::process(
+                    &self.inner,
+                    &mut scan,
+                    &vms,
+                    refs,
+                    mode,
+                    Some(&mut deferred),
+                ) {
                     Ok(r) => pass_report.add(&r),
                     Err(e) => {
-                        self.inner.abandon_deferred(deferred);
+                        pipeline::abandon_deferred(&self.inner, deferred);
                         return Err(e);
                     }
                 }
             }
-            let r = self.inner.merge_deferred(&vms, deferred)?;
+            let r = pipeline::merge_deferred(&self.inner, &vms, deferred)?;
             pass_report.add(&r);
             let cut_short = pass_report.map_limit > 0;
             // What every pass did; what the last left for lack of mappings.
@@ -531,7 +537,7 @@ impl DedupHost {
             share: (1, 1),
             batch: None,
         };
-        let report = self.inner.process(&mut scan, &vms, refs, one_shot, None)?;
+        let report = pipeline::process(&self.inner, &mut scan, &vms, refs, one_shot, None)?;
         self.inner
             .map_limit_hits
             .fetch_add(report.map_limit, Ordering::Relaxed);
@@ -681,10 +687,10 @@ impl DedupHost {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let s = region.page_states().load(page);
-            if s.flags() & REMAPPED == 0 {
+            if !s.is_remapped() {
                 return Ok(false);
             }
-            if s.flags() & LOCKED == 0 {
+            if !s.is_locked() {
                 // A page the kernel already copied on a write (reconciled to
                 // private) shares nothing: it goes back to its own frame,
                 // but that is no new COW break (found by review: it was
@@ -816,7 +822,10 @@ fn first_held_page(vm: &VmEntry) -> Option<GuestPhysAddr> {
     vm.mem.regions().iter().find_map(|r| {
         let states = r.page_states();
         (0..r.pages())
-            .find(|&p| states.load(p).flags() & (REMAPPED | LOCKED) != 0)
+            .find(|&p| {
+                let s = states.load(p);
+                s.is_remapped() || s.is_locked()
+            })
             .map(|p| GuestPhysAddr(r.start().0 + (p * PAGE_SIZE) as u64))
     })
 }
@@ -831,7 +840,7 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
         let t = r.page_states();
         for p in 0..t.len() {
             let s = t.load(p);
-            if s.kind() == PageKind::Zero && s.flags() & REMAPPED != 0 {
+            if s.kind() == PageKind::Zero && s.is_remapped() {
                 n += 1;
             }
         }
@@ -920,7 +929,7 @@ impl Inner {
                 share: (1, 1),
                 batch: None,
             };
-            let r = self.process(&mut scan, &vms, refs, incremental, None)?;
+            let r = pipeline::process(self, &mut scan, &vms, refs, incremental, None)?;
             self.map_limit_hits
                 .fetch_add(r.map_limit, Ordering::Relaxed);
             total.add(&r);

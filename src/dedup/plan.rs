@@ -159,7 +159,13 @@ pub(super) fn select(
         worth[u].pages += r.len as u64;
         worth[u].runs += 1;
     }
-    // Best pages saved per mapping first; ties: the larger saving.
+    let taken = take_best(&worth, budget);
+    Some(unit_of.iter().map(|&u| taken[u]).collect())
+}
+
+/// Which units `budget` mappings buy: best pages saved per mapping first;
+/// ties: the larger saving.
+fn take_best(worth: &[Worth], budget: u64) -> Vec<bool> {
     let mut order: Vec<usize> = (0..worth.len())
         .filter(|&u| worth[u].runs > 0 && worth[u].saving() > 0)
         .collect();
@@ -177,18 +183,18 @@ pub(super) fn select(
             left = rest;
         }
     }
-    Some(unit_of.iter().map(|&u| taken[u]).collect())
+    taken
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{PageKind, PageState};
+    use crate::memory::{Flags, PageKind, PageState};
 
     fn cand(page: usize, target: Target) -> Candidate {
         Candidate {
             page,
-            expected: PageState::new(PageKind::Private, FrameNumber(page as u64), 0),
+            expected: PageState::new(PageKind::Private, FrameNumber(page as u64), Flags::NONE),
             target,
         }
     }

@@ -6,28 +6,20 @@
 //! moves the page to private-remapped, dropping its shared-frame reference.
 
 use std::{
-    fs::File,
     io,
-    os::unix::fs::FileExt,
-    sync::{atomic::Ordering, Arc, OnceLock},
+    sync::{atomic::Ordering, Arc},
 };
 
-use super::{lock, read, DedupError, Inner, ScanState, VmEntry};
+use super::{lock, read, steps, DedupError, Inner, ScanState, VmEntry};
 use crate::{
     addr::PAGE_SIZE,
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        GuestRegion, PageKind, PageState,
-    },
+    host::pagemap,
+    memory::{GuestRegion, PageKind},
 };
 
-const PM_PRESENT: u64 = 1 << 63;
-const PM_FILE: u64 = 1 << 61;
-const PM_PFN_MASK: u64 = (1 << 55) - 1;
-
-/// The process's page map, opened once.
+/// The process's page map, opened once, and the zero page's PFN in it.
 pub(super) struct PageMap {
-    file: File,
+    map: pagemap::PageMap,
     /// PFN of the kernel's zero page as this process sees it (0 when PFNs
     /// are hidden, then content decides).
     zero_pfn: u64,
@@ -35,9 +27,9 @@ pub(super) struct PageMap {
 
 impl PageMap {
     pub(super) fn open() -> io::Result<Self> {
-        let file = File::open("/proc/self/pagemap")?;
-        let zero_pfn = zero_page_pfn(&file).unwrap_or(0);
-        Ok(PageMap { file, zero_pfn })
+        let map = pagemap::PageMap::open()?;
+        let zero_pfn = map.zero_page_pfn().unwrap_or(0);
+        Ok(PageMap { map, zero_pfn })
     }
 
     /// Entries for `count` pages of `region` starting at `first`.
@@ -46,18 +38,10 @@ impl PageMap {
         region: &GuestRegion,
         first: usize,
         count: usize,
-    ) -> io::Result<Vec<u64>> {
-        let mut buf = vec![0u8; count * 8];
-        let off = region.page_host_addr(first).0 / PAGE_SIZE as u64 * 8;
-        self.file.read_exact_at(&mut buf, off)?;
-        Ok(buf
-            .chunks_exact(8)
-            .map(|c| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(c);
-                u64::from_le_bytes(w)
-            })
-            .collect())
+    ) -> io::Result<Vec<pagemap::Entry>> {
+        let mut out = vec![pagemap::Entry::default(); count];
+        self.map.read(region.page_host_addr(first), &mut out)?;
+        Ok(out)
     }
 
     /// Whether an entry shows a page the kernel copied (anonymous memory
@@ -65,51 +49,18 @@ impl PageMap {
     /// when PFNs are hidden from this process.
     pub(super) fn is_private_copy(
         &self,
-        entry: u64,
+        entry: pagemap::Entry,
         content_is_zero: impl FnOnce() -> bool,
     ) -> bool {
-        if entry & PM_PRESENT == 0 || entry & PM_FILE != 0 {
+        if !entry.is_present() || entry.is_file() {
             return false;
         }
-        let pfn = entry & PM_PFN_MASK;
+        let pfn = entry.pfn();
         if self.zero_pfn != 0 && pfn != 0 {
             return pfn != self.zero_pfn;
         }
         !content_is_zero()
     }
-}
-
-/// Finds the zero page's PFN by reading an untouched anonymous page.
-fn zero_page_pfn(pagemap: &File) -> Option<u64> {
-    static ZERO_PFN: OnceLock<Option<u64>> = OnceLock::new();
-    *ZERO_PFN.get_or_init(|| {
-        // SAFETY: a fresh private anonymous mapping of one page; nothing
-        // else knows its address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE_SIZE,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: `p` is a readable mapping of one page; a read maps the
-        // kernel's zero page.
-        let _ = unsafe { std::ptr::read_volatile(p.cast::<u8>()) };
-        let mut buf = [0u8; 8];
-        let ok = pagemap
-            .read_exact_at(&mut buf, p as u64 / PAGE_SIZE as u64 * 8)
-            .is_ok();
-        // SAFETY: unmapping the page mapped above, which nothing references.
-        unsafe { libc::munmap(p, PAGE_SIZE) };
-        let e = u64::from_le_bytes(buf);
-        (ok && e & PM_PRESENT != 0 && e & PM_PFN_MASK != 0).then_some(e & PM_PFN_MASK)
-    })
 }
 
 impl Inner {
@@ -126,7 +77,7 @@ impl Inner {
                 // Only regions with merged pages need the kernel's page map.
                 let Some(first) = (0..t.len()).find(|&p| {
                     let s = t.load(p);
-                    s.flags() & REMAPPED != 0 && s.kind() != PageKind::Private
+                    s.is_remapped() && s.kind() != PageKind::Private
                 }) else {
                     continue;
                 };
@@ -141,7 +92,7 @@ impl Inner {
                         .pagemap
                         .entries(region, chunk, count)
                         .map_err(|source| DedupError::Proc {
-                            what: "/proc/self/pagemap",
+                            what: pagemap::PATH,
                             source,
                         })?;
                     self.reconcile_entries(vm, region, chunk, &entries, &scan.pagemap);
@@ -158,15 +109,14 @@ impl Inner {
         vm: &VmEntry,
         region: &crate::memory::GuestRegion,
         first: usize,
-        entries: &[u64],
+        entries: &[pagemap::Entry],
         pagemap: &PageMap,
     ) {
         let t = region.page_states();
         for (i, &e) in entries.iter().enumerate() {
             let p = first + i;
             let s = t.load(p);
-            if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 || s.kind() == PageKind::Private
-            {
+            if !steps::reconcilable(s) {
                 continue;
             }
             let copied = pagemap.is_private_copy(e, || {
@@ -177,8 +127,7 @@ impl Inner {
             if !copied {
                 continue;
             }
-            let new = PageState::new(PageKind::Private, region.own_frame(p), REMAPPED);
-            if t.compare_exchange(p, s, new).is_ok() {
+            if steps::mark_copied(t, p, s, region.own_frame(p)) {
                 vm.cow_breaks.fetch_add(1, Ordering::Relaxed);
                 self.cow_breaks.fetch_add(1, Ordering::Relaxed);
             }

@@ -2,10 +2,8 @@
 //! memory (store blocks, RSS/PSS, mappings) that every saving is checked
 //! against.
 
-use std::fs;
-
 use super::DedupError;
-use crate::frames::FrameStore;
+use crate::{frames::FrameStore, host::proc};
 
 /// Host-wide dedup statistics (names and meanings as in
 /// `/sys/kernel/mm/ksm/`).
@@ -133,45 +131,19 @@ pub(super) fn kernel_view(
     ranges: &[(u64, u64)],
 ) -> Result<KernelView, DedupError> {
     let proc_err = |what| move |source| DedupError::Proc { what, source };
-    let rollup = fs::read_to_string("/proc/self/smaps_rollup")
-        .map_err(proc_err("/proc/self/smaps_rollup"))?;
-    let field = |name: &str| -> u64 {
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-            * 1024
-    };
-    let maps = fs::read_to_string("/proc/self/maps").map_err(proc_err("/proc/self/maps"))?;
-    let mut mappings = 0;
-    let mut guest_mappings = 0;
-    for line in maps.lines() {
-        mappings += 1;
-        let Some((span, _)) = line.split_once(' ') else {
-            continue;
-        };
-        let Some((a, b)) = span.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        if ranges.iter().any(|&(s, e)| a < e && b > s) {
-            guest_mappings += 1;
-        }
-    }
+    let rollup = proc::rollup().map_err(proc_err(proc::SMAPS_ROLLUP))?;
+    let maps = proc::mappings().map_err(proc_err(proc::MAPS))?;
+    let mappings = maps.len() as u64;
+    let guest_mappings = maps
+        .iter()
+        .flatten()
+        .filter(|&&(a, b)| ranges.iter().any(|&(s, e)| a < e && b > s))
+        .count() as u64;
     Ok(KernelView {
         store_bytes: store.allocated_bytes()?,
-        rss_bytes: field("Rss:"),
-        pss_bytes: field("Pss:"),
-        anon_bytes: field("Anonymous:"),
+        rss_bytes: rollup.rss,
+        pss_bytes: rollup.pss,
+        anon_bytes: rollup.anon,
         mappings,
         guest_mappings,
     })

@@ -26,7 +26,6 @@
 //! there).
 
 use std::{
-    fs::File,
     io,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, PoisonError},
@@ -35,6 +34,7 @@ use std::{
 use super::{DirtyError, RegionSet};
 use crate::{
     addr::{HostVirtAddr, PAGE_SHIFT},
+    host::pagemap::{self, PageMap},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -86,7 +86,7 @@ const SCAN_SLOTS: usize = 512;
 pub struct RawWriteTracker {
     mem: Arc<GuestMemory>,
     uffd: Userfault,
-    pagemap: File,
+    pagemap: PageMap,
     regions: Vec<usize>,
     /// Serialises collects (one scan buffer).
     scan: Mutex<Vec<PageRegion>>,
@@ -113,10 +113,9 @@ impl RawWriteTracker {
         let uffd = Userfault::new_async_wp().map_err(|e| DirtyError::TrackerUnavailable {
             reason: e.to_string(),
         })?;
-        let pagemap =
-            File::open("/proc/self/pagemap").map_err(|e| DirtyError::TrackerUnavailable {
-                reason: format!("/proc/self/pagemap: {e}"),
-            })?;
+        let pagemap = PageMap::open().map_err(|e| DirtyError::TrackerUnavailable {
+            reason: format!("{}: {e}", pagemap::PATH),
+        })?;
         for &i in &regions {
             super::region_bitmap(mem.regions()[i].dirty_log(), i)?;
         }

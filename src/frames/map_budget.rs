@@ -12,13 +12,14 @@
 //! it may still be made; the kernel's `ENOMEM` stays the last word.
 
 use std::{
-    fs,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex, PoisonError,
     },
     time::{Duration, Instant},
 };
+
+use crate::host::proc::{mapping_count, max_map_count};
 
 /// The default `vm.max_map_count`, assumed where the sysctl cannot be read.
 const DEFAULT_MAX_MAP_COUNT: u64 = 65530;
@@ -169,33 +170,6 @@ impl MapBudget {
     /// next reading says otherwise.
     pub fn exhausted(&self) {
         self.left.store(0, Ordering::Relaxed);
-    }
-}
-
-/// `vm.max_map_count`.
-pub(crate) fn max_map_count() -> Option<u64> {
-    fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Mappings of this process now: the lines of `/proc/self/maps`, counted
-/// through a small buffer (at 60,000 mappings the text is 6 MiB, which a
-/// `read_to_string` per refresh allocated).
-fn mapping_count() -> Option<u64> {
-    use std::io::Read;
-    let mut f = fs::File::open("/proc/self/maps").ok()?;
-    let mut buf = [0u8; 16 * 1024];
-    let mut lines = 0u64;
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => return Some(lines),
-            Ok(n) => lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
     }
 }
 

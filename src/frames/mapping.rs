@@ -192,7 +192,7 @@ impl HostMapping {
                 store.map_budget().exhausted();
                 return Err(FrameError::MapLimit {
                     op: "mmap(MAP_FIXED) of guest pages",
-                    max: super::max_map_count().unwrap_or(0),
+                    max: crate::host::proc::max_map_count().unwrap_or(0),
                 });
             }
             return Err(FrameError::Os {

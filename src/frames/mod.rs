@@ -17,7 +17,6 @@ use std::{
     sync::Mutex,
 };
 
-pub(crate) use map_budget::max_map_count;
 pub use map_budget::MapBudget;
 pub use mapping::HostMapping;
 pub(crate) use mapping::RemapTarget;

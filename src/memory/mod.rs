@@ -13,9 +13,10 @@ mod dirty_bitmap;
 mod dirty_log;
 mod error;
 mod index;
-pub mod page_state;
+pub(crate) mod page_state;
 mod region;
 mod released;
+mod released_data;
 
 pub(crate) use dirty_bitmap::DirtyBitmap;
 pub(crate) use dirty_log::RegionLog;
@@ -26,13 +27,49 @@ use bytemuck::Pod;
 
 pub use atomic::AtomicInt;
 pub use error::{AccessError, LayoutError, MemoryError};
-pub use page_state::{PageKind, PageState, PageStateTable};
+pub(crate) use page_state::Flags;
+pub use page_state::{PageCensus, PageKind, PageState};
 pub use region::{GuestRegion, RegionInfo};
+pub(crate) use released_data::ReleasedData;
 
 use crate::{
     addr::{usize_from, GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SHIFT, PAGE_SIZE},
     frames::FrameStore,
 };
+
+/// Steps of the page-state protocol that the crate's integration tests stop
+/// between (an inflate between its state change and its punch). Not part
+/// of the API: hidden, no stability promise.
+#[doc(hidden)]
+pub mod __test {
+    use super::{GuestRegion, PageKind, PageState};
+
+    /// Holds page `page` of `region` as `kind`, as an inflate's first step
+    /// does; the state it holds, or `Err` with the state now if the page is
+    /// held already or moved (`None` past the region's end).
+    pub fn hold_as(
+        region: &GuestRegion,
+        page: usize,
+        kind: PageKind,
+    ) -> Option<Result<PageState, PageState>> {
+        let s = region.page_state(page)?;
+        if s.is_locked() {
+            return Some(Err(s));
+        }
+        let held = s.with_kind(kind);
+        Some(
+            region
+                .page_states()
+                .try_lock_as(page, s, held)
+                .map(|()| held),
+        )
+    }
+
+    /// Lets go of a page [`hold_as`] held (as `held`), unchanged.
+    pub fn release(region: &GuestRegion, page: usize, held: PageState) -> Result<(), PageState> {
+        region.page_states().unlock_to(page, held, held)
+    }
+}
 
 /// Guest-physical memory of one VM.
 ///
@@ -63,20 +100,7 @@ pub struct GuestMemory {
 /// (INVLPG, MOV CR3) as hardware does.
 pub trait WriteObserver: Send + Sync + std::fmt::Debug {
     /// `[gpa, gpa + len)` was written.
-    fn wrote(&self, gpa: u64, len: u64);
-}
-
-/// Pages of a [`GuestMemory`] by how they are backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PageCensus {
-    /// Pages with their own frame.
-    pub private: u64,
-    /// Pages released because they were zero.
-    pub zero: u64,
-    /// Pages mapped onto a shared frame.
-    pub shared: u64,
-    /// Pages given up through the balloon.
-    pub ballooned: u64,
+    fn wrote(&self, gpa: GuestPhysAddr, len: u64);
 }
 
 impl GuestMemory {
@@ -189,7 +213,7 @@ impl GuestMemory {
     #[inline(always)]
     fn wrote(&self, addr: GuestPhysAddr, len: usize) {
         if let Some(o) = self.observer.get() {
-            o.wrote(addr.0, len as u64);
+            o.wrote(addr, len as u64);
         }
     }
 
@@ -521,11 +545,11 @@ impl GuestMemory {
     pub fn census(&self) -> PageCensus {
         let mut c = PageCensus::default();
         for r in self.regions.iter() {
-            let [p, z, s, b] = r.page_states().census();
-            c.private += p;
-            c.zero += z;
-            c.shared += s;
-            c.ballooned += b;
+            let r = r.census();
+            c.private += r.private;
+            c.zero += r.zero;
+            c.shared += r.shared;
+            c.ballooned += r.ballooned;
         }
         c
     }

@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     copy,
-    page_state::{PageKind, PageState, PageStateTable, LOCKED, REMAPPED},
+    page_state::{Flags, PageCensus, PageKind, PageState, PageStateTable},
     released::ReadFrom,
     AccessError,
 };
@@ -136,10 +136,23 @@ impl GuestRegion {
         self.frames
     }
 
-    /// The region's page states.
+    /// The region's page-state table, for the layers that change how pages
+    /// are backed (through its protocol operations).
     #[inline]
-    pub fn page_states(&self) -> &PageStateTable {
+    pub(crate) fn page_states(&self) -> &PageStateTable {
         &self.states
+    }
+
+    /// A snapshot of page `page`'s state (read-only), or `None` past the
+    /// region's end.
+    #[inline]
+    pub fn page_state(&self, page: usize) -> Option<PageState> {
+        (page < self.states.len()).then(|| self.states.load(page))
+    }
+
+    /// The region's pages by how they are backed.
+    pub fn census(&self) -> PageCensus {
+        self.states.census()
     }
 
     /// What KVM and vhost-user need to map the region.
@@ -246,7 +259,7 @@ impl GuestRegion {
     fn make_writable(&self, page: usize, mut s: PageState) -> Result<(), AccessError> {
         let mut spins = 0u32;
         loop {
-            if s.flags() & LOCKED != 0 {
+            if s.is_locked() {
                 // Another layer is changing this page's backing: wait for it.
                 spins += 1;
                 if spins < 64 {
@@ -265,13 +278,13 @@ impl GuestRegion {
                 // anonymous zeros): the kernel copies before the write lands,
                 // so no other page can see it. The dedup layer notices the
                 // copy when it reconciles.
-                _ if s.flags() == REMAPPED => return Ok(()),
-                PageKind::Zero | PageKind::Ballooned if s.flags() == 0 => {
+                _ if s.flags() == Flags::REMAPPED => return Ok(()),
+                PageKind::Zero | PageKind::Ballooned if s.is_unflagged() => {
                     match self
                         .states
-                        .compare_exchange(page, s, s.with_kind(PageKind::Private))
+                        .transition(page, s, s.with_kind(PageKind::Private))
                     {
-                        Ok(_) => {
+                        Ok(()) => {
                             if s.kind() == PageKind::Ballooned {
                                 // The guest took a ballooned page back by
                                 // writing it: it counts as deflated.
@@ -308,12 +321,12 @@ impl GuestRegion {
         let mut page = first;
         while page < first + count {
             let s = self.states.load(page);
-            if s.flags() & LOCKED != 0 {
+            if s.is_locked() {
                 // Another layer holds it; it keeps what that layer decides.
                 page += 1;
                 continue;
             }
-            if s.flags() & REMAPPED != 0 {
+            if s.is_remapped() {
                 // Mapped elsewhere (a shared frame, the kernel's copy, anonymous
                 // zeros): put its own frame, a hole, back under it. The dedup
                 // layer recounts shared-frame references from the states.
@@ -338,11 +351,7 @@ impl GuestRegion {
                     continue;
                 }
             };
-            if self
-                .states
-                .compare_exchange(page, s, released.with_flags(LOCKED))
-                .is_err()
-            {
+            if self.states.try_lock_as(page, s, released).is_err() {
                 // It moved (a write, or a read taking it back as private):
                 // look at it again, so no page is punched unlocked.
                 continue;
@@ -376,8 +385,7 @@ impl GuestRegion {
             while bits != 0 {
                 let p = first + w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                let s = self.states.load(p);
-                let _ = self.states.compare_exchange(p, s, s.without_flags(LOCKED));
+                self.states.unlock_as_is(p);
             }
         }
     }
@@ -386,8 +394,7 @@ impl GuestRegion {
     fn remapped_run(&self, page: usize, limit: usize) -> usize {
         let mut end = page;
         while end < limit {
-            let s = self.states.load(end);
-            if s.flags() & REMAPPED == 0 || s.flags() & LOCKED != 0 {
+            if !self.states.load(end).is_remapped_unlocked() {
                 break;
             }
             end += 1;
@@ -410,12 +417,7 @@ impl GuestRegion {
         let mut held = Vec::with_capacity(to - from);
         for p in from..to {
             let s = self.states.load(p);
-            if s.flags() & (REMAPPED | LOCKED) == REMAPPED
-                && self
-                    .states
-                    .compare_exchange(p, s, s.with_flags(LOCKED))
-                    .is_ok()
-            {
+            if s.is_remapped_unlocked() && self.states.try_lock(p, s).is_ok() {
                 held.push((p, s));
             }
         }
@@ -460,14 +462,14 @@ impl GuestRegion {
                 }
             };
             for &(p, s) in &held[k..e] {
-                let new = if remapped {
+                if remapped {
                     changed += 1;
                     held_out[(p - first) / 64] |= 1 << ((p - first) % 64);
-                    PageState::new(PageKind::Zero, self.own_frame(p), LOCKED)
+                    let released = PageState::new(PageKind::Zero, self.own_frame(p), Flags::NONE);
+                    let _ = self.states.relock_as(p, s, released);
                 } else {
-                    s
-                };
-                let _ = self.states.compare_exchange(p, s.with_flags(LOCKED), new);
+                    self.states.unlock(p, s);
+                }
             }
             k = e;
         }
@@ -535,7 +537,8 @@ impl GuestRegion {
     }
 
     /// Which of pages `[first, first + count)` hold memory in the kernel
-    /// (`mincore` on this region's mapping; bit 0 of each byte), or `None`
+    /// (`mincore` on this region's mapping, a byte per page that
+    /// `crate::host::residency::is_resident` reads), or `None`
     /// if the range is not inside the region or the kernel refuses. For a
     /// page that maps its own frame this is whether the frame holds memory:
     /// a hole reads as zeros, and reading it through the mapping would
@@ -562,15 +565,7 @@ impl GuestRegion {
         if !self.holds_pages(first, out.len()) {
             return false;
         }
-        let addr = self
-            .ptr_at((first as u64) << PAGE_SHIFT)
-            .cast::<libc::c_void>();
-        // `[addr, addr + out.len() pages)` lies inside this region's live
-        // mapping (checked against its page count) and is page aligned.
-        // SAFETY: 1. in bounds and aligned (above); 2. `out` has one
-        // writable byte per page, as mincore(2) requires.
-        let rc = unsafe { libc::mincore(addr, out.len() << PAGE_SHIFT, out.as_mut_ptr()) };
-        rc == 0
+        crate::host::residency::mincore(self.page_host_addr(first), out)
     }
 
     /// The frame store the region's frames are in.
@@ -624,7 +619,7 @@ impl GuestRegion {
     pub(crate) fn own_remap_cost(&self, first: usize, count: usize) -> i64 {
         let side = |page: Option<usize>| match page.filter(|&p| p < self.pages()) {
             None => 0,
-            Some(p) if self.states.load(p).flags() & REMAPPED != 0 => 1,
+            Some(p) if self.states.load(p).is_remapped() => 1,
             Some(_) => -1,
         };
         side(first.checked_sub(1)) + side(first.checked_add(count))

@@ -19,7 +19,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use super::{
     copy,
-    page_state::{PageKind, PageState, LOCKED},
+    page_state::{Flags, PageKind, PageState},
     region::GuestRegion,
     AtomicInt,
 };
@@ -93,7 +93,8 @@ impl GuestRegion {
         let first = usize_from(offset >> PAGE_SHIFT);
         let last = usize_from((offset + dst.len() as u64 - 1) >> PAGE_SHIFT);
         let states = self.page_states();
-        let mut before = [PageState::new(PageKind::Private, FrameNumber(0), 0); CHUNK_PAGES];
+        let mut before =
+            [PageState::new(PageKind::Private, FrameNumber(0), Flags::NONE); CHUNK_PAGES];
         for (w, page) in before.iter_mut().zip(first..=last) {
             *w = states.load(page);
         }
@@ -172,7 +173,7 @@ impl GuestRegion {
         }
         // Which pages hold memory: one `mincore` for the chunk, only where
         // an unlocked page could be taken back.
-        if !states.iter().any(|s| s.flags() == 0) {
+        if !states.iter().any(|s| s.is_unflagged()) {
             return 0;
         }
         let mut resident = [0u8; CHUNK_PAGES];
@@ -183,7 +184,7 @@ impl GuestRegion {
         resident[..states.len()]
             .iter()
             .enumerate()
-            .filter(|&(_, r)| r & 1 != 0)
+            .filter(|&(_, &r)| crate::host::residency::is_resident(r))
             .fold(0, |bits, (k, _)| bits | 1 << k)
     }
 
@@ -302,16 +303,15 @@ impl GuestRegion {
             PageKind::Ballooned if self.store().granule().bytes() == PAGE_SIZE as u64 => true,
             _ => return,
         };
-        if s.flags() != 0 {
+        if !s.is_unflagged() {
             return;
         }
         let states = self.page_states();
         let private = s.with_kind(PageKind::Private);
-        if states.compare_exchange(page, s, private).is_err() {
+        if states.transition(page, s, private).is_err() {
             return;
         }
-        if self.memory_of(page) == Some(false) && states.compare_exchange(page, private, s).is_ok()
-        {
+        if self.memory_of(page) == Some(false) && states.transition(page, private, s).is_ok() {
             return;
         }
         if ballooned {
@@ -324,7 +324,7 @@ impl GuestRegion {
     fn memory_of(&self, page: usize) -> Option<bool> {
         let mut resident = [0u8; 1];
         self.mincore(page, &mut resident)
-            .then_some(resident[0] & 1 != 0)
+            .then_some(crate::host::residency::is_resident(resident[0]))
     }
 
     /// `pread` of `dst.len()` bytes at region offset `offset` from the
@@ -358,5 +358,5 @@ enum WordRead {
 /// and those bytes are punched away anyway.
 #[inline]
 fn is_mid_release(s: PageState) -> bool {
-    s.flags() & LOCKED != 0
+    s.is_locked()
 }

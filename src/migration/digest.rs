@@ -5,10 +5,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
     addr::{GuestPhysAddr, PAGE_SIZE},
-    memory::{
-        page_state::{LOCKED, REMAPPED},
-        AccessError, GuestMemory, GuestRegion,
-    },
+    memory::{AccessError, GuestMemory, GuestRegion, ReleasedData},
 };
 
 /// Bytes hashed per step.
@@ -25,7 +22,7 @@ const CHUNK: usize = 64 << 10;
 /// guest.
 pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> {
     let mut h = Xxh3::with_seed(seed);
-    let mut holes = super::holes::Holes::new(mem);
+    let mut holes = ReleasedData::new(mem);
     let mut buf = vec![0u8; CHUNK];
     let zeros = [0u8; CHUNK];
     for r in mem.regions() {
@@ -42,13 +39,15 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
             let pages = len.div_ceil(PAGE_SIZE);
             // Which pages hold memory; without an answer, read them all. A
             // page `mincore` calls empty may be swapped out: asked again
-            // (`Holes`, one `SEEK_DATA` per hole).
+            // (`ReleasedData`, one `SEEK_DATA` per hole).
             let resident = r.resident(first, pages);
             let states = r.page_states();
             let hole: Vec<bool> = (0..pages)
                 .map(|k| {
                     let p = first + k;
-                    resident.as_ref().is_some_and(|v| v[k] & 1 == 0)
+                    resident
+                        .as_ref()
+                        .is_some_and(|v| !crate::host::residency::is_resident(v[k]))
                         && own_frames(r, p as u64, 1)
                         && !holes.swapped_data(r, p, states.load(p))
                 })
@@ -88,7 +87,10 @@ fn own_frames(r: &GuestRegion, first: u64, count: u64) -> bool {
     }
     let states = r.page_states();
     (first..first + count).all(|p| {
-        usize::try_from(p).is_ok_and(|p| states.load(p).flags() & (REMAPPED | LOCKED) == 0)
+        usize::try_from(p).is_ok_and(|p| {
+            let s = states.load(p);
+            !s.is_remapped() && !s.is_locked()
+        })
     })
 }
 

@@ -18,7 +18,6 @@ mod cache;
 mod digest;
 mod error;
 pub mod format;
-mod holes;
 mod index;
 mod precopy;
 mod reader;

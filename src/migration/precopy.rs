@@ -428,7 +428,7 @@ impl<'m, W: Write> Sender<'m, W> {
         let mem = self.mem;
         let mut sent = 0u64;
         let mut page = [0u8; PAGE_SIZE];
-        let mut holes = super::holes::Holes::new(mem);
+        let mut holes = crate::memory::ReleasedData::new(mem);
         for region in mem.regions() {
             let states = region.page_states();
             for i in 0..states.len() {
@@ -437,7 +437,7 @@ impl<'m, W: Write> Sender<'m, W> {
                 }
                 let state = states.load(i);
                 if matches!(state.kind(), PageKind::Zero | PageKind::Ballooned)
-                    && !(super::holes::released(state) && holes.holds_data(region, i, state))
+                    && !(state.is_released_untrapped() && holes.holds_data(region, i, state))
                 {
                     continue;
                 }

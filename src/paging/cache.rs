@@ -278,8 +278,8 @@ impl TableWatch {
 }
 
 impl crate::memory::WriteObserver for TableWatch {
-    fn wrote(&self, gpa: u64, len: u64) {
-        self.note_write(gpa, len);
+    fn wrote(&self, gpa: crate::addr::GuestPhysAddr, len: u64) {
+        self.note_write(gpa.0, len);
     }
 }
 

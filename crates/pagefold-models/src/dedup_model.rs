@@ -51,7 +51,6 @@ use std::{
 
 use pagefold::{
     dedup::{ScanReport, VmStats},
-    memory::page_state::{LOCKED, REMAPPED, WRITE_PROTECTED},
     AccessError, DedupError, DedupHost, DedupStats, DomainId, FrameNumber, FrameStore, GuestMemory,
     GuestPhysAddr, PageKind, ScanBudget, VmId, VmOptions,
 };
@@ -1509,7 +1508,7 @@ impl Harness {
             let d = self.m.domain_of(v);
             for (mr, r) in self.m.vms[v].regions.iter().zip(self.mems[v].regions()) {
                 for p in 0..mr.pages() {
-                    if r.page_states().load(p).kind() == PageKind::Shared {
+                    if r.page_state(p).expect("page in region").kind() == PageKind::Shared {
                         shared.insert((d, mr.page(p)));
                     }
                 }
@@ -1522,7 +1521,7 @@ impl Harness {
                     continue;
                 }
                 for p in 0..mr.pages() {
-                    if r.page_states().load(p).kind() != PageKind::Private {
+                    if r.page_state(p).expect("page in region").kind() != PageKind::Private {
                         continue;
                     }
                     let gpa = mr.start + (p * PAGE) as u64;
@@ -1576,12 +1575,12 @@ impl Harness {
                         mr.start + i as u64,
                         buf[i],
                         mr.bytes[i],
-                        r.page_states().load(i / PAGE),
+                        r.page_state(i / PAGE).expect("page in region"),
                         mr.back[i / PAGE]
                     ));
                 }
                 for p in 0..mr.pages() {
-                    let s = r.page_states().load(p);
+                    let s = r.page_state(p).expect("page in region");
                     let b = mr.back[p];
                     let gpa = mr.start + (p * PAGE) as u64;
                     let own = FrameNumber(r.frames().start.0 + p as u64);
@@ -1591,12 +1590,13 @@ impl Harness {
                         Back::Shared { .. } => PageKind::Shared,
                     };
                     if s.kind() != want_kind
-                        || (s.flags() & REMAPPED != 0) != b.remapped()
-                        || s.flags() & (LOCKED | WRITE_PROTECTED) != 0
+                        || s.is_remapped() != b.remapped()
+                        || s.is_locked()
+                        || s.is_write_protected()
                     {
                         return Err(format!("vm{v} page {gpa:#x}: state {s:?}, model {b:?}"));
                     }
-                    if mr.excluded && (s.flags() & REMAPPED != 0 || s.kind() == PageKind::Shared) {
+                    if mr.excluded && (s.is_remapped() || s.kind() == PageKind::Shared) {
                         return Err(format!("vm{v} page {gpa:#x} of an excluded region: {s:?}"));
                     }
                     match b {
