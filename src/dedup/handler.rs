@@ -14,7 +14,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use super::{read, Inner};
+use super::{locks::read, state::Inner};
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
     userfault::Userfault,

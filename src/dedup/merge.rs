@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::DedupError;
+use super::{error::DedupError, locks::lock};
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     frames::{FrameError, FrameRange, FrameStore, HostMapping, MapBudget, RemapTarget},
@@ -495,7 +495,7 @@ fn finish_window(
     // 7. Publish the new states (this also unlocks), taking each shared
     // frame's reference under its table's lock: an unmerge of a page just
     // published then finds the count it expects.
-    let mut shared = super::lock(ctx.shared);
+    let mut shared = lock(ctx.shared);
     for (idx, c) in run.iter().enumerate() {
         let now = merged[idx].then(|| {
             match c.target {
@@ -767,7 +767,7 @@ fn unmerge_locked(
     drop(window);
     // Publish and drop the shared-frame references under the shared-frame
     // lock, so a recount (which holds it too) sees both or neither.
-    let mut shared = super::lock(ctx.shared);
+    let mut shared = lock(ctx.shared);
     let mut result = Ok(());
     for &(p, s) in run {
         let published = steps::publish_unmerge(states, p, s, region.own_frame(p));

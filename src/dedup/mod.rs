@@ -18,200 +18,61 @@
 //! never depends on the rule, since bytes are compared under write
 //! protection before every merge).
 
+mod error;
 mod handler;
+mod incremental;
 mod key;
+mod locks;
 mod merge;
+mod options;
+mod pagemap;
 mod pipeline;
 mod plan;
 mod reconcile;
 mod scan;
 mod shared;
+mod state;
 mod stats;
 // `pub` items for the loom door (`crate::__loom`); crate-private otherwise.
 #[cfg_attr(not(loom), allow(unreachable_pub))]
 pub(crate) mod steps;
 mod unstable;
+mod vm;
 
 use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError, RwLock,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
 
+pub use error::DedupError;
+pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
 use self::{
     key::DomainKey,
-    merge::MergeCtx,
-    reconcile::PageMap,
-    scan::{next_pages, Batches},
+    locks::{lock, read, write},
+    pagemap::PageMap,
+    scan::Batches,
     shared::SharedFrames,
+    state::{Inner, ScanState},
     unstable::Unstable,
+    vm::VmEntry,
 };
 use crate::{
     addr::{GuestPhysAddr, PageSize, PAGE_SIZE},
-    frames::{FrameError, FrameStore},
+    frames::FrameStore,
     memory::{GuestMemory, PageKind},
-    userfault::{Userfault, UserfaultError},
+    userfault::Userfault,
 };
 
 /// Pages a `merge_now` pass takes at a time (32 MiB): its bookkeeping is
 /// per batch, not per pass (8K measured 23.5 bytes per tracked page at the
 /// peak of merging four 1 GiB clones, 16K 24.3).
 const MERGE_BATCH: usize = 8 * 1024;
-
-/// A merge domain (tenant). Pages of different domains are never shared.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DomainId(pub u32);
-
-/// A VM registered with a [`DedupHost`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VmId(pub u64);
-
-/// Errors of the dedup layer.
-#[derive(Debug, thiserror::Error)]
-pub enum DedupError {
-    /// Write protection (userfaultfd) is unavailable or failed.
-    #[error(transparent)]
-    Userfault(#[from] UserfaultError),
-    /// The frame store failed.
-    #[error(transparent)]
-    Frames(#[from] FrameError),
-    /// The OS random source failed while creating a domain key.
-    #[error("cannot create a domain key: {0}")]
-    Random(String),
-    /// The VM's memory lives in another frame store than the host's.
-    #[error("the VM's guest memory uses another frame store than this dedup host")]
-    ForeignStore,
-    /// Dedup needs a 4 KiB-page frame store.
-    #[error("dedup needs a frame store with 4 KiB pages, not {0}")]
-    HugeBacking(PageSize),
-    /// No such VM is registered.
-    #[error("VM {} is not registered with this dedup host", .0 .0)]
-    UnknownVm(VmId),
-    /// The memory's userfaultfd is taken: it is registered with a dedup host
-    /// already, or a raw-write dirty tracker (`dirty::RawWriteTracker`)
-    /// holds it (a mapping belongs to one userfaultfd, and dedup's remaps
-    /// would drop the tracker's protection).
-    #[error(
-        "this guest memory is already registered with a dedup host or watched by a raw-write dirty tracker"
-    )]
-    AlreadyRegistered,
-    /// An excluded address is not the start of one of the VM's regions.
-    #[error("exclude: no region of the VM starts at {0}")]
-    NoSuchRegion(GuestPhysAddr),
-    /// The address is not in the VM's memory.
-    #[error("guest-physical address {0} is not backed by any region of the VM")]
-    Unmapped(GuestPhysAddr),
-    /// The page stayed locked by another operation for too long.
-    #[error("page at {0} stayed busy; try again")]
-    Busy(GuestPhysAddr),
-    /// A background scanner asked to scan nothing per step (no pages, or no
-    /// time) would only spin.
-    #[error("a background scan step needs a budget of at least one page or some time")]
-    EmptyBudget,
-    /// Reading the kernel's view of this process failed.
-    #[error("reading {what}: {source}")]
-    Proc {
-        /// The file.
-        what: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// How a VM takes part in deduplication.
-#[derive(Clone, Debug, Default)]
-pub struct VmOptions {
-    /// Its merge domain.
-    pub domain: DomainId,
-    /// Start addresses of regions to leave alone (device memory, regions
-    /// shared with another process through their fd).
-    pub exclude: Vec<GuestPhysAddr>,
-}
-
-/// How much one [`DedupHost::scan_step`] may do.
-#[derive(Clone, Copy, Debug)]
-pub enum ScanBudget {
-    /// Visit at most this many pages.
-    Pages(u64),
-    /// Stop starting new batches after this long.
-    Time(Duration),
-}
-
-/// Options of a dedup host.
-#[derive(Clone, Debug)]
-pub struct DedupOptions {
-    /// Kernel mappings (VMAs) kept for the rest of the process, in the frame
-    /// store's [`MapBudget`](crate::frames::MapBudget), which every remap of
-    /// its guest pages spends from: below it merging stops, an unmerge takes
-    /// back part of a merged stretch instead of splitting it, and a discard
-    /// leaves merged pages merged.
-    pub map_headroom: u64,
-}
-
-impl Default for DedupOptions {
-    fn default() -> Self {
-        DedupOptions { map_headroom: 4096 }
-    }
-}
-
-struct VmEntry {
-    id: VmId,
-    mem: Arc<GuestMemory>,
-    domain: DomainId,
-    included: Vec<bool>,
-    cow_breaks: AtomicU64,
-}
-
-struct ScanState {
-    keys: HashMap<DomainId, Arc<DomainKey>>,
-    /// Hash of each page at its last visit, per VM and region: its top 32
-    /// bits ([`scan::visit_hash`]), enough for the volatility rule (a page
-    /// that changed yet kept them is merely compared, under protection, one
-    /// visit early), at half the metadata of the whole hash.
-    old_hashes: HashMap<VmId, Vec<Vec<u32>>>,
-    /// Pages seen once this full scan with no match yet (KSM's unstable tree).
-    unstable: Unstable,
-    /// Where the incremental scan resumes: VM position, region, page.
-    cursor: (usize, usize, usize),
-    pagemap: PageMap,
-    volatile_this_scan: u64,
-    volatile_last_scan: u64,
-}
-
-impl ScanState {
-    /// Bytes allocated for the scan's bookkeeping: the hash each page left
-    /// and the unstable index.
-    fn metadata_bytes(&self) -> u64 {
-        let hashes: usize = self
-            .old_hashes
-            .values()
-            .flatten()
-            .map(|r| r.capacity() * std::mem::size_of::<u32>())
-            .sum();
-        let unstable = self.unstable.allocated_bytes();
-        (hashes + unstable) as u64
-    }
-}
-
-struct Inner {
-    store: Arc<FrameStore>,
-    uffd: Arc<Userfault>,
-    vms: RwLock<Vec<Arc<VmEntry>>>,
-    next_vm: AtomicU64,
-    scan: Mutex<ScanState>,
-    shared: Mutex<SharedFrames>,
-    full_scans: AtomicU64,
-    cow_breaks: AtomicU64,
-    map_limit_hits: AtomicU64,
-    faults_seen: AtomicU64,
-    background_errors: AtomicU64,
-}
 
 /// The dedup engine for every VM of one frame store.
 pub struct DedupHost {
@@ -227,20 +88,6 @@ impl std::fmt::Debug for DedupHost {
             .field("vms", &read(&self.inner.vms).len())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data consistent between
-    // statements; a panic elsewhere cannot have left it half-changed.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl DedupHost {
@@ -830,10 +677,6 @@ fn first_held_page(vm: &VmEntry) -> Option<GuestPhysAddr> {
     })
 }
 
-fn nanos_since(t: Instant) -> u64 {
-    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
 fn zero_remapped(mem: &GuestMemory) -> u64 {
     let mut n = 0;
     for r in mem.regions() {
@@ -846,139 +689,4 @@ fn zero_remapped(mem: &GuestMemory) -> u64 {
         }
     }
     n
-}
-
-impl Inner {
-    /// The background scanner's step: `budget` spent in steps of one batch
-    /// each, so the scan lock is free between batches (statistics,
-    /// `merge_now`, unmerging and registration get in even when the budget
-    /// is many full scans), and `stop` ends it between batches.
-    fn background_step(&self, budget: ScanBudget, stop: &AtomicBool) -> Result<(), DedupError> {
-        const BATCH: u64 = 4096;
-        let started = Instant::now();
-        let mut left = match budget {
-            ScanBudget::Pages(n) => n,
-            ScanBudget::Time(_) => u64::MAX,
-        };
-        // The mapping budget is read at the start of a step and then at
-        // most every 100 ms (it reads /proc/self/maps, which takes the mmap
-        // lock the vCPUs' faults need; per batch was measured too dear), so
-        // a step with a budget of many full scans still sees mappings the
-        // rest of the process made or freed (found by review: an endless
-        // step merged past the headroom, or stayed stopped after it).
-        const MAP_REFRESH: Duration = Duration::from_millis(100);
-        self.refresh_map_budget();
-        let mut refreshed = Instant::now();
-        while left > 0 && !stop.load(Ordering::Relaxed) {
-            if refreshed.elapsed() >= MAP_REFRESH {
-                self.refresh_map_budget();
-                refreshed = Instant::now();
-            }
-            let r = self.scan_step(ScanBudget::Pages(left.min(BATCH)), Some(stop), false)?;
-            if r.pages_scanned == 0 {
-                return Ok(()); // nothing to scan
-            }
-            left = left.saturating_sub(r.pages_scanned);
-            if let ScanBudget::Time(d) = budget {
-                if started.elapsed() >= d {
-                    return Ok(());
-                }
-            }
-            std::thread::yield_now();
-        }
-        Ok(())
-    }
-
-    /// One step; `stop` (the background scanner's flag) ends it between
-    /// batches; `refresh` re-reads the mapping budget first.
-    fn scan_step(
-        &self,
-        budget: ScanBudget,
-        stop: Option<&AtomicBool>,
-        refresh: bool,
-    ) -> Result<ScanReport, DedupError> {
-        const BATCH: usize = 4096;
-        let started = Instant::now();
-        let mut scan = lock(&self.scan);
-        let vms = read(&self.vms).clone();
-        if refresh {
-            self.refresh_map_budget();
-        }
-        let mut total = ScanReport::default();
-        let mut left = match budget {
-            ScanBudget::Pages(n) => n,
-            ScanBudget::Time(_) => u64::MAX,
-        };
-        while left > 0 && !vms.is_empty() {
-            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-                break;
-            }
-            if let ScanBudget::Time(d) = budget {
-                // At least one batch, however short the budget.
-                if started.elapsed() >= d && total.pages_scanned > 0 {
-                    break;
-                }
-            }
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(BATCH);
-            let (refs, wrapped) = next_pages(&mut scan.cursor, &vms, want);
-            let visited = refs.len();
-            left = left.saturating_sub(visited as u64);
-            let incremental = scan::Mode {
-                volatility: true,
-                unstable: true,
-                share: (1, 1),
-                batch: None,
-            };
-            let r = pipeline::process(self, &mut scan, &vms, refs, incremental, None)?;
-            self.map_limit_hits
-                .fetch_add(r.map_limit, Ordering::Relaxed);
-            total.add(&r);
-            if wrapped {
-                self.full_scans.fetch_add(1, Ordering::Relaxed);
-                scan.unstable.clear();
-                scan.volatile_last_scan = std::mem::take(&mut scan.volatile_this_scan);
-                self.reconcile(&mut scan, &vms)?;
-                lock(&self.shared).trim();
-                total.full_scan_completed = true;
-            }
-            if visited == 0 {
-                // Nothing to scan at all (every region excluded).
-                break;
-            }
-        }
-        Ok(total)
-    }
-
-    fn ctx(&self) -> MergeCtx<'_> {
-        MergeCtx {
-            store: &self.store,
-            uffd: &self.uffd,
-            map_budget: self.store.map_budget(),
-            fresh: &[],
-            shared: &self.shared,
-        }
-    }
-
-    fn refresh_map_budget(&self) {
-        self.store.map_budget().refresh();
-    }
-
-    fn unmerge_vm(&self, vm: &VmEntry) -> Result<u64, DedupError> {
-        let mut n = 0;
-        for (ri, r) in vm.mem.regions().iter().enumerate() {
-            n += self.unmerge_pages(vm, ri, 0, r.pages())?.restored;
-        }
-        Ok(n)
-    }
-
-    fn unmerge_pages(
-        &self,
-        vm: &VmEntry,
-        region: usize,
-        first: usize,
-        count: usize,
-    ) -> Result<merge::UnmergeOutcome, DedupError> {
-        let r = &vm.mem.regions()[region];
-        merge::unmerge_range(&self.ctx(), r, first, count)
-    }
 }

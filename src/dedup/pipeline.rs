@@ -23,12 +23,16 @@ use std::{sync::Arc, time::Instant};
 use rayon::prelude::*;
 
 use super::{
+    error::DedupError,
     key::DomainKey,
-    lock,
+    locks::lock,
     merge::{self, Candidate, FreshFrames, MergeOutcome, Target},
-    nanos_since, plan,
+    options::DomainId,
+    plan,
     scan::{follows, residency, template_len, visit_hash, Deferred, Hashed, Mode, PageRef},
-    DedupError, DomainId, Inner, ScanReport, ScanState, VmEntry,
+    state::{Inner, ScanState},
+    stats::{nanos_since, ScanReport},
+    vm::VmEntry,
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::{
     merge::{self, Candidate},
-    DomainId, ScanReport, VmEntry,
+    options::DomainId,
+    stats::ScanReport,
+    vm::VmEntry,
 };
 use crate::{
     addr::FrameNumber,

@@ -21,7 +21,7 @@
 
 use hashbrown::HashTable;
 
-use super::DomainId;
+use super::options::DomainId;
 use crate::{
     addr::FrameNumber,
     frames::{FrameError, FrameRange, FrameStore},

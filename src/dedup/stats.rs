@@ -2,7 +2,7 @@
 //! memory (store blocks, RSS/PSS, mappings) that every saving is checked
 //! against.
 
-use super::DedupError;
+use super::error::DedupError;
 use crate::{frames::FrameStore, host::proc};
 
 /// Host-wide dedup statistics (names and meanings as in
@@ -147,4 +147,9 @@ pub(super) fn kernel_view(
         mappings,
         guest_mappings,
     })
+}
+
+/// Nanoseconds since `t`, saturating (the phase timers of a report).
+pub(super) fn nanos_since(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

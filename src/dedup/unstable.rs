@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use super::{scan::visit_hash, DomainId, VmEntry};
+use super::{options::DomainId, scan::visit_hash, vm::VmEntry};
 
 /// Where an unstable page is: VM position, region, page.
 pub(super) type Place = (usize, u32, u32);

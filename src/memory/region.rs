@@ -13,7 +13,6 @@ use std::{
 use super::{
     copy,
     page_state::{Flags, PageCensus, PageKind, PageState, PageStateTable},
-    released::ReadFrom,
     AccessError,
 };
 use crate::{
@@ -175,49 +174,6 @@ impl GuestRegion {
         // Wrapping: computing the address is harmless; every caller has
         // bounds-checked `offset` against `size`, which equals the mapping length.
         self.mapping.as_ptr().wrapping_add(usize_from(offset))
-    }
-
-    /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
-    /// by the caller. Released pages read as zeros (or, if a vCPU wrote one
-    /// since, its bytes) without the kernel allocating them again
-    /// ([`ReadFrom`]).
-    #[inline]
-    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
-        if !self.needs_state_checks() {
-            // SAFETY: the caller checked `offset + len <= size`, the mapping's
-            // length; the mapping lives as long as `self`.
-            unsafe { copy::copy_from_guest(self.ptr_at(offset), buf) };
-            return;
-        }
-        self.read_at_checked(offset, buf);
-    }
-
-    #[inline(never)]
-    fn read_at_checked(&self, offset: u64, buf: &mut [u8]) {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let from = self.read_from((off >> PAGE_SHIFT) as usize);
-            // Extend the run over following pages with the same answer, so a
-            // large copy is one `rep movsb` (or one `pread`), not one per page.
-            let mut end = (((off >> PAGE_SHIFT) + 1) << PAGE_SHIFT).min(offset + buf.len() as u64);
-            while end < offset + buf.len() as u64
-                && self.read_from((end >> PAGE_SHIFT) as usize) == from
-            {
-                end = (end + PAGE_SIZE as u64).min(offset + buf.len() as u64);
-            }
-            let n = usize_from(end - off);
-            let dst = &mut buf[done..done + n];
-            match from {
-                ReadFrom::Zeros => dst.fill(0),
-                // `off + n <= offset + len <= size`, as `read_released` asks.
-                ReadFrom::Frame => self.read_released(off, dst),
-                // SAFETY: 1. `off + n <= offset + len <= size`, the mapping's
-                // length; 2. the mapping lives as long as `self`.
-                ReadFrom::Mapping => unsafe { copy::copy_from_guest(self.ptr_at(off), dst) },
-            }
-            done += n;
-        }
     }
 
     /// Makes every page of `[offset, offset+len)` plainly writable, then

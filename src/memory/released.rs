@@ -1,4 +1,5 @@
-//! Library reads of pages the library knows are released: zero (discarded,
+//! Library reads of a region: plain pages through the mapping, and pages the
+//! library knows are released (zero, discarded,
 //! reported free) or ballooned by their state word, raw writes not trapped,
 //! on their own frame. Such a page's memory is a hole in the memfd, unless a
 //! vCPU wrote it behind the state's back. Read through the shared mapping, a
@@ -56,6 +57,49 @@ impl ReadFrom {
 }
 
 impl GuestRegion {
+    /// Reads `buf.len()` bytes at `offset`; `offset + len <= size` is checked
+    /// by the caller. Released pages read as zeros (or, if a vCPU wrote one
+    /// since, its bytes) without the kernel allocating them again
+    /// ([`ReadFrom`]).
+    #[inline]
+    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
+        if !self.needs_state_checks() {
+            // SAFETY: the caller checked `offset + len <= size`, the mapping's
+            // length; the mapping lives as long as `self`.
+            unsafe { copy::copy_from_guest(self.ptr_at(offset), buf) };
+            return;
+        }
+        self.read_at_checked(offset, buf);
+    }
+
+    #[inline(never)]
+    fn read_at_checked(&self, offset: u64, buf: &mut [u8]) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let from = self.read_from((off >> PAGE_SHIFT) as usize);
+            // Extend the run over following pages with the same answer, so a
+            // large copy is one `rep movsb` (or one `pread`), not one per page.
+            let mut end = (((off >> PAGE_SHIFT) + 1) << PAGE_SHIFT).min(offset + buf.len() as u64);
+            while end < offset + buf.len() as u64
+                && self.read_from((end >> PAGE_SHIFT) as usize) == from
+            {
+                end = (end + PAGE_SIZE as u64).min(offset + buf.len() as u64);
+            }
+            let n = usize_from(end - off);
+            let dst = &mut buf[done..done + n];
+            match from {
+                ReadFrom::Zeros => dst.fill(0),
+                // `off + n <= offset + len <= size`, as `read_released` asks.
+                ReadFrom::Frame => self.read_released(off, dst),
+                // SAFETY: 1. `off + n <= offset + len <= size`, the mapping's
+                // length; 2. the mapping lives as long as `self`.
+                ReadFrom::Mapping => unsafe { copy::copy_from_guest(self.ptr_at(off), dst) },
+            }
+            done += n;
+        }
+    }
+
     /// Where a library read takes page `page`'s bytes from now.
     #[inline]
     pub(super) fn read_from(&self, page: usize) -> ReadFrom {
