@@ -137,9 +137,10 @@ impl Balloon {
         if gpa.0 % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 {
             return Err(mis);
         }
-        let end = gpa.0.checked_add(len).ok_or(BalloonError::OutOfRange {
-            pfn: gpa.frame(),
-        })?;
+        let end = gpa
+            .0
+            .checked_add(len)
+            .ok_or(BalloonError::OutOfRange { pfn: gpa.frame() })?;
         let mut out = Vec::new();
         let mut at = gpa.0;
         while at < end {

@@ -155,7 +155,9 @@ mod tests {
         assert_eq!(c.len(), 3);
         c.remove(GuestFrame(3));
         c.put(GuestFrame(5), &page(5)); // free slot, no eviction
-        assert!(c.contains(GuestFrame(1)) && c.contains(GuestFrame(4)) && c.contains(GuestFrame(5)));
+        assert!(
+            c.contains(GuestFrame(1)) && c.contains(GuestFrame(4)) && c.contains(GuestFrame(5))
+        );
         c.put(GuestFrame(6), &page(6)); // evicts 1 (oldest now)
         assert!(!c.contains(GuestFrame(1)));
         assert_eq!(c.get(GuestFrame(6)).map(|p| p[0]), Some(6));

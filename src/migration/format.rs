@@ -111,7 +111,10 @@ impl Layout {
             .iter()
             .map(|&i| {
                 let (start, size) = regions[i];
-                (start.frame(), GuestFrame(start.frame().0 + (size >> PAGE_SHIFT)))
+                (
+                    start.frame(),
+                    GuestFrame(start.frame().0 + (size >> PAGE_SHIFT)),
+                )
             })
             .collect();
         Ok(Layout { pfns })
@@ -127,9 +130,9 @@ impl Layout {
 
     /// Total bytes (saturating; the reader checks it against its limit).
     pub(crate) fn total_bytes(&self) -> u64 {
-        self.pfns
-            .iter()
-            .fold(0u64, |t, &(s, e)| t.saturating_add((e.0 - s.0) << PAGE_SHIFT))
+        self.pfns.iter().fold(0u64, |t, &(s, e)| {
+            t.saturating_add((e.0 - s.0) << PAGE_SHIFT)
+        })
     }
 
     /// End frame of the region holding `pfn`, if any.

@@ -337,8 +337,10 @@ impl<R: Read> StreamReader<R> {
         let r = self.payload(data, PAGE_SIZE);
         page.copy_from_slice(&self.chunk[r.start..r.end]);
         mem.write(gpa, &page).map_err(access(at))?;
-        self.index
-            .set(gpa.frame(), Some(format::content_hash(&page, self.header.seed)));
+        self.index.set(
+            gpa.frame(),
+            Some(format::content_hash(&page, self.header.seed)),
+        );
         self.pages += 1;
         self.stats.full_pages += 1;
         Ok(Event::Full { gpa })
