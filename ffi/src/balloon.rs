@@ -415,10 +415,10 @@ pub unsafe extern "C" fn pf_balloon_free(b: *mut pf_balloon) {
 }
 
 /// Inflates the pages with the `n` guest frame numbers (guest-physical
-/// address / 4096) at `pfns` (one virtio inflate request): their memory goes back to the host. Bad entries
-/// (out of range, in a hole, repeated, past `max_batch`, already
-/// ballooned, dedup-shared, busy) are reported in `*out_report` and the
-/// rest is applied; the call still returns `PF_OK`.
+/// address / 4096) at `pfns` (one virtio inflate request): their memory
+/// goes back to the host. Bad entries (out of range, in a hole, repeated,
+/// past `max_batch`, already ballooned, dedup-shared, busy) are reported in
+/// `*out_report` and the rest is applied; the call still returns `PF_OK`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `pfns` while `n > 0`,
 /// `out_report->errors` while its capacity is not 0),
@@ -453,10 +453,11 @@ pub unsafe extern "C" fn pf_balloon_inflate_pfns(
 }
 
 /// Deflates the pages with the `n` guest frame numbers (guest-physical
-/// address / 4096) at `pfns` (one virtio deflate request): they are the guest's again and take memory on
-/// their next write. A valid page is never refused (deflate on OOM needs no
-/// consent); a deflate below the target counts in `oom_deflated` and calls
-/// the OOM hook. Bad entries are reported as for `pf_balloon_inflate_pfns`.
+/// address / 4096) at `pfns` (one virtio deflate request): they are the
+/// guest's again and take memory on their next write. A valid page is never
+/// refused (deflate on OOM needs no consent); a deflate below the target
+/// counts in `oom_deflated` and calls the OOM hook. Bad entries are
+/// reported as for `pf_balloon_inflate_pfns`.
 ///
 /// Errors: as `pf_balloon_inflate_pfns`.
 ///
@@ -483,8 +484,9 @@ pub unsafe extern "C" fn pf_balloon_deflate_pfns(
 }
 
 /// Inflates from the raw payload of the virtio inflate queue: `len` bytes
-/// of little-endian 32-bit guest frame numbers. A trailing partial entry is reported as a
-/// `PF_BALLOON_E_TRUNCATED` entry error; the whole entries are applied.
+/// of little-endian 32-bit guest frame numbers. A trailing partial entry is
+/// reported as a `PF_BALLOON_E_TRUNCATED` entry error; the whole entries
+/// are applied.
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `bytes` while
 /// `len > 0`, `out_report->errors` while its capacity is not 0),
@@ -543,10 +545,10 @@ pub unsafe extern "C" fn pf_balloon_deflate_le32(
 }
 
 /// Inflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
-/// address, `len` in bytes), which must be 4 KiB aligned and wholly inside guest memory (it may span adjacent regions).
-/// Pages already in the balloon are skipped silently; other per-page
-/// errors (shared, busy) carry the page's index in the range. The range is
-/// not bounded by `max_batch`.
+/// address, `len` in bytes), which must be 4 KiB aligned and wholly inside
+/// guest memory (it may span adjacent regions). Pages already in the
+/// balloon are skipped silently; other per-page errors (shared, busy) carry
+/// the page's index in the range. The range is not bounded by `max_batch`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
 /// `PF_ERR_INVALID_ARGUMENT` (absurd capacity), `PF_ERR_MISALIGNED`,
@@ -574,9 +576,9 @@ pub unsafe extern "C" fn pf_balloon_inflate_range(
     }
 }
 
-/// Deflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a
-/// guest-physical address, `len` in bytes); pages not in the balloon are skipped silently. See `pf_balloon_inflate_range` and
-/// `pf_balloon_deflate_pfns`.
+/// Deflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
+/// address, `len` in bytes); pages not in the balloon are skipped silently.
+/// See `pf_balloon_inflate_range` and `pf_balloon_deflate_pfns`.
 ///
 /// Errors: as `pf_balloon_inflate_range`.
 ///
@@ -601,10 +603,11 @@ pub unsafe extern "C" fn pf_balloon_deflate_range(
 }
 
 /// Free page reporting: the guest reports `2^order` free 4 KiB pages at
-/// guest-physical address `gpa` (aligned to that size or to the store's page size). Their memory is
-/// released; they stay the guest's (zero pages, not counted in `actual`).
-/// On a hugetlb store a report smaller than a huge page releases nothing.
-/// Stores the pages released in `*out_released_pages` (NULL allowed).
+/// guest-physical address `gpa` (aligned to that size or to the store's
+/// page size). Their memory is released; they stay the guest's (zero pages,
+/// not counted in `actual`). On a hugetlb store a report smaller than a
+/// huge page releases nothing. Stores the pages released in
+/// `*out_released_pages` (NULL allowed).
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`), `PF_ERR_INVALID_ARGUMENT` (`order`
 /// above 40), `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.
