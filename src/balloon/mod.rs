@@ -17,9 +17,9 @@
 //!   store's memfd, which is what lets dedup share frames), so there is no
 //!   `MADV_DONTNEED` path.
 //! * **State.** An inflated page's state word says
-//!   [`PageKind::Ballooned`]: dedup skips it
-//!   (the scanner only merges private pages), pre-copy migration sends it as
-//!   nothing, it reads as zeros (a library read takes them from the memfd,
+//!   [`PageKind::Ballooned`](crate::memory::PageKind::Ballooned): dedup
+//!   skips it (the scanner only merges private pages), pre-copy migration
+//!   sends it as nothing, it reads as zeros (a library read takes them from the memfd,
 //!   so it gives the page no memory). A page that was already released as zero
 //!   becomes ballooned without a second release. A library write to a
 //!   ballooned page takes it back: it counts as deflated
