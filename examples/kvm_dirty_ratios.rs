@@ -35,7 +35,7 @@ mod bench {
 
     use pagefold::{
         kvm::{Exit, Flow, KvmError, KvmOptions, KvmVcpu, KvmVm, LongMode},
-        DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
+        DirtyRun, GuestMemory, GuestPhysAddr, GuestVirtAddr, RegionSet, PAGE_SIZE,
     };
 
     use crate::guest::Res;
@@ -207,8 +207,8 @@ mod bench {
         fn round(&mut self, record: bool) -> Res<()> {
             self.vcpu.setup_long_mode(&LongMode {
                 cr3: GuestPhysAddr(PML4),
-                entry: CODE,
-                stack: STACK,
+                entry: GuestVirtAddr(CODE),
+                stack: GuestVirtAddr(STACK),
                 args: [TABLE, self.pages],
                 user_mode: true,
             })?;

@@ -115,7 +115,23 @@ pub(crate) const fn usize_from(x: u64) -> usize {
 
 /// A guest frame number: a guest-physical address shifted right by
 /// [`PAGE_SHIFT`]. Balloon queues and dirty bitmaps speak in these.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug)]
+///
+/// `#[repr(transparent)]` over `u64` and [`bytemuck::Pod`], so a guest's
+/// raw PFN array can be viewed as frames in place
+/// ([`GuestFrame::from_raw_slice`]).
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Debug,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
+)]
 #[repr(transparent)]
 pub struct GuestFrame(pub u64);
 
@@ -134,6 +150,66 @@ impl GuestFrame {
         } else {
             Some(GuestPhysAddr(self.0 << PAGE_SHIFT))
         }
+    }
+}
+
+// Added for the balloon, dirty and migration doors (issue 14).
+impl GuestFrame {
+    /// The raw frame number.
+    #[inline]
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// Views a slice of raw frame numbers (a virtio queue's `u64` PFN
+    /// array, a C caller's `uint64_t *`) as frames, without copying.
+    #[inline]
+    pub fn from_raw_slice(pfns: &[u64]) -> &[GuestFrame] {
+        bytemuck::cast_slice(pfns)
+    }
+
+    /// `self + frames`, or `None` if it would wrap past `u64::MAX`.
+    #[inline]
+    pub const fn checked_add(self, frames: u64) -> Option<Self> {
+        match self.0.checked_add(frames) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
+    }
+
+    /// Frames from `base` to `self`, or `None` if `base > self`.
+    #[inline]
+    pub const fn offset_from(self, base: Self) -> Option<u64> {
+        self.0.checked_sub(base.0)
+    }
+
+    /// The first address of a frame known to hold one (it came from a
+    /// [`GuestPhysAddr`], a region or a checked layout): the shift drops
+    /// the top bits of a frame past `u64::MAX >> PAGE_SHIFT`, so a frame
+    /// from untrusted input goes through [`start`](Self::start) instead.
+    #[inline]
+    pub const fn addr(self) -> GuestPhysAddr {
+        GuestPhysAddr(self.0 << PAGE_SHIFT)
+    }
+}
+
+impl fmt::Display for GuestFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+impl fmt::LowerHex for GuestFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl GuestPhysAddr {
+    /// The guest frame holding this address (as [`GuestFrame::containing`]).
+    #[inline]
+    pub const fn frame(self) -> GuestFrame {
+        GuestFrame::containing(self)
     }
 }
 

@@ -12,11 +12,16 @@ use std::sync::{
 
 use pagefold::{
     balloon::BalloonError, Backing, Balloon, BalloonOptions, BalloonStats, DedupHost, FrameStore,
-    GuestMemory, GuestPhysAddr, PageKind, PageSize, StoreOptions, VmOptions,
+    GuestFrame, GuestMemory, GuestPhysAddr, PageKind, PageSize, StoreOptions, VmOptions,
 };
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;
+
+/// Raw PFNs as the guest frames the balloon takes.
+fn frames(pfns: &[u64]) -> &[GuestFrame] {
+    GuestFrame::from_raw_slice(pfns)
+}
 
 fn mem(layout: &[(u64, u64)]) -> Arc<GuestMemory> {
     let l: Vec<_> = layout.iter().map(|&(a, s)| (GuestPhysAddr(a), s)).collect();
@@ -62,7 +67,7 @@ fn kernel_figure_drops_by_what_was_ballooned() {
     assert_eq!(r.released_pages, size / 2 / PAGE);
     let pfns: Vec<u64> = (size / 2 / PAGE..3 * size / 4 / PAGE).collect();
     for chunk in pfns.chunks(256) {
-        let r = b.inflate_pfns(chunk);
+        let r = b.inflate_pfns(frames(chunk));
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(r.applied, chunk.len() as u64);
     }
@@ -93,7 +98,7 @@ fn bad_pfn_batches_get_per_entry_errors() {
     let hole = (1 << 20) / PAGE + 3;
     let beyond = (3 << 20) / PAGE;
     let batch = [1, hole, 2, 1, beyond, u64::MAX, 3, 4, 5, 6];
-    let r = b.inflate_pfns(&batch);
+    let r = b.inflate_pfns(frames(&batch));
     assert_eq!(r.applied, 4, "{:?}", r.errors); // 1, 2, 3, 4
     let kinds: Vec<(usize, &BalloonError)> = r.errors.iter().map(|e| (e.index, &e.error)).collect();
     assert!(matches!(kinds[0], (1, BalloonError::Hole { .. })));
@@ -110,7 +115,7 @@ fn bad_pfn_batches_get_per_entry_errors() {
     assert!(matches!(kinds[5], (9, BalloonError::OverLimit { .. })));
     assert_eq!(b.actual(), 4);
     // Again: already ballooned.
-    let r = b.inflate_pfns(&[1]);
+    let r = b.inflate_pfns(frames(&[1]));
     assert!(matches!(
         r.errors[0].error,
         BalloonError::AlreadyBallooned { .. }
@@ -156,7 +161,7 @@ fn write_deflates_and_zero_page_frees_nothing_twice() {
     let b = Balloon::new(Arc::clone(&m));
     // A page released as zero first: ballooning it releases nothing more.
     m.discard(GuestPhysAddr(0), PAGE).expect("discard");
-    let r = b.inflate_pfns(&[0, 1, 2]);
+    let r = b.inflate_pfns(frames(&[0, 1, 2]));
     assert_eq!(r.applied, 3);
     assert_eq!(r.released_pages, 2);
     assert_eq!(kind(&m, PAGE), PageKind::Ballooned);
@@ -200,7 +205,7 @@ fn ballooning_a_shared_page_drops_its_reference() {
     let before = store.allocated_bytes().expect("fstat");
 
     let ba = Balloon::new(Arc::clone(&a)).with_dedup(Arc::clone(&host), ida);
-    let r = ba.inflate_pfns(&[5]);
+    let r = ba.inflate_pfns(frames(&[5]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(kind(&a, 5 * PAGE), PageKind::Ballooned);
     // The other VM still reads the shared content; the pair shares no more.
@@ -211,7 +216,7 @@ fn ballooning_a_shared_page_drops_its_reference() {
 
     // The last reference goes too: the shared frame itself is freed.
     let bb = Balloon::new(Arc::clone(&b)).with_dedup(Arc::clone(&host), idb);
-    let r = bb.inflate_pfns(&[5]);
+    let r = bb.inflate_pfns(frames(&[5]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let s = host.stats().expect("stats");
     assert_eq!(s.pages_sharing, sharing - 1);
@@ -221,7 +226,7 @@ fn ballooning_a_shared_page_drops_its_reference() {
     );
     // Without a host the same situation is refused.
     let plain = Balloon::new(Arc::clone(&a));
-    let r = plain.inflate_pfns(&[6]);
+    let r = plain.inflate_pfns(frames(&[6]));
     assert!(
         matches!(r.errors[0].error, BalloonError::Shared { .. }),
         "{:?}",
@@ -282,7 +287,7 @@ fn pages_never_written_release_nothing() {
         "only pages that held memory are released"
     );
     assert_eq!(m.frame_store().allocated_bytes().expect("fstat"), 0);
-    let r = b.inflate_pfns(&[40, 41]);
+    let r = b.inflate_pfns(frames(&[40, 41]));
     assert_eq!((r.applied, r.released_pages), (2, 0));
 }
 
@@ -321,12 +326,12 @@ fn deflate_below_target_calls_the_oom_hook() {
         .expect("inflate");
     assert_eq!(r.applied, 10);
     assert_eq!(b.actual(), b.target());
-    b.deflate_pfns(&[0, 1, 2]);
+    b.deflate_pfns(frames(&[0, 1, 2]));
     assert_eq!(seen.load(Ordering::Relaxed), 3);
     assert_eq!(b.oom_deflated(), 3);
     // Deflates the host asked for (target lowered first) are not OOM.
     b.set_target(5);
-    b.deflate_pfns(&[3, 4]);
+    b.deflate_pfns(frames(&[3, 4]));
     assert_eq!(b.oom_deflated(), 3);
 }
 
@@ -376,7 +381,7 @@ fn dedup_skips_ballooned_and_shared_pages_are_refused() {
     }
     let merged = (128..256).find(|&p| kind(&m, p * PAGE) == PageKind::Shared);
     if let Some(p) = merged {
-        let r = b.inflate_pfns(&[p]);
+        let r = b.inflate_pfns(frames(&[p]));
         assert!(
             matches!(r.errors[0].error, BalloonError::Shared { .. }),
             "{:?}",
@@ -415,16 +420,16 @@ fn hugetlb_accumulates_until_whole() {
     let b = Balloon::new(Arc::clone(&m));
     let before = store.allocated_bytes().expect("fstat");
     let half: Vec<u64> = (0..256).collect();
-    let r = b.inflate_pfns(&half);
+    let r = b.inflate_pfns(frames(&half));
     assert_eq!(r.applied, 256);
     assert_eq!(r.released_pages, 0);
     assert_eq!(store.allocated_bytes().expect("fstat"), before);
     assert_eq!(b.actual(), 256);
     // Deflate one, inflate the rest: still one short.
-    b.deflate_pfns(&[0]);
+    b.deflate_pfns(frames(&[0]));
     let rest: Vec<u64> = (256..512).collect();
-    assert_eq!(b.inflate_pfns(&rest).released_pages, 0);
-    let r = b.inflate_pfns(&[0]);
+    assert_eq!(b.inflate_pfns(frames(&rest)).released_pages, 0);
+    let r = b.inflate_pfns(frames(&[0]));
     assert_eq!(r.released_pages, 512);
     assert_eq!(before - store.allocated_bytes().expect("fstat"), 2 << 20);
     assert_eq!(b.actual(), 512);
@@ -465,7 +470,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Inflate(pfns) => {
-                    let r = b.inflate_pfns(&pfns);
+                    let r = b.inflate_pfns(frames(&pfns));
                     let mut seen = std::collections::HashSet::new();
                     let mut applied = 0;
                     for (i, &p) in pfns.iter().enumerate() {
@@ -478,7 +483,7 @@ proptest! {
                     prop_assert_eq!(r.applied as usize + r.errors.len(), pfns.len());
                 }
                 Op::Deflate(pfns) => {
-                    let r = b.deflate_pfns(&pfns);
+                    let r = b.deflate_pfns(frames(&pfns));
                     let mut seen = std::collections::HashSet::new();
                     let mut applied = 0;
                     for (i, &p) in pfns.iter().enumerate() {
@@ -536,7 +541,7 @@ fn migration_sends_ballooned_pages_as_nothing() {
     m.fill(GuestPhysAddr(0x9000), 7, PAGE as usize)
         .expect("fill");
     let b = Balloon::new(Arc::clone(&m));
-    assert_eq!(b.inflate_pfns(&[9]).applied, 1);
+    assert_eq!(b.inflate_pfns(frames(&[9])).applied, 1);
     let s = Sender::start(&m, Vec::new(), PrecopyOptions::default()).expect("start");
     let (wire, summary) = s.finish().expect("finish");
     assert_eq!(summary.stream.full_pages, 1);
@@ -572,7 +577,7 @@ fn a_write_racing_an_inflate_is_never_lost() {
         let (bb, bm, bar) = (Arc::clone(&b), Arc::clone(&m), Arc::clone(&barrier));
         let inflater = std::thread::spawn(move || {
             bar.wait();
-            bb.inflate_pfns(&[pfn])
+            bb.inflate_pfns(frames(&[pfn]))
         });
         barrier.wait();
         bm.fill(gpa, value, PAGE as usize).expect("write");
@@ -599,7 +604,7 @@ fn a_write_racing_an_inflate_is_never_lost() {
             other => panic!("round {round}: {other:?}"),
         }
         if kind(&m, gpa.0) == PageKind::Ballooned {
-            b.deflate_pfns(&[pfn]);
+            b.deflate_pfns(frames(&[pfn]));
         }
     }
     println!("{taken_back} of 6000 writes took their page back after the inflate");

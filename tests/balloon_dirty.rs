@@ -58,10 +58,10 @@ fn an_inflate_racing_a_harvest_is_reported_after_it_zeroes() {
     for trial in 0..5000u64 {
         let pfn = trial % 64;
         let gpa = GuestPhysAddr(pfn * P);
-        balloon.deflate_pfns(&[pfn]);
+        balloon.deflate_pfns(pagefold::GuestFrame::from_raw_slice(&[pfn]));
         mem.fill(gpa, 0xab, P as usize).unwrap();
         wait_two();
-        let r = balloon.inflate_pfns(&[pfn]);
+        let r = balloon.inflate_pfns(pagefold::GuestFrame::from_raw_slice(&[pfn]));
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         wait_two();
         let mut now = vec![0u8; P as usize];

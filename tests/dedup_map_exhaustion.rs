@@ -123,7 +123,7 @@ fn a_balloon_of_scattered_pages_never_uses_up_the_mappings() {
     let balloon = Balloon::new(Arc::clone(&a)).with_dedup(Arc::clone(&host), va);
     let pfns: Vec<u64> = (0..n).step_by(2).map(|i| i as u64).collect();
     for batch in pfns.chunks(256) {
-        let rep = balloon.inflate_pfns(batch);
+        let rep = balloon.inflate_pfns(pagefold::GuestFrame::from_raw_slice(batch));
         assert!(rep.errors.is_empty(), "inflate: {:?}", rep.errors.first());
         assert!(
             maps() + headroom / 2 < max,
@@ -135,7 +135,7 @@ fn a_balloon_of_scattered_pages_never_uses_up_the_mappings() {
 
     // Deflate, and the guest writes 4,096 pages back.
     for batch in pfns.chunks(256) {
-        let rep = balloon.deflate_pfns(batch);
+        let rep = balloon.deflate_pfns(pagefold::GuestFrame::from_raw_slice(batch));
         assert!(rep.errors.is_empty(), "deflate: {:?}", rep.errors.first());
     }
     for i in (0..n).step_by(4) {

@@ -24,7 +24,7 @@ use std::{
 
 use pagefold::{
     kvm::{Exit, Flow, KvmError, KvmOptions, KvmVcpu, KvmVm, LongMode},
-    DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
+    DirtyRun, GuestMemory, GuestPhysAddr, GuestVirtAddr, RegionSet, PAGE_SIZE,
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
@@ -323,8 +323,8 @@ mod long_mode {
         mem.write(GuestPhysAddr(TABLE), &bytes).unwrap();
         vcpu.setup_long_mode(&LongMode {
             cr3: GuestPhysAddr(PML4),
-            entry: CODE2,
-            stack: STACK,
+            entry: GuestVirtAddr(CODE2),
+            stack: GuestVirtAddr(STACK),
             args: [TABLE, table.len() as u64 - 2],
             user_mode: true,
         })?;
@@ -350,8 +350,8 @@ mod long_mode {
         mem.write(GuestPhysAddr(TABLE), &table).unwrap();
         vcpu.setup_long_mode(&LongMode {
             cr3: GuestPhysAddr(PML4),
-            entry: CODE,
-            stack: STACK,
+            entry: GuestVirtAddr(CODE),
+            stack: GuestVirtAddr(STACK),
             args: [TABLE, writes.len() as u64],
             user_mode: true,
         })

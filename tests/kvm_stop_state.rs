@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use pagefold::{
     kvm::{Exit, Flow, KvmError, KvmVm, LongMode, VcpuState},
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 
 const CODE: u64 = 0x8000;
@@ -98,8 +98,8 @@ fn a_port_write_is_not_repeated_in_long_mode() {
     let mut vcpu = src.create_vcpu(0).unwrap();
     vcpu.setup_long_mode(&LongMode {
         cr3: GuestPhysAddr(0x1000),
-        entry: CODE,
-        stack: 0x9000,
+        entry: GuestVirtAddr(CODE),
+        stack: GuestVirtAddr(0x9000),
         args: [0, 0],
         user_mode: true,
     })

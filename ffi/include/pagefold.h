@@ -1775,11 +1775,11 @@ enum pf_status pf_balloon_new(const struct pf_guest_memory *mem,
 void pf_balloon_free(struct pf_balloon *b);
 
 /**
- * Inflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
- * virtio inflate request): their memory goes back to the host. Bad entries
- * (out of range, in a hole, repeated, past `max_batch`, already
- * ballooned, dedup-shared, busy) are reported in `*out_report` and the
- * rest is applied; the call still returns `PF_OK`.
+ * Inflates the pages with the `n` guest frame numbers (guest-physical
+ * address / 4096) at `pfns` (one virtio inflate request): their memory
+ * goes back to the host. Bad entries (out of range, in a hole, repeated,
+ * past `max_batch`, already ballooned, dedup-shared, busy) are reported in
+ * `*out_report` and the rest is applied; the call still returns `PF_OK`.
  *
  * Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `pfns` while `n > 0`,
  * `out_report->errors` while its capacity is not 0),
@@ -1789,7 +1789,8 @@ void pf_balloon_free(struct pf_balloon *b);
  * # Safety
  *
  * - `b` is NULL or a live `pf_balloon` handle.
- * - `pfns` is NULL or valid for reads of `n` `uint64_t`s.
+ * - `pfns` is NULL or valid for reads of `n` `uint64_t`s (guest frame
+ *   numbers).
  * - `out_report` is NULL or points to a `pf_balloon_report` whose
  *   `struct_size` bytes are readable and writable, and whose `errors` is
  *   NULL or valid for writes of `errors_capacity` entries.
@@ -1800,11 +1801,12 @@ enum pf_status pf_balloon_inflate_pfns(const struct pf_balloon *b,
                                        struct pf_balloon_report *out_report);
 
 /**
- * Deflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
- * virtio deflate request): they are the guest's again and take memory on
- * their next write. A valid page is never refused (deflate on OOM needs no
- * consent); a deflate below the target counts in `oom_deflated` and calls
- * the OOM hook. Bad entries are reported as for `pf_balloon_inflate_pfns`.
+ * Deflates the pages with the `n` guest frame numbers (guest-physical
+ * address / 4096) at `pfns` (one virtio deflate request): they are the
+ * guest's again and take memory on their next write. A valid page is never
+ * refused (deflate on OOM needs no consent); a deflate below the target
+ * counts in `oom_deflated` and calls the OOM hook. Bad entries are
+ * reported as for `pf_balloon_inflate_pfns`.
  *
  * Errors: as `pf_balloon_inflate_pfns`.
  *
@@ -1819,8 +1821,9 @@ enum pf_status pf_balloon_deflate_pfns(const struct pf_balloon *b,
 
 /**
  * Inflates from the raw payload of the virtio inflate queue: `len` bytes
- * of little-endian 32-bit PFNs. A trailing partial entry is reported as a
- * `PF_BALLOON_E_TRUNCATED` entry error; the whole entries are applied.
+ * of little-endian 32-bit guest frame numbers. A trailing partial entry is
+ * reported as a `PF_BALLOON_E_TRUNCATED` entry error; the whole entries
+ * are applied.
  *
  * Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `bytes` while
  * `len > 0`, `out_report->errors` while its capacity is not 0),
@@ -1854,11 +1857,11 @@ enum pf_status pf_balloon_deflate_le32(const struct pf_balloon *b,
                                        struct pf_balloon_report *out_report);
 
 /**
- * Inflates every 4 KiB page of `[gpa, gpa + len)`, which must be 4 KiB
- * aligned and wholly inside guest memory (it may span adjacent regions).
- * Pages already in the balloon are skipped silently; other per-page
- * errors (shared, busy) carry the page's index in the range. The range is
- * not bounded by `max_batch`.
+ * Inflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
+ * address, `len` in bytes), which must be 4 KiB aligned and wholly inside
+ * guest memory (it may span adjacent regions). Pages already in the
+ * balloon are skipped silently; other per-page errors (shared, busy) carry
+ * the page's index in the range. The range is not bounded by `max_batch`.
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
  * `PF_ERR_INVALID_ARGUMENT` (absurd capacity), `PF_ERR_MISALIGNED`,
@@ -1876,9 +1879,9 @@ enum pf_status pf_balloon_inflate_range(const struct pf_balloon *b,
                                         struct pf_balloon_report *out_report);
 
 /**
- * Deflates every 4 KiB page of `[gpa, gpa + len)`; pages not in the
- * balloon are skipped silently. See `pf_balloon_inflate_range` and
- * `pf_balloon_deflate_pfns`.
+ * Deflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
+ * address, `len` in bytes); pages not in the balloon are skipped silently.
+ * See `pf_balloon_inflate_range` and `pf_balloon_deflate_pfns`.
  *
  * Errors: as `pf_balloon_inflate_range`.
  *
@@ -1893,10 +1896,11 @@ enum pf_status pf_balloon_deflate_range(const struct pf_balloon *b,
 
 /**
  * Free page reporting: the guest reports `2^order` free 4 KiB pages at
- * `gpa` (aligned to that size or to the store's page size). Their memory is
- * released; they stay the guest's (zero pages, not counted in `actual`).
- * On a hugetlb store a report smaller than a huge page releases nothing.
- * Stores the pages released in `*out_released_pages` (NULL allowed).
+ * guest-physical address `gpa` (aligned to that size or to the store's
+ * page size). Their memory is released; they stay the guest's (zero pages,
+ * not counted in `actual`). On a hugetlb store a report smaller than a
+ * huge page releases nothing. Stores the pages released in
+ * `*out_released_pages` (NULL allowed).
  *
  * Errors: `PF_ERR_NULL_POINTER` (`b`), `PF_ERR_INVALID_ARGUMENT` (`order`
  * above 40), `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.
@@ -2361,9 +2365,9 @@ enum pf_status pf_guest_memory_merge_dirty_bitmap(const struct pf_guest_memory *
                                                   size_t words);
 
 /**
- * Marks `pages` 4 KiB pages from the page holding `gpa` dirty, whether or
- * not tracking is on: for writes the log cannot see, such as a device
- * model's DMA through a raw pointer. The range may span adjacent regions;
+ * Marks `pages` 4 KiB pages from the page holding guest-physical address
+ * `gpa` dirty, whether or not tracking is on: for writes the log cannot
+ * see, such as a device model's DMA through a raw pointer. The range may span adjacent regions;
  * a hole is `PF_ERR_UNMAPPED` and then nothing is marked.
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.

@@ -1,7 +1,10 @@
 //! Balloon reclaim: `pf_balloon`, the memory side of a virtio-balloon
 //! device. A VMM hands it what arrives on the device's queues: inflate and
-//! deflate PFN lists (as `uint64_t` arrays or the queues' raw little-endian
-//! 32-bit payloads), ranges, free page reports and the stats buffer.
+//! deflate PFN lists (guest frame numbers, guest-physical address / 4096, as
+//! `uint64_t` arrays or the queues' raw little-endian 32-bit payloads),
+//! ranges of guest-physical addresses, free page reports and the stats
+//! buffer. The integers are converted to the library's typed addresses
+//! (`GuestFrame`, `GuestPhysAddr`) here, at the boundary.
 //!
 //! A handle is a boxed `Balloon`, which holds its guest memory through an
 //! `Arc`. `Balloon` is `Send + Sync` and every method takes `&self` (an
@@ -14,7 +17,7 @@
 
 use std::{ffi::c_void, mem::size_of, sync::Arc};
 
-use pagefold::{Balloon, BalloonError, BalloonOptions, BalloonStats, BatchReport};
+use pagefold::{Balloon, BalloonError, BalloonOptions, BalloonStats, BatchReport, GuestFrame};
 
 use crate::{
     args::{self, SizePrefixed, SizedOut},
@@ -411,11 +414,11 @@ pub unsafe extern "C" fn pf_balloon_free(b: *mut pf_balloon) {
     }
 }
 
-/// Inflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
-/// virtio inflate request): their memory goes back to the host. Bad entries
-/// (out of range, in a hole, repeated, past `max_batch`, already
-/// ballooned, dedup-shared, busy) are reported in `*out_report` and the
-/// rest is applied; the call still returns `PF_OK`.
+/// Inflates the pages with the `n` guest frame numbers (guest-physical
+/// address / 4096) at `pfns` (one virtio inflate request): their memory
+/// goes back to the host. Bad entries (out of range, in a hole, repeated,
+/// past `max_batch`, already ballooned, dedup-shared, busy) are reported in
+/// `*out_report` and the rest is applied; the call still returns `PF_OK`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `pfns` while `n > 0`,
 /// `out_report->errors` while its capacity is not 0),
@@ -425,7 +428,8 @@ pub unsafe extern "C" fn pf_balloon_free(b: *mut pf_balloon) {
 /// # Safety
 ///
 /// - `b` is NULL or a live `pf_balloon` handle.
-/// - `pfns` is NULL or valid for reads of `n` `uint64_t`s.
+/// - `pfns` is NULL or valid for reads of `n` `uint64_t`s (guest frame
+///   numbers).
 /// - `out_report` is NULL or points to a `pf_balloon_report` whose
 ///   `struct_size` bytes are readable and writable, and whose `errors` is
 ///   NULL or valid for writes of `errors_capacity` entries.
@@ -443,16 +447,17 @@ pub unsafe extern "C" fn pf_balloon_inflate_pfns(
         let pfns = unsafe { args::array(pfns, n, "pfns", "n") }?;
         // SAFETY: as `report_out` needs (contract).
         let out = unsafe { report_out(out_report) }?;
-        out.finish(&b.inflate_pfns(&pfns));
+        out.finish(&b.inflate_pfns(GuestFrame::from_raw_slice(&pfns)));
         Ok(())
     }
 }
 
-/// Deflates the pages with the `n` 4 KiB frame numbers at `pfns` (one
-/// virtio deflate request): they are the guest's again and take memory on
-/// their next write. A valid page is never refused (deflate on OOM needs no
-/// consent); a deflate below the target counts in `oom_deflated` and calls
-/// the OOM hook. Bad entries are reported as for `pf_balloon_inflate_pfns`.
+/// Deflates the pages with the `n` guest frame numbers (guest-physical
+/// address / 4096) at `pfns` (one virtio deflate request): they are the
+/// guest's again and take memory on their next write. A valid page is never
+/// refused (deflate on OOM needs no consent); a deflate below the target
+/// counts in `oom_deflated` and calls the OOM hook. Bad entries are
+/// reported as for `pf_balloon_inflate_pfns`.
 ///
 /// Errors: as `pf_balloon_inflate_pfns`.
 ///
@@ -473,14 +478,15 @@ pub unsafe extern "C" fn pf_balloon_deflate_pfns(
         let pfns = unsafe { args::array(pfns, n, "pfns", "n") }?;
         // SAFETY: as `report_out` needs (contract).
         let out = unsafe { report_out(out_report) }?;
-        out.finish(&b.deflate_pfns(&pfns));
+        out.finish(&b.deflate_pfns(GuestFrame::from_raw_slice(&pfns)));
         Ok(())
     }
 }
 
 /// Inflates from the raw payload of the virtio inflate queue: `len` bytes
-/// of little-endian 32-bit PFNs. A trailing partial entry is reported as a
-/// `PF_BALLOON_E_TRUNCATED` entry error; the whole entries are applied.
+/// of little-endian 32-bit guest frame numbers. A trailing partial entry is
+/// reported as a `PF_BALLOON_E_TRUNCATED` entry error; the whole entries
+/// are applied.
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`, `out_report`, `bytes` while
 /// `len > 0`, `out_report->errors` while its capacity is not 0),
@@ -538,11 +544,11 @@ pub unsafe extern "C" fn pf_balloon_deflate_le32(
     }
 }
 
-/// Inflates every 4 KiB page of `[gpa, gpa + len)`, which must be 4 KiB
-/// aligned and wholly inside guest memory (it may span adjacent regions).
-/// Pages already in the balloon are skipped silently; other per-page
-/// errors (shared, busy) carry the page's index in the range. The range is
-/// not bounded by `max_batch`.
+/// Inflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
+/// address, `len` in bytes), which must be 4 KiB aligned and wholly inside
+/// guest memory (it may span adjacent regions). Pages already in the
+/// balloon are skipped silently; other per-page errors (shared, busy) carry
+/// the page's index in the range. The range is not bounded by `max_batch`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
 /// `PF_ERR_INVALID_ARGUMENT` (absurd capacity), `PF_ERR_MISALIGNED`,
@@ -570,9 +576,9 @@ pub unsafe extern "C" fn pf_balloon_inflate_range(
     }
 }
 
-/// Deflates every 4 KiB page of `[gpa, gpa + len)`; pages not in the
-/// balloon are skipped silently. See `pf_balloon_inflate_range` and
-/// `pf_balloon_deflate_pfns`.
+/// Deflates every 4 KiB page of `[gpa, gpa + len)` (`gpa` a guest-physical
+/// address, `len` in bytes); pages not in the balloon are skipped silently.
+/// See `pf_balloon_inflate_range` and `pf_balloon_deflate_pfns`.
 ///
 /// Errors: as `pf_balloon_inflate_range`.
 ///
@@ -597,10 +603,11 @@ pub unsafe extern "C" fn pf_balloon_deflate_range(
 }
 
 /// Free page reporting: the guest reports `2^order` free 4 KiB pages at
-/// `gpa` (aligned to that size or to the store's page size). Their memory is
-/// released; they stay the guest's (zero pages, not counted in `actual`).
-/// On a hugetlb store a report smaller than a huge page releases nothing.
-/// Stores the pages released in `*out_released_pages` (NULL allowed).
+/// guest-physical address `gpa` (aligned to that size or to the store's
+/// page size). Their memory is released; they stay the guest's (zero pages,
+/// not counted in `actual`). On a hugetlb store a report smaller than a
+/// huge page releases nothing. Stores the pages released in
+/// `*out_released_pages` (NULL allowed).
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`b`), `PF_ERR_INVALID_ARGUMENT` (`order`
 /// above 40), `PF_ERR_MISALIGNED`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.
@@ -838,17 +845,20 @@ mod tests {
     #[test]
     fn every_error_has_a_distinct_code() {
         let errs = [
-            BalloonError::OutOfRange { pfn: 0 },
-            BalloonError::Hole { pfn: 0 },
-            BalloonError::Repeated { pfn: 0, first: 0 },
+            BalloonError::OutOfRange { pfn: GuestFrame(0) },
+            BalloonError::Hole { pfn: GuestFrame(0) },
+            BalloonError::Repeated {
+                pfn: GuestFrame(0),
+                first: 0,
+            },
             BalloonError::OverLimit { limit: 1 },
-            BalloonError::AlreadyBallooned { pfn: 0 },
-            BalloonError::NotBallooned { pfn: 0 },
-            BalloonError::Shared { pfn: 0 },
-            BalloonError::Busy { pfn: 0 },
+            BalloonError::AlreadyBallooned { pfn: GuestFrame(0) },
+            BalloonError::NotBallooned { pfn: GuestFrame(0) },
+            BalloonError::Shared { pfn: GuestFrame(0) },
+            BalloonError::Busy { pfn: GuestFrame(0) },
             BalloonError::Truncated { len: 3, entry: 4 },
             BalloonError::Misaligned {
-                addr: 1,
+                addr: pagefold::GuestPhysAddr(1),
                 len: 1,
                 align: 4096,
             },

@@ -185,9 +185,9 @@ pub unsafe extern "C" fn pf_guest_memory_merge_dirty_bitmap(
     }
 }
 
-/// Marks `pages` 4 KiB pages from the page holding `gpa` dirty, whether or
-/// not tracking is on: for writes the log cannot see, such as a device
-/// model's DMA through a raw pointer. The range may span adjacent regions;
+/// Marks `pages` 4 KiB pages from the page holding guest-physical address
+/// `gpa` dirty, whether or not tracking is on: for writes the log cannot
+/// see, such as a device model's DMA through a raw pointer. The range may span adjacent regions;
 /// a hole is `PF_ERR_UNMAPPED` and then nothing is marked.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_UNMAPPED`, `PF_ERR_OS`.

@@ -29,7 +29,7 @@ mod tracker;
 pub use tracker::RawWriteTracker;
 
 use crate::{
-    addr::{usize_from, GuestPhysAddr, PAGE_SHIFT},
+    addr::{usize_from, GuestFrame, GuestPhysAddr, HostVirtAddr, PAGE_SHIFT},
     memory::{DirtyBitmap, GuestMemory, RegionLog},
     userfault::UserfaultError,
 };
@@ -93,9 +93,9 @@ pub enum DirtyError {
     #[error("PAGEMAP_SCAN on [{start:#x}, {end:#x}) failed: {source}")]
     Scan {
         /// Host range start.
-        start: u64,
+        start: HostVirtAddr,
         /// Host range end.
-        end: u64,
+        end: HostVirtAddr,
         /// The OS error.
         #[source]
         source: std::io::Error,
@@ -119,6 +119,14 @@ pub struct DirtyRun {
     pub start: GuestPhysAddr,
     /// Number of pages.
     pub pages: u64,
+}
+
+impl DirtyRun {
+    /// The guest-physical address of each page of the run, in order.
+    pub fn addrs(&self) -> impl Iterator<Item = GuestPhysAddr> {
+        let first = self.start.frame();
+        (0..self.pages).map(move |i| GuestFrame(first.0 + i).addr())
+    }
 }
 
 /// The bitmap of region `index`'s log, allocated on first use.
@@ -246,26 +254,26 @@ impl GuestMemory {
     /// back runs a caller took but could not use. The range may span
     /// adjacent regions; a hole is `Unmapped` and nothing is marked.
     pub fn mark_dirty(&self, start: GuestPhysAddr, pages: u64) -> Result<(), DirtyError> {
-        let first = start.0 >> PAGE_SHIFT;
+        let first = start.frame();
         let end = first
             .checked_add(pages)
-            .filter(|e| e.checked_mul(1 << PAGE_SHIFT).is_some())
+            .filter(|e| e.start().is_some())
             .ok_or(DirtyError::Unmapped { addr: start })?;
         // Check the whole span first, then mark.
         for pass in 0..2 {
             let mut page = first;
             while page < end {
-                let addr = GuestPhysAddr(page << PAGE_SHIFT);
+                let addr = page.addr();
                 let i = self
                     .find_region(addr)
                     .ok_or(DirtyError::Unmapped { addr })?;
                 let r = &self.regions()[i];
                 let off = (addr.0 - r.start().0) >> PAGE_SHIFT;
-                let n = (end - page).min(r.pages() as u64 - off);
+                let n = (end.0 - page.0).min(r.pages() as u64 - off);
                 if pass == 1 {
                     region_bitmap(r.dirty_log(), i)?.mark_pages(usize_from(off), usize_from(n));
                 }
-                page += n;
+                page = GuestFrame(page.0 + n);
             }
         }
         Ok(())

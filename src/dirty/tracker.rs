@@ -228,7 +228,11 @@ impl RawWriteTracker {
                     let first = ((start - base) >> PAGE_SHIFT) as usize;
                     let count = ((upto - start) >> PAGE_SHIFT) as usize;
                     super::region_bitmap(r.dirty_log(), i)?.mark_pages(first, count);
-                    return Err(DirtyError::Scan { start, end, source });
+                    return Err(DirtyError::Scan {
+                        start: HostVirtAddr(start),
+                        end: HostVirtAddr(end),
+                        source,
+                    });
                 }
                 let n = usize::try_from(n).unwrap_or(0).min(buf.len());
                 for pr in &buf[..n] {

@@ -12,7 +12,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use zerocopy::{AsBytes, FromBytes};
 
 use super::{ioctl, KvmError};
-use crate::{addr::GuestPhysAddr, memory::GuestMemory};
+use crate::{
+    addr::{GuestPhysAddr, GuestVirtAddr},
+    memory::GuestMemory,
+};
 
 /// How a run ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,9 +73,9 @@ pub struct LongMode {
     /// Guest-physical address of the PML4 (4-level paging).
     pub cr3: GuestPhysAddr,
     /// Guest-virtual address of the first instruction.
-    pub entry: u64,
+    pub entry: GuestVirtAddr,
     /// Initial `RSP` (guest-virtual).
-    pub stack: u64,
+    pub stack: GuestVirtAddr,
     /// Initial `RDI` and `RSI`: arguments for the guest program.
     pub args: [u64; 2],
     /// Start the program in ring 3 (user mode, with `IOPL` 3 so it may
@@ -112,6 +115,9 @@ const EFER_NXE: u64 = 1 << 11;
 /// XCR0: x87, SSE and AVX state.
 const XCR0_X87_SSE: u64 = 0b011;
 const XCR0_AVX: u64 = 0b100;
+/// `RFLAGS.IOPL` (bits 12-13) at 3: ring 3 may use port I/O (SDM vol. 1,
+/// 3.4.3.3). A flags field, not a page shift.
+const RFLAGS_IOPL3: u64 = 0b11 << 12;
 
 impl KvmVcpu {
     pub(super) fn new(fd: VcpuFd, features: VcpuFeatures, mem: Arc<GuestMemory>) -> Self {
@@ -227,12 +233,12 @@ impl KvmVcpu {
             self.fd.set_xcrs(&xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
         }
         let regs = kvm_regs {
-            rip: mode.entry,
-            rsp: mode.stack,
+            rip: mode.entry.0,
+            rsp: mode.stack.0,
             rdi: mode.args[0],
             rsi: mode.args[1],
             // Bit 1 is reserved and must be set; IF off; IOPL 3 in ring 3.
-            rflags: 2 | if mode.user_mode { 3 << 12 } else { 0 },
+            rflags: 2 | if mode.user_mode { RFLAGS_IOPL3 } else { 0 },
             ..Default::default()
         };
         self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;

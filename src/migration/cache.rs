@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 
-use crate::addr::PAGE_SIZE;
+use crate::addr::{GuestFrame, PAGE_SIZE};
 
 const NONE: usize = usize::MAX;
 
 #[derive(Debug)]
 struct Slot {
-    pfn: u64,
+    pfn: GuestFrame,
     data: Box<[u8; PAGE_SIZE]>,
     /// Towards the most recently used end.
     newer: usize,
@@ -21,12 +21,12 @@ struct Slot {
     older: usize,
 }
 
-/// An LRU map from page frame number to a page copy, at most `capacity`
+/// An LRU map from guest frame to a page copy, at most `capacity`
 /// pages.
 #[derive(Debug)]
 pub(crate) struct PageCache {
     capacity: usize,
-    map: HashMap<u64, usize>,
+    map: HashMap<GuestFrame, usize>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     newest: usize,
@@ -50,19 +50,19 @@ impl PageCache {
         self.map.len()
     }
 
-    pub(crate) fn contains(&self, pfn: u64) -> bool {
+    pub(crate) fn contains(&self, pfn: GuestFrame) -> bool {
         self.map.contains_key(&pfn)
     }
 
     /// The cached copy of `pfn` (does not count as a use: the writer
     /// follows every `get` with a `put` or a `remove`).
-    pub(crate) fn get(&self, pfn: u64) -> Option<&[u8; PAGE_SIZE]> {
+    pub(crate) fn get(&self, pfn: GuestFrame) -> Option<&[u8; PAGE_SIZE]> {
         self.map.get(&pfn).map(|&s| &*self.slots[s].data)
     }
 
     /// Stores `data` as the copy of `pfn`, the most recently used; evicts
     /// the least recently used page when full.
-    pub(crate) fn put(&mut self, pfn: u64, data: &[u8; PAGE_SIZE]) {
+    pub(crate) fn put(&mut self, pfn: GuestFrame, data: &[u8; PAGE_SIZE]) {
         if self.capacity == 0 {
             return;
         }
@@ -98,7 +98,7 @@ impl PageCache {
     }
 
     /// Forgets `pfn`.
-    pub(crate) fn remove(&mut self, pfn: u64) {
+    pub(crate) fn remove(&mut self, pfn: GuestFrame) {
         if let Some(s) = self.map.remove(&pfn) {
             self.detach(s);
             self.free.push(s);
@@ -145,28 +145,30 @@ mod tests {
     #[test]
     fn evicts_least_recently_sent() {
         let mut c = PageCache::new(3);
-        c.put(1, &page(1));
-        c.put(2, &page(2));
-        c.put(3, &page(3));
-        c.put(1, &page(11)); // 1 is newest again
-        c.put(4, &page(4)); // evicts 2
-        assert!(!c.contains(2));
-        assert_eq!(c.get(1).map(|p| p[0]), Some(11));
+        c.put(GuestFrame(1), &page(1));
+        c.put(GuestFrame(2), &page(2));
+        c.put(GuestFrame(3), &page(3));
+        c.put(GuestFrame(1), &page(11)); // 1 is newest again
+        c.put(GuestFrame(4), &page(4)); // evicts 2
+        assert!(!c.contains(GuestFrame(2)));
+        assert_eq!(c.get(GuestFrame(1)).map(|p| p[0]), Some(11));
         assert_eq!(c.len(), 3);
-        c.remove(3);
-        c.put(5, &page(5)); // free slot, no eviction
-        assert!(c.contains(1) && c.contains(4) && c.contains(5));
-        c.put(6, &page(6)); // evicts 1 (oldest now)
-        assert!(!c.contains(1));
-        assert_eq!(c.get(6).map(|p| p[0]), Some(6));
+        c.remove(GuestFrame(3));
+        c.put(GuestFrame(5), &page(5)); // free slot, no eviction
+        assert!(
+            c.contains(GuestFrame(1)) && c.contains(GuestFrame(4)) && c.contains(GuestFrame(5))
+        );
+        c.put(GuestFrame(6), &page(6)); // evicts 1 (oldest now)
+        assert!(!c.contains(GuestFrame(1)));
+        assert_eq!(c.get(GuestFrame(6)).map(|p| p[0]), Some(6));
     }
 
     #[test]
     fn zero_capacity_caches_nothing() {
         let mut c = PageCache::new(0);
-        c.put(1, &page(1));
+        c.put(GuestFrame(1), &page(1));
         assert_eq!(c.len(), 0);
-        assert!(c.get(1).is_none());
+        assert!(c.get(GuestFrame(1)).is_none());
     }
 
     #[test]
@@ -174,9 +176,9 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
         let mut c = PageCache::new(8);
-        let mut model: Vec<(u64, u8)> = Vec::new(); // oldest first
+        let mut model: Vec<(GuestFrame, u8)> = Vec::new(); // oldest first
         for i in 0..20_000u32 {
-            let pfn = rng.gen_range(0..20);
+            let pfn = GuestFrame(rng.gen_range(0..20));
             let b = (i % 251) as u8;
             if rng.gen_bool(0.2) {
                 c.remove(pfn);

@@ -4,7 +4,7 @@
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
-    addr::{GuestPhysAddr, PAGE_SIZE},
+    addr::{usize_from, GuestPhysAddr, PAGE_SHIFT, PAGE_SIZE},
     memory::{AccessError, GuestMemory, GuestRegion, ReleasedData},
 };
 
@@ -34,8 +34,7 @@ pub fn memory_digest(mem: &GuestMemory, seed: u64) -> Result<u128, AccessError> 
             #[allow(clippy::cast_possible_truncation)] // <= CHUNK
             let len = n as usize;
             let part = &mut buf[..len];
-            #[allow(clippy::cast_possible_truncation)] // a page index of the region
-            let first = (off >> 12) as usize;
+            let first = usize_from(off >> PAGE_SHIFT); // a page index of the region
             let pages = len.div_ceil(PAGE_SIZE);
             // Which pages hold memory; without an answer, read them all. A
             // page `mincore` calls empty may be swapped out: asked again

@@ -3,7 +3,7 @@
 //! DESIGN.md ("migration stream") has the tables.
 
 use crate::{
-    addr::{GuestPhysAddr, PAGE_SIZE},
+    addr::{GuestFrame, GuestPhysAddr, PageSize, PAGE_SHIFT, PAGE_SIZE},
     memory::LayoutError,
 };
 
@@ -67,8 +67,8 @@ pub(crate) const PAGE_SIZE_U32: u32 = PAGE_SIZE as u32;
 /// A validated region layout, sorted, as page-frame ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
-    /// `(first pfn, end pfn)` per region, sorted, disjoint.
-    pfns: Vec<(u64, u64)>,
+    /// `(first frame, end frame)` per region, sorted, disjoint.
+    pfns: Vec<(GuestFrame, GuestFrame)>,
 }
 
 impl Layout {
@@ -111,7 +111,10 @@ impl Layout {
             .iter()
             .map(|&i| {
                 let (start, size) = regions[i];
-                (start.0 >> 12, (start.0 >> 12) + (size >> 12))
+                (
+                    start.frame(),
+                    GuestFrame(start.frame().0 + (size >> PAGE_SHIFT)),
+                )
             })
             .collect();
         Ok(Layout { pfns })
@@ -121,19 +124,19 @@ impl Layout {
     pub(crate) fn regions(&self) -> Vec<(GuestPhysAddr, u64)> {
         self.pfns
             .iter()
-            .map(|&(s, e)| (GuestPhysAddr(s << 12), (e - s) << 12))
+            .map(|&(s, e)| (s.addr(), (e.0 - s.0) << PAGE_SHIFT))
             .collect()
     }
 
     /// Total bytes (saturating; the reader checks it against its limit).
     pub(crate) fn total_bytes(&self) -> u64 {
-        self.pfns
-            .iter()
-            .fold(0u64, |t, &(s, e)| t.saturating_add((e - s) << 12))
+        self.pfns.iter().fold(0u64, |t, &(s, e)| {
+            t.saturating_add((e.0 - s.0) << PAGE_SHIFT)
+        })
     }
 
-    /// End pfn of the region holding `pfn`, if any.
-    pub(crate) fn region_end(&self, pfn: u64) -> Option<u64> {
+    /// End frame of the region holding `pfn`, if any.
+    pub(crate) fn region_end(&self, pfn: GuestFrame) -> Option<GuestFrame> {
         let i = self.pfns.partition_point(|&(s, _)| s <= pfn);
         let (s, e) = *self.pfns.get(i.checked_sub(1)?)?;
         (s <= pfn && pfn < e).then_some(e)
@@ -141,12 +144,12 @@ impl Layout {
 
     /// Whether the page at `gpa` and the `pages - 1` after it lie in one
     /// region.
-    pub(crate) fn holds_run(&self, gpa: u64, pages: u32) -> bool {
-        gpa % PAGE_SIZE as u64 == 0
+    pub(crate) fn holds_run(&self, gpa: GuestPhysAddr, pages: u32) -> bool {
+        gpa.is_aligned(PageSize::Size4K)
             && pages > 0
             && self
-                .region_end(gpa >> 12)
-                .is_some_and(|end| u64::from(pages) <= end - (gpa >> 12))
+                .region_end(gpa.frame())
+                .is_some_and(|end| u64::from(pages) <= end.0 - gpa.frame().0)
     }
 }
 
@@ -155,27 +158,27 @@ impl Layout {
 pub(crate) enum Record {
     Round(u32),
     Zero {
-        gpa: u64,
+        gpa: GuestPhysAddr,
         pages: u32,
     },
     Full {
-        gpa: u64,
+        gpa: GuestPhysAddr,
         data: usize,
     },
     Ref {
-        gpa: u64,
+        gpa: GuestPhysAddr,
         hash: u128,
     },
     /// Page `gpa + i` gets the content page `from + i` holds, for `i` in
     /// `0..pages`, one page after the other (so a source page may be one
     /// the run itself just wrote).
     RefRun {
-        gpa: u64,
-        from: u64,
+        gpa: GuestPhysAddr,
+        from: GuestPhysAddr,
         pages: u32,
     },
     Delta {
-        gpa: u64,
+        gpa: GuestPhysAddr,
         check: u64,
         data: usize,
         len: usize,
@@ -223,6 +226,9 @@ impl Cursor<'_> {
     fn u128(&mut self) -> Result<u128, Malformed> {
         self.array().map(u128::from_le_bytes)
     }
+    fn gpa(&mut self) -> Result<GuestPhysAddr, Malformed> {
+        self.u64().map(GuestPhysAddr)
+    }
 }
 
 /// Parses and checks every record of a chunk payload before anything is
@@ -260,14 +266,11 @@ fn parse_record(
     layout: &Layout,
     last_round: &mut Option<u32>,
 ) -> Result<Record, Malformed> {
-    let page = |gpa: u64, pages: u32| {
+    let page = |gpa: GuestPhysAddr, pages: u32| {
         if layout.holds_run(gpa, pages) {
             Ok(())
         } else {
-            Err(Malformed::PageOutsideLayout {
-                gpa: GuestPhysAddr(gpa),
-                pages,
-            })
+            Err(Malformed::PageOutsideLayout { gpa, pages })
         }
     };
     Ok(match c.u8()? {
@@ -282,30 +285,30 @@ fn parse_record(
             Record::Round(now)
         }
         kind::ZERO => {
-            let (gpa, pages) = (c.u64()?, c.u32()?);
+            let (gpa, pages) = (c.gpa()?, c.u32()?);
             page(gpa, pages)?;
             Record::Zero { gpa, pages }
         }
         kind::FULL => {
-            let gpa = c.u64()?;
+            let gpa = c.gpa()?;
             page(gpa, 1)?;
             let data = c.at;
             c.take(PAGE_SIZE)?;
             Record::Full { gpa, data }
         }
         kind::REF => {
-            let (gpa, hash) = (c.u64()?, c.u128()?);
+            let (gpa, hash) = (c.gpa()?, c.u128()?);
             page(gpa, 1)?;
             Record::Ref { gpa, hash }
         }
         kind::REF_RUN => {
-            let (gpa, from, pages) = (c.u64()?, c.u64()?, c.u32()?);
+            let (gpa, from, pages) = (c.gpa()?, c.gpa()?, c.u32()?);
             page(gpa, pages)?;
             page(from, pages)?;
             Record::RefRun { gpa, from, pages }
         }
         kind::DELTA => {
-            let (gpa, check, len16) = (c.u64()?, c.u64()?, c.u16()?);
+            let (gpa, check, len16) = (c.gpa()?, c.u64()?, c.u16()?);
             page(gpa, 1)?;
             let len = usize::from(len16);
             if len > PAGE_SIZE {
@@ -364,16 +367,16 @@ mod tests {
             (GuestPhysAddr(0), 0x1000),
         ])
         .expect("valid");
-        assert!(l.holds_run(0, 1));
-        assert!(!l.holds_run(0, 2));
-        assert!(!l.holds_run(0x1000, 1));
-        assert!(l.holds_run(0x10_0000, 2));
-        assert!(l.holds_run(0x10_1000, 1));
-        assert!(!l.holds_run(0x10_1000, 2));
-        assert!(!l.holds_run(0x10_2000, 1));
-        assert!(!l.holds_run(0x10_0800, 1));
-        assert!(!l.holds_run(0x10_0000, 0));
-        assert!(!l.holds_run(!0xfff, u32::MAX));
+        assert!(l.holds_run(GuestPhysAddr(0), 1));
+        assert!(!l.holds_run(GuestPhysAddr(0), 2));
+        assert!(!l.holds_run(GuestPhysAddr(0x1000), 1));
+        assert!(l.holds_run(GuestPhysAddr(0x10_0000), 2));
+        assert!(l.holds_run(GuestPhysAddr(0x10_1000), 1));
+        assert!(!l.holds_run(GuestPhysAddr(0x10_1000), 2));
+        assert!(!l.holds_run(GuestPhysAddr(0x10_2000), 1));
+        assert!(!l.holds_run(GuestPhysAddr(0x10_0800), 1));
+        assert!(!l.holds_run(GuestPhysAddr(0x10_0000), 0));
+        assert!(!l.holds_run(GuestPhysAddr(!0xfff), u32::MAX));
         assert_eq!(l.total_bytes(), 0x3000);
     }
 }

@@ -12,39 +12,41 @@
 
 use std::collections::HashMap;
 
+use crate::addr::GuestFrame;
+
 /// No page: ends a holder list.
-const NONE: u64 = u64::MAX;
+const NONE: GuestFrame = GuestFrame(u64::MAX);
 
 /// A page's place in the list of pages holding the same content.
 #[derive(Clone, Copy, Debug)]
 struct Link {
     hash: u128,
-    prev: u64,
-    next: u64,
+    prev: GuestFrame,
+    next: GuestFrame,
 }
 
 /// Content hash -> pages holding it, and page -> its content hash.
 #[derive(Debug, Default)]
 pub(crate) struct ContentIndex {
     /// First page of each content's holder list.
-    by_hash: HashMap<u128, u64>,
-    /// Page frame number -> its content and holder-list neighbours.
-    by_page: HashMap<u64, Link>,
+    by_hash: HashMap<u128, GuestFrame>,
+    /// Guest frame -> its content and holder-list neighbours.
+    by_page: HashMap<GuestFrame, Link>,
 }
 
 impl ContentIndex {
     /// A page that holds content `hash`, if any does.
-    pub(crate) fn holder(&self, hash: u128) -> Option<u64> {
+    pub(crate) fn holder(&self, hash: u128) -> Option<GuestFrame> {
         self.by_hash.get(&hash).copied()
     }
 
     /// The content hash page `pfn` holds, if it holds indexed content.
-    pub(crate) fn content_of(&self, pfn: u64) -> Option<u128> {
+    pub(crate) fn content_of(&self, pfn: GuestFrame) -> Option<u128> {
         self.by_page.get(&pfn).map(|l| l.hash)
     }
 
     /// Page `pfn` now holds content `hash` (`None`: zero or unknown).
-    pub(crate) fn set(&mut self, pfn: u64, hash: Option<u128>) {
+    pub(crate) fn set(&mut self, pfn: GuestFrame, hash: Option<u128>) {
         if self.content_of(pfn) == hash {
             return;
         }
@@ -71,18 +73,18 @@ impl ContentIndex {
     /// `set(pfn, None)` for each, in time proportional to the smaller of
     /// `count` and the pages indexed, so a record that covers a huge range
     /// of pages the index does not hold costs next to nothing.
-    pub(crate) fn clear_range(&mut self, first: u64, count: u64) {
-        let end = first.saturating_add(count);
+    pub(crate) fn clear_range(&mut self, first: GuestFrame, count: u64) {
+        let end = first.0.saturating_add(count);
         if count <= self.by_page.len() as u64 {
-            for pfn in first..end {
-                self.unlink(pfn);
+            for pfn in first.0..end {
+                self.unlink(GuestFrame(pfn));
             }
         } else {
-            let held: Vec<u64> = self
+            let held: Vec<GuestFrame> = self
                 .by_page
                 .keys()
                 .copied()
-                .filter(|pfn| (first..end).contains(pfn))
+                .filter(|pfn| (first.0..end).contains(&pfn.0))
                 .collect();
             for pfn in held {
                 self.unlink(pfn);
@@ -95,7 +97,7 @@ impl ContentIndex {
         self.by_hash.len()
     }
 
-    fn unlink(&mut self, pfn: u64) {
+    fn unlink(&mut self, pfn: GuestFrame) {
         let Some(link) = self.by_page.remove(&pfn) else {
             return;
         };
@@ -120,23 +122,25 @@ impl ContentIndex {
 mod tests {
     use super::*;
 
+    const F: fn(u64) -> GuestFrame = GuestFrame;
+
     #[test]
     fn clearing_a_range_equals_clearing_each_page() {
         for (first, count) in [(0, 3), (2, 1), (1, 100), (5, 0), (0, u64::MAX)] {
             let mut a = ContentIndex::default();
             let mut b = ContentIndex::default();
             for (pfn, h) in [(1, 7), (2, 7), (3, 8), (9, 7), (4, 9)] {
-                a.set(pfn, Some(h));
-                b.set(pfn, Some(h));
+                a.set(F(pfn), Some(h));
+                b.set(F(pfn), Some(h));
             }
-            a.clear_range(first, count);
+            a.clear_range(F(first), count);
             for pfn in first..first.saturating_add(count).min(20) {
-                b.set(pfn, None);
+                b.set(F(pfn), None);
             }
             for pfn in 0..20 {
                 assert_eq!(
-                    a.content_of(pfn),
-                    b.content_of(pfn),
+                    a.content_of(F(pfn)),
+                    b.content_of(F(pfn)),
                     "{first}+{count}: {pfn}"
                 );
             }
@@ -153,21 +157,21 @@ mod tests {
     #[test]
     fn holders_follow_overwrites() {
         let mut ix = ContentIndex::default();
-        ix.set(1, Some(7));
-        ix.set(2, Some(7));
-        ix.set(3, Some(7));
-        ix.set(4, Some(8));
+        ix.set(F(1), Some(7));
+        ix.set(F(2), Some(7));
+        ix.set(F(3), Some(7));
+        ix.set(F(4), Some(8));
         assert_eq!(ix.contents(), 2);
         // Overwrite holders one by one; the content stays while any holds it.
-        ix.set(3, Some(8));
-        assert!(matches!(ix.holder(7), Some(1 | 2)));
-        ix.set(1, None);
-        assert_eq!(ix.holder(7), Some(2));
-        ix.set(2, Some(9));
+        ix.set(F(3), Some(8));
+        assert!(matches!(ix.holder(7), Some(GuestFrame(1 | 2))));
+        ix.set(F(1), None);
+        assert_eq!(ix.holder(7), Some(F(2)));
+        ix.set(F(2), Some(9));
         assert_eq!(ix.holder(7), None);
-        assert_eq!(ix.content_of(2), Some(9));
-        ix.set(4, None);
-        ix.set(3, None);
+        assert_eq!(ix.content_of(F(2)), Some(9));
+        ix.set(F(4), None);
+        ix.set(F(3), None);
         assert_eq!(ix.holder(8), None);
         assert_eq!(ix.contents(), 1);
     }
@@ -177,9 +181,9 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
         let mut ix = ContentIndex::default();
-        let mut model: HashMap<u64, u128> = HashMap::new();
+        let mut model: HashMap<GuestFrame, u128> = HashMap::new();
         for _ in 0..20_000 {
-            let pfn = rng.gen_range(0..64);
+            let pfn = F(rng.gen_range(0..64));
             let h = if rng.gen_bool(0.2) {
                 None
             } else {

@@ -9,6 +9,16 @@
 //! whole chunk before applying any of it to a [`GuestMemory`](crate::GuestMemory).
 //! DESIGN.md ("migration stream") has the wire format.
 //!
+//! Files: `format.rs` has the wire format (constants, the checked region
+//! layout, record parsing); `writer.rs` encodes pages into records, with
+//! `index.rs` (the content index both ends keep in step) and `cache.rs`
+//! (the sender's delta bases) and `xbzrle.rs` (the delta encoding);
+//! `reader.rs` reads chunk by chunk, then applies record by record in
+//! named steps (`next_record`, then one `apply_*` per record kind);
+//! `precopy.rs` drives rounds of dirty pages over a writer and receives
+//! over a reader; `digest.rs` and `holes.rs` hash memory and skip holes
+//! for round 0 and the end marker; `error.rs` has the errors.
+//!
 //! This module owns the format and its two ends. It never decides which
 //! pages to send or when (the pre-copy rounds and dirty harvesting live with
 //! the sender), and no stream, however crafted, makes it panic, read or

@@ -463,11 +463,10 @@ impl<'m, W: Write> Sender<'m, W> {
         self.pending_pages = 0;
         let mut sent = 0u64;
         for run in &runs {
-            for p in 0..run.pages {
+            for gpa in run.addrs() {
                 if sent % 256 == 0 {
                     self.check_cancel()?;
                 }
-                let gpa = GuestPhysAddr(run.start.0 + p * PAGE_SIZE as u64);
                 let w = self.writer.as_mut().ok_or(MigrationError::Failed)?;
                 let r = w.send_page(self.mem, gpa);
                 self.map_stream(r)?;
@@ -657,26 +656,26 @@ pub fn receive_migration_folded<R: Read>(
     // Pages whose last record carried them whole (FULL, DELTA): not
     // offered. References and their sources are; so are pages no record
     // wrote (holes: the scan finds them zero and leaves them released).
-    let mut whole: HashSet<u64> = HashSet::new();
+    let mut whole: HashSet<GuestPhysAddr> = HashSet::new();
     let mut sources: Vec<GuestPhysAddr> = Vec::new();
     let page = PAGE_SIZE as u64;
     let applied = reader.apply_all(&mem, |ev| match *ev {
         Event::Round(_) => last = Instant::now(),
         Event::Full { gpa } | Event::Delta { gpa, .. } => {
-            whole.insert(gpa.0);
+            whole.insert(gpa);
         }
         Event::Zero { gpa, pages } => {
             for i in 0..u64::from(pages) {
-                whole.remove(&(gpa.0 + i * page));
+                whole.remove(&GuestPhysAddr(gpa.0 + i * page));
             }
         }
         Event::Ref { gpa, from } => {
-            whole.remove(&gpa.0);
+            whole.remove(&gpa);
             sources.push(from);
         }
         Event::RefRun { gpa, from, pages } => {
             for i in 0..u64::from(pages) {
-                whole.remove(&(gpa.0 + i * page));
+                whole.remove(&GuestPhysAddr(gpa.0 + i * page));
                 sources.push(GuestPhysAddr(from.0 + i * page));
             }
         }
@@ -691,9 +690,8 @@ pub fn receive_migration_folded<R: Read>(
     for r in mem.regions() {
         candidates.extend(
             (0..r.size() / page)
-                .map(|i| r.start().0 + i * page)
-                .filter(|a| !whole.contains(a))
-                .map(GuestPhysAddr),
+                .map(|i| GuestPhysAddr(r.start().0 + i * page))
+                .filter(|a| !whole.contains(a)),
         );
     }
     candidates.sort_unstable();

@@ -14,9 +14,9 @@ use std::{
 };
 
 use crate::{
-    addr::{GuestPhysAddr, PAGE_SIZE},
+    addr::{GuestFrame, GuestPhysAddr, PAGE_SIZE},
     frames::FrameStore,
-    memory::GuestMemory,
+    memory::{AccessError, GuestMemory},
 };
 
 use super::{
@@ -243,7 +243,33 @@ impl<R: Read> StreamReader<R> {
         r.map(Some)
     }
 
+    /// One step: the next record (reading the next chunk when the current
+    /// one is used up), dispatched by its kind to the step that applies it.
     fn step(&mut self, mem: &GuestMemory) -> Result<Event, StreamError> {
+        let RecordAt { at, rec } = self.next_record()?;
+        match rec {
+            Record::Round(n) => {
+                self.stats.round = Some(n);
+                Ok(Event::Round(n))
+            }
+            Record::Zero { gpa, pages } => self.apply_zero(mem, at, gpa, pages),
+            Record::Full { gpa, data } => self.apply_full(mem, at, gpa, data),
+            Record::Ref { gpa, hash } => self.apply_ref(mem, at, gpa, hash),
+            Record::RefRun { gpa, from, pages } => self.apply_ref_run(mem, at, gpa, from, pages),
+            Record::Delta {
+                gpa,
+                check,
+                data,
+                len,
+            } => self.apply_delta(mem, at, gpa, check, self.payload(data, len)),
+            Record::End { pages, digest } => self.apply_end(mem, at, pages, digest),
+        }
+    }
+
+    /// The next record of the current chunk, with its place in the stream;
+    /// reads, checks and parses the next chunk first when this one is used
+    /// up.
+    fn next_record(&mut self) -> Result<RecordAt, StreamError> {
         if self.next == self.records.len() {
             self.read_chunk()?;
         }
@@ -265,144 +291,186 @@ impl<R: Read> StreamReader<R> {
             record: self.next as u32,
         };
         self.next += 1;
-        let access = |source| StreamError::Access { at, source };
-        let seed = self.header.seed;
+        Ok(RecordAt { at, rec })
+    }
+
+    /// `len` payload bytes at offset `data` of the current chunk's records
+    /// (checked against the chunk when it was parsed).
+    fn payload(&self, data: usize, len: usize) -> PayloadRange {
+        PayloadRange {
+            start: 4 + data,
+            end: 4 + data + len,
+        }
+    }
+
+    /// A ZERO record: `pages` pages from `gpa` become zero (released on a
+    /// 4 KiB store, filled on a hugetlb one).
+    fn apply_zero(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        gpa: GuestPhysAddr,
+        pages: u32,
+    ) -> Result<Event, StreamError> {
+        let len = u64::from(pages) * PAGE_SIZE as u64;
+        if mem.frame_store().granule().bytes() == PAGE_SIZE as u64 {
+            mem.discard(gpa, len).map_err(access(at))?;
+        } else {
+            #[allow(clippy::cast_possible_truncation)] // inside a region
+            mem.fill(gpa, 0, len as usize).map_err(access(at))?;
+        }
+        self.index.clear_range(gpa.frame(), u64::from(pages));
+        self.pages += u64::from(pages);
+        self.stats.zero_pages += u64::from(pages);
+        Ok(Event::Zero { gpa, pages })
+    }
+
+    /// A FULL record: the page's bytes are at offset `data` of the chunk.
+    fn apply_full(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        gpa: GuestPhysAddr,
+        data: usize,
+    ) -> Result<Event, StreamError> {
         let mut page = [0u8; PAGE_SIZE];
-        Ok(match rec {
-            Record::Round(n) => {
-                self.stats.round = Some(n);
-                Event::Round(n)
+        let r = self.payload(data, PAGE_SIZE);
+        page.copy_from_slice(&self.chunk[r.start..r.end]);
+        mem.write(gpa, &page).map_err(access(at))?;
+        self.index.set(
+            gpa.frame(),
+            Some(format::content_hash(&page, self.header.seed)),
+        );
+        self.pages += 1;
+        self.stats.full_pages += 1;
+        Ok(Event::Full { gpa })
+    }
+
+    /// A REF record: the page gets content `hash`, which a page this end's
+    /// index names holds.
+    fn apply_ref(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        gpa: GuestPhysAddr,
+        hash: u128,
+    ) -> Result<Event, StreamError> {
+        let from = self
+            .index
+            .holder(hash)
+            .ok_or(StreamError::UnknownRef { at, hash })?
+            .addr();
+        let mut page = [0u8; PAGE_SIZE];
+        mem.read(from, &mut page).map_err(access(at))?;
+        // Second check: the page we copy from still holds the content (a
+        // desync between the two ends' indexes is an error here, never a
+        // silently wrong page).
+        if format::content_hash(&page, self.header.seed) != hash {
+            return Err(StreamError::ContentMismatch { at, gpa: from });
+        }
+        mem.write(gpa, &page).map_err(access(at))?;
+        self.index.set(gpa.frame(), Some(hash));
+        self.pages += 1;
+        self.stats.ref_pages += 1;
+        Ok(Event::Ref { gpa, from })
+    }
+
+    /// A REF_RUN record: page `gpa + i` gets what page `from + i` holds.
+    fn apply_ref_run(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        gpa: GuestPhysAddr,
+        from: GuestPhysAddr,
+        pages: u32,
+    ) -> Result<Event, StreamError> {
+        let mut page = [0u8; PAGE_SIZE];
+        // One page after the other, each checked against what this end's
+        // index says its source holds at that moment (the sender chose each
+        // source from the same index state).
+        for i in 0..u64::from(pages) {
+            let dst = GuestFrame(gpa.frame().0 + i);
+            let src = GuestFrame(from.frame().0 + i);
+            let src_gpa = src.addr();
+            let want = self
+                .index
+                .content_of(src)
+                .ok_or(StreamError::UnknownSource { at, gpa: src_gpa })?;
+            mem.read(src_gpa, &mut page).map_err(access(at))?;
+            if format::content_hash(&page, self.header.seed) != want {
+                return Err(StreamError::ContentMismatch { at, gpa: src_gpa });
             }
-            Record::Zero { gpa, pages } => {
-                let len = u64::from(pages) * PAGE_SIZE as u64;
-                if mem.frame_store().granule().bytes() == PAGE_SIZE as u64 {
-                    mem.discard(GuestPhysAddr(gpa), len).map_err(access)?;
-                } else {
-                    #[allow(clippy::cast_possible_truncation)] // inside a region
-                    mem.fill(GuestPhysAddr(gpa), 0, len as usize)
-                        .map_err(access)?;
-                }
-                self.index.clear_range(gpa >> 12, u64::from(pages));
-                self.pages += u64::from(pages);
-                self.stats.zero_pages += u64::from(pages);
-                Event::Zero {
-                    gpa: GuestPhysAddr(gpa),
-                    pages,
-                }
+            if dst != src {
+                mem.write(dst.addr(), &page).map_err(access(at))?;
             }
-            Record::Full { gpa, data } => {
-                page.copy_from_slice(&self.chunk[4 + data..4 + data + PAGE_SIZE]);
-                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
-                self.index
-                    .set(gpa >> 12, Some(format::content_hash(&page, seed)));
-                self.pages += 1;
-                self.stats.full_pages += 1;
-                Event::Full {
-                    gpa: GuestPhysAddr(gpa),
-                }
+            self.index.set(dst, Some(want));
+        }
+        self.pages += u64::from(pages);
+        self.stats.ref_pages += u64::from(pages);
+        Ok(Event::RefRun { gpa, from, pages })
+    }
+
+    /// A DELTA record: the XBZRLE delta in `delta` applied to the page this
+    /// end holds, checked against the low half of the content hash.
+    fn apply_delta(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        gpa: GuestPhysAddr,
+        check: u64,
+        delta: PayloadRange,
+    ) -> Result<Event, StreamError> {
+        let mut page = [0u8; PAGE_SIZE];
+        mem.read(gpa, &mut page).map_err(access(at))?;
+        xbzrle::apply(&self.chunk[delta.start..delta.end], &mut page).map_err(|e| {
+            StreamError::Malformed {
+                at,
+                problem: Malformed::Delta(e),
             }
-            Record::Ref { gpa, hash } => {
-                let from = self
-                    .index
-                    .holder(hash)
-                    .ok_or(StreamError::UnknownRef { at, hash })?;
-                let from = GuestPhysAddr(from << 12);
-                mem.read(from, &mut page).map_err(access)?;
-                // Second check: the page we copy from still holds the
-                // content (a desync between the two ends' indexes is an
-                // error here, never a silently wrong page).
-                if format::content_hash(&page, seed) != hash {
-                    return Err(StreamError::ContentMismatch { at, gpa: from });
-                }
-                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
-                self.index.set(gpa >> 12, Some(hash));
-                self.pages += 1;
-                self.stats.ref_pages += 1;
-                Event::Ref {
-                    gpa: GuestPhysAddr(gpa),
-                    from,
-                }
+        })?;
+        let hash = format::content_hash(&page, self.header.seed);
+        #[allow(clippy::cast_possible_truncation)] // the low half, by design
+        if hash as u64 != check {
+            return Err(StreamError::ContentMismatch { at, gpa });
+        }
+        mem.write(gpa, &page).map_err(access(at))?;
+        self.index.set(gpa.frame(), Some(hash));
+        self.pages += 1;
+        self.stats.delta_pages += 1;
+        Ok(Event::Delta {
+            gpa,
+            len: delta.end - delta.start,
+        })
+    }
+
+    /// The end marker: the page count must match what arrived, and the
+    /// whole-memory digest (if any) what was rebuilt.
+    fn apply_end(
+        &mut self,
+        mem: &GuestMemory,
+        at: Position,
+        pages: u64,
+        digest: Option<u128>,
+    ) -> Result<Event, StreamError> {
+        if pages != self.pages {
+            return Err(StreamError::Malformed {
+                at,
+                problem: Malformed::PageCount {
+                    claimed: pages,
+                    seen: self.pages,
+                },
+            });
+        }
+        if let Some(d) = digest {
+            if memory_digest(mem, self.header.seed).map_err(access(at))? != d {
+                return Err(StreamError::DigestMismatch);
             }
-            Record::RefRun { gpa, from, pages } => {
-                // One page after the other, each checked against what this
-                // end's index says its source holds at that moment (the
-                // sender chose each source from the same index state).
-                for i in 0..u64::from(pages) {
-                    let (dst, src) = ((gpa >> 12) + i, (from >> 12) + i);
-                    let src_gpa = GuestPhysAddr(src << 12);
-                    let want = self
-                        .index
-                        .content_of(src)
-                        .ok_or(StreamError::UnknownSource { at, gpa: src_gpa })?;
-                    mem.read(src_gpa, &mut page).map_err(access)?;
-                    if format::content_hash(&page, seed) != want {
-                        return Err(StreamError::ContentMismatch { at, gpa: src_gpa });
-                    }
-                    if dst != src {
-                        mem.write(GuestPhysAddr(dst << 12), &page).map_err(access)?;
-                    }
-                    self.index.set(dst, Some(want));
-                }
-                self.pages += u64::from(pages);
-                self.stats.ref_pages += u64::from(pages);
-                Event::RefRun {
-                    gpa: GuestPhysAddr(gpa),
-                    from: GuestPhysAddr(from),
-                    pages,
-                }
-            }
-            Record::Delta {
-                gpa,
-                check,
-                data,
-                len,
-            } => {
-                mem.read(GuestPhysAddr(gpa), &mut page).map_err(access)?;
-                xbzrle::apply(&self.chunk[4 + data..4 + data + len], &mut page).map_err(|e| {
-                    StreamError::Malformed {
-                        at,
-                        problem: Malformed::Delta(e),
-                    }
-                })?;
-                let hash = format::content_hash(&page, seed);
-                #[allow(clippy::cast_possible_truncation)] // the low half, by design
-                if hash as u64 != check {
-                    return Err(StreamError::ContentMismatch {
-                        at,
-                        gpa: GuestPhysAddr(gpa),
-                    });
-                }
-                mem.write(GuestPhysAddr(gpa), &page).map_err(access)?;
-                self.index.set(gpa >> 12, Some(hash));
-                self.pages += 1;
-                self.stats.delta_pages += 1;
-                Event::Delta {
-                    gpa: GuestPhysAddr(gpa),
-                    len,
-                }
-            }
-            Record::End { pages, digest } => {
-                if pages != self.pages {
-                    return Err(StreamError::Malformed {
-                        at,
-                        problem: Malformed::PageCount {
-                            claimed: pages,
-                            seen: self.pages,
-                        },
-                    });
-                }
-                if let Some(d) = digest {
-                    if memory_digest(mem, seed).map_err(access)? != d {
-                        return Err(StreamError::DigestMismatch);
-                    }
-                }
-                self.done = true;
-                self.stats.verified = digest.is_some();
-                Event::End {
-                    pages,
-                    verified: digest.is_some(),
-                }
-            }
+        }
+        self.done = true;
+        self.stats.verified = digest.is_some();
+        Ok(Event::End {
+            pages,
+            verified: digest.is_some(),
         })
     }
 
@@ -589,4 +657,25 @@ impl Fields<'_> {
     fn u64(&mut self) -> u64 {
         u64::from_le_bytes(self.take())
     }
+}
+
+/// A record of the current chunk and its place in the stream: what
+/// [`StreamReader::next_record`] hands the step that applies it.
+#[derive(Clone, Copy, Debug)]
+struct RecordAt {
+    at: Position,
+    rec: Record,
+}
+
+/// Where a record's payload lies in the current chunk buffer (length field
+/// included), so a step can borrow it while it updates the reader.
+#[derive(Clone, Copy, Debug)]
+struct PayloadRange {
+    start: usize,
+    end: usize,
+}
+
+/// Maps an access error of the record at `at` to a stream error.
+fn access(at: Position) -> impl Fn(AccessError) -> StreamError {
+    move |source| StreamError::Access { at, source }
 }

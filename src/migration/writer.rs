@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use crate::{
-    addr::{is_zero_page, GuestPhysAddr, PAGE_SIZE},
+    addr::{is_zero_page, GuestFrame, GuestPhysAddr, PAGE_SIZE},
     memory::GuestMemory,
 };
 
@@ -93,11 +93,11 @@ struct RefRun {
     /// Offset of the record in the chunk.
     at: usize,
     /// The page the run would cover next, and its region's end.
-    next_dst: u64,
-    dst_end: u64,
+    next_dst: GuestFrame,
+    dst_end: GuestFrame,
     /// The page it would copy that one from, and its region's end.
-    next_src: u64,
-    src_end: u64,
+    next_src: GuestFrame,
+    src_end: GuestFrame,
     pages: u32,
 }
 
@@ -114,9 +114,9 @@ pub struct StreamWriter<W: Write> {
     /// The chunk being built: a 4-byte length placeholder, then records.
     chunk: Vec<u8>,
     chunk_no: u64,
-    /// The last record is a zero run: (offset in `chunk`, next pfn, region
-    /// end pfn, pages).
-    zero_run: Option<(usize, u64, u64, u32)>,
+    /// The last record is a zero run: (offset in `chunk`, next frame,
+    /// region end frame, pages).
+    zero_run: Option<(usize, GuestFrame, GuestFrame, u32)>,
     /// The last record is a reference run that may grow.
     ref_run: Option<RefRun>,
     round: Option<u32>,
@@ -232,10 +232,10 @@ impl<W: Write> StreamWriter<W> {
         data: &[u8; PAGE_SIZE],
     ) -> Result<Sent, StreamError> {
         self.check()?;
-        if !self.layout.holds_run(gpa.0, 1) {
+        if !self.layout.holds_run(gpa, 1) {
             return Err(StreamError::PageNotInLayout { gpa });
         }
-        let pfn = gpa.0 >> 12;
+        let pfn = gpa.frame();
         if is_zero_page(data) {
             self.zero(pfn)?;
             self.index.set(pfn, None);
@@ -324,7 +324,7 @@ impl<W: Write> StreamWriter<W> {
     /// the delta is not small enough.
     fn try_delta(
         &mut self,
-        pfn: u64,
+        pfn: GuestFrame,
         hash: u128,
         data: &[u8; PAGE_SIZE],
     ) -> Result<Option<usize>, StreamError> {
@@ -337,7 +337,7 @@ impl<W: Write> StreamWriter<W> {
             return Ok(None);
         };
         rec[0] = kind::DELTA;
-        rec[1..9].copy_from_slice(&(pfn << 12).to_le_bytes());
+        rec[1..9].copy_from_slice(&pfn.addr().0.to_le_bytes());
         // The low half of the content hash: the receiver checks the page it
         // rebuilt against it.
         #[allow(clippy::cast_possible_truncation)]
@@ -352,7 +352,12 @@ impl<W: Write> StreamWriter<W> {
     /// `holder`: extends the open reference run when the page after its
     /// last source holds that content too (clones then cost one record per
     /// stretch), else starts a run of one page (21 bytes).
-    fn reference(&mut self, pfn: u64, hash: u128, holder: u64) -> Result<(), StreamError> {
+    fn reference(
+        &mut self,
+        pfn: GuestFrame,
+        hash: u128,
+        holder: GuestFrame,
+    ) -> Result<(), StreamError> {
         if let Some(mut run) = self.ref_run {
             if run.next_dst == pfn
                 && pfn < run.dst_end
@@ -361,8 +366,8 @@ impl<W: Write> StreamWriter<W> {
                 && self.index.content_of(run.next_src) == Some(hash)
             {
                 run.pages += 1;
-                run.next_dst += 1;
-                run.next_src += 1;
+                run.next_dst.0 += 1;
+                run.next_src.0 += 1;
                 self.chunk[run.at + 17..run.at + 21].copy_from_slice(&run.pages.to_le_bytes());
                 self.ref_run = Some(run);
                 return Ok(());
@@ -370,16 +375,19 @@ impl<W: Write> StreamWriter<W> {
         }
         let mut rec = [0u8; format::REF_RUN_LEN];
         rec[0] = kind::REF_RUN;
-        rec[1..9].copy_from_slice(&(pfn << 12).to_le_bytes());
-        rec[9..17].copy_from_slice(&(holder << 12).to_le_bytes());
+        rec[1..9].copy_from_slice(&pfn.addr().0.to_le_bytes());
+        rec[9..17].copy_from_slice(&holder.addr().0.to_le_bytes());
         rec[17..].copy_from_slice(&1u32.to_le_bytes());
         self.push(&[&rec])?;
         self.ref_run = Some(RefRun {
             at: self.chunk.len() - format::REF_RUN_LEN,
-            next_dst: pfn + 1,
-            dst_end: self.layout.region_end(pfn).unwrap_or(pfn + 1),
-            next_src: holder + 1,
-            src_end: self.layout.region_end(holder).unwrap_or(holder + 1),
+            next_dst: GuestFrame(pfn.0 + 1),
+            dst_end: self.layout.region_end(pfn).unwrap_or(GuestFrame(pfn.0 + 1)),
+            next_src: GuestFrame(holder.0 + 1),
+            src_end: self
+                .layout
+                .region_end(holder)
+                .unwrap_or(GuestFrame(holder.0 + 1)),
             pages: 1,
         });
         Ok(())
@@ -387,22 +395,23 @@ impl<W: Write> StreamWriter<W> {
 
     /// Sends page `pfn` as zero, extending the previous record if it is a
     /// zero run ending just before `pfn` in the same region.
-    fn zero(&mut self, pfn: u64) -> Result<(), StreamError> {
+    fn zero(&mut self, pfn: GuestFrame) -> Result<(), StreamError> {
         self.pages += 1;
         if let Some((at, next, end, pages)) = self.zero_run {
             if next == pfn && pfn < end && pages < u32::MAX {
                 self.chunk[at + 9..at + 13].copy_from_slice(&(pages + 1).to_le_bytes());
-                self.zero_run = Some((at, next + 1, end, pages + 1));
+                self.zero_run = Some((at, GuestFrame(next.0 + 1), end, pages + 1));
                 return Ok(());
             }
         }
         let mut rec = [0u8; format::ZERO_LEN];
         rec[0] = kind::ZERO;
-        rec[1..9].copy_from_slice(&(pfn << 12).to_le_bytes());
+        rec[1..9].copy_from_slice(&pfn.addr().0.to_le_bytes());
         rec[9..].copy_from_slice(&1u32.to_le_bytes());
         self.push(&[&rec])?;
-        let end = self.layout.region_end(pfn).unwrap_or(pfn + 1);
-        self.zero_run = Some((self.chunk.len() - format::ZERO_LEN, pfn + 1, end, 1));
+        let next = GuestFrame(pfn.0 + 1);
+        let end = self.layout.region_end(pfn).unwrap_or(next);
+        self.zero_run = Some((self.chunk.len() - format::ZERO_LEN, next, end, 1));
         Ok(())
     }
 

@@ -107,8 +107,8 @@ pub enum UserfaultError {
     Ioctl {
         /// The ioctl.
         op: &'static str,
-        /// Range start.
-        start: u64,
+        /// Range start (host-virtual).
+        start: HostVirtAddr,
         /// Range length.
         len: u64,
         /// The OS error.
@@ -332,7 +332,7 @@ impl Userfault {
                     Some(libc::EINTR) => continue,
                     _ => Err(UserfaultError::Ioctl {
                         op: "read(userfaultfd)",
-                        start: 0,
+                        start: HostVirtAddr(0),
                         len: 0,
                         source: e,
                     }),
@@ -365,7 +365,7 @@ impl Userfault {
             }
             return Err(UserfaultError::Ioctl {
                 op: "poll(userfaultfd)",
-                start: 0,
+                start: HostVirtAddr(0),
                 len: 0,
                 source: e,
             });
@@ -395,7 +395,7 @@ impl Userfault {
         } else {
             Err(UserfaultError::Ioctl {
                 op,
-                start: addr.0,
+                start: addr,
                 len,
                 source: io::Error::last_os_error(),
             })

@@ -216,8 +216,8 @@ pub fn load(mem: &GuestMemory, code: &[u8], cr3: GuestPhysAddr, seed: u64) -> Re
     mem.write(GuestPhysAddr(CODE), code)?;
     Ok(LongMode {
         cr3,
-        entry: CODE,
-        stack: STACK_TOP,
+        entry: pagefold::GuestVirtAddr(CODE),
+        stack: pagefold::GuestVirtAddr(STACK_TOP),
         args: [seed, 0],
         user_mode: true,
     })
