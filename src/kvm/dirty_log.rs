@@ -85,8 +85,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use super::{ioctl, KvmError, KvmOptions, KvmVm, Slot};
-use crate::{addr::PAGE_SIZE, memory::GuestMemory};
+use super::{
+    error::{ioctl, KvmError},
+    options::KvmOptions,
+    slot::{slot_pages, Slot},
+};
+use crate::memory::GuestMemory;
 
 /// `_IOC(dir, 0xAE, nr, size)` as `<asm-generic/ioctl.h>` builds it
 /// (x86-64 and arm64 use the generic layout: dir in bits 30-31, size in
@@ -122,7 +126,7 @@ enum Mode {
     Manual { initially_set: bool },
 }
 
-/// The dirty-log state of a [`KvmVm`]: the mode and one bitmap buffer per
+/// The dirty-log state of a [`KvmVm`](super::KvmVm): the mode and one bitmap buffer per
 /// slot, reused by every fetch (the lock also serialises fetches).
 pub(super) struct DirtyLog {
     mode: Mode,
@@ -231,10 +235,6 @@ fn dirty_words(bitmap: &[u64]) -> Option<std::ops::Range<usize>> {
     Some(first..last + 1)
 }
 
-fn slot_pages(slot: &Slot) -> u64 {
-    slot.size / PAGE_SIZE as u64
-}
-
 impl DirtyLog {
     /// Picks the mode and, for manual protection, enables it on `vm`. Must
     /// run before any slot is registered (`KVM_DIRTY_LOG_INITIALLY_SET`
@@ -311,49 +311,29 @@ impl DirtyLog {
     }
 }
 
-impl KvmVm {
-    /// Fetches KVM's dirty log of every slot and ORs it into pagefold's
-    /// dirty log ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
-    /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM
-    /// reported: those the guest wrote since the previous fetch (the first
-    /// fetch: since the VM was created), each once however often it was
-    /// written. Does nothing (returns 0) without `log_dirty_pages`.
-    ///
-    /// With manual protection (see [`Self::manual_dirty_log_protect`]) each
-    /// slot costs `KVM_GET_DIRTY_LOG` (a copy of KVM's bitmap into a buffer
-    /// kept between fetches) and, if anything was dirty, one
-    /// `KVM_CLEAR_DIRTY_LOG` of exactly the bits fetched, which re-arms
-    /// tracking of those pages. The clear happens before the bits reach
-    /// pagefold's log, so a harvest (on any thread) that reports a page
-    /// starts after KVM re-armed it: a guest write the harvest's copy could
-    /// miss sets the page's bit again and comes with the next fetch. The
-    /// full argument is in the module documentation (`src/kvm/dirty_log.rs`).
-    ///
-    /// Fetches are serialised (the buffers sit behind a lock). On an error
-    /// nothing fetched is lost: bits already cleared in KVM are merged
-    /// before the error returns, bits not cleared come again next time.
-    pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
-        if !self.options.log_dirty_pages {
-            return Ok(0);
-        }
-        let manual = match self.dirty.mode {
+impl DirtyLog {
+    /// [`KvmVm::fetch_dirty_log`](super::KvmVm::fetch_dirty_log) over `slots` of `vm`, merged into `mem`'s
+    /// dirty log.
+    pub(super) fn fetch(
+        &self,
+        vm: &VmFd,
+        slots: &[Slot],
+        mem: &GuestMemory,
+    ) -> Result<u64, KvmError> {
+        let manual = match self.mode {
             Mode::Off => return Ok(0),
             Mode::Legacy => false,
             Mode::Manual { .. } => true,
         };
-        let mut bitmaps = self
-            .dirty
-            .bitmaps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(PoisonError::into_inner);
         let mut total = 0u64;
-        for (slot, bitmap) in self.slots.iter().zip(bitmaps.iter_mut()) {
-            get_dirty_log(&self.vm, slot.id, bitmap)?;
+        for (slot, bitmap) in slots.iter().zip(bitmaps.iter_mut()) {
+            get_dirty_log(vm, slot.id, bitmap)?;
             let Some(words) = dirty_words(bitmap) else {
                 continue;
             };
             let cleared = if manual {
-                clear_dirty_log(&self.vm, slot.id, slot_pages(slot), bitmap, words.clone())
+                clear_dirty_log(vm, slot.id, slot_pages(slot), bitmap, words.clone())
             } else {
                 Ok(())
             };
@@ -361,23 +341,20 @@ impl KvmVm {
                 .iter()
                 .map(|w| u64::from(w.count_ones()))
                 .sum::<u64>();
-            self.mem.merge_dirty_bitmap(slot.region, bitmap)?;
+            mem.merge_dirty_bitmap(slot.region, bitmap)?;
             cleared?;
         }
         Ok(total)
     }
 
-    /// Whether fetches use manual protection (`KVM_GET_DIRTY_LOG` then
-    /// `KVM_CLEAR_DIRTY_LOG`); `false` for the legacy get-and-clear or with
-    /// dirty logging off.
-    pub fn manual_dirty_log_protect(&self) -> bool {
-        matches!(self.dirty.mode, Mode::Manual { .. })
+    /// Whether fetches use manual protection.
+    pub(super) fn is_manual(&self) -> bool {
+        matches!(self.mode, Mode::Manual { .. })
     }
 
-    /// Whether KVM's slots started all-dirty (`KVM_DIRTY_LOG_INITIALLY_SET`,
-    /// cleared when the VM was created; fetches report the same either way).
-    pub fn dirty_log_initially_set(&self) -> bool {
-        self.dirty.mode
+    /// Whether KVM's slots started all-dirty.
+    pub(super) fn initially_set(&self) -> bool {
+        self.mode
             == Mode::Manual {
                 initially_set: true,
             }

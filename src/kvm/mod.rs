@@ -22,60 +22,21 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 mod dirty_log;
+mod error;
+mod options;
+mod slot;
 mod vcpu;
+
+pub use error::KvmError;
+pub use options::KvmOptions;
 
 pub use vcpu::{
     Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
     MIGRATED_MSRS,
 };
 
-use crate::{addr::PAGE_SIZE, dirty::DirtyError, memory::GuestMemory};
-
-/// Errors of the KVM layer.
-#[derive(Debug, thiserror::Error)]
-pub enum KvmError {
-    /// An ioctl (or opening `/dev/kvm`) failed.
-    #[error("{op} failed: {source}")]
-    Ioctl {
-        /// What was being done.
-        op: &'static str,
-        /// The OS error.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The memory has more regions than KVM has slots.
-    #[error("{regions} regions but KVM offers {slots} memory slots")]
-    TooManyRegions {
-        /// Regions in the memory.
-        regions: usize,
-        /// Slots KVM offers.
-        slots: usize,
-    },
-    /// Dirty logging needs one page-state entry per 4 KiB page (KVM logs at
-    /// that granularity); this region's pages are larger.
-    #[error("region {index}: dirty logging needs 4 KiB pages in the page-state table")]
-    DirtyGranule {
-        /// The region.
-        index: usize,
-    },
-    /// Merging a KVM bitmap into the dirty log failed.
-    #[error("merging KVM's dirty bitmap: {0}")]
-    Dirty(#[from] DirtyError),
-    /// The guest exited for a reason the runner does not handle.
-    #[error("unhandled vCPU exit: {0}")]
-    UnhandledExit(String),
-    /// KVM would not load a model-specific register of a vCPU state (this
-    /// host's KVM lacks it, or refused the value).
-    #[error("KVM refused MSR {index:#x} of the vCPU state")]
-    MsrRefused {
-        /// The register's index.
-        index: u32,
-    },
-}
-
-fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
-    move |source| KvmError::Ioctl { op, source }
-}
+use self::{error::ioctl, slot::Slot};
+use crate::{addr::PAGE_SIZE, memory::GuestMemory};
 
 /// Whether KVM can run a guest here: opens `/dev/kvm`, creates a VM and a
 /// vCPU, and drops them. The error says why not (no `/dev/kvm`, no
@@ -86,33 +47,6 @@ pub fn probe() -> Result<(), KvmError> {
     let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
     Ok(())
-}
-
-/// Options of [`KvmVm::with_options`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KvmOptions {
-    /// Register every slot with `KVM_MEM_LOG_DIRTY_PAGES`, so
-    /// [`KvmVm::fetch_dirty_log`] can fetch guest writes.
-    pub log_dirty_pages: bool,
-    /// Fetch with the legacy get-and-clear `KVM_GET_DIRTY_LOG` even where
-    /// KVM offers manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
-    /// used by default); for comparisons and tests.
-    pub legacy_dirty_log: bool,
-    /// With manual protection, also ask for `KVM_DIRTY_LOG_INITIALLY_SET`
-    /// (slots start all-dirty, and every clear also write-protects the
-    /// 2 MiB ranges it covers). It only pays where logging starts on a
-    /// slot a guest already uses, which `KvmVm` never does; off by default
-    /// (`benches/kvm_dirty_ratios.sh` measured fetches of 1000 dirty pages
-    /// 1.1-1.6x dearer with it).
-    pub dirty_log_initially_set: bool,
-}
-
-/// One memory slot: the region it maps.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    id: u32,
-    region: usize,
-    size: u64,
 }
 
 /// A KVM VM whose memory slots are the regions of a [`GuestMemory`]
@@ -238,5 +172,45 @@ impl KvmVm {
             fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         }
         Ok(KvmVcpu::new(fd, features, Arc::clone(&self.mem)))
+    }
+
+    /// Fetches KVM's dirty log of every slot and ORs it into pagefold's
+    /// dirty log ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
+    /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM
+    /// reported: those the guest wrote since the previous fetch (the first
+    /// fetch: since the VM was created), each once however often it was
+    /// written. Does nothing (returns 0) without `log_dirty_pages`.
+    ///
+    /// With manual protection (see [`Self::manual_dirty_log_protect`]) each
+    /// slot costs `KVM_GET_DIRTY_LOG` (a copy of KVM's bitmap into a buffer
+    /// kept between fetches) and, if anything was dirty, one
+    /// `KVM_CLEAR_DIRTY_LOG` of exactly the bits fetched, which re-arms
+    /// tracking of those pages. The clear happens before the bits reach
+    /// pagefold's log, so a harvest (on any thread) that reports a page
+    /// starts after KVM re-armed it: a guest write the harvest's copy could
+    /// miss sets the page's bit again and comes with the next fetch. The
+    /// full argument is in the module documentation (`src/kvm/dirty_log.rs`).
+    ///
+    /// Fetches are serialised (the buffers sit behind a lock). On an error
+    /// nothing fetched is lost: bits already cleared in KVM are merged
+    /// before the error returns, bits not cleared come again next time.
+    pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
+        if !self.options.log_dirty_pages {
+            return Ok(0);
+        }
+        self.dirty.fetch(&self.vm, &self.slots, &self.mem)
+    }
+
+    /// Whether fetches use manual protection (`KVM_GET_DIRTY_LOG` then
+    /// `KVM_CLEAR_DIRTY_LOG`); `false` for the legacy get-and-clear or with
+    /// dirty logging off.
+    pub fn manual_dirty_log_protect(&self) -> bool {
+        self.dirty.is_manual()
+    }
+
+    /// Whether KVM's slots started all-dirty (`KVM_DIRTY_LOG_INITIALLY_SET`,
+    /// cleared when the VM was created; fetches report the same either way).
+    pub fn dirty_log_initially_set(&self) -> bool {
+        self.dirty.initially_set()
     }
 }

@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use zerocopy::{AsBytes, FromBytes};
 
-use super::{ioctl, KvmError};
+use super::error::{ioctl, KvmError};
 use crate::{
     addr::{GuestPhysAddr, GuestVirtAddr},
     memory::GuestMemory,
