@@ -9,8 +9,10 @@
 //! accessed/dirty update races with a writer of the entry.
 
 use super::{
+    fault::{FaultReason, WalkFault},
     format::{Decoded, Format},
-    Access, FaultReason, WalkFault,
+    memory::PhysMemory,
+    types::Access,
 };
 
 /// How many times a walk restarts after losing an accessed/dirty
@@ -230,7 +232,7 @@ pub(crate) struct DirectPort<'m, M: ?Sized> {
     pub(crate) refs: u32,
 }
 
-impl<M: super::PhysMemory + ?Sized> Port for DirectPort<'_, M> {
+impl<M: PhysMemory + ?Sized> Port for DirectPort<'_, M> {
     #[inline]
     fn read(&mut self, pa: u64, wide: bool, level: u8) -> Result<u64, Fail> {
         self.refs += 1;

@@ -3,7 +3,7 @@
 //! (an x86 page-fault error code, an EPT-violation exit qualification, an
 //! NPT `EXITINFO1`).
 
-use super::Access;
+use super::types::Access;
 
 /// Which translation stage faulted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

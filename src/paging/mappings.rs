@@ -6,11 +6,14 @@
 
 use super::{
     engine::{DirectPort, Fail, Port},
+    fault::{FaultCode, FaultReason, Stage, WalkFault},
     format::{Decoded, Format},
-    walker::{LeafAttributes, Permissions, Walker},
+    memory::PhysMemory,
+    types::{Access, LeafAttributes, Permissions},
+    walker::Walker,
     x86::X86Mode,
-    Access, FaultCode, FaultReason, PhysMemory, Stage, WalkFault,
 };
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
 /// Default number of entries a listing may read: 2^24 (16 Mi), enough for
 /// 64 GiB of 4 KiB pages.
@@ -20,9 +23,9 @@ pub const DEFAULT_ENTRY_BUDGET: u64 = 1 << 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Mapping {
     /// First virtual address (canonical form in 4/5-level paging).
-    pub va: u64,
+    pub va: GuestVirtAddr,
     /// First guest-physical address.
-    pub gpa: u64,
+    pub gpa: GuestPhysAddr,
     /// Size in bytes (4 KiB, 2 MiB, 4 MiB, 1 GiB).
     pub size: u64,
     /// Level of the leaf entry.
@@ -138,18 +141,11 @@ impl<M: PhysMemory + ?Sized> Iterator for Mappings<'_, M> {
             // Without paging the whole 32-bit space maps to itself.
             self.no_paging_left = false;
             return Some(Ok(Mapping {
-                va: 0,
-                gpa: 0,
+                va: GuestVirtAddr(0),
+                gpa: GuestPhysAddr(0),
                 size: 1 << 32,
                 level: 0,
-                permissions: Permissions {
-                    read: true,
-                    write: true,
-                    execute: true,
-                    user: true,
-                    user_execute: true,
-                    key: 0,
-                },
+                permissions: Permissions::no_paging(),
                 attributes: LeafAttributes::default(),
                 entry: 0,
             }));
@@ -250,8 +246,8 @@ impl<M: PhysMemory + ?Sized> Iterator for Mappings<'_, M> {
                 Decoded::Leaf { base, shift } => {
                     let acc = fmt.accumulate(frame.acc, frame.level, raw);
                     return Some(Ok(Mapping {
-                        va: canonical(va, mode),
-                        gpa: base,
+                        va: GuestVirtAddr(canonical(va, mode)),
+                        gpa: GuestPhysAddr(base),
                         size: 1 << shift,
                         level: frame.level,
                         permissions: fmt.permissions(acc, raw),
