@@ -16,6 +16,7 @@ use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, Mapping, PhysImage, Translation, WalkFault, Walker,
     X86Mode, X86Paging,
 };
+use pagefold::GuestVirtAddr;
 use serde::Serialize;
 
 /// Exit status of `translate` when the address does not translate.
@@ -253,8 +254,8 @@ impl From<&Mapping> for JsonMapping {
     fn from(m: &Mapping) -> Self {
         let (p, a) = (&m.permissions, &m.attributes);
         JsonMapping {
-            va: hex(m.va),
-            gpa: hex(m.gpa),
+            va: hex(m.va.0),
+            gpa: hex(m.gpa.0),
             size: m.size,
             level: m.level,
             read: p.read,
@@ -505,15 +506,15 @@ pub(crate) fn run_translate(
     let walker = walker(args)?;
     let image = Image::open(args)?;
     let mem = image.phys(args);
-    let result = walker.translate(&mem, va, access);
+    let result = walker.translate(&mem, GuestVirtAddr(va), access);
     let line = match (&result, json) {
         (Ok(t), false) => translation_text(t),
         (Ok(t), true) => {
             let (p, a) = (&t.permissions, &t.attributes);
             serde_json::to_string(&JsonTranslation {
-                va: hex(t.va),
-                gpa: hex(t.gpa),
-                page_base: hex(t.gpa & !(t.page_size - 1)),
+                va: hex(t.va.0),
+                gpa: hex(t.gpa.0),
+                page_base: hex(t.gpa.0 & !(t.page_size - 1)),
                 page_size: t.page_size,
                 level: t.level,
                 read: p.read,
@@ -562,12 +563,15 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use pagefold::paging::{LeafAttributes, Permissions};
+    use pagefold::{
+        paging::{LeafAttributes, Permissions},
+        GuestPhysAddr,
+    };
 
     fn mapping(va: u64, gpa: u64, level: u8, entry: u64) -> Mapping {
         Mapping {
-            va,
-            gpa,
+            va: GuestVirtAddr(va),
+            gpa: GuestPhysAddr(gpa),
             size: 1 << (12 + 9 * (u32::from(level) - 1)),
             level,
             permissions: Permissions {
