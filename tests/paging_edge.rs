@@ -125,7 +125,9 @@ fn canonical_holes_4_level() {
         0x8000_0000_0000_0000,
         0x00ff_8000_0000_0000,
     ] {
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::NonCanonical, "{va:#x}");
         assert_eq!(f.code, FaultCode::GeneralProtection);
         assert_eq!((f.level, f.entry_addr), (0, None));
@@ -156,14 +158,15 @@ fn canonical_holes_5_level() {
     let t5 = w
         .translate(&mem, GuestVirtAddr(0x00ff_ffff_ffff_ffff), Access::read())
         .unwrap();
-    assert_eq!(
-        (t5.gpa.0, t5.memory_refs), (0x7fff, 5));
+    assert_eq!((t5.gpa.0, t5.memory_refs), (0x7fff, 5));
     for va in [
         0x0100_0000_0000_0000u64,
         0xfeff_ffff_ffff_ffff,
         0x8000_0000_0000_0000,
     ] {
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::NonCanonical, "{va:#x}");
         assert_eq!(f.code, FaultCode::GeneralProtection);
     }
@@ -171,7 +174,9 @@ fn canonical_holes_5_level() {
     let mut t = tables(Kind::Pae, &mem);
     assert!(t.map(0, 0x5000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(1 << 32), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(1 << 32), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::AddressTooWide);
 }
 
@@ -189,7 +194,9 @@ fn reserved_bits_above_maxphyaddr_at_every_level() {
         for level in 1..=kind.levels() {
             for bit in [40u32, 45, 51] {
                 set_bits(&t, va, level, 1 << bit);
-                let f = w.translate(&mem, GuestVirtAddr(va), Access::write().user()).unwrap_err();
+                let f = w
+                    .translate(&mem, GuestVirtAddr(va), Access::write().user())
+                    .unwrap_err();
                 assert_eq!(f.reason, FaultReason::Reserved { bits: 1 << bit });
                 assert_eq!(f.level, level, "{kind:?} bit {bit}");
                 assert_eq!(f.entry_addr, Some(entry(&t, va, level)));
@@ -198,20 +205,25 @@ fn reserved_bits_above_maxphyaddr_at_every_level() {
             }
             // Bits 58:52 are ignored at every level.
             set_bits(&t, va, level, 0x07f0_0000_0000_0000);
-            w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap();
+            w.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap();
             clear_bits(&t, va, level, 0x07f0_0000_0000_0000);
         }
         // Bit 39 is an address bit under MAXPHYADDR 40.
         set_bits(&t, va, 1, 1 << 39);
         assert_eq!(
-            w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap().gpa,
+            w.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap()
+                .gpa,
             GuestPhysAddr((1 << 39) | 0x5000)
         );
         // The same bits are address bits at MAXPHYADDR 52.
         set_bits(&t, va, 1, 1 << 45);
         let w52 = Walker::new(t.regs()).unwrap();
         assert_eq!(
-            w52.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap().gpa,
+            w52.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap()
+                .gpa,
             GuestPhysAddr((1 << 45) | (1 << 39) | 0x5000)
         );
     }
@@ -227,7 +239,9 @@ fn ps_is_reserved_in_pml4e_and_pml5e() {
         let w = Walker::new(t.regs()).unwrap();
         for level in 4..=kind.levels() {
             set_bits(&t, va, level, PS);
-            let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+            let f = w
+                .translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap_err();
             assert_eq!(
                 f.reason,
                 FaultReason::Reserved { bits: PS },
@@ -237,7 +251,8 @@ fn ps_is_reserved_in_pml4e_and_pml5e() {
             assert_eq!(pf(&f), PF_P | PF_RSVD);
             clear_bits(&t, va, level, PS);
         }
-        w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap();
+        w.translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap();
     }
 }
 
@@ -252,7 +267,9 @@ fn large_page_reserved_and_pat_bits() {
     // Bit 12 is PAT in both.
     set_bits(&t, va2m, 2, 1 << 12);
     set_bits(&t, va1g, 3, 1 << 12);
-    let a = w.translate(&mem, GuestVirtAddr(va2m + 0x1234), Access::read()).unwrap();
+    let a = w
+        .translate(&mem, GuestVirtAddr(va2m + 0x1234), Access::read())
+        .unwrap();
     assert_eq!(
         (a.gpa.0, a.page_size, a.attributes.pat),
         (0x4000_1234, 1 << 21, true)
@@ -266,7 +283,9 @@ fn large_page_reserved_and_pat_bits() {
     );
     for bit in [13u32, 16, 20] {
         set_bits(&t, va2m, 2, 1 << bit);
-        let f = w.translate(&mem, GuestVirtAddr(va2m), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va2m), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 2)
@@ -275,7 +294,9 @@ fn large_page_reserved_and_pat_bits() {
     }
     for bit in [13u32, 21, 29] {
         set_bits(&t, va1g, 3, 1 << bit);
-        let f = w.translate(&mem, GuestVirtAddr(va1g), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va1g), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 3)
@@ -286,10 +307,13 @@ fn large_page_reserved_and_pat_bits() {
     let mut regs = t.regs();
     regs.gbpages = false;
     let w = Walker::new(regs).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(va1g), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(va1g), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::Reserved { bits: PS }, 3));
     assert_eq!(pf(&f), PF_P | PF_RSVD);
-    w.translate(&mem, GuestVirtAddr(va2m), Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va2m), Access::read())
+        .unwrap();
 }
 
 #[test]
@@ -299,12 +323,15 @@ fn pae_pdpte_and_entry_reserved_bits() {
     let va = 0x8020_1000u64;
     assert!(t.map(va, 0x5000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap();
     // PDPTE: 2:1 and 8:5 reserved (no R/W, U/S, A, PS), 63:MAXPHYADDR too,
     // bit 63 even with NXE.
     for bit in [1u32, 2, 5, 6, 7, 8, 52, 62, 63] {
         set_bits(&t, va, 3, 1 << bit);
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 3),
@@ -315,18 +342,23 @@ fn pae_pdpte_and_entry_reserved_bits() {
     }
     // PWT/PCD and the ignored bits 11:9 are allowed.
     set_bits(&t, va, 3, (1 << 3) | (1 << 4) | (7 << 9));
-    w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap();
     // PDE/PTE: 62:MAXPHYADDR reserved; 63 is XD with NXE, reserved without.
     for level in [1u8, 2] {
         set_bits(&t, va, level, 1 << 62);
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << 62 }, level)
         );
         clear_bits(&t, va, level, 1 << 62);
         set_bits(&t, va, level, XD);
-        let ok = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap();
+        let ok = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap();
         assert!(!ok.permissions.execute);
         let mut regs = t.regs();
         regs.efer &= !EFER_NXE;
@@ -343,7 +375,9 @@ fn pae_pdpte_and_entry_reserved_bits() {
     // A 2 MiB PAE page: bits 20:13 reserved.
     assert!(t.map(0x4000_0000, 0x60_0000, 21, full(), |_| full()));
     set_bits(&t, 0x4000_0000, 2, 1 << 13);
-    let f = w.translate(&mem, GuestVirtAddr(0x4000_0000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x4000_0000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, f.level),
         (FaultReason::Reserved { bits: 1 << 13 }, 2)
@@ -358,14 +392,18 @@ fn bits32_pse36_and_ps_without_pse() {
     // Physical bits 39:32 in PDE bits 20:13.
     assert!(t.map(va, 0xab_c000_0000, 22, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    let tr = w.translate(&mem, GuestVirtAddr(va + 0x12_3456), Access::read()).unwrap();
+    let tr = w
+        .translate(&mem, GuestVirtAddr(va + 0x12_3456), Access::read())
+        .unwrap();
     assert_eq!(
         (tr.gpa.0, tr.page_size, tr.level),
         (0xab_c012_3456, 4 << 20, 2)
     );
     // Bit 21 is always reserved.
     set_bits(&t, va, 2, 1 << 21);
-    let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, f.level),
         (FaultReason::Reserved { bits: 1 << 21 }, 2)
@@ -375,13 +413,17 @@ fn bits32_pse36_and_ps_without_pse() {
     // With MAXPHYADDR 36 only bits 16:13 carry the address; 20:17 are
     // reserved.
     let w36 = Walker::new(t.regs().with_maxphyaddr(36)).unwrap();
-    let f = w36.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+    let f = w36
+        .translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
     // 0xab has bits 39:32 = 1010_1011: entry bits 20:13 = 0xab << 13.
     assert_eq!(f.reason, FaultReason::Reserved { bits: 0xa0 << 13 });
     let at = entry(&t, va, 2);
     t.write_entry(at, (t.read_entry(at) & !(0xff << 13)) | (0xb << 13));
     assert_eq!(
-        w36.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap().gpa,
+        w36.translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap()
+            .gpa,
         GuestPhysAddr(0xb_c000_0000)
     );
     // Without CR4.PSE, PS is ignored: the PDE points at a page table.
@@ -392,11 +434,14 @@ fn bits32_pse36_and_ps_without_pse() {
     t.write_entry(at, pt | PS | 0x7);
     mem.write_obj(GuestPhysAddr(pt + 8), 0x0077_7000u32 | 0x7)
         .unwrap();
-    let tr = wn.translate(&mem, GuestVirtAddr(va + 0x2abc), Access::read()).unwrap();
-    assert_eq!(
-        (tr.gpa.0, tr.page_size, tr.level), (0x77_7abc, 4096, 1));
+    let tr = wn
+        .translate(&mem, GuestVirtAddr(va + 0x2abc), Access::read())
+        .unwrap();
+    assert_eq!((tr.gpa.0, tr.page_size, tr.level), (0x77_7abc, 4096, 1));
     // 32-bit entries have no XD and no reserved bits in a PTE.
-    let tr = wn.translate(&mem, GuestVirtAddr(va + 0x2000), Access::fetch()).unwrap();
+    let tr = wn
+        .translate(&mem, GuestVirtAddr(va + 0x2000), Access::fetch())
+        .unwrap();
     assert!(tr.permissions.execute);
 }
 
@@ -412,14 +457,18 @@ fn xd_without_nxe_is_reserved_at_every_level() {
     let wn = Walker::new(t.regs()).unwrap();
     for level in 1..=4 {
         set_bits(&t, va, level, XD);
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::fetch()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::fetch())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: XD }, level)
         );
         // No I/D without NXE (and without SMEP).
         assert_eq!(pf(&f), PF_P | PF_RSVD);
-        let f = wn.translate(&mem, GuestVirtAddr(va), Access::fetch()).unwrap_err();
+        let f = wn
+            .translate(&mem, GuestVirtAddr(va), Access::fetch())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::Permission, level));
         assert_eq!(pf(&f), PF_P | PF_ID);
         clear_bits(&t, va, level, XD);
@@ -446,10 +495,13 @@ fn cr0_wp_and_user_supervisor() {
     regs.cr0 &= !CR0_WP;
     let nowp = Walker::new(regs).unwrap();
     for va in [sup_ro, user_ro] {
-        let f = wp.translate(&mem, GuestVirtAddr(va), Access::write()).unwrap_err();
+        let f = wp
+            .translate(&mem, GuestVirtAddr(va), Access::write())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::Permission, 1));
         assert_eq!(pf(&f), PF_P | PF_W);
-        nowp.translate(&mem, GuestVirtAddr(va), Access::write()).unwrap();
+        nowp.translate(&mem, GuestVirtAddr(va), Access::write())
+            .unwrap();
     }
     // User writes honour R/W whatever CR0.WP says.
     let f = nowp
@@ -475,7 +527,9 @@ fn cr0_wp_and_user_supervisor() {
         (f.reason, f.level, pf(&f)),
         (FaultReason::NotPresent, 1, PF_W | PF_U)
     );
-    let f = wp.translate(&mem, GuestVirtAddr(0x9000), Access::fetch()).unwrap_err();
+    let f = wp
+        .translate(&mem, GuestVirtAddr(0x9000), Access::fetch())
+        .unwrap_err();
     assert_eq!(pf(&f), PF_ID);
 }
 
@@ -495,13 +549,18 @@ fn smep() {
     regs.cr4 |= CR4_SMEP;
     regs.efer &= !EFER_NXE;
     let w = Walker::new(regs).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Permission);
     // I/D is reported with SMEP even without NXE.
     assert_eq!(pf(&f), PF_P | PF_ID);
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user()).unwrap();
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap();
-    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap();
     // Without SMEP the supervisor may run user code.
     Walker::new(t.regs())
         .unwrap()
@@ -528,24 +587,30 @@ fn smap_with_ac_and_implicit_accesses() {
     for kind in [AccessKind::Read, AccessKind::Write] {
         let explicit = Access::new(kind, Privilege::Supervisor);
         let implicit = Access::new(kind, Privilege::SupervisorImplicit);
-        let f = w.translate(&mem, GuestVirtAddr(0x1000), explicit).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(0x1000), explicit)
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::Permission);
         assert_eq!(
             pf(&f),
             PF_P | if kind == AccessKind::Write { PF_W } else { 0 }
         );
-        w.translate(&mem, GuestVirtAddr(0x1000), explicit.with_ac(true)).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x1000), explicit.with_ac(true))
+            .unwrap();
         // Implicit supervisor accesses ignore EFLAGS.AC.
         w.translate(&mem, GuestVirtAddr(0x1000), implicit.with_ac(true))
             .unwrap_err();
-        w.translate(&mem, GuestVirtAddr(0x1000), implicit).unwrap_err();
+        w.translate(&mem, GuestVirtAddr(0x1000), implicit)
+            .unwrap_err();
         // Supervisor pages and user accesses are not affected.
         w.translate(&mem, GuestVirtAddr(0x2000), explicit).unwrap();
         w.translate(&mem, GuestVirtAddr(0x2000), implicit).unwrap();
-        w.translate(&mem, GuestVirtAddr(0x1000), explicit.user()).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x1000), explicit.user())
+            .unwrap();
     }
     // Fetches are SMEP's business, not SMAP's.
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
 }
 
 #[test]
@@ -579,12 +644,17 @@ fn protection_keys() {
         assert_eq!(pf(&f), want);
     }
     // Fetches are not checked against keys.
-    let ok = w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user()).unwrap();
+    let ok = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
     assert_eq!(ok.permissions.key, 3);
     // PKRS write-disable on a supervisor page: reads fine, writes denied
     // with CR0.WP, allowed without.
-    w.translate(&mem, GuestVirtAddr(0x2000), Access::read()).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x2000), Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::write())
+        .unwrap_err();
     assert_eq!(
         (f.reason, pf(&f)),
         (FaultReason::ProtectionKey { key: 5 }, PF_P | PF_W | PF_PK)
@@ -600,15 +670,18 @@ fn protection_keys() {
     let mut wd = regs;
     wd.pkru = 1 << 7;
     let w = Walker::new(wd).unwrap();
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::read().user()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read().user())
+        .unwrap();
     w.translate(&mem, GuestVirtAddr(0x1000), Access::write().user())
         .unwrap_err();
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     wd.cr0 &= !CR0_WP;
     let w = Walker::new(wd).unwrap();
     w.translate(&mem, GuestVirtAddr(0x1000), Access::write().user())
         .unwrap_err();
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap();
     // A user write to a read-only page whose key also denies it: PK is set
     // with the other bits (SDM 4.7, the PK flag's conditions hold).
     let ro_user = Flags { key: 3, ..ro() };
@@ -650,7 +723,8 @@ fn accessed_and_dirty_flags() {
     let snapshot = |v: u64| -> Vec<u64> { t.path(v).iter().map(|&a| t.read_entry(a)).collect() };
     // Without the option nothing changes.
     let before = snapshot(va);
-    w.translate(&mem, GuestVirtAddr(va), Access::write()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::write())
+        .unwrap();
     assert_eq!(snapshot(va), before);
     // A read sets A at every level, D nowhere.
     w.translate_with(&mem, GuestVirtAddr(va), Access::read(), AD, None)
@@ -699,7 +773,8 @@ fn accessed_flags_pae_pdpte_untouched_and_32_bit() {
     assert_eq!(t.read_entry(entry(&t, 0x4000_1000, 2)) & (A | D), A);
     assert_eq!(t.read_entry(entry(&t, 0x4000_1000, 1)) & (A | D), A | D);
     // And the walk still works afterwards (no reserved bit was set).
-    w.translate(&mem, GuestVirtAddr(0x4000_1000), Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x4000_1000), Access::read())
+        .unwrap();
 
     let mut t = tables(Kind::Bits32Pse, &mem);
     assert!(t.map(0x1000, 0x5000, 12, full(), |_| full()));
@@ -724,7 +799,9 @@ fn accessed_flags_on_a_read_only_image_fault_cleanly() {
     let img = PhysImage::new(0, &bytes);
     let w = Walker::new(t.regs()).unwrap();
     assert_eq!(
-        w.translate(&img, GuestVirtAddr(0x1234), Access::read()).unwrap().gpa,
+        w.translate(&img, GuestVirtAddr(0x1234), Access::read())
+            .unwrap()
+            .gpa,
         GuestPhysAddr(0x5234)
     );
     let f = w
@@ -795,15 +872,20 @@ fn ept_execute_only_and_misconfigurations() {
     // Execute-only where supported: fetch fine, read a violation with only
     // bit 5 (executable) in the permissions.
     s.write_entry(leaf, base | EX);
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
     // (No guest paging: the linear address is the guest-physical one, so
     // bits 7 and 8 are set.)
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, qual(&f)),
         (FaultReason::Permission, 1 | 1 << 5 | 1 << 7 | 1 << 8)
     );
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f), 2 | 1 << 5 | 1 << 7 | 1 << 8);
     // ... and a misconfiguration where not.
     let mem2 = self::mem();
@@ -818,21 +900,29 @@ fn ept_execute_only_and_misconfigurations() {
         (FaultReason::Misconfigured, FaultCode::EptMisconfig)
     );
     s2.write_entry(leaf2, s2.read_entry(leaf2) | ER);
-    w_noxo.translate(&mem2, GuestVirtAddr(0x1000), Access::fetch()).unwrap();
+    w_noxo
+        .translate(&mem2, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
     // Write without read: a misconfiguration, at any level.
     s.write_entry(leaf, base | EW);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!((f.code, f.level), (FaultCode::EptMisconfig, 1));
     s.write_entry(leaf, base | EW | EX);
     assert_eq!(
-        w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err().code,
+        w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+            .unwrap_err()
+            .code,
         FaultCode::EptMisconfig
     );
     s.write_entry(leaf, base | ER | EW | EX);
     let upper = entry(&s, 0x1000, 3);
     let up = s.read_entry(upper);
     s.write_entry(upper, up & !ER);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!((f.code, f.level), (FaultCode::EptMisconfig, 3));
     s.write_entry(upper, up);
     // Memory types 2, 3 and 7 are reserved in a leaf.
@@ -855,7 +945,9 @@ fn ept_execute_only_and_misconfigurations() {
             let at = entry(&s, 0x1000, level);
             let v = s.read_entry(at);
             s.write_entry(at, v | 1 << bit);
-            let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+            let f = w
+                .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+                .unwrap_err();
             assert_eq!(
                 (f.code, f.level),
                 (FaultCode::EptMisconfig, level),
@@ -876,7 +968,8 @@ fn ept_execute_only_and_misconfigurations() {
         FaultCode::EptMisconfig
     );
     s39.write_entry(at, s39.read_entry(at) & !(1 << 40));
-    w39.translate(&mem3, GuestVirtAddr(0x1000), Access::read()).unwrap();
+    w39.translate(&mem3, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
 }
 
 #[test]
@@ -889,9 +982,10 @@ fn ept_large_page_reserved_bits() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let t = w.translate(&mem, GuestVirtAddr(0x20_1234), Access::read()).unwrap();
-    assert_eq!(
-        (t.pa.0, t.second.unwrap().page_size), (0x40_1234, 1 << 21));
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x20_1234), Access::read())
+        .unwrap();
+    assert_eq!((t.pa.0, t.second.unwrap().page_size), (0x40_1234, 1 << 21));
     for (va, level, bit) in [
         (0x20_0000u64, 2u8, 12u32),
         (0x20_0000, 2, 20),
@@ -899,7 +993,9 @@ fn ept_large_page_reserved_bits() {
         (0x4000_0000, 3, 29),
     ] {
         set_bits(&s, va, level, 1 << bit);
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.code, f.level),
             (FaultCode::EptMisconfig, level),
@@ -928,14 +1024,21 @@ fn ept_violation_qualification() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
     assert_eq!(f.gpa, Some(0x5000));
     assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     assert_eq!(qual(&f), 4 | 1 << 3 | 1 << 7 | 1 << 8);
-    let f = w.translate(&mem, GuestVirtAddr(0x2000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, qual(&f)),
         (FaultReason::NotPresent, 1 | 1 << 7 | 1 << 8)
@@ -946,7 +1049,9 @@ fn ept_violation_qualification() {
     let ept_leaf = s.path(pt_gpa)[3];
     let saved = s.read_entry(ept_leaf);
     s.write_entry(ept_leaf, 0);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -963,12 +1068,17 @@ fn ept_violation_qualification() {
     // With EPT A/D on, a guest paging-structure access counts as a write
     // and its violation sets both the read and the write bit (SDM table
     // 28-7, note 1).
-    let f = w_ad.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w_ad
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(qual(&f), 3 | 1 << 7);
     // Read-only table page: fine without A/D, a write violation with it.
     s.write_entry(ept_leaf, saved & !EW);
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap();
-    let f = w_ad.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    let f = w_ad
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.stage, qual(&f)),
         (
@@ -985,7 +1095,9 @@ fn ept_violation_qualification() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let f = w0.translate(&mem, GuestVirtAddr(0x5000), Access::write()).unwrap_err();
+    let f = w0
+        .translate(&mem, GuestVirtAddr(0x5000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
 }
 
@@ -1012,7 +1124,8 @@ fn ept_mode_based_execute() {
         .with_second_level(SecondLevel::Ept(c))
         .unwrap();
     // X set, XU clear in the final leaf: supervisor fetches only.
-    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap();
     let f = w
         .translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
         .unwrap_err();
@@ -1021,19 +1134,25 @@ fn ept_mode_based_execute() {
     assert_eq!(qual(&f), 4 | 0b111 << 3 | 1 << 7 | 1 << 8);
     // The linear page's U/S decides, not the CPL: a supervisor fetch from
     // the user page needs XU too.
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     // XU everywhere on the path: user fetches allowed, bit 6 reported.
     for a in s.path(0x5000) {
         s.write_entry(a, s.read_entry(a) | XU);
     }
-    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
     let leaf = s.path(0x5000)[3];
     s.write_entry(leaf, s.read_entry(leaf) & !EX);
-    let f = w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap_err();
     assert_eq!(qual(&f), 4 | 0b011 << 3 | 1 << 6 | 1 << 7 | 1 << 8);
     // An entry with only XU set is present under MBEC.
     s.write_entry(leaf, (s.read_entry(leaf) & !7) | XU);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Permission);
 }
 
@@ -1062,21 +1181,31 @@ fn npt_exit_info() {
         FaultCode::NestedPageFault { exit_info1 } => exit_info1,
         c => panic!("not an NPF: {c:?}"),
     };
-    let t = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap();
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
     assert_eq!(t.pa, GuestPhysAddr(0x30_0000));
     // Final accesses: bit 32; every access is a user access.
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_P | PF_W | PF_U) | 1 << 32);
-    let f = w.translate(&mem, GuestVirtAddr(0x2000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_P | PF_U) | 1 << 32);
-    let f = w.translate(&mem, GuestVirtAddr(0x3000), Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x3000), Access::fetch())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_U | PF_ID) | 1 << 32);
     // A guest table access: bit 33, and a write.
     let pt_gpa = g.read_entry(entry(&g, 0x1000, 2)) & !0xfff;
     let leaf = s.path(pt_gpa)[3];
     let saved = s.read_entry(leaf);
     s.write_entry(leaf, 0);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1097,7 +1226,9 @@ fn npt_exit_info() {
         .unwrap()
         .with_second_level(SecondLevel::Npt(c))
         .unwrap();
-    let f = w40.translate(&mem, GuestVirtAddr(0x4000), Access::read()).unwrap_err();
+    let f = w40
+        .translate(&mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Reserved { bits: 1 << 45 });
     assert_eq!(info(&f), u64::from(PF_P | PF_U | PF_RSVD) | 1 << 32);
     // XD in an NPT entry without the host's NXE is reserved too.
@@ -1109,7 +1240,9 @@ fn npt_exit_info() {
         .unwrap()
         .with_second_level(SecondLevel::Npt(c))
         .unwrap();
-    let f = wx.translate(&mem, GuestVirtAddr(0x4000), Access::read()).unwrap_err();
+    let f = wx
+        .translate(&mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::Reserved { bits: XD }, 2));
 }
 
@@ -1132,16 +1265,22 @@ fn tables_outside_memory_or_in_holes() {
         .unwrap(); // second region
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
     for (va, pa) in [(1u64 << 39, 0x18_0000u64), (2 << 39, 1 << 40)] {
-        let f = w.translate(&mem, GuestVirtAddr(va), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::Unbacked { pa });
         assert_eq!((f.code, f.level), (FaultCode::Emulation, 3));
     }
     // The PD in the second region is empty: not present, no panic.
-    let f = w.translate(&mem, GuestVirtAddr(0), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::NotPresent, 2));
     // CR3 itself outside memory.
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(0x10_0000_0000)).unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0), Access::read())
+        .unwrap_err();
     assert!(matches!(f.reason, FaultReason::Unbacked { .. }));
     assert_eq!(w.mappings(&mem).filter(Result::is_ok).count(), 0);
     // The listing reports the bad tables and goes on.
@@ -1174,17 +1313,21 @@ fn discarded_table_page_reads_as_zeros() {
         mem.write_obj(GuestPhysAddr(pd), pt | 3).unwrap();
         mem.write_obj(GuestPhysAddr(pt + 8), 0x5000u64 | 3).unwrap();
         let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
-        let t = w.translate(&mem, GuestVirtAddr(0x1234), Access::read()).unwrap();
-        assert_eq!(
-        (t.gpa.0, t.memory_refs), (0x5234, 4));
+        let t = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap();
+        assert_eq!((t.gpa.0, t.memory_refs), (0x5234, 4));
         mem.discard(GuestPhysAddr(pt), PAGE).unwrap();
-        let f = w.translate(&mem, GuestVirtAddr(0x1234), Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::NotPresent, 1));
         // Written again, it is read again.
         mem.write_obj(GuestPhysAddr(pt + 8), 0x6000u64 | 3).unwrap();
-        let t = w.translate(&mem, GuestVirtAddr(0x1234), Access::read()).unwrap();
-        assert_eq!(
-        (t.gpa.0, t.memory_refs), (0x6234, 4));
+        let t = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap();
+        assert_eq!((t.gpa.0, t.memory_refs), (0x6234, 4));
     }
 }
 
@@ -1204,7 +1347,9 @@ fn second_level_table_in_a_hole() {
     // The EPT PDPTE covering gpa 0x5000 points into the hole.
     let pdpte = s.path(0x5000)[1];
     s.write_entry(pdpte, 0x140_0000 | ER | EW | EX);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
     assert_eq!(
         (f.reason, f.code),
@@ -1216,7 +1361,9 @@ fn second_level_table_in_a_hole() {
     // A guest table in a hole of guest-physical space behind the EPT.
     let pml4e = entry(&g, 0x1000, 4);
     g.write_entry(pml4e, 0x5000 | 7);
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1238,11 +1385,18 @@ fn self_referencing_tables_stay_bounded() {
     }
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
     // Read as a PTE at the bottom, the same entry maps the PML4's frame.
-    let t = w.translate(&mem, GuestVirtAddr(0x7fff_ffff_f123), Access::read()).unwrap();
-    assert_eq!(
-        (t.gpa.0, t.memory_refs), (pml4 + 0x123, 4));
-    w.translate_with(&mem, GuestVirtAddr(0xffff_8000_0000_0000), Access::write(), AD, None)
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x7fff_ffff_f123), Access::read())
         .unwrap();
+    assert_eq!((t.gpa.0, t.memory_refs), (pml4 + 0x123, 4));
+    w.translate_with(
+        &mem,
+        GuestVirtAddr(0xffff_8000_0000_0000),
+        Access::write(),
+        AD,
+        None,
+    )
+    .unwrap();
     let items: Vec<_> = w.mappings_with_budget(&mem, 10_000).collect();
     assert!(items.len() <= 10_001, "{}", items.len());
     assert_eq!(
@@ -1351,8 +1505,15 @@ fn read_and_write_virt_across_pages() {
         .unwrap_err();
     assert_eq!((e.offset, e.fault.va), (0x20, 0x4000));
     // A write through the dirty-flag path marks both pages dirty.
-    w.write_virt(&mem, GuestVirtAddr(0x1ff8), &[1; 16], Access::write(), AD, None)
-        .unwrap();
+    w.write_virt(
+        &mem,
+        GuestVirtAddr(0x1ff8),
+        &[1; 16],
+        Access::write(),
+        AD,
+        None,
+    )
+    .unwrap();
     for va in [0x1000u64, 0x2000] {
         assert_eq!(t.read_entry(entry(&t, va, 1)) & (A | D), A | D);
     }
@@ -1433,7 +1594,9 @@ fn ept_ad_table_access_violation_sets_read_and_write_bits() {
         .unwrap()
         .with_second_level(s.second(true))
         .unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1493,7 +1656,9 @@ fn ept_violation_without_guest_paging_has_linear_address() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x5000), Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x5000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f) & (3 << 7), 3 << 7, "qualification {:#x}", qual(&f));
 }
 
@@ -1564,6 +1729,8 @@ fn ept_mbec_user_execute_only_without_execute_only_support() {
         .unwrap()
         .with_second_level(SecondLevel::Ept(c))
         .unwrap();
-    let f = w.translate(&mem, GuestVirtAddr(0x1000), Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.code, FaultCode::EptMisconfig, "{f}");
 }

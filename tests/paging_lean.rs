@@ -161,7 +161,10 @@ fn invalidation_makes_the_lean_path_walk_again() {
     let (mem, leaf, walker) = one_page();
     let mut cache = WalkCache::new();
     let va = 0x40_0123;
-    let pa = |c: &mut WalkCache| c.bind(&walker).translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS);
+    let pa = |c: &mut WalkCache| {
+        c.bind(&walker)
+            .translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS)
+    };
 
     assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x5123)));
     let m = misses(&cache);
@@ -201,7 +204,9 @@ fn invalidation_makes_the_lean_path_walk_again() {
     cache.invalidate_page(walker.space(), GuestVirtAddr(va));
     assert_eq!(
         pa(&mut cache),
-        walker.translate(&mem, GuestVirtAddr(va), Access::read()).map(|t| t.pa)
+        walker
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .map(|t| t.pa)
     );
     assert!(pa(&mut cache).is_err());
 }
@@ -266,10 +271,15 @@ fn rights_and_updates_are_decided_by_the_full_path() {
         Ok(GuestPhysAddr(0x5008))
     );
     for a in [Access::write(), Access::read().user()] {
-        let want = walker.translate(&mem, GuestVirtAddr(0x40_0008), a).map(|t| t.pa);
+        let want = walker
+            .translate(&mem, GuestVirtAddr(0x40_0008), a)
+            .map(|t| t.pa);
         assert!(want.is_err());
         for _ in 0..2 {
-            assert_eq!(bound.translate_pa(&mem, GuestVirtAddr(0x40_0008), a, OPTS), want);
+            assert_eq!(
+                bound.translate_pa(&mem, GuestVirtAddr(0x40_0008), a, OPTS),
+                want
+            );
         }
     }
 
@@ -375,14 +385,19 @@ fn check_settings_never_share_lean_hits() {
     for _ in 0..3 {
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&no_wp).translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
+                cache
+                    .bind(&no_wp)
+                    .translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
                 Ok(GuestPhysAddr(0x5010))
             );
         }
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&wp).translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
-                wp.translate(&mem, GuestVirtAddr(0x40_0010), w).map(|t| t.pa)
+                cache
+                    .bind(&wp)
+                    .translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
+                wp.translate(&mem, GuestVirtAddr(0x40_0010), w)
+                    .map(|t| t.pa)
             );
             assert!(cache
                 .bind(&wp)
@@ -431,7 +446,13 @@ fn a_new_walk_replaces_what_the_lean_path_answers() {
         assert_eq!(lean_read(&mut cache, &walker, &mem, va), Ok(0x6123));
         assert_eq!(
             walker
-                .translate_with(&mem, GuestVirtAddr(va), Access::read(), OPTS, Some(&mut cache))
+                .translate_with(
+                    &mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    OPTS,
+                    Some(&mut cache)
+                )
                 .map(|t| t.pa),
             Ok(GuestPhysAddr(0x6123))
         );

@@ -714,14 +714,19 @@ fn memory_refs_formula() {
                 assert!(g.map(va, 0x5000, 12, Flags::full(), |_| Flags::full()));
                 walker = Walker::new(g.regs()).unwrap();
             }
-            let t = walker.translate(&mem, GuestVirtAddr(va + 0x10), Access::read()).unwrap();
+            let t = walker
+                .translate(&mem, GuestVirtAddr(va + 0x10), Access::read())
+                .unwrap();
             assert_eq!(
                 t.memory_refs,
                 (n + 1) * (m + 1) - 1,
                 "{first:?} on {second:?}"
             );
             assert_eq!(t.gpa, GuestPhysAddr(0x5010));
-            assert_eq!(t.pa, GuestPhysAddr(if second.is_some() { 0x9010 } else { 0x5010 }));
+            assert_eq!(
+                t.pa,
+                GuestPhysAddr(if second.is_some() { 0x9010 } else { 0x5010 })
+            );
             // A cache hit costs nothing.
             let mut cache = WalkCache::new();
             walker

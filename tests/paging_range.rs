@@ -47,12 +47,18 @@ fn check(walker: &Walker, mem: &GuestMemory, va: u64, len: u64, access: Access) 
     for s in walker.translate_range(mem, GuestVirtAddr(va), len, access) {
         match s {
             Ok(s) => {
-                assert_eq!(s.va, GuestVirtAddr(at), "segments are in order, without gaps");
+                assert_eq!(
+                    s.va,
+                    GuestVirtAddr(at),
+                    "segments are in order, without gaps"
+                );
                 assert!(s.len > 0);
                 // Every byte of the segment agrees with a page walk.
                 let mut off = 0;
                 while off < s.len {
-                    let t = walker.translate(mem, GuestVirtAddr(s.va.0 + off), access).unwrap();
+                    let t = walker
+                        .translate(mem, GuestVirtAddr(s.va.0 + off), access)
+                        .unwrap();
                     assert_eq!(t.pa, GuestPhysAddr(s.pa.0 + off), "va {:#x}", s.va.0 + off);
                     off += t.contiguous_bytes().min(s.len - off);
                 }
@@ -63,7 +69,9 @@ fn check(walker: &Walker, mem: &GuestMemory, va: u64, len: u64, access: Access) 
                 prev = Some(s);
             }
             Err(f) => {
-                let want = walker.translate(mem, GuestVirtAddr(at), access).unwrap_err();
+                let want = walker
+                    .translate(mem, GuestVirtAddr(at), access)
+                    .unwrap_err();
                 assert_eq!(f, want);
                 return;
             }

@@ -240,7 +240,11 @@ pub(crate) fn benches(c: &mut Criterion) {
                 .translate(&big.mem, GuestVirtAddr(va), Access::read())
                 .expect("mapped");
             let theirs = crate_pt.translate_addr(VirtAddr::new(va)).expect("mapped");
-            assert_eq!(ours.pa, GuestPhysAddr(theirs.as_u64()), "translation of {va:#x}");
+            assert_eq!(
+                ours.pa,
+                GuestPhysAddr(theirs.as_u64()),
+                "translation of {va:#x}"
+            );
             assert_eq!(ours.pa, GuestPhysAddr(va - base), "linear map");
             assert_eq!(ours.page_size, 1 << shift);
         }
@@ -285,7 +289,13 @@ pub(crate) fn benches(c: &mut Criterion) {
                 passes(iters, || {
                     chain(black_box(&warm), |va| {
                         big.walker
-                            .translate_with(&big.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut cache))
+                            .translate_with(
+                                &big.mem,
+                                GuestVirtAddr(va),
+                                Access::read(),
+                                opts,
+                                Some(&mut cache),
+                            )
                             .map_or(0, |t| t.pa.0)
                     })
                 })
@@ -302,7 +312,13 @@ pub(crate) fn benches(c: &mut Criterion) {
             || {
                 black_box(chain(black_box(&warm), |va| {
                     big.walker
-                        .translate_with(&big.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut cache))
+                        .translate_with(
+                            &big.mem,
+                            GuestVirtAddr(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut cache),
+                        )
                         .map_or(0, |t| t.pa.0)
                 }));
             },
@@ -327,10 +343,15 @@ pub(crate) fn benches(c: &mut Criterion) {
             })
         };
         for &va in &warm {
-            let full = big.walker.translate(&big.mem, GuestVirtAddr(va), Access::read());
-            let lean = cache
-                .bind(&big.walker)
-                .translate_pa(&big.mem, GuestVirtAddr(va), Access::read(), opts);
+            let full = big
+                .walker
+                .translate(&big.mem, GuestVirtAddr(va), Access::read());
+            let lean = cache.bind(&big.walker).translate_pa(
+                &big.mem,
+                GuestVirtAddr(va),
+                Access::read(),
+                opts,
+            );
             assert_eq!(lean, full.map(|t| t.pa), "lean translation of {va:#x}");
         }
         let before = cache.stats();

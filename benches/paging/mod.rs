@@ -170,7 +170,10 @@ fn setup() -> Setup {
     let plain = Walker::new(X86Paging::long_mode(pml4)).expect("valid registers");
     let nested = Walker::new(X86Paging::long_mode(gpml4))
         .and_then(|w| {
-            w.with_second_level(SecondLevel::Ept(EptConfig::four_level(GuestPhysAddr(eptp_root), false)))
+            w.with_second_level(SecondLevel::Ept(EptConfig::four_level(
+                GuestPhysAddr(eptp_root),
+                false,
+            )))
         })
         .expect("valid registers");
     Setup {
@@ -252,7 +255,13 @@ pub(crate) fn benches(c: &mut Criterion) {
         for &va in &addrs {
             black_box(
                 s.plain
-                    .translate_with(&s.mem, black_box(GuestVirtAddr(va)), Access::read(), opts, Some(cache))
+                    .translate_with(
+                        &s.mem,
+                        black_box(GuestVirtAddr(va)),
+                        Access::read(),
+                        opts,
+                        Some(cache),
+                    )
                     .map(|t| t.pa.0)
                     .ok(),
             );
@@ -287,7 +296,9 @@ pub(crate) fn benches(c: &mut Criterion) {
             cache
                 .bind(&s.plain)
                 .translate_pa(&s.mem, GuestVirtAddr(va), Access::read(), opts),
-            s.plain.translate(&s.mem, GuestVirtAddr(va), Access::read()).map(|t| t.pa),
+            s.plain
+                .translate(&s.mem, GuestVirtAddr(va), Access::read())
+                .map(|t| t.pa),
         );
     }
     let lean_pass = |cache: &mut WalkCache| {
@@ -344,10 +355,12 @@ pub(crate) fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(256));
     g.bench_function("pagefold", |b| {
         b.iter(|| {
-            for seg in s
-                .plain
-                .translate_range(&s.mem, black_box(GuestVirtAddr(range_va)), 1 << 20, Access::read())
-            {
+            for seg in s.plain.translate_range(
+                &s.mem,
+                black_box(GuestVirtAddr(range_va)),
+                1 << 20,
+                Access::read(),
+            ) {
                 black_box(seg.map(|g| g.pa).ok());
             }
         })
@@ -358,7 +371,13 @@ pub(crate) fn benches(c: &mut Criterion) {
                 let va = black_box(range_va + k * 4096);
                 black_box(
                     s.plain
-                        .translate_with(&s.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut range_cache))
+                        .translate_with(
+                            &s.mem,
+                            GuestVirtAddr(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut range_cache),
+                        )
                         .map(|t| t.pa.0)
                         .ok(),
                 );
@@ -379,10 +398,12 @@ pub(crate) fn benches(c: &mut Criterion) {
         256,
         2001,
         || {
-            for seg in s
-                .plain
-                .translate_range(&s.mem, black_box(GuestVirtAddr(range_va)), 1 << 20, Access::read())
-            {
+            for seg in s.plain.translate_range(
+                &s.mem,
+                black_box(GuestVirtAddr(range_va)),
+                1 << 20,
+                Access::read(),
+            ) {
                 black_box(seg.map(|g| g.pa).ok());
             }
         },
@@ -405,15 +426,25 @@ pub(crate) fn benches(c: &mut Criterion) {
         .sum();
     let mut ncache = WalkCache::new();
     for &va in &addrs {
-        let _ = s
-            .nested
-            .translate_with(&s.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut ncache));
+        let _ = s.nested.translate_with(
+            &s.mem,
+            GuestVirtAddr(va),
+            Access::read(),
+            opts,
+            Some(&mut ncache),
+        );
     }
     let warm_refs: u64 = addrs
         .iter()
         .map(|&va| {
             s.nested
-                .translate_with(&s.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut ncache))
+                .translate_with(
+                    &s.mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    opts,
+                    Some(&mut ncache),
+                )
                 .map_or(0, |t| u64::from(t.memory_refs))
         })
         .sum();
@@ -425,7 +456,13 @@ pub(crate) fn benches(c: &mut Criterion) {
         .iter()
         .map(|&va| {
             s.nested
-                .translate_with(&s.mem, GuestVirtAddr(va), Access::read(), opts, Some(&mut ncache))
+                .translate_with(
+                    &s.mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    opts,
+                    Some(&mut ncache),
+                )
                 .map_or(0, |t| u64::from(t.memory_refs))
         })
         .sum();

@@ -20,8 +20,8 @@ use pagefold::{
     kvm::{Exit, Flow, KvmError, KvmVcpu, KvmVm, VcpuState},
     migration::{receive_migration, PrecopyOptions, ReaderLimits, Sender},
     paging::{Access, AccessKind, Privilege, WalkOptions, Walker, X86Paging},
-    Balloon, DedupHost, DedupStats, FrameStore, GuestMemory, GuestPhysAddr, GuestVirtAddr, ScanBudget, VmId,
-    VmOptions, PAGE_SIZE,
+    Balloon, DedupHost, DedupStats, FrameStore, GuestMemory, GuestPhysAddr, GuestVirtAddr,
+    ScanBudget, VmId, VmOptions, PAGE_SIZE,
 };
 
 use crate::guest::{self, Res};

@@ -35,13 +35,13 @@
 
 use std::sync::Arc;
 
+pub use super::watch::TableWatch;
 use super::{
     engine::{Start, Walked},
     format::Format,
     second::{memo_slot, SecondMemo},
     walker::space_tag,
 };
-pub use super::watch::TableWatch;
 use crate::addr::{GuestVirtAddr, PAGE_SHIFT};
 
 /// Translation sets; `TLB_WAYS` ways each.

@@ -76,7 +76,15 @@ impl WalkCache {
         if let Some(i) = self.lookup(space, va) {
             let set_ad = options.set_accessed_dirty;
             let mut changed = false;
-            let t = answer(walker, self.entry(i), checks, va, access, set_ad, &mut changed);
+            let t = answer(
+                walker,
+                self.entry(i),
+                checks,
+                va,
+                access,
+                set_ad,
+                &mut changed,
+            );
             if changed {
                 // The entry's rights changed: its hit slot follows.
                 self.sync_hit(i);

@@ -148,7 +148,9 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             return Ok(seg);
         }
         // Anything else (a fault ahead included: the full walk reports it).
-        let t = self.walker.translate(self.mem, GuestVirtAddr(va), self.access)?;
+        let t = self
+            .walker
+            .translate(self.mem, GuestVirtAddr(va), self.access)?;
         Ok(Piece {
             va,
             gpa: t.gpa.0,

@@ -256,10 +256,26 @@ impl Second {
         let mut port = DirectPort { mem, refs: 0 };
         let r = match self {
             Second::Ept(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(f, &mut port, gpa, access, user_linear, set_ad, root_start(f))
+                engine::walk(
+                    f,
+                    &mut port,
+                    gpa,
+                    access,
+                    user_linear,
+                    set_ad,
+                    root_start(f),
+                )
             }),
             Second::Npt(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(f, &mut port, gpa, access, user_linear, set_ad, root_start(f))
+                engine::walk(
+                    f,
+                    &mut port,
+                    gpa,
+                    access,
+                    user_linear,
+                    set_ad,
+                    root_start(f),
+                )
             }),
         };
         *refs += port.refs;

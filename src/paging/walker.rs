@@ -21,8 +21,8 @@ use super::{
     second::{self, FaultSite, Memo, NestedPort, Second, SecondTranslation},
     types::{Access, LeafAttributes, Permissions, SecondOut, PAGE_SHIFT_U8},
     x86::{
-        X86Format, X86Long, X86Mode, X86Paging, X86PagingError, CR0_WP, CR4_PKE, CR4_PKS,
-        CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE,
+        X86Format, X86Long, X86Mode, X86Paging, X86PagingError, CR0_WP, CR4_PKE, CR4_PKS, CR4_PSE,
+        CR4_SMAP, CR4_SMEP, EFER_NXE,
     },
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
@@ -407,11 +407,9 @@ impl Walker {
             acc: 0,
         };
         match &self.first {
-            First::NoPaging if va > u64::from(u32::MAX) => Err(self.fault_first(
-                va,
-                access,
-                at_input(FaultReason::AddressTooWide),
-            )),
+            First::NoPaging if va > u64::from(u32::MAX) => {
+                Err(self.fault_first(va, access, at_input(FaultReason::AddressTooWide)))
+            }
             First::NoPaging => Ok(None),
             First::X86(fmt) => match fmt.check_input(va) {
                 Err(reason) => Err(self.fault_first(va, access, at_input(reason))),
@@ -455,7 +453,11 @@ impl Walker {
                 // the full engine walks from the root, so a fault it
                 // reports names the level that really denied, whatever the
                 // cache held.
-                let start = if set_ad { start } else { second::root_start(fmt) };
+                let start = if set_ad {
+                    start
+                } else {
+                    second::root_start(fmt)
+                };
                 let mut port = DirectPort { mem, refs: 0 };
                 let r = engine::walk(fmt, &mut port, va, access, false, set_ad, start);
                 *refs += port.refs;

@@ -267,7 +267,6 @@ impl X86Paging {
     }
 }
 
-
 /// CR0.NW: not write-through.
 const CR0_NW: u64 = 1 << 29;
 /// CR0.CD: cache disable.
