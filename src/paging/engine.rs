@@ -102,8 +102,8 @@ pub(crate) fn walk<F: Format, P: Port>(
     let mut tries = 0;
     loop {
         let (mut out, used) = match descend(fmt, port, va, access, user_linear, start)? {
-            Descent::Leaf(out, used) => (out, used),
-            Descent::FromRoot => {
+            Some(leaf) => leaf,
+            None => {
                 // Denied by an entry above a cached start, which this walk
                 // never read: walk again from the root so the fault names
                 // it.
@@ -144,16 +144,9 @@ fn stop(
 /// read (for the accessed/dirty pass).
 type Used = [(u64, u64); 6];
 
-/// Where a descent ended.
-enum Descent {
-    /// At the leaf, its access allowed.
-    Leaf(Walked, Used),
-    /// Denied by an entry above the start: walk again from the root.
-    FromRoot,
-}
-
 /// Reads `va`'s entries from `start` down to the leaf and checks `access`
-/// there.
+/// there: the walk and the entries it used, or `None` when an entry above
+/// `start` denied the access (walk again from the root).
 #[inline(always)]
 fn descend<F: Format, P: Port>(
     fmt: &F,
@@ -162,7 +155,7 @@ fn descend<F: Format, P: Port>(
     access: Access,
     user_linear: bool,
     start: Start,
-) -> Result<Descent, Fail> {
+) -> Result<Option<(Walked, Used)>, Fail> {
     let wide = fmt.wide();
     let mut level = start.level;
     let mut table = start.table;
@@ -196,7 +189,7 @@ fn descend<F: Format, P: Port>(
                 acc = fmt.accumulate(acc, level, raw);
                 if let Err(d) = fmt.check(acc, raw, access, user_linear) {
                     if d.level > start.level {
-                        return Ok(Descent::FromRoot);
+                        return Ok(None);
                     }
                     let (ea, e) = used[usize::from(d.level)];
                     return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
@@ -206,7 +199,7 @@ fn descend<F: Format, P: Port>(
                 out.acc = acc;
                 out.leaf_level = level;
                 out.leaf = raw;
-                return Ok(Descent::Leaf(out, used));
+                return Ok(Some((out, used)));
             }
         };
         return Err(stop(level, Some(at), Some(raw), reason, acc));
