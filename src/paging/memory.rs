@@ -216,7 +216,7 @@ impl<M: PhysMemory + ?Sized> PhysMemory for &M {
 /// A read-only physical-memory image: `bytes` hold physical addresses
 /// `base..base + len`. What `pagefold maps` reads a saved RAM file through;
 /// accessed/dirty updates are refused (a walk that asks for them faults
-/// with [`crate::paging::FaultReason::ReadOnlyTable`]).
+/// with `FaultReason::ReadOnlyTable`).
 #[derive(Clone, Copy, Debug)]
 pub struct PhysImage<'a> {
     base: u64,

@@ -20,8 +20,17 @@
 //! every mapping of an address space ([`Walker::mappings`]) is bounded by
 //! an entry budget, because tables may point at each other in cycles.
 //!
+//! Files, each importing only the ones before it: `types` (accesses,
+//! permissions, attributes), `fault`, `format`, `memory`, `engine`, `ept`,
+//! `lean`, `x86` (registers in `x86/regs`), `second` (the second level as
+//! a walk stage), `walker` (the walk's stages), `watch`, `cache` (storage),
+//! `cached` (the cache around the walk), then `mappings`, `range` and
+//! `virt`. A walk never calls a cache: a cache runs the walk's stages with
+//! its own start and second-level memo, and fills itself from what they
+//! hand back.
+//!
 //! ```
-//! use pagefold::{GuestMemory, GuestPhysAddr};
+//! use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
 //! use pagefold::paging::{Access, Walker, X86Paging};
 //!
 //! // A 4-level table set mapping the 4 KiB page at 0x40_0000 to 0x5000.
@@ -33,8 +42,8 @@
 //! mem.write_obj(GuestPhysAddr(pt), 0x5000u64 | 0x3)?;
 //!
 //! let walker = Walker::new(X86Paging::long_mode(pml4))?;
-//! let t = walker.translate(&mem, 0x40_0123, Access::read())?;
-//! assert_eq!(t.gpa, 0x5123);
+//! let t = walker.translate(&mem, GuestVirtAddr(0x40_0123), Access::read())?;
+//! assert_eq!(t.gpa, GuestPhysAddr(0x5123));
 //! assert_eq!(t.memory_refs, 4);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

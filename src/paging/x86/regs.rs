@@ -170,7 +170,7 @@ pub enum X86PagingError {
 /// CPU facts the checks need (MAXPHYADDR, 1 GiB page support, PKRU/PKRS).
 /// Values no processor holds (reserved bits of CR0, CR4 or EFER, or a
 /// combination hardware refuses) are refused by [`X86Paging::mode`], and so
-/// by [`Walker::new`](crate::paging::Walker::new).
+/// by `Walker::new`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct X86Paging {
     /// CR0 (PE, WP, PG matter).
