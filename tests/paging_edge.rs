@@ -199,7 +199,7 @@ fn reserved_bits_above_maxphyaddr_at_every_level() {
                     .unwrap_err();
                 assert_eq!(f.reason, FaultReason::Reserved { bits: 1 << bit });
                 assert_eq!(f.level, level, "{kind:?} bit {bit}");
-                assert_eq!(f.entry_addr, Some(entry(&t, va, level)));
+                assert_eq!(f.entry_addr, Some(GuestPhysAddr(entry(&t, va, level))));
                 assert_eq!(pf(&f), PF_P | PF_W | PF_U | PF_RSVD);
                 clear_bits(&t, va, level, 1 << bit);
             }
@@ -518,7 +518,10 @@ fn cr0_wp_and_user_supervisor() {
     let f = wp
         .translate(&mem, GuestVirtAddr(user_ro), Access::read().user())
         .unwrap_err();
-    assert_eq!((f.level, f.entry_addr), (3, Some(entry(&t, user_ro, 3))));
+    assert_eq!(
+        (f.level, f.entry_addr.map(|a| a.0)),
+        (3, Some(entry(&t, user_ro, 3)))
+    );
     // A not-present fault: P clear in the error code.
     let f = wp
         .translate(&mem, GuestVirtAddr(0x9000), Access::write().user())
@@ -1030,7 +1033,7 @@ fn ept_violation_qualification() {
         .translate(&mem, GuestVirtAddr(0x1000), Access::write())
         .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
-    assert_eq!(f.gpa, Some(0x5000));
+    assert_eq!(f.gpa, Some(GuestPhysAddr(0x5000)));
     assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
     let f = w
         .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
@@ -1059,7 +1062,7 @@ fn ept_violation_qualification() {
         }
     );
     // The guest-physical address is the entry's (PT index 1).
-    assert_eq!(f.gpa, Some(pt_gpa + 8));
+    assert_eq!(f.gpa, Some(GuestPhysAddr(pt_gpa + 8)));
     assert_eq!(qual(&f), 1 | 1 << 7);
     let w_ad = Walker::new(g.regs())
         .unwrap()
@@ -1268,7 +1271,12 @@ fn tables_outside_memory_or_in_holes() {
         let f = w
             .translate(&mem, GuestVirtAddr(va), Access::read())
             .unwrap_err();
-        assert_eq!(f.reason, FaultReason::Unbacked { pa });
+        assert_eq!(
+            f.reason,
+            FaultReason::Unbacked {
+                pa: GuestPhysAddr(pa)
+            }
+        );
         assert_eq!((f.code, f.level), (FaultCode::Emulation, 3));
     }
     // The PD in the second region is empty: not present, no panic.
@@ -1354,7 +1362,9 @@ fn second_level_table_in_a_hole() {
     assert_eq!(
         (f.reason, f.code),
         (
-            FaultReason::Unbacked { pa: 0x140_0000 },
+            FaultReason::Unbacked {
+                pa: GuestPhysAddr(0x140_0000)
+            },
             FaultCode::Emulation
         )
     );
@@ -1471,7 +1481,7 @@ fn read_and_write_virt_across_pages() {
         )
         .unwrap_err();
     assert_eq!(
-        (e.offset, e.fault.reason, e.fault.va),
+        (e.offset, e.fault.reason, e.fault.va.0),
         (16, FaultReason::Permission, 0x3000)
     );
     let mut c = [0u8; 16];
@@ -1490,7 +1500,7 @@ fn read_and_write_virt_across_pages() {
         )
         .unwrap_err();
     assert_eq!(
-        (e.offset, e.fault.reason, e.fault.va),
+        (e.offset, e.fault.reason, e.fault.va.0),
         (0, FaultReason::NotPresent, 0xfe0)
     );
     let e = w
@@ -1503,7 +1513,7 @@ fn read_and_write_virt_across_pages() {
             None,
         )
         .unwrap_err();
-    assert_eq!((e.offset, e.fault.va), (0x20, 0x4000));
+    assert_eq!((e.offset, e.fault.va.0), (0x20, 0x4000));
     // A write through the dirty-flag path marks both pages dirty.
     w.write_virt(
         &mem,

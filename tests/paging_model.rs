@@ -419,7 +419,7 @@ fn check(want: &Want, got: &Result<Translation, WalkFault>, va: u64, a: Access, 
             },
             Err(f),
         ) => {
-            assert_eq!(f.va, va, "{ctx}");
+            assert_eq!(f.va, GuestVirtAddr(va), "{ctx}");
             assert_eq!(f.stage, *stage, "{ctx}");
             assert_eq!(f.reason, *reason, "{ctx}");
             if let Some(code) = code {

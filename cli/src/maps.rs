@@ -532,13 +532,13 @@ pub(crate) fn run_translate(
         }
         (Err(f), false) => fault_text(f),
         (Err(f), true) => serde_json::to_string(&JsonFault {
-            va: hex(f.va),
+            va: hex(f.va.0),
             fault: JsonFaultBody {
                 level: f.level,
                 reason: reason_name(&f.reason),
                 detail: reason_text(&f.reason),
                 entry: f.entry.map(hex),
-                entry_addr: f.entry_addr.map(hex),
+                entry_addr: f.entry_addr.map(|a| hex(a.0)),
                 error_code: match f.code {
                     FaultCode::PageFault { error_code } => Some(error_code),
                     _ => None,
@@ -683,12 +683,12 @@ mod tests {
     #[test]
     fn fault_lines() {
         let f = WalkFault {
-            va: 0x1234,
+            va: GuestVirtAddr(0x1234),
             gpa: None,
             access: Access::write(),
             stage: pagefold::paging::Stage::First,
             level: 2,
-            entry_addr: Some(0x3000),
+            entry_addr: Some(GuestPhysAddr(0x3000)),
             entry: Some(0),
             reason: FaultReason::NotPresent,
             code: FaultCode::PageFault { error_code: 2 },

@@ -1572,8 +1572,9 @@ typedef struct pf_walk_fault {
     uint64_t code;
     /**
      * For `PF_REASON_RESERVED`: the offending bits; for
-     * `PF_REASON_UNBACKED`: the address; for `PF_REASON_PROTECTION_KEY`:
-     * the key.
+     * `PF_REASON_UNBACKED`: the guest-physical address, in the memory
+     * `mem` holds, that nothing backs; for `PF_REASON_PROTECTION_KEY`: the
+     * key.
      */
     uint64_t detail;
     /**
@@ -3206,8 +3207,8 @@ enum pf_status pf_walker_translate_pa(const struct pf_walker *walker,
  * page boundaries), as the access `flags` says (its kind is a read).
  *
  * Errors: `PF_ERR_FAULT` (details in `*fault_out`; `fault_out->detail`
- * for `PF_REASON_UNBACKED` is the physical address; the bytes before the
- * faulting page were read), `PF_ERR_NULL_POINTER`,
+ * for `PF_REASON_UNBACKED` is the guest-physical address; the bytes
+ * before the faulting page were read), `PF_ERR_NULL_POINTER`,
  * `PF_ERR_INVALID_ARGUMENT`, `PF_ERR_STRUCT_TOO_SMALL`.
  *
  * # Safety

@@ -15,7 +15,7 @@ use pagefold::paging::{
     SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions, Walker, WalkerError,
     X86Paging,
 };
-use pagefold::GuestVirtAddr;
+use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
 use crate::{
     args::{self, SizePrefixed},
@@ -237,8 +237,9 @@ pub struct pf_walk_fault {
     /// `code_kind`'s value: #PF error code, EPT qualification, EXITINFO1.
     pub code: u64,
     /// For `PF_REASON_RESERVED`: the offending bits; for
-    /// `PF_REASON_UNBACKED`: the address; for `PF_REASON_PROTECTION_KEY`:
-    /// the key.
+    /// `PF_REASON_UNBACKED`: the guest-physical address, in the memory
+    /// `mem` holds, that nothing backs; for `PF_REASON_PROTECTION_KEY`: the
+    /// key.
     pub detail: u64,
     /// `PF_FAULT_*`.
     pub code_kind: u32,
@@ -411,7 +412,7 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultReason::NonCanonical => (PF_REASON_NON_CANONICAL, 0),
         FaultReason::AddressTooWide => (PF_REASON_ADDRESS_TOO_WIDE, 0),
         FaultReason::Misconfigured => (PF_REASON_MISCONFIGURED, 0),
-        FaultReason::Unbacked { pa } => (PF_REASON_UNBACKED, pa),
+        FaultReason::Unbacked { pa } => (PF_REASON_UNBACKED, pa.raw()),
         FaultReason::ReadOnlyTable => (PF_REASON_READ_ONLY_TABLE, 0),
         FaultReason::Contended => (PF_REASON_CONTENDED, 0),
         FaultReason::TooManyEntries => (PF_REASON_TOO_MANY_ENTRIES, 0),
@@ -422,9 +423,9 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
     };
     pf_walk_fault {
         struct_size: std::mem::size_of::<pf_walk_fault>(),
-        va: f.va,
-        gpa: f.gpa.unwrap_or(0),
-        entry_addr: f.entry_addr.unwrap_or(0),
+        va: f.va.raw(),
+        gpa: f.gpa.map_or(0, GuestPhysAddr::raw),
+        entry_addr: f.entry_addr.map_or(0, GuestPhysAddr::raw),
         entry: f.entry.unwrap_or(0),
         code,
         detail,
@@ -703,8 +704,8 @@ pub unsafe extern "C" fn pf_walker_translate_pa(
 /// page boundaries), as the access `flags` says (its kind is a read).
 ///
 /// Errors: `PF_ERR_FAULT` (details in `*fault_out`; `fault_out->detail`
-/// for `PF_REASON_UNBACKED` is the physical address; the bytes before the
-/// faulting page were read), `PF_ERR_NULL_POINTER`,
+/// for `PF_REASON_UNBACKED` is the guest-physical address; the bytes
+/// before the faulting page were read), `PF_ERR_NULL_POINTER`,
 /// `PF_ERR_INVALID_ARGUMENT`, `PF_ERR_STRUCT_TOO_SMALL`.
 ///
 /// # Safety

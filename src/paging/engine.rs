@@ -14,6 +14,7 @@ use super::{
     memory::PhysMemory,
     types::Access,
 };
+use crate::addr::GuestPhysAddr;
 
 /// How many times a walk restarts after losing an accessed/dirty
 /// compare-exchange before it reports [`FaultReason::Contended`].
@@ -266,7 +267,9 @@ impl<M: PhysMemory + ?Sized> Port for DirectPort<'_, M> {
             level,
             entry_addr: Some(pa),
             entry: None,
-            reason: FaultReason::Unbacked { pa },
+            reason: FaultReason::Unbacked {
+                pa: GuestPhysAddr(pa),
+            },
             acc: 0,
         }))
     }

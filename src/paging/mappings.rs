@@ -111,12 +111,12 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
         reason: FaultReason,
     ) -> WalkFault {
         WalkFault {
-            va,
+            va: GuestVirtAddr(va),
             gpa: None,
             access: Access::read(),
             stage: Stage::First,
             level,
-            entry_addr: at,
+            entry_addr: at.map(GuestPhysAddr),
             entry,
             reason,
             code: FaultCode::Emulation,

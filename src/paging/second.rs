@@ -18,6 +18,7 @@ use super::{
     types::{Access, AccessKind, LeafAttributes, Permissions, Privilege, SecondOut},
     x86::X86Format,
 };
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
 /// Second-level translations a memo keeps.
 const MEMO_SLOTS: usize = 1024;
@@ -320,14 +321,14 @@ impl Second {
             }
         };
         WalkFault {
-            va: site.va,
-            gpa: Some(gpa),
+            va: GuestVirtAddr(site.va),
+            gpa: Some(GuestPhysAddr(gpa)),
             access: site.access,
             stage: Stage::Second {
                 guest_table: site.guest_table,
             },
             level: s.level,
-            entry_addr: s.entry_addr,
+            entry_addr: s.entry_addr.map(GuestPhysAddr),
             entry: s.entry,
             reason: s.reason,
             code,
@@ -422,8 +423,8 @@ impl<M: PhysMemory + ?Sized> NestedPort<'_, M> {
 
     fn unbacked(&self, gpa: u64, pa: u64, level: u8) -> Fail {
         Fail::Port(WalkFault {
-            va: self.site.va,
-            gpa: Some(gpa),
+            va: GuestVirtAddr(self.site.va),
+            gpa: Some(GuestPhysAddr(gpa)),
             access: self.site.access,
             stage: Stage::Second {
                 guest_table: Some(level),
@@ -431,7 +432,9 @@ impl<M: PhysMemory + ?Sized> NestedPort<'_, M> {
             level,
             entry_addr: None,
             entry: None,
-            reason: FaultReason::Unbacked { pa },
+            reason: FaultReason::Unbacked {
+                pa: GuestPhysAddr(pa),
+            },
             code: FaultCode::Emulation,
         })
     }

@@ -11,7 +11,7 @@ use super::{
     types::{Access, AccessKind},
     walker::{WalkOptions, Walker},
 };
-use crate::addr::{GuestVirtAddr, PageSize};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageSize};
 
 /// A failed guest-virtual access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -125,14 +125,16 @@ fn page_left(at: GuestVirtAddr) -> usize {
 
 fn unbacked(va: u64, gpa: u64, access: Access, pa: u64) -> WalkFault {
     WalkFault {
-        va,
-        gpa: Some(gpa),
+        va: GuestVirtAddr(va),
+        gpa: Some(GuestPhysAddr(gpa)),
         access,
         stage: Stage::First,
         level: 0,
         entry_addr: None,
         entry: None,
-        reason: FaultReason::Unbacked { pa },
+        reason: FaultReason::Unbacked {
+            pa: GuestPhysAddr(pa),
+        },
         code: FaultCode::Emulation,
     }
 }

@@ -638,12 +638,12 @@ impl Walker {
             (_, First::NoPaging) => FaultCode::Emulation,
         };
         WalkFault {
-            va,
+            va: GuestVirtAddr(va),
             gpa: None,
             access,
             stage: Stage::First,
             level: s.level,
-            entry_addr: s.entry_addr,
+            entry_addr: s.entry_addr.map(GuestPhysAddr),
             entry: s.entry,
             reason: s.reason,
             code,
