@@ -799,7 +799,7 @@ fn accessed_flags_on_a_read_only_image_fault_cleanly() {
     assert!(t.map(0x1000, 0x5000, 12, full(), |_| full()));
     let mut bytes = vec![0u8; 8 << 20];
     mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
-    let img = PhysImage::new(0, &bytes);
+    let img = PhysImage::new(GuestPhysAddr(0), &bytes);
     let w = Walker::new(t.regs()).unwrap();
     assert_eq!(
         w.translate(&img, GuestVirtAddr(0x1234), Access::read())

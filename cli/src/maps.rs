@@ -16,7 +16,7 @@ use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, Mapping, PhysImage, Translation, WalkFault, Walker,
     X86Mode, X86Paging,
 };
-use pagefold::GuestVirtAddr;
+use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use serde::Serialize;
 
 /// Exit status of `translate` when the address does not translate.
@@ -127,7 +127,7 @@ impl Image {
     }
 
     fn phys<'a>(&'a self, args: &GuestArgs) -> PhysImage<'a> {
-        PhysImage::new(args.ram_base, &self.map)
+        PhysImage::new(GuestPhysAddr(args.ram_base), &self.map)
     }
 }
 
@@ -563,10 +563,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use pagefold::{
-        paging::{LeafAttributes, Permissions},
-        GuestPhysAddr,
-    };
+    use pagefold::paging::{LeafAttributes, Permissions};
 
     fn mapping(va: u64, gpa: u64, level: u8, entry: u64) -> Mapping {
         Mapping {

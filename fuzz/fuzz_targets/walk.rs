@@ -177,7 +177,7 @@ fuzz_target!(|input: Input| {
     };
     let mut snapshot = vec![0u8; LOW as usize];
     mem.read(GuestPhysAddr(0), &mut snapshot).unwrap();
-    let image = PhysImage::new(0, &snapshot);
+    let image = PhysImage::new(GuestPhysAddr(0), &snapshot);
     let mut cache = WalkCache::new();
     for op in input.ops.iter().take(32) {
         match *op {
