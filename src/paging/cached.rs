@@ -14,7 +14,7 @@ use super::{
     memory::PhysMemory,
     second::Memo,
     types::{Access, SecondOut},
-    walker::{FirstLeaf, FirstRoot, Translation, WalkOptions, Walker},
+    walker::{FirstLeaf, FirstRoot, Request, Translation, WalkOptions, Walker},
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
@@ -125,6 +125,7 @@ impl WalkCache {
         options: WalkOptions,
     ) -> Result<Translation, WalkFault> {
         let set_ad = options.set_accessed_dirty;
+        let req = Request { va, access, set_ad };
         let mut refs = 0;
         let mut caching = true;
         let walked = match walker.first_root(va, access)? {
@@ -134,8 +135,7 @@ impl WalkCache {
                 if let Some(s) = self.lookup_upper(space, va, root.fmt, set_ad) {
                     root.start = s;
                 }
-                let (walked, pinned) =
-                    self.walk_pinned(walker, &root, mem, va, access, set_ad, &mut refs)?;
+                let (walked, pinned) = self.walk_pinned(walker, &root, mem, req, &mut refs)?;
                 caching = pinned;
                 if caching {
                     let space = self.space_id(walker.space_key());
@@ -146,10 +146,10 @@ impl WalkCache {
         };
         let leaf = walker.first_leaf(va, walked.as_ref());
         let memo = if caching { self.memo(walker) } else { None };
-        let second = walker.translate_second(mem, va, &leaf, access, set_ad, memo, &mut refs)?;
+        let second = walker.translate_second(mem, req, &leaf, memo, &mut refs)?;
         let t = walker.build_translation(va, &leaf, second.as_ref(), refs);
         if caching {
-            self.fill(walker, va, &leaf, second, &t, access, set_ad);
+            self.fill(walker, req, &leaf, second, &t);
         }
         Ok(t)
     }
@@ -161,15 +161,12 @@ impl WalkCache {
     /// pages marks them and walks again. The flag is `false` when the
     /// tables kept changing under four walks: the last walk answers, and
     /// the caller caches nothing.
-    #[allow(clippy::too_many_arguments)]
     fn walk_pinned<M: PhysMemory + ?Sized>(
         &mut self,
         walker: &Walker,
         root: &FirstRoot<'_>,
         mem: &M,
-        va: u64,
-        access: Access,
-        set_ad: bool,
+        req: Request,
         refs: &mut u32,
     ) -> Result<(Walked, bool), WalkFault> {
         let mut pinned = Vec::new();
@@ -177,7 +174,7 @@ impl WalkCache {
         loop {
             *refs = 0;
             let memo = self.memo(walker);
-            let walked = walker.walk_levels(root, mem, va, access, set_ad, memo, refs)?;
+            let walked = walker.walk_levels(root, mem, req, memo, refs)?;
             if self.tables_pinned(&walked, &mut pinned) {
                 return Ok((walked, true));
             }
@@ -190,17 +187,15 @@ impl WalkCache {
 
     /// Keeps the translation `t` that a miss of `walker` walked (its first
     /// level `leaf`, its second level `second`).
-    #[allow(clippy::too_many_arguments)]
     fn fill(
         &mut self,
         walker: &Walker,
-        va: u64,
+        req: Request,
         leaf: &FirstLeaf,
         second: Option<SecondOut>,
         t: &Translation,
-        access: Access,
-        set_ad: bool,
     ) {
+        let Request { va, access, set_ad } = req;
         let shift = second.map_or(leaf.shift, |s| s.shift.min(leaf.shift));
         let mask = (1u64 << shift) - 1;
         let mut flags = 0;

@@ -200,6 +200,15 @@ fn second_of(second: SecondLevel) -> Result<(Second, u64, u64), WalkerError> {
     })
 }
 
+/// One translation asked of the walk: the address, the access to check,
+/// and whether to set accessed/dirty flags as hardware does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Request {
+    pub(crate) va: u64,
+    pub(crate) access: Access,
+    pub(crate) set_ad: bool,
+}
+
 /// Where the guest's walk begins (stage one's hand-off): the format and its
 /// root.
 #[derive(Clone, Copy, Debug)]
@@ -377,16 +386,14 @@ impl Walker {
         access: Access,
         set_ad: bool,
     ) -> Result<Translation, WalkFault> {
+        let req = Request { va, access, set_ad };
         let mut refs = 0;
         let walked = match self.first_root(va, access)? {
             None => None,
-            Some(root) => {
-                let w = self.walk_levels(&root, mem, va, access, set_ad, None, &mut refs)?;
-                Some(w)
-            }
+            Some(root) => Some(self.walk_levels(&root, mem, req, None, &mut refs)?),
         };
         let leaf = self.first_leaf(va, walked.as_ref());
-        let second = self.translate_second(mem, va, &leaf, access, set_ad, None, &mut refs)?;
+        let second = self.translate_second(mem, req, &leaf, None, &mut refs)?;
         Ok(self.build_translation(va, &leaf, second.as_ref(), refs))
     }
 
@@ -421,22 +428,20 @@ impl Walker {
         }
     }
 
-    /// Stage two, the guest's levels: walks `va` from `start` (the root, or
-    /// a table a cache kept) down to the leaf, checking `access` there,
-    /// through the second level when there is one (reusing and filling
-    /// `memo`). Adds the memory references made to `refs`.
-    #[allow(clippy::too_many_arguments)]
+    /// Stage two, the guest's levels: walks `req.va` from `root.start`
+    /// (the root, or a table a cache kept) down to the leaf, checking the
+    /// access there, through the second level when there is one (reusing
+    /// and filling `memo`). Adds the memory references made to `refs`.
     #[inline]
     pub(crate) fn walk_levels<M: PhysMemory + ?Sized>(
         &self,
         root: &FirstRoot<'_>,
         mem: &M,
-        va: u64,
-        access: Access,
-        set_ad: bool,
+        req: Request,
         memo: Option<Memo<'_>>,
         refs: &mut u32,
     ) -> Result<Walked, WalkFault> {
+        let Request { va, access, set_ad } = req;
         let (fmt, start) = (root.fmt, root.start);
         let lean = match (&self.second, X86Long::of(fmt)) {
             (None, Some(long)) if !set_ad => lean::walk_recorded(&long, mem, va, access, start),
@@ -510,27 +515,24 @@ impl Walker {
     }
 
     /// Stage four, the second level: translates the leaf's guest-physical
-    /// address for `access` (`None` without a second level), reusing and
+    /// address for the access (`None` without a second level), reusing and
     /// filling `memo`. Adds the memory references made to `refs`.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn translate_second<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
-        va: u64,
+        req: Request,
         leaf: &FirstLeaf,
-        access: Access,
-        set_ad: bool,
         memo: Option<Memo<'_>>,
         refs: &mut u32,
     ) -> Result<Option<SecondOut>, WalkFault> {
         let Some(second) = &self.second else {
             return Ok(None);
         };
-        let site = self.site(va, access, None);
-        let user = leaf.permissions.user;
+        let site = self.site(req.va, req.access, None);
+        let (kind, user) = (req.access.kind, leaf.permissions.user);
         second
-            .walk(mem, leaf.gpa, access.kind, user, set_ad, site, memo, refs)
+            .walk(mem, leaf.gpa, kind, user, req.set_ad, site, memo, refs)
             .map(Some)
     }
 
