@@ -17,7 +17,7 @@ use pagefold::paging::{
     Access, EptConfig, FaultCode, FaultReason, PhysImage, SecondLevel, Stage, WalkCache, WalkFault,
     WalkOptions, Walker, X86Paging,
 };
-use pagefold::{GuestMemory, GuestPhysAddr};
+use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
 
 const MEM: u64 = 64 << 20;
 const TABLES: u64 = 0x10_0000;
@@ -106,16 +106,16 @@ fn canonical_holes_4_level() {
     assert!(t.map(0x7fff_ffff_f000, 0x6000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
     assert_eq!(
-        w.translate(&mem, 0xffff_8000_0000_0123, Access::read())
+        w.translate(&mem, GuestVirtAddr(0xffff_8000_0000_0123), Access::read())
             .unwrap()
             .gpa,
-        0x5123
+        GuestPhysAddr(0x5123)
     );
     assert_eq!(
-        w.translate(&mem, 0x7fff_ffff_ffff, Access::read())
+        w.translate(&mem, GuestVirtAddr(0x7fff_ffff_ffff), Access::read())
             .unwrap()
             .gpa,
-        0x6fff
+        GuestPhysAddr(0x6fff)
     );
     for va in [
         0x0000_8000_0000_0000u64,
@@ -124,7 +124,9 @@ fn canonical_holes_4_level() {
         0x8000_0000_0000_0000,
         0x00ff_8000_0000_0000,
     ] {
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::NonCanonical, "{va:#x}");
         assert_eq!(f.code, FaultCode::GeneralProtection);
         assert_eq!((f.level, f.entry_addr), (0, None));
@@ -141,27 +143,29 @@ fn canonical_holes_5_level() {
     assert!(t.map(0x00ff_ffff_ffff_f000, 0x7000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
     assert_eq!(
-        w.translate(&mem, 0x0000_8000_0000_0010, Access::read())
+        w.translate(&mem, GuestVirtAddr(0x0000_8000_0000_0010), Access::read())
             .unwrap()
             .gpa,
-        0x5010
+        GuestPhysAddr(0x5010)
     );
     assert_eq!(
-        w.translate(&mem, 0xff00_0000_0000_0010, Access::read())
+        w.translate(&mem, GuestVirtAddr(0xff00_0000_0000_0010), Access::read())
             .unwrap()
             .gpa,
-        0x6010
+        GuestPhysAddr(0x6010)
     );
     let t5 = w
-        .translate(&mem, 0x00ff_ffff_ffff_ffff, Access::read())
+        .translate(&mem, GuestVirtAddr(0x00ff_ffff_ffff_ffff), Access::read())
         .unwrap();
-    assert_eq!((t5.gpa, t5.memory_refs), (0x7fff, 5));
+    assert_eq!((t5.gpa.0, t5.memory_refs), (0x7fff, 5));
     for va in [
         0x0100_0000_0000_0000u64,
         0xfeff_ffff_ffff_ffff,
         0x8000_0000_0000_0000,
     ] {
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::NonCanonical, "{va:#x}");
         assert_eq!(f.code, FaultCode::GeneralProtection);
     }
@@ -169,7 +173,9 @@ fn canonical_holes_5_level() {
     let mut t = tables(Kind::Pae, &mem);
     assert!(t.map(0, 0x5000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    let f = w.translate(&mem, 1 << 32, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(1 << 32), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::AddressTooWide);
 }
 
@@ -187,30 +193,37 @@ fn reserved_bits_above_maxphyaddr_at_every_level() {
         for level in 1..=kind.levels() {
             for bit in [40u32, 45, 51] {
                 set_bits(&t, va, level, 1 << bit);
-                let f = w.translate(&mem, va, Access::write().user()).unwrap_err();
+                let f = w
+                    .translate(&mem, GuestVirtAddr(va), Access::write().user())
+                    .unwrap_err();
                 assert_eq!(f.reason, FaultReason::Reserved { bits: 1 << bit });
                 assert_eq!(f.level, level, "{kind:?} bit {bit}");
-                assert_eq!(f.entry_addr, Some(entry(&t, va, level)));
+                assert_eq!(f.entry_addr, Some(GuestPhysAddr(entry(&t, va, level))));
                 assert_eq!(pf(&f), PF_P | PF_W | PF_U | PF_RSVD);
                 clear_bits(&t, va, level, 1 << bit);
             }
             // Bits 58:52 are ignored at every level.
             set_bits(&t, va, level, 0x07f0_0000_0000_0000);
-            w.translate(&mem, va, Access::read()).unwrap();
+            w.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap();
             clear_bits(&t, va, level, 0x07f0_0000_0000_0000);
         }
         // Bit 39 is an address bit under MAXPHYADDR 40.
         set_bits(&t, va, 1, 1 << 39);
         assert_eq!(
-            w.translate(&mem, va, Access::read()).unwrap().gpa,
-            (1 << 39) | 0x5000
+            w.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap()
+                .gpa,
+            GuestPhysAddr((1 << 39) | 0x5000)
         );
         // The same bits are address bits at MAXPHYADDR 52.
         set_bits(&t, va, 1, 1 << 45);
         let w52 = Walker::new(t.regs()).unwrap();
         assert_eq!(
-            w52.translate(&mem, va, Access::read()).unwrap().gpa,
-            (1 << 45) | (1 << 39) | 0x5000
+            w52.translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap()
+                .gpa,
+            GuestPhysAddr((1 << 45) | (1 << 39) | 0x5000)
         );
     }
 }
@@ -225,7 +238,9 @@ fn ps_is_reserved_in_pml4e_and_pml5e() {
         let w = Walker::new(t.regs()).unwrap();
         for level in 4..=kind.levels() {
             set_bits(&t, va, level, PS);
-            let f = w.translate(&mem, va, Access::read()).unwrap_err();
+            let f = w
+                .translate(&mem, GuestVirtAddr(va), Access::read())
+                .unwrap_err();
             assert_eq!(
                 f.reason,
                 FaultReason::Reserved { bits: PS },
@@ -235,7 +250,8 @@ fn ps_is_reserved_in_pml4e_and_pml5e() {
             assert_eq!(pf(&f), PF_P | PF_RSVD);
             clear_bits(&t, va, level, PS);
         }
-        w.translate(&mem, va, Access::read()).unwrap();
+        w.translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap();
     }
 }
 
@@ -250,21 +266,25 @@ fn large_page_reserved_and_pat_bits() {
     // Bit 12 is PAT in both.
     set_bits(&t, va2m, 2, 1 << 12);
     set_bits(&t, va1g, 3, 1 << 12);
-    let a = w.translate(&mem, va2m + 0x1234, Access::read()).unwrap();
+    let a = w
+        .translate(&mem, GuestVirtAddr(va2m + 0x1234), Access::read())
+        .unwrap();
     assert_eq!(
-        (a.gpa, a.page_size, a.attributes.pat),
+        (a.gpa.0, a.page_size, a.attributes.pat),
         (0x4000_1234, 1 << 21, true)
     );
     let b = w
-        .translate(&mem, va1g + 0x123_4567, Access::read())
+        .translate(&mem, GuestVirtAddr(va1g + 0x123_4567), Access::read())
         .unwrap();
     assert_eq!(
-        (b.gpa, b.page_size, b.attributes.pat),
+        (b.gpa.0, b.page_size, b.attributes.pat),
         (0x80_0123_4567, 1 << 30, true)
     );
     for bit in [13u32, 16, 20] {
         set_bits(&t, va2m, 2, 1 << bit);
-        let f = w.translate(&mem, va2m, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va2m), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 2)
@@ -273,7 +293,9 @@ fn large_page_reserved_and_pat_bits() {
     }
     for bit in [13u32, 21, 29] {
         set_bits(&t, va1g, 3, 1 << bit);
-        let f = w.translate(&mem, va1g, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va1g), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 3)
@@ -284,10 +306,13 @@ fn large_page_reserved_and_pat_bits() {
     let mut regs = t.regs();
     regs.gbpages = false;
     let w = Walker::new(regs).unwrap();
-    let f = w.translate(&mem, va1g, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(va1g), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::Reserved { bits: PS }, 3));
     assert_eq!(pf(&f), PF_P | PF_RSVD);
-    w.translate(&mem, va2m, Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va2m), Access::read())
+        .unwrap();
 }
 
 #[test]
@@ -297,12 +322,15 @@ fn pae_pdpte_and_entry_reserved_bits() {
     let va = 0x8020_1000u64;
     assert!(t.map(va, 0x5000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    w.translate(&mem, va, Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap();
     // PDPTE: 2:1 and 8:5 reserved (no R/W, U/S, A, PS), 63:MAXPHYADDR too,
     // bit 63 even with NXE.
     for bit in [1u32, 2, 5, 6, 7, 8, 52, 62, 63] {
         set_bits(&t, va, 3, 1 << bit);
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << bit }, 3),
@@ -313,24 +341,29 @@ fn pae_pdpte_and_entry_reserved_bits() {
     }
     // PWT/PCD and the ignored bits 11:9 are allowed.
     set_bits(&t, va, 3, (1 << 3) | (1 << 4) | (7 << 9));
-    w.translate(&mem, va, Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap();
     // PDE/PTE: 62:MAXPHYADDR reserved; 63 is XD with NXE, reserved without.
     for level in [1u8, 2] {
         set_bits(&t, va, level, 1 << 62);
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: 1 << 62 }, level)
         );
         clear_bits(&t, va, level, 1 << 62);
         set_bits(&t, va, level, XD);
-        let ok = w.translate(&mem, va, Access::read()).unwrap();
+        let ok = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap();
         assert!(!ok.permissions.execute);
         let mut regs = t.regs();
         regs.efer &= !EFER_NXE;
         let f = Walker::new(regs)
             .unwrap()
-            .translate(&mem, va, Access::read())
+            .translate(&mem, GuestVirtAddr(va), Access::read())
             .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
@@ -341,7 +374,9 @@ fn pae_pdpte_and_entry_reserved_bits() {
     // A 2 MiB PAE page: bits 20:13 reserved.
     assert!(t.map(0x4000_0000, 0x60_0000, 21, full(), |_| full()));
     set_bits(&t, 0x4000_0000, 2, 1 << 13);
-    let f = w.translate(&mem, 0x4000_0000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x4000_0000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, f.level),
         (FaultReason::Reserved { bits: 1 << 13 }, 2)
@@ -356,14 +391,18 @@ fn bits32_pse36_and_ps_without_pse() {
     // Physical bits 39:32 in PDE bits 20:13.
     assert!(t.map(va, 0xab_c000_0000, 22, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    let tr = w.translate(&mem, va + 0x12_3456, Access::read()).unwrap();
+    let tr = w
+        .translate(&mem, GuestVirtAddr(va + 0x12_3456), Access::read())
+        .unwrap();
     assert_eq!(
-        (tr.gpa, tr.page_size, tr.level),
+        (tr.gpa.0, tr.page_size, tr.level),
         (0xab_c012_3456, 4 << 20, 2)
     );
     // Bit 21 is always reserved.
     set_bits(&t, va, 2, 1 << 21);
-    let f = w.translate(&mem, va, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, f.level),
         (FaultReason::Reserved { bits: 1 << 21 }, 2)
@@ -373,14 +412,18 @@ fn bits32_pse36_and_ps_without_pse() {
     // With MAXPHYADDR 36 only bits 16:13 carry the address; 20:17 are
     // reserved.
     let w36 = Walker::new(t.regs().with_maxphyaddr(36)).unwrap();
-    let f = w36.translate(&mem, va, Access::read()).unwrap_err();
+    let f = w36
+        .translate(&mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
     // 0xab has bits 39:32 = 1010_1011: entry bits 20:13 = 0xab << 13.
     assert_eq!(f.reason, FaultReason::Reserved { bits: 0xa0 << 13 });
     let at = entry(&t, va, 2);
     t.write_entry(at, (t.read_entry(at) & !(0xff << 13)) | (0xb << 13));
     assert_eq!(
-        w36.translate(&mem, va, Access::read()).unwrap().gpa,
-        0xb_c000_0000
+        w36.translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap()
+            .gpa,
+        GuestPhysAddr(0xb_c000_0000)
     );
     // Without CR4.PSE, PS is ignored: the PDE points at a page table.
     let mut plain = t.regs();
@@ -390,10 +433,14 @@ fn bits32_pse36_and_ps_without_pse() {
     t.write_entry(at, pt | PS | 0x7);
     mem.write_obj(GuestPhysAddr(pt + 8), 0x0077_7000u32 | 0x7)
         .unwrap();
-    let tr = wn.translate(&mem, va + 0x2abc, Access::read()).unwrap();
-    assert_eq!((tr.gpa, tr.page_size, tr.level), (0x77_7abc, 4096, 1));
+    let tr = wn
+        .translate(&mem, GuestVirtAddr(va + 0x2abc), Access::read())
+        .unwrap();
+    assert_eq!((tr.gpa.0, tr.page_size, tr.level), (0x77_7abc, 4096, 1));
     // 32-bit entries have no XD and no reserved bits in a PTE.
-    let tr = wn.translate(&mem, va + 0x2000, Access::fetch()).unwrap();
+    let tr = wn
+        .translate(&mem, GuestVirtAddr(va + 0x2000), Access::fetch())
+        .unwrap();
     assert!(tr.permissions.execute);
 }
 
@@ -409,14 +456,18 @@ fn xd_without_nxe_is_reserved_at_every_level() {
     let wn = Walker::new(t.regs()).unwrap();
     for level in 1..=4 {
         set_bits(&t, va, level, XD);
-        let f = w.translate(&mem, va, Access::fetch()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::fetch())
+            .unwrap_err();
         assert_eq!(
             (f.reason, f.level),
             (FaultReason::Reserved { bits: XD }, level)
         );
         // No I/D without NXE (and without SMEP).
         assert_eq!(pf(&f), PF_P | PF_RSVD);
-        let f = wn.translate(&mem, va, Access::fetch()).unwrap_err();
+        let f = wn
+            .translate(&mem, GuestVirtAddr(va), Access::fetch())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::Permission, level));
         assert_eq!(pf(&f), PF_P | PF_ID);
         clear_bits(&t, va, level, XD);
@@ -443,36 +494,44 @@ fn cr0_wp_and_user_supervisor() {
     regs.cr0 &= !CR0_WP;
     let nowp = Walker::new(regs).unwrap();
     for va in [sup_ro, user_ro] {
-        let f = wp.translate(&mem, va, Access::write()).unwrap_err();
+        let f = wp
+            .translate(&mem, GuestVirtAddr(va), Access::write())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::Permission, 1));
         assert_eq!(pf(&f), PF_P | PF_W);
-        nowp.translate(&mem, va, Access::write()).unwrap();
+        nowp.translate(&mem, GuestVirtAddr(va), Access::write())
+            .unwrap();
     }
     // User writes honour R/W whatever CR0.WP says.
     let f = nowp
-        .translate(&mem, user_ro, Access::write().user())
+        .translate(&mem, GuestVirtAddr(user_ro), Access::write().user())
         .unwrap_err();
     assert_eq!(pf(&f), PF_P | PF_W | PF_U);
     // User accesses to a supervisor page fault (reads too).
     let f = nowp
-        .translate(&mem, sup_ro, Access::read().user())
+        .translate(&mem, GuestVirtAddr(sup_ro), Access::read().user())
         .unwrap_err();
     assert_eq!((f.reason, pf(&f)), (FaultReason::Permission, PF_P | PF_U));
     // The rootmost denying level is reported: clear U/S in the PDPTE.
     clear_bits(&t, user_ro, 3, US);
     let f = wp
-        .translate(&mem, user_ro, Access::read().user())
+        .translate(&mem, GuestVirtAddr(user_ro), Access::read().user())
         .unwrap_err();
-    assert_eq!((f.level, f.entry_addr), (3, Some(entry(&t, user_ro, 3))));
+    assert_eq!(
+        (f.level, f.entry_addr.map(|a| a.0)),
+        (3, Some(entry(&t, user_ro, 3)))
+    );
     // A not-present fault: P clear in the error code.
     let f = wp
-        .translate(&mem, 0x9000, Access::write().user())
+        .translate(&mem, GuestVirtAddr(0x9000), Access::write().user())
         .unwrap_err();
     assert_eq!(
         (f.reason, f.level, pf(&f)),
         (FaultReason::NotPresent, 1, PF_W | PF_U)
     );
-    let f = wp.translate(&mem, 0x9000, Access::fetch()).unwrap_err();
+    let f = wp
+        .translate(&mem, GuestVirtAddr(0x9000), Access::fetch())
+        .unwrap_err();
     assert_eq!(pf(&f), PF_ID);
 }
 
@@ -492,17 +551,22 @@ fn smep() {
     regs.cr4 |= CR4_SMEP;
     regs.efer &= !EFER_NXE;
     let w = Walker::new(regs).unwrap();
-    let f = w.translate(&mem, 0x1000, Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Permission);
     // I/D is reported with SMEP even without NXE.
     assert_eq!(pf(&f), PF_P | PF_ID);
-    w.translate(&mem, 0x1000, Access::fetch().user()).unwrap();
-    w.translate(&mem, 0x1000, Access::read()).unwrap();
-    w.translate(&mem, 0x2000, Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap();
     // Without SMEP the supervisor may run user code.
     Walker::new(t.regs())
         .unwrap()
-        .translate(&mem, 0x1000, Access::fetch())
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
         .unwrap();
 }
 
@@ -525,24 +589,30 @@ fn smap_with_ac_and_implicit_accesses() {
     for kind in [AccessKind::Read, AccessKind::Write] {
         let explicit = Access::new(kind, Privilege::Supervisor);
         let implicit = Access::new(kind, Privilege::SupervisorImplicit);
-        let f = w.translate(&mem, 0x1000, explicit).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(0x1000), explicit)
+            .unwrap_err();
         assert_eq!(f.reason, FaultReason::Permission);
         assert_eq!(
             pf(&f),
             PF_P | if kind == AccessKind::Write { PF_W } else { 0 }
         );
-        w.translate(&mem, 0x1000, explicit.with_ac(true)).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x1000), explicit.with_ac(true))
+            .unwrap();
         // Implicit supervisor accesses ignore EFLAGS.AC.
-        w.translate(&mem, 0x1000, implicit.with_ac(true))
+        w.translate(&mem, GuestVirtAddr(0x1000), implicit.with_ac(true))
             .unwrap_err();
-        w.translate(&mem, 0x1000, implicit).unwrap_err();
+        w.translate(&mem, GuestVirtAddr(0x1000), implicit)
+            .unwrap_err();
         // Supervisor pages and user accesses are not affected.
-        w.translate(&mem, 0x2000, explicit).unwrap();
-        w.translate(&mem, 0x2000, implicit).unwrap();
-        w.translate(&mem, 0x1000, explicit.user()).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x2000), explicit).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x2000), implicit).unwrap();
+        w.translate(&mem, GuestVirtAddr(0x1000), explicit.user())
+            .unwrap();
     }
     // Fetches are SMEP's business, not SMAP's.
-    w.translate(&mem, 0x1000, Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
 }
 
 #[test]
@@ -569,19 +639,24 @@ fn protection_keys() {
         Access::read(),
         Access::write(),
     ] {
-        let f = w.translate(&mem, 0x1000, a).unwrap_err();
+        let f = w.translate(&mem, GuestVirtAddr(0x1000), a).unwrap_err();
         assert_eq!(f.reason, FaultReason::ProtectionKey { key: 3 }, "{a:?}");
         let want =
             PF_P | PF_PK | if a.is_user() { PF_U } else { 0 } | if a.is_write() { PF_W } else { 0 };
         assert_eq!(pf(&f), want);
     }
     // Fetches are not checked against keys.
-    let ok = w.translate(&mem, 0x1000, Access::fetch().user()).unwrap();
+    let ok = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
     assert_eq!(ok.permissions.key, 3);
     // PKRS write-disable on a supervisor page: reads fine, writes denied
     // with CR0.WP, allowed without.
-    w.translate(&mem, 0x2000, Access::read()).unwrap();
-    let f = w.translate(&mem, 0x2000, Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::write())
+        .unwrap_err();
     assert_eq!(
         (f.reason, pf(&f)),
         (FaultReason::ProtectionKey { key: 5 }, PF_P | PF_W | PF_PK)
@@ -590,22 +665,25 @@ fn protection_keys() {
     nowp.cr0 &= !CR0_WP;
     Walker::new(nowp)
         .unwrap()
-        .translate(&mem, 0x2000, Access::write())
+        .translate(&mem, GuestVirtAddr(0x2000), Access::write())
         .unwrap();
     // WD on a user page: user writes always denied, supervisor writes only
     // with CR0.WP.
     let mut wd = regs;
     wd.pkru = 1 << 7;
     let w = Walker::new(wd).unwrap();
-    w.translate(&mem, 0x1000, Access::read().user()).unwrap();
-    w.translate(&mem, 0x1000, Access::write().user())
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read().user())
+        .unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write().user())
         .unwrap_err();
-    w.translate(&mem, 0x1000, Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     wd.cr0 &= !CR0_WP;
     let w = Walker::new(wd).unwrap();
-    w.translate(&mem, 0x1000, Access::write().user())
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write().user())
         .unwrap_err();
-    w.translate(&mem, 0x1000, Access::write()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap();
     // A user write to a read-only page whose key also denies it: PK is set
     // with the other bits (SDM 4.7, the PK flag's conditions hold).
     let ro_user = Flags { key: 3, ..ro() };
@@ -614,13 +692,13 @@ fn protection_keys() {
     both.pkru = 1 << 6;
     let f = Walker::new(both)
         .unwrap()
-        .translate(&mem, 0x3000, Access::write().user())
+        .translate(&mem, GuestVirtAddr(0x3000), Access::write().user())
         .unwrap_err();
     assert_eq!((f.level, pf(&f)), (1, PF_P | PF_W | PF_U | PF_PK));
     both.pkru = 0;
     let f = Walker::new(both)
         .unwrap()
-        .translate(&mem, 0x3000, Access::write().user())
+        .translate(&mem, GuestVirtAddr(0x3000), Access::write().user())
         .unwrap_err();
     assert_eq!(
         (f.reason, pf(&f)),
@@ -629,7 +707,7 @@ fn protection_keys() {
     // Keys off: the same bits mean nothing.
     Walker::new(t.regs())
         .unwrap()
-        .translate(&mem, 0x1000, Access::write().user())
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write().user())
         .unwrap();
 }
 
@@ -647,17 +725,18 @@ fn accessed_and_dirty_flags() {
     let snapshot = |v: u64| -> Vec<u64> { t.path(v).iter().map(|&a| t.read_entry(a)).collect() };
     // Without the option nothing changes.
     let before = snapshot(va);
-    w.translate(&mem, va, Access::write()).unwrap();
+    w.translate(&mem, GuestVirtAddr(va), Access::write())
+        .unwrap();
     assert_eq!(snapshot(va), before);
     // A read sets A at every level, D nowhere.
-    w.translate_with(&mem, va, Access::read(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(va), Access::read(), AD, None)
         .unwrap();
     for (i, e) in snapshot(va).iter().enumerate() {
         assert_eq!(e & (A | D), A, "level {}", 4 - i);
     }
     // A write sets D on the leaf only.
     let tr = w
-        .translate_with(&mem, va, Access::write(), AD, None)
+        .translate_with(&mem, GuestVirtAddr(va), Access::write(), AD, None)
         .unwrap();
     assert!(tr.attributes.dirty && tr.attributes.accessed);
     let s = snapshot(va);
@@ -666,19 +745,19 @@ fn accessed_and_dirty_flags() {
         assert_eq!(e & D, 0);
     }
     // A large page: D on the PDE that maps it.
-    w.translate_with(&mem, big, Access::write(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(big), Access::write(), AD, None)
         .unwrap();
     let s = snapshot(big);
     assert_eq!(s.len(), 3);
     assert_eq!(s[2] & (A | D), A | D);
     // A faulting walk changes nothing, not even A on the upper levels.
     let before = snapshot(ro_va);
-    w.translate_with(&mem, ro_va, Access::write(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(ro_va), Access::write(), AD, None)
         .unwrap_err();
     assert_eq!(snapshot(ro_va), before);
     // A walk that ends at a not-present entry changes nothing.
     let before = snapshot(0x9000);
-    w.translate_with(&mem, 0x9000, Access::read(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(0x9000), Access::read(), AD, None)
         .unwrap_err();
     assert_eq!(snapshot(0x9000), before);
 }
@@ -690,21 +769,22 @@ fn accessed_flags_pae_pdpte_untouched_and_32_bit() {
     assert!(t.map(0x4000_1000, 0x5000, 12, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
     let pdpte = t.read_entry(entry(&t, 0x4000_1000, 3));
-    w.translate_with(&mem, 0x4000_1000, Access::write(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(0x4000_1000), Access::write(), AD, None)
         .unwrap();
     assert_eq!(t.read_entry(entry(&t, 0x4000_1000, 3)), pdpte);
     assert_eq!(t.read_entry(entry(&t, 0x4000_1000, 2)) & (A | D), A);
     assert_eq!(t.read_entry(entry(&t, 0x4000_1000, 1)) & (A | D), A | D);
     // And the walk still works afterwards (no reserved bit was set).
-    w.translate(&mem, 0x4000_1000, Access::read()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x4000_1000), Access::read())
+        .unwrap();
 
     let mut t = tables(Kind::Bits32Pse, &mem);
     assert!(t.map(0x1000, 0x5000, 12, full(), |_| full()));
     assert!(t.map(0x80_0000, 0x40_0000, 22, full(), |_| full()));
     let w = Walker::new(t.regs()).unwrap();
-    w.translate_with(&mem, 0x1000, Access::write(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(0x1000), Access::write(), AD, None)
         .unwrap();
-    w.translate_with(&mem, 0x80_0000, Access::write(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(0x80_0000), Access::write(), AD, None)
         .unwrap();
     assert_eq!(t.read_entry(entry(&t, 0x1000, 2)) & (A | D), A);
     assert_eq!(t.read_entry(entry(&t, 0x1000, 1)) & (A | D), A | D);
@@ -718,14 +798,16 @@ fn accessed_flags_on_a_read_only_image_fault_cleanly() {
     assert!(t.map(0x1000, 0x5000, 12, full(), |_| full()));
     let mut bytes = vec![0u8; 8 << 20];
     mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
-    let img = PhysImage::new(0, &bytes);
+    let img = PhysImage::new(GuestPhysAddr(0), &bytes);
     let w = Walker::new(t.regs()).unwrap();
     assert_eq!(
-        w.translate(&img, 0x1234, Access::read()).unwrap().gpa,
-        0x5234
+        w.translate(&img, GuestVirtAddr(0x1234), Access::read())
+            .unwrap()
+            .gpa,
+        GuestPhysAddr(0x5234)
     );
     let f = w
-        .translate_with(&img, 0x1234, Access::read(), AD, None)
+        .translate_with(&img, GuestVirtAddr(0x1234), Access::read(), AD, None)
         .unwrap_err();
     assert_eq!(
         (f.reason, f.code),
@@ -746,7 +828,7 @@ fn ept_accessed_dirty_flags() {
             .unwrap();
         let snap =
             |gpa: u64| -> Vec<u64> { s.path(gpa).iter().map(|&a| s.read_entry(a)).collect() };
-        w.translate_with(&mem, 0x1000, Access::read(), AD, None)
+        w.translate_with(&mem, GuestVirtAddr(0x1000), Access::read(), AD, None)
             .unwrap();
         let fin = snap(0x5000);
         let table = snap(g.root);
@@ -759,7 +841,7 @@ fn ept_accessed_dirty_flags() {
         // Guest table pages: accesses count as writes, so D on the leaf.
         assert_eq!(table[3] & (EA | ED), EA | ED);
         assert!(table[..3].iter().all(|e| e & (EA | ED) == EA));
-        w.translate_with(&mem, 0x1000, Access::write(), AD, None)
+        w.translate_with(&mem, GuestVirtAddr(0x1000), Access::write(), AD, None)
             .unwrap();
         assert_eq!(snap(0x5000)[3] & ED, ED);
         // The guest's own flags were set too.
@@ -792,15 +874,20 @@ fn ept_execute_only_and_misconfigurations() {
     // Execute-only where supported: fetch fine, read a violation with only
     // bit 5 (executable) in the permissions.
     s.write_entry(leaf, base | EX);
-    w.translate(&mem, 0x1000, Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
     // (No guest paging: the linear address is the guest-physical one, so
     // bits 7 and 8 are set.)
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, qual(&f)),
         (FaultReason::Permission, 1 | 1 << 5 | 1 << 7 | 1 << 8)
     );
-    let f = w.translate(&mem, 0x1000, Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f), 2 | 1 << 5 | 1 << 7 | 1 << 8);
     // ... and a misconfiguration where not.
     let mem2 = self::mem();
@@ -808,34 +895,42 @@ fn ept_execute_only_and_misconfigurations() {
     let leaf2 = entry(&s2, 0x1000, 1);
     s2.write_entry(leaf2, (s2.read_entry(leaf2) & !7) | EX);
     let f = w_noxo
-        .translate(&mem2, 0x1000, Access::fetch())
+        .translate(&mem2, GuestVirtAddr(0x1000), Access::fetch())
         .unwrap_err();
     assert_eq!(
         (f.reason, f.code),
         (FaultReason::Misconfigured, FaultCode::EptMisconfig)
     );
     s2.write_entry(leaf2, s2.read_entry(leaf2) | ER);
-    w_noxo.translate(&mem2, 0x1000, Access::fetch()).unwrap();
+    w_noxo
+        .translate(&mem2, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap();
     // Write without read: a misconfiguration, at any level.
     s.write_entry(leaf, base | EW);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!((f.code, f.level), (FaultCode::EptMisconfig, 1));
     s.write_entry(leaf, base | EW | EX);
     assert_eq!(
-        w.translate(&mem, 0x1000, Access::read()).unwrap_err().code,
+        w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+            .unwrap_err()
+            .code,
         FaultCode::EptMisconfig
     );
     s.write_entry(leaf, base | ER | EW | EX);
     let upper = entry(&s, 0x1000, 3);
     let up = s.read_entry(upper);
     s.write_entry(upper, up & !ER);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!((f.code, f.level), (FaultCode::EptMisconfig, 3));
     s.write_entry(upper, up);
     // Memory types 2, 3 and 7 are reserved in a leaf.
     for mt in 0..8u64 {
         s.write_entry(leaf, (base & !(7 << 3)) | mt << 3 | ER | EW | EX);
-        let r = w.translate(&mem, 0x1000, Access::read());
+        let r = w.translate(&mem, GuestVirtAddr(0x1000), Access::read());
         if matches!(mt, 2 | 3 | 7) {
             assert_eq!(r.unwrap_err().code, FaultCode::EptMisconfig, "type {mt}");
         } else {
@@ -852,7 +947,9 @@ fn ept_execute_only_and_misconfigurations() {
             let at = entry(&s, 0x1000, level);
             let v = s.read_entry(at);
             s.write_entry(at, v | 1 << bit);
-            let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+            let f = w
+                .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+                .unwrap_err();
             assert_eq!(
                 (f.code, f.level),
                 (FaultCode::EptMisconfig, level),
@@ -867,13 +964,14 @@ fn ept_execute_only_and_misconfigurations() {
     let at = entry(&s39, 0x1000, 2);
     s39.write_entry(at, s39.read_entry(at) | 1 << 40);
     assert_eq!(
-        w39.translate(&mem3, 0x1000, Access::read())
+        w39.translate(&mem3, GuestVirtAddr(0x1000), Access::read())
             .unwrap_err()
             .code,
         FaultCode::EptMisconfig
     );
     s39.write_entry(at, s39.read_entry(at) & !(1 << 40));
-    w39.translate(&mem3, 0x1000, Access::read()).unwrap();
+    w39.translate(&mem3, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
 }
 
 #[test]
@@ -886,8 +984,10 @@ fn ept_large_page_reserved_bits() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let t = w.translate(&mem, 0x20_1234, Access::read()).unwrap();
-    assert_eq!((t.pa, t.second.unwrap().page_size), (0x40_1234, 1 << 21));
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x20_1234), Access::read())
+        .unwrap();
+    assert_eq!((t.pa.0, t.second.unwrap().page_size), (0x40_1234, 1 << 21));
     for (va, level, bit) in [
         (0x20_0000u64, 2u8, 12u32),
         (0x20_0000, 2, 20),
@@ -895,7 +995,9 @@ fn ept_large_page_reserved_bits() {
         (0x4000_0000, 3, 29),
     ] {
         set_bits(&s, va, level, 1 << bit);
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
         assert_eq!(
             (f.code, f.level),
             (FaultCode::EptMisconfig, level),
@@ -924,14 +1026,21 @@ fn ept_violation_qualification() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    w.translate(&mem, 0x1000, Access::read()).unwrap();
-    let f = w.translate(&mem, 0x1000, Access::write()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
-    assert_eq!(f.gpa, Some(0x5000));
+    assert_eq!(f.gpa, Some(GuestPhysAddr(0x5000)));
     assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
-    let f = w.translate(&mem, 0x1000, Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     assert_eq!(qual(&f), 4 | 1 << 3 | 1 << 7 | 1 << 8);
-    let f = w.translate(&mem, 0x2000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.reason, qual(&f)),
         (FaultReason::NotPresent, 1 | 1 << 7 | 1 << 8)
@@ -942,7 +1051,9 @@ fn ept_violation_qualification() {
     let ept_leaf = s.path(pt_gpa)[3];
     let saved = s.read_entry(ept_leaf);
     s.write_entry(ept_leaf, 0);
-    let f = w.translate(&mem, 0x1000, Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -950,7 +1061,7 @@ fn ept_violation_qualification() {
         }
     );
     // The guest-physical address is the entry's (PT index 1).
-    assert_eq!(f.gpa, Some(pt_gpa + 8));
+    assert_eq!(f.gpa, Some(GuestPhysAddr(pt_gpa + 8)));
     assert_eq!(qual(&f), 1 | 1 << 7);
     let w_ad = Walker::new(g.regs())
         .unwrap()
@@ -959,12 +1070,17 @@ fn ept_violation_qualification() {
     // With EPT A/D on, a guest paging-structure access counts as a write
     // and its violation sets both the read and the write bit (SDM table
     // 28-7, note 1).
-    let f = w_ad.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w_ad
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(qual(&f), 3 | 1 << 7);
     // Read-only table page: fine without A/D, a write violation with it.
     s.write_entry(ept_leaf, saved & !EW);
-    w.translate(&mem, 0x1000, Access::read()).unwrap();
-    let f = w_ad.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    let f = w_ad
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         (f.stage, qual(&f)),
         (
@@ -981,7 +1097,9 @@ fn ept_violation_qualification() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let f = w0.translate(&mem, 0x5000, Access::write()).unwrap_err();
+    let f = w0
+        .translate(&mem, GuestVirtAddr(0x5000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f), 2 | 1 << 3 | 1 << 7 | 1 << 8);
 }
 
@@ -1008,28 +1126,35 @@ fn ept_mode_based_execute() {
         .with_second_level(SecondLevel::Ept(c))
         .unwrap();
     // X set, XU clear in the final leaf: supervisor fetches only.
-    w.translate(&mem, 0x2000, Access::fetch()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap();
     let f = w
-        .translate(&mem, 0x1000, Access::fetch().user())
+        .translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
         .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
     // Bits 3-5 R/W/X, bit 6 XU (clear).
     assert_eq!(qual(&f), 4 | 0b111 << 3 | 1 << 7 | 1 << 8);
     // The linear page's U/S decides, not the CPL: a supervisor fetch from
     // the user page needs XU too.
-    w.translate(&mem, 0x1000, Access::fetch()).unwrap_err();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch())
+        .unwrap_err();
     // XU everywhere on the path: user fetches allowed, bit 6 reported.
     for a in s.path(0x5000) {
         s.write_entry(a, s.read_entry(a) | XU);
     }
-    w.translate(&mem, 0x1000, Access::fetch().user()).unwrap();
+    w.translate(&mem, GuestVirtAddr(0x1000), Access::fetch().user())
+        .unwrap();
     let leaf = s.path(0x5000)[3];
     s.write_entry(leaf, s.read_entry(leaf) & !EX);
-    let f = w.translate(&mem, 0x2000, Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::fetch())
+        .unwrap_err();
     assert_eq!(qual(&f), 4 | 0b011 << 3 | 1 << 6 | 1 << 7 | 1 << 8);
     // An entry with only XU set is present under MBEC.
     s.write_entry(leaf, (s.read_entry(leaf) & !7) | XU);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Permission);
 }
 
@@ -1058,21 +1183,31 @@ fn npt_exit_info() {
         FaultCode::NestedPageFault { exit_info1 } => exit_info1,
         c => panic!("not an NPF: {c:?}"),
     };
-    let t = w.translate(&mem, 0x1000, Access::read()).unwrap();
-    assert_eq!(t.pa, 0x30_0000);
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap();
+    assert_eq!(t.pa, GuestPhysAddr(0x30_0000));
     // Final accesses: bit 32; every access is a user access.
-    let f = w.translate(&mem, 0x1000, Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::write())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_P | PF_W | PF_U) | 1 << 32);
-    let f = w.translate(&mem, 0x2000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x2000), Access::read())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_P | PF_U) | 1 << 32);
-    let f = w.translate(&mem, 0x3000, Access::fetch()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x3000), Access::fetch())
+        .unwrap_err();
     assert_eq!(info(&f), u64::from(PF_U | PF_ID) | 1 << 32);
     // A guest table access: bit 33, and a write.
     let pt_gpa = g.read_entry(entry(&g, 0x1000, 2)) & !0xfff;
     let leaf = s.path(pt_gpa)[3];
     let saved = s.read_entry(leaf);
     s.write_entry(leaf, 0);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1093,7 +1228,9 @@ fn npt_exit_info() {
         .unwrap()
         .with_second_level(SecondLevel::Npt(c))
         .unwrap();
-    let f = w40.translate(&mem, 0x4000, Access::read()).unwrap_err();
+    let f = w40
+        .translate(&mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
     assert_eq!(f.reason, FaultReason::Reserved { bits: 1 << 45 });
     assert_eq!(info(&f), u64::from(PF_P | PF_U | PF_RSVD) | 1 << 32);
     // XD in an NPT entry without the host's NXE is reserved too.
@@ -1105,7 +1242,9 @@ fn npt_exit_info() {
         .unwrap()
         .with_second_level(SecondLevel::Npt(c))
         .unwrap();
-    let f = wx.translate(&mem, 0x4000, Access::read()).unwrap_err();
+    let f = wx
+        .translate(&mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::Reserved { bits: XD }, 2));
 }
 
@@ -1128,16 +1267,27 @@ fn tables_outside_memory_or_in_holes() {
         .unwrap(); // second region
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
     for (va, pa) in [(1u64 << 39, 0x18_0000u64), (2 << 39, 1 << 40)] {
-        let f = w.translate(&mem, va, Access::read()).unwrap_err();
-        assert_eq!(f.reason, FaultReason::Unbacked { pa });
+        let f = w
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            f.reason,
+            FaultReason::Unbacked {
+                pa: GuestPhysAddr(pa)
+            }
+        );
         assert_eq!((f.code, f.level), (FaultCode::Emulation, 3));
     }
     // The PD in the second region is empty: not present, no panic.
-    let f = w.translate(&mem, 0, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0), Access::read())
+        .unwrap_err();
     assert_eq!((f.reason, f.level), (FaultReason::NotPresent, 2));
     // CR3 itself outside memory.
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(0x10_0000_0000)).unwrap();
-    let f = w.translate(&mem, 0, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0), Access::read())
+        .unwrap_err();
     assert!(matches!(f.reason, FaultReason::Unbacked { .. }));
     assert_eq!(w.mappings(&mem).filter(Result::is_ok).count(), 0);
     // The listing reports the bad tables and goes on.
@@ -1170,15 +1320,21 @@ fn discarded_table_page_reads_as_zeros() {
         mem.write_obj(GuestPhysAddr(pd), pt | 3).unwrap();
         mem.write_obj(GuestPhysAddr(pt + 8), 0x5000u64 | 3).unwrap();
         let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
-        let t = w.translate(&mem, 0x1234, Access::read()).unwrap();
-        assert_eq!((t.gpa, t.memory_refs), (0x5234, 4));
+        let t = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap();
+        assert_eq!((t.gpa.0, t.memory_refs), (0x5234, 4));
         mem.discard(GuestPhysAddr(pt), PAGE).unwrap();
-        let f = w.translate(&mem, 0x1234, Access::read()).unwrap_err();
+        let f = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap_err();
         assert_eq!((f.reason, f.level), (FaultReason::NotPresent, 1));
         // Written again, it is read again.
         mem.write_obj(GuestPhysAddr(pt + 8), 0x6000u64 | 3).unwrap();
-        let t = w.translate(&mem, 0x1234, Access::read()).unwrap();
-        assert_eq!((t.gpa, t.memory_refs), (0x6234, 4));
+        let t = w
+            .translate(&mem, GuestVirtAddr(0x1234), Access::read())
+            .unwrap();
+        assert_eq!((t.gpa.0, t.memory_refs), (0x6234, 4));
     }
 }
 
@@ -1198,19 +1354,25 @@ fn second_level_table_in_a_hole() {
     // The EPT PDPTE covering gpa 0x5000 points into the hole.
     let pdpte = s.path(0x5000)[1];
     s.write_entry(pdpte, 0x140_0000 | ER | EW | EX);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.stage, Stage::Second { guest_table: None });
     assert_eq!(
         (f.reason, f.code),
         (
-            FaultReason::Unbacked { pa: 0x140_0000 },
+            FaultReason::Unbacked {
+                pa: GuestPhysAddr(0x140_0000)
+            },
             FaultCode::Emulation
         )
     );
     // A guest table in a hole of guest-physical space behind the EPT.
     let pml4e = entry(&g, 0x1000, 4);
     g.write_entry(pml4e, 0x5000 | 7);
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1232,10 +1394,18 @@ fn self_referencing_tables_stay_bounded() {
     }
     let w = Walker::new(pagefold::paging::X86Paging::long_mode(pml4)).unwrap();
     // Read as a PTE at the bottom, the same entry maps the PML4's frame.
-    let t = w.translate(&mem, 0x7fff_ffff_f123, Access::read()).unwrap();
-    assert_eq!((t.gpa, t.memory_refs), (pml4 + 0x123, 4));
-    w.translate_with(&mem, 0xffff_8000_0000_0000, Access::write(), AD, None)
+    let t = w
+        .translate(&mem, GuestVirtAddr(0x7fff_ffff_f123), Access::read())
         .unwrap();
+    assert_eq!((t.gpa.0, t.memory_refs), (pml4 + 0x123, 4));
+    w.translate_with(
+        &mem,
+        GuestVirtAddr(0xffff_8000_0000_0000),
+        Access::write(),
+        AD,
+        None,
+    )
+    .unwrap();
     let items: Vec<_> = w.mappings_with_budget(&mem, 10_000).collect();
     assert!(items.len() <= 10_001, "{}", items.len());
     assert_eq!(
@@ -1249,13 +1419,13 @@ fn self_referencing_tables_stay_bounded() {
         let a = w
             .translate_with(
                 &mem,
-                va,
+                GuestVirtAddr(va),
                 Access::read(),
                 WalkOptions::default(),
                 Some(&mut cache),
             )
             .unwrap();
-        assert_eq!(a.gpa, pml4);
+        assert_eq!(a.gpa, GuestPhysAddr(pml4));
     }
 }
 
@@ -1273,7 +1443,7 @@ fn read_and_write_virt_across_pages() {
     let data: Vec<u8> = (0..100u8).collect();
     w.write_virt(
         &mem,
-        0x1fd0,
+        GuestVirtAddr(0x1fd0),
         &data,
         Access::write(),
         WalkOptions::default(),
@@ -1290,7 +1460,7 @@ fn read_and_write_virt_across_pages() {
     let mut cache = WalkCache::new();
     w.read_virt(
         &mem,
-        0x1fd0,
+        GuestVirtAddr(0x1fd0),
         &mut back,
         Access::read(),
         WalkOptions::default(),
@@ -1302,7 +1472,7 @@ fn read_and_write_virt_across_pages() {
     let e = w
         .write_virt(
             &mem,
-            0x2ff0,
+            GuestVirtAddr(0x2ff0),
             &[0xee; 32],
             Access::write(),
             WalkOptions::default(),
@@ -1310,7 +1480,7 @@ fn read_and_write_virt_across_pages() {
         )
         .unwrap_err();
     assert_eq!(
-        (e.offset, e.fault.reason, e.fault.va),
+        (e.offset, e.fault.reason, e.fault.va.0),
         (16, FaultReason::Permission, 0x3000)
     );
     let mut c = [0u8; 16];
@@ -1321,7 +1491,7 @@ fn read_and_write_virt_across_pages() {
     let e = w
         .read_virt(
             &mem,
-            0xfe0,
+            GuestVirtAddr(0xfe0),
             &mut buf,
             Access::read(),
             WalkOptions::default(),
@@ -1329,23 +1499,30 @@ fn read_and_write_virt_across_pages() {
         )
         .unwrap_err();
     assert_eq!(
-        (e.offset, e.fault.reason, e.fault.va),
+        (e.offset, e.fault.reason, e.fault.va.0),
         (0, FaultReason::NotPresent, 0xfe0)
     );
     let e = w
         .read_virt(
             &mem,
-            0x3fe0,
+            GuestVirtAddr(0x3fe0),
             &mut buf,
             Access::read(),
             WalkOptions::default(),
             None,
         )
         .unwrap_err();
-    assert_eq!((e.offset, e.fault.va), (0x20, 0x4000));
+    assert_eq!((e.offset, e.fault.va.0), (0x20, 0x4000));
     // A write through the dirty-flag path marks both pages dirty.
-    w.write_virt(&mem, 0x1ff8, &[1; 16], Access::write(), AD, None)
-        .unwrap();
+    w.write_virt(
+        &mem,
+        GuestVirtAddr(0x1ff8),
+        &[1; 16],
+        Access::write(),
+        AD,
+        None,
+    )
+    .unwrap();
     for va in [0x1000u64, 0x2000] {
         assert_eq!(t.read_entry(entry(&t, va, 1)) & (A | D), A | D);
     }
@@ -1378,7 +1555,7 @@ fn invlpg_drops_every_fragment_of_a_large_page() {
     for off in [0u64, 0x1000, 0x5_0000] {
         w.translate_with(
             &mem,
-            0x4000_0000 + off,
+            GuestVirtAddr(0x4000_0000 + off),
             Access::read(),
             WalkOptions::default(),
             Some(&mut cache),
@@ -1386,11 +1563,11 @@ fn invlpg_drops_every_fragment_of_a_large_page() {
         .unwrap();
     }
     g.unmap(0x4000_0000).unwrap();
-    cache.invalidate_page(w.space(), 0x4000_0000);
+    cache.invalidate_page(w.space(), GuestVirtAddr(0x4000_0000));
     for off in [0u64, 0x1000, 0x5_0000] {
         let r = w.translate_with(
             &mem,
-            0x4000_0000 + off,
+            GuestVirtAddr(0x4000_0000 + off),
             Access::read(),
             WalkOptions::default(),
             Some(&mut cache),
@@ -1426,7 +1603,9 @@ fn ept_ad_table_access_violation_sets_read_and_write_bits() {
         .unwrap()
         .with_second_level(s.second(true))
         .unwrap();
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(
         f.stage,
         Stage::Second {
@@ -1456,7 +1635,7 @@ fn ept_no_ad_guest_ad_update_through_read_only_ept_page() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let r = w.translate_with(&mem, 0x1000, Access::read(), AD, None);
+    let r = w.translate_with(&mem, GuestVirtAddr(0x1000), Access::read(), AD, None);
     let pte_after = g.read_entry(pte);
     assert!(
         r.is_err(),
@@ -1486,7 +1665,9 @@ fn ept_violation_without_guest_paging_has_linear_address() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let f = w.translate(&mem, 0x5000, Access::write()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x5000), Access::write())
+        .unwrap_err();
     assert_eq!(qual(&f) & (3 << 7), 3 << 7, "qualification {:#x}", qual(&f));
 }
 
@@ -1507,11 +1688,11 @@ fn pae_pdpte_under_ept_ad_is_a_read() {
         .unwrap()
         .with_second_level(s.second(true))
         .unwrap();
-    let r = w.translate(&mem, 0x1000, Access::read());
+    let r = w.translate(&mem, GuestVirtAddr(0x1000), Access::read());
     assert!(r.is_ok(), "{:?}", r.err().map(|f| (f.stage, f.code)));
     // D on the PDPT's EPT leaf (writable again).
     s.write_entry(ept_leaf, s.read_entry(ept_leaf) | EW);
-    w.translate_with(&mem, 0x1000, Access::read(), AD, None)
+    w.translate_with(&mem, GuestVirtAddr(0x1000), Access::read(), AD, None)
         .unwrap();
     assert_eq!(
         s.read_entry(ept_leaf) & (EA | ED),
@@ -1535,7 +1716,7 @@ fn npt_nonleaf_bit8_reserved() {
         .unwrap()
         .with_second_level(s.second(false))
         .unwrap();
-    let r = w.translate(&mem, 0x1000, Access::read());
+    let r = w.translate(&mem, GuestVirtAddr(0x1000), Access::read());
     assert!(r.is_err(), "NPT PML4E with bit 8 set accepted");
 }
 
@@ -1557,6 +1738,8 @@ fn ept_mbec_user_execute_only_without_execute_only_support() {
         .unwrap()
         .with_second_level(SecondLevel::Ept(c))
         .unwrap();
-    let f = w.translate(&mem, 0x1000, Access::read()).unwrap_err();
+    let f = w
+        .translate(&mem, GuestVirtAddr(0x1000), Access::read())
+        .unwrap_err();
     assert_eq!(f.code, FaultCode::EptMisconfig, "{f}");
 }

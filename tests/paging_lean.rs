@@ -10,7 +10,7 @@ use pagefold::{
     paging::{
         x86::CR0_WP, Access, TableWatch, WalkCache, WalkFault, WalkOptions, Walker, X86Paging,
     },
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 
 const MEM: u64 = 16 << 20;
@@ -117,8 +117,8 @@ fn lean_hits_equal_full_translations() {
             let mut bound = cache.bind(&walker);
             for &va in &vas {
                 for a in ACCESSES {
-                    let full = walker.translate(&mem, va, a).map(|t| t.pa);
-                    let lean = bound.translate_pa(&mem, va, a, OPTS);
+                    let full = walker.translate(&mem, GuestVirtAddr(va), a).map(|t| t.pa);
+                    let lean = bound.translate_pa(&mem, GuestVirtAddr(va), a, OPTS);
                     assert_eq!(lean, full, "seed {seed} pass {pass} va {va:#x} {a:?}");
                     hits += u64::from(full.is_ok());
                 }
@@ -132,12 +132,12 @@ fn lean_hits_equal_full_translations() {
             for &va in vas.iter().take(50) {
                 let a = Access::read();
                 assert_eq!(
-                    walker.translate_pa(&mem, va, a, OPTS, Some(&mut other)),
-                    walker.translate_pa(&mem, va, a, OPTS, None),
+                    walker.translate_pa(&mem, GuestVirtAddr(va), a, OPTS, Some(&mut other)),
+                    walker.translate_pa(&mem, GuestVirtAddr(va), a, OPTS, None),
                 );
                 assert_eq!(
-                    walker.translate_pa(&mem, va, a, OPTS, None),
-                    walker.translate(&mem, va, a).map(|t| t.pa),
+                    walker.translate_pa(&mem, GuestVirtAddr(va), a, OPTS, None),
+                    walker.translate(&mem, GuestVirtAddr(va), a).map(|t| t.pa),
                 );
             }
         }
@@ -161,47 +161,52 @@ fn invalidation_makes_the_lean_path_walk_again() {
     let (mem, leaf, walker) = one_page();
     let mut cache = WalkCache::new();
     let va = 0x40_0123;
-    let pa = |c: &mut WalkCache| c.bind(&walker).translate_pa(&mem, va, Access::read(), OPTS);
+    let pa = |c: &mut WalkCache| {
+        c.bind(&walker)
+            .translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS)
+    };
 
-    assert_eq!(pa(&mut cache), Ok(0x5123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x5123)));
     let m = misses(&cache);
-    assert_eq!(pa(&mut cache), Ok(0x5123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x5123)));
     assert_eq!(misses(&cache), m, "a hit");
 
     // Without a watch, a remap is not seen until invalidated (a TLB).
     mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
-    assert_eq!(pa(&mut cache), Ok(0x5123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x5123)));
     assert_eq!(misses(&cache), m);
 
     // Per page.
-    cache.invalidate_page(walker.space(), va);
-    assert_eq!(pa(&mut cache), Ok(0x6123));
+    cache.invalidate_page(walker.space(), GuestVirtAddr(va));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x6123)));
     assert_eq!(misses(&cache), m + 1, "walked again after INVLPG");
-    assert_eq!(pa(&mut cache), Ok(0x6123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x6123)));
     assert_eq!(misses(&cache), m + 1);
 
     // Per space.
     mem.write_obj(GuestPhysAddr(leaf), 0x7003u64).unwrap();
     cache.invalidate_space(walker.space());
-    assert_eq!(pa(&mut cache), Ok(0x7123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x7123)));
     assert_eq!(misses(&cache), m + 2, "walked again after a space flush");
 
     // Per PCID (0 here) and everything.
     mem.write_obj(GuestPhysAddr(leaf), 0x8003u64).unwrap();
     cache.invalidate_pcid(walker.pcid());
-    assert_eq!(pa(&mut cache), Ok(0x8123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x8123)));
     assert_eq!(misses(&cache), m + 3);
     mem.write_obj(GuestPhysAddr(leaf), 0x9003u64).unwrap();
     cache.invalidate_all();
-    assert_eq!(pa(&mut cache), Ok(0x9123));
+    assert_eq!(pa(&mut cache), Ok(GuestPhysAddr(0x9123)));
     assert_eq!(misses(&cache), m + 4);
 
     // Unmapped: the lean path reports the walk's fault.
     mem.write_obj(GuestPhysAddr(leaf), 0u64).unwrap();
-    cache.invalidate_page(walker.space(), va);
+    cache.invalidate_page(walker.space(), GuestVirtAddr(va));
     assert_eq!(
         pa(&mut cache),
-        walker.translate(&mem, va, Access::read()).map(|t| t.pa)
+        walker
+            .translate(&mem, GuestVirtAddr(va), Access::read())
+            .map(|t| t.pa)
     );
     assert!(pa(&mut cache).is_err());
 }
@@ -216,12 +221,12 @@ fn a_watched_table_write_makes_the_lean_path_walk_again() {
     let va = 0x40_0010;
     let mut bound = cache.bind(&walker);
     assert_eq!(
-        bound.translate_pa(&mem, va, Access::read(), OPTS),
-        Ok(0x5010)
+        bound.translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x5010))
     );
     assert_eq!(
-        bound.translate_pa(&mem, va, Access::read(), OPTS),
-        Ok(0x5010)
+        bound.translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x5010))
     );
     let s = bound.stats();
     assert_eq!((s.misses, s.watch_flushes), (1, 0));
@@ -229,22 +234,22 @@ fn a_watched_table_write_makes_the_lean_path_walk_again() {
     // A data write elsewhere: still a hit.
     mem.write_obj(GuestPhysAddr(0x9000), 1u64).unwrap();
     assert_eq!(
-        bound.translate_pa(&mem, va, Access::read(), OPTS),
-        Ok(0x5010)
+        bound.translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x5010))
     );
     assert_eq!(bound.stats().misses, 1);
 
     // The leaf rewritten through the library, with the cache still bound.
     mem.write_obj(GuestPhysAddr(leaf), 0x7003u64).unwrap();
     assert_eq!(
-        bound.translate_pa(&mem, va, Access::read(), OPTS),
-        Ok(0x7010)
+        bound.translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x7010))
     );
     let s = bound.stats();
     assert_eq!((s.misses, s.watch_flushes), (2, 1));
     assert_eq!(
-        bound.translate_pa(&mem, va, Access::read(), OPTS),
-        Ok(0x7010)
+        bound.translate_pa(&mem, GuestVirtAddr(va), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x7010))
     );
     assert_eq!(bound.stats().misses, 2);
 }
@@ -262,14 +267,19 @@ fn rights_and_updates_are_decided_by_the_full_path() {
     // A read fills the entry; a write to the read-only page, and a user
     // read of the supervisor page, still fault exactly as a walk does.
     assert_eq!(
-        bound.translate_pa(&mem, 0x40_0008, Access::read(), OPTS),
-        Ok(0x5008)
+        bound.translate_pa(&mem, GuestVirtAddr(0x40_0008), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x5008))
     );
     for a in [Access::write(), Access::read().user()] {
-        let want = walker.translate(&mem, 0x40_0008, a).map(|t| t.pa);
+        let want = walker
+            .translate(&mem, GuestVirtAddr(0x40_0008), a)
+            .map(|t| t.pa);
         assert!(want.is_err());
         for _ in 0..2 {
-            assert_eq!(bound.translate_pa(&mem, 0x40_0008, a, OPTS), want);
+            assert_eq!(
+                bound.translate_pa(&mem, GuestVirtAddr(0x40_0008), a, OPTS),
+                want
+            );
         }
     }
 
@@ -279,13 +289,13 @@ fn rights_and_updates_are_decided_by_the_full_path() {
         set_accessed_dirty: true,
     };
     assert_eq!(
-        bound.translate_pa(&mem, 0x40_1000, Access::read(), OPTS),
-        Ok(0x6000)
+        bound.translate_pa(&mem, GuestVirtAddr(0x40_1000), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x6000))
     );
     let m = bound.stats().misses;
     assert_eq!(
-        bound.translate_pa(&mem, 0x40_1000, Access::write(), ad),
-        Ok(0x6000)
+        bound.translate_pa(&mem, GuestVirtAddr(0x40_1000), Access::write(), ad),
+        Ok(GuestPhysAddr(0x6000))
     );
     assert_eq!(bound.stats().misses, m + 1, "the update needs a walk");
     // (The binding ends here: the cache is bound again below.)
@@ -293,8 +303,8 @@ fn rights_and_updates_are_decided_by_the_full_path() {
     assert_eq!(e & 0x60, 0x60, "accessed and dirty set");
     let mut bound = cache.bind(&walker);
     assert_eq!(
-        bound.translate_pa(&mem, 0x40_1000, Access::write(), ad),
-        Ok(0x6000)
+        bound.translate_pa(&mem, GuestVirtAddr(0x40_1000), Access::write(), ad),
+        Ok(GuestPhysAddr(0x6000))
     );
     assert_eq!(bound.stats().misses, m + 1, "then a hit");
     let e: u64 = mem.read_obj(GuestPhysAddr(ro)).unwrap();
@@ -327,14 +337,14 @@ fn two_spaces_never_share_lean_hits() {
         assert_eq!(
             cache
                 .bind(&wa)
-                .translate_pa(&mem, 0x40_0010, Access::read(), OPTS),
-            Ok(0x5010)
+                .translate_pa(&mem, GuestVirtAddr(0x40_0010), Access::read(), OPTS),
+            Ok(GuestPhysAddr(0x5010))
         );
         assert_eq!(
             cache
                 .bind(&wb)
-                .translate_pa(&mem, 0x40_0010, Access::read(), OPTS),
-            Ok(0x9010)
+                .translate_pa(&mem, GuestVirtAddr(0x40_0010), Access::read(), OPTS),
+            Ok(GuestPhysAddr(0x9010))
         );
     }
     assert_eq!(cache.stats().misses, 2);
@@ -343,15 +353,15 @@ fn two_spaces_never_share_lean_hits() {
     assert_eq!(
         cache
             .bind(&wb)
-            .translate_pa(&mem, 0x40_0010, Access::read(), OPTS),
-        Ok(0x9010)
+            .translate_pa(&mem, GuestVirtAddr(0x40_0010), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x9010))
     );
     assert_eq!(cache.stats().misses, 2);
     assert_eq!(
         cache
             .bind(&wa)
-            .translate_pa(&mem, 0x40_0010, Access::read(), OPTS),
-        Ok(0x5010)
+            .translate_pa(&mem, GuestVirtAddr(0x40_0010), Access::read(), OPTS),
+        Ok(GuestPhysAddr(0x5010))
     );
     assert_eq!(cache.stats().misses, 3);
 }
@@ -375,18 +385,23 @@ fn check_settings_never_share_lean_hits() {
     for _ in 0..3 {
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&no_wp).translate_pa(&mem, 0x40_0010, w, OPTS),
-                Ok(0x5010)
+                cache
+                    .bind(&no_wp)
+                    .translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
+                Ok(GuestPhysAddr(0x5010))
             );
         }
         for _ in 0..2 {
             assert_eq!(
-                cache.bind(&wp).translate_pa(&mem, 0x40_0010, w, OPTS),
-                wp.translate(&mem, 0x40_0010, w).map(|t| t.pa)
+                cache
+                    .bind(&wp)
+                    .translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS),
+                wp.translate(&mem, GuestVirtAddr(0x40_0010), w)
+                    .map(|t| t.pa)
             );
             assert!(cache
                 .bind(&wp)
-                .translate_pa(&mem, 0x40_0010, w, OPTS)
+                .translate_pa(&mem, GuestVirtAddr(0x40_0010), w, OPTS)
                 .is_err());
         }
     }
@@ -401,7 +416,8 @@ fn lean_read(
 ) -> Result<u64, WalkFault> {
     cache
         .bind(walker)
-        .translate_pa(mem, va, Access::read(), OPTS)
+        .translate_pa(mem, GuestVirtAddr(va), Access::read(), OPTS)
+        .map(|p| p.0)
 }
 
 #[test]
@@ -423,16 +439,22 @@ fn a_new_walk_replaces_what_the_lean_path_answers() {
     assert_eq!(
         cache
             .bind(&walker)
-            .translate_pa(&mem, va, Access::write(), ad),
-        Ok(0x6123)
+            .translate_pa(&mem, GuestVirtAddr(va), Access::write(), ad),
+        Ok(GuestPhysAddr(0x6123))
     );
     for _ in 0..3 {
         assert_eq!(lean_read(&mut cache, &walker, &mem, va), Ok(0x6123));
         assert_eq!(
             walker
-                .translate_with(&mem, va, Access::read(), OPTS, Some(&mut cache))
+                .translate_with(
+                    &mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    OPTS,
+                    Some(&mut cache)
+                )
                 .map(|t| t.pa),
-            Ok(0x6123)
+            Ok(GuestPhysAddr(0x6123))
         );
     }
 }
@@ -447,7 +469,7 @@ fn lean_answers_stay_exact_across_many_invalidations() {
     for i in 0..10_000u64 {
         let frame = 0x5000 + (i % 7) * 0x1000;
         mem.write_obj(GuestPhysAddr(leaf), frame | 3).unwrap();
-        cache.invalidate_page(walker.space(), va);
+        cache.invalidate_page(walker.space(), GuestVirtAddr(va));
         for _ in 0..2 {
             assert_eq!(
                 lean_read(&mut cache, &walker, &mem, va),
@@ -472,9 +494,9 @@ fn an_old_lean_answer_never_comes_back() {
             assert_eq!(lean_read(&mut cache, &walker, &mem, a), Ok(0x5123));
         }
         mem.write_obj(GuestPhysAddr(leaf), 0x6003u64).unwrap();
-        cache.invalidate_page(walker.space(), a);
+        cache.invalidate_page(walker.space(), GuestVirtAddr(a));
         for _ in 0..flushes {
-            cache.invalidate_page(walker.space(), b);
+            cache.invalidate_page(walker.space(), GuestVirtAddr(b));
         }
         assert_eq!(
             lean_read(&mut cache, &walker, &mem, a),

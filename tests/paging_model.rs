@@ -22,7 +22,7 @@ use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, LeafAttributes, Permissions, Stage, Translation,
     WalkCache, WalkFault, WalkOptions, Walker, X86Paging,
 };
-use pagefold::{GuestMemory, GuestPhysAddr};
+use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
 use proptest::{prelude::*, test_runner::Config as ProptestConfig};
 
 fn config(cases: u32) -> ProptestConfig {
@@ -388,9 +388,9 @@ fn check(want: &Want, got: &Result<Translation, WalkFault>, va: u64, a: Access, 
             },
             Ok(t),
         ) => {
-            assert_eq!(t.va, va, "{ctx}");
-            assert_eq!(t.gpa, *gpa, "{ctx}");
-            assert_eq!(t.pa, *pa, "{ctx}");
+            assert_eq!(t.va, GuestVirtAddr(va), "{ctx}");
+            assert_eq!(t.gpa, GuestPhysAddr(*gpa), "{ctx}");
+            assert_eq!(t.pa, GuestPhysAddr(*pa), "{ctx}");
             assert_eq!(t.page_size, *size, "{ctx}");
             assert_eq!(t.level, *level, "{ctx}");
             assert_eq!(t.permissions, *perms, "{ctx}");
@@ -418,7 +418,7 @@ fn check(want: &Want, got: &Result<Translation, WalkFault>, va: u64, a: Access, 
             },
             Err(f),
         ) => {
-            assert_eq!(f.va, va, "{ctx}");
+            assert_eq!(f.va, GuestVirtAddr(va), "{ctx}");
             assert_eq!(f.stage, *stage, "{ctx}");
             assert_eq!(f.reason, *reason, "{ctx}");
             if let Some(code) = code {
@@ -479,11 +479,11 @@ fn check_all(
     for &va in probes {
         for a in ACCESSES {
             let want = sp.want(va, a);
-            let got = walker.translate(mem, va, a);
+            let got = walker.translate(mem, GuestVirtAddr(va), a);
             check(&want, &got, va, a, false);
             let uncached = got;
             let pa = got.map(|t| t.pa);
-            let got = walker.translate_with(mem, va, a, opts, Some(cache));
+            let got = walker.translate_with(mem, GuestVirtAddr(va), a, opts, Some(cache));
             check(&want, &got, va, a, true);
             // A cached fault names the same entry as the walk (a walk from
             // a cached upper entry denied above its start walks again from
@@ -498,7 +498,7 @@ fn check_all(
             // An address exactly; a fault as the cached path's is checked.
             let mut bound = lean.bind(walker);
             for _ in 0..2 {
-                match bound.translate_pa(mem, va, a, opts) {
+                match bound.translate_pa(mem, GuestVirtAddr(va), a, opts) {
                     Ok(lean_pa) => assert_eq!(Ok(lean_pa), pa, "lean va {va:#x} {a:?}"),
                     Err(f) => check(&want, &Err(f), va, a, true),
                 }
@@ -513,7 +513,7 @@ fn check_mappings(walker: &Walker, mem: &GuestMemory, sp: &Space<'_>) {
         // Without paging: the 32-bit space maps to itself.
         assert_eq!(listed.len(), 1);
         assert_eq!(
-            (listed[0].va, listed[0].gpa, listed[0].size),
+            (listed[0].va.0, listed[0].gpa.0, listed[0].size),
             (0, 0, 1 << 32)
         );
         return;
@@ -523,7 +523,7 @@ fn check_mappings(walker: &Walker, mem: &GuestMemory, sp: &Space<'_>) {
     assert_eq!(listed.len(), want.len(), "{listed:#x?} vs {want:#x?}");
     for (m, e) in listed.iter().zip(&want) {
         assert_eq!(
-            (m.va, m.gpa, m.size, m.level, m.permissions, m.entry),
+            (m.va.0, m.gpa.0, m.size, m.level, m.permissions, m.entry),
             (e.va, e.frame, e.size, e.level, e.perms, e.entry),
         );
         assert_eq!(m.attributes, expected_attributes(t.kind, e.level, e.entry));
@@ -600,8 +600,8 @@ fn run(first: Option<Kind>, second: Option<Kind>, seed: u64) {
                 // INVLPG of one address drops every TLB entry of its page,
                 // fragments under smaller second-level pages included
                 // (SDM 4.10.4.1).
-                cache.invalidate_page(walker.space(), va);
-                lean.invalidate_page(walker.space(), va);
+                cache.invalidate_page(walker.space(), GuestVirtAddr(va));
+                lean.invalidate_page(walker.space(), GuestVirtAddr(va));
             }
         }
     }
@@ -713,20 +713,25 @@ fn memory_refs_formula() {
                 assert!(g.map(va, 0x5000, 12, Flags::full(), |_| Flags::full()));
                 walker = Walker::new(g.regs()).unwrap();
             }
-            let t = walker.translate(&mem, va + 0x10, Access::read()).unwrap();
+            let t = walker
+                .translate(&mem, GuestVirtAddr(va + 0x10), Access::read())
+                .unwrap();
             assert_eq!(
                 t.memory_refs,
                 (n + 1) * (m + 1) - 1,
                 "{first:?} on {second:?}"
             );
-            assert_eq!(t.gpa, 0x5010);
-            assert_eq!(t.pa, if second.is_some() { 0x9010 } else { 0x5010 });
+            assert_eq!(t.gpa, GuestPhysAddr(0x5010));
+            assert_eq!(
+                t.pa,
+                GuestPhysAddr(if second.is_some() { 0x9010 } else { 0x5010 })
+            );
             // A cache hit costs nothing.
             let mut cache = WalkCache::new();
             walker
                 .translate_with(
                     &mem,
-                    va,
+                    GuestVirtAddr(va),
                     Access::read(),
                     WalkOptions::default(),
                     Some(&mut cache),
@@ -735,7 +740,7 @@ fn memory_refs_formula() {
             let t = walker
                 .translate_with(
                     &mem,
-                    va + 8,
+                    GuestVirtAddr(va + 8),
                     Access::read(),
                     WalkOptions::default(),
                     Some(&mut cache),

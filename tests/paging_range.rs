@@ -8,7 +8,7 @@
 
 use pagefold::{
     paging::{Access, Segment, Walker, X86Paging},
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 use proptest::prelude::*;
 
@@ -44,26 +44,34 @@ fn guest(frames: &[Option<u64>], ro: &[bool]) -> GuestMemory {
 fn check(walker: &Walker, mem: &GuestMemory, va: u64, len: u64, access: Access) {
     let mut at = va;
     let mut prev: Option<Segment> = None;
-    for s in walker.translate_range(mem, va, len, access) {
+    for s in walker.translate_range(mem, GuestVirtAddr(va), len, access) {
         match s {
             Ok(s) => {
-                assert_eq!(s.va, at, "segments are in order, without gaps");
+                assert_eq!(
+                    s.va,
+                    GuestVirtAddr(at),
+                    "segments are in order, without gaps"
+                );
                 assert!(s.len > 0);
                 // Every byte of the segment agrees with a page walk.
                 let mut off = 0;
                 while off < s.len {
-                    let t = walker.translate(mem, s.va + off, access).unwrap();
-                    assert_eq!(t.pa, s.pa + off, "va {:#x}", s.va + off);
+                    let t = walker
+                        .translate(mem, GuestVirtAddr(s.va.0 + off), access)
+                        .unwrap();
+                    assert_eq!(t.pa, GuestPhysAddr(s.pa.0 + off), "va {:#x}", s.va.0 + off);
                     off += t.contiguous_bytes().min(s.len - off);
                 }
                 if let Some(p) = prev {
-                    assert_ne!(p.pa + p.len, s.pa, "segments are maximal");
+                    assert_ne!(p.pa.0 + p.len, s.pa.0, "segments are maximal");
                 }
                 at += s.len;
                 prev = Some(s);
             }
             Err(f) => {
-                let want = walker.translate(mem, at, access).unwrap_err();
+                let want = walker
+                    .translate(mem, GuestVirtAddr(at), access)
+                    .unwrap_err();
                 assert_eq!(f, want);
                 return;
             }
@@ -108,17 +116,17 @@ fn one_contiguous_mebibyte_is_one_segment() {
     let mem = guest(&frames, &[false; 1024]);
     let walker = Walker::new(X86Paging::long_mode(PML4)).unwrap();
     let segs: Vec<_> = walker
-        .translate_range(&mem, 0x800, 4 << 20, Access::read())
+        .translate_range(&mem, GuestVirtAddr(0x800), 4 << 20, Access::read())
         .collect::<Result<_, _>>()
         .unwrap();
     // 0x800..4 MiB contiguous through both tables, then the large page.
     assert_eq!(segs.len(), 2);
     assert_eq!(
-        (segs[0].va, segs[0].pa, segs[0].len),
+        (segs[0].va.0, segs[0].pa.0, segs[0].len),
         (0x800, DATA + 0x800, (4 << 20) - 0x800)
     );
     assert_eq!(
-        (segs[1].va, segs[1].pa, segs[1].len),
+        (segs[1].va.0, segs[1].pa.0, segs[1].len),
         (4 << 20, 8 << 20, 0x800)
     );
 }

@@ -9,7 +9,7 @@ use pagefold::{
         x86::{CR4_PCIDE, CR4_PGE},
         Access, PhysMemory, TableWatch, WalkCache, WalkOptions, Walker, X86Paging,
     },
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 
 /// 4-level tables at 0x1000..0x4000 mapping 0x40_0000 to 0x5000.
@@ -32,8 +32,14 @@ fn table_writes_invalidate_attached_caches() {
     let mut cache = WalkCache::new();
     cache.attach_watch(watch.clone());
     let t = |cache: &mut WalkCache, opts| {
-        w.translate_with(&mem, 0x40_0010, Access::write(), opts, Some(cache))
-            .unwrap()
+        w.translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0010),
+            Access::write(),
+            opts,
+            Some(cache),
+        )
+        .unwrap()
     };
 
     assert_eq!(t(&mut cache, WalkOptions::default()).memory_refs, 4);
@@ -55,17 +61,26 @@ fn table_writes_invalidate_attached_caches() {
     // sees it, with no explicit invalidation.
     mem.write_obj(GuestPhysAddr(0x4000), 0x7003u64).unwrap();
     let after = t(&mut cache, WalkOptions::default());
-    assert_eq!(after.gpa, 0x7010);
+    assert_eq!(after.gpa, GuestPhysAddr(0x7010));
     assert_eq!(cache.stats().watch_flushes, 1);
 
     // Without the watch, the cache keeps the stale translation (as a TLB
     // does until INVLPG).
     let mut plain = WalkCache::new();
-    assert_eq!(t(&mut plain, WalkOptions::default()).gpa, 0x7010);
+    assert_eq!(
+        t(&mut plain, WalkOptions::default()).gpa,
+        GuestPhysAddr(0x7010)
+    );
     mem.write_obj(GuestPhysAddr(0x4000), 0x8003u64).unwrap();
-    assert_eq!(t(&mut plain, WalkOptions::default()).gpa, 0x7010);
-    plain.invalidate_page(w.space(), 0x40_0000);
-    assert_eq!(t(&mut plain, WalkOptions::default()).gpa, 0x8010);
+    assert_eq!(
+        t(&mut plain, WalkOptions::default()).gpa,
+        GuestPhysAddr(0x7010)
+    );
+    plain.invalidate_page(w.space(), GuestVirtAddr(0x40_0000));
+    assert_eq!(
+        t(&mut plain, WalkOptions::default()).gpa,
+        GuestPhysAddr(0x8010)
+    );
 }
 
 #[test]
@@ -94,22 +109,46 @@ fn cached_rights_follow_wp_and_keys() {
     let mut cache = WalkCache::new();
     let opts = WalkOptions::default();
     // CR0.WP=0: a supervisor write to a read-only page is allowed; cached.
-    off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
-        .unwrap();
+    off.translate_with(
+        &mem,
+        GuestVirtAddr(0x40_0000),
+        Access::write(),
+        opts,
+        Some(&mut cache),
+    )
+    .unwrap();
     assert_eq!(
-        off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
-            .unwrap()
-            .memory_refs,
+        off.translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            Access::write(),
+            opts,
+            Some(&mut cache)
+        )
+        .unwrap()
+        .memory_refs,
         0
     );
     // CR0.WP=1 on the same cache: the cached rights must not answer.
     let f = on
-        .translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
+        .translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            Access::write(),
+            opts,
+            Some(&mut cache),
+        )
         .unwrap_err();
     assert_eq!(f.reason, pagefold::paging::FaultReason::Permission);
     // And back: allowed again.
-    off.translate_with(&mem, 0x40_0000, Access::write(), opts, Some(&mut cache))
-        .unwrap();
+    off.translate_with(
+        &mem,
+        GuestVirtAddr(0x40_0000),
+        Access::write(),
+        opts,
+        Some(&mut cache),
+    )
+    .unwrap();
 
     // Protection keys: PKRU write-disable for key 0 denies a user write.
     let mut keys = X86Paging::long_mode(0x1000);
@@ -128,10 +167,22 @@ fn cached_rights_follow_wp_and_keys() {
     keys.pkru = 0b10;
     let closed = Walker::new(keys).unwrap();
     let user_write = Access::write().user();
-    open.translate_with(&mem, 0x40_0000, user_write, opts, Some(&mut cache))
-        .unwrap();
+    open.translate_with(
+        &mem,
+        GuestVirtAddr(0x40_0000),
+        user_write,
+        opts,
+        Some(&mut cache),
+    )
+    .unwrap();
     let f = closed
-        .translate_with(&mem, 0x40_0000, user_write, opts, Some(&mut cache))
+        .translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            user_write,
+            opts,
+            Some(&mut cache),
+        )
         .unwrap_err();
     assert_eq!(
         f.reason,
@@ -156,7 +207,7 @@ fn walkers_that_decode_differently_never_share_cache_entries() {
     mem.write_obj(GuestPhysAddr(0xa010), 0x40_0004u64 | (6 << 3) | 0x80)
         .unwrap();
     let with = |execute_only| {
-        let mut ept = EptConfig::four_level(0x8000, false);
+        let mut ept = EptConfig::four_level(GuestPhysAddr(0x8000), false);
         ept.execute_only = execute_only;
         Walker::new(X86Paging::long_mode(0x1000))
             .and_then(|w| w.with_second_level(SecondLevel::Ept(ept)))
@@ -166,19 +217,37 @@ fn walkers_that_decode_differently_never_share_cache_entries() {
     let mut cache = WalkCache::new();
     let opts = WalkOptions::default();
     let t = xo
-        .translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
+        .translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            Access::fetch(),
+            opts,
+            Some(&mut cache),
+        )
         .unwrap();
-    assert_eq!(t.pa, 0x40_0000);
+    assert_eq!(t.pa, GuestPhysAddr(0x40_0000));
     assert_eq!(
-        xo.translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
-            .unwrap()
-            .memory_refs,
+        xo.translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            Access::fetch(),
+            opts,
+            Some(&mut cache)
+        )
+        .unwrap()
+        .memory_refs,
         0,
         "cached for the walker that filled it"
     );
     // Same CR3, same EPTP, one capability apart: no cached answer.
     let f = no_xo
-        .translate_with(&mem, 0x40_0000, Access::fetch(), opts, Some(&mut cache))
+        .translate_with(
+            &mem,
+            GuestVirtAddr(0x40_0000),
+            Access::fetch(),
+            opts,
+            Some(&mut cache),
+        )
         .unwrap_err();
     assert_eq!(f.code, FaultCode::EptMisconfig, "{f}");
 }
@@ -195,7 +264,7 @@ fn attaching_a_watch_drops_what_was_cached_before() {
     let t = |c: &mut WalkCache| {
         w.translate_with(
             &mem,
-            0x40_0010,
+            GuestVirtAddr(0x40_0010),
             Access::read(),
             WalkOptions::default(),
             Some(c),
@@ -203,10 +272,10 @@ fn attaching_a_watch_drops_what_was_cached_before() {
         .unwrap()
         .gpa
     };
-    assert_eq!(t(&mut cache), 0x5010);
+    assert_eq!(t(&mut cache), GuestPhysAddr(0x5010));
     cache.attach_watch(watch.clone());
     mem.write_obj(GuestPhysAddr(0x4000), 0x7003u64).unwrap();
-    assert_eq!(t(&mut cache), 0x7010);
+    assert_eq!(t(&mut cache), GuestPhysAddr(0x7010));
 }
 
 /// Guest memory whose first read of `racy` is followed, at once, by a
@@ -267,23 +336,36 @@ fn a_table_write_racing_a_walk_is_never_cached_stale() {
         };
         let opts = WalkOptions::default();
         let first = w
-            .translate_with(&racing, 0x40_0010, Access::read(), opts, Some(&mut cache))
+            .translate_with(
+                &racing,
+                GuestVirtAddr(0x40_0010),
+                Access::read(),
+                opts,
+                Some(&mut cache),
+            )
             .unwrap();
         assert!(racing.fired.get());
-        assert!(first.gpa == 0x5010 || first.gpa == 0x7010);
+        assert!(first.gpa == GuestPhysAddr(0x5010) || first.gpa == GuestPhysAddr(0x7010));
         for _ in 0..3 {
             let later = w
-                .translate_with(&mem, 0x40_0010, Access::read(), opts, Some(&mut cache))
+                .translate_with(
+                    &mem,
+                    GuestVirtAddr(0x40_0010),
+                    Access::read(),
+                    opts,
+                    Some(&mut cache),
+                )
                 .unwrap();
             assert_eq!(
-                later.gpa, 0x7010,
+                later.gpa,
+                GuestPhysAddr(0x7010),
                 "entry {racy:#x}: a racing write was lost"
             );
             assert_eq!(
                 cache
                     .bind(&w)
-                    .translate_pa(&mem, 0x40_0010, Access::read(), opts),
-                Ok(0x7010)
+                    .translate_pa(&mem, GuestVirtAddr(0x40_0010), Access::read(), opts),
+                Ok(GuestPhysAddr(0x7010))
             );
         }
     }
@@ -307,7 +389,7 @@ fn invlpg_drops_a_global_page_in_every_address_space() {
     let t = |w: &Walker, c: &mut WalkCache| {
         w.translate_with(
             &mem,
-            0x40_0010,
+            GuestVirtAddr(0x40_0010),
             Access::read(),
             WalkOptions::default(),
             Some(c),
@@ -315,17 +397,20 @@ fn invlpg_drops_a_global_page_in_every_address_space() {
         .unwrap()
         .gpa
     };
-    assert_eq!(t(&a, &mut cache), 0x5010);
-    assert_eq!(t(&b, &mut cache), 0x5010);
+    assert_eq!(t(&a, &mut cache), GuestPhysAddr(0x5010));
+    assert_eq!(t(&b, &mut cache), GuestPhysAddr(0x5010));
     mem.write_obj(GuestPhysAddr(0x4000), 0x7103u64).unwrap();
-    cache.invalidate_page(a.space(), 0x40_0010);
-    assert_eq!(t(&b, &mut cache), 0x7010);
-    assert_eq!(t(&a, &mut cache), 0x7010);
+    cache.invalidate_page(a.space(), GuestVirtAddr(0x40_0010));
+    assert_eq!(t(&b, &mut cache), GuestPhysAddr(0x7010));
+    assert_eq!(t(&a, &mut cache), GuestPhysAddr(0x7010));
     // The lean path agrees.
     assert_eq!(
-        cache
-            .bind(&b)
-            .translate_pa(&mem, 0x40_0010, Access::read(), WalkOptions::default()),
-        Ok(0x7010)
+        cache.bind(&b).translate_pa(
+            &mem,
+            GuestVirtAddr(0x40_0010),
+            Access::read(),
+            WalkOptions::default()
+        ),
+        Ok(GuestPhysAddr(0x7010))
     );
 }

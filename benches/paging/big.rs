@@ -47,7 +47,7 @@ use std::{
 use criterion::{Criterion, Throughput};
 use pagefold::{
     paging::{Access, BoundCache, WalkCache, WalkOptions, Walker, X86Paging},
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 use x86_64::{
@@ -188,7 +188,7 @@ fn warm_list(
     let opts = WalkOptions::default();
     let translate = |c: &mut WalkCache, va: u64| {
         big.walker
-            .translate_with(&big.mem, va, Access::read(), opts, Some(c))
+            .translate_with(&big.mem, GuestVirtAddr(va), Access::read(), opts, Some(c))
             .expect("mapped");
     };
     loop {
@@ -237,18 +237,22 @@ pub(crate) fn benches(c: &mut Criterion) {
         for &va in cold.iter().chain(&warm) {
             let ours = big
                 .walker
-                .translate(&big.mem, va, Access::read())
+                .translate(&big.mem, GuestVirtAddr(va), Access::read())
                 .expect("mapped");
             let theirs = crate_pt.translate_addr(VirtAddr::new(va)).expect("mapped");
-            assert_eq!(ours.pa, theirs.as_u64(), "translation of {va:#x}");
-            assert_eq!(ours.pa, va - base, "linear map");
+            assert_eq!(
+                ours.pa,
+                GuestPhysAddr(theirs.as_u64()),
+                "translation of {va:#x}"
+            );
+            assert_eq!(ours.pa, GuestPhysAddr(va - base), "linear map");
             assert_eq!(ours.page_size, 1 << shift);
         }
 
         let ours = |va| {
             big.walker
-                .translate(&big.mem, va, Access::read())
-                .map_or(0, |t| t.pa)
+                .translate(&big.mem, GuestVirtAddr(va), Access::read())
+                .map_or(0, |t| t.pa.0)
         };
         let theirs = |va| {
             crate_pt
@@ -285,8 +289,14 @@ pub(crate) fn benches(c: &mut Criterion) {
                 passes(iters, || {
                     chain(black_box(&warm), |va| {
                         big.walker
-                            .translate_with(&big.mem, va, Access::read(), opts, Some(&mut cache))
-                            .map_or(0, |t| t.pa)
+                            .translate_with(
+                                &big.mem,
+                                GuestVirtAddr(va),
+                                Access::read(),
+                                opts,
+                                Some(&mut cache),
+                            )
+                            .map_or(0, |t| t.pa.0)
                     })
                 })
             })
@@ -302,8 +312,14 @@ pub(crate) fn benches(c: &mut Criterion) {
             || {
                 black_box(chain(black_box(&warm), |va| {
                     big.walker
-                        .translate_with(&big.mem, va, Access::read(), opts, Some(&mut cache))
-                        .map_or(0, |t| t.pa)
+                        .translate_with(
+                            &big.mem,
+                            GuestVirtAddr(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut cache),
+                        )
+                        .map_or(0, |t| t.pa.0)
                 }));
             },
             || {
@@ -322,15 +338,20 @@ pub(crate) fn benches(c: &mut Criterion) {
         // The lean path over the same list and cache: the address only.
         let lean_pass = |b: &mut BoundCache<'_>| {
             chain(black_box(&warm), |va| {
-                b.translate_pa(&big.mem, va, Access::read(), opts)
-                    .unwrap_or(0)
+                b.translate_pa(&big.mem, GuestVirtAddr(va), Access::read(), opts)
+                    .map_or(0, |p| p.0)
             })
         };
         for &va in &warm {
-            let full = big.walker.translate(&big.mem, va, Access::read());
-            let lean = cache
-                .bind(&big.walker)
-                .translate_pa(&big.mem, va, Access::read(), opts);
+            let full = big
+                .walker
+                .translate(&big.mem, GuestVirtAddr(va), Access::read());
+            let lean = cache.bind(&big.walker).translate_pa(
+                &big.mem,
+                GuestVirtAddr(va),
+                Access::read(),
+                opts,
+            );
             assert_eq!(lean, full.map(|t| t.pa), "lean translation of {va:#x}");
         }
         let before = cache.stats();

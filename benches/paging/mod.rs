@@ -43,7 +43,7 @@ use std::{
 use criterion::{Criterion, Throughput};
 use pagefold::{
     paging::{Access, EptConfig, SecondLevel, WalkCache, WalkOptions, Walker, X86Paging},
-    GuestMemory, GuestPhysAddr,
+    GuestMemory, GuestPhysAddr, GuestVirtAddr,
 };
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 use x86_64::{
@@ -170,7 +170,10 @@ fn setup() -> Setup {
     let plain = Walker::new(X86Paging::long_mode(pml4)).expect("valid registers");
     let nested = Walker::new(X86Paging::long_mode(gpml4))
         .and_then(|w| {
-            w.with_second_level(SecondLevel::Ept(EptConfig::four_level(eptp_root, false)))
+            w.with_second_level(SecondLevel::Ept(EptConfig::four_level(
+                GuestPhysAddr(eptp_root),
+                false,
+            )))
         })
         .expect("valid registers");
     Setup {
@@ -205,19 +208,19 @@ pub(crate) fn benches(c: &mut Criterion) {
     for &va in &addrs {
         let ours = s
             .plain
-            .translate(&s.mem, va, Access::read())
+            .translate(&s.mem, GuestVirtAddr(va), Access::read())
             .expect("mapped")
             .gpa;
         let theirs = crate_pt
             .translate_addr(VirtAddr::new(va))
             .expect("mapped")
             .as_u64();
-        assert_eq!(ours, theirs, "translation of {va:#x}");
+        assert_eq!(ours, GuestPhysAddr(theirs), "translation of {va:#x}");
         let nested = s
             .nested
-            .translate(&s.mem, va, Access::read())
+            .translate(&s.mem, GuestVirtAddr(va), Access::read())
             .expect("mapped");
-        assert_eq!(nested.pa, ours + NESTED_SHIFT);
+        assert_eq!(nested.pa, GuestPhysAddr(ours.0 + NESTED_SHIFT));
         assert_eq!(nested.memory_refs, 24);
     }
 
@@ -233,8 +236,8 @@ pub(crate) fn benches(c: &mut Criterion) {
         for &va in &addrs {
             black_box(
                 s.plain
-                    .translate(&s.mem, black_box(va), Access::read())
-                    .map(|t| t.pa)
+                    .translate(&s.mem, black_box(GuestVirtAddr(va)), Access::read())
+                    .map(|t| t.pa.0)
                     .ok(),
             );
         }
@@ -252,8 +255,14 @@ pub(crate) fn benches(c: &mut Criterion) {
         for &va in &addrs {
             black_box(
                 s.plain
-                    .translate_with(&s.mem, black_box(va), Access::read(), opts, Some(cache))
-                    .map(|t| t.pa)
+                    .translate_with(
+                        &s.mem,
+                        black_box(GuestVirtAddr(va)),
+                        Access::read(),
+                        opts,
+                        Some(cache),
+                    )
+                    .map(|t| t.pa.0)
                     .ok(),
             );
         }
@@ -286,15 +295,17 @@ pub(crate) fn benches(c: &mut Criterion) {
         assert_eq!(
             cache
                 .bind(&s.plain)
-                .translate_pa(&s.mem, va, Access::read(), opts),
-            s.plain.translate(&s.mem, va, Access::read()).map(|t| t.pa),
+                .translate_pa(&s.mem, GuestVirtAddr(va), Access::read(), opts),
+            s.plain
+                .translate(&s.mem, GuestVirtAddr(va), Access::read())
+                .map(|t| t.pa),
         );
     }
     let lean_pass = |cache: &mut WalkCache| {
         let mut b = cache.bind(&s.plain);
         for &va in &addrs {
             black_box(
-                b.translate_pa(&s.mem, black_box(va), Access::read(), opts)
+                b.translate_pa(&s.mem, black_box(GuestVirtAddr(va)), Access::read(), opts)
                     .ok(),
             );
         }
@@ -344,10 +355,12 @@ pub(crate) fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(256));
     g.bench_function("pagefold", |b| {
         b.iter(|| {
-            for seg in s
-                .plain
-                .translate_range(&s.mem, black_box(range_va), 1 << 20, Access::read())
-            {
+            for seg in s.plain.translate_range(
+                &s.mem,
+                black_box(GuestVirtAddr(range_va)),
+                1 << 20,
+                Access::read(),
+            ) {
                 black_box(seg.map(|g| g.pa).ok());
             }
         })
@@ -358,8 +371,14 @@ pub(crate) fn benches(c: &mut Criterion) {
                 let va = black_box(range_va + k * 4096);
                 black_box(
                     s.plain
-                        .translate_with(&s.mem, va, Access::read(), opts, Some(&mut range_cache))
-                        .map(|t| t.pa)
+                        .translate_with(
+                            &s.mem,
+                            GuestVirtAddr(va),
+                            Access::read(),
+                            opts,
+                            Some(&mut range_cache),
+                        )
+                        .map(|t| t.pa.0)
                         .ok(),
                 );
             }
@@ -379,10 +398,12 @@ pub(crate) fn benches(c: &mut Criterion) {
         256,
         2001,
         || {
-            for seg in s
-                .plain
-                .translate_range(&s.mem, black_box(range_va), 1 << 20, Access::read())
-            {
+            for seg in s.plain.translate_range(
+                &s.mem,
+                black_box(GuestVirtAddr(range_va)),
+                1 << 20,
+                Access::read(),
+            ) {
                 black_box(seg.map(|g| g.pa).ok());
             }
         },
@@ -399,21 +420,31 @@ pub(crate) fn benches(c: &mut Criterion) {
         .iter()
         .map(|&va| {
             s.nested
-                .translate(&s.mem, va, Access::read())
+                .translate(&s.mem, GuestVirtAddr(va), Access::read())
                 .map_or(0, |t| u64::from(t.memory_refs))
         })
         .sum();
     let mut ncache = WalkCache::new();
     for &va in &addrs {
-        let _ = s
-            .nested
-            .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache));
+        let _ = s.nested.translate_with(
+            &s.mem,
+            GuestVirtAddr(va),
+            Access::read(),
+            opts,
+            Some(&mut ncache),
+        );
     }
     let warm_refs: u64 = addrs
         .iter()
         .map(|&va| {
             s.nested
-                .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache))
+                .translate_with(
+                    &s.mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    opts,
+                    Some(&mut ncache),
+                )
                 .map_or(0, |t| u64::from(t.memory_refs))
         })
         .sum();
@@ -425,7 +456,13 @@ pub(crate) fn benches(c: &mut Criterion) {
         .iter()
         .map(|&va| {
             s.nested
-                .translate_with(&s.mem, va, Access::read(), opts, Some(&mut ncache))
+                .translate_with(
+                    &s.mem,
+                    GuestVirtAddr(va),
+                    Access::read(),
+                    opts,
+                    Some(&mut ncache),
+                )
                 .map_or(0, |t| u64::from(t.memory_refs))
         })
         .sum();
@@ -443,8 +480,8 @@ pub(crate) fn benches(c: &mut Criterion) {
             for &va in &addrs {
                 black_box(
                     s.nested
-                        .translate(&s.mem, black_box(va), Access::read())
-                        .map(|t| t.pa)
+                        .translate(&s.mem, black_box(GuestVirtAddr(va)), Access::read())
+                        .map(|t| t.pa.0)
                         .ok(),
                 );
             }
@@ -460,12 +497,12 @@ pub(crate) fn benches(c: &mut Criterion) {
                     s.nested
                         .translate_with(
                             &s.mem,
-                            black_box(va),
+                            black_box(GuestVirtAddr(va)),
                             Access::read(),
                             opts,
                             Some(&mut ncache),
                         )
-                        .map(|t| t.pa)
+                        .map(|t| t.pa.0)
                         .ok(),
                 );
             }

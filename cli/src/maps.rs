@@ -16,6 +16,7 @@ use pagefold::paging::{
     Access, AccessKind, FaultCode, FaultReason, Mapping, PhysImage, Translation, WalkFault, Walker,
     X86Mode, X86Paging,
 };
+use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use serde::Serialize;
 
 /// Exit status of `translate` when the address does not translate.
@@ -126,7 +127,7 @@ impl Image {
     }
 
     fn phys<'a>(&'a self, args: &GuestArgs) -> PhysImage<'a> {
-        PhysImage::new(args.ram_base, &self.map)
+        PhysImage::new(GuestPhysAddr(args.ram_base), &self.map)
     }
 }
 
@@ -253,8 +254,8 @@ impl From<&Mapping> for JsonMapping {
     fn from(m: &Mapping) -> Self {
         let (p, a) = (&m.permissions, &m.attributes);
         JsonMapping {
-            va: hex(m.va),
-            gpa: hex(m.gpa),
+            va: hex(m.va.0),
+            gpa: hex(m.gpa.0),
             size: m.size,
             level: m.level,
             read: p.read,
@@ -505,15 +506,15 @@ pub(crate) fn run_translate(
     let walker = walker(args)?;
     let image = Image::open(args)?;
     let mem = image.phys(args);
-    let result = walker.translate(&mem, va, access);
+    let result = walker.translate(&mem, GuestVirtAddr(va), access);
     let line = match (&result, json) {
         (Ok(t), false) => translation_text(t),
         (Ok(t), true) => {
             let (p, a) = (&t.permissions, &t.attributes);
             serde_json::to_string(&JsonTranslation {
-                va: hex(t.va),
-                gpa: hex(t.gpa),
-                page_base: hex(t.gpa & !(t.page_size - 1)),
+                va: hex(t.va.0),
+                gpa: hex(t.gpa.0),
+                page_base: hex(t.gpa.0 & !(t.page_size - 1)),
                 page_size: t.page_size,
                 level: t.level,
                 read: p.read,
@@ -531,13 +532,13 @@ pub(crate) fn run_translate(
         }
         (Err(f), false) => fault_text(f),
         (Err(f), true) => serde_json::to_string(&JsonFault {
-            va: hex(f.va),
+            va: hex(f.va.0),
             fault: JsonFaultBody {
                 level: f.level,
                 reason: reason_name(&f.reason),
                 detail: reason_text(&f.reason),
                 entry: f.entry.map(hex),
-                entry_addr: f.entry_addr.map(hex),
+                entry_addr: f.entry_addr.map(|a| hex(a.0)),
                 error_code: match f.code {
                     FaultCode::PageFault { error_code } => Some(error_code),
                     _ => None,
@@ -566,8 +567,8 @@ mod tests {
 
     fn mapping(va: u64, gpa: u64, level: u8, entry: u64) -> Mapping {
         Mapping {
-            va,
-            gpa,
+            va: GuestVirtAddr(va),
+            gpa: GuestPhysAddr(gpa),
             size: 1 << (12 + 9 * (u32::from(level) - 1)),
             level,
             permissions: Permissions {
@@ -679,12 +680,12 @@ mod tests {
     #[test]
     fn fault_lines() {
         let f = WalkFault {
-            va: 0x1234,
+            va: GuestVirtAddr(0x1234),
             gpa: None,
             access: Access::write(),
             stage: pagefold::paging::Stage::First,
             level: 2,
-            entry_addr: Some(0x3000),
+            entry_addr: Some(GuestPhysAddr(0x3000)),
             entry: Some(0),
             reason: FaultReason::NotPresent,
             code: FaultCode::PageFault { error_code: 2 },

@@ -425,7 +425,7 @@
 #define PF_INVALIDATE_ALL 0
 
 /**
- * Scope: what covers `va` in address space `space` (INVLPG).
+ * Scope: what covers guest-virtual `va` in address space `space` (INVLPG).
  */
 #define PF_INVALIDATE_PAGE 1
 
@@ -1429,7 +1429,8 @@ typedef struct pf_x86_paging {
      */
     uint64_t cr0;
     /**
-     * CR3.
+     * CR3: the guest-physical address of the root table, and the PCID
+     * with CR4.PCIDE.
      */
     uint64_t cr3;
     /**
@@ -1476,7 +1477,9 @@ typedef struct pf_second_level {
      */
     uint32_t flags;
     /**
-     * The EPTP (EPT) or N_CR3 (NPT).
+     * The EPTP (EPT) or N_CR3 (NPT): register values, whose bits 51:12
+     * are the guest-physical address of the root table in the memory the
+     * walker reads.
      */
     uint64_t root;
     /**
@@ -1499,16 +1502,16 @@ typedef struct pf_translation {
      */
     size_t struct_size;
     /**
-     * The address translated.
+     * The guest-virtual address translated.
      */
     uint64_t va;
     /**
-     * Guest-physical address.
+     * The guest-physical address (the guest's own tables' output).
      */
     uint64_t gpa;
     /**
-     * Address in guest memory (the second level's output; `gpa` without
-     * one).
+     * A guest-physical address of the memory `mem` holds (the second
+     * level's output, L1's for a nested guest; `gpa` without one).
      */
     uint64_t pa;
     /**
@@ -1547,7 +1550,7 @@ typedef struct pf_walk_fault {
      */
     size_t struct_size;
     /**
-     * The address being translated.
+     * The guest-virtual address being translated.
      */
     uint64_t va;
     /**
@@ -1555,7 +1558,8 @@ typedef struct pf_walk_fault {
      */
     uint64_t gpa;
     /**
-     * The entry's address (0 when `has_entry` is 0).
+     * The entry's address in the memory `mem` holds (0 when `has_entry`
+     * is 0).
      */
     uint64_t entry_addr;
     /**
@@ -1568,8 +1572,9 @@ typedef struct pf_walk_fault {
     uint64_t code;
     /**
      * For `PF_REASON_RESERVED`: the offending bits; for
-     * `PF_REASON_UNBACKED`: the address; for `PF_REASON_PROTECTION_KEY`:
-     * the key.
+     * `PF_REASON_UNBACKED`: the guest-physical address, in the memory
+     * `mem` holds, that nothing backs; for `PF_REASON_PROTECTION_KEY`: the
+     * key.
      */
     uint64_t detail;
     /**
@@ -1604,7 +1609,7 @@ typedef struct pf_walk_fault {
  */
 typedef struct pf_mapping {
     /**
-     * First virtual address.
+     * First guest-virtual address.
      */
     uint64_t va;
     /**
@@ -1649,7 +1654,7 @@ typedef int (*pf_mapping_fn)(const struct pf_mapping *mapping,
  */
 typedef struct pf_segment {
     /**
-     * First virtual address.
+     * First guest-virtual address.
      */
     uint64_t va;
     /**
@@ -1657,7 +1662,8 @@ typedef struct pf_segment {
      */
     uint64_t gpa;
     /**
-     * Its address in guest memory (the second level's output).
+     * Its guest-physical address in the memory `mem` holds (the second
+     * level's output; `gpa` without one).
      */
     uint64_t pa;
     /**
@@ -3152,10 +3158,10 @@ enum pf_status pf_walker_space(const struct pf_walker *walker,
                                uint64_t *out_space);
 
 /**
- * Translates `va` for the access `flags` (`PF_ACCESS_*`, plus
- * `PF_WALK_SET_ACCESSED_DIRTY` to update accessed/dirty flags as hardware
- * does) in guest memory `mem`, through `cache` when not NULL, and stores
- * the result in `*out`.
+ * Translates the guest-virtual address `va` for the access `flags`
+ * (`PF_ACCESS_*`, plus `PF_WALK_SET_ACCESSED_DIRTY` to update
+ * accessed/dirty flags as hardware does) in guest memory `mem`, through
+ * `cache` when not NULL, and stores the result in `*out`.
  *
  * Errors: `PF_ERR_FAULT` when the walk faults: the details (stage, level,
  * entry, reason, #PF error code / EPT qualification / NPT EXITINFO1) go to
@@ -3180,9 +3186,9 @@ enum pf_status pf_walker_translate(const struct pf_walker *walker,
                                    struct pf_walk_fault *fault_out);
 
 /**
- * As `pf_walker_translate`, storing only the address in the walker's
- * memory (`pf_translation.pa`) in `*out_pa`: a walk-cache hit builds no
- * `pf_translation`, so it costs a fraction of one. Same flags, same
+ * As `pf_walker_translate`, storing only the guest-physical address in
+ * the memory `mem` holds (`pf_translation.pa`) in `*out_pa`: a walk-cache
+ * hit builds no `pf_translation`, so it costs a fraction of one. Same flags, same
  * faults, same cache behaviour. ABI 0.8.
  *
  * Errors: as `pf_walker_translate`.
@@ -3205,8 +3211,8 @@ enum pf_status pf_walker_translate_pa(const struct pf_walker *walker,
  * page boundaries), as the access `flags` says (its kind is a read).
  *
  * Errors: `PF_ERR_FAULT` (details in `*fault_out`; `fault_out->detail`
- * for `PF_REASON_UNBACKED` is the physical address; the bytes before the
- * faulting page were read), `PF_ERR_NULL_POINTER`,
+ * for `PF_REASON_UNBACKED` is the guest-physical address; the bytes
+ * before the faulting page were read), `PF_ERR_NULL_POINTER`,
  * `PF_ERR_INVALID_ARGUMENT`, `PF_ERR_STRUCT_TOO_SMALL`.
  *
  * # Safety
@@ -3269,7 +3275,7 @@ enum pf_status pf_walker_mappings(const struct pf_walker *walker,
 
 /**
  * Calls `callback(segment, user)` for each physically contiguous segment
- * of `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
+ * of guest-virtual `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
  * is not accepted: ranges are translated without updates), in order: what
  * a device model needs for a DMA buffer. Stops early when the callback
  * returns nonzero. The callback must not unwind.
@@ -3314,8 +3320,8 @@ void pf_walk_cache_free(struct pf_walk_cache *cache);
 
 /**
  * Invalidates part of a walk cache: `scope` is a `PF_INVALIDATE_*`;
- * `space` comes from `pf_walker_space`; `va` is the address (or, for
- * `PF_INVALIDATE_PCID`, the PCID).
+ * `space` comes from `pf_walker_space`; `va` is a guest-virtual address
+ * (or, for `PF_INVALIDATE_PCID`, the PCID).
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (unknown scope,
  * a PCID above 4095).

@@ -15,6 +15,7 @@ use pagefold::paging::{
     SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions, Walker, WalkerError,
     X86Paging,
 };
+use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
 use crate::{
     args::{self, SizePrefixed},
@@ -48,7 +49,8 @@ pub struct pf_x86_paging {
     pub struct_size: usize,
     /// CR0 (PE, WP, PG).
     pub cr0: u64,
-    /// CR3.
+    /// CR3: the guest-physical address of the root table, and the PCID
+    /// with CR4.PCIDE.
     pub cr3: u64,
     /// CR4 (PSE, PAE, PGE, LA57, PCIDE, SMEP, SMAP, PKE, PKS).
     pub cr4: u64,
@@ -93,7 +95,9 @@ pub struct pf_second_level {
     pub kind: u32,
     /// `PF_EPT_*` / `PF_NPT_*` flags.
     pub flags: u32,
-    /// The EPTP (EPT) or N_CR3 (NPT).
+    /// The EPTP (EPT) or N_CR3 (NPT): register values, whose bits 51:12
+    /// are the guest-physical address of the root table in the memory the
+    /// walker reads.
     pub root: u64,
     /// MAXPHYADDR (32..=52); 0 means 52.
     pub maxphyaddr: u32,
@@ -150,12 +154,12 @@ pub const PF_ATTR_PAT: u32 = 1 << 5;
 pub struct pf_translation {
     /// In: `sizeof(pf_translation)` as the caller was compiled with.
     pub struct_size: usize,
-    /// The address translated.
+    /// The guest-virtual address translated.
     pub va: u64,
-    /// Guest-physical address.
+    /// The guest-physical address (the guest's own tables' output).
     pub gpa: u64,
-    /// Address in guest memory (the second level's output; `gpa` without
-    /// one).
+    /// A guest-physical address of the memory `mem` holds (the second
+    /// level's output, L1's for a nested guest; `gpa` without one).
     pub pa: u64,
     /// The guest page's size.
     pub page_size: u64,
@@ -221,19 +225,21 @@ pub const PF_REASON_TOO_MANY_ENTRIES: u32 = 11;
 pub struct pf_walk_fault {
     /// In: `sizeof(pf_walk_fault)` as the caller was compiled with.
     pub struct_size: usize,
-    /// The address being translated.
+    /// The guest-virtual address being translated.
     pub va: u64,
     /// For a second-level fault: the guest-physical address it translated.
     pub gpa: u64,
-    /// The entry's address (0 when `has_entry` is 0).
+    /// The entry's address in the memory `mem` holds (0 when `has_entry`
+    /// is 0).
     pub entry_addr: u64,
     /// The entry's value.
     pub entry: u64,
     /// `code_kind`'s value: #PF error code, EPT qualification, EXITINFO1.
     pub code: u64,
     /// For `PF_REASON_RESERVED`: the offending bits; for
-    /// `PF_REASON_UNBACKED`: the address; for `PF_REASON_PROTECTION_KEY`:
-    /// the key.
+    /// `PF_REASON_UNBACKED`: the guest-physical address, in the memory
+    /// `mem` holds, that nothing backs; for `PF_REASON_PROTECTION_KEY`: the
+    /// key.
     pub detail: u64,
     /// `PF_FAULT_*`.
     pub code_kind: u32,
@@ -259,7 +265,7 @@ unsafe impl SizePrefixed for pf_walk_fault {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct pf_mapping {
-    /// First virtual address.
+    /// First guest-virtual address.
     pub va: u64,
     /// First guest-physical address.
     pub gpa: u64,
@@ -282,11 +288,12 @@ pub struct pf_mapping {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct pf_segment {
-    /// First virtual address.
+    /// First guest-virtual address.
     pub va: u64,
     /// Its guest-physical address.
     pub gpa: u64,
-    /// Its address in guest memory (the second level's output).
+    /// Its guest-physical address in the memory `mem` holds (the second
+    /// level's output; `gpa` without one).
     pub pa: u64,
     /// Bytes.
     pub len: u64,
@@ -376,9 +383,9 @@ fn attr_bits(a: &pagefold::paging::LeafAttributes) -> u32 {
 fn translation_out(t: &Translation) -> pf_translation {
     pf_translation {
         struct_size: std::mem::size_of::<pf_translation>(),
-        va: t.va,
-        gpa: t.gpa,
-        pa: t.pa,
+        va: t.va.raw(),
+        gpa: t.gpa.raw(),
+        pa: t.pa.raw(),
         page_size: t.page_size,
         second_page_size: t.second.map_or(0, |s| s.page_size),
         permissions: perm_bits(&t.permissions),
@@ -405,7 +412,7 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultReason::NonCanonical => (PF_REASON_NON_CANONICAL, 0),
         FaultReason::AddressTooWide => (PF_REASON_ADDRESS_TOO_WIDE, 0),
         FaultReason::Misconfigured => (PF_REASON_MISCONFIGURED, 0),
-        FaultReason::Unbacked { pa } => (PF_REASON_UNBACKED, pa),
+        FaultReason::Unbacked { pa } => (PF_REASON_UNBACKED, pa.raw()),
         FaultReason::ReadOnlyTable => (PF_REASON_READ_ONLY_TABLE, 0),
         FaultReason::Contended => (PF_REASON_CONTENDED, 0),
         FaultReason::TooManyEntries => (PF_REASON_TOO_MANY_ENTRIES, 0),
@@ -416,9 +423,9 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
     };
     pf_walk_fault {
         struct_size: std::mem::size_of::<pf_walk_fault>(),
-        va: f.va,
-        gpa: f.gpa.unwrap_or(0),
-        entry_addr: f.entry_addr.unwrap_or(0),
+        va: f.va.raw(),
+        gpa: f.gpa.map_or(0, GuestPhysAddr::raw),
+        entry_addr: f.entry_addr.map_or(0, GuestPhysAddr::raw),
         entry: f.entry.unwrap_or(0),
         code,
         detail,
@@ -600,10 +607,10 @@ pub unsafe extern "C" fn pf_walker_space(
     }
 }
 
-/// Translates `va` for the access `flags` (`PF_ACCESS_*`, plus
-/// `PF_WALK_SET_ACCESSED_DIRTY` to update accessed/dirty flags as hardware
-/// does) in guest memory `mem`, through `cache` when not NULL, and stores
-/// the result in `*out`.
+/// Translates the guest-virtual address `va` for the access `flags`
+/// (`PF_ACCESS_*`, plus `PF_WALK_SET_ACCESSED_DIRTY` to update
+/// accessed/dirty flags as hardware does) in guest memory `mem`, through
+/// `cache` when not NULL, and stores the result in `*out`.
 ///
 /// Errors: `PF_ERR_FAULT` when the walk faults: the details (stage, level,
 /// entry, reason, #PF error code / EPT qualification / NPT EXITINFO1) go to
@@ -640,7 +647,7 @@ pub unsafe extern "C" fn pf_walker_translate(
         let (access, options) = access_of(flags)?;
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
-        match w.translate_with(&**mem, va, access, options, cache) {
+        match w.translate_with(&**mem, GuestVirtAddr(va), access, options, cache) {
             Ok(t) => {
                 out.write(translation_out(&t));
                 Ok(())
@@ -650,9 +657,9 @@ pub unsafe extern "C" fn pf_walker_translate(
     }
 }
 
-/// As `pf_walker_translate`, storing only the address in the walker's
-/// memory (`pf_translation.pa`) in `*out_pa`: a walk-cache hit builds no
-/// `pf_translation`, so it costs a fraction of one. Same flags, same
+/// As `pf_walker_translate`, storing only the guest-physical address in
+/// the memory `mem` holds (`pf_translation.pa`) in `*out_pa`: a walk-cache
+/// hit builds no `pf_translation`, so it costs a fraction of one. Same flags, same
 /// faults, same cache behaviour. ABI 0.8.
 ///
 /// Errors: as `pf_walker_translate`.
@@ -683,9 +690,9 @@ pub unsafe extern "C" fn pf_walker_translate_pa(
         let (access, options) = access_of(flags)?;
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
-        match w.translate_pa(&**mem, va, access, options, cache) {
+        match w.translate_pa(&**mem, GuestVirtAddr(va), access, options, cache) {
             Ok(pa) => {
-                out.write(pa);
+                out.write(pa.raw());
                 Ok(())
             }
             Err(f) => Err(report_fault(&f, fault_slot)),
@@ -697,8 +704,8 @@ pub unsafe extern "C" fn pf_walker_translate_pa(
 /// page boundaries), as the access `flags` says (its kind is a read).
 ///
 /// Errors: `PF_ERR_FAULT` (details in `*fault_out`; `fault_out->detail`
-/// for `PF_REASON_UNBACKED` is the physical address; the bytes before the
-/// faulting page were read), `PF_ERR_NULL_POINTER`,
+/// for `PF_REASON_UNBACKED` is the guest-physical address; the bytes
+/// before the faulting page were read), `PF_ERR_NULL_POINTER`,
 /// `PF_ERR_INVALID_ARGUMENT`, `PF_ERR_STRUCT_TOO_SMALL`.
 ///
 /// # Safety
@@ -728,7 +735,7 @@ pub unsafe extern "C" fn pf_walker_read_virt(
         let (access, options) = access_of(flags & !PF_ACCESS_WRITE & !PF_ACCESS_FETCH)?;
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
-        w.read_virt(&**mem, va, buf, access, options, cache)
+        w.read_virt(&**mem, GuestVirtAddr(va), buf, access, options, cache)
             .map_err(|e| report_fault(&e.fault, fault_slot))
     }
 }
@@ -766,7 +773,7 @@ pub unsafe extern "C" fn pf_walker_write_virt(
         let (access, options) = access_of(flags & !PF_ACCESS_FETCH)?;
         // SAFETY: NULL or live and used by this thread only (contract).
         let cache = unsafe { self::cache(cache) };
-        w.write_virt(&**mem, va, data, access, options, cache)
+        w.write_virt(&**mem, GuestVirtAddr(va), data, access, options, cache)
             .map_err(|e| report_fault(&e.fault, fault_slot))
     }
 }
@@ -824,7 +831,7 @@ pub unsafe extern "C" fn pf_walker_mappings(
 }
 
 /// Calls `callback(segment, user)` for each physically contiguous segment
-/// of `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
+/// of guest-virtual `[va, va + len)` as the access `flags` says (`PF_WALK_SET_ACCESSED_DIRTY`
 /// is not accepted: ranges are translated without updates), in order: what
 /// a device model needs for a DMA buffer. Stops early when the callback
 /// returns nonzero. The callback must not unwind.
@@ -861,10 +868,15 @@ pub unsafe extern "C" fn pf_walker_translate_range(
             return Err(Error::invalid("ranges are translated without accessed/dirty updates"));
         }
         let (access, _) = access_of(flags)?;
-        for seg in w.translate_range(&**mem, va, len, access) {
+        for seg in w.translate_range(&**mem, GuestVirtAddr(va), len, access) {
             match seg {
                 Ok(s) => {
-                    let c = pf_segment { va: s.va, gpa: s.gpa, pa: s.pa, len: s.len };
+                    let c = pf_segment {
+                        va: s.va.raw(),
+                        gpa: s.gpa.raw(),
+                        pa: s.pa.raw(),
+                        len: s.len,
+                    };
                     // SAFETY: callable with a pointer valid for the call and
                     // `user` (contract).
                     if unsafe { callback(&c, user) } != 0 {
@@ -880,8 +892,8 @@ pub unsafe extern "C" fn pf_walker_translate_range(
 
 fn mapping_out(m: &Mapping) -> pf_mapping {
     pf_mapping {
-        va: m.va,
-        gpa: m.gpa,
+        va: m.va.raw(),
+        gpa: m.gpa.raw(),
         size: m.size,
         entry: m.entry,
         permissions: perm_bits(&m.permissions),
@@ -925,7 +937,7 @@ pub unsafe extern "C" fn pf_walk_cache_free(cache: *mut pf_walk_cache) {
 
 /// `pf_walk_cache_invalidate` scope: everything.
 pub const PF_INVALIDATE_ALL: u32 = 0;
-/// Scope: what covers `va` in address space `space` (INVLPG).
+/// Scope: what covers guest-virtual `va` in address space `space` (INVLPG).
 pub const PF_INVALIDATE_PAGE: u32 = 1;
 /// Scope: address space `space` (MOV CR3).
 pub const PF_INVALIDATE_SPACE: u32 = 2;
@@ -935,8 +947,8 @@ pub const PF_INVALIDATE_PCID: u32 = 3;
 pub const PF_INVALIDATE_SECOND_LEVEL: u32 = 4;
 
 /// Invalidates part of a walk cache: `scope` is a `PF_INVALIDATE_*`;
-/// `space` comes from `pf_walker_space`; `va` is the address (or, for
-/// `PF_INVALIDATE_PCID`, the PCID).
+/// `space` comes from `pf_walker_space`; `va` is a guest-virtual address
+/// (or, for `PF_INVALIDATE_PCID`, the PCID).
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_INVALID_ARGUMENT` (unknown scope,
 /// a PCID above 4095).
@@ -956,7 +968,7 @@ pub unsafe extern "C" fn pf_walk_cache_invalidate(
         let c = unsafe { self::cache(cache) }.ok_or_else(|| Error::null("cache"))?;
         match scope {
             PF_INVALIDATE_ALL => c.invalidate_all(),
-            PF_INVALIDATE_PAGE => c.invalidate_page(space, va),
+            PF_INVALIDATE_PAGE => c.invalidate_page(space, GuestVirtAddr(va)),
             PF_INVALIDATE_SPACE => c.invalidate_space(space),
             PF_INVALIDATE_PCID => {
                 let pcid = u16::try_from(va)

@@ -13,7 +13,7 @@ use pagefold::paging::{
     Access, AccessKind, EptConfig, NptConfig, PhysImage, Privilege, SecondLevel, WalkCache,
     WalkOptions, Walker, X86Paging,
 };
-use pagefold::{GuestMemory, GuestPhysAddr};
+use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
 
 /// Guest memory: 64 KiB at 0 (the input's bytes), and a second region
 /// after a hole so tables can point into the hole and past the end.
@@ -177,7 +177,7 @@ fuzz_target!(|input: Input| {
     };
     let mut snapshot = vec![0u8; LOW as usize];
     mem.read(GuestPhysAddr(0), &mut snapshot).unwrap();
-    let image = PhysImage::new(0, &snapshot);
+    let image = PhysImage::new(GuestPhysAddr(0), &snapshot);
     let mut cache = WalkCache::new();
     for op in input.ops.iter().take(32) {
         match *op {
@@ -188,6 +188,7 @@ fuzz_target!(|input: Input| {
                 ac,
             } => {
                 let a = access(kind, privilege, ac);
+                let va = GuestVirtAddr(va);
                 let plain = walker.translate(&mem, va, a);
                 if let Ok(t) = &plain {
                     // At most five levels, each through at most five
@@ -214,7 +215,7 @@ fuzz_target!(|input: Input| {
                 if all {
                     cache.invalidate_all();
                 } else {
-                    cache.invalidate_page(walker.space(), va);
+                    cache.invalidate_page(walker.space(), GuestVirtAddr(va));
                 }
             }
             Op::Mappings { budget } => {
@@ -226,6 +227,7 @@ fuzz_target!(|input: Input| {
                 let _ = walker.mappings_with_budget(&image, budget).count();
             }
             Op::ReadVirt { va, len } => {
+                let va = GuestVirtAddr(va);
                 let mut buf = vec![0u8; usize::from(len % 0x3000)];
                 let _ = walker.read_virt(
                     &mem,
@@ -238,6 +240,7 @@ fuzz_target!(|input: Input| {
                 let _ = walker.read_virt(&image, va, &mut buf, Access::read(), options, None);
             }
             Op::WriteVirt { va, len } => {
+                let va = GuestVirtAddr(va);
                 let data = vec![0xa5u8; usize::from(len % 0x3000)];
                 let _ =
                     walker.write_virt(&mem, va, &data, Access::write(), options, Some(&mut cache));

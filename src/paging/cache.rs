@@ -9,7 +9,7 @@
 //! walker's exact address-space key (root and PCID from CR3, mode and
 //! format settings, second level root and settings), so one cache serves
 //! a guest that switches CR3, and two spaces can never share an entry;
-//! [`super::Walker::space`] is a hash of the key for naming a space to
+//! `Walker::space` is a hash of the key for naming a space to
 //! invalidate. Like a
 //! TLB, it is not coherent with the tables: after the guest (or the VMM)
 //! edits page tables, invalidate — per address ([`WalkCache::invalidate_page`],
@@ -24,21 +24,25 @@
 //! flag set that the cached walk did not set misses, so the walk sets it.
 //!
 //! [`WalkCache::bind`] binds a cache to one walker for a run of
-//! translations ([`super::BoundCache`]): its
-//! [`translate_pa`](super::BoundCache::translate_pa) answers a hit with the
+//! translations (`BoundCache`, in `cached.rs`): its `translate_pa`
+//! answers a hit with the
 //! address alone from a 32-byte hit slot per entry, and sends everything
 //! else down the full path.
+//!
+//! This file is the storage: entries, their lookups, fills and
+//! invalidation. It never walks; translating through a cache (the hit,
+//! and the walk around which a miss fills the cache) is `cached.rs`.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
+pub use super::watch::TableWatch;
 use super::{
     engine::{Start, Walked},
     format::Format,
-    walker::SecondOut,
+    second::{memo_slot, SecondMemo},
+    walker::space_tag,
 };
+use crate::addr::{GuestVirtAddr, PAGE_SHIFT};
 
 /// Translation sets; `TLB_WAYS` ways each.
 const TLB_SETS: usize = 512;
@@ -48,13 +52,14 @@ const UPPER_SLOTS: usize = 512;
 /// Slots of the lean path's direct-mapped front (16 bytes each: 32 KiB).
 const FRONT_SLOTS: usize = 2048;
 /// A front slot's value: the 4 KiB frame's address (bits 12..52).
-const FRONT_PA: u64 = ((1 << 52) - 1) & !0xfff;
+const FRONT_PA: u64 = ((1 << 52) - 1) & !PAGE_OFFSET;
+/// The offset bits of a 4 KiB page.
+const PAGE_OFFSET: u64 = (1 << PAGE_SHIFT) - 1;
 /// A front slot's value: the walk set the accessed (bit 52) and dirty (bit
 /// 53) flags; `TLB_ACCESSED` and `TLB_DIRTY` shifted up by this.
 const FRONT_FLAGS_SHIFT: u32 = 51;
 /// A front key's epoch: bits 52..64 (a 4 KiB page number has 52 bits).
 const FRONT_EPOCH_SHIFT: u32 = 52;
-const NESTED_SLOTS: usize = 1024;
 
 /// A cached final translation: one cache line, so a hit reads one line.
 #[repr(C, align(64))]
@@ -185,14 +190,6 @@ struct UpperSlot {
     acc: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct NestedSlot {
-    valid: bool,
-    space: u64,
-    tag: u64,
-    out: SecondOut,
-}
-
 /// Hit and miss counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -206,81 +203,6 @@ pub struct CacheStats {
     pub nested_hits: u64,
     /// Whole-cache flushes caused by a [`TableWatch`].
     pub watch_flushes: u64,
-}
-
-/// Signals writes to guest page-table pages. Install one on guest memory
-/// ([`crate::GuestMemory::set_write_observer`]: every library write then
-/// reaches it) or call [`TableWatch::note_write`] yourself, and attach it to
-/// every vCPU's [`WalkCache`]; a cache checks it on each translation (one
-/// atomic load) and drops everything after a write to a page it has read
-/// tables from. The walker's own accessed/dirty updates do not count.
-#[derive(Debug)]
-pub struct TableWatch {
-    generation: AtomicU64,
-    /// A 4096-bit filter of table frames read by any attached cache: a
-    /// write to a frame whose bit is clear is certainly not a table.
-    filter: [AtomicU64; 64],
-}
-
-impl TableWatch {
-    /// A new watch.
-    pub fn new() -> Arc<Self> {
-        Arc::new(TableWatch {
-            generation: AtomicU64::new(0),
-            filter: std::array::from_fn(|_| AtomicU64::new(0)),
-        })
-    }
-
-    #[inline]
-    fn bit(gpa: u64) -> (usize, u64) {
-        let frame = gpa >> 12;
-        let h = frame.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52;
-        ((h >> 6) as usize & 63, 1u64 << (h & 63))
-    }
-
-    /// Records that tables are read from the page holding `gpa`; `true`
-    /// if its bit was clear until now. A read-modify-write in sequential
-    /// consistency, paired with the fence in `note_write`: of a walk that
-    /// reads the page's entries after this and a write to them that is
-    /// followed by `note_write`, either the walk reads the new bytes or the
-    /// writer sees the bit (and flushes the caches).
-    pub(crate) fn note_table(&self, gpa: u64) -> bool {
-        let (w, b) = Self::bit(gpa);
-        self.filter[w].fetch_or(b, Ordering::SeqCst) & b == 0
-    }
-
-    /// Tells the watch that `[gpa, gpa + len)` was written. If any page of
-    /// the range may hold a page table an attached cache used, every
-    /// attached cache flushes before its next translation.
-    pub fn note_write(&self, gpa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        // The write's bytes are stored; order them before the filter's
-        // loads (see `note_table`).
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let first = gpa >> 12;
-        let last = gpa.saturating_add(len - 1) >> 12;
-        // Bounded: past 64 pages, flush rather than test each.
-        let hit = last - first >= 64
-            || (first..=last).any(|f| {
-                let (w, b) = Self::bit(f << 12);
-                self.filter[w].load(Ordering::SeqCst) & b != 0
-            });
-        if hit {
-            self.generation.fetch_add(1, Ordering::Release);
-        }
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-}
-
-impl crate::memory::WriteObserver for TableWatch {
-    fn wrote(&self, gpa: crate::addr::GuestPhysAddr, len: u64) {
-        self.note_write(gpa.0, len);
-    }
 }
 
 /// A software TLB and paging-structure cache for one vCPU.
@@ -305,7 +227,8 @@ pub struct WalkCache {
     /// The (space number, check number) whose translations the front holds.
     front_owner: (u64, u16),
     upper: Box<[UpperSlot]>,
-    nested: Box<[NestedSlot]>,
+    /// Second-level translations, lent to walks.
+    nested: SecondMemo,
     /// Bit `s` set: some TLB entry covers `1 << s` bytes.
     shifts: u64,
     /// Some TLB entry covers less than its guest page (a large guest page
@@ -323,14 +246,6 @@ pub struct WalkCache {
     /// is its key's number here plus one, so equal numbers mean equal keys.
     spaces: Vec<[u64; 4]>,
     last_space: ([u64; 4], u64),
-}
-
-/// The public tag of an address-space key ([`super::Walker::space`]): a hash,
-/// for naming spaces to invalidate; the cache itself compares exact keys.
-pub(crate) fn space_tag(key: &[u64; 4]) -> u64 {
-    key.iter().fold(0x5041_4745_u64, |h, &w| {
-        (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
-    })
 }
 
 impl Default for WalkCache {
@@ -351,13 +266,6 @@ fn tlb_set(space: u64, page: u64) -> usize {
     crate::addr::usize_from(space ^ page) & (TLB_SETS - 1)
 }
 
-#[inline]
-fn slot(space: u64, tag: u64, salt: u64, slots: usize) -> usize {
-    let h = (space ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt)
-        .wrapping_mul(0xff51_afd7_ed55_8ccd);
-    (h >> 32) as usize & (slots - 1)
-}
-
 impl WalkCache {
     /// An empty cache (2048 translations in 512 sets of 4 ways, 512 upper-level
     /// entries, 1024 second-level translations).
@@ -369,7 +277,7 @@ impl WalkCache {
             front_epoch: 1 << FRONT_EPOCH_SHIFT,
             front_owner: (0, 0),
             upper: vec![UpperSlot::default(); UPPER_SLOTS].into_boxed_slice(),
-            nested: vec![NestedSlot::default(); NESTED_SLOTS].into_boxed_slice(),
+            nested: SecondMemo::new(),
             shifts: 0,
             splintered: false,
             globals: false,
@@ -400,20 +308,20 @@ impl WalkCache {
     /// A translation may cache a walk only if every table it read was
     /// marked before the read (then any later write to those tables, told
     /// to the watch, flushes this cache); a walk whose pages were not is
-    /// walked again (`Walker::translate_walk`).
+    /// walked again (`WalkCache::walk_pinned`).
     pub(crate) fn tables_pinned(&self, walked: &Walked, pinned: &mut Vec<u64>) -> bool {
         let Some((watch, _)) = &self.watch else {
             return true;
         };
         let mut all = true;
         for level in walked.leaf_level.max(1)..=walked.start_level.min(5) {
-            let page = walked.tables[usize::from(level)].0 >> 12;
+            let page = walked.tables[usize::from(level)].0 >> PAGE_SHIFT;
             if !pinned.contains(&page) {
                 all = false;
                 if pinned.len() < 24 {
                     pinned.push(page);
                 }
-                watch.note_table(page << 12);
+                watch.note_table(page << PAGE_SHIFT);
             }
         }
         all
@@ -489,7 +397,10 @@ impl WalkCache {
 
     /// Hit and miss counts so far.
     pub fn stats(&self) -> CacheStats {
-        self.stats
+        CacheStats {
+            nested_hits: self.nested.hits(),
+            ..self.stats
+        }
     }
 
     /// Drops every entry.
@@ -498,14 +409,15 @@ impl WalkCache {
         self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.sync_all_hits();
         self.upper.iter_mut().for_each(|s| s.valid = false);
-        self.nested.iter_mut().for_each(|s| s.valid = false);
+        self.nested.clear();
         self.shifts = 0;
     }
 
     /// Drops what covers `va` in address space `space` (INVLPG), global
     /// translations included, and that space's upper-level entries (as
     /// INVLPG drops paging-structure caches for the current PCID).
-    pub fn invalidate_page(&mut self, space: u64, va: u64) {
+    pub fn invalidate_page(&mut self, space: u64, va: GuestVirtAddr) {
+        let va = va.0;
         self.front_flush();
         for id in self.ids_of(space) {
             self.invalidate_page_of(id, va);
@@ -601,7 +513,7 @@ impl WalkCache {
         self.front_flush();
         self.tlb.iter_mut().for_each(TlbEntry::clear);
         self.sync_all_hits();
-        self.nested.iter_mut().for_each(|s| s.valid = false);
+        self.nested.clear();
         self.shifts = 0;
     }
 
@@ -731,8 +643,8 @@ impl WalkCache {
     /// Drops the front slots of the 4 KiB pages of `[va, va + (1 << shift))`
     /// (a new entry for them may differ from what the front holds).
     fn front_forget(&mut self, va: u64, shift: u8) {
-        let first = va >> 12;
-        let pages = 1u64 << (shift.saturating_sub(12)).min(63);
+        let first = va >> PAGE_SHIFT;
+        let pages = 1u64 << (u32::from(shift).saturating_sub(PAGE_SHIFT)).min(63);
         if pages > FRONT_SLOTS as u64 {
             self.front_flush();
             return;
@@ -746,7 +658,7 @@ impl WalkCache {
     }
 
     /// Makes the front hold translations of `space` under check settings
-    /// `checks` (a [`super::BoundCache`]'s numbers), starting a new epoch if
+    /// `checks` (a `BoundCache`'s numbers), starting a new epoch if
     /// it held another's.
     #[inline(always)]
     pub(crate) fn front_claim(&mut self, space: u64, checks: u16) {
@@ -768,14 +680,14 @@ impl WalkCache {
                 return None;
             }
         }
-        let page = va >> 12;
+        let page = va >> PAGE_SHIFT;
         let s = self.front[crate::addr::usize_from(page) % FRONT_SLOTS];
         let want = (1u64 << (access_index & 15)) | (u64::from(need) << FRONT_FLAGS_SHIFT);
         if s.key != page | self.front_epoch || s.value & want != want {
             return None;
         }
         self.stats.hits += 1;
-        Some((s.value & FRONT_PA) | (va & 0xfff))
+        Some((s.value & FRONT_PA) | (va & PAGE_OFFSET))
     }
 
     /// Keeps in the front what a lean hit of the sets for `va` found: the
@@ -784,11 +696,11 @@ impl WalkCache {
     /// settings) and the entry's `flags`.
     #[inline(always)]
     fn front_fill(&mut self, va: u64, pa: u64, allowed: u16, flags: u8) {
-        if pa & !FRONT_PA & !0xfff != 0 {
+        if pa & !FRONT_PA & !PAGE_OFFSET != 0 {
             // Past 52 bits: not representable; the sets answer it.
             return;
         }
-        let page = va >> 12;
+        let page = va >> PAGE_SHIFT;
         let flags = u64::from(flags & (TLB_ACCESSED | TLB_DIRTY)) << FRONT_FLAGS_SHIFT;
         self.front[crate::addr::usize_from(page) % FRONT_SLOTS] = FrontSlot {
             key: page | self.front_epoch,
@@ -855,7 +767,7 @@ impl WalkCache {
     ) -> Option<Start> {
         for level in 1..fmt.top_level() {
             let tag = va >> fmt.index_shift(level + 1);
-            let u = &self.upper[slot(space, tag, u64::from(level) << 8, UPPER_SLOTS)];
+            let u = &self.upper[memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS)];
             if u.valid
                 && u.space == space
                 && u.level == level
@@ -887,7 +799,7 @@ impl WalkCache {
         for level in w.leaf_level.max(1)..w.start_level.min(top) {
             let (table, acc) = w.tables[usize::from(level)];
             let tag = va >> fmt.index_shift(level + 1);
-            let i = slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
+            let i = memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
             self.upper[i] = UpperSlot {
                 valid: true,
                 accessed,
@@ -901,27 +813,9 @@ impl WalkCache {
         }
     }
 
-    pub(crate) fn lookup_nested(&mut self, space: u64, gpa: u64) -> Option<SecondOut> {
-        // Second-level pages are at least 4 KiB; try the sizes cached.
-        for shift in [12u8, 21, 30] {
-            let tag = gpa >> shift;
-            let n = &self.nested[slot(space, tag, u64::from(shift), NESTED_SLOTS)];
-            if n.valid && n.space == space && n.tag == tag && n.out.shift == shift {
-                self.stats.nested_hits += 1;
-                return Some(n.out);
-            }
-        }
-        None
-    }
-
-    pub(crate) fn insert_nested(&mut self, space: u64, gpa: u64, out: SecondOut) {
-        let tag = gpa >> out.shift;
-        let i = slot(space, tag, u64::from(out.shift), NESTED_SLOTS);
-        self.nested[i] = NestedSlot {
-            valid: true,
-            space,
-            tag,
-            out,
-        };
+    /// The second-level memo, to lend to a walk.
+    #[inline]
+    pub(crate) fn second_memo(&mut self) -> &mut SecondMemo {
+        &mut self.nested
     }
 }

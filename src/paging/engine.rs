@@ -9,9 +9,12 @@
 //! accessed/dirty update races with a writer of the entry.
 
 use super::{
+    fault::{FaultReason, WalkFault},
     format::{Decoded, Format},
-    Access, FaultReason, WalkFault,
+    memory::PhysMemory,
+    types::Access,
 };
+use crate::addr::GuestPhysAddr;
 
 /// How many times a walk restarts after losing an accessed/dirty
 /// compare-exchange before it reports [`FaultReason::Contended`].
@@ -97,131 +100,152 @@ pub(crate) fn walk<F: Format, P: Port>(
     set_ad: bool,
     mut start: Start,
 ) -> Result<Walked, Fail> {
-    let stop = |level, entry_addr, entry, reason, acc| {
-        Fail::Stop(Stop {
-            level,
-            entry_addr,
-            entry,
-            reason,
-            acc,
-        })
-    };
-    let wide = fmt.wide();
     let mut tries = 0;
-    'restart: loop {
-        let mut level = start.level;
-        let mut table = start.table;
-        let mut acc = start.acc;
-        let mut out = Walked {
-            start_level: start.level,
-            ..Walked::default()
+    loop {
+        let (mut out, used) = match descend(fmt, port, va, access, user_linear, start)? {
+            Some(leaf) => leaf,
+            None => {
+                // Denied by an entry above a cached start, which this walk
+                // never read: walk again from the root so the fault names
+                // it.
+                start = Start {
+                    level: fmt.top_level(),
+                    table: fmt.root(),
+                    acc: fmt.acc_start(),
+                };
+                continue;
+            }
         };
-        // Entries as read, for the accessed/dirty pass.
-        let mut used: [(u64, u64); 6] = [(0, 0); 6];
-        loop {
-            let at = fmt.entry_addr(table, level, va);
-            let raw = port.read(at, wide, level)?;
-            out.tables[usize::from(level)] = (table, acc);
-            used[usize::from(level)] = (at, raw);
-            match fmt.decode(level, raw) {
-                Decoded::NotPresent => {
-                    return Err(stop(
-                        level,
-                        Some(at),
-                        Some(raw),
-                        FaultReason::NotPresent,
-                        acc,
-                    ))
-                }
-                Decoded::Reserved(bits) => {
-                    return Err(stop(
-                        level,
-                        Some(at),
-                        Some(raw),
-                        FaultReason::Reserved { bits },
-                        acc,
-                    ))
-                }
-                Decoded::Misconfigured => {
-                    return Err(stop(
-                        level,
-                        Some(at),
-                        Some(raw),
-                        FaultReason::Misconfigured,
-                        acc,
-                    ))
-                }
-                Decoded::Table(next) => {
-                    acc = fmt.accumulate(acc, level, raw);
-                    if level <= 1 {
-                        // A format never yields a table at level 1; treat a
-                        // broken one as not present rather than loop.
-                        return Err(stop(
-                            level,
-                            Some(at),
-                            Some(raw),
-                            FaultReason::NotPresent,
-                            acc,
-                        ));
-                    }
-                    table = next;
-                    level -= 1;
-                }
-                Decoded::Leaf { base, shift } => {
-                    acc = fmt.accumulate(acc, level, raw);
-                    if let Err(d) = fmt.check(acc, raw, access, user_linear) {
-                        if d.level > start.level {
-                            // Denied by an entry above a cached start, which
-                            // this walk never read: walk again from the root
-                            // so the fault names it.
-                            start = Start {
-                                level: fmt.top_level(),
-                                table: fmt.root(),
-                                acc: fmt.acc_start(),
-                            };
-                            continue 'restart;
-                        }
-                        let (ea, e) = used[usize::from(d.level)];
-                        return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
-                    }
-                    out.base = base;
-                    out.shift = shift;
-                    out.acc = acc;
-                    out.leaf_level = level;
-                    out.leaf = raw;
-                    break;
-                }
-            }
-        }
-        if set_ad {
-            // Root first, as hardware sets them on the way down.
-            for l in (out.leaf_level..=start.level).rev() {
-                let (at, raw) = used[usize::from(l)];
-                let leaf = l == out.leaf_level;
-                let new = fmt.with_accessed(l, raw, leaf, access.is_write());
-                if new == raw {
-                    continue;
-                }
-                if !port.exchange(at, wide, l, raw, new)? {
-                    tries += 1;
-                    if tries >= AD_RETRIES {
-                        return Err(stop(
-                            l,
-                            Some(at),
-                            Some(raw),
-                            FaultReason::Contended,
-                            out.acc,
-                        ));
-                    }
-                    continue 'restart;
-                }
-                if leaf {
-                    out.leaf = new;
-                }
-            }
+        if set_ad && !set_accessed_dirty(fmt, port, access, &mut out, &used, &mut tries)? {
+            continue;
         }
         return Ok(out);
     }
+}
+
+/// A stop at `level`, at the entry `entry_addr` holding `entry`.
+#[inline]
+fn stop(
+    level: u8,
+    entry_addr: Option<u64>,
+    entry: Option<u64>,
+    reason: FaultReason,
+    acc: u64,
+) -> Fail {
+    Fail::Stop(Stop {
+        level,
+        entry_addr,
+        entry,
+        reason,
+        acc,
+    })
+}
+
+/// The entries a walk used: per level, the entry's address and value as
+/// read (for the accessed/dirty pass).
+type Used = [(u64, u64); 6];
+
+/// Reads `va`'s entries from `start` down to the leaf and checks `access`
+/// there: the walk and the entries it used, or `None` when an entry above
+/// `start` denied the access (walk again from the root).
+#[inline(always)]
+fn descend<F: Format, P: Port>(
+    fmt: &F,
+    port: &mut P,
+    va: u64,
+    access: Access,
+    user_linear: bool,
+    start: Start,
+) -> Result<Option<(Walked, Used)>, Fail> {
+    let wide = fmt.wide();
+    let mut level = start.level;
+    let mut table = start.table;
+    let mut acc = start.acc;
+    let mut out = Walked {
+        start_level: start.level,
+        ..Walked::default()
+    };
+    let mut used: Used = [(0, 0); 6];
+    loop {
+        let at = fmt.entry_addr(table, level, va);
+        let raw = port.read(at, wide, level)?;
+        out.tables[usize::from(level)] = (table, acc);
+        used[usize::from(level)] = (at, raw);
+        let reason = match fmt.decode(level, raw) {
+            Decoded::NotPresent => FaultReason::NotPresent,
+            Decoded::Reserved(bits) => FaultReason::Reserved { bits },
+            Decoded::Misconfigured => FaultReason::Misconfigured,
+            Decoded::Table(next) => {
+                acc = fmt.accumulate(acc, level, raw);
+                if level > 1 {
+                    table = next;
+                    level -= 1;
+                    continue;
+                }
+                // A format never yields a table at level 1; treat a broken
+                // one as not present rather than loop.
+                FaultReason::NotPresent
+            }
+            Decoded::Leaf { base, shift } => {
+                acc = fmt.accumulate(acc, level, raw);
+                if let Err(d) = fmt.check(acc, raw, access, user_linear) {
+                    if d.level > start.level {
+                        return Ok(None);
+                    }
+                    let (ea, e) = used[usize::from(d.level)];
+                    return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
+                }
+                out.base = base;
+                out.shift = shift;
+                out.acc = acc;
+                out.leaf_level = level;
+                out.leaf = raw;
+                return Ok(Some((out, used)));
+            }
+        };
+        return Err(stop(level, Some(at), Some(raw), reason, acc));
+    }
+}
+
+/// Sets the accessed flags of the entries `out` used and the leaf's dirty
+/// flag for a write, root first, as hardware sets them on the way down.
+/// `Ok(false)`: an entry changed under the walk, which must walk again
+/// (`tries` counts these, up to `AD_RETRIES`).
+#[inline(always)]
+fn set_accessed_dirty<F: Format, P: Port>(
+    fmt: &F,
+    port: &mut P,
+    access: Access,
+    out: &mut Walked,
+    used: &Used,
+    tries: &mut u32,
+) -> Result<bool, Fail> {
+    let wide = fmt.wide();
+    for l in (out.leaf_level..=out.start_level).rev() {
+        let (at, raw) = used[usize::from(l)];
+        let leaf = l == out.leaf_level;
+        let new = fmt.with_accessed(l, raw, leaf, access.is_write());
+        if new == raw {
+            continue;
+        }
+        if !port.exchange(at, wide, l, raw, new)? {
+            *tries += 1;
+            if *tries >= AD_RETRIES {
+                return Err(stop(
+                    l,
+                    Some(at),
+                    Some(raw),
+                    FaultReason::Contended,
+                    out.acc,
+                ));
+            }
+            return Ok(false);
+        }
+        if leaf {
+            out.leaf = new;
+        }
+    }
+    Ok(true)
 }
 
 /// A port straight onto physical memory, counting the references it makes.
@@ -230,7 +254,7 @@ pub(crate) struct DirectPort<'m, M: ?Sized> {
     pub(crate) refs: u32,
 }
 
-impl<M: super::PhysMemory + ?Sized> Port for DirectPort<'_, M> {
+impl<M: PhysMemory + ?Sized> Port for DirectPort<'_, M> {
     #[inline]
     fn read(&mut self, pa: u64, wide: bool, level: u8) -> Result<u64, Fail> {
         self.refs += 1;
@@ -243,7 +267,9 @@ impl<M: super::PhysMemory + ?Sized> Port for DirectPort<'_, M> {
             level,
             entry_addr: Some(pa),
             entry: None,
-            reason: FaultReason::Unbacked { pa },
+            reason: FaultReason::Unbacked {
+                pa: GuestPhysAddr(pa),
+            },
             acc: 0,
         }))
     }

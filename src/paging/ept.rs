@@ -8,10 +8,11 @@
 //! qualification); AMD APM vol. 2 §15.25.
 
 use super::{
+    fault::FaultReason,
     format::{bits, Decoded, Denied, Format},
-    walker::{LeafAttributes, Permissions},
-    Access, AccessKind, FaultReason,
+    types::{Access, AccessKind, LeafAttributes, Permissions, PAGE_SHIFT_U8},
 };
+use crate::addr::{GuestPhysAddr, PAGE_SHIFT};
 
 /// Intel EPT, as an EPTP and the processor's EPT capabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,12 +33,13 @@ pub struct EptConfig {
 }
 
 impl EptConfig {
-    /// A 4-level EPT rooted at `root`, write-back, accessed/dirty flags
+    /// A 4-level EPT rooted at `root` (an address in the walker's memory:
+    /// guest-physical for the VM that holds the tables), write-back, accessed/dirty flags
     /// enabled when `ad` is set; execute-only supported, no mode-based
     /// execute control, MAXPHYADDR 52.
-    pub const fn four_level(root: u64, ad: bool) -> Self {
+    pub const fn four_level(root: GuestPhysAddr, ad: bool) -> Self {
         EptConfig {
-            eptp: (root & !0xfff) | 6 | (3 << 3) | if ad { 1 << 6 } else { 0 },
+            eptp: (root.0 & !0xfff) | 6 | (3 << 3) | if ad { 1 << 6 } else { 0 },
             execute_only: true,
             mode_based_execute: false,
             maxphyaddr: 52,
@@ -45,9 +47,9 @@ impl EptConfig {
     }
 
     /// A 5-level EPT rooted at `root`, otherwise as [`Self::four_level`].
-    pub const fn five_level(root: u64, ad: bool) -> Self {
+    pub const fn five_level(root: GuestPhysAddr, ad: bool) -> Self {
         EptConfig {
-            eptp: (root & !0xfff) | 6 | (4 << 3) | if ad { 1 << 6 } else { 0 },
+            eptp: (root.0 & !0xfff) | 6 | (4 << 3) | if ad { 1 << 6 } else { 0 },
             execute_only: true,
             mode_based_execute: false,
             maxphyaddr: 52,
@@ -73,7 +75,8 @@ impl EptConfig {
 /// AMD nested paging: the nested CR3 and the host paging features in force.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NptConfig {
-    /// The nested page tables' root (N_CR3).
+    /// N_CR3 as the VMCB holds it: the nested page tables' root (an address
+    /// in the walker's memory) in bits 51:12.
     pub ncr3: u64,
     /// 5-level nested paging.
     pub five_level: bool,
@@ -84,7 +87,8 @@ pub struct NptConfig {
 }
 
 impl NptConfig {
-    /// 4-level nested paging rooted at `ncr3`, with NXE and MAXPHYADDR 52.
+    /// 4-level nested paging under the N_CR3 value `ncr3` (a register
+    /// value, as [`NptConfig::ncr3`]), with NXE and MAXPHYADDR 52.
     pub const fn four_level(ncr3: u64) -> Self {
         NptConfig {
             ncr3,
@@ -189,7 +193,7 @@ impl Format for EptFormat {
 
     #[inline]
     fn check_input(&self, gpa: u64) -> Result<(), FaultReason> {
-        let width = 12 + 9 * u32::from(self.levels);
+        let width = PAGE_SHIFT + 9 * u32::from(self.levels);
         if gpa >> width != 0 {
             Err(FaultReason::AddressTooWide)
         } else {
@@ -203,12 +207,12 @@ impl Format for EptFormat {
 
     #[inline]
     fn index_shift(&self, level: u8) -> u32 {
-        12 + 9 * (u32::from(level) - 1)
+        PAGE_SHIFT + 9 * (u32::from(level) - 1)
     }
 
     #[inline]
     fn entry_addr(&self, table: u64, level: u8, gpa: u64) -> u64 {
-        table + ((gpa >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff) * 8
+        table + ((gpa >> (PAGE_SHIFT + 9 * (u32::from(level) - 1))) & 0x1ff) * 8
     }
 
     #[inline]
@@ -245,7 +249,7 @@ impl Format for EptFormat {
             if matches!((raw >> 3) & 7, 2 | 3 | 7) {
                 return Decoded::Misconfigured;
             }
-            let shift = 12 + 9 * (level - 1);
+            let shift = PAGE_SHIFT_U8 + 9 * (level - 1);
             Decoded::Leaf {
                 base: raw & mask & !bits(0, u32::from(shift) - 1),
                 shift,

@@ -3,7 +3,8 @@
 //! (an x86 page-fault error code, an EPT-violation exit qualification, an
 //! NPT `EXITINFO1`).
 
-use super::Access;
+use super::types::Access;
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
 /// Which translation stage faulted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,8 +49,9 @@ pub enum FaultReason {
     /// A table (or, for `read_virt`/`write_virt`, the page) lies at a
     /// physical address no memory backs: a hole or past the end.
     Unbacked {
-        /// The physical address that could not be read.
-        pa: u64,
+        /// The address that could not be read, in the memory the walker
+        /// reads.
+        pa: GuestPhysAddr,
     },
     /// Listing mappings visited its budget of entries (tables that point at
     /// each other can describe more mappings than any listing should walk).
@@ -105,10 +107,10 @@ pub enum FaultCode {
 pub struct WalkFault {
     /// The address being translated (guest-virtual, or guest-physical when
     /// there is no first level).
-    pub va: u64,
+    pub va: GuestVirtAddr,
     /// For a second-level fault: the guest-physical address it was
     /// translating.
-    pub gpa: Option<u64>,
+    pub gpa: Option<GuestPhysAddr>,
     /// The access that faulted.
     pub access: Access,
     /// First or second level.
@@ -117,7 +119,7 @@ pub struct WalkFault {
     /// when no entry is involved (a non-canonical address).
     pub level: u8,
     /// The physical address of that entry, if one was read.
-    pub entry_addr: Option<u64>,
+    pub entry_addr: Option<GuestPhysAddr>,
     /// The entry's value, if one was read.
     pub entry: Option<u64>,
     /// Why.

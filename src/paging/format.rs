@@ -4,7 +4,10 @@
 //! and dirty flags). x86 and EPT implement it; AArch64 and RISC-V would be
 //! two more implementations, with no change to the engine.
 
-use super::{walker::Permissions, Access, FaultReason};
+use super::{
+    fault::FaultReason,
+    types::{Access, Permissions},
+};
 
 /// What one entry means at its level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

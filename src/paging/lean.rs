@@ -9,7 +9,8 @@
 use super::{
     engine::{Start, Walked},
     format::{Decoded, Format},
-    Access, PhysMemory,
+    memory::PhysMemory,
+    types::Access,
 };
 
 /// What a lean walk found.

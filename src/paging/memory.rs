@@ -11,7 +11,9 @@ use crate::{
 };
 
 /// Physical memory as a walker sees it. Addresses are plain `u64`s of the
-/// space the walker's output lives in (guest-physical for a VMM).
+/// space the walker's output lives in (guest-physical for a VMM): every
+/// entry of every walk is read through here, in the walk's inner loop; the
+/// walker's public doors take and give `GuestPhysAddr`.
 ///
 /// Entries are naturally aligned (a table is page aligned and an entry is 4
 /// or 8 bytes), so implementations read and exchange them atomically: a
@@ -216,7 +218,7 @@ impl<M: PhysMemory + ?Sized> PhysMemory for &M {
 /// A read-only physical-memory image: `bytes` hold physical addresses
 /// `base..base + len`. What `pagefold maps` reads a saved RAM file through;
 /// accessed/dirty updates are refused (a walk that asks for them faults
-/// with [`crate::paging::FaultReason::ReadOnlyTable`]).
+/// with `FaultReason::ReadOnlyTable`).
 #[derive(Clone, Copy, Debug)]
 pub struct PhysImage<'a> {
     base: u64,
@@ -224,9 +226,12 @@ pub struct PhysImage<'a> {
 }
 
 impl<'a> PhysImage<'a> {
-    /// An image of `bytes` starting at physical address `base`.
-    pub fn new(base: u64, bytes: &'a [u8]) -> Self {
-        PhysImage { base, bytes }
+    /// An image of `bytes` starting at guest-physical address `base`.
+    pub fn new(base: GuestPhysAddr, bytes: &'a [u8]) -> Self {
+        PhysImage {
+            base: base.0,
+            bytes,
+        }
     }
 
     /// The byte range for `[pa, pa+len)`, if it lies inside the image.

@@ -5,17 +5,24 @@
 //! entry each, until the range or the table ends; every entry is decoded
 //! and checked exactly as a walk would. Anything else walks per page.
 
-use super::{format::Format, lean, walker::Walker, x86::X86Long, Access, PhysMemory, WalkFault};
+use super::{
+    fault::WalkFault, format::Format, lean, memory::PhysMemory, second::root_start, types::Access,
+    walker::Walker, x86::X86Long,
+};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PAGE_SHIFT};
+
+/// Bytes in a 4 KiB page, the last level's page.
+const PAGE: u64 = 1 << PAGE_SHIFT;
 
 /// A run of the range whose pages are physically contiguous.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Segment {
     /// First virtual address.
-    pub va: u64,
+    pub va: GuestVirtAddr,
     /// Its guest-physical address.
-    pub gpa: u64,
+    pub gpa: GuestPhysAddr,
     /// Its address in the walker's memory (`gpa` without a second level).
-    pub pa: u64,
+    pub pa: GuestPhysAddr,
     /// Bytes.
     pub len: u64,
 }
@@ -37,7 +44,7 @@ impl Walker {
     pub fn translate_range<'a, M: PhysMemory + ?Sized>(
         &'a self,
         mem: &'a M,
-        va: u64,
+        va: GuestVirtAddr,
         len: u64,
         access: Access,
     ) -> RangeSegments<'a, M> {
@@ -45,9 +52,29 @@ impl Walker {
             walker: self,
             mem,
             access,
-            next: va,
-            end: va.saturating_add(len),
+            next: va.0,
+            end: va.0.saturating_add(len),
             done: len == 0,
+        }
+    }
+}
+
+/// A segment in the making: raw addresses, for the loop that extends it.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    va: u64,
+    gpa: u64,
+    pa: u64,
+    len: u64,
+}
+
+impl Piece {
+    fn segment(self) -> Segment {
+        Segment {
+            va: GuestVirtAddr(self.va),
+            gpa: GuestPhysAddr(self.gpa),
+            pa: GuestPhysAddr(self.pa),
+            len: self.len,
         }
     }
 }
@@ -55,7 +82,7 @@ impl Walker {
 impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
     /// Extends `seg` through the last-level table `pt` (permissions above
     /// it `acc`) while entries map the following pages contiguously.
-    fn extend_in_table(&self, long: &X86Long<'_>, pt: u64, acc: u64, seg: &mut Segment) {
+    fn extend_in_table(&self, long: &X86Long<'_>, pt: u64, acc: u64, seg: &mut Piece) {
         // Entries with the same rights bits get the same answer from the
         // check: decide it once per distinct set.
         let mut checked: Option<(u64, bool)> = None;
@@ -86,15 +113,13 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             if !ok {
                 return;
             }
-            seg.len += (self.end - va).min(4096);
+            seg.len += (self.end - va).min(PAGE);
         }
     }
-}
 
-impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
     /// The contiguous piece starting at `va`: one walk, extended through
     /// its last-level table in the fast case.
-    fn piece(&self, va: u64) -> Result<Segment, WalkFault> {
+    fn piece(&self, va: u64) -> Result<Piece, WalkFault> {
         // The fast case: a 64-bit guest, no second level.
         let fast = self
             .walker
@@ -103,18 +128,14 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             .filter(|_| !self.walker.has_second_level())
             .and_then(|long| {
                 long.check_input(va).ok()?;
-                let start = super::engine::Start {
-                    level: long.top_level(),
-                    table: long.root(),
-                    acc: long.acc_start(),
-                };
+                let start = root_start(&long);
                 let (w, _) = lean::walk_recorded(&long, self.mem, va, self.access, start)?;
                 Some((long, w))
             });
         if let Some((long, w)) = fast {
             let size = 1u64 << w.shift;
             let gpa = w.base | (va & (size - 1));
-            let mut seg = Segment {
+            let mut seg = Piece {
                 va,
                 gpa,
                 pa: gpa,
@@ -127,11 +148,13 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             return Ok(seg);
         }
         // Anything else (a fault ahead included: the full walk reports it).
-        let t = self.walker.translate(self.mem, va, self.access)?;
-        Ok(Segment {
+        let t = self
+            .walker
+            .translate(self.mem, GuestVirtAddr(va), self.access)?;
+        Ok(Piece {
             va,
-            gpa: t.gpa,
-            pa: t.pa,
+            gpa: t.gpa.0,
+            pa: t.pa.0,
             len: t.contiguous_bytes().min(self.end - va),
         })
     }
@@ -160,6 +183,6 @@ impl<M: PhysMemory + ?Sized> Iterator for RangeSegments<'_, M> {
             }
         }
         self.next = seg.va + seg.len;
-        Some(Ok(seg))
+        Some(Ok(seg.segment()))
     }
 }

@@ -5,9 +5,13 @@
 //! writes nothing.
 
 use super::{
+    cache::WalkCache,
+    fault::{FaultCode, FaultReason, Stage, WalkFault},
+    memory::PhysMemory,
+    types::{Access, AccessKind},
     walker::{WalkOptions, Walker},
-    Access, AccessKind, FaultCode, FaultReason, PhysMemory, Stage, WalkCache, WalkFault,
 };
+use crate::addr::{GuestPhysAddr, GuestVirtAddr, PageSize};
 
 /// A failed guest-virtual access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,7 +33,7 @@ impl Walker {
     pub fn read_virt<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
-        va: u64,
+        va: GuestVirtAddr,
         buf: &mut [u8],
         access: Access,
         options: WalkOptions,
@@ -41,7 +45,7 @@ impl Walker {
         };
         let mut done = 0;
         while done < buf.len() {
-            let at = va.wrapping_add(done as u64);
+            let at = GuestVirtAddr(va.0.wrapping_add(done as u64));
             let t = self
                 .translate_with(mem, at, access, options, cache.as_deref_mut())
                 .map_err(|fault| VirtError {
@@ -51,11 +55,11 @@ impl Walker {
             let n = usize::try_from(t.contiguous_bytes())
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - done)
-                .min(4096 - (at & 0xfff) as usize);
-            mem.read_bytes(t.pa, &mut buf[done..done + n])
+                .min(page_left(at));
+            mem.read_bytes(t.pa.0, &mut buf[done..done + n])
                 .map_err(|pa| VirtError {
                     offset: done,
-                    fault: unbacked(at, t.gpa, access, pa),
+                    fault: unbacked(at.0, t.gpa.0, access, pa),
                 })?;
             done += n;
         }
@@ -69,7 +73,7 @@ impl Walker {
     pub fn write_virt<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
-        va: u64,
+        va: GuestVirtAddr,
         data: &[u8],
         access: Access,
         options: WalkOptions,
@@ -85,7 +89,7 @@ impl Walker {
             pieces.clear();
             let mut planned = done;
             while planned < data.len() && pieces.len() < MAX_WRITE_PAGES {
-                let at = va.wrapping_add(planned as u64);
+                let at = GuestVirtAddr(va.0.wrapping_add(planned as u64));
                 let t = self
                     .translate_with(mem, at, access, options, cache.as_deref_mut())
                     .map_err(|fault| VirtError {
@@ -95,15 +99,15 @@ impl Walker {
                 let n = usize::try_from(t.contiguous_bytes())
                     .unwrap_or(usize::MAX)
                     .min(data.len() - planned)
-                    .min(4096 - (at & 0xfff) as usize);
-                pieces.push((t.pa, t.gpa, planned, n));
+                    .min(page_left(at));
+                pieces.push((t.pa.0, t.gpa.0, planned, n));
                 planned += n;
             }
             for &(pa, gpa, off, n) in &pieces {
                 mem.write_bytes(pa, &data[off..off + n])
                     .map_err(|bad| VirtError {
                         offset: off,
-                        fault: unbacked(va.wrapping_add(off as u64), gpa, access, bad),
+                        fault: unbacked(va.0.wrapping_add(off as u64), gpa, access, bad),
                     })?;
             }
             done = planned;
@@ -112,16 +116,25 @@ impl Walker {
     }
 }
 
+/// Bytes from `at` to the end of its 4 KiB page.
+#[inline]
+fn page_left(at: GuestVirtAddr) -> usize {
+    let size = PageSize::Size4K;
+    crate::addr::usize_from(size.bytes() - at.page_offset(size))
+}
+
 fn unbacked(va: u64, gpa: u64, access: Access, pa: u64) -> WalkFault {
     WalkFault {
-        va,
-        gpa: Some(gpa),
+        va: GuestVirtAddr(va),
+        gpa: Some(GuestPhysAddr(gpa)),
         access,
         stage: Stage::First,
         level: 0,
         entry_addr: None,
         entry: None,
-        reason: FaultReason::Unbacked { pa },
+        reason: FaultReason::Unbacked {
+            pa: GuestPhysAddr(pa),
+        },
         code: FaultCode::Emulation,
     }
 }

@@ -539,8 +539,8 @@ impl<'m> Tables<'m> {
     /// The second-level configuration for this format.
     pub(crate) fn second(&self, ad: bool) -> SecondLevel {
         match self.kind {
-            Kind::Ept4 => SecondLevel::Ept(EptConfig::four_level(self.root, ad)),
-            Kind::Ept5 => SecondLevel::Ept(EptConfig::five_level(self.root, ad)),
+            Kind::Ept4 => SecondLevel::Ept(EptConfig::four_level(GuestPhysAddr(self.root), ad)),
+            Kind::Ept5 => SecondLevel::Ept(EptConfig::five_level(GuestPhysAddr(self.root), ad)),
             Kind::Npt4 | Kind::Npt5 => SecondLevel::Npt(NptConfig {
                 ncr3: self.root,
                 five_level: self.kind == Kind::Npt5,

@@ -20,8 +20,8 @@ use pagefold::{
     kvm::{Exit, Flow, KvmError, KvmVcpu, KvmVm, VcpuState},
     migration::{receive_migration, PrecopyOptions, ReaderLimits, Sender},
     paging::{Access, AccessKind, Privilege, WalkOptions, Walker, X86Paging},
-    Balloon, DedupHost, DedupStats, FrameStore, GuestMemory, GuestPhysAddr, ScanBudget, VmId,
-    VmOptions, PAGE_SIZE,
+    Balloon, DedupHost, DedupStats, FrameStore, GuestMemory, GuestPhysAddr, GuestVirtAddr,
+    ScanBudget, VmId, VmOptions, PAGE_SIZE,
 };
 
 use super::guest::{self, Res};
@@ -409,8 +409,8 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
         ];
         for (va, want_gpa, want_size) in probes {
             let access = Access::new(AccessKind::Read, Privilege::User);
-            let t = walker.translate(&*vm.mem, va, access)?;
-            if t.gpa != want_gpa || t.page_size != want_size {
+            let t = walker.translate(&*vm.mem, GuestVirtAddr(va), access)?;
+            if t.gpa != GuestPhysAddr(want_gpa) || t.page_size != want_size {
                 return Err(format!(
                     "VM {i}: {va:#x} translated to {:#x} ({} bytes), want {want_gpa:#x} ({want_size})",
                     t.gpa, t.page_size
@@ -420,7 +420,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
             let mut by_va = [0u8; 8];
             walker.read_virt(
                 &*vm.mem,
-                va,
+                GuestVirtAddr(va),
                 &mut by_va,
                 access,
                 WalkOptions::default(),
