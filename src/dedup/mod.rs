@@ -254,7 +254,7 @@ impl DedupHost {
         // frees shared frames nobody maps any more; one whose punch fails
         // stays recorded and is freed by a later recount. The VM is gone
         // either way, so this is no reason to report a failure.
-        let _ = self.inner.recount();
+        let _ = reconcile::recount(&self.inner);
         scan.old_hashes.remove(&vm);
         Ok(Arc::clone(&entry.mem))
     }
@@ -265,7 +265,7 @@ impl DedupHost {
     pub fn merge_now(&self) -> Result<ScanReport, DedupError> {
         let mut scan = lock(&self.inner.scan);
         let vms = read(&self.inner.vms).clone();
-        self.inner.reconcile(&mut scan, &vms)?;
+        reconcile::reconcile(&self.inner, &mut scan, &vms)?;
         self.inner.refresh_map_budget();
         let mut report = ScanReport::default();
         let total: u64 = vms
@@ -361,7 +361,7 @@ impl DedupHost {
         let Some(v) = vms.iter().position(|e| e.id == vm) else {
             return Err(DedupError::UnknownVm(vm));
         };
-        self.inner.reconcile(&mut scan, &vms)?;
+        reconcile::reconcile(&self.inner, &mut scan, &vms)?;
         self.inner.refresh_map_budget();
         let entry = &vms[v];
         let mut refs: Vec<scan::PageRef> = pages
@@ -394,7 +394,7 @@ impl DedupHost {
     /// One incremental step: visits pages from where the last step stopped,
     /// merging those that hashed the same on their previous visit.
     pub fn scan_step(&self, budget: ScanBudget) -> Result<ScanReport, DedupError> {
-        self.inner.scan_step(budget, None, true)
+        incremental::scan_step(&self.inner, budget, None, true)
     }
 
     /// Runs [`scan_step`](Self::scan_step) with `budget` on a thread of its
@@ -463,7 +463,7 @@ impl DedupHost {
             .name("pagefold-scan".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    let step = || inner.background_step(budget, &flag);
+                    let step = || incremental::background_step(&inner, budget, &flag);
                     let result = match &pool {
                         Some(pool) => pool.install(step),
                         None => step(),
@@ -512,7 +512,7 @@ impl DedupHost {
         for vm in &vms {
             n += self.inner.unmerge_vm(vm)?;
         }
-        self.inner.recount()?;
+        reconcile::recount(&self.inner)?;
         Ok(n)
     }
 
@@ -568,7 +568,7 @@ impl DedupHost {
     pub fn stats(&self) -> Result<DedupStats, DedupError> {
         let mut scan = lock(&self.inner.scan);
         let vms = read(&self.inner.vms).clone();
-        self.inner.reconcile(&mut scan, &vms)?;
+        reconcile::reconcile(&self.inner, &mut scan, &vms)?;
         let shared = lock(&self.inner.shared);
         let mut s = DedupStats {
             pages_shared: shared.len(),
@@ -611,8 +611,7 @@ impl DedupHost {
         let entry = self.entry(vm)?;
         {
             let mut scan = lock(&self.inner.scan);
-            self.inner
-                .reconcile(&mut scan, std::slice::from_ref(&entry))?;
+            reconcile::reconcile(&self.inner, &mut scan, std::slice::from_ref(&entry))?;
         }
         let c = entry.mem.census();
         Ok(VmStats {
