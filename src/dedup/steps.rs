@@ -142,3 +142,69 @@ pub fn mark_copied(
         )
         .is_ok()
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Each step run in the order of the race the loom model does not
+    /// reach (reconciliation meeting a page an unmerge holds): a held page
+    /// is its holder's, so no other step may take or move it, and the
+    /// holder's publish succeeds.
+    #[test]
+    fn a_held_page_is_left_to_its_holder() {
+        let t = PageStateTable::new_private(FrameNumber(0), 1).unwrap();
+        let s = t.load(0);
+        assert!(mergeable(s));
+        assert!(claim_candidate(&t, 0, s));
+        let held = t.load(0);
+        assert!(!mergeable(held), "a held page is no merge candidate");
+        assert!(!claim_candidate(&t, 0, s), "held twice");
+        assert!(!reconcilable(held));
+        let merged = merged_state(Target::Shared(FrameNumber(100)), FrameNumber(0));
+        assert!(publish_merge(&t, 0, s, Some(merged)));
+        assert_eq!(t.load(0), merged);
+
+        // An unmerge holds the merged page; reconciliation (the kernel
+        // copied it meanwhile) must leave it to the unmerge.
+        assert!(reconcilable(t.load(0)));
+        let RemappedClaim::Held(h) = claim_remapped(&t, 0) else {
+            panic!("a merged, unheld page is claimed");
+        };
+        assert_eq!(h, merged);
+        let now = t.load(0);
+        assert!(now.is_locked());
+        assert!(!reconcilable(now), "reconciliation takes a held page");
+        assert!(!mark_copied(&t, 0, h, FrameNumber(0)), "moved a held page");
+        assert_eq!(claim_remapped(&t, 0), RemappedClaim::Skip);
+        assert!(publish_unmerge(&t, 0, h, FrameNumber(0)));
+        assert_eq!(
+            t.load(0),
+            PageState::new(PageKind::Private, FrameNumber(0), Flags::NONE)
+        );
+    }
+
+    /// A candidate released unchanged, and a remapped page let go
+    /// unchanged, are as they were seen.
+    #[test]
+    fn release_restores_the_seen_state() {
+        let t = PageStateTable::new_private(FrameNumber(0), 1).unwrap();
+        let s = t.load(0);
+        assert!(claim_candidate(&t, 0, s));
+        release_candidate(&t, 0, s);
+        assert_eq!(t.load(0), s);
+        let merged = merged_state(Target::Zero, FrameNumber(0));
+        assert!(claim_candidate(&t, 0, s));
+        assert!(publish_merge(&t, 0, s, Some(merged)));
+        let RemappedClaim::Held(h) = claim_remapped(&t, 0) else {
+            panic!("a merged, unheld page is claimed");
+        };
+        release_remapped(&t, 0, h);
+        assert_eq!(t.load(0), merged);
+        assert!(mark_copied(&t, 0, merged, FrameNumber(0)));
+        assert_eq!(
+            t.load(0),
+            PageState::new(PageKind::Private, FrameNumber(0), Flags::REMAPPED)
+        );
+    }
+}
