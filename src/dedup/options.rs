@@ -9,7 +9,7 @@ use crate::addr::GuestPhysAddr;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DomainId(pub u32);
 
-/// A VM registered with a [`DedupHost`].
+/// A VM registered with a [`DedupHost`](super::DedupHost).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmId(pub u64);
 
@@ -23,7 +23,7 @@ pub struct VmOptions {
     pub exclude: Vec<GuestPhysAddr>,
 }
 
-/// How much one [`DedupHost::scan_step`] may do.
+/// How much one [`DedupHost::scan_step`](super::DedupHost::scan_step) may do.
 #[derive(Clone, Copy, Debug)]
 pub enum ScanBudget {
     /// Visit at most this many pages.

@@ -1,10 +1,10 @@
 //! How a [`KvmVm`](super::KvmVm) is set up: dirty logging and its mode.
 
-/// Options of [`KvmVm::with_options`].
+/// Options of [`KvmVm::with_options`](super::KvmVm::with_options).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KvmOptions {
     /// Register every slot with `KVM_MEM_LOG_DIRTY_PAGES`, so
-    /// [`KvmVm::fetch_dirty_log`] can fetch guest writes.
+    /// [`KvmVm::fetch_dirty_log`](super::KvmVm::fetch_dirty_log) can fetch guest writes.
     pub log_dirty_pages: bool,
     /// Fetch with the legacy get-and-clear `KVM_GET_DIRTY_LOG` even where
     /// KVM offers manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
