@@ -101,21 +101,31 @@ pub(crate) fn walk<F: Format, P: Port>(
     mut start: Start,
 ) -> Result<Walked, Fail> {
     let mut tries = 0;
+    // Filled in place by `descend` on every pass (never returned by value:
+    // the two arrays are 200 bytes, and a copy per walk showed in the
+    // nested walk's time, which runs the engine once per guest table).
+    let mut out = Walked::default();
+    let mut used: Used = [(0, 0); 6];
     loop {
-        let (mut out, used) = match descend(fmt, port, va, access, user_linear, start)? {
-            Some(leaf) => leaf,
-            None => {
-                // Denied by an entry above a cached start, which this walk
-                // never read: walk again from the root so the fault names
-                // it.
-                start = Start {
-                    level: fmt.top_level(),
-                    table: fmt.root(),
-                    acc: fmt.acc_start(),
-                };
-                continue;
-            }
-        };
+        if !descend(
+            fmt,
+            port,
+            va,
+            access,
+            user_linear,
+            start,
+            &mut out,
+            &mut used,
+        )? {
+            // Denied by an entry above a cached start, which this walk
+            // never read: walk again from the root so the fault names it.
+            start = Start {
+                level: fmt.top_level(),
+                table: fmt.root(),
+                acc: fmt.acc_start(),
+            };
+            continue;
+        }
         if set_ad && !set_accessed_dirty(fmt, port, access, &mut out, &used, &mut tries)? {
             continue;
         }
@@ -146,9 +156,11 @@ fn stop(
 type Used = [(u64, u64); 6];
 
 /// Reads `va`'s entries from `start` down to the leaf and checks `access`
-/// there: the walk and the entries it used, or `None` when an entry above
-/// `start` denied the access (walk again from the root).
+/// there, filling `out` (the walk) and `used` (the entries it read):
+/// `Ok(true)` at an allowed leaf, `Ok(false)` when an entry above `start`
+/// denied the access (walk again from the root).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn descend<F: Format, P: Port>(
     fmt: &F,
     port: &mut P,
@@ -156,16 +168,18 @@ fn descend<F: Format, P: Port>(
     access: Access,
     user_linear: bool,
     start: Start,
-) -> Result<Option<(Walked, Used)>, Fail> {
+    out: &mut Walked,
+    used: &mut Used,
+) -> Result<bool, Fail> {
     let wide = fmt.wide();
     let mut level = start.level;
     let mut table = start.table;
     let mut acc = start.acc;
-    let mut out = Walked {
+    *out = Walked {
         start_level: start.level,
         ..Walked::default()
     };
-    let mut used: Used = [(0, 0); 6];
+    *used = [(0, 0); 6];
     loop {
         let at = fmt.entry_addr(table, level, va);
         let raw = port.read(at, wide, level)?;
@@ -190,7 +204,7 @@ fn descend<F: Format, P: Port>(
                 acc = fmt.accumulate(acc, level, raw);
                 if let Err(d) = fmt.check(acc, raw, access, user_linear) {
                     if d.level > start.level {
-                        return Ok(None);
+                        return Ok(false);
                     }
                     let (ea, e) = used[usize::from(d.level)];
                     return Err(stop(d.level, Some(ea), Some(e), d.reason, acc));
@@ -200,7 +214,7 @@ fn descend<F: Format, P: Port>(
                 out.acc = acc;
                 out.leaf_level = level;
                 out.leaf = raw;
-                return Ok(Some((out, used)));
+                return Ok(true);
             }
         };
         return Err(stop(level, Some(at), Some(raw), reason, acc));

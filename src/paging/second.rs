@@ -233,6 +233,7 @@ impl Second {
     /// accessed/dirty flags when `set_ad`, reusing and filling `memo` when
     /// given, and adding the memory references it made to `refs`.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub(crate) fn walk<M: PhysMemory + ?Sized>(
         &self,
         mem: &M,
