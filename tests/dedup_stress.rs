@@ -171,7 +171,13 @@ fn stress(with_resolver: bool) {
     let started = Instant::now();
     let mut rng = SmallRng::seed_from_u64(99);
     let (mut merged, mut unmerged, mut rounds) = (0u64, 0u64, 0u64);
-    while started.elapsed() < run_for {
+    // The time budget, and then, on a machine slow enough that the random
+    // rounds have not yet both merged and unmerged something, more rounds
+    // until they have (at most three budgets more): what is asserted below
+    // is that this run exercised both, not how fast the machine is.
+    while started.elapsed() < run_for
+        || ((merged == 0 || unmerged == 0) && started.elapsed() < run_for * 4)
+    {
         match rng.gen_range(0..6) {
             0 | 1 => {
                 let r = host.merge_now().unwrap();
