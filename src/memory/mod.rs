@@ -39,7 +39,9 @@ use crate::{
 
 /// Steps of the page-state protocol that the crate's integration tests stop
 /// between (an inflate between its state change and its punch). Not part
-/// of the API: hidden, no stability promise.
+/// of the API: built only with the `test-hooks` feature, which the crate's
+/// own dev-dependency on itself turns on for its tests.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod __test {
     use super::{GuestRegion, PageKind, PageState};
