@@ -529,6 +529,30 @@ impl Model {
                 }
             }
         }
+        if library {
+            // The written pages' huge pages now hold memory.
+            for &chunk in chunks {
+                self.hold_granules(chunk);
+            }
+        }
+    }
+
+    /// On a store whose granule is larger than a 4 KiB page (hugetlb), a
+    /// write to one page gives its whole huge page memory again: the
+    /// released pages beside it in that huge page now hold memory too, as
+    /// if touched through the mapping (a library read of one takes it back;
+    /// a later discard may count it released again).
+    fn hold_granules(&mut self, (i, off, n): Chunk) {
+        if n == 0 || self.granule <= PAGE {
+            return;
+        }
+        let per = to_usize(self.granule / PAGE);
+        let r = &mut self.regions[i];
+        let first = to_usize(off as u64 / PAGE) / per * per;
+        let last = (to_usize((off + n - 1) as u64 / PAGE) / per + 1) * per;
+        for p in first..last.min(r.released.len()) {
+            r.touched[p] |= r.released[p];
+        }
     }
 
     fn put_value(&mut self, chunks: &[Chunk], val: u64, width: Width) {
@@ -781,6 +805,7 @@ impl Model {
         for p in to_usize(off as u64 / PAGE)..=to_usize((off + n - 1) as u64 / PAGE) {
             r.touched[p] |= r.released[p];
         }
+        self.hold_granules((i, off, n));
     }
 
     fn apply_host_read(&mut self, mem: &GuestMemory, addr: u64, len: usize) -> Result<(), String> {
