@@ -38,7 +38,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 8
+#define PF_ABI_VERSION_MINOR 9
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -990,6 +990,13 @@ typedef struct pf_host_stats {
      * Background scan steps that failed (`pf_dedup_start_background`).
      */
     uint64_t background_errors;
+    /**
+     * Bytes of dedup bookkeeping allocated now (the page-state tables of
+     * the registered VMs, the hash each page left, the unstable index and
+     * the shared-frame table, as capacities); `profit_bytes` is the bytes
+     * saved minus these.
+     */
+    uint64_t metadata_bytes;
 } pf_host_stats;
 
 /**

@@ -224,6 +224,11 @@ pub struct pf_host_stats {
     pub profit_bytes: i64,
     /// Background scan steps that failed (`pf_dedup_start_background`).
     pub background_errors: u64,
+    /// Bytes of dedup bookkeeping allocated now (the page-state tables of
+    /// the registered VMs, the hash each page left, the unstable index and
+    /// the shared-frame table, as capacities); `profit_bytes` is the bytes
+    /// saved minus these.
+    pub metadata_bytes: u64,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -249,6 +254,7 @@ impl From<DedupStats> for pf_host_stats {
             write_faults_seen: s.write_faults_seen,
             profit_bytes: s.profit_bytes,
             background_errors: s.background_errors,
+            metadata_bytes: s.metadata_bytes,
         }
     }
 }

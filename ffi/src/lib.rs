@@ -52,7 +52,7 @@ pub use store::*;
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 8;
+pub const PF_ABI_VERSION_MINOR: u32 = 9;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -711,6 +711,11 @@ TEST(background_scanner_merges_and_stops) {
     CHECK_EQ(s.pages_sharing, (VMS - 1) * SHARED_PAGES);
     CHECK_EQ(s.zero_pages, VMS * ZERO_PAGES);
     CHECK_EQ(s.background_errors, 0);
+    /* The bookkeeping is counted, and the profit is what it leaves of the
+     * saving. */
+    CHECK(s.metadata_bytes >= (uint64_t)VMS * PAGES * sizeof(uint64_t));
+    CHECK_EQ(s.profit_bytes,
+             (int64_t)((s.pages_sharing + s.zero_pages) * 4096) - (int64_t)s.metadata_bytes);
     CHECK_OK(pf_dedup_stop_background(dedup));
     CHECK_OK(pf_dedup_stop_background(dedup)); /* none running: fine */
     uint64_t scans = stats_of(dedup).full_scans;
