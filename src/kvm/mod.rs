@@ -56,7 +56,6 @@ pub struct KvmVm {
     // Field order matters: `vm` drops (closing the VM fd) before `mem`.
     vm: VmFd,
     slots: Vec<Slot>,
-    options: KvmOptions,
     dirty: dirty_log::DirtyLog,
     mem: Arc<GuestMemory>,
     kvm: Kvm,
@@ -136,7 +135,6 @@ impl KvmVm {
         Ok(KvmVm {
             vm,
             slots,
-            options,
             dirty,
             mem: Arc::clone(mem),
             kvm,
@@ -195,9 +193,7 @@ impl KvmVm {
     /// nothing fetched is lost: bits already cleared in KVM are merged
     /// before the error returns, bits not cleared come again next time.
     pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
-        if !self.options.log_dirty_pages {
-            return Ok(0);
-        }
+        // Without `log_dirty_pages` the log's mode is off: it fetches nothing.
         self.dirty.fetch(&self.vm, &self.slots, &self.mem)
     }
 
