@@ -537,16 +537,16 @@ impl Model {
         }
     }
 
-    /// On a store whose granule is larger than a 4 KiB page (hugetlb), a
-    /// write to one page gives its whole huge page memory again: the
-    /// released pages beside it in that huge page now hold memory too, as
-    /// if touched through the mapping (a library read of one takes it back;
-    /// a later discard may count it released again).
+    /// The released pages of the granules `chunk` touches now hold memory,
+    /// as if touched through the mapping (a library read of one takes it
+    /// back; a later discard may count it released again): the pages
+    /// themselves, and on a store whose granule is larger than a 4 KiB page
+    /// (hugetlb) every page of their huge pages, which one write fills.
     fn hold_granules(&mut self, (i, off, n): Chunk) {
-        if n == 0 || self.granule <= PAGE {
+        if n == 0 {
             return;
         }
-        let per = to_usize(self.granule / PAGE);
+        let per = to_usize(self.granule / PAGE).max(1);
         let r = &mut self.regions[i];
         let first = to_usize(off as u64 / PAGE) / per * per;
         let last = (to_usize((off + n - 1) as u64 / PAGE) / per + 1) * per;
@@ -797,15 +797,8 @@ impl Model {
     }
 
     /// Pages of `chunk` touched through the host mapping.
-    fn touch(&mut self, (i, off, n): Chunk) {
-        if n == 0 {
-            return;
-        }
-        let r = &mut self.regions[i];
-        for p in to_usize(off as u64 / PAGE)..=to_usize((off + n - 1) as u64 / PAGE) {
-            r.touched[p] |= r.released[p];
-        }
-        self.hold_granules((i, off, n));
+    fn touch(&mut self, chunk: Chunk) {
+        self.hold_granules(chunk);
     }
 
     fn apply_host_read(&mut self, mem: &GuestMemory, addr: u64, len: usize) -> Result<(), String> {
