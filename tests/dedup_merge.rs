@@ -395,12 +395,6 @@ fn unregister_gives_the_vm_back_private_and_whole() {
         host.vm_stats(a),
         Err(pagefold::DedupError::UnknownVm(_))
     ));
-    // A VM on another store is refused.
-    let other = Arc::new(GuestMemory::new(&[(GuestPhysAddr(0), 4096)]).unwrap());
-    assert!(matches!(
-        host.register(other, VmOptions::default()),
-        Err(pagefold::DedupError::ForeignStore)
-    ));
     // Dropping the host unmerges the rest.
     drop(host);
     assert_eq!(vms[1].census().private as usize, PAGES);
@@ -545,4 +539,50 @@ fn a_step_over_nothing_returns() {
         ))
         .unwrap();
     assert_eq!(r.pages_scanned, 0);
+}
+
+/// A VM whose memory lives in a store of its own (as a VMM process's
+/// memory does under the host service) merges with one in the host's
+/// store: shared frames come from the host's store, the merged pages' own
+/// frames are released in the VM's store, writes copy, and unregistering
+/// writes every page back into the VM's own store.
+#[test]
+fn a_vm_on_its_own_store_merges_with_the_hosts() {
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let vms = build(&store, 1);
+    let own = Arc::new(FrameStore::memfd().unwrap());
+    let other = build(&own, 1).remove(0);
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    host.register(Arc::clone(&vms[0]), VmOptions::default())
+        .unwrap();
+    let b = host
+        .register(Arc::clone(&other), VmOptions::default())
+        .unwrap();
+    let own_before = own.allocated_bytes().unwrap();
+    let report = host.merge_now().unwrap();
+    assert!(report.merged_shared > 0, "{report:?}");
+    let own_after = own.allocated_bytes().unwrap();
+    assert!(
+        own_after < own_before,
+        "the VM's own store released nothing: {own_before} -> {own_after}"
+    );
+    let mut model: Vec<_> = (0..PAGES).map(|i| content(0, i)).collect();
+    check(&other, &model);
+    // A write to a merged page lands in the VM, not in the shared frame.
+    let page = (0..PAGES)
+        .find(|&i| {
+            other.regions()[0]
+                .page_state(i)
+                .is_some_and(|s| s.kind() == pagefold::PageKind::Shared)
+        })
+        .expect("a merged page");
+    other
+        .write(GuestPhysAddr((page * PAGE_SIZE) as u64), &[0xA5; 64])
+        .unwrap();
+    model[page][..64].fill(0xA5);
+    check(&other, &model);
+    check(&vms[0], &(0..PAGES).map(|i| content(0, i)).collect::<Vec<_>>());
+    let mem = host.unregister(b).unwrap();
+    assert_eq!(mem.census().private as usize, PAGES);
+    check(&mem, &model);
 }

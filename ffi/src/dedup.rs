@@ -448,8 +448,9 @@ pub unsafe extern "C" fn pf_dedup_free(dedup: *mut pf_dedup) {
 /// `options->exclude_starts` while `exclude_count > 0`),
 /// `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT` (nonzero
 /// `reserved`, an excluded address that does not start a region, the
-/// memory is registered already), `PF_ERR_FOREIGN_STORE` (the memory is not
-/// in the host's store), `PF_ERR_OS`.
+/// memory is registered already), `PF_ERR_UNSUPPORTED` (the memory's store
+/// has huge pages), `PF_ERR_OS`. The memory may live in the host's store or
+/// in one of its own: shared frames live in the host's.
 ///
 /// # Safety
 ///

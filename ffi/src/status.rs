@@ -51,9 +51,8 @@ pub enum pf_status {
     /// No VM with this id is registered with the dedup host (never was, or
     /// was unregistered).
     PF_ERR_UNKNOWN_VM = -15,
-    /// The guest memory lives in another frame store than the dedup host's:
-    /// dedup shares frames only within one store, so every VM of a host must
-    /// be made by `pf_guest_memory_new_in_store` on the host's store.
+    /// No longer returned (ABI 1.10): a dedup host now takes VMs whose
+    /// memory lives in a store of their own. The number stays reserved.
     PF_ERR_FOREIGN_STORE = -16,
     /// userfaultfd write protection, which dedup needs, is unavailable (no
     /// userfaultfd syscall, no privilege for kernel-mode faults: needs
@@ -245,7 +244,6 @@ pub(crate) fn dedup_status(e: &DedupError) -> pf_status {
         DedupError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
         DedupError::Frames(f) => frame_status(f),
         DedupError::Random(_) | DedupError::Proc { .. } => pf_status::PF_ERR_OS,
-        DedupError::ForeignStore => pf_status::PF_ERR_FOREIGN_STORE,
         DedupError::HugeBacking(_) => pf_status::PF_ERR_UNSUPPORTED,
         DedupError::UnknownVm(_) => pf_status::PF_ERR_UNKNOWN_VM,
         DedupError::AlreadyRegistered | DedupError::NoSuchRegion(_) | DedupError::EmptyBudget => {
@@ -339,7 +337,6 @@ mod tests {
                 DedupError::Random("no entropy".into()),
                 pf_status::PF_ERR_OS,
             ),
-            (DedupError::ForeignStore, pf_status::PF_ERR_FOREIGN_STORE),
             (
                 DedupError::HugeBacking(PageSize::Size2M),
                 pf_status::PF_ERR_UNSUPPORTED,

@@ -20,9 +20,6 @@ pub enum DedupError {
     /// The OS random source failed while creating a domain key.
     #[error("cannot create a domain key: {0}")]
     Random(String),
-    /// The VM's memory lives in another frame store than the host's.
-    #[error("the VM's guest memory uses another frame store than this dedup host")]
-    ForeignStore,
     /// Dedup needs a 4 KiB-page frame store.
     #[error("dedup needs a frame store with 4 KiB pages, not {0}")]
     HugeBacking(PageSize),

@@ -17,6 +17,8 @@
 //! Unmerge is the mirror: lock, protect, copy each page's current bytes into
 //! its own frame, remap the run onto its own frames (shared, writable), wake.
 
+use std::os::fd::AsRawFd;
+
 use rayon::prelude::*;
 
 use super::{error::DedupError, locks::lock};
@@ -446,6 +448,7 @@ fn remap_equal(
             let target = match run[k].target {
                 Target::Zero => RemapTarget::AnonZero,
                 Target::Shared(s) => RemapTarget::PrivateCopyOf {
+                    fd: ctx.store.as_raw_fd(),
                     file_offset: s.file_offset(),
                 },
             };
@@ -490,7 +493,7 @@ fn finish_window(
     // maps them any more, and the pages stay locked until they are
     // published, so no unmerge can write a page's bytes back into its own
     // frame before this punch.
-    let punched = punch_own_frames(ctx.store, region, &run, &merged);
+    let punched = punch_own_frames(region.store(), region, &run, &merged);
 
     // 7. Publish the new states (this also unlocks), taking each shared
     // frame's reference under its table's lock: an unmerge of a page just
@@ -742,12 +745,12 @@ fn unmerge_locked(
         region.read_page(p, &mut page);
         let own = region.own_frame(p);
         let stored = if crate::addr::is_zero_page(&page) {
-            ctx.store.release(FrameRange {
+            region.store().release(FrameRange {
                 start: own,
                 count: 1,
             })
         } else {
-            ctx.store.write_frames(own, &page)
+            region.store().write_frames(own, &page)
         };
         if let Err(e) = stored {
             release_protection(ctx, addr, len);

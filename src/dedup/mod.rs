@@ -157,10 +157,12 @@ impl DedupHost {
         })
     }
 
-    /// Registers a VM. Its memory must live in this host's frame store.
+    /// Registers a VM. Its memory may live in this host's frame store or in
+    /// a store of its own (4 KiB pages): shared frames always live in the
+    /// host's store, and a page's own frame in its memory's store.
     pub fn register(&self, mem: Arc<GuestMemory>, options: VmOptions) -> Result<VmId, DedupError> {
-        if !Arc::ptr_eq(mem.frame_store(), &self.inner.store) {
-            return Err(DedupError::ForeignStore);
+        if mem.frame_store().granule() != PageSize::Size4K {
+            return Err(DedupError::HugeBacking(mem.frame_store().granule()));
         }
         if let Some(&bad) = options
             .exclude
@@ -622,10 +624,17 @@ impl DedupHost {
         })
     }
 
-    /// What the kernel says about memory right now: the store's allocated
-    /// blocks, this process's RSS/PSS and its mappings.
+    /// What the kernel says about memory right now: the allocated blocks of
+    /// the host's store and of every VM's own store, this process's RSS/PSS
+    /// and its mappings.
     pub fn kernel_view(&self) -> Result<KernelView, DedupError> {
         let vms = read(&self.inner.vms).clone();
+        let mut stores: Vec<&Arc<FrameStore>> = vec![&self.inner.store];
+        for v in &vms {
+            if !stores.iter().any(|s| Arc::ptr_eq(s, v.mem.frame_store())) {
+                stores.push(v.mem.frame_store());
+            }
+        }
         let ranges: Vec<(u64, u64)> = vms
             .iter()
             .flat_map(|v| {
@@ -635,7 +644,7 @@ impl DedupHost {
                     .map(|r| (r.host_addr().0, r.host_addr().0 + r.size()))
             })
             .collect();
-        stats::kernel_view(&self.inner.store, &ranges)
+        stats::kernel_view(&stores, &ranges)
     }
 
     fn entry(&self, vm: VmId) -> Result<Arc<VmEntry>, DedupError> {

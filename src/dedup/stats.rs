@@ -127,7 +127,7 @@ pub struct KernelView {
 }
 
 pub(super) fn kernel_view(
-    store: &FrameStore,
+    stores: &[&std::sync::Arc<FrameStore>],
     ranges: &[(u64, u64)],
 ) -> Result<KernelView, DedupError> {
     let proc_err = |what| move |source| DedupError::Proc { what, source };
@@ -140,7 +140,9 @@ pub(super) fn kernel_view(
         .filter(|&&(a, b)| ranges.iter().any(|&(s, e)| a < e && b > s))
         .count() as u64;
     Ok(KernelView {
-        store_bytes: store.allocated_bytes()?,
+        store_bytes: stores.iter().try_fold(0u64, |sum, s| {
+            s.allocated_bytes().map(|b| sum.saturating_add(b))
+        })?,
         rss_bytes: rollup.rss,
         pss_bytes: rollup.pss,
         anon_bytes: rollup.anon,

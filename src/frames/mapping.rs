@@ -19,11 +19,15 @@ pub(crate) enum RemapTarget {
         /// Byte offset in the memfd.
         file_offset: u64,
     },
-    /// A private copy-on-write view of the store's frames at `file_offset`:
-    /// reads see the frame, and a write makes the kernel copy the page into
-    /// anonymous memory first, so the frame itself can never be written
-    /// through this mapping.
+    /// A private copy-on-write view of the frames at `file_offset` of the
+    /// memfd `fd` (the dedup host's shared frames, which need not live in
+    /// the mapping's own store): reads see the frame, and a write makes the
+    /// kernel copy the page into anonymous memory first, so the frame
+    /// itself can never be written through this mapping.
     PrivateCopyOf {
+        /// The memfd holding the frames; the caller keeps it open for the
+        /// call (the mapping holds its own reference afterwards).
+        fd: std::os::fd::RawFd,
         /// Byte offset in the memfd.
         file_offset: u64,
     },
@@ -162,9 +166,7 @@ impl HostMapping {
             RemapTarget::OwnShared { file_offset } => {
                 (libc::MAP_SHARED, store.as_raw_fd(), file_offset)
             }
-            RemapTarget::PrivateCopyOf { file_offset } => {
-                (libc::MAP_PRIVATE, store.as_raw_fd(), file_offset)
-            }
+            RemapTarget::PrivateCopyOf { fd, file_offset } => (libc::MAP_PRIVATE, fd, file_offset),
             RemapTarget::AnonZero => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
         };
         let file_offset = libc::off_t::try_from(file_offset).map_err(|_| FrameError::TooLarge {

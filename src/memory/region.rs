@@ -526,7 +526,7 @@ impl GuestRegion {
 
     /// The frame store the region's frames are in.
     #[inline]
-    pub(super) fn store(&self) -> &FrameStore {
+    pub(crate) fn store(&self) -> &FrameStore {
         &self.store
     }
 
