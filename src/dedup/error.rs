@@ -17,6 +17,9 @@ pub enum DedupError {
     /// The frame store failed.
     #[error(transparent)]
     Frames(#[from] FrameError),
+    /// The VMM process that maps the VM's memory did not do its part.
+    #[error(transparent)]
+    Remote(#[from] super::remote::RemoteError),
     /// The OS random source failed while creating a domain key.
     #[error("cannot create a domain key: {0}")]
     Random(String),

@@ -29,6 +29,7 @@ use crate::{
     userfault::Userfault,
 };
 
+use super::remote::{remote_of, RemoteRegion, RemoteRun, RemoteTarget};
 pub(super) use super::steps::Target;
 use super::steps::{self, RemappedClaim};
 
@@ -78,6 +79,8 @@ pub(super) struct MergeCtx<'a> {
     pub(super) fresh: &'a [FreshFrames<'a>],
     /// Shared frames and their references.
     pub(super) shared: &'a std::sync::Mutex<super::shared::SharedFrames>,
+    /// The regions that another process maps too, and how to reach it.
+    pub(super) remotes: &'a [RemoteRegion<'a>],
 }
 
 /// Shared frames `start..start+count`, mapped read-only at `view`.
@@ -280,9 +283,18 @@ fn merge_window<'r>(
     out: &mut MergeOutcome,
 ) -> Result<Option<Remapped<'r>>, DedupError> {
     let states = region.page_states();
+    let remote = remote_of(ctx.remotes, region);
+    // Under another process, only pages in their own frame are candidates:
+    // a merged page may have been copied there, where only it can see.
+    let eligible = |c: &&Candidate| remote.is_none() || !c.expected.is_remapped();
+    if remote.is_some_and(|r| !r.mapper.usable()) {
+        out.busy += window.len() as u64;
+        return Ok(None);
+    }
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let run: Vec<Candidate> = window
         .iter()
+        .filter(eligible)
         .filter(|c| steps::claim_candidate(states, c.page, c.expected))
         .copied()
         .collect();
@@ -304,25 +316,65 @@ fn merge_window<'r>(
     // the other's protection between its comparison or copy and its remap,
     // and lose a write.
     let window = region.lock_protection();
+    let pages = last.page - first.page + 1;
     // 2. Arm write protection over the window: from here, raw writes to it
     // wait in the kernel (pages in the window that are not candidates too,
-    // briefly; they are woken with the rest).
+    // briefly; they are woken with the rest), in the other process too.
+    if let Err(e) = protect(ctx, addr, len) {
+        release_protection(ctx, addr, len);
+        unlock_all(&run);
+        return Err(e);
+    }
+    if let Some(r) = remote {
+        if r.mapper.protect(r.index, first.page, pages).is_err() {
+            // A process that cannot be protected takes no merge; the other
+            // VMs go on.
+            r.mapper.release(r.index, &[(first.page, pages)], (first.page, pages));
+            release_protection(ctx, addr, len);
+            unlock_all(&run);
+            out.busy += run.len() as u64;
+            return Ok(None);
+        }
+    }
     // 3. Compare under protection, each page against its target's bytes.
-    let equal = match protect(ctx, addr, len).and_then(|()| compare_window(ctx, region, &run)) {
+    let equal = match compare_window(ctx, region, &run) {
         Ok(equal) => equal,
         Err(e) => {
-            release_protection(ctx, addr, len);
+            release_all(ctx, remote, addr, len, (first.page, pages), None);
             unlock_all(&run);
             return Err(e);
         }
     };
-    // 4. Remap each maximal equal sub-run of a run in one call.
-    let (merged, remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
+    // 4. Remap each maximal equal sub-run of a run in one call, here, then
+    // in the other process; what it does not take goes back here.
+    let (mut merged, mut remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
+    if let Some(r) = remote {
+        if remap_remote(r, &run, &merged).is_err() {
+            out.busy += merged.iter().filter(|m| **m).count() as u64;
+            if let Err(e) = revert_local(region, &run, &mut merged) {
+                // This view now maps shared frames where the other process
+                // maps its own: it no longer shows that VM's bytes, so the
+                // VM takes no more merges (a merge compares in this view).
+                // Nothing is punched or published for the window.
+                r.mapper.quarantine();
+                merged.iter_mut().for_each(|m| *m = false);
+                remap_error.get_or_insert(e);
+            }
+            *last_remap = None;
+        }
+    }
 
     // 5. Disarm and wake: waiting writers retry against the new mapping.
     // Unregistering drops the protection of the pages left in place; the
     // remapped ones have fresh, unprotected mappings.
-    release_protection(ctx, addr, len);
+    release_all(
+        ctx,
+        remote,
+        addr,
+        len,
+        (first.page, pages),
+        Some((&run, &merged)),
+    );
     drop(window);
     Ok(Some(Remapped {
         region,
@@ -331,6 +383,102 @@ fn merge_window<'r>(
         merged,
         remap_error,
     }))
+}
+
+/// Releases a window's protection here and in the other process, where
+/// the pages `remapped` says it remapped have fresh, unprotected mappings
+/// and the rest are unprotected.
+fn release_all(
+    ctx: &MergeCtx<'_>,
+    remote: Option<RemoteRegion<'_>>,
+    addr: crate::addr::HostVirtAddr,
+    len: u64,
+    window: (usize, usize),
+    remapped: Option<(&[Candidate], &[bool])>,
+) {
+    release_protection(ctx, addr, len);
+    let Some(r) = remote else {
+        return;
+    };
+    let (first, pages) = window;
+    let mut keep: Vec<(usize, usize)> = Vec::new();
+    let mut from = first;
+    if let Some((run, merged)) = remapped {
+        for (c, _) in run.iter().zip(merged).filter(|(_, m)| **m) {
+            if c.page > from {
+                keep.push((from, c.page - from));
+            }
+            from = c.page + 1;
+        }
+    }
+    if first + pages > from {
+        keep.push((from, first + pages - from));
+    }
+    r.mapper.release(r.index, &keep, window);
+}
+
+/// Asks the other process to remap the pages `merged` says this one did,
+/// a message per window with a run per stretch of one target.
+fn remap_remote(
+    r: RemoteRegion<'_>,
+    run: &[Candidate],
+    merged: &[bool],
+) -> Result<(), super::remote::RemoteError> {
+    let mut runs: Vec<RemoteRun> = Vec::new();
+    let items: Vec<(&Candidate, &bool)> = run.iter().zip(merged).collect();
+    for_each_run(
+        &items,
+        |a, b| *a.1 && *b.1 && continues_run(a.0, b.0),
+        |k, e| {
+            if *items[k].1 {
+                runs.push(RemoteRun {
+                    first_page: run[k].page as u64,
+                    pages: (e - k) as u64,
+                    target: match run[k].target {
+                        Target::Zero => RemoteTarget::Zero,
+                        Target::Shared(s) => RemoteTarget::Shared {
+                            file_offset: s.file_offset(),
+                        },
+                    },
+                });
+            }
+        },
+    );
+    if runs.is_empty() {
+        return Ok(());
+    }
+    r.mapper.remap(r.index, &runs)
+}
+
+/// Maps the pages this process remapped but the other did not back onto
+/// their own frames (not yet punched, and equal to what they held), so
+/// both processes map the same frames again.
+fn revert_local(
+    region: &GuestRegion,
+    run: &[Candidate],
+    merged: &mut [bool],
+) -> Result<(), FrameError> {
+    let mut result = Ok(());
+    let idx: Vec<usize> = (0..run.len()).filter(|&k| merged[k]).collect();
+    for_each_run(
+        &idx,
+        |a, b| run[*b].page == run[*a].page + 1,
+        |k, e| {
+            let first = run[idx[k]].page;
+            let own = RemapTarget::OwnShared {
+                file_offset: region.own_frame(first).file_offset(),
+            };
+            match region.remap_pages(first, e - k, own) {
+                Ok(()) => idx[k..e].iter().for_each(|&i| merged[i] = false),
+                Err(err) => {
+                    if result.is_ok() {
+                        result = Err(err);
+                    }
+                }
+            }
+        },
+    );
+    result
 }
 
 /// Registers and write-protects `[addr, addr + len)`.
@@ -727,6 +875,7 @@ fn unmerge_locked(
     let addr = region.page_host_addr(first);
     let len = (n * PAGE_SIZE) as u64;
     let unlock_all = || unlock_run(region, run);
+    let remote = remote_of(ctx.remotes, region);
     let window = region.lock_protection();
     if let Err(e) = ctx
         .uffd
@@ -737,11 +886,26 @@ fn unmerge_locked(
         unlock_all();
         return Err(e.into());
     }
+    if let Some(r) = remote {
+        // The other process holds the pages' true bytes (the kernel may
+        // have copied them there): it writes them into their own frames,
+        // under its protection, and maps them shared again; this view then
+        // follows without a copy.
+        let restored = r
+            .mapper
+            .protect(r.index, first, n)
+            .and_then(|()| r.mapper.restore(r.index, &[(first as u64, n as u64)]));
+        if let Err(e) = restored {
+            release_all(ctx, remote, addr, len, (first, n), None);
+            unlock_all();
+            return Err(e.into());
+        }
+    }
     // Copy each page's bytes (as its mapping shows them, kernel copies
     // included) into its own frame. A page that reads all zeros gets a hole
     // punched instead: no memory, and no trust in what the frame held.
     let mut page = [0u8; PAGE_SIZE];
-    for &(p, _) in run {
+    for &(p, _) in run.iter().filter(|_| remote.is_none()) {
         region.read_page(p, &mut page);
         let own = region.own_frame(p);
         let stored = if crate::addr::is_zero_page(&page) {
@@ -762,11 +926,17 @@ fn unmerge_locked(
         file_offset: region.own_frame(first).file_offset(),
     };
     if let Err(e) = region.remap_pages(first, n, own) {
-        release_protection(ctx, addr, len);
+        if let Some(r) = remote {
+            // The other process maps its own frames now, this view does
+            // not: see `merge_window`.
+            r.mapper.quarantine();
+        }
+        release_all(ctx, remote, addr, len, (first, n), Some((&[], &[])));
         unlock_all();
         return Err(e.into());
     }
-    release_protection(ctx, addr, len);
+    // The other process restored every page to a fresh mapping.
+    release_all(ctx, remote, addr, len, (first, n), Some((&[], &[])));
     drop(window);
     // Publish and drop the shared-frame references under the shared-frame
     // lock, so a recount (which holds it too) sees both or neither.

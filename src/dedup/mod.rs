@@ -29,6 +29,7 @@ mod pagemap;
 mod pipeline;
 mod plan;
 mod reconcile;
+pub(crate) mod remote;
 mod scan;
 mod shared;
 mod state;
@@ -49,6 +50,7 @@ use std::{
 };
 
 pub use error::DedupError;
+pub use remote::RemoteError;
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
@@ -161,6 +163,27 @@ impl DedupHost {
     /// a store of its own (4 KiB pages): shared frames always live in the
     /// host's store, and a page's own frame in its memory's store.
     pub fn register(&self, mem: Arc<GuestMemory>, options: VmOptions) -> Result<VmId, DedupError> {
+        self.register_entry(mem, options, None)
+    }
+
+    /// Registers a VM whose memory another process maps too (a VMM process
+    /// under the host service): every merge and unmerge of its pages runs
+    /// in that process as well, through `remote`.
+    pub(crate) fn register_remote(
+        &self,
+        mem: Arc<GuestMemory>,
+        options: VmOptions,
+        remote: Arc<dyn remote::RemoteMapper>,
+    ) -> Result<VmId, DedupError> {
+        self.register_entry(mem, options, Some(remote))
+    }
+
+    fn register_entry(
+        &self,
+        mem: Arc<GuestMemory>,
+        options: VmOptions,
+        remote: Option<Arc<dyn remote::RemoteMapper>>,
+    ) -> Result<VmId, DedupError> {
         if mem.frame_store().granule() != PageSize::Size4K {
             return Err(DedupError::HugeBacking(mem.frame_store().granule()));
         }
@@ -208,6 +231,7 @@ impl DedupHost {
             domain: options.domain,
             included,
             cow_breaks: AtomicU64::new(0),
+            remote,
         }));
         Ok(id)
     }
@@ -233,6 +257,25 @@ impl DedupHost {
             }
             std::thread::yield_now();
         }
+        self.remove_entry(&mut scan, &entry);
+        Ok(Arc::clone(&entry.mem))
+    }
+
+    /// Forgets a VM whose process is gone, without unmerging: nothing maps
+    /// its pages any more, so its references to shared frames just end
+    /// (the recount frees frames only it used). Its memory is dropped with
+    /// the last reference to it.
+    pub(crate) fn forget(&self, vm: VmId) -> Result<(), DedupError> {
+        let mut scan = lock(&self.inner.scan);
+        let entry = self.entry(vm)?;
+        self.remove_entry(&mut scan, &entry);
+        Ok(())
+    }
+
+    /// Takes `entry` out of the host: the scan's positions, its hashes, and
+    /// the shared-frame references only it held.
+    fn remove_entry(&self, scan: &mut state::ScanState, entry: &VmEntry) {
+        let vm = entry.id;
         {
             let mut vms = write(&self.inner.vms);
             // The incremental scan's cursor names a VM by position: the VMs
@@ -258,7 +301,6 @@ impl DedupHost {
         // either way, so this is no reason to report a failure.
         let _ = reconcile::recount(&self.inner);
         scan.old_hashes.remove(&vm);
-        Ok(Arc::clone(&entry.mem))
     }
 
     /// Visits every page of every VM now, in batches of 8K pages, merging

@@ -30,7 +30,7 @@ use super::{
     options::DomainId,
     plan,
     scan::{follows, residency, template_len, visit_hash, Deferred, Hashed, Mode, PageRef},
-    state::{Inner, ScanState},
+    state::{remote_regions, Inner, ScanState},
     stats::{nanos_since, ScanReport},
     vm::VmEntry,
 };
@@ -145,7 +145,7 @@ pub(super) fn process(
     let merge_started = Instant::now();
     let ordered = order(vms, filled);
     let mut planned = plan_batch(inner, ordered, mode, deferred.as_deref_mut(), &mut report);
-    let out = merge_planned(inner, &planned)?;
+    let out = merge_planned(inner, vms, &planned)?;
     if let (Some(d), Some((range, Some(view)))) = (deferred, planned.fresh.take()) {
         if d.cands.iter().any(|(_, c)| {
             matches!(c.target, Target::Shared(f) if f.0 >= range.start.0 && f.0 < range.end())
@@ -667,7 +667,11 @@ fn defer(inner: &Inner, d: &mut Deferred, later: Vec<Keyed>) {
 
 /// Stage 6, merge windows and publish: the planned candidates, region by
 /// region in page order, compared against the fresh frames in place.
-fn merge_planned(inner: &Inner, planned: &Planned<'_>) -> Result<MergeOutcome, DedupError> {
+fn merge_planned(
+    inner: &Inner,
+    vms: &[Arc<VmEntry>],
+    planned: &Planned<'_>,
+) -> Result<MergeOutcome, DedupError> {
     let fresh_view: Vec<FreshFrames<'_>> = match &planned.fresh {
         Some((range, Some(view))) => vec![FreshFrames {
             start: range.start,
@@ -675,8 +679,10 @@ fn merge_planned(inner: &Inner, planned: &Planned<'_>) -> Result<MergeOutcome, D
         }],
         _ => Vec::new(),
     };
+    let remotes = remote_regions(vms.iter().map(|v| &**v));
     let mut ctx = inner.ctx();
     ctx.fresh = &fresh_view;
+    ctx.remotes = &remotes;
     merge::merge_regions(&ctx, &planned.spans, &planned.list)
 }
 
@@ -720,8 +726,10 @@ pub(super) fn merge_deferred(
             view,
         })
         .collect();
+    let remotes = remote_regions(vms.iter().map(|v| &**v));
     let mut ctx = inner.ctx();
     ctx.fresh = &fresh;
+    ctx.remotes = &remotes;
     inner.store.map_budget().release_aside(reserved);
     let mut report = ScanReport::default();
     let merge_started = Instant::now();

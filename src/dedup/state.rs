@@ -15,6 +15,7 @@ use super::{
     merge::{self, MergeCtx},
     options::{DomainId, VmId},
     pagemap::PageMap,
+    remote::RemoteRegion,
     shared::SharedFrames,
     unstable::Unstable,
     vm::VmEntry,
@@ -74,6 +75,7 @@ impl Inner {
             map_budget: self.store.map_budget(),
             fresh: &[],
             shared: &self.shared,
+            remotes: &[],
         }
     }
 
@@ -97,6 +99,29 @@ impl Inner {
         count: usize,
     ) -> Result<merge::UnmergeOutcome, DedupError> {
         let r = &vm.mem.regions()[region];
-        merge::unmerge_range(&self.ctx(), r, first, count)
+        let remotes = remote_regions([vm]);
+        let mut ctx = self.ctx();
+        ctx.remotes = &remotes;
+        merge::unmerge_range(&ctx, r, first, count)
     }
+}
+
+/// The regions of `vms` that another process maps too.
+pub(super) fn remote_regions<'v>(
+    vms: impl IntoIterator<Item = &'v VmEntry>,
+) -> Vec<RemoteRegion<'v>> {
+    vms.into_iter()
+        .filter_map(|vm| vm.remote.as_deref().map(|m| (vm, m)))
+        .flat_map(|(vm, mapper)| {
+            vm.mem
+                .regions()
+                .iter()
+                .enumerate()
+                .map(move |(index, region)| RemoteRegion {
+                    region,
+                    index,
+                    mapper,
+                })
+        })
+        .collect()
 }

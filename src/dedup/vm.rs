@@ -1,9 +1,13 @@
 //! A VM as the dedup host holds it: its memory, merge domain, which regions
-//! it scans, and its count of copy-on-write breaks.
+//! it scans, its count of copy-on-write breaks, and the process that maps it
+//! besides the host, if any.
 
 use std::sync::{atomic::AtomicU64, Arc};
 
-use super::options::{DomainId, VmId};
+use super::{
+    options::{DomainId, VmId},
+    remote::RemoteMapper,
+};
 use crate::memory::GuestMemory;
 
 pub(super) struct VmEntry {
@@ -12,4 +16,7 @@ pub(super) struct VmEntry {
     pub(super) domain: DomainId,
     pub(super) included: Vec<bool>,
     pub(super) cow_breaks: AtomicU64,
+    /// The VMM process that maps this VM's memory besides the host, when
+    /// the VM is under the host service.
+    pub(super) remote: Option<Arc<dyn RemoteMapper>>,
 }

@@ -74,6 +74,13 @@ pub enum FrameError {
         /// Frames in the range.
         count: u64,
     },
+    /// A descriptor handed over by another process cannot be adopted as a
+    /// store: it is no sealed 4 KiB-page memfd (`what` says which check).
+    #[error("cannot adopt the memory descriptor: {what}")]
+    NotAdoptable {
+        /// What the descriptor lacks.
+        what: &'static str,
+    },
     /// Hugetlb backing was asked for but the kernel has no huge pages to give.
     #[error(
         "no {size} huge pages available: reserve some in /sys/kernel/mm/hugepages (nr_hugepages)"
@@ -146,6 +153,10 @@ impl FrameRange {
 #[derive(Debug)]
 pub struct FrameStore {
     fd: OwnedFd,
+    /// The memfd belongs to another process (see [`FrameStore::adopt`]):
+    /// frames given back are not punched, since that process still uses
+    /// them.
+    adopted: bool,
     options: StoreOptions,
     granule: PageSize,
     allocator: Mutex<RangeAllocator>,
@@ -173,7 +184,12 @@ impl FrameStore {
             .unwrap_or_else(|_| c"pagefold".to_owned());
         // SAFETY: `name` is a valid NUL-terminated string that outlives the
         // call; the flags are valid memfd_create flags.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+        let raw = unsafe {
+            libc::memfd_create(
+                name.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | flags,
+            )
+        };
         if raw < 0 {
             let source = io::Error::last_os_error();
             if matches!(options.backing, Backing::Hugetlb(_)) {
@@ -188,6 +204,7 @@ impl FrameStore {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(FrameStore {
             fd,
+            adopted: false,
             options,
             granule,
             allocator: Mutex::new(RangeAllocator::default()),
@@ -198,6 +215,71 @@ impl FrameStore {
     /// A store with default options (shmem memfd, 4 KiB pages).
     pub fn memfd() -> Result<Self, FrameError> {
         Self::new(StoreOptions::default())
+    }
+
+    /// Adopts a memfd another process made and handed over (a VMM's guest
+    /// memory under the host service): a shmem file with 4 KiB pages that
+    /// cannot shrink (`F_SEAL_SHRINK`), since a file cut short under a
+    /// mapping would kill this process with `SIGBUS` on the next read.
+    /// Frames are allocated from offset 0 up as in a new store (so memory
+    /// made the same way in both processes has the same offsets); frames
+    /// given back are never punched, since the other process owns them.
+    pub fn adopt(fd: OwnedFd, name: &str) -> Result<Self, FrameError> {
+        // SAFETY: F_GET_SEALS takes no argument and reads nothing of ours.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(FrameError::NotAdoptable {
+                what: "it is not a memfd (F_GET_SEALS failed)",
+            });
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(FrameError::NotAdoptable {
+                what: "it is not sealed against shrinking (F_SEAL_SHRINK)",
+            });
+        }
+        let store = FrameStore {
+            fd,
+            adopted: true,
+            options: StoreOptions {
+                name: name.to_owned(),
+                ..StoreOptions::default()
+            },
+            granule: PageSize::Size4K,
+            allocator: Mutex::new(RangeAllocator::default()),
+            map_budget: MapBudget::default(),
+        };
+        let st = store.fstat()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(FrameError::NotAdoptable {
+                what: "it is not a regular file",
+            });
+        }
+        if st.st_blksize != PAGE_SIZE as libc::blksize_t {
+            return Err(FrameError::NotAdoptable {
+                what: "its pages are not 4 KiB (a hugetlb memfd)",
+            });
+        }
+        Ok(store)
+    }
+
+    /// Seals the memfd against shrinking (`F_SEAL_SHRINK`), as
+    /// [`FrameStore::adopt`] requires of memory handed to another process;
+    /// it can still grow.
+    pub fn forbid_shrinking(&self) -> Result<(), FrameError> {
+        // SAFETY: F_ADD_SEALS takes an int of seal bits; the fd is ours.
+        let rc = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        if rc != 0 {
+            return Err(FrameError::Os {
+                op: "fcntl(F_ADD_SEALS, F_SEAL_SHRINK)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the memfd came from another process ([`FrameStore::adopt`]).
+    pub fn is_adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The budget of kernel mappings that remaps of this store's frames
@@ -268,7 +350,9 @@ impl FrameStore {
                 count: range.count,
             });
         }
-        self.punch(range)?;
+        if !self.adopted {
+            self.punch(range)?;
+        }
         alloc.free(range.start.0, range.count);
         Ok(())
     }
@@ -421,9 +505,14 @@ impl FrameStore {
         Ok(())
     }
 
+    /// Grows the memfd to at least `frames` frames (never shrinks it: an
+    /// adopted one is sealed against that, and may be longer already).
     fn set_len(&self, frames: u64) -> Result<(), FrameError> {
         let bytes = libc::off_t::try_from(frames << PAGE_SHIFT)
             .map_err(|_| FrameError::TooLarge { frames })?;
+        if self.fstat()?.st_size >= bytes {
+            return Ok(());
+        }
         // SAFETY: plain syscall on a descriptor we own.
         let rc = unsafe { libc::ftruncate(self.fd.as_raw_fd(), bytes) };
         if rc != 0 {

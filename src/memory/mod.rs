@@ -8,7 +8,7 @@
 //! and offsets are checked against the region before any pointer is formed.
 
 mod atomic;
-mod copy;
+pub(crate) mod copy;
 mod dirty_bitmap;
 mod dirty_log;
 mod error;

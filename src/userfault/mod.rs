@@ -255,6 +255,14 @@ impl Userfault {
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
+    /// A userfaultfd another process opened and handed over (SCM_RIGHTS):
+    /// its ioctls act on *that* process's address space, which is how the
+    /// host service arms and releases write protection in a VMM process.
+    /// The features it was opened with are not known here (0).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Userfault { fd, features: 0 }
+    }
+
     /// Features the kernel granted.
     pub fn features(&self) -> u64 {
         self.features

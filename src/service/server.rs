@@ -1,0 +1,499 @@
+//! The host service: folds the guest memory of many VMM processes. It
+//! listens on a Unix socket; each process hands over its guest memfd, its
+//! userfaultfd and a control page (SCM_RIGHTS), is identified by its
+//! credentials (SO_PEERCRED), and gets back a read-only descriptor of its
+//! merge domain's shared frames. Every domain is one [`DedupHost`] on a
+//! memfd of its own, so the engine is the in-process one; the processes
+//! follow its merges through [`ConnMapper`].
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use super::{
+    control::ControlPage,
+    error::ServiceError,
+    mapper::{ClientRegion, ConnMapper},
+    socket::{Conn, PeerCred},
+    wire::{ErrorMsg, Hello, Message, Welcome},
+};
+use crate::{
+    addr::PAGE_SIZE,
+    dedup::{DedupHost, DedupOptions, DomainId, ScanBudget, ScanReport, VmId, VmOptions},
+    frames::{FrameStore, StoreOptions},
+    memory::GuestMemory,
+    userfault::Userfault,
+};
+
+/// How a [`Service`] runs.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// How long a VMM process has to acknowledge a remap before its window
+    /// is rolled back (and, for one it took, before the process is given
+    /// up on for merging).
+    pub ack_deadline: Duration,
+    /// User ids allowed to connect besides the service's own (root always
+    /// may).
+    pub allowed_uids: Vec<u32>,
+    /// The largest guest memory one process may put under the service: the
+    /// service keeps 12 bytes of state per page of it.
+    pub max_guest_bytes: u64,
+    /// Most VMs at once.
+    pub max_vms: usize,
+    /// Background scanning: a budget per step and the pause between steps
+    /// (`None`: the service merges only when [`Service::merge_now`] asks).
+    pub background: Option<(ScanBudget, Duration)>,
+    /// Options of each domain's dedup host.
+    pub dedup: DedupOptions,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            ack_deadline: Duration::from_millis(500),
+            allowed_uids: Vec::new(),
+            max_guest_bytes: 1 << 40,
+            max_vms: 4096,
+            background: None,
+            dedup: DedupOptions::default(),
+        }
+    }
+}
+
+/// What the service holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// VMM processes attached.
+    pub vms: usize,
+    /// Merge domains with at least one VM (or shared frames left).
+    pub domains: usize,
+    /// Bytes the kernel holds for the domains' shared frames (`fstat`).
+    pub shared_bytes: u64,
+    /// Bytes the kernel holds for the attached VMs' own memfds (`fstat`).
+    pub guest_bytes: u64,
+    /// Guest pages mapping a shared frame or released as zero.
+    pub pages_merged: u64,
+}
+
+/// A merge domain: its dedup host, whose frame store holds the domain's
+/// shared frames, and a read-only descriptor of that store for clients.
+struct Domain {
+    host: DedupHost,
+    shared_read_only: OwnedFd,
+}
+
+struct VmRecord {
+    domain: Arc<Domain>,
+    id: VmId,
+    mapper: Arc<ConnMapper>,
+    peer: PeerCred,
+}
+
+struct State {
+    options: ServiceOptions,
+    /// Domains by (user id, the domain number the process asked for): a
+    /// process can only ever share with processes of its own user.
+    domains: Mutex<HashMap<(u32, u64), Arc<Domain>>>,
+    vms: Mutex<HashMap<u64, VmRecord>>,
+    next_vm: AtomicU64,
+    stop: AtomicBool,
+    uid: u32,
+}
+
+/// The host service, listening on its socket.
+pub struct Service {
+    state: Arc<State>,
+    path: PathBuf,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("path", &self.path).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every structure behind these locks is consistent between statements.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Service {
+    /// Starts the service on a new socket at `path` (an existing socket
+    /// file there is replaced). The process is made non-dumpable first, so
+    /// a process of the same user cannot take its descriptors (every VM's
+    /// memory) through `/proc/PID/fd` or ptrace.
+    pub fn start(path: &Path, options: ServiceOptions) -> Result<Service, ServiceError> {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            return Err(ServiceError::Os {
+                op: "prctl(PR_SET_DUMPABLE, 0)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if path.exists() {
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServiceError::Os {
+            op: "bind the service socket",
+            source,
+        })?;
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let state = Arc::new(State {
+            options,
+            domains: Mutex::new(HashMap::new()),
+            vms: Mutex::new(HashMap::new()),
+            next_vm: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            uid,
+        });
+        let accept_state = Arc::clone(&state);
+        let acceptor = std::thread::Builder::new()
+            .name("pagefold-service".into())
+            .spawn(move || accept_loop(&accept_state, &listener))
+            .map_err(|source| ServiceError::Os {
+                op: "spawn the service's accept thread",
+                source,
+            })?;
+        Ok(Service {
+            state,
+            path: path.to_owned(),
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Visits every page of every attached VM now and merges what it can,
+    /// domain by domain.
+    pub fn merge_now(&self) -> Result<ScanReport, ServiceError> {
+        let domains: Vec<Arc<Domain>> = lock(&self.state.domains).values().cloned().collect();
+        let mut total = ScanReport::default();
+        for d in domains {
+            let r = d.host.merge_now()?;
+            total.pages_scanned += r.pages_scanned;
+            total.merged_shared += r.merged_shared;
+            total.merged_zero += r.merged_zero;
+            total.changed += r.changed;
+            total.busy += r.busy;
+            total.map_limit += r.map_limit;
+            total.remaps += r.remaps;
+            total.pages_hashed += r.pages_hashed;
+        }
+        Ok(total)
+    }
+
+    /// What the service holds now, as the kernel counts it.
+    pub fn stats(&self) -> Result<ServiceStats, ServiceError> {
+        let domains: Vec<Arc<Domain>> = lock(&self.state.domains).values().cloned().collect();
+        let mut s = ServiceStats {
+            vms: lock(&self.state.vms).len(),
+            domains: domains.len(),
+            ..ServiceStats::default()
+        };
+        for d in &domains {
+            s.shared_bytes += d.host.frame_store().allocated_bytes()?;
+            let st = d.host.stats()?;
+            s.pages_merged += st.pages_merged + st.zero_pages;
+        }
+        let vms: Vec<(Arc<Domain>, VmId)> = lock(&self.state.vms)
+            .values()
+            .map(|v| (Arc::clone(&v.domain), v.id))
+            .collect();
+        for (d, id) in vms {
+            if let Ok(mem) = d.host.memory(id) {
+                s.guest_bytes += mem.frame_store().allocated_bytes()?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// The process ids of the attached VMs, by the VM id the service gave.
+    pub fn clients(&self) -> Vec<(u64, i32)> {
+        let mut v: Vec<(u64, i32)> = lock(&self.state.vms)
+            .iter()
+            .map(|(id, r)| (*id, r.peer.pid))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop with a connection of our own.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(state: &Arc<State>, listener: &UnixListener) {
+    for stream in listener.incoming() {
+        if state.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let state = Arc::clone(state);
+        // A connection whose thread cannot be made is dropped (closed): the
+        // process sees the refusal as a closed socket.
+        let _ = std::thread::Builder::new()
+            .name("pagefold-client".into())
+            .spawn(move || serve_connection(&state, stream));
+    }
+}
+
+/// One VMM process, from its hello to its end.
+fn serve_connection(state: &Arc<State>, stream: UnixStream) {
+    let mut conn = Conn::new(stream);
+    let (vm, acks) = match admit(state, &mut conn) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = conn.send(&Message::Error(ErrorMsg::new(e.code(), &e.to_string())), &[]);
+            return;
+        }
+    };
+    let _ = conn.set_read_timeout(None);
+    loop {
+        match conn.recv() {
+            Ok(Some((Message::Ack(ack), _))) => {
+                let _ = acks.send(ack);
+            }
+            Ok(Some((Message::Bye, _))) => {
+                // Unmerging asks the process to restore its pages and waits
+                // for its acks, which this thread reads: do it beside.
+                let state = Arc::clone(state);
+                let reply = conn.try_clone();
+                let _ = std::thread::Builder::new()
+                    .name("pagefold-detach".into())
+                    .spawn(move || {
+                        detach(&state, vm);
+                        if let Ok(reply) = reply {
+                            let _ = reply.send(&Message::Bye, &[]);
+                        }
+                    });
+            }
+            Ok(Some((other, _))) => {
+                let e = ServiceError::Unexpected {
+                    expected: "Ack or Bye",
+                    got: other.kind_name(),
+                };
+                let _ = conn.send(&Message::Error(ErrorMsg::new(e.code(), &e.to_string())), &[]);
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = conn.send(&Message::Error(ErrorMsg::new(1, &e.to_string())), &[]);
+                break;
+            }
+        }
+    }
+    // The process is gone or broke the protocol: its pages are nobody's
+    // concern any more, and the frames only it used are freed.
+    drop(acks);
+    lose(state, vm);
+}
+
+/// Unmerges a VM whose process asked to leave, and forgets it.
+fn detach(state: &State, vm: u64) {
+    let Some(rec) = lock(&state.vms).remove(&vm) else {
+        return;
+    };
+    if rec.domain.host.unregister(rec.id).is_err() {
+        // Pages it could not restore stay merged in the process, which
+        // holds the shared memfd; forgetting the VM frees what only it used.
+        rec.mapper.mark_lost();
+        let _ = rec.domain.host.forget(rec.id);
+    }
+}
+
+/// Forgets a VM whose connection ended.
+fn lose(state: &State, vm: u64) {
+    let Some(rec) = lock(&state.vms).remove(&vm) else {
+        return;
+    };
+    rec.mapper.mark_lost();
+    let _ = rec.domain.host.forget(rec.id);
+}
+
+/// Reads the hello, checks the process and its memory, registers the VM
+/// and welcomes it.
+fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super::wire::Ack>), ServiceError> {
+    let peer = conn.peer_cred()?;
+    if peer.uid != state.uid && peer.uid != 0 && !state.options.allowed_uids.contains(&peer.uid) {
+        return Err(ServiceError::NotAllowed {
+            pid: peer.pid,
+            uid: peer.uid,
+        });
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (hello, mut fds) = match conn.recv()? {
+        Some((Message::Hello(h), fds)) => (h, fds),
+        Some((other, _)) => {
+            return Err(ServiceError::Unexpected {
+                expected: "Hello",
+                got: other.kind_name(),
+            })
+        }
+        None => return Err(ServiceError::Closed),
+    };
+    if lock(&state.vms).len() >= state.options.max_vms {
+        return Err(ServiceError::BadMemory {
+            what: format!("the service holds its maximum of {} VMs", state.options.max_vms),
+        });
+    }
+    // The socket layer checked the count: memfd, userfaultfd, control.
+    let (Some(control_fd), Some(uffd_fd), Some(memfd)) = (fds.pop(), fds.pop(), fds.pop()) else {
+        return Err(ServiceError::BadMemory {
+            what: "Hello came without its three descriptors".into(),
+        });
+    };
+    let mem = adopt_memory(state, &hello, memfd)?;
+    let control = ControlPage::adopt(control_fd.as_fd()).map_err(|source| ServiceError::Os {
+        op: "map the control page",
+        source,
+    })?;
+    let regions = hello
+        .regions
+        .iter()
+        .map(|r| ClientRegion {
+            host_addr: r.host_addr,
+            pages: (r.size / PAGE_SIZE as u64) as usize,
+        })
+        .collect();
+    let domain = domain_for(state, peer.uid, hello.domain)?;
+    let (tx, rx) = mpsc::channel();
+    let sender = conn.try_clone()?;
+    let mapper = Arc::new(ConnMapper::new(
+        sender,
+        rx,
+        Userfault::from_fd(uffd_fd),
+        control,
+        regions,
+        state.options.ack_deadline,
+    ));
+    let id = domain.host.register_remote(
+        Arc::new(mem),
+        VmOptions {
+            domain: DomainId(0),
+            exclude: Vec::new(),
+        },
+        Arc::clone(&mapper) as Arc<dyn crate::dedup::remote::RemoteMapper>,
+    )?;
+    let vm = state.next_vm.fetch_add(1, Ordering::Relaxed);
+    let welcome = Message::Welcome(Welcome {
+        vm_id: vm,
+        version: super::wire::PROTOCOL_VERSION,
+    });
+    if let Err(e) = conn.send(&welcome, &[domain.shared_read_only.as_fd()]) {
+        let _ = domain.host.forget(id);
+        return Err(e.into());
+    }
+    lock(&state.vms).insert(
+        vm,
+        VmRecord {
+            domain,
+            id,
+            mapper,
+            peer,
+        },
+    );
+    Ok((vm, tx))
+}
+
+/// Builds the service's view of a process's guest memory over its memfd:
+/// the same layout allocated the same way, so every region's frames must
+/// sit at the offset the process said.
+fn adopt_memory(state: &State, hello: &Hello, memfd: OwnedFd) -> Result<GuestMemory, ServiceError> {
+    let total = hello
+        .regions
+        .iter()
+        .try_fold(0u64, |t, r| t.checked_add(r.size))
+        .filter(|t| *t <= state.options.max_guest_bytes)
+        .ok_or_else(|| ServiceError::BadMemory {
+            what: format!(
+                "the regions add up to more than the service's limit of {} bytes",
+                state.options.max_guest_bytes
+            ),
+        })?;
+    let _ = total;
+    let store = Arc::new(FrameStore::adopt(memfd, &format!("vm-{}", hello.vm_tag))?);
+    let layout: Vec<_> = hello.regions.iter().map(|r| (r.gpa, r.size)).collect();
+    let mem = GuestMemory::with_store(store, &layout)?;
+    for (i, (r, want)) in mem.regions().iter().zip(&hello.regions).enumerate() {
+        if r.frames().start.file_offset() != want.file_offset {
+            return Err(ServiceError::BadMemory {
+                what: format!(
+                    "region {i}: its frames are at memfd offset {:#x}, the process said {:#x} (memory must be alone in its memfd, regions allocated in address order)",
+                    r.frames().start.file_offset(),
+                    want.file_offset
+                ),
+            });
+        }
+    }
+    Ok(mem)
+}
+
+/// The domain of user `uid` numbered `number`, made on first use.
+fn domain_for(state: &State, uid: u32, number: u64) -> Result<Arc<Domain>, ServiceError> {
+    let mut domains = lock(&state.domains);
+    if let Some(d) = domains.get(&(uid, number)) {
+        return Ok(Arc::clone(d));
+    }
+    let store = FrameStore::new(StoreOptions {
+        name: format!("pagefold-domain-{uid}-{number}"),
+        ..StoreOptions::default()
+    })?;
+    let shared_read_only = reopen_read_only(&store)?;
+    let host = DedupHost::with_options(Arc::new(store), state.options.dedup.clone())?;
+    if let Some((budget, interval)) = state.options.background {
+        host.start_background(budget, interval)?;
+    }
+    let d = Arc::new(Domain {
+        host,
+        shared_read_only,
+    });
+    domains.insert((uid, number), Arc::clone(&d));
+    Ok(d)
+}
+
+/// A read-only descriptor of `store`'s memfd (a new open file description
+/// through `/proc/self/fd`): a process holding it can map the frames
+/// private or read-only, and can neither write them nor change the file's
+/// size or holes.
+fn reopen_read_only(store: &FrameStore) -> Result<OwnedFd, ServiceError> {
+    let path = CString::new(format!("/proc/self/fd/{}", store.as_raw_fd())).map_err(|_| {
+        ServiceError::BadMemory {
+            what: "descriptor path".into(),
+        }
+    })?;
+    // SAFETY: a valid NUL-terminated path and open flags.
+    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(ServiceError::Os {
+            op: "reopen the shared memfd read-only",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
