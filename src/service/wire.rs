@@ -904,3 +904,646 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     msg.validate()?;
     Ok(Some((msg, total)))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn region(gpa: u64, size: u64, host: u64, off: u64) -> RegionDesc {
+        RegionDesc {
+            gpa: GuestPhysAddr(gpa),
+            size,
+            host_addr: HostVirtAddr(host),
+            file_offset: off,
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            second_mapper: true,
+            domain: 7,
+            vm_tag: 0xfeed,
+            regions: vec![
+                region(0, 0x10_0000, 0x7f00_0000_0000, 0),
+                region(0x1_0000_0000, 0x2000, 0x7f10_0000_0000, 0x10_0000),
+            ],
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(hello()),
+            Message::Ack(Ack {
+                seq: 9,
+                status: AckStatus::Skipped,
+                errno: 0,
+            }),
+            Message::Ack(Ack {
+                seq: u64::MAX,
+                status: AckStatus::Failed,
+                errno: 12,
+            }),
+            Message::Bye,
+            Message::Welcome(Welcome { vm_id: 3 }),
+            Message::Remap(Remap {
+                seq: 1,
+                region: 1,
+                runs: vec![
+                    RemapRun {
+                        first_page: 0,
+                        pages: 2,
+                        target: RemapTo::Shared {
+                            file_offset: 0x5000,
+                        },
+                    },
+                    RemapRun {
+                        first_page: 2,
+                        pages: 1,
+                        target: RemapTo::Zero,
+                    },
+                ],
+            }),
+            Message::Restore(Restore {
+                seq: 2,
+                region: 0,
+                runs: vec![
+                    PageRun {
+                        first_page: 5,
+                        pages: 3,
+                    },
+                    PageRun {
+                        first_page: 100,
+                        pages: 1,
+                    },
+                ],
+            }),
+            Message::Error(ErrorMsg::new(4, "domain full: ü")),
+            Message::Error(ErrorMsg::new(0, "")),
+        ]
+    }
+
+    fn frame(msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(msg, &mut out);
+        out
+    }
+
+    /// A frame of `kind` around `body`, with `len` patched to the truth.
+    fn raw(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_u32(&mut out, u32::try_from(body.len() + 4).unwrap_or(u32::MAX));
+        put_u16(&mut out, kind);
+        put_u16(&mut out, 0);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn body(msg: &Message) -> Vec<u8> {
+        frame(msg)[HEADER_LEN..].to_vec()
+    }
+
+    fn decode_err(bytes: &[u8]) -> WireError {
+        match decode(bytes) {
+            Err(e) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in samples() {
+            let bytes = frame(&msg);
+            assert_eq!(decode(&bytes).unwrap(), Some((msg.clone(), bytes.len())));
+            assert!(msg.validate().is_ok(), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn fd_counts_and_names() {
+        let want = [
+            ("Hello", 3),
+            ("Ack", 0),
+            ("Ack", 0),
+            ("Bye", 0),
+            ("Welcome", 1),
+            ("Remap", 0),
+            ("Restore", 0),
+            ("Error", 0),
+            ("Error", 0),
+        ];
+        for (msg, (name, fds)) in samples().iter().zip(want) {
+            assert_eq!(msg.kind_name(), name);
+            assert_eq!(msg.fd_count(), fds);
+        }
+    }
+
+    #[test]
+    fn frames_back_to_back_and_partial() {
+        let mut stream = Vec::new();
+        for m in samples() {
+            encode(&m, &mut stream);
+        }
+        let mut at = 0;
+        for m in samples() {
+            // Every proper prefix of the frame asks for more bytes.
+            let (got, n) = decode(&stream[at..]).unwrap().unwrap();
+            for cut in 0..n {
+                assert_eq!(decode(&stream[at..at + cut]).unwrap(), None, "cut {cut}");
+            }
+            assert_eq!(got, m);
+            at += n;
+        }
+        assert_eq!(at, stream.len());
+        assert_eq!(decode(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn header_errors() {
+        let mut b = frame(&Message::Bye);
+        b[0..4].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
+        // Rejected from the length alone, before any body arrives.
+        assert!(matches!(
+            decode_err(&b[..4]),
+            WireError::FrameTooLong { len, max: MAX_FRAME } if len == MAX_FRAME + 1
+        ));
+        assert!(matches!(
+            decode_err(&[1, 0, 0, 0, 3]),
+            WireError::Truncated {
+                kind_name: "frame",
+                field: "kind"
+            }
+        ));
+        assert!(matches!(
+            decode_err(&[3, 0, 0, 0, 3, 0, 0]),
+            WireError::Truncated {
+                kind_name: "frame",
+                field: "reserved"
+            }
+        ));
+        let mut b = raw(99, &[]);
+        b.extend_from_slice(&[0; 3]);
+        assert!(matches!(
+            decode_err(&b),
+            WireError::UnknownKind { kind: 99 }
+        ));
+        // Unknown kind rejected from the header alone.
+        let mut b = raw(99, &[1, 2, 3]);
+        b.truncate(HEADER_LEN);
+        assert!(matches!(
+            decode_err(&b),
+            WireError::UnknownKind { kind: 99 }
+        ));
+        let mut b = frame(&Message::Bye);
+        b[6] = 1;
+        assert!(matches!(
+            decode_err(&b),
+            WireError::Reserved {
+                kind_name: "Bye",
+                field: "frame reserved"
+            }
+        ));
+    }
+
+    #[test]
+    fn trailing_and_truncated_bodies() {
+        let mut b = body(&Message::Welcome(Welcome { vm_id: 1 }));
+        b.push(0);
+        assert!(matches!(
+            decode_err(&raw(kind::WELCOME, &b)),
+            WireError::TrailingBytes {
+                kind_name: "Welcome",
+                extra: 1
+            }
+        ));
+        assert!(matches!(
+            decode_err(&raw(kind::BYE, &[0; 2])),
+            WireError::TrailingBytes {
+                kind_name: "Bye",
+                extra: 2
+            }
+        ));
+        let b = body(&Message::Ack(Ack {
+            seq: 1,
+            status: AckStatus::Done,
+            errno: 0,
+        }));
+        assert!(matches!(
+            decode_err(&raw(kind::ACK, &b[..10])),
+            WireError::Truncated {
+                kind_name: "Ack",
+                field: "status"
+            }
+        ));
+        // A Hello claiming 2 regions but holding one and a half.
+        let b = body(&Message::Hello(hello()));
+        assert!(matches!(
+            decode_err(&raw(kind::HELLO, &b[..b.len() - 16])),
+            WireError::Truncated {
+                kind_name: "Hello",
+                field: "region host_addr"
+            }
+        ));
+        // A Remap claiming the maximum of runs with none present: an
+        // error, not an allocation of MAX_RUNS runs first.
+        let mut b = Vec::new();
+        put_u64(&mut b, 1);
+        put_u32(&mut b, 0);
+        put_u32(&mut b, MAX_RUNS);
+        assert!(matches!(
+            decode_err(&raw(kind::REMAP, &b)),
+            WireError::Truncated {
+                kind_name: "Remap",
+                field: "run first_page"
+            }
+        ));
+        let mut b = Vec::new();
+        put_u32(&mut b, 1);
+        put_u32(&mut b, 10);
+        b.extend_from_slice(b"short");
+        assert!(matches!(
+            decode_err(&raw(kind::ERROR, &b)),
+            WireError::Truncated {
+                kind_name: "Error",
+                field: "text"
+            }
+        ));
+    }
+
+    #[test]
+    fn version_flags_and_reserved() {
+        let mut b = body(&Message::Hello(hello()));
+        b[0..4].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            decode_err(&raw(kind::HELLO, &b)),
+            WireError::Version { got: 2, want: 1 }
+        ));
+        let mut b = body(&Message::Hello(hello()));
+        b[4..8].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            decode_err(&raw(kind::HELLO, &b)),
+            WireError::BadField {
+                message: "Hello",
+                index: None,
+                field: "flags",
+                value: 3,
+                ..
+            }
+        ));
+        let mut b = body(&Message::Hello(hello()));
+        b[28] = 1;
+        assert!(matches!(
+            decode_err(&raw(kind::HELLO, &b)),
+            WireError::Reserved {
+                kind_name: "Hello",
+                field: "reserved"
+            }
+        ));
+        let mut b = body(&Message::Welcome(Welcome { vm_id: 1 }));
+        b[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            decode_err(&raw(kind::WELCOME, &b)),
+            WireError::Version { got: 0, want: 1 }
+        ));
+        let mut b = body(&Message::Welcome(Welcome { vm_id: 1 }));
+        b[12] = 1;
+        assert!(matches!(
+            decode_err(&raw(kind::WELCOME, &b)),
+            WireError::Reserved {
+                kind_name: "Welcome",
+                field: "reserved"
+            }
+        ));
+        let mut b = body(&Message::Ack(Ack {
+            seq: 1,
+            status: AckStatus::Done,
+            errno: 0,
+        }));
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            decode_err(&raw(kind::ACK, &b)),
+            WireError::BadField {
+                message: "Ack",
+                field: "status",
+                value: 3,
+                ..
+            }
+        ));
+    }
+
+    fn hello_with(regions: Vec<RegionDesc>) -> Vec<u8> {
+        frame(&Message::Hello(Hello { regions, ..hello() }))
+    }
+
+    fn field_of(e: &WireError) -> (Option<u32>, &'static str) {
+        match e {
+            WireError::BadField { index, field, .. } => (*index, field),
+            other => panic!("expected BadField, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn region_checks_name_index_and_field() {
+        let ok = region(0, 0x1000, 0x1000, 0);
+        let cases: Vec<(RegionDesc, &str)> = vec![
+            (region(0x2000, 0, 0x1000, 0), "size"),
+            (region(0x2000, 0x1800, 0x1000, 0), "size"),
+            (region(0x2800, 0x1000, 0x1000, 0), "gpa"),
+            (region(0x2000, 0x1000, 0x1001, 0), "host_addr"),
+            (region(0x2000, 0x1000, 0x1000, 8), "file_offset"),
+            (region(u64::MAX - 0xfff, 0x2000, 0x1000, 0), "size"),
+            (region(0x2000, 0x2000, u64::MAX - 0xfff, 0), "size"),
+            (region(0x2000, 0x2000, 0, u64::MAX - 0xfff), "size"),
+            // Overlaps region 0 (which ends at 0x1000)...
+            (region(0, 0x1000, 0x1000, 0), "gpa"),
+        ];
+        for (bad, field) in cases {
+            let e = decode_err(&hello_with(vec![ok, bad]));
+            assert_eq!(field_of(&e), (Some(1), field), "{bad:?}: {e}");
+            assert!(e.to_string().contains("Hello region 1"), "{e}");
+        }
+        // ...and touching it is fine.
+        let b = hello_with(vec![ok, region(0x1000, 0x1000, 0, 0x1000)]);
+        assert!(decode(&b).unwrap().is_some());
+        // Unsorted.
+        let e = decode_err(&hello_with(vec![region(0x10000, 0x1000, 0, 0), ok]));
+        assert_eq!(field_of(&e), (Some(1), "gpa"));
+    }
+
+    #[test]
+    fn counts() {
+        let e = decode_err(&hello_with(vec![]));
+        assert!(matches!(
+            e,
+            WireError::BadCount {
+                field: "region_count",
+                count: 0,
+                max: 64
+            }
+        ));
+        let many: Vec<_> = (0..65).map(|i| region(i * 0x1000, 0x1000, 0, 0)).collect();
+        assert!(matches!(
+            decode_err(&hello_with(many.clone())),
+            WireError::BadCount {
+                field: "region_count",
+                count: 65,
+                ..
+            }
+        ));
+        assert!(decode(&hello_with(many[..64].to_vec())).unwrap().is_some());
+        let remap = |n: u64| {
+            Message::Remap(Remap {
+                seq: 0,
+                region: 0,
+                runs: (0..n)
+                    .map(|i| RemapRun {
+                        first_page: i,
+                        pages: 1,
+                        target: RemapTo::Zero,
+                    })
+                    .collect(),
+            })
+        };
+        assert!(matches!(
+            decode_err(&frame(&remap(0))),
+            WireError::BadCount {
+                field: "run_count",
+                count: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_err(&frame(&remap(4097))),
+            WireError::BadCount {
+                field: "run_count",
+                count: 4097,
+                max: 4096
+            }
+        ));
+        let full = frame(&remap(4096));
+        assert_eq!(decode(&full).unwrap().map(|(m, _)| m), Some(remap(4096)));
+        assert!(remap(4097).validate().is_err());
+        let restore = Message::Restore(Restore {
+            seq: 0,
+            region: 0,
+            runs: vec![],
+        });
+        assert!(matches!(
+            decode_err(&frame(&restore)),
+            WireError::BadCount {
+                field: "run_count",
+                ..
+            }
+        ));
+        let long = Message::Error(ErrorMsg {
+            code: 1,
+            text: "x".repeat(4097),
+        });
+        assert!(matches!(
+            decode_err(&frame(&long)),
+            WireError::BadCount {
+                field: "len",
+                count: 4097,
+                max: 4096
+            }
+        ));
+        assert!(long.validate().is_err());
+        // The constructor cuts at a character boundary instead.
+        let cut = ErrorMsg::new(1, &"é".repeat(3000));
+        assert_eq!(cut.text.len(), 4096);
+        assert!(decode(&frame(&Message::Error(cut))).unwrap().is_some());
+        let cut = ErrorMsg::new(1, &format!("x{}", "é".repeat(3000)));
+        assert_eq!(cut.text.len(), 4095);
+    }
+
+    fn remap_runs(runs: Vec<RemapRun>) -> Vec<u8> {
+        frame(&Message::Remap(Remap {
+            seq: 5,
+            region: 0,
+            runs,
+        }))
+    }
+
+    fn run(first_page: u64, pages: u64, target: RemapTo) -> RemapRun {
+        RemapRun {
+            first_page,
+            pages,
+            target,
+        }
+    }
+
+    #[test]
+    fn run_checks_name_index_and_field() {
+        let z = RemapTo::Zero;
+        let ok = run(0, 4, z);
+        let cases = vec![
+            (run(4, 0, z), "pages"),
+            (run(u64::MAX, 1, z), "pages"),
+            (run(1, u64::MAX / 4096, z), "pages"),
+            (run(3, 1, z), "first_page"),
+            (run(4, 1, RemapTo::Shared { file_offset: 0x10 }), "target"),
+            (
+                run(
+                    4,
+                    4,
+                    RemapTo::Shared {
+                        file_offset: u64::MAX - 0x2fff,
+                    },
+                ),
+                "target",
+            ),
+        ];
+        for (bad, field) in cases {
+            let e = decode_err(&remap_runs(vec![ok, bad]));
+            assert_eq!(field_of(&e), (Some(1), field), "{bad:?}: {e}");
+            assert!(e.to_string().contains("Remap 1"), "{e}");
+        }
+        let restore = |runs: Vec<PageRun>| {
+            frame(&Message::Restore(Restore {
+                seq: 0,
+                region: 0,
+                runs,
+            }))
+        };
+        let pr = |first_page, pages| PageRun { first_page, pages };
+        let e = decode_err(&restore(vec![pr(10, 1), pr(5, 1)]));
+        assert_eq!(field_of(&e), (Some(1), "first_page"));
+        let e = decode_err(&restore(vec![pr(10, 0)]));
+        assert_eq!(field_of(&e), (Some(0), "pages"));
+    }
+
+    #[test]
+    fn bad_utf8() {
+        let mut b = Vec::new();
+        put_u32(&mut b, 1);
+        put_u32(&mut b, 2);
+        b.extend_from_slice(&[0xc3, 0x28]);
+        assert!(matches!(
+            decode_err(&raw(kind::ERROR, &b)),
+            WireError::BadUtf8
+        ));
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let region = (0u64..4, 1u64..64, any::<u32>(), any::<u32>());
+        let hello = (
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(region, 1..=64),
+        )
+            .prop_map(|(second_mapper, domain, vm_tag, rs)| {
+                let mut at = 0u64;
+                let regions = rs
+                    .into_iter()
+                    .map(|(gap, pages, host, off)| {
+                        let gpa = at + gap * 4096;
+                        at = gpa + pages * 4096;
+                        region_desc(
+                            gpa,
+                            pages * 4096,
+                            u64::from(host) << 12,
+                            u64::from(off) << 12,
+                        )
+                    })
+                    .collect();
+                Message::Hello(Hello {
+                    second_mapper,
+                    domain,
+                    vm_tag,
+                    regions,
+                })
+            });
+        let status = prop_oneof![
+            Just(AckStatus::Done),
+            Just(AckStatus::Skipped),
+            Just(AckStatus::Failed)
+        ];
+        let ack = (any::<u64>(), status, any::<u32>())
+            .prop_map(|(seq, status, errno)| Message::Ack(Ack { seq, status, errno }));
+        let runs =
+            prop::collection::vec((0u64..8, 1u64..16, prop::option::of(any::<u32>())), 1..200);
+        let remap = (any::<u64>(), any::<u32>(), runs.clone()).prop_map(|(seq, region, rs)| {
+            let mut at = 0;
+            let runs = rs
+                .into_iter()
+                .map(|(gap, pages, target)| {
+                    let first_page = at + gap;
+                    at = first_page + pages;
+                    RemapRun {
+                        first_page,
+                        pages,
+                        target: match target {
+                            Some(t) => RemapTo::Shared {
+                                file_offset: u64::from(t) << 12,
+                            },
+                            None => RemapTo::Zero,
+                        },
+                    }
+                })
+                .collect();
+            Message::Remap(Remap { seq, region, runs })
+        });
+        let restore = (any::<u64>(), any::<u32>(), runs).prop_map(|(seq, region, rs)| {
+            let mut at = 0;
+            let runs = rs
+                .into_iter()
+                .map(|(gap, pages, _)| {
+                    let first_page = at + gap;
+                    at = first_page + pages;
+                    PageRun { first_page, pages }
+                })
+                .collect();
+            Message::Restore(Restore { seq, region, runs })
+        });
+        let error = (any::<u32>(), ".{0,300}")
+            .prop_map(|(code, text)| Message::Error(ErrorMsg::new(code, &text)));
+        prop_oneof![
+            hello,
+            ack,
+            Just(Message::Bye),
+            any::<u64>().prop_map(|vm_id| Message::Welcome(Welcome { vm_id })),
+            remap,
+            restore,
+            error,
+        ]
+    }
+
+    fn region_desc(gpa: u64, size: u64, host: u64, off: u64) -> RegionDesc {
+        region(gpa, size, host, off)
+    }
+
+    proptest! {
+        #[test]
+        fn generated_messages_round_trip(msg in arb_message()) {
+            prop_assert!(msg.validate().is_ok());
+            let bytes = frame(&msg);
+            prop_assert_eq!(decode(&bytes).unwrap(), Some((msg, bytes.len())));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut at = 0;
+            while let Ok(Some((msg, n))) = decode(&bytes[at..]) {
+                prop_assert!(n >= HEADER_LEN);
+                prop_assert_eq!(decode(&frame(&msg)).unwrap(), Some((msg, n)));
+                at += n;
+            }
+        }
+
+        #[test]
+        fn damaged_frames_never_panic(
+            msg in arb_message(),
+            at in any::<prop::sample::Index>(),
+            x in 1u8..,
+        ) {
+            let mut bytes = frame(&msg);
+            let i = at.index(bytes.len());
+            bytes[i] ^= x;
+            if let Ok(Some((got, n))) = decode(&bytes) {
+                prop_assert_eq!(decode(&frame(&got)).unwrap(), Some((got, n)));
+            }
+        }
+    }
+}
