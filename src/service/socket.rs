@@ -368,3 +368,342 @@ fn take_fds(hdr: &libc::msghdr) -> Vec<OwnedFd> {
     }
     fds
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, os::unix::net::UnixStream};
+
+    use super::*;
+    use crate::{
+        addr::{GuestPhysAddr, HostVirtAddr},
+        service::wire::{
+            Ack, AckStatus, ErrorMsg, Hello, PageRun, RegionDesc, Remap, RemapRun, RemapTo,
+            Restore, Welcome,
+        },
+    };
+
+    fn memfd() -> OwnedFd {
+        // SAFETY:
+        // 1. The name is a NUL-terminated C string.
+        // 2. MFD_CLOEXEC is a valid flag.
+        let fd = unsafe { libc::memfd_create(c"wire-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn ino(fd: BorrowedFd<'_>) -> (u64, u64) {
+        // SAFETY: stat is plain data; zeros are a valid value.
+        let mut st: libc::stat = unsafe { MaybeUninit::zeroed().assume_init() };
+        // SAFETY: `fd` is open; `st` is writable.
+        let rc = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+        assert_eq!(rc, 0, "fstat: {}", io::Error::last_os_error());
+        (st.st_dev, st.st_ino)
+    }
+
+    fn pair() -> (Conn, Conn) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Conn::new(a), Conn::new(b))
+    }
+
+    fn messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                second_mapper: false,
+                domain: 1,
+                vm_tag: 2,
+                regions: vec![RegionDesc {
+                    gpa: GuestPhysAddr(0),
+                    size: 0x20_0000,
+                    host_addr: HostVirtAddr(0x7f00_0000_0000),
+                    file_offset: 0,
+                }],
+            }),
+            Message::Ack(Ack {
+                seq: 1,
+                status: AckStatus::Done,
+                errno: 0,
+            }),
+            Message::Bye,
+            Message::Welcome(Welcome { vm_id: 9 }),
+            Message::Remap(Remap {
+                seq: 3,
+                region: 0,
+                runs: (0..4096)
+                    .map(|i| RemapRun {
+                        first_page: 2 * i,
+                        pages: 1,
+                        target: RemapTo::Shared {
+                            file_offset: i << 12,
+                        },
+                    })
+                    .collect(),
+            }),
+            Message::Restore(Restore {
+                seq: 4,
+                region: 0,
+                runs: vec![PageRun {
+                    first_page: 1,
+                    pages: 2,
+                }],
+            }),
+            Message::Error(ErrorMsg::new(5, "nope")),
+        ]
+    }
+
+    #[test]
+    fn every_message_with_real_fds() {
+        let (a, mut b) = pair();
+        let files: Vec<OwnedFd> = (0..3).map(|_| memfd()).collect();
+        let inos: Vec<_> = files.iter().map(|f| ino(f.as_fd())).collect();
+        // All sent before any is read: frames and their fds queue up in the
+        // socket and must come apart again in order.
+        let sender = std::thread::spawn(move || {
+            for m in messages() {
+                let fds: Vec<_> = files.iter().take(m.fd_count()).map(|f| f.as_fd()).collect();
+                a.send(&m, &fds).unwrap();
+            }
+            a
+        });
+        for m in messages() {
+            let (got, fds) = b.recv().unwrap().unwrap();
+            assert_eq!(got, m);
+            assert_eq!(fds.len(), m.fd_count());
+            for (fd, want) in fds.iter().zip(&inos) {
+                assert_eq!(ino(fd.as_fd()), *want, "{}", m.kind_name());
+                // SAFETY: `fd` is open; F_GETFD takes no argument.
+                let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+                assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+            }
+        }
+        drop(sender.join().unwrap());
+        assert!(b.recv().unwrap().is_none(), "EOF at a frame boundary");
+    }
+
+    #[test]
+    fn many_small_frames_keep_fds_with_their_frame() {
+        let (a, mut b) = pair();
+        let f = memfd();
+        let want = ino(f.as_fd());
+        for i in 0..50u64 {
+            a.send(
+                &Message::Ack(Ack {
+                    seq: i,
+                    status: AckStatus::Done,
+                    errno: 0,
+                }),
+                &[],
+            )
+            .unwrap();
+            a.send(&Message::Welcome(Welcome { vm_id: i }), &[f.as_fd()])
+                .unwrap();
+        }
+        drop(a);
+        for i in 0..50u64 {
+            let (m, fds) = b.recv().unwrap().unwrap();
+            assert!(matches!(m, Message::Ack(Ack { seq, .. }) if seq == i));
+            assert!(fds.is_empty());
+            let (m, fds) = b.recv().unwrap().unwrap();
+            assert_eq!(m, Message::Welcome(Welcome { vm_id: i }));
+            assert_eq!(fds.len(), 1);
+            assert_eq!(ino(fds[0].as_fd()), want);
+        }
+        assert!(b.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn send_checks_fd_count_and_validity() {
+        let (a, _b) = pair();
+        let f = memfd();
+        let e = a.send(&Message::Bye, &[f.as_fd()]).unwrap_err();
+        assert!(matches!(
+            e,
+            WireError::FdCount {
+                kind_name: "Bye",
+                want: 0,
+                got: 1
+            }
+        ));
+        let e = a
+            .send(&Message::Welcome(Welcome { vm_id: 1 }), &[])
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            WireError::FdCount {
+                kind_name: "Welcome",
+                want: 1,
+                got: 0
+            }
+        ));
+        let bad = Message::Restore(Restore {
+            seq: 0,
+            region: 0,
+            runs: vec![],
+        });
+        assert!(matches!(
+            a.send(&bad, &[]),
+            Err(WireError::BadCount {
+                field: "run_count",
+                ..
+            })
+        ));
+    }
+
+    /// Sends raw bytes with `n` fds attached, as a hostile peer could.
+    fn send_raw(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let conn = Conn::new(s.try_clone().unwrap());
+        assert_eq!(conn.sendmsg_fds(bytes, fds).unwrap(), bytes.len());
+    }
+
+    #[test]
+    fn recv_rejects_wrong_fd_counts() {
+        let f = memfd();
+        // A Bye that came with an fd.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut frame = Vec::new();
+        encode(&Message::Bye, &mut frame);
+        send_raw(&a, &frame, &[f.as_fd()]);
+        let e = Conn::new(b).recv().unwrap_err();
+        assert!(matches!(
+            e,
+            WireError::FdCount {
+                kind_name: "Bye",
+                want: 0,
+                got: 1
+            }
+        ));
+        // A Hello with two of its three.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut frame = Vec::new();
+        encode(&messages()[0], &mut frame);
+        send_raw(&a, &frame, &[f.as_fd(), f.as_fd()]);
+        let e = Conn::new(b).recv().unwrap_err();
+        assert!(matches!(
+            e,
+            WireError::FdCount {
+                kind_name: "Hello",
+                want: 3,
+                got: 2
+            }
+        ));
+        // A Welcome with none.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut frame = Vec::new();
+        encode(&Message::Welcome(Welcome { vm_id: 1 }), &mut frame);
+        a.write_all(&frame).unwrap();
+        let e = Conn::new(b).recv().unwrap_err();
+        assert!(matches!(
+            e,
+            WireError::FdCount {
+                kind_name: "Welcome",
+                want: 1,
+                got: 0
+            }
+        ));
+        // More fds than the control buffer takes: MSG_CTRUNC.
+        let (a, b) = UnixStream::pair().unwrap();
+        let six: Vec<_> = (0..6).map(|_| f.as_fd()).collect();
+        send_raw(&a, &frame, &six);
+        let e = Conn::new(b).recv().unwrap_err();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidData),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[0xff; 64]).unwrap();
+        assert!(matches!(
+            Conn::new(b).recv(),
+            Err(WireError::FrameTooLong { .. })
+        ));
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[4, 0, 0, 0, 0x55, 0, 0, 0]).unwrap();
+        assert!(matches!(
+            Conn::new(b).recv(),
+            Err(WireError::UnknownKind { kind: 0x55 })
+        ));
+    }
+
+    #[test]
+    fn eof_mid_frame_is_an_error() {
+        let mut frame = Vec::new();
+        encode(&messages()[4], &mut frame);
+        for cut in [1, 4, 9, frame.len() - 1] {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            a.write_all(&frame[..cut]).unwrap();
+            drop(a);
+            let e = Conn::new(b).recv().unwrap_err();
+            assert!(
+                matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof),
+                "cut {cut}: {e}"
+            );
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        assert!(Conn::new(b).recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn send_to_a_dead_peer_is_an_error() {
+        let (a, b) = pair();
+        drop(b);
+        let e = a.send(&Message::Bye, &[]).unwrap_err();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.raw_os_error() == Some(libc::EPIPE)),
+            "{e}"
+        );
+        let f = memfd();
+        let e = a
+            .send(&Message::Welcome(Welcome { vm_id: 0 }), &[f.as_fd()])
+            .unwrap_err();
+        assert!(matches!(e, WireError::Io { .. }), "{e}");
+    }
+
+    #[test]
+    fn read_timeout_keeps_framing() {
+        let (a, mut b) = pair();
+        b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut frame = Vec::new();
+        encode(
+            &Message::Ack(Ack {
+                seq: 8,
+                status: AckStatus::Done,
+                errno: 0,
+            }),
+            &mut frame,
+        );
+        a.stream().write_all(&frame[..5]).unwrap();
+        let e = b.recv().unwrap_err();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock),
+            "{e}"
+        );
+        a.stream().write_all(&frame[5..]).unwrap();
+        let (m, _) = b.recv().unwrap().unwrap();
+        assert!(matches!(m, Message::Ack(Ack { seq: 8, .. })));
+    }
+
+    #[test]
+    fn peer_cred_is_ours() {
+        let (a, b) = pair();
+        let cred = b.peer_cred().unwrap();
+        assert_eq!(cred.pid, i32::try_from(std::process::id()).unwrap());
+        // SAFETY: getuid and getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        assert_eq!((cred.uid, cred.gid), (uid, gid));
+        assert_eq!(a.peer_cred().unwrap(), cred);
+    }
+
+    #[test]
+    fn clone_sends_on_the_same_socket() {
+        let (a, mut b) = pair();
+        let a2 = a.try_clone().unwrap();
+        a2.send(&Message::Bye, &[]).unwrap();
+        drop((a, a2));
+        assert_eq!(b.recv().unwrap().map(|(m, _)| m), Some(Message::Bye));
+        assert!(b.recv().unwrap().is_none());
+    }
+}
