@@ -20,6 +20,9 @@ use super::wire::{decode, encode, Message, WireError};
 /// Most fds one `recvmsg` accepts; a peer sending more gets `MSG_CTRUNC`
 /// (the kernel closes the rest) and the connection fails.
 const MAX_FDS: usize = 4;
+/// Bytes of SCM_RIGHTS data for [`MAX_FDS`] fds.
+#[allow(clippy::cast_possible_truncation)] // 16
+const FDS_PAYLOAD: u32 = (size_of::<RawFd>() * MAX_FDS) as u32;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -224,7 +227,7 @@ impl Conn {
     /// Reads into `self.buf[from..]`, queueing any fds that came.
     fn recvmsg_into(&mut self, from: usize) -> Result<usize, WireError> {
         // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE((size_of::<RawFd>() * MAX_FDS) as u32) } as usize;
+        let space = unsafe { libc::CMSG_SPACE(FDS_PAYLOAD) } as usize;
         let mut control = vec![0u64; space.div_ceil(8)];
         let dst = &mut self.buf[from..];
         let mut iov = libc::iovec {
@@ -297,6 +300,7 @@ impl Conn {
             uid: 0,
             gid: 0,
         };
+        #[allow(clippy::cast_possible_truncation)] // 12 bytes
         let mut len = size_of::<libc::ucred>() as libc::socklen_t;
         // SAFETY:
         // 1. The fd is our open socket.
