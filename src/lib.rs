@@ -73,6 +73,7 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod paging;
+pub mod service;
 mod sync;
 pub mod userfault;
 
