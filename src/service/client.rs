@@ -220,6 +220,12 @@ impl ServiceClient {
         &self.shared.mem
     }
 
+    /// The read-only descriptor of this VM's merge domain's shared frames
+    /// that merged pages map (private).
+    pub fn shared_frames_fd(&self) -> BorrowedFd<'_> {
+        self.shared.shared_fd.as_fd()
+    }
+
     /// Whether the service is still there.
     pub fn connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)

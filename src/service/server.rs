@@ -209,8 +209,6 @@ impl Service {
         };
         for d in &domains {
             s.shared_bytes += d.host.frame_store().allocated_bytes()?;
-            let st = d.host.stats()?;
-            s.pages_merged += st.pages_merged + st.zero_pages;
         }
         let vms: Vec<(Arc<Domain>, VmId)> = lock(&self.state.vms)
             .values()
@@ -219,6 +217,9 @@ impl Service {
         for (d, id) in vms {
             if let Ok(mem) = d.host.memory(id) {
                 s.guest_bytes += mem.frame_store().allocated_bytes()?;
+            }
+            if let Ok(st) = d.host.vm_stats(id) {
+                s.pages_merged += st.pages_merged + st.zero_pages;
             }
         }
         Ok(s)
@@ -402,7 +403,6 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super
     let vm = state.next_vm.fetch_add(1, Ordering::Relaxed);
     let welcome = Message::Welcome(Welcome {
         vm_id: vm,
-        version: super::wire::PROTOCOL_VERSION,
     });
     if let Err(e) = conn.send(&welcome, &[domain.shared_read_only.as_fd()]) {
         let _ = domain.host.forget(id);
