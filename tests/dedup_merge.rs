@@ -581,7 +581,10 @@ fn a_vm_on_its_own_store_merges_with_the_hosts() {
         .unwrap();
     model[page][..64].fill(0xA5);
     check(&other, &model);
-    check(&vms[0], &(0..PAGES).map(|i| content(0, i)).collect::<Vec<_>>());
+    check(
+        &vms[0],
+        &(0..PAGES).map(|i| content(0, i)).collect::<Vec<_>>(),
+    );
     let mem = host.unregister(b).unwrap();
     assert_eq!(mem.census().private as usize, PAGES);
     check(&mem, &model);

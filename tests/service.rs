@@ -8,6 +8,8 @@
 //! another (each spawns processes and must not share the machine's two
 //! cores with another).
 
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
@@ -90,8 +92,11 @@ fn build(vm: u64, pages: usize) -> Arc<GuestMemory> {
     // Every page written, zero ones too: a guest's touched zero pages hold
     // memory until they are folded.
     for i in 0..pages {
-        mem.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &content(vm, i, pages))
-            .unwrap();
+        mem.write(
+            GuestPhysAddr((i * PAGE_SIZE) as u64),
+            &content(vm, i, pages),
+        )
+        .unwrap();
     }
     Arc::new(mem)
 }
@@ -120,30 +125,47 @@ fn vm_child() {
     };
     let memfd_inode = inode(mem.frame_store().as_fd());
     let mut client = Some(
-        ServiceClient::attach(&socket, Arc::clone(&mem), ClientOptions { domain, vm_tag: vm })
-            .unwrap_or_else(|e| {
-                println!("error {e}");
-                std::process::exit(3)
-            }),
+        ServiceClient::attach(
+            &socket,
+            Arc::clone(&mem),
+            ClientOptions { domain, vm_tag: vm },
+        )
+        .unwrap_or_else(|e| {
+            println!("error {e}");
+            std::process::exit(3)
+        }),
     );
     let shared_inode = client.as_ref().map_or(0, |c| inode(c.shared_frames_fd()));
-    println!("ready {} {memfd_inode} {shared_inode}", client.as_ref().map_or(0, |c| c.vm_id()));
+    println!(
+        "ready {} {memfd_inode} {shared_inode}",
+        client.as_ref().map_or(0, |c| c.vm_id())
+    );
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let w: Vec<&str> = line.split_whitespace().collect();
         let reply = match w.as_slice() {
-            ["check"] => model.check(&mem).map(|()| "ok".to_string()).unwrap_or_else(|e| format!("bad {e}")),
+            ["check"] => model
+                .check(&mem)
+                .map(|()| "ok".to_string())
+                .unwrap_or_else(|e| format!("bad {e}")),
             ["remapped"] => format!("{}", client.as_ref().map_or(0, |c| c.pages_remapped())),
             ["connected"] => format!("{}", client.as_ref().is_some_and(|c| c.connected())),
             ["write", page, byte] | ["rawwrite", page, byte] => {
-                let (page, byte): (usize, u8) = (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                let (page, byte): (usize, u8) =
+                    (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
                 if w[0] == "write" {
-                    mem.write(GuestPhysAddr((page * PAGE_SIZE) as u64), &[byte; 64]).unwrap();
+                    mem.write(GuestPhysAddr((page * PAGE_SIZE) as u64), &[byte; 64])
+                        .unwrap();
                 } else {
                     let at = mem.regions()[0].host_addr().0 as usize + page * PAGE_SIZE;
                     for k in 0..8 {
                         // SAFETY: inside the region's live, writable mapping (as a vCPU writes).
-                        unsafe { std::ptr::write_volatile((at + 8 * k) as *mut u64, u64::from_le_bytes([byte; 8])) };
+                        unsafe {
+                            std::ptr::write_volatile(
+                                (at + 8 * k) as *mut u64,
+                                u64::from_le_bytes([byte; 8]),
+                            )
+                        };
                     }
                 }
                 model.written.insert(page, byte);
@@ -155,18 +177,29 @@ fn vm_child() {
                     let at = mem.regions()[0].host_addr().0 as usize + page * PAGE_SIZE;
                     for k in 0..8 {
                         // SAFETY: as above.
-                        unsafe { std::ptr::write_volatile((at + 8 * k) as *mut u64, u64::from_le_bytes([byte; 8])) };
+                        unsafe {
+                            std::ptr::write_volatile(
+                                (at + 8 * k) as *mut u64,
+                                u64::from_le_bytes([byte; 8]),
+                            )
+                        };
                     }
                     model.written.insert(page, byte);
                 }
                 "ok".to_string()
             }
             ["detach"] => match client.take().map(ServiceClient::detach) {
-                Some(Ok(_)) => model.check(&mem).map(|()| "ok".to_string()).unwrap_or_else(|e| format!("bad {e}")),
+                Some(Ok(_)) => model
+                    .check(&mem)
+                    .map(|()| "ok".to_string())
+                    .unwrap_or_else(|e| format!("bad {e}")),
                 Some(Err(e)) => format!("bad detach: {e}"),
                 None => "bad not attached".into(),
             },
-            ["reattach"] => match client.take().map(|c| c.reattach(&socket, ClientOptions { domain, vm_tag: vm })) {
+            ["reattach"] => match client
+                .take()
+                .map(|c| c.reattach(&socket, ClientOptions { domain, vm_tag: vm }))
+            {
                 Some(Ok(c)) => {
                     client = Some(c);
                     "ok".into()
@@ -174,7 +207,7 @@ fn vm_child() {
                 Some(Err(e)) => format!("bad reattach: {e}"),
                 None => "bad not attached".into(),
             },
-            ["sharedfd"] => client.as_ref().map_or("bad".into(), |c| probe_shared_fd(c)),
+            ["sharedfd"] => client.as_ref().map_or("bad".into(), probe_shared_fd),
             ["fds"] => list_fd_inodes(),
             ["probe", pid] => probe_other_process(pid),
             ["dropuid"] => drop_privileges(),
@@ -195,10 +228,31 @@ fn probe_shared_fd(c: &ServiceClient) -> String {
     unsafe {
         refused.push(libc::pwrite(fd, byte.as_ptr().cast(), 1, 0) < 0);
         refused.push(libc::ftruncate(fd, 1 << 30) != 0);
-        refused.push(libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) != 0);
-        let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        refused.push(
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096,
+            ) != 0,
+        );
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
         refused.push(p == libc::MAP_FAILED);
-        let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        );
         refused.push(p != libc::MAP_FAILED); // reading its own domain's frames is allowed
     }
     if refused.iter().all(|r| *r) {
@@ -293,7 +347,10 @@ impl Proc {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "{role} child did not start: {line}");
+        assert!(
+            line.starts_with("ready"),
+            "{role} child did not start: {line}"
+        );
         let ready = line.split_whitespace().skip(1).map(str::to_owned).collect();
         Proc {
             child,
@@ -397,7 +454,9 @@ fn two_processes_fold() {
     b.check();
     assert_eq!(a.ask("detach"), "ok");
     assert_eq!(a.remapped(), 0);
-    wait_until("the service to let A go", || service.stats().unwrap().vms == 1);
+    wait_until("the service to let A go", || {
+        service.stats().unwrap().vms == 1
+    });
     b.check();
     a.exit();
     b.exit();
@@ -422,7 +481,9 @@ fn client_killed_mid_merge() {
     c.kill();
     // Whatever the merge made of the dead VM's windows, it ends.
     let _ = merging.join().unwrap();
-    wait_until("the service to forget the dead VM", || service.stats().unwrap().vms == 2);
+    wait_until("the service to forget the dead VM", || {
+        service.stats().unwrap().vms == 2
+    });
     a.check();
     b.check();
     let report = service.merge_now().unwrap();
@@ -472,7 +533,10 @@ fn stuck_client_is_rolled_back() {
     let b_before = b.remapped();
     assert_eq!(b_before, 0, "a rolled-back window left pages remapped");
     service.merge_now().unwrap();
-    assert!(b.remapped() > 0, "the process did not merge once it answered");
+    assert!(
+        b.remapped() > 0,
+        "the process did not merge once it answered"
+    );
     a.check();
     b.check();
     a.exit();
@@ -489,10 +553,16 @@ fn service_killed_mid_merge() {
     let svc = Proc::spawn("service", &env);
     let mut a = Proc::vm(&socket, 1, PAGES, 0);
     let mut b = Proc::vm(&socket, 2, PAGES, 0);
-    wait_until("the background scan to merge", || a.remapped() > (PAGES / 8) as u64);
+    wait_until("the background scan to merge", || {
+        a.remapped() > (PAGES / 8) as u64
+    });
     svc.kill();
-    wait_until("A to see the service gone", || a.ask("connected") == "false");
-    wait_until("B to see the service gone", || b.ask("connected") == "false");
+    wait_until("A to see the service gone", || {
+        a.ask("connected") == "false"
+    });
+    wait_until("B to see the service gone", || {
+        b.ask("connected") == "false"
+    });
     a.check();
     b.check();
     assert_eq!(a.ask("writeall 90"), "ok");
@@ -503,7 +573,9 @@ fn service_killed_mid_merge() {
     assert_eq!(b.ask("reattach"), "ok");
     a.check();
     b.check();
-    wait_until("the new service to merge B", || b.remapped() > (PAGES / 8) as u64);
+    wait_until("the new service to merge B", || {
+        b.remapped() > (PAGES / 8) as u64
+    });
     a.check();
     b.check();
     svc.kill();
@@ -525,7 +597,10 @@ fn isolation() {
     service.merge_now().unwrap();
     assert!(a.remapped() > 0 && b.remapped() > 0);
     assert_eq!(a.ready[2], c.ready[2], "A and C share a domain");
-    assert_ne!(a.ready[2], b.ready[2], "B's domain has its own shared memfd");
+    assert_ne!(
+        a.ready[2], b.ready[2],
+        "B's domain has its own shared memfd"
+    );
     assert_eq!(a.ask("sharedfd"), "ok");
     let fds = a.ask("fds");
     let held: Vec<&str> = fds.split_whitespace().collect();
@@ -542,10 +617,15 @@ fn isolation() {
     assert_eq!(a.ask("dropuid"), "ok");
     let probe = a.ask(&format!("probe {}", std::process::id()));
     let (opened, seen): (u32, u32) = {
-        let mut w = probe.split_whitespace().map(|s| s.parse().unwrap_or(u32::MAX));
+        let mut w = probe
+            .split_whitespace()
+            .map(|s| s.parse().unwrap_or(u32::MAX));
         (w.next().unwrap_or(u32::MAX), w.next().unwrap_or(0))
     };
-    assert_eq!(opened, 0, "A opened {opened} of the service's {seen} descriptors");
+    assert_eq!(
+        opened, 0,
+        "A opened {opened} of the service's {seen} descriptors"
+    );
     a.check();
     b.check();
     c.check();
@@ -565,13 +645,17 @@ fn hostile_connections() {
 
     // Garbage: a frame of an unknown kind, then more.
     let mut s = UnixStream::connect(&socket).unwrap();
-    s.write_all(&[8, 0, 0, 0, 0x77, 0x77, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    s.write_all(&[8, 0, 0, 0, 0x77, 0x77, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+        .unwrap();
     let mut conn = Conn::new(s);
     match conn.recv() {
         Ok(Some((Message::Error(e), _))) => assert!(e.text.contains("kind"), "{e:?}"),
         other => panic!("garbage got {other:?}"),
     }
-    assert!(matches!(conn.recv(), Ok(None) | Err(_)), "the connection stayed open");
+    assert!(
+        matches!(conn.recv(), Ok(None) | Err(_)),
+        "the connection stayed open"
+    );
 
     // A hello whose memfd can shrink under the service.
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), (PAGES * PAGE_SIZE) as u64)]).unwrap();
@@ -600,7 +684,10 @@ fn hostile_connections() {
     };
     // SAFETY: the descriptor is live for the call.
     let uffd_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd.as_raw_fd()) };
-    let text = refusal(&hello(0), &[mem.frame_store().as_fd(), uffd_fd, ctl.as_fd()]);
+    let text = refusal(
+        &hello(0),
+        &[mem.frame_store().as_fd(), uffd_fd, ctl.as_fd()],
+    );
     assert!(text.contains("F_SEAL_SHRINK"), "{text}");
     // A pipe where the memfd belongs.
     let (r, _w) = pipe();
@@ -608,10 +695,16 @@ fn hostile_connections() {
     assert!(text.contains("memfd"), "{text}");
     // Frames claimed at another offset than the memory has them.
     mem.frame_store().forbid_shrinking().unwrap();
-    let text = refusal(&hello(0x1000), &[mem.frame_store().as_fd(), uffd_fd, ctl.as_fd()]);
+    let text = refusal(
+        &hello(0x1000),
+        &[mem.frame_store().as_fd(), uffd_fd, ctl.as_fd()],
+    );
     assert!(text.contains("offset"), "{text}");
     // An unsealed control page.
-    let text = refusal(&hello(0), &[mem.frame_store().as_fd(), uffd_fd, memfd(false).as_fd()]);
+    let text = refusal(
+        &hello(0),
+        &[mem.frame_store().as_fd(), uffd_fd, memfd(false).as_fd()],
+    );
     assert!(text.contains("control"), "{text}");
 
     // Nothing else was affected.
@@ -627,7 +720,8 @@ fn hostile_connections() {
 
 fn memfd(sealed: bool) -> OwnedFd {
     // SAFETY: a valid name and flags.
-    let raw = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let raw =
+        unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(raw >= 0);
     // SAFETY: fresh descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -635,7 +729,14 @@ fn memfd(sealed: bool) -> OwnedFd {
     unsafe {
         assert_eq!(libc::ftruncate(fd.as_raw_fd(), 4096), 0);
         if sealed {
-            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), 0);
+            assert_eq!(
+                libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+                ),
+                0
+            );
         }
     }
     fd
@@ -659,7 +760,10 @@ fn main() {
         println!("SKIP: no userfaultfd write protection here");
         return;
     }
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let tests: [(&str, fn()); 6] = [
         ("two_processes_fold", two_processes_fold),
         ("client_killed_mid_merge", client_killed_mid_merge),

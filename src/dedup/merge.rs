@@ -329,7 +329,8 @@ fn merge_window<'r>(
         if r.mapper.protect(r.index, first.page, pages).is_err() {
             // A process that cannot be protected takes no merge; the other
             // VMs go on.
-            r.mapper.release(r.index, &[(first.page, pages)], (first.page, pages));
+            r.mapper
+                .release(r.index, &[(first.page, pages)], (first.page, pages));
             release_protection(ctx, addr, len);
             unlock_all(&run);
             out.busy += run.len() as u64;

@@ -50,8 +50,8 @@ use std::{
 };
 
 pub use error::DedupError;
-pub use remote::RemoteError;
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
+pub use remote::RemoteError;
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
 use self::{

@@ -267,7 +267,8 @@ impl FrameStore {
     /// it can still grow.
     pub fn forbid_shrinking(&self) -> Result<(), FrameError> {
         // SAFETY: F_ADD_SEALS takes an int of seal bits; the fd is ours.
-        let rc = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        let rc =
+            unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
         if rc != 0 {
             return Err(FrameError::Os {
                 op: "fcntl(F_ADD_SEALS, F_SEAL_SHRINK)",

@@ -158,10 +158,7 @@ impl ServiceClient {
                 })
                 .collect(),
         });
-        conn.send(
-            &hello,
-            &[store.as_fd(), uffd_fd(&uffd), control_fd.as_fd()],
-        )?;
+        conn.send(&hello, &[store.as_fd(), uffd_fd(&uffd), control_fd.as_fd()])?;
         drop(control_fd);
         let (welcome, shared_fd) = match conn.recv()? {
             Some((Message::Welcome(w), mut fds)) => match fds.pop() {
@@ -256,7 +253,11 @@ impl ServiceClient {
     /// After the service was lost: restores every merged page into this
     /// process's own memfd (so a new service reads true bytes there) and
     /// attaches to the service at `socket` again.
-    pub fn reattach(self, socket: &Path, options: ClientOptions) -> Result<ServiceClient, ServiceError> {
+    pub fn reattach(
+        self,
+        socket: &Path,
+        options: ClientOptions,
+    ) -> Result<ServiceClient, ServiceError> {
         let mem = self.detach()?;
         ServiceClient::attach(socket, mem, options)
     }
@@ -306,7 +307,10 @@ fn remap_loop(shared: &Shared, mut conn: Conn) {
                 };
                 ack(m.seq, status)
             }
-            Ok(Some((Message::Restore(m), _))) => ack(m.seq, restore(shared, m.region, &m.runs).map(|()| AckStatus::Done)),
+            Ok(Some((Message::Restore(m), _))) => ack(
+                m.seq,
+                restore(shared, m.region, &m.runs).map(|()| AckStatus::Done),
+            ),
             Ok(Some((Message::Bye, _))) | Ok(None) | Err(_) => break,
             Ok(Some(_)) => break,
         };
@@ -385,7 +389,9 @@ fn map_fixed(
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
     }
     shared
         .uffd
@@ -407,7 +413,14 @@ fn remap(shared: &Shared, region: u32, runs: &[RemapRun]) -> Result<AckStatus, i
                 shared.shared_fd.as_raw_fd(),
                 file_offset,
             )?,
-            RemapTo::Zero => map_fixed(shared, addr, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)?,
+            RemapTo::Zero => map_fixed(
+                shared,
+                addr,
+                len,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )?,
         }
         mark(shared, region, run.first_page, run.pages, true);
     }
@@ -416,8 +429,13 @@ fn remap(shared: &Shared, region: u32, runs: &[RemapRun]) -> Result<AckStatus, i
 
 fn mark(shared: &Shared, region: usize, first: u64, pages: u64, remapped: bool) {
     if let Some(r) = lock(&shared.remapped).get_mut(region) {
-        let (first, pages) = (first as usize, pages as usize);
-        if let Some(s) = r.get_mut(first..first + pages) {
+        let (Ok(first), Ok(pages)) = (usize::try_from(first), usize::try_from(pages)) else {
+            return;
+        };
+        if let Some(s) = first
+            .checked_add(pages)
+            .and_then(|end| r.get_mut(first..end))
+        {
             s.iter_mut().for_each(|m| *m = remapped);
         }
     }
@@ -452,7 +470,7 @@ fn copy_home(shared: &Shared, addr: HostVirtAddr, len: usize, own: u64) -> Resul
     let fd = shared.mem.frame_store().as_raw_fd();
     let mut page = [0u8; PAGE_SIZE];
     for k in 0..len / PAGE_SIZE {
-        let at = addr.0 as usize + k * PAGE_SIZE;
+        let at = usize::try_from(addr.0).map_err(|_| libc::EINVAL)? + k * PAGE_SIZE;
         // The page lies inside this process's guest memory (checked by the
         // caller), which stays mapped for the call; writers wait on write
         // protection, and the copy forms no reference into guest memory.
@@ -479,7 +497,9 @@ fn copy_home(shared: &Shared, addr: HostVirtAddr, len: usize, own: u64) -> Resul
             }
         };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
         }
     }
     Ok(())
@@ -488,7 +508,7 @@ fn copy_home(shared: &Shared, addr: HostVirtAddr, len: usize, own: u64) -> Resul
 /// With no service: brings every remapped page home, under this process's
 /// own write protection, so the memfd holds the guest's bytes again.
 fn restore_all_here(shared: &Shared) -> Result<(), ServiceError> {
-    let runs: Vec<(usize, u64, u64)> = {
+    let runs: Vec<(u32, u64, u64)> = {
         let remapped = lock(&shared.remapped);
         let mut v = Vec::new();
         for (ri, r) in remapped.iter().enumerate() {
@@ -499,7 +519,9 @@ fn restore_all_here(shared: &Shared) -> Result<(), ServiceError> {
                     while p < r.len() && r[p] {
                         p += 1;
                     }
-                    v.push((ri, s as u64, (p - s) as u64));
+                    if let Ok(ri) = u32::try_from(ri) {
+                        v.push((ri, s as u64, (p - s) as u64));
+                    }
                 } else {
                     p += 1;
                 }
@@ -508,13 +530,13 @@ fn restore_all_here(shared: &Shared) -> Result<(), ServiceError> {
         v
     };
     for (region, first, pages) in runs {
-        let Some((addr, len)) = span(shared, region, first, pages) else {
+        let Some((addr, len)) = span(shared, region as usize, first, pages) else {
             continue;
         };
         shared.uffd.protect(addr, len as u64)?;
         let r = restore(
             shared,
-            region as u32,
+            region,
             &[PageRun {
                 first_page: first,
                 pages,

@@ -155,7 +155,8 @@ impl ControlPage {
 
     /// The service arms window `seq`.
     pub(crate) fn arm(&self, seq: u64) {
-        self.word().store(seq << 2 | Window::Armed.bits(), Ordering::SeqCst);
+        self.word()
+            .store(seq << 2 | Window::Armed.bits(), Ordering::SeqCst);
     }
 
     /// Moves window `seq` from `from` to `to`; whether this call did.

@@ -126,9 +126,11 @@ impl RemoteMapper for ConnMapper {
         if !self.usable() {
             return Err(RemoteError::Lost("the VMM process takes no merges".into()));
         }
-        let (addr, len) = self
-            .span(region, first, count)
-            .ok_or_else(|| RemoteError::Lost(format!("pages {first}+{count} of region {region} are outside the process's memory")))?;
+        let (addr, len) = self.span(region, first, count).ok_or_else(|| {
+            RemoteError::Lost(format!(
+                "pages {first}+{count} of region {region} are outside the process's memory"
+            ))
+        })?;
         self.uffd
             .protect(addr, len)
             .map_err(|e| RemoteError::Lost(e.to_string()))
@@ -164,20 +166,18 @@ impl RemoteMapper for ConnMapper {
                 ..
             }) => {
                 return Err(RemoteError::RolledBack {
-                    millis: self.deadline.as_millis() as u64,
+                    millis: u64::try_from(self.deadline.as_millis()).unwrap_or(u64::MAX),
                 })
             }
             Some(Ack { errno, .. }) => {
-                return Err(self.lost(format!(
-                    "the VMM process failed to remap (errno {errno})"
-                )))
+                return Err(self.lost(format!("the VMM process failed to remap (errno {errno})")))
             }
             None => {}
         }
         // The deadline passed: revoke the window unless the client took it.
         if self.control.advance(seq, Window::Armed, Window::Revoked) {
             return Err(RemoteError::RolledBack {
-                millis: self.deadline.as_millis() as u64,
+                millis: u64::try_from(self.deadline.as_millis()).unwrap_or(u64::MAX),
             });
         }
         // It took the window and is remapping: a few `mmap` calls. Give it
@@ -190,9 +190,8 @@ impl RemoteMapper for ConnMapper {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 _ => {
-                    return Err(self.lost(
-                        "the VMM process took a remap window and did not finish it".into(),
-                    ))
+                    return Err(self
+                        .lost("the VMM process took a remap window and did not finish it".into()))
                 }
             }
         }
@@ -238,11 +237,8 @@ impl RemoteMapper for ConnMapper {
     }
 
     fn quarantine(&self) {
-        let _ = self.state.compare_exchange(
-            USABLE,
-            QUARANTINED,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.state
+                .compare_exchange(USABLE, QUARANTINED, Ordering::SeqCst, Ordering::SeqCst);
     }
 }

@@ -30,7 +30,6 @@ use super::{
     wire::{ErrorMsg, Hello, Message, Welcome},
 };
 use crate::{
-    addr::PAGE_SIZE,
     dedup::{DedupHost, DedupOptions, DomainId, ScanBudget, ScanReport, VmId, VmOptions},
     frames::{FrameStore, StoreOptions},
     memory::GuestMemory,
@@ -269,7 +268,10 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
     let (vm, acks) = match admit(state, &mut conn) {
         Ok(v) => v,
         Err(e) => {
-            let _ = conn.send(&Message::Error(ErrorMsg::new(e.code(), &e.to_string())), &[]);
+            let _ = conn.send(
+                &Message::Error(ErrorMsg::new(e.code(), &e.to_string())),
+                &[],
+            );
             return;
         }
     };
@@ -298,7 +300,10 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
                     expected: "Ack or Bye",
                     got: other.kind_name(),
                 };
-                let _ = conn.send(&Message::Error(ErrorMsg::new(e.code(), &e.to_string())), &[]);
+                let _ = conn.send(
+                    &Message::Error(ErrorMsg::new(e.code(), &e.to_string())),
+                    &[],
+                );
                 break;
             }
             Ok(None) => break,
@@ -338,7 +343,10 @@ fn lose(state: &State, vm: u64) {
 
 /// Reads the hello, checks the process and its memory, registers the VM
 /// and welcomes it.
-fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super::wire::Ack>), ServiceError> {
+fn admit(
+    state: &Arc<State>,
+    conn: &mut Conn,
+) -> Result<(u64, mpsc::Sender<super::wire::Ack>), ServiceError> {
     let peer = conn.peer_cred()?;
     if peer.uid != state.uid && peer.uid != 0 && !state.options.allowed_uids.contains(&peer.uid) {
         return Err(ServiceError::NotAllowed {
@@ -359,7 +367,10 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super
     };
     if lock(&state.vms).len() >= state.options.max_vms {
         return Err(ServiceError::BadMemory {
-            what: format!("the service holds its maximum of {} VMs", state.options.max_vms),
+            what: format!(
+                "the service holds its maximum of {} VMs",
+                state.options.max_vms
+            ),
         });
     }
     // The socket layer checked the count: memfd, userfaultfd, control.
@@ -373,12 +384,14 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super
         op: "map the control page",
         source,
     })?;
-    let regions = hello
-        .regions
+    // Every region's pages fit: the memory was just built with them.
+    let regions = mem
+        .regions()
         .iter()
-        .map(|r| ClientRegion {
-            host_addr: r.host_addr,
-            pages: (r.size / PAGE_SIZE as u64) as usize,
+        .zip(&hello.regions)
+        .map(|(r, d)| ClientRegion {
+            host_addr: d.host_addr,
+            pages: r.pages(),
         })
         .collect();
     let domain = domain_for(state, peer.uid, hello.domain)?;
@@ -401,9 +414,7 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(u64, mpsc::Sender<super
         Arc::clone(&mapper) as Arc<dyn crate::dedup::remote::RemoteMapper>,
     )?;
     let vm = state.next_vm.fetch_add(1, Ordering::Relaxed);
-    let welcome = Message::Welcome(Welcome {
-        vm_id: vm,
-    });
+    let welcome = Message::Welcome(Welcome { vm_id: vm });
     if let Err(e) = conn.send(&welcome, &[domain.shared_read_only.as_fd()]) {
         let _ = domain.host.forget(id);
         return Err(e.into());
