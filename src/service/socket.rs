@@ -20,6 +20,8 @@ use super::wire::{decode, encode, Message, WireError};
 /// Most fds one `recvmsg` accepts; a peer sending more gets `MSG_CTRUNC`
 /// (the kernel closes the rest) and the connection fails.
 const MAX_FDS: usize = 4;
+/// Most fds any message travels with (`Hello`).
+const MAX_MESSAGE_FDS: usize = 3;
 /// Bytes of SCM_RIGHTS data for [`MAX_FDS`] fds.
 #[allow(clippy::cast_possible_truncation)] // 16
 const FDS_PAYLOAD: u32 = (size_of::<RawFd>() * MAX_FDS) as u32;
@@ -74,6 +76,7 @@ impl Conn {
     }
 
     /// Sends one message with its fds (as many as [`Message::fd_count`]).
+    /// One thread sends at a time (a frame may take several writes).
     /// The message is validated first, so nothing the peer would reject
     /// leaves; a dead peer is an error (`EPIPE`), never SIGPIPE.
     pub fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
@@ -217,6 +220,18 @@ impl Conn {
 
     /// One `recvmsg` into the buffer; returns the bytes read (0 at EOF).
     fn read_more(&mut self) -> Result<usize, WireError> {
+        // `recv` reads only when no whole frame is buffered, so every fd
+        // still queued belongs to the frame not yet complete: more than any
+        // message carries is a peer hoarding our fd table.
+        let queued: usize = self.fds.iter().map(|(_, b)| b.len()).sum();
+        if queued > MAX_MESSAGE_FDS {
+            return Err(io_err("recvmsg")(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "peer sent {queued} fds with one unfinished frame (at most {MAX_MESSAGE_FDS})"
+                ),
+            )));
+        }
         let old = self.buf.len();
         self.buf.resize(old + READ_CHUNK, 0);
         let result = self.recvmsg_into(old);
@@ -613,6 +628,26 @@ mod tests {
             matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidData),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fds_hoarded_by_an_unfinished_frame_are_refused() {
+        let f = memfd();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut frame = Vec::new();
+        encode(&messages()[4], &mut frame);
+        // One byte per sendmsg, each with an fd: each read takes one byte
+        // and one fd, and the frame never completes.
+        for byte in &frame[..8] {
+            send_raw(&a, std::slice::from_ref(byte), &[f.as_fd()]);
+        }
+        let mut conn = Conn::new(b);
+        let e = conn.recv().unwrap_err();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidData),
+            "{e}"
+        );
+        assert_eq!(conn.fds.iter().map(|(_, b)| b.len()).sum::<usize>(), 4);
     }
 
     #[test]
