@@ -194,6 +194,11 @@ impl Conn {
                 }
                 self.buf.drain(..n);
                 self.base = end;
+                // A frame of up to MAX_FRAME passed: keep no megabyte per
+                // idle connection.
+                if self.buf.capacity() > 4 * READ_CHUNK && self.buf.len() < READ_CHUNK {
+                    self.buf.shrink_to(2 * READ_CHUNK);
+                }
                 if fds.len() != msg.fd_count() {
                     return Err(WireError::FdCount {
                         kind_name: msg.kind_name(),
@@ -218,7 +223,8 @@ impl Conn {
         }
     }
 
-    /// One `recvmsg` into the buffer; returns the bytes read (0 at EOF).
+    /// One `recvmsg` appending to the buffer, queueing any fds that came;
+    /// returns the bytes read (0 at EOF).
     fn read_more(&mut self) -> Result<usize, WireError> {
         // `recv` reads only when no whole frame is buffered, so every fd
         // still queued belongs to the frame not yet complete: more than any
@@ -232,22 +238,16 @@ impl Conn {
                 ),
             )));
         }
-        let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
-        let result = self.recvmsg_into(old);
-        self.buf.truncate(old + *result.as_ref().unwrap_or(&0));
-        result
-    }
-
-    /// Reads into `self.buf[from..]`, queueing any fds that came.
-    fn recvmsg_into(&mut self, from: usize) -> Result<usize, WireError> {
+        self.buf.reserve(READ_CHUNK);
+        let from = self.buf.len();
+        // 8-aligned, and room for CMSG_SPACE of MAX_FDS fds (32 bytes).
+        let mut control = [0u64; 8];
         // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(FDS_PAYLOAD) } as usize;
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let dst = &mut self.buf[from..];
+        let space = (unsafe { libc::CMSG_SPACE(FDS_PAYLOAD) } as usize).min(size_of_val(&control));
+        let spare = self.buf.spare_capacity_mut();
         let mut iov = libc::iovec {
-            iov_base: dst.as_mut_ptr().cast(),
-            iov_len: dst.len(),
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len(),
         };
         loop {
             // SAFETY: msghdr is plain data; all zeros is a valid value.
@@ -258,8 +258,8 @@ impl Conn {
             hdr.msg_controllen = space;
             // SAFETY:
             // 1. The fd is our open socket.
-            // 2. `iov` covers `dst`, writable and alive for the call;
-            //    `control` holds `space` writable, 8-aligned bytes.
+            // 2. `iov` covers the buffer's spare capacity, writable and
+            //    alive for the call; `control` holds `space` writable bytes.
             let n =
                 unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
             if n < 0 {
@@ -270,6 +270,11 @@ impl Conn {
                 return Err(io_err("recvmsg")(e));
             }
             let n = n.unsigned_abs();
+            // SAFETY:
+            // 1. `from + n` is within the capacity: the kernel wrote at most
+            //    `iov_len` bytes, the spare capacity.
+            // 2. Those `n` bytes after `from` are initialized: recvmsg wrote them.
+            unsafe { self.buf.set_len(from + n) };
             // Own every fd before looking at anything else, so each error
             // below closes them.
             let fds = take_fds(&hdr);
