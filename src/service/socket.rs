@@ -12,6 +12,7 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -42,9 +43,16 @@ pub struct PeerCred {
 
 /// One end of a service connection. After any error but a read timeout
 /// the stream's framing is lost: drop the connection.
+///
+/// Any number of threads may send, through one `Conn` or its clones: a
+/// frame goes out whole under a lock the clones share. Receive through one
+/// handle only (each clone buffers on its own).
 #[derive(Debug)]
 pub struct Conn {
     stream: UnixStream,
+    /// Held for a whole frame, so frames from several senders never
+    /// interleave (a large one takes several writes).
+    send_lock: Arc<Mutex<()>>,
     /// Bytes read and not yet decoded; `buf[0]` is stream byte `base`.
     buf: Vec<u8>,
     base: u64,
@@ -64,6 +72,7 @@ impl Conn {
     pub fn new(stream: UnixStream) -> Self {
         Conn {
             stream,
+            send_lock: Arc::new(Mutex::new(())),
             buf: Vec::new(),
             base: 0,
             fds: VecDeque::new(),
@@ -76,7 +85,6 @@ impl Conn {
     }
 
     /// Sends one message with its fds (as many as [`Message::fd_count`]).
-    /// One thread sends at a time (a frame may take several writes).
     /// The message is validated first, so nothing the peer would reject
     /// leaves; a dead peer is an error (`EPIPE`), never SIGPIPE.
     pub fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
@@ -90,6 +98,12 @@ impl Conn {
         msg.validate()?;
         let mut frame = Vec::new();
         encode(msg, &mut frame);
+        // A sender that panicked mid-frame left the stream broken either
+        // way; the next send goes on and the peer sees the damage.
+        let _whole_frame = self
+            .send_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut sent = 0;
         if !fds.is_empty() {
             sent = loop {
@@ -344,13 +358,12 @@ impl Conn {
         })
     }
 
-    /// A second handle on the same socket, with a receive buffer of its
-    /// own: use one handle to send and one to receive, never two to
-    /// receive.
+    /// A second handle on the same socket, sharing the send lock, with a
+    /// receive buffer of its own: send through any, receive through one.
     pub fn try_clone(&self) -> Result<Conn, WireError> {
-        Ok(Conn::new(
-            self.stream.try_clone().map_err(io_err("try_clone"))?,
-        ))
+        let mut clone = Conn::new(self.stream.try_clone().map_err(io_err("try_clone"))?);
+        clone.send_lock = Arc::clone(&self.send_lock);
+        Ok(clone)
     }
 }
 
@@ -739,6 +752,41 @@ mod tests {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         assert_eq!((cred.uid, cred.gid), (uid, gid));
         assert_eq!(a.peer_cred().unwrap(), cred);
+    }
+
+    #[test]
+    fn clones_sending_at_once_never_interleave_frames() {
+        let (a, mut b) = pair();
+        let big = messages()[4].clone();
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let conn = a.try_clone().unwrap();
+                let big = big.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        if i % 2 == 0 {
+                            conn.send(&big, &[]).unwrap();
+                        } else {
+                            conn.send(&Message::Error(ErrorMsg::new(t, "x")), &[])
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(a);
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            while let Some((m, _)) = b.recv().unwrap() {
+                assert!(m == big || matches!(m, Message::Error(_)));
+                n += 1;
+            }
+            n
+        });
+        for s in senders {
+            s.join().unwrap();
+        }
+        assert_eq!(reader.join().unwrap(), 80);
     }
 
     #[test]
