@@ -12,6 +12,7 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -20,6 +21,8 @@ use super::wire::{decode, encode, Message, WireError};
 /// Most fds one `recvmsg` accepts; a peer sending more gets `MSG_CTRUNC`
 /// (the kernel closes the rest) and the connection fails.
 const MAX_FDS: usize = 4;
+/// Most fds any message travels with (`Hello`).
+const MAX_MESSAGE_FDS: usize = 3;
 /// Bytes of SCM_RIGHTS data for [`MAX_FDS`] fds.
 #[allow(clippy::cast_possible_truncation)] // 16
 const FDS_PAYLOAD: u32 = (size_of::<RawFd>() * MAX_FDS) as u32;
@@ -40,9 +43,16 @@ pub struct PeerCred {
 
 /// One end of a service connection. After any error but a read timeout
 /// the stream's framing is lost: drop the connection.
+///
+/// Any number of threads may send, through one `Conn` or its clones: a
+/// frame goes out whole under a lock the clones share. Receive through one
+/// handle only (each clone buffers on its own).
 #[derive(Debug)]
 pub struct Conn {
     stream: UnixStream,
+    /// Held for a whole frame, so frames from several senders never
+    /// interleave (a large one takes several writes).
+    send_lock: Arc<Mutex<()>>,
     /// Bytes read and not yet decoded; `buf[0]` is stream byte `base`.
     buf: Vec<u8>,
     base: u64,
@@ -62,6 +72,7 @@ impl Conn {
     pub fn new(stream: UnixStream) -> Self {
         Conn {
             stream,
+            send_lock: Arc::new(Mutex::new(())),
             buf: Vec::new(),
             base: 0,
             fds: VecDeque::new(),
@@ -87,6 +98,12 @@ impl Conn {
         msg.validate()?;
         let mut frame = Vec::new();
         encode(msg, &mut frame);
+        // A sender that panicked mid-frame left the stream broken either
+        // way; the next send goes on and the peer sees the damage.
+        let _whole_frame = self
+            .send_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut sent = 0;
         if !fds.is_empty() {
             sent = loop {
@@ -191,6 +208,11 @@ impl Conn {
                 }
                 self.buf.drain(..n);
                 self.base = end;
+                // A frame of up to MAX_FRAME passed: keep no megabyte per
+                // idle connection.
+                if self.buf.capacity() > 4 * READ_CHUNK && self.buf.len() < READ_CHUNK {
+                    self.buf.shrink_to(2 * READ_CHUNK);
+                }
                 if fds.len() != msg.fd_count() {
                     return Err(WireError::FdCount {
                         kind_name: msg.kind_name(),
@@ -215,24 +237,31 @@ impl Conn {
         }
     }
 
-    /// One `recvmsg` into the buffer; returns the bytes read (0 at EOF).
+    /// One `recvmsg` appending to the buffer, queueing any fds that came;
+    /// returns the bytes read (0 at EOF).
     fn read_more(&mut self) -> Result<usize, WireError> {
-        let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
-        let result = self.recvmsg_into(old);
-        self.buf.truncate(old + *result.as_ref().unwrap_or(&0));
-        result
-    }
-
-    /// Reads into `self.buf[from..]`, queueing any fds that came.
-    fn recvmsg_into(&mut self, from: usize) -> Result<usize, WireError> {
+        // `recv` reads only when no whole frame is buffered, so every fd
+        // still queued belongs to the frame not yet complete: more than any
+        // message carries is a peer hoarding our fd table.
+        let queued: usize = self.fds.iter().map(|(_, b)| b.len()).sum();
+        if queued > MAX_MESSAGE_FDS {
+            return Err(io_err("recvmsg")(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "peer sent {queued} fds with one unfinished frame (at most {MAX_MESSAGE_FDS})"
+                ),
+            )));
+        }
+        self.buf.reserve(READ_CHUNK);
+        let from = self.buf.len();
+        // 8-aligned, and room for CMSG_SPACE of MAX_FDS fds (32 bytes).
+        let mut control = [0u64; 8];
         // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(FDS_PAYLOAD) } as usize;
-        let mut control = vec![0u64; space.div_ceil(8)];
-        let dst = &mut self.buf[from..];
+        let space = (unsafe { libc::CMSG_SPACE(FDS_PAYLOAD) } as usize).min(size_of_val(&control));
+        let spare = self.buf.spare_capacity_mut();
         let mut iov = libc::iovec {
-            iov_base: dst.as_mut_ptr().cast(),
-            iov_len: dst.len(),
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len(),
         };
         loop {
             // SAFETY: msghdr is plain data; all zeros is a valid value.
@@ -243,8 +272,8 @@ impl Conn {
             hdr.msg_controllen = space;
             // SAFETY:
             // 1. The fd is our open socket.
-            // 2. `iov` covers `dst`, writable and alive for the call;
-            //    `control` holds `space` writable, 8-aligned bytes.
+            // 2. `iov` covers the buffer's spare capacity, writable and
+            //    alive for the call; `control` holds `space` writable bytes.
             let n =
                 unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
             if n < 0 {
@@ -255,6 +284,11 @@ impl Conn {
                 return Err(io_err("recvmsg")(e));
             }
             let n = n.unsigned_abs();
+            // SAFETY:
+            // 1. `from + n` is within the capacity: the kernel wrote at most
+            //    `iov_len` bytes, the spare capacity.
+            // 2. Those `n` bytes after `from` are initialized: recvmsg wrote them.
+            unsafe { self.buf.set_len(from + n) };
             // Own every fd before looking at anything else, so each error
             // below closes them.
             let fds = take_fds(&hdr);
@@ -324,13 +358,12 @@ impl Conn {
         })
     }
 
-    /// A second handle on the same socket, with a receive buffer of its
-    /// own: use one handle to send and one to receive, never two to
-    /// receive.
+    /// A second handle on the same socket, sharing the send lock, with a
+    /// receive buffer of its own: send through any, receive through one.
     pub fn try_clone(&self) -> Result<Conn, WireError> {
-        Ok(Conn::new(
-            self.stream.try_clone().map_err(io_err("try_clone"))?,
-        ))
+        let mut clone = Conn::new(self.stream.try_clone().map_err(io_err("try_clone"))?);
+        clone.send_lock = Arc::clone(&self.send_lock);
+        Ok(clone)
     }
 }
 
@@ -616,6 +649,26 @@ mod tests {
     }
 
     #[test]
+    fn fds_hoarded_by_an_unfinished_frame_are_refused() {
+        let f = memfd();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut frame = Vec::new();
+        encode(&messages()[4], &mut frame);
+        // One byte per sendmsg, each with an fd: each read takes one byte
+        // and one fd, and the frame never completes.
+        for byte in &frame[..8] {
+            send_raw(&a, std::slice::from_ref(byte), &[f.as_fd()]);
+        }
+        let mut conn = Conn::new(b);
+        let e = conn.recv().unwrap_err();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidData),
+            "{e}"
+        );
+        assert_eq!(conn.fds.iter().map(|(_, b)| b.len()).sum::<usize>(), 4);
+    }
+
+    #[test]
     fn garbage_is_a_typed_error() {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&[0xff; 64]).unwrap();
@@ -699,6 +752,41 @@ mod tests {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         assert_eq!((cred.uid, cred.gid), (uid, gid));
         assert_eq!(a.peer_cred().unwrap(), cred);
+    }
+
+    #[test]
+    fn clones_sending_at_once_never_interleave_frames() {
+        let (a, mut b) = pair();
+        let big = messages()[4].clone();
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let conn = a.try_clone().unwrap();
+                let big = big.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        if i % 2 == 0 {
+                            conn.send(&big, &[]).unwrap();
+                        } else {
+                            conn.send(&Message::Error(ErrorMsg::new(t, "x")), &[])
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(a);
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            while let Some((m, _)) = b.recv().unwrap() {
+                assert!(m == big || matches!(m, Message::Error(_)));
+                n += 1;
+            }
+            n
+        });
+        for s in senders {
+            s.join().unwrap();
+        }
+        assert_eq!(reader.join().unwrap(), 80);
     }
 
     #[test]
