@@ -27,7 +27,7 @@ use pagefold::{
     service::{
         socket::Conn,
         wire::{self, Hello, Message, RegionDesc},
-        ClientOptions, Service, ServiceClient, ServiceOptions,
+        ClientOptions, MappedRegion, Service, ServiceClient, ServiceOptions,
     },
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
@@ -117,6 +117,12 @@ fn vm_child() {
     let vm: u64 = env("PF_VM").parse().unwrap_or(0);
     let pages: usize = env("PF_PAGES").parse().unwrap_or(1024);
     let domain: u64 = env("PF_DOMAIN").parse().unwrap_or(0);
+    let break_on_write = env("PF_BREAK") == "1";
+    let options = ClientOptions {
+        domain,
+        vm_tag: vm,
+        break_on_write,
+    };
     let mem = build(vm, pages);
     let mut model = Model {
         vm,
@@ -125,20 +131,16 @@ fn vm_child() {
     };
     let memfd_inode = inode(mem.frame_store().as_fd());
     let mut client = Some(
-        ServiceClient::attach(
-            &socket,
-            Arc::clone(&mem),
-            ClientOptions { domain, vm_tag: vm },
-        )
-        .unwrap_or_else(|e| {
+        ServiceClient::attach(&socket, Arc::clone(&mem), options).unwrap_or_else(|e| {
             println!("error {e}");
             std::process::exit(3)
         }),
     );
     let shared_inode = client.as_ref().map_or(0, |c| inode(c.shared_frames_fd()));
     println!(
-        "ready {} {memfd_inode} {shared_inode}",
-        client.as_ref().map_or(0, |c| c.vm_id())
+        "ready {} {memfd_inode} {shared_inode} {}",
+        client.as_ref().map_or(0, |c| c.vm_id()),
+        mem.frame_store().as_raw_fd()
     );
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -150,6 +152,12 @@ fn vm_child() {
                 .unwrap_or_else(|e| format!("bad {e}")),
             ["remapped"] => format!("{}", client.as_ref().map_or(0, |c| c.pages_remapped())),
             ["connected"] => format!("{}", client.as_ref().is_some_and(|c| c.connected())),
+            ["expect", page, byte] => {
+                model
+                    .written
+                    .insert(page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                "ok".to_string()
+            }
             ["write", page, byte] | ["rawwrite", page, byte] => {
                 let (page, byte): (usize, u8) =
                     (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
@@ -196,10 +204,7 @@ fn vm_child() {
                 Some(Err(e)) => format!("bad detach: {e}"),
                 None => "bad not attached".into(),
             },
-            ["reattach"] => match client
-                .take()
-                .map(|c| c.reattach(&socket, ClientOptions { domain, vm_tag: vm }))
-            {
+            ["reattach"] => match client.take().map(|c| c.reattach(&socket, options)) {
                 Some(Ok(c)) => {
                     client = Some(c);
                     "ok".into()
@@ -216,6 +221,108 @@ fn vm_child() {
         };
         println!("{reply}");
     }
+}
+
+/// A second mapper (a vhost-user backend): maps the VMM's memfd (taken
+/// through /proc, as the vhost-user socket would hand it over), attaches,
+/// and answers `check`, `expect`, `rawwrite`, `remapped`.
+fn backend_child() {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let socket = PathBuf::from(env("PF_SOCKET"));
+    let vm: u64 = env("PF_VM").parse().unwrap_or(0);
+    let pages: usize = env("PF_PAGES").parse().unwrap_or(1024);
+    let path = format!("/proc/{}/fd/{}", env("PF_TARGET_PID"), env("PF_TARGET_FD"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = pages * PAGE_SIZE;
+    // SAFETY: a fresh shared mapping of the memfd, which is at least `len` long.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let region = MappedRegion {
+        gpa: GuestPhysAddr(0),
+        size: len as u64,
+        host_addr: pagefold::HostVirtAddr(base as u64),
+        file_offset: 0,
+    };
+    // SAFETY: the region is this process's MAP_SHARED mapping of the memfd,
+    // left alone while the client lives.
+    let client = unsafe { ServiceClient::attach_second_mapper(&socket, file.as_fd(), &[region]) }
+        .unwrap_or_else(|e| {
+            println!("error {e}");
+            std::process::exit(3)
+        });
+    let mut model = Model {
+        vm,
+        pages,
+        written: HashMap::new(),
+    };
+    println!("ready {}", client.vm_id());
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let reply = match w.as_slice() {
+            ["check"] => {
+                let mut bad = None;
+                for i in 0..pages {
+                    let mut buf = [0u8; PAGE_SIZE];
+                    for (k, c) in buf.chunks_exact_mut(8).enumerate() {
+                        // SAFETY: inside the live mapping.
+                        let v = unsafe {
+                            std::ptr::read_volatile(
+                                (base as usize + i * PAGE_SIZE + 8 * k) as *const u64,
+                            )
+                        };
+                        c.copy_from_slice(&v.to_le_bytes());
+                    }
+                    if buf != model.page(i) {
+                        bad = Some(i);
+                        break;
+                    }
+                }
+                bad.map_or("ok".into(), |i| {
+                    format!("bad page {i} differs in the backend")
+                })
+            }
+            ["expect", page, byte] => {
+                model
+                    .written
+                    .insert(page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                "ok".into()
+            }
+            ["rawwrite", page, byte] => {
+                let (page, byte): (usize, u8) =
+                    (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                for k in 0..8 {
+                    // SAFETY: inside the live, writable mapping (a backend filling a buffer).
+                    unsafe {
+                        std::ptr::write_volatile(
+                            (base as usize + page * PAGE_SIZE + 8 * k) as *mut u64,
+                            u64::from_le_bytes([byte; 8]),
+                        )
+                    };
+                }
+                model.written.insert(page, byte);
+                "ok".into()
+            }
+            ["remapped"] => format!("{}", client.pages_remapped()),
+            ["exit"] => break,
+            _ => format!("bad command {line}"),
+        };
+        println!("{reply}");
+    }
+    drop(client);
 }
 
 /// Tries to write, grow, punch and map writable the domain's shared memfd
@@ -361,6 +468,10 @@ impl Proc {
     }
 
     fn vm(socket: &Path, vm: u64, pages: usize, domain: u64) -> Proc {
+        Proc::vm_with(socket, vm, pages, domain, false)
+    }
+
+    fn vm_with(socket: &Path, vm: u64, pages: usize, domain: u64, break_on_write: bool) -> Proc {
         Proc::spawn(
             "vm",
             &[
@@ -368,6 +479,24 @@ impl Proc {
                 ("PF_VM", vm.to_string()),
                 ("PF_PAGES", pages.to_string()),
                 ("PF_DOMAIN", domain.to_string()),
+                (
+                    "PF_BREAK",
+                    if break_on_write { "1" } else { "0" }.to_string(),
+                ),
+            ],
+        )
+    }
+
+    /// A second mapper of `target`'s memory.
+    fn backend(socket: &Path, target: &Proc, vm: u64, pages: usize) -> Proc {
+        Proc::spawn(
+            "backend",
+            &[
+                ("PF_SOCKET", socket.display().to_string()),
+                ("PF_VM", vm.to_string()),
+                ("PF_PAGES", pages.to_string()),
+                ("PF_TARGET_PID", target.child.id().to_string()),
+                ("PF_TARGET_FD", target.ready[3].clone()),
             ],
         )
     }
@@ -634,6 +763,72 @@ fn isolation() {
     c.exit();
 }
 
+/// A vhost-user backend maps a VM's memory besides its VMM: every merge is
+/// followed in both (a backend attached before the merge, and one attached
+/// after, which is told every merged run), and a write from either (a
+/// vCPU's in the VMM, the backend filling a buffer) is seen by both and by
+/// nobody else, whether it hits a merged page or not.
+fn second_mappers_follow_and_share_writes() {
+    const PAGES: usize = 2048;
+    let socket = socket_path("second");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let mut b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    x.check();
+    service.merge_now().unwrap();
+    let merged = a.remapped();
+    assert!(
+        merged > 0 && x.remapped() == merged,
+        "the backend did not follow the merge"
+    );
+    let mut y = Proc::backend(&socket, &a, 1, PAGES);
+    assert_eq!(
+        y.remapped(),
+        merged,
+        "the late backend was not told the merged runs"
+    );
+    for p in [&mut a, &mut x, &mut y] {
+        p.check();
+    }
+    // Writes to merged pages (the first half is shared with B) and to
+    // private ones, from each process.
+    let writes: [(usize, u8, usize); 6] = [
+        (3, 0x41, 0),
+        (5, 0x42, 1),
+        (9, 0x43, 2),
+        (PAGES - 2, 0x44, 1),
+        (3, 0x45, 2),
+        (PAGES / 2 + 10, 0x46, 0),
+    ];
+    for (page, byte, who) in writes {
+        let mut procs = [&mut a, &mut x, &mut y];
+        for (k, p) in procs.iter_mut().enumerate() {
+            let cmd = if k == who { "rawwrite" } else { "expect" };
+            assert_eq!(p.ask(&format!("{cmd} {page} {byte}")), "ok");
+        }
+        for p in procs.iter_mut() {
+            p.check();
+        }
+    }
+    b.check();
+    // Another pass with the backends attached, then one leaves.
+    service.merge_now().unwrap();
+    for p in [&mut a, &mut x, &mut y, &mut b] {
+        p.check();
+    }
+    x.exit();
+    service.merge_now().unwrap();
+    assert_eq!(a.ask("rawwrite 1 77"), "ok");
+    assert_eq!(y.ask("expect 1 77"), "ok");
+    a.check();
+    y.check();
+    b.check();
+    y.exit();
+    a.exit();
+    b.exit();
+}
+
 /// Hostile bytes and hostile hellos: a typed error back, that connection
 /// closed, everything else served.
 fn hostile_connections() {
@@ -662,6 +857,7 @@ fn hostile_connections() {
     let hello = |offset| {
         Message::Hello(Hello {
             second_mapper: false,
+            break_on_write: false,
             domain: 0,
             vm_tag: 9,
             regions: vec![RegionDesc {
@@ -754,6 +950,7 @@ fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
         Ok("service") => return service_child(),
+        Ok("backend") => return backend_child(),
         _ => {}
     }
     if pagefold::userfault::Userfault::new().is_err() {
@@ -764,12 +961,16 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         ("two_processes_fold", two_processes_fold),
         ("client_killed_mid_merge", client_killed_mid_merge),
         ("stuck_client_is_rolled_back", stuck_client_is_rolled_back),
         ("service_killed_mid_merge", service_killed_mid_merge),
         ("isolation", isolation),
+        (
+            "second_mappers_follow_and_share_writes",
+            second_mappers_follow_and_share_writes,
+        ),
         ("hostile_connections", hostile_connections),
     ];
     let mut ran = 0;

@@ -888,25 +888,22 @@ fn unmerge_locked(
         return Err(e.into());
     }
     if let Some(r) = remote {
-        // The other process holds the pages' true bytes (the kernel may
-        // have copied them there): it writes them into their own frames,
-        // under its protection, and maps them shared again; this view then
-        // follows without a copy.
-        let restored = r
-            .mapper
-            .protect(r.index, first, n)
-            .and_then(|()| r.mapper.restore(r.index, &[(first as u64, n as u64)]));
-        if let Err(e) = restored {
+        if let Err(e) = r.mapper.protect(r.index, first, n) {
             release_all(ctx, remote, addr, len, (first, n), None);
             unlock_all();
             return Err(e.into());
         }
     }
+    // Where another process may hold the pages' true bytes (the kernel
+    // may have copied them there), it writes them into their own frames,
+    // under its protection, and maps them shared again; this view then
+    // follows without a copy. Otherwise this view's bytes are the truth.
+    let copied_there = remote.is_some_and(|r| r.mapper.holds_truth());
     // Copy each page's bytes (as its mapping shows them, kernel copies
     // included) into its own frame. A page that reads all zeros gets a hole
     // punched instead: no memory, and no trust in what the frame held.
     let mut page = [0u8; PAGE_SIZE];
-    for &(p, _) in run.iter().filter(|_| remote.is_none()) {
+    for &(p, _) in run.iter().filter(|_| !copied_there) {
         region.read_page(p, &mut page);
         let own = region.own_frame(p);
         let stored = if crate::addr::is_zero_page(&page) {
@@ -919,6 +916,13 @@ fn unmerge_locked(
         };
         if let Err(e) = stored {
             release_protection(ctx, addr, len);
+            unlock_all();
+            return Err(e.into());
+        }
+    }
+    if let Some(r) = remote {
+        if let Err(e) = r.mapper.restore(r.index, &[(first as u64, n as u64)]) {
+            release_all(ctx, remote, addr, len, (first, n), None);
             unlock_all();
             return Err(e.into());
         }

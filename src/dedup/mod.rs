@@ -18,6 +18,7 @@
 //! never depends on the rule, since bytes are compared under write
 //! protection before every merge).
 
+mod catch_up;
 mod error;
 mod handler;
 mod incremental;
@@ -270,6 +271,35 @@ impl DedupHost {
         let entry = self.entry(vm)?;
         self.remove_entry(&mut scan, &entry);
         Ok(())
+    }
+
+    /// Tells a process that starts mapping `vm`'s memory every run of it
+    /// that maps a shared frame or zeros, through `tell(region, runs)`.
+    pub(crate) fn catch_up(
+        &self,
+        vm: VmId,
+        tell: impl FnMut(usize, &[remote::RemoteRun]) -> Result<(), RemoteError>,
+    ) -> Result<(), DedupError> {
+        catch_up::catch_up(&*self.entry(vm)?, tell)
+    }
+
+    /// Runs `f` with page `page` of region `region` of `vm` held, if it is
+    /// private and nothing else holds it; whether it ran.
+    pub(crate) fn with_private_page_held(
+        &self,
+        vm: VmId,
+        region: usize,
+        page: usize,
+        f: impl FnOnce(),
+    ) -> Result<bool, DedupError> {
+        let entry = self.entry(vm)?;
+        let Some(r) = entry.mem.regions().get(region) else {
+            return Ok(false);
+        };
+        if page >= r.pages() {
+            return Ok(false);
+        }
+        Ok(catch_up::with_private_page_held(r, page, f))
     }
 
     /// Takes `entry` out of the host: the scan's positions, its hashes, and

@@ -63,8 +63,15 @@ pub(crate) trait RemoteMapper: Send + Sync {
     /// Remaps `runs` of region `region` in the mapper; `Ok` once it has
     /// remapped every one, `Err` when it remapped none.
     fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError>;
-    /// Has the mapper copy its current bytes of `runs` (`(first, pages)`)
-    /// into their own frames and map them shared there again.
+    /// Whether the mapper may hold the only copy of a merged page (its
+    /// merged pages are copy-on-write views, and the kernel copies there):
+    /// then [`restore`](Self::restore) copies its bytes home, and the host
+    /// must not. Otherwise (merged pages write-protected in every mapper)
+    /// the shared frame is the truth and the host copies it home itself.
+    fn holds_truth(&self) -> bool;
+    /// Has the mapper map `runs` (`(first, pages)`) shared at their own
+    /// frames again, first copying its bytes of them there if it
+    /// [holds the truth](Self::holds_truth).
     fn restore(&self, region: usize, runs: &[(u64, u64)]) -> Result<(), RemoteError>;
     /// Disarms protection of the stretches `unprotect` (`(first, pages)`:
     /// the window's pages the mapper did not remap; remapped ones are fresh

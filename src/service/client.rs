@@ -1,17 +1,25 @@
 //! The VMM process's side of the host service: [`ServiceClient`] puts a
-//! [`GuestMemory`] under the service and runs the thread that applies the
-//! service's remaps to this process's address space, acknowledging each
-//! before the service punches a frame this process mapped.
+//! [`GuestMemory`] under the service (or, in a second mapper such as a
+//! vhost-user backend, a mapping of a VM's memfd) and runs the thread that
+//! applies the service's remaps to this process's address space (`remap`),
+//! acknowledging each before the service punches a frame this process
+//! mapped.
 //!
-//! A merged page here is a private copy-on-write view of the domain's
-//! shared memfd (read-only descriptor), so a vCPU's write is the kernel's
-//! own copy on write, as in one process. Should the service die, the
-//! thread releases any write protection the service left armed and the
-//! memory goes on as it is: merged pages readable, writes copied.
+//! By default a merged page here is a private copy-on-write view of the
+//! domain's shared memfd (read-only descriptor), so a vCPU's write is the
+//! kernel's own copy on write, as in one process. With
+//! [`ClientOptions::break_on_write`] (memory shared with other processes)
+//! merged pages stay write-protected, and a second thread reads the write
+//! faults and asks the service to break the sharing into the page's own
+//! frame, which every mapper maps again before the writer goes on.
+//!
+//! Should the service die, the remap thread releases every protection it
+//! left armed; in break-on-write mode every process brings its merged pages
+//! home first. Merged pages stay readable and writes land.
 
 use std::{
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, BorrowedFd},
         unix::net::UnixStream,
     },
     path::Path,
@@ -25,11 +33,12 @@ use std::{
 use super::{
     control::{ControlPage, Window},
     error::ServiceError,
+    remap::{lock, reopen, AddressSpace, Region},
     socket::Conn,
-    wire::{Ack, AckStatus, Hello, Message, PageRun, RegionDesc, RemapRun, RemapTo},
+    wire::{Ack, AckStatus, Break, Hello, Message, RegionDesc},
 };
 use crate::{
-    addr::{HostVirtAddr, PAGE_SIZE},
+    addr::{GuestPhysAddr, HostVirtAddr, PAGE_SIZE},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -42,36 +51,36 @@ pub struct ClientOptions {
     pub domain: u64,
     /// A label the service keeps with the VM (logs, memfd names).
     pub vm_tag: u64,
+    /// The VM's memory is (or will be) mapped by other processes too
+    /// (vhost-user backends): merged pages stay write-protected, and a
+    /// write breaks the sharing through the service into a frame every
+    /// mapper maps. Costs a round trip to the service on the first write to
+    /// each merged page instead of the kernel's copy. Required for
+    /// [`ServiceClient::attach_second_mapper`].
+    pub break_on_write: bool,
 }
 
-/// One region as this process maps it.
+/// A region of a VM's memory as a second mapper maps it.
 #[derive(Clone, Copy, Debug)]
-struct Region {
-    host_addr: HostVirtAddr,
-    pages: usize,
-    /// Byte offset of its first frame in the guest memfd.
-    own_offset: u64,
+pub struct MappedRegion {
+    /// Its first guest-physical address.
+    pub gpa: GuestPhysAddr,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where this process maps it (a `MAP_SHARED` mapping of the memfd).
+    pub host_addr: HostVirtAddr,
+    /// The byte offset of its first page in the memfd.
+    pub file_offset: u64,
 }
 
-/// What the remap thread and the client share.
-struct Shared {
-    mem: Arc<GuestMemory>,
-    uffd: Userfault,
-    control: ControlPage,
-    regions: Vec<Region>,
-    /// The domain's shared frames, read-only.
-    shared_fd: OwnedFd,
-    /// Per region, which pages map something other than their own frame.
-    remapped: Mutex<Vec<Vec<bool>>>,
-    connected: AtomicBool,
-}
-
-/// A VMM process's guest memory under the host service.
+/// A process's view of a VM's memory under the host service.
 pub struct ServiceClient {
-    shared: Arc<Shared>,
+    space: Arc<AddressSpace>,
     vm_id: u64,
     sender: Conn,
-    thread: Option<JoinHandle<()>>,
+    remap_thread: Option<JoinHandle<()>>,
+    fault_thread: Option<JoinHandle<()>>,
+    stop_faults: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ServiceClient {
@@ -109,34 +118,92 @@ impl ServiceClient {
                 what: "the guest memory is registered with a dedup host already".into(),
             });
         }
-        match Self::connect(socket, &mem, options) {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                mem.release_from_dedup();
-                Err(e)
-            }
+        let regions: Vec<MappedRegion> = mem
+            .regions()
+            .iter()
+            .map(|r| MappedRegion {
+                gpa: r.start(),
+                size: r.size(),
+                host_addr: r.host_addr(),
+                file_offset: r.frames().start.file_offset(),
+            })
+            .collect();
+        let connected = store
+            .forbid_shrinking()
+            .map_err(ServiceError::from)
+            .and_then(|()| {
+                Self::connect(
+                    socket,
+                    store.as_fd(),
+                    &regions,
+                    options,
+                    false,
+                    Some(Arc::clone(&mem)),
+                )
+            });
+        if connected.is_err() {
+            mem.release_from_dedup();
         }
+        connected
+    }
+
+    /// Puts this process's mapping of a VM's memory under the service as a
+    /// second mapper (a vhost-user backend): it follows every merge, and a
+    /// write from here is seen by the VM and never lost. The VMM must have
+    /// attached the VM with [`ClientOptions::break_on_write`]; the service
+    /// finds the VM by the memfd. Attach before touching the memory: until
+    /// this returns, merged pages read as holes here.
+    ///
+    /// # Safety
+    ///
+    /// Each region's `host_addr..host_addr + size` must be a live
+    /// `MAP_SHARED` mapping of `memfd` at `file_offset` made by this
+    /// process, that nothing else in it unmaps or remaps while the client
+    /// lives: the client remaps pages inside it.
+    pub unsafe fn attach_second_mapper(
+        socket: &Path,
+        memfd: BorrowedFd<'_>,
+        regions: &[MappedRegion],
+    ) -> Result<ServiceClient, ServiceError> {
+        let options = ClientOptions {
+            break_on_write: true,
+            ..ClientOptions::default()
+        };
+        Self::connect(socket, memfd, regions, options, true, None)
     }
 
     fn connect(
         socket: &Path,
-        mem: &Arc<GuestMemory>,
+        memfd: BorrowedFd<'_>,
+        mapped: &[MappedRegion],
         options: ClientOptions,
+        second_mapper: bool,
+        mem: Option<Arc<GuestMemory>>,
     ) -> Result<ServiceClient, ServiceError> {
-        let store = mem.frame_store();
-        store.forbid_shrinking()?;
-        let uffd = Userfault::new()?;
-        let regions: Vec<Region> = mem
-            .regions()
-            .iter()
-            .map(|r| Region {
-                host_addr: r.host_addr(),
-                pages: r.pages(),
-                own_offset: r.frames().start.file_offset(),
-            })
-            .collect();
+        let uffd = if options.break_on_write {
+            Userfault::new_with_remap_events()?
+        } else {
+            Userfault::new()?
+        };
+        let page = PAGE_SIZE as u64;
+        let mut regions = Vec::with_capacity(mapped.len());
+        for r in mapped {
+            if r.size == 0 || r.size % page != 0 || r.host_addr.0 % page != 0 {
+                return Err(ServiceError::BadMemory {
+                    what: format!("region at {:#x}: size or address not page-aligned", r.gpa.0),
+                });
+            }
+            let pages = usize::try_from(r.size / page).map_err(|_| ServiceError::BadMemory {
+                what: "region too large".into(),
+            })?;
+            regions.push(Region {
+                host_addr: r.host_addr,
+                pages,
+                own_offset: r.file_offset,
+            });
+        }
         // Registered now, so the service can arm protection anywhere; every
-        // remap below registers its fresh mapping again.
+        // remap registers its fresh mapping again.
         for r in &regions {
             uffd.register(r.host_addr, (r.pages * PAGE_SIZE) as u64)?;
         }
@@ -144,21 +211,23 @@ impl ServiceClient {
         let stream = UnixStream::connect(socket).map_err(os("connect to the service"))?;
         let mut conn = Conn::new(stream);
         let hello = Message::Hello(Hello {
-            second_mapper: false,
+            second_mapper,
+            break_on_write: options.break_on_write,
             domain: options.domain,
             vm_tag: options.vm_tag,
-            regions: mem
-                .regions()
+            regions: mapped
                 .iter()
                 .map(|r| RegionDesc {
-                    gpa: r.start(),
-                    size: r.size(),
-                    host_addr: r.host_addr(),
-                    file_offset: r.frames().start.file_offset(),
+                    gpa: r.gpa,
+                    size: r.size,
+                    host_addr: r.host_addr,
+                    file_offset: r.file_offset,
                 })
                 .collect(),
         });
-        conn.send(&hello, &[store.as_fd(), uffd_fd(&uffd), control_fd.as_fd()])?;
+        // SAFETY: the descriptor is owned by `uffd`, which outlives the call.
+        let uffd_fd = unsafe { BorrowedFd::borrow_raw(uffd.as_raw_fd()) };
+        conn.send(&hello, &[memfd, uffd_fd, control_fd.as_fd()])?;
         drop(control_fd);
         let (welcome, shared_fd) = match conn.recv()? {
             Some((Message::Welcome(w), mut fds)) => match fds.pop() {
@@ -184,27 +253,65 @@ impl ServiceClient {
             }
             None => return Err(ServiceError::Closed),
         };
-        let shared = Arc::new(Shared {
-            mem: Arc::clone(mem),
+        let space = Arc::new(AddressSpace {
+            mem,
+            memfd: reopen(memfd.as_raw_fd()).map_err(os("reopen the guest memfd"))?,
             uffd,
             control,
             remapped: Mutex::new(regions.iter().map(|r| vec![false; r.pages]).collect()),
             regions,
             shared_fd,
             connected: AtomicBool::new(true),
+            break_on_write: options.break_on_write,
         });
         let sender = conn.try_clone()?;
-        let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
+        let stop_faults = Arc::new(AtomicBool::new(false));
+        // The fault thread first: in break-on-write mode every remap waits
+        // for it to read the move's event.
+        let fault_thread = if options.break_on_write {
+            let (space, stop, sender) = (
+                Arc::clone(&space),
+                Arc::clone(&stop_faults),
+                conn.try_clone()?,
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("pagefold-breaks".into())
+                    .spawn(move || fault_loop(&space, &stop, &sender))
+                    .map_err(os("spawn the fault thread"))?,
+            )
+        } else {
+            None
+        };
+        let thread_space = Arc::clone(&space);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let remap_thread = std::thread::Builder::new()
             .name("pagefold-remap".into())
-            .spawn(move || remap_loop(&thread_shared, conn))
-            .map_err(os("spawn the remap thread"))?;
-        Ok(ServiceClient {
-            shared,
+            .spawn(move || remap_loop(&thread_space, conn, &ready_tx))
+            .map_err(os("spawn the remap thread"));
+        let remap_thread = match remap_thread {
+            Ok(t) => t,
+            Err(e) => {
+                stop_faults.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let client = ServiceClient {
+            space,
             vm_id: welcome.vm_id,
             sender,
-            thread: Some(thread),
-        })
+            remap_thread: Some(remap_thread),
+            fault_thread,
+            stop_faults,
+        };
+        if second_mapper {
+            // Told every merged run before it may touch the memory.
+            let told = ready_rx.recv_timeout(std::time::Duration::from_secs(60));
+            if told != Ok(true) {
+                return Err(ServiceError::Closed);
+            }
+        }
+        Ok(client)
     }
 
     /// The id the service gave this VM.
@@ -212,95 +319,109 @@ impl ServiceClient {
         self.vm_id
     }
 
-    /// The guest memory.
-    pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.shared.mem
+    /// The guest memory (`None` in a second mapper).
+    pub fn memory(&self) -> Option<&Arc<GuestMemory>> {
+        self.space.mem.as_ref()
     }
 
     /// The read-only descriptor of this VM's merge domain's shared frames
     /// that merged pages map (private).
     pub fn shared_frames_fd(&self) -> BorrowedFd<'_> {
-        self.shared.shared_fd.as_fd()
+        self.space.shared_fd.as_fd()
     }
 
     /// Whether the service is still there.
     pub fn connected(&self) -> bool {
-        self.shared.connected.load(Ordering::SeqCst)
+        self.space.connected.load(Ordering::SeqCst)
     }
 
     /// Pages of this process mapping a shared frame or zeros now.
     pub fn pages_remapped(&self) -> u64 {
-        lock(&self.shared.remapped)
+        lock(&self.space.remapped)
             .iter()
             .map(|r| r.iter().filter(|m| **m).count() as u64)
             .sum()
     }
 
-    /// Leaves the service: it restores every merged page into this
-    /// process's own memfd (through the remap thread) and says goodbye.
-    /// Without a service (it died), every merged page is restored here.
-    pub fn detach(mut self) -> Result<Arc<GuestMemory>, ServiceError> {
+    /// Leaves the service: it brings every merged page home into the
+    /// memfd (through the remap thread) and says goodbye. Without a
+    /// service (it died), every merged page is brought home here. Returns
+    /// the guest memory (`None` in a second mapper).
+    pub fn detach(mut self) -> Result<Option<Arc<GuestMemory>>, ServiceError> {
         if self.connected() && self.sender.send(&Message::Bye, &[]).is_ok() {
-            self.join();
+            self.join_remap();
         } else {
-            self.shutdown();
+            self.shutdown_remap();
         }
-        let restored = restore_all_here(&self.shared);
-        self.shared.mem.release_from_dedup();
-        restored.map(|()| Arc::clone(&self.shared.mem))
+        let homed = self.space.home_everything();
+        self.stop_fault_thread();
+        if let Some(mem) = &self.space.mem {
+            mem.release_from_dedup();
+        }
+        homed.map_err(|errno| ServiceError::Os {
+            op: "bring merged pages home into the guest memfd",
+            source: std::io::Error::from_raw_os_error(errno),
+        })?;
+        Ok(self.space.mem.clone())
     }
 
-    /// After the service was lost: restores every merged page into this
-    /// process's own memfd (so a new service reads true bytes there) and
-    /// attaches to the service at `socket` again.
+    /// After the service was lost: brings every merged page home into the
+    /// memfd (so a new service reads true bytes there) and attaches the
+    /// memory to the service at `socket` again.
     pub fn reattach(
         self,
         socket: &Path,
         options: ClientOptions,
     ) -> Result<ServiceClient, ServiceError> {
-        let mem = self.detach()?;
-        ServiceClient::attach(socket, mem, options)
+        match self.detach()? {
+            Some(mem) => ServiceClient::attach(socket, mem, options),
+            None => Err(ServiceError::BadMemory {
+                what: "a second mapper attaches again with attach_second_mapper".into(),
+            }),
+        }
     }
 
-    fn join(&mut self) {
-        if let Some(t) = self.thread.take() {
+    fn join_remap(&mut self) {
+        if let Some(t) = self.remap_thread.take() {
             let _ = t.join();
         }
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown_remap(&mut self) {
         let _ = self.sender.stream().shutdown(std::net::Shutdown::Both);
-        self.join();
+        self.join_remap();
+    }
+
+    fn stop_fault_thread(&mut self) {
+        self.stop_faults.store(true, Ordering::SeqCst);
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 impl Drop for ServiceClient {
     fn drop(&mut self) {
         // The service forgets the VM when the socket closes; merged pages
-        // stay mapped here, readable, copied on write.
-        self.shutdown();
+        // stay mapped here, readable (in break-on-write mode they come
+        // home first), and writes land.
+        self.shutdown_remap();
+        self.stop_fault_thread();
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The bitmaps are consistent between statements.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn uffd_fd(uffd: &Userfault) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor is owned by `uffd`, which outlives the
-    // borrow (it is only used while `uffd` is).
-    unsafe { BorrowedFd::borrow_raw(uffd.as_raw_fd()) }
-}
-
 /// Serves the service's requests until it says goodbye or goes away.
-fn remap_loop(shared: &Shared, mut conn: Conn) {
+fn remap_loop(space: &AddressSpace, mut conn: Conn, ready: &std::sync::mpsc::Sender<bool>) {
     loop {
         let reply = match conn.recv() {
+            Ok(Some((Message::Ready, _))) => {
+                let _ = ready.send(true);
+                continue;
+            }
             Ok(Some((Message::Remap(m), _))) => {
-                let status = if shared.control.advance(m.seq, Window::Armed, Window::Taken) {
-                    let r = remap(shared, m.region, &m.runs);
-                    shared.control.advance(m.seq, Window::Taken, Window::Done);
+                let status = if space.control.advance(m.seq, Window::Armed, Window::Taken) {
+                    let r = space.remap(m.region, &m.runs);
+                    space.control.advance(m.seq, Window::Taken, Window::Done);
                     r
                 } else {
                     Ok(AckStatus::Skipped)
@@ -309,17 +430,30 @@ fn remap_loop(shared: &Shared, mut conn: Conn) {
             }
             Ok(Some((Message::Restore(m), _))) => ack(
                 m.seq,
-                restore(shared, m.region, &m.runs).map(|()| AckStatus::Done),
+                space
+                    .home(m.region, &m.runs, true)
+                    .map(|()| AckStatus::Done),
             ),
-            Ok(Some((Message::Bye, _))) | Ok(None) | Err(_) => break,
-            Ok(Some(_)) => break,
+            Ok(Some((Message::Home(m), _))) => ack(
+                m.seq,
+                space
+                    .home(m.region, &m.runs, false)
+                    .map(|()| AckStatus::Done),
+            ),
+            Ok(Some(_)) | Ok(None) | Err(_) => break,
         };
         if conn.send(&Message::Ack(reply), &[]).is_err() {
             break;
         }
     }
-    shared.connected.store(false, Ordering::SeqCst);
-    release_everything(shared);
+    space.connected.store(false, Ordering::SeqCst);
+    let _ = ready.send(false);
+    if space.break_on_write {
+        // Merged pages are write-protected for good in this mode: with no
+        // service to break them, every process brings them home itself.
+        let _ = space.home_everything();
+    }
+    space.release_everything();
 }
 
 fn ack(seq: u64, r: Result<AckStatus, i32>) -> Ack {
@@ -337,217 +471,21 @@ fn ack(seq: u64, r: Result<AckStatus, i32>) -> Ack {
     }
 }
 
-/// With no service left to release them, disarms every write protection
-/// in this process's guest memory and wakes whoever waits.
-fn release_everything(shared: &Shared) {
-    for r in &shared.regions {
-        let len = (r.pages * PAGE_SIZE) as u64;
-        let _ = shared.uffd.unprotect(r.host_addr, len, true);
-        let _ = shared.uffd.wake(r.host_addr, len);
-    }
-}
-
-/// The host address and length of `pages` from `first` in `region`, if
-/// they lie inside it: nothing the service says can make this process map
-/// over anything but its own guest memory.
-fn span(shared: &Shared, region: usize, first: u64, pages: u64) -> Option<(HostVirtAddr, usize)> {
-    let r = shared.regions.get(region)?;
-    let first = usize::try_from(first).ok()?;
-    let pages = usize::try_from(pages).ok()?;
-    if pages == 0 || first.checked_add(pages)? > r.pages {
-        return None;
-    }
-    Some((
-        HostVirtAddr(r.host_addr.0 + (first * PAGE_SIZE) as u64),
-        pages * PAGE_SIZE,
-    ))
-}
-
-/// `mmap(MAP_FIXED)` of `len` bytes at `addr`, then registers the fresh
-/// mapping for write protection so the service can arm it later.
-fn map_fixed(
-    shared: &Shared,
-    addr: HostVirtAddr,
-    len: usize,
-    flags: libc::c_int,
-    fd: RawFd,
-    offset: u64,
-) -> Result<(), i32> {
-    let offset = libc::off_t::try_from(offset).map_err(|_| libc::EINVAL)?;
-    // `addr..addr+len` lies inside one region of this process's guest
-    // memory (checked by `span`), which its `HostMapping` owns; MAP_FIXED
-    // replaces only those pages, and no Rust reference into them exists.
-    // SAFETY: as argued above; `fd` is a live descriptor or -1.
-    let p = unsafe {
-        libc::mmap(
-            addr.0 as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            fd,
-            offset,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO));
-    }
-    shared
-        .uffd
-        .register(addr, len as u64)
-        .map_err(|_| libc::EIO)
-}
-
-/// Applies a remap: each run onto the shared frames or zeros.
-fn remap(shared: &Shared, region: u32, runs: &[RemapRun]) -> Result<AckStatus, i32> {
-    let region = region as usize;
-    for run in runs {
-        let (addr, len) = span(shared, region, run.first_page, run.pages).ok_or(libc::EINVAL)?;
-        match run.target {
-            RemapTo::Shared { file_offset } => map_fixed(
-                shared,
-                addr,
-                len,
-                libc::MAP_PRIVATE,
-                shared.shared_fd.as_raw_fd(),
-                file_offset,
-            )?,
-            RemapTo::Zero => map_fixed(
-                shared,
-                addr,
-                len,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )?,
-        }
-        mark(shared, region, run.first_page, run.pages, true);
-    }
-    Ok(AckStatus::Done)
-}
-
-fn mark(shared: &Shared, region: usize, first: u64, pages: u64, remapped: bool) {
-    if let Some(r) = lock(&shared.remapped).get_mut(region) {
-        let (Ok(first), Ok(pages)) = (usize::try_from(first), usize::try_from(pages)) else {
-            return;
-        };
-        if let Some(s) = first
-            .checked_add(pages)
-            .and_then(|end| r.get_mut(first..end))
-        {
-            s.iter_mut().for_each(|m| *m = remapped);
-        }
-    }
-}
-
-/// Applies a restore: each page's current bytes (as this process maps
-/// them, its copies included) into its own frame, then the run mapped
-/// shared at its own frames again. The service holds the pages' writers
-/// (write protection) meanwhile.
-fn restore(shared: &Shared, region: u32, runs: &[PageRun]) -> Result<(), i32> {
-    let region = region as usize;
-    for run in runs {
-        let (addr, len) = span(shared, region, run.first_page, run.pages).ok_or(libc::EINVAL)?;
-        let own = shared.regions[region].own_offset + run.first_page * PAGE_SIZE as u64;
-        copy_home(shared, addr, len, own)?;
-        map_fixed(
-            shared,
-            addr,
-            len,
-            libc::MAP_SHARED,
-            shared.mem.frame_store().as_raw_fd(),
-            own,
-        )?;
-        mark(shared, region, run.first_page, run.pages, false);
-    }
-    Ok(())
-}
-
-/// Writes the bytes mapped at `addr..addr+len` into the guest memfd at
-/// `own`, a page at a time; an all-zero page is punched instead.
-fn copy_home(shared: &Shared, addr: HostVirtAddr, len: usize, own: u64) -> Result<(), i32> {
-    let fd = shared.mem.frame_store().as_raw_fd();
-    let mut page = [0u8; PAGE_SIZE];
-    for k in 0..len / PAGE_SIZE {
-        let at = usize::try_from(addr.0).map_err(|_| libc::EINVAL)? + k * PAGE_SIZE;
-        // The page lies inside this process's guest memory (checked by the
-        // caller), which stays mapped for the call; writers wait on write
-        // protection, and the copy forms no reference into guest memory.
-        // SAFETY: as argued above.
-        unsafe { crate::memory::copy::copy_from_guest(at as *const u8, &mut page) };
-        let off = libc::off_t::try_from(own + (k * PAGE_SIZE) as u64).map_err(|_| libc::EINVAL)?;
-        let rc = if page.iter().all(|b| *b == 0) {
-            // SAFETY: plain syscall on the guest memfd, which we own.
-            unsafe {
-                libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    PAGE_SIZE as libc::off_t,
-                )
-            }
-        } else {
-            // SAFETY: `page` is valid for PAGE_SIZE bytes of reads.
-            let n = unsafe { libc::pwrite(fd, page.as_ptr().cast(), PAGE_SIZE, off) };
-            if n == PAGE_SIZE as isize {
-                0
-            } else {
-                -1
-            }
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
-        }
-    }
-    Ok(())
-}
-
-/// With no service: brings every remapped page home, under this process's
-/// own write protection, so the memfd holds the guest's bytes again.
-fn restore_all_here(shared: &Shared) -> Result<(), ServiceError> {
-    let runs: Vec<(u32, u64, u64)> = {
-        let remapped = lock(&shared.remapped);
-        let mut v = Vec::new();
-        for (ri, r) in remapped.iter().enumerate() {
-            let mut p = 0;
-            while p < r.len() {
-                if r[p] {
-                    let s = p;
-                    while p < r.len() && r[p] {
-                        p += 1;
-                    }
-                    if let Ok(ri) = u32::try_from(ri) {
-                        v.push((ri, s as u64, (p - s) as u64));
-                    }
-                } else {
-                    p += 1;
-                }
-            }
-        }
-        v
-    };
-    for (region, first, pages) in runs {
-        let Some((addr, len)) = span(shared, region as usize, first, pages) else {
+/// Break-on-write mode: reads the write faults of this process's guest
+/// memory and asks the service to break each (the service wakes the
+/// writer); reading also lets every `mremap` of a registered range go on.
+fn fault_loop(space: &AddressSpace, stop: &AtomicBool, sender: &Conn) {
+    while !stop.load(Ordering::SeqCst) {
+        if !space.uffd.wait(100).unwrap_or(false) {
             continue;
-        };
-        shared.uffd.protect(addr, len as u64)?;
-        let r = restore(
-            shared,
-            region,
-            &[PageRun {
-                first_page: first,
-                pages,
-            }],
-        );
-        let _ = shared.uffd.unprotect(addr, len as u64, true);
-        let _ = shared.uffd.wake(addr, len as u64);
-        r.map_err(|errno| ServiceError::Os {
-            op: "restore merged pages into the guest memfd",
-            source: std::io::Error::from_raw_os_error(errno),
-        })?;
+        }
+        while let Ok(Some(fault)) = space.uffd.read_fault() {
+            if !fault.write_protect || !space.connected.load(Ordering::SeqCst) {
+                continue;
+            }
+            if let Some((region, page)) = space.page_of(fault.addr) {
+                let _ = sender.send(&Message::Break(Break { region, page }), &[]);
+            }
+        }
     }
-    Ok(())
 }

@@ -5,9 +5,9 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         mpsc::{Receiver, RecvTimeoutError},
-        Mutex,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -121,8 +121,13 @@ impl ConnMapper {
     }
 }
 
-impl RemoteMapper for ConnMapper {
-    fn protect(&self, region: usize, first: usize, count: usize) -> Result<(), RemoteError> {
+impl ConnMapper {
+    pub(crate) fn protect(
+        &self,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), RemoteError> {
         if !self.usable() {
             return Err(RemoteError::Lost("the VMM process takes no merges".into()));
         }
@@ -136,7 +141,7 @@ impl RemoteMapper for ConnMapper {
             .map_err(|e| RemoteError::Lost(e.to_string()))
     }
 
-    fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError> {
+    pub(crate) fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let msg = Message::Remap(Remap {
             seq,
@@ -197,16 +202,28 @@ impl RemoteMapper for ConnMapper {
         }
     }
 
-    fn restore(&self, region: usize, runs: &[(u64, u64)]) -> Result<(), RemoteError> {
+    /// Has the process map `runs` at their own frames again, copying its
+    /// bytes there first with `copy` (`Restore`), or not (`Home`).
+    pub(crate) fn home(
+        &self,
+        region: usize,
+        runs: &[(u64, u64)],
+        copy: bool,
+    ) -> Result<(), RemoteError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let msg = Message::Restore(Restore {
+        let restore = Restore {
             seq,
             region: u32::try_from(region).map_err(|_| self.lost("region index".into()))?,
             runs: runs
                 .iter()
                 .map(|&(first_page, pages)| PageRun { first_page, pages })
                 .collect(),
-        });
+        };
+        let msg = if copy {
+            Message::Restore(restore)
+        } else {
+            Message::Home(restore)
+        };
         self.send(&msg)?;
         match self.wait_ack(seq, Instant::now() + self.deadline)? {
             Some(Ack {
@@ -221,7 +238,12 @@ impl RemoteMapper for ConnMapper {
         }
     }
 
-    fn release(&self, region: usize, unprotect: &[(usize, usize)], wake: (usize, usize)) {
+    pub(crate) fn release(
+        &self,
+        region: usize,
+        unprotect: &[(usize, usize)],
+        wake: (usize, usize),
+    ) {
         for &(first, count) in unprotect {
             if let Some((addr, len)) = self.span(region, first, count) {
                 let _ = self.uffd.unprotect(addr, len, false);
@@ -232,13 +254,123 @@ impl RemoteMapper for ConnMapper {
         }
     }
 
-    fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         self.state.load(Ordering::SeqCst) == USABLE
     }
 
-    fn quarantine(&self) {
+    pub(crate) fn quarantine(&self) {
         let _ =
             self.state
                 .compare_exchange(USABLE, QUARANTINED, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Every process that maps one VM's memory: the VMM's and, in
+/// break-on-write mode, its second mappers. What the dedup engine asks of
+/// the VM's remote side goes to each in turn.
+pub(crate) struct VmMappers {
+    primary: Arc<ConnMapper>,
+    others: RwLock<Vec<Arc<ConnMapper>>>,
+    break_on_write: bool,
+    quarantined: AtomicBool,
+}
+
+impl VmMappers {
+    pub(crate) fn new(primary: Arc<ConnMapper>, break_on_write: bool) -> Self {
+        VmMappers {
+            primary,
+            others: RwLock::new(Vec::new()),
+            break_on_write,
+            quarantined: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn break_on_write(&self) -> bool {
+        self.break_on_write
+    }
+
+    pub(crate) fn primary(&self) -> &Arc<ConnMapper> {
+        &self.primary
+    }
+
+    /// Adds a second mapper: every window from now on includes it.
+    pub(crate) fn add(&self, m: Arc<ConnMapper>) {
+        write_lock(&self.others).push(m);
+    }
+
+    /// Drops a second mapper whose connection ended.
+    pub(crate) fn remove(&self, m: &Arc<ConnMapper>) {
+        write_lock(&self.others).retain(|o| !Arc::ptr_eq(o, m));
+    }
+
+    /// The mappers, primary first.
+    fn all(&self) -> Vec<Arc<ConnMapper>> {
+        let others = read_lock(&self.others);
+        std::iter::once(Arc::clone(&self.primary))
+            .chain(others.iter().cloned())
+            .collect()
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RemoteMapper for VmMappers {
+    fn protect(&self, region: usize, first: usize, count: usize) -> Result<(), RemoteError> {
+        for m in self.all() {
+            m.protect(region, first, count)?;
+        }
+        Ok(())
+    }
+
+    fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError> {
+        let all = self.all();
+        for (i, m) in all.iter().enumerate() {
+            if let Err(e) = m.remap(region, runs) {
+                // The ones before remapped: back to their own frames
+                // (unpunched, equal to what they held), still protected.
+                let pages: Vec<(u64, u64)> = runs.iter().map(|r| (r.first_page, r.pages)).collect();
+                for done in &all[..i] {
+                    if done.home(region, &pages, false).is_err() {
+                        self.quarantine();
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn holds_truth(&self) -> bool {
+        !self.break_on_write
+    }
+
+    fn restore(&self, region: usize, runs: &[(u64, u64)]) -> Result<(), RemoteError> {
+        for m in self.all() {
+            if let Err(e) = m.home(region, runs, !self.break_on_write) {
+                self.quarantine();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, region: usize, unprotect: &[(usize, usize)], wake: (usize, usize)) {
+        for m in self.all() {
+            m.release(region, unprotect, wake);
+        }
+    }
+
+    fn usable(&self) -> bool {
+        !self.quarantined.load(Ordering::SeqCst) && self.all().iter().all(|m| m.usable())
+    }
+
+    fn quarantine(&self) {
+        self.quarantined.store(true, Ordering::SeqCst);
     }
 }

@@ -15,10 +15,11 @@ pub mod client;
 mod control;
 pub mod error;
 mod mapper;
+mod remap;
 pub mod server;
 pub mod socket;
 pub mod wire;
 
-pub use client::{ClientOptions, ServiceClient};
+pub use client::{ClientOptions, MappedRegion, ServiceClient};
 pub use error::ServiceError;
 pub use server::{Service, ServiceOptions, ServiceStats};

@@ -25,7 +25,7 @@ use std::{
 use super::{
     control::ControlPage,
     error::ServiceError,
-    mapper::{ClientRegion, ConnMapper},
+    mapper::{ClientRegion, ConnMapper, VmMappers},
     socket::{Conn, PeerCred},
     wire::{ErrorMsg, Hello, Message, Welcome},
 };
@@ -96,8 +96,11 @@ struct Domain {
 struct VmRecord {
     domain: Arc<Domain>,
     id: VmId,
-    mapper: Arc<ConnMapper>,
+    mappers: Arc<VmMappers>,
     peer: PeerCred,
+    /// The memfd's device and inode, which a second mapper's must match.
+    inode: (u64, u64),
+    regions: Vec<super::wire::RegionDesc>,
 }
 
 struct State {
@@ -262,10 +265,35 @@ fn accept_loop(state: &Arc<State>, listener: &UnixListener) {
     }
 }
 
-/// One VMM process, from its hello to its end.
+/// What a connection is, once admitted.
+enum Peer {
+    /// The VMM of VM `vm`.
+    Vmm { vm: u64 },
+    /// A second mapper of VM `vm`.
+    Second { vm: u64, mapper: Arc<ConnMapper> },
+}
+
+impl Peer {
+    fn vm(&self) -> u64 {
+        match self {
+            Peer::Vmm { vm } | Peer::Second { vm, .. } => *vm,
+        }
+    }
+
+    fn mapper(&self, state: &State) -> Option<Arc<ConnMapper>> {
+        match self {
+            Peer::Second { mapper, .. } => Some(Arc::clone(mapper)),
+            Peer::Vmm { vm } => lock(&state.vms)
+                .get(vm)
+                .map(|r| Arc::clone(r.mappers.primary())),
+        }
+    }
+}
+
+/// One VMM process (or second mapper), from its hello to its end.
 fn serve_connection(state: &Arc<State>, stream: UnixStream) {
     let mut conn = Conn::new(stream);
-    let (vm, acks) = match admit(state, &mut conn) {
+    let (peer, acks) = match admit(state, &mut conn) {
         Ok(v) => v,
         Err(e) => {
             let _ = conn.send(
@@ -281,15 +309,34 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
             Ok(Some((Message::Ack(ack), _))) => {
                 let _ = acks.send(ack);
             }
+            Ok(Some((Message::Break(b), _))) => {
+                // Breaking asks every mapper (this one too) to remap and
+                // waits for acks, which this thread reads: do it beside.
+                let (state, vm, from) = (Arc::clone(state), peer.vm(), peer.mapper(state));
+                let _ = std::thread::Builder::new()
+                    .name("pagefold-break".into())
+                    .spawn(move || {
+                        if let Some(from) = from {
+                            break_sharing(&state, vm, b, &from);
+                        }
+                    });
+            }
             Ok(Some((Message::Bye, _))) => {
                 // Unmerging asks the process to restore its pages and waits
                 // for its acks, which this thread reads: do it beside.
                 let state = Arc::clone(state);
                 let reply = conn.try_clone();
+                let leaving = match &peer {
+                    Peer::Vmm { vm } => Ok(*vm),
+                    Peer::Second { vm, mapper } => Err((*vm, Arc::clone(mapper))),
+                };
                 let _ = std::thread::Builder::new()
                     .name("pagefold-detach".into())
                     .spawn(move || {
-                        detach(&state, vm);
+                        match leaving {
+                            Ok(vm) => detach(&state, vm),
+                            Err((vm, mapper)) => drop_second(&state, vm, &mapper),
+                        }
                         if let Ok(reply) = reply {
                             let _ = reply.send(&Message::Bye, &[]);
                         }
@@ -297,7 +344,7 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
             }
             Ok(Some((other, _))) => {
                 let e = ServiceError::Unexpected {
-                    expected: "Ack or Bye",
+                    expected: "Ack, Break or Bye",
                     got: other.kind_name(),
                 };
                 let _ = conn.send(
@@ -313,13 +360,58 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
             }
         }
     }
-    // The process is gone or broke the protocol: its pages are nobody's
-    // concern any more, and the frames only it used are freed.
     drop(acks);
-    lose(state, vm);
+    match peer {
+        // The VMM is gone or broke the protocol: its pages are nobody's
+        // concern any more, and the frames only it used are freed.
+        Peer::Vmm { vm } => lose(state, vm),
+        Peer::Second { vm, mapper } => drop_second(state, vm, &mapper),
+    }
 }
 
-/// Unmerges a VM whose process asked to leave, and forgets it.
+/// Breaks the sharing of a merged page a writer of `from` waits on: the
+/// page's bytes go to its own frame, every mapper maps it there, and the
+/// release wakes the writer. A page that is not merged (the fault raced
+/// a break, or `from` kept a protection it should not have) is unprotected
+/// in `from`, held so that no merge window is protecting it meanwhile.
+fn break_sharing(state: &State, vm: u64, b: super::wire::Break, from: &ConnMapper) {
+    let Some((domain, id)) = lock(&state.vms)
+        .get(&vm)
+        .map(|r| (Arc::clone(&r.domain), r.id))
+    else {
+        return;
+    };
+    let (Ok(region), Ok(page)) = (usize::try_from(b.region), usize::try_from(b.page)) else {
+        return;
+    };
+    let Ok(mem) = domain.host.memory(id) else {
+        return;
+    };
+    let Some(gpa) = mem.regions().get(region).and_then(|r| {
+        (page < r.pages()).then(|| {
+            crate::addr::GuestPhysAddr(r.start().0 + (page * crate::addr::PAGE_SIZE) as u64)
+        })
+    }) else {
+        return;
+    };
+    if let Ok(true) = domain.host.resolve_write_fault(id, gpa) {
+        return;
+    }
+    let lifted = domain
+        .host
+        .with_private_page_held(id, region, page, || {
+            from.release(region, &[(page, 1)], (page, 1));
+        })
+        .unwrap_or(false);
+    if !lifted {
+        // Held by a merge or unmerge now: its release wakes the writer; a
+        // wake now only makes it ask again.
+        std::thread::sleep(Duration::from_micros(200));
+        from.release(region, &[], (page, 1));
+    }
+}
+
+/// Unmerges a VM whose VMM asked to leave, and forgets it.
 fn detach(state: &State, vm: u64) {
     let Some(rec) = lock(&state.vms).remove(&vm) else {
         return;
@@ -327,26 +419,33 @@ fn detach(state: &State, vm: u64) {
     if rec.domain.host.unregister(rec.id).is_err() {
         // Pages it could not restore stay merged in the process, which
         // holds the shared memfd; forgetting the VM frees what only it used.
-        rec.mapper.mark_lost();
+        rec.mappers.primary().mark_lost();
         let _ = rec.domain.host.forget(rec.id);
     }
 }
 
-/// Forgets a VM whose connection ended.
+/// Forgets a VM whose VMM's connection ended.
 fn lose(state: &State, vm: u64) {
     let Some(rec) = lock(&state.vms).remove(&vm) else {
         return;
     };
-    rec.mapper.mark_lost();
+    rec.mappers.primary().mark_lost();
     let _ = rec.domain.host.forget(rec.id);
 }
 
+/// A second mapper left: windows from now on leave it out.
+fn drop_second(state: &State, vm: u64, mapper: &Arc<ConnMapper>) {
+    mapper.mark_lost();
+    if let Some(rec) = lock(&state.vms).get(&vm) {
+        rec.mappers.remove(mapper);
+    }
+}
+
+type AckSender = mpsc::Sender<super::wire::Ack>;
+
 /// Reads the hello, checks the process and its memory, registers the VM
-/// and welcomes it.
-fn admit(
-    state: &Arc<State>,
-    conn: &mut Conn,
-) -> Result<(u64, mpsc::Sender<super::wire::Ack>), ServiceError> {
+/// (or adds the second mapper to its VM) and welcomes it.
+fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(Peer, AckSender), ServiceError> {
     let peer = conn.peer_cred()?;
     if peer.uid != state.uid && peer.uid != 0 && !state.options.allowed_uids.contains(&peer.uid) {
         return Err(ServiceError::NotAllowed {
@@ -365,6 +464,36 @@ fn admit(
         }
         None => return Err(ServiceError::Closed),
     };
+    // The socket layer checked the count: memfd, userfaultfd, control.
+    let (Some(control_fd), Some(uffd_fd), Some(memfd)) = (fds.pop(), fds.pop(), fds.pop()) else {
+        return Err(ServiceError::BadMemory {
+            what: "Hello came without its three descriptors".into(),
+        });
+    };
+    let control = ControlPage::adopt(control_fd.as_fd()).map_err(|source| ServiceError::Os {
+        op: "map the control page",
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel();
+    let regions: Vec<ClientRegion> = hello
+        .regions
+        .iter()
+        .map(|d| ClientRegion {
+            host_addr: d.host_addr,
+            pages: usize::try_from(d.size / crate::addr::PAGE_SIZE as u64).unwrap_or(0),
+        })
+        .collect();
+    let mapper = Arc::new(ConnMapper::new(
+        conn.try_clone()?,
+        rx,
+        Userfault::from_fd(uffd_fd),
+        control,
+        regions,
+        state.options.ack_deadline,
+    ));
+    if hello.second_mapper {
+        return admit_second(state, conn, &hello, &memfd, peer, mapper).map(|p| (p, tx));
+    }
     if lock(&state.vms).len() >= state.options.max_vms {
         return Err(ServiceError::BadMemory {
             what: format!(
@@ -373,62 +502,144 @@ fn admit(
             ),
         });
     }
-    // The socket layer checked the count: memfd, userfaultfd, control.
-    let (Some(control_fd), Some(uffd_fd), Some(memfd)) = (fds.pop(), fds.pop(), fds.pop()) else {
-        return Err(ServiceError::BadMemory {
-            what: "Hello came without its three descriptors".into(),
-        });
-    };
+    let inode = file_id(&memfd)?;
     let mem = adopt_memory(state, &hello, memfd)?;
-    let control = ControlPage::adopt(control_fd.as_fd()).map_err(|source| ServiceError::Os {
-        op: "map the control page",
-        source,
-    })?;
-    // Every region's pages fit: the memory was just built with them.
-    let regions = mem
-        .regions()
-        .iter()
-        .zip(&hello.regions)
-        .map(|(r, d)| ClientRegion {
-            host_addr: d.host_addr,
-            pages: r.pages(),
-        })
-        .collect();
     let domain = domain_for(state, peer.uid, hello.domain)?;
-    let (tx, rx) = mpsc::channel();
-    let sender = conn.try_clone()?;
-    let mapper = Arc::new(ConnMapper::new(
-        sender,
-        rx,
-        Userfault::from_fd(uffd_fd),
-        control,
-        regions,
-        state.options.ack_deadline,
-    ));
+    let mappers = Arc::new(VmMappers::new(Arc::clone(&mapper), hello.break_on_write));
     let id = domain.host.register_remote(
         Arc::new(mem),
         VmOptions {
             domain: DomainId(0),
             exclude: Vec::new(),
         },
-        Arc::clone(&mapper) as Arc<dyn crate::dedup::remote::RemoteMapper>,
+        Arc::clone(&mappers) as Arc<dyn crate::dedup::remote::RemoteMapper>,
     )?;
     let vm = state.next_vm.fetch_add(1, Ordering::Relaxed);
-    let welcome = Message::Welcome(Welcome { vm_id: vm });
-    if let Err(e) = conn.send(&welcome, &[domain.shared_read_only.as_fd()]) {
-        let _ = domain.host.forget(id);
-        return Err(e.into());
-    }
+    // Recorded before the welcome: a second mapper may come as soon as the
+    // VMM hears it.
     lock(&state.vms).insert(
         vm,
         VmRecord {
-            domain,
+            domain: Arc::clone(&domain),
             id,
-            mapper,
+            mappers,
             peer,
+            inode,
+            regions: hello.regions.clone(),
         },
     );
-    Ok((vm, tx))
+    if let Err(e) = conn.send(
+        &Message::Welcome(Welcome { vm_id: vm }),
+        &[domain.shared_read_only.as_fd()],
+    ) {
+        lose(state, vm);
+        return Err(e.into());
+    }
+    Ok((Peer::Vmm { vm }, tx))
+}
+
+/// A second mapper of a VM: found by its memfd among the VMs of its user,
+/// added to the VM's mappers, told every merged run, then welcomed.
+fn admit_second(
+    state: &State,
+    conn: &Conn,
+    hello: &Hello,
+    memfd: &OwnedFd,
+    peer: PeerCred,
+    mapper: Arc<ConnMapper>,
+) -> Result<Peer, ServiceError> {
+    let inode = file_id(memfd)?;
+    let (vm, domain, id, mappers) = {
+        let vms = lock(&state.vms);
+        let Some((vm, rec)) = vms.iter().find(|(_, r)| r.inode == inode) else {
+            return Err(ServiceError::BadMemory {
+                what: "no VM under the service has this memfd".into(),
+            });
+        };
+        if rec.peer.uid != peer.uid && peer.uid != 0 {
+            return Err(ServiceError::NotAllowed {
+                pid: peer.pid,
+                uid: peer.uid,
+            });
+        }
+        if !rec.mappers.break_on_write() {
+            return Err(ServiceError::BadMemory {
+                what: "the VM was attached without break_on_write, so its merged pages may be copies only its VMM sees; a second mapper needs it".into(),
+            });
+        }
+        let same =
+            rec.regions.len() == hello.regions.len()
+                && rec.regions.iter().zip(&hello.regions).all(|(a, b)| {
+                    a.gpa == b.gpa && a.size == b.size && a.file_offset == b.file_offset
+                });
+        if !same {
+            return Err(ServiceError::BadMemory {
+                what: "the second mapper's regions differ from the VM's (gpa, size, file offset)"
+                    .into(),
+            });
+        }
+        (
+            *vm,
+            Arc::clone(&rec.domain),
+            rec.id,
+            Arc::clone(&rec.mappers),
+        )
+    };
+    mappers.add(Arc::clone(&mapper));
+    // Welcomed first (it needs the shared memfd to follow the remaps),
+    // then told every merged run, then ready. Its acks come through the
+    // connection's reader, which starts when this returns: the catch-up
+    // runs beside it.
+    if let Err(e) = conn.send(
+        &Message::Welcome(Welcome { vm_id: vm }),
+        &[domain.shared_read_only.as_fd()],
+    ) {
+        mappers.remove(&mapper);
+        return Err(e.into());
+    }
+    let (m, notify) = (Arc::clone(&mapper), conn.try_clone()?);
+    let caught_up = std::thread::Builder::new()
+        .name("pagefold-catch-up".into())
+        .spawn(move || {
+            let told = domain
+                .host
+                .catch_up(id, |region, runs| m.remap(region, runs));
+            match told {
+                Ok(()) => {
+                    let _ = notify.send(&Message::Ready, &[]);
+                }
+                Err(e) => {
+                    mappers.remove(&m);
+                    m.mark_lost();
+                    let _ = notify.send(&Message::Error(ErrorMsg::new(4, &e.to_string())), &[]);
+                    let _ = notify.stream().shutdown(std::net::Shutdown::Both);
+                }
+            }
+        });
+    if caught_up.is_err() {
+        mapper.mark_lost();
+        return Err(ServiceError::Os {
+            op: "spawn the catch-up thread",
+            source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+        });
+    }
+    Ok(Peer::Second { vm, mapper })
+}
+
+/// The device and inode of a descriptor's file: how a second mapper's
+/// memfd is matched to its VM.
+fn file_id(fd: &OwnedFd) -> Result<(u64, u64), ServiceError> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a writable stat buffer; the fd is live.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(ServiceError::Os {
+            op: "fstat the guest memfd",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fstat succeeded and filled it.
+    let st = unsafe { st.assume_init() };
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Builds the service's view of a process's guest memory over its memfd:

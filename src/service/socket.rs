@@ -447,6 +447,7 @@ mod tests {
         vec![
             Message::Hello(Hello {
                 second_mapper: false,
+                break_on_write: false,
                 domain: 1,
                 vm_tag: 2,
                 regions: vec![RegionDesc {

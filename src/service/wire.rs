@@ -30,6 +30,11 @@ pub const HEADER_LEN: usize = 8;
 /// `Hello` flag bit 0: the client is a second mapper (a vhost-user backend),
 /// not the VM's VMM.
 pub const HELLO_SECOND_MAPPER: u32 = 1;
+/// `Hello` flag bit 1: the VM's memory is shared with other processes
+/// (vhost-user backends), so its merged pages stay write-protected in
+/// every mapper and a write breaks the sharing through the service into a
+/// frame every mapper maps, instead of the kernel's private copy.
+pub const HELLO_BREAK_ON_WRITE: u32 = 2;
 
 /// Alignment every address, size and file offset on the wire keeps.
 const PAGE: u64 = 4096;
@@ -44,6 +49,8 @@ pub mod kind {
     pub const ACK: u16 = 2;
     /// Client -> service: `Bye`.
     pub const BYE: u16 = 3;
+    /// Client -> service: [`super::Break`].
+    pub const BREAK: u16 = 4;
     /// Service -> client: [`super::Welcome`].
     pub const WELCOME: u16 = 16;
     /// Service -> client: [`super::Remap`].
@@ -52,6 +59,10 @@ pub mod kind {
     pub const RESTORE: u16 = 18;
     /// Service -> client: [`super::ErrorMsg`].
     pub const ERROR: u16 = 19;
+    /// Service -> client: `Home` (a [`super::Restore`] without the copy).
+    pub const HOME: u16 = 20;
+    /// Service -> second mapper: `Ready`, every merged run told.
+    pub const READY: u16 = 21;
 }
 
 /// Shows an optional item index as ` N` (or nothing).
@@ -188,6 +199,9 @@ pub struct RegionDesc {
 pub struct Hello {
     /// The client maps a VM's memory besides its VMM (flag bit 0).
     pub second_mapper: bool,
+    /// Writes to merged pages break through the service (flag bit 1; see
+    /// [`HELLO_BREAK_ON_WRITE`]). A second mapper always sets it.
+    pub break_on_write: bool,
     /// The merge domain the VM belongs to.
     pub domain: u64,
     /// The caller's label for the VM.
@@ -323,6 +337,24 @@ pub enum Message {
     Restore(Restore),
     /// Service -> client, kind 19.
     Error(ErrorMsg),
+    /// Client -> service, kind 4: a write waits on a merged page.
+    Break(Break),
+    /// Service -> client, kind 20: map these pages shared at their own
+    /// frames again, still write-protected; the service copied them.
+    Home(Restore),
+    /// Service -> second mapper, kind 21: it has been told every merged
+    /// run of the VM (after its `Welcome`), and may touch the memory.
+    Ready,
+}
+
+/// Client -> service: a writer of this process waits on write protection
+/// at `page` of `region` (a merged page, in break-on-write mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Break {
+    /// Index of the region in the client's `Hello`.
+    pub region: u32,
+    /// The page, counted from the region's start.
+    pub page: u64,
 }
 
 impl Message {
@@ -335,7 +367,10 @@ impl Message {
             | Message::Bye
             | Message::Remap(_)
             | Message::Restore(_)
-            | Message::Error(_) => 0,
+            | Message::Error(_)
+            | Message::Break(_)
+            | Message::Home(_)
+            | Message::Ready => 0,
         }
     }
 
@@ -354,6 +389,9 @@ impl Message {
             Message::Remap(_) => kind::REMAP,
             Message::Restore(_) => kind::RESTORE,
             Message::Error(_) => kind::ERROR,
+            Message::Break(_) => kind::BREAK,
+            Message::Home(_) => kind::HOME,
+            Message::Ready => kind::READY,
         }
     }
 
@@ -366,7 +404,11 @@ impl Message {
                 check_count("region_count", h.regions.len(), MAX_REGIONS)?;
                 check_regions(&h.regions)
             }
-            Message::Ack(_) | Message::Bye | Message::Welcome(_) => Ok(()),
+            Message::Ack(_)
+            | Message::Bye
+            | Message::Welcome(_)
+            | Message::Break(_)
+            | Message::Ready => Ok(()),
             Message::Remap(r) => {
                 check_count("run_count", r.runs.len(), MAX_RUNS)?;
                 let mut prev_end = None;
@@ -385,12 +427,12 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::Restore(r) => {
+            Message::Restore(r) | Message::Home(r) => {
                 check_count("run_count", r.runs.len(), MAX_RUNS)?;
                 let mut prev_end = None;
                 for (i, run) in r.runs.iter().enumerate() {
                     prev_end = Some(check_run(
-                        "Restore",
+                        self.kind_name(),
                         index_u32(i),
                         run.first_page,
                         run.pages,
@@ -423,6 +465,9 @@ pub fn kind_name(kind: u16) -> Option<&'static str> {
         kind::WELCOME => "Welcome",
         kind::REMAP => "Remap",
         kind::RESTORE => "Restore",
+        kind::BREAK => "Break",
+        kind::HOME => "Home",
+        kind::READY => "Ready",
         kind::ERROR => "Error",
         _ => return None,
     })
@@ -602,6 +647,10 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                     HELLO_SECOND_MAPPER
                 } else {
                     0
+                } | if h.break_on_write {
+                    HELLO_BREAK_ON_WRITE
+                } else {
+                    0
                 },
             );
             put_u64(out, h.domain);
@@ -620,7 +669,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             put_u32(out, a.status as u32);
             put_u32(out, a.errno);
         }
-        Message::Bye => {}
+        Message::Bye | Message::Ready => {}
         Message::Welcome(w) => {
             put_u64(out, w.vm_id);
             put_u32(out, PROTOCOL_VERSION);
@@ -642,7 +691,12 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 );
             }
         }
-        Message::Restore(r) => {
+        Message::Break(b) => {
+            put_u32(out, b.region);
+            put_u32(out, 0);
+            put_u64(out, b.page);
+        }
+        Message::Restore(r) | Message::Home(r) => {
             put_u64(out, r.seq);
             put_u32(out, r.region);
             put_u32(out, count_u32(r.runs.len()));
@@ -792,13 +846,13 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
         kind::HELLO => {
             b.version()?;
             let flags = b.u32("flags")?;
-            if flags & !HELLO_SECOND_MAPPER != 0 {
+            if flags & !(HELLO_SECOND_MAPPER | HELLO_BREAK_ON_WRITE) != 0 {
                 return Err(bad(
                     "Hello",
                     None,
                     "flags",
                     u64::from(flags),
-                    "has unknown bits set (only bit 0 is defined)",
+                    "has unknown bits set (only bits 0 and 1 are defined)",
                 ));
             }
             let domain = b.u64("domain")?;
@@ -816,6 +870,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
             }
             Message::Hello(Hello {
                 second_mapper: flags & HELLO_SECOND_MAPPER != 0,
+                break_on_write: flags & HELLO_BREAK_ON_WRITE != 0,
                 domain,
                 vm_tag,
                 regions,
@@ -841,6 +896,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
             Message::Ack(Ack { seq, status, errno })
         }
         kind::BYE => Message::Bye,
+        kind::READY => Message::Ready,
         kind::WELCOME => {
             let vm_id = b.u64("vm_id")?;
             b.version()?;
@@ -867,7 +923,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
             }
             Message::Remap(Remap { seq, region, runs })
         }
-        kind::RESTORE => {
+        kind::RESTORE | kind::HOME => {
             let seq = b.u64("seq")?;
             let region = b.u32("region")?;
             let (n, cap) = b.count("run_count", MAX_RUNS, 16)?;
@@ -878,7 +934,18 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
                     pages: b.u64("run pages")?,
                 });
             }
-            Message::Restore(Restore { seq, region, runs })
+            let r = Restore { seq, region, runs };
+            if kind == kind::HOME {
+                Message::Home(r)
+            } else {
+                Message::Restore(r)
+            }
+        }
+        kind::BREAK => {
+            let region = b.u32("region")?;
+            b.reserved32("reserved")?;
+            let page = b.u64("page")?;
+            Message::Break(Break { region, page })
         }
         kind::ERROR => {
             let code = b.u32("code")?;
@@ -923,6 +990,7 @@ mod tests {
     fn hello() -> Hello {
         Hello {
             second_mapper: true,
+            break_on_write: true,
             domain: 7,
             vm_tag: 0xfeed,
             regions: vec![
@@ -979,6 +1047,19 @@ mod tests {
                     },
                 ],
             }),
+            Message::Home(Restore {
+                seq: 3,
+                region: 1,
+                runs: vec![PageRun {
+                    first_page: 0,
+                    pages: 9,
+                }],
+            }),
+            Message::Break(Break {
+                region: 2,
+                page: 77,
+            }),
+            Message::Ready,
             Message::Error(ErrorMsg::new(4, "domain full: ü")),
             Message::Error(ErrorMsg::new(0, "")),
         ]
@@ -1428,12 +1509,12 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let region = (0u64..4, 1u64..64, any::<u32>(), any::<u32>());
         let hello = (
-            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
             any::<u64>(),
             any::<u64>(),
             prop::collection::vec(region, 1..=64),
         )
-            .prop_map(|(second_mapper, domain, vm_tag, rs)| {
+            .prop_map(|((second_mapper, break_on_write), domain, vm_tag, rs)| {
                 let mut at = 0u64;
                 let regions = rs
                     .into_iter()
@@ -1450,6 +1531,7 @@ mod tests {
                     .collect();
                 Message::Hello(Hello {
                     second_mapper,
+                    break_on_write,
                     domain,
                     vm_tag,
                     regions,
@@ -1497,6 +1579,12 @@ mod tests {
                 .collect();
             Message::Restore(Restore { seq, region, runs })
         });
+        let home = restore.clone().prop_map(|m| match m {
+            Message::Restore(r) => Message::Home(r),
+            other => other,
+        });
+        let brk = (any::<u32>(), any::<u64>())
+            .prop_map(|(region, page)| Message::Break(Break { region, page }));
         let error = (any::<u32>(), ".{0,300}")
             .prop_map(|(code, text)| Message::Error(ErrorMsg::new(code, &text)));
         prop_oneof![
@@ -1506,6 +1594,9 @@ mod tests {
             any::<u64>().prop_map(|vm_id| Message::Welcome(Welcome { vm_id })),
             remap,
             restore,
+            home,
+            brk,
+            Just(Message::Ready),
             error,
         ]
     }

@@ -28,6 +28,9 @@ const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `mremap` of a registered range keeps its registration and its write
+/// protection, and waits until the move is read from the descriptor.
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 /// Write faults on protected pages are resolved by the kernel itself (the
 /// protection is dropped and the write goes on, no message), leaving the
 /// page marked written for `PAGEMAP_SCAN` (Linux 6.7+). Implies
@@ -140,6 +143,20 @@ impl Userfault {
     /// not yet populated (Linux 6.4+; an older kernel gets
     /// [`UserfaultError::NoShmemWriteProtect`]).
     pub fn new() -> Result<Self, UserfaultError> {
+        Self::with_features(0)
+    }
+
+    /// [`Userfault::new`] that also keeps registration and write
+    /// protection across `mremap` (`UFFD_FEATURE_EVENT_REMAP`): how a
+    /// protected mapping replaces another with no unprotected moment. Every
+    /// `mremap` of a registered range then waits until a thread reads the
+    /// event ([`read_fault`](Self::read_fault) does, and skips it), so the
+    /// process must keep a thread reading.
+    pub fn new_with_remap_events() -> Result<Self, UserfaultError> {
+        Self::with_features(UFFD_FEATURE_EVENT_REMAP)
+    }
+
+    fn with_features(extra: u64) -> Result<Self, UserfaultError> {
         // SAFETY: plain syscall with flag arguments only.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -152,7 +169,7 @@ impl Userfault {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED,
+            features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED | extra,
             ioctls: 0,
         };
         // SAFETY: `api` is a valid, writable `uffdio_api` for the call.
@@ -179,7 +196,7 @@ impl Userfault {
                 };
             return Err(UserfaultError::NoShmemWriteProtect { features });
         }
-        let needed = UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+        let needed = UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED | extra;
         if api.features & needed != needed {
             return Err(UserfaultError::NoShmemWriteProtect {
                 features: api.features,
