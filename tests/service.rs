@@ -829,6 +829,45 @@ fn second_mappers_follow_and_share_writes() {
     b.exit();
 }
 
+/// The service killed while a VMM and its backend share merged pages
+/// (break-on-write): both bring every merged page home into the memfd by
+/// themselves, and afterwards a write from either is seen by the other.
+fn service_killed_with_a_backend() {
+    const PAGES: usize = 4096;
+    let socket = socket_path("svc2");
+    let env = [("PF_SOCKET", socket.display().to_string())];
+    let svc = Proc::spawn("service", &env);
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let mut b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    wait_until("the background scan to merge", || {
+        a.remapped() > (PAGES / 8) as u64 && x.remapped() > (PAGES / 8) as u64
+    });
+    svc.kill();
+    wait_until("A to see the service gone", || {
+        a.ask("connected") == "false"
+    });
+    wait_until("A to bring its pages home", || a.remapped() == 0);
+    wait_until("the backend to bring its pages home", || x.remapped() == 0);
+    a.check();
+    x.check();
+    b.check();
+    for (page, byte, from_vmm) in [(2, 0x51, true), (4, 0x52, false), (PAGES - 1, 0x53, false)] {
+        let (w, r) = if from_vmm {
+            (&mut a, &mut x)
+        } else {
+            (&mut x, &mut a)
+        };
+        assert_eq!(w.ask(&format!("rawwrite {page} {byte}")), "ok");
+        assert_eq!(r.ask(&format!("expect {page} {byte}")), "ok");
+        a.check();
+        x.check();
+    }
+    x.exit();
+    a.exit();
+    b.exit();
+}
+
 /// Hostile bytes and hostile hellos: a typed error back, that connection
 /// closed, everything else served.
 fn hostile_connections() {
@@ -961,7 +1000,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         ("two_processes_fold", two_processes_fold),
         ("client_killed_mid_merge", client_killed_mid_merge),
         ("stuck_client_is_rolled_back", stuck_client_is_rolled_back),
@@ -970,6 +1009,10 @@ fn main() {
         (
             "second_mappers_follow_and_share_writes",
             second_mappers_follow_and_share_writes,
+        ),
+        (
+            "service_killed_with_a_backend",
+            service_killed_with_a_backend,
         ),
         ("hostile_connections", hostile_connections),
     ];
