@@ -1769,14 +1769,14 @@ typedef struct pf_service_options {
 } pf_service_options;
 
 /**
- * What the service holds now, as the kernel counts it
- * (`pf_service_stats`). Size-prefixed: set `struct_size` to
- * `sizeof(pf_service_stats)` before the call; the call sets it to the
- * number of bytes it filled in.
+ * What the service holds now, as the kernel counts it (filled in by
+ * `pf_service_stats`; named apart from that function, as C needs).
+ * Size-prefixed: set `struct_size` to `sizeof(pf_service_usage)` before
+ * the call; the call sets it to the number of bytes it filled in.
  */
-typedef struct pf_service_stats {
+typedef struct pf_service_usage {
     /**
-     * In: `sizeof(pf_service_stats)` as the caller was compiled with.
+     * In: `sizeof(pf_service_usage)` as the caller was compiled with.
      * Out: the bytes this library filled in.
      */
     size_t struct_size;
@@ -1801,7 +1801,7 @@ typedef struct pf_service_stats {
      * Guest pages (4 KiB) mapping a shared frame or released as zero.
      */
     uint64_t pages_merged;
-} pf_service_stats;
+} pf_service_usage;
 
 /**
  * How `pf_service_client_attach` joins the service. Size-prefixed: set
@@ -3510,9 +3510,11 @@ enum pf_status pf_service_start(const char *socket_path,
                                 struct pf_service **out_service);
 
 /**
- * Stops the service: no new process is accepted and the socket file is
- * removed. Attached processes see their connection end; their merged pages
- * stay mapped there, readable, copied on write. NULL is allowed and does
+ * Stops the service's listening: no new process is accepted and the
+ * socket file is removed. Processes already attached keep their
+ * connections, served by their own threads, until they detach or close
+ * (their merge domains live as long); only merging on request
+ * (`pf_service_merge_now`) ends with the handle. NULL is allowed and does
  * nothing.
  *
  * # Safety
@@ -3555,11 +3557,11 @@ enum pf_status pf_service_merge_now(const struct pf_service *service,
  * # Safety
  *
  * - `service` is NULL or a live `pf_service` handle.
- * - `out_stats` is NULL or points to a `pf_service_stats` whose
+ * - `out_stats` is NULL or points to a `pf_service_usage` whose
  *   `struct_size` bytes are readable and writable.
  */
 enum pf_status pf_service_stats(const struct pf_service *service,
-                                struct pf_service_stats *out_stats);
+                                struct pf_service_usage *out_stats);
 
 /**
  * Puts the guest memory `mem` under the service listening at

@@ -145,14 +145,14 @@ impl Default for pf_client_options {
     }
 }
 
-/// What the service holds now, as the kernel counts it
-/// (`pf_service_stats`). Size-prefixed: set `struct_size` to
-/// `sizeof(pf_service_stats)` before the call; the call sets it to the
-/// number of bytes it filled in.
+/// What the service holds now, as the kernel counts it (filled in by
+/// `pf_service_stats`; named apart from that function, as C needs).
+/// Size-prefixed: set `struct_size` to `sizeof(pf_service_usage)` before
+/// the call; the call sets it to the number of bytes it filled in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct pf_service_stats {
-    /// In: `sizeof(pf_service_stats)` as the caller was compiled with.
+pub struct pf_service_usage {
+    /// In: `sizeof(pf_service_usage)` as the caller was compiled with.
     /// Out: the bytes this library filled in.
     pub struct_size: usize,
     /// VMM processes attached.
@@ -169,13 +169,13 @@ pub struct pf_service_stats {
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
-unsafe impl SizePrefixed for pf_service_stats {
-    const NAME: &'static str = "pf_service_stats";
+unsafe impl SizePrefixed for pf_service_usage {
+    const NAME: &'static str = "pf_service_usage";
 }
 
-impl From<ServiceStats> for pf_service_stats {
+impl From<ServiceStats> for pf_service_usage {
     fn from(s: ServiceStats) -> Self {
-        pf_service_stats {
+        pf_service_usage {
             struct_size: size_of::<Self>(),
             vms: s.vms as u64,
             domains: s.domains as u64,
@@ -316,9 +316,11 @@ pub unsafe extern "C" fn pf_service_start(
     }
 }
 
-/// Stops the service: no new process is accepted and the socket file is
-/// removed. Attached processes see their connection end; their merged pages
-/// stay mapped there, readable, copied on write. NULL is allowed and does
+/// Stops the service's listening: no new process is accepted and the
+/// socket file is removed. Processes already attached keep their
+/// connections, served by their own threads, until they detach or close
+/// (their merge domains live as long); only merging on request
+/// (`pf_service_merge_now`) ends with the handle. NULL is allowed and does
 /// nothing.
 ///
 /// # Safety
@@ -387,12 +389,12 @@ pub unsafe extern "C" fn pf_service_merge_now(
 /// # Safety
 ///
 /// - `service` is NULL or a live `pf_service` handle.
-/// - `out_stats` is NULL or points to a `pf_service_stats` whose
+/// - `out_stats` is NULL or points to a `pf_service_usage` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
 pub unsafe extern "C" fn pf_service_stats(
     service: *const pf_service,
-    out_stats: *mut pf_service_stats,
+    out_stats: *mut pf_service_usage,
 ) -> pf_status {
     ffi_boundary! {
         // SAFETY: `service` is NULL or a live handle (contract).
