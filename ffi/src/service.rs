@@ -546,8 +546,10 @@ pub unsafe extern "C" fn pf_service_client_pages_remapped(
 /// Consumes the handle whatever the status: do not use or free it after
 /// this call. NULL is refused (`PF_ERR_NULL_POINTER`).
 ///
-/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_OS` (a page could not be
-/// restored; the memory stays usable, that page still merged). ABI 0.10.
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT` (write protection
+/// for the restore failed), `PF_ERR_OS` (a page could not be restored).
+/// Either way the memory stays usable, pages not restored still mapping
+/// the domain's frames (readable, copied on write). ABI 0.10.
 ///
 /// # Safety
 ///
