@@ -3484,7 +3484,7 @@ enum pf_status pf_walk_cache_invalidate(struct pf_walk_cache *cache,
 
 /**
  * Starts the host service on a new Unix socket at `socket_path` (a
- * NUL-terminated path; an existing socket file there is replaced), run as
+ * NUL-terminated path; whatever file is there already is removed), run as
  * `options` says (NULL means the defaults), and stores the handle in
  * `*out_service`. Starts one thread, "pagefold-service", that accepts
  * processes, and one per attached process. The calling process is made

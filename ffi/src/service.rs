@@ -270,7 +270,7 @@ unsafe fn client<'a>(client: *const pf_service_client) -> Result<&'a ServiceClie
 }
 
 /// Starts the host service on a new Unix socket at `socket_path` (a
-/// NUL-terminated path; an existing socket file there is replaced), run as
+/// NUL-terminated path; whatever file is there already is removed), run as
 /// `options` says (NULL means the defaults), and stores the handle in
 /// `*out_service`. Starts one thread, "pagefold-service", that accepts
 /// processes, and one per attached process. The calling process is made
