@@ -38,7 +38,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 9
+#define PF_ABI_VERSION_MINOR 10
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -544,9 +544,8 @@ typedef enum pf_status {
      */
     PF_ERR_UNKNOWN_VM = -15,
     /**
-     * The guest memory lives in another frame store than the dedup host's:
-     * dedup shares frames only within one store, so every VM of a host must
-     * be made by `pf_guest_memory_new_in_store` on the host's store.
+     * No longer returned (ABI 0.10): a dedup host now takes VMs whose
+     * memory lives in a store of their own. The number stays reserved.
      */
     PF_ERR_FOREIGN_STORE = -16,
     /**
@@ -591,6 +590,19 @@ typedef enum pf_status {
      * pages merged); unmerge, or raise the limit.
      */
     PF_ERR_MAP_LIMIT = -23,
+    /**
+     * The host service refused this process (not an allowed user, the
+     * service's VM limit reached, guest memory over its limit, ...); the
+     * message carries the service's reason. ABI 0.10.
+     */
+    PF_ERR_SERVICE_REFUSED = -24,
+    /**
+     * The host service, or a process attached to it, broke the service
+     * protocol (an unexpected or malformed message, another protocol
+     * version) or closed the connection in the middle of an exchange; the
+     * message says what came. ABI 0.10.
+     */
+    PF_ERR_SERVICE_PROTOCOL = -25,
 } pf_status;
 
 /**
@@ -658,6 +670,26 @@ typedef struct pf_migration_sender pf_migration_sender;
  * released by `pf_raw_write_tracker_free`. Thread-safe.
  */
 typedef struct pf_raw_write_tracker pf_raw_write_tracker;
+
+/**
+ * The host service: folds the guest memory of the VMM processes that
+ * attach to it over a Unix socket (`pf_service_client_attach`). Each merge
+ * domain of each user is one dedup engine; processes of different users
+ * never share a frame. Made by `pf_service_start`, released by
+ * `pf_service_free`. Thread-safe: every call but `pf_service_free` may run
+ * on one handle from several threads at once.
+ */
+typedef struct pf_service pf_service;
+
+/**
+ * A VMM process's guest memory under the host service: the connection and
+ * the thread ("pagefold-remap") that applies the service's merges to this
+ * process's mappings. Made by `pf_service_client_attach`, released by
+ * `pf_service_client_detach` or `pf_service_client_free`. Thread-safe:
+ * every call but those two may run on one handle from several threads at
+ * once, and the guest memory stays fully usable by vCPU and device threads.
+ */
+typedef struct pf_service_client pf_service_client;
 
 /**
  * A walk cache (software TLB and paging-structure cache) for one vCPU:
@@ -1686,6 +1718,113 @@ typedef int (*pf_segment_fn)(const struct pf_segment *segment,
                              void *user);
 
 /**
+ * How `pf_service_start` runs the service. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_service_options)`. All-zero fields mean the
+ * defaults.
+ */
+typedef struct pf_service_options {
+    /**
+     * `sizeof(pf_service_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * Milliseconds a VMM process has to acknowledge a remap before the
+     * service rolls its window back (and gives up merging its pages).
+     * 0 means 500.
+     */
+    uint64_t ack_deadline_ms;
+    /**
+     * Most VMs (attached processes) at once; a process beyond it is
+     * refused. 0 means 4096.
+     */
+    uint64_t max_vms;
+    /**
+     * The largest guest memory, in bytes, one process may put under the
+     * service (the service keeps 12 bytes of state per 4 KiB page of it).
+     * 0 means 1 TiB.
+     */
+    uint64_t max_guest_bytes;
+    /**
+     * Background scanning: at most this many 4 KiB pages per scan step,
+     * one step every `background_interval_us` microseconds. 0 means no
+     * background scanning (the service merges only on
+     * `pf_service_merge_now`); then `background_interval_us` must be 0
+     * too.
+     */
+    uint64_t background_pages;
+    /**
+     * Microseconds between background scan steps; nonzero exactly when
+     * `background_pages` is.
+     */
+    uint64_t background_interval_us;
+    /**
+     * User ids allowed to attach besides the service's own (root always
+     * may). NULL when `allowed_uid_count` is 0; only read during the call.
+     */
+    const uint32_t *allowed_uids;
+    /**
+     * Number of user ids at `allowed_uids`.
+     */
+    size_t allowed_uid_count;
+} pf_service_options;
+
+/**
+ * What the service holds now, as the kernel counts it (filled in by
+ * `pf_service_stats`; named apart from that function, as C needs).
+ * Size-prefixed: set `struct_size` to `sizeof(pf_service_usage)` before
+ * the call; the call sets it to the number of bytes it filled in.
+ */
+typedef struct pf_service_usage {
+    /**
+     * In: `sizeof(pf_service_usage)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * VMM processes attached.
+     */
+    uint64_t vms;
+    /**
+     * Merge domains with at least one VM (or shared frames left).
+     */
+    uint64_t domains;
+    /**
+     * Bytes the kernel holds for the domains' shared frames.
+     */
+    uint64_t shared_bytes;
+    /**
+     * Bytes the kernel holds for the attached VMs' own memfds (falls as
+     * pages merge).
+     */
+    uint64_t guest_bytes;
+    /**
+     * Guest pages (4 KiB) mapping a shared frame or released as zero.
+     */
+    uint64_t pages_merged;
+} pf_service_usage;
+
+/**
+ * How `pf_service_client_attach` joins the service. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_client_options)`. All-zero fields mean the
+ * defaults (domain 0, tag 0).
+ */
+typedef struct pf_client_options {
+    /**
+     * `sizeof(pf_client_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * Merge domain among the domains of this process's user: only VMs of
+     * the same user and the same domain number share frames.
+     */
+    uint64_t domain;
+    /**
+     * A label the service keeps with the VM (logs, memfd names).
+     */
+    uint64_t vm_tag;
+} pf_client_options;
+
+/**
  * How `pf_frame_store_new` builds a frame store: the backing, the mapping
  * flags and the memfd's name. The same struct as `pf_memory_options` (which
  * `pf_guest_memory_new` uses to build the store of its own), under the name
@@ -2082,8 +2221,9 @@ void pf_dedup_free(struct pf_dedup *dedup);
  * `options->exclude_starts` while `exclude_count > 0`),
  * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT` (nonzero
  * `reserved`, an excluded address that does not start a region, the
- * memory is registered already), `PF_ERR_FOREIGN_STORE` (the memory is not
- * in the host's store), `PF_ERR_OS`.
+ * memory is registered already), `PF_ERR_UNSUPPORTED` (the memory's store
+ * has huge pages), `PF_ERR_OS`. The memory may live in the host's store or
+ * in one of its own: shared frames live in the host's.
  *
  * # Safety
  *
@@ -3341,6 +3481,200 @@ enum pf_status pf_walk_cache_invalidate(struct pf_walk_cache *cache,
                                         uint32_t scope,
                                         uint64_t space,
                                         uint64_t va);
+
+/**
+ * Starts the host service on a new Unix socket at `socket_path` (a
+ * NUL-terminated path; whatever file is there already is removed), run as
+ * `options` says (NULL means the defaults), and stores the handle in
+ * `*out_service`. Starts one thread, "pagefold-service", that accepts
+ * processes, and one per attached process. The calling process is made
+ * non-dumpable first (`PR_SET_DUMPABLE` 0), so another process of the same
+ * user cannot take its descriptors, which reach every VM's memory.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`socket_path`, `out_service`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT` (an
+ * empty path, background fields of which only one is nonzero, an absurd
+ * `allowed_uid_count`), `PF_ERR_OS` (prctl, bind: e.g. the directory does
+ * not exist; no thread). ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `socket_path` is NULL or a NUL-terminated string.
+ * - `options` is NULL or points to a `pf_service_options` whose
+ *   `struct_size` bytes are readable, and whose `allowed_uids` is NULL or
+ *   valid for reads of `allowed_uid_count` `uint32_t`s.
+ * - `out_service` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_service_start(const char *socket_path,
+                                const struct pf_service_options *options,
+                                struct pf_service **out_service);
+
+/**
+ * Stops the service's listening: no new process is accepted and the
+ * socket file is removed. Processes already attached keep their
+ * connections, served by their own threads, until they detach or close
+ * (their merge domains live as long); only merging on request
+ * (`pf_service_merge_now`) ends with the handle. NULL is allowed and does
+ * nothing.
+ *
+ * # Safety
+ *
+ * `service` is NULL or a handle from `pf_service_start` that has not been
+ * freed, and no other call uses it during or after this one.
+ */
+void pf_service_free(struct pf_service *service);
+
+/**
+ * Visits every page of every attached VM now and merges what it can,
+ * domain by domain: identical pages onto one shared frame, zero pages onto
+ * nothing. What it did goes to `*out_report` unless that is NULL (set
+ * `out_report->struct_size` first); of its fields the service fills
+ * `pages_scanned`, `merged_shared`, `merged_zero`, `changed`, `busy`,
+ * `map_limit`, `remaps` and `pages_hashed`, summed over the domains, and
+ * leaves the others 0.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`service`), `PF_ERR_STRUCT_TOO_SMALL`
+ * (`out_report`), `PF_ERR_USERFAULT`, `PF_ERR_OS`, `PF_ERR_MAP_LIMIT`.
+ * ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `service` is NULL or a live `pf_service` handle.
+ * - `out_report` is NULL or points to a `pf_scan_report` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_service_merge_now(const struct pf_service *service,
+                                    struct pf_scan_report *out_report);
+
+/**
+ * What the service holds now into `*out_stats` (set
+ * `out_stats->struct_size` first): attached VMs, domains, the bytes of
+ * shared frames and of the VMs' own memfds, pages merged.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_OS`.
+ * ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `service` is NULL or a live `pf_service` handle.
+ * - `out_stats` is NULL or points to a `pf_service_usage` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_service_stats(const struct pf_service *service,
+                                struct pf_service_usage *out_stats);
+
+/**
+ * Puts the guest memory `mem` under the service listening at
+ * `socket_path` (NUL-terminated), as `options` says (NULL means domain 0,
+ * tag 0), and stores the client handle in `*out_client`. The service
+ * receives the memory's memfd, so the memory must be alone in its frame
+ * store (made by `pf_guest_memory_new`, not `_new_in_store`), and it must
+ * not be registered with a `pf_dedup` (a memory is under one engine at a
+ * time). From here on the service merges the memory's pages; a write to a
+ * merged page is copied by the kernel, as with `pf_dedup`. The client holds
+ * the memory, so `pf_guest_memory_free` may come first.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`socket_path`, `mem`, `out_client`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`), `PF_ERR_INVALID_ARGUMENT` (an
+ * empty path; the memory shares its store, or is under a dedup host or a
+ * service already), `PF_ERR_USERFAULT` (no userfaultfd write protection
+ * here), `PF_ERR_OS` (e.g. connect: nobody listens at the path),
+ * `PF_ERR_SERVICE_REFUSED` (the service said no: the message has its
+ * reason), `PF_ERR_SERVICE_PROTOCOL` (the service answered something else
+ * or closed the connection). ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `socket_path` is NULL or a NUL-terminated string.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `options` is NULL or points to a `pf_client_options` whose
+ *   `struct_size` bytes are readable.
+ * - `out_client` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_service_client_attach(const char *socket_path,
+                                        const struct pf_guest_memory *mem,
+                                        const struct pf_client_options *options,
+                                        struct pf_service_client **out_client);
+
+/**
+ * The id the service gave this VM (never 0) into `*out_vm_id`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`. ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `client` is NULL or a live `pf_service_client` handle.
+ * - `out_vm_id` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_service_client_vm_id(const struct pf_service_client *client,
+                                       uint64_t *out_vm_id);
+
+/**
+ * Whether the service is still there: `*out_connected` receives 1, or 0
+ * once the connection ended (the service stopped or died; the memory goes
+ * on as it is, merged pages readable and copied on write).
+ *
+ * Errors: `PF_ERR_NULL_POINTER`. ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `client` is NULL or a live `pf_service_client` handle.
+ * - `out_connected` is NULL or valid for a write of one `int`.
+ */
+enum pf_status pf_service_client_connected(const struct pf_service_client *client,
+                                           int *out_connected);
+
+/**
+ * Pages (4 KiB) of this process's guest memory that map a shared frame or
+ * zeros now, into `*out_pages`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`. ABI 0.10.
+ *
+ * # Safety
+ *
+ * - `client` is NULL or a live `pf_service_client` handle.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_service_client_pages_remapped(const struct pf_service_client *client,
+                                                uint64_t *out_pages);
+
+/**
+ * Leaves the service cleanly: the service restores every merged page into
+ * this memory's own memfd (with its current bytes) and lets go of the VM;
+ * if the service is gone, the pages are restored here. Afterwards the
+ * memory is an ordinary `pf_guest_memory` again, which may be attached or
+ * registered with a `pf_dedup` anew. Restoring needs memory for every
+ * merged page again.
+ *
+ * Consumes the handle whatever the status: do not use or free it after
+ * this call. NULL is refused (`PF_ERR_NULL_POINTER`).
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_USERFAULT` (write protection
+ * for the restore failed), `PF_ERR_OS` (a page could not be restored).
+ * Either way the memory stays usable, pages not restored still mapping
+ * the domain's frames (readable, copied on write). ABI 0.10.
+ *
+ * # Safety
+ *
+ * `client` is NULL or a handle from `pf_service_client_attach` that has
+ * not been released, and no other call uses it during or after this one.
+ */
+enum pf_status pf_service_client_detach(struct pf_service_client *client);
+
+/**
+ * Releases the client without the goodbye of `pf_service_client_detach`:
+ * the connection closes and the service forgets the VM. Merged pages stay
+ * mapped in this process, readable, copied on write, so the memory stays
+ * fully usable; it cannot be attached or registered with a dedup host
+ * again (as the memory of a process whose service died). NULL is allowed
+ * and does nothing.
+ *
+ * # Safety
+ *
+ * `client` is NULL or a handle from `pf_service_client_attach` that has
+ * not been released, and no other call uses it during or after this one.
+ */
+void pf_service_client_free(struct pf_service_client *client);
 
 /**
  * The name of a status code as a static NUL-terminated string, e.g.

@@ -118,6 +118,8 @@ pub(crate) unsafe trait Plain: Copy {}
 
 // SAFETY: an integer is valid for every bit pattern.
 unsafe impl Plain for u64 {}
+// SAFETY: as for `u64`.
+unsafe impl Plain for u32 {}
 
 /// Copies the caller's array of `count` `T`s at `p` (named `arg` in
 /// messages; `count_arg` names the count). NULL is allowed only with

@@ -3,7 +3,11 @@
 
 use std::{ffi::c_char, fmt};
 
-use pagefold::{AccessError, DedupError, FrameError, MemoryError};
+use pagefold::{
+    dedup::RemoteError,
+    service::{wire::WireError, ServiceError},
+    AccessError, DedupError, FrameError, MemoryError,
+};
 
 /// What a call did: `PF_OK` (0) or why it failed (negative). The values are
 /// part of the ABI and never change meaning; later versions only add codes.
@@ -51,7 +55,7 @@ pub enum pf_status {
     /// No VM with this id is registered with the dedup host (never was, or
     /// was unregistered).
     PF_ERR_UNKNOWN_VM = -15,
-    /// No longer returned (ABI 1.10): a dedup host now takes VMs whose
+    /// No longer returned (ABI 0.10): a dedup host now takes VMs whose
     /// memory lives in a store of their own. The number stays reserved.
     PF_ERR_FOREIGN_STORE = -16,
     /// userfaultfd write protection, which dedup needs, is unavailable (no
@@ -82,11 +86,20 @@ pub enum pf_status {
     /// host's headroom) are used up: the pages stay as they were (merged
     /// pages merged); unmerge, or raise the limit.
     PF_ERR_MAP_LIMIT = -23,
+    /// The host service refused this process (not an allowed user, the
+    /// service's VM limit reached, guest memory over its limit, ...); the
+    /// message carries the service's reason. ABI 0.10.
+    PF_ERR_SERVICE_REFUSED = -24,
+    /// The host service, or a process attached to it, broke the service
+    /// protocol (an unexpected or malformed message, another protocol
+    /// version) or closed the connection in the middle of an exchange; the
+    /// message says what came. ABI 0.10.
+    PF_ERR_SERVICE_PROTOCOL = -25,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 24] = [
+    pub(crate) const ALL: [pf_status; 26] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -111,6 +124,8 @@ impl pf_status {
         pf_status::PF_ERR_STREAM,
         pf_status::PF_ERR_CANCELLED,
         pf_status::PF_ERR_MAP_LIMIT,
+        pf_status::PF_ERR_SERVICE_REFUSED,
+        pf_status::PF_ERR_SERVICE_PROTOCOL,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -140,6 +155,8 @@ impl pf_status {
             pf_status::PF_ERR_STREAM => c"PF_ERR_STREAM",
             pf_status::PF_ERR_CANCELLED => c"PF_ERR_CANCELLED",
             pf_status::PF_ERR_MAP_LIMIT => c"PF_ERR_MAP_LIMIT",
+            pf_status::PF_ERR_SERVICE_REFUSED => c"PF_ERR_SERVICE_REFUSED",
+            pf_status::PF_ERR_SERVICE_PROTOCOL => c"PF_ERR_SERVICE_PROTOCOL",
         }
     }
 }
@@ -193,6 +210,9 @@ pub(crate) fn frame_status(e: &FrameError) -> pf_status {
         FrameError::TooLarge { .. } => pf_status::PF_ERR_OVERFLOW,
         FrameError::NoHugePages { .. } => pf_status::PF_ERR_NO_HUGE_PAGES,
         FrameError::MapLimit { .. } => pf_status::PF_ERR_MAP_LIMIT,
+        // A descriptor another process handed over (the host service's
+        // side) is not a sealed 4 KiB memfd.
+        FrameError::NotAdoptable { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
         // Guest memory validates ranges before the frame store sees them.
         FrameError::Empty | FrameError::Misaligned { .. } | FrameError::NotAllocated { .. } => {
             pf_status::PF_ERR_INTERNAL
@@ -251,12 +271,52 @@ pub(crate) fn dedup_status(e: &DedupError) -> pf_status {
         }
         DedupError::Unmapped(_) => pf_status::PF_ERR_UNMAPPED,
         DedupError::Busy(_) => pf_status::PF_ERR_BUSY,
+        // A VMM process under the host service did not answer in time:
+        // its window was rolled back, the pages stay as they were.
+        DedupError::Remote(RemoteError::RolledBack { .. }) => pf_status::PF_ERR_BUSY,
+        // The process is gone or said it failed.
+        DedupError::Remote(_) => pf_status::PF_ERR_SERVICE_PROTOCOL,
     }
 }
 
 impl From<DedupError> for Error {
     fn from(e: DedupError) -> Self {
         Error::new(dedup_status(&e), e.to_string())
+    }
+}
+
+/// The status of a host service or service client error.
+pub(crate) fn service_status(e: &ServiceError) -> pf_status {
+    match e {
+        // The peer closing the socket mid-frame is the protocol's concern.
+        ServiceError::Wire(WireError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            pf_status::PF_ERR_SERVICE_PROTOCOL
+        }
+        ServiceError::Os { .. } | ServiceError::Wire(WireError::Io { .. }) => pf_status::PF_ERR_OS,
+        // What the client was given is not what the service can take: the
+        // memory shares its store, or is under a dedup engine already.
+        ServiceError::BadMemory { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
+        ServiceError::Refused { .. } | ServiceError::NotAllowed { .. } => {
+            pf_status::PF_ERR_SERVICE_REFUSED
+        }
+        ServiceError::Wire(_) | ServiceError::Unexpected { .. } | ServiceError::Closed => {
+            pf_status::PF_ERR_SERVICE_PROTOCOL
+        }
+        ServiceError::Frames(f) => frame_status(f),
+        ServiceError::Memory(m) => memory_status(m),
+        ServiceError::Dedup(d) => dedup_status(d),
+        ServiceError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
+        // `ServiceError` is non-exhaustive: a kind added later without a
+        // code of its own here is reported, not hidden.
+        _ => pf_status::PF_ERR_INTERNAL,
+    }
+}
+
+impl From<ServiceError> for Error {
+    fn from(e: ServiceError) -> Self {
+        Error::new(service_status(&e), e.to_string())
     }
 }
 
@@ -320,7 +380,7 @@ mod tests {
     fn dedup_errors_map_to_their_codes() {
         use pagefold::{userfault::UserfaultError, GuestPhysAddr, PageSize, VmId};
         let io = || std::io::Error::from_raw_os_error(libc::ENOSYS);
-        let cases: [(DedupError, pf_status); 10] = [
+        let cases: [(DedupError, pf_status); 9] = [
             (
                 UserfaultError::Unavailable(io()).into(),
                 pf_status::PF_ERR_USERFAULT,
@@ -365,6 +425,84 @@ mod tests {
         }
         let e = Error::from(DedupError::UnknownVm(VmId(7)));
         assert_eq!(e.message, "VM 7 is not registered with this dedup host");
+    }
+
+    #[test]
+    fn service_errors_map_to_their_codes() {
+        use pagefold::userfault::UserfaultError;
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let cases: [(ServiceError, pf_status); 10] = [
+            (
+                ServiceError::Os {
+                    op: "connect to the service",
+                    source: io(libc::ENOENT),
+                },
+                pf_status::PF_ERR_OS,
+            ),
+            (
+                WireError::Io {
+                    op: "send",
+                    source: io(libc::EPIPE),
+                }
+                .into(),
+                pf_status::PF_ERR_OS,
+            ),
+            (
+                WireError::Io {
+                    op: "recv",
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                }
+                .into(),
+                pf_status::PF_ERR_SERVICE_PROTOCOL,
+            ),
+            (
+                WireError::UnknownKind { kind: 99 }.into(),
+                pf_status::PF_ERR_SERVICE_PROTOCOL,
+            ),
+            (ServiceError::Closed, pf_status::PF_ERR_SERVICE_PROTOCOL),
+            (
+                ServiceError::Unexpected {
+                    expected: "Welcome",
+                    got: "Remap",
+                },
+                pf_status::PF_ERR_SERVICE_PROTOCOL,
+            ),
+            (
+                ServiceError::Refused {
+                    code: 2,
+                    text: "the service holds its maximum of 1 VMs".into(),
+                },
+                pf_status::PF_ERR_SERVICE_REFUSED,
+            ),
+            (
+                ServiceError::NotAllowed { pid: 1, uid: 1000 },
+                pf_status::PF_ERR_SERVICE_REFUSED,
+            ),
+            (
+                ServiceError::BadMemory {
+                    what: "the guest memory is registered with a dedup host already".into(),
+                },
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+            (
+                UserfaultError::Unavailable(io(libc::ENOSYS)).into(),
+                pf_status::PF_ERR_USERFAULT,
+            ),
+        ];
+        for (e, want) in cases {
+            let e = Error::from(e);
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+        let e = Error::from(ServiceError::Refused {
+            code: 3,
+            text: "process 1 (uid 1000) may not use this service".into(),
+        });
+        assert!(
+            e.message.contains("may not use this service"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

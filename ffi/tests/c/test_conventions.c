@@ -42,6 +42,8 @@ TEST(status_names_cover_every_code) {
         {PF_ERR_STREAM, "PF_ERR_STREAM"},
         {PF_ERR_CANCELLED, "PF_ERR_CANCELLED"},
         {PF_ERR_MAP_LIMIT, "PF_ERR_MAP_LIMIT"},
+        {PF_ERR_SERVICE_REFUSED, "PF_ERR_SERVICE_REFUSED"},
+        {PF_ERR_SERVICE_PROTOCOL, "PF_ERR_SERVICE_PROTOCOL"},
     };
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         CHECK_EQ((int64_t)codes[i].status, -(int64_t)i);
@@ -49,7 +51,7 @@ TEST(status_names_cover_every_code) {
         CHECK(name != NULL && strcmp(name, codes[i].name) == 0);
     }
     CHECK(strcmp(pf_status_name(1), "PF_UNKNOWN_STATUS") == 0);
-    CHECK(strcmp(pf_status_name(PF_ERR_MAP_LIMIT - 1), "PF_UNKNOWN_STATUS") == 0);
+    CHECK(strcmp(pf_status_name(PF_ERR_SERVICE_PROTOCOL - 1), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(-1000), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(INT32_MIN), "PF_UNKNOWN_STATUS") == 0);
 }
