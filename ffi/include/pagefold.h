@@ -1822,6 +1822,19 @@ typedef struct pf_client_options {
      * A label the service keeps with the VM (logs, memfd names).
      */
     uint64_t vm_tag;
+    /**
+     * Nonzero: the VM's memory is (or will be) mapped by other processes
+     * too (vhost-user backends), so merged pages stay write-protected and
+     * a write breaks the sharing through the service into a frame every
+     * mapper maps (a round trip to the service on the first write to each
+     * merged page, instead of the kernel's private copy). Zero: the
+     * kernel's copy on write, seen by this process alone.
+     */
+    uint32_t break_on_write;
+    /**
+     * Must be zero.
+     */
+    uint32_t reserved;
 } pf_client_options;
 
 /**

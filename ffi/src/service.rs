@@ -128,6 +128,15 @@ pub struct pf_client_options {
     pub domain: u64,
     /// A label the service keeps with the VM (logs, memfd names).
     pub vm_tag: u64,
+    /// Nonzero: the VM's memory is (or will be) mapped by other processes
+    /// too (vhost-user backends), so merged pages stay write-protected and
+    /// a write breaks the sharing through the service into a frame every
+    /// mapper maps (a round trip to the service on the first write to each
+    /// merged page, instead of the kernel's private copy). Zero: the
+    /// kernel's copy on write, seen by this process alone.
+    pub break_on_write: u32,
+    /// Must be zero.
+    pub reserved: u32,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -141,6 +150,8 @@ impl Default for pf_client_options {
             struct_size: size_of::<Self>(),
             domain: 0,
             vm_tag: 0,
+            break_on_write: 0,
+            reserved: 0,
         }
     }
 }
@@ -454,9 +465,16 @@ pub unsafe extern "C" fn pf_service_client_attach(
             // SAFETY: not NULL; `struct_size` bytes readable (contract).
             unsafe { args::read_sized(options, "options") }?
         };
+        if options.reserved != 0 {
+            return Err(Error::invalid(format!(
+                "options->reserved is {}; it must be 0",
+                options.reserved
+            )));
+        }
         let options = ClientOptions {
             domain: options.domain,
             vm_tag: options.vm_tag,
+            break_on_write: options.break_on_write != 0,
         };
         let client = ServiceClient::attach(path, mem, options)?;
         out.write(Box::into_raw(Box::new(pf_service_client { client })));

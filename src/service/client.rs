@@ -355,7 +355,9 @@ impl ServiceClient {
         }
         let homed = self.space.home_everything();
         self.stop_fault_thread();
-        if let Some(mem) = &self.space.mem {
+        // Memory with pages still away from their own frames stays claimed:
+        // a dedup host would take them for plain private pages.
+        if let (Some(mem), Ok(())) = (&self.space.mem, &homed) {
             mem.release_from_dedup();
         }
         homed.map_err(|errno| ServiceError::Os {

@@ -112,6 +112,8 @@ struct State {
     next_vm: AtomicU64,
     stop: AtomicBool,
     uid: u32,
+    /// Every connection, to close them all when the service stops.
+    conns: Mutex<Vec<UnixStream>>,
 }
 
 /// The host service, listening on its socket.
@@ -161,6 +163,7 @@ impl Service {
             next_vm: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             uid,
+            conns: Mutex::new(Vec::new()),
         });
         let accept_state = Arc::clone(&state);
         let acceptor = std::thread::Builder::new()
@@ -246,6 +249,11 @@ impl Drop for Service {
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
+        // Every process sees its connection close: it releases what the
+        // service armed and goes on; the service forgets its VM.
+        for c in lock(&self.state.conns).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -256,6 +264,13 @@ fn accept_loop(state: &Arc<State>, listener: &UnixListener) {
             return;
         }
         let Ok(stream) = stream else { continue };
+        if let Ok(c) = stream.try_clone() {
+            let mut conns = lock(&state.conns);
+            // Connections that ended leave their socket here until the next
+            // accept prunes it (a peer that closed reads as such).
+            conns.retain(|c| peer_open(c));
+            conns.push(c);
+        }
         let state = Arc::clone(state);
         // A connection whose thread cannot be made is dropped (closed): the
         // process sees the refusal as a closed socket.
@@ -288,6 +303,18 @@ impl Peer {
                 .map(|r| Arc::clone(r.mappers.primary())),
         }
     }
+}
+
+/// Whether the peer of `c` may still be there (not hung up).
+fn peer_open(c: &UnixStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: c.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    !(n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
 }
 
 /// One VMM process (or second mapper), from its hello to its end.

@@ -149,6 +149,9 @@ static int vmm_child(unsigned vm, int from_parent, int to_parent, const char *pa
     pf_guest_memory *mem = NULL;
     pf_service_client *client = NULL;
     pf_client_options o = client_options(0, vm + 1);
+    /* The second VM breaks merged pages through the service, as a VM whose
+     * memory a vhost-user backend maps does. */
+    o.break_on_write = vm == 1;
     uint64_t vm_id = 0, remapped = 0;
     int connected = -1;
 
