@@ -268,7 +268,7 @@ fn accept_loop(state: &Arc<State>, listener: &UnixListener) {
             let mut conns = lock(&state.conns);
             // Connections that ended leave their socket here until the next
             // accept prunes it (a peer that closed reads as such).
-            conns.retain(|c| peer_open(c));
+            conns.retain(peer_open);
             conns.push(c);
         }
         let state = Arc::clone(state);
