@@ -114,38 +114,38 @@ pub fn program(cfg: &Config) -> guest::Program {
 
 /// The VMM's side of one vCPU thread.
 #[derive(Debug, Default)]
-struct VmCtl {
+pub(super) struct VmCtl {
     /// The answer to the guest's next control read.
-    command: AtomicU32,
+    pub(super) command: AtomicU32,
     /// Stop at the next round's end and hand the vCPU back.
     pause: AtomicBool,
     /// Capture the paging registers at the next round's end.
     want_regs: AtomicBool,
     regs: Mutex<Option<X86Paging>>,
-    filled: AtomicBool,
+    pub(super) filled: AtomicBool,
     /// First data page the guest gave up (`u64::MAX` until it says).
-    balloon_from: AtomicU64,
-    rounds: AtomicU64,
-    verified: AtomicU64,
-    failed: AtomicU64,
+    pub(super) balloon_from: AtomicU64,
+    pub(super) rounds: AtomicU64,
+    pub(super) verified: AtomicU64,
+    pub(super) failed: AtomicU64,
     halted: AtomicBool,
 }
 
 impl VmCtl {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         VmCtl {
             balloon_from: AtomicU64::new(u64::MAX),
             ..Default::default()
         }
     }
 
-    fn checks(&self) -> u64 {
+    pub(super) fn checks(&self) -> u64 {
         self.verified.load(Ordering::SeqCst) + self.failed.load(Ordering::SeqCst)
     }
 }
 
 /// Runs the vCPU until the guest halts or the VMM pauses it; returns it.
-fn vcpu_thread(mut vcpu: KvmVcpu, ctl: Arc<VmCtl>) -> Result<KvmVcpu, KvmError> {
+pub(super) fn vcpu_thread(mut vcpu: KvmVcpu, ctl: Arc<VmCtl>) -> Result<KvmVcpu, KvmError> {
     loop {
         vcpu.run(|exit| match exit {
             Exit::IoOut { port, data } => {
@@ -209,18 +209,19 @@ fn vcpu_thread(mut vcpu: KvmVcpu, ctl: Arc<VmCtl>) -> Result<KvmVcpu, KvmError> 
 }
 
 /// One running VM.
-struct Vm {
-    mem: Arc<GuestMemory>,
-    kvm: Arc<KvmVm>,
-    id: VmId,
-    ctl: Arc<VmCtl>,
-    thread: Mutex<Option<JoinHandle<Result<KvmVcpu, KvmError>>>>,
+pub(super) struct Vm {
+    pub(super) mem: Arc<GuestMemory>,
+    pub(super) kvm: Arc<KvmVm>,
+    /// Its id with this process's dedup host (none under the service).
+    pub(super) id: Option<VmId>,
+    pub(super) ctl: Arc<VmCtl>,
+    pub(super) thread: Mutex<Option<JoinHandle<Result<KvmVcpu, KvmError>>>>,
 }
 
 impl Vm {
     /// Waits for the vCPU thread to hand the vCPU back (the guest halted
     /// or the VMM paused it).
-    fn join(&self) -> Res<Option<KvmVcpu>> {
+    pub(super) fn join(&self) -> Res<Option<KvmVcpu>> {
         let thread = self.thread.lock().map_err(|_| "poisoned")?.take();
         match thread {
             Some(t) => Ok(Some(t.join().map_err(|_| "vCPU thread panicked")??)),
@@ -229,7 +230,7 @@ impl Vm {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Res<()> {
+pub(super) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Res<()> {
     let t = Instant::now();
     while !done() {
         if t.elapsed() > timeout {
@@ -241,7 +242,7 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Re
 }
 
 /// Asks every VM in `vms` to verify its data once; waits for the answers.
-fn verify_all(vms: &[&Vm]) -> Res<()> {
+pub(super) fn verify_all(vms: &[&Vm]) -> Res<()> {
     let before: Vec<u64> = vms.iter().map(|vm| vm.ctl.checks()).collect();
     for vm in vms {
         vm.ctl
@@ -253,7 +254,7 @@ fn verify_all(vms: &[&Vm]) -> Res<()> {
     })
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(super) fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
 }
 
@@ -300,7 +301,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
         vms.push(Vm {
             mem,
             kvm,
-            id,
+            id: Some(id),
             ctl,
             thread: Mutex::new(Some(thread)),
         });
@@ -331,7 +332,8 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
     for vm in &vms {
         let from = vm.ctl.balloon_from.load(Ordering::SeqCst);
         let pages = prog.data_pages.saturating_sub(from);
-        let balloon = Balloon::new(Arc::clone(&vm.mem)).with_dedup(Arc::clone(&host), vm.id);
+        let id = vm.id.ok_or("a VM of this host has its id")?;
+        let balloon = Balloon::new(Arc::clone(&vm.mem)).with_dedup(Arc::clone(&host), id);
         let r = balloon.inflate_range(
             GuestPhysAddr(guest::DATA_GPA + from * PAGE_SIZE as u64),
             pages * PAGE_SIZE as u64,
@@ -446,7 +448,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
     // 5. Live-migrate VM 0 into another process.
     report.migration = Some(migrate(&vms[0], spawn_receiver, &say)?);
     let vm0 = vms.remove(0);
-    host.unregister(vm0.id)?;
+    host.unregister(vm0.id.ok_or("a VM of this host has its id")?)?;
 
     // 6. Stop the others after a last verification.
     for vm in &vms {
@@ -486,7 +488,7 @@ pub fn run(cfg: &Config, spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>)
 /// runs (KVM's dirty log feeds each harvest), then the vCPU stops at a
 /// round's end, the last round and the vCPU state go out, and the
 /// receiver runs the guest on, verifies, and reports.
-fn migrate(
+pub(super) fn migrate(
     vm: &Vm,
     spawn_receiver: &dyn Fn(u16) -> std::io::Result<Child>,
     say: &dyn Fn(String),
@@ -529,7 +531,7 @@ fn migrate(
     });
     let p = sender.iterate()?;
     say(format!(
-        "mini_vmm: migrating VM 0 to another process: {} rounds while it ran, {:.1} MiB sent, {} pages dirty at the pause",
+        "mini_vmm: migrating the VM to another process: {} rounds while it ran, {:.1} MiB sent, {} pages dirty at the pause",
         p.round + 1,
         mib(p.bytes),
         p.dirty_pages
