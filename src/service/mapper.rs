@@ -210,6 +210,18 @@ impl ConnMapper {
         runs: &[(u64, u64)],
         copy: bool,
     ) -> Result<(), RemoteError> {
+        let seq = self.send_home(region, runs, copy)?;
+        self.wait_home(seq)
+    }
+
+    /// Sends the `Restore` (with `copy`) or `Home` of [`home`](Self::home)
+    /// without waiting: its sequence number, for [`wait_home`](Self::wait_home).
+    pub(crate) fn send_home(
+        &self,
+        region: usize,
+        runs: &[(u64, u64)],
+        copy: bool,
+    ) -> Result<u64, RemoteError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let restore = Restore {
             seq,
@@ -225,6 +237,11 @@ impl ConnMapper {
             Message::Home(restore)
         };
         self.send(&msg)?;
+        Ok(seq)
+    }
+
+    /// Waits for the ack of the `Restore` or `Home` numbered `seq`.
+    pub(crate) fn wait_home(&self, seq: u64) -> Result<(), RemoteError> {
         match self.wait_ack(seq, Instant::now() + self.deadline)? {
             Some(Ack {
                 status: AckStatus::Done,
@@ -351,13 +368,31 @@ impl RemoteMapper for VmMappers {
     }
 
     fn restore(&self, region: usize, runs: &[(u64, u64)]) -> Result<(), RemoteError> {
-        for m in self.all() {
-            if let Err(e) = m.home(region, runs, !self.break_on_write) {
-                self.quarantine();
-                return Err(e);
+        // Every mapper at once: each remaps in its own process (its own
+        // mmap lock), so the break costs one round trip, not one per mapper.
+        let all = self.all();
+        let mut sent = Vec::with_capacity(all.len());
+        let mut result = Ok(());
+        for m in &all {
+            match m.send_home(region, runs, !self.break_on_write) {
+                Ok(seq) => sent.push((m, seq)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        Ok(())
+        for (m, seq) in sent {
+            if let Err(e) = m.wait_home(seq) {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        if result.is_err() {
+            self.quarantine();
+        }
+        result
     }
 
     fn release(&self, region: usize, unprotect: &[(usize, usize)], wake: (usize, usize)) {

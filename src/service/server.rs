@@ -331,22 +331,22 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
         }
     };
     let _ = conn.set_read_timeout(None);
+    // Breaking asks every mapper (this one too) to remap and waits for
+    // acks, which this thread reads: breaks run on a thread beside, made on
+    // the first one.
+    let mut breaks: Option<mpsc::Sender<super::wire::Break>> = None;
     loop {
         match conn.recv() {
             Ok(Some((Message::Ack(ack), _))) => {
                 let _ = acks.send(ack);
             }
             Ok(Some((Message::Break(b), _))) => {
-                // Breaking asks every mapper (this one too) to remap and
-                // waits for acks, which this thread reads: do it beside.
-                let (state, vm, from) = (Arc::clone(state), peer.vm(), peer.mapper(state));
-                let _ = std::thread::Builder::new()
-                    .name("pagefold-break".into())
-                    .spawn(move || {
-                        if let Some(from) = from {
-                            break_sharing(&state, vm, b, &from);
-                        }
-                    });
+                if breaks.is_none() {
+                    breaks = break_worker(state, &peer);
+                }
+                if let Some(tx) = &breaks {
+                    let _ = tx.send(b);
+                }
             }
             Ok(Some((Message::Bye, _))) => {
                 // Unmerging asks the process to restore its pages and waits
@@ -388,12 +388,29 @@ fn serve_connection(state: &Arc<State>, stream: UnixStream) {
         }
     }
     drop(acks);
+    drop(breaks);
     match peer {
         // The VMM is gone or broke the protocol: its pages are nobody's
         // concern any more, and the frames only it used are freed.
         Peer::Vmm { vm } => lose(state, vm),
         Peer::Second { vm, mapper } => drop_second(state, vm, &mapper),
     }
+}
+
+/// The thread that breaks what one connection's writers wait on, in the
+/// order they asked; it ends when the connection's sender is dropped.
+fn break_worker(state: &Arc<State>, peer: &Peer) -> Option<mpsc::Sender<super::wire::Break>> {
+    let (tx, rx) = mpsc::channel::<super::wire::Break>();
+    let (state, vm, from) = (Arc::clone(state), peer.vm(), peer.mapper(state)?);
+    std::thread::Builder::new()
+        .name("pagefold-break".into())
+        .spawn(move || {
+            for b in rx {
+                break_sharing(&state, vm, b, &from);
+            }
+        })
+        .ok()?;
+    Some(tx)
 }
 
 /// Breaks the sharing of a merged page a writer of `from` waits on: the
