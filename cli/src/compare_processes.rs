@@ -365,8 +365,16 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
         stats.guest_bytes >> 20,
         stats.shared_bytes >> 20
     );
-    // What one client costs: threads and resident memory its attach added,
-    // and the remapped-page map it keeps (one bool per guest page).
+    // What one client costs: the threads its attach added, and the
+    // anonymous memory its attach and the merge added (the remap thread,
+    // the remapped-page map of one bool per guest page).
+    for c in &mut children {
+        c.send("cost")?;
+        let cost = c.expect("cost")?;
+        if let Some(a) = attached.get_mut(c.vm) {
+            a.extend(cost);
+        }
+    }
     let n = attached.len().max(1) as f64;
     let mean = |k: usize| {
         attached
@@ -376,12 +384,13 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
             / n
     };
     println!(
-        "  client cost (mean of {} processes): threads {:.0} -> {:.0}, RSS +{:.0} KiB at attach, remapped-page map {} KiB",
+        "  client cost (mean of {} processes): threads {:.0} -> {:.0}; anonymous memory +{:.0} KiB at attach, +{:.0} KiB after the merge (remapped-page map: {} KiB of it)",
         attached.len(),
         mean(0),
         mean(1),
         mean(3) - mean(2),
-        w.vms.iter().map(|(_, p)| *p).max().unwrap_or(0) >> 10
+        mean(5) - mean(2),
+        w.pages() / w.vms.len().max(1) >> 10
     );
     let mut remapped = 0.0;
     for c in &mut children {
@@ -446,14 +455,15 @@ fn run_ksm(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error>> {
 
 // ---------------------------------------------------------------- the child
 
-/// Resident set and threads of this process: (threads, VmRSS in KiB).
+/// Threads and anonymous resident memory of this process (`RssAnon`, in
+/// KiB: what the client adds; the guest's own memfd pages are `RssShmem`).
 fn self_cost() -> (usize, u64) {
     let threads = std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count);
     let rss = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix("RssAnon:"))
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
         })
@@ -603,6 +613,10 @@ pub(crate) fn vm_process(args: &VmProcessArgs) -> Result<(), Box<dyn Error>> {
                 let (threads1, rss1) = self_cost();
                 println!("attached {threads0} {threads1} {rss0} {rss1}");
                 client = Some(c);
+            }
+            (Some("cost"), _, _) => {
+                let (threads, anon) = self_cost();
+                println!("cost {threads} {anon}");
             }
             (Some("remapped"), _, _) => {
                 println!(
