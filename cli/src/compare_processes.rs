@@ -191,7 +191,10 @@ impl VmChild {
     }
 
     /// Reads one answer and returns its numbers after `expected`.
-    fn expect(&mut self, expected: &'static str) -> Result<Vec<f64>, ProcessError> {
+    fn expect<T: std::str::FromStr>(
+        &mut self,
+        expected: &'static str,
+    ) -> Result<Vec<T>, ProcessError> {
         let mut line = String::new();
         self.stdout
             .read_line(&mut line)
@@ -201,7 +204,7 @@ impl VmChild {
                 source,
             })?;
         let mut words = line.split_whitespace();
-        let nums: Option<Vec<f64>> = match words.next() {
+        let nums: Option<Vec<T>> = match words.next() {
             Some(w) if w == expected => words.map(|x| x.parse().ok()).collect(),
             _ => None,
         };
@@ -233,7 +236,7 @@ fn spawn_all(w: &Workload, socket: Option<&Path>) -> Result<(Vec<VmChild>, u64),
     // They fill their memory at once; each says how many bytes it holds.
     let mut bytes = 0;
     for c in &mut children {
-        bytes += c.expect("filled")?.first().copied().unwrap_or(0.0) as u64;
+        bytes += c.expect::<u64>("filled")?.first().copied().unwrap_or(0);
     }
     Ok((children, bytes))
 }
@@ -249,7 +252,7 @@ fn cow_ns(children: &mut [VmChild]) -> Result<f64, ProcessError> {
     let (mut total, mut pages) = (0.0, 0.0);
     for c in children.iter_mut() {
         c.send(&format!("cow {each}"))?;
-        let a = c.expect("cow")?;
+        let a = c.expect::<f64>("cow")?;
         if let [ns, n] = a[..] {
             total += ns * n;
             pages += n;
@@ -331,7 +334,7 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
     }
     let mut attached = Vec::new();
     for c in &mut children {
-        attached.push(c.expect("attached")?);
+        attached.push(c.expect::<u64>("attached")?);
     }
     let attach_secs = attach0.elapsed().as_secs_f64();
     let cpu_self0 = cpu_seconds_self();
@@ -370,7 +373,7 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
     // the remapped-page map of one bool per guest page).
     for c in &mut children {
         c.send("cost")?;
-        let cost = c.expect("cost")?;
+        let cost = c.expect::<u64>("cost")?;
         if let Some(a) = attached.get_mut(c.vm) {
             a.extend(cost);
         }
@@ -379,7 +382,7 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
     let mean = |k: usize| {
         attached
             .iter()
-            .map(|a| a.get(k).copied().unwrap_or(0.0))
+            .map(|a| a.get(k).copied().unwrap_or(0) as f64)
             .sum::<f64>()
             / n
     };
@@ -390,14 +393,14 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<EngineResult, Box<dyn Error
         mean(1),
         mean(3) - mean(2),
         mean(5) - mean(2),
-        w.pages() / w.vms.len().max(1) >> 10
+        (w.pages() / w.vms.len().max(1)) >> 10
     );
-    let mut remapped = 0.0;
+    let mut remapped = 0;
     for c in &mut children {
         c.send("remapped")?;
-        remapped += c.expect("remapped")?.first().copied().unwrap_or(0.0);
+        remapped += c.expect::<u64>("remapped")?.first().copied().unwrap_or(0);
     }
-    println!("  pages the clients map shared or zero now: {remapped:.0}");
+    println!("  pages the clients map shared or zero now: {remapped}");
     let cow = cow_ns(&mut children)?;
     drop(children);
     drop(service);
@@ -625,7 +628,7 @@ pub(crate) fn vm_process(args: &VmProcessArgs) -> Result<(), Box<dyn Error>> {
                 );
             }
             (Some("cow"), Some(m), _) => {
-                let base = m.regions()[0].host_addr().0 as usize;
+                let base = usize::try_from(m.regions()[0].host_addr().0)?;
                 let ino = client.as_ref().map_or(0, |c| {
                     use std::os::fd::AsRawFd;
                     std::fs::metadata(format!(

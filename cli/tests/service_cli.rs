@@ -37,6 +37,15 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The byte page `i` of the served client holds: two contents.
+fn byte(i: usize) -> u8 {
+    if i % 2 == 0 {
+        1
+    } else {
+        2
+    }
+}
+
 #[test]
 fn serve_folds_a_client_and_stops_on_sigterm() {
     if no_userfaultfd() {
@@ -70,7 +79,7 @@ fn serve_folds_a_client_and_stops_on_sigterm() {
     let pages = 64;
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)]).unwrap();
     for i in 0..pages {
-        let page = [(i % 2) as u8 + 1; PAGE_SIZE];
+        let page = [byte(i); PAGE_SIZE];
         mem.write(GuestPhysAddr((i * PAGE_SIZE) as u64), &page)
             .unwrap();
     }
@@ -107,7 +116,7 @@ fn serve_folds_a_client_and_stops_on_sigterm() {
     for i in 0..pages {
         mem.read(GuestPhysAddr((i * PAGE_SIZE) as u64), &mut buf)
             .unwrap();
-        assert_eq!(buf, [(i % 2) as u8 + 1; PAGE_SIZE], "page {i}");
+        assert_eq!(buf, [byte(i); PAGE_SIZE], "page {i}");
     }
 
     // A second serve on the same socket refuses instead of taking it over.
@@ -125,11 +134,10 @@ fn serve_folds_a_client_and_stops_on_sigterm() {
     );
     assert!(socket.exists());
 
-    // SAFETY: kill with a child's pid and a signal number.
-    assert_eq!(
-        unsafe { libc::kill(serve.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let pid = libc::pid_t::try_from(serve.id()).unwrap();
+    // SAFETY: kill takes a pid (our child's, not yet reaped) and a signal
+    // number; it touches no memory of ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = serve.wait().unwrap();
     assert!(status.success(), "{status:?} {rest:?}");
@@ -143,7 +151,7 @@ fn serve_folds_a_client_and_stops_on_sigterm() {
     for i in 0..pages {
         mem.read(GuestPhysAddr((i * PAGE_SIZE) as u64), &mut buf)
             .unwrap();
-        assert_eq!(buf, [(i % 2) as u8 + 1; PAGE_SIZE], "page {i} after stop");
+        assert_eq!(buf, [byte(i); PAGE_SIZE], "page {i} after stop");
     }
     drop(client);
 }
