@@ -649,3 +649,44 @@ pub(crate) fn vm_process(args: &VmProcessArgs) -> Result<(), Box<dyn Error>> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::{parse_source, process_cpu_seconds, source_arg, Source};
+
+    #[test]
+    fn a_source_goes_to_the_child_and_back() {
+        for s in [
+            Source::BootedClone { vm: 3 },
+            Source::Duplicates { percent: 10 },
+        ] {
+            let back = parse_source(&source_arg(&s)).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{s:?}"));
+        }
+        for bad in [
+            "clone",
+            "clone:x",
+            "dup:-1",
+            "tar:1",
+            "image:/nonexistent/ram.img",
+        ] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpu_seconds_of_a_process_grow_with_its_work() {
+        let me = std::process::id();
+        let before = process_cpu_seconds(me);
+        let t0 = std::time::Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        assert!(process_cpu_seconds(me) > before);
+        // A process that is gone has used nothing more.
+        assert_eq!(process_cpu_seconds(u32::MAX), 0.0);
+    }
+}

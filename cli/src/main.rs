@@ -328,6 +328,34 @@ mod tests {
     }
 
     #[test]
+    fn serve_and_compare_processes_arguments() {
+        let cli = parse(&[
+            "serve",
+            "--socket",
+            "/tmp/x.sock",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.socket, Some("/tmp/x.sock".into()));
+        assert_eq!(args.allow_uid, [1000, 1001]);
+        assert!(parse(&["serve", "--allow-uid", "me"]).is_err());
+
+        let cli = parse(&["compare-ksm", "--processes", "2", "--mib", "8"]).unwrap();
+        let Command::CompareKsm { processes, mib, .. } = cli.command else {
+            panic!("not compare-ksm")
+        };
+        assert_eq!((processes, mib), (Some(2), 8));
+        // --mib only sizes the clones of --processes.
+        assert!(parse(&["compare-ksm", "--mib", "8"]).is_err());
+    }
+
+    #[test]
     fn translate_arguments() {
         let cli = parse(
             &[
