@@ -65,6 +65,14 @@ pub(crate) enum ServeError {
         /// The socket.
         path: PathBuf,
     },
+    /// The service could not start on the socket.
+    #[error("cannot serve on {}: {source}", path.display())]
+    Start {
+        /// The socket.
+        path: PathBuf,
+        /// What the service said.
+        source: pagefold::service::ServiceError,
+    },
     /// The stop signals could not be blocked for `sigtimedwait`.
     #[error("blocking SIGINT/SIGTERM/SIGHUP for the signal wait failed: {0}")]
     Signals(std::io::Error),
@@ -117,7 +125,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), Box<dyn Error>> {
             )),
             ..ServiceOptions::default()
         },
-    )?;
+    )
+    .map_err(|source| ServeError::Start {
+        path: path.clone(),
+        source,
+    })?;
     println!("pagefold serve: listening on {}", service.path().display());
     let every = Duration::from_millis(args.stats_every_ms.max(10));
     let mut next = Instant::now() + every;
