@@ -16,11 +16,11 @@ use crate::workload::Workload;
 
 /// Results of one engine on one workload.
 #[derive(Debug, Default, Clone, Copy)]
-struct EngineResult {
-    seconds_to_99: Option<f64>,
-    cpu_seconds: f64,
-    saved_pages: u64,
-    cow_ns: f64,
+pub(crate) struct EngineResult {
+    pub(crate) seconds_to_99: Option<f64>,
+    pub(crate) cpu_seconds: f64,
+    pub(crate) saved_pages: u64,
+    pub(crate) cow_ns: f64,
 }
 
 /// `vm.max_map_count` raised for the run and put back on drop. Each merge
@@ -28,7 +28,7 @@ struct EngineResult {
 /// limit (65,530) pagefold stops after about 30,000 scattered merges, where
 /// KSM, inside the kernel, has no such limit. Hosts that run pagefold raise
 /// it, as they do for other mapping-heavy services.
-struct MapCountRaised {
+pub(crate) struct MapCountRaised {
     saved: Option<String>,
     _on_signal: Option<ksm::RestoreOnSignal>,
 }
@@ -36,7 +36,7 @@ struct MapCountRaised {
 const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
 
 impl MapCountRaised {
-    fn to(n: u64) -> Self {
+    pub(crate) fn to(n: u64) -> Self {
         let saved = std::fs::read_to_string(MAX_MAP_COUNT).ok();
         let current = saved
             .as_deref()
@@ -133,14 +133,14 @@ pub(crate) fn run(
     Ok(())
 }
 
-fn geomean(v: &[f64]) -> f64 {
+pub(crate) fn geomean(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
     (v.iter().map(|x| x.max(1e-9).ln()).sum::<f64>() / v.len() as f64).exp()
 }
 
-fn print_row(name: &str, r: &EngineResult, achievable: u64) {
+pub(crate) fn print_row(name: &str, r: &EngineResult, achievable: u64) {
     println!(
         "  {name:<9} to 99%: {:>9}  cpu: {:>7.3} s  saved (kernel): {:>8} pages ({:.1}% of achievable)  cow break: {:>6.2} us",
         r.seconds_to_99.map_or("never".into(), |s| format!("{s:.3} s")),
@@ -151,7 +151,7 @@ fn print_row(name: &str, r: &EngineResult, achievable: u64) {
     );
 }
 
-fn cpu_seconds_self() -> f64 {
+pub(crate) fn cpu_seconds_self() -> f64 {
     let mut ru = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: `ru` is a writable rusage buffer, filled on success.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } != 0 {
@@ -227,7 +227,7 @@ fn run_pagefold(w: &Workload, target: u64) -> Result<(EngineResult, f64), Box<dy
 }
 
 /// Mean nanoseconds of one byte written to each page.
-fn time_writes<E: Into<Box<dyn Error>>>(
+pub(crate) fn time_writes<E: Into<Box<dyn Error>>>(
     ptrs: impl Iterator<Item = Result<*mut u8, E>>,
 ) -> Result<f64, Box<dyn Error>> {
     let ptrs: Vec<*mut u8> = ptrs.collect::<Result<_, _>>().map_err(Into::into)?;

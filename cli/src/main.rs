@@ -1,8 +1,10 @@
 //! The `pagefold` command line: a demo of the library on built-in guests,
 //! and operator tools over raw guest RAM images (folding estimates, the
-//! guest's page tables).
+//! guest's page tables), and the host service that folds the memory of
+//! VMM processes (`serve`).
 
 mod compare;
+mod compare_processes;
 mod demo;
 mod demo_kvm;
 mod estimate;
@@ -10,6 +12,7 @@ mod image_scan;
 mod images;
 mod maps;
 mod report;
+mod serve;
 mod workload;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -78,9 +81,28 @@ enum Command {
         /// mappings, which KSM, inside the kernel, does not need.
         #[arg(long, default_value_t = 1 << 20)]
         max_map_count: u64,
+        /// One process per VM, N of them: pagefold's side is a host service
+        /// (as `pagefold serve`) with every VM process attached, KSM's the
+        /// same processes with MADV_MERGEABLE memory. With images, N is
+        /// their number; without, N synthetic booted clones of --mib each.
+        #[arg(long, value_name = "N")]
+        processes: Option<usize>,
+        /// Guest RAM of each synthetic clone with --processes, in MiB.
+        #[arg(long, default_value_t = 256, requires = "processes")]
+        mib: usize,
         /// Raw guest RAM images, one per VM.
         images: Vec<PathBuf>,
     },
+    /// Run the host service: VMM processes put their guest memory under it
+    /// over a Unix socket (the library's `ServiceClient`, or the C ABI) and
+    /// it folds them, scanning in the background. Prints the socket, then a
+    /// stats line every few seconds; stops on SIGINT or SIGTERM and removes
+    /// the socket.
+    Serve(serve::ServeArgs),
+    /// Internal: one VM's memory in a process of its own, for
+    /// `compare-ksm --processes`.
+    #[command(hide = true)]
+    VmProcess(compare_processes::VmProcessArgs),
     /// List every mapping of a guest address space, read from its RAM image
     /// with the guest's paging registers: one line per page or large page
     /// (virtual address, physical address, size, permissions, flags).
@@ -144,10 +166,23 @@ fn main() -> ExitCode {
         Command::Estimate { json, fold, images } => {
             estimate::run(&images, json, fold).map(|()| ExitCode::SUCCESS)
         }
+        Command::Serve(args) => serve::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::VmProcess(args) => {
+            compare_processes::vm_process(&args).map(|()| ExitCode::SUCCESS)
+        }
         Command::CompareKsm {
             no_ksm,
             max_map_count,
+            processes: Some(n),
+            mib,
             images,
+        } => compare_ksm_processes(n, mib, &images, no_ksm, max_map_count),
+        Command::CompareKsm {
+            no_ksm,
+            max_map_count,
+            processes: None,
+            images,
+            ..
         } => {
             let allowed: Result<(), Box<dyn std::error::Error>> = if no_ksm {
                 Ok(())
@@ -180,6 +215,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `compare-ksm --processes N`: one workload of N VMs, the images given or
+/// N synthetic clones of `mib` MiB.
+fn compare_ksm_processes(
+    n: usize,
+    mib: usize,
+    images: &[PathBuf],
+    no_ksm: bool,
+    max_map_count: u64,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if !no_ksm {
+        ksm::check_access()?;
+    }
+    let w = if images.is_empty() {
+        let pages = (mib << 20) / pagefold::PAGE_SIZE;
+        workload::Workload {
+            name: format!("{n} booted clones x {mib} MiB (synthetic)"),
+            vms: (0..n as u64)
+                .map(|vm| (workload::Source::BootedClone { vm }, pages))
+                .collect(),
+        }
+    } else if images.len() == n {
+        workload::Workload::images(images)?
+    } else {
+        return Err(compare_processes::ProcessError::Count {
+            n,
+            images: images.len(),
+        }
+        .into());
+    };
+    compare_processes::run(&w, !no_ksm, (max_map_count > 0).then_some(max_map_count))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -257,6 +325,34 @@ mod tests {
         );
         assert!(parse(&["maps", "--ram", "r", "--cr3", "1", "--cr4", "20"]).is_err());
         assert!(parse(&[&["maps"][..], &GUEST[..], &["--cr0", "xyz"]].concat()).is_err());
+    }
+
+    #[test]
+    fn serve_and_compare_processes_arguments() {
+        let cli = parse(&[
+            "serve",
+            "--socket",
+            "/tmp/x.sock",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.socket, Some("/tmp/x.sock".into()));
+        assert_eq!(args.allow_uid, [1000, 1001]);
+        assert!(parse(&["serve", "--allow-uid", "me"]).is_err());
+
+        let cli = parse(&["compare-ksm", "--processes", "2", "--mib", "8"]).unwrap();
+        let Command::CompareKsm { processes, mib, .. } = cli.command else {
+            panic!("not compare-ksm")
+        };
+        assert_eq!((processes, mib), (Some(2), 8));
+        // --mib only sizes the clones of --processes.
+        assert!(parse(&["compare-ksm", "--mib", "8"]).is_err());
     }
 
     #[test]
