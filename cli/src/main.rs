@@ -43,9 +43,21 @@ enum Command {
         /// even where KVM is usable.
         #[arg(long)]
         no_kvm: bool,
+        /// Run each VM in a process of its own under the pagefold service
+        /// (as production VMMs run), instead of all VMs in this process
+        /// under one dedup host (KVM path only).
+        #[arg(long)]
+        processes: bool,
         /// Internal: be the receiving process of the KVM demo's migration.
         #[arg(long, hide = true, value_name = "PORT")]
         receive_migration: Option<u16>,
+        /// Internal: be VM process INDEX of `--processes`, under the
+        /// service at `--socket`.
+        #[arg(long, hide = true, value_name = "INDEX", requires = "socket")]
+        vm_process: Option<usize>,
+        /// Internal: the service socket of `--vm-process`.
+        #[arg(long, hide = true)]
+        socket: Option<std::path::PathBuf>,
     },
     /// Estimate the saving of folding raw guest RAM images (for example QEMU
     /// memory-backend-file files or dumps). Streams each image once and
@@ -161,8 +173,19 @@ fn main() -> ExitCode {
             vms,
             mib,
             no_kvm,
+            processes,
             receive_migration,
-        } => demo_kvm::run(vms, mib, no_kvm, receive_migration).map(|()| ExitCode::SUCCESS),
+            vm_process,
+            socket,
+        } => demo_kvm::run(&demo_kvm::DemoArgs {
+            vms,
+            mib,
+            no_kvm,
+            processes,
+            receive_migration,
+            vm_process: vm_process.zip(socket),
+        })
+        .map(|()| ExitCode::SUCCESS),
         Command::Estimate { json, fold, images } => {
             estimate::run(&images, json, fold).map(|()| ExitCode::SUCCESS)
         }
