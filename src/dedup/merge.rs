@@ -19,96 +19,27 @@
 
 use std::os::fd::AsRawFd;
 
-use rayon::prelude::*;
-
-use super::{error::DedupError, locks::lock};
+use super::window::{
+    compare_window, lock_run, publish_unmerged, store_own, unlock_run, Remapped, MAX_RUN,
+};
+pub(super) use super::window::{
+    continues_run, for_each_run, Candidate, FreshFrames, MergeCtx, MergeOutcome, Target,
+    UnmergeOutcome,
+};
+use super::{error::DedupError, locks::lock, merge_remote, remote::remote_of, steps};
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    frames::{FrameError, FrameRange, FrameStore, HostMapping, MapBudget, RemapTarget},
-    memory::{GuestRegion, PageKind, PageState},
-    userfault::Userfault,
+    frames::{FrameError, FrameRange, FrameStore, RemapTarget},
+    memory::{GuestRegion, PageState},
 };
-
-use super::remote::{remote_of, RemoteRegion, RemoteRun, RemoteTarget};
-pub(super) use super::steps::Target;
-use super::steps::{self, RemappedClaim};
 
 /// Pages under one write-protect window (8 MiB): long enough to amortise
 /// registration over many short runs, short enough that a writer caught in
 /// it waits only for a few hundred page comparisons and remaps.
-const MAX_WINDOW: usize = 2048;
+pub(super) const MAX_WINDOW: usize = 2048;
 /// Mappings the budget must have left for the merge to make its second
 /// thread (with the headroom, or at the kernel's limit with none).
 const SPAWN_MARGIN: u64 = 64;
-/// Longest run unmerged under one write-protect window (2 MiB).
-const MAX_RUN: usize = 512;
-
-/// A page chosen for merging, with the state it had when it was hashed.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Candidate {
-    pub(super) page: usize,
-    pub(super) expected: PageState,
-    pub(super) target: Target,
-}
-
-/// Per-call outcome of merging one region's candidates.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct MergeOutcome {
-    /// Pages now mapping a shared frame.
-    pub(super) shared: u64,
-    /// Pages released as zero.
-    pub(super) zero: u64,
-    /// Pages whose bytes changed before the merge (not merged).
-    pub(super) changed: u64,
-    /// Pages another operation held (not merged).
-    pub(super) busy: u64,
-    /// Pages not merged because the kernel's mapping budget ran out.
-    pub(super) map_limit: u64,
-    /// Remap calls made (each may cost the kernel up to two mappings).
-    pub(super) remaps: u64,
-}
-
-/// What the merge code needs from the host.
-pub(super) struct MergeCtx<'a> {
-    pub(super) store: &'a FrameStore,
-    pub(super) uffd: &'a Userfault,
-    /// Mappings (VMAs) the process may still create before dedup stops.
-    pub(super) map_budget: &'a MapBudget,
-    /// A read-only view of the shared frames made in this pass, to compare
-    /// against in place instead of reading them with `pread`.
-    pub(super) fresh: &'a [FreshFrames<'a>],
-    /// Shared frames and their references.
-    pub(super) shared: &'a std::sync::Mutex<super::shared::SharedFrames>,
-    /// The regions that another process maps too, and how to reach it.
-    pub(super) remotes: &'a [RemoteRegion<'a>],
-}
-
-/// Shared frames `start..start+count`, mapped read-only at `view`.
-#[derive(Clone, Copy)]
-pub(super) struct FreshFrames<'a> {
-    pub(super) start: FrameNumber,
-    pub(super) view: &'a HostMapping,
-}
-
-impl<'a> FreshFrames<'a> {
-    /// The bytes of `frame` if it is one of these.
-    fn page(self, frame: FrameNumber) -> Option<&'a [u8; PAGE_SIZE]> {
-        let k = usize::try_from(frame.0.checked_sub(self.start.0)?).ok()?;
-        if (k + 1) * PAGE_SIZE > self.view.len() {
-            return None;
-        }
-        // The page lies inside the live read-only `view` (bounds checked), and
-        // shared frames are never mapped writable, so the bytes cannot change.
-        // SAFETY: in bounds, outlives the borrow, immutable (above).
-        Some(unsafe {
-            &*self
-                .view
-                .as_ptr()
-                .add(k * PAGE_SIZE)
-                .cast::<[u8; PAGE_SIZE]>()
-        })
-    }
-}
 
 /// Merges each region's candidates (`cands[span]`, sorted by page,
 /// distinct pages), a window of nearby runs at a time. Shared frame
@@ -223,58 +154,11 @@ fn arm_windows<'r>(
     Ok(())
 }
 
-impl MergeOutcome {
-    fn add(&mut self, o: &MergeOutcome) {
-        self.shared += o.shared;
-        self.zero += o.zero;
-        self.changed += o.changed;
-        self.busy += o.busy;
-        self.map_limit += o.map_limit;
-        self.remaps += o.remaps;
-    }
-}
-
-/// A window after its remaps, protection released: its pages are still
-/// locked, the merged ones' own frames not yet punched.
-pub(super) struct Remapped<'r> {
-    region: &'r GuestRegion,
-    run: Vec<Candidate>,
-    equal: Vec<bool>,
-    merged: Vec<bool>,
-    remap_error: Option<FrameError>,
-}
-
-pub(super) fn continues_run(a: &Candidate, b: &Candidate) -> bool {
-    b.page == a.page + 1
-        && match (a.target, b.target) {
-            (Target::Zero, Target::Zero) => true,
-            (Target::Shared(x), Target::Shared(y)) => y.0 == x.0 + 1,
-            _ => false,
-        }
-}
-
-/// Calls `f(start, end)` for each maximal run `items[start..end]` in which
-/// `same(items[k-1], items[k])` holds throughout.
-pub(super) fn for_each_run<T>(
-    items: &[T],
-    same: impl Fn(&T, &T) -> bool,
-    mut f: impl FnMut(usize, usize),
-) {
-    let mut k = 0;
-    while k < items.len() {
-        let mut e = k + 1;
-        while e < items.len() && same(&items[e - 1], &items[e]) {
-            e += 1;
-        }
-        f(k, e);
-        k = e;
-    }
-}
-
 /// One window: candidates within `MAX_WINDOW` pages of each other, protected
 /// together so that registration and protection cost one call each for many
 /// runs; each run is still remapped on its own. The steps: lock, protect,
-/// compare, remap, disarm; the window then goes to [`finish_window`].
+/// compare, remap, disarm; the window then goes to [`finish_window`]. A
+/// region another process maps goes through `merge_remote` instead.
 fn merge_window<'r>(
     ctx: &MergeCtx<'_>,
     region: &'r GuestRegion,
@@ -282,19 +166,13 @@ fn merge_window<'r>(
     last_remap: &mut Option<(usize, Target)>,
     out: &mut MergeOutcome,
 ) -> Result<Option<Remapped<'r>>, DedupError> {
-    let states = region.page_states();
-    let remote = remote_of(ctx.remotes, region);
-    // Under another process, only pages in their own frame are candidates:
-    // a merged page may have been copied there, where only it can see.
-    let eligible = |c: &&Candidate| remote.is_none() || !c.expected.is_remapped();
-    if remote.is_some_and(|r| !r.mapper.usable()) {
-        out.busy += window.len() as u64;
-        return Ok(None);
+    if let Some(r) = remote_of(ctx.remotes, region) {
+        return merge_remote::merge_window(ctx, region, r, window, out);
     }
+    let states = region.page_states();
     // 1. Lock. A page whose state moved since it was hashed is left alone.
     let run: Vec<Candidate> = window
         .iter()
-        .filter(eligible)
         .filter(|c| steps::claim_candidate(states, c.page, c.expected))
         .copied()
         .collect();
@@ -316,66 +194,25 @@ fn merge_window<'r>(
     // the other's protection between its comparison or copy and its remap,
     // and lose a write.
     let window = region.lock_protection();
-    let pages = last.page - first.page + 1;
     // 2. Arm write protection over the window: from here, raw writes to it
     // wait in the kernel (pages in the window that are not candidates too,
-    // briefly; they are woken with the rest), in the other process too.
-    if let Err(e) = protect(ctx, addr, len) {
-        release_protection(ctx, addr, len);
-        unlock_all(&run);
-        return Err(e);
-    }
-    if let Some(r) = remote {
-        if r.mapper.protect(r.index, first.page, pages).is_err() {
-            // A process that cannot be protected takes no merge; the other
-            // VMs go on.
-            r.mapper
-                .release(r.index, &[(first.page, pages)], (first.page, pages));
-            release_protection(ctx, addr, len);
-            unlock_all(&run);
-            out.busy += run.len() as u64;
-            return Ok(None);
-        }
-    }
+    // briefly; they are woken with the rest).
     // 3. Compare under protection, each page against its target's bytes.
-    let equal = match compare_window(ctx, region, &run) {
+    let equal = match protect(ctx, addr, len).and_then(|()| compare_window(ctx, region, &run)) {
         Ok(equal) => equal,
         Err(e) => {
-            release_all(ctx, remote, addr, len, (first.page, pages), None);
+            release_protection(ctx, addr, len);
             unlock_all(&run);
             return Err(e);
         }
     };
-    // 4. Remap each maximal equal sub-run of a run in one call, here, then
-    // in the other process; what it does not take goes back here.
-    let (mut merged, mut remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
-    if let Some(r) = remote {
-        if remap_remote(r, &run, &merged).is_err() {
-            out.busy += merged.iter().filter(|m| **m).count() as u64;
-            if let Err(e) = revert_local(region, &run, &mut merged) {
-                // This view now maps shared frames where the other process
-                // maps its own: it no longer shows that VM's bytes, so the
-                // VM takes no more merges (a merge compares in this view).
-                // Nothing is punched or published for the window.
-                r.mapper.quarantine();
-                merged.iter_mut().for_each(|m| *m = false);
-                remap_error.get_or_insert(e);
-            }
-            *last_remap = None;
-        }
-    }
+    // 4. Remap each maximal equal sub-run of a run in one call.
+    let (merged, remap_error) = remap_equal(ctx, region, &run, &equal, last_remap, out);
 
     // 5. Disarm and wake: waiting writers retry against the new mapping.
     // Unregistering drops the protection of the pages left in place; the
     // remapped ones have fresh, unprotected mappings.
-    release_all(
-        ctx,
-        remote,
-        addr,
-        len,
-        (first.page, pages),
-        Some((&run, &merged)),
-    );
+    release_protection(ctx, addr, len);
     drop(window);
     Ok(Some(Remapped {
         region,
@@ -384,102 +221,6 @@ fn merge_window<'r>(
         merged,
         remap_error,
     }))
-}
-
-/// Releases a window's protection here and in the other process, where
-/// the pages `remapped` says it remapped have fresh, unprotected mappings
-/// and the rest are unprotected.
-fn release_all(
-    ctx: &MergeCtx<'_>,
-    remote: Option<RemoteRegion<'_>>,
-    addr: crate::addr::HostVirtAddr,
-    len: u64,
-    window: (usize, usize),
-    remapped: Option<(&[Candidate], &[bool])>,
-) {
-    release_protection(ctx, addr, len);
-    let Some(r) = remote else {
-        return;
-    };
-    let (first, pages) = window;
-    let mut keep: Vec<(usize, usize)> = Vec::new();
-    let mut from = first;
-    if let Some((run, merged)) = remapped {
-        for (c, _) in run.iter().zip(merged).filter(|(_, m)| **m) {
-            if c.page > from {
-                keep.push((from, c.page - from));
-            }
-            from = c.page + 1;
-        }
-    }
-    if first + pages > from {
-        keep.push((from, first + pages - from));
-    }
-    r.mapper.release(r.index, &keep, window);
-}
-
-/// Asks the other process to remap the pages `merged` says this one did,
-/// a message per window with a run per stretch of one target.
-fn remap_remote(
-    r: RemoteRegion<'_>,
-    run: &[Candidate],
-    merged: &[bool],
-) -> Result<(), super::remote::RemoteError> {
-    let mut runs: Vec<RemoteRun> = Vec::new();
-    let items: Vec<(&Candidate, &bool)> = run.iter().zip(merged).collect();
-    for_each_run(
-        &items,
-        |a, b| *a.1 && *b.1 && continues_run(a.0, b.0),
-        |k, e| {
-            if *items[k].1 {
-                runs.push(RemoteRun {
-                    first_page: run[k].page as u64,
-                    pages: (e - k) as u64,
-                    target: match run[k].target {
-                        Target::Zero => RemoteTarget::Zero,
-                        Target::Shared(s) => RemoteTarget::Shared {
-                            file_offset: s.file_offset(),
-                        },
-                    },
-                });
-            }
-        },
-    );
-    if runs.is_empty() {
-        return Ok(());
-    }
-    r.mapper.remap(r.index, &runs)
-}
-
-/// Maps the pages this process remapped but the other did not back onto
-/// their own frames (not yet punched, and equal to what they held), so
-/// both processes map the same frames again.
-fn revert_local(
-    region: &GuestRegion,
-    run: &[Candidate],
-    merged: &mut [bool],
-) -> Result<(), FrameError> {
-    let mut result = Ok(());
-    let idx: Vec<usize> = (0..run.len()).filter(|&k| merged[k]).collect();
-    for_each_run(
-        &idx,
-        |a, b| run[*b].page == run[*a].page + 1,
-        |k, e| {
-            let first = run[idx[k]].page;
-            let own = RemapTarget::OwnShared {
-                file_offset: region.own_frame(first).file_offset(),
-            };
-            match region.remap_pages(first, e - k, own) {
-                Ok(()) => idx[k..e].iter().for_each(|&i| merged[i] = false),
-                Err(err) => {
-                    if result.is_ok() {
-                        result = Err(err);
-                    }
-                }
-            }
-        },
-    );
-    result
 }
 
 /// Registers and write-protects `[addr, addr + len)`.
@@ -492,77 +233,6 @@ fn protect(
         .register(addr, len)
         .and_then(|()| ctx.uffd.protect(addr, len))
         .map_err(Into::into)
-}
-
-/// The window's comparison, under protection: whether each page of `run`
-/// equals its target's bytes. Shared frames are compared in the fresh view
-/// in place, or read a run per `pread`; both cores compare.
-fn compare_window(
-    ctx: &MergeCtx<'_>,
-    region: &GuestRegion,
-    run: &[Candidate],
-) -> Result<Vec<bool>, DedupError> {
-    let (slot, target_bytes) = read_older_targets(ctx, run)?;
-    // A shared target with no source of bytes (impossible by the above)
-    // compares unequal: never merge against bytes nobody read.
-    Ok(run
-        .par_iter()
-        .zip(slot.par_iter())
-        .map(|(c, at)| match (c.target, at) {
-            (Target::Zero, _) => region.page_is_zero(c.page),
-            (Target::Shared(_), Some(at)) => {
-                <&[u8; PAGE_SIZE]>::try_from(&target_bytes[*at..*at + PAGE_SIZE])
-                    .is_ok_and(|want| region.page_equals(c.page, want))
-            }
-            (Target::Shared(_), None) => {
-                fresh_page(ctx, c).is_some_and(|want| region.page_equals(c.page, want))
-            }
-        })
-        .collect())
-}
-
-/// The bytes of `c`'s target in the fresh view, if it is there.
-fn fresh_page<'a>(ctx: &MergeCtx<'a>, c: &Candidate) -> Option<&'a [u8; PAGE_SIZE]> {
-    match c.target {
-        Target::Shared(s) => ctx.fresh.iter().find_map(|f| f.page(s)),
-        Target::Zero => None,
-    }
-}
-
-/// Reads the targets of `run`'s pages that are older shared frames (not in
-/// the fresh view) with one `pread` per run: `slot[i]` is page `i`'s offset
-/// in the returned buffer. A run is read whole only where none of its
-/// frames is in the view: a run may straddle the view's edge (an older
-/// frame can sit right after the fresh ones), and a page compared against a
-/// buffer nobody filled would compare against zeros.
-fn read_older_targets(
-    ctx: &MergeCtx<'_>,
-    run: &[Candidate],
-) -> Result<(Vec<Option<usize>>, Vec<u8>), DedupError> {
-    let same_source = |a: &Candidate, b: &Candidate| {
-        continues_run(a, b) && fresh_page(ctx, a).is_some() == fresh_page(ctx, b).is_some()
-    };
-    let mut slot: Vec<Option<usize>> = vec![None; run.len()];
-    let mut reads: Vec<(usize, usize)> = Vec::new();
-    let mut pages = 0;
-    for_each_run(run, same_source, |k, e| {
-        if let (Target::Shared(_), None) = (run[k].target, fresh_page(ctx, &run[k])) {
-            for (n, s) in slot[k..e].iter_mut().enumerate() {
-                *s = Some((pages + n) * PAGE_SIZE);
-            }
-            reads.push((k, e));
-            pages += e - k;
-        }
-    });
-    let mut target_bytes = vec![0u8; pages * PAGE_SIZE];
-    for &(k, e) in &reads {
-        let (Target::Shared(s), Some(at)) = (run[k].target, slot[k]) else {
-            continue;
-        };
-        ctx.store
-            .read_frames(s, &mut target_bytes[at..at + (e - k) * PAGE_SIZE])?;
-    }
-    Ok((slot, target_bytes))
 }
 
 /// Remaps each maximal equal sub-run of a run of `run` onto its targets in
@@ -706,18 +376,6 @@ fn release_protection(ctx: &MergeCtx<'_>, addr: crate::addr::HostVirtAddr, len: 
     let _ = ctx.uffd.wake(addr, len);
 }
 
-/// Outcome of unmerging pages.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct UnmergeOutcome {
-    /// Pages now private in their own frame again.
-    pub(super) restored: u64,
-    /// Pages another operation held.
-    pub(super) busy: u64,
-    /// Whether this call brought back the range's first page itself (not
-    /// a caller racing it): what a COW fault resolved for one page counts.
-    pub(super) first_restored: bool,
-}
-
 /// Brings every remapped page of `region` in `[first, first+count)` back to
 /// its own frame, with its current bytes. Shared-frame references are not
 /// touched here: the host recounts them from the page states.
@@ -737,6 +395,9 @@ pub(super) fn unmerge_range(
     first: usize,
     count: usize,
 ) -> Result<UnmergeOutcome, DedupError> {
+    if let Some(r) = remote_of(ctx.remotes, region) {
+        return merge_remote::unmerge_range(ctx, r, first, count);
+    }
     let states = region.page_states();
     let mut out = UnmergeOutcome::default();
     let end = (first + count).min(region.pages());
@@ -766,39 +427,6 @@ pub(super) fn unmerge_range(
         }
     }
     Ok(out)
-}
-
-/// Locks the remapped, unlocked pages from `p` on (up to `limit`), stopping
-/// at the first that is not; a page another operation holds counts as busy.
-fn lock_run(
-    region: &GuestRegion,
-    p: usize,
-    limit: usize,
-    out: &mut UnmergeOutcome,
-) -> Vec<(usize, PageState)> {
-    let states = region.page_states();
-    let mut run: Vec<(usize, PageState)> = Vec::new();
-    for q in p..limit {
-        match steps::claim_remapped(states, q) {
-            RemappedClaim::Held(s) => run.push((q, s)),
-            RemappedClaim::Skip => break,
-            RemappedClaim::Busy => {
-                out.busy += 1;
-                break;
-            }
-        }
-    }
-    if run.is_empty() && states.load(p).is_locked() {
-        out.busy += 1;
-    }
-    run
-}
-
-fn unlock_run(region: &GuestRegion, run: &[(usize, PageState)]) {
-    let states = region.page_states();
-    for &(p, s) in run {
-        steps::release_remapped(states, p, s);
-    }
 }
 
 /// Unmerges, around `page`, the part of its merged stretch that reaches
@@ -870,13 +498,11 @@ fn unmerge_locked(
     watch: usize,
     out: &mut UnmergeOutcome,
 ) -> Result<(), DedupError> {
-    let states = region.page_states();
     let first = run[0].0;
     let n = run.len();
     let addr = region.page_host_addr(first);
     let len = (n * PAGE_SIZE) as u64;
     let unlock_all = || unlock_run(region, run);
-    let remote = remote_of(ctx.remotes, region);
     let window = region.lock_protection();
     if let Err(e) = ctx
         .uffd
@@ -887,42 +513,14 @@ fn unmerge_locked(
         unlock_all();
         return Err(e.into());
     }
-    if let Some(r) = remote {
-        if let Err(e) = r.mapper.protect(r.index, first, n) {
-            release_all(ctx, remote, addr, len, (first, n), None);
-            unlock_all();
-            return Err(e.into());
-        }
-    }
-    // Where another process may hold the pages' true bytes (the kernel
-    // may have copied them there), it writes them into their own frames,
-    // under its protection, and maps them shared again; this view then
-    // follows without a copy. Otherwise this view's bytes are the truth.
-    let copied_there = remote.is_some_and(|r| r.mapper.holds_truth());
     // Copy each page's bytes (as its mapping shows them, kernel copies
     // included) into its own frame. A page that reads all zeros gets a hole
     // punched instead: no memory, and no trust in what the frame held.
     let mut page = [0u8; PAGE_SIZE];
-    for &(p, _) in run.iter().filter(|_| !copied_there) {
+    for &(p, _) in run {
         region.read_page(p, &mut page);
-        let own = region.own_frame(p);
-        let stored = if crate::addr::is_zero_page(&page) {
-            region.store().release(FrameRange {
-                start: own,
-                count: 1,
-            })
-        } else {
-            region.store().write_frames(own, &page)
-        };
-        if let Err(e) = stored {
+        if let Err(e) = store_own(region, p, &page) {
             release_protection(ctx, addr, len);
-            unlock_all();
-            return Err(e.into());
-        }
-    }
-    if let Some(r) = remote {
-        if let Err(e) = r.mapper.restore(r.index, &[(first as u64, n as u64)]) {
-            release_all(ctx, remote, addr, len, (first, n), None);
             unlock_all();
             return Err(e.into());
         }
@@ -931,33 +529,11 @@ fn unmerge_locked(
         file_offset: region.own_frame(first).file_offset(),
     };
     if let Err(e) = region.remap_pages(first, n, own) {
-        if let Some(r) = remote {
-            // The other process maps its own frames now, this view does
-            // not: see `merge_window`.
-            r.mapper.quarantine();
-        }
-        release_all(ctx, remote, addr, len, (first, n), Some((&[], &[])));
+        release_protection(ctx, addr, len);
         unlock_all();
         return Err(e.into());
     }
-    // The other process restored every page to a fresh mapping.
-    release_all(ctx, remote, addr, len, (first, n), Some((&[], &[])));
+    release_protection(ctx, addr, len);
     drop(window);
-    // Publish and drop the shared-frame references under the shared-frame
-    // lock, so a recount (which holds it too) sees both or neither.
-    let mut shared = lock(ctx.shared);
-    let mut result = Ok(());
-    for &(p, s) in run {
-        let published = steps::publish_unmerge(states, p, s, region.own_frame(p));
-        if published && p == watch {
-            out.first_restored = true;
-        }
-        if published && s.kind() == PageKind::Shared {
-            if let Err(e) = shared.drop_ref(ctx.store, s.frame()) {
-                result = Err(e.into());
-            }
-        }
-        out.restored += 1;
-    }
-    result
+    publish_unmerged(ctx, region, run, watch, out)
 }

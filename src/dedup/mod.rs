@@ -25,6 +25,7 @@ mod incremental;
 mod key;
 mod locks;
 mod merge;
+mod merge_remote;
 mod options;
 mod pagemap;
 mod pipeline;
@@ -40,6 +41,7 @@ mod stats;
 pub(crate) mod steps;
 mod unstable;
 mod vm;
+mod window;
 
 use std::{
     collections::HashMap,

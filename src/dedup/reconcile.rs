@@ -28,7 +28,9 @@ pub(super) fn reconcile(
     scan: &mut ScanState,
     vms: &[Arc<VmEntry>],
 ) -> Result<(), DedupError> {
-    for vm in vms {
+    // A VM other processes map: this process's view never shows their
+    // copies (it is never remapped), so its pages are left to them.
+    for vm in vms.iter().filter(|vm| vm.remote.is_none()) {
         for region in vm.mem.regions() {
             let t = region.page_states();
             // Only regions with merged pages need the kernel's page map.

@@ -49,6 +49,12 @@ pub enum RemoteError {
         /// The deadline, in milliseconds.
         millis: u64,
     },
+    /// The mapper ran out of kernel mappings (`vm.max_map_count`) and
+    /// remapped none of the runs.
+    #[error(
+        "the VMM process's kernel mappings are used up (vm.max_map_count); nothing was remapped"
+    )]
+    MapLimit,
     /// The mapper is gone (its socket closed) or answered that it failed:
     /// what it maps is unknown, and the VM takes no more merges.
     #[error("the VMM process is lost: {0}")]

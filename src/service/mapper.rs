@@ -174,6 +174,10 @@ impl ConnMapper {
                     millis: u64::try_from(self.deadline.as_millis()).unwrap_or(u64::MAX),
                 })
             }
+            Some(Ack { errno, .. }) if errno == libc::ENOMEM.unsigned_abs() => {
+                // Out of mappings: it undid what it had done.
+                return Err(RemoteError::MapLimit);
+            }
             Some(Ack { errno, .. }) => {
                 return Err(self.lost(format!("the VMM process failed to remap (errno {errno})")))
             }

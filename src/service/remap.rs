@@ -196,10 +196,41 @@ impl AddressSpace {
         }
     }
 
-    /// Applies a remap: each run onto the shared frames or zeros.
+    /// Applies a remap: each run onto the shared frames or zeros. Out of
+    /// kernel mappings (`ENOMEM`), it brings the runs it did back home
+    /// first, so the service hears that none was done.
     pub(crate) fn remap(&self, region: u32, runs: &[RemapRun]) -> Result<AckStatus, i32> {
+        match self.remap_runs(region, runs) {
+            Err((done, libc::ENOMEM)) => {
+                let home: Vec<PageRun> = runs[..done]
+                    .iter()
+                    .map(|r| PageRun {
+                        first_page: r.first_page,
+                        pages: r.pages,
+                    })
+                    .collect();
+                // Their own frames are not punched yet and hold the same
+                // bytes; failing that, the service hears another error and
+                // takes the VM out of merging.
+                self.home(region, &home, false).map_err(|_| libc::EIO)?;
+                Err(libc::ENOMEM)
+            }
+            Err((_, e)) => Err(e),
+            Ok(()) => Ok(AckStatus::Done),
+        }
+    }
+
+    /// Remaps `runs` in order; on failure, how many were done and why.
+    fn remap_runs(&self, region: u32, runs: &[RemapRun]) -> Result<(), (usize, i32)> {
         let region = region as usize;
-        for run in runs {
+        for (done, run) in runs.iter().enumerate() {
+            self.remap_run(region, run).map_err(|e| (done, e))?;
+        }
+        Ok(())
+    }
+
+    fn remap_run(&self, region: usize, run: &RemapRun) -> Result<(), i32> {
+        {
             let (addr, len) = self
                 .span(region, run.first_page, run.pages)
                 .ok_or(libc::EINVAL)?;
@@ -217,7 +248,7 @@ impl AddressSpace {
             }
             self.mark(region, run.first_page, run.pages, true);
         }
-        Ok(AckStatus::Done)
+        Ok(())
     }
 
     /// Maps each run shared at its own frames again; with `copy`, this

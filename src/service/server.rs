@@ -320,7 +320,14 @@ fn peer_open(c: &UnixStream) -> bool {
 /// One VMM process (or second mapper), from its hello to its end.
 fn serve_connection(state: &Arc<State>, stream: UnixStream) {
     let mut conn = Conn::new(stream);
-    let (peer, acks) = match admit(state, &mut conn) {
+    serve(state, &mut conn);
+    // The service keeps a clone of every stream (to close them all when it
+    // stops): shut this one down, so the process sees it end now.
+    let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+}
+
+fn serve(state: &Arc<State>, conn: &mut Conn) {
+    let (peer, acks) = match admit(state, conn) {
         Ok(v) => v,
         Err(e) => {
             let _ = conn.send(
