@@ -54,6 +54,114 @@ pub(super) fn merge_regions(
     regions: &[(&GuestRegion, std::ops::Range<usize>)],
     cands: &[Candidate],
 ) -> Result<MergeOutcome, DedupError> {
+    if ctx.remotes.is_empty() {
+        return merge_here(ctx, regions, cands);
+    }
+    // Regions other processes map go VM by VM on threads of their own: a
+    // window there waits for its processes' acknowledgements, while the
+    // windows of other VMs compare and their processes remap (each under
+    // its own mmap lock), and their punches (each VM's own memfd) run side
+    // by side.
+    let mut local = Vec::new();
+    let mut groups: Vec<(*const (), Vec<(&GuestRegion, std::ops::Range<usize>)>)> = Vec::new();
+    for &(region, ref span) in regions {
+        match remote_of(ctx.remotes, region) {
+            None => local.push((region, span.clone())),
+            Some(r) => {
+                let key = std::ptr::from_ref(r.mapper).cast::<()>();
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, g)) => g.push((region, span.clone())),
+                    None => groups.push((key, vec![(region, span.clone())])),
+                }
+            }
+        }
+    }
+    let groups: Vec<Vec<(&GuestRegion, std::ops::Range<usize>)>> =
+        groups.into_iter().map(|(_, g)| g).collect();
+    let mut out = MergeOutcome::default();
+    let mut first_err = None;
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        let mut inline = Vec::new();
+        let threads = groups.len().min(REMOTE_THREADS);
+        for t in 0..threads {
+            let mine: Vec<&Vec<(&GuestRegion, std::ops::Range<usize>)>> =
+                groups.iter().skip(t).step_by(threads).collect();
+            // A thread that cannot be made (the process may be out of
+            // mappings for its stack) leaves its VMs to this one.
+            let spawned = std::thread::Builder::new()
+                .name("pagefold-merge-vm".into())
+                .spawn_scoped(scope, {
+                    let mine = mine.clone();
+                    move || {
+                        let mut out = MergeOutcome::default();
+                        let mut first_err = None;
+                        for g in mine {
+                            if let Err(e) = merge_inline(ctx, g, cands, &mut out) {
+                                first_err.get_or_insert(e);
+                            }
+                        }
+                        (out, first_err)
+                    }
+                });
+            match spawned {
+                Ok(w) => workers.push(w),
+                Err(_) => inline.extend(mine),
+            }
+        }
+        for g in inline {
+            if let Err(e) = merge_inline(ctx, g, cands, &mut out) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if !local.is_empty() {
+            match merge_here(ctx, &local, cands) {
+                Ok(o) => out.add(&o),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for w in workers {
+            let (o, e) = match w.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            out.add(&o);
+            if let Some(e) = e {
+                first_err.get_or_insert(e);
+            }
+        }
+    });
+    first_err.map_or(Ok(out), Err)
+}
+
+/// Most threads merging the VMs other processes map at once.
+const REMOTE_THREADS: usize = 8;
+
+/// Every window of `regions`, each finished (punched, published) right
+/// after its remap, on this thread.
+fn merge_inline(
+    ctx: &MergeCtx<'_>,
+    regions: &[(&GuestRegion, std::ops::Range<usize>)],
+    cands: &[Candidate],
+    out: &mut MergeOutcome,
+) -> Result<(), DedupError> {
+    let mut first_err = None;
+    arm_windows(ctx, regions, cands, out, |done, out| {
+        if let Err(e) = finish_window(ctx, done, out) {
+            first_err.get_or_insert(e);
+        }
+    })?;
+    first_err.map_or(Ok(()), Err)
+}
+
+/// [`merge_regions`] for regions only this process maps.
+fn merge_here(
+    ctx: &MergeCtx<'_>,
+    regions: &[(&GuestRegion, std::ops::Range<usize>)],
+    cands: &[Candidate],
+) -> Result<MergeOutcome, DedupError> {
     let mut out = MergeOutcome::default();
     // One window has nothing to overlap with; and with the mapping budget
     // nearly spent no thread is made: near the kernel's limit a thread that
