@@ -63,7 +63,7 @@ pub(super) fn merge_regions(
     // its own mmap lock), and their punches (each VM's own memfd) run side
     // by side.
     let mut local = Vec::new();
-    let mut groups: Vec<(*const (), Vec<(&GuestRegion, std::ops::Range<usize>)>)> = Vec::new();
+    let mut groups: Vec<(*const (), Vec<Span<'_>>)> = Vec::new();
     for &(region, ref span) in regions {
         match remote_of(ctx.remotes, region) {
             None => local.push((region, span.clone())),
@@ -76,8 +76,7 @@ pub(super) fn merge_regions(
             }
         }
     }
-    let groups: Vec<Vec<(&GuestRegion, std::ops::Range<usize>)>> =
-        groups.into_iter().map(|(_, g)| g).collect();
+    let groups: Vec<Vec<Span<'_>>> = groups.into_iter().map(|(_, g)| g).collect();
     let mut out = MergeOutcome::default();
     let mut first_err = None;
     std::thread::scope(|scope| {
@@ -85,8 +84,7 @@ pub(super) fn merge_regions(
         let mut inline = Vec::new();
         let threads = groups.len().min(REMOTE_THREADS);
         for t in 0..threads {
-            let mine: Vec<&Vec<(&GuestRegion, std::ops::Range<usize>)>> =
-                groups.iter().skip(t).step_by(threads).collect();
+            let mine: Vec<&Vec<Span<'_>>> = groups.iter().skip(t).step_by(threads).collect();
             // A thread that cannot be made (the process may be out of
             // mappings for its stack) leaves its VMs to this one.
             let spawned = std::thread::Builder::new()
@@ -135,6 +133,9 @@ pub(super) fn merge_regions(
     });
     first_err.map_or(Ok(out), Err)
 }
+
+/// A region and its candidates' part of the list.
+type Span<'r> = (&'r GuestRegion, std::ops::Range<usize>);
 
 /// Most threads merging the VMs other processes map at once.
 const REMOTE_THREADS: usize = 8;
