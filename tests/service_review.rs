@@ -1,0 +1,633 @@
+//! Review of the host service (issue 15): each test here shows a defect
+//! found by reading `src/service/` and the engine's hooks for it, across
+//! real processes (this binary run again as a child, as `tests/service.rs`
+//! does, whose harness is copied here). Each test fails while its defect
+//! is there.
+//!
+//! `harness = false`: `main` runs the child roles or the tests, one after
+//! another.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use pagefold::{
+    service::{ClientOptions, MappedRegion, Service, ServiceClient, ServiceOptions},
+    GuestMemory, GuestPhysAddr, PAGE_SIZE,
+};
+
+// ---------------------------------------------------------------- model
+
+/// Page `i` of VM `vm`: the first half the same in every VM (a booted
+/// kernel), a quarter zero, the rest the VM's own.
+fn content(vm: u64, i: usize, pages: usize) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    if i < pages / 2 {
+        for (k, c) in p.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&((i * 7919 + k) as u64 | 1).to_le_bytes());
+        }
+    } else if i >= pages * 3 / 4 {
+        for (k, c) in p.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&((vm << 40) | (i * 512 + k) as u64 | 1).to_le_bytes());
+        }
+    }
+    p
+}
+
+/// A child's memory and what it should hold.
+struct Model {
+    vm: u64,
+    pages: usize,
+    /// Pages written since, with the byte their first 64 bytes hold.
+    written: HashMap<usize, u8>,
+}
+
+impl Model {
+    fn page(&self, i: usize) -> [u8; PAGE_SIZE] {
+        let mut p = content(self.vm, i, self.pages);
+        if let Some(b) = self.written.get(&i) {
+            p[..64].fill(*b);
+        }
+        p
+    }
+
+    fn check(&self, mem: &GuestMemory) -> Result<(), String> {
+        let mut buf = [0u8; PAGE_SIZE];
+        for i in 0..self.pages {
+            mem.read(GuestPhysAddr((i * PAGE_SIZE) as u64), &mut buf)
+                .map_err(|e| format!("read page {i}: {e}"))?;
+            if buf != self.page(i) {
+                return Err(format!("page {i} differs from the model"));
+            }
+            // And as a vCPU sees it, through the raw mapping.
+            let raw = mem.regions()[0].host_addr().0 as usize + i * PAGE_SIZE;
+            // SAFETY: the page lies inside the region's live mapping.
+            let first = unsafe { std::ptr::read_volatile(raw as *const u64) };
+            if first.to_le_bytes() != buf[..8] {
+                return Err(format!("page {i}: the raw mapping differs from a read"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build(vm: u64, pages: usize) -> Arc<GuestMemory> {
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), (pages * PAGE_SIZE) as u64)]).unwrap();
+    // Every page written, zero ones too: a guest's touched zero pages hold
+    // memory until they are folded.
+    for i in 0..pages {
+        mem.write(
+            GuestPhysAddr((i * PAGE_SIZE) as u64),
+            &content(vm, i, pages),
+        )
+        .unwrap();
+    }
+    Arc::new(mem)
+}
+
+fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- children
+
+/// The VMM process: attaches, says `ready VM_ID MEMFD_INODE SHARED_INODE`,
+
+/// then answers one command per line on stdin.
+fn vm_child() {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let socket = PathBuf::from(env("PF_SOCKET"));
+    let vm: u64 = env("PF_VM").parse().unwrap_or(0);
+    let pages: usize = env("PF_PAGES").parse().unwrap_or(1024);
+    let domain: u64 = env("PF_DOMAIN").parse().unwrap_or(0);
+    let break_on_write = env("PF_BREAK") == "1";
+    let options = ClientOptions {
+        domain,
+        vm_tag: vm,
+        break_on_write,
+    };
+    let mem = build(vm, pages);
+    let mut model = Model {
+        vm,
+        pages,
+        written: HashMap::new(),
+    };
+    let memfd_inode = inode(mem.frame_store().as_fd());
+    let mut client = Some(
+        ServiceClient::attach(&socket, Arc::clone(&mem), options).unwrap_or_else(|e| {
+            println!("error {e}");
+            std::process::exit(3)
+        }),
+    );
+    let shared_inode = client.as_ref().map_or(0, |c| inode(c.shared_frames_fd()));
+    println!(
+        "ready {} {memfd_inode} {shared_inode} {}",
+        client.as_ref().map_or(0, |c| c.vm_id()),
+        mem.frame_store().as_raw_fd()
+    );
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let reply = match w.as_slice() {
+            ["check"] => model
+                .check(&mem)
+                .map(|()| "ok".to_string())
+                .unwrap_or_else(|e| format!("bad {e}")),
+            ["remapped"] => format!("{}", client.as_ref().map_or(0, |c| c.pages_remapped())),
+            ["connected"] => format!("{}", client.as_ref().is_some_and(|c| c.connected())),
+            ["expect", page, byte] => {
+                model
+                    .written
+                    .insert(page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                "ok".to_string()
+            }
+            ["write", page, byte] | ["rawwrite", page, byte] => {
+                let (page, byte): (usize, u8) =
+                    (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                if w[0] == "write" {
+                    mem.write(GuestPhysAddr((page * PAGE_SIZE) as u64), &[byte; 64])
+                        .unwrap();
+                } else {
+                    let at = mem.regions()[0].host_addr().0 as usize + page * PAGE_SIZE;
+                    for k in 0..8 {
+                        // SAFETY: inside the region's live, writable mapping (as a vCPU writes).
+                        unsafe {
+                            std::ptr::write_volatile(
+                                (at + 8 * k) as *mut u64,
+                                u64::from_le_bytes([byte; 8]),
+                            )
+                        };
+                    }
+                }
+                model.written.insert(page, byte);
+                "ok".to_string()
+            }
+            ["writeall", byte] => {
+                let byte: u8 = byte.parse().unwrap_or(0);
+                for page in 0..pages {
+                    let at = mem.regions()[0].host_addr().0 as usize + page * PAGE_SIZE;
+                    for k in 0..8 {
+                        // SAFETY: as above.
+                        unsafe {
+                            std::ptr::write_volatile(
+                                (at + 8 * k) as *mut u64,
+                                u64::from_le_bytes([byte; 8]),
+                            )
+                        };
+                    }
+                    model.written.insert(page, byte);
+                }
+                "ok".to_string()
+            }
+            ["detach"] => match client.take().map(ServiceClient::detach) {
+                Some(Ok(_)) => model
+                    .check(&mem)
+                    .map(|()| "ok".to_string())
+                    .unwrap_or_else(|e| format!("bad {e}")),
+                Some(Err(e)) => format!("bad detach: {e}"),
+                None => "bad not attached".into(),
+            },
+            ["reattach"] => match client.take().map(|c| c.reattach(&socket, options)) {
+                Some(Ok(c)) => {
+                    client = Some(c);
+                    "ok".into()
+                }
+                Some(Err(e)) => format!("bad reattach: {e}"),
+                None => "bad not attached".into(),
+            },
+            ["drop"] => {
+                // The client dropped without a goodbye (its thread ended,
+                // or the VMM closes the socket): the VM runs on.
+                drop(client.take());
+                "ok".into()
+            }
+            ["exit"] => break,
+            _ => format!("bad command {line}"),
+        };
+        println!("{reply}");
+    }
+}
+
+/// A second mapper (a vhost-user backend): maps the VMM's memfd (taken
+/// through /proc, as the vhost-user socket would hand it over), attaches,
+
+fn backend_child() {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let socket = PathBuf::from(env("PF_SOCKET"));
+    let vm: u64 = env("PF_VM").parse().unwrap_or(0);
+    let pages: usize = env("PF_PAGES").parse().unwrap_or(1024);
+    let path = format!("/proc/{}/fd/{}", env("PF_TARGET_PID"), env("PF_TARGET_FD"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = pages * PAGE_SIZE;
+    // SAFETY: a fresh shared mapping of the memfd, which is at least `len` long.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let region = MappedRegion {
+        gpa: GuestPhysAddr(0),
+        size: len as u64,
+        host_addr: pagefold::HostVirtAddr(base as u64),
+        file_offset: 0,
+    };
+    // SAFETY: the region is this process's MAP_SHARED mapping of the memfd,
+    // left alone while the client lives.
+    let client = unsafe { ServiceClient::attach_second_mapper(&socket, file.as_fd(), &[region]) }
+        .unwrap_or_else(|e| {
+            println!("error {e}");
+            std::process::exit(3)
+        });
+    let mut model = Model {
+        vm,
+        pages,
+        written: HashMap::new(),
+    };
+    println!("ready {}", client.vm_id());
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let reply = match w.as_slice() {
+            ["check"] => {
+                let mut bad = None;
+                for i in 0..pages {
+                    let mut buf = [0u8; PAGE_SIZE];
+                    for (k, c) in buf.chunks_exact_mut(8).enumerate() {
+                        // SAFETY: inside the live mapping.
+                        let v = unsafe {
+                            std::ptr::read_volatile(
+                                (base as usize + i * PAGE_SIZE + 8 * k) as *const u64,
+                            )
+                        };
+                        c.copy_from_slice(&v.to_le_bytes());
+                    }
+                    if buf != model.page(i) {
+                        bad = Some(i);
+                        break;
+                    }
+                }
+                bad.map_or("ok".into(), |i| {
+                    format!("bad page {i} differs in the backend")
+                })
+            }
+            ["expect", page, byte] => {
+                model
+                    .written
+                    .insert(page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                "ok".into()
+            }
+            ["rawwrite", page, byte] => {
+                let (page, byte): (usize, u8) =
+                    (page.parse().unwrap_or(0), byte.parse().unwrap_or(0));
+                for k in 0..8 {
+                    // SAFETY: inside the live, writable mapping (a backend filling a buffer).
+                    unsafe {
+                        std::ptr::write_volatile(
+                            (base as usize + page * PAGE_SIZE + 8 * k) as *mut u64,
+                            u64::from_le_bytes([byte; 8]),
+                        )
+                    };
+                }
+                model.written.insert(page, byte);
+                "ok".into()
+            }
+            ["remapped"] => format!("{}", client.pages_remapped()),
+            ["exit"] => break,
+            _ => format!("bad command {line}"),
+        };
+        println!("{reply}");
+    }
+    drop(client);
+}
+
+/// Tries to write, grow, punch and map writable the domain's shared memfd
+
+struct Proc {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    ready: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(role: &str, env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("PAGEFOLD_CHILD", role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("ready"),
+            "{role} child did not start: {line}"
+        );
+        let ready = line.split_whitespace().skip(1).map(str::to_owned).collect();
+        Proc {
+            child,
+            stdin,
+            stdout,
+            ready,
+        }
+    }
+
+    fn vm(socket: &Path, vm: u64, pages: usize, domain: u64) -> Proc {
+        Proc::vm_with(socket, vm, pages, domain, false)
+    }
+
+    fn vm_with(socket: &Path, vm: u64, pages: usize, domain: u64, break_on_write: bool) -> Proc {
+        Proc::spawn(
+            "vm",
+            &[
+                ("PF_SOCKET", socket.display().to_string()),
+                ("PF_VM", vm.to_string()),
+                ("PF_PAGES", pages.to_string()),
+                ("PF_DOMAIN", domain.to_string()),
+                (
+                    "PF_BREAK",
+                    if break_on_write { "1" } else { "0" }.to_string(),
+                ),
+            ],
+        )
+    }
+
+    /// A second mapper of `target`'s memory.
+    fn backend(socket: &Path, target: &Proc, vm: u64, pages: usize) -> Proc {
+        Proc::spawn(
+            "backend",
+            &[
+                ("PF_SOCKET", socket.display().to_string()),
+                ("PF_VM", vm.to_string()),
+                ("PF_PAGES", pages.to_string()),
+                ("PF_TARGET_PID", target.child.id().to_string()),
+                ("PF_TARGET_FD", target.ready[3].clone()),
+            ],
+        )
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+
+    fn check(&mut self) {
+        assert_eq!(self.ask("check"), "ok", "child {} memory", self.child.id());
+    }
+
+    fn remapped(&mut self) -> u64 {
+        self.ask("remapped").parse().unwrap()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn exit(mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.wait();
+    }
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("pagefold-test-{name}-{}.sock", std::process::id()))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+
+// ---------------------------------------------------------------- tests
+
+/// A VMM in break-on-write mode whose connection ends without a goodbye
+/// (its `ServiceClient` dropped, its remap thread gone, the socket closed)
+/// while its vhost-user backend stays attached and the VM runs on. The
+/// VMM's remap thread brings its merged pages home into the memfd; the
+/// service `lose`s the VM (`server.rs` `lose`: `mark_lost` and `forget`)
+/// but tells the backend nothing, so the backend keeps mapping the shared
+/// frames: a guest write lands in the memfd, where the backend does not
+/// look (and a backend write to such a page waits on a break the service
+/// drops, since the VM is gone from `vms`).
+fn backend_left_behind_when_the_vmm_connection_ends() {
+    const PAGES: usize = 2048;
+    let socket = socket_path("orphan");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    service.merge_now().unwrap();
+    assert!(x.remapped() > 0, "the backend did not follow the merge");
+    x.check();
+    assert_eq!(a.ask("drop"), "ok");
+    wait_until("the service to forget VM 1", || {
+        service.stats().unwrap().vms == 1
+    });
+    // Page 3 is in the first half, merged with B's.
+    assert_eq!(a.ask("rawwrite 3 81"), "ok");
+    assert_eq!(x.ask("expect 3 81"), "ok");
+    a.check();
+    let seen = x.ask("check");
+    let still_remapped = x.remapped();
+    x.kill();
+    a.exit();
+    b.exit();
+    assert_eq!(
+        seen, "ok",
+        "the backend does not see the VM's write ({still_remapped} pages still mapped to shared frames)"
+    );
+}
+
+/// A VMM process that stops reading its socket (SIGSTOP, as in
+/// `stuck_client_is_rolled_back`) while the service keeps merging: each
+/// window is rolled back after the deadline, but the `Remap` messages pile
+/// up in the socket, and once its buffer is full the service's `send`
+/// (`mapper.rs` `ConnMapper::send`, `socket.rs` `Conn::send`, no write
+/// timeout anywhere) blocks for good, holding the merge of the whole
+/// domain: `merge_now` never returns while the process stays stopped.
+fn stopped_client_blocks_merging_for_good() {
+    const PAGES: usize = 2048;
+    const PASSES: usize = 1500;
+    let socket = socket_path("silent");
+    let service = Service::start(
+        &socket,
+        ServiceOptions {
+            ack_deadline: Duration::from_millis(1),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut a = Proc::vm(&socket, 1, PAGES, 0);
+    let b = Proc::vm(&socket, 2, PAGES, 0);
+    b.signal(libc::SIGSTOP);
+    let passes = AtomicUsize::new(0);
+    let finished = AtomicBool::new(false);
+    let mut stuck_after = None;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..PASSES {
+                let _ = service.merge_now();
+                passes.fetch_add(1, Ordering::SeqCst);
+            }
+            finished.store(true, Ordering::SeqCst);
+        });
+        // A liveness check, not a timing: a pass that has not ended in a
+        // minute is blocked (one pass takes milliseconds here).
+        let mut last = (0, Instant::now());
+        while !finished.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = passes.load(Ordering::SeqCst);
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(60) {
+                stuck_after = Some(n);
+                break;
+            }
+        }
+        // Unblocks the send (the socket closes) so the thread can end.
+        b.signal(libc::SIGKILL);
+    });
+    let mut b = b;
+    let _ = b.child.wait();
+    a.check();
+    a.exit();
+    assert_eq!(
+        stuck_after, None,
+        "merge_now blocked for good after {} passes: the service's send to a process that stopped reading has no deadline",
+        stuck_after.unwrap_or(0)
+    );
+}
+
+/// A backend that attaches while the service merges its VM: it is added to
+/// the VM's mappers at once, but a window whose remote remap already
+/// listed the mappers (`VmMappers::remap` takes `all()` once), and whose
+/// pages are not published yet (still private and locked, waiting for the
+/// finishing thread), is skipped by the catch-up (`catch_up.rs`: a page
+/// that is not remapped is passed over, locked or not). The window then
+/// publishes and punches the own frames the backend still maps: it reads
+/// zeros there, and its writes land in a frame no other mapper maps.
+/// The race is timing-dependent; this tries several rounds.
+fn backend_joining_mid_merge_misses_a_window() {
+    const PAGES: usize = 16384;
+    const ROUNDS: u64 = 8;
+    let socket = socket_path("join");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut failures = Vec::new();
+    let mut overlapped = 0;
+    for round in 0..ROUNDS {
+        let (va, vb) = (10 + 2 * round, 11 + 2 * round);
+        let mut a = Proc::vm_with(&socket, va, PAGES, round, true);
+        let b = Proc::vm_with(&socket, vb, PAGES, round, true);
+        let merging = AtomicBool::new(true);
+        let mut x = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = service.merge_now();
+                merging.store(false, Ordering::SeqCst);
+            });
+            // Join a little later each round, to land inside the merge.
+            std::thread::sleep(Duration::from_millis(5 * round));
+            let x = Proc::backend(&socket, &a, va, PAGES);
+            if merging.load(Ordering::SeqCst) {
+                overlapped += 1;
+            }
+            x
+        });
+        let seen = x.ask("check");
+        let (ra, rx) = (a.remapped(), x.remapped());
+        if seen != "ok" || ra != rx {
+            failures.push(format!(
+                "round {round}: backend: {seen}; VMM maps {ra} pages away, the backend {rx}"
+            ));
+        }
+        a.check();
+        x.kill();
+        a.exit();
+        b.exit();
+    }
+    println!("  ({overlapped} of {ROUNDS} rounds joined mid-merge)");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn main() {
+    match std::env::var("PAGEFOLD_CHILD").as_deref() {
+        Ok("vm") => return vm_child(),
+        Ok("backend") => return backend_child(),
+        _ => {}
+    }
+    if pagefold::userfault::Userfault::new().is_err() {
+        println!("SKIP: no userfaultfd write protection here");
+        return;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: [(&str, fn()); 3] = [
+        (
+            "backend_left_behind_when_the_vmm_connection_ends",
+            backend_left_behind_when_the_vmm_connection_ends,
+        ),
+        (
+            "stopped_client_blocks_merging_for_good",
+            stopped_client_blocks_merging_for_good,
+        ),
+        (
+            "backend_joining_mid_merge_misses_a_window",
+            backend_joining_mid_merge_misses_a_window,
+        ),
+    ];
+    let mut ran = 0;
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        println!("test {name} ...");
+        test();
+        println!("test {name} ... ok");
+        ran += 1;
+    }
+    println!("test result: ok. {ran} passed");
+}
