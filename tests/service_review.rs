@@ -404,6 +404,31 @@ impl Proc {
         line.trim().to_owned()
     }
 
+    /// Sends a command without waiting for its reply.
+    fn tell(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The next reply, if one comes within `secs` seconds (a liveness
+    /// bound: the replies here take milliseconds).
+    fn reply_within(&mut self, secs: i32) -> Option<String> {
+        if self.stdout.buffer().is_empty() {
+            let mut p = libc::pollfd {
+                fd: self.stdout.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, secs * 1000) } <= 0 {
+                return None;
+            }
+        }
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).ok()?;
+        Some(line.trim().to_owned())
+    }
+
     fn check(&mut self) {
         assert_eq!(self.ask("check"), "ok", "child {} memory", self.child.id());
     }
@@ -593,6 +618,66 @@ fn backend_joining_mid_window_misses_it() {
     );
 }
 
+/// A backend that answers late once (SIGSTOP for longer than the ack
+/// deadline: a loaded host, a debugger) while the VMM's write breaks a
+/// merged page. The unmerge's `Home` to the backend times out, and
+/// `ConnMapper::home` calls `lost`, which quarantines the backend for good
+/// (`mapper.rs`). From then on every unmerge of the VM fails at
+/// `VmMappers::protect` (a quarantined mapper refuses protection), and
+/// `unmerge_locked` (`merge.rs`) then calls `release_all(.., None)`, which
+/// unprotects the run in every mapper although its pages are still merged:
+/// a later write from the backend to a merged page is the kernel's copy on
+/// write into the backend's private memory, which the VMM never sees.
+fn backend_late_once_during_a_break() {
+    const PAGES: usize = 2048;
+    let socket = socket_path("late");
+    let service = Service::start(
+        &socket,
+        ServiceOptions {
+            ack_deadline: Duration::from_millis(300),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    service.merge_now().unwrap();
+    assert!(x.remapped() > 0, "the backend did not follow the merge");
+    x.signal(libc::SIGSTOP);
+    // Page 3 is merged (the first half is shared with B).
+    a.tell("rawwrite 3 81");
+    std::thread::sleep(Duration::from_secs(2));
+    x.signal(libc::SIGCONT);
+    let a_wrote = a.reply_within(60);
+    let mut problems = Vec::new();
+    if a_wrote.as_deref() != Some("ok") {
+        problems.push(format!("the VMM's write did not complete: {a_wrote:?}"));
+    } else {
+        assert_eq!(x.ask("expect 3 81"), "ok");
+        let seen = x.ask("check");
+        if seen != "ok" {
+            problems.push(format!("after the VMM's write, the backend: {seen}"));
+        }
+        // And the other way: a backend write to another merged page.
+        x.tell("rawwrite 5 82");
+        match x.reply_within(60) {
+            Some(r) if r == "ok" => {
+                assert_eq!(a.ask("expect 5 82"), "ok");
+                let seen = a.ask("check");
+                if seen != "ok" {
+                    problems.push(format!("after the backend's write, the VMM: {seen}"));
+                }
+            }
+            other => problems.push(format!("the backend's write did not complete: {other:?}")),
+        }
+    }
+    x.kill();
+    a.kill();
+    b.exit();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -607,7 +692,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "backend_late_once_during_a_break",
+            backend_late_once_during_a_break,
+        ),
         (
             "backend_left_behind_when_the_vmm_connection_ends",
             backend_left_behind_when_the_vmm_connection_ends,
