@@ -678,6 +678,64 @@ fn backend_late_once_during_a_break() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// Break-on-write mode, no fault at all: a merge window's range runs from
+/// its first candidate to its last, and pages between them that were
+/// merged before are in it, though not candidates. When the window ends,
+/// `release_all` (`merge.rs`) unprotects every page of the range in the
+/// other processes except those this window remapped (`keep`), so those
+/// older merged pages, which must stay write-protected in every mapper,
+/// lose their protection. A backend's write to one of them is then the
+/// kernel's copy on write into the backend alone (here anonymous zeros
+/// mapped private): the VMM never sees it.
+///
+/// Two zero pages of the VM are written with zeros (each breaks, and is a
+/// private zero page again); the next pass merges them again in one
+/// window whose range holds merged zero pages between them.
+fn window_unprotects_merged_pages_inside_it() {
+    const PAGES: usize = 2048;
+    let (z1, z2) = (PAGES / 2 + 10, PAGES / 2 + 20);
+    let socket = socket_path("inside");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    service.merge_now().unwrap();
+    let merged = a.remapped();
+    assert!(merged > 0 && x.remapped() == merged, "the backend did not follow");
+    for z in [z1, z2] {
+        assert_eq!(a.ask(&format!("rawwrite {z} 0")), "ok");
+        assert_eq!(x.ask(&format!("expect {z} 0")), "ok");
+    }
+    assert_eq!(a.remapped(), merged - 2, "the writes did not break");
+    // Before the next pass the pages between them are still protected: a
+    // backend write there breaks through the service and the VMM sees it.
+    assert_eq!(x.ask(&format!("rawwrite {} 84", z1 + 3)), "ok");
+    assert_eq!(a.ask(&format!("expect {} 84", z1 + 3)), "ok");
+    a.check();
+    // Page z1 + 3 now holds bytes of its own and stays private.
+    let merged = merged - 1;
+    // The broken zero pages merge again (a pass or a few).
+    for _ in 0..4 {
+        if a.remapped() == merged {
+            break;
+        }
+        service.merge_now().unwrap();
+    }
+    assert_eq!(a.remapped(), merged, "the zero pages did not merge again");
+    x.check();
+    // A backend write to a merged zero page between the two.
+    let page = z1 + 5;
+    x.tell(&format!("rawwrite {page} 85"));
+    let wrote = x.reply_within(60);
+    assert_eq!(a.ask(&format!("expect {page} 85")), "ok");
+    let seen = a.ask("check");
+    x.kill();
+    a.kill();
+    b.exit();
+    assert_eq!(wrote.as_deref(), Some("ok"), "the backend's write did not complete");
+    assert_eq!(seen, "ok", "the VMM does not see the backend's write");
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -692,7 +750,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
+        (
+            "window_unprotects_merged_pages_inside_it",
+            window_unprotects_merged_pages_inside_it,
+        ),
         (
             "backend_late_once_during_a_break",
             backend_late_once_during_a_break,
