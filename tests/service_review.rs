@@ -736,6 +736,49 @@ fn window_unprotects_merged_pages_inside_it() {
     assert_eq!(seen, "ok", "the VMM does not see the backend's write");
 }
 
+/// Domains are made on first use (`server.rs` `domain_for`) and never
+/// dropped: each holds a dedup host, a shared memfd, a read-only
+/// descriptor of it and, with background scanning, a scanning thread. A
+/// process that attaches and leaves with a new domain number each time
+/// (any user the service allows) grows the service by one of each per
+/// connection, until it is out of descriptors or threads and refuses every
+/// VM. `ServiceStats::domains` says it counts "domains with at least one VM
+/// (or shared frames left)"; here none has either.
+fn domains_outlive_their_vms() {
+    const PAGES: usize = 64;
+    const ROUNDS: u64 = 8;
+    let socket = socket_path("domains");
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let service = Service::start(
+        &socket,
+        ServiceOptions {
+            background: Some((pagefold::ScanBudget::Pages(64), Duration::from_millis(50))),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let (threads_before, fds_before) = (threads(), fds());
+    for d in 0..ROUNDS {
+        let mut a = Proc::vm(&socket, 100 + d, PAGES, 1000 + d);
+        assert_eq!(a.ask("detach"), "ok");
+        a.exit();
+    }
+    wait_until("the service to let every VM go", || {
+        service.stats().unwrap().vms == 0
+    });
+    let stats = service.stats().unwrap();
+    let (threads_after, fds_after) = (threads(), fds());
+    assert_eq!(
+        (stats.domains, stats.shared_bytes),
+        (0, 0),
+        "{} domains with no VM and no shared frames are kept; the service grew by {} threads and {} descriptors over {ROUNDS} short connections",
+        stats.domains,
+        threads_after.saturating_sub(threads_before),
+        fds_after.saturating_sub(fds_before),
+    );
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -750,7 +793,8 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
+        ("domains_outlive_their_vms", domains_outlive_their_vms),
         (
             "window_unprotects_merged_pages_inside_it",
             window_unprotects_merged_pages_inside_it,
