@@ -35,6 +35,16 @@ use pagefold::{
 /// Page `i` of VM `vm`: the first half the same in every VM (a booted
 /// kernel), a quarter zero, the rest the VM's own.
 fn content(vm: u64, i: usize, pages: usize) -> [u8; PAGE_SIZE] {
+    // `PF_DUP=1`: every page a copy of one of eight of the VM's own
+    // pages, which no other VM has (frames only this VM uses).
+    static DUP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *DUP.get_or_init(|| std::env::var("PF_DUP").as_deref() == Ok("1")) {
+        return base_content(vm, pages * 3 / 4 + i % 8, pages);
+    }
+    base_content(vm, i, pages)
+}
+
+fn base_content(vm: u64, i: usize, pages: usize) -> [u8; PAGE_SIZE] {
     let mut p = [0u8; PAGE_SIZE];
     if i < pages / 2 {
         for (k, c) in p.chunks_exact_mut(8).enumerate() {
@@ -779,6 +789,41 @@ fn domains_outlive_their_vms() {
     );
 }
 
+/// A VMM (default mode, not break-on-write) whose connection ends without
+/// a goodbye while the service lives (its `ServiceClient` dropped: "merged
+/// pages stay mapped here, readable", says its `Drop`). The service
+/// `lose`s it: `forget` ends its references and frees the shared frames
+/// only it used (`dedup/mod.rs`: "nothing maps its pages any more"). But
+/// the process still maps them (private views of the shared memfd), so its
+/// guest now reads zeros there.
+fn dropped_client_loses_its_own_shared_frames() {
+    const PAGES: usize = 1024;
+    let socket = socket_path("dropped");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::spawn(
+        "vm",
+        &[
+            ("PF_SOCKET", socket.display().to_string()),
+            ("PF_VM", "1".into()),
+            ("PF_PAGES", PAGES.to_string()),
+            ("PF_DOMAIN", "5".into()),
+            ("PF_DUP", "1".into()),
+        ],
+    );
+    a.check();
+    service.merge_now().unwrap();
+    assert!(a.remapped() > 0, "the VM did not merge its own duplicates");
+    assert!(service.stats().unwrap().shared_bytes > 0);
+    a.check();
+    assert_eq!(a.ask("drop"), "ok");
+    wait_until("the service to forget the VM", || {
+        service.stats().unwrap().vms == 0
+    });
+    let seen = a.ask("check");
+    a.exit();
+    assert_eq!(seen, "ok", "the VM's memory after its connection ended");
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -793,7 +838,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
+        (
+            "dropped_client_loses_its_own_shared_frames",
+            dropped_client_loses_its_own_shared_frames,
+        ),
         ("domains_outlive_their_vms", domains_outlive_their_vms),
         (
             "window_unprotects_merged_pages_inside_it",
