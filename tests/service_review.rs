@@ -118,7 +118,6 @@ fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
 // ---------------------------------------------------------------- children
 
 /// The VMM process: attaches, says `ready VM_ID MEMFD_INODE SHARED_INODE`,
-
 /// then answers one command per line on stdin.
 fn vm_child() {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
@@ -236,7 +235,7 @@ fn vm_child() {
 
 /// A second mapper (a vhost-user backend): maps the VMM's memfd (taken
 /// through /proc, as the vhost-user socket would hand it over), attaches,
-
+/// and answers `check`, `expect`, `rawwrite`, `remapped`.
 fn backend_child() {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let socket = PathBuf::from(env("PF_SOCKET"));
@@ -335,8 +334,6 @@ fn backend_child() {
     }
     drop(client);
 }
-
-/// Tries to write, grow, punch and map writable the domain's shared memfd
 
 struct Proc {
     child: Child,
@@ -474,7 +471,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
 
 // ---------------------------------------------------------------- tests
 
@@ -711,7 +707,10 @@ fn window_unprotects_merged_pages_inside_it() {
     let mut x = Proc::backend(&socket, &a, 1, PAGES);
     service.merge_now().unwrap();
     let merged = a.remapped();
-    assert!(merged > 0 && x.remapped() == merged, "the backend did not follow");
+    assert!(
+        merged > 0 && x.remapped() == merged,
+        "the backend did not follow"
+    );
     for z in [z1, z2] {
         assert_eq!(a.ask(&format!("rawwrite {z} 0")), "ok");
         assert_eq!(x.ask(&format!("expect {z} 0")), "ok");
@@ -742,7 +741,11 @@ fn window_unprotects_merged_pages_inside_it() {
     x.kill();
     a.kill();
     b.exit();
-    assert_eq!(wrote.as_deref(), Some("ok"), "the backend's write did not complete");
+    assert_eq!(
+        wrote.as_deref(),
+        Some("ok"),
+        "the backend's write did not complete"
+    );
     assert_eq!(seen, "ok", "the VMM does not see the backend's write");
 }
 
@@ -865,15 +868,29 @@ fn main() {
             backend_joining_mid_window_misses_it,
         ),
     ];
-    let mut ran = 0;
+    // Every test runs, failing or not: each shows a defect of its own.
+    let (mut passed, mut failed) = (0, Vec::new());
     for (name, test) in tests {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
         println!("test {name} ...");
-        test();
-        println!("test {name} ... ok");
-        ran += 1;
+        if std::panic::catch_unwind(test).is_ok() {
+            println!("test {name} ... ok");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed.push(name);
+        }
     }
-    println!("test result: ok. {ran} passed");
+    if failed.is_empty() {
+        println!("test result: ok. {passed} passed");
+    } else {
+        println!(
+            "test result: FAILED. {passed} passed, {} failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+        std::process::exit(101);
+    }
 }
