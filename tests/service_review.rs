@@ -537,6 +537,7 @@ fn stopped_client_blocks_merging_for_good() {
     let passes = AtomicUsize::new(0);
     let finished = AtomicBool::new(false);
     let mut stuck_after = None;
+    let (mut a_detach, mut a_detach_hung) = (None, false);
     std::thread::scope(|s| {
         s.spawn(|| {
             for _ in 0..PASSES {
@@ -558,17 +559,29 @@ fn stopped_client_blocks_merging_for_good() {
                 break;
             }
         }
+        // The pass holds the domain's scan lock meanwhile: another VM of
+        // the domain cannot leave (its `unregister` waits for the lock).
+        if stuck_after.is_some() {
+            a.tell("detach");
+            a_detach = a.reply_within(30);
+        }
         // Unblocks the send (the socket closes) so the thread can end.
         b.signal(libc::SIGKILL);
     });
     let mut b = b;
     let _ = b.child.wait();
-    a.check();
+    if stuck_after.is_some() && a_detach.is_none() {
+        a_detach = a.reply_within(60);
+        a_detach_hung = true;
+    }
+    let a_memory = a.ask("check");
     a.exit();
     assert_eq!(
-        stuck_after, None,
-        "merge_now blocked for good after {} passes: the service's send to a process that stopped reading has no deadline",
-        stuck_after.unwrap_or(0)
+        (stuck_after, a_detach_hung, a_memory.as_str()),
+        (None, false, "ok"),
+        "merge_now blocked for good after {} passes (the service's send to a process that stopped reading has no deadline); meanwhile another VM's detach hung ({}), and once the stopped process was killed it ended: {a_detach:?}",
+        stuck_after.unwrap_or(0),
+        a_detach_hung,
     );
 }
 
@@ -827,6 +840,56 @@ fn dropped_client_loses_its_own_shared_frames() {
     assert_eq!(seen, "ok", "the VM's memory after its connection ended");
 }
 
+/// A VMM that leaves (detach, service alive) and answers its `Restore`
+/// later than the ack deadline (SIGSTOP here; a large VM copying its
+/// merged pages home, a loaded host). `ConnMapper::home` gives up, the
+/// VM's `unregister` fails, and `detach` (`server.rs`) then `forget`s it:
+/// the shared frames only it used are freed ("pages it could not restore
+/// stay merged in the process, which holds the shared memfd"), though the
+/// process still maps them. Its late restore then copies what it reads
+/// there, zeros, into its own frames: the guest's memory is lost.
+fn late_restore_on_detach_loses_memory() {
+    const PAGES: usize = 8192;
+    let socket = socket_path("late-restore");
+    let service = Service::start(
+        &socket,
+        ServiceOptions {
+            ack_deadline: Duration::from_millis(200),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut a = Proc::spawn(
+        "vm",
+        &[
+            ("PF_SOCKET", socket.display().to_string()),
+            ("PF_VM", "1".into()),
+            ("PF_PAGES", PAGES.to_string()),
+            ("PF_DOMAIN", "5".into()),
+            ("PF_DUP", "1".into()),
+        ],
+    );
+    service.merge_now().unwrap();
+    assert!(a.remapped() > 0, "the VM did not merge its own duplicates");
+    a.tell("detach");
+    // The service takes the VM out of its table first, then asks for the
+    // restore: stop the process as soon as it is out.
+    while service.stats().unwrap().vms != 0 {
+        std::hint::spin_loop();
+    }
+    a.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(2));
+    a.signal(libc::SIGCONT);
+    let detached = a.reply_within(60);
+    let seen = a.ask("check");
+    a.exit();
+    assert_eq!(
+        (detached.as_deref(), seen.as_str()),
+        (Some("ok"), "ok"),
+        "the detach's own check, and the memory after it"
+    );
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -841,7 +904,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
+        (
+            "late_restore_on_detach_loses_memory",
+            late_restore_on_detach_loses_memory,
+        ),
         (
             "dropped_client_loses_its_own_shared_frames",
             dropped_client_loses_its_own_shared_frames,
