@@ -890,6 +890,56 @@ fn late_restore_on_detach_loses_memory() {
     );
 }
 
+/// A connection the service refuses (garbage, a bad hello) gets its
+/// `Error`, and its thread ends; but `accept_loop` (`server.rs`) keeps a
+/// clone of every accepted stream in `State::conns` (to shut them all when
+/// the service stops), pruned only at the next accept and only if the peer
+/// hung up. So the service never closes the connection: the peer waits
+/// forever for the close (`hostile_connections` in `tests/service.rs`
+/// hangs at HEAD for this reason), and each refused peer that stays holds
+/// a descriptor of the service. The same holds for a VMM whose connection
+/// the service ends on a protocol error: it is forgotten, yet sees no
+/// close, so it never brings its pages home, and in break-on-write mode
+/// its breaks go to a socket nobody reads.
+fn refused_connection_is_never_closed() {
+    let socket = socket_path("refused");
+    let _service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for _ in 0..4 {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(&[8, 0, 0, 0, 0x77, 0x77, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap();
+        let mut conn = pagefold::service::socket::Conn::new(s);
+        match conn.recv() {
+            Ok(Some((pagefold::service::wire::Message::Error(_), _))) => {}
+            other => panic!("garbage got {other:?}"),
+        }
+        // A liveness bound: the service closes at once or never.
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match conn.recv() {
+            Ok(None) => closed += 1,
+            Err(pagefold::service::wire::WireError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock
+                    || source.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => closed += 1,
+            Ok(Some(other)) => panic!("after the error came {other:?}"),
+        }
+        held.push(conn);
+    }
+    // Each refused peer still open holds a descriptor in the service (the
+    // socket files here count 4, one per peer).
+    let grown = fds().saturating_sub(before + held.len());
+    assert_eq!(
+        (closed, grown),
+        (4, 0),
+        "refused connections the service closed, and descriptors it keeps for them"
+    );
+}
+
 fn main() {
     match std::env::var("PAGEFOLD_CHILD").as_deref() {
         Ok("vm") => return vm_child(),
@@ -904,7 +954,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
+        (
+            "refused_connection_is_never_closed",
+            refused_connection_is_never_closed,
+        ),
         (
             "late_restore_on_detach_loses_memory",
             late_restore_on_detach_loses_memory,
