@@ -518,7 +518,12 @@ fn backend_left_behind_when_the_vmm_connection_ends() {
 /// up in the socket, and once its buffer is full the service's `send`
 /// (`mapper.rs` `ConnMapper::send`, `socket.rs` `Conn::send`, no write
 /// timeout anywhere) blocks for good, holding the merge of the whole
-/// domain: `merge_now` never returns while the process stays stopped.
+/// domain and its scan lock (`DedupHost::merge_now`): `merge_now` never
+/// returns while the process stays stopped, and another VM of the domain
+/// cannot leave meanwhile (its `unregister` waits for the lock). Once the
+/// stopped process is killed, that VM's detach goes on, and its restore is
+/// judged against the (short) deadline: see
+/// `late_restore_on_detach_loses_memory` for what follows.
 fn stopped_client_blocks_merging_for_good() {
     const PAGES: usize = 2048;
     const PASSES: usize = 1500;
