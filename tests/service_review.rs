@@ -600,17 +600,18 @@ fn stopped_client_blocks_merging_for_good() {
 /// punches those frames: the backend reads zeros where the guest has
 /// bytes, and a write of its lands in a frame no other mapper maps.
 ///
-/// To hold the window open, the VMM is stopped (SIGSTOP) before the merge
-/// and let go once the backend is attached, with a deadline long enough
-/// that the window is not rolled back meanwhile. The stop is only there
-/// to widen a race that a slow remap thread (a busy VMM) opens by itself.
+/// To hold the window open, the VMM is stopped (SIGSTOP) before the merge.
+/// The backend's attach now waits for the window in flight (until it is
+/// rolled back at the deadline: the VMM does not answer), so it is never
+/// Ready while a window it was not part of can still remap; then the VMM
+/// runs again, and a second pass merges with the backend following.
 fn backend_joining_mid_window_misses_it() {
     const PAGES: usize = 2048;
     let socket = socket_path("join");
     let service = Service::start(
         &socket,
         ServiceOptions {
-            ack_deadline: Duration::from_secs(60),
+            ack_deadline: Duration::from_secs(3),
             ..ServiceOptions::default()
         },
     )
@@ -620,13 +621,19 @@ fn backend_joining_mid_window_misses_it() {
     a.signal(libc::SIGSTOP);
     let mut x = std::thread::scope(|s| {
         let merge = s.spawn(|| service.merge_now());
-        // The merge hashes, then its first window of A waits for A's ack
-        // (milliseconds of work for 2 x 8 MiB; the deadline is a minute).
-        std::thread::sleep(Duration::from_secs(3));
+        // The merge hashes, then its first window of A waits for A's ack.
+        std::thread::sleep(Duration::from_secs(1));
         let x = Proc::backend(&socket, &a, 1, PAGES);
         a.signal(libc::SIGCONT);
         let _ = merge.join();
         x
+    });
+    let seen_first = x.ask("check");
+    // A answers again once it ran its queued (revoked) remap; the next
+    // pass merges A with the backend following.
+    wait_until("A to answer again", || {
+        service.merge_now().unwrap();
+        a.remapped() > 0
     });
     let seen = x.ask("check");
     let (ra, rx) = (a.remapped(), x.remapped());
@@ -634,6 +641,7 @@ fn backend_joining_mid_window_misses_it() {
     x.kill();
     a.exit();
     b.exit();
+    assert_eq!(seen_first, "ok", "the backend's view right after it joined");
     assert!(ra > 0, "the VMM did not merge");
     assert_eq!(
         (seen.as_str(), rx),

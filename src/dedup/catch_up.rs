@@ -22,11 +22,13 @@ const MAX_RUN: usize = 2048;
 
 /// Calls `tell(region, runs)` for every run of `vm`'s pages that map a
 /// shared frame or zeros, each run held while it is told. A page another
-/// operation holds is waited for (up to two seconds): a merge window that
-/// remapped it before the new process joined would otherwise leave it
-/// untold.
+/// operation holds is waited for (up to `wait`: a window whose process
+/// does not answer is rolled back by then): a merge window that remapped it
+/// before the new process joined would otherwise leave it untold, and
+/// until it is told the new process must not write it.
 pub(super) fn catch_up(
     vm: &VmEntry,
+    wait: Duration,
     mut tell: impl FnMut(usize, &[RemoteRun]) -> Result<(), RemoteError>,
 ) -> Result<(), DedupError> {
     for (ri, region) in vm.mem.regions().iter().enumerate() {
@@ -35,7 +37,21 @@ pub(super) fn catch_up(
         let mut waited_since: Option<Instant> = None;
         while p < region.pages() {
             let s = states.load(p);
+            if s.is_locked() && !s.is_remapped() {
+                // A merge window holds it: it may remap the page in the
+                // processes it read before this one joined (found by
+                // review: a backend that joined mid-window was never told,
+                // and read the punched own frame). Once published, the page
+                // is told below.
+                let since = *waited_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > wait {
+                    return Err(DedupError::Busy(page_gpa(region, p)));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
             if !s.is_remapped() {
+                waited_since = None;
                 p += 1;
                 continue;
             }
@@ -58,7 +74,7 @@ pub(super) fn catch_up(
             if held.is_empty() {
                 if busy {
                     let since = *waited_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(2) {
+                    if since.elapsed() > wait {
                         return Err(DedupError::Busy(page_gpa(region, p)));
                     }
                     std::thread::sleep(Duration::from_micros(200));

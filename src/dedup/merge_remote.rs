@@ -73,8 +73,8 @@ pub(super) fn merge_window<'r>(
     if r.mapper.protect(r.index, first.page, pages).is_err() {
         // A process that cannot be protected takes no merge; the other
         // VMs go on.
-        r.mapper
-            .release(r.index, &[(first.page, pages)], (first.page, pages));
+        let keep = left_in_place(r, region, first.page, pages, &[]);
+        r.mapper.release(r.index, &keep, (first.page, pages));
         unlock_all(&run);
         out.busy += run.len() as u64;
         return Ok(None);
@@ -83,8 +83,8 @@ pub(super) fn merge_window<'r>(
     let equal = match compare_window(ctx, region, &run) {
         Ok(equal) => equal,
         Err(e) => {
-            r.mapper
-                .release(r.index, &[(first.page, pages)], (first.page, pages));
+            let keep = left_in_place(r, region, first.page, pages, &[]);
+            r.mapper.release(r.index, &keep, (first.page, pages));
             unlock_all(&run);
             return Err(e);
         }
@@ -107,11 +107,14 @@ pub(super) fn merge_window<'r>(
     }
     // 5. Release: the remapped pages have fresh mappings (protected for
     // good in break-on-write mode), the rest are unprotected; wake all.
-    r.mapper.release(
-        r.index,
-        &left_in_place(&run, &merged, first.page, pages),
-        (first.page, pages),
-    );
+    let now: Vec<usize> = run
+        .iter()
+        .zip(&merged)
+        .filter(|(_, m)| **m)
+        .map(|(c, _)| c.page)
+        .collect();
+    let keep = left_in_place(r, region, first.page, pages, &now);
+    r.mapper.release(r.index, &keep, (first.page, pages));
     drop(guard);
     Ok(Some(Remapped {
         region,
@@ -147,25 +150,34 @@ fn remote_runs(run: &[Candidate], merged: &[bool]) -> Vec<RemoteRun> {
     runs
 }
 
-/// The stretches of the window `first..first + pages` not remapped.
+/// The stretches of the window `first..first + pages` whose protection
+/// a release lifts: every page but those the window just remapped (fresh
+/// mappings, `now`, sorted) and, where merged pages stay protected for good
+/// (break-on-write), every page merged before (found by review: a window
+/// unprotected older merged pages inside its range, and a write to one
+/// then became one process's private copy).
 fn left_in_place(
-    run: &[Candidate],
-    merged: &[bool],
+    r: RemoteRegion<'_>,
+    region: &GuestRegion,
     first: usize,
     pages: usize,
+    now: &[usize],
 ) -> Vec<(usize, usize)> {
-    let mut keep = Vec::new();
-    let mut from = first;
-    for (c, _) in run.iter().zip(merged).filter(|(_, m)| **m) {
-        if c.page > from {
-            keep.push((from, c.page - from));
+    let states = region.page_states();
+    let keeps = r.mapper.keeps_merged_protected();
+    let lift =
+        |p: usize| now.binary_search(&p).is_err() && !(keeps && states.load(p).is_remapped());
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for p in first..first + pages {
+        if !lift(p) {
+            continue;
         }
-        from = c.page + 1;
+        match out.last_mut() {
+            Some((s, n)) if *s + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
     }
-    if first + pages > from {
-        keep.push((from, first + pages - from));
-    }
-    keep
+    out
 }
 
 /// Brings every remapped page of the region in `[first, first + count)`
@@ -210,7 +222,14 @@ fn unmerge_locked(
     let n = run.len();
     let guard = region.lock_protection();
     let fail = |e: DedupError| {
-        r.mapper.release(r.index, &[(first, n)], (first, n));
+        // The pages are still merged: in break-on-write mode they stay
+        // protected (writers are only woken, to ask again).
+        let keep = if r.mapper.keeps_merged_protected() {
+            Vec::new()
+        } else {
+            vec![(first, n)]
+        };
+        r.mapper.release(r.index, &keep, (first, n));
         unlock_run(region, run);
         Err(e)
     };

@@ -241,8 +241,16 @@ impl DedupHost {
 
     /// Unmerges a VM's pages and forgets it; returns its memory.
     pub fn unregister(&self, vm: VmId) -> Result<Arc<GuestMemory>, DedupError> {
-        let mut scan = lock(&self.inner.scan);
         let entry = self.entry(vm)?;
+        if let Some(remote) = &entry.remote {
+            // Other processes bring the pages home, which may take a while:
+            // not under the scan's lock, which would stop every other VM's
+            // merges meanwhile (found by review). Taking no more merges, the
+            // VM has nothing new merged behind this.
+            remote.quarantine();
+            self.inner.unmerge_vm(&entry)?;
+        }
+        let mut scan = lock(&self.inner.scan);
         // Every page back in its own frame before the VM is forgotten: a
         // page another thread holds (a `resolve_write_fault` in progress)
         // is waited for, since once the VM is gone nothing would count its
@@ -275,14 +283,20 @@ impl DedupHost {
         Ok(())
     }
 
+    /// VMs registered now.
+    pub(crate) fn vm_count(&self) -> usize {
+        read(&self.inner.vms).len()
+    }
+
     /// Tells a process that starts mapping `vm`'s memory every run of it
     /// that maps a shared frame or zeros, through `tell(region, runs)`.
     pub(crate) fn catch_up(
         &self,
         vm: VmId,
+        wait: Duration,
         tell: impl FnMut(usize, &[remote::RemoteRun]) -> Result<(), RemoteError>,
     ) -> Result<(), DedupError> {
-        catch_up::catch_up(&*self.entry(vm)?, tell)
+        catch_up::catch_up(&*self.entry(vm)?, wait, tell)
     }
 
     /// Runs `f` with page `page` of region `region` of `vm` held, if it is

@@ -86,6 +86,10 @@ pub(crate) trait RemoteMapper: Send + Sync {
     fn release(&self, region: usize, unprotect: &[(usize, usize)], wake: (usize, usize));
     /// Whether the mapper still takes merges.
     fn usable(&self) -> bool;
+    /// Whether merged pages stay write-protected in the mapper for good
+    /// (break-on-write): a release must then never unprotect a page that
+    /// maps away from its own frame.
+    fn keeps_merged_protected(&self) -> bool;
     /// Takes the mapper out of merging for good: the host's view of its
     /// memory can no longer be trusted to show its bytes.
     fn quarantine(&self);

@@ -404,11 +404,22 @@ impl ServiceClient {
 
 impl Drop for ServiceClient {
     fn drop(&mut self) {
-        // The service forgets the VM when the socket closes; merged pages
-        // stay mapped here, readable (in break-on-write mode they come
-        // home first), and writes land.
+        // As `detach`, as far as it goes (found by review: a client dropped
+        // without a goodbye left the service to free frames it still mapped):
+        // the service brings every page home and says goodbye; should it not
+        // within a minute, this process brings home what is left itself.
+        if self.connected() && self.sender.send(&Message::Bye, &[]).is_ok() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while self.connected() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
         self.shutdown_remap();
+        let homed = self.space.home_everything();
         self.stop_fault_thread();
+        if let (Some(mem), Ok(())) = (&self.space.mem, homed) {
+            mem.release_from_dedup();
+        }
     }
 }
 
@@ -423,7 +434,12 @@ fn remap_loop(space: &AddressSpace, mut conn: Conn, ready: &std::sync::mpsc::Sen
             Ok(Some((Message::Remap(m), _))) => {
                 let status = if space.control.advance(m.seq, Window::Armed, Window::Taken) {
                     let r = space.remap(m.region, &m.runs);
-                    space.control.advance(m.seq, Window::Taken, Window::Done);
+                    // Done only when done: a failed remap leaves the window
+                    // taken, which a service past its deadline reads as a
+                    // lost process, never as success (found by review).
+                    if r.is_ok() {
+                        space.control.advance(m.seq, Window::Taken, Window::Done);
+                    }
                     r
                 } else {
                     Ok(AckStatus::Skipped)

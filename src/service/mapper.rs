@@ -4,6 +4,7 @@
 //! acknowledgement against a deadline.
 
 use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         mpsc::{Receiver, RecvTimeoutError},
@@ -23,9 +24,17 @@ use crate::{
     userfault::Userfault,
 };
 
+/// Takes merges.
 const USABLE: u8 = 0;
+/// Takes no more merges (what the service's view shows of it can no
+/// longer be trusted), but is still protected, broken and unmerged.
 const QUARANTINED: u8 = 1;
+/// Its connection is gone: nothing is asked of it.
 const LOST: u8 = 2;
+
+/// How long a `Restore` (the process copies its pages home) may take per
+/// page beyond the deadline: 20 us a page, 5 s a GiB.
+const RESTORE_PER_PAGE: Duration = Duration::from_micros(20);
 
 /// One region of the client as it maps it.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +52,23 @@ pub(crate) struct ConnMapper {
     regions: Vec<ClientRegion>,
     seq: AtomicU64,
     state: AtomicU8,
+    /// A window was rolled back for want of an answer: no more merges are
+    /// asked of it (each would wait the deadline again, and the requests
+    /// would fill its socket) until any answer comes.
+    stalled: AtomicBool,
+    /// Held from a request's send to its answer: one request at a time, so
+    /// an answer is never taken by another waiter.
+    request: Mutex<()>,
+    deadline: Duration,
+    /// The process, as a pidfd (readable once it exited), where the kernel
+    /// gave one.
+    pidfd: Option<OwnedFd>,
+}
+
+/// A request sent and not yet answered; the mapper takes no other meanwhile.
+pub(crate) struct Pending<'a> {
+    _one_at_a_time: std::sync::MutexGuard<'a, ()>,
+    seq: u64,
     deadline: Duration,
 }
 
@@ -54,8 +80,17 @@ impl ConnMapper {
         control: ControlPage,
         regions: Vec<ClientRegion>,
         deadline: Duration,
+        pid: i32,
     ) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let pidfd = libc::c_int::try_from(raw)
+            .ok()
+            .filter(|fd| *fd >= 0)
+            // SAFETY: a fresh descriptor nobody else owns.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         ConnMapper {
+            pidfd,
             sender: Mutex::new(sender),
             acks: Mutex::new(acks),
             uffd,
@@ -63,8 +98,49 @@ impl ConnMapper {
             regions,
             seq: AtomicU64::new(1),
             state: AtomicU8::new(USABLE),
+            stalled: AtomicBool::new(false),
+            request: Mutex::new(()),
             deadline,
         }
+    }
+
+    /// Closes the connection: the process sees it end (it releases what the
+    /// service armed and brings merged pages home where it must).
+    pub(crate) fn hang_up(&self) {
+        let conn = self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Whether the process has exited (`None`: the kernel gave no pidfd).
+    pub(crate) fn exited(&self, wait_ms: i32) -> Option<bool> {
+        let fd = self.pidfd.as_ref()?;
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, wait_ms) };
+        Some(n > 0)
+    }
+
+    /// An answer came: a stalled process takes merges again.
+    pub(crate) fn answered(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the connection is gone.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == LOST
+    }
+
+    fn one_at_a_time(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The connection is gone: nothing more is asked of it.
@@ -128,8 +204,8 @@ impl ConnMapper {
         first: usize,
         count: usize,
     ) -> Result<(), RemoteError> {
-        if !self.usable() {
-            return Err(RemoteError::Lost("the VMM process takes no merges".into()));
+        if self.is_lost() {
+            return Err(RemoteError::Lost("the VMM process is gone".into()));
         }
         let (addr, len) = self.span(region, first, count).ok_or_else(|| {
             RemoteError::Lost(format!(
@@ -142,6 +218,7 @@ impl ConnMapper {
     }
 
     pub(crate) fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError> {
+        let _one = self.one_at_a_time();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let msg = Message::Remap(Remap {
             seq,
@@ -185,6 +262,7 @@ impl ConnMapper {
         }
         // The deadline passed: revoke the window unless the client took it.
         if self.control.advance(seq, Window::Armed, Window::Revoked) {
+            self.stalled.store(true, Ordering::SeqCst);
             return Err(RemoteError::RolledBack {
                 millis: u64::try_from(self.deadline.as_millis()).unwrap_or(u64::MAX),
             });
@@ -214,8 +292,8 @@ impl ConnMapper {
         runs: &[(u64, u64)],
         copy: bool,
     ) -> Result<(), RemoteError> {
-        let seq = self.send_home(region, runs, copy)?;
-        self.wait_home(seq)
+        let pending = self.send_home(region, runs, copy)?;
+        self.wait_home(pending)
     }
 
     /// Sends the `Restore` (with `copy`) or `Home` of [`home`](Self::home)
@@ -225,8 +303,18 @@ impl ConnMapper {
         region: usize,
         runs: &[(u64, u64)],
         copy: bool,
-    ) -> Result<u64, RemoteError> {
+    ) -> Result<Pending<'_>, RemoteError> {
+        let one = self.one_at_a_time();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // A process that copies its pages home may take a while for many;
+        // one that only remaps takes the deadline.
+        let pages: u64 = runs.iter().map(|r| r.1).sum();
+        let deadline = if copy {
+            self.deadline
+                + RESTORE_PER_PAGE.saturating_mul(u32::try_from(pages).unwrap_or(u32::MAX))
+        } else {
+            self.deadline
+        };
         let restore = Restore {
             seq,
             region: u32::try_from(region).map_err(|_| self.lost("region index".into()))?,
@@ -241,12 +329,16 @@ impl ConnMapper {
             Message::Home(restore)
         };
         self.send(&msg)?;
-        Ok(seq)
+        Ok(Pending {
+            _one_at_a_time: one,
+            seq,
+            deadline,
+        })
     }
 
-    /// Waits for the ack of the `Restore` or `Home` numbered `seq`.
-    pub(crate) fn wait_home(&self, seq: u64) -> Result<(), RemoteError> {
-        match self.wait_ack(seq, Instant::now() + self.deadline)? {
+    /// Waits for the ack of a `Restore` or `Home` sent.
+    pub(crate) fn wait_home(&self, pending: Pending<'_>) -> Result<(), RemoteError> {
+        match self.wait_ack(pending.seq, Instant::now() + pending.deadline)? {
             Some(Ack {
                 status: AckStatus::Done,
                 ..
@@ -275,8 +367,9 @@ impl ConnMapper {
         }
     }
 
+    /// Whether it takes merges: not quarantined, lost or stalled.
     pub(crate) fn usable(&self) -> bool {
-        self.state.load(Ordering::SeqCst) == USABLE
+        self.state.load(Ordering::SeqCst) == USABLE && !self.stalled.load(Ordering::SeqCst)
     }
 
     pub(crate) fn quarantine(&self) {
@@ -324,11 +417,21 @@ impl VmMappers {
         write_lock(&self.others).retain(|o| !Arc::ptr_eq(o, m));
     }
 
-    /// The mappers, primary first.
+    /// The mappers still connected, primary first.
     fn all(&self) -> Vec<Arc<ConnMapper>> {
         let others = read_lock(&self.others);
         std::iter::once(Arc::clone(&self.primary))
             .chain(others.iter().cloned())
+            .filter(|m| !m.is_lost())
+            .collect()
+    }
+
+    /// The second mappers still connected.
+    pub(crate) fn others(&self) -> Vec<Arc<ConnMapper>> {
+        read_lock(&self.others)
+            .iter()
+            .filter(|m| !m.is_lost())
+            .cloned()
             .collect()
     }
 }
@@ -379,15 +482,15 @@ impl RemoteMapper for VmMappers {
         let mut result = Ok(());
         for m in &all {
             match m.send_home(region, runs, !self.break_on_write) {
-                Ok(seq) => sent.push((m, seq)),
+                Ok(pending) => sent.push((m, pending)),
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             }
         }
-        for (m, seq) in sent {
-            if let Err(e) = m.wait_home(seq) {
+        for (m, pending) in sent {
+            if let Err(e) = m.wait_home(pending) {
                 if result.is_ok() {
                     result = Err(e);
                 }
@@ -406,10 +509,16 @@ impl RemoteMapper for VmMappers {
     }
 
     fn usable(&self) -> bool {
-        !self.quarantined.load(Ordering::SeqCst) && self.all().iter().all(|m| m.usable())
+        !self.quarantined.load(Ordering::SeqCst)
+            && self.primary.usable()
+            && self.all().iter().all(|m| m.usable())
     }
 
     fn quarantine(&self) {
         self.quarantined.store(true, Ordering::SeqCst);
+    }
+
+    fn keeps_merged_protected(&self) -> bool {
+        self.break_on_write
     }
 }

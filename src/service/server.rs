@@ -30,6 +30,7 @@ use super::{
     wire::{ErrorMsg, Hello, Message, Welcome},
 };
 use crate::{
+    dedup::remote::RemoteMapper,
     dedup::{DedupHost, DedupOptions, DomainId, ScanBudget, ScanReport, VmId, VmOptions},
     frames::{FrameStore, StoreOptions},
     memory::GuestMemory,
@@ -112,8 +113,10 @@ struct State {
     next_vm: AtomicU64,
     stop: AtomicBool,
     uid: u32,
-    /// Every connection, to close them all when the service stops.
-    conns: Mutex<Vec<UnixStream>>,
+    /// Every connection, by number, to close them all when the service
+    /// stops.
+    conns: Mutex<HashMap<u64, UnixStream>>,
+    next_conn: AtomicU64,
 }
 
 /// The host service, listening on its socket.
@@ -163,7 +166,8 @@ impl Service {
             next_vm: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             uid,
-            conns: Mutex::new(Vec::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
         });
         let accept_state = Arc::clone(&state);
         let acceptor = std::thread::Builder::new()
@@ -251,7 +255,7 @@ impl Drop for Service {
         }
         // Every process sees its connection close: it releases what the
         // service armed and goes on; the service forgets its VM.
-        for c in lock(&self.state.conns).drain(..) {
+        for (_, c) in lock(&self.state.conns).drain() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.path);
@@ -264,19 +268,16 @@ fn accept_loop(state: &Arc<State>, listener: &UnixListener) {
             return;
         }
         let Ok(stream) = stream else { continue };
+        let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = stream.try_clone() {
-            let mut conns = lock(&state.conns);
-            // Connections that ended leave their socket here until the next
-            // accept prunes it (a peer that closed reads as such).
-            conns.retain(peer_open);
-            conns.push(c);
+            lock(&state.conns).insert(id, c);
         }
         let state = Arc::clone(state);
         // A connection whose thread cannot be made is dropped (closed): the
         // process sees the refusal as a closed socket.
         let _ = std::thread::Builder::new()
             .name("pagefold-client".into())
-            .spawn(move || serve_connection(&state, stream));
+            .spawn(move || serve_connection(&state, stream, id));
     }
 }
 
@@ -305,25 +306,15 @@ impl Peer {
     }
 }
 
-/// Whether the peer of `c` may still be there (not hung up).
-fn peer_open(c: &UnixStream) -> bool {
-    let mut p = libc::pollfd {
-        fd: c.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    !(n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
-}
-
 /// One VMM process (or second mapper), from its hello to its end.
-fn serve_connection(state: &Arc<State>, stream: UnixStream) {
+fn serve_connection(state: &Arc<State>, stream: UnixStream, id: u64) {
     let mut conn = Conn::new(stream);
     serve(state, &mut conn);
     // The service keeps a clone of every stream (to close them all when it
-    // stops): shut this one down, so the process sees it end now.
+    // stops): shut this one down, so the process sees it end now, and let
+    // the clone go (found by review: both kept refused peers open).
     let _ = conn.stream().shutdown(std::net::Shutdown::Both);
+    lock(&state.conns).remove(&id);
 }
 
 fn serve(state: &Arc<State>, conn: &mut Conn) {
@@ -338,6 +329,7 @@ fn serve(state: &Arc<State>, conn: &mut Conn) {
         }
     };
     let _ = conn.set_read_timeout(None);
+    let answered = peer.mapper(state);
     // Breaking asks every mapper (this one too) to remap and waits for
     // acks, which this thread reads: breaks run on a thread beside, made on
     // the first one.
@@ -345,6 +337,9 @@ fn serve(state: &Arc<State>, conn: &mut Conn) {
     loop {
         match conn.recv() {
             Ok(Some((Message::Ack(ack), _))) => {
+                if let Some(m) = &answered {
+                    m.answered();
+                }
                 let _ = acks.send(ack);
             }
             Ok(Some((Message::Break(b), _))) => {
@@ -462,26 +457,85 @@ fn break_sharing(state: &State, vm: u64, b: super::wire::Break, from: &ConnMappe
     }
 }
 
-/// Unmerges a VM whose VMM asked to leave, and forgets it.
+/// Unmerges a VM whose VMM asked to leave, and lets it go. Where that
+/// fails (the process did not bring its pages home), the VM stays, taking
+/// no merges, until its connection ends ([`lose`]): its shared frames are
+/// not freed under a process that still maps them (found by review: a slow
+/// restore on detach freed them, and the process read zeros).
 fn detach(state: &State, vm: u64) {
-    let Some(rec) = lock(&state.vms).remove(&vm) else {
+    let Some((domain, id, mappers)) = lock(&state.vms)
+        .get(&vm)
+        .map(|r| (Arc::clone(&r.domain), r.id, Arc::clone(&r.mappers)))
+    else {
         return;
     };
-    if rec.domain.host.unregister(rec.id).is_err() {
-        // Pages it could not restore stay merged in the process, which
-        // holds the shared memfd; forgetting the VM frees what only it used.
-        rec.mappers.primary().mark_lost();
-        let _ = rec.domain.host.forget(rec.id);
+    mappers.quarantine();
+    if domain.host.unregister(id).is_ok() {
+        lock(&state.vms).remove(&vm);
+        drop_domain_if_empty(state, &domain);
     }
 }
 
-/// Forgets a VM whose VMM's connection ended.
-fn lose(state: &State, vm: u64) {
+/// A VM whose VMM's connection ended. Its second mappers are brought home
+/// through the service and hung up on (found by review: a backend was left
+/// mapping shared frames of a VM the service had forgotten); the VM is
+/// forgotten, and the frames only it used freed, once no process that may
+/// still map them is left (a VMM that only closed its socket lives on with
+/// its merged pages mapped).
+fn lose(state: &Arc<State>, vm: u64) {
     let Some(rec) = lock(&state.vms).remove(&vm) else {
         return;
     };
-    rec.mappers.primary().mark_lost();
-    let _ = rec.domain.host.forget(rec.id);
+    let primary = Arc::clone(rec.mappers.primary());
+    primary.mark_lost();
+    rec.mappers.quarantine();
+    if state.stop.load(Ordering::SeqCst) {
+        // The service stops: nothing is freed, the shared memfd lives on in
+        // the processes that map it.
+        return;
+    }
+    let backends = rec.mappers.others();
+    let mut holders = vec![primary];
+    if !backends.is_empty() {
+        let homed = rec.domain.host.unregister(rec.id).is_ok();
+        for b in &backends {
+            b.hang_up();
+        }
+        if homed {
+            drop_domain_if_empty(state, &rec.domain);
+            return;
+        }
+        holders.extend(backends);
+    }
+    let (state, domain, id) = (Arc::clone(state), Arc::clone(&rec.domain), rec.id);
+    let forget = move || {
+        let _ = domain.host.forget(id);
+        drop_domain_if_empty(&state, &domain);
+    };
+    if holders.iter().all(|h| h.exited(0) == Some(true)) {
+        forget();
+        return;
+    }
+    // Waits for every process that may map the frames to exit.
+    let _ = std::thread::Builder::new()
+        .name("pagefold-reaper".into())
+        .spawn(move || {
+            while !holders.iter().all(|h| h.exited(1000) != Some(false)) {}
+            forget();
+        });
+}
+
+/// Drops `domain` if no VM is left in it (its dedup host, background
+/// scanner and shared memfd go with it).
+fn drop_domain_if_empty(state: &State, domain: &Arc<Domain>) {
+    let mut domains = lock(&state.domains);
+    let in_use = lock(&state.vms)
+        .values()
+        .any(|r| Arc::ptr_eq(&r.domain, domain))
+        || domain.host.vm_count() > 0;
+    if !in_use {
+        domains.retain(|_, d| !Arc::ptr_eq(d, domain));
+    }
 }
 
 /// A second mapper left: windows from now on leave it out.
@@ -534,13 +588,20 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(Peer, AckSender), Servi
             pages: usize::try_from(d.size / crate::addr::PAGE_SIZE as u64).unwrap_or(0),
         })
         .collect();
+    // A process that stops reading cannot block a sender past this: the
+    // send fails and the process is given up on (found by review: remaps
+    // piled up in a stopped process's socket until a send blocked the
+    // domain for good).
+    let sender = conn.try_clone()?;
+    sender.set_write_timeout(Some(state.options.ack_deadline.max(Duration::from_secs(1))))?;
     let mapper = Arc::new(ConnMapper::new(
-        conn.try_clone()?,
+        sender,
         rx,
         Userfault::from_fd(uffd_fd),
         control,
         regions,
         state.options.ack_deadline,
+        peer.pid,
     ));
     if hello.second_mapper {
         return admit_second(state, conn, &hello, &memfd, peer, mapper).map(|p| (p, tx));
@@ -554,8 +615,18 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(Peer, AckSender), Servi
         });
     }
     let inode = file_id(&memfd)?;
+    if lock(&state.vms).values().any(|r| r.inode == inode) {
+        // Two VMs of the engine on the same frames would merge each other's
+        // pages away (found by review).
+        return Err(ServiceError::BadMemory {
+            what: "this memfd is under the service already (a second mapper attaches with attach_second_mapper)".into(),
+        });
+    }
     let mem = adopt_memory(state, &hello, memfd)?;
-    let domain = domain_for(state, peer.uid, hello.domain)?;
+    // The domains' lock is held until the VM is recorded, so an emptied
+    // domain is not dropped under a VM joining it.
+    let mut domains = lock(&state.domains);
+    let domain = domain_for(state, &mut domains, peer.uid, hello.domain)?;
     let mappers = Arc::new(VmMappers::new(Arc::clone(&mapper), hello.break_on_write));
     let id = domain.host.register_remote(
         Arc::new(mem),
@@ -579,6 +650,7 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(Peer, AckSender), Servi
             regions: hello.regions.clone(),
         },
     );
+    drop(domains);
     if let Err(e) = conn.send(
         &Message::Welcome(Welcome { vm_id: vm }),
         &[domain.shared_read_only.as_fd()],
@@ -649,12 +721,15 @@ fn admit_second(
         return Err(e.into());
     }
     let (m, notify) = (Arc::clone(&mapper), conn.try_clone()?);
+    // A window in flight is waited for: its processes answer, or it is
+    // rolled back, within two deadlines.
+    let wait = state.options.ack_deadline.saturating_mul(2) + Duration::from_secs(10);
     let caught_up = std::thread::Builder::new()
         .name("pagefold-catch-up".into())
         .spawn(move || {
             let told = domain
                 .host
-                .catch_up(id, |region, runs| m.remap(region, runs));
+                .catch_up(id, wait, |region, runs| m.remap(region, runs));
             match told {
                 Ok(()) => {
                     let _ = notify.send(&Message::Ready, &[]);
@@ -727,8 +802,12 @@ fn adopt_memory(state: &State, hello: &Hello, memfd: OwnedFd) -> Result<GuestMem
 }
 
 /// The domain of user `uid` numbered `number`, made on first use.
-fn domain_for(state: &State, uid: u32, number: u64) -> Result<Arc<Domain>, ServiceError> {
-    let mut domains = lock(&state.domains);
+fn domain_for(
+    state: &State,
+    domains: &mut HashMap<(u32, u64), Arc<Domain>>,
+    uid: u32,
+    number: u64,
+) -> Result<Arc<Domain>, ServiceError> {
     if let Some(d) = domains.get(&(uid, number)) {
         return Ok(Arc::clone(d));
     }
