@@ -3675,12 +3675,12 @@ enum pf_status pf_service_client_pages_remapped(const struct pf_service_client *
 enum pf_status pf_service_client_detach(struct pf_service_client *client);
 
 /**
- * Releases the client without the goodbye of `pf_service_client_detach`:
- * the connection closes and the service forgets the VM. Merged pages stay
- * mapped in this process, readable, copied on write, so the memory stays
- * fully usable; it cannot be attached or registered with a dedup host
- * again (as the memory of a process whose service died). NULL is allowed
- * and does nothing.
+ * Releases the client as `pf_service_client_detach` does, without a
+ * status: the service brings every merged page home into this process's
+ * memfd and says goodbye (should it not within a minute, this process
+ * brings home what is left itself), then the connection closes. The memory
+ * stays fully usable and may be attached or registered with a dedup host
+ * again once every page came home. NULL is allowed and does nothing.
  *
  * # Safety
  *
