@@ -473,7 +473,7 @@ TEST(refusals) {
     /* A memory the service refused, and one under a dedup host. */
     CHECK_OK(pf_service_client_attach(path, second, NULL, &c2));
     CHECK(c2 != NULL);
-    pf_service_client_free(c2); /* no goodbye: the service forgets it */
+    pf_service_client_free(c2); /* detaches as it frees: the service lets it go */
     pf_guest_memory_free(second);
 
     pf_frame_store *store = NULL;
