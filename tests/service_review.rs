@@ -1,8 +1,8 @@
-//! Review of the host service (issue 15): each test here shows a defect
+//! Review of the host service (issue 15): each test here showed a defect
 //! found by reading `src/service/` and the engine's hooks for it, across
 //! real processes (this binary run again as a child, as `tests/service.rs`
-//! does, whose harness is copied here). Each test fails while its defect
-//! is there.
+//! does, whose harness is copied here). Each failed before its fix and
+//! guards it now; the doc comment of each says what went wrong.
 //!
 //! `harness = false`: `main` runs the child roles or the tests, one after
 //! another.
