@@ -90,7 +90,7 @@ pub struct ScanReport {
 }
 
 impl ScanReport {
-    pub(super) fn add(&mut self, o: &ScanReport) {
+    pub(crate) fn add(&mut self, o: &ScanReport) {
         self.pages_scanned += o.pages_scanned;
         self.merged_shared += o.merged_shared;
         self.merged_zero += o.merged_zero;

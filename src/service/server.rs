@@ -195,15 +195,7 @@ impl Service {
         let domains: Vec<Arc<Domain>> = lock(&self.state.domains).values().cloned().collect();
         let mut total = ScanReport::default();
         for d in domains {
-            let r = d.host.merge_now()?;
-            total.pages_scanned += r.pages_scanned;
-            total.merged_shared += r.merged_shared;
-            total.merged_zero += r.merged_zero;
-            total.changed += r.changed;
-            total.busy += r.busy;
-            total.map_limit += r.map_limit;
-            total.remaps += r.remaps;
-            total.pages_hashed += r.pages_hashed;
+            total.add(&d.host.merge_now()?);
         }
         Ok(total)
     }

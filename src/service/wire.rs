@@ -1111,9 +1111,13 @@ mod tests {
             ("Welcome", 1),
             ("Remap", 0),
             ("Restore", 0),
+            ("Home", 0),
+            ("Break", 0),
+            ("Ready", 0),
             ("Error", 0),
             ("Error", 0),
         ];
+        assert_eq!(samples().len(), want.len());
         for (msg, (name, fds)) in samples().iter().zip(want) {
             assert_eq!(msg.kind_name(), name);
             assert_eq!(msg.fd_count(), fds);
@@ -1261,14 +1265,14 @@ mod tests {
             WireError::Version { got: 2, want: 1 }
         ));
         let mut b = body(&Message::Hello(hello()));
-        b[4..8].copy_from_slice(&3u32.to_le_bytes());
+        b[4..8].copy_from_slice(&7u32.to_le_bytes());
         assert!(matches!(
             decode_err(&raw(kind::HELLO, &b)),
             WireError::BadField {
                 message: "Hello",
                 index: None,
                 field: "flags",
-                value: 3,
+                value: 7,
                 ..
             }
         ));
