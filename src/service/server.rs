@@ -4,7 +4,7 @@
 //! credentials (SO_PEERCRED), and gets back a read-only descriptor of its
 //! merge domain's shared frames. Every domain is one [`DedupHost`] on a
 //! memfd of its own, so the engine is the in-process one; the processes
-//! follow its merges through [`ConnMapper`].
+//! follow its merges through `ConnMapper` (`mapper.rs`).
 
 use std::{
     collections::HashMap,
