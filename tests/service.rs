@@ -356,6 +356,36 @@ fn service_killed_with_a_backend() {
     b.exit();
 }
 
+/// A VM whose only region is excluded (`ClientOptions::exclude_regions`,
+/// as `VmOptions::exclude` in one process) keeps every page in its own
+/// frame, while the VMs beside it with the same bytes fold.
+fn excluded_regions_stay_unmerged() {
+    const PAGES: usize = 1024;
+    let socket = socket_path("exclude");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::spawn(
+        "vm",
+        &[
+            ("PF_SOCKET", socket.display().to_string()),
+            ("PF_VM", "1".into()),
+            ("PF_PAGES", PAGES.to_string()),
+            ("PF_EXCLUDE", "1".into()),
+        ],
+    );
+    let mut b = Proc::vm(&socket, 2, PAGES, 0);
+    let mut c = Proc::vm(&socket, 3, PAGES, 0);
+    let report = service.merge_now().unwrap();
+    assert!(report.merged_shared > 0, "{report:?}");
+    assert_eq!(a.remapped(), 0, "a page of an excluded region was merged");
+    assert!(b.remapped() > 0 && c.remapped() > 0);
+    a.check();
+    b.check();
+    c.check();
+    a.exit();
+    b.exit();
+    c.exit();
+}
+
 /// Hostile bytes and hostile hellos: a typed error back, that connection
 /// closed, everything else served.
 fn hostile_connections() {
@@ -385,6 +415,7 @@ fn hostile_connections() {
         Message::Hello(Hello {
             second_mapper: false,
             break_on_write: false,
+            exclude_regions: 0,
             domain: 0,
             vm_tag: 9,
             regions: vec![RegionDesc {
@@ -485,7 +516,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
         ("two_processes_fold", two_processes_fold),
         ("client_killed_mid_merge", client_killed_mid_merge),
         ("stuck_client_is_rolled_back", stuck_client_is_rolled_back),
@@ -498,6 +529,10 @@ fn main() {
         (
             "service_killed_with_a_backend",
             service_killed_with_a_backend,
+        ),
+        (
+            "excluded_regions_stay_unmerged",
+            excluded_regions_stay_unmerged,
         ),
         ("hostile_connections", hostile_connections),
     ];

@@ -1835,6 +1835,12 @@ typedef struct pf_client_options {
      * Must be zero.
      */
     uint32_t reserved;
+    /**
+     * Regions the service leaves unmerged (device memory, regions shared
+     * by other means): bit `i` for the memory's region `i` in address
+     * order; no bit past the last region. Zero: all are merged.
+     */
+    uint64_t exclude_regions;
 } pf_client_options;
 
 /**

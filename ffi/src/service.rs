@@ -137,6 +137,10 @@ pub struct pf_client_options {
     pub break_on_write: u32,
     /// Must be zero.
     pub reserved: u32,
+    /// Regions the service leaves unmerged (device memory, regions shared
+    /// by other means): bit `i` for the memory's region `i` in address
+    /// order; no bit past the last region. Zero: all are merged.
+    pub exclude_regions: u64,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -152,6 +156,7 @@ impl Default for pf_client_options {
             vm_tag: 0,
             break_on_write: 0,
             reserved: 0,
+            exclude_regions: 0,
         }
     }
 }
@@ -475,6 +480,7 @@ pub unsafe extern "C" fn pf_service_client_attach(
             domain: options.domain,
             vm_tag: options.vm_tag,
             break_on_write: options.break_on_write != 0,
+            exclude_regions: options.exclude_regions,
         };
         let client = ServiceClient::attach(path, mem, options)?;
         out.write(Box::into_raw(Box::new(pf_service_client { client })));

@@ -58,6 +58,11 @@ pub struct ClientOptions {
     /// each merged page instead of the kernel's copy. Required for
     /// [`ServiceClient::attach_second_mapper`].
     pub break_on_write: bool,
+    /// Regions the service leaves unmerged (device memory, regions this
+    /// process shares by other means): bit `i` for the memory's region `i`
+    /// in address order, as [`VmOptions::exclude`](crate::VmOptions) names
+    /// regions in one process.
+    pub exclude_regions: u64,
 }
 
 /// A region of a VM's memory as a second mapper maps it.
@@ -213,6 +218,7 @@ impl ServiceClient {
         let hello = Message::Hello(Hello {
             second_mapper,
             break_on_write: options.break_on_write,
+            exclude_regions: options.exclude_regions,
             domain: options.domain,
             vm_tag: options.vm_tag,
             regions: mapped

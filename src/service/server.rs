@@ -624,7 +624,13 @@ fn admit(state: &Arc<State>, conn: &mut Conn) -> Result<(Peer, AckSender), Servi
         Arc::new(mem),
         VmOptions {
             domain: DomainId(0),
-            exclude: Vec::new(),
+            exclude: hello
+                .regions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| hello.exclude_regions >> i & 1 == 1)
+                .map(|(_, r)| r.gpa)
+                .collect(),
         },
         Arc::clone(&mappers) as Arc<dyn crate::dedup::remote::RemoteMapper>,
     )?;

@@ -448,6 +448,7 @@ mod tests {
             Message::Hello(Hello {
                 second_mapper: false,
                 break_on_write: false,
+                exclude_regions: 0,
                 domain: 1,
                 vm_tag: 2,
                 regions: vec![RegionDesc {

@@ -208,6 +208,9 @@ pub struct Hello {
     pub vm_tag: u64,
     /// The guest memory, sorted by gpa, not overlapping (1..=[`MAX_REGIONS`]).
     pub regions: Vec<RegionDesc>,
+    /// Regions the service must leave unmerged: bit `i` for `regions[i]`
+    /// (after the regions on the wire; no bit past the last region).
+    pub exclude_regions: u64,
 }
 
 /// How a client handled a `Remap` or `Restore`.
@@ -402,7 +405,18 @@ impl Message {
         match self {
             Message::Hello(h) => {
                 check_count("region_count", h.regions.len(), MAX_REGIONS)?;
-                check_regions(&h.regions)
+                check_regions(&h.regions)?;
+                let n = h.regions.len();
+                if n < 64 && h.exclude_regions >> n != 0 {
+                    return Err(WireError::BadField {
+                        message: "Hello",
+                        index: None,
+                        field: "exclude_regions",
+                        value: h.exclude_regions,
+                        reason: "names a region past the last",
+                    });
+                }
+                Ok(())
             }
             Message::Ack(_)
             | Message::Bye
@@ -663,6 +677,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 put_u64(out, r.host_addr.0);
                 put_u64(out, r.file_offset);
             }
+            put_u64(out, h.exclude_regions);
         }
         Message::Ack(a) => {
             put_u64(out, a.seq);
@@ -868,12 +883,14 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
                     file_offset: b.u64("region file_offset")?,
                 });
             }
+            let exclude_regions = b.u64("exclude_regions")?;
             Message::Hello(Hello {
                 second_mapper: flags & HELLO_SECOND_MAPPER != 0,
                 break_on_write: flags & HELLO_BREAK_ON_WRITE != 0,
                 domain,
                 vm_tag,
                 regions,
+                exclude_regions,
             })
         }
         kind::ACK => {
@@ -991,6 +1008,7 @@ mod tests {
         Hello {
             second_mapper: true,
             break_on_write: true,
+            exclude_regions: 0b10,
             domain: 7,
             vm_tag: 0xfeed,
             regions: vec![
@@ -1224,7 +1242,7 @@ mod tests {
         // A Hello claiming 2 regions but holding one and a half.
         let b = body(&Message::Hello(hello()));
         assert!(matches!(
-            decode_err(&raw(kind::HELLO, &b[..b.len() - 16])),
+            decode_err(&raw(kind::HELLO, &b[..b.len() - 24])),
             WireError::Truncated {
                 kind_name: "Hello",
                 field: "region host_addr"
@@ -1513,34 +1531,44 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let region = (0u64..4, 1u64..64, any::<u32>(), any::<u32>());
         let hello = (
-            (any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<u64>()),
             any::<u64>(),
             any::<u64>(),
             prop::collection::vec(region, 1..=64),
         )
-            .prop_map(|((second_mapper, break_on_write), domain, vm_tag, rs)| {
-                let mut at = 0u64;
-                let regions = rs
-                    .into_iter()
-                    .map(|(gap, pages, host, off)| {
-                        let gpa = at + gap * 4096;
-                        at = gpa + pages * 4096;
-                        region_desc(
-                            gpa,
-                            pages * 4096,
-                            u64::from(host) << 12,
-                            u64::from(off) << 12,
-                        )
+            .prop_map(
+                |((second_mapper, break_on_write, exclude), domain, vm_tag, rs)| {
+                    let n_regions = rs.len();
+                    let mask = if n_regions >= 64 {
+                        u64::MAX
+                    } else {
+                        (1u64 << n_regions) - 1
+                    };
+                    let mut at = 0u64;
+                    let regions = rs
+                        .into_iter()
+                        .map(|(gap, pages, host, off)| {
+                            let gpa = at + gap * 4096;
+                            at = gpa + pages * 4096;
+                            region_desc(
+                                gpa,
+                                pages * 4096,
+                                u64::from(host) << 12,
+                                u64::from(off) << 12,
+                            )
+                        })
+                        .collect();
+                    let exclude_regions = exclude & mask;
+                    Message::Hello(Hello {
+                        second_mapper,
+                        break_on_write,
+                        exclude_regions,
+                        domain,
+                        vm_tag,
+                        regions,
                     })
-                    .collect();
-                Message::Hello(Hello {
-                    second_mapper,
-                    break_on_write,
-                    domain,
-                    vm_tag,
-                    regions,
-                })
-            });
+                },
+            );
         let status = prop_oneof![
             Just(AckStatus::Done),
             Just(AckStatus::Skipped),

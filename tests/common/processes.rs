@@ -135,6 +135,8 @@ pub(crate) fn vm_child() {
         domain,
         vm_tag: vm,
         break_on_write,
+        // `PF_EXCLUDE`: regions the service must leave alone (a mask).
+        exclude_regions: env("PF_EXCLUDE").parse().unwrap_or(0),
     };
     let mem = build(vm, pages);
     let mut model = Model {
