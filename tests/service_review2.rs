@@ -71,7 +71,7 @@ fn detach_hangs_on_a_stopped_service() {
     let socket = socket_path("stopped-service");
     let svc = Proc::spawn("service", &[("PF_SOCKET", socket.display().to_string())]);
     let mut a = Proc::vm(&socket, 1, PAGES, 0);
-    let mut b = Proc::vm(&socket, 2, PAGES, 0);
+    let b = Proc::vm(&socket, 2, PAGES, 0);
     wait_until("the background scan to merge", || {
         a.remapped() > (PAGES / 8) as u64
     });
@@ -93,7 +93,158 @@ fn detach_hangs_on_a_stopped_service() {
     );
 }
 
+/// A VMM in break-on-write mode with a vhost-user backend that is slow
+/// (stopped here) when the VMM leaves. `detach` (`server.rs`) fails to
+/// `unregister` (the backend's `Home` times out), keeps the VM, and still
+/// answers `Bye`; the VMM's `remap_loop` then brings its pages home itself
+/// and lifts every protection, so its vCPU's write waiting on a merged
+/// page lands in the page's own frame. Its connection closes as `detach`
+/// returns, and `lose` (the backend still attached) runs `unregister`
+/// again: `unmerge_locked` writes every still-"merged" page home from its
+/// shared frame (`write_home_from_shared`, break-on-write), over the
+/// VMM's write. The guest's write is lost, in its own memory, with no
+/// process left to notice.
+fn failed_detach_then_lose_overwrites_the_vmm() {
+    const PAGES: usize = 2048;
+    let socket = socket_path("failed-detach");
+    let service = Service::start(
+        &socket,
+        ServiceOptions {
+            ack_deadline: std::time::Duration::from_millis(200),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let env = |vm: u64| {
+        vec![
+            ("PF_SOCKET", socket.display().to_string()),
+            ("PF_VM", vm.to_string()),
+            ("PF_PAGES", PAGES.to_string()),
+        ]
+    };
+    let mut a = Proc::spawn("vcpu", &env(1));
+    let b = Proc::spawn("vcpu", &env(2));
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    service.merge_now().unwrap();
+    assert!(x.remapped() > 0, "the backend did not follow the merge");
+    assert!(a.remapped() > 0, "the VM did not merge");
+    x.signal(libc::SIGSTOP);
+    // Pages 3..19 and 1000: the first half, merged with B's, protected in
+    // A. The vCPU waits on page 1000 (whose breaks fail while the backend
+    // is stopped) until the detach lifts every protection.
+    assert_eq!(a.ask("vcpu 1000 3 16 77"), "ok");
+    let detached = a.ask("detach");
+    // `lose` runs once the VMM's connection closed: give it a while.
+    let mut lost = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline && lost.is_empty() {
+        for p in 3..19 {
+            if a.ask(&format!("read {p}")) != "77" {
+                lost.push(p);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    x.signal(libc::SIGCONT);
+    x.kill();
+    a.exit();
+    b.exit();
+    assert_eq!(
+        (detached.as_str(), lost),
+        ("ok", Vec::<usize>::new()),
+        "the detach, and the pages whose vCPU write was lost after it"
+    );
+}
+
+// ---------------------------------------------------------------- child
+
+/// A VMM process with a vCPU of its own (`PAGEFOLD_CHILD=vcpu`): attaches
+/// in break-on-write mode and says `ready VM_ID 0 0 MEMFD_FD`, as the
+/// `vm` child does; `vcpu TRIGGER FIRST COUNT BYTE` starts a thread that
+/// writes BYTE over the first 64 bytes of page TRIGGER, then of pages
+/// FIRST.. (it waits wherever a page is write-protected), `detach` detaches (then joins that thread), `read
+/// PAGE` says the page's first byte.
+fn vcpu_child() {
+    use std::io::BufRead;
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let socket = std::path::PathBuf::from(env("PF_SOCKET"));
+    let vm: u64 = env("PF_VM").parse().unwrap_or(0);
+    let pages: usize = env("PF_PAGES").parse().unwrap_or(1024);
+    let mem = common::processes::build(vm, pages);
+    let options = pagefold::service::ClientOptions {
+        vm_tag: vm,
+        break_on_write: true,
+        ..Default::default()
+    };
+    let mut client = Some(
+        pagefold::service::ServiceClient::attach(&socket, std::sync::Arc::clone(&mem), options)
+            .unwrap(),
+    );
+    println!(
+        "ready {} 0 0 {}",
+        client.as_ref().map_or(0, |c| c.vm_id()),
+        std::os::fd::AsRawFd::as_raw_fd(mem.frame_store())
+    );
+    let base = mem.regions()[0].host_addr().0 as usize;
+    let mut vcpu = None;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let reply = match w.as_slice() {
+            ["remapped"] => format!("{}", client.as_ref().map_or(0, |c| c.pages_remapped())),
+            ["vcpu", trigger, first, count, byte] => {
+                let (trigger, first, count, byte): (usize, usize, usize, u8) = (
+                    trigger.parse().unwrap(),
+                    first.parse().unwrap(),
+                    count.parse().unwrap(),
+                    byte.parse().unwrap(),
+                );
+                vcpu = Some(std::thread::spawn(move || {
+                    for page in std::iter::once(trigger).chain(first..first + count) {
+                        for k in 0..8 {
+                            // SAFETY: inside the region's live, writable mapping (as a vCPU writes).
+                            unsafe {
+                                std::ptr::write_volatile(
+                                    (base + page * pagefold::PAGE_SIZE + 8 * k) as *mut u64,
+                                    u64::from_le_bytes([byte; 8]),
+                                )
+                            };
+                        }
+                    }
+                }));
+                "ok".into()
+            }
+            ["detach"] => {
+                let r = client.take().map(pagefold::service::ServiceClient::detach);
+                if let Some(t) = vcpu.take() {
+                    let _ = t.join();
+                }
+                match r {
+                    Some(Ok(_)) => "ok".into(),
+                    Some(Err(e)) => format!("bad detach: {e}"),
+                    None => "bad not attached".into(),
+                }
+            }
+            ["read", page] => {
+                let page: usize = page.parse().unwrap();
+                // SAFETY: inside the region's live mapping.
+                let v = unsafe {
+                    std::ptr::read_volatile((base + page * pagefold::PAGE_SIZE) as *const u8)
+                };
+                format!("{v}")
+            }
+            ["exit"] => break,
+            _ => format!("bad command {line}"),
+        };
+        println!("{reply}");
+    }
+}
+
 fn main() {
+    if std::env::var("PAGEFOLD_CHILD").as_deref() == Ok("vcpu") {
+        vcpu_child();
+        return;
+    }
     if common::processes::run_child() {
         return;
     }
@@ -105,8 +256,15 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 2] = [
-        ("backend_leaving_unfolds_its_vm", backend_leaving_unfolds_its_vm),
+    let tests: [(&str, fn()); 3] = [
+        (
+            "failed_detach_then_lose_overwrites_the_vmm",
+            failed_detach_then_lose_overwrites_the_vmm,
+        ),
+        (
+            "backend_leaving_unfolds_its_vm",
+            backend_leaving_unfolds_its_vm,
+        ),
         (
             "detach_hangs_on_a_stopped_service",
             detach_hangs_on_a_stopped_service,
