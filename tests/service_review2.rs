@@ -156,6 +156,41 @@ fn failed_detach_then_lose_overwrites_the_vmm() {
     );
 }
 
+/// A VMM in break-on-write mode with a vhost-user backend that detaches
+/// and attaches again (`reattach`: a live migration's source that stays,
+/// a VMM restarting its connection). `detach` (`server.rs`) unregisters
+/// the VM and forgets it, but, unlike `lose`, never hangs up its second
+/// mappers: the backend stays connected to a VM the service no longer
+/// has, and is not one of the mappers of the VM the reattach makes on the
+/// same memfd. That VM's merges remap the VMM alone and punch the own
+/// frames the backend still maps: the backend reads zeros, and its writes
+/// land in frames the VMM no longer maps.
+fn backend_kept_across_reattach_reads_punched_frames() {
+    const PAGES: usize = 2048;
+    let socket = socket_path("reattach-backend");
+    let service = Service::start(&socket, ServiceOptions::default()).unwrap();
+    let mut a = Proc::vm_with(&socket, 1, PAGES, 0, true);
+    let mut b = Proc::vm_with(&socket, 2, PAGES, 0, true);
+    let mut x = Proc::backend(&socket, &a, 1, PAGES);
+    service.merge_now().unwrap();
+    assert!(x.remapped() > 0, "the backend did not follow the merge");
+    x.check();
+    assert_eq!(a.ask("reattach"), "ok");
+    service.merge_now().unwrap();
+    assert!(a.remapped() > 0, "the reattached VM did not merge");
+    a.check();
+    b.check();
+    let seen = x.ask("check");
+    let (backend_remapped, clients) = (x.remapped(), service.clients().len());
+    x.kill();
+    a.exit();
+    b.exit();
+    assert_eq!(
+        seen, "ok",
+        "the backend's view after its VMM reattached ({backend_remapped} pages remapped in it; {clients} VMs)"
+    );
+}
+
 // ---------------------------------------------------------------- child
 
 /// A VMM process with a vCPU of its own (`PAGEFOLD_CHILD=vcpu`): attaches
@@ -256,7 +291,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "backend_kept_across_reattach_reads_punched_frames",
+            backend_kept_across_reattach_reads_punched_frames,
+        ),
         (
             "failed_detach_then_lose_overwrites_the_vmm",
             failed_detach_then_lose_overwrites_the_vmm,
