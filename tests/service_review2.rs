@@ -18,20 +18,13 @@ use pagefold::service::{Service, ServiceOptions};
 // ---------------------------------------------------------------- tests
 
 /// A vhost-user backend (second mapper) that leaves while its VM stays
-/// under the service: its `ServiceClient` is dropped (`Drop` sends `Bye`;
-/// the service's `drop_second` answers `Bye`), its remap thread ends, and
-/// in break-on-write mode `remap_loop` (`client.rs`) then runs
-/// `home_everything` (`remap.rs`), which copies every page it still maps
-/// onto a shared frame or zeros into the VM's memfd wherever that page's
-/// own frame is a hole (`copy_home(.., only_holes = true)`). The service
-/// still counts those pages merged (their state stays `Shared`/`Zero`, so
-/// they are never candidates again and never punched again): every
-/// backend restart quietly gives back all the memory the VM had folded,
-/// for good. (The copy is also unsynchronised with the service: a break
-/// of the same page by the VMM, `write_home_from_shared` then the VMM's
-/// write into its own frame, can land between the backend's
-/// `SEEK_DATA` check and its `pwrite`, which then puts the old bytes over
-/// the VMM's write; the service's `store_own` takes no `PageLock`.)
+/// under the service. It used to copy its merged pages home by itself,
+/// after a goodbye the service answered without bringing anything home:
+/// the service still counted those pages merged, and the copy raced the
+/// VMM's breaks (found by review). Now the service brings the VM's pages
+/// home through every mapper before it answers the goodbye (a leaving
+/// mapper must map the truth), and the next pass folds the VM again
+/// without the backend: the memory and every mapper's view stay exact.
 fn backend_leaving_unfolds_its_vm() {
     const PAGES: usize = 2048;
     let socket = socket_path("backend-leaves");
@@ -45,17 +38,30 @@ fn backend_leaving_unfolds_its_vm() {
     let before = service.stats().unwrap();
     assert!(before.pages_merged > 0);
     x.exit();
-    // The backend's own goodbye is done once it has exited.
     a.check();
     b.check();
-    let after = service.stats().unwrap();
+    let left = service.stats().unwrap();
+    // The VM was brought home through every mapper: the service counts
+    // none of its pages merged, nothing punched remains mapped anywhere.
+    assert_eq!(
+        a.remapped(),
+        0,
+        "the VMM still maps shared frames the service let go"
+    );
+    service.merge_now().unwrap();
+    let again = service.stats().unwrap();
+    a.check();
+    b.check();
     a.exit();
     b.exit();
+    assert!(
+        left.pages_merged < before.pages_merged,
+        "{left:?} {before:?}"
+    );
     assert_eq!(
-        (after.pages_merged, after.guest_bytes),
+        (again.pages_merged, again.guest_bytes),
         (before.pages_merged, before.guest_bytes),
-        "pages the service counts merged, and the bytes the VMs' memfds hold, before and after the backend left ({} pages merged)",
-        before.pages_merged
+        "pages merged and memfd bytes once the VM folded again without the backend"
     );
 }
 
@@ -157,14 +163,12 @@ fn failed_detach_then_lose_overwrites_the_vmm() {
 }
 
 /// A VMM in break-on-write mode with a vhost-user backend that detaches
-/// and attaches again (`reattach`: a live migration's source that stays,
-/// a VMM restarting its connection). `detach` (`server.rs`) unregisters
-/// the VM and forgets it, but, unlike `lose`, never hangs up its second
-/// mappers: the backend stays connected to a VM the service no longer
-/// has, and is not one of the mappers of the VM the reattach makes on the
-/// same memfd. That VM's merges remap the VMM alone and punch the own
-/// frames the backend still maps: the backend reads zeros, and its writes
-/// land in frames the VMM no longer maps.
+/// and attaches again (`reattach`: a VMM restarting its connection). The
+/// detach used to leave the backend connected to a VM the service no
+/// longer had, while the new VM on the same memfd punched frames the
+/// backend mapped (found by review). Now the detach brings the backend
+/// home too and hangs up on it; the backend sees that and attaches again,
+/// to the new VM, whose merges it then follows.
 fn backend_kept_across_reattach_reads_punched_frames() {
     const PAGES: usize = 2048;
     let socket = socket_path("reattach-backend");
@@ -176,18 +180,25 @@ fn backend_kept_across_reattach_reads_punched_frames() {
     assert!(x.remapped() > 0, "the backend did not follow the merge");
     x.check();
     assert_eq!(a.ask("reattach"), "ok");
+    wait_until("the backend to be hung up on", || {
+        x.ask("connected") == "false"
+    });
+    assert_eq!(x.remapped(), 0, "the backend was not brought home");
+    x.check();
+    assert_eq!(x.ask("reattach"), "ok");
     service.merge_now().unwrap();
     assert!(a.remapped() > 0, "the reattached VM did not merge");
     a.check();
     b.check();
     let seen = x.ask("check");
-    let (backend_remapped, clients) = (x.remapped(), service.clients().len());
-    x.kill();
+    let (backend_remapped, vmm_remapped) = (x.remapped(), a.remapped());
+    x.exit();
     a.exit();
     b.exit();
     assert_eq!(
-        seen, "ok",
-        "the backend's view after its VMM reattached ({backend_remapped} pages remapped in it; {clients} VMs)"
+        (seen.as_str(), backend_remapped),
+        ("ok", vmm_remapped),
+        "the backend's view after its VMM reattached, and its pages away from their own frames"
     );
 }
 

@@ -31,8 +31,11 @@ use super::{
         unlock_run, Candidate, MergeCtx, MergeOutcome, Remapped, Target, UnmergeOutcome, MAX_RUN,
     },
 };
+use std::os::fd::AsFd;
+
 use crate::{
     addr::PAGE_SIZE,
+    frames::{FrameError, FramePageLock},
     memory::{GuestRegion, PageKind, PageState},
 };
 
@@ -253,21 +256,35 @@ fn unmerge_locked(
 }
 
 /// Writes each held page's bytes into its own frame from what it maps:
-/// its shared frame (read from the host's store), or zeros.
+/// its shared frame (read from the host's store), or zeros. Only into a
+/// hole, under the page's lock, as processes that bring pages home without
+/// a service do: a frame that holds data was brought home already and may
+/// hold a write since (found by review).
 fn write_home_from_shared(
     ctx: &MergeCtx<'_>,
     region: &GuestRegion,
     run: &[(usize, PageState)],
 ) -> Result<(), DedupError> {
     let mut page = [0u8; PAGE_SIZE];
+    let fd = region.store().as_fd();
     for &(p, s) in run {
         match s.kind() {
             PageKind::Shared => ctx.store.read_frames(s.frame(), &mut page)?,
-            PageKind::Zero => page.fill(0),
+            // A hole reads as zeros already.
+            PageKind::Zero => continue,
             // Not remapped onto anything the host knows: leave the frame.
             _ => continue,
         }
-        store_own(region, p, &page)?;
+        let lock =
+            FramePageLock::take(fd, region.own_frame(p).file_offset()).map_err(|source| {
+                FrameError::Os {
+                    op: "fcntl(F_OFD_SETLKW) on a page of guest memory",
+                    source,
+                }
+            })?;
+        if !lock.holds_data() {
+            store_own(region, p, &page)?;
+        }
     }
     Ok(())
 }

@@ -283,6 +283,12 @@ impl DedupHost {
         Ok(())
     }
 
+    /// Brings every merged page of `vm` back to its own frame (through the
+    /// processes that map it); the VM stays registered.
+    pub(crate) fn unmerge_vm(&self, vm: VmId) -> Result<u64, DedupError> {
+        self.inner.unmerge_vm(&*self.entry(vm)?)
+    }
+
     /// VMs registered now.
     pub(crate) fn vm_count(&self) -> usize {
         read(&self.inner.vms).len()

@@ -10,6 +10,7 @@
 mod allocator;
 mod map_budget;
 mod mapping;
+mod page_lock;
 
 use std::{
     io,
@@ -20,6 +21,7 @@ use std::{
 pub use map_budget::MapBudget;
 pub use mapping::HostMapping;
 pub(crate) use mapping::RemapTarget;
+pub use page_lock::FramePageLock;
 
 use crate::addr::{FrameNumber, PageSize, PAGE_SHIFT, PAGE_SIZE};
 use allocator::RangeAllocator;

@@ -354,11 +354,7 @@ impl ServiceClient {
     /// service (it died), every merged page is brought home here. Returns
     /// the guest memory (`None` in a second mapper).
     pub fn detach(mut self) -> Result<Option<Arc<GuestMemory>>, ServiceError> {
-        if self.connected() && self.sender.send(&Message::Bye, &[]).is_ok() {
-            self.join_remap();
-        } else {
-            self.shutdown_remap();
-        }
+        self.leave();
         let homed = self.space.home_everything();
         self.stop_fault_thread();
         // Memory with pages still away from their own frames stays claimed:
@@ -395,6 +391,20 @@ impl ServiceClient {
         }
     }
 
+    /// Says goodbye: the service brings every page home and answers; should
+    /// it not within a minute (a stopped or wedged service: found by
+    /// review, a detach waited for ever), the connection is closed and what
+    /// is left comes home here.
+    fn leave(&mut self) {
+        if self.connected() && self.sender.send(&Message::Bye, &[]).is_ok() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while self.connected() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        self.shutdown_remap();
+    }
+
     fn shutdown_remap(&mut self) {
         let _ = self.sender.stream().shutdown(std::net::Shutdown::Both);
         self.join_remap();
@@ -414,13 +424,7 @@ impl Drop for ServiceClient {
         // without a goodbye left the service to free frames it still mapped):
         // the service brings every page home and says goodbye; should it not
         // within a minute, this process brings home what is left itself.
-        if self.connected() && self.sender.send(&Message::Bye, &[]).is_ok() {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while self.connected() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        }
-        self.shutdown_remap();
+        self.leave();
         let homed = self.space.home_everything();
         self.stop_fault_thread();
         if let (Some(mem), Ok(())) = (&self.space.mem, homed) {

@@ -63,6 +63,7 @@ pub(crate) struct ConnMapper {
     /// The process, as a pidfd (readable once it exited), where the kernel
     /// gave one.
     pidfd: Option<OwnedFd>,
+    pid: i32,
 }
 
 /// A request sent and not yet answered; the mapper takes no other meanwhile.
@@ -91,6 +92,7 @@ impl ConnMapper {
             .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         ConnMapper {
             pidfd,
+            pid,
             sender: Mutex::new(sender),
             acks: Mutex::new(acks),
             uffd,
@@ -116,7 +118,16 @@ impl ConnMapper {
 
     /// Whether the process has exited (`None`: the kernel gave no pidfd).
     pub(crate) fn exited(&self, wait_ms: i32) -> Option<bool> {
-        let fd = self.pidfd.as_ref()?;
+        let Some(fd) = self.pidfd.as_ref() else {
+            // No pidfd (the kernel refused one): whether the pid still
+            // names a process. Never "gone" while it does.
+            std::thread::sleep(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)));
+            // SAFETY: kill with signal 0 only checks that the pid exists.
+            let rc = unsafe { libc::kill(self.pid, 0) };
+            return Some(
+                rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH),
+            );
+        };
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -417,12 +428,14 @@ impl VmMappers {
         write_lock(&self.others).retain(|o| !Arc::ptr_eq(o, m));
     }
 
-    /// The mappers still connected, primary first.
+    /// Every mapper, primary first. A lost one stays until it is removed,
+    /// so an operation on the VM fails rather than skip a process that may
+    /// still map its pages (found by review: an empty set counted as
+    /// success, and frames a live process mapped were punched).
     fn all(&self) -> Vec<Arc<ConnMapper>> {
         let others = read_lock(&self.others);
         std::iter::once(Arc::clone(&self.primary))
             .chain(others.iter().cloned())
-            .filter(|m| !m.is_lost())
             .collect()
     }
 
@@ -454,6 +467,10 @@ impl RemoteMapper for VmMappers {
 
     fn remap(&self, region: usize, runs: &[RemoteRun]) -> Result<(), RemoteError> {
         let all = self.all();
+        if let Some(gone) = all.iter().find(|m| m.is_lost()) {
+            let _ = gone;
+            return Err(RemoteError::Lost("a process of the VM is gone".into()));
+        }
         for (i, m) in all.iter().enumerate() {
             if let Err(e) = m.remap(region, runs) {
                 // The ones before remapped: back to their own frames
@@ -478,6 +495,9 @@ impl RemoteMapper for VmMappers {
         // Every mapper at once: each remaps in its own process (its own
         // mmap lock), so the break costs one round trip, not one per mapper.
         let all = self.all();
+        if all.iter().any(|m| m.is_lost()) {
+            return Err(RemoteError::Lost("a process of the VM is gone".into()));
+        }
         let mut sent = Vec::with_capacity(all.len());
         let mut result = Ok(());
         for m in &all {

@@ -14,7 +14,7 @@
 //! this process alone.
 
 use std::{
-    os::fd::{AsRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{atomic::AtomicBool, Arc, Mutex},
 };
 
@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
+    frames::FramePageLock,
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -290,9 +291,9 @@ impl AddressSpace {
             let off =
                 libc::off_t::try_from(own + (k * PAGE_SIZE) as u64).map_err(|_| libc::EINVAL)?;
             let _lock = if only_holes {
-                let l = PageLock::take(fd, off)?;
-                // SAFETY: plain syscall on our descriptor.
-                if unsafe { libc::lseek(fd, off, libc::SEEK_DATA) } == off {
+                let l = FramePageLock::take(self.memfd.as_fd(), own + (k * PAGE_SIZE) as u64)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                if l.holds_data() {
                     continue;
                 }
                 Some(l)
@@ -391,58 +392,6 @@ impl AddressSpace {
             }
         }
         result
-    }
-}
-
-/// An exclusive open-file-description lock on one page of a memfd, held
-/// until dropped (processes that copy the same page home take turns).
-struct PageLock {
-    fd: RawFd,
-    off: libc::off_t,
-}
-
-// `F_WRLCK`, `F_UNLCK` and `SEEK_SET` as the `flock` fields take them:
-// small constants (1, 2 and 0) that fit a short.
-#[allow(clippy::cast_possible_truncation)]
-const WRITE_LOCK: libc::c_short = libc::F_WRLCK as libc::c_short;
-#[allow(clippy::cast_possible_truncation)]
-const UNLOCK: libc::c_short = libc::F_UNLCK as libc::c_short;
-#[allow(clippy::cast_possible_truncation)]
-const FROM_START: libc::c_short = libc::SEEK_SET as libc::c_short;
-
-impl PageLock {
-    fn take(fd: RawFd, off: libc::off_t) -> Result<PageLock, i32> {
-        let mut fl = libc::flock {
-            l_type: WRITE_LOCK,
-            l_whence: FROM_START,
-            l_start: off,
-            l_len: PAGE_SIZE as libc::off_t,
-            l_pid: 0,
-        };
-        loop {
-            // SAFETY: `fl` is a valid flock for the call; the fd is ours.
-            if unsafe { libc::fcntl(fd, libc::F_OFD_SETLKW, &mut fl) } == 0 {
-                return Ok(PageLock { fd, off });
-            }
-            let e = errno();
-            if e != libc::EINTR {
-                return Err(e);
-            }
-        }
-    }
-}
-
-impl Drop for PageLock {
-    fn drop(&mut self) {
-        let mut fl = libc::flock {
-            l_type: UNLOCK,
-            l_whence: FROM_START,
-            l_start: self.off,
-            l_len: PAGE_SIZE as libc::off_t,
-            l_pid: 0,
-        };
-        // SAFETY: as in `take`.
-        unsafe { libc::fcntl(self.fd, libc::F_OFD_SETLK, &mut fl) };
     }
 }
 

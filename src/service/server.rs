@@ -322,6 +322,7 @@ fn serve(state: &Arc<State>, conn: &mut Conn) {
     };
     let _ = conn.set_read_timeout(None);
     let answered = peer.mapper(state);
+    let mut leaving = false;
     // Breaking asks every mapper (this one too) to remap and waits for
     // acks, which this thread reads: breaks run on a thread beside, made on
     // the first one.
@@ -342,27 +343,42 @@ fn serve(state: &Arc<State>, conn: &mut Conn) {
                     let _ = tx.send(b);
                 }
             }
-            Ok(Some((Message::Bye, _))) => {
+            Ok(Some((Message::Bye, _))) if !leaving => {
                 // Unmerging asks the process to restore its pages and waits
                 // for its acks, which this thread reads: do it beside.
+                leaving = true;
                 let state = Arc::clone(state);
                 let reply = conn.try_clone();
-                let leaving = match &peer {
+                let who = match &peer {
                     Peer::Vmm { vm } => Ok(*vm),
                     Peer::Second { vm, mapper } => Err((*vm, Arc::clone(mapper))),
                 };
                 let _ = std::thread::Builder::new()
                     .name("pagefold-detach".into())
                     .spawn(move || {
-                        match leaving {
+                        let done = match who {
                             Ok(vm) => detach(&state, vm),
-                            Err((vm, mapper)) => drop_second(&state, vm, &mapper),
-                        }
+                            Err((vm, mapper)) => second_leaves(&state, vm, &mapper),
+                        };
                         if let Ok(reply) = reply {
-                            let _ = reply.send(&Message::Bye, &[]);
+                            // Goodbye only when every page came home (found by
+                            // review: a failed detach said goodbye, the process
+                            // unprotected its pages, and a later unmerge wrote
+                            // shared frames over its writes).
+                            let msg = if done {
+                                Message::Bye
+                            } else {
+                                Message::Error(ErrorMsg::new(
+                                    4,
+                                    "the service could not bring every page home; bring them home yourself",
+                                ))
+                            };
+                            let _ = reply.send(&msg, &[]);
                         }
                     });
             }
+            // A second goodbye changes nothing.
+            Ok(Some((Message::Bye, _))) => {}
             Ok(Some((other, _))) => {
                 let e = ServiceError::Unexpected {
                     expected: "Ack, Break or Bye",
@@ -384,10 +400,16 @@ fn serve(state: &Arc<State>, conn: &mut Conn) {
     drop(acks);
     drop(breaks);
     match peer {
-        // The VMM is gone or broke the protocol: its pages are nobody's
-        // concern any more, and the frames only it used are freed.
         Peer::Vmm { vm } => lose(state, vm),
-        Peer::Second { vm, mapper } => drop_second(state, vm, &mapper),
+        Peer::Second { vm, mapper } => {
+            // A backend whose connection ended may live on writing its
+            // pages, where no other process sees them: the VM leaves the
+            // service (found by review). One that said goodbye is gone
+            // from the VM's set already.
+            if !mapper.is_lost() {
+                lose(state, vm);
+            }
+        }
     }
 }
 
@@ -454,50 +476,71 @@ fn break_sharing(state: &State, vm: u64, b: super::wire::Break, from: &ConnMappe
 /// no merges, until its connection ends ([`lose`]): its shared frames are
 /// not freed under a process that still maps them (found by review: a slow
 /// restore on detach freed them, and the process read zeros).
-fn detach(state: &State, vm: u64) {
+fn detach(state: &State, vm: u64) -> bool {
     let Some((domain, id, mappers)) = lock(&state.vms)
         .get(&vm)
         .map(|r| (Arc::clone(&r.domain), r.id, Arc::clone(&r.mappers)))
     else {
-        return;
+        return false;
     };
     mappers.quarantine();
-    if domain.host.unregister(id).is_ok() {
-        lock(&state.vms).remove(&vm);
-        drop_domain_if_empty(state, &domain);
+    if domain.host.unregister(id).is_err() {
+        return false;
     }
+    lock(&state.vms).remove(&vm);
+    // Its backends are home too, and follow no VM now: they are hung up on
+    // (found by review: one kept mapping frames a new VM on the same memfd
+    // punched).
+    for b in mappers.others() {
+        b.mark_lost();
+        b.hang_up();
+    }
+    drop_domain_if_empty(state, &domain);
+    true
 }
 
-/// A VM whose VMM's connection ended. Its second mappers are brought home
-/// through the service and hung up on (found by review: a backend was left
-/// mapping shared frames of a VM the service had forgotten); the VM is
-/// forgotten, and the frames only it used freed, once no process that may
-/// still map them is left (a VMM that only closed its socket lives on with
-/// its merged pages mapped).
+/// A second mapper says goodbye: every page of its VM comes home first
+/// (through every mapper, this one too), so it leaves mapping the truth,
+/// then windows leave it out. The VM merges again without it.
+fn second_leaves(state: &State, vm: u64, mapper: &Arc<ConnMapper>) -> bool {
+    let Some((domain, id, mappers)) = lock(&state.vms)
+        .get(&vm)
+        .map(|r| (Arc::clone(&r.domain), r.id, Arc::clone(&r.mappers)))
+    else {
+        return false;
+    };
+    if domain.host.unmerge_vm(id).is_err() {
+        return false;
+    }
+    mapper.mark_lost();
+    mappers.remove(mapper);
+    true
+}
+
+/// A VM that leaves the service without a goodbye: its VMM's connection
+/// ended, or a backend's did. Every process that maps it is hung up on and
+/// brings its merged pages home itself (as when the service dies: only
+/// holes of the memfd are filled, under per-page locks); the service writes
+/// nothing of the VM's memfd any more (found by review: an unmerge here
+/// wrote shared frames over the writes of a VMM that had brought itself
+/// home). The VM is forgotten, and the frames only it used freed, once
+/// every such process has exited (a process that only closed its socket
+/// lives on with its pages mapped).
 fn lose(state: &Arc<State>, vm: u64) {
     let Some(rec) = lock(&state.vms).remove(&vm) else {
         return;
     };
-    let primary = Arc::clone(rec.mappers.primary());
-    primary.mark_lost();
     rec.mappers.quarantine();
+    let mut holders = vec![Arc::clone(rec.mappers.primary())];
+    holders.extend(rec.mappers.others());
+    for h in &holders {
+        h.mark_lost();
+        h.hang_up();
+    }
     if state.stop.load(Ordering::SeqCst) {
         // The service stops: nothing is freed, the shared memfd lives on in
         // the processes that map it.
         return;
-    }
-    let backends = rec.mappers.others();
-    let mut holders = vec![primary];
-    if !backends.is_empty() {
-        let homed = rec.domain.host.unregister(rec.id).is_ok();
-        for b in &backends {
-            b.hang_up();
-        }
-        if homed {
-            drop_domain_if_empty(state, &rec.domain);
-            return;
-        }
-        holders.extend(backends);
     }
     let (state, domain, id) = (Arc::clone(state), Arc::clone(&rec.domain), rec.id);
     let forget = move || {
@@ -512,7 +555,7 @@ fn lose(state: &Arc<State>, vm: u64) {
     let _ = std::thread::Builder::new()
         .name("pagefold-reaper".into())
         .spawn(move || {
-            while !holders.iter().all(|h| h.exited(1000) != Some(false)) {}
+            while !holders.iter().all(|h| h.exited(1000) == Some(true)) {}
             forget();
         });
 }
@@ -527,14 +570,6 @@ fn drop_domain_if_empty(state: &State, domain: &Arc<Domain>) {
         || domain.host.vm_count() > 0;
     if !in_use {
         domains.retain(|_, d| !Arc::ptr_eq(d, domain));
-    }
-}
-
-/// A second mapper left: windows from now on leave it out.
-fn drop_second(state: &State, vm: u64, mapper: &Arc<ConnMapper>) {
-    mapper.mark_lost();
-    if let Some(rec) = lock(&state.vms).get(&vm) {
-        rec.mappers.remove(mapper);
     }
 }
 

@@ -279,17 +279,19 @@ pub(crate) fn backend_child() {
     };
     // SAFETY: the region is this process's MAP_SHARED mapping of the memfd,
     // left alone while the client lives.
-    let client = unsafe { ServiceClient::attach_second_mapper(&socket, file.as_fd(), &[region]) }
-        .unwrap_or_else(|e| {
-            println!("error {e}");
-            std::process::exit(3)
-        });
+    let mut client = Some(
+        unsafe { ServiceClient::attach_second_mapper(&socket, file.as_fd(), &[region]) }
+            .unwrap_or_else(|e| {
+                println!("error {e}");
+                std::process::exit(3)
+            }),
+    );
     let mut model = Model {
         vm,
         pages,
         written: HashMap::new(),
     };
-    println!("ready {}", client.vm_id());
+    println!("ready {}", client.as_ref().map_or(0, |c| c.vm_id()));
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -337,7 +339,24 @@ pub(crate) fn backend_child() {
                 model.written.insert(page, byte);
                 "ok".into()
             }
-            ["remapped"] => format!("{}", client.pages_remapped()),
+            ["remapped"] => format!("{}", client.as_ref().map_or(0, |c| c.pages_remapped())),
+            ["connected"] => format!("{}", client.as_ref().is_some_and(|c| c.connected())),
+            // Attaches again (after its VMM reattached: the service hung up).
+            ["reattach"] => {
+                // The old client goes first: its userfaultfd holds the
+                // registration of the mapping.
+                drop(client.take());
+                // SAFETY: as for the first attach.
+                match unsafe {
+                    ServiceClient::attach_second_mapper(&socket, file.as_fd(), &[region])
+                } {
+                    Ok(c) => {
+                        client = Some(c);
+                        "ok".to_string()
+                    }
+                    Err(e) => format!("bad reattach: {e}"),
+                }
+            }
             ["exit"] => break,
             _ => format!("bad command {line}"),
         };
