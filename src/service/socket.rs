@@ -161,13 +161,14 @@ impl Conn {
         hdr.msg_iovlen = 1;
         hdr.msg_control = control.as_mut_ptr().cast();
         hdr.msg_controllen = space;
-        // SAFETY:
+        // Why the block below is sound:
         // 1. `hdr.msg_control` points at `space` zeroed, 8-aligned bytes,
         //    enough for one header (CMSG_SPACE), so CMSG_FIRSTHDR is
         //    non-null and in bounds.
         // 2. CMSG_DATA of that header has room for `payload` bytes
         //    (CMSG_SPACE(payload) counts them), and `raw` holds exactly
         //    `payload` bytes; the copy is unaligned-safe (byte copy).
+        // SAFETY: by the points above.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&hdr);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
@@ -179,11 +180,12 @@ impl Conn {
                 payload,
             );
         }
-        // SAFETY:
+        // Why the block below is sound:
         // 1. The fd is our open socket.
         // 2. `hdr` points at `iov` (over `frame`, read only by the kernel)
         //    and at `control`, all alive for the call; the fds in it are
         //    open for the call (borrowed).
+        // SAFETY: by the points above.
         let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -270,10 +272,11 @@ impl Conn {
             hdr.msg_iovlen = 1;
             hdr.msg_control = control.as_mut_ptr().cast();
             hdr.msg_controllen = space;
-            // SAFETY:
+            // Why the block below is sound:
             // 1. The fd is our open socket.
             // 2. `iov` covers the buffer's spare capacity, writable and
             //    alive for the call; `control` holds `space` writable bytes.
+            // SAFETY: by the points above.
             let n =
                 unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
             if n < 0 {
@@ -284,10 +287,11 @@ impl Conn {
                 return Err(io_err("recvmsg")(e));
             }
             let n = n.unsigned_abs();
-            // SAFETY:
+            // Why the block below is sound:
             // 1. `from + n` is within the capacity: the kernel wrote at most
             //    `iov_len` bytes, the spare capacity.
             // 2. Those `n` bytes after `from` are initialized: recvmsg wrote them.
+            // SAFETY: by the points above.
             unsafe { self.buf.set_len(from + n) };
             // Own every fd before looking at anything else, so each error
             // below closes them.
