@@ -508,14 +508,6 @@ fn main() {
     if common::processes::run_child() {
         return;
     }
-    if pagefold::userfault::Userfault::new().is_err() {
-        println!("SKIP: no userfaultfd write protection here");
-        return;
-    }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: [(&str, fn()); 9] = [
         ("two_processes_fold", two_processes_fold),
         ("client_killed_mid_merge", client_killed_mid_merge),
@@ -536,15 +528,5 @@ fn main() {
         ),
         ("hostile_connections", hostile_connections),
     ];
-    let mut ran = 0;
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        println!("test {name} ...");
-        test();
-        println!("test {name} ... ok");
-        ran += 1;
-    }
-    println!("test result: ok. {ran} passed");
+    common::processes::run_tests(&tests);
 }

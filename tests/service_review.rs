@@ -506,14 +506,6 @@ fn main() {
     if common::processes::run_child() {
         return;
     }
-    if pagefold::userfault::Userfault::new().is_err() {
-        println!("SKIP: no userfaultfd write protection here");
-        return;
-    }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: [(&str, fn()); 9] = [
         (
             "refused_connection_is_never_closed",
@@ -549,29 +541,5 @@ fn main() {
             backend_joining_mid_window_misses_it,
         ),
     ];
-    // Every test runs, failing or not: each shows a defect of its own.
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        println!("test {name} ...");
-        if std::panic::catch_unwind(test).is_ok() {
-            println!("test {name} ... ok");
-            passed += 1;
-        } else {
-            println!("test {name} ... FAILED");
-            failed.push(name);
-        }
-    }
-    if failed.is_empty() {
-        println!("test result: ok. {passed} passed");
-    } else {
-        println!(
-            "test result: FAILED. {passed} passed, {} failed: {}",
-            failed.len(),
-            failed.join(", ")
-        );
-        std::process::exit(101);
-    }
+    common::processes::run_tests(&tests);
 }

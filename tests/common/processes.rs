@@ -23,6 +23,45 @@ use pagefold::{
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
 
+/// The test runner of the `harness = false` service tests: each test whose
+/// name contains one of the command line's words (all without), every one
+/// run even after another failed; exits 101 if any did. Skips, saying so,
+/// where userfaultfd write protection is unavailable.
+pub(crate) fn run_tests(tests: &[(&str, fn())]) {
+    if pagefold::userfault::Userfault::new().is_err() {
+        println!("SKIP: no userfaultfd write protection here");
+        return;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed) = (0, Vec::new());
+    for &(name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        println!("test {name} ...");
+        if std::panic::catch_unwind(test).is_ok() {
+            println!("test {name} ... ok");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed.push(name);
+        }
+    }
+    if failed.is_empty() {
+        println!("test result: ok. {passed} passed");
+    } else {
+        println!(
+            "test result: FAILED. {passed} passed, {} failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+        std::process::exit(101);
+    }
+}
+
 /// Runs this process as the child `PAGEFOLD_CHILD` names, if it names one;
 /// whether it did (the caller then returns).
 pub(crate) fn run_child() -> bool {
