@@ -10,6 +10,7 @@
 mod allocator;
 mod map_budget;
 mod mapping;
+pub(crate) mod memfd;
 mod page_lock;
 
 use std::{
@@ -227,13 +228,11 @@ impl FrameStore {
     /// made the same way in both processes has the same offsets); frames
     /// given back are never punched, since the other process owns them.
     pub fn adopt(fd: OwnedFd, name: &str) -> Result<Self, FrameError> {
-        // SAFETY: F_GET_SEALS takes no argument and reads nothing of ours.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 {
+        let Some(seals) = memfd::seals(fd.as_fd()) else {
             return Err(FrameError::NotAdoptable {
                 what: "it is not a memfd (F_GET_SEALS failed)",
             });
-        }
+        };
         if seals & libc::F_SEAL_SHRINK == 0 {
             return Err(FrameError::NotAdoptable {
                 what: "it is not sealed against shrinking (F_SEAL_SHRINK)",
@@ -532,18 +531,10 @@ impl FrameStore {
     }
 
     fn fstat(&self) -> Result<libc::stat, FrameError> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `st` is a writable buffer of the right type; the kernel
-        // fills it completely when the call succeeds.
-        let rc = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(FrameError::Os {
-                op: "fstat",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: fstat succeeded, so the buffer is initialised.
-        Ok(unsafe { st.assume_init() })
+        memfd::fstat(self.fd.as_fd()).map_err(|source| FrameError::Os {
+            op: "fstat",
+            source,
+        })
     }
 }
 

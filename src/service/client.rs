@@ -33,7 +33,7 @@ use std::{
 use super::{
     control::{ControlPage, Window},
     error::ServiceError,
-    remap::{lock, reopen, AddressSpace, Region},
+    remap::{lock, AddressSpace, Region},
     socket::Conn,
     wire::{Ack, AckStatus, Break, Hello, Message, RegionDesc},
 };
@@ -261,7 +261,8 @@ impl ServiceClient {
         };
         let space = Arc::new(AddressSpace {
             mem,
-            memfd: reopen(memfd.as_raw_fd()).map_err(os("reopen the guest memfd"))?,
+            memfd: crate::frames::memfd::reopen(memfd, true)
+                .map_err(os("reopen the guest memfd"))?,
             uffd,
             control,
             remapped: Mutex::new(regions.iter().map(|r| vec![false; r.pages]).collect()),

@@ -9,6 +9,8 @@
 //! a late client never remaps pages the service already gave back to their
 //! own frames, and the service knows whether a silent client remapped.
 
+use crate::frames::memfd;
+
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -103,21 +105,13 @@ impl ControlPage {
     /// cannot shrink under the mapping (a shrunk file would make the next
     /// access a `SIGBUS`).
     pub(crate) fn adopt(fd: BorrowedFd<'_>) -> io::Result<ControlPage> {
-        // SAFETY: F_GET_SEALS reads nothing of ours.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if !memfd::cannot_shrink(fd) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the control memfd is not sealed against shrinking",
             ));
         }
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: `st` is a writable stat buffer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstat succeeded and filled it.
-        let st = unsafe { st.assume_init() };
+        let st = memfd::fstat(fd)?;
         if st.st_size < CONTROL_LEN as libc::off_t {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -394,17 +394,3 @@ impl AddressSpace {
         result
     }
 }
-
-/// Opens the file behind `fd` again, read-write, as a new open file
-/// description (through `/proc/self/fd`).
-pub(crate) fn reopen(fd: RawFd) -> std::io::Result<OwnedFd> {
-    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a valid NUL-terminated path and open flags.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
-}

@@ -8,9 +8,8 @@
 
 use std::{
     collections::HashMap,
-    ffi::CString,
     os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsFd, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
@@ -32,7 +31,7 @@ use super::{
 use crate::{
     dedup::remote::RemoteMapper,
     dedup::{DedupHost, DedupOptions, DomainId, ScanBudget, ScanReport, VmId, VmOptions},
-    frames::{FrameStore, StoreOptions},
+    frames::{memfd, FrameStore, StoreOptions},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -788,16 +787,10 @@ fn admit_second(
 /// The device and inode of a descriptor's file: how a second mapper's
 /// memfd is matched to its VM.
 fn file_id(fd: &OwnedFd) -> Result<(u64, u64), ServiceError> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `st` is a writable stat buffer; the fd is live.
-    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return Err(ServiceError::Os {
-            op: "fstat the guest memfd",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: fstat succeeded and filled it.
-    let st = unsafe { st.assume_init() };
+    let st = memfd::fstat(fd.as_fd()).map_err(|source| ServiceError::Os {
+        op: "fstat the guest memfd",
+        source,
+    })?;
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -866,19 +859,8 @@ fn domain_for(
 /// private or read-only, and can neither write them nor change the file's
 /// size or holes.
 fn reopen_read_only(store: &FrameStore) -> Result<OwnedFd, ServiceError> {
-    let path = CString::new(format!("/proc/self/fd/{}", store.as_raw_fd())).map_err(|_| {
-        ServiceError::BadMemory {
-            what: "descriptor path".into(),
-        }
-    })?;
-    // SAFETY: a valid NUL-terminated path and open flags.
-    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(ServiceError::Os {
-            op: "reopen the shared memfd read-only",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    memfd::reopen(store.as_fd(), false).map_err(|source| ServiceError::Os {
+        op: "reopen the shared memfd read-only",
+        source,
+    })
 }
