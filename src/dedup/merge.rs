@@ -20,7 +20,8 @@
 use std::os::fd::AsRawFd;
 
 use super::window::{
-    compare_window, lock_run, publish_unmerged, store_own, unlock_run, Remapped, MAX_RUN,
+    compare_window, for_each_held_run, lock_run, publish_unmerged, store_own, unlock_run, Remapped,
+    MAX_RUN,
 };
 pub(super) use super::window::{
     continues_run, for_each_run, Candidate, FreshFrames, MergeCtx, MergeOutcome, Target,
@@ -507,34 +508,21 @@ pub(super) fn unmerge_range(
     if let Some(r) = remote_of(ctx.remotes, region) {
         return merge_remote::unmerge_range(ctx, r, first, count);
     }
-    let states = region.page_states();
     let mut out = UnmergeOutcome::default();
-    let end = (first + count).min(region.pages());
-    let mut p = first;
-    while p < end {
-        if !states.load(p).is_remapped() {
-            p += 1;
-            continue;
-        }
-        let run = lock_run(region, p, end.min(p + MAX_RUN), &mut out);
-        if run.is_empty() {
-            p += 1;
-            continue;
-        }
+    for_each_held_run(region, first, count, &mut out, |p, run, out| {
         let cost = region.own_remap_cost(p, run.len());
         if cost <= 0 || ctx.map_budget.try_spend(cost.unsigned_abs()) {
-            let q = p + run.len();
-            unmerge_locked(ctx, region, &run, first, &mut out)?;
+            unmerge_locked(ctx, region, &run, first, out)?;
             if cost < 0 {
                 ctx.map_budget.give_back(cost.unsigned_abs());
             }
-            p = q;
+            Ok(run.len())
         } else {
             unlock_run(region, &run);
-            unmerge_stretch(ctx, region, p, first, &mut out)?;
-            p += 1;
+            unmerge_stretch(ctx, region, p, first, out)?;
+            Ok(1)
         }
-    }
+    })?;
     Ok(out)
 }
 

@@ -27,8 +27,8 @@ use super::{
     remote::{RemoteError, RemoteRegion, RemoteRun, RemoteTarget},
     steps,
     window::{
-        compare_window, continues_run, for_each_run, lock_run, publish_unmerged, store_own,
-        unlock_run, Candidate, MergeCtx, MergeOutcome, Remapped, Target, UnmergeOutcome, MAX_RUN,
+        compare_window, continues_run, for_each_held_run, for_each_run, publish_unmerged,
+        store_own, unlock_run, Candidate, MergeCtx, MergeOutcome, Remapped, Target, UnmergeOutcome,
     },
 };
 use std::os::fd::AsFd;
@@ -192,24 +192,11 @@ pub(super) fn unmerge_range(
     first: usize,
     count: usize,
 ) -> Result<UnmergeOutcome, DedupError> {
-    let region = r.region;
-    let states = region.page_states();
     let mut out = UnmergeOutcome::default();
-    let end = (first + count).min(region.pages());
-    let mut p = first;
-    while p < end {
-        if !states.load(p).is_remapped() {
-            p += 1;
-            continue;
-        }
-        let run = lock_run(region, p, end.min(p + MAX_RUN), &mut out);
-        if run.is_empty() {
-            p += 1;
-            continue;
-        }
-        p += run.len();
-        unmerge_locked(ctx, r, &run, first, &mut out)?;
-    }
+    for_each_held_run(r.region, first, count, &mut out, |_, run, out| {
+        unmerge_locked(ctx, r, &run, first, out)?;
+        Ok(run.len())
+    })?;
     Ok(out)
 }
 

@@ -299,3 +299,36 @@ pub(super) fn publish_unmerged(
     }
     result
 }
+
+/// Walks the pages `[first, first + count)` of `region` for an unmerge:
+/// each stretch of remapped pages is held (a run of at most [`MAX_RUN`])
+/// and handed to `unmerge(page, run, out)`, which lets it go and says how
+/// many pages on the walk resumes.
+pub(super) fn for_each_held_run(
+    region: &GuestRegion,
+    first: usize,
+    count: usize,
+    out: &mut UnmergeOutcome,
+    mut unmerge: impl FnMut(
+        usize,
+        Vec<(usize, PageState)>,
+        &mut UnmergeOutcome,
+    ) -> Result<usize, DedupError>,
+) -> Result<(), DedupError> {
+    let states = region.page_states();
+    let end = (first + count).min(region.pages());
+    let mut p = first;
+    while p < end {
+        if !states.load(p).is_remapped() {
+            p += 1;
+            continue;
+        }
+        let run = lock_run(region, p, end.min(p + MAX_RUN), out);
+        if run.is_empty() {
+            p += 1;
+            continue;
+        }
+        p += unmerge(p, run, out)?;
+    }
+    Ok(())
+}
