@@ -81,7 +81,7 @@ pub(crate) fn run(
     map_count: Option<u64>,
 ) -> Result<(), Box<dyn Error>> {
     let _raised = map_count.map(MapCountRaised::to);
-    let (mut speed, mut cpu, mut save) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ratios = Ratios::default();
     for w in workloads {
         println!(
             "== {} ({} pages, {} MiB)",
@@ -108,6 +108,25 @@ pub(crate) fn run(
         }
         let ks = run_ksm(w, target)?;
         print_row("ksm", &ks, achievable);
+        ratios.add(&w.name, &pf, &ks);
+    }
+    ratios.print_summary();
+    Ok(())
+}
+
+/// pagefold's figures against KSM's, workload by workload, and their
+/// geometric means: the comparisons' result lines.
+#[derive(Default)]
+pub(crate) struct Ratios {
+    speed: Vec<f64>,
+    cpu: Vec<f64>,
+    save: Vec<f64>,
+}
+
+impl Ratios {
+    /// Prints workload `name`'s line (with its COW-break ratio) and keeps
+    /// its ratios.
+    pub(crate) fn add(&mut self, name: &str, pf: &EngineResult, ks: &EngineResult) {
         let s = match (pf.seconds_to_99, ks.seconds_to_99) {
             (Some(a), Some(b)) => b / a,
             (Some(_), None) => f64::INFINITY,
@@ -116,21 +135,23 @@ pub(crate) fn run(
         let c = ks.cpu_seconds / pf.cpu_seconds.max(1e-6);
         let v = pf.saved_pages as f64 / (ks.saved_pages as f64).max(1.0);
         println!(
-            "{}: speedup_to_99pct={s:.2} cpu_ratio={c:.2} savings_ratio={v:.3} cow_ratio={:.2}",
-            w.name,
+            "{name}: speedup_to_99pct={s:.2} cpu_ratio={c:.2} savings_ratio={v:.3} cow_ratio={:.2}",
             pf.cow_ns / ks.cow_ns.max(1.0)
         );
-        speed.push(s);
-        cpu.push(c);
-        save.push(v);
+        self.speed.push(s);
+        self.cpu.push(c);
+        self.save.push(v);
     }
-    println!(
-        "speedup_to_99pct={:.2} cpu_ratio={:.2} savings_ratio={:.3}",
-        geomean(&speed),
-        geomean(&cpu),
-        geomean(&save)
-    );
-    Ok(())
+
+    /// The last line, in the form every comparison ends with.
+    pub(crate) fn print_summary(&self) {
+        println!(
+            "speedup_to_99pct={:.2} cpu_ratio={:.2} savings_ratio={:.3}",
+            geomean(&self.speed),
+            geomean(&self.cpu),
+            geomean(&self.save)
+        );
+    }
 }
 
 pub(crate) fn geomean(v: &[f64]) -> f64 {

@@ -25,7 +25,7 @@ use pagefold::{
 use pagefold_tools::ksm;
 
 use crate::{
-    compare::{cpu_seconds_self, geomean, print_row, time_writes, EngineResult, MapCountRaised},
+    compare::{cpu_seconds_self, print_row, time_writes, EngineResult, MapCountRaised, Ratios},
     images::Image,
     workload::{Source, Workload},
 };
@@ -282,32 +282,13 @@ pub(crate) fn run(
 
     let pf = run_pagefold(w, target)?;
     print_row("pagefold", &pf, achievable);
-    let (mut speed, mut cpu, mut save) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ratios = Ratios::default();
     if with_ksm {
         let ks = run_ksm(w, target)?;
         print_row("ksm", &ks, achievable);
-        let s = match (pf.seconds_to_99, ks.seconds_to_99) {
-            (Some(a), Some(b)) => b / a,
-            (Some(_), None) => f64::INFINITY,
-            _ => 0.0,
-        };
-        let c = ks.cpu_seconds / pf.cpu_seconds.max(1e-6);
-        let v = pf.saved_pages as f64 / (ks.saved_pages as f64).max(1.0);
-        println!(
-            "{}: speedup_to_99pct={s:.2} cpu_ratio={c:.2} savings_ratio={v:.3} cow_ratio={:.2}",
-            w.name,
-            pf.cow_ns / ks.cow_ns.max(1.0)
-        );
-        speed.push(s);
-        cpu.push(c);
-        save.push(v);
+        ratios.add(&w.name, &pf, &ks);
     }
-    println!(
-        "speedup_to_99pct={:.2} cpu_ratio={:.2} savings_ratio={:.3}",
-        geomean(&speed),
-        geomean(&cpu),
-        geomean(&save)
-    );
+    ratios.print_summary();
     Ok(())
 }
 
