@@ -16,10 +16,10 @@ use std::{
 use super::{
     control::{ControlPage, Window},
     socket::Conn,
-    wire::{Ack, AckStatus, Message, PageRun, Remap, RemapRun, RemapTo, Restore},
+    wire::{run_span, Ack, AckStatus, Message, PageRun, Remap, RemapRun, RemapTo, Restore},
 };
 use crate::{
-    addr::{HostVirtAddr, PAGE_SIZE},
+    addr::HostVirtAddr,
     dedup::remote::{RemoteError, RemoteMapper, RemoteRun, RemoteTarget},
     userfault::Userfault,
 };
@@ -163,11 +163,8 @@ impl ConnMapper {
     /// `region`, if they lie inside it.
     fn span(&self, region: usize, first: usize, count: usize) -> Option<(HostVirtAddr, u64)> {
         let r = self.regions.get(region)?;
-        if first.checked_add(count)? > r.pages || count == 0 {
-            return None;
-        }
-        let addr = r.host_addr.0.checked_add((first * PAGE_SIZE) as u64)?;
-        Some((HostVirtAddr(addr), (count * PAGE_SIZE) as u64))
+        let (addr, len) = run_span(r.host_addr, r.pages, first as u64, count as u64)?;
+        Some((addr, len as u64))
     }
 
     fn send(&self, msg: &Message) -> Result<(), RemoteError> {

@@ -20,7 +20,7 @@ use std::{
 
 use super::{
     control::ControlPage,
-    wire::{AckStatus, PageRun, RemapRun, RemapTo},
+    wire::{run_span, AckStatus, PageRun, RemapRun, RemapTo},
 };
 use crate::{
     addr::{HostVirtAddr, PAGE_SIZE},
@@ -79,15 +79,7 @@ impl AddressSpace {
         pages: u64,
     ) -> Option<(HostVirtAddr, usize)> {
         let r = self.regions.get(region)?;
-        let first = usize::try_from(first).ok()?;
-        let pages = usize::try_from(pages).ok()?;
-        if pages == 0 || first.checked_add(pages)? > r.pages {
-            return None;
-        }
-        Some((
-            HostVirtAddr(r.host_addr.0 + (first * PAGE_SIZE) as u64),
-            pages * PAGE_SIZE,
-        ))
+        run_span(r.host_addr, r.pages, first, pages)
     }
 
     /// The region and page of host address `addr`, if it is guest memory.

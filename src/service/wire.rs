@@ -276,6 +276,28 @@ pub struct PageRun {
     pub pages: u64,
 }
 
+/// Where `pages` pages from page `first` of a region mapped at `host_addr`
+/// with `region_pages` pages lie in the mapping (address, bytes), if they
+/// lie inside it: how both ends turn a run of a message into addresses,
+/// so nothing a peer says reaches outside the region.
+pub(crate) fn run_span(
+    host_addr: HostVirtAddr,
+    region_pages: usize,
+    first: u64,
+    pages: u64,
+) -> Option<(HostVirtAddr, usize)> {
+    let first = usize::try_from(first).ok()?;
+    let pages = usize::try_from(pages).ok()?;
+    if pages == 0 || first.checked_add(pages)? > region_pages {
+        return None;
+    }
+    let page = usize::try_from(PAGE).ok()?;
+    let addr = host_addr
+        .0
+        .checked_add(u64::try_from(first.checked_mul(page)?).ok()?)?;
+    Some((HostVirtAddr(addr), pages.checked_mul(page)?))
+}
+
 /// Service -> client: map these runs of a region on shared frames or zeros.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remap {
