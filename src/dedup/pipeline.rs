@@ -526,7 +526,7 @@ fn order(vms: &[Arc<VmEntry>], filled: Filled) -> Ordered<'_> {
             }
             next = sorted.next();
         }
-        let region = &vms[k.0 as usize].mem.regions()[k.1 as usize];
+        let region: &GuestRegion = &vms[k.0 as usize].mem.regions()[k.1 as usize];
         spans.push((region, start..list.len()));
         span_keys.push(k);
     }
@@ -788,6 +788,7 @@ fn deferred_spans(
         if let Some(region) = vms
             .get(k.0 as usize)
             .and_then(|vm| vm.mem.regions().get(k.1 as usize))
+            .map(|r| &**r)
         {
             spans.push((region, start..list.len()));
         }

@@ -50,6 +50,31 @@ pub enum LayoutError {
         /// First shared address.
         at: GuestPhysAddr,
     },
+    /// A region given to [`GuestMemory::from_regions`](super::GuestMemory::from_regions)
+    /// or [`insert_region`](super::GuestMemory::insert_region) has its frames
+    /// in another frame store than the others.
+    #[error("region {index} at {start} is in another frame store than the memory's other regions")]
+    OtherStore {
+        /// Position in the list given.
+        index: usize,
+        /// Its start.
+        start: GuestPhysAddr,
+    },
+    /// [`GuestMemory::remove_region`](super::GuestMemory::remove_region)
+    /// found no region with that start and size.
+    #[error("no region starts at {start} with size {size:#x}")]
+    NoSuchRegion {
+        /// The start asked for.
+        start: GuestPhysAddr,
+        /// The size asked for.
+        size: u64,
+    },
+    /// Removing the region would leave the memory with none.
+    #[error("the region at {start} is the memory's last one")]
+    LastRegion {
+        /// Its start.
+        start: GuestPhysAddr,
+    },
 }
 
 /// Why guest memory could not be built.

@@ -80,14 +80,13 @@ pub mod __test {
 #[derive(Debug)]
 pub struct GuestMemory {
     store: Arc<FrameStore>,
-    /// Sorted by start address.
-    regions: Box<[GuestRegion]>,
+    /// Sorted by start address. Shared: a memory made from another by
+    /// [`GuestMemory::insert_region`] or [`GuestMemory::remove_region`]
+    /// (memory hotplug) holds the same regions, page states, dirty logs
+    /// and all.
+    regions: Box<[Arc<GuestRegion>]>,
     /// Address-to-region lookup.
     index: index::RegionIndex,
-    /// Registered with a dedup host (at most one may own its pages), or
-    /// with a raw-write tracker (`dirty::RawWriteTracker`), which cannot
-    /// share the userfaultfd registration with dedup.
-    dedup_claimed: std::sync::atomic::AtomicBool,
     /// A migration `Sender` runs on it (one at a time: each saves and puts
     /// back the dirty tracking it found).
     migration_claimed: std::sync::atomic::AtomicBool,
@@ -124,28 +123,144 @@ impl GuestMemory {
         for i in order {
             let (start, size) = layout[i];
             // On error, the regions built so far drop and free their frames.
-            regions.push(GuestRegion::new(&store, start, size)?);
+            regions.push(Arc::new(GuestRegion::new(&store, start, size)?));
         }
+        Ok(Self::assemble(store, regions, None))
+    }
+
+    /// Guest memory made of regions built one by one
+    /// ([`GuestRegion::allocate`]) or taken from other memories, in any
+    /// order; they must not overlap and must all be in one frame store.
+    /// The regions are shared, not copied: every memory holding a region
+    /// sees the same bytes, page states and dirty log.
+    pub fn from_regions(regions: Vec<Arc<GuestRegion>>) -> Result<Self, LayoutError> {
+        let Some(first) = regions.first() else {
+            return Err(LayoutError::NoRegions);
+        };
+        let store = Arc::clone(first.store_arc());
+        if let Some(index) = regions
+            .iter()
+            .position(|r| !Arc::ptr_eq(r.store_arc(), &store))
+        {
+            return Err(LayoutError::OtherStore {
+                index,
+                start: regions[index].start(),
+            });
+        }
+        let layout: Vec<(GuestPhysAddr, u64)> =
+            regions.iter().map(|r| (r.start(), r.size())).collect();
+        let order = validate_layout(&layout, PAGE_SIZE as u64)?;
+        let mut slots: Vec<Option<Arc<GuestRegion>>> = regions.into_iter().map(Some).collect();
+        let sorted = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        Ok(Self::assemble(store, sorted, None))
+    }
+
+    /// A new memory with this one's regions and `region` (memory hotplug):
+    /// this memory is unchanged, and both share every region they have in
+    /// common. The write observer carries over; dirty tracking of the new
+    /// region is off until turned on. A VMM that serves devices through
+    /// vm-memory's `GuestAddressSpace` swaps the result in (for example
+    /// with `GuestMemoryAtomic::lock().replace`).
+    ///
+    /// A dedup host registered with this memory does not see the new
+    /// region: register a memory of it alone (`from_regions(vec![region])`)
+    /// in the same domain.
+    pub fn insert_region(&self, region: Arc<GuestRegion>) -> Result<GuestMemory, LayoutError> {
+        let mut regions: Vec<Arc<GuestRegion>> = self.regions.to_vec();
+        let index = regions.len();
+        if !Arc::ptr_eq(region.store_arc(), &self.store) {
+            return Err(LayoutError::OtherStore {
+                index,
+                start: region.start(),
+            });
+        }
+        regions.push(region);
+        let layout: Vec<(GuestPhysAddr, u64)> =
+            regions.iter().map(|r| (r.start(), r.size())).collect();
+        let order = validate_layout(&layout, PAGE_SIZE as u64)?;
+        let mut slots: Vec<Option<Arc<GuestRegion>>> = regions.into_iter().map(Some).collect();
+        let sorted = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        Ok(Self::assemble(
+            Arc::clone(&self.store),
+            sorted,
+            self.observer.get().cloned(),
+        ))
+    }
+
+    /// A new memory without the region that starts at `start` and has
+    /// `size` bytes, and that region (memory unplug). This memory is
+    /// unchanged; the region's frames go back to the store when the last
+    /// memory holding it (and the returned `Arc`) drops. A dedup host must
+    /// be done with the region first (unregister the VM it was registered
+    /// in), since the host unmerges it through this memory.
+    pub fn remove_region(
+        &self,
+        start: GuestPhysAddr,
+        size: u64,
+    ) -> Result<(GuestMemory, Arc<GuestRegion>), LayoutError> {
+        let Some(pos) = self
+            .regions
+            .iter()
+            .position(|r| r.start() == start && r.size() == size)
+        else {
+            return Err(LayoutError::NoSuchRegion { start, size });
+        };
+        if self.regions.len() == 1 {
+            return Err(LayoutError::LastRegion { start });
+        }
+        let mut regions: Vec<Arc<GuestRegion>> = self.regions.to_vec();
+        let removed = regions.remove(pos);
+        let mem = Self::assemble(
+            Arc::clone(&self.store),
+            regions,
+            self.observer.get().cloned(),
+        );
+        Ok((mem, removed))
+    }
+
+    /// A memory over `regions`, sorted and checked by the caller.
+    fn assemble(
+        store: Arc<FrameStore>,
+        regions: Vec<Arc<GuestRegion>>,
+        observer: Option<Arc<dyn WriteObserver>>,
+    ) -> Self {
         let index =
             index::RegionIndex::new(regions.iter().map(|r| (r.start().0, r.end())).collect());
-        Ok(GuestMemory {
+        let cell = std::sync::OnceLock::new();
+        if let Some(o) = observer {
+            let _ = cell.set(o);
+        }
+        GuestMemory {
             store,
             regions: regions.into_boxed_slice(),
             index,
-            dedup_claimed: std::sync::atomic::AtomicBool::new(false),
             migration_claimed: std::sync::atomic::AtomicBool::new(false),
-            observer: std::sync::OnceLock::new(),
-        })
+            observer: cell,
+        }
     }
 
-    /// Marks the memory as owned by a dedup host; `false` if one already does.
+    /// Marks every region as owned by a dedup host (or a raw-write
+    /// tracker, which cannot share the userfaultfd registration with
+    /// dedup); `false`, with nothing claimed, if one already owns any of
+    /// them. Claims are per region, so a memory made from another by
+    /// hotplug cannot be registered twice through its shared regions.
     pub(crate) fn claim_for_dedup(&self) -> bool {
-        !self.dedup_claimed.swap(true, MemOrdering::AcqRel)
+        for (i, r) in self.regions.iter().enumerate() {
+            if !r.claim() {
+                for earlier in &self.regions[..i] {
+                    earlier.release_claim();
+                }
+                return false;
+            }
+        }
+        true
     }
 
-    /// Ends a dedup host's ownership.
+    /// Ends a dedup host's ownership of every region.
     pub(crate) fn release_from_dedup(&self) {
-        self.dedup_claimed.store(false, MemOrdering::Release);
+        for r in self.regions.iter() {
+            r.release_claim();
+        }
     }
 
     /// Marks the memory as being migrated; `false` if a sender already is.
@@ -164,18 +279,18 @@ impl GuestMemory {
     }
 
     /// The regions, sorted by guest-physical address.
-    pub fn regions(&self) -> &[GuestRegion] {
+    pub fn regions(&self) -> &[Arc<GuestRegion>] {
         &self.regions
     }
 
     /// Sum of region sizes in bytes.
     pub fn total_size(&self) -> u64 {
-        self.regions.iter().map(GuestRegion::size).sum()
+        self.regions.iter().map(|r| r.size()).sum()
     }
 
     /// What KVM and vhost-user need, one entry per region.
     pub fn region_infos(&self) -> Vec<RegionInfo> {
-        self.regions.iter().map(GuestRegion::info).collect()
+        self.regions.iter().map(|r| r.info()).collect()
     }
 
     /// Index of the region holding `addr` (see `index.rs`: O(1) for even
@@ -348,7 +463,7 @@ impl GuestMemory {
     pub(crate) fn window_region(&self, addr: u64) -> Option<&GuestRegion> {
         match &*self.regions {
             [r] => Some(r),
-            _ => self.index.find(addr).map(|i| &self.regions[i]),
+            _ => self.index.find(addr).map(|i| &*self.regions[i]),
         }
     }
 

@@ -64,6 +64,9 @@ pub struct GuestRegion {
     /// holding memory again by a read (each counts as deflated; see
     /// `crate::balloon`).
     balloon_taken: std::sync::atomic::AtomicU64,
+    /// Owned by a dedup host or a raw-write tracker (at most one: both
+    /// register the region's pages with a userfaultfd).
+    claimed: AtomicBool,
     store: Arc<FrameStore>,
 }
 
@@ -101,8 +104,23 @@ impl GuestRegion {
             protection: std::sync::Mutex::new(()),
             dirty: super::RegionLog::new(page_count),
             balloon_taken: std::sync::atomic::AtomicU64::new(0),
+            claimed: AtomicBool::new(false),
             store: Arc::clone(store),
         })
+    }
+
+    /// A region of `size` bytes at `start` on new frames of `store`, for
+    /// [`GuestMemory::from_regions`](super::GuestMemory::from_regions) or
+    /// [`GuestMemory::insert_region`](super::GuestMemory::insert_region)
+    /// (memory hotplug). `start` and `size` must be non-zero multiples of
+    /// the store's granule (`size` non-zero) and must not wrap.
+    pub fn allocate(
+        store: &Arc<FrameStore>,
+        start: GuestPhysAddr,
+        size: u64,
+    ) -> Result<Arc<GuestRegion>, super::MemoryError> {
+        super::validate_layout(&[(start, size)], store.granule().bytes())?;
+        Ok(Arc::new(Self::new(store, start, size)?))
     }
 
     /// First guest-physical address.
@@ -528,6 +546,22 @@ impl GuestRegion {
     #[inline]
     pub(crate) fn store(&self) -> &FrameStore {
         &self.store
+    }
+
+    /// The frame store, shared.
+    pub(crate) fn store_arc(&self) -> &Arc<FrameStore> {
+        &self.store
+    }
+
+    /// Claims the region for a dedup host or a raw-write tracker; `false`
+    /// if one holds it already.
+    pub(super) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends a [`claim`](Self::claim).
+    pub(super) fn release_claim(&self) {
+        self.claimed.store(false, Ordering::Release);
     }
 
     /// Host address of page `page`'s first byte.
