@@ -67,6 +67,11 @@ pub struct GuestRegion {
     /// Owned by a dedup host or a raw-write tracker (at most one: both
     /// register the region's pages with a userfaultfd).
     claimed: AtomicBool,
+    /// The region's file and offset as vm-memory hands them to devices
+    /// (`GuestMemoryRegion::file_offset`, what a vhost-user frontend sends):
+    /// made on first use from a duplicate of the store's descriptor.
+    #[cfg(feature = "vm-memory")]
+    pub(crate) vmm_file: std::sync::OnceLock<Option<vm_memory::FileOffset>>,
     store: Arc<FrameStore>,
 }
 
@@ -105,6 +110,8 @@ impl GuestRegion {
             dirty: super::RegionLog::new(page_count),
             balloon_taken: std::sync::atomic::AtomicU64::new(0),
             claimed: AtomicBool::new(false),
+            #[cfg(feature = "vm-memory")]
+            vmm_file: std::sync::OnceLock::new(),
             store: Arc::clone(store),
         })
     }
