@@ -73,6 +73,8 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod paging;
+#[cfg(feature = "vm-memory")]
+pub mod rust_vmm;
 pub mod service;
 mod sync;
 pub mod userfault;
@@ -104,6 +106,7 @@ pub use dedup::{
 pub use dirty::{DirtyError, DirtyRun, RawWriteTracker, RegionSet};
 pub use frames::{Backing, FrameError, FrameStore, MapBudget, StoreOptions};
 pub use memory::{
-    AccessError, GuestMemory, LayoutError, MemoryError, PageKind, RegionInfo, WriteObserver,
+    AccessError, GuestMemory, GuestRegion, LayoutError, MemoryError, PageKind, RegionInfo,
+    WriteObserver,
 };
 pub use migration::{StreamError, StreamReader, StreamWriter};

@@ -26,7 +26,8 @@ use criterion::{measurement::WallTime, BenchmarkGroup, Criterion, Throughput};
 use pagefold::{GuestMemory, GuestPhysAddr};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap,
+    GuestMemoryRegion as _,
 };
 
 /// Guest memory size, the same for every layout.

@@ -12,9 +12,12 @@ use super::dirty_bitmap::DirtyBitmap;
 use crate::addr::PAGE_SHIFT;
 
 /// A region's dirty log: whether library writes mark it, and the bitmap,
-/// allocated on first use.
+/// allocated on first use. Public only as the type vm-memory's traits name
+/// (`GuestMemoryRegion::B`, feature `vm-memory`): outside the crate it is
+/// reached through vm-memory's `Bitmap` trait, and harvested through
+/// [`GuestMemory::harvest_dirty`](crate::GuestMemory::harvest_dirty).
 #[derive(Debug)]
-pub(crate) struct RegionLog {
+pub struct RegionLog {
     on: AtomicBool,
     bitmap: OnceLock<DirtyBitmap>,
     pages: usize,
@@ -85,5 +88,15 @@ impl RegionLog {
 
     pub(crate) fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
+    }
+}
+
+impl RegionLog {
+    /// Whether the page holding region offset `off` is marked now (a
+    /// snapshot; `false` before the bitmap exists).
+    pub(crate) fn is_marked_at(&self, off: u64) -> bool {
+        self.bitmap
+            .get()
+            .is_some_and(|b| b.is_marked(usize::try_from(off >> PAGE_SHIFT).unwrap_or(usize::MAX)))
     }
 }

@@ -13,13 +13,14 @@ mod dirty_bitmap;
 mod dirty_log;
 mod error;
 mod index;
+mod layout;
 pub(crate) mod page_state;
 mod region;
 mod released;
 mod released_data;
 
 pub(crate) use dirty_bitmap::DirtyBitmap;
-pub(crate) use dirty_log::RegionLog;
+pub use dirty_log::RegionLog;
 
 use std::sync::{atomic::Ordering as MemOrdering, Arc};
 
@@ -27,13 +28,14 @@ use bytemuck::Pod;
 
 pub use atomic::AtomicInt;
 pub use error::{AccessError, LayoutError, MemoryError};
+use layout::validate_layout;
 pub(crate) use page_state::Flags;
 pub use page_state::{PageCensus, PageKind, PageState};
 pub use region::{GuestRegion, RegionInfo};
 pub(crate) use released_data::ReleasedData;
 
 use crate::{
-    addr::{usize_from, GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SHIFT, PAGE_SIZE},
+    addr::{usize_from, GuestPhysAddr, HostVirtAddr, PAGE_SHIFT, PAGE_SIZE},
     frames::FrameStore,
 };
 
@@ -738,43 +740,6 @@ impl GuestMemory {
     }
 }
 
-/// Checks a layout; returns the region indices sorted by start address.
-fn validate_layout(layout: &[(GuestPhysAddr, u64)], align: u64) -> Result<Vec<usize>, LayoutError> {
-    if layout.is_empty() {
-        return Err(LayoutError::NoRegions);
-    }
-    let align = align.max(PageSize::Size4K.bytes());
-    for (index, &(start, size)) in layout.iter().enumerate() {
-        if size == 0 {
-            return Err(LayoutError::ZeroSize { index, start });
-        }
-        if start.0 % align != 0 || size % align != 0 {
-            return Err(LayoutError::Misaligned {
-                index,
-                start,
-                size,
-                align,
-            });
-        }
-        if start.checked_add(size).is_none() {
-            return Err(LayoutError::AddressOverflow { index, start, size });
-        }
-    }
-    let mut order: Vec<usize> = (0..layout.len()).collect();
-    order.sort_by_key(|&i| layout[i].0);
-    for pair in order.windows(2) {
-        let (a, b) = (layout[pair[0]], layout[pair[1]]);
-        if b.0 .0 < a.0 .0 + a.1 {
-            return Err(LayoutError::Overlap {
-                first: pair[0],
-                second: pair[1],
-                at: b.0,
-            });
-        }
-    }
-    Ok(order)
-}
-
 /// A load's ordering (and a failed compare-exchange's, which only loads)
 /// cannot release: std's atomics panic on one, a caller gets an error.
 fn load_ordering(op: &'static str, order: MemOrdering) -> Result<(), AccessError> {
@@ -790,39 +755,6 @@ mod tests {
 
     const fn gpa(a: u64) -> GuestPhysAddr {
         GuestPhysAddr(a)
-    }
-
-    #[test]
-    fn layout_errors_name_the_culprit() {
-        let e = |l: &[(GuestPhysAddr, u64)]| validate_layout(l, 4096).unwrap_err();
-        assert_eq!(e(&[]), LayoutError::NoRegions);
-        assert_eq!(
-            e(&[(gpa(0), 4096), (gpa(8192), 0)]),
-            LayoutError::ZeroSize {
-                index: 1,
-                start: gpa(8192)
-            }
-        );
-        assert!(matches!(
-            e(&[(gpa(100), 4096)]),
-            LayoutError::Misaligned { index: 0, .. }
-        ));
-        assert!(matches!(
-            e(&[(gpa(0), 4097)]),
-            LayoutError::Misaligned { .. }
-        ));
-        assert!(matches!(
-            e(&[(gpa(u64::MAX - 4095), 4096)]),
-            LayoutError::AddressOverflow { index: 0, .. }
-        ));
-        assert_eq!(
-            e(&[(gpa(0x10000), 0x2000), (gpa(0x9000), 0x8000)]),
-            LayoutError::Overlap {
-                first: 1,
-                second: 0,
-                at: gpa(0x10000)
-            }
-        );
     }
 
     #[test]

@@ -125,8 +125,8 @@ impl GuestRegion {
         store: &Arc<FrameStore>,
         start: GuestPhysAddr,
         size: u64,
-    ) -> Result<Arc<GuestRegion>, super::MemoryError> {
-        super::validate_layout(&[(start, size)], store.granule().bytes())?;
+    ) -> Result<Arc<GuestRegion>, super::error::MemoryError> {
+        super::layout::validate_layout(&[(start, size)], store.granule().bytes())?;
         Ok(Arc::new(Self::new(store, start, size)?))
     }
 
@@ -204,7 +204,7 @@ impl GuestRegion {
     /// Makes every page of `[offset, offset+len)` plainly writable, then
     /// writes `data` there. The caller checked the bounds.
     #[inline]
-    pub(super) fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+    pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
         self.prepare_write(offset, data.len() as u64)?;
         // SAFETY: bounds checked by the caller against the mapping length;
         // the mapping lives as long as `self`.
@@ -216,7 +216,7 @@ impl GuestRegion {
     /// Brings each page in `[offset, offset+len)` to a state that accepts a
     /// write. Cheap when all are plain private pages: one load per page.
     #[inline]
-    pub(super) fn prepare_write(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+    pub(crate) fn prepare_write(&self, offset: u64, len: u64) -> Result<(), AccessError> {
         if !self.needs_state_checks() {
             return Ok(());
         }

@@ -62,7 +62,7 @@ impl GuestRegion {
     /// since, its bytes) without the kernel allocating them again
     /// ([`ReadFrom`]).
     #[inline]
-    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) {
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) {
         if !self.needs_state_checks() {
             // SAFETY: the caller checked `offset + len <= size`, the mapping's
             // length; the mapping lives as long as `self`.
