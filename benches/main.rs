@@ -7,6 +7,7 @@ use criterion::criterion_main;
 mod dirty;
 mod memory;
 mod paging;
+mod rust_vmm;
 
 /// The groups `criterion_main!` runs; the macro's `pub fn`s take no doc
 /// comment, hence the `allow`.
@@ -14,12 +15,18 @@ mod paging;
 mod groups {
     use criterion::criterion_group;
 
-    use super::{dirty, memory, paging};
+    use super::{dirty, memory, paging, rust_vmm};
 
     criterion_group! {
         name = memory_benches;
         config = memory::config();
         targets = memory::benches
+    }
+
+    criterion_group! {
+        name = rust_vmm_benches;
+        config = memory::config();
+        targets = rust_vmm::benches
     }
 
     criterion_group! {
@@ -37,6 +44,7 @@ mod groups {
 
 criterion_main!(
     groups::memory_benches,
+    groups::rust_vmm_benches,
     groups::dirty_benches,
     groups::paging_benches
 );

@@ -60,17 +60,17 @@ pub(crate) fn benches(c: &mut Criterion) {
 }
 
 /// The same guest memory on both sides.
-struct Guests {
+pub(crate) struct Guests {
     /// `1_region`, `8_regions`, `64_regions`.
-    name: String,
+    pub(crate) name: String,
     /// `(start, size)` of each region, sorted.
     layout: Vec<(u64, u64)>,
-    pf: GuestMemory,
-    vm: GuestMemoryMmap<()>,
+    pub(crate) pf: GuestMemory,
+    pub(crate) vm: GuestMemoryMmap<()>,
 }
 
 impl Guests {
-    fn new(regions: u64) -> Self {
+    pub(crate) fn new(regions: u64) -> Self {
         let size = TOTAL / regions;
         let gap = if regions == 1 { 0 } else { HOLE };
         let layout: Vec<(u64, u64)> = (0..regions).map(|i| (i * (size + gap), size)).collect();
@@ -121,7 +121,7 @@ impl Guests {
 
     /// `count` addresses at which `len` bytes lie in one region, multiples
     /// of `align`, drawn from a generator seeded by the row's name.
-    fn addrs(&self, row: &str, count: usize, len: u64, align: u64) -> Addrs {
+    pub(crate) fn addrs(&self, row: &str, count: usize, len: u64, align: u64) -> Addrs {
         let seed = row.bytes().fold(SEED, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
@@ -138,7 +138,7 @@ impl Guests {
         }
     }
 
-    fn group<'c>(
+    pub(crate) fn group<'c>(
         &self,
         c: &'c mut Criterion,
         row: &str,
@@ -151,13 +151,13 @@ impl Guests {
 }
 
 /// One address list in each side's address type, converted up front.
-struct Addrs {
-    pf: Vec<GuestPhysAddr>,
-    vm: Vec<GuestAddress>,
+pub(crate) struct Addrs {
+    pub(crate) pf: Vec<GuestPhysAddr>,
+    pub(crate) vm: Vec<GuestAddress>,
 }
 
 impl Addrs {
-    fn elements(&self) -> Throughput {
+    pub(crate) fn elements(&self) -> Throughput {
         Throughput::Elements(self.pf.len() as u64)
     }
 }
