@@ -91,6 +91,7 @@ impl RegionLog {
     }
 }
 
+#[cfg(feature = "vm-memory")]
 impl RegionLog {
     /// Whether the page holding region offset `off` is marked now (a
     /// snapshot; `false` before the bitmap exists).
