@@ -158,7 +158,7 @@ impl Drop for VmmSlot<'_> {
 /// fresh memory there succeeds (a slot in use with another size would be
 /// refused), and the page is deleted again.
 fn slot_is_free(vmm: &Vmm, slot: u32) -> bool {
-    let page = vec![0u8; 2 * PAGE as usize];
+    let page = vec![0u8; 2 * PAGE_SIZE];
     let aligned = (page.as_ptr() as u64 + PAGE - 1) & !(PAGE - 1);
     let desc = kvm_userspace_memory_region {
         slot,
