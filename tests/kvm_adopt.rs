@@ -352,6 +352,43 @@ fn slots_are_added_and_removed_while_the_vm_lives() {
     assert_eq!(vm.slots(), vec![(5, 0), (7, 1)]);
 }
 
+/// With `KVM_DIRTY_LOG_INITIALLY_SET` an adopted slot's clear could drop a
+/// store of a vCPU already running, so every page of it goes into
+/// pagefold's log once instead.
+#[test]
+fn initially_set_on_an_adopted_vm_reports_every_page_once() {
+    let test = "kvm_adopt initially set";
+    let Some(vmm) = vmm_or_skip(test) else { return };
+    let mem = memory();
+    let options = KvmOptions {
+        log_dirty_pages: true,
+        legacy_dirty_log: false,
+        dirty_log_initially_set: true,
+    };
+    // SAFETY: as in `adopt`.
+    let vm = unsafe {
+        KvmVm::adopt(
+            vm_fd(&vmm),
+            &mem,
+            &[SlotAssignment::index(0, 5), SlotAssignment::index(1, 9)],
+            options,
+        )
+    }
+    .unwrap();
+    if !vm.dirty_log_initially_set() {
+        println!("{test}: this KVM does not offer KVM_DIRTY_LOG_INITIALLY_SET; nothing to check");
+        return;
+    }
+    let all: BTreeSet<u64> = (0..0x20000 / PAGE).map(|i| i * PAGE).collect();
+    assert_eq!(harvest_pages(&mem), all, "every page of both slots once");
+    assert_eq!(vm.fetch_dirty_log().unwrap(), 0);
+    let mut vcpu = vmm_vcpu(&vmm);
+    let _own = VmmSlot::new(&vmm, &mem, 2, 0);
+    run_to_halt(&mut vcpu);
+    vm.fetch_dirty_log().unwrap();
+    assert_eq!(harvest_pages(&mem), BTreeSet::from(WRITTEN));
+}
+
 #[test]
 fn wrong_assignments_are_typed_errors_and_leave_nothing_registered() {
     let test = "kvm_adopt errors";

@@ -34,14 +34,24 @@
 //! bitmap. A VMM that wants "everything is dirty" for the first round of a
 //! migration marks it itself ([`GuestMemory::mark_dirty`]).
 //!
+//! A slot registered where a vCPU may already run — every slot of an
+//! adopted VM (the VMM's vCPUs are not pagefold's to know of) and every
+//! slot added with `add_slot` — is different under `INITIALLY_SET`: a
+//! guest store between the registration and that clear sets no bit (the
+//! bit is set already, the page not protected), and the clear would drop
+//! it. So there the cleared bits go into pagefold's log: the next harvest
+//! reports every page of such a slot once, too much but nothing lost.
+//! Without `INITIALLY_SET`, KVM logs from the registration on, and
+//! nothing is needed.
+//!
 //! The price of `INITIALLY_SET`: KVM then also write-protects (and, with
 //! eager splitting, splits) the 2 MiB ranges of every word a clear covers
 //! (`kvm_arch_mmu_enable_log_dirty_pt_masked`), for huge pages it may have
 //! mapped before logging began. `benches/kvm_dirty_ratios.sh` measured
 //! fetches of 1000 dirty pages 1.1-1.6x dearer with it than without it on
 //! a PVM host. It pays only where logging starts on a slot a guest already
-//! uses, which `KvmVm` never does (slots are registered with logging before
-//! any vCPU exists): so it is opt-in.
+//! uses, which `KvmVm` never does (slots are registered with logging, and
+//! for pagefold's own VM before any vCPU exists): so it is opt-in.
 //!
 //! # Why no guest write is lost (manual mode)
 //!
@@ -238,15 +248,17 @@ impl DirtyLog {
         self.mode != Mode::Off
     }
 
-    /// Once `slot` is registered, before a vCPU writes through it:
-    /// allocates its buffer and pagefold's bitmaps of its region, and
-    /// with `KVM_DIRTY_LOG_INITIALLY_SET` clears KVM's all-set bitmap, so
-    /// the first fetch reports only what the guest writes.
+    /// Once `slot` is registered: allocates its buffer and pagefold's
+    /// bitmaps of its region, and with `KVM_DIRTY_LOG_INITIALLY_SET`
+    /// clears KVM's all-set bitmap, so the first fetch reports only what
+    /// the guest writes — unless `vcpus_may_run` (see "What the first
+    /// fetch reports"), where the cleared bits go into pagefold's log.
     pub(super) fn track(
         &self,
         vm: BorrowedFd<'_>,
         slot: Slot,
         mem: &GuestMemory,
+        vcpus_may_run: bool,
     ) -> Result<LoggedSlot, KvmError> {
         if self.mode == Mode::Off {
             return Ok(LoggedSlot {
@@ -265,7 +277,11 @@ impl DirtyLog {
             if pages % 64 != 0 {
                 bitmap[words - 1] = (1u64 << (pages % 64)) - 1;
             }
-            clear_dirty_log(vm, slot.id, pages, &mut bitmap, 0..words)?;
+            let cleared = clear_dirty_log(vm, slot.id, pages, &mut bitmap, 0..words);
+            if vcpus_may_run {
+                mem.merge_dirty_bitmap(slot.region, &bitmap)?;
+            }
+            cleared?;
             bitmap.fill(0);
         }
         Ok(LoggedSlot { slot, bitmap })

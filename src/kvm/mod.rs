@@ -137,7 +137,7 @@ impl KvmVm {
             dirty,
             mem: Arc::clone(mem),
         };
-        this.add_slots(&assignments)?;
+        this.add_slots(&assignments, false)?;
         Ok(this)
     }
 
@@ -214,7 +214,7 @@ impl KvmVm {
             mem: Arc::clone(mem),
         };
         // On an error `this` drops, deleting what was registered.
-        this.add_slots(slots)?;
+        this.add_slots(slots, true)?;
         Ok(this)
     }
 
@@ -224,7 +224,7 @@ impl KvmVm {
     /// [`adopt`](Self::adopt), against the slots registered now; a slot
     /// removed with [`remove_slot`](Self::remove_slot) may be added again.
     pub fn add_slot(&self, assignment: SlotAssignment) -> Result<(), KvmError> {
-        self.add_slots(std::slice::from_ref(&assignment))
+        self.add_slots(std::slice::from_ref(&assignment), true)
     }
 
     /// Deletes slot `slot` (one this VM registered) while the VM runs
@@ -255,8 +255,14 @@ impl KvmVm {
     }
 
     /// Checks and registers `assignments`, in order; stops at the first
-    /// error (what was registered before it stays).
-    fn add_slots(&self, assignments: &[SlotAssignment]) -> Result<(), KvmError> {
+    /// error (what was registered before it stays). `vcpus_may_run`:
+    /// whether a vCPU may write through a slot as soon as it exists (all
+    /// but the creation of pagefold's own VM).
+    fn add_slots(
+        &self,
+        assignments: &[SlotAssignment],
+        vcpus_may_run: bool,
+    ) -> Result<(), KvmError> {
         let mut table = self.table();
         let vm = self.vm_fd();
         for a in assignments {
@@ -273,7 +279,7 @@ impl KvmVm {
             // drops, or `mem` leaked if KVM refuses; and the VMM touches
             // none of them (`adopt`'s contract).
             unsafe { slot::register(vm, &s, self.dirty.logs()) }?;
-            match self.dirty.track(vm, s, &self.mem) {
+            match self.dirty.track(vm, s, &self.mem, vcpus_may_run) {
                 Ok(logged) => table.push(logged),
                 Err(e) => {
                     // Not tracked: do not leave it registered.
