@@ -76,13 +76,6 @@ pub enum KvmError {
         /// The slot number.
         slot: u32,
     },
-    /// The operation needs a VM pagefold created (`KvmVm::new`), not one
-    /// it adopted.
-    #[error("{op} needs a VM pagefold created; this one is the VMM's")]
-    Adopted {
-        /// What was asked.
-        op: &'static str,
-    },
     /// The vCPU's `XSAVE` area is larger than the 4 KiB of a vCPU state
     /// (dynamically enabled features such as AMX): loading one would
     /// make KVM read past it.
