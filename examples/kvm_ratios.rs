@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::AsRawFd;
+
 use guest::Res;
 use kvm_bindings::kvm_userspace_memory_region;
 use pagefold::{
@@ -64,10 +66,24 @@ impl TestVm {
                 memory_size: a.bytes_mut().len() as u64,
                 userspace_addr: a.as_ptr() as u64,
             };
+            // `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`: the
+            // VM fd takes the VMM's own ioctls (kvm-ioctls' `VmFd` is not
+            // part of pagefold's API).
+            const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_ae46;
             // SAFETY: the slot maps `anon`, which `TestVm` drops after the
             // VM and vCPU fds (field order), so KVM never reaches a
-            // mapping that is gone; it does not overlap region 0.
-            unsafe { vm.vm_fd().set_user_memory_region(region) }?;
+            // mapping that is gone; it does not overlap region 0; the
+            // kernel reads `region`, live for the call.
+            let r = unsafe {
+                libc::ioctl(
+                    vm.vm_fd().as_raw_fd(),
+                    KVM_SET_USER_MEMORY_REGION as libc::Ioctl,
+                    &region,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
         }
         let mut vcpu = vm.create_vcpu(0)?;
         vcpu.setup_long_mode(&start)?;

@@ -260,7 +260,7 @@ fn guests_writing_while_the_scanner_merges_lose_nothing() {
             })
             .unwrap();
             // The host's sum of the data equals the guest's running sum.
-            let running = vcpu.vcpu_fd().get_regs().unwrap().r14;
+            let running = vcpu.regs().unwrap().r14;
             let mut bytes = vec![0u8; (PAGES * PAGE_SIZE as u64) as usize];
             mem.read(GuestPhysAddr(guest::DATA_GPA), &mut bytes)
                 .unwrap();

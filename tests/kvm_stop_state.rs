@@ -209,7 +209,9 @@ fn msrs_and_events_travel_and_a_refused_state_changes_nothing() {
             *v = 0xffff_8880_7fc0_0000;
         }
     }
-    state.debugregs.db[0] = 0x1234;
+    let mut debug = state.debug_regs();
+    debug.db[0] = 0x1234;
+    state.set_debug_regs(&debug);
     vcpu.set_state(&state).unwrap();
     let taken = vcpu.state().unwrap();
     let bytes = taken.to_bytes();
@@ -225,7 +227,7 @@ fn msrs_and_events_travel_and_a_refused_state_changes_nothing() {
     if msr(&taken, kernel_gs).is_some() {
         assert_eq!(msr(&arrived, kernel_gs), Some(0xffff_8880_7fc0_0000));
     }
-    assert_eq!(arrived.debugregs.db[0], 0x1234);
+    assert_eq!(arrived.debug_regs().db[0], 0x1234);
     assert_eq!(arrived.regs.rip, taken.regs.rip);
 
     // An MSR this KVM does not have: refused, named, and v2 unchanged.

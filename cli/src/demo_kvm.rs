@@ -98,7 +98,7 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), Box<dyn Error>> {
         })
         .map_err(|e| e as Box<dyn Error>)?;
         let failed = report.verified.iter().any(|&(v, f)| f > 0 || v == 0)
-            || report.migration.map_or(true, |m| m.failed > 0);
+            || report.migration.is_none_or(|m| m.failed > 0);
         if failed {
             return Err("a guest's verification failed".into());
         }
@@ -110,7 +110,7 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), Box<dyn Error>> {
     );
     let report = vmm::run(&cfg, &spawn_receiver).map_err(|e| e as Box<dyn Error>)?;
     let failed = report.verified.iter().any(|&(_, f)| f > 0)
-        || report.migration.map_or(true, |m| m.failed > 0);
+        || report.migration.is_none_or(|m| m.failed > 0);
     if failed {
         return Err("a guest's verification failed".into());
     }

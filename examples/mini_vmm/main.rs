@@ -51,7 +51,7 @@ fn main() -> ExitCode {
                 .spawn()
         })?;
         let bad = report.verified.iter().any(|&(_, failed)| failed > 0)
-            || report.migration.map_or(true, |m| m.failed > 0);
+            || report.migration.is_none_or(|m| m.failed > 0);
         if bad {
             return Err("a guest's verification failed".into());
         }

@@ -418,7 +418,7 @@ fn allocate_and_fill(
     let sources: Vec<PageRef> = groups
         .iter()
         .zip(&lens)
-        .flat_map(|(g, &n)| std::iter::repeat(canonical(&rest, g).at).take(n))
+        .flat_map(|(g, &n)| std::iter::repeat_n(canonical(&rest, g).at, n))
         .collect();
     let base = inner.store.allocate(sources.len() as u64)?;
     let view = match fill_shared_frames(inner, vms, base, &sources, |&at| at) {
@@ -435,7 +435,7 @@ fn allocate_and_fill(
         groups
             .iter()
             .zip(&lens)
-            .flat_map(|(g, &n)| std::iter::repeat((g.domain, g.hash)).take(n)),
+            .flat_map(|(g, &n)| std::iter::repeat_n((g.domain, g.hash), n)),
     );
     let mut next = base.start.0;
     for (g, &n) in groups.iter().zip(&lens) {

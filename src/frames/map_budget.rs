@@ -93,7 +93,7 @@ impl MapBudget {
     pub fn refresh_if_stale(&self) {
         let stale = self
             .lock_refreshed()
-            .map_or(true, |t| t.elapsed() >= Self::REFRESH);
+            .is_none_or(|t| t.elapsed() >= Self::REFRESH);
         if stale {
             self.refresh();
         }

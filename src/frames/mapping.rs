@@ -154,7 +154,7 @@ impl HostMapping {
         if len == 0
             || offset % page != 0
             || len % page != 0
-            || offset.checked_add(len).map_or(true, |e| e > self.len)
+            || offset.checked_add(len).is_none_or(|e| e > self.len)
         {
             return Err(FrameError::Misaligned {
                 start: offset as u64 / page as u64,
@@ -210,7 +210,7 @@ impl HostMapping {
     /// error (no memory, or a kernel without the advice) is returned rather
     /// than raised as `SIGBUS` on a later write.
     pub(crate) fn populate_write(&self, offset: usize, len: usize) -> Result<(), FrameError> {
-        if offset.checked_add(len).map_or(true, |e| e > self.len) {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(FrameError::TooLarge {
                 frames: (offset.saturating_add(len) >> crate::addr::PAGE_SHIFT) as u64,
             });

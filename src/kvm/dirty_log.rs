@@ -34,14 +34,24 @@
 //! bitmap. A VMM that wants "everything is dirty" for the first round of a
 //! migration marks it itself ([`GuestMemory::mark_dirty`]).
 //!
+//! A slot registered where a vCPU may already run — every slot of an
+//! adopted VM (the VMM's vCPUs are not pagefold's to know of) and every
+//! slot added with `add_slot` — is different under `INITIALLY_SET`: a
+//! guest store between the registration and that clear sets no bit (the
+//! bit is set already, the page not protected), and the clear would drop
+//! it. So there the cleared bits go into pagefold's log: the next harvest
+//! reports every page of such a slot once, too much but nothing lost.
+//! Without `INITIALLY_SET`, KVM logs from the registration on, and
+//! nothing is needed.
+//!
 //! The price of `INITIALLY_SET`: KVM then also write-protects (and, with
 //! eager splitting, splits) the 2 MiB ranges of every word a clear covers
 //! (`kvm_arch_mmu_enable_log_dirty_pt_masked`), for huge pages it may have
 //! mapped before logging began. `benches/kvm_dirty_ratios.sh` measured
 //! fetches of 1000 dirty pages 1.1-1.6x dearer with it than without it on
 //! a PVM host. It pays only where logging starts on a slot a guest already
-//! uses, which `KvmVm` never does (slots are registered with logging before
-//! any vCPU exists): so it is opt-in.
+//! uses, which `KvmVm` never does (slots are registered with logging, and
+//! for pagefold's own VM before any vCPU exists): so it is opt-in.
 //!
 //! # Why no guest write is lost (manual mode)
 //!
@@ -73,43 +83,21 @@
 //! fetched is still merged (reporting too much is harmless; the bits whose
 //! clear failed stay set in KVM and come again) and the error is returned.
 
-use std::{
-    os::fd::AsRawFd,
-    sync::{Mutex, PoisonError},
-};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
     kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
-use kvm_ioctls::VmFd;
 
 use super::{
-    error::{ioctl, KvmError},
+    error::{last_os_error, KvmError},
     options::KvmOptions,
     slot::{slot_pages, Slot},
+    sys::{self, KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG},
 };
 use crate::memory::GuestMemory;
-
-/// `_IOC(dir, 0xAE, nr, size)` as `<asm-generic/ioctl.h>` builds it
-/// (x86-64 and arm64 use the generic layout: dir in bits 30-31, size in
-/// 16-29, type in 8-15, nr in 0-7).
-const fn kvm_ioc(dir: u32, nr: u32, size: usize) -> u32 {
-    assert!(size < 1 << 14, "_IOC size field is 14 bits");
-    #[allow(clippy::cast_possible_truncation)] // checked above
-    let size = size as u32;
-    (dir << 30) | (size << 16) | (0xAE << 8) | nr
-}
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
-/// `_IO(KVMIO, 0x03)`.
-const KVM_CHECK_EXTENSION: u32 = kvm_ioc(0, 0x03, 0);
-/// `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
-const KVM_GET_DIRTY_LOG: u32 = kvm_ioc(IOC_WRITE, 0x42, size_of::<kvm_dirty_log>());
-/// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
-const KVM_CLEAR_DIRTY_LOG: u32 =
-    kvm_ioc(IOC_READ | IOC_WRITE, 0xc0, size_of::<kvm_clear_dirty_log>());
 
 /// Most pages one `KVM_CLEAR_DIRTY_LOG` covers: `num_pages` is a `u32`,
 /// and every call but a slot's last must cover a multiple of 64 pages.
@@ -126,39 +114,24 @@ enum Mode {
     Manual { initially_set: bool },
 }
 
-/// The dirty-log state of a [`KvmVm`](super::KvmVm): the mode and one bitmap buffer per
-/// slot, reused by every fetch (the lock also serialises fetches).
+/// How a [`KvmVm`](super::KvmVm) fetches its dirty log (the mode, set
+/// when the VM is created or adopted).
+#[derive(Debug)]
 pub(super) struct DirtyLog {
     mode: Mode,
-    bitmaps: Mutex<Vec<Vec<u64>>>,
 }
 
-impl std::fmt::Debug for DirtyLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyLog")
-            .field("mode", &self.mode)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `KVM_CHECK_EXTENSION` on the VM fd for a capability kvm-ioctls' `Cap`
-/// does not list; 0 (absent) on error.
-fn check_extension(vm: &VmFd, cap: u32) -> i32 {
-    // SAFETY: `vm` is an open VM fd; KVM_CHECK_EXTENSION takes the
-    // capability number by value and reads and writes no memory.
-    let r = unsafe {
-        libc::ioctl(
-            vm.as_raw_fd(),
-            KVM_CHECK_EXTENSION as libc::Ioctl,
-            libc::c_ulong::from(cap),
-        )
-    };
-    r.max(0)
+/// A registered slot and its bitmap buffer, reused by every fetch (empty
+/// with dirty logging off).
+#[derive(Debug)]
+pub(super) struct LoggedSlot {
+    pub(super) slot: Slot,
+    bitmap: Vec<u64>,
 }
 
 /// `KVM_GET_DIRTY_LOG` of slot `slot` into `bitmap`, which holds one bit
 /// per page of the slot rounded up to whole words.
-fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<(), KvmError> {
+fn get_dirty_log(vm: BorrowedFd<'_>, slot: u32, bitmap: &mut [u64]) -> Result<(), KvmError> {
     let log = kvm_dirty_log {
         slot,
         padding1: 0,
@@ -173,10 +146,7 @@ fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<(), KvmErro
     // large enough (above), and any bit pattern is a valid `u64`.
     let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG as libc::Ioctl, &log) };
     if r < 0 {
-        return Err(KvmError::Ioctl {
-            op: "KVM_GET_DIRTY_LOG",
-            source: kvm_ioctls::Error::last(),
-        });
+        return Err(last_os_error("KVM_GET_DIRTY_LOG"));
     }
     Ok(())
 }
@@ -184,7 +154,7 @@ fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> Result<(), KvmErro
 /// `KVM_CLEAR_DIRTY_LOG` of the set bits of `bitmap` (a slot's whole
 /// bitmap), for the words `words` only; `pages` is the slot's page count.
 fn clear_dirty_log(
-    vm: &VmFd,
+    vm: BorrowedFd<'_>,
     slot: u32,
     pages: u64,
     bitmap: &mut [u64],
@@ -202,7 +172,7 @@ fn clear_dirty_log(
             .get_mut(word..word + usize::try_from(num_pages.div_ceil(64)).unwrap_or(usize::MAX))
             .ok_or(KvmError::Ioctl {
                 op: "KVM_CLEAR_DIRTY_LOG",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
             })?;
         let clear = kvm_clear_dirty_log {
             slot,
@@ -218,10 +188,7 @@ fn clear_dirty_log(
         // SAFETY: `clear` is live for the call and the read stays in `chunk`.
         let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as libc::Ioctl, &clear) };
         if r < 0 {
-            return Err(KvmError::Ioctl {
-                op: "KVM_CLEAR_DIRTY_LOG",
-                source: kvm_ioctls::Error::last(),
-            });
+            return Err(last_os_error("KVM_CLEAR_DIRTY_LOG"));
         }
         first_page += num_pages;
     }
@@ -236,18 +203,22 @@ fn dirty_words(bitmap: &[u64]) -> Option<std::ops::Range<usize>> {
 }
 
 impl DirtyLog {
-    /// Picks the mode and, for manual protection, enables it on `vm`. Must
-    /// run before any slot is registered (`KVM_DIRTY_LOG_INITIALLY_SET`
-    /// applies to slots registered after it).
-    pub(super) fn enable(vm: &VmFd, options: &KvmOptions) -> Result<Self, KvmError> {
+    /// Picks the mode and, for manual protection, enables it on `vm` (for
+    /// the whole VM). Runs before pagefold registers any slot
+    /// (`KVM_DIRTY_LOG_INITIALLY_SET` applies to slots registered after
+    /// it).
+    pub(super) fn enable(vm: BorrowedFd<'_>, options: &KvmOptions) -> Result<Self, KvmError> {
         let mode = if !options.log_dirty_pages {
             Mode::Off
         } else if options.legacy_dirty_log {
             Mode::Legacy
         } else {
-            // The answer is the set of flags KVM accepts.
-            let offered =
-                u64::try_from(check_extension(vm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)).unwrap_or(0);
+            // The answer is the set of flags KVM accepts (0: none; an
+            // error counts as none).
+            let offered = sys::check_extension(vm, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+                .ok()
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0);
             let enable = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
             if offered & enable == 0 {
                 Mode::Legacy
@@ -259,65 +230,69 @@ impl DirtyLog {
                     ..Default::default()
                 };
                 cap.args[0] = enable | if initially_set { init } else { 0 };
-                vm.enable_cap(&cap)
-                    .map_err(ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+                sys::enable_cap(vm, &cap).map_err(|e| match e {
+                    KvmError::Ioctl { source, .. } => KvmError::Ioctl {
+                        op: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+                        source,
+                    },
+                    other => other,
+                })?;
                 Mode::Manual { initially_set }
             }
         };
-        Ok(DirtyLog {
-            mode,
-            bitmaps: Mutex::new(Vec::new()),
-        })
+        Ok(DirtyLog { mode })
     }
 
-    /// Once every slot is registered, before any vCPU exists: allocates the
-    /// per-slot buffers and pagefold's bitmaps of the slots' regions, and
-    /// with `KVM_DIRTY_LOG_INITIALLY_SET` clears KVM's all-set bitmaps, so
-    /// the first fetch reports only what the guest writes.
-    pub(super) fn start(
+    /// Whether slots are registered with `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub(super) fn logs(&self) -> bool {
+        self.mode != Mode::Off
+    }
+
+    /// Once `slot` is registered: allocates its buffer and pagefold's
+    /// bitmaps of its region, and with `KVM_DIRTY_LOG_INITIALLY_SET`
+    /// clears KVM's all-set bitmap, so the first fetch reports only what
+    /// the guest writes — unless `vcpus_may_run` (see "What the first
+    /// fetch reports"), where the cleared bits go into pagefold's log.
+    pub(super) fn track(
         &self,
-        vm: &VmFd,
-        slots: &[Slot],
+        vm: BorrowedFd<'_>,
+        slot: Slot,
         mem: &GuestMemory,
-    ) -> Result<(), KvmError> {
+        vcpus_may_run: bool,
+    ) -> Result<LoggedSlot, KvmError> {
         if self.mode == Mode::Off {
-            return Ok(());
+            return Ok(LoggedSlot {
+                slot,
+                bitmap: Vec::new(),
+            });
         }
-        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(PoisonError::into_inner);
-        bitmaps.clear();
-        for slot in slots {
-            if let Some(region) = mem.regions().get(slot.region) {
-                crate::dirty::region_bitmap(region.dirty_log(), slot.region)?;
-            }
-            let pages = slot_pages(slot);
-            let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
-            let mut bitmap = vec![0u64; words];
-            if self.mode
-                == (Mode::Manual {
-                    initially_set: true,
-                })
-                && words > 0
-            {
-                bitmap.fill(u64::MAX);
-                if pages % 64 != 0 {
-                    bitmap[words - 1] = (1u64 << (pages % 64)) - 1;
-                }
-                clear_dirty_log(vm, slot.id, pages, &mut bitmap, 0..words)?;
-                bitmap.fill(0);
-            }
-            bitmaps.push(bitmap);
+        if let Some(region) = mem.regions().get(slot.region) {
+            crate::dirty::region_bitmap(region.dirty_log(), slot.region)?;
         }
-        Ok(())
+        let pages = slot_pages(&slot);
+        let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut bitmap = vec![0u64; words];
+        if self.initially_set() && words > 0 {
+            bitmap.fill(u64::MAX);
+            if pages % 64 != 0 {
+                bitmap[words - 1] = (1u64 << (pages % 64)) - 1;
+            }
+            let cleared = clear_dirty_log(vm, slot.id, pages, &mut bitmap, 0..words);
+            if vcpus_may_run {
+                mem.merge_dirty_bitmap(slot.region, &bitmap)?;
+            }
+            cleared?;
+            bitmap.fill(0);
+        }
+        Ok(LoggedSlot { slot, bitmap })
     }
-}
 
-impl DirtyLog {
-    /// [`KvmVm::fetch_dirty_log`](super::KvmVm::fetch_dirty_log) over `slots` of `vm`, merged into `mem`'s
-    /// dirty log.
+    /// [`KvmVm::fetch_dirty_log`](super::KvmVm::fetch_dirty_log) of `slots`
+    /// of `vm`, merged into `mem`'s dirty log.
     pub(super) fn fetch(
         &self,
-        vm: &VmFd,
-        slots: &[Slot],
+        vm: BorrowedFd<'_>,
+        slots: &mut [LoggedSlot],
         mem: &GuestMemory,
     ) -> Result<u64, KvmError> {
         let manual = match self.mode {
@@ -325,9 +300,8 @@ impl DirtyLog {
             Mode::Legacy => false,
             Mode::Manual { .. } => true,
         };
-        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(PoisonError::into_inner);
         let mut total = 0u64;
-        for (slot, bitmap) in slots.iter().zip(bitmaps.iter_mut()) {
+        for LoggedSlot { slot, bitmap } in slots {
             get_dirty_log(vm, slot.id, bitmap)?;
             let Some(words) = dirty_words(bitmap) else {
                 continue;
@@ -364,15 +338,6 @@ impl DirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_the_kernel_headers() {
-        // Values from <linux/kvm.h> as built on x86-64 (QEMU and
-        // kvm-ioctls use the same).
-        assert_eq!(KVM_CHECK_EXTENSION, 0xae03);
-        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
-        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
-    }
 
     #[test]
     fn dirty_words_spans_first_to_last_set_word() {

@@ -1,6 +1,6 @@
 //! What can go wrong in the KVM layer.
 
-use crate::dirty::DirtyError;
+use crate::{addr::GuestPhysAddr, dirty::DirtyError};
 
 /// Errors of the KVM layer.
 #[derive(Debug, thiserror::Error)]
@@ -12,7 +12,7 @@ pub enum KvmError {
         op: &'static str,
         /// The OS error.
         #[source]
-        source: kvm_ioctls::Error,
+        source: std::io::Error,
     },
     /// The memory has more regions than KVM has slots.
     #[error("{regions} regions but KVM offers {slots} memory slots")]
@@ -35,6 +35,55 @@ pub enum KvmError {
     /// The guest exited for a reason the runner does not handle.
     #[error("unhandled vCPU exit: {0}")]
     UnhandledExit(String),
+    /// A slot number at or past what the VM offers (`KVM_CAP_NR_MEMSLOTS`).
+    #[error("memory slot {slot}: KVM offers slots 0 to {}", .limit.saturating_sub(1))]
+    SlotOutOfRange {
+        /// The slot number asked for.
+        slot: u32,
+        /// Slots the VM offers.
+        limit: u32,
+    },
+    /// One slot number given for two regions, or a slot number this VM
+    /// already registered.
+    #[error("memory slot {slot} given twice")]
+    SlotTwice {
+        /// The slot number.
+        slot: u32,
+    },
+    /// One region given two slots, or a region this VM already registered.
+    #[error("region {index} given two memory slots")]
+    RegionTwice {
+        /// The region.
+        index: usize,
+    },
+    /// No region of the memory is at this index.
+    #[error("no region {index} (the memory has {regions})")]
+    NoRegionIndex {
+        /// The index asked for.
+        index: usize,
+        /// Regions in the memory.
+        regions: usize,
+    },
+    /// No region of the memory starts at this guest address.
+    #[error("no region starts at guest address {start:#x}")]
+    NoRegionAt {
+        /// The guest address asked for.
+        start: GuestPhysAddr,
+    },
+    /// No slot of this VM has this number (or it is not pagefold's).
+    #[error("memory slot {slot} is not one this VM registered")]
+    NoSuchSlot {
+        /// The slot number.
+        slot: u32,
+    },
+    /// The vCPU's `XSAVE` area is larger than the 4 KiB of a vCPU state
+    /// (dynamically enabled features such as AMX): loading one would
+    /// make KVM read past it.
+    #[error("the vCPU's XSAVE area is {size} bytes; a vCPU state carries 4096")]
+    XsaveTooLarge {
+        /// Bytes KVM reads (`KVM_CAP_XSAVE2`).
+        size: usize,
+    },
     /// KVM would not load a model-specific register of a vCPU state (this
     /// host's KVM lacks it, or refused the value).
     #[error("KVM refused MSR {index:#x} of the vCPU state")]
@@ -46,5 +95,22 @@ pub enum KvmError {
 
 /// Maps a kvm-ioctls error to [`KvmError::Ioctl`] naming the operation.
 pub(super) fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
-    move |source| KvmError::Ioctl { op, source }
+    move |source| KvmError::Ioctl {
+        op,
+        source: os_error(&source),
+    }
+}
+
+/// A kvm-ioctls error as the `std` error it stands for (the public API
+/// carries no kvm-ioctls type).
+pub(super) fn os_error(e: &kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// [`KvmError::Ioctl`] of the calling thread's `errno`, for raw ioctls.
+pub(super) fn last_os_error(op: &'static str) -> KvmError {
+    KvmError::Ioctl {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
 }

@@ -1,14 +1,23 @@
-//! KVM (feature `kvm`): a VM whose memory slots are the regions of a
-//! [`GuestMemory`], KVM's dirty log fetched into pagefold's dirty log
+//! KVM (feature `kvm`): a VM whose memory slots are regions of a
+//! [`GuestMemory`] — one pagefold creates (slot `i` is region `i`) or the
+//! VMM's own, adopted with the slot numbers it chooses
+//! ([`KvmVm::adopt`]) — KVM's dirty log fetched into pagefold's dirty log
 //! (`dirty_log.rs`), and vCPUs in real mode or directly in 64-bit mode with
-//! a run loop and a migratable state (`vcpu.rs`).
+//! a run loop and a migratable state (`vcpu.rs`). The public API carries
+//! no kvm-ioctls or kvm-bindings type (fds go out as [`BorrowedFd`],
+//! registers as pagefold's [`Regs`], vCPU state as bytes), so a VMM
+//! linking other versions of those crates still builds.
 //!
 //! Lifetime rule: a KVM memory slot points at a region's host mapping by
 //! address. The kernel VM (and with it every slot) lives as long as any of
 //! its file descriptors: the VM fd and every vCPU fd. So [`KvmVm`] and every
 //! [`KvmVcpu`] hold an `Arc<GuestMemory>` and close their fd before dropping
 //! it (field order), which keeps the mappings alive for as long as the
-//! kernel can reach them.
+//! kernel can reach them. An adopted VM outlives pagefold's fds (the VMM
+//! holds its own), so its `KvmVm` deletes the slots it registered before
+//! it drops its `Arc` (and keeps the memory mapped for good if KVM refused
+//! a delete); what the VMM must not do meanwhile is in
+//! [`KvmVm::adopt`]'s `# Safety`.
 //!
 //! Guest writes to pages the dedup host merged need nothing from this
 //! module: a merged page is a private read-only view of its shared frame,
@@ -16,27 +25,37 @@
 //! merge windows hold a vCPU's store in the kernel with userfaultfd write
 //! protection until they close (`DESIGN.md`, "kvm"; `tests/kvm_cow.rs`).
 
-use std::sync::Arc;
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::{KVM_CAP_NR_MEMSLOTS, KVM_CAP_XSAVE2};
+use kvm_ioctls::{Kvm, VmFd};
 
 mod dirty_log;
 mod error;
 mod options;
+mod regs;
 mod slot;
+mod sys;
 mod vcpu;
 
 pub use error::KvmError;
 pub use options::KvmOptions;
-
+pub use regs::{ControlRegs, DebugRegs, Regs};
+pub use slot::{RegionRef, SlotAssignment};
 pub use vcpu::{
     Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
     MIGRATED_MSRS,
 };
 
-use self::{error::ioctl, slot::Slot};
-use crate::{addr::PAGE_SIZE, memory::GuestMemory};
+use self::{
+    dirty_log::{DirtyLog, LoggedSlot},
+    error::ioctl,
+    slot::Slot,
+};
+use crate::memory::GuestMemory;
 
 /// Whether KVM can run a guest here: opens `/dev/kvm`, creates a VM and a
 /// vCPU, and drops them. The error says why not (no `/dev/kvm`, no
@@ -49,16 +68,30 @@ pub fn probe() -> Result<(), KvmError> {
     Ok(())
 }
 
-/// A KVM VM whose memory slots are the regions of a [`GuestMemory`]
-/// (slot `i` is region `i`).
+/// The kernel VM behind a [`KvmVm`].
+#[derive(Debug)]
+enum Vm {
+    /// pagefold opened `/dev/kvm` and created the VM.
+    Own { vm: VmFd, kvm: Kvm },
+    /// The VMM's VM: pagefold's duplicate of its fd.
+    Adopted(OwnedFd),
+}
+
+/// A KVM VM whose memory slots map regions of a [`GuestMemory`]: one
+/// pagefold creates ([`new`](Self::new), slot `i` is region `i`) or the
+/// VMM's own ([`adopt`](Self::adopt), slot numbers of its choosing).
 #[derive(Debug)]
 pub struct KvmVm {
-    // Field order matters: `vm` drops (closing the VM fd) before `mem`.
-    vm: VmFd,
-    slots: Vec<Slot>,
-    dirty: dirty_log::DirtyLog,
+    // Field order matters: `vm` drops (closing pagefold's VM fd) before
+    // `mem`; an adopted VM's slots are deleted first, in `Drop`.
+    vm: Vm,
+    /// The slots pagefold registered, with their dirty-log buffers (the
+    /// lock also serialises fetches and slot changes).
+    slots: Mutex<Vec<LoggedSlot>>,
+    /// `KVM_CAP_NR_MEMSLOTS` of the VM.
+    max_slots: u32,
+    dirty: DirtyLog,
     mem: Arc<GuestMemory>,
-    kvm: Kvm,
 }
 
 impl KvmVm {
@@ -74,16 +107,16 @@ impl KvmVm {
     }
 
     /// A VM over `mem`: opens `/dev/kvm`, creates a VM and registers every
-    /// region as a memory slot.
+    /// region as a memory slot (slot `i` is region `i`).
     pub fn with_options(mem: &Arc<GuestMemory>, options: KvmOptions) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(ioctl("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        let max_slots = usize::try_from(kvm.check_extension_int(Cap::NrMemslots)).unwrap_or(0);
-        let regions = mem.regions();
-        if regions.len() > max_slots {
+        let max_slots = max_slots(vm_borrow(&vm))?;
+        let regions = mem.regions().len();
+        if regions > max_slots as usize {
             return Err(KvmError::TooManyRegions {
-                regions: regions.len(),
-                slots: max_slots,
+                regions,
+                slots: max_slots as usize,
             });
         }
         #[cfg(target_arch = "x86_64")]
@@ -93,52 +126,181 @@ impl KvmVm {
             vm.set_tss_address(0xfffb_d000)
                 .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         }
-        // Before the slots: manual protection applies to slots added later.
-        let dirty = dirty_log::DirtyLog::enable(&vm, &options)?;
-        let mut slots = Vec::with_capacity(regions.len());
-        for (index, region) in regions.iter().enumerate() {
-            if options.log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64
-            {
-                return Err(KvmError::DirtyGranule { index });
-            }
-            let info = region.info();
-            let id = u32::try_from(index).map_err(|_| KvmError::TooManyRegions {
-                regions: regions.len(),
-                slots: max_slots,
-            })?;
-            let desc = kvm_userspace_memory_region {
-                slot: id,
-                flags: if options.log_dirty_pages {
-                    KVM_MEM_LOG_DIRTY_PAGES
-                } else {
-                    0
-                },
-                guest_phys_addr: info.guest_start.0,
-                memory_size: info.size,
-                userspace_addr: info.host_addr.0,
-            };
-            // The slot points at region `index`'s host mapping, which lives
-            // as long as `mem`. Slots do not overlap: regions do not
-            // (checked by `GuestMemory`).
-            // SAFETY: the returned `KvmVm` and its vCPUs hold an `Arc` of
-            // `mem` and close their fds before dropping it (field order), so
-            // the kernel reaches the mapping only while it exists.
-            unsafe { vm.set_user_memory_region(desc) }
-                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-            slots.push(Slot {
-                id,
-                region: index,
-                size: info.size,
-            });
-        }
-        dirty.start(&vm, &slots, mem)?;
-        Ok(KvmVm {
-            vm,
-            slots,
+        let assignments: Vec<SlotAssignment> = (0..regions)
+            .map(|i| SlotAssignment::index(i, u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        let dirty = DirtyLog::enable(vm_borrow(&vm), &options)?;
+        let this = KvmVm {
+            vm: Vm::Own { vm, kvm },
+            slots: Mutex::new(Vec::new()),
+            max_slots,
             dirty,
             mem: Arc::clone(mem),
-            kvm,
-        })
+        };
+        this.add_slots(&assignments, false)?;
+        Ok(this)
+    }
+
+    /// Registers regions of `mem` as memory slots of the VMM's own KVM VM
+    /// `vm_fd`, in the slot numbers `slots` gives (a region no assignment
+    /// names stays the VMM's business: it may register it itself, or
+    /// leave it out). Opens no `/dev/kvm`, creates no VM, sets no TSS:
+    /// the VM is the VMM's. pagefold keeps a duplicate of the fd.
+    ///
+    /// Dirty logging as [`with_options`](Self::with_options) sets it up:
+    /// with `options.log_dirty_pages` the slots log dirty pages and
+    /// [`fetch_dirty_log`](Self::fetch_dirty_log) fetches them; manual
+    /// protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) is enabled where
+    /// KVM offers it unless `options.legacy_dirty_log`. That capability is
+    /// the VM's, not a slot's: a VMM that fetches the dirty log of slots
+    /// of its own must then clear it with `KVM_CLEAR_DIRTY_LOG` (or adopt
+    /// with `legacy_dirty_log`).
+    ///
+    /// Everything is checked before the VM is touched: a slot number at
+    /// or past the VM's `KVM_CAP_NR_MEMSLOTS` ([`KvmError::SlotOutOfRange`]),
+    /// a slot number or a region given twice ([`KvmError::SlotTwice`],
+    /// [`KvmError::RegionTwice`]), a region not in `mem`
+    /// ([`KvmError::NoRegionIndex`], [`KvmError::NoRegionAt`]). If KVM
+    /// refuses a slot (its number is the VMM's already, or overlaps one),
+    /// the slots registered before it are deleted again and the error
+    /// returned.
+    ///
+    /// Dropping the `KvmVm` deletes the slots it registered (the VMM's VM
+    /// lives on); vCPUs made by [`create_vcpu`](Self::create_vcpu) hold
+    /// their own `Arc` of the memory.
+    ///
+    /// # Safety
+    ///
+    /// pagefold can no longer see every fd of the VM, so the VMM
+    /// guarantees, for as long as the returned `KvmVm` lives:
+    ///
+    /// - `vm_fd` is a KVM VM fd (from `KVM_CREATE_VM`) created by this
+    ///   process, not some other file;
+    /// - the slot numbers in `slots` are free in the VM (in address space
+    ///   0), and the VMM does not register, change or delete them (nor
+    ///   those added by [`add_slot`](Self::add_slot)) through any fd of
+    ///   the VM, nor turn `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` on or off;
+    /// - the VMM registers no slot of its own over the host mappings of
+    ///   `mem`'s regions unless it keeps an `Arc` of `mem` for as long as
+    ///   that slot exists.
+    ///
+    /// Under these, every slot pointing at `mem`'s mappings is pagefold's,
+    /// and pagefold deletes each before the mapping can go.
+    pub unsafe fn adopt(
+        vm_fd: BorrowedFd<'_>,
+        mem: &Arc<GuestMemory>,
+        slots: &[SlotAssignment],
+        options: KvmOptions,
+    ) -> Result<Self, KvmError> {
+        let max_slots = max_slots(vm_fd)?;
+        // Every typed error before the VM is touched.
+        let mut planned: Vec<Slot> = Vec::with_capacity(slots.len());
+        for a in slots {
+            let s = slot::resolve(mem, a, max_slots, &planned, options.log_dirty_pages)?;
+            planned.push(s);
+        }
+        let fd = vm_fd
+            .try_clone_to_owned()
+            .map_err(|source| KvmError::Ioctl {
+                op: "dup of the VM fd",
+                source,
+            })?;
+        let dirty = DirtyLog::enable(fd.as_fd(), &options)?;
+        let this = KvmVm {
+            vm: Vm::Adopted(fd),
+            slots: Mutex::new(Vec::new()),
+            max_slots,
+            dirty,
+            mem: Arc::clone(mem),
+        };
+        // On an error `this` drops, deleting what was registered.
+        this.add_slots(slots, true)?;
+        Ok(this)
+    }
+
+    /// Registers region `assignment.region` as slot `assignment.slot`
+    /// while the VM runs (memory hotplug of a region the VM did not map
+    /// yet), with the VM's dirty logging. The same checks and errors as
+    /// [`adopt`](Self::adopt), against the slots registered now; a slot
+    /// removed with [`remove_slot`](Self::remove_slot) may be added again.
+    pub fn add_slot(&self, assignment: SlotAssignment) -> Result<(), KvmError> {
+        self.add_slots(std::slice::from_ref(&assignment), true)
+    }
+
+    /// Deletes slot `slot` (one this VM registered) while the VM runs
+    /// (memory unplug): the dirty pages KVM logged in it are fetched into
+    /// pagefold's log first, so none is lost; after it returns the guest
+    /// no longer reaches the region (an access is an MMIO exit).
+    pub fn remove_slot(&self, slot: u32) -> Result<(), KvmError> {
+        let mut table = self.table();
+        let at = table
+            .iter()
+            .position(|l| l.slot.id == slot)
+            .ok_or(KvmError::NoSuchSlot { slot })?;
+        let vm = self.vm_fd();
+        self.dirty
+            .fetch(vm, std::slice::from_mut(&mut table[at]), &self.mem)?;
+        slot::delete(vm, &table[at].slot)?;
+        table.remove(at);
+        Ok(())
+    }
+
+    /// The slots this VM registered: (slot number, region index), in the
+    /// order they were added.
+    pub fn slots(&self) -> Vec<(u32, usize)> {
+        self.table()
+            .iter()
+            .map(|l| (l.slot.id, l.slot.region))
+            .collect()
+    }
+
+    /// Checks and registers `assignments`, in order; stops at the first
+    /// error (what was registered before it stays). `vcpus_may_run`:
+    /// whether a vCPU may write through a slot as soon as it exists (all
+    /// but the creation of pagefold's own VM).
+    fn add_slots(
+        &self,
+        assignments: &[SlotAssignment],
+        vcpus_may_run: bool,
+    ) -> Result<(), KvmError> {
+        let mut table = self.table();
+        let vm = self.vm_fd();
+        for a in assignments {
+            let taken: Vec<Slot> = table.iter().map(|l| l.slot).collect();
+            let s = slot::resolve(&self.mem, a, self.max_slots, &taken, self.dirty.logs())?;
+            // The slot points at region `s.region`'s host mapping, which
+            // lives as long as `self.mem`. Slots do not overlap each other
+            // (regions do not: checked by `GuestMemory`; one slot per
+            // region: `resolve`).
+            // SAFETY: the slot stays registered at most until `self` drops:
+            // a VM pagefold created closes its last fds (this one and its
+            // vCPUs') before their `Arc`s of the memory drop (field order);
+            // an adopted one has its slots deleted in `Drop` before `mem`
+            // drops, or `mem` leaked if KVM refuses; and the VMM touches
+            // none of them (`adopt`'s contract).
+            unsafe { slot::register(vm, &s, self.dirty.logs()) }?;
+            match self.dirty.track(vm, s, &self.mem, vcpus_may_run) {
+                Ok(logged) => table.push(logged),
+                Err(e) => {
+                    // Not tracked: do not leave it registered.
+                    if slot::delete(vm, &s).is_err() {
+                        self.keep_memory_forever();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn table(&self) -> MutexGuard<'_, Vec<LoggedSlot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Leaks one `Arc` of the memory: its mappings then stay for the
+    /// life of the process, for a slot KVM would not delete.
+    fn keep_memory_forever(&self) {
+        std::mem::forget(Arc::clone(&self.mem));
     }
 
     /// The guest memory behind the slots.
@@ -146,20 +308,55 @@ impl KvmVm {
         &self.mem
     }
 
-    /// The VM fd, for ioctls this type does not wrap.
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
+    /// Whether pagefold created the VM (`false`: adopted from the VMM).
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.vm, Vm::Adopted(_))
+    }
+
+    /// The VM fd, for ioctls this type does not wrap (through the VMM's
+    /// own KVM crate, whichever version it links). Do not register,
+    /// change or delete the slots this type registered through it.
+    pub fn vm_fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
     }
 
     /// Creates vCPU `id` with KVM's supported CPUID (so the guest sees
-    /// the host's features KVM can virtualize: SSE, AVX, XSAVE, ...).
+    /// the host's features KVM can virtualize: SSE, AVX, XSAVE, ...). On
+    /// an adopted VM this opens `/dev/kvm` (for `KVM_GET_VCPU_MMAP_SIZE`
+    /// and the supported CPUID); a VMM running its own vCPUs never calls
+    /// it.
     pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, KvmError> {
-        let fd = self.vm.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let opened;
+        let (kvm, vm) = match &self.vm {
+            Vm::Own { vm, kvm } => (kvm, vm),
+            Vm::Adopted(fd) => {
+                let kvm = Kvm::new().map_err(ioctl("open /dev/kvm"))?;
+                let dup = fd.try_clone().map_err(|source| KvmError::Ioctl {
+                    op: "dup of the VM fd",
+                    source,
+                })?;
+                let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
+                // `raw` is a KVM VM fd (adopt's contract) this call owns
+                // (just duplicated, handed over here).
+                // SAFETY: the `VmFd` takes ownership of `raw` and closes it.
+                let vm = unsafe { kvm.create_vmfd_from_rawfd(raw) }
+                    .map_err(ioctl("KVM_GET_VCPU_MMAP_SIZE"))?;
+                opened = (kvm, vm);
+                (&opened.0, &opened.1)
+            }
+        };
+        let fd = vm.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
         let mut features = VcpuFeatures::default();
+        // At least the 4 KiB of `struct kvm_xsave`; asked after the vCPU
+        // exists (the guest's XSTATE permissions are locked then).
+        let xsave_size = sys::check_extension(self.vm_fd(), KVM_CAP_XSAVE2)
+            .ok()
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(0)
+            .max(4096);
         #[cfg(target_arch = "x86_64")]
         {
-            let cpuid = self
-                .kvm
+            let cpuid = kvm
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
             // CPUID leaf 1, ECX: bit 26 XSAVE, bit 28 AVX.
@@ -169,9 +366,13 @@ impl KvmVm {
             }
             fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         }
-        Ok(KvmVcpu::new(fd, features, Arc::clone(&self.mem)))
+        Ok(KvmVcpu::new(
+            fd,
+            features,
+            xsave_size,
+            Arc::clone(&self.mem),
+        ))
     }
-
     /// Fetches KVM's dirty log of every slot and ORs it into pagefold's
     /// dirty log ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
     /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM
@@ -194,7 +395,8 @@ impl KvmVm {
     /// before the error returns, bits not cleared come again next time.
     pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
         // Without `log_dirty_pages` the log's mode is off: it fetches nothing.
-        self.dirty.fetch(&self.vm, &self.slots, &self.mem)
+        let mut table = self.table();
+        self.dirty.fetch(self.vm_fd(), &mut table, &self.mem)
     }
 
     /// Whether fetches use manual protection (`KVM_GET_DIRTY_LOG` then
@@ -209,4 +411,59 @@ impl KvmVm {
     pub fn dirty_log_initially_set(&self) -> bool {
         self.dirty.initially_set()
     }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        if !self.is_adopted() {
+            // Closing pagefold's fd (and its vCPUs') ends the VM.
+            return;
+        }
+        // The VMM's VM outlives this: delete pagefold's slots before `mem`
+        // drops. One KVM would not delete keeps the memory mapped.
+        let table = std::mem::take(self.slots.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let vm = self.vm_fd();
+        let mut refused = false;
+        for l in &table {
+            refused |= slot::delete(vm, &l.slot).is_err();
+        }
+        if refused {
+            self.keep_memory_forever();
+        }
+    }
+}
+
+impl AsFd for KvmVm {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.vm {
+            Vm::Own { vm, .. } => vm_borrow(vm),
+            Vm::Adopted(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for KvmVm {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// `vm`'s fd, borrowed for as long as `vm`.
+fn vm_borrow(vm: &VmFd) -> BorrowedFd<'_> {
+    // SAFETY: the raw fd is `vm`'s, open for as long as `vm` (and so the
+    // returned borrow) lives.
+    unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
+}
+
+/// `KVM_CAP_NR_MEMSLOTS` of the VM: the slot numbers it takes (in address
+/// space 0).
+fn max_slots(vm: BorrowedFd<'_>) -> Result<u32, KvmError> {
+    let n = sys::check_extension(vm, KVM_CAP_NR_MEMSLOTS).map_err(|e| match e {
+        KvmError::Ioctl { source, .. } => KvmError::Ioctl {
+            op: "KVM_CHECK_EXTENSION(KVM_CAP_NR_MEMSLOTS) on the VM fd",
+            source,
+        },
+        other => other,
+    })?;
+    Ok(u32::try_from(n).unwrap_or(0))
 }

@@ -13,7 +13,10 @@ pub struct KvmOptions {
     /// With manual protection, also ask for `KVM_DIRTY_LOG_INITIALLY_SET`
     /// (slots start all-dirty, and every clear also write-protects the
     /// 2 MiB ranges it covers). It only pays where logging starts on a
-    /// slot a guest already uses, which `KvmVm` never does; off by default
+    /// slot a guest already uses, which `KvmVm` never does (and on an
+    /// adopted VM or a slot added later, every page of the slot goes into
+    /// pagefold's dirty log when it is registered, as a vCPU may write
+    /// before the clear; `src/kvm/dirty_log.rs`); off by default
     /// (`benches/kvm_dirty_ratios.sh` measured fetches of 1000 dirty pages
     /// 1.1-1.6x dearer with it).
     pub dirty_log_initially_set: bool,

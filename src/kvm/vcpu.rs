@@ -2,16 +2,24 @@
 //! setup, a run loop that hands port I/O and `HLT` to the VMM, and the
 //! vCPU state a migration carries ([`VcpuState`]).
 
-use std::sync::Arc;
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    sync::Arc,
+};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use zerocopy::{AsBytes, FromBytes};
+use zerocopy::{FromBytes, IntoBytes};
 
-use super::error::{ioctl, KvmError};
+use super::{
+    error::{ioctl, os_error, KvmError},
+    regs::{
+        control_from_kvm, debug_from_kvm, regs_from_kvm, regs_to_kvm, ControlRegs, DebugRegs, Regs,
+    },
+};
 use crate::{
     addr::{GuestPhysAddr, GuestVirtAddr},
     memory::GuestMemory,
@@ -95,6 +103,10 @@ pub struct KvmVcpu {
     // alive) drops before `_mem`.
     fd: VcpuFd,
     features: VcpuFeatures,
+    /// Bytes `KVM_SET_XSAVE` reads (`KVM_CAP_XSAVE2` when the vCPU was
+    /// created, at least 4096): [`KvmVcpu::set_state`] refuses to load a
+    /// 4 KiB area where it is larger.
+    xsave_size: usize,
     _mem: Arc<GuestMemory>,
 }
 
@@ -120,17 +132,48 @@ const XCR0_AVX: u64 = 0b100;
 const RFLAGS_IOPL3: u64 = 0b11 << 12;
 
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd, features: VcpuFeatures, mem: Arc<GuestMemory>) -> Self {
+    pub(super) fn new(
+        fd: VcpuFd,
+        features: VcpuFeatures,
+        xsave_size: usize,
+        mem: Arc<GuestMemory>,
+    ) -> Self {
         KvmVcpu {
             fd,
             features,
+            xsave_size,
             _mem: mem,
         }
     }
 
-    /// The vCPU fd, for ioctls this type does not wrap.
-    pub fn vcpu_fd(&mut self) -> &mut VcpuFd {
-        &mut self.fd
+    /// The vCPU fd, for ioctls this type does not wrap (through the VMM's
+    /// own KVM crate, whichever version it links). The fd stays open as
+    /// long as the borrow; `KVM_RUN` through it bypasses this type's
+    /// `kvm_run` handling, so run the guest with [`run`](Self::run).
+    pub fn vcpu_fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+
+    /// The general registers (`KVM_GET_REGS`).
+    #[cfg(target_arch = "x86_64")]
+    pub fn regs(&self) -> Result<Regs, KvmError> {
+        let r = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        Ok(regs_from_kvm(&r))
+    }
+
+    /// Loads the general registers (`KVM_SET_REGS`).
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_regs(&mut self, regs: &Regs) -> Result<(), KvmError> {
+        self.fd
+            .set_regs(&regs_to_kvm(regs))
+            .map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    /// The control registers and `EFER` (from `KVM_GET_SREGS`).
+    #[cfg(target_arch = "x86_64")]
+    pub fn control_regs(&self) -> Result<ControlRegs, KvmError> {
+        let s = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        Ok(control_from_kvm(&s))
     }
 
     /// The features its CPUID offers (KVM's supported CPUID, set at
@@ -264,7 +307,7 @@ impl KvmVcpu {
                 Err(source) => {
                     return Err(KvmError::Ioctl {
                         op: "KVM_RUN",
-                        source,
+                        source: os_error(&source),
                     })
                 }
             };
@@ -313,7 +356,7 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(source) => Err(KvmError::Ioctl {
                 op: "KVM_RUN (completing the exit before a stop)",
-                source,
+                source: os_error(&source),
             }),
             Ok(exit) => Err(KvmError::UnhandledExit(format!(
                 "{exit:?} while completing the exit before a stop"
@@ -367,19 +410,21 @@ impl KvmVcpu {
     #[cfg(target_arch = "x86_64")]
     pub fn state(&self) -> Result<VcpuState, KvmError> {
         Ok(VcpuState {
-            regs: self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
-            sregs: self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
-            xsave: self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?.region,
-            xcrs: self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
-            events: self
-                .fd
-                .get_vcpu_events()
-                .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
-            mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
-            debugregs: self
-                .fd
-                .get_debug_regs()
-                .map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+            regs: self.regs()?,
+            arch: ArchState {
+                sregs: self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+                xsave: self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?.region,
+                xcrs: self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
+                events: self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+                mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+                debugregs: self
+                    .fd
+                    .get_debug_regs()
+                    .map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+            },
             msrs: self.read_msrs()?,
         })
     }
@@ -415,22 +460,31 @@ impl KvmVcpu {
 
     #[cfg(target_arch = "x86_64")]
     fn load_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        let arch = &state.arch;
+        if self.xsave_size > size_of::<kvm_xsave>() {
+            return Err(KvmError::XsaveTooLarge {
+                size: self.xsave_size,
+            });
+        }
         self.fd
-            .set_sregs(&state.sregs)
+            .set_sregs(&arch.sregs)
             .map_err(ioctl("KVM_SET_SREGS"))?;
-        if state.xcrs.nr_xcrs > 0 {
+        if arch.xcrs.nr_xcrs > 0 {
             self.fd
-                .set_xcrs(&state.xcrs)
+                .set_xcrs(&arch.xcrs)
                 .map_err(ioctl("KVM_SET_XCRS"))?;
         }
         let xsave = kvm_xsave {
-            region: state.xsave,
+            region: arch.xsave,
             ..Default::default()
         };
-        self.fd.set_xsave(&xsave).map_err(ioctl("KVM_SET_XSAVE"))?;
-        self.fd
-            .set_regs(&state.regs)
-            .map_err(ioctl("KVM_SET_REGS"))?;
+        // KVM_SET_XSAVE reads the vCPU's `uabi_size` bytes, which
+        // `KVM_CAP_XSAVE2` reported when the vCPU was created (the guest's
+        // XSTATE permissions lock at the first vCPU, so it cannot grow
+        // since); checked above to be at most `kvm_xsave`'s 4096 bytes.
+        // SAFETY: the kernel reads within `xsave`, which lives for the call.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+        self.set_regs(&state.regs)?;
         if !state.msrs.is_empty() {
             let msrs = msr_list(state.msrs.iter().copied())?;
             let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
@@ -439,13 +493,13 @@ impl KvmVcpu {
             }
         }
         self.fd
-            .set_vcpu_events(&state.events)
+            .set_vcpu_events(&arch.events)
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         self.fd
-            .set_mp_state(state.mp_state)
+            .set_mp_state(arch.mp_state)
             .map_err(ioctl("KVM_SET_MP_STATE"))?;
         self.fd
-            .set_debug_regs(&state.debugregs)
+            .set_debug_regs(&arch.debugregs)
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         Ok(())
     }
@@ -469,6 +523,20 @@ pub const MIGRATED_MSRS: [u32; 12] = [
     0xc000_0103, // TSC_AUX
 ];
 
+impl AsFd for KvmVcpu {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the raw fd is `self.fd`'s, open for as long as `self`
+        // (and so the returned borrow) lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+    }
+}
+
+impl AsRawFd for KvmVcpu {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 /// Most MSRs a state's byte form may carry.
 const MAX_STATE_MSRS: usize = 64;
 
@@ -484,26 +552,38 @@ fn msr_list(entries: impl Iterator<Item = (u32, u64)>) -> Result<Msrs, KvmError>
 }
 
 /// A vCPU's state as [`KvmVcpu::state`] takes it, with a byte form to
-/// send next to a migration stream.
+/// send next to a migration stream. The general registers and MSRs are
+/// open; the rest (segments and descriptor tables, the `XSAVE` area,
+/// `XCR0`, pending events, the run state, debug registers) travels as the
+/// kernel lays it out, readable through [`to_bytes`](Self::to_bytes)
+/// (whose layout is documented) with any kvm-bindings version, and in
+/// parts through [`control_regs`](Self::control_regs) and
+/// [`debug_regs`](Self::debug_regs).
 #[derive(Clone, Debug)]
 pub struct VcpuState {
     /// General registers, `RIP`, `RFLAGS`.
-    pub regs: kvm_regs,
-    /// Segment, descriptor-table and control registers, `EFER`.
-    pub sregs: kvm_sregs,
-    /// The `XSAVE` area (4 KiB; `kvm_xsave::region`).
-    pub xsave: [u32; 1024],
-    /// Extended control registers (`XCR0`).
-    pub xcrs: kvm_xcrs,
-    /// Pending exception, interrupt and NMI, interrupt shadow, SMM.
-    pub events: kvm_vcpu_events,
-    /// Run state (runnable, halted, waiting for INIT/SIPI).
-    pub mp_state: kvm_mp_state,
-    /// Debug registers.
-    pub debugregs: kvm_debugregs,
+    pub regs: Regs,
     /// Model-specific registers: (index, value), of [`MIGRATED_MSRS`] those
     /// the source's KVM had.
     pub msrs: Vec<(u32, u64)>,
+    arch: ArchState,
+}
+
+/// The parts of a [`VcpuState`] kept in the kernel's structures.
+#[derive(Clone, Debug)]
+struct ArchState {
+    /// Segment, descriptor-table and control registers, `EFER`.
+    sregs: kvm_sregs,
+    /// The `XSAVE` area (4 KiB; `kvm_xsave::region`).
+    xsave: [u32; 1024],
+    /// Extended control registers (`XCR0`).
+    xcrs: kvm_xcrs,
+    /// Pending exception, interrupt and NMI, interrupt shadow, SMM.
+    events: kvm_vcpu_events,
+    /// Run state (runnable, halted, waiting for INIT/SIPI).
+    mp_state: kvm_mp_state,
+    /// Debug registers.
+    debugregs: kvm_debugregs,
 }
 
 /// Why [`VcpuState::from_bytes`] refused its input.
@@ -531,20 +611,42 @@ impl VcpuState {
     /// for a receiver reading a length from the wire.
     pub const MAX_BYTES: usize = STATE_MAGIC.len() + FIXED_BYTES + 4 + MAX_STATE_MSRS * 12;
 
-    /// The byte form: a magic, each structure as the kernel lays it out
-    /// (this host's byte order), then the MSR count (`u32`) and each MSR as
-    /// its index (`u32`) and value (`u64`).
+    /// The control registers and `EFER` of the state.
+    pub fn control_regs(&self) -> ControlRegs {
+        control_from_kvm(&self.arch.sregs)
+    }
+
+    /// The debug registers of the state.
+    pub fn debug_regs(&self) -> DebugRegs {
+        debug_from_kvm(&self.arch.debugregs)
+    }
+
+    /// Sets the debug registers of the state (a debugger's breakpoints to
+    /// load with [`KvmVcpu::set_state`]).
+    pub fn set_debug_regs(&mut self, regs: &DebugRegs) {
+        let d = &mut self.arch.debugregs;
+        d.db = regs.db;
+        d.dr6 = regs.dr6;
+        d.dr7 = regs.dr7;
+    }
+
+    /// The byte form: the magic `PFVCPU02`, then each structure as the
+    /// kernel lays it out (this host's byte order): `struct kvm_regs`,
+    /// `kvm_sregs`, the 4096-byte `kvm_xsave.region`, `kvm_xcrs`,
+    /// `kvm_vcpu_events`, `kvm_mp_state`, `kvm_debugregs`; then the MSR
+    /// count (`u32`) and each MSR as its index (`u32`) and value (`u64`).
     pub fn to_bytes(&self) -> Vec<u8> {
+        let arch = &self.arch;
         let mut out =
             Vec::with_capacity(STATE_MAGIC.len() + FIXED_BYTES + 4 + 12 * self.msrs.len());
         out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(self.regs.as_bytes());
-        out.extend_from_slice(self.sregs.as_bytes());
-        out.extend_from_slice(self.xsave.as_bytes());
-        out.extend_from_slice(self.xcrs.as_bytes());
-        out.extend_from_slice(self.events.as_bytes());
-        out.extend_from_slice(self.mp_state.as_bytes());
-        out.extend_from_slice(self.debugregs.as_bytes());
+        out.extend_from_slice(regs_to_kvm(&self.regs).as_bytes());
+        out.extend_from_slice(arch.sregs.as_bytes());
+        out.extend_from_slice(arch.xsave.as_bytes());
+        out.extend_from_slice(arch.xcrs.as_bytes());
+        out.extend_from_slice(arch.events.as_bytes());
+        out.extend_from_slice(arch.mp_state.as_bytes());
+        out.extend_from_slice(arch.debugregs.as_bytes());
         let n = u32::try_from(self.msrs.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&n.to_ne_bytes());
         for &(index, value) in &self.msrs {
@@ -594,13 +696,15 @@ impl VcpuState {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(short)?;
         Ok(VcpuState {
-            xsave: <[u32; 1024]>::read_from(region).ok_or_else(short)?,
-            regs: kvm_regs::read_from(regs).ok_or_else(short)?,
-            sregs: kvm_sregs::read_from(sregs).ok_or_else(short)?,
-            xcrs: kvm_xcrs::read_from(xcrs).ok_or_else(short)?,
-            events: kvm_vcpu_events::read_from(events).ok_or_else(short)?,
-            mp_state: kvm_mp_state::read_from(mp_state).ok_or_else(short)?,
-            debugregs: kvm_debugregs::read_from(debugregs).ok_or_else(short)?,
+            regs: regs_from_kvm(&kvm_regs::read_from_bytes(regs).map_err(|_| short())?),
+            arch: ArchState {
+                xsave: <[u32; 1024]>::read_from_bytes(region).map_err(|_| short())?,
+                sregs: kvm_sregs::read_from_bytes(sregs).map_err(|_| short())?,
+                xcrs: kvm_xcrs::read_from_bytes(xcrs).map_err(|_| short())?,
+                events: kvm_vcpu_events::read_from_bytes(events).map_err(|_| short())?,
+                mp_state: kvm_mp_state::read_from_bytes(mp_state).map_err(|_| short())?,
+                debugregs: kvm_debugregs::read_from_bytes(debugregs).map_err(|_| short())?,
+            },
             msrs,
         })
     }
@@ -612,25 +716,27 @@ mod tests {
 
     fn sample() -> VcpuState {
         let mut s = VcpuState {
-            regs: kvm_regs::default(),
-            sregs: kvm_sregs::default(),
-            xsave: [0; 1024],
-            xcrs: kvm_xcrs::default(),
-            events: kvm_vcpu_events::default(),
-            mp_state: kvm_mp_state::default(),
-            debugregs: kvm_debugregs::default(),
+            regs: Regs::default(),
+            arch: ArchState {
+                sregs: kvm_sregs::default(),
+                xsave: [0; 1024],
+                xcrs: kvm_xcrs::default(),
+                events: kvm_vcpu_events::default(),
+                mp_state: kvm_mp_state::default(),
+                debugregs: kvm_debugregs::default(),
+            },
             msrs: vec![(0xc000_0082, 0xffff_ffff_8100_0000), (0x10, 12345)],
         };
-        s.events.nmi.pending = 1;
-        s.mp_state.mp_state = 3;
-        s.debugregs.dr7 = 0x400;
+        s.arch.events.nmi.pending = 1;
+        s.arch.mp_state.mp_state = 3;
+        s.arch.debugregs.dr7 = 0x400;
         s.regs.rip = 0x40134;
         s.regs.r14 = 0xdead_beef;
-        s.sregs.cr3 = 0x1000;
-        s.sregs.cs.l = 1;
-        s.xsave[100] = 7;
-        s.xcrs.nr_xcrs = 1;
-        s.xcrs.xcrs[0].value = 3;
+        s.arch.sregs.cr3 = 0x1000;
+        s.arch.sregs.cs.l = 1;
+        s.arch.xsave[100] = 7;
+        s.arch.xcrs.nr_xcrs = 1;
+        s.arch.xcrs.xcrs[0].value = 3;
         s
     }
 
@@ -642,11 +748,13 @@ mod tests {
         let back = VcpuState::from_bytes(&bytes).expect("round trip");
         assert_eq!(back.to_bytes(), bytes);
         assert_eq!(back.regs.rip, 0x40134);
-        assert_eq!(back.sregs.cs.l, 1);
-        assert_eq!(back.xsave[100], 7);
-        assert_eq!(back.events.nmi.pending, 1);
-        assert_eq!(back.mp_state.mp_state, 3);
-        assert_eq!(back.debugregs.dr7, 0x400);
+        assert_eq!(back.regs.r14, 0xdead_beef);
+        assert_eq!(back.control_regs().cr3, 0x1000);
+        assert_eq!(back.arch.sregs.cs.l, 1);
+        assert_eq!(back.arch.xsave[100], 7);
+        assert_eq!(back.arch.events.nmi.pending, 1);
+        assert_eq!(back.arch.mp_state.mp_state, 3);
+        assert_eq!(back.debug_regs().dr7, 0x400);
         assert_eq!(back.msrs, s.msrs);
     }
 

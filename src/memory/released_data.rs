@@ -105,7 +105,7 @@ impl<'m> ReleasedData<'m> {
         let resident = match &self.resident {
             Some((_, _, Some(v))) => v
                 .get(page - first)
-                .map_or(true, |&b| residency::is_resident(b)),
+                .is_none_or(|&b| residency::is_resident(b)),
             _ => true,
         };
         resident || self.swapped_data(region, page, state)

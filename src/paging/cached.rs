@@ -201,7 +201,7 @@ impl WalkCache {
         let mut flags = 0;
         if set_ad {
             flags |= TLB_ACCESSED;
-            let dirty2 = second.map_or(true, |s| s.dirty);
+            let dirty2 = second.is_none_or(|s| s.dirty);
             if access.is_write() || (leaf.attributes.dirty && dirty2) {
                 flags |= TLB_DIRTY;
             }

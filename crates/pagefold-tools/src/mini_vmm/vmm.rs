@@ -193,13 +193,7 @@ pub(super) fn vcpu_thread(mut vcpu: KvmVcpu, ctl: Arc<VmCtl>) -> Result<KvmVcpu,
             return Ok(vcpu);
         }
         if ctl.want_regs.load(Ordering::SeqCst) {
-            let s = vcpu
-                .vcpu_fd()
-                .get_sregs()
-                .map_err(|source| KvmError::Ioctl {
-                    op: "KVM_GET_SREGS",
-                    source,
-                })?;
+            let s = vcpu.control_regs()?;
             if let Ok(mut r) = ctl.regs.lock() {
                 *r = Some(X86Paging::new(s.cr0, s.cr3, s.cr4, s.efer));
             }
