@@ -31,8 +31,8 @@ use pagefold::{
 };
 use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
 use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -375,7 +375,10 @@ impl<AS: GuestAddressSpace<M = GuestMemory>> Driver<AS> {
             } else {
                 match self.rng.gen_range(0..4) {
                     0 => (0, P),
-                    1 => (self.rng.gen_range(0..2 * P - 64), self.rng.gen_range(1..=64)),
+                    1 => (
+                        self.rng.gen_range(0..2 * P - 64),
+                        self.rng.gen_range(1..=64),
+                    ),
                     _ => {
                         let off = self.rng.gen_range(0..2 * P - 1);
                         (off, self.rng.gen_range(1..=2 * P - off))
@@ -445,7 +448,9 @@ impl<AS: GuestAddressSpace<M = GuestMemory>> Driver<AS> {
         );
         self.avail_idx += Wrapping(1);
         assert!(
-            self.inflight.insert(head, Request { descs, bufs }).is_none(),
+            self.inflight
+                .insert(head, Request { descs, bufs })
+                .is_none(),
             "descriptor {head} handed out twice"
         );
         self.stats.submitted += 1;
@@ -884,6 +889,12 @@ where
         "pages the device wrote that dirty tracking did not report: {missed:?}"
     );
     assert!(device.written_pages.contains(&(USED / P)));
+    if plugs {
+        assert!(
+            device.written_pages.last() >= Some(&(HOTPLUG_BASE / P)),
+            "the device wrote buffers in the plugged region"
+        );
+    }
     assert!(device.written_pages.len() > 20);
 }
 
@@ -924,7 +935,12 @@ fn virtio_queue_echoes_chains_over_an_atomic_memory_a_region_is_plugged_into() {
 fn add_chain(m: &GuestMemory, size: u16, avail_idx: u16, head: u16) -> u16 {
     let buf = slot_base(usize::from(head));
     write_desc(m, DESC_TABLE + u64::from(head) * 16, buf, 64, 0, 0);
-    guest_store16(m, avail_ring_at(AVAIL, avail_idx, size), head, Ordering::Relaxed);
+    guest_store16(
+        m,
+        avail_ring_at(AVAIL, avail_idx, size),
+        head,
+        Ordering::Relaxed,
+    );
     avail_idx.wrapping_add(1)
 }
 
@@ -987,7 +1003,12 @@ fn event_index_suppresses_and_requires_notifications_as_the_spec_says() {
     assert_eq!(heads, [2, 3, 4]);
 
     // Interrupts: the driver wants one when the 2nd chain is used.
-    guest_store16(m, used_event_at(AVAIL, SIZE), s.wrapping_add(1), Ordering::Relaxed);
+    guest_store16(
+        m,
+        used_event_at(AVAIL, SIZE),
+        s.wrapping_add(1),
+        Ordering::Relaxed,
+    );
     q.add_used(m, 0, 0).unwrap();
     assert!(!q.needs_notification(m).unwrap(), "used index s+1: not yet");
     host.merge_now().unwrap();
@@ -1008,7 +1029,10 @@ fn event_index_suppresses_and_requires_notifications_as_the_spec_says() {
     publish(m, idx);
     let c = q.pop_descriptor_chain(m).unwrap();
     q.add_used(m, c.head_index(), 0).unwrap();
-    assert!(!q.needs_notification(m).unwrap(), "used_event 1 was passed before");
+    assert!(
+        !q.needs_notification(m).unwrap(),
+        "used_event 1 was passed before"
+    );
     assert!(!q.enable_notification(m).unwrap());
 
     // Random batches against the rule, the driver moving `used_event`
@@ -1024,7 +1048,9 @@ fn event_index_suppresses_and_requires_notifications_as_the_spec_says() {
         }
         publish(m, idx);
         let used_before = q.next_used();
-        let event = used_before.wrapping_add(rng.gen_range(0..2 * k)).wrapping_sub(1);
+        let event = used_before
+            .wrapping_add(rng.gen_range(0..2 * k))
+            .wrapping_sub(1);
         guest_store16(m, used_event_at(AVAIL, SIZE), event, Ordering::Relaxed);
         // The device enabled notifications when it last caught up: the
         // driver must kick.
