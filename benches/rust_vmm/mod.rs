@@ -71,10 +71,16 @@ fn write_objs<M: GuestMemory + ?Sized>(m: &M, addrs: &[GuestAddress]) -> u64 {
 /// `read_obj::<u64>` and `write_obj::<u64>` at random aligned addresses.
 fn objects(c: &mut Criterion, g: &Guests) {
     let a = g.addrs("vmm_read_obj_u64", POINT_ADDRS, 8, 8);
-    assert_eq!(read_objs(&g.pf, &a.vm), read_objs(&g.vm, &a.vm), "read_obj differs");
+    assert_eq!(
+        read_objs(&g.pf, &a.vm),
+        read_objs(&g.vm, &a.vm),
+        "read_obj differs"
+    );
     both!(c, g, "read_obj_u64", a.elements(), |m| read_objs(m, &a.vm));
     let a = g.addrs("vmm_write_obj_u64", POINT_ADDRS, 8, 8);
-    both!(c, g, "write_obj_u64", a.elements(), |m| write_objs(m, &a.vm));
+    both!(c, g, "write_obj_u64", a.elements(), |m| write_objs(
+        m, &a.vm
+    ));
 }
 
 /// `read_slice`/`write_slice` of `len` bytes at `count` addresses.
@@ -110,21 +116,41 @@ fn volatile(c: &mut Criterion, g: &Guests, len: usize, count: usize) {
     let kib = len >> 10;
     let bytes = Throughput::Bytes((len * count) as u64);
     let mut file = memfd_file(len);
-    let a = g.addrs(&format!("vmm_read_volatile_from_{kib}k"), count, len as u64, 8);
-    both!(c, g, format!("read_volatile_from_{kib}k"), bytes.clone(), |m| {
-        let mut n = 0usize;
-        for &addr in &a.vm {
-            let _ = file.rewind();
-            n += m.read_volatile_from(black_box(addr), &mut file, len).unwrap_or(0);
+    let a = g.addrs(
+        &format!("vmm_read_volatile_from_{kib}k"),
+        count,
+        len as u64,
+        8,
+    );
+    both!(
+        c,
+        g,
+        format!("read_volatile_from_{kib}k"),
+        bytes.clone(),
+        |m| {
+            let mut n = 0usize;
+            for &addr in &a.vm {
+                let _ = file.rewind();
+                n += m
+                    .read_volatile_from(black_box(addr), &mut file, len)
+                    .unwrap_or(0);
+            }
+            n
         }
-        n
-    });
-    let a = g.addrs(&format!("vmm_write_volatile_to_{kib}k"), count, len as u64, 8);
+    );
+    let a = g.addrs(
+        &format!("vmm_write_volatile_to_{kib}k"),
+        count,
+        len as u64,
+        8,
+    );
     both!(c, g, format!("write_volatile_to_{kib}k"), bytes, |m| {
         let mut n = 0usize;
         for &addr in &a.vm {
             let _ = file.rewind();
-            n += m.write_volatile_to(black_box(addr), &mut file, len).unwrap_or(0);
+            n += m
+                .write_volatile_to(black_box(addr), &mut file, len)
+                .unwrap_or(0);
         }
         n
     });

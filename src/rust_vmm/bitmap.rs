@@ -11,6 +11,7 @@ impl<'a> WithBitmapSlice<'a> for RegionLog {
 }
 
 impl Bitmap for RegionLog {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         // vm-memory marks zero-length accesses too; they wrote nothing.
         if len != 0 {
@@ -18,10 +19,12 @@ impl Bitmap for RegionLog {
         }
     }
 
+    #[inline]
     fn dirty_at(&self, offset: usize) -> bool {
         self.is_marked_at(offset as u64)
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> DirtyLogSlice<'_> {
         DirtyLogSlice {
             log: self,
@@ -45,16 +48,19 @@ impl<'b> WithBitmapSlice<'b> for DirtyLogSlice<'_> {
 impl BitmapSlice for DirtyLogSlice<'_> {}
 
 impl Bitmap for DirtyLogSlice<'_> {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         // An offset past the region (only a slice's own arithmetic could
         // make one) saturates and is clipped by the log.
         self.log.mark_dirty(self.base.saturating_add(offset), len);
     }
 
+    #[inline]
     fn dirty_at(&self, offset: usize) -> bool {
         self.log.dirty_at(self.base.saturating_add(offset))
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> Self {
         DirtyLogSlice {
             log: self.log,

@@ -25,18 +25,22 @@ type Result<T> = std::result::Result<T, GuestMemoryError>;
 impl GuestMemoryRegion for GuestRegion {
     type B = RegionLog;
 
+    #[inline]
     fn len(&self) -> GuestUsize {
         self.size()
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
         GuestAddress(self.start().0)
     }
 
+    #[inline]
     fn bitmap(&self) -> BS<'_, RegionLog> {
         self.dirty_log().slice_at(0)
     }
 
+    #[inline]
     fn get_host_address(&self, addr: MemoryRegionAddress) -> Result<*mut u8> {
         if addr.0 >= self.size() {
             return Err(GuestMemoryError::InvalidBackendAddress);
@@ -60,6 +64,7 @@ impl GuestMemoryRegion for GuestRegion {
             .as_ref()
     }
 
+    #[inline]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,
@@ -95,6 +100,7 @@ impl GuestMemoryRegion for GuestRegion {
     }
 }
 
+#[cold]
 fn out_of_bounds(addr: usize) -> GuestMemoryError {
     volatile_memory::Error::OutOfBounds { addr }.into()
 }
