@@ -212,7 +212,11 @@ pub(crate) fn frame_status(e: &FrameError) -> pf_status {
         FrameError::MapLimit { .. } => pf_status::PF_ERR_MAP_LIMIT,
         // A descriptor another process handed over (the host service's
         // side) is not a sealed 4 KiB memfd.
-        FrameError::NotAdoptable { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
+        FrameError::NotAdoptable { .. } | FrameError::Reserved { .. } => {
+            pf_status::PF_ERR_INVALID_ARGUMENT
+        }
+        // A feature asked of anonymous memory (no file to punch or share).
+        FrameError::NeedsFile { .. } => pf_status::PF_ERR_UNSUPPORTED,
         // Guest memory validates ranges before the frame store sees them.
         FrameError::Empty | FrameError::Misaligned { .. } | FrameError::NotAllocated { .. } => {
             pf_status::PF_ERR_INTERNAL

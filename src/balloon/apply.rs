@@ -39,8 +39,12 @@ impl Balloon {
         let mut taken: Vec<Taken> = Vec::with_capacity(entries.len());
         for &(index, l) in entries {
             let region = &self.mem.regions()[l.region];
-            region.enable_state_checks();
             let pfn = self.pfn_of(l);
+            if let Err(error) = self.check_file(pfn) {
+                report.errors.push(EntryError { index, error });
+                continue;
+            }
+            region.enable_state_checks();
             if self.huge_pages > 1 {
                 match self.inflate_huge(inner, l, pfn) {
                     Ok(released) => {

@@ -192,6 +192,7 @@ impl Balloon {
         if order > 40 {
             return Err(BalloonError::Order { order });
         }
+        self.check_file(gpa.frame())?;
         let len = (PAGE_SIZE as u64) << order;
         let granule = self.mem.frame_store().granule().bytes();
         if len < granule {

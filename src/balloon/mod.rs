@@ -288,4 +288,14 @@ impl Balloon {
     fn pfn_of(&self, l: Loc) -> GuestFrame {
         GuestFrame(self.mem.regions()[l.region].start().frame().0 + l.page as u64)
     }
+
+    /// The balloon releases a page by punching its frame: anonymous memory
+    /// (`GuestMemory::adopt_anonymous`) has none, so inflates and free
+    /// page reports of it are refused, naming the feature.
+    fn check_file(&self, pfn: GuestFrame) -> Result<(), BalloonError> {
+        match self.mem.frame_store().file("balloon") {
+            Ok(_) => Ok(()),
+            Err(source) => Err(BalloonError::Release { pfn, source }),
+        }
+    }
 }

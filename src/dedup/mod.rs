@@ -103,6 +103,8 @@ impl DedupHost {
 
     /// A dedup host with options.
     pub fn with_options(store: Arc<FrameStore>, options: DedupOptions) -> Result<Self, DedupError> {
+        // Shared frames live in the host's store: it needs a file.
+        store.file("dedup")?;
         if store.granule() != PageSize::Size4K {
             return Err(DedupError::HugeBacking(store.granule()));
         }
@@ -187,6 +189,9 @@ impl DedupHost {
         options: VmOptions,
         remote: Option<Arc<dyn remote::RemoteMapper>>,
     ) -> Result<VmId, DedupError> {
+        // A merged page's own frame is punched, and mapped back on unmerge:
+        // anonymous memory has no frames.
+        mem.frame_store().file("dedup")?;
         if mem.frame_store().granule() != PageSize::Size4K {
             return Err(DedupError::HugeBacking(mem.frame_store().granule()));
         }

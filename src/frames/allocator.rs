@@ -10,8 +10,12 @@ pub(super) struct RangeAllocator {
     free: BTreeMap<u64, u64>,
     /// Frames in the file.
     len: u64,
-    /// Frames handed out.
+    /// Frames handed out (reserved runs included).
     allocated: u64,
+    /// Runs a VMM named in its own file ([`RangeAllocator::reserve`]):
+    /// start -> count. They count as handed out and are never freed, so
+    /// no later allocation gets them.
+    reserved: BTreeMap<u64, u64>,
 }
 
 impl RangeAllocator {
@@ -89,6 +93,51 @@ impl RangeAllocator {
         !matches!(before, Some((&s, &l)) if s + l > start)
     }
 
+    /// Makes the file `len` frames long as far as allocation goes: frames
+    /// below are never handed out unless freed (a VMM's file: what it did
+    /// not name is its own), new runs start at `len`. Only on an empty
+    /// allocator.
+    pub(super) fn start_past(&mut self, len: u64) {
+        if self.allocated == 0 && self.free.is_empty() {
+            self.len = self.len.max(len);
+        }
+    }
+
+    /// Reserves `[start, start+count)` for good (a VMM's region in its own
+    /// file): it counts as handed out and is never freed or handed out
+    /// again. `Err` with the reserved run it overlaps, or with the range
+    /// itself if it overlaps a free or handed-out run or lies past the
+    /// file's length.
+    pub(super) fn reserve(&mut self, start: u64, count: u64) -> Result<(), (u64, u64)> {
+        let Some(end) = start.checked_add(count).filter(|&e| e <= self.len) else {
+            return Err((start, count));
+        };
+        if let Some((&s, &c)) = self.reserved.range(..end).next_back() {
+            if s + c > start {
+                return Err((s, c));
+            }
+        }
+        // Reserved at adoption, before any allocation: every frame below
+        // the file's length is the VMM's, none handed out or free yet (a
+        // free run overlapping would be handed out again: refused).
+        let free_overlap = self
+            .free
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&s, &c)| s + c > start);
+        if free_overlap {
+            return Err((start, count));
+        }
+        self.reserved.insert(start, count);
+        self.allocated += count;
+        Ok(())
+    }
+
+    /// Whether `[start, start+count)` is exactly a reserved run.
+    pub(super) fn is_reserved(&self, start: u64, count: u64) -> bool {
+        self.reserved.get(&start) == Some(&count)
+    }
+
     pub(super) fn len(&self) -> u64 {
         self.len
     }
@@ -118,5 +167,20 @@ mod tests {
         assert_eq!((w, grow), (0, None));
         assert!(a.is_allocated(0, 6));
         assert!(!a.is_allocated(0, 7));
+    }
+
+    #[test]
+    fn reserved_runs_are_never_handed_out() {
+        let mut a = RangeAllocator::default();
+        a.start_past(16);
+        assert_eq!(a.reserve(4, 4), Ok(()));
+        assert_eq!(a.reserve(10, 2), Ok(()));
+        assert_eq!(a.reserve(6, 4), Err((4, 4)), "overlaps the first run");
+        assert_eq!(a.reserve(14, 4), Err((14, 4)), "past the file");
+        assert!(a.is_reserved(4, 4));
+        assert!(!a.is_reserved(4, 2));
+        assert_eq!(a.allocated(), 6);
+        let (s, grew) = a.allocate(3);
+        assert_eq!((s, grew), (16, Some(19)), "new runs start past the file");
     }
 }

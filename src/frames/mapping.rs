@@ -1,6 +1,7 @@
 //! `HostMapping`: one `mmap` of a run of frame-store pages into this process.
-//! It owns the address range and unmaps it on drop; it never hands out Rust
-//! references into the range, because guest vCPUs write it behind our back.
+//! It owns the address range and unmaps it on drop (or, adopted from a VMM
+//! that mapped it, leaves it mapped); it never hands out Rust references
+//! into the range, because guest vCPUs write it behind our back.
 //!
 //! Written on `libc` rather than `memmap2` because later layers remap single
 //! pages inside the range with `MAP_FIXED` (sharing a frame between guests),
@@ -41,6 +42,9 @@ pub(crate) enum RemapTarget {
 pub struct HostMapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// Made here, so unmapped on drop; `false` for a VMM's mapping
+    /// ([`HostMapping::adopt`]), which the VMM unmaps.
+    owned: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; the raw pointer is
@@ -64,12 +68,35 @@ impl HostMapping {
         Self::with_prot(store, range, libc::PROT_READ | libc::PROT_WRITE, false)
     }
 
+    /// The VMM's mapping of `len` bytes at `ptr`, used in place and never
+    /// unmapped here.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr+len` is mapped readable and writable, and stays mapped,
+    /// to the same memory, for as long as the value lives; nothing else
+    /// unmaps or replaces it meanwhile (pagefold's own remaps excepted).
+    pub(crate) unsafe fn adopt(ptr: NonNull<u8>, len: usize) -> Self {
+        HostMapping {
+            ptr,
+            len,
+            owned: false,
+        }
+    }
+
+    /// Whether the mapping was adopted from a VMM ([`HostMapping::adopt`]):
+    /// it is not unmapped on drop.
+    pub fn is_adopted(&self) -> bool {
+        !self.owned
+    }
+
     fn with_prot(
         store: &FrameStore,
         range: FrameRange,
         prot: libc::c_int,
         store_options: bool,
     ) -> Result<Self, FrameError> {
+        store.file("mapping frames")?;
         let len = usize::try_from(range.bytes()).map_err(|_| FrameError::TooLarge {
             frames: range.count,
         })?;
@@ -116,7 +143,11 @@ impl HostMapping {
             op: "mmap",
             source: io::Error::from_raw_os_error(libc::EINVAL),
         })?;
-        let mapping = HostMapping { ptr, len };
+        let mapping = HostMapping {
+            ptr,
+            len,
+            owned: true,
+        };
         if store_options && store.options().transparent_huge_pages {
             // Advice only: where shmem THP is off, the kernel ignores it.
             // SAFETY: the range is exactly the mapping created above.
@@ -163,9 +194,11 @@ impl HostMapping {
             });
         }
         let (flags, fd, file_offset) = match target {
-            RemapTarget::OwnShared { file_offset } => {
-                (libc::MAP_SHARED, store.as_raw_fd(), file_offset)
-            }
+            RemapTarget::OwnShared { file_offset } => (
+                libc::MAP_SHARED,
+                store.file("mapping a page's own frame")?.as_raw_fd(),
+                file_offset,
+            ),
             RemapTarget::PrivateCopyOf { fd, file_offset } => (libc::MAP_PRIVATE, fd, file_offset),
             RemapTarget::AnonZero => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
         };
@@ -260,6 +293,10 @@ impl HostMapping {
 
 impl Drop for HostMapping {
     fn drop(&mut self) {
+        if !self.owned {
+            // The VMM's mapping: the VMM unmaps it.
+            return;
+        }
         // SAFETY: `ptr`/`len` describe a mapping this value created and still
         // owns; nothing can reach it after drop because no references escape.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };

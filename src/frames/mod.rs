@@ -12,6 +12,7 @@ mod map_budget;
 mod mapping;
 pub(crate) mod memfd;
 mod page_lock;
+pub(crate) mod vmm_maps;
 
 use std::{
     io,
@@ -84,6 +85,30 @@ pub enum FrameError {
         /// What the descriptor lacks.
         what: &'static str,
     },
+    /// The operation needs the memory's file (punching frames, mapping them
+    /// elsewhere, handing them to another process), and this memory has
+    /// none: it is anonymous memory a VMM mapped
+    /// ([`GuestMemory::adopt_anonymous`](crate::GuestMemory::adopt_anonymous)).
+    #[error("{feature} needs guest memory in a memfd; this memory is anonymous")]
+    NeedsFile {
+        /// What needed the file (`"dedup"`, `"balloon"`, `"discard"`, ...).
+        feature: &'static str,
+    },
+    /// A VMM's region would reserve frames of its file that another of its
+    /// regions already reserved.
+    #[error(
+        "frame range {start}+{count} overlaps the reserved frames {other_start}+{other_count} of another region"
+    )]
+    Reserved {
+        /// First frame asked for.
+        start: u64,
+        /// Frames asked for.
+        count: u64,
+        /// First frame of the run it overlaps.
+        other_start: u64,
+        /// Frames in that run.
+        other_count: u64,
+    },
     /// Hugetlb backing was asked for but the kernel has no huge pages to give.
     #[error(
         "no {size} huge pages available: reserve some in /sys/kernel/mm/hugepages (nr_hugepages)"
@@ -102,6 +127,12 @@ pub enum Backing {
     /// A hugetlbfs memfd (`MFD_HUGETLB`) with 2 MiB or 1 GiB pages; frames
     /// are allocated and released in whole huge pages.
     Hugetlb(PageSize),
+    /// No file: anonymous memory a VMM mapped
+    /// ([`GuestMemory::adopt_anonymous`](crate::GuestMemory::adopt_anonymous)).
+    /// Frame numbers are handed out (a page's state names one) but name no
+    /// memory: every operation on frames (map, punch, read, write) fails
+    /// with [`FrameError::NeedsFile`].
+    Anonymous,
 }
 
 /// How a [`FrameStore`] is built.
@@ -152,14 +183,30 @@ impl FrameRange {
     }
 }
 
+/// Where a store's file came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Made by the store: frames given back are punched.
+    Own,
+    /// Handed over by another process ([`FrameStore::adopt`]): frames
+    /// given back are not punched, since that process still uses them.
+    Handed,
+    /// A VMM's guest-memory file ([`FrameStore::adopt_file`]): the VMM owns
+    /// it, so frames given back are not punched, and the runs its regions
+    /// name are reserved for good.
+    Vmm,
+    /// No file ([`Backing::Anonymous`]).
+    Anonymous,
+}
+
 /// Host frames in one memfd, allocated in runs.
 #[derive(Debug)]
 pub struct FrameStore {
+    /// The file; for an anonymous store an empty memfd sealed against
+    /// growth and writes, so that anything reaching for a frame through
+    /// [`AsFd`] fails (end of file, `EPERM`) instead of touching memory.
     fd: OwnedFd,
-    /// The memfd belongs to another process (see [`FrameStore::adopt`]):
-    /// frames given back are not punched, since that process still uses
-    /// them.
-    adopted: bool,
+    source: Source,
     options: StoreOptions,
     granule: PageSize,
     allocator: Mutex<RangeAllocator>,
@@ -173,6 +220,9 @@ const MAX_FRAMES: u64 = 1 << 40;
 impl FrameStore {
     /// Creates an empty store.
     pub fn new(options: StoreOptions) -> Result<Self, FrameError> {
+        if options.backing == Backing::Anonymous {
+            return Self::new_anonymous(options);
+        }
         let (flags, granule) = match options.backing {
             Backing::Memfd => (0, PageSize::Size4K),
             Backing::Hugetlb(PageSize::Size2M) => {
@@ -181,7 +231,7 @@ impl FrameStore {
             Backing::Hugetlb(PageSize::Size1G) => {
                 (libc::MFD_HUGETLB | libc::MFD_HUGE_1GB, PageSize::Size1G)
             }
-            Backing::Hugetlb(PageSize::Size4K) => (0, PageSize::Size4K),
+            Backing::Hugetlb(PageSize::Size4K) | Backing::Anonymous => (0, PageSize::Size4K),
         };
         let name = std::ffi::CString::new(options.name.replace('\0', "_"))
             .unwrap_or_else(|_| c"pagefold".to_owned());
@@ -207,12 +257,162 @@ impl FrameStore {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(FrameStore {
             fd,
-            adopted: false,
+            source: Source::Own,
             options,
             granule,
             allocator: Mutex::new(RangeAllocator::default()),
             map_budget: MapBudget::default(),
         })
+    }
+
+    /// A store with no file, for anonymous memory a VMM mapped
+    /// ([`Backing::Anonymous`]).
+    pub fn anonymous() -> Result<Self, FrameError> {
+        Self::new(StoreOptions {
+            backing: Backing::Anonymous,
+            name: "pagefold-anonymous".to_owned(),
+            ..StoreOptions::default()
+        })
+    }
+
+    fn new_anonymous(options: StoreOptions) -> Result<Self, FrameError> {
+        let os = |op| move |source| FrameError::Os { op, source };
+        let fd = memfd::create(c"pagefold-no-file", libc::MFD_ALLOW_SEALING)
+            .map_err(os("memfd_create"))?;
+        memfd::add_seals(
+            fd.as_fd(),
+            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL,
+        )
+        .map_err(os("fcntl(F_ADD_SEALS)"))?;
+        Ok(FrameStore {
+            fd,
+            source: Source::Anonymous,
+            options,
+            granule: PageSize::Size4K,
+            allocator: Mutex::new(RangeAllocator::default()),
+            map_budget: MapBudget::default(),
+        })
+    }
+
+    /// A store over a file a VMM made for its guest memory (a memfd, a
+    /// hugetlbfs or tmpfs file), from a duplicate of `fd` (the VMM keeps
+    /// its own). The page size is the file's (`st_blksize`: 4 KiB, or 2
+    /// MiB or 1 GiB on hugetlbfs). Its regions' runs are then reserved
+    /// with [`FrameStore::reserve`]: the VMM owns the file, so they are
+    /// never punched when given back nor handed out again; frames
+    /// allocated later (hotplug) come from past the file's current end,
+    /// which grows the file. Other runs of the file are left alone.
+    pub fn adopt_file(fd: BorrowedFd<'_>, name: &str) -> Result<Self, FrameError> {
+        let st = memfd::fstat(fd).map_err(|source| FrameError::Os {
+            op: "fstat",
+            source,
+        })?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(FrameError::NotAdoptable {
+                what: "it is not a regular file (a memfd, hugetlbfs or tmpfs file)",
+            });
+        }
+        let (backing, granule) = match u64::try_from(st.st_blksize).unwrap_or(0) {
+            b if b == PageSize::Size4K.bytes() => (Backing::Memfd, PageSize::Size4K),
+            b if b == PageSize::Size2M.bytes() => {
+                (Backing::Hugetlb(PageSize::Size2M), PageSize::Size2M)
+            }
+            b if b == PageSize::Size1G.bytes() => {
+                (Backing::Hugetlb(PageSize::Size1G), PageSize::Size1G)
+            }
+            _ => {
+                return Err(FrameError::NotAdoptable {
+                    what: "its block size (st_blksize) is no page size: not 4 KiB, 2 MiB or 1 GiB",
+                })
+            }
+        };
+        let fd = fd.try_clone_to_owned().map_err(|source| FrameError::Os {
+            op: "fcntl(F_DUPFD_CLOEXEC)",
+            source,
+        })?;
+        let frames = u64::try_from(st.st_size)
+            .unwrap_or(0)
+            .div_ceil(PAGE_SIZE as u64)
+            .next_multiple_of(granule.base_pages());
+        let mut allocator = RangeAllocator::default();
+        allocator.start_past(frames);
+        Ok(FrameStore {
+            fd,
+            source: Source::Vmm,
+            options: StoreOptions {
+                backing,
+                name: name.to_owned(),
+                ..StoreOptions::default()
+            },
+            granule,
+            allocator: Mutex::new(allocator),
+            map_budget: MapBudget::default(),
+        })
+    }
+
+    /// Reserves `range` of a VMM's file for one of its regions (see
+    /// [`FrameStore::adopt_file`]): never handed out by
+    /// [`allocate`](Self::allocate), never punched or taken back by
+    /// [`free`](Self::free). The range must be aligned to the granule, lie
+    /// inside the file, and overlap no other reserved range
+    /// ([`FrameError::Reserved`]).
+    pub fn reserve(&self, range: FrameRange) -> Result<(), FrameError> {
+        if self.source != Source::Vmm {
+            return Err(FrameError::NotAdoptable {
+                what: "only a VMM's file (FrameStore::adopt_file) has runs to reserve",
+            });
+        }
+        self.check_granule(range)?;
+        let mut alloc = self.lock_allocator();
+        match alloc.reserve(range.start.0, range.count) {
+            Ok(()) => Ok(()),
+            Err((s, c)) if (s, c) == (range.start.0, range.count) => {
+                Err(FrameError::NotAllocated {
+                    start: s,
+                    count: c,
+                })
+            }
+            Err((other_start, other_count)) => Err(FrameError::Reserved {
+                start: range.start.0,
+                count: range.count,
+                other_start,
+                other_count,
+            }),
+        }
+    }
+
+    /// Whether the store has a file: `false` for [`Backing::Anonymous`].
+    pub fn has_file(&self) -> bool {
+        self.source != Source::Anonymous
+    }
+
+    /// The store's file, or [`FrameError::NeedsFile`] naming `feature` for
+    /// an anonymous store.
+    pub fn file(&self, feature: &'static str) -> Result<BorrowedFd<'_>, FrameError> {
+        if self.has_file() {
+            Ok(self.fd.as_fd())
+        } else {
+            Err(FrameError::NeedsFile { feature })
+        }
+    }
+
+    /// Size of the store's file in bytes (`fstat`).
+    pub fn file_size(&self) -> Result<u64, FrameError> {
+        self.file("the file's size")?;
+        Ok(u64::try_from(self.fstat()?.st_size).unwrap_or(0))
+    }
+
+    /// The file's device and inode (`st_dev`, `st_ino`), as
+    /// `/proc/self/maps` names the file a mapping maps.
+    pub(crate) fn file_id(&self) -> Result<(u64, u64), FrameError> {
+        self.file("the file's identity")?;
+        let st = self.fstat()?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Whether the file belongs to a VMM ([`FrameStore::adopt_file`]).
+    pub fn is_vmm_file(&self) -> bool {
+        self.source == Source::Vmm
     }
 
     /// A store with default options (shmem memfd, 4 KiB pages).
@@ -240,7 +440,7 @@ impl FrameStore {
         }
         let store = FrameStore {
             fd,
-            adopted: true,
+            source: Source::Handed,
             options: StoreOptions {
                 name: name.to_owned(),
                 ..StoreOptions::default()
@@ -279,9 +479,11 @@ impl FrameStore {
         Ok(())
     }
 
-    /// Whether the memfd came from another process ([`FrameStore::adopt`]).
+    /// Whether the memfd came from another owner: another process
+    /// ([`FrameStore::adopt`]) or a VMM ([`FrameStore::adopt_file`]).
+    /// Frames given back to such a store are not punched.
     pub fn is_adopted(&self) -> bool {
-        self.adopted
+        matches!(self.source, Source::Handed | Source::Vmm)
     }
 
     /// The budget of kernel mappings that remaps of this store's frames
@@ -342,17 +544,22 @@ impl FrameStore {
     }
 
     /// Returns frames to the store: their memory goes back to the host now
-    /// (punch hole) and the frame numbers can be handed out again.
+    /// (punch hole) and the frame numbers can be handed out again. A store
+    /// that does not own its file punches nothing; a run reserved for a
+    /// VMM's region ([`FrameStore::reserve`]) stays reserved.
     pub fn free(&self, range: FrameRange) -> Result<(), FrameError> {
         self.check_granule(range)?;
         let mut alloc = self.lock_allocator();
+        if alloc.is_reserved(range.start.0, range.count) {
+            return Ok(());
+        }
         if !alloc.is_allocated(range.start.0, range.count) {
             return Err(FrameError::NotAllocated {
                 start: range.start.0,
                 count: range.count,
             });
         }
-        if !self.adopted {
+        if self.source == Source::Own {
             self.punch(range)?;
         }
         alloc.free(range.start.0, range.count);
@@ -370,6 +577,7 @@ impl FrameStore {
     /// Bytes of memory the kernel really holds for this store right now
     /// (allocated blocks of the memfd, from `fstat`), not our own count.
     pub fn allocated_bytes(&self) -> Result<u64, FrameError> {
+        self.file("counting a store's memory (fstat)")?;
         let st = self.fstat()?;
         Ok(u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512))
     }
@@ -427,6 +635,11 @@ impl FrameStore {
 
     /// `pread`/`pwrite` of `len` bytes at byte `at` of the memfd.
     fn pio(&self, at: u64, buf: *mut u8, len: usize, write: bool) -> Result<(), FrameError> {
+        self.file(if write {
+            "writing frames (pwrite)"
+        } else {
+            "reading frames (pread)"
+        })?;
         let mut done = 0usize;
         let base = libc::off_t::try_from(at).map_err(|_| FrameError::TooLarge {
             frames: at >> PAGE_SHIFT,
@@ -487,6 +700,7 @@ impl FrameStore {
     }
 
     fn punch(&self, range: FrameRange) -> Result<(), FrameError> {
+        self.file("releasing frames (punch hole)")?;
         let (off, len) = byte_span(range)?;
         // SAFETY: plain syscall on a descriptor we own; offset and length
         // are in range and aligned to the granule (checked by the caller).
@@ -510,6 +724,10 @@ impl FrameStore {
     /// Grows the memfd to at least `frames` frames (never shrinks it: an
     /// adopted one is sealed against that, and may be longer already).
     fn set_len(&self, frames: u64) -> Result<(), FrameError> {
+        if !self.has_file() {
+            // Frame numbers only: nothing to grow.
+            return Ok(());
+        }
         let bytes = libc::off_t::try_from(frames << PAGE_SHIFT)
             .map_err(|_| FrameError::TooLarge { frames })?;
         if self.fstat()?.st_size >= bytes {

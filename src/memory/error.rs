@@ -2,7 +2,10 @@
 //! fit the memory. Each names the offending address or region so a VMM can
 //! report it to the operator or inject a fault into the guest.
 
-use crate::{addr::GuestPhysAddr, frames::FrameError};
+use crate::{
+    addr::{GuestPhysAddr, HostVirtAddr},
+    frames::FrameError,
+};
 
 /// A region list that cannot become guest memory.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,6 +71,69 @@ pub enum LayoutError {
         start: GuestPhysAddr,
         /// The size asked for.
         size: u64,
+    },
+    /// A region's file offset is not a multiple of the file's page size.
+    #[error("region {index}: file offset {file_offset:#x} is not aligned to the file's {align:#x}-byte pages")]
+    FileMisaligned {
+        /// Position in the list given.
+        index: usize,
+        /// Its file offset.
+        file_offset: u64,
+        /// The file's page size.
+        align: u64,
+    },
+    /// A region's bytes run past the end of the VMM's file.
+    #[error("region {index}: file bytes {file_offset:#x}+{size:#x} run past the end of the file ({file_size:#x} bytes)")]
+    FileTooSmall {
+        /// Position in the list given.
+        index: usize,
+        /// Its file offset.
+        file_offset: u64,
+        /// Its size.
+        size: u64,
+        /// The file's size.
+        file_size: u64,
+    },
+    /// Two regions name the same bytes of the VMM's file.
+    #[error("regions {first} and {second} share the file's bytes at offset {file_offset:#x}")]
+    FileOverlap {
+        /// Position of the region lower in the file.
+        first: usize,
+        /// Position of the other one.
+        second: usize,
+        /// First shared file offset.
+        file_offset: u64,
+    },
+    /// A region's host address is not a multiple of the memory's page size.
+    #[error("region {index}: host address {host_addr} is not aligned to {align:#x} bytes")]
+    HostMisaligned {
+        /// Position in the list given.
+        index: usize,
+        /// Its host address.
+        host_addr: HostVirtAddr,
+        /// Required alignment.
+        align: u64,
+    },
+    /// Two regions name the same host addresses.
+    #[error("regions {first} and {second} share host addresses from {host_addr}")]
+    HostOverlap {
+        /// Position of the lower region in the list given.
+        first: usize,
+        /// Position of the other one.
+        second: usize,
+        /// First shared host address.
+        host_addr: HostVirtAddr,
+    },
+    /// The VMM's mapping of a region is not what it was said to be
+    /// (checked against `/proc/self/maps`).
+    #[error("region {index} at host address {host_addr}: {what}")]
+    BadMapping {
+        /// Position in the list given.
+        index: usize,
+        /// Its host address.
+        host_addr: HostVirtAddr,
+        /// What does not hold.
+        what: &'static str,
     },
     /// Removing the region would leave the memory with none.
     #[error("the region at {start} is the memory's last one")]

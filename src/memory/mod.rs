@@ -7,6 +7,7 @@
 //! No guest-controlled address can make an access leave the mapping: lengths
 //! and offsets are checked against the region before any pointer is formed.
 
+mod adopt;
 mod atomic;
 pub(crate) mod copy;
 mod dirty_bitmap;
@@ -26,6 +27,7 @@ use std::sync::{atomic::Ordering as MemOrdering, Arc};
 
 use bytemuck::Pod;
 
+pub use adopt::{AnonymousRegion, FileRegion, MappedFileRegion};
 pub use atomic::AtomicInt;
 pub use error::{AccessError, LayoutError, MemoryError};
 use layout::validate_layout;
@@ -108,7 +110,9 @@ pub trait WriteObserver: Send + Sync + std::fmt::Debug {
 
 impl GuestMemory {
     /// Guest memory with the given `(start, size)` regions, on a new memfd
-    /// frame store with 4 KiB pages.
+    /// frame store with 4 KiB pages. For memory a VMM made already, see
+    /// [`GuestMemory::from_file`], [`GuestMemory::adopt_mapped_file`] and
+    /// [`GuestMemory::adopt_anonymous`].
     pub fn new(layout: &[(GuestPhysAddr, u64)]) -> Result<Self, MemoryError> {
         let store = Arc::new(FrameStore::memfd()?);
         Self::with_store(store, layout)
@@ -631,7 +635,11 @@ impl GuestMemory {
     /// zero page. A read through this API that then finds the page holding
     /// memory takes it back as private (the guest reused it), so later
     /// reads go through the mapping again.
+    ///
+    /// Anonymous memory ([`GuestMemory::adopt_anonymous`]) has no frames to
+    /// punch: [`FrameError::NeedsFile`](crate::frames::FrameError::NeedsFile).
     pub fn discard(&self, addr: GuestPhysAddr, len: u64) -> Result<u64, AccessError> {
+        self.store.file("discard")?;
         let granule = self.store.granule();
         // Name the unaligned edge: the start, else the end.
         for x in [addr.0, addr.0.wrapping_add(len)] {

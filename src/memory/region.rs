@@ -31,9 +31,13 @@ pub struct RegionInfo {
     pub size: u64,
     /// Where the region is mapped in this process.
     pub host_addr: HostVirtAddr,
-    /// The frame store's memfd (owned by the store; do not close).
+    /// The frame store's memfd (owned by the store; do not close), or -1
+    /// for anonymous memory ([`GuestMemory::adopt_anonymous`](super::GuestMemory::adopt_anonymous)),
+    /// which has no file to share: KVM needs none, a vhost-user backend
+    /// cannot map such a region.
     pub fd: RawFd,
-    /// Offset of the region's first frame in `fd`.
+    /// Offset of the region's first frame in `fd` (meaningless when `fd`
+    /// is -1).
     pub file_offset: u64,
 }
 
@@ -93,9 +97,25 @@ impl GuestRegion {
                 return Err(e);
             }
         };
-        let page_count = usize::try_from(pages)
-            .map_err(|_| crate::frames::FrameError::TooLarge { frames: pages })?;
-        let Some(states) = PageStateTable::new_private(frames.start, page_count) else {
+        Self::from_parts(store, start, size, frames, mapping)
+    }
+
+    /// A region of `size` bytes at `start` whose pages are `frames` of
+    /// `store`, mapped (or, for an anonymous store, simply present) at
+    /// `mapping`; the frames go back to the store when the region drops,
+    /// here too if this fails.
+    pub(super) fn from_parts(
+        store: &Arc<FrameStore>,
+        start: GuestPhysAddr,
+        size: u64,
+        frames: FrameRange,
+        mapping: HostMapping,
+    ) -> Result<Self, crate::frames::FrameError> {
+        let pages = size >> PAGE_SHIFT;
+        let table = usize::try_from(pages)
+            .ok()
+            .and_then(|n| PageStateTable::new_private(frames.start, n).map(|t| (n, t)));
+        let Some((page_count, states)) = table else {
             let _ = store.free(frames);
             return Err(crate::frames::FrameError::TooLarge { frames: pages });
         };
@@ -186,7 +206,7 @@ impl GuestRegion {
             guest_start: self.start,
             size: self.size,
             host_addr: self.host_addr(),
-            fd: self.store.as_raw_fd(),
+            fd: self.store.file("a region's file").map_or(-1, |f| f.as_raw_fd()),
             file_offset: self.frames.start.file_offset(),
         }
     }

@@ -61,7 +61,10 @@ impl<'m> ReleasedData<'m> {
         page: usize,
         state: PageState,
     ) -> bool {
-        if state.is_locked() {
+        if state.is_locked() || !self.store.has_file() {
+            // Anonymous memory: the page map cannot tell a shared anonymous
+            // page swapped out (shmem) from one never written, so the page
+            // is read (a private one never written reads the zero page).
             return true;
         }
         if !state.is_remapped() {

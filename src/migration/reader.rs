@@ -313,7 +313,9 @@ impl<R: Read> StreamReader<R> {
         pages: u32,
     ) -> Result<Event, StreamError> {
         let len = u64::from(pages) * PAGE_SIZE as u64;
-        if mem.frame_store().granule().bytes() == PAGE_SIZE as u64 {
+        let store = mem.frame_store();
+        // Anonymous memory has no frames to release: filled instead.
+        if store.has_file() && store.granule().bytes() == PAGE_SIZE as u64 {
             mem.discard(gpa, len).map_err(access(at))?;
         } else {
             #[allow(clippy::cast_possible_truncation)] // inside a region

@@ -112,6 +112,8 @@ impl ServiceClient {
         options: ClientOptions,
     ) -> Result<ServiceClient, ServiceError> {
         let store = mem.frame_store();
+        // The service receives the memory's file and maps it.
+        store.file("the host service")?;
         let frames: u64 = mem.regions().iter().map(|r| r.frames().count).sum();
         if store.allocated_frames() != frames {
             return Err(ServiceError::BadMemory {
