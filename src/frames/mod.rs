@@ -367,10 +367,7 @@ impl FrameStore {
         match alloc.reserve(range.start.0, range.count) {
             Ok(()) => Ok(()),
             Err((s, c)) if (s, c) == (range.start.0, range.count) => {
-                Err(FrameError::NotAllocated {
-                    start: s,
-                    count: c,
-                })
+                Err(FrameError::NotAllocated { start: s, count: c })
             }
             Err((other_start, other_count)) => Err(FrameError::Reserved {
                 start: range.start.0,

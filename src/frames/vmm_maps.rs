@@ -64,7 +64,9 @@ fn parse(line: &str) -> Option<Line<'_>> {
 /// Checks `[addr, addr + len)` against `maps` (the text of
 /// `/proc/self/maps`); `Err` says what does not hold.
 fn check_in(maps: &str, addr: u64, len: u64, expect: Expect) -> Result<(), &'static str> {
-    let end = addr.checked_add(len).ok_or("the range wraps the address space")?;
+    let end = addr
+        .checked_add(len)
+        .ok_or("the range wraps the address space")?;
     let mut cursor = addr;
     for line in maps.lines() {
         if cursor >= end {
@@ -101,7 +103,9 @@ fn check_in(maps: &str, addr: u64, len: u64, expect: Expect) -> Result<(), &'sta
                     || l.path.starts_with("/anon_hugepage")
                     || l.path.starts_with("/dev/zero");
                 if !l.shared && !anonymous {
-                    return Err("part of the range is a private mapping of a file, not anonymous memory");
+                    return Err(
+                        "part of the range is a private mapping of a file, not anonymous memory",
+                    );
                 }
             }
         }
@@ -143,8 +147,14 @@ mod tests {
 
     #[test]
     fn a_shared_file_mapping_at_its_offsets_passes() {
-        assert_eq!(check_in(MAPS, 0x7f00_0000_0000, 0x40_0000, file(0x40_0000)), Ok(()));
-        assert_eq!(check_in(MAPS, 0x7f00_0010_0000, 0x20_0000, file(0x50_0000)), Ok(()));
+        assert_eq!(
+            check_in(MAPS, 0x7f00_0000_0000, 0x40_0000, file(0x40_0000)),
+            Ok(())
+        );
+        assert_eq!(
+            check_in(MAPS, 0x7f00_0010_0000, 0x20_0000, file(0x50_0000)),
+            Ok(())
+        );
     }
 
     #[test]
@@ -158,8 +168,9 @@ mod tests {
         };
         assert!(check_in(MAPS, 0x7f00_0000_0000, 0x1000, other)
             .is_err_and(|w| w.contains("another file")));
-        assert!(check_in(MAPS, 0x7f00_0040_0000, 0x1000, file(0))
-            .is_err_and(|w| w.contains("private")));
+        assert!(
+            check_in(MAPS, 0x7f00_0040_0000, 0x1000, file(0)).is_err_and(|w| w.contains("private"))
+        );
         assert!(check_in(MAPS, 0x7f00_0060_0000, 0x1000, Expect::Anonymous)
             .is_err_and(|w| w.contains("readable and writable")));
         assert!(check_in(MAPS, 0x7f00_0080_0000, 0x1000, Expect::Anonymous)
@@ -168,6 +179,9 @@ mod tests {
             .is_err_and(|w| w.contains("not mapped")));
         assert!(check_in(MAPS, 0x1000, 0x1000, Expect::Anonymous)
             .is_err_and(|w| w.contains("not mapped")));
-        assert_eq!(check_in(MAPS, 0x7f00_0040_0000, 0x1000, Expect::Anonymous), Ok(()));
+        assert_eq!(
+            check_in(MAPS, 0x7f00_0040_0000, 0x1000, Expect::Anonymous),
+            Ok(())
+        );
     }
 }

@@ -271,7 +271,10 @@ fn check_file_layout(
             }
             .into());
         }
-        if file_offset.checked_add(size).map_or(true, |e| e > file_size) {
+        if file_offset
+            .checked_add(size)
+            .map_or(true, |e| e > file_size)
+        {
             return Err(LayoutError::FileTooSmall {
                 index,
                 file_offset,

@@ -206,7 +206,10 @@ impl GuestRegion {
             guest_start: self.start,
             size: self.size,
             host_addr: self.host_addr(),
-            fd: self.store.file("a region's file").map_or(-1, |f| f.as_raw_fd()),
+            fd: self
+                .store
+                .file("a region's file")
+                .map_or(-1, |f| f.as_raw_fd()),
             file_offset: self.frames.start.file_offset(),
         }
     }
