@@ -535,6 +535,11 @@ fn anonymous_memory_serves_access_and_the_dirty_log() {
         let (mem, host) = anonymous(shared);
         assert!(!mem.frame_store().has_file());
         assert!(mem.region_infos().iter().all(|i| i.fd == -1));
+        // vm-memory's view agrees: no file a vhost-user backend could map.
+        assert!(mem
+            .regions()
+            .iter()
+            .all(|r| vm_memory::GuestMemoryRegion::file_offset(&**r).is_none()));
         assert_eq!(
             mem.regions()[1].host_addr(),
             HostVirtAddr(host as u64 + 2 * MIB)

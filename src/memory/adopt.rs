@@ -6,7 +6,7 @@
 
 use std::{os::fd::BorrowedFd, ptr::NonNull, sync::Arc};
 
-use super::{validate_layout, GuestMemory, GuestRegion, LayoutError, MemoryError};
+use super::{layout::validate_layout, GuestMemory, GuestRegion, LayoutError, MemoryError};
 use crate::{
     addr::{FrameNumber, GuestPhysAddr, HostVirtAddr, PAGE_SHIFT, PAGE_SIZE},
     frames::{

@@ -5,7 +5,6 @@
 
 use std::{
     fs::File,
-    os::fd::AsFd,
     sync::{atomic::Ordering, Arc},
 };
 
@@ -54,8 +53,10 @@ impl GuestMemoryRegion for GuestRegion {
                 // One duplicate of the store's descriptor per region, made
                 // when a device first asks (a vhost-user frontend building
                 // its memory table); `None` if the process is out of
-                // descriptors, which the caller sees as "no file".
-                let fd = self.store().as_fd().try_clone_to_owned().ok()?;
+                // descriptors, which the caller sees as "no file"; `None`
+                // too for anonymous memory, which has no file to share.
+                let file = self.store().file("a region's file offset").ok()?;
+                let fd = file.try_clone_to_owned().ok()?;
                 Some(FileOffset::from_arc(
                     Arc::new(File::from(fd)),
                     self.frames().start.file_offset(),
