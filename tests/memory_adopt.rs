@@ -25,6 +25,8 @@ use pagefold::{
 };
 
 const MIB: u64 = 1 << 20;
+/// A host address no process maps (the kernel's half).
+const NOWHERE: u64 = 0xffff_8000_0000_0000;
 const PAGE: u64 = PAGE_SIZE as u64;
 
 fn gpa(a: u64) -> GuestPhysAddr {
@@ -485,9 +487,10 @@ fn the_vmms_own_mapping_is_used_in_place() {
         "{e}"
     );
     vmm_munmap(elsewhere, len);
-    // Unmapped now (the VMM's earlier range, given back).
+    // Not mapped at all (in the kernel's half: a freed range of our own
+    // could be mapped again meanwhile by another test's thread).
     vmm_munmap(host, len);
-    let e = bad(at(host as u64, 2 * MIB));
+    let e = bad(at(NOWHERE, 2 * MIB));
     assert!(
         matches!(e, MemoryError::Layout(LayoutError::BadMapping { what, .. }) if what.contains("not mapped")),
         "{e}"
@@ -773,9 +776,20 @@ fn bad_anonymous_descriptions_are_typed() {
         ),
         "{e}"
     );
-    let e = adopt(&[region(0, host, 4 * MIB)]);
+    let e = adopt(&[region(0, NOWHERE as *mut u8, MIB)]);
     assert!(
         matches!(e, MemoryError::Layout(LayoutError::BadMapping { index: 0, what, .. }) if what.contains("not mapped")),
+        "{e}"
+    );
+    // Half of it the VMM made inaccessible.
+    // SAFETY: the upper half of the test's own mapping, unused.
+    assert_eq!(
+        unsafe { libc::mprotect(host.add(MIB as usize).cast(), MIB as usize, libc::PROT_NONE) },
+        0
+    );
+    let e = adopt(&[region(0, host, 2 * MIB)]);
+    assert!(
+        matches!(e, MemoryError::Layout(LayoutError::BadMapping { index: 0, what, .. }) if what.contains("readable and writable")),
         "{e}"
     );
     let e = adopt(&[region(0, private_file, MIB)]);

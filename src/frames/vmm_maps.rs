@@ -135,6 +135,7 @@ mod tests {
 7f0000400000-7f0000600000 rw-p 00000000 00:00 0 
 7f0000600000-7f0000800000 r--p 00000000 00:00 0 
 7f0000800000-7f0000a00000 rw-p 00000000 08:01 99                         /usr/lib/x.so
+7f0000c00000-7f0000e00000 rw-p 00000000 00:00 0 
 ";
 
     fn file(offset: u64) -> Expect {
@@ -175,7 +176,9 @@ mod tests {
             .is_err_and(|w| w.contains("readable and writable")));
         assert!(check_in(MAPS, 0x7f00_0080_0000, 0x1000, Expect::Anonymous)
             .is_err_and(|w| w.contains("of a file")));
-        assert!(check_in(MAPS, 0x7f00_009f_f000, 0x2000, Expect::Anonymous)
+        assert!(check_in(MAPS, 0x7f00_00df_f000, 0x2000, Expect::Anonymous)
+            .is_err_and(|w| w.contains("not mapped")));
+        assert!(check_in(MAPS, 0x7f00_00b0_0000, 0x1000, Expect::Anonymous)
             .is_err_and(|w| w.contains("not mapped")));
         assert!(check_in(MAPS, 0x1000, 0x1000, Expect::Anonymous)
             .is_err_and(|w| w.contains("not mapped")));
