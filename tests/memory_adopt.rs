@@ -592,10 +592,8 @@ fn anonymous_memory_serves_access_and_the_dirty_log() {
         // Dropped: the VMM's memory is still mapped, bytes and all.
         drop(mem);
         // SAFETY: the VMM's mapping, which pagefold must not have unmapped.
-        assert_eq!(
-            unsafe { std::ptr::read_volatile(host.add(0x10).cast::<u64>()) },
-            0xfeed
-        );
+        let kept = unsafe { std::ptr::read_volatile(host.add(0x10).cast::<u64>()) };
+        assert_eq!(kept, 0xfeed);
         vmm_munmap(host, 4 * MIB);
     }
 }
@@ -759,8 +757,10 @@ fn bad_anonymous_descriptions_are_typed() {
         size,
         host_addr: HostVirtAddr(h as u64),
     };
-    // SAFETY (each call): refused before anything is adopted.
-    let adopt = |r: &[AnonymousRegion]| unsafe { GuestMemory::adopt_anonymous(r) }.unwrap_err();
+    let adopt = |r: &[AnonymousRegion]| {
+        // SAFETY: every case is refused before anything is adopted.
+        unsafe { GuestMemory::adopt_anonymous(r) }.unwrap_err()
+    };
     let e = adopt(&[
         region(0, host, MIB),
         region(MIB, host.wrapping_add(MIB as usize / 2), MIB),
@@ -783,10 +783,9 @@ fn bad_anonymous_descriptions_are_typed() {
     );
     // Half of it the VMM made inaccessible.
     // SAFETY: the upper half of the test's own mapping, unused.
-    assert_eq!(
-        unsafe { libc::mprotect(host.add(MIB as usize).cast(), MIB as usize, libc::PROT_NONE) },
-        0
-    );
+    let rc =
+        unsafe { libc::mprotect(host.add(MIB as usize).cast(), MIB as usize, libc::PROT_NONE) };
+    assert_eq!(rc, 0);
     let e = adopt(&[region(0, host, 2 * MIB)]);
     assert!(
         matches!(e, MemoryError::Layout(LayoutError::BadMapping { index: 0, what, .. }) if what.contains("readable and writable")),

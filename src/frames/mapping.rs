@@ -84,7 +84,8 @@ impl HostMapping {
         }
     }
 
-    /// Whether the mapping was adopted from a VMM ([`HostMapping::adopt`]):
+    /// Whether the mapping is a VMM's, used in place (`GuestMemory::adopt_mapped_file`,
+    /// `GuestMemory::adopt_anonymous`):
     /// it is not unmapped on drop.
     pub fn is_adopted(&self) -> bool {
         !self.owned

@@ -377,10 +377,12 @@ fn reserve(store: &FrameStore, size: u64, file_offset: u64) -> Result<FrameRange
 /// As [`HostMapping::adopt`]: the range is mapped readable and writable
 /// and stays so, unchanged but by pagefold, while the mapping lives.
 unsafe fn adopt_mapping(host_addr: HostVirtAddr, size: u64) -> Result<HostMapping, FrameError> {
-    let len = usize::try_from(size).map_err(|_| FrameError::TooLarge {
+    let too_large = || FrameError::TooLarge {
         frames: size >> PAGE_SHIFT,
-    })?;
-    let ptr = NonNull::new(host_addr.0 as usize as *mut u8).ok_or(FrameError::Empty)?;
+    };
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    let addr = usize::try_from(host_addr.0).map_err(|_| too_large())?;
+    let ptr = NonNull::new(addr as *mut u8).ok_or(FrameError::Empty)?;
     // SAFETY: the caller's contract is `HostMapping::adopt`'s.
     Ok(unsafe { HostMapping::adopt(ptr, len) })
 }
