@@ -1,8 +1,9 @@
 //! Guest memory over what a VMM made: its memfd at offsets of its choosing
 //! (bytes meet at those offsets both ways, dropping punches nothing), its
 //! hugetlbfs memfd, its own mapping of the file (used in place, left
-//! mapped), and its anonymous memory (access, dirty log, migration both
-//! ways; every feature that needs a file refused by name). Dedup folds a
+//! mapped), and its anonymous memory (access, dirty log, raw-write
+//! tracker, migration both ways; every feature that needs a file refused
+//! by name). Dedup folds a
 //! VMM's memfd for real. Bad descriptions are typed errors naming the
 //! region.
 
@@ -904,5 +905,36 @@ fn dedup_folds_a_vmms_memfd() {
             pread(file.as_fd(), offset + i * PAGE, PAGE_SIZE) == want,
             "page {i} is not back in the VMM's file"
         );
+    }
+}
+
+#[test]
+fn the_raw_write_tracker_needs_no_file() {
+    for shared in [false, true] {
+        let (mem, host) = anonymous(shared);
+        let mem = Arc::new(mem);
+        let tracker = match pagefold::RawWriteTracker::new(Arc::clone(&mem), RegionSet::All) {
+            Ok(t) => t,
+            Err(pagefold::DirtyError::TrackerUnavailable { reason }) => {
+                println!("SKIP the_raw_write_tracker_needs_no_file: {reason}");
+                drop(mem);
+                vmm_munmap(host, 4 * MIB);
+                return;
+            }
+            Err(e) => panic!("tracker over anonymous memory (shared: {shared}): {e}"),
+        };
+        assert_eq!(tracker.collect().unwrap(), 0, "nothing written yet");
+        for off in [0x3000u64, 2 * MIB + 0x5008] {
+            // SAFETY: inside the VMM's live mapping, aligned; a vCPU's store.
+            unsafe { host.add(off as usize).cast::<u64>().write_volatile(0xfeed) };
+        }
+        assert_eq!(tracker.collect().unwrap(), 2);
+        let mut runs = Vec::new();
+        mem.harvest_dirty(RegionSet::All, &mut runs).unwrap();
+        let pages: Vec<_> = runs.iter().flat_map(|r| r.addrs()).collect();
+        assert_eq!(pages, [gpa(0x3000), gpa(4 * MIB + 0x5000)]);
+        drop(tracker);
+        drop(mem);
+        vmm_munmap(host, 4 * MIB);
     }
 }

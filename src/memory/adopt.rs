@@ -72,8 +72,10 @@ impl GuestMemory {
     /// API, the host addresses pagefold hands out, or vm-memory's traits
     /// on it). A mapping of its own that it keeps accessing must be left
     /// out of dedup (`VmOptions::exclude`): a merged page's bytes leave
-    /// its file offset for a shared frame, so the VMM's mapping would read
-    /// stale bytes, and its writes would not reach the guest.
+    /// its file offset for a shared frame (and a write to it lands in a
+    /// private copy, back at the offset only when the host unmerges it),
+    /// so the VMM's mapping would read stale bytes, and its writes would
+    /// not reach the guest.
     pub fn from_file(fd: BorrowedFd<'_>, regions: &[FileRegion]) -> Result<Self, MemoryError> {
         let store = Arc::new(FrameStore::adopt_file(fd, "vmm-file")?);
         let spans: Vec<_> = regions
