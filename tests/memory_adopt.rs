@@ -163,6 +163,22 @@ fn memfd_regions_meet_the_vmm_at_its_offsets() {
     let fresh = store.allocate(4).unwrap();
     assert!(fresh.start.file_offset() >= 16 * MIB, "{fresh:?}");
     store.free(fresh).unwrap();
+    // Nor give back what is the VMM's: a region's run, or a run it named
+    // for no region.
+    assert!(matches!(
+        store.free(FrameRange {
+            start: pagefold::FrameNumber(0),
+            count: 16,
+        }),
+        Err(FrameError::NotAllocated { .. })
+    ));
+    assert!(matches!(
+        store.reserve(FrameRange {
+            start: pagefold::FrameNumber(8 * MIB / PAGE),
+            count: 1,
+        }),
+        Err(FrameError::Reserved { .. })
+    ));
     // A VMM region hotplugged from the same file, and one overlapping.
     let plugged = pagefold::memory::GuestRegion::from_file(
         &store,

@@ -16,6 +16,9 @@ pub(super) struct RangeAllocator {
     /// start -> count. They count as handed out and are never freed, so
     /// no later allocation gets them.
     reserved: BTreeMap<u64, u64>,
+    /// Frames below are not this allocator's ([`RangeAllocator::start_past`]):
+    /// never handed out, never taken back.
+    floor: u64,
 }
 
 impl RangeAllocator {
@@ -80,12 +83,14 @@ impl RangeAllocator {
         self.len = len;
     }
 
-    /// Whether `[start, start+count)` is entirely handed out.
+    /// Whether `[start, start+count)` is entirely handed out (by
+    /// [`RangeAllocator::allocate`]; reserved runs and frames below the
+    /// floor are not).
     pub(super) fn is_allocated(&self, start: u64, count: u64) -> bool {
         let Some(end) = start.checked_add(count) else {
             return false;
         };
-        if end > self.len {
+        if end > self.len || start < self.floor {
             return false;
         }
         // Any free run overlapping the range makes it not allocated.
@@ -100,6 +105,7 @@ impl RangeAllocator {
     pub(super) fn start_past(&mut self, len: u64) {
         if self.allocated == 0 && self.free.is_empty() {
             self.len = self.len.max(len);
+            self.floor = self.len;
         }
     }
 
@@ -182,5 +188,8 @@ mod tests {
         assert_eq!(a.allocated(), 6);
         let (s, grew) = a.allocate(3);
         assert_eq!((s, grew), (16, Some(19)), "new runs start past the file");
+        assert!(a.is_allocated(16, 3));
+        assert!(!a.is_allocated(4, 4), "reserved, not handed out");
+        assert!(!a.is_allocated(0, 2), "below the floor: the VMM's");
     }
 }

@@ -192,8 +192,9 @@ enum Source {
     /// given back are not punched, since that process still uses them.
     Handed,
     /// A VMM's guest-memory file ([`FrameStore::adopt_file`]): the VMM owns
-    /// it, so frames given back are not punched, and the runs its regions
-    /// name are reserved for good.
+    /// it, so the runs its regions name are reserved for good and never
+    /// punched when given back; only frames the store allocated past the
+    /// file's end are.
     Vmm,
     /// No file ([`Backing::Anonymous`]).
     Anonymous,
@@ -478,7 +479,7 @@ impl FrameStore {
 
     /// Whether the memfd came from another owner: another process
     /// ([`FrameStore::adopt`]) or a VMM ([`FrameStore::adopt_file`]).
-    /// Frames given back to such a store are not punched.
+    /// Frames of the other owner are never punched when given back.
     pub fn is_adopted(&self) -> bool {
         matches!(self.source, Source::Handed | Source::Vmm)
     }
@@ -542,8 +543,11 @@ impl FrameStore {
 
     /// Returns frames to the store: their memory goes back to the host now
     /// (punch hole) and the frame numbers can be handed out again. A store
-    /// that does not own its file punches nothing; a run reserved for a
-    /// VMM's region ([`FrameStore::reserve`]) stays reserved.
+    /// adopted from another process ([`FrameStore::adopt`]) punches
+    /// nothing; a run reserved for a VMM's region
+    /// ([`FrameStore::reserve`]) stays reserved, unpunched, and the rest of
+    /// a VMM's file as it was at adoption is no frames of this store
+    /// ([`FrameError::NotAllocated`]).
     pub fn free(&self, range: FrameRange) -> Result<(), FrameError> {
         self.check_granule(range)?;
         let mut alloc = self.lock_allocator();
@@ -556,7 +560,10 @@ impl FrameStore {
                 count: range.count,
             });
         }
-        if self.source == Source::Own {
+        // A VMM's file: only frames this store allocated past the VMM's
+        // end get here (its regions' runs are reserved, the rest is below
+        // the allocator's floor), and nobody else uses them.
+        if matches!(self.source, Source::Own | Source::Vmm) {
             self.punch(range)?;
         }
         alloc.free(range.start.0, range.count);
