@@ -273,10 +273,7 @@ fn check_file_layout(
             }
             .into());
         }
-        if file_offset
-            .checked_add(size)
-            .map_or(true, |e| e > file_size)
-        {
+        if file_offset.checked_add(size).is_none_or(|e| e > file_size) {
             return Err(LayoutError::FileTooSmall {
                 index,
                 file_offset,
