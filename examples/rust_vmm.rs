@@ -1,9 +1,10 @@
 //! What a rust-vmm VMM (Firecracker- or cloud-hypervisor-style) changes to
 //! run on pagefold, written against vm-memory's traits:
 //!
-//! 1. memory: pagefold's `GuestMemory` where the VMM had `GuestMemoryMmap`,
-//!    handed to devices as a `GuestAddressSpace` (`AtomicGuestMemory`, so
-//!    regions can be plugged while devices run);
+//! 1. memory: the VMM's own memfd (as it makes it today, one file for
+//!    all regions), mapped by pagefold (`GuestMemory::from_file`) where the
+//!    VMM had `GuestMemoryMmap`, handed to devices as a `GuestAddressSpace`
+//!    (`AtomicGuestMemory`, so regions can be plugged while devices run);
 //! 2. devices: unchanged, generic over `GuestAddressSpace` (this one copies
 //!    a backing file into guest buffers with `read_volatile_from`, as a
 //!    block device does);
@@ -18,12 +19,13 @@ use std::{
     error::Error,
     fs::File,
     io::{Seek, Write},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd},
     sync::Arc,
 };
 
 use pagefold::{
-    rust_vmm::AtomicGuestMemory, DedupHost, GuestMemory, GuestPhysAddr, GuestRegion, RegionSet,
+    memory::FileRegion, rust_vmm::AtomicGuestMemory, DedupHost, GuestMemory, GuestPhysAddr,
+    GuestRegion, RegionSet,
 };
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
@@ -55,11 +57,26 @@ impl<AS: GuestAddressSpace> BlockLikeDevice<AS> {
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    // 1. Memory: 64 MiB at 0 and 32 MiB at 4 GiB, on pagefold's frames.
-    let mem = Arc::new(GuestMemory::new(&[
-        (GuestPhysAddr(0), 64 * MIB),
-        (GuestPhysAddr(4 << 30), 32 * MIB),
-    ])?);
+    // 1. Memory: the VMM's memfd: 64 MiB at 0 and 32 MiB at 4 GiB, and 16
+    // MiB it keeps for a region to plug later (a region must lie in the
+    // file as pagefold adopted it: pagefold's own frames go past its end).
+    let guest_file = memfd_file("guest-ram")?;
+    guest_file.set_len(112 * MIB)?;
+    let mem = Arc::new(GuestMemory::from_file(
+        guest_file.as_fd(),
+        &[
+            FileRegion {
+                guest_start: GuestPhysAddr(0),
+                size: 64 * MIB,
+                file_offset: 0,
+            },
+            FileRegion {
+                guest_start: GuestPhysAddr(4 << 30),
+                size: 32 * MIB,
+                file_offset: 64 * MIB,
+            },
+        ],
+    )?);
     let space = AtomicGuestMemory::from(Arc::clone(&mem));
 
     // 5. Dirty tracking on before the device runs (what a pre-copy sender does).
@@ -132,7 +149,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Memory hotplug: a 16 MiB region at 8 GiB, swapped in while the
     // device holds the address space; dedup takes it as its own VM of the
     // same domain.
-    let region = GuestRegion::allocate(mem.frame_store(), GuestPhysAddr(8 << 30), 16 * MIB)?;
+    let region = GuestRegion::from_file(
+        mem.frame_store(),
+        FileRegion {
+            guest_start: GuestPhysAddr(8 << 30),
+            size: 16 * MIB,
+            file_offset: 96 * MIB,
+        },
+    )?;
     let plugged = space.memory().insert_region(Arc::clone(&region))?;
     space
         .lock()
