@@ -18,7 +18,7 @@ impl GuestMemoryBackend for GuestMemory {
         self.regions().len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn find_region(&self, addr: GuestAddress) -> Option<&GuestRegion> {
         self.find_region(GuestPhysAddr(addr.0))
             .and_then(|i| self.regions().get(i))

@@ -24,12 +24,12 @@ type Result<T> = std::result::Result<T, GuestMemoryError>;
 impl GuestMemoryRegion for GuestRegion {
     type B = RegionLog;
 
-    #[inline]
+    #[inline(always)]
     fn len(&self) -> GuestUsize {
         self.size()
     }
 
-    #[inline]
+    #[inline(always)]
     fn start_addr(&self) -> GuestAddress {
         GuestAddress(self.start().0)
     }
@@ -65,7 +65,7 @@ impl GuestMemoryRegion for GuestRegion {
             .as_ref()
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,
