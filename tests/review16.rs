@@ -1,0 +1,218 @@
+//! Review of issue 16's layers (vm-memory traits, VMM-memory adoption,
+//! hotplug): each test shows a defect found in review and fails until it is
+//! fixed. Each says what is wrong and what is expected.
+
+// A failed unwrap is a failed test; every size here is small.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use pagefold::{
+    memory::FileRegion,
+    migration::{MigrationError, PrecopyOptions, Sender},
+    FrameError, GuestMemory, GuestPhysAddr, GuestRegion, MemoryError,
+};
+use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+fn gpa(a: u64) -> GuestPhysAddr {
+    GuestPhysAddr(a)
+}
+
+/// A VMM's memfd of `len` bytes.
+fn vmm_memfd(len: u64) -> OwnedFd {
+    // SAFETY: a static NUL-terminated name and memfd flags.
+    let raw = unsafe { libc::memfd_create(c"review16".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: plain syscall on our descriptor.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) },
+        0
+    );
+    fd
+}
+
+/// Memory of one 1 MiB region whose pages need state checks (one page
+/// discarded), so every write path goes through `prepare_write`.
+fn checked_memory() -> GuestMemory {
+    let mem = GuestMemory::new(&[(gpa(0), MIB)]).unwrap();
+    mem.write(gpa(0), &[1u8; PAGE as usize]).unwrap();
+    mem.discard(gpa(0), PAGE).unwrap();
+    mem
+}
+
+/// `src/rust_vmm/region.rs` (`read_volatile_from`): a zero-count read from
+/// a source at the region's very end (offset == len, which `clip` accepts
+/// as an empty access) calls `prepare_write(len, 0)`, which loads the page
+/// state of page `len / 4096`, one past the table: an index-out-of-bounds
+/// panic once the region needs state checks (after any discard, balloon
+/// inflate or dedup merge). vm-memory's own regions answer `Ok(0)` (an
+/// empty slice at the end is in bounds); a device doing a zero-length
+/// transfer must not crash the VMM.
+#[test]
+fn zero_count_read_volatile_from_at_region_end_is_ok() {
+    let mem = checked_memory();
+    let region = &*mem.regions()[0];
+    let mut src: &[u8] = &[];
+    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Bytes::read_volatile_from(region, MemoryRegionAddress(MIB), &mut src, 0).map_err(|_| ())
+    }));
+    assert!(
+        matches!(got, Ok(Ok(0))),
+        "zero-count read_volatile_from at the region's end must be Ok(0) \
+         as on GuestRegionMmap, got {got:?}"
+    );
+}
+
+/// Same defect through `read_exact_volatile_from`: count 0 at offset == len
+/// passes `clip`, then `prepare_write(len, 0)` indexes one page past the
+/// state table and panics. Expected `Ok(())`, as vm-memory's regions.
+#[test]
+fn zero_count_read_exact_volatile_from_at_region_end_is_ok() {
+    let mem = checked_memory();
+    let region = &*mem.regions()[0];
+    let mut src: &[u8] = &[];
+    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Bytes::read_exact_volatile_from(region, MemoryRegionAddress(MIB), &mut src, 0)
+            .map_err(|_| ())
+    }));
+    assert!(
+        matches!(got, Ok(Ok(()))),
+        "zero-count read_exact_volatile_from at the region's end must be Ok(()), got {got:?}"
+    );
+}
+
+/// `src/frames/allocator.rs` (`reserve`) and `src/frames/mod.rs` (`free`):
+/// a VMM region's run is reserved "for good", and a region that drops
+/// (after `remove_region`) leaves it reserved. So a VMM that unplugs a
+/// DIMM / virtio-mem block of its file and plugs it back at the same file
+/// offset is refused forever, though nothing uses the run any more (and
+/// un-reserving would be safe: the run lies below the allocator's floor,
+/// so it would never be handed out). Expected: the same `FileRegion` can be
+/// plugged again once the removed region is gone.
+#[test]
+fn an_unplugged_file_region_can_be_plugged_back() {
+    let fd = vmm_memfd(4 * MIB);
+    let a = FileRegion {
+        guest_start: gpa(0),
+        size: MIB,
+        file_offset: 0,
+    };
+    let b = FileRegion {
+        guest_start: gpa(16 * MIB),
+        size: MIB,
+        file_offset: MIB,
+    };
+    let mem = GuestMemory::from_file(fd.as_fd(), &[a, b]).unwrap();
+    let store = std::sync::Arc::clone(mem.frame_store());
+    let (smaller, removed) = mem.remove_region(b.guest_start, b.size).unwrap();
+    drop(mem);
+    drop(removed);
+    let again = GuestRegion::from_file(&store, b);
+    assert!(
+        again.is_ok(),
+        "plugging back a region whose predecessor at the same file offset is gone \
+         must work: {:?}",
+        again.err()
+    );
+    let grown = smaller.insert_region(again.unwrap()).unwrap();
+    assert_eq!(grown.regions().len(), 2);
+}
+
+/// `src/frames/mod.rs` (`FrameStore::reserve`): a run that overlaps a
+/// reserved run *exactly* (the same offset and size as a live region) is
+/// reported as `FrameError::NotAllocated`, because the allocator's `Err`
+/// carries the overlapped run and `reserve` takes "equal to the request"
+/// to mean "past the file / free overlap". `GuestRegion::from_file` and
+/// `FrameStore::reserve` document `FrameError::Reserved` for a run that
+/// overlaps another region's; a VMM telling a double plug from a bad
+/// offset relies on it. Expected: `Reserved` naming the other run.
+#[test]
+fn plugging_a_live_regions_run_again_is_reserved() {
+    let fd = vmm_memfd(4 * MIB);
+    let a = FileRegion {
+        guest_start: gpa(0),
+        size: MIB,
+        file_offset: MIB,
+    };
+    let mem = GuestMemory::from_file(fd.as_fd(), &[a]).unwrap();
+    let twin = FileRegion {
+        guest_start: gpa(32 * MIB),
+        ..a
+    };
+    let got = GuestRegion::from_file(mem.frame_store(), twin);
+    assert!(
+        matches!(
+            got,
+            Err(MemoryError::Frames(FrameError::Reserved {
+                other_start: 256,
+                other_count: 256,
+                ..
+            }))
+        ),
+        "the same run as a live region must be FrameError::Reserved, got {:?}",
+        got.err()
+    );
+}
+
+/// `src/memory/mod.rs` (`claim_for_migration`): the migration claim is a
+/// flag of the `GuestMemory`, not of its regions, while dirty logs are the
+/// regions'. A memory built over the same regions (`from_regions`, or the
+/// memory `insert_region`/`remove_region` makes during a migration) starts
+/// unclaimed, so a second `Sender` runs over the same dirty logs: each
+/// harvest takes marks the other never sees (lost dirty pages, a corrupt
+/// destination), and each turns tracking off under the other when it
+/// drops. Dedup claims were made per region for exactly this reason.
+/// Expected: `MigrationError::Busy`.
+#[test]
+fn a_second_sender_over_shared_regions_is_busy() {
+    let mem = GuestMemory::new(&[(gpa(0), MIB), (gpa(4 * MIB), MIB)]).unwrap();
+    let twin = GuestMemory::from_regions(mem.regions().to_vec()).unwrap();
+    let first = Sender::start(&mem, Vec::new(), PrecopyOptions::default()).unwrap();
+    let second = Sender::start(&twin, Vec::new(), PrecopyOptions::default());
+    assert!(
+        matches!(second, Err(MigrationError::Busy)),
+        "a second sender over the same regions must be Busy"
+    );
+    drop(first);
+}
+
+/// `src/rust_vmm/region.rs` (`clip`, used by `Bytes::write`/`read`): an
+/// empty buffer at an offset past the region's end is an `OutOfBounds`
+/// error, where vm-memory's regions (`VolatileSlice::write`/`read`, and
+/// `GuestMemoryRegionBytes`) return `Ok(0)` for any empty access before
+/// looking at the offset. Generic device code that issues zero-length
+/// accesses (descriptors of length 0) sees an error only on pagefold.
+/// Expected: `Ok(0)`, as `GuestRegionMmap`.
+#[test]
+fn empty_region_accesses_past_the_end_are_ok_zero_like_guest_region_mmap() {
+    let mem = GuestMemory::new(&[(gpa(0), MIB)]).unwrap();
+    let region = &*mem.regions()[0];
+    let theirs = vm_memory::GuestRegionMmap::<()>::from_range(
+        vm_memory::GuestAddress(0),
+        MIB as usize,
+        None,
+    )
+    .unwrap();
+    let past = MemoryRegionAddress(2 * MIB);
+    assert_eq!(Bytes::write(&theirs, &[], past).unwrap(), 0);
+    assert_eq!(Bytes::read(&theirs, &mut [], past).unwrap(), 0);
+    assert_eq!(
+        GuestMemoryRegion::len(&theirs),
+        GuestMemoryRegion::len(region)
+    );
+    assert_eq!(
+        Bytes::write(region, &[], past).ok(),
+        Some(0),
+        "empty write past the end"
+    );
+    assert_eq!(
+        Bytes::read(region, &mut [], past).ok(),
+        Some(0),
+        "empty read past the end"
+    );
+}
