@@ -216,3 +216,131 @@ fn empty_region_accesses_past_the_end_are_ok_zero_like_guest_region_mmap() {
         "empty read past the end"
     );
 }
+
+/// `src/memory/adopt.rs` (`GuestRegion::from_file`) with
+/// `src/frames/allocator.rs` (`reserve`): the run is reserved before the
+/// region is checked against the memory it is meant for, and a region that
+/// drops leaves its run reserved. A hotplug that `insert_region` refuses
+/// (here: a guest address overlapping a present region, an ordinary VMM
+/// mistake to retry) burns the file's run for good: the corrected retry at
+/// the same file offset is refused. Expected: the retry succeeds.
+#[test]
+fn a_refused_hotplug_does_not_burn_the_file_run() {
+    let fd = vmm_memfd(4 * MIB);
+    let a = FileRegion {
+        guest_start: gpa(0),
+        size: MIB,
+        file_offset: 0,
+    };
+    let mem = GuestMemory::from_file(fd.as_fd(), &[a]).unwrap();
+    let wrong = FileRegion {
+        guest_start: gpa(0),
+        size: MIB,
+        file_offset: 2 * MIB,
+    };
+    let region = GuestRegion::from_file(mem.frame_store(), wrong).unwrap();
+    assert!(mem.insert_region(region).is_err(), "overlaps region 0");
+    let right = FileRegion {
+        guest_start: gpa(8 * MIB),
+        ..wrong
+    };
+    let retry = GuestRegion::from_file(mem.frame_store(), right);
+    assert!(
+        retry.is_ok(),
+        "the run of a refused (and dropped) hotplug region must be usable again: {:?}",
+        retry.err()
+    );
+}
+
+/// `src/frames/mod.rs` (`FrameStore::adopt_file`) / `src/memory/adopt.rs`
+/// (`GuestMemory::from_file`): the reservations and the allocator live in
+/// the store, not with the file, and nothing stops a second adoption of a
+/// file a live store already adopted (a VMM hotplugging with a second
+/// `from_file` instead of `GuestRegion::from_file`, or one process keeping
+/// two guests in one memfd at disjoint offsets, which `from_file` accepts).
+/// Each store then hands out frames from the same floor (the file's end):
+/// the same file pages become shared frames of both (dedup), each
+/// overwriting and punching the other's. Expected: the two stores never
+/// hand out the same frame of the file (or the second adoption is refused).
+#[test]
+fn two_adoptions_of_one_file_never_share_a_frame() {
+    let fd = vmm_memfd(4 * MIB);
+    let one = GuestMemory::from_file(
+        fd.as_fd(),
+        &[FileRegion {
+            guest_start: gpa(0),
+            size: MIB,
+            file_offset: 0,
+        }],
+    )
+    .unwrap();
+    let two = match GuestMemory::from_file(
+        fd.as_fd(),
+        &[FileRegion {
+            guest_start: gpa(0),
+            size: MIB,
+            file_offset: 2 * MIB,
+        }],
+    ) {
+        Ok(m) => m,
+        Err(_) => return, // refused: fine
+    };
+    let (s1, s2) = (one.frame_store(), two.frame_store());
+    let f1 = s1.allocate(1).unwrap();
+    let f2 = s2.allocate(1).unwrap();
+    s1.write_frames(f1.start, &[0x11; PAGE as usize]).unwrap();
+    s2.write_frames(f2.start, &[0x22; PAGE as usize]).unwrap();
+    let mut back = [0u8; PAGE as usize];
+    s1.read_frames(f1.start, &mut back).unwrap();
+    assert_eq!(
+        back[0], 0x11,
+        "store 1's frame {:?} was overwritten by store 2's frame {:?} of the same file",
+        f1, f2
+    );
+}
+
+/// `src/frames/mod.rs` (`FrameStore::adopt_file`): the descriptor's access
+/// mode is not checked. A VMM that maps its memfd read-write itself and
+/// hands `adopt_mapped_file` a read-only descriptor of it (reopened through
+/// `/proc/self/fd`, or a descriptor it received read-only) passes every
+/// adoption check, and then every feature that writes the file through
+/// pagefold's duplicate (punching for discard and balloon, growing it and
+/// `pwrite` for dedup's shared frames and unmerges) fails later, at run
+/// time. (An `O_APPEND` descriptor is worse: Linux's `pwrite` ignores the
+/// offset there, so frames written back land at the file's end.) Expected:
+/// adoption refuses a descriptor not open for reading and writing.
+#[test]
+fn adoption_refuses_a_read_only_descriptor() {
+    let rw = vmm_memfd(2 * MIB);
+    // SAFETY: a shared read-write mapping of our own memfd, kept for the test.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            (2 * MIB) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rw.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(host, libc::MAP_FAILED);
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", rw.as_raw_fd())).unwrap();
+    let region = pagefold::memory::MappedFileRegion {
+        guest_start: gpa(0),
+        size: 2 * MIB,
+        host_addr: pagefold::HostVirtAddr(host as u64),
+        file_offset: 0,
+    };
+    // SAFETY: the range is our live MAP_SHARED rw mapping of the file at
+    // offset 0, left mapped for the rest of the process.
+    let got = unsafe { GuestMemory::adopt_mapped_file(ro.as_fd(), &[region]) };
+    if let Ok(mem) = &got {
+        // What the VMM meets later: the file cannot be punched.
+        mem.write(gpa(0), &[7u8; 16]).unwrap();
+        let discard = mem.discard(gpa(0), PAGE);
+        assert!(
+            discard.is_ok(),
+            "adopted a read-only descriptor; discard then fails: {discard:?}"
+        );
+    }
+}
