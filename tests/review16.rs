@@ -344,3 +344,42 @@ fn adoption_refuses_a_read_only_descriptor() {
         );
     }
 }
+
+/// `src/frames/mod.rs` (`check_granule`, via `FrameRange::end`): the range
+/// check computes `start + count` unchecked, so a caller's range near the
+/// top of the frame-number space (`start` = `u64::MAX`) overflows: a panic
+/// ("attempt to add with overflow") in debug builds, and a wrapped end that
+/// slips under `MAX_FRAMES` in release builds. Reachable from the pub
+/// `FrameStore::reserve`, `free`, `release` and `map` with any caller
+/// input. Expected: a typed error (`Misaligned`/`TooLarge`/`NotAllocated`).
+#[test]
+fn frame_ranges_near_the_top_are_errors_not_panics() {
+    use pagefold::{addr::FrameNumber, frames::FrameRange};
+    let fd = vmm_memfd(MIB);
+    let mem = GuestMemory::from_file(
+        fd.as_fd(),
+        &[FileRegion {
+            guest_start: gpa(0),
+            size: MIB,
+            file_offset: 0,
+        }],
+    )
+    .unwrap();
+    let store = mem.frame_store();
+    let top = FrameRange {
+        start: FrameNumber(u64::MAX),
+        count: 1,
+    };
+    for (what, call) in [
+        ("reserve", &(|| store.reserve(top).is_err()) as &dyn Fn() -> bool),
+        ("free", &|| store.free(top).is_err()),
+        ("release", &|| store.release(top).is_err()),
+        ("map", &|| store.map(top).is_err()),
+    ] {
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+        assert!(
+            matches!(got, Ok(true)),
+            "{what} of frames {top:?} must be a typed error, not a panic"
+        );
+    }
+}
