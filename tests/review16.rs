@@ -371,7 +371,10 @@ fn frame_ranges_near_the_top_are_errors_not_panics() {
         count: 1,
     };
     for (what, call) in [
-        ("reserve", &(|| store.reserve(top).is_err()) as &dyn Fn() -> bool),
+        (
+            "reserve",
+            &(|| store.reserve(top).is_err()) as &dyn Fn() -> bool,
+        ),
         ("free", &|| store.free(top).is_err()),
         ("release", &|| store.release(top).is_err()),
         ("map", &|| store.map(top).is_err()),
@@ -382,4 +385,63 @@ fn frame_ranges_near_the_top_are_errors_not_panics() {
             "{what} of frames {top:?} must be a typed error, not a panic"
         );
     }
+}
+
+/// `src/frames/mod.rs` (`FrameStore::release`, also `write_frames`): on a
+/// VMM's file the store checks nothing about the range, so it punches
+/// (or overwrites) bytes the VMM never gave pagefold: the runs of its file
+/// that no region names, which `adopt_file` promises to leave alone
+/// ("Other runs of the file are left alone"; `free` already refuses them
+/// with `NotAllocated`). A VMM keeping anything else in its memfd (a
+/// second guest, firmware, a region not yet plugged) loses it to one call
+/// with a wrong range. Expected: `release` of a run that is neither one of
+/// the VMM's reserved runs nor allocated by the store is refused, and the
+/// VMM's bytes survive.
+#[test]
+fn release_leaves_the_vmms_unnamed_runs_alone() {
+    use pagefold::{addr::FrameNumber, frames::FrameRange};
+    let fd = vmm_memfd(4 * MIB);
+    let mem = GuestMemory::from_file(
+        fd.as_fd(),
+        &[FileRegion {
+            guest_start: gpa(0),
+            size: MIB,
+            file_offset: 0,
+        }],
+    )
+    .unwrap();
+    // The VMM's own bytes at 3 MiB, a run no region names.
+    let data = [0x5au8; PAGE as usize];
+    // SAFETY: `data` is readable for its length; the fd is open.
+    let n = unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            (3 * MIB) as libc::off_t,
+        )
+    };
+    assert_eq!(n, PAGE as isize);
+    let theirs = FrameRange {
+        start: FrameNumber(3 * MIB / PAGE),
+        count: 1,
+    };
+    let got = mem.frame_store().release(theirs);
+    let mut back = [0u8; PAGE as usize];
+    // SAFETY: `back` is writable for its length; the fd is open.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            back.as_mut_ptr().cast(),
+            back.len(),
+            (3 * MIB) as libc::off_t,
+        )
+    };
+    assert_eq!(n, PAGE as isize);
+    assert!(
+        got.is_err() && back == data,
+        "release of the VMM's unnamed run must be refused and leave its bytes: \
+         got {got:?}, first byte now {:#x}",
+        back[0]
+    );
 }
