@@ -29,10 +29,8 @@ fn vmm_memfd(len: u64) -> OwnedFd {
     // SAFETY: a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: plain syscall on our descriptor.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) },
-        0
-    );
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
+    assert_eq!(rc, 0);
     fd
 }
 
