@@ -443,3 +443,30 @@ fn release_leaves_the_vmms_unnamed_runs_alone() {
         back[0]
     );
 }
+
+/// `src/rust_vmm/region.rs` (`read_volatile_from`, `store`): the pages are
+/// brought to the private state (`prepare_write`) for the whole requested
+/// count before anything is read from the source, so a transfer that moves
+/// nothing (count 0 here, which is plainly avoidable; a source at EOF or a
+/// short read does the same, which would need a bounce buffer) turns a
+/// released page (discarded, reported free, ballooned) into a private one
+/// though no byte was written: the page then counts as taken back (a
+/// ballooned one as deflated), and pagefold's later reads go through the
+/// mapping, which makes the kernel allocate the memory the release gave
+/// back. vm-memory's own regions change nothing for an empty transfer.
+/// Expected: a released page stays released after a zero-count transfer.
+#[test]
+fn an_empty_transfer_leaves_a_released_page_released() {
+    let mem = checked_memory();
+    let region = &*mem.regions()[0];
+    let before = region.page_state(0).unwrap().kind();
+    assert_ne!(before, pagefold::PageKind::Private, "discarded");
+    let mut src: &[u8] = &[];
+    let n = Bytes::read_volatile_from(region, MemoryRegionAddress(0), &mut src, 0).unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(
+        region.page_state(0).unwrap().kind(),
+        before,
+        "no byte of the page was written, yet it left the released state"
+    );
+}
