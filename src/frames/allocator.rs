@@ -141,6 +141,29 @@ impl RangeAllocator {
         Ok(())
     }
 
+    /// Gives a reserved run up (its region is gone): it no longer counts as
+    /// handed out, and, lying below the floor, is never handed out again;
+    /// the VMM may name it anew. `false` if it is not exactly a reserved run.
+    pub(super) fn unreserve(&mut self, start: u64, count: u64) -> bool {
+        if self.reserved.get(&start) != Some(&count) {
+            return false;
+        }
+        self.reserved.remove(&start);
+        self.allocated -= count;
+        true
+    }
+
+    /// Whether `[start, start+count)` lies inside one reserved run.
+    pub(super) fn within_reserved(&self, start: u64, count: u64) -> bool {
+        let Some(end) = start.checked_add(count) else {
+            return false;
+        };
+        self.reserved
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(&s, &c)| s + c >= end)
+    }
+
     /// Whether `[start, start+count)` is exactly a reserved run.
     pub(super) fn is_reserved(&self, start: u64, count: u64) -> bool {
         self.reserved.get(&start) == Some(&count)

@@ -12,6 +12,7 @@ mod map_budget;
 mod mapping;
 pub(crate) mod memfd;
 mod page_lock;
+mod vmm_files;
 pub(crate) mod vmm_maps;
 
 use std::{
@@ -179,7 +180,10 @@ impl FrameRange {
     /// The frame after the last one.
     #[inline]
     pub const fn end(&self) -> u64 {
-        self.start.0 + self.count
+        // Saturating: a caller's range near the top must reach the checks
+        // (which refuse anything past the store's largest frame), not
+        // overflow before them.
+        self.start.0.saturating_add(self.count)
     }
 }
 
@@ -212,6 +216,8 @@ pub struct FrameStore {
     granule: PageSize,
     allocator: Mutex<RangeAllocator>,
     map_budget: MapBudget,
+    /// The VMM's file this store holds (one store per file).
+    _vmm_file: Option<vmm_files::FileClaim>,
 }
 
 /// Largest store, in frames: 2^40 frames = 4 PiB, far past any host, and
@@ -263,6 +269,7 @@ impl FrameStore {
             granule,
             allocator: Mutex::new(RangeAllocator::default()),
             map_budget: MapBudget::default(),
+            _vmm_file: None,
         })
     }
 
@@ -292,6 +299,7 @@ impl FrameStore {
             granule: PageSize::Size4K,
             allocator: Mutex::new(RangeAllocator::default()),
             map_budget: MapBudget::default(),
+            _vmm_file: None,
         })
     }
 
@@ -327,6 +335,24 @@ impl FrameStore {
                 })
             }
         };
+        // SAFETY: F_GETFL takes no argument and only reads the open
+        // file's status flags; the fd is borrowed for the call.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+            return Err(FrameError::NotAdoptable {
+                what: "it is not open for reading and writing (O_RDWR)",
+            });
+        }
+        if flags & libc::O_APPEND != 0 {
+            return Err(FrameError::NotAdoptable {
+                what: "it is open with O_APPEND (writes at an offset would land at the end)",
+            });
+        }
+        let Some(claim) = vmm_files::FileClaim::take(st.st_dev, st.st_ino) else {
+            return Err(FrameError::NotAdoptable {
+                what: "a live store of this process holds the file already (adopt it once, share the store)",
+            });
+        };
         let fd = fd.try_clone_to_owned().map_err(|source| FrameError::Os {
             op: "fcntl(F_DUPFD_CLOEXEC)",
             source,
@@ -348,6 +374,7 @@ impl FrameStore {
             granule,
             allocator: Mutex::new(allocator),
             map_budget: MapBudget::default(),
+            _vmm_file: Some(claim),
         })
     }
 
@@ -367,7 +394,7 @@ impl FrameStore {
         let mut alloc = self.lock_allocator();
         match alloc.reserve(range.start.0, range.count) {
             Ok(()) => Ok(()),
-            Err((s, c)) if (s, c) == (range.start.0, range.count) => {
+            Err((s, c)) if (s, c) == (range.start.0, range.count) && !alloc.is_reserved(s, c) => {
                 Err(FrameError::NotAllocated { start: s, count: c })
             }
             Err((other_start, other_count)) => Err(FrameError::Reserved {
@@ -446,6 +473,7 @@ impl FrameStore {
             granule: PageSize::Size4K,
             allocator: Mutex::new(RangeAllocator::default()),
             map_budget: MapBudget::default(),
+            _vmm_file: None,
         };
         let st = store.fstat()?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -545,13 +573,14 @@ impl FrameStore {
     /// (punch hole) and the frame numbers can be handed out again. A store
     /// adopted from another process ([`FrameStore::adopt`]) punches
     /// nothing; a run reserved for a VMM's region
-    /// ([`FrameStore::reserve`]) stays reserved, unpunched, and the rest of
-    /// a VMM's file as it was at adoption is no frames of this store
-    /// ([`FrameError::NotAllocated`]).
+    /// ([`FrameStore::reserve`]) is given up unpunched (the VMM's bytes stay;
+    /// it may name the run again, as when it plugs the region back), and
+    /// the rest of a VMM's file as it was at adoption is no frames of this
+    /// store ([`FrameError::NotAllocated`]).
     pub fn free(&self, range: FrameRange) -> Result<(), FrameError> {
         self.check_granule(range)?;
         let mut alloc = self.lock_allocator();
-        if alloc.is_reserved(range.start.0, range.count) {
+        if alloc.unreserve(range.start.0, range.count) {
             return Ok(());
         }
         if !alloc.is_allocated(range.start.0, range.count) {
@@ -573,8 +602,23 @@ impl FrameStore {
     /// Gives the memory behind `range` back to the host while the frames
     /// stay allocated: they read as zeros afterwards and a write allocates
     /// again. Any mapping of the frames sees the zeros.
+    ///
+    /// On a VMM's file only the store's own frames are released: runs
+    /// inside a reserved region, or frames it allocated past the file's
+    /// end; the rest of the file is the VMM's ([`FrameError::NotAllocated`]).
     pub fn release(&self, range: FrameRange) -> Result<(), FrameError> {
         self.check_granule(range)?;
+        if self.source == Source::Vmm {
+            let alloc = self.lock_allocator();
+            if !alloc.within_reserved(range.start.0, range.count)
+                && !alloc.is_allocated(range.start.0, range.count)
+            {
+                return Err(FrameError::NotAllocated {
+                    start: range.start.0,
+                    count: range.count,
+                });
+            }
+        }
         self.punch(range)
     }
 

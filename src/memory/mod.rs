@@ -91,9 +91,6 @@ pub struct GuestMemory {
     regions: Box<[Arc<GuestRegion>]>,
     /// Address-to-region lookup.
     index: index::RegionIndex,
-    /// A migration `Sender` runs on it (one at a time: each saves and puts
-    /// back the dirty tracking it found).
-    migration_claimed: std::sync::atomic::AtomicBool,
     /// Told of every write through this API (see [`WriteObserver`]).
     observer: std::sync::OnceLock<Arc<dyn WriteObserver>>,
 }
@@ -240,7 +237,6 @@ impl GuestMemory {
             store,
             regions: regions.into_boxed_slice(),
             index,
-            migration_claimed: std::sync::atomic::AtomicBool::new(false),
             observer: cell,
         }
     }
@@ -269,14 +265,27 @@ impl GuestMemory {
         }
     }
 
-    /// Marks the memory as being migrated; `false` if a sender already is.
+    /// Marks every region as being migrated (one `Sender` at a time: each
+    /// harvests the regions' dirty logs and saves and puts back their
+    /// tracking); `false`, with nothing claimed, if a sender holds any of
+    /// them, through this memory or another sharing its regions.
     pub(crate) fn claim_for_migration(&self) -> bool {
-        !self.migration_claimed.swap(true, MemOrdering::AcqRel)
+        for (i, r) in self.regions.iter().enumerate() {
+            if !r.claim_migration() {
+                for earlier in &self.regions[..i] {
+                    earlier.release_migration();
+                }
+                return false;
+            }
+        }
+        true
     }
 
     /// Ends a sender's migration.
     pub(crate) fn release_from_migration(&self) {
-        self.migration_claimed.store(false, MemOrdering::Release);
+        for r in self.regions.iter() {
+            r.release_migration();
+        }
     }
 
     /// The frame store holding this memory's frames.

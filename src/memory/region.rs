@@ -71,6 +71,8 @@ pub struct GuestRegion {
     /// Owned by a dedup host or a raw-write tracker (at most one: both
     /// register the region's pages with a userfaultfd).
     claimed: AtomicBool,
+    /// A migration sender runs over the region (at most one).
+    migrating: AtomicBool,
     /// The region's file and offset as vm-memory hands them to devices
     /// (`GuestMemoryRegion::file_offset`, what a vhost-user frontend sends):
     /// made on first use from a duplicate of the store's descriptor.
@@ -130,6 +132,7 @@ impl GuestRegion {
             dirty: super::RegionLog::new(page_count),
             balloon_taken: std::sync::atomic::AtomicU64::new(0),
             claimed: AtomicBool::new(false),
+            migrating: AtomicBool::new(false),
             #[cfg(feature = "vm-memory")]
             vmm_file: std::sync::OnceLock::new(),
             store: Arc::clone(store),
@@ -587,6 +590,16 @@ impl GuestRegion {
     /// if one holds it already.
     pub(super) fn claim(&self) -> bool {
         !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Claims the region for a migration sender; `false` if one has it.
+    pub(super) fn claim_migration(&self) -> bool {
+        !self.migrating.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends a [`claim_migration`](Self::claim_migration).
+    pub(super) fn release_migration(&self) {
+        self.migrating.store(false, Ordering::Release);
     }
 
     /// Ends a [`claim`](Self::claim).

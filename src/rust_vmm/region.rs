@@ -115,9 +115,15 @@ fn refused(e: AccessError) -> GuestMemoryError {
 
 impl GuestRegion {
     /// Offset `addr` and how many of `len` bytes from it lie in the region;
-    /// an error if `addr` is past the end.
+    /// an error if `addr` is past the end. An empty access is `(addr, 0)`
+    /// wherever it points, as vm-memory's own regions answer `Ok(0)` for it:
+    /// callers do nothing for a zero count (no state change, no lookup past
+    /// the page-state table's end).
     fn clip(&self, addr: MemoryRegionAddress, len: usize) -> Result<(u64, usize)> {
-        if addr.0 > self.size() || (addr.0 == self.size() && len != 0) {
+        if len == 0 {
+            return Ok((addr.0, 0));
+        }
+        if addr.0 >= self.size() {
             return Err(out_of_bounds(usize::try_from(addr.0).unwrap_or(usize::MAX)));
         }
         let room = self.size() - addr.0;
@@ -179,6 +185,9 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
         count: usize,
     ) -> Result<usize> {
         let (off, n) = self.clip(addr, count)?;
+        if n == 0 {
+            return Ok(0);
+        }
         self.prepare_write(off, n as u64).map_err(refused)?;
         Ok(self.get_slice(addr, n)?.read_volatile_from(0, src, n)?)
     }
@@ -196,6 +205,9 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
                 completed: 0,
             });
         }
+        if n == 0 {
+            return Ok(());
+        }
         self.prepare_write(off, n as u64).map_err(refused)?;
         Ok(self
             .get_slice(addr, n)?
@@ -209,6 +221,9 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
         count: usize,
     ) -> Result<usize> {
         let (_, n) = self.clip(addr, count)?;
+        if n == 0 {
+            return Ok(0);
+        }
         Ok(self.get_slice(addr, n)?.write_volatile_to(0, dst, n)?)
     }
 
@@ -224,6 +239,9 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
                 expected: count,
                 completed: 0,
             });
+        }
+        if n == 0 {
+            return Ok(());
         }
         Ok(self.get_slice(addr, n)?.write_all_volatile_to(0, dst, n)?)
     }

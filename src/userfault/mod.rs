@@ -403,9 +403,27 @@ impl Userfault {
             range: UffdioRange { start: addr.0, len },
             mode,
         };
-        // SAFETY: `wp` is a valid `uffdio_writeprotect` for the call.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) };
-        self.check(rc, "UFFDIO_WRITEPROTECT", addr, len)
+        // While an event of the descriptor waits to be read (an `mremap`
+        // of a registered range under `UFFD_FEATURE_EVENT_REMAP`, which
+        // the process that made the descriptor reads on its fault thread),
+        // the kernel refuses every write-protect change with `EAGAIN`:
+        // "retry later", not a failure. Retry for up to a second, backing
+        // off from 20 us to 1 ms; a descriptor whose events stay unread
+        // that long is the caller's error to handle.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut pause = std::time::Duration::from_micros(20);
+        loop {
+            // SAFETY: `wp` is a valid `uffdio_writeprotect` for the call.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) };
+            if rc == 0
+                || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
+                || std::time::Instant::now() >= deadline
+            {
+                return self.check(rc, "UFFDIO_WRITEPROTECT", addr, len);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
     }
 
     fn check(
