@@ -75,7 +75,7 @@ const RING_PAGES: u64 = 8;
 /// device to write.
 const SLOT_PAGES: u64 = 4;
 const HALF: u64 = 2 * P;
-const ROUNDS: usize = 120;
+const ROUNDS: usize = 600;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -162,6 +162,7 @@ fn in_process_dedup() {
         "vhost-backend",
         &[("PF_VHOST_SOCKET", vhost_socket.display().to_string())],
     );
+    let _reap = KillOnPanic(backend.child.id());
     // Only the regions the backend maps go in SET_MEM_TABLE.
     let frontend = driver.connect(&vhost_socket, &[0, 1]);
 
@@ -212,7 +213,7 @@ fn in_process_dedup() {
     let stats = host.vm_stats(id).unwrap();
     assert!(stats.pages_merged + stats.zero_pages > 0, "{stats:?}");
     driver.check_all("with pages merged");
-    assert_eq!(host.unmerge_all().is_ok(), true);
+    host.unmerge_all().unwrap();
     driver.check_all("after unmerge_all");
     drop(frontend);
     let done = backend.ask("exit");
@@ -230,6 +231,7 @@ fn host_service() {
         "vhost-service",
         &[("PF_SOCKET", service_socket.display().to_string())],
     );
+    let _reap_service = KillOnPanic(service.child.id());
     let mem = build_memory();
     let mut driver = Driver::new(Arc::clone(&mem), seed());
     let client = ServiceClient::attach(
@@ -256,6 +258,7 @@ fn host_service() {
             ("PF_SOCKET", service_socket.display().to_string()),
         ],
     );
+    let _reap_backend = KillOnPanic(backend.child.id());
     // Every region: a second mapper maps the VM's whole layout.
     let frontend = driver.connect(&vhost_socket, &[0, 1, 2]);
     let attached: u64 = backend.ask("remapped").parse().unwrap();
@@ -321,6 +324,19 @@ fn host_service() {
     assert!(mem_back.is_some());
     driver.check_all("after detach");
     service.exit();
+}
+
+/// Kills a child process if the test fails before the child exits.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill on our own child's pid, not yet waited for (a
+            // failed test never reaches the wait).
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
 }
 
 fn seed() -> u64 {
@@ -491,7 +507,10 @@ impl Driver {
         };
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
-        assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        assert_ne!(
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
         fe.set_features(features).unwrap();
         let proto = fe.get_protocol_features().unwrap();
         let want = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ;
@@ -737,7 +756,10 @@ impl Driver {
                 vm_read(&*self.mem, addr, &mut b);
                 let model = self.shadow(addr, PAGE_SIZE);
                 assert!(a == model, "{when}: page {addr:#x} differs (pagefold read)");
-                assert!(b == model, "{when}: page {addr:#x} differs (vm-memory read)");
+                assert!(
+                    b == model,
+                    "{when}: page {addr:#x} differs (vm-memory read)"
+                );
             }
         }
     }
@@ -795,8 +817,7 @@ impl Echo {
                     break;
                 }
                 let out: Vec<u8> = (k..k + n).map(|i| transform(q, i, input[i])).collect();
-                mem.write_slice(&out, addr)
-                    .map_err(std::io::Error::other)?;
+                mem.write_slice(&out, addr).map_err(std::io::Error::other)?;
                 k += n;
             }
             vring
@@ -852,10 +873,9 @@ impl Echo {
         // `MmapRegion::from_file` (vhost-user-backend's SET_MEM_TABLE);
         // `mapping` keeps it mapped until after the client drops
         // (`Attachment`), and vm-memory never remaps a region.
-        let client = unsafe {
-            ServiceClient::attach_second_mapper(socket, first.file().as_fd(), &regions)
-        }
-        .map_err(std::io::Error::other)?;
+        let client =
+            unsafe { ServiceClient::attach_second_mapper(socket, first.file().as_fd(), &regions) }
+                .map_err(std::io::Error::other)?;
         *attached = Some(Attachment {
             client,
             _mapping: mapping,
@@ -967,6 +987,11 @@ fn backend_child() {
         };
         println!("{reply}");
     }
+    // The test ended without `exit` (it failed): the client says goodbye,
+    // and the process ends without dropping the daemon, whose drop waits
+    // for a worker thread nothing stops.
+    drop(echo.attached.lock().unwrap().take());
+    std::process::exit(1);
 }
 
 /// The host service in a process of its own: `merge` (a pass now: `ok
