@@ -219,6 +219,7 @@ fn in_process_dedup() {
     let done = backend.ask("exit");
     assert!(done.starts_with("ok"), "backend: {done}");
     let _ = backend.child.wait();
+    let _ = std::fs::remove_file(&vhost_socket);
 }
 
 /// The host service folds the memory while the device runs: the frontend
@@ -234,6 +235,7 @@ fn host_service() {
     let _reap_service = KillOnPanic(service.child.id());
     let mem = build_memory();
     let mut driver = Driver::new(Arc::clone(&mem), seed());
+    driver.read_region_2 = true;
     let client = ServiceClient::attach(
         &service_socket,
         Arc::clone(&mem),
@@ -324,6 +326,8 @@ fn host_service() {
     assert!(mem_back.is_some());
     driver.check_all("after detach");
     service.exit();
+    let _ = std::fs::remove_file(&vhost_socket);
+    let _ = std::fs::remove_file(&service_socket);
 }
 
 /// Kills a child process if the test fails before the child exits.
@@ -392,6 +396,8 @@ struct Driver {
     last_used: [u16; QUEUES],
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
+    /// Whether chains may read region 2 too (when the backend maps it).
+    read_region_2: bool,
     chains: u64,
     bytes: u64,
 }
@@ -449,6 +455,7 @@ impl Driver {
             last_used: [0; QUEUES],
             kicks: (0..QUEUES).map(|_| new_fd()).collect(),
             calls: (0..QUEUES).map(|_| new_fd()).collect(),
+            read_region_2: false,
             chains: 0,
             bytes: 0,
             rng: SmallRng::seed_from_u64(0),
@@ -560,7 +567,8 @@ impl Driver {
     }
 
     /// Random buffers in a slot: 1 to 3 readable ones (they may overlap)
-    /// in its first half, 1 to 3 disjoint writable ones in its second.
+    /// in its first half (and, with `read_region_2`, sometimes one in
+    /// region 2), 1 to 3 disjoint writable ones in its second half.
     fn random_chain(&mut self, slot: u64) -> Posted {
         let mut readable = Vec::new();
         for _ in 0..self.rng.gen_range(1..=3) {
@@ -568,6 +576,17 @@ impl Driver {
             let len = self.rng.gen_range(1..=(HALF - off).min(3000));
             readable.push(Buf {
                 addr: slot + off,
+                len: len as u32,
+            });
+        }
+        if self.read_region_2 && self.rng.gen_range(0..3) == 0 {
+            // A page of plain guest memory, often merged (zero pages among
+            // them), which the frontend rewrites between rounds.
+            let page = REGIONS[2].0 + self.rng.gen_range(0..REGIONS[2].1) * P;
+            let off = self.rng.gen_range(0..P - 1);
+            let len = self.rng.gen_range(1..=P - off);
+            readable.push(Buf {
+                addr: page + off,
                 len: len as u32,
             });
         }
