@@ -18,9 +18,11 @@ impl FileClaim {
         let mut set = ADOPTED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `then`, not `then_some`: a claim built eagerly and dropped on
+        // refusal would lock this mutex again and remove the holder's key.
         set.get_or_insert_with(HashSet::new)
             .insert((dev, ino))
-            .then_some(FileClaim { key: (dev, ino) })
+            .then(|| FileClaim { key: (dev, ino) })
     }
 }
 
