@@ -8,7 +8,11 @@
 //! `cargo run --profile bench --example rust_vmm_objects`
 
 // A failed setup is a failed measurement.
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
 use std::{hint::black_box, time::Instant};
 use vm_memory::{bitmap::AtomicBitmap, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
