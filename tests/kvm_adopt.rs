@@ -252,7 +252,10 @@ fn adopted_vm_runs_the_vmms_vcpu_and_logs_exactly_the_written_pages() {
     )
     .unwrap();
     assert!(vm.is_adopted());
-    assert_eq!(vm.slots(), vec![(5, 0), (9, 1)]);
+    assert_eq!(
+        vm.slots(),
+        vec![(5, GuestPhysAddr(0)), (9, GuestPhysAddr(0x10000))]
+    );
     // Region 2 is the VMM's: pagefold left it alone, the VMM maps it.
     let own = VmmSlot::new(&vmm, &mem, 2, 0);
 
@@ -281,7 +284,7 @@ fn adopted_vm_runs_the_vmms_vcpu_and_logs_exactly_the_written_pages() {
     assert!(slot_is_free(&vmm, 9), "slot 9 deleted on drop");
     // The VM still takes slots: adopt it again.
     let again = adopt(&vmm, &mem, &[SlotAssignment::index(0, 5)]).unwrap();
-    assert_eq!(again.slots(), vec![(5, 0)]);
+    assert_eq!(again.slots(), vec![(5, GuestPhysAddr(0))]);
 }
 
 #[test]
@@ -322,7 +325,10 @@ fn slots_are_added_and_removed_while_the_vm_lives() {
     let _own = VmmSlot::new(&vmm, &mem, 2, 0);
     // Hotplug region 1.
     vm.add_slot(SlotAssignment::index(1, 9)).unwrap();
-    assert_eq!(vm.slots(), vec![(5, 0), (9, 1)]);
+    assert_eq!(
+        vm.slots(),
+        vec![(5, GuestPhysAddr(0)), (9, GuestPhysAddr(0x10000))]
+    );
     match vm.add_slot(SlotAssignment::index(1, 12)) {
         Err(KvmError::RegionTwice { index: 1 }) => {}
         other => panic!("want RegionTwice, got {other:?}"),
@@ -349,7 +355,57 @@ fn slots_are_added_and_removed_while_the_vm_lives() {
     assert_eq!(harvest_pages(&mem), BTreeSet::from([0x1000, 0x3000]));
     // Plugged again, in another slot.
     vm.add_slot(SlotAssignment::index(1, 7)).unwrap();
-    assert_eq!(vm.slots(), vec![(5, 0), (7, 1)]);
+    assert_eq!(
+        vm.slots(),
+        vec![(5, GuestPhysAddr(0)), (7, GuestPhysAddr(0x10000))]
+    );
+}
+
+/// A region plugged after the VM was made (it is not in the memory the
+/// VM holds) gets a slot of its own: the guest writes it, KVM's dirty bits
+/// land in the region's log, and dropping the VM deletes the slot and
+/// lets the region go.
+#[test]
+fn a_region_plugged_after_the_vm_was_made_gets_a_slot() {
+    let test = "kvm_adopt region hotplug";
+    let Some(vmm) = vmm_or_skip(test) else { return };
+    let full = memory();
+    // The VM is made over the memory without region 1, as before a plug.
+    let (base, plugged) = full.remove_region(GuestPhysAddr(0x10000), 0x10000).unwrap();
+    let base = Arc::new(base);
+    let vm = adopt(&vmm, &base, &[SlotAssignment::index(0, 5)]).unwrap();
+    let _own = VmmSlot::new(&vmm, &full, 2, 0);
+    vm.add_region_slot(&plugged, 9).unwrap();
+    assert_eq!(
+        vm.slots(),
+        vec![(5, GuestPhysAddr(0)), (9, GuestPhysAddr(0x10000))]
+    );
+    match vm.add_region_slot(&plugged, 12) {
+        Err(KvmError::RegionSlotted { start }) => assert_eq!(start, GuestPhysAddr(0x10000)),
+        other => panic!("want RegionSlotted, got {other:?}"),
+    }
+    match vm.add_region_slot(&plugged, 5) {
+        Err(KvmError::SlotTwice { slot: 5 }) => {}
+        other => panic!("want SlotTwice, got {other:?}"),
+    }
+
+    let mut vcpu = vmm_vcpu(&vmm);
+    run_to_halt(&mut vcpu);
+    check_memory(&full);
+    vm.fetch_dirty_log().unwrap();
+    assert_eq!(harvest_pages(&full), BTreeSet::from(WRITTEN));
+
+    let held = Arc::strong_count(&plugged);
+    drop(vm);
+    assert!(
+        slot_is_free(&vmm, 9),
+        "the plugged region's slot deleted on drop"
+    );
+    assert_eq!(
+        Arc::strong_count(&plugged),
+        held - 1,
+        "the VM let the region go"
+    );
 }
 
 /// With `KVM_DIRTY_LOG_INITIALLY_SET` an adopted slot's clear could drop a

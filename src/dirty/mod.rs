@@ -130,6 +130,29 @@ impl DirtyRun {
 }
 
 /// The bitmap of region `index`'s log, allocated on first use.
+/// [`GuestMemory::merge_dirty_bitmap`] into one region (`index` names it
+/// in errors): for KVM slots of regions added after their VM was made.
+pub(crate) fn merge_region_bitmap(
+    r: &crate::memory::GuestRegion,
+    index: usize,
+    bitmap: &[u64],
+) -> Result<(), DirtyError> {
+    let pages = r.pages();
+    let tail_ok = match bitmap.last() {
+        Some(&last) if pages % 64 != 0 => last >> (pages % 64) == 0,
+        _ => true,
+    };
+    if bitmap.len() != pages.div_ceil(64) || !tail_ok {
+        return Err(DirtyError::BitmapSize {
+            index,
+            pages,
+            words: bitmap.len(),
+        });
+    }
+    region_bitmap(r.dirty_log(), index)?.merge(bitmap);
+    Ok(())
+}
+
 pub(crate) fn region_bitmap(log: &RegionLog, index: usize) -> Result<&DirtyBitmap, DirtyError> {
     log.bitmap().ok_or(DirtyError::OutOfMemory {
         index,
@@ -232,20 +255,7 @@ impl GuestMemory {
             .regions()
             .get(index)
             .ok_or(DirtyError::NoSuchRegion { index, count })?;
-        let pages = r.pages();
-        let tail_ok = match bitmap.last() {
-            Some(&last) if pages % 64 != 0 => last >> (pages % 64) == 0,
-            _ => true,
-        };
-        if bitmap.len() != pages.div_ceil(64) || !tail_ok {
-            return Err(DirtyError::BitmapSize {
-                index,
-                pages,
-                words: bitmap.len(),
-            });
-        }
-        region_bitmap(r.dirty_log(), index)?.merge(bitmap);
-        Ok(())
+        merge_region_bitmap(r, index, bitmap)
     }
 
     /// Marks `pages` pages from the page holding `start` dirty, whether or

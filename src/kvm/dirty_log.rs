@@ -97,7 +97,6 @@ use super::{
     slot::{slot_pages, Slot},
     sys::{self, KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG},
 };
-use crate::memory::GuestMemory;
 
 /// Most pages one `KVM_CLEAR_DIRTY_LOG` covers: `num_pages` is a `u32`,
 /// and every call but a slot's last must cover a multiple of 64 pages.
@@ -257,7 +256,6 @@ impl DirtyLog {
         &self,
         vm: BorrowedFd<'_>,
         slot: Slot,
-        mem: &GuestMemory,
         vcpus_may_run: bool,
     ) -> Result<LoggedSlot, KvmError> {
         if self.mode == Mode::Off {
@@ -266,9 +264,7 @@ impl DirtyLog {
                 bitmap: Vec::new(),
             });
         }
-        if let Some(region) = mem.regions().get(slot.region) {
-            crate::dirty::region_bitmap(region.dirty_log(), slot.region)?;
-        }
+        crate::dirty::region_bitmap(slot.region.dirty_log(), slot_index(&slot))?;
         let pages = slot_pages(&slot);
         let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
         let mut bitmap = vec![0u64; words];
@@ -279,7 +275,7 @@ impl DirtyLog {
             }
             let cleared = clear_dirty_log(vm, slot.id, pages, &mut bitmap, 0..words);
             if vcpus_may_run {
-                mem.merge_dirty_bitmap(slot.region, &bitmap)?;
+                crate::dirty::merge_region_bitmap(&slot.region, slot_index(&slot), &bitmap)?;
             }
             cleared?;
             bitmap.fill(0);
@@ -293,7 +289,6 @@ impl DirtyLog {
         &self,
         vm: BorrowedFd<'_>,
         slots: &mut [LoggedSlot],
-        mem: &GuestMemory,
     ) -> Result<u64, KvmError> {
         let manual = match self.mode {
             Mode::Off => return Ok(0),
@@ -315,7 +310,7 @@ impl DirtyLog {
                 .iter()
                 .map(|w| u64::from(w.count_ones()))
                 .sum::<u64>();
-            mem.merge_dirty_bitmap(slot.region, bitmap)?;
+            crate::dirty::merge_region_bitmap(&slot.region, slot_index(slot), bitmap)?;
             cleared?;
         }
         Ok(total)
@@ -345,4 +340,10 @@ mod tests {
         assert_eq!(dirty_words(&[0, 4, 0, 1, 0]), Some(1..4));
         assert_eq!(dirty_words(&[1]), Some(0..1));
     }
+}
+
+/// The index an error names for `slot`'s region: its index in the VM's
+/// memory, or `usize::MAX` for a region added later.
+fn slot_index(slot: &Slot) -> usize {
+    slot.index.unwrap_or(usize::MAX)
 }

@@ -56,6 +56,19 @@ pub enum KvmError {
         /// The region.
         index: usize,
     },
+    /// A region added while the VM runs that already has a slot.
+    #[error("the region at {start} has a memory slot already")]
+    RegionSlotted {
+        /// The region's start.
+        start: crate::addr::GuestPhysAddr,
+    },
+    /// A region added while the VM runs whose pages are not 4 KiB, with
+    /// dirty logging on (KVM logs 4 KiB pages).
+    #[error("the region at {start} has no 4 KiB page states for KVM's dirty log")]
+    DirtyGranuleAt {
+        /// The region's start.
+        start: crate::addr::GuestPhysAddr,
+    },
     /// No region of the memory is at this index.
     #[error("no region {index} (the memory has {regions})")]
     NoRegionIndex {

@@ -55,7 +55,10 @@ use self::{
     error::ioctl,
     slot::Slot,
 };
-use crate::memory::GuestMemory;
+use crate::{
+    addr::GuestPhysAddr,
+    memory::{GuestMemory, GuestRegion},
+};
 
 /// Whether KVM can run a guest here: opens `/dev/kvm`, creates a VM and a
 /// vCPU, and drops them. The error says why not (no `/dev/kvm`, no
@@ -238,19 +241,35 @@ impl KvmVm {
             .position(|l| l.slot.id == slot)
             .ok_or(KvmError::NoSuchSlot { slot })?;
         let vm = self.vm_fd();
-        self.dirty
-            .fetch(vm, std::slice::from_mut(&mut table[at]), &self.mem)?;
+        self.dirty.fetch(vm, std::slice::from_mut(&mut table[at]))?;
         slot::delete(vm, &table[at].slot)?;
         table.remove(at);
         Ok(())
     }
 
-    /// The slots this VM registered: (slot number, region index), in the
-    /// order they were added.
-    pub fn slots(&self) -> Vec<(u32, usize)> {
+    /// Registers `region`, one the VM's memory did not have when the VM
+    /// was made (memory hotplug: a region from
+    /// [`GuestRegion::allocate`](crate::GuestRegion::allocate) or
+    /// `GuestRegion::from_file`, put in the memory devices see with
+    /// [`GuestMemory::insert_region`]), as slot `slot` while the VM runs,
+    /// with the VM's dirty logging: KVM's dirty bits of the slot go into
+    /// the region's own log. The VM holds the region until the slot is
+    /// removed ([`remove_slot`](Self::remove_slot)) or the VM drops, which
+    /// deletes it first (a pagefold-made VM too: its vCPUs' fds would keep
+    /// the kernel VM, and the slot, alive past this handle).
+    pub fn add_region_slot(&self, region: &Arc<GuestRegion>, slot: u32) -> Result<(), KvmError> {
+        let mut table = self.table();
+        let taken: Vec<Slot> = table.iter().map(|l| l.slot.clone()).collect();
+        let s = slot::resolve_region(region, slot, self.max_slots, &taken, self.dirty.logs())?;
+        self.register(&mut table, s, true)
+    }
+
+    /// The slots this VM registered: (slot number, start of the region it
+    /// maps), in the order they were added.
+    pub fn slots(&self) -> Vec<(u32, GuestPhysAddr)> {
         self.table()
             .iter()
-            .map(|l| (l.slot.id, l.slot.region))
+            .map(|l| (l.slot.id, l.slot.region.start()))
             .collect()
     }
 
@@ -264,33 +283,50 @@ impl KvmVm {
         vcpus_may_run: bool,
     ) -> Result<(), KvmError> {
         let mut table = self.table();
-        let vm = self.vm_fd();
         for a in assignments {
-            let taken: Vec<Slot> = table.iter().map(|l| l.slot).collect();
+            let taken: Vec<Slot> = table.iter().map(|l| l.slot.clone()).collect();
             let s = slot::resolve(&self.mem, a, self.max_slots, &taken, self.dirty.logs())?;
-            // The slot points at region `s.region`'s host mapping, which
-            // lives as long as `self.mem`. Slots do not overlap each other
-            // (regions do not: checked by `GuestMemory`; one slot per
-            // region: `resolve`).
-            // SAFETY: the slot stays registered at most until `self` drops:
-            // a VM pagefold created closes its last fds (this one and its
-            // vCPUs') before their `Arc`s of the memory drop (field order);
-            // an adopted one has its slots deleted in `Drop` before `mem`
-            // drops, or `mem` leaked if KVM refuses; and the VMM touches
-            // none of them (`adopt`'s contract).
-            unsafe { slot::register(vm, &s, self.dirty.logs()) }?;
-            match self.dirty.track(vm, s, &self.mem, vcpus_may_run) {
-                Ok(logged) => table.push(logged),
-                Err(e) => {
-                    // Not tracked: do not leave it registered.
-                    if slot::delete(vm, &s).is_err() {
-                        self.keep_memory_forever();
-                    }
-                    return Err(e);
-                }
-            }
+            self.register(&mut table, s, vcpus_may_run)?;
         }
         Ok(())
+    }
+
+    /// Registers checked slot `s` on the VM and tracks its dirty log; on
+    /// an error nothing stays registered.
+    fn register(
+        &self,
+        table: &mut Vec<LoggedSlot>,
+        s: Slot,
+        vcpus_may_run: bool,
+    ) -> Result<(), KvmError> {
+        let vm = self.vm_fd();
+        // The slot points at region `s.region`'s host mapping, which lives
+        // as long as the `Arc` the slot holds. Slots do not overlap each
+        // other (regions of one memory do not: checked by `GuestMemory`;
+        // one slot per region: `resolve`; KVM refuses an added region
+        // overlapping a slot).
+        // SAFETY: the slot stays registered at most as long as its entry
+        // in the table, which holds the region: an entry leaves the table
+        // only after its slot is deleted (`remove_slot`, `Drop`), or is
+        // leaked if KVM refuses the delete; a VM pagefold created closes
+        // its fd in `Drop` after deleting the slots of added regions (its
+        // vCPUs hold the memory it was made with); the VMM touches none of
+        // them (`adopt`'s contract).
+        unsafe { slot::register(vm, &s, self.dirty.logs()) }?;
+        match self.dirty.track(vm, s.clone(), vcpus_may_run) {
+            Ok(logged) => {
+                table.push(logged);
+                Ok(())
+            }
+            Err(e) => {
+                // Not tracked: do not leave it registered.
+                if slot::delete(vm, &s).is_err() {
+                    std::mem::forget(s);
+                    self.keep_memory_forever();
+                }
+                Err(e)
+            }
+        }
     }
 
     fn table(&self) -> MutexGuard<'_, Vec<LoggedSlot>> {
@@ -396,7 +432,7 @@ impl KvmVm {
     pub fn fetch_dirty_log(&self) -> Result<u64, KvmError> {
         // Without `log_dirty_pages` the log's mode is off: it fetches nothing.
         let mut table = self.table();
-        self.dirty.fetch(self.vm_fd(), &mut table, &self.mem)
+        self.dirty.fetch(self.vm_fd(), &mut table)
     }
 
     /// Whether fetches use manual protection (`KVM_GET_DIRTY_LOG` then
@@ -415,19 +451,22 @@ impl KvmVm {
 
 impl Drop for KvmVm {
     fn drop(&mut self) {
-        if !self.is_adopted() {
-            // Closing pagefold's fd (and its vCPUs') ends the VM.
-            return;
-        }
-        // The VMM's VM outlives this: delete pagefold's slots before `mem`
-        // drops. One KVM would not delete keeps the memory mapped.
+        // The VMM's VM outlives this, and a VM pagefold made lives as long
+        // as its vCPUs' fds, which hold only the memory it was made with:
+        // delete every slot of an adopted VM, and the slots of regions
+        // added later on either, before the regions they hold can go. One
+        // KVM would not delete keeps its memory mapped for good.
+        let adopted = self.is_adopted();
         let table = std::mem::take(self.slots.get_mut().unwrap_or_else(PoisonError::into_inner));
         let vm = self.vm_fd();
         let mut refused = false;
         for l in &table {
-            refused |= slot::delete(vm, &l.slot).is_err();
+            if adopted || l.slot.index.is_none() {
+                refused |= slot::delete(vm, &l.slot).is_err();
+            }
         }
         if refused {
+            std::mem::forget(table);
             self.keep_memory_forever();
         }
     }

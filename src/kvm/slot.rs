@@ -2,14 +2,14 @@
 //! numbers it chooses ([`SlotAssignment`]), and registering and deleting
 //! a slot on the VM fd.
 
-use std::os::fd::BorrowedFd;
+use std::{os::fd::BorrowedFd, sync::Arc};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 
 use super::{error::KvmError, sys};
 use crate::{
     addr::{GuestPhysAddr, PAGE_SIZE},
-    memory::GuestMemory,
+    memory::{GuestMemory, GuestRegion},
 };
 
 /// Which region of the memory a slot maps.
@@ -50,11 +50,15 @@ impl SlotAssignment {
     }
 }
 
-/// One memory slot: the region it maps and where.
-#[derive(Clone, Copy, Debug)]
+/// One memory slot: the region it maps (held, so its mapping lives as
+/// long as the slot) and where.
+#[derive(Clone, Debug)]
 pub(super) struct Slot {
     pub(super) id: u32,
-    pub(super) region: usize,
+    pub(super) region: Arc<GuestRegion>,
+    /// Its index in the memory the VM was made with; `None` for a region
+    /// added later ([`KvmVm::add_region_slot`](super::KvmVm::add_region_slot)).
+    pub(super) index: Option<usize>,
     pub(super) guest_start: u64,
     pub(super) host_addr: u64,
     pub(super) size: u64,
@@ -99,21 +103,55 @@ pub(super) fn resolve(
     if taken.iter().any(|s| s.id == slot) {
         return Err(KvmError::SlotTwice { slot });
     }
-    if taken.iter().any(|s| s.region == index) {
+    let region = &regions[index];
+    if taken.iter().any(|s| Arc::ptr_eq(&s.region, region)) {
         return Err(KvmError::RegionTwice { index });
     }
-    let region = &regions[index];
     if log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64 {
         return Err(KvmError::DirtyGranule { index });
     }
+    Ok(slot_of(slot, region, Some(index)))
+}
+
+/// The slot `slot` for `region`, a region added after the VM was made,
+/// with the checks of [`resolve`] (a region slotted twice is named by its
+/// start).
+pub(super) fn resolve_region(
+    region: &Arc<GuestRegion>,
+    slot: u32,
+    limit: u32,
+    taken: &[Slot],
+    log_dirty_pages: bool,
+) -> Result<Slot, KvmError> {
+    if slot >= limit {
+        return Err(KvmError::SlotOutOfRange { slot, limit });
+    }
+    if taken.iter().any(|s| s.id == slot) {
+        return Err(KvmError::SlotTwice { slot });
+    }
+    if taken.iter().any(|s| Arc::ptr_eq(&s.region, region)) {
+        return Err(KvmError::RegionSlotted {
+            start: region.start(),
+        });
+    }
+    if log_dirty_pages && region.size() / PAGE_SIZE as u64 != region.pages() as u64 {
+        return Err(KvmError::DirtyGranuleAt {
+            start: region.start(),
+        });
+    }
+    Ok(slot_of(slot, region, None))
+}
+
+fn slot_of(id: u32, region: &Arc<GuestRegion>, index: Option<usize>) -> Slot {
     let info = region.info();
-    Ok(Slot {
-        id: slot,
-        region: index,
+    Slot {
+        id,
+        region: Arc::clone(region),
+        index,
         guest_start: info.guest_start.0,
         host_addr: info.host_addr.0,
         size: info.size,
-    })
+    }
 }
 
 /// Registers `slot` on `vm` (`KVM_SET_USER_MEMORY_REGION`), logging dirty
