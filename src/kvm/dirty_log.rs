@@ -330,6 +330,12 @@ impl DirtyLog {
     }
 }
 
+/// The index an error names for `slot`'s region: its index in the VM's
+/// memory, or `usize::MAX` for a region added later.
+fn slot_index(slot: &Slot) -> usize {
+    slot.index.unwrap_or(usize::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,10 +346,4 @@ mod tests {
         assert_eq!(dirty_words(&[0, 4, 0, 1, 0]), Some(1..4));
         assert_eq!(dirty_words(&[1]), Some(0..1));
     }
-}
-
-/// The index an error names for `slot`'s region: its index in the VM's
-/// memory, or `usize::MAX` for a region added later.
-fn slot_index(slot: &Slot) -> usize {
-    slot.index.unwrap_or(usize::MAX)
 }
