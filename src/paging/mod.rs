@@ -48,6 +48,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod aarch64;
 pub mod cache;
 mod cached;
 mod engine;
@@ -65,6 +66,10 @@ mod walker;
 mod watch;
 pub mod x86;
 
+pub use aarch64::{
+    Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64PagingError,
+    Aarch64Translation, Aarch64Walker, Granule, Ttbr,
+};
 pub use cache::{CacheStats, WalkCache};
 pub use cached::BoundCache;
 pub use ept::{EptConfig, NptConfig};

@@ -1,0 +1,604 @@
+//! AArch64 (VMSAv8-64) stage-1 translation of the EL1&0 regime: the
+//! descriptor format as a [`Format`] for the shared walk engine, the
+//! TTBR0/TTBR1 split, and [`Aarch64Walker`], which translates a
+//! virtual address to the stage-1 output address (the IPA when a stage 2
+//! is in use) with the permission, access-flag and dirty-state rules, and
+//! reports faults as the architecture does ([`Aarch64Fault`]: fault status
+//! code and level). Registers and their checks live in `aarch64/regs.rs`.
+//!
+//! Why the shared engine fits: a stage-1 walk is the engine's walk — one
+//! 8-byte descriptor a level, tables or leaves, permissions folded down
+//! the way (APTable, UXNTable, PXNTable) and checked at the leaf, and a
+//! compare-exchange to update the leaf (the access flag, DBM's AP[2]) as
+//! x86 sets A/D. Only the numbering differs: the engine counts levels up
+//! from 1 (the last table), the architecture counts 0..=3 down to the
+//! last table, so engine level `e` is architectural level `4 - e` and a
+//! walk that starts at level 1 (64 KiB granule, 48-bit VA) has an engine
+//! top level of 3. The engine's reasons map onto the architecture's fault
+//! kinds in [`classify`]: not present is a translation fault, "reserved"
+//! (output-address bits above the OA size) an address size fault, and a
+//! denied leaf an access flag fault when its AF is clear (that fault has
+//! priority over a permission fault) or else a permission fault. The VA
+//! range checks (TTBR select, TxSZ, TBI, EPDn) happen before the engine
+//! runs, in [`Aarch64Walker::translate_with`].
+//!
+//! Out of scope here (issue 17 goes on): LPA/LPA2 (52-bit VA/OA), stage 2,
+//! the nested walk, FEAT_HAFT, EPAN, permission indirection, the walk
+//! cache, mappings listing, the CLI and the C ABI.
+//!
+//! Reference: Arm ARM DDI 0487, chapter D8 (VMSAv8-64), in particular the
+//! pseudocode `AArch64.S1Walk`, `AArch64.S1Translate` and the v8.0
+//! `AArch64.CheckPermission` whose rules [`S1Format::allows`] follows.
+
+pub mod regs;
+
+use super::{
+    engine::{self, DirectPort, Fail, Start},
+    fault::FaultReason,
+    format::{bits, Decoded, Denied, Format},
+    memory::PhysMemory,
+    types::{Access, AccessKind, Permissions, Privilege},
+    walker::WalkOptions,
+};
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+pub use regs::{Aarch64Paging, Aarch64PagingError, Granule, Tcr, Ttbr};
+use regs::{BADDR, SCTLR_M, SCTLR_WXN};
+
+/// Descriptor bits (stage 1, VMSAv8-64, without LPA).
+const AP1: u64 = 1 << 6;
+const AP2: u64 = 1 << 7;
+const AF: u64 = 1 << 10;
+const NG: u64 = 1 << 11;
+const NS: u64 = 1 << 5;
+const DBM: u64 = 1 << 51;
+const CONTIGUOUS: u64 = 1 << 52;
+const PXN: u64 = 1 << 53;
+const UXN: u64 = 1 << 54;
+/// Table-descriptor bits: PXNTable, UXNTable, APTable[0], APTable[1].
+const PXN_TABLE: u64 = 1 << 59;
+const UXN_TABLE: u64 = 1 << 60;
+const AP_TABLE0: u64 = 1 << 61;
+const AP_TABLE1: u64 = 1 << 62;
+
+// Accumulated (hierarchical) restrictions from table descriptors, and the
+// leaf's engine level.
+const ACC_NO_EL0: u64 = 1 << 0;
+const ACC_NO_WRITE: u64 = 1 << 1;
+const ACC_UXN: u64 = 1 << 2;
+const ACC_PXN: u64 = 1 << 3;
+const ACC_LEAF: u32 = 8;
+
+/// The stage-1 format of one VA range (one TTBR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct S1Format {
+    granule: Granule,
+    /// Engine level of the start table (number of levels walked).
+    top: u8,
+    root: u64,
+    /// Input-address bits: 64 - TxSZ.
+    ia_bits: u32,
+    oa_bits: u32,
+    ha: bool,
+    hd: bool,
+    hpd: bool,
+    wxn: bool,
+    pan: bool,
+}
+
+impl S1Format {
+    fn new(regs: &Aarch64Paging, tcr: &Tcr, ttbr: Ttbr) -> Self {
+        let (granule, txsz, base, hpd) = match ttbr {
+            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0),
+            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1),
+        };
+        S1Format {
+            granule,
+            top: 4 - granule.start_level(txsz),
+            root: base & BADDR,
+            ia_bits: 64 - u32::from(txsz),
+            oa_bits: u32::from(tcr.oa_bits),
+            ha: tcr.ha,
+            hd: tcr.hd,
+            hpd,
+            wxn: regs.sctlr & SCTLR_WXN != 0,
+            pan: regs.pan,
+        }
+    }
+
+    /// Whether a block descriptor is allowed at architectural `level`
+    /// (without LPA/LPA2: 4 KiB at levels 1 and 2, 16 KiB and 64 KiB at
+    /// level 2 only; elsewhere the encoding is a translation fault).
+    fn block_allowed(&self, level: u8) -> bool {
+        match self.granule {
+            Granule::K4 => matches!(level, 1 | 2),
+            Granule::K16 | Granule::K64 => level == 2,
+        }
+    }
+
+    /// Output-address bits set above the OA size (an address size fault).
+    fn oa_excess(&self, raw: u64) -> u64 {
+        raw & bits(self.oa_bits, 47)
+    }
+
+    /// The leaf's permissions after the table restrictions: (EL0 read,
+    /// EL0 write, EL1 write, EL0 execute, EL1 execute), with `dirty_write`
+    /// treating a DBM page as writable (a write under TCR_EL1.HD).
+    fn rights(&self, acc: u64, leaf: u64, dirty_write: bool) -> (bool, bool, bool, bool, bool) {
+        let ap1 = leaf & AP1 != 0 && acc & ACC_NO_EL0 == 0;
+        let leaf_ro = leaf & AP2 != 0 && !(dirty_write && self.hd && leaf & DBM != 0);
+        let ro = leaf_ro || acc & ACC_NO_WRITE != 0;
+        let user_r = ap1;
+        let user_w = ap1 && !ro;
+        let priv_w = !ro;
+        let mut user_x = leaf & UXN == 0 && acc & ACC_UXN == 0;
+        // An EL0-writable page is never executable at EL1, WXN or not.
+        let mut priv_x = leaf & PXN == 0 && acc & ACC_PXN == 0 && !user_w;
+        if self.wxn {
+            user_x &= !user_w;
+            priv_x &= !priv_w;
+        }
+        (user_r, user_w, priv_w, user_x, priv_x)
+    }
+
+    /// Whether `access` is allowed by the leaf `leaf` under `acc`.
+    fn allows(&self, acc: u64, leaf: u64, access: Access) -> bool {
+        let write = access.is_write();
+        let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, write);
+        match (access.privilege, access.kind) {
+            (Privilege::User, AccessKind::Read) => user_r,
+            (Privilege::User, AccessKind::Write) => user_w,
+            (Privilege::User, AccessKind::Fetch) => user_x,
+            (_, AccessKind::Fetch) => priv_x,
+            // PAN: EL1 data accesses to EL0-accessible pages fault.
+            (_, _) if self.pan && user_r => false,
+            (_, AccessKind::Read) => true,
+            (_, AccessKind::Write) => priv_w,
+        }
+    }
+
+    fn arch_level(level: u8) -> u8 {
+        4u8.saturating_sub(level)
+    }
+}
+
+impl Format for S1Format {
+    fn top_level(&self) -> u8 {
+        self.top
+    }
+
+    fn root(&self) -> u64 {
+        self.root
+    }
+
+    fn wide(&self) -> bool {
+        true
+    }
+
+    fn check_input(&self, va: u64) -> Result<(), FaultReason> {
+        // The range checks need the TTBR select and TBI, which belong to
+        // the walker (`Aarch64Walker::translate_with`); within one range
+        // every index bit is in use.
+        let _ = va;
+        Ok(())
+    }
+
+    fn index_shift(&self, level: u8) -> u32 {
+        self.granule.shift() + self.granule.stride() * (u32::from(level) - 1)
+    }
+
+    fn entries(&self, level: u8) -> u64 {
+        if level >= self.top {
+            1 << (self.ia_bits - self.index_shift(self.top))
+        } else {
+            1 << self.granule.stride()
+        }
+    }
+
+    fn entry_addr(&self, table: u64, level: u8, va: u64) -> u64 {
+        let index = (va >> self.index_shift(level)) & (self.entries(level) - 1);
+        table + index * 8
+    }
+
+    fn decode(&self, level: u8, raw: u64) -> Decoded {
+        let arch = Self::arch_level(level);
+        let gs = self.granule.shift();
+        match raw & 3 {
+            0 | 2 => Decoded::NotPresent,
+            3 if arch < 3 => match self.oa_excess(raw) {
+                0 => Decoded::Table(raw & bits(gs, 47)),
+                excess => Decoded::Reserved(excess),
+            },
+            // A page at level 3; a block where the granule allows one.
+            _ if arch == 3 || (raw & 3 == 1 && self.block_allowed(arch)) => {
+                let shift = self.index_shift(level);
+                match self.oa_excess(raw) {
+                    0 => Decoded::Leaf {
+                        base: raw & bits(shift, 47),
+                        // At most 16 + 13 * 3: fits.
+                        shift: (shift & 0x3f) as u8,
+                    },
+                    excess => Decoded::Reserved(excess),
+                }
+            }
+            // Level-3 0b01 (reserved) and a block where none may be.
+            _ => Decoded::NotPresent,
+        }
+    }
+
+    fn acc_start(&self) -> u64 {
+        0
+    }
+
+    fn accumulate(&self, acc: u64, level: u8, raw: u64) -> u64 {
+        let mut acc = (acc & !(0xf << ACC_LEAF)) | (u64::from(level) << ACC_LEAF);
+        // Table descriptors only (a leaf's own bits are read in `check`);
+        // TCR_EL1.HPDn turns the hierarchical bits off.
+        let table = Self::arch_level(level) < 3 && raw & 3 == 3;
+        if table && !self.hpd {
+            for (bit, flag) in [
+                (AP_TABLE0, ACC_NO_EL0),
+                (AP_TABLE1, ACC_NO_WRITE),
+                (UXN_TABLE, ACC_UXN),
+                (PXN_TABLE, ACC_PXN),
+            ] {
+                if raw & bit != 0 {
+                    acc |= flag;
+                }
+            }
+        }
+        acc
+    }
+
+    fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
+        let level = ((acc >> ACC_LEAF) & 0xf) as u8;
+        // Access flag first: it takes priority over a permission fault.
+        // Both are reported at the leaf's level; `classify` tells them
+        // apart from the leaf (the engine has no access-flag reason).
+        if (leaf & AF == 0 && !self.ha) || !self.allows(acc, leaf, access) {
+            return Err(Denied {
+                level,
+                reason: FaultReason::Permission,
+            });
+        }
+        Ok(())
+    }
+
+    fn with_accessed(&self, _level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
+        if !leaf || !self.ha {
+            return raw;
+        }
+        let mut new = raw | AF;
+        if write && self.hd && raw & DBM != 0 {
+            new &= !AP2;
+        }
+        new
+    }
+
+    fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
+        let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, false);
+        let _ = user_w;
+        Permissions {
+            read: true,
+            write: priv_w,
+            execute: priv_x,
+            user: user_r,
+            user_execute: user_x,
+            key: 0,
+        }
+    }
+}
+
+/// What an AArch64 stage-1 leaf says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Aarch64Attributes {
+    /// AttrIndx (bits 4:2), the MAIR_EL1 byte it selects.
+    pub attr_index: u8,
+    /// MAIR_EL1's attribute byte for `attr_index` (memory type and
+    /// cacheability).
+    pub memory_attr: u8,
+    /// SH[1:0] (bits 9:8): 0 non-shareable, 2 outer, 3 inner.
+    pub shareability: u8,
+    /// AP[2:1] (bits 7:6).
+    pub ap: u8,
+    /// The access flag (bit 10).
+    pub accessed: bool,
+    /// Not global (bit 11): the translation belongs to the ASID.
+    pub not_global: bool,
+    /// NS (bit 5).
+    pub non_secure: bool,
+    /// DBM (bit 51): the page is writable-clean when AP[2] is set and
+    /// TCR_EL1.HD is on.
+    pub dbm: bool,
+    /// The contiguous hint (bit 52): reported, not used to size the page.
+    pub contiguous: bool,
+}
+
+impl Aarch64Attributes {
+    fn of(leaf: u64, mair: u64) -> Self {
+        let attr_index = ((leaf >> 2) & 7) as u8;
+        Aarch64Attributes {
+            attr_index,
+            memory_attr: mair.to_le_bytes()[usize::from(attr_index)],
+            shareability: ((leaf >> 8) & 3) as u8,
+            ap: ((leaf >> 6) & 3) as u8,
+            accessed: leaf & AF != 0,
+            not_global: leaf & NG != 0,
+            non_secure: leaf & NS != 0,
+            dbm: leaf & DBM != 0,
+            contiguous: leaf & CONTIGUOUS != 0,
+        }
+    }
+}
+
+/// A successful stage-1 translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Aarch64Translation {
+    /// The virtual address translated.
+    pub va: GuestVirtAddr,
+    /// The stage-1 output address (an IPA when a stage 2 is in use; the
+    /// address in the walker's memory here).
+    pub pa: GuestPhysAddr,
+    /// Size of the page or block (the granule's page at level 3; the
+    /// contiguous hint does not change it). With the MMU off, one granule.
+    pub page_size: u64,
+    /// The leaf's architectural level (0..=3); `None` with the MMU off.
+    pub level: Option<u8>,
+    /// The range (TTBR) the address is in; `None` with the MMU off.
+    pub ttbr: Option<Ttbr>,
+    /// What the page allows: `read`/`write`/`execute` at EL1, `user` EL0
+    /// read, `user_execute` EL0 execute (EL0 write is `user && write`).
+    /// PSTATE.PAN is an access rule and is not folded in.
+    pub permissions: Permissions,
+    /// The leaf's attributes (all zero with the MMU off).
+    pub attributes: Aarch64Attributes,
+    /// Descriptors read and updated.
+    pub memory_refs: u32,
+}
+
+/// The kind of a stage-1 abort, as its fault status code names it, or a
+/// walk the emulator cannot finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Aarch64FaultKind {
+    /// Translation fault (FSC 0b0001LL): an invalid or reserved
+    /// descriptor, an address outside both VA ranges or in a disabled one.
+    Translation,
+    /// Access flag fault (FSC 0b0010LL): AF clear without TCR_EL1.HA.
+    AccessFlag,
+    /// Permission fault (FSC 0b0011LL).
+    Permission,
+    /// Address size fault (FSC 0b0000LL): a TTBR or descriptor output
+    /// address above the OA size (or, MMU off, a VA above the PA size).
+    AddressSize,
+    /// A table lies where no memory backs it (hardware would report a
+    /// synchronous external abort on the walk; a VMM emulates).
+    Unbacked {
+        /// The address that could not be read.
+        pa: GuestPhysAddr,
+    },
+    /// An access flag or dirty update was due but the memory is read-only.
+    ReadOnlyTable,
+    /// The update kept losing races with writers of the descriptor.
+    Contended,
+}
+
+/// A failed stage-1 translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("AArch64 stage-1 {kind:?} fault at level {level} translating {va:#x}")]
+pub struct Aarch64Fault {
+    /// The virtual address.
+    pub va: GuestVirtAddr,
+    /// The access: EL0 for `Privilege::User`, EL1 otherwise.
+    pub access: Access,
+    /// What went wrong.
+    pub kind: Aarch64FaultKind,
+    /// The architectural lookup level (0..=3) the fault is reported at.
+    pub level: u8,
+    /// The descriptor's address, if one was read.
+    pub entry_addr: Option<GuestPhysAddr>,
+    /// The descriptor, if one was read.
+    pub entry: Option<u64>,
+    /// The range the address selected (`None` with the MMU off).
+    pub ttbr: Option<Ttbr>,
+}
+
+impl Aarch64Fault {
+    /// The 6-bit fault status code (ESR_ELx DFSC for data aborts, IFSC for
+    /// instruction aborts); `None` for faults with no architectural code.
+    pub fn fsc(&self) -> Option<u8> {
+        let class = match self.kind {
+            Aarch64FaultKind::AddressSize => 0b00_0000,
+            Aarch64FaultKind::Translation => 0b00_0100,
+            Aarch64FaultKind::AccessFlag => 0b00_1000,
+            Aarch64FaultKind::Permission => 0b00_1100,
+            _ => return None,
+        };
+        Some(class | (self.level & 3))
+    }
+
+    /// Whether the access was made at EL0.
+    pub fn el0(&self) -> bool {
+        self.access.is_user()
+    }
+
+    /// The ESR_EL1 value for the abort taken to EL1: EC (instruction abort
+    /// 0x20/0x21 or data abort 0x24/0x25, from EL0 or EL1), IL, WnR for a
+    /// write, and the FSC; ISV and the other syndrome bits are zero.
+    pub fn esr_el1(&self) -> Option<u64> {
+        let fsc = u64::from(self.fsc()?);
+        let lower = u64::from(self.el0());
+        let (ec, wnr) = match self.access.kind {
+            AccessKind::Fetch => (0x20 | lower, 0),
+            AccessKind::Read => (0x24 | lower, 0),
+            AccessKind::Write => (0x24 | lower, 1 << 6),
+        };
+        Some(ec << 26 | 1 << 25 | wnr | fsc)
+    }
+}
+
+/// An AArch64 EL1&0 stage-1 address space, ready to translate.
+#[derive(Clone, Copy, Debug)]
+pub struct Aarch64Walker {
+    regs: Aarch64Paging,
+    tcr: Tcr,
+    lo: S1Format,
+    hi: S1Format,
+}
+
+impl Aarch64Walker {
+    /// A walker for `regs`, refusing values whose walk is undefined
+    /// ([`Aarch64Paging::decode`]).
+    pub fn new(regs: Aarch64Paging) -> Result<Self, Aarch64PagingError> {
+        let tcr = regs.decode()?;
+        Ok(Aarch64Walker {
+            regs,
+            tcr,
+            lo: S1Format::new(&regs, &tcr, Ttbr::Ttbr0),
+            hi: S1Format::new(&regs, &tcr, Ttbr::Ttbr1),
+        })
+    }
+
+    /// The registers.
+    pub fn registers(&self) -> &Aarch64Paging {
+        &self.regs
+    }
+
+    /// TCR_EL1 as decoded.
+    pub fn tcr(&self) -> &Tcr {
+        &self.tcr
+    }
+
+    /// The current ASID.
+    pub fn asid(&self) -> u16 {
+        self.regs.asid()
+    }
+
+    /// Translates `va` for `access`, writing nothing.
+    pub fn translate<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: GuestVirtAddr,
+        access: Access,
+    ) -> Result<Aarch64Translation, Aarch64Fault> {
+        self.translate_with(mem, va, access, WalkOptions::default())
+    }
+
+    /// Translates `va` for `access`; with `options.set_accessed_dirty`,
+    /// sets the access flag (TCR_EL1.HA) and clears AP[2] of a DBM page on
+    /// a write (TCR_EL1.HD) by compare-exchange, as hardware does.
+    pub fn translate_with<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: GuestVirtAddr,
+        access: Access,
+        options: WalkOptions,
+    ) -> Result<Aarch64Translation, Aarch64Fault> {
+        let v = va.0;
+        let fault = |kind, level, ttbr| Aarch64Fault {
+            va,
+            access,
+            kind,
+            level,
+            entry_addr: None,
+            entry: None,
+            ttbr,
+        };
+        if self.regs.sctlr & SCTLR_M == 0 {
+            // Stage 1 off: the output is the VA, which must fit the PA
+            // size (an address size fault at level 0).
+            if v >> self.regs.pa_bits != 0 {
+                return Err(fault(Aarch64FaultKind::AddressSize, 0, None));
+            }
+            return Ok(Aarch64Translation {
+                va,
+                pa: GuestPhysAddr(v),
+                page_size: 1 << self.tcr.tg0.shift(),
+                level: None,
+                ttbr: None,
+                permissions: Permissions::no_paging(),
+                attributes: Aarch64Attributes::default(),
+                memory_refs: 0,
+            });
+        }
+        // VA bit 55 selects the range; the bits above the range's size
+        // must all equal it (bits 63:56 are ignored under TBI, which TBID
+        // limits to data accesses). Outside both ranges, or in a range
+        // whose walks EPDn disables: a translation fault at level 0
+        // (`AArch64.S1Walk`; v8.0 `AArch64.TranslationTableWalk`: "level =
+        // 0; AArch32 reports this as a level 1 fault").
+        let upper = v & (1 << 55) != 0;
+        let (ttbr, fmt, tbi, tbid, disabled) = if upper {
+            let t = &self.tcr;
+            (Ttbr::Ttbr1, &self.hi, t.tbi1, t.tbid1, t.epd1)
+        } else {
+            let t = &self.tcr;
+            (Ttbr::Ttbr0, &self.lo, t.tbi0, t.tbid0, t.epd0)
+        };
+        let top = if tbi && !(tbid && access.is_fetch()) {
+            55
+        } else {
+            63
+        };
+        let range = bits(fmt.ia_bits, top);
+        let want = if upper { range } else { 0 };
+        if v & range != want || disabled {
+            return Err(fault(Aarch64FaultKind::Translation, 0, Some(ttbr)));
+        }
+        if fmt.oa_excess(fmt.root) != 0 {
+            return Err(fault(Aarch64FaultKind::AddressSize, 0, Some(ttbr)));
+        }
+        let mut port = DirectPort { mem, refs: 0 };
+        let start = Start {
+            level: fmt.top,
+            table: fmt.root,
+            acc: fmt.acc_start(),
+        };
+        let walked = engine::walk(
+            fmt,
+            &mut port,
+            v,
+            access,
+            false,
+            options.set_accessed_dirty,
+            start,
+        );
+        match walked {
+            Ok(w) => Ok(Aarch64Translation {
+                va,
+                pa: GuestPhysAddr(w.base | (v & ((1u64 << w.shift) - 1))),
+                page_size: 1 << w.shift,
+                level: Some(S1Format::arch_level(w.leaf_level)),
+                ttbr: Some(ttbr),
+                permissions: fmt.permissions(w.acc, w.leaf),
+                attributes: Aarch64Attributes::of(w.leaf, self.regs.mair),
+                memory_refs: port.refs,
+            }),
+            Err(Fail::Stop(s)) => Err(Aarch64Fault {
+                kind: classify(fmt, s.reason, s.entry),
+                level: S1Format::arch_level(s.level),
+                entry_addr: s.entry_addr.map(GuestPhysAddr),
+                entry: s.entry,
+                ..fault(Aarch64FaultKind::Translation, 0, Some(ttbr))
+            }),
+            // A direct port raises no port faults; keep the walk total.
+            Err(Fail::Port(w)) => Err(Aarch64Fault {
+                level: S1Format::arch_level(w.level),
+                ..fault(Aarch64FaultKind::Contended, 0, Some(ttbr))
+            }),
+        }
+    }
+}
+
+/// The architectural fault for an engine stop (see the module comment).
+fn classify(fmt: &S1Format, reason: FaultReason, entry: Option<u64>) -> Aarch64FaultKind {
+    match reason {
+        FaultReason::Reserved { .. } => Aarch64FaultKind::AddressSize,
+        FaultReason::Permission => match entry {
+            Some(e) if e & AF == 0 && !fmt.ha => Aarch64FaultKind::AccessFlag,
+            _ => Aarch64FaultKind::Permission,
+        },
+        FaultReason::Unbacked { pa } => Aarch64FaultKind::Unbacked { pa },
+        FaultReason::ReadOnlyTable => Aarch64FaultKind::ReadOnlyTable,
+        FaultReason::Contended => Aarch64FaultKind::Contended,
+        _ => Aarch64FaultKind::Translation,
+    }
+}
