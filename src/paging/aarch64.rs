@@ -115,6 +115,19 @@ impl S1Format {
         }
     }
 
+    /// A page or block descriptor at engine `level`.
+    fn leaf(&self, level: u8, raw: u64) -> Decoded {
+        let shift = self.index_shift(level);
+        match self.oa_excess(raw) {
+            0 => Decoded::Leaf {
+                base: raw & bits(shift, 47),
+                // At most 16 + 13 * 2: fits.
+                shift: (shift & 0x3f) as u8,
+            },
+            excess => Decoded::Reserved(excess),
+        }
+    }
+
     /// Output-address bits set above the OA size (an address size fault).
     fn oa_excess(&self, raw: u64) -> u64 {
         raw & bits(self.oa_bits, 47)
@@ -209,17 +222,8 @@ impl Format for S1Format {
                 excess => Decoded::Reserved(excess),
             },
             // A page at level 3; a block where the granule allows one.
-            _ if arch == 3 || (raw & 3 == 1 && self.block_allowed(arch)) => {
-                let shift = self.index_shift(level);
-                match self.oa_excess(raw) {
-                    0 => Decoded::Leaf {
-                        base: raw & bits(shift, 47),
-                        // At most 16 + 13 * 3: fits.
-                        shift: (shift & 0x3f) as u8,
-                    },
-                    excess => Decoded::Reserved(excess),
-                }
-            }
+            3 if arch == 3 => self.leaf(level, raw),
+            1 if arch < 3 && self.block_allowed(arch) => self.leaf(level, raw),
             // Level-3 0b01 (reserved) and a block where none may be.
             _ => Decoded::NotPresent,
         }
@@ -425,11 +429,12 @@ impl Aarch64Fault {
     /// write, and the FSC; ISV and the other syndrome bits are zero.
     pub fn esr_el1(&self) -> Option<u64> {
         let fsc = u64::from(self.fsc()?);
-        let lower = u64::from(self.el0());
+        // Bit 0 of the EC: taken without a change of EL (an EL1 access).
+        let same_el = u64::from(!self.el0());
         let (ec, wnr) = match self.access.kind {
-            AccessKind::Fetch => (0x20 | lower, 0),
-            AccessKind::Read => (0x24 | lower, 0),
-            AccessKind::Write => (0x24 | lower, 1 << 6),
+            AccessKind::Fetch => (0x20 | same_el, 0),
+            AccessKind::Read => (0x24 | same_el, 0),
+            AccessKind::Write => (0x24 | same_el, 1 << 6),
         };
         Some(ec << 26 | 1 << 25 | wnr | fsc)
     }

@@ -1,0 +1,924 @@
+//! The AArch64 stage-1 walker (`Aarch64Walker`) on hand-built tables in a
+//! real `GuestMemory`: every granule and start level, both TTBRs, blocks
+//! where each granule allows them, every fault kind with its fault status
+//! code and level, the permission matrix (EL0/EL1 by read/write/fetch by
+//! AP, UXN, PXN, the table bits, PAN and WXN), the access flag and DBM with
+//! TCR_EL1.HA/HD on and off, MAIR attributes; then a property test against
+//! a small reference model written here from the Arm ARM, on random
+//! (garbage) tables.
+
+// Test code: table fields are built from small known values.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use pagefold::paging::{
+    aarch64::regs::{
+        SCTLR_M, SCTLR_WXN, TCR_EPD0, TCR_EPD1, TCR_HA, TCR_HD, TCR_HPD0, TCR_TBI0, TCR_TBID0,
+    },
+    Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64Walker, Access, AccessKind, Granule,
+    Privilege, Ttbr, WalkOptions,
+};
+use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
+use proptest::{prelude::*, test_runner::Config as ProptestConfig};
+
+const MEM: u64 = 8 << 20;
+
+/// Descriptor bits used by the tests.
+const VALID: u64 = 1;
+const TABLE: u64 = 3; // also a level-3 page
+const BLOCK: u64 = 1;
+const AP1: u64 = 1 << 6;
+const AP2: u64 = 1 << 7;
+const AF: u64 = 1 << 10;
+const DBM: u64 = 1 << 51;
+const CONT: u64 = 1 << 52;
+const PXN: u64 = 1 << 53;
+const UXN: u64 = 1 << 54;
+const PXN_T: u64 = 1 << 59;
+const UXN_T: u64 = 1 << 60;
+const APT0: u64 = 1 << 61;
+const APT1: u64 = 1 << 62;
+
+fn gshift(g: Granule) -> u32 {
+    g.shift()
+}
+
+/// Bit position of the lowest VA bit a level indexes.
+fn lshift(g: Granule, level: u8) -> u32 {
+    gshift(g) + (gshift(g) - 3) * (3 - u32::from(level))
+}
+
+/// Hand-built tables for one granule: a bump allocator of granule-sized
+/// tables from 64 KiB up.
+struct Tables {
+    mem: GuestMemory,
+    g: Granule,
+    next: u64,
+}
+
+impl Tables {
+    fn new(g: Granule) -> Self {
+        Tables {
+            mem: GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap(),
+            g,
+            next: 0x1_0000,
+        }
+    }
+
+    fn alloc(&mut self) -> u64 {
+        let t = self.next;
+        self.next += 1 << gshift(self.g);
+        t
+    }
+
+    fn read(&self, pa: u64) -> u64 {
+        self.mem.read_obj(GuestPhysAddr(pa)).unwrap()
+    }
+
+    fn write(&self, pa: u64, v: u64) {
+        self.mem.write_obj(GuestPhysAddr(pa), v).unwrap();
+    }
+
+    fn index(&self, txsz: u8, start: u8, level: u8, va: u64) -> u64 {
+        let entries = if level == start {
+            1u64 << (64 - u32::from(txsz) - lshift(self.g, level))
+        } else {
+            1u64 << (gshift(self.g) - 3)
+        };
+        (va >> lshift(self.g, level)) & (entries - 1)
+    }
+
+    /// Maps `va` with `leaf` at `level` under `root` (start level from
+    /// `txsz`), making tables with `table_bits` on the way; returns the
+    /// leaf's address.
+    fn map(&mut self, root: u64, txsz: u8, va: u64, level: u8, leaf: u64, table_bits: u64) -> u64 {
+        let start = self.g.start_level(txsz);
+        let mut table = root;
+        for l in start..level {
+            let at = table + 8 * self.index(txsz, start, l, va);
+            let e = self.read(at);
+            table = if e & 3 == 3 {
+                e & 0x0000_ffff_ffff_f000 & !((1 << gshift(self.g)) - 1)
+            } else {
+                let t = self.alloc();
+                self.write(at, t | TABLE | table_bits);
+                t
+            };
+        }
+        let at = table + 8 * self.index(txsz, start, level, va);
+        self.write(at, leaf);
+        at
+    }
+}
+
+fn tcr(g: Granule, t0sz: u8, t1sz: u8, ips: u64) -> u64 {
+    u64::from(t0sz) | (g.tg0() << 14) | (u64::from(t1sz) << 16) | (g.tg1() << 30) | (ips << 32)
+}
+
+fn regs(g: Granule, t0sz: u8, t1sz: u8, root0: u64, root1: u64) -> Aarch64Paging {
+    Aarch64Paging {
+        tcr: tcr(g, t0sz, t1sz, 0b101),
+        ttbr0: root0,
+        ttbr1: root1,
+        sctlr: SCTLR_M,
+        mair: 0x0011_2233_4455_66ff,
+        pan: false,
+        pa_bits: 48,
+    }
+}
+
+fn acc(kind: AccessKind, el0: bool) -> Access {
+    Access::new(
+        kind,
+        if el0 {
+            Privilege::User
+        } else {
+            Privilege::Supervisor
+        },
+    )
+}
+
+fn va1(txsz: u8, low: u64) -> u64 {
+    // The TTBR1 range: the top 64 - txsz bits set.
+    (u64::MAX << (64 - txsz)) | low
+}
+
+/// Every granule with every start level its TxSZ range allows, both
+/// TTBRs: a page maps, with one reference per level.
+#[test]
+fn every_granule_and_start_level_both_ttbrs() {
+    for (g, txszs) in [
+        (Granule::K4, &[16u8, 25, 34, 39][..]),
+        (Granule::K16, &[16, 17, 28, 39][..]),
+        (Granule::K64, &[16, 22, 35, 39][..]),
+    ] {
+        for &txsz in txszs {
+            let mut t = Tables::new(g);
+            let (r0, r1) = (t.alloc(), t.alloc());
+            let page = 1u64 << gshift(g);
+            let low = (0x1234_5678_9abc_u64 & ((1u64 << (64 - txsz)) - 1)) & !(page - 1);
+            let leaf = 0x40_0000_0000 | TABLE | AF | AP1;
+            t.map(r0, txsz, low, 3, leaf, 0);
+            t.map(r1, txsz, va1(txsz, low), 3, leaf + page, 0);
+            let w = Aarch64Walker::new(regs(g, txsz, txsz, r0, r1)).unwrap();
+            let levels = 4 - u32::from(g.start_level(txsz));
+            for (va, ttbr, pa) in [
+                (low + 0x10, Ttbr::Ttbr0, 0x40_0000_0010),
+                (va1(txsz, low) + 0x10, Ttbr::Ttbr1, 0x40_0000_0010 + page),
+            ] {
+                let tr = w
+                    .translate(&t.mem, GuestVirtAddr(va), Access::read())
+                    .unwrap_or_else(|e| panic!("{g:?} txsz {txsz}: {e}"));
+                assert_eq!(tr.pa, GuestPhysAddr(pa), "{g:?} txsz {txsz}");
+                assert_eq!(tr.page_size, page);
+                assert_eq!(tr.level, Some(3));
+                assert_eq!(tr.ttbr, Some(ttbr));
+                assert_eq!(tr.memory_refs, levels, "{g:?} txsz {txsz}");
+            }
+            // The neighbour page is unmapped: a translation fault at level 3.
+            let f = w
+                .translate(&t.mem, GuestVirtAddr(low + page), Access::read())
+                .unwrap_err();
+            assert_eq!(
+                (f.kind, f.level, f.fsc()),
+                (Aarch64FaultKind::Translation, 3, Some(0b00_0111))
+            );
+        }
+    }
+}
+
+/// Blocks at every level a granule allows; a block encoding where none is
+/// allowed and level-3 0b01 are translation faults at that level.
+#[test]
+fn blocks_where_allowed_and_faults_elsewhere() {
+    for (g, ok, bad) in [
+        (Granule::K4, &[1u8, 2][..], &[0u8][..]),
+        (Granule::K16, &[2], &[0, 1]),
+        (Granule::K64, &[2], &[1]),
+    ] {
+        for &level in ok {
+            let mut t = Tables::new(g);
+            let r = t.alloc();
+            let size = 1u64 << lshift(g, level);
+            let va = 3 * size;
+            t.map(r, 16, va, level, (5 * size) | BLOCK | AF | CONT, 0);
+            let w = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+            let tr = w
+                .translate(&t.mem, GuestVirtAddr(va + size - 8), Access::read())
+                .unwrap();
+            assert_eq!(tr.pa, GuestPhysAddr(6 * size - 8), "{g:?} level {level}");
+            assert_eq!((tr.page_size, tr.level), (size, Some(level)));
+            assert!(tr.attributes.contiguous);
+        }
+        for &level in bad {
+            let mut t = Tables::new(g);
+            let r = t.alloc();
+            let va = 1u64 << lshift(g, level);
+            let at = t.map(r, 16, va, level, BLOCK | AF, 0);
+            let w = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+            let f = w
+                .translate(&t.mem, GuestVirtAddr(va), Access::read())
+                .unwrap_err();
+            assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, level));
+            assert_eq!(f.entry_addr, Some(GuestPhysAddr(at)));
+        }
+        // Level 3, 0b01: reserved.
+        let mut t = Tables::new(g);
+        let r = t.alloc();
+        t.map(r, 16, 0, 3, 0x10_0000 | VALID | AF, 0);
+        let w = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+        let f = w
+            .translate(&t.mem, GuestVirtAddr(0), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.fsc()),
+            (Aarch64FaultKind::Translation, 3, Some(7))
+        );
+    }
+}
+
+/// Addresses in neither range, and ranges EPDn disables, fault at level 0
+/// without reading a table; TBI ignores the top byte for data (and, with
+/// TBID, not for fetches).
+#[test]
+fn ranges_epd_and_tbi() {
+    let mut t = Tables::new(Granule::K4);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    t.map(r0, 25, 0x1000, 3, 0x9000 | TABLE | AF, 0);
+    t.map(r1, 25, va1(25, 0x1000), 3, 0xa000 | TABLE | AF, 0);
+    let mut rg = regs(Granule::K4, 25, 25, r0, r1);
+    let w = Aarch64Walker::new(rg).unwrap();
+    for va in [
+        1u64 << 39,
+        1 << 55,
+        0x8000_0000_0000_1000,
+        0xffff_ff00_0000_1000 & !(1 << 55),
+    ] {
+        let f = w
+            .translate(&t.mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.entry),
+            (Aarch64FaultKind::Translation, 0, None),
+            "{va:#x}"
+        );
+    }
+    assert!(w
+        .translate(&t.mem, GuestVirtAddr(va1(25, 0x1000)), Access::read())
+        .is_ok());
+    // Tagged pointers.
+    let tagged = 0x5a00_0000_0000_1000;
+    assert!(w
+        .translate(&t.mem, GuestVirtAddr(tagged), Access::read())
+        .is_err());
+    rg.tcr |= TCR_TBI0;
+    let w = Aarch64Walker::new(rg).unwrap();
+    assert_eq!(
+        w.translate(&t.mem, GuestVirtAddr(tagged), Access::fetch())
+            .unwrap()
+            .pa,
+        GuestPhysAddr(0x9000)
+    );
+    rg.tcr |= TCR_TBID0;
+    let w = Aarch64Walker::new(rg).unwrap();
+    assert!(w
+        .translate(&t.mem, GuestVirtAddr(tagged), Access::read())
+        .is_ok());
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(tagged), Access::fetch())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 0));
+    // EPD0 / EPD1.
+    for (epd, va, ttbr) in [
+        (TCR_EPD0, 0x1000, Ttbr::Ttbr0),
+        (TCR_EPD1, va1(25, 0x1000), Ttbr::Ttbr1),
+    ] {
+        let mut r = regs(Granule::K4, 25, 25, r0, r1);
+        r.tcr |= epd;
+        let w = Aarch64Walker::new(r).unwrap();
+        let f = w
+            .translate(&t.mem, GuestVirtAddr(va), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.ttbr),
+            (Aarch64FaultKind::Translation, 0, Some(ttbr))
+        );
+        assert_eq!(f.fsc(), Some(0b00_0100));
+    }
+    // MMU off: flat, with the PA size checked.
+    let mut r = regs(Granule::K4, 25, 25, r0, r1);
+    r.sctlr = 0;
+    let w = Aarch64Walker::new(r).unwrap();
+    assert_eq!(
+        w.translate(&t.mem, GuestVirtAddr(0x1234), Access::write())
+            .unwrap()
+            .pa,
+        GuestPhysAddr(0x1234)
+    );
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(1 << 48), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 0));
+}
+
+/// Invalid descriptors at each level, address size faults for a TTBR, a
+/// table and a leaf, tables outside memory.
+#[test]
+fn fault_kinds_codes_and_levels() {
+    let g = Granule::K4;
+    // Invalid at each level.
+    for level in 0..=3u8 {
+        let mut t = Tables::new(g);
+        let r = t.alloc();
+        let va = 0x0000_1234_5678_9000;
+        t.map(r, 16, va, 3, 0x5000 | TABLE | AF, 0);
+        // Knock out the entry at `level`.
+        let mut table = r;
+        for l in 0..level {
+            table = t.read(table + 8 * t.index(16, 0, l, va)) & 0xffff_ffff_f000;
+        }
+        let at = table + 8 * t.index(16, 0, level, va);
+        t.write(at, 0xdead_0000 & !1);
+        let w = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+        let f = w
+            .translate(&t.mem, GuestVirtAddr(va), Access::write())
+            .unwrap_err();
+        assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, level));
+        assert_eq!(f.fsc(), Some(0b00_0100 | level));
+        assert_eq!(
+            (f.entry_addr, f.entry),
+            (Some(GuestPhysAddr(at)), Some(0xdead_0000))
+        );
+        // EL1 data abort, same EL, WnR.
+        assert_eq!(
+            f.esr_el1(),
+            Some(0x25 << 26 | 1 << 25 | 1 << 6 | u64::from(4 | level))
+        );
+    }
+    // IPS = 32 bits: a table above 4 GiB, a leaf output above, a TTBR above.
+    let mut t = Tables::new(g);
+    let r = t.alloc();
+    let leaf_at = t.map(r, 16, 0x4000, 3, (1u64 << 40) | TABLE | AF, 0);
+    let mut rg = regs(g, 16, 16, r, r);
+    rg.tcr = tcr(g, 16, 16, 0);
+    let w = Aarch64Walker::new(rg).unwrap();
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, 3, Some(3))
+    );
+    assert_eq!(f.entry_addr, Some(GuestPhysAddr(leaf_at)));
+    // The same tables with 48-bit IPS translate.
+    let w48 = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+    assert_eq!(
+        w48.translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+            .unwrap()
+            .pa,
+        GuestPhysAddr(1 << 40)
+    );
+    // A level-1 table pointer above 4 GiB.
+    let l0 = t.read(r);
+    let l1 = l0 & 0xffff_ffff_f000;
+    t.write(l1, t.read(l1) | (1 << 36));
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, 1, Some(1))
+    );
+    // IPS larger than the implemented PA size behaves as the PA size.
+    let mut rp = regs(g, 16, 16, r, r);
+    rp.pa_bits = 36;
+    let f = Aarch64Walker::new(rp)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 1));
+    // A TTBR above the OA size: level 0, no table read.
+    let mut rt = rg;
+    rt.ttbr0 = 1 << 33;
+    let f = Aarch64Walker::new(rt)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.entry),
+        (Aarch64FaultKind::AddressSize, 0, None)
+    );
+    // A table outside memory: no architectural code.
+    let mut t = Tables::new(g);
+    let r = t.alloc();
+    t.write(r, (1u64 << 40) | TABLE);
+    let w = Aarch64Walker::new(regs(g, 16, 16, r, r)).unwrap();
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(0x4000), Access::read())
+        .unwrap_err();
+    assert!(matches!(f.kind, Aarch64FaultKind::Unbacked { .. }));
+    assert_eq!((f.level, f.fsc(), f.esr_el1()), (1, None, None));
+}
+
+fn fault_of(
+    r: Result<pagefold::paging::Aarch64Translation, Aarch64Fault>,
+) -> Option<(Aarch64FaultKind, u8)> {
+    r.err().map(|f| (f.kind, f.level))
+}
+
+/// The permission matrix: the architecture's AP[2:1] table (EL1 RW/--,
+/// RW/RW, R-/--, R-/R-), UXN, PXN, "EL0-writable is never EL1-executable",
+/// WXN and PAN, each for EL0 and EL1 by read, write and fetch.
+#[test]
+fn permission_matrix() {
+    // (AP[2:1], EL1 read, EL1 write, EL0 read, EL0 write)
+    let ap_table = [
+        (0b00u64, true, true, false, false),
+        (0b01, true, true, true, true),
+        (0b10, true, false, false, false),
+        (0b11, true, false, true, false),
+    ];
+    let mut t = Tables::new(Granule::K4);
+    let r = t.alloc();
+    let mut n = 0u64;
+    for (ap, p_r, p_w, u_r, u_w) in ap_table {
+        for (uxn, pxn) in [(false, false), (true, false), (false, true), (true, true)] {
+            for (wxn, pan) in [(false, false), (true, false), (false, true), (true, true)] {
+                n += 1;
+                let va = n << 12;
+                let leaf = 0x80_0000
+                    | TABLE
+                    | AF
+                    | (ap << 6)
+                    | if uxn { UXN } else { 0 }
+                    | if pxn { PXN } else { 0 };
+                t.map(r, 16, va, 3, leaf, 0);
+                let mut rg = regs(Granule::K4, 16, 16, r, r);
+                if wxn {
+                    rg.sctlr |= SCTLR_WXN;
+                }
+                rg.pan = pan;
+                let w = Aarch64Walker::new(rg).unwrap();
+                let p_x = !(pxn || u_w || (wxn && p_w));
+                let u_x = !(uxn || (wxn && u_w));
+                let p_data = !(pan && u_r);
+                for (kind, el0, want) in [
+                    (AccessKind::Read, false, p_r && p_data),
+                    (AccessKind::Write, false, p_w && p_data),
+                    (AccessKind::Fetch, false, p_x),
+                    (AccessKind::Read, true, u_r),
+                    (AccessKind::Write, true, u_w),
+                    (AccessKind::Fetch, true, u_x),
+                ] {
+                    let got = w.translate(&t.mem, GuestVirtAddr(va), acc(kind, el0));
+                    let ctx = format!(
+                        "ap {ap:#b} uxn {uxn} pxn {pxn} wxn {wxn} pan {pan} {kind:?} el0 {el0}"
+                    );
+                    if want {
+                        let tr = got.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                        // Reported permissions agree (PAN is not folded in).
+                        let p = tr.permissions;
+                        assert_eq!(
+                            (p.write, p.user, p.execute, p.user_execute),
+                            (p_w, u_r, p_x, u_x),
+                            "{ctx}"
+                        );
+                    } else {
+                        let f = got.unwrap_err();
+                        assert_eq!(
+                            (f.kind, f.level, f.fsc()),
+                            (Aarch64FaultKind::Permission, 3, Some(0b00_1111)),
+                            "{ctx}"
+                        );
+                        let ec = match kind {
+                            AccessKind::Fetch => 0x20,
+                            _ => 0x24,
+                        } | u64::from(!el0);
+                        assert_eq!(f.esr_el1().unwrap() >> 26, ec, "{ctx}");
+                        assert_eq!(f.el0(), el0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// APTable, UXNTable, PXNTable restrict every level below, and HPD turns
+/// them off; the fault is reported at the leaf's level.
+#[test]
+fn hierarchical_permissions() {
+    let mut t = Tables::new(Granule::K4);
+    let r = t.alloc();
+    let leaf = 0x80_0000 | TABLE | AF | AP1; // EL1 RW, EL0 RW, executable at EL0
+    let cases = [
+        // EL0 loses read and write, not execute (execute-only stays
+        // possible), and no longer writing, the page is EL1-executable.
+        (APT0, [true, true, true, false, false, true]),
+        (APT1, [true, false, true, true, false, true]),
+        (UXN_T, [true, true, false, true, true, false]),
+        (PXN_T, [true, true, false, true, true, true]),
+        (APT0 | APT1, [true, false, true, false, false, true]),
+    ];
+    for (i, (bits, want)) in cases.into_iter().enumerate() {
+        // A 2 MiB block per case, under its own level-1 table with `bits`
+        // on the level-0 descriptor... so give each case its own 512 GiB.
+        let va = (i as u64 + 1) << 39;
+        t.map(r, 16, va, 3, leaf, bits);
+        for hpd in [false, true] {
+            let mut rg = regs(Granule::K4, 16, 16, r, r);
+            if hpd {
+                rg.tcr |= TCR_HPD0;
+            }
+            let w = Aarch64Walker::new(rg).unwrap();
+            let kinds = [
+                (AccessKind::Read, false),
+                (AccessKind::Write, false),
+                (AccessKind::Fetch, false),
+                (AccessKind::Read, true),
+                (AccessKind::Write, true),
+                (AccessKind::Fetch, true),
+            ];
+            for (k, (kind, el0)) in kinds.into_iter().enumerate() {
+                // Without hierarchy: AP=01 is RW for both, EL1 never
+                // executes an EL0-writable page.
+                let expect = if hpd {
+                    [true, true, false, true, true, true][k]
+                } else {
+                    want[k]
+                };
+                let got = fault_of(w.translate(&t.mem, GuestVirtAddr(va), acc(kind, el0)));
+                let want_fault = if expect {
+                    None
+                } else {
+                    Some((Aarch64FaultKind::Permission, 3))
+                };
+                assert_eq!(
+                    got, want_fault,
+                    "bits {bits:#x} hpd {hpd} {kind:?} el0 {el0}"
+                );
+            }
+        }
+    }
+}
+
+/// The access flag: a fault without HA (before a permission fault), set
+/// by the walk with HA when asked; DBM: a write to a writable-clean page
+/// with HD clears AP[2]; HD without HA, or no DBM, is a permission fault.
+#[test]
+fn access_flag_and_dirty_state() {
+    let g = Granule::K16;
+    let mut t = Tables::new(g);
+    let r = t.alloc();
+    let va = 0x4000;
+    // EL1 read-only, no AF, DBM.
+    let leaf = 0x100_0000 | TABLE | AP2 | DBM;
+    let at = t.map(r, 16, va, 3, leaf, 0);
+    let base = regs(g, 16, 16, r, r);
+    let set = WalkOptions {
+        set_accessed_dirty: true,
+    };
+
+    // No HA: access flag fault, even for a write the page forbids.
+    let w = Aarch64Walker::new(base).unwrap();
+    for a in [Access::read(), Access::write(), Access::fetch().user()] {
+        let f = w
+            .translate_with(&t.mem, GuestVirtAddr(va), a, set)
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.fsc()),
+            (Aarch64FaultKind::AccessFlag, 3, Some(0b00_1011))
+        );
+    }
+    assert_eq!(t.read(at), leaf, "a faulting walk writes nothing");
+
+    // HD without HA does nothing: still an access flag fault.
+    let mut hd_only = base;
+    hd_only.tcr |= TCR_HD;
+    let f = Aarch64Walker::new(hd_only)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!(f.kind, Aarch64FaultKind::AccessFlag);
+
+    // HA: a read succeeds; without set_accessed_dirty nothing is written,
+    // with it AF is set.
+    let mut ha = base;
+    ha.tcr |= TCR_HA;
+    let w = Aarch64Walker::new(ha).unwrap();
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap();
+    assert!(!tr.attributes.accessed);
+    assert_eq!(t.read(at), leaf);
+    let tr = w
+        .translate_with(&t.mem, GuestVirtAddr(va), Access::read(), set)
+        .unwrap();
+    assert!(tr.attributes.accessed);
+    assert_eq!(t.read(at), leaf | AF);
+    // A write without HD: permission fault, AP[2] kept.
+    let f = w
+        .translate_with(&t.mem, GuestVirtAddr(va), Access::write(), set)
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::Permission, 3));
+    assert_eq!(t.read(at), leaf | AF);
+
+    // HA + HD: the write is allowed and clears AP[2].
+    let mut hd = ha;
+    hd.tcr |= TCR_HD;
+    let w = Aarch64Walker::new(hd).unwrap();
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::write())
+        .unwrap();
+    assert_eq!(
+        tr.attributes.ap, 0b10,
+        "not updated without set_accessed_dirty"
+    );
+    let tr = w
+        .translate_with(&t.mem, GuestVirtAddr(va), Access::write(), set)
+        .unwrap();
+    assert_eq!(tr.attributes.ap, 0b00);
+    assert_eq!(t.read(at), (leaf | AF) & !AP2);
+    assert_eq!(tr.memory_refs, 4 + 1, "four reads and one exchange");
+    // An EL0 write to an EL1-only DBM page still faults, and changes nothing.
+    t.write(at, leaf | AF);
+    let f = w
+        .translate_with(&t.mem, GuestVirtAddr(va), Access::write().user(), set)
+        .unwrap_err();
+    assert_eq!(f.kind, Aarch64FaultKind::Permission);
+    assert_eq!(t.read(at), leaf | AF);
+    // Without DBM, HD does not make the page writable.
+    t.write(at, (leaf | AF) & !DBM);
+    let f = w
+        .translate_with(&t.mem, GuestVirtAddr(va), Access::write(), set)
+        .unwrap_err();
+    assert_eq!(f.kind, Aarch64FaultKind::Permission);
+}
+
+/// MAIR attribute bytes, shareability, nG and the ASID.
+#[test]
+fn attributes_and_asid() {
+    let mut t = Tables::new(Granule::K64);
+    let r = t.alloc();
+    for idx in 0..8u64 {
+        t.map(
+            r,
+            16,
+            idx << 16,
+            3,
+            (0x100_0000 + (idx << 16)) | TABLE | AF | (idx << 2) | (3 << 8) | (1 << 11),
+            0,
+        );
+    }
+    let mut rg = regs(Granule::K64, 16, 16, r | (0x42 << 48), r);
+    rg.mair = 0x0706_0504_0302_01ff;
+    let w = Aarch64Walker::new(rg).unwrap();
+    assert_eq!(w.asid(), 0x42);
+    for idx in 0..8u8 {
+        let tr = w
+            .translate(&t.mem, GuestVirtAddr(u64::from(idx) << 16), Access::read())
+            .unwrap();
+        let a = tr.attributes;
+        assert_eq!(
+            (a.attr_index, a.memory_attr),
+            (idx, rg.mair.to_le_bytes()[usize::from(idx)])
+        );
+        assert_eq!((a.shareability, a.not_global), (3, true));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The reference model: written from the Arm ARM's rules, sharing nothing
+// with the walker but the memory.
+
+#[derive(Clone, Copy, Debug)]
+struct Model {
+    g: u32, // granule shift
+    txsz: [u32; 2],
+    root: [u64; 2],
+    oa: u32,
+    ha: bool,
+    hd: bool,
+    wxn: bool,
+    pan: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Out {
+    Ok { pa: u64, level: u8, refs: u32 },
+    Fault { kind: &'static str, level: u8 },
+}
+
+fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> Out {
+    let fault = |kind, level| Out::Fault { kind, level };
+    let hi = (va >> 55) & 1 == 1;
+    let r = usize::from(hi);
+    let ia = 64 - m.txsz[r];
+    // Every bit from `ia` up equals bit 55.
+    let top = va >> ia;
+    let all = u64::MAX >> ia;
+    if (hi && top != all) || (!hi && top != 0) {
+        return fault("translation", 0);
+    }
+    if m.oa < 48 && m.root[r] >> m.oa != 0 {
+        return fault("address size", 0);
+    }
+    let stride = m.g - 3;
+    // Levels needed for `ia - g` bits.
+    let mut levels = 0;
+    while m.g + stride * levels < ia {
+        levels += 1;
+    }
+    let start = 4 - levels as u8;
+    let (mut no_el0, mut no_w, mut uxn_t, mut pxn_t) = (false, false, false, false);
+    let mut table = m.root[r];
+    for (refs, level) in (1u32..).zip(start..=3u8) {
+        let sh = m.g + stride * u32::from(3 - level);
+        let width = if level == start { ia - sh } else { stride };
+        let idx = (va >> sh) & ((1u64 << width) - 1);
+        let Ok(d) = mem.read_obj::<u64>(GuestPhysAddr(table + idx * 8)) else {
+            return fault("unbacked", level);
+        };
+        let addr_bits = |lo: u32| d & ((1u64 << 48) - 1) & !((1u64 << lo) - 1);
+        let too_wide = m.oa < 48 && addr_bits(m.oa) != 0;
+        let is_table = d & 3 == 3 && level < 3;
+        let is_page = d & 3 == 3 && level == 3;
+        let block_ok = match m.g {
+            12 => level == 1 || level == 2,
+            _ => level == 2,
+        };
+        let is_block = d & 3 == 1 && level < 3 && block_ok;
+        if is_table {
+            if too_wide {
+                return fault("address size", level);
+            }
+            no_el0 |= d & APT0 != 0;
+            no_w |= d & APT1 != 0;
+            uxn_t |= d & UXN_T != 0;
+            pxn_t |= d & PXN_T != 0;
+            table = addr_bits(m.g);
+            continue;
+        }
+        if !is_page && !is_block {
+            return fault("translation", level);
+        }
+        if too_wide {
+            return fault("address size", level);
+        }
+        if d & AF == 0 && !m.ha {
+            return fault("access flag", level);
+        }
+        // AP[2:1] -> (EL1 write, EL0 read, EL0 write), then the tables.
+        let write = kind == AccessKind::Write;
+        let mut ap = (d >> 6) & 3;
+        if write && m.hd && d & DBM != 0 {
+            ap &= 0b01;
+        }
+        let (mut pw, mut ur, mut uw) = match ap {
+            0b00 => (true, false, false),
+            0b01 => (true, true, true),
+            0b10 => (false, false, false),
+            _ => (false, true, false),
+        };
+        if no_el0 {
+            ur = false;
+            uw = false;
+        }
+        if no_w {
+            pw = false;
+            uw = false;
+        }
+        let px = !(d & PXN != 0 || pxn_t || uw || (m.wxn && pw));
+        let ux = !(d & UXN != 0 || uxn_t || (m.wxn && uw));
+        let ok = match (kind, el0) {
+            (AccessKind::Read, true) => ur,
+            (AccessKind::Write, true) => uw,
+            (AccessKind::Fetch, true) => ux,
+            (AccessKind::Fetch, false) => px,
+            (AccessKind::Read, false) => !(m.pan && ur),
+            (AccessKind::Write, false) => pw && !(m.pan && ur),
+        };
+        if !ok {
+            return fault("permission", level);
+        }
+        return Out::Ok {
+            pa: addr_bits(sh) | (va & ((1u64 << sh) - 1)),
+            level,
+            refs,
+        };
+    }
+    unreachable!("level 3 is always a leaf or a fault")
+}
+
+fn walker_out(w: &Aarch64Walker, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> Out {
+    match w.translate(mem, GuestVirtAddr(va), acc(kind, el0)) {
+        Ok(t) => Out::Ok {
+            pa: t.pa.0,
+            level: t.level.unwrap(),
+            refs: t.memory_refs,
+        },
+        Err(f) => Out::Fault {
+            kind: match f.kind {
+                Aarch64FaultKind::Translation => "translation",
+                Aarch64FaultKind::AccessFlag => "access flag",
+                Aarch64FaultKind::Permission => "permission",
+                Aarch64FaultKind::AddressSize => "address size",
+                Aarch64FaultKind::Unbacked { .. } => "unbacked",
+                Aarch64FaultKind::ReadOnlyTable => "read-only",
+                Aarch64FaultKind::Contended => "contended",
+            },
+            level: f.level,
+        },
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    let mut c = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = cases;
+    }
+    c.failure_persistence = None;
+    c
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Random tables (pointers into a pool of tables, so loops and shared
+    /// tables occur, and out of memory; random descriptor types,
+    /// permission bits, AF, DBM and output addresses, some above the OA
+    /// size), random registers and probes: the walker agrees with the
+    /// model on every address, access and privilege, and never panics.
+    #[test]
+    fn walker_matches_model(seed in 1u64.., gsel in 0u8..3, t0 in 16u8..=39, t1 in 16u8..=39,
+                            flags in 0u8..32, ips in prop::sample::select(vec![0u64, 2, 5])) {
+        let g = [Granule::K4, Granule::K16, Granule::K64][usize::from(gsel)];
+        let gs = g.shift();
+        let mut rng = Rng(seed);
+        let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap();
+        let pool: Vec<u64> = (1..=6u64).map(|i| i << gs).collect();
+        let entries = 1u64 << (gs - 3);
+        let bits_pool = [AP1, AP2, AF, DBM, PXN, UXN, PXN_T, UXN_T, APT0, APT1, CONT];
+        for &tbl in &pool {
+            for i in 0..entries {
+                let mut d = match rng.below(8) {
+                    0 => rng.next() & !1,                         // invalid, garbage
+                    1 => (1u64 << 40) | 3,                        // a table out of memory
+                    2 | 3 => pool[rng.below(6) as usize] | 3,     // table / page
+                    4 => (rng.below(1 << 20) << 28) | 1,          // block / reserved
+                    _ => (rng.below(1 << 36) << 12) | 3,          // page, random OA
+                };
+                for b in bits_pool {
+                    if rng.below(3) == 0 {
+                        d |= b;
+                    }
+                }
+                mem.write_obj(GuestPhysAddr(tbl + i * 8), d).unwrap();
+            }
+        }
+        let (ha, hd, wxn, pan) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 8 != 0);
+        let (r0, r1) = (pool[rng.below(6) as usize], pool[rng.below(6) as usize]);
+        let mut tcr = tcr(g, t0, t1, ips);
+        if ha { tcr |= TCR_HA; }
+        if hd { tcr |= TCR_HD; }
+        let regs = Aarch64Paging {
+            tcr,
+            ttbr0: r0,
+            ttbr1: r1,
+            sctlr: SCTLR_M | if wxn { SCTLR_WXN } else { 0 },
+            mair: 0,
+            pan,
+            pa_bits: 48,
+        };
+        let w = Aarch64Walker::new(regs).unwrap();
+        let oa = match ips { 0 => 32, 2 => 40, _ => 48 };
+        let m = Model { g: gs, txsz: [u32::from(t0), u32::from(t1)], root: [r0, r1], oa, ha, hd: hd && ha, wxn, pan };
+        for _ in 0..256 {
+            let mut va = rng.next();
+            match rng.below(4) {
+                // In the TTBR0 range / the TTBR1 range / random.
+                0 | 1 => va &= (1u64 << (64 - t0)) - 1,
+                2 => va |= u64::MAX << (64 - t1),
+                _ => {}
+            }
+            for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
+                for el0 in [false, true] {
+                    let want = model(&m, &mem, va, kind, el0);
+                    let got = walker_out(&w, &mem, va, kind, el0);
+                    prop_assert_eq!(got, want, "va {:#x} {:?} el0 {}", va, kind, el0);
+                }
+            }
+        }
+    }
+}
