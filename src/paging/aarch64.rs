@@ -27,8 +27,17 @@
 //! cache, mappings listing, the CLI and the C ABI.
 //!
 //! Reference: Arm ARM DDI 0487, chapter D8 (VMSAv8-64), in particular the
-//! pseudocode `AArch64.S1Walk`, `AArch64.S1Translate` and the v8.0
-//! `AArch64.CheckPermission` whose rules [`S1Format::allows`] follows.
+//! pseudocode `AArch64.S1Walk`, `AArch64.S1Translate`, and v8.0's
+//! `AArch64.TranslationTableWalk` (its order: invalid or level-3 0b01 ->
+//! translation fault; a table's output address above the OA size ->
+//! address size fault at the table descriptor's level; a block below the
+//! first block level -> translation fault; the leaf's output address ->
+//! address size fault; AF = 0 -> access flag fault; then the permission
+//! check) and `AArch64.CheckPermission`, whose rules `S1Format::allows`
+//! follows (APTable folded into AP, "EL0-writable is never EL1-executable",
+//! WXN, PAN). Not modelled: the IMPLEMENTATION DEFINED translation fault on
+//! a misprogrammed contiguous bit, and reserved MAIR encodings (reported
+//! as the byte they are).
 
 pub mod regs;
 
@@ -267,6 +276,10 @@ impl Format for S1Format {
         Ok(())
     }
 
+    /// Hardware sets AF (and clears AP[2] for a DBM write) only on a walk
+    /// that does not fault; the architecture allows an AF update on a
+    /// walk that then takes a permission fault, but does not require it,
+    /// and a faulting walk here writes nothing.
     fn with_accessed(&self, _level: u8, raw: u64, leaf: bool, write: bool) -> u64 {
         if !leaf || !self.ha {
             return raw;

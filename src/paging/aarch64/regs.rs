@@ -14,10 +14,13 @@
 //! - T0SZ/T1SZ outside 16..=39: below 16 needs FEAT_LVA (52-bit VA, out of
 //!   scope here), above 39 needs FEAT_TTST; otherwise the behaviour is
 //!   CONSTRAINED UNPREDICTABLE (treated as the limit, or a fault);
-//! - IPS = 0b111 (reserved), and TCR_EL1.DS = 1 (FEAT_LPA2, out of scope);
+//! - TCR_EL1.DS = 1 (FEAT_LPA2, out of scope here);
 //! - TCR_EL1 bits 6 and 35, which are RES0 in every architecture version;
 //! - a TTBR base not aligned to its start-level table (at least 64 bytes):
-//!   the low base bits are RES0 and a set one is CONSTRAINED UNPREDICTABLE;
+//!   BADDR's bits below the table size are RES0, and whether a set one is
+//!   used is CONSTRAINED UNPREDICTABLE (v8.0's pseudocode drops them, so a
+//!   v8.0 part would walk the aligned table: refusing is the strict choice,
+//!   which a next session may relax to masking);
 //! - an implemented physical-address size that is not one of
 //!   ID_AA64MMFR0_EL1.PARange's values up to 48 bits (52-bit PA is LPA).
 
@@ -203,10 +206,12 @@ impl Aarch64Paging {
             3 => 42,
             4 => 44,
             5 => 48,
-            // 0b110 is 52 bits (FEAT_LPA); a larger IPS than implemented
-            // behaves as the implemented size (TCR_EL1.IPS description).
-            6 => 52,
-            _ => return Err(Aarch64PagingError::ReservedIps { ips }),
+            // 0b110 is 52 bits with FEAT_LPA; 0b111 is reserved and
+            // behaves as 0b101 or 0b110 (v8.0's `AArch64.TranslationTableWalk`:
+            // "otherwise outputsize = 48"). Either way an IPS above the
+            // implemented size behaves as that size ("if outputsize >
+            // PAMax() then outputsize = PAMax()"), at most 48 bits here.
+            _ => 52,
         };
         let field = |v: u64| (v & 0x3f) as u8;
         let (t0sz, t1sz) = (field(tcr), field(tcr >> 16));
@@ -346,12 +351,6 @@ pub enum Aarch64PagingError {
         /// The field.
         field: &'static str,
     },
-    /// TCR_EL1.IPS holds the reserved value 0b111.
-    #[error("TCR_EL1.IPS = {ips:#b} is reserved")]
-    ReservedIps {
-        /// The IPS field.
-        ips: u64,
-    },
     /// T0SZ or T1SZ outside 16..=39.
     #[error("TCR_EL1.{field} = {value} is outside 16..=39 (a VA size of 25 to 48 bits)")]
     TxSz {
@@ -425,10 +424,12 @@ mod tests {
             bad(|r| r.tcr |= TCR_DS),
             Aarch64PagingError::Unsupported { .. }
         ));
-        assert!(matches!(
-            bad(|r| r.tcr |= 7 << 32),
-            Aarch64PagingError::ReservedIps { ips: 7 }
-        ));
+        // IPS 0b110 and 0b111 behave as the implemented PA size.
+        let mut r = ok;
+        r.tcr |= 7 << 32;
+        assert_eq!(r.decode().unwrap().oa_bits, 48);
+        r.pa_bits = 40;
+        assert_eq!(r.decode().unwrap().oa_bits, 40);
         assert!(matches!(
             bad(|r| r.tcr = (r.tcr & !0x3f) | 15),
             Aarch64PagingError::TxSz {
