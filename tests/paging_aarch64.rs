@@ -922,3 +922,69 @@ proptest! {
         }
     }
 }
+
+/// TTBR0 and TTBR1 with different granules and sizes (TG0 = 64 KiB with
+/// 42-bit VAs, TG1 = 4 KiB with 39-bit VAs), as TCR_EL1 allows.
+#[test]
+fn different_granules_per_range() {
+    let mut t = Tables::new(Granule::K64);
+    let r0 = t.alloc();
+    t.map(r0, 22, 0x3_0000, 3, 0x70_0000 | TABLE | AF, 0);
+    // The 4 KiB tables share the memory, above the 64 KiB ones.
+    t.g = Granule::K4;
+    t.next = 0x40_0000;
+    let r1 = t.alloc();
+    t.map(r1, 25, va1(25, 0x20_0000), 2, 0x80_0000 | BLOCK | AF, 0);
+    let mut rg = regs(Granule::K64, 22, 25, r0, r1);
+    rg.tcr = (rg.tcr & !(3 << 30)) | (Granule::K4.tg1() << 30);
+    let w = Aarch64Walker::new(rg).unwrap();
+    let a = w
+        .translate(&t.mem, GuestVirtAddr(0x3_0042), Access::read())
+        .unwrap();
+    assert_eq!(
+        (a.pa, a.page_size, a.memory_refs),
+        (GuestPhysAddr(0x70_0042), 0x1_0000, 2)
+    );
+    let b = w
+        .translate(&t.mem, GuestVirtAddr(va1(25, 0x20_1234)), Access::read())
+        .unwrap();
+    assert_eq!(
+        (b.pa, b.page_size, b.level),
+        (GuestPhysAddr(0x80_1234), 2 << 20, Some(2))
+    );
+    assert_eq!(b.memory_refs, 2);
+    // 42 bits for TTBR0: bit 42 set is outside both ranges.
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(1 << 42), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 0));
+}
+
+/// An access flag update into a read-only image is refused without an
+/// architectural code; a walk that needs no update reads it fine.
+#[test]
+fn read_only_image_refuses_updates() {
+    let mut t = Tables::new(Granule::K4);
+    let r = t.alloc();
+    t.map(r, 16, 0x5000, 3, 0x9000 | TABLE, 0);
+    t.map(r, 16, 0x6000, 3, 0xa000 | TABLE | AF, 0);
+    let mut bytes = vec![0u8; 0x2_0000];
+    t.mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
+    let image = pagefold::paging::PhysImage::new(GuestPhysAddr(0), &bytes);
+    let mut rg = regs(Granule::K4, 16, 16, r, r);
+    rg.tcr |= TCR_HA;
+    let w = Aarch64Walker::new(rg).unwrap();
+    let set = WalkOptions {
+        set_accessed_dirty: true,
+    };
+    let f = w
+        .translate_with(&image, GuestVirtAddr(0x5000), Access::read(), set)
+        .unwrap_err();
+    assert_eq!((f.kind, f.fsc()), (Aarch64FaultKind::ReadOnlyTable, None));
+    assert_eq!(
+        w.translate_with(&image, GuestVirtAddr(0x6000), Access::read(), set)
+            .unwrap()
+            .pa,
+        GuestPhysAddr(0xa000)
+    );
+}
