@@ -46,8 +46,7 @@ use super::{
     fault::FaultReason,
     format::{bits, Decoded, Denied, Format},
     memory::PhysMemory,
-    types::{Access, AccessKind, Permissions, Privilege},
-    walker::WalkOptions,
+    types::{Access, AccessKind, Permissions, Privilege, WalkOptions},
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 pub use regs::{Aarch64Paging, Aarch64PagingError, Granule, Tcr, Ttbr};

@@ -7,10 +7,11 @@
 //! (one implementation of the crate-private `Format` trait) says how wide an
 //! entry is, which virtual-address bits index each level, what an entry
 //! means (not present, reserved bits set, next table, leaf page) and how
-//! permissions combine and are checked. x86 ([`x86`]) and EPT ([`ept`]) are
-//! the formats today; AArch64 stage 1/2 and RISC-V Sv39/48/57 and G-stage
-//! are further implementations of the same trait, with no change to the
-//! engine.
+//! permissions combine and are checked. x86 ([`x86`]), EPT ([`ept`]) and
+//! AArch64 stage 1 ([`aarch64`], its own [`Aarch64Walker`] for now, not yet
+//! a [`GuestPaging`] variant) are the formats today; AArch64 stage 2 and
+//! RISC-V Sv39/48/57 and G-stage are further implementations of the same
+//! trait, with no change to the engine.
 //!
 //! Guest page tables are untrusted input. A walk touches at most one entry
 //! per level (five levels at most, each through at most five second-level
@@ -22,7 +23,8 @@
 //!
 //! Files, each importing only the ones before it: `types` (accesses,
 //! permissions, attributes), `fault`, `format`, `memory`, `engine`, `ept`,
-//! `lean`, `x86` (registers in `x86/regs`), `second` (the second level as
+//! `lean`, `aarch64` (registers in `aarch64/regs`), `x86` (registers in
+//! `x86/regs`), `second` (the second level as
 //! a walk stage), `walker` (the walk's stages), `watch`, `cache` (storage),
 //! `cached` (the cache around the walk), then `mappings`, `range` and
 //! `virt`. A walk never calls a cache: a cache runs the walk's stages with

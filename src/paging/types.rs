@@ -1,5 +1,6 @@
 //! The plain types every file of `paging` shares, and nothing else: the
-//! access a walk checks ([`Access`]), what a translation allows
+//! access a walk checks ([`Access`]) and its options ([`WalkOptions`]),
+//! what a translation allows
 //! ([`Permissions`]) and what its leaf says ([`LeafAttributes`]), and the
 //! second level's raw output ([`SecondOut`]) that walks produce and caches
 //! keep. It imports nothing from `paging`, so every other file may import
@@ -143,6 +144,16 @@ impl Access {
         };
         k * 4 + p
     }
+}
+
+/// Options of one walk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WalkOptions {
+    /// Set accessed flags on the entries used and the dirty flag on the leaf
+    /// of a write, by compare-exchange, as hardware does (both levels;
+    /// AArch64: the access flag, and AP[2] cleared for a DBM write). Off,
+    /// the walk writes nothing: what a debugger wants.
+    pub set_accessed_dirty: bool,
 }
 
 /// What a translation allows, combined over every level.

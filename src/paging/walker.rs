@@ -51,14 +51,9 @@ pub enum SecondLevel {
     Npt(NptConfig),
 }
 
-/// Options of one walk.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct WalkOptions {
-    /// Set accessed flags on the entries used and the dirty flag on the leaf
-    /// of a write, by compare-exchange, as hardware does (both levels). Off,
-    /// the walk writes nothing: what a debugger wants.
-    pub set_accessed_dirty: bool,
-}
+// Defined with the plain types, so formats below the walker (AArch64's
+// walker) take it too.
+pub use super::types::WalkOptions;
 
 /// A successful translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
