@@ -988,3 +988,46 @@ fn read_only_image_refuses_updates() {
         GuestPhysAddr(0xa000)
     );
 }
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Any register values: the walker is refused with a typed error, or
+    /// translates any address without panicking (garbage tables in memory).
+    #[test]
+    fn garbage_registers_never_panic(tcr in any::<u64>(), ttbr0 in any::<u64>(), ttbr1 in any::<u64>(),
+                                     sctlr in any::<u64>(), pan in any::<bool>(), pa in 0usize..7,
+                                     vas in prop::collection::vec(any::<u64>(), 16), seed in 1u64..) {
+        let mem = GuestMemory::new(&[(GuestPhysAddr(0), 1 << 20)]).unwrap();
+        let mut rng = Rng(seed);
+        for i in 0..(1u64 << 17) {
+            mem.write_obj(GuestPhysAddr(i * 8), rng.next()).unwrap();
+        }
+        let pa_bits = [32u8, 36, 40, 42, 44, 48, 52][pa];
+        // Keep some registers plausible so walks happen: small bases, a
+        // TxSZ in range half the time.
+        let tcr = if seed % 2 == 0 {
+            let txsz = 16 + seed % 24;
+            (tcr & !(0x3f_003f | 1 << 6 | 1 << 35 | 1 << 59)) | (txsz * 0x1_0001)
+        } else {
+            tcr
+        };
+        let regs = Aarch64Paging {
+            tcr,
+            ttbr0: ttbr0 & 0xf_0000,
+            ttbr1: ttbr1 & 0xf_0000,
+            sctlr,
+            mair: 0,
+            pan,
+            pa_bits,
+        };
+        if let Ok(w) = Aarch64Walker::new(regs) {
+            for va in vas {
+                for a in [Access::read(), Access::write().user(), Access::fetch()] {
+                    let _ = w.translate(&mem, GuestVirtAddr(va), a);
+                    let _ = w.translate_with(&mem, GuestVirtAddr(va), a, WalkOptions { set_accessed_dirty: true });
+                }
+            }
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! AArch64 (VMSAv8-64) stage-1 translation of the EL1&0 regime: the
-//! descriptor format as a [`Format`] for the shared walk engine, the
+//! descriptor format as a `Format` for the shared walk engine, the
 //! TTBR0/TTBR1 split, and [`Aarch64Walker`], which translates a
 //! virtual address to the stage-1 output address (the IPA when a stage 2
 //! is in use) with the permission, access-flag and dirty-state rules, and
@@ -9,13 +9,13 @@
 //! Why the shared engine fits: a stage-1 walk is the engine's walk — one
 //! 8-byte descriptor a level, tables or leaves, permissions folded down
 //! the way (APTable, UXNTable, PXNTable) and checked at the leaf, and a
-//! compare-exchange to update the leaf (the access flag, DBM's AP[2]) as
+//! compare-exchange to update the leaf (the access flag, DBM's `AP[2]`) as
 //! x86 sets A/D. Only the numbering differs: the engine counts levels up
 //! from 1 (the last table), the architecture counts 0..=3 down to the
 //! last table, so engine level `e` is architectural level `4 - e` and a
 //! walk that starts at level 1 (64 KiB granule, 48-bit VA) has an engine
 //! top level of 3. The engine's reasons map onto the architecture's fault
-//! kinds in [`classify`]: not present is a translation fault, "reserved"
+//! kinds in `classify`: not present is a translation fault, "reserved"
 //! (output-address bits above the OA size) an address size fault, and a
 //! denied leaf an access flag fault when its AF is clear (that fault has
 //! priority over a permission fault) or else a permission fault. The VA
@@ -62,7 +62,7 @@ const DBM: u64 = 1 << 51;
 const CONTIGUOUS: u64 = 1 << 52;
 const PXN: u64 = 1 << 53;
 const UXN: u64 = 1 << 54;
-/// Table-descriptor bits: PXNTable, UXNTable, APTable[0], APTable[1].
+/// Table-descriptor bits: PXNTable, UXNTable, `APTable[0]`, `APTable[1]`.
 const PXN_TABLE: u64 = 1 << 59;
 const UXN_TABLE: u64 = 1 << 60;
 const AP_TABLE0: u64 = 1 << 61;
@@ -275,7 +275,7 @@ impl Format for S1Format {
         Ok(())
     }
 
-    /// Hardware sets AF (and clears AP[2] for a DBM write) only on a walk
+    /// Hardware sets AF (and clears `AP[2]` for a DBM write) only on a walk
     /// that does not fault; the architecture allows an AF update on a
     /// walk that then takes a permission fault, but does not require it,
     /// and a faulting walk here writes nothing.
@@ -312,9 +312,9 @@ pub struct Aarch64Attributes {
     /// MAIR_EL1's attribute byte for `attr_index` (memory type and
     /// cacheability).
     pub memory_attr: u8,
-    /// SH[1:0] (bits 9:8): 0 non-shareable, 2 outer, 3 inner.
+    /// `SH[1:0]` (bits 9:8): 0 non-shareable, 2 outer, 3 inner.
     pub shareability: u8,
-    /// AP[2:1] (bits 7:6).
+    /// `AP[2:1]` (bits 7:6).
     pub ap: u8,
     /// The access flag (bit 10).
     pub accessed: bool,
@@ -322,7 +322,7 @@ pub struct Aarch64Attributes {
     pub not_global: bool,
     /// NS (bit 5).
     pub non_secure: bool,
-    /// DBM (bit 51): the page is writable-clean when AP[2] is set and
+    /// DBM (bit 51): the page is writable-clean when `AP[2]` is set and
     /// TCR_EL1.HD is on.
     pub dbm: bool,
     /// The contiguous hint (bit 52): reported, not used to size the page.
@@ -500,7 +500,7 @@ impl Aarch64Walker {
     }
 
     /// Translates `va` for `access`; with `options.set_accessed_dirty`,
-    /// sets the access flag (TCR_EL1.HA) and clears AP[2] of a DBM page on
+    /// sets the access flag (TCR_EL1.HA) and clears `AP[2]` of a DBM page on
     /// a write (TCR_EL1.HD) by compare-exchange, as hardware does.
     pub fn translate_with<M: PhysMemory + ?Sized>(
         &self,

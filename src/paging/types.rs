@@ -151,7 +151,7 @@ impl Access {
 pub struct WalkOptions {
     /// Set accessed flags on the entries used and the dirty flag on the leaf
     /// of a write, by compare-exchange, as hardware does (both levels;
-    /// AArch64: the access flag, and AP[2] cleared for a DBM write). Off,
+    /// AArch64: the access flag, and `AP[2]` cleared for a DBM write). Off,
     /// the walk writes nothing: what a debugger wants.
     pub set_accessed_dirty: bool,
 }
