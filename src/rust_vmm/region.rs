@@ -129,6 +129,34 @@ impl GuestRegion {
         let room = self.size() - addr.0;
         Ok((addr.0, usize::try_from(room).map_or(len, |r| r.min(len))))
     }
+
+    /// `count`, if all `count` bytes at `addr` lie in the region; else
+    /// vm-memory's `PartialBuffer` (nothing was transferred).
+    fn whole(&self, addr: MemoryRegionAddress, count: usize) -> Result<usize> {
+        let (_, n) = self.clip(addr, count)?;
+        if n != count {
+            return Err(GuestMemoryError::PartialBuffer {
+                expected: count,
+                completed: 0,
+            });
+        }
+        Ok(n)
+    }
+
+    /// The slice of `n` bytes at `addr` (inside the region, as `clip`
+    /// made it), its pages made writable first; `None` for `n == 0`,
+    /// which changes nothing.
+    fn writable_slice(
+        &self,
+        addr: MemoryRegionAddress,
+        n: usize,
+    ) -> Result<Option<VolatileSlice<'_, BS<'_, RegionLog>>>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        self.prepare_write(addr.0, n as u64).map_err(refused)?;
+        Ok(Some(self.get_slice(addr, n)?))
+    }
 }
 
 /// At region offsets, through pagefold's accessors: a write brings its
@@ -184,12 +212,11 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
         src: &mut F,
         count: usize,
     ) -> Result<usize> {
-        let (off, n) = self.clip(addr, count)?;
-        if n == 0 {
-            return Ok(0);
+        let (_, n) = self.clip(addr, count)?;
+        match self.writable_slice(addr, n)? {
+            Some(slice) => Ok(slice.read_volatile_from(0, src, n)?),
+            None => Ok(0),
         }
-        self.prepare_write(off, n as u64).map_err(refused)?;
-        Ok(self.get_slice(addr, n)?.read_volatile_from(0, src, n)?)
     }
 
     fn read_exact_volatile_from<F: ReadVolatile>(
@@ -198,20 +225,11 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
         src: &mut F,
         count: usize,
     ) -> Result<()> {
-        let (off, n) = self.clip(addr, count)?;
-        if n != count {
-            return Err(GuestMemoryError::PartialBuffer {
-                expected: count,
-                completed: 0,
-            });
+        let n = self.whole(addr, count)?;
+        match self.writable_slice(addr, n)? {
+            Some(slice) => Ok(slice.read_exact_volatile_from(0, src, n)?),
+            None => Ok(()),
         }
-        if n == 0 {
-            return Ok(());
-        }
-        self.prepare_write(off, n as u64).map_err(refused)?;
-        Ok(self
-            .get_slice(addr, n)?
-            .read_exact_volatile_from(0, src, n)?)
     }
 
     fn write_volatile_to<F: WriteVolatile>(
@@ -233,13 +251,7 @@ impl Bytes<MemoryRegionAddress> for GuestRegion {
         dst: &mut F,
         count: usize,
     ) -> Result<()> {
-        let (_, n) = self.clip(addr, count)?;
-        if n != count {
-            return Err(GuestMemoryError::PartialBuffer {
-                expected: count,
-                completed: 0,
-            });
-        }
+        let n = self.whole(addr, count)?;
         if n == 0 {
             return Ok(());
         }
