@@ -70,10 +70,12 @@ impl TestVm {
             // VM fd takes the VMM's own ioctls (kvm-ioctls' `VmFd` is not
             // part of pagefold's API).
             const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_ae46;
-            // SAFETY: the slot maps `anon`, which `TestVm` drops after the
+            // The slot maps `anon`, which `TestVm` drops after the
             // VM and vCPU fds (field order), so KVM never reaches a
             // mapping that is gone; it does not overlap region 0; the
             // kernel reads `region`, live for the call.
+            // SAFETY: the mapping outlives the slot and `region` the
+            // call (argued above).
             let r = unsafe {
                 libc::ioctl(
                     vm.vm_fd().as_raw_fd(),

@@ -108,10 +108,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     // pagefold registers the regions as the slots the VMM chose.
     match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
         Ok(vm_fd) => {
-            // SAFETY: `vm_fd` is this process's KVM VM and stays open for
+            // `vm_fd` is this process's KVM VM and stays open for
             // the call (adopt keeps a duplicate); slots 7 and 8 are free and
             // the VMM never touches them; the memory outlives the adopted
             // VM, which deletes its slots when dropped.
+            // SAFETY: adopt's contract holds, as argued above.
             let kvm = unsafe {
                 pagefold::kvm::KvmVm::adopt(
                     BorrowedFd::borrow_raw(vm_fd.as_raw_fd()),

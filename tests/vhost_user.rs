@@ -1089,11 +1089,13 @@ impl Echo {
             .next()
             .and_then(|r| r.file_offset())
             .ok_or_else(|| bad("an empty memory table"))?;
-        // SAFETY: each region is a live MAP_SHARED mapping of the memfd at
+        // Each region is a live MAP_SHARED mapping of the memfd at
         // its file offset, made in this process by vm-memory's
         // `MmapRegion::from_file` (vhost-user-backend's SET_MEM_TABLE);
         // `mapping` keeps it mapped until after the client drops
         // (`Attachment`), and vm-memory never remaps a region.
+        // SAFETY: the mappings meet attach_second_mapper's contract
+        // (argued above).
         let client =
             unsafe { ServiceClient::attach_second_mapper(socket, first.file().as_fd(), &regions) }
                 .map_err(std::io::Error::other)?;

@@ -305,13 +305,15 @@ impl KvmVm {
         // other (regions of one memory do not: checked by `GuestMemory`;
         // one slot per region: `resolve`; KVM refuses an added region
         // overlapping a slot).
-        // SAFETY: the slot stays registered at most as long as its entry
-        // in the table, which holds the region: an entry leaves the table
+        // The slot stays registered at most as long as its entry in the
+        // table, which holds the region: an entry leaves the table
         // only after its slot is deleted (`remove_slot`, `Drop`), or is
         // leaked if KVM refuses the delete; a VM pagefold created closes
         // its fd in `Drop` after deleting the slots of added regions (its
         // vCPUs hold the memory it was made with); the VMM touches none of
         // them (`adopt`'s contract).
+        // SAFETY: the region outlives the slot (argued above); slots
+        // do not overlap.
         unsafe { slot::register(vm, &s, self.dirty.logs()) }?;
         match self.dirty.track(vm, s.clone(), vcpus_may_run) {
             Ok(logged) => {

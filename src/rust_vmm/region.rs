@@ -81,11 +81,13 @@ impl GuestMemoryRegion for GuestRegion {
         if end as u64 > self.size() {
             return Err(out_of_bounds(end));
         }
-        // SAFETY: `[off, off + count)` lies inside the region's mapping
+        // `[off, off + count)` lies inside the region's mapping
         // (checked above), which lives as long as `self`, and so as long as
         // the slice borrowing it. Every other access to guest memory is
         // volatile or a raw copy (vCPUs, pagefold's accessors), never a
         // Rust reference, as `VolatileSlice` requires.
+        // SAFETY: in bounds of a mapping that outlives the slice, and
+        // only ever accessed volatile or raw (argued above).
         Ok(unsafe {
             VolatileSlice::with_bitmap(
                 self.ptr_at(offset.0),
