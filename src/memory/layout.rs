@@ -5,7 +5,7 @@ use super::error::LayoutError;
 use crate::addr::{GuestPhysAddr, PageSize};
 
 /// Checks a layout; returns the region indices sorted by start address.
-pub(super) fn validate_layout(
+pub(crate) fn validate_layout(
     layout: &[(GuestPhysAddr, u64)],
     align: u64,
 ) -> Result<Vec<usize>, LayoutError> {

@@ -30,7 +30,7 @@ use bytemuck::Pod;
 pub use adopt::{AnonymousRegion, FileRegion, MappedFileRegion};
 pub use atomic::AtomicInt;
 pub use error::{AccessError, LayoutError, MemoryError};
-use layout::validate_layout;
+pub(crate) use layout::validate_layout;
 pub(crate) use page_state::Flags;
 pub use page_state::{PageCensus, PageKind, PageState};
 pub use region::{GuestRegion, RegionInfo};

@@ -75,38 +75,7 @@ impl Layout {
     /// Checks a layout as `GuestMemory` would (non-empty, 4 KiB aligned,
     /// no wrap, no overlap) and sorts it.
     pub(crate) fn new(regions: &[(GuestPhysAddr, u64)]) -> Result<Self, LayoutError> {
-        if regions.is_empty() {
-            return Err(LayoutError::NoRegions);
-        }
-        let align = PAGE_SIZE as u64;
-        for (index, &(start, size)) in regions.iter().enumerate() {
-            if size == 0 {
-                return Err(LayoutError::ZeroSize { index, start });
-            }
-            if start.0 % align != 0 || size % align != 0 {
-                return Err(LayoutError::Misaligned {
-                    index,
-                    start,
-                    size,
-                    align,
-                });
-            }
-            if start.checked_add(size).is_none() {
-                return Err(LayoutError::AddressOverflow { index, start, size });
-            }
-        }
-        let mut order: Vec<usize> = (0..regions.len()).collect();
-        order.sort_by_key(|&i| regions[i].0);
-        for pair in order.windows(2) {
-            let (a, b) = (regions[pair[0]], regions[pair[1]]);
-            if b.0 .0 < a.0 .0 + a.1 {
-                return Err(LayoutError::Overlap {
-                    first: pair[0],
-                    second: pair[1],
-                    at: b.0,
-                });
-            }
-        }
+        let order = crate::memory::validate_layout(regions, PAGE_SIZE as u64)?;
         let pfns = order
             .iter()
             .map(|&i| {
