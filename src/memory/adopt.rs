@@ -87,14 +87,9 @@ impl GuestMemory {
         for i in order {
             let r = regions[i];
             let frames = reserve(&store, r.size, r.file_offset)?;
-            let mapping = store.map(frames)?;
-            built.push(Arc::new(GuestRegion::from_parts(
-                &store,
-                r.guest_start,
-                r.size,
-                frames,
-                mapping,
-            )?));
+            built.push(region_over(&store, r.guest_start, r.size, frames, || {
+                Ok(store.map(frames)?)
+            })?);
         }
         Ok(Self::assemble(store, built, None))
     }
@@ -144,17 +139,12 @@ impl GuestMemory {
         for i in order {
             let r = regions[i];
             let frames = reserve(&store, r.size, r.file_offset)?;
-            // SAFETY: the caller guarantees the range is a live shared
-            // mapping of the file at these offsets that only pagefold
-            // changes while the memory lives; `/proc/self/maps` agreed.
-            let mapping = unsafe { adopt_mapping(r.host_addr, r.size)? };
-            built.push(Arc::new(GuestRegion::from_parts(
-                &store,
-                r.guest_start,
-                r.size,
-                frames,
-                mapping,
-            )?));
+            built.push(region_over(&store, r.guest_start, r.size, frames, || {
+                // SAFETY: the caller guarantees the range is a live shared
+                // mapping of the file at these offsets that only pagefold
+                // changes while the memory lives; `/proc/self/maps` agreed.
+                Ok(unsafe { adopt_mapping(r.host_addr, r.size)? })
+            })?);
         }
         Ok(Self::assemble(store, built, None))
     }
@@ -198,23 +188,12 @@ impl GuestMemory {
             // Frame numbers only: they name no memory, but each page's
             // state holds one, as for memory with a file.
             let frames = store.allocate(r.size >> PAGE_SHIFT)?;
-            // SAFETY: the caller guarantees the range is live anonymous
-            // memory that stays mapped, unchanged, while the memory lives;
-            // `/proc/self/maps` agreed.
-            let mapping = match unsafe { adopt_mapping(r.host_addr, r.size) } {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = store.free(frames);
-                    return Err(e.into());
-                }
-            };
-            built.push(Arc::new(GuestRegion::from_parts(
-                &store,
-                r.guest_start,
-                r.size,
-                frames,
-                mapping,
-            )?));
+            built.push(region_over(&store, r.guest_start, r.size, frames, || {
+                // SAFETY: the caller guarantees the range is live anonymous
+                // memory that stays mapped, unchanged, while the memory
+                // lives; `/proc/self/maps` agreed.
+                Ok(unsafe { adopt_mapping(r.host_addr, r.size)? })
+            })?);
         }
         Ok(Self::assemble(store, built, None))
     }
@@ -241,15 +220,37 @@ impl GuestRegion {
             &[(region.guest_start, region.size, region.file_offset)],
         )?;
         let frames = reserve(store, region.size, region.file_offset)?;
-        let mapping = store.map(frames)?;
-        Ok(Arc::new(GuestRegion::from_parts(
-            store,
-            region.guest_start,
-            region.size,
-            frames,
-            mapping,
-        )?))
+        region_over(store, region.guest_start, region.size, frames, || {
+            Ok(store.map(frames)?)
+        })
     }
+}
+
+/// The region of `size` bytes at `guest_start` over `frames` of `store`,
+/// mapped by `map`; if the mapping fails, the frames go back to the store
+/// (a VMM's run is given up, not punched), as `from_parts` does for its
+/// own failure.
+fn region_over(
+    store: &Arc<FrameStore>,
+    guest_start: GuestPhysAddr,
+    size: u64,
+    frames: FrameRange,
+    map: impl FnOnce() -> Result<HostMapping, MemoryError>,
+) -> Result<Arc<GuestRegion>, MemoryError> {
+    let mapping = match map() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = store.free(frames);
+            return Err(e);
+        }
+    };
+    Ok(Arc::new(GuestRegion::from_parts(
+        store,
+        guest_start,
+        size,
+        frames,
+        mapping,
+    )?))
 }
 
 /// Checks regions `(guest start, size, file offset)` of the file behind
