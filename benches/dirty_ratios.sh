@@ -20,27 +20,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-from=""
-strict=0
-extra=()
-while (($#)); do
-    case "$1" in
-        --from) from="${2:?--from needs a directory}"; shift 2 ;;
-        --strict) strict=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        --) shift; extra=("$@"); break ;;
-        *) echo "unknown argument $1" >&2; exit 2 ;;
-    esac
-done
-
-if [[ -z "$from" ]]; then
-    target_dir="${CARGO_TARGET_DIR:-target}"
-    from="$target_dir/dirty-ratios/$(date -u +%Y%m%dT%H%M%SZ)"
-    mkdir -p "$from"
-    from="$(cd "$from" && pwd)"
-    echo "criterion output: $from" >&2
-    CRITERION_HOME="$from" cargo bench --bench main -- 'harvest_16g|dirty_' "${extra[@]}" >&2
-fi
+. benches/ratio_run.sh
+ratio_run dirty-ratios 'harvest_16g|dirty_' 2,19p "$@"
 
 exec python3 - "$from" "$strict" <<'PY'
 import re, sys
