@@ -150,11 +150,7 @@ impl GuestMemory {
                 start: regions[index].start(),
             });
         }
-        let layout: Vec<(GuestPhysAddr, u64)> =
-            regions.iter().map(|r| (r.start(), r.size())).collect();
-        let order = validate_layout(&layout, PAGE_SIZE as u64)?;
-        let mut slots: Vec<Option<Arc<GuestRegion>>> = regions.into_iter().map(Some).collect();
-        let sorted = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        let sorted = sorted_regions(regions)?;
         Ok(Self::assemble(store, sorted, None))
     }
 
@@ -178,11 +174,7 @@ impl GuestMemory {
             });
         }
         regions.push(region);
-        let layout: Vec<(GuestPhysAddr, u64)> =
-            regions.iter().map(|r| (r.start(), r.size())).collect();
-        let order = validate_layout(&layout, PAGE_SIZE as u64)?;
-        let mut slots: Vec<Option<Arc<GuestRegion>>> = regions.into_iter().map(Some).collect();
-        let sorted = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        let sorted = sorted_regions(regions)?;
         Ok(Self::assemble(
             Arc::clone(&self.store),
             sorted,
@@ -755,6 +747,15 @@ impl GuestMemory {
             }
         }
     }
+}
+
+/// `regions` checked as a layout (no overlap, no wrap) and sorted by
+/// start address.
+fn sorted_regions(regions: Vec<Arc<GuestRegion>>) -> Result<Vec<Arc<GuestRegion>>, LayoutError> {
+    let layout: Vec<(GuestPhysAddr, u64)> = regions.iter().map(|r| (r.start(), r.size())).collect();
+    let order = validate_layout(&layout, PAGE_SIZE as u64)?;
+    let mut slots: Vec<Option<Arc<GuestRegion>>> = regions.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
 /// A load's ordering (and a failed compare-exchange's, which only loads)
