@@ -33,6 +33,7 @@ pub use error::{AccessError, LayoutError, MemoryError};
 pub(crate) use layout::validate_layout;
 pub(crate) use page_state::Flags;
 pub use page_state::{PageCensus, PageKind, PageState};
+use region::Claim;
 pub use region::{GuestRegion, RegionInfo};
 pub(crate) use released_data::ReleasedData;
 
@@ -239,22 +240,12 @@ impl GuestMemory {
     /// them. Claims are per region, so a memory made from another by
     /// hotplug cannot be registered twice through its shared regions.
     pub(crate) fn claim_for_dedup(&self) -> bool {
-        for (i, r) in self.regions.iter().enumerate() {
-            if !r.claim() {
-                for earlier in &self.regions[..i] {
-                    earlier.release_claim();
-                }
-                return false;
-            }
-        }
-        true
+        self.claim_all(Claim::Pages)
     }
 
     /// Ends a dedup host's ownership of every region.
     pub(crate) fn release_from_dedup(&self) {
-        for r in self.regions.iter() {
-            r.release_claim();
-        }
+        self.release_all(Claim::Pages);
     }
 
     /// Marks every region as being migrated (one `Sender` at a time: each
@@ -262,10 +253,20 @@ impl GuestMemory {
     /// tracking); `false`, with nothing claimed, if a sender holds any of
     /// them, through this memory or another sharing its regions.
     pub(crate) fn claim_for_migration(&self) -> bool {
+        self.claim_all(Claim::Migration)
+    }
+
+    /// Ends a sender's migration.
+    pub(crate) fn release_from_migration(&self) {
+        self.release_all(Claim::Migration);
+    }
+
+    /// Claims `kind` of every region, or of none.
+    fn claim_all(&self, kind: Claim) -> bool {
         for (i, r) in self.regions.iter().enumerate() {
-            if !r.claim_migration() {
+            if !r.claim(kind) {
                 for earlier in &self.regions[..i] {
-                    earlier.release_migration();
+                    earlier.release_claim(kind);
                 }
                 return false;
             }
@@ -273,10 +274,9 @@ impl GuestMemory {
         true
     }
 
-    /// Ends a sender's migration.
-    pub(crate) fn release_from_migration(&self) {
+    fn release_all(&self, kind: Claim) {
         for r in self.regions.iter() {
-            r.release_migration();
+            r.release_claim(kind);
         }
     }
 

@@ -41,6 +41,16 @@ pub struct RegionInfo {
     pub file_offset: u64,
 }
 
+/// What holds a region, at most one holder of each.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Claim {
+    /// A dedup host or a raw-write tracker: both register the region's
+    /// pages with a userfaultfd.
+    Pages = 0,
+    /// A migration sender.
+    Migration = 1,
+}
+
 /// A guest-physical region of [`GuestMemory`](super::GuestMemory).
 #[derive(Debug)]
 pub struct GuestRegion {
@@ -68,11 +78,8 @@ pub struct GuestRegion {
     /// holding memory again by a read (each counts as deflated; see
     /// `crate::balloon`).
     balloon_taken: std::sync::atomic::AtomicU64,
-    /// Owned by a dedup host or a raw-write tracker (at most one: both
-    /// register the region's pages with a userfaultfd).
-    claimed: AtomicBool,
-    /// A migration sender runs over the region (at most one).
-    migrating: AtomicBool,
+    /// Who holds the region, one holder per [`Claim`].
+    claims: [AtomicBool; 2],
     /// The region's file and offset as vm-memory hands them to devices
     /// (`GuestMemoryRegion::file_offset`, what a vhost-user frontend sends):
     /// made on first use from a duplicate of the store's descriptor.
@@ -131,8 +138,7 @@ impl GuestRegion {
             protection: std::sync::Mutex::new(()),
             dirty: super::RegionLog::new(page_count),
             balloon_taken: std::sync::atomic::AtomicU64::new(0),
-            claimed: AtomicBool::new(false),
-            migrating: AtomicBool::new(false),
+            claims: [AtomicBool::new(false), AtomicBool::new(false)],
             #[cfg(feature = "vm-memory")]
             vmm_file: std::sync::OnceLock::new(),
             store: Arc::clone(store),
@@ -586,25 +592,14 @@ impl GuestRegion {
         &self.store
     }
 
-    /// Claims the region for a dedup host or a raw-write tracker; `false`
-    /// if one holds it already.
-    pub(super) fn claim(&self) -> bool {
-        !self.claimed.swap(true, Ordering::AcqRel)
-    }
-
-    /// Claims the region for a migration sender; `false` if one has it.
-    pub(super) fn claim_migration(&self) -> bool {
-        !self.migrating.swap(true, Ordering::AcqRel)
-    }
-
-    /// Ends a [`claim_migration`](Self::claim_migration).
-    pub(super) fn release_migration(&self) {
-        self.migrating.store(false, Ordering::Release);
+    /// Claims the region for a holder of `kind`; `false` if one has it.
+    pub(super) fn claim(&self, kind: Claim) -> bool {
+        !self.claims[kind as usize].swap(true, Ordering::AcqRel)
     }
 
     /// Ends a [`claim`](Self::claim).
-    pub(super) fn release_claim(&self) {
-        self.claimed.store(false, Ordering::Release);
+    pub(super) fn release_claim(&self, kind: Claim) {
+        self.claims[kind as usize].store(false, Ordering::Release);
     }
 
     /// Host address of page `page`'s first byte.
