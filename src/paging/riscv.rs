@@ -40,6 +40,9 @@
 //!   lowest priority: [`FaultReason::AddressTooWide`] at the leaf's
 //!   level). With Svadu the engine sets A (and D on a store) by
 //!   compare-exchange on a walk that does not fault (`with_accessed`).
+//!   Hardware sets A/D (step 7) before the access that then meets the
+//!   physical-address width; here a faulting walk writes nothing, so that
+//!   access fault leaves A/D as they were.
 //!
 //! `first_stage_trap` and `g_stage_trap` turn the engine's stop into
 //! the architectural trap. For a G-stage walk made for a VS-stage table
@@ -1414,6 +1417,53 @@ mod tests {
         let s = walk(&fmt, &t.mem, 0x1000, sup(AccessKind::Read), false).unwrap_err();
         assert_eq!(s.level, 2);
         assert!(matches!(s.reason, FaultReason::Unbacked { .. }));
+    }
+
+    /// An A/D update due on read-only memory (a saved image) stops the
+    /// walk with `ReadOnlyTable`, which no trap describes; a walk that
+    /// writes nothing still translates.
+    #[test]
+    fn read_only_memory() {
+        let mut img = vec![0u8; 0x3000];
+        let put = |img: &mut [u8], at: usize, v: u64| {
+            img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        // Sv39: root at 0x0, level-2 table at 0x1000, PTEs at 0x2000.
+        put(&mut img, 0, ptr(0x1000));
+        put(&mut img, 0x1000, ptr(0x2000));
+        put(&mut img, 0x2000 + 5 * 8, leaf(0x7000, R | W));
+        let mem = crate::paging::PhysImage::new(GuestPhysAddr(0), &img);
+        let fmt = first(RiscvPaging {
+            adue: true,
+            ..RiscvPaging::new(RiscvMode::Sv39, 0)
+        });
+        let check = |set_ad| {
+            fmt.check_input(0x5123).unwrap();
+            let mut port = DirectPort { mem: &mem, refs: 0 };
+            let start = Start {
+                level: 3,
+                table: 0,
+                acc: 0,
+            };
+            engine::walk(
+                &fmt,
+                &mut port,
+                0x5123,
+                sup(AccessKind::Write),
+                false,
+                set_ad,
+                start,
+            )
+        };
+        let w = check(false).unwrap();
+        assert_eq!(pa_of(&w, 0x5123), 0x7123);
+        match check(true) {
+            Err(Fail::Stop(s)) => {
+                assert_eq!((s.level, s.reason), (1, FaultReason::ReadOnlyTable));
+                assert_eq!(first_stage_trap(&s, 0x5123, AccessKind::Write, false), None);
+            }
+            r => panic!("{r:?}"),
+        }
     }
 
     // ---- The reference model ----------------------------------------
