@@ -13,8 +13,8 @@ use std::ffi::{c_int, c_void};
 
 use pagefold::paging::{
     Aarch64Paging, Access, AccessKind, ArchAttributes, EptConfig, FaultCode, FaultReason, Mapping,
-    NptConfig, Privilege, SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions,
-    Walker, WalkerError, X86Paging,
+    NptConfig, Privilege, RiscvGStage, RiscvPaging, SecondLevel, Stage, Translation, WalkCache,
+    WalkFault, WalkOptions, Walker, WalkerError, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
@@ -103,6 +103,60 @@ pub struct pf_aarch64_paging {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_aarch64_paging {
     const NAME: &'static str = "pf_aarch64_paging";
+}
+
+/// `pf_riscv_paging.flags` / `pf_riscv_gstage.flags`: MXR (loads may read
+/// executable pages; for the VS stage, `vsstatus.MXR | sstatus.MXR`).
+pub const PF_RISCV_MXR: u32 = 1 << 0;
+/// `pf_riscv_paging.flags`: SUM (S-mode loads and stores may use U pages).
+pub const PF_RISCV_SUM: u32 = 1 << 1;
+/// Flags: Svadu in force (`menvcfg`/`henvcfg.ADUE`): the walk sets A and D.
+pub const PF_RISCV_ADUE: u32 = 1 << 2;
+/// Flags: Svpbmt in force (`menvcfg`/`henvcfg.PBMTE`).
+pub const PF_RISCV_PBMTE: u32 = 1 << 3;
+/// Flags: Svnapot implemented (64 KiB NAPOT pages).
+pub const PF_RISCV_SVNAPOT: u32 = 1 << 4;
+
+/// A RISC-V guest's first stage: `satp` (or `vsatp`) and the status and
+/// extension bits the walk reads. Size-prefixed: set `struct_size` to
+/// `sizeof(pf_riscv_paging)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_riscv_paging {
+    /// `sizeof(pf_riscv_paging)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// `satp`/`vsatp`: MODE (Bare, Sv39, Sv48, Sv57), ASID, root PPN.
+    pub satp: u64,
+    /// `PF_RISCV_*` flags.
+    pub flags: u32,
+    /// The physical-address width in bits (32..=56); 0 means 56.
+    pub pa_bits: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_riscv_paging {
+    const NAME: &'static str = "pf_riscv_paging";
+}
+
+/// A RISC-V G stage: `hgatp` and the bits the walk reads. Size-prefixed:
+/// set `struct_size` to `sizeof(pf_riscv_gstage)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_riscv_gstage {
+    /// `sizeof(pf_riscv_gstage)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// `hgatp`: MODE (Bare, Sv39x4, Sv48x4, Sv57x4), VMID, root PPN.
+    pub hgatp: u64,
+    /// `PF_RISCV_*` flags but `PF_RISCV_SUM` (`PF_RISCV_MXR` is the
+    /// HS-level `sstatus.MXR`).
+    pub flags: u32,
+    /// The physical-address width in bits (32..=56); 0 means 56.
+    pub pa_bits: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_riscv_gstage {
+    const NAME: &'static str = "pf_riscv_gstage";
 }
 
 /// `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
@@ -210,7 +264,8 @@ pub struct pf_translation {
     /// The architecture's own leaf attributes: for AArch64, bits 7:0 the
     /// MAIR_EL1 byte the descriptor selects, 10:8 AttrIndx, 12:11
     /// shareability, 14:13 `AP[2:1]`, 15 nG, 16 DBM, 17 the contiguous
-    /// hint, 18 NS; 0 for x86.
+    /// hint, 18 NS; for RISC-V, bits 1:0 PBMT, 2 N (NAPOT), 3 G, 4 A, 5 D,
+    /// 7:6 RSW; 0 for x86.
     pub arch_attributes: u64,
 }
 
@@ -237,6 +292,10 @@ pub const PF_FAULT_EMULATION: u32 = 6;
 /// is its ESR_EL1 (the fault status code with the lookup level in bits
 /// 5:0); FAR_EL1 is `va`.
 pub const PF_FAULT_AARCH64_ABORT: u32 = 7;
+/// `pf_walk_fault.code_kind`: a RISC-V trap; `code` is the exception code
+/// (12/13/15 page fault, 20/21/23 guest-page fault, 1/5/7 access fault),
+/// `stval` is `va`, and `htval`, `htinst`, `gva` are filled.
+pub const PF_FAULT_RISCV_TRAP: u32 = 8;
 
 /// `pf_walk_fault.reason` values.
 pub const PF_REASON_NOT_PRESENT: u32 = 1;
@@ -297,6 +356,18 @@ pub struct pf_walk_fault {
     pub level: u32,
     /// 1 when `entry_addr`/`entry` are set.
     pub has_entry: u32,
+    /// `PF_FAULT_RISCV_TRAP`: `htval` (the guest-physical address >> 2 of
+    /// a guest-page fault, 0 otherwise). 0 for other kinds.
+    pub htval: u64,
+    /// `PF_FAULT_RISCV_TRAP`: `htinst` (the pseudoinstruction of a
+    /// guest-page fault on an implicit VS-stage page-table access, 0
+    /// otherwise). 0 for other kinds.
+    pub htinst: u64,
+    /// `PF_FAULT_RISCV_TRAP`: `hstatus.GVA` (1: `va` is a guest virtual
+    /// address). 0 for other kinds.
+    pub gva: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -445,6 +516,14 @@ fn translation_out(t: &Translation) -> pf_translation {
 /// `pf_translation.arch_attributes` and `pf_mapping.arch_attributes`.
 fn arch_bits(a: &ArchAttributes) -> u64 {
     match a {
+        ArchAttributes::Riscv(r) => {
+            u64::from(r.pbmt)
+                | u64::from(r.napot) << 2
+                | u64::from(r.global) << 3
+                | u64::from(r.accessed) << 4
+                | u64::from(r.dirty) << 5
+                | u64::from(r.rsw) << 6
+        }
         ArchAttributes::Aarch64(a) => {
             u64::from(a.memory_attr)
                 | u64::from(a.attr_index) << 8
@@ -460,6 +539,10 @@ fn arch_bits(a: &ArchAttributes) -> u64 {
 }
 
 fn fault_value(f: &WalkFault) -> pf_walk_fault {
+    let riscv = match f.code {
+        FaultCode::Riscv(t) => Some(t),
+        _ => None,
+    };
     let (code_kind, code) = match f.code {
         FaultCode::PageFault { error_code } => (PF_FAULT_PAGE_FAULT, u64::from(error_code)),
         FaultCode::GeneralProtection => (PF_FAULT_GENERAL_PROTECTION, 0),
@@ -467,6 +550,7 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultCode::EptMisconfig => (PF_FAULT_EPT_MISCONFIG, 0),
         FaultCode::NestedPageFault { exit_info1 } => (PF_FAULT_NESTED_PAGE_FAULT, exit_info1),
         FaultCode::Aarch64Abort { esr } => (PF_FAULT_AARCH64_ABORT, esr),
+        FaultCode::Riscv(t) => (PF_FAULT_RISCV_TRAP, u64::from(t.cause)),
         FaultCode::Emulation => (PF_FAULT_EMULATION, 0),
     };
     let (reason, detail) = match f.reason {
@@ -500,6 +584,10 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         guest_table_level,
         level: u32::from(f.level),
         has_entry: u32::from(f.entry.is_some()),
+        htval: riscv.map_or(0, |t| t.htval),
+        htinst: riscv.map_or(0, |t| t.htinst),
+        gva: u32::from(riscv.is_some_and(|t| t.gva)),
+        reserved: 0,
     }
 }
 
@@ -674,6 +762,73 @@ pub unsafe extern "C" fn pf_walker_new_aarch64(
             pan: p.flags & PF_AARCH64_PAN != 0,
             pa_bits,
         })?;
+        out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
+        Ok(())
+    }
+}
+
+/// A physical-address width from the C ABI (0: the default).
+fn riscv_pa_bits(b: u32) -> Result<u8, Error> {
+    match b {
+        0 => Ok(56),
+        b => u8::try_from(b).map_err(|_| Error::invalid(format!("pa_bits {b} is outside 32..=56"))),
+    }
+}
+
+/// Makes a walker for a RISC-V guest's first stage from `satp` (or
+/// `vsatp`), with the G stage `hgatp` below it when `second` is not NULL.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+/// `PF_ERR_INVALID_ARGUMENT` (a reserved MODE, a root above the
+/// physical-address width, hgatp bits that must be zero, a width outside
+/// 32..=56, an unknown flag; the message names the register and field).
+///
+/// # Safety
+///
+/// - `paging` is NULL or points to a `pf_riscv_paging` whose
+///   `struct_size` bytes are readable; `second` is NULL or likewise a
+///   `pf_riscv_gstage`.
+/// - `out_walker` is NULL or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn pf_walker_new_riscv64(
+    paging: *const pf_riscv_paging,
+    second: *const pf_riscv_gstage,
+    out_walker: *mut *mut pf_walker,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: NULL or readable for `struct_size` bytes (contract).
+        let p = unsafe { args::read_sized(paging, "paging") }?;
+        // SAFETY: NULL or writable for a pointer (contract).
+        let out = unsafe { args::out(out_walker, "out_walker") }?;
+        const ALL: u32 = PF_RISCV_MXR | PF_RISCV_SUM | PF_RISCV_ADUE | PF_RISCV_PBMTE | PF_RISCV_SVNAPOT;
+        if p.flags & !ALL != 0 {
+            return Err(Error::invalid(format!("unknown pf_riscv_paging flags {:#x}", p.flags)));
+        }
+        let on = |flags: u32, f: u32| flags & f != 0;
+        let mut w = Walker::new(RiscvPaging {
+            satp: p.satp,
+            sum: on(p.flags, PF_RISCV_SUM),
+            mxr: on(p.flags, PF_RISCV_MXR),
+            adue: on(p.flags, PF_RISCV_ADUE),
+            pbmte: on(p.flags, PF_RISCV_PBMTE),
+            svnapot: on(p.flags, PF_RISCV_SVNAPOT),
+            pa_bits: riscv_pa_bits(p.pa_bits)?,
+        })?;
+        if !second.is_null() {
+            // SAFETY: not NULL; readable for `struct_size` bytes (contract).
+            let g = unsafe { args::read_sized(second, "second") }?;
+            if g.flags & !(ALL & !PF_RISCV_SUM) != 0 {
+                return Err(Error::invalid(format!("unknown pf_riscv_gstage flags {:#x}", g.flags)));
+            }
+            w = w.with_second_level(SecondLevel::Riscv(RiscvGStage {
+                hgatp: g.hgatp,
+                mxr: on(g.flags, PF_RISCV_MXR),
+                adue: on(g.flags, PF_RISCV_ADUE),
+                pbmte: on(g.flags, PF_RISCV_PBMTE),
+                svnapot: on(g.flags, PF_RISCV_SVNAPOT),
+                pa_bits: riscv_pa_bits(g.pa_bits)?,
+            }))?;
+        }
         out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
         Ok(())
     }

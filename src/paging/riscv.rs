@@ -59,13 +59,9 @@
 //! the H extension's "Two-Stage Address Translation" and "Transformed
 //! Instruction or Pseudoinstruction for mtinst or htinst".
 
-// The formats and trap functions are crate-private parts for `Walker`'s
-// RISC-V first level and `Second`'s G stage, which are wired in their own
-// files; until then only the tests below use them.
-#![cfg_attr(not(test), allow(dead_code))]
-
 pub mod regs;
 
+pub use super::fault::RiscvTrap;
 use super::{
     engine::Stop,
     fault::FaultReason,
@@ -154,16 +150,6 @@ impl SvFormat {
             svnapot: regs.svnapot,
             ppn_excess: excess_mask(regs.pa_bits),
         }))
-    }
-
-    /// Whether this is a G-stage format.
-    pub(crate) fn is_g_stage(&self) -> bool {
-        self.g_stage
-    }
-
-    /// Whether Svadu is in force (the walk sets A and D).
-    pub(crate) fn adue(&self) -> bool {
-        self.adue
     }
 
     /// Width of the addresses this stage translates: 39/48/57 bits, two
@@ -406,73 +392,6 @@ pub(crate) fn attributes(leaf: u64) -> RiscvAttributes {
     }
 }
 
-/// The trap a RISC-V hart takes for a failed translation: what a VMM
-/// writes into `scause`/`stval` (or `vscause`/`vstval` for a trap it
-/// delegates to the guest) and, for a trap into HS-mode, `htval`,
-/// `htinst` and `hstatus.GVA`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RiscvTrap {
-    /// The exception code (`scause` without the interrupt bit): one of the
-    /// constants below.
-    pub cause: u8,
-    /// `stval`: the faulting virtual address (guest-virtual for a guest).
-    pub tval: u64,
-    /// `htval` (`mtval2`): the faulting guest-physical address shifted
-    /// right by 2 for a guest-page fault (that of the VS-stage PTE for a
-    /// fault on an implicit page-table access); 0 for every other trap.
-    pub htval: u64,
-    /// `htinst` (`mtinst`): for a guest-page fault on an implicit access of
-    /// a VS-stage page table, [`RiscvTrap::PSEUDO_READ`] or
-    /// [`RiscvTrap::PSEUDO_WRITE`]; else 0 (no information: the trapping
-    /// instruction is not known here).
-    pub htinst: u64,
-    /// `hstatus.GVA` for a trap into HS-mode: `tval` is a guest virtual
-    /// address (a VS-stage or G-stage fault).
-    pub gva: bool,
-}
-
-impl RiscvTrap {
-    /// Instruction access fault.
-    pub const INSTRUCTION_ACCESS_FAULT: u8 = 1;
-    /// Load access fault.
-    pub const LOAD_ACCESS_FAULT: u8 = 5;
-    /// Store/AMO access fault.
-    pub const STORE_ACCESS_FAULT: u8 = 7;
-    /// Instruction page fault.
-    pub const INSTRUCTION_PAGE_FAULT: u8 = 12;
-    /// Load page fault.
-    pub const LOAD_PAGE_FAULT: u8 = 13;
-    /// Store/AMO page fault.
-    pub const STORE_PAGE_FAULT: u8 = 15;
-    /// Instruction guest-page fault.
-    pub const INSTRUCTION_GUEST_PAGE_FAULT: u8 = 20;
-    /// Load guest-page fault.
-    pub const LOAD_GUEST_PAGE_FAULT: u8 = 21;
-    /// Store/AMO guest-page fault.
-    pub const STORE_GUEST_PAGE_FAULT: u8 = 23;
-    /// `htinst` for a guest-page fault on a 64-bit read of a VS-stage PTE
-    /// (RV64).
-    pub const PSEUDO_READ: u64 = 0x0000_3000;
-    /// `htinst` for a guest-page fault on a 64-bit write of a VS-stage PTE
-    /// (an A/D update, RV64).
-    pub const PSEUDO_WRITE: u64 = 0x0000_3020;
-
-    /// Whether this is a page fault (12, 13, 15).
-    pub const fn is_page_fault(&self) -> bool {
-        matches!(self.cause, 12 | 13 | 15)
-    }
-
-    /// Whether this is a guest-page fault (20, 21, 23).
-    pub const fn is_guest_page_fault(&self) -> bool {
-        matches!(self.cause, 20 | 21 | 23)
-    }
-
-    /// Whether this is an access fault (1, 5, 7).
-    pub const fn is_access_fault(&self) -> bool {
-        matches!(self.cause, 1 | 5 | 7)
-    }
-}
-
 /// The exception code for a fault of `class` on an access of `kind`.
 const fn cause(kind: AccessKind, class: TrapClass) -> u8 {
     let (fetch, load, store) = match class {
@@ -533,6 +452,18 @@ pub(crate) fn first_stage_trap(
         htinst: 0,
         gva: virt,
     })
+}
+
+/// The access fault of an address at or above the physical-address width
+/// with translation off (`satp` Bare).
+pub(crate) fn bare_access_fault(va: u64, kind: AccessKind, virt: bool) -> RiscvTrap {
+    RiscvTrap {
+        cause: cause(kind, TrapClass::Access),
+        tval: va,
+        htval: 0,
+        htinst: 0,
+        gva: virt,
+    }
 }
 
 /// What a G-stage translation was made for, as its trap reports it.
@@ -730,8 +661,8 @@ mod tests {
                 };
                 let top = fmt.top_level();
                 assert_eq!(top, mode.levels());
-                assert_eq!(fmt.is_g_stage(), g);
-                assert!(!fmt.adue());
+                assert_eq!(fmt.g_stage, g);
+                assert!(!fmt.adue);
                 let flags = R | W | X | A | D | if g { U } else { 0 };
                 for level in 1..=top {
                     let k = u64::from(level);

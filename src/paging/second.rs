@@ -1,4 +1,5 @@
-//! The second level (Intel EPT, AMD NPT) as a stage of a walk: translating
+//! The second level (Intel EPT, AMD NPT, the RISC-V G stage) as a stage of
+//! a walk: translating
 //! one guest-physical address into the walker's memory, for a guest table
 //! (through [`NestedPort`], which makes the engine's loop hardware's
 //! two-dimensional walk) or for the final address of an access; the VM exit
@@ -15,6 +16,7 @@ use super::{
     fault::{FaultCode, FaultReason, Stage, WalkFault},
     format::Format,
     memory::PhysMemory,
+    riscv::{self, GStageSite, SvFormat},
     types::{Access, AccessKind, LeafAttributes, Permissions, Privilege, SecondOut},
     x86::X86Format,
 };
@@ -43,6 +45,19 @@ pub(crate) enum Second {
     Ept(EptFormat),
     /// AMD NPT: the x86-64 format under the nested CR3.
     Npt(X86Format),
+    /// The RISC-V G stage (Sv39x4, Sv48x4, Sv57x4) under `hgatp`.
+    Riscv(SvFormat),
+}
+
+/// Runs `$body` with `$f` bound to the second level's own format.
+macro_rules! each_second {
+    ($second:expr, $f:ident => $body:expr) => {
+        match $second {
+            Second::Ept($f) => $body,
+            Second::Npt($f) => $body,
+            Second::Riscv($f) => $body,
+        }
+    };
 }
 
 /// Where a second-level translation was needed, for its fault.
@@ -197,10 +212,7 @@ impl Second {
     #[inline]
     pub(crate) fn allows(&self, acc: u64, leaf: u64, kind: AccessKind, user_linear: bool) -> bool {
         let access = second_access(kind);
-        match self {
-            Second::Ept(f) => f.check(acc, leaf, access, user_linear).is_ok(),
-            Second::Npt(f) => f.check(acc, leaf, access, user_linear).is_ok(),
-        }
+        each_second!(self, f => f.check(acc, leaf, access, user_linear).is_ok())
     }
 
     /// The public report of a second-level output.
@@ -208,6 +220,15 @@ impl Second {
         let (permissions, attributes) = match self {
             Second::Ept(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
             Second::Npt(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
+            Second::Riscv(f) => {
+                let a = riscv::attributes(s.leaf);
+                let leaf = LeafAttributes {
+                    accessed: a.accessed,
+                    dirty: a.dirty,
+                    ..LeafAttributes::default()
+                };
+                (f.permissions(s.acc, s.leaf), leaf)
+            }
         };
         SecondTranslation {
             page_size: 1 << s.shift,
@@ -218,12 +239,14 @@ impl Second {
     }
 
     /// The access kind the second level checks for a guest page-table
-    /// access: a write where the hardware updates accessed/dirty flags
+    /// read: a write where the hardware updates accessed/dirty flags
     /// through it (EPT with A/D enabled; always for NPT, as the APM and
-    /// KVM's nested MMU do), else a read.
+    /// KVM's nested MMU do), else a read (the RISC-V G stage checks the
+    /// read of a VS-stage PTE as a load, its A/D update as a store).
     pub(crate) fn table_access_kind(&self) -> AccessKind {
         match self {
             Second::Ept(f) if !f.ad() => AccessKind::Read,
+            Second::Riscv(_) => AccessKind::Read,
             _ => AccessKind::Write,
         }
     }
@@ -256,30 +279,17 @@ impl Second {
         }
         let access = second_access(kind);
         let mut port = DirectPort { mem, refs: 0 };
-        let r = match self {
-            Second::Ept(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(
-                    f,
-                    &mut port,
-                    gpa,
-                    access,
-                    user_linear,
-                    set_ad,
-                    root_start(f),
-                )
-            }),
-            Second::Npt(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(
-                    f,
-                    &mut port,
-                    gpa,
-                    access,
-                    user_linear,
-                    set_ad,
-                    root_start(f),
-                )
-            }),
-        };
+        let r = each_second!(self, f => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
+            engine::walk(
+                f,
+                &mut port,
+                gpa,
+                access,
+                user_linear,
+                set_ad,
+                root_start(f),
+            )
+        }));
         *refs += port.refs;
         let w = r.map_err(|f| match f {
             Fail::Stop(s) => self.fault(gpa, kind, site, s),
@@ -311,6 +321,18 @@ impl Second {
             (Second::Ept(f), reason) => FaultCode::EptViolation {
                 qualification: ept_qualification(f, kind, site, reason, s.acc),
             },
+            (Second::Riscv(_), _) => {
+                // The G stage was checked as a load for the read of a
+                // VS-stage PTE and as a store for its A/D update; the trap
+                // names the original access.
+                let at = match (site.guest_table, kind) {
+                    (None, _) => GStageSite::Final,
+                    (Some(_), AccessKind::Write) => GStageSite::TableUpdate,
+                    (Some(_), _) => GStageSite::TableRead,
+                };
+                riscv::g_stage_trap(&s, site.va, gpa, site.access.kind, at)
+                    .map_or(FaultCode::Emulation, FaultCode::Riscv)
+            }
             (Second::Npt(f), reason) => {
                 let mut info = u64::from(f.error_code(reason, second_access(kind)));
                 info |= if site.guest_table.is_none() {

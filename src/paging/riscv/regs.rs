@@ -168,6 +168,11 @@ impl RiscvPaging {
         }
     }
 
+    /// The address-space identifier (`satp` bits 59:44).
+    pub const fn asid(&self) -> u16 {
+        ((self.satp >> 44) & 0xffff) as u16
+    }
+
     /// `satp` checked: `Ok(None)` for Bare (no translation), the scheme,
     /// ASID and root otherwise.
     pub fn decode(&self) -> Result<Option<Satp>, RiscvPagingError> {
