@@ -12,7 +12,8 @@
 
 use pagefold::paging::{
     aarch64::regs::{
-        SCTLR_M, SCTLR_WXN, TCR_EPD0, TCR_EPD1, TCR_HA, TCR_HD, TCR_HPD0, TCR_TBI0, TCR_TBID0,
+        SCTLR_M, SCTLR_WXN, TCR_DS, TCR_EPD0, TCR_EPD1, TCR_HA, TCR_HD, TCR_HPD0, TCR_TBI0,
+        TCR_TBID0,
     },
     Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64Walker, Access, AccessKind, Granule,
     Privilege, Ttbr, WalkOptions,
@@ -43,8 +44,8 @@ fn gshift(g: Granule) -> u32 {
 }
 
 /// Bit position of the lowest VA bit a level indexes.
-fn lshift(g: Granule, level: u8) -> u32 {
-    gshift(g) + (gshift(g) - 3) * (3 - u32::from(level))
+fn lshift(g: Granule, level: i8) -> u32 {
+    gshift(g) + (gshift(g) - 3) * (3 - level) as u32
 }
 
 /// Hand-built tables for one granule: a bump allocator of granule-sized
@@ -78,7 +79,7 @@ impl Tables {
         self.mem.write_obj(GuestPhysAddr(pa), v).unwrap();
     }
 
-    fn index(&self, txsz: u8, start: u8, level: u8, va: u64) -> u64 {
+    fn index(&self, txsz: u8, start: i8, level: i8, va: u64) -> u64 {
         let entries = if level == start {
             1u64 << (64 - u32::from(txsz) - lshift(self.g, level))
         } else {
@@ -90,7 +91,7 @@ impl Tables {
     /// Maps `va` with `leaf` at `level` under `root` (start level from
     /// `txsz`), making tables with `table_bits` on the way; returns the
     /// leaf's address.
-    fn map(&mut self, root: u64, txsz: u8, va: u64, level: u8, leaf: u64, table_bits: u64) -> u64 {
+    fn map(&mut self, root: u64, txsz: u8, va: u64, level: i8, leaf: u64, table_bits: u64) -> u64 {
         let start = self.g.start_level(txsz);
         let mut table = root;
         for l in start..level {
@@ -123,6 +124,8 @@ fn regs(g: Granule, t0sz: u8, t1sz: u8, root0: u64, root1: u64) -> Aarch64Paging
         mair: 0x0011_2233_4455_66ff,
         pan: false,
         pa_bits: 48,
+        lva: false,
+        lpa2: false,
     }
 }
 
@@ -160,7 +163,7 @@ fn every_granule_and_start_level_both_ttbrs() {
             t.map(r0, txsz, low, 3, leaf, 0);
             t.map(r1, txsz, va1(txsz, low), 3, leaf + page, 0);
             let w = Aarch64Walker::new(regs(g, txsz, txsz, r0, r1)).unwrap();
-            let levels = 4 - u32::from(g.start_level(txsz));
+            let levels = (4 - g.start_level(txsz)) as u32;
             for (va, ttbr, pa) in [
                 (low + 0x10, Ttbr::Ttbr0, 0x40_0000_0010),
                 (va1(txsz, low) + 0x10, Ttbr::Ttbr1, 0x40_0000_0010 + page),
@@ -191,7 +194,7 @@ fn every_granule_and_start_level_both_ttbrs() {
 #[test]
 fn blocks_where_allowed_and_faults_elsewhere() {
     for (g, ok, bad) in [
-        (Granule::K4, &[1u8, 2][..], &[0u8][..]),
+        (Granule::K4, &[1i8, 2][..], &[0i8][..]),
         (Granule::K16, &[2], &[0, 1]),
         (Granule::K64, &[2], &[1]),
     ] {
@@ -326,7 +329,7 @@ fn ranges_epd_and_tbi() {
 fn fault_kinds_codes_and_levels() {
     let g = Granule::K4;
     // Invalid at each level.
-    for level in 0..=3u8 {
+    for level in 0..=3i8 {
         let mut t = Tables::new(g);
         let r = t.alloc();
         let va = 0x0000_1234_5678_9000;
@@ -343,7 +346,7 @@ fn fault_kinds_codes_and_levels() {
             .translate(&t.mem, GuestVirtAddr(va), Access::write())
             .unwrap_err();
         assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, level));
-        assert_eq!(f.fsc(), Some(0b00_0100 | level));
+        assert_eq!(f.fsc(), Some(0b00_0100 | level as u8));
         assert_eq!(
             (f.entry_addr, f.entry),
             (Some(GuestPhysAddr(at)), Some(0xdead_0000))
@@ -351,7 +354,7 @@ fn fault_kinds_codes_and_levels() {
         // EL1 data abort, same EL, WnR.
         assert_eq!(
             f.esr_el1(),
-            Some(0x25 << 26 | 1 << 25 | 1 << 6 | u64::from(4 | level))
+            Some(0x25 << 26 | 1 << 25 | 1 << 6 | (4 | level as u64))
         );
     }
     // IPS = 32 bits: a table above 4 GiB, a leaf output above, a TTBR above.
@@ -421,7 +424,7 @@ fn fault_kinds_codes_and_levels() {
 
 fn fault_of(
     r: Result<pagefold::paging::Aarch64Translation, Aarch64Fault>,
-) -> Option<(Aarch64FaultKind, u8)> {
+) -> Option<(Aarch64FaultKind, i8)> {
     r.err().map(|f| (f.kind, f.level))
 }
 
@@ -699,12 +702,17 @@ struct Model {
     hd: bool,
     wxn: bool,
     pan: bool,
+    /// TCR_EL1.DS in effect (4/16 KiB): `OA[51:50]` in bits 9:8, address
+    /// bits up to 49, blocks one level higher.
+    ds: bool,
+    /// A 52-bit PA with 64 KiB: `OA[51:48]` in bits 15:12, level-1 blocks.
+    lpa: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Out {
-    Ok { pa: u64, level: u8, refs: u32 },
-    Fault { kind: &'static str, level: u8 },
+    Ok { pa: u64, level: i8, refs: u32 },
+    Fault { kind: &'static str, level: i8 },
 }
 
 fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> Out {
@@ -718,7 +726,7 @@ fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> 
     if (hi && top != all) || (!hi && top != 0) {
         return fault("translation", 0);
     }
-    if m.oa < 48 && m.root[r] >> m.oa != 0 {
+    if m.root[r] >> m.oa != 0 {
         return fault("address size", 0);
     }
     let stride = m.g - 3;
@@ -727,23 +735,33 @@ fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> 
     while m.g + stride * levels < ia {
         levels += 1;
     }
-    let start = 4 - levels as u8;
+    let start = 4 - levels as i8;
     let (mut no_el0, mut no_w, mut uxn_t, mut pxn_t) = (false, false, false, false);
     let mut table = m.root[r];
-    for (refs, level) in (1u32..).zip(start..=3u8) {
-        let sh = m.g + stride * u32::from(3 - level);
+    for (refs, level) in (1u32..).zip(start..=3i8) {
+        let sh = m.g + stride * (3 - level) as u32;
         let width = if level == start { ia - sh } else { stride };
         let idx = (va >> sh) & ((1u64 << width) - 1);
         let Ok(d) = mem.read_obj::<u64>(GuestPhysAddr(table + idx * 8)) else {
             return fault("unbacked", level);
         };
-        let addr_bits = |lo: u32| d & ((1u64 << 48) - 1) & !((1u64 << lo) - 1);
-        let too_wide = m.oa < 48 && addr_bits(m.oa) != 0;
+        let field = |lo: u32, hi: u32| d & ((1u64 << (hi + 1)) - 1) & !((1u64 << lo) - 1);
+        let addr_bits = |lo: u32| {
+            if m.ds {
+                field(lo, 49) | (((d >> 8) & 3) << 50)
+            } else if m.lpa {
+                field(lo, 47) | (((d >> 12) & 0xf) << 48)
+            } else {
+                field(lo, 47)
+            }
+        };
+        let too_wide = addr_bits(m.g) >> m.oa != 0;
         let is_table = d & 3 == 3 && level < 3;
         let is_page = d & 3 == 3 && level == 3;
         let block_ok = match m.g {
-            12 => level == 1 || level == 2,
-            _ => level == 2,
+            12 => level == 1 || level == 2 || (level == 0 && m.ds),
+            14 => level == 2 || (level == 1 && m.ds),
+            _ => level == 2 || (level == 1 && m.lpa),
         };
         let is_block = d & 3 == 1 && level < 3 && block_ok;
         if is_table {
@@ -858,18 +876,24 @@ proptest! {
     /// Random tables (pointers into a pool of tables, so loops and shared
     /// tables occur, and out of memory; random descriptor types,
     /// permission bits, AF, DBM and output addresses, some above the OA
-    /// size), random registers and probes: the walker agrees with the
-    /// model on every address, access and privilege, and never panics.
+    /// size, random bits where 52-bit layouts keep address bits), random
+    /// registers (half of them with a 52-bit PA, FEAT_LVA and TCR_EL1.DS,
+    /// so 52-bit VAs, level -1 and the 52-bit TTBR layout) and probes: the
+    /// walker agrees with the model on every address, access and
+    /// privilege, and never panics.
     #[test]
-    fn walker_matches_model(seed in 1u64.., gsel in 0u8..3, t0 in 16u8..=39, t1 in 16u8..=39,
-                            flags in 0u8..32, ips in prop::sample::select(vec![0u64, 2, 5])) {
+    fn walker_matches_model(seed in 1u64.., gsel in 0u8..3, t0 in 12u8..=39, t1 in 12u8..=39,
+                            flags in 0u8..32, ips in prop::sample::select(vec![0u64, 2, 5, 6]),
+                            wide in any::<bool>()) {
         let g = [Granule::K4, Granule::K16, Granule::K64][usize::from(gsel)];
+        let (t0, t1) = if wide { (t0, t1) } else { (t0.max(16), t1.max(16)) };
         let gs = g.shift();
         let mut rng = Rng(seed);
         let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap();
         let pool: Vec<u64> = (1..=6u64).map(|i| i << gs).collect();
         let entries = 1u64 << (gs - 3);
-        let bits_pool = [AP1, AP2, AF, DBM, PXN, UXN, PXN_T, UXN_T, APT0, APT1, CONT];
+        let bits_pool = [AP1, AP2, AF, DBM, PXN, UXN, PXN_T, UXN_T, APT0, APT1, CONT,
+                         1 << 8, 1 << 9, 1 << 13, 1 << 48, 1 << 49];
         for &tbl in &pool {
             for i in 0..entries {
                 let mut d = match rng.below(8) {
@@ -888,10 +912,16 @@ proptest! {
             }
         }
         let (ha, hd, wxn, pan) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 8 != 0);
-        let (r0, r1) = (pool[rng.below(6) as usize], pool[rng.below(6) as usize]);
+        let mut ttbr = || {
+            let base = pool[rng.below(6) as usize];
+            // BADDR[51:48] in bits 5:2 (52-bit layout), sometimes.
+            if wide && rng.below(4) == 0 { base | (rng.below(16) << 2) } else { base }
+        };
+        let (r0, r1) = (ttbr(), ttbr());
         let mut tcr = tcr(g, t0, t1, ips);
         if ha { tcr |= TCR_HA; }
         if hd { tcr |= TCR_HD; }
+        if wide { tcr |= TCR_DS; }
         let regs = Aarch64Paging {
             tcr,
             ttbr0: r0,
@@ -899,11 +929,22 @@ proptest! {
             sctlr: SCTLR_M | if wxn { SCTLR_WXN } else { 0 },
             mair: 0,
             pan,
-            pa_bits: 48,
+            pa_bits: if wide { 52 } else { 48 },
+            lva: wide,
+            lpa2: wide,
         };
         let w = Aarch64Walker::new(regs).unwrap();
-        let oa = match ips { 0 => 32, 2 => 40, _ => 48 };
-        let m = Model { g: gs, txsz: [u32::from(t0), u32::from(t1)], root: [r0, r1], oa, ha, hd: hd && ha, wxn, pan };
+        let oa = match (ips, wide) { (0, _) => 32, (2, _) => 40, (6, true) => 52, _ => 48 };
+        // With DS every base register has the 52-bit layout.
+        let root = |v: u64| if wide {
+            (v & 0x0000_ffff_ffff_ffc0) | (((v >> 2) & 0xf) << 48)
+        } else {
+            v & 0x0000_ffff_ffff_fffe
+        };
+        let m = Model {
+            g: gs, txsz: [u32::from(t0), u32::from(t1)], root: [root(r0), root(r1)], oa, ha,
+            hd: hd && ha, wxn, pan, ds: wide && g != Granule::K64, lpa: wide && g == Granule::K64,
+        };
         for _ in 0..256 {
             let mut va = rng.next();
             match rng.below(4) {
@@ -1020,6 +1061,8 @@ proptest! {
             mair: 0,
             pan,
             pa_bits,
+            lva: seed % 3 == 0,
+            lpa2: seed % 5 == 0,
         };
         if let Ok(w) = Aarch64Walker::new(regs) {
             for va in vas {
