@@ -144,16 +144,14 @@ impl Granule {
         let bits = 64u32
             .saturating_sub(txsz as u32)
             .saturating_sub(self.shift());
-        let levels = bits.div_ceil(self.stride());
         // One to five levels, so the result is -1..=3.
-        let levels = if levels == 0 {
-            1
-        } else if levels > 5 {
-            5
-        } else {
-            levels
-        };
-        4 - levels as i8
+        match bits.div_ceil(self.stride()) {
+            0 | 1 => 3,
+            2 => 2,
+            3 => 1,
+            4 => 0,
+            _ => -1,
+        }
     }
 
     /// log2 of the bytes one entry at architectural `level` maps.

@@ -123,8 +123,13 @@ impl Aarch64Stage2 {
         let ia = ipa_bits as u32;
         // Levels below the start table: it resolves up to stride + 4 bits.
         let rest = ia.saturating_sub(gs + stride + 4);
-        let below = rest.div_ceil(stride);
-        let start = 3 - if below > 4 { 4 } else { below as i8 };
+        let start: i8 = match rest.div_ceil(stride) {
+            0 => 3,
+            1 => 2,
+            2 => 1,
+            3 => 0,
+            _ => -1,
+        };
         let wide = ipa_bits > 48;
         let ds = wide && !matches!(granule, Granule::K64);
         let (sl0, sl2) = match (granule, start) {
@@ -771,5 +776,865 @@ impl Aarch64Stage2Walker {
                 None,
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: table fields are built from small known values.
+    #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+    use super::*;
+    use crate::paging::engine::Start;
+    use crate::paging::types::Privilege;
+    use crate::GuestMemory;
+
+    const MEM: u64 = 8 << 20;
+    const TABLE: u64 = 3; // also a level-3 page
+    const BLOCK: u64 = 1;
+    const RW: u64 = S2AP_R | S2AP_W;
+
+    /// Hand-built stage-2 tables for one granule: tables from 1 MiB up
+    /// (the first MiB is left for start tables, 16 concatenated 64 KiB
+    /// tables at most).
+    struct T {
+        mem: GuestMemory,
+        g: Granule,
+        next: u64,
+    }
+
+    impl T {
+        fn new(g: Granule) -> Self {
+            T {
+                mem: GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap(),
+                g,
+                next: 1 << 20,
+            }
+        }
+
+        fn alloc(&mut self) -> u64 {
+            let t = self.next;
+            self.next += 1 << self.g.shift();
+            t
+        }
+
+        fn rd(&self, pa: u64) -> u64 {
+            self.mem.read_obj(GuestPhysAddr(pa)).unwrap()
+        }
+
+        fn wr(&self, pa: u64, v: u64) {
+            self.mem.write_obj(GuestPhysAddr(pa), v).unwrap();
+        }
+
+        /// The index of `ipa` in its level-`level` table (the start table,
+        /// all its concatenated tables as one, at `start`).
+        fn index(&self, ia: u32, start: i8, level: i8, ipa: u64) -> u64 {
+            let shift = self.g.level_shift(level);
+            let width = if level == start {
+                ia - shift
+            } else {
+                self.g.stride()
+            };
+            (ipa >> shift) & ((1 << width) - 1)
+        }
+
+        /// Maps `ipa` with `leaf` at `level` under `root`; returns the
+        /// leaf's address.
+        fn map(&mut self, root: u64, ia: u32, start: i8, ipa: u64, level: i8, leaf: u64) -> u64 {
+            let mut table = root;
+            for l in start..level {
+                let at = table + 8 * self.index(ia, start, l, ipa);
+                let e = self.rd(at);
+                table = if e & 3 == 3 {
+                    e & bits(self.g.shift(), 47)
+                } else {
+                    let t = self.alloc();
+                    self.wr(at, t | TABLE);
+                    t
+                };
+            }
+            let at = table + 8 * self.index(ia, start, level, ipa);
+            self.wr(at, leaf);
+            at
+        }
+    }
+
+    /// VTCR_EL2 for a granule, T0SZ, SL0 and PS; FEAT_TTST so every SL0
+    /// is usable.
+    fn cfg(g: Granule, t0sz: u8, sl0: u64, ps: u64, vttbr: u64) -> Aarch64Stage2 {
+        Aarch64Stage2 {
+            vtcr: u64::from(t0sz) | (sl0 << 6) | (g.tg0() << 14) | (ps << 16),
+            vttbr,
+            pa_bits: 48,
+            xnx: false,
+            lpa2: false,
+            ttst: true,
+        }
+    }
+
+    type Walk = Result<(u64, u64, i8, u32), (Aarch64FaultKind, i8, Option<u64>)>;
+
+    /// One walk through the engine and a direct port, faults as
+    /// `S2Format::s2_fault` gives them: (output, page size, level,
+    /// references) or (kind, level, entry address).
+    fn walk(c: &Aarch64Stage2, mem: &GuestMemory, ipa: u64, access: Access, set_ad: bool) -> Walk {
+        let f = S2Format::new(c).unwrap();
+        if let Err(r) = f.check_input(ipa) {
+            let (k, l) = f.s2_fault(r, 0, None);
+            return Err((k, l, None));
+        }
+        let mut port = DirectPort { mem, refs: 0 };
+        let start = Start {
+            level: f.top_level(),
+            table: f.root(),
+            acc: f.acc_start(),
+        };
+        match engine::walk(&f, &mut port, ipa, access, false, set_ad, start) {
+            Ok(w) => Ok((
+                w.base | (ipa & ((1 << w.shift) - 1)),
+                1 << w.shift,
+                arch_level(w.leaf_level),
+                port.refs,
+            )),
+            Err(Fail::Stop(s)) => {
+                let (k, l) = f.s2_fault(s.reason, s.level, s.entry);
+                Err((k, l, s.entry_addr))
+            }
+            Err(Fail::Port(_)) => panic!("a direct port raises no port faults"),
+        }
+    }
+
+    fn fault(w: Walk) -> (Aarch64FaultKind, i8) {
+        let (k, l, _) = w.unwrap_err();
+        (k, l)
+    }
+
+    /// The start level each SL0 names, written from the VTCR_EL2
+    /// description (4 KiB: 0b11 with FEAT_TTST; 16 KiB 0b11 needs DS; 64
+    /// KiB 0b11 is reserved).
+    fn named_start(g: Granule, sl0: u64) -> Option<i8> {
+        match (g, sl0) {
+            (Granule::K4, 0) => Some(2),
+            (Granule::K4, 1) => Some(1),
+            (Granule::K4, 2) => Some(0),
+            (Granule::K4, _) => Some(3),
+            (_, 3) => None,
+            (_, s) => Some(3 - s as i8),
+        }
+    }
+
+    /// Every granule with every SL0 and every T0SZ: `decode` accepts
+    /// exactly the start levels that resolve the IPA size with one to 16
+    /// concatenated tables, and a walk of an IPA in the first, the second
+    /// and the last concatenated table maps, one reference per level; the
+    /// last table's entry is where concatenation puts it.
+    #[test]
+    fn every_granule_start_level_and_concatenation() {
+        let mut valid = 0;
+        for g in [Granule::K4, Granule::K16, Granule::K64] {
+            let (gs, stride) = (g.shift(), g.stride());
+            for sl0 in 0..4u64 {
+                for t0sz in 16..=48u8 {
+                    let ia = 64 - u32::from(t0sz);
+                    let c = cfg(g, t0sz, sl0, 0b101, 0);
+                    let start = named_start(g, sl0);
+                    let ok = start.is_some_and(|s| {
+                        let resolved = gs + stride * (3 - s) as u32;
+                        ia > resolved
+                            && ia <= resolved + stride + 4
+                            && t0sz <= if g == Granule::K64 { 47 } else { 48 }
+                    });
+                    let d = c.decode();
+                    assert_eq!(d.is_ok(), ok, "{g:?} sl0 {sl0} t0sz {t0sz}: {d:?}");
+                    let Ok(v) = d else {
+                        assert!(matches!(
+                            d,
+                            Err(Aarch64PagingError::StartLevel { .. }
+                                | Aarch64PagingError::TxSz { .. })
+                        ));
+                        continue;
+                    };
+                    valid += 1;
+                    let start = v.start_level;
+                    assert_eq!(Some(start), named_start(g, sl0));
+                    let single = gs + stride * (4 - start) as u32;
+                    let tables = 1u64 << ia.saturating_sub(single);
+                    assert_eq!(u64::from(v.concatenated), tables);
+                    let mut t = T::new(g);
+                    // The start tables at 0 (aligned to any size).
+                    let c = cfg(g, t0sz, sl0, 0b101, 0);
+                    let page = 1u64 << gs;
+                    let per_table = 1u64 << stride;
+                    let top = g.level_shift(start);
+                    let mut ipas = vec![page, (1u64 << ia) - page];
+                    if tables > 1 {
+                        // Index `per_table`: the second table's first entry.
+                        ipas.push(per_table << top);
+                    }
+                    // (A one-page IPA space has one page.)
+                    ipas.dedup();
+                    for (k, &ipa) in ipas.iter().enumerate() {
+                        let leaf = (0x7000_0000 + (k as u64) * page) | TABLE | AF | RW;
+                        t.map(0, ia, start, ipa, 3, leaf);
+                    }
+                    for (k, &ipa) in ipas.iter().enumerate() {
+                        let ctx = format!("{g:?} sl0 {sl0} t0sz {t0sz} ipa {ipa:#x}");
+                        let got = walk(&c, &t.mem, ipa + 8, Access::read(), false);
+                        let want = (0x7000_0008 + (k as u64) * page, page, 3, (4 - start) as u32);
+                        assert_eq!(got, Ok(want), "{ctx}");
+                    }
+                    // The last IPA's start entry is the last of the last
+                    // concatenated table.
+                    let entries = 1u64 << (ia - top);
+                    assert!(entries == tables * per_table || tables == 1);
+                    let last = 8 * (entries - 1);
+                    assert_eq!(last, 8 * t.index(ia, start, start, (1u64 << ia) - page));
+                    t.wr(last, 0);
+                    let got = walk(&c, &t.mem, (1u64 << ia) - page, Access::read(), false);
+                    assert_eq!(
+                        got,
+                        Err((Aarch64FaultKind::Translation, start, Some(last))),
+                        "{g:?} sl0 {sl0} t0sz {t0sz}"
+                    );
+                }
+            }
+        }
+        // 4 KiB: 2 + 16 + ..., enough to know the loops ran.
+        assert!(valid > 60, "{valid}");
+    }
+
+    /// Blocks where each granule allows them (4 KiB at levels 1 and 2, 16
+    /// and 64 KiB at level 2), translation faults elsewhere and for
+    /// level-3 0b01.
+    #[test]
+    fn blocks_where_allowed() {
+        // (granule, T0SZ, SL0, start, allowed, refused)
+        let cases = [
+            (Granule::K4, 16, 2, 0, &[1i8, 2][..], &[0i8][..]),
+            (Granule::K16, 16, 2, 1, &[2], &[1]),
+            (Granule::K64, 16, 2, 1, &[2], &[1]),
+        ];
+        for (g, t0sz, sl0, start, ok, bad) in cases {
+            let ia = 64 - u32::from(t0sz);
+            for &level in ok {
+                let mut t = T::new(g);
+                let size = 1u64 << g.level_shift(level);
+                let ipa = 3 * size;
+                t.map(
+                    0,
+                    ia,
+                    start,
+                    ipa,
+                    level,
+                    (5 * size) | BLOCK | AF | RW | CONTIGUOUS,
+                );
+                let c = cfg(g, t0sz, sl0, 0b101, 0);
+                let got = walk(&c, &t.mem, ipa + size - 8, Access::read(), false);
+                let refs = (level - start + 1) as u32;
+                assert_eq!(got, Ok((6 * size - 8, size, level, refs)), "{g:?} {level}");
+                let w = Aarch64Stage2Walker::new(c).unwrap();
+                let tr = w
+                    .translate(&t.mem, GuestPhysAddr(ipa), Access::read())
+                    .unwrap();
+                assert!(tr.attributes.contiguous);
+                assert_eq!((tr.level, tr.page_size), (level, size));
+            }
+            for &level in bad {
+                let mut t = T::new(g);
+                let ipa = 1u64 << g.level_shift(level);
+                let at = t.map(0, ia, start, ipa, level, BLOCK | AF | RW);
+                let c = cfg(g, t0sz, sl0, 0b101, 0);
+                let got = walk(&c, &t.mem, ipa, Access::read(), false);
+                assert_eq!(got, Err((Aarch64FaultKind::Translation, level, Some(at))));
+            }
+            let mut t = T::new(g);
+            t.map(0, ia, start, 0, 3, 0x10_0000 | BLOCK | AF | RW);
+            let c = cfg(g, t0sz, sl0, 0b101, 0);
+            let got = fault(walk(&c, &t.mem, 0, Access::read(), false));
+            assert_eq!(got, (Aarch64FaultKind::Translation, 3));
+        }
+    }
+
+    /// S2AP by read/write/fetch at EL0 and EL1, by every XN value, with and
+    /// without FEAT_XNX: a fetch needs no read permission; the reported
+    /// permissions agree.
+    #[test]
+    fn s2ap_and_xn_matrix() {
+        let g = Granule::K4;
+        let mut t = T::new(g);
+        let mut n = 0u64;
+        for s2ap in 0..4u64 {
+            for xn in 0..4u64 {
+                n += 1;
+                let ipa = n << 12;
+                t.map(
+                    0,
+                    40,
+                    1,
+                    ipa,
+                    3,
+                    0x90_0000 | TABLE | AF | (s2ap << 6) | (xn << 53),
+                );
+                for xnx in [false, true] {
+                    let mut c = cfg(g, 24, 1, 0b101, 0);
+                    c.xnx = xnx;
+                    // (EL1, EL0) execute: XNX's table, else XN[1] alone.
+                    let (x1, x0) = match (xnx, xn) {
+                        (false, 0 | 1) | (true, 0) => (true, true),
+                        (true, 1) => (false, true),
+                        (true, 3) => (true, false),
+                        _ => (false, false),
+                    };
+                    let (r, w) = (s2ap & 1 != 0, s2ap & 2 != 0);
+                    for (kind, el0, want) in [
+                        (AccessKind::Read, false, r),
+                        (AccessKind::Read, true, r),
+                        (AccessKind::Write, false, w),
+                        (AccessKind::Write, true, w),
+                        (AccessKind::Fetch, false, x1),
+                        (AccessKind::Fetch, true, x0),
+                    ] {
+                        let p = if el0 {
+                            Privilege::User
+                        } else {
+                            Privilege::Supervisor
+                        };
+                        let got = walk(&c, &t.mem, ipa, Access::new(kind, p), false);
+                        let ctx = format!("s2ap {s2ap:#b} xn {xn:#b} xnx {xnx} {kind:?} el0 {el0}");
+                        if want {
+                            assert!(got.is_ok(), "{ctx}: {got:?}");
+                        } else {
+                            assert_eq!(fault(got), (Aarch64FaultKind::Permission, 3), "{ctx}");
+                        }
+                    }
+                    let tr = Aarch64Stage2Walker::new(c).unwrap().translate(
+                        &t.mem,
+                        GuestPhysAddr(ipa),
+                        Access::read(),
+                    );
+                    if let Ok(tr) = tr {
+                        let p = tr.permissions;
+                        assert_eq!((p.read, p.write, p.execute, p.user_execute), (r, w, x1, x0));
+                        assert_eq!(
+                            (tr.attributes.s2ap, tr.attributes.xn),
+                            (s2ap as u8, xn as u8)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// AF clear: an access flag fault without HA (before the permission
+    /// check), allowed with HA, and set by the walk only when asked.
+    /// DBM: a write to a writable-clean page under HD (with HA) is allowed
+    /// and sets `S2AP[1]`; HD without HA, or no DBM, is a permission fault,
+    /// and a faulting walk writes nothing.
+    #[test]
+    fn access_flag_and_dirty_state() {
+        let g = Granule::K16;
+        let mut t = T::new(g);
+        // 36-bit IPA, start level 2 (SL0 = 1), read-only, no AF, DBM.
+        let leaf = 0x100_0000 | TABLE | S2AP_R | DBM | (0b1111 << 2);
+        let at = t.map(0, 36, 2, 0x4000, 3, leaf);
+        let base = cfg(g, 28, 1, 0b101, 0);
+        for a in [Access::read(), Access::write(), Access::fetch()] {
+            assert_eq!(
+                fault(walk(&base, &t.mem, 0x4000, a, true)),
+                (Aarch64FaultKind::AccessFlag, 3)
+            );
+        }
+        assert_eq!(t.rd(at), leaf);
+        let mut ha = base;
+        ha.vtcr |= VTCR_HA;
+        assert!(walk(&ha, &t.mem, 0x4000, Access::read(), false).is_ok());
+        assert_eq!(t.rd(at), leaf, "no update unless asked");
+        let got = walk(&ha, &t.mem, 0x4000, Access::read(), true).unwrap();
+        assert_eq!(got.3, 2 + 1, "two reads and one exchange");
+        assert_eq!(t.rd(at), leaf | AF);
+        // A write: no HD, a permission fault.
+        assert_eq!(
+            fault(walk(&ha, &t.mem, 0x4000, Access::write(), true)),
+            (Aarch64FaultKind::Permission, 3)
+        );
+        // HD without HA does nothing.
+        let mut hd_only = base;
+        hd_only.vtcr |= VTCR_HD;
+        assert!(!hd_only.decode().unwrap().hd);
+        assert_eq!(
+            fault(walk(&hd_only, &t.mem, 0x4000, Access::write(), true)),
+            (Aarch64FaultKind::Permission, 3)
+        );
+        let mut hd = ha;
+        hd.vtcr |= VTCR_HD;
+        assert!(walk(&hd, &t.mem, 0x4000, Access::write(), false).is_ok());
+        assert_eq!(t.rd(at), leaf | AF);
+        let w = Aarch64Stage2Walker::new(hd).unwrap();
+        let set = WalkOptions {
+            set_accessed_dirty: true,
+        };
+        let tr = w
+            .translate_with(&t.mem, GuestPhysAddr(0x4000), Access::write(), set)
+            .unwrap();
+        assert_eq!(t.rd(at), leaf | AF | S2AP_W);
+        assert_eq!(tr.attributes.s2ap, 0b11);
+        assert_eq!(tr.attributes.mem_attr, 0b1111);
+        assert!(tr.attributes.dbm && tr.attributes.accessed);
+        let f = S2Format::new(&hd).unwrap();
+        let la = f.leaf_attributes(t.rd(at));
+        assert!(la.accessed && la.dirty);
+        assert_eq!(la.memory_type, Some(0b1111));
+        // Without DBM, HD does not make the page writable.
+        t.wr(at, (leaf | AF) & !DBM);
+        assert_eq!(
+            fault(walk(&hd, &t.mem, 0x4000, Access::write(), true)),
+            (Aarch64FaultKind::Permission, 3)
+        );
+        assert_eq!(t.rd(at), (leaf | AF) & !DBM);
+        // An update into a read-only image is refused without a code.
+        t.wr(at, leaf);
+        let mut bytes = vec![0u8; 0x20_0000];
+        t.mem.read(GuestPhysAddr(0), &mut bytes).unwrap();
+        let image = crate::paging::PhysImage::new(GuestPhysAddr(0), &bytes);
+        let f = w
+            .translate_with(&image, GuestPhysAddr(0x4000), Access::read(), set)
+            .unwrap_err();
+        assert_eq!((f.kind, f.fsc()), (Aarch64FaultKind::ReadOnlyTable, None));
+    }
+
+    /// Output addresses above PS: the leaf's, a table's, and VTTBR_EL2's
+    /// (level 0, before any read); an IPA above the input size is a
+    /// level-0 translation fault; a table outside memory is `Unbacked`.
+    #[test]
+    fn sizes_and_unbacked_tables() {
+        let g = Granule::K4;
+        let mut t = T::new(g);
+        let at = t.map(0, 40, 1, 0x5000, 3, (1u64 << 40) | TABLE | AF | RW);
+        let ps32 = cfg(g, 24, 1, 0b000, 0);
+        let got = walk(&ps32, &t.mem, 0x5000, Access::read(), false);
+        assert_eq!(got, Err((Aarch64FaultKind::AddressSize, 3, Some(at))));
+        let ps48 = cfg(g, 24, 1, 0b101, 0);
+        assert_eq!(
+            walk(&ps48, &t.mem, 0x5000, Access::read(), false).map(|w| w.0),
+            Ok(1 << 40)
+        );
+        // PS above the implemented PA size behaves as that size.
+        // (A 36-bit IPA: an IPA wider than the PA is refused.)
+        let mut pa36 = cfg(g, 28, 1, 0b101, 0);
+        pa36.pa_bits = 36;
+        assert_eq!(pa36.decode().unwrap().oa_bits, 36);
+        assert_eq!(
+            fault(walk(&pa36, &t.mem, 0x5000, Access::read(), false)),
+            (Aarch64FaultKind::AddressSize, 3)
+        );
+        // A level-2 table descriptor pointing above 4 GiB.
+        let l2 = t.rd(0) & bits(12, 47);
+        t.wr(l2, t.rd(l2) | (1 << 36));
+        assert_eq!(
+            fault(walk(&ps32, &t.mem, 0x5000, Access::read(), false)),
+            (Aarch64FaultKind::AddressSize, 2)
+        );
+        // VTTBR_EL2 above 4 GiB: level 0, no entry read.
+        let high = cfg(g, 24, 1, 0b000, 1 << 33);
+        let w = Aarch64Stage2Walker::new(high).unwrap();
+        let f = w
+            .translate(&t.mem, GuestPhysAddr(0x5000), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.entry_addr, f.fsc()),
+            (Aarch64FaultKind::AddressSize, 0, None, Some(0))
+        );
+        // An IPA above 40 bits.
+        let f = Aarch64Stage2Walker::new(ps48)
+            .unwrap()
+            .translate(&t.mem, GuestPhysAddr(1 << 40), Access::write())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.entry, f.fsc()),
+            (Aarch64FaultKind::Translation, 0, None, Some(0b00_0100))
+        );
+        assert_eq!(
+            f.esr_el2(Stage2Access::Final),
+            Some(0x24 << 26 | 1 << 25 | 1 << 6 | 0b00_0100)
+        );
+        assert_eq!(f.hpfar_el2(), (1u64 << 28) << 4);
+        // A table outside memory: no architectural code.
+        let t = T::new(g);
+        t.wr(0, (1u64 << 40) | TABLE);
+        let got = walk(&ps48, &t.mem, 0x5000, Access::read(), false);
+        let (kind, level, _) = got.unwrap_err();
+        assert_eq!(
+            (kind, level),
+            (
+                Aarch64FaultKind::Unbacked {
+                    pa: GuestPhysAddr(1 << 40)
+                },
+                2
+            )
+        );
+        assert_eq!(
+            esr_el2(kind, level, AccessKind::Read, Stage2Access::Final),
+            None
+        );
+    }
+
+    /// Tables that point at themselves: the walk reads one entry a level
+    /// and ends, whatever it finds.
+    #[test]
+    fn cycles_are_bounded() {
+        let g = Granule::K4;
+        let t = T::new(g);
+        // The start table (level 0) maps itself as a table at every level;
+        // at level 3 the same entry is a page.
+        t.wr(0x1000, 0x1000 | TABLE | AF | RW);
+        let c = cfg(g, 16, 2, 0b101, 0x1000);
+        let got = walk(&c, &t.mem, 0x123, Access::read(), true);
+        assert_eq!(got, Ok((0x1123, 0x1000, 3, 4)));
+        // Two tables pointing at each other.
+        t.wr(0x1000, 0x2000 | TABLE | AF | RW);
+        t.wr(0x2000, 0x1000 | TABLE | AF | RW);
+        let got = walk(&c, &t.mem, 0x123, Access::read(), false);
+        assert_eq!(got, Ok((0x1123, 0x1000, 3, 4)));
+    }
+
+    /// 52-bit IPAs and OAs: 4 KiB with DS from level -1 (SL2), OA bits
+    /// 51:50 in descriptor bits 9:8 and shareability from VTCR_EL2.SH0; 16
+    /// KiB with DS from level 0 (SL0 = 0b11) and a level-1 block; 64 KiB
+    /// with FEAT_LPA, OA bits 51:48 in bits 15:12, a level-1 block and the
+    /// 52-bit VTTBR_EL2 layout; level -1 faults and their codes.
+    #[test]
+    fn fifty_two_bits() {
+        // 4 KiB, DS, T0SZ 12, start level -1: 16 entries at level -1.
+        let g = Granule::K4;
+        let mut t = T::new(g);
+        let ipa = (1u64 << 51) | (1 << 49) | 0x5000;
+        let pa = (3u64 << 50) | (1 << 49) | 0x1234_5000;
+        let leaf = (pa & bits(12, 49)) | (((pa >> 50) & 3) << 8) | TABLE | AF | RW;
+        t.map(0, 52, -1, ipa, 3, leaf);
+        let c = Aarch64Stage2::new(g, 52, 0);
+        let v = c.decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated, v.ds), (0, 16, true));
+        let mut c = c;
+        c.vtcr = (c.vtcr & !(3 << 6)) | VTCR_SL2 | (0b10 << 12);
+        let v = c.decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated, v.oa_bits), (-1, 1, 52));
+        let w = Aarch64Stage2Walker::new(c).unwrap();
+        let tr = w
+            .translate(&t.mem, GuestPhysAddr(ipa + 0x42), Access::read())
+            .unwrap();
+        assert_eq!(
+            (tr.pa, tr.level, tr.memory_refs),
+            (GuestPhysAddr(pa + 0x42), 3, 5)
+        );
+        assert_eq!(tr.attributes.shareability, 0b10);
+        // A 512 GiB block at level 0.
+        let mut t0 = T::new(g);
+        let big = 1u64 << 39;
+        t0.map(0, 52, -1, 7 * big, 0, (5 * big) | BLOCK | AF | RW);
+        assert_eq!(
+            walk(&c, &t0.mem, 7 * big + 9, Access::read(), false),
+            Ok((5 * big + 9, big, 0, 2))
+        );
+        // The level -1 entry knocked out: a level -1 translation fault.
+        let top = 8 * t.index(52, -1, -1, ipa);
+        let table = t.rd(top);
+        t.wr(top, 0);
+        let f = w
+            .translate(&t.mem, GuestPhysAddr(ipa), Access::fetch())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.fsc()),
+            (Aarch64FaultKind::Translation, -1, Some(0b10_1011))
+        );
+        assert_eq!(
+            f.esr_el2(Stage2Access::TableRead),
+            Some(0x20 << 26 | 1 << 25 | 1 << 7 | 0b10_1011)
+        );
+        // A level -1 table above a 48-bit PS: address size, level -1.
+        t.wr(top, table | (1 << 8));
+        let mut ps48 = c;
+        ps48.vtcr = (ps48.vtcr & !(7 << 16)) | (0b101 << 16);
+        let f = Aarch64Stage2Walker::new(ps48)
+            .unwrap()
+            .translate(&t.mem, GuestPhysAddr(ipa), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            (f.kind, f.level, f.fsc()),
+            (Aarch64FaultKind::AddressSize, -1, Some(0b10_1001))
+        );
+        // With DS, VTTBR_EL2 bits 5:2 are BADDR[51:48]: above 48 bits.
+        ps48.vttbr = 1 << 2;
+        let f = Aarch64Stage2Walker::new(ps48)
+            .unwrap()
+            .translate(&t.mem, GuestPhysAddr(ipa), Access::read())
+            .unwrap_err();
+        assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 0));
+
+        // 16 KiB, DS, T0SZ 12, SL0 = 0b11: level 0 with 32 entries; a
+        // 64 GiB block at level 1.
+        let g = Granule::K16;
+        let mut t = T::new(g);
+        let size = 1u64 << 36;
+        let ipa = (1u64 << 51) | (3 * size);
+        let out = (2u64 << 50) | (5 * size);
+        let leaf = (out & bits(14, 49)) | (((out >> 50) & 3) << 8) | BLOCK | AF | RW;
+        t.map(0, 52, 0, ipa, 1, leaf);
+        let mut c = Aarch64Stage2::new(g, 52, 0);
+        assert_eq!(c.vtcr & (3 << 6), 3 << 6);
+        assert_eq!(c.decode().unwrap().start_level, 0);
+        // Level 1 (SL0 = 0b10) cannot resolve 52 bits with 16 tables.
+        c.vtcr &= !(1 << 6);
+        assert!(matches!(
+            c.decode(),
+            Err(Aarch64PagingError::StartLevel { sl0: 2, .. })
+        ));
+        c.vtcr |= 3 << 6;
+        assert_eq!(
+            walk(&c, &t.mem, ipa + 1, Access::read(), false),
+            Ok((out + 1, size, 1, 2))
+        );
+        // Without DS the encoding is reserved.
+        c.vtcr &= !VTCR_DS;
+        assert!(matches!(c.decode(), Err(Aarch64PagingError::TxSz { .. })));
+        c.vtcr = (c.vtcr & !0x3f) | 16;
+        assert!(matches!(
+            c.decode(),
+            Err(Aarch64PagingError::StartLevel { .. })
+        ));
+
+        // 64 KiB, FEAT_LPA: T0SZ 12, level 1 (SL0 = 0b10), a 4 TiB block
+        // with OA[51:48] in bits 15:12; the table base in VTTBR bits 5:2.
+        let g = Granule::K64;
+        let mut t = T::new(g);
+        let size = 1u64 << 42;
+        let ipa = (1u64 << 51) | (3 * size);
+        let out = (0xau64 << 48) | (5 * size);
+        let leaf = (out & bits(16, 47)) | (((out >> 48) & 0xf) << 12) | BLOCK | AF | RW;
+        t.map(0, 52, 1, ipa, 1, leaf);
+        t.map(0, 52, 1, 3 * size, 1, leaf);
+        let c = Aarch64Stage2::new(g, 52, 0);
+        let v = c.decode().unwrap();
+        assert_eq!((v.start_level, v.oa_bits, v.ds), (1, 52, false));
+        assert_eq!(
+            walk(&c, &t.mem, ipa + 1, Access::read(), false),
+            Ok((out + 1, size, 1, 1))
+        );
+        // The same block under a 48-bit PS: its bits 15:12 are too wide.
+        let mut c48 = c;
+        c48.vtcr = (c48.vtcr & !(7 << 16)) | (0b101 << 16);
+        c48.vtcr = (c48.vtcr & !0x3f) | 16;
+        assert_eq!(
+            fault(walk(&c48, &t.mem, 3 * size, Access::read(), false)),
+            (Aarch64FaultKind::AddressSize, 1)
+        );
+        // Without FEAT_LPA, bits 15:12 are not address bits and a level-1
+        // block is a translation fault.
+        c48.pa_bits = 48;
+        assert_eq!(
+            fault(walk(&c48, &t.mem, 3 * size, Access::read(), false)),
+            (Aarch64FaultKind::Translation, 1)
+        );
+        let mut wide = c;
+        wide.vttbr = 0xf << 2;
+        let f = Aarch64Stage2Walker::new(wide)
+            .unwrap()
+            .translate(&t.mem, GuestPhysAddr(ipa), Access::read())
+            .unwrap_err();
+        assert_eq!(
+            f.kind,
+            Aarch64FaultKind::Unbacked {
+                pa: GuestPhysAddr((0xf << 48) + 8 * t.index(52, 1, 1, ipa))
+            }
+        );
+    }
+
+    /// Configurations without a defined walk are refused with the field
+    /// named.
+    #[test]
+    fn refuses_undefined_configurations() {
+        let ok = cfg(Granule::K4, 24, 1, 0b101, 0x2000);
+        assert!(ok.decode().is_ok());
+        assert_eq!(ok.decode().unwrap().concatenated, 2);
+        let bad = |f: fn(&mut Aarch64Stage2)| {
+            let mut c = ok;
+            f(&mut c);
+            c.decode().unwrap_err()
+        };
+        assert_eq!(
+            bad(|c| c.vtcr |= 1 << 38),
+            Aarch64PagingError::Unsupported {
+                field: "VTCR_EL2.D128"
+            }
+        );
+        assert_eq!(
+            bad(|c| c.vtcr |= VTCR_DS),
+            Aarch64PagingError::FeatureAbsent {
+                field: "VTCR_EL2.DS",
+                feature: "FEAT_LPA2"
+            }
+        );
+        assert_eq!(
+            bad(|c| c.vtcr |= VTCR_SL2),
+            Aarch64PagingError::Res0Field {
+                field: "VTCR_EL2.SL2"
+            }
+        );
+        assert!(matches!(
+            bad(|c| c.vtcr |= 3 << 14),
+            Aarch64PagingError::ReservedGranule {
+                field: "VTCR_EL2.TG0",
+                value: 3
+            }
+        ));
+        // An IPA wider than the PA size (T0SZ below 64 - 48).
+        assert!(matches!(
+            bad(|c| c.vtcr = (c.vtcr & !0x3f) | 15),
+            Aarch64PagingError::TxSz {
+                field: "VTCR_EL2.T0SZ",
+                value: 15,
+                min: 16,
+                max: 48
+            }
+        ));
+        // Above 39 without FEAT_TTST, and SL0 = 0b11 (level 3) with it off.
+        assert!(matches!(
+            bad(|c| {
+                c.ttst = false;
+                c.vtcr = (c.vtcr & !0x3f) | 40;
+            }),
+            Aarch64PagingError::TxSz { max: 39, .. }
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.ttst = false;
+                c.vtcr = (c.vtcr & !0xff) | 40 | (3 << 6);
+            }),
+            Aarch64PagingError::TxSz { .. }
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.ttst = false;
+                c.vtcr = (c.vtcr & !0xff) | 39 | (3 << 6);
+            }),
+            Aarch64PagingError::StartLevel { sl0: 3, .. }
+        ));
+        // Level 0 with 4 KiB needs a PA size of 44 bits or more.
+        assert!(matches!(
+            bad(|c| {
+                c.pa_bits = 40;
+                c.vtcr = (c.vtcr & !0xff) | 24 | (2 << 6);
+            }),
+            Aarch64PagingError::StartLevel { sl0: 2, .. }
+        ));
+        // 17 tables' worth: 41 bits from level 1 would need 4 tables, fine;
+        // 44 bits from level 1 would need 32.
+        assert!(matches!(
+            bad(|c| c.vtcr = (c.vtcr & !0x3f) | 20),
+            Aarch64PagingError::StartLevel { t0sz: 20, .. }
+        ));
+        // Two concatenated tables need an 8 KiB-aligned base.
+        assert_eq!(
+            bad(|c| c.vttbr = 0x1000),
+            Aarch64PagingError::MisalignedBase {
+                register: "VTTBR_EL2",
+                value: 0x1000,
+                align: 0x2000
+            }
+        );
+        assert_eq!(
+            bad(|c| c.pa_bits = 50),
+            Aarch64PagingError::PaBits { pa_bits: 50 }
+        );
+        // The VMID is not part of the base.
+        let mut c = ok;
+        c.vttbr |= 0x42 << 48 | 1;
+        assert!(c.decode().is_ok());
+        assert_eq!(c.vmid(), 0x42);
+    }
+
+    /// ESR_EL2 and HPFAR_EL2 as the register descriptions lay them out.
+    #[test]
+    fn syndromes() {
+        use Aarch64FaultKind as K;
+        let il = 1u64 << 25;
+        let dabt = 0x24u64 << 26 | il;
+        let iabt = 0x20u64 << 26 | il;
+        for (kind, level, access, site, want) in [
+            (
+                K::Translation,
+                2,
+                AccessKind::Write,
+                Stage2Access::Final,
+                Some(dabt | 1 << 6 | 0b00_0110),
+            ),
+            (
+                K::Translation,
+                2,
+                AccessKind::Read,
+                Stage2Access::Final,
+                Some(dabt | 0b00_0110),
+            ),
+            (
+                K::Permission,
+                3,
+                AccessKind::Write,
+                Stage2Access::TableRead,
+                Some(dabt | 1 << 7 | 0b00_1111),
+            ),
+            (
+                K::AccessFlag,
+                1,
+                AccessKind::Read,
+                Stage2Access::TableUpdate,
+                Some(dabt | 1 << 7 | 1 << 6 | 0b00_1001),
+            ),
+            (
+                K::AddressSize,
+                0,
+                AccessKind::Fetch,
+                Stage2Access::Final,
+                Some(iabt),
+            ),
+            (
+                K::Permission,
+                3,
+                AccessKind::Fetch,
+                Stage2Access::TableUpdate,
+                Some(iabt | 1 << 7 | 0b00_1111),
+            ),
+            (
+                K::Translation,
+                -1,
+                AccessKind::Read,
+                Stage2Access::Final,
+                Some(dabt | 0b10_1011),
+            ),
+            (
+                K::AddressSize,
+                -1,
+                AccessKind::Read,
+                Stage2Access::Final,
+                Some(dabt | 0b10_1001),
+            ),
+            (
+                K::Permission,
+                -1,
+                AccessKind::Read,
+                Stage2Access::Final,
+                None,
+            ),
+            (K::Contended, 2, AccessKind::Read, Stage2Access::Final, None),
+        ] {
+            assert_eq!(
+                esr_el2(kind, level, access, site),
+                want,
+                "{kind:?} {level} {access:?} {site:?}"
+            );
+        }
+        assert_eq!(
+            hpfar_el2(GuestPhysAddr(0x000f_1234_5678_9abc)),
+            0x0000_0f12_3456_7890
+        );
+        assert_eq!(hpfar_el2(GuestPhysAddr(0xfff)), 0);
     }
 }
