@@ -3,9 +3,10 @@
 //! where each granule allows them, every fault kind with its fault status
 //! code and level, the permission matrix (EL0/EL1 by read/write/fetch by
 //! AP, UXN, PXN, the table bits, PAN and WXN), the access flag and DBM with
-//! TCR_EL1.HA/HD on and off, MAIR attributes; then a property test against
-//! a small reference model written here from the Arm ARM, on random
-//! (garbage) tables.
+//! TCR_EL1.HA/HD on and off, MAIR attributes, 52-bit addresses (FEAT_LPA
+//! with 64 KiB, FEAT_LPA2 with 4 KiB from level -1 and with 16 KiB); then a
+//! property test against a small reference model written here from the Arm
+//! ARM, on random (garbage) tables, with and without 52-bit layouts.
 
 // Test code: table fields are built from small known values.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -1073,4 +1074,219 @@ proptest! {
             }
         }
     }
+}
+
+/// Registers for 52-bit addresses: a 52-bit PA (FEAT_LPA), FEAT_LVA and
+/// FEAT_LPA2, IPS 52 bits, TCR_EL1.DS when `ds`.
+fn regs52(g: Granule, t0sz: u8, t1sz: u8, root0: u64, root1: u64, ds: bool) -> Aarch64Paging {
+    let mut r = regs(g, t0sz, t1sz, root0, root1);
+    r.tcr = tcr(g, t0sz, t1sz, 0b110) | if ds { TCR_DS } else { 0 };
+    r.pa_bits = 52;
+    r.lva = true;
+    r.lpa2 = true;
+    r
+}
+
+/// FEAT_LPA with the 64 KiB granule: `OA[51:48]` in descriptor bits 15:12,
+/// level-1 blocks, TTBR `BADDR[51:48]` in bits 5:2, 52-bit VAs with
+/// FEAT_LVA (both ranges); under a 48-bit IPS those bits make an address
+/// size fault, and without FEAT_LPA they are not address bits.
+#[test]
+fn lpa_64k_52_bit_output_and_input() {
+    let g = Granule::K64;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let pa = (0xcu64 << 48) | 0x1234_0000;
+    let page = (pa & 0x0000_ffff_ffff_0000) | (((pa >> 48) & 0xf) << 12) | TABLE | AF;
+    let va = (1u64 << 51) | 0x5_0000;
+    t.map(r0, 12, va, 3, page, 0);
+    t.map(r1, 12, va1(12, 0x5_0000), 3, page, 0);
+    // A 4 TiB block at level 1.
+    let tb = 1u64 << 42;
+    let block = ((0x3u64 << 48) | (5 * tb)) & 0x0000_ffff_ffff_0000 | (0x3 << 12) | BLOCK | AF;
+    t.map(r0, 12, 7 * tb, 1, block, 0);
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0, r1, false)).unwrap();
+    for (v, ttbr) in [(va, Ttbr::Ttbr0), (va1(12, 0x5_0000), Ttbr::Ttbr1)] {
+        let tr = w
+            .translate(&t.mem, GuestVirtAddr(v + 0x42), Access::read())
+            .unwrap();
+        assert_eq!(
+            (tr.pa, tr.level, tr.ttbr, tr.memory_refs),
+            (GuestPhysAddr(pa + 0x42), Some(3), Some(ttbr), 3)
+        );
+    }
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(7 * tb + 9), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level),
+        (GuestPhysAddr(((0x3 << 48) | (5 * tb)) + 9), tb, Some(1))
+    );
+    // Without FEAT_LVA, T0SZ 12 is refused.
+    let mut r = regs52(g, 12, 12, r0, r1, false);
+    r.lva = false;
+    assert!(Aarch64Walker::new(r).is_err());
+    // IPS 48: the same page's bits 15:12 are an address size fault.
+    let mut r = regs52(g, 12, 12, r0, r1, false);
+    r.tcr = (r.tcr & !(7 << 32)) | (0b101 << 32);
+    let f = Aarch64Walker::new(r)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, 3, Some(3))
+    );
+    // No FEAT_LPA: bits 15:12 are not address bits; a level-1 block is a
+    // translation fault; 48-bit VAs.
+    let mut r = regs(g, 16, 16, r0, r1);
+    r.tcr |= 0b110 << 32;
+    let w48 = Aarch64Walker::new(r).unwrap();
+    let va48 = va & ((1 << 48) - 1);
+    t.map(r0, 16, va48, 3, page, 0);
+    assert_eq!(
+        w48.translate(&t.mem, GuestVirtAddr(va48), Access::read())
+            .unwrap()
+            .pa,
+        GuestPhysAddr(pa & 0xffff_ffff_ffff)
+    );
+    let f = w48
+        .translate(&t.mem, GuestVirtAddr(7 * tb), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 1));
+    // TTBR0 bits 5:2 are BADDR[51:48]: the table is above memory.
+    let mut r = regs52(g, 12, 12, r0 | (0x1 << 2), r1, false);
+    r.tcr |= TCR_EPD1;
+    let f = Aarch64Walker::new(r)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert!(matches!(f.kind, Aarch64FaultKind::Unbacked { pa } if pa.0 >> 48 == 1));
+    assert_eq!((f.level, f.fsc()), (1, None));
+}
+
+/// FEAT_LPA2 with the 4 KiB granule (TCR_EL1.DS): a 52-bit VA walks five
+/// levels from level -1, `OA[51:50]` sits in bits 9:8 so shareability
+/// comes from TCR_EL1.SH0, level-0 blocks; faults at level -1 have their
+/// own status codes.
+#[test]
+fn lpa2_4k_level_minus_one() {
+    let g = Granule::K4;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let pa = (0x2u64 << 50) | (1 << 49) | 0x7_6000;
+    let page = (pa & 0x0003_ffff_ffff_f000) | (((pa >> 50) & 3) << 8) | TABLE | AF;
+    let va = (1u64 << 51) | (1 << 48) | 0x3000;
+    t.map(r0, 12, va, 3, page, 0);
+    let big = 1u64 << 39;
+    let out = (1u64 << 50) | (6 * big);
+    let block = (out & 0x0003_ffff_ffff_f000) | (((out >> 50) & 3) << 8) | BLOCK | AF;
+    t.map(r0, 12, 9 * big, 0, block, 0);
+    let mut rg = regs52(g, 12, 16, r0, r1, true);
+    rg.tcr |= 0b11 << 12; // SH0: inner shareable
+    let w = Aarch64Walker::new(rg).unwrap();
+    assert!(w.tcr().ds);
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va + 5), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.level, tr.memory_refs),
+        (GuestPhysAddr(pa + 5), Some(3), 5)
+    );
+    assert_eq!(tr.attributes.shareability, 0b11);
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(9 * big + 5), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level, tr.memory_refs),
+        (GuestPhysAddr(((1 << 50) | (6 * big)) + 5), big, Some(0), 2)
+    );
+    // The level -1 entry knocked out: translation fault, level -1.
+    let top = r0 + 8 * t.index(12, -1, -1, va);
+    let saved = t.read(top);
+    t.write(top, 0);
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::write().user())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc(), f.entry_addr),
+        (
+            Aarch64FaultKind::Translation,
+            -1,
+            Some(0b10_1011),
+            Some(GuestPhysAddr(top))
+        )
+    );
+    assert_eq!(f.esr_el1(), Some(0x24 << 26 | 1 << 25 | 1 << 6 | 0b10_1011));
+    // A level -1 table above a 48-bit IPS: address size, level -1.
+    t.write(top, saved | (1 << 8));
+    let mut r48 = rg;
+    r48.tcr = (r48.tcr & !(7 << 32)) | (0b101 << 32);
+    let f = Aarch64Walker::new(r48)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, -1, Some(0b10_1001))
+    );
+    t.write(top, saved);
+    // The page's OA[51:50] under a 48-bit IPS: address size, level 3.
+    let f = Aarch64Walker::new(r48)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 3));
+    // Without DS the descriptor's bits 9:8 are shareability again (and
+    // 52-bit VAs are refused).
+    let r16 = t.alloc();
+    t.map(r16, 16, 0x3000, 3, (0x7_6000 | (0b10 << 8)) | TABLE | AF, 0);
+    let mut r = regs(g, 16, 16, r16, r1);
+    r.lpa2 = true;
+    let w16 = Aarch64Walker::new(r).unwrap();
+    let tr = w16
+        .translate(&t.mem, GuestVirtAddr(0x3000), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.attributes.shareability),
+        (GuestPhysAddr(0x7_6000), 0b10)
+    );
+    assert!(Aarch64Walker::new(regs(g, 12, 16, r0, r1)).is_err());
+}
+
+/// FEAT_LPA2 with the 16 KiB granule: a 52-bit VA starts at level 0 with
+/// 32 entries, a 64 GiB block at level 1 carries `OA[51:50]` in bits 9:8,
+/// the TTBR holds `BADDR[51:48]` in bits 5:2.
+#[test]
+fn lpa2_16k() {
+    let g = Granule::K16;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let size = 1u64 << 36;
+    let out = (0x3u64 << 50) | (7 * size);
+    let block = (out & 0x0003_ffff_ffff_c000) | (((out >> 50) & 3) << 8) | BLOCK | AF;
+    let va = (1u64 << 51) | (2 * size);
+    t.map(r0, 12, va, 1, block, 0);
+    assert_eq!(t.index(12, 0, 0, va), 16);
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0, r1, true)).unwrap();
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va + 0x77), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level, tr.memory_refs),
+        (GuestPhysAddr(out + 0x77), size, Some(1), 2)
+    );
+    // Without DS a level-1 block is a translation fault (and the VA must
+    // fit 48 bits).
+    let f = Aarch64Walker::new(regs(g, 16, 16, r0, r1))
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(2 * size), Access::read())
+        .unwrap_err();
+    assert_eq!(f.kind, Aarch64FaultKind::Translation);
+    // The TTBR's bits 5:2: a 52-bit table base (above memory).
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0 | (0x8 << 2), r1, true)).unwrap();
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert!(matches!(f.kind, Aarch64FaultKind::Unbacked { pa } if pa.0 >> 48 == 8));
 }

@@ -21,7 +21,7 @@
 //! (a VTTBR_EL2 base above the OA size: address size fault, level 0),
 //! `AArch64.S2StartLevel`, `AArch64.S2InvalidSL`, `AArch64.S2InconsistentSL`
 //! and `AArch64.S2MinTxSZ` (which `Aarch64Stage2::decode` refuses instead
-//! of faulting every walk), `AArch64.S2CheckPermissions` (S2AP; XN[1:0]
+//! of faulting every walk), `AArch64.S2CheckPermissions` (S2AP; `XN[1:0]`
 //! with FEAT_XNX; execute does not need read with EL2 in AArch64), the
 //! VTCR_EL2, ESR_EL2 and HPFAR_EL2 register descriptions; QEMU's
 //! `target/arm/ptw.c` (`check_s2_mmu_setup`, `get_S2prot`) agrees.
