@@ -154,10 +154,17 @@ impl Granule {
         }
     }
 
-    /// log2 of the bytes one entry at architectural `level` maps.
+    /// log2 of the bytes one entry at architectural `level` (-1..=3; others
+    /// are clamped to that range) maps.
     pub(crate) const fn level_shift(self, level: i8) -> u32 {
-        // `level` is -1..=3: 3 - level is 0..=4.
-        self.shift() + self.stride() * ((3 - level) as u32)
+        let below = match level {
+            i8::MIN..=-1 => 4,
+            0 => 3,
+            1 => 2,
+            2 => 1,
+            _ => 0,
+        };
+        self.shift() + self.stride() * below
     }
 }
 
