@@ -111,8 +111,8 @@ pub struct Aarch64Stage2 {
 
 impl Aarch64Stage2 {
     /// A stage 2 of `ipa_bits` bits with `granule`, as KVM lays one out:
-    /// the fewest levels, the start level's tables concatenated (up to 16)
-    /// rather than one more level; PS 48 bits and a 48-bit PA size (52,
+    /// the fewest levels, but at least two, the start level's tables
+    /// concatenated (up to 16) rather than one more level; PS 48 bits and a 48-bit PA size (52,
     /// with FEAT_LPA, when `ipa_bits` is above 48; with the 4/16 KiB
     /// granules also DS and FEAT_LPA2); no HA, HD, XNX or TTST. `vttbr` is
     /// the register (the start table, VMID). An `ipa_bits` no start level
@@ -124,8 +124,7 @@ impl Aarch64Stage2 {
         // Levels below the start table: it resolves up to stride + 4 bits.
         let rest = ia.saturating_sub(gs + stride + 4);
         let start: i8 = match rest.div_ceil(stride) {
-            0 => 3,
-            1 => 2,
+            0 | 1 => 2,
             2 => 1,
             3 => 0,
             _ => -1,
@@ -1455,6 +1454,16 @@ mod tests {
         let ok = cfg(Granule::K4, 24, 1, 0b101, 0x2000);
         assert!(ok.decode().is_ok());
         assert_eq!(ok.decode().unwrap().concatenated, 2);
+        // `new` as KVM: 40 bits from level 1 with two tables, 32 bits from
+        // level 2 with four, at least two levels.
+        let v = Aarch64Stage2::new(Granule::K4, 40, 0).decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated, v.oa_bits), (1, 2, 48));
+        let v = Aarch64Stage2::new(Granule::K4, 32, 0).decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated), (2, 4));
+        let v = Aarch64Stage2::new(Granule::K64, 42, 0).decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated), (2, 1));
+        let v = Aarch64Stage2::new(Granule::K16, 48, 0).decode().unwrap();
+        assert_eq!((v.start_level, v.concatenated), (1, 2));
         let bad = |f: fn(&mut Aarch64Stage2)| {
             let mut c = ok;
             f(&mut c);
