@@ -106,8 +106,16 @@ pub(crate) struct GuestArgs {
     /// AArch64: PSTATE.PAN is set.
     #[arg(long)]
     pub(crate) pan: bool,
+    /// AArch64: the CPU implements FEAT_LVA (52-bit VAs with the 64 KiB
+    /// granule).
+    #[arg(long)]
+    pub(crate) lva: bool,
+    /// AArch64: the CPU implements FEAT_LPA2 (TCR_EL1.DS: 52-bit VAs and
+    /// OAs with the 4 and 16 KiB granules).
+    #[arg(long)]
+    pub(crate) lpa2: bool,
     /// AArch64 and RISC-V: the implemented physical-address size in bits
-    /// (AArch64: ID_AA64MMFR0_EL1.PARange's 32, 36, 40, 42, 44 or 48,
+    /// (AArch64: ID_AA64MMFR0_EL1.PARange's 32, 36, 40, 42, 44, 48 or 52,
     /// default 48; RISC-V: 32..=56, default 56).
     #[arg(long, value_name = "BITS")]
     pub(crate) pa_bits: Option<u8>,
@@ -164,6 +172,8 @@ impl GuestArgs {
                 mair: self.mair,
                 pan: self.pan,
                 pa_bits: self.pa_bits.unwrap_or(48),
+                lva: self.lva,
+                lpa2: self.lpa2,
             }),
             ArchArg::Riscv64 => GuestPaging::Riscv64(RiscvPaging {
                 satp: need(self.satp, "satp")?,
@@ -461,6 +471,11 @@ fn code_text(c: &FaultCode) -> String {
         FaultCode::Aarch64Abort { esr } => {
             format!("abort, ESR_EL1 {esr:#x} (FSC {:#04x})", esr & 0x3f)
         }
+        FaultCode::Aarch64Stage2Abort { esr, hpfar } => format!(
+            "stage-2 abort, ESR_EL2 {esr:#x} (FSC {:#04x}{}), HPFAR_EL2 {hpfar:#x}",
+            esr & 0x3f,
+            if esr & (1 << 7) != 0 { ", S1PTW" } else { "" }
+        ),
         FaultCode::Riscv(t) => {
             let name = match t.cause {
                 1 => "instruction access fault",

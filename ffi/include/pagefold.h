@@ -224,6 +224,18 @@
 #define PF_AARCH64_PAN (1 << 0)
 
 /**
+ * `pf_aarch64_paging.flags`: the CPU implements FEAT_LVA (52-bit VAs with
+ * the 64 KiB granule).
+ */
+#define PF_AARCH64_LVA (1 << 1)
+
+/**
+ * `pf_aarch64_paging.flags`: the CPU implements FEAT_LPA2 (TCR_EL1.DS:
+ * 52-bit VAs and OAs with the 4 and 16 KiB granules).
+ */
+#define PF_AARCH64_LPA2 (1 << 2)
+
+/**
  * `pf_riscv_paging.flags` / `pf_riscv_gstage.flags`: MXR (loads may read
  * executable pages; for the VS stage, `vsstatus.MXR | sstatus.MXR`).
  */
@@ -248,6 +260,23 @@
  * Flags: Svnapot implemented (64 KiB NAPOT pages).
  */
 #define PF_RISCV_SVNAPOT (1 << 4)
+
+/**
+ * `pf_aarch64_stage2.flags`: the CPU implements FEAT_XNX (stage-2 execute
+ * permission split by EL).
+ */
+#define PF_AARCH64_S2_XNX (1 << 0)
+
+/**
+ * `pf_aarch64_stage2.flags`: FEAT_LPA2 (VTCR_EL2.DS may be set).
+ */
+#define PF_AARCH64_S2_LPA2 (1 << 1)
+
+/**
+ * `pf_aarch64_stage2.flags`: FEAT_TTST (small translation tables: T0SZ
+ * up to 48).
+ */
+#define PF_AARCH64_S2_TTST (1 << 2)
 
 /**
  * `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
@@ -409,6 +438,13 @@
  * `stval` is `va`, and `htval`, `htinst`, `gva` are filled.
  */
 #define PF_FAULT_RISCV_TRAP 8
+
+/**
+ * `pf_walk_fault.code_kind`: an AArch64 stage-2 abort taken to EL2;
+ * `code` is ESR_EL2 (S1PTW in bit 7 for a fault on a stage-1 table
+ * access), `hpfar` HPFAR_EL2, `gpa` the faulting IPA, `va` FAR_EL2.
+ */
+#define PF_FAULT_AARCH64_STAGE2_ABORT 9
 
 /**
  * `pf_walk_fault.reason` values.
@@ -1608,7 +1644,7 @@ typedef struct pf_aarch64_paging {
     uint64_t mair;
     /**
      * The implemented physical-address size in bits
-     * (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+     * (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48, 52); 0 means 48.
      */
     uint32_t pa_bits;
     /**
@@ -1616,6 +1652,33 @@ typedef struct pf_aarch64_paging {
      */
     uint32_t flags;
 } pf_aarch64_paging;
+
+/**
+ * An AArch64 stage 2 under the guest's stage 1. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_aarch64_stage2)`.
+ */
+typedef struct pf_aarch64_stage2 {
+    /**
+     * `sizeof(pf_aarch64_stage2)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * VTCR_EL2.
+     */
+    uint64_t vtcr;
+    /**
+     * VTTBR_EL2 (the stage-2 root and VMID).
+     */
+    uint64_t vttbr;
+    /**
+     * The implemented physical-address size in bits; 0 means 48.
+     */
+    uint32_t pa_bits;
+    /**
+     * `PF_AARCH64_S2_*` flags.
+     */
+    uint32_t flags;
+} pf_aarch64_stage2;
 
 /**
  * A RISC-V guest's first stage: `satp` (or `vsatp`) and the status and
@@ -1794,6 +1857,11 @@ typedef struct pf_walk_fault {
      * otherwise). 0 for other kinds.
      */
     uint64_t htinst;
+    /**
+     * `PF_FAULT_AARCH64_STAGE2_ABORT`: HPFAR_EL2 (the faulting IPA's
+     * page). 0 for other kinds.
+     */
+    uint64_t hpfar;
     /**
      * `PF_FAULT_RISCV_TRAP`: `hstatus.GVA` (1: `va` is a guest virtual
      * address). 0 for other kinds.
@@ -3469,7 +3537,10 @@ enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
                              struct pf_walker **out_walker);
 
 /**
- * Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+ * Makes a walker for an AArch64 guest's EL1&0 stage 1 from its
+ * registers, with a stage 2 below it when `second` is not NULL (every
+ * stage-1 table access is then translated through stage 2: the nested
+ * walk).
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
  * `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
@@ -3480,10 +3551,12 @@ enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
  * # Safety
  *
  * - `paging` is NULL or points to a `pf_aarch64_paging` whose
- *   `struct_size` bytes are readable.
+ *   `struct_size` bytes are readable; `second` is NULL or likewise a
+ *   `pf_aarch64_stage2`.
  * - `out_walker` is NULL or valid for a write of one pointer.
  */
 enum pf_status pf_walker_new_aarch64(const struct pf_aarch64_paging *paging,
+                                     const struct pf_aarch64_stage2 *second,
                                      struct pf_walker **out_walker);
 
 /**

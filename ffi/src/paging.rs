@@ -12,9 +12,9 @@
 use std::ffi::{c_int, c_void};
 
 use pagefold::paging::{
-    Aarch64Paging, Access, AccessKind, ArchAttributes, EptConfig, FaultCode, FaultReason, Mapping,
-    NptConfig, Privilege, RiscvGStage, RiscvPaging, SecondLevel, Stage, Translation, WalkCache,
-    WalkFault, WalkOptions, Walker, WalkerError, X86Paging,
+    Aarch64Paging, Aarch64Stage2, Access, AccessKind, ArchAttributes, EptConfig, FaultCode,
+    FaultReason, Mapping, NptConfig, Privilege, RiscvGStage, RiscvPaging, SecondLevel, Stage,
+    Translation, WalkCache, WalkFault, WalkOptions, Walker, WalkerError, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
@@ -75,6 +75,12 @@ unsafe impl SizePrefixed for pf_x86_paging {
 /// `pf_aarch64_paging.flags`: PSTATE.PAN is set (EL1 data accesses to
 /// EL0-accessible pages fault).
 pub const PF_AARCH64_PAN: u32 = 1 << 0;
+/// `pf_aarch64_paging.flags`: the CPU implements FEAT_LVA (52-bit VAs with
+/// the 64 KiB granule).
+pub const PF_AARCH64_LVA: u32 = 1 << 1;
+/// `pf_aarch64_paging.flags`: the CPU implements FEAT_LPA2 (TCR_EL1.DS:
+/// 52-bit VAs and OAs with the 4 and 16 KiB granules).
+pub const PF_AARCH64_LPA2: u32 = 1 << 2;
 
 /// The guest's AArch64 EL1&0 stage-1 registers. Size-prefixed: set
 /// `struct_size` to `sizeof(pf_aarch64_paging)`.
@@ -94,7 +100,7 @@ pub struct pf_aarch64_paging {
     /// MAIR_EL1 (for the attributes reported).
     pub mair: u64,
     /// The implemented physical-address size in bits
-    /// (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+    /// (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48, 52); 0 means 48.
     pub pa_bits: u32,
     /// `PF_AARCH64_*` flags.
     pub flags: u32,
@@ -157,6 +163,37 @@ pub struct pf_riscv_gstage {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_riscv_gstage {
     const NAME: &'static str = "pf_riscv_gstage";
+}
+
+/// `pf_aarch64_stage2.flags`: the CPU implements FEAT_XNX (stage-2 execute
+/// permission split by EL).
+pub const PF_AARCH64_S2_XNX: u32 = 1 << 0;
+/// `pf_aarch64_stage2.flags`: FEAT_LPA2 (VTCR_EL2.DS may be set).
+pub const PF_AARCH64_S2_LPA2: u32 = 1 << 1;
+/// `pf_aarch64_stage2.flags`: FEAT_TTST (small translation tables: T0SZ
+/// up to 48).
+pub const PF_AARCH64_S2_TTST: u32 = 1 << 2;
+
+/// An AArch64 stage 2 under the guest's stage 1. Size-prefixed: set
+/// `struct_size` to `sizeof(pf_aarch64_stage2)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_aarch64_stage2 {
+    /// `sizeof(pf_aarch64_stage2)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// VTCR_EL2.
+    pub vtcr: u64,
+    /// VTTBR_EL2 (the stage-2 root and VMID).
+    pub vttbr: u64,
+    /// The implemented physical-address size in bits; 0 means 48.
+    pub pa_bits: u32,
+    /// `PF_AARCH64_S2_*` flags.
+    pub flags: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_aarch64_stage2 {
+    const NAME: &'static str = "pf_aarch64_stage2";
 }
 
 /// `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
@@ -296,6 +333,10 @@ pub const PF_FAULT_AARCH64_ABORT: u32 = 7;
 /// (12/13/15 page fault, 20/21/23 guest-page fault, 1/5/7 access fault),
 /// `stval` is `va`, and `htval`, `htinst`, `gva` are filled.
 pub const PF_FAULT_RISCV_TRAP: u32 = 8;
+/// `pf_walk_fault.code_kind`: an AArch64 stage-2 abort taken to EL2;
+/// `code` is ESR_EL2 (S1PTW in bit 7 for a fault on a stage-1 table
+/// access), `hpfar` HPFAR_EL2, `gpa` the faulting IPA, `va` FAR_EL2.
+pub const PF_FAULT_AARCH64_STAGE2_ABORT: u32 = 9;
 
 /// `pf_walk_fault.reason` values.
 pub const PF_REASON_NOT_PRESENT: u32 = 1;
@@ -363,6 +404,9 @@ pub struct pf_walk_fault {
     /// guest-page fault on an implicit VS-stage page-table access, 0
     /// otherwise). 0 for other kinds.
     pub htinst: u64,
+    /// `PF_FAULT_AARCH64_STAGE2_ABORT`: HPFAR_EL2 (the faulting IPA's
+    /// page). 0 for other kinds.
+    pub hpfar: u64,
     /// `PF_FAULT_RISCV_TRAP`: `hstatus.GVA` (1: `va` is a guest virtual
     /// address). 0 for other kinds.
     pub gva: u32,
@@ -551,6 +595,7 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultCode::NestedPageFault { exit_info1 } => (PF_FAULT_NESTED_PAGE_FAULT, exit_info1),
         FaultCode::Aarch64Abort { esr } => (PF_FAULT_AARCH64_ABORT, esr),
         FaultCode::Riscv(t) => (PF_FAULT_RISCV_TRAP, u64::from(t.cause)),
+        FaultCode::Aarch64Stage2Abort { esr, .. } => (PF_FAULT_AARCH64_STAGE2_ABORT, esr),
         FaultCode::Emulation => (PF_FAULT_EMULATION, 0),
     };
     let (reason, detail) = match f.reason {
@@ -586,6 +631,10 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         has_entry: u32::from(f.entry.is_some()),
         htval: riscv.map_or(0, |t| t.htval),
         htinst: riscv.map_or(0, |t| t.htinst),
+        hpfar: match f.code {
+            FaultCode::Aarch64Stage2Abort { hpfar, .. } => hpfar,
+            _ => 0,
+        },
         gva: u32::from(riscv.is_some_and(|t| t.gva)),
         reserved: 0,
     }
@@ -722,7 +771,10 @@ pub unsafe extern "C" fn pf_walker_new(
     }
 }
 
-/// Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+/// Makes a walker for an AArch64 guest's EL1&0 stage 1 from its
+/// registers, with a stage 2 below it when `second` is not NULL (every
+/// stage-1 table access is then translated through stage 2: the nested
+/// walk).
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
 /// `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
@@ -733,11 +785,13 @@ pub unsafe extern "C" fn pf_walker_new(
 /// # Safety
 ///
 /// - `paging` is NULL or points to a `pf_aarch64_paging` whose
-///   `struct_size` bytes are readable.
+///   `struct_size` bytes are readable; `second` is NULL or likewise a
+///   `pf_aarch64_stage2`.
 /// - `out_walker` is NULL or valid for a write of one pointer.
 #[no_mangle]
 pub unsafe extern "C" fn pf_walker_new_aarch64(
     paging: *const pf_aarch64_paging,
+    second: *const pf_aarch64_stage2,
     out_walker: *mut *mut pf_walker,
 ) -> pf_status {
     ffi_boundary! {
@@ -745,15 +799,15 @@ pub unsafe extern "C" fn pf_walker_new_aarch64(
         let p = unsafe { args::read_sized(paging, "paging") }?;
         // SAFETY: NULL or writable for a pointer (contract).
         let out = unsafe { args::out(out_walker, "out_walker") }?;
-        if p.flags & !PF_AARCH64_PAN != 0 {
+        if p.flags & !(PF_AARCH64_PAN | PF_AARCH64_LVA | PF_AARCH64_LPA2) != 0 {
             return Err(Error::invalid(format!("unknown pf_aarch64_paging flags {:#x}", p.flags)));
         }
-        let pa_bits = match p.pa_bits {
-            0 => 48,
-            b => u8::try_from(b)
-                .map_err(|_| Error::invalid(format!("pa_bits {b} is not a PA size")))?,
+        let pa_size = |b: u32| match b {
+            0 => Ok(48),
+            b => u8::try_from(b).map_err(|_| Error::invalid(format!("pa_bits {b} is not a PA size"))),
         };
-        let w = Walker::new(Aarch64Paging {
+        let pa_bits = pa_size(p.pa_bits)?;
+        let mut w = Walker::new(Aarch64Paging {
             tcr: p.tcr,
             ttbr0: p.ttbr0,
             ttbr1: p.ttbr1,
@@ -761,7 +815,25 @@ pub unsafe extern "C" fn pf_walker_new_aarch64(
             mair: p.mair,
             pan: p.flags & PF_AARCH64_PAN != 0,
             pa_bits,
+            lva: p.flags & PF_AARCH64_LVA != 0,
+            lpa2: p.flags & PF_AARCH64_LPA2 != 0,
         })?;
+        if !second.is_null() {
+            // SAFETY: not NULL; readable for `struct_size` bytes (contract).
+            let s2 = unsafe { args::read_sized(second, "second") }?;
+            const ALL: u32 = PF_AARCH64_S2_XNX | PF_AARCH64_S2_LPA2 | PF_AARCH64_S2_TTST;
+            if s2.flags & !ALL != 0 {
+                return Err(Error::invalid(format!("unknown pf_aarch64_stage2 flags {:#x}", s2.flags)));
+            }
+            w = w.with_second_level(SecondLevel::Aarch64(Aarch64Stage2 {
+                vtcr: s2.vtcr,
+                vttbr: s2.vttbr,
+                pa_bits: pa_size(s2.pa_bits)?,
+                xnx: s2.flags & PF_AARCH64_S2_XNX != 0,
+                lpa2: s2.flags & PF_AARCH64_S2_LPA2 != 0,
+                ttst: s2.flags & PF_AARCH64_S2_TTST != 0,
+            }))?;
+        }
         out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
         Ok(())
     }

@@ -98,6 +98,17 @@ pub enum FaultCode {
         /// ESR_EL1.
         esr: u64,
     },
+    /// An AArch64 stage-2 abort, taken to EL2: `esr` is ESR_EL2 (EC 0x20
+    /// or 0x24 from a lower EL, S1PTW for a fault on a stage-1 table
+    /// access, WnR, the fault status code with the stage-2 level), `hpfar`
+    /// is HPFAR_EL2 (the faulting IPA's page, [`WalkFault::gpa`]); FAR_EL2
+    /// is [`WalkFault::va`].
+    Aarch64Stage2Abort {
+        /// ESR_EL2.
+        esr: u64,
+        /// HPFAR_EL2.
+        hpfar: u64,
+    },
     /// A RISC-V trap: a page fault (12, 13, 15) of either stage, a
     /// guest-page fault (20, 21, 23) of the G stage with `htval` and
     /// `htinst`, or an access fault (1, 5, 7) for an address beyond the

@@ -128,7 +128,7 @@ fn aarch64_leaf(a: &Aarch64Attributes) -> LeafAttributes {
 /// The abort an AArch64 stage-1 fault of `kind` at architectural `level`
 /// is: its ESR_EL1 value, or an emulation failure for a kind with no
 /// fault status code.
-pub(crate) fn aarch64_code(kind: Aarch64FaultKind, level: u8, access: Access) -> FaultCode {
+pub(crate) fn aarch64_code(kind: Aarch64FaultKind, level: i8, access: Access) -> FaultCode {
     let f = Aarch64Fault {
         va: GuestVirtAddr(0),
         access,
@@ -180,7 +180,7 @@ impl First {
                 ArchAttributes::None,
             ),
             (First::Aarch64(a), _) => {
-                let attrs = a.attributes_of(leaf);
+                let attrs = a.attributes_of(va, leaf);
                 (
                     fmt.permissions(acc, leaf),
                     aarch64_leaf(&attrs),

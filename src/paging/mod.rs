@@ -73,8 +73,10 @@ mod watch;
 pub mod x86;
 
 pub use aarch64::{
-    Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64PagingError,
-    Aarch64Translation, Aarch64Walker, Granule, Ttbr,
+    esr_el2, hpfar_el2, Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Paging,
+    Aarch64PagingError, Aarch64Stage2, Aarch64Stage2Attributes, Aarch64Stage2Fault,
+    Aarch64Stage2Translation, Aarch64Stage2Walker, Aarch64Translation, Aarch64Walker, Granule,
+    Stage2Access, Ttbr, Vtcr,
 };
 pub use cache::{CacheStats, WalkCache};
 pub use cached::BoundCache;

@@ -12,7 +12,10 @@
 //! the stage that faulted.
 
 use super::{
-    aarch64::{Aarch64FaultKind, Aarch64Paging, Aarch64PagingError, Aarch64Walker},
+    aarch64::{
+        stage2::{Aarch64Stage2, S2Format},
+        Aarch64FaultKind, Aarch64Paging, Aarch64PagingError, Aarch64Walker,
+    },
     engine::{self, DirectPort, Fail, Start, Stop, Walked},
     ept::{EptConfig, EptFormat, NptConfig},
     fault::{FaultReason, Stage, WalkFault},
@@ -69,6 +72,9 @@ pub enum SecondLevel {
     Npt(NptConfig),
     /// The RISC-V G stage (`hgatp`), under a RISC-V guest's VS stage.
     Riscv(RiscvGStage),
+    /// AArch64 stage 2 (VTCR_EL2, VTTBR_EL2), under an AArch64 guest's
+    /// stage 1.
+    Aarch64(Aarch64Stage2),
 }
 
 impl SecondLevel {
@@ -79,6 +85,7 @@ impl SecondLevel {
             SecondLevel::Ept(_) => (Arch::X86_64, "EPT"),
             SecondLevel::Npt(_) => (Arch::X86_64, "NPT"),
             SecondLevel::Riscv(_) => (Arch::Riscv64, "RISC-V G-stage"),
+            SecondLevel::Aarch64(_) => (Arch::Aarch64, "AArch64 stage-2"),
         }
     }
 }
@@ -152,8 +159,8 @@ pub struct Walker {
 }
 
 /// An address space's exact key in a walk cache: four words of the first
-/// level, two of the second.
-pub(crate) type SpaceKey = [u64; 6];
+/// level, four of the second.
+pub(crate) type SpaceKey = [u64; 8];
 
 /// Errors building a walker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -207,6 +214,8 @@ fn first_key(regs: &X86Paging, mode: X86Mode, root: u64) -> SpaceKey {
         0,
         0,
         0,
+        0,
+        0,
     ]
 }
 
@@ -225,7 +234,7 @@ fn check_config_of(regs: &X86Paging) -> u128 {
 /// The second level a configuration describes, its root and its settings
 /// (the second half of a space key); `None` for one that translates
 /// nothing (a Bare `hgatp`).
-fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64)>, WalkerError> {
+fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64, u64)>, WalkerError> {
     Ok(Some(match second {
         SecondLevel::Ept(cfg) => (
             Second::Ept(EptFormat::new(&cfg).ok_or(WalkerError::EptWalkLength { eptp: cfg.eptp })?),
@@ -233,6 +242,7 @@ fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64)>, WalkerEr
             1 | u64::from(cfg.execute_only) << 2
                 | u64::from(cfg.mode_based_execute) << 3
                 | u64::from(cfg.maxphyaddr) << 8,
+            0,
         ),
         SecondLevel::Npt(cfg) => (
             Second::Npt(X86Format::nested(
@@ -245,6 +255,7 @@ fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64)>, WalkerEr
             2 | u64::from(cfg.five_level) << 2
                 | u64::from(cfg.nxe) << 3
                 | u64::from(cfg.maxphyaddr) << 8,
+            0,
         ),
         SecondLevel::Riscv(cfg) => {
             let Some(f) = SvFormat::g_stage(&cfg)? else {
@@ -259,6 +270,19 @@ fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64)>, WalkerEr
                     | flag(cfg.svnapot, 4)
                     | flag(cfg.mxr, 5)
                     | u64::from(cfg.pa_bits) << 8,
+                0,
+            )
+        }
+        SecondLevel::Aarch64(cfg) => {
+            let flag = |on: bool, bit: u32| u64::from(on) << bit;
+            (
+                Second::Aarch64(S2Format::new(&cfg)?),
+                cfg.vttbr,
+                4 | flag(cfg.xnx, 2)
+                    | flag(cfg.lpa2, 3)
+                    | flag(cfg.ttst, 4)
+                    | u64::from(cfg.pa_bits) << 8,
+                cfg.vtcr,
             )
         }
     }))
@@ -317,7 +341,7 @@ impl Walker {
                     first,
                     second: None,
                     space_key: first_key(&regs, mode, root),
-                    second_key: [0; 6],
+                    second_key: [0; 8],
                     pcid: regs.pcid(),
                     check_config: check_config_of(&regs),
                 })
@@ -328,8 +352,8 @@ impl Walker {
                 Ok(Walker {
                     first: First::Aarch64(a),
                     second: None,
-                    space_key: [w0, w1, w2, w3, 0, 0],
-                    second_key: [0; 6],
+                    space_key: [w0, w1, w2, w3, 0, 0, 0, 0],
+                    second_key: [0; 8],
                     pcid: a.asid(),
                     check_config: a.check_bits() | 1 << 120,
                 })
@@ -347,8 +371,8 @@ impl Walker {
                         pa_bits: regs.pa_bits,
                     },
                     second: None,
-                    space_key: [regs.satp, shape, 0, 2 << 62, 0, 0],
-                    second_key: [0; 6],
+                    space_key: [regs.satp, shape, 0, 2 << 62, 0, 0, 0, 0],
+                    second_key: [0; 8],
                     pcid: regs.asid(),
                     check_config: u128::from(regs.sum) | u128::from(regs.mxr) << 1 | 2 << 120,
                 })
@@ -376,13 +400,13 @@ impl Walker {
                 second: name,
             });
         }
-        let Some((s, root, bits)) = second_of(second)? else {
+        let Some((s, root, bits, extra)) = second_of(second)? else {
             return Ok(self);
         };
         self.second = Some(s);
-        self.space_key[4] = root;
-        self.space_key[5] = bits;
-        self.second_key = [0, 0, 0, 0, root, bits];
+        let words = [root, bits, extra, 0];
+        self.space_key[4..].copy_from_slice(&words);
+        self.second_key = [0, 0, 0, 0, root, bits, extra, 0];
         Ok(self)
     }
 
@@ -817,7 +841,7 @@ impl Walker {
         let second_ok = match (&self.second, has_second) {
             (None, _) => true,
             (Some(_), false) => false,
-            (Some(s), true) => s.allows(acc2, leaf2, access.kind, user),
+            (Some(s), true) => s.allows(acc2, leaf2, access.kind, access.privilege, user),
         };
         first_ok && second_ok
     }
