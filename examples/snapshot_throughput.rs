@@ -24,6 +24,7 @@ use pagefold::{
 use rand::{Rng, SeedableRng};
 
 const SIZE: u64 = 256 << 20;
+const SIZE_BYTES: usize = 256 << 20;
 
 fn fill(mem: &GuestMemory, mixed: bool) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
@@ -32,7 +33,7 @@ fn fill(mem: &GuestMemory, mixed: bool) -> Result<(), Box<dyn std::error::Error>
         let kind = if mixed { i % 4 } else { 3 };
         match kind {
             0 | 1 => continue,
-            2 => page.fill((i % 64) as u8 + 1),
+            2 => page.fill(u8::try_from(i % 64).unwrap_or(0) + 1),
             _ => rng.fill(&mut page[..]),
         }
         mem.write(GuestPhysAddr(i * PAGE_SIZE as u64), &page)?;
@@ -56,7 +57,7 @@ fn run(dir: &Path, mixed: bool) -> Result<(), Box<dyn std::error::Error>> {
     let save_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let mut bytes = vec![0u8; SIZE as usize];
+    let mut bytes = vec![0u8; SIZE_BYTES];
     mem.read(GuestPhysAddr(0), &mut bytes)?;
     std::fs::write(&raw_path, &bytes)?;
     File::open(&raw_path)?.sync_all()?;

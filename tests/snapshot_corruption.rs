@@ -38,7 +38,10 @@ impl Drop for TempDir {
 }
 
 fn layout() -> Vec<(GuestPhysAddr, u64)> {
-    vec![(GuestPhysAddr(0), 4 * PAGE), (GuestPhysAddr(0x10_0000), 3 * PAGE)]
+    vec![
+        (GuestPhysAddr(0), 4 * PAGE),
+        (GuestPhysAddr(0x10_0000), 3 * PAGE),
+    ]
 }
 
 /// A small memory: two distinct contents, a duplicate, zeros.
@@ -46,8 +49,10 @@ fn memory() -> GuestMemory {
     let mem = GuestMemory::new(&layout()).unwrap();
     mem.write(GuestPhysAddr(0), &[0x11; PAGE_SIZE]).unwrap();
     mem.write(GuestPhysAddr(PAGE), b"some bytes").unwrap();
-    mem.write(GuestPhysAddr(0x10_0000), &[0x11; PAGE_SIZE]).unwrap();
-    mem.write(GuestPhysAddr(0x10_0000 + 2 * PAGE), &[0x22; 100]).unwrap();
+    mem.write(GuestPhysAddr(0x10_0000), &[0x11; PAGE_SIZE])
+        .unwrap();
+    mem.write(GuestPhysAddr(0x10_0000 + 2 * PAGE), &[0x22; 100])
+        .unwrap();
     mem
 }
 
@@ -94,7 +99,11 @@ fn damage_every_byte(dir: &TempDir, file: &Path, parent: Option<&Path>, expect: 
             Ok(img) => panic!(
                 "flipping byte {i} of {} went unnoticed (memory {})",
                 good.len(),
-                if img == expect { "identical" } else { "DIFFERENT" }
+                if img == expect {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                }
             ),
             Err(e) => {
                 let place = e
@@ -110,8 +119,17 @@ fn damage_every_byte(dir: &TempDir, file: &Path, parent: Option<&Path>, expect: 
             }
         }
     }
-    for part in [Part::Header, Part::Padding, Part::Content, Part::Map, Part::Table] {
-        assert!(parts.contains_key(&part), "no damage found in the {part}: {parts:?}");
+    for part in [
+        Part::Header,
+        Part::Padding,
+        Part::Content,
+        Part::Map,
+        Part::Table,
+    ] {
+        assert!(
+            parts.contains_key(&part),
+            "no damage found in the {part}: {parts:?}"
+        );
     }
     for len in 0..good.len() {
         std::fs::write(&bad_path, &good[..len]).unwrap();
@@ -149,8 +167,10 @@ fn every_damaged_byte_of_an_incremental_snapshot_is_an_error() {
     let base = dir.path("base.snap");
     save(&mem, &base, &SaveOptions::default()).unwrap();
     // A new content, a content the base stores, a zeroed page.
-    mem.write(GuestPhysAddr(2 * PAGE), &[0x33; PAGE_SIZE]).unwrap();
-    mem.write(GuestPhysAddr(3 * PAGE), &[0x11; PAGE_SIZE]).unwrap();
+    mem.write(GuestPhysAddr(2 * PAGE), &[0x33; PAGE_SIZE])
+        .unwrap();
+    mem.write(GuestPhysAddr(3 * PAGE), &[0x11; PAGE_SIZE])
+        .unwrap();
     mem.write(GuestPhysAddr(PAGE), &[0; 10]).unwrap();
     let mut dirty = Vec::new();
     mem.harvest_dirty(RegionSet::All, &mut dirty).unwrap();

@@ -151,7 +151,10 @@ fn round_trip_zero_duplicate_and_random_pages() {
     assert!(image(&back) == image(&mem));
     // Zero pages are released in the restored memory, not written: it
     // holds memory for the non-zero pages only.
-    let nonzero = image(&mem).iter().filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+    let nonzero = image(&mem)
+        .iter()
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64;
     let held = back.frame_store().allocated_bytes().unwrap();
     assert!(held <= nonzero * PAGE, "{held} bytes for {nonzero} pages");
 
@@ -182,7 +185,8 @@ fn duplicate_pages_are_stored_once() {
     let n = 200u64;
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), 256 * PAGE)]).unwrap();
     for i in 0..n {
-        mem.write(GuestPhysAddr(i * PAGE), &[0x5a; PAGE_SIZE]).unwrap();
+        mem.write(GuestPhysAddr(i * PAGE), &[0x5a; PAGE_SIZE])
+            .unwrap();
     }
     let path = dir.path("dup.snap");
     let stats = save(&mem, &path, &SaveOptions::default()).unwrap();
@@ -192,14 +196,21 @@ fn duplicate_pages_are_stored_once() {
     // and the zeros), one table entry.
     assert_eq!(stats.file_bytes, PAGE + PAGE + 2 * 16 + 32);
     let snap = SnapshotReader::open(&path).unwrap();
-    assert_eq!(snap.source(GuestPhysAddr(7 * PAGE)).unwrap(), PageSource::Content(0));
-    assert_eq!(snap.source(GuestPhysAddr(n * PAGE)).unwrap(), PageSource::Zero);
+    assert_eq!(
+        snap.source(GuestPhysAddr(7 * PAGE)).unwrap(),
+        PageSource::Content(0)
+    );
+    assert_eq!(
+        snap.source(GuestPhysAddr(n * PAGE)).unwrap(),
+        PageSource::Zero
+    );
     assert!(image(&restored(&snap)) == image(&mem));
 
     // Distinct contents in page order cost one map run however many.
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), 64 * PAGE)]).unwrap();
     for i in 0..64u64 {
-        mem.write(GuestPhysAddr(i * PAGE), &[i as u8 + 1; PAGE_SIZE]).unwrap();
+        mem.write(GuestPhysAddr(i * PAGE), &[i as u8 + 1; PAGE_SIZE])
+            .unwrap();
     }
     let stats = save(&mem, dir.path("seq.snap"), &SaveOptions::default()).unwrap();
     assert_eq!(stats.file_bytes, PAGE + 64 * PAGE + 16 + 64 * 32);
@@ -264,7 +275,10 @@ fn incremental_chain_of_three_restores_each_level() {
     mem.write(all[3], &[0x78; PAGE_SIZE]).unwrap();
     mem.write(all[10], &[0x77; PAGE_SIZE]).unwrap();
     mem.write(all[95], b"the last page").unwrap();
-    let r1 = SnapshotReader::open(&paths[1]).unwrap().with_parent(r0).unwrap();
+    let r1 = SnapshotReader::open(&paths[1])
+        .unwrap()
+        .with_parent(r0)
+        .unwrap();
     assert_eq!(r1.parent_id(), Some(s0.id));
     let s2 = save_incremental(&mem, &r1, &harvest(&mem), &paths[2]).unwrap();
     images.push(image(&mem));

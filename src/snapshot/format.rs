@@ -36,6 +36,9 @@ pub(crate) const VERSION_AT: u64 = 8;
 pub(crate) const ID_AT: usize = 24;
 /// The page size on disk.
 const PAGE: u64 = PAGE_SIZE as u64;
+/// The page size field's value.
+#[allow(clippy::cast_possible_truncation)] // 4096
+const PAGE_SIZE_U32: u32 = PAGE_SIZE as u32;
 
 /// A BLAKE3 content address.
 pub(crate) type Hash = [u8; 32];
@@ -209,7 +212,7 @@ impl Header {
             0
         };
         out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.id.0);
@@ -265,7 +268,7 @@ impl Header {
             return Err(bad(10, Problem::Flags(flags)));
         }
         let page_size = c.u32();
-        if page_size != PAGE_SIZE as u32 {
+        if page_size != PAGE_SIZE_U32 {
             return Err(bad(12, Problem::PageSize(page_size)));
         }
         let count = c.u32();
