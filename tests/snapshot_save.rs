@@ -380,6 +380,35 @@ fn a_save_replaces_a_file_whole() {
     assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
 }
 
+#[test]
+fn a_save_does_not_take_a_migrations_dirty_log() {
+    let dir = TempDir::new("snap-mig");
+    let mem = GuestMemory::new(&layout()).unwrap();
+    fill(&mem, 8);
+    let sender = pagefold::migration::Sender::start(
+        &mem,
+        std::io::sink(),
+        pagefold::migration::PrecopyOptions::default(),
+    )
+    .unwrap();
+    mem.write(GuestPhysAddr(0), b"dirty").unwrap();
+    assert!(matches!(
+        save(&mem, dir.path("a.snap"), &SaveOptions::default()),
+        Err(SnapshotError::LogInUse)
+    ));
+    // The page stays logged for the sender.
+    assert!(mem.is_dirty(GuestPhysAddr(0)));
+    // Without touching the log, a save goes ahead.
+    save(
+        &mem,
+        dir.path("b.snap"),
+        &SaveOptions { track_dirty: false },
+    )
+    .unwrap();
+    drop(sender);
+    save(&mem, dir.path("c.snap"), &SaveOptions::default()).unwrap();
+}
+
 fn config(cases: u32) -> ProptestConfig {
     let mut c = ProptestConfig::default();
     if std::env::var_os("PROPTEST_CASES").is_none() {

@@ -297,6 +297,11 @@ pub enum SnapshotError {
         /// The region index.
         region: usize,
     },
+    /// A save that would take the dirty log ([`SaveOptions::track_dirty`](super::SaveOptions::track_dirty))
+    /// while a migration sender holds it: the sender's rounds need every
+    /// page the log reports.
+    #[error("a migration sender holds this memory's dirty log; save without track_dirty, or after the migration")]
+    LogInUse,
     /// A dirty run outside the memory.
     #[error("dirty run at {gpa} ({pages} pages) is not inside the memory")]
     DirtyRun {

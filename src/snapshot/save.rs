@@ -30,8 +30,11 @@ pub struct SaveOptions {
     /// Turn dirty tracking on for every region and clear the dirty log
     /// before any page is read, so that from then on the log holds the
     /// pages written since this snapshot, for an incremental snapshot on
-    /// top of it. On by default. (It takes the log: a VMM that also
-    /// migrates harvests once and hands the runs to both.)
+    /// top of it. On by default. The log has one reader: such a save is
+    /// refused while a migration sender holds the memory
+    /// ([`SnapshotError::LogInUse`]), and a migration started after it
+    /// takes the log (its start clears it), so the next snapshot after a
+    /// migration is a full one.
     pub track_dirty: bool,
 }
 
@@ -233,9 +236,16 @@ pub fn save(
     opts: &SaveOptions,
 ) -> Result<SaveStats, SnapshotError> {
     if opts.track_dirty {
-        mem.set_dirty_tracking(RegionSet::All, true)?;
-        let mut before = Vec::new();
-        mem.harvest_dirty(RegionSet::All, &mut before)?;
+        // The log has one reader at a time: a migration sender's rounds
+        // would miss what this harvest takes.
+        if !mem.claim_for_migration() {
+            return Err(SnapshotError::LogInUse);
+        }
+        let cleared = mem
+            .set_dirty_tracking(RegionSet::All, true)
+            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut Vec::new()));
+        mem.release_from_migration();
+        cleared?;
     }
     let mut s = Saver::new(mem, path.as_ref(), None)?;
     let mut scan = Scanner::new(mem);
