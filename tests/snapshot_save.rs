@@ -409,6 +409,75 @@ fn a_save_does_not_take_a_migrations_dirty_log() {
     save(&mem, dir.path("c.snap"), &SaveOptions::default()).unwrap();
 }
 
+/// A private anonymous mapping of `len` bytes, unmapped on drop.
+struct AnonMap(*mut libc::c_void, usize);
+
+impl AnonMap {
+    fn new(len: usize) -> Self {
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        AnonMap(p, len)
+    }
+
+    /// Guest memory of `layout()` over this mapping, regions packed.
+    fn memory(&self) -> GuestMemory {
+        let mut at = self.0 as u64;
+        let regions: Vec<_> = layout()
+            .into_iter()
+            .map(|(start, size)| {
+                let r = pagefold::memory::AnonymousRegion {
+                    guest_start: start,
+                    size,
+                    host_addr: pagefold::HostVirtAddr(at),
+                };
+                at += size;
+                r
+            })
+            .collect();
+        assert!(at - self.0 as u64 <= self.1 as u64);
+        // SAFETY: 1. the ranges lie inside this live, readable and writable
+        // anonymous mapping; 2. they do not overlap; 3. the mapping outlives
+        // the memory (each test drops the memory before the map).
+        unsafe { GuestMemory::adopt_anonymous(&regions) }.unwrap()
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no memory over it is alive any more.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
+#[test]
+fn anonymous_memory_saves_and_restores() {
+    // Memory with no file to punch: a restore writes zeros over non-zero
+    // pages instead of releasing them.
+    let dir = TempDir::new("snap-anon");
+    let (a, b) = (AnonMap::new(96 * PAGE_SIZE), AnonMap::new(96 * PAGE_SIZE));
+    {
+        let src = a.memory();
+        fill(&src, 9);
+        let path = dir.path("anon.snap");
+        save(&src, &path, &SaveOptions::default()).unwrap();
+        let dst = b.memory();
+        fill(&dst, 10);
+        let snap = SnapshotReader::open(&path).unwrap();
+        restore_into(&snap, &dst).unwrap();
+        assert!(image(&dst) == image(&src));
+    }
+}
+
 fn config(cases: u32) -> ProptestConfig {
     let mut c = ProptestConfig::default();
     if std::env::var_os("PROPTEST_CASES").is_none() {
