@@ -255,3 +255,28 @@ fn crafted_headers_with_valid_checksums_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn a_damaged_page_fails_alone() {
+    // Open checks the header, map and table only: a damaged stored page is
+    // found when that page is read, and the other pages still read.
+    let dir = TempDir::new("snap-corrupt-page");
+    let path = dir.path("s.snap");
+    let mem = memory();
+    save(&mem, &path, &SaveOptions::default()).unwrap();
+    let mut b = std::fs::read(&path).unwrap();
+    // The second stored page ("some bytes", slot 1).
+    b[PAGE_SIZE + PAGE_SIZE + 5] ^= 0x40;
+    let f = memfd();
+    put(&f, &b);
+    let snap = SnapshotReader::from_file(f).unwrap();
+    let mut page = [0u8; PAGE_SIZE];
+    snap.read_page(GuestPhysAddr(0), &mut page).unwrap();
+    assert_eq!(page, [0x11; PAGE_SIZE]);
+    let e = snap.read_page(GuestPhysAddr(PAGE), &mut page).unwrap_err();
+    assert!(
+        matches!(e, SnapshotError::ContentHash { slot: 1, at } if at.part == Part::Content
+            && at.offset == 2 * PAGE),
+        "{e}"
+    );
+}
