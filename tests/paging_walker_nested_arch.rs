@@ -11,7 +11,7 @@
 //! alone: faults, Svnapot and the listing.
 
 // Test code: table fields are built from small known values.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use pagefold::paging::{
     Aarch64Paging, Aarch64Stage2, Access, AccessKind, Arch, ArchAttributes, FaultCode, Granule,
