@@ -163,9 +163,15 @@ fn written(
         Ok(snap) => {
             let got = exercise(&snap);
             if !damaged {
-                assert!(got.as_ref() == Some(&expect), "an undamaged snapshot restored wrong");
+                assert!(
+                    got.as_ref() == Some(&expect),
+                    "an undamaged snapshot restored wrong"
+                );
             } else if let Some(got) = got {
-                assert!(got == expect, "a damaged snapshot restored different memory");
+                assert!(
+                    got == expect,
+                    "a damaged snapshot restored different memory"
+                );
             }
         }
         Err(e) => assert!(damaged, "an undamaged snapshot failed to open: {e}"),

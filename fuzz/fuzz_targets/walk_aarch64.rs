@@ -1,6 +1,8 @@
 //! Fuzzes the AArch64 walk with arbitrary guest memory (the tables are
 //! whatever bytes the input holds), arbitrary TCR_EL1, TTBRs, SCTLR_EL1,
-//! MAIR_EL1, PAN and PA size, and arbitrary addresses, through the
+//! MAIR_EL1, PAN, PA size, LVA/LPA2, an optional stage 2 (arbitrary
+//! VTCR_EL2 and VTTBR_EL2: the nested walk), and arbitrary addresses,
+//! through the
 //! operations every walk target runs (`shared/walk_ops.rs`): translate
 //! (cached and uncached must agree), list mappings with a small budget,
 //! read and write guest-virtual memory. Nothing may panic, and every
@@ -13,7 +15,7 @@ mod walk_ops;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use pagefold::paging::{Aarch64Paging, Walker};
+use pagefold::paging::{Aarch64Paging, Aarch64Stage2, SecondLevel, Walker};
 use walk_ops::Op;
 
 #[derive(Arbitrary, Debug)]
@@ -27,12 +29,24 @@ struct Input {
     mair: u64,
     pan: bool,
     pa_bits: u8,
+    lva: bool,
+    lpa2: bool,
+    stage2: Option<Stage2Input>,
     set_ad: bool,
     /// Table memory, repeated to fill the low region.
     bytes: Vec<u8>,
     /// Entries written at chosen offsets.
     pokes: Vec<(u16, u64)>,
     ops: Vec<Op>,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Stage2Input {
+    vtcr: u64,
+    vttbr: u16,
+    xnx: bool,
+    lpa2: bool,
+    ttst: bool,
 }
 
 fuzz_target!(|input: Input| {
@@ -62,7 +76,7 @@ fuzz_target!(|input: Input| {
     let pa_bits = if raw {
         input.pa_bits
     } else {
-        [32, 36, 40, 42, 44, 48][usize::from(input.pa_bits % 6)]
+        [32, 36, 40, 42, 44, 48, 52][usize::from(input.pa_bits % 7)]
     };
     let high = if raw {
         input.ttbr_high
@@ -77,9 +91,29 @@ fuzz_target!(|input: Input| {
         mair: input.mair,
         pan: input.pan,
         pa_bits,
+        lva: input.lva,
+        lpa2: input.lpa2,
     };
-    let Ok(walker) = Walker::new(regs) else {
+    let Ok(mut walker) = Walker::new(regs) else {
         return;
     };
+    if let Some(s2) = &input.stage2 {
+        // VTCR_EL2 kept to T0SZ, SL0, TG0, PS, HA/HD, DS and SL2 but for
+        // the raw inputs.
+        const VTCR_FIELDS: u64 = 0x3f | 3 << 6 | 3 << 14 | 7 << 16 | 3 << 21 | 1 << 32 | 1 << 33;
+        let vtcr = if raw { s2.vtcr } else { s2.vtcr & VTCR_FIELDS };
+        let second = SecondLevel::Aarch64(Aarch64Stage2 {
+            vtcr,
+            vttbr: u64::from(s2.vttbr) << 4 | high,
+            pa_bits,
+            xnx: s2.xnx,
+            lpa2: s2.lpa2,
+            ttst: s2.ttst,
+        });
+        match walker.with_second_level(second) {
+            Ok(w) => walker = w,
+            Err(_) => return,
+        }
+    }
     walk_ops::run(&walker, &mem, input.set_ad, &input.ops);
 });
