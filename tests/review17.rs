@@ -1,0 +1,207 @@
+//! Review of the AArch64 integration of `paging::Walker` (issue 17): each
+//! test pins one defect found by a cold review, against the Arm ARM (DDI
+//! 0487, D8) or against the walker's own contract (a cached answer equals
+//! an uncached walk; a listing lists what translates).
+
+// Test code: table fields are built from small known values.
+#![allow(clippy::unwrap_used)]
+
+use pagefold::paging::{
+    aarch64::regs::{TCR_EPD1, TCR_TBI0, TCR_TBI1, TCR_TBID0},
+    Aarch64FaultKind, Aarch64Paging, Aarch64Walker, Access, FaultCode, FaultReason, Granule,
+    WalkCache, WalkOptions, Walker,
+};
+use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
+
+const TABLE: u64 = 3;
+const AF: u64 = 1 << 10;
+const AP1: u64 = 1 << 6;
+
+/// Guest memory and a bump allocator of granule-aligned tables.
+struct Tables {
+    mem: GuestMemory,
+    next: u64,
+}
+
+impl Tables {
+    fn new(layout: &[(GuestPhysAddr, u64)]) -> Self {
+        Tables {
+            mem: GuestMemory::new(layout).unwrap(),
+            next: 0x10_0000,
+        }
+    }
+
+    fn alloc(&mut self, g: Granule) -> u64 {
+        let size = 1u64 << g.shift();
+        let t = self.next.next_multiple_of(size);
+        self.next = t + size;
+        t
+    }
+
+    fn entry(&self, pa: u64) -> u64 {
+        self.mem.read_obj(GuestPhysAddr(pa)).unwrap()
+    }
+
+    /// Maps `va` with `leaf` at architectural `level` under `root`, for
+    /// granule `g` and a 48-bit range (TxSZ = 16); new tables come from
+    /// the allocator. Returns the leaf entry's address.
+    fn map(&mut self, g: Granule, root: u64, va: u64, level: u8, leaf: u64) -> u64 {
+        let (shift, stride) = (g.shift(), g.stride());
+        let start = g.start_level(16);
+        let index = |l: u8| {
+            let lsb = shift + stride * (3 - u32::from(l));
+            let bits = if l == start { 48 - lsb } else { stride };
+            (va >> lsb) & ((1 << bits) - 1)
+        };
+        let mut table = root;
+        for l in start..level {
+            let at = table + 8 * index(l);
+            let e = self.entry(at);
+            table = if e & 3 == 3 {
+                e & 0x0000_ffff_ffff_f000 & !((1 << shift) - 1)
+            } else {
+                let t = self.alloc(g);
+                self.mem.write_obj(GuestPhysAddr(at), t | TABLE).unwrap();
+                t
+            };
+        }
+        let at = table + 8 * index(level);
+        self.mem.write_obj(GuestPhysAddr(at), leaf).unwrap();
+        at
+    }
+}
+
+fn low_ram() -> Vec<(GuestPhysAddr, u64)> {
+    vec![(GuestPhysAddr(0), 16 << 20)]
+}
+
+/// With stage 1 off, the top byte of a data address is still ignored under
+/// TBI (`AArch64.S1DisabledOutput`: the address-size check covers
+/// `va<AddrTop:PAMax>`, AddrTop being 55 under TBI, and the output is
+/// `va<51:0>`); TBID still limits TBI to data accesses.
+#[test]
+fn mmu_off_ignores_the_top_byte_under_tbi() {
+    let t = Tables::new(&low_ram());
+    let mut r = Aarch64Paging::new(Granule::K4, 0x1000, 0x2000);
+    r.sctlr = 0;
+    r.tcr |= TCR_TBI0 | TCR_TBID0;
+    let va = GuestVirtAddr(0x5a00_0000_0000_1234);
+    let w = Walker::new(r).unwrap();
+    let got = w.translate(&t.mem, va, Access::read()).unwrap();
+    assert_eq!((got.gpa, got.pa), (GuestPhysAddr(0x1234), GuestPhysAddr(0x1234)));
+    let a = Aarch64Walker::new(r).unwrap();
+    assert_eq!(
+        a.translate(&t.mem, va, Access::read()).unwrap().pa,
+        GuestPhysAddr(0x1234)
+    );
+    // A fetch of the same address: TBID0 keeps the top byte, which is
+    // above the PA size: an address size fault at level 0.
+    let f = w.translate(&t.mem, va, Access::fetch()).unwrap_err();
+    assert_eq!(f.code, FaultCode::Aarch64Abort { esr: 0x21 << 26 | 1 << 25 });
+    let f = a.translate(&t.mem, va, Access::fetch()).unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 0));
+    // Through a cache, the data read is cached and the fetch still faults.
+    let mut c = WalkCache::new();
+    let opts = WalkOptions::default();
+    let got = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
+    assert_eq!(got.unwrap().pa, GuestPhysAddr(0x1234));
+    let f = w.translate_with(&t.mem, va, Access::fetch(), opts, Some(&mut c));
+    assert!(f.is_err(), "a tagged fetch under TBID faults, cached or not");
+}
+
+/// A TTBR whose base is above the output-address size gives every address
+/// of its range an address size fault at level 0, so the listing must not
+/// list mappings through it.
+#[test]
+fn listing_skips_a_range_whose_root_is_above_the_oa_size() {
+    let mut ram = low_ram();
+    ram.push((GuestPhysAddr(0x1_0000_0000), 1 << 20));
+    let mut t = Tables::new(&ram);
+    let root = 0x1_0000_0000;
+    t.map(Granule::K4, root, 0x40_0000, 3, 0x20_0000 | TABLE | AF | AP1);
+    let mut r = Aarch64Paging::new(Granule::K4, root, 0);
+    // IPS = 0b000: a 32-bit output-address size; TTBR1 walks disabled.
+    r.tcr = (r.tcr & !(7 << 32)) | TCR_EPD1;
+    let w = Walker::new(r).unwrap();
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(0x40_0000), Access::read())
+        .unwrap_err();
+    // Data abort from EL1, address size fault at level 0.
+    assert_eq!(f.code, FaultCode::Aarch64Abort { esr: 0x25 << 26 | 1 << 25 });
+    let items: Vec<_> = w.mappings(&t.mem).collect();
+    assert!(
+        items.iter().all(Result::is_err),
+        "listed what translate refuses: {items:?}"
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, Err(f) if matches!(f.reason, FaultReason::Reserved { .. }))),
+        "the listing says why the range is unreachable: {items:?}"
+    );
+}
+
+/// The TLB holds translations of untagged addresses: TLBI VAE1 names
+/// `VA[55:12]` and drops the page whatever tag a pointer to it carried. A
+/// cache that keeps a tagged address's translation apart must drop it
+/// with the page, or it answers from a stale entry.
+#[test]
+fn invalidating_a_page_drops_its_tagged_aliases() {
+    let mut t = Tables::new(&low_ram());
+    let root = t.alloc(Granule::K4);
+    let leaf = t.map(Granule::K4, root, 0x40_0000, 3, 0x20_0000 | TABLE | AF);
+    let mut r = Aarch64Paging::new(Granule::K4, root, 0);
+    r.tcr |= TCR_TBI0 | TCR_EPD1;
+    let w = Walker::new(r).unwrap();
+    let tagged = GuestVirtAddr(0x3b00_0000_0040_0000);
+    let opts = WalkOptions::default();
+    let mut c = WalkCache::new();
+    let first = w.translate_with(&t.mem, tagged, Access::read(), opts, Some(&mut c));
+    assert_eq!(first.unwrap().pa, GuestPhysAddr(0x20_0000));
+    // The guest remaps the page and invalidates it (TLBI VAE1).
+    t.mem
+        .write_obj(GuestPhysAddr(leaf), 0x30_0000 | TABLE | AF)
+        .unwrap();
+    c.invalidate_page(w.space(), GuestVirtAddr(0x40_0000));
+    let cached = w.translate_with(&t.mem, tagged, Access::read(), opts, Some(&mut c));
+    let uncached = w.translate(&t.mem, tagged, Access::read());
+    assert_eq!(cached.unwrap().pa, uncached.unwrap().pa);
+    let pa = c
+        .bind(&w)
+        .translate_pa(&t.mem, tagged, Access::read(), opts)
+        .unwrap();
+    assert_eq!(pa, GuestPhysAddr(0x30_0000));
+}
+
+/// The two ranges may use different granules, so the same upper-level
+/// tag (`va >> index_shift(level + 1)`) can name a table of either range:
+/// a lower-range walk must never start from an upper-range table.
+#[test]
+fn upper_level_entries_of_one_range_never_start_a_walk_in_the_other() {
+    let mut t = Tables::new(&low_ram());
+    let (lo, hi) = (Granule::K4, Granule::K64);
+    let root0 = t.alloc(lo);
+    let root1 = t.alloc(hi);
+    // A tagged upper-range address (top byte 0x00 under TBI1) whose
+    // level-2 (64 KiB) tag equals a lower-range address's level-2 (4 KiB)
+    // tag: va_hi >> 29 == va_lo >> 21.
+    let va_hi = 0x00ff_8000_0000_0000u64;
+    let va_lo = (va_hi >> 29) << 21;
+    assert_eq!(va_lo, 0x0000_ff80_0000_0000);
+    t.map(hi, root1, va_hi, 3, 0x50_0000 | TABLE | AF);
+    t.map(lo, root0, va_lo, 3, 0x60_0000 | TABLE | AF);
+    let r = Aarch64Paging {
+        tcr: 16 | lo.tg0() << 14 | 16 << 16 | hi.tg1() << 30 | 5 << 32 | TCR_TBI1,
+        ..Aarch64Paging::new(lo, root0, root1)
+    };
+    let w = Walker::new(r).unwrap();
+    let opts = WalkOptions::default();
+    let mut c = WalkCache::new();
+    let (a, b) = (GuestVirtAddr(va_hi), GuestVirtAddr(va_lo));
+    let got_hi = w.translate_with(&t.mem, a, Access::read(), opts, Some(&mut c));
+    assert_eq!(got_hi.unwrap().pa, GuestPhysAddr(0x50_0000));
+    let got_lo = w.translate_with(&t.mem, b, Access::read(), opts, Some(&mut c));
+    let want_lo = w.translate(&t.mem, b, Access::read()).unwrap();
+    assert_eq!(want_lo.pa, GuestPhysAddr(0x60_0000));
+    assert_eq!(got_lo.unwrap().pa, want_lo.pa, "cached walk started in TTBR1's table");
+}
