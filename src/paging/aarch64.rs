@@ -520,14 +520,15 @@ impl Aarch64Walker {
             ttbr,
         };
         if self.regs.sctlr & SCTLR_M == 0 {
-            // Stage 1 off: the output is the VA, which must fit the PA
-            // size (an address size fault at level 0).
-            if v >> self.regs.pa_bits != 0 {
+            // Stage 1 off: the output is the VA (its top byte dropped
+            // under TBI), which must fit the PA size (an address size
+            // fault at level 0).
+            let Some(pa) = self.mmu_off_output(v, access) else {
                 return Err(fault(Aarch64FaultKind::AddressSize, 0, None));
-            }
+            };
             return Ok(Aarch64Translation {
                 va,
-                pa: GuestPhysAddr(v),
+                pa: GuestPhysAddr(pa),
                 page_size: 1 << self.tcr.tg0.shift(),
                 level: None,
                 ttbr: None,
@@ -631,6 +632,26 @@ impl Aarch64Walker {
     /// The width of an output address with the MMU off: the PA size.
     pub(crate) fn pa_bits(&self) -> u8 {
         self.regs.pa_bits
+    }
+
+    /// The output address of `va` with stage 1 off, or `None` for the
+    /// address size fault (level 0) it takes: `AArch64.S1DisabledOutput`
+    /// checks `va<AddrTop:PAMax>` (AddrTop 55 under TBI, which TBID limits
+    /// to data accesses, else 63) and outputs `va<51:0>`.
+    pub(crate) fn mmu_off_output(&self, va: u64, access: Access) -> Option<u64> {
+        let upper = va & (1 << 55) != 0;
+        let t = &self.tcr;
+        let (tbi, tbid) = if upper {
+            (t.tbi1, t.tbid1)
+        } else {
+            (t.tbi0, t.tbid0)
+        };
+        let top = if tbi && !(tbid && access.is_fetch()) {
+            55
+        } else {
+            63
+        };
+        (va & bits(u32::from(self.regs.pa_bits), top) == 0).then_some(va & bits(0, 51))
     }
 
     /// The range (TTBR) `va` selects for `access` and its format, or the

@@ -14,7 +14,7 @@ use super::{
     aarch64::{Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Walker, S1Format},
     engine::Stop,
     fault::{FaultCode, FaultReason},
-    format::{Decoded, Denied, Format},
+    format::{bits, Decoded, Denied, Format},
     types::{Access, LeafAttributes, Permissions},
     x86::X86Format,
 };
@@ -144,6 +144,17 @@ impl First {
             First::X86(f) => Some(FirstFmt::X86(f)),
             First::Aarch64(a) if a.mmu_on() => Some(FirstFmt::Aarch64(a.range_format(va))),
             First::Aarch64(_) => None,
+        }
+    }
+
+    /// The output of `va` where nothing translates it (x86 without
+    /// paging; AArch64 with stage 1 off: `va<51:0>`, the top byte that TBI
+    /// ignores dropped), once `Walker::first_root` has checked it.
+    #[inline]
+    pub(crate) fn untranslated(&self, va: u64) -> u64 {
+        match self {
+            First::Aarch64(_) => va & bits(0, 51),
+            _ => va,
         }
     }
 

@@ -499,9 +499,10 @@ impl Walker {
             First::NoPaging => return Ok(None),
             First::X86(fmt) => FirstFmt::X86(fmt),
             First::Aarch64(a) if !a.mmu_on() => {
-                // Stage 1 off: the output is the address, which must fit
-                // the PA size (an address size fault at level 0).
-                if va >> a.pa_bits() != 0 {
+                // Stage 1 off: the output is the address (its top byte
+                // dropped under TBI), which must fit the PA size (an
+                // address size fault at level 0).
+                if a.mmu_off_output(va, access).is_none() {
                     let s = at_input(FaultReason::AddressTooWide);
                     return Err(self.fault_first(va, access, s, None));
                 }
@@ -640,7 +641,7 @@ impl Walker {
                 }
             }
             None => FirstLeaf {
-                gpa: va,
+                gpa: self.first.untranslated(va),
                 shift: PAGE_SHIFT_U8,
                 level: 0,
                 permissions: Permissions::no_paging(),
