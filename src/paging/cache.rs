@@ -766,7 +766,9 @@ impl WalkCache {
         need_accessed: bool,
     ) -> Option<Start> {
         for level in 1..fmt.top_level() {
-            let tag = va >> fmt.index_shift(level + 1);
+            // The shift is in the tag: AArch64's two ranges share a space
+            // and may index their tables with different granules.
+            let tag = TlbEntry::tag_of(va, fmt.index_shift(level + 1));
             let u = &self.upper[memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS)];
             if u.valid
                 && u.space == space
@@ -798,7 +800,7 @@ impl WalkCache {
         let top = fmt.top_level();
         for level in w.leaf_level.max(1)..w.start_level.min(top) {
             let (table, acc) = w.tables[usize::from(level)];
-            let tag = va >> fmt.index_shift(level + 1);
+            let tag = TlbEntry::tag_of(va, fmt.index_shift(level + 1));
             let i = memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
             self.upper[i] = UpperSlot {
                 valid: true,
