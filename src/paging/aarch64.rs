@@ -693,18 +693,14 @@ impl Aarch64Walker {
         lo.into_iter().chain(hi)
     }
 
-    /// Whether translations of `va` may be cached for every access: not a
-    /// tagged address (top byte unlike bit 55) that only data accesses may
-    /// use (TBI with TBID, so a fetch of it faults).
+    /// Whether translations of `va` may be cached: not a tagged address
+    /// (top byte unlike bit 55). A tagged address translates as its
+    /// untagged page, which TLBI by VA (`VA[55:12]`) invalidates whatever
+    /// the tag, so a cache entry of its own would outlive the page's
+    /// invalidation; under TBID only data accesses may use it at all.
     pub(crate) fn cacheable(&self, va: u64) -> bool {
-        let upper = va & (1 << 55) != 0;
-        let tbid = if upper {
-            self.tcr.tbid1
-        } else {
-            self.tcr.tbid0
-        };
-        let sign = if upper { 0xff } else { 0 };
-        !tbid || va >> 56 == sign
+        let sign = if va & (1 << 55) != 0 { 0xff } else { 0 };
+        va >> 56 == sign
     }
 
     /// The architectural fault for an engine stop in `fmt`'s walk.

@@ -380,8 +380,8 @@ impl Walker {
         &self.first
     }
 
-    /// Whether a translation of `va` may be cached for every access (not
-    /// an AArch64 tagged address only data accesses may use).
+    /// Whether a translation of `va` may be cached (not an AArch64 tagged
+    /// address).
     #[inline(always)]
     pub(crate) fn cacheable(&self, va: u64) -> bool {
         match &self.first {
