@@ -141,6 +141,12 @@ impl S1Format {
         raw & bits(self.oa_bits, 47)
     }
 
+    /// The root's bits above the OA size: nonzero, every address of the
+    /// range takes an address size fault at level 0.
+    pub(crate) fn root_excess(&self) -> u64 {
+        self.oa_excess(self.root)
+    }
+
     /// The leaf's permissions after the table restrictions: (EL0 read,
     /// EL0 write, EL1 write, EL0 execute, EL1 execute), with `dirty_write`
     /// treating a DBM page as writable (a write under TCR_EL1.HD).
