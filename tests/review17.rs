@@ -205,3 +205,45 @@ fn upper_level_entries_of_one_range_never_start_a_walk_in_the_other() {
     assert_eq!(want_lo.pa, GuestPhysAddr(0x60_0000));
     assert_eq!(got_lo.unwrap().pa, want_lo.pa, "cached walk started in TTBR1's table");
 }
+
+/// TCR_EL1.E0PD1 (bit 56, FEAT_E0PD, which Linux sets where the CPU has
+/// it): every EL0 access to the TTBR1 range takes a level 0 translation
+/// fault, whatever the descriptors say, cached or not. (E0PD0, bit 55,
+/// likewise for TTBR0.)
+#[test]
+fn e0pd_faults_every_el0_access_to_its_range_at_level_0() {
+    const TCR_E0PD1: u64 = 1 << 56;
+    const HIGH: u64 = 0xffff_8000_0000_0000;
+    let mut t = Tables::new(&low_ram());
+    let root1 = t.alloc(Granule::K4);
+    // An EL0-readable page and a kernel-only page in the upper range.
+    t.map(Granule::K4, root1, HIGH | 0x1000, 3, 0x20_0000 | TABLE | AF | AP1);
+    t.map(Granule::K4, root1, HIGH | 0x2000, 3, 0x21_0000 | TABLE | AF);
+    let mut r = Aarch64Paging::new(Granule::K4, 0, root1);
+    r.tcr |= TCR_E0PD1 | pagefold::paging::aarch64::regs::TCR_EPD0;
+    let w = Walker::new(r).unwrap();
+    let a = Aarch64Walker::new(r).unwrap();
+    // Data abort from EL0 (EC 0x24), translation fault at level 0.
+    let esr = 0x24 << 26 | 1 << 25 | 0b00_0100;
+    let opts = WalkOptions::default();
+    let mut c = WalkCache::new();
+    for va in [HIGH | 0x1000, HIGH | 0x2000] {
+        let va = GuestVirtAddr(va);
+        // EL1 reads are fine (and fill the cache).
+        w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c))
+            .unwrap();
+        let f = a.translate(&t.mem, va, Access::read().user()).unwrap_err();
+        assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 0), "{va:#x}");
+        let f = w.translate(&t.mem, va, Access::read().user()).unwrap_err();
+        assert_eq!(f.code, FaultCode::Aarch64Abort { esr }, "{va:#x}");
+        let f = w
+            .translate_with(&t.mem, va, Access::read().user(), opts, Some(&mut c))
+            .unwrap_err();
+        assert_eq!(f.code, FaultCode::Aarch64Abort { esr }, "{va:#x} cached");
+    }
+    // The listing does not report EL0 access to the range either.
+    for m in w.mappings(&t.mem) {
+        let m = m.unwrap();
+        assert!(!m.permissions.user && !m.permissions.user_execute, "{m:?}");
+    }
+}
