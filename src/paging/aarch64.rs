@@ -91,13 +91,15 @@ pub(crate) struct S1Format {
     hpd: bool,
     wxn: bool,
     pan: bool,
+    /// TCR_EL1.E0PDn: EL0 may not access this range at all.
+    e0pd: bool,
 }
 
 impl S1Format {
     fn new(regs: &Aarch64Paging, tcr: &Tcr, ttbr: Ttbr) -> Self {
-        let (granule, txsz, base, hpd) = match ttbr {
-            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0),
-            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1),
+        let (granule, txsz, base, hpd, e0pd) = match ttbr {
+            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0, tcr.e0pd0),
+            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1, tcr.e0pd1),
         };
         S1Format {
             granule,
@@ -110,6 +112,7 @@ impl S1Format {
             hpd,
             wxn: regs.sctlr & SCTLR_WXN != 0,
             pan: regs.pan,
+            e0pd,
         }
     }
 
@@ -172,6 +175,9 @@ impl S1Format {
         let write = access.is_write();
         let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, write);
         match (access.privilege, access.kind) {
+            // E0PD: the range check faults first; a cached translation
+            // must not answer either.
+            (Privilege::User, _) if self.e0pd => false,
             (Privilege::User, AccessKind::Read) => user_r,
             (Privilege::User, AccessKind::Write) => user_w,
             (Privilege::User, AccessKind::Fetch) => user_x,
@@ -303,8 +309,8 @@ impl Format for S1Format {
             read: true,
             write: priv_w,
             execute: priv_x,
-            user: user_r,
-            user_execute: user_x,
+            user: user_r && !self.e0pd,
+            user_execute: user_x && !self.e0pd,
             key: 0,
         }
     }
@@ -382,7 +388,8 @@ pub struct Aarch64Translation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Aarch64FaultKind {
     /// Translation fault (FSC 0b0001LL): an invalid or reserved
-    /// descriptor, an address outside both VA ranges or in a disabled one.
+    /// descriptor, an address outside both VA ranges or in a disabled one,
+    /// an EL0 access to a range E0PDn closes.
     Translation,
     /// Access flag fault (FSC 0b0010LL): AF clear without TCR_EL1.HA.
     AccessFlag,
@@ -545,8 +552,9 @@ impl Aarch64Walker {
         }
         // VA bit 55 selects the range; the bits above the range's size
         // must all equal it (bits 63:56 are ignored under TBI, which TBID
-        // limits to data accesses). Outside both ranges, or in a range
-        // whose walks EPDn disables: a translation fault at level 0
+        // limits to data accesses). Outside both ranges, an EL0 access to
+        // a range E0PDn closes, or in a range whose walks EPDn disables: a
+        // translation fault at level 0
         // (`AArch64.S1Walk`; v8.0 `AArch64.TranslationTableWalk`: "level =
         // 0; AArch32 reports this as a level 1 fault").
         let upper = v & (1 << 55) != 0;
@@ -564,7 +572,7 @@ impl Aarch64Walker {
         };
         let range = bits(fmt.ia_bits, top);
         let want = if upper { range } else { 0 };
-        if v & range != want || disabled {
+        if v & range != want || (access.is_user() && fmt.e0pd) || disabled {
             return Err(fault(Aarch64FaultKind::Translation, 0, Some(ttbr)));
         }
         if fmt.oa_excess(fmt.root) != 0 {
@@ -662,7 +670,8 @@ impl Aarch64Walker {
 
     /// The range (TTBR) `va` selects for `access` and its format, or the
     /// level-0 fault (kind) that selecting it raises: outside both ranges,
-    /// a range whose walks EPDn disables, a root above the OA size.
+    /// an EL0 access to a range E0PDn closes, a range whose walks EPDn
+    /// disables, a root above the OA size.
     pub(crate) fn select(
         &self,
         va: u64,
@@ -682,7 +691,7 @@ impl Aarch64Walker {
         };
         let range = bits(fmt.ia_bits, top);
         let want = if upper { range } else { 0 };
-        if va & range != want || disabled {
+        if va & range != want || (access.is_user() && fmt.e0pd) || disabled {
             return Err((Aarch64FaultKind::Translation, ttbr));
         }
         if fmt.oa_excess(fmt.root) != 0 {

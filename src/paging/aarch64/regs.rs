@@ -48,6 +48,10 @@ pub const TCR_HPD1: u64 = 1 << 42;
 pub const TCR_TBID0: u64 = 1 << 51;
 /// TCR_EL1.TBID1: TBI1 applies to data accesses only.
 pub const TCR_TBID1: u64 = 1 << 52;
+/// TCR_EL1.E0PD0 (FEAT_E0PD): EL0 accesses to the TTBR0 range fault.
+pub const TCR_E0PD0: u64 = 1 << 55;
+/// TCR_EL1.E0PD1 (FEAT_E0PD): EL0 accesses to the TTBR1 range fault.
+pub const TCR_E0PD1: u64 = 1 << 56;
 /// TCR_EL1.DS: 52-bit addresses with 4 KiB and 16 KiB granules (LPA2).
 pub const TCR_DS: u64 = 1 << 59;
 /// TCR_EL1 bits that are RES0 in every architecture version.
@@ -250,6 +254,8 @@ impl Aarch64Paging {
             tbi1: tcr & TCR_TBI1 != 0,
             tbid0: tcr & TCR_TBID0 != 0,
             tbid1: tcr & TCR_TBID1 != 0,
+            e0pd0: tcr & TCR_E0PD0 != 0,
+            e0pd1: tcr & TCR_E0PD1 != 0,
             oa_bits: ips_bits.min(pa_bits),
         };
         for (reg, value, granule, txsz, enabled) in [
@@ -328,6 +334,11 @@ pub struct Tcr {
     pub tbid0: bool,
     /// TBID1.
     pub tbid1: bool,
+    /// E0PD0: every EL0 access to the TTBR0 range takes a level 0
+    /// translation fault.
+    pub e0pd0: bool,
+    /// E0PD1: likewise for the TTBR1 range.
+    pub e0pd1: bool,
     /// The output-address size in force: IPS capped at the implemented PA
     /// size.
     pub oa_bits: u8,
