@@ -88,7 +88,10 @@ fn mmu_off_ignores_the_top_byte_under_tbi() {
     let va = GuestVirtAddr(0x5a00_0000_0000_1234);
     let w = Walker::new(r).unwrap();
     let got = w.translate(&t.mem, va, Access::read()).unwrap();
-    assert_eq!((got.gpa, got.pa), (GuestPhysAddr(0x1234), GuestPhysAddr(0x1234)));
+    assert_eq!(
+        (got.gpa, got.pa),
+        (GuestPhysAddr(0x1234), GuestPhysAddr(0x1234))
+    );
     let a = Aarch64Walker::new(r).unwrap();
     assert_eq!(
         a.translate(&t.mem, va, Access::read()).unwrap().pa,
@@ -97,7 +100,12 @@ fn mmu_off_ignores_the_top_byte_under_tbi() {
     // A fetch of the same address: TBID0 keeps the top byte, which is
     // above the PA size: an address size fault at level 0.
     let f = w.translate(&t.mem, va, Access::fetch()).unwrap_err();
-    assert_eq!(f.code, FaultCode::Aarch64Abort { esr: 0x21 << 26 | 1 << 25 });
+    assert_eq!(
+        f.code,
+        FaultCode::Aarch64Abort {
+            esr: 0x21 << 26 | 1 << 25
+        }
+    );
     let f = a.translate(&t.mem, va, Access::fetch()).unwrap_err();
     assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 0));
     // Through a cache, the data read is cached and the fetch still faults.
@@ -106,7 +114,10 @@ fn mmu_off_ignores_the_top_byte_under_tbi() {
     let got = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
     assert_eq!(got.unwrap().pa, GuestPhysAddr(0x1234));
     let f = w.translate_with(&t.mem, va, Access::fetch(), opts, Some(&mut c));
-    assert!(f.is_err(), "a tagged fetch under TBID faults, cached or not");
+    assert!(
+        f.is_err(),
+        "a tagged fetch under TBID faults, cached or not"
+    );
 }
 
 /// A TTBR whose base is above the output-address size gives every address
@@ -118,7 +129,13 @@ fn listing_skips_a_range_whose_root_is_above_the_oa_size() {
     ram.push((GuestPhysAddr(0x1_0000_0000), 1 << 20));
     let mut t = Tables::new(&ram);
     let root = 0x1_0000_0000;
-    t.map(Granule::K4, root, 0x40_0000, 3, 0x20_0000 | TABLE | AF | AP1);
+    t.map(
+        Granule::K4,
+        root,
+        0x40_0000,
+        3,
+        0x20_0000 | TABLE | AF | AP1,
+    );
     let mut r = Aarch64Paging::new(Granule::K4, root, 0);
     // IPS = 0b000: a 32-bit output-address size; TTBR1 walks disabled.
     r.tcr = (r.tcr & !(7 << 32)) | TCR_EPD1;
@@ -127,7 +144,12 @@ fn listing_skips_a_range_whose_root_is_above_the_oa_size() {
         .translate(&t.mem, GuestVirtAddr(0x40_0000), Access::read())
         .unwrap_err();
     // Data abort from EL1, address size fault at level 0.
-    assert_eq!(f.code, FaultCode::Aarch64Abort { esr: 0x25 << 26 | 1 << 25 });
+    assert_eq!(
+        f.code,
+        FaultCode::Aarch64Abort {
+            esr: 0x25 << 26 | 1 << 25
+        }
+    );
     let items: Vec<_> = w.mappings(&t.mem).collect();
     assert!(
         items.iter().all(Result::is_err),
@@ -203,7 +225,11 @@ fn upper_level_entries_of_one_range_never_start_a_walk_in_the_other() {
     let got_lo = w.translate_with(&t.mem, b, Access::read(), opts, Some(&mut c));
     let want_lo = w.translate(&t.mem, b, Access::read()).unwrap();
     assert_eq!(want_lo.pa, GuestPhysAddr(0x60_0000));
-    assert_eq!(got_lo.unwrap().pa, want_lo.pa, "cached walk started in TTBR1's table");
+    assert_eq!(
+        got_lo.unwrap().pa,
+        want_lo.pa,
+        "cached walk started in TTBR1's table"
+    );
 }
 
 /// TCR_EL1.E0PD1 (bit 56, FEAT_E0PD, which Linux sets where the CPU has
@@ -217,7 +243,13 @@ fn e0pd_faults_every_el0_access_to_its_range_at_level_0() {
     let mut t = Tables::new(&low_ram());
     let root1 = t.alloc(Granule::K4);
     // An EL0-readable page and a kernel-only page in the upper range.
-    t.map(Granule::K4, root1, HIGH | 0x1000, 3, 0x20_0000 | TABLE | AF | AP1);
+    t.map(
+        Granule::K4,
+        root1,
+        HIGH | 0x1000,
+        3,
+        0x20_0000 | TABLE | AF | AP1,
+    );
     t.map(Granule::K4, root1, HIGH | 0x2000, 3, 0x21_0000 | TABLE | AF);
     let mut r = Aarch64Paging::new(Granule::K4, 0, root1);
     r.tcr |= TCR_E0PD1 | pagefold::paging::aarch64::regs::TCR_EPD0;
@@ -233,7 +265,11 @@ fn e0pd_faults_every_el0_access_to_its_range_at_level_0() {
         w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c))
             .unwrap();
         let f = a.translate(&t.mem, va, Access::read().user()).unwrap_err();
-        assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 0), "{va:#x}");
+        assert_eq!(
+            (f.kind, f.level),
+            (Aarch64FaultKind::Translation, 0),
+            "{va:#x}"
+        );
         let f = w.translate(&t.mem, va, Access::read().user()).unwrap_err();
         assert_eq!(f.code, FaultCode::Aarch64Abort { esr }, "{va:#x}");
         let f = w
