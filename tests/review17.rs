@@ -283,3 +283,38 @@ fn e0pd_faults_every_el0_access_to_its_range_at_level_0() {
         assert!(!m.permissions.user && !m.permissions.user_execute, "{m:?}");
     }
 }
+
+/// With 16 KiB and 64 KiB granules a table spans several 4 KiB pages; a
+/// `TableWatch` must learn of the page holding each entry a cached walk
+/// read, or a library write to that entry leaves the cache stale.
+#[test]
+fn a_watched_cache_sees_writes_to_any_page_of_a_large_granule_table() {
+    use pagefold::paging::TableWatch;
+    let g = Granule::K64;
+    let mut t = Tables::new(&low_ram());
+    let root = t.alloc(g);
+    // Level-3 index 600: the entry is 4800 bytes into its 64 KiB table,
+    // in the table's second 4 KiB page.
+    let va = 600u64 << 16;
+    let leaf = t.map(g, root, va, 3, 0x50_0000 | TABLE | AF);
+    assert_ne!(leaf >> 12, (leaf & !0xffff) >> 12);
+    let watch = TableWatch::new();
+    t.mem.set_write_observer(watch.clone()).unwrap();
+    let r = Aarch64Paging {
+        tcr: Aarch64Paging::new(g, root, 0).tcr | TCR_EPD1,
+        ..Aarch64Paging::new(g, root, 0)
+    };
+    let w = Walker::new(r).unwrap();
+    let mut c = WalkCache::new();
+    c.attach_watch(watch);
+    let opts = WalkOptions::default();
+    let va = GuestVirtAddr(va);
+    let first = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
+    assert_eq!(first.unwrap().pa, GuestPhysAddr(0x50_0000));
+    // A library write of the leaf: the watch is told.
+    t.mem
+        .write_obj(GuestPhysAddr(leaf), 0x60_0000u64 | TABLE | AF)
+        .unwrap();
+    let got = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
+    assert_eq!(got.unwrap().pa, GuestPhysAddr(0x60_0000), "stale after a watched write");
+}
