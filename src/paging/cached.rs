@@ -176,7 +176,7 @@ impl WalkCache {
             *refs = 0;
             let memo = self.memo(walker);
             let walked = walker.walk_levels(root, mem, req, memo, refs)?;
-            if self.tables_pinned(&walked, &mut pinned) {
+            if self.tables_pinned(&root.fmt, req.va, &walked, &mut pinned) {
                 return Ok((walked, true));
             }
             tries += 1;
