@@ -318,3 +318,26 @@ fn a_watched_cache_sees_writes_to_any_page_of_a_large_granule_table() {
     let got = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
     assert_eq!(got.unwrap().pa, GuestPhysAddr(0x60_0000), "stale after a watched write");
 }
+
+/// The last page of the address space (the top of the TTBR1 range; x86's
+/// too) is a whole page to `translate_range`: `[va, va + len)` may end
+/// exactly at 2^64.
+#[test]
+fn a_range_may_end_at_the_top_of_the_address_space() {
+    let mut t = Tables::new(&low_ram());
+    let root1 = t.alloc(Granule::K4);
+    let top = 0xffff_ffff_ffff_f000u64;
+    t.map(Granule::K4, root1, top, 3, 0x20_0000 | TABLE | AF);
+    let mut r = Aarch64Paging::new(Granule::K4, 0, root1);
+    r.tcr |= pagefold::paging::aarch64::regs::TCR_EPD0;
+    let w = Walker::new(r).unwrap();
+    let segs: Vec<_> = w
+        .translate_range(&t.mem, GuestVirtAddr(top), 0x1000, Access::read())
+        .collect();
+    let lens: Vec<u64> = segs.iter().map(|s| s.as_ref().unwrap().len).collect();
+    assert_eq!(lens, [0x1000], "{segs:?}");
+    let mut buf = [0u8; 0x1000];
+    let opts = WalkOptions::default();
+    w.read_virt(&t.mem, GuestVirtAddr(top), &mut buf, Access::read(), opts, None)
+        .unwrap();
+}
