@@ -316,7 +316,11 @@ fn a_watched_cache_sees_writes_to_any_page_of_a_large_granule_table() {
         .write_obj(GuestPhysAddr(leaf), 0x60_0000u64 | TABLE | AF)
         .unwrap();
     let got = w.translate_with(&t.mem, va, Access::read(), opts, Some(&mut c));
-    assert_eq!(got.unwrap().pa, GuestPhysAddr(0x60_0000), "stale after a watched write");
+    assert_eq!(
+        got.unwrap().pa,
+        GuestPhysAddr(0x60_0000),
+        "stale after a watched write"
+    );
 }
 
 /// The last page of the address space (the top of the TTBR1 range; x86's
@@ -338,6 +342,13 @@ fn a_range_may_end_at_the_top_of_the_address_space() {
     assert_eq!(lens, [0x1000], "{segs:?}");
     let mut buf = [0u8; 0x1000];
     let opts = WalkOptions::default();
-    w.read_virt(&t.mem, GuestVirtAddr(top), &mut buf, Access::read(), opts, None)
-        .unwrap();
+    w.read_virt(
+        &t.mem,
+        GuestVirtAddr(top),
+        &mut buf,
+        Access::read(),
+        opts,
+        None,
+    )
+    .unwrap();
 }
