@@ -352,3 +352,20 @@ fn a_range_may_end_at_the_top_of_the_address_space() {
     )
     .unwrap();
 }
+
+/// SCTLR_EL1.EE (bit 25) makes EL1&0 stage-1 table walks big-endian; a
+/// walker that reads descriptors little-endian would answer for other
+/// tables than the guest's, so it must refuse the registers (naming the
+/// field) rather than translate.
+#[test]
+fn big_endian_table_walks_are_refused_not_misread() {
+    const SCTLR_EE: u64 = 1 << 25;
+    let mut r = Aarch64Paging::new(Granule::K4, 0x1000, 0x2000);
+    r.sctlr |= SCTLR_EE;
+    let e = Walker::new(r).unwrap_err();
+    assert!(e.to_string().contains("SCTLR_EL1.EE"), "{e}");
+    assert!(Aarch64Walker::new(r).is_err());
+    // With stage 1 off there is no walk: nothing to refuse.
+    r.sctlr = SCTLR_EE;
+    assert!(Walker::new(r).is_ok());
+}
