@@ -15,6 +15,8 @@
 //!   scope here), above 39 needs FEAT_TTST; otherwise the behaviour is
 //!   CONSTRAINED UNPREDICTABLE (treated as the limit, or a fault);
 //! - TCR_EL1.DS = 1 (FEAT_LPA2, out of scope here);
+//! - SCTLR_EL1.EE = 1 with the MMU on: big-endian table walks (descriptors
+//!   are read little-endian here);
 //! - TCR_EL1 bits 6 and 35, which are RES0 in every architecture version;
 //! - a TTBR base not aligned to its start-level table (at least 64 bytes):
 //!   BADDR's bits below the table size are RES0, and whether a set one is
@@ -60,6 +62,9 @@ const TCR_RES0: u64 = (1 << 6) | (1 << 35);
 pub const SCTLR_M: u64 = 1 << 0;
 /// SCTLR_EL1.WXN: writable memory is never executable.
 pub const SCTLR_WXN: u64 = 1 << 19;
+/// SCTLR_EL1.EE: EL1 data accesses and EL1&0 stage-1 table walks are
+/// big-endian.
+pub const SCTLR_EE: u64 = 1 << 25;
 
 /// A translation granule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,7 +162,7 @@ pub struct Aarch64Paging {
     pub ttbr0: u64,
     /// TTBR1_EL1, laid out as TTBR0_EL1.
     pub ttbr1: u64,
-    /// SCTLR_EL1 (M and WXN are read).
+    /// SCTLR_EL1 (M and WXN are read; EE is refused with the MMU on).
     pub sctlr: u64,
     /// MAIR_EL1: eight attribute bytes, indexed by a descriptor's AttrIndx.
     pub mair: u64,
@@ -196,6 +201,12 @@ impl Aarch64Paging {
         if tcr & TCR_DS != 0 {
             return Err(Aarch64PagingError::Unsupported {
                 field: "TCR_EL1.DS (LPA2)",
+            });
+        }
+        if self.sctlr & SCTLR_M != 0 && self.sctlr & SCTLR_EE != 0 {
+            // Descriptors are read little-endian.
+            return Err(Aarch64PagingError::Unsupported {
+                field: "SCTLR_EL1.EE (big-endian table walks)",
             });
         }
         let pa_bits = self.pa_bits;
