@@ -256,8 +256,10 @@ fn tagged_addresses_under_tbid_are_checked_on_every_access() {
             .translate_pa(&t.mem, tagged, Access::fetch().user(), opts)
             .is_err());
     }
-    // Without TBID an (EL0) fetch of the tagged address is fine, and
-    // cached. (EL1 may not execute this EL0-writable page.)
+    // Without TBID an (EL0) fetch of the tagged address is fine, but not
+    // cached: TLBI by VA drops the untagged page, which a tagged entry of
+    // its own would outlive (review17). (EL1 may not execute this
+    // EL0-writable page.)
     rg.tcr &= !TCR_TBID0;
     let w = Walker::new(rg).unwrap();
     let mut cache = WalkCache::new();
@@ -271,7 +273,7 @@ fn tagged_addresses_under_tbid_are_checked_on_every_access() {
         )
         .unwrap();
     }
-    assert_eq!(cache.stats().hits, 1);
+    assert_eq!(cache.stats().hits, 0);
 }
 
 #[test]

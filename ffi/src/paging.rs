@@ -309,6 +309,9 @@ pub struct pf_translation {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_translation {
     const NAME: &'static str = "pf_translation";
+    // `arch_attributes` came with AArch64: callers of the first version
+    // are served without it.
+    const FIRST_SIZE: usize = std::mem::offset_of!(pf_translation, arch_attributes);
 }
 
 /// `pf_walk_fault.code_kind`: an x86 #PF; `code` is its error code.

@@ -67,7 +67,8 @@ fuzz_target!(|input: Input| {
         | 1 << 36 | 1 << 37 | 1 << 38 // AS, TBI0, TBI1
         | 3 << 39 // HA, HD
         | 3 << 41 // HPD0, HPD1
-        | 3 << 51; // TBID0, TBID1
+        | 3 << 51 // TBID0, TBID1
+        | 3 << 55; // E0PD0, E0PD1
     let tcr = if raw {
         input.tcr
     } else {

@@ -258,13 +258,15 @@ pub(crate) struct S1Format {
     /// With DS: TCR_EL1.SHn, the range's shareability (descriptor bits 9:8
     /// are address bits).
     sh: Option<u8>,
+    /// TCR_EL1.E0PDn: EL0 may not access this range at all.
+    e0pd: bool,
 }
 
 impl S1Format {
     fn new(regs: &Aarch64Paging, tcr: &Tcr, ttbr: Ttbr) -> Self {
-        let (granule, txsz, base, hpd, sh) = match ttbr {
-            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0, tcr.sh0),
-            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1, tcr.sh1),
+        let (granule, txsz, base, hpd, sh, e0pd) = match ttbr {
+            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0, tcr.sh0, tcr.e0pd0),
+            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1, tcr.sh1, tcr.e0pd1),
         };
         let ds = tcr.lpa2_layout(granule);
         S1Format {
@@ -284,7 +286,14 @@ impl S1Format {
             wxn: regs.sctlr & SCTLR_WXN != 0,
             pan: regs.pan,
             sh: ds.then_some(sh),
+            e0pd,
         }
+    }
+
+    /// The root's bits above the OA size: nonzero, every address of the
+    /// range takes an address size fault at level 0.
+    pub(crate) fn root_excess(&self) -> u64 {
+        self.layout.excess(self.root)
     }
 
     /// The leaf's permissions after the table restrictions: (EL0 read,
@@ -312,6 +321,9 @@ impl S1Format {
         let write = access.is_write();
         let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, write);
         match (access.privilege, access.kind) {
+            // E0PD: the range check faults first; a cached translation
+            // must not answer either.
+            (Privilege::User, _) if self.e0pd => false,
             (Privilege::User, AccessKind::Read) => user_r,
             (Privilege::User, AccessKind::Write) => user_w,
             (Privilege::User, AccessKind::Fetch) => user_x,
@@ -421,8 +433,8 @@ impl Format for S1Format {
             read: true,
             write: priv_w,
             execute: priv_x,
-            user: user_r,
-            user_execute: user_x,
+            user: user_r && !self.e0pd,
+            user_execute: user_x && !self.e0pd,
             key: 0,
         }
     }
@@ -504,7 +516,8 @@ pub struct Aarch64Translation {
 pub enum Aarch64FaultKind {
     /// Translation fault (FSC 0b0001LL, 0b101011 at level -1): an invalid or
     /// reserved descriptor, an address outside both VA ranges or in a
-    /// disabled one (at stage 2: an IPA above the input size).
+    /// disabled one, an EL0 access to a range E0PDn closes (at stage 2: an
+    /// IPA above the input size).
     Translation,
     /// Access flag fault (FSC 0b0010LL): AF clear without TCR_EL1.HA (or
     /// VTCR_EL2.HA at stage 2).
@@ -645,14 +658,15 @@ impl Aarch64Walker {
             ttbr,
         };
         if self.regs.sctlr & SCTLR_M == 0 {
-            // Stage 1 off: the output is the VA, which must fit the PA
-            // size (an address size fault at level 0).
-            if v >> self.regs.pa_bits != 0 {
+            // Stage 1 off: the output is the VA (its top byte dropped
+            // under TBI), which must fit the PA size (an address size
+            // fault at level 0).
+            let Some(pa) = self.mmu_off_output(v, access) else {
                 return Err(fault(Aarch64FaultKind::AddressSize, 0, None));
-            }
+            };
             return Ok(Aarch64Translation {
                 va,
-                pa: GuestPhysAddr(v),
+                pa: GuestPhysAddr(pa),
                 page_size: 1 << self.tcr.tg0.shift(),
                 level: None,
                 ttbr: None,
@@ -735,12 +749,32 @@ impl Aarch64Walker {
         self.regs.pa_bits
     }
 
+    /// The output address of `va` with stage 1 off, or `None` for the
+    /// address size fault (level 0) it takes: `AArch64.S1DisabledOutput`
+    /// checks `va<AddrTop:PAMax>` (AddrTop 55 under TBI, which TBID limits
+    /// to data accesses, else 63) and outputs `va<51:0>`.
+    pub(crate) fn mmu_off_output(&self, va: u64, access: Access) -> Option<u64> {
+        let upper = va & (1 << 55) != 0;
+        let t = &self.tcr;
+        let (tbi, tbid) = if upper {
+            (t.tbi1, t.tbid1)
+        } else {
+            (t.tbi0, t.tbid0)
+        };
+        let top = if tbi && !(tbid && access.is_fetch()) {
+            55
+        } else {
+            63
+        };
+        (va & bits(u32::from(self.regs.pa_bits), top) == 0).then_some(va & bits(0, 51))
+    }
+
     /// The range (TTBR) `va` selects for `access` and its format, or the
     /// level-0 fault (kind) that selecting it raises. VA bit 55 selects
     /// the range; the bits above the range's size must all equal it (bits
     /// 63:56 are ignored under TBI, which TBID limits to data accesses).
-    /// Outside both ranges, or in a range whose walks EPDn disables: a
-    /// translation fault at level 0 (`AArch64.S1Walk`; v8.0
+    /// Outside both ranges, an EL0 access to a range E0PDn closes, or in a
+    /// range whose walks EPDn disables: a translation fault at level 0 (`AArch64.S1Walk`; v8.0
     /// `AArch64.TranslationTableWalk`: "level = 0; AArch32 reports this as
     /// a level 1 fault"). A root above the OA size: an address size fault
     /// at level 0.
@@ -763,7 +797,7 @@ impl Aarch64Walker {
         };
         let range = bits(fmt.layout.ia_bits, top);
         let want = if upper { range } else { 0 };
-        if va & range != want || disabled {
+        if va & range != want || (access.is_user() && fmt.e0pd) || disabled {
             return Err((Aarch64FaultKind::Translation, ttbr));
         }
         if fmt.layout.excess(fmt.root) != 0 {
@@ -780,18 +814,14 @@ impl Aarch64Walker {
         lo.into_iter().chain(hi)
     }
 
-    /// Whether translations of `va` may be cached for every access: not a
-    /// tagged address (top byte unlike bit 55) that only data accesses may
-    /// use (TBI with TBID, so a fetch of it faults).
+    /// Whether translations of `va` may be cached: not a tagged address
+    /// (top byte unlike bit 55). A tagged address translates as its
+    /// untagged page, which TLBI by VA (`VA[55:12]`) invalidates whatever
+    /// the tag, so a cache entry of its own would outlive the page's
+    /// invalidation; under TBID only data accesses may use it at all.
     pub(crate) fn cacheable(&self, va: u64) -> bool {
-        let upper = va & (1 << 55) != 0;
-        let tbid = if upper {
-            self.tcr.tbid1
-        } else {
-            self.tcr.tbid0
-        };
-        let sign = if upper { 0xff } else { 0 };
-        !tbid || va >> 56 == sign
+        let sign = if va & (1 << 55) != 0 { 0xff } else { 0 };
+        va >> 56 == sign
     }
 
     /// The architectural fault (kind and level) for an engine stop in

@@ -300,7 +300,9 @@ impl WalkCache {
     }
 
     /// With a watch attached: marks the table pages `walked` read (from its
-    /// first level down to its leaf) in the watch, and says whether all of
+    /// first level down to its leaf; the page of the entry read for `va`
+    /// in `fmt`, as a table of a 16 or 64 KiB granule spans several 4 KiB
+    /// pages) in the watch, and says whether all of
     /// them are in `pinned`, the pages this translation marked before the
     /// walk began; the pages not yet there are added (at most 24). Without
     /// a watch: `true`.
@@ -309,13 +311,20 @@ impl WalkCache {
     /// marked before the read (then any later write to those tables, told
     /// to the watch, flushes this cache); a walk whose pages were not is
     /// walked again (`WalkCache::walk_pinned`).
-    pub(crate) fn tables_pinned(&self, walked: &Walked, pinned: &mut Vec<u64>) -> bool {
+    pub(crate) fn tables_pinned<F: Format>(
+        &self,
+        fmt: &F,
+        va: u64,
+        walked: &Walked,
+        pinned: &mut Vec<u64>,
+    ) -> bool {
         let Some((watch, _)) = &self.watch else {
             return true;
         };
         let mut all = true;
         for level in walked.leaf_level.max(1)..=walked.start_level.min(5) {
-            let page = walked.tables[usize::from(level)].0 >> PAGE_SHIFT;
+            let table = walked.tables[usize::from(level)].0;
+            let page = fmt.entry_addr(table, level, va) >> PAGE_SHIFT;
             if !pinned.contains(&page) {
                 all = false;
                 if pinned.len() < 24 {
@@ -766,7 +775,9 @@ impl WalkCache {
         need_accessed: bool,
     ) -> Option<Start> {
         for level in 1..fmt.top_level() {
-            let tag = va >> fmt.index_shift(level + 1);
+            // The shift is in the tag: AArch64's two ranges share a space
+            // and may index their tables with different granules.
+            let tag = TlbEntry::tag_of(va, fmt.index_shift(level + 1));
             let u = &self.upper[memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS)];
             if u.valid
                 && u.space == space
@@ -798,7 +809,7 @@ impl WalkCache {
         let top = fmt.top_level();
         for level in w.leaf_level.max(1)..w.start_level.min(top) {
             let (table, acc) = w.tables[usize::from(level)];
-            let tag = va >> fmt.index_shift(level + 1);
+            let tag = TlbEntry::tag_of(va, fmt.index_shift(level + 1));
             let i = memo_slot(space, tag, u64::from(level) << 8, UPPER_SLOTS);
             self.upper[i] = UpperSlot {
                 valid: true,

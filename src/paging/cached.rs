@@ -127,7 +127,8 @@ impl WalkCache {
         let set_ad = options.set_accessed_dirty;
         let req = Request { va, access, set_ad };
         let mut refs = 0;
-        let mut caching = true;
+        // Tagged AArch64 addresses are not cached, with stage 1 on or off.
+        let mut caching = walker.cacheable(va);
         let walked = match walker.first_root(va, access)? {
             None => None,
             Some(mut root) => {
@@ -136,7 +137,7 @@ impl WalkCache {
                     root.start = s;
                 }
                 let (walked, pinned) = self.walk_pinned(walker, &root, mem, req, &mut refs)?;
-                caching = pinned && walker.cacheable(va);
+                caching &= pinned;
                 if caching {
                     let space = self.space_id(walker.space_key());
                     self.insert_upper(space, walker.pcid(), va, &root.fmt, &walked, set_ad);
@@ -175,7 +176,7 @@ impl WalkCache {
             *refs = 0;
             let memo = self.memo(walker);
             let walked = walker.walk_levels(root, mem, req, memo, refs)?;
-            if self.tables_pinned(&walked, &mut pinned) {
+            if self.tables_pinned(&root.fmt, req.va, &walked, &mut pinned) {
                 return Ok((walked, true));
             }
             tries += 1;

@@ -14,7 +14,7 @@ use super::{
     aarch64::{Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Walker, S1Format},
     engine::Stop,
     fault::{FaultCode, FaultReason},
-    format::{Decoded, Denied, Format},
+    format::{bits, Decoded, Denied, Format},
     riscv::{self, RiscvAttributes, SvFormat},
     types::{Access, LeafAttributes, Permissions},
     x86::X86Format,
@@ -153,6 +153,18 @@ impl First {
             First::Aarch64(a) if a.mmu_on() => Some(FirstFmt::Aarch64(a.range_format(va))),
             First::Aarch64(_) => None,
             First::Riscv { fmt, .. } => fmt.as_ref().map(FirstFmt::Riscv),
+        }
+    }
+
+    /// The output of `va` where nothing translates it (x86 without
+    /// paging, RISC-V Bare; AArch64 with stage 1 off: `va<51:0>`, the top
+    /// byte that TBI ignores dropped), once `Walker::first_root` has
+    /// checked it.
+    #[inline]
+    pub(crate) fn untranslated(&self, va: u64) -> u64 {
+        match self {
+            First::Aarch64(_) => va & bits(0, 51),
+            _ => va,
         }
     }
 

@@ -172,6 +172,15 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
         let (fmt, base) = self.ranges.pop()?;
         self.fmt = Some(fmt);
         let top = fmt.top_level();
+        if let FirstFmt::Aarch64(f) = fmt {
+            // A root above the OA size: every address of the range takes
+            // an address size fault at level 0, as `translate` reports.
+            let bits = f.root_excess();
+            if bits != 0 {
+                let reason = FaultReason::Reserved { bits };
+                return Some(Err(self.fault(base, 0, None, None, reason)));
+            }
+        }
         Some(
             self.walker
                 .guest_table_to_pa(self.mem, fmt.root(), base, top)

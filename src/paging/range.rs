@@ -34,7 +34,8 @@ pub struct RangeSegments<'a, M: ?Sized> {
     mem: &'a M,
     access: Access,
     next: u64,
-    end: u64,
+    /// The range's last byte (inclusive, so a range may end at 2^64).
+    last: u64,
     done: bool,
 }
 
@@ -53,7 +54,7 @@ impl Walker {
             mem,
             access,
             next: va.0,
-            end: va.0.saturating_add(len),
+            last: va.0.saturating_add(len.saturating_sub(1)),
             done: len == 0,
         }
     }
@@ -80,13 +81,25 @@ impl Piece {
 }
 
 impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
+    /// Bytes of the range from `va` (in the range) on. Never 2^64: a
+    /// range of `u64` length starting at 0 ends at `u64::MAX - 1`.
+    fn left(&self, va: u64) -> u64 {
+        self.last - va + 1
+    }
+
+    /// Whether the range goes on past `seg` (which starts in it and is not
+    /// empty).
+    fn more(&self, seg: &Piece) -> bool {
+        seg.len - 1 < self.last - seg.va
+    }
+
     /// Extends `seg` through the last-level table `pt` (permissions above
     /// it `acc`) while entries map the following pages contiguously.
     fn extend_in_table(&self, long: &X86Long<'_>, pt: u64, acc: u64, seg: &mut Piece) {
         // Entries with the same rights bits get the same answer from the
         // check: decide it once per distinct set.
         let mut checked: Option<(u64, bool)> = None;
-        while seg.va + seg.len < self.end {
+        while self.more(seg) {
             let va = seg.va + seg.len;
             if va & 0x1f_ffff == 0 {
                 // The next page is in another table.
@@ -113,7 +126,7 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             if !ok {
                 return;
             }
-            seg.len += (self.end - va).min(PAGE);
+            seg.len += self.left(va).min(PAGE);
         }
     }
 
@@ -139,7 +152,7 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
                 va,
                 gpa,
                 pa: gpa,
-                len: (size - (va & (size - 1))).min(self.end - va),
+                len: (size - (va & (size - 1))).min(self.left(va)),
             };
             if w.leaf_level == 1 {
                 let (pt, acc) = w.tables[1];
@@ -155,7 +168,7 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
             va,
             gpa: t.gpa.0,
             pa: t.pa.0,
-            len: t.contiguous_bytes().min(self.end - va),
+            len: t.contiguous_bytes().min(self.left(va)),
         })
     }
 }
@@ -164,7 +177,7 @@ impl<M: PhysMemory + ?Sized> Iterator for RangeSegments<'_, M> {
     type Item = Result<Segment, WalkFault>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.next >= self.end {
+        if self.done {
             return None;
         }
         let mut seg = match self.piece(self.next) {
@@ -176,13 +189,17 @@ impl<M: PhysMemory + ?Sized> Iterator for RangeSegments<'_, M> {
         };
         // Join following pieces while they continue the segment physically
         // (a fault there ends the segment; the next call reports it).
-        while seg.va + seg.len < self.end {
+        while self.more(&seg) {
             match self.piece(seg.va + seg.len) {
                 Ok(p) if p.pa == seg.pa + seg.len && p.gpa == seg.gpa + seg.len => seg.len += p.len,
                 _ => break,
             }
         }
-        self.next = seg.va + seg.len;
+        if self.more(&seg) {
+            self.next = seg.va + seg.len;
+        } else {
+            self.done = true;
+        }
         Some(Ok(seg.segment()))
     }
 }

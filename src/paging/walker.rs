@@ -467,8 +467,8 @@ impl Walker {
         &self.first
     }
 
-    /// Whether a translation of `va` may be cached for every access (not
-    /// an AArch64 tagged address only data accesses may use).
+    /// Whether a translation of `va` may be cached (not an AArch64 tagged
+    /// address).
     #[inline(always)]
     pub(crate) fn cacheable(&self, va: u64) -> bool {
         match &self.first {
@@ -586,9 +586,10 @@ impl Walker {
             First::NoPaging => return Ok(None),
             First::X86(fmt) => FirstFmt::X86(fmt),
             First::Aarch64(a) if !a.mmu_on() => {
-                // Stage 1 off: the output is the address, which must fit
-                // the PA size (an address size fault at level 0).
-                if va >> a.pa_bits() != 0 {
+                // Stage 1 off: the output is the address (its top byte
+                // dropped under TBI), which must fit the PA size (an
+                // address size fault at level 0).
+                if a.mmu_off_output(va, access).is_none() {
                     let s = at_input(FaultReason::AddressTooWide);
                     return Err(self.fault_first(va, access, s, None));
                 }
@@ -736,7 +737,7 @@ impl Walker {
                 }
             }
             None => FirstLeaf {
-                gpa: va,
+                gpa: self.first.untranslated(va),
                 shift: PAGE_SHIFT_U8,
                 level: 0,
                 permissions: Permissions::no_paging(),

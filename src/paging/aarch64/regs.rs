@@ -20,6 +20,8 @@
 //!   others may clamp, above 39 needs FEAT_TTST; either way the behaviour is
 //!   not one walk;
 //! - TCR_EL1.DS = 1 on a processor without FEAT_LPA2 (the bit is RES0);
+//! - SCTLR_EL1.EE = 1 with the MMU on: big-endian table walks (descriptors
+//!   are read little-endian here);
 //! - TCR_EL1 bits 6 and 35, which are RES0 in every architecture version;
 //! - a TTBR base not aligned to its start-level table (at least 64 bytes
 //!   where the base register holds a 52-bit address): BADDR's bits below
@@ -62,6 +64,10 @@ pub const TCR_HPD1: u64 = 1 << 42;
 pub const TCR_TBID0: u64 = 1 << 51;
 /// TCR_EL1.TBID1: TBI1 applies to data accesses only.
 pub const TCR_TBID1: u64 = 1 << 52;
+/// TCR_EL1.E0PD0 (FEAT_E0PD): EL0 accesses to the TTBR0 range fault.
+pub const TCR_E0PD0: u64 = 1 << 55;
+/// TCR_EL1.E0PD1 (FEAT_E0PD): EL0 accesses to the TTBR1 range fault.
+pub const TCR_E0PD1: u64 = 1 << 56;
 /// TCR_EL1.DS: 52-bit addresses with 4 KiB and 16 KiB granules (LPA2).
 pub const TCR_DS: u64 = 1 << 59;
 /// TCR_EL1 bits that are RES0 in every architecture version.
@@ -70,6 +76,9 @@ const TCR_RES0: u64 = (1 << 6) | (1 << 35);
 pub const SCTLR_M: u64 = 1 << 0;
 /// SCTLR_EL1.WXN: writable memory is never executable.
 pub const SCTLR_WXN: u64 = 1 << 19;
+/// SCTLR_EL1.EE: EL1 data accesses and EL1&0 stage-1 table walks are
+/// big-endian.
+pub const SCTLR_EE: u64 = 1 << 25;
 
 /// A translation granule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -189,7 +198,7 @@ pub struct Aarch64Paging {
     pub ttbr0: u64,
     /// TTBR1_EL1, laid out as TTBR0_EL1.
     pub ttbr1: u64,
-    /// SCTLR_EL1 (M and WXN are read).
+    /// SCTLR_EL1 (M and WXN are read; EE is refused with the MMU on).
     pub sctlr: u64,
     /// MAIR_EL1: eight attribute bytes, indexed by a descriptor's AttrIndx.
     pub mair: u64,
@@ -244,6 +253,12 @@ impl Aarch64Paging {
                 feature: "FEAT_LPA2",
             });
         }
+        if self.sctlr & SCTLR_M != 0 && self.sctlr & SCTLR_EE != 0 {
+            // Descriptors are read little-endian.
+            return Err(Aarch64PagingError::Unsupported {
+                field: "SCTLR_EL1.EE (big-endian table walks)",
+            });
+        }
         let pa_bits = check_pa_bits(self.pa_bits)?;
         let field = |v: u64| (v & 0x3f) as u8;
         let (t0sz, t1sz) = (field(tcr), field(tcr >> 16));
@@ -293,6 +308,8 @@ impl Aarch64Paging {
             ds,
             sh0: ((tcr >> 12) & 3) as u8,
             sh1: ((tcr >> 28) & 3) as u8,
+            e0pd0: tcr & TCR_E0PD0 != 0,
+            e0pd1: tcr & TCR_E0PD1 != 0,
             oa_bits: oa_size((tcr >> 32) & 7, pa_bits),
         };
         for (reg, value, granule, txsz, enabled) in [
@@ -439,6 +456,11 @@ pub struct Tcr {
     pub sh0: u8,
     /// SH1: with DS, the shareability of the TTBR1 range's pages.
     pub sh1: u8,
+    /// E0PD0: every EL0 access to the TTBR0 range takes a level 0
+    /// translation fault.
+    pub e0pd0: bool,
+    /// E0PD1: likewise for the TTBR1 range.
+    pub e0pd1: bool,
     /// The output-address size in force: IPS capped at the implemented PA
     /// size.
     pub oa_bits: u8,
