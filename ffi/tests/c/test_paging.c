@@ -519,6 +519,111 @@ TEST(aarch64_stage1_translates_and_aborts) {
     pf_guest_memory_free(mem);
 }
 
+/* RISC-V Sv39 with SUM clear: 4 MiB of guest memory, root at 0x1000 ->
+ * 0x2000 -> 0x3000; VA 0x400000 a user page at 0x5000 (R, W, U, A, D). */
+#define RV_V 0x1ull
+#define RV_R 0x2ull
+#define RV_W 0x4ull
+#define RV_U 0x10ull
+#define RV_A 0x40ull
+#define RV_D 0x80ull
+#define RV_PTE(pa, flags) ((((pa) >> 12) << 10) | (flags))
+
+TEST(riscv64_sv39_translates_and_traps) {
+    pf_region r = pf_test_region(0, 4 * MIB);
+    pf_guest_memory *mem = pf_test_memory(&r, 1);
+    put(mem, 0x1000, RV_PTE(0x2000, RV_V));
+    put(mem, 0x2000 + 2 * 8, RV_PTE(0x3000, RV_V));
+    put(mem, 0x3000, RV_PTE(0x5000, RV_V | RV_R | RV_W | RV_U | RV_A | RV_D));
+
+    pf_riscv_paging regs;
+    memset(&regs, 0, sizeof regs);
+    regs.struct_size = sizeof regs;
+    regs.satp = (8ull << 60) | (0x1000 >> 12); /* Sv39 */
+    pf_walker *w = NULL;
+    CHECK_OK(pf_walker_new_riscv64(&regs, NULL, &w));
+
+    pf_translation t = translation();
+    CHECK_OK(pf_walker_translate(w, mem, 0x400abc, PF_ACCESS_USER | PF_ACCESS_WRITE, NULL, &t, NULL));
+    CHECK_EQ(t.gpa, 0x5abc);
+    CHECK_EQ(t.memory_refs, 3);
+    CHECK_EQ(t.arch_attributes & 0x30, 0x30); /* A and D */
+
+    /* S-mode without SUM may not read the U page: a load page fault. */
+    pf_walk_fault f = fault();
+    CHECK_STATUS(pf_walker_translate(w, mem, 0x400abc, 0, NULL, &t, &f), PF_ERR_FAULT);
+    CHECK_EQ(f.code_kind, PF_FAULT_RISCV_TRAP);
+    CHECK_EQ(f.code, 13);
+    CHECK_EQ(f.htval, 0);
+    CHECK_EQ(f.gva, 0);
+
+    /* Under an Sv39x4 G stage whose root (16 KiB at 0x10000) maps
+     * nothing: the first VS-stage table read is a guest-page fault of the
+     * original access (a store: 23), htval the PTE's GPA >> 2, htinst the
+     * read pseudoinstruction. */
+    pf_riscv_gstage g;
+    memset(&g, 0, sizeof g);
+    g.struct_size = sizeof g;
+    g.hgatp = (8ull << 60) | (0x10000 >> 12);
+    pf_walker *nested = NULL;
+    CHECK_OK(pf_walker_new_riscv64(&regs, &g, &nested));
+    f = fault();
+    CHECK_STATUS(pf_walker_translate(nested, mem, 0x400abc, PF_ACCESS_USER | PF_ACCESS_WRITE, NULL, &t, &f),
+                 PF_ERR_FAULT);
+    CHECK_EQ(f.code_kind, PF_FAULT_RISCV_TRAP);
+    CHECK_EQ(f.code, 23);
+    CHECK_EQ(f.stage, 2);
+    CHECK_EQ(f.htval, 0x1000 >> 2);
+    CHECK_EQ(f.htinst, 0x3000);
+    CHECK_EQ(f.gva, 1);
+
+    pf_walker *bad = NULL;
+    regs.satp = 3ull << 60; /* a reserved MODE */
+    CHECK_ERR(pf_walker_new_riscv64(&regs, NULL, &bad), PF_ERR_INVALID_ARGUMENT, "satp");
+    regs.satp = 0;
+    regs.flags = 0x100;
+    CHECK_ERR(pf_walker_new_riscv64(&regs, NULL, &bad), PF_ERR_INVALID_ARGUMENT, "flags");
+    CHECK(bad == NULL);
+    pf_walker_free(nested);
+    pf_walker_free(w);
+    pf_guest_memory_free(mem);
+}
+
+/* AArch64 stage 1 under a stage 2 whose root maps nothing: the first
+ * stage-1 descriptor read is a stage-2 translation fault with S1PTW,
+ * HPFAR_EL2 naming its IPA. */
+TEST(aarch64_stage2_aborts_with_s1ptw) {
+    pf_region r = pf_test_region(0, 4 * MIB);
+    pf_guest_memory *mem = pf_test_memory(&r, 1);
+    pf_aarch64_paging regs;
+    memset(&regs, 0, sizeof regs);
+    regs.struct_size = sizeof regs;
+    regs.tcr = ARM_TCR;
+    regs.ttbr0 = 0x1000;
+    regs.ttbr1 = 0x1000;
+    regs.sctlr = 1;
+    pf_aarch64_stage2 s2;
+    memset(&s2, 0, sizeof s2);
+    s2.struct_size = sizeof s2;
+    /* T0SZ 16, SL0 = 2 (start at level 0 with 4 KiB), TG0 4 KiB, PS 48
+     * bits. */
+    s2.vtcr = 16 | (2ull << 6) | (5ull << 16);
+    s2.vttbr = 0x20000;
+    pf_walker *w = NULL;
+    CHECK_OK(pf_walker_new_aarch64(&regs, &s2, &w));
+    pf_translation t = translation();
+    pf_walk_fault f = fault();
+    CHECK_STATUS(pf_walker_translate(w, mem, 0x400000, 0, NULL, &t, &f), PF_ERR_FAULT);
+    CHECK_EQ(f.code_kind, PF_FAULT_AARCH64_STAGE2_ABORT);
+    CHECK_EQ(f.stage, 2);
+    /* Data abort from a lower EL, IL, S1PTW, translation fault level 0. */
+    CHECK_EQ(f.code, (0x24ull << 26) | (1ull << 25) | (1ull << 7) | 0x4);
+    CHECK_EQ(f.gpa, 0x1000);
+    CHECK_EQ(f.hpfar, (0x1000 >> 12) << 4);
+    pf_walker_free(w);
+    pf_guest_memory_free(mem);
+}
+
 int main(void) {
     static const pf_test_case tests[] = {
         PF_TEST_CASE(translates_4k_and_2m_pages),
@@ -532,6 +637,8 @@ int main(void) {
         PF_TEST_CASE(nested_walk_under_ept),
         PF_TEST_CASE(argument_errors),
         PF_TEST_CASE(aarch64_stage1_translates_and_aborts),
+        PF_TEST_CASE(riscv64_sv39_translates_and_traps),
+        PF_TEST_CASE(aarch64_stage2_aborts_with_s1ptw),
     };
     return pf_test_main("paging", tests, sizeof tests / sizeof tests[0]);
 }
