@@ -1,0 +1,253 @@
+//! The QEMU ground truth of `benches/guest/boot_guest.sh --arch A` for the
+//! walker tests of the emulated architectures (`maps_qemu_aarch64.rs`,
+//! `maps_qemu_riscv64.rs`): finding or making the images (the skip rule of
+//! `maps_qemu.rs`), and reading the files the capture wrote — the RAM image
+//! and its base (`layout.txt`), the paging registers (`paging-0.txt`) and
+//! QEMU's `gva2gpa` answers per privilege context (`gva2gpa-0.txt`).
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The files one captured VM leaves.
+const FILES: [&str; 5] = [
+    "done-0",
+    "ram-0.img",
+    "paging-0.txt",
+    "gva2gpa-0.txt",
+    "layout.txt",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `PAGEFOLD_GUEST_IMAGES_<ARCH>` (upper case), else
+/// `target/guest-images-<arch>`.
+fn images_dir(arch: &str) -> PathBuf {
+    let var = format!("PAGEFOLD_GUEST_IMAGES_{}", arch.to_uppercase());
+    match std::env::var_os(&var) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => repo().join(format!("target/guest-images-{arch}")),
+    }
+}
+
+fn have_images(dir: &Path) -> bool {
+    FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// A line the test harness does not capture (a SKIP, the result counts).
+pub(crate) fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Makes sure the images exist, booting the guest if needed. `Err` says
+/// why they could not be made.
+fn ensure_images(arch: &str) -> Result<PathBuf, String> {
+    let dir = images_dir(arch);
+    if have_images(&dir) {
+        return Ok(dir);
+    }
+    let script = repo().join("benches/guest/boot_guest.sh");
+    if !script.is_file() {
+        return Err(format!("{} is missing", script.display()));
+    }
+    report(&format!(
+        "maps_qemu_{arch}: {} has no captured guest; running {} --arch {arch} \
+         (boots one guest under QEMU TCG and captures its ground truth, about a minute)",
+        dir.display(),
+        script.display()
+    ));
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--arch", arch, "--out"])
+        .arg(&dir)
+        .current_dir(repo())
+        .output()
+        .map_err(|e| format!("cannot run bash {}: {e}", script.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!(
+            "{} --arch {arch} failed ({}); its last messages:\n    {}",
+            script.display(),
+            out.status,
+            tail.join("\n    ")
+        ));
+    }
+    if !have_images(&dir) {
+        return Err(format!(
+            "{} succeeded but {} still lacks one of {FILES:?}",
+            script.display(),
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// The images' folder, or `None` after printing a SKIP line when they
+/// cannot be made and `PAGEFOLD_SKIP_QEMU=1` is set; panics otherwise.
+pub(crate) fn images_or_skip(arch: &str) -> Option<PathBuf> {
+    match ensure_images(arch) {
+        Ok(d) => Some(d),
+        Err(why) if std::env::var("PAGEFOLD_SKIP_QEMU").as_deref() == Ok("1") => {
+            report(&format!(
+                "SKIP maps_qemu_{arch}: no guest images ({why}); PAGEFOLD_SKIP_QEMU=1 is set"
+            ));
+            None
+        }
+        Err(why) => panic!(
+            "maps_qemu_{arch}: the QEMU guest images could not be made: {why}\n\
+             (set PAGEFOLD_SKIP_QEMU=1 to skip this test where QEMU cannot run)"
+        ),
+    }
+}
+
+fn hex(s: &str) -> u64 {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|e| panic!("'{s}' is not hexadecimal: {e}"))
+}
+
+/// `paging-0.txt`: register name to value (`absent` ones left out).
+pub(crate) fn paging(dir: &Path) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(dir.join("paging-0.txt")).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, v)| v.starts_with("0x"))
+        .map(|(k, v)| (k.to_string(), hex(v)))
+        .collect()
+}
+
+/// The RAM image and the guest-physical address of its first byte (the
+/// `layout.txt` range at file offset 0).
+pub(crate) fn ram(dir: &Path) -> (Vec<u8>, u64) {
+    let layout = std::fs::read_to_string(dir.join("layout.txt")).unwrap();
+    let base = layout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 3 && hex(f[2]) == 0)
+        .map(|f| hex(f[0]))
+        .unwrap_or_else(|| panic!("{}/layout.txt has no range at offset 0", dir.display()));
+    (std::fs::read(dir.join("ram-0.img")).unwrap(), base)
+}
+
+/// What QEMU's `gva2gpa` said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// `gpa: 0x...`.
+    Mapped(u64),
+    /// `Unmapped`.
+    Unmapped,
+    /// Anything else (the text).
+    Error(String),
+}
+
+/// One sampled address in one context.
+pub(crate) struct Sample {
+    /// The virtual address.
+    pub(crate) va: u64,
+    /// QEMU's answer.
+    pub(crate) answer: Answer,
+    /// Where the sampler took it from (`user`, `linear`, `vmalloc`, ...).
+    pub(crate) tag: String,
+}
+
+/// `gva2gpa-0.txt`: per context (in file order), the registers it set
+/// and its samples.
+pub(crate) struct Truth {
+    /// (context, [(register, value)], samples).
+    pub(crate) contexts: Vec<(String, Vec<(String, u64)>, Vec<Sample>)>,
+}
+
+/// Reads `gva2gpa-0.txt`.
+pub(crate) fn truth(dir: &Path) -> Truth {
+    let text = std::fs::read_to_string(dir.join("gva2gpa-0.txt")).unwrap();
+    let mut contexts: Vec<(String, Vec<(String, u64)>, Vec<Sample>)> = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"context") {
+            let regs = f[2..]
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_string(), hex(v))
+                })
+                .collect();
+            contexts.push((f[1].to_string(), regs, Vec::new()));
+            continue;
+        }
+        assert!(f.len() >= 3, "gva2gpa-0.txt: short line {line:?}");
+        let answer = match f[2] {
+            "unmapped" => Answer::Unmapped,
+            a if a.starts_with("0x") => Answer::Mapped(hex(a)),
+            a => Answer::Error(a.to_string()),
+        };
+        let ctx = contexts
+            .iter_mut()
+            .find(|c| c.0 == f[0])
+            .unwrap_or_else(|| panic!("gva2gpa-0.txt: context {} not declared", f[0]));
+        ctx.2.push(Sample {
+            va: hex(f[1]),
+            answer,
+            tag: f.get(3).unwrap_or(&"").to_string(),
+        });
+    }
+    Truth { contexts }
+}
+
+/// Agreement counts of one context.
+#[derive(Default)]
+pub(crate) struct Tally {
+    /// Both translated, to the same address.
+    pub(crate) mapped: usize,
+    /// Neither translated.
+    pub(crate) unmapped: usize,
+    /// Disagreements, described (the first 20 kept).
+    pub(crate) mismatches: Vec<String>,
+    /// How many disagreed.
+    pub(crate) mismatched: usize,
+}
+
+impl Tally {
+    /// Records one comparison: `ours` is the walker's address or its fault
+    /// (described).
+    pub(crate) fn check(&mut self, ctx: &str, s: &Sample, ours: Result<u64, String>) {
+        let bad = match (&s.answer, &ours) {
+            (Answer::Mapped(q), Ok(p)) if q == p => {
+                self.mapped += 1;
+                return;
+            }
+            (Answer::Unmapped, Err(_)) => {
+                self.unmapped += 1;
+                return;
+            }
+            (q, o) => {
+                let q = match q {
+                    Answer::Mapped(p) => format!("{p:#x}"),
+                    other => format!("{other:?}"),
+                };
+                let o = match o {
+                    Ok(p) => format!("{p:#x}"),
+                    Err(f) => f.clone(),
+                };
+                format!("{ctx}: {:#018x} ({}): QEMU {q}, walker {o}", s.va, s.tag)
+            }
+        };
+        self.mismatched += 1;
+        if self.mismatches.len() < 20 {
+            self.mismatches.push(bad);
+        }
+    }
+}
