@@ -75,21 +75,18 @@ fn aarch64_walker_matches_qemu_gva2gpa() {
     let pa_bits = parange.min(48);
     let (image, base) = qemu_guest::ram(&dir);
     let mem = PhysImage::new(GuestPhysAddr(base), &image);
-    let truth = qemu_guest::truth(&dir);
+    let contexts = qemu_guest::truth(&dir);
     assert!(
-        truth.contexts.len() >= 3,
+        contexts.len() >= 3,
         "gva2gpa-0.txt has {} contexts",
-        truth.contexts.len()
+        contexts.len()
     );
 
     let mut failures = Vec::new();
     let mut vas = std::collections::BTreeSet::new();
-    for (ctx, set, samples) in &truth.contexts {
-        let cpsr = set
-            .iter()
-            .find(|(k, _)| k == "cpsr")
-            .map(|&(_, v)| v)
-            .unwrap_or_else(|| panic!("context {ctx} sets no cpsr"));
+    for c in &contexts {
+        let (ctx, samples) = (&c.name, &c.samples);
+        let cpsr = c.get("cpsr");
         let el = (cpsr >> 2) & 3;
         assert!(el <= 1, "context {ctx}: EL{el} is not the EL1&0 regime");
         let paging = Aarch64Paging {

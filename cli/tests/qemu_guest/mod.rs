@@ -164,28 +164,46 @@ pub(crate) struct Sample {
     pub(crate) tag: String,
 }
 
-/// `gva2gpa-0.txt`: per context (in file order), the registers it set
-/// and its samples.
-pub(crate) struct Truth {
-    /// (context, [(register, value)], samples).
-    pub(crate) contexts: Vec<(String, Vec<(String, u64)>, Vec<Sample>)>,
+/// One privilege context of `gva2gpa-0.txt`.
+pub(crate) struct Context {
+    /// Its name (`stop`, `el1`, `s`, `u`, ...).
+    pub(crate) name: String,
+    /// The registers the capture set (through the gdbstub) before its pass.
+    pub(crate) set: Vec<(String, u64)>,
+    /// QEMU's answers.
+    pub(crate) samples: Vec<Sample>,
 }
 
-/// Reads `gva2gpa-0.txt`.
-pub(crate) fn truth(dir: &Path) -> Truth {
+impl Context {
+    /// The value the context gave `register`.
+    pub(crate) fn get(&self, register: &str) -> u64 {
+        self.set
+            .iter()
+            .find(|(k, _)| k == register)
+            .map(|&(_, v)| v)
+            .unwrap_or_else(|| panic!("context {} sets no {register}", self.name))
+    }
+}
+
+/// Reads `gva2gpa-0.txt`: its contexts, in file order.
+pub(crate) fn truth(dir: &Path) -> Vec<Context> {
     let text = std::fs::read_to_string(dir.join("gva2gpa-0.txt")).unwrap();
-    let mut contexts: Vec<(String, Vec<(String, u64)>, Vec<Sample>)> = Vec::new();
+    let mut contexts: Vec<Context> = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"context") {
-            let regs = f[2..]
+            let set = f[2..]
                 .iter()
                 .map(|kv| {
                     let (k, v) = kv.split_once('=').unwrap();
                     (k.to_string(), hex(v))
                 })
                 .collect();
-            contexts.push((f[1].to_string(), regs, Vec::new()));
+            contexts.push(Context {
+                name: f[1].to_string(),
+                set,
+                samples: Vec::new(),
+            });
             continue;
         }
         assert!(f.len() >= 3, "gva2gpa-0.txt: short line {line:?}");
@@ -196,15 +214,15 @@ pub(crate) fn truth(dir: &Path) -> Truth {
         };
         let ctx = contexts
             .iter_mut()
-            .find(|c| c.0 == f[0])
+            .find(|c| c.name == f[0])
             .unwrap_or_else(|| panic!("gva2gpa-0.txt: context {} not declared", f[0]));
-        ctx.2.push(Sample {
+        ctx.samples.push(Sample {
             va: hex(f[1]),
             answer,
             tag: f.get(3).unwrap_or(&"").to_string(),
         });
     }
-    Truth { contexts }
+    contexts
 }
 
 /// Agreement counts of one context.
