@@ -40,11 +40,18 @@ mod groups {
         config = paging::config();
         targets = paging::benches
     }
+
+    criterion_group! {
+        name = paging_arch_benches;
+        config = paging::config();
+        targets = paging::arch::benches
+    }
 }
 
 criterion_main!(
     groups::memory_benches,
     groups::rust_vmm_benches,
     groups::dirty_benches,
-    groups::paging_benches
+    groups::paging_benches,
+    groups::paging_arch_benches
 );

@@ -31,8 +31,10 @@
 //! rows over guest-sized tables that miss the CPU caches, measured as
 //! latencies.
 //!
-//! `benches/paging_ratios.sh` prints the ratios of one run.
+//! `benches/paging_ratios.sh` prints the ratios of one run. `arch.rs`
+//! measures the walk of each architecture against x86's.
 
+pub(crate) mod arch;
 mod big;
 
 use std::{

@@ -308,9 +308,9 @@ mod tests {
         else {
             panic!("not maps")
         };
-        assert_eq!(guest.cr3, 0x2b0_4000);
-        assert_eq!(guest.cr4, 0x6f0);
-        assert_eq!(guest.efer, 0xd01);
+        assert_eq!(guest.cr3, Some(0x2b0_4000));
+        assert_eq!(guest.cr4, Some(0x6f0));
+        assert_eq!(guest.efer, Some(0xd01));
         assert_eq!(guest.cr0, 0x8001_0001);
         assert_eq!(guest.ram_base, 0);
         assert_eq!(guest.maxphyaddr, 52);
@@ -348,6 +348,37 @@ mod tests {
         );
         assert!(parse(&["maps", "--ram", "r", "--cr3", "1", "--cr4", "20"]).is_err());
         assert!(parse(&[&["maps"][..], &GUEST[..], &["--cr0", "xyz"]].concat()).is_err());
+
+        // --arch aarch64 takes its own registers and needs them.
+        let arm = [
+            "maps",
+            "--arch",
+            "aarch64",
+            "--ram",
+            "r",
+            "--tcr",
+            "0x5b5103510",
+            "--ttbr0",
+            "0x4100_0000",
+            "--ttbr1",
+            "4200_0000",
+        ];
+        let Command::Maps { guest, .. } = parse(&arm).unwrap().command else {
+            panic!("not maps")
+        };
+        assert_eq!(guest.arch(), crate::maps::ArchArg::Aarch64);
+        assert_eq!(
+            (guest.tcr, guest.ttbr0, guest.ttbr1, guest.cr3),
+            (
+                Some(0x5_b510_3510),
+                Some(0x4100_0000),
+                Some(0x4200_0000),
+                None
+            )
+        );
+        assert!(parse(&arm[..arm.len() - 2]).is_err());
+        assert!(parse(&["maps", "--arch", "aarch64", "--ram", "r", "--cr3", "1"]).is_err());
+        assert!(parse(&[&["maps", "--arch", "sparc"][..], &GUEST[1..]].concat()).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `pagefold maps` and `pagefold translate`: the guest's page tables read
 //! out of a raw RAM image with the library's walker — every mapping of an
 //! address space (as text, JSON lines, or QEMU's `info tlb` lines), or the
-//! translation of one virtual address (or the fault it takes).
+//! translation of one virtual address (or the fault it takes) — for an
+//! x86-64 or AArch64 guest (`--arch`), from that architecture's registers.
 
 use std::{
     error::Error,
@@ -13,8 +14,8 @@ use std::{
 
 use clap::{Args, ValueEnum};
 use pagefold::paging::{
-    Access, AccessKind, FaultCode, FaultReason, Mapping, PhysImage, Translation, WalkFault, Walker,
-    X86Mode, X86Paging,
+    Aarch64Paging, Access, AccessKind, Arch, ArchAttributes, FaultCode, FaultReason, GuestPaging,
+    Mapping, PhysImage, Translation, WalkFault, Walker, X86Mode, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use serde::Serialize;
@@ -41,6 +42,16 @@ pub(crate) fn parse_hex(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("'{s}' is not a hexadecimal number of at most 64 bits ({e})"))
 }
 
+/// The guest's architecture, for `--arch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ArchArg {
+    /// x86-64 (and its 32-bit and PAE modes): --cr3, --cr4, --efer.
+    #[value(name = "x86_64", alias = "x86-64")]
+    X86_64,
+    /// AArch64 EL1&0 stage 1: --tcr, --ttbr0, --ttbr1, --sctlr.
+    Aarch64,
+}
+
 /// The guest: its RAM image and its paging registers.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct GuestArgs {
@@ -51,33 +62,99 @@ pub(crate) struct GuestArgs {
     /// Guest-physical address of the image's first byte (hex).
     #[arg(long, value_name = "GPA", value_parser = parse_hex, default_value = "0")]
     pub(crate) ram_base: u64,
-    /// CR3 (hex).
-    #[arg(long, value_parser = parse_hex)]
-    pub(crate) cr3: u64,
-    /// CR4 (hex): PSE, PAE, LA57, PCIDE, SMEP, SMAP, PKE matter.
-    #[arg(long, value_parser = parse_hex)]
-    pub(crate) cr4: u64,
-    /// IA32_EFER (hex): LME/LMA select long mode, NXE the XD bit.
-    #[arg(long, value_parser = parse_hex)]
-    pub(crate) efer: u64,
-    /// CR0 (hex); the default is PE, WP and PG set.
+    /// The guest's architecture, which says which registers follow
+    /// (default: x86_64).
+    #[arg(long, value_enum)]
+    pub(crate) arch: Option<ArchArg>,
+    /// x86: CR3 (hex).
+    #[arg(long, value_parser = parse_hex, required_unless_present = "arch", required_if_eq("arch", "x86_64"))]
+    pub(crate) cr3: Option<u64>,
+    /// x86: CR4 (hex): PSE, PAE, LA57, PCIDE, SMEP, SMAP, PKE matter.
+    #[arg(long, value_parser = parse_hex, required_unless_present = "arch", required_if_eq("arch", "x86_64"))]
+    pub(crate) cr4: Option<u64>,
+    /// x86: IA32_EFER (hex): LME/LMA select long mode, NXE the XD bit.
+    #[arg(long, value_parser = parse_hex, required_unless_present = "arch", required_if_eq("arch", "x86_64"))]
+    pub(crate) efer: Option<u64>,
+    /// x86: CR0 (hex); the default is PE, WP and PG set.
     #[arg(long, value_parser = parse_hex, default_value = "80010001")]
     pub(crate) cr0: u64,
-    /// The CPU's physical-address width: entry bits at and above it are
-    /// reserved (decimal, 32 to 52).
+    /// x86: the CPU's physical-address width: entry bits at and above it
+    /// are reserved (decimal, 32 to 52).
     #[arg(long, value_name = "BITS", default_value_t = 52)]
     pub(crate) maxphyaddr: u8,
-    /// The CPU has no 1 GiB pages: PS in a PDPTE is a reserved bit.
+    /// x86: the CPU has no 1 GiB pages: PS in a PDPTE is a reserved bit.
     #[arg(long)]
     pub(crate) no_1g_pages: bool,
+    /// AArch64: TCR_EL1 (hex).
+    #[arg(long, value_parser = parse_hex, required_if_eq("arch", "aarch64"))]
+    pub(crate) tcr: Option<u64>,
+    /// AArch64: TTBR0_EL1 (hex).
+    #[arg(long, value_parser = parse_hex, required_if_eq("arch", "aarch64"))]
+    pub(crate) ttbr0: Option<u64>,
+    /// AArch64: TTBR1_EL1 (hex).
+    #[arg(long, value_parser = parse_hex, required_if_eq("arch", "aarch64"))]
+    pub(crate) ttbr1: Option<u64>,
+    /// AArch64: SCTLR_EL1 (hex; M and WXN are read); the default is M set.
+    #[arg(long, value_parser = parse_hex, default_value = "1")]
+    pub(crate) sctlr: u64,
+    /// AArch64: MAIR_EL1 (hex), for the attributes reported.
+    #[arg(long, value_parser = parse_hex, default_value = "0")]
+    pub(crate) mair: u64,
+    /// AArch64: PSTATE.PAN is set.
+    #[arg(long)]
+    pub(crate) pan: bool,
+    /// AArch64: the implemented physical-address size
+    /// (ID_AA64MMFR0_EL1.PARange as bits: 32, 36, 40, 42, 44 or 48).
+    #[arg(long, value_name = "BITS", default_value_t = 48)]
+    pub(crate) pa_bits: u8,
 }
 
 impl GuestArgs {
-    fn paging(&self) -> X86Paging {
-        let mut p = X86Paging::new(self.cr0, self.cr3, self.cr4, self.efer)
-            .with_maxphyaddr(self.maxphyaddr);
-        p.gbpages = !self.no_1g_pages;
-        p
+    /// The architecture `--arch` names, x86-64 without one.
+    pub(crate) fn arch(&self) -> ArchArg {
+        self.arch.unwrap_or(ArchArg::X86_64)
+    }
+
+    /// The registers of the architecture `--arch` names (clap has checked
+    /// that the ones it needs are there).
+    fn paging(&self) -> Result<GuestPaging, String> {
+        let need = |v: Option<u64>, name: &str| {
+            v.ok_or_else(|| format!("--arch {:?} needs --{name}", self.arch()))
+        };
+        Ok(match self.arch() {
+            ArchArg::X86_64 => {
+                let (cr3, cr4, efer) = (
+                    need(self.cr3, "cr3")?,
+                    need(self.cr4, "cr4")?,
+                    need(self.efer, "efer")?,
+                );
+                let mut p =
+                    X86Paging::new(self.cr0, cr3, cr4, efer).with_maxphyaddr(self.maxphyaddr);
+                p.gbpages = !self.no_1g_pages;
+                GuestPaging::X86(p)
+            }
+            ArchArg::Aarch64 => GuestPaging::Aarch64(Aarch64Paging {
+                tcr: need(self.tcr, "tcr")?,
+                ttbr0: need(self.ttbr0, "ttbr0")?,
+                ttbr1: need(self.ttbr1, "ttbr1")?,
+                sctlr: self.sctlr,
+                mair: self.mair,
+                pan: self.pan,
+                pa_bits: self.pa_bits,
+            }),
+        })
+    }
+
+    /// The register a listing starts from, for an error message.
+    fn root_text(&self) -> String {
+        match self.arch() {
+            ArchArg::X86_64 => format!("CR3 {:#x}", self.cr3.unwrap_or(0)),
+            ArchArg::Aarch64 => format!(
+                "TTBR0_EL1 {:#x} / TTBR1_EL1 {:#x}",
+                self.ttbr0.unwrap_or(0),
+                self.ttbr1.unwrap_or(0)
+            ),
+        }
     }
 }
 
@@ -132,7 +209,7 @@ impl Image {
 }
 
 fn walker(args: &GuestArgs) -> Result<Walker, Box<dyn Error>> {
-    Walker::new(args.paging()).map_err(|e| format!("bad paging registers: {e}").into())
+    Walker::new(args.paging()?).map_err(|e| format!("bad paging registers: {e}").into())
 }
 
 /// `4K`, `2M`, `4M`, `1G`, `4G`.
@@ -169,6 +246,20 @@ fn flags_text(a: &pagefold::paging::LeafAttributes) -> String {
     .collect()
 }
 
+/// What the text forms add for an architecture's own attributes: AArch64's
+/// MAIR byte, shareability, and the contiguous hint.
+fn arch_text(a: &ArchAttributes) -> String {
+    match a {
+        ArchAttributes::Aarch64(a) => format!(
+            " attr={:#04x} sh={}{}",
+            a.memory_attr,
+            a.shareability,
+            if a.contiguous { " cont" } else { "" }
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The text form of a mapping:
 /// `ffff888000000000 0000000000000000 2M rw- s GAD---`.
 pub(crate) fn text_line(m: &Mapping) -> String {
@@ -185,6 +276,7 @@ pub(crate) fn text_line(m: &Mapping) -> String {
     if p.key != 0 {
         s.push_str(&format!(" key={}", p.key));
     }
+    s.push_str(&arch_text(&m.arch_attributes));
     s
 }
 
@@ -319,6 +411,9 @@ fn code_text(c: &FaultCode) -> String {
         FaultCode::NestedPageFault { exit_info1 } => {
             format!("nested page fault, EXITINFO1 {exit_info1:#x}")
         }
+        FaultCode::Aarch64Abort { esr } => {
+            format!("abort, ESR_EL1 {esr:#x} (FSC {:#04x})", esr & 0x3f)
+        }
         FaultCode::Emulation => "no architectural event (emulation failure)".into(),
     }
 }
@@ -362,6 +457,13 @@ pub(crate) fn run_maps(args: &GuestArgs, format: MapsFormat) -> Result<ExitCode,
     let image = Image::open(args)?;
     let mem = image.phys(args);
     let mode = walker.mode();
+    if format == MapsFormat::Qemu && walker.arch() != Arch::X86_64 {
+        return Err(format!(
+            "--format qemu prints x86 `info tlb` lines; use text or json for --arch {:?}",
+            args.arch()
+        )
+        .into());
+    }
     let stdout = io::stdout();
     let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
     if format == MapsFormat::Qemu && mode == X86Mode::NoPaging {
@@ -406,8 +508,8 @@ pub(crate) fn run_maps(args: &GuestArgs, format: MapsFormat) -> Result<ExitCode,
     }
     if listed == 0 {
         return Err(format!(
-            "no mapping could be listed from CR3 {:#x} (is the CR3 right, and --ram-base?)",
-            args.cr3
+            "no mapping could be listed from {} (are the registers right, and --ram-base?)",
+            args.root_text()
         )
         .into());
     }
@@ -455,6 +557,7 @@ pub(crate) fn translation_text(t: &Translation) -> String {
     if p.key != 0 {
         s.push_str(&format!(" key={}", p.key));
     }
+    s.push_str(&arch_text(&t.arch_attributes));
     s
 }
 
@@ -585,6 +688,7 @@ mod tests {
                 global: entry & 0x100 != 0,
                 ..LeafAttributes::default()
             },
+            arch_attributes: pagefold::paging::ArchAttributes::None,
             entry,
         }
     }

@@ -218,6 +218,12 @@
 #define PF_X86_NO_1G_PAGES (1 << 0)
 
 /**
+ * `pf_aarch64_paging.flags`: PSTATE.PAN is set (EL1 data accesses to
+ * EL0-accessible pages fault).
+ */
+#define PF_AARCH64_PAN (1 << 0)
+
+/**
  * `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
  */
 #define PF_SECOND_LEVEL_EPT 1
@@ -363,6 +369,13 @@
  * an emulation failure for the VMM.
  */
 #define PF_FAULT_EMULATION 6
+
+/**
+ * `pf_walk_fault.code_kind`: an AArch64 instruction or data abort; `code`
+ * is its ESR_EL1 (the fault status code with the lookup level in bits
+ * 5:0); FAR_EL1 is `va`.
+ */
+#define PF_FAULT_AARCH64_ABORT 7
 
 /**
  * `pf_walk_fault.reason` values.
@@ -1532,6 +1545,46 @@ typedef struct pf_second_level {
 } pf_second_level;
 
 /**
+ * The guest's AArch64 EL1&0 stage-1 registers. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_aarch64_paging)`.
+ */
+typedef struct pf_aarch64_paging {
+    /**
+     * `sizeof(pf_aarch64_paging)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * TCR_EL1.
+     */
+    uint64_t tcr;
+    /**
+     * TTBR0_EL1 (the lower range's root and ASID).
+     */
+    uint64_t ttbr0;
+    /**
+     * TTBR1_EL1 (the upper range's root and ASID).
+     */
+    uint64_t ttbr1;
+    /**
+     * SCTLR_EL1 (M and WXN are read).
+     */
+    uint64_t sctlr;
+    /**
+     * MAIR_EL1 (for the attributes reported).
+     */
+    uint64_t mair;
+    /**
+     * The implemented physical-address size in bits
+     * (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+     */
+    uint32_t pa_bits;
+    /**
+     * `PF_AARCH64_*` flags.
+     */
+    uint32_t flags;
+} pf_aarch64_paging;
+
+/**
  * A translation. Size-prefixed out-struct: set `struct_size` to
  * `sizeof(pf_translation)` before the call.
  */
@@ -1577,6 +1630,13 @@ typedef struct pf_translation {
      * Memory references the walk made (0 for a cache hit).
      */
     uint32_t memory_refs;
+    /**
+     * The architecture's own leaf attributes: for AArch64, bits 7:0 the
+     * MAIR_EL1 byte the descriptor selects, 10:8 AttrIndx, 12:11
+     * shareability, 14:13 `AP[2:1]`, 15 nG, 16 DBM, 17 the contiguous
+     * hint, 18 NS; 0 for x86.
+     */
+    uint64_t arch_attributes;
 } pf_translation;
 
 /**
@@ -1679,6 +1739,11 @@ typedef struct pf_mapping {
      * Protection key (0 without keys).
      */
     uint32_t key;
+    /**
+     * The architecture's own leaf attributes, as
+     * `pf_translation.arch_attributes`.
+     */
+    uint64_t arch_attributes;
 } pf_mapping;
 
 /**
@@ -3300,6 +3365,24 @@ enum pf_status pf_migration_receive(int fd,
 enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
                              const struct pf_second_level *second,
                              struct pf_walker **out_walker);
+
+/**
+ * Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
+ * undefined: a RES0 bit of TCR_EL1, a reserved granule, a TxSZ out of
+ * range, a misaligned table base, which the message names; an
+ * unsupported PA size; an unknown flag).
+ *
+ * # Safety
+ *
+ * - `paging` is NULL or points to a `pf_aarch64_paging` whose
+ *   `struct_size` bytes are readable.
+ * - `out_walker` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_walker_new_aarch64(const struct pf_aarch64_paging *paging,
+                                     struct pf_walker **out_walker);
 
 /**
  * Releases a walker. NULL is allowed.

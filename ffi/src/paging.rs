@@ -1,7 +1,8 @@
 //! Guest page-table walks: `pf_walker`, `pf_walk_cache` and their exports.
 //!
-//! A `pf_walker` is one guest address space (x86 paging registers, optional
-//! EPT or NPT below them); it is immutable, so any number of threads may
+//! A `pf_walker` is one guest address space (x86 paging registers with an
+//! optional EPT or NPT below them, or AArch64 stage-1 registers); it is
+//! immutable, so any number of threads may
 //! use one at once. A `pf_walk_cache` is a software TLB for one vCPU: it is
 //! used by one thread at a time (the caller serializes, as with a vCPU).
 
@@ -11,9 +12,9 @@
 use std::ffi::{c_int, c_void};
 
 use pagefold::paging::{
-    Access, AccessKind, EptConfig, FaultCode, FaultReason, Mapping, NptConfig, Privilege,
-    SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions, Walker, WalkerError,
-    X86Paging,
+    Aarch64Paging, Access, AccessKind, ArchAttributes, EptConfig, FaultCode, FaultReason, Mapping,
+    NptConfig, Privilege, SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions,
+    Walker, WalkerError, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
@@ -69,6 +70,39 @@ pub struct pf_x86_paging {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_x86_paging {
     const NAME: &'static str = "pf_x86_paging";
+}
+
+/// `pf_aarch64_paging.flags`: PSTATE.PAN is set (EL1 data accesses to
+/// EL0-accessible pages fault).
+pub const PF_AARCH64_PAN: u32 = 1 << 0;
+
+/// The guest's AArch64 EL1&0 stage-1 registers. Size-prefixed: set
+/// `struct_size` to `sizeof(pf_aarch64_paging)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_aarch64_paging {
+    /// `sizeof(pf_aarch64_paging)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// TCR_EL1.
+    pub tcr: u64,
+    /// TTBR0_EL1 (the lower range's root and ASID).
+    pub ttbr0: u64,
+    /// TTBR1_EL1 (the upper range's root and ASID).
+    pub ttbr1: u64,
+    /// SCTLR_EL1 (M and WXN are read).
+    pub sctlr: u64,
+    /// MAIR_EL1 (for the attributes reported).
+    pub mair: u64,
+    /// The implemented physical-address size in bits
+    /// (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+    pub pa_bits: u32,
+    /// `PF_AARCH64_*` flags.
+    pub flags: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_aarch64_paging {
+    const NAME: &'static str = "pf_aarch64_paging";
 }
 
 /// `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
@@ -173,6 +207,11 @@ pub struct pf_translation {
     pub level: u32,
     /// Memory references the walk made (0 for a cache hit).
     pub memory_refs: u32,
+    /// The architecture's own leaf attributes: for AArch64, bits 7:0 the
+    /// MAIR_EL1 byte the descriptor selects, 10:8 AttrIndx, 12:11
+    /// shareability, 14:13 `AP[2:1]`, 15 nG, 16 DBM, 17 the contiguous
+    /// hint, 18 NS; 0 for x86.
+    pub arch_attributes: u64,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -194,6 +233,10 @@ pub const PF_FAULT_NESTED_PAGE_FAULT: u32 = 5;
 /// `pf_walk_fault.code_kind`: no architectural event (memory not backed);
 /// an emulation failure for the VMM.
 pub const PF_FAULT_EMULATION: u32 = 6;
+/// `pf_walk_fault.code_kind`: an AArch64 instruction or data abort; `code`
+/// is its ESR_EL1 (the fault status code with the lookup level in bits
+/// 5:0); FAR_EL1 is `va`.
+pub const PF_FAULT_AARCH64_ABORT: u32 = 7;
 
 /// `pf_walk_fault.reason` values.
 pub const PF_REASON_NOT_PRESENT: u32 = 1;
@@ -281,6 +324,9 @@ pub struct pf_mapping {
     pub level: u32,
     /// Protection key (0 without keys).
     pub key: u32,
+    /// The architecture's own leaf attributes, as
+    /// `pf_translation.arch_attributes`.
+    pub arch_attributes: u64,
 }
 
 /// One physically contiguous piece of a virtual range
@@ -392,6 +438,24 @@ fn translation_out(t: &Translation) -> pf_translation {
         attributes: attr_bits(&t.attributes),
         level: u32::from(t.level),
         memory_refs: t.memory_refs,
+        arch_attributes: arch_bits(&t.arch_attributes),
+    }
+}
+
+/// `pf_translation.arch_attributes` and `pf_mapping.arch_attributes`.
+fn arch_bits(a: &ArchAttributes) -> u64 {
+    match a {
+        ArchAttributes::Aarch64(a) => {
+            u64::from(a.memory_attr)
+                | u64::from(a.attr_index) << 8
+                | u64::from(a.shareability) << 11
+                | u64::from(a.ap) << 13
+                | u64::from(a.not_global) << 15
+                | u64::from(a.dbm) << 16
+                | u64::from(a.contiguous) << 17
+                | u64::from(a.non_secure) << 18
+        }
+        _ => 0,
     }
 }
 
@@ -402,6 +466,7 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultCode::EptViolation { qualification } => (PF_FAULT_EPT_VIOLATION, qualification),
         FaultCode::EptMisconfig => (PF_FAULT_EPT_MISCONFIG, 0),
         FaultCode::NestedPageFault { exit_info1 } => (PF_FAULT_NESTED_PAGE_FAULT, exit_info1),
+        FaultCode::Aarch64Abort { esr } => (PF_FAULT_AARCH64_ABORT, esr),
         FaultCode::Emulation => (PF_FAULT_EMULATION, 0),
     };
     let (reason, detail) = match f.reason {
@@ -564,6 +629,51 @@ pub unsafe extern "C" fn pf_walker_new(
             };
             w = w.with_second_level(level)?;
         }
+        out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
+        Ok(())
+    }
+}
+
+/// Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+/// `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
+/// undefined: a RES0 bit of TCR_EL1, a reserved granule, a TxSZ out of
+/// range, a misaligned table base, which the message names; an
+/// unsupported PA size; an unknown flag).
+///
+/// # Safety
+///
+/// - `paging` is NULL or points to a `pf_aarch64_paging` whose
+///   `struct_size` bytes are readable.
+/// - `out_walker` is NULL or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn pf_walker_new_aarch64(
+    paging: *const pf_aarch64_paging,
+    out_walker: *mut *mut pf_walker,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: NULL or readable for `struct_size` bytes (contract).
+        let p = unsafe { args::read_sized(paging, "paging") }?;
+        // SAFETY: NULL or writable for a pointer (contract).
+        let out = unsafe { args::out(out_walker, "out_walker") }?;
+        if p.flags & !PF_AARCH64_PAN != 0 {
+            return Err(Error::invalid(format!("unknown pf_aarch64_paging flags {:#x}", p.flags)));
+        }
+        let pa_bits = match p.pa_bits {
+            0 => 48,
+            b => u8::try_from(b)
+                .map_err(|_| Error::invalid(format!("pa_bits {b} is not a PA size")))?,
+        };
+        let w = Walker::new(Aarch64Paging {
+            tcr: p.tcr,
+            ttbr0: p.ttbr0,
+            ttbr1: p.ttbr1,
+            sctlr: p.sctlr,
+            mair: p.mair,
+            pan: p.flags & PF_AARCH64_PAN != 0,
+            pa_bits,
+        })?;
         out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
         Ok(())
     }
@@ -900,6 +1010,7 @@ fn mapping_out(m: &Mapping) -> pf_mapping {
         attributes: attr_bits(&m.attributes),
         level: u32::from(m.level),
         key: u32::from(m.permissions.key),
+        arch_attributes: arch_bits(&m.arch_attributes),
     }
 }
 

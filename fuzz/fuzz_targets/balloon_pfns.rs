@@ -48,7 +48,9 @@ fuzz_target!(|input: (u8, Vec<Op>)| {
             Op::DeflateLe32(v) => drop(b.deflate_pfns_le32(&v)),
             Op::Inflate(v) => drop(b.inflate_pfns(pagefold::GuestFrame::from_raw_slice(&v))),
             Op::Deflate(v) => drop(b.deflate_pfns(pagefold::GuestFrame::from_raw_slice(&v))),
-            Op::InflateRange(a, l) => drop(b.inflate_range(GuestPhysAddr(a % (1 << 22)), l % (1 << 22))),
+            Op::InflateRange(a, l) => {
+                drop(b.inflate_range(GuestPhysAddr(a % (1 << 22)), l % (1 << 22)))
+            }
             Op::DeflateRange(a, l) => drop(b.deflate_range(GuestPhysAddr(a), l)),
             Op::Report(a, o) => drop(b.report_free(GuestPhysAddr(a), o)),
             Op::Stats(v) => drop(b.update_stats(&v)),

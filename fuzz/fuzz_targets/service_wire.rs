@@ -32,7 +32,10 @@ const KINDS: [u16; 7] = [
 fn consume(bytes: &[u8]) {
     let mut at = 0;
     while let Ok(Some((msg, n))) = decode(&bytes[at..]) {
-        assert!(n >= HEADER_LEN && n <= bytes.len() - at, "frame of {n} bytes");
+        assert!(
+            n >= HEADER_LEN && n <= bytes.len() - at,
+            "frame of {n} bytes"
+        );
         assert!(msg.validate().is_ok(), "decoded {msg:?} fails validate");
         let mut again = Vec::new();
         encode(&msg, &mut again);

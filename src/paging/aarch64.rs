@@ -619,3 +619,115 @@ fn classify(fmt: &S1Format, reason: FaultReason, entry: Option<u64>) -> Aarch64F
         _ => Aarch64FaultKind::Translation,
     }
 }
+
+/// What `Walker`'s AArch64 first level needs of the regime: the range an
+/// address selects, and a stop turned into the architectural fault.
+impl Aarch64Walker {
+    /// Whether stage 1 is on (SCTLR_EL1.M).
+    pub(crate) fn mmu_on(&self) -> bool {
+        self.regs.sctlr & SCTLR_M != 0
+    }
+
+    /// The width of an output address with the MMU off: the PA size.
+    pub(crate) fn pa_bits(&self) -> u8 {
+        self.regs.pa_bits
+    }
+
+    /// The range (TTBR) `va` selects for `access` and its format, or the
+    /// level-0 fault (kind) that selecting it raises: outside both ranges,
+    /// a range whose walks EPDn disables, a root above the OA size.
+    pub(crate) fn select(
+        &self,
+        va: u64,
+        access: Access,
+    ) -> Result<(Ttbr, &S1Format), (Aarch64FaultKind, Ttbr)> {
+        let upper = va & (1 << 55) != 0;
+        let t = &self.tcr;
+        let (ttbr, fmt, tbi, tbid, disabled) = if upper {
+            (Ttbr::Ttbr1, &self.hi, t.tbi1, t.tbid1, t.epd1)
+        } else {
+            (Ttbr::Ttbr0, &self.lo, t.tbi0, t.tbid0, t.epd0)
+        };
+        let top = if tbi && !(tbid && access.is_fetch()) {
+            55
+        } else {
+            63
+        };
+        let range = bits(fmt.ia_bits, top);
+        let want = if upper { range } else { 0 };
+        if va & range != want || disabled {
+            return Err((Aarch64FaultKind::Translation, ttbr));
+        }
+        if fmt.oa_excess(fmt.root) != 0 {
+            return Err((Aarch64FaultKind::AddressSize, ttbr));
+        }
+        Ok((ttbr, fmt))
+    }
+
+    /// The enabled ranges, in address order, each with its format and its
+    /// lowest address: what a listing of every mapping walks.
+    pub(crate) fn ranges(&self) -> impl Iterator<Item = (&S1Format, u64)> {
+        let lo = (!self.tcr.epd0).then_some((&self.lo, 0));
+        let hi = (!self.tcr.epd1).then_some((&self.hi, !0u64 << self.hi.ia_bits));
+        lo.into_iter().chain(hi)
+    }
+
+    /// Whether translations of `va` may be cached for every access: not a
+    /// tagged address (top byte unlike bit 55) that only data accesses may
+    /// use (TBI with TBID, so a fetch of it faults).
+    pub(crate) fn cacheable(&self, va: u64) -> bool {
+        let upper = va & (1 << 55) != 0;
+        let tbid = if upper {
+            self.tcr.tbid1
+        } else {
+            self.tcr.tbid0
+        };
+        let sign = if upper { 0xff } else { 0 };
+        !tbid || va >> 56 == sign
+    }
+
+    /// The architectural fault for an engine stop in `fmt`'s walk.
+    pub(crate) fn stop_fault(
+        &self,
+        fmt: &S1Format,
+        reason: FaultReason,
+        level: u8,
+        entry: Option<u64>,
+    ) -> (Aarch64FaultKind, u8) {
+        (classify(fmt, reason, entry), S1Format::arch_level(level))
+    }
+
+    /// The attributes the walker reports for a leaf.
+    pub(crate) fn attributes_of(&self, leaf: u64) -> Aarch64Attributes {
+        Aarch64Attributes::of(leaf, self.regs.mair)
+    }
+
+    /// The space key's words for these registers (see `Walker`): the two
+    /// roots, TCR_EL1, and the PA size with SCTLR_EL1.M.
+    pub(crate) fn key_words(&self) -> [u64; 4] {
+        let r = &self.regs;
+        [
+            r.ttbr0,
+            r.ttbr1,
+            r.tcr,
+            1 << 63 | u64::from(self.mmu_on()) | u64::from(r.pa_bits) << 8,
+        ]
+    }
+
+    /// The permission-check settings outside the space key: WXN and PAN.
+    pub(crate) fn check_bits(&self) -> u128 {
+        u128::from(self.regs.sctlr & SCTLR_WXN != 0) | u128::from(self.regs.pan) << 1
+    }
+}
+
+impl Aarch64Walker {
+    /// The format of the range bit 55 of `va` selects (without the range
+    /// checks of [`Aarch64Walker::select`]).
+    pub(crate) fn range_format(&self, va: u64) -> &S1Format {
+        if va & (1 << 55) != 0 {
+            &self.hi
+        } else {
+            &self.lo
+        }
+    }
+}

@@ -40,7 +40,7 @@ use super::{
     engine::{Start, Walked},
     format::Format,
     second::{memo_slot, SecondMemo},
-    walker::space_tag,
+    walker::{space_tag, SpaceKey},
 };
 use crate::addr::{GuestVirtAddr, PAGE_SHIFT};
 
@@ -244,8 +244,8 @@ pub struct WalkCache {
     last_check: (u128, u16),
     /// Address-space keys seen (`Walker`'s exact keys); an entry's `space`
     /// is its key's number here plus one, so equal numbers mean equal keys.
-    spaces: Vec<[u64; 4]>,
-    last_space: ([u64; 4], u64),
+    spaces: Vec<SpaceKey>,
+    last_space: (SpaceKey, u64),
 }
 
 impl Default for WalkCache {
@@ -286,7 +286,7 @@ impl WalkCache {
             check_configs: vec![0],
             last_check: (0, 0),
             spaces: Vec::new(),
-            last_space: ([u64::MAX; 4], 0),
+            last_space: ([u64::MAX; 6], 0),
         }
     }
 
@@ -360,7 +360,7 @@ impl WalkCache {
     /// million distinct keys were seen; then every entry is dropped and
     /// numbering starts again, so a number never names two keys.
     #[inline(always)]
-    pub(crate) fn space_id(&mut self, key: &[u64; 4]) -> u64 {
+    pub(crate) fn space_id(&mut self, key: &SpaceKey) -> u64 {
         if self.last_space.0 == *key {
             return self.last_space.1;
         }
@@ -368,7 +368,7 @@ impl WalkCache {
     }
 
     #[inline(never)]
-    fn space_id_slow(&mut self, key: &[u64; 4]) -> u64 {
+    fn space_id_slow(&mut self, key: &SpaceKey) -> u64 {
         let i = match self.spaces.iter().position(|k| k == key) {
             Some(i) => i,
             None => {

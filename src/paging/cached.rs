@@ -132,14 +132,14 @@ impl WalkCache {
             None => None,
             Some(mut root) => {
                 let space = self.space_id(walker.space_key());
-                if let Some(s) = self.lookup_upper(space, va, root.fmt, set_ad) {
+                if let Some(s) = self.lookup_upper(space, va, &root.fmt, set_ad) {
                     root.start = s;
                 }
                 let (walked, pinned) = self.walk_pinned(walker, &root, mem, req, &mut refs)?;
-                caching = pinned;
+                caching = pinned && walker.cacheable(va);
                 if caching {
                     let space = self.space_id(walker.space_key());
-                    self.insert_upper(space, walker.pcid(), va, root.fmt, &walked, set_ad);
+                    self.insert_upper(space, walker.pcid(), va, &root.fmt, &walked, set_ad);
                 }
                 Some(walked)
             }
@@ -267,7 +267,7 @@ fn answer(
     let allowed = if e.rights & bit != 0 {
         e.rights & (bit << 16) != 0
     } else {
-        let ok = walker.allows(acc1, e.leaf1, acc2, e.leaf2, e.shift2 != 0, access);
+        let ok = walker.allows(va, acc1, e.leaf1, acc2, e.leaf2, e.shift2 != 0, access);
         e.rights |= bit | if ok { bit << 16 } else { 0 };
         *changed = true;
         ok
@@ -275,7 +275,8 @@ fn answer(
     if !allowed {
         return None;
     }
-    let (permissions, attributes) = walker.first_report(acc1, e.leaf1, e.level1);
+    let (permissions, attributes, arch_attributes) =
+        walker.first_report(va, acc1, e.leaf1, e.level1);
     let second = if walker.has_second_level() {
         if e.shift2 == 0 {
             return None;
@@ -300,6 +301,7 @@ fn answer(
         level: e.level1,
         permissions,
         attributes,
+        arch_attributes,
         second,
         memory_refs: 0,
     })

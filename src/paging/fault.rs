@@ -90,6 +90,14 @@ pub enum FaultCode {
         /// `EXITINFO1`.
         exit_info1: u64,
     },
+    /// An AArch64 synchronous abort (instruction or data abort) for the
+    /// guest: `esr` is the ESR_EL1 value of the abort taken to EL1 (its EC,
+    /// IL, WnR and the fault status code with the lookup level); FAR_EL1 is
+    /// the faulting virtual address ([`WalkFault::va`]).
+    Aarch64Abort {
+        /// ESR_EL1.
+        esr: u64,
+    },
     /// No architectural event: the walk needed memory that nothing backs,
     /// or an accessed/dirty update could not be made. A VMM treats this as
     /// an emulation failure.

@@ -1,17 +1,20 @@
 //! Listing every mapping of a guest address space, as QEMU's `info tlb`
 //! does: a depth-first pass over the guest's tables in address order,
-//! yielding one [`Mapping`] per present leaf (a 4 KiB page or a large page).
-//! The pass reads tables through the second level when there is one, and is
-//! bounded by an entry budget, because guest tables may form cycles.
+//! yielding one [`Mapping`] per present leaf (a 4 KiB page or a large page),
+//! range after range where the architecture has two (AArch64's TTBR0 and
+//! TTBR1). The pass reads tables through the second level when there is
+//! one, and is bounded by an entry budget, because guest tables may form
+//! cycles.
 
 use super::{
     engine::{DirectPort, Fail, Port},
     fault::{FaultCode, FaultReason, Stage, WalkFault},
+    first::{ArchAttributes, First, FirstFmt},
     format::{Decoded, Format},
     memory::PhysMemory,
     types::{Access, LeafAttributes, Permissions},
     walker::Walker,
-    x86::{X86Format, X86Mode},
+    x86::X86Mode,
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
@@ -34,6 +37,8 @@ pub struct Mapping {
     pub permissions: Permissions,
     /// The leaf's attributes.
     pub attributes: LeafAttributes,
+    /// What the leaf says beyond `attributes`, per architecture.
+    pub arch_attributes: ArchAttributes,
     /// The leaf entry as stored.
     pub entry: u64,
 }
@@ -57,10 +62,15 @@ pub struct Mappings<'a, M: ?Sized> {
     walker: &'a Walker,
     mem: &'a M,
     stack: Vec<Frame>,
+    /// The ranges still to list, the next one last: each range's format
+    /// and its lowest address.
+    ranges: Vec<(FirstFmt<'a>, u64)>,
+    /// The format of the range being listed.
+    fmt: Option<FirstFmt<'a>>,
     budget: u64,
     done: bool,
-    no_paging_left: bool,
-    root_fault: Option<WalkFault>,
+    /// Without paging: the size of the identity mapping still to yield.
+    no_paging: Option<u64>,
 }
 
 impl Walker {
@@ -75,29 +85,26 @@ impl Walker {
         mem: &'a M,
         budget: u64,
     ) -> Mappings<'a, M> {
-        let mut it = Mappings {
+        let (mut ranges, mut no_paging) = (Vec::with_capacity(2), None);
+        match self.first() {
+            First::NoPaging => no_paging = Some(1 << 32),
+            First::X86(f) => ranges.push((FirstFmt::X86(f), 0)),
+            First::Aarch64(a) if !a.mmu_on() => no_paging = Some(1 << a.pa_bits()),
+            First::Aarch64(a) => {
+                ranges.extend(a.ranges().map(|(f, base)| (FirstFmt::Aarch64(f), base)));
+                ranges.reverse();
+            }
+        }
+        Mappings {
             walker: self,
             mem,
             stack: Vec::with_capacity(6),
+            ranges,
+            fmt: None,
             budget,
             done: false,
-            no_paging_left: self.mode() == X86Mode::NoPaging,
-            root_fault: None,
-        };
-        if let Some(fmt) = self.first_format() {
-            match self.guest_table_to_pa(mem, fmt.root(), 0, fmt.top_level()) {
-                Ok(pa) => it.stack.push(Frame {
-                    level: fmt.top_level(),
-                    table_pa: pa,
-                    next: 0,
-                    va_prefix: 0,
-                    acc: fmt.acc_start(),
-                }),
-                // The root itself is unreachable: say so once, then stop.
-                Err(w) => it.root_fault = Some(w),
-            }
+            no_paging,
         }
-        it
     }
 }
 
@@ -124,43 +131,63 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
     }
 }
 
-fn canonical(va: u64, mode: X86Mode) -> u64 {
-    let width = match mode {
-        X86Mode::Level4 => 48,
-        X86Mode::Level5 => 57,
-        _ => return va,
+/// The address a listing reports for `va`: its canonical form in x86
+/// 4/5-level paging (AArch64's ranges start at their lowest address, so
+/// their addresses are whole already).
+fn canonical(va: u64, fmt: &FirstFmt<'_>) -> u64 {
+    let width = match fmt {
+        FirstFmt::X86(f) => match f.mode() {
+            X86Mode::Level4 => 48,
+            X86Mode::Level5 => 57,
+            _ => return va,
+        },
+        FirstFmt::Aarch64(_) => return va,
     };
     ((va << (64 - width)) as i64 >> (64 - width)) as u64
 }
 
 impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
-    /// What comes before the tables: the identity mapping without paging,
-    /// or the fault of an unreachable root. `None`: go on to the tables.
-    fn prelude(&mut self) -> Option<Option<Result<Mapping, WalkFault>>> {
-        if self.no_paging_left {
-            // Without paging the whole 32-bit space maps to itself.
-            self.no_paging_left = false;
-            return Some(Some(Ok(Mapping {
-                va: GuestVirtAddr(0),
-                gpa: GuestPhysAddr(0),
-                size: 1 << 32,
-                level: 0,
-                permissions: Permissions::no_paging(),
-                attributes: LeafAttributes::default(),
-                entry: 0,
-            })));
-        }
-        if let Some(w) = self.root_fault.take() {
-            self.done = true;
-            return Some(Some(Err(w)));
-        }
-        self.done.then_some(None)
+    /// The identity mapping without paging, once.
+    fn no_paging_mapping(&mut self) -> Option<Mapping> {
+        let size = self.no_paging.take()?;
+        Some(Mapping {
+            va: GuestVirtAddr(0),
+            gpa: GuestPhysAddr(0),
+            size,
+            level: 0,
+            permissions: Permissions::no_paging(),
+            attributes: LeafAttributes::default(),
+            arch_attributes: ArchAttributes::None,
+            entry: 0,
+        })
+    }
+
+    /// Starts the next range: its root on the stack, or `Err` with the
+    /// fault of an unreachable root (the listing goes on with the range
+    /// after it). `None` when no range is left.
+    fn next_range(&mut self) -> Option<Result<(), WalkFault>> {
+        let (fmt, base) = self.ranges.pop()?;
+        self.fmt = Some(fmt);
+        let top = fmt.top_level();
+        Some(
+            self.walker
+                .guest_table_to_pa(self.mem, fmt.root(), base, top)
+                .map(|pa| {
+                    self.stack.push(Frame {
+                        level: top,
+                        table_pa: pa,
+                        next: 0,
+                        va_prefix: base,
+                        acc: fmt.acc_start(),
+                    })
+                }),
+        )
     }
 
     /// The next entry of the table on top of the stack: its frame, its
     /// index, or `Err` with what to yield (the budget spent), or `None`
     /// when the stack is empty.
-    fn next_slot(&mut self, fmt: &X86Format) -> Option<Result<(Frame, u64), WalkFault>> {
+    fn next_slot(&mut self, fmt: &FirstFmt<'_>) -> Option<Result<(Frame, u64), WalkFault>> {
         loop {
             let top = self.stack.last_mut()?;
             if top.next >= fmt.entries(top.level) {
@@ -184,11 +211,10 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
     /// entry, else what to yield.
     fn visit(
         &mut self,
-        fmt: &X86Format,
+        fmt: &FirstFmt<'_>,
         frame: Frame,
         idx: u64,
     ) -> Option<Result<Mapping, WalkFault>> {
-        let mode = fmt.mode();
         let va = frame.va_prefix | (idx << fmt.index_shift(frame.level));
         let at = frame.table_pa + idx * if fmt.wide() { 8 } else { 4 };
         let mut port = DirectPort {
@@ -200,7 +226,7 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
             Err(Fail::Stop(s)) => {
                 // The rest of this table is unreadable too.
                 self.stack.pop();
-                let va = canonical(va, mode);
+                let va = canonical(va, fmt);
                 return Some(Err(self.fault(va, frame.level, Some(at), None, s.reason)));
             }
             Err(Fail::Port(w)) => return Some(Err(w)),
@@ -212,18 +238,22 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
             Decoded::Table(next) => return self.descend(fmt, frame, va, raw, next),
             Decoded::Leaf { base, shift } => {
                 let acc = fmt.accumulate(frame.acc, frame.level, raw);
+                let va = canonical(va, fmt);
+                let (permissions, attributes, arch_attributes) =
+                    self.walker.first().report(va, acc, raw, frame.level);
                 return Some(Ok(Mapping {
-                    va: GuestVirtAddr(canonical(va, mode)),
+                    va: GuestVirtAddr(va),
                     gpa: GuestPhysAddr(base),
                     size: 1 << shift,
                     level: frame.level,
-                    permissions: fmt.permissions(acc, raw),
-                    attributes: fmt.attributes(frame.level, raw),
+                    permissions,
+                    attributes,
+                    arch_attributes,
                     entry: raw,
                 }));
             }
         };
-        let va = canonical(va, mode);
+        let va = canonical(va, fmt);
         Some(Err(self.fault(
             va,
             frame.level,
@@ -237,7 +267,7 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
     /// points at; `Some` with the fault if it cannot be reached.
     fn descend(
         &mut self,
-        fmt: &X86Format,
+        fmt: &FirstFmt<'_>,
         frame: Frame,
         va: u64,
         raw: u64,
@@ -248,7 +278,7 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
             return None;
         }
         let level = frame.level - 1;
-        let at_va = canonical(va, fmt.mode());
+        let at_va = canonical(va, fmt);
         match self.walker.guest_table_to_pa(self.mem, next, at_va, level) {
             Ok(pa) => {
                 self.stack.push(Frame {
@@ -269,14 +299,25 @@ impl<M: PhysMemory + ?Sized> Iterator for Mappings<'_, M> {
     type Item = Result<Mapping, WalkFault>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Some(item) = self.prelude() {
-            return item;
+        if let Some(m) = self.no_paging_mapping() {
+            return Some(Ok(m));
         }
-        let fmt = *self.walker.first_format()?;
         loop {
-            let (frame, idx) = match self.next_slot(&fmt)? {
-                Ok(slot) => slot,
-                Err(f) => return Some(Err(f)),
+            if self.done {
+                return None;
+            }
+            if self.stack.is_empty() {
+                match self.next_range()? {
+                    Ok(()) => continue,
+                    Err(w) => return Some(Err(w)),
+                }
+            }
+            let fmt = self.fmt?;
+            // An emptied stack: the next range, at the top of the loop.
+            let (frame, idx) = match self.next_slot(&fmt) {
+                None => continue,
+                Some(Ok(slot)) => slot,
+                Some(Err(f)) => return Some(Err(f)),
             };
             if let Some(item) = self.visit(&fmt, frame, idx) {
                 return Some(item);

@@ -123,7 +123,7 @@ impl<M: PhysMemory + ?Sized> RangeSegments<'_, M> {
         // The fast case: a 64-bit guest, no second level.
         let fast = self
             .walker
-            .first_format()
+            .x86_format()
             .and_then(X86Long::of)
             .filter(|_| !self.walker.has_second_level())
             .and_then(|long| {

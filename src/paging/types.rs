@@ -146,6 +146,17 @@ impl Access {
     }
 }
 
+/// The instruction-set architecture whose page tables a walker reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// x86 (32-bit, PAE, 4- and 5-level paging).
+    X86_64,
+    /// AArch64 (VMSAv8-64).
+    Aarch64,
+    /// RISC-V 64 (Sv39, Sv48, Sv57).
+    Riscv64,
+}
+
 /// Options of one walk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct WalkOptions {

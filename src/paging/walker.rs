@@ -12,14 +12,16 @@
 //! the stage that faulted.
 
 use super::{
+    aarch64::{Aarch64FaultKind, Aarch64Paging, Aarch64PagingError, Aarch64Walker},
     engine::{self, DirectPort, Fail, Start, Stop, Walked},
     ept::{EptConfig, EptFormat, NptConfig},
-    fault::{FaultCode, FaultReason, Stage, WalkFault},
+    fault::{FaultReason, Stage, WalkFault},
+    first::{each_format, ArchAttributes, First, FirstFmt},
     format::Format,
     lean,
     memory::PhysMemory,
     second::{self, FaultSite, Memo, NestedPort, Second, SecondTranslation},
-    types::{Access, LeafAttributes, Permissions, SecondOut, PAGE_SHIFT_U8},
+    types::{Access, Arch, LeafAttributes, Permissions, SecondOut, PAGE_SHIFT_U8},
     x86::{
         X86Format, X86Long, X86Mode, X86Paging, X86PagingError, CR0_WP, CR4_PKE, CR4_PKS, CR4_PSE,
         CR4_SMAP, CR4_SMEP, EFER_NXE,
@@ -27,17 +29,24 @@ use super::{
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 
-/// The guest's first-level paging. x86 today; AArch64 and RISC-V would be
-/// further variants over their own formats.
+/// The guest's first-level paging registers, per architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GuestPaging {
     /// x86 paging in any mode the registers select.
     X86(X86Paging),
+    /// AArch64 stage 1 of the EL1&0 regime (both TTBR ranges).
+    Aarch64(Aarch64Paging),
 }
 
 impl From<X86Paging> for GuestPaging {
     fn from(p: X86Paging) -> Self {
         GuestPaging::X86(p)
+    }
+}
+
+impl From<Aarch64Paging> for GuestPaging {
+    fn from(p: Aarch64Paging) -> Self {
+        GuestPaging::Aarch64(p)
     }
 }
 
@@ -70,12 +79,16 @@ pub struct Translation {
     /// Size of the guest's page (the whole linear space without paging is
     /// reported as 4 KiB pages).
     pub page_size: u64,
-    /// Level of the guest's leaf entry (0 without paging).
+    /// Level of the guest's leaf entry, counted up from 1 (the last-level
+    /// table) on every architecture (AArch64's level 3 is 1 here); 0
+    /// without paging.
     pub level: u8,
     /// What the guest's tables allow.
     pub permissions: Permissions,
     /// The guest's leaf attributes.
     pub attributes: LeafAttributes,
+    /// What the leaf says beyond `attributes`, per architecture.
+    pub arch_attributes: ArchAttributes,
     /// The second level's part, if there is one.
     pub second: Option<SecondTranslation>,
     /// Memory references the walk made (entries read and updated, both
@@ -95,29 +108,29 @@ impl Translation {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum First {
-    NoPaging,
-    X86(X86Format),
-}
-
 /// One guest address space, ready to translate.
 #[derive(Clone, Copy, Debug)]
 pub struct Walker {
     first: First,
     second: Option<Second>,
-    /// This address space, exactly: the first level's root and format
-    /// settings, then the second level's root and settings (zeros without
-    /// one). A walk cache numbers the keys it sees.
-    space_key: [u64; 4],
+    /// This address space, exactly: the first level's roots and format
+    /// settings (four words), then the second level's root and settings
+    /// (zeros without one). A walk cache numbers the keys it sees.
+    space_key: SpaceKey,
     /// The second level alone, for its cached translations.
-    second_key: [u64; 4],
+    second_key: SpaceKey,
+    /// x86's PCID, AArch64's ASID.
     pcid: u16,
     /// The settings permission checks read but the space tag leaves out,
-    /// exactly: CR0.WP, SMEP, SMAP, PKE, PKS (bits 0..5), PKRU (32..64),
-    /// PKRS (64..96). A cache numbers the ones it has seen.
+    /// exactly: x86's CR0.WP, SMEP, SMAP, PKE, PKS (bits 0..5), PKRU
+    /// (32..64), PKRS (64..96); AArch64's WXN and PAN (bits 0, 1) with the
+    /// architecture in bits 120.. A cache numbers the ones it has seen.
     check_config: u128,
 }
+
+/// An address space's exact key in a walk cache: four words of the first
+/// level, two of the second.
+pub(crate) type SpaceKey = [u64; 6];
 
 /// Errors building a walker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +138,18 @@ pub enum WalkerError {
     /// The x86 registers select no valid mode.
     #[error(transparent)]
     X86(#[from] X86PagingError),
+    /// The AArch64 registers describe no defined walk.
+    #[error(transparent)]
+    Aarch64(#[from] Aarch64PagingError),
+    /// The second level belongs to another architecture than the guest's
+    /// first level.
+    #[error("a {second} second level cannot translate for a {first:?} guest")]
+    SecondLevelArch {
+        /// The guest's architecture.
+        first: Arch,
+        /// The second level given.
+        second: &'static str,
+    },
     /// The EPTP's walk length is neither 4 nor 5 levels.
     #[error("EPTP {eptp:#x} has walk length {} (only 4 and 5 levels exist)", ((eptp >> 3) & 7) + 1)]
     EptWalkLength {
@@ -135,7 +160,7 @@ pub enum WalkerError {
 
 /// The public tag of an address-space key ([`Walker::space`]): a hash, for
 /// naming spaces to invalidate; a cache itself compares exact keys.
-pub(crate) fn space_tag(key: &[u64; 4]) -> u64 {
+pub(crate) fn space_tag(key: &SpaceKey) -> u64 {
     key.iter().fold(0x5041_4745_u64, |h, &w| {
         (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
     })
@@ -143,7 +168,7 @@ pub(crate) fn space_tag(key: &[u64; 4]) -> u64 {
 
 /// Everything in the guest's registers that changes what an entry means,
 /// exactly (what is allowed is checked again on every cache hit).
-fn first_key(regs: &X86Paging, mode: X86Mode, root: u64) -> [u64; 4] {
+fn first_key(regs: &X86Paging, mode: X86Mode, root: u64) -> SpaceKey {
     [
         root,
         mode as u64
@@ -152,6 +177,8 @@ fn first_key(regs: &X86Paging, mode: X86Mode, root: u64) -> [u64; 4] {
             | u64::from(regs.gbpages) << 5
             | u64::from(regs.maxphyaddr) << 8
             | u64::from(regs.pcid()) << 16,
+        0,
+        0,
         0,
         0,
     ]
@@ -208,7 +235,7 @@ pub(crate) struct Request {
 /// root.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FirstRoot<'a> {
-    pub(crate) fmt: &'a X86Format,
+    pub(crate) fmt: FirstFmt<'a>,
     pub(crate) start: Start,
 }
 
@@ -224,6 +251,7 @@ pub(crate) struct FirstLeaf {
     pub(crate) level: u8,
     pub(crate) permissions: Permissions,
     pub(crate) attributes: LeafAttributes,
+    pub(crate) arch: ArchAttributes,
     /// The format's accumulated permissions and the leaf entry.
     pub(crate) acc: u64,
     pub(crate) leaf: u64,
@@ -232,42 +260,75 @@ pub(crate) struct FirstLeaf {
 impl Walker {
     /// A walker for the guest's paging registers, with no second level.
     pub fn new(paging: impl Into<GuestPaging>) -> Result<Self, WalkerError> {
-        let GuestPaging::X86(regs) = paging.into();
-        let mode = regs.mode()?;
-        let first = match mode {
-            X86Mode::NoPaging => First::NoPaging,
-            m => First::X86(X86Format::first_level(&regs, m)),
-        };
-        let root = match &first {
-            First::X86(f) => f.root(),
-            First::NoPaging => 0,
-        };
-        Ok(Walker {
-            first,
-            second: None,
-            space_key: first_key(&regs, mode, root),
-            second_key: [0; 4],
-            pcid: regs.pcid(),
-            check_config: check_config_of(&regs),
-        })
+        match paging.into() {
+            GuestPaging::X86(regs) => {
+                let mode = regs.mode()?;
+                let first = match mode {
+                    X86Mode::NoPaging => First::NoPaging,
+                    m => First::X86(X86Format::first_level(&regs, m)),
+                };
+                let root = match &first {
+                    First::X86(f) => f.root(),
+                    _ => 0,
+                };
+                Ok(Walker {
+                    first,
+                    second: None,
+                    space_key: first_key(&regs, mode, root),
+                    second_key: [0; 6],
+                    pcid: regs.pcid(),
+                    check_config: check_config_of(&regs),
+                })
+            }
+            GuestPaging::Aarch64(regs) => {
+                let a = Aarch64Walker::new(regs)?;
+                let [w0, w1, w2, w3] = a.key_words();
+                Ok(Walker {
+                    first: First::Aarch64(a),
+                    second: None,
+                    space_key: [w0, w1, w2, w3, 0, 0],
+                    second_key: [0; 6],
+                    pcid: a.asid(),
+                    check_config: a.check_bits() | 1 << 120,
+                })
+            }
+        }
+    }
+
+    /// The guest's architecture.
+    pub fn arch(&self) -> Arch {
+        match self.first {
+            First::NoPaging | First::X86(_) => Arch::X86_64,
+            First::Aarch64(_) => Arch::Aarch64,
+        }
     }
 
     /// The same guest with a second level under it: every guest-physical
     /// address, page-table pointers included, is translated through it.
     pub fn with_second_level(mut self, second: SecondLevel) -> Result<Self, WalkerError> {
+        if self.arch() != Arch::X86_64 {
+            return Err(WalkerError::SecondLevelArch {
+                first: self.arch(),
+                second: match second {
+                    SecondLevel::Ept(_) => "EPT",
+                    SecondLevel::Npt(_) => "NPT",
+                },
+            });
+        }
         let (s, root, bits) = second_of(second)?;
         self.second = Some(s);
-        self.space_key[2] = root;
-        self.space_key[3] = bits;
-        self.second_key = [0, 0, root, bits];
+        self.space_key[4] = root;
+        self.space_key[5] = bits;
+        self.second_key = [0, 0, 0, 0, root, bits];
         Ok(self)
     }
 
-    /// The guest's paging mode.
+    /// The guest's x86 paging mode ([`X86Mode::NoPaging`] for a guest of
+    /// another architecture: see [`Walker::arch`]).
     pub fn mode(&self) -> X86Mode {
         match &self.first {
-            First::NoPaging => X86Mode::NoPaging,
             First::X86(f) => f.mode(),
+            _ => X86Mode::NoPaging,
         }
     }
 
@@ -282,20 +343,21 @@ impl Walker {
         space_tag(&self.space_key)
     }
 
-    /// The PCID (0 without CR4.PCIDE).
+    /// The PCID (0 without CR4.PCIDE); for AArch64 the current ASID: what
+    /// `WalkCache::invalidate_pcid` takes.
     pub fn pcid(&self) -> u16 {
         self.pcid
     }
 
     /// The exact key of this address space, for a cache to number.
     #[inline(always)]
-    pub(crate) fn space_key(&self) -> &[u64; 4] {
+    pub(crate) fn space_key(&self) -> &SpaceKey {
         &self.space_key
     }
 
     /// The exact key of the second level alone, for a cache to number.
     #[inline(always)]
-    pub(crate) fn second_key(&self) -> &[u64; 4] {
+    pub(crate) fn second_key(&self) -> &SpaceKey {
         &self.second_key
     }
 
@@ -305,10 +367,26 @@ impl Walker {
         self.check_config
     }
 
-    pub(crate) fn first_format(&self) -> Option<&X86Format> {
+    /// The x86 format, for the x86-only fast paths.
+    pub(crate) fn x86_format(&self) -> Option<&X86Format> {
         match &self.first {
             First::X86(f) => Some(f),
-            First::NoPaging => None,
+            _ => None,
+        }
+    }
+
+    /// The first level, for the listing.
+    pub(crate) fn first(&self) -> &First {
+        &self.first
+    }
+
+    /// Whether a translation of `va` may be cached for every access (not
+    /// an AArch64 tagged address only data accesses may use).
+    #[inline(always)]
+    pub(crate) fn cacheable(&self, va: u64) -> bool {
+        match &self.first {
+            First::Aarch64(a) => a.cacheable(va),
+            _ => true,
         }
     }
 
@@ -366,6 +444,7 @@ impl Walker {
             level: l.level,
             permissions: fmt.permissions(l.acc, l.leaf),
             attributes: fmt.attributes(l.level, l.leaf),
+            arch_attributes: ArchAttributes::None,
             second: None,
             memory_refs: l.refs,
         })
@@ -392,9 +471,9 @@ impl Walker {
         Ok(self.build_translation(va, &leaf, second.as_ref(), refs))
     }
 
-    /// Stage one, the root: checks `va` (canonical form, width) and says
-    /// where the guest's walk begins; `None` without paging (the linear
-    /// address is the guest-physical one).
+    /// Stage one, the root: checks `va` (canonical form, width; AArch64:
+    /// its range for `access`) and says where the guest's walk begins;
+    /// `None` without paging (the address is the guest-physical one).
     #[inline]
     pub(crate) fn first_root(
         &self,
@@ -408,18 +487,43 @@ impl Walker {
             reason,
             acc: 0,
         };
-        match &self.first {
+        let fmt = match &self.first {
             First::NoPaging if va > u64::from(u32::MAX) => {
-                Err(self.fault_first(va, access, at_input(FaultReason::AddressTooWide)))
+                return Err(self.fault_first(
+                    va,
+                    access,
+                    at_input(FaultReason::AddressTooWide),
+                    None,
+                ))
             }
-            First::NoPaging => Ok(None),
-            First::X86(fmt) => match fmt.check_input(va) {
-                Err(reason) => Err(self.fault_first(va, access, at_input(reason))),
-                Ok(()) => Ok(Some(FirstRoot {
-                    fmt,
-                    start: second::root_start(fmt),
-                })),
+            First::NoPaging => return Ok(None),
+            First::X86(fmt) => FirstFmt::X86(fmt),
+            First::Aarch64(a) if !a.mmu_on() => {
+                // Stage 1 off: the output is the address, which must fit
+                // the PA size (an address size fault at level 0).
+                if va >> a.pa_bits() != 0 {
+                    let s = at_input(FaultReason::AddressTooWide);
+                    return Err(self.fault_first(va, access, s, None));
+                }
+                return Ok(None);
+            }
+            First::Aarch64(a) => match a.select(va, access) {
+                Ok((_, fmt)) => FirstFmt::Aarch64(fmt),
+                Err((kind, _)) => {
+                    let reason = match kind {
+                        Aarch64FaultKind::AddressSize => FaultReason::Reserved { bits: 0 },
+                        _ => FaultReason::NonCanonical,
+                    };
+                    return Err(self.fault_first(va, access, at_input(reason), None));
+                }
             },
+        };
+        match fmt.check_input(va) {
+            Err(reason) => Err(self.fault_first(va, access, at_input(reason), None)),
+            Ok(()) => Ok(Some(FirstRoot {
+                fmt,
+                start: second::root_start(&fmt),
+            })),
         }
     }
 
@@ -436,19 +540,56 @@ impl Walker {
         memo: Option<Memo<'_>>,
         refs: &mut u32,
     ) -> Result<Walked, WalkFault> {
-        let Request { va, access, set_ad } = req;
-        let (fmt, start) = (root.fmt, root.start);
-        let lean = match (&self.second, X86Long::of(fmt)) {
-            (None, Some(long)) if !set_ad => lean::walk_recorded(&long, mem, va, access, start),
-            (None, None) if !set_ad => lean::walk_recorded(fmt, mem, va, access, start),
-            _ => None,
+        let start = root.start;
+        let r = match root.fmt {
+            FirstFmt::X86(fmt) => match X86Long::of(fmt) {
+                // A 64-bit guest: the lean walk of its own, then the
+                // engine.
+                Some(long) => {
+                    if self.second.is_none() && !req.set_ad {
+                        if let Some((w, n)) =
+                            lean::walk_recorded(&long, mem, req.va, req.access, start)
+                        {
+                            *refs += n;
+                            return Ok(w);
+                        }
+                    }
+                    self.walk_format(fmt, false, start, mem, req, memo, refs)
+                }
+                None => self.walk_format(fmt, true, start, mem, req, memo, refs),
+            },
+            FirstFmt::Aarch64(fmt) => self.walk_format(fmt, true, start, mem, req, memo, refs),
         };
-        if let Some((w, n)) = lean {
-            *refs += n;
-            return Ok(w);
-        }
-        let r = match &self.second {
+        r.map_err(|f| match f {
+            Fail::Stop(s) => self.fault_first(req.va, req.access, s, Some(root.fmt)),
+            Fail::Port(w) => w,
+        })
+    }
+
+    /// The guest's levels in the architecture's own format `fmt` (the
+    /// engine monomorphic): the lean walk first when `lean` says it may
+    /// answer, else the engine, directly or through the second level.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn walk_format<F: Format, M: PhysMemory + ?Sized>(
+        &self,
+        fmt: &F,
+        try_lean: bool,
+        start: Start,
+        mem: &M,
+        req: Request,
+        memo: Option<Memo<'_>>,
+        refs: &mut u32,
+    ) -> Result<Walked, Fail> {
+        let Request { va, access, set_ad } = req;
+        match &self.second {
             None => {
+                if try_lean && !set_ad {
+                    if let Some((w, n)) = lean::walk_recorded(fmt, mem, va, access, start) {
+                        *refs += n;
+                        return Ok(w);
+                    }
+                }
                 // The lean walk stopped (a fault ahead, or not its case):
                 // the full engine walks from the root, so a fault it
                 // reports names the level that really denied, whatever the
@@ -476,33 +617,35 @@ impl Walker {
                 *refs += port.refs;
                 r
             }
-        };
-        r.map_err(|f| match f {
-            Fail::Stop(s) => self.fault_first(va, access, s),
-            Fail::Port(w) => w,
-        })
+        }
     }
 
     /// Stage three, the leaf: the first level's output for `va`, from the
     /// walk (`None` without paging).
     #[inline]
     pub(crate) fn first_leaf(&self, va: u64, walked: Option<&Walked>) -> FirstLeaf {
-        match (walked, &self.first) {
-            (Some(w), First::X86(fmt)) => FirstLeaf {
-                gpa: w.base | (va & ((1u64 << w.shift) - 1)),
-                shift: w.shift,
-                level: w.leaf_level,
-                permissions: fmt.permissions(w.acc, w.leaf),
-                attributes: fmt.attributes(w.leaf_level, w.leaf),
-                acc: w.acc,
-                leaf: w.leaf,
-            },
-            _ => FirstLeaf {
+        match walked {
+            Some(w) => {
+                let (permissions, attributes, arch) =
+                    self.first.report(va, w.acc, w.leaf, w.leaf_level);
+                FirstLeaf {
+                    gpa: w.base | (va & ((1u64 << w.shift) - 1)),
+                    shift: w.shift,
+                    level: w.leaf_level,
+                    permissions,
+                    attributes,
+                    arch,
+                    acc: w.acc,
+                    leaf: w.leaf,
+                }
+            }
+            None => FirstLeaf {
                 gpa: va,
                 shift: PAGE_SHIFT_U8,
                 level: 0,
                 permissions: Permissions::no_paging(),
                 attributes: LeafAttributes::default(),
+                arch: ArchAttributes::None,
                 acc: 0,
                 leaf: 0,
             },
@@ -553,24 +696,23 @@ impl Walker {
             level: leaf.level,
             permissions: leaf.permissions,
             attributes: leaf.attributes,
+            arch_attributes: leaf.arch,
             second: info,
             memory_refs: refs,
         }
     }
 
-    /// The first level's report of cached rights: its permissions and its
-    /// leaf's attributes.
+    /// The first level's report of cached rights for `va`: its
+    /// permissions and its leaf's attributes.
     #[inline(always)]
     pub(crate) fn first_report(
         &self,
+        va: u64,
         acc: u64,
         leaf: u64,
         level: u8,
-    ) -> (Permissions, LeafAttributes) {
-        match &self.first {
-            First::X86(fmt) => (fmt.permissions(acc, leaf), fmt.attributes(level, leaf)),
-            First::NoPaging => (Permissions::no_paging(), LeafAttributes::default()),
-        }
+    ) -> (Permissions, LeafAttributes, ArchAttributes) {
+        self.first.report(va, acc, leaf, level)
     }
 
     /// The second level's report of cached rights (`None` without one).
@@ -582,8 +724,10 @@ impl Walker {
     /// Whether both levels' cached rights allow `access`, with this
     /// walker's check settings (`has_second`: the rights of a second level
     /// are known).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn allows(
         &self,
+        va: u64,
         acc1: u64,
         leaf1: u64,
         acc2: u64,
@@ -591,12 +735,12 @@ impl Walker {
         has_second: bool,
         access: Access,
     ) -> bool {
-        let (first_ok, user) = match &self.first {
-            First::X86(fmt) => (
-                fmt.check(acc1, leaf1, access, false).is_ok(),
-                fmt.permissions(acc1, leaf1).user,
-            ),
-            First::NoPaging => (true, true),
+        let (first_ok, user) = match self.first.format_of(va) {
+            Some(fmt) => each_format!(fmt, f => (
+                f.check(acc1, leaf1, access, false).is_ok(),
+                f.permissions(acc1, leaf1).user,
+            )),
+            None => (true, true),
         };
         let second_ok = match (&self.second, has_second) {
             (None, _) => true,
@@ -617,23 +761,15 @@ impl Walker {
         }
     }
 
-    /// A first-level stop as the fault the guest would see.
-    fn fault_first(&self, va: u64, access: Access, s: Stop) -> WalkFault {
-        let code = match (s.reason, &self.first) {
-            (FaultReason::NonCanonical, _) => FaultCode::GeneralProtection,
-            (
-                FaultReason::Unbacked { .. }
-                | FaultReason::ReadOnlyTable
-                | FaultReason::Contended
-                | FaultReason::Misconfigured,
-                _,
-            ) => FaultCode::Emulation,
-            (FaultReason::AddressTooWide, First::NoPaging) => FaultCode::GeneralProtection,
-            (reason, First::X86(fmt)) => FaultCode::PageFault {
-                error_code: fmt.error_code(reason, access),
-            },
-            (_, First::NoPaging) => FaultCode::Emulation,
-        };
+    /// A first-level stop in `fmt`'s walk (`None`: an input check) as the
+    /// fault the guest would see.
+    fn fault_first(
+        &self,
+        va: u64,
+        access: Access,
+        s: Stop,
+        fmt: Option<FirstFmt<'_>>,
+    ) -> WalkFault {
         WalkFault {
             va: GuestVirtAddr(va),
             gpa: None,
@@ -643,7 +779,7 @@ impl Walker {
             entry_addr: s.entry_addr.map(GuestPhysAddr),
             entry: s.entry,
             reason: s.reason,
-            code,
+            code: self.first.fault_code(fmt, &s, access),
         }
     }
 

@@ -1,8 +1,9 @@
 /*
  * Guest page-table walks from C: translation, faults with their x86 error
  * codes, accessed/dirty updates, the walk cache and its invalidation,
- * guest-virtual reads and writes across pages, listing mappings, and a
- * nested walk under EPT with its EPT-violation qualification.
+ * guest-virtual reads and writes across pages, listing mappings, a
+ * nested walk under EPT with its EPT-violation qualification, and an
+ * AArch64 guest's stage 1 with its aborts.
  */
 #include "pf_test.h"
 
@@ -460,6 +461,64 @@ TEST(argument_errors) {
     pf_guest_memory_free(mem);
 }
 
+/* AArch64, 4 KiB granule, 48-bit ranges (TCR_EL1: T0SZ = T1SZ = 16, TG1
+ * 4 KiB, IPS 48 bits), MMU on: TTBR0's tables at 0x1000.. map VA 0x400000
+ * to 0x5000 for EL0 and EL1 (AF, AP[1], AttrIndx 1); nothing else. */
+#define ARM_TCR 0x580100010ull
+#define ARM_AF (1ull << 10)
+#define ARM_AP1 (1ull << 6)
+
+TEST(aarch64_stage1_translates_and_aborts) {
+    pf_region r = pf_test_region(0, 4 * MIB);
+    pf_guest_memory *mem = pf_test_memory(&r, 1);
+    put(mem, 0x1000, 0x2000 | 3);
+    put(mem, 0x2000, 0x3000 | 3);
+    put(mem, 0x3000 + 2 * 8, 0x4000 | 3);
+    put(mem, 0x4000, 0x5000 | 3 | ARM_AF | ARM_AP1 | (1 << 2));
+
+    pf_aarch64_paging regs;
+    memset(&regs, 0, sizeof regs);
+    regs.struct_size = sizeof regs;
+    regs.tcr = ARM_TCR;
+    regs.ttbr0 = 0x1000;
+    regs.ttbr1 = 0x1000;
+    regs.sctlr = 1;
+    regs.mair = 0xff00;
+    pf_walker *w = NULL;
+    CHECK_OK(pf_walker_new_aarch64(&regs, &w));
+
+    pf_translation t = translation();
+    CHECK_OK(pf_walker_translate(w, mem, 0x400abc, PF_ACCESS_USER | PF_ACCESS_WRITE, NULL, &t, NULL));
+    CHECK_EQ(t.gpa, 0x5abc);
+    CHECK_EQ(t.memory_refs, 4);
+    CHECK_EQ(t.arch_attributes & 0xff, 0xff); /* MAIR byte of AttrIndx 1 */
+    CHECK_EQ((t.arch_attributes >> 8) & 7, 1);
+
+    /* Unmapped at level 3: a data abort from EL0, translation fault,
+     * level 3 (FSC 0b000111). */
+    pf_walk_fault f = fault();
+    CHECK_STATUS(pf_walker_translate(w, mem, 0x401000, PF_ACCESS_USER, NULL, &t, &f), PF_ERR_FAULT);
+    CHECK_EQ(f.code_kind, PF_FAULT_AARCH64_ABORT);
+    CHECK_EQ(f.code, (0x24ull << 26) | (1ull << 25) | 0x7);
+    CHECK_EQ(f.reason, PF_REASON_NOT_PRESENT);
+
+    /* An EL1 fetch of an EL0-writable page: a permission fault (an
+     * instruction abort taken without a change of EL, EC 0x21). */
+    f = fault();
+    CHECK_STATUS(pf_walker_translate(w, mem, 0x400000, PF_ACCESS_FETCH, NULL, &t, &f), PF_ERR_FAULT);
+    CHECK_EQ(f.code, (0x21ull << 26) | (1ull << 25) | 0xf);
+
+    pf_walker *bad = NULL;
+    regs.tcr = ARM_TCR | (3ull << 14); /* TG0 = 0b11: reserved */
+    CHECK_ERR(pf_walker_new_aarch64(&regs, &bad), PF_ERR_INVALID_ARGUMENT, "TG0");
+    regs.tcr = ARM_TCR;
+    regs.flags = 0x80;
+    CHECK_ERR(pf_walker_new_aarch64(&regs, &bad), PF_ERR_INVALID_ARGUMENT, "flags");
+    CHECK(bad == NULL);
+    pf_walker_free(w);
+    pf_guest_memory_free(mem);
+}
+
 int main(void) {
     static const pf_test_case tests[] = {
         PF_TEST_CASE(translates_4k_and_2m_pages),
@@ -472,6 +531,7 @@ int main(void) {
         PF_TEST_CASE(ranges_come_as_contiguous_segments),
         PF_TEST_CASE(nested_walk_under_ept),
         PF_TEST_CASE(argument_errors),
+        PF_TEST_CASE(aarch64_stage1_translates_and_aborts),
     };
     return pf_test_main("paging", tests, sizeof tests / sizeof tests[0]);
 }
