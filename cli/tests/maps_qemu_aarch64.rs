@@ -12,7 +12,11 @@
 //! For every address and context, `Aarch64Walker` over the RAM image must
 //! agree with QEMU: where QEMU translated, a data read at that EL (with that
 //! PSTATE.PAN) translates to the same physical address; where QEMU said
-//! "Unmapped", the walker faults.
+//! "Unmapped", the walker faults. And `pagefold maps --arch aarch64` on the
+//! image must list exactly what QEMU translates at EL1 without PAN (where
+//! every valid leaf is readable): each address QEMU translated lies in a
+//! listed mapping at the same physical address, no address QEMU could not
+//! translate lies in one.
 //!
 //! What QEMU's debug translation (`arm_cpu_get_phys_page_attrs_debug`, a
 //! `MMU_DATA_LOAD` through `get_phys_addr_with_struct` with `in_debug`) does
@@ -40,6 +44,7 @@ use pagefold::paging::{
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use qemu_guest::{Answer, Tally};
+use std::{collections::BTreeMap, path::Path, process::Command};
 
 /// ID_AA64MMFR0_EL1.PARange and TCR_EL1.IPS encodings, in bits.
 const PA_SIZES: [u8; 7] = [32, 36, 40, 42, 44, 48, 52];
@@ -47,10 +52,31 @@ const PA_SIZES: [u8; 7] = [32, 36, 40, 42, 44, 48, 52];
 /// PSTATE.PAN.
 const PSTATE_PAN: u64 = 1 << 22;
 
-fn reg(regs: &std::collections::BTreeMap<String, u64>, name: &str) -> u64 {
+/// TCR_EL1.TBI0 and TBI1.
+const TCR_TBI0: u64 = 1 << 37;
+const TCR_TBI1: u64 = 1 << 38;
+
+fn reg(regs: &BTreeMap<String, u64>, name: &str) -> u64 {
     *regs
         .get(name)
         .unwrap_or_else(|| panic!("paging-0.txt lacks {name}"))
+}
+
+/// The PA size the walker gets: PARange capped at 48 bits. QEMU's `max` CPU
+/// reports 52 (PARange 6), but the output size in force is min(IPS,
+/// PARange), and a kernel without 52-bit PA support programs IPS <= 48:
+/// then 48 is the same limit.
+fn pa_bits(regs: &BTreeMap<String, u64>) -> u8 {
+    let tcr = reg(regs, "TCR_EL1");
+    let parange = PA_SIZES[usize::try_from(reg(regs, "ID_AA64MMFR0_EL1") & 0xf)
+        .unwrap()
+        .min(6)];
+    let ips = PA_SIZES[usize::try_from((tcr >> 32) & 7).unwrap().min(6)];
+    assert!(
+        parange.min(ips) <= 48,
+        "TCR_EL1.IPS and PARange both allow 52-bit output addresses (LPA): not modelled"
+    );
+    parange.min(48)
 }
 
 #[test]
@@ -60,19 +86,7 @@ fn aarch64_walker_matches_qemu_gva2gpa() {
     };
     let regs = qemu_guest::paging(&dir);
     let tcr = reg(&regs, "TCR_EL1");
-    // The walker models PA sizes up to 48 bits. QEMU's `max` CPU reports
-    // 52 (PARange 6), but the output size in force is min(IPS, PARange),
-    // and a kernel without 52-bit PA support programs IPS <= 48: then 48
-    // (or IPS) is the same limit.
-    let parange = PA_SIZES[usize::try_from(reg(&regs, "ID_AA64MMFR0_EL1") & 0xf)
-        .unwrap()
-        .min(6)];
-    let ips = PA_SIZES[usize::try_from((tcr >> 32) & 7).unwrap().min(6)];
-    assert!(
-        parange.min(ips) <= 48,
-        "TCR_EL1.IPS and PARange both allow 52-bit output addresses (LPA): not modelled"
-    );
-    let pa_bits = parange.min(48);
+    let pa_bits = pa_bits(&regs);
     let (image, base) = qemu_guest::ram(&dir);
     let mem = PhysImage::new(GuestPhysAddr(base), &image);
     let contexts = qemu_guest::truth(&dir);
@@ -150,4 +164,111 @@ fn aarch64_walker_matches_qemu_gva2gpa() {
         vas.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `pagefold maps --arch aarch64 --format json` on the image: (VA, GPA,
+/// size) of every mapping, sorted by VA.
+fn listing(dir: &Path, regs: &BTreeMap<String, u64>, base: u64) -> Vec<(u64, u64, u64)> {
+    let mut args: Vec<String> = vec![
+        "maps".into(),
+        "--arch".into(),
+        "aarch64".into(),
+        "--format".into(),
+        "json".into(),
+        "--ram".into(),
+        dir.join("ram-0.img").display().to_string(),
+        "--ram-base".into(),
+        format!("{base:#x}"),
+        "--pa-bits".into(),
+        pa_bits(regs).to_string(),
+    ];
+    for (flag, name) in [
+        ("--tcr", "TCR_EL1"),
+        ("--ttbr0", "TTBR0_EL1"),
+        ("--ttbr1", "TTBR1_EL1"),
+        ("--sctlr", "SCTLR_EL1"),
+        ("--mair", "MAIR_EL1"),
+    ] {
+        args.push(flag.into());
+        args.push(format!("{:#x}", reg(regs, name)));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_pagefold"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pagefold {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hex = |v: &serde_json::Value| {
+        u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    let mut maps: Vec<(u64, u64, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (hex(&v["va"]), hex(&v["gpa"]), v["size"].as_u64().unwrap())
+        })
+        .collect();
+    maps.sort_unstable();
+    maps
+}
+
+#[test]
+fn maps_lists_what_qemu_translates_at_el1() {
+    let Some(dir) = qemu_guest::images_or_skip("aarch64") else {
+        return;
+    };
+    let regs = qemu_guest::paging(&dir);
+    let tcr = reg(&regs, "TCR_EL1");
+    let (_, base) = qemu_guest::ram(&dir);
+    let maps = listing(&dir, &regs, base);
+    assert!(
+        maps.len() > 1000,
+        "maps listed only {} mappings",
+        maps.len()
+    );
+    let contexts = qemu_guest::truth(&dir);
+    let el1 = contexts
+        .iter()
+        .find(|c| c.get("cpsr") & (PSTATE_PAN | 0xc) == 0x4)
+        .expect("gva2gpa-0.txt has no EL1 context without PAN");
+    let mut tally = Tally::default();
+    for s in &el1.samples {
+        // The listing has each mapping at its VA with the top byte as the
+        // range (bit 55) extends it; under TBI the guest's top byte is
+        // ignored, as QEMU did.
+        let upper = s.va & (1 << 55) != 0;
+        let tbi = tcr & if upper { TCR_TBI1 } else { TCR_TBI0 } != 0;
+        let va = if tbi {
+            (s.va & ((1 << 56) - 1)) | if upper { 0xff << 56 } else { 0 }
+        } else {
+            s.va
+        };
+        let i = maps.partition_point(|&(m, _, _)| m <= va);
+        let hit = i
+            .checked_sub(1)
+            .map(|i| maps[i])
+            .filter(|&(m, _, size)| va - m < size)
+            .map(|(m, gpa, _)| gpa + (va - m))
+            .ok_or_else(|| "in no listed mapping".to_string());
+        tally.check(&el1.name, s, hit);
+    }
+    qemu_guest::report(&format!(
+        "maps_qemu_aarch64: maps listed {} mappings; of {} addresses QEMU translated at EL1 \
+         {} lie in them at the same address, and {} it could not are in none; {} disagreed",
+        maps.len(),
+        el1.samples.len(),
+        tally.mapped,
+        tally.unmapped,
+        tally.mismatched
+    ));
+    assert!(
+        tally.mismatches.is_empty(),
+        "{}",
+        tally.mismatches.join("\n")
+    );
 }
