@@ -7,7 +7,7 @@
 #                               [--mem MiB] [--clones N]
 #                               [--mode auto|boot|copy] [--jobs J]
 #                               [--timeout S] [--cpu MODEL] [--samples N]
-#                               [--force]
+#                               [--append ARGS] [--force]
 #
 #   --arch A      the guest architecture (default x86_64: `info tlb` as the
 #                 ground truth). aarch64 (qemu-system-aarch64 -machine virt,
@@ -34,6 +34,8 @@
 #                 aarch64: max,pauth-impdef=on; riscv64: rv64)
 #   --samples N   aarch64/riscv64: addresses given to gva2gpa per privilege
 #                 context (default 12000)
+#   --append ARGS more kernel command line, e.g. riscv64's `no5lvl` (Sv48
+#                 instead of the Sv57 QEMU's rv64 offers) or `no4lvl` (Sv39)
 #   --force       ignore the cache and boot again
 #
 # Per VM i, DIR holds: ram-i.img (raw RAM, byte o of the file = the o-th byte
@@ -70,6 +72,7 @@ jobs=1
 timeout=""
 cpu=""
 samples=12000
+append=""
 force=0
 auto_limit=60
 
@@ -88,8 +91,9 @@ while (($#)); do
         --timeout) timeout="${2:?--timeout needs seconds}"; shift 2 ;;
         --cpu) cpu="${2:?--cpu needs a model}"; shift 2 ;;
         --samples) samples="${2:?--samples needs a count}"; shift 2 ;;
+        --append) append="${2?--append needs kernel arguments}"; shift 2 ;;
         --force) force=1; shift ;;
-        -h|--help) sed -n '2,58p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -449,7 +453,7 @@ boot_one() {
     "$qemu_bin" -accel tcg -cpu "$cpu" -smp 1 -m "${mem}M" \
         -object "memory-backend-file,id=ram,size=${mem}M,mem-path=$tmp,share=on" \
         -machine "$machine,memory-backend=ram" \
-        -kernel "$kernel" -initrd "$initrd" -append "console=$console quiet" \
+        -kernel "$kernel" -initrd "$initrd" -append "console=$console quiet${append:+ $append}" \
         -nodefaults -display none -no-reboot \
         -serial "file:$serial" -qmp "unix:$sock,server=on,wait=off" \
         "${extra[@]}" -pidfile "$pidf" >"$out/qemu-$i.log" 2>&1 &
@@ -563,7 +567,7 @@ write_readme() {
         echo
         echo "VMs:        $clones x ${mem} MiB (ram-0.img .. ram-$((clones - 1)).img)"
         echo "How:        $how"
-        echo "Kernel:     $kernel_version, command line 'console=$console quiet' (KASLR on)"
+        echo "Kernel:     $kernel_version, command line 'console=$console quiet${append:+ $append}' (KASLR on)"
         echo "Initramfs:  $busybox_version; /init is in boot_guest.sh (init_script)"
         echo "QEMU:       $qemu_version, -accel tcg -cpu $cpu -smp 1 -machine $machine,"
         echo "            RAM = memory-backend-file (share=on) = the image file"
@@ -618,9 +622,11 @@ if [[ -z "$sub" ]]; then
     # The QMP client and the snapshot it takes.
     script_hash="$({ cat "$script_dir/qmp.py"; sed -n '/^def snapshot/,/^$/p' "$script_dir/capture.py"; } | sha256sum | cut -c1-16)"
     key="mem=${mem}M cpu=$cpu kernel=$kernel_version busybox=$busybox_version qemu=$qemu_version init=$init_hash qmp=$script_hash"
+    # x86_64 keys had no --append; one given makes its own.
+    [[ -z "$append" ]] || key="$key append=$append"
 else
     script_hash="$(cat "$script_dir"/{qmp,gdb_rsp,capture}.py | sha256sum | cut -c1-16)"
-    key="arch=$arch mem=${mem}M cpu=$cpu kernel=$kernel_version busybox=$busybox_version qemu=$qemu_version init=$init_hash capture=$script_hash samples=$samples"
+    key="arch=$arch append=$append mem=${mem}M cpu=$cpu kernel=$kernel_version busybox=$busybox_version qemu=$qemu_version init=$init_hash capture=$script_hash samples=$samples"
 fi
 
 say "out:    $out"
@@ -667,7 +673,9 @@ else
 fi
 ready0="$(sed -n 's/^ready_after_s=//p' "$out/boot-0.txt")"
 ready0="${ready0:-0}"
-if [[ "$mode" == auto ]]; then
+if [[ "$mode" == auto ]] && ((clones == 1)); then
+    mode=boot
+elif [[ "$mode" == auto ]]; then
     if awk -v r="$ready0" -v l="$auto_limit" 'BEGIN{exit !(r < l)}'; then mode=boot; else mode=copy; fi
     say "VM 0 was ready after ${ready0}s (limit ${auto_limit}s): mode $mode"
 fi
