@@ -583,7 +583,11 @@ write_readme() {
             echo "            permissions and PAN/SUM but not the access flag / A bit);"
             echo "            then 'quit' (capture.py; counts and timing in capture-i.txt)."
         fi
-        echo "Layout:     layout.txt (GPA ranges of the image; byte o of ram-i.img is GPA $ram_base + o)"
+        if [[ -z "$sub" ]]; then
+            echo "Layout:     layout.txt (GPA ranges of the image)"
+        else
+            echo "Layout:     layout.txt (GPA ranges of the image; byte o of ram-i.img is GPA $ram_base + o)"
+        fi
         echo
         echo "Per VM (ready_after_s = wall clock from QEMU start to the marker, TCG):"
         for ((i = 0; i < clones; i++)); do
