@@ -579,8 +579,9 @@ write_readme() {
             echo "            the registers through the gdbstub (paging-i.txt, sysregs-i.txt);"
             echo "            info registers / mtree -f / mem; then 'gva2gpa' for $samples addresses"
             echo "            (gva2gpa-i.txt) in each privilege context, set through the gdbstub"
-            echo "            (a data read at that privilege: QEMU's debug walk checks"
-            echo "            permissions and PAN/SUM but not the access flag / A bit);"
+            echo "            (a data read at that privilege: QEMU 7.2's debug walk checks the"
+            echo "            permissions, with PAN on AArch64 but not the access flag; on"
+            echo "            RISC-V it takes SUM as set and sets a clear A bit in the image);"
             echo "            then 'quit' (capture.py; counts and timing in capture-i.txt)."
         fi
         if [[ -z "$sub" ]]; then
