@@ -7,7 +7,7 @@
 #                               [--mem MiB] [--clones N]
 #                               [--mode auto|boot|copy] [--jobs J]
 #                               [--timeout S] [--cpu MODEL] [--samples N]
-#                               [--append ARGS] [--force]
+#                               [--append ARGS] [--flavour F] [--force]
 #
 #   --arch A      the guest architecture (default x86_64: `info tlb` as the
 #                 ground truth). aarch64 (qemu-system-aarch64 -machine virt,
@@ -36,6 +36,10 @@
 #                 context (default 12000)
 #   --append ARGS more kernel command line, e.g. riscv64's `no5lvl` (Sv48
 #                 instead of the Sv57 QEMU's rv64 offers) or `no4lvl` (Sv39)
+#   --flavour F   Debian's linux-image-<arch>-F kernel instead of the default
+#                 one, e.g. aarch64's `16k` (16 KiB pages, from Debian 13:
+#                 booted with -cpu ...,lpa2=off so that it keeps to 47-bit VAs
+#                 and 48-bit PAs); images in target/guest-images-<arch>-F
 #   --force       ignore the cache and boot again
 #
 # Per VM i, DIR holds: ram-i.img (raw RAM, byte o of the file = the o-th byte
@@ -54,10 +58,11 @@
 # missing; adds the dpkg architecture arm64 or riscv64; the kernel and
 # busybox-static are only downloaded with `apt-get download` and unpacked
 # into target/guest-cache, nothing is installed for them) and python3 (QMP
-# and gdbstub clients). Debian 12 has no riscv64 port: when the configured
-# mirrors lack the riscv64 packages they come from Debian 13 (trixie) through
-# a private apt configuration in the cache (the system's sources are left
-# alone). Override the cache with PAGEFOLD_GUEST_CACHE=DIR.
+# and gdbstub clients). When the configured mirrors lack the guest's kernel
+# package (Debian 12 has no riscv64 port and no arm64 16k kernel), it and
+# busybox come from Debian 13 (trixie) through a private apt configuration
+# in the cache (the system's sources are left alone). Override the cache
+# with PAGEFOLD_GUEST_CACHE=DIR.
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -73,6 +78,7 @@ timeout=""
 cpu=""
 samples=12000
 append=""
+flavour=""
 force=0
 auto_limit=60
 
@@ -92,6 +98,7 @@ while (($#)); do
         --cpu) cpu="${2:?--cpu needs a model}"; shift 2 ;;
         --samples) samples="${2:?--samples needs a count}"; shift 2 ;;
         --append) append="${2?--append needs kernel arguments}"; shift 2 ;;
+        --flavour) flavour="${2:?--flavour needs a Debian kernel flavour, e.g. 16k}"; shift 2 ;;
         --force) force=1; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
@@ -116,6 +123,14 @@ case "$arch" in
         default_clones=1 default_timeout=600 sub=riscv64 ;;
     *) die "--arch must be x86_64, aarch64 or riscv64 (got '$arch')" ;;
 esac
+if [[ -n "$flavour" ]]; then
+    [[ "$flavour" =~ ^[a-z0-9]+$ ]] || die "--flavour must be a Debian kernel flavour such as 16k"
+    [[ -n "$sub" ]] || die "--flavour is for aarch64 and riscv64"
+    sub="$sub-$flavour"
+    # FEAT_LPA2 would let a 16k (or 4k) kernel built for 52-bit VAs use them.
+    [[ "$arch" == aarch64 ]] && default_cpu="$default_cpu,lpa2=off"
+fi
+kernel_meta="linux-image-$deb_arch${flavour:+-$flavour}"
 clones="${clones:-$default_clones}"
 timeout="${timeout:-$default_timeout}"
 cpu="${cpu:-$default_cpu}"
@@ -130,6 +145,10 @@ out="${out:-$repo/target/guest-images${sub:+-$sub}}"
 
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+# One run at a time per folder (the tests of one guest may start two).
+command -v flock >/dev/null || die "flock (util-linux) is needed"
+exec 9>"$out/.lock"
+flock -w 3600 9 || die "another boot_guest.sh kept $out/.lock for an hour"
 cache="${PAGEFOLD_GUEST_CACHE:-$repo/target/guest-cache}"
 mkdir -p "$cache"
 cache="$(cd "$cache" && pwd)"
@@ -196,7 +215,7 @@ ensure_apt_arch() {
     native="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
     [[ "$deb_arch" == "$native" ]] && return 0
     command -v apt-get >/dev/null || die "apt-get missing; cannot fetch $deb_arch packages"
-    meta="$(pkg "linux-image-$deb_arch")"
+    meta="$(pkg "$kernel_meta")"
     if ! dpkg --print-foreign-architectures | grep -qx "$deb_arch"; then
         ((EUID == 0)) || die "dpkg does not know the architecture $deb_arch; run as root (dpkg --add-architecture $deb_arch)"
         say "dpkg --add-architecture $deb_arch"
@@ -239,7 +258,7 @@ apt_fetch() {
 
 ensure_kernel() {
     local dir="$acache/kernel" pkg meta
-    meta="$(pkg "linux-image-$deb_arch")"
+    meta="$(pkg "$kernel_meta")"
     mkdir -p "$dir"
     if ! compgen -G "$dir/vmlinu[xz]-*" >/dev/null; then
         ensure_apt_arch

@@ -1,7 +1,9 @@
-//! The AArch64 walker against a real guest: a stock Debian arm64 kernel
-//! with a busybox initramfs, booted under QEMU TCG (`-machine virt -cpu
-//! max`) by `benches/guest/boot_guest.sh --arch aarch64`, stopped with a
-//! process busy reading /dev/zero (so TTBR0_EL1 is a live process's).
+//! The AArch64 walker against real guests: stock Debian arm64 kernels (the
+//! 4 KiB-page one, and the 16 KiB-page `arm64-16k` one) with a busybox
+//! initramfs, booted under QEMU TCG (`-machine virt -cpu max`) by
+//! `benches/guest/boot_guest.sh --arch aarch64 [--flavour 16k]`, stopped
+//! with a process busy reading /dev/zero (so TTBR0_EL1 is a live
+//! process's).
 //! The capture saved its RAM, the EL1&0 paging registers read through
 //! QEMU's gdbstub, and QEMU's own `gva2gpa` for 12,000 sampled addresses
 //! (user mappings, the kernel image, the linear map, vmalloc areas, the
@@ -28,8 +30,9 @@
 //! an update: the image is read-only) instead of taking an access flag
 //! fault — the same answer as QEMU's.
 //!
-//! The images are cached in `target/guest-images-aarch64`
-//! (`PAGEFOLD_GUEST_IMAGES_AARCH64=DIR` names another folder); when missing
+//! The images are cached in `target/guest-images-aarch64` and
+//! `target/guest-images-aarch64-16k` (`PAGEFOLD_GUEST_IMAGES_AARCH64=DIR`,
+//! `PAGEFOLD_GUEST_IMAGES_AARCH64_16K=DIR` name others); when missing
 //! the test runs the script (QEMU and the Debian packages come through
 //! apt). If that fails the test fails with the script's reason, unless
 //! `PAGEFOLD_SKIP_QEMU=1` is set: then it prints a `SKIP` line and passes.
@@ -64,24 +67,54 @@ fn reg(regs: &BTreeMap<String, u64>, name: &str) -> u64 {
 
 /// The PA size the walker gets: PARange capped at 48 bits. QEMU's `max` CPU
 /// reports 52 (PARange 6), but the output size in force is min(IPS,
-/// PARange), and a kernel without 52-bit PA support programs IPS <= 48:
-/// then 48 is the same limit.
+/// PARange), at most 48 bits with 4 KiB and 16 KiB granules unless
+/// TCR_EL1.DS (LPA2) is set: with IPS <= 48, or without 64 KiB granules,
+/// 48 is the same limit.
 fn pa_bits(regs: &BTreeMap<String, u64>) -> u8 {
     let tcr = reg(regs, "TCR_EL1");
     let parange = PA_SIZES[usize::try_from(reg(regs, "ID_AA64MMFR0_EL1") & 0xf)
         .unwrap()
         .min(6)];
     let ips = PA_SIZES[usize::try_from((tcr >> 32) & 7).unwrap().min(6)];
+    // TG0 = 0b01 and TG1 = 0b11 are the 64 KiB granule.
+    let k64 = (tcr >> 14) & 3 == 0b01 || (tcr >> 30) & 3 == 0b11;
     assert!(
-        parange.min(ips) <= 48,
-        "TCR_EL1.IPS and PARange both allow 52-bit output addresses (LPA): not modelled"
+        parange.min(ips) <= 48 || !k64,
+        "TCR_EL1.IPS and PARange both allow 52-bit output addresses with a 64 KiB \
+         granule (FEAT_LPA): not modelled"
     );
     parange.min(48)
 }
 
+/// The guests: (name, boot_guest.sh arguments). `aarch64`: Debian 12's
+/// arm64 kernel, 4 KiB granule, 48-bit VAs; `aarch64-16k`: Debian 13's
+/// arm64-16k kernel, 16 KiB granule, 47-bit VAs (QEMU's `max` CPU without
+/// FEAT_LPA2, which the kernel would use for 52-bit VAs).
+const GUEST_4K: (&str, &[&str]) = ("aarch64", &["--arch", "aarch64"]);
+const GUEST_16K: (&str, &[&str]) = ("aarch64-16k", &["--arch", "aarch64", "--flavour", "16k"]);
+
 #[test]
-fn aarch64_walker_matches_qemu_gva2gpa() {
-    let Some(dir) = qemu_guest::images_or_skip("aarch64") else {
+fn walker_matches_qemu_gva2gpa_4k() {
+    walker_matches_qemu(GUEST_4K);
+}
+
+#[test]
+fn walker_matches_qemu_gva2gpa_16k() {
+    walker_matches_qemu(GUEST_16K);
+}
+
+#[test]
+fn maps_lists_what_qemu_translates_at_el1_4k() {
+    maps_lists_what_qemu_translates(GUEST_4K);
+}
+
+#[test]
+fn maps_lists_what_qemu_translates_at_el1_16k() {
+    maps_lists_what_qemu_translates(GUEST_16K);
+}
+
+fn walker_matches_qemu((name, args): (&str, &[&str])) {
+    let Some(dir) = qemu_guest::images_or_skip(name, args) else {
         return;
     };
     let regs = qemu_guest::paging(&dir);
@@ -134,7 +167,7 @@ fn aarch64_walker_matches_qemu_gva2gpa() {
             tally.check(ctx, s, ours);
         }
         qemu_guest::report(&format!(
-            "maps_qemu_aarch64: context {ctx} (EL{el}, PAN {}): {} addresses; \
+            "maps_qemu_{name}: context {ctx} (EL{el}, PAN {}): {} addresses; \
              agreed on {} mapped and {} unmapped; {} disagreed",
             u8::from(paging.pan),
             samples.len(),
@@ -217,9 +250,8 @@ fn listing(dir: &Path, regs: &BTreeMap<String, u64>, base: u64) -> Vec<(u64, u64
     maps
 }
 
-#[test]
-fn maps_lists_what_qemu_translates_at_el1() {
-    let Some(dir) = qemu_guest::images_or_skip("aarch64") else {
+fn maps_lists_what_qemu_translates((name, args): (&str, &[&str])) {
+    let Some(dir) = qemu_guest::images_or_skip(name, args) else {
         return;
     };
     let regs = qemu_guest::paging(&dir);
@@ -258,7 +290,7 @@ fn maps_lists_what_qemu_translates_at_el1() {
         tally.check(&el1.name, s, hit);
     }
     qemu_guest::report(&format!(
-        "maps_qemu_aarch64: maps listed {} mappings; of {} addresses QEMU translated at EL1 \
+        "maps_qemu_{name}: maps listed {} mappings; of {} addresses QEMU translated at EL1 \
          {} lie in them at the same address, and {} it could not are in none; {} disagreed",
         maps.len(),
         el1.samples.len(),

@@ -1,6 +1,6 @@
-//! The QEMU ground truth of `benches/guest/boot_guest.sh --arch A` for the
-//! walker tests of the emulated architectures (`maps_qemu_aarch64.rs`,
-//! `maps_qemu_riscv64.rs`): finding or making the images (the skip rule of
+//! The QEMU ground truth of `benches/guest/boot_guest.sh --arch A ...` for
+//! the walker tests of the emulated architectures (`maps_qemu_aarch64.rs`,
+//! and a RISC-V sibling): finding or making the images (the skip rule of
 //! `maps_qemu.rs`), and reading the files the capture wrote — the RAM image
 //! and its base (`layout.txt`), the paging registers (`paging-0.txt`) and
 //! QEMU's `gva2gpa` answers per privilege context (`gva2gpa-0.txt`).
@@ -13,7 +13,12 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Command,
+    sync::Mutex,
 };
+
+/// One boot at a time: the tests of one guest run in parallel threads and
+/// would otherwise start the script twice on one folder.
+static BOOTING: Mutex<()> = Mutex::new(());
 
 /// The files one captured VM leaves.
 const FILES: [&str; 5] = [
@@ -31,13 +36,16 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// `PAGEFOLD_GUEST_IMAGES_<ARCH>` (upper case), else
-/// `target/guest-images-<arch>`.
-fn images_dir(arch: &str) -> PathBuf {
-    let var = format!("PAGEFOLD_GUEST_IMAGES_{}", arch.to_uppercase());
+/// `PAGEFOLD_GUEST_IMAGES_<NAME>` (upper case, `-` as `_`), else
+/// `target/guest-images-<name>`.
+fn images_dir(name: &str) -> PathBuf {
+    let var = format!(
+        "PAGEFOLD_GUEST_IMAGES_{}",
+        name.to_uppercase().replace('-', "_")
+    );
     match std::env::var_os(&var) {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => repo().join(format!("target/guest-images-{arch}")),
+        _ => repo().join(format!("target/guest-images-{name}")),
     }
 }
 
@@ -50,10 +58,13 @@ pub(crate) fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Makes sure the images exist, booting the guest if needed. `Err` says
-/// why they could not be made.
-fn ensure_images(arch: &str) -> Result<PathBuf, String> {
-    let dir = images_dir(arch);
+/// Makes sure the images of guest `name` exist, booting it with the
+/// script's `args` if needed. `Err` says why they could not be made.
+fn ensure_images(name: &str, args: &[&str]) -> Result<PathBuf, String> {
+    let dir = images_dir(name);
+    // A test that panicked while holding the lock leaves nothing half done
+    // that the script would not redo.
+    let _booting = BOOTING.lock().unwrap_or_else(|e| e.into_inner());
     if have_images(&dir) {
         return Ok(dir);
     }
@@ -61,15 +72,17 @@ fn ensure_images(arch: &str) -> Result<PathBuf, String> {
     if !script.is_file() {
         return Err(format!("{} is missing", script.display()));
     }
+    let shown = args.join(" ");
     report(&format!(
-        "maps_qemu_{arch}: {} has no captured guest; running {} --arch {arch} \
+        "maps_qemu_{name}: {} has no captured guest; running {} {shown} \
          (boots one guest under QEMU TCG and captures its ground truth, about a minute)",
         dir.display(),
         script.display()
     ));
     let out = Command::new("bash")
         .arg(&script)
-        .args(["--arch", arch, "--out"])
+        .args(args)
+        .arg("--out")
         .arg(&dir)
         .current_dir(repo())
         .output()
@@ -79,7 +92,7 @@ fn ensure_images(arch: &str) -> Result<PathBuf, String> {
         let tail: Vec<&str> = stderr.lines().rev().take(25).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(format!(
-            "{} --arch {arch} failed ({}); its last messages:\n    {}",
+            "{} {shown} failed ({}); its last messages:\n    {}",
             script.display(),
             out.status,
             tail.join("\n    ")
@@ -95,19 +108,20 @@ fn ensure_images(arch: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// The images' folder, or `None` after printing a SKIP line when they
-/// cannot be made and `PAGEFOLD_SKIP_QEMU=1` is set; panics otherwise.
-pub(crate) fn images_or_skip(arch: &str) -> Option<PathBuf> {
-    match ensure_images(arch) {
+/// The folder of guest `name` (booted by the script with `args` if
+/// missing), or `None` after printing a SKIP line when it cannot be made
+/// and `PAGEFOLD_SKIP_QEMU=1` is set; panics otherwise.
+pub(crate) fn images_or_skip(name: &str, args: &[&str]) -> Option<PathBuf> {
+    match ensure_images(name, args) {
         Ok(d) => Some(d),
         Err(why) if std::env::var("PAGEFOLD_SKIP_QEMU").as_deref() == Ok("1") => {
             report(&format!(
-                "SKIP maps_qemu_{arch}: no guest images ({why}); PAGEFOLD_SKIP_QEMU=1 is set"
+                "SKIP maps_qemu_{name}: no guest images ({why}); PAGEFOLD_SKIP_QEMU=1 is set"
             ));
             None
         }
         Err(why) => panic!(
-            "maps_qemu_{arch}: the QEMU guest images could not be made: {why}\n\
+            "maps_qemu_{name}: the QEMU guest images could not be made: {why}\n\
              (set PAGEFOLD_SKIP_QEMU=1 to skip this test where QEMU cannot run)"
         ),
     }
