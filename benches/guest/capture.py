@@ -20,6 +20,20 @@
         pointers read out of the RAM image (which give the linear map's
         offset), random addresses in both halves, and non-canonical ones.
 
+What QEMU 7.2's `gva2gpa` (cpu_get_phys_page_debug: a data load in the
+current privilege's translation regime) checks, which a test comparing a
+walker with these answers must model:
+- AArch64 (target/arm/ptw.c, `in_debug`): the EL's regime, TxSZ, TBI, EPDn,
+  the read permission with PSTATE.PAN, the output-address size; NOT the
+  access flag (a leaf with AF clear translates; nothing is written).
+- RISC-V (target/riscv/cpu_helper.c, `is_debug`): U pages only in U-mode
+  and not-U pages only in S-mode, R (or X with sstatus.MXR), reserved bits;
+  sstatus.SUM is taken as SET in debug walks (`sum = ... || is_debug`), so
+  the `s` and `ssum` contexts answer alike; and a leaf with A clear has A SET
+  in guest memory by the walk (fixed in QEMU 8.0), so the saved image has A
+  set wherever QEMU translated. In M-mode no translation applies, which is
+  why a stop in M-mode gives no `stop` context.
+
 Every failure exits non-zero with a message naming what failed.
 """
 
