@@ -76,6 +76,7 @@ pub mod paging;
 #[cfg(feature = "vm-memory")]
 pub mod rust_vmm;
 pub mod service;
+pub mod snapshot;
 mod sync;
 pub mod userfault;
 

@@ -3,19 +3,21 @@
 //! where each granule allows them, every fault kind with its fault status
 //! code and level, the permission matrix (EL0/EL1 by read/write/fetch by
 //! AP, UXN, PXN, the table bits, PAN and WXN), the access flag and DBM with
-//! TCR_EL1.HA/HD on and off, MAIR attributes; then a property test against
-//! a small reference model written here from the Arm ARM, on random
-//! (garbage) tables.
+//! TCR_EL1.HA/HD on and off, MAIR attributes, 52-bit addresses (FEAT_LPA
+//! with 64 KiB, FEAT_LPA2 with 4 KiB from level -1 and with 16 KiB); then a
+//! property test against a small reference model written here from the Arm
+//! ARM, on random (garbage) tables, with and without 52-bit layouts.
 
 // Test code: table fields are built from small known values.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use pagefold::paging::{
     aarch64::regs::{
-        SCTLR_M, SCTLR_WXN, TCR_EPD0, TCR_EPD1, TCR_HA, TCR_HD, TCR_HPD0, TCR_TBI0, TCR_TBID0,
+        SCTLR_M, SCTLR_WXN, TCR_DS, TCR_EPD0, TCR_EPD1, TCR_HA, TCR_HD, TCR_HPD0, TCR_TBI0,
+        TCR_TBID0,
     },
-    Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64Walker, Access, AccessKind, Granule,
-    Privilege, Ttbr, WalkOptions,
+    Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64Stage2, Aarch64Stage2Walker,
+    Aarch64Walker, Access, AccessKind, Granule, Privilege, Stage2Access, Ttbr, WalkOptions,
 };
 use pagefold::{GuestMemory, GuestPhysAddr, GuestVirtAddr};
 use proptest::{prelude::*, test_runner::Config as ProptestConfig};
@@ -43,8 +45,8 @@ fn gshift(g: Granule) -> u32 {
 }
 
 /// Bit position of the lowest VA bit a level indexes.
-fn lshift(g: Granule, level: u8) -> u32 {
-    gshift(g) + (gshift(g) - 3) * (3 - u32::from(level))
+fn lshift(g: Granule, level: i8) -> u32 {
+    gshift(g) + (gshift(g) - 3) * (3 - level) as u32
 }
 
 /// Hand-built tables for one granule: a bump allocator of granule-sized
@@ -78,7 +80,7 @@ impl Tables {
         self.mem.write_obj(GuestPhysAddr(pa), v).unwrap();
     }
 
-    fn index(&self, txsz: u8, start: u8, level: u8, va: u64) -> u64 {
+    fn index(&self, txsz: u8, start: i8, level: i8, va: u64) -> u64 {
         let entries = if level == start {
             1u64 << (64 - u32::from(txsz) - lshift(self.g, level))
         } else {
@@ -90,7 +92,7 @@ impl Tables {
     /// Maps `va` with `leaf` at `level` under `root` (start level from
     /// `txsz`), making tables with `table_bits` on the way; returns the
     /// leaf's address.
-    fn map(&mut self, root: u64, txsz: u8, va: u64, level: u8, leaf: u64, table_bits: u64) -> u64 {
+    fn map(&mut self, root: u64, txsz: u8, va: u64, level: i8, leaf: u64, table_bits: u64) -> u64 {
         let start = self.g.start_level(txsz);
         let mut table = root;
         for l in start..level {
@@ -123,6 +125,8 @@ fn regs(g: Granule, t0sz: u8, t1sz: u8, root0: u64, root1: u64) -> Aarch64Paging
         mair: 0x0011_2233_4455_66ff,
         pan: false,
         pa_bits: 48,
+        lva: false,
+        lpa2: false,
     }
 }
 
@@ -160,7 +164,7 @@ fn every_granule_and_start_level_both_ttbrs() {
             t.map(r0, txsz, low, 3, leaf, 0);
             t.map(r1, txsz, va1(txsz, low), 3, leaf + page, 0);
             let w = Aarch64Walker::new(regs(g, txsz, txsz, r0, r1)).unwrap();
-            let levels = 4 - u32::from(g.start_level(txsz));
+            let levels = (4 - g.start_level(txsz)) as u32;
             for (va, ttbr, pa) in [
                 (low + 0x10, Ttbr::Ttbr0, 0x40_0000_0010),
                 (va1(txsz, low) + 0x10, Ttbr::Ttbr1, 0x40_0000_0010 + page),
@@ -191,7 +195,7 @@ fn every_granule_and_start_level_both_ttbrs() {
 #[test]
 fn blocks_where_allowed_and_faults_elsewhere() {
     for (g, ok, bad) in [
-        (Granule::K4, &[1u8, 2][..], &[0u8][..]),
+        (Granule::K4, &[1i8, 2][..], &[0i8][..]),
         (Granule::K16, &[2], &[0, 1]),
         (Granule::K64, &[2], &[1]),
     ] {
@@ -326,7 +330,7 @@ fn ranges_epd_and_tbi() {
 fn fault_kinds_codes_and_levels() {
     let g = Granule::K4;
     // Invalid at each level.
-    for level in 0..=3u8 {
+    for level in 0..=3i8 {
         let mut t = Tables::new(g);
         let r = t.alloc();
         let va = 0x0000_1234_5678_9000;
@@ -343,7 +347,7 @@ fn fault_kinds_codes_and_levels() {
             .translate(&t.mem, GuestVirtAddr(va), Access::write())
             .unwrap_err();
         assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, level));
-        assert_eq!(f.fsc(), Some(0b00_0100 | level));
+        assert_eq!(f.fsc(), Some(0b00_0100 | level as u8));
         assert_eq!(
             (f.entry_addr, f.entry),
             (Some(GuestPhysAddr(at)), Some(0xdead_0000))
@@ -351,7 +355,7 @@ fn fault_kinds_codes_and_levels() {
         // EL1 data abort, same EL, WnR.
         assert_eq!(
             f.esr_el1(),
-            Some(0x25 << 26 | 1 << 25 | 1 << 6 | u64::from(4 | level))
+            Some(0x25 << 26 | 1 << 25 | 1 << 6 | (4 | level as u64))
         );
     }
     // IPS = 32 bits: a table above 4 GiB, a leaf output above, a TTBR above.
@@ -421,7 +425,7 @@ fn fault_kinds_codes_and_levels() {
 
 fn fault_of(
     r: Result<pagefold::paging::Aarch64Translation, Aarch64Fault>,
-) -> Option<(Aarch64FaultKind, u8)> {
+) -> Option<(Aarch64FaultKind, i8)> {
     r.err().map(|f| (f.kind, f.level))
 }
 
@@ -699,12 +703,17 @@ struct Model {
     hd: bool,
     wxn: bool,
     pan: bool,
+    /// TCR_EL1.DS in effect (4/16 KiB): `OA[51:50]` in bits 9:8, address
+    /// bits up to 49, blocks one level higher.
+    ds: bool,
+    /// A 52-bit PA with 64 KiB: `OA[51:48]` in bits 15:12, level-1 blocks.
+    lpa: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Out {
-    Ok { pa: u64, level: u8, refs: u32 },
-    Fault { kind: &'static str, level: u8 },
+    Ok { pa: u64, level: i8, refs: u32 },
+    Fault { kind: &'static str, level: i8 },
 }
 
 fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> Out {
@@ -718,7 +727,7 @@ fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> 
     if (hi && top != all) || (!hi && top != 0) {
         return fault("translation", 0);
     }
-    if m.oa < 48 && m.root[r] >> m.oa != 0 {
+    if m.root[r] >> m.oa != 0 {
         return fault("address size", 0);
     }
     let stride = m.g - 3;
@@ -727,23 +736,33 @@ fn model(m: &Model, mem: &GuestMemory, va: u64, kind: AccessKind, el0: bool) -> 
     while m.g + stride * levels < ia {
         levels += 1;
     }
-    let start = 4 - levels as u8;
+    let start = 4 - levels as i8;
     let (mut no_el0, mut no_w, mut uxn_t, mut pxn_t) = (false, false, false, false);
     let mut table = m.root[r];
-    for (refs, level) in (1u32..).zip(start..=3u8) {
-        let sh = m.g + stride * u32::from(3 - level);
+    for (refs, level) in (1u32..).zip(start..=3i8) {
+        let sh = m.g + stride * (3 - level) as u32;
         let width = if level == start { ia - sh } else { stride };
         let idx = (va >> sh) & ((1u64 << width) - 1);
         let Ok(d) = mem.read_obj::<u64>(GuestPhysAddr(table + idx * 8)) else {
             return fault("unbacked", level);
         };
-        let addr_bits = |lo: u32| d & ((1u64 << 48) - 1) & !((1u64 << lo) - 1);
-        let too_wide = m.oa < 48 && addr_bits(m.oa) != 0;
+        let field = |lo: u32, hi: u32| d & ((1u64 << (hi + 1)) - 1) & !((1u64 << lo) - 1);
+        let addr_bits = |lo: u32| {
+            if m.ds {
+                field(lo, 49) | (((d >> 8) & 3) << 50)
+            } else if m.lpa {
+                field(lo, 47) | (((d >> 12) & 0xf) << 48)
+            } else {
+                field(lo, 47)
+            }
+        };
+        let too_wide = addr_bits(m.g) >> m.oa != 0;
         let is_table = d & 3 == 3 && level < 3;
         let is_page = d & 3 == 3 && level == 3;
         let block_ok = match m.g {
-            12 => level == 1 || level == 2,
-            _ => level == 2,
+            12 => level == 1 || level == 2 || (level == 0 && m.ds),
+            14 => level == 2 || (level == 1 && m.ds),
+            _ => level == 2 || (level == 1 && m.lpa),
         };
         let is_block = d & 3 == 1 && level < 3 && block_ok;
         if is_table {
@@ -858,18 +877,24 @@ proptest! {
     /// Random tables (pointers into a pool of tables, so loops and shared
     /// tables occur, and out of memory; random descriptor types,
     /// permission bits, AF, DBM and output addresses, some above the OA
-    /// size), random registers and probes: the walker agrees with the
-    /// model on every address, access and privilege, and never panics.
+    /// size, random bits where 52-bit layouts keep address bits), random
+    /// registers (half of them with a 52-bit PA, FEAT_LVA and TCR_EL1.DS,
+    /// so 52-bit VAs, level -1 and the 52-bit TTBR layout) and probes: the
+    /// walker agrees with the model on every address, access and
+    /// privilege, and never panics.
     #[test]
-    fn walker_matches_model(seed in 1u64.., gsel in 0u8..3, t0 in 16u8..=39, t1 in 16u8..=39,
-                            flags in 0u8..32, ips in prop::sample::select(vec![0u64, 2, 5])) {
+    fn walker_matches_model(seed in 1u64.., gsel in 0u8..3, t0 in 12u8..=39, t1 in 12u8..=39,
+                            flags in 0u8..32, ips in prop::sample::select(vec![0u64, 2, 5, 6]),
+                            wide in any::<bool>()) {
         let g = [Granule::K4, Granule::K16, Granule::K64][usize::from(gsel)];
+        let (t0, t1) = if wide { (t0, t1) } else { (t0.max(16), t1.max(16)) };
         let gs = g.shift();
         let mut rng = Rng(seed);
         let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap();
         let pool: Vec<u64> = (1..=6u64).map(|i| i << gs).collect();
         let entries = 1u64 << (gs - 3);
-        let bits_pool = [AP1, AP2, AF, DBM, PXN, UXN, PXN_T, UXN_T, APT0, APT1, CONT];
+        let bits_pool = [AP1, AP2, AF, DBM, PXN, UXN, PXN_T, UXN_T, APT0, APT1, CONT,
+                         1 << 8, 1 << 9, 1 << 13, 1 << 48, 1 << 49];
         for &tbl in &pool {
             for i in 0..entries {
                 let mut d = match rng.below(8) {
@@ -888,10 +913,16 @@ proptest! {
             }
         }
         let (ha, hd, wxn, pan) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 8 != 0);
-        let (r0, r1) = (pool[rng.below(6) as usize], pool[rng.below(6) as usize]);
+        let mut ttbr = || {
+            let base = pool[rng.below(6) as usize];
+            // BADDR[51:48] in bits 5:2 (52-bit layout), sometimes.
+            if wide && rng.below(4) == 0 { base | (rng.below(16) << 2) } else { base }
+        };
+        let (r0, r1) = (ttbr(), ttbr());
         let mut tcr = tcr(g, t0, t1, ips);
         if ha { tcr |= TCR_HA; }
         if hd { tcr |= TCR_HD; }
+        if wide { tcr |= TCR_DS; }
         let regs = Aarch64Paging {
             tcr,
             ttbr0: r0,
@@ -899,11 +930,22 @@ proptest! {
             sctlr: SCTLR_M | if wxn { SCTLR_WXN } else { 0 },
             mair: 0,
             pan,
-            pa_bits: 48,
+            pa_bits: if wide { 52 } else { 48 },
+            lva: wide,
+            lpa2: wide,
         };
         let w = Aarch64Walker::new(regs).unwrap();
-        let oa = match ips { 0 => 32, 2 => 40, _ => 48 };
-        let m = Model { g: gs, txsz: [u32::from(t0), u32::from(t1)], root: [r0, r1], oa, ha, hd: hd && ha, wxn, pan };
+        let oa = match (ips, wide) { (0, _) => 32, (2, _) => 40, (6, true) => 52, _ => 48 };
+        // With DS every base register has the 52-bit layout.
+        let root = |v: u64| if wide {
+            (v & 0x0000_ffff_ffff_ffc0) | (((v >> 2) & 0xf) << 48)
+        } else {
+            v & 0x0000_ffff_ffff_fffe
+        };
+        let m = Model {
+            g: gs, txsz: [u32::from(t0), u32::from(t1)], root: [root(r0), root(r1)], oa, ha,
+            hd: hd && ha, wxn, pan, ds: wide && g != Granule::K64, lpa: wide && g == Granule::K64,
+        };
         for _ in 0..256 {
             let mut va = rng.next();
             match rng.below(4) {
@@ -1020,12 +1062,483 @@ proptest! {
             mair: 0,
             pan,
             pa_bits,
+            lva: seed % 3 == 0,
+            lpa2: seed % 5 == 0,
         };
         if let Ok(w) = Aarch64Walker::new(regs) {
             for va in vas {
                 for a in [Access::read(), Access::write().user(), Access::fetch()] {
                     let _ = w.translate(&mem, GuestVirtAddr(va), a);
                     let _ = w.translate_with(&mem, GuestVirtAddr(va), a, WalkOptions { set_accessed_dirty: true });
+                }
+            }
+        }
+    }
+}
+
+/// Registers for 52-bit addresses: a 52-bit PA (FEAT_LPA), FEAT_LVA and
+/// FEAT_LPA2, IPS 52 bits, TCR_EL1.DS when `ds`.
+fn regs52(g: Granule, t0sz: u8, t1sz: u8, root0: u64, root1: u64, ds: bool) -> Aarch64Paging {
+    let mut r = regs(g, t0sz, t1sz, root0, root1);
+    r.tcr = tcr(g, t0sz, t1sz, 0b110) | if ds { TCR_DS } else { 0 };
+    r.pa_bits = 52;
+    r.lva = true;
+    r.lpa2 = true;
+    r
+}
+
+/// FEAT_LPA with the 64 KiB granule: `OA[51:48]` in descriptor bits 15:12,
+/// level-1 blocks, TTBR `BADDR[51:48]` in bits 5:2, 52-bit VAs with
+/// FEAT_LVA (both ranges); under a 48-bit IPS those bits make an address
+/// size fault, and without FEAT_LPA they are not address bits.
+#[test]
+fn lpa_64k_52_bit_output_and_input() {
+    let g = Granule::K64;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let pa = (0xcu64 << 48) | 0x1234_0000;
+    let page = (pa & 0x0000_ffff_ffff_0000) | (((pa >> 48) & 0xf) << 12) | TABLE | AF;
+    let va = (1u64 << 51) | 0x5_0000;
+    t.map(r0, 12, va, 3, page, 0);
+    t.map(r1, 12, va1(12, 0x5_0000), 3, page, 0);
+    // A 4 TiB block at level 1.
+    let tb = 1u64 << 42;
+    let block = ((0x3u64 << 48) | (5 * tb)) & 0x0000_ffff_ffff_0000 | (0x3 << 12) | BLOCK | AF;
+    t.map(r0, 12, 7 * tb, 1, block, 0);
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0, r1, false)).unwrap();
+    for (v, ttbr) in [(va, Ttbr::Ttbr0), (va1(12, 0x5_0000), Ttbr::Ttbr1)] {
+        let tr = w
+            .translate(&t.mem, GuestVirtAddr(v + 0x42), Access::read())
+            .unwrap();
+        assert_eq!(
+            (tr.pa, tr.level, tr.ttbr, tr.memory_refs),
+            (GuestPhysAddr(pa + 0x42), Some(3), Some(ttbr), 3)
+        );
+    }
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(7 * tb + 9), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level),
+        (GuestPhysAddr(((0x3 << 48) | (5 * tb)) + 9), tb, Some(1))
+    );
+    // Without FEAT_LVA, T0SZ 12 is refused.
+    let mut r = regs52(g, 12, 12, r0, r1, false);
+    r.lva = false;
+    assert!(Aarch64Walker::new(r).is_err());
+    // IPS 48: the same page's bits 15:12 are an address size fault.
+    let mut r = regs52(g, 12, 12, r0, r1, false);
+    r.tcr = (r.tcr & !(7 << 32)) | (0b101 << 32);
+    let f = Aarch64Walker::new(r)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, 3, Some(3))
+    );
+    // No FEAT_LPA: bits 15:12 are not address bits; a level-1 block is a
+    // translation fault; 48-bit VAs.
+    let mut r = regs(g, 16, 16, r0, r1);
+    r.tcr |= 0b110 << 32;
+    let w48 = Aarch64Walker::new(r).unwrap();
+    let va48 = va & ((1 << 48) - 1);
+    t.map(r0, 16, va48, 3, page, 0);
+    assert_eq!(
+        w48.translate(&t.mem, GuestVirtAddr(va48), Access::read())
+            .unwrap()
+            .pa,
+        GuestPhysAddr(pa & 0xffff_ffff_ffff)
+    );
+    let f = w48
+        .translate(&t.mem, GuestVirtAddr(7 * tb), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::Translation, 1));
+    // TTBR0 bits 5:2 are BADDR[51:48]: the table is above memory.
+    let mut r = regs52(g, 12, 12, r0 | (0x1 << 2), r1, false);
+    r.tcr |= TCR_EPD1;
+    let f = Aarch64Walker::new(r)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert!(matches!(f.kind, Aarch64FaultKind::Unbacked { pa } if pa.0 >> 48 == 1));
+    assert_eq!((f.level, f.fsc()), (1, None));
+}
+
+/// FEAT_LPA2 with the 4 KiB granule (TCR_EL1.DS): a 52-bit VA walks five
+/// levels from level -1, `OA[51:50]` sits in bits 9:8 so shareability
+/// comes from TCR_EL1.SH0, level-0 blocks; faults at level -1 have their
+/// own status codes.
+#[test]
+fn lpa2_4k_level_minus_one() {
+    let g = Granule::K4;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let pa = (0x2u64 << 50) | (1 << 49) | 0x7_6000;
+    let page = (pa & 0x0003_ffff_ffff_f000) | (((pa >> 50) & 3) << 8) | TABLE | AF;
+    let va = (1u64 << 51) | (1 << 48) | 0x3000;
+    t.map(r0, 12, va, 3, page, 0);
+    let big = 1u64 << 39;
+    let out = (1u64 << 50) | (6 * big);
+    let block = (out & 0x0003_ffff_ffff_f000) | (((out >> 50) & 3) << 8) | BLOCK | AF;
+    t.map(r0, 12, 9 * big, 0, block, 0);
+    let mut rg = regs52(g, 12, 16, r0, r1, true);
+    rg.tcr |= 0b11 << 12; // SH0: inner shareable
+    let w = Aarch64Walker::new(rg).unwrap();
+    assert!(w.tcr().ds);
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va + 5), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.level, tr.memory_refs),
+        (GuestPhysAddr(pa + 5), Some(3), 5)
+    );
+    assert_eq!(tr.attributes.shareability, 0b11);
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(9 * big + 5), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level, tr.memory_refs),
+        (GuestPhysAddr(((1 << 50) | (6 * big)) + 5), big, Some(0), 2)
+    );
+    // The level -1 entry knocked out: translation fault, level -1.
+    let top = r0 + 8 * t.index(12, -1, -1, va);
+    let saved = t.read(top);
+    t.write(top, 0);
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::write().user())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc(), f.entry_addr),
+        (
+            Aarch64FaultKind::Translation,
+            -1,
+            Some(0b10_1011),
+            Some(GuestPhysAddr(top))
+        )
+    );
+    assert_eq!(f.esr_el1(), Some(0x24 << 26 | 1 << 25 | 1 << 6 | 0b10_1011));
+    // A level -1 table above a 48-bit IPS: address size, level -1.
+    t.write(top, saved | (1 << 8));
+    let mut r48 = rg;
+    r48.tcr = (r48.tcr & !(7 << 32)) | (0b101 << 32);
+    let f = Aarch64Walker::new(r48)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!(
+        (f.kind, f.level, f.fsc()),
+        (Aarch64FaultKind::AddressSize, -1, Some(0b10_1001))
+    );
+    t.write(top, saved);
+    // The page's OA[51:50] under a 48-bit IPS: address size, level 3.
+    let f = Aarch64Walker::new(r48)
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert_eq!((f.kind, f.level), (Aarch64FaultKind::AddressSize, 3));
+    // Without DS the descriptor's bits 9:8 are shareability again (and
+    // 52-bit VAs are refused).
+    let r16 = t.alloc();
+    t.map(r16, 16, 0x3000, 3, (0x7_6000 | (0b10 << 8)) | TABLE | AF, 0);
+    let mut r = regs(g, 16, 16, r16, r1);
+    r.lpa2 = true;
+    let w16 = Aarch64Walker::new(r).unwrap();
+    let tr = w16
+        .translate(&t.mem, GuestVirtAddr(0x3000), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.attributes.shareability),
+        (GuestPhysAddr(0x7_6000), 0b10)
+    );
+    assert!(Aarch64Walker::new(regs(g, 12, 16, r0, r1)).is_err());
+}
+
+/// FEAT_LPA2 with the 16 KiB granule: a 52-bit VA starts at level 0 with
+/// 32 entries, a 64 GiB block at level 1 carries `OA[51:50]` in bits 9:8,
+/// the TTBR holds `BADDR[51:48]` in bits 5:2.
+#[test]
+fn lpa2_16k() {
+    let g = Granule::K16;
+    let mut t = Tables::new(g);
+    let (r0, r1) = (t.alloc(), t.alloc());
+    let size = 1u64 << 36;
+    let out = (0x3u64 << 50) | (7 * size);
+    let block = (out & 0x0003_ffff_ffff_c000) | (((out >> 50) & 3) << 8) | BLOCK | AF;
+    let va = (1u64 << 51) | (2 * size);
+    t.map(r0, 12, va, 1, block, 0);
+    assert_eq!(t.index(12, 0, 0, va), 16);
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0, r1, true)).unwrap();
+    let tr = w
+        .translate(&t.mem, GuestVirtAddr(va + 0x77), Access::read())
+        .unwrap();
+    assert_eq!(
+        (tr.pa, tr.page_size, tr.level, tr.memory_refs),
+        (GuestPhysAddr(out + 0x77), size, Some(1), 2)
+    );
+    // Without DS a level-1 block is a translation fault (and the VA must
+    // fit 48 bits).
+    let f = Aarch64Walker::new(regs(g, 16, 16, r0, r1))
+        .unwrap()
+        .translate(&t.mem, GuestVirtAddr(2 * size), Access::read())
+        .unwrap_err();
+    assert_eq!(f.kind, Aarch64FaultKind::Translation);
+    // The TTBR's bits 5:2: a 52-bit table base (above memory).
+    let w = Aarch64Walker::new(regs52(g, 12, 12, r0 | (0x8 << 2), r1, true)).unwrap();
+    let f = w
+        .translate(&t.mem, GuestVirtAddr(va), Access::read())
+        .unwrap_err();
+    assert!(matches!(f.kind, Aarch64FaultKind::Unbacked { pa } if pa.0 >> 48 == 8));
+}
+
+// ---------------------------------------------------------------------------
+// Stage 2 against its own reference model, written here from the Arm ARM's
+// rules (VTCR_EL2's start levels, concatenation, S2AP, XN/XNX, AF, DBM),
+// sharing nothing with the walker but the memory.
+
+#[derive(Clone, Copy, Debug)]
+struct S2Model {
+    g: u32,
+    ia: u32,
+    start: i8,
+    root: u64,
+    oa: u32,
+    ha: bool,
+    hd: bool,
+    xnx: bool,
+    ds: bool,
+    lpa: bool,
+}
+
+fn s2_model(m: &S2Model, mem: &GuestMemory, ipa: u64, kind: AccessKind, el0: bool) -> Out {
+    let fault = |kind, level| Out::Fault { kind, level };
+    if ipa >> m.ia != 0 {
+        return fault("translation", 0);
+    }
+    if m.root >> m.oa != 0 {
+        return fault("address size", 0);
+    }
+    let stride = m.g - 3;
+    let mut table = m.root;
+    for (refs, level) in (1u32..).zip(m.start..=3i8) {
+        let sh = m.g + stride * (3 - level) as u32;
+        let width = if level == m.start { m.ia - sh } else { stride };
+        let idx = (ipa >> sh) & ((1u64 << width) - 1);
+        let Ok(d) = mem.read_obj::<u64>(GuestPhysAddr(table + idx * 8)) else {
+            return fault("unbacked", level);
+        };
+        let field = |lo: u32, hi: u32| d & ((1u64 << (hi + 1)) - 1) & !((1u64 << lo) - 1);
+        let addr = |lo: u32| {
+            if m.ds {
+                field(lo, 49) | (((d >> 8) & 3) << 50)
+            } else if m.lpa {
+                field(lo, 47) | (((d >> 12) & 0xf) << 48)
+            } else {
+                field(lo, 47)
+            }
+        };
+        let too_wide = addr(m.g) >> m.oa != 0;
+        if d & 3 == 3 && level < 3 {
+            if too_wide {
+                return fault("address size", level);
+            }
+            table = addr(m.g);
+            continue;
+        }
+        let block_ok = match m.g {
+            12 => level == 1 || level == 2 || (level == 0 && m.ds),
+            14 => level == 2 || (level == 1 && m.ds),
+            _ => level == 2 || (level == 1 && m.lpa),
+        };
+        let leaf = (d & 3 == 3 && level == 3) || (d & 3 == 1 && level < 3 && block_ok);
+        if !leaf {
+            return fault("translation", level);
+        }
+        if too_wide {
+            return fault("address size", level);
+        }
+        if d & AF == 0 && !m.ha {
+            return fault("access flag", level);
+        }
+        let (xn1, xn0) = (d & (1 << 54) != 0, d & (1 << 53) != 0);
+        // (EL1, EL0) execute.
+        let (x1, x0) = match (m.xnx, xn1, xn0) {
+            (false, false, _) => (true, true),
+            (false, true, _) => (false, false),
+            (true, false, false) => (true, true),
+            (true, false, true) => (false, true),
+            (true, true, false) => (false, false),
+            (true, true, true) => (true, false),
+        };
+        let ok = match kind {
+            AccessKind::Read => d & (1 << 6) != 0,
+            AccessKind::Write => d & (1 << 7) != 0 || (m.hd && d & DBM != 0),
+            AccessKind::Fetch => {
+                if el0 {
+                    x0
+                } else {
+                    x1
+                }
+            }
+        };
+        if !ok {
+            return fault("permission", level);
+        }
+        return Out::Ok {
+            pa: addr(sh) | (ipa & ((1u64 << sh) - 1)),
+            level,
+            refs,
+        };
+    }
+    unreachable!("level 3 is always a leaf or a fault")
+}
+
+fn s2_walker_out(
+    w: &Aarch64Stage2Walker,
+    mem: &GuestMemory,
+    ipa: u64,
+    kind: AccessKind,
+    el0: bool,
+) -> Out {
+    match w.translate(mem, GuestPhysAddr(ipa), acc(kind, el0)) {
+        Ok(t) => Out::Ok {
+            pa: t.pa.0,
+            level: t.level,
+            refs: t.memory_refs,
+        },
+        Err(f) => Out::Fault {
+            kind: match f.kind {
+                Aarch64FaultKind::Translation => "translation",
+                Aarch64FaultKind::AccessFlag => "access flag",
+                Aarch64FaultKind::Permission => "permission",
+                Aarch64FaultKind::AddressSize => "address size",
+                Aarch64FaultKind::Unbacked { .. } => "unbacked",
+                Aarch64FaultKind::ReadOnlyTable => "read-only",
+                Aarch64FaultKind::Contended => "contended",
+            },
+            level: f.level,
+        },
+    }
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Random stage-2 tables (a concatenated start area and a pool of
+    /// tables pointing at each other, out of memory, above the OA size;
+    /// random S2AP, XN, AF, DBM and 52-bit address bits), every granule
+    /// with a random start level and IPA size that level can resolve
+    /// (half of them with FEAT_LPA/LPA2 and DS, so level -1 and 52-bit
+    /// layouts), random HA/HD/XNX and PS: the walker agrees with the model
+    /// on every IPA, access and EL.
+    #[test]
+    fn stage2_matches_model(seed in 1u64.., gsel in 0u8..3, pick in 0u32..1000, flags in 0u8..16,
+                            ps in prop::sample::select(vec![0u64, 2, 5, 6]), wide in any::<bool>()) {
+        let g = [Granule::K4, Granule::K16, Granule::K64][usize::from(gsel)];
+        let (gs, stride) = (g.shift(), g.shift() - 3);
+        // (SL2, SL0, start level) the granule offers here.
+        let mut levels: Vec<(bool, u64, i8)> = match g {
+            Granule::K4 => vec![(false, 0, 2), (false, 1, 1), (false, 2, 0), (false, 3, 3)],
+            Granule::K16 => vec![(false, 0, 3), (false, 1, 2), (false, 2, 1)],
+            Granule::K64 => vec![(false, 0, 3), (false, 1, 2), (false, 2, 1)],
+        };
+        if wide && g == Granule::K4 { levels.push((true, 0, -1)); }
+        if wide && g == Granule::K16 { levels.push((false, 3, 0)); }
+        let (sl2, sl0, start) = levels[pick as usize % levels.len()];
+        let resolved = gs + stride * (3 - start) as u32;
+        let max_ia = if wide { 52 } else { 48 };
+        let lo = (resolved + 1).max(16);
+        let hi = (resolved + stride + 4).min(max_ia);
+        prop_assume!(lo <= hi);
+        let ia = lo + (pick / 7) % (hi - lo + 1);
+        let (ha, hd, xnx) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
+        let ds = wide && g != Granule::K64;
+        let vtcr = u64::from(64 - ia) | (sl0 << 6) | (g.tg0() << 14) | (ps << 16)
+            | if ha { 1 << 21 } else { 0 } | if hd { 1 << 22 } else { 0 }
+            | if ds { 1 << 32 } else { 0 } | if sl2 { 1 << 33 } else { 0 };
+        let mut rng = Rng(seed);
+        // The start tables at 0 (1 MiB: 16 tables of 64 KiB at most), the
+        // pool above.
+        let mem = GuestMemory::new(&[(GuestPhysAddr(0), MEM)]).unwrap();
+        let start_bytes = 8u64 << (ia - resolved);
+        let pool: Vec<u64> = (0..6u64).map(|i| (1 << 20) + (i << gs)).collect();
+        let bits_pool = [1 << 6, 1 << 7, AF, DBM, 1 << 53, 1 << 54, CONT, 1 << 8, 1 << 9,
+                         1 << 13, 1 << 48, 1 << 49];
+        let mut fill = |at: u64| {
+            let mut d = match rng.below(8) {
+                0 => rng.next() & !1,
+                1 => (1u64 << 40) | 3,
+                2 | 3 => pool[rng.below(6) as usize] | 3,
+                4 => (rng.below(1 << 20) << 28) | 1,
+                _ => (rng.below(1 << 36) << 12) | 3,
+            };
+            for b in bits_pool {
+                if rng.below(3) == 0 {
+                    d |= b;
+                }
+            }
+            mem.write_obj(GuestPhysAddr(at), d).unwrap();
+        };
+        for i in 0..start_bytes / 8 {
+            fill(i * 8);
+        }
+        for &tbl in &pool {
+            for i in 0..(1u64 << stride) {
+                fill(tbl + i * 8);
+            }
+        }
+        let cfg = Aarch64Stage2 {
+            vtcr,
+            vttbr: 0,
+            pa_bits: if wide { 52 } else { 48 },
+            xnx,
+            lpa2: wide,
+            ttst: true,
+        };
+        let w = Aarch64Stage2Walker::new(cfg).unwrap();
+        let oa = match (ps, wide) { (0, _) => 32, (2, _) => 40, (6, true) => 52, _ => 48 };
+        let m = S2Model {
+            g: gs, ia, start, root: 0, oa, ha, hd: hd && ha, xnx, ds, lpa: wide && g == Granule::K64,
+        };
+        for _ in 0..256 {
+            let mut ipa = rng.next();
+            if rng.below(4) != 0 {
+                ipa &= (1u64 << ia) - 1;
+            }
+            for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
+                for el0 in [false, true] {
+                    let want = s2_model(&m, &mem, ipa, kind, el0);
+                    let got = s2_walker_out(&w, &mem, ipa, kind, el0);
+                    prop_assert_eq!(got, want, "ipa {:#x} {:?} el0 {}", ipa, kind, el0);
+                }
+            }
+        }
+    }
+
+    /// Any stage-2 configuration: refused with a typed error, or walks any
+    /// IPA on garbage tables without panicking.
+    #[test]
+    fn stage2_garbage_never_panics(vtcr in any::<u64>(), vttbr in any::<u64>(), pa in 0usize..8,
+                                   xnx in any::<bool>(), lpa2 in any::<bool>(), ttst in any::<bool>(),
+                                   ipas in prop::collection::vec(any::<u64>(), 16), seed in 1u64..) {
+        let mem = GuestMemory::new(&[(GuestPhysAddr(0), 1 << 20)]).unwrap();
+        let mut rng = Rng(seed);
+        for i in 0..(1u64 << 17) {
+            mem.write_obj(GuestPhysAddr(i * 8), rng.next()).unwrap();
+        }
+        let pa_bits = [32u8, 36, 40, 42, 44, 48, 52, 50][pa];
+        // Keep half the configurations plausible: only the walk's fields.
+        let vtcr = if seed % 2 == 0 { vtcr & 0x3_0067_ffff } else { vtcr };
+        let cfg = Aarch64Stage2 { vtcr, vttbr: vttbr & 0xf_fffc, pa_bits, xnx, lpa2, ttst };
+        if let Ok(w) = Aarch64Stage2Walker::new(cfg) {
+            for ipa in ipas {
+                for a in [Access::read(), Access::write().user(), Access::fetch()] {
+                    let _ = w.translate(&mem, GuestPhysAddr(ipa), a);
+                    let f = w.translate_with(&mem, GuestPhysAddr(ipa >> (seed % 40)), a,
+                                             WalkOptions { set_accessed_dirty: true });
+                    if let Err(f) = f {
+                        let _ = (f.fsc(), f.esr_el2(Stage2Access::TableRead), f.hpfar_el2());
+                    }
                 }
             }
         }

@@ -117,7 +117,7 @@ fn walker_agrees_with_the_aarch64_walker_and_reports_the_abort() {
                         assert_eq!(g.permissions, x.permissions);
                         assert_eq!(g.arch_attributes, ArchAttributes::Aarch64(x.attributes));
                         assert_eq!(g.memory_refs, x.memory_refs);
-                        assert_eq!(Some(4 - g.level), x.level);
+                        assert_eq!(Some(4 - i8::try_from(g.level).unwrap()), x.level);
                     }
                     (Err(g), Err(x)) => {
                         assert_eq!(g.stage, Stage::First);

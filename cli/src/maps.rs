@@ -2,7 +2,8 @@
 //! out of a raw RAM image with the library's walker — every mapping of an
 //! address space (as text, JSON lines, or QEMU's `info tlb` lines), or the
 //! translation of one virtual address (or the fault it takes) — for an
-//! x86-64 or AArch64 guest (`--arch`), from that architecture's registers.
+//! x86-64, AArch64 or RISC-V guest (`--arch`), from that architecture's
+//! registers.
 
 use std::{
     error::Error,
@@ -15,7 +16,7 @@ use std::{
 use clap::{Args, ValueEnum};
 use pagefold::paging::{
     Aarch64Paging, Access, AccessKind, Arch, ArchAttributes, FaultCode, FaultReason, GuestPaging,
-    Mapping, PhysImage, Translation, WalkFault, Walker, X86Mode, X86Paging,
+    Mapping, PhysImage, RiscvPaging, Translation, WalkFault, Walker, X86Mode, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use serde::Serialize;
@@ -50,6 +51,8 @@ pub(crate) enum ArchArg {
     X86_64,
     /// AArch64 EL1&0 stage 1: --tcr, --ttbr0, --ttbr1, --sctlr.
     Aarch64,
+    /// RISC-V Sv39/Sv48/Sv57: --satp, --sum, --mxr, --adue.
+    Riscv64,
 }
 
 /// The guest: its RAM image and its paging registers.
@@ -103,10 +106,38 @@ pub(crate) struct GuestArgs {
     /// AArch64: PSTATE.PAN is set.
     #[arg(long)]
     pub(crate) pan: bool,
-    /// AArch64: the implemented physical-address size
-    /// (ID_AA64MMFR0_EL1.PARange as bits: 32, 36, 40, 42, 44 or 48).
-    #[arg(long, value_name = "BITS", default_value_t = 48)]
-    pub(crate) pa_bits: u8,
+    /// AArch64: the CPU implements FEAT_LVA (52-bit VAs with the 64 KiB
+    /// granule).
+    #[arg(long)]
+    pub(crate) lva: bool,
+    /// AArch64: the CPU implements FEAT_LPA2 (TCR_EL1.DS: 52-bit VAs and
+    /// OAs with the 4 and 16 KiB granules).
+    #[arg(long)]
+    pub(crate) lpa2: bool,
+    /// AArch64 and RISC-V: the implemented physical-address size in bits
+    /// (AArch64: ID_AA64MMFR0_EL1.PARange's 32, 36, 40, 42, 44, 48 or 52,
+    /// default 48; RISC-V: 32..=56, default 56).
+    #[arg(long, value_name = "BITS")]
+    pub(crate) pa_bits: Option<u8>,
+    /// RISC-V: satp (hex): MODE, ASID, root PPN.
+    #[arg(long, value_parser = parse_hex, required_if_eq("arch", "riscv64"))]
+    pub(crate) satp: Option<u64>,
+    /// RISC-V: sstatus.SUM is set (S-mode may read and write U pages).
+    #[arg(long)]
+    pub(crate) sum: bool,
+    /// RISC-V: sstatus.MXR is set (loads may read executable pages).
+    #[arg(long)]
+    pub(crate) mxr: bool,
+    /// RISC-V: Svadu is on (menvcfg.ADUE): the walk may set A and D;
+    /// without it a clear A (or D on a write) is a page fault.
+    #[arg(long)]
+    pub(crate) adue: bool,
+    /// RISC-V: Svpbmt is on (menvcfg.PBMTE).
+    #[arg(long)]
+    pub(crate) pbmte: bool,
+    /// RISC-V: the hart implements Svnapot (64 KiB NAPOT pages).
+    #[arg(long)]
+    pub(crate) svnapot: bool,
 }
 
 impl GuestArgs {
@@ -140,7 +171,18 @@ impl GuestArgs {
                 sctlr: self.sctlr,
                 mair: self.mair,
                 pan: self.pan,
-                pa_bits: self.pa_bits,
+                pa_bits: self.pa_bits.unwrap_or(48),
+                lva: self.lva,
+                lpa2: self.lpa2,
+            }),
+            ArchArg::Riscv64 => GuestPaging::Riscv64(RiscvPaging {
+                satp: need(self.satp, "satp")?,
+                sum: self.sum,
+                mxr: self.mxr,
+                adue: self.adue,
+                pbmte: self.pbmte,
+                svnapot: self.svnapot,
+                pa_bits: self.pa_bits.unwrap_or(56),
             }),
         })
     }
@@ -154,6 +196,7 @@ impl GuestArgs {
                 self.ttbr0.unwrap_or(0),
                 self.ttbr1.unwrap_or(0)
             ),
+            ArchArg::Riscv64 => format!("satp {:#x}", self.satp.unwrap_or(0)),
         }
     }
 }
@@ -250,6 +293,20 @@ fn flags_text(a: &pagefold::paging::LeafAttributes) -> String {
 /// MAIR byte, shareability, and the contiguous hint.
 fn arch_text(a: &ArchAttributes) -> String {
     match a {
+        ArchAttributes::Riscv(r) => format!(
+            "{}{}{}",
+            match r.pbmt {
+                1 => " pbmt=nc",
+                2 => " pbmt=io",
+                _ => "",
+            },
+            if r.napot { " napot" } else { "" },
+            if r.rsw != 0 {
+                format!(" rsw={}", r.rsw)
+            } else {
+                String::new()
+            }
+        ),
         ArchAttributes::Aarch64(a) => format!(
             " attr={:#04x} sh={}{}",
             a.memory_attr,
@@ -413,6 +470,26 @@ fn code_text(c: &FaultCode) -> String {
         }
         FaultCode::Aarch64Abort { esr } => {
             format!("abort, ESR_EL1 {esr:#x} (FSC {:#04x})", esr & 0x3f)
+        }
+        FaultCode::Aarch64Stage2Abort { esr, hpfar } => format!(
+            "stage-2 abort, ESR_EL2 {esr:#x} (FSC {:#04x}{}), HPFAR_EL2 {hpfar:#x}",
+            esr & 0x3f,
+            if esr & (1 << 7) != 0 { ", S1PTW" } else { "" }
+        ),
+        FaultCode::Riscv(t) => {
+            let name = match t.cause {
+                1 => "instruction access fault",
+                5 => "load access fault",
+                7 => "store/AMO access fault",
+                12 => "instruction page fault",
+                13 => "load page fault",
+                15 => "store/AMO page fault",
+                20 => "instruction guest-page fault",
+                21 => "load guest-page fault",
+                23 => "store/AMO guest-page fault",
+                _ => "trap",
+            };
+            format!("{name} (scause {})", t.cause)
         }
         FaultCode::Emulation => "no architectural event (emulation failure)".into(),
     }

@@ -224,6 +224,61 @@
 #define PF_AARCH64_PAN (1 << 0)
 
 /**
+ * `pf_aarch64_paging.flags`: the CPU implements FEAT_LVA (52-bit VAs with
+ * the 64 KiB granule).
+ */
+#define PF_AARCH64_LVA (1 << 1)
+
+/**
+ * `pf_aarch64_paging.flags`: the CPU implements FEAT_LPA2 (TCR_EL1.DS:
+ * 52-bit VAs and OAs with the 4 and 16 KiB granules).
+ */
+#define PF_AARCH64_LPA2 (1 << 2)
+
+/**
+ * `pf_riscv_paging.flags` / `pf_riscv_gstage.flags`: MXR (loads may read
+ * executable pages; for the VS stage, `vsstatus.MXR | sstatus.MXR`).
+ */
+#define PF_RISCV_MXR (1 << 0)
+
+/**
+ * `pf_riscv_paging.flags`: SUM (S-mode loads and stores may use U pages).
+ */
+#define PF_RISCV_SUM (1 << 1)
+
+/**
+ * Flags: Svadu in force (`menvcfg`/`henvcfg.ADUE`): the walk sets A and D.
+ */
+#define PF_RISCV_ADUE (1 << 2)
+
+/**
+ * Flags: Svpbmt in force (`menvcfg`/`henvcfg.PBMTE`).
+ */
+#define PF_RISCV_PBMTE (1 << 3)
+
+/**
+ * Flags: Svnapot implemented (64 KiB NAPOT pages).
+ */
+#define PF_RISCV_SVNAPOT (1 << 4)
+
+/**
+ * `pf_aarch64_stage2.flags`: the CPU implements FEAT_XNX (stage-2 execute
+ * permission split by EL).
+ */
+#define PF_AARCH64_S2_XNX (1 << 0)
+
+/**
+ * `pf_aarch64_stage2.flags`: FEAT_LPA2 (VTCR_EL2.DS may be set).
+ */
+#define PF_AARCH64_S2_LPA2 (1 << 1)
+
+/**
+ * `pf_aarch64_stage2.flags`: FEAT_TTST (small translation tables: T0SZ
+ * up to 48).
+ */
+#define PF_AARCH64_S2_TTST (1 << 2)
+
+/**
  * `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
  */
 #define PF_SECOND_LEVEL_EPT 1
@@ -376,6 +431,20 @@
  * 5:0); FAR_EL1 is `va`.
  */
 #define PF_FAULT_AARCH64_ABORT 7
+
+/**
+ * `pf_walk_fault.code_kind`: a RISC-V trap; `code` is the exception code
+ * (12/13/15 page fault, 20/21/23 guest-page fault, 1/5/7 access fault),
+ * `stval` is `va`, and `htval`, `htinst`, `gva` are filled.
+ */
+#define PF_FAULT_RISCV_TRAP 8
+
+/**
+ * `pf_walk_fault.code_kind`: an AArch64 stage-2 abort taken to EL2;
+ * `code` is ESR_EL2 (S1PTW in bit 7 for a fault on a stage-1 table
+ * access), `hpfar` HPFAR_EL2, `gpa` the faulting IPA, `va` FAR_EL2.
+ */
+#define PF_FAULT_AARCH64_STAGE2_ABORT 9
 
 /**
  * `pf_walk_fault.reason` values.
@@ -1575,7 +1644,7 @@ typedef struct pf_aarch64_paging {
     uint64_t mair;
     /**
      * The implemented physical-address size in bits
-     * (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+     * (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48, 52); 0 means 48.
      */
     uint32_t pa_bits;
     /**
@@ -1583,6 +1652,81 @@ typedef struct pf_aarch64_paging {
      */
     uint32_t flags;
 } pf_aarch64_paging;
+
+/**
+ * An AArch64 stage 2 under the guest's stage 1. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_aarch64_stage2)`.
+ */
+typedef struct pf_aarch64_stage2 {
+    /**
+     * `sizeof(pf_aarch64_stage2)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * VTCR_EL2.
+     */
+    uint64_t vtcr;
+    /**
+     * VTTBR_EL2 (the stage-2 root and VMID).
+     */
+    uint64_t vttbr;
+    /**
+     * The implemented physical-address size in bits; 0 means 48.
+     */
+    uint32_t pa_bits;
+    /**
+     * `PF_AARCH64_S2_*` flags.
+     */
+    uint32_t flags;
+} pf_aarch64_stage2;
+
+/**
+ * A RISC-V guest's first stage: `satp` (or `vsatp`) and the status and
+ * extension bits the walk reads. Size-prefixed: set `struct_size` to
+ * `sizeof(pf_riscv_paging)`.
+ */
+typedef struct pf_riscv_paging {
+    /**
+     * `sizeof(pf_riscv_paging)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * `satp`/`vsatp`: MODE (Bare, Sv39, Sv48, Sv57), ASID, root PPN.
+     */
+    uint64_t satp;
+    /**
+     * `PF_RISCV_*` flags.
+     */
+    uint32_t flags;
+    /**
+     * The physical-address width in bits (32..=56); 0 means 56.
+     */
+    uint32_t pa_bits;
+} pf_riscv_paging;
+
+/**
+ * A RISC-V G stage: `hgatp` and the bits the walk reads. Size-prefixed:
+ * set `struct_size` to `sizeof(pf_riscv_gstage)`.
+ */
+typedef struct pf_riscv_gstage {
+    /**
+     * `sizeof(pf_riscv_gstage)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * `hgatp`: MODE (Bare, Sv39x4, Sv48x4, Sv57x4), VMID, root PPN.
+     */
+    uint64_t hgatp;
+    /**
+     * `PF_RISCV_*` flags but `PF_RISCV_SUM` (`PF_RISCV_MXR` is the
+     * HS-level `sstatus.MXR`).
+     */
+    uint32_t flags;
+    /**
+     * The physical-address width in bits (32..=56); 0 means 56.
+     */
+    uint32_t pa_bits;
+} pf_riscv_gstage;
 
 /**
  * A translation. Size-prefixed out-struct: set `struct_size` to
@@ -1634,7 +1778,8 @@ typedef struct pf_translation {
      * The architecture's own leaf attributes: for AArch64, bits 7:0 the
      * MAIR_EL1 byte the descriptor selects, 10:8 AttrIndx, 12:11
      * shareability, 14:13 `AP[2:1]`, 15 nG, 16 DBM, 17 the contiguous
-     * hint, 18 NS; 0 for x86.
+     * hint, 18 NS; for RISC-V, bits 1:0 PBMT, 2 N (NAPOT), 3 G, 4 A, 5 D,
+     * 7:6 RSW; 0 for x86.
      */
     uint64_t arch_attributes;
 } pf_translation;
@@ -1701,6 +1846,31 @@ typedef struct pf_walk_fault {
      * 1 when `entry_addr`/`entry` are set.
      */
     uint32_t has_entry;
+    /**
+     * `PF_FAULT_RISCV_TRAP`: `htval` (the guest-physical address >> 2 of
+     * a guest-page fault, 0 otherwise). 0 for other kinds.
+     */
+    uint64_t htval;
+    /**
+     * `PF_FAULT_RISCV_TRAP`: `htinst` (the pseudoinstruction of a
+     * guest-page fault on an implicit VS-stage page-table access, 0
+     * otherwise). 0 for other kinds.
+     */
+    uint64_t htinst;
+    /**
+     * `PF_FAULT_AARCH64_STAGE2_ABORT`: HPFAR_EL2 (the faulting IPA's
+     * page). 0 for other kinds.
+     */
+    uint64_t hpfar;
+    /**
+     * `PF_FAULT_RISCV_TRAP`: `hstatus.GVA` (1: `va` is a guest virtual
+     * address). 0 for other kinds.
+     */
+    uint32_t gva;
+    /**
+     * Zero.
+     */
+    uint32_t reserved;
 } pf_walk_fault;
 
 /**
@@ -3367,7 +3537,10 @@ enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
                              struct pf_walker **out_walker);
 
 /**
- * Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+ * Makes a walker for an AArch64 guest's EL1&0 stage 1 from its
+ * registers, with a stage 2 below it when `second` is not NULL (every
+ * stage-1 table access is then translated through stage 2: the nested
+ * walk).
  *
  * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
  * `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
@@ -3378,10 +3551,32 @@ enum pf_status pf_walker_new(const struct pf_x86_paging *paging,
  * # Safety
  *
  * - `paging` is NULL or points to a `pf_aarch64_paging` whose
- *   `struct_size` bytes are readable.
+ *   `struct_size` bytes are readable; `second` is NULL or likewise a
+ *   `pf_aarch64_stage2`.
  * - `out_walker` is NULL or valid for a write of one pointer.
  */
 enum pf_status pf_walker_new_aarch64(const struct pf_aarch64_paging *paging,
+                                     const struct pf_aarch64_stage2 *second,
+                                     struct pf_walker **out_walker);
+
+/**
+ * Makes a walker for a RISC-V guest's first stage from `satp` (or
+ * `vsatp`), with the G stage `hgatp` below it when `second` is not NULL.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_INVALID_ARGUMENT` (a reserved MODE, a root above the
+ * physical-address width, hgatp bits that must be zero, a width outside
+ * 32..=56, an unknown flag; the message names the register and field).
+ *
+ * # Safety
+ *
+ * - `paging` is NULL or points to a `pf_riscv_paging` whose
+ *   `struct_size` bytes are readable; `second` is NULL or likewise a
+ *   `pf_riscv_gstage`.
+ * - `out_walker` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_walker_new_riscv64(const struct pf_riscv_paging *paging,
+                                     const struct pf_riscv_gstage *second,
                                      struct pf_walker **out_walker);
 
 /**

@@ -12,9 +12,9 @@
 use std::ffi::{c_int, c_void};
 
 use pagefold::paging::{
-    Aarch64Paging, Access, AccessKind, ArchAttributes, EptConfig, FaultCode, FaultReason, Mapping,
-    NptConfig, Privilege, SecondLevel, Stage, Translation, WalkCache, WalkFault, WalkOptions,
-    Walker, WalkerError, X86Paging,
+    Aarch64Paging, Aarch64Stage2, Access, AccessKind, ArchAttributes, EptConfig, FaultCode,
+    FaultReason, Mapping, NptConfig, Privilege, RiscvGStage, RiscvPaging, SecondLevel, Stage,
+    Translation, WalkCache, WalkFault, WalkOptions, Walker, WalkerError, X86Paging,
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 
@@ -75,6 +75,12 @@ unsafe impl SizePrefixed for pf_x86_paging {
 /// `pf_aarch64_paging.flags`: PSTATE.PAN is set (EL1 data accesses to
 /// EL0-accessible pages fault).
 pub const PF_AARCH64_PAN: u32 = 1 << 0;
+/// `pf_aarch64_paging.flags`: the CPU implements FEAT_LVA (52-bit VAs with
+/// the 64 KiB granule).
+pub const PF_AARCH64_LVA: u32 = 1 << 1;
+/// `pf_aarch64_paging.flags`: the CPU implements FEAT_LPA2 (TCR_EL1.DS:
+/// 52-bit VAs and OAs with the 4 and 16 KiB granules).
+pub const PF_AARCH64_LPA2: u32 = 1 << 2;
 
 /// The guest's AArch64 EL1&0 stage-1 registers. Size-prefixed: set
 /// `struct_size` to `sizeof(pf_aarch64_paging)`.
@@ -94,7 +100,7 @@ pub struct pf_aarch64_paging {
     /// MAIR_EL1 (for the attributes reported).
     pub mair: u64,
     /// The implemented physical-address size in bits
-    /// (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48); 0 means 48.
+    /// (ID_AA64MMFR0_EL1.PARange: 32, 36, 40, 42, 44, 48, 52); 0 means 48.
     pub pa_bits: u32,
     /// `PF_AARCH64_*` flags.
     pub flags: u32,
@@ -103,6 +109,91 @@ pub struct pf_aarch64_paging {
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
 unsafe impl SizePrefixed for pf_aarch64_paging {
     const NAME: &'static str = "pf_aarch64_paging";
+}
+
+/// `pf_riscv_paging.flags` / `pf_riscv_gstage.flags`: MXR (loads may read
+/// executable pages; for the VS stage, `vsstatus.MXR | sstatus.MXR`).
+pub const PF_RISCV_MXR: u32 = 1 << 0;
+/// `pf_riscv_paging.flags`: SUM (S-mode loads and stores may use U pages).
+pub const PF_RISCV_SUM: u32 = 1 << 1;
+/// Flags: Svadu in force (`menvcfg`/`henvcfg.ADUE`): the walk sets A and D.
+pub const PF_RISCV_ADUE: u32 = 1 << 2;
+/// Flags: Svpbmt in force (`menvcfg`/`henvcfg.PBMTE`).
+pub const PF_RISCV_PBMTE: u32 = 1 << 3;
+/// Flags: Svnapot implemented (64 KiB NAPOT pages).
+pub const PF_RISCV_SVNAPOT: u32 = 1 << 4;
+
+/// A RISC-V guest's first stage: `satp` (or `vsatp`) and the status and
+/// extension bits the walk reads. Size-prefixed: set `struct_size` to
+/// `sizeof(pf_riscv_paging)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_riscv_paging {
+    /// `sizeof(pf_riscv_paging)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// `satp`/`vsatp`: MODE (Bare, Sv39, Sv48, Sv57), ASID, root PPN.
+    pub satp: u64,
+    /// `PF_RISCV_*` flags.
+    pub flags: u32,
+    /// The physical-address width in bits (32..=56); 0 means 56.
+    pub pa_bits: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_riscv_paging {
+    const NAME: &'static str = "pf_riscv_paging";
+}
+
+/// A RISC-V G stage: `hgatp` and the bits the walk reads. Size-prefixed:
+/// set `struct_size` to `sizeof(pf_riscv_gstage)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_riscv_gstage {
+    /// `sizeof(pf_riscv_gstage)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// `hgatp`: MODE (Bare, Sv39x4, Sv48x4, Sv57x4), VMID, root PPN.
+    pub hgatp: u64,
+    /// `PF_RISCV_*` flags but `PF_RISCV_SUM` (`PF_RISCV_MXR` is the
+    /// HS-level `sstatus.MXR`).
+    pub flags: u32,
+    /// The physical-address width in bits (32..=56); 0 means 56.
+    pub pa_bits: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_riscv_gstage {
+    const NAME: &'static str = "pf_riscv_gstage";
+}
+
+/// `pf_aarch64_stage2.flags`: the CPU implements FEAT_XNX (stage-2 execute
+/// permission split by EL).
+pub const PF_AARCH64_S2_XNX: u32 = 1 << 0;
+/// `pf_aarch64_stage2.flags`: FEAT_LPA2 (VTCR_EL2.DS may be set).
+pub const PF_AARCH64_S2_LPA2: u32 = 1 << 1;
+/// `pf_aarch64_stage2.flags`: FEAT_TTST (small translation tables: T0SZ
+/// up to 48).
+pub const PF_AARCH64_S2_TTST: u32 = 1 << 2;
+
+/// An AArch64 stage 2 under the guest's stage 1. Size-prefixed: set
+/// `struct_size` to `sizeof(pf_aarch64_stage2)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pf_aarch64_stage2 {
+    /// `sizeof(pf_aarch64_stage2)` as the caller was compiled with.
+    pub struct_size: usize,
+    /// VTCR_EL2.
+    pub vtcr: u64,
+    /// VTTBR_EL2 (the stage-2 root and VMID).
+    pub vttbr: u64,
+    /// The implemented physical-address size in bits; 0 means 48.
+    pub pa_bits: u32,
+    /// `PF_AARCH64_S2_*` flags.
+    pub flags: u32,
+}
+
+// SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
+unsafe impl SizePrefixed for pf_aarch64_stage2 {
+    const NAME: &'static str = "pf_aarch64_stage2";
 }
 
 /// `pf_second_level.kind`: Intel EPT (`root` is the EPTP).
@@ -210,7 +301,8 @@ pub struct pf_translation {
     /// The architecture's own leaf attributes: for AArch64, bits 7:0 the
     /// MAIR_EL1 byte the descriptor selects, 10:8 AttrIndx, 12:11
     /// shareability, 14:13 `AP[2:1]`, 15 nG, 16 DBM, 17 the contiguous
-    /// hint, 18 NS; 0 for x86.
+    /// hint, 18 NS; for RISC-V, bits 1:0 PBMT, 2 N (NAPOT), 3 G, 4 A, 5 D,
+    /// 7:6 RSW; 0 for x86.
     pub arch_attributes: u64,
 }
 
@@ -237,6 +329,14 @@ pub const PF_FAULT_EMULATION: u32 = 6;
 /// is its ESR_EL1 (the fault status code with the lookup level in bits
 /// 5:0); FAR_EL1 is `va`.
 pub const PF_FAULT_AARCH64_ABORT: u32 = 7;
+/// `pf_walk_fault.code_kind`: a RISC-V trap; `code` is the exception code
+/// (12/13/15 page fault, 20/21/23 guest-page fault, 1/5/7 access fault),
+/// `stval` is `va`, and `htval`, `htinst`, `gva` are filled.
+pub const PF_FAULT_RISCV_TRAP: u32 = 8;
+/// `pf_walk_fault.code_kind`: an AArch64 stage-2 abort taken to EL2;
+/// `code` is ESR_EL2 (S1PTW in bit 7 for a fault on a stage-1 table
+/// access), `hpfar` HPFAR_EL2, `gpa` the faulting IPA, `va` FAR_EL2.
+pub const PF_FAULT_AARCH64_STAGE2_ABORT: u32 = 9;
 
 /// `pf_walk_fault.reason` values.
 pub const PF_REASON_NOT_PRESENT: u32 = 1;
@@ -297,6 +397,21 @@ pub struct pf_walk_fault {
     pub level: u32,
     /// 1 when `entry_addr`/`entry` are set.
     pub has_entry: u32,
+    /// `PF_FAULT_RISCV_TRAP`: `htval` (the guest-physical address >> 2 of
+    /// a guest-page fault, 0 otherwise). 0 for other kinds.
+    pub htval: u64,
+    /// `PF_FAULT_RISCV_TRAP`: `htinst` (the pseudoinstruction of a
+    /// guest-page fault on an implicit VS-stage page-table access, 0
+    /// otherwise). 0 for other kinds.
+    pub htinst: u64,
+    /// `PF_FAULT_AARCH64_STAGE2_ABORT`: HPFAR_EL2 (the faulting IPA's
+    /// page). 0 for other kinds.
+    pub hpfar: u64,
+    /// `PF_FAULT_RISCV_TRAP`: `hstatus.GVA` (1: `va` is a guest virtual
+    /// address). 0 for other kinds.
+    pub gva: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 // SAFETY: `#[repr(C)]`, `struct_size: usize` first, integers only.
@@ -445,6 +560,14 @@ fn translation_out(t: &Translation) -> pf_translation {
 /// `pf_translation.arch_attributes` and `pf_mapping.arch_attributes`.
 fn arch_bits(a: &ArchAttributes) -> u64 {
     match a {
+        ArchAttributes::Riscv(r) => {
+            u64::from(r.pbmt)
+                | u64::from(r.napot) << 2
+                | u64::from(r.global) << 3
+                | u64::from(r.accessed) << 4
+                | u64::from(r.dirty) << 5
+                | u64::from(r.rsw) << 6
+        }
         ArchAttributes::Aarch64(a) => {
             u64::from(a.memory_attr)
                 | u64::from(a.attr_index) << 8
@@ -460,6 +583,10 @@ fn arch_bits(a: &ArchAttributes) -> u64 {
 }
 
 fn fault_value(f: &WalkFault) -> pf_walk_fault {
+    let riscv = match f.code {
+        FaultCode::Riscv(t) => Some(t),
+        _ => None,
+    };
     let (code_kind, code) = match f.code {
         FaultCode::PageFault { error_code } => (PF_FAULT_PAGE_FAULT, u64::from(error_code)),
         FaultCode::GeneralProtection => (PF_FAULT_GENERAL_PROTECTION, 0),
@@ -467,6 +594,8 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         FaultCode::EptMisconfig => (PF_FAULT_EPT_MISCONFIG, 0),
         FaultCode::NestedPageFault { exit_info1 } => (PF_FAULT_NESTED_PAGE_FAULT, exit_info1),
         FaultCode::Aarch64Abort { esr } => (PF_FAULT_AARCH64_ABORT, esr),
+        FaultCode::Riscv(t) => (PF_FAULT_RISCV_TRAP, u64::from(t.cause)),
+        FaultCode::Aarch64Stage2Abort { esr, .. } => (PF_FAULT_AARCH64_STAGE2_ABORT, esr),
         FaultCode::Emulation => (PF_FAULT_EMULATION, 0),
     };
     let (reason, detail) = match f.reason {
@@ -500,6 +629,14 @@ fn fault_value(f: &WalkFault) -> pf_walk_fault {
         guest_table_level,
         level: u32::from(f.level),
         has_entry: u32::from(f.entry.is_some()),
+        htval: riscv.map_or(0, |t| t.htval),
+        htinst: riscv.map_or(0, |t| t.htinst),
+        hpfar: match f.code {
+            FaultCode::Aarch64Stage2Abort { hpfar, .. } => hpfar,
+            _ => 0,
+        },
+        gva: u32::from(riscv.is_some_and(|t| t.gva)),
+        reserved: 0,
     }
 }
 
@@ -634,7 +771,10 @@ pub unsafe extern "C" fn pf_walker_new(
     }
 }
 
-/// Makes a walker for an AArch64 guest's EL1&0 stage 1 from its registers.
+/// Makes a walker for an AArch64 guest's EL1&0 stage 1 from its
+/// registers, with a stage 2 below it when `second` is not NULL (every
+/// stage-1 table access is then translated through stage 2: the nested
+/// walk).
 ///
 /// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
 /// `PF_ERR_INVALID_ARGUMENT` (registers whose walk the architecture leaves
@@ -645,11 +785,13 @@ pub unsafe extern "C" fn pf_walker_new(
 /// # Safety
 ///
 /// - `paging` is NULL or points to a `pf_aarch64_paging` whose
-///   `struct_size` bytes are readable.
+///   `struct_size` bytes are readable; `second` is NULL or likewise a
+///   `pf_aarch64_stage2`.
 /// - `out_walker` is NULL or valid for a write of one pointer.
 #[no_mangle]
 pub unsafe extern "C" fn pf_walker_new_aarch64(
     paging: *const pf_aarch64_paging,
+    second: *const pf_aarch64_stage2,
     out_walker: *mut *mut pf_walker,
 ) -> pf_status {
     ffi_boundary! {
@@ -657,15 +799,15 @@ pub unsafe extern "C" fn pf_walker_new_aarch64(
         let p = unsafe { args::read_sized(paging, "paging") }?;
         // SAFETY: NULL or writable for a pointer (contract).
         let out = unsafe { args::out(out_walker, "out_walker") }?;
-        if p.flags & !PF_AARCH64_PAN != 0 {
+        if p.flags & !(PF_AARCH64_PAN | PF_AARCH64_LVA | PF_AARCH64_LPA2) != 0 {
             return Err(Error::invalid(format!("unknown pf_aarch64_paging flags {:#x}", p.flags)));
         }
-        let pa_bits = match p.pa_bits {
-            0 => 48,
-            b => u8::try_from(b)
-                .map_err(|_| Error::invalid(format!("pa_bits {b} is not a PA size")))?,
+        let pa_size = |b: u32| match b {
+            0 => Ok(48),
+            b => u8::try_from(b).map_err(|_| Error::invalid(format!("pa_bits {b} is not a PA size"))),
         };
-        let w = Walker::new(Aarch64Paging {
+        let pa_bits = pa_size(p.pa_bits)?;
+        let mut w = Walker::new(Aarch64Paging {
             tcr: p.tcr,
             ttbr0: p.ttbr0,
             ttbr1: p.ttbr1,
@@ -673,7 +815,92 @@ pub unsafe extern "C" fn pf_walker_new_aarch64(
             mair: p.mair,
             pan: p.flags & PF_AARCH64_PAN != 0,
             pa_bits,
+            lva: p.flags & PF_AARCH64_LVA != 0,
+            lpa2: p.flags & PF_AARCH64_LPA2 != 0,
         })?;
+        if !second.is_null() {
+            // SAFETY: not NULL; readable for `struct_size` bytes (contract).
+            let s2 = unsafe { args::read_sized(second, "second") }?;
+            const ALL: u32 = PF_AARCH64_S2_XNX | PF_AARCH64_S2_LPA2 | PF_AARCH64_S2_TTST;
+            if s2.flags & !ALL != 0 {
+                return Err(Error::invalid(format!("unknown pf_aarch64_stage2 flags {:#x}", s2.flags)));
+            }
+            w = w.with_second_level(SecondLevel::Aarch64(Aarch64Stage2 {
+                vtcr: s2.vtcr,
+                vttbr: s2.vttbr,
+                pa_bits: pa_size(s2.pa_bits)?,
+                xnx: s2.flags & PF_AARCH64_S2_XNX != 0,
+                lpa2: s2.flags & PF_AARCH64_S2_LPA2 != 0,
+                ttst: s2.flags & PF_AARCH64_S2_TTST != 0,
+            }))?;
+        }
+        out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
+        Ok(())
+    }
+}
+
+/// A physical-address width from the C ABI (0: the default).
+fn riscv_pa_bits(b: u32) -> Result<u8, Error> {
+    match b {
+        0 => Ok(56),
+        b => u8::try_from(b).map_err(|_| Error::invalid(format!("pa_bits {b} is outside 32..=56"))),
+    }
+}
+
+/// Makes a walker for a RISC-V guest's first stage from `satp` (or
+/// `vsatp`), with the G stage `hgatp` below it when `second` is not NULL.
+///
+/// Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+/// `PF_ERR_INVALID_ARGUMENT` (a reserved MODE, a root above the
+/// physical-address width, hgatp bits that must be zero, a width outside
+/// 32..=56, an unknown flag; the message names the register and field).
+///
+/// # Safety
+///
+/// - `paging` is NULL or points to a `pf_riscv_paging` whose
+///   `struct_size` bytes are readable; `second` is NULL or likewise a
+///   `pf_riscv_gstage`.
+/// - `out_walker` is NULL or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn pf_walker_new_riscv64(
+    paging: *const pf_riscv_paging,
+    second: *const pf_riscv_gstage,
+    out_walker: *mut *mut pf_walker,
+) -> pf_status {
+    ffi_boundary! {
+        // SAFETY: NULL or readable for `struct_size` bytes (contract).
+        let p = unsafe { args::read_sized(paging, "paging") }?;
+        // SAFETY: NULL or writable for a pointer (contract).
+        let out = unsafe { args::out(out_walker, "out_walker") }?;
+        const ALL: u32 = PF_RISCV_MXR | PF_RISCV_SUM | PF_RISCV_ADUE | PF_RISCV_PBMTE | PF_RISCV_SVNAPOT;
+        if p.flags & !ALL != 0 {
+            return Err(Error::invalid(format!("unknown pf_riscv_paging flags {:#x}", p.flags)));
+        }
+        let on = |flags: u32, f: u32| flags & f != 0;
+        let mut w = Walker::new(RiscvPaging {
+            satp: p.satp,
+            sum: on(p.flags, PF_RISCV_SUM),
+            mxr: on(p.flags, PF_RISCV_MXR),
+            adue: on(p.flags, PF_RISCV_ADUE),
+            pbmte: on(p.flags, PF_RISCV_PBMTE),
+            svnapot: on(p.flags, PF_RISCV_SVNAPOT),
+            pa_bits: riscv_pa_bits(p.pa_bits)?,
+        })?;
+        if !second.is_null() {
+            // SAFETY: not NULL; readable for `struct_size` bytes (contract).
+            let g = unsafe { args::read_sized(second, "second") }?;
+            if g.flags & !(ALL & !PF_RISCV_SUM) != 0 {
+                return Err(Error::invalid(format!("unknown pf_riscv_gstage flags {:#x}", g.flags)));
+            }
+            w = w.with_second_level(SecondLevel::Riscv(RiscvGStage {
+                hgatp: g.hgatp,
+                mxr: on(g.flags, PF_RISCV_MXR),
+                adue: on(g.flags, PF_RISCV_ADUE),
+                pbmte: on(g.flags, PF_RISCV_PBMTE),
+                svnapot: on(g.flags, PF_RISCV_SVNAPOT),
+                pa_bits: riscv_pa_bits(g.pa_bits)?,
+            }))?;
+        }
         out.write(Box::into_raw(Box::new(pf_walker { walker: w })));
         Ok(())
     }

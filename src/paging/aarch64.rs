@@ -1,30 +1,47 @@
-//! AArch64 (VMSAv8-64) stage-1 translation of the EL1&0 regime: the
-//! descriptor format as a `Format` for the shared walk engine, the
-//! TTBR0/TTBR1 split, and [`Aarch64Walker`], which translates a
-//! virtual address to the stage-1 output address (the IPA when a stage 2
-//! is in use) with the permission, access-flag and dirty-state rules, and
-//! reports faults as the architecture does ([`Aarch64Fault`]: fault status
-//! code and level). Registers and their checks live in `aarch64/regs.rs`.
+//! AArch64 (VMSAv8-64) translation: the stage-1 walk of the EL1&0 regime
+//! (the descriptor format as a `Format` for the shared walk engine, the
+//! TTBR0/TTBR1 split, and [`Aarch64Walker`], which translates a virtual
+//! address to the stage-1 output address, the IPA when a stage 2 is in use,
+//! with the permission, access-flag and dirty-state rules, and reports
+//! faults as the architecture does: [`Aarch64Fault`], fault status code and
+//! level), 52-bit addresses (FEAT_LPA, FEAT_LVA, FEAT_LPA2), and what stage
+//! 1 and stage 2 share: the descriptor layout (`Layout`: which bits hold the
+//! output address, where blocks may be, how a walk indexes its tables) and
+//! the fault status codes. Registers and their checks live in
+//! `aarch64/regs.rs`; stage 2 (VTCR_EL2/VTTBR_EL2, its format, its faults
+//! as ESR_EL2 and HPFAR_EL2) in `aarch64/stage2.rs`, which imports this
+//! file.
 //!
 //! Why the shared engine fits: a stage-1 walk is the engine's walk — one
 //! 8-byte descriptor a level, tables or leaves, permissions folded down
 //! the way (APTable, UXNTable, PXNTable) and checked at the leaf, and a
 //! compare-exchange to update the leaf (the access flag, DBM's `AP[2]`) as
 //! x86 sets A/D. Only the numbering differs: the engine counts levels up
-//! from 1 (the last table), the architecture counts 0..=3 down to the
-//! last table, so engine level `e` is architectural level `4 - e` and a
-//! walk that starts at level 1 (64 KiB granule, 48-bit VA) has an engine
-//! top level of 3. The engine's reasons map onto the architecture's fault
-//! kinds in `classify`: not present is a translation fault, "reserved"
-//! (output-address bits above the OA size) an address size fault, and a
-//! denied leaf an access flag fault when its AF is clear (that fault has
-//! priority over a permission fault) or else a permission fault. The VA
-//! range checks (TTBR select, TxSZ, TBI, EPDn) happen before the engine
-//! runs, in [`Aarch64Walker::translate_with`].
+//! from 1 (the last table), the architecture counts down to level 3, the
+//! last table, from level 0 (or -1 for a 52-bit 4 KiB walk), so engine
+//! level `e` is architectural level `4 - e`: a walk that starts at level 1
+//! (64 KiB granule, 48-bit VA) has an engine top level of 3, one that
+//! starts at level -1 a top level of 5. The engine's reasons map onto the
+//! architecture's fault kinds in `classify`: not present is a translation
+//! fault, "reserved" (an output address above the OA size) an address size
+//! fault, and a denied leaf an access flag fault when its AF is clear
+//! (that fault has priority over a permission fault) or else a permission
+//! fault. The VA range checks (TTBR select, TxSZ, TBI, EPDn) happen before
+//! the engine runs, in [`Aarch64Walker::translate_with`].
 //!
-//! Out of scope here (issue 17 goes on): LPA/LPA2 (52-bit VA/OA), stage 2,
-//! the nested walk, FEAT_HAFT, EPAN, permission indirection, the walk
-//! cache, mappings listing, the CLI and the C ABI.
+//! 52-bit output addresses are assembled as the current pseudocode's
+//! `AArch64.NextTableBase`/`AArch64.LeafBase` do: with FEAT_LPA (a 52-bit
+//! implemented PA size) a 64 KiB descriptor's bits 15:12 are `OA[51:48]`
+//! whatever the configured size, and with DS a 4/16 KiB descriptor's bits
+//! 9:8 are `OA[51:50]`; an address so assembled above the configured OA
+//! size is an address size fault (`AArch64.OAOutOfRange`). (v8.2's
+//! pseudocode and QEMU read those bits only when the OA size is 52, and
+//! ignore them otherwise.)
+//!
+//! Out of scope here (issue 17 goes on): the nested walk (`second.rs` runs
+//! stage 2 under stage 1), FEAT_HAFT, EPAN, permission indirection and
+//! overlays, FEAT_D128, FEAT_TTST at stage 1, the walk cache, mappings
+//! listing, the CLI and the C ABI.
 //!
 //! Reference: Arm ARM DDI 0487, chapter D8 (VMSAv8-64), in particular the
 //! pseudocode `AArch64.S1Walk`, `AArch64.S1Translate`, and v8.0's
@@ -33,13 +50,16 @@
 //! address size fault at the table descriptor's level; a block below the
 //! first block level -> translation fault; the leaf's output address ->
 //! address size fault; AF = 0 -> access flag fault; then the permission
-//! check) and `AArch64.CheckPermission`, whose rules `S1Format::allows`
-//! follows (APTable folded into AP, "EL0-writable is never EL1-executable",
-//! WXN, PAN). Not modelled: the IMPLEMENTATION DEFINED translation fault on
-//! a misprogrammed contiguous bit, and reserved MAIR encodings (reported
-//! as the byte they are).
+//! check), `AArch64.BlockDescSupported` (4 KiB level-0 and 16 KiB level-1
+//! blocks with DS, 64 KiB level-1 blocks with a 52-bit PA) and
+//! `AArch64.CheckPermission`, whose rules `S1Format::allows` follows
+//! (APTable folded into AP, "EL0-writable is never EL1-executable", WXN,
+//! PAN). Not modelled: the IMPLEMENTATION DEFINED translation fault on a
+//! misprogrammed contiguous bit, and reserved MAIR encodings (reported as
+//! the byte they are).
 
 pub mod regs;
+pub mod stage2;
 
 use super::{
     engine::{self, DirectPort, Fail, Start},
@@ -49,17 +69,21 @@ use super::{
     types::{Access, AccessKind, Permissions, Privilege, WalkOptions},
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
+use regs::{base_address, SCTLR_M, SCTLR_WXN};
 pub use regs::{Aarch64Paging, Aarch64PagingError, Granule, Tcr, Ttbr};
-use regs::{BADDR, SCTLR_M, SCTLR_WXN};
+pub use stage2::{
+    esr_el2, hpfar_el2, Aarch64Stage2, Aarch64Stage2Attributes, Aarch64Stage2Fault,
+    Aarch64Stage2Translation, Aarch64Stage2Walker, Stage2Access, Vtcr,
+};
 
-/// Descriptor bits (stage 1, VMSAv8-64, without LPA).
+/// Descriptor bits (stage 1, VMSAv8-64; the output address is `Layout`'s).
 const AP1: u64 = 1 << 6;
 const AP2: u64 = 1 << 7;
-const AF: u64 = 1 << 10;
+pub(crate) const AF: u64 = 1 << 10;
 const NG: u64 = 1 << 11;
 const NS: u64 = 1 << 5;
-const DBM: u64 = 1 << 51;
-const CONTIGUOUS: u64 = 1 << 52;
+pub(crate) const DBM: u64 = 1 << 51;
+pub(crate) const CONTIGUOUS: u64 = 1 << 52;
 const PXN: u64 = 1 << 53;
 const UXN: u64 = 1 << 54;
 /// Table-descriptor bits: PXNTable, UXNTable, `APTable[0]`, `APTable[1]`.
@@ -76,59 +100,97 @@ const ACC_UXN: u64 = 1 << 2;
 const ACC_PXN: u64 = 1 << 3;
 const ACC_LEAF: u32 = 8;
 
-/// The stage-1 format of one VA range (one TTBR).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct S1Format {
-    granule: Granule,
-    /// Engine level of the start table (number of levels walked).
-    top: u8,
-    root: u64,
-    /// Input-address bits: 64 - TxSZ.
-    ia_bits: u32,
-    oa_bits: u32,
-    ha: bool,
-    hd: bool,
-    hpd: bool,
-    wxn: bool,
-    pan: bool,
+/// The architectural level of engine level `level` (1..=5: 3..=-1).
+#[inline]
+pub(crate) const fn arch_level(level: u8) -> i8 {
+    let l = if level > 5 { 5 } else { level };
+    4 - l as i8
 }
 
-impl S1Format {
-    fn new(regs: &Aarch64Paging, tcr: &Tcr, ttbr: Ttbr) -> Self {
-        let (granule, txsz, base, hpd) = match ttbr {
-            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0),
-            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1),
-        };
-        S1Format {
-            granule,
-            top: 4 - granule.start_level(txsz),
-            root: base & BADDR,
-            ia_bits: 64 - u32::from(txsz),
-            oa_bits: u32::from(tcr.oa_bits),
-            ha: tcr.ha,
-            hd: tcr.hd,
-            hpd,
-            wxn: regs.sctlr & SCTLR_WXN != 0,
-            pan: regs.pan,
+/// The fault status code of an abort of `kind` at architectural `level`
+/// (ESR_ELx DFSC/IFSC, Arm ARM "ISS encoding for an exception from a Data
+/// Abort"): address size 0b0000LL, translation 0b0001LL, access flag
+/// 0b0010LL, permission 0b0011LL, and at level -1 (FEAT_LPA2) address size
+/// 0b101001 and translation 0b101011. `None` for the kinds without a code
+/// and for levels no such fault reports.
+pub(crate) const fn fault_status(kind: Aarch64FaultKind, level: i8) -> Option<u8> {
+    let class = match kind {
+        Aarch64FaultKind::AddressSize => 0b00_0000,
+        Aarch64FaultKind::Translation => 0b00_0100,
+        Aarch64FaultKind::AccessFlag => 0b00_1000,
+        Aarch64FaultKind::Permission => 0b00_1100,
+        _ => return None,
+    };
+    match level {
+        0..=3 => Some(class | level as u8),
+        -1 => match kind {
+            Aarch64FaultKind::AddressSize => Some(0b10_1001),
+            Aarch64FaultKind::Translation => Some(0b10_1011),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// How the descriptors of one walk (a stage-1 VA range, or a stage 2) are
+/// indexed and where they hold the output address: the granule, the start
+/// level and input size, the OA size, and the 52-bit layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub(crate) granule: Granule,
+    /// Engine level of the start table (number of levels walked, 1..=5).
+    pub(crate) top: u8,
+    /// Input-address bits (64 - TxSZ).
+    pub(crate) ia_bits: u32,
+    /// The configured output-address size.
+    pub(crate) oa_bits: u32,
+    /// LPA2 descriptors (DS = 1, 4/16 KiB): `OA[49:gs]` in bits 49:gs,
+    /// `OA[51:50]` in bits 9:8, blocks one level higher.
+    pub(crate) ds: bool,
+    /// FEAT_LPA with the 64 KiB granule (a 52-bit implemented PA size):
+    /// `OA[51:48]` in bits 15:12, level-1 blocks.
+    pub(crate) lpa: bool,
+}
+
+impl Layout {
+    /// Whether a block descriptor is allowed at architectural `level`
+    /// (`AArch64.BlockDescSupported`); elsewhere the encoding is a
+    /// translation fault.
+    pub(crate) fn block_allowed(&self, level: i8) -> bool {
+        match self.granule {
+            Granule::K4 => matches!(level, 1 | 2) || (level == 0 && self.ds),
+            Granule::K16 => level == 2 || (level == 1 && self.ds),
+            Granule::K64 => level == 2 || (level == 1 && self.lpa),
         }
     }
 
-    /// Whether a block descriptor is allowed at architectural `level`
-    /// (without LPA/LPA2: 4 KiB at levels 1 and 2, 16 KiB and 64 KiB at
-    /// level 2 only; elsewhere the encoding is a translation fault).
-    fn block_allowed(&self, level: u8) -> bool {
-        match self.granule {
-            Granule::K4 => matches!(level, 1 | 2),
-            Granule::K16 | Granule::K64 => level == 2,
+    /// The output address `raw` holds, granule-aligned, with the 52-bit
+    /// bits where the layout puts them.
+    #[inline]
+    pub(crate) fn address(&self, raw: u64) -> u64 {
+        let gs = self.granule.shift();
+        if self.ds {
+            (raw & bits(gs, 49)) | (((raw >> 8) & 3) << 50)
+        } else if self.lpa {
+            (raw & bits(gs, 47)) | (((raw >> 12) & 0xf) << 48)
+        } else {
+            raw & bits(gs, 47)
         }
+    }
+
+    /// Bits of `address` above the OA size (an address size fault).
+    #[inline]
+    pub(crate) fn excess(&self, address: u64) -> u64 {
+        address & bits(self.oa_bits, 63)
     }
 
     /// A page or block descriptor at engine `level`.
     fn leaf(&self, level: u8, raw: u64) -> Decoded {
         let shift = self.index_shift(level);
-        match self.oa_excess(raw) {
+        let a = self.address(raw);
+        match self.excess(a) {
             0 => Decoded::Leaf {
-                base: raw & bits(shift, 47),
+                base: a & !bits(0, shift - 1),
                 // At most 16 + 13 * 2: fits.
                 shift: (shift & 0x3f) as u8,
             },
@@ -136,9 +198,93 @@ impl S1Format {
         }
     }
 
-    /// Output-address bits set above the OA size (an address size fault).
-    fn oa_excess(&self, raw: u64) -> u64 {
-        raw & bits(self.oa_bits, 47)
+    /// The lowest input-address bit the engine-level `level` table indexes.
+    #[inline]
+    pub(crate) fn index_shift(&self, level: u8) -> u32 {
+        self.granule.shift() + self.granule.stride() * (u32::from(level).max(1) - 1)
+    }
+
+    /// Entries in the engine-level `level` table: the start table resolves
+    /// what is left of the input size (more than one table's worth at a
+    /// stage 2's concatenated start level).
+    #[inline]
+    pub(crate) fn entries(&self, level: u8) -> u64 {
+        if level >= self.top {
+            1 << self.ia_bits.saturating_sub(self.index_shift(self.top))
+        } else {
+            1 << self.granule.stride()
+        }
+    }
+
+    /// The address of the entry for `va` in the engine-level `level` table
+    /// at `table`.
+    #[inline]
+    pub(crate) fn entry_addr(&self, table: u64, level: u8, va: u64) -> u64 {
+        let index = (va >> self.index_shift(level)) & (self.entries(level) - 1);
+        table + index * 8
+    }
+
+    /// What `raw` means at engine `level` (the same for both stages).
+    pub(crate) fn decode(&self, level: u8, raw: u64) -> Decoded {
+        let arch = arch_level(level);
+        match raw & 3 {
+            0 | 2 => Decoded::NotPresent,
+            3 if arch < 3 => {
+                let a = self.address(raw);
+                match self.excess(a) {
+                    0 => Decoded::Table(a),
+                    excess => Decoded::Reserved(excess),
+                }
+            }
+            // A page at level 3; a block where the granule allows one.
+            3 => self.leaf(level, raw),
+            1 if arch < 3 && self.block_allowed(arch) => self.leaf(level, raw),
+            // Level-3 0b01 (reserved) and a block where none may be.
+            _ => Decoded::NotPresent,
+        }
+    }
+}
+
+/// The stage-1 format of one VA range (one TTBR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct S1Format {
+    layout: Layout,
+    root: u64,
+    ha: bool,
+    hd: bool,
+    hpd: bool,
+    wxn: bool,
+    pan: bool,
+    /// With DS: TCR_EL1.SHn, the range's shareability (descriptor bits 9:8
+    /// are address bits).
+    sh: Option<u8>,
+}
+
+impl S1Format {
+    fn new(regs: &Aarch64Paging, tcr: &Tcr, ttbr: Ttbr) -> Self {
+        let (granule, txsz, base, hpd, sh) = match ttbr {
+            Ttbr::Ttbr0 => (tcr.tg0, tcr.t0sz, regs.ttbr0, tcr.hpd0, tcr.sh0),
+            Ttbr::Ttbr1 => (tcr.tg1, tcr.t1sz, regs.ttbr1, tcr.hpd1, tcr.sh1),
+        };
+        let ds = tcr.lpa2_layout(granule);
+        S1Format {
+            layout: Layout {
+                granule,
+                // The start level is -1..=3: the top level is 1..=5.
+                top: (4 - granule.start_level(txsz)) as u8,
+                ia_bits: 64 - u32::from(txsz),
+                oa_bits: u32::from(tcr.oa_bits),
+                ds,
+                lpa: granule == Granule::K64 && regs.pa_bits >= 52,
+            },
+            root: base_address(base, tcr.base52(granule)),
+            ha: tcr.ha,
+            hd: tcr.hd,
+            hpd,
+            wxn: regs.sctlr & SCTLR_WXN != 0,
+            pan: regs.pan,
+            sh: ds.then_some(sh),
+        }
     }
 
     /// The leaf's permissions after the table restrictions: (EL0 read,
@@ -176,15 +322,11 @@ impl S1Format {
             (_, AccessKind::Write) => priv_w,
         }
     }
-
-    fn arch_level(level: u8) -> u8 {
-        4u8.saturating_sub(level)
-    }
 }
 
 impl Format for S1Format {
     fn top_level(&self) -> u8 {
-        self.top
+        self.layout.top
     }
 
     fn root(&self) -> u64 {
@@ -204,37 +346,19 @@ impl Format for S1Format {
     }
 
     fn index_shift(&self, level: u8) -> u32 {
-        self.granule.shift() + self.granule.stride() * (u32::from(level) - 1)
+        self.layout.index_shift(level)
     }
 
     fn entries(&self, level: u8) -> u64 {
-        if level >= self.top {
-            1 << (self.ia_bits - self.index_shift(self.top))
-        } else {
-            1 << self.granule.stride()
-        }
+        self.layout.entries(level)
     }
 
     fn entry_addr(&self, table: u64, level: u8, va: u64) -> u64 {
-        let index = (va >> self.index_shift(level)) & (self.entries(level) - 1);
-        table + index * 8
+        self.layout.entry_addr(table, level, va)
     }
 
     fn decode(&self, level: u8, raw: u64) -> Decoded {
-        let arch = Self::arch_level(level);
-        let gs = self.granule.shift();
-        match raw & 3 {
-            0 | 2 => Decoded::NotPresent,
-            3 if arch < 3 => match self.oa_excess(raw) {
-                0 => Decoded::Table(raw & bits(gs, 47)),
-                excess => Decoded::Reserved(excess),
-            },
-            // A page at level 3; a block where the granule allows one.
-            3 if arch == 3 => self.leaf(level, raw),
-            1 if arch < 3 && self.block_allowed(arch) => self.leaf(level, raw),
-            // Level-3 0b01 (reserved) and a block where none may be.
-            _ => Decoded::NotPresent,
-        }
+        self.layout.decode(level, raw)
     }
 
     fn acc_start(&self) -> u64 {
@@ -245,7 +369,7 @@ impl Format for S1Format {
         let mut acc = (acc & !(0xf << ACC_LEAF)) | (u64::from(level) << ACC_LEAF);
         // Table descriptors only (a leaf's own bits are read in `check`);
         // TCR_EL1.HPDn turns the hierarchical bits off.
-        let table = Self::arch_level(level) < 3 && raw & 3 == 3;
+        let table = arch_level(level) < 3 && raw & 3 == 3;
         if table && !self.hpd {
             for (bit, flag) in [
                 (AP_TABLE0, ACC_NO_EL0),
@@ -312,7 +436,9 @@ pub struct Aarch64Attributes {
     /// MAIR_EL1's attribute byte for `attr_index` (memory type and
     /// cacheability).
     pub memory_attr: u8,
-    /// `SH[1:0]` (bits 9:8): 0 non-shareable, 2 outer, 3 inner.
+    /// `SH[1:0]` (bits 9:8; with TCR_EL1.DS, where those bits are address
+    /// bits, the range's TCR_EL1.SH0/SH1): 0 non-shareable, 2 outer, 3
+    /// inner.
     pub shareability: u8,
     /// `AP[2:1]` (bits 7:6).
     pub ap: u8,
@@ -330,12 +456,12 @@ pub struct Aarch64Attributes {
 }
 
 impl Aarch64Attributes {
-    fn of(leaf: u64, mair: u64) -> Self {
+    fn of(leaf: u64, mair: u64, sh: Option<u8>) -> Self {
         let attr_index = ((leaf >> 2) & 7) as u8;
         Aarch64Attributes {
             attr_index,
             memory_attr: mair.to_le_bytes()[usize::from(attr_index)],
-            shareability: ((leaf >> 8) & 3) as u8,
+            shareability: sh.unwrap_or(((leaf >> 8) & 3) as u8),
             ap: ((leaf >> 6) & 3) as u8,
             accessed: leaf & AF != 0,
             not_global: leaf & NG != 0,
@@ -357,8 +483,9 @@ pub struct Aarch64Translation {
     /// Size of the page or block (the granule's page at level 3; the
     /// contiguous hint does not change it). With the MMU off, one granule.
     pub page_size: u64,
-    /// The leaf's architectural level (0..=3); `None` with the MMU off.
-    pub level: Option<u8>,
+    /// The leaf's architectural level (0..=3; a 4 KiB walk from level -1
+    /// has no leaf there); `None` with the MMU off.
+    pub level: Option<i8>,
     /// The range (TTBR) the address is in; `None` with the MMU off.
     pub ttbr: Option<Ttbr>,
     /// What the page allows: `read`/`write`/`execute` at EL1, `user` EL0
@@ -371,19 +498,22 @@ pub struct Aarch64Translation {
     pub memory_refs: u32,
 }
 
-/// The kind of a stage-1 abort, as its fault status code names it, or a
-/// walk the emulator cannot finish.
+/// The kind of a stage-1 or stage-2 abort, as its fault status code names
+/// it, or a walk the emulator cannot finish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Aarch64FaultKind {
-    /// Translation fault (FSC 0b0001LL): an invalid or reserved
-    /// descriptor, an address outside both VA ranges or in a disabled one.
+    /// Translation fault (FSC 0b0001LL, 0b101011 at level -1): an invalid or
+    /// reserved descriptor, an address outside both VA ranges or in a
+    /// disabled one (at stage 2: an IPA above the input size).
     Translation,
-    /// Access flag fault (FSC 0b0010LL): AF clear without TCR_EL1.HA.
+    /// Access flag fault (FSC 0b0010LL): AF clear without TCR_EL1.HA (or
+    /// VTCR_EL2.HA at stage 2).
     AccessFlag,
     /// Permission fault (FSC 0b0011LL).
     Permission,
-    /// Address size fault (FSC 0b0000LL): a TTBR or descriptor output
-    /// address above the OA size (or, MMU off, a VA above the PA size).
+    /// Address size fault (FSC 0b0000LL, 0b101001 at level -1): a TTBR or
+    /// descriptor output address above the OA size (or, MMU off, a VA above
+    /// the PA size).
     AddressSize,
     /// A table lies where no memory backs it (hardware would report a
     /// synchronous external abort on the walk; a VMM emulates).
@@ -407,8 +537,8 @@ pub struct Aarch64Fault {
     pub access: Access,
     /// What went wrong.
     pub kind: Aarch64FaultKind,
-    /// The architectural lookup level (0..=3) the fault is reported at.
-    pub level: u8,
+    /// The architectural lookup level (-1..=3) the fault is reported at.
+    pub level: i8,
     /// The descriptor's address, if one was read.
     pub entry_addr: Option<GuestPhysAddr>,
     /// The descriptor, if one was read.
@@ -420,15 +550,10 @@ pub struct Aarch64Fault {
 impl Aarch64Fault {
     /// The 6-bit fault status code (ESR_ELx DFSC for data aborts, IFSC for
     /// instruction aborts); `None` for faults with no architectural code.
+    /// Level -1 (FEAT_LPA2) has its own codes: 0b101011 translation,
+    /// 0b101001 address size.
     pub fn fsc(&self) -> Option<u8> {
-        let class = match self.kind {
-            Aarch64FaultKind::AddressSize => 0b00_0000,
-            Aarch64FaultKind::Translation => 0b00_0100,
-            Aarch64FaultKind::AccessFlag => 0b00_1000,
-            Aarch64FaultKind::Permission => 0b00_1100,
-            _ => return None,
-        };
-        Some(class | (self.level & 3))
+        fault_status(self.kind, self.level)
     }
 
     /// Whether the access was made at EL0.
@@ -536,36 +661,12 @@ impl Aarch64Walker {
                 memory_refs: 0,
             });
         }
-        // VA bit 55 selects the range; the bits above the range's size
-        // must all equal it (bits 63:56 are ignored under TBI, which TBID
-        // limits to data accesses). Outside both ranges, or in a range
-        // whose walks EPDn disables: a translation fault at level 0
-        // (`AArch64.S1Walk`; v8.0 `AArch64.TranslationTableWalk`: "level =
-        // 0; AArch32 reports this as a level 1 fault").
-        let upper = v & (1 << 55) != 0;
-        let (ttbr, fmt, tbi, tbid, disabled) = if upper {
-            let t = &self.tcr;
-            (Ttbr::Ttbr1, &self.hi, t.tbi1, t.tbid1, t.epd1)
-        } else {
-            let t = &self.tcr;
-            (Ttbr::Ttbr0, &self.lo, t.tbi0, t.tbid0, t.epd0)
-        };
-        let top = if tbi && !(tbid && access.is_fetch()) {
-            55
-        } else {
-            63
-        };
-        let range = bits(fmt.ia_bits, top);
-        let want = if upper { range } else { 0 };
-        if v & range != want || disabled {
-            return Err(fault(Aarch64FaultKind::Translation, 0, Some(ttbr)));
-        }
-        if fmt.oa_excess(fmt.root) != 0 {
-            return Err(fault(Aarch64FaultKind::AddressSize, 0, Some(ttbr)));
-        }
+        let (ttbr, fmt) = self
+            .select(v, access)
+            .map_err(|(kind, ttbr)| fault(kind, 0, Some(ttbr)))?;
         let mut port = DirectPort { mem, refs: 0 };
         let start = Start {
-            level: fmt.top,
+            level: fmt.layout.top,
             table: fmt.root,
             acc: fmt.acc_start(),
         };
@@ -583,22 +684,22 @@ impl Aarch64Walker {
                 va,
                 pa: GuestPhysAddr(w.base | (v & ((1u64 << w.shift) - 1))),
                 page_size: 1 << w.shift,
-                level: Some(S1Format::arch_level(w.leaf_level)),
+                level: Some(arch_level(w.leaf_level)),
                 ttbr: Some(ttbr),
                 permissions: fmt.permissions(w.acc, w.leaf),
-                attributes: Aarch64Attributes::of(w.leaf, self.regs.mair),
+                attributes: Aarch64Attributes::of(w.leaf, self.regs.mair, fmt.sh),
                 memory_refs: port.refs,
             }),
             Err(Fail::Stop(s)) => Err(Aarch64Fault {
                 kind: classify(fmt, s.reason, s.entry),
-                level: S1Format::arch_level(s.level),
+                level: arch_level(s.level),
                 entry_addr: s.entry_addr.map(GuestPhysAddr),
                 entry: s.entry,
                 ..fault(Aarch64FaultKind::Translation, 0, Some(ttbr))
             }),
             // A direct port raises no port faults; keep the walk total.
             Err(Fail::Port(w)) => Err(Aarch64Fault {
-                level: S1Format::arch_level(w.level),
+                level: arch_level(w.level),
                 ..fault(Aarch64FaultKind::Contended, 0, Some(ttbr))
             }),
         }
@@ -620,8 +721,9 @@ fn classify(fmt: &S1Format, reason: FaultReason, entry: Option<u64>) -> Aarch64F
     }
 }
 
-/// What `Walker`'s AArch64 first level needs of the regime: the range an
-/// address selects, and a stop turned into the architectural fault.
+/// What `Walker`'s AArch64 first level needs of the regime (and this
+/// walker itself): the range an address selects, and a stop turned into
+/// the architectural fault.
 impl Aarch64Walker {
     /// Whether stage 1 is on (SCTLR_EL1.M).
     pub(crate) fn mmu_on(&self) -> bool {
@@ -634,8 +736,14 @@ impl Aarch64Walker {
     }
 
     /// The range (TTBR) `va` selects for `access` and its format, or the
-    /// level-0 fault (kind) that selecting it raises: outside both ranges,
-    /// a range whose walks EPDn disables, a root above the OA size.
+    /// level-0 fault (kind) that selecting it raises. VA bit 55 selects
+    /// the range; the bits above the range's size must all equal it (bits
+    /// 63:56 are ignored under TBI, which TBID limits to data accesses).
+    /// Outside both ranges, or in a range whose walks EPDn disables: a
+    /// translation fault at level 0 (`AArch64.S1Walk`; v8.0
+    /// `AArch64.TranslationTableWalk`: "level = 0; AArch32 reports this as
+    /// a level 1 fault"). A root above the OA size: an address size fault
+    /// at level 0.
     pub(crate) fn select(
         &self,
         va: u64,
@@ -653,12 +761,12 @@ impl Aarch64Walker {
         } else {
             63
         };
-        let range = bits(fmt.ia_bits, top);
+        let range = bits(fmt.layout.ia_bits, top);
         let want = if upper { range } else { 0 };
         if va & range != want || disabled {
             return Err((Aarch64FaultKind::Translation, ttbr));
         }
-        if fmt.oa_excess(fmt.root) != 0 {
+        if fmt.layout.excess(fmt.root) != 0 {
             return Err((Aarch64FaultKind::AddressSize, ttbr));
         }
         Ok((ttbr, fmt))
@@ -668,7 +776,7 @@ impl Aarch64Walker {
     /// lowest address: what a listing of every mapping walks.
     pub(crate) fn ranges(&self) -> impl Iterator<Item = (&S1Format, u64)> {
         let lo = (!self.tcr.epd0).then_some((&self.lo, 0));
-        let hi = (!self.tcr.epd1).then_some((&self.hi, !0u64 << self.hi.ia_bits));
+        let hi = (!self.tcr.epd1).then_some((&self.hi, !0u64 << self.hi.layout.ia_bits));
         lo.into_iter().chain(hi)
     }
 
@@ -686,31 +794,37 @@ impl Aarch64Walker {
         !tbid || va >> 56 == sign
     }
 
-    /// The architectural fault for an engine stop in `fmt`'s walk.
+    /// The architectural fault (kind and level) for an engine stop in
+    /// `fmt`'s walk.
     pub(crate) fn stop_fault(
         &self,
         fmt: &S1Format,
         reason: FaultReason,
         level: u8,
         entry: Option<u64>,
-    ) -> (Aarch64FaultKind, u8) {
-        (classify(fmt, reason, entry), S1Format::arch_level(level))
+    ) -> (Aarch64FaultKind, i8) {
+        (classify(fmt, reason, entry), arch_level(level))
     }
 
-    /// The attributes the walker reports for a leaf.
-    pub(crate) fn attributes_of(&self, leaf: u64) -> Aarch64Attributes {
-        Aarch64Attributes::of(leaf, self.regs.mair)
+    /// The attributes reported for the leaf `leaf` of `va`'s range.
+    pub(crate) fn attributes_of(&self, va: u64, leaf: u64) -> Aarch64Attributes {
+        Aarch64Attributes::of(leaf, self.regs.mair, self.range_format(va).sh)
     }
 
     /// The space key's words for these registers (see `Walker`): the two
-    /// roots, TCR_EL1, and the PA size with SCTLR_EL1.M.
+    /// roots, TCR_EL1, and the PA size, the LVA/LPA2 features and
+    /// SCTLR_EL1.M.
     pub(crate) fn key_words(&self) -> [u64; 4] {
         let r = &self.regs;
         [
             r.ttbr0,
             r.ttbr1,
             r.tcr,
-            1 << 63 | u64::from(self.mmu_on()) | u64::from(r.pa_bits) << 8,
+            1 << 63
+                | u64::from(self.mmu_on())
+                | u64::from(r.lva) << 1
+                | u64::from(r.lpa2) << 2
+                | u64::from(r.pa_bits) << 8,
         ]
     }
 

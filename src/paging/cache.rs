@@ -286,7 +286,7 @@ impl WalkCache {
             check_configs: vec![0],
             last_check: (0, 0),
             spaces: Vec::new(),
-            last_space: ([u64::MAX; 6], 0),
+            last_space: ([u64::MAX; 8], 0),
         }
     }
 

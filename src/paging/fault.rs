@@ -1,7 +1,7 @@
 //! `WalkFault`: why a translation failed — which stage, which level, which
 //! entry, the reason — and the architectural event a VMM would raise for it
 //! (an x86 page-fault error code, an EPT-violation exit qualification, an
-//! NPT `EXITINFO1`).
+//! NPT `EXITINFO1`, an AArch64 abort's ESR, a RISC-V trap).
 
 use super::types::Access;
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
@@ -98,10 +98,93 @@ pub enum FaultCode {
         /// ESR_EL1.
         esr: u64,
     },
+    /// An AArch64 stage-2 abort, taken to EL2: `esr` is ESR_EL2 (EC 0x20
+    /// or 0x24 from a lower EL, S1PTW for a fault on a stage-1 table
+    /// access, WnR, the fault status code with the stage-2 level), `hpfar`
+    /// is HPFAR_EL2 (the faulting IPA's page, [`WalkFault::gpa`]); FAR_EL2
+    /// is [`WalkFault::va`].
+    Aarch64Stage2Abort {
+        /// ESR_EL2.
+        esr: u64,
+        /// HPFAR_EL2.
+        hpfar: u64,
+    },
+    /// A RISC-V trap: a page fault (12, 13, 15) of either stage, a
+    /// guest-page fault (20, 21, 23) of the G stage with `htval` and
+    /// `htinst`, or an access fault (1, 5, 7) for an address beyond the
+    /// physical-address width.
+    Riscv(RiscvTrap),
     /// No architectural event: the walk needed memory that nothing backs,
     /// or an accessed/dirty update could not be made. A VMM treats this as
     /// an emulation failure.
     Emulation,
+}
+
+/// The trap a RISC-V hart takes for a failed translation: what a VMM
+/// writes into `scause`/`stval` (or `vscause`/`vstval` for a trap it
+/// delegates to the guest) and, for a trap into HS-mode, `htval`,
+/// `htinst` and `hstatus.GVA`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RiscvTrap {
+    /// The exception code (`scause` without the interrupt bit): one of the
+    /// constants below.
+    pub cause: u8,
+    /// `stval`: the faulting virtual address (guest-virtual for a guest).
+    pub tval: u64,
+    /// `htval` (`mtval2`): the faulting guest-physical address shifted
+    /// right by 2 for a guest-page fault (that of the VS-stage PTE for a
+    /// fault on an implicit page-table access); 0 for every other trap.
+    pub htval: u64,
+    /// `htinst` (`mtinst`): for a guest-page fault on an implicit access of
+    /// a VS-stage page table, [`RiscvTrap::PSEUDO_READ`] or
+    /// [`RiscvTrap::PSEUDO_WRITE`]; else 0 (no information: the trapping
+    /// instruction is not known here).
+    pub htinst: u64,
+    /// `hstatus.GVA` for a trap into HS-mode: `tval` is a guest virtual
+    /// address (a VS-stage or G-stage fault).
+    pub gva: bool,
+}
+
+impl RiscvTrap {
+    /// Instruction access fault.
+    pub const INSTRUCTION_ACCESS_FAULT: u8 = 1;
+    /// Load access fault.
+    pub const LOAD_ACCESS_FAULT: u8 = 5;
+    /// Store/AMO access fault.
+    pub const STORE_ACCESS_FAULT: u8 = 7;
+    /// Instruction page fault.
+    pub const INSTRUCTION_PAGE_FAULT: u8 = 12;
+    /// Load page fault.
+    pub const LOAD_PAGE_FAULT: u8 = 13;
+    /// Store/AMO page fault.
+    pub const STORE_PAGE_FAULT: u8 = 15;
+    /// Instruction guest-page fault.
+    pub const INSTRUCTION_GUEST_PAGE_FAULT: u8 = 20;
+    /// Load guest-page fault.
+    pub const LOAD_GUEST_PAGE_FAULT: u8 = 21;
+    /// Store/AMO guest-page fault.
+    pub const STORE_GUEST_PAGE_FAULT: u8 = 23;
+    /// `htinst` for a guest-page fault on a 64-bit read of a VS-stage PTE
+    /// (RV64).
+    pub const PSEUDO_READ: u64 = 0x0000_3000;
+    /// `htinst` for a guest-page fault on a 64-bit write of a VS-stage PTE
+    /// (an A/D update, RV64).
+    pub const PSEUDO_WRITE: u64 = 0x0000_3020;
+
+    /// Whether this is a page fault (12, 13, 15).
+    pub const fn is_page_fault(&self) -> bool {
+        matches!(self.cause, 12 | 13 | 15)
+    }
+
+    /// Whether this is a guest-page fault (20, 21, 23).
+    pub const fn is_guest_page_fault(&self) -> bool {
+        matches!(self.cause, 20 | 21 | 23)
+    }
+
+    /// Whether this is an access fault (1, 5, 7).
+    pub const fn is_access_fault(&self) -> bool {
+        matches!(self.cause, 1 | 5 | 7)
+    }
 }
 
 /// A failed translation.

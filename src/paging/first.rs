@@ -15,6 +15,7 @@ use super::{
     engine::Stop,
     fault::{FaultCode, FaultReason},
     format::{Decoded, Denied, Format},
+    riscv::{self, RiscvAttributes, SvFormat},
     types::{Access, LeafAttributes, Permissions},
     x86::X86Format,
 };
@@ -31,6 +32,8 @@ pub enum ArchAttributes {
     /// An AArch64 stage-1 descriptor's attributes (MAIR byte,
     /// shareability, AP, nG, DBM, the contiguous hint).
     Aarch64(Aarch64Attributes),
+    /// A RISC-V leaf PTE's attributes (PBMT, NAPOT, G, A, D, RSW).
+    Riscv(RiscvAttributes),
 }
 
 /// A walker's first level, ready to translate.
@@ -44,6 +47,9 @@ pub(crate) enum First {
     X86(X86Format),
     /// AArch64 stage 1 (EL1&0), two ranges.
     Aarch64(Aarch64Walker),
+    /// RISC-V Sv39/48/57 (`fmt`), or Bare (`None`): the address is the
+    /// output, below `1 << pa_bits`.
+    Riscv { fmt: Option<SvFormat>, pa_bits: u8 },
 }
 
 /// The format one walk runs: the architecture's own.
@@ -51,6 +57,7 @@ pub(crate) enum First {
 pub(crate) enum FirstFmt<'a> {
     X86(&'a X86Format),
     Aarch64(&'a S1Format),
+    Riscv(&'a SvFormat),
 }
 
 /// Runs `$body` with `$f` bound to the architecture's own format.
@@ -59,6 +66,7 @@ macro_rules! each_format {
         match $fmt {
             FirstFmt::X86($f) => $body,
             FirstFmt::Aarch64($f) => $body,
+            FirstFmt::Riscv($f) => $body,
         }
     };
 }
@@ -120,7 +128,7 @@ fn aarch64_leaf(a: &Aarch64Attributes) -> LeafAttributes {
 /// The abort an AArch64 stage-1 fault of `kind` at architectural `level`
 /// is: its ESR_EL1 value, or an emulation failure for a kind with no
 /// fault status code.
-pub(crate) fn aarch64_code(kind: Aarch64FaultKind, level: u8, access: Access) -> FaultCode {
+pub(crate) fn aarch64_code(kind: Aarch64FaultKind, level: i8, access: Access) -> FaultCode {
     let f = Aarch64Fault {
         va: GuestVirtAddr(0),
         access,
@@ -144,6 +152,7 @@ impl First {
             First::X86(f) => Some(FirstFmt::X86(f)),
             First::Aarch64(a) if a.mmu_on() => Some(FirstFmt::Aarch64(a.range_format(va))),
             First::Aarch64(_) => None,
+            First::Riscv { fmt, .. } => fmt.as_ref().map(FirstFmt::Riscv),
         }
     }
 
@@ -157,40 +166,54 @@ impl First {
         leaf: u64,
         level: u8,
     ) -> (Permissions, LeafAttributes, ArchAttributes) {
-        match self {
-            First::NoPaging => (
+        let Some(fmt) = self.format_of(va) else {
+            return (
                 Permissions::no_paging(),
                 LeafAttributes::default(),
                 ArchAttributes::None,
-            ),
-            First::X86(f) => (
+            );
+        };
+        match (self, fmt) {
+            (First::X86(f), _) => (
                 f.permissions(acc, leaf),
                 f.attributes(level, leaf),
                 ArchAttributes::None,
             ),
-            First::Aarch64(a) if !a.mmu_on() => (
-                Permissions::no_paging(),
-                LeafAttributes::default(),
-                ArchAttributes::None,
-            ),
-            First::Aarch64(a) => {
-                let attrs = a.attributes_of(leaf);
+            (First::Aarch64(a), _) => {
+                let attrs = a.attributes_of(va, leaf);
                 (
-                    a.range_format(va).permissions(acc, leaf),
+                    fmt.permissions(acc, leaf),
                     aarch64_leaf(&attrs),
                     ArchAttributes::Aarch64(attrs),
+                )
+            }
+            _ => {
+                let attrs = riscv::attributes(leaf);
+                let neutral = LeafAttributes {
+                    accessed: attrs.accessed,
+                    dirty: attrs.dirty,
+                    global: attrs.global,
+                    ..LeafAttributes::default()
+                };
+                (
+                    fmt.permissions(acc, leaf),
+                    neutral,
+                    ArchAttributes::Riscv(attrs),
                 )
             }
         }
     }
 
     /// The architectural event for a first-level stop `s` in `fmt`'s walk
-    /// (`None`: before any format, an input check).
+    /// (`None`: before any format, an input check) of `va`; `virt`: the
+    /// guest runs under a second level (a RISC-V VS stage).
     pub(crate) fn fault_code(
         &self,
         fmt: Option<FirstFmt<'_>>,
         s: &Stop,
+        va: u64,
         access: Access,
+        virt: bool,
     ) -> FaultCode {
         if matches!(
             s.reason,
@@ -228,6 +251,11 @@ impl First {
                 };
                 aarch64_code(kind, 0, access)
             }
+            (First::Riscv { fmt: None, .. }, _) => {
+                FaultCode::Riscv(riscv::bare_access_fault(va, access.kind, virt))
+            }
+            (First::Riscv { .. }, _) => riscv::first_stage_trap(s, va, access.kind, virt)
+                .map_or(FaultCode::Emulation, FaultCode::Riscv),
         }
     }
 }

@@ -94,6 +94,8 @@ impl Walker {
                 ranges.extend(a.ranges().map(|(f, base)| (FirstFmt::Aarch64(f), base)));
                 ranges.reverse();
             }
+            First::Riscv { fmt: Some(f), .. } => ranges.push((FirstFmt::Riscv(f), 0)),
+            First::Riscv { fmt: None, pa_bits } => no_paging = Some(1 << pa_bits),
         }
         Mappings {
             walker: self,
@@ -132,8 +134,8 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
 }
 
 /// The address a listing reports for `va`: its canonical form in x86
-/// 4/5-level paging (AArch64's ranges start at their lowest address, so
-/// their addresses are whole already).
+/// 4/5-level paging and RISC-V (AArch64's ranges start at their lowest
+/// address, so their addresses are whole already).
 fn canonical(va: u64, fmt: &FirstFmt<'_>) -> u64 {
     let width = match fmt {
         FirstFmt::X86(f) => match f.mode() {
@@ -142,6 +144,7 @@ fn canonical(va: u64, fmt: &FirstFmt<'_>) -> u64 {
             _ => return va,
         },
         FirstFmt::Aarch64(_) => return va,
+        FirstFmt::Riscv(f) => f.input_bits(),
     };
     ((va << (64 - width)) as i64 >> (64 - width)) as u64
 }
@@ -239,6 +242,15 @@ impl<M: PhysMemory + ?Sized> Mappings<'_, M> {
             Decoded::Leaf { base, shift } => {
                 let acc = fmt.accumulate(frame.acc, frame.level, raw);
                 let va = canonical(va, fmt);
+                // A leaf wider than its slot (a RISC-V NAPOT page: each of
+                // its 16 entries maps the whole 64 KiB) is listed per slot.
+                let slot = fmt.index_shift(frame.level);
+                let (base, shift) = if u32::from(shift) > slot {
+                    let within = va & ((1u64 << shift) - 1) & !((1u64 << slot) - 1);
+                    (base | within, (slot & 0x3f) as u8)
+                } else {
+                    (base, shift)
+                };
                 let (permissions, attributes, arch_attributes) =
                     self.walker.first().report(va, acc, raw, frame.level);
                 return Some(Ok(Mapping {

@@ -7,11 +7,12 @@
 //! (one implementation of the crate-private `Format` trait) says how wide an
 //! entry is, which virtual-address bits index each level, what an entry
 //! means (not present, reserved bits set, next table, leaf page) and how
-//! permissions combine and are checked. x86 ([`x86`]), EPT ([`ept`]) and
+//! permissions combine and are checked. x86 ([`x86`]), EPT ([`ept`]),
 //! AArch64 stage 1 ([`aarch64`], its own [`Aarch64Walker`] for now, not yet
-//! a [`GuestPaging`] variant) are the formats today; AArch64 stage 2 and
-//! RISC-V Sv39/48/57 and G-stage are further implementations of the same
-//! trait, with no change to the engine.
+//! a [`GuestPaging`] variant) and RISC-V Sv39/48/57 with the G stage's
+//! Sv39x4/48x4/57x4 ([`riscv`], formats and traps, not yet wired into a
+//! walker) are the formats today; AArch64 stage 2 is a further
+//! implementation of the same trait, with no change to the engine.
 //!
 //! Guest page tables are untrusted input. A walk touches at most one entry
 //! per level (five levels at most, each through at most five second-level
@@ -23,7 +24,8 @@
 //!
 //! Files, each importing only the ones before it: `types` (accesses,
 //! permissions, attributes), `fault`, `format`, `memory`, `engine`, `ept`,
-//! `lean`, `aarch64` (registers in `aarch64/regs`), `x86` (registers in
+//! `lean`, `aarch64` (registers in `aarch64/regs`), `riscv` (registers in
+//! `riscv/regs`), `x86` (registers in
 //! `x86/regs`), `second` (the second level as
 //! a walk stage), `walker` (the walk's stages), `watch`, `cache` (storage),
 //! `cached` (the cache around the walk), then `mappings`, `range` and
@@ -62,6 +64,7 @@ mod lean;
 mod mappings;
 mod memory;
 mod range;
+pub mod riscv;
 mod second;
 mod types;
 mod virt;
@@ -70,8 +73,10 @@ mod watch;
 pub mod x86;
 
 pub use aarch64::{
-    Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Paging, Aarch64PagingError,
-    Aarch64Translation, Aarch64Walker, Granule, Ttbr,
+    esr_el2, hpfar_el2, Aarch64Attributes, Aarch64Fault, Aarch64FaultKind, Aarch64Paging,
+    Aarch64PagingError, Aarch64Stage2, Aarch64Stage2Attributes, Aarch64Stage2Fault,
+    Aarch64Stage2Translation, Aarch64Stage2Walker, Aarch64Translation, Aarch64Walker, Granule,
+    Stage2Access, Ttbr, Vtcr,
 };
 pub use cache::{CacheStats, WalkCache};
 pub use cached::BoundCache;
@@ -81,6 +86,9 @@ pub use first::ArchAttributes;
 pub use mappings::{Mapping, Mappings, DEFAULT_ENTRY_BUDGET};
 pub use memory::{PhysImage, PhysMemory};
 pub use range::{RangeSegments, Segment};
+pub use riscv::{
+    RiscvAttributes, RiscvGStage, RiscvMode, RiscvPaging, RiscvPagingError, RiscvTrap,
+};
 pub use second::SecondTranslation;
 pub use types::{Access, AccessKind, Arch, LeafAttributes, Permissions, Privilege};
 pub use virt::VirtError;

@@ -1,8 +1,10 @@
-//! The second level (Intel EPT, AMD NPT) as a stage of a walk: translating
-//! one guest-physical address into the walker's memory, for a guest table
-//! (through [`NestedPort`], which makes the engine's loop hardware's
-//! two-dimensional walk) or for the final address of an access; the VM exit
-//! a refusal is (EPT violation or misconfiguration, NPT `EXITINFO1`); and
+//! The second level (Intel EPT, AMD NPT, AArch64 stage 2, the RISC-V G
+//! stage) as a stage of a walk: translating one guest-physical address
+//! into the walker's memory, for a guest table (through [`NestedPort`],
+//! which makes the engine's loop hardware's two-dimensional walk) or for
+//! the final address of an access; the exit a refusal is (EPT violation
+//! or misconfiguration, NPT `EXITINFO1`, a stage-2 abort's ESR_EL2 and
+//! HPFAR_EL2, a guest-page fault with `htval`/`htinst`); and
 //! [`SecondMemo`], the second-level translations a walk may reuse.
 //!
 //! It knows nothing of the first level beyond what a fault report needs
@@ -10,11 +12,13 @@
 //! calls a walk cache: a cache hands it a memo to read and fill.
 
 use super::{
+    aarch64::stage2::{esr_el2, hpfar_el2, S2Format, Stage2Access},
     engine::{self, DirectPort, Fail, Port, Start, Stop},
     ept::EptFormat,
     fault::{FaultCode, FaultReason, Stage, WalkFault},
     format::Format,
     memory::PhysMemory,
+    riscv::{self, GStageSite, SvFormat},
     types::{Access, AccessKind, LeafAttributes, Permissions, Privilege, SecondOut},
     x86::X86Format,
 };
@@ -43,6 +47,22 @@ pub(crate) enum Second {
     Ept(EptFormat),
     /// AMD NPT: the x86-64 format under the nested CR3.
     Npt(X86Format),
+    /// The RISC-V G stage (Sv39x4, Sv48x4, Sv57x4) under `hgatp`.
+    Riscv(SvFormat),
+    /// AArch64 stage 2 under VTCR_EL2 and VTTBR_EL2.
+    Aarch64(S2Format),
+}
+
+/// Runs `$body` with `$f` bound to the second level's own format.
+macro_rules! each_second {
+    ($second:expr, $f:ident => $body:expr) => {
+        match $second {
+            Second::Ept($f) => $body,
+            Second::Npt($f) => $body,
+            Second::Riscv($f) => $body,
+            Second::Aarch64($f) => $body,
+        }
+    };
 }
 
 /// Where a second-level translation was needed, for its fault.
@@ -159,7 +179,7 @@ impl SecondMemo {
 }
 
 /// The second level sees every access as a user access of the same kind
-/// (what NPT checks; EPT ignores privilege).
+/// (what NPT checks; EPT and the G stage ignore privilege).
 #[inline]
 pub(crate) fn second_access(kind: AccessKind) -> Access {
     Access::new(kind, Privilege::User)
@@ -192,15 +212,32 @@ pub(crate) fn output(s: &SecondOut, gpa: u64) -> u64 {
 }
 
 impl Second {
-    /// Whether the cached rights `acc`/`leaf` allow `access` (an access of
-    /// the first level, seen as the second level sees it).
+    /// The access this second level checks for an access of `kind` made
+    /// at `privilege` in the guest: a user access of that kind, but for
+    /// AArch64 stage 2, whose execute permission (FEAT_XNX) depends on the
+    /// access's EL.
     #[inline]
-    pub(crate) fn allows(&self, acc: u64, leaf: u64, kind: AccessKind, user_linear: bool) -> bool {
-        let access = second_access(kind);
+    fn access_of(&self, kind: AccessKind, privilege: Privilege) -> Access {
         match self {
-            Second::Ept(f) => f.check(acc, leaf, access, user_linear).is_ok(),
-            Second::Npt(f) => f.check(acc, leaf, access, user_linear).is_ok(),
+            Second::Aarch64(_) => Access::new(kind, privilege),
+            _ => second_access(kind),
         }
+    }
+
+    /// Whether the cached rights `acc`/`leaf` allow an access of `kind` made
+    /// at `privilege` (an access of the first level, seen as the second
+    /// level sees it).
+    #[inline]
+    pub(crate) fn allows(
+        &self,
+        acc: u64,
+        leaf: u64,
+        kind: AccessKind,
+        privilege: Privilege,
+        user_linear: bool,
+    ) -> bool {
+        let access = self.access_of(kind, privilege);
+        each_second!(self, f => f.check(acc, leaf, access, user_linear).is_ok())
     }
 
     /// The public report of a second-level output.
@@ -208,6 +245,16 @@ impl Second {
         let (permissions, attributes) = match self {
             Second::Ept(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
             Second::Npt(f) => (f.permissions(s.acc, s.leaf), f.attributes(s.level, s.leaf)),
+            Second::Riscv(f) => {
+                let a = riscv::attributes(s.leaf);
+                let leaf = LeafAttributes {
+                    accessed: a.accessed,
+                    dirty: a.dirty,
+                    ..LeafAttributes::default()
+                };
+                (f.permissions(s.acc, s.leaf), leaf)
+            }
+            Second::Aarch64(f) => (f.permissions(s.acc, s.leaf), f.leaf_attributes(s.leaf)),
         };
         SecondTranslation {
             page_size: 1 << s.shift,
@@ -218,12 +265,14 @@ impl Second {
     }
 
     /// The access kind the second level checks for a guest page-table
-    /// access: a write where the hardware updates accessed/dirty flags
+    /// read: a write where the hardware updates accessed/dirty flags
     /// through it (EPT with A/D enabled; always for NPT, as the APM and
-    /// KVM's nested MMU do), else a read.
+    /// KVM's nested MMU do), else a read (the RISC-V G stage checks the
+    /// read of a VS-stage PTE as a load, its A/D update as a store).
     pub(crate) fn table_access_kind(&self) -> AccessKind {
         match self {
             Second::Ept(f) if !f.ad() => AccessKind::Read,
+            Second::Riscv(_) | Second::Aarch64(_) => AccessKind::Read,
             _ => AccessKind::Write,
         }
     }
@@ -247,39 +296,26 @@ impl Second {
     ) -> Result<SecondOut, WalkFault> {
         if let Some(m) = memo.as_mut() {
             if let Some(n) = m.memo.lookup(m.space, gpa) {
-                let ok = self.allows(n.acc, n.leaf, kind, user_linear);
+                let ok = self.allows(n.acc, n.leaf, kind, site.access.privilege, user_linear);
                 let ad_ok = !set_ad || (n.accessed && (kind != AccessKind::Write || n.dirty));
                 if ok && ad_ok {
                     return Ok(n);
                 }
             }
         }
-        let access = second_access(kind);
+        let access = self.access_of(kind, site.access.privilege);
         let mut port = DirectPort { mem, refs: 0 };
-        let r = match self {
-            Second::Ept(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(
-                    f,
-                    &mut port,
-                    gpa,
-                    access,
-                    user_linear,
-                    set_ad,
-                    root_start(f),
-                )
-            }),
-            Second::Npt(f) => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
-                engine::walk(
-                    f,
-                    &mut port,
-                    gpa,
-                    access,
-                    user_linear,
-                    set_ad,
-                    root_start(f),
-                )
-            }),
-        };
+        let r = each_second!(self, f => f.check_input(gpa).map_err(stop_at_input).and_then(|()| {
+            engine::walk(
+                f,
+                &mut port,
+                gpa,
+                access,
+                user_linear,
+                set_ad,
+                root_start(f),
+            )
+        }));
         *refs += port.refs;
         let w = r.map_err(|f| match f {
             Fail::Stop(s) => self.fault(gpa, kind, site, s),
@@ -311,6 +347,32 @@ impl Second {
             (Second::Ept(f), reason) => FaultCode::EptViolation {
                 qualification: ept_qualification(f, kind, site, reason, s.acc),
             },
+            (Second::Riscv(_), _) => {
+                // The G stage was checked as a load for the read of a
+                // VS-stage PTE and as a store for its A/D update; the trap
+                // names the original access.
+                let at = match (site.guest_table, kind) {
+                    (None, _) => GStageSite::Final,
+                    (Some(_), AccessKind::Write) => GStageSite::TableUpdate,
+                    (Some(_), _) => GStageSite::TableRead,
+                };
+                riscv::g_stage_trap(&s, site.va, gpa, site.access.kind, at)
+                    .map_or(FaultCode::Emulation, FaultCode::Riscv)
+            }
+            (Second::Aarch64(f), reason) => {
+                let (kind2, level) = f.s2_fault(reason, s.level, s.entry);
+                let at = match (site.guest_table, kind) {
+                    (None, _) => Stage2Access::Final,
+                    (Some(_), AccessKind::Write) => Stage2Access::TableUpdate,
+                    (Some(_), _) => Stage2Access::TableRead,
+                };
+                esr_el2(kind2, level, site.access.kind, at).map_or(FaultCode::Emulation, |esr| {
+                    FaultCode::Aarch64Stage2Abort {
+                        esr,
+                        hpfar: hpfar_el2(GuestPhysAddr(gpa)),
+                    }
+                })
+            }
             (Second::Npt(f), reason) => {
                 let mut info = u64::from(f.error_code(reason, second_access(kind)));
                 info |= if site.guest_table.is_none() {

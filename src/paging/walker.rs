@@ -12,7 +12,10 @@
 //! the stage that faulted.
 
 use super::{
-    aarch64::{Aarch64FaultKind, Aarch64Paging, Aarch64PagingError, Aarch64Walker},
+    aarch64::{
+        stage2::{Aarch64Stage2, S2Format},
+        Aarch64FaultKind, Aarch64Paging, Aarch64PagingError, Aarch64Walker,
+    },
     engine::{self, DirectPort, Fail, Start, Stop, Walked},
     ept::{EptConfig, EptFormat, NptConfig},
     fault::{FaultReason, Stage, WalkFault},
@@ -20,6 +23,7 @@ use super::{
     format::Format,
     lean,
     memory::PhysMemory,
+    riscv::{RiscvGStage, RiscvPaging, RiscvPagingError, SvFormat},
     second::{self, FaultSite, Memo, NestedPort, Second, SecondTranslation},
     types::{Access, Arch, LeafAttributes, Permissions, SecondOut, PAGE_SHIFT_U8},
     x86::{
@@ -36,6 +40,8 @@ pub enum GuestPaging {
     X86(X86Paging),
     /// AArch64 stage 1 of the EL1&0 regime (both TTBR ranges).
     Aarch64(Aarch64Paging),
+    /// RISC-V Sv39, Sv48 or Sv57 (or Bare) from `satp`/`vsatp`.
+    Riscv64(RiscvPaging),
 }
 
 impl From<X86Paging> for GuestPaging {
@@ -50,6 +56,12 @@ impl From<Aarch64Paging> for GuestPaging {
     }
 }
 
+impl From<RiscvPaging> for GuestPaging {
+    fn from(p: RiscvPaging) -> Self {
+        GuestPaging::Riscv64(p)
+    }
+}
+
 /// The second level, translating guest-physical addresses to the memory the
 /// walker reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +70,24 @@ pub enum SecondLevel {
     Ept(EptConfig),
     /// AMD nested paging.
     Npt(NptConfig),
+    /// The RISC-V G stage (`hgatp`), under a RISC-V guest's VS stage.
+    Riscv(RiscvGStage),
+    /// AArch64 stage 2 (VTCR_EL2, VTTBR_EL2), under an AArch64 guest's
+    /// stage 1.
+    Aarch64(Aarch64Stage2),
+}
+
+impl SecondLevel {
+    /// The architecture whose guests this second level serves, and its
+    /// name for messages.
+    fn arch(&self) -> (Arch, &'static str) {
+        match self {
+            SecondLevel::Ept(_) => (Arch::X86_64, "EPT"),
+            SecondLevel::Npt(_) => (Arch::X86_64, "NPT"),
+            SecondLevel::Riscv(_) => (Arch::Riscv64, "RISC-V G-stage"),
+            SecondLevel::Aarch64(_) => (Arch::Aarch64, "AArch64 stage-2"),
+        }
+    }
 }
 
 // Defined with the plain types, so formats below the walker (AArch64's
@@ -129,8 +159,8 @@ pub struct Walker {
 }
 
 /// An address space's exact key in a walk cache: four words of the first
-/// level, two of the second.
-pub(crate) type SpaceKey = [u64; 6];
+/// level, four of the second.
+pub(crate) type SpaceKey = [u64; 8];
 
 /// Errors building a walker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +171,9 @@ pub enum WalkerError {
     /// The AArch64 registers describe no defined walk.
     #[error(transparent)]
     Aarch64(#[from] Aarch64PagingError),
+    /// The RISC-V registers select no valid scheme.
+    #[error(transparent)]
+    Riscv(#[from] RiscvPagingError),
     /// The second level belongs to another architecture than the guest's
     /// first level.
     #[error("a {second} second level cannot translate for a {first:?} guest")]
@@ -181,6 +214,8 @@ fn first_key(regs: &X86Paging, mode: X86Mode, root: u64) -> SpaceKey {
         0,
         0,
         0,
+        0,
+        0,
     ]
 }
 
@@ -197,15 +232,17 @@ fn check_config_of(regs: &X86Paging) -> u128 {
 }
 
 /// The second level a configuration describes, its root and its settings
-/// (the second half of a space key).
-fn second_of(second: SecondLevel) -> Result<(Second, u64, u64), WalkerError> {
-    Ok(match second {
+/// (the second half of a space key); `None` for one that translates
+/// nothing (a Bare `hgatp`).
+fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64, u64)>, WalkerError> {
+    Ok(Some(match second {
         SecondLevel::Ept(cfg) => (
             Second::Ept(EptFormat::new(&cfg).ok_or(WalkerError::EptWalkLength { eptp: cfg.eptp })?),
             cfg.eptp,
             1 | u64::from(cfg.execute_only) << 2
                 | u64::from(cfg.mode_based_execute) << 3
                 | u64::from(cfg.maxphyaddr) << 8,
+            0,
         ),
         SecondLevel::Npt(cfg) => (
             Second::Npt(X86Format::nested(
@@ -218,8 +255,37 @@ fn second_of(second: SecondLevel) -> Result<(Second, u64, u64), WalkerError> {
             2 | u64::from(cfg.five_level) << 2
                 | u64::from(cfg.nxe) << 3
                 | u64::from(cfg.maxphyaddr) << 8,
+            0,
         ),
-    })
+        SecondLevel::Riscv(cfg) => {
+            let Some(f) = SvFormat::g_stage(&cfg)? else {
+                return Ok(None);
+            };
+            let flag = |on: bool, bit: u32| u64::from(on) << bit;
+            (
+                Second::Riscv(f),
+                cfg.hgatp,
+                3 | flag(cfg.adue, 2)
+                    | flag(cfg.pbmte, 3)
+                    | flag(cfg.svnapot, 4)
+                    | flag(cfg.mxr, 5)
+                    | u64::from(cfg.pa_bits) << 8,
+                0,
+            )
+        }
+        SecondLevel::Aarch64(cfg) => {
+            let flag = |on: bool, bit: u32| u64::from(on) << bit;
+            (
+                Second::Aarch64(S2Format::new(&cfg)?),
+                cfg.vttbr,
+                4 | flag(cfg.xnx, 2)
+                    | flag(cfg.lpa2, 3)
+                    | flag(cfg.ttst, 4)
+                    | u64::from(cfg.pa_bits) << 8,
+                cfg.vtcr,
+            )
+        }
+    }))
 }
 
 /// One translation asked of the walk: the address, the access to check,
@@ -275,7 +341,7 @@ impl Walker {
                     first,
                     second: None,
                     space_key: first_key(&regs, mode, root),
-                    second_key: [0; 6],
+                    second_key: [0; 8],
                     pcid: regs.pcid(),
                     check_config: check_config_of(&regs),
                 })
@@ -286,10 +352,29 @@ impl Walker {
                 Ok(Walker {
                     first: First::Aarch64(a),
                     second: None,
-                    space_key: [w0, w1, w2, w3, 0, 0],
-                    second_key: [0; 6],
+                    space_key: [w0, w1, w2, w3, 0, 0, 0, 0],
+                    second_key: [0; 8],
                     pcid: a.asid(),
                     check_config: a.check_bits() | 1 << 120,
+                })
+            }
+            GuestPaging::Riscv64(regs) => {
+                let fmt = SvFormat::first_stage(&regs)?;
+                let flag = |on: bool, bit: u32| u64::from(on) << bit;
+                let shape = flag(regs.adue, 0)
+                    | flag(regs.pbmte, 1)
+                    | flag(regs.svnapot, 2)
+                    | u64::from(regs.pa_bits) << 8;
+                Ok(Walker {
+                    first: First::Riscv {
+                        fmt,
+                        pa_bits: regs.pa_bits,
+                    },
+                    second: None,
+                    space_key: [regs.satp, shape, 0, 2 << 62, 0, 0, 0, 0],
+                    second_key: [0; 8],
+                    pcid: regs.asid(),
+                    check_config: u128::from(regs.sum) | u128::from(regs.mxr) << 1 | 2 << 120,
                 })
             }
         }
@@ -300,26 +385,28 @@ impl Walker {
         match self.first {
             First::NoPaging | First::X86(_) => Arch::X86_64,
             First::Aarch64(_) => Arch::Aarch64,
+            First::Riscv { .. } => Arch::Riscv64,
         }
     }
 
     /// The same guest with a second level under it: every guest-physical
-    /// address, page-table pointers included, is translated through it.
+    /// address, page-table pointers included, is translated through it. A
+    /// Bare `hgatp` translates nothing and leaves the walker as it was.
     pub fn with_second_level(mut self, second: SecondLevel) -> Result<Self, WalkerError> {
-        if self.arch() != Arch::X86_64 {
+        let (arch, name) = second.arch();
+        if self.arch() != arch {
             return Err(WalkerError::SecondLevelArch {
                 first: self.arch(),
-                second: match second {
-                    SecondLevel::Ept(_) => "EPT",
-                    SecondLevel::Npt(_) => "NPT",
-                },
+                second: name,
             });
         }
-        let (s, root, bits) = second_of(second)?;
+        let Some((s, root, bits, extra)) = second_of(second)? else {
+            return Ok(self);
+        };
         self.second = Some(s);
-        self.space_key[4] = root;
-        self.space_key[5] = bits;
-        self.second_key = [0, 0, 0, 0, root, bits];
+        let words = [root, bits, extra, 0];
+        self.space_key[4..].copy_from_slice(&words);
+        self.second_key = [0, 0, 0, 0, root, bits, extra, 0];
         Ok(self)
     }
 
@@ -507,6 +594,14 @@ impl Walker {
                 }
                 return Ok(None);
             }
+            First::Riscv { fmt: None, pa_bits } => {
+                if va >> pa_bits != 0 {
+                    let s = at_input(FaultReason::AddressTooWide);
+                    return Err(self.fault_first(va, access, s, None));
+                }
+                return Ok(None);
+            }
+            First::Riscv { fmt: Some(fmt), .. } => FirstFmt::Riscv(fmt),
             First::Aarch64(a) => match a.select(va, access) {
                 Ok((_, fmt)) => FirstFmt::Aarch64(fmt),
                 Err((kind, _)) => {
@@ -559,6 +654,7 @@ impl Walker {
                 None => self.walk_format(fmt, true, start, mem, req, memo, refs),
             },
             FirstFmt::Aarch64(fmt) => self.walk_format(fmt, true, start, mem, req, memo, refs),
+            FirstFmt::Riscv(fmt) => self.walk_format(fmt, true, start, mem, req, memo, refs),
         };
         r.map_err(|f| match f {
             Fail::Stop(s) => self.fault_first(req.va, req.access, s, Some(root.fmt)),
@@ -745,7 +841,7 @@ impl Walker {
         let second_ok = match (&self.second, has_second) {
             (None, _) => true,
             (Some(_), false) => false,
-            (Some(s), true) => s.allows(acc2, leaf2, access.kind, user),
+            (Some(s), true) => s.allows(acc2, leaf2, access.kind, access.privilege, user),
         };
         first_ok && second_ok
     }
@@ -779,7 +875,9 @@ impl Walker {
             entry_addr: s.entry_addr.map(GuestPhysAddr),
             entry: s.entry,
             reason: s.reason,
-            code: self.first.fault_code(fmt, &s, access),
+            code: self
+                .first
+                .fault_code(fmt, &s, va, access, self.second.is_some()),
         }
     }
 

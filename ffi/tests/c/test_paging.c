@@ -485,7 +485,7 @@ TEST(aarch64_stage1_translates_and_aborts) {
     regs.sctlr = 1;
     regs.mair = 0xff00;
     pf_walker *w = NULL;
-    CHECK_OK(pf_walker_new_aarch64(&regs, &w));
+    CHECK_OK(pf_walker_new_aarch64(&regs, NULL, &w));
 
     pf_translation t = translation();
     CHECK_OK(pf_walker_translate(w, mem, 0x400abc, PF_ACCESS_USER | PF_ACCESS_WRITE, NULL, &t, NULL));
@@ -510,10 +510,10 @@ TEST(aarch64_stage1_translates_and_aborts) {
 
     pf_walker *bad = NULL;
     regs.tcr = ARM_TCR | (3ull << 14); /* TG0 = 0b11: reserved */
-    CHECK_ERR(pf_walker_new_aarch64(&regs, &bad), PF_ERR_INVALID_ARGUMENT, "TG0");
+    CHECK_ERR(pf_walker_new_aarch64(&regs, NULL, &bad), PF_ERR_INVALID_ARGUMENT, "TG0");
     regs.tcr = ARM_TCR;
     regs.flags = 0x80;
-    CHECK_ERR(pf_walker_new_aarch64(&regs, &bad), PF_ERR_INVALID_ARGUMENT, "flags");
+    CHECK_ERR(pf_walker_new_aarch64(&regs, NULL, &bad), PF_ERR_INVALID_ARGUMENT, "flags");
     CHECK(bad == NULL);
     pf_walker_free(w);
     pf_guest_memory_free(mem);

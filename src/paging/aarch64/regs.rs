@@ -1,28 +1,42 @@
-//! The AArch64 stage-1 paging registers of the EL1&0 regime as a guest
-//! holds them ([`Aarch64Paging`]: TCR_EL1, TTBR0_EL1, TTBR1_EL1, SCTLR_EL1,
-//! MAIR_EL1, PSTATE.PAN and the implemented physical-address size), their
-//! fields ([`Granule`], [`Tcr`]), and which values a processor's walk gives
-//! a defined meaning: [`Aarch64Paging::decode`] refuses the rest with the
-//! field named. It knows nothing of descriptors (`aarch64.rs`, which imports
-//! it).
+//! The AArch64 paging registers as a guest or a VMM holds them: the EL1&0
+//! stage-1 regime ([`Aarch64Paging`]: TCR_EL1, TTBR0_EL1, TTBR1_EL1,
+//! SCTLR_EL1, MAIR_EL1, PSTATE.PAN, the implemented physical-address size
+//! and the LVA/LPA2 features), their fields ([`Granule`], [`Tcr`]), the
+//! helpers stage 1 and stage 2 share (start levels, start-table sizes,
+//! output-address sizes, the 52-bit base-register layout), and which values
+//! a processor's walk gives a defined meaning: [`Aarch64Paging::decode`]
+//! refuses the rest with the field named ([`Aarch64PagingError`], which
+//! stage 2's decode in `aarch64/stage2.rs` shares). It knows nothing of
+//! descriptors (`aarch64.rs`, which imports it).
 //!
 //! What is refused, and why (Arm ARM DDI 0487, D8 "The AArch64 Virtual
 //! Memory System Architecture", and the TCR_EL1 / TTBRn_EL1 register
 //! descriptions):
 //! - a reserved TG0/TG1 encoding (TG0 = 0b11, TG1 = 0b00): the granule used
 //!   is IMPLEMENTATION DEFINED;
-//! - T0SZ/T1SZ outside 16..=39: below 16 needs FEAT_LVA (52-bit VA, out of
-//!   scope here), above 39 needs FEAT_TTST; otherwise the behaviour is
-//!   CONSTRAINED UNPREDICTABLE (treated as the limit, or a fault);
-//! - TCR_EL1.DS = 1 (FEAT_LPA2, out of scope here);
+//! - T0SZ/T1SZ outside 16..=39, or 12..=39 where a 52-bit VA is possible
+//!   (`AArch64.S1MinTxSZ`: FEAT_LVA with the 64 KiB granule, or TCR_EL1.DS
+//!   with 4/16 KiB): below the minimum a processor with FEAT_LPA faults and
+//!   others may clamp, above 39 needs FEAT_TTST; either way the behaviour is
+//!   not one walk;
+//! - TCR_EL1.DS = 1 on a processor without FEAT_LPA2 (the bit is RES0);
 //! - TCR_EL1 bits 6 and 35, which are RES0 in every architecture version;
-//! - a TTBR base not aligned to its start-level table (at least 64 bytes):
-//!   BADDR's bits below the table size are RES0, and whether a set one is
-//!   used is CONSTRAINED UNPREDICTABLE (v8.0's pseudocode drops them, so a
-//!   v8.0 part would walk the aligned table: refusing is the strict choice,
-//!   which a next session may relax to masking);
+//! - a TTBR base not aligned to its start-level table (at least 64 bytes
+//!   where the base register holds a 52-bit address): BADDR's bits below
+//!   the table size are RES0, and whether a set one is used is CONSTRAINED
+//!   UNPREDICTABLE (v8.0's pseudocode drops them, so a v8.0 part would walk
+//!   the aligned table: refusing is the strict choice, which a next session
+//!   may relax to masking);
 //! - an implemented physical-address size that is not one of
-//!   ID_AA64MMFR0_EL1.PARange's values up to 48 bits (52-bit PA is LPA).
+//!   ID_AA64MMFR0_EL1.PARange's values (52 bits means FEAT_LPA).
+//!
+//! 52-bit addresses (FEAT_LPA, FEAT_LVA, FEAT_LPA2): with the 64 KiB
+//! granule and a 52-bit OA size, descriptor bits 15:12 hold `OA[51:48]`;
+//! with TCR_EL1.DS = 1 (4/16 KiB granules) descriptors hold `OA[49:12]` in
+//! bits 49:12 and `OA[51:50]` in bits 9:8, so shareability comes from
+//! TCR_EL1.SH0/SH1, and a 4 KiB walk of a 52-bit VA starts at level -1. In
+//! both layouts the base register holds `BADDR[51:48]` in bits 5:2
+//! (`AArch64.TTBaseAddress`).
 
 /// TCR_EL1.EPD0: walks through TTBR0_EL1 are disabled.
 pub const TCR_EPD0: u64 = 1 << 7;
@@ -101,7 +115,9 @@ impl Granule {
         }
     }
 
-    fn from_tg0(v: u64) -> Option<Self> {
+    /// The granule TCR_EL1.TG0 or VTCR_EL2.TG0 encodes (`None` for the
+    /// reserved 0b11).
+    pub(crate) fn from_tg0(v: u64) -> Option<Self> {
         match v {
             0b00 => Some(Granule::K4),
             0b01 => Some(Granule::K64),
@@ -122,15 +138,33 @@ impl Granule {
     /// The architectural level of the first table for a TxSZ: the walk
     /// resolves `64 - txsz - shift()` bits, `stride()` a level, ending at
     /// level 3 (Arm ARM D8.2, "Translation table walk starting level").
-    pub const fn start_level(self, txsz: u8) -> u8 {
+    /// -1 for a 4 KiB walk of more than 48 bits (FEAT_LPA2).
+    pub const fn start_level(self, txsz: u8) -> i8 {
         // Saturating, so a TxSZ `decode` refuses still gives a level.
         let bits = 64u32
             .saturating_sub(txsz as u32)
             .saturating_sub(self.shift());
-        let levels = bits.div_ceil(self.stride());
-        // At least one level, so the result is 0..=3.
-        let levels = if levels == 0 { 1 } else { levels };
-        (4u32.saturating_sub(levels) & 3) as u8
+        // One to five levels, so the result is -1..=3.
+        match bits.div_ceil(self.stride()) {
+            0 | 1 => 3,
+            2 => 2,
+            3 => 1,
+            4 => 0,
+            _ => -1,
+        }
+    }
+
+    /// log2 of the bytes one entry at architectural `level` (-1..=3; others
+    /// are clamped to that range) maps.
+    pub(crate) const fn level_shift(self, level: i8) -> u32 {
+        let below = match level {
+            i8::MIN..=-1 => 4,
+            0 => 3,
+            1 => 2,
+            2 => 1,
+            _ => 0,
+        };
+        self.shift() + self.stride() * below
     }
 }
 
@@ -144,12 +178,14 @@ pub enum Ttbr {
 }
 
 /// The raw registers of the EL1&0 stage-1 regime, as a VMM reads them
-/// (KVM_GET_ONE_REG, a gdbstub, a saved state).
+/// (KVM_GET_ONE_REG, a gdbstub, a saved state), and the processor features
+/// that change what they mean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Aarch64Paging {
     /// TCR_EL1.
     pub tcr: u64,
-    /// TTBR0_EL1: base address in bits 47:1, CnP in bit 0, ASID in 63:48.
+    /// TTBR0_EL1: base address in bits 47:1 (with a 52-bit layout,
+    /// `BADDR[51:48]` in bits 5:2), CnP in bit 0, ASID in 63:48.
     pub ttbr0: u64,
     /// TTBR1_EL1, laid out as TTBR0_EL1.
     pub ttbr1: u64,
@@ -160,14 +196,24 @@ pub struct Aarch64Paging {
     /// PSTATE.PAN: EL1 data accesses to EL0-accessible pages fault.
     pub pan: bool,
     /// The implemented physical-address size in bits
-    /// (ID_AA64MMFR0_EL1.PARange): 32, 36, 40, 42, 44 or 48.
+    /// (ID_AA64MMFR0_EL1.PARange): 32, 36, 40, 42, 44, 48, or 52 for a
+    /// processor with FEAT_LPA (64 KiB descriptors then carry `OA[51:48]`
+    /// in bits 15:12, and level-1 blocks are allowed with that granule).
     pub pa_bits: u8,
+    /// FEAT_LVA (ID_AA64MMFR2_EL1.VARange = 1): 52-bit VAs with the 64 KiB
+    /// granule, T0SZ/T1SZ down to 12.
+    pub lva: bool,
+    /// FEAT_LPA2 (ID_AA64MMFR0_EL1.TGran4/TGran16): TCR_EL1.DS may be set,
+    /// giving 52-bit VAs and OAs with the 4 KiB and 16 KiB granules. Without
+    /// it DS is RES0 and [`Aarch64Paging::decode`] refuses a set one.
+    pub lpa2: bool,
 }
 
 impl Aarch64Paging {
     /// Registers for the common Linux layout: both ranges with `granule`
     /// and 48-bit VAs (T0SZ = T1SZ = 16), 48-bit IPS, MMU on, no PAN, WXN,
-    /// HA or HD; `ttbr0`/`ttbr1` are the two roots, ASID 0.
+    /// HA or HD; `ttbr0`/`ttbr1` are the two roots, ASID 0; a 48-bit PA
+    /// size without LVA or LPA2.
     pub const fn new(granule: Granule, ttbr0: u64, ttbr1: u64) -> Self {
         Aarch64Paging {
             tcr: 16 | (granule.tg0() << 14) | (16 << 16) | (granule.tg1() << 30) | (0b101 << 32),
@@ -177,6 +223,8 @@ impl Aarch64Paging {
             mair: 0,
             pan: false,
             pa_bits: 48,
+            lva: false,
+            lpa2: false,
         }
     }
 
@@ -189,50 +237,42 @@ impl Aarch64Paging {
                 tcr,
             });
         }
-        if tcr & TCR_DS != 0 {
-            return Err(Aarch64PagingError::Unsupported {
-                field: "TCR_EL1.DS (LPA2)",
+        let ds = tcr & TCR_DS != 0;
+        if ds && !self.lpa2 {
+            return Err(Aarch64PagingError::FeatureAbsent {
+                field: "TCR_EL1.DS",
+                feature: "FEAT_LPA2",
             });
         }
-        let pa_bits = self.pa_bits;
-        if !matches!(pa_bits, 32 | 36 | 40 | 42 | 44 | 48) {
-            return Err(Aarch64PagingError::PaBits { pa_bits });
-        }
-        let ips = (tcr >> 32) & 7;
-        let ips_bits: u8 = match ips {
-            0 => 32,
-            1 => 36,
-            2 => 40,
-            3 => 42,
-            4 => 44,
-            5 => 48,
-            // 0b110 is 52 bits with FEAT_LPA; 0b111 is reserved and
-            // behaves as 0b101 or 0b110 (v8.0's `AArch64.TranslationTableWalk`:
-            // "otherwise outputsize = 48"). Either way an IPS above the
-            // implemented size behaves as that size ("if outputsize >
-            // PAMax() then outputsize = PAMax()"), at most 48 bits here.
-            _ => 52,
-        };
+        let pa_bits = check_pa_bits(self.pa_bits)?;
         let field = |v: u64| (v & 0x3f) as u8;
         let (t0sz, t1sz) = (field(tcr), field(tcr >> 16));
-        for (name, v) in [("T0SZ", t0sz), ("T1SZ", t1sz)] {
-            if !(16..=39).contains(&v) {
-                return Err(Aarch64PagingError::TxSz {
-                    field: name,
-                    value: v,
-                });
-            }
-        }
         let tg0 =
             Granule::from_tg0((tcr >> 14) & 3).ok_or(Aarch64PagingError::ReservedGranule {
-                field: "TG0",
+                field: "TCR_EL1.TG0",
                 value: ((tcr >> 14) & 3) as u8,
             })?;
         let tg1 =
             Granule::from_tg1((tcr >> 30) & 3).ok_or(Aarch64PagingError::ReservedGranule {
-                field: "TG1",
+                field: "TCR_EL1.TG1",
                 value: ((tcr >> 30) & 3) as u8,
             })?;
+        for (name, v, g) in [("TCR_EL1.T0SZ", t0sz, tg0), ("TCR_EL1.T1SZ", t1sz, tg1)] {
+            // `AArch64.S1MinTxSZ`: 12 with FEAT_LVA and 64 KiB, or with DS.
+            let min = if (g == Granule::K64 && self.lva) || (ds && g != Granule::K64) {
+                12
+            } else {
+                16
+            };
+            if !(min..=39).contains(&v) {
+                return Err(Aarch64PagingError::TxSz {
+                    field: name,
+                    value: v,
+                    min,
+                    max: 39,
+                });
+            }
+        }
         let t = Tcr {
             t0sz,
             t1sz,
@@ -250,20 +290,18 @@ impl Aarch64Paging {
             tbi1: tcr & TCR_TBI1 != 0,
             tbid0: tcr & TCR_TBID0 != 0,
             tbid1: tcr & TCR_TBID1 != 0,
-            oa_bits: ips_bits.min(pa_bits),
+            ds,
+            sh0: ((tcr >> 12) & 3) as u8,
+            sh1: ((tcr >> 28) & 3) as u8,
+            oa_bits: oa_size((tcr >> 32) & 7, pa_bits),
         };
         for (reg, value, granule, txsz, enabled) in [
             ("TTBR0_EL1", self.ttbr0, tg0, t0sz, !t.epd0),
             ("TTBR1_EL1", self.ttbr1, tg1, t1sz, !t.epd1),
         ] {
-            let align = table_bytes(granule, txsz).max(64);
-            let base = value & BADDR;
-            if enabled && base & (align - 1) & !1 != 0 {
-                return Err(Aarch64PagingError::MisalignedBase {
-                    register: reg,
-                    value,
-                    align,
-                });
+            if enabled {
+                let bytes = table_bytes(granule, 64 - u32::from(txsz), granule.start_level(txsz));
+                check_base(reg, value, t.base52(granule), bytes)?;
             }
         }
         Ok(t)
@@ -289,12 +327,79 @@ impl Aarch64Paging {
 /// TTBRn_EL1.BADDR without LPA: bits 47:1 (bit 0 is CnP).
 pub(crate) const BADDR: u64 = 0x0000_ffff_ffff_fffe;
 
-/// Bytes of the start-level table for a granule and TxSZ.
-pub(crate) const fn table_bytes(g: Granule, txsz: u8) -> u64 {
-    let start = g.start_level(txsz) as u32;
-    let top = 64 - txsz as u32;
-    let shift = g.shift() + g.stride() * (3 - start);
-    8 << (top - shift)
+/// `pa_bits` if it is one of ID_AA64MMFR0_EL1.PARange's sizes.
+pub(crate) fn check_pa_bits(pa_bits: u8) -> Result<u8, Aarch64PagingError> {
+    if matches!(pa_bits, 32 | 36 | 40 | 42 | 44 | 48 | 52) {
+        Ok(pa_bits)
+    } else {
+        Err(Aarch64PagingError::PaBits { pa_bits })
+    }
+}
+
+/// The output-address size a TCR_EL1.IPS or VTCR_EL2.PS encoding gives on
+/// a processor with `pa_bits` (`AArch64.PhysicalAddressSize`): 0b110 is 52
+/// bits, and 0b111 (reserved without FEAT_D128) is taken as 52 too, as
+/// v8.0's pseudocode took it as the largest size; a size above the
+/// implemented one behaves as that size ("if outputsize > PAMax() then
+/// outputsize = PAMax()"). Descriptors that cannot hold bits 51:48 (4/16
+/// KiB without DS) make a 52-bit size the same as 48.
+pub(crate) const fn oa_size(field: u64, pa_bits: u8) -> u8 {
+    let bits = match field & 7 {
+        0 => 32,
+        1 => 36,
+        2 => 40,
+        3 => 42,
+        4 => 44,
+        5 => 48,
+        _ => 52,
+    };
+    if bits > pa_bits {
+        pa_bits
+    } else {
+        bits
+    }
+}
+
+/// The table base address a TTBRn_EL1 or VTTBR_EL2 value holds: bits 47:1,
+/// or with the 52-bit layout (`wide`) bits 47:6 and `BADDR[51:48]` from
+/// bits 5:2 (`AArch64.TTBaseAddress`).
+pub(crate) const fn base_address(value: u64, wide: bool) -> u64 {
+    if wide {
+        (value & 0x0000_ffff_ffff_ffc0) | (((value >> 2) & 0xf) << 48)
+    } else {
+        value & BADDR
+    }
+}
+
+/// Checks that the base in `value` is aligned to its start table of
+/// `bytes` bytes (at least 64 with the 52-bit layout), naming `register`.
+pub(crate) fn check_base(
+    register: &'static str,
+    value: u64,
+    wide: bool,
+    bytes: u64,
+) -> Result<u64, Aarch64PagingError> {
+    let (base, align) = if wide {
+        (base_address(value, true), bytes.max(64))
+    } else {
+        (value & BADDR, bytes)
+    };
+    if base & (align - 1) != 0 {
+        return Err(Aarch64PagingError::MisalignedBase {
+            register,
+            value,
+            align,
+        });
+    }
+    Ok(base)
+}
+
+/// Bytes of a start table at architectural level `start` for an input of
+/// `ia_bits` bits (more than one table's worth: concatenated tables, as a
+/// stage 2 allows). At least 8.
+pub(crate) const fn table_bytes(g: Granule, ia_bits: u32, start: i8) -> u64 {
+    let shift = g.level_shift(start);
+    8 << ia_bits.saturating_sub(shift)
 }
 
 /// TCR_EL1 as the walk reads it, checked by [`Aarch64Paging::decode`].
@@ -328,9 +433,30 @@ pub struct Tcr {
     pub tbid0: bool,
     /// TBID1.
     pub tbid1: bool,
+    /// DS (FEAT_LPA2): 52-bit descriptors and VAs with 4/16 KiB granules.
+    pub ds: bool,
+    /// SH0: with DS, the shareability of the TTBR0 range's pages.
+    pub sh0: u8,
+    /// SH1: with DS, the shareability of the TTBR1 range's pages.
+    pub sh1: u8,
     /// The output-address size in force: IPS capped at the implemented PA
     /// size.
     pub oa_bits: u8,
+}
+
+impl Tcr {
+    /// Whether a range with `granule` uses the LPA2 descriptor layout (DS
+    /// applies to the 4 KiB and 16 KiB granules only).
+    pub const fn lpa2_layout(&self, granule: Granule) -> bool {
+        self.ds && !matches!(granule, Granule::K64)
+    }
+
+    /// Whether the base register of a range with `granule` holds a 52-bit
+    /// address (bits 5:2 are `BADDR[51:48]`): with DS, or with the 64 KiB
+    /// granule and a 52-bit OA size (FEAT_LPA).
+    pub const fn base52(&self, granule: Granule) -> bool {
+        self.ds || (matches!(granule, Granule::K64) && self.oa_bits == 52)
+    }
 }
 
 /// Register values whose walk the architecture leaves undefined (or that
@@ -351,34 +477,71 @@ pub enum Aarch64PagingError {
         /// The field.
         field: &'static str,
     },
-    /// T0SZ or T1SZ outside 16..=39.
-    #[error("TCR_EL1.{field} = {value} is outside 16..=39 (a VA size of 25 to 48 bits)")]
+    /// A field is set that the processor's features leave RES0.
+    #[error("{field} is set, but the processor does not implement {feature}")]
+    FeatureAbsent {
+        /// The field.
+        field: &'static str,
+        /// The feature it needs.
+        feature: &'static str,
+    },
+    /// A RES0 field is set where its feature does not apply.
+    #[error("{field} is set where it is RES0")]
+    Res0Field {
+        /// The field.
+        field: &'static str,
+    },
+    /// A TxSZ field outside the sizes the walk can use.
+    #[error("{field} = {value} is outside {min}..={max}")]
     TxSz {
-        /// "T0SZ" or "T1SZ".
+        /// "TCR_EL1.T0SZ", "TCR_EL1.T1SZ" or "VTCR_EL2.T0SZ".
         field: &'static str,
         /// Its value.
         value: u8,
+        /// The smallest value allowed.
+        min: u8,
+        /// The largest value allowed.
+        max: u8,
     },
-    /// TG0 = 0b11 or TG1 = 0b00.
-    #[error("TCR_EL1.{field} = {value:#b} is a reserved granule encoding")]
+    /// A reserved granule encoding (TG0 = 0b11, TG1 = 0b00).
+    #[error("{field} = {value:#b} is a reserved granule encoding")]
     ReservedGranule {
-        /// "TG0" or "TG1".
+        /// "TCR_EL1.TG0", "TCR_EL1.TG1" or "VTCR_EL2.TG0".
         field: &'static str,
         /// Its value.
         value: u8,
     },
-    /// A TTBR's base is not aligned to its start-level table.
+    /// VTCR_EL2's start level is reserved for the granule, needs a larger
+    /// PA size or a feature, or cannot resolve T0SZ's input size with at
+    /// most 16 concatenated tables (`AArch64.S2InvalidSL`,
+    /// `AArch64.S2InconsistentSL`: every walk would take a level-0
+    /// translation fault).
+    #[error(
+        "VTCR_EL2.SL0 = {sl0:#b} (SL2 = {sl2}) is not a usable start level for a {granule:?} \
+         granule and T0SZ = {t0sz}"
+    )]
+    StartLevel {
+        /// SL0.
+        sl0: u8,
+        /// SL2.
+        sl2: bool,
+        /// T0SZ.
+        t0sz: u8,
+        /// TG0.
+        granule: Granule,
+    },
+    /// A base register is not aligned to its start-level table.
     #[error("{register} = {value:#x}: base not aligned to its {align}-byte start-level table")]
     MisalignedBase {
-        /// "TTBR0_EL1" or "TTBR1_EL1".
+        /// "TTBR0_EL1", "TTBR1_EL1" or "VTTBR_EL2".
         register: &'static str,
         /// The register.
         value: u64,
         /// The alignment the table needs.
         align: u64,
     },
-    /// The implemented PA size is not a PARange value up to 48 bits.
-    #[error("implemented PA size {pa_bits} is not one of 32, 36, 40, 42, 44, 48")]
+    /// The implemented PA size is not a PARange value.
+    #[error("implemented PA size {pa_bits} is not one of 32, 36, 40, 42, 44, 48, 52")]
     PaBits {
         /// The size given.
         pa_bits: u8,
@@ -389,22 +552,47 @@ pub enum Aarch64PagingError {
 mod tests {
     use super::*;
 
+    fn bytes(g: Granule, txsz: u8) -> u64 {
+        table_bytes(g, 64 - u32::from(txsz), g.start_level(txsz))
+    }
+
     #[test]
     fn start_levels() {
+        assert_eq!(Granule::K4.start_level(12), -1);
+        assert_eq!(Granule::K4.start_level(15), -1);
         assert_eq!(Granule::K4.start_level(16), 0);
         assert_eq!(Granule::K4.start_level(25), 1);
         assert_eq!(Granule::K4.start_level(34), 2);
         assert_eq!(Granule::K4.start_level(39), 2);
+        assert_eq!(Granule::K16.start_level(12), 0);
         assert_eq!(Granule::K16.start_level(16), 0);
         assert_eq!(Granule::K16.start_level(17), 1);
         assert_eq!(Granule::K16.start_level(28), 2);
         assert_eq!(Granule::K16.start_level(39), 3);
+        assert_eq!(Granule::K64.start_level(12), 1);
         assert_eq!(Granule::K64.start_level(16), 1);
         assert_eq!(Granule::K64.start_level(22), 2);
         assert_eq!(Granule::K64.start_level(35), 3);
-        assert_eq!(table_bytes(Granule::K16, 16), 16);
-        assert_eq!(table_bytes(Granule::K64, 16), 512);
-        assert_eq!(table_bytes(Granule::K4, 16), 4096);
+        assert_eq!(bytes(Granule::K16, 16), 16);
+        assert_eq!(bytes(Granule::K64, 16), 512);
+        assert_eq!(bytes(Granule::K4, 16), 4096);
+        assert_eq!(bytes(Granule::K4, 12), 128);
+        assert_eq!(bytes(Granule::K16, 12), 256);
+        assert_eq!(bytes(Granule::K64, 12), 8192);
+        // A stage-2 start table: 40 bits from level 1 with 4 KiB is two
+        // concatenated tables.
+        assert_eq!(table_bytes(Granule::K4, 40, 1), 8192);
+    }
+
+    #[test]
+    fn base_layouts() {
+        let v = 0x0000_1234_5678_9000 | (0xa << 2) | 1;
+        assert_eq!(base_address(v, false), 0x0000_1234_5678_9028);
+        assert_eq!(base_address(v, true), 0x000a_1234_5678_9000);
+        assert_eq!(oa_size(6, 52), 52);
+        assert_eq!(oa_size(6, 48), 48);
+        assert_eq!(oa_size(7, 44), 44);
+        assert_eq!(oa_size(0, 52), 32);
     }
 
     #[test]
@@ -422,7 +610,10 @@ mod tests {
         ));
         assert!(matches!(
             bad(|r| r.tcr |= TCR_DS),
-            Aarch64PagingError::Unsupported { .. }
+            Aarch64PagingError::FeatureAbsent {
+                field: "TCR_EL1.DS",
+                feature: "FEAT_LPA2"
+            }
         ));
         // IPS 0b110 and 0b111 behave as the implemented PA size.
         let mut r = ok;
@@ -430,27 +621,38 @@ mod tests {
         assert_eq!(r.decode().unwrap().oa_bits, 48);
         r.pa_bits = 40;
         assert_eq!(r.decode().unwrap().oa_bits, 40);
+        r.pa_bits = 52;
+        assert_eq!(r.decode().unwrap().oa_bits, 52);
         assert!(matches!(
             bad(|r| r.tcr = (r.tcr & !0x3f) | 15),
             Aarch64PagingError::TxSz {
-                field: "T0SZ",
-                value: 15
+                field: "TCR_EL1.T0SZ",
+                value: 15,
+                min: 16,
+                max: 39
             }
         ));
         assert!(matches!(
             bad(|r| r.tcr = (r.tcr & !(0x3f << 16)) | (40 << 16)),
             Aarch64PagingError::TxSz {
-                field: "T1SZ",
-                value: 40
+                field: "TCR_EL1.T1SZ",
+                value: 40,
+                ..
             }
         ));
         assert!(matches!(
             bad(|r| r.tcr |= 3 << 14),
-            Aarch64PagingError::ReservedGranule { field: "TG0", .. }
+            Aarch64PagingError::ReservedGranule {
+                field: "TCR_EL1.TG0",
+                ..
+            }
         ));
         assert!(matches!(
             bad(|r| r.tcr &= !(3 << 30)),
-            Aarch64PagingError::ReservedGranule { field: "TG1", .. }
+            Aarch64PagingError::ReservedGranule {
+                field: "TCR_EL1.TG1",
+                ..
+            }
         ));
         assert!(matches!(
             bad(|r| r.ttbr0 = 0x1800),
@@ -460,8 +662,8 @@ mod tests {
             }
         ));
         assert!(matches!(
-            bad(|r| r.pa_bits = 52),
-            Aarch64PagingError::PaBits { pa_bits: 52 }
+            bad(|r| r.pa_bits = 50),
+            Aarch64PagingError::PaBits { pa_bits: 50 }
         ));
         // CnP and the ASID are not part of the base; a disabled range's
         // base is not read.
@@ -473,5 +675,54 @@ mod tests {
         assert_eq!(r.asid(), 0x34);
         r.tcr |= TCR_AS;
         assert_eq!(r.asid(), 0x1234);
+    }
+
+    #[test]
+    fn fifty_two_bit_sizes() {
+        let txsz = |r: &mut Aarch64Paging, t0: u64, t1: u64| {
+            r.tcr = (r.tcr & !0x3f_003f) | t0 | (t1 << 16);
+        };
+        // 64 KiB: 52-bit VAs need FEAT_LVA.
+        let mut r = Aarch64Paging::new(Granule::K64, 0x1_0000, 0x2_0000);
+        txsz(&mut r, 12, 12);
+        assert!(matches!(
+            r.decode(),
+            Err(Aarch64PagingError::TxSz { min: 16, .. })
+        ));
+        r.lva = true;
+        assert!(r.decode().is_ok());
+        // 4 KiB: with DS (and FEAT_LPA2) down to 12, not below.
+        let mut r = Aarch64Paging::new(Granule::K4, 0x1000, 0x2000);
+        r.lpa2 = true;
+        r.pa_bits = 52;
+        txsz(&mut r, 12, 16);
+        assert!(matches!(
+            r.decode(),
+            Err(Aarch64PagingError::TxSz { min: 16, .. })
+        ));
+        r.tcr |= TCR_DS | (0b110 << 32);
+        let t = r.decode().unwrap();
+        assert!(t.ds && t.lpa2_layout(Granule::K4) && t.base52(Granule::K4));
+        assert!(!t.lpa2_layout(Granule::K64));
+        assert_eq!(t.oa_bits, 52);
+        txsz(&mut r, 11, 16);
+        assert!(matches!(
+            r.decode(),
+            Err(Aarch64PagingError::TxSz {
+                value: 11,
+                min: 12,
+                ..
+            })
+        ));
+        // The 52-bit base layout: BADDR[51:48] in bits 5:2, and a table of
+        // at least 64 bytes (a 16-entry level -1 table is 128).
+        txsz(&mut r, 12, 16);
+        r.ttbr0 = 0x1000 | (0x3 << 2);
+        assert!(r.decode().is_ok());
+        r.ttbr0 = 0x1040;
+        assert!(matches!(
+            r.decode(),
+            Err(Aarch64PagingError::MisalignedBase { align: 128, .. })
+        ));
     }
 }

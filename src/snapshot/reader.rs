@@ -1,0 +1,397 @@
+//! Opening a snapshot: the header, padding, map and table are read and
+//! checked whole at open (they are small: 16 bytes per run of the map, 32
+//! per stored page); stored pages are read on demand, one `pread` per run
+//! of slots, and each page is checked against its BLAKE3 address before
+//! anyone sees it. Every buffer is sized by the file's real length: a
+//! header's counts are checked against it before anything is allocated.
+//!
+//! An incremental snapshot is opened alone and then given its parent
+//! ([`SnapshotReader::with_parent`], or [`SnapshotReader::open_chain`]),
+//! which checks the parent's id and layout and every content the child
+//! takes from an ancestor.
+
+use std::{fs::File, path::Path};
+
+use rayon::prelude::*;
+
+use super::{
+    error::{Part, Place, Problem, SnapshotError},
+    file::read_at,
+    format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN},
+    id::SnapshotId,
+    layout::PageLayout,
+    map::{PageMap, PageSource},
+    table::{ContentTable, Slot},
+};
+use crate::addr::{GuestPhysAddr, PageSize, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// An open snapshot file, and its ancestors once attached.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    file: File,
+    header: Header,
+    parts: Parts,
+    layout: PageLayout,
+    map: PageMap,
+    table: ContentTable,
+    parent: Option<Box<SnapshotReader>>,
+}
+
+/// Where a page's bytes are, through the chain.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Located<'a> {
+    /// Zeros.
+    Zero,
+    /// Stored in `file`'s content area at `slot`.
+    Stored { file: &'a SnapshotReader, slot: u64 },
+}
+
+impl SnapshotReader {
+    /// Opens the snapshot at `path` and checks its header, map and table
+    /// (not its stored pages: each is checked when read). An incremental
+    /// snapshot reads its unchanged pages from its parent, attached with
+    /// [`with_parent`](Self::with_parent).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|source| SnapshotError::File {
+            op: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_file(file)
+    }
+
+    /// Opens a chain of snapshots, oldest (a full snapshot) first, each
+    /// later one incremental against the one before; returns the newest,
+    /// holding the others.
+    pub fn open_chain<P: AsRef<Path>>(paths: &[P]) -> Result<Self, SnapshotError> {
+        let mut chain: Option<SnapshotReader> = None;
+        for p in paths {
+            let next = Self::open(p)?;
+            chain = Some(match chain {
+                None => next,
+                Some(parent) => next.with_parent(parent)?,
+            });
+        }
+        chain.ok_or(SnapshotError::LayoutMismatch {
+            what: "no snapshot in the chain".into(),
+        })
+    }
+
+    /// [`open`](Self::open) on a file already open for reading.
+    pub fn from_file(file: File) -> Result<Self, SnapshotError> {
+        let file_len = file
+            .metadata()
+            .map_err(|source| SnapshotError::Io {
+                at: Place::new(Part::Header, 0),
+                source,
+            })?
+            .len();
+        let truncated = |part, offset| SnapshotError::Truncated {
+            at: Place::new(part, offset),
+            file_len,
+        };
+        let fixed_len = usize::try_from(file_len.min(FIXED as u64)).unwrap_or(FIXED);
+        let mut fixed = vec![0u8; fixed_len];
+        read_at(&file, &mut fixed, 0, Part::Header)?;
+        if fixed.len() < FIXED {
+            format::check_magic_version(&fixed)?;
+            return Err(truncated(Part::Header, 0));
+        }
+        let regions = format::region_count(&fixed)?;
+        let header_len = format::header_len(regions)
+            .filter(|&n| n <= file_len)
+            .ok_or(truncated(Part::Header, FIXED as u64))?;
+        let mut hbytes = vec![0u8; usize::try_from(header_len).unwrap_or(0)];
+        read_at(&file, &mut hbytes, 0, Part::Header)?;
+        let header = Header::parse(&hbytes)?;
+        let parts = header.parts()?;
+        for (part, start, end) in [
+            (Part::Padding, parts.header_len, parts.content),
+            (Part::Content, parts.content, parts.map),
+            (Part::Map, parts.map, parts.table),
+            (Part::Table, parts.table, parts.end),
+        ] {
+            if end > file_len {
+                return Err(truncated(part, start.min(file_len)));
+            }
+        }
+        if parts.end < file_len {
+            return Err(SnapshotError::malformed(
+                Part::Table,
+                parts.end,
+                Problem::Trailing {
+                    extra: file_len - parts.end,
+                },
+            ));
+        }
+        // Every length below is at most the file's.
+        let len = |a: u64, b: u64| usize::try_from(b - a).unwrap_or(0);
+        let mut pad = vec![0u8; len(parts.header_len, parts.content)];
+        read_at(&file, &mut pad, parts.header_len, Part::Padding)?;
+        if let Some(k) = pad.iter().position(|&b| b != 0) {
+            return Err(SnapshotError::malformed(
+                Part::Padding,
+                parts.header_len + k as u64,
+                Problem::Reserved(pad[k]),
+            ));
+        }
+        let mut map_bytes = vec![0u8; len(parts.map, parts.table)];
+        read_at(&file, &mut map_bytes, parts.map, Part::Map)?;
+        check_sum(Part::Map, parts.map, &map_bytes, header.map_checksum)?;
+        let contents = header.local_count + header.external_count;
+        let map = PageMap::parse(
+            &map_bytes,
+            parts.map,
+            header.incremental,
+            contents,
+            header.total_pages,
+        )?;
+        let mut table_bytes = vec![0u8; len(parts.table, parts.end)];
+        read_at(&file, &mut table_bytes, parts.table, Part::Table)?;
+        check_sum(
+            Part::Table,
+            parts.table,
+            &table_bytes,
+            header.table_checksum,
+        )?;
+        let table = ContentTable::parse(&table_bytes, parts.table, header.local_count)?;
+        let id = format::snapshot_id(&hbytes, &map_bytes, &table_bytes);
+        if id != header.id {
+            return Err(SnapshotError::IdMismatch {
+                at: Place::new(Part::Header, format::ID_AT as u64),
+            });
+        }
+        Ok(SnapshotReader {
+            file,
+            layout: PageLayout::new(header.regions.clone()),
+            header,
+            parts,
+            map,
+            table,
+            parent: None,
+        })
+    }
+
+    /// Attaches this incremental snapshot's parent (with the parent's own
+    /// ancestors attached, as far as they are). Checks the parent's id and
+    /// layout, and every content this snapshot takes from an ancestor that
+    /// is attached.
+    pub fn with_parent(mut self, parent: SnapshotReader) -> Result<Self, SnapshotError> {
+        if !self.header.incremental {
+            return Err(SnapshotError::NotIncremental { id: self.id() });
+        }
+        if parent.id() != self.header.parent {
+            return Err(SnapshotError::WrongParent {
+                expected: self.header.parent,
+                found: parent.id(),
+            });
+        }
+        if let Some(what) = self.layout.differs(&parent.layout) {
+            return Err(SnapshotError::LayoutMismatch { what });
+        }
+        let base = self.parts.table + self.table.local.len() as u64 * LOCAL_LEN as u64;
+        for (i, e) in self.table.external.iter().enumerate() {
+            let at = base + (i * EXTERNAL_LEN) as u64;
+            let bad = |problem| SnapshotError::malformed(Part::Table, at, problem);
+            let (mut anc, mut d) = (&parent, 1u32);
+            while d < e.depth {
+                match &anc.parent {
+                    Some(p) => {
+                        anc = p;
+                        d += 1;
+                    }
+                    None => break,
+                }
+            }
+            if d < e.depth {
+                if anc.header.incremental {
+                    continue; // not attached: `ParentMissing` if read
+                }
+                return Err(bad(Problem::DepthPastChain {
+                    depth: e.depth,
+                    chain: d,
+                }));
+            }
+            let count = anc.table.local.len() as u64;
+            let held = usize::try_from(e.slot)
+                .ok()
+                .and_then(|s| anc.table.local.get(s));
+            match held {
+                None => {
+                    return Err(bad(Problem::Slot {
+                        depth: e.depth,
+                        slot: e.slot,
+                        count,
+                    }))
+                }
+                Some(h) if *h != e.hash => {
+                    return Err(bad(Problem::ForeignContent {
+                        depth: e.depth,
+                        slot: e.slot,
+                    }))
+                }
+                Some(_) => {}
+            }
+        }
+        self.parent = Some(Box::new(parent));
+        Ok(self)
+    }
+
+    /// This snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.header.id
+    }
+
+    /// The parent's id, for an incremental snapshot.
+    pub fn parent_id(&self) -> Option<SnapshotId> {
+        self.header.incremental.then_some(self.header.parent)
+    }
+
+    /// The parent, if attached.
+    pub fn parent(&self) -> Option<&SnapshotReader> {
+        self.parent.as_deref()
+    }
+
+    /// `(start, size)` of each region, in address order: the layout to make
+    /// a [`GuestMemory`](crate::GuestMemory) to restore into.
+    pub fn region_layout(&self) -> Vec<(GuestPhysAddr, u64)> {
+        self.layout.regions().to_vec()
+    }
+
+    /// Pages of the layout.
+    pub fn pages(&self) -> u64 {
+        self.layout.total()
+    }
+
+    /// Pages stored in this file (each a distinct content).
+    pub fn stored_pages(&self) -> u64 {
+        self.table.local.len() as u64
+    }
+
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.parts.end
+    }
+
+    /// Where this snapshot's map says the page holding `gpa` is.
+    pub fn source(&self, gpa: GuestPhysAddr) -> Result<PageSource, SnapshotError> {
+        Ok(self.map.source(self.page_index(gpa)?))
+    }
+
+    /// Reads the page at `gpa` (page-aligned), through the ancestors where
+    /// the page is as in a parent.
+    pub fn read_page(
+        &self,
+        gpa: GuestPhysAddr,
+        out: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), SnapshotError> {
+        match self.locate(self.page_index(gpa)?)? {
+            Located::Zero => {
+                out.fill(0);
+                Ok(())
+            }
+            Located::Stored { file, slot } => file.read_slots(slot, out),
+        }
+    }
+
+    fn page_index(&self, gpa: GuestPhysAddr) -> Result<u64, SnapshotError> {
+        gpa.is_aligned(PageSize::Size4K)
+            .then(|| self.layout.page_of(gpa))
+            .flatten()
+            .ok_or(SnapshotError::PageNotInLayout { gpa })
+    }
+
+    pub(crate) fn layout(&self) -> &PageLayout {
+        &self.layout
+    }
+
+    /// Stored addresses, by slot.
+    pub(crate) fn stored_hashes(&self) -> &[Hash] {
+        &self.table.local
+    }
+
+    /// Where page index `page` (below [`pages`](Self::pages)) is, through
+    /// the ancestors.
+    pub(crate) fn locate(&self, page: u64) -> Result<Located<'_>, SnapshotError> {
+        let missing = |parent| SnapshotError::ParentMissing {
+            gpa: self.layout.addr_of(page).unwrap_or(GuestPhysAddr(0)),
+            parent,
+        };
+        let mut at = self;
+        loop {
+            match at.map.source(page) {
+                PageSource::Zero => return Ok(Located::Zero),
+                PageSource::Parent => {
+                    at = at.parent.as_deref().ok_or(missing(at.header.parent))?;
+                }
+                PageSource::Content(n) => {
+                    return match at.table.slot(n) {
+                        Slot::Local(slot) => Ok(Located::Stored { file: at, slot }),
+                        Slot::Ancestor { depth, slot } => {
+                            let mut anc = at;
+                            for _ in 0..depth {
+                                anc = anc.parent.as_deref().ok_or(missing(anc.header.parent))?;
+                            }
+                            Ok(Located::Stored { file: anc, slot })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads stored slots `first..` into `dst` (whole pages), one `pread`,
+    /// and checks each page against its address.
+    pub(crate) fn read_slots(&self, first: u64, dst: &mut [u8]) -> Result<(), SnapshotError> {
+        let n = (dst.len() / PAGE_SIZE) as u64;
+        let at = self
+            .parts
+            .content
+            .saturating_add(first.saturating_mul(PAGE));
+        let hashes = usize::try_from(first)
+            .ok()
+            .and_then(|f| {
+                self.table
+                    .local
+                    .get(f..f.checked_add(usize::try_from(n).ok()?)?)
+            })
+            .filter(|_| dst.len() % PAGE_SIZE == 0)
+            .ok_or(SnapshotError::malformed(
+                Part::Content,
+                at,
+                Problem::Slot {
+                    depth: 0,
+                    slot: first,
+                    count: self.table.local.len() as u64,
+                },
+            ))?;
+        read_at(&self.file, dst, at, Part::Content)?;
+        let bad = dst
+            .par_chunks(PAGE_SIZE)
+            .zip(hashes.par_iter())
+            .position_first(|(page, h)| content_hash(page) != *h);
+        match bad {
+            None => Ok(()),
+            Some(k) => Err(SnapshotError::ContentHash {
+                at: Place::new(Part::Content, at + k as u64 * PAGE),
+                slot: first + k as u64,
+            }),
+        }
+    }
+}
+
+fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), SnapshotError> {
+    let computed = format::part_checksum(part, bytes);
+    if computed == found {
+        Ok(())
+    } else {
+        Err(SnapshotError::Checksum {
+            at: Place::new(part, at),
+            found,
+            computed,
+        })
+    }
+}

@@ -1,0 +1,344 @@
+//! Saving a snapshot: full ([`save`]) or incremental against an open parent
+//! ([`save_incremental`]). Pages are visited in address order; each
+//! distinct content is written once (found by its BLAKE3 address), a
+//! content an ancestor already stores is named, not written again, and the
+//! map records every page. The file is written beside its final name and
+//! renamed into place once synced (`file.rs`).
+
+use std::{collections::HashMap, path::Path};
+
+use super::{
+    error::{Part, SnapshotError},
+    file::NewFile,
+    format::{self, Hash, Header, Parts},
+    id::SnapshotId,
+    layout::PageLayout,
+    map::{MapBuilder, PageSource},
+    reader::SnapshotReader,
+    scan::{Scanner, BATCH},
+    table::{ContentTable, External},
+};
+use crate::{
+    addr::{usize_from, PAGE_SHIFT, PAGE_SIZE},
+    dirty::{DirtyRun, RegionSet},
+    memory::GuestMemory,
+};
+
+/// How [`save`] works.
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    /// Turn dirty tracking on for every region and clear the dirty log
+    /// before any page is read, so that from then on the log holds the
+    /// pages written since this snapshot, for an incremental snapshot on
+    /// top of it. On by default. The log has one reader: such a save is
+    /// refused while a migration sender holds the memory
+    /// ([`SnapshotError::LogInUse`]), and a migration started after it
+    /// takes the log (its start clears it), so the next snapshot after a
+    /// migration is a full one.
+    pub track_dirty: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions { track_dirty: true }
+    }
+}
+
+/// What a save wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveStats {
+    /// The new snapshot's id.
+    pub id: SnapshotId,
+    /// Pages of the layout.
+    pub pages: u64,
+    /// Pages saved as zero (nothing stored).
+    pub zero_pages: u64,
+    /// Pages stored (distinct contents new to the chain).
+    pub stored_pages: u64,
+    /// Pages whose content this snapshot stores or names already.
+    pub duplicate_pages: u64,
+    /// Pages whose content an ancestor stores (named, not stored again).
+    pub ancestor_pages: u64,
+    /// Pages as in the parent (not dirty since).
+    pub parent_pages: u64,
+    /// Bytes of the file.
+    pub file_bytes: u64,
+}
+
+/// Provisional content numbers of ancestor contents while the stored count
+/// is not known yet (they become `stored + i` at the end).
+const ANCESTOR_BASE: u64 = 1 << 62;
+
+/// A save in progress.
+struct Saver {
+    out: NewFile,
+    layout: PageLayout,
+    parent: SnapshotId,
+    map: MapBuilder,
+    table: ContentTable,
+    /// Content address -> content number (provisional for ancestors').
+    index: HashMap<Hash, u64>,
+    /// Content address -> (depth, slot) in the ancestors.
+    chain: HashMap<Hash, (u32, u64)>,
+    stats: SaveStats,
+}
+
+impl Saver {
+    fn new(
+        mem: &GuestMemory,
+        path: &Path,
+        parent: Option<&SnapshotReader>,
+    ) -> Result<Self, SnapshotError> {
+        let layout = PageLayout::of(mem);
+        let mut out = NewFile::create(path)?;
+        // The header is written last, over these zeros.
+        let content = format::header_len(layout.regions().len() as u64)
+            .and_then(|n| n.checked_next_multiple_of(PAGE_SIZE as u64))
+            .unwrap_or(0);
+        out.write(&vec![0u8; usize_from(content)], Part::Padding)?;
+        let mut chain = HashMap::new();
+        let mut anc = parent;
+        let mut depth = 1u32;
+        while let Some(a) = anc {
+            for (slot, h) in a.stored_hashes().iter().enumerate() {
+                chain.entry(*h).or_insert((depth, slot as u64));
+            }
+            anc = a.parent();
+            depth += 1;
+        }
+        Ok(Saver {
+            out,
+            stats: SaveStats {
+                id: SnapshotId::NONE,
+                pages: layout.total(),
+                zero_pages: 0,
+                stored_pages: 0,
+                duplicate_pages: 0,
+                ancestor_pages: 0,
+                parent_pages: 0,
+                file_bytes: 0,
+            },
+            layout,
+            parent: parent.map_or(SnapshotId::NONE, SnapshotReader::id),
+            map: MapBuilder::default(),
+            table: ContentTable::default(),
+            index: HashMap::new(),
+            chain,
+        })
+    }
+
+    /// Scans and records pages `first..first + count` of region `region`.
+    fn pages(
+        &mut self,
+        scan: &mut Scanner<'_>,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), SnapshotError> {
+        let mut k = 0;
+        while k < count {
+            let n = BATCH.min(count - k);
+            scan.scan(region, first + k, n)?;
+            for j in 0..n {
+                let Some(h) = scan.hashes[j] else {
+                    self.map.push(PageSource::Zero, 1);
+                    self.stats.zero_pages += 1;
+                    continue;
+                };
+                let c = if let Some(&c) = self.index.get(&h) {
+                    self.stats.duplicate_pages += 1;
+                    c
+                } else {
+                    let c = if let Some(&(depth, slot)) = self.chain.get(&h) {
+                        self.stats.ancestor_pages += 1;
+                        self.table.external.push(External {
+                            hash: h,
+                            depth,
+                            slot,
+                        });
+                        ANCESTOR_BASE + self.table.external.len() as u64 - 1
+                    } else {
+                        self.stats.stored_pages += 1;
+                        self.out
+                            .write(&scan.buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE], Part::Content)?;
+                        self.table.local.push(h);
+                        self.table.local.len() as u64 - 1
+                    };
+                    self.index.insert(h, c);
+                    c
+                };
+                self.map.push(PageSource::Content(c), 1);
+            }
+            k += n;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SaveStats, SnapshotError> {
+        let stored = self.table.local.len() as u64;
+        let (map, runs) = self.map.finish(|n| {
+            if n >= ANCESTOR_BASE {
+                n - ANCESTOR_BASE + stored
+            } else {
+                n
+            }
+        });
+        let table = self.table.encode();
+        let parts = Parts::new(
+            self.layout.regions().len() as u64,
+            stored,
+            runs,
+            self.table.external.len() as u64,
+        )
+        .ok_or(SnapshotError::malformed(
+            Part::Header,
+            0,
+            super::error::Problem::Overflow("the file size"),
+        ))?;
+        self.out.write(&map, Part::Map)?;
+        self.out.write(&table, Part::Table)?;
+        let mut header = Header {
+            incremental: !self.parent.is_none(),
+            id: SnapshotId::NONE,
+            parent: self.parent,
+            regions: self.layout.regions().to_vec(),
+            total_pages: self.layout.total(),
+            content_offset: parts.content,
+            local_count: stored,
+            map_offset: parts.map,
+            run_count: runs,
+            map_checksum: format::part_checksum(Part::Map, &map),
+            table_offset: parts.table,
+            external_count: self.table.external.len() as u64,
+            table_checksum: format::part_checksum(Part::Table, &table),
+        };
+        header.id = format::snapshot_id(&header.encode(), &map, &table);
+        debug_assert_eq!(self.out.pos(), parts.end);
+        self.stats.id = header.id;
+        self.stats.file_bytes = self.out.pos();
+        self.out.finish(&header.encode())?;
+        Ok(self.stats)
+    }
+}
+
+/// Saves all of `mem` as a full snapshot at `path` (replacing a file there
+/// only once the new one is complete and on disk).
+///
+/// Zero pages cost nothing; a released page that holds no data is zero
+/// without being read. With [`SaveOptions::track_dirty`], dirty tracking is
+/// on and the log empty before the first page is read, so a later
+/// [`save_incremental`] on this snapshot gets every page written since,
+/// even while vCPUs run during the save (a page written after it was read
+/// is in the log; one written before is saved as written).
+pub fn save(
+    mem: &GuestMemory,
+    path: impl AsRef<Path>,
+    opts: &SaveOptions,
+) -> Result<SaveStats, SnapshotError> {
+    if opts.track_dirty {
+        // The log has one reader at a time: a migration sender's rounds
+        // would miss what this harvest takes.
+        if !mem.claim_for_migration() {
+            return Err(SnapshotError::LogInUse);
+        }
+        let cleared = mem
+            .set_dirty_tracking(RegionSet::All, true)
+            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut Vec::new()));
+        mem.release_from_migration();
+        cleared?;
+    }
+    let mut s = Saver::new(mem, path.as_ref(), None)?;
+    let mut scan = Scanner::new(mem);
+    for (i, r) in mem.regions().iter().enumerate() {
+        s.pages(&mut scan, i, 0, r.pages())?;
+    }
+    s.finish()
+}
+
+/// Saves the pages of `mem` in `dirty` as an incremental snapshot on top of
+/// `parent` at `path`; every other page is "as in the parent". A content
+/// stored by the parent or an ancestor attached to it is named, not stored
+/// again.
+///
+/// `dirty` must hold every page written since `parent` was saved: with
+/// tracking on since that save ([`SaveOptions::track_dirty`]), the VMM
+/// merges what the log cannot see (KVM's dirty bitmaps, a
+/// [`RawWriteTracker`](crate::RawWriteTracker)) and harvests
+/// ([`GuestMemory::harvest_dirty`]) right before this call; pages written
+/// from the harvest on are in the next harvest. Dirty tracking must be on
+/// for every region. On failure the runs are marked dirty again, so a
+/// retry after a fresh harvest still has them.
+pub fn save_incremental(
+    mem: &GuestMemory,
+    parent: &SnapshotReader,
+    dirty: &[DirtyRun],
+    path: impl AsRef<Path>,
+) -> Result<SaveStats, SnapshotError> {
+    let r = save_incremental_inner(mem, parent, dirty, path.as_ref());
+    if r.is_err() {
+        for run in dirty {
+            // Best effort: a run outside the memory was the error itself.
+            let _ = mem.mark_dirty(run.start, run.pages);
+        }
+    }
+    r
+}
+
+fn save_incremental_inner(
+    mem: &GuestMemory,
+    parent: &SnapshotReader,
+    dirty: &[DirtyRun],
+    path: &Path,
+) -> Result<SaveStats, SnapshotError> {
+    let layout = PageLayout::of(mem);
+    if let Some(what) = layout.differs(parent.layout()) {
+        return Err(SnapshotError::LayoutMismatch { what });
+    }
+    for i in 0..mem.regions().len() {
+        if !mem.dirty_tracking(i)? {
+            return Err(SnapshotError::NotTracking { region: i });
+        }
+    }
+    // Per region, its dirty page ranges, sorted and joined.
+    let mut ranges: Vec<Vec<(usize, usize)>> = vec![Vec::new(); mem.regions().len()];
+    for run in dirty {
+        let i = mem.find_region(run.start).ok_or(SnapshotError::DirtyRun {
+            gpa: run.start,
+            pages: run.pages,
+        })?;
+        let r = &mem.regions()[i];
+        let first = (run.start.0 - r.start().0) >> PAGE_SHIFT;
+        if run.pages > r.pages() as u64 - first {
+            return Err(SnapshotError::DirtyRun {
+                gpa: run.start,
+                pages: run.pages,
+            });
+        }
+        ranges[i].push((usize_from(first), usize_from(first + run.pages)));
+    }
+    let mut s = Saver::new(mem, path, Some(parent))?;
+    let mut scan = Scanner::new(mem);
+    for (i, r) in mem.regions().iter().enumerate() {
+        let list = &mut ranges[i];
+        list.sort_unstable();
+        let mut at = 0usize;
+        for &(a, b) in list.iter() {
+            let a = a.max(at);
+            if b <= a {
+                continue;
+            }
+            if a > at {
+                s.map.push(PageSource::Parent, (a - at) as u64);
+                s.stats.parent_pages += (a - at) as u64;
+            }
+            s.pages(&mut scan, i, a, b - a)?;
+            at = b;
+        }
+        let rest = r.pages() - at;
+        if rest > 0 {
+            s.map.push(PageSource::Parent, rest as u64);
+            s.stats.parent_pages += rest as u64;
+        }
+    }
+    s.finish()
+}
