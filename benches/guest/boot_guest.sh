@@ -7,7 +7,8 @@
 #                               [--mem MiB] [--clones N]
 #                               [--mode auto|boot|copy] [--jobs J]
 #                               [--timeout S] [--cpu MODEL] [--samples N]
-#                               [--append ARGS] [--flavour F] [--force]
+#                               [--append ARGS] [--flavour F] [--suite S]
+#                               [--force]
 #
 #   --arch A      the guest architecture (default x86_64: `info tlb` as the
 #                 ground truth). aarch64 (qemu-system-aarch64 -machine virt,
@@ -37,9 +38,14 @@
 #   --append ARGS more kernel command line, e.g. riscv64's `no5lvl` (Sv48
 #                 instead of the Sv57 QEMU's rv64 offers) or `no4lvl` (Sv39)
 #   --flavour F   Debian's linux-image-<arch>-F kernel instead of the default
-#                 one, e.g. aarch64's `16k` (16 KiB pages, from Debian 13:
-#                 booted with -cpu ...,lpa2=off so that it keeps to 47-bit VAs
-#                 and 48-bit PAs); images in target/guest-images-<arch>-F
+#                 one, e.g. aarch64's `16k` (16 KiB pages, from Debian 13);
+#                 images in target/guest-images-<arch>-F
+#   --suite S     take the guest's kernel and busybox from Debian release S
+#                 (e.g. trixie) rather than the system's apt sources; images
+#                 in target/guest-images-<arch>[-F]-S. Debian 13's arm64
+#                 kernels are built for 52-bit VAs, which they use where the
+#                 CPU has FEAT_LPA2 (QEMU's max; `--cpu max,lpa2=off` keeps
+#                 them to 48 bits, 47 with 16 KiB pages)
 #   --force       ignore the cache and boot again
 #
 # Per VM i, DIR holds: ram-i.img (raw RAM, byte o of the file = the o-th byte
@@ -79,6 +85,7 @@ cpu=""
 samples=12000
 append=""
 flavour=""
+suite=""
 force=0
 auto_limit=60
 
@@ -99,6 +106,7 @@ while (($#)); do
         --samples) samples="${2:?--samples needs a count}"; shift 2 ;;
         --append) append="${2?--append needs kernel arguments}"; shift 2 ;;
         --flavour) flavour="${2:?--flavour needs a Debian kernel flavour, e.g. 16k}"; shift 2 ;;
+        --suite) suite="${2:?--suite needs a Debian release name, e.g. trixie}"; shift 2 ;;
         --force) force=1; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
@@ -123,12 +131,11 @@ case "$arch" in
         default_clones=1 default_timeout=600 sub=riscv64 ;;
     *) die "--arch must be x86_64, aarch64 or riscv64 (got '$arch')" ;;
 esac
-if [[ -n "$flavour" ]]; then
-    [[ "$flavour" =~ ^[a-z0-9]+$ ]] || die "--flavour must be a Debian kernel flavour such as 16k"
-    [[ -n "$sub" ]] || die "--flavour is for aarch64 and riscv64"
-    sub="$sub-$flavour"
-    # FEAT_LPA2 would let a 16k (or 4k) kernel built for 52-bit VAs use them.
-    [[ "$arch" == aarch64 ]] && default_cpu="$default_cpu,lpa2=off"
+if [[ -n "$flavour$suite" ]]; then
+    [[ "$flavour" =~ ^[a-z0-9]*$ ]] || die "--flavour must be a Debian kernel flavour such as 16k"
+    [[ "$suite" =~ ^[a-z]*$ ]] || die "--suite must be a Debian release name such as trixie"
+    [[ -n "$sub" ]] || die "--flavour and --suite are for aarch64 and riscv64"
+    sub="$sub${flavour:+-$flavour}${suite:+-$suite}"
 fi
 kernel_meta="linux-image-$deb_arch${flavour:+-$flavour}"
 clones="${clones:-$default_clones}"
@@ -223,19 +230,24 @@ ensure_apt_arch() {
         unset 'apt_updated[system]'
         apt_update_once
     fi
-    [[ -n "$(candidate "$meta")" ]] && return 0
-    apt_update_once
-    [[ -n "$(candidate "$meta")" ]] && return 0
+    local release="$suite"
+    if [[ -z "$release" ]]; then
+        [[ -n "$(candidate "$meta")" ]] && return 0
+        apt_update_once
+        [[ -n "$(candidate "$meta")" ]] && return 0
+        release=trixie
+        say "the configured apt sources have no $meta; using Debian $release's"
+    fi
     local dir="$acache/apt" keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    [[ -f "$keyring" ]] || die "the configured apt sources have no $meta and $keyring is missing"
-    say "the configured apt sources have no $meta; using Debian trixie's $deb_arch packages (private apt configuration in $dir; the system's sources are not changed)"
+    [[ -f "$keyring" ]] || die "no $keyring for Debian $release's packages"
+    say "$deb_arch packages from Debian $release (private apt configuration in $dir; the system's sources are not changed)"
     mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
-    echo "deb [arch=$deb_arch signed-by=$keyring] http://deb.debian.org/debian trixie main" >"$dir/sources.list"
+    echo "deb [arch=$deb_arch signed-by=$keyring] http://deb.debian.org/debian $release main" >"$dir/sources.list"
     guest_apt=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
                -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
                -o "APT::Architectures::=$deb_arch" -o Acquire::Languages=none)
     [[ -n "$(candidate "$meta" "${guest_apt[@]}")" ]] || apt_update_once "${guest_apt[@]}"
-    [[ -n "$(candidate "$meta" "${guest_apt[@]}")" ]] || die "Debian trixie has no $meta either"
+    [[ -n "$(candidate "$meta" "${guest_apt[@]}")" ]] || die "Debian $release has no $meta"
 }
 
 # apt_fetch PKG DIR: downloads PKG's .deb into DIR (apt-get download: no
