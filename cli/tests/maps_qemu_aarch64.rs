@@ -1,10 +1,11 @@
-//! The AArch64 walker against real guests: stock Debian arm64 kernels (the
-//! 4 KiB-page one, and the 16 KiB-page `arm64-16k` one) with a busybox
-//! initramfs, booted under QEMU TCG (`-machine virt -cpu max`) by
-//! `benches/guest/boot_guest.sh --arch aarch64 [--flavour 16k]`, stopped
-//! with a process busy reading /dev/zero (so TTBR0_EL1 is a live
-//! process's).
-//! The capture saved its RAM, the EL1&0 paging registers read through
+//! The AArch64 walker against real guests: stock Debian arm64 kernels with
+//! a busybox initramfs, booted under QEMU TCG (`-machine virt -cpu max`) by
+//! `benches/guest/boot_guest.sh --arch aarch64 ...`, each stopped with a
+//! process busy reading /dev/zero (so TTBR0_EL1 is a live process's): 4 KiB
+//! pages with 48-bit VAs (Debian 12), and from Debian 13 4 KiB pages with
+//! 52-bit VAs and PAs (FEAT_LPA2, five levels), 16 KiB pages with 52-bit
+//! VAs (LPA2) and, on a CPU without LPA2, 16 KiB pages with 47-bit VAs.
+//! Each capture saved the RAM, the EL1&0 paging registers read through
 //! QEMU's gdbstub, and QEMU's own `gva2gpa` for 12,000 sampled addresses
 //! (user mappings, the kernel image, the linear map, vmalloc areas, the
 //! registers' targets, random and non-canonical and top-byte-tagged ones)
@@ -30,9 +31,9 @@
 //! an update: the image is read-only) instead of taking an access flag
 //! fault — the same answer as QEMU's.
 //!
-//! The images are cached in `target/guest-images-aarch64` and
-//! `target/guest-images-aarch64-16k` (`PAGEFOLD_GUEST_IMAGES_AARCH64=DIR`,
-//! `PAGEFOLD_GUEST_IMAGES_AARCH64_16K=DIR` name others); when missing
+//! The images are cached in `target/guest-images-<guest>` (see `GUEST_*`;
+//! `PAGEFOLD_GUEST_IMAGES_<GUEST>=DIR`, `-` as `_`, names another folder,
+//! e.g. `PAGEFOLD_GUEST_IMAGES_AARCH64_16K_LPA2`); when missing
 //! the test runs the script (QEMU and the Debian packages come through
 //! apt). If that fails the test fails with the script's reason, unless
 //! `PAGEFOLD_SKIP_QEMU=1` is set: then it prints a `SKIP` line and passes.
@@ -65,33 +66,55 @@ fn reg(regs: &BTreeMap<String, u64>, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("paging-0.txt lacks {name}"))
 }
 
-/// The PA size the walker gets: PARange capped at 48 bits. QEMU's `max` CPU
-/// reports 52 (PARange 6), but the output size in force is min(IPS,
-/// PARange), at most 48 bits with 4 KiB and 16 KiB granules unless
-/// TCR_EL1.DS (LPA2) is set: with IPS <= 48, or without 64 KiB granules,
-/// 48 is the same limit.
-fn pa_bits(regs: &BTreeMap<String, u64>) -> u8 {
-    let tcr = reg(regs, "TCR_EL1");
-    let parange = PA_SIZES[usize::try_from(reg(regs, "ID_AA64MMFR0_EL1") & 0xf)
-        .unwrap()
-        .min(6)];
-    let ips = PA_SIZES[usize::try_from((tcr >> 32) & 7).unwrap().min(6)];
-    // TG0 = 0b01 and TG1 = 0b11 are the 64 KiB granule.
-    let k64 = (tcr >> 14) & 3 == 0b01 || (tcr >> 30) & 3 == 0b11;
-    assert!(
-        parange.min(ips) <= 48 || !k64,
-        "TCR_EL1.IPS and PARange both allow 52-bit output addresses with a 64 KiB \
-         granule (FEAT_LPA): not modelled"
-    );
-    parange.min(48)
+/// What the CPU implements, from its ID registers: the PA size
+/// (ID_AA64MMFR0_EL1.PARange), FEAT_LVA (ID_AA64MMFR2_EL1.VARange = 1) and
+/// FEAT_LPA2 for the granule TCR_EL1.TG0 selects (TGran4 = 1, TGran16 = 2).
+struct Features {
+    pa_bits: u8,
+    lva: bool,
+    lpa2: bool,
+}
+
+fn features(regs: &BTreeMap<String, u64>) -> Features {
+    let mmfr0 = reg(regs, "ID_AA64MMFR0_EL1");
+    let mmfr2 = regs.get("ID_AA64MMFR2_EL1").copied().unwrap_or(0);
+    let tg0 = (reg(regs, "TCR_EL1") >> 14) & 3;
+    let lpa2 = match tg0 {
+        0b00 => (mmfr0 >> 28) & 0xf == 1,
+        0b10 => (mmfr0 >> 20) & 0xf == 2,
+        _ => false,
+    };
+    Features {
+        pa_bits: PA_SIZES[usize::try_from(mmfr0 & 0xf).unwrap().min(6)],
+        lva: (mmfr2 >> 16) & 0xf == 1,
+        lpa2,
+    }
 }
 
 /// The guests: (name, boot_guest.sh arguments). `aarch64`: Debian 12's
-/// arm64 kernel, 4 KiB granule, 48-bit VAs; `aarch64-16k`: Debian 13's
-/// arm64-16k kernel, 16 KiB granule, 47-bit VAs (QEMU's `max` CPU without
-/// FEAT_LPA2, which the kernel would use for 52-bit VAs).
-const GUEST_4K: (&str, &[&str]) = ("aarch64", &["--arch", "aarch64"]);
-const GUEST_16K: (&str, &[&str]) = ("aarch64-16k", &["--arch", "aarch64", "--flavour", "16k"]);
+/// arm64 kernel, 4 KiB granule, 48-bit VAs, 4 levels. Debian 13's kernels
+/// are built for 52-bit VAs, which they use with FEAT_LPA2 (TCR_EL1.DS):
+/// `aarch64-lpa2`, 4 KiB granule, 52-bit VAs and PAs, 5 levels (from level
+/// -1); `aarch64-16k-lpa2`, the arm64-16k kernel, 16 KiB granule, 52-bit;
+/// `aarch64-16k`, the same kernel on a CPU without FEAT_LPA2: 47-bit VAs.
+type Guest = (&'static str, &'static [&'static str]);
+const GUEST_4K: Guest = ("aarch64", &["--arch", "aarch64"]);
+const GUEST_4K_LPA2: Guest = ("aarch64-lpa2", &["--arch", "aarch64", "--suite", "trixie"]);
+const GUEST_16K: Guest = (
+    "aarch64-16k",
+    &[
+        "--arch",
+        "aarch64",
+        "--flavour",
+        "16k",
+        "--cpu",
+        "max,pauth-impdef=on,lpa2=off",
+    ],
+);
+const GUEST_16K_LPA2: Guest = (
+    "aarch64-16k-lpa2",
+    &["--arch", "aarch64", "--flavour", "16k"],
+);
 
 #[test]
 fn walker_matches_qemu_gva2gpa_4k() {
@@ -104,8 +127,28 @@ fn walker_matches_qemu_gva2gpa_16k() {
 }
 
 #[test]
+fn walker_matches_qemu_gva2gpa_4k_lpa2() {
+    walker_matches_qemu(GUEST_4K_LPA2);
+}
+
+#[test]
+fn walker_matches_qemu_gva2gpa_16k_lpa2() {
+    walker_matches_qemu(GUEST_16K_LPA2);
+}
+
+#[test]
 fn maps_lists_what_qemu_translates_at_el1_4k() {
     maps_lists_what_qemu_translates(GUEST_4K);
+}
+
+#[test]
+fn maps_lists_what_qemu_translates_at_el1_4k_lpa2() {
+    maps_lists_what_qemu_translates(GUEST_4K_LPA2);
+}
+
+#[test]
+fn maps_lists_what_qemu_translates_at_el1_16k_lpa2() {
+    maps_lists_what_qemu_translates(GUEST_16K_LPA2);
 }
 
 #[test]
@@ -119,7 +162,7 @@ fn walker_matches_qemu((name, args): (&str, &[&str])) {
     };
     let regs = qemu_guest::paging(&dir);
     let tcr = reg(&regs, "TCR_EL1");
-    let pa_bits = pa_bits(&regs);
+    let cpu = features(&regs);
     let (image, base) = qemu_guest::ram(&dir);
     let mem = PhysImage::new(GuestPhysAddr(base), &image);
     let contexts = qemu_guest::truth(&dir);
@@ -143,7 +186,9 @@ fn walker_matches_qemu((name, args): (&str, &[&str])) {
             sctlr: reg(&regs, "SCTLR_EL1"),
             mair: reg(&regs, "MAIR_EL1"),
             pan: cpsr & PSTATE_PAN != 0,
-            pa_bits,
+            pa_bits: cpu.pa_bits,
+            lva: cpu.lva,
+            lpa2: cpu.lpa2,
         };
         let walker = Aarch64Walker::new(paging)
             .unwrap_or_else(|e| panic!("the captured registers are refused: {e} ({paging:x?})"));
@@ -212,9 +257,16 @@ fn listing(dir: &Path, regs: &BTreeMap<String, u64>, base: u64) -> Vec<(u64, u64
         dir.join("ram-0.img").display().to_string(),
         "--ram-base".into(),
         format!("{base:#x}"),
-        "--pa-bits".into(),
-        pa_bits(regs).to_string(),
     ];
+    let cpu = features(regs);
+    args.push("--pa-bits".into());
+    args.push(cpu.pa_bits.to_string());
+    if cpu.lva {
+        args.push("--lva".into());
+    }
+    if cpu.lpa2 {
+        args.push("--lpa2".into());
+    }
     for (flag, name) in [
         ("--tcr", "TCR_EL1"),
         ("--ttbr0", "TTBR0_EL1"),
