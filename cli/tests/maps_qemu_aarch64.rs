@@ -48,7 +48,7 @@ use pagefold::paging::{
 };
 use pagefold::{GuestPhysAddr, GuestVirtAddr};
 use qemu_guest::{Answer, Tally};
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::collections::BTreeMap;
 
 /// ID_AA64MMFR0_EL1.PARange and TCR_EL1.IPS encodings, in bits.
 const PA_SIZES: [u8; 7] = [32, 36, 40, 42, 44, 48, 52];
@@ -244,23 +244,15 @@ fn walker_matches_qemu((name, args): (&str, &[&str])) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// `pagefold maps --arch aarch64 --format json` on the image: (VA, GPA,
-/// size) of every mapping, sorted by VA.
-fn listing(dir: &Path, regs: &BTreeMap<String, u64>, base: u64) -> Vec<(u64, u64, u64)> {
+/// The `pagefold maps` arguments for the captured registers.
+fn maps_args(regs: &BTreeMap<String, u64>) -> Vec<String> {
+    let cpu = features(regs);
     let mut args: Vec<String> = vec![
-        "maps".into(),
         "--arch".into(),
         "aarch64".into(),
-        "--format".into(),
-        "json".into(),
-        "--ram".into(),
-        dir.join("ram-0.img").display().to_string(),
-        "--ram-base".into(),
-        format!("{base:#x}"),
+        "--pa-bits".into(),
+        cpu.pa_bits.to_string(),
     ];
-    let cpu = features(regs);
-    args.push("--pa-bits".into());
-    args.push(cpu.pa_bits.to_string());
     if cpu.lva {
         args.push("--lva".into());
     }
@@ -277,29 +269,7 @@ fn listing(dir: &Path, regs: &BTreeMap<String, u64>, base: u64) -> Vec<(u64, u64
         args.push(flag.into());
         args.push(format!("{:#x}", reg(regs, name)));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_pagefold"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pagefold {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let hex = |v: &serde_json::Value| {
-        u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-    };
-    let mut maps: Vec<(u64, u64, u64)> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (hex(&v["va"]), hex(&v["gpa"]), v["size"].as_u64().unwrap())
-        })
-        .collect();
-    maps.sort_unstable();
-    maps
+    args
 }
 
 fn maps_lists_what_qemu_translates((name, args): (&str, &[&str])) {
@@ -309,12 +279,7 @@ fn maps_lists_what_qemu_translates((name, args): (&str, &[&str])) {
     let regs = qemu_guest::paging(&dir);
     let tcr = reg(&regs, "TCR_EL1");
     let (_, base) = qemu_guest::ram(&dir);
-    let maps = listing(&dir, &regs, base);
-    assert!(
-        maps.len() > 1000,
-        "maps listed only {} mappings",
-        maps.len()
-    );
+    let maps = qemu_guest::listing(&dir, base, &maps_args(&regs));
     let contexts = qemu_guest::truth(&dir);
     let el1 = contexts
         .iter()
@@ -332,13 +297,7 @@ fn maps_lists_what_qemu_translates((name, args): (&str, &[&str])) {
         } else {
             s.va
         };
-        let i = maps.partition_point(|&(m, _, _)| m <= va);
-        let hit = i
-            .checked_sub(1)
-            .map(|i| maps[i])
-            .filter(|&(m, _, size)| va - m < size)
-            .map(|(m, gpa, _)| gpa + (va - m))
-            .ok_or_else(|| "in no listed mapping".to_string());
+        let hit = qemu_guest::listed(&maps, va);
         tally.check(&el1.name, s, hit);
     }
     qemu_guest::report(&format!(

@@ -3,7 +3,9 @@
 //! and a RISC-V sibling): finding or making the images (the skip rule of
 //! `maps_qemu.rs`), and reading the files the capture wrote — the RAM image
 //! and its base (`layout.txt`), the paging registers (`paging-0.txt`) and
-//! QEMU's `gva2gpa` answers per privilege context (`gva2gpa-0.txt`).
+//! QEMU's `gva2gpa` answers per privilege context (`gva2gpa-0.txt`) — and
+//! `pagefold maps --format json` on the image, to hold QEMU's answers
+//! against.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -281,5 +283,81 @@ impl Tally {
         if self.mismatches.len() < 20 {
             self.mismatches.push(bad);
         }
+    }
+}
+
+/// One mapping `pagefold maps --format json` listed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Listed {
+    /// First virtual address.
+    pub(crate) va: u64,
+    /// Its physical address.
+    pub(crate) gpa: u64,
+    /// Bytes.
+    pub(crate) size: u64,
+    /// Supervisor data reads are allowed.
+    pub(crate) read: bool,
+}
+
+/// `pagefold maps --format json` on guest `dir`'s image (based at `base`)
+/// with the architecture's `registers` arguments: every mapping, sorted by
+/// VA.
+pub(crate) fn listing(dir: &Path, base: u64, registers: &[String]) -> Vec<Listed> {
+    let mut args: Vec<String> = vec![
+        "maps".into(),
+        "--format".into(),
+        "json".into(),
+        "--ram".into(),
+        dir.join("ram-0.img").display().to_string(),
+        "--ram-base".into(),
+        format!("{base:#x}"),
+    ];
+    args.extend(registers.iter().cloned());
+    let out = Command::new(env!("CARGO_BIN_EXE_pagefold"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pagefold {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut maps: Vec<Listed> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Listed {
+                va: hex(v["va"].as_str().unwrap()),
+                gpa: hex(v["gpa"].as_str().unwrap()),
+                size: v["size"].as_u64().unwrap(),
+                read: v["read"].as_bool().unwrap(),
+            }
+        })
+        .collect();
+    maps.sort_unstable_by_key(|m| m.va);
+    assert!(
+        maps.len() > 1000,
+        "maps listed only {} mappings for {}",
+        maps.len(),
+        dir.display()
+    );
+    maps
+}
+
+/// What the listing says of `va`: the physical address of a readable
+/// mapping holding it, else why not.
+pub(crate) fn listed(maps: &[Listed], va: u64) -> Result<u64, String> {
+    let i = maps.partition_point(|m| m.va <= va);
+    let m = i
+        .checked_sub(1)
+        .map(|i| maps[i])
+        .filter(|m| va - m.va < m.size)
+        .ok_or_else(|| "in no listed mapping".to_string())?;
+    if m.read {
+        Ok(m.gpa + (va - m.va))
+    } else {
+        Err(format!("listed at {:#x}, not readable", m.va))
     }
 }
