@@ -163,6 +163,10 @@ cache="$(cd "$cache" && pwd)"
 # before; the others in a folder per architecture).
 acache="$cache${sub:+/$sub}"
 mkdir -p "$acache"
+# Runs for other folders may share this cache (the same kernel): one at a
+# time fetches and builds.
+exec 8>"$acache/.lock"
+flock -w 3600 8 || die "another boot_guest.sh kept $acache/.lock for an hour"
 
 # ---------------------------------------------------------------- tools --
 

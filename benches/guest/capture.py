@@ -45,6 +45,8 @@ import re
 import sys
 import time
 
+# No __pycache__ beside the scripts in the source tree.
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gdb_rsp import Gdb, GdbError  # noqa: E402
