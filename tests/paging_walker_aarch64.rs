@@ -387,3 +387,37 @@ fn an_x86_second_level_is_refused_under_an_aarch64_guest() {
         .unwrap_err();
     assert!(err.to_string().contains("EPT"), "{err}");
 }
+
+/// FEAT_PAN3: with SCTLR_EL1.EPAN, PAN also denies EL1 data accesses to an
+/// execute-only EL0 page (AP = 00, UXN clear), which plain PAN allows; the
+/// cache re-checks when EPAN changes.
+#[test]
+fn epan_extends_pan_to_execute_only_pages() {
+    let mut t = Tables::new();
+    let (r0, r1) = (t.alloc(), t.alloc());
+    t.map(r0, 0x50_0000, 3, 0x60_0000 | TABLE | AF | NG);
+    let mut rg = regs(r0, r1, 3);
+    rg.pan = true;
+    let mut cache = WalkCache::new();
+    let opts = WalkOptions::default();
+    let va = GuestVirtAddr(0x50_0010);
+    let plain = Walker::new(rg).unwrap();
+    rg.sctlr |= pagefold::paging::aarch64::regs::SCTLR_EPAN;
+    let epan = Walker::new(rg).unwrap();
+    for _ in 0..2 {
+        assert!(plain
+            .translate_with(&t.mem, va, Access::read(), opts, Some(&mut cache))
+            .is_ok());
+        let f = epan
+            .translate_with(&t.mem, va, Access::read(), opts, Some(&mut cache))
+            .unwrap_err();
+        let FaultCode::Aarch64Abort { esr } = f.code else {
+            panic!("{f:?}")
+        };
+        assert_eq!(esr & 0x3f, 0b00_1111, "permission fault, level 3");
+        // EL0 still executes it; EL1 fetches are not PAN's business.
+        assert!(epan
+            .translate_with(&t.mem, va, Access::fetch().user(), opts, Some(&mut cache))
+            .is_ok());
+    }
+}

@@ -69,7 +69,7 @@ use super::{
     types::{Access, AccessKind, Permissions, Privilege, WalkOptions},
 };
 use crate::addr::{GuestPhysAddr, GuestVirtAddr};
-use regs::{base_address, SCTLR_M, SCTLR_WXN};
+use regs::{base_address, SCTLR_EPAN, SCTLR_M, SCTLR_WXN};
 pub use regs::{Aarch64Paging, Aarch64PagingError, Granule, Tcr, Ttbr};
 pub use stage2::{
     esr_el2, hpfar_el2, Aarch64Stage2, Aarch64Stage2Attributes, Aarch64Stage2Fault,
@@ -260,6 +260,8 @@ pub(crate) struct S1Format {
     sh: Option<u8>,
     /// TCR_EL1.E0PDn: EL0 may not access this range at all.
     e0pd: bool,
+    /// SCTLR_EL1.EPAN: PAN also covers EL0-executable pages.
+    epan: bool,
 }
 
 impl S1Format {
@@ -287,6 +289,7 @@ impl S1Format {
             pan: regs.pan,
             sh: ds.then_some(sh),
             e0pd,
+            epan: regs.sctlr & SCTLR_EPAN != 0,
         }
     }
 
@@ -328,8 +331,9 @@ impl S1Format {
             (Privilege::User, AccessKind::Write) => user_w,
             (Privilege::User, AccessKind::Fetch) => user_x,
             (_, AccessKind::Fetch) => priv_x,
-            // PAN: EL1 data accesses to EL0-accessible pages fault.
-            (_, _) if self.pan && user_r => false,
+            // PAN: EL1 data accesses to EL0-readable pages fault, and with
+            // EPAN (FEAT_PAN3) to EL0-executable ones too.
+            (_, _) if self.pan && (user_r || (self.epan && user_x)) => false,
             (_, AccessKind::Read) => true,
             (_, AccessKind::Write) => priv_w,
         }
@@ -858,9 +862,13 @@ impl Aarch64Walker {
         ]
     }
 
-    /// The permission-check settings outside the space key: WXN and PAN.
+    /// The permission-check settings outside the space key: WXN, PAN and
+    /// EPAN.
     pub(crate) fn check_bits(&self) -> u128 {
-        u128::from(self.regs.sctlr & SCTLR_WXN != 0) | u128::from(self.regs.pan) << 1
+        let sctlr = self.regs.sctlr;
+        u128::from(sctlr & SCTLR_WXN != 0)
+            | u128::from(self.regs.pan) << 1
+            | u128::from(sctlr & SCTLR_EPAN != 0) << 2
     }
 }
 

@@ -79,6 +79,9 @@ pub const SCTLR_WXN: u64 = 1 << 19;
 /// SCTLR_EL1.EE: EL1 data accesses and EL1&0 stage-1 table walks are
 /// big-endian.
 pub const SCTLR_EE: u64 = 1 << 25;
+/// SCTLR_EL1.EPAN (FEAT_PAN3): PAN also denies EL1 data accesses to pages
+/// EL0 may execute.
+pub const SCTLR_EPAN: u64 = 1 << 57;
 
 /// A translation granule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -198,7 +201,8 @@ pub struct Aarch64Paging {
     pub ttbr0: u64,
     /// TTBR1_EL1, laid out as TTBR0_EL1.
     pub ttbr1: u64,
-    /// SCTLR_EL1 (M and WXN are read; EE is refused with the MMU on).
+    /// SCTLR_EL1 (M, WXN and EPAN are read; EE is refused with the MMU
+    /// on).
     pub sctlr: u64,
     /// MAIR_EL1: eight attribute bytes, indexed by a descriptor's AttrIndx.
     pub mair: u64,
