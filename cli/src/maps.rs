@@ -290,8 +290,9 @@ fn flags_text(a: &pagefold::paging::LeafAttributes) -> String {
 }
 
 /// What the text forms add for an architecture's own attributes: AArch64's
-/// MAIR byte, shareability, and the contiguous hint.
-fn arch_text(a: &ArchAttributes) -> String {
+/// EL0 permissions (the `rwx` column is EL1's), MAIR byte, shareability
+/// and contiguous hint; RISC-V's PBMT, NAPOT and RSW.
+fn arch_text(a: &ArchAttributes, p: &pagefold::paging::Permissions) -> String {
     match a {
         ArchAttributes::Riscv(r) => format!(
             "{}{}{}",
@@ -308,7 +309,15 @@ fn arch_text(a: &ArchAttributes) -> String {
             }
         ),
         ArchAttributes::Aarch64(a) => format!(
-            " attr={:#04x} sh={}{}",
+            "{} attr={:#04x} sh={}{}",
+            if p.user || p.user_execute {
+                format!(
+                    " el0={}",
+                    perms_text(p.user, p.user && p.write, p.user_execute)
+                )
+            } else {
+                String::new()
+            },
             a.memory_attr,
             a.shareability,
             if a.contiguous { " cont" } else { "" }
@@ -333,7 +342,7 @@ pub(crate) fn text_line(m: &Mapping) -> String {
     if p.key != 0 {
         s.push_str(&format!(" key={}", p.key));
     }
-    s.push_str(&arch_text(&m.arch_attributes));
+    s.push_str(&arch_text(&m.arch_attributes, p));
     s
 }
 
@@ -389,6 +398,7 @@ struct JsonMapping {
     write: bool,
     execute: bool,
     user: bool,
+    user_execute: bool,
     key: u8,
     global: bool,
     accessed: bool,
@@ -411,6 +421,7 @@ impl From<&Mapping> for JsonMapping {
             write: p.write,
             execute: p.execute,
             user: p.user,
+            user_execute: p.user_execute,
             key: p.key,
             global: a.global,
             accessed: a.accessed,
@@ -634,7 +645,7 @@ pub(crate) fn translation_text(t: &Translation) -> String {
     if p.key != 0 {
         s.push_str(&format!(" key={}", p.key));
     }
-    s.push_str(&arch_text(&t.arch_attributes));
+    s.push_str(&arch_text(&t.arch_attributes, p));
     s
 }
 

@@ -74,7 +74,7 @@ fn maps_lists_both_ranges_with_their_attributes() {
     assert_eq!(
         lines,
         [
-            "0000000000400000 0000000040080000 4K rw- u -A---- attr=0xff sh=0",
+            "0000000000400000 0000000040080000 4K rw- u -A---- el0=rwx attr=0xff sh=0",
             "ffff800000200000 0000000040000000 2M rwx s GA---- attr=0x00 sh=0",
         ],
         "{err}"

@@ -1,8 +1,8 @@
 //! The `Format` trait: everything the walk engine needs to know about one
 //! paging format (entry width, index bits per level, what an entry means,
 //! how permissions combine and are checked, how hardware sets the accessed
-//! and dirty flags). x86 and EPT implement it; AArch64 and RISC-V would be
-//! two more implementations, with no change to the engine.
+//! and dirty flags). x86, EPT, AArch64's two stages and RISC-V's two
+//! stages implement it; the engine is the same for all.
 
 use super::{
     fault::FaultReason,

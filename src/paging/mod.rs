@@ -1,18 +1,18 @@
-//! Guest page-table walkers: guest-virtual to guest-physical (x86 in every
-//! paging mode), guest-physical to the memory the walker reads (Intel EPT,
-//! AMD NPT), both together as hardware's two-dimensional walk, and a walk
-//! cache (translations and upper-level entries) with explicit invalidation.
+//! Guest page-table walkers for x86-64, AArch64 and RISC-V guests:
+//! guest-virtual to guest-physical (x86 in every paging mode, AArch64
+//! stage 1, RISC-V Sv39/48/57), guest-physical to the memory the walker
+//! reads (Intel EPT, AMD NPT, AArch64 stage 2, the RISC-V G stage), both
+//! together as hardware's two-dimensional walk, and a walk cache
+//! (translations and upper-level entries) with explicit invalidation.
 //!
-//! The walk engine (`engine.rs`) knows nothing about x86: a paging format
-//! (one implementation of the crate-private `Format` trait) says how wide an
-//! entry is, which virtual-address bits index each level, what an entry
-//! means (not present, reserved bits set, next table, leaf page) and how
-//! permissions combine and are checked. x86 ([`x86`]), EPT ([`ept`]),
-//! AArch64 stage 1 ([`aarch64`], its own [`Aarch64Walker`] for now, not yet
-//! a [`GuestPaging`] variant) and RISC-V Sv39/48/57 with the G stage's
-//! Sv39x4/48x4/57x4 ([`riscv`], formats and traps, not yet wired into a
-//! walker) are the formats today; AArch64 stage 2 is a further
-//! implementation of the same trait, with no change to the engine.
+//! The walk engine (`engine.rs`) knows nothing about any architecture: a
+//! paging format (one implementation of the crate-private `Format` trait)
+//! says how wide an entry is, which virtual-address bits index each level,
+//! what an entry means (not present, reserved bits set, next table, leaf
+//! page) and how permissions combine and are checked. x86 ([`x86`]), EPT
+//! ([`ept`]), AArch64 stages 1 and 2 ([`aarch64`]) and RISC-V's two stages
+//! ([`riscv`]) are the formats; one [`Walker`] runs any of them
+//! ([`GuestPaging`], [`SecondLevel`]).
 //!
 //! Guest page tables are untrusted input. A walk touches at most one entry
 //! per level (five levels at most, each through at most five second-level
@@ -24,10 +24,11 @@
 //!
 //! Files, each importing only the ones before it: `types` (accesses,
 //! permissions, attributes), `fault`, `format`, `memory`, `engine`, `ept`,
-//! `lean`, `aarch64` (registers in `aarch64/regs`), `riscv` (registers in
-//! `riscv/regs`), `x86` (registers in
-//! `x86/regs`), `second` (the second level as
-//! a walk stage), `walker` (the walk's stages), `watch`, `cache` (storage),
+//! `lean`, `aarch64` (registers in `aarch64/regs`, stage 2 in
+//! `aarch64/stage2`), `riscv` (registers in `riscv/regs`), `x86`
+//! (registers in `x86/regs`), `first` (the first level per architecture),
+//! `second` (the second level as a walk stage), `walker` (the walk's
+//! stages), `watch`, `cache` (storage),
 //! `cached` (the cache around the walk), then `mappings`, `range` and
 //! `virt`. A walk never calls a cache: a cache runs the walk's stages with
 //! its own start and second-level memo, and fills itself from what they
