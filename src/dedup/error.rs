@@ -50,9 +50,6 @@ pub enum DedupError {
     /// time) would only spin.
     #[error("a background scan step needs a budget of at least one page or some time")]
     EmptyBudget,
-    /// Making guest memory failed.
-    #[error("guest memory: {0}")]
-    Memory(#[from] crate::memory::MemoryError),
     /// Reading the kernel's view of this process failed.
     #[error("reading {what}: {source}")]
     Proc {

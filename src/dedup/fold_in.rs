@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, GuestPhysAddr, PAGE_SIZE},
-    frames::{FrameError, FrameRange, RemapTarget},
+    frames::{FrameError, FrameRange, FrameStore, RemapTarget},
     memory::{GuestMemory, GuestRegion},
 };
 
@@ -190,8 +190,9 @@ impl<'h> FoldIn<'h> {
         Ok(hashes)
     }
 
-    /// Makes a VM of `layout` on the host's frame store whose page `p` of
-    /// region `r` (regions in address order) maps `frames[r][p]` (a frame
+    /// Makes `mem` (new memory, every page still a hole in its own frame,
+    /// in a 4 KiB file store: the host's or one of its own) a VM whose
+    /// page `p` of region `r` maps `frames[r][p]` (a frame
     /// [`frames_for_contents`](Self::frames_for_contents) handed out) or,
     /// for `None`, reads as zeros and holds no memory; registers it with
     /// `options`. Each run of pages onto consecutive frames is one remap,
@@ -201,12 +202,11 @@ impl<'h> FoldIn<'h> {
     /// pass. On an error nothing is registered and the memory is gone.
     pub(crate) fn install(
         mut self,
-        layout: &[(GuestPhysAddr, u64)],
+        mem: GuestMemory,
         options: VmOptions,
         frames: &[Vec<Option<FrameNumber>>],
     ) -> Result<(VmId, Arc<GuestMemory>, Installed), DedupError> {
         let store = Arc::clone(&self.inner.store);
-        let mem = GuestMemory::with_store(Arc::clone(&store), layout)?;
         // A page named past the memory's: the caller's layout and frames
         // disagree.
         if let Some(r) = mem
@@ -267,10 +267,10 @@ impl<'h> FoldIn<'h> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            copy_run(region, page, count, frame, &mut buf)?;
+            copy_run(&store, region, page, count, frame, &mut buf)?;
             out.copied_pages += count as u64;
         }
-        if store.options().populate {
+        if mem.frame_store().options().populate {
             // Mapped up front: the own frames under the remapped pages
             // hold memory nobody reads.
             for &(ri, page, count, _) in &remapped {
@@ -320,6 +320,7 @@ impl<'h> FoldIn<'h> {
 /// Copies frames `frame..` into the own frames of pages `page..` of
 /// `region` (`count` of each), a chunk per `pread` and `pwrite`.
 fn copy_run(
+    shared: &FrameStore,
     region: &GuestRegion,
     page: usize,
     count: usize,
@@ -330,9 +331,7 @@ fn copy_run(
     while k < count {
         let n = COPY_CHUNK.min(count - k);
         buf.resize(n * PAGE_SIZE, 0);
-        region
-            .store()
-            .read_frames(FrameNumber(frame.0 + k as u64), buf)?;
+        shared.read_frames(FrameNumber(frame.0 + k as u64), buf)?;
         region.store().write_frames(region.own_frame(page + k), buf)?;
         k += n;
     }

@@ -54,7 +54,7 @@ use std::{
 };
 
 pub use error::DedupError;
-pub(crate) use fold_in::{ContentFrames, FoldIn, Installed};
+pub(crate) use fold_in::FoldIn;
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use remote::RemoteError;
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
