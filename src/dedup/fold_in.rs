@@ -32,7 +32,7 @@ use super::{
 use crate::{
     addr::{FrameNumber, GuestPhysAddr, PAGE_SIZE},
     frames::{FrameError, FrameRange, FrameStore, RemapTarget},
-    memory::{GuestMemory, GuestRegion},
+    memory::{GuestMemory, GuestRegion, PageKind},
 };
 
 /// Contents filled per call of the fill function (1 MiB).
@@ -194,7 +194,7 @@ impl<'h> FoldIn<'h> {
     /// in a 4 KiB file store: the host's or one of its own) a VM whose
     /// page `p` of region `r` maps `frames[r][p]` (a frame
     /// [`frames_for_contents`](Self::frames_for_contents) handed out) or,
-    /// for `None`, reads as zeros and holds no memory; registers it with
+    /// for `None`, is released (reads as zeros, holds no memory); registers it with
     /// `options`. Each run of pages onto consecutive frames is one remap,
     /// priced against the mapping budget, longest runs first; a run the
     /// budget cannot pay for (and every run of an excluded region) is
@@ -279,6 +279,22 @@ impl<'h> FoldIn<'h> {
                     start: region.own_frame(page),
                     count: count as u64,
                 })?;
+            }
+        }
+        // Pages with no content are released (a hole, and the state says
+        // so, as a discard leaves them): a read then takes zeros from the
+        // file without allocating, where a read through the mapping would
+        // allocate the hole.
+        for (region, f) in mem.regions().iter().zip(frames) {
+            if f.iter().any(Option::is_none) {
+                region.enable_state_checks();
+            }
+            let states = region.page_states();
+            for (p, _) in f.iter().enumerate().filter(|(_, f)| f.is_none()) {
+                let seen = states.load(p);
+                if seen.kind() == PageKind::Private && !seen.is_remapped() {
+                    let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
+                }
             }
         }
         // Published as merged, as a merge publishes (the pages are fresh

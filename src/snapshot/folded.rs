@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    dedup::{DedupHost, VmId, VmOptions},
+    dedup::{DedupError, DedupHost, VmId, VmOptions},
     memory::GuestMemory,
 };
 
@@ -75,6 +75,14 @@ pub fn restore_folded(
     snap: &SnapshotReader,
 ) -> Result<FoldedRestore, SnapshotError> {
     let layout = snap.layout();
+    // Checked before any content is read (registration checks it again).
+    if let Some(&bad) = options
+        .exclude
+        .iter()
+        .find(|a| !layout.regions().iter().any(|r| r.0 == **a))
+    {
+        return Err(DedupError::NoSuchRegion(bad).into());
+    }
     let chain = chain(snap);
     // Each page's content, by index into the distinct contents.
     let mut index: HashMap<Hash, usize> = HashMap::new();
