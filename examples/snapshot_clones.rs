@@ -16,7 +16,9 @@
 //! as a vCPU would. After each step: the memory the kernel holds for the
 //! clones (the memfds' allocated blocks, plus the process's anonymous
 //! memory and page tables, `VmPTE`, above what they were before the
-//! clones), as a ratio to the snapshot's distinct content; and the time of
+//! clones: for `folded` the anonymous part includes pagefold's bookkeeping,
+//! a page-state word and a hash per page), as a ratio to the snapshot's
+//! distinct content; and the time of
 //! each restore call to its return (the first clone, and the mean of the
 //! others). The snapshot file was just written, so it is in the page cache
 //! for every method.
@@ -45,7 +47,8 @@ use rand::{seq::SliceRandom, Rng, SeedableRng};
 
 const CLONES: usize = 16;
 const SIZE: u64 = 256 << 20;
-const PAGES: usize = (SIZE / PAGE_SIZE as u64) as usize;
+const SIZE_BYTES: usize = 256 << 20;
+const PAGES: usize = SIZE_BYTES / PAGE_SIZE;
 const BLOCK: usize = 32;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -62,17 +65,16 @@ fn contents(blocks: bool) -> Vec<Option<Vec<u8>>> {
         })
         .collect();
     let mut out = Vec::with_capacity(PAGES);
-    for b in 0..PAGES / unit {
+    for _ in 0..PAGES / unit {
         let kind = rng.gen_range(0..4);
         let t = rng.gen_range(0..templates.len());
-        for k in 0..unit {
+        for page in &templates[t] {
             out.push(match kind {
                 0 | 1 => None,
-                2 => Some(templates[t][k].clone()),
+                2 => Some(page.clone()),
                 _ => Some((0..PAGE_SIZE).map(|_| rng.gen()).collect()),
             });
         }
-        let _ = b;
     }
     out
 }
@@ -143,6 +145,8 @@ struct Row {
     name: &'static str,
     /// Bytes after the reads, after 1%, after 10%.
     bytes: [u64; 3],
+    /// Files, anonymous memory, page tables after 10%.
+    parts: (u64, u64, u64),
     first: Duration,
     rest: Duration,
     note: String,
@@ -164,9 +168,13 @@ fn measure(
         clones.push(restore()?);
         times.push(t.elapsed());
     }
-    let held = || {
+    let parts = || {
         let (a, t) = anon_and_tables();
-        files() + a.saturating_sub(a0) + t.saturating_sub(t0)
+        (files(), a.saturating_sub(a0), t.saturating_sub(t0))
+    };
+    let held = || {
+        let (f, a, t) = parts();
+        f + a + t
     };
     std::hint::black_box(touch(&clones, content));
     let read = held();
@@ -175,10 +183,12 @@ fn measure(
     let w1 = held();
     write(&clones, order, one, PAGES / 10);
     let w10 = held();
-    let rest = times[1..].iter().sum::<Duration>() / (CLONES as u32 - 1);
+    let parts = parts();
+    let rest = times[1..].iter().sum::<Duration>() / u32::try_from(times.len() - 1).unwrap_or(1);
     Ok(Row {
         name,
         bytes: [read, w1, w10],
+        parts,
         first: times[0],
         rest,
         note: note(),
@@ -261,7 +271,14 @@ fn main() -> Res<()> {
         };
         let files = || store.allocated_bytes().unwrap_or(0);
         let note = || format!("copied {} pages (mapping budget)", copied.get());
-        rows.push(measure("folded", &content, &order, &mut restore, &files, &note)?);
+        rows.push(measure(
+            "folded",
+            &content,
+            &order,
+            &mut restore,
+            &files,
+            &note,
+        )?);
         drop(keep);
     }
     {
@@ -272,7 +289,7 @@ fn main() -> Res<()> {
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    SIZE as usize,
+                    SIZE_BYTES,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE,
                     file.as_raw_fd(),
@@ -282,12 +299,19 @@ fn main() -> Res<()> {
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error().into());
             }
-            maps.push((p as usize, SIZE as usize));
+            maps.push((p as usize, SIZE_BYTES));
             Ok(Clone { base: p.cast() })
         };
         let files = || memfd_blocks(file.as_raw_fd());
         let note = || String::new();
-        rows.push(measure("map_private", &content, &order, &mut restore, &files, &note)?);
+        rows.push(measure(
+            "map_private",
+            &content,
+            &order,
+            &mut restore,
+            &files,
+            &note,
+        )?);
         for (p, len) in maps {
             // SAFETY: each is a mapping made above, unmapped once.
             unsafe { libc::munmap(p as *mut libc::c_void, len) };
@@ -305,7 +329,14 @@ fn main() -> Res<()> {
         };
         let files = || store.allocated_bytes().unwrap_or(0);
         let note = || String::new();
-        rows.push(measure("copy", &content, &order, &mut restore, &files, &note)?);
+        rows.push(measure(
+            "copy",
+            &content,
+            &order,
+            &mut restore,
+            &files,
+            &note,
+        )?);
         drop(keep);
     }
     let _ = std::fs::remove_file(&path);
@@ -313,7 +344,12 @@ fn main() -> Res<()> {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
         "{:<12} {:>22} {:>22} {:>22} {:>12} {:>12}",
-        "method", "after reads", "after 1% written", "after 10% written", "1st restore", "next (mean)"
+        "method",
+        "after reads",
+        "after 1% written",
+        "after 10% written",
+        "1st restore",
+        "next (mean)"
     );
     for r in &rows {
         let cell = |b: u64| format!("{:.0} MiB ({:.2}x)", mib(b), b as f64 / distinct as f64);
@@ -326,6 +362,15 @@ fn main() -> Res<()> {
             r.first.as_secs_f64() * 1e3,
             r.rest.as_secs_f64() * 1e3,
             r.note,
+        );
+    }
+    for r in &rows {
+        println!(
+            "{:<12} after 10%: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
+            r.name,
+            mib(r.parts.0),
+            mib(r.parts.1),
+            mib(r.parts.2),
         );
     }
     // The floor: the distinct content plus what the clones wrote.

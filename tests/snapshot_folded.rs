@@ -97,8 +97,8 @@ fn source(salt: u64) -> (GuestMemory, usize) {
     let mut distinct = HashSet::new();
     for (i, gpa) in pages(&mem).into_iter().enumerate() {
         let bytes = match i % 8 {
-            0 | 1 => continue, // zero
-            2 if i < 48 => filled(7),                  // one content, repeated
+            0 | 1 => continue,                        // zero
+            2 if i < 48 => filled(7),                 // one content, repeated
             3 => filled(100 + (i as u64 % 5)),        // five contents, scattered
             _ => filled(salt * 1_000_000 + i as u64), // its own
         };
@@ -140,7 +140,10 @@ fn four_clones_share_every_content_from_the_first_moment() {
         let s = c.stats;
         assert_eq!(s.pages, want.len() as u64);
         assert_eq!(s.zero_pages as usize, want.len() - full);
-        assert_eq!(s.shared_pages as usize, full, "clone {k}: every page shared");
+        assert_eq!(
+            s.shared_pages as usize, full,
+            "clone {k}: every page shared"
+        );
         assert_eq!(s.copied_pages, 0);
         assert_eq!(s.contents as usize, distinct);
         // The first read every content; the others found them all.
@@ -302,7 +305,8 @@ fn a_damaged_snapshot_is_an_error_and_leaves_the_host_as_it_was() {
     let (store, host) = host();
     // One VM first, so the host has frames and a VM to keep.
     let (other, _) = source(6);
-    let first = restore_folded(&host, VmOptions::default(), &saved(&dir, "o.snap", &other)).unwrap();
+    let first =
+        restore_folded(&host, VmOptions::default(), &saved(&dir, "o.snap", &other)).unwrap();
     let frames = store.allocated_frames();
     let bytes = store.allocated_bytes().unwrap();
     // Damage a stored page: the content area starts at 4 KiB (the header
@@ -346,27 +350,39 @@ fn merge_passes_and_reconciliation_work_on_restored_vms() {
     // VM 0 writes four shared pages: each a copy of its own now.
     let written = [2usize, 3, 4, 12];
     for &p in &written {
-        vms[0].memory.write_obj(GuestPhysAddr(p as u64 * PAGE), 7u64).unwrap();
+        vms[0]
+            .memory
+            .write_obj(GuestPhysAddr(p as u64 * PAGE), 7u64)
+            .unwrap();
     }
     let st = host.stats().unwrap();
     assert_eq!(st.cow_breaks as usize, written.len());
-    assert_eq!(st.pages_sharing as usize, 3 * full - distinct - written.len());
-    assert_eq!(host.vm_stats(vms[0].vm).unwrap().pages_merged as usize, full - written.len());
+    assert_eq!(
+        st.pages_sharing as usize,
+        3 * full - distinct - written.len()
+    );
+    assert_eq!(
+        host.vm_stats(vms[0].vm).unwrap().pages_merged as usize,
+        full - written.len()
+    );
     // VM 0 writes the saved bytes back: a merge pass folds those pages
     // onto the frames the restore filled (found by their keyed hash).
     for &p in &written {
-        vms[0].memory.write(GuestPhysAddr(p as u64 * PAGE), &want[p]).unwrap();
+        vms[0]
+            .memory
+            .write(GuestPhysAddr(p as u64 * PAGE), &want[p])
+            .unwrap();
     }
     host.merge_now().unwrap();
     let st = host.stats().unwrap();
     assert_eq!(st.pages_shared as usize, distinct, "no new frame");
     assert_eq!(st.pages_sharing as usize, 3 * full - distinct);
     // A VM restored by copy and registered merges onto them too.
-    let copy = Arc::new(
-        GuestMemory::with_store(Arc::clone(&store), &snap.region_layout()).unwrap(),
-    );
+    let copy =
+        Arc::new(GuestMemory::with_store(Arc::clone(&store), &snap.region_layout()).unwrap());
     restore_into(&snap, &copy).unwrap();
-    host.register(Arc::clone(&copy), VmOptions::default()).unwrap();
+    host.register(Arc::clone(&copy), VmOptions::default())
+        .unwrap();
     host.merge_now().unwrap();
     let st = host.stats().unwrap();
     assert_eq!(st.pages_shared as usize, distinct);
@@ -398,7 +414,10 @@ fn domains_share_nothing() {
     let b = restore_folded(&host, in_domain(2), &snap).unwrap();
     let c = restore_folded(&host, in_domain(1), &snap).unwrap();
     assert_eq!(a.stats.contents_read as usize, distinct);
-    assert_eq!(b.stats.contents_read as usize, distinct, "no frame of domain 1");
+    assert_eq!(
+        b.stats.contents_read as usize, distinct,
+        "no frame of domain 1"
+    );
     assert_eq!(c.stats.contents_read, 0);
     assert_eq!(store.allocated_bytes().unwrap(), 2 * distinct as u64 * PAGE);
 }
@@ -428,7 +447,10 @@ fn with_no_mapping_budget_pages_are_copied_instead() {
     assert_eq!(host.stats().unwrap().pages_shared, 0);
     assert_eq!(store.allocated_bytes().unwrap(), full as u64 * PAGE);
     a.memory.write_obj(GuestPhysAddr(8 * PAGE), 1u64).unwrap();
-    assert_eq!(a.memory.read_obj::<u64>(GuestPhysAddr(8 * PAGE)).unwrap(), 1);
+    assert_eq!(
+        a.memory.read_obj::<u64>(GuestPhysAddr(8 * PAGE)).unwrap(),
+        1
+    );
 }
 
 #[test]

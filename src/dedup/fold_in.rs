@@ -130,7 +130,9 @@ impl<'h> FoldIn<'h> {
             return Ok((frames, stats));
         }
         let store = &self.inner.store;
-        let base = store.allocate(missing.len() as u64).map_err(DedupError::from)?;
+        let base = store
+            .allocate(missing.len() as u64)
+            .map_err(DedupError::from)?;
         let hashes = match self.fill_frames(base, &missing, &mut fill) {
             Ok(h) => h,
             Err(e) => {
@@ -348,7 +350,9 @@ fn copy_run(
         let n = COPY_CHUNK.min(count - k);
         buf.resize(n * PAGE_SIZE, 0);
         shared.read_frames(FrameNumber(frame.0 + k as u64), buf)?;
-        region.store().write_frames(region.own_frame(page + k), buf)?;
+        region
+            .store()
+            .write_frames(region.own_frame(page + k), buf)?;
         k += n;
     }
     Ok(())

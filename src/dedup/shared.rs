@@ -182,7 +182,11 @@ impl SharedFrames {
 
     /// The shared frame of `domain` filled with the content whose address
     /// is `address`, if it is still there.
-    pub(crate) fn lookup_address(&self, domain: DomainId, address: &Address) -> Option<FrameNumber> {
+    pub(crate) fn lookup_address(
+        &self,
+        domain: DomainId,
+        address: &Address,
+    ) -> Option<FrameNumber> {
         self.by_address.get(&(domain, *address)).copied()
     }
 
@@ -506,8 +510,7 @@ impl SharedFrames {
             + self.by_content.allocation_size()
             + self.by_address.capacity()
                 * std::mem::size_of::<((DomainId, Address), FrameNumber)>()
-            + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>())
-            as u64
+            + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>()) as u64
     }
 }
 
@@ -572,13 +575,21 @@ mod tests {
         let mut t = SharedFrames::default();
         let d = DomainId(2);
         let addr = |b: u8| [b; 32];
-        assert!(t.insert_addressed_run(frames.start, d, &[(10, addr(1)), (11, addr(2)), (12, addr(3))]));
+        assert!(t.insert_addressed_run(
+            frames.start,
+            d,
+            &[(10, addr(1)), (11, addr(2)), (12, addr(3))]
+        ));
         let f = |k: u64| FrameNumber(frames.start.0 + k);
         for k in 0..3 {
             t.add_ref(f(k), 1);
         }
         assert_eq!(t.lookup_address(d, &addr(2)), Some(f(1)));
-        assert_eq!(t.lookup_address(DomainId(3), &addr(2)), None, "domains never mix");
+        assert_eq!(
+            t.lookup_address(DomainId(3), &addr(2)),
+            None,
+            "domains never mix"
+        );
         assert_eq!(t.lookup(d, 12), Some(f(2)));
         t.drop_ref(&store, f(1))?;
         assert_eq!(t.lookup_address(d, &addr(2)), None);

@@ -24,12 +24,7 @@ use super::{
     unstable::Unstable,
     vm::VmEntry,
 };
-use crate::{
-    addr::PageSize,
-    frames::FrameStore,
-    memory::GuestMemory,
-    userfault::Userfault,
-};
+use crate::{addr::PageSize, frames::FrameStore, memory::GuestMemory, userfault::Userfault};
 
 pub(super) struct ScanState {
     pub(super) keys: HashMap<DomainId, Arc<DomainKey>>,

@@ -142,11 +142,7 @@ pub fn restore_folded(
     stats.contents_read = found.filled;
     let page_frames: Vec<Vec<Option<FrameNumber>>> = pages
         .iter()
-        .map(|r| {
-            r.iter()
-                .map(|c| c.map(|c| frames[rank[c]]))
-                .collect()
-        })
+        .map(|r| r.iter().map(|c| c.map(|c| frames[rank[c]])).collect())
         .collect();
     drop(pages);
     let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())?;
