@@ -484,3 +484,43 @@ fn an_excluded_region_is_copied_and_the_rest_shared() {
     ));
     assert_eq!(host.frame_store().allocated_frames(), frames);
 }
+
+/// With a budget for a few runs, the longest runs are remapped and the
+/// rest copied. The source has at least twelve runs of four pages or more
+/// onto consecutive frames (pages 4..8 of each group of eight, longer
+/// where a first appearance continues them), and many of one page.
+#[test]
+fn a_short_budget_buys_the_longest_runs_first() {
+    let dir = TempDir::new("folded-short");
+    let (src, _) = source(11);
+    let want = image(&src);
+    let full = nonzero(&want);
+    let snap = saved(&dir, "a.snap", &src);
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count() as u64;
+    // About 20 mappings left: ten runs (other tests' threads come and go).
+    let host = DedupHost::with_options(
+        Arc::clone(&store),
+        DedupOptions {
+            map_headroom: max.saturating_sub(now + 20),
+        },
+    )
+    .unwrap();
+    let a = restore_folded(&host, VmOptions::default(), &snap).unwrap();
+    assert_eq!(image(&a.memory), want);
+    let s = a.stats;
+    assert!(s.remaps > 0 && s.copied_pages > 0, "{s:?}");
+    assert_eq!(s.shared_pages + s.copied_pages, full as u64);
+    assert!(
+        s.shared_pages >= 4 * s.remaps.min(12),
+        "longest runs first: {s:?}"
+    );
+}
