@@ -23,14 +23,14 @@
 //! others). The snapshot file was just written, so it is in the page cache
 //! for every method.
 //!
-//! Contents (`--mix blocks`, the default): blocks of 32 pages, half zero, a
-//! quarter random, a quarter copies of 64 template blocks. `--mix pages`:
-//! the same shares page by page (every non-zero page a run of its own, as
-//! in `snapshot_throughput`): that costs a folded clone two kernel
-//! mappings per page, and what the process's mapping budget cannot pay
-//! for is copied (`copied` in the output).
+//! Contents: blocks of `--block N` pages (default 32), half zero, a
+//! quarter random, a quarter copies of 64 template blocks. `--block 1`
+//! mixes page by page (every non-zero page a run of its own, as in
+//! `snapshot_throughput`): that costs a folded clone two kernel mappings
+//! per page, and what the process's mapping budget cannot pay for is
+//! copied (`copied` in the output).
 //!
-//! `cargo run --release --example snapshot_clones -- [--mix blocks|pages] [DIR]`
+//! `cargo run --release --example snapshot_clones -- [--block N] [DIR]`
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -49,14 +49,12 @@ const CLONES: usize = 16;
 const SIZE: u64 = 256 << 20;
 const SIZE_BYTES: usize = 256 << 20;
 const PAGES: usize = SIZE_BYTES / PAGE_SIZE;
-const BLOCK: usize = 32;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// The source guest's pages: `None` for zero.
-fn contents(blocks: bool) -> Vec<Option<Vec<u8>>> {
+fn contents(unit: usize) -> Vec<Option<Vec<u8>>> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
-    let unit = if blocks { BLOCK } else { 1 };
     let templates: Vec<Vec<Vec<u8>>> = (0..64)
         .map(|_| {
             (0..unit)
@@ -197,15 +195,21 @@ fn measure(
 
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
-    let mut blocks = true;
+    let mut block = 32usize;
     let mut dir = std::env::temp_dir();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--mix" => blocks = args.next().as_deref() != Some("pages"),
+            "--block" => {
+                block = args
+                    .next()
+                    .and_then(|b| b.parse().ok())
+                    .filter(|&b| b > 0 && PAGES % b == 0)
+                    .ok_or("--block takes a number of pages dividing 65536")?;
+            }
             d => dir = PathBuf::from(d),
         }
     }
-    let content = contents(blocks);
+    let content = contents(block);
     let layout = [(GuestPhysAddr(0), SIZE)];
     let src = GuestMemory::new(&layout)?;
     for (i, p) in content.iter().enumerate() {
@@ -246,9 +250,9 @@ fn main() -> Res<()> {
         })
         .collect();
     println!(
-        "{CLONES} clones of a {} MiB snapshot ({} mix): {} pages with content, {} distinct ({} MiB), file {} MiB, {} mappings allowed",
+        "{CLONES} clones of a {} MiB snapshot (blocks of {} pages): {} pages with content, {} distinct ({} MiB), file {} MiB, {} mappings allowed",
         SIZE >> 20,
-        if blocks { "blocks" } else { "pages" },
+        block,
         nonzero,
         snap.stored_pages(),
         distinct >> 20,
