@@ -32,6 +32,14 @@ use rand::{Rng, SeedableRng};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// One test at a time: one reads the process's count of kernel mappings,
+/// which the threads of others would move.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -126,6 +134,7 @@ fn nonzero(img: &[Vec<u8>]) -> usize {
 
 #[test]
 fn four_clones_share_every_content_from_the_first_moment() {
+    let _serial = serial();
     let dir = TempDir::new("folded-four");
     let (src, distinct) = source(1);
     let want = image(&src);
@@ -170,6 +179,7 @@ fn four_clones_share_every_content_from_the_first_moment() {
 
 #[test]
 fn writes_copy_on_write_into_one_vm_and_none_is_lost() {
+    let _serial = serial();
     let dir = TempDir::new("folded-writes");
     let (src, distinct) = source(2);
     let want = image(&src);
@@ -238,6 +248,7 @@ fn writes_copy_on_write_into_one_vm_and_none_is_lost() {
 
 #[test]
 fn two_snapshots_with_content_in_common_share_it() {
+    let _serial = serial();
     let dir = TempDir::new("folded-two");
     let (one, d1) = source(3);
     let (two, _) = source(3);
@@ -269,6 +280,7 @@ fn two_snapshots_with_content_in_common_share_it() {
 
 #[test]
 fn an_incremental_chain_restores_folded() {
+    let _serial = serial();
     let dir = TempDir::new("folded-chain");
     let (src, _) = source(4);
     save(&src, dir.path("0.snap"), &SaveOptions::default()).unwrap();
@@ -296,6 +308,7 @@ fn an_incremental_chain_restores_folded() {
 
 #[test]
 fn a_damaged_snapshot_is_an_error_and_leaves_the_host_as_it_was() {
+    let _serial = serial();
     let dir = TempDir::new("folded-damaged");
     let (src, distinct) = source(5);
     let want = image(&src);
@@ -338,6 +351,7 @@ fn a_damaged_snapshot_is_an_error_and_leaves_the_host_as_it_was() {
 
 #[test]
 fn merge_passes_and_reconciliation_work_on_restored_vms() {
+    let _serial = serial();
     let dir = TempDir::new("folded-merge");
     let (src, distinct) = source(7);
     let want = image(&src);
@@ -402,6 +416,7 @@ fn merge_passes_and_reconciliation_work_on_restored_vms() {
 
 #[test]
 fn domains_share_nothing() {
+    let _serial = serial();
     let dir = TempDir::new("folded-domains");
     let (src, distinct) = source(8);
     let snap = saved(&dir, "a.snap", &src);
@@ -424,6 +439,7 @@ fn domains_share_nothing() {
 
 #[test]
 fn with_no_mapping_budget_pages_are_copied_instead() {
+    let _serial = serial();
     let dir = TempDir::new("folded-budget");
     let (src, _) = source(9);
     let want = image(&src);
@@ -455,6 +471,7 @@ fn with_no_mapping_budget_pages_are_copied_instead() {
 
 #[test]
 fn an_excluded_region_is_copied_and_the_rest_shared() {
+    let _serial = serial();
     let dir = TempDir::new("folded-exclude");
     let (src, _) = source(10);
     let want = image(&src);
@@ -491,6 +508,7 @@ fn an_excluded_region_is_copied_and_the_rest_shared() {
 /// where a first appearance continues them), and many of one page.
 #[test]
 fn a_short_budget_buys_the_longest_runs_first() {
+    let _serial = serial();
     let dir = TempDir::new("folded-short");
     let (src, _) = source(11);
     let want = image(&src);
