@@ -22,8 +22,8 @@ use std::{
 use pagefold::{
     dedup::DedupOptions,
     snapshot::{
-        restore_folded, restore_into, save, save_incremental, FoldedRestore, Part, SaveOptions,
-        SnapshotError, SnapshotReader,
+        restore_folded, restore_folded_as, restore_into, save, save_incremental, FoldLayout,
+        FoldedRestore, Part, SaveOptions, SnapshotError, SnapshotReader,
     },
     DedupHost, DirtyRun, DomainId, FrameStore, GuestMemory, GuestPhysAddr, RegionSet, VmOptions,
     PAGE_SIZE,
@@ -330,16 +330,18 @@ fn a_damaged_snapshot_is_an_error_and_leaves_the_host_as_it_was() {
     let bad_path = dir.path("bad.snap");
     std::fs::write(&bad_path, &raw).unwrap();
     let bad = SnapshotReader::open(&bad_path).unwrap();
-    let err = restore_folded(&host, VmOptions::default(), &bad).unwrap_err();
-    match &err {
-        SnapshotError::ContentHash { at: place, slot } => {
-            assert_eq!(place.part, Part::Content);
-            assert_eq!(*slot, 5);
+    for fold in [FoldLayout::Contents, FoldLayout::Image] {
+        let err = restore_folded_as(&host, VmOptions::default(), &bad, fold).unwrap_err();
+        match &err {
+            SnapshotError::ContentHash { at: place, slot } => {
+                assert_eq!(place.part, Part::Content);
+                assert_eq!(*slot, 5);
+            }
+            e => panic!("expected a content hash error, got {e}"),
         }
-        e => panic!("expected a content hash error, got {e}"),
+        assert_eq!(store.allocated_frames(), frames, "no frame left behind");
+        assert_eq!(store.allocated_bytes().unwrap(), bytes);
     }
-    assert_eq!(store.allocated_frames(), frames, "no frame left behind");
-    assert_eq!(store.allocated_bytes().unwrap(), bytes);
     let st = host.stats().unwrap();
     assert_eq!(st.pages_total, first.stats.pages, "nothing registered");
     // The host goes on: the good file restores, and the first VM is whole.
@@ -532,7 +534,7 @@ fn a_short_budget_buys_the_longest_runs_first() {
         },
     )
     .unwrap();
-    let a = restore_folded(&host, VmOptions::default(), &snap).unwrap();
+    let a = restore_folded_as(&host, VmOptions::default(), &snap, FoldLayout::Contents).unwrap();
     assert_eq!(image(&a.memory), want);
     let s = a.stats;
     assert!(s.remaps > 0 && s.copied_pages > 0, "{s:?}");
@@ -541,4 +543,103 @@ fn a_short_budget_buys_the_longest_runs_first() {
         s.shared_pages >= 4 * s.remaps.min(12),
         "longest runs first: {s:?}"
     );
+}
+
+/// Clones mapping an image of the snapshot (its pages in page order): one
+/// remap per region, the image's pages with content held once, writes
+/// copied on write, and merge passes, reconciliation and unregistering as
+/// for any merged page.
+#[test]
+fn clones_of_an_image_share_it_with_a_remap_per_region() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-image");
+    let (src, _) = source(12);
+    let want = image(&src);
+    let full = nonzero(&want);
+    let snap = saved(&dir, "a.snap", &src);
+    let (store, host) = host();
+    let clones: Vec<FoldedRestore> = (0..4)
+        .map(|_| restore_folded_as(&host, VmOptions::default(), &snap, FoldLayout::Image).unwrap())
+        .collect();
+    for (k, c) in clones.iter().enumerate() {
+        let s = c.stats;
+        assert!(s.image);
+        assert_eq!(s.remaps, 2, "one remap per region");
+        assert_eq!(s.copied_pages, 0);
+        assert_eq!(s.shared_pages, s.pages);
+        let read = if k == 0 { full as u64 } else { 0 };
+        assert_eq!(s.contents_read, read, "clone {k}");
+    }
+    // The image's pages with content, once; its zero pages are holes.
+    assert_eq!(store.allocated_bytes().unwrap(), full as u64 * PAGE);
+    for c in &clones {
+        assert_eq!(image(&c.memory), want);
+    }
+    // Reading a hole may give the image a page of zeros, once for all.
+    assert!(store.allocated_bytes().unwrap() <= want.len() as u64 * PAGE);
+    let mut model = want.clone();
+    clones[0]
+        .memory
+        .write_obj(GuestPhysAddr(3 * PAGE), 5u64)
+        .unwrap();
+    clones[0].memory.write_obj(GuestPhysAddr(0), 6u64).unwrap(); // a zero page
+    model[3][..8].copy_from_slice(&5u64.to_le_bytes());
+    model[0][..8].copy_from_slice(&6u64.to_le_bytes());
+    assert_eq!(image(&clones[0].memory), model);
+    for c in &clones[1..] {
+        assert_eq!(image(&c.memory), want, "the write stayed in clone 0");
+    }
+    assert_eq!(host.stats().unwrap().cow_breaks, 2);
+    host.merge_now().unwrap();
+    let m0 = host.unregister(clones[0].vm).unwrap();
+    assert_eq!(image(&m0), model);
+    for c in &clones[1..] {
+        assert_eq!(image(&c.memory), want);
+    }
+    host.unmerge_all().unwrap();
+    assert_eq!(host.stats().unwrap().pages_shared, 0);
+    for c in &clones[1..] {
+        assert_eq!(image(&c.memory), want);
+    }
+}
+
+/// With too few mappings left for a frame per content run in several
+/// clones, the automatic layout maps an image.
+#[test]
+fn a_budget_short_for_content_runs_chooses_an_image() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-auto");
+    let (src, _) = source(13);
+    let want = image(&src);
+    let snap = saved(&dir, "a.snap", &src);
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count() as u64;
+    let host = DedupHost::with_options(
+        Arc::clone(&store),
+        DedupOptions {
+            map_headroom: max.saturating_sub(now + 100),
+        },
+    )
+    .unwrap();
+    let a = restore_folded(&host, VmOptions::default(), &snap).unwrap();
+    assert!(a.stats.image, "{:?}", a.stats);
+    assert_eq!(a.stats.remaps, 2);
+    assert_eq!(image(&a.memory), want);
+    // With the default budget the same snapshot maps a frame per content.
+    let (_store, roomy) = host_pair();
+    let b = restore_folded(&roomy, VmOptions::default(), &snap).unwrap();
+    assert!(!b.stats.image);
+    assert_eq!(image(&b.memory), want);
+}
+
+fn host_pair() -> (Arc<FrameStore>, DedupHost) {
+    host()
 }

@@ -66,9 +66,9 @@ pub(crate) struct ContentFrames {
 pub(crate) struct Installed {
     /// Pages mapping a shared frame.
     pub(crate) shared_pages: u64,
-    /// Pages that were to map a shared frame, copied into their own frame
-    /// instead: the mapping budget could not pay for their runs, or their
-    /// region is excluded from merging.
+    /// Pages with content that were to map a shared frame, copied into
+    /// their own frame instead: the mapping budget could not pay for their
+    /// runs, or their region is excluded from merging.
     pub(crate) copied_pages: u64,
     /// Remaps made (one per run of pages onto consecutive frames).
     pub(crate) remaps: u64,
@@ -162,6 +162,87 @@ impl<'h> FoldIn<'h> {
         Ok((frames, stats))
     }
 
+    /// A run of frames holding an image: frame `start + k` holds the
+    /// content addressed `pages[k]`, for every page of a layout, zero
+    /// pages (address `zero`) as holes, so a VM can map each of its
+    /// regions with one remap whatever the order of its contents. Found
+    /// again by `key` (the image's name: a snapshot's id) while every
+    /// frame is still there with its address, else made and filled by
+    /// `fill(first, bytes)` with the pages `pages[first..]` that are not
+    /// zero, a stretch at a time. Each frame is recorded as a shared frame
+    /// (keyed hash and address, so restores and merge passes find the
+    /// contents in it) and pinned until this restore ends. Returns the
+    /// first frame and whether the image was found.
+    pub(crate) fn image_frames<E: From<DedupError>>(
+        &mut self,
+        key: &Address,
+        pages: &[Address],
+        zero: &Address,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(FrameNumber, bool), E> {
+        {
+            let mut shared = lock(&self.inner.shared);
+            if let Some(start) = shared.lookup_image(self.domain, key, pages) {
+                for k in 0..pages.len() {
+                    let f = FrameNumber(start.0 + k as u64);
+                    shared.add_ref(f, 1);
+                    self.pinned.push(f);
+                }
+                return Ok((start, true));
+            }
+        }
+        if pages.is_empty() {
+            return Err(DedupError::Frames(FrameError::Empty).into());
+        }
+        let store = &self.inner.store;
+        let base = store
+            .allocate(pages.len() as u64)
+            .map_err(DedupError::from)?;
+        let mut hashes = vec![self.key.zero_hash(); pages.len()];
+        let mut buf = vec![0u8; FILL_CHUNK * PAGE_SIZE];
+        let mut k = 0;
+        while k < pages.len() {
+            if pages[k] == *zero {
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < pages.len() && e - k < FILL_CHUNK && pages[e] != *zero {
+                e += 1;
+            }
+            let bytes = &mut buf[..(e - k) * PAGE_SIZE];
+            let filled = fill(k, bytes).and_then(|()| {
+                store
+                    .write_frames(FrameNumber(base.start.0 + k as u64), bytes)
+                    .map_err(|e| DedupError::from(e).into())
+            });
+            if let Err(err) = filled {
+                let _ = store.free(base);
+                return Err(err);
+            }
+            let key = &self.key;
+            hashes[k..e]
+                .par_iter_mut()
+                .zip(bytes.par_chunks(PAGE_SIZE))
+                .for_each(|(h, p)| *h = key.hash(p));
+            k = e;
+        }
+        let contents: Vec<(u64, Address)> = hashes.into_iter().zip(pages.iter().copied()).collect();
+        let mut shared = lock(&self.inner.shared);
+        if !shared.insert_addressed_run(base.start, self.domain, &contents) {
+            drop(shared);
+            let _ = store.free(base);
+            return Err(DedupError::Frames(FrameError::TooLarge { frames: base.count }).into());
+        }
+        shared.insert_image(self.domain, *key, base.start);
+        for k in 0..pages.len() {
+            let f = FrameNumber(base.start.0 + k as u64);
+            shared.add_ref(f, 1);
+            self.pinned.push(f);
+        }
+        Ok((base.start, false))
+    }
+
     /// Fills frames `base` with the contents `missing` names (indexes
     /// into the caller's addresses), a stretch of consecutive indexes per
     /// call of `fill`, and returns each one's keyed hash.
@@ -249,6 +330,8 @@ impl<'h> FoldIn<'h> {
         let mut out = Installed::default();
         let mut remapped: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
         let mut buf = Vec::new();
+        // Pages copied as zeros: holes, released below.
+        let mut holes: Vec<(usize, usize)> = Vec::new();
         for &(ri, page, count, frame) in &runs {
             let region = &mem.regions()[ri];
             let excluded = options.exclude.contains(&region.start());
@@ -269,8 +352,9 @@ impl<'h> FoldIn<'h> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            copy_run(&store, region, page, count, frame, &mut buf)?;
-            out.copied_pages += count as u64;
+            out.copied_pages += copy_run(&store, region, page, count, frame, &mut buf, &mut |p| {
+                holes.push((ri, p));
+            })?;
         }
         if mem.frame_store().options().populate {
             // Mapped up front: the own frames under the remapped pages
@@ -287,16 +371,19 @@ impl<'h> FoldIn<'h> {
         // so, as a discard leaves them): a read then takes zeros from the
         // file without allocating, where a read through the mapping would
         // allocate the hole.
-        for (region, f) in mem.regions().iter().zip(frames) {
-            if f.iter().any(Option::is_none) {
-                region.enable_state_checks();
-            }
+        let none = frames.iter().enumerate().flat_map(|(ri, f)| {
+            f.iter()
+                .enumerate()
+                .filter(|(_, f)| f.is_none())
+                .map(move |(p, _)| (ri, p))
+        });
+        for (ri, p) in none.chain(holes) {
+            let region = &mem.regions()[ri];
+            region.enable_state_checks();
             let states = region.page_states();
-            for (p, _) in f.iter().enumerate().filter(|(_, f)| f.is_none()) {
-                let seen = states.load(p);
-                if seen.kind() == PageKind::Private && !seen.is_remapped() {
-                    let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
-                }
+            let seen = states.load(p);
+            if seen.kind() == PageKind::Private && !seen.is_remapped() {
+                let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
             }
         }
         // Published as merged, as a merge publishes (the pages are fresh
@@ -336,7 +423,9 @@ impl<'h> FoldIn<'h> {
 }
 
 /// Copies frames `frame..` into the own frames of pages `page..` of
-/// `region` (`count` of each), a chunk per `pread` and `pwrite`.
+/// `region` (`count` of each), a chunk per `pread` and a `pwrite` per
+/// stretch of pages with content (a zero page stays a hole, handed to
+/// `hole`); returns the pages with content.
 fn copy_run(
     shared: &FrameStore,
     region: &GuestRegion,
@@ -344,18 +433,36 @@ fn copy_run(
     count: usize,
     frame: FrameNumber,
     buf: &mut Vec<u8>,
-) -> Result<(), DedupError> {
+    hole: &mut dyn FnMut(usize),
+) -> Result<u64, DedupError> {
+    let mut copied = 0;
     let mut k = 0;
     while k < count {
         let n = COPY_CHUNK.min(count - k);
         buf.resize(n * PAGE_SIZE, 0);
         shared.read_frames(FrameNumber(frame.0 + k as u64), buf)?;
-        region
-            .store()
-            .write_frames(region.own_frame(page + k), buf)?;
+        let zero: Vec<bool> = buf
+            .chunks_exact(PAGE_SIZE)
+            .map(|p| p.iter().all(|&b| b == 0))
+            .collect();
+        let mut j = 0;
+        while j < n {
+            if zero[j] {
+                hole(page + k + j);
+                j += 1;
+                continue;
+            }
+            let e = (j..n).find(|&e| zero[e]).unwrap_or(n);
+            region.store().write_frames(
+                region.own_frame(page + k + j),
+                &buf[j * PAGE_SIZE..e * PAGE_SIZE],
+            )?;
+            copied += (e - j) as u64;
+            j = e;
+        }
         k += n;
     }
-    Ok(())
+    Ok(copied)
 }
 
 impl Drop for FoldIn<'_> {

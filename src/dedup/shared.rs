@@ -142,6 +142,11 @@ pub(crate) struct SharedFrames {
     by_address: HashMap<(DomainId, Address), FrameNumber>,
     /// The address of each frame that has one, by frame number.
     address_of: HashMap<u64, Address>,
+    /// Images (a run of frames holding a snapshot's pages in page order)
+    /// by their key, per domain: where each starts. An entry may outlive
+    /// frames of its image; [`lookup_image`](Self::lookup_image) checks
+    /// every frame.
+    images: HashMap<(DomainId, Address), FrameNumber>,
 }
 
 /// A content address: the BLAKE3 hash of a page's bytes.
@@ -212,6 +217,34 @@ impl SharedFrames {
             self.address_of.insert(frame.0, address);
         }
         all
+    }
+
+    /// The image of `domain` under `key` whose frame `k` holds `pages[k]`
+    /// (an address) for every `k`, if there is one: each frame still
+    /// recorded, with that address. A stale entry is dropped.
+    pub(crate) fn lookup_image(
+        &mut self,
+        domain: DomainId,
+        key: &Address,
+        pages: &[Address],
+    ) -> Option<FrameNumber> {
+        let start = *self.images.get(&(domain, *key))?;
+        let whole = pages.iter().enumerate().all(|(k, a)| {
+            let f = FrameNumber(start.0 + k as u64);
+            self.slot_of(f)
+                .is_some_and(|s| self.record(s).domain == domain)
+                && self.address_of.get(&f.0) == Some(a)
+        });
+        if !whole {
+            self.images.remove(&(domain, *key));
+        }
+        whole.then_some(start)
+    }
+
+    /// Names the image starting at `start` (recorded with
+    /// [`insert_addressed_run`](Self::insert_addressed_run)) `key`.
+    pub(crate) fn insert_image(&mut self, domain: DomainId, key: Address, start: FrameNumber) {
+        self.images.insert((domain, key), start);
     }
 
     /// Records a new shared frame with no references yet.
@@ -510,7 +543,9 @@ impl SharedFrames {
             + self.by_content.allocation_size()
             + self.by_address.capacity()
                 * std::mem::size_of::<((DomainId, Address), FrameNumber)>()
-            + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>()) as u64
+            + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>()
+            + self.images.capacity() * std::mem::size_of::<((DomainId, Address), FrameNumber)>())
+            as u64
     }
 }
 

@@ -15,7 +15,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{
     error::{Part, Problem, SnapshotError},
-    format::Hash,
+    format::{content_hash, Hash},
     reader::{Located, SnapshotReader},
 };
 use crate::{
@@ -54,16 +54,46 @@ pub struct FoldedStats {
     pub contents: u64,
     /// Of those, contents the domain held already (no read).
     pub contents_found: u64,
-    /// Of those, contents read from the snapshot files into new frames.
+    /// Of those, contents read from the snapshot files into new frames
+    /// (for a new image: its pages with content).
     pub contents_read: u64,
     /// Remaps made (one per run of pages onto consecutive frames).
     pub remaps: u64,
+    /// Whether the pages map an image of the snapshot (see
+    /// [`restore_folded`]) rather than a frame per distinct content.
+    pub image: bool,
+}
+
+/// Clones of one snapshot [`FoldLayout::Auto`] plans the process's
+/// mapping budget for: past `budget / PLANNED_CLONES` mappings a clone, it
+/// maps an image instead.
+pub const PLANNED_CLONES: u64 = 8;
+
+/// How a folded restore lays out the frames its pages map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FoldLayout {
+    /// [`Contents`](Self::Contents) while a clone's remaps (two mappings
+    /// per run of pages onto consecutive frames) fit the process's mapping
+    /// budget [`PLANNED_CLONES`] times, else [`Image`](Self::Image).
+    #[default]
+    Auto,
+    /// A frame per distinct content of the domain, shared with every
+    /// snapshot that has it: the least memory, but each run of pages
+    /// whose contents are not stored one after another costs a remap (a
+    /// repeated content, one per page).
+    Contents,
+    /// The snapshot's pages in page order in a run of frames (its zero
+    /// pages holes), shared by every clone of this snapshot: one remap per
+    /// region, at the price of the snapshot's duplicate pages stored
+    /// again (contents already in the domain are not looked up).
+    Image,
 }
 
 /// Restores `snap` (with its ancestors attached) as a new VM of `host`, in
 /// the domain and with the excluded regions of `options`, its pages
-/// mapping the domain's shared frames from the start (see the module).
-/// The memory lives in the host's frame store, with the snapshot's layout.
+/// mapping the domain's shared frames from the start (see the module),
+/// laid out as [`FoldLayout::Auto`] chooses. The memory lives in the
+/// host's frame store, with the snapshot's layout.
 ///
 /// On an error (a damaged page, a missing ancestor, the host's frame
 /// store failing) nothing is registered, no content read by this restore
@@ -73,6 +103,16 @@ pub fn restore_folded(
     host: &DedupHost,
     options: VmOptions,
     snap: &SnapshotReader,
+) -> Result<FoldedRestore, SnapshotError> {
+    restore_folded_as(host, options, snap, FoldLayout::Auto)
+}
+
+/// [`restore_folded`] with the frames laid out as `fold_layout` says.
+pub fn restore_folded_as(
+    host: &DedupHost,
+    options: VmOptions,
+    snap: &SnapshotReader,
+    fold_layout: FoldLayout,
 ) -> Result<FoldedRestore, SnapshotError> {
     let layout = snap.layout();
     // Checked before any content is read (registration checks it again).
@@ -134,16 +174,89 @@ pub fn restore_folded(
     }
     stats.contents = sorted.len() as u64;
 
-    let mut fold = host.fold_in(options.domain)?;
-    let (frames, found) = fold.frames_for_contents(&addrs, |first, dst: &mut [u8]| {
-        fill(&chain, &sorted[first..], dst)
-    })?;
-    stats.contents_found = found.found;
-    stats.contents_read = found.filled;
-    let page_frames: Vec<Vec<Option<FrameNumber>>> = pages
+    // The mappings each clone would cost with a frame per distinct
+    // content: a run per stretch of pages on consecutive frames (in rank
+    // order, as new frames are allocated), two each.
+    let runs: u64 = pages
         .iter()
-        .map(|r| r.iter().map(|c| c.map(|c| frames[rank[c]])).collect())
-        .collect();
+        .map(|r| {
+            let mut n = 0u64;
+            let mut prev: Option<usize> = None;
+            for c in r {
+                let here = c.map(|c| rank[c]);
+                if let Some(x) = here {
+                    if prev.is_none_or(|p| p + 1 != x) {
+                        n += 1;
+                    }
+                }
+                prev = here;
+            }
+            n
+        })
+        .sum();
+    let image = match fold_layout {
+        FoldLayout::Contents => false,
+        FoldLayout::Image => true,
+        FoldLayout::Auto => {
+            let budget = host.frame_store().map_budget();
+            budget.refresh();
+            2 * runs * PLANNED_CLONES > budget.left()
+        }
+    };
+
+    let mut fold = host.fold_in(options.domain)?;
+    let page_frames: Vec<Vec<Option<FrameNumber>>> = if image {
+        // Every page of the layout in order, zero pages as holes.
+        let zero = content_hash(&[0u8; PAGE_SIZE]);
+        let flat: Vec<Option<usize>> = pages.iter().flatten().copied().collect();
+        let page_addrs: Vec<Hash> = flat
+            .iter()
+            .map(|c| match c {
+                Some(c) => addrs[rank[*c]],
+                None => zero,
+            })
+            .collect();
+        let (start, found) =
+            fold.image_frames(&snap.id().0, &page_addrs, &zero, |first, dst: &mut [u8]| {
+                let n = dst.len() / PAGE_SIZE;
+                let list: Vec<(usize, u64)> = flat
+                    .get(first..first + n)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|c| c.map(|c| contents[c]))
+                    .collect();
+                fill(&chain, &list, dst)
+            })?;
+        stats.image = true;
+        let nonzero = layout.total() - stats.zero_pages;
+        if found {
+            stats.contents_found = stats.contents;
+        } else {
+            stats.contents_read = nonzero;
+        }
+        let mut next = start.0;
+        pages
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|_| {
+                        next += 1;
+                        Some(FrameNumber(next - 1))
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        let (frames, found) = fold.frames_for_contents(&addrs, |first, dst: &mut [u8]| {
+            fill(&chain, &sorted[first..], dst)
+        })?;
+        stats.contents_found = found.found;
+        stats.contents_read = found.filled;
+        pages
+            .iter()
+            .map(|r| r.iter().map(|c| c.map(|c| frames[rank[c]])).collect())
+            .collect()
+    };
     drop(pages);
     let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())?;
     let (vm, memory, installed) = fold.install(mem, options, &page_frames)?;

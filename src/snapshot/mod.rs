@@ -65,7 +65,9 @@ mod scan;
 mod table;
 
 pub use error::{Part, Place, Problem, SnapshotError};
-pub use folded::{restore_folded, FoldedRestore, FoldedStats};
+pub use folded::{
+    restore_folded, restore_folded_as, FoldLayout, FoldedRestore, FoldedStats, PLANNED_CLONES,
+};
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;
 pub use map::PageSource;
