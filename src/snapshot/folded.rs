@@ -4,12 +4,15 @@
 //! from several with content in common) hold each content once from the
 //! first moment, with no copy and no merge pass.
 //!
-//! Each distinct content the snapshot's pages name is looked up in the
-//! domain by its BLAKE3 address (contents an earlier restore filled and a
-//! page still maps); the others are read from their files, a `pread` per
-//! run of slots and checked against their addresses as every read is, into
-//! one new run of shared frames. Zero pages stay holes. The dedup side
-//! (`dedup/fold_in.rs`) does the rest under the host's scan lock.
+//! Two layouts ([`FoldLayout`]). Contents: each distinct content the
+//! snapshot's pages name is looked up in the domain by its BLAKE3 address
+//! (contents an earlier restore filled and a page still maps); the others
+//! are read from their files, a `pread` per run of slots and checked
+//! against their addresses as every read is, into one new run of shared
+//! frames. Image: the snapshot's pages in page order in one run of frames,
+//! found again by the snapshot's id, so a clone maps each region with one
+//! remap. Zero pages stay holes. The dedup side (`dedup/fold_in.rs`) does
+//! the rest under the host's scan lock.
 
 use std::{collections::HashMap, sync::Arc};
 
