@@ -4,7 +4,7 @@
 //! - `folded`: pagefold's [`restore_folded`] into one dedup host, its
 //!   layout chosen by `FoldLayout::Auto`: each distinct content in one
 //!   shared frame (or, where that would cost more kernel mappings than the
-//!   budget holds for 8 clones, an image of the snapshot in page order),
+//!   budget holds for 16 clones, an image of the snapshot in page order),
 //!   every clone's pages mapping it copy-on-write from the restore on;
 //! - `map_private`: Firecracker's way, written here as a small baseline:
 //!   the raw memory file (on tmpfs: a memfd holding the non-zero pages,

@@ -572,6 +572,11 @@ fn clones_of_an_image_share_it_with_a_remap_per_region() {
     }
     // The image's pages with content, once; its zero pages are holes.
     assert_eq!(store.allocated_bytes().unwrap(), full as u64 * PAGE);
+    // The automatic layout keeps to the image this snapshot has.
+    let auto = restore_folded(&host, VmOptions::default(), &snap).unwrap();
+    assert!(auto.stats.image && auto.stats.contents_read == 0);
+    assert_eq!(image(&auto.memory), want);
+    drop(auto);
     for c in &clones {
         assert_eq!(image(&c.memory), want);
     }

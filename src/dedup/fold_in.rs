@@ -91,6 +91,21 @@ impl<'h> FoldIn<'h> {
         })
     }
 
+    /// Whether the domain has an image named `key` (made by
+    /// [`image_frames`](Self::image_frames); it may have lost frames).
+    pub(crate) fn has_image(&self, key: &Address) -> bool {
+        lock(&self.inner.shared).has_image(self.domain, key)
+    }
+
+    /// How many of `addrs` the domain holds a frame of.
+    pub(crate) fn held_contents(&self, addrs: &[Address]) -> usize {
+        let shared = lock(&self.inner.shared);
+        addrs
+            .iter()
+            .filter(|a| shared.lookup_address(self.domain, a).is_some())
+            .count()
+    }
+
     /// A frame of the domain for each of `addrs` (distinct content
     /// addresses), in order, each pinned until this restore ends. Contents
     /// the domain holds already (filled by an earlier restore and still

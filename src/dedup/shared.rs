@@ -241,6 +241,12 @@ impl SharedFrames {
         whole.then_some(start)
     }
 
+    /// Whether an image of `domain` is named `key` (it may have lost
+    /// frames since: [`lookup_image`](Self::lookup_image) checks).
+    pub(crate) fn has_image(&self, domain: DomainId, key: &Address) -> bool {
+        self.images.contains_key(&(domain, *key))
+    }
+
     /// Names the image starting at `start` (recorded with
     /// [`insert_addressed_run`](Self::insert_addressed_run)) `key`.
     pub(crate) fn insert_image(&mut self, domain: DomainId, key: Address, start: FrameNumber) {

@@ -68,16 +68,19 @@ pub struct FoldedStats {
 }
 
 /// Clones of one snapshot [`FoldLayout::Auto`] plans the process's
-/// mapping budget for: past `budget / PLANNED_CLONES` mappings a clone, it
-/// maps an image instead.
-pub const PLANNED_CLONES: u64 = 8;
+/// mapping budget for: a snapshot new to the domain whose clone would
+/// cost more than `budget / PLANNED_CLONES` mappings is mapped as an image.
+pub const PLANNED_CLONES: u64 = 16;
 
 /// How a folded restore lays out the frames its pages map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FoldLayout {
-    /// [`Contents`](Self::Contents) while a clone's remaps (two mappings
+    /// [`Image`](Self::Image) where the domain has an image of the
+    /// snapshot already; else [`Contents`](Self::Contents) where the
+    /// domain holds every content and this clone's remaps (two mappings
     /// per run of pages onto consecutive frames) fit the process's mapping
-    /// budget [`PLANNED_CLONES`] times, else [`Image`](Self::Image).
+    /// budget, or for a snapshot new to the domain where they fit it
+    /// [`PLANNED_CLONES`] times; else an image.
     #[default]
     Auto,
     /// A frame per distinct content of the domain, shared with every
@@ -197,17 +200,26 @@ pub fn restore_folded_as(
             n
         })
         .sum();
+    let mut fold = host.fold_in(options.domain)?;
     let image = match fold_layout {
         FoldLayout::Contents => false,
         FoldLayout::Image => true,
         FoldLayout::Auto => {
             let budget = host.frame_store().map_budget();
             budget.refresh();
-            2 * runs * PLANNED_CLONES > budget.left()
+            let cost = 2 * runs;
+            if fold.has_image(&snap.id().0) {
+                // Clones of this snapshot map an image already.
+                true
+            } else if fold.held_contents(&addrs) == addrs.len() {
+                // Its contents are all there: this clone maps them if it
+                // can.
+                cost > budget.left()
+            } else {
+                cost * PLANNED_CLONES > budget.left()
+            }
         }
     };
-
-    let mut fold = host.fold_in(options.domain)?;
     let page_frames: Vec<Vec<Option<FrameNumber>>> = if image {
         // Every page of the layout in order, zero pages as holes.
         let zero = content_hash(&[0u8; PAGE_SIZE]);
