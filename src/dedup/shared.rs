@@ -643,6 +643,34 @@ mod tests {
         Ok(())
     }
 
+    /// An image is found by its key while every frame holds its address;
+    /// once one is freed the entry is stale and dropped.
+    #[test]
+    fn an_image_is_found_while_whole() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let frames = store.allocate(3)?;
+        let mut t = SharedFrames::default();
+        let d = DomainId(1);
+        let pages = [[1u8; 32], [0u8; 32], [1u8; 32]];
+        let contents: Vec<(u64, Address)> = pages.iter().map(|&a| (u64::from(a[0]), a)).collect();
+        assert!(t.insert_addressed_run(frames.start, d, &contents));
+        t.insert_image(d, [9; 32], frames.start);
+        for k in 0..3 {
+            t.add_ref(FrameNumber(frames.start.0 + k), 1);
+        }
+        assert!(t.has_image(d, &[9; 32]));
+        assert_eq!(t.lookup_image(d, &[9; 32], &pages), Some(frames.start));
+        assert_eq!(t.lookup_image(DomainId(2), &[9; 32], &pages), None);
+        let other = [[1u8; 32], [2u8; 32], [1u8; 32]];
+        assert_eq!(t.lookup_image(d, &[9; 32], &other), None, "another image");
+        t.insert_image(d, [9; 32], frames.start);
+        t.drop_ref(&store, FrameNumber(frames.start.0 + 1))?;
+        assert_eq!(t.lookup_image(d, &[9; 32], &pages), None);
+        assert!(!t.has_image(d, &[9; 32]), "a stale entry is dropped");
+        check(&t);
+        Ok(())
+    }
+
     /// Freeing most frames compacts the slab; every survivor is still
     /// found by frame and by content, and counted.
     #[test]
