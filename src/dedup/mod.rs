@@ -20,6 +20,7 @@
 
 mod catch_up;
 mod error;
+mod fold_in;
 mod handler;
 mod incremental;
 mod key;
@@ -53,12 +54,12 @@ use std::{
 };
 
 pub use error::DedupError;
+pub(crate) use fold_in::FoldIn;
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use remote::RemoteError;
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
 use self::{
-    key::DomainKey,
     locks::{lock, read, write},
     pagemap::PageMap,
     scan::Batches,
@@ -189,59 +190,14 @@ impl DedupHost {
         options: VmOptions,
         remote: Option<Arc<dyn remote::RemoteMapper>>,
     ) -> Result<VmId, DedupError> {
-        // A merged page's own frame is punched, and mapped back on unmerge:
-        // anonymous memory has no frames.
-        mem.frame_store().file("dedup")?;
-        if mem.frame_store().granule() != PageSize::Size4K {
-            return Err(DedupError::HugeBacking(mem.frame_store().granule()));
-        }
-        if let Some(&bad) = options
-            .exclude
-            .iter()
-            .find(|a| !mem.regions().iter().any(|r| r.start() == **a))
-        {
-            return Err(DedupError::NoSuchRegion(bad));
-        }
-        // One host per memory: two would each think they own its pages.
-        if !mem.claim_for_dedup() {
-            return Err(DedupError::AlreadyRegistered);
-        }
-        {
-            let mut scan = lock(&self.inner.scan);
-            if let std::collections::hash_map::Entry::Vacant(slot) = scan.keys.entry(options.domain)
-            {
-                let key = match DomainKey::random() {
-                    Ok(key) => key,
-                    Err(e) => {
-                        // Leave the memory as it came: free for another host.
-                        mem.release_from_dedup();
-                        return Err(DedupError::Random(e.to_string()));
-                    }
-                };
-                slot.insert(Arc::new(key));
-            }
-        }
-        let id = VmId(self.inner.next_vm.fetch_add(1, Ordering::Relaxed));
-        let included = mem
-            .regions()
-            .iter()
-            .map(|r| !options.exclude.contains(&r.start()))
-            .collect();
-        let hashes = mem
-            .regions()
-            .iter()
-            .map(|r| vec![0u32; r.pages()])
-            .collect();
-        lock(&self.inner.scan).old_hashes.insert(id, hashes);
-        write(&self.inner.vms).push(Arc::new(VmEntry {
-            id,
-            mem,
-            domain: options.domain,
-            included,
-            cow_breaks: AtomicU64::new(0),
-            remote,
-        }));
-        Ok(id)
+        let mut scan = lock(&self.inner.scan);
+        self.inner.add_vm(&mut scan, mem, options, remote)
+    }
+
+    /// Starts restoring a VM into `domain` already merged (see
+    /// `fold_in.rs`): holds the scan's lock until the returned value ends.
+    pub(crate) fn fold_in(&self, domain: DomainId) -> Result<FoldIn<'_>, DedupError> {
+        FoldIn::new(&self.inner, lock(&self.inner.scan), domain)
     }
 
     /// Unmerges a VM's pages and forgets it; returns its memory.

@@ -19,6 +19,8 @@
 //! million frames (power-of-two buckets) and was 2.5 bytes per tracked
 //! page more, and more again while it grew.
 
+use std::collections::HashMap;
+
 use hashbrown::HashTable;
 
 use super::options::DomainId;
@@ -133,7 +135,22 @@ pub(crate) struct SharedFrames {
     /// Sorted by frame, never overlapping.
     extents: Vec<Extent>,
     by_content: HashTable<u32>,
+    /// Content addresses (BLAKE3 of the bytes, a snapshot's name for a
+    /// content) of the frames filled from one, per domain: how a restore
+    /// finds a content it needs without reading it. An entry goes with
+    /// its frame.
+    by_address: HashMap<(DomainId, Address), FrameNumber>,
+    /// The address of each frame that has one, by frame number.
+    address_of: HashMap<u64, Address>,
+    /// Images (a run of frames holding a snapshot's pages in page order)
+    /// by their key, per domain: where each starts. An entry may outlive
+    /// frames of its image; [`lookup_image`](Self::lookup_image) checks
+    /// every frame.
+    images: HashMap<(DomainId, Address), FrameNumber>,
 }
+
+/// A content address: the BLAKE3 hash of a page's bytes.
+pub(crate) type Address = [u8; 32];
 
 impl SharedFrames {
     fn record(&self, slot: u32) -> &Record {
@@ -166,6 +183,74 @@ impl SharedFrames {
                 r.domain == domain && r.hash == hash
             })
             .map(|&s| self.record(s).frame)
+    }
+
+    /// The shared frame of `domain` filled with the content whose address
+    /// is `address`, if it is still there.
+    pub(crate) fn lookup_address(
+        &self,
+        domain: DomainId,
+        address: &Address,
+    ) -> Option<FrameNumber> {
+        self.by_address.get(&(domain, *address)).copied()
+    }
+
+    /// [`insert_run`](Self::insert_run) of frames filled from content
+    /// addresses: frame `start + k` holds `contents[k]`, hashed `hash` in
+    /// `domain` and addressed `address`. Returns whether every frame was
+    /// recorded (past 2^32 records one is not, and must not be mapped).
+    pub(crate) fn insert_addressed_run(
+        &mut self,
+        start: FrameNumber,
+        domain: DomainId,
+        contents: &[(u64, Address)],
+    ) -> bool {
+        self.insert_run(start, contents.iter().map(|&(hash, _)| (domain, hash)));
+        let mut all = true;
+        for (k, &(_, address)) in contents.iter().enumerate() {
+            let frame = FrameNumber(start.0 + k as u64);
+            if self.slot_of(frame).is_none() {
+                all = false;
+                continue;
+            }
+            self.by_address.insert((domain, address), frame);
+            self.address_of.insert(frame.0, address);
+        }
+        all
+    }
+
+    /// The image of `domain` under `key` whose frame `k` holds `pages[k]`
+    /// (an address) for every `k`, if there is one: each frame still
+    /// recorded, with that address. A stale entry is dropped.
+    pub(crate) fn lookup_image(
+        &mut self,
+        domain: DomainId,
+        key: &Address,
+        pages: &[Address],
+    ) -> Option<FrameNumber> {
+        let start = *self.images.get(&(domain, *key))?;
+        let whole = pages.iter().enumerate().all(|(k, a)| {
+            let f = FrameNumber(start.0 + k as u64);
+            self.slot_of(f)
+                .is_some_and(|s| self.record(s).domain == domain)
+                && self.address_of.get(&f.0) == Some(a)
+        });
+        if !whole {
+            self.images.remove(&(domain, *key));
+        }
+        whole.then_some(start)
+    }
+
+    /// Whether an image of `domain` is named `key` (it may have lost
+    /// frames since: [`lookup_image`](Self::lookup_image) checks).
+    pub(crate) fn has_image(&self, domain: DomainId, key: &Address) -> bool {
+        self.images.contains_key(&(domain, *key))
+    }
+
+    /// Names the image starting at `start` (recorded with
+    /// [`insert_addressed_run`](Self::insert_addressed_run)) `key`.
+    pub(crate) fn insert_image(&mut self, domain: DomainId, key: Address, start: FrameNumber) {
+        self.images.insert((domain, key), start);
     }
 
     /// Records a new shared frame with no references yet.
@@ -388,10 +473,16 @@ impl SharedFrames {
         {
             e.remove();
         }
+        if let Some(a) = self.address_of.get(&r.frame.0).copied() {
+            if self.by_address.get(&(r.domain, a)) == Some(&r.frame) {
+                self.by_address.remove(&(r.domain, a));
+            }
+        }
         store.free(FrameRange {
             start: r.frame,
             count: 1,
         })?;
+        self.address_of.remove(&r.frame.0);
         *self.slab.get_mut(slot) = FREE;
         self.live -= 1;
         Ok(())
@@ -432,6 +523,8 @@ impl SharedFrames {
     /// its next insert, a rehash of every entry.
     pub(crate) fn trim(&mut self) {
         self.extents.shrink_to_fit();
+        self.by_address.shrink_to_fit();
+        self.address_of.shrink_to_fit();
         let slab = &self.slab;
         self.by_content.shrink_to(0, |&x| {
             let r = slab.get(x);
@@ -453,7 +546,12 @@ impl SharedFrames {
     pub(crate) fn metadata_bytes(&self) -> u64 {
         (self.slab.allocated_bytes()
             + self.extents.capacity() * std::mem::size_of::<Extent>()
-            + self.by_content.allocation_size()) as u64
+            + self.by_content.allocation_size()
+            + self.by_address.capacity()
+                * std::mem::size_of::<((DomainId, Address), FrameNumber)>()
+            + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>()
+            + self.images.capacity() * std::mem::size_of::<((DomainId, Address), FrameNumber)>())
+            as u64
     }
 }
 
@@ -505,6 +603,71 @@ mod tests {
             "{}",
             t.metadata_bytes()
         );
+        Ok(())
+    }
+
+    /// Frames filled from content addresses are found by address in their
+    /// domain only, by content hash as any other, and the address goes
+    /// with the frame.
+    #[test]
+    fn addressed_frames_are_found_by_address_until_freed() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let frames = store.allocate(3)?;
+        let mut t = SharedFrames::default();
+        let d = DomainId(2);
+        let addr = |b: u8| [b; 32];
+        assert!(t.insert_addressed_run(
+            frames.start,
+            d,
+            &[(10, addr(1)), (11, addr(2)), (12, addr(3))]
+        ));
+        let f = |k: u64| FrameNumber(frames.start.0 + k);
+        for k in 0..3 {
+            t.add_ref(f(k), 1);
+        }
+        assert_eq!(t.lookup_address(d, &addr(2)), Some(f(1)));
+        assert_eq!(
+            t.lookup_address(DomainId(3), &addr(2)),
+            None,
+            "domains never mix"
+        );
+        assert_eq!(t.lookup(d, 12), Some(f(2)));
+        t.drop_ref(&store, f(1))?;
+        assert_eq!(t.lookup_address(d, &addr(2)), None);
+        assert_eq!(t.lookup_address(d, &addr(1)), Some(f(0)));
+        t.recount(&store, |_| {})?;
+        assert_eq!(t.lookup_address(d, &addr(1)), None);
+        assert!(t.address_of.is_empty() && t.by_address.is_empty());
+        assert_eq!(store.allocated_frames(), 0);
+        check(&t);
+        Ok(())
+    }
+
+    /// An image is found by its key while every frame holds its address;
+    /// once one is freed the entry is stale and dropped.
+    #[test]
+    fn an_image_is_found_while_whole() -> Result<(), FrameError> {
+        let store = FrameStore::memfd()?;
+        let frames = store.allocate(3)?;
+        let mut t = SharedFrames::default();
+        let d = DomainId(1);
+        let pages = [[1u8; 32], [0u8; 32], [1u8; 32]];
+        let contents: Vec<(u64, Address)> = pages.iter().map(|&a| (u64::from(a[0]), a)).collect();
+        assert!(t.insert_addressed_run(frames.start, d, &contents));
+        t.insert_image(d, [9; 32], frames.start);
+        for k in 0..3 {
+            t.add_ref(FrameNumber(frames.start.0 + k), 1);
+        }
+        assert!(t.has_image(d, &[9; 32]));
+        assert_eq!(t.lookup_image(d, &[9; 32], &pages), Some(frames.start));
+        assert_eq!(t.lookup_image(DomainId(2), &[9; 32], &pages), None);
+        let other = [[1u8; 32], [2u8; 32], [1u8; 32]];
+        assert_eq!(t.lookup_image(d, &[9; 32], &other), None, "another image");
+        t.insert_image(d, [9; 32], frames.start);
+        t.drop_ref(&store, FrameNumber(frames.start.0 + 1))?;
+        assert_eq!(t.lookup_image(d, &[9; 32], &pages), None);
+        assert!(!t.has_image(d, &[9; 32]), "a stale entry is dropped");
+        check(&t);
         Ok(())
     }
 

@@ -6,21 +6,25 @@
 
 use std::{
     collections::HashMap,
-    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
 };
 
 use super::{
     error::DedupError,
     key::DomainKey,
+    locks::write,
     merge::{self, MergeCtx},
-    options::{DomainId, VmId},
+    options::{DomainId, VmId, VmOptions},
     pagemap::PageMap,
-    remote::RemoteRegion,
+    remote::{RemoteMapper, RemoteRegion},
     shared::SharedFrames,
     unstable::Unstable,
     vm::VmEntry,
 };
-use crate::{frames::FrameStore, userfault::Userfault};
+use crate::{addr::PageSize, frames::FrameStore, memory::GuestMemory, userfault::Userfault};
 
 pub(super) struct ScanState {
     pub(super) keys: HashMap<DomainId, Arc<DomainKey>>,
@@ -67,7 +71,73 @@ pub(super) struct Inner {
     pub(super) background_errors: AtomicU64,
 }
 
+impl ScanState {
+    /// The hashing key of `domain`, made on its first use.
+    pub(super) fn domain_key(&mut self, domain: DomainId) -> Result<Arc<DomainKey>, DedupError> {
+        if let Some(key) = self.keys.get(&domain) {
+            return Ok(Arc::clone(key));
+        }
+        let key = Arc::new(DomainKey::random().map_err(|e| DedupError::Random(e.to_string()))?);
+        self.keys.insert(domain, Arc::clone(&key));
+        Ok(key)
+    }
+}
+
 impl Inner {
+    /// Registers a VM (under the scan's lock, `scan`). Its memory may live
+    /// in this host's frame store or in a store of its own (4 KiB pages).
+    pub(super) fn add_vm(
+        &self,
+        scan: &mut ScanState,
+        mem: Arc<GuestMemory>,
+        options: VmOptions,
+        remote: Option<Arc<dyn RemoteMapper>>,
+    ) -> Result<VmId, DedupError> {
+        // A merged page's own frame is punched, and mapped back on unmerge:
+        // anonymous memory has no frames.
+        mem.frame_store().file("dedup")?;
+        if mem.frame_store().granule() != PageSize::Size4K {
+            return Err(DedupError::HugeBacking(mem.frame_store().granule()));
+        }
+        if let Some(&bad) = options
+            .exclude
+            .iter()
+            .find(|a| !mem.regions().iter().any(|r| r.start() == **a))
+        {
+            return Err(DedupError::NoSuchRegion(bad));
+        }
+        // One host per memory: two would each think they own its pages.
+        if !mem.claim_for_dedup() {
+            return Err(DedupError::AlreadyRegistered);
+        }
+        if let Err(e) = scan.domain_key(options.domain) {
+            // Leave the memory as it came: free for another host.
+            mem.release_from_dedup();
+            return Err(e);
+        }
+        let id = VmId(self.next_vm.fetch_add(1, Ordering::Relaxed));
+        let included = mem
+            .regions()
+            .iter()
+            .map(|r| !options.exclude.contains(&r.start()))
+            .collect();
+        let hashes = mem
+            .regions()
+            .iter()
+            .map(|r| vec![0u32; r.pages()])
+            .collect();
+        scan.old_hashes.insert(id, hashes);
+        write(&self.vms).push(Arc::new(VmEntry {
+            id,
+            mem,
+            domain: options.domain,
+            included,
+            cow_breaks: AtomicU64::new(0),
+            remote,
+        }));
+        Ok(id)
+    }
+
     pub(super) fn ctx(&self) -> MergeCtx<'_> {
         MergeCtx {
             store: &self.store,

@@ -7,6 +7,7 @@ use std::{fmt, io, path::PathBuf};
 
 use crate::{
     addr::GuestPhysAddr,
+    dedup::DedupError,
     dirty::DirtyError,
     memory::{AccessError, LayoutError, MemoryError},
 };
@@ -319,6 +320,10 @@ pub enum SnapshotError {
     /// The dirty log refused.
     #[error("dirty log: {0}")]
     Dirty(#[from] DirtyError),
+    /// The dedup host refused or failed a folded restore
+    /// ([`restore_folded`](super::restore_folded)).
+    #[error("dedup: {0}")]
+    Dedup(#[from] DedupError),
 }
 
 impl SnapshotError {

@@ -48,10 +48,12 @@
 //! Files, bottom up: `error`, `id`, `format` (header, offsets, checksums),
 //! `map`, `table`, `layout` (page indexes), `file` (reads at an offset,
 //! the temporary file renamed into place), `reader`, `scan` (reading guest
-//! memory for a save), `save`, `restore`.
+//! memory for a save), `save`, `restore` (by copy), `folded` (restored
+//! into a dedup host's domain, sharing frames from the first moment).
 
 mod error;
 mod file;
+mod folded;
 mod format;
 mod id;
 mod layout;
@@ -63,6 +65,9 @@ mod scan;
 mod table;
 
 pub use error::{Part, Place, Problem, SnapshotError};
+pub use folded::{
+    restore_folded, restore_folded_as, FoldLayout, FoldedRestore, FoldedStats, PLANNED_CLONES,
+};
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;
 pub use map::PageSource;

@@ -1,0 +1,492 @@
+//! VMs born merged: shared frames found or filled by content address (the
+//! BLAKE3 of a page's bytes, as a snapshot names its contents), and a new
+//! VM whose pages map them copy-on-write from its first moment, so N VMs
+//! restored from one snapshot hold its content once with no merge pass.
+//! The caller names contents and says where each page's is; this module
+//! never reads a file.
+//!
+//! A [`FoldIn`] holds the scan's lock from the first frame it pins to the
+//! VM's registration, so no pass or recount runs in between (a recount
+//! would count the pins away and free frames about to be mapped), and
+//! pins every frame it hands out until it ends. Nothing of the new VM is
+//! visible before [`FoldIn::install`] returns it, so its pages need no
+//! write protection or comparison: they are remapped, then published as
+//! merged with the steps a merge uses, then the VM is registered.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{Arc, MutexGuard},
+};
+
+use rayon::prelude::*;
+
+use super::{
+    error::DedupError,
+    key::DomainKey,
+    locks::lock,
+    options::{DomainId, VmId, VmOptions},
+    shared::Address,
+    state::{Inner, ScanState},
+    steps::{self, Target},
+};
+use crate::{
+    addr::{FrameNumber, GuestPhysAddr, PAGE_SIZE},
+    frames::{FrameError, FrameRange, FrameStore, RemapTarget},
+    memory::{GuestMemory, GuestRegion, PageKind},
+};
+
+/// Contents filled per call of the fill function (1 MiB).
+const FILL_CHUNK: usize = 256;
+/// Pages copied per `pread`/`pwrite` where a run is not remapped.
+const COPY_CHUNK: usize = 256;
+/// Mappings one remapped run may add (it splits the region's mapping).
+const MAPPINGS_PER_RUN: u64 = 2;
+
+/// A restore in progress on one domain of a dedup host (see the module).
+pub(crate) struct FoldIn<'h> {
+    inner: &'h Inner,
+    scan: MutexGuard<'h, ScanState>,
+    domain: DomainId,
+    key: Arc<DomainKey>,
+    /// Frames this restore holds a reference on, until it ends.
+    pinned: Vec<FrameNumber>,
+}
+
+/// What [`FoldIn::frames_for_contents`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ContentFrames {
+    /// Contents the domain held already.
+    pub(crate) found: u64,
+    /// Contents filled into new frames.
+    pub(crate) filled: u64,
+}
+
+/// What [`FoldIn::install`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Installed {
+    /// Pages mapping a shared frame.
+    pub(crate) shared_pages: u64,
+    /// Pages with content that were to map a shared frame, copied into
+    /// their own frame instead: the mapping budget could not pay for their
+    /// runs, or their region is excluded from merging.
+    pub(crate) copied_pages: u64,
+    /// Remaps made (one per run of pages onto consecutive frames).
+    pub(crate) remaps: u64,
+}
+
+impl<'h> FoldIn<'h> {
+    /// Starts a restore into `domain`, holding the scan's lock `scan`.
+    pub(super) fn new(
+        inner: &'h Inner,
+        mut scan: MutexGuard<'h, ScanState>,
+        domain: DomainId,
+    ) -> Result<Self, DedupError> {
+        let key = scan.domain_key(domain)?;
+        Ok(FoldIn {
+            inner,
+            scan,
+            domain,
+            key,
+            pinned: Vec::new(),
+        })
+    }
+
+    /// Whether the domain has an image named `key` (made by
+    /// [`image_frames`](Self::image_frames); it may have lost frames).
+    pub(crate) fn has_image(&self, key: &Address) -> bool {
+        lock(&self.inner.shared).has_image(self.domain, key)
+    }
+
+    /// How many of `addrs` the domain holds a frame of.
+    pub(crate) fn held_contents(&self, addrs: &[Address]) -> usize {
+        let shared = lock(&self.inner.shared);
+        addrs
+            .iter()
+            .filter(|a| shared.lookup_address(self.domain, a).is_some())
+            .count()
+    }
+
+    /// A frame of the domain for each of `addrs` (distinct content
+    /// addresses), in order, each pinned until this restore ends. Contents
+    /// the domain holds already (filled by an earlier restore and still
+    /// mapped by some page) are found by address; the others get one new
+    /// run of frames, in order, filled by `fill(first, bytes)` with the
+    /// contents `addrs[first..]` (a page each, `bytes.len() / 4096` of
+    /// them), and recorded as shared frames of the domain (keyed hash
+    /// and address), so later merge passes find them too. `fill` must
+    /// hand over only bytes whose BLAKE3 is their address (a snapshot
+    /// reader checks every page it reads). On an error nothing new is
+    /// recorded and the new frames are freed.
+    pub(crate) fn frames_for_contents<E: From<DedupError>>(
+        &mut self,
+        addrs: &[Address],
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(Vec<FrameNumber>, ContentFrames), E> {
+        let mut frames = vec![FrameNumber(u64::MAX); addrs.len()];
+        let mut missing = Vec::new();
+        {
+            let mut shared = lock(&self.inner.shared);
+            for (i, a) in addrs.iter().enumerate() {
+                match shared.lookup_address(self.domain, a) {
+                    Some(f) => {
+                        shared.add_ref(f, 1);
+                        self.pinned.push(f);
+                        frames[i] = f;
+                    }
+                    None => missing.push(i),
+                }
+            }
+        }
+        let stats = ContentFrames {
+            found: (addrs.len() - missing.len()) as u64,
+            filled: missing.len() as u64,
+        };
+        if missing.is_empty() {
+            return Ok((frames, stats));
+        }
+        let store = &self.inner.store;
+        let base = store
+            .allocate(missing.len() as u64)
+            .map_err(DedupError::from)?;
+        let hashes = match self.fill_frames(base, &missing, &mut fill) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = store.free(base);
+                return Err(e);
+            }
+        };
+        let contents: Vec<(u64, Address)> = missing
+            .iter()
+            .zip(hashes)
+            .map(|(&i, h)| (h, addrs[i]))
+            .collect();
+        let mut shared = lock(&self.inner.shared);
+        if !shared.insert_addressed_run(base.start, self.domain, &contents) {
+            // Past 2^32 records: the frames recorded are unpinned, so freed
+            // by the next recount, and the rest freed now.
+            drop(shared);
+            let _ = store.free(base);
+            return Err(DedupError::Frames(FrameError::TooLarge { frames: base.count }).into());
+        }
+        for (k, &i) in missing.iter().enumerate() {
+            let f = FrameNumber(base.start.0 + k as u64);
+            shared.add_ref(f, 1);
+            self.pinned.push(f);
+            frames[i] = f;
+        }
+        Ok((frames, stats))
+    }
+
+    /// A run of frames holding an image: frame `start + k` holds the
+    /// content addressed `pages[k]`, for every page of a layout, zero
+    /// pages (address `zero`) as holes, so a VM can map each of its
+    /// regions with one remap whatever the order of its contents. Found
+    /// again by `key` (the image's name: a snapshot's id) while every
+    /// frame is still there with its address, else made and filled by
+    /// `fill(first, bytes)` with the pages `pages[first..]` that are not
+    /// zero, a stretch at a time. Each frame is recorded as a shared frame
+    /// (keyed hash and address, so restores and merge passes find the
+    /// contents in it) and pinned until this restore ends. Returns the
+    /// first frame and whether the image was found.
+    pub(crate) fn image_frames<E: From<DedupError>>(
+        &mut self,
+        key: &Address,
+        pages: &[Address],
+        zero: &Address,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(FrameNumber, bool), E> {
+        {
+            let mut shared = lock(&self.inner.shared);
+            if let Some(start) = shared.lookup_image(self.domain, key, pages) {
+                for k in 0..pages.len() {
+                    let f = FrameNumber(start.0 + k as u64);
+                    shared.add_ref(f, 1);
+                    self.pinned.push(f);
+                }
+                return Ok((start, true));
+            }
+        }
+        if pages.is_empty() {
+            return Err(DedupError::Frames(FrameError::Empty).into());
+        }
+        let store = &self.inner.store;
+        let base = store
+            .allocate(pages.len() as u64)
+            .map_err(DedupError::from)?;
+        let mut hashes = vec![self.key.zero_hash(); pages.len()];
+        let mut buf = vec![0u8; FILL_CHUNK * PAGE_SIZE];
+        let mut k = 0;
+        while k < pages.len() {
+            if pages[k] == *zero {
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < pages.len() && e - k < FILL_CHUNK && pages[e] != *zero {
+                e += 1;
+            }
+            let bytes = &mut buf[..(e - k) * PAGE_SIZE];
+            let filled = fill(k, bytes).and_then(|()| {
+                store
+                    .write_frames(FrameNumber(base.start.0 + k as u64), bytes)
+                    .map_err(|e| DedupError::from(e).into())
+            });
+            if let Err(err) = filled {
+                let _ = store.free(base);
+                return Err(err);
+            }
+            let key = &self.key;
+            hashes[k..e]
+                .par_iter_mut()
+                .zip(bytes.par_chunks(PAGE_SIZE))
+                .for_each(|(h, p)| *h = key.hash(p));
+            k = e;
+        }
+        let contents: Vec<(u64, Address)> = hashes.into_iter().zip(pages.iter().copied()).collect();
+        let mut shared = lock(&self.inner.shared);
+        if !shared.insert_addressed_run(base.start, self.domain, &contents) {
+            drop(shared);
+            let _ = store.free(base);
+            return Err(DedupError::Frames(FrameError::TooLarge { frames: base.count }).into());
+        }
+        shared.insert_image(self.domain, *key, base.start);
+        for k in 0..pages.len() {
+            let f = FrameNumber(base.start.0 + k as u64);
+            shared.add_ref(f, 1);
+            self.pinned.push(f);
+        }
+        Ok((base.start, false))
+    }
+
+    /// Fills frames `base` with the contents `missing` names (indexes
+    /// into the caller's addresses), a stretch of consecutive indexes per
+    /// call of `fill`, and returns each one's keyed hash.
+    fn fill_frames<E: From<DedupError>>(
+        &self,
+        base: FrameRange,
+        missing: &[usize],
+        fill: &mut impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Vec<u64>, E> {
+        let mut hashes = Vec::with_capacity(missing.len());
+        let mut buf = vec![0u8; FILL_CHUNK * PAGE_SIZE];
+        let mut k = 0;
+        while k < missing.len() {
+            let mut e = k + 1;
+            while e < missing.len() && e - k < FILL_CHUNK && missing[e] == missing[e - 1] + 1 {
+                e += 1;
+            }
+            let bytes = &mut buf[..(e - k) * PAGE_SIZE];
+            fill(missing[k], bytes)?;
+            let key = &self.key;
+            hashes.par_extend(bytes.par_chunks(PAGE_SIZE).map(|p| key.hash(p)));
+            self.inner
+                .store
+                .write_frames(FrameNumber(base.start.0 + k as u64), bytes)
+                .map_err(DedupError::from)?;
+            k = e;
+        }
+        Ok(hashes)
+    }
+
+    /// Makes `mem` (new memory, every page still a hole in its own frame,
+    /// in a 4 KiB file store: the host's or one of its own) a VM whose
+    /// page `p` of region `r` maps `frames[r][p]` (a frame
+    /// [`frames_for_contents`](Self::frames_for_contents) handed out) or,
+    /// for `None`, is released (reads as zeros, holds no memory); registers it with
+    /// `options`. Each run of pages onto consecutive frames is one remap,
+    /// priced against the mapping budget, longest runs first; a run the
+    /// budget cannot pay for (and every run of an excluded region) is
+    /// copied into the pages' own frames instead, left for a later merge
+    /// pass. On an error nothing is registered and the memory is gone.
+    pub(crate) fn install(
+        mut self,
+        mem: GuestMemory,
+        options: VmOptions,
+        frames: &[Vec<Option<FrameNumber>>],
+    ) -> Result<(VmId, Arc<GuestMemory>, Installed), DedupError> {
+        let store = Arc::clone(&self.inner.store);
+        // A page named past the memory's: the caller's layout and frames
+        // disagree.
+        if let Some(r) = mem
+            .regions()
+            .iter()
+            .zip(frames)
+            .find(|(r, f)| r.pages() != f.len())
+            .map(|(r, _)| r)
+        {
+            return Err(DedupError::Unmapped(GuestPhysAddr(r.end())));
+        }
+        if mem.regions().len() != frames.len() {
+            return Err(DedupError::Unmapped(GuestPhysAddr(
+                mem.regions().last().map_or(0, |r| r.end()),
+            )));
+        }
+        // Runs of pages onto consecutive frames: (region, first page, pages).
+        let mut runs: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
+        for (ri, f) in frames.iter().enumerate() {
+            let mut p = 0;
+            while p < f.len() {
+                let Some(first) = f[p] else {
+                    p += 1;
+                    continue;
+                };
+                let mut e = p + 1;
+                while e < f.len() && f[e] == Some(FrameNumber(first.0 + (e - p) as u64)) {
+                    e += 1;
+                }
+                runs.push((ri, p, e - p, first));
+                p = e;
+            }
+        }
+        // Pages saved per mapping spent: the longest runs first.
+        runs.sort_by_key(|r| std::cmp::Reverse(r.2));
+        let budget = store.map_budget();
+        budget.refresh();
+        let mut out = Installed::default();
+        let mut remapped: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
+        let mut buf = Vec::new();
+        // Pages copied as zeros: holes, released below.
+        let mut holes: Vec<(usize, usize)> = Vec::new();
+        for &(ri, page, count, frame) in &runs {
+            let region = &mem.regions()[ri];
+            let excluded = options.exclude.contains(&region.start());
+            if !excluded && budget.try_spend(MAPPINGS_PER_RUN) {
+                let target = RemapTarget::PrivateCopyOf {
+                    fd: store.as_raw_fd(),
+                    file_offset: frame.file_offset(),
+                };
+                match region.remap_pages(page, count, target) {
+                    Ok(()) => {
+                        out.remaps += 1;
+                        out.shared_pages += count as u64;
+                        remapped.push((ri, page, count, frame));
+                        continue;
+                    }
+                    // Out of kernel mappings: the rest is copied.
+                    Err(FrameError::MapLimit { .. }) => budget.exhausted(),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            out.copied_pages += copy_run(&store, region, page, count, frame, &mut buf, &mut |p| {
+                holes.push((ri, p));
+            })?;
+        }
+        if mem.frame_store().options().populate {
+            // Mapped up front: the own frames under the remapped pages
+            // hold memory nobody reads.
+            for &(ri, page, count, _) in &remapped {
+                let region = &mem.regions()[ri];
+                region.store().release(FrameRange {
+                    start: region.own_frame(page),
+                    count: count as u64,
+                })?;
+            }
+        }
+        // Pages with no content are released (a hole, and the state says
+        // so, as a discard leaves them): a read then takes zeros from the
+        // file without allocating, where a read through the mapping would
+        // allocate the hole.
+        let none = frames.iter().enumerate().flat_map(|(ri, f)| {
+            f.iter()
+                .enumerate()
+                .filter(|(_, f)| f.is_none())
+                .map(move |(p, _)| (ri, p))
+        });
+        for (ri, p) in none.chain(holes) {
+            let region = &mem.regions()[ri];
+            region.enable_state_checks();
+            let states = region.page_states();
+            let seen = states.load(p);
+            if seen.kind() == PageKind::Private && !seen.is_remapped() {
+                let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
+            }
+        }
+        // Published as merged, as a merge publishes (the pages are fresh
+        // and private, and nothing else can see them yet).
+        for &(ri, page, count, frame) in &remapped {
+            let region = &mem.regions()[ri];
+            region.enable_state_checks();
+            let states = region.page_states();
+            for k in 0..count {
+                let p = page + k;
+                let seen = states.load(p);
+                let merged = steps::merged_state(
+                    Target::Shared(FrameNumber(frame.0 + k as u64)),
+                    region.own_frame(p),
+                );
+                if !(steps::claim_candidate(states, p, seen)
+                    && steps::publish_merge(states, p, seen, Some(merged)))
+                {
+                    return Err(DedupError::Busy(GuestPhysAddr(
+                        region.start().0 + (p * PAGE_SIZE) as u64,
+                    )));
+                }
+            }
+        }
+        let mem = Arc::new(mem);
+        let id = self
+            .inner
+            .add_vm(&mut self.scan, Arc::clone(&mem), options, None)?;
+        let mut shared = lock(&self.inner.shared);
+        for &(_, _, count, frame) in &remapped {
+            for k in 0..count {
+                shared.add_ref(FrameNumber(frame.0 + k as u64), 1);
+            }
+        }
+        Ok((id, mem, out))
+    }
+}
+
+/// Copies frames `frame..` into the own frames of pages `page..` of
+/// `region` (`count` of each), a chunk per `pread` and a `pwrite` per
+/// stretch of pages with content (a zero page stays a hole, handed to
+/// `hole`); returns the pages with content.
+fn copy_run(
+    shared: &FrameStore,
+    region: &GuestRegion,
+    page: usize,
+    count: usize,
+    frame: FrameNumber,
+    buf: &mut Vec<u8>,
+    hole: &mut dyn FnMut(usize),
+) -> Result<u64, DedupError> {
+    let mut copied = 0;
+    let mut k = 0;
+    while k < count {
+        let n = COPY_CHUNK.min(count - k);
+        buf.resize(n * PAGE_SIZE, 0);
+        shared.read_frames(FrameNumber(frame.0 + k as u64), buf)?;
+        let zero: Vec<bool> = buf
+            .chunks_exact(PAGE_SIZE)
+            .map(|p| p.iter().all(|&b| b == 0))
+            .collect();
+        let mut j = 0;
+        while j < n {
+            if zero[j] {
+                hole(page + k + j);
+                j += 1;
+                continue;
+            }
+            let e = (j..n).find(|&e| zero[e]).unwrap_or(n);
+            region.store().write_frames(
+                region.own_frame(page + k + j),
+                &buf[j * PAGE_SIZE..e * PAGE_SIZE],
+            )?;
+            copied += (e - j) as u64;
+            j = e;
+        }
+        k += n;
+    }
+    Ok(copied)
+}
+
+impl Drop for FoldIn<'_> {
+    fn drop(&mut self) {
+        // The pins end: a frame no page maps now (a restore that failed)
+        // is freed here, one a failed punch kept by a later recount.
+        let mut shared = lock(&self.inner.shared);
+        for &f in &self.pinned {
+            let _ = shared.drop_ref(&self.inner.store, f);
+        }
+    }
+}
