@@ -177,6 +177,60 @@ pub enum Problem {
     },
 }
 
+/// What is wrong with another VMM's snapshot files
+/// ([`ForeignMemory`](super::ForeignMemory)).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ForeignProblem {
+    /// A field the format requires is not there.
+    #[error("missing")]
+    Missing,
+    /// A field of another JSON type than the format's.
+    #[error("not {0}")]
+    Type(&'static str),
+    /// The file is not JSON, or a JSON string inside it is not.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// No memory at all.
+    #[error("no memory ranges")]
+    NoRanges,
+    /// A range of zero bytes.
+    #[error("range at {gpa} has length 0")]
+    EmptyRange {
+        /// The range's start.
+        gpa: GuestPhysAddr,
+    },
+    /// A value that must be a multiple of 4 KiB.
+    #[error("{value:#x} is not a multiple of 4096")]
+    Unaligned {
+        /// The value.
+        value: u64,
+    },
+    /// Two ranges that share addresses.
+    #[error("range [{gpa}, +{length:#x}) overlaps the range at {other}")]
+    Overlap {
+        /// The later range in address order.
+        gpa: GuestPhysAddr,
+        /// Its length.
+        length: u64,
+        /// The start of the range it overlaps.
+        other: GuestPhysAddr,
+    },
+    /// A sum of lengths or an end address that overflows.
+    #[error("overflows")]
+    Overflow,
+    /// The region layout given is invalid.
+    #[error("region layout: {0}")]
+    Layout(LayoutError),
+    /// The memory file is not as long as the ranges it must hold.
+    #[error("the file is {found} bytes, the memory ranges need exactly {expected}")]
+    Length {
+        /// Bytes the ranges need.
+        expected: u64,
+        /// The file's length.
+        found: u64,
+    },
+}
+
 /// Why a snapshot could not be saved, opened, read or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -310,6 +364,19 @@ pub enum SnapshotError {
         gpa: GuestPhysAddr,
         /// Its pages.
         pages: u64,
+    },
+    /// Another VMM's snapshot (a Firecracker memory file, a
+    /// cloud-hypervisor snapshot directory) is not what its format says:
+    /// `field` names the part of `path` that is wrong.
+    #[error("{}: {field}: {problem}", .path.display())]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// The field or part of it (`snapshots.memory-manager...` in a
+        /// JSON file, `length` for a memory file's size).
+        field: String,
+        /// What is wrong with it.
+        problem: ForeignProblem,
     },
     /// Guest memory refused an access.
     #[error("guest memory: {0}")]

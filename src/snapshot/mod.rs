@@ -49,11 +49,15 @@
 //! `map`, `table`, `layout` (page indexes), `file` (reads at an offset,
 //! the temporary file renamed into place), `reader`, `scan` (reading guest
 //! memory for a save), `save`, `restore` (by copy), `folded` (restored
-//! into a dedup host's domain, sharing frames from the first moment).
+//! into a dedup host's domain, sharing frames from the first moment),
+//! `foreign` (Firecracker's and cloud-hypervisor's snapshot memory as
+//! input: restored by copy, or converted to this format for a folded
+//! restore).
 
 mod error;
 mod file;
 mod folded;
+mod foreign;
 mod format;
 mod id;
 mod layout;
@@ -64,9 +68,13 @@ mod save;
 mod scan;
 mod table;
 
-pub use error::{Part, Place, Problem, SnapshotError};
+pub use error::{ForeignProblem, Part, Place, Problem, SnapshotError};
 pub use folded::{
     restore_folded, restore_folded_as, FoldLayout, FoldedRestore, FoldedStats, PLANNED_CLONES,
+};
+pub use foreign::{
+    restore_foreign_into, FirecrackerArch, ForeignKind, ForeignMemory, CLOUD_HYPERVISOR_MEMORY,
+    CLOUD_HYPERVISOR_STATE,
 };
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;

@@ -96,7 +96,11 @@ pub fn restore_into(
 /// whole granules among them are released (punched); the pages of a
 /// partial granule, or of memory with no file to punch, are read and
 /// zeroed only where they are not zero already.
-fn release_zeros(mem: &GuestMemory, gpa: GuestPhysAddr, pages: u64) -> Result<(), SnapshotError> {
+pub(crate) fn release_zeros(
+    mem: &GuestMemory,
+    gpa: GuestPhysAddr,
+    pages: u64,
+) -> Result<(), SnapshotError> {
     let end = gpa.0 + pages * PAGE;
     let (mut a, mut b) = (end, end);
     if mem.frame_store().has_file() {

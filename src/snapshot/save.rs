@@ -18,8 +18,10 @@ use super::{
     scan::{Scanner, BATCH},
     table::{ContentTable, External},
 };
+use rayon::prelude::*;
+
 use crate::{
-    addr::{usize_from, PAGE_SHIFT, PAGE_SIZE},
+    addr::{is_zero_page, usize_from, GuestPhysAddr, PAGE_SHIFT, PAGE_SIZE},
     dirty::{DirtyRun, RegionSet},
     memory::GuestMemory,
 };
@@ -85,11 +87,10 @@ struct Saver {
 
 impl Saver {
     fn new(
-        mem: &GuestMemory,
+        layout: PageLayout,
         path: &Path,
         parent: Option<&SnapshotReader>,
     ) -> Result<Self, SnapshotError> {
-        let layout = PageLayout::of(mem);
         let mut out = NewFile::create(path)?;
         // The header is written last, over these zeros.
         let content = format::header_len(layout.regions().len() as u64)
@@ -139,37 +140,44 @@ impl Saver {
         while k < count {
             let n = BATCH.min(count - k);
             scan.scan(region, first + k, n)?;
-            for j in 0..n {
-                let Some(h) = scan.hashes[j] else {
-                    self.map.push(PageSource::Zero, 1);
-                    self.stats.zero_pages += 1;
-                    continue;
-                };
-                let c = if let Some(&c) = self.index.get(&h) {
-                    self.stats.duplicate_pages += 1;
-                    c
-                } else {
-                    let c = if let Some(&(depth, slot)) = self.chain.get(&h) {
-                        self.stats.ancestor_pages += 1;
-                        self.table.external.push(External {
-                            hash: h,
-                            depth,
-                            slot,
-                        });
-                        ANCESTOR_BASE + self.table.external.len() as u64 - 1
-                    } else {
-                        self.stats.stored_pages += 1;
-                        self.out
-                            .write(&scan.buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE], Part::Content)?;
-                        self.table.local.push(h);
-                        self.table.local.len() as u64 - 1
-                    };
-                    self.index.insert(h, c);
-                    c
-                };
-                self.map.push(PageSource::Content(c), 1);
-            }
+            self.record(&scan.hashes[..n], &scan.buf)?;
             k += n;
+        }
+        Ok(())
+    }
+
+    /// Records a batch of pages in page order: per page `None` for zero,
+    /// else its content address and its bytes at `buf[j * PAGE_SIZE..]`.
+    fn record(&mut self, hashes: &[Option<Hash>], buf: &[u8]) -> Result<(), SnapshotError> {
+        for (j, h) in hashes.iter().enumerate() {
+            let Some(h) = *h else {
+                self.map.push(PageSource::Zero, 1);
+                self.stats.zero_pages += 1;
+                continue;
+            };
+            let c = if let Some(&c) = self.index.get(&h) {
+                self.stats.duplicate_pages += 1;
+                c
+            } else {
+                let c = if let Some(&(depth, slot)) = self.chain.get(&h) {
+                    self.stats.ancestor_pages += 1;
+                    self.table.external.push(External {
+                        hash: h,
+                        depth,
+                        slot,
+                    });
+                    ANCESTOR_BASE + self.table.external.len() as u64 - 1
+                } else {
+                    self.stats.stored_pages += 1;
+                    self.out
+                        .write(&buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE], Part::Content)?;
+                    self.table.local.push(h);
+                    self.table.local.len() as u64 - 1
+                };
+                self.index.insert(h, c);
+                c
+            };
+            self.map.push(PageSource::Content(c), 1);
         }
         Ok(())
     }
@@ -247,7 +255,7 @@ pub fn save(
         mem.release_from_migration();
         cleared?;
     }
-    let mut s = Saver::new(mem, path.as_ref(), None)?;
+    let mut s = Saver::new(PageLayout::of(mem), path.as_ref(), None)?;
     let mut scan = Scanner::new(mem);
     for (i, r) in mem.regions().iter().enumerate() {
         s.pages(&mut scan, i, 0, r.pages())?;
@@ -316,7 +324,7 @@ fn save_incremental_inner(
         }
         ranges[i].push((usize_from(first), usize_from(first + run.pages)));
     }
-    let mut s = Saver::new(mem, path, Some(parent))?;
+    let mut s = Saver::new(layout, path, Some(parent))?;
     let mut scan = Scanner::new(mem);
     for (i, r) in mem.regions().iter().enumerate() {
         let list = &mut ranges[i];
@@ -338,6 +346,40 @@ fn save_incremental_inner(
         if rest > 0 {
             s.map.push(PageSource::Parent, rest as u64);
             s.stats.parent_pages += rest as u64;
+        }
+    }
+    s.finish()
+}
+
+/// Saves pages that `read` supplies as a full snapshot with the layout
+/// `regions` (checked, sorted) at `path`: `read(gpa, buf)` fills `buf`,
+/// whole pages, with the memory from `gpa` (inside one region). Each
+/// page's content address is computed here, in parallel; all-zero pages
+/// are stored as zero.
+pub(crate) fn save_from(
+    regions: Vec<(GuestPhysAddr, u64)>,
+    path: &Path,
+    mut read: impl FnMut(GuestPhysAddr, &mut [u8]) -> Result<(), SnapshotError>,
+) -> Result<SaveStats, SnapshotError> {
+    let layout = PageLayout::new(regions);
+    let mut s = Saver::new(layout.clone(), path, None)?;
+    let mut buf = vec![0u8; BATCH * PAGE_SIZE];
+    let mut hashes: Vec<Option<Hash>> = Vec::with_capacity(BATCH);
+    for &(start, size) in layout.regions() {
+        let pages = size >> PAGE_SHIFT;
+        let mut k = 0u64;
+        while k < pages {
+            let n = usize_from((BATCH as u64).min(pages - k));
+            let dst = &mut buf[..n * PAGE_SIZE];
+            read(GuestPhysAddr(start.0 + (k << PAGE_SHIFT)), dst)?;
+            dst.par_chunks(PAGE_SIZE)
+                .map(|page| {
+                    let zero = <&[u8; PAGE_SIZE]>::try_from(page).is_ok_and(is_zero_page);
+                    (!zero).then(|| format::content_hash(page))
+                })
+                .collect_into_vec(&mut hashes);
+            s.record(&hashes, dst)?;
+            k += n as u64;
         }
     }
     s.finish()
