@@ -4,12 +4,20 @@
 //! images' bytes. `--fold` also loads the images as VMs and folds them with
 //! the real scanner for the kernel's own figure; that needs userfaultfd and
 //! memory for every image, both checked before any work is done.
+//!
+//! Other VMMs' snapshots count as images too: a Firecracker memory file and
+//! a cloud-hypervisor directory's `memory-ranges` hold the guest's pages
+//! one after another, so once the library has checked them against their
+//! layout (`pagefold::snapshot::ForeignMemory`: an error names the file
+//! and field) their memory file is counted like a raw image.
 
 use std::{error::Error, io::IsTerminal, path::PathBuf, sync::Arc};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pagefold::{
-    userfault::UserfaultError, DedupError, DedupHost, FrameStore, VmOptions, PAGE_SIZE,
+    snapshot::{FirecrackerArch, ForeignMemory},
+    userfault::UserfaultError,
+    DedupError, DedupHost, FrameStore, VmOptions, PAGE_SIZE,
 };
 use serde::Serialize;
 
@@ -68,10 +76,62 @@ struct FoldNeedsMemory {
     available_mib: u64,
 }
 
-/// Counts the images (and with `fold`, folds them), then prints per-image
+/// Firecracker's default layouts, as `--firecracker-arch` names them.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum FirecrackerArchArg {
+    /// x86_64, current releases (MMIO gaps at 3 GiB and 256 GiB).
+    #[value(name = "x86_64")]
+    X86_64,
+    /// x86_64 before the 64-bit MMIO gap (768 MiB gap at 3.25 GiB).
+    #[value(name = "x86_64-legacy")]
+    X86_64Legacy,
+    /// aarch64 (RAM from 2 GiB).
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl From<FirecrackerArchArg> for FirecrackerArch {
+    fn from(a: FirecrackerArchArg) -> Self {
+        match a {
+            FirecrackerArchArg::X86_64 => FirecrackerArch::X86_64,
+            FirecrackerArchArg::X86_64Legacy => FirecrackerArch::X86_64Legacy,
+            FirecrackerArchArg::Aarch64 => FirecrackerArch::Aarch64,
+        }
+    }
+}
+
+/// What `estimate` counts, one VM each.
+pub(crate) struct Inputs {
+    /// Raw RAM images.
+    pub(crate) images: Vec<PathBuf>,
+    /// Firecracker guest memory files.
+    pub(crate) firecracker: Vec<PathBuf>,
+    /// Their layout.
+    pub(crate) firecracker_arch: FirecrackerArchArg,
+    /// cloud-hypervisor snapshot directories.
+    pub(crate) cloud_hypervisor: Vec<PathBuf>,
+}
+
+impl Inputs {
+    /// Every file to count: the raw images, then each foreign snapshot's
+    /// memory file once the library has checked it against its layout.
+    fn files(&self) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+        let mut paths = self.images.clone();
+        for f in &self.firecracker {
+            let m = ForeignMemory::firecracker_default(f, self.firecracker_arch.into())?;
+            paths.push(m.path().to_path_buf());
+        }
+        for d in &self.cloud_hypervisor {
+            paths.push(ForeignMemory::cloud_hypervisor(d)?.path().to_path_buf());
+        }
+        Ok(paths)
+    }
+}
+
+/// Counts the inputs (and with `fold`, folds them), then prints per-image
 /// and total figures.
-pub(crate) fn run(paths: &[PathBuf], json: bool, fold: bool) -> Result<(), Box<dyn Error>> {
-    let images = Image::check_all(paths)?;
+pub(crate) fn run(inputs: &Inputs, json: bool, fold: bool) -> Result<(), Box<dyn Error>> {
+    let images = Image::check_all(&inputs.files()?)?;
     let bytes: u64 = images.iter().map(Image::bytes).sum();
     let folder = if fold {
         Some(Folder::start(bytes)?)

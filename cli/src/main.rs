@@ -60,7 +60,8 @@ enum Command {
         socket: Option<std::path::PathBuf>,
     },
     /// Estimate the saving of folding raw guest RAM images (for example QEMU
-    /// memory-backend-file files or dumps). Streams each image once and
+    /// memory-backend-file files or dumps), Firecracker snapshot memory
+    /// files and cloud-hypervisor snapshot directories. Streams each image once and
     /// compares every claimed duplicate byte for byte, so every figure is
     /// exact; needs no privilege, and memory only for an index of about
     /// 20-40 bytes per distinct page content, however large the images.
@@ -74,8 +75,22 @@ enum Command {
         /// both checked before any work.
         #[arg(long)]
         fold: bool,
+        /// A Firecracker snapshot's guest memory file (`mem_file_path`,
+        /// of a full snapshot, or of a diff whose holes count as zero
+        /// pages), one per VM, repeatable. Its layout is Firecracker's
+        /// default for a guest of the file's size (`--firecracker-arch`).
+        #[arg(long, value_name = "MEMFILE")]
+        firecracker: Vec<PathBuf>,
+        /// The architecture whose default memory layout the
+        /// `--firecracker` files have.
+        #[arg(long, value_enum, value_name = "ARCH", default_value = "x86_64")]
+        firecracker_arch: estimate::FirecrackerArchArg,
+        /// A cloud-hypervisor snapshot directory (its `memory-ranges`,
+        /// laid out by its `state.json`), one per VM, repeatable.
+        #[arg(long, value_name = "DIR")]
+        cloud_hypervisor: Vec<PathBuf>,
         /// Raw guest RAM images, one per VM.
-        #[arg(required = true)]
+        #[arg(required_unless_present_any = ["firecracker", "cloud_hypervisor"])]
         images: Vec<PathBuf>,
     },
     /// Fold the same bytes with pagefold and with Linux KSM at its fastest,
@@ -186,9 +201,24 @@ fn main() -> ExitCode {
             vm_process: vm_process.zip(socket),
         })
         .map(|()| ExitCode::SUCCESS),
-        Command::Estimate { json, fold, images } => {
-            estimate::run(&images, json, fold).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Estimate {
+            json,
+            fold,
+            firecracker,
+            firecracker_arch,
+            cloud_hypervisor,
+            images,
+        } => estimate::run(
+            &estimate::Inputs {
+                images,
+                firecracker,
+                firecracker_arch,
+                cloud_hypervisor,
+            },
+            json,
+            fold,
+        )
+        .map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(&args).map(|()| ExitCode::SUCCESS),
         Command::VmProcess(args) => {
             compare_processes::vm_process(&args).map(|()| ExitCode::SUCCESS)
