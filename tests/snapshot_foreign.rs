@@ -213,6 +213,50 @@ fn firecracker_diff_file_holes_are_zero_pages() {
 }
 
 #[test]
+fn firecracker_diff_over_its_base_reads_the_base_in_its_holes() {
+    let dir = TempDir::new("fc-rebase");
+    let total = 96 * PAGE;
+    let base = dir.path("base");
+    write_ranges(&base, &[(0, total)]);
+    let diff = dir.path("diff");
+    let f = std::fs::File::create(&diff).unwrap();
+    f.set_len(total).unwrap();
+    // Written since the base: every seventh page, with new bytes, and
+    // page 2 (shared content in the base) zeroed by the guest.
+    let new = |gpa: u64| {
+        let mut p = vec![0xEE; PAGE_SIZE];
+        p[..8].copy_from_slice(&gpa.to_le_bytes());
+        p
+    };
+    let written = |gpa: u64| (gpa / PAGE) % 7 == 4;
+    for gpa in (0..total).step_by(PAGE_SIZE).filter(|&g| written(g)) {
+        f.write_all_at(&new(gpa), gpa).unwrap();
+    }
+    f.write_all_at(&[0u8; PAGE_SIZE], 2 * PAGE).unwrap();
+    drop(f);
+    let open = |p: &Path| ForeignMemory::firecracker_default(p, FirecrackerArch::X86_64).unwrap();
+    let src = open(&diff).over_base(open(&base)).unwrap();
+    let want = move |gpa: u64| {
+        if written(gpa) {
+            new(gpa)
+        } else if gpa == 2 * PAGE {
+            vec![0; PAGE_SIZE]
+        } else {
+            content(gpa)
+        }
+    };
+    restore_every_way(&dir, &src, want);
+
+    // A base of another layout is refused.
+    let short = dir.path("short");
+    write_ranges(&short, &[(0, total - PAGE)]);
+    assert!(matches!(
+        open(&diff).over_base(open(&short)),
+        Err(SnapshotError::LayoutMismatch { .. })
+    ));
+}
+
+#[test]
 fn firecracker_memory_past_the_32_bit_gap_is_read_at_its_address() {
     let dir = TempDir::new("fc-gap");
     let file = dir.path("mem");

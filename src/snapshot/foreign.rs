@@ -140,6 +140,8 @@ pub struct ForeignMemory {
     ranges: Vec<Range>,
     /// The layout: the ranges in address order, adjacent ones joined.
     regions: Vec<(GuestPhysAddr, u64)>,
+    /// What the holes of a diff file hold ([`ForeignMemory::over_base`]).
+    base: Option<Box<ForeignMemory>>,
 }
 
 impl ForeignMemory {
@@ -298,7 +300,39 @@ impl ForeignMemory {
             len: offset,
             ranges,
             regions,
+            base: None,
         })
+    }
+
+    /// Layers this Firecracker diff file over `base`, the memory of the
+    /// snapshot it was taken after (a full one, or a diff over its own
+    /// base): the diff's holes, the pages not written since, read from
+    /// `base`, as Firecracker's `rebase-snap` merges them. The two must
+    /// have one layout, range for range in the same file order. Holes are
+    /// found with `SEEK_DATA`/`SEEK_HOLE`, so the diff must be on a file
+    /// system that keeps them (ext4, xfs, btrfs, tmpfs do).
+    pub fn over_base(mut self, base: ForeignMemory) -> Result<Self, SnapshotError> {
+        let same = self.len == base.len
+            && self.ranges.len() == base.ranges.len()
+            && self
+                .ranges
+                .iter()
+                .zip(&base.ranges)
+                .all(|(a, b)| (a.gpa, a.len, a.offset) == (b.gpa, b.len, b.offset));
+        if !same {
+            let show = |m: &ForeignMemory| {
+                m.ranges
+                    .iter()
+                    .map(|r| format!("[{:#x}, +{:#x}) at byte {}", r.gpa, r.len, r.offset))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            return Err(SnapshotError::LayoutMismatch {
+                what: format!("diff {} against base {}", show(&self), show(&base)),
+            });
+        }
+        self.base = Some(Box::new(base));
+        Ok(self)
     }
 
     /// Which VMM's format this is.
@@ -369,46 +403,96 @@ impl ForeignMemory {
         })
     }
 
+    /// Reads `dst.len()` bytes at `offset` of the file: its data by
+    /// `pread`, its holes (`SEEK_DATA`/`SEEK_HOLE`) from the base where one
+    /// is attached, else as zeros, unread. A file cut since it was opened
+    /// is an error, never zeros.
     fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<(), SnapshotError> {
-        if self.is_hole(offset, dst.len() as u64) {
-            dst.fill(0);
-            return Ok(());
+        let end = offset.saturating_add(dst.len() as u64);
+        let found = self
+            .file
+            .metadata()
+            .map_err(|source| SnapshotError::File {
+                op: "find the length of",
+                path: self.path.clone(),
+                source,
+            })?
+            .len();
+        if found < end {
+            return Err(foreign(
+                &self.path,
+                "length",
+                ForeignProblem::Length {
+                    expected: self.len,
+                    found,
+                },
+            ));
         }
-        self.file.read_exact_at(dst, offset).map_err(|source| {
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                foreign(
-                    &self.path,
-                    "length",
-                    ForeignProblem::Length {
-                        expected: self.len,
-                        found: self.file.metadata().map_or(0, |m| m.len()),
-                    },
-                )
-            } else {
-                SnapshotError::File {
-                    op: "read",
-                    path: self.path.clone(),
-                    source,
+        let mut at = offset;
+        while at < end {
+            let i = usize::try_from(at - offset).unwrap_or(0);
+            let data = self.seek(at, libc::SEEK_DATA).unwrap_or(end).min(end);
+            if data > at {
+                let j = usize::try_from(data - offset).unwrap_or(dst.len());
+                match &self.base {
+                    Some(b) => b.read_at(at, &mut dst[i..j])?,
+                    None => dst[i..j].fill(0),
                 }
+                at = data;
+                continue;
             }
-        })
+            // Data from `at` to the next hole (all of it where the file
+            // system cannot say).
+            let hole = self.seek(at, libc::SEEK_HOLE).unwrap_or(end).min(end);
+            let hole = if hole > at { hole } else { end };
+            let j = usize::try_from(hole - offset).unwrap_or(dst.len());
+            self.file
+                .read_exact_at(&mut dst[i..j], at)
+                .map_err(|source| {
+                    if source.kind() == io::ErrorKind::UnexpectedEof {
+                        foreign(
+                            &self.path,
+                            "length",
+                            ForeignProblem::Length {
+                                expected: self.len,
+                                found: self.file.metadata().map_or(0, |m| m.len()),
+                            },
+                        )
+                    } else {
+                        SnapshotError::File {
+                            op: "read",
+                            path: self.path.clone(),
+                            source,
+                        }
+                    }
+                })?;
+            at = hole;
+        }
+        Ok(())
     }
 
-    /// Whether `len` bytes from `offset` are all a hole of the file (no
-    /// data: zeros without a read). Where the file system cannot say, no.
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return false;
+    /// `lseek(at, whence)` for `SEEK_DATA` or `SEEK_HOLE`: the offset of
+    /// the next data or hole at or after `at`; `None` where there is none
+    /// (`ENXIO`: only holes from `at` on, for `SEEK_DATA`). A file system
+    /// that cannot say answers as if the whole file were data; any other
+    /// error is taken the same way (the bytes are then read).
+    fn seek(&self, at: u64, whence: libc::c_int) -> Option<u64> {
+        let Ok(off) = libc::off_t::try_from(at) else {
+            return Some(at);
         };
         // SAFETY: lseek on a descriptor this struct owns and keeps open;
         // it touches no memory. The file position it moves is not used
         // (every read is a pread at an offset).
-        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
         if next < 0 {
-            // ENXIO: no data at or past `offset`.
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            let enxio = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            return if enxio && whence == libc::SEEK_DATA {
+                None
+            } else {
+                Some(at)
+            };
         }
-        u64::try_from(next).is_ok_and(|n| n >= offset.saturating_add(len))
+        u64::try_from(next).ok()
     }
 }
 
