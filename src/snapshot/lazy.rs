@@ -601,7 +601,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                         _ => break,
                     }
                 }
-                let len = ((e - j) as usize) * PAGE_SIZE;
+                let len = bytes_of(e - j);
                 let dst = &mut buf[..len];
                 if file.read_slots(slot, dst).is_err() {
                     // Find the damaged page(s): one page at a time.
@@ -619,7 +619,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                 } else {
                     let mut p = j;
                     while p < e {
-                        let off = ((p - j) as usize) * PAGE_SIZE;
+                        let off = bytes_of(p - j);
                         placed += place_run(s, p, e, &dst[off..], hook, &mut p);
                     }
                 }
@@ -650,7 +650,7 @@ fn place_run(
         *at = to;
         return 0;
     };
-    let len = ((to - from) as usize) * PAGE_SIZE;
+    let len = bytes_of(to - from);
     match s.uffd.copy(HostVirtAddr(host), &bytes[..len]) {
         Ok(c) => {
             let pages = c.bytes / PAGE;
@@ -671,6 +671,11 @@ fn place_run(
             0
         }
     }
+}
+
+/// Bytes of `pages` pages of one run (at most a batch, so it fits).
+fn bytes_of(pages: u64) -> usize {
+    usize::try_from(pages).map_or(usize::MAX, |n| n.saturating_mul(PAGE_SIZE))
 }
 
 fn page_gpa(s: &Shared, page: u64) -> GuestPhysAddr {
