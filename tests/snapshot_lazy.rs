@@ -349,3 +349,27 @@ fn dropping_mid_way_ends_its_threads() {
     let e = restore_lazy(snap, &mem, LazyOptions::default()).unwrap_err();
     assert!(matches!(e, LazyError::NotFresh { .. }), "{e}");
 }
+
+#[test]
+fn memory_a_dedup_host_holds_is_refused_and_a_restore_blocks_dedup() {
+    let _s = serial();
+    let dir = TempDir::new("lazy-claim");
+    let (_orig, path) = saved(&dir, "a.snap");
+    let snap = Arc::new(SnapshotReader::open(&path).unwrap());
+    let store = Arc::new(pagefold::FrameStore::memfd().unwrap());
+    let host = pagefold::DedupHost::new(Arc::clone(&store)).unwrap();
+    let held =
+        Arc::new(GuestMemory::with_store(Arc::clone(&store), &snap.region_layout()).unwrap());
+    host.register(Arc::clone(&held), pagefold::VmOptions::default())
+        .unwrap();
+    let e = restore_lazy(Arc::clone(&snap), &held, LazyOptions::default()).unwrap_err();
+    assert!(matches!(e, LazyError::Claimed), "{e}");
+
+    // And while a lazy restore runs, a dedup host cannot take the memory.
+    let mem = Arc::new(GuestMemory::with_store(Arc::clone(&store), &snap.region_layout()).unwrap());
+    let lazy = restore_lazy(Arc::clone(&snap), &mem, LazyOptions::default()).unwrap();
+    assert!(host
+        .register(Arc::clone(&mem), pagefold::VmOptions::default())
+        .is_err());
+    lazy.wait().unwrap();
+}
