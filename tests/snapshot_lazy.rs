@@ -317,6 +317,19 @@ fn lazy_threads() -> usize {
         .count()
 }
 
+/// Waits (up to 10 s) until [`lazy_threads`] is `n`: a thread names itself
+/// once running, and a joined thread's task lingers a moment in `/proc`.
+fn lazy_threads_become(n: usize) -> usize {
+    let t0 = std::time::Instant::now();
+    loop {
+        let now = lazy_threads();
+        if now == n || t0.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn dropping_mid_way_ends_its_threads() {
     let _s = serial();
@@ -335,15 +348,10 @@ fn dropping_mid_way_ends_its_threads() {
         },
     )
     .unwrap();
-    // Each thread names itself once running.
-    let t0 = std::time::Instant::now();
-    while lazy_threads() < 2 && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(lazy_threads(), 2);
+    assert_eq!(lazy_threads_become(2), 2);
     assert!(lazy.pages_done() < snap.pages());
     drop(lazy);
-    assert_eq!(lazy_threads(), 0);
+    assert_eq!(lazy_threads_become(0), 0);
     // The claim is given back, but pages are populated now: a second lazy
     // restore into this memory is refused as not fresh.
     let e = restore_lazy(snap, &mem, LazyOptions::default()).unwrap_err();
@@ -372,4 +380,81 @@ fn memory_a_dedup_host_holds_is_refused_and_a_restore_blocks_dedup() {
         .register(Arc::clone(&mem), pagefold::VmOptions::default())
         .is_err());
     lazy.wait().unwrap();
+}
+
+/// Saves a snapshot in `dir` and damages the content of slot 0; returns
+/// its path and a page whose content that is.
+fn damaged(dir: &TempDir) -> (PathBuf, GuestPhysAddr) {
+    let (orig, path) = saved(dir, "bad.snap");
+    let snap = SnapshotReader::open(&path).unwrap();
+    let gpa = pages(&orig)
+        .into_iter()
+        .find(|&g| snap.source(g).unwrap() == PageSource::Content(0))
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    (path, gpa)
+}
+
+const CHILD: &str = "PAGEFOLD_LAZY_TOUCH_DAMAGED";
+
+/// Run as a child process by the next test (does nothing otherwise):
+/// touches a damaged page through its raw pointer, which must end in
+/// SIGBUS (the page is poisoned), not a hang and not zeros.
+#[test]
+fn child_touches_a_damaged_page() {
+    let Ok(path) = std::env::var(CHILD) else {
+        return;
+    };
+    let gpa = GuestPhysAddr(
+        std::env::var(format!("{CHILD}_GPA"))
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let snap = Arc::new(SnapshotReader::open(&path).unwrap());
+    let mem = GuestMemory::new(&snap.region_layout()).unwrap();
+    let _lazy = restore_lazy(snap, &mem, LazyOptions::default()).unwrap();
+    let page = touch(&mem, gpa);
+    // Reached only if the kernel could not poison (zero-filled instead).
+    assert!(page.iter().all(|&b| b == 0));
+    std::process::exit(3);
+}
+
+#[test]
+fn touching_a_damaged_page_is_a_memory_error_not_a_hang() {
+    use std::os::unix::process::ExitStatusExt;
+    let _s = serial();
+    let dir = TempDir::new("lazy-touchbad");
+    let (path, gpa) = damaged(&dir);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_touches_a_damaged_page",
+            "--test-threads=1",
+        ])
+        .env(CHILD, &path)
+        .env(format!("{CHILD}_GPA"), gpa.0.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the touch of a damaged page hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SIGBUS where the kernel has UFFDIO_POISON (6.6+), else exit 3
+    // (zeros after the error was recorded).
+    assert!(
+        status.signal() == Some(libc::SIGBUS) || status.code() == Some(3),
+        "{status:?}"
+    );
 }
