@@ -451,6 +451,7 @@ fn touching_a_damaged_page_is_a_memory_error_not_a_hang() {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    eprintln!("child ended: {status:?}");
     // SIGBUS where the kernel has UFFDIO_POISON (6.6+), else exit 3
     // (zeros after the error was recorded).
     assert!(
