@@ -317,13 +317,14 @@ fn lazy_threads() -> usize {
         .count()
 }
 
-/// Waits (up to 10 s) until [`lazy_threads`] is `n`: a thread names itself
-/// once running, and a joined thread's task lingers a moment in `/proc`.
+/// Waits (up to 10 s) until [`lazy_threads`] is at least `n` (or, for
+/// `n == 0`, none): a thread names itself once running, and a joined
+/// thread's task lingers a moment in `/proc`.
 fn lazy_threads_become(n: usize) -> usize {
     let t0 = std::time::Instant::now();
     loop {
         let now = lazy_threads();
-        if now == n || t0.elapsed() > Duration::from_secs(10) {
+        if (n == 0 && now == 0) || (n > 0 && now >= n) || t0.elapsed() > Duration::from_secs(10) {
             return now;
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -337,8 +338,12 @@ fn dropping_mid_way_ends_its_threads() {
     let (_orig, path) = saved(&dir, "a.snap");
     let snap = Arc::new(SnapshotReader::open(&path).unwrap());
     let mem = GuestMemory::new(&snap.region_layout()).unwrap();
-    let slow: pagefold::snapshot::FetchHook =
-        Arc::new(|_| std::thread::sleep(Duration::from_millis(2)));
+    let placed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p = Arc::clone(&placed);
+    let slow: pagefold::snapshot::FetchHook = Arc::new(move |_| {
+        p.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(2));
+    });
     let lazy = restore_lazy(
         Arc::clone(&snap),
         &mem,
@@ -348,7 +353,14 @@ fn dropping_mid_way_ends_its_threads() {
         },
     )
     .unwrap();
-    assert_eq!(lazy_threads_become(2), 2);
+    // The handler, the fetch thread and their page-check pools.
+    assert!(lazy_threads_become(4) >= 4);
+    // Until a page is placed (the hook runs after its copy).
+    let t0 = std::time::Instant::now();
+    while placed.load(Ordering::Relaxed) == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(placed.load(Ordering::Relaxed) > 0);
     assert!(lazy.pages_done() < snap.pages());
     drop(lazy);
     assert_eq!(lazy_threads_become(0), 0);
