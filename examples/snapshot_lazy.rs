@@ -95,7 +95,9 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(2));
     order.truncate(10_000);
 
-    println!("1 GiB memory ({PAGES} pages: half zero, a quarter 64 repeated contents, a quarter random)");
+    println!(
+        "1 GiB memory ({PAGES} pages: half zero, a quarter 64 repeated contents, a quarter random)"
+    );
     println!(
         "{:<28} {:>12} {:>12} {:>12} {:>12}",
         "restore", "returned", "1k touches", "10k touches", "all present"
@@ -138,7 +140,14 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let (t1k, t10k) = touch(&mem, &order, t0)?;
         let stats = lazy.wait()?;
         let all = t0.elapsed();
-        println!("{:<28} {} {} {} {}", name, ms(ret), ms(t1k), ms(t10k), ms(all));
+        println!(
+            "{:<28} {} {} {} {}",
+            name,
+            ms(ret),
+            ms(t1k),
+            ms(t10k),
+            ms(all)
+        );
         println!(
             "{:<28} on fault {}, fetched {} ({} from the working set), zero left to the kernel {}",
             "", stats.on_fault, stats.fetched, stats.working_set, stats.zero_untouched

@@ -8,6 +8,12 @@
 //! the rest in address order. The two race safely: the kernel places a
 //! page once, and the loser's `EEXIST` only means "done already".
 //!
+//! The handler checks a page's BLAKE3 on its own thread, never on rayon's
+//! pool: the pool's workers may be threads waiting in a fault it is to
+//! serve (a VMM's, or pagefold's own parallel reads of guest memory). The
+//! fetch thread checks its batches on the pool; it may wait there, but the
+//! handler goes on serving, so the wait ends.
+//!
 //! Zero pages are not fetched: once every stored page is present the
 //! ranges are unregistered, and an untouched zero page is then a hole the
 //! kernel fills with zeros on first touch, costing nothing until then.
@@ -154,14 +160,6 @@ struct Span {
 
 struct Shared {
     snap: Arc<SnapshotReader>,
-    /// Pages are checked against their BLAKE3 in parallel (rayon). Not on
-    /// the global pool: its workers may be the very threads waiting in a
-    /// fault (a VMM's, or pagefold's own parallel reads of guest memory),
-    /// which would deadlock the handler. One thread for the handler (a
-    /// page at a time), half the CPUs for the fetch, leaving the rest to
-    /// the vCPUs.
-    fault_pool: rayon::ThreadPool,
-    fetch_pool: rayon::ThreadPool,
     uffd: Userfault,
     spans: Vec<Span>,
     /// A bit per page: placed (or, for zero pages, counted).
@@ -265,28 +263,8 @@ pub fn restore_lazy(
         }
     }
     let pages = snap.pages();
-    let pool = |n: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("pagefold-lazy-hash-{i}"))
-            .build()
-    };
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let pools = pool(1).and_then(|f| Ok((f, pool((cpus / 2).max(1))?)));
-    let (fault_pool, fetch_pool) = match pools {
-        Ok(p) => p,
-        Err(e) => {
-            for t in &spans {
-                let _ = uffd.unregister(HostVirtAddr(t.host), t.len);
-            }
-            let e = std::io::Error::other(e.to_string());
-            return Err(release(LazyError::Thread("page check", e)));
-        }
-    };
     let shared = Arc::new(Shared {
         snap,
-        fault_pool,
-        fetch_pool,
         uffd,
         spans,
         done: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -484,7 +462,7 @@ impl Shared {
             }
             Ok(Located::Stored { file, slot }) => {
                 let mut buf = [0u8; PAGE_SIZE];
-                match self.fault_pool.install(|| file.read_slots(slot, &mut buf)) {
+                match file.read_slots_here(slot, &mut buf) {
                     Ok(()) => {
                         let r = self.uffd.copy(at, &buf).map(|c| !c.exists);
                         if let Ok(true) = r {
@@ -631,14 +609,11 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                 }
                 let len = bytes_of(e - j);
                 let dst = &mut buf[..len];
-                if s.fetch_pool.install(|| file.read_slots(slot, dst)).is_err() {
+                if file.read_slots(slot, dst).is_err() {
                     // Find the damaged page(s): one page at a time.
                     for p in j..e {
                         let one = &mut dst[..PAGE_SIZE];
-                        match s
-                            .fetch_pool
-                            .install(|| file.read_slots(slot + (p - j), one))
-                        {
+                        match file.read_slots(slot + (p - j), one) {
                             Ok(()) => placed += place(s, p, one, hook),
                             Err(err) => {
                                 if let Some(h) = s.host_of(p) {
