@@ -52,7 +52,8 @@
 //! into a dedup host's domain, sharing frames from the first moment),
 //! `foreign` (Firecracker's and cloud-hypervisor's snapshot memory as
 //! input: restored by copy, or converted to this format for a folded
-//! restore).
+//! restore), `lazy` (restored on first touch through a userfaultfd in
+//! missing mode, the rest fetched in the background, working set first).
 
 mod error;
 mod file;
@@ -61,6 +62,7 @@ mod foreign;
 mod format;
 mod id;
 mod layout;
+mod lazy;
 mod map;
 mod reader;
 mod restore;
@@ -78,6 +80,7 @@ pub use foreign::{
 };
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;
+pub use lazy::{restore_lazy, FetchHook, LazyError, LazyOptions, LazyRestore, LazyStats};
 pub use map::PageSource;
 pub use reader::SnapshotReader;
 pub use restore::{restore_into, RestoreStats};

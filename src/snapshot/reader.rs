@@ -346,6 +346,23 @@ impl SnapshotReader {
     /// Reads stored slots `first..` into `dst` (whole pages), one `pread`,
     /// and checks each page against its address.
     pub(crate) fn read_slots(&self, first: u64, dst: &mut [u8]) -> Result<(), SnapshotError> {
+        self.read_slots_checked(first, dst, true)
+    }
+
+    /// [`read_slots`](Self::read_slots) checked on the calling thread, not
+    /// on rayon's pool: for the lazy restore's fault handler, which must
+    /// never wait on pool workers that may themselves wait in a fault it is
+    /// to serve.
+    pub(crate) fn read_slots_here(&self, first: u64, dst: &mut [u8]) -> Result<(), SnapshotError> {
+        self.read_slots_checked(first, dst, false)
+    }
+
+    fn read_slots_checked(
+        &self,
+        first: u64,
+        dst: &mut [u8],
+        parallel: bool,
+    ) -> Result<(), SnapshotError> {
         let n = (dst.len() / PAGE_SIZE) as u64;
         let at = self
             .parts
@@ -369,10 +386,15 @@ impl SnapshotReader {
                 },
             ))?;
         read_at(&self.file, dst, at, Part::Content)?;
-        let bad = dst
-            .par_chunks(PAGE_SIZE)
-            .zip(hashes.par_iter())
-            .position_first(|(page, h)| content_hash(page) != *h);
+        let bad = if parallel {
+            dst.par_chunks(PAGE_SIZE)
+                .zip(hashes.par_iter())
+                .position_first(|(page, h)| content_hash(page) != *h)
+        } else {
+            dst.chunks(PAGE_SIZE)
+                .zip(hashes.iter())
+                .position(|(page, h)| content_hash(page) != *h)
+        };
         match bad {
             None => Ok(()),
             Some(k) => Err(SnapshotError::ContentHash {

@@ -43,6 +43,32 @@ const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// Missing-page faults on shmem mappings (Linux 4.11+; memfd memory).
+pub(crate) const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFDIO_POISON`: a page that reads as a memory error (Linux 6.6+).
+pub(crate) const UFFD_FEATURE_POISON: u64 = 1 << 14;
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage`, and `struct uffdio_poison` (same layout).
+#[repr(C)]
+struct UffdioFill {
+    range: UffdioRange,
+    mode: u64,
+    result: i64,
+}
 
 #[repr(C)]
 struct UffdioApi {
@@ -105,6 +131,14 @@ pub enum UserfaultError {
         /// Features the kernel offered.
         features: u64,
     },
+    /// The kernel lacks missing-page faults on shmem mappings
+    /// (`UFFD_FEATURE_MISSING_SHMEM`, Linux 4.11+), which a lazy restore
+    /// into memfd memory needs.
+    #[error("this kernel's userfaultfd has no missing-page faults on shmem (features {features:#x}; needs MISSING_SHMEM, Linux 4.11+)")]
+    NoMissingShmem {
+        /// Features the kernel offered.
+        features: u64,
+    },
     /// An ioctl failed.
     #[error("{op} on [{start:#x}, +{len:#x}) failed: {source}")]
     Ioctl {
@@ -130,7 +164,29 @@ pub struct WriteFault {
     pub write_protect: bool,
 }
 
-/// One userfaultfd, in write-protect mode.
+/// Any page fault a thread is waiting in (missing or write-protect).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageFault {
+    /// The faulting address (page-aligned by the kernel).
+    pub addr: HostVirtAddr,
+    /// The access was a write.
+    pub write: bool,
+    /// The fault is due to write protection (not a missing page).
+    pub write_protect: bool,
+}
+
+/// What a [`Userfault::copy`] did: it stops at the first page present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes placed from the start of the range.
+    pub bytes: u64,
+    /// The page right after them was present already (`EEXIST`): someone
+    /// else filled it; the caller skips it and goes on.
+    pub exists: bool,
+}
+
+/// One userfaultfd, in write-protect mode (or, from
+/// [`Userfault::new_missing`], missing-page mode).
 #[derive(Debug)]
 pub struct Userfault {
     fd: OwnedFd,
@@ -442,6 +498,222 @@ impl Userfault {
                 len,
                 source: io::Error::last_os_error(),
             })
+        }
+    }
+}
+
+/// Missing-page mode: how a lazy restore fills memory on first touch.
+impl Userfault {
+    /// Opens a userfaultfd (non-blocking, close-on-exec, kernel-mode faults
+    /// too, so a KVM vCPU's touch waits like a raw pointer's) for
+    /// missing-page faults on shmem, with `UFFDIO_POISON` where the kernel
+    /// has it ([`features`](Self::features) says). A kernel without
+    /// missing faults on shmem gets [`UserfaultError::NoMissingShmem`].
+    pub fn new_missing() -> Result<Self, UserfaultError> {
+        // Ask what the kernel offers first (features 0 reports them all;
+        // requesting one it lacks would only fail with EINVAL).
+        let probe = Self::open_raw(0)?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: `api` is a valid, writable `uffdio_api` for the call.
+        if unsafe { libc::ioctl(probe.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(UserfaultError::Unavailable(io::Error::last_os_error()));
+        }
+        drop(probe);
+        if api.features & UFFD_FEATURE_MISSING_SHMEM == 0 {
+            return Err(UserfaultError::NoMissingShmem {
+                features: api.features,
+            });
+        }
+        let want = UFFD_FEATURE_MISSING_SHMEM | (api.features & UFFD_FEATURE_POISON);
+        let fd = Self::open_raw(0)?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: want,
+            ioctls: 0,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(UserfaultError::NoMissingShmem {
+                features: api.features,
+            });
+        }
+        Ok(Userfault {
+            fd,
+            features: api.features & (want | UFFD_FEATURE_MISSING_SHMEM),
+        })
+    }
+
+    /// Whether `UFFDIO_POISON` was granted (see [`poison`](Self::poison)).
+    pub fn can_poison(&self) -> bool {
+        self.features & UFFD_FEATURE_POISON != 0
+    }
+
+    /// Registers `[addr, addr+len)` for missing-page faults: a touch of a
+    /// page with no memory behind it waits until [`copy`](Self::copy),
+    /// [`zero`](Self::zero) or [`poison`](Self::poison) fills it, or the
+    /// range is unregistered.
+    pub fn register_missing(&self, addr: HostVirtAddr, len: u64) -> Result<(), UserfaultError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: addr.0, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid, writable `uffdio_register`; the kernel
+        // validates the range against this process's mappings.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        self.check(rc, "UFFDIO_REGISTER(MISSING)", addr, len)
+    }
+
+    /// Places `src` (whole pages) at `dst` (page-aligned, registered
+    /// missing) atomically, page by page, and wakes the threads waiting
+    /// there. Stops at the first page already present.
+    pub fn copy(&self, dst: HostVirtAddr, src: &[u8]) -> Result<Copied, UserfaultError> {
+        let len = src.len() as u64;
+        let mut done = 0u64;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while done < len {
+            let mut c = UffdioCopy {
+                dst: dst.0 + done,
+                src: src.as_ptr() as u64 + done,
+                len: len - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `c` is a valid, writable `uffdio_copy`; its source is
+            // `src[done..]`, readable for `len - done` bytes for the call;
+            // the kernel checks the destination against this process's
+            // registered mappings and writes only into missing pages.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+            if rc == 0 {
+                return Ok(Copied {
+                    bytes: len,
+                    exists: false,
+                });
+            }
+            let err = io::Error::last_os_error();
+            if c.copy > 0 {
+                done += c.copy as u64; // partial progress: go on
+                continue;
+            }
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    return Ok(Copied {
+                        bytes: done,
+                        exists: true,
+                    })
+                }
+                // The address space is changing (an `mremap`, a fork):
+                // retry for up to a second.
+                Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                _ => {
+                    return Err(UserfaultError::Ioctl {
+                        op: "UFFDIO_COPY",
+                        start: HostVirtAddr(dst.0 + done),
+                        len: len - done,
+                        source: err,
+                    })
+                }
+            }
+        }
+        Ok(Copied {
+            bytes: done,
+            exists: false,
+        })
+    }
+
+    /// Fills the missing page(s) `[addr, addr+len)` with zeros and wakes
+    /// their waiters; `Ok(false)` if a page was present already.
+    pub fn zero(&self, addr: HostVirtAddr, len: u64) -> Result<bool, UserfaultError> {
+        self.fill(UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", addr, len)
+    }
+
+    /// Marks the missing page(s) `[addr, addr+len)` poisoned and wakes
+    /// their waiters: an access then fails as a memory error does (SIGBUS
+    /// for a raw pointer, an error from `KVM_RUN` for a vCPU) instead of
+    /// seeing bytes that are not the page's. Needs
+    /// [`can_poison`](Self::can_poison). `Ok(false)` if a page was present.
+    pub fn poison(&self, addr: HostVirtAddr, len: u64) -> Result<bool, UserfaultError> {
+        self.fill(UFFDIO_POISON, "UFFDIO_POISON", addr, len)
+    }
+
+    fn fill(
+        &self,
+        req: libc::c_ulong,
+        op: &'static str,
+        addr: HostVirtAddr,
+        len: u64,
+    ) -> Result<bool, UserfaultError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let mut z = UffdioFill {
+                range: UffdioRange { start: addr.0, len },
+                mode: 0,
+                result: 0,
+            };
+            // SAFETY: `z` is a valid, writable `uffdio_zeropage` (the same
+            // layout as `uffdio_poison`); the kernel checks the range.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), req, &mut z) };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => return Ok(false),
+                Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                _ => {
+                    return Err(UserfaultError::Ioctl {
+                        op,
+                        start: addr,
+                        len,
+                        source: err,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reads the next pending page fault of any kind, if any
+    /// (non-blocking); other events are skipped.
+    pub fn read_page_fault(&self) -> Result<Option<PageFault>, UserfaultError> {
+        loop {
+            let mut msg = UffdMsg::default();
+            // SAFETY: `msg` is a writable buffer of exactly one `uffd_msg`.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut msg as *mut UffdMsg).cast(),
+                    std::mem::size_of::<UffdMsg>(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(None),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(UserfaultError::Ioctl {
+                        op: "read(userfaultfd)",
+                        start: HostVirtAddr(0),
+                        len: 0,
+                        source: e,
+                    }),
+                };
+            }
+            if msg.event != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            return Ok(Some(PageFault {
+                addr: HostVirtAddr(msg.address),
+                write: msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                write_protect: msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+            }));
         }
     }
 }

@@ -1,0 +1,756 @@
+//! Restoring lazily: the guest runs before its memory is read. Every region
+//! of a fresh [`GuestMemory`] is registered with a userfaultfd in missing
+//! mode; a fault-handler thread serves each first touch (a vCPU through
+//! KVM, a device, a raw pointer) by reading that page from the snapshot and
+//! placing it atomically (`UFFDIO_COPY`; zeros: `UFFDIO_ZEROPAGE`), while a
+//! fetch thread copies every page not yet present, first the pages a
+//! working-set file recorded as touched early at an earlier restore, then
+//! the rest in address order. The two race safely: the kernel places a
+//! page once, and the loser's `EEXIST` only means "done already".
+//!
+//! The handler checks a page's BLAKE3 on its own thread, never on rayon's
+//! pool: the pool's workers may be threads waiting in a fault it is to
+//! serve (a VMM's, or pagefold's own parallel reads of guest memory). The
+//! fetch thread checks its batches on the pool; it may wait there, but the
+//! handler goes on serving, so the wait ends.
+//!
+//! Zero pages are not fetched: once every stored page is present the
+//! ranges are unregistered, and an untouched zero page is then a hole the
+//! kernel fills with zeros on first touch, costing nothing until then.
+//!
+//! A page whose bytes do not match their address (a damaged snapshot) is
+//! never shown to the guest: the error is recorded for
+//! [`LazyRestore::wait`], and the page is poisoned (`UFFDIO_POISON`), so the
+//! faulting thread wakes into a memory error (SIGBUS for a raw pointer, an
+//! error from `KVM_RUN` for a vCPU) rather than waiting forever or reading
+//! wrong bytes. On a kernel without poison (before 6.6) the page is
+//! zero-filled instead, after the error is recorded: the VMM learns of it
+//! from [`LazyRestore::wait`] and must discard the memory.
+//!
+//! Memory that a dedup host (or a raw-write tracker) already holds a
+//! userfaultfd for cannot be registered again: [`LazyError::Claimed`]. A
+//! lazy restore into folded memory is out of scope here.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+};
+
+use super::{
+    error::SnapshotError,
+    layout::PageLayout,
+    reader::{Located, SnapshotReader},
+    scan::BATCH,
+};
+use crate::{
+    addr::{GuestPhysAddr, HostVirtAddr, PAGE_SIZE},
+    memory::{GuestMemory, GuestRegion},
+    userfault::{Userfault, UserfaultError},
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Magic of a working-set file: then a page count (u64 LE) and that many
+/// page indexes (u64 LE, in the snapshot's page order).
+const WS_MAGIC: &[u8; 8] = b"PFWSET1\n";
+
+/// Called by the fetch thread with each page it places, in order.
+pub type FetchHook = Arc<dyn Fn(GuestPhysAddr) + Send + Sync>;
+
+/// How to restore lazily.
+#[derive(Clone, Default)]
+pub struct LazyOptions {
+    /// A working-set file: read at the start (pages it names are fetched
+    /// first; a file that does not exist yet is an empty set), and written
+    /// at the end of a successful [`LazyRestore::wait`] with the first
+    /// [`record_pages`](Self::record_pages) pages touched.
+    pub working_set: Option<PathBuf>,
+    /// How many of the pages served on fault (in order of touch) to write
+    /// to the working-set file; 0 writes nothing.
+    pub record_pages: usize,
+    /// Told of every page the fetch thread places, in order (for tests and
+    /// tracing).
+    pub on_fetch: Option<FetchHook>,
+}
+
+impl std::fmt::Debug for LazyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyOptions")
+            .field("working_set", &self.working_set)
+            .field("record_pages", &self.record_pages)
+            .field("on_fetch", &self.on_fetch.is_some())
+            .finish()
+    }
+}
+
+/// Errors of a lazy restore.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The snapshot: a layout that is not the memory's, a damaged page, a
+    /// missing ancestor.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The userfaultfd: unavailable, a kernel without missing faults on
+    /// shmem (`NoMissingShmem`), a failed ioctl.
+    #[error(transparent)]
+    Userfault(#[from] UserfaultError),
+    /// A dedup host or a raw-write tracker holds a userfaultfd for this
+    /// memory already; one range cannot be registered with two.
+    #[error("the memory is owned by a dedup host or raw-write tracker (its userfaultfd); a lazy restore needs memory of its own")]
+    Claimed,
+    /// A page of the memory holds memory already: it would not fault, and
+    /// would keep its old bytes. Restore lazily into fresh memory only.
+    #[error("page at {gpa} of the memory is populated already; a lazy restore needs fresh memory")]
+    NotFresh {
+        /// The first populated page.
+        gpa: GuestPhysAddr,
+    },
+    /// Memory whose frames are not in a file (anonymous memory).
+    #[error("lazy restore needs memfd-backed memory")]
+    NotMemfd,
+    /// A working-set file that cannot be read or written, or is damaged.
+    #[error("working-set file {path}: {what}")]
+    WorkingSet {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// A thread could not be started.
+    #[error("starting the {0} thread: {1}")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// What a lazy restore did. `on_fault + fetched + zero_untouched +
+/// damaged == pages`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LazyStats {
+    /// Pages of the layout.
+    pub pages: u64,
+    /// Pages placed by the fault handler on first touch (zero pages
+    /// included).
+    pub on_fault: u64,
+    /// Stored pages placed by the fetch thread.
+    pub fetched: u64,
+    /// Of `fetched`, those fetched first because the working set named them.
+    pub working_set: u64,
+    /// Zero pages nobody touched while registered: left to the kernel.
+    pub zero_untouched: u64,
+    /// Zero pages of the snapshot (touched or not).
+    pub zero_pages: u64,
+    /// Pages whose snapshot bytes were damaged (poisoned, or zero-filled
+    /// where the kernel cannot poison).
+    pub damaged: u64,
+}
+
+/// One region as the threads see it.
+struct Span {
+    host: u64,
+    len: u64,
+    first: u64,
+    gpa: GuestPhysAddr,
+    /// Keeps the mapping alive while the threads run.
+    _region: Arc<GuestRegion>,
+}
+
+struct Shared {
+    snap: Arc<SnapshotReader>,
+    uffd: Userfault,
+    spans: Vec<Span>,
+    /// A bit per page: placed (or, for zero pages, counted).
+    done: Vec<AtomicU64>,
+    stop: AtomicBool,
+    /// Set before the fetch thread unregisters: ioctl errors after it are
+    /// expected (the ranges are going) and ignored.
+    finishing: AtomicBool,
+    error: Mutex<Option<LazyError>>,
+    touched: Mutex<Vec<u64>>,
+    record: usize,
+    on_fault: AtomicU64,
+    fetched: AtomicU64,
+    working_set: AtomicU64,
+    zero_untouched: AtomicU64,
+    zero_pages: AtomicU64,
+    damaged: AtomicU64,
+}
+
+/// A lazy restore in progress. [`wait`](Self::wait) for every page;
+/// dropping it before then stops its threads and unregisters the memory,
+/// whose unfetched pages then read as zeros: discard such memory.
+pub struct LazyRestore {
+    shared: Arc<Shared>,
+    mem: GuestMemory,
+    handler: Option<JoinHandle<()>>,
+    fetcher: Option<JoinHandle<()>>,
+    working_set: Option<PathBuf>,
+    released: bool,
+}
+
+impl std::fmt::Debug for LazyRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyRestore")
+            .field("pages", &self.shared.done.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts restoring `snap` (with its ancestors attached) into `mem`, which
+/// must be fresh (no page populated) memfd memory of the snapshot's layout,
+/// and returns at once: the guest may run. Every touch of a page not yet
+/// present waits in the kernel until the page is placed from the snapshot.
+pub fn restore_lazy(
+    snap: Arc<SnapshotReader>,
+    mem: &GuestMemory,
+    options: LazyOptions,
+) -> Result<LazyRestore, LazyError> {
+    if let Some(what) = snap.layout().differs(&PageLayout::of(mem)) {
+        return Err(SnapshotError::LayoutMismatch { what }.into());
+    }
+    if !mem.frame_store().has_file() {
+        return Err(LazyError::NotMemfd);
+    }
+    let ws = match &options.working_set {
+        Some(p) => read_working_set(p, snap.pages())?,
+        None => Vec::new(),
+    };
+    let uffd = Userfault::new_missing()?;
+    // A memory made of the same regions: holds their mappings and claims.
+    let own = GuestMemory::from_regions(mem.regions().to_vec()).map_err(|e| {
+        SnapshotError::LayoutMismatch {
+            what: e.to_string(),
+        }
+    })?;
+    if !own.claim_for_dedup() {
+        return Err(LazyError::Claimed);
+    }
+    let release = |e: LazyError| {
+        own.release_from_dedup();
+        e
+    };
+    let mut spans = Vec::with_capacity(own.regions().len());
+    for (i, r) in own.regions().iter().enumerate() {
+        match r.resident(0, r.pages()) {
+            Some(v) => {
+                if let Some(k) = v.iter().position(|b| b & 1 != 0) {
+                    let gpa = GuestPhysAddr(r.start().0 + k as u64 * PAGE);
+                    return Err(release(LazyError::NotFresh { gpa }));
+                }
+            }
+            None => {
+                let gpa = r.start();
+                return Err(release(LazyError::NotFresh { gpa }));
+            }
+        }
+        spans.push(Span {
+            host: r.host_addr().0,
+            len: r.size(),
+            first: snap.layout().first_page(i),
+            gpa: r.start(),
+            _region: Arc::clone(r),
+        });
+    }
+    for (k, s) in spans.iter().enumerate() {
+        if let Err(e) = uffd.register_missing(HostVirtAddr(s.host), s.len) {
+            for t in &spans[..k] {
+                let _ = uffd.unregister(HostVirtAddr(t.host), t.len);
+            }
+            return Err(release(e.into()));
+        }
+    }
+    let pages = snap.pages();
+    let shared = Arc::new(Shared {
+        snap,
+        uffd,
+        spans,
+        done: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        stop: AtomicBool::new(false),
+        finishing: AtomicBool::new(false),
+        error: Mutex::new(None),
+        touched: Mutex::new(Vec::new()),
+        record: options.record_pages,
+        on_fault: AtomicU64::new(0),
+        fetched: AtomicU64::new(0),
+        working_set: AtomicU64::new(0),
+        zero_untouched: AtomicU64::new(0),
+        zero_pages: AtomicU64::new(0),
+        damaged: AtomicU64::new(0),
+    });
+    let mut lazy = LazyRestore {
+        shared: Arc::clone(&shared),
+        mem: own,
+        handler: None,
+        fetcher: None,
+        working_set: options.working_set.clone(),
+        released: false,
+    };
+    let s = Arc::clone(&shared);
+    lazy.handler = Some(
+        std::thread::Builder::new()
+            .name("pagefold-lazy-fault".into())
+            .spawn(move || handle_faults(&s))
+            .map_err(|e| LazyError::Thread("fault handler", e))?,
+    );
+    let s = Arc::clone(&shared);
+    let hook = options.on_fetch.clone();
+    lazy.fetcher = Some(
+        std::thread::Builder::new()
+            .name("pagefold-lazy-fetch".into())
+            .spawn(move || fetch_all(&s, &ws, hook.as_ref()))
+            .map_err(|e| LazyError::Thread("fetch", e))?,
+    );
+    Ok(lazy)
+}
+
+impl LazyRestore {
+    /// Pages present (or counted, for zero pages) so far.
+    pub fn pages_done(&self) -> u64 {
+        self.shared
+            .done
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Waits until every page is present, unregisters the memory, writes
+    /// the working-set file (if asked), and returns what was done, or the
+    /// first error met (the memory must then be discarded: a damaged page
+    /// is poisoned, or zero where the kernel cannot poison).
+    pub fn wait(mut self) -> Result<LazyStats, LazyError> {
+        if let Some(f) = self.fetcher.take() {
+            let _ = f.join();
+        }
+        self.stop_threads();
+        if let Some(e) = lock(&self.shared.error).take() {
+            return Err(e);
+        }
+        let s = &self.shared;
+        let stats = LazyStats {
+            pages: s.snap.pages(),
+            on_fault: s.on_fault.load(Ordering::Relaxed),
+            fetched: s.fetched.load(Ordering::Relaxed),
+            working_set: s.working_set.load(Ordering::Relaxed),
+            zero_untouched: s.zero_untouched.load(Ordering::Relaxed),
+            zero_pages: s.zero_pages.load(Ordering::Relaxed),
+            damaged: s.damaged.load(Ordering::Relaxed),
+        };
+        if let (Some(path), true) = (&self.working_set, s.record > 0) {
+            let touched = lock(&s.touched).clone();
+            write_working_set(path, &touched)?;
+        }
+        Ok(stats)
+    }
+
+    /// Stops the fetch thread (if running), unregisters every region (so
+    /// no toucher waits on a handler that is gone), stops the handler, and
+    /// ends the claim on the memory.
+    fn stop_threads(&mut self) {
+        let s = &self.shared;
+        s.stop.store(true, Ordering::Release);
+        if let Some(f) = self.fetcher.take() {
+            let _ = f.join();
+        }
+        s.finishing.store(true, Ordering::Release);
+        for sp in &s.spans {
+            let _ = s.uffd.unregister(HostVirtAddr(sp.host), sp.len);
+        }
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        if !self.released {
+            self.mem.release_from_dedup();
+            self.released = true;
+        }
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    fn record_error(&self, e: LazyError) {
+        if self.finishing.load(Ordering::Acquire) {
+            return; // the ranges are being unregistered: expected
+        }
+        let mut slot = lock(&self.error);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// Marks page `page` done; whether this call did.
+    fn mark(&self, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        match self.done.get(w) {
+            Some(word) => word.fetch_or(1 << b, Ordering::AcqRel) & (1 << b) == 0,
+            None => false,
+        }
+    }
+
+    fn is_done(&self, page: u64) -> bool {
+        let (w, b) = ((page / 64) as usize, page % 64);
+        self.done
+            .get(w)
+            .is_some_and(|word| word.load(Ordering::Acquire) & (1 << b) != 0)
+    }
+
+    /// The span and page index of host address `addr`.
+    fn page_at(&self, addr: u64) -> Option<(&Span, u64)> {
+        self.spans
+            .iter()
+            .find(|s| addr >= s.host && addr - s.host < s.len)
+            .map(|s| (s, s.first + (addr - s.host) / PAGE))
+    }
+
+    /// The host address of page index `page`.
+    fn host_of(&self, page: u64) -> Option<u64> {
+        self.spans
+            .iter()
+            .find(|s| page >= s.first && page - s.first < s.len / PAGE)
+            .map(|s| s.host + (page - s.first) * PAGE)
+    }
+
+    /// A damaged page: record the error, then poison it (or zero it) so
+    /// its waiters wake.
+    fn damaged(&self, page: u64, host: u64, e: SnapshotError) {
+        self.record_error(e.into());
+        let at = HostVirtAddr(host);
+        let filled = if self.uffd.can_poison() {
+            self.uffd.poison(at, PAGE)
+        } else {
+            self.uffd.zero(at, PAGE)
+        };
+        match filled {
+            Ok(true) => {
+                if self.mark(page) {
+                    self.damaged.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => self.record_error(e.into()),
+        }
+    }
+
+    /// Serves one fault at `addr`.
+    fn serve(&self, addr: u64) {
+        let Some((span, page)) = self.page_at(addr) else {
+            return;
+        };
+        let host = span.host + (page - span.first) * PAGE;
+        let at = HostVirtAddr(host);
+        let placed = match self.snap.locate(page) {
+            Ok(Located::Zero) => {
+                let r = self.uffd.zero(at, PAGE);
+                if let Ok(true) = r {
+                    if self.mark(page) {
+                        self.zero_pages.fetch_add(1, Ordering::Relaxed);
+                        self.on_fault.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                r
+            }
+            Ok(Located::Stored { file, slot }) => {
+                let mut buf = [0u8; PAGE_SIZE];
+                match file.read_slots_here(slot, &mut buf) {
+                    Ok(()) => {
+                        let r = self.uffd.copy(at, &buf).map(|c| !c.exists);
+                        if let Ok(true) = r {
+                            self.mark(page);
+                            self.on_fault.fetch_add(1, Ordering::Relaxed);
+                        }
+                        r
+                    }
+                    Err(e) => {
+                        self.damaged(page, host, e);
+                        Ok(false)
+                    }
+                }
+            }
+            Err(e) => {
+                self.damaged(page, host, e);
+                Ok(false)
+            }
+        };
+        match placed {
+            Ok(true) => {
+                if self.record > 0 {
+                    let mut t = lock(&self.touched);
+                    if t.len() < self.record {
+                        t.push(page);
+                    }
+                }
+            }
+            // Placed by the fetch thread meanwhile: its copy woke the
+            // waiters, but wake again in case this fault came after.
+            Ok(false) => {
+                let _ = self.uffd.wake(at, PAGE);
+            }
+            Err(e) => {
+                self.record_error(e.into());
+                // Never leave the toucher waiting.
+                let _ = self.uffd.zero(at, PAGE);
+                let _ = self.uffd.wake(at, PAGE);
+            }
+        }
+    }
+}
+
+/// The fault handler's loop: until the ranges are unregistered.
+fn handle_faults(s: &Shared) {
+    loop {
+        if s.finishing.load(Ordering::Acquire) {
+            return;
+        }
+        match s.uffd.wait(20) {
+            Ok(true) => loop {
+                match s.uffd.read_page_fault() {
+                    Ok(Some(f)) => {
+                        if !f.write_protect {
+                            s.serve(f.addr.0 & !(PAGE - 1));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        s.record_error(e.into());
+                        break;
+                    }
+                }
+            },
+            Ok(false) => {}
+            Err(e) => {
+                s.record_error(e.into());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// The fetch thread: the working set, then every page in order.
+fn fetch_all(s: &Shared, ws: &[u64], hook: Option<&FetchHook>) {
+    let mut buf = vec![0u8; BATCH * PAGE_SIZE];
+    for &page in ws {
+        if s.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if fetch_run(s, page, 1, &mut buf, hook) > 0 {
+            s.working_set.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let pages = s.snap.pages();
+    let mut k = 0u64;
+    while k < pages {
+        if s.stop.load(Ordering::Acquire) {
+            return;
+        }
+        // Runs never cross a region's end: host addresses jump there.
+        let end = s
+            .spans
+            .iter()
+            .find(|sp| k >= sp.first && k - sp.first < sp.len / PAGE)
+            .map_or(pages, |sp| sp.first + sp.len / PAGE);
+        let n = (BATCH as u64).min(end - k);
+        fetch_run(s, k, n, &mut buf, hook);
+        k += n;
+    }
+}
+
+/// Fetches pages `[first, first + n)` (one region) not yet present;
+/// returns how many stored pages it placed.
+fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&FetchHook>) -> u64 {
+    let mut placed = 0;
+    let mut j = first;
+    let end = first + n;
+    while j < end {
+        if s.is_done(j) {
+            j += 1;
+            continue;
+        }
+        let loc = match s.snap.locate(j) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(h) = s.host_of(j) {
+                    s.damaged(j, h, e);
+                }
+                j += 1;
+                continue;
+            }
+        };
+        match loc {
+            Located::Zero => {
+                if s.mark(j) {
+                    s.zero_pages.fetch_add(1, Ordering::Relaxed);
+                    s.zero_untouched.fetch_add(1, Ordering::Relaxed);
+                }
+                j += 1;
+            }
+            Located::Stored { file, slot } => {
+                // The run of consecutive slots of one file, not done.
+                let mut e = j + 1;
+                while e < end && !s.is_done(e) {
+                    match s.snap.locate(e) {
+                        Ok(Located::Stored { file: f, slot: sl })
+                            if std::ptr::eq(f, file) && sl == slot + (e - j) =>
+                        {
+                            e += 1
+                        }
+                        _ => break,
+                    }
+                }
+                let len = bytes_of(e - j);
+                let dst = &mut buf[..len];
+                if file.read_slots(slot, dst).is_err() {
+                    // Find the damaged page(s): one page at a time.
+                    for p in j..e {
+                        let one = &mut dst[..PAGE_SIZE];
+                        match file.read_slots(slot + (p - j), one) {
+                            Ok(()) => placed += place(s, p, one, hook),
+                            Err(err) => {
+                                if let Some(h) = s.host_of(p) {
+                                    s.damaged(p, h, err);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    let mut p = j;
+                    while p < e {
+                        let off = bytes_of(p - j);
+                        placed += place_run(s, p, e, &dst[off..], hook, &mut p);
+                    }
+                }
+                j = e;
+            }
+        }
+    }
+    placed
+}
+
+/// Places one page `page` from `bytes`; 1 if this call placed it.
+fn place(s: &Shared, page: u64, bytes: &[u8], hook: Option<&FetchHook>) -> u64 {
+    let mut p = page;
+    place_run(s, page, page + 1, bytes, hook, &mut p)
+}
+
+/// Copies pages `[from, to)` from `bytes` with one ioctl where it can;
+/// advances `*at` past what it handled (placed, or present already).
+fn place_run(
+    s: &Shared,
+    from: u64,
+    to: u64,
+    bytes: &[u8],
+    hook: Option<&FetchHook>,
+    at: &mut u64,
+) -> u64 {
+    let Some(host) = s.host_of(from) else {
+        *at = to;
+        return 0;
+    };
+    let len = bytes_of(to - from);
+    match s.uffd.copy(HostVirtAddr(host), &bytes[..len]) {
+        Ok(c) => {
+            let pages = c.bytes / PAGE;
+            for p in from..from + pages {
+                s.mark(p);
+                if let Some(h) = hook {
+                    h(page_gpa(s, p));
+                }
+            }
+            s.fetched.fetch_add(pages, Ordering::Relaxed);
+            // A page present already: someone placed it; skip it.
+            *at = from + pages + u64::from(c.exists);
+            pages
+        }
+        Err(e) => {
+            s.record_error(e.into());
+            *at = to;
+            0
+        }
+    }
+}
+
+/// Bytes of `pages` pages of one run (at most a batch, so it fits).
+fn bytes_of(pages: u64) -> usize {
+    usize::try_from(pages).map_or(usize::MAX, |n| n.saturating_mul(PAGE_SIZE))
+}
+
+fn page_gpa(s: &Shared, page: u64) -> GuestPhysAddr {
+    s.spans
+        .iter()
+        .find(|sp| page >= sp.first && page - sp.first < sp.len / PAGE)
+        .map_or(GuestPhysAddr(0), |sp| {
+            GuestPhysAddr(sp.gpa.0 + (page - sp.first) * PAGE)
+        })
+}
+
+/// Reads a working-set file: page indexes below `pages`. A file that does
+/// not exist is an empty set.
+fn read_working_set(path: &Path, pages: u64) -> Result<Vec<u64>, LazyError> {
+    let bad = |what: String| LazyError::WorkingSet {
+        path: path.to_path_buf(),
+        what,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if bytes.len() < 16 || &bytes[..8] != WS_MAGIC {
+        return Err(bad("no working-set header (magic PFWSET1)".into()));
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let count = word(8);
+    let body = (bytes.len() - 16) / 8;
+    if (bytes.len() - 16) % 8 != 0 || count != body as u64 {
+        return Err(bad(format!(
+            "count {count}, the file holds {} bytes of pages",
+            bytes.len() - 16
+        )));
+    }
+    (0..body)
+        .map(|i| {
+            let p = word(16 + i * 8);
+            if p < pages {
+                Ok(p)
+            } else {
+                Err(bad(format!(
+                    "page {p} at byte {} is not below the snapshot's {pages}",
+                    16 + i * 8
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Writes a working-set file beside its name, then renames it into place.
+fn write_working_set(path: &Path, pages: &[u64]) -> Result<(), LazyError> {
+    let bad = |e: std::io::Error| LazyError::WorkingSet {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    };
+    let mut out = Vec::with_capacity(16 + pages.len() * 8);
+    out.extend_from_slice(WS_MAGIC);
+    out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    for p in pages {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(bad)?;
+    f.write_all(&out).map_err(bad)?;
+    f.sync_all().map_err(bad)?;
+    std::fs::rename(&tmp, path).map_err(bad)
+}
