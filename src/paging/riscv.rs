@@ -66,6 +66,7 @@ use super::{
     engine::Stop,
     fault::FaultReason,
     format::{bits, Decoded, Denied, Format},
+    lean::{LeanOut, ReadEntry, RootWalk},
     types::{Access, AccessKind, Permissions},
 };
 pub use regs::{
@@ -192,6 +193,59 @@ const fn excess_mask(pa_bits: u8) -> u64 {
 
 // The accumulated value holds only the leaf's level (bits 3:0).
 const ACC_LEVEL: u64 = 0xf;
+
+/// The first stage's lean walk from the root: [`super::lean::walk`]'s
+/// answer with a pointer PTE recognised in one mask test (V set, and none
+/// of R, W, X, D, A, U, N, PBMT, the reserved bits or a PPN bit at or
+/// above the physical-address width: exactly what `decode` calls a table
+/// above the last level) and the leaf decoded and checked as there.
+impl RootWalk for SvFormat {
+    #[inline(always)]
+    fn lean_root(&self) -> u64 {
+        self.root
+    }
+
+    #[inline(always)]
+    fn walk_root_by<Rd: ReadEntry>(
+        &self,
+        va: u64,
+        access: Access,
+        reader: &mut Rd,
+    ) -> Option<LeanOut> {
+        // The G stage's wider root: the generic walk.
+        if self.g_stage {
+            return None;
+        }
+        let table_check = V | R | W | X | D | A | U | N | PBMT | RESERVED | self.ppn_excess;
+        let mut level = self.levels;
+        let mut table = self.root;
+        let mut shift = self.index_shift(level);
+        let mut refs = 0;
+        loop {
+            let raw = reader.read(table + ((va >> shift) & 0x1ff) * 8)?;
+            refs += 1;
+            if level > 1 && raw & table_check == V {
+                table = ppn_address(raw);
+                level -= 1;
+                shift -= 9;
+                continue;
+            }
+            let Decoded::Leaf { base, shift } = self.decode(level, raw) else {
+                return None;
+            };
+            let acc = self.accumulate_fast(0, level, raw);
+            self.check(acc, raw, access, false).ok()?;
+            return Some(LeanOut {
+                base,
+                shift,
+                level,
+                refs,
+                acc,
+                leaf: raw,
+            });
+        }
+    }
+}
 
 impl Format for SvFormat {
     #[inline]
@@ -528,6 +582,7 @@ mod tests {
 
     use super::*;
     use crate::paging::engine::{self, DirectPort, Fail, Start, Walked};
+    use crate::paging::lean;
     use crate::paging::types::Privilege;
     use crate::{GuestMemory, GuestPhysAddr};
     use proptest::{prelude::*, test_runner::Config as ProptestConfig};
@@ -1737,7 +1792,20 @@ mod tests {
                     .collect();
                 let access = if is_user { user(kind) } else { sup(kind) };
                 let want = model(&mem, &c, va, is_user, kind, set_ad);
+                // The first stage's own lean walk answers as the generic
+                // one does, and where it answers, as the engine does.
+                let lean_got = (!g).then(|| lean::walk_root(&fmt, &mem, va, access)).flatten();
+                if !g {
+                    let start = crate::paging::second::root_start(&fmt);
+                    let lean_want = lean::walk(&fmt, &mem, va, access, start, None);
+                    prop_assert_eq!(lean_got, lean_want, "va {:#x} {:?}", va, access);
+                }
                 let got = walk(&fmt, &mem, va, access, set_ad);
+                // (`Walker` checks the input before the lean walk.)
+                if let (Some(l), false, true) = (lean_got, set_ad, fmt.check_input(va).is_ok()) {
+                    let engine = got.as_ref().map(|(w, n)| (w.base, w.shift, w.leaf_level, w.acc, w.leaf, *n));
+                    prop_assert_eq!(engine.ok(), Some((l.base, l.shift, l.level, l.acc, l.leaf, l.refs)));
+                }
                 let mut leaf_at = None;
                 match (got, want) {
                     (Ok((w, _)), Ok((pa, page_bits, level, at, after))) => {

@@ -288,6 +288,31 @@ fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64, u64)>, Wal
     }))
 }
 
+/// The translation a first-level lean walk `l` of `va` answers, with no
+/// second level (what `Walker::build_translation` makes of its leaf).
+#[inline(always)]
+fn lean_translation(
+    va: u64,
+    l: &lean::LeanOut,
+    permissions: Permissions,
+    attributes: LeafAttributes,
+    arch_attributes: ArchAttributes,
+) -> Translation {
+    let gpa = l.base | (va & ((1u64 << l.shift) - 1));
+    Translation {
+        va: GuestVirtAddr(va),
+        gpa: GuestPhysAddr(gpa),
+        pa: GuestPhysAddr(gpa),
+        page_size: 1 << l.shift,
+        level: l.level,
+        permissions,
+        attributes,
+        arch_attributes,
+        second: None,
+        memory_refs: l.refs,
+    }
+}
+
 /// One translation asked of the walk: the address, the access to check,
 /// and whether to set accessed/dirty flags as hardware does.
 #[derive(Clone, Copy, Debug)]
@@ -506,7 +531,26 @@ impl Walker {
                 return Ok(t);
             }
         }
-        self.translate_walk(mem, va, access, options.set_accessed_dirty)
+        self.translate_full(mem, va, access, options.set_accessed_dirty)
+    }
+
+    /// What x86's lean walk did not answer: the other architectures' lean
+    /// walk where it answers, else every stage. Out of line, so x86's
+    /// inlined lean walk stays as it was.
+    #[inline(never)]
+    fn translate_full<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        set_ad: bool,
+    ) -> Result<Translation, WalkFault> {
+        if self.second.is_none() && !set_ad {
+            if let Some(t) = self.translate_lean_other(mem, va, access) {
+                return Ok(t);
+            }
+        }
+        self.translate_walk(mem, va, access, set_ad)
     }
 
     /// The lean walk of a 4/5-level guest, straight into a translation;
@@ -535,6 +579,60 @@ impl Walker {
             second: None,
             memory_refs: l.refs,
         })
+    }
+
+    /// The lean walk of an AArch64 or RISC-V guest, straight into a
+    /// translation (`None` for x86, whose lean walk is
+    /// [`Walker::translate_lean`], and wherever the full path must run).
+    /// Called from [`Walker::translate_full`].
+    #[inline(always)]
+    fn translate_lean_other<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        match &self.first {
+            First::Aarch64(a) => self.translate_lean_aarch64(a, mem, va, access),
+            First::Riscv { fmt: Some(fmt), .. } => self.translate_lean_riscv(fmt, mem, va, access),
+            _ => None,
+        }
+    }
+
+    /// [`Walker::translate_lean`] for an AArch64 guest: the range checks
+    /// of [`Walker::first_root`] (`None` where they fault or the MMU is
+    /// off), then the range's own lean walk.
+    #[inline(always)]
+    fn translate_lean_aarch64<M: PhysMemory + ?Sized>(
+        &self,
+        a: &Aarch64Walker,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        if !a.mmu_on() {
+            return None;
+        }
+        let (_, fmt) = a.select(va, access).ok()?;
+        let l = lean::walk_root(fmt, mem, va, access)?;
+        let (permissions, attributes, arch) = self.first.report(va, l.acc, l.leaf, l.level);
+        Some(lean_translation(va, &l, permissions, attributes, arch))
+    }
+
+    /// [`Walker::translate_lean`] for a RISC-V guest: the input check of
+    /// [`Walker::first_root`], then the format's own lean walk.
+    #[inline(always)]
+    fn translate_lean_riscv<M: PhysMemory + ?Sized>(
+        &self,
+        fmt: &SvFormat,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        fmt.check_input(va).ok()?;
+        let l = lean::walk_root(fmt, mem, va, access)?;
+        let (permissions, attributes, arch) = self.first.report(va, l.acc, l.leaf, l.level);
+        Some(lean_translation(va, &l, permissions, attributes, arch))
     }
 
     /// Every stage of an uncached walk, in order. Kept out of line so the
