@@ -284,6 +284,8 @@ struct S1Lean {
     /// Any other table's index mask, and the bits one level resolves.
     mask: u64,
     stride: u32,
+    /// log2 of the granule: a page's size.
+    page_shift: u8,
 }
 
 impl S1Lean {
@@ -302,6 +304,8 @@ impl S1Lean {
             top_mask: l.entries(l.top) - 1,
             mask: (1 << l.granule.stride()) - 1,
             stride: l.granule.stride(),
+            // 12, 14 or 16.
+            page_shift: (gs & 0x1f) as u8,
         }
     }
 }
@@ -346,6 +350,7 @@ impl S1Format {
     /// The leaf's permissions after the table restrictions: (EL0 read,
     /// EL0 write, EL1 write, EL0 execute, EL1 execute), with `dirty_write`
     /// treating a DBM page as writable (a write under TCR_EL1.HD).
+    #[inline]
     fn rights(&self, acc: u64, leaf: u64, dirty_write: bool) -> (bool, bool, bool, bool, bool) {
         let ap1 = leaf & AP1 != 0 && acc & ACC_NO_EL0 == 0;
         let leaf_ro = leaf & AP2 != 0 && !(dirty_write && self.hd && leaf & DBM != 0);
@@ -364,6 +369,7 @@ impl S1Format {
     }
 
     /// Whether `access` is allowed by the leaf `leaf` under `acc`.
+    #[inline]
     fn allows(&self, acc: u64, leaf: u64, access: Access) -> bool {
         let write = access.is_write();
         let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, write);
@@ -413,10 +419,21 @@ impl RootWalk for S1Format {
         loop {
             let raw = reader.read(table + ((va >> shift) & mask) * 8)?;
             refs += 1;
-            let next = if level > 1 && raw & l.table_check == 3 {
+            let usable = raw & l.table_check == 3;
+            let next = if level > 1 && usable {
                 raw & l.address
             } else {
-                match self.layout.decode(level, raw) {
+                // A page (`decode`'s answer for a usable level-3 page
+                // descriptor), else whatever `decode` says.
+                let decoded = if level == 1 && usable {
+                    Decoded::Leaf {
+                        base: raw & l.address,
+                        shift: l.page_shift,
+                    }
+                } else {
+                    self.layout.decode(level, raw)
+                };
+                match decoded {
                     Decoded::Table(next) if level > 1 => next,
                     Decoded::Leaf { base, shift } => {
                         // `accumulate` of each table, then of the leaf.
@@ -511,6 +528,7 @@ impl Format for S1Format {
         acc
     }
 
+    #[inline]
     fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
         let level = ((acc >> ACC_LEAF) & 0xf) as u8;
         // Access flag first: it takes priority over a permission fault.
@@ -540,6 +558,7 @@ impl Format for S1Format {
         new
     }
 
+    #[inline]
     fn permissions(&self, acc: u64, leaf: u64) -> Permissions {
         let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, false);
         let _ = user_w;
@@ -582,6 +601,7 @@ pub struct Aarch64Attributes {
 }
 
 impl Aarch64Attributes {
+    #[inline]
     fn of(leaf: u64, mair: u64, sh: Option<u8>) -> Self {
         let attr_index = ((leaf >> 2) & 7) as u8;
         Aarch64Attributes {
@@ -950,9 +970,10 @@ impl Aarch64Walker {
         (classify(fmt, reason, entry), arch_level(level))
     }
 
-    /// The attributes reported for the leaf `leaf` of `va`'s range.
-    pub(crate) fn attributes_of(&self, va: u64, leaf: u64) -> Aarch64Attributes {
-        Aarch64Attributes::of(leaf, self.regs.mair, self.range_format(va).sh)
+    /// The attributes reported for the leaf `leaf` of `fmt`'s range.
+    #[inline]
+    pub(crate) fn attributes_in(&self, fmt: &S1Format, leaf: u64) -> Aarch64Attributes {
+        Aarch64Attributes::of(leaf, self.regs.mair, fmt.sh)
     }
 
     /// The space key's words for these registers (see `Walker`): the two

@@ -300,6 +300,7 @@ impl Format for SvFormat {
         table + index * 8
     }
 
+    #[inline]
     fn decode(&self, level: u8, raw: u64) -> Decoded {
         if raw & V == 0 {
             return Decoded::NotPresent;
@@ -360,6 +361,7 @@ impl Format for SvFormat {
         u64::from(level)
     }
 
+    #[inline]
     fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
         let level = (acc & ACC_LEVEL) as u8;
         let deny = |reason| Err(Denied { level, reason });
@@ -395,6 +397,7 @@ impl Format for SvFormat {
     /// `read`/`write`/`execute` are the leaf's R (or X under MXR), W and X;
     /// `user` its U bit. Whose the page is (SUM, the S-mode fetch rule, the
     /// G stage's U rule) is an access rule and is not folded in.
+    #[inline]
     fn permissions(&self, _acc: u64, leaf: u64) -> Permissions {
         let user = leaf & U != 0;
         let execute = leaf & X != 0;
@@ -435,6 +438,7 @@ pub struct RiscvAttributes {
 }
 
 /// The attributes of the leaf PTE `leaf`.
+#[inline]
 pub(crate) fn attributes(leaf: u64) -> RiscvAttributes {
     RiscvAttributes {
         pbmt: ((leaf & PBMT) >> 61) as u8,

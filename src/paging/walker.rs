@@ -19,7 +19,7 @@ use super::{
     engine::{self, DirectPort, Fail, Start, Stop, Walked},
     ept::{EptConfig, EptFormat, NptConfig},
     fault::{FaultReason, Stage, WalkFault},
-    first::{each_format, ArchAttributes, First, FirstFmt},
+    first::{self, each_format, ArchAttributes, First, FirstFmt},
     format::Format,
     lean,
     memory::PhysMemory,
@@ -545,11 +545,6 @@ impl Walker {
         access: Access,
         set_ad: bool,
     ) -> Result<Translation, WalkFault> {
-        if self.second.is_none() && !set_ad {
-            if let Some(t) = self.translate_lean_other(mem, va, access) {
-                return Ok(t);
-            }
-        }
         self.translate_walk(mem, va, access, set_ad)
     }
 
@@ -563,7 +558,7 @@ impl Walker {
         access: Access,
     ) -> Option<Translation> {
         let First::X86(fmt) = &self.first else {
-            return None;
+            return self.translate_lean_other(mem, va, access);
         };
         let l = X86Long::of(fmt)?.walk_root(mem, va, access)?;
         let gpa = l.base | (va & ((1u64 << l.shift) - 1));
@@ -584,7 +579,8 @@ impl Walker {
     /// The lean walk of an AArch64 or RISC-V guest, straight into a
     /// translation (`None` for x86, whose lean walk is
     /// [`Walker::translate_lean`], and wherever the full path must run).
-    /// Called from [`Walker::translate_full`].
+    /// The walk runs out of line ([`Walker::lean_walk_other`]); the report
+    /// is made here, as x86's is.
     #[inline(always)]
     fn translate_lean_other<M: PhysMemory + ?Sized>(
         &self,
@@ -592,47 +588,41 @@ impl Walker {
         va: u64,
         access: Access,
     ) -> Option<Translation> {
+        let l = self.lean_walk_other(mem, va, access)?;
+        // `First::report`, with the format known.
+        let (permissions, attributes, arch) = match &self.first {
+            First::Aarch64(a) => first::aarch64_report(a, a.range_format(va), l.acc, l.leaf),
+            First::Riscv { fmt: Some(fmt), .. } => first::riscv_report(fmt, l.acc, l.leaf),
+            _ => return None,
+        };
+        Some(lean_translation(va, &l, permissions, attributes, arch))
+    }
+
+    /// The lean walk of an AArch64 guest (after the range checks of
+    /// [`Walker::first_root`]: `None` where they fault or the MMU is off)
+    /// or of a RISC-V guest (after its input check), from the root, in
+    /// the format's own lean walk; `None` for the others.
+    #[inline(never)]
+    fn lean_walk_other<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<lean::LeanOut> {
         match &self.first {
-            First::Aarch64(a) => self.translate_lean_aarch64(a, mem, va, access),
-            First::Riscv { fmt: Some(fmt), .. } => self.translate_lean_riscv(fmt, mem, va, access),
+            First::Aarch64(a) => {
+                if !a.mmu_on() {
+                    return None;
+                }
+                let (_, fmt) = a.select(va, access).ok()?;
+                lean::walk_root(fmt, mem, va, access)
+            }
+            First::Riscv { fmt: Some(fmt), .. } => {
+                fmt.check_input(va).ok()?;
+                lean::walk_root(fmt, mem, va, access)
+            }
             _ => None,
         }
-    }
-
-    /// [`Walker::translate_lean`] for an AArch64 guest: the range checks
-    /// of [`Walker::first_root`] (`None` where they fault or the MMU is
-    /// off), then the range's own lean walk.
-    #[inline(always)]
-    fn translate_lean_aarch64<M: PhysMemory + ?Sized>(
-        &self,
-        a: &Aarch64Walker,
-        mem: &M,
-        va: u64,
-        access: Access,
-    ) -> Option<Translation> {
-        if !a.mmu_on() {
-            return None;
-        }
-        let (_, fmt) = a.select(va, access).ok()?;
-        let l = lean::walk_root(fmt, mem, va, access)?;
-        let (permissions, attributes, arch) = self.first.report(va, l.acc, l.leaf, l.level);
-        Some(lean_translation(va, &l, permissions, attributes, arch))
-    }
-
-    /// [`Walker::translate_lean`] for a RISC-V guest: the input check of
-    /// [`Walker::first_root`], then the format's own lean walk.
-    #[inline(always)]
-    fn translate_lean_riscv<M: PhysMemory + ?Sized>(
-        &self,
-        fmt: &SvFormat,
-        mem: &M,
-        va: u64,
-        access: Access,
-    ) -> Option<Translation> {
-        fmt.check_input(va).ok()?;
-        let l = lean::walk_root(fmt, mem, va, access)?;
-        let (permissions, attributes, arch) = self.first.report(va, l.acc, l.leaf, l.level);
-        Some(lean_translation(va, &l, permissions, attributes, arch))
     }
 
     /// Every stage of an uncached walk, in order. Kept out of line so the
