@@ -265,6 +265,26 @@ pub(crate) struct S1Format {
     epan: bool,
     /// The lean walk's precomputed layout.
     lean: S1Lean,
+    /// The range checks, precomputed.
+    range: S1Range,
+}
+
+/// What `Aarch64Walker::select` checks of one range, from TCR_EL1 and the
+/// TTBR: computed once (`S1Format::new`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct S1Range {
+    /// The TTBR1 range (VA bit 55 set).
+    upper: bool,
+    /// TBIn, TBIDn and EPDn.
+    tbi: bool,
+    tbid: bool,
+    disabled: bool,
+    /// The VA bits from the range's size up to bit 55 (under TBI) and to
+    /// bit 63: all equal to bit 55 in the range.
+    bits55: u64,
+    bits63: u64,
+    /// The root's bits above the OA size.
+    root_excess: u64,
 }
 
 /// What the lean walk of one range needs, computed once from its
@@ -326,10 +346,24 @@ impl S1Format {
             ds,
             lpa: granule == Granule::K64 && regs.pa_bits >= 52,
         };
+        let (tbi, tbid, disabled) = match ttbr {
+            Ttbr::Ttbr0 => (tcr.tbi0, tcr.tbid0, tcr.epd0),
+            Ttbr::Ttbr1 => (tcr.tbi1, tcr.tbid1, tcr.epd1),
+        };
+        let root = base_address(base, tcr.base52(granule));
         S1Format {
             layout,
             lean: S1Lean::of(&layout),
-            root: base_address(base, tcr.base52(granule)),
+            range: S1Range {
+                upper: ttbr == Ttbr::Ttbr1,
+                tbi,
+                tbid,
+                disabled,
+                bits55: bits(layout.ia_bits, 55),
+                bits63: bits(layout.ia_bits, 63),
+                root_excess: layout.excess(root),
+            },
+            root,
             ha: tcr.ha,
             hd: tcr.hd,
             hpd,
@@ -350,7 +384,7 @@ impl S1Format {
     /// The leaf's permissions after the table restrictions: (EL0 read,
     /// EL0 write, EL1 write, EL0 execute, EL1 execute), with `dirty_write`
     /// treating a DBM page as writable (a write under TCR_EL1.HD).
-    #[inline]
+    #[inline(always)]
     fn rights(&self, acc: u64, leaf: u64, dirty_write: bool) -> (bool, bool, bool, bool, bool) {
         let ap1 = leaf & AP1 != 0 && acc & ACC_NO_EL0 == 0;
         let leaf_ro = leaf & AP2 != 0 && !(dirty_write && self.hd && leaf & DBM != 0);
@@ -369,7 +403,7 @@ impl S1Format {
     }
 
     /// Whether `access` is allowed by the leaf `leaf` under `acc`.
-    #[inline]
+    #[inline(always)]
     fn allows(&self, acc: u64, leaf: u64, access: Access) -> bool {
         let write = access.is_write();
         let (user_r, user_w, priv_w, user_x, priv_x) = self.rights(acc, leaf, write);
@@ -528,7 +562,7 @@ impl Format for S1Format {
         acc
     }
 
-    #[inline]
+    #[inline(always)]
     fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
         let level = ((acc >> ACC_LEAF) & 0xf) as u8;
         // Access flag first: it takes priority over a permission fault.
@@ -874,6 +908,7 @@ fn classify(fmt: &S1Format, reason: FaultReason, entry: Option<u64>) -> Aarch64F
 /// the architectural fault.
 impl Aarch64Walker {
     /// Whether stage 1 is on (SCTLR_EL1.M).
+    #[inline]
     pub(crate) fn mmu_on(&self) -> bool {
         self.regs.sctlr & SCTLR_M != 0
     }
@@ -912,29 +947,26 @@ impl Aarch64Walker {
     /// `AArch64.TranslationTableWalk`: "level = 0; AArch32 reports this as
     /// a level 1 fault"). A root above the OA size: an address size fault
     /// at level 0.
+    #[inline]
     pub(crate) fn select(
         &self,
         va: u64,
         access: Access,
     ) -> Result<(Ttbr, &S1Format), (Aarch64FaultKind, Ttbr)> {
-        let upper = va & (1 << 55) != 0;
-        let t = &self.tcr;
-        let (ttbr, fmt, tbi, tbid, disabled) = if upper {
-            (Ttbr::Ttbr1, &self.hi, t.tbi1, t.tbid1, t.epd1)
+        let fmt = self.range_format(va);
+        let r = &fmt.range;
+        let ttbr = if r.upper { Ttbr::Ttbr1 } else { Ttbr::Ttbr0 };
+        // TBI ignores bits 63:56 (TBID: for data accesses only).
+        let range = if r.tbi && !(r.tbid && access.is_fetch()) {
+            r.bits55
         } else {
-            (Ttbr::Ttbr0, &self.lo, t.tbi0, t.tbid0, t.epd0)
+            r.bits63
         };
-        let top = if tbi && !(tbid && access.is_fetch()) {
-            55
-        } else {
-            63
-        };
-        let range = bits(fmt.layout.ia_bits, top);
-        let want = if upper { range } else { 0 };
-        if va & range != want || (access.is_user() && fmt.e0pd) || disabled {
+        let want = if r.upper { range } else { 0 };
+        if va & range != want || (access.is_user() && fmt.e0pd) || r.disabled {
             return Err((Aarch64FaultKind::Translation, ttbr));
         }
-        if fmt.layout.excess(fmt.root) != 0 {
+        if r.root_excess != 0 {
             return Err((Aarch64FaultKind::AddressSize, ttbr));
         }
         Ok((ttbr, fmt))
@@ -1006,6 +1038,7 @@ impl Aarch64Walker {
 impl Aarch64Walker {
     /// The format of the range bit 55 of `va` selects (without the range
     /// checks of [`Aarch64Walker::select`]).
+    #[inline(always)]
     pub(crate) fn range_format(&self, va: u64) -> &S1Format {
         if va & (1 << 55) != 0 {
             &self.hi

@@ -160,7 +160,7 @@ impl SvFormat {
     }
 
     /// Whether the leaf's R, W, X and U bits allow `access` (step 5).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn allows(&self, leaf: u64, access: Access) -> bool {
         let user_page = leaf & U != 0;
         if self.g_stage || access.is_user() {
@@ -230,7 +230,19 @@ impl RootWalk for SvFormat {
                 shift -= 9;
                 continue;
             }
-            let Decoded::Leaf { base, shift } = self.decode(level, raw) else {
+            // A readable leaf with no reserved, PBMT or N bit: `decode`'s
+            // leaf of that level, else whatever `decode` says.
+            let decoded = if raw & (V | R | RESERVED | PBMT | N) == V | R {
+                // 12 + 9 * (level - 1): at most 48.
+                let size = (shift & 0x3f) as u8;
+                Decoded::Leaf {
+                    base: ppn_address(raw) & !((1u64 << size) - 1),
+                    shift: size,
+                }
+            } else {
+                self.decode(level, raw)
+            };
+            let Decoded::Leaf { base, shift } = decoded else {
                 return None;
             };
             let acc = self.accumulate_fast(0, level, raw);
@@ -361,7 +373,7 @@ impl Format for SvFormat {
         u64::from(level)
     }
 
-    #[inline]
+    #[inline(always)]
     fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
         let level = (acc & ACC_LEVEL) as u8;
         let deny = |reason| Err(Denied { level, reason });
