@@ -37,6 +37,10 @@ pub enum ArchAttributes {
 }
 
 /// A walker's first level, ready to translate.
+// The AArch64 variant carries both ranges' masks precomputed for the lean
+// walk (a few hundred bytes, once per walker); boxing it would cost the
+// walker its `Copy` and a pointer chase per walk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum First {
     /// x86 without paging (CR0.PG clear): the 32-bit linear address is

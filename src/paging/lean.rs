@@ -4,7 +4,10 @@
 //! more than its memory loads. Anything else (a fault, an update, a nested
 //! walk) returns `None` and the caller runs the full engine, which reports
 //! the fault exactly. The lean walk never decides a fault on its own, so
-//! the two can never disagree about one.
+//! the two can never disagree about one. A format may bring a lean walk
+//! of its own from the root ([`RootWalk`]: AArch64 stage 1, RISC-V's
+//! first stage), with its masks precomputed and its entries read through
+//! the memory's [`EntryWindow`]; it answers exactly what [`walk`] does.
 
 use super::{
     engine::{Start, Walked},
