@@ -37,6 +37,10 @@ pub enum ArchAttributes {
 }
 
 /// A walker's first level, ready to translate.
+// The AArch64 variant carries both ranges' masks precomputed for the lean
+// walk (a few hundred bytes, once per walker); boxing it would cost the
+// walker its `Copy` and a pointer chase per walk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum First {
     /// x86 without paging (CR0.PG clear): the 32-bit linear address is
@@ -116,6 +120,7 @@ impl Format for FirstFmt<'_> {
 
 /// AArch64 leaf attributes in the architecture-neutral report: AF, the
 /// DBM dirty state (writable and DBM set), nG.
+#[inline(always)]
 fn aarch64_leaf(a: &Aarch64Attributes) -> LeafAttributes {
     LeafAttributes {
         accessed: a.accessed,
@@ -123,6 +128,45 @@ fn aarch64_leaf(a: &Aarch64Attributes) -> LeafAttributes {
         global: !a.not_global,
         ..LeafAttributes::default()
     }
+}
+
+/// What an AArch64 leaf `leaf` of `fmt`'s range, reached with `acc`,
+/// reports ([`First::report`]'s answer for an AArch64 walker `a`).
+#[inline(always)]
+pub(crate) fn aarch64_report(
+    a: &Aarch64Walker,
+    fmt: &S1Format,
+    acc: u64,
+    leaf: u64,
+) -> (Permissions, LeafAttributes, ArchAttributes) {
+    let attrs = a.attributes_in(fmt, leaf);
+    (
+        fmt.permissions(acc, leaf),
+        aarch64_leaf(&attrs),
+        ArchAttributes::Aarch64(attrs),
+    )
+}
+
+/// What a RISC-V leaf `leaf` of `fmt`, reached with `acc`, reports
+/// ([`First::report`]'s answer).
+#[inline(always)]
+pub(crate) fn riscv_report(
+    fmt: &SvFormat,
+    acc: u64,
+    leaf: u64,
+) -> (Permissions, LeafAttributes, ArchAttributes) {
+    let attrs = riscv::attributes(leaf);
+    let neutral = LeafAttributes {
+        accessed: attrs.accessed,
+        dirty: attrs.dirty,
+        global: attrs.global,
+        ..LeafAttributes::default()
+    };
+    (
+        fmt.permissions(acc, leaf),
+        neutral,
+        ArchAttributes::Riscv(attrs),
+    )
 }
 
 /// The abort an AArch64 stage-1 fault of `kind` at architectural `level`
@@ -191,28 +235,14 @@ impl First {
                 f.attributes(level, leaf),
                 ArchAttributes::None,
             ),
-            (First::Aarch64(a), _) => {
-                let attrs = a.attributes_of(va, leaf);
-                (
-                    fmt.permissions(acc, leaf),
-                    aarch64_leaf(&attrs),
-                    ArchAttributes::Aarch64(attrs),
-                )
-            }
-            _ => {
-                let attrs = riscv::attributes(leaf);
-                let neutral = LeafAttributes {
-                    accessed: attrs.accessed,
-                    dirty: attrs.dirty,
-                    global: attrs.global,
-                    ..LeafAttributes::default()
-                };
-                (
-                    fmt.permissions(acc, leaf),
-                    neutral,
-                    ArchAttributes::Riscv(attrs),
-                )
-            }
+            (First::Aarch64(a), FirstFmt::Aarch64(f)) => aarch64_report(a, f, acc, leaf),
+            (_, FirstFmt::Riscv(f)) => riscv_report(f, acc, leaf),
+            // `format_of` gives each architecture its own format.
+            _ => (
+                fmt.permissions(acc, leaf),
+                LeafAttributes::default(),
+                ArchAttributes::None,
+            ),
         }
     }
 

@@ -4,17 +4,20 @@
 //! more than its memory loads. Anything else (a fault, an update, a nested
 //! walk) returns `None` and the caller runs the full engine, which reports
 //! the fault exactly. The lean walk never decides a fault on its own, so
-//! the two can never disagree about one.
+//! the two can never disagree about one. A format may bring a lean walk
+//! of its own from the root ([`RootWalk`]: AArch64 stage 1, RISC-V's
+//! first stage), with its masks precomputed and its entries read through
+//! the memory's [`EntryWindow`]; it answers exactly what [`walk`] does.
 
 use super::{
     engine::{Start, Walked},
     format::{Decoded, Format},
-    memory::PhysMemory,
+    memory::{EntryWindow, PhysMemory},
     types::Access,
 };
 
 /// What a lean walk found.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct LeanOut {
     pub(crate) base: u64,
     pub(crate) shift: u8,
@@ -95,4 +98,89 @@ pub(crate) fn walk_recorded<F: Format, M: PhysMemory + ?Sized>(
     w.leaf_level = l.level;
     w.leaf = l.leaf;
     Some((w, l.refs))
+}
+
+/// How a format's own lean walk ([`RootWalk`]) reads an 8-byte entry.
+pub(crate) trait ReadEntry {
+    /// The entry at `pa`, or `None` where no memory backs it.
+    fn read(&mut self, pa: u64) -> Option<u64>;
+}
+
+/// Reads through a window onto the region of the last entry read,
+/// reopened on the region of `pa` when `pa` falls outside or the window
+/// closed: then through [`PhysMemory::read_u64`] (the same value, read
+/// the same way, without a region lookup per entry).
+struct Windowed<'m, M: ?Sized> {
+    mem: &'m M,
+    window: EntryWindow<'m>,
+}
+
+impl<M: PhysMemory + ?Sized> ReadEntry for Windowed<'_, M> {
+    #[inline(always)]
+    fn read(&mut self, pa: u64) -> Option<u64> {
+        match self.window.read_u64(pa) {
+            Some(raw) => Some(raw),
+            None => {
+                let (window, raw) = reopen(self.mem, pa);
+                self.window = window;
+                raw
+            }
+        }
+    }
+}
+
+/// The window onto the region of `pa`, and the entry at `pa` (read
+/// through it, or through [`PhysMemory::read_u64`] if it is closed).
+#[cold]
+#[inline(never)]
+fn reopen<M: PhysMemory + ?Sized>(mem: &M, pa: u64) -> (EntryWindow<'_>, Option<u64>) {
+    let window = mem.entry_window(pa);
+    let raw = match window.read_u64(pa) {
+        Some(raw) => Some(raw),
+        None => mem.read_u64(pa),
+    };
+    (window, raw)
+}
+
+/// Reads through [`PhysMemory::read_u64`].
+struct ByMemory<'m, M: ?Sized>(&'m M);
+
+impl<M: PhysMemory + ?Sized> ReadEntry for ByMemory<'_, M> {
+    #[inline(always)]
+    fn read(&mut self, pa: u64) -> Option<u64> {
+        self.0.read_u64(pa)
+    }
+}
+
+/// A format's own lean walk from its root: what [`walk`] answers from the
+/// root, bit for bit (the same `LeanOut`, `None` wherever [`walk`] would
+/// give `None` or might), with the format's per-level work precomputed.
+pub(crate) trait RootWalk {
+    /// The root table's physical address.
+    fn lean_root(&self) -> u64;
+    /// The walk of `va` for `access` from the root, reading through
+    /// `reader`.
+    fn walk_root_by<R: ReadEntry>(
+        &self,
+        va: u64,
+        access: Access,
+        reader: &mut R,
+    ) -> Option<LeanOut>;
+}
+
+/// Runs `fmt`'s own lean walk of `va`, reading entries through the
+/// memory's window onto the root's region when it has one open.
+#[inline(always)]
+pub(crate) fn walk_root<F: RootWalk, M: PhysMemory + ?Sized>(
+    fmt: &F,
+    mem: &M,
+    va: u64,
+    access: Access,
+) -> Option<LeanOut> {
+    let window = mem.entry_window(fmt.lean_root());
+    if window.is_open() {
+        fmt.walk_root_by(va, access, &mut Windowed { mem, window })
+    } else {
+        fmt.walk_root_by(va, access, &mut ByMemory(mem))
+    }
 }

@@ -66,6 +66,7 @@ use super::{
     engine::Stop,
     fault::FaultReason,
     format::{bits, Decoded, Denied, Format},
+    lean::{LeanOut, ReadEntry, RootWalk},
     types::{Access, AccessKind, Permissions},
 };
 pub use regs::{
@@ -159,7 +160,7 @@ impl SvFormat {
     }
 
     /// Whether the leaf's R, W, X and U bits allow `access` (step 5).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn allows(&self, leaf: u64, access: Access) -> bool {
         let user_page = leaf & U != 0;
         if self.g_stage || access.is_user() {
@@ -192,6 +193,71 @@ const fn excess_mask(pa_bits: u8) -> u64 {
 
 // The accumulated value holds only the leaf's level (bits 3:0).
 const ACC_LEVEL: u64 = 0xf;
+
+/// The first stage's lean walk from the root: [`super::lean::walk`]'s
+/// answer with a pointer PTE recognised in one mask test (V set, and none
+/// of R, W, X, D, A, U, N, PBMT, the reserved bits or a PPN bit at or
+/// above the physical-address width: exactly what `decode` calls a table
+/// above the last level) and the leaf decoded and checked as there.
+impl RootWalk for SvFormat {
+    #[inline(always)]
+    fn lean_root(&self) -> u64 {
+        self.root
+    }
+
+    #[inline(always)]
+    fn walk_root_by<Rd: ReadEntry>(
+        &self,
+        va: u64,
+        access: Access,
+        reader: &mut Rd,
+    ) -> Option<LeanOut> {
+        // The G stage's wider root: the generic walk.
+        if self.g_stage {
+            return None;
+        }
+        let table_check = V | R | W | X | D | A | U | N | PBMT | RESERVED | self.ppn_excess;
+        let mut level = self.levels;
+        let mut table = self.root;
+        let mut shift = self.index_shift(level);
+        let mut refs = 0;
+        loop {
+            let raw = reader.read(table + ((va >> shift) & 0x1ff) * 8)?;
+            refs += 1;
+            if level > 1 && raw & table_check == V {
+                table = ppn_address(raw);
+                level -= 1;
+                shift -= 9;
+                continue;
+            }
+            // A readable leaf with no reserved, PBMT or N bit: `decode`'s
+            // leaf of that level, else whatever `decode` says.
+            let decoded = if raw & (V | R | RESERVED | PBMT | N) == V | R {
+                // 12 + 9 * (level - 1): at most 48.
+                let size = (shift & 0x3f) as u8;
+                Decoded::Leaf {
+                    base: ppn_address(raw) & !((1u64 << size) - 1),
+                    shift: size,
+                }
+            } else {
+                self.decode(level, raw)
+            };
+            let Decoded::Leaf { base, shift } = decoded else {
+                return None;
+            };
+            let acc = self.accumulate_fast(0, level, raw);
+            self.check(acc, raw, access, false).ok()?;
+            return Some(LeanOut {
+                base,
+                shift,
+                level,
+                refs,
+                acc,
+                leaf: raw,
+            });
+        }
+    }
+}
 
 impl Format for SvFormat {
     #[inline]
@@ -246,6 +312,7 @@ impl Format for SvFormat {
         table + index * 8
     }
 
+    #[inline]
     fn decode(&self, level: u8, raw: u64) -> Decoded {
         if raw & V == 0 {
             return Decoded::NotPresent;
@@ -306,6 +373,7 @@ impl Format for SvFormat {
         u64::from(level)
     }
 
+    #[inline(always)]
     fn check(&self, acc: u64, leaf: u64, access: Access, _user: bool) -> Result<(), Denied> {
         let level = (acc & ACC_LEVEL) as u8;
         let deny = |reason| Err(Denied { level, reason });
@@ -341,6 +409,7 @@ impl Format for SvFormat {
     /// `read`/`write`/`execute` are the leaf's R (or X under MXR), W and X;
     /// `user` its U bit. Whose the page is (SUM, the S-mode fetch rule, the
     /// G stage's U rule) is an access rule and is not folded in.
+    #[inline]
     fn permissions(&self, _acc: u64, leaf: u64) -> Permissions {
         let user = leaf & U != 0;
         let execute = leaf & X != 0;
@@ -381,6 +450,7 @@ pub struct RiscvAttributes {
 }
 
 /// The attributes of the leaf PTE `leaf`.
+#[inline]
 pub(crate) fn attributes(leaf: u64) -> RiscvAttributes {
     RiscvAttributes {
         pbmt: ((leaf & PBMT) >> 61) as u8,
@@ -528,6 +598,7 @@ mod tests {
 
     use super::*;
     use crate::paging::engine::{self, DirectPort, Fail, Start, Walked};
+    use crate::paging::lean;
     use crate::paging::types::Privilege;
     use crate::{GuestMemory, GuestPhysAddr};
     use proptest::{prelude::*, test_runner::Config as ProptestConfig};
@@ -1737,7 +1808,20 @@ mod tests {
                     .collect();
                 let access = if is_user { user(kind) } else { sup(kind) };
                 let want = model(&mem, &c, va, is_user, kind, set_ad);
+                // The first stage's own lean walk answers as the generic
+                // one does, and where it answers, as the engine does.
+                let lean_got = (!g).then(|| lean::walk_root(&fmt, &mem, va, access)).flatten();
+                if !g {
+                    let start = crate::paging::second::root_start(&fmt);
+                    let lean_want = lean::walk(&fmt, &mem, va, access, start, None);
+                    prop_assert_eq!(lean_got, lean_want, "va {:#x} {:?}", va, access);
+                }
                 let got = walk(&fmt, &mem, va, access, set_ad);
+                // (`Walker` checks the input before the lean walk.)
+                if let (Some(l), false, true) = (lean_got, set_ad, fmt.check_input(va).is_ok()) {
+                    let engine = got.as_ref().map(|(w, n)| (w.base, w.shift, w.leaf_level, w.acc, w.leaf, *n));
+                    prop_assert_eq!(engine.ok(), Some((l.base, l.shift, l.level, l.acc, l.leaf, l.refs)));
+                }
                 let mut leaf_at = None;
                 match (got, want) {
                     (Ok((w, _)), Ok((pa, page_bits, level, at, after))) => {

@@ -19,7 +19,7 @@ use super::{
     engine::{self, DirectPort, Fail, Start, Stop, Walked},
     ept::{EptConfig, EptFormat, NptConfig},
     fault::{FaultReason, Stage, WalkFault},
-    first::{each_format, ArchAttributes, First, FirstFmt},
+    first::{self, each_format, ArchAttributes, First, FirstFmt},
     format::Format,
     lean,
     memory::PhysMemory,
@@ -288,6 +288,31 @@ fn second_of(second: SecondLevel) -> Result<Option<(Second, u64, u64, u64)>, Wal
     }))
 }
 
+/// The translation a first-level lean walk `l` of `va` answers, with no
+/// second level (what `Walker::build_translation` makes of its leaf).
+#[inline(always)]
+fn lean_translation(
+    va: u64,
+    l: &lean::LeanOut,
+    permissions: Permissions,
+    attributes: LeafAttributes,
+    arch_attributes: ArchAttributes,
+) -> Translation {
+    let gpa = l.base | (va & ((1u64 << l.shift) - 1));
+    Translation {
+        va: GuestVirtAddr(va),
+        gpa: GuestPhysAddr(gpa),
+        pa: GuestPhysAddr(gpa),
+        page_size: 1 << l.shift,
+        level: l.level,
+        permissions,
+        attributes,
+        arch_attributes,
+        second: None,
+        memory_refs: l.refs,
+    }
+}
+
 /// One translation asked of the walk: the address, the access to check,
 /// and whether to set accessed/dirty flags as hardware does.
 #[derive(Clone, Copy, Debug)]
@@ -506,7 +531,21 @@ impl Walker {
                 return Ok(t);
             }
         }
-        self.translate_walk(mem, va, access, options.set_accessed_dirty)
+        self.translate_full(mem, va, access, options.set_accessed_dirty)
+    }
+
+    /// What x86's lean walk did not answer: the other architectures' lean
+    /// walk where it answers, else every stage. Out of line, so x86's
+    /// inlined lean walk stays as it was.
+    #[inline(never)]
+    fn translate_full<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+        set_ad: bool,
+    ) -> Result<Translation, WalkFault> {
+        self.translate_walk(mem, va, access, set_ad)
     }
 
     /// The lean walk of a 4/5-level guest, straight into a translation;
@@ -519,7 +558,7 @@ impl Walker {
         access: Access,
     ) -> Option<Translation> {
         let First::X86(fmt) = &self.first else {
-            return None;
+            return self.translate_lean_other(mem, va, access);
         };
         let l = X86Long::of(fmt)?.walk_root(mem, va, access)?;
         let gpa = l.base | (va & ((1u64 << l.shift) - 1));
@@ -535,6 +574,55 @@ impl Walker {
             second: None,
             memory_refs: l.refs,
         })
+    }
+
+    /// The lean walk of an AArch64 or RISC-V guest, straight into a
+    /// translation (`None` for x86, whose lean walk is
+    /// [`Walker::translate_lean`], and wherever the full path must run).
+    /// The walk runs out of line ([`Walker::lean_walk_other`]); the report
+    /// is made here, as x86's is.
+    #[inline(always)]
+    fn translate_lean_other<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<Translation> {
+        let l = self.lean_walk_other(mem, va, access)?;
+        // `First::report`, with the format known.
+        let (permissions, attributes, arch) = match &self.first {
+            First::Aarch64(a) => first::aarch64_report(a, a.range_format(va), l.acc, l.leaf),
+            First::Riscv { fmt: Some(fmt), .. } => first::riscv_report(fmt, l.acc, l.leaf),
+            _ => return None,
+        };
+        Some(lean_translation(va, &l, permissions, attributes, arch))
+    }
+
+    /// The lean walk of an AArch64 guest (after the range checks of
+    /// [`Walker::first_root`]: `None` where they fault or the MMU is off)
+    /// or of a RISC-V guest (after its input check), from the root, in
+    /// the format's own lean walk; `None` for the others.
+    #[inline(never)]
+    fn lean_walk_other<M: PhysMemory + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        access: Access,
+    ) -> Option<lean::LeanOut> {
+        match &self.first {
+            First::Aarch64(a) => {
+                if !a.mmu_on() {
+                    return None;
+                }
+                let (_, fmt) = a.select(va, access).ok()?;
+                lean::walk_root(fmt, mem, va, access)
+            }
+            First::Riscv { fmt: Some(fmt), .. } => {
+                fmt.check_input(va).ok()?;
+                lean::walk_root(fmt, mem, va, access)
+            }
+            _ => None,
+        }
     }
 
     /// Every stage of an uncached walk, in order. Kept out of line so the
