@@ -69,6 +69,7 @@ mod restore;
 mod save;
 mod scan;
 mod table;
+mod vcpu;
 
 pub use error::{ForeignProblem, Part, Place, Problem, SnapshotError};
 pub use folded::{
@@ -84,4 +85,7 @@ pub use lazy::{restore_lazy, FetchHook, LazyError, LazyOptions, LazyRestore, Laz
 pub use map::PageSource;
 pub use reader::SnapshotReader;
 pub use restore::{restore_into, RestoreStats};
-pub use save::{save, save_incremental, SaveOptions, SaveStats};
+pub use save::{
+    save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, SaveOptions, SaveStats,
+};
+pub use vcpu::{DebugRegisters, DescriptorTable, GeneralRegs, Segment, SpecialRegs, VcpuState};
