@@ -1,4 +1,4 @@
-//! Opening a snapshot: the header, padding, map and table are read and
+//! Opening a snapshot: the header, padding, map, table and vCPU part are read and
 //! checked whole at open (they are small: 16 bytes per run of the map, 32
 //! per stored page); stored pages are read on demand, one `pread` per run
 //! of slots, and each page is checked against its BLAKE3 address before
