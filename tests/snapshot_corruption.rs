@@ -15,7 +15,8 @@ use std::{
 
 use pagefold::{
     snapshot::{
-        restore_into, save, save_incremental, Part, SaveOptions, SnapshotError, SnapshotReader,
+        restore_into, save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, Part,
+        SaveOptions, SnapshotError, SnapshotReader, VcpuState,
     },
     GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
 };
@@ -141,13 +142,18 @@ fn damage_every_byte(file: &Path, parent: Option<&Path>, expect: &[u8]) {
             }
         }
     }
-    for part in [
+    let mut expected = vec![
         Part::Header,
         Part::Padding,
         Part::Content,
         Part::Map,
         Part::Table,
-    ] {
+    ];
+    // Header flag bit 1: the file has vCPU states.
+    if good[10] & 2 != 0 {
+        expected.push(Part::Vcpus);
+    }
+    for part in expected {
         assert!(
             parts.contains_key(&part),
             "no damage found in the {part}: {parts:?}"
@@ -200,6 +206,49 @@ fn every_damaged_byte_of_an_incremental_snapshot_is_an_error() {
     let stats =
         save_incremental(&mem, &SnapshotReader::open(&base).unwrap(), &dirty, &inc).unwrap();
     assert_eq!((stats.stored_pages, stats.ancestor_pages), (1, 1));
+    damage_every_byte(&inc, Some(&base), &image(&mem));
+}
+
+/// Two vCPU states with distinct values in every field group.
+fn vcpus(seed: u64) -> Vec<VcpuState> {
+    (0..2u64)
+        .map(|i| {
+            let mut s = VcpuState::default();
+            s.regs.rip = 0x40_0000 + seed + i;
+            s.regs.r15 = !seed;
+            s.sregs.cr3 = 0x1000 * (i + 1);
+            s.sregs.cs.selector = 0x2b;
+            s.sregs.cs.l = 1;
+            s.sregs.gdt.limit = 0x37;
+            s.debug.dr7 = 0x400 + i;
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn every_damaged_byte_of_a_snapshot_with_vcpus_is_an_error() {
+    let dir = TempDir::new("snap-corrupt-vcpu");
+    let mem = memory();
+    let path = dir.path("full.snap");
+    save_with_vcpus(&mem, &path, &SaveOptions::default(), &vcpus(1)).unwrap();
+    assert_eq!(SnapshotReader::open(&path).unwrap().vcpus(), vcpus(1));
+    damage_every_byte(&path, None, &image(&mem));
+}
+
+#[test]
+fn every_damaged_byte_of_an_incremental_snapshot_with_vcpus_is_an_error() {
+    let dir = TempDir::new("snap-corrupt-vcpu-inc");
+    let mem = memory();
+    let base = dir.path("base.snap");
+    save_with_vcpus(&mem, &base, &SaveOptions::default(), &vcpus(1)).unwrap();
+    mem.write(GuestPhysAddr(2 * PAGE), &[0x33; PAGE_SIZE])
+        .unwrap();
+    let mut dirty = Vec::new();
+    mem.harvest_dirty(RegionSet::All, &mut dirty).unwrap();
+    let inc = dir.path("inc.snap");
+    let parent = SnapshotReader::open(&base).unwrap();
+    save_incremental_with_vcpus(&mem, &parent, &dirty, &inc, &vcpus(2)).unwrap();
     damage_every_byte(&inc, Some(&base), &image(&mem));
 }
 

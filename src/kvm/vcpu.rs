@@ -23,6 +23,10 @@ use super::{
 use crate::{
     addr::{GuestPhysAddr, GuestVirtAddr},
     memory::GuestMemory,
+    snapshot::{
+        DebugRegisters as SnapDebug, DescriptorTable as SnapTable, GeneralRegs as SnapRegs,
+        Segment as SnapSegment, SpecialRegs as SnapSregs, VcpuState as SnapState,
+    },
 };
 
 /// How a run ended.
@@ -502,6 +506,184 @@ impl KvmVcpu {
             .set_debug_regs(&arch.debugregs)
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         Ok(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl KvmVcpu {
+    /// The vCPU's registers as a snapshot carries them (general,
+    /// control/segment, debug): for
+    /// [`save_with_vcpus`](crate::snapshot::save_with_vcpus). Take it with
+    /// the vCPU stopped (after [`run`](Self::run) returned).
+    pub fn snapshot_state(&self) -> Result<SnapState, KvmError> {
+        Ok(SnapState {
+            regs: snap_regs(&self.regs()?),
+            sregs: snap_sregs(&self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?),
+            debug: snap_debug(
+                &self
+                    .fd
+                    .get_debug_regs()
+                    .map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+            ),
+        })
+    }
+
+    /// Loads a snapshot's vCPU state ([`SnapshotReader::vcpus`]): its
+    /// registers over this vCPU's [`state`](Self::state), the rest (the
+    /// `XSAVE` area, MSRs, pending events, run state) as this vCPU has it.
+    /// If KVM refuses a part, the previous state is loaded back.
+    ///
+    /// [`SnapshotReader::vcpus`]: crate::snapshot::SnapshotReader::vcpus
+    pub fn set_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
+        let mut full = self.state()?;
+        full.regs = kvm_regs_of(&state.regs);
+        load_sregs(&mut full.arch.sregs, &state.sregs);
+        let d = &mut full.arch.debugregs;
+        d.db = state.debug.db;
+        d.dr6 = state.debug.dr6;
+        d.dr7 = state.debug.dr7;
+        self.set_state(&full)
+    }
+}
+
+fn snap_regs(r: &Regs) -> SnapRegs {
+    SnapRegs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn kvm_regs_of(r: &SnapRegs) -> Regs {
+    Regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn snap_segment(g: &kvm_segment) -> SnapSegment {
+    SnapSegment {
+        base: g.base,
+        limit: g.limit,
+        selector: g.selector,
+        type_: g.type_,
+        present: g.present,
+        dpl: g.dpl,
+        db: g.db,
+        s: g.s,
+        l: g.l,
+        g: g.g,
+        avl: g.avl,
+        unusable: g.unusable,
+    }
+}
+
+fn kvm_segment_of(g: &SnapSegment) -> kvm_segment {
+    kvm_segment {
+        base: g.base,
+        limit: g.limit,
+        selector: g.selector,
+        type_: g.type_,
+        present: g.present,
+        dpl: g.dpl,
+        db: g.db,
+        s: g.s,
+        l: g.l,
+        g: g.g,
+        avl: g.avl,
+        unusable: g.unusable,
+        padding: 0,
+    }
+}
+
+fn snap_sregs(s: &kvm_sregs) -> SnapSregs {
+    SnapSregs {
+        cr0: s.cr0,
+        cr2: s.cr2,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        cr8: s.cr8,
+        efer: s.efer,
+        apic_base: s.apic_base,
+        cs: snap_segment(&s.cs),
+        ds: snap_segment(&s.ds),
+        es: snap_segment(&s.es),
+        fs: snap_segment(&s.fs),
+        gs: snap_segment(&s.gs),
+        ss: snap_segment(&s.ss),
+        tr: snap_segment(&s.tr),
+        ldt: snap_segment(&s.ldt),
+        gdt: SnapTable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+        },
+        idt: SnapTable {
+            base: s.idt.base,
+            limit: s.idt.limit,
+        },
+        interrupt_bitmap: s.interrupt_bitmap,
+    }
+}
+
+fn load_sregs(k: &mut kvm_sregs, s: &SnapSregs) {
+    k.cr0 = s.cr0;
+    k.cr2 = s.cr2;
+    k.cr3 = s.cr3;
+    k.cr4 = s.cr4;
+    k.cr8 = s.cr8;
+    k.efer = s.efer;
+    k.apic_base = s.apic_base;
+    k.cs = kvm_segment_of(&s.cs);
+    k.ds = kvm_segment_of(&s.ds);
+    k.es = kvm_segment_of(&s.es);
+    k.fs = kvm_segment_of(&s.fs);
+    k.gs = kvm_segment_of(&s.gs);
+    k.ss = kvm_segment_of(&s.ss);
+    k.tr = kvm_segment_of(&s.tr);
+    k.ldt = kvm_segment_of(&s.ldt);
+    k.gdt.base = s.gdt.base;
+    k.gdt.limit = s.gdt.limit;
+    k.idt.base = s.idt.base;
+    k.idt.limit = s.idt.limit;
+    k.interrupt_bitmap = s.interrupt_bitmap;
+}
+
+fn snap_debug(d: &kvm_debugregs) -> SnapDebug {
+    SnapDebug {
+        db: d.db,
+        dr6: d.dr6,
+        dr7: d.dr7,
     }
 }
 

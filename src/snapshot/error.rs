@@ -1,5 +1,5 @@
 //! Errors of snapshots. Every error about a file's bytes names the part of
-//! the file (header, padding, content, map, table) and the byte offset, so
+//! the file (header, padding, content, map, table, vCPU states) and the byte offset, so
 //! an operator can tell a cut file from a damaged one from one of another
 //! version.
 
@@ -28,6 +28,8 @@ pub enum Part {
     /// The content table: the hash of each stored page, and the contents
     /// an incremental snapshot takes from its ancestors.
     Table,
+    /// The vCPU states (only in a file whose header has the vCPU flag).
+    Vcpus,
 }
 
 impl fmt::Display for Part {
@@ -38,6 +40,7 @@ impl fmt::Display for Part {
             Part::Content => "content area",
             Part::Map => "page map",
             Part::Table => "content table",
+            Part::Vcpus => "vCPU states",
         })
     }
 }
@@ -77,6 +80,9 @@ pub enum Problem {
     /// A reserved field or padding byte that is not zero.
     #[error("reserved byte is {0:#04x}, not zero")]
     Reserved(u8),
+    /// The vCPU flag and the vCPU count disagree.
+    #[error("vCPU flag and vCPU count disagree")]
+    VcpuFlag,
     /// The incremental flag and the parent id disagree.
     #[error("incremental flag and parent id disagree")]
     Parent,
@@ -108,7 +114,7 @@ pub enum Problem {
     #[error("{0} overflows")]
     Overflow(&'static str),
     /// Bytes after the last part.
-    #[error("{extra} bytes after the content table")]
+    #[error("{extra} bytes after the last part")]
     Trailing {
         /// How many.
         extra: u64,

@@ -18,6 +18,9 @@ pub const MAGIC: [u8; 8] = *b"\x89PFSNAP\n";
 pub const VERSION: u16 = 1;
 /// Header flag: the snapshot is incremental (it has a parent).
 pub(crate) const FLAG_INCREMENTAL: u16 = 1;
+/// Header flag: the file has a vCPU part (its count at byte 20). A reader
+/// that does not know the flag refuses the file.
+pub(crate) const FLAG_VCPUS: u16 = 2;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
 /// Bytes per region in the header: start, size.
@@ -56,15 +59,16 @@ pub(crate) fn part_checksum(part: Part, bytes: &[u8]) -> u64 {
         Part::Header => 0x5046_534e_4150_0001,
         Part::Map => 0x5046_534e_4150_0002,
         Part::Table => 0x5046_534e_4150_0003,
+        Part::Vcpus => 0x5046_534e_4150_0004,
         Part::Padding | Part::Content => 0,
     };
     xxh3_64_with_seed(bytes, seed)
 }
 
 /// A snapshot's id: BLAKE3 (in key-derivation mode, so it is no page's
-/// content address) of its header without the id and checksum, its map
-/// and its table.
-pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8]) -> SnapshotId {
+/// content address) of its header without the id and checksum, its map,
+/// its table and its vCPU part (empty where it has none).
+pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8], vcpus: &[u8]) -> SnapshotId {
     let mut h = blake3::Hasher::new_derive_key("pagefold snapshot id v1");
     let body = &header[..header.len().saturating_sub(CHECKSUM_LEN)];
     h.update(body.get(..ID_AT).unwrap_or(body));
@@ -72,6 +76,7 @@ pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8]) -> SnapshotId
     h.update(body.get(ID_AT + 32..).unwrap_or(&[]));
     h.update(map);
     h.update(table);
+    h.update(vcpus);
     SnapshotId(*h.finalize().as_bytes())
 }
 
@@ -99,6 +104,8 @@ pub(crate) struct Header {
     pub(crate) table_offset: u64,
     pub(crate) external_count: u64,
     pub(crate) table_checksum: u64,
+    /// vCPU records in the vCPU part (0: no part, flag clear).
+    pub(crate) vcpu_count: u32,
 }
 
 /// Where each part starts and the file ends, as the counts of a header
@@ -110,24 +117,33 @@ pub(crate) struct Parts {
     pub(crate) content: u64,
     pub(crate) map: u64,
     pub(crate) table: u64,
+    pub(crate) vcpus: u64,
     pub(crate) end: u64,
 }
 
 impl Parts {
     /// The parts for these counts, `None` on overflow.
-    pub(crate) fn new(regions: u64, local: u64, runs: u64, external: u64) -> Option<Self> {
+    pub(crate) fn new(
+        regions: u64,
+        local: u64,
+        runs: u64,
+        external: u64,
+        vcpus: u64,
+    ) -> Option<Self> {
         let header_len = header_len(regions)?;
         let content = header_len.checked_next_multiple_of(PAGE)?;
         let map = content.checked_add(local.checked_mul(PAGE)?)?;
         let table = map.checked_add(runs.checked_mul(RUN_LEN as u64)?)?;
-        let end = table
+        let vcpu_at = table
             .checked_add(local.checked_mul(LOCAL_LEN as u64)?)?
             .checked_add(external.checked_mul(EXTERNAL_LEN as u64)?)?;
+        let end = vcpu_at.checked_add(super::vcpu::part_len(vcpus)?)?;
         Some(Parts {
             header_len,
             content,
             map,
             table,
+            vcpus: vcpu_at,
             end,
         })
     }
@@ -206,15 +222,18 @@ impl Header {
         let mut out = Vec::with_capacity(FIXED + self.regions.len() * REGION_LEN + CHECKSUM_LEN);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        let flags = if self.incremental {
+        let mut flags = if self.incremental {
             FLAG_INCREMENTAL
         } else {
             0
         };
+        if self.vcpu_count > 0 {
+            flags |= FLAG_VCPUS;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.vcpu_count.to_le_bytes());
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(&self.parent.0);
         for v in [
@@ -264,7 +283,7 @@ impl Header {
             |offset: usize, problem| SnapshotError::malformed(Part::Header, offset as u64, problem);
         let mut c = Cursor { buf: body, at: 10 };
         let flags = c.u16();
-        if flags & !FLAG_INCREMENTAL != 0 {
+        if flags & !(FLAG_INCREMENTAL | FLAG_VCPUS) != 0 {
             return Err(bad(10, Problem::Flags(flags)));
         }
         let page_size = c.u32();
@@ -272,18 +291,9 @@ impl Header {
             return Err(bad(12, Problem::PageSize(page_size)));
         }
         let count = c.u32();
-        let reserved = c.u32();
-        if reserved != 0 {
-            return Err(bad(
-                20,
-                Problem::Reserved(
-                    reserved
-                        .to_le_bytes()
-                        .into_iter()
-                        .find(|&b| b != 0)
-                        .unwrap_or(0),
-                ),
-            ));
+        let vcpu_count = c.u32();
+        if (flags & FLAG_VCPUS != 0) != (vcpu_count != 0) {
+            return Err(bad(20, Problem::VcpuFlag));
         }
         let id = SnapshotId(c.array());
         let parent = SnapshotId(c.array());
@@ -305,6 +315,7 @@ impl Header {
             table_offset: c.u64(),
             external_count: c.u64(),
             table_checksum: c.u64(),
+            vcpu_count,
         };
         // The caller read `FIXED + count * REGION_LEN` bytes, bounded by
         // the file's size.
@@ -360,6 +371,7 @@ impl Header {
             self.local_count,
             self.run_count,
             self.external_count,
+            u64::from(self.vcpu_count),
         )
         .ok_or(SnapshotError::malformed(
             Part::Header,
@@ -374,7 +386,7 @@ mod tests {
     use super::*;
 
     fn header() -> Header {
-        let parts = Parts::new(2, 3, 4, 0).unwrap_or_else(|| panic!("parts"));
+        let parts = Parts::new(2, 3, 4, 0, 0).unwrap_or_else(|| panic!("parts"));
         Header {
             incremental: false,
             id: SnapshotId([7; 32]),
@@ -392,6 +404,7 @@ mod tests {
             table_offset: parts.table,
             external_count: 0,
             table_checksum: 2,
+            vcpu_count: 0,
         }
     }
 
@@ -411,11 +424,11 @@ mod tests {
     #[test]
     fn ids_ignore_the_id_field_only() {
         let mut h = header();
-        let a = snapshot_id(&h.encode(), b"m", b"t");
+        let a = snapshot_id(&h.encode(), b"m", b"t", b"");
         h.id = SnapshotId([9; 32]);
-        assert_eq!(snapshot_id(&h.encode(), b"m", b"t"), a);
+        assert_eq!(snapshot_id(&h.encode(), b"m", b"t", b""), a);
         h.total_pages = 4;
-        assert_ne!(snapshot_id(&h.encode(), b"m", b"t"), a);
-        assert_ne!(snapshot_id(&header().encode(), b"n", b"t"), a);
+        assert_ne!(snapshot_id(&h.encode(), b"m", b"t", b""), a);
+        assert_ne!(snapshot_id(&header().encode(), b"n", b"t", b""), a);
     }
 }

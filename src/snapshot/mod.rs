@@ -6,16 +6,17 @@
 //!
 //! | part | bytes | checked by |
 //! |---|---|---|
-//! | header | magic `\x89PFSNAP\n`, version, flags (bit 0: incremental), page size, region count, 4 zero bytes, id (32), parent id (32, zero for a full snapshot), page count, content offset, stored count, map offset, run count, map checksum, table offset, ancestor count, table checksum, then `(start, size)` per region, then a checksum of all of it | xxh3-64 |
+//! | header | magic `\x89PFSNAP\n`, version, flags (bit 0: incremental, bit 1: vCPU states), page size, region count, vCPU count (u32, zero without bit 1), id (32), parent id (32, zero for a full snapshot), page count, content offset, stored count, map offset, run count, map checksum, table offset, ancestor count, table checksum, then `(start, size)` per region, then a checksum of all of it | xxh3-64 |
 //! | padding | zeros to the next 4 KiB boundary | must be zero |
 //! | content | each distinct stored page once, 4 KiB each, in slot order | each page's BLAKE3 in the table |
 //! | map | runs of 16 bytes: pages (u32), kind, 3 zero bytes, value (u64); kinds zero, as in the parent, a sequence of contents from `value`, one content `value` repeated | xxh3-64 in the header |
 //! | table | BLAKE3 of each stored page by slot; then per content taken from an ancestor: BLAKE3, depth (1: the parent), 4 zero bytes, slot there | xxh3-64 in the header |
+//! | vCPU states (only with flag bit 1) | one 504-byte record per vCPU (`vcpu.rs` has the layout), then the xxh3-64 of the records | its own checksum |
 //!
 //! Each part starts where the one before ends, so the counts in the header
 //! fix every offset and the file's exact length: any missing or extra byte
-//! is an error. The id is BLAKE3 of the header (less id and checksum), map
-//! and table; since the table holds every stored page's BLAKE3 and the
+//! is an error. The id is BLAKE3 of the header (less id and checksum), map,
+//! table and vCPU part; since the table holds every stored page's BLAKE3 and the
 //! header the parent's id, it names the whole image and its ancestry.
 //!
 //! Why BLAKE3 as the content address rather than xxh3-128 with a byte
@@ -46,6 +47,7 @@
 //! destination that opens as valid before the save finished.
 //!
 //! Files, bottom up: `error`, `id`, `format` (header, offsets, checksums),
+//! `vcpu` (the vCPU part: plain register data, no KVM feature needed),
 //! `map`, `table`, `layout` (page indexes), `file` (reads at an offset,
 //! the temporary file renamed into place), `reader`, `scan` (reading guest
 //! memory for a save), `save`, `restore` (by copy), `folded` (restored
@@ -69,6 +71,7 @@ mod restore;
 mod save;
 mod scan;
 mod table;
+mod vcpu;
 
 pub use error::{ForeignProblem, Part, Place, Problem, SnapshotError};
 pub use folded::{
@@ -84,4 +87,7 @@ pub use lazy::{restore_lazy, FetchHook, LazyError, LazyOptions, LazyRestore, Laz
 pub use map::PageSource;
 pub use reader::SnapshotReader;
 pub use restore::{restore_into, RestoreStats};
-pub use save::{save, save_incremental, SaveOptions, SaveStats};
+pub use save::{
+    save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, SaveOptions, SaveStats,
+};
+pub use vcpu::{DebugRegisters, DescriptorTable, GeneralRegs, Segment, SpecialRegs, VcpuState};

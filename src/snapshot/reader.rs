@@ -1,4 +1,4 @@
-//! Opening a snapshot: the header, padding, map and table are read and
+//! Opening a snapshot: the header, padding, map, table and vCPU part are read and
 //! checked whole at open (they are small: 16 bytes per run of the map, 32
 //! per stored page); stored pages are read on demand, one `pread` per run
 //! of slots, and each page is checked against its BLAKE3 address before
@@ -22,6 +22,7 @@ use super::{
     layout::PageLayout,
     map::{PageMap, PageSource},
     table::{ContentTable, Slot},
+    vcpu::{self, VcpuState, VCPU_LEN, VCPU_SUM_LEN},
 };
 use crate::addr::{GuestPhysAddr, PageSize, PAGE_SIZE};
 
@@ -36,6 +37,7 @@ pub struct SnapshotReader {
     layout: PageLayout,
     map: PageMap,
     table: ContentTable,
+    vcpus: Vec<VcpuState>,
     parent: Option<Box<SnapshotReader>>,
 }
 
@@ -112,15 +114,21 @@ impl SnapshotReader {
             (Part::Padding, parts.header_len, parts.content),
             (Part::Content, parts.content, parts.map),
             (Part::Map, parts.map, parts.table),
-            (Part::Table, parts.table, parts.end),
+            (Part::Table, parts.table, parts.vcpus),
+            (Part::Vcpus, parts.vcpus, parts.end),
         ] {
             if end > file_len {
                 return Err(truncated(part, start.min(file_len)));
             }
         }
         if parts.end < file_len {
+            let last = if header.vcpu_count > 0 {
+                Part::Vcpus
+            } else {
+                Part::Table
+            };
             return Err(SnapshotError::malformed(
-                Part::Table,
+                last,
                 parts.end,
                 Problem::Trailing {
                     extra: file_len - parts.end,
@@ -149,7 +157,7 @@ impl SnapshotReader {
             contents,
             header.total_pages,
         )?;
-        let mut table_bytes = vec![0u8; len(parts.table, parts.end)];
+        let mut table_bytes = vec![0u8; len(parts.table, parts.vcpus)];
         read_at(&file, &mut table_bytes, parts.table, Part::Table)?;
         check_sum(
             Part::Table,
@@ -158,7 +166,10 @@ impl SnapshotReader {
             header.table_checksum,
         )?;
         let table = ContentTable::parse(&table_bytes, parts.table, header.local_count)?;
-        let id = format::snapshot_id(&hbytes, &map_bytes, &table_bytes);
+        let mut vcpu_bytes = vec![0u8; len(parts.vcpus, parts.end)];
+        read_at(&file, &mut vcpu_bytes, parts.vcpus, Part::Vcpus)?;
+        let vcpus = parse_vcpus(&vcpu_bytes, parts.vcpus)?;
+        let id = format::snapshot_id(&hbytes, &map_bytes, &table_bytes, &vcpu_bytes);
         if id != header.id {
             return Err(SnapshotError::IdMismatch {
                 at: Place::new(Part::Header, format::ID_AT as u64),
@@ -171,6 +182,7 @@ impl SnapshotReader {
             parts,
             map,
             table,
+            vcpus,
             parent: None,
         })
     }
@@ -248,6 +260,12 @@ impl SnapshotReader {
     /// The parent's id, for an incremental snapshot.
     pub fn parent_id(&self) -> Option<SnapshotId> {
         self.header.incremental.then_some(self.header.parent)
+    }
+
+    /// The vCPU states saved with this snapshot (each snapshot of a chain
+    /// carries its own; empty where none were saved), in vCPU order.
+    pub fn vcpus(&self) -> &[VcpuState] {
+        &self.vcpus
     }
 
     /// The parent, if attached.
@@ -416,4 +434,39 @@ fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), Snapsh
             computed,
         })
     }
+}
+
+/// The vCPU part at file offset `at` (empty, or records and checksum):
+/// checksum first, then each record's reserved bytes.
+fn parse_vcpus(bytes: &[u8], at: u64) -> Result<Vec<VcpuState>, SnapshotError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (records, sum) = bytes.split_at(bytes.len().saturating_sub(VCPU_SUM_LEN));
+    let mut found = [0u8; VCPU_SUM_LEN];
+    found.copy_from_slice(sum);
+    let found = u64::from_le_bytes(found);
+    let computed = vcpu::checksum(records);
+    if found != computed {
+        return Err(SnapshotError::Checksum {
+            at: Place::new(Part::Vcpus, at),
+            found,
+            computed,
+        });
+    }
+    records
+        .chunks_exact(VCPU_LEN)
+        .enumerate()
+        .map(|(i, r)| {
+            let mut rec = [0u8; VCPU_LEN];
+            rec.copy_from_slice(r);
+            VcpuState::decode(&rec).map_err(|k| {
+                SnapshotError::malformed(
+                    Part::Vcpus,
+                    at + (i * VCPU_LEN + k) as u64,
+                    Problem::Reserved(rec[k]),
+                )
+            })
+        })
+        .collect()
 }

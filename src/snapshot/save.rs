@@ -17,6 +17,7 @@ use super::{
     reader::SnapshotReader,
     scan::{Scanner, BATCH},
     table::{ContentTable, External},
+    vcpu::{self, VcpuState},
 };
 use rayon::prelude::*;
 
@@ -182,8 +183,16 @@ impl Saver {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<SaveStats, SnapshotError> {
+    fn finish(mut self, vcpus: &[VcpuState]) -> Result<SaveStats, SnapshotError> {
         let stored = self.table.local.len() as u64;
+        let vcpu_count = u32::try_from(vcpus.len()).map_err(|_| {
+            SnapshotError::malformed(
+                Part::Header,
+                20,
+                super::error::Problem::Overflow("the vCPU count"),
+            )
+        })?;
+        let vcpu_bytes = vcpu::encode_part(vcpus);
         let (map, runs) = self.map.finish(|n| {
             if n >= ANCESTOR_BASE {
                 n - ANCESTOR_BASE + stored
@@ -197,6 +206,7 @@ impl Saver {
             stored,
             runs,
             self.table.external.len() as u64,
+            u64::from(vcpu_count),
         )
         .ok_or(SnapshotError::malformed(
             Part::Header,
@@ -205,6 +215,7 @@ impl Saver {
         ))?;
         self.out.write(&map, Part::Map)?;
         self.out.write(&table, Part::Table)?;
+        self.out.write(&vcpu_bytes, Part::Vcpus)?;
         let mut header = Header {
             incremental: !self.parent.is_none(),
             id: SnapshotId::NONE,
@@ -219,8 +230,9 @@ impl Saver {
             table_offset: parts.table,
             external_count: self.table.external.len() as u64,
             table_checksum: format::part_checksum(Part::Table, &table),
+            vcpu_count,
         };
-        header.id = format::snapshot_id(&header.encode(), &map, &table);
+        header.id = format::snapshot_id(&header.encode(), &map, &table, &vcpu_bytes);
         debug_assert_eq!(self.out.pos(), parts.end);
         self.stats.id = header.id;
         self.stats.file_bytes = self.out.pos();
@@ -243,6 +255,19 @@ pub fn save(
     path: impl AsRef<Path>,
     opts: &SaveOptions,
 ) -> Result<SaveStats, SnapshotError> {
+    save_with_vcpus(mem, path, opts, &[])
+}
+
+/// [`save`] with the states of the VM's vCPUs (stopped while the memory is
+/// read, for a consistent image), in vCPU order: read back by
+/// [`SnapshotReader::vcpus`]. A file with vCPU states does not open with a
+/// pagefold build older than this part (its header flag is unknown there).
+pub fn save_with_vcpus(
+    mem: &GuestMemory,
+    path: impl AsRef<Path>,
+    opts: &SaveOptions,
+    vcpus: &[VcpuState],
+) -> Result<SaveStats, SnapshotError> {
     if opts.track_dirty {
         // The log has one reader at a time: a migration sender's rounds
         // would miss what this harvest takes.
@@ -260,7 +285,7 @@ pub fn save(
     for (i, r) in mem.regions().iter().enumerate() {
         s.pages(&mut scan, i, 0, r.pages())?;
     }
-    s.finish()
+    s.finish(vcpus)
 }
 
 /// Saves the pages of `mem` in `dirty` as an incremental snapshot on top of
@@ -282,7 +307,19 @@ pub fn save_incremental(
     dirty: &[DirtyRun],
     path: impl AsRef<Path>,
 ) -> Result<SaveStats, SnapshotError> {
-    let r = save_incremental_inner(mem, parent, dirty, path.as_ref());
+    save_incremental_with_vcpus(mem, parent, dirty, path, &[])
+}
+
+/// [`save_incremental`] with the states of the VM's vCPUs: an incremental
+/// snapshot carries its own (none are taken from the parent).
+pub fn save_incremental_with_vcpus(
+    mem: &GuestMemory,
+    parent: &SnapshotReader,
+    dirty: &[DirtyRun],
+    path: impl AsRef<Path>,
+    vcpus: &[VcpuState],
+) -> Result<SaveStats, SnapshotError> {
+    let r = save_incremental_inner(mem, parent, dirty, path.as_ref(), vcpus);
     if r.is_err() {
         for run in dirty {
             // Best effort: a run outside the memory was the error itself.
@@ -297,6 +334,7 @@ fn save_incremental_inner(
     parent: &SnapshotReader,
     dirty: &[DirtyRun],
     path: &Path,
+    vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
     let layout = PageLayout::of(mem);
     if let Some(what) = layout.differs(parent.layout()) {
@@ -348,7 +386,7 @@ fn save_incremental_inner(
             s.stats.parent_pages += rest as u64;
         }
     }
-    s.finish()
+    s.finish(vcpus)
 }
 
 /// Saves pages that `read` supplies as a full snapshot with the layout
@@ -382,5 +420,5 @@ pub(crate) fn save_from(
             k += n as u64;
         }
     }
-    s.finish()
+    s.finish(&[])
 }
