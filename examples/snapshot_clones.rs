@@ -1,60 +1,71 @@
-//! Memory and restore time of 16 clones of one 256 MiB snapshot, three
-//! ways, measured in one run:
+//! Memory and restore time of clones restored from snapshots, three ways,
+//! measured in one run: 16 clones of one synthetic 256 MiB snapshot, or
+//! (`--guests DIR`) 4 clones of each of the four booted guest images
+//! `DIR/ram-{0..3}.img` of `benches/guest/boot_guest.sh`:
 //!
-//! - `folded`: pagefold's [`restore_folded`] into one dedup host, its
-//!   layout chosen by `FoldLayout::Auto`: each distinct content in one
-//!   shared frame (or, where that would cost more kernel mappings than the
-//!   budget holds for 16 clones, an image of the snapshot in page order),
-//!   every clone's pages mapping it copy-on-write from the restore on;
+//! - `folded`: pagefold's [`restore_folded`], every clone into one dedup
+//!   host's domain (so content common to several snapshots is shared
+//!   too), its layout chosen by `FoldLayout::Auto` (or `--layout`): each
+//!   distinct content in one shared frame (or, where that would cost more
+//!   kernel mappings than the budget holds for 16 clones, an image of the
+//!   snapshot in page order, shared by that snapshot's clones only), every
+//!   clone's pages mapping it copy-on-write from the restore on;
 //! - `map_private`: Firecracker's way, written here as a small baseline:
-//!   the raw memory file (on tmpfs: a memfd holding the non-zero pages,
-//!   zero pages left as holes) mapped `MAP_PRIVATE` by each clone, so
-//!   clones share its page cache until they write;
+//!   each snapshot's raw memory file (on tmpfs: a memfd holding the
+//!   non-zero pages, zero pages left as holes) mapped `MAP_PRIVATE` by
+//!   each of its clones, so clones of one file share its page cache until
+//!   they write, and nothing is shared across files;
 //! - `copy`: a full copy per clone ([`restore_into`] of the same snapshot).
 //!
 //! After its restore each clone reads every page that has content (the
 //! guest running), then writes 8 bytes to 1% of its pages, chosen at
-//! random over all of them, then more up to 10%, all through raw pointers
-//! as a vCPU would. After each step: the memory the kernel holds for the
-//! clones (the memfds' allocated blocks, plus the process's anonymous
-//! memory and page tables, `VmPTE`, above what they were before the
-//! clones: for `folded` the anonymous part includes pagefold's bookkeeping,
-//! a page-state word and a hash per page), as a ratio to the snapshot's
-//! distinct content; and the time of
-//! each restore call to its return (the first clone, and the mean of the
-//! others). The snapshot file was just written, so it is in the page cache
-//! for every method.
+//! random over all of them, then more up to 10%, then up to 50%, all
+//! through raw pointers as a vCPU would. After each step: the memory the
+//! kernel holds for the clones (the memfds' allocated blocks, plus the
+//! process's anonymous memory and page tables, `VmPTE`, above what they
+//! were before the clones: for `folded` the anonymous part includes
+//! pagefold's bookkeeping, a page-state word and a hash per page), as a
+//! ratio to the floor: the distinct non-zero content of all the snapshots
+//! together plus the pages the clones wrote; and the time of each restore
+//! call to its return (the first clone of each snapshot, and the mean of
+//! the others). The snapshot files were just written, so they are in the
+//! page cache for every method.
 //!
-//! Contents: blocks of `--block N` pages (default 32), half zero, a
-//! quarter random, a quarter copies of 64 template blocks. `--block 1`
-//! mixes page by page (every non-zero page a run of its own, as in
-//! `snapshot_throughput`): that costs a folded clone two kernel mappings
-//! per page, so the clones map an image instead (`image` in the output
-//! counts them).
+//! Synthetic contents: blocks of `--block N` pages (default 32), half
+//! zero, a quarter random, a quarter copies of 64 template blocks.
+//! `--block 1` mixes page by page (every non-zero page a run of its own,
+//! as in `snapshot_throughput`): that costs a folded clone two kernel
+//! mappings per page, so the clones map an image instead (`image` in the
+//! output counts them).
 //!
-//! `cargo run --release --example snapshot_clones -- [--block N] [DIR]`
+//! `cargo run --release -p pagefold --example snapshot_clones -- [--block N]
+//! [--guests DIR] [--layout L[,L...]] [SNAPSHOT_DIR]`, each `L` one of
+//! `auto`, `contents`, `image` (a `folded` row each; default `auto`).
 
 use std::{
+    collections::HashSet,
+    fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use pagefold::{
-    snapshot::{restore_folded, restore_into, save, SaveOptions, SnapshotReader},
+    snapshot::{restore_folded_as, restore_into, save, FoldLayout, SaveOptions, SnapshotReader},
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 
-const CLONES: usize = 16;
 const SIZE: u64 = 256 << 20;
 const SIZE_BYTES: usize = 256 << 20;
 const PAGES: usize = SIZE_BYTES / PAGE_SIZE;
+/// Percentages of its pages each clone has written after each step.
+const STEPS: [usize; 3] = [1, 10, 50];
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// The source guest's pages: `None` for zero.
+/// The synthetic guest's pages: `None` for zero.
 fn contents(unit: usize) -> Vec<Option<Vec<u8>>> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
     let templates: Vec<Vec<Vec<u8>>> = (0..64)
@@ -77,6 +88,61 @@ fn contents(unit: usize) -> Vec<Option<Vec<u8>>> {
         }
     }
     out
+}
+
+/// A snapshot the clones restore from, and its raw memory file.
+struct Source {
+    snap: SnapshotReader,
+    path: PathBuf,
+    /// The raw memory file: non-zero pages written, zero pages holes.
+    raw: File,
+    /// Whether each page has content (is not zero).
+    has_content: Vec<bool>,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Saves a 256 MiB memory whose page `i` is `page(i)` (`None`: zero) as
+/// a snapshot in `dir`, and writes its raw memory file; adds the BLAKE3 of
+/// each non-zero page to `distinct`.
+fn source<'p>(
+    dir: &Path,
+    tag: &str,
+    page: &dyn Fn(usize) -> Option<&'p [u8]>,
+    distinct: &mut HashSet<[u8; 32]>,
+) -> Res<Source> {
+    let src = GuestMemory::new(&[(GuestPhysAddr(0), SIZE)])?;
+    // SAFETY: a valid C string; the call makes a new descriptor.
+    let raw = unsafe { libc::memfd_create(c"pagefold-raw".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `raw` is a new descriptor nobody else owns.
+    let raw = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    raw.set_len(SIZE)?;
+    let mut has_content = vec![false; PAGES];
+    for (i, has) in has_content.iter_mut().enumerate() {
+        if let Some(p) = page(i) {
+            use std::os::unix::fs::FileExt;
+            let at = (i * PAGE_SIZE) as u64;
+            src.write(GuestPhysAddr(at), p)?;
+            raw.write_all_at(p, at)?;
+            distinct.insert(*blake3::hash(p).as_bytes());
+            *has = true;
+        }
+    }
+    let path = dir.join(format!("pagefold-clones-{}-{tag}.snap", std::process::id()));
+    save(&src, &path, &SaveOptions { track_dirty: false })?;
+    Ok(Source {
+        snap: SnapshotReader::open(&path)?,
+        path,
+        raw,
+        has_content,
+    })
 }
 
 /// A field of `/proc/self/smaps_rollup` or `/proc/self/status`, in bytes.
@@ -116,17 +182,15 @@ struct Clone {
     base: *mut u8,
 }
 
-/// Reads every page with content, then writes `count` random pages.
-fn touch(clones: &[Clone], content: &[Option<Vec<u8>>]) -> u64 {
+/// Reads every page with content of each clone (of source `plan[k]`).
+fn touch(clones: &[Clone], sources: &[Source], plan: &[usize]) -> u64 {
     let mut sum = 0u64;
-    for c in clones {
-        for (i, p) in content.iter().enumerate() {
-            if p.is_some() {
-                // SAFETY: page `i` lies inside the clone's live mapping.
-                sum = sum.wrapping_add(unsafe {
-                    std::ptr::read_volatile(c.base.add(i * PAGE_SIZE).cast::<u64>())
-                });
-            }
+    for (c, &s) in clones.iter().zip(plan) {
+        for (i, _) in sources[s].has_content.iter().enumerate().filter(|p| *p.1) {
+            // SAFETY: page `i` lies inside the clone's live mapping.
+            sum = sum.wrapping_add(unsafe {
+                std::ptr::read_volatile(c.base.add(i * PAGE_SIZE).cast::<u64>())
+            });
         }
     }
     sum
@@ -143,61 +207,79 @@ fn write(clones: &[Clone], order: &[Vec<usize>], from: usize, to: usize) {
 
 struct Row {
     name: &'static str,
-    /// Bytes after the reads, after 1%, after 10%.
-    bytes: [u64; 3],
-    /// Files, anonymous memory, page tables after 10%.
+    /// Bytes after the reads, then after each of [`STEPS`].
+    bytes: [u64; 1 + STEPS.len()],
+    /// Files, anonymous memory, page tables after the last step.
     parts: (u64, u64, u64),
+    /// Mean restore time of the first clone of each source, of the rest.
     first: Duration,
     rest: Duration,
     note: String,
 }
 
-fn measure(
+/// What a method does: restore a clone of a source, count its files.
+struct Method<'a> {
     name: &'static str,
-    content: &[Option<Vec<u8>>],
-    order: &[Vec<usize>],
-    restore: &mut dyn FnMut() -> Res<Clone>,
-    files: &dyn Fn() -> u64,
-    note: &dyn Fn() -> String,
-) -> Res<Row> {
+    restore: &'a mut dyn FnMut(&Source) -> Res<Clone>,
+    files: &'a dyn Fn() -> u64,
+    note: &'a dyn Fn() -> String,
+}
+
+/// Restores a clone of `sources[plan[k]]` for each `k`, then reads and
+/// writes them step by step, counting the memory after each.
+fn measure(sources: &[Source], plan: &[usize], order: &[Vec<usize>], m: Method) -> Res<Row> {
+    // Heap freed before (a method measured earlier, the sources' pages)
+    // goes back to the kernel, so that this method's allocations are not
+    // served from memory already counted in the baseline.
+    // SAFETY: glibc's own call on its own heap; no pointer is passed.
+    unsafe { libc::malloc_trim(0) };
     let (a0, t0) = anon_and_tables();
     let mut clones = Vec::new();
-    let mut times = Vec::new();
-    for _ in 0..CLONES {
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    for (k, &s) in plan.iter().enumerate() {
         let t = Instant::now();
-        clones.push(restore()?);
-        times.push(t.elapsed());
+        clones.push((m.restore)(&sources[s])?);
+        let took = t.elapsed();
+        if plan[..k].contains(&s) {
+            rest.push(took);
+        } else {
+            first.push(took);
+        }
     }
     let parts = || {
         let (a, t) = anon_and_tables();
-        (files(), a.saturating_sub(a0), t.saturating_sub(t0))
+        ((m.files)(), a.saturating_sub(a0), t.saturating_sub(t0))
     };
     let held = || {
         let (f, a, t) = parts();
         f + a + t
     };
-    std::hint::black_box(touch(&clones, content));
-    let read = held();
-    let one = PAGES / 100;
-    write(&clones, order, 0, one);
-    let w1 = held();
-    write(&clones, order, one, PAGES / 10);
-    let w10 = held();
-    let parts = parts();
-    let rest = times[1..].iter().sum::<Duration>() / u32::try_from(times.len() - 1).unwrap_or(1);
+    std::hint::black_box(touch(&clones, sources, plan));
+    let mut bytes = [held(); 1 + STEPS.len()];
+    let mut done = 0;
+    for (k, pct) in STEPS.iter().enumerate() {
+        let to = PAGES * pct / 100;
+        write(&clones, order, done, to);
+        done = to;
+        bytes[k + 1] = held();
+    }
+    let mean =
+        |v: &[Duration]| v.iter().sum::<Duration>() / u32::try_from(v.len().max(1)).unwrap_or(1);
     Ok(Row {
-        name,
-        bytes: [read, w1, w10],
-        parts,
-        first: times[0],
-        rest,
-        note: note(),
+        name: m.name,
+        bytes,
+        parts: parts(),
+        first: mean(&first),
+        rest: mean(&rest),
+        note: (m.note)(),
     })
 }
 
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let mut block = 32usize;
+    let mut guests: Option<PathBuf> = None;
+    let mut layouts = vec![FoldLayout::Auto];
     let mut dir = std::env::temp_dir();
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -208,43 +290,62 @@ fn main() -> Res<()> {
                     .filter(|&b| b > 0 && PAGES % b == 0)
                     .ok_or("--block takes a number of pages dividing 65536")?;
             }
+            "--guests" => guests = Some(args.next().ok_or("--guests takes a directory")?.into()),
+            "--layout" => {
+                layouts = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|l| match l {
+                        "auto" => Ok(FoldLayout::Auto),
+                        "contents" => Ok(FoldLayout::Contents),
+                        "image" => Ok(FoldLayout::Image),
+                        _ => Err("--layout takes auto, contents or image, comma-separated"),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             d => dir = PathBuf::from(d),
         }
     }
-    let content = contents(block);
-    let layout = [(GuestPhysAddr(0), SIZE)];
-    let src = GuestMemory::new(&layout)?;
-    for (i, p) in content.iter().enumerate() {
-        if let Some(p) = p {
-            src.write(GuestPhysAddr((i * PAGE_SIZE) as u64), p)?;
-        }
-    }
-    let path = dir.join(format!("pagefold-clones-{}.snap", std::process::id()));
-    let saved = save(&src, &path, &SaveOptions { track_dirty: false })?;
-    let snap = SnapshotReader::open(&path)?;
-    let distinct = snap.stored_pages() * PAGE_SIZE as u64;
-    let nonzero = content.iter().filter(|p| p.is_some()).count();
-    // The raw memory file: non-zero pages written, zero pages holes.
-    // SAFETY: a valid C string; the call makes a new descriptor.
-    let raw = unsafe { libc::memfd_create(c"pagefold-raw".as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `raw` is a new descriptor nobody else owns.
-    let raw = unsafe { OwnedFd::from_raw_fd(raw) };
-    let file = std::fs::File::from(raw);
-    file.set_len(SIZE)?;
-    {
-        use std::os::unix::fs::FileExt;
-        for (i, p) in content.iter().enumerate() {
-            if let Some(p) = p {
-                file.write_all_at(p, (i * PAGE_SIZE) as u64)?;
+    let mut distinct = HashSet::new();
+    let mut sources = Vec::new();
+    let plan: Vec<usize>;
+    let what;
+    // Kept to the end, as the pages of the baseline's heap.
+    let content;
+    if let Some(g) = &guests {
+        for i in 0..4 {
+            let file = g.join(format!("ram-{i}.img"));
+            let image = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            if image.len() != SIZE_BYTES {
+                return Err(
+                    format!("{}: {} bytes, not 256 MiB", file.display(), image.len()).into(),
+                );
             }
+            let page = |k: usize| {
+                let p = &image[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                p.iter().any(|&b| b != 0).then_some(p)
+            };
+            sources.push(source(&dir, &format!("guest{i}"), &page, &mut distinct)?);
         }
+        plan = (0..16).map(|k| k / 4).collect();
+        what = format!("4 clones of each of 4 guest images ({})", g.display());
+    } else {
+        content = contents(block);
+        let page = |k: usize| content[k].as_deref();
+        sources.push(source(&dir, "synthetic", &page, &mut distinct)?);
+        plan = vec![0; 16];
+        what = format!("16 clones of a 256 MiB snapshot (blocks of {block} pages)");
     }
-    drop(src);
+    let distinct = distinct.len() as u64 * PAGE_SIZE as u64;
+    let nonzero: usize = sources
+        .iter()
+        .map(|s| s.has_content.iter().filter(|&&h| h).count())
+        .sum();
+    let stored: u64 = sources.iter().map(|s| s.snap.stored_pages()).sum();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
-    let order: Vec<Vec<usize>> = (0..CLONES)
+    let order: Vec<Vec<usize>> = plan
+        .iter()
         .map(|_| {
             let mut o: Vec<usize> = (0..PAGES).collect();
             o.shuffle(&mut rng);
@@ -252,25 +353,21 @@ fn main() -> Res<()> {
         })
         .collect();
     println!(
-        "{CLONES} clones of a {} MiB snapshot (blocks of {} pages): {} pages with content, {} distinct ({} MiB), file {} MiB, {} mappings allowed",
-        SIZE >> 20,
-        block,
-        nonzero,
-        snap.stored_pages(),
+        "{what}: {nonzero} pages with content, {stored} distinct per snapshot, {} distinct in all ({} MiB), {} mappings allowed",
+        distinct / PAGE_SIZE as u64,
         distinct >> 20,
-        saved.file_bytes >> 20,
         std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default().trim(),
     );
 
     let mut rows = Vec::new();
-    {
+    for &layout in &layouts {
         let store = Arc::new(FrameStore::memfd()?);
         let host = DedupHost::new(Arc::clone(&store))?;
         let copied = std::cell::Cell::new(0u64);
         let images = std::cell::Cell::new(0u64);
         let mut keep = Vec::new();
-        let mut restore = || -> Res<Clone> {
-            let r = restore_folded(&host, VmOptions::default(), &snap)?;
+        let mut restore = |s: &Source| -> Res<Clone> {
+            let r = restore_folded_as(&host, VmOptions::default(), &s.snap, layout)?;
             copied.set(copied.get() + r.stats.copied_pages);
             images.set(images.get() + u64::from(r.stats.image));
             let base = r.memory.regions()[0].host_addr().0 as *mut u8;
@@ -280,24 +377,28 @@ fn main() -> Res<()> {
         let files = || store.allocated_bytes().unwrap_or(0);
         let note = || {
             format!(
-                "{} of {CLONES} clones on an image, {} pages copied",
+                "{} of {} clones on an image, {} pages copied",
                 images.get(),
+                plan.len(),
                 copied.get()
             )
         };
-        rows.push(measure(
-            "folded",
-            &content,
-            &order,
-            &mut restore,
-            &files,
-            &note,
-        )?);
+        let m = Method {
+            name: match layout {
+                FoldLayout::Auto => "folded",
+                FoldLayout::Contents => "folded:contents",
+                FoldLayout::Image => "folded:image",
+            },
+            restore: &mut restore,
+            files: &files,
+            note: &note,
+        };
+        rows.push(measure(&sources, &plan, &order, m)?);
         drop(keep);
     }
     {
         let mut maps: Vec<(usize, usize)> = Vec::new();
-        let mut restore = || -> Res<Clone> {
+        let mut restore = |s: &Source| -> Res<Clone> {
             // SAFETY: a new private mapping of the whole file; nothing else
             // maps at the address the kernel picks.
             let p = unsafe {
@@ -306,7 +407,7 @@ fn main() -> Res<()> {
                     SIZE_BYTES,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE,
-                    file.as_raw_fd(),
+                    s.raw.as_raw_fd(),
                     0,
                 )
             };
@@ -316,16 +417,19 @@ fn main() -> Res<()> {
             maps.push((p as usize, SIZE_BYTES));
             Ok(Clone { base: p.cast() })
         };
-        let files = || memfd_blocks(file.as_raw_fd());
-        let note = || String::new();
-        rows.push(measure(
-            "map_private",
-            &content,
-            &order,
-            &mut restore,
-            &files,
-            &note,
-        )?);
+        let files = || {
+            sources
+                .iter()
+                .map(|s| memfd_blocks(s.raw.as_raw_fd()))
+                .sum()
+        };
+        let m = Method {
+            name: "map_private",
+            restore: &mut restore,
+            files: &files,
+            note: &String::new,
+        };
+        rows.push(measure(&sources, &plan, &order, m)?);
         for (p, len) in maps {
             // SAFETY: each is a mapping made above, unmapped once.
             unsafe { libc::munmap(p as *mut libc::c_void, len) };
@@ -334,68 +438,92 @@ fn main() -> Res<()> {
     {
         let store = Arc::new(FrameStore::memfd()?);
         let mut keep = Vec::new();
-        let mut restore = || -> Res<Clone> {
-            let m = GuestMemory::with_store(Arc::clone(&store), &snap.region_layout())?;
-            restore_into(&snap, &m)?;
+        let mut restore = |s: &Source| -> Res<Clone> {
+            let m = GuestMemory::with_store(Arc::clone(&store), &s.snap.region_layout())?;
+            restore_into(&s.snap, &m)?;
             let base = m.regions()[0].host_addr().0 as *mut u8;
             keep.push(m);
             Ok(Clone { base })
         };
         let files = || store.allocated_bytes().unwrap_or(0);
-        let note = || String::new();
-        rows.push(measure(
-            "copy",
-            &content,
-            &order,
-            &mut restore,
-            &files,
-            &note,
-        )?);
+        let m = Method {
+            name: "copy",
+            restore: &mut restore,
+            files: &files,
+            note: &String::new,
+        };
+        rows.push(measure(&sources, &plan, &order, m)?);
         drop(keep);
     }
-    let _ = std::fs::remove_file(&path);
+    drop(sources);
 
+    // The floor: the distinct content plus what the clones wrote.
+    let floors: Vec<u64> = std::iter::once(0)
+        .chain(STEPS)
+        .map(|pct| distinct + (plan.len() * PAGES * pct / 100 * PAGE_SIZE) as u64)
+        .collect();
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
-        "{:<12} {:>22} {:>22} {:>22} {:>12} {:>12}",
+        "{:<16} {:>22} {:>22} {:>22} {:>22} {:>12} {:>12}",
         "method",
         "after reads",
         "after 1% written",
         "after 10% written",
+        "after 50% written",
         "1st restore",
         "next (mean)"
     );
     for r in &rows {
-        let cell = |b: u64| format!("{:.0} MiB ({:.2}x)", mib(b), b as f64 / distinct as f64);
+        let cells: Vec<String> = r
+            .bytes
+            .iter()
+            .zip(&floors)
+            .map(|(&b, &f)| format!("{:.0} MiB ({:.3}x)", mib(b), b as f64 / f as f64))
+            .collect();
         println!(
-            "{:<12} {:>22} {:>22} {:>22} {:>10.2}ms {:>10.2}ms {}",
+            "{:<16} {:>22} {:>22} {:>22} {:>22} {:>10.2}ms {:>10.2}ms {}",
             r.name,
-            cell(r.bytes[0]),
-            cell(r.bytes[1]),
-            cell(r.bytes[2]),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
             r.first.as_secs_f64() * 1e3,
             r.rest.as_secs_f64() * 1e3,
             r.note,
         );
     }
+    println!("(x: over the floor, the distinct content plus the pages written)");
     for r in &rows {
         println!(
-            "{:<12} after 10%: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
+            "{:<16} after 50%: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
             r.name,
             mib(r.parts.0),
             mib(r.parts.1),
             mib(r.parts.2),
         );
     }
-    // The floor: the distinct content plus what the clones wrote.
-    for (k, pct) in [(1usize, 1usize), (2, 10)] {
-        let floor = distinct + (CLONES * PAGES * pct / 100 * PAGE_SIZE) as u64;
+    let folded = layouts.len();
+    for (k, f) in floors.iter().enumerate() {
+        let step = match k {
+            0 => "reads".to_string(),
+            k => format!("{}% written", STEPS[k - 1]),
+        };
+        let over: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {:.3}", r.name, r.bytes[k] as f64 / *f as f64))
+            .collect();
+        let vs: Vec<String> = rows[..folded]
+            .iter()
+            .map(|r| {
+                let m = rows[folded].bytes[k] as f64;
+                format!("{} / map_private {:.3}", r.name, r.bytes[k] as f64 / m)
+            })
+            .collect();
         println!(
-            "after {pct}% written: floor (distinct + written pages) {:.0} MiB; folded / floor {:.3}, map_private / floor {:.3}, copy / floor {:.3}",
-            mib(floor),
-            rows[0].bytes[k] as f64 / floor as f64,
-            rows[1].bytes[k] as f64 / floor as f64,
-            rows[2].bytes[k] as f64 / floor as f64,
+            "after {step}: floor {:.0} MiB; over it: {}; {}",
+            mib(*f),
+            over.join(", "),
+            vs.join(", "),
         );
     }
     Ok(())
