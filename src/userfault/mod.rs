@@ -583,10 +583,10 @@ impl Userfault {
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: `c` is a valid, writable `uffdio_copy`; its source is
-            // `src[done..]`, readable for `len - done` bytes for the call;
-            // the kernel checks the destination against this process's
+            // The kernel checks the destination against this process's
             // registered mappings and writes only into missing pages.
+            // SAFETY: `c` is a valid, writable `uffdio_copy` whose source,
+            // `src[done..]`, is readable for `len - done` bytes for the call.
             let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
             if rc == 0 {
                 return Ok(Copied {
