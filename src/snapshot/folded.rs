@@ -24,6 +24,7 @@ use super::{
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
     dedup::{DedupError, DedupHost, VmId, VmOptions},
+    frames::FrameError,
     memory::GuestMemory,
 };
 
@@ -140,8 +141,13 @@ pub fn restore_folded_as(
     };
     for (i, &(_, size)) in layout.regions().iter().enumerate() {
         let first = layout.first_page(i);
-        let n = usize::try_from(size / PAGE_SIZE as u64).unwrap_or(0);
-        let mut region = Vec::with_capacity(n);
+        let n = usize::try_from(size / PAGE_SIZE as u64).unwrap_or(usize::MAX);
+        // A page count a header claims: reserved fallibly, so a small file
+        // claiming a huge guest is an error, never an aborted allocation.
+        let mut region = Vec::new();
+        region
+            .try_reserve_exact(n)
+            .map_err(|_| too_large(layout.total()))?;
         for k in 0..n as u64 {
             region.push(match snap.locate(first + k)? {
                 Located::Zero => {
@@ -224,13 +230,14 @@ pub fn restore_folded_as(
         // Every page of the layout in order, zero pages as holes.
         let zero = content_hash(&[0u8; PAGE_SIZE]);
         let flat: Vec<Option<usize>> = pages.iter().flatten().copied().collect();
-        let page_addrs: Vec<Hash> = flat
-            .iter()
-            .map(|c| match c {
-                Some(c) => addrs[rank[*c]],
-                None => zero,
-            })
-            .collect();
+        let mut page_addrs: Vec<Hash> = Vec::new();
+        page_addrs
+            .try_reserve_exact(flat.len())
+            .map_err(|_| too_large(layout.total()))?;
+        page_addrs.extend(flat.iter().map(|c| match c {
+            Some(c) => addrs[rank[*c]],
+            None => zero,
+        }));
         let (start, found) =
             fold.image_frames(&snap.id().0, &page_addrs, &zero, |first, dst: &mut [u8]| {
                 let n = dst.len() / PAGE_SIZE;
@@ -279,6 +286,11 @@ pub fn restore_folded_as(
     stats.copied_pages = installed.copied_pages;
     stats.remaps = installed.remaps;
     Ok(FoldedRestore { vm, memory, stats })
+}
+
+/// A layout of `pages` pages whose bookkeeping does not fit this process.
+fn too_large(pages: u64) -> SnapshotError {
+    DedupError::Frames(FrameError::TooLarge { frames: pages }).into()
 }
 
 /// The snapshot and its attached ancestors, newest first.
