@@ -8,8 +8,8 @@
 use std::{path::PathBuf, sync::Arc};
 
 use pagefold::{
-    snapshot::{restore_folded, SnapshotReader},
-    DedupHost, FrameStore, VmOptions,
+    snapshot::{restore_folded, restore_lazy, save, LazyOptions, SaveOptions, SnapshotReader},
+    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions,
 };
 
 const PAGE: u64 = 4096;
@@ -108,4 +108,38 @@ fn a_tiny_file_claiming_a_huge_guest_is_an_error_in_folded_restore() {
     let host = DedupHost::new(Arc::clone(&store)).unwrap();
     let r = restore_folded(&host, VmOptions::default(), &snap);
     assert!(r.is_err(), "a 64 TiB guest restored folded");
+}
+
+/// The fetch thread ending early by a panic (here of the caller's
+/// `on_fetch` hook) was ignored by `LazyRestore::wait`, which then
+/// unregistered the memory and reported success: every page not fetched
+/// yet read as zeros, a silently wrong restore. It must be an error.
+#[test]
+fn a_fetch_thread_that_dies_is_an_error_not_a_restore_of_zeros() {
+    let dir = TempDir::new("review18-lazy-panic");
+    let path = dir.path("s.snap");
+    let layout = vec![(GuestPhysAddr(0), 1024 * PAGE)];
+    let mem = GuestMemory::new(&layout).unwrap();
+    for k in 0..1024u64 {
+        mem.write(GuestPhysAddr(k * PAGE), &[(k % 251) as u8 + 1; 4096])
+            .unwrap();
+    }
+    save(&mem, &path, &SaveOptions::default()).unwrap();
+    let snap = Arc::new(SnapshotReader::open(&path).unwrap());
+    let fresh = GuestMemory::new(&snap.region_layout()).unwrap();
+    let opts = LazyOptions {
+        on_fetch: Some(Arc::new(|gpa: GuestPhysAddr| {
+            assert!(gpa.0 < 8 * PAGE, "the caller's hook fails at {gpa}");
+        })),
+        ..LazyOptions::default()
+    };
+    let lazy = restore_lazy(snap, &fresh, opts).unwrap();
+    let r = lazy.wait();
+    let mut page = vec![0u8; 4096];
+    fresh.read(GuestPhysAddr(900 * PAGE), &mut page).unwrap();
+    assert!(
+        r.is_err() || page == vec![(900 % 251) as u8 + 1; 4096],
+        "wait said {r:?} but page 900 reads {:#x}",
+        page[0]
+    );
 }
