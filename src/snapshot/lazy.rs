@@ -121,6 +121,11 @@ pub enum LazyError {
         /// What was wrong.
         what: String,
     },
+    /// A thread of the restore panicked (the fetch thread: in the
+    /// caller's [`on_fetch`](LazyOptions::on_fetch) hook, say) before every
+    /// page was placed: the memory is not restored and must be discarded.
+    #[error("the lazy restore's {0} thread panicked; the memory is not fully restored")]
+    Panicked(&'static str),
     /// A thread could not be started.
     #[error("starting the {0} thread: {1}")]
     Thread(&'static str, #[source] std::io::Error),
@@ -322,7 +327,11 @@ impl LazyRestore {
     /// is poisoned, or zero where the kernel cannot poison).
     pub fn wait(mut self) -> Result<LazyStats, LazyError> {
         if let Some(f) = self.fetcher.take() {
-            let _ = f.join();
+            if f.join().is_err() {
+                // It stopped short: the pages it did not place would read
+                // as zeros once the ranges are unregistered.
+                self.shared.record_error(LazyError::Panicked("fetch"));
+            }
         }
         self.stop_threads();
         if let Some(e) = lock(&self.shared.error).take() {
