@@ -11,8 +11,8 @@
 use super::{
     fault::{pf, FaultReason},
     format::{bits, Decoded, Denied, Format},
-    lean::LeanOut,
-    memory::{EntryWindow, PhysMemory},
+    lean::{LeanOut, ReadEntry, RootWalk},
+    memory::PhysMemory,
     types::{Access, AccessKind, LeafAttributes, Permissions, Privilege, PAGE_SHIFT_U8},
 };
 use crate::addr::PAGE_SHIFT;
@@ -584,57 +584,6 @@ impl X86Format {
     }
 }
 
-/// How [`X86Long::walk_root`] reads an entry.
-trait ReadEntry {
-    fn read(&mut self, pa: u64) -> Option<u64>;
-}
-
-/// Reads through a window onto the region of the last table read,
-/// reopened on the region of `pa` when `pa` falls outside (tables in
-/// several regions) or the window closed (a layer turned the region's
-/// page-state checks on): then through [`PhysMemory::read_u64`].
-struct Windowed<'m, M: ?Sized> {
-    mem: &'m M,
-    window: EntryWindow<'m>,
-}
-
-impl<M: PhysMemory + ?Sized> ReadEntry for Windowed<'_, M> {
-    #[inline(always)]
-    fn read(&mut self, pa: u64) -> Option<u64> {
-        match self.window.read_u64(pa) {
-            Some(raw) => Some(raw),
-            None => {
-                let (window, raw) = reopen(self.mem, pa);
-                self.window = window;
-                raw
-            }
-        }
-    }
-}
-
-/// The window onto the region of `pa`, and the entry at `pa` (read
-/// through it, or through [`PhysMemory::read_u64`] if it is closed).
-#[cold]
-#[inline(never)]
-fn reopen<M: PhysMemory + ?Sized>(mem: &M, pa: u64) -> (EntryWindow<'_>, Option<u64>) {
-    let window = mem.entry_window(pa);
-    let raw = match window.read_u64(pa) {
-        Some(raw) => Some(raw),
-        None => mem.read_u64(pa),
-    };
-    (window, raw)
-}
-
-/// Reads through [`PhysMemory::read_u64`].
-struct ByMemory<'m, M: ?Sized>(&'m M);
-
-impl<M: PhysMemory + ?Sized> ReadEntry for ByMemory<'_, M> {
-    #[inline(always)]
-    fn read(&mut self, pa: u64) -> Option<u64> {
-        self.0.read_u64(pa)
-    }
-}
-
 /// The 4- and 5-level format with the mode known: what the lean walk runs
 /// for a 64-bit guest, with the per-mode branches of [`X86Format`] gone.
 /// Meanings are [`X86Format`]'s, bit for bit (it delegates everything but
@@ -680,21 +629,24 @@ impl X86Long<'_> {
         va: u64,
         access: Access,
     ) -> Option<LeanOut> {
-        let window = mem.entry_window(self.0.root);
-        if window.is_open() {
-            self.walk_root_by(va, access, &mut Windowed { mem, window })
-        } else {
-            self.walk_root_by(va, access, &mut ByMemory(mem))
-        }
+        super::lean::walk_root(self, mem, va, access)
+    }
+}
+
+/// The lean walk itself, with entries read through `reader` (the memory's
+/// window onto the root's region, or `PhysMemory::read_u64`: `lean.rs`).
+impl RootWalk for X86Long<'_> {
+    #[inline(always)]
+    fn lean_root(&self) -> u64 {
+        self.0.root
     }
 
-    /// [`X86Long::walk_root`] with entries read through `reader`.
     #[inline(always)]
-    fn walk_root_by(
+    fn walk_root_by<R: ReadEntry>(
         &self,
         va: u64,
         access: Access,
-        reader: &mut impl ReadEntry,
+        reader: &mut R,
     ) -> Option<LeanOut> {
         let f = self.0;
         // A first-level format (AMD's nested one checks its input
@@ -756,7 +708,9 @@ impl X86Long<'_> {
         }
         self.lean_leaf(and & raw, or | raw, raw, 1, refs + 1, access)
     }
+}
 
+impl X86Long<'_> {
     /// The end of [`X86Long::walk_root`]: the leaf `raw` at `level`, with
     /// `and`/`or` the AND and OR of every entry used.
     #[inline(always)]
