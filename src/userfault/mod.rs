@@ -394,38 +394,20 @@ impl Userfault {
         self.check(rc, "UFFDIO_WAKE", addr, len)
     }
 
-    /// Reads the next pending write fault, if any (non-blocking).
+    /// Reads the next pending write fault, if any (non-blocking); read
+    /// faults and other events are skipped.
     pub fn read_fault(&self) -> Result<Option<WriteFault>, UserfaultError> {
         loop {
-            let mut msg = UffdMsg::default();
-            // SAFETY: `msg` is a writable buffer of exactly one `uffd_msg`.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    (&mut msg as *mut UffdMsg).cast(),
-                    std::mem::size_of::<UffdMsg>(),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EAGAIN) => Ok(None),
-                    Some(libc::EINTR) => continue,
-                    _ => Err(UserfaultError::Ioctl {
-                        op: "read(userfaultfd)",
-                        start: HostVirtAddr(0),
-                        len: 0,
-                        source: e,
-                    }),
-                };
+            match self.read_page_fault()? {
+                None => return Ok(None),
+                Some(f) if !f.write => continue,
+                Some(f) => {
+                    return Ok(Some(WriteFault {
+                        addr: f.addr,
+                        write_protect: f.write_protect,
+                    }))
+                }
             }
-            if msg.event != UFFD_EVENT_PAGEFAULT || msg.flags & UFFD_PAGEFAULT_FLAG_WRITE == 0 {
-                continue;
-            }
-            return Ok(Some(WriteFault {
-                addr: HostVirtAddr(msg.address),
-                write_protect: msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
-            }));
         }
     }
 
