@@ -6,29 +6,9 @@
 use kvm_bindings::{kvm_debugregs, kvm_regs, kvm_sregs};
 
 /// A vCPU's general registers, `RIP` and `RFLAGS` (the kernel's
-/// `struct kvm_regs`, field for field and in its order).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[allow(missing_docs)] // the registers' architectural names
-pub struct Regs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rsp: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    pub rip: u64,
-    pub rflags: u64,
-}
+/// `struct kvm_regs`, field for field and in its order): the snapshot
+/// format's type, so a vCPU's registers go into a snapshot as they are.
+pub use crate::snapshot::GeneralRegs as Regs;
 
 /// A vCPU's control registers and `EFER` (what a page-table walk needs:
 /// `CR0.PG`/`WP`, `CR3`, `CR4.PAE`/`LA57`, `EFER.LMA`/`NXE`). Read-only

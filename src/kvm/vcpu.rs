@@ -24,8 +24,8 @@ use crate::{
     addr::{GuestPhysAddr, GuestVirtAddr},
     memory::GuestMemory,
     snapshot::{
-        DebugRegisters as SnapDebug, DescriptorTable as SnapTable, GeneralRegs as SnapRegs,
-        Segment as SnapSegment, SpecialRegs as SnapSregs, VcpuState as SnapState,
+        DebugRegisters as SnapDebug, DescriptorTable as SnapTable, Segment as SnapSegment,
+        SpecialRegs as SnapSregs, VcpuState as SnapState,
     },
 };
 
@@ -517,7 +517,7 @@ impl KvmVcpu {
     /// the vCPU stopped (after [`run`](Self::run) returned).
     pub fn snapshot_state(&self) -> Result<SnapState, KvmError> {
         Ok(SnapState {
-            regs: snap_regs(&self.regs()?),
+            regs: self.regs()?,
             sregs: snap_sregs(&self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?),
             debug: snap_debug(
                 &self
@@ -536,59 +536,13 @@ impl KvmVcpu {
     /// [`SnapshotReader::vcpus`]: crate::snapshot::SnapshotReader::vcpus
     pub fn set_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
         let mut full = self.state()?;
-        full.regs = kvm_regs_of(&state.regs);
+        full.regs = state.regs;
         load_sregs(&mut full.arch.sregs, &state.sregs);
         let d = &mut full.arch.debugregs;
         d.db = state.debug.db;
         d.dr6 = state.debug.dr6;
         d.dr7 = state.debug.dr7;
         self.set_state(&full)
-    }
-}
-
-fn snap_regs(r: &Regs) -> SnapRegs {
-    SnapRegs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
-}
-
-fn kvm_regs_of(r: &SnapRegs) -> Regs {
-    Regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
     }
 }
 

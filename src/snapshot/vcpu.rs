@@ -26,7 +26,7 @@ pub(crate) const VCPU_SUM_LEN: usize = 8;
 const SEED: u64 = 0x5046_534e_4150_0004;
 
 /// A vCPU's general registers, `RIP` and `RFLAGS` (as
-/// `pagefold::kvm::Regs` carries them).
+/// the kernel's `struct kvm_regs`; `pagefold::kvm::Regs` is this type).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)] // the registers' architectural names
 pub struct GeneralRegs {
