@@ -97,6 +97,27 @@ pub enum KvmError {
         /// Bytes KVM reads (`KVM_CAP_XSAVE2`).
         size: usize,
     },
+    /// A snapshot's `XSAVE` area does not fit this vCPU: larger than the
+    /// area KVM has for it (`KVM_CAP_XSAVE2`: the source had more state
+    /// components, AVX-512 or AMX, than this host or process enables), or
+    /// not a whole number of 4-byte words.
+    #[error("the snapshot's XSAVE area is {saved} bytes; this vCPU's is {here} (KVM_CAP_XSAVE2)")]
+    XsaveMismatch {
+        /// Bytes of the snapshot's area.
+        saved: usize,
+        /// Bytes of this vCPU's area.
+        here: usize,
+    },
+    /// The vCPU state holds a part this VM cannot take, naming the KVM
+    /// capability or setup it lacks (a local APIC state for a VM without
+    /// an in-kernel irqchip: `KVM_CREATE_IRQCHIP`).
+    #[error("the vCPU state has {part}, which this VM cannot load: {needs}")]
+    Unsupported {
+        /// The part of the state.
+        part: &'static str,
+        /// What the VM lacks.
+        needs: &'static str,
+    },
     /// KVM would not load a model-specific register of a vCPU state (this
     /// host's KVM lacks it, or refused the value).
     #[error("KVM refused MSR {index:#x} of the vCPU state")]

@@ -404,10 +404,19 @@ impl KvmVm {
             }
             fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         }
+        #[cfg(target_arch = "x86_64")]
+        let saved_msrs = vcpu::msrs_to_save(
+            kvm.get_msr_index_list()
+                .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice(),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let saved_msrs = Vec::new();
         Ok(KvmVcpu::new(
             fd,
             features,
             xsave_size,
+            saved_msrs,
             Arc::clone(&self.mem),
         ))
     }

@@ -8,8 +8,8 @@ use std::{
 };
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use zerocopy::{FromBytes, IntoBytes};
@@ -25,7 +25,8 @@ use crate::{
     memory::GuestMemory,
     snapshot::{
         DebugRegisters as SnapDebug, DescriptorTable as SnapTable, Segment as SnapSegment,
-        SpecialRegs as SnapSregs, VcpuState as SnapState,
+        SpecialRegs as SnapSregs, VcpuState as SnapState, EVENTS_LEN as SNAP_EVENTS_LEN,
+        LAPIC_LEN as SNAP_LAPIC_LEN,
     },
 };
 
@@ -111,6 +112,8 @@ pub struct KvmVcpu {
     /// created, at least 4096): [`KvmVcpu::set_state`] refuses to load a
     /// 4 KiB area where it is larger.
     xsave_size: usize,
+    /// [`KvmVcpu::saved_msrs`].
+    saved_msrs: Vec<u32>,
     _mem: Arc<GuestMemory>,
 }
 
@@ -140,12 +143,14 @@ impl KvmVcpu {
         fd: VcpuFd,
         features: VcpuFeatures,
         xsave_size: usize,
+        saved_msrs: Vec<u32>,
         mem: Arc<GuestMemory>,
     ) -> Self {
         KvmVcpu {
             fd,
             features,
             xsave_size,
+            saved_msrs,
             _mem: mem,
         }
     }
@@ -511,11 +516,40 @@ impl KvmVcpu {
 
 #[cfg(target_arch = "x86_64")]
 impl KvmVcpu {
-    /// The vCPU's registers as a snapshot carries them (general,
-    /// control/segment, debug): for
-    /// [`save_with_vcpus`](crate::snapshot::save_with_vcpus). Take it with
-    /// the vCPU stopped (after [`run`](Self::run) returned).
+    /// The vCPU's whole state as a snapshot carries it, for
+    /// [`save_with_vcpus`](crate::snapshot::save_with_vcpus): the
+    /// registers (general, control/segment, debug), the `XSAVE` area
+    /// (`KVM_GET_XSAVE2` at `KVM_CAP_XSAVE2`'s size, or `KVM_GET_XSAVE`'s
+    /// 4 KiB), `XCR0` (`KVM_GET_XCRS`), the MSRs KVM saves (see
+    /// [`saved_msrs`](Self::saved_msrs)), the in-kernel local APIC
+    /// (`KVM_GET_LAPIC`; `None` where the VM has no in-kernel irqchip: the
+    /// one part skipped, by nature), pending events
+    /// (`KVM_GET_VCPU_EVENTS`) and the run state (`KVM_GET_MP_STATE`).
+    /// Any other refusal is an error naming the ioctl: never a state
+    /// silently short of a part. Take it with the vCPU stopped (after
+    /// [`run`](Self::run) returned).
     pub fn snapshot_state(&self) -> Result<SnapState, KvmError> {
+        let lapic = match self.fd.get_lapic() {
+            Ok(l) => {
+                let mut b = Box::new([0u8; SNAP_LAPIC_LEN]);
+                b.copy_from_slice(l.as_bytes());
+                Some(b)
+            }
+            // No in-kernel local APIC (the VMM emulates it, or has none):
+            // KVM answers EINVAL (`lapic_in_kernel` false).
+            Err(e) if no_lapic(&e) => None,
+            Err(e) => return Err(ioctl("KVM_GET_LAPIC")(e)),
+        };
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+        let mut ev = [0u8; SNAP_EVENTS_LEN];
+        ev.copy_from_slice(events.as_bytes());
+        // KVM reports XCR0 wherever the host has XSAVE (none: empty).
+        let x = self.fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
+        let n = usize::try_from(x.nr_xcrs).unwrap_or(0).min(x.xcrs.len());
+        let xcrs = x.xcrs[..n].iter().map(|e| (e.xcr, e.value)).collect();
         Ok(SnapState {
             regs: self.regs()?,
             sregs: snap_sregs(&self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?),
@@ -525,25 +559,255 @@ impl KvmVcpu {
                     .get_debug_regs()
                     .map_err(ioctl("KVM_GET_DEBUGREGS"))?,
             ),
+            xsave: self.xsave_bytes()?,
+            xcrs,
+            msrs: {
+                let mut m = self.read_msr_list(&self.saved_msrs)?;
+                if lapic.is_none() {
+                    // KVM refuses to load these without an in-kernel local
+                    // APIC, even at 0; at 0 there is no state to keep.
+                    m.retain(|&(i, v)| !(lapic_bound(i) && v == 0));
+                }
+                m
+            },
+            lapic,
+            events: Some(ev),
+            mp_state: Some(
+                self.fd
+                    .get_mp_state()
+                    .map_err(ioctl("KVM_GET_MP_STATE"))?
+                    .mp_state,
+            ),
         })
     }
 
-    /// Loads a snapshot's vCPU state ([`SnapshotReader::vcpus`]): its
-    /// registers over this vCPU's [`state`](Self::state), the rest (the
-    /// `XSAVE` area, MSRs, pending events, run state) as this vCPU has it.
-    /// If KVM refuses a part, the previous state is loaded back.
+    /// The MSRs [`snapshot_state`](Self::snapshot_state) saves: of
+    /// `KVM_GET_MSR_INDEX_LIST` (the MSRs KVM says a VMM should save, as
+    /// Firecracker and cloud-hypervisor take them) those that are vCPU
+    /// state, in KVM's order. Left out: the VMX capability MSRs
+    /// (`0x480`-`0x491`, read-only facts about the host's nested
+    /// virtualisation) and Hyper-V's (`0x4000_0000`-`0x4000_0fff`, only
+    /// with Hyper-V enlightenments in CPUID). An MSR of the list that
+    /// this vCPU's `KVM_GET_MSRS` refuses (one whose feature its CPUID
+    /// lacks: a PMU counter without a PMU) holds no state and is skipped;
+    /// so are, on a vCPU without an in-kernel local APIC, the MSRs that
+    /// live in it (TSC deadline, x2APIC, KVM's PV EOI and async page
+    /// faults) while they hold their reset value 0 (KVM would refuse to
+    /// load them back).
+    pub fn saved_msrs(&self) -> &[u32] {
+        &self.saved_msrs
+    }
+
+    /// The `XSAVE` area, `xsave_size` bytes.
+    fn xsave_bytes(&self) -> Result<Vec<u8>, KvmError> {
+        if self.xsave_size <= size_of::<kvm_xsave>() {
+            let x = self.fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+            return Ok(x.region.as_bytes().to_vec());
+        }
+        let mut x = xsave2(self.xsave_size)?;
+        // `x` holds `xsave_size` bytes (rounded up to whole words): what
+        // KVM_CAP_XSAVE2 said, when the vCPU was created, KVM_GET_XSAVE2
+        // writes (the guest's XSTATE permissions were locked then).
+        // SAFETY: the kernel writes within `x`, which lives for the call.
+        unsafe { self.fd.get_xsave2(&mut x) }.map_err(ioctl("KVM_GET_XSAVE2"))?;
+        let mut out = x.as_fam_struct_ref().xsave.region.as_bytes().to_vec();
+        out.extend_from_slice(x.as_slice().as_bytes());
+        Ok(out)
+    }
+
+    /// Loads a snapshot's vCPU state ([`SnapshotReader::vcpus`]), on this
+    /// or another host's vCPU with the same CPUID. Parts the state lacks
+    /// ([`SnapState::missing`]: a file from a build that saved registers
+    /// only) keep this vCPU's values. Refused with a typed error, the
+    /// vCPU's previous state loaded back (as far as KVM takes it): an
+    /// `XSAVE` area larger than this vCPU's ([`KvmError::XsaveMismatch`]),
+    /// a local APIC state where the VM has no in-kernel irqchip
+    /// ([`KvmError::Unsupported`]), an MSR KVM will not take
+    /// ([`KvmError::MsrRefused`]), or any ioctl KVM refuses.
     ///
     /// [`SnapshotReader::vcpus`]: crate::snapshot::SnapshotReader::vcpus
     pub fn set_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
-        let mut full = self.state()?;
-        full.regs = state.regs;
-        load_sregs(&mut full.arch.sregs, &state.sregs);
-        let d = &mut full.arch.debugregs;
+        self.check_snapshot_state(state)?;
+        let before = self.snapshot_state()?;
+        self.load_snapshot_state(state).inspect_err(|_| {
+            let _ = self.load_snapshot_state(&before);
+        })
+    }
+
+    /// What can be checked before anything is loaded.
+    fn check_snapshot_state(&self, state: &SnapState) -> Result<(), KvmError> {
+        let n = state.xsave.len();
+        if n > 0 && (n > self.xsave_size.max(size_of::<kvm_xsave>()) || n % 4 != 0 || n < 4096) {
+            return Err(KvmError::XsaveMismatch {
+                saved: n,
+                here: self.xsave_size,
+            });
+        }
+        if state.xcrs.len() > kvm_xcrs::default().xcrs.len() {
+            return Err(KvmError::Unsupported {
+                part: "more XCRs than KVM_MAX_XCRS",
+                needs: "at most 16 XCRs",
+            });
+        }
+        if state.lapic.is_some() {
+            if let Err(e) = self.fd.get_lapic() {
+                if no_lapic(&e) {
+                    return Err(KvmError::Unsupported {
+                        part: "a local APIC state",
+                        needs: "an in-kernel irqchip (KVM_CREATE_IRQCHIP) before the vCPU",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
+        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        load_sregs(&mut sregs, &state.sregs);
+        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+        if !state.xcrs.is_empty() {
+            let mut x = kvm_xcrs::default();
+            for (e, &(xcr, value)) in x.xcrs.iter_mut().zip(&state.xcrs) {
+                e.xcr = xcr;
+                e.value = value;
+            }
+            x.nr_xcrs = u32::try_from(state.xcrs.len().min(x.xcrs.len())).unwrap_or(0);
+            self.fd.set_xcrs(&x).map_err(ioctl("KVM_SET_XCRS"))?;
+        }
+        if !state.xsave.is_empty() {
+            self.load_xsave(&state.xsave)?;
+        }
+        self.set_regs(&state.regs)?;
+        if !state.msrs.is_empty() {
+            for chunk in state.msrs.chunks(MSR_CHUNK) {
+                let msrs = msr_list(chunk.iter().copied())?;
+                let n = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+                if let Some(&(index, _)) = chunk.get(n) {
+                    return Err(KvmError::MsrRefused { index });
+                }
+            }
+        }
+        if let Some(l) = &state.lapic {
+            let lapic =
+                kvm_lapic_state::read_from_bytes(&l[..]).map_err(|_| KvmError::Unsupported {
+                    part: "a local APIC state",
+                    needs: "1024 bytes",
+                })?;
+            self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+        }
+        if let Some(m) = state.mp_state {
+            self.fd
+                .set_mp_state(kvm_mp_state { mp_state: m })
+                .map_err(ioctl("KVM_SET_MP_STATE"))?;
+        }
+        if let Some(e) = &state.events {
+            let events =
+                kvm_vcpu_events::read_from_bytes(&e[..]).map_err(|_| KvmError::Unsupported {
+                    part: "vCPU events",
+                    needs: "64 bytes",
+                })?;
+            self.fd
+                .set_vcpu_events(&events)
+                .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        }
+        let mut d = self
+            .fd
+            .get_debug_regs()
+            .map_err(ioctl("KVM_GET_DEBUGREGS"))?;
         d.db = state.debug.db;
         d.dr6 = state.debug.dr6;
         d.dr7 = state.debug.dr7;
-        self.set_state(&full)
+        self.fd
+            .set_debug_regs(&d)
+            .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+        Ok(())
     }
+
+    /// Loads an `XSAVE` area of at most this vCPU's size (checked by the
+    /// caller; a shorter one is padded with zeros: components its
+    /// `XSTATE_BV` does not name load in their initial state).
+    fn load_xsave(&mut self, area: &[u8]) -> Result<(), KvmError> {
+        if self.xsave_size <= size_of::<kvm_xsave>() {
+            let mut x = kvm_xsave::default();
+            let n = area.len().min(4096);
+            x.region.as_mut_bytes()[..n].copy_from_slice(&area[..n]);
+            // KVM_SET_XSAVE reads `xsave_size` (at most 4096) bytes.
+            // SAFETY: the kernel reads within `x`, live for the call.
+            return unsafe { self.fd.set_xsave(&x) }.map_err(ioctl("KVM_SET_XSAVE"));
+        }
+        let mut x = xsave2(self.xsave_size)?;
+        let (head, tail) = area.split_at(area.len().min(4096));
+        // SAFETY: only the region is written through the reference, not
+        // the wrapper's length field.
+        let fam = unsafe { x.as_mut_fam_struct() };
+        fam.xsave.region.as_mut_bytes()[..head.len()].copy_from_slice(head);
+        let extra = x.as_mut_slice().as_mut_bytes();
+        let n = tail.len().min(extra.len());
+        extra[..n].copy_from_slice(&tail[..n]);
+        // `x` holds `xsave_size` bytes, all KVM_SET_XSAVE reads for this
+        // vCPU (KVM_CAP_XSAVE2 when it was created).
+        // SAFETY: the kernel reads within `x`, live for the call.
+        unsafe { self.fd.set_xsave2(&x) }.map_err(ioctl("KVM_SET_XSAVE"))
+    }
+
+    /// The values of `wanted` this vCPU has. `KVM_GET_MSRS` stops at the
+    /// first register it refuses; that one is left out and the rest asked
+    /// again.
+    fn read_msr_list(&self, wanted: &[u32]) -> Result<Vec<(u32, u64)>, KvmError> {
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut rest = wanted;
+        while !rest.is_empty() {
+            let ask = &rest[..rest.len().min(MSR_CHUNK)];
+            let mut msrs = msr_list(ask.iter().map(|&index| (index, 0)))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+            let n = n.min(ask.len());
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            // All asked were read: go on after them; else skip the refused.
+            rest = &rest[(if n == ask.len() { n } else { n + 1 }).min(rest.len())..];
+        }
+        Ok(out)
+    }
+}
+
+/// MSRs that live in the in-kernel local APIC: the x2APIC registers, the
+/// TSC deadline, and KVM's paravirtual EOI and async-page-fault MSRs
+/// (`KVM_SET_MSRS` refuses those without an in-kernel local APIC).
+fn lapic_bound(index: u32) -> bool {
+    matches!(
+        index,
+        0x6e0 | 0x800..=0x8ff | 0x4b56_4d02 | 0x4b56_4d04 | 0x4b56_4d06
+    )
+}
+
+/// Whether a `KVM_GET_LAPIC` error says the vCPU has no in-kernel local
+/// APIC (`EINVAL` from `kvm_arch_vcpu_ioctl`; `ENXIO` from older kernels'
+/// paths).
+fn no_lapic(e: &kvm_ioctls::Error) -> bool {
+    e.errno() == libc::EINVAL || e.errno() == libc::ENXIO
+}
+
+/// MSRs per `KVM_GET_MSRS`/`KVM_SET_MSRS` (kvm-bindings' `Msrs` holds at
+/// most `KVM_MAX_MSR_ENTRIES`, 256).
+const MSR_CHUNK: usize = 64;
+
+/// A `KVM_GET_XSAVE2` buffer of `size` bytes (rounded up to whole words).
+fn xsave2(size: usize) -> Result<Xsave, KvmError> {
+    let words = size.saturating_sub(size_of::<kvm_xsave>()).div_ceil(4);
+    Xsave::new(words).map_err(|_| KvmError::XsaveMismatch {
+        saved: size,
+        here: size,
+    })
+}
+
+/// The MSRs of `KVM_GET_MSR_INDEX_LIST` a snapshot saves
+/// ([`KvmVcpu::saved_msrs`]).
+pub(super) fn msrs_to_save(index_list: &[u32]) -> Vec<u32> {
+    index_list
+        .iter()
+        .copied()
+        .filter(|&i| !(0x480..=0x491).contains(&i) && !(0x4000_0000..=0x4000_0fff).contains(&i))
+        .collect()
 }
 
 fn snap_segment(g: &kvm_segment) -> SnapSegment {

@@ -83,6 +83,16 @@ pub enum Problem {
     /// The vCPU flag and the vCPU count disagree.
     #[error("vCPU flag and vCPU count disagree")]
     VcpuFlag,
+    /// A vCPU entry or section of the sectioned vCPU part that does not
+    /// hold together (a length past its end, a section out of order, a tag
+    /// this build does not know, a count that is not the header's).
+    #[error("vCPU {vcpu}: {what}")]
+    VcpuEntry {
+        /// The vCPU's index (in file order).
+        vcpu: u32,
+        /// What is wrong.
+        what: String,
+    },
     /// The incremental flag and the parent id disagree.
     #[error("incremental flag and parent id disagree")]
     Parent,

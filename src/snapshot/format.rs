@@ -21,6 +21,11 @@ pub(crate) const FLAG_INCREMENTAL: u16 = 1;
 /// Header flag: the file has a vCPU part (its count at byte 20). A reader
 /// that does not know the flag refuses the file.
 pub(crate) const FLAG_VCPUS: u16 = 2;
+/// Header flag (with [`FLAG_VCPUS`]): the vCPU part is sectioned (its
+/// length first, each vCPU's state in sized sections: `vcpu.rs`); without
+/// it, the part is the fixed 504-byte records of earlier builds. A reader
+/// that does not know the flag refuses the file (`Problem::Flags`).
+pub(crate) const FLAG_VCPU_SECTIONS: u16 = 4;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
 /// Bytes per region in the header: start, size.
@@ -106,6 +111,9 @@ pub(crate) struct Header {
     pub(crate) table_checksum: u64,
     /// vCPU records in the vCPU part (0: no part, flag clear).
     pub(crate) vcpu_count: u32,
+    /// The vCPU part is sectioned ([`FLAG_VCPU_SECTIONS`]): its length is
+    /// its first field, not a product of the count.
+    pub(crate) vcpu_sections: bool,
 }
 
 /// Where each part starts and the file ends, as the counts of a header
@@ -122,13 +130,14 @@ pub(crate) struct Parts {
 }
 
 impl Parts {
-    /// The parts for these counts, `None` on overflow.
+    /// The parts for these counts and a vCPU part of `vcpu_bytes`, `None`
+    /// on overflow.
     pub(crate) fn new(
         regions: u64,
         local: u64,
         runs: u64,
         external: u64,
-        vcpus: u64,
+        vcpu_bytes: u64,
     ) -> Option<Self> {
         let header_len = header_len(regions)?;
         let content = header_len.checked_next_multiple_of(PAGE)?;
@@ -137,7 +146,7 @@ impl Parts {
         let vcpu_at = table
             .checked_add(local.checked_mul(LOCAL_LEN as u64)?)?
             .checked_add(external.checked_mul(EXTERNAL_LEN as u64)?)?;
-        let end = vcpu_at.checked_add(super::vcpu::part_len(vcpus)?)?;
+        let end = vcpu_at.checked_add(vcpu_bytes)?;
         Some(Parts {
             header_len,
             content,
@@ -229,6 +238,9 @@ impl Header {
         };
         if self.vcpu_count > 0 {
             flags |= FLAG_VCPUS;
+            if self.vcpu_sections {
+                flags |= FLAG_VCPU_SECTIONS;
+            }
         }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
@@ -283,7 +295,7 @@ impl Header {
             |offset: usize, problem| SnapshotError::malformed(Part::Header, offset as u64, problem);
         let mut c = Cursor { buf: body, at: 10 };
         let flags = c.u16();
-        if flags & !(FLAG_INCREMENTAL | FLAG_VCPUS) != 0 {
+        if flags & !(FLAG_INCREMENTAL | FLAG_VCPUS | FLAG_VCPU_SECTIONS) != 0 {
             return Err(bad(10, Problem::Flags(flags)));
         }
         let page_size = c.u32();
@@ -294,6 +306,9 @@ impl Header {
         let vcpu_count = c.u32();
         if (flags & FLAG_VCPUS != 0) != (vcpu_count != 0) {
             return Err(bad(20, Problem::VcpuFlag));
+        }
+        if flags & FLAG_VCPU_SECTIONS != 0 && flags & FLAG_VCPUS == 0 {
+            return Err(bad(10, Problem::VcpuFlag));
         }
         let id = SnapshotId(c.array());
         let parent = SnapshotId(c.array());
@@ -316,6 +331,7 @@ impl Header {
             external_count: c.u64(),
             table_checksum: c.u64(),
             vcpu_count,
+            vcpu_sections: flags & FLAG_VCPU_SECTIONS != 0,
         };
         // The caller read `FIXED + count * REGION_LEN` bytes, bounded by
         // the file's size.
@@ -364,14 +380,25 @@ impl Header {
         Ok(h)
     }
 
-    /// Where the parts lie by this header's counts.
+    /// Where the parts lie by this header's counts. A sectioned vCPU part
+    /// counts its minimum (16 bytes) here: its length is its own first
+    /// field, which the reader reads next.
     pub(crate) fn parts(&self) -> Result<Parts, SnapshotError> {
+        let vcpu_bytes = if self.vcpu_sections {
+            super::vcpu::SECTIONED_MIN
+        } else {
+            super::vcpu::part_len(u64::from(self.vcpu_count)).ok_or(SnapshotError::malformed(
+                Part::Header,
+                20,
+                Problem::Overflow("the vCPU part's size"),
+            ))?
+        };
         Parts::new(
             self.regions.len() as u64,
             self.local_count,
             self.run_count,
             self.external_count,
-            u64::from(self.vcpu_count),
+            vcpu_bytes,
         )
         .ok_or(SnapshotError::malformed(
             Part::Header,
@@ -405,6 +432,7 @@ mod tests {
             external_count: 0,
             table_checksum: 2,
             vcpu_count: 0,
+            vcpu_sections: false,
         }
     }
 

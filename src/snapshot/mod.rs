@@ -90,4 +90,7 @@ pub use restore::{restore_into, RestoreStats};
 pub use save::{
     save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, SaveOptions, SaveStats,
 };
-pub use vcpu::{DebugRegisters, DescriptorTable, GeneralRegs, Segment, SpecialRegs, VcpuState};
+pub use vcpu::{
+    DebugRegisters, DescriptorTable, GeneralRegs, Segment, SpecialRegs, VcpuState, EVENTS_LEN,
+    LAPIC_LEN,
+};

@@ -22,7 +22,7 @@ use super::{
     layout::PageLayout,
     map::{PageMap, PageSource},
     table::{ContentTable, Slot},
-    vcpu::{self, VcpuState, VCPU_LEN, VCPU_SUM_LEN},
+    vcpu::{self, VcpuState},
 };
 use crate::addr::{GuestPhysAddr, PageSize, PAGE_SIZE};
 
@@ -109,7 +109,41 @@ impl SnapshotReader {
         let mut hbytes = vec![0u8; usize::try_from(header_len).unwrap_or(0)];
         read_at(&file, &mut hbytes, 0, Part::Header)?;
         let header = Header::parse(&hbytes)?;
-        let parts = header.parts()?;
+        let mut parts = header.parts()?;
+        if header.vcpu_sections {
+            // The sectioned vCPU part's length is its first field: read
+            // it, and bound the part by the file before anything is sized
+            // by it.
+            if parts.vcpus.saturating_add(8) > file_len {
+                return Err(truncated(Part::Vcpus, parts.vcpus.min(file_len)));
+            }
+            let mut first = [0u8; 8];
+            read_at(&file, &mut first, parts.vcpus, Part::Vcpus)?;
+            let part_len = vcpu::sectioned_len(first);
+            if part_len < vcpu::SECTIONED_MIN {
+                return Err(SnapshotError::malformed(
+                    Part::Vcpus,
+                    parts.vcpus,
+                    Problem::Overflow("the vCPU part's length (under 16 bytes)"),
+                ));
+            }
+            parts.end = parts
+                .vcpus
+                .checked_add(part_len)
+                .filter(|&end| end <= file_len)
+                .ok_or(truncated(Part::Vcpus, parts.vcpus))?;
+            if parts.end < file_len {
+                // The length field is the last word on where the file
+                // ends: name it, not the bytes it leaves over.
+                return Err(SnapshotError::malformed(
+                    Part::Vcpus,
+                    parts.vcpus,
+                    Problem::Trailing {
+                        extra: file_len - parts.end,
+                    },
+                ));
+            }
+        }
         for (part, start, end) in [
             (Part::Padding, parts.header_len, parts.content),
             (Part::Content, parts.content, parts.map),
@@ -168,7 +202,11 @@ impl SnapshotReader {
         let table = ContentTable::parse(&table_bytes, parts.table, header.local_count)?;
         let mut vcpu_bytes = vec![0u8; len(parts.vcpus, parts.end)];
         read_at(&file, &mut vcpu_bytes, parts.vcpus, Part::Vcpus)?;
-        let vcpus = parse_vcpus(&vcpu_bytes, parts.vcpus)?;
+        let vcpus = if header.vcpu_sections {
+            vcpu::parse_sectioned(&vcpu_bytes, parts.vcpus, header.vcpu_count)?
+        } else {
+            vcpu::parse_fixed(&vcpu_bytes, parts.vcpus)?
+        };
         let id = format::snapshot_id(&hbytes, &map_bytes, &table_bytes, &vcpu_bytes);
         if id != header.id {
             return Err(SnapshotError::IdMismatch {
@@ -434,39 +472,4 @@ fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), Snapsh
             computed,
         })
     }
-}
-
-/// The vCPU part at file offset `at` (empty, or records and checksum):
-/// checksum first, then each record's reserved bytes.
-fn parse_vcpus(bytes: &[u8], at: u64) -> Result<Vec<VcpuState>, SnapshotError> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (records, sum) = bytes.split_at(bytes.len().saturating_sub(VCPU_SUM_LEN));
-    let mut found = [0u8; VCPU_SUM_LEN];
-    found.copy_from_slice(sum);
-    let found = u64::from_le_bytes(found);
-    let computed = vcpu::checksum(records);
-    if found != computed {
-        return Err(SnapshotError::Checksum {
-            at: Place::new(Part::Vcpus, at),
-            found,
-            computed,
-        });
-    }
-    records
-        .chunks_exact(VCPU_LEN)
-        .enumerate()
-        .map(|(i, r)| {
-            let mut rec = [0u8; VCPU_LEN];
-            rec.copy_from_slice(r);
-            VcpuState::decode(&rec).map_err(|k| {
-                SnapshotError::malformed(
-                    Part::Vcpus,
-                    at + (i * VCPU_LEN + k) as u64,
-                    Problem::Reserved(rec[k]),
-                )
-            })
-        })
-        .collect()
 }

@@ -206,7 +206,7 @@ impl Saver {
             stored,
             runs,
             self.table.external.len() as u64,
-            u64::from(vcpu_count),
+            vcpu_bytes.len() as u64,
         )
         .ok_or(SnapshotError::malformed(
             Part::Header,
@@ -231,6 +231,7 @@ impl Saver {
             external_count: self.table.external.len() as u64,
             table_checksum: format::part_checksum(Part::Table, &table),
             vcpu_count,
+            vcpu_sections: vcpu_count > 0,
         };
         header.id = format::snapshot_id(&header.encode(), &map, &table, &vcpu_bytes);
         debug_assert_eq!(self.out.pos(), parts.end);

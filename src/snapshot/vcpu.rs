@@ -1,8 +1,32 @@
 //! The vCPU states a snapshot may carry: plain data (no KVM feature
-//! needed), one fixed 504-byte little-endian record per vCPU, and the
-//! part's encoding (records, then their xxh3-64).
+//! needed) and the part's encoding. Two encodings, told apart by header
+//! flag bit 2:
 //!
-//! # Record layout (504 bytes, little-endian)
+//! - sectioned (written since; flag bits 1 and 2): every vCPU's registers
+//!   and the state KVM keeps beside them, each in its own sized section;
+//! - fixed (read only, files of earlier builds; flag bit 1 alone): one
+//!   504-byte register record per vCPU. Their states read back with no
+//!   `XSAVE` area, `XCR`s, MSRs, local APIC, events or run state.
+//!
+//! # Sectioned part (all integers little-endian)
+//!
+//! | bytes | field |
+//! |---|---|
+//! | u64 | the part's length `L` in bytes, this field and the checksum included; bounded by the file's size before anything is read |
+//! | per vCPU: u32, u32 | the entry's length `n` (the bytes after these 8), zero |
+//! | 504 | the register record (below) |
+//! | sections to `n` | each: tag u16, zero u16, length u32, then that many bytes; tags strictly increasing, each at most once |
+//! | u64 | xxh3-64 (seed `..._0005`) of the part's first `L - 8` bytes |
+//!
+//! Sections: 1 the `XSAVE` area (at least 4096 bytes, a multiple of 4,
+//! `KVM_GET_XSAVE2`'s layout), 2 `XCR`s (16 bytes each: number u32, zero
+//! u32, value u64; at most 16), 3 MSRs (16 bytes each: index u32, zero u32,
+//! value u64), 4 the local APIC (`struct kvm_lapic_state`, 1024 bytes), 5
+//! pending events (`struct kvm_vcpu_events`, 64 bytes), 6 the run state
+//! (u32, zero u32). A section not there was not saved; a tag this build
+//! does not know is refused (a newer writer's state is never half-loaded).
+//!
+//! # Register record (504 bytes)
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
@@ -13,17 +37,45 @@
 //! | 424 | 4 × u64 | the pending-interrupt bitmap |
 //! | 456 | 6 × u64 | `dr0`-`dr3 dr6 dr7` |
 //!
-//! The part is the records in vCPU order, then the xxh3-64 of the records
-//! (8 bytes); the header counts the records.
+//! The fixed part is the records in vCPU order, then the xxh3-64 (seed
+//! `..._0004`) of the records; the header counts the records.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::error::{Part, Place, Problem, SnapshotError};
 
 /// Bytes of one vCPU's record.
 pub(crate) const VCPU_LEN: usize = 504;
 /// Bytes of the part's checksum after the records.
 pub(crate) const VCPU_SUM_LEN: usize = 8;
-/// Seed of the part's checksum.
+/// Seed of the fixed part's checksum.
 const SEED: u64 = 0x5046_534e_4150_0004;
+/// Seed of the sectioned part's checksum.
+const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
+/// Bytes of the sectioned part around its entries: the length field and
+/// the checksum.
+pub(crate) const SECTIONED_MIN: u64 = 16;
+
+/// Section tags of the sectioned part.
+const TAG_XSAVE: u16 = 1;
+const TAG_XCRS: u16 = 2;
+const TAG_MSRS: u16 = 3;
+const TAG_LAPIC: u16 = 4;
+const TAG_EVENTS: u16 = 5;
+const TAG_MP_STATE: u16 = 6;
+
+/// A section's name for messages.
+fn tag_name(tag: u16) -> &'static str {
+    match tag {
+        TAG_XSAVE => "XSAVE area",
+        TAG_XCRS => "XCRs",
+        TAG_MSRS => "MSRs",
+        TAG_LAPIC => "local APIC",
+        TAG_EVENTS => "vCPU events",
+        TAG_MP_STATE => "MP state",
+        _ => "unknown section",
+    }
+}
 
 /// A vCPU's general registers, `RIP` and `RFLAGS` (as
 /// the kernel's `struct kvm_regs`; `pagefold::kvm::Regs` is this type).
@@ -165,11 +217,20 @@ pub struct DebugRegisters {
     pub dr7: u64,
 }
 
-/// One vCPU's state as a snapshot carries it: general, control/segment and
-/// debug registers. Not carried: the `XSAVE` area, `XCR0`, MSRs, pending
-/// events and the run state (the KVM layer's own `VcpuState` byte form
-/// has them, for migration); a restore keeps the new vCPU's values there.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// One vCPU's state as a snapshot carries it: the registers (general,
+/// control/segment, debug) and the state a guest needs to continue on
+/// another host: the `XSAVE` area (x87, SSE, AVX, ...), the extended
+/// control registers (`XCR0`), the model-specific registers KVM saves, the
+/// in-kernel local APIC, pending events and the run state.
+///
+/// An empty or `None` part was not saved: a file written before the part
+/// existed (format without vCPU sections), or a vCPU without it (no
+/// in-kernel local APIC: the VM has no `KVM_CREATE_IRQCHIP`). A restore
+/// ([`KvmVcpu::set_snapshot_state`]) then keeps the new vCPU's own value
+/// there; [`missing`](Self::missing) names what a state lacks.
+///
+/// [`KvmVcpu::set_snapshot_state`]: ../kvm/struct.KvmVcpu.html#method.set_snapshot_state
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VcpuState {
     /// General registers, `RIP`, `RFLAGS`.
     pub regs: GeneralRegs,
@@ -177,7 +238,38 @@ pub struct VcpuState {
     pub sregs: SpecialRegs,
     /// Debug registers.
     pub debug: DebugRegisters,
+    /// The `XSAVE` area as `KVM_GET_XSAVE2` gives it (the architectural
+    /// standard-format layout: legacy x87/SSE area, `XSAVE` header, then
+    /// the components `XSTATE_BV` names), at least 4096 bytes and a
+    /// multiple of 4 (`KVM_CAP_XSAVE2`'s size). Empty: not saved.
+    pub xsave: Vec<u8>,
+    /// Extended control registers, (`XCR` number, value): `XCR0` is number
+    /// 0. Empty: not saved (or a vCPU without `XSAVE`).
+    pub xcrs: Vec<(u32, u64)>,
+    /// Model-specific registers, (index, value), in the order they are
+    /// loaded back. Empty: not saved.
+    pub msrs: Vec<(u32, u64)>,
+    /// The in-kernel local APIC's register page (`struct kvm_lapic_state`,
+    /// 1 KiB). `None`: not saved, or the vCPU had no in-kernel local APIC.
+    pub lapic: Option<Box<[u8; LAPIC_LEN]>>,
+    /// Pending exception, interrupt and NMI, interrupt shadow, SMM state:
+    /// `struct kvm_vcpu_events` as x86-64 Linux lays it out (64 bytes,
+    /// little-endian). `None`: not saved.
+    pub events: Option<[u8; EVENTS_LEN]>,
+    /// The run state (`KVM_MP_STATE_*`: 0 runnable, 1 uninitialised, 2
+    /// waiting for INIT, 3 halted, 4 waiting for SIPI, ...). `None`: not
+    /// saved.
+    pub mp_state: Option<u32>,
 }
+
+/// Bytes of a local APIC's state ([`VcpuState::lapic`]).
+pub const LAPIC_LEN: usize = 1024;
+/// Bytes of a vCPU's pending events ([`VcpuState::events`]).
+pub const EVENTS_LEN: usize = 64;
+/// The smallest `XSAVE` area a section may hold (`struct kvm_xsave`).
+const XSAVE_MIN: usize = 4096;
+/// Most extended control registers (`KVM_MAX_XCRS`).
+const MAX_XCRS: usize = 16;
 
 const SEGMENTS_AT: usize = 200;
 const SEGMENT_LEN: usize = 24;
@@ -300,31 +392,39 @@ impl VcpuState {
                 dr6: u64_at(DEBUG_AT + 32),
                 dr7: u64_at(DEBUG_AT + 40),
             },
+            ..VcpuState::default()
         })
     }
 }
 
-/// The part's bytes for `states`: the records, then their checksum; empty
+/// The sectioned part's bytes for `states` (module doc's layout); empty
 /// for no vCPU.
 pub(crate) fn encode_part(states: &[VcpuState]) -> Vec<u8> {
     if states.is_empty() {
         return Vec::new();
     }
-    let mut out = Vec::with_capacity(states.len() * VCPU_LEN + VCPU_SUM_LEN);
+    let mut out = vec![0u8; 8];
     for s in states {
+        let entry_at = out.len();
+        out.extend_from_slice(&[0u8; 8]);
         s.encode(&mut out);
+        s.encode_sections(&mut out);
+        let n = u32::try_from(out.len() - entry_at - 8).unwrap_or(u32::MAX);
+        out[entry_at..entry_at + 4].copy_from_slice(&n.to_le_bytes());
     }
-    let sum = checksum(&out);
+    let len = out.len() as u64 + VCPU_SUM_LEN as u64;
+    out[..8].copy_from_slice(&len.to_le_bytes());
+    let sum = xxh3_64_with_seed(&out, SECTIONED_SEED);
     out.extend_from_slice(&sum.to_le_bytes());
     out
 }
 
-/// The part's checksum of `records`.
+/// The fixed part's checksum of `records`.
 pub(crate) fn checksum(records: &[u8]) -> u64 {
     xxh3_64_with_seed(records, SEED)
 }
 
-/// Bytes of the part for `count` vCPUs, `None` on overflow.
+/// Bytes of the fixed part for `count` vCPUs, `None` on overflow.
 pub(crate) fn part_len(count: u64) -> Option<u64> {
     if count == 0 {
         return Some(0);
@@ -332,6 +432,325 @@ pub(crate) fn part_len(count: u64) -> Option<u64> {
     count
         .checked_mul(VCPU_LEN as u64)?
         .checked_add(VCPU_SUM_LEN as u64)
+}
+
+impl VcpuState {
+    /// The parts of the state that were not saved (module doc), by name:
+    /// empty for a complete state. A VM without an in-kernel local APIC
+    /// lacks `"local APIC"` by nature.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (tag, absent) in [
+            (TAG_XSAVE, self.xsave.is_empty()),
+            (TAG_XCRS, self.xcrs.is_empty()),
+            (TAG_MSRS, self.msrs.is_empty()),
+            (TAG_LAPIC, self.lapic.is_none()),
+            (TAG_EVENTS, self.events.is_none()),
+            (TAG_MP_STATE, self.mp_state.is_none()),
+        ] {
+            if absent {
+                out.push(tag_name(tag));
+            }
+        }
+        out
+    }
+
+    /// The sections of the state that were saved, in tag order.
+    fn encode_sections(&self, out: &mut Vec<u8>) {
+        let mut section = |tag: u16, bytes: &[u8]| {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+            let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(bytes);
+        };
+        let pairs = |v: &[(u32, u64)]| -> Vec<u8> {
+            let mut b = Vec::with_capacity(v.len() * 16);
+            for &(index, value) in v {
+                b.extend_from_slice(&index.to_le_bytes());
+                b.extend_from_slice(&[0; 4]);
+                b.extend_from_slice(&value.to_le_bytes());
+            }
+            b
+        };
+        if !self.xsave.is_empty() {
+            section(TAG_XSAVE, &self.xsave);
+        }
+        if !self.xcrs.is_empty() {
+            section(TAG_XCRS, &pairs(&self.xcrs));
+        }
+        if !self.msrs.is_empty() {
+            section(TAG_MSRS, &pairs(&self.msrs));
+        }
+        if let Some(l) = &self.lapic {
+            section(TAG_LAPIC, &l[..]);
+        }
+        if let Some(e) = &self.events {
+            section(TAG_EVENTS, e);
+        }
+        if let Some(m) = self.mp_state {
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&m.to_le_bytes());
+            section(TAG_MP_STATE, &b);
+        }
+    }
+}
+
+/// A little-endian integer at `k` of `b` (which holds it: checked by the
+/// caller).
+fn le<const N: usize>(b: &[u8], k: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    if let Some(s) = b.get(k..k + N) {
+        a.copy_from_slice(s);
+    }
+    a
+}
+
+/// Reads a fixed part at file offset `at` (records and checksum, as the
+/// header's count sizes it): checksum first, then each record's reserved
+/// bytes.
+pub(crate) fn parse_fixed(bytes: &[u8], at: u64) -> Result<Vec<VcpuState>, SnapshotError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (records, sum) = bytes.split_at(bytes.len().saturating_sub(VCPU_SUM_LEN));
+    let found = u64::from_le_bytes(le(sum, 0));
+    let computed = checksum(records);
+    if found != computed {
+        return Err(SnapshotError::Checksum {
+            at: Place::new(Part::Vcpus, at),
+            found,
+            computed,
+        });
+    }
+    records
+        .chunks_exact(VCPU_LEN)
+        .enumerate()
+        .map(|(i, r)| decode_record(r, at + (i * VCPU_LEN) as u64))
+        .collect()
+}
+
+/// One register record at file offset `at`.
+fn decode_record(r: &[u8], at: u64) -> Result<VcpuState, SnapshotError> {
+    let mut rec = [0u8; VCPU_LEN];
+    if r.len() != VCPU_LEN {
+        return Err(SnapshotError::malformed(
+            Part::Vcpus,
+            at,
+            Problem::Overflow("a vCPU record past its entry"),
+        ));
+    }
+    rec.copy_from_slice(r);
+    VcpuState::decode(&rec).map_err(|k| {
+        SnapshotError::malformed(Part::Vcpus, at + k as u64, Problem::Reserved(rec[k]))
+    })
+}
+
+/// The length field of a sectioned part (its first 8 bytes).
+pub(crate) fn sectioned_len(first: [u8; 8]) -> u64 {
+    u64::from_le_bytes(first)
+}
+
+/// Reads a sectioned part at file offset `at` (the whole part, as its
+/// length field sizes it, checked against the file's size by the caller)
+/// holding `count` vCPUs: checksum first, then every entry and section.
+pub(crate) fn parse_sectioned(
+    bytes: &[u8],
+    at: u64,
+    count: u32,
+) -> Result<Vec<VcpuState>, SnapshotError> {
+    let bad = |k: usize, vcpu: usize, what: String| {
+        SnapshotError::malformed(
+            Part::Vcpus,
+            at + k as u64,
+            Problem::VcpuEntry {
+                vcpu: u32::try_from(vcpu).unwrap_or(u32::MAX),
+                what,
+            },
+        )
+    };
+    if (bytes.len() as u64) < SECTIONED_MIN {
+        return Err(SnapshotError::malformed(
+            Part::Vcpus,
+            at,
+            Problem::Overflow("the vCPU part's length (under 16 bytes)"),
+        ));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - VCPU_SUM_LEN);
+    let found = u64::from_le_bytes(le(sum, 0));
+    let computed = xxh3_64_with_seed(body, SECTIONED_SEED);
+    if found != computed {
+        return Err(SnapshotError::Checksum {
+            at: Place::new(Part::Vcpus, at),
+            found,
+            computed,
+        });
+    }
+    let mut out = Vec::new();
+    let mut k = 8usize;
+    while k < body.len() {
+        let i = out.len();
+        if i >= count as usize {
+            return Err(bad(
+                k,
+                i,
+                format!("more vCPU entries than the header's {count}"),
+            ));
+        }
+        if body.len() - k < 8 {
+            return Err(bad(k, i, "entry header cut by the part's end".into()));
+        }
+        let n = u32::from_le_bytes(le(body, k)) as usize;
+        if body[k + 4..k + 8] != [0; 4] {
+            return Err(SnapshotError::malformed(
+                Part::Vcpus,
+                at + (k + 4) as u64,
+                Problem::Reserved(body[k + 4..k + 8].iter().copied().fold(0, |a, b| a | b)),
+            ));
+        }
+        let start = k + 8;
+        let Some(end) = start.checked_add(n).filter(|&e| e <= body.len()) else {
+            return Err(bad(
+                k,
+                i,
+                format!(
+                    "entry of {n} bytes, the part has {} left",
+                    body.len() - start
+                ),
+            ));
+        };
+        if n < VCPU_LEN {
+            return Err(bad(
+                k,
+                i,
+                format!("entry of {n} bytes, under a register record's {VCPU_LEN}"),
+            ));
+        }
+        let mut state = decode_record(&body[start..start + VCPU_LEN], at + start as u64)?;
+        let mut s = start + VCPU_LEN;
+        let mut last_tag = 0u16;
+        while s < end {
+            if end - s < 8 {
+                return Err(bad(s, i, "section header cut by the entry's end".into()));
+            }
+            let tag = u16::from_le_bytes(le(body, s));
+            let name = tag_name(tag);
+            if body[s + 2..s + 4] != [0, 0] {
+                return Err(SnapshotError::malformed(
+                    Part::Vcpus,
+                    at + (s + 2) as u64,
+                    Problem::Reserved(body[s + 2] | body[s + 3]),
+                ));
+            }
+            let len = u32::from_le_bytes(le(body, s + 4)) as usize;
+            let data_at = s + 8;
+            if len > end - data_at {
+                return Err(bad(
+                    s,
+                    i,
+                    format!(
+                        "section {tag} ({name}) of {len} bytes, the entry has {} left",
+                        end - data_at
+                    ),
+                ));
+            }
+            if tag <= last_tag {
+                return Err(bad(
+                    s,
+                    i,
+                    format!(
+                        "section {tag} ({name}) after section {last_tag}: out of order or twice"
+                    ),
+                ));
+            }
+            last_tag = tag;
+            let data = &body[data_at..data_at + len];
+            let wrong_len = |expected: &str| {
+                bad(
+                    s,
+                    i,
+                    format!("section {tag} ({name}) is {len} bytes, expected {expected}"),
+                )
+            };
+            let pairs = |max: usize| -> Result<Vec<(u32, u64)>, SnapshotError> {
+                if len % 16 != 0 || len / 16 > max {
+                    return Err(wrong_len(&format!(
+                        "a multiple of 16, at most {}",
+                        max * 16
+                    )));
+                }
+                data.chunks_exact(16)
+                    .enumerate()
+                    .map(|(j, e)| {
+                        if e[4..8] != [0; 4] {
+                            let z = data_at + j * 16 + 4;
+                            return Err(SnapshotError::malformed(
+                                Part::Vcpus,
+                                at + z as u64,
+                                Problem::Reserved(e[4] | e[5] | e[6] | e[7]),
+                            ));
+                        }
+                        Ok((u32::from_le_bytes(le(e, 0)), u64::from_le_bytes(le(e, 8))))
+                    })
+                    .collect()
+            };
+            match tag {
+                TAG_XSAVE => {
+                    if len < XSAVE_MIN || len % 4 != 0 {
+                        return Err(wrong_len("a multiple of 4, at least 4096"));
+                    }
+                    state.xsave = data.to_vec();
+                }
+                TAG_XCRS => state.xcrs = pairs(MAX_XCRS)?,
+                TAG_MSRS => state.msrs = pairs(usize::MAX / 16)?,
+                TAG_LAPIC => {
+                    let mut l = Box::new([0u8; LAPIC_LEN]);
+                    if len != LAPIC_LEN {
+                        return Err(wrong_len("1024"));
+                    }
+                    l.copy_from_slice(data);
+                    state.lapic = Some(l);
+                }
+                TAG_EVENTS => {
+                    if len != EVENTS_LEN {
+                        return Err(wrong_len("64"));
+                    }
+                    state.events = Some(le(data, 0));
+                }
+                TAG_MP_STATE => {
+                    if len != 8 {
+                        return Err(wrong_len("8"));
+                    }
+                    if data[4..8] != [0; 4] {
+                        return Err(SnapshotError::malformed(
+                            Part::Vcpus,
+                            at + (data_at + 4) as u64,
+                            Problem::Reserved(data[4] | data[5] | data[6] | data[7]),
+                        ));
+                    }
+                    state.mp_state = Some(u32::from_le_bytes(le(data, 0)));
+                }
+                _ => {
+                    return Err(bad(
+                        s,
+                        i,
+                        format!("section tag {tag} unknown to this build (a newer writer's?)"),
+                    ))
+                }
+            }
+            s = data_at + len;
+        }
+        out.push(state);
+        k = end;
+    }
+    if out.len() != count as usize {
+        return Err(bad(
+            body.len(),
+            out.len(),
+            format!("{} vCPU entries, the header counts {count}", out.len()),
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
