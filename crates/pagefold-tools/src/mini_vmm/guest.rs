@@ -580,3 +580,160 @@ pub fn write_table() -> Res<Vec<u8>> {
     .map_err(asm_err)?;
     a.assemble(0).map_err(asm_err)
 }
+
+/// `OUT` of the CPU-state program: its registers are loaded; the VMM
+/// stops the vCPU here to snapshot it.
+pub const PORT_CPU_STATE_READY: u16 = 0x16;
+/// Data pages the CPU-state program fills and checks.
+pub const CPU_STATE_PAGES: u64 = 16;
+/// `MXCSR` the CPU-state program loads: round toward zero, every
+/// exception masked (the reset value is `0x1f80`).
+pub const CPU_STATE_MXCSR: u32 = 0x7f80;
+/// [`PORT_VERIFY`] bits of the CPU-state program, each set when its check
+/// passed.
+pub mod cpu_check {
+    /// The time-stamp counter did not go back across the stop.
+    pub const TSC: u32 = 1 << 0;
+    /// `XMM0`-`XMM15` still hold the data they were loaded from.
+    pub const XMM: u32 = 1 << 1;
+    /// The x87 stack still holds pi and `seed + 1`.
+    pub const X87: u32 = 1 << 2;
+    /// `MXCSR` is still [`super::CPU_STATE_MXCSR`].
+    pub const MXCSR: u32 = 1 << 3;
+    /// The data pages still sum to the running sum (`R14`).
+    pub const MEMORY: u32 = 1 << 4;
+    /// Every check.
+    pub const ALL: u32 = TSC | XMM | X87 | MXCSR | MEMORY;
+}
+/// Pi as an IEEE double (what `FLDPI` then `FSTP qword` stores).
+const PI_BITS: u64 = 0x4009_21fb_5444_2d18;
+
+/// The CPU-state program (`RDI` = a seed below 2^52): state a vCPU keeps
+/// outside its general registers, carried across a stop (a snapshot and
+/// restore, a migration):
+/// 1. fills [`CPU_STATE_PAGES`] data pages (each qword `(q ^ seed) *`
+///    the mix constant), summing them in `R14`; loads `XMM0`-`XMM15` from
+///    the first 256 data bytes, pushes `seed + 1` and pi on the x87 stack,
+///    loads [`CPU_STATE_MXCSR`], reads the time-stamp counter (kept in
+///    `R13`); `OUT`s [`PORT_CPU_STATE_READY`];
+/// 2. when resumed, checks each ([`cpu_check`]): the counter against
+///    `R13`, the vector registers against the data, the x87 stack, `MXCSR`,
+///    the data's sum against `R14`; `OUT`s [`PORT_VERIFY`] the bits of
+///    the checks that passed, then [`PORT_HALT`] (repeated if resumed).
+///
+/// Runs in ring 3, where every one of these instructions runs natively
+/// (no instruction emulator on PVM).
+pub fn cpu_state() -> Res<Vec<u8>> {
+    use iced_x86::code_asm::*;
+    let qwords = CPU_STATE_PAGES * 512;
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    (|| -> Result<(), IcedError> {
+        let mut fill = a.create_label();
+        let mut sum = a.create_label();
+        let mut halt = a.create_label();
+        let xmms = [
+            xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+            xmm14, xmm15,
+        ];
+        a.mov(r15, DATA_VA)?;
+        a.mov(r12, rdi)?; // seed
+        a.mov(r10, MIX)?;
+        a.xor(r14, r14)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut fill)?;
+        a.mov(rax, rcx)?;
+        a.xor(rax, r12)?;
+        a.imul_2(rax, r10)?;
+        a.mov(qword_ptr(r15 + rcx * 8), rax)?;
+        a.add(r14, rax)?;
+        a.inc(rcx)?;
+        a.mov(rax, qwords)?;
+        a.cmp(rcx, rax)?;
+        a.jb(fill)?;
+        for (i, &x) in xmms.iter().enumerate() {
+            a.movdqu(x, xmmword_ptr(r15 + 16 * i as i32))?;
+        }
+        a.fninit()?;
+        a.lea(rax, qword_ptr(r12 + 1))?;
+        a.push(rax)?;
+        a.fild(qword_ptr(rsp))?; // st0 = seed + 1
+        a.fldpi()?; // st0 = pi, st1 = seed + 1
+        a.mov(dword_ptr(rsp), CPU_STATE_MXCSR)?;
+        a.ldmxcsr(dword_ptr(rsp))?;
+        a.pop(rax)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(r13, rax)?;
+        a.mov(dx, u32::from(PORT_CPU_STATE_READY))?;
+        a.out(dx, eax)?;
+
+        // Resumed: each check sets its bit in EBX.
+        a.xor(ebx, ebx)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.cmp(rax, r13)?;
+        a.setae(bl)?; // TSC
+        a.mov(r9, SCRATCH)?;
+        for (i, &x) in xmms.iter().enumerate() {
+            a.movdqu(xmmword_ptr(r9 + 16 * i as i32), x)?;
+        }
+        a.mov(esi, 1)?; // all equal so far
+        a.xor(ecx, ecx)?;
+        let mut cmp_q = a.create_label();
+        a.set_label(&mut cmp_q)?;
+        a.mov(rax, qword_ptr(r9 + rcx * 8))?;
+        a.xor(edx, edx)?;
+        a.cmp(rax, qword_ptr(r15 + rcx * 8))?;
+        a.sete(dl)?;
+        a.and(esi, edx)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, 32)?;
+        a.jb(cmp_q)?;
+        a.shl(esi, 1)?;
+        a.or(ebx, esi)?; // XMM
+        a.fstp(qword_ptr(r9 + 256))?; // pi as a double
+        a.fistp(qword_ptr(r9 + 264))?; // seed + 1
+        a.mov(rax, PI_BITS)?;
+        a.xor(esi, esi)?;
+        a.cmp(rax, qword_ptr(r9 + 256))?;
+        a.sete(sil)?;
+        a.lea(rax, qword_ptr(r12 + 1))?;
+        a.xor(edx, edx)?;
+        a.cmp(rax, qword_ptr(r9 + 264))?;
+        a.sete(dl)?;
+        a.and(esi, edx)?;
+        a.shl(esi, 2)?;
+        a.or(ebx, esi)?; // X87
+        a.stmxcsr(dword_ptr(r9 + 272))?;
+        a.xor(esi, esi)?;
+        a.cmp(dword_ptr(r9 + 272), CPU_STATE_MXCSR)?;
+        a.sete(sil)?;
+        a.shl(esi, 3)?;
+        a.or(ebx, esi)?; // MXCSR
+        a.xor(eax, eax)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut sum)?;
+        a.add(rax, qword_ptr(r15 + rcx * 8))?;
+        a.inc(rcx)?;
+        a.mov(rdx, qwords)?;
+        a.cmp(rcx, rdx)?;
+        a.jb(sum)?;
+        a.xor(esi, esi)?;
+        a.cmp(rax, r14)?;
+        a.sete(sil)?;
+        a.shl(esi, 4)?;
+        a.or(ebx, esi)?; // MEMORY
+        a.mov(eax, ebx)?;
+        a.mov(dx, u32::from(PORT_VERIFY))?;
+        a.out(dx, eax)?;
+        a.set_label(&mut halt)?;
+        a.mov(dx, u32::from(PORT_HALT))?;
+        a.out(dx, eax)?;
+        a.jmp(halt)?;
+        Ok(())
+    })()
+    .map_err(asm_err)?;
+    a.assemble(CODE).map_err(asm_err)
+}
