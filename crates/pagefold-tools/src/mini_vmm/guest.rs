@@ -152,8 +152,10 @@ pub fn memory(store: &Arc<FrameStore>, data_pages: u64) -> Res<Arc<GuestMemory>>
 }
 
 /// Writes the page tables: the low 2 MiB identity-mapped with 4 KiB pages;
-/// the data at [`DATA_VA`], its first half (rounded down to 2 MiB) with
-/// 2 MiB pages and the rest with 4 KiB pages. Returns the PML4's address.
+/// the data at [`DATA_VA`], its first half (rounded down to 2 MiB; more
+/// above 224 MiB of data, so the rest's 4 KiB page tables fit, at most
+/// 112 MiB of them) with 2 MiB pages and the rest with 4 KiB pages.
+/// Returns the PML4's address.
 pub fn build_page_tables(mem: &GuestMemory, data_pages: u64) -> Res<GuestPhysAddr> {
     let data_size = data_pages * PAGE_SIZE as u64;
     if data_size > 1 << 30 {
@@ -177,7 +179,10 @@ pub fn build_page_tables(mem: &GuestMemory, data_pages: u64) -> Res<GuestPhysAdd
         PDPT_HIGH | PTE_P | PTE_RW | PTE_US,
     )?;
     entry(PDPT_HIGH, 0, PD_HIGH | PTE_P | PTE_RW | PTE_US)?;
-    let huge_part = (data_size / 2) / HUGE * HUGE;
+    // Half with 2 MiB pages, or more where the 4 KiB page tables of the
+    // rest would not fit the table area (above 224 MiB of data).
+    let small_max = (TABLES_END - PT_HIGH) / PAGE_SIZE as u64 * HUGE;
+    let huge_part = ((data_size / 2) / HUGE * HUGE).max(data_size.saturating_sub(small_max));
     let mut next_pt = PT_HIGH;
     let mut off = 0;
     while off < data_size {
@@ -728,6 +733,92 @@ pub fn cpu_state() -> Res<Vec<u8>> {
         a.mov(eax, ebx)?;
         a.mov(dx, u32::from(PORT_VERIFY))?;
         a.out(dx, eax)?;
+        a.set_label(&mut halt)?;
+        a.mov(dx, u32::from(PORT_HALT))?;
+        a.out(dx, eax)?;
+        a.jmp(halt)?;
+        Ok(())
+    })()
+    .map_err(asm_err)?;
+    a.assemble(CODE).map_err(asm_err)
+}
+
+/// `OUT` of the first-touch program's first instruction: the VMM
+/// timestamps the guest's start (a restored guest's first instruction).
+pub const PORT_FIRST: u16 = 0x17;
+/// `OUT` of the first-touch program after its 1,000th page touch and after
+/// its last (the value: touches so far).
+pub const PORT_TOUCHED: u16 = 0x18;
+/// `OUT` of the first-touch program at its end: the low 32 bits of the sum
+/// of the qwords it read ([`first_touch_sum`] is the host's model).
+pub const PORT_TOUCH_SUM: u16 = 0x19;
+/// The first-touch program's stride through the data pages: odd, so
+/// `i * STRIDE mod pages` visits every page once (pages a power of two).
+const TOUCH_STRIDE: u64 = 0x9e37_79b1;
+
+/// Data page and byte offset of the first-touch program's `i`th touch
+/// (`data_pages` a power of two).
+pub fn first_touch_at(i: u64, data_pages: u64) -> (u64, u64) {
+    (
+        i.wrapping_mul(TOUCH_STRIDE) & (data_pages - 1),
+        (i & 511) * 8,
+    )
+}
+
+/// What the first-touch program reports at [`PORT_TOUCH_SUM`] over
+/// `touches` touches, `read_qword(data byte offset)` reading the data.
+pub fn first_touch_sum(touches: u64, data_pages: u64, read_qword: impl Fn(u64) -> u64) -> u32 {
+    let sum = (0..touches).fold(0u64, |s, i| {
+        let (page, off) = first_touch_at(i, data_pages);
+        s.wrapping_add(read_qword(page * PAGE_SIZE as u64 + off))
+    });
+    sum as u32
+}
+
+/// The first-touch program: its first instruction `OUT`s [`PORT_FIRST`];
+/// then it reads one qword of `touches` distinct data pages spread over
+/// the data ([`first_touch_at`]: a stride through a power-of-two page
+/// count), `OUT`s [`PORT_TOUCHED`] after the 1,000th and after the last,
+/// [`PORT_TOUCH_SUM`] the sum's low 32 bits, then [`PORT_HALT`]. For
+/// timing a restored guest: the VMM timestamps each exit.
+pub fn first_touch(data_pages: u64, touches: u64) -> Res<Vec<u8>> {
+    use iced_x86::code_asm::*;
+    if !data_pages.is_power_of_two() || touches == 0 || touches > data_pages {
+        return Err("data pages must be a power of two, touches in 1..=data pages".into());
+    }
+    let mut a = CodeAssembler::new(64).map_err(asm_err)?;
+    (|| -> Result<(), IcedError> {
+        let mut touch = a.create_label();
+        let mut no_mark = a.create_label();
+        let mut halt = a.create_label();
+        a.out(u32::from(PORT_FIRST), al)?;
+        a.mov(r15, DATA_VA)?;
+        a.xor(r14, r14)?;
+        a.xor(ecx, ecx)?;
+        a.mov(r10, TOUCH_STRIDE)?;
+        a.mov(r11, data_pages - 1)?;
+        a.mov(r12, touches)?;
+        a.set_label(&mut touch)?;
+        a.mov(rax, rcx)?;
+        a.imul_2(rax, r10)?;
+        a.and(rax, r11)?;
+        a.shl(rax, 12)?;
+        a.mov(rdx, rcx)?;
+        a.and(edx, 511)?;
+        a.lea(rax, qword_ptr(rax + rdx * 8))?;
+        a.add(r14, qword_ptr(r15 + rax))?;
+        a.inc(rcx)?;
+        a.cmp(rcx, 1000)?;
+        a.jne(no_mark)?;
+        a.mov(eax, ecx)?;
+        a.out(u32::from(PORT_TOUCHED), eax)?;
+        a.set_label(&mut no_mark)?;
+        a.cmp(rcx, r12)?;
+        a.jb(touch)?;
+        a.mov(eax, ecx)?;
+        a.out(u32::from(PORT_TOUCHED), eax)?;
+        a.mov(eax, r14d)?;
+        a.out(u32::from(PORT_TOUCH_SUM), eax)?;
         a.set_label(&mut halt)?;
         a.mov(dx, u32::from(PORT_HALT))?;
         a.out(dx, eax)?;
