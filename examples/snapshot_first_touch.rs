@@ -310,6 +310,9 @@ fn pagefold_restore(
     Ok(t)
 }
 
+/// One figure of [`Times`].
+type Field = fn(&Times) -> Duration;
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -400,8 +403,8 @@ fn run(dir: &Path, reps: usize) -> Res<()> {
             expect_sum,
         )?);
     }
-    let med = |k: usize, f: fn(&Times) -> Duration| median(all[k].iter().map(f).collect());
-    let fields: [(&str, fn(&Times) -> Duration); 7] = [
+    let med = |k: usize, f: Field| median(all[k].iter().map(f).collect());
+    let fields: [(&str, Field); 7] = [
         ("file opened", |t| t.file_open),
         ("memory mapped", |t| t.opened),
         ("restore returned", |t| t.restored),

@@ -127,7 +127,7 @@ fn states(n: u64, seed: u64) -> Vec<VcpuState> {
             s.debug.dr7 = next();
             // The state KVM keeps beside the registers.
             let b = next();
-            s.xsave = (0..4096 + 64 * i).map(|k| (k as u64 ^ b) as u8).collect();
+            s.xsave = (0..4096 + 64 * i).map(|k| (k ^ b) as u8).collect();
             s.xcrs = vec![(0, 7 + i)];
             s.msrs = (0..5).map(|k| (0xc000_0080 + k as u32, next())).collect();
             s.lapic = Some(Box::new(std::array::from_fn(|k| (k as u64 + b) as u8)));
