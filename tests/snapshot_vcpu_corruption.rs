@@ -297,6 +297,28 @@ fn structural_faults_under_a_valid_checksum_are_named() {
         ),
         other => panic!("want Reserved, got {other:?}"),
     }
+    // A nonzero reserved byte inside an MSR entry (its index's padding).
+    let mut b = good.clone();
+    let msrs_at = xcrs_at + 8 + section_len(&good, part_at, xcrs_at);
+    assert_eq!(
+        u16::from_le_bytes(
+            good[part_at + msrs_at..part_at + msrs_at + 2]
+                .try_into()
+                .unwrap()
+        ),
+        3,
+        "the MSR section"
+    );
+    let k = part_at + msrs_at + 8 + 16 + 6; // the second entry's padding
+    b[k] = 0x40;
+    reseal_part(&mut b, part_at);
+    reseal_header_and_id(&mut b);
+    match open_bytes(&b) {
+        Err(SnapshotError::Malformed { at, problem }) => {
+            assert_eq!((at.offset as usize, problem), (k, Problem::Reserved(0x40)));
+        }
+        other => panic!("want Reserved, got {other:?}"),
+    }
 }
 
 /// A file of an earlier build: the vCPU flag without the sectioned-part

@@ -496,6 +496,19 @@ impl VcpuState {
     }
 }
 
+/// The reserved bytes `b[k..k + n]`: an error naming the first that is not
+/// zero (file offset `at + its index`), if one is not.
+fn reserved(b: &[u8], k: usize, n: usize, at: u64) -> Result<(), SnapshotError> {
+    match b[k..k + n].iter().position(|&x| x != 0) {
+        None => Ok(()),
+        Some(z) => Err(SnapshotError::malformed(
+            Part::Vcpus,
+            at + (k + z) as u64,
+            Problem::Reserved(b[k + z]),
+        )),
+    }
+}
+
 /// A little-endian integer at `k` of `b` (which holds it: checked by the
 /// caller).
 fn le<const N: usize>(b: &[u8], k: usize) -> [u8; N] {
@@ -601,13 +614,7 @@ pub(crate) fn parse_sectioned(
             return Err(bad(k, i, "entry header cut by the part's end".into()));
         }
         let n = u32::from_le_bytes(le(body, k)) as usize;
-        if body[k + 4..k + 8] != [0; 4] {
-            return Err(SnapshotError::malformed(
-                Part::Vcpus,
-                at + (k + 4) as u64,
-                Problem::Reserved(body[k + 4..k + 8].iter().copied().fold(0, |a, b| a | b)),
-            ));
-        }
+        reserved(body, k + 4, 4, at)?;
         let start = k + 8;
         let Some(end) = start.checked_add(n).filter(|&e| e <= body.len()) else {
             return Err(bad(
@@ -635,13 +642,7 @@ pub(crate) fn parse_sectioned(
             }
             let tag = u16::from_le_bytes(le(body, s));
             let name = tag_name(tag);
-            if body[s + 2..s + 4] != [0, 0] {
-                return Err(SnapshotError::malformed(
-                    Part::Vcpus,
-                    at + (s + 2) as u64,
-                    Problem::Reserved(body[s + 2] | body[s + 3]),
-                ));
-            }
+            reserved(body, s + 2, 2, at)?;
             let len = u32::from_le_bytes(le(body, s + 4)) as usize;
             let data_at = s + 8;
             if len > end - data_at {
@@ -682,14 +683,7 @@ pub(crate) fn parse_sectioned(
                 data.chunks_exact(16)
                     .enumerate()
                     .map(|(j, e)| {
-                        if e[4..8] != [0; 4] {
-                            let z = data_at + j * 16 + 4;
-                            return Err(SnapshotError::malformed(
-                                Part::Vcpus,
-                                at + z as u64,
-                                Problem::Reserved(e[4] | e[5] | e[6] | e[7]),
-                            ));
-                        }
+                        reserved(body, data_at + j * 16 + 4, 4, at)?;
                         Ok((u32::from_le_bytes(le(e, 0)), u64::from_le_bytes(le(e, 8))))
                     })
                     .collect()
@@ -721,13 +715,7 @@ pub(crate) fn parse_sectioned(
                     if len != 8 {
                         return Err(wrong_len("8"));
                     }
-                    if data[4..8] != [0; 4] {
-                        return Err(SnapshotError::malformed(
-                            Part::Vcpus,
-                            at + (data_at + 4) as u64,
-                            Problem::Reserved(data[4] | data[5] | data[6] | data[7]),
-                        ));
-                    }
+                    reserved(body, data_at + 4, 4, at)?;
                     state.mp_state = Some(u32::from_le_bytes(le(data, 0)));
                 }
                 _ => {
