@@ -583,4 +583,89 @@ mod on_kvm {
             0
         );
     }
+
+    /// `KVM_CREATE_IRQCHIP` on the VM (before its vCPUs): an in-kernel
+    /// local APIC per vCPU. `None` where KVM refuses (said, and skipped).
+    fn with_irqchip(vm: &KvmVm) -> Option<()> {
+        use std::os::fd::AsRawFd;
+        /// `_IO(KVMIO, 0x60)`.
+        const KVM_CREATE_IRQCHIP: u64 = 0xae60;
+        // SAFETY: KVM_CREATE_IRQCHIP takes no argument and touches no
+        // memory of ours; the fd is the VM's, open for the call.
+        let r = unsafe { libc::ioctl(vm.vm_fd().as_raw_fd(), KVM_CREATE_IRQCHIP as _, 0) };
+        (r == 0).then_some(())
+    }
+
+    /// With an in-kernel irqchip, the local APIC's state is saved (the
+    /// `"local APIC"` section), loads into a fresh VM with one (read back
+    /// the same), and is refused by name where the fresh VM has none
+    /// (`KvmError::Unsupported`), which leaves that vCPU as it was.
+    #[test]
+    fn a_local_apic_state_restores_only_where_the_vm_has_an_irqchip() {
+        let test = "a_local_apic_state_restores_only_where_the_vm_has_an_irqchip";
+        let pages = 1024;
+        let layout = [
+            (GuestPhysAddr(0), guest::LOW_SIZE),
+            (GuestPhysAddr(guest::DATA_GPA), pages * 4096),
+        ];
+        let mem = Arc::new(GuestMemory::new(&layout).unwrap());
+        let cr3 = guest::build_page_tables(&mem, pages).unwrap();
+        let code = guest::cpu_state().unwrap();
+        let mode = guest::load(&mem, &code, cr3, 7).unwrap();
+        let Some(vm) = vm_or_skip(test, &mem) else {
+            return;
+        };
+        if with_irqchip(&vm).is_none() {
+            println!(
+                "SKIP {test}: KVM_CREATE_IRQCHIP refused: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.setup_long_mode(&mode).unwrap();
+        assert_eq!(run_to(&mut vcpu, guest::PORT_CPU_STATE_READY), None);
+        let state = vcpu.snapshot_state().unwrap();
+        assert!(state.missing().is_empty(), "missing {:?}", state.missing());
+        let lapic = state.lapic.as_ref().unwrap();
+        // The APIC ID register (offset 0x20) of vCPU 0, and the version
+        // register (0x30) KVM fills in.
+        assert_eq!(lapic[0x20..0x24], [0; 4]);
+        assert_ne!(lapic[0x30..0x34], [0; 4], "a local APIC's version");
+
+        let mem2 = Arc::new(GuestMemory::new(&layout).unwrap());
+        restore_into_mem(&mem, &mem2);
+        let vm2 = KvmVm::new(&mem2).unwrap();
+        with_irqchip(&vm2).unwrap();
+        let mut v2 = vm2.create_vcpu(0).unwrap();
+        v2.set_snapshot_state(&state).unwrap();
+        let back = v2.snapshot_state().unwrap();
+        assert_eq!(back.lapic, state.lapic, "the local APIC as saved");
+        assert_eq!(
+            run_to(&mut v2, guest::PORT_HALT),
+            Some(guest::cpu_check::ALL)
+        );
+
+        // No irqchip there: refused by name, the vCPU untouched.
+        let vm3 = KvmVm::new(&mem2).unwrap();
+        let mut v3 = vm3.create_vcpu(0).unwrap();
+        let before = v3.snapshot_state().unwrap();
+        match v3.set_snapshot_state(&state) {
+            Err(KvmError::Unsupported { part, needs }) => {
+                println!("{test}: refused: {part}: {needs}");
+                assert!(needs.contains("KVM_CREATE_IRQCHIP"));
+            }
+            other => panic!("want Unsupported, got {other:?}"),
+        }
+        assert_eq!(v3.snapshot_state().unwrap().regs, before.regs);
+    }
+
+    /// Copies `from`'s memory into `to` (same layout).
+    fn restore_into_mem(from: &GuestMemory, to: &GuestMemory) {
+        for r in from.regions() {
+            let mut b = vec![0u8; r.size() as usize];
+            from.read(r.start(), &mut b).unwrap();
+            to.write(r.start(), &b).unwrap();
+        }
+    }
 }
