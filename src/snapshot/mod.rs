@@ -6,16 +6,17 @@
 //!
 //! | part | bytes | checked by |
 //! |---|---|---|
-//! | header | magic `\x89PFSNAP\n`, version, flags (bit 0: incremental, bit 1: vCPU states), page size, region count, vCPU count (u32, zero without bit 1), id (32), parent id (32, zero for a full snapshot), page count, content offset, stored count, map offset, run count, map checksum, table offset, ancestor count, table checksum, then `(start, size)` per region, then a checksum of all of it | xxh3-64 |
+//! | header | magic `\x89PFSNAP\n`, version, flags (bit 0: incremental, bit 1: vCPU states, bit 2: the vCPU part is sectioned), page size, region count, vCPU count (u32, zero without bit 1), id (32), parent id (32, zero for a full snapshot), page count, content offset, stored count, map offset, run count, map checksum, table offset, ancestor count, table checksum, then `(start, size)` per region, then a checksum of all of it | xxh3-64 |
 //! | padding | zeros to the next 4 KiB boundary | must be zero |
 //! | content | each distinct stored page once, 4 KiB each, in slot order | each page's BLAKE3 in the table |
 //! | map | runs of 16 bytes: pages (u32), kind, 3 zero bytes, value (u64); kinds zero, as in the parent, a sequence of contents from `value`, one content `value` repeated | xxh3-64 in the header |
 //! | table | BLAKE3 of each stored page by slot; then per content taken from an ancestor: BLAKE3, depth (1: the parent), 4 zero bytes, slot there | xxh3-64 in the header |
-//! | vCPU states (only with flag bit 1) | one 504-byte record per vCPU (`vcpu.rs` has the layout), then the xxh3-64 of the records | its own checksum |
+//! | vCPU states (only with flag bit 1) | with bit 2 (written since): the part's length (u64), then per vCPU its entry's length, a 504-byte register record and sized sections (`XSAVE` area, XCRs, MSRs, local APIC, events, run state), then the xxh3-64 of the part; without bit 2 (earlier builds, still read): one 504-byte record per vCPU, then the xxh3-64 of the records (`vcpu.rs` has both layouts) | its own checksum |
 //!
 //! Each part starts where the one before ends, so the counts in the header
-//! fix every offset and the file's exact length: any missing or extra byte
-//! is an error. The id is BLAKE3 of the header (less id and checksum), map,
+//! (and a sectioned vCPU part's own length, bounded by the file's size
+//! before it sizes anything) fix every offset and the file's exact length:
+//! any missing or extra byte is an error. The id is BLAKE3 of the header (less id and checksum), map,
 //! table and vCPU part; since the table holds every stored page's BLAKE3 and the
 //! header the parent's id, it names the whole image and its ancestry.
 //!
