@@ -227,6 +227,18 @@ pub enum ForeignProblem {
     /// The region layout given is invalid.
     #[error("region layout: {0}")]
     Layout(LayoutError),
+    /// Not a regular file (a FIFO, a device, a directory): it could block
+    /// the open or read without end.
+    #[error("not a regular file")]
+    NotAFile,
+    /// A file too large for what it holds (a `state.json` is read whole).
+    #[error("{len} bytes, more than the {max} this file may have")]
+    TooLarge {
+        /// The file's length.
+        len: u64,
+        /// The most it may have.
+        max: u64,
+    },
     /// The memory file is not as long as the ranges it must hold.
     #[error("the file is {found} bytes, the memory ranges need exactly {expected}")]
     Length {
@@ -315,6 +327,16 @@ pub enum SnapshotError {
     IdMismatch {
         /// The id field.
         at: Place,
+    },
+    /// A save whose destination is the file of one of the snapshots it
+    /// builds on: replacing it would leave the new snapshot naming an
+    /// ancestor that no longer exists.
+    #[error("cannot save to {}: it is the file of ancestor {depth} (1: the parent) of the snapshot being saved", .path.display())]
+    OverwritesAncestor {
+        /// The destination.
+        path: PathBuf,
+        /// Which ancestor (1: the parent).
+        depth: u32,
     },
     /// A full snapshot was given a parent.
     #[error("snapshot {id} is full: it has no parent")]

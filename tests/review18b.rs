@@ -1,0 +1,283 @@
+//! Review of the snapshot layer's file paths (issue 18, second pass): each
+//! test is a defect found by review, failing before its fix.
+//!
+//! - A full save that fails after it emptied the dirty log lost the writes
+//!   since the previous snapshot: an incremental on that snapshot then
+//!   restored old bytes with no error.
+//! - An incremental save to its own parent's path replaced the parent, so
+//!   the new file named a parent that no longer existed anywhere.
+//! - A FIFO given as a snapshot file, a Firecracker memory file or a
+//!   cloud-hypervisor `state.json`/`memory-ranges` hung the open forever.
+//! - A snapshot of a tenant's memory was created readable by every user
+//!   (mode 0644 under the usual umask), and replacing a 0600 file widened
+//!   it.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use pagefold::{
+    snapshot::{
+        restore_into, save, save_incremental, ForeignMemory, ForeignProblem, SaveOptions,
+        SnapshotError, SnapshotReader,
+    },
+    DirtyRun, GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A directory of its own under the system's temporary directory, removed
+/// when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "pagefold-r18b-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn layout() -> Vec<(GuestPhysAddr, u64)> {
+    vec![
+        (GuestPhysAddr(0), 16 * PAGE),
+        (GuestPhysAddr(0x10_0000), 8 * PAGE),
+    ]
+}
+
+fn memory() -> GuestMemory {
+    let mem = GuestMemory::new(&layout()).unwrap();
+    for (i, r) in layout().iter().enumerate() {
+        for k in 0..r.1 / PAGE {
+            mem.write(
+                GuestPhysAddr(r.0 .0 + k * PAGE),
+                &[(i as u8 + 1) * 16 + k as u8; PAGE_SIZE],
+            )
+            .unwrap();
+        }
+    }
+    mem
+}
+
+fn image(mem: &GuestMemory) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in mem.regions() {
+        let mut b = vec![0u8; r.size() as usize];
+        mem.read(r.start(), &mut b).unwrap();
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+fn harvest(mem: &GuestMemory) -> Vec<DirtyRun> {
+    let mut runs = Vec::new();
+    mem.harvest_dirty(RegionSet::All, &mut runs).unwrap();
+    runs
+}
+
+#[test]
+fn a_failed_full_save_keeps_the_writes_since_the_last_snapshot_in_the_log() {
+    let dir = TempDir::new("failed-full");
+    let mem = memory();
+    let p0 = dir.path("s0.snap");
+    save(&mem, &p0, &SaveOptions::default()).unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+
+    // Written after s0: only the dirty log knows.
+    mem.write(GuestPhysAddr(3 * PAGE), &[0x5a; PAGE_SIZE])
+        .unwrap();
+    mem.write(GuestPhysAddr(0x10_0000 + PAGE), b"after s0")
+        .unwrap();
+
+    // A new full snapshot that fails (its directory does not exist).
+    let bad = dir.path("missing").join("s.snap");
+    assert!(save(&mem, &bad, &SaveOptions::default()).is_err());
+
+    // The VMM goes on with the chain on s0.
+    let p1 = dir.path("s1.snap");
+    save_incremental(&mem, &r0, &harvest(&mem), &p1).unwrap();
+    let chain = SnapshotReader::open_chain(&[&p0, &p1]).unwrap();
+    let back = GuestMemory::new(&chain.region_layout()).unwrap();
+    restore_into(&chain, &back).unwrap();
+    assert!(
+        image(&back) == image(&mem),
+        "the pages written before the failed save are not in the incremental"
+    );
+}
+
+#[test]
+fn an_incremental_save_over_its_own_parent_is_refused() {
+    let dir = TempDir::new("over-parent");
+    let mem = memory();
+    let p0 = dir.path("s0.snap");
+    let s0 = save(&mem, &p0, &SaveOptions::default()).unwrap();
+    mem.write(GuestPhysAddr(2 * PAGE), &[0x11; PAGE_SIZE])
+        .unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+    let dirty = harvest(&mem);
+    let e = save_incremental(&mem, &r0, &dirty, &p0).unwrap_err();
+    assert!(
+        matches!(e, SnapshotError::OverwritesAncestor { depth: 1, .. }),
+        "{e:?}"
+    );
+    // Through another name of the same file too (a hard link).
+    let link = dir.path("link.snap");
+    std::fs::hard_link(&p0, &link).unwrap();
+    let p1 = dir.path("s1.snap");
+    save_incremental(&mem, &r0, &dirty, &p1).unwrap();
+    let r1 = SnapshotReader::open(&p1).unwrap().with_parent(r0).unwrap();
+    mem.write(GuestPhysAddr(5 * PAGE), &[0x12; PAGE_SIZE])
+        .unwrap();
+    let e = save_incremental(&mem, &r1, &harvest(&mem), &link).unwrap_err();
+    assert!(
+        matches!(e, SnapshotError::OverwritesAncestor { depth: 2, .. }),
+        "{e:?}"
+    );
+    // The parent is still there, whole, and the runs are dirty again.
+    assert_eq!(SnapshotReader::open(&p0).unwrap().id(), s0.id);
+    assert!(!harvest(&mem).is_empty());
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+/// Runs `f` on a thread; its result, or a panic after 10 s (a hang: the
+/// thread stays blocked until the test process ends).
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} hangs"))
+}
+
+#[test]
+fn fifos_as_snapshot_files_are_errors_not_hangs() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.path("fifo");
+    mkfifo(&fifo);
+
+    let f = fifo.clone();
+    let r = within_10s("SnapshotReader::open on a FIFO", move || {
+        SnapshotReader::open(&f).map(|_| ())
+    });
+    assert!(matches!(r, Err(SnapshotError::File { .. })), "{r:?}");
+
+    let f = fifo.clone();
+    let r = within_10s("ForeignMemory::firecracker on a FIFO", move || {
+        ForeignMemory::firecracker(&f, &[(GuestPhysAddr(0), 16 * PAGE)]).map(|_| ())
+    });
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::NotAFile,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+
+    // cloud-hypervisor: state.json a FIFO; then memory-ranges one.
+    let ch = dir.path("ch");
+    std::fs::create_dir(&ch).unwrap();
+    mkfifo(&ch.join("state.json"));
+    let d = ch.clone();
+    let r = within_10s("cloud_hypervisor with a FIFO state.json", move || {
+        ForeignMemory::cloud_hypervisor(&d).map(|_| ())
+    });
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::NotAFile,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    std::fs::remove_file(ch.join("state.json")).unwrap();
+    let state = serde_json::json!({
+        "snapshots": {
+            "memory-manager": {
+                "snapshot_data": {
+                    "state": serde_json::json!({
+                        "memory_ranges": { "data": [{ "gpa": 0, "length": 16 * PAGE }] }
+                    }).to_string()
+                }
+            }
+        }
+    });
+    std::fs::write(ch.join("state.json"), state.to_string()).unwrap();
+    mkfifo(&ch.join("memory-ranges"));
+    let d = ch.clone();
+    let r = within_10s("cloud_hypervisor with a FIFO memory-ranges", move || {
+        ForeignMemory::cloud_hypervisor(&d).map(|_| ())
+    });
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::NotAFile,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_state_json_that_never_ends_is_refused_by_its_size() {
+    // A character device reads forever: refused before any byte is read,
+    // where the read would have grown a buffer until memory ran out.
+    let dir = TempDir::new("zero");
+    let ch = dir.path("ch");
+    std::fs::create_dir(&ch).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", ch.join("state.json")).unwrap();
+    let r = ForeignMemory::cloud_hypervisor(&ch);
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::NotAFile,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn snapshots_of_guest_memory_are_readable_by_their_owner_only() {
+    let dir = TempDir::new("mode");
+    let mem = memory();
+    let p = dir.path("s.snap");
+    save(&mem, &p, &SaveOptions::default()).unwrap();
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+}
