@@ -270,6 +270,25 @@ fn a_state_json_that_never_ends_is_refused_by_its_size() {
         ),
         "{r:?}"
     );
+    // A regular one larger than any cloud-hypervisor writes (sparse: no
+    // disk taken) is refused by its length before it is read.
+    std::fs::remove_file(ch.join("state.json")).unwrap();
+    let f = std::fs::File::create(ch.join("state.json")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let r = ForeignMemory::cloud_hypervisor(&ch);
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::TooLarge {
+                    len: 0x4000_0000,
+                    ..
+                },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]

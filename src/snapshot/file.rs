@@ -6,7 +6,7 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
@@ -36,6 +36,23 @@ pub(crate) fn read_at(
     })
 }
 
+/// Opens `path` for reading, refusing anything but a regular file: a FIFO
+/// would block the open (it is opened non-blocking, so it does not) and a
+/// device or a FIFO would read without end. `Err(None)` for a file that is
+/// not regular, `Err(Some(_))` for an error of the open.
+pub(crate) fn open_regular(path: &Path) -> Result<File, Option<io::Error>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(Some)?;
+    if file.metadata().map_err(Some)?.is_file() {
+        Ok(file)
+    } else {
+        Err(None)
+    }
+}
+
 /// A file being written under a temporary name next to `dest`.
 pub(crate) struct NewFile {
     tmp: PathBuf,
@@ -47,7 +64,9 @@ pub(crate) struct NewFile {
 
 impl NewFile {
     /// Creates the temporary file (a name no other writer takes: process
-    /// id and a counter).
+    /// id and a counter), readable and writable by its owner only: it
+    /// holds a guest's memory (the caller widens it after the save if it
+    /// must).
     pub(crate) fn create(dest: &Path) -> Result<Self, SnapshotError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -63,6 +82,7 @@ impl NewFile {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(|source| SnapshotError::File {
                 op: "create",

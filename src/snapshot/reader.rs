@@ -10,13 +10,18 @@
 //! which checks the parent's id and layout and every content the child
 //! takes from an ancestor.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::{File, Metadata},
+    io,
+    os::unix::fs::MetadataExt,
+    path::Path,
+};
 
 use rayon::prelude::*;
 
 use super::{
     error::{Part, Place, Problem, SnapshotError},
-    file::read_at,
+    file::{open_regular, read_at},
     format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN},
     id::SnapshotId,
     layout::PageLayout,
@@ -52,15 +57,18 @@ pub(crate) enum Located<'a> {
 
 impl SnapshotReader {
     /// Opens the snapshot at `path` and checks its header, map and table
-    /// (not its stored pages: each is checked when read). An incremental
+    /// (not its stored pages: each is checked when read). Anything but a
+    /// regular file (a FIFO, a device) is an error, never a wait. An incremental
     /// snapshot reads its unchanged pages from its parent, attached with
     /// [`with_parent`](Self::with_parent).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| SnapshotError::File {
+        let file = open_regular(path).map_err(|e| SnapshotError::File {
             op: "open",
             path: path.to_path_buf(),
-            source,
+            source: e.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
+            }),
         })?;
         Self::from_file(file)
     }
@@ -320,6 +328,14 @@ impl SnapshotReader {
             .then(|| self.layout.page_of(gpa))
             .flatten()
             .ok_or(SnapshotError::PageNotInLayout { gpa })
+    }
+
+    /// Whether `meta` (of a path, not followed if a link) is this
+    /// snapshot's file.
+    pub(crate) fn is_file(&self, meta: &Metadata) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
     }
 
     pub(crate) fn layout(&self) -> &PageLayout {

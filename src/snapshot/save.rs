@@ -249,7 +249,9 @@ impl Saver {
 /// on and the log empty before the first page is read, so a later
 /// [`save_incremental`] on this snapshot gets every page written since,
 /// even while vCPUs run during the save (a page written after it was read
-/// is in the log; one written before is saved as written).
+/// is in the log; one written before is saved as written). A save that
+/// fails puts back in the log what it took, so an incremental snapshot on
+/// the snapshot before still gets every page written since that one.
 pub fn save(
     mem: &GuestMemory,
     path: impl AsRef<Path>,
@@ -268,6 +270,10 @@ pub fn save_with_vcpus(
     opts: &SaveOptions,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    // What the log held before this save: the writes since the snapshot
+    // before, which an incremental on that one still needs if this save
+    // fails.
+    let mut taken = Vec::new();
     if opts.track_dirty {
         // The log has one reader at a time: a migration sender's rounds
         // would miss what this harvest takes.
@@ -276,11 +282,34 @@ pub fn save_with_vcpus(
         }
         let cleared = mem
             .set_dirty_tracking(RegionSet::All, true)
-            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut Vec::new()));
+            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut taken));
         mem.release_from_migration();
-        cleared?;
+        if let Err(e) = cleared {
+            remark(mem, &taken);
+            return Err(e.into());
+        }
     }
-    let mut s = Saver::new(PageLayout::of(mem), path.as_ref(), None)?;
+    let r = save_full(mem, path.as_ref(), vcpus);
+    if r.is_err() {
+        remark(mem, &taken);
+    }
+    r
+}
+
+/// Marks `runs` dirty again after a save that failed (best effort: the
+/// runs came from this memory's own log).
+fn remark(mem: &GuestMemory, runs: &[DirtyRun]) {
+    for run in runs {
+        let _ = mem.mark_dirty(run.start, run.pages);
+    }
+}
+
+fn save_full(
+    mem: &GuestMemory,
+    path: &Path,
+    vcpus: &[VcpuState],
+) -> Result<SaveStats, SnapshotError> {
+    let mut s = Saver::new(PageLayout::of(mem), path, None)?;
     let mut scan = Scanner::new(mem);
     for (i, r) in mem.regions().iter().enumerate() {
         s.pages(&mut scan, i, 0, r.pages())?;
@@ -300,7 +329,9 @@ pub fn save_with_vcpus(
 /// ([`GuestMemory::harvest_dirty`]) right before this call; pages written
 /// from the harvest on are in the next harvest. Dirty tracking must be on
 /// for every region. On failure the runs are marked dirty again, so a
-/// retry after a fresh harvest still has them.
+/// retry after a fresh harvest still has them. `path` must not be the file
+/// of `parent` or of an ancestor attached to it
+/// ([`SnapshotError::OverwritesAncestor`]).
 pub fn save_incremental(
     mem: &GuestMemory,
     parent: &SnapshotReader,
@@ -321,12 +352,32 @@ pub fn save_incremental_with_vcpus(
 ) -> Result<SaveStats, SnapshotError> {
     let r = save_incremental_inner(mem, parent, dirty, path.as_ref(), vcpus);
     if r.is_err() {
-        for run in dirty {
-            // Best effort: a run outside the memory was the error itself.
-            let _ = mem.mark_dirty(run.start, run.pages);
-        }
+        // Best effort: a run outside the memory was the error itself.
+        remark(mem, dirty);
     }
     r
+}
+
+/// Refuses a destination that is the file of `parent` or of an ancestor
+/// attached to it: the rename would replace the snapshot the new one
+/// builds on. A symbolic link there is replaced itself, not its target,
+/// so it is not followed.
+fn check_not_ancestor(parent: &SnapshotReader, path: &Path) -> Result<(), SnapshotError> {
+    let Ok(dest) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let (mut anc, mut depth) = (Some(parent), 1u32);
+    while let Some(a) = anc {
+        if a.is_file(&dest) {
+            return Err(SnapshotError::OverwritesAncestor {
+                path: path.to_path_buf(),
+                depth,
+            });
+        }
+        anc = a.parent();
+        depth = depth.saturating_add(1);
+    }
+    Ok(())
 }
 
 fn save_incremental_inner(
@@ -336,6 +387,7 @@ fn save_incremental_inner(
     path: &Path,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    check_not_ancestor(parent, path)?;
     let layout = PageLayout::of(mem);
     if let Some(what) = layout.differs(parent.layout()) {
         return Err(SnapshotError::LayoutMismatch { what });
