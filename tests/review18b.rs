@@ -264,7 +264,7 @@ fn a_state_json_that_never_ends_is_refused_by_its_size() {
         matches!(
             r,
             Err(SnapshotError::Foreign {
-                problem: ForeignProblem::NotAFile,
+                problem: ForeignProblem::NotAFile | ForeignProblem::Symlink,
                 ..
             })
         ),
@@ -299,4 +299,72 @@ fn snapshots_of_guest_memory_are_readable_by_their_owner_only() {
     save(&mem, &p, &SaveOptions::default()).unwrap();
     let mode = std::fs::metadata(&p).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+}
+
+/// A cloud-hypervisor directory whose `memory-ranges` is `mem` and whose
+/// ranges are one of 16 pages at 0.
+fn ch_dir_with(dir: &TempDir, name: &str, mem: impl FnOnce(&Path)) -> PathBuf {
+    let ch = dir.path(name);
+    std::fs::create_dir(&ch).unwrap();
+    let state = serde_json::json!({
+        "snapshots": {
+            "memory-manager": {
+                "snapshot_data": {
+                    "state": serde_json::json!({
+                        "memory_ranges": { "data": [{ "gpa": 0, "length": 16 * PAGE }] }
+                    }).to_string()
+                }
+            }
+        }
+    });
+    std::fs::write(ch.join("state.json"), state.to_string()).unwrap();
+    mem(&ch.join("memory-ranges"));
+    ch
+}
+
+#[test]
+fn a_cloud_hypervisor_directory_cannot_link_to_files_outside_it() {
+    // Whoever wrote the directory would restore into their guest any file
+    // of the right length the restoring VMM can read (another tenant's
+    // memory file, a host secret).
+    let dir = TempDir::new("ch-link");
+    let secret = dir.path("other-tenant-memory");
+    std::fs::write(&secret, vec![0x5e; 16 * PAGE_SIZE]).unwrap();
+    let ch = ch_dir_with(&dir, "ch", |m| {
+        std::os::unix::fs::symlink(&secret, m).unwrap()
+    });
+    let r = ForeignMemory::cloud_hypervisor(&ch);
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::Symlink,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let ch = ch_dir_with(&dir, "ch2", |m| {
+        std::fs::write(m, vec![0x11; 16 * PAGE_SIZE]).unwrap()
+    });
+    std::fs::rename(ch.join("state.json"), dir.path("state.json")).unwrap();
+    std::os::unix::fs::symlink(dir.path("state.json"), ch.join("state.json")).unwrap();
+    let r = ForeignMemory::cloud_hypervisor(&ch);
+    assert!(
+        matches!(
+            r,
+            Err(SnapshotError::Foreign {
+                problem: ForeignProblem::Symlink,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // The directory itself may be a link: the caller named it.
+    let ch = ch_dir_with(&dir, "ch3", |m| {
+        std::fs::write(m, vec![0x11; 16 * PAGE_SIZE]).unwrap()
+    });
+    let linked = dir.path("linked");
+    std::os::unix::fs::symlink(&ch, &linked).unwrap();
+    assert!(ForeignMemory::cloud_hypervisor(&linked).is_ok());
 }

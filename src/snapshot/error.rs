@@ -231,6 +231,13 @@ pub enum ForeignProblem {
     /// the open or read without end.
     #[error("not a regular file")]
     NotAFile,
+    /// A symbolic link where the file itself must be (a snapshot
+    /// directory's files): followed, it could name any file the process
+    /// can read.
+    #[error(
+        "a symbolic link (a snapshot directory's files must be in it; link the directory instead)"
+    )]
+    Symlink,
     /// A file too large for what it holds (a `state.json` is read whole).
     #[error("{len} bytes, more than the {max} this file may have")]
     TooLarge {
