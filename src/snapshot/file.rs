@@ -38,12 +38,19 @@ pub(crate) fn read_at(
 
 /// Opens `path` for reading, refusing anything but a regular file: a FIFO
 /// would block the open (it is opened non-blocking, so it does not) and a
-/// device or a FIFO would read without end. `Err(None)` for a file that is
-/// not regular, `Err(Some(_))` for an error of the open.
-pub(crate) fn open_regular(path: &Path) -> Result<File, Option<io::Error>> {
+/// device or a FIFO would read without end. With `no_follow`, a symbolic
+/// link as the last component is an error (`ELOOP`) rather than followed.
+/// `Err(None)` for a file that is not regular, `Err(Some(_))` for an error
+/// of the open.
+pub(crate) fn open_regular(path: &Path, no_follow: bool) -> Result<File, Option<io::Error>> {
+    let flags = if no_follow {
+        libc::O_NONBLOCK | libc::O_NOFOLLOW
+    } else {
+        libc::O_NONBLOCK
+    };
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(flags)
         .open(path)
         .map_err(Some)?;
     if file.metadata().map_err(Some)?.is_file() {

@@ -19,7 +19,8 @@
 //!   them (`snapshots["memory-manager"].snapshot_data.state`, itself JSON,
 //!   with `memory_ranges.data: [{gpa, length}]`; before that format, a
 //!   `memory-manager-section` whose `snapshot` is the JSON's bytes). The
-//!   layout is the ranges in address order, adjacent ones joined.
+//!   layout is the ranges in address order, adjacent ones joined. Both
+//!   files must be regular files in the directory, not links out of it.
 //!
 //! Restoring: [`restore_foreign_into`] copies into a memory of the layout
 //! (zero pages released, never written), and [`ForeignMemory::save_as`]
@@ -192,7 +193,9 @@ impl ForeignMemory {
     }
 
     /// Opens the cloud-hypervisor snapshot directory `dir`: the ranges of
-    /// its `state.json`, their bytes in its `memory-ranges`.
+    /// its `state.json`, their bytes in its `memory-ranges`. Both must be
+    /// regular files in `dir`, not symbolic links (`dir` itself may be
+    /// one): a link could make the restore read any file this process can.
     pub fn cloud_hypervisor(dir: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let dir = dir.as_ref();
         let state = dir.join(CLOUD_HYPERVISOR_STATE);
@@ -201,7 +204,7 @@ impl ForeignMemory {
             path: state.clone(),
             source,
         };
-        let file = open_file(&state, "read")?;
+        let file = open_file(&state, "read", true)?;
         let len = file.metadata().map_err(read_err)?.len();
         if len > STATE_MAX {
             return Err(foreign(
@@ -302,7 +305,7 @@ impl ForeignMemory {
                 _ => regions.push((GuestPhysAddr(r.gpa), r.len)),
             }
         }
-        let file = open_file(path, "open")?;
+        let file = open_file(path, "open", kind == ForeignKind::CloudHypervisor)?;
         let found = file
             .metadata()
             .map_err(|source| SnapshotError::File {
@@ -573,10 +576,15 @@ pub fn restore_foreign_into(
 }
 
 /// Opens `path` for reading: a regular file only (a FIFO would block the
-/// open, a device read without end).
-/// `op` names what failed in an error of the open.
-fn open_file(path: &Path, op: &'static str) -> Result<File, SnapshotError> {
-    open_regular(path).map_err(|e| match e {
+/// open, a device read without end). `op` names what failed in an error
+/// of the open. With `in_dir` (a file a snapshot directory holds, named by
+/// this module, not by the caller) a symbolic link is refused: whoever
+/// wrote the directory could point it at any file this process may read.
+fn open_file(path: &Path, op: &'static str, in_dir: bool) -> Result<File, SnapshotError> {
+    open_regular(path, in_dir).map_err(|e| match e {
+        Some(source) if in_dir && source.raw_os_error() == Some(libc::ELOOP) => {
+            foreign(path, "(file)", ForeignProblem::Symlink)
+        }
         Some(source) => SnapshotError::File {
             op,
             path: path.to_path_buf(),

@@ -63,7 +63,7 @@ impl SnapshotReader {
     /// [`with_parent`](Self::with_parent).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let path = path.as_ref();
-        let file = open_regular(path).map_err(|e| SnapshotError::File {
+        let file = open_regular(path, false).map_err(|e| SnapshotError::File {
             op: "open",
             path: path.to_path_buf(),
             source: e.unwrap_or_else(|| {
