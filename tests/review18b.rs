@@ -368,3 +368,36 @@ fn a_cloud_hypervisor_directory_cannot_link_to_files_outside_it() {
     std::os::unix::fs::symlink(&ch, &linked).unwrap();
     assert!(ForeignMemory::cloud_hypervisor(&linked).is_ok());
 }
+
+#[test]
+fn errors_in_a_chain_name_the_file() {
+    let dir = TempDir::new("chain-names");
+    let mem = memory();
+    let p0 = dir.path("s0.snap");
+    let p1 = dir.path("s1.snap");
+    save(&mem, &p0, &SaveOptions::default()).unwrap();
+    mem.write(GuestPhysAddr(PAGE), &[0x99; PAGE_SIZE]).unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+    save_incremental(&mem, &r0, &harvest(&mem), &p1).unwrap();
+    drop(r0);
+
+    // A cut newer file: open_chain names it.
+    let whole = std::fs::read(&p1).unwrap();
+    std::fs::write(&p1, &whole[..whole.len() - 1]).unwrap();
+    let e = SnapshotReader::open_chain(&[&p0, &p1]).unwrap_err();
+    assert!(e.to_string().contains("s1.snap"), "{e}");
+    assert!(e.place().is_some(), "{e}");
+    std::fs::write(&p1, &whole).unwrap();
+
+    // A damaged page of the base, read through the chain: the restore
+    // names the base.
+    let mut base = std::fs::read(&p0).unwrap();
+    // The first stored page is at the first 4 KiB boundary after the header.
+    base[PAGE_SIZE + 7] ^= 0x20;
+    std::fs::write(&p0, &base).unwrap();
+    let chain = SnapshotReader::open_chain(&[&p0, &p1]).unwrap();
+    let back = GuestMemory::new(&chain.region_layout()).unwrap();
+    let e = restore_into(&chain, &back).unwrap_err();
+    assert!(e.to_string().contains("s0.snap"), "{e}");
+    assert!(e.place().is_some(), "{e}");
+}
