@@ -413,6 +413,18 @@ pub enum SnapshotError {
         /// What is wrong with it.
         problem: ForeignProblem,
     },
+    /// An error in one file of a chain, where the call named several
+    /// ([`SnapshotReader::open_chain`](super::SnapshotReader::open_chain))
+    /// or read an ancestor the caller did not name
+    /// ([`restore_into`](super::restore_into)); [`place`](Self::place) is
+    /// the inner error's.
+    #[error("{}: {source}", .path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: Box<SnapshotError>,
+    },
     /// Guest memory refused an access.
     #[error("guest memory: {0}")]
     Access(#[from] AccessError),
@@ -441,6 +453,7 @@ impl SnapshotError {
             | ContentHash { at, .. }
             | Malformed { at, .. }
             | IdMismatch { at } => Some(*at),
+            InFile { source, .. } => source.place(),
             _ => None,
         }
     }

@@ -14,7 +14,7 @@ use std::{
     fs::{File, Metadata},
     io,
     os::unix::fs::MetadataExt,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use rayon::prelude::*;
@@ -44,6 +44,8 @@ pub struct SnapshotReader {
     table: ContentTable,
     vcpus: Vec<VcpuState>,
     parent: Option<Box<SnapshotReader>>,
+    /// The path it was opened by ([`open`](Self::open)), for errors.
+    path: Option<PathBuf>,
 }
 
 /// Where a page's bytes are, through the chain.
@@ -70,16 +72,25 @@ impl SnapshotReader {
                 io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
             }),
         })?;
-        Self::from_file(file)
+        let mut snap = Self::from_file(file)?;
+        snap.path = Some(path.to_path_buf());
+        Ok(snap)
     }
 
     /// Opens a chain of snapshots, oldest (a full snapshot) first, each
     /// later one incremental against the one before; returns the newest,
-    /// holding the others.
+    /// holding the others. An error about a file's bytes is
+    /// [`SnapshotError::InFile`], naming the file.
     pub fn open_chain<P: AsRef<Path>>(paths: &[P]) -> Result<Self, SnapshotError> {
         let mut chain: Option<SnapshotReader> = None;
         for p in paths {
-            let next = Self::open(p)?;
+            let next = Self::open(p).map_err(|e| match e {
+                e @ SnapshotError::File { .. } => e,
+                e => SnapshotError::InFile {
+                    path: p.as_ref().to_path_buf(),
+                    source: Box::new(e),
+                },
+            })?;
             chain = Some(match chain {
                 None => next,
                 Some(parent) => next.with_parent(parent)?,
@@ -192,6 +203,7 @@ impl SnapshotReader {
             table,
             vcpus,
             parent: None,
+            path: None,
         })
     }
 
@@ -274,6 +286,24 @@ impl SnapshotReader {
     /// carries its own; empty where none were saved), in vCPU order.
     pub fn vcpus(&self) -> &[VcpuState] {
         &self.vcpus
+    }
+
+    /// The path this snapshot was opened by (`None` for
+    /// [`from_file`](Self::from_file)).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// `e`, an error reading this file, as [`SnapshotError::InFile`] where
+    /// the file has a path.
+    pub(crate) fn name_error(&self, e: SnapshotError) -> SnapshotError {
+        match &self.path {
+            Some(path) => SnapshotError::InFile {
+                path: path.clone(),
+                source: Box::new(e),
+            },
+            None => e,
+        }
     }
 
     /// The parent, if attached.
