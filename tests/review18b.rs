@@ -401,3 +401,79 @@ fn errors_in_a_chain_name_the_file() {
     assert!(e.to_string().contains("s0.snap"), "{e}");
     assert!(e.place().is_some(), "{e}");
 }
+
+/// A snapshot file at `path` with a valid header (checksum included) of
+/// one region of one page, `runs` map runs, `external` ancestor contents
+/// (then it is incremental) and `vcpus` vCPU records, and nothing but a
+/// hole after it: a sparse file as long as the counts say, costing no
+/// disk. Returns where the map starts.
+fn sparse_claim(path: &Path, runs: u64, external: u64, vcpus: u32) -> u64 {
+    let incremental = external > 0;
+    let mut h = Vec::new();
+    h.extend_from_slice(b"\x89PFSNAP\n");
+    h.extend_from_slice(&1u16.to_le_bytes());
+    let flags = u16::from(incremental) | if vcpus > 0 { 2 } else { 0 };
+    h.extend_from_slice(&flags.to_le_bytes());
+    h.extend_from_slice(&4096u32.to_le_bytes());
+    h.extend_from_slice(&1u32.to_le_bytes());
+    h.extend_from_slice(&vcpus.to_le_bytes());
+    h.extend_from_slice(&[7; 32]); // id
+    h.extend_from_slice(&[u8::from(incremental); 32]); // parent
+    let content = 4096u64;
+    let map = content;
+    let table = map + runs * 16;
+    let vcpu_at = table + external * 48;
+    let end = vcpu_at
+        + if vcpus > 0 {
+            u64::from(vcpus) * 504 + 8
+        } else {
+            0
+        };
+    for v in [1u64, content, 0, map, runs, 0, table, external, 0] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h.extend_from_slice(&0u64.to_le_bytes());
+    h.extend_from_slice(&PAGE.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64_with_seed(&h, 0x5046_534e_4150_0001);
+    h.extend_from_slice(&sum.to_le_bytes());
+    let f = std::fs::File::create(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &h, 0).unwrap();
+    f.set_len(end).unwrap();
+    map
+}
+
+#[test]
+fn a_sparse_file_claiming_terabytes_of_map_or_table_is_an_error_not_an_abort() {
+    // The parts are sized by the file's length, but a sparse file's length
+    // costs its author nothing: a buffer of that length, allocated before
+    // a byte is checked, aborted the process (or, where memory is
+    // overcommitted, filled it with the holes' zeros).
+    let dir = TempDir::new("sparse");
+    let p = dir.path("map.snap");
+    let map = sparse_claim(&p, 1 << 38, 0, 0); // 4 TiB of map
+    match SnapshotReader::open(&p) {
+        Err(SnapshotError::Malformed {
+            at,
+            problem: pagefold::snapshot::Problem::EmptyRun,
+        }) => assert_eq!(at.offset, map),
+        other => panic!("{other:?}"),
+    }
+    let p = dir.path("table.snap");
+    let table = sparse_claim(&p, 1, 1 << 36, 0); // 3 TiB of ancestor contents
+    match SnapshotReader::open(&p) {
+        Err(SnapshotError::Malformed {
+            at,
+            problem: pagefold::snapshot::Problem::Depth,
+        }) => assert_eq!(at.offset, table + 16 + 32),
+        other => panic!("{other:?}"),
+    }
+    let p = dir.path("vcpus.snap");
+    sparse_claim(&p, 1, 0, u32::MAX); // 2 TiB of vCPU records
+    match SnapshotReader::open(&p) {
+        Err(SnapshotError::Malformed {
+            problem: pagefold::snapshot::Problem::TooManyVcpus { .. },
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -83,6 +83,18 @@ pub enum Problem {
     /// The vCPU flag and the vCPU count disagree.
     #[error("vCPU flag and vCPU count disagree")]
     VcpuFlag,
+    /// More vCPUs than any VM has.
+    #[error("{count} vCPUs (at most {max})")]
+    TooManyVcpus {
+        /// The header's count.
+        count: u32,
+        /// The most a snapshot may have.
+        max: u32,
+    },
+    /// A content address of all zero bytes: no page has it (a hole of a
+    /// sparse file reads so).
+    #[error("a content address of all zeros")]
+    ZeroHash,
     /// The incremental flag and the parent id disagree.
     #[error("incremental flag and parent id disagree")]
     Parent,
