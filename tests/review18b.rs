@@ -429,7 +429,15 @@ fn sparse_claim(path: &Path, runs: u64, external: u64, vcpus: u32) -> u64 {
         } else {
             0
         };
-    for v in [1u64, content, 0, map, runs, 0, table, external, 0] {
+    // With one run, a valid one (one zero page) and its checksum.
+    let mut run = [0u8; 16];
+    run[0] = 1;
+    let map_sum = if runs == 1 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(&run, 0x5046_534e_4150_0002)
+    } else {
+        0
+    };
+    for v in [1u64, content, 0, map, runs, map_sum, table, external, 0] {
         h.extend_from_slice(&v.to_le_bytes());
     }
     h.extend_from_slice(&0u64.to_le_bytes());
@@ -438,6 +446,9 @@ fn sparse_claim(path: &Path, runs: u64, external: u64, vcpus: u32) -> u64 {
     h.extend_from_slice(&sum.to_le_bytes());
     let f = std::fs::File::create(path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &h, 0).unwrap();
+    if runs == 1 {
+        std::os::unix::fs::FileExt::write_all_at(&f, &run, map).unwrap();
+    }
     f.set_len(end).unwrap();
     map
 }

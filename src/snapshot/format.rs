@@ -21,6 +21,10 @@ pub(crate) const FLAG_INCREMENTAL: u16 = 1;
 /// Header flag: the file has a vCPU part (its count at byte 20). A reader
 /// that does not know the flag refuses the file.
 pub(crate) const FLAG_VCPUS: u16 = 2;
+/// The most vCPUs a snapshot holds (KVM's own limit is a few thousand):
+/// their part is read whole at open, so a count is bounded before it is
+/// read.
+pub(crate) const MAX_VCPUS: u32 = 1 << 16;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
 /// Bytes per region in the header: start, size.
@@ -294,6 +298,15 @@ impl Header {
         let vcpu_count = c.u32();
         if (flags & FLAG_VCPUS != 0) != (vcpu_count != 0) {
             return Err(bad(20, Problem::VcpuFlag));
+        }
+        if vcpu_count > MAX_VCPUS {
+            return Err(bad(
+                20,
+                Problem::TooManyVcpus {
+                    count: vcpu_count,
+                    max: MAX_VCPUS,
+                },
+            ));
         }
         let id = SnapshotId(c.array());
         let parent = SnapshotId(c.array());

@@ -3,7 +3,10 @@
 //! per stored page); stored pages are read on demand, one `pread` per run
 //! of slots, and each page is checked against its BLAKE3 address before
 //! anyone sees it. Every buffer is sized by the file's real length: a
-//! header's counts are checked against it before anything is allocated.
+//! header's counts are checked against it before anything is allocated,
+//! and the map and table are read a chunk at a time, an entry of all zeros
+//! (a hole: no valid entry is zeros) an error at once, so a sparse file
+//! whose length claims terabytes costs a chunk.
 //!
 //! An incremental snapshot is opened alone and then given its parent
 //! ([`SnapshotReader::with_parent`], or [`SnapshotReader::open_chain`]),
@@ -22,7 +25,7 @@ use rayon::prelude::*;
 use super::{
     error::{Part, Place, Problem, SnapshotError},
     file::{open_regular, read_at},
-    format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN},
+    format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN, RUN_LEN},
     id::SnapshotId,
     layout::PageLayout,
     map::{PageMap, PageSource},
@@ -165,8 +168,14 @@ impl SnapshotReader {
                 Problem::Reserved(pad[k]),
             ));
         }
-        let mut map_bytes = vec![0u8; len(parts.map, parts.table)];
-        read_at(&file, &mut map_bytes, parts.map, Part::Map)?;
+        let mut map_bytes = Vec::new();
+        read_entries(
+            &file,
+            Part::Map,
+            (parts.map, parts.table),
+            (RUN_LEN, 0, || Problem::EmptyRun),
+            &mut map_bytes,
+        )?;
         check_sum(Part::Map, parts.map, &map_bytes, header.map_checksum)?;
         let contents = header.local_count + header.external_count;
         let map = PageMap::parse(
@@ -176,8 +185,22 @@ impl SnapshotReader {
             contents,
             header.total_pages,
         )?;
-        let mut table_bytes = vec![0u8; len(parts.table, parts.vcpus)];
-        read_at(&file, &mut table_bytes, parts.table, Part::Table)?;
+        let mut table_bytes = Vec::new();
+        let externals = parts.table + header.local_count * LOCAL_LEN as u64;
+        read_entries(
+            &file,
+            Part::Table,
+            (parts.table, externals),
+            (LOCAL_LEN, 0, || Problem::ZeroHash),
+            &mut table_bytes,
+        )?;
+        read_entries(
+            &file,
+            Part::Table,
+            (externals, parts.vcpus),
+            (EXTERNAL_LEN, 32, || Problem::Depth),
+            &mut table_bytes,
+        )?;
         check_sum(
             Part::Table,
             parts.table,
@@ -467,6 +490,44 @@ impl SnapshotReader {
             }),
         }
     }
+}
+
+/// Bytes read per `pread` of the map and table.
+const CHUNK: usize = 1 << 20;
+
+/// Appends to `out` the bytes `start..end` of `file` (part `part`), which
+/// hold entries of `entry` bytes, a chunk at a time, so the buffer grows
+/// only with bytes read. An entry of all zero bytes, which no valid entry
+/// is (`problem`, at byte `off` of the entry) but which a hole of a sparse
+/// file reads as, is an error before anything after it is read: a sparse
+/// file whose length claims terabytes costs a chunk, not its length.
+fn read_entries(
+    file: &File,
+    part: Part,
+    (start, end): (u64, u64),
+    (entry, off, problem): (usize, u64, fn() -> Problem),
+    out: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let chunk = (CHUNK / entry * entry) as u64;
+    let mut at = start;
+    while at < end {
+        let n = usize::try_from(chunk.min(end - at)).unwrap_or(CHUNK);
+        let old = out.len();
+        out.resize(old + n, 0);
+        read_at(file, &mut out[old..], at, part)?;
+        if let Some(k) = out[old..]
+            .chunks_exact(entry)
+            .position(|e| e.iter().all(|&b| b == 0))
+        {
+            return Err(SnapshotError::malformed(
+                part,
+                at + (k * entry) as u64 + off,
+                problem(),
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), SnapshotError> {

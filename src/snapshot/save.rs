@@ -185,13 +185,17 @@ impl Saver {
 
     fn finish(mut self, vcpus: &[VcpuState]) -> Result<SaveStats, SnapshotError> {
         let stored = self.table.local.len() as u64;
-        let vcpu_count = u32::try_from(vcpus.len()).map_err(|_| {
-            SnapshotError::malformed(
+        let vcpu_count = u32::try_from(vcpus.len())
+            .ok()
+            .filter(|&n| n <= format::MAX_VCPUS)
+            .ok_or(SnapshotError::malformed(
                 Part::Header,
                 20,
-                super::error::Problem::Overflow("the vCPU count"),
-            )
-        })?;
+                super::error::Problem::TooManyVcpus {
+                    count: u32::try_from(vcpus.len()).unwrap_or(u32::MAX),
+                    max: format::MAX_VCPUS,
+                },
+            ))?;
         let vcpu_bytes = vcpu::encode_part(vcpus);
         let (map, runs) = self.map.finish(|n| {
             if n >= ANCESTOR_BASE {
