@@ -6,7 +6,10 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::{
+        fs::{FileExt, OpenOptionsExt},
+        io::AsRawFd,
+    },
     path::{Path, PathBuf},
 };
 
@@ -53,11 +56,23 @@ pub(crate) fn open_regular(path: &Path, no_follow: bool) -> Result<File, Option<
         .custom_flags(flags)
         .open(path)
         .map_err(Some)?;
-    if file.metadata().map_err(Some)?.is_file() {
-        Ok(file)
-    } else {
-        Err(None)
+    if !file.metadata().map_err(Some)?.is_file() {
+        return Err(None);
     }
+    // A regular file: blocking reads again, as every reader expects (Linux
+    // ignores the flag on regular files, a FUSE daemon may not).
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns and keeps open; it touches
+    // no memory of this process.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Some(io::Error::last_os_error()));
+    }
+    // SAFETY: as above; the flags are the descriptor's own, less one.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(Some(io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 /// A file being written under a temporary name next to `dest`.
