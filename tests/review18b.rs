@@ -488,3 +488,14 @@ fn a_sparse_file_claiming_terabytes_of_map_or_table_is_an_error_not_an_abort() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_save_to_a_name_of_the_longest_length_succeeds() {
+    // The temporary file's name is the destination's plus a suffix: at
+    // 255 bytes (NAME_MAX) that name was too long and the save failed.
+    let dir = TempDir::new("long-name");
+    let mem = memory();
+    let p = dir.path(&"s".repeat(255));
+    save(&mem, &p, &SaveOptions::default()).unwrap();
+    assert!(SnapshotReader::open(&p).is_ok());
+}
