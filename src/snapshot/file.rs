@@ -92,10 +92,21 @@ impl NewFile {
     pub(crate) fn create(dest: &Path) -> Result<Self, SnapshotError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = dest
+        // At most 200 bytes of the destination's name, so the temporary
+        // name stays within NAME_MAX (255 bytes) however long the
+        // destination's is.
+        let mut name = String::new();
+        for c in dest
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .to_string_lossy()
+            .chars()
+        {
+            if name.len() + c.len_utf8() > 200 {
+                break;
+            }
+            name.push(c);
+        }
         let tmp = dest.with_file_name(format!(
             ".{name}.tmp.{}.{}",
             std::process::id(),
