@@ -499,3 +499,25 @@ fn a_save_to_a_name_of_the_longest_length_succeeds() {
     save(&mem, &p, &SaveOptions::default()).unwrap();
     assert!(SnapshotReader::open(&p).is_ok());
 }
+
+#[test]
+fn an_incremental_save_while_a_migration_holds_the_log_is_refused() {
+    // The sender's rounds take pages from the log: a harvest made while it
+    // runs lacks them, and an incremental of it restores their old bytes.
+    let dir = TempDir::new("inc-mig");
+    let mem = memory();
+    let p0 = dir.path("s0.snap");
+    save(&mem, &p0, &SaveOptions::default()).unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+    let sender = pagefold::migration::Sender::start(
+        &mem,
+        std::io::sink(),
+        pagefold::migration::PrecopyOptions::default(),
+    )
+    .unwrap();
+    mem.write(GuestPhysAddr(0), b"dirty").unwrap();
+    let dirty = harvest(&mem);
+    let e = save_incremental(&mem, &r0, &dirty, dir.path("s1.snap")).unwrap_err();
+    assert!(matches!(e, SnapshotError::LogInUse), "{e:?}");
+    drop(sender);
+}
