@@ -399,9 +399,10 @@ pub enum SnapshotError {
         /// The region index.
         region: usize,
     },
-    /// A save that would take the dirty log ([`SaveOptions::track_dirty`](super::SaveOptions::track_dirty))
-    /// while a migration sender holds it: the sender's rounds need every
-    /// page the log reports.
+    /// A save that would take the dirty log ([`SaveOptions::track_dirty`](super::SaveOptions::track_dirty)),
+    /// or an incremental save, while a migration sender holds it: the
+    /// sender's rounds need every page the log reports, and take pages an
+    /// incremental's harvest would then lack.
     #[error("a migration sender holds this memory's dirty log; save without track_dirty, or after the migration")]
     LogInUse,
     /// A dirty run outside the memory.

@@ -335,7 +335,11 @@ fn save_full(
 /// for every region. On failure the runs are marked dirty again, so a
 /// retry after a fresh harvest still has them. `path` must not be the file
 /// of `parent` or of an ancestor attached to it
-/// ([`SnapshotError::OverwritesAncestor`]).
+/// ([`SnapshotError::OverwritesAncestor`]). Refused while a migration
+/// sender holds the log ([`SnapshotError::LogInUse`]): its rounds take
+/// pages from the log, so a harvest made meanwhile lacks them; and since a
+/// migration's start empties the log, the first snapshot after one must be
+/// a full one.
 pub fn save_incremental(
     mem: &GuestMemory,
     parent: &SnapshotReader,
@@ -392,6 +396,12 @@ fn save_incremental_inner(
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
     check_not_ancestor(parent, path)?;
+    // A migration sender's rounds take pages from the log: a harvest made
+    // while it runs lacks them, and so would this snapshot.
+    if !mem.claim_for_migration() {
+        return Err(SnapshotError::LogInUse);
+    }
+    mem.release_from_migration();
     let layout = PageLayout::of(mem);
     if let Some(what) = layout.differs(parent.layout()) {
         return Err(SnapshotError::LayoutMismatch { what });
