@@ -11,6 +11,13 @@
 //! - A snapshot of a tenant's memory was created readable by every user
 //!   (mode 0644 under the usual umask), and replacing a 0600 file widened
 //!   it.
+//! - A cloud-hypervisor directory's files could be symlinks to any file the
+//!   restoring process can read.
+//! - Errors in a chain did not say which file.
+//! - A sparse file claiming terabytes of map, table or vCPU records
+//!   aborted the process.
+//! - A save to a 255-byte name failed (its temporary name was too long).
+//! - An incremental save went ahead while a migration held the dirty log.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
