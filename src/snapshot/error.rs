@@ -93,6 +93,18 @@ pub enum Problem {
         /// What is wrong.
         what: String,
     },
+    /// More vCPUs than any VM has.
+    #[error("{count} vCPUs (at most {max})")]
+    TooManyVcpus {
+        /// The header's count.
+        count: u32,
+        /// The most a snapshot may have.
+        max: u32,
+    },
+    /// A content address of all zero bytes: no page has it (a hole of a
+    /// sparse file reads so).
+    #[error("a content address of all zeros")]
+    ZeroHash,
     /// The incremental flag and the parent id disagree.
     #[error("incremental flag and parent id disagree")]
     Parent,
@@ -237,6 +249,25 @@ pub enum ForeignProblem {
     /// The region layout given is invalid.
     #[error("region layout: {0}")]
     Layout(LayoutError),
+    /// Not a regular file (a FIFO, a device, a directory): it could block
+    /// the open or read without end.
+    #[error("not a regular file")]
+    NotAFile,
+    /// A symbolic link where the file itself must be (a snapshot
+    /// directory's files): followed, it could name any file the process
+    /// can read.
+    #[error(
+        "a symbolic link (a snapshot directory's files must be in it; link the directory instead)"
+    )]
+    Symlink,
+    /// A file too large for what it holds (a `state.json` is read whole).
+    #[error("{len} bytes, more than the {max} this file may have")]
+    TooLarge {
+        /// The file's length.
+        len: u64,
+        /// The most it may have.
+        max: u64,
+    },
     /// The memory file is not as long as the ranges it must hold.
     #[error("the file is {found} bytes, the memory ranges need exactly {expected}")]
     Length {
@@ -326,6 +357,16 @@ pub enum SnapshotError {
         /// The id field.
         at: Place,
     },
+    /// A save whose destination is the file of one of the snapshots it
+    /// builds on: replacing it would leave the new snapshot naming an
+    /// ancestor that no longer exists.
+    #[error("cannot save to {}: it is the file of ancestor {depth} (1: the parent) of the snapshot being saved", .path.display())]
+    OverwritesAncestor {
+        /// The destination.
+        path: PathBuf,
+        /// Which ancestor (1: the parent).
+        depth: u32,
+    },
     /// A full snapshot was given a parent.
     #[error("snapshot {id} is full: it has no parent")]
     NotIncremental {
@@ -368,9 +409,10 @@ pub enum SnapshotError {
         /// The region index.
         region: usize,
     },
-    /// A save that would take the dirty log ([`SaveOptions::track_dirty`](super::SaveOptions::track_dirty))
-    /// while a migration sender holds it: the sender's rounds need every
-    /// page the log reports.
+    /// A save that would take the dirty log ([`SaveOptions::track_dirty`](super::SaveOptions::track_dirty)),
+    /// or an incremental save, while a migration sender holds it: the
+    /// sender's rounds need every page the log reports, and take pages an
+    /// incremental's harvest would then lack.
     #[error("a migration sender holds this memory's dirty log; save without track_dirty, or after the migration")]
     LogInUse,
     /// A dirty run outside the memory.
@@ -393,6 +435,18 @@ pub enum SnapshotError {
         field: String,
         /// What is wrong with it.
         problem: ForeignProblem,
+    },
+    /// An error in one file of a chain, where the call named several
+    /// ([`SnapshotReader::open_chain`](super::SnapshotReader::open_chain))
+    /// or read an ancestor the caller did not name
+    /// ([`restore_into`](super::restore_into)); [`place`](Self::place) is
+    /// the inner error's.
+    #[error("{}: {source}", .path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: Box<SnapshotError>,
     },
     /// Guest memory refused an access.
     #[error("guest memory: {0}")]
@@ -422,6 +476,7 @@ impl SnapshotError {
             | ContentHash { at, .. }
             | Malformed { at, .. }
             | IdMismatch { at } => Some(*at),
+            InFile { source, .. } => source.place(),
             _ => None,
         }
     }

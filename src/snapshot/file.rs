@@ -6,7 +6,10 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
-    os::unix::fs::FileExt,
+    os::unix::{
+        fs::{FileExt, OpenOptionsExt},
+        io::AsRawFd,
+    },
     path::{Path, PathBuf},
 };
 
@@ -36,6 +39,42 @@ pub(crate) fn read_at(
     })
 }
 
+/// Opens `path` for reading, refusing anything but a regular file: a FIFO
+/// would block the open (it is opened non-blocking, so it does not) and a
+/// device or a FIFO would read without end. With `no_follow`, a symbolic
+/// link as the last component is an error (`ELOOP`) rather than followed.
+/// `Err(None)` for a file that is not regular, `Err(Some(_))` for an error
+/// of the open.
+pub(crate) fn open_regular(path: &Path, no_follow: bool) -> Result<File, Option<io::Error>> {
+    let flags = if no_follow {
+        libc::O_NONBLOCK | libc::O_NOFOLLOW
+    } else {
+        libc::O_NONBLOCK
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(Some)?;
+    if !file.metadata().map_err(Some)?.is_file() {
+        return Err(None);
+    }
+    // A regular file: blocking reads again, as every reader expects (Linux
+    // ignores the flag on regular files, a FUSE daemon may not).
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns and keeps open; it touches
+    // no memory of this process.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Some(io::Error::last_os_error()));
+    }
+    // SAFETY: as above; the flags are the descriptor's own, less one.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(Some(io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 /// A file being written under a temporary name next to `dest`.
 pub(crate) struct NewFile {
     tmp: PathBuf,
@@ -47,14 +86,27 @@ pub(crate) struct NewFile {
 
 impl NewFile {
     /// Creates the temporary file (a name no other writer takes: process
-    /// id and a counter).
+    /// id and a counter), readable and writable by its owner only: it
+    /// holds a guest's memory (the caller widens it after the save if it
+    /// must).
     pub(crate) fn create(dest: &Path) -> Result<Self, SnapshotError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = dest
+        // At most 200 bytes of the destination's name, so the temporary
+        // name stays within NAME_MAX (255 bytes) however long the
+        // destination's is.
+        let mut name = String::new();
+        for c in dest
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .to_string_lossy()
+            .chars()
+        {
+            if name.len() + c.len_utf8() > 200 {
+                break;
+            }
+            name.push(c);
+        }
         let tmp = dest.with_file_name(format!(
             ".{name}.tmp.{}.{}",
             std::process::id(),
@@ -63,6 +115,7 @@ impl NewFile {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(|source| SnapshotError::File {
                 op: "create",

@@ -19,7 +19,8 @@
 //!   them (`snapshots["memory-manager"].snapshot_data.state`, itself JSON,
 //!   with `memory_ranges.data: [{gpa, length}]`; before that format, a
 //!   `memory-manager-section` whose `snapshot` is the JSON's bytes). The
-//!   layout is the ranges in address order, adjacent ones joined.
+//!   layout is the ranges in address order, adjacent ones joined. Both
+//!   files must be regular files in the directory, not links out of it.
 //!
 //! Restoring: [`restore_foreign_into`] copies into a memory of the layout
 //! (zero pages released, never written), and [`ForeignMemory::save_as`]
@@ -29,7 +30,7 @@
 
 use std::{
     fs::File,
-    io,
+    io::{self, Read},
     os::unix::{fs::FileExt, io::AsRawFd},
     path::{Path, PathBuf},
 };
@@ -38,6 +39,7 @@ use serde_json::Value;
 
 use super::{
     error::{ForeignProblem, SnapshotError},
+    file::open_regular,
     layout::PageLayout,
     restore::{release_zeros, RestoreStats},
     save::{save_from, SaveStats},
@@ -50,6 +52,10 @@ use crate::{
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const GIB: u64 = 1 << 30;
+/// The largest `state.json` read: it is read and parsed whole, and
+/// cloud-hypervisor's are kilobytes to a few megabytes (device and vCPU
+/// states).
+const STATE_MAX: u64 = 256 << 20;
 
 /// The file of a cloud-hypervisor snapshot directory holding the memory.
 pub const CLOUD_HYPERVISOR_MEMORY: &str = "memory-ranges";
@@ -187,15 +193,44 @@ impl ForeignMemory {
     }
 
     /// Opens the cloud-hypervisor snapshot directory `dir`: the ranges of
-    /// its `state.json`, their bytes in its `memory-ranges`.
+    /// its `state.json`, their bytes in its `memory-ranges`. Both must be
+    /// regular files in `dir`, not symbolic links (`dir` itself may be
+    /// one): a link could make the restore read any file this process can.
     pub fn cloud_hypervisor(dir: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let dir = dir.as_ref();
         let state = dir.join(CLOUD_HYPERVISOR_STATE);
-        let text = std::fs::read(&state).map_err(|source| SnapshotError::File {
+        let read_err = |source| SnapshotError::File {
             op: "read",
             path: state.clone(),
             source,
-        })?;
+        };
+        let file = open_file(&state, "read", true)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        if len > STATE_MAX {
+            return Err(foreign(
+                &state,
+                "length",
+                ForeignProblem::TooLarge {
+                    len,
+                    max: STATE_MAX,
+                },
+            ));
+        }
+        let mut text = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        // Bounded also if the file grows while it is read.
+        file.take(STATE_MAX + 1)
+            .read_to_end(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > STATE_MAX {
+            return Err(foreign(
+                &state,
+                "length",
+                ForeignProblem::TooLarge {
+                    len: text.len() as u64,
+                    max: STATE_MAX,
+                },
+            ));
+        }
         let (field, list) = cloud_hypervisor_ranges(&state, &text)?;
         Self::open(
             ForeignKind::CloudHypervisor,
@@ -270,11 +305,7 @@ impl ForeignMemory {
                 _ => regions.push((GuestPhysAddr(r.gpa), r.len)),
             }
         }
-        let file = File::open(path).map_err(|source| SnapshotError::File {
-            op: "open",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = open_file(path, "open", kind == ForeignKind::CloudHypervisor)?;
         let found = file
             .metadata()
             .map_err(|source| SnapshotError::File {
@@ -542,6 +573,25 @@ pub fn restore_foreign_into(
         }
     }
     Ok(stats)
+}
+
+/// Opens `path` for reading: a regular file only (a FIFO would block the
+/// open, a device read without end). `op` names what failed in an error
+/// of the open. With `in_dir` (a file a snapshot directory holds, named by
+/// this module, not by the caller) a symbolic link is refused: whoever
+/// wrote the directory could point it at any file this process may read.
+fn open_file(path: &Path, op: &'static str, in_dir: bool) -> Result<File, SnapshotError> {
+    open_regular(path, in_dir).map_err(|e| match e {
+        Some(source) if in_dir && source.raw_os_error() == Some(libc::ELOOP) => {
+            foreign(path, "(file)", ForeignProblem::Symlink)
+        }
+        Some(source) => SnapshotError::File {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
+        None => foreign(path, "(file)", ForeignProblem::NotAFile),
+    })
 }
 
 fn foreign(path: &Path, field: &str, problem: ForeignProblem) -> SnapshotError {

@@ -26,6 +26,10 @@ pub(crate) const FLAG_VCPUS: u16 = 2;
 /// it, the part is the fixed 504-byte records of earlier builds. A reader
 /// that does not know the flag refuses the file (`Problem::Flags`).
 pub(crate) const FLAG_VCPU_SECTIONS: u16 = 4;
+/// The most vCPUs a snapshot holds (KVM's own limit is a few thousand):
+/// their part is read whole at open, so a count is bounded before it is
+/// read.
+pub(crate) const MAX_VCPUS: u32 = 1 << 16;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
 /// Bytes per region in the header: start, size.
@@ -309,6 +313,15 @@ impl Header {
         }
         if flags & FLAG_VCPU_SECTIONS != 0 && flags & FLAG_VCPUS == 0 {
             return Err(bad(10, Problem::VcpuFlag));
+        }
+        if vcpu_count > MAX_VCPUS {
+            return Err(bad(
+                20,
+                Problem::TooManyVcpus {
+                    count: vcpu_count,
+                    max: MAX_VCPUS,
+                },
+            ));
         }
         let id = SnapshotId(c.array());
         let parent = SnapshotId(c.array());

@@ -3,21 +3,29 @@
 //! per stored page); stored pages are read on demand, one `pread` per run
 //! of slots, and each page is checked against its BLAKE3 address before
 //! anyone sees it. Every buffer is sized by the file's real length: a
-//! header's counts are checked against it before anything is allocated.
+//! header's counts are checked against it before anything is allocated,
+//! and the map and table are read a chunk at a time, an entry of all zeros
+//! (a hole: no valid entry is zeros) an error at once, so a sparse file
+//! whose length claims terabytes costs a chunk.
 //!
 //! An incremental snapshot is opened alone and then given its parent
 //! ([`SnapshotReader::with_parent`], or [`SnapshotReader::open_chain`]),
 //! which checks the parent's id and layout and every content the child
 //! takes from an ancestor.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::{File, Metadata},
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use rayon::prelude::*;
 
 use super::{
     error::{Part, Place, Problem, SnapshotError},
-    file::read_at,
-    format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN},
+    file::{open_regular, read_at},
+    format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN, RUN_LEN},
     id::SnapshotId,
     layout::PageLayout,
     map::{PageMap, PageSource},
@@ -39,6 +47,8 @@ pub struct SnapshotReader {
     table: ContentTable,
     vcpus: Vec<VcpuState>,
     parent: Option<Box<SnapshotReader>>,
+    /// The path it was opened by ([`open`](Self::open)), for errors.
+    path: Option<PathBuf>,
 }
 
 /// Where a page's bytes are, through the chain.
@@ -52,26 +62,38 @@ pub(crate) enum Located<'a> {
 
 impl SnapshotReader {
     /// Opens the snapshot at `path` and checks its header, map and table
-    /// (not its stored pages: each is checked when read). An incremental
+    /// (not its stored pages: each is checked when read). Anything but a
+    /// regular file (a FIFO, a device) is an error, never a wait. An incremental
     /// snapshot reads its unchanged pages from its parent, attached with
     /// [`with_parent`](Self::with_parent).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SnapshotError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| SnapshotError::File {
+        let file = open_regular(path, false).map_err(|e| SnapshotError::File {
             op: "open",
             path: path.to_path_buf(),
-            source,
+            source: e.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
+            }),
         })?;
-        Self::from_file(file)
+        let mut snap = Self::from_file(file)?;
+        snap.path = Some(path.to_path_buf());
+        Ok(snap)
     }
 
     /// Opens a chain of snapshots, oldest (a full snapshot) first, each
     /// later one incremental against the one before; returns the newest,
-    /// holding the others.
+    /// holding the others. An error about a file's bytes is
+    /// [`SnapshotError::InFile`], naming the file.
     pub fn open_chain<P: AsRef<Path>>(paths: &[P]) -> Result<Self, SnapshotError> {
         let mut chain: Option<SnapshotReader> = None;
         for p in paths {
-            let next = Self::open(p)?;
+            let next = Self::open(p).map_err(|e| match e {
+                e @ SnapshotError::File { .. } => e,
+                e => SnapshotError::InFile {
+                    path: p.as_ref().to_path_buf(),
+                    source: Box::new(e),
+                },
+            })?;
             chain = Some(match chain {
                 None => next,
                 Some(parent) => next.with_parent(parent)?,
@@ -180,8 +202,14 @@ impl SnapshotReader {
                 Problem::Reserved(pad[k]),
             ));
         }
-        let mut map_bytes = vec![0u8; len(parts.map, parts.table)];
-        read_at(&file, &mut map_bytes, parts.map, Part::Map)?;
+        let mut map_bytes = Vec::new();
+        read_entries(
+            &file,
+            Part::Map,
+            (parts.map, parts.table),
+            (RUN_LEN, 0, || Problem::EmptyRun),
+            &mut map_bytes,
+        )?;
         check_sum(Part::Map, parts.map, &map_bytes, header.map_checksum)?;
         let contents = header.local_count + header.external_count;
         let map = PageMap::parse(
@@ -191,8 +219,22 @@ impl SnapshotReader {
             contents,
             header.total_pages,
         )?;
-        let mut table_bytes = vec![0u8; len(parts.table, parts.vcpus)];
-        read_at(&file, &mut table_bytes, parts.table, Part::Table)?;
+        let mut table_bytes = Vec::new();
+        let externals = parts.table + header.local_count * LOCAL_LEN as u64;
+        read_entries(
+            &file,
+            Part::Table,
+            (parts.table, externals),
+            (LOCAL_LEN, 0, || Problem::ZeroHash),
+            &mut table_bytes,
+        )?;
+        read_entries(
+            &file,
+            Part::Table,
+            (externals, parts.vcpus),
+            (EXTERNAL_LEN, 32, || Problem::Depth),
+            &mut table_bytes,
+        )?;
         check_sum(
             Part::Table,
             parts.table,
@@ -222,6 +264,7 @@ impl SnapshotReader {
             table,
             vcpus,
             parent: None,
+            path: None,
         })
     }
 
@@ -306,6 +349,24 @@ impl SnapshotReader {
         &self.vcpus
     }
 
+    /// The path this snapshot was opened by (`None` for
+    /// [`from_file`](Self::from_file)).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// `e`, an error reading this file, as [`SnapshotError::InFile`] where
+    /// the file has a path.
+    pub(crate) fn name_error(&self, e: SnapshotError) -> SnapshotError {
+        match &self.path {
+            Some(path) => SnapshotError::InFile {
+                path: path.clone(),
+                source: Box::new(e),
+            },
+            None => e,
+        }
+    }
+
     /// The parent, if attached.
     pub fn parent(&self) -> Option<&SnapshotReader> {
         self.parent.as_deref()
@@ -358,6 +419,14 @@ impl SnapshotReader {
             .then(|| self.layout.page_of(gpa))
             .flatten()
             .ok_or(SnapshotError::PageNotInLayout { gpa })
+    }
+
+    /// Whether `meta` (of a path, not followed if a link) is this
+    /// snapshot's file.
+    pub(crate) fn is_file(&self, meta: &Metadata) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
     }
 
     pub(crate) fn layout(&self) -> &PageLayout {
@@ -459,6 +528,44 @@ impl SnapshotReader {
             }),
         }
     }
+}
+
+/// Bytes read per `pread` of the map and table.
+const CHUNK: usize = 1 << 20;
+
+/// Appends to `out` the bytes `start..end` of `file` (part `part`), which
+/// hold entries of `entry` bytes, a chunk at a time, so the buffer grows
+/// only with bytes read. An entry of all zero bytes, which no valid entry
+/// is (`problem`, at byte `off` of the entry) but which a hole of a sparse
+/// file reads as, is an error before anything after it is read: a sparse
+/// file whose length claims terabytes costs a chunk, not its length.
+fn read_entries(
+    file: &File,
+    part: Part,
+    (start, end): (u64, u64),
+    (entry, off, problem): (usize, u64, fn() -> Problem),
+    out: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let chunk = (CHUNK / entry * entry) as u64;
+    let mut at = start;
+    while at < end {
+        let n = usize::try_from(chunk.min(end - at)).unwrap_or(CHUNK);
+        let old = out.len();
+        out.resize(old + n, 0);
+        read_at(file, &mut out[old..], at, part)?;
+        if let Some(k) = out[old..]
+            .chunks_exact(entry)
+            .position(|e| e.iter().all(|&b| b == 0))
+        {
+            return Err(SnapshotError::malformed(
+                part,
+                at + (k * entry) as u64 + off,
+                problem(),
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), SnapshotError> {

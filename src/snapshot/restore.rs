@@ -32,7 +32,8 @@ pub struct RestoreStats {
 /// must be the snapshot's ([`SnapshotReader::region_layout`]). On an error
 /// (a damaged page, a missing ancestor) the memory is partly restored and
 /// must be discarded; every page is checked before it is written, so no
-/// page ever holds bytes the snapshot did not save.
+/// page ever holds bytes the snapshot did not save. An error reading an
+/// ancestor's file is [`SnapshotError::InFile`], naming it.
 pub fn restore_into(
     snap: &SnapshotReader,
     mem: &GuestMemory,
@@ -79,7 +80,14 @@ pub fn restore_into(
                             .find(|&e| !next(e))
                             .unwrap_or(locs.len());
                         let dst = &mut buf[j * PAGE_SIZE..e * PAGE_SIZE];
-                        file.read_slots(slot, dst)?;
+                        file.read_slots(slot, dst).map_err(|e| {
+                            // An ancestor's file: the caller did not name it.
+                            if std::ptr::eq(file, snap) {
+                                e
+                            } else {
+                                file.name_error(e)
+                            }
+                        })?;
                         mem.write(gpa(j), dst)?;
                         stats.copied_pages += (e - j) as u64;
                         j = e;

@@ -185,13 +185,17 @@ impl Saver {
 
     fn finish(mut self, vcpus: &[VcpuState]) -> Result<SaveStats, SnapshotError> {
         let stored = self.table.local.len() as u64;
-        let vcpu_count = u32::try_from(vcpus.len()).map_err(|_| {
-            SnapshotError::malformed(
+        let vcpu_count = u32::try_from(vcpus.len())
+            .ok()
+            .filter(|&n| n <= format::MAX_VCPUS)
+            .ok_or(SnapshotError::malformed(
                 Part::Header,
                 20,
-                super::error::Problem::Overflow("the vCPU count"),
-            )
-        })?;
+                super::error::Problem::TooManyVcpus {
+                    count: u32::try_from(vcpus.len()).unwrap_or(u32::MAX),
+                    max: format::MAX_VCPUS,
+                },
+            ))?;
         let vcpu_bytes = vcpu::encode_part(vcpus);
         let (map, runs) = self.map.finish(|n| {
             if n >= ANCESTOR_BASE {
@@ -250,7 +254,9 @@ impl Saver {
 /// on and the log empty before the first page is read, so a later
 /// [`save_incremental`] on this snapshot gets every page written since,
 /// even while vCPUs run during the save (a page written after it was read
-/// is in the log; one written before is saved as written).
+/// is in the log; one written before is saved as written). A save that
+/// fails puts back in the log what it took, so an incremental snapshot on
+/// the snapshot before still gets every page written since that one.
 pub fn save(
     mem: &GuestMemory,
     path: impl AsRef<Path>,
@@ -269,6 +275,10 @@ pub fn save_with_vcpus(
     opts: &SaveOptions,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    // What the log held before this save: the writes since the snapshot
+    // before, which an incremental on that one still needs if this save
+    // fails.
+    let mut taken = Vec::new();
     if opts.track_dirty {
         // The log has one reader at a time: a migration sender's rounds
         // would miss what this harvest takes.
@@ -277,11 +287,34 @@ pub fn save_with_vcpus(
         }
         let cleared = mem
             .set_dirty_tracking(RegionSet::All, true)
-            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut Vec::new()));
+            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut taken));
         mem.release_from_migration();
-        cleared?;
+        if let Err(e) = cleared {
+            remark(mem, &taken);
+            return Err(e.into());
+        }
     }
-    let mut s = Saver::new(PageLayout::of(mem), path.as_ref(), None)?;
+    let r = save_full(mem, path.as_ref(), vcpus);
+    if r.is_err() {
+        remark(mem, &taken);
+    }
+    r
+}
+
+/// Marks `runs` dirty again after a save that failed (best effort: the
+/// runs came from this memory's own log).
+fn remark(mem: &GuestMemory, runs: &[DirtyRun]) {
+    for run in runs {
+        let _ = mem.mark_dirty(run.start, run.pages);
+    }
+}
+
+fn save_full(
+    mem: &GuestMemory,
+    path: &Path,
+    vcpus: &[VcpuState],
+) -> Result<SaveStats, SnapshotError> {
+    let mut s = Saver::new(PageLayout::of(mem), path, None)?;
     let mut scan = Scanner::new(mem);
     for (i, r) in mem.regions().iter().enumerate() {
         s.pages(&mut scan, i, 0, r.pages())?;
@@ -301,7 +334,13 @@ pub fn save_with_vcpus(
 /// ([`GuestMemory::harvest_dirty`]) right before this call; pages written
 /// from the harvest on are in the next harvest. Dirty tracking must be on
 /// for every region. On failure the runs are marked dirty again, so a
-/// retry after a fresh harvest still has them.
+/// retry after a fresh harvest still has them. `path` must not be the file
+/// of `parent` or of an ancestor attached to it
+/// ([`SnapshotError::OverwritesAncestor`]). Refused while a migration
+/// sender holds the log ([`SnapshotError::LogInUse`]): its rounds take
+/// pages from the log, so a harvest made meanwhile lacks them; and since a
+/// migration's start empties the log, the first snapshot after one must be
+/// a full one.
 pub fn save_incremental(
     mem: &GuestMemory,
     parent: &SnapshotReader,
@@ -322,12 +361,32 @@ pub fn save_incremental_with_vcpus(
 ) -> Result<SaveStats, SnapshotError> {
     let r = save_incremental_inner(mem, parent, dirty, path.as_ref(), vcpus);
     if r.is_err() {
-        for run in dirty {
-            // Best effort: a run outside the memory was the error itself.
-            let _ = mem.mark_dirty(run.start, run.pages);
-        }
+        // Best effort: a run outside the memory was the error itself.
+        remark(mem, dirty);
     }
     r
+}
+
+/// Refuses a destination that is the file of `parent` or of an ancestor
+/// attached to it: the rename would replace the snapshot the new one
+/// builds on. A symbolic link there is replaced itself, not its target,
+/// so it is not followed.
+fn check_not_ancestor(parent: &SnapshotReader, path: &Path) -> Result<(), SnapshotError> {
+    let Ok(dest) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let (mut anc, mut depth) = (Some(parent), 1u32);
+    while let Some(a) = anc {
+        if a.is_file(&dest) {
+            return Err(SnapshotError::OverwritesAncestor {
+                path: path.to_path_buf(),
+                depth,
+            });
+        }
+        anc = a.parent();
+        depth = depth.saturating_add(1);
+    }
+    Ok(())
 }
 
 fn save_incremental_inner(
@@ -337,6 +396,13 @@ fn save_incremental_inner(
     path: &Path,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    check_not_ancestor(parent, path)?;
+    // A migration sender's rounds take pages from the log: a harvest made
+    // while it runs lacks them, and so would this snapshot.
+    if !mem.claim_for_migration() {
+        return Err(SnapshotError::LogInUse);
+    }
+    mem.release_from_migration();
     let layout = PageLayout::of(mem);
     if let Some(what) = layout.differs(parent.layout()) {
         return Err(SnapshotError::LayoutMismatch { what });
