@@ -528,3 +528,33 @@ fn an_incremental_save_while_a_migration_holds_the_log_is_refused() {
     assert!(matches!(e, SnapshotError::LogInUse), "{e:?}");
     drop(sender);
 }
+
+#[test]
+fn a_sparse_file_claiming_terabytes_of_sectioned_vcpu_state_is_an_error_not_an_abort() {
+    // The sectioned vCPU part names its own length, bounded only by the
+    // file's: a sparse file claiming a terabyte there had its buffer
+    // allocated before a byte was checked.
+    let dir = TempDir::new("sparse-vcpu");
+    let mem = memory();
+    let p = dir.path("v.snap");
+    let state = pagefold::snapshot::VcpuState {
+        xsave: vec![0; 4096],
+        ..Default::default()
+    };
+    pagefold::snapshot::save_with_vcpus(&mem, &p, &SaveOptions::default(), &[state]).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let len = bytes.len() as u64;
+    // The part's first word is its length, and it ends the file.
+    let at = (0..bytes.len() - 8)
+        .rev()
+        .find(|&k| u64::from_le_bytes(bytes[k..k + 8].try_into().unwrap()) == len - k as u64)
+        .unwrap() as u64;
+    let claim: u64 = 1 << 40;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &claim.to_le_bytes(), at).unwrap();
+    f.set_len(at + claim).unwrap();
+    match SnapshotReader::open(&p) {
+        Err(SnapshotError::Malformed { at: place, .. }) => assert_eq!(place.offset, at),
+        other => panic!("{other:?}"),
+    }
+}
