@@ -26,10 +26,10 @@ pub(crate) const FLAG_VCPUS: u16 = 2;
 /// it, the part is the fixed 504-byte records of earlier builds. A reader
 /// that does not know the flag refuses the file (`Problem::Flags`).
 pub(crate) const FLAG_VCPU_SECTIONS: u16 = 4;
-/// The most vCPUs a snapshot holds (KVM's own limit is a few thousand):
+/// The most vCPUs a snapshot holds (`KVM_MAX_VCPUS` on x86, the largest):
 /// their part is read whole at open, so a count is bounded before it is
 /// read.
-pub(crate) const MAX_VCPUS: u32 = 1 << 16;
+pub(crate) const MAX_VCPUS: u32 = 4096;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
 /// Bytes per region in the header: start, size.

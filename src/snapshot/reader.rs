@@ -142,6 +142,13 @@ impl SnapshotReader {
             let mut first = [0u8; 8];
             read_at(&file, &mut first, parts.vcpus, Part::Vcpus)?;
             let part_len = vcpu::sectioned_len(first);
+            if part_len > vcpu::sectioned_max_len(header.vcpu_count) {
+                return Err(SnapshotError::malformed(
+                    Part::Vcpus,
+                    parts.vcpus,
+                    Problem::Overflow("the vCPU part's length (more than its vCPUs can hold)"),
+                ));
+            }
             if part_len < vcpu::SECTIONED_MIN {
                 return Err(SnapshotError::malformed(
                     Part::Vcpus,

@@ -196,7 +196,7 @@ impl Saver {
                     max: format::MAX_VCPUS,
                 },
             ))?;
-        let vcpu_bytes = vcpu::encode_part(vcpus);
+        let vcpu_bytes = vcpu::encode_part(vcpus)?;
         let (map, runs) = self.map.finish(|n| {
             if n >= ANCESTOR_BASE {
                 n - ANCESTOR_BASE + stored

@@ -270,6 +270,17 @@ pub const EVENTS_LEN: usize = 64;
 const XSAVE_MIN: usize = 4096;
 /// Most extended control registers (`KVM_MAX_XCRS`).
 const MAX_XCRS: usize = 16;
+/// The largest `XSAVE` area a section may hold: KVM's `KVM_CAP_XSAVE2`
+/// size is about 11 KiB with AMX's tile data; this leaves room for what
+/// later CPUs add while bounding what a file can make a reader allocate.
+const MAX_XSAVE: usize = 64 * 1024;
+/// Most MSRs a section may hold (KVM's index list has under 200).
+const MAX_MSRS: usize = 4096;
+/// The largest entry of one vCPU: its record and every section at its
+/// largest, rounded up. With [`MAX_VCPUS`](super::format::MAX_VCPUS) it
+/// bounds the part's length before a byte of it is read, as a sparse
+/// file's length costs its author nothing.
+const MAX_ENTRY: usize = 256 * 1024;
 
 const SEGMENTS_AT: usize = 200;
 const SEGMENT_LEN: usize = 24;
@@ -397,11 +408,43 @@ impl VcpuState {
     }
 }
 
+/// The most bytes a sectioned part of `count` vCPUs can hold: longer is
+/// malformed, whatever the file's length.
+pub(crate) fn sectioned_max_len(count: u32) -> u64 {
+    SECTIONED_MIN + u64::from(count) * (8 + MAX_ENTRY as u64)
+}
+
 /// The sectioned part's bytes for `states` (module doc's layout); empty
-/// for no vCPU.
-pub(crate) fn encode_part(states: &[VcpuState]) -> Vec<u8> {
+/// for no vCPU. A state with a section larger than a reader accepts (an
+/// `XSAVE` area over 64 KiB, over 4096 MSRs or 16 XCRs) is refused,
+/// naming the vCPU, rather than written into a file no reader opens.
+pub(crate) fn encode_part(states: &[VcpuState]) -> Result<Vec<u8>, SnapshotError> {
     if states.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
+    }
+    for (i, s) in states.iter().enumerate() {
+        let what = if s.xsave.len() > MAX_XSAVE {
+            Some(format!(
+                "XSAVE area of {} bytes, at most {MAX_XSAVE}",
+                s.xsave.len()
+            ))
+        } else if s.msrs.len() > MAX_MSRS {
+            Some(format!("{} MSRs, at most {MAX_MSRS}", s.msrs.len()))
+        } else if s.xcrs.len() > MAX_XCRS {
+            Some(format!("{} XCRs, at most {MAX_XCRS}", s.xcrs.len()))
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(SnapshotError::malformed(
+                Part::Vcpus,
+                0,
+                Problem::VcpuEntry {
+                    vcpu: u32::try_from(i).unwrap_or(u32::MAX),
+                    what,
+                },
+            ));
+        }
     }
     let mut out = vec![0u8; 8];
     for s in states {
@@ -416,7 +459,7 @@ pub(crate) fn encode_part(states: &[VcpuState]) -> Vec<u8> {
     out[..8].copy_from_slice(&len.to_le_bytes());
     let sum = xxh3_64_with_seed(&out, SECTIONED_SEED);
     out.extend_from_slice(&sum.to_le_bytes());
-    out
+    Ok(out)
 }
 
 /// The fixed part's checksum of `records`.
@@ -626,6 +669,13 @@ pub(crate) fn parse_sectioned(
                 ),
             ));
         };
+        if n > MAX_ENTRY {
+            return Err(bad(
+                k,
+                i,
+                format!("entry of {n} bytes, at most {MAX_ENTRY}"),
+            ));
+        }
         if n < VCPU_LEN {
             return Err(bad(
                 k,
@@ -690,13 +740,13 @@ pub(crate) fn parse_sectioned(
             };
             match tag {
                 TAG_XSAVE => {
-                    if len < XSAVE_MIN || len % 4 != 0 {
-                        return Err(wrong_len("a multiple of 4, at least 4096"));
+                    if len < XSAVE_MIN || len > MAX_XSAVE || len % 4 != 0 {
+                        return Err(wrong_len("a multiple of 4, from 4096 to 65536"));
                     }
                     state.xsave = data.to_vec();
                 }
                 TAG_XCRS => state.xcrs = pairs(MAX_XCRS)?,
-                TAG_MSRS => state.msrs = pairs(usize::MAX / 16)?,
+                TAG_MSRS => state.msrs = pairs(MAX_MSRS)?,
                 TAG_LAPIC => {
                     let mut l = Box::new([0u8; LAPIC_LEN]);
                     if len != LAPIC_LEN {
