@@ -40,6 +40,9 @@ pub(super) struct ScanState {
     pub(super) pagemap: PageMap,
     pub(super) volatile_this_scan: u64,
     pub(super) volatile_last_scan: u64,
+    /// VMs restored folded from each snapshot (by its id) into each
+    /// domain so far (`fold_in.rs`): what a restore plans its layout by.
+    pub(super) restored: HashMap<(DomainId, super::shared::Address), u64>,
 }
 
 impl ScanState {

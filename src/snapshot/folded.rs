@@ -11,8 +11,10 @@
 //! against their addresses as every read is, into one new run of shared
 //! frames. Image: the snapshot's pages in page order in one run of frames,
 //! found again by the snapshot's id, so a clone maps each region with one
-//! remap. Zero pages stay holes. The dedup side (`dedup/fold_in.rs`) does
-//! the rest under the host's scan lock.
+//! remap. Zero pages stay holes. [`FoldLayout::Auto`] weighs the two by
+//! the memory they would cost the clones still to come against the
+//! process's mapping budget. The dedup side (`dedup/fold_in.rs`) does the
+//! rest under the host's scan lock.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -23,7 +25,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    dedup::{DedupError, DedupHost, VmId, VmOptions},
+    dedup::{DedupError, DedupHost, FoldIn, PageFrame, VmId, VmOptions},
     frames::FrameError,
     memory::GuestMemory,
 };
@@ -41,14 +43,16 @@ pub struct FoldedRestore {
     pub stats: FoldedStats,
 }
 
-/// What a folded restore did.
+/// What a folded restore did. Every page is exactly one of zero, shared
+/// or copied: `pages == zero_pages + shared_pages + copied_pages`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FoldedStats {
     /// Pages of the layout.
     pub pages: u64,
-    /// Zero pages (holes: no memory, nothing mapped).
+    /// Zero pages: no memory, no content stored or shared (holes; in an
+    /// image, mapped onto the image's holes so its run goes on).
     pub zero_pages: u64,
-    /// Pages mapping a shared frame of the domain.
+    /// Pages with content mapping a shared frame of the domain.
     pub shared_pages: u64,
     /// Pages with content copied into their own frame instead: the
     /// process's mapping budget could not pay for their runs, or their
@@ -63,65 +67,120 @@ pub struct FoldedStats {
     pub contents_read: u64,
     /// Remaps made (one per run of pages onto consecutive frames).
     pub remaps: u64,
-    /// Whether the pages map an image of the snapshot (see
-    /// [`restore_folded`]) rather than a frame per distinct content.
+    /// Whether the pages map an image of the snapshot
+    /// ([`FoldLayout::Image`]) rather than a frame per distinct content.
     pub image: bool,
 }
 
-/// Clones of one snapshot [`FoldLayout::Auto`] plans the process's
-/// mapping budget for: a snapshot new to the domain whose clone would
-/// cost more than `budget / PLANNED_CLONES` mappings is mapped as an image.
-pub const PLANNED_CLONES: u64 = 16;
-
-/// How a folded restore lays out the frames its pages map.
+/// How a folded restore lays out the frames its pages map. A clone's cost
+/// in kernel mappings (`vm.max_map_count`, the process's [`MapBudget`]
+/// less its headroom) is what its remaps add: each run of pages onto
+/// consecutive frames is one remap, splitting its region's mapping (up to
+/// two mappings more; the budget is charged two). Past the budget a
+/// clone's shortest runs are copied into its own frames instead (a page
+/// of memory each), so no layout fails for want of mappings.
+///
+/// [`MapBudget`]: crate::frames::MapBudget
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FoldLayout {
-    /// [`Image`](Self::Image) where the domain has an image of the
-    /// snapshot already; else [`Contents`](Self::Contents) where the
-    /// domain holds every content and this clone's remaps (two mappings
-    /// per run of pages onto consecutive frames) fit the process's mapping
-    /// budget, or for a snapshot new to the domain where they fit it
-    /// [`PLANNED_CLONES`] times; else an image.
+    /// [`Image`](Self::Image) where the domain holds a whole image of the
+    /// snapshot already (no new memory, a remap per region); else
+    /// [`Contents`](Self::Contents) where the clones still to come (see
+    /// [`FoldOptions::planned_clones`]) all fit the mapping budget that is
+    /// left. Else whichever costs less memory over those clones: contents
+    /// (the contents the domain lacks, plus the pages of runs the budget
+    /// cannot pay for, copied per clone: the clones that fit get all their
+    /// runs, the next the longest ones, the rest none) or a new image (the
+    /// snapshot's pages with content, once). The last clone of a plan thus
+    /// never takes an image (its copies are at most the image), and
+    /// clones past the budget with more to come share an image. Clones
+    /// that fit take contents, as [`Contents`](Self::Contents) would.
     #[default]
     Auto,
     /// A frame per distinct content of the domain, shared with every
-    /// snapshot that has it: the least memory, but each run of pages
-    /// whose contents are not stored one after another costs a remap (a
-    /// repeated content, one per page).
+    /// snapshot that has it. Memory: the contents the domain lacks, once.
+    /// Mappings: two per run of pages onto consecutive frames (a new
+    /// snapshot's contents are stored in first-appearance order, so a run
+    /// breaks at each repeated content and each content found in the
+    /// domain: a repeated content costs a remap per page).
     Contents,
     /// The snapshot's pages in page order in a run of frames (its zero
-    /// pages holes), shared by every clone of this snapshot: one remap per
-    /// region, at the price of the snapshot's duplicate pages stored
-    /// again (contents already in the domain are not looked up).
+    /// pages holes), shared by every clone of this snapshot. Memory: the
+    /// snapshot's pages with content, once per domain (its duplicates, and
+    /// contents the domain holds already, stored again). Mappings: two per
+    /// region.
     Image,
+}
+
+/// [`FoldOptions::max_guest_bytes`] unless set: the largest guest a folded
+/// restore takes by default (64 GiB, as a migration stream's reader).
+pub const DEFAULT_MAX_GUEST_BYTES: u64 = 64 << 30;
+
+/// How a folded restore goes about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoldOptions {
+    /// How the frames are laid out ([`FoldLayout::Auto`] by default).
+    pub layout: FoldLayout,
+    /// Clones of this snapshot the caller plans to restore into the
+    /// domain, those restored already included: [`FoldLayout::Auto`]
+    /// plans the mapping budget for the ones still to come (this one at
+    /// least). `None` (the default): as many more as were restored before
+    /// (the first clone plans for itself alone).
+    pub planned_clones: Option<u64>,
+    /// The largest guest (all regions together, in bytes) to restore,
+    /// checked against the snapshot's header before any work or memory
+    /// per page: a small file may claim a huge guest of zero pages.
+    pub max_guest_bytes: u64,
+}
+
+impl Default for FoldOptions {
+    fn default() -> Self {
+        FoldOptions {
+            layout: FoldLayout::Auto,
+            planned_clones: None,
+            max_guest_bytes: DEFAULT_MAX_GUEST_BYTES,
+        }
+    }
 }
 
 /// Restores `snap` (with its ancestors attached) as a new VM of `host`, in
 /// the domain and with the excluded regions of `options`, its pages
 /// mapping the domain's shared frames from the start (see the module),
-/// laid out as [`FoldLayout::Auto`] chooses. The memory lives in the
-/// host's frame store, with the snapshot's layout.
+/// with [`FoldOptions::default`]. The memory lives in the host's frame
+/// store, with the snapshot's layout.
 ///
-/// On an error (a damaged page, a missing ancestor, the host's frame
-/// store failing) nothing is registered, no content read by this restore
-/// is kept, and the host is as it was. Shared frames are only ever shared
-/// within one domain.
+/// On an error (a damaged page, a missing ancestor, a guest over the size
+/// limit, the host's frame store failing) nothing is registered, no
+/// content read by this restore is kept, and the host is as it was.
+/// Shared frames are only ever shared within one domain.
 pub fn restore_folded(
     host: &DedupHost,
     options: VmOptions,
     snap: &SnapshotReader,
 ) -> Result<FoldedRestore, SnapshotError> {
-    restore_folded_as(host, options, snap, FoldLayout::Auto)
+    restore_folded_with(host, options, snap, &FoldOptions::default())
 }
 
-/// [`restore_folded`] with the frames laid out as `fold_layout` says.
-pub fn restore_folded_as(
+/// [`restore_folded`] with the layout, planned clones and size limit of
+/// `fold`.
+pub fn restore_folded_with(
     host: &DedupHost,
     options: VmOptions,
     snap: &SnapshotReader,
-    fold_layout: FoldLayout,
+    fold: &FoldOptions,
 ) -> Result<FoldedRestore, SnapshotError> {
     let layout = snap.layout();
+    // From the header alone, before anything per page.
+    let bytes = layout
+        .regions()
+        .iter()
+        .fold(0u64, |a, r| a.saturating_add(r.1));
+    if bytes > fold.max_guest_bytes {
+        return Err(SnapshotError::TooLarge {
+            bytes,
+            max: fold.max_guest_bytes,
+        });
+    }
     // Checked before any content is read (registration checks it again).
     if let Some(&bad) = options
         .exclude
@@ -131,6 +190,7 @@ pub fn restore_folded_as(
         return Err(DedupError::NoSuchRegion(bad).into());
     }
     let chain = chain(snap);
+    let zero = content_hash(&[0u8; PAGE_SIZE]);
     // Each page's content, by index into the distinct contents.
     let mut index: HashMap<Hash, usize> = HashMap::new();
     let mut contents: Vec<(usize, u64)> = Vec::new();
@@ -142,33 +202,36 @@ pub fn restore_folded_as(
     for (i, &(_, size)) in layout.regions().iter().enumerate() {
         let first = layout.first_page(i);
         let n = usize::try_from(size / PAGE_SIZE as u64).unwrap_or(usize::MAX);
-        // A page count a header claims: reserved fallibly, so a small file
-        // claiming a huge guest is an error, never an aborted allocation.
+        // Bounded by the size limit, yet reserved fallibly: a limit the
+        // caller set past this process's memory is an error, never an
+        // aborted allocation.
         let mut region = Vec::new();
         region
             .try_reserve_exact(n)
             .map_err(|_| too_large(layout.total()))?;
         for k in 0..n as u64 {
             region.push(match snap.locate(first + k)? {
-                Located::Zero => {
-                    stats.zero_pages += 1;
-                    None
-                }
+                Located::Zero => None,
                 Located::Stored { file, slot } => {
-                    let depth = chain
-                        .iter()
-                        .position(|f| std::ptr::eq(*f, file))
-                        .unwrap_or(0);
                     let hash = stored_hash(file, slot)?;
-                    let next = contents.len();
-                    let c = *index.entry(hash).or_insert(next);
-                    if c == next {
-                        contents.push((depth, slot));
-                    }
-                    Some(c)
+                    // A stored page of zeros (another saver's file) is a
+                    // zero page too: a hole, not a content.
+                    (hash != zero).then(|| {
+                        let depth = chain
+                            .iter()
+                            .position(|f| std::ptr::eq(*f, file))
+                            .unwrap_or(0);
+                        let next = contents.len();
+                        let c = *index.entry(hash).or_insert(next);
+                        if c == next {
+                            contents.push((depth, slot));
+                        }
+                        c
+                    })
                 }
             });
         }
+        stats.zero_pages += region.iter().filter(|c| c.is_none()).count() as u64;
         pages.push(region);
     }
     drop(index);
@@ -184,62 +247,60 @@ pub fn restore_folded_as(
     for (r, &c) in order.iter().enumerate() {
         rank[c] = r;
     }
+    drop(order);
     stats.contents = sorted.len() as u64;
 
-    // The mappings each clone would cost with a frame per distinct
-    // content: a run per stretch of pages on consecutive frames (in rank
-    // order, as new frames are allocated), two each.
-    let runs: u64 = pages
+    let key = snap.id().0;
+    let excluded: Vec<bool> = layout
+        .regions()
         .iter()
-        .map(|r| {
-            let mut n = 0u64;
-            let mut prev: Option<usize> = None;
-            for c in r {
-                let here = c.map(|c| rank[c]);
-                if let Some(x) = here {
-                    if prev.is_none_or(|p| p + 1 != x) {
-                        n += 1;
-                    }
-                }
-                prev = here;
-            }
-            n
-        })
-        .sum();
-    let mut fold = host.fold_in(options.domain)?;
-    let image = match fold_layout {
+        .map(|r| options.exclude.contains(&r.0))
+        .collect();
+    let planned = Planned {
+        pages: &pages,
+        rank: &rank,
+        addrs: &addrs,
+        zero,
+    };
+    let mut fold_in = host.fold_in(options.domain)?;
+    // The image's page addresses, where one was looked for.
+    let mut page_addrs = None;
+    let image = match fold.layout {
         FoldLayout::Contents => false,
         FoldLayout::Image => true,
         FoldLayout::Auto => {
-            let budget = host.frame_store().map_budget();
-            budget.refresh();
-            let cost = 2 * runs;
-            if fold.has_image(&snap.id().0) {
-                // Clones of this snapshot map an image already.
-                true
-            } else if fold.held_contents(&addrs) == addrs.len() {
-                // Its contents are all there: this clone maps them if it
-                // can.
-                cost > budget.left()
+            let whole = if fold_in.has_image(&key) {
+                let a = planned.image_addrs(layout.total())?;
+                let whole = fold_in.has_whole_image(&key, &a);
+                page_addrs = Some(a);
+                whole
             } else {
-                cost * PLANNED_CLONES > budget.left()
+                false
+            };
+            // Its contents are all there in an image: no memory either
+            // way, and a remap per region.
+            whole || {
+                let budget = host.frame_store().map_budget();
+                budget.refresh();
+                let restored = fold_in.restored(&key);
+                let remaining = match fold.planned_clones {
+                    Some(n) => n.saturating_sub(restored).max(1),
+                    None => restored.saturating_add(1),
+                };
+                !planned
+                    .weigh(&fold_in, &excluded, remaining, budget.left())
+                    .contents_first()
             }
         }
     };
-    let page_frames: Vec<Vec<Option<FrameNumber>>> = if image {
-        // Every page of the layout in order, zero pages as holes.
-        let zero = content_hash(&[0u8; PAGE_SIZE]);
+    let page_frames: Vec<Vec<PageFrame>> = if image {
+        let page_addrs = match page_addrs {
+            Some(a) => a,
+            None => planned.image_addrs(layout.total())?,
+        };
         let flat: Vec<Option<usize>> = pages.iter().flatten().copied().collect();
-        let mut page_addrs: Vec<Hash> = Vec::new();
-        page_addrs
-            .try_reserve_exact(flat.len())
-            .map_err(|_| too_large(layout.total()))?;
-        page_addrs.extend(flat.iter().map(|c| match c {
-            Some(c) => addrs[rank[*c]],
-            None => zero,
-        }));
         let (start, found) =
-            fold.image_frames(&snap.id().0, &page_addrs, &zero, |first, dst: &mut [u8]| {
+            fold_in.image_frames(&key, &page_addrs, &zero, |first, dst: &mut [u8]| {
                 let n = dst.len() / PAGE_SIZE;
                 let list: Vec<(usize, u64)> = flat
                     .get(first..first + n)
@@ -250,42 +311,209 @@ pub fn restore_folded_as(
                 fill(&chain, &list, dst)
             })?;
         stats.image = true;
-        let nonzero = layout.total() - stats.zero_pages;
         if found {
             stats.contents_found = stats.contents;
         } else {
-            stats.contents_read = nonzero;
+            stats.contents_read = layout.total() - stats.zero_pages;
         }
         let mut next = start.0;
         pages
             .iter()
             .map(|r| {
                 r.iter()
-                    .map(|_| {
+                    .map(|c| {
                         next += 1;
-                        Some(FrameNumber(next - 1))
+                        let f = FrameNumber(next - 1);
+                        if c.is_some() {
+                            PageFrame::Content(f)
+                        } else {
+                            PageFrame::ZeroIn(f)
+                        }
                     })
                     .collect()
             })
             .collect()
     } else {
-        let (frames, found) = fold.frames_for_contents(&addrs, |first, dst: &mut [u8]| {
+        let (frames, found) = fold_in.frames_for_contents(&addrs, |first, dst: &mut [u8]| {
             fill(&chain, &sorted[first..], dst)
         })?;
         stats.contents_found = found.found;
         stats.contents_read = found.filled;
         pages
             .iter()
-            .map(|r| r.iter().map(|c| c.map(|c| frames[rank[c]])).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|c| c.map_or(PageFrame::Hole, |c| PageFrame::Content(frames[rank[c]])))
+                    .collect()
+            })
             .collect()
     };
     drop(pages);
     let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())?;
-    let (vm, memory, installed) = fold.install(mem, options, &page_frames)?;
+    let (vm, memory, installed) = fold_in.install(mem, options, &page_frames, &key)?;
     stats.shared_pages = installed.shared_pages;
     stats.copied_pages = installed.copied_pages;
     stats.remaps = installed.remaps;
     Ok(FoldedRestore { vm, memory, stats })
+}
+
+/// A snapshot's pages by content, as [`FoldLayout::Auto`] plans them.
+struct Planned<'a> {
+    /// Each region's pages: the index of its content, `None` for zero.
+    pages: &'a [Vec<Option<usize>>],
+    /// Each content's rank: its place in `addrs` (file order).
+    rank: &'a [usize],
+    /// The distinct contents' addresses, in file order.
+    addrs: &'a [Hash],
+    /// The address of a page of zeros.
+    zero: Hash,
+}
+
+impl Planned<'_> {
+    /// Every page's address in page order (zero pages `zero`): an image.
+    fn image_addrs(&self, total: u64) -> Result<Vec<Hash>, SnapshotError> {
+        let mut out: Vec<Hash> = Vec::new();
+        out.try_reserve_exact(usize::try_from(total).unwrap_or(usize::MAX))
+            .map_err(|_| too_large(total))?;
+        out.extend(
+            self.pages
+                .iter()
+                .flatten()
+                .map(|c| c.map_or(self.zero, |c| self.addrs[self.rank[c]])),
+        );
+        Ok(out)
+    }
+
+    /// What a clone laid out by contents would cost: its runs as the
+    /// domain holds the contents now (found ones where they are, the
+    /// others in one new run in file order, as
+    /// `FoldIn::frames_for_contents` allocates them) and the mappings they
+    /// add, for `remaining` clones and `left` mappings.
+    fn weigh(
+        &self,
+        fold_in: &FoldIn<'_>,
+        excluded: &[bool],
+        remaining: u64,
+        left: u64,
+    ) -> Weighing {
+        // New frames numbered far from any real one.
+        const NEW: u64 = 1 << 62;
+        let found = fold_in.lookup_contents(self.addrs);
+        let mut new = 0u64;
+        let est: Vec<u64> = found
+            .iter()
+            .map(|f| {
+                f.map_or_else(
+                    || {
+                        new += 1;
+                        NEW + new
+                    },
+                    |f| f.0,
+                )
+            })
+            .collect();
+        drop(found);
+        let mut runs: Vec<u64> = Vec::new();
+        let mut cost = 0u64;
+        let mut image_pages = 0u64;
+        for (r, region) in self.pages.iter().enumerate() {
+            image_pages += region.iter().filter(|c| c.is_some()).count() as u64;
+            if excluded.get(r).copied().unwrap_or(false) {
+                // Copied by every layout alike.
+                continue;
+            }
+            // Mappings the region ends in: one per run, one per stretch
+            // of its own pages between them.
+            let mut pieces = 0u64;
+            // The frame the current run goes on with, or `None` in a
+            // stretch of own pages (`Some(None)`) or before any.
+            let mut at: Option<Option<u64>> = None;
+            for c in region {
+                match c.map(|c| est[self.rank[c]]) {
+                    None => {
+                        if at != Some(None) {
+                            pieces += 1;
+                            at = Some(None);
+                        }
+                    }
+                    Some(f) => {
+                        if at == Some(Some(f)) {
+                            if let Some(last) = runs.last_mut() {
+                                *last += 1;
+                            }
+                        } else {
+                            pieces += 1;
+                            runs.push(1);
+                        }
+                        at = Some(Some(f + 1));
+                    }
+                }
+            }
+            cost += pieces.saturating_sub(1);
+        }
+        runs.sort_unstable_by(|a, b| b.cmp(a));
+        Weighing {
+            remaining,
+            left,
+            cost,
+            runs,
+            new_contents: new,
+            image_pages,
+            image_cost: 2 * excluded.iter().filter(|e| !**e).count() as u64,
+        }
+    }
+}
+
+/// What [`FoldLayout::Auto`] weighs for a clone of a snapshot the domain
+/// holds no whole image of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Weighing {
+    /// Clones still to restore, this one included.
+    remaining: u64,
+    /// Mappings the budget has left.
+    left: u64,
+    /// Mappings one clone's content runs add.
+    cost: u64,
+    /// Pages of each content run (of regions not excluded), longest first.
+    runs: Vec<u64>,
+    /// Contents the domain does not hold (a contents layout stores them).
+    new_contents: u64,
+    /// Pages with content (a new image stores them).
+    image_pages: u64,
+    /// Mappings the budget charges a clone mapping an image (two per
+    /// region not excluded).
+    image_cost: u64,
+}
+
+impl Weighing {
+    /// Pages of memory the remaining clones laid out by contents would
+    /// add: the new contents, and per clone the pages of the runs the
+    /// budget cannot pay for, copied (each clone that fits takes all its
+    /// runs, the next the longest it can pay for, the rest none).
+    fn contents_pages(&self) -> u128 {
+        let new = u128::from(self.new_contents);
+        if self.cost == 0 {
+            return new;
+        }
+        let full = (self.left / self.cost).min(self.remaining);
+        if full >= self.remaining {
+            return new;
+        }
+        let total: u128 = self.runs.iter().map(|&r| u128::from(r)).sum();
+        let partial_left = self.left - full * self.cost;
+        // At the clone's mean cost per run, longest first.
+        let funded = u128::from(partial_left) * self.runs.len() as u128 / u128::from(self.cost);
+        let funded = usize::try_from(funded).unwrap_or(usize::MAX);
+        let remapped: u128 = self.runs.iter().take(funded).map(|&r| u128::from(r)).sum();
+        let rest = u128::from(self.remaining - full - 1);
+        new + (total - remapped) + rest * total
+    }
+
+    /// Whether contents cost no more memory than a new image (or the
+    /// budget cannot even map an image: it would be copied from too).
+    fn contents_first(&self) -> bool {
+        self.left < self.image_cost || self.contents_pages() <= u128::from(self.image_pages)
+    }
 }
 
 /// A layout of `pages` pages whose bookkeeping does not fit this process.
@@ -345,4 +573,76 @@ fn fill(
         j = e;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Weighing;
+
+    fn weighing(remaining: u64, left: u64) -> Weighing {
+        // Ten runs of 10 pages and 90 of one: 190 pages, 100 runs
+        // costing 200 mappings, 150 contents new, 190 pages in an image.
+        let mut runs = vec![10; 10];
+        runs.extend([1; 90]);
+        Weighing {
+            remaining,
+            left,
+            cost: 200,
+            runs,
+            new_contents: 150,
+            image_pages: 190,
+            image_cost: 2,
+        }
+    }
+
+    #[test]
+    fn clones_that_fit_take_contents() {
+        assert_eq!(weighing(4, 800).contents_pages(), 150);
+        assert!(weighing(4, 800).contents_first());
+        assert!(weighing(1, 200).contents_first());
+    }
+
+    #[test]
+    fn the_last_clone_past_the_budget_copies_rather_than_make_an_image() {
+        // No mappings at all: copies either way, no image stored.
+        assert!(weighing(4, 1).contents_first());
+        // Mappings for one run: 180 pages copied, nothing new stored.
+        let w = Weighing {
+            new_contents: 0,
+            ..weighing(1, 2)
+        };
+        assert_eq!(w.contents_pages(), 180);
+        assert!(w.contents_first());
+        // Half the mappings: the 50 longest runs, 140 pages, remapped.
+        let w = Weighing {
+            new_contents: 0,
+            ..weighing(1, 100)
+        };
+        assert_eq!(w.contents_pages(), 50);
+    }
+
+    #[test]
+    fn clones_past_the_budget_with_more_to_come_share_an_image() {
+        // Two fit; the third gets 100 mappings (50 pages copied), the
+        // fourth none (190).
+        let w = weighing(4, 500);
+        assert_eq!(w.contents_pages(), 150 + 50 + 190);
+        assert!(!w.contents_first());
+        // No content to store and a short budget: cheaper than an image.
+        let w = Weighing {
+            new_contents: 0,
+            ..weighing(2, 300)
+        };
+        assert_eq!(w.contents_pages(), 50);
+        assert!(w.contents_first());
+    }
+
+    #[test]
+    fn runs_that_add_no_mapping_always_fit() {
+        let w = Weighing {
+            cost: 0,
+            ..weighing(u64::MAX, 0)
+        };
+        assert_eq!(w.contents_pages(), 150);
+    }
 }
