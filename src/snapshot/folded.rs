@@ -280,8 +280,10 @@ pub fn restore_folded_with(
             // Its contents are all there in an image: no memory either
             // way, and a remap per region.
             whole || {
+                // Read at most `MapBudget::REFRESH` ago (reading the
+                // kernel's count walks every mapping of the process).
                 let budget = host.frame_store().map_budget();
-                budget.refresh();
+                budget.refresh_if_stale();
                 let restored = fold_in.restored(&key);
                 let remaining = match fold.planned_clones {
                     Some(n) => n.saturating_sub(restored).max(1),
