@@ -659,20 +659,39 @@ fn planned(n: u64) -> FoldOptions {
 }
 
 /// With too few mappings left for a frame per content run in the clones
-/// planned, the automatic layout maps an image; with the default budget
-/// the same snapshot and plan map a frame per content.
+/// planned, the automatic layout maps an image (of the pages the runs
+/// worth most to the budget leave, the rest by content), which every
+/// later clone maps too, each within its share of the budget, storing
+/// less than a whole image; with the default budget the same snapshot
+/// and plan map a frame per content.
 #[test]
 fn a_budget_short_for_the_planned_clones_chooses_an_image() {
     let _serial = serial();
     let dir = TempDir::new("folded-auto");
     let (src, _) = source(13);
     let want = image(&src);
+    let full = nonzero(&want) as u64;
     let snap = saved(&dir, "a.snap", &src);
-    let (_store, host) = host_with_mappings(100);
-    let a = restore_folded_with(&host, VmOptions::default(), &snap, &planned(8)).unwrap();
-    assert!(a.stats.image, "{:?}", a.stats);
-    assert_eq!(a.stats.remaps, 2);
-    assert_eq!(image(&a.memory), want);
+    let (store, host) = host_with_mappings(100);
+    let clones: Vec<FoldedRestore> = (0..8)
+        .map(|_| restore_folded_with(&host, VmOptions::default(), &snap, &planned(8)).unwrap())
+        .collect();
+    // Less than a whole image (before a read fills a hole of it).
+    let held = store.allocated_bytes().unwrap();
+    assert!(held < full * PAGE, "{held} bytes");
+    for (k, c) in clones.iter().enumerate() {
+        let s = c.stats;
+        assert!(s.image, "clone {k}: {s:?}");
+        assert_eq!(
+            (s.shared_pages, s.copied_pages),
+            (full, 0),
+            "clone {k}: {s:?}"
+        );
+        if k > 0 {
+            assert_eq!(s.contents_read, 0, "clone {k} maps the first one's frames");
+        }
+        assert_eq!(image(&c.memory), want);
+    }
     let (_store, roomy) = host_pair();
     let b = restore_folded_with(&roomy, VmOptions::default(), &snap, &planned(8)).unwrap();
     assert!(!b.stats.image);

@@ -26,7 +26,7 @@ use super::{
     locks::lock,
     options::{DomainId, VmId, VmOptions},
     shared::Address,
-    state::{Inner, ScanState},
+    state::{Cover, Inner, ScanState},
     steps::{self, Target},
 };
 use crate::{
@@ -148,6 +148,21 @@ impl<'h> FoldIn<'h> {
             .get(&(self.domain, *key))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The pages clones of the snapshot named `key` map by content beside
+    /// a partial image of the others, as [`set_cover`](Self::set_cover)
+    /// recorded them: runs (first page, pages) in page order.
+    pub(crate) fn cover(&self, key: &Address) -> Option<Cover> {
+        self.scan.covers.get(&(self.domain, *key)).cloned()
+    }
+
+    /// Records `runs` as the pages clones of the snapshot named `key` map
+    /// by content (see [`cover`](Self::cover)), so later clones find the
+    /// same partial image.
+    pub(crate) fn set_cover(&mut self, key: &Address, runs: Cover) {
+        let domain = self.domain;
+        self.scan.covers.insert((domain, *key), runs);
     }
 
     /// A frame of the domain for each of `addrs` (distinct content
@@ -395,6 +410,19 @@ impl<'h> FoldIn<'h> {
         runs.sort_by_key(|r| std::cmp::Reverse(r.2));
         let budget = store.map_budget();
         budget.refresh();
+        let excluded = |ri: usize| options.exclude.contains(&mem.regions()[ri].start());
+        // What every run together adds, exactly: paid at once where the
+        // budget has it (no run copied), else each run is charged the
+        // most it could add, longest first, while the budget lasts.
+        let mut all: Vec<(usize, usize, usize, FrameNumber)> = runs
+            .iter()
+            .filter(|r| !excluded(r.0))
+            .map(|r| (r.0, r.1, r.2, r.3))
+            .collect();
+        let exact = added_mappings(&mem, &mut all);
+        drop(all);
+        let mut paid = budget.try_spend(exact);
+        let mut charged = if paid { exact } else { 0 };
         let mut out = Installed::default();
         let mut remapped: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
         let mut buf = Vec::new();
@@ -402,8 +430,13 @@ impl<'h> FoldIn<'h> {
         let mut holes: Vec<(usize, usize)> = Vec::new();
         for &(ri, page, count, frame, content) in &runs {
             let region = &mem.regions()[ri];
-            let excluded = options.exclude.contains(&region.start());
-            if !excluded && budget.try_spend(MAPPINGS_PER_RUN) {
+            let afford = !excluded(ri)
+                && (paid || {
+                    let ok = budget.try_spend(MAPPINGS_PER_RUN);
+                    charged += if ok { MAPPINGS_PER_RUN } else { 0 };
+                    ok
+                });
+            if afford {
                 let target = RemapTarget::PrivateCopyOf {
                     fd: store.as_raw_fd(),
                     file_offset: frame.file_offset(),
@@ -416,7 +449,10 @@ impl<'h> FoldIn<'h> {
                         continue;
                     }
                     // Out of kernel mappings: the rest is copied.
-                    Err(FrameError::MapLimit { .. }) => budget.exhausted(),
+                    Err(FrameError::MapLimit { .. }) => {
+                        budget.exhausted();
+                        paid = false;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -424,6 +460,11 @@ impl<'h> FoldIn<'h> {
                 holes.push((ri, p));
             })?;
         }
+        // What was charged beyond what the remaps really added (a run
+        // beside another, or at a region's edge, splits less) goes back,
+        // so the next restore plans on the kernel's count without reading
+        // it again.
+        budget.give_back(charged.saturating_sub(added_mappings(&mem, &mut remapped)));
         if mem.frame_store().options().populate {
             // Mapped up front: the own frames under the remapped pages
             // hold memory nobody reads.
@@ -490,6 +531,30 @@ impl<'h> FoldIn<'h> {
         }
         Ok((id, mem, out))
     }
+}
+
+/// Mappings the remapped runs (region, first page, pages, frame) add to
+/// the regions of `mem`: a region with runs ends in one mapping per run
+/// and one per stretch of its own pages around them. Sorts `runs`.
+fn added_mappings(mem: &GuestMemory, runs: &mut [(usize, usize, usize, FrameNumber)]) -> u64 {
+    runs.sort_unstable_by_key(|r| (r.0, r.1));
+    let mut added = 0u64;
+    let mut k = 0;
+    while k < runs.len() {
+        let ri = runs[k].0;
+        let pages = mem.regions()[ri].pages();
+        let mut pieces = 0u64;
+        let mut at = 0usize;
+        while k < runs.len() && runs[k].0 == ri {
+            let (_, page, count, _) = runs[k];
+            pieces += 1 + u64::from(page > at);
+            at = page + count;
+            k += 1;
+        }
+        pieces += u64::from(at < pages);
+        added += pieces - 1;
+    }
+    added
 }
 
 /// Copies frames `frame..` into the own frames of pages `page..` of

@@ -142,6 +142,7 @@ impl DedupHost {
                 volatile_this_scan: 0,
                 volatile_last_scan: 0,
                 restored: HashMap::new(),
+                covers: HashMap::new(),
             }),
             shared: Mutex::new(SharedFrames::default()),
             full_scans: AtomicU64::new(0),

@@ -263,23 +263,28 @@ pub fn restore_folded_with(
         zero,
     };
     let mut fold_in = host.fold_in(options.domain)?;
-    // The image's page addresses, where one was looked for.
-    let mut page_addrs = None;
-    let image = match fold.layout {
-        FoldLayout::Contents => false,
-        FoldLayout::Image => true,
+    // The whole image's page addresses, where one was looked for.
+    let mut whole_addrs = None;
+    let choice = match fold.layout {
+        FoldLayout::Contents => Choice::Contents,
+        FoldLayout::Image => Choice::Image(Arc::default()),
         FoldLayout::Auto => {
             let whole = if fold_in.has_image(&key) {
-                let a = planned.image_addrs(layout.total())?;
+                let a = planned.image_addrs(layout.total(), &[])?;
                 let whole = fold_in.has_whole_image(&key, &a);
-                page_addrs = Some(a);
+                whole_addrs = Some(a);
                 whole
             } else {
                 false
             };
-            // Its contents are all there in an image: no memory either
-            // way, and a remap per region.
-            whole || {
+            if whole {
+                // Its contents are all there in an image: no memory
+                // either way, and a remap per region.
+                Choice::Image(Arc::default())
+            } else if let Some(cover) = fold_in.cover(&key) {
+                // The partial image earlier clones map.
+                Choice::Image(cover)
+            } else {
                 // Read at most `MapBudget::REFRESH` ago (reading the
                 // kernel's count walks every mapping of the process).
                 let budget = host.frame_store().map_budget();
@@ -289,66 +294,120 @@ pub fn restore_folded_with(
                     Some(n) => n.saturating_sub(restored).max(1),
                     None => restored.saturating_add(1),
                 };
-                !planned
-                    .weigh(&fold_in, &excluded, remaining, budget.left())
-                    .contents_first()
+                let est = planned.weigh(&fold_in, &excluded, remaining, budget.left());
+                let choice = est.choose();
+                if let Choice::Image(cover) = &choice {
+                    if !cover.is_empty() {
+                        fold_in.set_cover(&key, Arc::clone(cover));
+                    }
+                }
+                choice
             }
         }
     };
-    let page_frames: Vec<Vec<PageFrame>> = if image {
-        let page_addrs = match page_addrs {
-            Some(a) => a,
-            None => planned.image_addrs(layout.total())?,
-        };
-        let flat: Vec<Option<usize>> = pages.iter().flatten().copied().collect();
-        let (start, found) =
-            fold_in.image_frames(&key, &page_addrs, &zero, |first, dst: &mut [u8]| {
-                let n = dst.len() / PAGE_SIZE;
-                let list: Vec<(usize, u64)> = flat
-                    .get(first..first + n)
-                    .unwrap_or(&[])
-                    .iter()
-                    .filter_map(|c| c.map(|c| contents[c]))
-                    .collect();
-                fill(&chain, &list, dst)
-            })?;
-        stats.image = true;
-        if found {
-            stats.contents_found = stats.contents;
-        } else {
-            stats.contents_read = layout.total() - stats.zero_pages;
+    let page_frames: Vec<Vec<PageFrame>> = match choice {
+        Choice::Image(cover) => {
+            let covered = planned.covered(&cover);
+            // The pages of the image: every page not mapped by content.
+            let packed: Vec<usize> = (0..covered.len()).filter(|&p| !covered[p]).collect();
+            let flat: Vec<Option<usize>> = pages.iter().flatten().copied().collect();
+            let image_key = if cover.is_empty() {
+                key
+            } else {
+                partial_key(&key, &cover)
+            };
+            let page_addrs = match whole_addrs {
+                Some(a) if cover.is_empty() => a,
+                _ => planned.image_addrs(layout.total(), &covered)?,
+            };
+            // Every page mapped by content: no image to make.
+            let (start, found) = if page_addrs.is_empty() {
+                (FrameNumber(0), true)
+            } else {
+                fold_in.image_frames(&image_key, &page_addrs, &zero, |first, dst: &mut [u8]| {
+                    let n = dst.len() / PAGE_SIZE;
+                    let list: Vec<(usize, u64)> = packed
+                        .get(first..first + n)
+                        .unwrap_or(&[])
+                        .iter()
+                        .filter_map(|&p| flat[p].map(|c| contents[c]))
+                        .collect();
+                    fill(&chain, &list, dst)
+                })?
+            };
+            drop(page_addrs);
+            // The contents of the pages mapped by content, in file order.
+            let mut want = vec![false; addrs.len()];
+            let mut in_image = vec![false; addrs.len()];
+            for (p, c) in flat.iter().enumerate() {
+                if let Some(c) = c {
+                    if covered[p] {
+                        want[rank[*c]] = true;
+                    } else {
+                        in_image[rank[*c]] = true;
+                    }
+                }
+            }
+            let sub: Vec<usize> = (0..addrs.len()).filter(|&r| want[r]).collect();
+            let sub_addrs: Vec<Hash> = sub.iter().map(|&r| addrs[r]).collect();
+            let sub_sorted: Vec<(usize, u64)> = sub.iter().map(|&r| sorted[r]).collect();
+            let (frames, cf) = fold_in
+                .frames_for_contents(&sub_addrs, |first, dst: &mut [u8]| {
+                    fill(&chain, &sub_sorted[first..], dst)
+                })?;
+            let mut by_rank = vec![FrameNumber(u64::MAX); addrs.len()];
+            for (&r, f) in sub.iter().zip(frames) {
+                by_rank[r] = f;
+            }
+            stats.image = true;
+            let only_in_image = (0..addrs.len())
+                .filter(|&r| in_image[r] && !want[r])
+                .count() as u64;
+            let image_content = packed.iter().filter(|&&p| flat[p].is_some()).count() as u64;
+            stats.contents_found = cf.found + if found { only_in_image } else { 0 };
+            stats.contents_read = cf.filled + if found { 0 } else { image_content };
+            let mut j = 0u64;
+            let mut flat_p = 0usize;
+            pages
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|c| {
+                            let p = flat_p;
+                            flat_p += 1;
+                            match c {
+                                Some(c) if covered[p] => PageFrame::Content(by_rank[rank[*c]]),
+                                _ => {
+                                    let f = FrameNumber(start.0 + j);
+                                    j += 1;
+                                    if c.is_some() {
+                                        PageFrame::Content(f)
+                                    } else {
+                                        PageFrame::ZeroIn(f)
+                                    }
+                                }
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
         }
-        let mut next = start.0;
-        pages
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(|c| {
-                        next += 1;
-                        let f = FrameNumber(next - 1);
-                        if c.is_some() {
-                            PageFrame::Content(f)
-                        } else {
-                            PageFrame::ZeroIn(f)
-                        }
-                    })
-                    .collect()
-            })
-            .collect()
-    } else {
-        let (frames, found) = fold_in.frames_for_contents(&addrs, |first, dst: &mut [u8]| {
-            fill(&chain, &sorted[first..], dst)
-        })?;
-        stats.contents_found = found.found;
-        stats.contents_read = found.filled;
-        pages
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(|c| c.map_or(PageFrame::Hole, |c| PageFrame::Content(frames[rank[c]])))
-                    .collect()
-            })
-            .collect()
+        Choice::Contents => {
+            let (frames, found) = fold_in
+                .frames_for_contents(&addrs, |first, dst: &mut [u8]| {
+                    fill(&chain, &sorted[first..], dst)
+                })?;
+            stats.contents_found = found.found;
+            stats.contents_read = found.filled;
+            pages
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .map(|c| c.map_or(PageFrame::Hole, |c| PageFrame::Content(frames[rank[c]])))
+                        .collect()
+                })
+                .collect()
+        }
     };
     drop(pages);
     let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())?;
@@ -357,6 +416,29 @@ pub fn restore_folded_with(
     stats.copied_pages = installed.copied_pages;
     stats.remaps = installed.remaps;
     Ok(FoldedRestore { vm, memory, stats })
+}
+
+/// How a clone's frames are laid out.
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    /// A frame per distinct content.
+    Contents,
+    /// The runs of pages given (first page, pages, in page order over all
+    /// regions) by content, every other page on an image of the pages
+    /// not in them (all of them: a whole image).
+    Image(Arc<Vec<(usize, usize)>>),
+}
+
+/// The name of the partial image of snapshot `key` whose pages are those
+/// not in the runs `cover`.
+fn partial_key(key: &Hash, cover: &[(usize, usize)]) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key("pagefold partial image v1");
+    h.update(key);
+    for &(first, n) in cover {
+        h.update(&(first as u64).to_le_bytes());
+        h.update(&(n as u64).to_le_bytes());
+    }
+    *h.finalize().as_bytes()
 }
 
 /// A snapshot's pages by content, as [`FoldLayout::Auto`] plans them.
@@ -371,9 +453,35 @@ struct Planned<'a> {
     zero: Hash,
 }
 
+/// A run of pages onto consecutive frames in a contents layout, as
+/// [`Planned::weigh`] estimates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RunAt {
+    /// First page, in page order over all regions.
+    first: usize,
+    /// Pages.
+    len: usize,
+    /// Of those, pages an image would store again: contents the domain
+    /// holds, or that the snapshot repeats.
+    saving: u64,
+}
+
 impl Planned<'_> {
-    /// Every page's address in page order (zero pages `zero`): an image.
-    fn image_addrs(&self, total: u64) -> Result<Vec<Hash>, SnapshotError> {
+    /// Whether each page (in page order over all regions) is in `cover`.
+    fn covered(&self, cover: &[(usize, usize)]) -> Vec<bool> {
+        let total: usize = self.pages.iter().map(Vec::len).sum();
+        let mut out = vec![false; total];
+        for &(first, n) in cover {
+            if let Some(s) = out.get_mut(first..first.saturating_add(n).min(total)) {
+                s.fill(true);
+            }
+        }
+        out
+    }
+
+    /// The address of every page not `covered` (all where it is empty) in
+    /// page order, zero pages `zero`: an image.
+    fn image_addrs(&self, total: u64, covered: &[bool]) -> Result<Vec<Hash>, SnapshotError> {
         let mut out: Vec<Hash> = Vec::new();
         out.try_reserve_exact(usize::try_from(total).unwrap_or(usize::MAX))
             .map_err(|_| too_large(total))?;
@@ -381,7 +489,9 @@ impl Planned<'_> {
             self.pages
                 .iter()
                 .flatten()
-                .map(|c| c.map_or(self.zero, |c| self.addrs[self.rank[c]])),
+                .enumerate()
+                .filter(|(p, _)| !covered.get(*p).copied().unwrap_or(false))
+                .map(|(_, c)| c.map_or(self.zero, |c| self.addrs[self.rank[c]])),
         );
         Ok(out)
     }
@@ -397,72 +507,180 @@ impl Planned<'_> {
         excluded: &[bool],
         remaining: u64,
         left: u64,
-    ) -> Weighing {
+    ) -> Estimate {
         // New frames numbered far from any real one.
         const NEW: u64 = 1 << 62;
-        let found = fold_in.lookup_contents(self.addrs);
+        let found_at = fold_in.lookup_contents(self.addrs);
+        let found: Vec<bool> = found_at.iter().map(Option::is_some).collect();
         let mut new = 0u64;
-        let est: Vec<u64> = found
+        let est: Vec<u64> = found_at
             .iter()
-            .map(|f| {
-                f.map_or_else(
-                    || {
-                        new += 1;
-                        NEW + new
-                    },
-                    |f| f.0,
-                )
+            .map(|f| match f {
+                Some(f) => f.0,
+                None => {
+                    new += 1;
+                    NEW + new
+                }
             })
             .collect();
-        drop(found);
-        let mut runs: Vec<u64> = Vec::new();
+        drop(found_at);
+        // How often each content (by rank) appears.
+        let mut seen = vec![0u32; self.addrs.len()];
+        for c in self.pages.iter().flatten().flatten() {
+            let n = &mut seen[self.rank[*c]];
+            *n = n.saturating_add(1);
+        }
+        let repeated = |c: usize| found[self.rank[c]] || seen[self.rank[c]] > 1;
+        let mut runs: Vec<RunAt> = Vec::new();
         let mut cost = 0u64;
         let mut image_pages = 0u64;
+        let mut flat = 0usize;
         for (r, region) in self.pages.iter().enumerate() {
             image_pages += region.iter().filter(|c| c.is_some()).count() as u64;
-            if excluded.get(r).copied().unwrap_or(false) {
-                // Copied by every layout alike.
-                continue;
-            }
+            let skip = excluded.get(r).copied().unwrap_or(false);
             // Mappings the region ends in: one per run, one per stretch
             // of its own pages between them.
             let mut pieces = 0u64;
             // The frame the current run goes on with, or `None` in a
             // stretch of own pages (`Some(None)`) or before any.
             let mut at: Option<Option<u64>> = None;
-            for c in region {
-                match c.map(|c| est[self.rank[c]]) {
+            for (p, c) in region.iter().enumerate() {
+                if skip {
+                    // Copied by every layout alike.
+                    break;
+                }
+                match c.map(|c| (c, est[self.rank[c]])) {
                     None => {
                         if at != Some(None) {
                             pieces += 1;
                             at = Some(None);
                         }
                     }
-                    Some(f) => {
-                        if at == Some(Some(f)) {
-                            if let Some(last) = runs.last_mut() {
-                                *last += 1;
+                    Some((c, f)) => {
+                        let saves = u64::from(repeated(c));
+                        match runs.last_mut() {
+                            Some(run) if at == Some(Some(f)) => {
+                                run.len += 1;
+                                run.saving += saves;
                             }
-                        } else {
-                            pieces += 1;
-                            runs.push(1);
+                            _ => {
+                                pieces += 1;
+                                runs.push(RunAt {
+                                    first: flat + p,
+                                    len: 1,
+                                    saving: saves,
+                                });
+                            }
                         }
                         at = Some(Some(f + 1));
                     }
                 }
             }
-            cost += pieces.saturating_sub(1);
+            // The region's own mapping, then what the runs add.
+            cost += 1 + pieces.saturating_sub(1);
+            flat += region.len();
         }
-        runs.sort_unstable_by(|a, b| b.cmp(a));
-        Weighing {
-            remaining,
-            left,
-            cost,
+        let mut lengths: Vec<u64> = runs.iter().map(|r| r.len as u64).collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        Estimate {
+            weighing: Weighing {
+                remaining,
+                left,
+                cost,
+                runs: lengths,
+                new_contents: new,
+                image_pages,
+                image_cost: 2 * excluded.iter().filter(|e| !**e).count() as u64,
+            },
             runs,
-            new_contents: new,
-            image_pages,
-            image_cost: 2 * excluded.iter().filter(|e| !**e).count() as u64,
+            found,
+            weighing_regions: self.pages.len() as u64,
+            seen_in: self
+                .pages
+                .iter()
+                .flatten()
+                .map(|c| c.map(|c| self.rank[c]))
+                .collect(),
         }
+    }
+}
+
+/// [`Planned::weigh`]'s estimate of a contents layout, with what choosing
+/// a partial image needs.
+struct Estimate {
+    /// What the layouts cost.
+    weighing: Weighing,
+    /// The runs of a contents layout, in page order.
+    runs: Vec<RunAt>,
+    /// Whether the domain holds each content (by rank).
+    found: Vec<bool>,
+    /// Each page's content by rank (page order over all regions).
+    seen_in: Vec<Option<usize>>,
+    /// Regions of the layout (a mapping each in every clone).
+    weighing_regions: u64,
+}
+
+impl Estimate {
+    /// The layout that costs the remaining clones the least memory:
+    /// contents where they all fit the budget; else the least of contents
+    /// (runs past the budget copied), a partial image (the runs that save
+    /// the most image pages mapped by content, as many as each remaining
+    /// clone's share of the budget pays for, and an image of the other
+    /// pages) and a whole image.
+    fn choose(&self) -> Choice {
+        let w = &self.weighing;
+        if w.fits() || w.left < w.image_cost {
+            return Choice::Contents;
+        }
+        let contents = w.contents_pages();
+        // Two mappings per run by content within the image's runs.
+        // Each clone's share, less its regions' own mappings and its
+        // image's runs.
+        let regions = self.weighing_regions;
+        let per_clone = (w.left / w.remaining.max(1)).saturating_sub(regions + w.image_cost);
+        let mut best: Vec<RunAt> = self.runs.iter().filter(|r| r.saving > 0).copied().collect();
+        best.sort_by_key(|r| std::cmp::Reverse(r.saving));
+        best.truncate(usize::try_from(per_clone / 2).unwrap_or(usize::MAX));
+        best.sort_by_key(|r| r.first);
+        let cover: Vec<(usize, usize)> = best.iter().map(|r| (r.first, r.len)).collect();
+        let partial = self.partial_pages(&cover);
+        let whole = u128::from(w.image_pages);
+        if contents <= partial.min(whole) {
+            Choice::Contents
+        } else if partial < whole {
+            Choice::Image(Arc::new(cover))
+        } else {
+            Choice::Image(Arc::default())
+        }
+    }
+
+    /// Pages of memory a partial image with `cover` mapped by content
+    /// adds: the contents of the covered pages the domain lacks, and the
+    /// other pages with content, in the image.
+    fn partial_pages(&self, cover: &[(usize, usize)]) -> u128 {
+        let mut covered = vec![false; self.seen_in.len()];
+        for &(first, n) in cover {
+            if let Some(s) = covered.get_mut(first..(first + n).min(self.seen_in.len())) {
+                s.fill(true);
+            }
+        }
+        let mut needed = vec![false; self.found.len()];
+        let mut image = 0u128;
+        for (p, c) in self.seen_in.iter().enumerate() {
+            if let Some(r) = c {
+                if covered[p] {
+                    needed[*r] = true;
+                } else {
+                    image += 1;
+                }
+            }
+        }
+        let new = needed
+            .iter()
+            .zip(&self.found)
+            .filter(|(n, f)| **n && !**f)
+            .count() as u128;
+        new + image
     }
 }
 
@@ -474,7 +692,8 @@ struct Weighing {
     remaining: u64,
     /// Mappings the budget has left.
     left: u64,
-    /// Mappings one clone's content runs add.
+    /// Mappings one clone laid out by contents costs: its regions', and
+    /// what its runs add.
     cost: u64,
     /// Pages of each content run (of regions not excluded), longest first.
     runs: Vec<u64>,
@@ -488,6 +707,11 @@ struct Weighing {
 }
 
 impl Weighing {
+    /// Whether every remaining clone's content runs fit the budget.
+    fn fits(&self) -> bool {
+        self.cost == 0 || self.left / self.cost >= self.remaining
+    }
+
     /// Pages of memory the remaining clones laid out by contents would
     /// add: the new contents, and per clone the pages of the runs the
     /// budget cannot pay for, copied (each clone that fits takes all its
@@ -511,8 +735,9 @@ impl Weighing {
         new + (total - remapped) + rest * total
     }
 
-    /// Whether contents cost no more memory than a new image (or the
-    /// budget cannot even map an image: it would be copied from too).
+    /// Whether contents cost no more memory than a new whole image (or
+    /// the budget cannot even map an image: it would be copied from too).
+    #[cfg(test)]
     fn contents_first(&self) -> bool {
         self.left < self.image_cost || self.contents_pages() <= u128::from(self.image_pages)
     }
