@@ -7,10 +7,12 @@
 //!   host's domain (so content common to several snapshots is shared
 //!   too), its layout chosen by `FoldLayout::Auto` (or `--layout`), told
 //!   the clones planned of each snapshot: each distinct content in one
-//!   shared frame (or, for clones past the kernel's mapping budget, an
-//!   image of the snapshot in page order shared by that snapshot's clones
-//!   only, or copies of their shortest runs, whichever costs less memory),
-//!   every clone's pages mapping it copy-on-write from the restore on;
+//!   shared frame (or, for clones past the kernel's mapping budget,
+//!   whichever costs less memory of: copies of their shortest runs; an
+//!   image of the snapshot in page order, shared by that snapshot's clones
+//!   only; or such an image of the pages outside the runs worth most,
+//!   which map the shared frames), every clone's pages mapping it
+//!   copy-on-write from the restore on;
 //! - `map_private`: Firecracker's way, written here as a small baseline:
 //!   each snapshot's raw memory file (on tmpfs: a memfd holding the
 //!   non-zero pages, zero pages left as holes) mapped `MAP_PRIVATE` by
@@ -36,8 +38,8 @@
 //! zero, a quarter random, a quarter copies of 64 template blocks.
 //! `--block 1` mixes page by page (every non-zero page a run of its own,
 //! as in `snapshot_throughput`): that costs a folded clone two kernel
-//! mappings per page, so clones past the budget map an image instead
-//! (`image` in the output counts them).
+//! mappings per page, so clones past the budget map an image instead,
+//! whole or partial (`image` in the output counts them).
 //!
 //! `cargo run --release -p pagefold --example snapshot_clones -- [--block N]
 //! [--guests DIR] [--layout L[,L...]] [SNAPSHOT_DIR]`, each `L` one of

@@ -11,10 +11,11 @@
 //! against their addresses as every read is, into one new run of shared
 //! frames. Image: the snapshot's pages in page order in one run of frames,
 //! found again by the snapshot's id, so a clone maps each region with one
-//! remap. Zero pages stay holes. [`FoldLayout::Auto`] weighs the two by
-//! the memory they would cost the clones still to come against the
-//! process's mapping budget. The dedup side (`dedup/fold_in.rs`) does the
-//! rest under the host's scan lock.
+//! remap. Zero pages stay holes. [`FoldLayout::Auto`] weighs them, and a
+//! mix of the two (the runs worth most mapped by content, an image of the
+//! other pages), by the memory they would cost the clones still to come
+//! within the process's mapping budget. The dedup side
+//! (`dedup/fold_in.rs`) does the rest under the host's scan lock.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -68,7 +69,9 @@ pub struct FoldedStats {
     /// Remaps made (one per run of pages onto consecutive frames).
     pub remaps: u64,
     /// Whether the pages map an image of the snapshot
-    /// ([`FoldLayout::Image`]) rather than a frame per distinct content.
+    /// ([`FoldLayout::Image`]; or, as [`FoldLayout::Auto`] may choose, of
+    /// its pages outside the runs mapped by content) rather than a frame
+    /// per distinct content alone.
     pub image: bool,
 }
 
@@ -87,14 +90,21 @@ pub enum FoldLayout {
     /// snapshot already (no new memory, a remap per region); else
     /// [`Contents`](Self::Contents) where the clones still to come (see
     /// [`FoldOptions::planned_clones`]) all fit the mapping budget that is
-    /// left. Else whichever costs less memory over those clones: contents
-    /// (the contents the domain lacks, plus the pages of runs the budget
-    /// cannot pay for, copied per clone: the clones that fit get all their
-    /// runs, the next the longest ones, the rest none) or a new image (the
-    /// snapshot's pages with content, once). The last clone of a plan thus
-    /// never takes an image (its copies are at most the image), and
-    /// clones past the budget with more to come share an image. Clones
-    /// that fit take contents, as [`Contents`](Self::Contents) would.
+    /// left, so it never costs more than `Contents` where the budget
+    /// allows it. Else the least memory over those clones of: contents
+    /// (the contents the domain lacks, plus per clone the pages of the
+    /// runs the budget cannot pay for, copied: the clones that fit get all
+    /// their runs, the next the longest, the rest none); a partial image
+    /// (the runs whose pages an image would store again, repeated or held
+    /// contents, mapped by content, most such pages first, as many as
+    /// each remaining clone's share of the budget pays for two mappings
+    /// a run; one image of the other pages, shared by the clones, a remap
+    /// per stretch between those runs); or a whole image. A partial image
+    /// is recorded per snapshot and domain, so later clones map the same.
+    /// The last clone of a plan past the budget copies rather than make an
+    /// image (its copies are at most the image); clones past it with more
+    /// to come share an image. Nothing fails for want of mappings: runs
+    /// past the budget are copied.
     #[default]
     Auto,
     /// A frame per distinct content of the domain, shared with every
@@ -633,9 +643,9 @@ impl Estimate {
             return Choice::Contents;
         }
         let contents = w.contents_pages();
-        // Two mappings per run by content within the image's runs.
         // Each clone's share, less its regions' own mappings and its
-        // image's runs.
+        // image's runs; then two mappings per run by content (it splits
+        // a run of the image).
         let regions = self.weighing_regions;
         let per_clone = (w.left / w.remaining.max(1)).saturating_sub(regions + w.image_cost);
         let mut best: Vec<RunAt> = self.runs.iter().filter(|r| r.saving > 0).copied().collect();
