@@ -692,6 +692,34 @@ fn a_budget_short_for_the_planned_clones_chooses_an_image() {
         }
         assert_eq!(image(&c.memory), want);
     }
+    assert!(
+        clones[0].stats.remaps > 2,
+        "some runs by content: {:?}",
+        clones[0].stats
+    );
+    // A write to every page of one clone (by content, on the image, on a
+    // hole) stays in it, and none is lost.
+    let mut model = want.clone();
+    for (p, g) in pages(&clones[0].memory).into_iter().enumerate() {
+        clones[0].memory.write_obj(g, p as u64 + 1).unwrap();
+        model[p][..8].copy_from_slice(&(p as u64 + 1).to_le_bytes());
+    }
+    assert_eq!(image(&clones[0].memory), model);
+    for c in &clones[1..] {
+        assert_eq!(image(&c.memory), want);
+    }
+    // Another domain of the same host shares none of it.
+    let other = VmOptions {
+        domain: DomainId(2),
+        ..VmOptions::default()
+    };
+    let d = restore_folded_with(&host, other, &snap, &planned(8)).unwrap();
+    assert!(
+        d.stats.contents_found == 0 && d.stats.contents_read > 0,
+        "{:?}",
+        d.stats
+    );
+    assert_eq!(image(&d.memory), want);
     let (_store, roomy) = host_pair();
     let b = restore_folded_with(&roomy, VmOptions::default(), &snap, &planned(8)).unwrap();
     assert!(!b.stats.image);
