@@ -814,7 +814,9 @@ fn fill(
 
 #[cfg(test)]
 mod tests {
-    use super::Weighing;
+    use std::sync::Arc;
+
+    use super::{Choice, Estimate, RunAt, Weighing};
 
     fn weighing(remaining: u64, left: u64) -> Weighing {
         // Ten runs of 10 pages and 90 of one: 190 pages, 100 runs
@@ -881,5 +883,58 @@ mod tests {
             ..weighing(u64::MAX, 0)
         };
         assert_eq!(w.contents_pages(), 150);
+    }
+
+    /// Eight pages of four new contents, 0 and 1 three times each; a
+    /// contents layout's runs: pages 0..2, 2..6 and 6..8.
+    fn estimate(remaining: u64, left: u64) -> Estimate {
+        let seen_in = [0, 1, 0, 1, 2, 3, 0, 1].map(Some).to_vec();
+        Estimate {
+            weighing: Weighing {
+                remaining,
+                left,
+                cost: 30,
+                runs: vec![4, 2, 2],
+                new_contents: 4,
+                image_pages: 8,
+                image_cost: 2,
+            },
+            runs: vec![
+                RunAt {
+                    first: 0,
+                    len: 2,
+                    saving: 2,
+                },
+                RunAt {
+                    first: 2,
+                    len: 4,
+                    saving: 2,
+                },
+                RunAt {
+                    first: 6,
+                    len: 2,
+                    saving: 2,
+                },
+            ],
+            found: vec![false; 4],
+            seen_in,
+            weighing_regions: 1,
+        }
+    }
+
+    #[test]
+    fn a_partial_image_maps_the_runs_each_clone_can_pay_for_by_content() {
+        // Seven mappings a clone: its region, the image's run, and two
+        // runs by content. They store the four contents, the image the
+        // two pages after them: 6 pages, against 8 for a whole image and
+        // 30 for contents copied past the budget.
+        let e = estimate(4, 28);
+        assert_eq!(e.weighing.contents_pages(), 30);
+        assert_eq!(e.partial_pages(&[(0, 2), (2, 4)]), 6);
+        assert_eq!(e.choose(), Choice::Image(Arc::new(vec![(0, 2), (2, 4)])));
+        // No share left for a run by content: a whole image.
+        assert_eq!(estimate(4, 8).choose(), Choice::Image(Arc::default()));
+        // All four fit: contents.
+        assert_eq!(estimate(4, 120).choose(), Choice::Contents);
     }
 }
