@@ -5,11 +5,14 @@
 //!
 //! - `folded`: pagefold's [`restore_folded`], every clone into one dedup
 //!   host's domain (so content common to several snapshots is shared
-//!   too), its layout chosen by `FoldLayout::Auto` (or `--layout`): each
-//!   distinct content in one shared frame (or, where that would cost more
-//!   kernel mappings than the budget holds for 16 clones, an image of the
-//!   snapshot in page order, shared by that snapshot's clones only), every
-//!   clone's pages mapping it copy-on-write from the restore on;
+//!   too), its layout chosen by `FoldLayout::Auto` (or `--layout`), told
+//!   the clones planned of each snapshot: each distinct content in one
+//!   shared frame (or, for clones past the kernel's mapping budget,
+//!   whichever costs less memory of: copies of their shortest runs; an
+//!   image of the snapshot in page order, shared by that snapshot's clones
+//!   only; or such an image of the pages outside the runs worth most,
+//!   which map the shared frames), every clone's pages mapping it
+//!   copy-on-write from the restore on;
 //! - `map_private`: Firecracker's way, written here as a small baseline:
 //!   each snapshot's raw memory file (on tmpfs: a memfd holding the
 //!   non-zero pages, zero pages left as holes) mapped `MAP_PRIVATE` by
@@ -35,8 +38,8 @@
 //! zero, a quarter random, a quarter copies of 64 template blocks.
 //! `--block 1` mixes page by page (every non-zero page a run of its own,
 //! as in `snapshot_throughput`): that costs a folded clone two kernel
-//! mappings per page, so the clones map an image instead (`image` in the
-//! output counts them).
+//! mappings per page, so clones past the budget map an image instead,
+//! whole or partial (`image` in the output counts them).
 //!
 //! `cargo run --release -p pagefold --example snapshot_clones -- [--block N]
 //! [--guests DIR] [--layout L[,L...]] [SNAPSHOT_DIR]`, each `L` one of
@@ -52,7 +55,10 @@ use std::{
 };
 
 use pagefold::{
-    snapshot::{restore_folded_as, restore_into, save, FoldLayout, SaveOptions, SnapshotReader},
+    snapshot::{
+        restore_folded_with, restore_into, save, FoldLayout, FoldOptions, SaveOptions,
+        SnapshotReader,
+    },
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
 use rand::{seq::SliceRandom, Rng, SeedableRng};
@@ -367,7 +373,17 @@ fn main() -> Res<()> {
         let images = std::cell::Cell::new(0u64);
         let mut keep = Vec::new();
         let mut restore = |s: &Source| -> Res<Clone> {
-            let r = restore_folded_as(&host, VmOptions::default(), &s.snap, layout)?;
+            // The clones of this snapshot the run restores.
+            let planned = sources
+                .iter()
+                .position(|o| std::ptr::eq(o, s))
+                .map(|i| plan.iter().filter(|&&p| p == i).count() as u64);
+            let fold = FoldOptions {
+                layout,
+                planned_clones: planned,
+                ..FoldOptions::default()
+            };
+            let r = restore_folded_with(&host, VmOptions::default(), &s.snap, &fold)?;
             copied.set(copied.get() + r.stats.copied_pages);
             images.set(images.get() + u64::from(r.stats.image));
             let base = r.memory.regions()[0].host_addr().0 as *mut u8;

@@ -22,8 +22,8 @@ use std::{
 use pagefold::{
     dedup::DedupOptions,
     snapshot::{
-        restore_folded, restore_folded_as, restore_into, save, save_incremental, FoldLayout,
-        FoldedRestore, Part, SaveOptions, SnapshotError, SnapshotReader,
+        restore_folded, restore_folded_with, restore_into, save, save_incremental, FoldLayout,
+        FoldOptions, FoldedRestore, Part, SaveOptions, SnapshotError, SnapshotReader,
     },
     DedupHost, DirtyRun, DomainId, FrameStore, GuestMemory, GuestPhysAddr, RegionSet, VmOptions,
     PAGE_SIZE,
@@ -126,6 +126,14 @@ fn host() -> (Arc<FrameStore>, DedupHost) {
     let store = Arc::new(FrameStore::memfd().unwrap());
     let host = DedupHost::new(Arc::clone(&store)).unwrap();
     (store, host)
+}
+
+/// Options laying the frames out as `layout` says.
+fn laid(layout: FoldLayout) -> FoldOptions {
+    FoldOptions {
+        layout,
+        ..FoldOptions::default()
+    }
 }
 
 fn nonzero(img: &[Vec<u8>]) -> usize {
@@ -331,7 +339,7 @@ fn a_damaged_snapshot_is_an_error_and_leaves_the_host_as_it_was() {
     std::fs::write(&bad_path, &raw).unwrap();
     let bad = SnapshotReader::open(&bad_path).unwrap();
     for fold in [FoldLayout::Contents, FoldLayout::Image] {
-        let err = restore_folded_as(&host, VmOptions::default(), &bad, fold).unwrap_err();
+        let err = restore_folded_with(&host, VmOptions::default(), &bad, &laid(fold)).unwrap_err();
         match &err {
             SnapshotError::ContentHash { at: place, slot } => {
                 assert_eq!(place.part, Part::Content);
@@ -534,7 +542,13 @@ fn a_short_budget_buys_the_longest_runs_first() {
         },
     )
     .unwrap();
-    let a = restore_folded_as(&host, VmOptions::default(), &snap, FoldLayout::Contents).unwrap();
+    let a = restore_folded_with(
+        &host,
+        VmOptions::default(),
+        &snap,
+        &laid(FoldLayout::Contents),
+    )
+    .unwrap();
     assert_eq!(image(&a.memory), want);
     let s = a.stats;
     assert!(s.remaps > 0 && s.copied_pages > 0, "{s:?}");
@@ -559,14 +573,20 @@ fn clones_of_an_image_share_it_with_a_remap_per_region() {
     let snap = saved(&dir, "a.snap", &src);
     let (store, host) = host();
     let clones: Vec<FoldedRestore> = (0..4)
-        .map(|_| restore_folded_as(&host, VmOptions::default(), &snap, FoldLayout::Image).unwrap())
+        .map(|_| {
+            restore_folded_with(&host, VmOptions::default(), &snap, &laid(FoldLayout::Image))
+                .unwrap()
+        })
         .collect();
     for (k, c) in clones.iter().enumerate() {
         let s = c.stats;
         assert!(s.image);
         assert_eq!(s.remaps, 2, "one remap per region");
         assert_eq!(s.copied_pages, 0);
-        assert_eq!(s.shared_pages, s.pages);
+        // Zero pages map the image's holes: neither stored nor shared.
+        assert_eq!(s.shared_pages, full as u64);
+        assert_eq!(s.zero_pages, (want.len() - full) as u64);
+        assert_eq!(s.pages, s.zero_pages + s.shared_pages + s.copied_pages);
         let read = if k == 0 { full as u64 } else { 0 };
         assert_eq!(s.contents_read, read, "clone {k}");
     }
@@ -608,15 +628,9 @@ fn clones_of_an_image_share_it_with_a_remap_per_region() {
     }
 }
 
-/// With too few mappings left for a frame per content run in several
-/// clones, the automatic layout maps an image.
-#[test]
-fn a_budget_short_for_content_runs_chooses_an_image() {
-    let _serial = serial();
-    let dir = TempDir::new("folded-auto");
-    let (src, _) = source(13);
-    let want = image(&src);
-    let snap = saved(&dir, "a.snap", &src);
+/// A host whose mapping budget leaves about `mappings` for remaps (other
+/// tests' threads come and go).
+fn host_with_mappings(mappings: u64) -> (Arc<FrameStore>, DedupHost) {
     let store = Arc::new(FrameStore::memfd().unwrap());
     let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .unwrap()
@@ -630,19 +644,313 @@ fn a_budget_short_for_content_runs_chooses_an_image() {
     let host = DedupHost::with_options(
         Arc::clone(&store),
         DedupOptions {
-            map_headroom: max.saturating_sub(now + 100),
+            map_headroom: max.saturating_sub(now + mappings),
         },
     )
     .unwrap();
-    let a = restore_folded(&host, VmOptions::default(), &snap).unwrap();
-    assert!(a.stats.image, "{:?}", a.stats);
-    assert_eq!(a.stats.remaps, 2);
-    assert_eq!(image(&a.memory), want);
-    // With the default budget the same snapshot maps a frame per content.
+    (store, host)
+}
+
+fn planned(n: u64) -> FoldOptions {
+    FoldOptions {
+        planned_clones: Some(n),
+        ..FoldOptions::default()
+    }
+}
+
+/// With too few mappings left for a frame per content run in the clones
+/// planned, the automatic layout maps an image (of the pages the runs
+/// worth most to the budget leave, the rest by content), which every
+/// later clone maps too, each within its share of the budget, storing
+/// less than a whole image; with the default budget the same snapshot
+/// and plan map a frame per content.
+#[test]
+fn a_budget_short_for_the_planned_clones_chooses_an_image() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-auto");
+    let (src, _) = source(13);
+    let want = image(&src);
+    let full = nonzero(&want) as u64;
+    let snap = saved(&dir, "a.snap", &src);
+    let (store, host) = host_with_mappings(100);
+    let clones: Vec<FoldedRestore> = (0..8)
+        .map(|_| restore_folded_with(&host, VmOptions::default(), &snap, &planned(8)).unwrap())
+        .collect();
+    // Less than a whole image (before a read fills a hole of it).
+    let held = store.allocated_bytes().unwrap();
+    assert!(held < full * PAGE, "{held} bytes");
+    for (k, c) in clones.iter().enumerate() {
+        let s = c.stats;
+        assert!(s.image, "clone {k}: {s:?}");
+        assert_eq!(
+            (s.shared_pages, s.copied_pages),
+            (full, 0),
+            "clone {k}: {s:?}"
+        );
+        if k > 0 {
+            assert_eq!(s.contents_read, 0, "clone {k} maps the first one's frames");
+        }
+        assert_eq!(image(&c.memory), want);
+    }
+    assert!(
+        clones[0].stats.remaps > 2,
+        "some runs by content: {:?}",
+        clones[0].stats
+    );
+    // A write to every page of one clone (by content, on the image, on a
+    // hole) stays in it, and none is lost.
+    let mut model = want.clone();
+    for (p, g) in pages(&clones[0].memory).into_iter().enumerate() {
+        clones[0].memory.write_obj(g, p as u64 + 1).unwrap();
+        model[p][..8].copy_from_slice(&(p as u64 + 1).to_le_bytes());
+    }
+    assert_eq!(image(&clones[0].memory), model);
+    for c in &clones[1..] {
+        assert_eq!(image(&c.memory), want);
+    }
+    // Another domain of the same host shares none of it.
+    let other = VmOptions {
+        domain: DomainId(2),
+        ..VmOptions::default()
+    };
+    let d = restore_folded_with(&host, other, &snap, &planned(8)).unwrap();
+    assert!(
+        d.stats.contents_found == 0 && d.stats.contents_read > 0,
+        "{:?}",
+        d.stats
+    );
+    assert_eq!(image(&d.memory), want);
     let (_store, roomy) = host_pair();
-    let b = restore_folded(&roomy, VmOptions::default(), &snap).unwrap();
+    let b = restore_folded_with(&roomy, VmOptions::default(), &snap, &planned(8)).unwrap();
     assert!(!b.stats.image);
     assert_eq!(image(&b.memory), want);
+}
+
+/// Four snapshots with content in common, two clones planned of each,
+/// all in one domain: where the budget allows it the automatic layout
+/// maps a frame per content for every clone, as `Contents` does, and the
+/// store holds the distinct content of all four once, however many
+/// clones. Each clone reads back its snapshot's bytes, and a write stays
+/// in the clone that made it.
+#[test]
+fn auto_maps_contents_across_snapshots_where_the_budget_allows() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-auto-contents");
+    let (common, _) = source(20);
+    let mut snaps = Vec::new();
+    let mut wants = Vec::new();
+    let mut distinct = HashSet::new();
+    for k in 0..4u64 {
+        // Common pages, and a quarter of the pages the snapshot's own.
+        let mem = GuestMemory::new(&layout()).unwrap();
+        let mut img = image(&common);
+        for (i, p) in img.iter_mut().enumerate() {
+            if i % 4 == k as usize {
+                *p = filled(7_000 + 100 * k + i as u64);
+            }
+        }
+        for (g, p) in pages(&mem).into_iter().zip(&img) {
+            mem.write(g, p).unwrap();
+        }
+        distinct.extend(img.iter().filter(|p| p.iter().any(|&b| b != 0)).cloned());
+        snaps.push(saved(&dir, &format!("{k}.snap"), &mem));
+        wants.push(img);
+    }
+    let (store, host) = host();
+    let mut clones = Vec::new();
+    for (k, snap) in snaps.iter().enumerate() {
+        for _ in 0..2 {
+            let c = restore_folded_with(&host, VmOptions::default(), snap, &planned(2)).unwrap();
+            let s = c.stats;
+            assert!(!s.image, "clone of {k}: {s:?}");
+            assert_eq!(s.copied_pages, 0, "{s:?}");
+            assert_eq!(s.shared_pages, nonzero(&wants[k]) as u64);
+            assert_eq!(s.pages, s.zero_pages + s.shared_pages);
+            clones.push((k, c));
+        }
+    }
+    assert_eq!(
+        store.allocated_bytes().unwrap(),
+        distinct.len() as u64 * PAGE,
+        "the distinct content of all four, once"
+    );
+    // The same clones laid out by contents by order: the same memory.
+    let (other, by_contents) = host_pair();
+    for snap in &snaps {
+        for _ in 0..2 {
+            restore_folded_with(
+                &by_contents,
+                VmOptions::default(),
+                snap,
+                &laid(FoldLayout::Contents),
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(
+        other.allocated_bytes().unwrap(),
+        store.allocated_bytes().unwrap()
+    );
+    for (k, c) in &clones {
+        assert_eq!(image(&c.memory), wants[*k]);
+    }
+    // A write to a page common to all four stays in its clone.
+    let at = GuestPhysAddr(5 * PAGE);
+    clones[3].1.memory.write_obj(at, 0xfeed_u64).unwrap();
+    for (i, (k, c)) in clones.iter().enumerate() {
+        let mut want = wants[*k].clone();
+        if i == 3 {
+            want[5][..8].copy_from_slice(&0xfeed_u64.to_le_bytes());
+        }
+        assert_eq!(image(&c.memory), want, "clone {i}");
+    }
+}
+
+/// Clones past a small mapping budget degrade rather than fail: with more
+/// planned, an image (a remap per region); the one clone planned of a
+/// snapshot whose contents are held maps them (copying what the budget
+/// cannot pay for) rather than store an image of its own. Every clone
+/// reads back its bytes and keeps its writes.
+#[test]
+fn clones_past_a_small_budget_degrade_without_failing() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-degrade");
+    let (src, _) = source(21);
+    let want = image(&src);
+    let full = nonzero(&want) as u64;
+    let snap = saved(&dir, "a.snap", &src);
+    // Another snapshot of the same contents (one page a copy of another).
+    let mut other_want = want.clone();
+    other_want[10] = want[11].clone();
+    let other_src = GuestMemory::new(&layout()).unwrap();
+    for (g, p) in pages(&other_src).into_iter().zip(&other_want) {
+        other_src.write(g, p).unwrap();
+    }
+    let other = saved(&dir, "b.snap", &other_src);
+    let (_store, host) = host_with_mappings(30);
+    let clones: Vec<FoldedRestore> = (0..6)
+        .map(|_| restore_folded_with(&host, VmOptions::default(), &snap, &planned(6)).unwrap())
+        .collect();
+    for c in &clones {
+        let s = c.stats;
+        assert!(s.image, "{s:?}");
+        assert_eq!(s.shared_pages + s.copied_pages, full, "{s:?}");
+        assert_eq!(s.pages, s.zero_pages + s.shared_pages + s.copied_pages);
+    }
+    // One clone planned of another snapshot whose contents the image
+    // holds: contents (no new memory but what the budget cannot pay for),
+    // not an image of its own.
+    let last = restore_folded_with(&host, VmOptions::default(), &other, &planned(1)).unwrap();
+    let s = last.stats;
+    assert!(!s.image, "{s:?}");
+    assert_eq!((s.contents_found, s.contents_read), (s.contents, 0));
+    assert_eq!(s.shared_pages + s.copied_pages, nonzero(&other_want) as u64);
+    assert_eq!(s.pages, s.zero_pages + s.shared_pages + s.copied_pages);
+    assert_eq!(image(&last.memory), other_want);
+    for (k, c) in clones.iter().enumerate() {
+        c.memory
+            .write_obj(GuestPhysAddr(9 * PAGE), k as u64 + 1)
+            .unwrap();
+    }
+    for (k, c) in clones.iter().enumerate() {
+        let mut w = want.clone();
+        w[9][..8].copy_from_slice(&(k as u64 + 1).to_le_bytes());
+        assert_eq!(image(&c.memory), w, "clone {k}");
+    }
+    assert_eq!(image(&last.memory), other_want);
+}
+
+/// Without a plan, the automatic layout plans for as many clones again as
+/// were restored: the first clones take contents while they fit, and once
+/// the budget is short the next ones share an image instead of copying
+/// every page each.
+#[test]
+fn without_a_plan_clones_past_the_budget_share_an_image() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-unplanned");
+    let (src, _) = source(23);
+    let want = image(&src);
+    let snap = saved(&dir, "a.snap", &src);
+    let (_store, host) = host_with_mappings(60);
+    let clones: Vec<FoldedRestore> = (0..5)
+        .map(|_| restore_folded(&host, VmOptions::default(), &snap).unwrap())
+        .collect();
+    let images = clones.iter().filter(|c| c.stats.image).count();
+    assert!(
+        images >= 3,
+        "{:?}",
+        clones.iter().map(|c| c.stats).collect::<Vec<_>>()
+    );
+    assert!(clones.last().is_some_and(|c| c.stats.image));
+    for c in &clones {
+        assert_eq!(image(&c.memory), want);
+    }
+}
+
+/// A guest larger than the caller's limit is refused from the header,
+/// before any page is looked at or any frame allocated.
+#[test]
+fn a_guest_over_the_size_limit_is_refused_before_any_work() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-limit");
+    let (src, _) = source(24);
+    let snap = saved(&dir, "a.snap", &src);
+    let (store, host) = host();
+    let size: u64 = layout().iter().map(|r| r.1).sum();
+    let small = FoldOptions {
+        max_guest_bytes: size - 1,
+        ..FoldOptions::default()
+    };
+    match restore_folded_with(&host, VmOptions::default(), &snap, &small) {
+        Err(SnapshotError::TooLarge { bytes, max }) => {
+            assert_eq!((bytes, max), (size, size - 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.allocated_frames(), 0);
+    assert_eq!(host.stats().unwrap().pages_total, 0, "nothing registered");
+    let exact = FoldOptions {
+        max_guest_bytes: size,
+        ..FoldOptions::default()
+    };
+    let a = restore_folded_with(&host, VmOptions::default(), &snap, &exact).unwrap();
+    assert_eq!(image(&a.memory), image(&src));
+}
+
+/// The stats count every page once: zero pages as zero (in an image too,
+/// where they map its holes), pages with content as shared or copied.
+#[test]
+fn stats_count_each_page_once() {
+    let _serial = serial();
+    let dir = TempDir::new("folded-stats");
+    let (src, distinct) = source(25);
+    let want = image(&src);
+    let full = nonzero(&want) as u64;
+    let zero = want.len() as u64 - full;
+    let snap = saved(&dir, "a.snap", &src);
+    for layout in [FoldLayout::Contents, FoldLayout::Image, FoldLayout::Auto] {
+        let (_store, host) = host();
+        let a = restore_folded_with(&host, VmOptions::default(), &snap, &laid(layout)).unwrap();
+        let b = restore_folded_with(&host, VmOptions::default(), &snap, &laid(layout)).unwrap();
+        for (k, s) in [a.stats, b.stats].into_iter().enumerate() {
+            assert_eq!(s.pages, want.len() as u64, "{layout:?}");
+            assert_eq!(s.zero_pages, zero, "{layout:?}");
+            assert_eq!(s.shared_pages, full, "{layout:?}");
+            assert_eq!(s.copied_pages, 0, "{layout:?}");
+            assert_eq!(s.contents, distinct as u64, "{layout:?}");
+            if k == 0 {
+                assert_eq!(s.contents_found, 0, "{layout:?}");
+            } else {
+                assert_eq!(s.contents_read, 0, "{layout:?}");
+            }
+        }
+        assert_eq!(a.stats.image, layout == FoldLayout::Image);
+        if !a.stats.image {
+            // Zero pages are holes, the rest merged.
+            let c = a.memory.census();
+            assert_eq!((c.shared, c.zero), (full, zero), "{layout:?}");
+        }
+    }
 }
 
 fn host_pair() -> (Arc<FrameStore>, DedupHost) {

@@ -26,7 +26,7 @@ use super::{
     locks::lock,
     options::{DomainId, VmId, VmOptions},
     shared::Address,
-    state::{Inner, ScanState},
+    state::{Cover, Inner, ScanState},
     steps::{self, Target},
 };
 use crate::{
@@ -61,10 +61,33 @@ pub(crate) struct ContentFrames {
     pub(crate) filled: u64,
 }
 
+/// What a page of a VM made by [`FoldIn::install`] maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PageFrame {
+    /// Nothing: a zero page, released (a hole of its own frame).
+    Hole,
+    /// A shared frame holding the page's content.
+    Content(FrameNumber),
+    /// A zero page mapped onto a hole of an image (so its region's run of
+    /// consecutive frames goes on through it): no memory, nothing shared,
+    /// counted as neither.
+    ZeroIn(FrameNumber),
+}
+
+impl PageFrame {
+    fn frame(self) -> Option<FrameNumber> {
+        match self {
+            PageFrame::Hole => None,
+            PageFrame::Content(f) | PageFrame::ZeroIn(f) => Some(f),
+        }
+    }
+}
+
 /// What [`FoldIn::install`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Installed {
-    /// Pages mapping a shared frame.
+    /// Pages with content mapping a shared frame (zero pages mapped onto
+    /// an image's holes are not counted).
     pub(crate) shared_pages: u64,
     /// Pages with content that were to map a shared frame, copied into
     /// their own frame instead: the mapping budget could not pay for their
@@ -91,19 +114,55 @@ impl<'h> FoldIn<'h> {
         })
     }
 
-    /// Whether the domain has an image named `key` (made by
-    /// [`image_frames`](Self::image_frames); it may have lost frames).
+    /// Whether the domain has an image named `key` whose frame `k` still
+    /// holds `pages[k]` for every `k` (what
+    /// [`image_frames`](Self::image_frames) would find rather than make).
+    pub(crate) fn has_whole_image(&self, key: &Address, pages: &[Address]) -> bool {
+        let mut shared = lock(&self.inner.shared);
+        shared.has_image(self.domain, key) && shared.lookup_image(self.domain, key, pages).is_some()
+    }
+
+    /// Whether the domain has an image named `key` at all (cheap; it may
+    /// have lost frames since, which
+    /// [`has_whole_image`](Self::has_whole_image) checks).
     pub(crate) fn has_image(&self, key: &Address) -> bool {
         lock(&self.inner.shared).has_image(self.domain, key)
     }
 
-    /// How many of `addrs` the domain holds a frame of.
-    pub(crate) fn held_contents(&self, addrs: &[Address]) -> usize {
+    /// The frame the domain holds of each of `addrs`, if any, without
+    /// pinning it (a plan: [`frames_for_contents`](Self::frames_for_contents)
+    /// looks them up again and pins them).
+    pub(crate) fn lookup_contents(&self, addrs: &[Address]) -> Vec<Option<FrameNumber>> {
         let shared = lock(&self.inner.shared);
         addrs
             .iter()
-            .filter(|a| shared.lookup_address(self.domain, a).is_some())
-            .count()
+            .map(|a| shared.lookup_address(self.domain, a))
+            .collect()
+    }
+
+    /// VMs restored into the domain from the snapshot (or other source)
+    /// named `key` so far, by [`install`](Self::install).
+    pub(crate) fn restored(&self, key: &Address) -> u64 {
+        self.scan
+            .restored
+            .get(&(self.domain, *key))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The pages clones of the snapshot named `key` map by content beside
+    /// a partial image of the others, as [`set_cover`](Self::set_cover)
+    /// recorded them: runs (first page, pages) in page order.
+    pub(crate) fn cover(&self, key: &Address) -> Option<Cover> {
+        self.scan.covers.get(&(self.domain, *key)).cloned()
+    }
+
+    /// Records `runs` as the pages clones of the snapshot named `key` map
+    /// by content (see [`cover`](Self::cover)), so later clones find the
+    /// same partial image.
+    pub(crate) fn set_cover(&mut self, key: &Address, runs: Cover) {
+        let domain = self.domain;
+        self.scan.covers.insert((domain, *key), runs);
     }
 
     /// A frame of the domain for each of `addrs` (distinct content
@@ -290,19 +349,23 @@ impl<'h> FoldIn<'h> {
 
     /// Makes `mem` (new memory, every page still a hole in its own frame,
     /// in a 4 KiB file store: the host's or one of its own) a VM whose
-    /// page `p` of region `r` maps `frames[r][p]` (a frame
-    /// [`frames_for_contents`](Self::frames_for_contents) handed out) or,
-    /// for `None`, is released (reads as zeros, holds no memory); registers it with
-    /// `options`. Each run of pages onto consecutive frames is one remap,
-    /// priced against the mapping budget, longest runs first; a run the
-    /// budget cannot pay for (and every run of an excluded region) is
-    /// copied into the pages' own frames instead, left for a later merge
-    /// pass. On an error nothing is registered and the memory is gone.
+    /// page `p` of region `r` maps what `frames[r][p]` says (frames
+    /// [`frames_for_contents`](Self::frames_for_contents) or
+    /// [`image_frames`](Self::image_frames) handed out; a hole is
+    /// released: reads as zeros, holds no memory); registers it with
+    /// `options` and counts it as a clone of `clone_of` (see
+    /// [`restored`](Self::restored)). Each run of pages onto consecutive
+    /// frames is one remap, priced against the mapping budget, longest
+    /// runs first; a run the budget cannot pay for (and every run of an
+    /// excluded region) is copied into the pages' own frames instead, left
+    /// for a later merge pass. On an error nothing is registered and the
+    /// memory is gone.
     pub(crate) fn install(
         mut self,
         mem: GuestMemory,
         options: VmOptions,
-        frames: &[Vec<Option<FrameNumber>>],
+        frames: &[Vec<PageFrame>],
+        clone_of: &Address,
     ) -> Result<(VmId, Arc<GuestMemory>, Installed), DedupError> {
         let store = Arc::clone(&self.inner.store);
         // A page named past the memory's: the caller's layout and frames
@@ -321,20 +384,25 @@ impl<'h> FoldIn<'h> {
                 mem.regions().last().map_or(0, |r| r.end()),
             )));
         }
-        // Runs of pages onto consecutive frames: (region, first page, pages).
-        let mut runs: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
+        // Runs of pages onto consecutive frames: (region, first page,
+        // pages, first frame, pages with content).
+        let mut runs: Vec<(usize, usize, usize, FrameNumber, u64)> = Vec::new();
         for (ri, f) in frames.iter().enumerate() {
             let mut p = 0;
             while p < f.len() {
-                let Some(first) = f[p] else {
+                let Some(first) = f[p].frame() else {
                     p += 1;
                     continue;
                 };
                 let mut e = p + 1;
-                while e < f.len() && f[e] == Some(FrameNumber(first.0 + (e - p) as u64)) {
+                while e < f.len() && f[e].frame() == Some(FrameNumber(first.0 + (e - p) as u64)) {
                     e += 1;
                 }
-                runs.push((ri, p, e - p, first));
+                let content = f[p..e]
+                    .iter()
+                    .filter(|f| matches!(f, PageFrame::Content(_)))
+                    .count() as u64;
+                runs.push((ri, p, e - p, first, content));
                 p = e;
             }
         }
@@ -342,15 +410,33 @@ impl<'h> FoldIn<'h> {
         runs.sort_by_key(|r| std::cmp::Reverse(r.2));
         let budget = store.map_budget();
         budget.refresh();
+        let excluded = |ri: usize| options.exclude.contains(&mem.regions()[ri].start());
+        // What every run together adds, exactly: paid at once where the
+        // budget has it (no run copied), else each run is charged the
+        // most it could add, longest first, while the budget lasts.
+        let mut all: Vec<(usize, usize, usize, FrameNumber)> = runs
+            .iter()
+            .filter(|r| !excluded(r.0))
+            .map(|r| (r.0, r.1, r.2, r.3))
+            .collect();
+        let exact = added_mappings(&mem, &mut all);
+        drop(all);
+        let mut paid = budget.try_spend(exact);
+        let mut charged = if paid { exact } else { 0 };
         let mut out = Installed::default();
         let mut remapped: Vec<(usize, usize, usize, FrameNumber)> = Vec::new();
         let mut buf = Vec::new();
         // Pages copied as zeros: holes, released below.
         let mut holes: Vec<(usize, usize)> = Vec::new();
-        for &(ri, page, count, frame) in &runs {
+        for &(ri, page, count, frame, content) in &runs {
             let region = &mem.regions()[ri];
-            let excluded = options.exclude.contains(&region.start());
-            if !excluded && budget.try_spend(MAPPINGS_PER_RUN) {
+            let afford = !excluded(ri)
+                && (paid || {
+                    let ok = budget.try_spend(MAPPINGS_PER_RUN);
+                    charged += if ok { MAPPINGS_PER_RUN } else { 0 };
+                    ok
+                });
+            if afford {
                 let target = RemapTarget::PrivateCopyOf {
                     fd: store.as_raw_fd(),
                     file_offset: frame.file_offset(),
@@ -358,12 +444,15 @@ impl<'h> FoldIn<'h> {
                 match region.remap_pages(page, count, target) {
                     Ok(()) => {
                         out.remaps += 1;
-                        out.shared_pages += count as u64;
+                        out.shared_pages += content;
                         remapped.push((ri, page, count, frame));
                         continue;
                     }
                     // Out of kernel mappings: the rest is copied.
-                    Err(FrameError::MapLimit { .. }) => budget.exhausted(),
+                    Err(FrameError::MapLimit { .. }) => {
+                        budget.exhausted();
+                        paid = false;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -371,6 +460,11 @@ impl<'h> FoldIn<'h> {
                 holes.push((ri, p));
             })?;
         }
+        // What was charged beyond what the remaps really added (a run
+        // beside another, or at a region's edge, splits less) goes back,
+        // so the next restore plans on the kernel's count without reading
+        // it again.
+        budget.give_back(charged.saturating_sub(added_mappings(&mem, &mut remapped)));
         if mem.frame_store().options().populate {
             // Mapped up front: the own frames under the remapped pages
             // hold memory nobody reads.
@@ -389,7 +483,7 @@ impl<'h> FoldIn<'h> {
         let none = frames.iter().enumerate().flat_map(|(ri, f)| {
             f.iter()
                 .enumerate()
-                .filter(|(_, f)| f.is_none())
+                .filter(|(_, f)| **f == PageFrame::Hole)
                 .map(move |(p, _)| (ri, p))
         });
         for (ri, p) in none.chain(holes) {
@@ -427,6 +521,8 @@ impl<'h> FoldIn<'h> {
         let id = self
             .inner
             .add_vm(&mut self.scan, Arc::clone(&mem), options, None)?;
+        let domain = self.domain;
+        *self.scan.restored.entry((domain, *clone_of)).or_insert(0) += 1;
         let mut shared = lock(&self.inner.shared);
         for &(_, _, count, frame) in &remapped {
             for k in 0..count {
@@ -435,6 +531,30 @@ impl<'h> FoldIn<'h> {
         }
         Ok((id, mem, out))
     }
+}
+
+/// Mappings the remapped runs (region, first page, pages, frame) add to
+/// the regions of `mem`: a region with runs ends in one mapping per run
+/// and one per stretch of its own pages around them. Sorts `runs`.
+fn added_mappings(mem: &GuestMemory, runs: &mut [(usize, usize, usize, FrameNumber)]) -> u64 {
+    runs.sort_unstable_by_key(|r| (r.0, r.1));
+    let mut added = 0u64;
+    let mut k = 0;
+    while k < runs.len() {
+        let ri = runs[k].0;
+        let pages = mem.regions()[ri].pages();
+        let mut pieces = 0u64;
+        let mut at = 0usize;
+        while k < runs.len() && runs[k].0 == ri {
+            let (_, page, count, _) = runs[k];
+            pieces += 1 + u64::from(page > at);
+            at = page + count;
+            k += 1;
+        }
+        pieces += u64::from(at < pages);
+        added += pieces - 1;
+    }
+    added
 }
 
 /// Copies frames `frame..` into the own frames of pages `page..` of

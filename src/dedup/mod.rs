@@ -54,7 +54,7 @@ use std::{
 };
 
 pub use error::DedupError;
-pub(crate) use fold_in::FoldIn;
+pub(crate) use fold_in::{FoldIn, PageFrame};
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use remote::RemoteError;
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
@@ -141,6 +141,8 @@ impl DedupHost {
                 pagemap,
                 volatile_this_scan: 0,
                 volatile_last_scan: 0,
+                restored: HashMap::new(),
+                covers: HashMap::new(),
             }),
             shared: Mutex::new(SharedFrames::default()),
             full_scans: AtomicU64::new(0),

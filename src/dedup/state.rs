@@ -40,7 +40,18 @@ pub(super) struct ScanState {
     pub(super) pagemap: PageMap,
     pub(super) volatile_this_scan: u64,
     pub(super) volatile_last_scan: u64,
+    /// VMs restored folded from each snapshot (by its id) into each
+    /// domain so far (`fold_in.rs`): what a restore plans its layout by.
+    pub(super) restored: HashMap<(DomainId, super::shared::Address), u64>,
+    /// The pages each snapshot's clones in each domain map by content
+    /// beside a partial image of the rest (`fold_in.rs`): runs of pages
+    /// (first, count) in page order over all regions.
+    pub(super) covers: HashMap<(DomainId, super::shared::Address), Cover>,
 }
+
+/// Runs of pages (first, count) in page order over all regions: the pages
+/// a snapshot's clones map by content beside a partial image.
+pub(crate) type Cover = Arc<Vec<(usize, usize)>>;
 
 impl ScanState {
     /// Bytes allocated for the scan's bookkeeping: the hash each page left

@@ -457,6 +457,16 @@ pub enum SnapshotError {
     /// The dirty log refused.
     #[error("dirty log: {0}")]
     Dirty(#[from] DirtyError),
+    /// The snapshot's guest is larger than the restore accepts
+    /// ([`FoldOptions::max_guest_bytes`](super::FoldOptions::max_guest_bytes)),
+    /// refused before any work per page.
+    #[error("the snapshot's guest is {bytes} bytes, over the restore's limit of {max} bytes")]
+    TooLarge {
+        /// The guest's size, all regions together (saturated).
+        bytes: u64,
+        /// The caller's limit.
+        max: u64,
+    },
     /// The dedup host refused or failed a folded restore
     /// ([`restore_folded`](super::restore_folded)).
     #[error("dedup: {0}")]

@@ -76,7 +76,8 @@ mod vcpu;
 
 pub use error::{ForeignProblem, Part, Place, Problem, SnapshotError};
 pub use folded::{
-    restore_folded, restore_folded_as, FoldLayout, FoldedRestore, FoldedStats, PLANNED_CLONES,
+    restore_folded, restore_folded_with, FoldLayout, FoldOptions, FoldedRestore, FoldedStats,
+    DEFAULT_MAX_GUEST_BYTES,
 };
 pub use foreign::{
     restore_foreign_into, FirecrackerArch, ForeignKind, ForeignMemory, CLOUD_HYPERVISOR_MEMORY,
