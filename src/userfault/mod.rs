@@ -17,6 +17,9 @@ use std::{
 
 use crate::addr::HostVirtAddr;
 
+mod missing;
+pub use missing::{FaultServer, FaultSource, MissingPages, MissingSpan};
+
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
