@@ -29,6 +29,8 @@ mod digest;
 mod error;
 pub mod format;
 mod index;
+mod postcopy;
+mod postcopy_receive;
 mod precopy;
 mod reader;
 mod writer;
@@ -40,5 +42,7 @@ pub use precopy::{
     receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,
     Progress, ReceiveError, Received, Sender, Summary,
 };
+pub use postcopy::{PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary};
+pub use postcopy_receive::{receive_postcopy, PostcopyIncoming, PostcopyReceiving, PostcopyStats};
 pub use reader::{receive, Event, ReaderLimits, ReceiveStats, StreamHeader, StreamReader};
 pub use writer::{Sent, StreamWriter, WriterOptions, WriterStats};
