@@ -87,7 +87,11 @@ pub(crate) fn decode_return(m: &[u8; RETURN_MSG_LEN]) -> Option<(u8, GuestPhysAd
     p.copy_from_slice(&m[4..8]);
     let mut g = [0u8; 8];
     g.copy_from_slice(&m[8..]);
-    Some((m[0], GuestPhysAddr(u64::from_le_bytes(g)), u32::from_le_bytes(p)))
+    Some((
+        m[0],
+        GuestPhysAddr(u64::from_le_bytes(g)),
+        u32::from_le_bytes(p),
+    ))
 }
 /// End-marker flag: a 16-byte whole-memory digest follows.
 pub(crate) const END_DIGEST: u8 = 1;

@@ -38,11 +38,11 @@ pub mod xbzrle;
 
 pub use digest::memory_digest;
 pub use error::{Malformed, Position, StreamError};
+pub use postcopy::{PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary};
+pub use postcopy_receive::{receive_postcopy, PostcopyIncoming, PostcopyReceiving, PostcopyStats};
 pub use precopy::{
     receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,
     Progress, ReceiveError, Received, Sender, Summary,
 };
-pub use postcopy::{PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary};
-pub use postcopy_receive::{receive_postcopy, PostcopyIncoming, PostcopyReceiving, PostcopyStats};
 pub use reader::{receive, Event, ReaderLimits, ReceiveStats, StreamHeader, StreamReader};
 pub use writer::{Sent, StreamWriter, WriterOptions, WriterStats};

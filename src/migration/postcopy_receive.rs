@@ -36,7 +36,7 @@ use std::{
 };
 
 use crate::{
-    addr::{GuestPhysAddr, PageSize, HostVirtAddr, PAGE_SIZE},
+    addr::{GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SIZE},
     memory::{GuestMemory, PageKind},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -88,6 +88,10 @@ pub struct PostcopyStats {
     pub max_fault_wait: Duration,
     /// Pages poisoned because the connection broke.
     pub poisoned: u64,
+    /// COMPLETE reached the return path. When not (the source stopped
+    /// reading it), the destination still holds the whole guest; the
+    /// source reports the migration unconfirmed.
+    pub complete_sent: bool,
 }
 
 /// The memory and state at the switchover, and the rest of the migration
@@ -145,6 +149,7 @@ struct Dst {
     wait_ns: AtomicU64,
     max_wait_ns: AtomicU64,
     poisoned: AtomicU64,
+    complete_sent: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -282,7 +287,8 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let mut reader = StreamReader::new(input, limits).map_err(PostcopyError::Stream)?;
+    let mut reader = StreamReader::with_flags(input, limits, format::FLAG_POSTCOPY)
+        .map_err(PostcopyError::Stream)?;
     if reader.header().flags & format::FLAG_POSTCOPY == 0 {
         return Err(PostcopyError::NotPostcopy);
     }
@@ -374,19 +380,33 @@ where
                 (off < r.size()).then(|| r.page_states().load((off / PAGE) as usize).kind())
             });
             if !matches!(released, Some(PageKind::Private) | None) {
-                mem.write(g, &zero)
-                    .map_err(|e| pre(needed, StreamError::Access { at: at_byte(precopy.bytes), source: e }))?;
+                mem.write(g, &zero).map_err(|e| {
+                    pre(
+                        needed,
+                        StreamError::Access {
+                            at: at_byte(precopy.bytes),
+                            source: e,
+                        },
+                    )
+                })?;
             }
         }
-        let hva = mem
-            .host_address(gpa)
-            .map_err(|e| pre(needed, StreamError::Access { at: at_byte(precopy.bytes), source: e }))?;
+        let hva = mem.host_address(gpa).map_err(|e| {
+            pre(
+                needed,
+                StreamError::Access {
+                    at: at_byte(precopy.bytes),
+                    source: e,
+                },
+            )
+        })?;
         let len = u64::from(n) * PAGE;
         // SAFETY: `[hva, hva + len)` is inside one region's live shared
         // mapping (the stream's layout checked the run against one region,
         // and the memory holds the mapping); MADV_REMOVE only frees the
         // backing of these pages, which read as missing from now on.
-        let rc = unsafe { libc::madvise(hva.0 as *mut libc::c_void, len as usize, libc::MADV_REMOVE) };
+        let rc =
+            unsafe { libc::madvise(hva.0 as *mut libc::c_void, len as usize, libc::MADV_REMOVE) };
         if rc != 0 {
             return Err(PostcopyError::Discard {
                 gpa,
@@ -450,6 +470,7 @@ where
         wait_ns: AtomicU64::new(0),
         max_wait_ns: AtomicU64::new(0),
         poisoned: AtomicU64::new(0),
+        complete_sent: AtomicBool::new(false),
     });
     let mut receiving = PostcopyReceiving {
         dst: Arc::clone(&dst),
@@ -546,18 +567,12 @@ fn receive_loop<R: Read>(reader: &mut StreamReader<R>, d: &Dst) -> Result<(), Po
                         },
                     }));
                 }
-                // Every page is here; the source waits for this.
-                if let Err(source) = d.send_return(&format::encode_return(
-                    ret::COMPLETE,
-                    GuestPhysAddr(0),
-                    0,
-                )) {
-                    d.record_error(PostcopyError::Broken {
-                        phase: PostcopyPhase::Completion,
-                        missing: 0,
-                        source: StreamError::Io { at: 0, source },
-                    });
-                }
+                // Every page is here: the guest is whole at this side,
+                // whether or not the source hears of it (it waits for this).
+                let sent = d
+                    .send_return(&format::encode_return(ret::COMPLETE, GuestPhysAddr(0), 0))
+                    .is_ok();
+                d.complete_sent.store(sent, Ordering::Release);
                 *lock(&d.ret) = None;
                 return Ok(());
             }
@@ -600,6 +615,7 @@ impl PostcopyReceiving {
             fault_wait: Duration::from_nanos(d.wait_ns.load(Ordering::Relaxed)),
             max_fault_wait: Duration::from_nanos(d.max_wait_ns.load(Ordering::Relaxed)),
             poisoned: d.poisoned.load(Ordering::Relaxed),
+            complete_sent: d.complete_sent.load(Ordering::Acquire),
         })
     }
 
@@ -611,7 +627,8 @@ impl PostcopyReceiving {
         }
         if let Some(mut s) = self.server.take() {
             if !s.stop() {
-                self.dst.record_error(PostcopyError::Panicked("fault server"));
+                self.dst
+                    .record_error(PostcopyError::Panicked("fault server"));
             }
         }
         if !self.released {

@@ -316,7 +316,10 @@ impl<'m, W: Write> Sender<'m, W> {
         let mut stale = Vec::new();
         mem.harvest_dirty(RegionSet::All, &mut stale)?;
         s.writer = Some(StreamWriter::for_memory_flags(
-            throttle, mem, opts.stream, flags,
+            throttle,
+            mem,
+            opts.stream,
+            flags,
         )?);
         Ok(s)
     }
@@ -558,7 +561,10 @@ impl<'m, W: Write> Sender<'m, W> {
 
     /// After an error the sender is spent: drop the stream, put tracking
     /// back.
-    pub(super) fn fail_on_err<T>(&mut self, r: Result<T, MigrationError>) -> Result<T, MigrationError> {
+    pub(super) fn fail_on_err<T>(
+        &mut self,
+        r: Result<T, MigrationError>,
+    ) -> Result<T, MigrationError> {
         if r.is_err() {
             self.writer = None;
             self.restore_tracking();

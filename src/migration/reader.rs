@@ -190,7 +190,18 @@ pub fn receive<R: Read>(
 
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the header.
+    /// A post-copy stream (`FLAG_POSTCOPY`) is refused here
+    /// ([`StreamError::UnsupportedFlags`]): `receive_postcopy` reads those.
     pub fn new(input: R, limits: ReaderLimits) -> Result<Self, StreamError> {
+        Self::with_flags(input, limits, 0)
+    }
+
+    /// [`new`](Self::new) accepting the header flags `accept`.
+    pub(crate) fn with_flags(
+        input: R,
+        limits: ReaderLimits,
+        accept: u16,
+    ) -> Result<Self, StreamError> {
         let mut r = StreamReader {
             input,
             header: StreamHeader {
@@ -212,7 +223,7 @@ impl<R: Read> StreamReader<R> {
             done: false,
             failed: false,
         };
-        r.read_header(limits)?;
+        r.read_header(limits, accept)?;
         Ok(r)
     }
 
@@ -366,7 +377,10 @@ impl<R: Read> StreamReader<R> {
                     at: p.start..p.end,
                 })
             }
-            Record::End { pages, digest: None } => {
+            Record::End {
+                pages,
+                digest: None,
+            } => {
                 if pages != self.pages {
                     return Err(StreamError::Malformed {
                         at,
@@ -604,7 +618,7 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
-    fn read_header(&mut self, limits: ReaderLimits) -> Result<(), StreamError> {
+    fn read_header(&mut self, limits: ReaderLimits, accept: u16) -> Result<(), StreamError> {
         const WHAT: &str = "the header";
         let mut fixed = [0u8; format::FIXED_HEADER];
         self.fill_exact(&mut fixed[..8], WHAT)?;
@@ -624,7 +638,7 @@ impl<R: Read> StreamReader<R> {
         self.fill_exact(&mut fixed[10..], WHAT)?;
         let mut f = Fields(&fixed[10..]);
         let (flags, page_size, seed, count) = (f.u16(), f.u32(), f.u64(), f.u32());
-        if flags & !format::KNOWN_FLAGS != 0 {
+        if flags & !(accept & format::KNOWN_FLAGS) != 0 {
             return Err(StreamError::UnsupportedFlags { flags });
         }
         if page_size != format::PAGE_SIZE_U32 {
