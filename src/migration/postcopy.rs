@@ -492,6 +492,12 @@ impl<W: Write> Sender<'_, W> {
             if region >= pages.regions.len() {
                 break;
             }
+            // A batch per chunk: a request waits behind one batch at most,
+            // not behind a whole chunk of background pages.
+            if n > 0 {
+                w.flush()
+                    .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
+            }
         }
         let (out, stream) = match w.finish() {
             Ok(r) => r,
