@@ -36,7 +36,7 @@ use std::{
 };
 
 use crate::{
-    addr::{GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SIZE},
+    addr::{usize_from, GuestPhysAddr, HostVirtAddr, PageSize, PAGE_SIZE},
     memory::{GuestMemory, PageKind},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -344,7 +344,7 @@ where
     for &(gpa, n) in &discards {
         for j in 0..u64::from(n) {
             if let Some(slot) =
-                index(GuestPhysAddr(gpa.0 + j * PAGE)).and_then(|i| need.get_mut(i as usize))
+                index(GuestPhysAddr(gpa.0 + j * PAGE)).and_then(|i| need.get_mut(usize_from(i)))
             {
                 *slot = true;
             }
@@ -405,8 +405,13 @@ where
         // mapping (the stream's layout checked the run against one region,
         // and the memory holds the mapping); MADV_REMOVE only frees the
         // backing of these pages, which read as missing from now on.
-        let rc =
-            unsafe { libc::madvise(hva.0 as *mut libc::c_void, len as usize, libc::MADV_REMOVE) };
+        let rc = unsafe {
+            libc::madvise(
+                hva.0 as *mut libc::c_void,
+                usize_from(len),
+                libc::MADV_REMOVE,
+            )
+        };
         if rc != 0 {
             return Err(PostcopyError::Discard {
                 gpa,
