@@ -2,8 +2,9 @@
 //! measured in the same run over the same capped link (an in-memory pipe
 //! behind the sender's token bucket).
 //!
-//! The guest: a thread writing 8 bytes into random pages of 64 MiB of
-//! memory (half of it random content) at a fixed rate above the link's.
+//! The guest: a thread rewriting random pages of 64 MiB of memory (half of
+//! it random content) whole, with random bytes, at a fixed rate above the
+//! link's (so no delta or reference shrinks them on the wire).
 //! Pre-copy: rounds until the round limit (the dirty rate never lets the
 //! estimate meet the budget), then the guest stops and the last round goes
 //! out; the guest runs again at the destination once the receiver holds
@@ -54,19 +55,21 @@ fn guest_memory() -> Res<Arc<GuestMemory>> {
     Ok(Arc::new(mem))
 }
 
-/// The guest: random 8-byte writes at `pages_s` pages a second (5 ms
-/// steps) until `stop`; returns the writes done.
+/// The guest: rewrites random pages whole with random bytes (so no delta
+/// or reference makes them cheaper on the wire) at `pages_s` pages a
+/// second (5 ms steps) until `stop`; returns the pages written.
 fn guest(mem: Arc<GuestMemory>, pages_s: u64, seed: u64, stop: Arc<AtomicBool>) -> Res<u64> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let t = Instant::now();
     let mut n = 0u64;
+    let mut page = [0u8; PAGE_SIZE];
     while !stop.load(Ordering::Relaxed) {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a page count
         let due = (t.elapsed().as_secs_f64() * pages_s as f64) as u64;
         while n < due {
             let p = rng.gen_range(0..PAGES);
-            let v: u64 = rng.gen();
-            mem.write_obj(GuestPhysAddr(p * PAGE_SIZE as u64 + (v & 0xff8)), v)?;
+            rng.fill(&mut page[..]);
+            mem.write(GuestPhysAddr(p * PAGE_SIZE as u64), &page)?;
             n += 1;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -164,7 +167,7 @@ fn postcopy(link: u64, pages_s: u64) -> Res<(Run, String)> {
         .ok_or("the source never stopped the guest")?;
     let note = format!(
         "post-copy: {} pages lacking at the switchover ({} discarded), {} pushed, {} sent on request; \
-         the guest ran at the destination during the push: {writes} writes, {} page requests, \
+         the guest ran at the destination during the push: {writes} pages written, {} page requests, \
          mean fault wait {:.2} ms, longest {:.2} ms",
         summary.needed,
         summary.discarded,
@@ -192,8 +195,8 @@ fn main() -> Res<()> {
     let link = link_mib << 20;
     let pages_s = (dirty_mib << 20) / PAGE_SIZE as u64;
     println!(
-        "postcopy_ratios: 64 MiB guest (half random), writing {dirty_mib} MiB/s worth of pages \
-         (8 bytes each, random pages) over a {link_mib} MiB/s link"
+        "postcopy_ratios: 64 MiB guest (half random), rewriting {dirty_mib} MiB/s of random \
+         pages whole over a {link_mib} MiB/s link"
     );
     let pre = precopy(link, pages_s, 5)?;
     let (post, note) = postcopy(link, pages_s)?;
