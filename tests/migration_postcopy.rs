@@ -516,8 +516,9 @@ fn garbled_return_path_is_typed_and_the_destination_still_completes() {
     let source = run_source(&src, Box::new(fw), br, 1, Vec::new(), None);
     let inc = receive_postcopy(fr, back, ReaderLimits::default()).unwrap();
     let mem = inc.mem;
-    let stats = inc.receiving.wait().unwrap();
-    assert!(!stats.complete_sent);
+    // Whether COMPLETE still reached the pipe before the source's reader
+    // let go of it is a race; the destination completes either way.
+    inc.receiving.wait().unwrap();
     let e = source.join().unwrap().unwrap_err();
     assert!(
         matches!(e, PostcopyError::ReturnPathGarbled { index: 0, .. }),

@@ -293,6 +293,9 @@ where
         return Err(PostcopyError::NotPostcopy);
     }
     let mem = reader.create_memory().map_err(PostcopyError::Stream)?;
+    if mem.frame_store().granule() != PageSize::Size4K {
+        return Err(PostcopyError::HugePages);
+    }
     let total: u64 = mem.regions().iter().map(|r| r.size() / PAGE).sum();
     let pre = |missing, source| PostcopyError::Broken {
         phase: PostcopyPhase::Precopy,
@@ -322,9 +325,6 @@ where
         }
     };
     let precopy = reader.stats();
-    if mem.frame_store().granule() != PageSize::Size4K {
-        return Err(PostcopyError::HugePages);
-    }
     // Page numbering: regions in address order.
     let mut regions = Vec::new();
     let mut first = 0u64;

@@ -1,8 +1,10 @@
 //! Restoring lazily: the guest runs before its memory is read. Every region
 //! of a fresh [`GuestMemory`] is registered with a userfaultfd in missing
-//! mode; a fault-handler thread serves each first touch (a vCPU through
-//! KVM, a device, a raw pointer) by reading that page from the snapshot and
-//! placing it atomically (`UFFDIO_COPY`; zeros: `UFFDIO_ZEROPAGE`), while a
+//! mode (`userfault::MissingPages`, the machinery post-copy migration
+//! shares); the fault-server thread (`userfault::FaultServer`) hands each
+//! first touch (a vCPU through KVM, a device, a raw pointer) to this
+//! module's source, which serves it by reading that page from the snapshot
+//! and placing it atomically (`UFFDIO_COPY`; zeros: `UFFDIO_ZEROPAGE`), while a
 //! fetch thread copies every page not yet present, first the pages a
 //! working-set file recorded as touched early at an earlier restore, then
 //! the rest in address order. The two race safely: the kernel places a
@@ -29,7 +31,9 @@
 //!
 //! Memory that a dedup host (or a raw-write tracker) already holds a
 //! userfaultfd for cannot be registered again: [`LazyError::Claimed`]. A
-//! lazy restore into folded memory is out of scope here.
+//! lazy restore into folded memory is out of scope here, and so is memory
+//! on huge pages ([`LazyError::HugePages`], refused before anything is
+//! registered: a missing fault there is filled a huge page at a time).
 
 use std::{
     io::Write as _,
