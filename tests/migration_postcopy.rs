@@ -562,3 +562,41 @@ fn streams_of_the_other_kind_are_refused() {
     assert!(matches!(e, PostcopyError::NotPostcopy), "{e}");
     drop(fr);
 }
+
+/// Over a real TCP connection, each side using the socket and a
+/// `try_clone` of it as its two halves.
+#[test]
+fn over_tcp_with_try_clone_halves() {
+    use std::net::{TcpListener, TcpStream};
+    let _s = serial();
+    let src = source_memory(12);
+    let dirty: Vec<GuestPhysAddr> = pages(&src).into_iter().step_by(11).collect();
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = Arc::clone(&src);
+    let d = dirty.clone();
+    let source = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let back = sock.try_clone().unwrap();
+        let mut snd = Sender::start_postcopy(&s, sock, opts(Some(16 << 20))).unwrap();
+        snd.iterate().unwrap();
+        for &g in &d {
+            s.write(g, &[0x5a; PAGE_SIZE]).unwrap();
+        }
+        snd.switchover(back, b"state", PostcopyOptions::default())
+            .map(|(_, summary)| summary)
+    });
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let ret = sock.try_clone().unwrap();
+    let inc = receive_postcopy(sock, ret, ReaderLimits::default()).unwrap();
+    let mem = inc.mem;
+    for &g in dirty.iter().rev().take(50) {
+        assert!(touch(&mem, g) == vec![0x5a; PAGE_SIZE], "{g}");
+    }
+    let stats = inc.receiving.wait().unwrap();
+    let summary = source.join().unwrap().unwrap();
+    assert_eq!(stats.discarded, dirty.len() as u64);
+    assert_eq!(summary.needed, dirty.len() as u64);
+    assert!(stats.complete_sent);
+    assert_same(&src, &mem);
+}
