@@ -152,6 +152,7 @@ fn postcopy(link: u64, pages_s: u64) -> Res<(Run, String)> {
     let inc = receive_postcopy(rx, btx, ReaderLimits::default())?;
     // The guest may run at the destination now.
     let resumed = Instant::now();
+    let dst_switch = inc.switchover;
     let dmem = Arc::new(inc.mem);
     let dstop = Arc::new(AtomicBool::new(false));
     let (m, s) = (Arc::clone(&dmem), Arc::clone(&dstop));
@@ -166,9 +167,13 @@ fn postcopy(link: u64, pages_s: u64) -> Res<(Run, String)> {
         .map_err(|_| "poisoned")?
         .ok_or("the source never stopped the guest")?;
     let note = format!(
-        "post-copy: {} pages lacking at the switchover ({} discarded), {} pushed, {} sent on request; \
+        "post-copy: downtime parts: source {:.1} ms (harvest, discards, switchover record), \
+         destination {:.1} ms (discards, registration)\n\
+         post-copy: {} pages lacking at the switchover ({} discarded), {} pushed, {} sent on request; \
          the guest ran at the destination during the push: {writes} pages written, {} page requests, \
          mean fault wait {:.2} ms, longest {:.2} ms",
+        summary.switchover.as_secs_f64() * 1e3,
+        dst_switch.as_secs_f64() * 1e3,
         summary.needed,
         summary.discarded,
         summary.pushed,

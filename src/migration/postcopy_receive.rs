@@ -104,6 +104,9 @@ pub struct PostcopyIncoming {
     pub state: Vec<u8>,
     /// What the pre-copy rounds brought.
     pub precopy: ReceiveStats,
+    /// Time from reading the switchover record to returning (discards,
+    /// registration): the destination's part of the downtime.
+    pub switchover: Duration,
     /// The rest of the migration.
     pub receiving: PostcopyReceiving,
 }
@@ -324,6 +327,7 @@ where
             Err(e) => return Err(pre(total, e)),
         }
     };
+    let switched = Instant::now();
     let precopy = reader.stats();
     // Page numbering: regions in address order.
     let mut regions = Vec::new();
@@ -506,6 +510,7 @@ where
         mem,
         state,
         precopy,
+        switchover: switched.elapsed(),
         receiving,
     })
 }
