@@ -17,8 +17,12 @@ pub const VERSION: u16 = 2;
 /// records, then the rest of memory pushed and requested). A reader that
 /// does not know post-copy refuses the stream at its header.
 pub const FLAG_POSTCOPY: u16 = 1;
+/// Header flag (with [`FLAG_POSTCOPY`]): the stream resumes a post-copy
+/// migration whose connection broke; it carries only the pages the
+/// destination said it lacks (FULL and ZERO records), then the end marker.
+pub const FLAG_RESUME: u16 = 2;
 /// Header flags this build knows.
-pub(crate) const KNOWN_FLAGS: u16 = FLAG_POSTCOPY;
+pub(crate) const KNOWN_FLAGS: u16 = FLAG_POSTCOPY | FLAG_RESUME;
 /// Bytes of the fixed header: magic, version, flags, page size, seed,
 /// region count.
 pub(crate) const FIXED_HEADER: usize = 8 + 2 + 2 + 4 + 8 + 4;
@@ -66,6 +70,10 @@ pub(crate) mod ret {
     pub(crate) const REQUEST: u8 = 1;
     /// Every page is placed: the migration is complete.
     pub(crate) const COMPLETE: u8 = 2;
+    /// On a resumed connection: pages the destination still lacks.
+    pub(crate) const NEED: u8 = 3;
+    /// On a resumed connection: the NEED list is complete.
+    pub(crate) const NEED_END: u8 = 4;
 }
 
 /// A return-path message.
@@ -80,7 +88,7 @@ pub(crate) fn encode_return(kind: u8, gpa: GuestPhysAddr, pages: u32) -> [u8; RE
 /// Parses a return-path message: `(kind, gpa, pages)`, or `None` for one
 /// that is garbled (unknown kind, non-zero padding).
 pub(crate) fn decode_return(m: &[u8; RETURN_MSG_LEN]) -> Option<(u8, GuestPhysAddr, u32)> {
-    if !matches!(m[0], ret::REQUEST | ret::COMPLETE) || m[1..4] != [0, 0, 0] {
+    if !(ret::REQUEST..=ret::NEED_END).contains(&m[0]) || m[1..4] != [0, 0, 0] {
         return None;
     }
     let mut p = [0u8; 4];

@@ -43,7 +43,9 @@ pub mod xbzrle;
 
 pub use digest::memory_digest;
 pub use error::{Malformed, Position, StreamError};
-pub use postcopy::{PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary};
+pub use postcopy::{
+    resume_postcopy, PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary,
+};
 pub use postcopy_receive::{receive_postcopy, PostcopyIncoming, PostcopyReceiving, PostcopyStats};
 pub use precopy::{
     receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,

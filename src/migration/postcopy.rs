@@ -32,7 +32,7 @@ use crate::{
 use super::{
     error::StreamError,
     format::{self, ret, RETURN_MAGIC, RETURN_MSG_LEN},
-    precopy::{MigrationError, Sender},
+    precopy::{MigrationError, PrecopyOptions, Sender, Throttle},
     writer::{StreamWriter, WriterStats},
 };
 
@@ -194,6 +194,8 @@ pub struct PostcopySummary {
 /// A message of the return path, as the reading thread hands it over.
 enum Msg {
     Request(GuestPhysAddr, u32),
+    Need(GuestPhysAddr, u32),
+    NeedEnd,
     Complete,
     Garbled(u64, Vec<u8>),
     Closed(io::Error),
@@ -219,10 +221,12 @@ fn read_return<R: Read>(mut r: R, tx: &mpsc::Sender<Msg>) {
         }
         let msg = match format::decode_return(&m) {
             Some((ret::REQUEST, gpa, pages)) => Msg::Request(gpa, pages),
+            Some((ret::NEED, gpa, pages)) => Msg::Need(gpa, pages),
+            Some((ret::NEED_END, ..)) => Msg::NeedEnd,
             Some(_) => Msg::Complete,
             None => Msg::Garbled(index, m.to_vec()),
         };
-        let last = !matches!(msg, Msg::Request(..));
+        let last = !matches!(msg, Msg::Request(..) | Msg::Need(..) | Msg::NeedEnd);
         if tx.send(msg).is_err() || last {
             return;
         }
@@ -398,6 +402,53 @@ impl<W: Write> Sender<'_, W> {
             .name("pagefold-postcopy-return".into())
             .spawn(move || read_return(ret, &tx))
             .map_err(|e| PostcopyError::Thread("return path", e))?;
+        let (out, stream, done) = push(mem, w, &rx, &pages, &mut sent, needed, Vec::new(), opts)?;
+        self.restore_tracking();
+        let summary = PostcopySummary {
+            precopy_rounds,
+            discarded,
+            needed,
+            pushed: done.pushed,
+            requested: done.requested,
+            refused: done.refused,
+            refused_requests: done.refused_count,
+            switchover,
+            post_phase: post.elapsed(),
+            total: self.started.elapsed(),
+            stream,
+        };
+        Ok((out.out, summary))
+    }
+}
+
+/// What a push did.
+struct Pushed {
+    pushed: u64,
+    requested: u64,
+    refused: Vec<PostcopyError>,
+    refused_count: u64,
+}
+
+/// The post-copy push: the pages not set in `sent` (`needed` of them),
+/// `first` and the return path's requests before the background order,
+/// then the end marker and the destination's COMPLETE.
+#[allow(clippy::too_many_arguments)]
+fn push<W: Write>(
+    mem: &GuestMemory,
+    mut w: StreamWriter<W>,
+    rx: &mpsc::Receiver<Msg>,
+    pages: &Pages,
+    sent: &mut Bits,
+    needed: u64,
+    first: Vec<(GuestPhysAddr, u32)>,
+    opts: PostcopyOptions,
+) -> Result<(W, WriterStats, Pushed), PostcopyError> {
+    let broken = |phase, missing, source| PostcopyError::Broken {
+        phase,
+        missing,
+        source,
+    };
+    let mut queued = first.into_iter();
         let mut left = needed;
         let mut pushed = 0u64;
         let mut requested = 0u64;
@@ -418,7 +469,14 @@ impl<W: Write> Sender<'_, W> {
         loop {
             // Requests first.
             let mut asked = false;
-            while let Ok(m) = rx.try_recv() {
+            loop {
+                let m = match queued.next() {
+                    Some((gpa, n)) => Msg::Request(gpa, n),
+                    None => match rx.try_recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
                 match m {
                     Msg::Request(gpa, n) => {
                         if !w.holds_run(gpa, n) {
@@ -431,7 +489,7 @@ impl<W: Write> Sender<'_, W> {
                         for j in 0..u64::from(n) {
                             let g = GuestPhysAddr(gpa.0 + j * PAGE);
                             let Some(i) = pages.index(g) else { continue };
-                            if send(&mut w, &mut sent, i, g)
+                            if send(&mut w, sent, i, g)
                                 .map_err(|e| broken(PostcopyPhase::Push, left, e))?
                             {
                                 requested += 1;
@@ -445,6 +503,12 @@ impl<W: Write> Sender<'_, W> {
                         garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
                     }
                     Msg::Closed(e) => closed = Some(e),
+                    Msg::Need(..) | Msg::NeedEnd => {
+                        garbled = Some(PostcopyError::ReturnPathGarbled {
+                            index: 0,
+                            bytes: b"NEED outside a resume".to_vec(),
+                        })
+                    }
                 }
             }
             if asked {
@@ -480,7 +544,7 @@ impl<W: Write> Sender<'_, W> {
                     continue;
                 }
                 let gpa = GuestPhysAddr(start + k * PAGE);
-                if send(&mut w, &mut sent, first + k, gpa)
+                if send(&mut w, sent, first + k, gpa)
                     .map_err(|e| broken(PostcopyPhase::Push, left, e))?
                 {
                     pushed += 1;
@@ -503,7 +567,6 @@ impl<W: Write> Sender<'_, W> {
             Ok(r) => r,
             Err(e) => return Err(broken(PostcopyPhase::Push, left, e)),
         };
-        self.restore_tracking();
         // Completion: the destination placed every page.
         let deadline = Instant::now() + opts.completion_timeout;
         while !complete {
@@ -528,6 +591,7 @@ impl<W: Write> Sender<'_, W> {
                     garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
                 }
                 Ok(Msg::Closed(e)) => closed = Some(e),
+                Ok(Msg::Need(..) | Msg::NeedEnd) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(PostcopyError::CompletionTimeout(opts.completion_timeout))
                 }
@@ -536,19 +600,110 @@ impl<W: Write> Sender<'_, W> {
                 }
             }
         }
-        let summary = PostcopySummary {
-            precopy_rounds,
-            discarded,
-            needed,
+    Ok((
+        out,
+        stream,
+        Pushed {
             pushed,
             requested,
             refused,
-            refused_requests: refused_count,
-            switchover,
-            post_phase: post.elapsed(),
-            total: self.started.elapsed(),
-            stream,
+            refused_count,
+        },
+    ))
+}
+
+/// Resumes a post-copy migration whose connection broke after the
+/// switchover, on a new connection (`out`, and `ret` its return path), with
+/// the guest still stopped at the source and `mem` its memory. The
+/// destination ([`PostcopyReceiving::resume`](super::PostcopyReceiving::resume))
+/// says which pages it still lacks (and which threads wait on); this sends
+/// those, requests first, then the end marker, and waits for COMPLETE.
+/// `opts.bandwidth_limit` and `opts.stream` apply as to a [`Sender`].
+pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
+    mem: &GuestMemory,
+    out: W,
+    ret: R,
+    opts: PrecopyOptions,
+    post: PostcopyOptions,
+) -> Result<(W, PostcopySummary), PostcopyError> {
+    let t = Instant::now();
+    let throttle = Throttle::new(out, opts.bandwidth_limit);
+    let w = StreamWriter::for_memory_flags(
+        throttle,
+        mem,
+        opts.stream,
+        format::FLAG_POSTCOPY | format::FLAG_RESUME,
+    )
+    .map_err(|e| PostcopyError::Broken {
+        phase: PostcopyPhase::Switchover,
+        missing: 0,
+        source: e,
+    })?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("pagefold-postcopy-return".into())
+        .spawn(move || read_return(ret, &tx))
+        .map_err(|e| PostcopyError::Thread("return path", e))?;
+    let pages = Pages::of(mem);
+    let mut sent = Bits::new(pages.total, true);
+    let mut needed = 0u64;
+    let mut first = Vec::new();
+    let deadline = Instant::now() + post.completion_timeout;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let broken = |source| PostcopyError::Broken {
+            phase: PostcopyPhase::Switchover,
+            missing: needed,
+            source,
         };
-        Ok((out.out, summary))
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Request(gpa, n)) => first.push((gpa, n)),
+            Ok(Msg::Need(gpa, n)) => {
+                if !w.holds_run(gpa, n) {
+                    return Err(PostcopyError::BadRequest { gpa, pages: n });
+                }
+                for j in 0..u64::from(n) {
+                    if let Some(i) = pages.index(GuestPhysAddr(gpa.0 + j * PAGE)) {
+                        if sent.get(i) {
+                            sent.clear(i);
+                            needed += 1;
+                        }
+                    }
+                }
+            }
+            Ok(Msg::NeedEnd) => break,
+            Ok(Msg::Complete) => {
+                return Err(PostcopyError::ReturnPathGarbled {
+                    index: 0,
+                    bytes: b"COMPLETE before the NEED list".to_vec(),
+                })
+            }
+            Ok(Msg::Garbled(index, bytes)) => {
+                return Err(PostcopyError::ReturnPathGarbled { index, bytes })
+            }
+            Ok(Msg::Closed(e)) => {
+                return Err(broken(StreamError::Io { at: 0, source: e }));
+            }
+            Err(_) => return Err(PostcopyError::CompletionTimeout(post.completion_timeout)),
+        }
     }
+    let switchover = t.elapsed();
+    let post_start = Instant::now();
+    let (out, stream, done) = push(mem, w, &rx, &pages, &mut sent, needed, first, post)?;
+    Ok((
+        out.out,
+        PostcopySummary {
+            precopy_rounds: 0,
+            discarded: 0,
+            needed,
+            pushed: done.pushed,
+            requested: done.requested,
+            refused: done.refused,
+            refused_requests: done.refused_count,
+            switchover,
+            post_phase: post_start.elapsed(),
+            total: t.elapsed(),
+            stream,
+        },
+    ))
 }

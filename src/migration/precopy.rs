@@ -152,6 +152,23 @@ pub(super) struct Throttle<W> {
     cancel: Arc<AtomicBool>,
 }
 
+impl<W> Throttle<W> {
+    /// A throttle of `rate` bytes a second (`None`: none) with its own
+    /// cancel flag, for a stream without a [`Sender`].
+    pub(super) fn new(out: W, rate: Option<u64>) -> Self {
+        let rate = rate.map(|r| r.max(1) as f64);
+        let burst = rate.map_or(0.0, |r| (r / 10.0).max(64.0 * 1024.0));
+        Throttle {
+            out,
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
 impl<W: Write> Write for Throttle<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Some(rate) = self.rate {
