@@ -18,8 +18,9 @@ use std::{
 use pagefold::{
     migration::{
         format::{RETURN_MAGIC, RETURN_MSG_LEN},
-        receive_postcopy, MigrationError, PostcopyError, PostcopyOptions, PostcopyPhase,
-        PostcopySummary, PrecopyOptions, ReaderLimits, Sender,
+        receive_postcopy, receive_postcopy_with, resume_postcopy, MigrationError, OnBreak,
+        PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary, PrecopyOptions,
+        ReaderLimits, Sender,
     },
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
@@ -599,4 +600,68 @@ fn over_tcp_with_try_clone_halves() {
     assert_eq!(summary.needed, dirty.len() as u64);
     assert!(stats.complete_sent);
     assert_same(&src, &mem);
+}
+
+/// Post-copy recovery: the stream breaks mid-push with the destination set
+/// to wait; a thread touching a page that has not come keeps waiting (no
+/// poison, no wrong bytes); the VMM resumes on a new connection, the
+/// source sends what the destination says it lacks (the waited-on page
+/// first), and everything ends exact.
+#[test]
+fn broken_push_resumes_on_a_new_connection() {
+    let _s = serial();
+    let src = source_memory(13);
+    let all = pages(&src);
+    let (fw, fr) = pipe(16);
+    let (bw, br) = pipe(16);
+    let out = Cut {
+        inner: Some(fw),
+        left: 4096 + 100 * PAGE,
+    };
+    let source = run_source(&src, Box::new(out), br, 0, Vec::new(), None);
+    let inc = receive_postcopy_with(fr, bw, ReaderLimits::default(), OnBreak::Wait).unwrap();
+    let mem = Arc::new(inc.mem);
+    let mut receiving = inc.receiving;
+    let e = receiving.wait_recoverable().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PostcopyError::Broken {
+                phase: PostcopyPhase::Push,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = source.join().unwrap().unwrap_err();
+    assert!(matches!(e, PostcopyError::Broken { .. }), "{e}");
+    let present = receiving.pages_present();
+    assert!(present < all.len() as u64);
+    // A touch of a page that never came waits for the resume.
+    let last = *all.last().unwrap();
+    let (m, s) = (Arc::clone(&mem), Arc::clone(&src));
+    let toucher = std::thread::spawn(move || touch(&m, last) == page_of(&s, last));
+
+    let (fw, fr) = pipe(16);
+    let (bw, br) = pipe(16);
+    let s = Arc::clone(&src);
+    let source = std::thread::spawn(move || {
+        resume_postcopy(&s, fw, br, opts(None), PostcopyOptions::default())
+            .map(|(_, summary)| summary)
+    });
+    receiving.resume(fr, bw).unwrap();
+    let stats = receiving.wait_recoverable().unwrap();
+    let summary = source.join().unwrap().unwrap();
+    assert!(toucher.join().unwrap(), "the waited-on page came right");
+    assert_eq!(summary.needed, all.len() as u64 - present);
+    assert_eq!(stats.poisoned, 0);
+    assert!(stats.complete_sent);
+    assert_same(&src, &mem);
+    // Not paused any more.
+    let (_fw, fr) = pipe(1);
+    let (bw, _br) = pipe(1);
+    assert!(matches!(
+        receiving.resume(fr, bw),
+        Err(PostcopyError::NotPaused)
+    ));
 }

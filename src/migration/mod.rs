@@ -46,7 +46,10 @@ pub use error::{Malformed, Position, StreamError};
 pub use postcopy::{
     resume_postcopy, PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary,
 };
-pub use postcopy_receive::{receive_postcopy, PostcopyIncoming, PostcopyReceiving, PostcopyStats};
+pub use postcopy_receive::{
+    receive_postcopy, receive_postcopy_with, OnBreak, PostcopyIncoming, PostcopyReceiving,
+    PostcopyStats,
+};
 pub use precopy::{
     receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,
     Progress, ReceiveError, Received, Sender, Summary,

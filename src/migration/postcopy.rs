@@ -140,6 +140,15 @@ pub enum PostcopyError {
     /// A thread could not be started.
     #[error("starting the {0} thread: {1}")]
     Thread(&'static str, #[source] io::Error),
+    /// `resume` on a migration that is not paused by a broken connection
+    /// (received with [`OnBreak::Wait`](super::OnBreak::Wait), after
+    /// `wait_recoverable` returned the break).
+    #[error("resume needs a post-copy migration paused by a broken connection")]
+    NotPaused,
+    /// The resumed stream is not a resume of this migration (no
+    /// `FLAG_RESUME`, or another layout).
+    #[error("the resumed stream does not resume this migration: {0}")]
+    ResumeMismatch(&'static str),
     /// A thread of the destination panicked.
     #[error("the post-copy {0} thread panicked")]
     Panicked(&'static str),
@@ -449,157 +458,157 @@ fn push<W: Write>(
         source,
     };
     let mut queued = first.into_iter();
-        let mut left = needed;
-        let mut pushed = 0u64;
-        let mut requested = 0u64;
-        let mut refused = Vec::new();
-        let mut refused_count = 0u64;
-        let mut garbled: Option<PostcopyError> = None;
-        let mut complete = false;
-        let mut closed: Option<io::Error> = None;
-        let send = |w: &mut StreamWriter<_>, sent: &mut Bits, i: u64, gpa: GuestPhysAddr| {
-            if !sent.set(i) {
-                return Ok(false);
-            }
-            w.send_page_raw(mem, gpa).map(|()| true)
-        };
-        let batch = u64::from(opts.batch_pages.max(1));
-        let mut region = 0usize;
-        let mut k = 0u64;
+    let mut left = needed;
+    let mut pushed = 0u64;
+    let mut requested = 0u64;
+    let mut refused = Vec::new();
+    let mut refused_count = 0u64;
+    let mut garbled: Option<PostcopyError> = None;
+    let mut complete = false;
+    let mut closed: Option<io::Error> = None;
+    let send = |w: &mut StreamWriter<_>, sent: &mut Bits, i: u64, gpa: GuestPhysAddr| {
+        if !sent.set(i) {
+            return Ok(false);
+        }
+        w.send_page_raw(mem, gpa).map(|()| true)
+    };
+    let batch = u64::from(opts.batch_pages.max(1));
+    let mut region = 0usize;
+    let mut k = 0u64;
+    loop {
+        // Requests first.
+        let mut asked = false;
         loop {
-            // Requests first.
-            let mut asked = false;
-            loop {
-                let m = match queued.next() {
-                    Some((gpa, n)) => Msg::Request(gpa, n),
-                    None => match rx.try_recv() {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    },
-                };
-                match m {
-                    Msg::Request(gpa, n) => {
-                        if !w.holds_run(gpa, n) {
-                            refused_count += 1;
-                            if refused.len() < REFUSED_KEPT {
-                                refused.push(PostcopyError::BadRequest { gpa, pages: n });
-                            }
-                            continue;
+            let m = match queued.next() {
+                Some((gpa, n)) => Msg::Request(gpa, n),
+                None => match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match m {
+                Msg::Request(gpa, n) => {
+                    if !w.holds_run(gpa, n) {
+                        refused_count += 1;
+                        if refused.len() < REFUSED_KEPT {
+                            refused.push(PostcopyError::BadRequest { gpa, pages: n });
                         }
-                        for j in 0..u64::from(n) {
-                            let g = GuestPhysAddr(gpa.0 + j * PAGE);
-                            let Some(i) = pages.index(g) else { continue };
-                            if send(&mut w, sent, i, g)
-                                .map_err(|e| broken(PostcopyPhase::Push, left, e))?
-                            {
-                                requested += 1;
-                                left -= 1;
-                                asked = true;
-                            }
+                        continue;
+                    }
+                    for j in 0..u64::from(n) {
+                        let g = GuestPhysAddr(gpa.0 + j * PAGE);
+                        let Some(i) = pages.index(g) else { continue };
+                        if send(&mut w, sent, i, g)
+                            .map_err(|e| broken(PostcopyPhase::Push, left, e))?
+                        {
+                            requested += 1;
+                            left -= 1;
+                            asked = true;
                         }
                     }
-                    Msg::Complete => complete = true,
-                    Msg::Garbled(index, bytes) => {
-                        garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
-                    }
-                    Msg::Closed(e) => closed = Some(e),
-                    Msg::Need(..) | Msg::NeedEnd => {
-                        garbled = Some(PostcopyError::ReturnPathGarbled {
-                            index: 0,
-                            bytes: b"NEED outside a resume".to_vec(),
-                        })
-                    }
                 }
-            }
-            if asked {
-                w.flush()
-                    .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
-            }
-            if (closed.is_some() || complete) && left > 0 {
-                // The destination went away (or says it is done, which
-                // it cannot be before the end marker): stop pushing.
-                {
-                    let e = closed.take().unwrap_or_else(|| {
-                        io::Error::other("the destination sent COMPLETE before every page")
-                    });
-                    return Err(broken(
-                        PostcopyPhase::Push,
-                        left,
-                        StreamError::Io {
-                            at: w.stats().bytes,
-                            source: e,
-                        },
-                    ));
+                Msg::Complete => complete = true,
+                Msg::Garbled(index, bytes) => {
+                    garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
                 }
-            }
-            // Then a batch of the background push.
-            let mut n = 0;
-            while n < batch {
-                let Some(&(start, count, first)) = pages.regions.get(region) else {
-                    break;
-                };
-                if k >= count {
-                    region += 1;
-                    k = 0;
-                    continue;
+                Msg::Closed(e) => closed = Some(e),
+                Msg::Need(..) | Msg::NeedEnd => {
+                    garbled = Some(PostcopyError::ReturnPathGarbled {
+                        index: 0,
+                        bytes: b"NEED outside a resume".to_vec(),
+                    })
                 }
-                let gpa = GuestPhysAddr(start + k * PAGE);
-                if send(&mut w, sent, first + k, gpa)
-                    .map_err(|e| broken(PostcopyPhase::Push, left, e))?
-                {
-                    pushed += 1;
-                    left -= 1;
-                    n += 1;
-                }
-                k += 1;
-            }
-            if region >= pages.regions.len() {
-                break;
-            }
-            // A batch per chunk: a request waits behind one batch at most,
-            // not behind a whole chunk of background pages.
-            if n > 0 {
-                w.flush()
-                    .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
             }
         }
-        let (out, stream) = match w.finish() {
-            Ok(r) => r,
-            Err(e) => return Err(broken(PostcopyPhase::Push, left, e)),
-        };
-        // Completion: the destination placed every page.
-        let deadline = Instant::now() + opts.completion_timeout;
-        while !complete {
-            if let Some(g) = garbled.take() {
-                return Err(g);
-            }
-            if let Some(e) = closed.take() {
+        if asked {
+            w.flush()
+                .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
+        }
+        if (closed.is_some() || complete) && left > 0 {
+            // The destination went away (or says it is done, which
+            // it cannot be before the end marker): stop pushing.
+            {
+                let e = closed.take().unwrap_or_else(|| {
+                    io::Error::other("the destination sent COMPLETE before every page")
+                });
                 return Err(broken(
-                    PostcopyPhase::Completion,
-                    0,
+                    PostcopyPhase::Push,
+                    left,
                     StreamError::Io {
-                        at: stream.bytes,
+                        at: w.stats().bytes,
                         source: e,
                     },
                 ));
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(Msg::Complete) => complete = true,
-                Ok(Msg::Request(..)) => {} // in flight already
-                Ok(Msg::Garbled(index, bytes)) => {
-                    garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
-                }
-                Ok(Msg::Closed(e)) => closed = Some(e),
-                Ok(Msg::Need(..) | Msg::NeedEnd) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(PostcopyError::CompletionTimeout(opts.completion_timeout))
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    closed = Some(io::Error::from(io::ErrorKind::UnexpectedEof))
-                }
+        }
+        // Then a batch of the background push.
+        let mut n = 0;
+        while n < batch {
+            let Some(&(start, count, first)) = pages.regions.get(region) else {
+                break;
+            };
+            if k >= count {
+                region += 1;
+                k = 0;
+                continue;
+            }
+            let gpa = GuestPhysAddr(start + k * PAGE);
+            if send(&mut w, sent, first + k, gpa)
+                .map_err(|e| broken(PostcopyPhase::Push, left, e))?
+            {
+                pushed += 1;
+                left -= 1;
+                n += 1;
+            }
+            k += 1;
+        }
+        if region >= pages.regions.len() {
+            break;
+        }
+        // A batch per chunk: a request waits behind one batch at most,
+        // not behind a whole chunk of background pages.
+        if n > 0 {
+            w.flush()
+                .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
+        }
+    }
+    let (out, stream) = match w.finish() {
+        Ok(r) => r,
+        Err(e) => return Err(broken(PostcopyPhase::Push, left, e)),
+    };
+    // Completion: the destination placed every page.
+    let deadline = Instant::now() + opts.completion_timeout;
+    while !complete {
+        if let Some(g) = garbled.take() {
+            return Err(g);
+        }
+        if let Some(e) = closed.take() {
+            return Err(broken(
+                PostcopyPhase::Completion,
+                0,
+                StreamError::Io {
+                    at: stream.bytes,
+                    source: e,
+                },
+            ));
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Complete) => complete = true,
+            Ok(Msg::Request(..)) => {} // in flight already
+            Ok(Msg::Garbled(index, bytes)) => {
+                garbled = Some(PostcopyError::ReturnPathGarbled { index, bytes })
+            }
+            Ok(Msg::Closed(e)) => closed = Some(e),
+            Ok(Msg::Need(..) | Msg::NeedEnd) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(PostcopyError::CompletionTimeout(opts.completion_timeout))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                closed = Some(io::Error::from(io::ErrorKind::UnexpectedEof))
             }
         }
+    }
     Ok((
         out,
         stream,

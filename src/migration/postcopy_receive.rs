@@ -94,6 +94,22 @@ pub struct PostcopyStats {
     pub complete_sent: bool,
 }
 
+/// What the destination does when the connection breaks after the
+/// switchover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBreak {
+    /// Poison every page still missing: threads waiting on one, or
+    /// touching one later, get a memory error. The guest cannot go on.
+    #[default]
+    Poison,
+    /// Keep the threads waiting (their pages are remembered) until the VMM
+    /// resumes on a new connection ([`PostcopyReceiving::resume`], with
+    /// [`resume_postcopy`](super::resume_postcopy) at the source) or gives
+    /// up (dropping the handle or [`PostcopyReceiving::wait`] poisons
+    /// them then), as QEMU's post-copy recovery does.
+    Wait,
+}
+
 /// The memory and state at the switchover, and the rest of the migration
 /// running in the background.
 #[derive(Debug)]
@@ -144,6 +160,8 @@ struct Dst {
     error: Mutex<Option<PostcopyError>>,
     needed: u64,
     discarded: u64,
+    on_break: OnBreak,
+    limits: ReaderLimits,
     placed: AtomicU64,
     placed_on_request: AtomicU64,
     zero: AtomicU64,
@@ -185,8 +203,20 @@ impl Dst {
         }
     }
 
-    /// The connection is gone: record why, and poison every page still
-    /// missing so no thread waits for it or reads other bytes.
+    /// The connection broke: poison ([`OnBreak::Poison`]), or keep the
+    /// faulting threads waiting for a resume ([`OnBreak::Wait`]).
+    fn broke(&self, e: PostcopyError) {
+        if self.on_break == OnBreak::Poison {
+            return self.fail(e);
+        }
+        self.record_error(e);
+        self.broken.store(true, Ordering::Release);
+        *lock(&self.ret) = None;
+    }
+
+    /// The migration is over without every page: record why, and poison
+    /// every page still missing so no thread waits for it or reads other
+    /// bytes.
     fn fail(&self, e: PostcopyError) {
         self.record_error(e);
         self.broken.store(true, Ordering::Release);
@@ -238,8 +268,15 @@ impl FaultSource for Dst {
             return;
         }
         if self.broken.load(Ordering::Acquire) {
-            let _ = pages.poison(page);
-            let _ = pages.wake(page, 1);
+            if self.on_break == OnBreak::Wait && !self.abandon.load(Ordering::Acquire) {
+                // Paused: the resume asks for it.
+                lock(&self.requested)
+                    .entry(page)
+                    .or_insert_with(Instant::now);
+            } else {
+                let _ = pages.poison(page);
+                let _ = pages.wake(page, 1);
+            }
             return;
         }
         let first = {
@@ -258,7 +295,7 @@ impl FaultSource for Dst {
         let Some(gpa) = self.gpa(page) else { return };
         self.requests.fetch_add(1, Ordering::Relaxed);
         if let Err(source) = self.send_return(&format::encode_return(ret::REQUEST, gpa, 1)) {
-            self.fail(PostcopyError::Broken {
+            self.broke(PostcopyError::Broken {
                 phase: PostcopyPhase::Push,
                 missing: self.missing(),
                 source: StreamError::Io { at: 0, source },
@@ -285,6 +322,21 @@ pub fn receive_postcopy<R, W>(
     input: R,
     ret: W,
     limits: ReaderLimits,
+) -> Result<PostcopyIncoming, PostcopyError>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    receive_postcopy_with(input, ret, limits, OnBreak::Poison)
+}
+
+/// [`receive_postcopy`], choosing what a broken connection after the
+/// switchover does to the threads waiting on missing pages.
+pub fn receive_postcopy_with<R, W>(
+    input: R,
+    ret: W,
+    limits: ReaderLimits,
+    on_break: OnBreak,
 ) -> Result<PostcopyIncoming, PostcopyError>
 where
     R: Read + Send + 'static,
@@ -471,6 +523,8 @@ where
         error: Mutex::new(None),
         needed,
         discarded,
+        on_break,
+        limits,
         placed: AtomicU64::new(0),
         placed_on_request: AtomicU64::new(0),
         zero: AtomicU64::new(0),
@@ -489,7 +543,7 @@ where
         released: false,
     };
     if let Err(source) = hello {
-        dst.fail(PostcopyError::Broken {
+        dst.broke(PostcopyError::Broken {
             phase: PostcopyPhase::Switchover,
             missing: dst.missing(),
             source: StreamError::Io { at: 0, source },
@@ -519,7 +573,7 @@ where
 fn receive_rest<R: Read>(mut reader: StreamReader<R>, d: &Dst) {
     if let Err(e) = receive_loop(&mut reader, d) {
         let missing = d.missing();
-        d.fail(match e {
+        d.broke(match e {
             PostcopyError::Broken { phase, source, .. } => PostcopyError::Broken {
                 phase,
                 missing,
@@ -601,6 +655,118 @@ impl PostcopyReceiving {
     /// [`PostcopyError::Broken`] every page that was missing is poisoned:
     /// the guest cannot go on (module docs).
     pub fn wait(mut self) -> Result<PostcopyStats, PostcopyError> {
+        self.join();
+        self.stop();
+        if let Some(e) = lock(&self.dst.error).take() {
+            return Err(e);
+        }
+        Ok(self.stats())
+    }
+
+    /// As [`wait`](Self::wait), but a broken connection under
+    /// [`OnBreak::Wait`] returns its [`PostcopyError::Broken`] with the
+    /// memory still registered and the faulting threads still waiting: the
+    /// VMM may then [`resume`](Self::resume) on a new connection and wait
+    /// again, or drop the handle (poisoning the missing pages).
+    pub fn wait_recoverable(&mut self) -> Result<PostcopyStats, PostcopyError> {
+        self.join();
+        let paused = self.dst.on_break == OnBreak::Wait
+            && self.dst.broken.load(Ordering::Acquire)
+            && self.dst.missing() > 0
+            && self.server.is_some();
+        if paused {
+            if let Some(e) = lock(&self.dst.error).take() {
+                return Err(e);
+            }
+        }
+        self.stop();
+        if let Some(e) = lock(&self.dst.error).take() {
+            return Err(e);
+        }
+        Ok(self.stats())
+    }
+
+    /// Resumes a migration paused by a broken connection on a new one:
+    /// `input` from [`resume_postcopy`](super::resume_postcopy) at the
+    /// source, `ret` its return path. Tells the source the pages threads
+    /// wait on, then every page still missing, and receives them in the
+    /// background; [`wait_recoverable`](Self::wait_recoverable) again.
+    pub fn resume<R, W>(&mut self, input: R, ret: W) -> Result<(), PostcopyError>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let d = &self.dst;
+        if self.receiver.is_some()
+            || self.server.is_none()
+            || d.on_break != OnBreak::Wait
+            || !d.broken.load(Ordering::Acquire)
+        {
+            return Err(PostcopyError::NotPaused);
+        }
+        let reader =
+            StreamReader::with_flags(input, d.limits, format::FLAG_POSTCOPY | format::FLAG_RESUME)
+                .map_err(PostcopyError::Stream)?;
+        if reader.header().flags & format::FLAG_RESUME == 0 {
+            return Err(PostcopyError::ResumeMismatch("no FLAG_RESUME"));
+        }
+        let layout: Vec<_> = d
+            .regions
+            .iter()
+            .map(|&(s, n, _)| (GuestPhysAddr(s), n * PAGE))
+            .collect();
+        if reader.header().layout != layout {
+            return Err(PostcopyError::ResumeMismatch("another memory layout"));
+        }
+        let mut msgs = Vec::new();
+        msgs.extend_from_slice(&RETURN_MAGIC);
+        let mut waiting: Vec<u64> = lock(&d.requested).keys().copied().collect();
+        waiting.sort_unstable();
+        for &page in &waiting {
+            if let Some(gpa) = d.gpa(page) {
+                msgs.extend_from_slice(&format::encode_return(ret::REQUEST, gpa, 1));
+            }
+        }
+        for &(start, n, first) in &d.regions {
+            let mut k = 0;
+            while k < n {
+                if d.pages.is_done(first + k) {
+                    k += 1;
+                    continue;
+                }
+                let run = (k..n)
+                    .take_while(|&j| !d.pages.is_done(first + j))
+                    .take(u32::MAX as usize)
+                    .count() as u64;
+                let gpa = GuestPhysAddr(start + k * PAGE);
+                let pages = u32::try_from(run).unwrap_or(u32::MAX);
+                msgs.extend_from_slice(&format::encode_return(ret::NEED, gpa, pages));
+                k += u64::from(pages);
+            }
+        }
+        msgs.extend_from_slice(&format::encode_return(ret::NEED_END, GuestPhysAddr(0), 0));
+        let mut ret: Box<dyn Write + Send> = Box::new(ret);
+        ret.write_all(&msgs)
+            .and_then(|()| ret.flush())
+            .map_err(|source| PostcopyError::Broken {
+                phase: PostcopyPhase::Switchover,
+                missing: d.missing(),
+                source: StreamError::Io { at: 0, source },
+            })?;
+        *lock(&d.ret) = Some(ret);
+        lock(&d.error).take();
+        d.broken.store(false, Ordering::Release);
+        let dst = Arc::clone(&self.dst);
+        self.receiver = Some(
+            std::thread::Builder::new()
+                .name("pagefold-postcopy-recv".into())
+                .spawn(move || receive_rest(reader, &dst))
+                .map_err(|e| PostcopyError::Thread("receiver", e))?,
+        );
+        Ok(())
+    }
+
+    fn join(&mut self) {
         let joined = match self.receiver.take() {
             Some(t) => t.join().map_err(|_| PostcopyError::Panicked("receiver")),
             None => Ok(()),
@@ -608,12 +774,11 @@ impl PostcopyReceiving {
         if let Err(e) = joined {
             self.dst.fail(e);
         }
-        self.stop();
-        if let Some(e) = lock(&self.dst.error).take() {
-            return Err(e);
-        }
+    }
+
+    fn stats(&self) -> PostcopyStats {
         let d = &self.dst;
-        Ok(PostcopyStats {
+        PostcopyStats {
             pages: d.pages.pages(),
             needed: d.needed,
             discarded: d.discarded,
@@ -626,12 +791,13 @@ impl PostcopyReceiving {
             max_fault_wait: Duration::from_nanos(d.max_wait_ns.load(Ordering::Relaxed)),
             poisoned: d.poisoned.load(Ordering::Relaxed),
             complete_sent: d.complete_sent.load(Ordering::Acquire),
-        })
+        }
     }
 
     /// Stops the fault server (unregistering the memory) and ends the
     /// claim. Pages still missing are poisoned first.
     fn stop(&mut self) {
+        self.dst.abandon.store(true, Ordering::Release);
         if self.dst.missing() > 0 {
             self.dst.poison_missing();
         }
