@@ -13,8 +13,11 @@
 //! together: the source's memory is stale for pages the destination wrote,
 //! the destination lacks pages not yet sent. A broken connection is a
 //! [`PostcopyError::Broken`] on both sides, naming the phase and the pages
-//! still missing; the destination poisons them (its faulting threads get a
-//! memory error, never wrong bytes and never a hang).
+//! still missing. The destination then either poisons them (its faulting
+//! threads get a memory error, never wrong bytes and never a hang), or,
+//! received with `OnBreak::Wait`, keeps its threads waiting until the VMM
+//! resumes on a new connection: [`resume_postcopy`] here, with the guest
+//! still stopped, sends the pages the destination says it lacks.
 
 use std::{
     io::{self, Read, Write},
@@ -335,7 +338,10 @@ impl<W: Write> Sender<'_, W> {
         opts: PostcopyOptions,
     ) -> Result<(W, PostcopySummary), PostcopyError> {
         let t = Instant::now();
-        if self.writer.is_none() || !self.postcopy {
+        if self.writer.is_none() {
+            return Err(MigrationError::Failed.into());
+        }
+        if !self.postcopy {
             return Err(PostcopyError::NotPostcopy);
         }
         let precopy_rounds = self.round;

@@ -13,13 +13,18 @@
 //! the start; a zero page is never placed unless touched while registered
 //! (then `UFFDIO_ZEROPAGE`), so zero runs cost nothing.
 //!
-//! A broken connection (or a malformed stream) after the switchover poisons
-//! every page still missing (`UFFDIO_POISON`): a thread waiting on one, or
-//! touching one later, gets a memory error (SIGBUS for a raw pointer, an
-//! error from `KVM_RUN` for a vCPU), never wrong bytes and never a hang;
-//! [`PostcopyReceiving::wait`] returns [`PostcopyError::Broken`] naming the
-//! phase and the pages missing. The guest cannot go on: the pages it lacks
-//! are only at the source, which holds a stale copy of the rest. (On a
+//! A broken connection (or a malformed stream) after the switchover is
+//! [`PostcopyError::Broken`], naming the phase and the pages missing. By
+//! default ([`OnBreak::Poison`]) every page still missing is poisoned
+//! (`UFFDIO_POISON`): a thread waiting on one, or touching one later, gets
+//! a memory error (SIGBUS for a raw pointer, an error from `KVM_RUN` for a
+//! vCPU), never wrong bytes and never a hang. The guest cannot go on: the
+//! pages it lacks are only at the source, which holds a stale copy of the
+//! rest. With [`OnBreak::Wait`] the faulting threads keep waiting instead
+//! and [`PostcopyReceiving::wait_recoverable`] hands the break to the VMM,
+//! which may [`resume`](PostcopyReceiving::resume) on a new connection
+//! (the source runs [`resume_postcopy`](super::resume_postcopy)) or give up
+//! (then the missing pages are poisoned). (On a
 //! kernel without `UFFDIO_POISON`, before 6.6, missing pages are zero-filled
 //! instead and the error is the only signal: the VMM must not resume the
 //! guest.)
