@@ -216,3 +216,151 @@ fn running_guest_migrates_post_copy_at_once() {
     }
     migrate_running_guest(0);
 }
+
+/// A writer that fails (and closes its pipe) after `left` bytes.
+struct Cut {
+    inner: Option<pagefold_tools::pipe::PipeWriter>,
+    left: u64,
+}
+
+impl std::io::Write for Cut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(w) = self.inner.as_mut() else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        };
+        if (buf.len() as u64) > self.left {
+            let n = self.left as usize;
+            if n > 0 {
+                w.write_all(&buf[..n])?;
+            }
+            self.inner = None;
+            self.left = 0;
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        self.left -= buf.len() as u64;
+        w.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const CHILD: &str = "PAGEFOLD_POSTCOPY_KVM_BROKEN";
+
+/// Run as a child process by the next test (does nothing otherwise): the
+/// guest is switched over at once, the stream breaks after a few hundred
+/// pages, and the guest is run at the destination anyway, asked to verify
+/// its memory. Its vCPU must meet a memory error (SIGBUS, or an error from
+/// `KVM_RUN`: exit 4), never finish a verification (3: passed, 5: failed
+/// on wrong bytes) and never hang.
+#[test]
+fn child_runs_a_guest_whose_migration_broke() {
+    if std::env::var(CHILD).is_err() {
+        return;
+    }
+    let prog = guest::Program {
+        data_pages: 1024,
+        balloon_pages: 0,
+        hot_pages: 128,
+        window_shift: 3,
+        writes_per_round: 4096,
+    };
+    let code = guest::fill_and_write(&prog).unwrap();
+    let store = Arc::new(FrameStore::memfd().unwrap());
+    let mem = guest::memory(&store, prog.data_pages).unwrap();
+    let cr3 = guest::build_page_tables(&mem, prog.data_pages).unwrap();
+    let start = guest::load(&mem, &code, cr3, 3).unwrap();
+    let kvm = Arc::new(KvmVm::new(&mem).unwrap());
+    let mut vcpu = kvm.create_vcpu(0).unwrap();
+    vcpu.setup_long_mode(&start).unwrap();
+    let ctl = Arc::new(Ctl::default());
+    let c = Arc::clone(&ctl);
+    let thread = std::thread::spawn(move || vcpu_thread(vcpu, c));
+    wait_for("the guest's fill", || ctl.filled.load(Ordering::SeqCst));
+    ctl.pause.store(true, Ordering::SeqCst);
+    let vcpu = thread.join().unwrap();
+    let state = vcpu.state().unwrap().to_bytes();
+    let (fw, fr) = pipe(16);
+    let (bw, br) = pipe(16);
+    let m = Arc::clone(&mem);
+    let source = std::thread::spawn(move || {
+        let out = Cut {
+            inner: Some(fw),
+            left: 300 * 4096,
+        };
+        let snd = Sender::start_postcopy(&m, out, PrecopyOptions::default()).unwrap();
+        snd.switchover(br, &state, PostcopyOptions::default())
+            .map(|_| ())
+    });
+    let inc = receive_postcopy(fr, bw, ReaderLimits::default()).unwrap();
+    let dmem = Arc::new(inc.mem);
+    let e = inc.receiving.wait().unwrap_err();
+    eprintln!("destination: {e}");
+    assert!(source.join().unwrap().is_err());
+    let dkvm = KvmVm::new(&dmem).unwrap();
+    let mut dvcpu = dkvm.create_vcpu(0).unwrap();
+    dvcpu
+        .set_state(&VcpuState::from_bytes(&inc.state).unwrap())
+        .unwrap();
+    let dctl = Arc::new(Ctl::default());
+    dctl.command.store(guest::CONTROL_VERIFY, Ordering::SeqCst);
+    let r = dvcpu.run(|exit| match exit {
+        Exit::IoOut { port, data } if port == guest::PORT_VERIFY => {
+            let ok = data.first() == Some(&1);
+            std::process::exit(if ok { 3 } else { 5 });
+        }
+        Exit::IoIn { port, data } => {
+            if port == guest::PORT_CONTROL {
+                let cmd = dctl.command.swap(guest::CONTROL_RUN, Ordering::SeqCst);
+                let n = data.len().min(4);
+                data[..n].copy_from_slice(&cmd.to_le_bytes()[..n]);
+            }
+            Flow::Continue
+        }
+        Exit::Halt => Flow::Stop,
+        _ => Flow::Continue,
+    });
+    eprintln!("KVM_RUN: {r:?}");
+    std::process::exit(if r.is_err() { 4 } else { 6 });
+}
+
+#[test]
+fn a_guest_run_after_a_broken_migration_meets_a_memory_error() {
+    use std::os::unix::process::ExitStatusExt;
+    if !kvm_usable("a_guest_run_after_a_broken_migration_meets_a_memory_error") {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_runs_a_guest_whose_migration_broke",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the guest of a broken migration hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    eprintln!("child: {status:?}\n{err}");
+    assert!(
+        status.signal() == Some(libc::SIGBUS) || status.code() == Some(4),
+        "{status:?}: {err}"
+    );
+}
