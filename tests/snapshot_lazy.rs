@@ -504,3 +504,48 @@ fn touches_from_every_rayon_worker_are_served() {
     let stats = lazy.wait().unwrap();
     assert!(stats.on_fault > stats.pages / 2, "{stats:?}");
 }
+
+/// Memory on huge pages is refused up front, with a typed error, before
+/// anything is registered or touched (a missing fault there would be
+/// served a huge page at a time, which 4 KiB snapshot pages do not fill).
+#[test]
+fn hugetlb_memory_is_refused_up_front() {
+    use pagefold::{
+        frames::{Backing, StoreOptions},
+        FrameStore, PageSize,
+    };
+    let _s = serial();
+    let dir = TempDir::new("lazy-huge");
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), 4 << 20)]).unwrap();
+    mem.write(GuestPhysAddr(0x5000), &[7u8; PAGE_SIZE]).unwrap();
+    let path = dir.path("h.snap");
+    save(&mem, &path, &SaveOptions::default()).unwrap();
+    let snap = Arc::new(SnapshotReader::open(&path).unwrap());
+    let store = match FrameStore::new(StoreOptions {
+        backing: Backing::Hugetlb(PageSize::Size2M),
+        ..StoreOptions::default()
+    }) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("SKIPPED hugetlb lazy refusal: {e}");
+            return;
+        }
+    };
+    let huge = match GuestMemory::with_store(store, &[(GuestPhysAddr(0), 4 << 20)]) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIPPED hugetlb lazy refusal (no huge pages reserved?): {e}");
+            return;
+        }
+    };
+    let e = restore_lazy(snap, &huge, LazyOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LazyError::HugePages {
+                granule: PageSize::Size2M
+            }
+        ),
+        "{e}"
+    );
+}

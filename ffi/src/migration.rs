@@ -236,7 +236,9 @@ fn stream_status(e: &StreamError) -> pf_status {
         StreamError::Access { source, .. } => access_status(source),
         // The sender gives the writer only pages and rounds of its layout,
         // and drops a writer or reader that failed.
+        // The C ABI has no post-copy switchover (the only source of it).
         StreamError::PageNotInLayout { .. }
+        | StreamError::StateTooLarge { .. }
         | StreamError::RoundBackwards { .. }
         | StreamError::WriterFailed
         | StreamError::ReaderFailed => pf_status::PF_ERR_INTERNAL,

@@ -79,6 +79,28 @@ pub enum Malformed {
     /// An end-marker flag byte with unknown bits.
     #[error("end marker flags {0:#04x} unknown")]
     EndFlags(u8),
+    /// A post-copy record (DISCARD, SWITCHOVER) where it does not belong:
+    /// in a pre-copy reader (receive a post-copy stream with
+    /// `receive_postcopy`), or a second switchover.
+    #[error("post-copy record where none belongs (read post-copy streams with receive_postcopy)")]
+    PostcopyRecord,
+    /// A switchover's VMM state longer than a chunk can carry.
+    #[error("switchover state of {0} bytes does not fit its chunk")]
+    StateLength(u32),
+    /// After the switchover, a record other than a whole page, a zero run
+    /// or the end marker (the destination cannot apply references or
+    /// deltas against pages it may not hold).
+    #[error("record kind {0:#04x} after the switchover (only FULL, ZERO and END)")]
+    AfterSwitchover(u8),
+    /// The switchover's count of pages still to come disagrees with the
+    /// discards and rounds before it.
+    #[error("switchover announces {claimed} pages to come; the discards and rounds before it leave {seen}")]
+    NeededCount {
+        /// What the switchover says.
+        claimed: u64,
+        /// What the destination counted.
+        seen: u64,
+    },
 }
 
 /// Why a migration stream could not be written or read.
@@ -225,6 +247,15 @@ pub enum StreamError {
     PageNotInLayout {
         /// The address given.
         gpa: GuestPhysAddr,
+    },
+    /// The VMM state given to a post-copy switchover is larger than a
+    /// chunk can carry.
+    #[error("switchover state of {len} bytes; at most {max} fit a chunk")]
+    StateTooLarge {
+        /// Its length.
+        len: usize,
+        /// The most that fits.
+        max: usize,
     },
     /// The sender was asked for a round number lower than the last.
     #[error("round {now} after round {before}")]

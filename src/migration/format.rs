@@ -13,6 +13,16 @@ use super::{error::Malformed, xbzrle};
 pub const MAGIC: [u8; 8] = *b"\x89PFMIG\r\n";
 /// The format version this build writes and reads.
 pub const VERSION: u16 = 2;
+/// Header flag: the stream may switch to post-copy (DISCARD and SWITCHOVER
+/// records, then the rest of memory pushed and requested). A reader that
+/// does not know post-copy refuses the stream at its header.
+pub const FLAG_POSTCOPY: u16 = 1;
+/// Header flag (with [`FLAG_POSTCOPY`]): the stream resumes a post-copy
+/// migration whose connection broke; it carries only the pages the
+/// destination said it lacks (FULL and ZERO records), then the end marker.
+pub const FLAG_RESUME: u16 = 2;
+/// Header flags this build knows.
+pub(crate) const KNOWN_FLAGS: u16 = FLAG_POSTCOPY | FLAG_RESUME;
 /// Bytes of the fixed header: magic, version, flags, page size, seed,
 /// region count.
 pub(crate) const FIXED_HEADER: usize = 8 + 2 + 2 + 4 + 8 + 4;
@@ -29,6 +39,12 @@ pub(crate) mod kind {
     pub(crate) const REF: u8 = 0x04;
     pub(crate) const DELTA: u8 = 0x05;
     pub(crate) const REF_RUN: u8 = 0x06;
+    /// Post-copy streams only: pages the destination holds from an earlier
+    /// round that were written since (gpa u64, pages u32).
+    pub(crate) const DISCARD: u8 = 0x07;
+    /// Post-copy streams only: the source's guest stopped; pages to come
+    /// (u64), then the VMM's state (length u32, bytes).
+    pub(crate) const SWITCHOVER: u8 = 0x08;
     pub(crate) const END: u8 = 0xff;
 }
 
@@ -39,6 +55,52 @@ pub(crate) const FULL_LEN: usize = 1 + 8 + PAGE_SIZE;
 pub(crate) const DELTA_HEAD: usize = 1 + 8 + 8 + 2;
 pub(crate) const REF_RUN_LEN: usize = 1 + 8 + 8 + 4;
 pub(crate) const END_LEN: usize = 1 + 8 + 1;
+pub(crate) const DISCARD_LEN: usize = 1 + 8 + 4;
+pub(crate) const SWITCHOVER_HEAD: usize = 1 + 8 + 4;
+
+/// The return path of a post-copy migration (destination to source): this
+/// magic, then 16-byte messages: kind (u8), three zero bytes, pages (u32),
+/// guest address (u64).
+pub const RETURN_MAGIC: [u8; 8] = *b"\x89PFRET\r\n";
+/// Bytes of one return-path message.
+pub const RETURN_MSG_LEN: usize = 16;
+/// Return-path message kinds.
+pub(crate) mod ret {
+    /// Send these pages first: a thread waits in a fault on them.
+    pub(crate) const REQUEST: u8 = 1;
+    /// Every page is placed: the migration is complete.
+    pub(crate) const COMPLETE: u8 = 2;
+    /// On a resumed connection: pages the destination still lacks.
+    pub(crate) const NEED: u8 = 3;
+    /// On a resumed connection: the NEED list is complete.
+    pub(crate) const NEED_END: u8 = 4;
+}
+
+/// A return-path message.
+pub(crate) fn encode_return(kind: u8, gpa: GuestPhysAddr, pages: u32) -> [u8; RETURN_MSG_LEN] {
+    let mut m = [0u8; RETURN_MSG_LEN];
+    m[0] = kind;
+    m[4..8].copy_from_slice(&pages.to_le_bytes());
+    m[8..].copy_from_slice(&gpa.0.to_le_bytes());
+    m
+}
+
+/// Parses a return-path message: `(kind, gpa, pages)`, or `None` for one
+/// that is garbled (unknown kind, non-zero padding).
+pub(crate) fn decode_return(m: &[u8; RETURN_MSG_LEN]) -> Option<(u8, GuestPhysAddr, u32)> {
+    if !(ret::REQUEST..=ret::NEED_END).contains(&m[0]) || m[1..4] != [0, 0, 0] {
+        return None;
+    }
+    let mut p = [0u8; 4];
+    p.copy_from_slice(&m[4..8]);
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&m[8..]);
+    Some((
+        m[0],
+        GuestPhysAddr(u64::from_le_bytes(g)),
+        u32::from_le_bytes(p),
+    ))
+}
 /// End-marker flag: a 16-byte whole-memory digest follows.
 pub(crate) const END_DIGEST: u8 = 1;
 
@@ -156,6 +218,15 @@ pub(crate) enum Record {
         pages: u64,
         digest: Option<u128>,
     },
+    Discard {
+        gpa: GuestPhysAddr,
+        pages: u32,
+    },
+    Switchover {
+        needed: u64,
+        state: usize,
+        len: usize,
+    },
 }
 
 /// A little-endian cursor over a chunk payload.
@@ -209,6 +280,7 @@ pub(crate) fn parse_chunk(
     payload: &[u8],
     layout: &Layout,
     mut last_round: Option<u32>,
+    postcopy: bool,
     out: &mut Vec<(usize, Record)>,
 ) -> Result<(), (u32, usize, Malformed)> {
     out.clear();
@@ -223,7 +295,7 @@ pub(crate) fn parse_chunk(
         if matches!(out.last(), Some((_, Record::End { .. }))) {
             return Err(fail(Malformed::AfterEnd));
         }
-        let rec = parse_record(&mut c, layout, &mut last_round).map_err(fail)?;
+        let rec = parse_record(&mut c, layout, &mut last_round, postcopy).map_err(fail)?;
         out.push((start, rec));
         index = index.saturating_add(1);
     }
@@ -234,6 +306,7 @@ fn parse_record(
     c: &mut Cursor<'_>,
     layout: &Layout,
     last_round: &mut Option<u32>,
+    postcopy: bool,
 ) -> Result<Record, Malformed> {
     let page = |gpa: GuestPhysAddr, pages: u32| {
         if layout.holds_run(gpa, pages) {
@@ -301,16 +374,28 @@ fn parse_record(
             };
             Record::End { pages, digest }
         }
+        kind::DISCARD if postcopy => {
+            let (gpa, pages) = (c.gpa()?, c.u32()?);
+            page(gpa, pages)?;
+            Record::Discard { gpa, pages }
+        }
+        kind::SWITCHOVER if postcopy => {
+            let (needed, len32) = (c.u64()?, c.u32()?);
+            let len = usize::try_from(len32).map_err(|_| Malformed::StateLength(len32))?;
+            let state = c.at;
+            c.take(len).map_err(|_| Malformed::StateLength(len32))?;
+            Record::Switchover { needed, state, len }
+        }
         k => return Err(Malformed::UnknownKind(k)),
     })
 }
 
 /// Appends the fixed header and the layout (without the header checksum).
 #[allow(clippy::cast_possible_truncation)] // region count checked by the caller
-pub(crate) fn encode_header(out: &mut Vec<u8>, seed: u64, layout: &Layout) {
+pub(crate) fn encode_header(out: &mut Vec<u8>, seed: u64, flags: u16, layout: &Layout) {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
     out.extend_from_slice(&seed.to_le_bytes());
     out.extend_from_slice(&(layout.pfns.len() as u32).to_le_bytes());

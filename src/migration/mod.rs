@@ -16,8 +16,13 @@
 //! `reader.rs` reads chunk by chunk, then applies record by record in
 //! named steps (`next_record`, then one `apply_*` per record kind);
 //! `precopy.rs` drives rounds of dirty pages over a writer and receives
-//! over a reader; `digest.rs` and `holes.rs` hash memory and skip holes
-//! for round 0 and the end marker; `error.rs` has the errors.
+//! over a reader; `postcopy.rs` switches such a sender to post-copy (the
+//! DISCARD and SWITCHOVER records, then pages pushed with the return
+//! path's requests first) and has the errors of both ends;
+//! `postcopy_receive.rs` is the destination (pre-copy rounds applied, then
+//! memory registered for missing-page faults and filled as pages arrive);
+//! `digest.rs` and `holes.rs` hash memory and skip holes for round 0 and
+//! the end marker; `error.rs` has the errors.
 //!
 //! This module owns the format and its two ends. It never decides which
 //! pages to send or when (the pre-copy rounds and dirty harvesting live with
@@ -29,6 +34,8 @@ mod digest;
 mod error;
 pub mod format;
 mod index;
+mod postcopy;
+mod postcopy_receive;
 mod precopy;
 mod reader;
 mod writer;
@@ -36,6 +43,13 @@ pub mod xbzrle;
 
 pub use digest::memory_digest;
 pub use error::{Malformed, Position, StreamError};
+pub use postcopy::{
+    resume_postcopy, PostcopyError, PostcopyOptions, PostcopyPhase, PostcopySummary,
+};
+pub use postcopy_receive::{
+    receive_postcopy, receive_postcopy_with, OnBreak, PostcopyIncoming, PostcopyReceiving,
+    PostcopyStats,
+};
 pub use precopy::{
     receive_migration, receive_migration_folded, FoldedReceived, MigrationError, PrecopyOptions,
     Progress, ReceiveError, Received, Sender, Summary,

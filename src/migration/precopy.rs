@@ -143,13 +143,30 @@ pub enum MigrationError {
 
 /// An output with an optional token-bucket rate limit that gives up while
 /// waiting once the cancel flag is raised.
-struct Throttle<W> {
-    out: W,
+pub(super) struct Throttle<W> {
+    pub(super) out: W,
     rate: Option<f64>,
     burst: f64,
     tokens: f64,
     last: Instant,
     cancel: Arc<AtomicBool>,
+}
+
+impl<W> Throttle<W> {
+    /// A throttle of `rate` bytes a second (`None`: none) with its own
+    /// cancel flag, for a stream without a [`Sender`].
+    pub(super) fn new(out: W, rate: Option<u64>) -> Self {
+        let rate = rate.map(|r| r.max(1) as f64);
+        let burst = rate.map_or(0.0, |r| (r / 10.0).max(64.0 * 1024.0));
+        Throttle {
+            out,
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 impl<W: Write> Write for Throttle<W> {
@@ -203,24 +220,26 @@ type DirtySourceFn<'a> =
 /// dropped. After an error or a cancel it refuses further use; a new
 /// `Sender` (a new stream) retries from scratch.
 pub struct Sender<'m, W: Write> {
-    mem: &'m GuestMemory,
-    writer: Option<StreamWriter<Throttle<W>>>,
-    opts: PrecopyOptions,
-    cancel: Arc<AtomicBool>,
+    pub(super) mem: &'m GuestMemory,
+    pub(super) writer: Option<StreamWriter<Throttle<W>>>,
+    pub(super) opts: PrecopyOptions,
+    pub(super) cancel: Arc<AtomicBool>,
     progress: Option<ProgressFn<'m>>,
     dirty_source: Option<DirtySourceFn<'m>>,
     /// Each region's tracking before the migration (restored at the end).
     tracking_before: Option<Vec<bool>>,
     /// This sender holds the memory's migration claim (released on drop).
     claimed: bool,
+    /// The stream was started for post-copy.
+    pub(super) postcopy: bool,
     /// The next round to send.
-    round: u32,
+    pub(super) round: u32,
     /// Dirty pages harvested and not yet sent.
-    pending: Vec<DirtyRun>,
-    pending_pages: u64,
+    pub(super) pending: Vec<DirtyRun>,
+    pub(super) pending_pages: u64,
     /// Time spent sending and bytes sent, for the bandwidth estimate.
     busy: Duration,
-    started: Instant,
+    pub(super) started: Instant,
 }
 
 impl<W: Write> std::fmt::Debug for Sender<'_, W> {
@@ -246,6 +265,28 @@ impl<'m, W: Write> Sender<'m, W> {
         mem: &'m GuestMemory,
         out: W,
         opts: PrecopyOptions,
+    ) -> Result<Self, MigrationError> {
+        Self::start_with(mem, out, opts, 0)
+    }
+
+    /// [`start`](Self::start) for a migration that switches to post-copy
+    /// ([`switchover`](Self::switchover)) after zero or more
+    /// [`iterate`](Self::iterate) calls: the stream's header says so
+    /// (`FLAG_POSTCOPY`), and its receiver is
+    /// [`receive_postcopy`](super::receive_postcopy).
+    pub fn start_postcopy(
+        mem: &'m GuestMemory,
+        out: W,
+        opts: PrecopyOptions,
+    ) -> Result<Self, MigrationError> {
+        Self::start_with(mem, out, opts, super::format::FLAG_POSTCOPY)
+    }
+
+    fn start_with(
+        mem: &'m GuestMemory,
+        out: W,
+        opts: PrecopyOptions,
+        flags: u16,
     ) -> Result<Self, MigrationError> {
         if !mem.claim_for_migration() {
             return Err(MigrationError::Busy);
@@ -280,6 +321,7 @@ impl<'m, W: Write> Sender<'m, W> {
             dirty_source: None,
             tracking_before: Some(before),
             claimed: true,
+            postcopy: flags & super::format::FLAG_POSTCOPY != 0,
             round: 0,
             pending: Vec::new(),
             pending_pages: 0,
@@ -290,7 +332,12 @@ impl<'m, W: Write> Sender<'m, W> {
         mem.set_dirty_tracking(RegionSet::All, true)?;
         let mut stale = Vec::new();
         mem.harvest_dirty(RegionSet::All, &mut stale)?;
-        s.writer = Some(StreamWriter::for_memory(throttle, mem, opts.stream)?);
+        s.writer = Some(StreamWriter::for_memory_flags(
+            throttle,
+            mem,
+            opts.stream,
+            flags,
+        )?);
         Ok(s)
     }
 
@@ -324,7 +371,7 @@ impl<'m, W: Write> Sender<'m, W> {
 
     /// Harvests the dirty log into `pending`, after asking the dirty
     /// source (if any) to bring its writes in.
-    fn harvest(&mut self) -> Result<u64, MigrationError> {
+    pub(super) fn harvest(&mut self) -> Result<u64, MigrationError> {
         if let Some(f) = self.dirty_source.as_mut() {
             f().map_err(MigrationError::DirtySource)?;
         }
@@ -531,7 +578,10 @@ impl<'m, W: Write> Sender<'m, W> {
 
     /// After an error the sender is spent: drop the stream, put tracking
     /// back.
-    fn fail_on_err<T>(&mut self, r: Result<T, MigrationError>) -> Result<T, MigrationError> {
+    pub(super) fn fail_on_err<T>(
+        &mut self,
+        r: Result<T, MigrationError>,
+    ) -> Result<T, MigrationError> {
         if r.is_err() {
             self.writer = None;
             self.restore_tracking();
@@ -539,7 +589,7 @@ impl<'m, W: Write> Sender<'m, W> {
         r
     }
 
-    fn restore_tracking(&mut self) {
+    pub(super) fn restore_tracking(&mut self) {
         if let Some(before) = self.tracking_before.take() {
             for (i, on) in before.into_iter().enumerate() {
                 // Only fails for a region index out of range, which these

@@ -151,6 +151,31 @@ pub struct StreamReader<R: Read> {
     failed: bool,
 }
 
+/// A record before a post-copy switchover.
+#[derive(Debug)]
+pub(crate) enum Precopy {
+    /// A pre-copy record, applied.
+    Applied(Event),
+    /// Pages to discard (not applied).
+    Discard { gpa: GuestPhysAddr, pages: u32 },
+    /// The switchover: pages to come, the VMM's state.
+    Switchover { needed: u64, state: Vec<u8> },
+}
+
+/// A record after a post-copy switchover, not applied.
+#[derive(Debug)]
+pub(crate) enum Raw {
+    /// Pages that are zero.
+    Zero { gpa: GuestPhysAddr, pages: u32 },
+    /// A whole page: its bytes at `at` of the current chunk.
+    Full {
+        gpa: GuestPhysAddr,
+        at: std::ops::Range<usize>,
+    },
+    /// The end marker (page count checked).
+    End,
+}
+
 /// Reads a whole stream into new guest memory created from its layout. On
 /// any error the partial memory is dropped (its frames go back to the host).
 pub fn receive<R: Read>(
@@ -165,7 +190,18 @@ pub fn receive<R: Read>(
 
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the header.
+    /// A post-copy stream (`FLAG_POSTCOPY`) is refused here
+    /// ([`StreamError::UnsupportedFlags`]): `receive_postcopy` reads those.
     pub fn new(input: R, limits: ReaderLimits) -> Result<Self, StreamError> {
+        Self::with_flags(input, limits, 0)
+    }
+
+    /// [`new`](Self::new) accepting the header flags `accept`.
+    pub(crate) fn with_flags(
+        input: R,
+        limits: ReaderLimits,
+        accept: u16,
+    ) -> Result<Self, StreamError> {
         let mut r = StreamReader {
             input,
             header: StreamHeader {
@@ -187,7 +223,7 @@ impl<R: Read> StreamReader<R> {
             done: false,
             failed: false,
         };
-        r.read_header(limits)?;
+        r.read_header(limits, accept)?;
         Ok(r)
     }
 
@@ -263,7 +299,113 @@ impl<R: Read> StreamReader<R> {
                 len,
             } => self.apply_delta(mem, at, gpa, check, self.payload(data, len)),
             Record::End { pages, digest } => self.apply_end(mem, at, pages, digest),
+            Record::Discard { .. } | Record::Switchover { .. } => Err(StreamError::Malformed {
+                at,
+                problem: Malformed::PostcopyRecord,
+            }),
         }
+    }
+
+    /// Before the switchover of a post-copy stream: applies the next
+    /// record to `mem` as [`next_event`](Self::next_event) does, or hands
+    /// back a DISCARD or SWITCHOVER record (not applied).
+    pub(crate) fn next_precopy(&mut self, mem: &GuestMemory) -> Result<Precopy, StreamError> {
+        if self.failed {
+            return Err(StreamError::ReaderFailed);
+        }
+        let r = self.precopy_step(mem);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn precopy_step(&mut self, mem: &GuestMemory) -> Result<Precopy, StreamError> {
+        if self.next < self.records.len() || !self.done {
+            if self.next == self.records.len() {
+                self.read_chunk()?;
+            }
+            match self.records.get(self.next) {
+                Some(&(_, Record::Discard { gpa, pages })) => {
+                    self.next += 1;
+                    return Ok(Precopy::Discard { gpa, pages });
+                }
+                Some(&(_, Record::Switchover { needed, state, len })) => {
+                    self.next += 1;
+                    let p = self.payload(state, len);
+                    let state = self.chunk.get(p.start..p.end).unwrap_or(&[]).to_vec();
+                    return Ok(Precopy::Switchover { needed, state });
+                }
+                _ => {}
+            }
+        }
+        self.step(mem).map(Precopy::Applied)
+    }
+
+    /// After the switchover: the next record, not applied (the memory is
+    /// the fault server's to fill). Only whole pages, zero runs and the
+    /// end marker (whose page count is checked) may come.
+    pub(crate) fn next_raw(&mut self) -> Result<Raw, StreamError> {
+        if self.failed {
+            return Err(StreamError::ReaderFailed);
+        }
+        let r = self.raw_step();
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn raw_step(&mut self) -> Result<Raw, StreamError> {
+        let RecordAt { at, rec } = self.next_record()?;
+        let bad = |k: u8| StreamError::Malformed {
+            at,
+            problem: Malformed::AfterSwitchover(k),
+        };
+        match rec {
+            Record::Zero { gpa, pages } => {
+                self.pages += u64::from(pages);
+                self.stats.zero_pages += u64::from(pages);
+                Ok(Raw::Zero { gpa, pages })
+            }
+            Record::Full { gpa, data } => {
+                self.pages += 1;
+                self.stats.full_pages += 1;
+                let p = self.payload(data, PAGE_SIZE);
+                Ok(Raw::Full {
+                    gpa,
+                    at: p.start..p.end,
+                })
+            }
+            Record::End {
+                pages,
+                digest: None,
+            } => {
+                if pages != self.pages {
+                    return Err(StreamError::Malformed {
+                        at,
+                        problem: Malformed::PageCount {
+                            claimed: pages,
+                            seen: self.pages,
+                        },
+                    });
+                }
+                self.done = true;
+                Ok(Raw::End)
+            }
+            Record::End { .. } => Err(bad(format::kind::END)),
+            Record::Round(_) => Err(bad(format::kind::ROUND)),
+            Record::Ref { .. } => Err(bad(format::kind::REF)),
+            Record::RefRun { .. } => Err(bad(format::kind::REF_RUN)),
+            Record::Delta { .. } => Err(bad(format::kind::DELTA)),
+            Record::Discard { .. } => Err(bad(format::kind::DISCARD)),
+            Record::Switchover { .. } => Err(bad(format::kind::SWITCHOVER)),
+        }
+    }
+
+    /// The bytes of the current chunk at `at` (from [`Raw::Full`]).
+    pub(crate) fn chunk_bytes(&self, at: std::ops::Range<usize>) -> &[u8] {
+        self.chunk.get(at).unwrap_or(&[])
     }
 
     /// The next record of the current chunk, with its place in the stream;
@@ -476,7 +618,7 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
-    fn read_header(&mut self, limits: ReaderLimits) -> Result<(), StreamError> {
+    fn read_header(&mut self, limits: ReaderLimits, accept: u16) -> Result<(), StreamError> {
         const WHAT: &str = "the header";
         let mut fixed = [0u8; format::FIXED_HEADER];
         self.fill_exact(&mut fixed[..8], WHAT)?;
@@ -496,7 +638,7 @@ impl<R: Read> StreamReader<R> {
         self.fill_exact(&mut fixed[10..], WHAT)?;
         let mut f = Fields(&fixed[10..]);
         let (flags, page_size, seed, count) = (f.u16(), f.u32(), f.u64(), f.u32());
-        if flags != 0 {
+        if flags & !(accept & format::KNOWN_FLAGS) != 0 {
             return Err(StreamError::UnsupportedFlags { flags });
         }
         if page_size != format::PAGE_SIZE_U32 {
@@ -595,6 +737,7 @@ impl<R: Read> StreamReader<R> {
             &self.chunk[4..],
             &self.layout,
             self.stats.round,
+            self.header.flags & format::FLAG_POSTCOPY != 0,
             &mut self.records,
         )
         .map_err(|(record, off, problem)| StreamError::Malformed {

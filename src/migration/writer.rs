@@ -133,7 +133,17 @@ impl<W: Write> StreamWriter<W> {
     pub fn new(
         out: W,
         layout: &[(GuestPhysAddr, u64)],
+        opts: WriterOptions,
+    ) -> Result<Self, StreamError> {
+        Self::with_flags(out, layout, opts, 0)
+    }
+
+    /// [`new`](Self::new) with header flags (`FLAG_POSTCOPY`).
+    pub(crate) fn with_flags(
+        out: W,
+        layout: &[(GuestPhysAddr, u64)],
         mut opts: WriterOptions,
+        flags: u16,
     ) -> Result<Self, StreamError> {
         let layout = Layout::new(layout)?;
         let seed = match opts.seed {
@@ -142,7 +152,7 @@ impl<W: Write> StreamWriter<W> {
         };
         opts.chunk_bytes = opts.chunk_bytes.clamp(format::MIN_CHUNK, format::MAX_CHUNK);
         let mut header = Vec::new();
-        format::encode_header(&mut header, seed, &layout);
+        format::encode_header(&mut header, seed, flags, &layout);
         let sum = format::header_checksum(&header);
         header.extend_from_slice(&sum.to_le_bytes());
         let mut w = StreamWriter {
@@ -168,12 +178,106 @@ impl<W: Write> StreamWriter<W> {
 
     /// A writer for `mem`'s layout.
     pub fn for_memory(out: W, mem: &GuestMemory, opts: WriterOptions) -> Result<Self, StreamError> {
+        Self::for_memory_flags(out, mem, opts, 0)
+    }
+
+    /// [`for_memory`](Self::for_memory) with header flags.
+    pub(crate) fn for_memory_flags(
+        out: W,
+        mem: &GuestMemory,
+        opts: WriterOptions,
+        flags: u16,
+    ) -> Result<Self, StreamError> {
         let layout: Vec<_> = mem
             .regions()
             .iter()
             .map(|r| (r.start(), r.size()))
             .collect();
-        Self::new(out, &layout, opts)
+        Self::with_flags(out, &layout, opts, flags)
+    }
+
+    /// Whether the run of `pages` pages from `gpa` lies in one region.
+    pub(crate) fn holds_run(&self, gpa: GuestPhysAddr, pages: u32) -> bool {
+        self.layout.holds_run(gpa, pages)
+    }
+
+    /// A DISCARD record: the receiver's copies of these pages are stale
+    /// (written since they were sent); it forgets them, and so does the
+    /// content index.
+    pub(crate) fn discard(&mut self, gpa: GuestPhysAddr, pages: u32) -> Result<(), StreamError> {
+        self.check()?;
+        if !self.layout.holds_run(gpa, pages) {
+            return Err(StreamError::PageNotInLayout { gpa });
+        }
+        for i in 0..u64::from(pages) {
+            let pfn = GuestFrame(gpa.frame().0 + i);
+            self.index.set(pfn, None);
+            self.cache.remove(pfn);
+        }
+        let mut rec = [0u8; format::DISCARD_LEN];
+        rec[0] = kind::DISCARD;
+        rec[1..9].copy_from_slice(&gpa.0.to_le_bytes());
+        rec[9..].copy_from_slice(&pages.to_le_bytes());
+        self.push(&[&rec])
+    }
+
+    /// The SWITCHOVER record: `needed` pages still to come, and the VMM's
+    /// `state` (at most a chunk, less the record head); then flushes.
+    pub(crate) fn switchover(&mut self, needed: u64, state: &[u8]) -> Result<(), StreamError> {
+        self.check()?;
+        let max = self.opts.chunk_bytes as usize - format::SWITCHOVER_HEAD;
+        let len = u32::try_from(state.len())
+            .ok()
+            .filter(|_| state.len() <= max)
+            .ok_or(StreamError::StateTooLarge {
+                len: state.len(),
+                max,
+            })?;
+        let mut head = [0u8; format::SWITCHOVER_HEAD];
+        head[0] = kind::SWITCHOVER;
+        head[1..9].copy_from_slice(&needed.to_le_bytes());
+        head[9..].copy_from_slice(&len.to_le_bytes());
+        self.push(&[&head, state])?;
+        self.flush()
+    }
+
+    /// [`page_raw`](Self::page_raw) of the page at `gpa` of `mem`.
+    pub(crate) fn send_page_raw(
+        &mut self,
+        mem: &GuestMemory,
+        gpa: GuestPhysAddr,
+    ) -> Result<(), StreamError> {
+        let mut page = [0u8; PAGE_SIZE];
+        mem.read(gpa, &mut page)
+            .map_err(|source| StreamError::Access {
+                at: self.position(),
+                source,
+            })?;
+        self.page_raw(gpa, &page)
+    }
+
+    /// After the switchover: sends a page whole, or as zero, never as a
+    /// reference or delta (the receiver cannot read its own memory then).
+    pub(crate) fn page_raw(
+        &mut self,
+        gpa: GuestPhysAddr,
+        data: &[u8; PAGE_SIZE],
+    ) -> Result<(), StreamError> {
+        self.check()?;
+        if !self.layout.holds_run(gpa, 1) {
+            return Err(StreamError::PageNotInLayout { gpa });
+        }
+        if is_zero_page(data) {
+            self.stats.zero_pages += 1;
+            return self.zero(gpa.frame());
+        }
+        let mut head = [0u8; format::FULL_LEN - PAGE_SIZE];
+        head[0] = kind::FULL;
+        head[1..].copy_from_slice(&gpa.0.to_le_bytes());
+        self.push(&[&head, data])?;
+        self.stats.full_pages += 1;
+        self.pages += 1;
+        Ok(())
     }
 
     /// The stream's content-hash seed.

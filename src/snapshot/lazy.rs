@@ -1,8 +1,10 @@
 //! Restoring lazily: the guest runs before its memory is read. Every region
 //! of a fresh [`GuestMemory`] is registered with a userfaultfd in missing
-//! mode; a fault-handler thread serves each first touch (a vCPU through
-//! KVM, a device, a raw pointer) by reading that page from the snapshot and
-//! placing it atomically (`UFFDIO_COPY`; zeros: `UFFDIO_ZEROPAGE`), while a
+//! mode (`userfault::MissingPages`, the machinery post-copy migration
+//! shares); the fault-server thread (`userfault::FaultServer`) hands each
+//! first touch (a vCPU through KVM, a device, a raw pointer) to this
+//! module's source, which serves it by reading that page from the snapshot
+//! and placing it atomically (`UFFDIO_COPY`; zeros: `UFFDIO_ZEROPAGE`), while a
 //! fetch thread copies every page not yet present, first the pages a
 //! working-set file recorded as touched early at an earlier restore, then
 //! the rest in address order. The two race safely: the kernel places a
@@ -29,7 +31,9 @@
 //!
 //! Memory that a dedup host (or a raw-write tracker) already holds a
 //! userfaultfd for cannot be registered again: [`LazyError::Claimed`]. A
-//! lazy restore into folded memory is out of scope here.
+//! lazy restore into folded memory is out of scope here, and so is memory
+//! on huge pages ([`LazyError::HugePages`], refused before anything is
+//! registered: a missing fault there is filled a huge page at a time).
 
 use std::{
     io::Write as _,
@@ -48,9 +52,10 @@ use super::{
     scan::BATCH,
 };
 use crate::{
-    addr::{GuestPhysAddr, HostVirtAddr, PAGE_SIZE},
+    addr::PageSize,
+    addr::{GuestPhysAddr, PAGE_SIZE},
     memory::{GuestMemory, GuestRegion},
-    userfault::{Userfault, UserfaultError},
+    userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -113,6 +118,14 @@ pub enum LazyError {
     /// Memory whose frames are not in a file (anonymous memory).
     #[error("lazy restore needs memfd-backed memory")]
     NotMemfd,
+    /// Memory on huge pages (a hugetlb memfd): a missing-page fault there
+    /// is served a whole huge page at a time, which the 4 KiB pages of a
+    /// snapshot do not fill; restore into 4 KiB memfd memory.
+    #[error("lazy restore needs 4 KiB pages; this memory's frames are {granule:?} huge pages")]
+    HugePages {
+        /// The frame store's granule.
+        granule: PageSize,
+    },
     /// A working-set file that cannot be read or written, or is damaged.
     #[error("working-set file {path}: {what}")]
     WorkingSet {
@@ -153,11 +166,11 @@ pub struct LazyStats {
     pub damaged: u64,
 }
 
-/// One region as the threads see it.
+/// One region as the threads see it: its first page index, pages, and
+/// guest address (the fault machinery numbers pages, the hook names them).
 struct Span {
-    host: u64,
-    len: u64,
     first: u64,
+    pages: u64,
     gpa: GuestPhysAddr,
     /// Keeps the mapping alive while the threads run.
     _region: Arc<GuestRegion>,
@@ -165,14 +178,11 @@ struct Span {
 
 struct Shared {
     snap: Arc<SnapshotReader>,
-    uffd: Userfault,
+    /// The registered ranges and a bit per page: placed (or, for zero
+    /// pages, counted).
+    pages: Arc<MissingPages>,
     spans: Vec<Span>,
-    /// A bit per page: placed (or, for zero pages, counted).
-    done: Vec<AtomicU64>,
     stop: AtomicBool,
-    /// Set before the fetch thread unregisters: ioctl errors after it are
-    /// expected (the ranges are going) and ignored.
-    finishing: AtomicBool,
     error: Mutex<Option<LazyError>>,
     touched: Mutex<Vec<u64>>,
     record: usize,
@@ -190,7 +200,7 @@ struct Shared {
 pub struct LazyRestore {
     shared: Arc<Shared>,
     mem: GuestMemory,
-    handler: Option<JoinHandle<()>>,
+    handler: Option<FaultServer>,
     fetcher: Option<JoinHandle<()>>,
     working_set: Option<PathBuf>,
     released: bool,
@@ -199,7 +209,7 @@ pub struct LazyRestore {
 impl std::fmt::Debug for LazyRestore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LazyRestore")
-            .field("pages", &self.shared.done.len())
+            .field("pages", &self.shared.pages.pages())
             .finish_non_exhaustive()
     }
 }
@@ -218,6 +228,10 @@ pub fn restore_lazy(
     }
     if !mem.frame_store().has_file() {
         return Err(LazyError::NotMemfd);
+    }
+    let granule = mem.frame_store().granule();
+    if granule != PageSize::Size4K {
+        return Err(LazyError::HugePages { granule });
     }
     let ws = match &options.working_set {
         Some(p) => read_working_set(p, snap.pages())?,
@@ -238,6 +252,7 @@ pub fn restore_lazy(
         e
     };
     let mut spans = Vec::with_capacity(own.regions().len());
+    let mut ranges = Vec::with_capacity(own.regions().len());
     for (i, r) in own.regions().iter().enumerate() {
         match r.resident(0, r.pages()) {
             Some(v) => {
@@ -251,30 +266,28 @@ pub fn restore_lazy(
                 return Err(release(LazyError::NotFresh { gpa }));
             }
         }
+        let first = snap.layout().first_page(i);
         spans.push(Span {
-            host: r.host_addr().0,
-            len: r.size(),
-            first: snap.layout().first_page(i),
+            first,
+            pages: r.pages() as u64,
             gpa: r.start(),
             _region: Arc::clone(r),
         });
+        ranges.push(MissingSpan {
+            host: r.host_addr(),
+            len: r.size(),
+            first,
+        });
     }
-    for (k, s) in spans.iter().enumerate() {
-        if let Err(e) = uffd.register_missing(HostVirtAddr(s.host), s.len) {
-            for t in &spans[..k] {
-                let _ = uffd.unregister(HostVirtAddr(t.host), t.len);
-            }
-            return Err(release(e.into()));
-        }
-    }
-    let pages = snap.pages();
+    let pages = match MissingPages::register(uffd, ranges) {
+        Ok(p) => Arc::new(p),
+        Err(e) => return Err(release(e.into())),
+    };
     let shared = Arc::new(Shared {
         snap,
-        uffd,
+        pages: Arc::clone(&pages),
         spans,
-        done: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         stop: AtomicBool::new(false),
-        finishing: AtomicBool::new(false),
         error: Mutex::new(None),
         touched: Mutex::new(Vec::new()),
         record: options.record_pages,
@@ -293,11 +306,8 @@ pub fn restore_lazy(
         working_set: options.working_set.clone(),
         released: false,
     };
-    let s = Arc::clone(&shared);
     lazy.handler = Some(
-        std::thread::Builder::new()
-            .name("pagefold-lazy-fault".into())
-            .spawn(move || handle_faults(&s))
+        FaultServer::start(pages, Arc::clone(&shared), "pagefold-lazy-fault")
             .map_err(|e| LazyError::Thread("fault handler", e))?,
     );
     let s = Arc::clone(&shared);
@@ -314,11 +324,7 @@ pub fn restore_lazy(
 impl LazyRestore {
     /// Pages present (or counted, for zero pages) so far.
     pub fn pages_done(&self) -> u64 {
-        self.shared
-            .done
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
+        self.shared.pages.done_count()
     }
 
     /// Waits until every page is present, unregisters the memory, writes
@@ -363,12 +369,9 @@ impl LazyRestore {
         if let Some(f) = self.fetcher.take() {
             let _ = f.join();
         }
-        s.finishing.store(true, Ordering::Release);
-        for sp in &s.spans {
-            let _ = s.uffd.unregister(HostVirtAddr(sp.host), sp.len);
-        }
-        if let Some(h) = self.handler.take() {
-            let _ = h.join();
+        s.pages.unregister_all();
+        if let Some(mut h) = self.handler.take() {
+            h.stop();
         }
         if !self.released {
             self.mem.release_from_dedup();
@@ -389,7 +392,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn record_error(&self, e: LazyError) {
-        if self.finishing.load(Ordering::Acquire) {
+        if self.pages.is_finishing() {
             return; // the ranges are being unregistered: expected
         }
         let mut slot = lock(&self.error);
@@ -400,47 +403,18 @@ impl Shared {
 
     /// Marks page `page` done; whether this call did.
     fn mark(&self, page: u64) -> bool {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        match self.done.get(w) {
-            Some(word) => word.fetch_or(1 << b, Ordering::AcqRel) & (1 << b) == 0,
-            None => false,
-        }
+        self.pages.mark(page)
     }
 
     fn is_done(&self, page: u64) -> bool {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        self.done
-            .get(w)
-            .is_some_and(|word| word.load(Ordering::Acquire) & (1 << b) != 0)
-    }
-
-    /// The span and page index of host address `addr`.
-    fn page_at(&self, addr: u64) -> Option<(&Span, u64)> {
-        self.spans
-            .iter()
-            .find(|s| addr >= s.host && addr - s.host < s.len)
-            .map(|s| (s, s.first + (addr - s.host) / PAGE))
-    }
-
-    /// The host address of page index `page`.
-    fn host_of(&self, page: u64) -> Option<u64> {
-        self.spans
-            .iter()
-            .find(|s| page >= s.first && page - s.first < s.len / PAGE)
-            .map(|s| s.host + (page - s.first) * PAGE)
+        self.pages.is_done(page)
     }
 
     /// A damaged page: record the error, then poison it (or zero it) so
     /// its waiters wake.
-    fn damaged(&self, page: u64, host: u64, e: SnapshotError) {
+    fn damaged(&self, page: u64, e: SnapshotError) {
         self.record_error(e.into());
-        let at = HostVirtAddr(host);
-        let filled = if self.uffd.can_poison() {
-            self.uffd.poison(at, PAGE)
-        } else {
-            self.uffd.zero(at, PAGE)
-        };
-        match filled {
+        match self.pages.poison(page) {
             Ok(true) => {
                 if self.mark(page) {
                     self.damaged.fetch_add(1, Ordering::Relaxed);
@@ -451,16 +425,14 @@ impl Shared {
         }
     }
 
-    /// Serves one fault at `addr`.
-    fn serve(&self, addr: u64) {
-        let Some((span, page)) = self.page_at(addr) else {
+    /// Serves one fault on page `page`.
+    fn serve(&self, page: u64) {
+        let Some(at) = self.pages.host_of(page) else {
             return;
         };
-        let host = span.host + (page - span.first) * PAGE;
-        let at = HostVirtAddr(host);
         let placed = match self.snap.locate(page) {
             Ok(Located::Zero) => {
-                let r = self.uffd.zero(at, PAGE);
+                let r = self.pages.zero(page);
                 if let Ok(true) = r {
                     if self.mark(page) {
                         self.zero_pages.fetch_add(1, Ordering::Relaxed);
@@ -473,7 +445,7 @@ impl Shared {
                 let mut buf = [0u8; PAGE_SIZE];
                 match file.read_slots_here(slot, &mut buf) {
                     Ok(()) => {
-                        let r = self.uffd.copy(at, &buf).map(|c| !c.exists);
+                        let r = self.pages.uffd().copy(at, &buf).map(|c| !c.exists);
                         if let Ok(true) = r {
                             self.mark(page);
                             self.on_fault.fetch_add(1, Ordering::Relaxed);
@@ -481,13 +453,13 @@ impl Shared {
                         r
                     }
                     Err(e) => {
-                        self.damaged(page, host, e);
+                        self.damaged(page, e);
                         Ok(false)
                     }
                 }
             }
             Err(e) => {
-                self.damaged(page, host, e);
+                self.damaged(page, e);
                 Ok(false)
             }
         };
@@ -503,45 +475,25 @@ impl Shared {
             // Placed by the fetch thread meanwhile: its copy woke the
             // waiters, but wake again in case this fault came after.
             Ok(false) => {
-                let _ = self.uffd.wake(at, PAGE);
+                let _ = self.pages.wake(page, 1);
             }
             Err(e) => {
                 self.record_error(e.into());
                 // Never leave the toucher waiting.
-                let _ = self.uffd.zero(at, PAGE);
-                let _ = self.uffd.wake(at, PAGE);
+                let _ = self.pages.zero(page);
+                let _ = self.pages.wake(page, 1);
             }
         }
     }
 }
 
-/// The fault handler's loop: until the ranges are unregistered.
-fn handle_faults(s: &Shared) {
-    loop {
-        if s.finishing.load(Ordering::Acquire) {
-            return;
-        }
-        match s.uffd.wait(20) {
-            Ok(true) => loop {
-                match s.uffd.read_page_fault() {
-                    Ok(Some(f)) => {
-                        if !f.write_protect {
-                            s.serve(f.addr.0 & !(PAGE - 1));
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        s.record_error(e.into());
-                        break;
-                    }
-                }
-            },
-            Ok(false) => {}
-            Err(e) => {
-                s.record_error(e.into());
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
+impl FaultSource for Shared {
+    fn fault(&self, _pages: &MissingPages, page: u64) {
+        self.serve(page);
+    }
+
+    fn error(&self, error: UserfaultError) {
+        self.record_error(error.into());
     }
 }
 
@@ -563,11 +515,10 @@ fn fetch_all(s: &Shared, ws: &[u64], hook: Option<&FetchHook>) {
             return;
         }
         // Runs never cross a region's end: host addresses jump there.
-        let end = s
-            .spans
-            .iter()
-            .find(|sp| k >= sp.first && k - sp.first < sp.len / PAGE)
-            .map_or(pages, |sp| sp.first + sp.len / PAGE);
+        let end = match s.pages.span_end(k) {
+            e if e > k => e,
+            _ => pages,
+        };
         let n = (BATCH as u64).min(end - k);
         fetch_run(s, k, n, &mut buf, hook);
         k += n;
@@ -588,9 +539,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
         let loc = match s.snap.locate(j) {
             Ok(l) => l,
             Err(e) => {
-                if let Some(h) = s.host_of(j) {
-                    s.damaged(j, h, e);
-                }
+                s.damaged(j, e);
                 j += 1;
                 continue;
             }
@@ -624,11 +573,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                         let one = &mut dst[..PAGE_SIZE];
                         match file.read_slots(slot + (p - j), one) {
                             Ok(()) => placed += place(s, p, one, hook),
-                            Err(err) => {
-                                if let Some(h) = s.host_of(p) {
-                                    s.damaged(p, h, err);
-                                }
-                            }
+                            Err(err) => s.damaged(p, err),
                         }
                     }
                 } else {
@@ -661,16 +606,15 @@ fn place_run(
     hook: Option<&FetchHook>,
     at: &mut u64,
 ) -> u64 {
-    let Some(host) = s.host_of(from) else {
+    if s.pages.host_of(from).is_none() {
         *at = to;
         return 0;
-    };
+    }
     let len = bytes_of(to - from);
-    match s.uffd.copy(HostVirtAddr(host), &bytes[..len]) {
+    match s.pages.place(from, &bytes[..len]) {
         Ok(c) => {
             let pages = c.bytes / PAGE;
             for p in from..from + pages {
-                s.mark(p);
                 if let Some(h) = hook {
                     h(page_gpa(s, p));
                 }
@@ -696,7 +640,7 @@ fn bytes_of(pages: u64) -> usize {
 fn page_gpa(s: &Shared, page: u64) -> GuestPhysAddr {
     s.spans
         .iter()
-        .find(|sp| page >= sp.first && page - sp.first < sp.len / PAGE)
+        .find(|sp| page >= sp.first && page - sp.first < sp.pages)
         .map_or(GuestPhysAddr(0), |sp| {
             GuestPhysAddr(sp.gpa.0 + (page - sp.first) * PAGE)
         })

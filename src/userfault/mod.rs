@@ -6,6 +6,9 @@
 //! generated with bindgen at build time (libclang on every build machine) and
 //! do not expose `UFFD_FEATURE_WP_UNPOPULATED`; the interface is five ioctls.
 //!
+//! `missing.rs` builds on the missing-page mode: a fault server and its
+//! page sources, shared by lazy snapshot restore and post-copy migration.
+//!
 //! Kernel-mode faults (KVM touching guest memory on a vCPU's behalf) are only
 //! delivered to a userfaultfd created without `UFFD_USER_MODE_ONLY`, which
 //! needs `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd = 1`.
@@ -16,6 +19,9 @@ use std::{
 };
 
 use crate::addr::HostVirtAddr;
+
+mod missing;
+pub use missing::{FaultServer, FaultSource, MissingPages, MissingSpan};
 
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
