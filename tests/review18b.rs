@@ -523,7 +523,17 @@ fn an_incremental_save_while_a_migration_holds_the_log_is_refused() {
     )
     .unwrap();
     mem.write(GuestPhysAddr(0), b"dirty").unwrap();
-    let dirty = harvest(&mem);
+    // The harvest itself is refused now (review_dirty.rs); a harvest from
+    // before the sender started is refused by the save.
+    let mut dirty = Vec::new();
+    assert!(matches!(
+        mem.harvest_dirty(RegionSet::All, &mut dirty),
+        Err(pagefold::DirtyError::LogInUse { .. })
+    ));
+    dirty.push(DirtyRun {
+        start: GuestPhysAddr(0),
+        pages: 1,
+    });
     let e = save_incremental(&mem, &r0, &dirty, dir.path("s1.snap")).unwrap_err();
     assert!(matches!(e, SnapshotError::LogInUse), "{e:?}");
     drop(sender);
@@ -557,4 +567,74 @@ fn a_sparse_file_claiming_terabytes_of_sectioned_vcpu_state_is_an_error_not_an_a
         Err(SnapshotError::Malformed { at: place, .. }) => assert_eq!(place.offset, at),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_fifo_or_oversized_working_set_is_an_error_not_a_hang() {
+    use pagefold::snapshot::{restore_lazy, LazyError, LazyOptions};
+    use std::sync::Arc;
+    let dir = TempDir::new("ws-fifo");
+    let mem = memory();
+    let snap = dir.path("s.snap");
+    save(&mem, &snap, &SaveOptions::default()).unwrap();
+    let ws = dir.path("ws");
+    let c = std::ffi::CString::new(ws.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let run = |ws: PathBuf| {
+        let (tx, rx) = mpsc::channel();
+        let snap = snap.clone();
+        std::thread::spawn(move || {
+            let snap = Arc::new(SnapshotReader::open(&snap).unwrap());
+            let dst = GuestMemory::new(&snap.region_layout()).unwrap();
+            let opts = LazyOptions {
+                working_set: Some(ws),
+                ..LazyOptions::default()
+            };
+            let r = restore_lazy(snap, &dst, opts).map(|l| l.wait().map(|_| ()));
+            let _ = tx.send(matches!(r, Err(LazyError::WorkingSet { .. })));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+    };
+    assert_eq!(
+        run(ws.clone()),
+        Ok(true),
+        "a FIFO working set hangs or is taken"
+    );
+    // Regular, but longer than a set of every page (a sparse file: its
+    // length costs its author nothing).
+    let big = dir.path("big.ws");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    assert_eq!(run(big), Ok(true));
+}
+
+#[test]
+fn a_working_set_is_written_through_a_fresh_private_temporary_file() {
+    // The temporary name was predictable (`NAME.tmp.PID`) and created
+    // following links: a link planted there had its target overwritten.
+    use pagefold::snapshot::{restore_lazy, LazyOptions};
+    use std::sync::Arc;
+    let dir = TempDir::new("ws-link");
+    let mem = memory();
+    let snap = dir.path("s.snap");
+    save(&mem, &snap, &SaveOptions::default()).unwrap();
+    let victim = dir.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let ws = dir.path("vm.ws");
+    std::os::unix::fs::symlink(&victim, dir.path(&format!("vm.tmp.{}", std::process::id())))
+        .unwrap();
+    let snap = Arc::new(SnapshotReader::open(&snap).unwrap());
+    let dst = GuestMemory::new(&snap.region_layout()).unwrap();
+    let opts = LazyOptions {
+        working_set: Some(ws.clone()),
+        record_pages: 100,
+        ..LazyOptions::default()
+    };
+    restore_lazy(snap, &dst, opts).unwrap().wait().unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let mode = std::fs::metadata(&ws).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
 }

@@ -2735,7 +2735,9 @@ enum pf_status pf_guest_memory_set_dirty_tracking(const struct pf_guest_memory *
  *
  * Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_count`, or `runs` while
  * `capacity > 0`), `PF_ERR_INVALID_ARGUMENT` (absurd `capacity`),
- * `PF_ERR_OUT_OF_RANGE`, `PF_ERR_BUFFER_TOO_SMALL`.
+ * `PF_ERR_OUT_OF_RANGE`, `PF_ERR_BUFFER_TOO_SMALL`, `PF_ERR_BUSY` (a
+ * migration sender holds the log: its rounds send what they harvest, and
+ * it puts back every page it took when it ends).
  *
  * # Safety
  *

@@ -40,6 +40,7 @@ impl From<DirtyError> for Error {
             DirtyError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
             DirtyError::TrackerUnavailable { .. } => pf_status::PF_ERR_UNSUPPORTED,
             DirtyError::UserfaultTaken => pf_status::PF_ERR_INVALID_ARGUMENT,
+            DirtyError::LogInUse { .. } => pf_status::PF_ERR_BUSY,
             DirtyError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
             DirtyError::Scan { .. } => pf_status::PF_ERR_OS,
         };
@@ -97,7 +98,9 @@ pub unsafe extern "C" fn pf_guest_memory_set_dirty_tracking(
 ///
 /// Errors: `PF_ERR_NULL_POINTER` (`mem`, `out_count`, or `runs` while
 /// `capacity > 0`), `PF_ERR_INVALID_ARGUMENT` (absurd `capacity`),
-/// `PF_ERR_OUT_OF_RANGE`, `PF_ERR_BUFFER_TOO_SMALL`.
+/// `PF_ERR_OUT_OF_RANGE`, `PF_ERR_BUFFER_TOO_SMALL`, `PF_ERR_BUSY` (a
+/// migration sender holds the log: its rounds send what they harvest, and
+/// it puts back every page it took when it ends).
 ///
 /// # Safety
 ///

@@ -80,6 +80,15 @@ pub enum DirtyError {
     /// or already has a raw-write tracker.
     #[error("the guest memory is registered with a dedup host or another raw-write tracker; raw-write tracking and dedup cannot share its userfaultfd registration")]
     UserfaultTaken,
+    /// A migration sender holds the log of region `index`: its rounds
+    /// send what they harvest, so a harvest now would take pages the
+    /// destination then never gets. Harvest once the sender is done (it
+    /// puts back every page it took, so the log misses nothing).
+    #[error("region {index}'s dirty log is held by a migration sender; a harvest now would take pages it must send")]
+    LogInUse {
+        /// The first region of the harvest a sender holds.
+        index: usize,
+    },
     /// An address is in no region.
     #[error("guest-physical address {addr} is in no region")]
     Unmapped {
@@ -216,7 +225,24 @@ impl GuestMemory {
     /// this harvest or the next; the bytes of every reported write are
     /// visible to a copy made after this returns. Regions that were never
     /// tracked and never merged into report nothing.
+    ///
+    /// The log has one reader at a time: while a migration sender holds a
+    /// region, a harvest of it is [`DirtyError::LogInUse`].
     pub fn harvest_dirty(
+        &self,
+        which: RegionSet,
+        out: &mut Vec<DirtyRun>,
+    ) -> Result<u64, DirtyError> {
+        let range = self.region_indices(which)?;
+        if let Some(index) = range.clone().find(|&i| self.region_migrating(i)) {
+            return Err(DirtyError::LogInUse { index });
+        }
+        self.take_dirty(which, out)
+    }
+
+    /// [`harvest_dirty`](Self::harvest_dirty) for the holder of the
+    /// migration claim (a sender's rounds, a save's clearing harvest).
+    pub(crate) fn take_dirty(
         &self,
         which: RegionSet,
         out: &mut Vec<DirtyRun>,

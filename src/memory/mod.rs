@@ -261,6 +261,14 @@ impl GuestMemory {
         self.release_all(Claim::Migration);
     }
 
+    /// Whether a sender holds region `index` (through this memory or
+    /// another sharing the region); `false` for an index out of range.
+    pub(crate) fn region_migrating(&self, index: usize) -> bool {
+        self.regions
+            .get(index)
+            .is_some_and(|r| r.claimed(Claim::Migration))
+    }
+
     /// Claims `kind` of every region, or of none.
     fn claim_all(&self, kind: Claim) -> bool {
         for (i, r) in self.regions.iter().enumerate() {

@@ -597,6 +597,11 @@ impl GuestRegion {
         !self.claims[kind as usize].swap(true, Ordering::AcqRel)
     }
 
+    /// Whether `kind` of this region is claimed now.
+    pub(super) fn claimed(&self, kind: Claim) -> bool {
+        self.claims[kind as usize].load(Ordering::Acquire)
+    }
+
     /// Ends a [`claim`](Self::claim).
     pub(super) fn release_claim(&self, kind: Claim) {
         self.claims[kind as usize].store(false, Ordering::Release);

@@ -38,6 +38,7 @@ mod postcopy;
 mod postcopy_receive;
 mod precopy;
 mod reader;
+mod taken;
 mod writer;
 pub mod xbzrle;
 

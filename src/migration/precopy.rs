@@ -40,6 +40,7 @@ use crate::{
 use super::{
     error::StreamError,
     reader::{Event, ReaderLimits, ReceiveStats, StreamReader},
+    taken::TakenPages,
     writer::{StreamWriter, WriterOptions, WriterStats},
 };
 
@@ -237,6 +238,8 @@ pub struct Sender<'m, W: Write> {
     /// Dirty pages harvested and not yet sent.
     pub(super) pending: Vec<DirtyRun>,
     pub(super) pending_pages: u64,
+    /// Every page a harvest took, put back into the log on drop.
+    taken: TakenPages,
     /// Time spent sending and bytes sent, for the bandwidth estimate.
     busy: Duration,
     pub(super) started: Instant,
@@ -325,13 +328,16 @@ impl<'m, W: Write> Sender<'m, W> {
             round: 0,
             pending: Vec::new(),
             pending_pages: 0,
+            taken: TakenPages::new(mem),
             busy: Duration::ZERO,
             started: Instant::now(),
         };
         // On error here, `Drop` restores tracking.
         mem.set_dirty_tracking(RegionSet::All, true)?;
         let mut stale = Vec::new();
-        mem.harvest_dirty(RegionSet::All, &mut stale)?;
+        let took = mem.take_dirty(RegionSet::All, &mut stale);
+        s.taken.record(mem, &stale);
+        took?;
         s.writer = Some(StreamWriter::for_memory_flags(
             throttle,
             mem,
@@ -375,7 +381,10 @@ impl<'m, W: Write> Sender<'m, W> {
         if let Some(f) = self.dirty_source.as_mut() {
             f().map_err(MigrationError::DirtySource)?;
         }
-        Ok(self.mem.harvest_dirty(RegionSet::All, &mut self.pending)?)
+        let before = self.pending.len();
+        let took = self.mem.take_dirty(RegionSet::All, &mut self.pending);
+        self.taken.record(self.mem, &self.pending[before..]);
+        Ok(took?)
     }
 
     /// Bytes written so far.
@@ -602,6 +611,9 @@ impl<'m, W: Write> Sender<'m, W> {
 
 impl<W: Write> Drop for Sender<'_, W> {
     fn drop(&mut self) {
+        // Whether the migration finished, failed or was cancelled: the
+        // log keeps every page written since the last snapshot.
+        self.taken.put_back(self.mem);
         self.restore_tracking();
         if std::mem::take(&mut self.claimed) {
             self.mem.release_from_migration();

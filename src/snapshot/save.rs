@@ -35,9 +35,10 @@ pub struct SaveOptions {
     /// pages written since this snapshot, for an incremental snapshot on
     /// top of it. On by default. The log has one reader: such a save is
     /// refused while a migration sender holds the memory
-    /// ([`SnapshotError::LogInUse`]), and a migration started after it
-    /// takes the log (its start clears it), so the next snapshot after a
-    /// migration is a full one.
+    /// ([`SnapshotError::LogInUse`]). A migration started after it takes
+    /// pages from the log while it runs and puts every one back when it
+    /// ends, so an incremental snapshot after a migration still holds
+    /// every page written since this one.
     pub track_dirty: bool,
 }
 
@@ -287,7 +288,7 @@ pub fn save_with_vcpus(
         }
         let cleared = mem
             .set_dirty_tracking(RegionSet::All, true)
-            .and_then(|()| mem.harvest_dirty(RegionSet::All, &mut taken));
+            .and_then(|()| mem.take_dirty(RegionSet::All, &mut taken));
         mem.release_from_migration();
         if let Err(e) = cleared {
             remark(mem, &taken);
@@ -338,9 +339,8 @@ fn save_full(
 /// of `parent` or of an ancestor attached to it
 /// ([`SnapshotError::OverwritesAncestor`]). Refused while a migration
 /// sender holds the log ([`SnapshotError::LogInUse`]): its rounds take
-/// pages from the log, so a harvest made meanwhile lacks them; and since a
-/// migration's start empties the log, the first snapshot after one must be
-/// a full one.
+/// pages from the log, so a harvest made meanwhile lacks them (it puts
+/// them back when it ends).
 pub fn save_incremental(
     mem: &GuestMemory,
     parent: &SnapshotReader,
