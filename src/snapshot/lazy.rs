@@ -36,7 +36,6 @@
 //! registered: a missing fault there is filled a huge page at a time).
 
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -46,7 +45,8 @@ use std::{
 };
 
 use super::{
-    error::SnapshotError,
+    error::{Part, SnapshotError},
+    file::NewFile,
     layout::PageLayout,
     reader::{Located, SnapshotReader},
     scan::BATCH,
@@ -653,11 +653,25 @@ fn read_working_set(path: &Path, pages: u64) -> Result<Vec<u64>, LazyError> {
         path: path.to_path_buf(),
         what,
     };
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(bad(e.to_string())),
+    // A regular file only (a FIFO would hang the restore, a device such
+    // as /dev/zero grow a buffer until memory ran out), and no longer than
+    // a set of every page.
+    let mut file = match super::file::open_regular(path, false) {
+        Ok(f) => f,
+        Err(Some(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(Some(e)) => return Err(bad(e.to_string())),
+        Err(None) => return Err(bad("not a regular file".into())),
     };
+    let most = pages.saturating_mul(8).saturating_add(16);
+    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if len > most {
+        return Err(bad(format!(
+            "{len} bytes, more than a set of the snapshot's {pages} pages ({most})"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, most), &mut bytes)
+        .map_err(|e| bad(e.to_string()))?;
     if bytes.len() < 16 || &bytes[..8] != WS_MAGIC {
         return Err(bad("no working-set header (magic PFWSET1)".into()));
     }
@@ -689,9 +703,11 @@ fn read_working_set(path: &Path, pages: u64) -> Result<Vec<u64>, LazyError> {
         .collect()
 }
 
-/// Writes a working-set file beside its name, then renames it into place.
+/// Writes a working-set file beside its name (a fresh temporary file of
+/// the owner's only, removed on error, as a snapshot's), then renames it
+/// into place.
 fn write_working_set(path: &Path, pages: &[u64]) -> Result<(), LazyError> {
-    let bad = |e: std::io::Error| LazyError::WorkingSet {
+    let bad = |e: SnapshotError| LazyError::WorkingSet {
         path: path.to_path_buf(),
         what: e.to_string(),
     };
@@ -701,9 +717,7 @@ fn write_working_set(path: &Path, pages: &[u64]) -> Result<(), LazyError> {
     for p in pages {
         out.extend_from_slice(&p.to_le_bytes());
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(bad)?;
-    f.write_all(&out).map_err(bad)?;
-    f.sync_all().map_err(bad)?;
-    std::fs::rename(&tmp, path).map_err(bad)
+    let mut f = NewFile::create(path).map_err(bad)?;
+    f.write(&out, Part::Header).map_err(bad)?;
+    f.finish(&out[..16]).map_err(bad)
 }
