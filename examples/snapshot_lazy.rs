@@ -134,6 +134,7 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 working_set: Some(ws.clone()),
                 record_pages: record,
                 on_fetch: None,
+                ..LazyOptions::default()
             },
         )?;
         let ret = t0.elapsed();

@@ -216,6 +216,7 @@ fn working_set_of_one_restore_is_fetched_first_by_the_next() {
             working_set: Some(ws.clone()),
             record_pages: 40,
             on_fetch: Some(gated(&gate)),
+            ..LazyOptions::default()
         },
     )
     .unwrap();
@@ -237,6 +238,7 @@ fn working_set_of_one_restore_is_fetched_first_by_the_next() {
             working_set: Some(ws.clone()),
             record_pages: 0,
             on_fetch: Some(Arc::new(move |g| o.lock().unwrap().push(g))),
+            ..LazyOptions::default()
         },
     )
     .unwrap();
@@ -548,4 +550,55 @@ fn hugetlb_memory_is_refused_up_front() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn a_delayed_fetch_serves_faults_first_and_a_drop_ends_it_at_once() {
+    let _g = serial();
+    let dir = TempDir::new("lazy-delay");
+    let (src, path) = saved(&dir, "delay.snap");
+    let fetched = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&fetched);
+    let hook: pagefold::snapshot::FetchHook = Arc::new(move |_| seen.store(true, Ordering::SeqCst));
+    let opts = |delay| LazyOptions {
+        on_fetch: Some(Arc::clone(&hook)),
+        fetch_delay: Duration::from_secs(delay),
+        ..LazyOptions::default()
+    };
+    // Touches while the fetch waits are served on fault, byte for byte.
+    let snap = Arc::new(SnapshotReader::open(&path).unwrap());
+    let dst = GuestMemory::new(&layout()).unwrap();
+    let lazy = restore_lazy(Arc::clone(&snap), &dst, opts(3600)).unwrap();
+    for gpa in pages(&src).into_iter().step_by(7) {
+        assert_eq!(touch(&dst, gpa), page_of(&src, gpa), "{gpa:?}");
+    }
+    assert!(!fetched.load(Ordering::SeqCst), "the fetch started early");
+    // Dropped while the fetch still waits: the drop joins its thread,
+    // which ends now, not in an hour.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(lazy);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "dropping a restore whose fetch waits hangs"
+    );
+    // A short delay still completes the restore.
+    let dst = GuestMemory::new(&layout()).unwrap();
+    let stats = restore_lazy(
+        snap,
+        &dst,
+        LazyOptions {
+            fetch_delay: Duration::from_millis(20),
+            ..LazyOptions::default()
+        },
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    assert!(stats.fetched > 0, "{stats:?}");
+    for gpa in pages(&src) {
+        assert_eq!(page_of(&dst, gpa), page_of(&src, gpa), "{gpa:?}");
+    }
 }

@@ -81,6 +81,14 @@ pub struct LazyOptions {
     /// Told of every page the fetch thread places, in order (for tests and
     /// tracing).
     pub on_fetch: Option<FetchHook>,
+    /// How long after the restore returns the background fetch starts
+    /// (zero: at once). Faults are served meanwhile. On a host with few
+    /// cores the fetch (reads and BLAKE3 on rayon's pool) competes with
+    /// the VMM creating its VM and vCPUs and with the first faults: a few
+    /// milliseconds here bring the first instruction forward
+    /// (`examples/snapshot_first_touch.rs` measures it), at the cost of
+    /// the whole memory arriving that much later.
+    pub fetch_delay: std::time::Duration,
 }
 
 impl std::fmt::Debug for LazyOptions {
@@ -89,6 +97,7 @@ impl std::fmt::Debug for LazyOptions {
             .field("working_set", &self.working_set)
             .field("record_pages", &self.record_pages)
             .field("on_fetch", &self.on_fetch.is_some())
+            .field("fetch_delay", &self.fetch_delay)
             .finish()
     }
 }
@@ -312,10 +321,15 @@ pub fn restore_lazy(
     );
     let s = Arc::clone(&shared);
     let hook = options.on_fetch.clone();
+    let delay = options.fetch_delay;
     lazy.fetcher = Some(
         std::thread::Builder::new()
             .name("pagefold-lazy-fetch".into())
-            .spawn(move || fetch_all(&s, &ws, hook.as_ref()))
+            .spawn(move || {
+                if sleep_unless_stopped(&s.stop, delay) {
+                    fetch_all(&s, &ws, hook.as_ref());
+                }
+            })
             .map_err(|e| LazyError::Thread("fetch", e))?,
     );
     Ok(lazy)
@@ -494,6 +508,22 @@ impl FaultSource for Shared {
 
     fn error(&self, error: UserfaultError) {
         self.record_error(error.into());
+    }
+}
+
+/// Sleeps `delay` in steps of at most a millisecond; `false` if `stop`
+/// was set meanwhile (the restore was dropped).
+fn sleep_unless_stopped(stop: &AtomicBool, delay: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + delay;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        if now >= until {
+            return true;
+        }
+        std::thread::sleep((until - now).min(std::time::Duration::from_millis(1)));
     }
 }
 

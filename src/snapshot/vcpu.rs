@@ -740,7 +740,7 @@ pub(crate) fn parse_sectioned(
             };
             match tag {
                 TAG_XSAVE => {
-                    if len < XSAVE_MIN || len > MAX_XSAVE || len % 4 != 0 {
+                    if !(XSAVE_MIN..=MAX_XSAVE).contains(&len) || len % 4 != 0 {
                         return Err(wrong_len("a multiple of 4, from 4096 to 65536"));
                     }
                     state.xsave = data.to_vec();
