@@ -54,6 +54,7 @@ use super::{
 use crate::{
     addr::PageSize,
     addr::{GuestPhysAddr, PAGE_SIZE},
+    host::residency::{seek_data, DataFrom},
     memory::{GuestMemory, GuestRegion},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -263,12 +264,11 @@ pub fn restore_lazy(
     let mut spans = Vec::with_capacity(own.regions().len());
     let mut ranges = Vec::with_capacity(own.regions().len());
     for (i, r) in own.regions().iter().enumerate() {
-        match r.resident(0, r.pages()) {
-            Some(v) => {
-                if let Some(k) = v.iter().position(|b| b & 1 != 0) {
-                    let gpa = GuestPhysAddr(r.start().0 + k as u64 * PAGE);
-                    return Err(release(LazyError::NotFresh { gpa }));
-                }
+        match first_used_page(r) {
+            Some(None) => {}
+            Some(Some(k)) => {
+                let gpa = GuestPhysAddr(r.start().0 + k as u64 * PAGE);
+                return Err(release(LazyError::NotFresh { gpa }));
             }
             None => {
                 let gpa = r.start();
@@ -509,6 +509,33 @@ impl FaultSource for Shared {
     fn error(&self, error: UserfaultError) {
         self.record_error(error.into());
     }
+}
+
+/// The first page of `r` that is not fresh (it maps another frame, or its
+/// own frame holds data: in memory or swapped out), `Some(None)` if every
+/// page is fresh, `None` where the kernel would not say. A page that is
+/// not fresh never faults in missing mode, so a lazy restore would leave
+/// its old bytes in place of the snapshot's.
+fn first_used_page(r: &GuestRegion) -> Option<Option<usize>> {
+    let states = r.page_states();
+    if let Some(p) = (0..r.pages()).find(|&p| states.load(p).is_remapped()) {
+        return Some(Some(p));
+    }
+    // One `SEEK_DATA` over the region's own frames: it counts a page the
+    // host swapped out as data, where `mincore` (one lookup per page, and
+    // slower: a millisecond per GiB) calls it absent.
+    if let Ok(fd) = r.store().file("checking memory is fresh") {
+        let start = r.own_frame(0).file_offset();
+        let end = start + r.pages() as u64 * PAGE;
+        match seek_data(fd, start) {
+            DataFrom::None => return Some(None),
+            DataFrom::At(at) if at >= end => return Some(None),
+            DataFrom::At(at) => return Some(Some(((at - start) / PAGE) as usize)),
+            DataFrom::Unknown => {}
+        }
+    }
+    let v = r.resident(0, r.pages())?;
+    Some(v.iter().position(|b| b & 1 != 0))
 }
 
 /// Sleeps `delay` in steps of at most a millisecond; `false` if `stop`
