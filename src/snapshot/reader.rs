@@ -562,7 +562,9 @@ fn read_entries(
         read_at(file, &mut out[old..], at, part)?;
         if let Some(k) = out[old..]
             .chunks_exact(entry)
-            .position(|e| e.iter().all(|&b| b == 0))
+            // A word at a time (every entry is whole words): byte by
+            // byte this was a tenth of an open's time.
+            .position(|e| e.chunks_exact(8).all(|w| w == [0u8; 8]))
         {
             return Err(SnapshotError::malformed(
                 part,
