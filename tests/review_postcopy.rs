@@ -197,7 +197,10 @@ fn wait_recoverable_again_after_a_failed_resume_stays_paused() {
 
     // Still paused: the break again, nothing poisoned.
     let again = receiving.wait_recoverable();
-    assert!(again.is_err(), "a paused migration waited on again: {again:?}");
+    assert!(
+        again.is_err(),
+        "a paused migration waited on again: {again:?}"
+    );
     assert_eq!(receiving.pages_present(), present);
 
     // And a real resume still completes it.
@@ -212,7 +215,10 @@ fn wait_recoverable_again_after_a_failed_resume_stays_paused() {
     source.join().unwrap().unwrap();
     assert_eq!(stats.poisoned, 0);
     for gpa in pages(&src) {
-        assert!(page_of(&src, gpa) == page_of(&mem, gpa), "page {gpa} differs");
+        assert!(
+            page_of(&src, gpa) == page_of(&mem, gpa),
+            "page {gpa} differs"
+        );
     }
 }
 
