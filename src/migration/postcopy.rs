@@ -512,9 +512,11 @@ fn push<W: Write>(
     let mut region = 0usize;
     let mut k = 0u64;
     loop {
-        // Requests first.
+        // Requests first: those queued, at most a queue's worth, so a
+        // destination repeating requests for pages already sent cannot
+        // keep the push from its next batch.
         let mut asked = false;
-        loop {
+        for _ in 0..RETURN_QUEUE {
             let m = match rx.try_recv() {
                 Ok(m) => m,
                 Err(_) => break,
