@@ -12,7 +12,12 @@
 //!   not reading the stream grew the source's queue of requests without
 //!   bound (the return path was read into an unbounded channel);
 //! - the same flood on a resumed connection before its NEED list grew the
-//!   source's list of first requests without bound.
+//!   source's list of first requests without bound;
+//! - a stream from `Sender::start_postcopy` ended by `finish` (a pre-copy
+//!   that converged) was refused at the destination as "record kind 0xff
+//!   after the switchover (only FULL, ZERO and END)" with "0 pages not yet
+//!   at the destination": it is an end before the switchover, with every
+//!   page missing.
 //!
 //! Allocation is measured by a counting global allocator; the tests of
 //! this file run one at a time.
@@ -467,5 +472,37 @@ fn request_flood_before_the_need_list_is_bounded() {
     assert!(
         grew < 16 << 20,
         "two million requests before NEED_END grew the source by {grew} bytes"
+    );
+}
+
+/// A VMM whose pre-copy converged calls `finish` on a sender started for
+/// post-copy: the destination's error says the stream ended before its
+/// switchover (and how such a stream must end), not that an end marker
+/// came "after the switchover", where one is allowed.
+#[test]
+fn end_marker_before_the_switchover_is_named_so() {
+    let _s = serial();
+    let src = GuestMemory::new(&small_layout()).unwrap();
+    src.write(GuestPhysAddr(0), &[7; PAGE_SIZE]).unwrap();
+    let (fw, fr) = pipe(64);
+    let (bw, _br) = pipe(16);
+    let mut snd = Sender::start_postcopy(&src, fw, opts()).unwrap();
+    snd.iterate().unwrap();
+    snd.finish().unwrap();
+    let e = receive_postcopy(fr, bw, ReaderLimits::default()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            PostcopyError::Broken {
+                phase: PostcopyPhase::Precopy,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("before the switchover") && text.contains("switchover"),
+        "{text}"
     );
 }
