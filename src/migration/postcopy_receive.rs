@@ -448,14 +448,14 @@ where
         match reader.next_precopy(&mem) {
             Ok(Precopy::Applied(Event::End { .. })) => {
                 return Err(pre(
-                    0,
+                    total,
                     StreamError::Malformed {
                         at: Position {
                             offset: reader.stats().bytes,
                             chunk: reader.stats().chunks,
                             record: 0,
                         },
-                        problem: Malformed::AfterSwitchover(format::kind::END),
+                        problem: Malformed::EndBeforeSwitchover,
                     },
                 ))
             }
