@@ -902,6 +902,8 @@ impl Drop for PostcopyReceiving {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::PageBits;
 
     /// Runs found word by word match a bit-by-bit model, across word edges.
