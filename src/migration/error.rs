@@ -92,6 +92,10 @@ pub enum Malformed {
     /// deltas against pages it may not hold).
     #[error("record kind {0:#04x} after the switchover (only FULL, ZERO and END)")]
     AfterSwitchover(u8),
+    /// A post-copy stream's end marker before its switchover record (the
+    /// sender was ended with `finish`, not `switchover`).
+    #[error("end marker before the switchover: a stream from Sender::start_postcopy ends with Sender::switchover, not finish")]
+    EndBeforeSwitchover,
     /// The switchover's count of pages still to come disagrees with the
     /// discards and rounds before it.
     #[error("switchover announces {claimed} pages to come; the discards and rounds before it leave {seen}")]

@@ -213,8 +213,14 @@ enum Msg {
     Closed(io::Error),
 }
 
+/// Messages of the return path read ahead of the push: the reading thread
+/// waits when this many are queued, so a destination that floods requests
+/// (while not reading the stream, say) stalls on its own side instead of
+/// growing the source's memory (found by review: tests/review_postcopy.rs).
+const RETURN_QUEUE: usize = 4096;
+
 /// Reads the return path until COMPLETE, a garbled message or its end.
-fn read_return<R: Read>(mut r: R, tx: &mpsc::Sender<Msg>) {
+fn read_return<R: Read>(mut r: R, tx: &mpsc::SyncSender<Msg>) {
     let mut magic = [0u8; 8];
     if let Err(e) = r.read_exact(&mut magic) {
         let _ = tx.send(Msg::Closed(e));
@@ -277,6 +283,14 @@ impl Pages {
             .iter()
             .find(|&&(s, n, _)| gpa.0 >= s && (gpa.0 - s) / PAGE < n)
             .map(|&(s, _, f)| f + (gpa.0 - s) / PAGE)
+    }
+
+    /// The address of page `i`.
+    fn gpa(&self, i: u64) -> Option<GuestPhysAddr> {
+        self.regions
+            .iter()
+            .find(|&&(_, n, f)| i >= f && i - f < n)
+            .map(|&(s, _, f)| GuestPhysAddr(s + (i - f) * PAGE))
     }
 }
 
@@ -412,12 +426,12 @@ impl<W: Write> Sender<'_, W> {
         let post = Instant::now();
 
         // The push, requests first.
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
         std::thread::Builder::new()
             .name("pagefold-postcopy-return".into())
             .spawn(move || read_return(ret, &tx))
             .map_err(|e| PostcopyError::Thread("return path", e))?;
-        let (out, stream, done) = push(mem, w, &rx, &pages, &mut sent, needed, Vec::new(), opts)?;
+        let (out, stream, done) = push(mem, w, &rx, &pages, &mut sent, needed, None, opts)?;
         self.restore_tracking();
         let summary = PostcopySummary {
             precopy_rounds,
@@ -445,8 +459,8 @@ struct Pushed {
 }
 
 /// The post-copy push: the pages not set in `sent` (`needed` of them),
-/// `first` and the return path's requests before the background order,
-/// then the end marker and the destination's COMPLETE.
+/// the pages set in `first` and the return path's requests before the
+/// background order, then the end marker and the destination's COMPLETE.
 #[allow(clippy::too_many_arguments)]
 fn push<W: Write>(
     mem: &GuestMemory,
@@ -455,7 +469,7 @@ fn push<W: Write>(
     pages: &Pages,
     sent: &mut Bits,
     needed: u64,
-    first: Vec<(GuestPhysAddr, u32)>,
+    first: Option<Bits>,
     opts: PostcopyOptions,
 ) -> Result<(W, WriterStats, Pushed), PostcopyError> {
     let broken = |phase, missing, source| PostcopyError::Broken {
@@ -463,7 +477,6 @@ fn push<W: Write>(
         missing,
         source,
     };
-    let mut queued = first.into_iter();
     let mut left = needed;
     let mut pushed = 0u64;
     let mut requested = 0u64;
@@ -479,18 +492,34 @@ fn push<W: Write>(
         w.send_page_raw(mem, gpa).map(|()| true)
     };
     let batch = u64::from(opts.batch_pages.max(1));
+    // The pages asked for before the push began (a resume's waiters).
+    if let Some(first) = first {
+        for (w_at, &word) in first.0.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = w_at as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let Some(g) = pages.gpa(i) else { continue };
+                if send(&mut w, sent, i, g).map_err(|e| broken(PostcopyPhase::Push, left, e))? {
+                    requested += 1;
+                    left -= 1;
+                }
+            }
+        }
+        w.flush()
+            .map_err(|e| broken(PostcopyPhase::Push, left, e))?;
+    }
     let mut region = 0usize;
     let mut k = 0u64;
     loop {
-        // Requests first.
+        // Requests first: those queued, at most a queue's worth, so a
+        // destination repeating requests for pages already sent cannot
+        // keep the push from its next batch.
         let mut asked = false;
-        loop {
-            let m = match queued.next() {
-                Some((gpa, n)) => Msg::Request(gpa, n),
-                None => match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                },
+        for _ in 0..RETURN_QUEUE {
+            let m = match rx.try_recv() {
+                Ok(m) => m,
+                Err(_) => break,
             };
             match m {
                 Msg::Request(gpa, n) => {
@@ -654,7 +683,7 @@ pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
         missing: 0,
         source: e,
     })?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     std::thread::Builder::new()
         .name("pagefold-postcopy-return".into())
         .spawn(move || read_return(ret, &tx))
@@ -662,7 +691,12 @@ pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
     let pages = Pages::of(mem);
     let mut sent = Bits::new(pages.total, true);
     let mut needed = 0u64;
-    let mut first = Vec::new();
+    // Requests before the NEED list: a set of pages, however many times
+    // the destination repeats them (a list grew without bound: found by
+    // review, tests/review_postcopy.rs).
+    let mut first = Bits::new(pages.total, false);
+    let mut refused = Vec::new();
+    let mut refused_requests = 0u64;
     let deadline = Instant::now() + post.completion_timeout;
     loop {
         let wait = deadline.saturating_duration_since(Instant::now());
@@ -672,7 +706,20 @@ pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
             source,
         };
         match rx.recv_timeout(wait) {
-            Ok(Msg::Request(gpa, n)) => first.push((gpa, n)),
+            Ok(Msg::Request(gpa, n)) => {
+                if !w.holds_run(gpa, n) {
+                    refused_requests += 1;
+                    if refused.len() < REFUSED_KEPT {
+                        refused.push(PostcopyError::BadRequest { gpa, pages: n });
+                    }
+                    continue;
+                }
+                for j in 0..u64::from(n) {
+                    if let Some(i) = pages.index(GuestPhysAddr(gpa.0 + j * PAGE)) {
+                        first.set(i);
+                    }
+                }
+            }
             Ok(Msg::Need(gpa, n)) => {
                 if !w.holds_run(gpa, n) {
                     return Err(PostcopyError::BadRequest { gpa, pages: n });
@@ -704,7 +751,9 @@ pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
     }
     let switchover = t.elapsed();
     let post_start = Instant::now();
-    let (out, stream, done) = push(mem, w, &rx, &pages, &mut sent, needed, first, post)?;
+    let (out, stream, mut done) = push(mem, w, &rx, &pages, &mut sent, needed, Some(first), post)?;
+    refused.append(&mut done.refused);
+    refused.truncate(REFUSED_KEPT);
     Ok((
         out.out,
         PostcopySummary {
@@ -713,8 +762,8 @@ pub fn resume_postcopy<W: Write, R: Read + Send + 'static>(
             needed,
             pushed: done.pushed,
             requested: done.requested,
-            refused: done.refused,
-            refused_requests: done.refused_count,
+            refused,
+            refused_requests: refused_requests + done.refused_count,
             switchover,
             post_phase: post_start.elapsed(),
             total: t.elapsed(),

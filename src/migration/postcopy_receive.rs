@@ -64,6 +64,69 @@ fn at_byte(offset: u64) -> Position {
     }
 }
 
+/// A bit per page of the memory, numbered as the fault server's set.
+struct PageBits(Vec<u64>, u64);
+
+impl PageBits {
+    fn new(pages: u64) -> Self {
+        PageBits(vec![0; usize_from(pages.div_ceil(64))], pages)
+    }
+
+    /// Sets pages `[from, from + n)` (clipped to the set), a word at a
+    /// time: a record naming a whole region costs no more than its words.
+    fn set_run(&mut self, from: u64, n: u64) {
+        let end = from.saturating_add(n).min(self.1);
+        let mut i = from;
+        while i < end {
+            let (w, b) = (usize_from(i / 64), i % 64);
+            let take = (64 - b).min(end - i);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << b
+            };
+            self.0[w] |= mask;
+            i += take;
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The first run of set pages in `[from, end)`: its start and length.
+    fn next_run(&self, from: u64, end: u64) -> Option<(u64, u64)> {
+        let end = end.min(self.1);
+        let mut i = from;
+        while i < end {
+            let word = self.0[usize_from(i / 64)] >> (i % 64);
+            if word == 0 {
+                i = (i / 64 + 1) * 64;
+                continue;
+            }
+            i += u64::from(word.trailing_zeros());
+            break;
+        }
+        if i >= end {
+            return None;
+        }
+        let start = i;
+        while i < end {
+            let word = !self.0[usize_from(i / 64)] >> (i % 64);
+            let ones = if word == 0 {
+                64 - i % 64
+            } else {
+                u64::from(word.trailing_zeros())
+            };
+            i += ones;
+            if word != 0 {
+                break;
+            }
+        }
+        Some((start, i.min(end) - start))
+    }
+}
+
 /// What the destination saw of a post-copy migration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PostcopyStats {
@@ -362,30 +425,6 @@ where
         missing,
         source,
     };
-    let mut discards: Vec<(GuestPhysAddr, u32)> = Vec::new();
-    let (needed_claimed, state) = loop {
-        match reader.next_precopy(&mem) {
-            Ok(Precopy::Applied(Event::End { .. })) => {
-                return Err(pre(
-                    0,
-                    StreamError::Malformed {
-                        at: Position {
-                            offset: reader.stats().bytes,
-                            chunk: reader.stats().chunks,
-                            record: 0,
-                        },
-                        problem: Malformed::AfterSwitchover(format::kind::END),
-                    },
-                ))
-            }
-            Ok(Precopy::Applied(_)) => {}
-            Ok(Precopy::Discard { gpa, pages }) => discards.push((gpa, pages)),
-            Ok(Precopy::Switchover { needed, state }) => break (needed, state),
-            Err(e) => return Err(pre(total, e)),
-        }
-    };
-    let switched = Instant::now();
-    let precopy = reader.stats();
     // Page numbering: regions in address order.
     let mut regions = Vec::new();
     let mut first = 0u64;
@@ -400,19 +439,42 @@ where
             .find(|&&(s, n, _)| gpa.0 >= s && (gpa.0 - s) / PAGE < n)
             .map(|&(s, _, f)| f + (gpa.0 - s) / PAGE)
     };
-    // What is needed: every page with no round, else the discarded ones.
-    let mut need = vec![precopy.round.is_none(); usize::try_from(total).unwrap_or(0)];
-    for &(gpa, n) in &discards {
-        for j in 0..u64::from(n) {
-            if let Some(slot) =
-                index(GuestPhysAddr(gpa.0 + j * PAGE)).and_then(|i| need.get_mut(usize_from(i)))
-            {
-                *slot = true;
+    // The pages discarded, as a set as the records come (a list of the
+    // records grew with every one a hostile source repeated: found by
+    // review, tests/review_postcopy.rs). A record's run lies in one region
+    // (the reader checked it), so its pages are consecutive indexes.
+    let mut discard_bits = PageBits::new(total);
+    let (needed_claimed, state) = loop {
+        match reader.next_precopy(&mem) {
+            Ok(Precopy::Applied(Event::End { .. })) => {
+                return Err(pre(
+                    total,
+                    StreamError::Malformed {
+                        at: Position {
+                            offset: reader.stats().bytes,
+                            chunk: reader.stats().chunks,
+                            record: 0,
+                        },
+                        problem: Malformed::EndBeforeSwitchover,
+                    },
+                ))
             }
+            Ok(Precopy::Applied(_)) => {}
+            Ok(Precopy::Discard { gpa, pages }) => {
+                if let Some(i) = index(gpa) {
+                    discard_bits.set_run(i, u64::from(pages));
+                }
+            }
+            Ok(Precopy::Switchover { needed, state }) => break (needed, state),
+            Err(e) => return Err(pre(total, e)),
         }
-    }
-    let needed = need.iter().filter(|&&b| b).count() as u64;
-    let discarded = if precopy.round.is_none() { 0 } else { needed };
+    };
+    let switched = Instant::now();
+    let precopy = reader.stats();
+    // What is needed: every page with no round, else the discarded ones.
+    let all = precopy.round.is_none();
+    let needed = if all { total } else { discard_bits.count() };
+    let discarded = if all { 0 } else { needed };
     if needed != needed_claimed {
         return Err(pre(
             needed_claimed,
@@ -431,54 +493,48 @@ where
     }
     // Discard: the page's frame becomes a hole again, mapped as a plain
     // page (a page the memory layer knows as released would be read from
-    // its frame, as zeros, not through the mapping, which faults).
+    // its frame, as zeros, not through the mapping, which faults). One
+    // MADV_REMOVE per run of adjacent pages.
     let zero = [0u8; PAGE_SIZE];
-    for &(gpa, n) in &discards {
-        for j in 0..u64::from(n) {
-            let g = GuestPhysAddr(gpa.0 + j * PAGE);
-            let released = mem.regions().iter().find_map(|r| {
-                let off = g.0.checked_sub(r.start().0)?;
-                (off < r.size()).then(|| r.page_states().load((off / PAGE) as usize).kind())
-            });
-            if !matches!(released, Some(PageKind::Private) | None) {
-                mem.write(g, &zero).map_err(|e| {
-                    pre(
-                        needed,
-                        StreamError::Access {
-                            at: at_byte(precopy.bytes),
-                            source: e,
-                        },
-                    )
-                })?;
+    for (r, &(start, n, first)) in mem.regions().iter().zip(&regions) {
+        let mut k = 0u64;
+        while let Some((from, len)) = discard_bits.next_run(first + k, first + n) {
+            let states = r.page_states();
+            for p in from - first..from - first + len {
+                if states.load(usize_from(p)).kind() != PageKind::Private {
+                    let g = GuestPhysAddr(start + p * PAGE);
+                    mem.write(g, &zero).map_err(|e| {
+                        pre(
+                            needed,
+                            StreamError::Access {
+                                at: at_byte(precopy.bytes),
+                                source: e,
+                            },
+                        )
+                    })?;
+                }
             }
-        }
-        let hva = mem.host_address(gpa).map_err(|e| {
-            pre(
-                needed,
-                StreamError::Access {
-                    at: at_byte(precopy.bytes),
-                    source: e,
-                },
-            )
-        })?;
-        let len = u64::from(n) * PAGE;
-        // SAFETY: `[hva, hva + len)` is inside one region's live shared
-        // mapping (the stream's layout checked the run against one region,
-        // and the memory holds the mapping); MADV_REMOVE only frees the
-        // backing of these pages, which read as missing from now on.
-        let rc = unsafe {
-            libc::madvise(
-                hva.0 as *mut libc::c_void,
-                usize_from(len),
-                libc::MADV_REMOVE,
-            )
-        };
-        if rc != 0 {
-            return Err(PostcopyError::Discard {
-                gpa,
-                pages: u64::from(n),
-                source: std::io::Error::last_os_error(),
-            });
+            let gpa = GuestPhysAddr(start + (from - first) * PAGE);
+            let hva = HostVirtAddr(r.host_addr().0 + (from - first) * PAGE);
+            // SAFETY: `[hva, hva + len pages)` is inside this region's live
+            // shared mapping (the run lies within the region, and the
+            // memory holds the mapping); MADV_REMOVE only frees the backing
+            // of these pages, which read as missing from now on.
+            let rc = unsafe {
+                libc::madvise(
+                    hva.0 as *mut libc::c_void,
+                    usize_from(len * PAGE),
+                    libc::MADV_REMOVE,
+                )
+            };
+            if rc != 0 {
+                return Err(PostcopyError::Discard {
+                    gpa,
+                    pages: len,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            k = from - first + len;
         }
     }
     // Register: the memory holds its regions; a claim keeps a dedup host
@@ -511,10 +567,8 @@ where
             return Err(e.into());
         }
     };
-    for (i, &n) in need.iter().enumerate() {
-        if !n {
-            pages.mark(i as u64);
-        }
+    if !all {
+        pages.mark_all_but(&discard_bits.0);
     }
     let mut ret: Box<dyn Write + Send> = Box::new(ret);
     let hello = ret.write_all(&RETURN_MAGIC).and_then(|()| ret.flush());
@@ -680,9 +734,23 @@ impl PostcopyReceiving {
             && self.dst.missing() > 0
             && self.server.is_some();
         if paused {
-            if let Some(e) = lock(&self.dst.error).take() {
-                return Err(e);
-            }
+            // Still paused however often it is asked (a VMM back here
+            // after a failed resume): the break again, never `Ok` over
+            // pages poisoned now (found by review: tests/review_postcopy.rs).
+            let missing = self.dst.missing();
+            return Err(lock(&self.dst.error)
+                .take()
+                .unwrap_or_else(|| PostcopyError::Broken {
+                    phase: PostcopyPhase::Push,
+                    missing,
+                    source: StreamError::Io {
+                        at: 0,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotConnected,
+                            "paused by an earlier break: resume on a new connection, or drop to give up",
+                        ),
+                    },
+                }));
         }
         self.stop();
         if let Some(e) = lock(&self.dst.error).take() {
@@ -829,5 +897,56 @@ impl Drop for PostcopyReceiving {
             self.receiver = None;
         }
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::cast_possible_truncation)]
+
+    use super::PageBits;
+
+    /// Runs found word by word match a bit-by-bit model, across word edges.
+    #[test]
+    fn page_bits_runs() {
+        let total = 300u64;
+        let mut bits = PageBits::new(total);
+        let mut model = vec![false; total as usize];
+        for &(from, n) in &[
+            (0u64, 1u64),
+            (3, 70),
+            (63, 2),
+            (127, 1),
+            (200, 99),
+            (299, 5),
+        ] {
+            bits.set_run(from, n);
+            for i in from..(from + n).min(total) {
+                model[i as usize] = true;
+            }
+        }
+        assert_eq!(bits.count(), model.iter().filter(|&&b| b).count() as u64);
+        for (lo, hi) in [(0u64, total), (5, 250), (64, 128), (128, 300)] {
+            let mut runs = Vec::new();
+            let mut k = lo;
+            while let Some((s, n)) = bits.next_run(k, hi) {
+                runs.push((s, n));
+                k = s + n;
+            }
+            let mut want = Vec::new();
+            let mut i = lo;
+            while i < hi {
+                if model[i as usize] {
+                    let s = i;
+                    while i < hi && model[i as usize] {
+                        i += 1;
+                    }
+                    want.push((s, i - s));
+                } else {
+                    i += 1;
+                }
+            }
+            assert_eq!(runs, want, "runs in [{lo}, {hi})");
+        }
     }
 }

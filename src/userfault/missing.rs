@@ -144,6 +144,19 @@ impl MissingPages {
         }
     }
 
+    /// Marks present every page whose bit is clear in `absent` (a bit per
+    /// page, as this set numbers them), a word at a time.
+    pub fn mark_all_but(&self, absent: &[u64]) {
+        for (w, word) in self.done.iter().enumerate() {
+            let mut present = !absent.get(w).copied().unwrap_or(0);
+            let first = w as u64 * 64;
+            if self.pages - first < 64 {
+                present &= (1u64 << (self.pages - first)) - 1;
+            }
+            word.fetch_or(present, Ordering::AcqRel);
+        }
+    }
+
     /// Whether page `page` is marked present.
     pub fn is_done(&self, page: u64) -> bool {
         let (w, b) = ((page / 64) as usize, page % 64);
