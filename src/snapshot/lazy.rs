@@ -492,9 +492,24 @@ impl Shared {
                 let _ = self.pages.wake(page, 1);
             }
             Err(e) => {
+                // The kernel would not place the page (no memory, a copy
+                // that kept failing): never leave the toucher waiting, and
+                // never show it bytes that are not the page's. Poisoned as
+                // a damaged page is (zeros only where the kernel cannot
+                // poison, `wait`'s error then the only signal). (Found by
+                // review: it was zero-filled, and the guest ran on.)
                 self.record_error(e.into());
-                // Never leave the toucher waiting.
-                let _ = self.pages.zero(page);
+                match self.pages.poison(page) {
+                    Ok(true) => {
+                        if self.mark(page) {
+                            self.damaged.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(_) => {
+                        let _ = self.pages.zero(page);
+                    }
+                }
                 let _ = self.pages.wake(page, 1);
             }
         }
