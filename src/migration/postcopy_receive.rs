@@ -516,10 +516,11 @@ where
             }
             let gpa = GuestPhysAddr(start + (from - first) * PAGE);
             let hva = HostVirtAddr(r.host_addr().0 + (from - first) * PAGE);
+            // The run lies within the region, and the memory holds its
+            // mapping while this runs.
             // SAFETY: `[hva, hva + len pages)` is inside this region's live
-            // shared mapping (the run lies within the region, and the
-            // memory holds the mapping); MADV_REMOVE only frees the backing
-            // of these pages, which read as missing from now on.
+            // shared mapping; MADV_REMOVE only frees the backing of these
+            // pages, which read as missing from now on.
             let rc = unsafe {
                 libc::madvise(
                     hva.0 as *mut libc::c_void,
