@@ -80,7 +80,6 @@ const PARALLEL_HASH: usize = 256 * 1024;
 /// A snapshot's id: BLAKE3 (in key-derivation mode, so it is no page's
 /// content address) of its header without the id and checksum, its map,
 /// its table and its vCPU part (empty where it has none).
-
 pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8], vcpus: &[u8]) -> SnapshotId {
     let mut h = blake3::Hasher::new_derive_key("pagefold snapshot id v1");
     let body = &header[..header.len().saturating_sub(CHECKSUM_LEN)];
