@@ -5,33 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use pagefold::{
     snapshot::{restore_folded, restore_lazy, save, LazyOptions, SaveOptions, SnapshotReader},
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions,
 };
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = 4096;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("pagefold-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A full snapshot file, built byte by byte as the format says (every
 /// checksum and the id correct): one region `[0, size)`, every page zero

@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     os::{fd::FromRawFd, unix::fs::FileExt},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use pagefold::{
@@ -21,26 +21,10 @@ use pagefold::{
     GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
 };
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = PAGE_SIZE as u64;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("pagefold-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn layout() -> Vec<(GuestPhysAddr, u64)> {
     vec![

@@ -28,6 +28,9 @@ use pagefold::{
 };
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = PAGE_SIZE as u64;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -36,25 +39,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("pagefold-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Two regions with a hole between them.

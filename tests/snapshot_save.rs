@@ -19,34 +19,10 @@ use pagefold::{
 use proptest::{prelude::*, test_runner::Config as ProptestConfig};
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// A directory of its own under the system's temporary directory, removed
-/// when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "pagefold-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Three regions with holes between them, out of order in the list.
 fn layout() -> Vec<(GuestPhysAddr, u64)> {

@@ -9,8 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::path::PathBuf;
-
 use pagefold::{
     snapshot::{
         save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, Part, Problem,
@@ -19,26 +17,10 @@ use pagefold::{
     GuestMemory, GuestPhysAddr, RegionSet, PAGE_SIZE,
 };
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = PAGE_SIZE as u64;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("pagefold-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn memory() -> GuestMemory {
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), 8 * PAGE)]).unwrap();

@@ -14,7 +14,6 @@
 use std::{
     fs::File,
     os::{fd::FromRawFd, unix::fs::FileExt},
-    path::PathBuf,
 };
 
 use pagefold::{
@@ -24,29 +23,13 @@ use pagefold::{
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
 
+mod common;
+use common::temp_dir::TempDir;
+
 const PAGE: u64 = PAGE_SIZE as u64;
 const HEADER_SEED: u64 = 0x5046_534e_4150_0001;
 const FIXED_SEED: u64 = 0x5046_534e_4150_0004;
 const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("pagefold-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn memory() -> GuestMemory {
     let mem = GuestMemory::new(&[(GuestPhysAddr(0), 4 * PAGE)]).unwrap();

@@ -2,7 +2,7 @@
 //! subset): the proptest strategies that drive the guest-memory model of
 //! `pagefold_models::model`, small VMs for the dedup tests, and x86 page
 //! tables built by hand for the paging tests, and the VMM, backend and
-//! service processes of the host service's tests. The reference models that
+//! service processes of the host service's tests, and temporary directories for the snapshot tests. The reference models that
 //! the fuzz targets share live in the `pagefold-models` crate.
 
 // The lints the paging tests that use it allow: a failed unwrap in a helper
@@ -16,3 +16,4 @@ pub(crate) mod processes;
 #[allow(dead_code)] // each test binary uses a subset
 pub(crate) mod small_vms;
 pub(crate) mod strategies;
+pub(crate) mod temp_dir;
