@@ -383,9 +383,19 @@ mod on_kvm {
         out
     }
 
-    #[test]
-    fn a_guest_snapshotted_with_its_vcpu_runs_on_in_a_fresh_vm() {
-        let test = "a_guest_snapshotted_with_its_vcpu_runs_on_in_a_fresh_vm";
+    /// A running guest saved with its vCPU.
+    struct Saved {
+        mem: Arc<GuestMemory>,
+        vm: KvmVm,
+        vcpu: KvmVcpu,
+        state: VcpuState,
+        path: std::path::PathBuf,
+    }
+
+    /// The writer guest (`guest::fill_and_write`) filled and run 10 rounds
+    /// (memory and its running sum in R14 both changed), then saved with
+    /// its vCPU into `dir`; `None` (and a SKIP line) where KVM is unusable.
+    fn saved_guest(test: &str, dir: &TempDir) -> Option<Saved> {
         let prog = guest::Program {
             data_pages: DATA_PAGES,
             balloon_pages: 0,
@@ -401,17 +411,12 @@ mod on_kvm {
         let cr3 = guest::build_page_tables(&mem, DATA_PAGES).unwrap();
         let code = guest::fill_and_write(&prog).unwrap();
         let mode = guest::load(&mem, &code, cr3, 0x5eed).unwrap();
-        let Some(vm) = vm_or_skip(test, &mem) else {
-            return;
-        };
+        let vm = vm_or_skip(test, &mem)?;
         let mut vcpu = vm.create_vcpu(0).unwrap();
         vcpu.setup_long_mode(&mode).unwrap();
-        // Fill, then 10 rounds of writes: memory and the running sum (R14)
-        // both changed.
         assert_eq!(drive(&mut vcpu, 10, false).rounds, 10);
         let state = vcpu.snapshot_state().unwrap();
         assert_ne!(state.regs.r14, 0, "the running sum is in R14");
-        let dir = TempDir::new("snap-vcpu-kvm");
         let path = dir.path("guest.snap");
         save_with_vcpus(
             &mem,
@@ -420,6 +425,29 @@ mod on_kvm {
             std::slice::from_ref(&state),
         )
         .unwrap();
+        Some(Saved {
+            mem,
+            vm,
+            vcpu,
+            state,
+            path,
+        })
+    }
+
+    #[test]
+    fn a_guest_snapshotted_with_its_vcpu_runs_on_in_a_fresh_vm() {
+        let test = "a_guest_snapshotted_with_its_vcpu_runs_on_in_a_fresh_vm";
+        let dir = TempDir::new("snap-vcpu-kvm");
+        let Some(Saved {
+            mem,
+            vm: _vm,
+            mut vcpu,
+            state,
+            path,
+        }) = saved_guest(test, &dir)
+        else {
+            return;
+        };
 
         // Restore into a fresh memory, VM and vCPU.
         let snap = SnapshotReader::open(&path).unwrap();
@@ -665,37 +693,17 @@ mod on_kvm {
             DedupHost, FrameStore, VmOptions,
         };
         let test = "a_guest_restored_folded_and_lazily_runs_on_and_checks_its_memory";
-        let prog = guest::Program {
-            data_pages: DATA_PAGES,
-            balloon_pages: 0,
-            hot_pages: 64,
-            window_shift: 2,
-            writes_per_round: 4096,
-        };
-        let layout = [
-            (GuestPhysAddr(0), guest::LOW_SIZE),
-            (GuestPhysAddr(guest::DATA_GPA), DATA_PAGES * 4096),
-        ];
-        let mem = Arc::new(GuestMemory::new(&layout).unwrap());
-        let cr3 = guest::build_page_tables(&mem, DATA_PAGES).unwrap();
-        let code = guest::fill_and_write(&prog).unwrap();
-        let mode = guest::load(&mem, &code, cr3, 0x5eed).unwrap();
-        let Some(vm) = vm_or_skip(test, &mem) else {
+        let dir = TempDir::new("snap-vcpu-fold-lazy");
+        let Some(Saved {
+            mem,
+            vm: _vm,
+            mut vcpu,
+            path,
+            ..
+        }) = saved_guest(test, &dir)
+        else {
             return;
         };
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        vcpu.setup_long_mode(&mode).unwrap();
-        assert_eq!(drive(&mut vcpu, 10, false).rounds, 10);
-        let state = vcpu.snapshot_state().unwrap();
-        let dir = TempDir::new("snap-vcpu-fold-lazy");
-        let path = dir.path("guest.snap");
-        save_with_vcpus(
-            &mem,
-            &path,
-            &SaveOptions { track_dirty: false },
-            std::slice::from_ref(&state),
-        )
-        .unwrap();
         let original = drive(&mut vcpu, 20, true);
         assert_eq!(original.verified, [1]);
         let want = image(&mem);
