@@ -614,3 +614,29 @@ fn a_working_set_is_written_through_a_fresh_private_temporary_file() {
     let mode = std::fs::metadata(&ws).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "mode {mode:o}");
 }
+
+#[test]
+fn a_lazy_restore_names_the_ancestor_whose_page_is_damaged() {
+    use pagefold::snapshot::{restore_lazy, LazyOptions};
+    use std::sync::Arc;
+    let dir = TempDir::new("lazy-chain-names");
+    let mem = memory();
+    let p0 = dir.path("s0.snap");
+    let p1 = dir.path("s1.snap");
+    save(&mem, &p0, &SaveOptions::default()).unwrap();
+    mem.write(GuestPhysAddr(PAGE), &[0x99; PAGE_SIZE]).unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+    save_incremental(&mem, &r0, &harvest(&mem), &p1).unwrap();
+    drop(r0);
+    let mut base = std::fs::read(&p0).unwrap();
+    // The first stored page is at the first 4 KiB boundary after the header.
+    base[PAGE_SIZE + 7] ^= 0x20;
+    std::fs::write(&p0, &base).unwrap();
+    let chain = Arc::new(SnapshotReader::open_chain(&[&p0, &p1]).unwrap());
+    let back = GuestMemory::new(&chain.region_layout()).unwrap();
+    let e = restore_lazy(chain, &back, LazyOptions::default())
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(e.to_string().contains("s0.snap"), "{e}");
+}

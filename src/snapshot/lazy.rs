@@ -424,6 +424,17 @@ impl Shared {
         self.pages.is_done(page)
     }
 
+    /// A page of `file` (the snapshot or an ancestor) read damaged:
+    /// record the error (naming an ancestor's file: the caller named only
+    /// the newest), then poison the page (or zero it) so its waiters wake.
+    fn damaged_in(&self, file: &SnapshotReader, page: u64, e: SnapshotError) {
+        if std::ptr::eq(file, &*self.snap) {
+            self.damaged(page, e);
+        } else {
+            self.damaged(page, file.name_error(e));
+        }
+    }
+
     /// A damaged page: record the error, then poison it (or zero it) so
     /// its waiters wake.
     fn damaged(&self, page: u64, e: SnapshotError) {
@@ -467,7 +478,7 @@ impl Shared {
                         r
                     }
                     Err(e) => {
-                        self.damaged(page, e);
+                        self.damaged_in(file, page, e);
                         Ok(false)
                     }
                 }
@@ -645,7 +656,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                         let one = &mut dst[..PAGE_SIZE];
                         match file.read_slots(slot + (p - j), one) {
                             Ok(()) => placed += place(s, p, one, hook),
-                            Err(err) => s.damaged(p, err),
+                            Err(err) => s.damaged_in(file, p, err),
                         }
                     }
                 } else {
