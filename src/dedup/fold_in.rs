@@ -105,6 +105,7 @@ impl<'h> FoldIn<'h> {
         domain: DomainId,
     ) -> Result<Self, DedupError> {
         let key = scan.domain_key(domain)?;
+        scan.forget_clones_gone();
         Ok(FoldIn {
             inner,
             scan,
@@ -141,13 +142,13 @@ impl<'h> FoldIn<'h> {
     }
 
     /// VMs restored into the domain from the snapshot (or other source)
-    /// named `key` so far, by [`install`](Self::install).
+    /// named `key` by [`install`](Self::install) and registered still
+    /// (counted since the last time none was).
     pub(crate) fn restored(&self, key: &Address) -> u64 {
         self.scan
             .restored
             .get(&(self.domain, *key))
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |vms| vms.len() as u64)
     }
 
     /// The pages clones of the snapshot named `key` map by content beside
@@ -522,7 +523,11 @@ impl<'h> FoldIn<'h> {
             .inner
             .add_vm(&mut self.scan, Arc::clone(&mem), options, None)?;
         let domain = self.domain;
-        *self.scan.restored.entry((domain, *clone_of)).or_insert(0) += 1;
+        self.scan
+            .restored
+            .entry((domain, *clone_of))
+            .or_default()
+            .push(id);
         let mut shared = lock(&self.inner.shared);
         for &(_, _, count, frame) in &remapped {
             for k in 0..count {

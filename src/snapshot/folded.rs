@@ -132,10 +132,12 @@ pub struct FoldOptions {
     /// How the frames are laid out ([`FoldLayout::Auto`] by default).
     pub layout: FoldLayout,
     /// Clones of this snapshot the caller plans to restore into the
-    /// domain, those restored already included: [`FoldLayout::Auto`]
-    /// plans the mapping budget for the ones still to come (this one at
-    /// least). `None` (the default): as many more as were restored before
-    /// (the first clone plans for itself alone).
+    /// domain, those restored already and still registered included:
+    /// [`FoldLayout::Auto`] plans the mapping budget for the ones still to
+    /// come (this one at least). `None` (the default): as many more as are
+    /// registered (the first clone plans for itself alone). A plan ends
+    /// with the last of its clones: once none is registered, the next
+    /// clone plans anew, on the budget as it is then.
     pub planned_clones: Option<u64>,
     /// The largest guest (all regions together, in bytes) to restore,
     /// checked against the snapshot's header before any work or memory
@@ -295,10 +297,14 @@ pub fn restore_folded_with(
                 // The partial image earlier clones map.
                 Choice::Image(cover)
             } else {
-                // Read at most `MapBudget::REFRESH` ago (reading the
-                // kernel's count walks every mapping of the process).
+                // The kernel's count now: mappings VMs gave back a moment
+                // ago (clones unregistered, dropped) are not in a recent
+                // reading, which only ever spent (found by review: a clone
+                // replacing one just gone planned on a budget short by the
+                // old one's mappings, and chose an image for good). Read
+                // once per restore, as `install` reads it.
                 let budget = host.frame_store().map_budget();
-                budget.refresh_if_stale();
+                budget.refresh();
                 let restored = fold_in.restored(&key);
                 let remaining = match fold.planned_clones {
                     Some(n) => n.saturating_sub(restored).max(1),
