@@ -8,7 +8,8 @@ use std::{path::PathBuf, sync::Arc};
 
 use pagefold::{
     dedup::DedupOptions,
-    snapshot::{restore_folded_with, save, FoldOptions, SaveOptions, SnapshotReader},
+    frames::StoreOptions,
+    snapshot::{restore_folded_with, save, FoldLayout, FoldOptions, SaveOptions, SnapshotReader},
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
 use rand::{Rng, SeedableRng};
@@ -105,6 +106,13 @@ fn host_with_mappings(mappings: u64) -> (Arc<FrameStore>, DedupHost) {
     (store, host)
 }
 
+fn laid(layout: FoldLayout) -> FoldOptions {
+    FoldOptions {
+        layout,
+        ..FoldOptions::default()
+    }
+}
+
 fn planned(n: u64) -> FoldOptions {
     FoldOptions {
         planned_clones: Some(n),
@@ -162,4 +170,61 @@ fn a_plan_ends_with_its_last_clone() {
         "a new plan, as on a fresh host: {:?}",
         next.stats
     );
+}
+
+/// On a host store that populates its mappings (`MAP_POPULATE`), a clone
+/// restored folded by contents kept a page of memory for each of its zero
+/// pages: their own frames were filled by the populate, and only marked
+/// released, not punched. The clone's memory is the distinct contents
+/// alone, as on a store that does not populate.
+#[test]
+fn zero_pages_hold_no_memory_on_a_populating_store() {
+    let _s = serial();
+    let dir = TempDir::new("populate");
+    let src = source(14);
+    let want = image(&src);
+    let snap = saved(&dir, "a.snap", &src);
+    let store = Arc::new(
+        FrameStore::new(StoreOptions {
+            populate: true,
+            ..StoreOptions::default()
+        })
+        .unwrap(),
+    );
+    let host = DedupHost::new(Arc::clone(&store)).unwrap();
+    let c = restore_folded_with(
+        &host,
+        VmOptions::default(),
+        &snap,
+        &laid(FoldLayout::Contents),
+    )
+    .unwrap();
+    let s = c.stats;
+    assert_eq!((s.copied_pages, s.zero_pages), (0, 24), "{s:?}");
+    assert_eq!(
+        store.allocated_bytes().unwrap(),
+        s.contents * PAGE,
+        "the contents alone: {s:?}"
+    );
+    assert_eq!(image(&c.memory), want);
+    // Copied pages' zero pages too: an excluded region is copied.
+    let e = restore_folded_with(
+        &host,
+        VmOptions {
+            exclude: vec![GuestPhysAddr(0x10_0000)],
+            ..VmOptions::default()
+        },
+        &snap,
+        &laid(FoldLayout::Contents),
+    )
+    .unwrap();
+    let copied = e.stats.copied_pages;
+    assert!(copied > 0, "{:?}", e.stats);
+    assert_eq!(
+        store.allocated_bytes().unwrap(),
+        (s.contents + copied) * PAGE,
+        "and the pages copied: {:?}",
+        e.stats
+    );
+    assert_eq!(image(&e.memory), want);
 }
