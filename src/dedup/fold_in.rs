@@ -487,6 +487,10 @@ impl<'h> FoldIn<'h> {
                 .filter(|(_, f)| **f == PageFrame::Hole)
                 .map(move |(p, _)| (ri, p))
         });
+        let populated = mem.frame_store().options().populate;
+        // A stretch of own frames still to punch (populated only):
+        // region, first page, pages.
+        let mut punch: Option<(usize, usize, usize)> = None;
         for (ri, p) in none.chain(holes) {
             let region = &mem.regions()[ri];
             region.enable_state_checks();
@@ -495,6 +499,23 @@ impl<'h> FoldIn<'h> {
             if seen.kind() == PageKind::Private && !seen.is_remapped() {
                 let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
             }
+            // Mapped up front, their own frames hold pages of zeros (found
+            // by review: a page of memory per zero page of every clone,
+            // which the state called released).
+            if populated {
+                punch = match punch {
+                    Some((r, first, n)) if r == ri && first + n == p => Some((r, first, n + 1)),
+                    other => {
+                        if let Some(run) = other {
+                            release_own(&mem, run)?;
+                        }
+                        Some((ri, p, 1))
+                    }
+                };
+            }
+        }
+        if let Some(run) = punch {
+            release_own(&mem, run)?;
         }
         // Published as merged, as a merge publishes (the pages are fresh
         // and private, and nothing else can see them yet).
@@ -560,6 +581,20 @@ fn added_mappings(mem: &GuestMemory, runs: &mut [(usize, usize, usize, FrameNumb
         added += pieces - 1;
     }
     added
+}
+
+/// Punches the own frames of pages `first..first + count` of region
+/// `region` of `mem` (pages no layer can see yet).
+fn release_own(
+    mem: &GuestMemory,
+    (region, first, count): (usize, usize, usize),
+) -> Result<(), DedupError> {
+    let region = &mem.regions()[region];
+    region.store().release(FrameRange {
+        start: region.own_frame(first),
+        count: count as u64,
+    })?;
+    Ok(())
 }
 
 /// Copies frames `frame..` into the own frames of pages `page..` of
