@@ -228,3 +228,27 @@ fn zero_pages_hold_no_memory_on_a_populating_store() {
     );
     assert_eq!(image(&e.memory), want);
 }
+
+/// The first clone into an empty domain finds nothing there: a partial
+/// image's contents mapped by content that the restore had just read into
+/// its own new image were counted as contents the domain held already.
+#[test]
+fn a_new_partial_image_is_not_counted_as_found() {
+    let _s = serial();
+    let dir = TempDir::new("found");
+    let src = source(13);
+    let want = image(&src);
+    let snap = saved(&dir, "a.snap", &src);
+    let (store, host) = host_with_mappings(100);
+    let first = restore_folded_with(&host, VmOptions::default(), &snap, &planned(8)).unwrap();
+    let s = first.stats;
+    assert!(s.image && s.remaps > 2, "a partial image: {s:?}");
+    assert_eq!(image(&first.memory), want);
+    assert_eq!(s.contents_found, 0, "the domain held nothing: {s:?}");
+    // What it read is what the store holds.
+    assert_eq!(
+        store.allocated_bytes().unwrap(),
+        s.contents_read * PAGE,
+        "{s:?}"
+    );
+}
