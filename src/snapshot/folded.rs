@@ -351,6 +351,7 @@ pub fn restore_folded_with(
                     fill(&chain, &list, dst)
                 })?
             };
+            let image_len = page_addrs.len() as u64;
             drop(page_addrs);
             // The contents of the pages mapped by content, in file order.
             let mut want = vec![false; addrs.len()];
@@ -371,6 +372,17 @@ pub fn restore_folded_with(
                 .frames_for_contents(&sub_addrs, |first, dst: &mut [u8]| {
                     fill(&chain, &sub_sorted[first..], dst)
                 })?;
+            // Contents by content found in the image this restore just
+            // made were read by it, not held by the domain (found by
+            // review: the first clone counted them as found).
+            let in_new_image = if found {
+                0
+            } else {
+                frames
+                    .iter()
+                    .filter(|f| (start.0..start.0.saturating_add(image_len)).contains(&f.0))
+                    .count() as u64
+            };
             let mut by_rank = vec![FrameNumber(u64::MAX); addrs.len()];
             for (&r, f) in sub.iter().zip(frames) {
                 by_rank[r] = f;
@@ -380,7 +392,11 @@ pub fn restore_folded_with(
                 .filter(|&r| in_image[r] && !want[r])
                 .count() as u64;
             let image_content = packed.iter().filter(|&&p| flat[p].is_some()).count() as u64;
-            stats.contents_found = cf.found + if found { only_in_image } else { 0 };
+            stats.contents_found = if found {
+                cf.found + only_in_image
+            } else {
+                cf.found.saturating_sub(in_new_image)
+            };
             stats.contents_read = cf.filled + if found { 0 } else { image_content };
             let mut j = 0u64;
             let mut flat_p = 0usize;
