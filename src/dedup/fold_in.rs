@@ -105,6 +105,7 @@ impl<'h> FoldIn<'h> {
         domain: DomainId,
     ) -> Result<Self, DedupError> {
         let key = scan.domain_key(domain)?;
+        scan.forget_clones_gone();
         Ok(FoldIn {
             inner,
             scan,
@@ -141,13 +142,13 @@ impl<'h> FoldIn<'h> {
     }
 
     /// VMs restored into the domain from the snapshot (or other source)
-    /// named `key` so far, by [`install`](Self::install).
+    /// named `key` by [`install`](Self::install) and registered still
+    /// (counted since the last time none was).
     pub(crate) fn restored(&self, key: &Address) -> u64 {
         self.scan
             .restored
             .get(&(self.domain, *key))
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |vms| vms.len() as u64)
     }
 
     /// The pages clones of the snapshot named `key` map by content beside
@@ -486,6 +487,10 @@ impl<'h> FoldIn<'h> {
                 .filter(|(_, f)| **f == PageFrame::Hole)
                 .map(move |(p, _)| (ri, p))
         });
+        let populated = mem.frame_store().options().populate;
+        // A stretch of own frames still to punch (populated only):
+        // region, first page, pages.
+        let mut punch: Option<(usize, usize, usize)> = None;
         for (ri, p) in none.chain(holes) {
             let region = &mem.regions()[ri];
             region.enable_state_checks();
@@ -494,6 +499,23 @@ impl<'h> FoldIn<'h> {
             if seen.kind() == PageKind::Private && !seen.is_remapped() {
                 let _ = states.transition(p, seen, seen.with_kind(PageKind::Zero));
             }
+            // Mapped up front, their own frames hold pages of zeros (found
+            // by review: a page of memory per zero page of every clone,
+            // which the state called released).
+            if populated {
+                punch = match punch {
+                    Some((r, first, n)) if r == ri && first + n == p => Some((r, first, n + 1)),
+                    other => {
+                        if let Some(run) = other {
+                            release_own(&mem, run)?;
+                        }
+                        Some((ri, p, 1))
+                    }
+                };
+            }
+        }
+        if let Some(run) = punch {
+            release_own(&mem, run)?;
         }
         // Published as merged, as a merge publishes (the pages are fresh
         // and private, and nothing else can see them yet).
@@ -522,7 +544,11 @@ impl<'h> FoldIn<'h> {
             .inner
             .add_vm(&mut self.scan, Arc::clone(&mem), options, None)?;
         let domain = self.domain;
-        *self.scan.restored.entry((domain, *clone_of)).or_insert(0) += 1;
+        self.scan
+            .restored
+            .entry((domain, *clone_of))
+            .or_default()
+            .push(id);
         let mut shared = lock(&self.inner.shared);
         for &(_, _, count, frame) in &remapped {
             for k in 0..count {
@@ -555,6 +581,20 @@ fn added_mappings(mem: &GuestMemory, runs: &mut [(usize, usize, usize, FrameNumb
         added += pieces - 1;
     }
     added
+}
+
+/// Punches the own frames of pages `first..first + count` of region
+/// `region` of `mem` (pages no layer can see yet).
+fn release_own(
+    mem: &GuestMemory,
+    (region, first, count): (usize, usize, usize),
+) -> Result<(), DedupError> {
+    let region = &mem.regions()[region];
+    region.store().release(FrameRange {
+        start: region.own_frame(first),
+        count: count as u64,
+    })?;
+    Ok(())
 }
 
 /// Copies frames `frame..` into the own frames of pages `page..` of

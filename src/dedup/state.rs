@@ -40,12 +40,18 @@ pub(super) struct ScanState {
     pub(super) pagemap: PageMap,
     pub(super) volatile_this_scan: u64,
     pub(super) volatile_last_scan: u64,
-    /// VMs restored folded from each snapshot (by its id) into each
-    /// domain so far (`fold_in.rs`): what a restore plans its layout by.
-    pub(super) restored: HashMap<(DomainId, super::shared::Address), u64>,
+    /// The VMs restored folded from each snapshot (by its id) into each
+    /// domain that may still be registered (`fold_in.rs`): what a restore
+    /// plans its layout by. Entries of VMs gone are dropped by
+    /// [`forget_clones_gone`](Self::forget_clones_gone), and a snapshot's
+    /// entry with its last VM, so this holds no more than the VMs
+    /// registered (found by review: counts and covers of every snapshot
+    /// ever restored stayed for good, and a plan outlived its clones).
+    pub(super) restored: HashMap<(DomainId, super::shared::Address), Vec<VmId>>,
     /// The pages each snapshot's clones in each domain map by content
     /// beside a partial image of the rest (`fold_in.rs`): runs of pages
-    /// (first, count) in page order over all regions.
+    /// (first, count) in page order over all regions. Kept while a clone
+    /// of the snapshot in the domain is registered (see `restored`).
     pub(super) covers: HashMap<(DomainId, super::shared::Address), Cover>,
 }
 
@@ -54,6 +60,21 @@ pub(super) struct ScanState {
 pub(crate) type Cover = Arc<Vec<(usize, usize)>>;
 
 impl ScanState {
+    /// Drops from `restored` the VMs no longer registered (their hashes
+    /// go when they are forgotten), and the entry and cover of a snapshot
+    /// with none left in its domain: its plan ended with its last clone
+    /// (its partial image's frames went with their last page), and a
+    /// later clone plans anew on the budget as it is then.
+    pub(super) fn forget_clones_gone(&mut self) {
+        let live = &self.old_hashes;
+        self.restored.retain(|_, vms| {
+            vms.retain(|vm| live.contains_key(vm));
+            !vms.is_empty()
+        });
+        let restored = &self.restored;
+        self.covers.retain(|k, _| restored.contains_key(k));
+    }
+
     /// Bytes allocated for the scan's bookkeeping: the hash each page left
     /// and the unstable index.
     pub(super) fn metadata_bytes(&self) -> u64 {

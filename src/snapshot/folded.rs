@@ -132,10 +132,12 @@ pub struct FoldOptions {
     /// How the frames are laid out ([`FoldLayout::Auto`] by default).
     pub layout: FoldLayout,
     /// Clones of this snapshot the caller plans to restore into the
-    /// domain, those restored already included: [`FoldLayout::Auto`]
-    /// plans the mapping budget for the ones still to come (this one at
-    /// least). `None` (the default): as many more as were restored before
-    /// (the first clone plans for itself alone).
+    /// domain, those restored already and still registered included:
+    /// [`FoldLayout::Auto`] plans the mapping budget for the ones still to
+    /// come (this one at least). `None` (the default): as many more as are
+    /// registered (the first clone plans for itself alone). A plan ends
+    /// with the last of its clones: once none is registered, the next
+    /// clone plans anew, on the budget as it is then.
     pub planned_clones: Option<u64>,
     /// The largest guest (all regions together, in bytes) to restore,
     /// checked against the snapshot's header before any work or memory
@@ -295,10 +297,14 @@ pub fn restore_folded_with(
                 // The partial image earlier clones map.
                 Choice::Image(cover)
             } else {
-                // Read at most `MapBudget::REFRESH` ago (reading the
-                // kernel's count walks every mapping of the process).
+                // The kernel's count now: mappings VMs gave back a moment
+                // ago (clones unregistered, dropped) are not in a recent
+                // reading, which only ever spent (found by review: a clone
+                // replacing one just gone planned on a budget short by the
+                // old one's mappings, and chose an image for good). Read
+                // once per restore, as `install` reads it.
                 let budget = host.frame_store().map_budget();
-                budget.refresh_if_stale();
+                budget.refresh();
                 let restored = fold_in.restored(&key);
                 let remaining = match fold.planned_clones {
                     Some(n) => n.saturating_sub(restored).max(1),
@@ -345,6 +351,7 @@ pub fn restore_folded_with(
                     fill(&chain, &list, dst)
                 })?
             };
+            let image_len = page_addrs.len() as u64;
             drop(page_addrs);
             // The contents of the pages mapped by content, in file order.
             let mut want = vec![false; addrs.len()];
@@ -365,6 +372,17 @@ pub fn restore_folded_with(
                 .frames_for_contents(&sub_addrs, |first, dst: &mut [u8]| {
                     fill(&chain, &sub_sorted[first..], dst)
                 })?;
+            // Contents by content found in the image this restore just
+            // made were read by it, not held by the domain (found by
+            // review: the first clone counted them as found).
+            let in_new_image = if found {
+                0
+            } else {
+                frames
+                    .iter()
+                    .filter(|f| (start.0..start.0.saturating_add(image_len)).contains(&f.0))
+                    .count() as u64
+            };
             let mut by_rank = vec![FrameNumber(u64::MAX); addrs.len()];
             for (&r, f) in sub.iter().zip(frames) {
                 by_rank[r] = f;
@@ -374,7 +392,11 @@ pub fn restore_folded_with(
                 .filter(|&r| in_image[r] && !want[r])
                 .count() as u64;
             let image_content = packed.iter().filter(|&&p| flat[p].is_some()).count() as u64;
-            stats.contents_found = cf.found + if found { only_in_image } else { 0 };
+            stats.contents_found = if found {
+                cf.found + only_in_image
+            } else {
+                cf.found.saturating_sub(in_new_image)
+            };
             stats.contents_read = cf.filled + if found { 0 } else { image_content };
             let mut j = 0u64;
             let mut flat_p = 0usize;
