@@ -1,0 +1,141 @@
+//! Review of the vCPU state snapshots carry (`KvmVcpu::snapshot_state`,
+//! `set_snapshot_state`): what a guest restored into a fresh VM finds, and
+//! what a state from a hostile file can load. Skips, saying so, where
+//! `/dev/kvm` is absent or unusable.
+
+#![allow(clippy::unwrap_used)]
+
+#[cfg(all(feature = "kvm", target_arch = "x86_64"))]
+mod on_kvm {
+    use std::sync::Arc;
+
+    use pagefold::{
+        kvm::{KvmError, KvmVcpu, KvmVm},
+        snapshot::VcpuState,
+        GuestMemory, GuestPhysAddr,
+    };
+    use pagefold_tools::mini_vmm::guest;
+
+    /// `IA32_TSC_DEADLINE`.
+    const TSC_DEADLINE: u32 = 0x6e0;
+    /// The local APIC's timer LVT register (offset in `kvm_lapic_state`).
+    const LVTT: usize = 0x320;
+    /// LVTT: TSC-deadline mode, masked, vector 0xec.
+    const LVTT_DEADLINE: u32 = (0b10 << 17) | (1 << 16) | 0xec;
+
+    fn layout() -> [(GuestPhysAddr, u64); 2] {
+        [
+            (GuestPhysAddr(0), guest::LOW_SIZE),
+            (GuestPhysAddr(guest::DATA_GPA), 64 * 4096),
+        ]
+    }
+
+    /// The VM, or why KVM is unusable here (`None` and a SKIP line).
+    fn vm_or_skip(test: &str, mem: &Arc<GuestMemory>) -> Option<KvmVm> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            println!("SKIP {test}: /dev/kvm does not exist");
+            return None;
+        }
+        match KvmVm::new(mem) {
+            Ok(vm) => Some(vm),
+            Err(e @ KvmError::Ioctl { op, .. })
+                if op == "open /dev/kvm" || op == "KVM_CREATE_VM" =>
+            {
+                println!("SKIP {test}: /dev/kvm is not usable: {e}");
+                None
+            }
+            Err(e) => panic!("creating the VM: {e}"),
+        }
+    }
+
+    /// `KVM_CREATE_IRQCHIP` on the VM (before its vCPUs).
+    fn with_irqchip(vm: &KvmVm) -> bool {
+        use std::os::fd::AsRawFd;
+        /// `_IO(KVMIO, 0x60)`.
+        const KVM_CREATE_IRQCHIP: u64 = 0xae60;
+        // SAFETY: KVM_CREATE_IRQCHIP takes no argument and touches no
+        // memory of ours; the fd is the VM's, open for the call.
+        let r = unsafe { libc::ioctl(vm.vm_fd().as_raw_fd(), KVM_CREATE_IRQCHIP as _, 0) };
+        r == 0
+    }
+
+    /// A VM with an in-kernel irqchip and one vCPU in long mode, or `None`
+    /// (SKIP said).
+    fn vcpu_with_irqchip(test: &str) -> Option<(KvmVm, KvmVcpu)> {
+        let mem = Arc::new(GuestMemory::new(&layout()).unwrap());
+        let cr3 = guest::build_page_tables(&mem, 64).unwrap();
+        let code = guest::cpu_state().unwrap();
+        let mode = guest::load(&mem, &code, cr3, 7).unwrap();
+        let vm = vm_or_skip(test, &mem)?;
+        if !with_irqchip(&vm) {
+            println!(
+                "SKIP {test}: KVM_CREATE_IRQCHIP refused: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.setup_long_mode(&mode).unwrap();
+        Some((vm, vcpu))
+    }
+
+    fn msr(s: &VcpuState, index: u32) -> Option<u64> {
+        s.msrs.iter().find(|&&(i, _)| i == index).map(|&(_, v)| v)
+    }
+
+    fn set_msr(s: &mut VcpuState, index: u32, value: u64) {
+        match s.msrs.iter_mut().find(|(i, _)| *i == index) {
+            Some(e) => e.1 = value,
+            None => s.msrs.push((index, value)),
+        }
+    }
+
+    /// A guest with its local APIC timer armed in TSC-deadline mode,
+    /// snapshotted and restored into a fresh VM, finds its deadline armed
+    /// there. KVM ignores `IA32_TSC_DEADLINE` while the APIC timer is not
+    /// in TSC-deadline mode, and `KVM_SET_LAPIC` switching it into that
+    /// mode clears the deadline: the MSR must load after the local APIC.
+    #[test]
+    fn a_tsc_deadline_timer_survives_a_restore() {
+        let test = "a_tsc_deadline_timer_survives_a_restore";
+        let Some((_vm, mut vcpu)) = vcpu_with_irqchip(test) else {
+            return;
+        };
+        if !vcpu.saved_msrs().contains(&TSC_DEADLINE) {
+            println!("SKIP {test}: KVM does not list IA32_TSC_DEADLINE");
+            return;
+        }
+        // The guest arms its timer: LVTT in TSC-deadline mode first, then
+        // the deadline (far ahead: it must not fire meanwhile).
+        let mut s = vcpu.snapshot_state().unwrap();
+        let lapic = s.lapic.as_mut().unwrap();
+        lapic[LVTT..LVTT + 4].copy_from_slice(&LVTT_DEADLINE.to_le_bytes());
+        vcpu.set_snapshot_state(&s).unwrap();
+        let mut s = vcpu.snapshot_state().unwrap();
+        let deadline = msr(&s, 0x10).unwrap() + (1 << 50);
+        set_msr(&mut s, TSC_DEADLINE, deadline);
+        vcpu.set_snapshot_state(&s).unwrap();
+        let saved = vcpu.snapshot_state().unwrap();
+        assert_eq!(
+            msr(&saved, TSC_DEADLINE),
+            Some(deadline),
+            "the deadline armed on the source"
+        );
+
+        let Some((_vm2, mut v2)) = vcpu_with_irqchip(test) else {
+            return;
+        };
+        v2.set_snapshot_state(&saved).unwrap();
+        let back = v2.snapshot_state().unwrap();
+        let l = back.lapic.as_ref().unwrap();
+        assert_eq!(
+            u32::from_le_bytes(l[LVTT..LVTT + 4].try_into().unwrap()),
+            LVTT_DEADLINE
+        );
+        assert_eq!(
+            msr(&back, TSC_DEADLINE),
+            Some(deadline),
+            "the restored guest's TSC deadline"
+        );
+    }
+}
