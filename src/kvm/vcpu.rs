@@ -679,6 +679,19 @@ impl KvmVcpu {
             self.load_xsave(&state.xsave)?;
         }
         self.set_regs(&state.regs)?;
+        // The local APIC before the MSRs (as cloud-hypervisor and QEMU
+        // order them): KVM ignores `IA32_TSC_DEADLINE` while the APIC timer
+        // is not in TSC-deadline mode, and `KVM_SET_LAPIC` switching it
+        // into that mode clears the deadline. After `KVM_SET_SREGS`, which
+        // loads `APIC_BASE`.
+        if let Some(l) = &state.lapic {
+            let lapic =
+                kvm_lapic_state::read_from_bytes(&l[..]).map_err(|_| KvmError::Unsupported {
+                    part: "a local APIC state",
+                    needs: "1024 bytes",
+                })?;
+            self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+        }
         if !state.msrs.is_empty() {
             for chunk in state.msrs.chunks(MSR_CHUNK) {
                 let msrs = msr_list(chunk.iter().copied())?;
@@ -687,14 +700,6 @@ impl KvmVcpu {
                     return Err(KvmError::MsrRefused { index });
                 }
             }
-        }
-        if let Some(l) = &state.lapic {
-            let lapic =
-                kvm_lapic_state::read_from_bytes(&l[..]).map_err(|_| KvmError::Unsupported {
-                    part: "a local APIC state",
-                    needs: "1024 bytes",
-                })?;
-            self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         }
         if let Some(m) = state.mp_state {
             self.fd
