@@ -138,4 +138,77 @@ mod on_kvm {
             "the restored guest's TSC deadline"
         );
     }
+
+    /// A VM without irqchip and one vCPU in long mode, or `None` (SKIP
+    /// said).
+    fn plain_vcpu(test: &str) -> Option<(KvmVm, KvmVcpu)> {
+        let mem = Arc::new(GuestMemory::new(&layout()).unwrap());
+        let cr3 = guest::build_page_tables(&mem, 64).unwrap();
+        let code = guest::cpu_state().unwrap();
+        let mode = guest::load(&mem, &code, cr3, 7).unwrap();
+        let vm = vm_or_skip(test, &mem)?;
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.setup_long_mode(&mode).unwrap();
+        Some((vm, vcpu))
+    }
+
+    /// The state less the time-stamp counter (MSR 0x10), which runs on.
+    fn without_tsc(mut s: VcpuState) -> VcpuState {
+        s.msrs.retain(|&(i, _)| i != 0x10);
+        s
+    }
+
+    /// A file's state may name only MSRs the vCPU saves (`saved_msrs`):
+    /// one outside (here `IA32_MC0_STATUS`, which KVM takes from the VMM
+    /// with any value but the guest may only clear: a machine check the
+    /// guest never had) is refused by index before anything loads, the
+    /// vCPU untouched. Such an MSR no `snapshot_state` writes, and the
+    /// put-back after a later refusal would not undo it.
+    #[test]
+    fn an_msr_outside_the_saved_list_is_refused() {
+        let test = "an_msr_outside_the_saved_list_is_refused";
+        let Some((_vm, mut vcpu)) = plain_vcpu(test) else {
+            return;
+        };
+        const MC0_STATUS: u32 = 0x401;
+        assert!(!vcpu.saved_msrs().contains(&MC0_STATUS));
+        let before = vcpu.snapshot_state().unwrap();
+        let mut s = before.clone();
+        s.regs.rax = 0x1234_5678;
+        s.msrs.push((MC0_STATUS, 0xb200_0000_0000_0005));
+        match vcpu.set_snapshot_state(&s) {
+            Err(KvmError::MsrRefused { index }) => assert_eq!(index, MC0_STATUS),
+            other => panic!("want MsrRefused(0x401), got {other:?}"),
+        }
+        let after = vcpu.snapshot_state().unwrap();
+        assert_eq!(after.regs, before.regs, "the vCPU untouched");
+    }
+
+    /// A state KVM refuses part-way (a non-canonical `KERNEL_GS_BASE`, after the
+    /// registers, `XSAVE` area and local APIC loaded) leaves the vCPU as
+    /// it was: registers, XSAVE, local APIC, MSRs, events, run state.
+    #[test]
+    fn a_refused_state_leaves_the_vcpu_as_it_was() {
+        let test = "a_refused_state_leaves_the_vcpu_as_it_was";
+        let Some((_vm, mut vcpu)) = vcpu_with_irqchip(test) else {
+            return;
+        };
+        let before = vcpu.snapshot_state().unwrap();
+        let mut s = before.clone();
+        s.regs.rip ^= 0x1000;
+        s.sregs.cr3 ^= 0x1000;
+        s.xsave[24] ^= 0x40; // MXCSR's flush-to-zero bit
+        let l = s.lapic.as_mut().unwrap();
+        l[0x80] = 0x40; // TPR
+        let lstar = 0xc000_0082;
+        set_msr(&mut s, lstar, 0xffff_ffff_8100_0000);
+        set_msr(&mut s, 0xc000_0102, 1 << 63); // KERNEL_GS_BASE: not canonical
+        s.mp_state = Some(3);
+        match vcpu.set_snapshot_state(&s) {
+            Err(KvmError::MsrRefused { index }) => assert_eq!(index, 0xc000_0102),
+            other => panic!("want MsrRefused(0xc0000102), got {other:?}"),
+        }
+        let after = vcpu.snapshot_state().unwrap();
+        assert_eq!(without_tsc(after), without_tsc(before));
+    }
 }
