@@ -742,7 +742,10 @@ mod on_kvm {
         let third = restore_folded(&host, VmOptions::default(), &snap).unwrap();
         let mut fresh = GuestMemory::new(&snap.region_layout()).unwrap();
         restore_into(&snap, &fresh).unwrap();
-        assert!(image(&third.memory) == image(&fresh), "the shared frames changed");
+        assert!(
+            image(&third.memory) == image(&fresh),
+            "the shared frames changed"
+        );
         assert!(image(&fresh) != want, "the 20 rounds wrote nothing");
         drop(clones);
         drop(third);
@@ -771,7 +774,10 @@ mod on_kvm {
         gate.store(true, std::sync::atomic::Ordering::Release);
         let stats = lazy.wait().unwrap();
         println!("{test}: lazy {stats:?}");
-        assert!(stats.on_fault > 0, "the guest's touches were served on fault");
+        assert!(
+            stats.on_fault > 0,
+            "the guest's touches were served on fault"
+        );
         assert!(image(&lazy_mem) == want, "the lazily restored memory");
     }
 }

@@ -622,8 +622,10 @@ impl KvmVcpu {
     /// vCPU's previous state loaded back (as far as KVM takes it): an
     /// `XSAVE` area larger than this vCPU's ([`KvmError::XsaveMismatch`]),
     /// a local APIC state where the VM has no in-kernel irqchip
-    /// ([`KvmError::Unsupported`]), an MSR KVM will not take
-    /// ([`KvmError::MsrRefused`]), or any ioctl KVM refuses.
+    /// ([`KvmError::Unsupported`]), an MSR KVM will not take or one
+    /// outside this vCPU's [`saved_msrs`](Self::saved_msrs) (refused
+    /// before anything loads; [`KvmError::MsrRefused`]), or any ioctl KVM
+    /// refuses.
     ///
     /// [`SnapshotReader::vcpus`]: crate::snapshot::SnapshotReader::vcpus
     pub fn set_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
@@ -642,6 +644,17 @@ impl KvmVcpu {
                 saved: n,
                 here: self.xsave_size,
             });
+        }
+        // Only the MSRs `snapshot_state` saves: KVM takes from the VMM
+        // values and registers the guest could never set itself (a
+        // machine-check status, say), and the put-back after a later
+        // refusal restores only the saved list.
+        if let Some(&(index, _)) = state
+            .msrs
+            .iter()
+            .find(|(i, _)| !self.saved_msrs.contains(i))
+        {
+            return Err(KvmError::MsrRefused { index });
         }
         if state.xcrs.len() > kvm_xcrs::default().xcrs.len() {
             return Err(KvmError::Unsupported {
