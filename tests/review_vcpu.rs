@@ -211,4 +211,60 @@ mod on_kvm {
         let after = vcpu.snapshot_state().unwrap();
         assert_eq!(without_tsc(after), without_tsc(before));
     }
+
+    /// `KVM_GET_TSC_KHZ` (`_IO(KVMIO, 0xa3)`) of a vCPU.
+    fn tsc_khz(vcpu: &KvmVcpu) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: KVM_GET_TSC_KHZ takes no argument and touches no memory
+        // of ours; the fd is the vCPU's, open for the call.
+        let r = unsafe { libc::ioctl(vcpu.vcpu_fd().as_raw_fd(), 0xaea3 as _, 0) };
+        u32::try_from(r).unwrap()
+    }
+
+    /// `KVM_SET_TSC_KHZ` (`_IO(KVMIO, 0xa2)`) of a vCPU: whether KVM took it.
+    fn set_tsc_khz(vcpu: &KvmVcpu, khz: u32) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: KVM_SET_TSC_KHZ takes its argument by value and touches
+        // no memory of ours; the fd is the vCPU's, open for the call.
+        let r = unsafe {
+            libc::ioctl(
+                vcpu.vcpu_fd().as_raw_fd(),
+                0xaea2 as _,
+                khz as libc::c_ulong,
+            )
+        };
+        r == 0
+    }
+
+    /// A guest whose TSC runs at a rate other than the new host's (set by
+    /// the VMM with `KVM_SET_TSC_KHZ`, as after a migration from a host of
+    /// another TSC frequency) finds that rate after a restore: its TSC
+    /// calibration (and the kvmclock it derives) stay right. Firecracker
+    /// saves `tsc_khz` with its vCPU state for this.
+    #[test]
+    fn the_guest_tsc_rate_survives_a_restore() {
+        let test = "the_guest_tsc_rate_survives_a_restore";
+        let Some((_vm, vcpu)) = plain_vcpu(test) else {
+            return;
+        };
+        let host = tsc_khz(&vcpu);
+        // Faster than the host's: KVM takes it with TSC scaling, or
+        // without (catching the guest's TSC up on each entry).
+        let khz = host + host / 2;
+        if !set_tsc_khz(&vcpu, khz) {
+            println!(
+                "SKIP {test}: KVM_SET_TSC_KHZ {khz} refused: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        assert_eq!(tsc_khz(&vcpu), khz);
+        let saved = vcpu.snapshot_state().unwrap();
+        let Some((_vm2, mut v2)) = plain_vcpu(test) else {
+            return;
+        };
+        assert_eq!(tsc_khz(&v2), host);
+        v2.set_snapshot_state(&saved).unwrap();
+        assert_eq!(tsc_khz(&v2), khz, "the restored guest's TSC rate");
+    }
 }
