@@ -524,7 +524,8 @@ impl KvmVcpu {
     /// [`saved_msrs`](Self::saved_msrs)), the in-kernel local APIC
     /// (`KVM_GET_LAPIC`; `None` where the VM has no in-kernel irqchip: the
     /// one part skipped, by nature), pending events
-    /// (`KVM_GET_VCPU_EVENTS`) and the run state (`KVM_GET_MP_STATE`).
+    /// (`KVM_GET_VCPU_EVENTS`), the run state (`KVM_GET_MP_STATE`) and the
+    /// guest's TSC rate (`KVM_GET_TSC_KHZ`).
     /// Any other refusal is an error naming the ioctl: never a state
     /// silently short of a part. Take it with the vCPU stopped (after
     /// [`run`](Self::run) returned).
@@ -578,6 +579,9 @@ impl KvmVcpu {
                     .map_err(ioctl("KVM_GET_MP_STATE"))?
                     .mp_state,
             ),
+            // 0: KVM has no rate for the vCPU (nothing to carry).
+            tsc_khz: Some(self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?)
+                .filter(|&k| k != 0),
         })
     }
 
@@ -676,6 +680,16 @@ impl KvmVcpu {
     }
 
     fn load_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
+        // The TSC rate first: KVM converts the TSC value (MSR 0x10) and
+        // the TSC deadline loaded below at the vCPU's rate then. Only
+        // where it differs (another host's frequency): KVM refuses a rate
+        // below this host's without TSC scaling, an error naming the
+        // ioctl rather than a guest whose clock runs fast.
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))? != khz {
+                self.fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))?;
+            }
+        }
         let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         load_sregs(&mut sregs, &state.sregs);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
