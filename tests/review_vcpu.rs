@@ -267,4 +267,29 @@ mod on_kvm {
         v2.set_snapshot_state(&saved).unwrap();
         assert_eq!(tsc_khz(&v2), khz, "the restored guest's TSC rate");
     }
+
+    /// The same for a migration's vCPU state (`VcpuState::from_bytes` of
+    /// a peer's bytes, loaded with `set_state`): only `MIGRATED_MSRS`.
+    #[test]
+    fn a_migration_state_with_an_msr_outside_its_list_is_refused() {
+        let test = "a_migration_state_with_an_msr_outside_its_list_is_refused";
+        let Some((_vm, mut vcpu)) = plain_vcpu(test) else {
+            return;
+        };
+        const MC0_STATUS: u32 = 0x401;
+        let before = vcpu.state().unwrap();
+        let mut s = before.clone();
+        s.regs.rax = 0x1234_5678;
+        s.msrs.push((MC0_STATUS, 0xb200_0000_0000_0005));
+        let s = pagefold::kvm::VcpuState::from_bytes(&s.to_bytes()).unwrap();
+        match vcpu.set_state(&s) {
+            Err(KvmError::MsrRefused { index }) => assert_eq!(index, MC0_STATUS),
+            other => panic!("want MsrRefused(0x401), got {other:?}"),
+        }
+        assert_eq!(
+            vcpu.state().unwrap().regs,
+            before.regs,
+            "the vCPU untouched"
+        );
+    }
 }
