@@ -458,9 +458,18 @@ impl KvmVcpu {
     /// Loads a state taken by [`state`](Self::state), on this or another
     /// host's vCPU with the same features. If KVM refuses a part, the
     /// vCPU's previous state is loaded back (as far as KVM takes it) and
-    /// the error says which part.
+    /// the error says which part. An MSR outside [`MIGRATED_MSRS`] is
+    /// refused ([`KvmError::MsrRefused`]) before anything loads.
     #[cfg(target_arch = "x86_64")]
     pub fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        // Only the MSRs `state` takes (a peer's bytes could name any).
+        if let Some(&(index, _)) = state
+            .msrs
+            .iter()
+            .find(|(i, _)| !MIGRATED_MSRS.contains(i))
+        {
+            return Err(KvmError::MsrRefused { index });
+        }
         let before = self.state()?;
         self.load_state(state).inspect_err(|_| {
             let _ = self.load_state(&before);
