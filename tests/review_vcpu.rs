@@ -292,4 +292,48 @@ mod on_kvm {
             "the vCPU untouched"
         );
     }
+
+    /// Taking a vCPU's state does not change it, and gives what it is: an
+    /// application processor with a SIPI pending (`KVM_MP_STATE_SIPI_RECEIVED`
+    /// loaded) has it accepted by `KVM_GET_MP_STATE` (`CS:IP` set from the
+    /// vector, runnable). Read after the registers, the saved state had
+    /// the registers from before the SIPI and the run state after it: the
+    /// SIPI lost, the AP restored to run from its reset `RIP`.
+    #[test]
+    fn taking_the_state_of_an_ap_with_a_pending_sipi_is_consistent() {
+        let test = "taking_the_state_of_an_ap_with_a_pending_sipi_is_consistent";
+        let Some((vm, _bsp)) = vcpu_with_irqchip(test) else {
+            return;
+        };
+        let mut ap = vm.create_vcpu(1).unwrap();
+        let mut s = ap.snapshot_state().unwrap();
+        let ev = s.events.as_mut().unwrap();
+        // struct kvm_vcpu_events: sipi_vector at 16, flags at 20;
+        // KVM_VCPUEVENT_VALID_SIPI_VECTOR is 2.
+        ev[16..20].copy_from_slice(&0x12u32.to_le_bytes());
+        let flags = u32::from_le_bytes(ev[20..24].try_into().unwrap()) | 2;
+        ev[20..24].copy_from_slice(&flags.to_le_bytes());
+        s.mp_state = Some(4); // KVM_MP_STATE_SIPI_RECEIVED
+        ap.set_snapshot_state(&s).unwrap();
+        let first = ap.snapshot_state().unwrap();
+        let second = ap.snapshot_state().unwrap();
+        println!(
+            "{test}: first CS base {:#x} RIP {:#x} run state {:?}; second CS base {:#x} RIP {:#x}",
+            first.sregs.cs.base,
+            first.regs.rip,
+            first.mp_state,
+            second.sregs.cs.base,
+            second.regs.rip
+        );
+        assert_eq!(second.sregs.cs.base, 0x12000, "the SIPI delivered");
+        assert_eq!(
+            first.regs, second.regs,
+            "the saved registers are the vCPU's"
+        );
+        assert_eq!(
+            first.sregs, second.sregs,
+            "the saved segments are the vCPU's"
+        );
+        assert_eq!(first.mp_state, second.mp_state);
+    }
 }
