@@ -418,6 +418,9 @@ impl KvmVcpu {
     /// [`run`](Self::run) returned).
     #[cfg(target_arch = "x86_64")]
     pub fn state(&self) -> Result<VcpuState, KvmError> {
+        // The run state first (see `snapshot_state`): reading it accepts
+        // a pending INIT or SIPI, which changes the registers.
+        let mp_state = self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
         Ok(VcpuState {
             regs: self.regs()?,
             arch: ArchState {
@@ -428,7 +431,7 @@ impl KvmVcpu {
                     .fd
                     .get_vcpu_events()
                     .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
-                mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+                mp_state,
                 debugregs: self
                     .fd
                     .get_debug_regs()
@@ -463,11 +466,7 @@ impl KvmVcpu {
     #[cfg(target_arch = "x86_64")]
     pub fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
         // Only the MSRs `state` takes (a peer's bytes could name any).
-        if let Some(&(index, _)) = state
-            .msrs
-            .iter()
-            .find(|(i, _)| !MIGRATED_MSRS.contains(i))
-        {
+        if let Some(&(index, _)) = state.msrs.iter().find(|(i, _)| !MIGRATED_MSRS.contains(i)) {
             return Err(KvmError::MsrRefused { index });
         }
         let before = self.state()?;
@@ -539,6 +538,14 @@ impl KvmVcpu {
     /// silently short of a part. Take it with the vCPU stopped (after
     /// [`run`](Self::run) returned).
     pub fn snapshot_state(&self) -> Result<SnapState, KvmError> {
+        // The run state first: KVM_GET_MP_STATE accepts a pending INIT or
+        // SIPI (resetting the vCPU, or setting `CS:IP` from the vector),
+        // so every part read after it is the vCPU it reports.
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(ioctl("KVM_GET_MP_STATE"))?
+            .mp_state;
         let lapic = match self.fd.get_lapic() {
             Ok(l) => {
                 let mut b = Box::new([0u8; SNAP_LAPIC_LEN]);
@@ -582,12 +589,7 @@ impl KvmVcpu {
             },
             lapic,
             events: Some(ev),
-            mp_state: Some(
-                self.fd
-                    .get_mp_state()
-                    .map_err(ioctl("KVM_GET_MP_STATE"))?
-                    .mp_state,
-            ),
+            mp_state: Some(mp_state),
             // 0: KVM has no rate for the vCPU (nothing to carry).
             tsc_khz: Some(self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?)
                 .filter(|&k| k != 0),
