@@ -283,11 +283,13 @@ const MAX_XCRS: usize = 16;
 const MAX_XSAVE: usize = 64 * 1024;
 /// Most MSRs a section may hold (KVM's index list has under 200).
 const MAX_MSRS: usize = 4096;
-/// The largest entry of one vCPU: its record and every section at its
-/// largest, rounded up. With [`MAX_VCPUS`](super::format::MAX_VCPUS) it
-/// bounds the part's length before a byte of it is read, as a sparse
-/// file's length costs its author nothing.
-const MAX_ENTRY: usize = 256 * 1024;
+/// The largest entry of one vCPU: its record and every section (7, each
+/// with its 8-byte header) at its largest. With
+/// [`MAX_VCPUS`](super::format::MAX_VCPUS) it bounds the part's length
+/// before a byte of it is read, as a sparse file's length costs its author
+/// nothing: exact, so a hostile count of vCPUs buys no slack.
+const MAX_ENTRY: usize =
+    VCPU_LEN + 7 * 8 + MAX_XSAVE + MAX_XCRS * 16 + MAX_MSRS * 16 + LAPIC_LEN + EVENTS_LEN + 8 + 8;
 
 const SEGMENTS_AT: usize = 200;
 const SEGMENT_LEN: usize = 24;
@@ -873,5 +875,22 @@ mod tests {
             err.as_deref().is_some_and(|e| e.contains("TSC frequency")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn the_largest_entry_a_writer_makes_parses() {
+        let s = VcpuState {
+            xsave: vec![0; MAX_XSAVE],
+            xcrs: vec![(0, 1); MAX_XCRS],
+            msrs: vec![(0x10, 1); MAX_MSRS],
+            lapic: Some(Box::new([0; LAPIC_LEN])),
+            events: Some([0; EVENTS_LEN]),
+            mp_state: Some(0),
+            tsc_khz: Some(1),
+            ..VcpuState::default()
+        };
+        let part = encode_part(std::slice::from_ref(&s)).unwrap_or_default();
+        assert_eq!(part.len() as u64, sectioned_max_len(1), "exact bound");
+        assert_eq!(parse_sectioned(&part, 0, 1).ok(), Some(vec![s]));
     }
 }
