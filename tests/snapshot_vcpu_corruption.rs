@@ -344,7 +344,8 @@ fn a_file_of_fixed_records_from_an_earlier_build_still_reads() {
             "MSRs",
             "local APIC",
             "vCPU events",
-            "MP state"
+            "MP state",
+            "TSC frequency"
         ]
     );
     // Its damage is still found: a record's reserved byte.

@@ -418,6 +418,9 @@ impl KvmVcpu {
     /// [`run`](Self::run) returned).
     #[cfg(target_arch = "x86_64")]
     pub fn state(&self) -> Result<VcpuState, KvmError> {
+        // The run state first (see `snapshot_state`): reading it accepts
+        // a pending INIT or SIPI, which changes the registers.
+        let mp_state = self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
         Ok(VcpuState {
             regs: self.regs()?,
             arch: ArchState {
@@ -428,7 +431,7 @@ impl KvmVcpu {
                     .fd
                     .get_vcpu_events()
                     .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
-                mp_state: self.fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+                mp_state,
                 debugregs: self
                     .fd
                     .get_debug_regs()
@@ -458,9 +461,14 @@ impl KvmVcpu {
     /// Loads a state taken by [`state`](Self::state), on this or another
     /// host's vCPU with the same features. If KVM refuses a part, the
     /// vCPU's previous state is loaded back (as far as KVM takes it) and
-    /// the error says which part.
+    /// the error says which part. An MSR outside [`MIGRATED_MSRS`] is
+    /// refused ([`KvmError::MsrRefused`]) before anything loads.
     #[cfg(target_arch = "x86_64")]
     pub fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        // Only the MSRs `state` takes (a peer's bytes could name any).
+        if let Some(&(index, _)) = state.msrs.iter().find(|(i, _)| !MIGRATED_MSRS.contains(i)) {
+            return Err(KvmError::MsrRefused { index });
+        }
         let before = self.state()?;
         self.load_state(state).inspect_err(|_| {
             let _ = self.load_state(&before);
@@ -524,11 +532,20 @@ impl KvmVcpu {
     /// [`saved_msrs`](Self::saved_msrs)), the in-kernel local APIC
     /// (`KVM_GET_LAPIC`; `None` where the VM has no in-kernel irqchip: the
     /// one part skipped, by nature), pending events
-    /// (`KVM_GET_VCPU_EVENTS`) and the run state (`KVM_GET_MP_STATE`).
+    /// (`KVM_GET_VCPU_EVENTS`), the run state (`KVM_GET_MP_STATE`) and the
+    /// guest's TSC rate (`KVM_GET_TSC_KHZ`).
     /// Any other refusal is an error naming the ioctl: never a state
     /// silently short of a part. Take it with the vCPU stopped (after
     /// [`run`](Self::run) returned).
     pub fn snapshot_state(&self) -> Result<SnapState, KvmError> {
+        // The run state first: KVM_GET_MP_STATE accepts a pending INIT or
+        // SIPI (resetting the vCPU, or setting `CS:IP` from the vector),
+        // so every part read after it is the vCPU it reports.
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(ioctl("KVM_GET_MP_STATE"))?
+            .mp_state;
         let lapic = match self.fd.get_lapic() {
             Ok(l) => {
                 let mut b = Box::new([0u8; SNAP_LAPIC_LEN]);
@@ -572,12 +589,10 @@ impl KvmVcpu {
             },
             lapic,
             events: Some(ev),
-            mp_state: Some(
-                self.fd
-                    .get_mp_state()
-                    .map_err(ioctl("KVM_GET_MP_STATE"))?
-                    .mp_state,
-            ),
+            mp_state: Some(mp_state),
+            // 0: KVM has no rate for the vCPU (nothing to carry).
+            tsc_khz: Some(self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?)
+                .filter(|&k| k != 0),
         })
     }
 
@@ -622,8 +637,10 @@ impl KvmVcpu {
     /// vCPU's previous state loaded back (as far as KVM takes it): an
     /// `XSAVE` area larger than this vCPU's ([`KvmError::XsaveMismatch`]),
     /// a local APIC state where the VM has no in-kernel irqchip
-    /// ([`KvmError::Unsupported`]), an MSR KVM will not take
-    /// ([`KvmError::MsrRefused`]), or any ioctl KVM refuses.
+    /// ([`KvmError::Unsupported`]), an MSR KVM will not take or one
+    /// outside this vCPU's [`saved_msrs`](Self::saved_msrs) (refused
+    /// before anything loads; [`KvmError::MsrRefused`]), or any ioctl KVM
+    /// refuses.
     ///
     /// [`SnapshotReader::vcpus`]: crate::snapshot::SnapshotReader::vcpus
     pub fn set_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
@@ -642,6 +659,17 @@ impl KvmVcpu {
                 saved: n,
                 here: self.xsave_size,
             });
+        }
+        // Only the MSRs `snapshot_state` saves: KVM takes from the VMM
+        // values and registers the guest could never set itself (a
+        // machine-check status, say), and the put-back after a later
+        // refusal restores only the saved list.
+        if let Some(&(index, _)) = state
+            .msrs
+            .iter()
+            .find(|(i, _)| !self.saved_msrs.contains(i))
+        {
+            return Err(KvmError::MsrRefused { index });
         }
         if state.xcrs.len() > kvm_xcrs::default().xcrs.len() {
             return Err(KvmError::Unsupported {
@@ -663,6 +691,16 @@ impl KvmVcpu {
     }
 
     fn load_snapshot_state(&mut self, state: &SnapState) -> Result<(), KvmError> {
+        // The TSC rate first: KVM converts the TSC value (MSR 0x10) and
+        // the TSC deadline loaded below at the vCPU's rate then. Only
+        // where it differs (another host's frequency): KVM refuses a rate
+        // below this host's without TSC scaling, an error naming the
+        // ioctl rather than a guest whose clock runs fast.
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))? != khz {
+                self.fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))?;
+            }
+        }
         let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         load_sregs(&mut sregs, &state.sregs);
         self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
@@ -679,6 +717,19 @@ impl KvmVcpu {
             self.load_xsave(&state.xsave)?;
         }
         self.set_regs(&state.regs)?;
+        // The local APIC before the MSRs (as cloud-hypervisor and QEMU
+        // order them): KVM ignores `IA32_TSC_DEADLINE` while the APIC timer
+        // is not in TSC-deadline mode, and `KVM_SET_LAPIC` switching it
+        // into that mode clears the deadline. After `KVM_SET_SREGS`, which
+        // loads `APIC_BASE`.
+        if let Some(l) = &state.lapic {
+            let lapic =
+                kvm_lapic_state::read_from_bytes(&l[..]).map_err(|_| KvmError::Unsupported {
+                    part: "a local APIC state",
+                    needs: "1024 bytes",
+                })?;
+            self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+        }
         if !state.msrs.is_empty() {
             for chunk in state.msrs.chunks(MSR_CHUNK) {
                 let msrs = msr_list(chunk.iter().copied())?;
@@ -687,14 +738,6 @@ impl KvmVcpu {
                     return Err(KvmError::MsrRefused { index });
                 }
             }
-        }
-        if let Some(l) = &state.lapic {
-            let lapic =
-                kvm_lapic_state::read_from_bytes(&l[..]).map_err(|_| KvmError::Unsupported {
-                    part: "a local APIC state",
-                    needs: "1024 bytes",
-                })?;
-            self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         }
         if let Some(m) = state.mp_state {
             self.fd

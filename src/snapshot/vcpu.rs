@@ -23,7 +23,8 @@
 //! u32, value u64; at most 16), 3 MSRs (16 bytes each: index u32, zero u32,
 //! value u64), 4 the local APIC (`struct kvm_lapic_state`, 1024 bytes), 5
 //! pending events (`struct kvm_vcpu_events`, 64 bytes), 6 the run state
-//! (u32, zero u32). A section not there was not saved; a tag this build
+//! (u32, zero u32), 7 the guest's TSC rate (`KVM_GET_TSC_KHZ`: kHz u32,
+//! zero u32). A section not there was not saved; a tag this build
 //! does not know is refused (a newer writer's state is never half-loaded).
 //!
 //! # Register record (504 bytes)
@@ -63,6 +64,7 @@ const TAG_MSRS: u16 = 3;
 const TAG_LAPIC: u16 = 4;
 const TAG_EVENTS: u16 = 5;
 const TAG_MP_STATE: u16 = 6;
+const TAG_TSC_KHZ: u16 = 7;
 
 /// A section's name for messages.
 fn tag_name(tag: u16) -> &'static str {
@@ -73,6 +75,7 @@ fn tag_name(tag: u16) -> &'static str {
         TAG_LAPIC => "local APIC",
         TAG_EVENTS => "vCPU events",
         TAG_MP_STATE => "MP state",
+        TAG_TSC_KHZ => "TSC frequency",
         _ => "unknown section",
     }
 }
@@ -260,6 +263,10 @@ pub struct VcpuState {
     /// waiting for INIT, 3 halted, 4 waiting for SIPI, ...). `None`: not
     /// saved.
     pub mp_state: Option<u32>,
+    /// The rate of the guest's TSC in kHz (`KVM_GET_TSC_KHZ`): what its
+    /// TSC calibration and kvmclock assume, loaded on a host of another
+    /// TSC frequency with `KVM_SET_TSC_KHZ`. `None`: not saved.
+    pub tsc_khz: Option<u32>,
 }
 
 /// Bytes of a local APIC's state ([`VcpuState::lapic`]).
@@ -276,11 +283,13 @@ const MAX_XCRS: usize = 16;
 const MAX_XSAVE: usize = 64 * 1024;
 /// Most MSRs a section may hold (KVM's index list has under 200).
 const MAX_MSRS: usize = 4096;
-/// The largest entry of one vCPU: its record and every section at its
-/// largest, rounded up. With [`MAX_VCPUS`](super::format::MAX_VCPUS) it
-/// bounds the part's length before a byte of it is read, as a sparse
-/// file's length costs its author nothing.
-const MAX_ENTRY: usize = 256 * 1024;
+/// The largest entry of one vCPU: its record and every section (7, each
+/// with its 8-byte header) at its largest. With
+/// [`MAX_VCPUS`](super::format::MAX_VCPUS) it bounds the part's length
+/// before a byte of it is read, as a sparse file's length costs its author
+/// nothing: exact, so a hostile count of vCPUs buys no slack.
+const MAX_ENTRY: usize =
+    VCPU_LEN + 7 * 8 + MAX_XSAVE + MAX_XCRS * 16 + MAX_MSRS * 16 + LAPIC_LEN + EVENTS_LEN + 8 + 8;
 
 const SEGMENTS_AT: usize = 200;
 const SEGMENT_LEN: usize = 24;
@@ -490,6 +499,7 @@ impl VcpuState {
             (TAG_LAPIC, self.lapic.is_none()),
             (TAG_EVENTS, self.events.is_none()),
             (TAG_MP_STATE, self.mp_state.is_none()),
+            (TAG_TSC_KHZ, self.tsc_khz.is_none()),
         ] {
             if absent {
                 out.push(tag_name(tag));
@@ -535,6 +545,11 @@ impl VcpuState {
             let mut b = [0u8; 8];
             b[..4].copy_from_slice(&m.to_le_bytes());
             section(TAG_MP_STATE, &b);
+        }
+        if let Some(khz) = self.tsc_khz {
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&khz.to_le_bytes());
+            section(TAG_TSC_KHZ, &b);
         }
     }
 }
@@ -768,6 +783,13 @@ pub(crate) fn parse_sectioned(
                     reserved(body, data_at + 4, 4, at)?;
                     state.mp_state = Some(u32::from_le_bytes(le(data, 0)));
                 }
+                TAG_TSC_KHZ => {
+                    if len != 8 {
+                        return Err(wrong_len("8"));
+                    }
+                    reserved(body, data_at + 4, 4, at)?;
+                    state.tsc_khz = Some(u32::from_le_bytes(le(data, 0)));
+                }
                 _ => {
                     return Err(bad(
                         s,
@@ -817,5 +839,58 @@ mod tests {
             bad[k] = 1;
             assert_eq!(VcpuState::decode(&bad), Err(k));
         }
+    }
+
+    #[test]
+    fn the_tsc_rate_section_round_trips_and_is_checked() {
+        let s = VcpuState {
+            mp_state: Some(3),
+            tsc_khz: Some(2_599_998),
+            ..VcpuState::default()
+        };
+        let part = encode_part(std::slice::from_ref(&s)).unwrap_or_default();
+        assert_eq!(parse_sectioned(&part, 0, 1).ok(), Some(vec![s.clone()]));
+        // The section is last: tag, zero, length 8, kHz, 4 zero bytes,
+        // then the checksum.
+        let at = part.len() - 8 - 16;
+        assert_eq!(part[at..at + 2], TAG_TSC_KHZ.to_le_bytes());
+        let reseal = |mut b: Vec<u8>| {
+            let n = b.len() - 8;
+            let sum = xxh3_64_with_seed(&b[..n], SECTIONED_SEED);
+            b[n..].copy_from_slice(&sum.to_le_bytes());
+            b
+        };
+        let mut b = part.clone();
+        b[at + 8 + 4] = 1; // a reserved byte
+        assert!(matches!(
+            parse_sectioned(&reseal(b), 0, 1),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        let mut b = part.clone();
+        b[at + 4] = 4; // length 4
+        let err = parse_sectioned(&reseal(b), 0, 1)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("TSC frequency")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_largest_entry_a_writer_makes_parses() {
+        let s = VcpuState {
+            xsave: vec![0; MAX_XSAVE],
+            xcrs: vec![(0, 1); MAX_XCRS],
+            msrs: vec![(0x10, 1); MAX_MSRS],
+            lapic: Some(Box::new([0; LAPIC_LEN])),
+            events: Some([0; EVENTS_LEN]),
+            mp_state: Some(0),
+            tsc_khz: Some(1),
+            ..VcpuState::default()
+        };
+        let part = encode_part(std::slice::from_ref(&s)).unwrap_or_default();
+        assert_eq!(part.len() as u64, sectioned_max_len(1), "exact bound");
+        assert_eq!(parse_sectioned(&part, 0, 1).ok(), Some(vec![s]));
     }
 }
