@@ -276,6 +276,8 @@ pub fn save_with_vcpus(
     opts: &SaveOptions,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    // A state no reader would accept: refused before a page is read.
+    vcpu::check_states(vcpus)?;
     // What the log held before this save: the writes since the snapshot
     // before, which an incremental on that one still needs if this save
     // fails.
@@ -359,6 +361,7 @@ pub fn save_incremental_with_vcpus(
     path: impl AsRef<Path>,
     vcpus: &[VcpuState],
 ) -> Result<SaveStats, SnapshotError> {
+    vcpu::check_states(vcpus)?;
     let r = save_incremental_inner(mem, parent, dirty, path.as_ref(), vcpus);
     if r.is_err() {
         // Best effort: a run outside the memory was the error itself.

@@ -423,14 +423,9 @@ pub(crate) fn sectioned_max_len(count: u32) -> u64 {
     SECTIONED_MIN + u64::from(count) * (8 + MAX_ENTRY as u64)
 }
 
-/// The sectioned part's bytes for `states` (module doc's layout); empty
-/// for no vCPU. A state with a section larger than a reader accepts (an
-/// `XSAVE` area over 64 KiB, over 4096 MSRs or 16 XCRs) is refused,
-/// naming the vCPU, rather than written into a file no reader opens.
-pub(crate) fn encode_part(states: &[VcpuState]) -> Result<Vec<u8>, SnapshotError> {
-    if states.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Refuses a state with a section larger than a reader accepts, naming
+/// the vCPU: a save checks before it reads a page.
+pub(crate) fn check_states(states: &[VcpuState]) -> Result<(), SnapshotError> {
     for (i, s) in states.iter().enumerate() {
         let what = if s.xsave.len() > MAX_XSAVE {
             Some(format!(
@@ -455,6 +450,18 @@ pub(crate) fn encode_part(states: &[VcpuState]) -> Result<Vec<u8>, SnapshotError
             ));
         }
     }
+    Ok(())
+}
+
+/// The sectioned part's bytes for `states` (module doc's layout); empty
+/// for no vCPU. A state with a section larger than a reader accepts (an
+/// `XSAVE` area over 64 KiB, over 4096 MSRs or 16 XCRs) is refused,
+/// naming the vCPU, rather than written into a file no reader opens.
+pub(crate) fn encode_part(states: &[VcpuState]) -> Result<Vec<u8>, SnapshotError> {
+    if states.is_empty() {
+        return Ok(Vec::new());
+    }
+    check_states(states)?;
     let mut out = vec![0u8; 8];
     for s in states {
         let entry_at = out.len();
