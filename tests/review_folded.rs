@@ -7,15 +7,13 @@
 use std::sync::Arc;
 
 use pagefold::{
-    dedup::DedupOptions,
     frames::StoreOptions,
-    snapshot::{restore_folded_with, save, FoldLayout, FoldOptions, SaveOptions, SnapshotReader},
-    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
+    snapshot::{restore_folded_with, FoldLayout},
+    DedupHost, FrameStore, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
-use rand::{Rng, SeedableRng};
 
 mod common;
-use common::temp_dir::TempDir;
+use common::{folded::*, temp_dir::TempDir};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -23,91 +21,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn image(mem: &GuestMemory) -> Vec<Vec<u8>> {
-    mem.regions()
-        .iter()
-        .flat_map(|r| (0..r.size() / PAGE).map(move |i| GuestPhysAddr(r.start().0 + i * PAGE)))
-        .map(|g| {
-            let mut p = vec![0u8; PAGE_SIZE];
-            mem.read(g, &mut p).unwrap();
-            p
-        })
-        .collect()
-}
-
-/// A page of `seed`'s bytes.
-fn filled(seed: u64) -> Vec<u8> {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    (0..PAGE_SIZE).map(|_| rng.gen()).collect()
-}
-
-/// Two regions of zero pages, a run of one repeated content, scattered
-/// duplicates and pages of their own (as `tests/snapshot_folded.rs`).
-fn source(salt: u64) -> GuestMemory {
-    let mem = GuestMemory::new(&[
-        (GuestPhysAddr(0), 64 * PAGE),
-        (GuestPhysAddr(0x10_0000), 32 * PAGE),
-    ])
-    .unwrap();
-    let pages: Vec<GuestPhysAddr> = mem
-        .regions()
-        .iter()
-        .flat_map(|r| (0..r.size() / PAGE).map(move |i| GuestPhysAddr(r.start().0 + i * PAGE)))
-        .collect();
-    for (i, gpa) in pages.into_iter().enumerate() {
-        let bytes = match i % 8 {
-            0 | 1 => continue,
-            2 if i < 48 => filled(7),
-            3 => filled(100 + (i as u64 % 5)),
-            _ => filled(salt * 1_000_000 + i as u64),
-        };
-        mem.write(gpa, &bytes).unwrap();
-    }
-    mem
-}
-
-/// A host whose mapping budget leaves about `mappings` for remaps.
-fn host_with_mappings(mappings: u64) -> (Arc<FrameStore>, DedupHost) {
-    let store = Arc::new(FrameStore::memfd().unwrap());
-    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let now = std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count() as u64;
-    let host = DedupHost::with_options(
-        Arc::clone(&store),
-        DedupOptions {
-            map_headroom: max.saturating_sub(now + mappings),
-        },
-    )
-    .unwrap();
-    (store, host)
-}
-
-fn laid(layout: FoldLayout) -> FoldOptions {
-    FoldOptions {
-        layout,
-        ..FoldOptions::default()
-    }
-}
-
-fn planned(n: u64) -> FoldOptions {
-    FoldOptions {
-        planned_clones: Some(n),
-        ..FoldOptions::default()
-    }
-}
-
-fn saved(dir: &TempDir, name: &str, mem: &GuestMemory) -> SnapshotReader {
-    let path = dir.path(name);
-    save(mem, &path, &SaveOptions { track_dirty: false }).unwrap();
-    SnapshotReader::open(&path).unwrap()
 }
 
 /// The partial image a short budget chose for eight planned clones (and
@@ -121,7 +34,7 @@ fn saved(dir: &TempDir, name: &str, mem: &GuestMemory) -> SnapshotReader {
 fn a_plan_ends_with_its_last_clone() {
     let _s = serial();
     let dir = TempDir::new("plan");
-    let src = source(13);
+    let (src, _) = source(13);
     let want = image(&src);
     let snap = saved(&dir, "a.snap", &src);
     // What one clone maps with this budget on a host that saw no other.
@@ -165,7 +78,7 @@ fn a_plan_ends_with_its_last_clone() {
 fn zero_pages_hold_no_memory_on_a_populating_store() {
     let _s = serial();
     let dir = TempDir::new("populate");
-    let src = source(14);
+    let (src, _) = source(14);
     let want = image(&src);
     let snap = saved(&dir, "a.snap", &src);
     let store = Arc::new(
@@ -220,7 +133,7 @@ fn zero_pages_hold_no_memory_on_a_populating_store() {
 fn a_new_partial_image_is_not_counted_as_found() {
     let _s = serial();
     let dir = TempDir::new("found");
-    let src = source(13);
+    let (src, _) = source(13);
     let want = image(&src);
     let snap = saved(&dir, "a.snap", &src);
     let (store, host) = host_with_mappings(100);

@@ -2,7 +2,7 @@
 //! subset): the proptest strategies that drive the guest-memory model of
 //! `pagefold_models::model`, small VMs for the dedup tests, and x86 page
 //! tables built by hand for the paging tests, and the VMM, backend and
-//! service processes of the host service's tests, and temporary directories for the snapshot tests. The reference models that
+//! service processes of the host service's tests, temporary directories for the snapshot tests and the folded-restore fixtures. The reference models that
 //! the fuzz targets share live in the `pagefold-models` crate.
 
 // The lints the paging tests that use it allow: a failed unwrap in a helper
@@ -15,5 +15,9 @@ pub(crate) mod page_tables;
 pub(crate) mod processes;
 #[allow(dead_code)] // each test binary uses a subset
 pub(crate) mod small_vms;
+// Each test binary uses a subset; a failed unwrap is a failed test; page
+// indexes are small.
+#[allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
+pub(crate) mod folded;
 pub(crate) mod strategies;
 pub(crate) mod temp_dir;
