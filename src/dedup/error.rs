@@ -50,6 +50,14 @@ pub enum DedupError {
     /// time) would only spin.
     #[error("a background scan step needs a budget of at least one page or some time")]
     EmptyBudget,
+    /// The VM was restored lazily onto an image still arriving
+    /// (`snapshot::restore_folded_lazy`): its pages cannot be unmerged or
+    /// merged until its restore's `wait` returns.
+    #[error("VM {} is still arriving (a lazy folded restore); wait for its restore first", .0 .0)]
+    Arriving(VmId),
+    /// An image was published with pages still to arrive.
+    #[error("{0} pages of the image have not arrived")]
+    NotArrived(u64),
     /// Reading the kernel's view of this process failed.
     #[error("reading {what}: {source}")]
     Proc {

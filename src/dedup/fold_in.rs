@@ -15,12 +15,14 @@
 
 use std::{
     os::fd::AsRawFd,
-    sync::{Arc, MutexGuard},
+    sync::{Arc, MutexGuard, Weak},
 };
 
 use rayon::prelude::*;
 
 use super::{
+    arrival::Arrival,
+    arriving::ArrivingImage,
     error::DedupError,
     key::DomainKey,
     locks::lock,
@@ -44,7 +46,7 @@ const MAPPINGS_PER_RUN: u64 = 2;
 
 /// A restore in progress on one domain of a dedup host (see the module).
 pub(crate) struct FoldIn<'h> {
-    inner: &'h Inner,
+    inner: &'h Arc<Inner>,
     scan: MutexGuard<'h, ScanState>,
     domain: DomainId,
     key: Arc<DomainKey>,
@@ -100,7 +102,7 @@ pub(crate) struct Installed {
 impl<'h> FoldIn<'h> {
     /// Starts a restore into `domain`, holding the scan's lock `scan`.
     pub(super) fn new(
-        inner: &'h Inner,
+        inner: &'h Arc<Inner>,
         mut scan: MutexGuard<'h, ScanState>,
         domain: DomainId,
     ) -> Result<Self, DedupError> {
@@ -318,6 +320,42 @@ impl<'h> FoldIn<'h> {
         Ok((base.start, false))
     }
 
+    /// An image of `addrs` (a page each, zero pages addressed `zero`)
+    /// named `key` that clones map while it arrives (`arriving.rs`): the
+    /// one a clone restored lazily before made, if it is still arriving,
+    /// else new frames. The caller looked for a whole image first
+    /// ([`has_whole_image`](Self::has_whole_image)).
+    pub(crate) fn arriving_image(
+        &mut self,
+        key: &Address,
+        addrs: Vec<Address>,
+        zero: &Address,
+    ) -> Result<Arc<ArrivingImage>, DedupError> {
+        let domain = self.domain;
+        if let Some(image) = self
+            .scan
+            .arriving
+            .get(&(domain, *key))
+            .and_then(Weak::upgrade)
+        {
+            if image.is_for(domain, &addrs) && !image.is_published() {
+                return Ok(image);
+            }
+        }
+        let image = Arc::new(ArrivingImage::reserve(
+            &self.inner.store,
+            Arc::clone(&self.key),
+            domain,
+            *key,
+            addrs,
+            *zero,
+        )?);
+        self.scan
+            .arriving
+            .insert((domain, *image.name()), Arc::downgrade(&image));
+        Ok(image)
+    }
+
     /// Fills frames `base` with the contents `missing` names (indexes
     /// into the caller's addresses), a stretch of consecutive indexes per
     /// call of `fill`, and returns each one's keyed hash.
@@ -362,12 +400,55 @@ impl<'h> FoldIn<'h> {
     /// for a later merge pass. On an error nothing is registered and the
     /// memory is gone.
     pub(crate) fn install(
-        mut self,
+        self,
         mem: GuestMemory,
         options: VmOptions,
         frames: &[Vec<PageFrame>],
         clone_of: &Address,
     ) -> Result<(VmId, Arc<GuestMemory>, Installed), DedupError> {
+        let (id, mem, out, _) = self.install_with(mem, options, frames, clone_of, None)?;
+        Ok((id, mem, out))
+    }
+
+    /// [`install`](Self::install) onto `image`, still arriving: the VM is
+    /// registered as arriving (no pass scans it, nothing unmerges it) until
+    /// the returned [`Arrival`] says it has arrived, and a run the mapping
+    /// budget cannot pay for, or of an excluded region, is not copied (the
+    /// image is not there to copy) but left as it is, its own frames'
+    /// holes, for the caller to fill. Returns, per region, whether its
+    /// pages map the image (every run of it remapped).
+    pub(crate) fn install_arriving(
+        self,
+        mem: GuestMemory,
+        options: VmOptions,
+        frames: &[Vec<PageFrame>],
+        clone_of: &Address,
+        image: Arc<ArrivingImage>,
+    ) -> Result<(Arrival, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
+        let inner = Arc::downgrade(self.inner);
+        let (vm, mem, out, on_image) =
+            self.install_with(mem, options, frames, clone_of, Some(&image))?;
+        Ok((
+            Arrival {
+                inner,
+                vm,
+                image,
+                done: false,
+            },
+            mem,
+            out,
+            on_image,
+        ))
+    }
+
+    fn install_with(
+        mut self,
+        mem: GuestMemory,
+        options: VmOptions,
+        frames: &[Vec<PageFrame>],
+        clone_of: &Address,
+        arriving: Option<&Arc<ArrivingImage>>,
+    ) -> Result<(VmId, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
         let store = Arc::clone(&self.inner.store);
         // A page named past the memory's: the caller's layout and frames
         // disagree.
@@ -429,6 +510,8 @@ impl<'h> FoldIn<'h> {
         let mut buf = Vec::new();
         // Pages copied as zeros: holes, released below.
         let mut holes: Vec<(usize, usize)> = Vec::new();
+        // Regions with a run left for the caller (arriving only).
+        let mut left: Vec<usize> = Vec::new();
         for &(ri, page, count, frame, content) in &runs {
             let region = &mem.regions()[ri];
             let afford = !excluded(ri)
@@ -456,6 +539,11 @@ impl<'h> FoldIn<'h> {
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            if arriving.is_some() {
+                // Nothing to copy yet: the caller fills these pages.
+                left.push(ri);
+                continue;
             }
             out.copied_pages += copy_run(&store, region, page, count, frame, &mut buf, &mut |p| {
                 holes.push((ri, p));
@@ -540,9 +628,16 @@ impl<'h> FoldIn<'h> {
             }
         }
         let mem = Arc::new(mem);
-        let id = self
-            .inner
-            .add_vm(&mut self.scan, Arc::clone(&mem), options, None)?;
+        let on_image: Vec<bool> = (0..frames.len())
+            .map(|ri| arriving.is_some() && !left.contains(&ri))
+            .collect();
+        let id = self.inner.add_vm(
+            &mut self.scan,
+            Arc::clone(&mem),
+            options,
+            None,
+            arriving.is_some(),
+        )?;
         let domain = self.domain;
         self.scan
             .restored
@@ -555,7 +650,7 @@ impl<'h> FoldIn<'h> {
                 shared.add_ref(FrameNumber(frame.0 + k as u64), 1);
             }
         }
-        Ok((id, mem, out))
+        Ok((id, mem, out, on_image))
     }
 }
 

@@ -18,9 +18,12 @@
 //! never depends on the rule, since bytes are compared under write
 //! protection before every merge).
 
+mod arrival;
+mod arriving;
 mod catch_up;
 mod error;
 mod fold_in;
+mod forget;
 mod handler;
 mod incremental;
 mod key;
@@ -54,13 +57,15 @@ use std::{
 };
 
 pub use error::DedupError;
+pub(crate) use arrival::Arrival;
+pub(crate) use arriving::ArrivingImage;
 pub(crate) use fold_in::{FoldIn, PageFrame};
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use remote::RemoteError;
 pub use stats::{DedupStats, KernelView, ScanReport, VmStats};
 
 use self::{
-    locks::{lock, read, write},
+    locks::{lock, read},
     pagemap::PageMap,
     scan::Batches,
     shared::SharedFrames,
@@ -143,6 +148,7 @@ impl DedupHost {
                 volatile_last_scan: 0,
                 restored: HashMap::new(),
                 covers: HashMap::new(),
+                arriving: HashMap::new(),
             }),
             shared: Mutex::new(SharedFrames::default()),
             full_scans: AtomicU64::new(0),
@@ -193,7 +199,7 @@ impl DedupHost {
         remote: Option<Arc<dyn remote::RemoteMapper>>,
     ) -> Result<VmId, DedupError> {
         let mut scan = lock(&self.inner.scan);
-        self.inner.add_vm(&mut scan, mem, options, remote)
+        self.inner.add_vm(&mut scan, mem, options, remote, false)
     }
 
     /// Starts restoring a VM into `domain` already merged (see
@@ -231,7 +237,7 @@ impl DedupHost {
             }
             std::thread::yield_now();
         }
-        self.remove_entry(&mut scan, &entry);
+        forget::remove_vm(&self.inner, &mut scan, &entry);
         Ok(Arc::clone(&entry.mem))
     }
 
@@ -242,7 +248,7 @@ impl DedupHost {
     pub(crate) fn forget(&self, vm: VmId) -> Result<(), DedupError> {
         let mut scan = lock(&self.inner.scan);
         let entry = self.entry(vm)?;
-        self.remove_entry(&mut scan, &entry);
+        forget::remove_vm(&self.inner, &mut scan, &entry);
         Ok(())
     }
 
@@ -287,37 +293,6 @@ impl DedupHost {
         Ok(catch_up::with_private_page_held(r, page, f))
     }
 
-    /// Takes `entry` out of the host: the scan's positions, its hashes, and
-    /// the shared-frame references only it held.
-    fn remove_entry(&self, scan: &mut state::ScanState, entry: &VmEntry) {
-        let vm = entry.id;
-        {
-            let mut vms = write(&self.inner.vms);
-            // The incremental scan's cursor names a VM by position: the VMs
-            // after this one move down one, and a cursor inside this one
-            // goes on at the start of the next (found by review: it skipped
-            // pages and counted a short pass as a full scan).
-            if let Some(gone) = vms.iter().position(|e| e.id == vm) {
-                // The unstable index names VMs by position too.
-                scan.unstable.forget_vm(gone);
-                let cursor = &mut scan.cursor;
-                if cursor.0 > gone {
-                    cursor.0 -= 1;
-                } else if cursor.0 == gone {
-                    *cursor = (gone, 0, 0);
-                }
-            }
-            vms.retain(|e| e.id != vm);
-        }
-        entry.mem.release_from_dedup();
-        // Every page of the VM is back in its own frame, so the recount only
-        // frees shared frames nobody maps any more; one whose punch fails
-        // stays recorded and is freed by a later recount. The VM is gone
-        // either way, so this is no reason to report a failure.
-        let _ = reconcile::recount(&self.inner);
-        scan.old_hashes.remove(&vm);
-    }
-
     /// Visits every page of every VM now, in batches of 8K pages, merging
     /// what it can; a pass the mapping budget cut short while an eighth of
     /// it was left runs again (up to three passes).
@@ -333,9 +308,9 @@ impl DedupHost {
                 vm.mem
                     .regions()
                     .iter()
-                    .zip(&vm.included)
-                    .filter(|(_, inc)| **inc)
-                    .map(|(r, _)| r.pages() as u64)
+                    .enumerate()
+                    .filter(|(ri, _)| vm.scans(*ri))
+                    .map(|(_, r)| r.pages() as u64)
             })
             .sum();
         // Each batch plans with its share of the mapping budget; a pass that
@@ -427,7 +402,7 @@ impl DedupHost {
             .iter()
             .filter_map(|&gpa| {
                 let ri = entry.mem.find_region(gpa)?;
-                if !entry.included[ri] {
+                if !entry.scans(ri) {
                     return None;
                 }
                 let r = &entry.mem.regions()[ri];
@@ -567,6 +542,9 @@ impl DedupHost {
     pub fn unmerge_all(&self) -> Result<u64, DedupError> {
         let _scan = lock(&self.inner.scan);
         let vms = read(&self.inner.vms).clone();
+        if let Some(vm) = vms.iter().find(|v| v.is_arriving()) {
+            return Err(DedupError::Arriving(vm.id));
+        }
         let mut n = 0;
         for vm in &vms {
             n += self.inner.unmerge_vm(vm)?;
@@ -716,8 +694,16 @@ impl DedupHost {
 impl Drop for DedupHost {
     fn drop(&mut self) {
         self.stop_background();
-        // Give every page its own frame back before the shared frames go.
-        let _ = self.unmerge_all();
+        // Give every page its own frame back before the shared frames go
+        // (a VM still arriving is its restore's to discard).
+        {
+            let _scan = lock(&self.inner.scan);
+            let vms = read(&self.inner.vms).clone();
+            for vm in vms.iter().filter(|v| !v.is_arriving()) {
+                let _ = self.inner.unmerge_vm(vm);
+            }
+            let _ = reconcile::recount(&self.inner);
+        }
         for vm in read(&self.inner.vms).iter() {
             vm.mem.release_from_dedup();
         }

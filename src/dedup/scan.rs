@@ -80,7 +80,7 @@ impl<'a> Batches<'a> {
     pub(super) fn new(vms: &'a [Arc<VmEntry>], pages: usize) -> Self {
         let regions = vms
             .iter()
-            .map(|vm| vm.included.iter().filter(|i| **i).count())
+            .map(|vm| (0..vm.included.len()).filter(|&ri| vm.scans(ri)).count())
             .sum::<usize>()
             .max(1);
         Batches {
@@ -103,7 +103,7 @@ impl Iterator for Batches<'_> {
             let mut more = false;
             for (v, vm) in self.vms.iter().enumerate() {
                 for (ri, r) in vm.mem.regions().iter().enumerate() {
-                    if vm.included[ri] && r.pages() > lo {
+                    if vm.scans(ri) && r.pages() > lo {
                         more = true;
                         refs.extend((lo..hi.min(r.pages())).filter_map(|p| PageRef::new(v, ri, p)));
                     }
@@ -170,7 +170,7 @@ pub(super) fn next_pages(
             let vm = &vms[v];
             let regions = vm.mem.regions();
             if r < regions.len() {
-                if !vm.included[r] || p >= regions[r].pages() {
+                if !vm.scans(r) || p >= regions[r].pages() {
                     r += 1;
                     p = 0;
                     continue;

@@ -8,11 +8,12 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Mutex, RwLock, Weak,
     },
 };
 
 use super::{
+    arriving::ArrivingImage,
     error::DedupError,
     key::DomainKey,
     locks::write,
@@ -53,6 +54,9 @@ pub(super) struct ScanState {
     /// (first, count) in page order over all regions. Kept while a clone
     /// of the snapshot in the domain is registered (see `restored`).
     pub(super) covers: HashMap<(DomainId, super::shared::Address), Cover>,
+    /// Images still arriving (`arriving.rs`) by domain and name, while a
+    /// clone maps them: a clone restored lazily meanwhile maps the same.
+    pub(super) arriving: HashMap<(DomainId, super::shared::Address), Weak<ArrivingImage>>,
 }
 
 /// Runs of pages (first, count) in page order over all regions: the pages
@@ -73,6 +77,7 @@ impl ScanState {
         });
         let restored = &self.restored;
         self.covers.retain(|k, _| restored.contains_key(k));
+        self.arriving.retain(|_, image| image.strong_count() > 0);
     }
 
     /// Bytes allocated for the scan's bookkeeping: the hash each page left
@@ -124,6 +129,7 @@ impl Inner {
         mem: Arc<GuestMemory>,
         options: VmOptions,
         remote: Option<Arc<dyn RemoteMapper>>,
+        arriving: bool,
     ) -> Result<VmId, DedupError> {
         // A merged page's own frame is punched, and mapped back on unmerge:
         // anonymous memory has no frames.
@@ -166,6 +172,7 @@ impl Inner {
             included,
             cow_breaks: AtomicU64::new(0),
             remote,
+            arriving: std::sync::atomic::AtomicBool::new(arriving),
         }));
         Ok(id)
     }
@@ -200,6 +207,9 @@ impl Inner {
         first: usize,
         count: usize,
     ) -> Result<merge::UnmergeOutcome, DedupError> {
+        if vm.is_arriving() {
+            return Err(DedupError::Arriving(vm.id));
+        }
         let r = &vm.mem.regions()[region];
         let remotes = remote_regions([vm]);
         let mut ctx = self.ctx();

@@ -776,7 +776,7 @@ impl Weighing {
 }
 
 /// A layout of `pages` pages whose bookkeeping does not fit this process.
-fn too_large(pages: u64) -> SnapshotError {
+pub(super) fn too_large(pages: u64) -> SnapshotError {
     DedupError::Frames(FrameError::TooLarge { frames: pages }).into()
 }
 
@@ -785,7 +785,7 @@ fn chain(snap: &SnapshotReader) -> Vec<&SnapshotReader> {
     std::iter::successors(Some(snap), |s| s.parent()).collect()
 }
 
-fn stored_hash(file: &SnapshotReader, slot: u64) -> Result<Hash, SnapshotError> {
+pub(super) fn stored_hash(file: &SnapshotReader, slot: u64) -> Result<Hash, SnapshotError> {
     usize::try_from(slot)
         .ok()
         .and_then(|s| file.stored_hashes().get(s))

@@ -55,6 +55,7 @@ use crate::{
     addr::PageSize,
     addr::{GuestPhysAddr, PAGE_SIZE},
     host::residency::{seek_data, DataFrom},
+    dedup::{Arrival, ArrivingImage},
     memory::{GuestMemory, GuestRegion},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -154,8 +155,8 @@ pub enum LazyError {
     Thread(&'static str, #[source] std::io::Error),
 }
 
-/// What a lazy restore did. `on_fault + fetched + zero_untouched +
-/// damaged == pages`.
+/// What a lazy restore did. `on_fault + fetched + found + zero_untouched
+/// + damaged == pages`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LazyStats {
     /// Pages of the layout.
@@ -167,6 +168,11 @@ pub struct LazyStats {
     pub fetched: u64,
     /// Of `fetched`, those fetched first because the working set named them.
     pub working_set: u64,
+    /// Stored pages there before this restore placed them: a restore
+    /// folded on arrival ([`restore_folded_lazy`](super::restore_folded_lazy))
+    /// finds the pages another clone of the snapshot filled into the
+    /// image they share (all of them where the image was there already).
+    pub found: u64,
     /// Zero pages nobody touched while registered: left to the kernel.
     pub zero_untouched: u64,
     /// Zero pages of the snapshot (touched or not).
@@ -178,16 +184,23 @@ pub struct LazyStats {
 
 /// One region as the threads see it: its first page index, pages, and
 /// guest address (the fault machinery numbers pages, the hook names them).
-struct Span {
-    first: u64,
-    pages: u64,
-    gpa: GuestPhysAddr,
+pub(super) struct Span {
+    pub(super) first: u64,
+    pub(super) pages: u64,
+    pub(super) gpa: GuestPhysAddr,
+    /// Whether the region maps the arriving image (a restore folded on
+    /// arrival) rather than its own frames.
+    pub(super) on_image: bool,
     /// Keeps the mapping alive while the threads run.
-    _region: Arc<GuestRegion>,
+    pub(super) _region: Arc<GuestRegion>,
 }
 
 struct Shared {
     snap: Arc<SnapshotReader>,
+    /// The image a restore folded on arrival fills: page `p` of a span on
+    /// the image is its page `p`, placed by writing it there (the clone's
+    /// private mapping of the frame then finds it).
+    image: Option<Arc<ArrivingImage>>,
     /// The registered ranges and a bit per page: placed (or, for zero
     /// pages, counted).
     pages: Arc<MissingPages>,
@@ -198,6 +211,7 @@ struct Shared {
     record: usize,
     on_fault: AtomicU64,
     fetched: AtomicU64,
+    found: AtomicU64,
     working_set: AtomicU64,
     zero_untouched: AtomicU64,
     zero_pages: AtomicU64,
@@ -214,6 +228,9 @@ pub struct LazyRestore {
     fetcher: Option<JoinHandle<()>>,
     working_set: Option<PathBuf>,
     released: bool,
+    /// A restore folded on arrival: the dedup host's side, told when every
+    /// page is there (dropped unarrived, it discards the VM).
+    arrival: Option<Arrival>,
 }
 
 impl std::fmt::Debug for LazyRestore {
@@ -243,10 +260,6 @@ pub fn restore_lazy(
     if granule != PageSize::Size4K {
         return Err(LazyError::HugePages { granule });
     }
-    let ws = match &options.working_set {
-        Some(p) => read_working_set(p, snap.pages())?,
-        None => Vec::new(),
-    };
     let uffd = Userfault::new_missing()?;
     // A memory made of the same regions: holds their mappings and claims.
     let own = GuestMemory::from_regions(mem.regions().to_vec()).map_err(|e| {
@@ -262,7 +275,6 @@ pub fn restore_lazy(
         e
     };
     let mut spans = Vec::with_capacity(own.regions().len());
-    let mut ranges = Vec::with_capacity(own.regions().len());
     for (i, r) in own.regions().iter().enumerate() {
         match first_used_page(r) {
             Some(None) => {}
@@ -280,20 +292,51 @@ pub fn restore_lazy(
             first,
             pages: r.pages() as u64,
             gpa: r.start(),
+            on_image: false,
             _region: Arc::clone(r),
         });
-        ranges.push(MissingSpan {
-            host: r.host_addr(),
-            len: r.size(),
-            first,
-        });
     }
-    let pages = match MissingPages::register(uffd, ranges) {
-        Ok(p) => Arc::new(p),
-        Err(e) => return Err(release(e.into())),
+    start(snap, own, spans, uffd, None, options)
+}
+
+/// Starts a lazy restore of `snap` into `own` (a memory of its regions,
+/// claimed: by this restore, or by the dedup host of `arrival`), whose
+/// regions `spans` lists (on the arriving image of `arrival`, or on their
+/// own fresh frames): registers them with `uffd`, then starts the fault
+/// server and the fetch thread. On an error nothing is registered, a
+/// claim of this restore's own ends, and a VM still arriving is discarded.
+pub(super) fn start(
+    snap: Arc<SnapshotReader>,
+    own: GuestMemory,
+    spans: Vec<Span>,
+    uffd: Userfault,
+    arrival: Option<Arrival>,
+    options: LazyOptions,
+) -> Result<LazyRestore, LazyError> {
+    let claimed_here = arrival.is_none();
+    let fail = |e: LazyError| {
+        if claimed_here {
+            own.release_from_dedup();
+        }
+        e
     };
+    let ws = match &options.working_set {
+        Some(p) => read_working_set(p, snap.pages()).map_err(fail)?,
+        None => Vec::new(),
+    };
+    let ranges = spans
+        .iter()
+        .map(|s| MissingSpan {
+            host: s._region.host_addr(),
+            len: s._region.size(),
+            first: s.first,
+        })
+        .collect();
+    let pages = Arc::new(MissingPages::register(uffd, ranges).map_err(|e| fail(e.into()))?);
+    let image = arrival.as_ref().map(|a| Arc::clone(a.image()));
     let shared = Arc::new(Shared {
         snap,
+        image,
         pages: Arc::clone(&pages),
         spans,
         stop: AtomicBool::new(false),
@@ -302,6 +345,7 @@ pub fn restore_lazy(
         record: options.record_pages,
         on_fault: AtomicU64::new(0),
         fetched: AtomicU64::new(0),
+        found: AtomicU64::new(0),
         working_set: AtomicU64::new(0),
         zero_untouched: AtomicU64::new(0),
         zero_pages: AtomicU64::new(0),
@@ -313,8 +357,13 @@ pub fn restore_lazy(
         handler: None,
         fetcher: None,
         working_set: options.working_set.clone(),
-        released: false,
+        // Memory a dedup host claimed stays its.
+        released: !claimed_here,
+        arrival,
     };
+    // From here an error drops `lazy`, which unregisters the memory, stops
+    // what started, ends a claim of its own (and discards a VM still
+    // arriving).
     lazy.handler = Some(
         FaultServer::start(pages, Arc::clone(&shared), "pagefold-lazy-fault")
             .map_err(|e| LazyError::Thread("fault handler", e))?,
@@ -353,15 +402,24 @@ impl LazyRestore {
                 self.shared.record_error(LazyError::Panicked("fetch"));
             }
         }
+        // Kept past the threads' end: dropped (on an error below), it
+        // discards the VM.
+        let arrival = self.arrival.take();
         self.stop_threads();
         if let Some(e) = lock(&self.shared.error).take() {
             return Err(e);
+        }
+        if let Some(arrival) = arrival {
+            // Every page is in the image: the VM is an ordinary one of
+            // its host from here.
+            arrival.arrived().map_err(SnapshotError::from)?;
         }
         let s = &self.shared;
         let stats = LazyStats {
             pages: s.snap.pages(),
             on_fault: s.on_fault.load(Ordering::Relaxed),
             fetched: s.fetched.load(Ordering::Relaxed),
+            found: s.found.load(Ordering::Relaxed),
             working_set: s.working_set.load(Ordering::Relaxed),
             zero_untouched: s.zero_untouched.load(Ordering::Relaxed),
             zero_pages: s.zero_pages.load(Ordering::Relaxed),
@@ -391,6 +449,8 @@ impl LazyRestore {
             self.mem.release_from_dedup();
             self.released = true;
         }
+        // Still arriving (not waited for, or failed): its host discards it.
+        self.arrival = None;
     }
 }
 
@@ -450,13 +510,65 @@ impl Shared {
         }
     }
 
+    /// The arriving image, if page `page` maps it.
+    fn image_at(&self, page: u64) -> Option<&ArrivingImage> {
+        let image = self.image.as_deref()?;
+        self.spans
+            .iter()
+            .find(|sp| page >= sp.first && page - sp.first < sp.pages)
+            .filter(|sp| sp.on_image)
+            .map(|_| image)
+    }
+
+    /// Places pages `page..` of the arriving image `image` from `bytes`
+    /// (whole pages, one span): writes what is not in the image yet into
+    /// it (the frame, never this clone's mapping: the retried access maps
+    /// the frame, copy-on-write), marks the pages present and wakes their
+    /// waiters. Returns the pages this call filled into the image and the
+    /// pages it marked present here (a page another clone filled is marked
+    /// but not filled; one this clone's other thread marked, neither).
+    fn fill_image(
+        &self,
+        image: &ArrivingImage,
+        page: u64,
+        bytes: &[u8],
+    ) -> Result<(u64, u64), LazyError> {
+        let n = (bytes.len() / PAGE_SIZE) as u64;
+        let filled = image.fill(page, bytes).map_err(SnapshotError::from)?;
+        // Marked after the write: a page seen present is in the frame.
+        let marked = (page..page + n).filter(|&p| self.mark(p)).count() as u64;
+        self.pages.wake(page, n)?;
+        Ok((filled, marked))
+    }
+
     /// Serves one fault on page `page`.
     fn serve(&self, page: u64) {
         let Some(at) = self.pages.host_of(page) else {
             return;
         };
-        let placed = match self.snap.locate(page) {
-            Ok(Located::Zero) => {
+        let image = self.image_at(page);
+        let how = match self.snap.locate(page) {
+            Err(e) => {
+                self.damaged(page, e);
+                return;
+            }
+            Ok(Located::Zero) => Serve::Zero,
+            Ok(Located::Stored { file, slot }) => match image {
+                None => Serve::Copy { file, slot },
+                // A page of zeros stored (another saver's file) is a hole
+                // of the image: zeros in this clone's mapping alone.
+                Some(i) if i.is_zero(page) => Serve::Zero,
+                // Another clone (or this one's fetch) filled it.
+                Some(i) if i.is_filled(page) => Serve::Filled,
+                Some(i) => Serve::Fill {
+                    image: i,
+                    file,
+                    slot,
+                },
+            },
+        };
+        let placed: Result<bool, LazyError> = match how {
+            Serve::Zero => {
                 let r = self.pages.zero(page);
                 if let Ok(true) = r {
                     if self.mark(page) {
@@ -464,28 +576,39 @@ impl Shared {
                         self.on_fault.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                r
+                r.map_err(Into::into)
             }
-            Ok(Located::Stored { file, slot }) => {
-                let mut buf = [0u8; PAGE_SIZE];
-                match file.read_slots_here(slot, &mut buf) {
-                    Ok(()) => {
-                        let r = self.pages.uffd().copy(at, &buf).map(|c| !c.exists);
-                        if let Ok(true) = r {
-                            self.mark(page);
-                            self.on_fault.fetch_add(1, Ordering::Relaxed);
-                        }
-                        r
-                    }
-                    Err(e) => {
-                        self.damaged_in(file, page, e);
-                        Ok(false)
-                    }
+            Serve::Filled => {
+                if self.mark(page) {
+                    self.found.fetch_add(1, Ordering::Relaxed);
                 }
-            }
-            Err(e) => {
-                self.damaged(page, e);
+                // Woken below.
                 Ok(false)
+            }
+            Serve::Copy { file, slot } | Serve::Fill { file, slot, .. } => {
+                let mut buf = [0u8; PAGE_SIZE];
+                if let Err(e) = file.read_slots_here(slot, &mut buf) {
+                    self.damaged_in(file, page, e);
+                    return;
+                }
+                match how {
+                    Serve::Fill { image, .. } => {
+                        self.fill_image(image, page, &buf).map(|(filled, marked)| {
+                            // Filled by another clone meanwhile: found.
+                            let count = if filled > 0 { &self.on_fault } else { &self.found };
+                            count.fetch_add(marked, Ordering::Relaxed);
+                            marked > 0
+                        })
+                    }
+                    _ => match self.pages.uffd().copy(at, &buf) {
+                        Ok(c) => {
+                            let placed = !c.exists && self.mark(page);
+                            self.on_fault.fetch_add(u64::from(placed), Ordering::Relaxed);
+                            Ok(placed)
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                }
             }
         };
         match placed {
@@ -497,8 +620,9 @@ impl Shared {
                     }
                 }
             }
-            // Placed by the fetch thread meanwhile: its copy woke the
-            // waiters, but wake again in case this fault came after.
+            // Placed by the fetch thread (or another clone) meanwhile: its
+            // placing woke the waiters, but wake again in case this fault
+            // came after.
             Ok(false) => {
                 let _ = self.pages.wake(page, 1);
             }
@@ -509,7 +633,7 @@ impl Shared {
                 // a damaged page is (zeros only where the kernel cannot
                 // poison, `wait`'s error then the only signal). (Found by
                 // review: it was zero-filled, and the guest ran on.)
-                self.record_error(e.into());
+                self.record_error(e);
                 match self.pages.poison(page) {
                     Ok(true) => {
                         if self.mark(page) {
@@ -525,6 +649,26 @@ impl Shared {
             }
         }
     }
+}
+
+/// How [`Shared::serve`] serves a fault.
+#[derive(Clone, Copy)]
+enum Serve<'a> {
+    /// Zeros in this mapping.
+    Zero,
+    /// The image holds it already: only wake.
+    Filled,
+    /// Copied into this mapping (`UFFDIO_COPY`) from a slot of a file.
+    Copy {
+        file: &'a SnapshotReader,
+        slot: u64,
+    },
+    /// Written into the arriving image from a slot of a file.
+    Fill {
+        image: &'a ArrivingImage,
+        file: &'a SnapshotReader,
+        slot: u64,
+    },
 }
 
 impl FaultSource for Shared {
@@ -614,8 +758,18 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
     let mut placed = 0;
     let mut j = first;
     let end = first + n;
+    let image = s.image_at(first);
+    // Filled into the image by another clone: nothing to read.
+    let filled = |p: u64| image.is_some_and(|i| i.is_filled(p));
     while j < end {
         if s.is_done(j) {
+            j += 1;
+            continue;
+        }
+        if filled(j) {
+            if s.mark(j) {
+                s.found.fetch_add(1, Ordering::Relaxed);
+            }
             j += 1;
             continue;
         }
@@ -638,7 +792,7 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
             Located::Stored { file, slot } => {
                 // The run of consecutive slots of one file, not done.
                 let mut e = j + 1;
-                while e < end && !s.is_done(e) {
+                while e < end && !s.is_done(e) && !filled(e) {
                     match s.snap.locate(e) {
                         Ok(Located::Stored { file: f, slot: sl })
                             if std::ptr::eq(f, file) && sl == slot + (e - j) =>
@@ -694,6 +848,28 @@ fn place_run(
         return 0;
     }
     let len = bytes_of(to - from);
+    if let Some(image) = s.image_at(from) {
+        *at = to;
+        return match s.fill_image(image, from, &bytes[..len]) {
+            Ok((filled, marked)) => {
+                // What another clone filled meanwhile was found, not
+                // fetched (and a page this clone's fault served is neither).
+                let fetched = filled.min(marked);
+                s.fetched.fetch_add(fetched, Ordering::Relaxed);
+                s.found.fetch_add(marked - fetched, Ordering::Relaxed);
+                if let Some(h) = hook {
+                    for p in from..to {
+                        h(page_gpa(s, p));
+                    }
+                }
+                fetched
+            }
+            Err(e) => {
+                s.record_error(e);
+                0
+            }
+        };
+    }
     match s.pages.place(from, &bytes[..len]) {
         Ok(c) => {
             let pages = c.bytes / PAGE;

@@ -66,6 +66,7 @@ mod format;
 mod id;
 mod layout;
 mod lazy;
+mod lazy_folded;
 mod map;
 mod reader;
 mod restore;
@@ -86,6 +87,7 @@ pub use foreign::{
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;
 pub use lazy::{restore_lazy, FetchHook, LazyError, LazyOptions, LazyRestore, LazyStats};
+pub use lazy_folded::{restore_folded_lazy, LazyFoldOptions, LazyFoldedRestore};
 pub use map::PageSource;
 pub use reader::SnapshotReader;
 pub use restore::{restore_into, RestoreStats};

@@ -1,0 +1,83 @@
+//! A VM restored onto an image still arriving, as its restore holds it
+//! until the image is there: [`Arrival::arrived`] makes it an ordinary VM
+//! of the host (publishing the image if no clone did yet), and an arrival
+//! dropped before that takes the VM out of the host without unmerging
+//! (its memory was never all there: its pages are discarded, reading
+//! zeros).
+
+use std::sync::{atomic::Ordering, Arc, Weak};
+
+use super::{
+    arriving::ArrivingImage,
+    error::DedupError,
+    forget,
+    locks::{lock, read},
+    options::VmId,
+    reconcile,
+    state::Inner,
+};
+
+/// The host's side of a lazy folded restore in progress (see the module).
+#[derive(Debug)]
+pub(crate) struct Arrival {
+    pub(super) inner: Weak<Inner>,
+    pub(super) vm: VmId,
+    pub(super) image: Arc<ArrivingImage>,
+    pub(super) done: bool,
+}
+
+impl Arrival {
+    /// The VM, as the host knows it.
+    pub(crate) fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    /// The image the VM maps.
+    pub(crate) fn image(&self) -> &Arc<ArrivingImage> {
+        &self.image
+    }
+
+    /// Every page of the VM is there: the image's frames become the
+    /// domain's shared frames (the first clone to arrive publishes them;
+    /// the recount then counts every page mapping them, the clones still
+    /// arriving included), and the VM is scanned and unmerged as any
+    /// other from now on.
+    pub(crate) fn arrived(mut self) -> Result<VmId, DedupError> {
+        let inner = self.inner.upgrade().ok_or(DedupError::UnknownVm(self.vm))?;
+        let _scan = lock(&inner.scan);
+        let entry = read(&inner.vms)
+            .iter()
+            .find(|e| e.id == self.vm)
+            .cloned()
+            .ok_or(DedupError::UnknownVm(self.vm))?;
+        let published = self.image.publish(&mut lock(&inner.shared))?;
+        if published {
+            reconcile::recount(&inner)?;
+        }
+        entry.arriving.store(false, Ordering::Release);
+        self.done = true;
+        Ok(self.vm)
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut scan = lock(&inner.scan);
+        let entry = read(&inner.vms).iter().find(|e| e.id == self.vm).cloned();
+        if let Some(entry) = entry {
+            // Its pages go back to their own frames, holes: the memory was
+            // never all there, and must not keep mapping frames that may
+            // be freed and filled with another domain's pages.
+            for r in entry.mem.regions() {
+                let _ = entry.mem.discard(r.start(), r.size());
+            }
+            forget::remove_vm(&inner, &mut scan, &entry);
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Lazy restore folded on arrival, on real memory, the real userfaultfd
+//! and a real dedup host: clones whose pages are touched (raw pointers,
+//! several threads, two clones at once) before the background fetch runs
+//! read exactly what was saved, and share one copy of each page in the
+//! host's frames from the moment it arrives (the store's own count of
+//! allocated memory says so); writes stay private; a later clone maps the
+//! whole image at once; the VM is left alone by passes and refuses to be
+//! unmerged while it arrives; a damaged page or a restore dropped early
+//! takes the VM out of the host and frees what only it held.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use pagefold::{
+    dedup::{DedupError, VmOptions},
+    snapshot::{
+        restore_folded_lazy, FetchHook, LazyError, LazyFoldOptions, LazyOptions, SnapshotReader,
+    },
+    GuestMemory, GuestPhysAddr, PAGE_SIZE,
+};
+use rand::{seq::SliceRandom, SeedableRng};
+
+mod common;
+use common::{
+    folded::{host, image, layout, nonzero, pages, saved, source},
+    temp_dir::TempDir,
+};
+
+/// Reads a page through its raw host pointer (faulting it in).
+fn touch(mem: &GuestMemory, gpa: GuestPhysAddr) -> Vec<u8> {
+    let hva = mem.host_address(gpa).unwrap().0 as *const u8;
+    let mut out = vec![0u8; PAGE_SIZE];
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: `hva` is the page's host address in a live mapping of
+        // the memory, which outlives this call.
+        *b = unsafe { std::ptr::read_volatile(hva.add(i)) };
+    }
+    out
+}
+
+/// A hook that holds the fetch thread until `gate` opens, so the touches
+/// before it are served on fault.
+fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
+    let gate = Arc::clone(gate);
+    Arc::new(move |_| {
+        let t0 = std::time::Instant::now();
+        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+}
+
+fn gated_options(gate: &Arc<AtomicBool>) -> LazyFoldOptions {
+    LazyFoldOptions {
+        lazy: LazyOptions {
+            on_fetch: Some(gated(gate)),
+            ..LazyOptions::default()
+        },
+        ..LazyFoldOptions::default()
+    }
+}
+
+fn snapshot(dir: &TempDir, salt: u64) -> (GuestMemory, Arc<SnapshotReader>) {
+    let (orig, _) = source(salt);
+    let snap = Arc::new(saved(dir, "a.snap", &orig));
+    (orig, snap)
+}
+
+#[test]
+fn clones_touched_before_the_fetch_read_the_snapshot_and_hold_each_page_once() {
+    let dir = TempDir::new("lazy-folded");
+    let (orig, snap) = snapshot(&dir, 1);
+    let want = image(&orig);
+    let stored = nonzero(&want) as u64;
+    let (store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let a = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        Arc::clone(&snap),
+        gated_options(&gate),
+    )
+    .unwrap();
+    let b = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        Arc::clone(&snap),
+        gated_options(&gate),
+    )
+    .unwrap();
+    assert_eq!(a.memory.regions().len(), layout().len());
+    // Both clones touched at once, from two threads each, in scrambled
+    // orders: a page arrives once, whichever clone touches it first.
+    let mut order = pages(&orig);
+    order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(3));
+    let index = |g: GuestPhysAddr| pages(&orig).iter().position(|&p| p == g).unwrap();
+    std::thread::scope(|sc| {
+        for clone in [&a.memory, &b.memory] {
+            for half in order.chunks(order.len().div_ceil(2)) {
+                let want = &want;
+                sc.spawn(move || {
+                    for &gpa in half {
+                        assert!(touch(clone, gpa) == want[index(gpa)], "page {gpa}");
+                    }
+                });
+            }
+        }
+    });
+    // Every page was read by both clones, and the host's frames hold each
+    // page with content once: the image, nothing private, zero pages
+    // nothing.
+    assert_eq!(store.allocated_bytes().unwrap(), stored * PAGE_SIZE as u64);
+    // A write stays in its clone.
+    let gpa = pages(&orig)[5];
+    a.memory.write(gpa, &[0x5a; PAGE_SIZE]).unwrap();
+    assert!(touch(&b.memory, gpa) == want[5]);
+    assert!(touch(&a.memory, gpa) == vec![0x5a; PAGE_SIZE]);
+
+    gate.store(true, Ordering::Release);
+    let (va, vb) = (a.vm, b.vm);
+    let sa = a.wait().unwrap();
+    let sb = b.wait().unwrap();
+    for s in [&sa, &sb] {
+        assert_eq!(
+            s.on_fault + s.fetched + s.found + s.zero_untouched + s.damaged,
+            s.pages,
+            "{s:?}"
+        );
+        assert_eq!(s.damaged, 0);
+        // The fetch placed at most a batch before the gate held it.
+        assert!(s.fetched < stored / 2, "{s:?}");
+    }
+    // Each stored page was filled once, by one clone's fault or fetch, and
+    // found there by the other.
+    let filled = |s: &pagefold::snapshot::LazyStats| {
+        s.on_fault - (s.zero_pages - s.zero_untouched) + s.fetched
+    };
+    assert_eq!(filled(&sa) + filled(&sb), stored, "{sa:?} {sb:?}");
+    assert_eq!(sa.found + sb.found, stored);
+
+    // Arrived: the image is the domain's shared frames, and a third clone
+    // maps it at once, nothing to fetch, nothing allocated.
+    let c = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        Arc::clone(&snap),
+        LazyFoldOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(c.pages_done(), want.len() as u64);
+    let (vc, mc) = (c.vm, Arc::clone(&c.memory));
+    let sc = c.wait().unwrap();
+    assert_eq!(sc.found, stored);
+    for (k, gpa) in pages(&orig).into_iter().enumerate() {
+        assert!(touch(&mc, gpa) == want[k], "page {gpa}");
+    }
+    assert_eq!(store.allocated_bytes().unwrap(), stored * PAGE_SIZE as u64);
+    assert!(host.stats().unwrap().pages_shared >= stored);
+    // Ordinary VMs now: unregistered, each keeps its bytes.
+    for vm in [va, vb, vc] {
+        let mem = host.unregister(vm).unwrap();
+        for (k, g) in pages(&orig).into_iter().enumerate() {
+            let mut p = vec![0u8; PAGE_SIZE];
+            mem.read(g, &mut p).unwrap();
+            let expect = if vm == va && k == 5 {
+                vec![0x5a; PAGE_SIZE]
+            } else {
+                want[k].clone()
+            };
+            assert!(p == expect, "VM {vm:?} page {g}");
+        }
+    }
+}
+
