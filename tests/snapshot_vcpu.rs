@@ -689,7 +689,9 @@ mod on_kvm {
     #[test]
     fn a_guest_restored_folded_and_lazily_runs_on_and_checks_its_memory() {
         use pagefold::{
-            snapshot::{restore_folded, restore_lazy, LazyOptions},
+            snapshot::{
+                restore_folded, restore_folded_lazy, restore_lazy, LazyFoldOptions, LazyOptions,
+            },
             DedupHost, FrameStore, VmOptions,
         };
         let test = "a_guest_restored_folded_and_lazily_runs_on_and_checks_its_memory";
@@ -769,5 +771,67 @@ mod on_kvm {
             "the guest's touches were served on fault"
         );
         assert!(image(&lazy_mem) == want, "the lazily restored memory");
+        drop(vm);
+
+        // Two clones restored lazily and folded on arrival into one
+        // domain: each vCPU runs before a page is read, their touches
+        // fill one image both map, each verifies its whole memory, and
+        // the image holds the snapshot's bytes once, untouched by their
+        // writes.
+        let (store, host) = {
+            let store = Arc::new(FrameStore::memfd().unwrap());
+            let host = DedupHost::new(Arc::clone(&store)).unwrap();
+            (store, host)
+        };
+        gate.store(false, std::sync::atomic::Ordering::Release);
+        let arriving: Vec<_> = (0..2)
+            .map(|_| {
+                let g = Arc::clone(&gate);
+                let opts = LazyFoldOptions {
+                    lazy: LazyOptions {
+                        on_fetch: Some(Arc::new(move |_| {
+                            while !g.load(std::sync::atomic::Ordering::Acquire) {
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                        })),
+                        ..LazyOptions::default()
+                    },
+                    ..LazyFoldOptions::default()
+                };
+                restore_folded_lazy(&host, VmOptions::default(), Arc::clone(&snap), opts).unwrap()
+            })
+            .collect();
+        for c in &arriving {
+            let vm = KvmVm::new(&c.memory).unwrap();
+            let mut v = vm.create_vcpu(0).unwrap();
+            v.set_snapshot_state(&snap.vcpus()[0]).unwrap();
+            let seen = drive(&mut v, 20, true);
+            assert_eq!(seen, original, "a clone restored folded on arrival");
+            assert!(image(&c.memory) == want, "its memory");
+        }
+        gate.store(true, std::sync::atomic::Ordering::Release);
+        let mut with_content = 0;
+        for c in arriving {
+            let memory = Arc::clone(&c.memory);
+            let stats = c.wait().unwrap();
+            println!("{test}: folded on arrival {stats:?}");
+            assert!(image(&memory) == want, "its memory after arrival");
+            with_content = stats.pages - stats.zero_pages;
+        }
+        // The host's frames hold the image's pages with content once for
+        // both clones; their writes are their own (the kernel's copies),
+        // and their zero pages hold nothing.
+        assert_eq!(store.allocated_bytes().unwrap() / 4096, with_content);
+        let third = restore_folded(&host, VmOptions::default(), &snap).unwrap();
+        assert!(
+            image(&third.memory) == image(&fresh_copy(&snap)),
+            "the image changed"
+        );
+    }
+
+    fn fresh_copy(snap: &SnapshotReader) -> GuestMemory {
+        let mem = GuestMemory::new(&snap.region_layout()).unwrap();
+        restore_into(snap, &mem).unwrap();
+        mem
     }
 }

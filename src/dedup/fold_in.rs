@@ -35,6 +35,7 @@ use crate::{
     addr::{FrameNumber, GuestPhysAddr, PAGE_SIZE},
     frames::{FrameError, FrameRange, FrameStore, RemapTarget},
     memory::{GuestMemory, GuestRegion, PageKind},
+    userfault::Userfault,
 };
 
 /// Contents filled per call of the fill function (1 MiB).
@@ -605,6 +606,9 @@ impl<'h> FoldIn<'h> {
         if let Some(run) = punch {
             release_own(&mem, run)?;
         }
+        if arriving.is_none() {
+            map_zero_pages(&mem, frames, &remapped);
+        }
         // Published as merged, as a merge publishes (the pages are fresh
         // and private, and nothing else can see them yet).
         for &(ri, page, count, frame) in &remapped {
@@ -676,6 +680,51 @@ fn added_mappings(mem: &GuestMemory, runs: &mut [(usize, usize, usize, FrameNumb
         added += pieces - 1;
     }
     added
+}
+
+/// Maps the zero pages of `remapped` runs (pages onto an image's holes)
+/// as zeros in `mem`'s mappings (`UFFDIO_ZEROPAGE` through a userfaultfd
+/// of its own, registered for the call): a read of a hole through a
+/// private mapping of shmem would otherwise allocate a page of zeros in
+/// the image's frame (found from outside: a clone's reads of its zero
+/// pages grew the shared image by a page each). Best effort: where the
+/// kernel will not, a read allocates that page, once for every clone.
+fn map_zero_pages(
+    mem: &GuestMemory,
+    frames: &[Vec<PageFrame>],
+    remapped: &[(usize, usize, usize, FrameNumber)],
+) {
+    let zero_in = |ri: usize, p: usize| matches!(frames[ri][p], PageFrame::ZeroIn(_));
+    if !remapped
+        .iter()
+        .any(|&(ri, page, count, _)| (page..page + count).any(|p| zero_in(ri, p)))
+    {
+        return;
+    }
+    let Ok(uffd) = Userfault::new_missing() else {
+        return;
+    };
+    for &(ri, page, count, _) in remapped {
+        let region = &mem.regions()[ri];
+        let (at, len) = (region.page_host_addr(page), (count * PAGE_SIZE) as u64);
+        if uffd.register_missing(at, len).is_err() {
+            continue;
+        }
+        let mut p = page;
+        while p < page + count {
+            if !zero_in(ri, p) {
+                p += 1;
+                continue;
+            }
+            let mut e = p + 1;
+            while e < page + count && zero_in(ri, e) {
+                e += 1;
+            }
+            let _ = uffd.zero(region.page_host_addr(p), ((e - p) * PAGE_SIZE) as u64);
+            p = e;
+        }
+        let _ = uffd.unregister(at, len);
+    }
 }
 
 /// Punches the own frames of pages `first..first + count` of region

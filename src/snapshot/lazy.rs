@@ -781,7 +781,20 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
                 continue;
             }
         };
+        // An image's hole (a zero page, or a stored page of zeros).
+        let hole = |p: u64| image.is_some_and(|i| i.is_zero(p));
         match loc {
+            _ if hole(j) => {
+                // Mapped as zeros here, untouched: the clone's first read
+                // of it would otherwise fill the hole in the image's
+                // frame (shmem allocates a page for a read of a hole).
+                let mut e = j + 1;
+                while e < end && hole(e) && !s.is_done(e) {
+                    e += 1;
+                }
+                zero_untouched(s, j, e);
+                j = e;
+            }
             Located::Zero => {
                 if s.mark(j) {
                     s.zero_pages.fetch_add(1, Ordering::Relaxed);
@@ -825,6 +838,29 @@ fn fetch_run(s: &Shared, first: u64, n: u64, buf: &mut [u8], hook: Option<&Fetch
         }
     }
     placed
+}
+
+/// Maps untouched zero pages `[from, to)` (one span, on an image) as
+/// zeros in this clone's mapping, a run per ioctl where none was touched
+/// meanwhile, else page by page, and counts them.
+fn zero_untouched(s: &Shared, from: u64, to: u64) {
+    let whole = s
+        .pages
+        .host_of(from)
+        .map(|at| s.pages.uffd().zero(at, (to - from) * PAGE));
+    let placed: Vec<u64> = if let Some(Ok(true)) = whole {
+        (from..to).collect()
+    } else {
+        (from..to)
+            .filter(|&p| matches!(s.pages.zero(p), Ok(true)))
+            .collect()
+    };
+    for p in placed {
+        if s.mark(p) {
+            s.zero_pages.fetch_add(1, Ordering::Relaxed);
+            s.zero_untouched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Places one page `page` from `bytes`; 1 if this call placed it.
