@@ -51,9 +51,12 @@ fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
     let gate = Arc::clone(gate);
     Arc::new(move |_| {
         let t0 = std::time::Instant::now();
-        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(60) {
+        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Open for good: a test that failed with the gate shut does not
+        // hold the fetch (and its drop) for every page.
+        gate.store(true, Ordering::Release);
     })
 }
 
@@ -179,3 +182,157 @@ fn clones_touched_before_the_fetch_read_the_snapshot_and_hold_each_page_once() {
     }
 }
 
+
+#[test]
+fn an_arriving_vm_is_left_alone_by_passes_and_refuses_unmerging_until_it_arrives() {
+    let dir = TempDir::new("lazy-folded-arriving");
+    let (orig, snap) = snapshot(&dir, 2);
+    let want = image(&orig);
+    let (_store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap, gated_options(&gate)).unwrap();
+    let vm = c.vm;
+    assert!(matches!(host.unregister(vm), Err(DedupError::Arriving(v)) if v == vm));
+    assert!(matches!(host.unmerge_all(), Err(DedupError::Arriving(v)) if v == vm));
+    assert!(matches!(
+        host.merge_pages(vm, &pages(&orig)),
+        Err(DedupError::Arriving(v)) if v == vm
+    ));
+    // A pass scans nothing of it (its pages fault into the restore's
+    // userfaultfd, which a merge window could not register).
+    let report = host.merge_now().unwrap();
+    assert_eq!(report.pages_scanned, 0, "{report:?}");
+    for (k, g) in pages(&orig).into_iter().enumerate() {
+        assert!(touch(&c.memory, g) == want[k], "page {g}");
+    }
+    gate.store(true, Ordering::Release);
+    let memory = Arc::clone(&c.memory);
+    c.wait().unwrap();
+    // Arrived: scanned and unmerged as any VM.
+    assert!(host.merge_now().unwrap().pages_scanned > 0);
+    let back = host.unregister(vm).unwrap();
+    assert!(Arc::ptr_eq(&back, &memory));
+    assert!(image(&back) == want);
+}
+
+/// Flips a byte of stored page slot 0 of the snapshot at `path` (the
+/// content part starts at the first 4 KiB boundary).
+fn damage_first_slot(path: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 4096 + 100).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, 4096 + 100).unwrap();
+}
+
+#[test]
+fn a_damaged_page_fails_the_wait_and_takes_the_vm_out_of_the_host() {
+    let dir = TempDir::new("lazy-folded-damaged");
+    let (orig, _) = source(3);
+    let good = saved(&dir, "a.snap", &orig);
+    drop(good);
+    damage_first_slot(&dir.path("a.snap"));
+    let snap = Arc::new(SnapshotReader::open(dir.path("a.snap")).unwrap());
+    let (store, host) = host();
+    let c = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        Arc::clone(&snap),
+        LazyFoldOptions::default(),
+    )
+    .unwrap();
+    let (vm, memory) = (c.vm, Arc::clone(&c.memory));
+    let err = c.wait().unwrap_err();
+    assert!(matches!(err, LazyError::Snapshot(_)), "{err}");
+    // Gone from the host, its pages discarded (zeros, no frame of the
+    // image mapped), and the image it filled freed with it.
+    assert!(matches!(host.memory(vm), Err(DedupError::UnknownVm(v)) if v == vm));
+    assert_eq!(host.stats().unwrap().pages_total, 0);
+    assert!(image(&memory).iter().all(|p| p.iter().all(|&b| b == 0)));
+    drop(memory);
+    assert_eq!(store.allocated_bytes().unwrap(), 0);
+    // The host goes on: an intact snapshot restores as before.
+    let (orig2, snap2) = {
+        let d = TempDir::new("lazy-folded-damaged-2");
+        let (o, s) = snapshot(&d, 4);
+        (o, s)
+    };
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap2, LazyFoldOptions::default())
+        .unwrap();
+    let memory = Arc::clone(&c.memory);
+    c.wait().unwrap();
+    assert!(image(&memory) == image(&orig2));
+}
+
+#[test]
+fn a_restore_dropped_before_arrival_takes_the_vm_out_and_frees_its_image() {
+    let dir = TempDir::new("lazy-folded-drop");
+    let (orig, snap) = snapshot(&dir, 5);
+    let want = image(&orig);
+    let (store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap, gated_options(&gate)).unwrap();
+    for (k, g) in pages(&orig).into_iter().enumerate().step_by(3) {
+        assert!(touch(&c.memory, g) == want[k], "page {g}");
+    }
+    let (vm, memory) = (c.vm, Arc::clone(&c.memory));
+    // The fetch goes on (it may even finish): the VM arrives only at
+    // `wait`, which never comes.
+    gate.store(true, Ordering::Release);
+    drop(c);
+    assert!(matches!(host.memory(vm), Err(DedupError::UnknownVm(_))));
+    // Discarded: zeros, on its own frames (none holds memory), and the
+    // image nobody maps any more is freed.
+    assert!(image(&memory).iter().all(|p| p.iter().all(|&b| b == 0)));
+    assert_eq!(store.allocated_bytes().unwrap(), 0);
+}
+
+#[test]
+fn an_excluded_region_arrives_into_its_own_frames_and_the_rest_is_shared() {
+    let dir = TempDir::new("lazy-folded-exclude");
+    let (orig, snap) = snapshot(&dir, 6);
+    let want = image(&orig);
+    let (store, host) = host();
+    let second = layout()[1].0;
+    let options = VmOptions {
+        exclude: vec![second],
+        ..VmOptions::default()
+    };
+    let gate = Arc::new(AtomicBool::new(false));
+    let clones: Vec<_> = (0..2)
+        .map(|_| {
+            restore_folded_lazy(
+                &host,
+                options.clone(),
+                Arc::clone(&snap),
+                gated_options(&gate),
+            )
+            .unwrap()
+        })
+        .collect();
+    for c in &clones {
+        for (k, g) in pages(&orig).into_iter().enumerate() {
+            assert!(touch(&c.memory, g) == want[k], "page {g}");
+        }
+    }
+    gate.store(true, Ordering::Release);
+    for c in clones {
+        c.wait().unwrap();
+    }
+    // The first region's pages with content once (the image), the second
+    // region's once per clone, in their own frames, as a lazy restore
+    // places them (a touched zero page too: zeros placed into a shared
+    // mapping of shmem take a page).
+    let first_pages = (layout()[0].1 / PAGE_SIZE as u64) as usize;
+    let in_first = nonzero(&want[..first_pages]) as u64;
+    let second = (want.len() - first_pages) as u64;
+    assert_eq!(
+        store.allocated_bytes().unwrap() / PAGE_SIZE as u64,
+        in_first + 2 * second
+    );
+}

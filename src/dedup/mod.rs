@@ -395,6 +395,9 @@ impl DedupHost {
         let Some(v) = vms.iter().position(|e| e.id == vm) else {
             return Err(DedupError::UnknownVm(vm));
         };
+        if vms[v].is_arriving() {
+            return Err(DedupError::Arriving(vm));
+        }
         reconcile::reconcile(&self.inner, &mut scan, &vms)?;
         self.inner.refresh_map_budget();
         let entry = &vms[v];

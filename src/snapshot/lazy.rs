@@ -191,6 +191,10 @@ pub(super) struct Span {
     /// Whether the region maps the arriving image (a restore folded on
     /// arrival) rather than its own frames.
     pub(super) on_image: bool,
+    /// Whether its pages, copied into its own frames, are written into
+    /// the arriving image too (a region the image was made for that could
+    /// not be remapped onto it).
+    pub(super) feeds_image: bool,
     /// Keeps the mapping alive while the threads run.
     pub(super) _region: Arc<GuestRegion>,
 }
@@ -293,6 +297,7 @@ pub fn restore_lazy(
             pages: r.pages() as u64,
             gpa: r.start(),
             on_image: false,
+            feeds_image: false,
             _region: Arc::clone(r),
         });
     }
@@ -513,11 +518,34 @@ impl Shared {
     /// The arriving image, if page `page` maps it.
     fn image_at(&self, page: u64) -> Option<&ArrivingImage> {
         let image = self.image.as_deref()?;
+        self.span_of(page)
+            .filter(|sp| sp.on_image)
+            .map(|_| image)
+    }
+
+    /// The arriving image, if page `page` is copied into its own frame
+    /// and written into the image too.
+    fn image_fed_at(&self, page: u64) -> Option<&ArrivingImage> {
+        let image = self.image.as_deref()?;
+        self.span_of(page)
+            .filter(|sp| sp.feeds_image)
+            .map(|_| image)
+    }
+
+    fn span_of(&self, page: u64) -> Option<&Span> {
         self.spans
             .iter()
             .find(|sp| page >= sp.first && page - sp.first < sp.pages)
-            .filter(|sp| sp.on_image)
-            .map(|_| image)
+    }
+
+    /// Writes `bytes` (pages `page..`, read for a copy) into the image
+    /// where the span feeds it.
+    fn feed_image(&self, page: u64, bytes: &[u8]) {
+        if let Some(image) = self.image_fed_at(page) {
+            if let Err(e) = image.fill(page, bytes) {
+                self.record_error(SnapshotError::from(e).into());
+            }
+        }
     }
 
     /// Places pages `page..` of the arriving image `image` from `bytes`
@@ -602,6 +630,7 @@ impl Shared {
                     }
                     _ => match self.pages.uffd().copy(at, &buf) {
                         Ok(c) => {
+                            self.feed_image(page, &buf);
                             let placed = !c.exists && self.mark(page);
                             self.on_fault.fetch_add(u64::from(placed), Ordering::Relaxed);
                             Ok(placed)
@@ -909,6 +938,7 @@ fn place_run(
     match s.pages.place(from, &bytes[..len]) {
         Ok(c) => {
             let pages = c.bytes / PAGE;
+            s.feed_image(from, &bytes[..bytes_of(pages)]);
             for p in from..from + pages {
                 if let Some(h) = hook {
                     h(page_gpa(s, p));

@@ -132,6 +132,11 @@ pub fn restore_folded_lazy(
     // shmem fails here.
     let uffd = Userfault::new_missing()?;
     let zero = content_hash(&[0u8; PAGE_SIZE]);
+    let excluded: Vec<bool> = layout
+        .regions()
+        .iter()
+        .map(|r| options.exclude.contains(&r.0))
+        .collect();
     // Bounded by the size limit, yet reserved fallibly: a limit the caller
     // set past this process's memory is an error, never an abort.
     let mut addrs: Vec<Hash> = Vec::new();
@@ -139,15 +144,30 @@ pub fn restore_folded_lazy(
         .ok()
         .and_then(|n| addrs.try_reserve_exact(n).ok())
         .ok_or_else(|| too_large(layout.total()))?;
-    for p in 0..layout.total() {
-        addrs.push(match snap.locate(p)? {
-            Located::Zero => zero,
-            Located::Stored { file, slot } => stored_hash(file, slot)?,
-        });
+    for (i, &(_, size)) in layout.regions().iter().enumerate() {
+        let first = layout.first_page(i);
+        for p in first..first + size / PAGE_SIZE as u64 {
+            // An excluded region's pages are its own: holes of the image.
+            addrs.push(match snap.locate(p)? {
+                _ if excluded[i] => zero,
+                Located::Zero => zero,
+                Located::Stored { file, slot } => stored_hash(file, slot)?,
+            });
+        }
     }
-    let key = snap.id().0;
+    // Clones that exclude regions map an image of the other pages.
+    let key = if excluded.contains(&true) {
+        let mut h = blake3::Hasher::new_derive_key("pagefold lazy image excluding v1");
+        h.update(&snap.id().0);
+        for (r, _) in layout.regions().iter().zip(&excluded).filter(|(_, e)| **e) {
+            h.update(&r.0 .0.to_le_bytes());
+        }
+        *h.finalize().as_bytes()
+    } else {
+        snap.id().0
+    };
     let mut fold_in = host.fold_in(options.domain).map_err(SnapshotError::from)?;
-    if fold_in.has_whole_image(&key, &addrs) {
+    if !excluded.contains(&true) && fold_in.has_whole_image(&key, &addrs) {
         // A clone arrived already: everything is there.
         drop(fold_in);
         let with = FoldOptions {
@@ -213,6 +233,10 @@ pub fn restore_folded_lazy(
             pages: r.pages() as u64,
             gpa: r.start(),
             on_image,
+            // A region the mapping budget could not remap: its pages are
+            // copied in, and filled into the image too, which the other
+            // clones map and which is published only once whole.
+            feeds_image: !on_image && !excluded[i],
             _region: Arc::clone(r),
         })
         .collect();
