@@ -40,11 +40,15 @@ mod regs;
 mod slot;
 mod sys;
 mod vcpu;
+#[cfg(target_arch = "x86_64")]
+mod vm_state;
 
 pub use error::KvmError;
 pub use options::KvmOptions;
 pub use regs::{ControlRegs, DebugRegs, Regs};
 pub use slot::{RegionRef, SlotAssignment};
+#[cfg(target_arch = "x86_64")]
+pub use vm_state::ClockRestore;
 pub use vcpu::{
     Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
     MIGRATED_MSRS,
@@ -420,6 +424,49 @@ impl KvmVm {
             Arc::clone(&self.mem),
         ))
     }
+    /// The VM-wide state a restore needs beside the vCPUs: the guest's
+    /// kvmclock (`KVM_GET_CLOCK`), and the in-kernel irqchip (master and
+    /// slave PIC, IOAPIC: `KVM_GET_IRQCHIP`) and PIT (`KVM_GET_PIT2`)
+    /// where the VM has them (`None` where it has not: KVM answers
+    /// `ENXIO`; the VMM emulates them or has none). Any other refusal is an
+    /// error naming the ioctl. Take it with the vCPUs stopped, beside
+    /// their states ([`KvmVcpu::snapshot_state`]), for
+    /// [`save_machine`](crate::snapshot::save_machine).
+    #[cfg(target_arch = "x86_64")]
+    pub fn vm_state(&self) -> Result<crate::snapshot::VmState, KvmError> {
+        vm_state::read(self.vm_fd())
+    }
+
+    /// Loads a state taken by [`vm_state`](Self::vm_state) (here or on
+    /// another host; from
+    /// [`SnapshotReader::vm_state`](crate::snapshot::SnapshotReader::vm_state))
+    /// with [`ClockRestore::Continue`]: the guest's clock goes on from the
+    /// value saved.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_vm_state(&self, state: &crate::snapshot::VmState) -> Result<(), KvmError> {
+        self.set_vm_state_with(state, ClockRestore::Continue)
+    }
+
+    /// Loads `state`: the irqchip's three chips, the PIT, then the clock
+    /// as `clock` says; parts the state lacks keep this VM's values. Load
+    /// it before the vCPUs run (with their states). Refused with a typed
+    /// error before anything loads: an irqchip state where this VM has no
+    /// in-kernel irqchip, or a PIT state where it has no in-kernel PIT
+    /// ([`KvmError::Unsupported`] naming `KVM_CREATE_IRQCHIP` or
+    /// `KVM_CREATE_PIT2`: create them as the source did, before the
+    /// vCPUs), and [`ClockRestore::AdvanceByRealtime`] for a clock saved
+    /// without a realtime reading. If KVM refuses a part, the VM's
+    /// previous state is loaded back (as far as KVM takes it) and the
+    /// error names the ioctl.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_vm_state_with(
+        &self,
+        state: &crate::snapshot::VmState,
+        clock: ClockRestore,
+    ) -> Result<(), KvmError> {
+        vm_state::load(self.vm_fd(), state, clock)
+    }
+
     /// Fetches KVM's dirty log of every slot and ORs it into pagefold's
     /// dirty log ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
     /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM

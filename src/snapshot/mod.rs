@@ -66,6 +66,7 @@ mod format;
 mod id;
 mod layout;
 mod lazy;
+mod machine;
 mod map;
 mod reader;
 mod restore;
@@ -73,6 +74,7 @@ mod save;
 mod scan;
 mod table;
 mod vcpu;
+mod vm;
 
 pub use error::{ForeignProblem, Part, Place, Problem, SnapshotError};
 pub use folded::{
@@ -86,13 +88,19 @@ pub use foreign::{
 pub use format::{MAGIC, VERSION};
 pub use id::SnapshotId;
 pub use lazy::{restore_lazy, FetchHook, LazyError, LazyOptions, LazyRestore, LazyStats};
+pub use machine::{MachineState, MAX_DEVICE_STATE};
 pub use map::PageSource;
 pub use reader::SnapshotReader;
 pub use restore::{restore_into, RestoreStats};
 pub use save::{
-    save, save_incremental, save_incremental_with_vcpus, save_with_vcpus, SaveOptions, SaveStats,
+    save, save_incremental, save_incremental_machine, save_incremental_with_vcpus, save_machine,
+    save_with_vcpus, SaveOptions, SaveStats,
 };
 pub use vcpu::{
     DebugRegisters, DescriptorTable, GeneralRegs, Segment, SpecialRegs, VcpuState, EVENTS_LEN,
     LAPIC_LEN,
+};
+pub use vm::{
+    ClockState, IoapicState, IrqchipState, PicState, PitChannel, PitState, VmState,
+    CLOCK_HOST_TSC, CLOCK_REALTIME, CLOCK_TSC_STABLE, IOAPIC_PINS, VM_PART_MAX,
 };

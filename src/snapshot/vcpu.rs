@@ -52,7 +52,7 @@ pub(crate) const VCPU_SUM_LEN: usize = 8;
 /// Seed of the fixed part's checksum.
 const SEED: u64 = 0x5046_534e_4150_0004;
 /// Seed of the sectioned part's checksum.
-const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
+pub(crate) const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
 /// Bytes of the sectioned part around its entries: the length field and
 /// the checksum.
 pub(crate) const SECTIONED_MIN: u64 = 16;
@@ -624,10 +624,6 @@ fn decode_record(r: &[u8], at: u64) -> Result<VcpuState, SnapshotError> {
     })
 }
 
-/// The length field of a sectioned part (its first 8 bytes).
-pub(crate) fn sectioned_len(first: [u8; 8]) -> u64 {
-    u64::from_le_bytes(first)
-}
 
 /// Reads a sectioned part at file offset `at` (the whole part, as its
 /// length field sizes it, checked against the file's size by the caller)
