@@ -120,6 +120,13 @@ pub enum Problem {
         /// The most the part may hold.
         max: u64,
     },
+    /// A whole chunk of zero bytes where no valid part has one: the hole
+    /// of a sparse file whose length claims a part it does not hold.
+    #[error("{len} bytes of zeros (a hole?), which no valid part holds")]
+    Hole {
+        /// Bytes of zeros read.
+        len: u64,
+    },
     /// More vCPUs than any VM has.
     #[error("{count} vCPUs (at most {max})")]
     TooManyVcpus {

@@ -216,7 +216,10 @@ impl SnapshotReader {
             &file,
             Part::Vcpus,
             (vcpu_at, vcpu_end),
-            header.vcpu_sections.then_some(vcpu::SECTIONED_SEED),
+            Summed {
+                seed: header.vcpu_sections.then_some(vcpu::SECTIONED_SEED),
+                no_zero_chunk: true,
+            },
         )?;
         let vcpus = if header.vcpu_sections {
             vcpu::parse_sectioned(&vcpu_bytes, vcpu_at, header.vcpu_count)?
@@ -224,7 +227,11 @@ impl SnapshotReader {
             vcpu::parse_fixed(&vcpu_bytes, vcpu_at)?
         };
         let (vm_at, vm_end) = tail.vm;
-        let vm_bytes = read_summed(&file, Part::VmState, (vm_at, vm_end), None)?;
+        let whole = Summed {
+            seed: None,
+            no_zero_chunk: false,
+        };
+        let vm_bytes = read_summed(&file, Part::VmState, (vm_at, vm_end), whole)?;
         let vm_state = if header.vm_state {
             Some(vm::parse_part(&vm_bytes, vm_at)?)
         } else {
@@ -235,7 +242,11 @@ impl SnapshotReader {
             &file,
             Part::DeviceState,
             (dev_at, dev_end),
-            Some(machine::DEVICE_SEED),
+            Summed {
+                seed: Some(machine::DEVICE_SEED),
+                // The VMM's bytes may be zeros.
+                no_zero_chunk: false,
+            },
         )?;
         let id = format::snapshot_id(
             &hbytes,
@@ -689,9 +700,20 @@ fn part_len(
     Ok(len)
 }
 
+/// How [`read_summed`] reads a part.
+#[derive(Clone, Copy)]
+struct Summed {
+    /// The xxh3-64 seed of the checksum the part ends in (of the bytes
+    /// before it); `None`: read whole (a part bounded small).
+    seed: Option<u64>,
+    /// No valid part has a whole chunk of zero bytes (the vCPU part: its
+    /// longest run of zeros is under a section's 64 KiB): such a chunk (a
+    /// hole of a sparse file) is an error at once.
+    no_zero_chunk: bool,
+}
+
 /// The bytes `start..end` of `file` (part `part`, within the file: checked
-/// by the caller). With `seed`, the part ends in the xxh3-64 (that seed)
-/// of the bytes before it, and a part longer than a chunk has that
+/// by the caller). With a seed, a part longer than a chunk has its
 /// checksum streamed a chunk at a time before its bytes are kept: a part
 /// that fails it (the hole of a sparse file claiming hundreds of
 /// megabytes) costs a chunk of memory, not its claimed length. The parse
@@ -700,10 +722,10 @@ fn read_summed(
     file: &File,
     part: Part,
     (start, end): (u64, u64),
-    seed: Option<u64>,
+    how: Summed,
 ) -> Result<Vec<u8>, SnapshotError> {
     let len = end - start;
-    if let Some(seed) = seed.filter(|_| len > CHUNK as u64 && len >= 8) {
+    if let Some(seed) = how.seed.filter(|_| len > CHUNK as u64) {
         let mut h = xxhash_rust::xxh3::Xxh3::with_seed(seed);
         let mut buf = vec![0u8; CHUNK];
         let body_end = end - 8;
@@ -711,6 +733,13 @@ fn read_summed(
         while at < body_end {
             let n = usize::try_from((body_end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
             read_at(file, &mut buf[..n], at, part)?;
+            if how.no_zero_chunk && n == CHUNK && buf.chunks_exact(8).all(|w| w == [0u8; 8]) {
+                return Err(SnapshotError::malformed(
+                    part,
+                    at,
+                    Problem::Hole { len: n as u64 },
+                ));
+            }
             h.update(&buf[..n]);
             at += n as u64;
         }
