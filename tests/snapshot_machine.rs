@@ -333,11 +333,7 @@ mod on_kvm {
 
     /// A VM over a fresh copy of the guest's memory, with the chips (or
     /// without), and its vCPU 0.
-    fn machine(
-        test: &str,
-        code: &[u8],
-        chips: bool,
-    ) -> Option<(Arc<GuestMemory>, KvmVm, KvmVcpu)> {
+    fn machine(test: &str, code: &[u8], chips: bool) -> Option<(Arc<GuestMemory>, KvmVm, KvmVcpu)> {
         let mem = Arc::new(GuestMemory::new(&layout()).unwrap());
         let cr3 = guest::build_page_tables(&mem, 16).unwrap();
         let mode = guest::load(&mem, code, cr3, 1).unwrap();
@@ -358,7 +354,9 @@ mod on_kvm {
     fn run_to_stop(vcpu: &mut KvmVcpu) -> Vec<(u16, u8)> {
         let mut seen = Vec::new();
         vcpu.run(|exit| match exit {
-            Exit::IoOut { port: PORT_STOP, .. } => Flow::Stop,
+            Exit::IoOut {
+                port: PORT_STOP, ..
+            } => Flow::Stop,
             Exit::IoOut { port, data } => {
                 seen.push((port, data[0]));
                 Flow::Continue
@@ -544,11 +542,11 @@ mod on_kvm {
                 },
                 ClockRestore::AdvanceByRealtime,
             );
-            assert!(
-                matches!(res, Err(KvmError::Unsupported { .. })),
-                "{res:?}"
+            assert!(matches!(res, Err(KvmError::Unsupported { .. })), "{res:?}");
+            println!(
+                "{test}: KVM gives no realtime reading here (flags {:#x}): refusal checked",
+                now.flags
             );
-            println!("{test}: KVM gives no realtime reading here (flags {:#x}): refusal checked", now.flags);
             return;
         }
         let mut earlier = now;

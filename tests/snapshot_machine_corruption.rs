@@ -185,7 +185,7 @@ fn reseal_header(b: &mut [u8]) {
 /// The id and the header checksum as a writer would set them for these
 /// bytes (every part after the table runs to the file's end).
 fn reseal_header_and_id(b: &mut [u8]) {
-    let (hlen, tail) = offsets(b);
+    let (hlen, _) = offsets(b);
     let map = u64_at(b, 112) as usize;
     let runs = u64_at(b, 120) as usize;
     let table = u64_at(b, 136) as usize;
@@ -195,7 +195,6 @@ fn reseal_header_and_id(b: &mut [u8]) {
     h.update(&b[56..hlen]);
     h.update(&b[map..map + runs * 16]);
     h.update(&b[table..]);
-    let _ = tail;
     let id = *h.finalize().as_bytes();
     b[24..56].copy_from_slice(&id);
     reseal_header(b);

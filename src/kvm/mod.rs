@@ -47,12 +47,12 @@ pub use error::KvmError;
 pub use options::KvmOptions;
 pub use regs::{ControlRegs, DebugRegs, Regs};
 pub use slot::{RegionRef, SlotAssignment};
-#[cfg(target_arch = "x86_64")]
-pub use vm_state::ClockRestore;
 pub use vcpu::{
     Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
     MIGRATED_MSRS,
 };
+#[cfg(target_arch = "x86_64")]
+pub use vm_state::ClockRestore;
 
 use self::{
     dirty_log::{DirtyLog, LoggedSlot},

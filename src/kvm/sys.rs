@@ -4,11 +4,11 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-#[cfg(target_arch = "x86_64")]
-use kvm_bindings::{kvm_clock_data, kvm_pit_state2};
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
 };
+#[cfg(target_arch = "x86_64")]
+use kvm_bindings::{kvm_clock_data, kvm_pit_state2};
 
 use super::error::{last_os_error, KvmError};
 
@@ -35,7 +35,8 @@ pub(super) const KVM_ENABLE_CAP: u32 = kvm_ioc(IOC_WRITE, 0xa3, size_of::<kvm_en
 /// `_IOWR(KVMIO, 0x62, struct kvm_irqchip)` (520 bytes: chip id, pad, a
 /// 512-byte union: [`IrqchipArg`]).
 #[cfg(target_arch = "x86_64")]
-pub(super) const KVM_GET_IRQCHIP: u32 = kvm_ioc(IOC_READ | IOC_WRITE, 0x62, size_of::<IrqchipArg>());
+pub(super) const KVM_GET_IRQCHIP: u32 =
+    kvm_ioc(IOC_READ | IOC_WRITE, 0x62, size_of::<IrqchipArg>());
 /// `_IOR(KVMIO, 0x63, struct kvm_irqchip)` (the kernel's number says
 /// "read" though it reads the struct: as the header defines it).
 #[cfg(target_arch = "x86_64")]
@@ -112,7 +113,11 @@ pub(super) fn get_irqchip(vm: BorrowedFd<'_>, chip_id: u32) -> Result<[u8; 512],
 
 /// `KVM_SET_IRQCHIP` of chip `chip_id` with its 512 union bytes.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn set_irqchip(vm: BorrowedFd<'_>, chip_id: u32, chip: [u8; 512]) -> Result<(), KvmError> {
+pub(super) fn set_irqchip(
+    vm: BorrowedFd<'_>,
+    chip_id: u32,
+    chip: [u8; 512],
+) -> Result<(), KvmError> {
     let mut a = IrqchipArg {
         chip_id,
         pad: 0,

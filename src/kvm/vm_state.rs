@@ -12,8 +12,8 @@ use kvm_bindings::{kvm_clock_data, kvm_pit_channel_state, kvm_pit_state2};
 
 use super::{error::KvmError, sys};
 use crate::snapshot::{
-    ClockState, IoapicState, IrqchipState, PicState, PitChannel, PitState, VmState,
-    CLOCK_REALTIME, IOAPIC_PINS,
+    ClockState, IoapicState, IrqchipState, PicState, PitChannel, PitState, VmState, CLOCK_REALTIME,
+    IOAPIC_PINS,
 };
 
 /// How [`KvmVm::set_vm_state_with`](super::KvmVm::set_vm_state_with)

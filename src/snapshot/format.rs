@@ -38,8 +38,9 @@ pub(crate) const FLAG_DEVICE_STATE: u16 = 16;
 const KNOWN_FLAGS: u16 =
     FLAG_INCREMENTAL | FLAG_VCPUS | FLAG_VCPU_SECTIONS | FLAG_VM_STATE | FLAG_DEVICE_STATE;
 /// The most vCPUs a snapshot holds (`KVM_MAX_VCPUS` on x86, the largest):
-/// their part is read whole at open, so a count is bounded before it is
-/// read.
+/// their part is read at open, so a count is bounded before it is read
+/// (a part over a MiB has its checksum streamed first, a whole MiB of
+/// zeros in it refused at once: `reader.rs`).
 pub(crate) const MAX_VCPUS: u32 = 4096;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;

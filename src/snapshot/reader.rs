@@ -28,9 +28,9 @@ use super::{
     format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN, RUN_LEN},
     id::SnapshotId,
     layout::PageLayout,
+    machine,
     map::{PageMap, PageSource},
     table::{ContentTable, Slot},
-    machine,
     vcpu::{self, VcpuState},
     vm::{self, VmState},
 };

@@ -13,11 +13,11 @@ use super::{
     format::{self, Hash, Header, Parts},
     id::SnapshotId,
     layout::PageLayout,
+    machine::{self, MachineState},
     map::{MapBuilder, PageSource},
     reader::SnapshotReader,
     scan::{Scanner, BATCH},
     table::{ContentTable, External},
-    machine::{self, MachineState},
     vcpu::{self, VcpuState},
     vm::VmState,
 };

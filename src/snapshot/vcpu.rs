@@ -624,7 +624,6 @@ fn decode_record(r: &[u8], at: u64) -> Result<VcpuState, SnapshotError> {
     })
 }
 
-
 /// Reads a sectioned part at file offset `at` (the whole part, as its
 /// length field sizes it, checked against the file's size by the caller)
 /// holding `count` vCPUs: checksum first, then every entry and section.

@@ -469,7 +469,7 @@ mod tests {
             }),
             pit: Some(PitState {
                 channels: std::array::from_fn(|c| PitChannel {
-                    count: 0x1_0000 - c as u32,
+                    count: [0x1_0000, 0xfff0, 0x1234][c],
                     mode: 2,
                     rw_mode: 3,
                     gate: 1,
