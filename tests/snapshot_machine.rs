@@ -227,6 +227,43 @@ fn device_state_over_the_limit_is_refused_before_the_save() {
     assert!(!path.exists());
 }
 
+/// A vCPU part over a MiB (read with its checksum streamed first, every
+/// whole MiB checked not to be zeros) of states that are nearly all zero
+/// bytes (the longest runs of zeros a writer makes: a 64 KiB `XSAVE` area,
+/// 4096 MSRs of index and value 0) reads back as saved, with the VM and
+/// device parts after it (the device state all zeros, over a MiB too).
+#[test]
+fn large_parts_of_zeros_read_back() {
+    let dir = TempDir::new("snap-machine-large");
+    let states: Vec<VcpuState> = (0..20)
+        .map(|i| VcpuState {
+            xsave: vec![0; 64 * 1024],
+            msrs: vec![(0, 0); 4096],
+            mp_state: Some(i),
+            ..VcpuState::default()
+        })
+        .collect();
+    let vm = VmState::default();
+    let dev = vec![0u8; 3 << 20];
+    let path = dir.path("large.snap");
+    save_machine(
+        &memory(),
+        &path,
+        &SaveOptions { track_dirty: false },
+        &MachineState {
+            vcpus: &states,
+            vm: Some(&vm),
+            device_state: Some(&dev),
+        },
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() > 5 << 20);
+    let r = SnapshotReader::open(&path).unwrap();
+    assert_eq!(r.vcpus(), states);
+    assert_eq!(r.vm_state(), Some(&vm));
+    assert_eq!(r.device_state(), Some(&dev[..]));
+}
+
 #[cfg(all(feature = "kvm", target_arch = "x86_64"))]
 mod on_kvm {
     use std::{os::fd::AsRawFd, sync::Arc};

@@ -3,9 +3,12 @@
 //! VMM's own, adopted with the slot numbers it chooses
 //! ([`KvmVm::adopt`]) — KVM's dirty log fetched into pagefold's dirty log
 //! (`dirty_log.rs`), and vCPUs in real mode or directly in 64-bit mode with
-//! a run loop and a migratable state (`vcpu.rs`). The public API carries
+//! a run loop and a migratable state (`vcpu.rs`), and the VM-wide state a
+//! snapshot carries beside them: kvmclock, in-kernel irqchip and PIT
+//! (`vm_state.rs`). The public API carries
 //! no kvm-ioctls or kvm-bindings type (fds go out as [`BorrowedFd`],
-//! registers as pagefold's [`Regs`], vCPU state as bytes), so a VMM
+//! registers as pagefold's [`Regs`], vCPU state as bytes, VM state as
+//! [`snapshot::VmState`](crate::snapshot::VmState)), so a VMM
 //! linking other versions of those crates still builds.
 //!
 //! Lifetime rule: a KVM memory slot points at a region's host mapping by
