@@ -233,15 +233,16 @@ fn the_vcpu_flag_and_count_must_agree() {
         other => panic!("want VcpuFlag, got {other:?}"),
     }
     // A flag this build does not know is refused, as an older build
-    // refuses the vCPU flag.
+    // refuses the vCPU flag (bits 3 and 4 are the VM and device-state
+    // parts since: `tests/snapshot_machine.rs`).
     let mut b = good.clone();
-    b[10] |= 8;
+    b[10] |= 32;
     reseal(&mut b);
     std::fs::write(&path, &b).unwrap();
     assert!(matches!(
         SnapshotReader::open(&path),
         Err(SnapshotError::Malformed {
-            problem: Problem::Flags(14),
+            problem: Problem::Flags(38),
             ..
         })
     ));

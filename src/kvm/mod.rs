@@ -3,9 +3,12 @@
 //! VMM's own, adopted with the slot numbers it chooses
 //! ([`KvmVm::adopt`]) — KVM's dirty log fetched into pagefold's dirty log
 //! (`dirty_log.rs`), and vCPUs in real mode or directly in 64-bit mode with
-//! a run loop and a migratable state (`vcpu.rs`). The public API carries
+//! a run loop and a migratable state (`vcpu.rs`), and the VM-wide state a
+//! snapshot carries beside them: kvmclock, in-kernel irqchip and PIT
+//! (`vm_state.rs`). The public API carries
 //! no kvm-ioctls or kvm-bindings type (fds go out as [`BorrowedFd`],
-//! registers as pagefold's [`Regs`], vCPU state as bytes), so a VMM
+//! registers as pagefold's [`Regs`], vCPU state as bytes, VM state as
+//! [`snapshot::VmState`](crate::snapshot::VmState)), so a VMM
 //! linking other versions of those crates still builds.
 //!
 //! Lifetime rule: a KVM memory slot points at a region's host mapping by
@@ -40,6 +43,8 @@ mod regs;
 mod slot;
 mod sys;
 mod vcpu;
+#[cfg(target_arch = "x86_64")]
+mod vm_state;
 
 pub use error::KvmError;
 pub use options::KvmOptions;
@@ -49,6 +54,8 @@ pub use vcpu::{
     Exit, Flow, KvmVcpu, LongMode, RunReport, VcpuFeatures, VcpuState, VcpuStateError,
     MIGRATED_MSRS,
 };
+#[cfg(target_arch = "x86_64")]
+pub use vm_state::ClockRestore;
 
 use self::{
     dirty_log::{DirtyLog, LoggedSlot},
@@ -420,6 +427,49 @@ impl KvmVm {
             Arc::clone(&self.mem),
         ))
     }
+    /// The VM-wide state a restore needs beside the vCPUs: the guest's
+    /// kvmclock (`KVM_GET_CLOCK`), and the in-kernel irqchip (master and
+    /// slave PIC, IOAPIC: `KVM_GET_IRQCHIP`) and PIT (`KVM_GET_PIT2`)
+    /// where the VM has them (`None` where it has not: KVM answers
+    /// `ENXIO`; the VMM emulates them or has none). Any other refusal is an
+    /// error naming the ioctl. Take it with the vCPUs stopped, beside
+    /// their states ([`KvmVcpu::snapshot_state`]), for
+    /// [`save_machine`](crate::snapshot::save_machine).
+    #[cfg(target_arch = "x86_64")]
+    pub fn vm_state(&self) -> Result<crate::snapshot::VmState, KvmError> {
+        vm_state::read(self.vm_fd())
+    }
+
+    /// Loads a state taken by [`vm_state`](Self::vm_state) (here or on
+    /// another host; from
+    /// [`SnapshotReader::vm_state`](crate::snapshot::SnapshotReader::vm_state))
+    /// with [`ClockRestore::Continue`]: the guest's clock goes on from the
+    /// value saved.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_vm_state(&self, state: &crate::snapshot::VmState) -> Result<(), KvmError> {
+        self.set_vm_state_with(state, ClockRestore::Continue)
+    }
+
+    /// Loads `state`: the irqchip's three chips, the PIT, then the clock
+    /// as `clock` says; parts the state lacks keep this VM's values. Load
+    /// it before the vCPUs run (with their states). Refused with a typed
+    /// error before anything loads: an irqchip state where this VM has no
+    /// in-kernel irqchip, or a PIT state where it has no in-kernel PIT
+    /// ([`KvmError::Unsupported`] naming `KVM_CREATE_IRQCHIP` or
+    /// `KVM_CREATE_PIT2`: create them as the source did, before the
+    /// vCPUs), and [`ClockRestore::AdvanceByRealtime`] for a clock saved
+    /// without a realtime reading. If KVM refuses a part, the VM's
+    /// previous state is loaded back (as far as KVM takes it) and the
+    /// error names the ioctl.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_vm_state_with(
+        &self,
+        state: &crate::snapshot::VmState,
+        clock: ClockRestore,
+    ) -> Result<(), KvmError> {
+        vm_state::load(self.vm_fd(), state, clock)
+    }
+
     /// Fetches KVM's dirty log of every slot and ORs it into pagefold's
     /// dirty log ([`GuestMemory::merge_dirty_bitmap`]); take the pages with
     /// [`GuestMemory::harvest_dirty`]. Returns the number of pages KVM

@@ -1,5 +1,6 @@
 //! Errors of snapshots. Every error about a file's bytes names the part of
-//! the file (header, padding, content, map, table, vCPU states) and the byte offset, so
+//! the file (header, padding, content, map, table, vCPU states, VM
+//! state, device state) and the byte offset, so
 //! an operator can tell a cut file from a damaged one from one of another
 //! version.
 
@@ -30,6 +31,12 @@ pub enum Part {
     Table,
     /// The vCPU states (only in a file whose header has the vCPU flag).
     Vcpus,
+    /// The VM-wide KVM state: kvmclock, in-kernel irqchip and PIT (only
+    /// in a file whose header has flag bit 3).
+    VmState,
+    /// The VMM's own device state, opaque to pagefold (only in a file
+    /// whose header has flag bit 4).
+    DeviceState,
 }
 
 impl fmt::Display for Part {
@@ -41,6 +48,8 @@ impl fmt::Display for Part {
             Part::Map => "page map",
             Part::Table => "content table",
             Part::Vcpus => "vCPU states",
+            Part::VmState => "VM state",
+            Part::DeviceState => "device state",
         })
     }
 }
@@ -92,6 +101,31 @@ pub enum Problem {
         vcpu: u32,
         /// What is wrong.
         what: String,
+    },
+    /// A section of the VM part that does not hold together (a length
+    /// other than its tag's, a section out of order or twice, a tag this
+    /// build does not know).
+    #[error("{what}")]
+    Section {
+        /// What is wrong.
+        what: String,
+    },
+    /// A part longer than this build accepts (the device state's
+    /// [`MAX_DEVICE_STATE`](super::MAX_DEVICE_STATE)): refused before a
+    /// byte of it is read or allocated, or before a save reads a page.
+    #[error("{len} bytes, more than the {max} this part may hold")]
+    TooLarge {
+        /// The length claimed (in a file) or given (to a save).
+        len: u64,
+        /// The most the part may hold.
+        max: u64,
+    },
+    /// A whole chunk of zero bytes where no valid part has one: the hole
+    /// of a sparse file whose length claims a part it does not hold.
+    #[error("{len} bytes of zeros (a hole?), which no valid part holds")]
+    Hole {
+        /// Bytes of zeros read.
+        len: u64,
     },
     /// More vCPUs than any VM has.
     #[error("{count} vCPUs (at most {max})")]

@@ -26,9 +26,21 @@ pub(crate) const FLAG_VCPUS: u16 = 2;
 /// it, the part is the fixed 504-byte records of earlier builds. A reader
 /// that does not know the flag refuses the file (`Problem::Flags`).
 pub(crate) const FLAG_VCPU_SECTIONS: u16 = 4;
+/// Header flag: the file has a VM part after the vCPU part (the VM-wide
+/// KVM state: `vm.rs`), its length its first field. A reader that does
+/// not know the flag refuses the file (`Problem::Flags`).
+pub(crate) const FLAG_VM_STATE: u16 = 8;
+/// Header flag: the file has a device-state part last (the VMM's opaque
+/// bytes: `machine.rs`), its length its first field. A reader that does
+/// not know the flag refuses the file (`Problem::Flags`).
+pub(crate) const FLAG_DEVICE_STATE: u16 = 16;
+/// Every flag this build knows.
+const KNOWN_FLAGS: u16 =
+    FLAG_INCREMENTAL | FLAG_VCPUS | FLAG_VCPU_SECTIONS | FLAG_VM_STATE | FLAG_DEVICE_STATE;
 /// The most vCPUs a snapshot holds (`KVM_MAX_VCPUS` on x86, the largest):
-/// their part is read whole at open, so a count is bounded before it is
-/// read.
+/// their part is read at open, so a count is bounded before it is read
+/// (a part over a MiB has its checksum streamed first, a whole MiB of
+/// zeros in it refused at once: `reader.rs`).
 pub(crate) const MAX_VCPUS: u32 = 4096;
 /// Bytes of the header before the regions.
 pub(crate) const FIXED: usize = 160;
@@ -69,6 +81,8 @@ pub(crate) fn part_checksum(part: Part, bytes: &[u8]) -> u64 {
         Part::Map => 0x5046_534e_4150_0002,
         Part::Table => 0x5046_534e_4150_0003,
         Part::Vcpus => 0x5046_534e_4150_0004,
+        Part::VmState => 0x5046_534e_4150_0006,
+        Part::DeviceState => 0x5046_534e_4150_0007,
         Part::Padding | Part::Content => 0,
     };
     xxh3_64_with_seed(bytes, seed)
@@ -79,8 +93,10 @@ const PARALLEL_HASH: usize = 256 * 1024;
 
 /// A snapshot's id: BLAKE3 (in key-derivation mode, so it is no page's
 /// content address) of its header without the id and checksum, its map,
-/// its table and its vCPU part (empty where it has none).
-pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8], vcpus: &[u8]) -> SnapshotId {
+/// its table and the parts after the table, in file order (the vCPU, VM
+/// and device-state parts, those it has: a file without the later ones
+/// keeps the id it had before they existed).
+pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8], tail: &[&[u8]]) -> SnapshotId {
     let mut h = blake3::Hasher::new_derive_key("pagefold snapshot id v1");
     let body = &header[..header.len().saturating_sub(CHECKSUM_LEN)];
     h.update(body.get(..ID_AT).unwrap_or(body));
@@ -89,7 +105,7 @@ pub(crate) fn snapshot_id(header: &[u8], map: &[u8], table: &[u8], vcpus: &[u8])
     // BLAKE3's tree splits a long input across rayon's threads with the
     // same result: an open's id check over megabytes of map and table is
     // the largest part of its time.
-    for part in [map, table, vcpus] {
+    for part in [map, table].into_iter().chain(tail.iter().copied()) {
         if part.len() >= PARALLEL_HASH {
             h.update_rayon(part);
         } else {
@@ -128,6 +144,10 @@ pub(crate) struct Header {
     /// The vCPU part is sectioned ([`FLAG_VCPU_SECTIONS`]): its length is
     /// its first field, not a product of the count.
     pub(crate) vcpu_sections: bool,
+    /// The file has a VM part ([`FLAG_VM_STATE`]).
+    pub(crate) vm_state: bool,
+    /// The file has a device-state part ([`FLAG_DEVICE_STATE`]).
+    pub(crate) device_state: bool,
 }
 
 /// Where each part starts and the file ends, as the counts of a header
@@ -256,6 +276,12 @@ impl Header {
                 flags |= FLAG_VCPU_SECTIONS;
             }
         }
+        if self.vm_state {
+            flags |= FLAG_VM_STATE;
+        }
+        if self.device_state {
+            flags |= FLAG_DEVICE_STATE;
+        }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&PAGE_SIZE_U32.to_le_bytes());
         out.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
@@ -309,7 +335,7 @@ impl Header {
             |offset: usize, problem| SnapshotError::malformed(Part::Header, offset as u64, problem);
         let mut c = Cursor { buf: body, at: 10 };
         let flags = c.u16();
-        if flags & !(FLAG_INCREMENTAL | FLAG_VCPUS | FLAG_VCPU_SECTIONS) != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(bad(10, Problem::Flags(flags)));
         }
         let page_size = c.u32();
@@ -355,6 +381,8 @@ impl Header {
             table_checksum: c.u64(),
             vcpu_count,
             vcpu_sections: flags & FLAG_VCPU_SECTIONS != 0,
+            vm_state: flags & FLAG_VM_STATE != 0,
+            device_state: flags & FLAG_DEVICE_STATE != 0,
         };
         // The caller read `FIXED + count * REGION_LEN` bytes, bounded by
         // the file's size.
@@ -456,6 +484,8 @@ mod tests {
             table_checksum: 2,
             vcpu_count: 0,
             vcpu_sections: false,
+            vm_state: false,
+            device_state: false,
         }
     }
 
@@ -475,11 +505,11 @@ mod tests {
     #[test]
     fn ids_ignore_the_id_field_only() {
         let mut h = header();
-        let a = snapshot_id(&h.encode(), b"m", b"t", b"");
+        let a = snapshot_id(&h.encode(), b"m", b"t", &[]);
         h.id = SnapshotId([9; 32]);
-        assert_eq!(snapshot_id(&h.encode(), b"m", b"t", b""), a);
+        assert_eq!(snapshot_id(&h.encode(), b"m", b"t", &[]), a);
         h.total_pages = 4;
-        assert_ne!(snapshot_id(&h.encode(), b"m", b"t", b""), a);
-        assert_ne!(snapshot_id(&header().encode(), b"n", b"t", b""), a);
+        assert_ne!(snapshot_id(&h.encode(), b"m", b"t", &[]), a);
+        assert_ne!(snapshot_id(&header().encode(), b"n", b"t", &[]), a);
     }
 }

@@ -28,9 +28,11 @@ use super::{
     format::{self, content_hash, Hash, Header, Parts, EXTERNAL_LEN, FIXED, LOCAL_LEN, RUN_LEN},
     id::SnapshotId,
     layout::PageLayout,
+    machine,
     map::{PageMap, PageSource},
     table::{ContentTable, Slot},
     vcpu::{self, VcpuState},
+    vm::{self, VmState},
 };
 use crate::addr::{GuestPhysAddr, PageSize, PAGE_SIZE};
 
@@ -46,6 +48,8 @@ pub struct SnapshotReader {
     map: PageMap,
     table: ContentTable,
     vcpus: Vec<VcpuState>,
+    vm_state: Option<VmState>,
+    device_state: Option<Vec<u8>>,
     parent: Option<Box<SnapshotReader>>,
     /// The path it was opened by ([`open`](Self::open)), for errors.
     path: Option<PathBuf>,
@@ -132,67 +136,25 @@ impl SnapshotReader {
         read_at(&file, &mut hbytes, 0, Part::Header)?;
         let header = Header::parse(&hbytes)?;
         let mut parts = header.parts()?;
-        if header.vcpu_sections {
-            // The sectioned vCPU part's length is its first field: read
-            // it, and bound the part by the file before anything is sized
-            // by it.
-            if parts.vcpus.saturating_add(8) > file_len {
-                return Err(truncated(Part::Vcpus, parts.vcpus.min(file_len)));
-            }
-            let mut first = [0u8; 8];
-            read_at(&file, &mut first, parts.vcpus, Part::Vcpus)?;
-            let part_len = vcpu::sectioned_len(first);
-            if part_len > vcpu::sectioned_max_len(header.vcpu_count) {
-                return Err(SnapshotError::malformed(
-                    Part::Vcpus,
-                    parts.vcpus,
-                    Problem::Overflow("the vCPU part's length (more than its vCPUs can hold)"),
-                ));
-            }
-            if part_len < vcpu::SECTIONED_MIN {
-                return Err(SnapshotError::malformed(
-                    Part::Vcpus,
-                    parts.vcpus,
-                    Problem::Overflow("the vCPU part's length (under 16 bytes)"),
-                ));
-            }
-            parts.end = parts
-                .vcpus
-                .checked_add(part_len)
-                .filter(|&end| end <= file_len)
-                .ok_or(truncated(Part::Vcpus, parts.vcpus))?;
-            if parts.end < file_len {
-                // The length field is the last word on where the file
-                // ends: name it, not the bytes it leaves over.
-                return Err(SnapshotError::malformed(
-                    Part::Vcpus,
-                    parts.vcpus,
-                    Problem::Trailing {
-                        extra: file_len - parts.end,
-                    },
-                ));
-            }
-        }
         for (part, start, end) in [
             (Part::Padding, parts.header_len, parts.content),
             (Part::Content, parts.content, parts.map),
             (Part::Map, parts.map, parts.table),
             (Part::Table, parts.table, parts.vcpus),
-            (Part::Vcpus, parts.vcpus, parts.end),
         ] {
             if end > file_len {
                 return Err(truncated(part, start.min(file_len)));
             }
         }
+        let tail = TailParts::locate(&file, &header, parts.vcpus, file_len)?;
+        parts.end = tail.end;
         if parts.end < file_len {
-            let last = if header.vcpu_count > 0 {
-                Part::Vcpus
-            } else {
-                Part::Table
-            };
+            // A part's length field is the last word on where the file
+            // ends: name it, not the bytes it leaves over.
+            let (last, at) = tail.last.unwrap_or((Part::Table, parts.end));
             return Err(SnapshotError::malformed(
                 last,
-                parts.end,
+                at,
                 Problem::Trailing {
                     extra: file_len - parts.end,
                 },
@@ -249,14 +211,54 @@ impl SnapshotReader {
             header.table_checksum,
         )?;
         let table = ContentTable::parse(&table_bytes, parts.table, header.local_count)?;
-        let mut vcpu_bytes = vec![0u8; len(parts.vcpus, parts.end)];
-        read_at(&file, &mut vcpu_bytes, parts.vcpus, Part::Vcpus)?;
+        let (vcpu_at, vcpu_end) = tail.vcpus;
+        let vcpu_bytes = read_summed(
+            &file,
+            Part::Vcpus,
+            (vcpu_at, vcpu_end),
+            Summed {
+                seed: header.vcpu_sections.then_some(vcpu::SECTIONED_SEED),
+                no_zero_chunk: true,
+            },
+        )?;
         let vcpus = if header.vcpu_sections {
-            vcpu::parse_sectioned(&vcpu_bytes, parts.vcpus, header.vcpu_count)?
+            vcpu::parse_sectioned(&vcpu_bytes, vcpu_at, header.vcpu_count)?
         } else {
-            vcpu::parse_fixed(&vcpu_bytes, parts.vcpus)?
+            vcpu::parse_fixed(&vcpu_bytes, vcpu_at)?
         };
-        let id = format::snapshot_id(&hbytes, &map_bytes, &table_bytes, &vcpu_bytes);
+        let (vm_at, vm_end) = tail.vm;
+        let whole = Summed {
+            seed: None,
+            no_zero_chunk: false,
+        };
+        let vm_bytes = read_summed(&file, Part::VmState, (vm_at, vm_end), whole)?;
+        let vm_state = if header.vm_state {
+            Some(vm::parse_part(&vm_bytes, vm_at)?)
+        } else {
+            None
+        };
+        let (dev_at, dev_end) = tail.device;
+        let dev_bytes = read_summed(
+            &file,
+            Part::DeviceState,
+            (dev_at, dev_end),
+            Summed {
+                seed: Some(machine::DEVICE_SEED),
+                // The VMM's bytes may be zeros.
+                no_zero_chunk: false,
+            },
+        )?;
+        let id = format::snapshot_id(
+            &hbytes,
+            &map_bytes,
+            &table_bytes,
+            &[&vcpu_bytes, &vm_bytes, &dev_bytes],
+        );
+        let device_state = if header.device_state {
+            Some(machine::parse_device_part(dev_bytes, dev_at)?)
+        } else {
+            None
+        };
         if id != header.id {
             return Err(SnapshotError::IdMismatch {
                 at: Place::new(Part::Header, format::ID_AT as u64),
@@ -270,6 +272,8 @@ impl SnapshotReader {
             map,
             table,
             vcpus,
+            vm_state,
+            device_state,
             parent: None,
             path: None,
         })
@@ -354,6 +358,22 @@ impl SnapshotReader {
     /// carries its own; empty where none were saved), in vCPU order.
     pub fn vcpus(&self) -> &[VcpuState] {
         &self.vcpus
+    }
+
+    /// The VM-wide KVM state saved with this snapshot (kvmclock,
+    /// in-kernel irqchip and PIT: [`save_machine`](super::save_machine));
+    /// `None` where none was saved (each snapshot of a chain carries its
+    /// own).
+    pub fn vm_state(&self) -> Option<&VmState> {
+        self.vm_state.as_ref()
+    }
+
+    /// The VMM's device state saved with this snapshot, as it handed it
+    /// to [`save_machine`](super::save_machine) (checked against the
+    /// part's checksum at open); `None` where none was saved (each
+    /// snapshot of a chain carries its own).
+    pub fn device_state(&self) -> Option<&[u8]> {
+        self.device_state.as_deref()
     }
 
     /// The path this snapshot was opened by (`None` for
@@ -575,6 +595,168 @@ fn read_entries(
         at += n as u64;
     }
     Ok(())
+}
+
+/// Where the parts after the table lie (each `(start, end)`, empty where
+/// the file has none), found from the header's flags and count and each
+/// length-prefixed part's own length field, every one bounded (by what
+/// the part can hold, and by the file) before anything is sized by it.
+struct TailParts {
+    vcpus: (u64, u64),
+    vm: (u64, u64),
+    device: (u64, u64),
+    /// Where the file ends by them.
+    end: u64,
+    /// The last part there and the offset a trailing byte is blamed on
+    /// (its length field; the end of a fixed vCPU part); `None`: no part
+    /// after the table.
+    last: Option<(Part, u64)>,
+}
+
+impl TailParts {
+    fn locate(file: &File, header: &Header, at: u64, file_len: u64) -> Result<Self, SnapshotError> {
+        let mut last = None;
+        let mut end = at;
+        if header.vcpu_count > 0 {
+            if header.vcpu_sections {
+                let max = vcpu::sectioned_max_len(header.vcpu_count);
+                end += part_len(file, Part::Vcpus, at, file_len, (vcpu::SECTIONED_MIN, max))?;
+                last = Some((Part::Vcpus, at));
+            } else {
+                // Bounded by the header's count (`Header::parts` checked
+                // it does not overflow).
+                end = vcpu::part_len(u64::from(header.vcpu_count))
+                    .and_then(|n| at.checked_add(n))
+                    .filter(|&e| e <= file_len)
+                    .ok_or(SnapshotError::Truncated {
+                        at: Place::new(Part::Vcpus, at.min(file_len)),
+                        file_len,
+                    })?;
+                last = Some((Part::Vcpus, end));
+            }
+        }
+        let vcpus = (at, end);
+        let vm_at = end;
+        if header.vm_state {
+            let bounds = (vm::VM_PART_MIN, vm::VM_PART_MAX);
+            end += part_len(file, Part::VmState, vm_at, file_len, bounds)?;
+            last = Some((Part::VmState, vm_at));
+        }
+        let dev_at = end;
+        if header.device_state {
+            let bounds = (machine::DEVICE_PART_MIN, machine::DEVICE_PART_MAX);
+            end += part_len(file, Part::DeviceState, dev_at, file_len, bounds)?;
+            last = Some((Part::DeviceState, dev_at));
+        }
+        Ok(TailParts {
+            vcpus,
+            vm: (vm_at, dev_at),
+            device: (dev_at, end),
+            end,
+            last,
+        })
+    }
+}
+
+/// The length field (the first 8 bytes) of the length-prefixed part
+/// `part` at `at`: at least `min`, at most `max` (else an error naming the
+/// part, before anything is sized by it), and within the file.
+fn part_len(
+    file: &File,
+    part: Part,
+    at: u64,
+    file_len: u64,
+    (min, max): (u64, u64),
+) -> Result<u64, SnapshotError> {
+    if at.saturating_add(8) > file_len {
+        return Err(SnapshotError::Truncated {
+            at: Place::new(part, at.min(file_len)),
+            file_len,
+        });
+    }
+    let mut first = [0u8; 8];
+    read_at(file, &mut first, at, part)?;
+    let len = u64::from_le_bytes(first);
+    if len > max {
+        return Err(SnapshotError::malformed(
+            part,
+            at,
+            Problem::TooLarge { len, max },
+        ));
+    }
+    if len < min {
+        return Err(SnapshotError::malformed(
+            part,
+            at,
+            Problem::Overflow("the part's length (under its length field and checksum)"),
+        ));
+    }
+    if at + len > file_len {
+        return Err(SnapshotError::Truncated {
+            at: Place::new(part, at),
+            file_len,
+        });
+    }
+    Ok(len)
+}
+
+/// How [`read_summed`] reads a part.
+#[derive(Clone, Copy)]
+struct Summed {
+    /// The xxh3-64 seed of the checksum the part ends in (of the bytes
+    /// before it); `None`: read whole (a part bounded small).
+    seed: Option<u64>,
+    /// No valid part has a whole chunk of zero bytes (the vCPU part: its
+    /// longest run of zeros is under a section's 64 KiB): such a chunk (a
+    /// hole of a sparse file) is an error at once.
+    no_zero_chunk: bool,
+}
+
+/// The bytes `start..end` of `file` (part `part`, within the file: checked
+/// by the caller). With a seed, a part longer than a chunk has its
+/// checksum streamed a chunk at a time before its bytes are kept: a part
+/// that fails it (the hole of a sparse file claiming hundreds of
+/// megabytes) costs a chunk of memory, not its claimed length. The parse
+/// that follows checks the checksum again over the bytes kept.
+fn read_summed(
+    file: &File,
+    part: Part,
+    (start, end): (u64, u64),
+    how: Summed,
+) -> Result<Vec<u8>, SnapshotError> {
+    let len = end - start;
+    if let Some(seed) = how.seed.filter(|_| len > CHUNK as u64) {
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(seed);
+        let mut buf = vec![0u8; CHUNK];
+        let body_end = end - 8;
+        let mut at = start;
+        while at < body_end {
+            let n = usize::try_from((body_end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            read_at(file, &mut buf[..n], at, part)?;
+            if how.no_zero_chunk && n == CHUNK && buf.chunks_exact(8).all(|w| w == [0u8; 8]) {
+                return Err(SnapshotError::malformed(
+                    part,
+                    at,
+                    Problem::Hole { len: n as u64 },
+                ));
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        let mut sum = [0u8; 8];
+        read_at(file, &mut sum, body_end, part)?;
+        let (found, computed) = (u64::from_le_bytes(sum), h.digest());
+        if found != computed {
+            return Err(SnapshotError::Checksum {
+                at: Place::new(part, start),
+                found,
+                computed,
+            });
+        }
+    }
+    let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    read_at(file, &mut bytes, start, part)?;
+    Ok(bytes)
 }
 
 fn check_sum(part: Part, at: u64, bytes: &[u8], found: u64) -> Result<(), SnapshotError> {

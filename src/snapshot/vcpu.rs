@@ -52,7 +52,7 @@ pub(crate) const VCPU_SUM_LEN: usize = 8;
 /// Seed of the fixed part's checksum.
 const SEED: u64 = 0x5046_534e_4150_0004;
 /// Seed of the sectioned part's checksum.
-const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
+pub(crate) const SECTIONED_SEED: u64 = 0x5046_534e_4150_0005;
 /// Bytes of the sectioned part around its entries: the length field and
 /// the checksum.
 pub(crate) const SECTIONED_MIN: u64 = 16;
@@ -622,11 +622,6 @@ fn decode_record(r: &[u8], at: u64) -> Result<VcpuState, SnapshotError> {
     VcpuState::decode(&rec).map_err(|k| {
         SnapshotError::malformed(Part::Vcpus, at + k as u64, Problem::Reserved(rec[k]))
     })
-}
-
-/// The length field of a sectioned part (its first 8 bytes).
-pub(crate) fn sectioned_len(first: [u8; 8]) -> u64 {
-    u64::from_le_bytes(first)
 }
 
 /// Reads a sectioned part at file offset `at` (the whole part, as its
