@@ -143,31 +143,32 @@ impl ArrivingImage {
     /// Two clones filling one page race harmlessly: they write the same
     /// bytes, and a page is counted once.
     pub(crate) fn fill(&self, first: u64, bytes: &[u8]) -> Result<u64, DedupError> {
-        let n = (bytes.len() / PAGE_SIZE) as u64;
-        if first.checked_add(n).is_none_or(|e| e > self.frames.count) {
-            return Err(FrameError::NotAllocated {
-                start: self.frames.start.0.saturating_add(first),
-                count: n,
-            }
-            .into());
+        let n = bytes.len() / PAGE_SIZE;
+        let out_of_range = || FrameError::NotAllocated {
+            start: self.frames.start.0.saturating_add(first),
+            count: n as u64,
+        };
+        let first = usize::try_from(first).map_err(|_| out_of_range())?;
+        if first.checked_add(n).is_none_or(|e| e > self.addrs.len()) {
+            return Err(out_of_range().into());
         }
+        let wanted = |q: usize| !self.is_filled(q as u64) && self.addrs[q] != self.zero;
         let mut done = 0;
-        let mut k = 0u64;
+        let mut k = 0;
         while k < n {
-            let p = first + k;
-            if self.is_filled(p) || self.is_zero(p) {
+            if !wanted(first + k) {
                 k += 1;
                 continue;
             }
             let mut e = k + 1;
-            while e < n && !self.is_filled(first + e) && !self.is_zero(first + e) {
+            while e < n && wanted(first + e) {
                 e += 1;
             }
-            let run = &bytes[k as usize * PAGE_SIZE..e as usize * PAGE_SIZE];
+            let run = &bytes[k * PAGE_SIZE..e * PAGE_SIZE];
             self.store
-                .write_frames(FrameNumber(self.frames.start.0 + p), run)?;
+                .write_frames(FrameNumber(self.frames.start.0 + (first + k) as u64), run)?;
             for (j, page) in run.chunks_exact(PAGE_SIZE).enumerate() {
-                let q = (p + j as u64) as usize;
+                let q = first + k + j;
                 self.hashes[q].store(self.key.hash(page), Ordering::Relaxed);
                 let bit = 1u64 << (q % 64);
                 // Set after the write: a page seen filled holds its bytes.

@@ -30,9 +30,12 @@
 //! from [`LazyRestore::wait`] and must discard the memory.
 //!
 //! Memory that a dedup host (or a raw-write tracker) already holds a
-//! userfaultfd for cannot be registered again: [`LazyError::Claimed`]. A
-//! lazy restore into folded memory is out of scope here, and so is memory
-//! on huge pages ([`LazyError::HugePages`], refused before anything is
+//! userfaultfd for cannot be registered again: [`LazyError::Claimed`]; a
+//! lazy restore into a dedup host's domain is `lazy_folded.rs`, which
+//! starts this machinery on a clone mapping an image still arriving: a
+//! page of such a span is placed by writing it into the image's frame
+//! (every clone maps it), not by `UFFDIO_COPY` into the clone. Memory on
+//! huge pages is refused ([`LazyError::HugePages`], before anything is
 //! registered: a missing fault there is filled a huge page at a time).
 
 use std::{
@@ -54,8 +57,8 @@ use super::{
 use crate::{
     addr::PageSize,
     addr::{GuestPhysAddr, PAGE_SIZE},
-    host::residency::{seek_data, DataFrom},
     dedup::{Arrival, ArrivingImage},
+    host::residency::{seek_data, DataFrom},
     memory::{GuestMemory, GuestRegion},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -518,9 +521,7 @@ impl Shared {
     /// The arriving image, if page `page` maps it.
     fn image_at(&self, page: u64) -> Option<&ArrivingImage> {
         let image = self.image.as_deref()?;
-        self.span_of(page)
-            .filter(|sp| sp.on_image)
-            .map(|_| image)
+        self.span_of(page).filter(|sp| sp.on_image).map(|_| image)
     }
 
     /// The arriving image, if page `page` is copied into its own frame
@@ -623,7 +624,11 @@ impl Shared {
                     Serve::Fill { image, .. } => {
                         self.fill_image(image, page, &buf).map(|(filled, marked)| {
                             // Filled by another clone meanwhile: found.
-                            let count = if filled > 0 { &self.on_fault } else { &self.found };
+                            let count = if filled > 0 {
+                                &self.on_fault
+                            } else {
+                                &self.found
+                            };
                             count.fetch_add(marked, Ordering::Relaxed);
                             marked > 0
                         })
@@ -632,7 +637,8 @@ impl Shared {
                         Ok(c) => {
                             self.feed_image(page, &buf);
                             let placed = !c.exists && self.mark(page);
-                            self.on_fault.fetch_add(u64::from(placed), Ordering::Relaxed);
+                            self.on_fault
+                                .fetch_add(u64::from(placed), Ordering::Relaxed);
                             Ok(placed)
                         }
                         Err(e) => Err(e.into()),
@@ -688,10 +694,7 @@ enum Serve<'a> {
     /// The image holds it already: only wake.
     Filled,
     /// Copied into this mapping (`UFFDIO_COPY`) from a slot of a file.
-    Copy {
-        file: &'a SnapshotReader,
-        slot: u64,
-    },
+    Copy { file: &'a SnapshotReader, slot: u64 },
     /// Written into the arriving image from a slot of a file.
     Fill {
         image: &'a ArrivingImage,

@@ -65,7 +65,9 @@
 //! `foreign` (Firecracker's and cloud-hypervisor's snapshot memory as
 //! input: restored by copy, or converted to this format for a folded
 //! restore), `lazy` (restored on first touch through a userfaultfd in
-//! missing mode, the rest fetched in the background, working set first).
+//! missing mode, the rest fetched in the background, working set first),
+//! `lazy_folded` (lazily, onto an image in a dedup host's frames that its
+//! clones share as it arrives).
 
 mod error;
 mod file;
