@@ -340,3 +340,27 @@ fn an_excluded_region_arrives_into_its_own_frames_and_the_rest_is_shared() {
         in_first + 2 * second
     );
 }
+
+#[test]
+fn a_host_dropped_while_a_clone_arrives_leaves_the_clone_its_bytes() {
+    let dir = TempDir::new("lazy-folded-host-gone");
+    let (orig, snap) = snapshot(&dir, 7);
+    let want = image(&orig);
+    let (store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap, gated_options(&gate)).unwrap();
+    let memory = Arc::clone(&c.memory);
+    touch(&memory, pages(&orig)[2]);
+    drop(host);
+    gate.store(true, Ordering::Release);
+    // Every page arrives, but no host is there to make it an ordinary VM.
+    let err = c.wait().unwrap_err();
+    assert!(
+        matches!(&err, LazyError::Snapshot(e) if e.to_string().contains("not registered")),
+        "{err}"
+    );
+    for (k, g) in pages(&orig).into_iter().enumerate() {
+        assert!(touch(&memory, g) == want[k], "page {g}");
+    }
+    assert!(store.allocated_bytes().unwrap() >= nonzero(&want) as u64 * PAGE_SIZE as u64);
+}

@@ -41,7 +41,9 @@ impl Arrival {
     /// domain's shared frames (the first clone to arrive publishes them;
     /// the recount then counts every page mapping them, the clones still
     /// arriving included), and the VM is scanned and unmerged as any
-    /// other from now on.
+    /// other from now on. A host gone meanwhile is `UnknownVm`: the memory
+    /// keeps its bytes (the image's frames stay allocated until the store
+    /// goes), unfolded.
     pub(crate) fn arrived(mut self) -> Result<VmId, DedupError> {
         let inner = self.inner.upgrade().ok_or(DedupError::UnknownVm(self.vm))?;
         let _scan = lock(&inner.scan);
@@ -78,6 +80,7 @@ impl Drop for Arrival {
                 let _ = entry.mem.discard(r.start(), r.size());
             }
             forget::remove_vm(&inner, &mut scan, &entry);
+            self.image.unmapped();
         }
     }
 }

@@ -47,6 +47,11 @@ pub(crate) struct ArrivingImage {
     left: AtomicU64,
     /// Whether the frames are the domain's shared frames now.
     published: AtomicBool,
+    /// Clones that map the frames and were not discarded: while one does,
+    /// an unpublished image's frames are never freed (its host may be gone
+    /// before it arrived: it keeps its bytes, the frames then held until
+    /// the store goes).
+    mapped_by: AtomicU64,
 }
 
 impl std::fmt::Debug for ArrivingImage {
@@ -90,6 +95,7 @@ impl ArrivingImage {
             zero,
             left: AtomicU64::new(left),
             published: AtomicBool::new(false),
+            mapped_by: AtomicU64::new(0),
         })
     }
 
@@ -124,6 +130,18 @@ impl ArrivingImage {
         self.filled
             .get(k / 64)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (k % 64)) != 0)
+    }
+
+    /// A clone maps the frames now.
+    pub(super) fn mapped(&self) {
+        self.mapped_by.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A clone that mapped the frames was discarded (maps them no more).
+    pub(super) fn unmapped(&self) {
+        let _ = self
+            .mapped_by
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Whether the frames are the domain's shared frames now.
@@ -213,10 +231,11 @@ impl ArrivingImage {
 
 impl Drop for ArrivingImage {
     fn drop(&mut self) {
-        // Never published: the frames are nobody's (every clone that
-        // mapped them is gone with its last holder of this image).
-        // Published, they belong to the shared frames.
-        if !self.published.load(Ordering::Acquire) {
+        // Never published and no clone maps them: the frames are nobody's.
+        // Published, they belong to the shared frames; still mapped by a
+        // clone whose host went before it arrived, they stay allocated
+        // (its bytes) until the store goes.
+        if !self.published.load(Ordering::Acquire) && self.mapped_by.load(Ordering::Acquire) == 0 {
             let _ = self.store.free(self.frames);
         }
     }

@@ -429,6 +429,7 @@ impl<'h> FoldIn<'h> {
         let inner = Arc::downgrade(self.inner);
         let (vm, mem, out, on_image) =
             self.install_with(mem, options, frames, clone_of, Some(&image))?;
+        image.mapped();
         Ok((
             Arrival {
                 inner,
