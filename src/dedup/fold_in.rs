@@ -649,10 +649,14 @@ impl<'h> FoldIn<'h> {
             .entry((domain, *clone_of))
             .or_default()
             .push(id);
-        let mut shared = lock(&self.inner.shared);
-        for &(_, _, count, frame) in &remapped {
-            for k in 0..count {
-                shared.add_ref(FrameNumber(frame.0 + k as u64), 1);
+        // An arriving image's frames are no shared frames yet: the recount
+        // at its publication counts them.
+        if arriving.is_none() {
+            let mut shared = lock(&self.inner.shared);
+            for &(_, _, count, frame) in &remapped {
+                for k in 0..count {
+                    shared.add_ref(FrameNumber(frame.0 + k as u64), 1);
+                }
             }
         }
         Ok((id, mem, out, on_image))
