@@ -182,25 +182,7 @@ pub fn restore_folded_with(
     fold: &FoldOptions,
 ) -> Result<FoldedRestore, SnapshotError> {
     let layout = snap.layout();
-    // From the header alone, before anything per page.
-    let bytes = layout
-        .regions()
-        .iter()
-        .fold(0u64, |a, r| a.saturating_add(r.1));
-    if bytes > fold.max_guest_bytes {
-        return Err(SnapshotError::TooLarge {
-            bytes,
-            max: fold.max_guest_bytes,
-        });
-    }
-    // Checked before any content is read (registration checks it again).
-    if let Some(&bad) = options
-        .exclude
-        .iter()
-        .find(|a| !layout.regions().iter().any(|r| r.0 == **a))
-    {
-        return Err(DedupError::NoSuchRegion(bad).into());
-    }
+    check_guest(snap, &options, fold.max_guest_bytes)?;
     let chain = chain(snap);
     let zero = content_hash(&[0u8; PAGE_SIZE]);
     // Each page's content, by index into the distinct contents.
@@ -448,6 +430,36 @@ pub fn restore_folded_with(
     stats.copied_pages = installed.copied_pages;
     stats.remaps = installed.remaps;
     Ok(FoldedRestore { vm, memory, stats })
+}
+
+/// Checks, from the header alone and before anything per page or any
+/// content is read, that `snap`'s guest is at most `max_guest_bytes` and
+/// that every region `options` excludes is one of its regions
+/// (registration checks that again).
+pub(super) fn check_guest(
+    snap: &SnapshotReader,
+    options: &VmOptions,
+    max_guest_bytes: u64,
+) -> Result<(), SnapshotError> {
+    let layout = snap.layout();
+    let bytes = layout
+        .regions()
+        .iter()
+        .fold(0u64, |a, r| a.saturating_add(r.1));
+    if bytes > max_guest_bytes {
+        return Err(SnapshotError::TooLarge {
+            bytes,
+            max: max_guest_bytes,
+        });
+    }
+    if let Some(&bad) = options
+        .exclude
+        .iter()
+        .find(|a| !layout.regions().iter().any(|r| r.0 == **a))
+    {
+        return Err(DedupError::NoSuchRegion(bad).into());
+    }
+    Ok(())
 }
 
 /// How a clone's frames are laid out.

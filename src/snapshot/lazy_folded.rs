@@ -29,7 +29,7 @@ use std::sync::Arc;
 use super::{
     error::SnapshotError,
     folded::{
-        restore_folded_with, stored_hash, too_large, FoldLayout, FoldOptions,
+        check_guest, restore_folded_with, stored_hash, too_large, FoldLayout, FoldOptions,
         DEFAULT_MAX_GUEST_BYTES,
     },
     format::{content_hash, Hash},
@@ -38,7 +38,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    dedup::{DedupError, DedupHost, PageFrame, VmId, VmOptions},
+    dedup::{DedupHost, PageFrame, VmId, VmOptions},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -113,24 +113,7 @@ pub fn restore_folded_lazy(
     fold: LazyFoldOptions,
 ) -> Result<LazyFoldedRestore, LazyError> {
     let layout = snap.layout();
-    let bytes = layout
-        .regions()
-        .iter()
-        .fold(0u64, |a, r| a.saturating_add(r.1));
-    if bytes > fold.max_guest_bytes {
-        return Err(SnapshotError::TooLarge {
-            bytes,
-            max: fold.max_guest_bytes,
-        }
-        .into());
-    }
-    if let Some(&bad) = options
-        .exclude
-        .iter()
-        .find(|a| !layout.regions().iter().any(|r| r.0 == **a))
-    {
-        return Err(SnapshotError::from(DedupError::NoSuchRegion(bad)).into());
-    }
+    check_guest(&snap, &options, fold.max_guest_bytes)?;
     // Before anything is registered: a kernel without missing faults on
     // shmem fails here.
     let uffd = Userfault::new_missing()?;
