@@ -1,0 +1,194 @@
+//! Review of the lazy restore folded on arrival (`restore_folded_lazy`), on
+//! real memfd memory, the real userfaultfd and a real dedup host: what a
+//! clone abandoned while another still arrives leaves in their shared
+//! image, and what a clone whose host went away leaves mapped.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use pagefold::{
+    dedup::VmOptions,
+    snapshot::{
+        restore_folded_lazy, save, FetchHook, LazyFoldOptions, LazyOptions, SaveOptions,
+        SnapshotReader,
+    },
+    GuestMemory, GuestPhysAddr, PAGE_SIZE,
+};
+
+mod common;
+use common::{
+    folded::{host, image, pages, saved, source},
+    temp_dir::TempDir,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Reads a page through its raw host pointer (faulting it in).
+fn touch(mem: &GuestMemory, gpa: GuestPhysAddr) -> Vec<u8> {
+    let hva = mem.host_address(gpa).unwrap().0 as *const u8;
+    let mut out = vec![0u8; PAGE_SIZE];
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: `hva` is the page's host address in a live mapping of
+        // the memory, which outlives this call.
+        *b = unsafe { std::ptr::read_volatile(hva.add(i)) };
+    }
+    out
+}
+
+/// A hook that holds the fetch thread until `gate` opens (or 30 s pass:
+/// a failed test never hangs).
+fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
+    let gate = Arc::clone(gate);
+    Arc::new(move |_| {
+        let t0 = Instant::now();
+        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.store(true, Ordering::Release);
+    })
+}
+
+fn gated_options(gate: &Arc<AtomicBool>) -> LazyFoldOptions {
+    LazyFoldOptions {
+        lazy: LazyOptions {
+            on_fetch: Some(gated(gate)),
+            ..LazyOptions::default()
+        },
+        ..LazyFoldOptions::default()
+    }
+}
+
+/// Options whose fetch never starts within a test (dropping the restore
+/// stops the wait at once): every page arrives on fault.
+fn faults_only() -> LazyFoldOptions {
+    LazyFoldOptions {
+        lazy: LazyOptions {
+            fetch_delay: Duration::from_secs(600),
+            ..LazyOptions::default()
+        },
+        ..LazyFoldOptions::default()
+    }
+}
+
+/// A guest of `pages` pages, each with bytes of its own (none zero), saved
+/// in `dir`; and each page's bytes.
+fn big_snapshot(dir: &TempDir, pages: u64) -> (Arc<SnapshotReader>, Vec<Vec<u8>>) {
+    let mem = GuestMemory::new(&[(GuestPhysAddr(0), pages * PAGE)]).unwrap();
+    let mut want = Vec::with_capacity(pages as usize);
+    for k in 0..pages {
+        let page: Vec<u8> = (0..PAGE_SIZE / 8)
+            .flat_map(|i| (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1)).to_le_bytes())
+            .collect();
+        mem.write(GuestPhysAddr(k * PAGE), &page).unwrap();
+        want.push(page);
+    }
+    let path = dir.path("big.snap");
+    save(&mem, &path, &SaveOptions { track_dirty: false }).unwrap();
+    (Arc::new(SnapshotReader::open(&path).unwrap()), want)
+}
+
+/// Clone A is dropped (abandoned: the VMM gave up on it) while its vCPU
+/// still touches its memory, and clone B of the same snapshot still
+/// arrives on the same image. A's restore unregisters its ranges, then
+/// stops its fault server (which polls for up to 20 ms), and only then
+/// does its host discard A's pages off the image: an access of A in that
+/// window to a page not yet in the image is no longer a fault, so shmem
+/// fills the image's frame with a page of zeros. The frame is then
+/// present, so B's first touch of the page does not fault either: B reads
+/// zeros where the snapshot has bytes (and a write of B then copies the
+/// zeros, losing the page for good).
+#[test]
+fn a_clone_abandoned_while_another_arrives_leaves_no_zeros_in_their_image() {
+    let dir = TempDir::new("review-lazy-folded-abandon");
+    let n = 4096u64;
+    let (snap, want) = big_snapshot(&dir, n);
+    let (_store, host) = host();
+    let mut wrong = 0usize;
+    for _round in 0..3 {
+        let a = restore_folded_lazy(&host, VmOptions::default(), Arc::clone(&snap), faults_only())
+            .unwrap();
+        let b = restore_folded_lazy(&host, VmOptions::default(), Arc::clone(&snap), faults_only())
+            .unwrap();
+        let a_mem = Arc::clone(&a.memory);
+        let progress = Arc::new(AtomicUsize::new(0));
+        // A's "vCPU": reads every page once, in order, a byte each.
+        let reader = {
+            let (mem, progress) = (Arc::clone(&a_mem), Arc::clone(&progress));
+            std::thread::spawn(move || {
+                for k in 0..n {
+                    let hva = mem.host_address(GuestPhysAddr(k * PAGE)).unwrap().0 as *const u8;
+                    // SAFETY: a live mapping of the memory, which the
+                    // thread holds.
+                    let _ = unsafe { std::ptr::read_volatile(hva) };
+                    progress.store(k as usize + 1, Ordering::Release);
+                }
+            })
+        };
+        let t0 = Instant::now();
+        while progress.load(Ordering::Acquire) < 64 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::yield_now();
+        }
+        drop(a);
+        reader.join().unwrap();
+        // B reads every page (a page not in the image faults and is served).
+        for k in 0..n {
+            if touch(&b.memory, GuestPhysAddr(k * PAGE)) != want[k as usize] {
+                wrong += 1;
+            }
+        }
+        drop(b);
+    }
+    assert_eq!(wrong, 0, "pages B read wrong after A was abandoned");
+}
+
+/// The host is dropped while a clone arrives; the restore then fails at
+/// `wait` (its host is gone), and its image, never published, is freed
+/// into the store. Nothing discarded the clone's pages (its host's side,
+/// `Arrival`, discards only through the host), so its memory, still in the
+/// VMM's hands, maps frames the store hands out again: another user of
+/// the store writes them, and the clone reads that user's bytes.
+#[test]
+fn a_clone_whose_host_is_dropped_maps_no_frame_the_store_hands_out_again() {
+    let dir = TempDir::new("review-lazy-folded-host-gone");
+    let (orig, _) = source(11);
+    let want = image(&orig);
+    let snap = Arc::new(saved(&dir, "a.snap", &orig));
+    let (store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap, gated_options(&gate)).unwrap();
+    for (k, g) in pages(&orig).into_iter().enumerate().step_by(2) {
+        assert!(touch(&c.memory, g) == want[k], "page {g}");
+    }
+    let memory = Arc::clone(&c.memory);
+    drop(host);
+    gate.store(true, Ordering::Release);
+    // Its host gone, the clone cannot arrive: the wait says so.
+    assert!(c.wait().is_err());
+    // Another user of the store takes frames and fills them.
+    let mark = vec![0xa5u8; PAGE_SIZE];
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        let r = store.allocate(128).unwrap();
+        for f in 0..r.count {
+            store
+                .write_frames(pagefold::FrameNumber(r.start.0 + f), &mark)
+                .unwrap();
+        }
+        taken.push(r);
+    }
+    let seen = pages(&orig)
+        .into_iter()
+        .filter(|&g| touch(&memory, g) == mark)
+        .count();
+    assert_eq!(seen, 0, "pages of the clone showing another user's frames");
+    for r in taken {
+        store.free(r).unwrap();
+    }
+}
