@@ -174,8 +174,8 @@ fn a_clone_whose_host_is_dropped_maps_no_frame_the_store_hands_out_again() {
     // Another user of the store takes frames and fills them.
     let mark = vec![0xa5u8; PAGE_SIZE];
     let mut taken = Vec::new();
-    for _ in 0..4 {
-        let r = store.allocate(128).unwrap();
+    for _ in 0..512 {
+        let r = store.allocate(1).unwrap();
         for f in 0..r.count {
             store
                 .write_frames(pagefold::FrameNumber(r.start.0 + f), &mark)

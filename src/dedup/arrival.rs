@@ -16,6 +16,7 @@ use super::{
     reconcile,
     state::Inner,
 };
+use crate::memory::GuestMemory;
 
 /// The host's side of a lazy folded restore in progress (see the module).
 #[derive(Debug)]
@@ -23,6 +24,9 @@ pub(crate) struct Arrival {
     pub(super) inner: Weak<Inner>,
     pub(super) vm: VmId,
     pub(super) image: Arc<ArrivingImage>,
+    /// The VM's memory: discarded if it never arrives, even where the
+    /// host is gone by then.
+    pub(super) mem: Arc<GuestMemory>,
     pub(super) done: bool,
 }
 
@@ -65,18 +69,25 @@ impl Drop for Arrival {
         if self.done {
             return;
         }
+        // Its pages go back to their own frames, holes: the memory was
+        // never all there, and must not keep mapping frames that may be
+        // freed and filled with another domain's pages. Its host gone,
+        // the image (never published) is still freed with its last holder:
+        // discarded all the same (found by review: the memory went on
+        // mapping frames the store handed out again).
+        let discard = || {
+            for r in self.mem.regions() {
+                let _ = self.mem.discard(r.start(), r.size());
+            }
+        };
         let Some(inner) = self.inner.upgrade() else {
+            discard();
             return;
         };
         let mut scan = lock(&inner.scan);
+        discard();
         let entry = read(&inner.vms).iter().find(|e| e.id == self.vm).cloned();
         if let Some(entry) = entry {
-            // Its pages go back to their own frames, holes: the memory was
-            // never all there, and must not keep mapping frames that may
-            // be freed and filled with another domain's pages.
-            for r in entry.mem.regions() {
-                let _ = entry.mem.discard(r.start(), r.size());
-            }
             forget::remove_vm(&inner, &mut scan, &entry);
         }
     }

@@ -434,6 +434,7 @@ impl<'h> FoldIn<'h> {
                 inner,
                 vm,
                 image,
+                mem: Arc::clone(&mem),
                 done: false,
             },
             mem,

@@ -407,9 +407,12 @@ impl LazyRestore {
                 self.shared.record_error(LazyError::Panicked("fetch"));
             }
         }
-        // Kept past the threads' end: dropped (on an error below), it
-        // discards the VM.
-        let arrival = self.arrival.take();
+        // Kept past the threads' end where the fetch placed every page:
+        // dropped on an error below, it discards the VM. Where it failed
+        // (pages may be missing from the image), left for `stop_threads`
+        // to discard the VM before the ranges are unregistered.
+        let failed = lock(&self.shared.error).is_some();
+        let arrival = if failed { None } else { self.arrival.take() };
         self.stop_threads();
         if let Some(e) = lock(&self.shared.error).take() {
             return Err(e);
@@ -446,6 +449,12 @@ impl LazyRestore {
         if let Some(f) = self.fetcher.take() {
             let _ = f.join();
         }
+        // Still arriving (not waited for, or failed): its host discards it
+        // now, while its ranges are registered and served. Once they are
+        // not, an access to a page not in the image yet no longer faults:
+        // shmem fills the image's frame with zeros, which another clone
+        // arriving on the image then maps as the page (found by review).
+        self.arrival = None;
         s.pages.unregister_all();
         if let Some(mut h) = self.handler.take() {
             h.stop();
@@ -454,8 +463,6 @@ impl LazyRestore {
             self.mem.release_from_dedup();
             self.released = true;
         }
-        // Still arriving (not waited for, or failed): its host discards it.
-        self.arrival = None;
     }
 }
 
