@@ -192,3 +192,79 @@ fn a_clone_whose_host_is_dropped_maps_no_frame_the_store_hands_out_again() {
         store.free(r).unwrap();
     }
 }
+
+/// A page of zeros discarded (a balloon) while the VM arrives: its own
+/// frame's hole is put back under it, so the fetch's `UFFDIO_ZEROPAGE`
+/// over its run of zero pages fails there (the page is no longer
+/// registered), and page by page the discarded one was never counted:
+/// `on_fault + fetched + found + zero_untouched + damaged` fell short of
+/// `pages`. (The same path lost pages a run's ioctl zeroed before it met
+/// one the fault handler had placed: each then answered "present".)
+#[test]
+fn a_zero_page_discarded_while_arriving_is_still_counted() {
+    let dir = TempDir::new("review-lazy-folded-discard");
+    let (orig, _) = source(12);
+    let want = image(&orig);
+    let snap = Arc::new(saved(&dir, "a.snap", &orig));
+    let (_store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let c = restore_folded_lazy(&host, VmOptions::default(), snap, gated_options(&gate)).unwrap();
+    // Page 0 is a zero page of the fixture (and so is page 1).
+    assert!(want[0].iter().all(|&b| b == 0) && want[1].iter().all(|&b| b == 0));
+    c.memory.discard(GuestPhysAddr(0), PAGE).unwrap();
+    let memory = Arc::clone(&c.memory);
+    gate.store(true, Ordering::Release);
+    let s = c.wait().unwrap();
+    assert_eq!(
+        s.on_fault + s.fetched + s.found + s.zero_untouched + s.damaged,
+        s.pages,
+        "{s:?}"
+    );
+    assert!(image(&memory) == want);
+}
+
+/// A second clone excluding a region, restored after the first one (same
+/// exclusion) arrived: the first one's image is published, so the
+/// registry of arriving images no longer hands it out, and a clone that
+/// excludes regions never looks for a whole image: it reserves a new
+/// image and fetches every page again. Each such clone holds its own
+/// copy of the shared region's contents, where clones restored together
+/// (or without exclusions) share one.
+#[test]
+#[ignore = "defect: a clone excluding regions restored after the first one arrived fetches and holds a second image"]
+fn clones_excluding_a_region_share_one_image_when_restored_one_after_another() {
+    let dir = TempDir::new("review-lazy-folded-exclude-later");
+    let (orig, _) = source(13);
+    let want = image(&orig);
+    let snap = Arc::new(saved(&dir, "a.snap", &orig));
+    let (store, host) = host();
+    let second = common::folded::layout()[1].0;
+    let options = VmOptions {
+        exclude: vec![second],
+        ..VmOptions::default()
+    };
+    let mut memories = Vec::new();
+    for _ in 0..2 {
+        let c = restore_folded_lazy(
+            &host,
+            options.clone(),
+            Arc::clone(&snap),
+            LazyFoldOptions::default(),
+        )
+        .unwrap();
+        memories.push(Arc::clone(&c.memory));
+        c.wait().unwrap();
+    }
+    let first_pages = (common::folded::layout()[0].1 / PAGE) as usize;
+    let in_first = common::folded::nonzero(&want[..first_pages]) as u64;
+    let in_second = common::folded::nonzero(&want[first_pages..]) as u64;
+    // The first region's contents once (one image), the excluded region's
+    // once per clone.
+    assert_eq!(
+        store.allocated_bytes().unwrap() / PAGE,
+        in_first + 2 * in_second
+    );
+    for m in &memories {
+        assert!(image(m) == want);
+    }
+}

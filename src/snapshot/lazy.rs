@@ -884,14 +884,18 @@ fn zero_untouched(s: &Shared, from: u64, to: u64) {
         .pages
         .host_of(from)
         .map(|at| s.pages.uffd().zero(at, (to - from) * PAGE));
-    let placed: Vec<u64> = if let Some(Ok(true)) = whole {
-        (from..to).collect()
-    } else {
-        (from..to)
-            .filter(|&p| matches!(s.pages.zero(p), Ok(true)))
-            .collect()
-    };
-    for p in placed {
+    if !matches!(whole, Some(Ok(true))) {
+        // Page by page. One present already (zeroed by the run's ioctl
+        // before it met a page the handler placed, or placed by the
+        // handler) or no longer registered (discarded: its own frame's
+        // hole) is done all the same, and `mark` counts each page once
+        // (found by review: such pages were never counted, so the stats
+        // fell short of `pages`).
+        for p in from..to {
+            let _ = s.pages.zero(p);
+        }
+    }
+    for p in from..to {
         if s.mark(p) {
             s.zero_pages.fetch_add(1, Ordering::Relaxed);
             s.zero_untouched.fetch_add(1, Ordering::Relaxed);
