@@ -268,3 +268,106 @@ fn clones_excluding_a_region_share_one_image_when_restored_one_after_another() {
         assert!(image(m) == want);
     }
 }
+
+/// Checked sound: an incremental snapshot (its parent attached) restored
+/// lazily folded by two clones at once, touched before the fetch, then a
+/// third that maps the published image: every page as the chain has it.
+#[test]
+fn a_snapshot_chain_restored_lazily_folded_reads_the_newest_pages() {
+    let dir = TempDir::new("review-lazy-folded-chain");
+    let (orig, _) = source(14);
+    let p0 = dir.path("s0.snap");
+    save(&orig, &p0, &SaveOptions::default()).unwrap();
+    let r0 = SnapshotReader::open(&p0).unwrap();
+    // A zero page gets content, a page with content becomes zeros, one
+    // changes, one takes the content another page has in the parent.
+    orig.write(GuestPhysAddr(0), &[0x11; PAGE_SIZE]).unwrap();
+    orig.write(GuestPhysAddr(3 * PAGE), &[0; PAGE_SIZE]).unwrap();
+    orig.write(GuestPhysAddr(5 * PAGE), &[0x22; PAGE_SIZE]).unwrap();
+    let mut moved = vec![0u8; PAGE_SIZE];
+    orig.read(GuestPhysAddr(0x10_0000 + 4 * PAGE), &mut moved).unwrap();
+    orig.write(GuestPhysAddr(6 * PAGE), &moved).unwrap();
+    let mut runs = Vec::new();
+    orig.harvest_dirty(pagefold::RegionSet::All, &mut runs).unwrap();
+    let p1 = dir.path("s1.snap");
+    pagefold::snapshot::save_incremental(&orig, &r0, &runs, &p1).unwrap();
+    let chain = Arc::new(SnapshotReader::open_chain(&[&p0, &p1]).unwrap());
+    let want = image(&orig);
+    let (_store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let clones: Vec<_> = (0..2)
+        .map(|_| {
+            restore_folded_lazy(
+                &host,
+                VmOptions::default(),
+                Arc::clone(&chain),
+                gated_options(&gate),
+            )
+            .unwrap()
+        })
+        .collect();
+    for c in &clones {
+        for (k, g) in pages(&orig).into_iter().enumerate().step_by(2) {
+            assert!(touch(&c.memory, g) == want[k], "page {g}");
+        }
+    }
+    gate.store(true, Ordering::Release);
+    let memories: Vec<_> = clones.iter().map(|c| Arc::clone(&c.memory)).collect();
+    for c in clones {
+        let s = c.wait().unwrap();
+        assert_eq!(
+            s.on_fault + s.fetched + s.found + s.zero_untouched + s.damaged,
+            s.pages,
+            "{s:?}"
+        );
+    }
+    let third = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        chain,
+        LazyFoldOptions::default(),
+    )
+    .unwrap();
+    let m3 = Arc::clone(&third.memory);
+    third.wait().unwrap();
+    for m in memories.iter().chain([&m3]) {
+        assert!(image(m) == want);
+    }
+}
+
+/// Checked sound: two domains restoring one snapshot at the same time
+/// each fill an image of their own (an arriving image is never found
+/// from another domain), and each reads the snapshot's bytes.
+#[test]
+fn two_domains_restoring_one_snapshot_at_once_share_nothing() {
+    let dir = TempDir::new("review-lazy-folded-domains");
+    let (orig, _) = source(15);
+    let want = image(&orig);
+    let snap = Arc::new(saved(&dir, "a.snap", &orig));
+    let (store, host) = host();
+    let gate = Arc::new(AtomicBool::new(false));
+    let clones: Vec<_> = [0u32, 1, 0, 1]
+        .iter()
+        .map(|&d| {
+            let options = VmOptions {
+                domain: pagefold::dedup::DomainId(d),
+                ..VmOptions::default()
+            };
+            restore_folded_lazy(&host, options, Arc::clone(&snap), gated_options(&gate)).unwrap()
+        })
+        .collect();
+    // Domain 0's first clone touches every page: domain 1's clones still
+    // fault on each (their image is not domain 0's).
+    for (k, g) in pages(&orig).into_iter().enumerate() {
+        assert!(touch(&clones[0].memory, g) == want[k], "page {g}");
+    }
+    gate.store(true, Ordering::Release);
+    for c in clones {
+        let m = Arc::clone(&c.memory);
+        c.wait().unwrap();
+        assert!(image(&m) == want);
+    }
+    let stored = common::folded::nonzero(&want) as u64;
+    // Two images, one per domain (and no private copies: nothing wrote).
+    assert_eq!(store.allocated_bytes().unwrap() / PAGE, 2 * stored);
+}
