@@ -371,3 +371,47 @@ fn two_domains_restoring_one_snapshot_at_once_share_nothing() {
     // Two images, one per domain (and no private copies: nothing wrote).
     assert_eq!(store.allocated_bytes().unwrap() / PAGE, 2 * stored);
 }
+
+/// A host whose store populates its mappings (`StoreOptions::populate`):
+/// a clone's memory is mapped populated, so the pages of a region it
+/// does not remap onto the image (an excluded region, or one the mapping
+/// budget could not pay for) are present from the start, zeros, and
+/// never fault: the lazy restore's `UFFDIO_COPY` finds them present and
+/// skips them, the guest reads zeros, and `wait` says all is well.
+#[test]
+fn an_excluded_region_on_a_populating_store_reads_the_snapshot() {
+    let dir = TempDir::new("review-lazy-folded-populate");
+    let (orig, _) = source(16);
+    let want = image(&orig);
+    let snap = Arc::new(saved(&dir, "a.snap", &orig));
+    let store = Arc::new(
+        pagefold::FrameStore::new(pagefold::frames::StoreOptions {
+            populate: true,
+            ..pagefold::frames::StoreOptions::default()
+        })
+        .unwrap(),
+    );
+    let host = pagefold::DedupHost::new(Arc::clone(&store)).unwrap();
+    let second = common::folded::layout()[1].0;
+    let options = VmOptions {
+        exclude: vec![second],
+        ..VmOptions::default()
+    };
+    let c = restore_folded_lazy(&host, options, snap, LazyFoldOptions::default()).unwrap();
+    let memory = Arc::clone(&c.memory);
+    let waited = c.wait();
+    let wrong: Vec<usize> = image(&memory)
+        .iter()
+        .zip(&want)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(k, _)| k)
+        .collect();
+    let adds_up = waited
+        .as_ref()
+        .is_ok_and(|s| s.on_fault + s.fetched + s.found + s.zero_untouched + s.damaged == s.pages);
+    assert!(
+        adds_up && wrong.is_empty(),
+        "wait: {waited:?}; pages read wrong: {wrong:?}"
+    );
+}
