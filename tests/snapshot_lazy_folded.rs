@@ -182,7 +182,6 @@ fn clones_touched_before_the_fetch_read_the_snapshot_and_hold_each_page_once() {
     }
 }
 
-
 #[test]
 fn an_arriving_vm_is_left_alone_by_passes_and_refuses_unmerging_until_it_arrives() {
     let dir = TempDir::new("lazy-folded-arriving");
@@ -262,8 +261,13 @@ fn a_damaged_page_fails_the_wait_and_takes_the_vm_out_of_the_host() {
         let (o, s) = snapshot(&d, 4);
         (o, s)
     };
-    let c = restore_folded_lazy(&host, VmOptions::default(), snap2, LazyFoldOptions::default())
-        .unwrap();
+    let c = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        snap2,
+        LazyFoldOptions::default(),
+    )
+    .unwrap();
     let memory = Arc::clone(&c.memory);
     c.wait().unwrap();
     assert!(image(&memory) == image(&orig2));

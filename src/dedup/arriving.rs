@@ -151,23 +151,27 @@ impl ArrivingImage {
             }
             .into());
         }
+        // Below the frame count, so an index of `addrs` (a `Vec`).
+        let first = usize::try_from(first).map_err(|_| FrameError::TooLarge { frames: first })?;
+        let n = bytes.len() / PAGE_SIZE;
         let mut done = 0;
-        let mut k = 0u64;
+        let mut k = 0usize;
         while k < n {
             let p = first + k;
-            if self.is_filled(p) || self.is_zero(p) {
+            if self.is_filled(p as u64) || self.is_zero(p as u64) {
                 k += 1;
                 continue;
             }
             let mut e = k + 1;
-            while e < n && !self.is_filled(first + e) && !self.is_zero(first + e) {
+            while e < n && !self.is_filled((first + e) as u64) && !self.is_zero((first + e) as u64)
+            {
                 e += 1;
             }
-            let run = &bytes[k as usize * PAGE_SIZE..e as usize * PAGE_SIZE];
+            let run = &bytes[k * PAGE_SIZE..e * PAGE_SIZE];
             self.store
-                .write_frames(FrameNumber(self.frames.start.0 + p), run)?;
+                .write_frames(FrameNumber(self.frames.start.0 + p as u64), run)?;
             for (j, page) in run.chunks_exact(PAGE_SIZE).enumerate() {
-                let q = (p + j as u64) as usize;
+                let q = p + j;
                 self.hashes[q].store(self.key.hash(page), Ordering::Relaxed);
                 let bit = 1u64 << (q % 64);
                 // Set after the write: a page seen filled holds its bytes.

@@ -56,9 +56,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use error::DedupError;
 pub(crate) use arrival::Arrival;
 pub(crate) use arriving::ArrivingImage;
+pub use error::DedupError;
 pub(crate) use fold_in::{FoldIn, PageFrame};
 pub use options::{DedupOptions, DomainId, ScanBudget, VmId, VmOptions};
 pub use remote::RemoteError;

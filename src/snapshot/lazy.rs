@@ -54,8 +54,8 @@ use super::{
 use crate::{
     addr::PageSize,
     addr::{GuestPhysAddr, PAGE_SIZE},
-    host::residency::{seek_data, DataFrom},
     dedup::{Arrival, ArrivingImage},
+    host::residency::{seek_data, DataFrom},
     memory::{GuestMemory, GuestRegion},
     userfault::{FaultServer, FaultSource, MissingPages, MissingSpan, Userfault, UserfaultError},
 };
@@ -525,9 +525,7 @@ impl Shared {
     /// The arriving image, if page `page` maps it.
     fn image_at(&self, page: u64) -> Option<&ArrivingImage> {
         let image = self.image.as_deref()?;
-        self.span_of(page)
-            .filter(|sp| sp.on_image)
-            .map(|_| image)
+        self.span_of(page).filter(|sp| sp.on_image).map(|_| image)
     }
 
     /// The arriving image, if page `page` is copied into its own frame
@@ -630,7 +628,11 @@ impl Shared {
                     Serve::Fill { image, .. } => {
                         self.fill_image(image, page, &buf).map(|(filled, marked)| {
                             // Filled by another clone meanwhile: found.
-                            let count = if filled > 0 { &self.on_fault } else { &self.found };
+                            let count = if filled > 0 {
+                                &self.on_fault
+                            } else {
+                                &self.found
+                            };
                             count.fetch_add(marked, Ordering::Relaxed);
                             marked > 0
                         })
@@ -639,7 +641,8 @@ impl Shared {
                         Ok(c) => {
                             self.feed_image(page, &buf);
                             let placed = !c.exists && self.mark(page);
-                            self.on_fault.fetch_add(u64::from(placed), Ordering::Relaxed);
+                            self.on_fault
+                                .fetch_add(u64::from(placed), Ordering::Relaxed);
                             Ok(placed)
                         }
                         Err(e) => Err(e.into()),
@@ -695,10 +698,7 @@ enum Serve<'a> {
     /// The image holds it already: only wake.
     Filled,
     /// Copied into this mapping (`UFFDIO_COPY`) from a slot of a file.
-    Copy {
-        file: &'a SnapshotReader,
-        slot: u64,
-    },
+    Copy { file: &'a SnapshotReader, slot: u64 },
     /// Written into the arriving image from a slot of a file.
     Fill {
         image: &'a ArrivingImage,

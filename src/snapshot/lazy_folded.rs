@@ -28,7 +28,10 @@ use std::sync::Arc;
 
 use super::{
     error::SnapshotError,
-    folded::{restore_folded_with, stored_hash, too_large, FoldLayout, FoldOptions, DEFAULT_MAX_GUEST_BYTES},
+    folded::{
+        restore_folded_with, stored_hash, too_large, FoldLayout, FoldOptions,
+        DEFAULT_MAX_GUEST_BYTES,
+    },
     format::{content_hash, Hash},
     lazy::{self, LazyError, LazyOptions, LazyRestore, LazyStats, Span},
     reader::{Located, SnapshotReader},
