@@ -16,6 +16,7 @@ use super::{
     reconcile,
     state::Inner,
 };
+use crate::memory::GuestMemory;
 
 /// The host's side of a lazy folded restore in progress (see the module).
 #[derive(Debug)]
@@ -23,7 +24,14 @@ pub(crate) struct Arrival {
     pub(super) inner: Weak<Inner>,
     pub(super) vm: VmId,
     pub(super) image: Arc<ArrivingImage>,
+    /// The VM's memory: discarded if it never arrives, even where the
+    /// host is gone by then.
+    pub(super) mem: Arc<GuestMemory>,
+    /// Registered as an ordinary VM.
     pub(super) done: bool,
+    /// Every page is there (`arrived` was called): kept whole even where
+    /// the host is gone.
+    pub(super) complete: bool,
 }
 
 impl Arrival {
@@ -45,6 +53,7 @@ impl Arrival {
     /// keeps its bytes (the image's frames stay allocated until the store
     /// goes), unfolded.
     pub(crate) fn arrived(mut self) -> Result<VmId, DedupError> {
+        self.complete = true;
         let inner = self.inner.upgrade().ok_or(DedupError::UnknownVm(self.vm))?;
         let _scan = lock(&inner.scan);
         let entry = read(&inner.vms)
@@ -54,7 +63,10 @@ impl Arrival {
             .ok_or(DedupError::UnknownVm(self.vm))?;
         let published = self.image.publish(&mut lock(&inner.shared))?;
         if published {
-            reconcile::recount(&inner)?;
+            // Counted before anything is freed: a failed punch of a frame
+            // nobody maps only leaves it to the next recount, and is no
+            // reason to fail a VM that has arrived.
+            let _ = reconcile::recount(&inner);
         }
         entry.arriving.store(false, Ordering::Release);
         self.done = true;
@@ -67,18 +79,30 @@ impl Drop for Arrival {
         if self.done {
             return;
         }
+        // Its pages go back to their own frames, holes: the memory was
+        // never all there, and must not keep mapping frames that may be
+        // freed and filled with another domain's pages. Its host gone,
+        // the image (never published) is still freed with its last holder:
+        // discarded all the same (found by review: the memory went on
+        // mapping frames the store handed out again).
+        let discard = || {
+            for r in self.mem.regions() {
+                let _ = self.mem.discard(r.start(), r.size());
+            }
+        };
         let Some(inner) = self.inner.upgrade() else {
+            // All there, its host gone: it keeps its bytes, unfolded (the
+            // image's frames stay allocated while it maps them).
+            if !self.complete {
+                discard();
+                self.image.unmapped();
+            }
             return;
         };
         let mut scan = lock(&inner.scan);
+        discard();
         let entry = read(&inner.vms).iter().find(|e| e.id == self.vm).cloned();
         if let Some(entry) = entry {
-            // Its pages go back to their own frames, holes: the memory was
-            // never all there, and must not keep mapping frames that may
-            // be freed and filled with another domain's pages.
-            for r in entry.mem.regions() {
-                let _ = entry.mem.discard(r.start(), r.size());
-            }
             forget::remove_vm(&inner, &mut scan, &entry);
             self.image.unmapped();
         }

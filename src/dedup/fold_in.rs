@@ -435,7 +435,9 @@ impl<'h> FoldIn<'h> {
                 inner,
                 vm,
                 image,
+                mem: Arc::clone(&mem),
                 done: false,
+                complete: false,
             },
             mem,
             out,
@@ -565,6 +567,14 @@ impl<'h> FoldIn<'h> {
                     start: region.own_frame(page),
                     count: count as u64,
                 })?;
+            }
+            // And the pages left for the caller are present, zeros, so no
+            // access to them would fault into its lazy restore: holes
+            // again (found by review: an excluded region read zeros).
+            left.sort_unstable();
+            left.dedup();
+            for &ri in &left {
+                release_own(&mem, (ri, 0, mem.regions()[ri].pages()))?;
             }
         }
         // Pages with no content are released (a hole, and the state says

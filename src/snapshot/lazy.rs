@@ -410,9 +410,12 @@ impl LazyRestore {
                 self.shared.record_error(LazyError::Panicked("fetch"));
             }
         }
-        // Kept past the threads' end: dropped (on an error below), it
-        // discards the VM.
-        let arrival = self.arrival.take();
+        // Kept past the threads' end where the fetch placed every page:
+        // dropped on an error below, it discards the VM. Where it failed
+        // (pages may be missing from the image), left for `stop_threads`
+        // to discard the VM before the ranges are unregistered.
+        let failed = lock(&self.shared.error).is_some();
+        let arrival = if failed { None } else { self.arrival.take() };
         self.stop_threads();
         if let Some(e) = lock(&self.shared.error).take() {
             return Err(e);
@@ -449,6 +452,12 @@ impl LazyRestore {
         if let Some(f) = self.fetcher.take() {
             let _ = f.join();
         }
+        // Still arriving (not waited for, or failed): its host discards it
+        // now, while its ranges are registered and served. Once they are
+        // not, an access to a page not in the image yet no longer faults:
+        // shmem fills the image's frame with zeros, which another clone
+        // arriving on the image then maps as the page (found by review).
+        self.arrival = None;
         s.pages.unregister_all();
         if let Some(mut h) = self.handler.take() {
             h.stop();
@@ -457,8 +466,6 @@ impl LazyRestore {
             self.mem.release_from_dedup();
             self.released = true;
         }
-        // Still arriving (not waited for, or failed): its host discards it.
-        self.arrival = None;
     }
 }
 
@@ -880,14 +887,18 @@ fn zero_untouched(s: &Shared, from: u64, to: u64) {
         .pages
         .host_of(from)
         .map(|at| s.pages.uffd().zero(at, (to - from) * PAGE));
-    let placed: Vec<u64> = if let Some(Ok(true)) = whole {
-        (from..to).collect()
-    } else {
-        (from..to)
-            .filter(|&p| matches!(s.pages.zero(p), Ok(true)))
-            .collect()
-    };
-    for p in placed {
+    if !matches!(whole, Some(Ok(true))) {
+        // Page by page. One present already (zeroed by the run's ioctl
+        // before it met a page the handler placed, or placed by the
+        // handler) or no longer registered (discarded: its own frame's
+        // hole) is done all the same, and `mark` counts each page once
+        // (found by review: such pages were never counted, so the stats
+        // fell short of `pages`).
+        for p in from..to {
+            let _ = s.pages.zero(p);
+        }
+    }
+    for p in from..to {
         if s.mark(p) {
             s.zero_pages.fetch_add(1, Ordering::Relaxed);
             s.zero_untouched.fetch_add(1, Ordering::Relaxed);
