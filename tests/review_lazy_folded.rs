@@ -241,7 +241,6 @@ fn a_zero_page_discarded_while_arriving_is_still_counted() {
 /// copy of the shared region's contents, where clones restored together
 /// (or without exclusions) share one.
 #[test]
-#[ignore = "defect: a clone excluding regions restored after the first one arrived fetches and holds a second image"]
 fn clones_excluding_a_region_share_one_image_when_restored_one_after_another() {
     let dir = TempDir::new("review-lazy-folded-exclude-later");
     let (orig, _) = source(13);

@@ -407,8 +407,23 @@ impl<'h> FoldIn<'h> {
         frames: &[Vec<PageFrame>],
         clone_of: &Address,
     ) -> Result<(VmId, Arc<GuestMemory>, Installed), DedupError> {
-        let (id, mem, out, _) = self.install_with(mem, options, frames, clone_of, None)?;
+        let (id, mem, out, _) = self.install_with(mem, options, frames, clone_of, Rest::Copy)?;
         Ok((id, mem, out))
+    }
+
+    /// [`install`](Self::install), except that a run the mapping budget
+    /// cannot pay for, or of an excluded region, is left as it is (fresh:
+    /// its own frames' holes) for the caller to fill, as a lazy restore
+    /// does. Returns, per region, whether its pages map the frames (every
+    /// run of it remapped).
+    pub(crate) fn install_leaving_rest(
+        self,
+        mem: GuestMemory,
+        options: VmOptions,
+        frames: &[Vec<PageFrame>],
+        clone_of: &Address,
+    ) -> Result<(VmId, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
+        self.install_with(mem, options, frames, clone_of, Rest::Later(None))
     }
 
     /// [`install`](Self::install) onto `image`, still arriving: the VM is
@@ -428,7 +443,7 @@ impl<'h> FoldIn<'h> {
     ) -> Result<(Arrival, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
         let inner = Arc::downgrade(self.inner);
         let (vm, mem, out, on_image) =
-            self.install_with(mem, options, frames, clone_of, Some(&image))?;
+            self.install_with(mem, options, frames, clone_of, Rest::Later(Some(&image)))?;
         image.mapped();
         Ok((
             Arrival {
@@ -451,8 +466,12 @@ impl<'h> FoldIn<'h> {
         options: VmOptions,
         frames: &[Vec<PageFrame>],
         clone_of: &Address,
-        arriving: Option<&Arc<ArrivingImage>>,
+        rest: Rest<'_>,
     ) -> Result<(VmId, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
+        let (copy_rest, arriving) = match rest {
+            Rest::Copy => (true, None),
+            Rest::Later(arriving) => (false, arriving),
+        };
         let store = Arc::clone(&self.inner.store);
         // A page named past the memory's: the caller's layout and frames
         // disagree.
@@ -514,7 +533,7 @@ impl<'h> FoldIn<'h> {
         let mut buf = Vec::new();
         // Pages copied as zeros: holes, released below.
         let mut holes: Vec<(usize, usize)> = Vec::new();
-        // Regions with a run left for the caller (arriving only).
+        // Regions with a run left for the caller (`Rest::Later` only).
         let mut left: Vec<usize> = Vec::new();
         for &(ri, page, count, frame, content) in &runs {
             let region = &mem.regions()[ri];
@@ -544,8 +563,8 @@ impl<'h> FoldIn<'h> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if arriving.is_some() {
-                // Nothing to copy yet: the caller fills these pages.
+            if !copy_rest {
+                // Not copied: the caller fills these pages.
                 left.push(ri);
                 continue;
             }
@@ -571,10 +590,13 @@ impl<'h> FoldIn<'h> {
             // And the pages left for the caller are present, zeros, so no
             // access to them would fault into its lazy restore: holes
             // again (found by review: an excluded region read zeros).
-            left.sort_unstable();
-            left.dedup();
-            for &ri in &left {
-                release_own(&mem, (ri, 0, mem.regions()[ri].pages()))?;
+            // (A region with nothing to map, excluded, is left whole.)
+            if !copy_rest {
+                for ri in 0..frames.len() {
+                    if left.contains(&ri) || !remapped.iter().any(|r| r.0 == ri) {
+                        release_own(&mem, (ri, 0, mem.regions()[ri].pages()))?;
+                    }
+                }
             }
         }
         // Pages with no content are released (a hole, and the state says
@@ -591,6 +613,9 @@ impl<'h> FoldIn<'h> {
         // A stretch of own frames still to punch (populated only):
         // region, first page, pages.
         let mut punch: Option<(usize, usize, usize)> = None;
+        // A caller that fills what it was left (`Rest::Later`) is left
+        // its pages with nothing to map fresh too.
+        let none = none.filter(|_| copy_rest);
         for (ri, p) in none.chain(holes) {
             let region = &mem.regions()[ri];
             region.enable_state_checks();
@@ -644,7 +669,7 @@ impl<'h> FoldIn<'h> {
         }
         let mem = Arc::new(mem);
         let on_image: Vec<bool> = (0..frames.len())
-            .map(|ri| arriving.is_some() && !left.contains(&ri))
+            .map(|ri| !copy_rest && !left.contains(&ri) && remapped.iter().any(|r| r.0 == ri))
             .collect();
         let id = self.inner.add_vm(
             &mut self.scan,
@@ -671,6 +696,16 @@ impl<'h> FoldIn<'h> {
         }
         Ok((id, mem, out, on_image))
     }
+}
+
+/// What [`FoldIn::install_with`] does with the runs it does not remap.
+#[derive(Clone, Copy)]
+enum Rest<'a> {
+    /// Copies them into the pages' own frames.
+    Copy,
+    /// Leaves them for the caller; the VM is registered as arriving onto
+    /// the image given.
+    Later(Option<&'a Arc<ArrivingImage>>),
 }
 
 /// Mappings the remapped runs (region, first page, pages, frame) add to

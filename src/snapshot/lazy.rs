@@ -198,6 +198,8 @@ pub(super) struct Span {
     /// the arriving image too (a region the image was made for that could
     /// not be remapped onto it).
     pub(super) feeds_image: bool,
+    /// The image's index of the span's first page (on or feeding it).
+    pub(super) image_first: u64,
     /// Keeps the mapping alive while the threads run.
     pub(super) _region: Arc<GuestRegion>,
 }
@@ -238,6 +240,9 @@ pub struct LazyRestore {
     /// A restore folded on arrival: the dedup host's side, told when every
     /// page is there (dropped unarrived, it discards the VM).
     arrival: Option<Arrival>,
+    /// The pages outside the spans (mapped whole by a folded restore):
+    /// counted by the caller, added to the stats.
+    outside: LazyStats,
 }
 
 impl std::fmt::Debug for LazyRestore {
@@ -301,15 +306,16 @@ pub fn restore_lazy(
             gpa: r.start(),
             on_image: false,
             feeds_image: false,
+            image_first: 0,
             _region: Arc::clone(r),
         });
     }
-    start(snap, own, spans, uffd, None, options)
+    start(snap, own, spans, uffd, None, true, options)
 }
 
 /// Starts a lazy restore of `snap` into `own` (a memory of its regions,
-/// claimed: by this restore, or by the dedup host of `arrival`), whose
-/// regions `spans` lists (on the arriving image of `arrival`, or on their
+/// claimed: by this restore where `claimed_here`, else by a dedup host),
+/// the regions `spans` lists (on the arriving image of `arrival`, or on their
 /// own fresh frames): registers them with `uffd`, then starts the fault
 /// server and the fetch thread. On an error nothing is registered, a
 /// claim of this restore's own ends, and a VM still arriving is discarded.
@@ -319,9 +325,9 @@ pub(super) fn start(
     spans: Vec<Span>,
     uffd: Userfault,
     arrival: Option<Arrival>,
+    claimed_here: bool,
     options: LazyOptions,
 ) -> Result<LazyRestore, LazyError> {
-    let claimed_here = arrival.is_none();
     let fail = |e: LazyError| {
         if claimed_here {
             own.release_from_dedup();
@@ -368,6 +374,7 @@ pub(super) fn start(
         // Memory a dedup host claimed stays its.
         released: !claimed_here,
         arrival,
+        outside: LazyStats::default(),
     };
     // From here an error drops `lazy`, which unregisters the memory, stops
     // what started, ends a claim of its own (and discards a VM still
@@ -395,7 +402,14 @@ pub(super) fn start(
 impl LazyRestore {
     /// Pages present (or counted, for zero pages) so far.
     pub fn pages_done(&self) -> u64 {
-        self.shared.pages.done_count()
+        self.shared.pages.done_count() + self.outside.found + self.outside.zero_pages
+    }
+
+    /// Counts `outside` (pages of regions not in the spans, there already)
+    /// in the stats.
+    pub(super) fn with_outside(mut self, outside: LazyStats) -> Self {
+        self.outside = outside;
+        self
     }
 
     /// Waits until every page is present, unregisters the memory, writes
@@ -430,10 +444,10 @@ impl LazyRestore {
             pages: s.snap.pages(),
             on_fault: s.on_fault.load(Ordering::Relaxed),
             fetched: s.fetched.load(Ordering::Relaxed),
-            found: s.found.load(Ordering::Relaxed),
+            found: s.found.load(Ordering::Relaxed) + self.outside.found,
             working_set: s.working_set.load(Ordering::Relaxed),
-            zero_untouched: s.zero_untouched.load(Ordering::Relaxed),
-            zero_pages: s.zero_pages.load(Ordering::Relaxed),
+            zero_untouched: s.zero_untouched.load(Ordering::Relaxed) + self.outside.zero_untouched,
+            zero_pages: s.zero_pages.load(Ordering::Relaxed) + self.outside.zero_pages,
             damaged: s.damaged.load(Ordering::Relaxed),
         };
         if let (Some(path), true) = (&self.working_set, s.record > 0) {
@@ -526,18 +540,20 @@ impl Shared {
     }
 
     /// The arriving image, if page `page` maps it.
-    fn image_at(&self, page: u64) -> Option<&ArrivingImage> {
+    fn image_at(&self, page: u64) -> Option<OnImage<'_>> {
         let image = self.image.as_deref()?;
-        self.span_of(page).filter(|sp| sp.on_image).map(|_| image)
+        self.span_of(page)
+            .filter(|sp| sp.on_image)
+            .map(|sp| OnImage::of(image, sp))
     }
 
     /// The arriving image, if page `page` is copied into its own frame
     /// and written into the image too.
-    fn image_fed_at(&self, page: u64) -> Option<&ArrivingImage> {
+    fn image_fed_at(&self, page: u64) -> Option<OnImage<'_>> {
         let image = self.image.as_deref()?;
         self.span_of(page)
             .filter(|sp| sp.feeds_image)
-            .map(|_| image)
+            .map(|sp| OnImage::of(image, sp))
     }
 
     fn span_of(&self, page: u64) -> Option<&Span> {
@@ -565,7 +581,7 @@ impl Shared {
     /// but not filled; one this clone's other thread marked, neither).
     fn fill_image(
         &self,
-        image: &ArrivingImage,
+        image: OnImage<'_>,
         page: u64,
         bytes: &[u8],
     ) -> Result<(u64, u64), LazyError> {
@@ -704,10 +720,46 @@ enum Serve<'a> {
     Copy { file: &'a SnapshotReader, slot: u64 },
     /// Written into the arriving image from a slot of a file.
     Fill {
-        image: &'a ArrivingImage,
+        image: OnImage<'a>,
         file: &'a SnapshotReader,
         slot: u64,
     },
+}
+
+/// The pages of one span on the arriving image: page `p` of the restore
+/// is page `p - span.first + span.image_first` of the image.
+#[derive(Clone, Copy)]
+struct OnImage<'a> {
+    image: &'a ArrivingImage,
+    span_first: u64,
+    image_first: u64,
+}
+
+impl<'a> OnImage<'a> {
+    fn of(image: &'a ArrivingImage, span: &Span) -> Self {
+        OnImage {
+            image,
+            span_first: span.first,
+            image_first: span.image_first,
+        }
+    }
+
+    /// The image's index of page `page` (of this span).
+    fn at(self, page: u64) -> u64 {
+        page - self.span_first + self.image_first
+    }
+
+    fn is_zero(self, page: u64) -> bool {
+        self.image.is_zero(self.at(page))
+    }
+
+    fn is_filled(self, page: u64) -> bool {
+        self.image.is_filled(self.at(page))
+    }
+
+    fn fill(self, page: u64, bytes: &[u8]) -> Result<u64, crate::dedup::DedupError> {
+        self.image.fill(self.at(page), bytes)
+    }
 }
 
 impl FaultSource for Shared {
@@ -770,24 +822,24 @@ fn fetch_all(s: &Shared, ws: &[u64], hook: Option<&FetchHook>) {
         if s.stop.load(Ordering::Acquire) {
             return;
         }
-        if fetch_run(s, page, 1, &mut buf, hook) > 0 {
+        // A page of a region this restore does not place (one a folded
+        // restore mapped whole) is not its to fetch.
+        if s.span_of(page).is_some() && fetch_run(s, page, 1, &mut buf, hook) > 0 {
             s.working_set.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let pages = s.snap.pages();
-    let mut k = 0u64;
-    while k < pages {
-        if s.stop.load(Ordering::Acquire) {
-            return;
-        }
+    for span in &s.spans {
         // Runs never cross a region's end: host addresses jump there.
-        let end = match s.pages.span_end(k) {
-            e if e > k => e,
-            _ => pages,
-        };
-        let n = (BATCH as u64).min(end - k);
-        fetch_run(s, k, n, &mut buf, hook);
-        k += n;
+        let end = span.first + span.pages;
+        let mut k = span.first;
+        while k < end {
+            if s.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let n = (BATCH as u64).min(end - k);
+            fetch_run(s, k, n, &mut buf, hook);
+            k += n;
+        }
     }
 }
 

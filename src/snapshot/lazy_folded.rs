@@ -28,17 +28,15 @@ use std::sync::Arc;
 
 use super::{
     error::SnapshotError,
-    folded::{
-        check_guest, restore_folded_with, stored_hash, too_large, FoldLayout, FoldOptions,
-        DEFAULT_MAX_GUEST_BYTES,
-    },
+    folded::{check_guest, stored_hash, too_large, DEFAULT_MAX_GUEST_BYTES},
     format::{content_hash, Hash},
+    layout::PageLayout,
     lazy::{self, LazyError, LazyOptions, LazyRestore, LazyStats, Span},
     reader::{Located, SnapshotReader},
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    dedup::{DedupHost, PageFrame, VmId, VmOptions},
+    dedup::{DedupError, DedupHost, PageFrame, VmId, VmOptions},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -112,7 +110,8 @@ pub fn restore_folded_lazy(
     snap: Arc<SnapshotReader>,
     fold: LazyFoldOptions,
 ) -> Result<LazyFoldedRestore, LazyError> {
-    let layout = snap.layout();
+    let reader = Arc::clone(&snap);
+    let layout = reader.layout();
     check_guest(&snap, &options, fold.max_guest_bytes)?;
     // Before anything is registered: a kernel without missing faults on
     // shmem fails here.
@@ -123,23 +122,42 @@ pub fn restore_folded_lazy(
         .iter()
         .map(|r| options.exclude.contains(&r.0))
         .collect();
+    // The image holds the pages of the regions not excluded, in order:
+    // where each region's first page is in it.
+    let mut image_first: Vec<Option<u64>> = Vec::with_capacity(excluded.len());
+    let mut on = 0u64;
+    for (i, &(_, size)) in layout.regions().iter().enumerate() {
+        image_first.push((!excluded[i]).then_some(on));
+        on += if excluded[i] {
+            0
+        } else {
+            size / PAGE_SIZE as u64
+        };
+    }
     // Bounded by the size limit, yet reserved fallibly: a limit the caller
     // set past this process's memory is an error, never an abort.
     let mut addrs: Vec<Hash> = Vec::new();
-    usize::try_from(layout.total())
+    usize::try_from(on)
         .ok()
         .and_then(|n| addrs.try_reserve_exact(n).ok())
         .ok_or_else(|| too_large(layout.total()))?;
     for (i, &(_, size)) in layout.regions().iter().enumerate() {
+        if excluded[i] {
+            continue;
+        }
         let first = layout.first_page(i);
         for p in first..first + size / PAGE_SIZE as u64 {
-            // An excluded region's pages are its own: holes of the image.
             addrs.push(match snap.locate(p)? {
-                _ if excluded[i] => zero,
                 Located::Zero => zero,
                 Located::Stored { file, slot } => stored_hash(file, slot)?,
             });
         }
+    }
+    if addrs.is_empty() {
+        // Every region excluded: nothing to fold.
+        return Err(
+            SnapshotError::from(DedupError::Frames(crate::frames::FrameError::Empty)).into(),
+        );
     }
     // Clones that exclude regions map an image of the other pages.
     let key = if excluded.contains(&true) {
@@ -153,50 +171,68 @@ pub fn restore_folded_lazy(
         snap.id().0
     };
     let mut fold_in = host.fold_in(options.domain).map_err(SnapshotError::from)?;
-    if !excluded.contains(&true) && fold_in.has_whole_image(&key, &addrs) {
-        // A clone arrived already: everything is there.
-        drop(fold_in);
-        let with = FoldOptions {
-            layout: FoldLayout::Image,
-            planned_clones: None,
-            max_guest_bytes: fold.max_guest_bytes,
+    if fold_in.has_whole_image(&key, &addrs) {
+        // A clone arrived already: the image is all there, found (and
+        // pinned) under the scan lock, mapped at once; only the regions
+        // left off it (excluded, or past the mapping budget) arrive.
+        let (start, _) = fold_in.image_frames(&key, &addrs, &zero, |_, _: &mut [u8]| {
+            Err(SnapshotError::from(DedupError::NotArrived(1)))
+        })?;
+        let frames = page_frames(layout, start, &image_first, |g| addrs[g] == zero);
+        let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())
+            .map_err(SnapshotError::from)?;
+        let (vm, memory, _installed, on_image) = fold_in
+            .install_leaving_rest(mem, options, &frames, &key)
+            .map_err(SnapshotError::from)?;
+        let mut outside = LazyStats {
+            pages: layout.total(),
+            ..LazyStats::default()
         };
-        let r = restore_folded_with(host, options, &snap, &with)?;
-        let zero_pages = r.stats.zero_pages;
-        return Ok(LazyFoldedRestore {
-            vm: r.vm,
-            memory: r.memory,
-            lazy: None,
-            found: LazyStats {
-                pages: r.stats.pages,
-                found: r.stats.pages - zero_pages,
-                zero_pages,
-                zero_untouched: zero_pages,
-                ..LazyStats::default()
-            },
+        for (i, _) in on_image.iter().enumerate().filter(|(_, on)| **on) {
+            let first = image_first[i].and_then(|f| usize::try_from(f).ok());
+            let pages = memory.regions()[i].pages();
+            let zeros = first
+                .and_then(|f| addrs.get(f..f + pages))
+                .unwrap_or(&[])
+                .iter()
+                .filter(|a| **a == zero)
+                .count() as u64;
+            outside.found += pages as u64 - zeros;
+            outside.zero_pages += zeros;
+            outside.zero_untouched += zeros;
+        }
+        if on_image.iter().all(|on| *on) {
+            return Ok(LazyFoldedRestore {
+                vm,
+                memory,
+                lazy: None,
+                found: outside,
+            });
+        }
+        let started = own_memory(&memory).and_then(|own| {
+            let spans = spans(layout, &own, &on_image, &image_first, false);
+            lazy::start(snap, own, spans, uffd, None, false, fold.lazy)
         });
+        return match started {
+            Ok(lazy) => Ok(LazyFoldedRestore {
+                vm,
+                memory,
+                lazy: Some(lazy.with_outside(outside)),
+                found: LazyStats::default(),
+            }),
+            Err(e) => {
+                // Nothing of its own arrived: out of the host again.
+                let _ = host.unregister(vm);
+                Err(e)
+            }
+        };
     }
     let image = fold_in
         .arriving_image(&key, addrs, &zero)
         .map_err(SnapshotError::from)?;
-    let start = image.start();
-    let mut frames: Vec<Vec<PageFrame>> = Vec::with_capacity(layout.regions().len());
-    for (i, &(_, size)) in layout.regions().iter().enumerate() {
-        let first = layout.first_page(i);
-        let n = size / PAGE_SIZE as u64;
-        frames.push(
-            (first..first + n)
-                .map(|g| {
-                    let f = FrameNumber(start.0 + g);
-                    if image.is_zero(g) {
-                        PageFrame::ZeroIn(f)
-                    } else {
-                        PageFrame::Content(f)
-                    }
-                })
-                .collect(),
-        );
-    }
+    let frames = page_frames(layout, image.start(), &image_first, |g| {
+        image.is_zero(g as u64)
+    });
     let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())
         .map_err(SnapshotError::from)?;
     let (arrival, memory, _installed, on_image) = fold_in
@@ -204,33 +240,84 @@ pub fn restore_folded_lazy(
         .map_err(SnapshotError::from)?;
     drop(frames);
     let vm = arrival.vm();
-    let own = GuestMemory::from_regions(memory.regions().to_vec()).map_err(|e| {
-        SnapshotError::LayoutMismatch {
-            what: e.to_string(),
-        }
-    })?;
-    let spans = own
-        .regions()
-        .iter()
-        .zip(on_image)
-        .enumerate()
-        .map(|(i, (r, on_image))| Span {
-            first: layout.first_page(i),
-            pages: r.pages() as u64,
-            gpa: r.start(),
-            on_image,
-            // A region the mapping budget could not remap: its pages are
-            // copied in, and filled into the image too, which the other
-            // clones map and which is published only once whole.
-            feeds_image: !on_image && !excluded[i],
-            _region: Arc::clone(r),
-        })
-        .collect();
-    let lazy = lazy::start(snap, own, spans, uffd, Some(arrival), fold.lazy)?;
+    let own = own_memory(&memory)?;
+    let spans = spans(layout, &own, &on_image, &image_first, true);
+    let lazy = lazy::start(snap, own, spans, uffd, Some(arrival), false, fold.lazy)?;
     Ok(LazyFoldedRestore {
         vm,
         memory,
         lazy: Some(lazy),
         found: LazyStats::default(),
     })
+}
+
+/// The frames of an image starting at `start` that the pages of `layout`
+/// map: page `k` of region `i` its frame `start + image_first[i] + k` (a
+/// hole of the image where `is_zero` says so of that index), nothing
+/// (its own frame, fresh) in a region not on the image.
+fn page_frames(
+    layout: &PageLayout,
+    start: FrameNumber,
+    image_first: &[Option<u64>],
+    is_zero: impl Fn(usize) -> bool,
+) -> Vec<Vec<PageFrame>> {
+    layout
+        .regions()
+        .iter()
+        .zip(image_first)
+        .map(|(&(_, size), first)| {
+            (0..size / PAGE_SIZE as u64)
+                .map(|k| match first {
+                    None => PageFrame::Hole,
+                    Some(first) => {
+                        let g = first + k;
+                        let f = FrameNumber(start.0 + g);
+                        if is_zero(usize::try_from(g).unwrap_or(usize::MAX)) {
+                            PageFrame::ZeroIn(f)
+                        } else {
+                            PageFrame::Content(f)
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A memory of `memory`'s regions, for the lazy restore to hold.
+fn own_memory(memory: &GuestMemory) -> Result<GuestMemory, LazyError> {
+    GuestMemory::from_regions(memory.regions().to_vec()).map_err(|e| {
+        SnapshotError::LayoutMismatch {
+            what: e.to_string(),
+        }
+        .into()
+    })
+}
+
+/// The regions of `own` a lazy restore places: with an image arriving
+/// (`arriving`), every region (those on the image filled into it, the
+/// others copied in, and those the image was made for fed into it too,
+/// since the other clones map it and it is published only once whole);
+/// with the image there, only the regions left off it.
+fn spans(
+    layout: &PageLayout,
+    own: &GuestMemory,
+    on_image: &[bool],
+    image_first: &[Option<u64>],
+    arriving: bool,
+) -> Vec<Span> {
+    own.regions()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| arriving || !on_image[*i])
+        .map(|(i, r)| Span {
+            first: layout.first_page(i),
+            pages: r.pages() as u64,
+            gpa: r.start(),
+            on_image: arriving && on_image[i],
+            feeds_image: arriving && !on_image[i] && image_first[i].is_some(),
+            image_first: image_first[i].unwrap_or(0),
+            _region: Arc::clone(r),
+        })
+        .collect()
 }
