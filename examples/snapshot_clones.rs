@@ -224,6 +224,8 @@ struct Row {
     name: &'static str,
     /// Bytes after the reads, then after each of [`STEPS`].
     bytes: [u64; 1 + STEPS.len()],
+    /// Files, anonymous memory, page tables after the reads.
+    parts_read: (u64, u64, u64),
     /// Files, anonymous memory, page tables after the last step.
     parts: (u64, u64, u64),
     /// Mean restore time of the first clone of each source, of the rest.
@@ -274,6 +276,7 @@ fn measure(sources: &[Source], plan: &[usize], order: &[Vec<usize>], m: Method) 
     };
     std::hint::black_box(touch(&clones, sources, plan));
     (m.settle)()?;
+    let parts_read = parts();
     let mut bytes = [held(); 1 + STEPS.len()];
     let mut done = 0;
     for (k, pct) in STEPS.iter().enumerate() {
@@ -287,6 +290,7 @@ fn measure(sources: &[Source], plan: &[usize], order: &[Vec<usize>], m: Method) 
     Ok(Row {
         name: m.name,
         bytes,
+        parts_read,
         parts: parts(),
         first: mean(&first),
         rest: mean(&rest),
@@ -586,13 +590,15 @@ fn main() -> Res<()> {
     }
     println!("(x: over the floor, the distinct content plus the pages written)");
     for r in &rows {
-        println!(
-            "{:<16} after 50%: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
-            r.name,
-            mib(r.parts.0),
-            mib(r.parts.1),
-            mib(r.parts.2),
-        );
+        for (when, p) in [("reads", r.parts_read), ("50%", r.parts)] {
+            println!(
+                "{:<16} after {when}: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
+                r.name,
+                mib(p.0),
+                mib(p.1),
+                mib(p.2),
+            );
+        }
     }
     // The pagefold rows, then map_private.
     let folded = layouts.len() + usize::from(lazy);
