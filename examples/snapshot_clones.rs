@@ -13,6 +13,14 @@
 //!   only; or such an image of the pages outside the runs worth most,
 //!   which map the shared frames), every clone's pages mapping it
 //!   copy-on-write from the restore on;
+//! - `lazy` (with `--layout lazy`, in the default): pagefold's
+//!   [`restore_folded_lazy`], every clone into one fresh dedup host, all
+//!   restored one after another before the reads (so, unless a clone's
+//!   background fetch finished first, they map one image of the snapshot
+//!   in the host's frames that fills as pages arrive, each page once for
+//!   all of them); after the reads every clone is `wait`ed for (the image
+//!   then the domain's shared frames) before the memory is counted, and
+//!   the writes follow as for the others;
 //! - `map_private`: Firecracker's way, written here as a small baseline:
 //!   each snapshot's raw memory file (on tmpfs: a memfd holding the
 //!   non-zero pages, zero pages left as holes) mapped `MAP_PRIVATE` by
@@ -43,7 +51,8 @@
 //!
 //! `cargo run --release -p pagefold --example snapshot_clones -- [--block N]
 //! [--guests DIR] [--layout L[,L...]] [SNAPSHOT_DIR]`, each `L` one of
-//! `auto`, `contents`, `image` (a `folded` row each; default `auto`).
+//! `auto`, `contents`, `image` (a `folded` row each) or `lazy` (the
+//! `lazy` row); default `auto,lazy`.
 
 use std::{
     collections::HashSet,
@@ -56,8 +65,8 @@ use std::{
 
 use pagefold::{
     snapshot::{
-        restore_folded_with, restore_into, save, FoldLayout, FoldOptions, SaveOptions,
-        SnapshotReader,
+        restore_folded_lazy, restore_folded_with, restore_into, save, FoldLayout, FoldOptions,
+        LazyFoldOptions, LazyFoldedRestore, SaveOptions, SnapshotReader,
     },
     DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
@@ -98,7 +107,7 @@ fn contents(unit: usize) -> Vec<Option<Vec<u8>>> {
 
 /// A snapshot the clones restore from, and its raw memory file.
 struct Source {
-    snap: SnapshotReader,
+    snap: Arc<SnapshotReader>,
     path: PathBuf,
     /// The raw memory file: non-zero pages written, zero pages holes.
     raw: File,
@@ -144,7 +153,7 @@ fn source<'p>(
     let path = dir.join(format!("pagefold-clones-{}-{tag}.snap", std::process::id()));
     save(&src, &path, &SaveOptions { track_dirty: false })?;
     Ok(Source {
-        snap: SnapshotReader::open(&path)?,
+        snap: Arc::new(SnapshotReader::open(&path)?),
         path,
         raw,
         has_content,
@@ -215,6 +224,8 @@ struct Row {
     name: &'static str,
     /// Bytes after the reads, then after each of [`STEPS`].
     bytes: [u64; 1 + STEPS.len()],
+    /// Files, anonymous memory, page tables after the reads.
+    parts_read: (u64, u64, u64),
     /// Files, anonymous memory, page tables after the last step.
     parts: (u64, u64, u64),
     /// Mean restore time of the first clone of each source, of the rest.
@@ -229,6 +240,9 @@ struct Method<'a> {
     restore: &'a mut dyn FnMut(&Source) -> Res<Clone>,
     files: &'a dyn Fn() -> u64,
     note: &'a dyn Fn() -> String,
+    /// Run after the reads, before the memory is first counted (the lazy
+    /// restores are waited for).
+    settle: &'a mut dyn FnMut() -> Res<()>,
 }
 
 /// Restores a clone of `sources[plan[k]]` for each `k`, then reads and
@@ -261,6 +275,8 @@ fn measure(sources: &[Source], plan: &[usize], order: &[Vec<usize>], m: Method) 
         f + a + t
     };
     std::hint::black_box(touch(&clones, sources, plan));
+    (m.settle)()?;
+    let parts_read = parts();
     let mut bytes = [held(); 1 + STEPS.len()];
     let mut done = 0;
     for (k, pct) in STEPS.iter().enumerate() {
@@ -274,6 +290,7 @@ fn measure(sources: &[Source], plan: &[usize], order: &[Vec<usize>], m: Method) 
     Ok(Row {
         name: m.name,
         bytes,
+        parts_read,
         parts: parts(),
         first: mean(&first),
         rest: mean(&rest),
@@ -286,6 +303,7 @@ fn main() -> Res<()> {
     let mut block = 32usize;
     let mut guests: Option<PathBuf> = None;
     let mut layouts = vec![FoldLayout::Auto];
+    let mut lazy = true;
     let mut dir = std::env::temp_dir();
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -298,15 +316,16 @@ fn main() -> Res<()> {
             }
             "--guests" => guests = Some(args.next().ok_or("--guests takes a directory")?.into()),
             "--layout" => {
-                layouts = args
-                    .next()
-                    .unwrap_or_default()
+                let list = args.next().unwrap_or_default();
+                lazy = list.split(',').any(|l| l == "lazy");
+                layouts = list
                     .split(',')
+                    .filter(|&l| l != "lazy")
                     .map(|l| match l {
                         "auto" => Ok(FoldLayout::Auto),
                         "contents" => Ok(FoldLayout::Contents),
                         "image" => Ok(FoldLayout::Image),
-                        _ => Err("--layout takes auto, contents or image, comma-separated"),
+                        _ => Err("--layout takes auto, contents, image or lazy, comma-separated"),
                     })
                     .collect::<Result<_, _>>()?;
             }
@@ -408,6 +427,65 @@ fn main() -> Res<()> {
             restore: &mut restore,
             files: &files,
             note: &note,
+            settle: &mut || Ok(()),
+        };
+        rows.push(measure(&sources, &plan, &order, m)?);
+        drop(keep);
+    }
+    if lazy {
+        let store = Arc::new(FrameStore::memfd()?);
+        let host = DedupHost::new(Arc::clone(&store))?;
+        let whole = std::cell::Cell::new(0u64);
+        let found = std::cell::Cell::new(0u64);
+        let fetched = std::cell::Cell::new(0u64);
+        let on_fault = std::cell::Cell::new(0u64);
+        let arriving: std::cell::RefCell<Vec<LazyFoldedRestore>> = Default::default();
+        let mut keep = Vec::new();
+        let mut restore = |s: &Source| -> Res<Clone> {
+            let r = restore_folded_lazy(
+                &host,
+                VmOptions::default(),
+                Arc::clone(&s.snap),
+                LazyFoldOptions::default(),
+            )?;
+            let pages: u64 =
+                s.snap.region_layout().iter().map(|r| r.1).sum::<u64>() / PAGE_SIZE as u64;
+            if r.pages_done() == pages {
+                // An earlier clone of this snapshot had arrived (its fetch
+                // done): this one mapped the whole image.
+                whole.set(whole.get() + 1);
+            }
+            let base = r.memory.regions()[0].host_addr().0 as *mut u8;
+            keep.push(Arc::clone(&r.memory));
+            arriving.borrow_mut().push(r);
+            Ok(Clone { base })
+        };
+        let mut settle = || -> Res<()> {
+            for r in arriving.borrow_mut().drain(..) {
+                let st = r.wait()?;
+                found.set(found.get() + st.found);
+                fetched.set(fetched.get() + st.fetched);
+                on_fault.set(on_fault.get() + st.on_fault);
+            }
+            Ok(())
+        };
+        let files = || store.allocated_bytes().unwrap_or(0);
+        let note = || {
+            format!(
+                "{} of {} clones mapped a whole image; pages filled on fault {}, by fetch {}, found {}",
+                whole.get(),
+                plan.len(),
+                on_fault.get(),
+                fetched.get(),
+                found.get(),
+            )
+        };
+        let m = Method {
+            name: "lazy",
+            restore: &mut restore,
+            files: &files,
+            note: &note,
+            settle: &mut settle,
         };
         rows.push(measure(&sources, &plan, &order, m)?);
         drop(keep);
@@ -444,6 +522,7 @@ fn main() -> Res<()> {
             restore: &mut restore,
             files: &files,
             note: &String::new,
+            settle: &mut || Ok(()),
         };
         rows.push(measure(&sources, &plan, &order, m)?);
         for (p, len) in maps {
@@ -467,6 +546,7 @@ fn main() -> Res<()> {
             restore: &mut restore,
             files: &files,
             note: &String::new,
+            settle: &mut || Ok(()),
         };
         rows.push(measure(&sources, &plan, &order, m)?);
         drop(keep);
@@ -510,15 +590,19 @@ fn main() -> Res<()> {
     }
     println!("(x: over the floor, the distinct content plus the pages written)");
     for r in &rows {
-        println!(
-            "{:<16} after 50%: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
-            r.name,
-            mib(r.parts.0),
-            mib(r.parts.1),
-            mib(r.parts.2),
-        );
+        for (when, p) in [("reads", r.parts_read), ("50%", r.parts)] {
+            println!(
+                "{:<16} after {when}: files {:.0} MiB, anonymous {:.0} MiB, page tables {:.1} MiB",
+                r.name,
+                mib(p.0),
+                mib(p.1),
+                mib(p.2),
+            );
+        }
     }
-    let folded = layouts.len();
+    // The pagefold rows, then map_private.
+    let folded = layouts.len() + usize::from(lazy);
+    let auto = layouts.iter().position(|&l| l == FoldLayout::Auto);
     for (k, f) in floors.iter().enumerate() {
         let step = match k {
             0 => "reads".to_string(),
@@ -535,8 +619,15 @@ fn main() -> Res<()> {
                 format!("{} / map_private {:.3}", r.name, r.bytes[k] as f64 / m)
             })
             .collect();
+        let vs_auto = match (lazy, auto) {
+            (true, Some(a)) => format!(
+                "; lazy / folded {:.3}",
+                rows[layouts.len()].bytes[k] as f64 / rows[a].bytes[k] as f64
+            ),
+            _ => String::new(),
+        };
         println!(
-            "after {step}: floor {:.0} MiB; over it: {}; {}",
+            "after {step}: floor {:.0} MiB; over it: {}; {}{vs_auto}",
             mib(*f),
             over.join(", "),
             vs.join(", "),

@@ -14,7 +14,14 @@
 //!   restoring many clones of one snapshot keeps it open), with the
 //!   background fetch at once and 20 ms after the restore returns
 //!   (`LazyOptions::fetch_delay`: on few cores the fetch competes with
-//!   the VM's creation and first faults).
+//!   the VM's creation and first faults);
+//! - pagefold's lazy restore folded on arrival
+//!   (`snapshot::restore_folded_lazy`, snapshot open already) into a
+//!   fresh dedup host: the first clone (its region maps an image of the
+//!   snapshot in the host's memfd frames, filled as pages arrive), and a
+//!   clone restored after an earlier clone of the same snapshot on the
+//!   same host has arrived (`wait`ed; still running beside it): the image
+//!   is whole, so the clone maps it at once and nothing is fetched.
 //!
 //! Each restore starts from the files (the snapshot is opened inside the
 //! timed span; the baseline's vCPU state is at hand, as Firecracker's
@@ -51,10 +58,10 @@ use kvm_bindings::kvm_userspace_memory_region;
 use pagefold::{
     kvm::{Exit, Flow, KvmOptions, KvmVcpu, KvmVm},
     snapshot::{
-        restore_into, restore_lazy, save_with_vcpus, LazyOptions, SaveOptions, SnapshotReader,
-        VcpuState,
+        restore_folded_lazy, restore_into, restore_lazy, save_with_vcpus, LazyFoldOptions,
+        LazyOptions, SaveOptions, SnapshotReader, VcpuState,
     },
-    GuestMemory, GuestPhysAddr, PAGE_SIZE,
+    DedupHost, FrameStore, GuestMemory, GuestPhysAddr, VmOptions, PAGE_SIZE,
 };
 use pagefold_tools::mini_vmm::guest::{self, Res};
 use rand::{Rng, SeedableRng};
@@ -313,6 +320,74 @@ fn pagefold_restore(
     Ok(t)
 }
 
+/// pagefold folded on arrival: a fresh dedup host on a fresh memfd store
+/// (set up before the timed span, as a VMM's host runs already); with
+/// `after_arrival`, a first clone of the snapshot is restored and
+/// `wait`ed on it first (kept beside the timed clone), so the timed one
+/// finds the image whole. Then the timed restore (`restore_folded_lazy`
+/// of the snapshot opened once), VM, vCPU, run; the clone is waited for
+/// and checked.
+fn folded_lazy_restore(
+    open: &Arc<SnapshotReader>,
+    after_arrival: bool,
+    orig: &GuestMemory,
+    expect_sum: u32,
+) -> Res<Times> {
+    let host = DedupHost::new(Arc::new(FrameStore::memfd()?))?;
+    let earlier = if after_arrival {
+        let first = restore_folded_lazy(
+            &host,
+            VmOptions::default(),
+            Arc::clone(open),
+            LazyFoldOptions::default(),
+        )?;
+        let memory = Arc::clone(&first.memory);
+        first.wait()?;
+        Some(memory)
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    let snap = Arc::clone(open);
+    let file_open = t0.elapsed();
+    let r = restore_folded_lazy(
+        &host,
+        VmOptions::default(),
+        Arc::clone(&snap),
+        LazyFoldOptions::default(),
+    )?;
+    // The memory is mapped by the restore call itself.
+    let restored = t0.elapsed();
+    let pages: u64 = snap.region_layout().iter().map(|r| r.1 / PAGE).sum();
+    if after_arrival && r.pages_done() < pages {
+        return Err(format!(
+            "a clone after an arrived one found {} of {pages} pages: the image was not whole",
+            r.pages_done(),
+        )
+        .into());
+    }
+    let mem = Arc::clone(&r.memory);
+    let vm = KvmVm::with_options(&mem, NO_LOG)?;
+    let mut vcpu = vm.create_vcpu(0)?;
+    let state = snap.vcpus().first().ok_or("no vCPU in the snapshot")?;
+    vcpu.set_snapshot_state(state)?;
+    let ready = t0.elapsed();
+    let t = drive(
+        &mut vcpu,
+        t0,
+        [file_open, restored, restored, ready],
+        expect_sum,
+    )?;
+    r.wait()?;
+    check(orig, &mem)?;
+    if let Some(m) = &earlier {
+        check(orig, m)?;
+    }
+    drop(vcpu);
+    drop(vm);
+    Ok(t)
+}
+
 /// One figure of [`Times`].
 type Field = fn(&Times) -> Duration;
 
@@ -368,6 +443,8 @@ fn run(dir: &Path, reps: usize) -> Res<()> {
         "pagefold full copy (restore_into)",
         "pagefold lazy, snapshot open already",
         "pagefold lazy, open already, fetch 20 ms on",
+        "pagefold folded lazy, 1st clone",
+        "pagefold folded lazy, after arrival",
     ];
     let mut all: Vec<Vec<Times>> = vec![Vec::new(); names.len()];
     // Opened once, as a VMM restoring many clones of one snapshot keeps
@@ -418,6 +495,8 @@ fn run(dir: &Path, reps: usize) -> Res<()> {
             &orig,
             expect_sum,
         )?);
+        all[6].push(folded_lazy_restore(&open, false, &orig, expect_sum)?);
+        all[7].push(folded_lazy_restore(&open, true, &orig, expect_sum)?);
     }
     let med = |k: usize, f: Field| median(all[k].iter().map(f).collect());
     let fields: [(&str, Field); 7] = [
