@@ -29,7 +29,7 @@ use pagefold::{
         SaveOptions, SaveStats, SnapshotError, SnapshotReader, DEFAULT_MAX_GUEST_BYTES,
         MAX_DEVICE_STATE,
     },
-    DirtyRun, GuestPhysAddr, VmOptions,
+    DedupHost, DirtyRun, GuestPhysAddr, VmOptions,
 };
 
 use crate::{
@@ -412,6 +412,11 @@ pub struct pf_lazy_restore {
 /// `pf_lazy_folded_restore_free` before then discards the VM.
 pub struct pf_lazy_folded_restore {
     restore: LazyFoldedRestore,
+    /// The host the VM is registered with: `pf_lazy_folded_restore_free`
+    /// takes the VM out of it where the restore had nothing left to fetch
+    /// (the domain held the whole image), so that freeing before the wait
+    /// always discards the VM.
+    host: Arc<DedupHost>,
 }
 
 // `pf_*_pages_done` may run on one handle from several threads at once.
@@ -1390,7 +1395,7 @@ pub unsafe extern "C" fn pf_snapshot_restore_folded_lazy(
         out_vm_id.write(restore.vm.0);
         let mem = Arc::clone(&restore.memory);
         out_mem.write(Box::into_raw(Box::new(pf_guest_memory { mem })));
-        out_restore.write(Box::into_raw(Box::new(pf_lazy_folded_restore { restore })));
+        out_restore.write(Box::into_raw(Box::new(pf_lazy_folded_restore { restore, host })));
         Ok(())
     }
 }
@@ -1476,7 +1481,273 @@ pub unsafe extern "C" fn pf_lazy_folded_restore_free(restore: *mut pf_lazy_folde
             // SAFETY: from `Box::into_raw` in
             // `pf_snapshot_restore_folded_lazy`, not released, not used
             // again (contract).
-            drop(unsafe { Box::from_raw(restore) });
+            let handle = unsafe { Box::from_raw(restore) };
+            let pf_lazy_folded_restore { restore, host } = *handle;
+            let vm = restore.vm;
+            // A restore still arriving discards its VM when dropped; one
+            // that found the whole image has an ordinary VM, unregistered
+            // here. An id is never reused, so unregistering one the host
+            // discarded already only fails (`UnknownVm`), harmlessly.
+            drop(restore);
+            let _ = host.unregister(vm);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use pagefold::{
+        snapshot::{Part, Place, Problem, SnapshotId},
+        userfault::UserfaultError,
+        AccessError, DedupError, LayoutError, MemoryError, PageSize, VmId,
+    };
+
+    use super::*;
+
+    fn at(part: Part) -> Place {
+        Place { part, offset: 4096 }
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_their_codes() {
+        let io = || io::Error::from_raw_os_error(libc::ENOENT);
+        let cases: Vec<(SnapshotError, pf_status)> = vec![
+            (
+                SnapshotError::File {
+                    op: "open",
+                    path: "/nonexistent/snap".into(),
+                    source: io(),
+                },
+                pf_status::PF_ERR_OS,
+            ),
+            (
+                SnapshotError::Io {
+                    at: at(Part::Content),
+                    source: io(),
+                },
+                pf_status::PF_ERR_OS,
+            ),
+            (
+                SnapshotError::Truncated {
+                    at: at(Part::Map),
+                    file_len: 10,
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::BadMagic {
+                    at: at(Part::Header),
+                    found: *b"garbage!",
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::UnsupportedVersion {
+                    at: at(Part::Header),
+                    found: 9,
+                    supported: 1,
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::Checksum {
+                    at: at(Part::Table),
+                    found: 1,
+                    computed: 2,
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::ContentHash {
+                    at: at(Part::Content),
+                    slot: 3,
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::Malformed {
+                    at: at(Part::Map),
+                    problem: Problem::EmptyRun,
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::IdMismatch {
+                    at: at(Part::Header),
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::TooLarge { bytes: 2, max: 1 },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (
+                SnapshotError::OverwritesAncestor {
+                    path: "p".into(),
+                    depth: 1,
+                },
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+            (
+                SnapshotError::NotIncremental {
+                    id: SnapshotId([1; 32]),
+                },
+                pf_status::PF_ERR_MISMATCH,
+            ),
+            (
+                SnapshotError::WrongParent {
+                    expected: SnapshotId([1; 32]),
+                    found: SnapshotId([2; 32]),
+                },
+                pf_status::PF_ERR_MISMATCH,
+            ),
+            (
+                SnapshotError::ParentMissing {
+                    gpa: GuestPhysAddr(0),
+                    parent: SnapshotId([1; 32]),
+                },
+                pf_status::PF_ERR_MISMATCH,
+            ),
+            (
+                SnapshotError::LayoutMismatch {
+                    what: "two regions, one".into(),
+                },
+                pf_status::PF_ERR_MISMATCH,
+            ),
+            (
+                SnapshotError::PageNotInLayout {
+                    gpa: GuestPhysAddr(1 << 40),
+                },
+                pf_status::PF_ERR_UNMAPPED,
+            ),
+            (
+                SnapshotError::NotTracking { region: 1 },
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+            (SnapshotError::LogInUse, pf_status::PF_ERR_BUSY),
+            (
+                SnapshotError::DirtyRun {
+                    gpa: GuestPhysAddr(1 << 40),
+                    pages: 1,
+                },
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+            (
+                SnapshotError::Access(AccessError::Unmapped {
+                    addr: GuestPhysAddr(1 << 40),
+                }),
+                pf_status::PF_ERR_UNMAPPED,
+            ),
+            (
+                SnapshotError::Memory(MemoryError::Layout(LayoutError::NoRegions)),
+                pf_status::PF_ERR_LAYOUT,
+            ),
+            (
+                SnapshotError::Dedup(DedupError::HugeBacking(PageSize::Size2M)),
+                pf_status::PF_ERR_UNSUPPORTED,
+            ),
+            (
+                SnapshotError::Dedup(DedupError::Arriving(VmId(3))),
+                pf_status::PF_ERR_BUSY,
+            ),
+        ];
+        for (e, want) in cases {
+            let e = Error::from(e);
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+        // An error in one file of a chain: the inner error's status, the
+        // file named in the message.
+        let e = Error::from(SnapshotError::InFile {
+            path: "/snaps/child".into(),
+            source: Box::new(SnapshotError::Checksum {
+                at: at(Part::Table),
+                found: 1,
+                computed: 2,
+            }),
+        });
+        assert_eq!(e.status, pf_status::PF_ERR_SNAPSHOT);
+        assert!(
+            e.message.starts_with("/snaps/child: the content table"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn lazy_errors_map_to_their_codes() {
+        let cases: Vec<(LazyError, pf_status)> = vec![
+            (
+                SnapshotError::LayoutMismatch { what: "x".into() }.into(),
+                pf_status::PF_ERR_MISMATCH,
+            ),
+            (
+                UserfaultError::Unavailable(io::Error::from_raw_os_error(libc::EPERM)).into(),
+                pf_status::PF_ERR_USERFAULT,
+            ),
+            (LazyError::Claimed, pf_status::PF_ERR_INVALID_ARGUMENT),
+            (
+                LazyError::NotFresh {
+                    gpa: GuestPhysAddr(0x1000),
+                },
+                pf_status::PF_ERR_INVALID_ARGUMENT,
+            ),
+            (LazyError::NotMemfd, pf_status::PF_ERR_UNSUPPORTED),
+            (
+                LazyError::HugePages {
+                    granule: PageSize::Size2M,
+                },
+                pf_status::PF_ERR_UNSUPPORTED,
+            ),
+            (
+                LazyError::WorkingSet {
+                    path: "ws".into(),
+                    what: "bad magic".into(),
+                },
+                pf_status::PF_ERR_SNAPSHOT,
+            ),
+            (LazyError::Panicked("fetch"), pf_status::PF_ERR_PANIC),
+            (
+                LazyError::Thread("fetch", io::Error::from_raw_os_error(libc::EAGAIN)),
+                pf_status::PF_ERR_OS,
+            ),
+        ];
+        for (e, want) in cases {
+            let e = Error::from(e);
+            assert_eq!(e.status, want, "{}", e.message);
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn zero_options_mean_the_defaults() {
+        let f = fold_options(&pf_fold_options {
+            struct_size: size_of::<pf_fold_options>(),
+            ..pf_fold_options::default()
+        })
+        .ok();
+        assert_eq!(f, Some(FoldOptions::default()));
+        let bad = pf_fold_options {
+            layout: 3,
+            ..pf_fold_options::default()
+        };
+        assert_eq!(
+            fold_options(&bad).err().map(|e| e.status),
+            Some(pf_status::PF_ERR_INVALID_ARGUMENT)
+        );
+        assert_eq!(PF_SNAPSHOT_MAX_DEVICE_STATE, MAX_DEVICE_STATE);
+        // SAFETY: NULL options are the defaults; nothing is dereferenced.
+        let (o, device) = unsafe { save_options(std::ptr::null()) }.ok().unzip();
+        assert_eq!(
+            o.map(|o| o.track_dirty),
+            Some(SaveOptions::default().track_dirty)
+        );
+        assert_eq!(device, Some(None));
+        // SAFETY: as above.
+        let (o, max) = unsafe { lazy_options(std::ptr::null()) }.ok().unzip();
+        assert_eq!(max, Some(DEFAULT_MAX_GUEST_BYTES));
+        assert_eq!(o.map(|o| (o.working_set, o.record_pages)), Some((None, 0)));
     }
 }
