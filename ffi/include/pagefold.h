@@ -2273,7 +2273,7 @@ typedef struct pf_save_stats {
 } pf_save_stats;
 
 /**
- * What `pf_snapshot_info` tells about an open snapshot. Size-prefixed like
+ * What `pf_snapshot_get_info` tells about an open snapshot. Size-prefixed like
  * `pf_save_stats`.
  */
 typedef struct pf_snapshot_info {
@@ -4560,8 +4560,8 @@ void pf_snapshot_free(struct pf_snapshot *snap);
  * - `out_info` is NULL or points to a `pf_snapshot_info` whose
  *   `struct_size` bytes are readable and writable.
  */
-enum pf_status pf_snapshot_info(const struct pf_snapshot *snap,
-                                struct pf_snapshot_info *out_info);
+enum pf_status pf_snapshot_get_info(const struct pf_snapshot *snap,
+                                    struct pf_snapshot_info *out_info);
 
 /**
  * Stores the snapshot's regions, in address order, in `regions` (room for
@@ -4590,7 +4590,7 @@ enum pf_status pf_snapshot_regions(const struct pf_snapshot *snap,
  * Copies the snapshot's device state (the bytes a save was given with
  * `PF_SAVE_DEVICE_STATE`, checked against their checksum at open) into
  * `buf` (room for `capacity` bytes) and stores its length in `*out_len`.
- * A snapshot without device state has 0 bytes of it (`pf_snapshot_info`'s
+ * A snapshot without device state has 0 bytes of it (`pf_snapshot_get_info`'s
  * `PF_SNAPSHOT_DEVICE_STATE` tells that from an empty one). If the bytes
  * do not fit, nothing is copied, `*out_len` receives the length and the
  * call returns `PF_ERR_BUFFER_TOO_SMALL`; `buf` may be NULL with
@@ -4719,7 +4719,7 @@ enum pf_status pf_snapshot_restore_lazy(const struct pf_snapshot *snap,
 
 /**
  * Stores in `*out_pages` the pages present (or counted, for zero pages)
- * so far; the restore is complete when it reaches `pf_snapshot_info`'s
+ * so far; the restore is complete when it reaches `pf_snapshot_get_info`'s
  * `pages`.
  *
  * Errors: `PF_ERR_NULL_POINTER`.

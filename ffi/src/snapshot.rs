@@ -142,7 +142,7 @@ unsafe impl SizePrefixed for pf_save_stats {
     const NAME: &'static str = "pf_save_stats";
 }
 
-/// What `pf_snapshot_info` tells about an open snapshot. Size-prefixed like
+/// What `pf_snapshot_get_info` tells about an open snapshot. Size-prefixed like
 /// `pf_save_stats`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -838,7 +838,7 @@ pub unsafe extern "C" fn pf_snapshot_free(snap: *mut pf_snapshot) {
 /// - `out_info` is NULL or points to a `pf_snapshot_info` whose
 ///   `struct_size` bytes are readable and writable.
 #[no_mangle]
-pub unsafe extern "C" fn pf_snapshot_info(
+pub unsafe extern "C" fn pf_snapshot_get_info(
     snap: *const pf_snapshot,
     out_info: *mut pf_snapshot_info,
 ) -> pf_status {
@@ -935,7 +935,7 @@ pub unsafe extern "C" fn pf_snapshot_regions(
 /// Copies the snapshot's device state (the bytes a save was given with
 /// `PF_SAVE_DEVICE_STATE`, checked against their checksum at open) into
 /// `buf` (room for `capacity` bytes) and stores its length in `*out_len`.
-/// A snapshot without device state has 0 bytes of it (`pf_snapshot_info`'s
+/// A snapshot without device state has 0 bytes of it (`pf_snapshot_get_info`'s
 /// `PF_SNAPSHOT_DEVICE_STATE` tells that from an empty one). If the bytes
 /// do not fit, nothing is copied, `*out_len` receives the length and the
 /// call returns `PF_ERR_BUFFER_TOO_SMALL`; `buf` may be NULL with
@@ -1246,7 +1246,7 @@ pub unsafe extern "C" fn pf_snapshot_restore_lazy(
 }
 
 /// Stores in `*out_pages` the pages present (or counted, for zero pages)
-/// so far; the restore is complete when it reaches `pf_snapshot_info`'s
+/// so far; the restore is complete when it reaches `pf_snapshot_get_info`'s
 /// `pages`.
 ///
 /// Errors: `PF_ERR_NULL_POINTER`.
