@@ -884,7 +884,7 @@ typedef struct pf_service_client pf_service_client;
  * `pf_snapshot_open` or `pf_snapshot_open_chain`, released by
  * `pf_snapshot_free` (a lazy restore holds what it reads, so the handle
  * may go first). Thread-safe: every call but `pf_snapshot_free` may run on
- * one handle from several threads at once.
+ * one handle from several threads at once. ABI 0.11.
  */
 typedef struct pf_snapshot pf_snapshot;
 

@@ -390,7 +390,7 @@ impl From<LazyStats> for pf_lazy_stats {
 /// `pf_snapshot_open` or `pf_snapshot_open_chain`, released by
 /// `pf_snapshot_free` (a lazy restore holds what it reads, so the handle
 /// may go first). Thread-safe: every call but `pf_snapshot_free` may run on
-/// one handle from several threads at once.
+/// one handle from several threads at once. ABI 0.11.
 pub struct pf_snapshot {
     snap: Arc<SnapshotReader>,
 }
@@ -534,9 +534,9 @@ unsafe fn optional_out<'a, T: SizePrefixed>(
     unsafe { args::sized_out(p, arg) }.map(Some)
 }
 
-/// The caller's save options, checked: flags, reserved, the device state
-/// (copied out of the caller's buffer is not needed: it is only read during
-/// the call).
+/// The caller's save options, checked: flags, reserved, and the device
+/// state (borrowed from the caller's buffer, which is only read during the
+/// call).
 ///
 /// # Safety
 ///
