@@ -1496,7 +1496,7 @@ pub unsafe extern "C" fn pf_lazy_folded_restore_free(restore: *mut pf_lazy_folde
 
 #[cfg(test)]
 mod tests {
-    use std::io;
+    use std::{io, os::unix::ffi::OsStrExt as _};
 
     use pagefold::{
         snapshot::{Part, Place, Problem, SnapshotId},
@@ -1719,6 +1719,138 @@ mod tests {
             assert_eq!(e.status, want, "{}", e.message);
             assert!(!e.message.is_empty());
         }
+    }
+
+    /// The last error message of this thread, through the export.
+    fn message() -> String {
+        let mut buf = [0 as c_char; 512];
+        let mut needed = 0;
+        // SAFETY: `buf` is valid for its length; `needed` is writable.
+        unsafe { crate::boundary::pf_last_error_message(buf.as_mut_ptr(), buf.len(), &mut needed) };
+        // SAFETY: the call above wrote a NUL-terminated string into `buf`.
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn c_path(p: &std::path::Path) -> std::ffi::CString {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+    }
+
+    #[test]
+    fn save_open_restore_and_refusals_through_the_exports() {
+        use crate::memory::{
+            pf_guest_memory_free, pf_guest_memory_new, pf_guest_memory_read, pf_guest_memory_write,
+        };
+        let dir = std::env::temp_dir().join(format!("pf-ffi-snapshot-{}", std::process::id()));
+        assert!(std::fs::create_dir_all(&dir).is_ok());
+        let file = c_path(&dir.join("snap"));
+        let region = pf_region {
+            guest_start: 0,
+            size: 16 << 12,
+        };
+        let (mut mem, mut copy) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: one region, default options, valid out-pointers.
+        unsafe {
+            assert_eq!(
+                pf_guest_memory_new(&region, 1, std::ptr::null(), &mut mem),
+                pf_status::PF_OK
+            );
+            assert_eq!(
+                pf_guest_memory_new(&region, 1, std::ptr::null(), &mut copy),
+                pf_status::PF_OK
+            );
+        }
+        let page = [0xa5u8; 4096];
+        // SAFETY: a live handle and a 4096-byte buffer.
+        let s = unsafe { pf_guest_memory_write(mem, 3 << 12, page.as_ptr().cast(), page.len()) };
+        assert_eq!(s, pf_status::PF_OK);
+        let device = *b"device";
+        let options = pf_save_options {
+            flags: PF_SAVE_DEVICE_STATE,
+            device_state: device.as_ptr(),
+            device_state_len: device.len(),
+            ..pf_save_options::default()
+        };
+        let mut stats = pf_save_stats {
+            struct_size: size_of::<pf_save_stats>(),
+            ..Default::default()
+        };
+        // SAFETY: live handle, C string, options and stats valid for the call.
+        let s = unsafe { pf_snapshot_save(mem, file.as_ptr(), &options, &mut stats) };
+        assert_eq!(s, pf_status::PF_OK, "{}", message());
+        assert_eq!(
+            (stats.pages, stats.zero_pages, stats.stored_pages),
+            (16, 15, 1)
+        );
+
+        let mut snap = std::ptr::null_mut();
+        // SAFETY: C string, valid out-pointer.
+        let s = unsafe { pf_snapshot_open(file.as_ptr(), &mut snap) };
+        assert_eq!(s, pf_status::PF_OK, "{}", message());
+        let mut info = pf_snapshot_info {
+            struct_size: size_of::<pf_snapshot_info>(),
+            ..Default::default()
+        };
+        // SAFETY: live handle, valid out-struct.
+        let s = unsafe { pf_snapshot_get_info(snap, &mut info) };
+        assert_eq!(s, pf_status::PF_OK);
+        assert_eq!(info.id, stats.id);
+        assert_eq!(
+            (info.pages, info.device_state_len, info.flags),
+            (16, 6, PF_SNAPSHOT_DEVICE_STATE)
+        );
+        // SAFETY: live handles, no out-struct.
+        let s = unsafe { pf_snapshot_restore_into(snap, copy, std::ptr::null_mut()) };
+        assert_eq!(s, pf_status::PF_OK, "{}", message());
+        let mut got = [0u8; 4096];
+        // SAFETY: a live handle and a 4096-byte buffer.
+        let s = unsafe { pf_guest_memory_read(copy, 3 << 12, got.as_mut_ptr().cast(), got.len()) };
+        assert_eq!(s, pf_status::PF_OK);
+        assert_eq!(got, page);
+
+        // A damaged table: its checksum fails, and the message says where.
+        let bytes = std::fs::read(dir.join("snap")).unwrap_or_default();
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 40] ^= 1;
+        assert!(std::fs::write(dir.join("bad"), &bad).is_ok());
+        let mut other = std::ptr::null_mut();
+        // SAFETY: C string, valid out-pointer.
+        let s = unsafe { pf_snapshot_open(c_path(&dir.join("bad")).as_ptr(), &mut other) };
+        assert_eq!(s, pf_status::PF_ERR_SNAPSHOT);
+        assert!(other.is_null());
+        assert!(message().contains("corrupt"), "{}", message());
+        // A missing file.
+        // SAFETY: as above.
+        let s = unsafe { pf_snapshot_open(c_path(&dir.join("missing")).as_ptr(), &mut other) };
+        assert_eq!(s, pf_status::PF_ERR_OS);
+        assert!(message().contains("No such file"), "{}", message());
+        // NULL everywhere.
+        // SAFETY: NULL arguments are checked, never dereferenced.
+        unsafe {
+            assert_eq!(
+                pf_snapshot_open(std::ptr::null(), &mut other),
+                pf_status::PF_ERR_NULL_POINTER
+            );
+            assert_eq!(
+                pf_snapshot_restore_into(std::ptr::null(), copy, std::ptr::null_mut()),
+                pf_status::PF_ERR_NULL_POINTER
+            );
+            assert_eq!(
+                pf_lazy_restore_wait(std::ptr::null_mut(), std::ptr::null_mut()),
+                pf_status::PF_ERR_NULL_POINTER
+            );
+        }
+        assert_eq!(message(), "argument `restore` is NULL");
+
+        // SAFETY: the handles from above, each freed once, not used again.
+        unsafe {
+            pf_snapshot_free(snap);
+            pf_guest_memory_free(mem);
+            pf_guest_memory_free(copy);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
