@@ -38,7 +38,7 @@
  * Minor ABI version: grows when functions, error codes, flags or struct
  * fields are added. A program built against minor m needs minor >= m.
  */
-#define PF_ABI_VERSION_MINOR 10
+#define PF_ABI_VERSION_MINOR 11
 
 /**
  * `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
@@ -527,6 +527,47 @@
 #define PF_INVALIDATE_SECOND_LEVEL 4
 
 /**
+ * `pf_save_options.flags`: leave dirty tracking as it is (a full save
+ * turns it on for every region and empties the log by default, so that an
+ * incremental snapshot on this one gets every page written since). Ignored
+ * by an incremental save, which needs tracking on.
+ */
+#define PF_SAVE_NO_TRACK_DIRTY (1 << 0)
+
+/**
+ * `pf_save_options.flags`: save `device_state` (`device_state_len` bytes,
+ * which may be 0) as the snapshot's device-state part. Without it
+ * `device_state` must be NULL and `device_state_len` 0, and the snapshot
+ * has no device state.
+ */
+#define PF_SAVE_DEVICE_STATE (1 << 1)
+
+/**
+ * The most bytes of device state a snapshot carries (64 MiB): a save with
+ * more is refused with `PF_ERR_INVALID_ARGUMENT` before a page is read.
+ */
+#define PF_SNAPSHOT_MAX_DEVICE_STATE (64 << 20)
+
+/**
+ * `pf_snapshot_info.flags`: the snapshot is incremental (its parent's id
+ * is `parent_id`).
+ */
+#define PF_SNAPSHOT_INCREMENTAL (1 << 0)
+
+/**
+ * `pf_snapshot_info.flags`: the snapshot carries device state (possibly
+ * of 0 bytes): `pf_snapshot_device_state` reads it.
+ */
+#define PF_SNAPSHOT_DEVICE_STATE (1 << 1)
+
+/**
+ * `pf_snapshot_info.flags`: the snapshot carries the VM-wide KVM state
+ * (kvmclock, irqchip, PIT) that a Rust VMM saved; this ABI does not read
+ * it.
+ */
+#define PF_SNAPSHOT_VM_STATE (1 << 2)
+
+/**
  * What backs guest memory: the values of `pf_memory_options.backing`.
  *
  * Hugetlb memory reserves its huge pages when it is created: if the pool
@@ -547,6 +588,33 @@ typedef enum pf_backing {
      */
     PF_BACKING_HUGETLB_1G = 2,
 } pf_backing;
+
+/**
+ * How a folded restore lays out the frames its pages map: the values of
+ * `pf_fold_options.layout`. Each run of pages onto consecutive frames
+ * costs kernel mappings (`vm.max_map_count`); past the process's budget a
+ * clone's shortest runs are copied into frames of its own instead, so no
+ * layout fails for want of mappings.
+ */
+typedef enum pf_fold_layout {
+    /**
+     * An image where the domain holds one already, else a frame per
+     * content where the clones still to come fit the mapping budget, else
+     * the least memory over those clones of contents, a partial image or a
+     * whole image (the default).
+     */
+    PF_FOLD_AUTO = 0,
+    /**
+     * A frame per distinct content of the domain, shared with every
+     * snapshot that has it: the least memory, two mappings per run.
+     */
+    PF_FOLD_CONTENTS = 1,
+    /**
+     * The snapshot's pages in page order in one run of frames shared by
+     * its clones: two mappings per region, its duplicates stored again.
+     */
+    PF_FOLD_IMAGE = 2,
+} pf_fold_layout;
 
 /**
  * What a call did: `PF_OK` (0) or why it failed (negative). The values are
@@ -685,6 +753,25 @@ typedef enum pf_status {
      * message says what came. ABI 0.10.
      */
     PF_ERR_SERVICE_PROTOCOL = -25,
+    /**
+     * A snapshot file is not one this library can read, or is damaged:
+     * not a pagefold snapshot, another format version, truncated, a part
+     * that fails its checksum, a stored page that does not match its
+     * content address, a malformed header, map or table, an id that does
+     * not match the contents; or a guest larger than the restore's
+     * `max_guest_bytes`; or a working-set file that cannot be read,
+     * written or parsed. The message names the file, the part and the
+     * byte offset. ABI 0.11.
+     */
+    PF_ERR_SNAPSHOT = -26,
+    /**
+     * Things that must belong together do not: a memory whose region
+     * layout is not the snapshot's, or a snapshot chain whose files are
+     * not parent and child (another parent, a full snapshot given a
+     * parent, layouts that differ, a page in an ancestor that was not
+     * opened with it). The message says which. ABI 0.11.
+     */
+    PF_ERR_MISMATCH = -27,
 } pf_status;
 
 /**
@@ -730,6 +817,25 @@ typedef struct pf_frame_store pf_frame_store;
 typedef struct pf_guest_memory pf_guest_memory;
 
 /**
+ * A VM restored lazily into a dedup host, folded on arrival
+ * (`pf_snapshot_restore_folded_lazy`): its pages map an image in the
+ * host's frames that is filled as they arrive, shared by every clone of
+ * the snapshot. `pf_lazy_folded_restore_wait` waits for every page and
+ * releases it (the VM is then an ordinary VM of its host);
+ * `pf_lazy_folded_restore_free` before then discards the VM.
+ */
+typedef struct pf_lazy_folded_restore pf_lazy_folded_restore;
+
+/**
+ * A lazy restore in progress (`pf_snapshot_restore_lazy`): first touches
+ * of the memory are served from the snapshot while a background fetch
+ * copies the rest. `pf_lazy_restore_wait` waits for every page and
+ * releases it; `pf_lazy_restore_free` before then stops the restore, and
+ * the memory's unfetched pages read as zeros from then on: discard it.
+ */
+typedef struct pf_lazy_restore pf_lazy_restore;
+
+/**
  * A cancel flag of a sender that outlives it: made by
  * `pf_migration_sender_cancel_token`, released by
  * `pf_migration_cancel_token_free`. Thread-safe.
@@ -772,6 +878,15 @@ typedef struct pf_service pf_service;
  * once, and the guest memory stays fully usable by vCPU and device threads.
  */
 typedef struct pf_service_client pf_service_client;
+
+/**
+ * An open snapshot file, with its ancestors for a chain: made by
+ * `pf_snapshot_open` or `pf_snapshot_open_chain`, released by
+ * `pf_snapshot_free` (a lazy restore holds what it reads, so the handle
+ * may go first). Thread-safe: every call but `pf_snapshot_free` may run on
+ * one handle from several threads at once. ABI 0.11.
+ */
+typedef struct pf_snapshot pf_snapshot;
 
 /**
  * A walk cache (software TLB and paging-structure cache) for one vCPU:
@@ -2077,6 +2192,338 @@ typedef struct pf_client_options {
      */
     uint64_t exclude_regions;
 } pf_client_options;
+
+/**
+ * How a save works. Size-prefixed: set `struct_size` to
+ * `sizeof(pf_save_options)`. Zero fields mean the defaults (tracking
+ * turned on, no device state), so
+ * `pf_save_options o = { .struct_size = sizeof o };` is a valid start.
+ */
+typedef struct pf_save_options {
+    /**
+     * `sizeof(pf_save_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * A mix of `PF_SAVE_NO_TRACK_DIRTY` and `PF_SAVE_DEVICE_STATE`; other
+     * bits are refused with `PF_ERR_INVALID_ARGUMENT`.
+     */
+    uint32_t flags;
+    /**
+     * Zero; reserved (other values are refused with
+     * `PF_ERR_INVALID_ARGUMENT`).
+     */
+    uint32_t reserved;
+    /**
+     * The VMM's device state (its virtio queues, serial port, ... in its
+     * own format), opaque to pagefold, with `PF_SAVE_DEVICE_STATE`: read
+     * back by `pf_snapshot_device_state`. NULL when `device_state_len`
+     * is 0; only read during the call.
+     */
+    const uint8_t *device_state;
+    /**
+     * Bytes at `device_state`, at most `PF_SNAPSHOT_MAX_DEVICE_STATE`.
+     */
+    size_t device_state_len;
+} pf_save_options;
+
+/**
+ * What a save wrote. Size-prefixed: set `struct_size` before the call;
+ * the call sets it to the bytes it filled in.
+ */
+typedef struct pf_save_stats {
+    /**
+     * In: `sizeof(pf_save_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * The new snapshot's id: BLAKE3 of its contents and ancestry, as
+     * `pf_snapshot_info.id` reads it back.
+     */
+    uint8_t id[32];
+    /**
+     * Pages of the layout.
+     */
+    uint64_t pages;
+    /**
+     * Pages saved as zero (nothing stored).
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages stored (distinct contents new to the chain).
+     */
+    uint64_t stored_pages;
+    /**
+     * Pages whose content this snapshot stores or names already.
+     */
+    uint64_t duplicate_pages;
+    /**
+     * Pages whose content an ancestor stores (named, not stored again).
+     */
+    uint64_t ancestor_pages;
+    /**
+     * Pages as in the parent (not dirty since it).
+     */
+    uint64_t parent_pages;
+    /**
+     * Bytes of the file.
+     */
+    uint64_t file_bytes;
+} pf_save_stats;
+
+/**
+ * What `pf_snapshot_get_info` tells about an open snapshot. Size-prefixed like
+ * `pf_save_stats`.
+ */
+typedef struct pf_snapshot_info {
+    /**
+     * In: `sizeof(pf_snapshot_info)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * The snapshot's id (BLAKE3 of its header, map, table and parts: it
+     * names the whole image and its ancestry).
+     */
+    uint8_t id[32];
+    /**
+     * The parent's id for an incremental snapshot; zeros for a full one.
+     */
+    uint8_t parent_id[32];
+    /**
+     * Pages (4 KiB) of the layout.
+     */
+    uint64_t pages;
+    /**
+     * Pages stored in this file (each a distinct content).
+     */
+    uint64_t stored_pages;
+    /**
+     * The file's length in bytes.
+     */
+    uint64_t file_bytes;
+    /**
+     * Bytes of device state (0 without; see `PF_SNAPSHOT_DEVICE_STATE`).
+     */
+    uint64_t device_state_len;
+    /**
+     * Regions of the layout (`pf_snapshot_regions`).
+     */
+    uint32_t region_count;
+    /**
+     * vCPU states the file carries (saved by a Rust VMM; this ABI does not
+     * read them).
+     */
+    uint32_t vcpu_count;
+    /**
+     * A mix of `PF_SNAPSHOT_INCREMENTAL`, `PF_SNAPSHOT_DEVICE_STATE` and
+     * `PF_SNAPSHOT_VM_STATE`.
+     */
+    uint32_t flags;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+} pf_snapshot_info;
+
+/**
+ * What `pf_snapshot_restore_into` did. Size-prefixed like
+ * `pf_save_stats`.
+ */
+typedef struct pf_restore_stats {
+    /**
+     * In: `sizeof(pf_restore_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages of the layout.
+     */
+    uint64_t pages;
+    /**
+     * Pages released as zero (no memory).
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages copied from the snapshot files.
+     */
+    uint64_t copied_pages;
+} pf_restore_stats;
+
+/**
+ * How `pf_snapshot_restore_folded` goes about it. Size-prefixed: set
+ * `struct_size` to `sizeof(pf_fold_options)`. Zero fields mean the
+ * defaults.
+ */
+typedef struct pf_fold_options {
+    /**
+     * `sizeof(pf_fold_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * One of `pf_fold_layout` (0, `PF_FOLD_AUTO`, by default).
+     */
+    uint32_t layout;
+    /**
+     * Zero; reserved (other values are refused with
+     * `PF_ERR_INVALID_ARGUMENT`).
+     */
+    uint32_t reserved;
+    /**
+     * Clones of this snapshot the caller plans to restore into the domain,
+     * those restored already and still registered included:
+     * `PF_FOLD_AUTO` plans the mapping budget for the ones still to come.
+     * 0: as many more as are registered.
+     */
+    uint64_t planned_clones;
+    /**
+     * The largest guest (all regions together, in bytes) to restore,
+     * checked against the snapshot's header before any work per page (a
+     * small file may claim a huge guest of zero pages). 0: 64 GiB.
+     */
+    uint64_t max_guest_bytes;
+} pf_fold_options;
+
+/**
+ * What `pf_snapshot_restore_folded` did. Every page is exactly one of
+ * zero, shared or copied. Size-prefixed like `pf_save_stats`.
+ */
+typedef struct pf_folded_stats {
+    /**
+     * In: `sizeof(pf_folded_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages of the layout.
+     */
+    uint64_t pages;
+    /**
+     * Zero pages: no memory, no content stored or shared.
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages with content mapping a shared frame of the domain.
+     */
+    uint64_t shared_pages;
+    /**
+     * Pages with content copied into a frame of their own instead (the
+     * mapping budget could not pay for their runs, or their region is
+     * excluded from merging).
+     */
+    uint64_t copied_pages;
+    /**
+     * Distinct contents the pages name.
+     */
+    uint64_t contents;
+    /**
+     * Of those, contents the domain held already (nothing read).
+     */
+    uint64_t contents_found;
+    /**
+     * Of those, contents read from the snapshot files into new frames.
+     */
+    uint64_t contents_read;
+    /**
+     * Remaps made (one per run of pages onto consecutive frames).
+     */
+    uint64_t remaps;
+    /**
+     * 1 if the pages map an image of the snapshot (whole or partial), 0
+     * if a frame per content alone.
+     */
+    uint32_t image;
+    /**
+     * Zero; reserved.
+     */
+    uint32_t reserved;
+} pf_folded_stats;
+
+/**
+ * How a lazy restore works (`pf_snapshot_restore_lazy`,
+ * `pf_snapshot_restore_folded_lazy`). Size-prefixed: set `struct_size` to
+ * `sizeof(pf_lazy_options)`. Zero fields mean the defaults.
+ */
+typedef struct pf_lazy_options {
+    /**
+     * `sizeof(pf_lazy_options)` as the caller was compiled with.
+     */
+    size_t struct_size;
+    /**
+     * A working-set file, NUL-terminated (NULL: none): read at the start
+     * (the pages it names are fetched first; a file that does not exist
+     * yet is an empty set) and written by a successful wait with the first
+     * `record_pages` pages touched. Only read during the call.
+     */
+    const char *working_set;
+    /**
+     * How many of the pages served on first touch (in order of touch) to
+     * write to the working-set file; 0 writes nothing.
+     */
+    uint64_t record_pages;
+    /**
+     * Microseconds after the call returns before the background fetch
+     * starts (first touches are served meanwhile): on a host with few
+     * cores a few milliseconds bring the guest's first instruction
+     * forward, at the cost of the whole memory arriving that much later.
+     */
+    uint64_t fetch_delay_us;
+    /**
+     * The largest guest (all regions together, in bytes) that
+     * `pf_snapshot_restore_folded_lazy` restores, checked before any work
+     * per page. 0: 64 GiB. (`pf_snapshot_restore_lazy` ignores it: the
+     * caller's memory has the size.)
+     */
+    uint64_t max_guest_bytes;
+} pf_lazy_options;
+
+/**
+ * What a lazy restore did: `on_fault + fetched + found + zero_untouched +
+ * damaged == pages`. Size-prefixed like `pf_save_stats`.
+ */
+typedef struct pf_lazy_stats {
+    /**
+     * In: `sizeof(pf_lazy_stats)` as the caller was compiled with.
+     * Out: the bytes this library filled in.
+     */
+    size_t struct_size;
+    /**
+     * Pages of the layout.
+     */
+    uint64_t pages;
+    /**
+     * Pages placed on first touch (zero pages included).
+     */
+    uint64_t on_fault;
+    /**
+     * Stored pages placed by the background fetch.
+     */
+    uint64_t fetched;
+    /**
+     * Of `fetched`, those fetched first because the working set named
+     * them.
+     */
+    uint64_t working_set;
+    /**
+     * Stored pages there before this restore placed them (a restore folded
+     * on arrival finds what another clone of the snapshot filled).
+     */
+    uint64_t found;
+    /**
+     * Zero pages nobody touched during the restore: left to the kernel.
+     */
+    uint64_t zero_untouched;
+    /**
+     * Zero pages of the snapshot (touched or not).
+     */
+    uint64_t zero_pages;
+    /**
+     * Pages whose snapshot bytes were damaged (poisoned, or zero-filled
+     * where the kernel cannot poison).
+     */
+    uint64_t damaged;
+} pf_lazy_stats;
 
 /**
  * How `pf_frame_store_new` builds a frame store: the backing, the mapping
@@ -3974,6 +4421,444 @@ enum pf_status pf_service_client_detach(struct pf_service_client *client);
  * not been released, and no other call uses it during or after this one.
  */
 void pf_service_client_free(struct pf_service_client *client);
+
+/**
+ * Saves all of `mem` as a full snapshot at `path` (a file there is
+ * replaced only once the new one is complete and on disk: no file that
+ * opens as valid is ever left half written), with the device state of
+ * `options` (NULL: the defaults), and stores what it wrote in
+ * `*out_stats` unless that is NULL (set its `struct_size` first). Zero
+ * pages cost nothing. Unless `PF_SAVE_NO_TRACK_DIRTY`, dirty tracking is
+ * turned on for every region and the log emptied before the first page is
+ * read, so that the next harvest (`pf_guest_memory_harvest_dirty`, after
+ * merging KVM's dirty bitmaps) holds every page written since, for
+ * `pf_snapshot_save_incremental`. Stop the vCPUs for a consistent image.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`mem`, `path`,
+ * `options->device_state` while `device_state_len > 0`),
+ * `PF_ERR_STRUCT_TOO_SMALL` (`options`, `out_stats`),
+ * `PF_ERR_INVALID_ARGUMENT` (unknown flag, nonzero `reserved`, an empty
+ * path, device state without `PF_SAVE_DEVICE_STATE` or over
+ * `PF_SNAPSHOT_MAX_DEVICE_STATE`), `PF_ERR_BUSY` (tracking asked for while
+ * a migration sender holds the dirty log), `PF_ERR_OS` (creating, writing,
+ * syncing or renaming the file).
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `path` is NULL or a NUL-terminated string.
+ * - `options` is NULL or points to a `pf_save_options` whose `struct_size`
+ *   bytes are readable, and whose `device_state` is NULL or valid for
+ *   reads of `device_state_len` bytes.
+ * - `out_stats` is NULL or points to a `pf_save_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_snapshot_save(const struct pf_guest_memory *mem,
+                                const char *path,
+                                const struct pf_save_options *options,
+                                struct pf_save_stats *out_stats);
+
+/**
+ * Saves the pages of `mem` in the `dirty_count` runs at `dirty` as an
+ * incremental snapshot on top of `parent` at `path` (every other page is
+ * "as in the parent"; a content the parent or an ancestor opened with it
+ * stores is named, not stored again), with the device state of `options`
+ * (an incremental snapshot carries its own; `PF_SAVE_NO_TRACK_DIRTY` is
+ * ignored), and stores what it wrote in `*out_stats` unless that is NULL.
+ *
+ * The runs must hold every page written since `parent` was saved: with
+ * tracking on since that save, merge KVM's dirty bitmaps and harvest
+ * (`pf_guest_memory_harvest_dirty`, `PF_ALL_REGIONS`) right before this
+ * call, with the vCPUs stopped. On failure the runs are marked dirty
+ * again, so a retry after a fresh harvest still has them.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`mem`, `parent`, `path`, `dirty` while
+ * `dirty_count > 0`), `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT`
+ * (as `pf_snapshot_save`; a region not dirty tracked, a run outside the
+ * memory, `path` the file of `parent` or an ancestor), `PF_ERR_MISMATCH`
+ * (the memory's layout is not the parent's), `PF_ERR_BUSY` (a migration
+ * sender holds the dirty log), `PF_ERR_SNAPSHOT` (an ancestor's file read
+ * damaged), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `parent` is NULL or a live `pf_snapshot` handle.
+ * - `dirty` is NULL or valid for reads of `dirty_count` `pf_dirty_run`s.
+ * - `path`, `options` and `out_stats` as for `pf_snapshot_save`.
+ */
+enum pf_status pf_snapshot_save_incremental(const struct pf_guest_memory *mem,
+                                            const struct pf_snapshot *parent,
+                                            const struct pf_dirty_run *dirty,
+                                            size_t dirty_count,
+                                            const char *path,
+                                            const struct pf_save_options *options,
+                                            struct pf_save_stats *out_stats);
+
+/**
+ * Opens the snapshot at `path` and checks its header, map and table (each
+ * stored page is checked when read), and stores the handle in
+ * `*out_snap`. Anything but a regular file (a FIFO, a device) is an
+ * error, never a wait. An incremental snapshot opened alone knows its
+ * parent only by id: restoring it needs its chain (`pf_snapshot_open_chain`).
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`path`, `out_snap`),
+ * `PF_ERR_INVALID_ARGUMENT` (empty path), `PF_ERR_OS` (the file cannot be
+ * opened or read, or is not a regular file), `PF_ERR_SNAPSHOT` (not a
+ * pagefold snapshot, another version, truncated, corrupt).
+ *
+ * # Safety
+ *
+ * - `path` is NULL or a NUL-terminated string.
+ * - `out_snap` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_snapshot_open(const char *path,
+                                struct pf_snapshot **out_snap);
+
+/**
+ * Opens a chain of `count` snapshots, `paths[0]` the oldest (a full
+ * snapshot), each later one incremental on the one before, and stores a
+ * handle to the newest (holding the others) in `*out_snap`. An error
+ * about a file's bytes names the file.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`paths` or one of them, `out_snap`),
+ * `PF_ERR_INVALID_ARGUMENT` (`count` 0, an empty path), `PF_ERR_OS`,
+ * `PF_ERR_SNAPSHOT` (as `pf_snapshot_open`), `PF_ERR_MISMATCH` (a file is
+ * not the child of the one before it: another parent, a full snapshot,
+ * another layout).
+ *
+ * # Safety
+ *
+ * - `paths` is NULL or valid for reads of `count` pointers, each NULL or a
+ *   NUL-terminated string.
+ * - `out_snap` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_snapshot_open_chain(const char *const *paths,
+                                      size_t count,
+                                      struct pf_snapshot **out_snap);
+
+/**
+ * Releases the handle (the file is closed once no lazy restore reads it).
+ * NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `snap` is NULL or a `pf_snapshot` handle that has not been freed, and no
+ * other call uses it during or after this one.
+ */
+void pf_snapshot_free(struct pf_snapshot *snap);
+
+/**
+ * Describes the snapshot in `*out_info` (set `out_info->struct_size`
+ * first): id, parent id, pages, regions, device state.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `out_info` is NULL or points to a `pf_snapshot_info` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_snapshot_get_info(const struct pf_snapshot *snap,
+                                    struct pf_snapshot_info *out_info);
+
+/**
+ * Stores the snapshot's regions, in address order, in `regions` (room for
+ * `capacity`) and their number in `*out_count`: the layout to make a
+ * memory to restore into (`pf_guest_memory_new`). If they do not fit,
+ * nothing is written but `*out_count`, the number needed, and the call
+ * returns `PF_ERR_BUFFER_TOO_SMALL`; `regions` may be NULL with
+ * `capacity` 0 to ask.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`snap`, `out_count`, `regions` while
+ * `capacity > 0`), `PF_ERR_INVALID_ARGUMENT` (absurd `capacity`),
+ * `PF_ERR_BUFFER_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `regions` is NULL or valid for writes of `capacity` `pf_region`s.
+ * - `out_count` is NULL or valid for a write of one `size_t`.
+ */
+enum pf_status pf_snapshot_regions(const struct pf_snapshot *snap,
+                                   struct pf_region *regions,
+                                   size_t capacity,
+                                   size_t *out_count);
+
+/**
+ * Copies the snapshot's device state (the bytes a save was given with
+ * `PF_SAVE_DEVICE_STATE`, checked against their checksum at open) into
+ * `buf` (room for `capacity` bytes) and stores its length in `*out_len`.
+ * A snapshot without device state has 0 bytes of it (`pf_snapshot_get_info`'s
+ * `PF_SNAPSHOT_DEVICE_STATE` tells that from an empty one). If the bytes
+ * do not fit, nothing is copied, `*out_len` receives the length and the
+ * call returns `PF_ERR_BUFFER_TOO_SMALL`; `buf` may be NULL with
+ * `capacity` 0 to ask.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`snap`, `out_len`, `buf` while
+ * `capacity > 0`), `PF_ERR_INVALID_ARGUMENT` (`capacity` over
+ * PTRDIFF_MAX), `PF_ERR_BUFFER_TOO_SMALL`.
+ *
+ * # Safety
+ *
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `buf` is NULL or valid for writes of `capacity` bytes.
+ * - `out_len` is NULL or valid for a write of one `size_t`.
+ */
+enum pf_status pf_snapshot_device_state(const struct pf_snapshot *snap,
+                                        void *buf,
+                                        size_t capacity,
+                                        size_t *out_len);
+
+/**
+ * Restores `snap` (with its chain) into `mem` by copy: stored pages are
+ * read, checked against their content addresses and written; zero pages
+ * are released (no memory). `mem` must have the snapshot's layout
+ * (`pf_snapshot_regions`). What it did goes to `*out_stats` unless that
+ * is NULL (set its `struct_size` first).
+ *
+ * On an error (a damaged page, a missing ancestor) the memory is partly
+ * restored and must be discarded; no page ever holds bytes the snapshot
+ * did not save.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_MISMATCH` (another layout; an incremental snapshot opened
+ * without its chain), `PF_ERR_SNAPSHOT` (a damaged page), `PF_ERR_OS`,
+ * `PF_ERR_WRITE_PROTECTED`.
+ *
+ * # Safety
+ *
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `out_stats` is NULL or points to a `pf_restore_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_snapshot_restore_into(const struct pf_snapshot *snap,
+                                        const struct pf_guest_memory *mem,
+                                        struct pf_restore_stats *out_stats);
+
+/**
+ * Restores `snap` (with its chain) as a new VM of the dedup host `dedup`,
+ * in the domain and with the excluded regions of `vm_options` (NULL:
+ * domain 0, nothing excluded), its pages mapping the domain's shared
+ * frames from the first moment, copy-on-write: N VMs restored from one
+ * snapshot hold each content once, with no copy and no merge pass.
+ * `fold` (NULL: the defaults) says how frames are laid out. Stores the
+ * VM's id in `*out_vm_id` and a handle to its memory (in the host's frame
+ * store, with the snapshot's layout; the host holds it too, as after
+ * `pf_dedup_register`) in `*out_mem`, and what it did in `*out_stats`
+ * unless that is NULL.
+ *
+ * On an error nothing is registered and the host is as it was.
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`dedup`, `snap`, `out_vm_id`, `out_mem`,
+ * `vm_options->exclude_starts` while `exclude_count > 0`),
+ * `PF_ERR_STRUCT_TOO_SMALL`, `PF_ERR_INVALID_ARGUMENT` (unknown layout,
+ * nonzero `reserved`, an excluded address that starts no region of the
+ * snapshot), `PF_ERR_SNAPSHOT` (a damaged page; a guest over
+ * `max_guest_bytes`), `PF_ERR_MISMATCH` (an incremental snapshot opened
+ * without its chain), `PF_ERR_USERFAULT`, `PF_ERR_MAP_LIMIT`, `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `vm_options` is NULL or points to a `pf_vm_options` whose
+ *   `struct_size` bytes are readable, and whose `exclude_starts` is NULL
+ *   or valid for reads of `exclude_count` `uint64_t`s.
+ * - `fold` is NULL or points to a `pf_fold_options` whose `struct_size`
+ *   bytes are readable.
+ * - `out_vm_id` is NULL or valid for a write of one `uint64_t`;
+ *   `out_mem` is NULL or valid for a write of one pointer.
+ * - `out_stats` is NULL or points to a `pf_folded_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_snapshot_restore_folded(const struct pf_dedup *dedup,
+                                          const struct pf_snapshot *snap,
+                                          const struct pf_vm_options *vm_options,
+                                          const struct pf_fold_options *fold,
+                                          uint64_t *out_vm_id,
+                                          struct pf_guest_memory **out_mem,
+                                          struct pf_folded_stats *out_stats);
+
+/**
+ * Starts restoring `snap` (with its chain) into `mem` lazily and returns
+ * at once: the guest may run. `mem` must be fresh (no page written) 4 KiB
+ * memfd memory of the snapshot's layout, registered with no dedup host or
+ * raw-write tracker. Every first touch of a page (a vCPU through KVM, a
+ * device, `pf_guest_memory_read`) waits in the kernel until the page is
+ * placed from the snapshot, while a background thread fetches the rest
+ * (the working set of `options` first). Stores the restore's handle in
+ * `*out_restore`: poll it with `pf_lazy_restore_pages_done`, end it with
+ * `pf_lazy_restore_wait`. A damaged page is never shown to the guest: it
+ * is poisoned (the toucher gets SIGBUS, or an error from `KVM_RUN`) and
+ * the wait reports it.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`, `PF_ERR_STRUCT_TOO_SMALL`,
+ * `PF_ERR_INVALID_ARGUMENT` (the memory is registered with a dedup host or
+ * tracker, or was written; an empty working-set path), `PF_ERR_MISMATCH`
+ * (another layout; an incremental snapshot opened without its chain),
+ * `PF_ERR_UNSUPPORTED` (hugetlb or anonymous memory), `PF_ERR_USERFAULT`
+ * (no userfaultfd with missing faults on shmem, or no privilege for it),
+ * `PF_ERR_SNAPSHOT` (a damaged working-set file), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `mem` is NULL or a live `pf_guest_memory` handle.
+ * - `options` is NULL or points to a `pf_lazy_options` whose `struct_size`
+ *   bytes are readable, and whose `working_set` is NULL or a
+ *   NUL-terminated string.
+ * - `out_restore` is NULL or valid for a write of one pointer.
+ */
+enum pf_status pf_snapshot_restore_lazy(const struct pf_snapshot *snap,
+                                        const struct pf_guest_memory *mem,
+                                        const struct pf_lazy_options *options,
+                                        struct pf_lazy_restore **out_restore);
+
+/**
+ * Stores in `*out_pages` the pages present (or counted, for zero pages)
+ * so far; the restore is complete when it reaches `pf_snapshot_get_info`'s
+ * `pages`.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * - `restore` is NULL or a live `pf_lazy_restore` handle, not released
+ *   during the call.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_lazy_restore_pages_done(const struct pf_lazy_restore *restore,
+                                          uint64_t *out_pages);
+
+/**
+ * Waits until every page is present, unregisters the memory, writes the
+ * working-set file (if asked), stores what was done in `*out_stats`
+ * unless that is NULL (set its `struct_size` first), and releases the
+ * restore, whatever the wait returns. An error (a damaged page, poisoned)
+ * means the memory must be discarded. An invalid `restore` or
+ * `out_stats` is refused before anything happens (the restore is then
+ * not released).
+ *
+ * Errors: `PF_ERR_NULL_POINTER` (`restore`), `PF_ERR_STRUCT_TOO_SMALL`
+ * (`out_stats`), `PF_ERR_SNAPSHOT` (a damaged page; the working-set file
+ * cannot be written), `PF_ERR_MISMATCH` (a page in an ancestor not
+ * opened), `PF_ERR_USERFAULT`, `PF_ERR_PANIC` (a thread of the restore
+ * panicked), `PF_ERR_OS`.
+ *
+ * # Safety
+ *
+ * - `restore` is NULL or a `pf_lazy_restore` handle that has not been
+ *   released, and no other call uses it during or after this one (unless
+ *   it fails with `PF_ERR_NULL_POINTER` or `PF_ERR_STRUCT_TOO_SMALL`).
+ * - `out_stats` is NULL or points to a `pf_lazy_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_lazy_restore_wait(struct pf_lazy_restore *restore,
+                                    struct pf_lazy_stats *out_stats);
+
+/**
+ * Releases a restore without waiting: stops its threads and unregisters
+ * the memory, whose pages not yet fetched read as zeros from then on:
+ * discard it. NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `restore` is NULL or a `pf_lazy_restore` handle that has not been
+ * released, and no other call uses it during or after this one.
+ */
+void pf_lazy_restore_free(struct pf_lazy_restore *restore);
+
+/**
+ * Restores `snap` (with its chain) lazily as a new VM of the dedup host
+ * `dedup`, in the domain and with the excluded regions of `vm_options`
+ * (NULL: domain 0, nothing excluded), and returns once its memory is
+ * mapped, before a page is read: the guest may run. Each region maps
+ * (copy-on-write) an image of the snapshot in the host's frames that is
+ * filled as pages arrive, on first touch or by the background fetch, so
+ * N clones restored from one snapshot share every page from the moment
+ * it arrives, and a page arrives once for all of them; once a clone has
+ * arrived, later ones are restored folded at once. Stores the VM's id in
+ * `*out_vm_id`, a handle to its memory in `*out_mem` (as
+ * `pf_snapshot_restore_folded`) and the restore's in `*out_restore`.
+ *
+ * Until `pf_lazy_folded_restore_wait` returns, the VM is arriving: no
+ * merge pass scans it, and unregistering or unmerging it fails with
+ * `PF_ERR_BUSY`. On an error nothing is registered and the host is as it
+ * was.
+ *
+ * Errors: as `pf_snapshot_restore_folded` and `pf_snapshot_restore_lazy`
+ * (`max_guest_bytes` of `options` is the size limit).
+ *
+ * # Safety
+ *
+ * - `dedup` is NULL or a live `pf_dedup` handle.
+ * - `snap` is NULL or a live `pf_snapshot` handle.
+ * - `vm_options` as for `pf_snapshot_restore_folded`.
+ * - `options` as for `pf_snapshot_restore_lazy`.
+ * - `out_vm_id` is NULL or valid for a write of one `uint64_t`;
+ *   `out_mem` and `out_restore` are NULL or valid for a write of one
+ *   pointer.
+ */
+enum pf_status pf_snapshot_restore_folded_lazy(const struct pf_dedup *dedup,
+                                               const struct pf_snapshot *snap,
+                                               const struct pf_vm_options *vm_options,
+                                               const struct pf_lazy_options *options,
+                                               uint64_t *out_vm_id,
+                                               struct pf_guest_memory **out_mem,
+                                               struct pf_lazy_folded_restore **out_restore);
+
+/**
+ * As `pf_lazy_restore_pages_done`, for a restore folded on arrival.
+ *
+ * Errors: `PF_ERR_NULL_POINTER`.
+ *
+ * # Safety
+ *
+ * - `restore` is NULL or a live `pf_lazy_folded_restore` handle, not
+ *   released during the call.
+ * - `out_pages` is NULL or valid for a write of one `uint64_t`.
+ */
+enum pf_status pf_lazy_folded_restore_pages_done(const struct pf_lazy_folded_restore *restore,
+                                                 uint64_t *out_pages);
+
+/**
+ * Waits until every page is there, stores what was done in `*out_stats`
+ * unless that is NULL, and releases the restore, whatever the wait
+ * returns. On success the VM is an ordinary VM of its host (its image the
+ * domain's shared frames, found by later restores and merges). On an
+ * error (a damaged page, poisoned in the clone) the VM is taken out of
+ * the host and its pages discarded: its memory must not run on (free its
+ * handle). An invalid `restore` or `out_stats` is refused before anything
+ * happens (the restore is then not released).
+ *
+ * Errors: as `pf_lazy_restore_wait`.
+ *
+ * # Safety
+ *
+ * - `restore` is NULL or a `pf_lazy_folded_restore` handle that has not
+ *   been released, and no other call uses it during or after this one
+ *   (unless it fails with `PF_ERR_NULL_POINTER` or
+ *   `PF_ERR_STRUCT_TOO_SMALL`).
+ * - `out_stats` is NULL or points to a `pf_lazy_stats` whose
+ *   `struct_size` bytes are readable and writable.
+ */
+enum pf_status pf_lazy_folded_restore_wait(struct pf_lazy_folded_restore *restore,
+                                           struct pf_lazy_stats *out_stats);
+
+/**
+ * Releases a restore folded on arrival without waiting: stops it and has
+ * the host discard the VM (it is unregistered; its memory must not run
+ * on: free its handle). NULL is allowed and does nothing.
+ *
+ * # Safety
+ *
+ * `restore` is NULL or a `pf_lazy_folded_restore` handle that has not
+ * been released, and no other call uses it during or after this one.
+ */
+void pf_lazy_folded_restore_free(struct pf_lazy_folded_restore *restore);
 
 /**
  * The name of a status code as a static NUL-terminated string, e.g.

@@ -120,6 +120,9 @@ pub(crate) unsafe trait Plain: Copy {}
 unsafe impl Plain for u64 {}
 // SAFETY: as for `u64`.
 unsafe impl Plain for u32 {}
+// SAFETY: a raw pointer is valid for every bit pattern (it is only
+// checked and dereferenced later, under its own contract), like an integer.
+unsafe impl Plain for *const std::ffi::c_char {}
 
 /// Copies the caller's array of `count` `T`s at `p` (named `arg` in
 /// messages; `count_arg` names the count). NULL is allowed only with

@@ -474,40 +474,51 @@ pub unsafe extern "C" fn pf_dedup_register(
         let mem = unsafe { memory(mem) }?;
         // SAFETY: `out_vm_id` is NULL or writable (contract).
         let out = unsafe { args::out(out_vm_id, "out_vm_id") }?;
-        let options = if options.is_null() {
-            pf_vm_options::default()
-        } else {
-            // SAFETY: not NULL; `struct_size` bytes readable (contract).
-            unsafe { args::read_sized(options, "options") }?
-        };
-        if options.reserved != 0 {
-            return Err(Error::invalid(format!(
-                "options->reserved is {}; it must be 0",
-                options.reserved
-            )));
-        }
-        // SAFETY: `exclude_starts` is NULL or `exclude_count` readable
-        // `uint64_t`s (contract).
-        let exclude = unsafe {
-            args::array(
-                options.exclude_starts,
-                options.exclude_count,
-                "options->exclude_starts",
-                "options->exclude_count",
-            )
-        }?;
+        // SAFETY: `options` is NULL or a readable `pf_vm_options` whose
+        // `exclude_starts` holds `exclude_count` addresses (contract).
+        let (domain, exclude) = unsafe { read_vm_options(options) }?;
         let exclude = region_starts(mem, &exclude)?;
 
-        let id = dedup.host.register(
-            Arc::clone(mem),
-            VmOptions {
-                domain: DomainId(options.domain),
-                exclude,
-            },
-        )?;
+        let id = dedup.host.register(Arc::clone(mem), VmOptions { domain, exclude })?;
         out.write(id.0);
         Ok(())
     }
+}
+
+/// Reads `options` (NULL: domain 0, nothing excluded): the domain and the
+/// excluded addresses, not yet checked against any layout.
+///
+/// # Safety
+///
+/// `options` is NULL or points to a `pf_vm_options` whose `struct_size`
+/// bytes are readable, and whose `exclude_starts` is NULL or valid for
+/// reads of `exclude_count` `uint64_t`s.
+pub(crate) unsafe fn read_vm_options(
+    options: *const pf_vm_options,
+) -> Result<(DomainId, Vec<u64>), Error> {
+    let options = if options.is_null() {
+        pf_vm_options::default()
+    } else {
+        // SAFETY: not NULL; `struct_size` bytes readable (contract).
+        unsafe { args::read_sized(options, "options") }?
+    };
+    if options.reserved != 0 {
+        return Err(Error::invalid(format!(
+            "options->reserved is {}; it must be 0",
+            options.reserved
+        )));
+    }
+    // SAFETY: `exclude_starts` is NULL or `exclude_count` readable
+    // `uint64_t`s (contract).
+    let exclude = unsafe {
+        args::array(
+            options.exclude_starts,
+            options.exclude_count,
+            "options->exclude_starts",
+            "options->exclude_count",
+        )
+    }?;
+    Ok((DomainId(options.domain), exclude))
 }
 
 /// The excluded addresses as region starts of `mem`, each checked.

@@ -31,20 +31,24 @@ pub struct pf_dirty_run {
     pub pages: u64,
 }
 
+/// The status of a dirty-log error.
+pub(crate) fn dirty_status(e: &DirtyError) -> pf_status {
+    match e {
+        DirtyError::NoSuchRegion { .. } => pf_status::PF_ERR_OUT_OF_RANGE,
+        DirtyError::OutOfMemory { .. } => pf_status::PF_ERR_OS,
+        DirtyError::BitmapSize { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
+        DirtyError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
+        DirtyError::TrackerUnavailable { .. } => pf_status::PF_ERR_UNSUPPORTED,
+        DirtyError::UserfaultTaken => pf_status::PF_ERR_INVALID_ARGUMENT,
+        DirtyError::LogInUse { .. } => pf_status::PF_ERR_BUSY,
+        DirtyError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
+        DirtyError::Scan { .. } => pf_status::PF_ERR_OS,
+    }
+}
+
 impl From<DirtyError> for Error {
     fn from(e: DirtyError) -> Self {
-        let status = match &e {
-            DirtyError::NoSuchRegion { .. } => pf_status::PF_ERR_OUT_OF_RANGE,
-            DirtyError::OutOfMemory { .. } => pf_status::PF_ERR_OS,
-            DirtyError::BitmapSize { .. } => pf_status::PF_ERR_INVALID_ARGUMENT,
-            DirtyError::Unmapped { .. } => pf_status::PF_ERR_UNMAPPED,
-            DirtyError::TrackerUnavailable { .. } => pf_status::PF_ERR_UNSUPPORTED,
-            DirtyError::UserfaultTaken => pf_status::PF_ERR_INVALID_ARGUMENT,
-            DirtyError::LogInUse { .. } => pf_status::PF_ERR_BUSY,
-            DirtyError::Userfault(_) => pf_status::PF_ERR_USERFAULT,
-            DirtyError::Scan { .. } => pf_status::PF_ERR_OS,
-        };
-        Error::new(status, e.to_string())
+        Error::new(dirty_status(&e), e.to_string())
     }
 }
 

@@ -35,6 +35,7 @@ mod memory;
 mod migration;
 mod paging;
 mod service;
+mod snapshot;
 mod status;
 mod store;
 
@@ -46,6 +47,7 @@ pub use memory::*;
 pub use migration::*;
 pub use paging::*;
 pub use service::*;
+pub use snapshot::*;
 pub use status::{pf_status, pf_status_name};
 pub use store::*;
 
@@ -54,7 +56,7 @@ pub use store::*;
 pub const PF_ABI_VERSION_MAJOR: u32 = 0;
 /// Minor ABI version: grows when functions, error codes, flags or struct
 /// fields are added. A program built against minor m needs minor >= m.
-pub const PF_ABI_VERSION_MINOR: u32 = 10;
+pub const PF_ABI_VERSION_MINOR: u32 = 11;
 /// `(PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR`, the value of
 /// `pf_abi_version()` for the header this constant comes from.
 pub const PF_ABI_VERSION: u32 = (PF_ABI_VERSION_MAJOR << 16) | PF_ABI_VERSION_MINOR;

@@ -95,11 +95,26 @@ pub enum pf_status {
     /// version) or closed the connection in the middle of an exchange; the
     /// message says what came. ABI 0.10.
     PF_ERR_SERVICE_PROTOCOL = -25,
+    /// A snapshot file is not one this library can read, or is damaged:
+    /// not a pagefold snapshot, another format version, truncated, a part
+    /// that fails its checksum, a stored page that does not match its
+    /// content address, a malformed header, map or table, an id that does
+    /// not match the contents; or a guest larger than the restore's
+    /// `max_guest_bytes`; or a working-set file that cannot be read,
+    /// written or parsed. The message names the file, the part and the
+    /// byte offset. ABI 0.11.
+    PF_ERR_SNAPSHOT = -26,
+    /// Things that must belong together do not: a memory whose region
+    /// layout is not the snapshot's, or a snapshot chain whose files are
+    /// not parent and child (another parent, a full snapshot given a
+    /// parent, layouts that differ, a page in an ancestor that was not
+    /// opened with it). The message says which. ABI 0.11.
+    PF_ERR_MISMATCH = -27,
 }
 
 impl pf_status {
     /// Every status, in order of value from 0 down.
-    pub(crate) const ALL: [pf_status; 26] = [
+    pub(crate) const ALL: [pf_status; 28] = [
         pf_status::PF_OK,
         pf_status::PF_ERR_NULL_POINTER,
         pf_status::PF_ERR_INVALID_ARGUMENT,
@@ -126,6 +141,8 @@ impl pf_status {
         pf_status::PF_ERR_MAP_LIMIT,
         pf_status::PF_ERR_SERVICE_REFUSED,
         pf_status::PF_ERR_SERVICE_PROTOCOL,
+        pf_status::PF_ERR_SNAPSHOT,
+        pf_status::PF_ERR_MISMATCH,
     ];
 
     /// The constant's name as it appears in the header, NUL-terminated.
@@ -157,6 +174,8 @@ impl pf_status {
             pf_status::PF_ERR_MAP_LIMIT => c"PF_ERR_MAP_LIMIT",
             pf_status::PF_ERR_SERVICE_REFUSED => c"PF_ERR_SERVICE_REFUSED",
             pf_status::PF_ERR_SERVICE_PROTOCOL => c"PF_ERR_SERVICE_PROTOCOL",
+            pf_status::PF_ERR_SNAPSHOT => c"PF_ERR_SNAPSHOT",
+            pf_status::PF_ERR_MISMATCH => c"PF_ERR_MISMATCH",
         }
     }
 }
@@ -275,6 +294,11 @@ pub(crate) fn dedup_status(e: &DedupError) -> pf_status {
         }
         DedupError::Unmapped(_) => pf_status::PF_ERR_UNMAPPED,
         DedupError::Busy(_) => pf_status::PF_ERR_BUSY,
+        // A VM restored lazily onto an image still arriving: unregister or
+        // unmerge it once its restore's wait returned.
+        DedupError::Arriving(_) => pf_status::PF_ERR_BUSY,
+        // The lazy restore publishes an image only once every page is in.
+        DedupError::NotArrived(_) => pf_status::PF_ERR_INTERNAL,
         // A VMM process under the host service did not answer in time:
         // its window was rolled back, the pages stay as they were.
         DedupError::Remote(RemoteError::RolledBack { .. }) => pf_status::PF_ERR_BUSY,

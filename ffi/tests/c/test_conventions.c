@@ -44,6 +44,8 @@ TEST(status_names_cover_every_code) {
         {PF_ERR_MAP_LIMIT, "PF_ERR_MAP_LIMIT"},
         {PF_ERR_SERVICE_REFUSED, "PF_ERR_SERVICE_REFUSED"},
         {PF_ERR_SERVICE_PROTOCOL, "PF_ERR_SERVICE_PROTOCOL"},
+        {PF_ERR_SNAPSHOT, "PF_ERR_SNAPSHOT"},
+        {PF_ERR_MISMATCH, "PF_ERR_MISMATCH"},
     };
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         CHECK_EQ((int64_t)codes[i].status, -(int64_t)i);
@@ -51,7 +53,7 @@ TEST(status_names_cover_every_code) {
         CHECK(name != NULL && strcmp(name, codes[i].name) == 0);
     }
     CHECK(strcmp(pf_status_name(1), "PF_UNKNOWN_STATUS") == 0);
-    CHECK(strcmp(pf_status_name(PF_ERR_SERVICE_PROTOCOL - 1), "PF_UNKNOWN_STATUS") == 0);
+    CHECK(strcmp(pf_status_name(PF_ERR_MISMATCH - 1), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(-1000), "PF_UNKNOWN_STATUS") == 0);
     CHECK(strcmp(pf_status_name(INT32_MIN), "PF_UNKNOWN_STATUS") == 0);
 }
