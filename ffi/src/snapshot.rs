@@ -412,11 +412,10 @@ pub struct pf_lazy_restore {
 /// `pf_lazy_folded_restore_free` before then discards the VM.
 pub struct pf_lazy_folded_restore {
     restore: LazyFoldedRestore,
-    /// The host the VM is registered with: `pf_lazy_folded_restore_free`
-    /// takes the VM out of it where the restore had nothing left to fetch
-    /// (the domain held the whole image), so that freeing before the wait
-    /// always discards the VM.
-    host: Arc<DedupHost>,
+    /// The host the VM is registered with, kept while the restore lives:
+    /// the restore reaches it only weakly, and a host gone before the wait
+    /// could not take the VM in (or out) any more.
+    _host: Arc<DedupHost>,
 }
 
 // `pf_*_pages_done` may run on one handle from several threads at once.
@@ -1395,7 +1394,10 @@ pub unsafe extern "C" fn pf_snapshot_restore_folded_lazy(
         out_vm_id.write(restore.vm.0);
         let mem = Arc::clone(&restore.memory);
         out_mem.write(Box::into_raw(Box::new(pf_guest_memory { mem })));
-        out_restore.write(Box::into_raw(Box::new(pf_lazy_folded_restore { restore, host })));
+        out_restore.write(Box::into_raw(Box::new(pf_lazy_folded_restore {
+            restore,
+            _host: host,
+        })));
         Ok(())
     }
 }
@@ -1482,14 +1484,10 @@ pub unsafe extern "C" fn pf_lazy_folded_restore_free(restore: *mut pf_lazy_folde
             // `pf_snapshot_restore_folded_lazy`, not released, not used
             // again (contract).
             let handle = unsafe { Box::from_raw(restore) };
-            let pf_lazy_folded_restore { restore, host } = *handle;
-            let vm = restore.vm;
-            // A restore still arriving discards its VM when dropped; one
-            // that found the whole image has an ordinary VM, unregistered
-            // here. An id is never reused, so unregistering one the host
-            // discarded already only fails (`UnknownVm`), harmlessly.
-            drop(restore);
-            let _ = host.unregister(vm);
+            // Dropped before its wait, a restore takes its VM out of the
+            // host and discards its pages (whether its image was arriving
+            // or whole).
+            drop(*handle);
         }
     }
 }

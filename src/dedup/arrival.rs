@@ -1,9 +1,10 @@
-//! A VM restored onto an image still arriving, as its restore holds it
-//! until the image is there: [`Arrival::arrived`] makes it an ordinary VM
-//! of the host (publishing the image if no clone did yet), and an arrival
-//! dropped before that takes the VM out of the host without unmerging
-//! (its memory was never all there: its pages are discarded, reading
-//! zeros).
+//! A VM restored lazily and folded, as its restore holds it until every
+//! page is there (onto an image still arriving, or onto a whole image
+//! with regions of its own still arriving): [`Arrival::arrived`] makes it
+//! an ordinary VM of the host (publishing the image if no clone did yet),
+//! and an arrival dropped before that takes the VM out of the host
+//! without unmerging (its memory was never all there: its pages are
+//! discarded, reading zeros).
 
 use std::sync::{atomic::Ordering, Arc, Weak};
 
@@ -23,7 +24,9 @@ use crate::memory::GuestMemory;
 pub(crate) struct Arrival {
     pub(super) inner: Weak<Inner>,
     pub(super) vm: VmId,
-    pub(super) image: Arc<ArrivingImage>,
+    /// The image it maps while it arrives; none where it maps a whole
+    /// image already and only regions of its own arrive.
+    pub(super) image: Option<Arc<ArrivingImage>>,
     /// The VM's memory: discarded if it never arrives, even where the
     /// host is gone by then.
     pub(super) mem: Arc<GuestMemory>,
@@ -40,9 +43,9 @@ impl Arrival {
         self.vm
     }
 
-    /// The image the VM maps.
-    pub(crate) fn image(&self) -> &Arc<ArrivingImage> {
-        &self.image
+    /// The image the VM maps while it arrives, if any.
+    pub(crate) fn image(&self) -> Option<&Arc<ArrivingImage>> {
+        self.image.as_ref()
     }
 
     /// Every page of the VM is there: the image's frames become the
@@ -61,7 +64,10 @@ impl Arrival {
             .find(|e| e.id == self.vm)
             .cloned()
             .ok_or(DedupError::UnknownVm(self.vm))?;
-        let published = self.image.publish(&mut lock(&inner.shared))?;
+        let published = match &self.image {
+            Some(image) => image.publish(&mut lock(&inner.shared))?,
+            None => false,
+        };
         if published {
             // Counted before anything is freed: a failed punch of a frame
             // nobody maps only leaves it to the next recount, and is no
@@ -95,7 +101,9 @@ impl Drop for Arrival {
             // image's frames stay allocated while it maps them).
             if !self.complete {
                 discard();
-                self.image.unmapped();
+                if let Some(image) = &self.image {
+                    image.unmapped();
+                }
             }
             return;
         };
@@ -104,7 +112,9 @@ impl Drop for Arrival {
         let entry = read(&inner.vms).iter().find(|e| e.id == self.vm).cloned();
         if let Some(entry) = entry {
             forget::remove_vm(&inner, &mut scan, &entry);
-            self.image.unmapped();
+            if let Some(image) = &self.image {
+                image.unmapped();
+            }
         }
     }
 }

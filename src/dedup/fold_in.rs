@@ -416,14 +416,32 @@ impl<'h> FoldIn<'h> {
     /// its own frames' holes) for the caller to fill, as a lazy restore
     /// does. Returns, per region, whether its pages map the frames (every
     /// run of it remapped).
+    /// The VM is registered as an ordinary one at once; the returned
+    /// [`Arrival`] only discards it (and takes it out of the host) if
+    /// dropped before the caller says the rest has arrived.
     pub(crate) fn install_leaving_rest(
         self,
         mem: GuestMemory,
         options: VmOptions,
         frames: &[Vec<PageFrame>],
         clone_of: &Address,
-    ) -> Result<(VmId, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
-        self.install_with(mem, options, frames, clone_of, Rest::Later(None))
+    ) -> Result<(Arrival, Arc<GuestMemory>, Installed, Vec<bool>), DedupError> {
+        let inner = Arc::downgrade(self.inner);
+        let (vm, mem, out, on_image) =
+            self.install_with(mem, options, frames, clone_of, Rest::Later(None))?;
+        Ok((
+            Arrival {
+                inner,
+                vm,
+                image: None,
+                mem: Arc::clone(&mem),
+                done: false,
+                complete: false,
+            },
+            mem,
+            out,
+            on_image,
+        ))
     }
 
     /// [`install`](Self::install) onto `image`, still arriving: the VM is
@@ -449,7 +467,7 @@ impl<'h> FoldIn<'h> {
             Arrival {
                 inner,
                 vm,
-                image,
+                image: Some(image),
                 mem: Arc::clone(&mem),
                 done: false,
                 complete: false,

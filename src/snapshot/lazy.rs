@@ -347,7 +347,7 @@ pub(super) fn start(
         })
         .collect();
     let pages = Arc::new(MissingPages::register(uffd, ranges).map_err(|e| fail(e.into()))?);
-    let image = arrival.as_ref().map(|a| Arc::clone(a.image()));
+    let image = arrival.as_ref().and_then(|a| a.image().cloned());
     let shared = Arc::new(Shared {
         snap,
         image,

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     addr::{FrameNumber, PAGE_SIZE},
-    dedup::{DedupError, DedupHost, PageFrame, VmId, VmOptions},
+    dedup::{Arrival, DedupError, DedupHost, PageFrame, VmId, VmOptions},
     memory::GuestMemory,
     userfault::Userfault,
 };
@@ -70,8 +70,11 @@ pub struct LazyFoldedRestore {
     /// Its memory, ready for the VMM's vCPUs and devices now.
     pub memory: Arc<GuestMemory>,
     /// The restore in progress; none where the domain held the whole
-    /// image already.
+    /// image already and nothing is left to arrive.
     lazy: Option<LazyRestore>,
+    /// Then, the host's side: the VM is discarded if this is dropped
+    /// before [`wait`](Self::wait), as any lazy folded restore is.
+    arrival: Option<Arrival>,
     /// What a restore with nothing to fetch did.
     found: LazyStats,
 }
@@ -90,10 +93,13 @@ impl LazyFoldedRestore {
     /// in the clone) the VM is taken out of the host and its pages
     /// discarded: the memory must not run on.
     pub fn wait(self) -> Result<LazyStats, LazyError> {
-        match self.lazy {
-            Some(lazy) => lazy.wait(),
-            None => Ok(self.found),
+        if let Some(lazy) = self.lazy {
+            return lazy.wait();
         }
+        if let Some(arrival) = self.arrival {
+            arrival.arrived().map_err(SnapshotError::from)?;
+        }
+        Ok(self.found)
     }
 }
 
@@ -181,9 +187,10 @@ pub fn restore_folded_lazy(
         let frames = page_frames(layout, start, &image_first, |g| addrs[g] == zero);
         let mem = GuestMemory::with_store(Arc::clone(host.frame_store()), layout.regions())
             .map_err(SnapshotError::from)?;
-        let (vm, memory, _installed, on_image) = fold_in
+        let (arrival, memory, _installed, on_image) = fold_in
             .install_leaving_rest(mem, options, &frames, &key)
             .map_err(SnapshotError::from)?;
+        let vm = arrival.vm();
         let mut outside = LazyStats {
             pages: layout.total(),
             ..LazyStats::default()
@@ -206,26 +213,22 @@ pub fn restore_folded_lazy(
                 vm,
                 memory,
                 lazy: None,
+                arrival: Some(arrival),
                 found: outside,
             });
         }
-        let started = own_memory(&memory).and_then(|own| {
-            let spans = spans(layout, &own, &on_image, &image_first, false);
-            lazy::start(snap, own, spans, uffd, None, false, fold.lazy)
+        // The regions left off it arrive into their own frames; on an
+        // error the arrival, dropped, takes the VM out again.
+        let own = own_memory(&memory)?;
+        let spans = spans(layout, &own, &on_image, &image_first, false);
+        let lazy = lazy::start(snap, own, spans, uffd, Some(arrival), false, fold.lazy)?;
+        return Ok(LazyFoldedRestore {
+            vm,
+            memory,
+            lazy: Some(lazy.with_outside(outside)),
+            arrival: None,
+            found: LazyStats::default(),
         });
-        return match started {
-            Ok(lazy) => Ok(LazyFoldedRestore {
-                vm,
-                memory,
-                lazy: Some(lazy.with_outside(outside)),
-                found: LazyStats::default(),
-            }),
-            Err(e) => {
-                // Nothing of its own arrived: out of the host again.
-                let _ = host.unregister(vm);
-                Err(e)
-            }
-        };
     }
     let image = fold_in
         .arriving_image(&key, addrs, &zero)
@@ -247,6 +250,7 @@ pub fn restore_folded_lazy(
         vm,
         memory,
         lazy: Some(lazy),
+        arrival: None,
         found: LazyStats::default(),
     })
 }
