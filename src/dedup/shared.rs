@@ -17,7 +17,10 @@
 //! 195 (found from outside: metadata was 60 bytes per tracked page); a
 //! by-frame hash table, tried first, sat at 45% load for a quarter of a
 //! million frames (power-of-two buckets) and was 2.5 bytes per tracked
-//! page more, and more again while it grew.
+//! page more, and more again while it grew. The content table holds one
+//! frame per content; an image's repeated contents (more frames of one
+//! content) hang off it in lists kept beside, so no probe chain grows with
+//! the copies.
 
 use std::collections::HashMap;
 
@@ -135,6 +138,13 @@ pub(crate) struct SharedFrames {
     /// Sorted by frame, never overlapping.
     extents: Vec<Extent>,
     by_content: HashTable<u32>,
+    /// Frames of one content beyond the first (an image holds a repeated
+    /// content once per page): `by_content` holds one slot per content, the
+    /// others hang off it in a list here, so a content with thousands of
+    /// frames costs no probe chain of thousands of equal hashes (found by
+    /// measurement: dropping a host with two image clones of a 1 GiB
+    /// guest took 20 s, most of it in removing such entries one by one).
+    dups: HashMap<u32, Link>,
     /// Content addresses (BLAKE3 of the bytes, a snapshot's name for a
     /// content) of the frames filled from one, per domain: how a restore
     /// finds a content it needs without reading it. An entry goes with
@@ -151,6 +161,16 @@ pub(crate) struct SharedFrames {
 
 /// A content address: the BLAKE3 hash of a page's bytes.
 pub(crate) type Address = [u8; 32];
+
+/// A slot's neighbours in its content's list of frames (`NONE`: none); the
+/// first of a list is the one `by_content` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Link {
+    prev: u32,
+    next: u32,
+}
+
+const NONE: u32 = u32::MAX;
 
 impl SharedFrames {
     fn record(&self, slot: u32) -> &Record {
@@ -315,14 +335,86 @@ impl SharedFrames {
                 }
             };
             self.live += 1;
-            let slab = &self.slab;
-            self.by_content
-                .insert_unique(content_key(domain, hash), slot, |&s| {
+            self.index(slot);
+        }
+        self.merge_extents(new);
+    }
+
+    /// Makes live record `slot` findable by its content: the first frame
+    /// of its content goes in `by_content`, any other after it in the
+    /// content's list.
+    fn index(&mut self, slot: u32) {
+        let r = *self.record(slot);
+        let key = content_key(r.domain, r.hash);
+        let slab = &self.slab;
+        let first = self
+            .by_content
+            .find(key, |&s| {
+                let o = slab.get(s);
+                o.domain == r.domain && o.hash == r.hash
+            })
+            .copied();
+        match first {
+            Some(first) => {
+                let next = self.dups.get(&first).map_or(NONE, |l| l.next);
+                self.dups.insert(slot, Link { prev: first, next });
+                self.dups
+                    .entry(first)
+                    .or_insert(Link {
+                        prev: NONE,
+                        next: NONE,
+                    })
+                    .next = slot;
+                if let Some(n) = self.dups.get_mut(&next) {
+                    n.prev = slot;
+                }
+            }
+            None => {
+                self.by_content.insert_unique(key, slot, |&s| {
                     let r = slab.get(s);
                     content_key(r.domain, r.hash)
                 });
+            }
         }
-        self.merge_extents(new);
+    }
+
+    /// Takes live record `slot` out of the content index: its content's
+    /// next frame, if any, takes its place.
+    fn unindex(&mut self, slot: u32) {
+        let r = *self.record(slot);
+        let link = self.dups.remove(&slot).unwrap_or(Link {
+            prev: NONE,
+            next: NONE,
+        });
+        if link.prev == NONE {
+            // The first of its content: in `by_content`.
+            if let Ok(mut e) = self
+                .by_content
+                .find_entry(content_key(r.domain, r.hash), |&s| s == slot)
+            {
+                if link.next == NONE {
+                    e.remove();
+                } else {
+                    *e.get_mut() = link.next;
+                }
+            }
+        } else if let Some(p) = self.dups.get_mut(&link.prev) {
+            p.next = link.next;
+        }
+        if let Some(n) = self.dups.get_mut(&link.next) {
+            n.prev = link.prev;
+        }
+        // A first frame left alone needs no list.
+        for s in [link.prev, link.next] {
+            if self.dups.get(&s)
+                == Some(&Link {
+                    prev: NONE,
+                    next: NONE,
+                })
+            {
+                self.dups.remove(&s);
+            }
+        }
     }
 
     /// Merges `new` (sorted, disjoint from every extent) into the extents:
@@ -467,12 +559,7 @@ impl SharedFrames {
     /// was) is retried by the next `free_unreferenced`, not leaked.
     fn remove(&mut self, store: &FrameStore, slot: u32) -> Result<(), FrameError> {
         let r = *self.record(slot);
-        if let Ok(e) = self
-            .by_content
-            .find_entry(content_key(r.domain, r.hash), |&s| s == slot)
-        {
-            e.remove();
-        }
+        self.unindex(slot);
         if let Some(a) = self.address_of.get(&r.frame.0).copied() {
             if self.by_address.get(&(r.domain, a)) == Some(&r.frame) {
                 self.by_address.remove(&(r.domain, a));
@@ -505,15 +592,11 @@ impl SharedFrames {
             self.slab = Slab::default();
             self.extents = Vec::new();
             self.by_content = HashTable::with_capacity(live);
+            self.dups = HashMap::new();
             for r in records {
                 let Some(s) = self.slab.push(r) else { break };
                 self.extend_extents(r.frame, s);
-                let slab = &self.slab;
-                self.by_content
-                    .insert_unique(content_key(r.domain, r.hash), s, |&x| {
-                        let r = slab.get(x);
-                        content_key(r.domain, r.hash)
-                    });
+                self.index(s);
             }
         }
     }
@@ -525,6 +608,7 @@ impl SharedFrames {
         self.extents.shrink_to_fit();
         self.by_address.shrink_to_fit();
         self.address_of.shrink_to_fit();
+        self.dups.shrink_to_fit();
         let slab = &self.slab;
         self.by_content.shrink_to(0, |&x| {
             let r = slab.get(x);
@@ -547,6 +631,7 @@ impl SharedFrames {
         (self.slab.allocated_bytes()
             + self.extents.capacity() * std::mem::size_of::<Extent>()
             + self.by_content.allocation_size()
+            + self.dups.capacity() * std::mem::size_of::<(u32, Link)>()
             + self.by_address.capacity()
                 * std::mem::size_of::<((DomainId, Address), FrameNumber)>()
             + self.address_of.capacity() * std::mem::size_of::<(u64, Address)>()
@@ -735,7 +820,21 @@ mod tests {
             }
         }
         assert_eq!(live, t.live);
-        assert_eq!(t.by_content.len(), t.live);
+        // Every live record is the first of its content (in `by_content`)
+        // or in the list after one, and the lists link both ways.
+        let listed = t.dups.values().filter(|l| l.prev != NONE).count();
+        assert_eq!(t.by_content.len() + listed, t.live);
+        for (&s, l) in &t.dups {
+            assert_ne!(t.record(s).frame, FREE.frame, "a free slot listed");
+            if l.prev != NONE {
+                assert_eq!(t.dups[&l.prev].next, s);
+            }
+            if l.next != NONE {
+                assert_eq!(t.dups[&l.next].prev, s);
+                let (a, b) = (t.record(s), t.record(l.next));
+                assert!(a.domain == b.domain && a.hash == b.hash);
+            }
+        }
     }
 
     /// Random passes, guest allocations from the same store, references,
