@@ -126,6 +126,15 @@ impl<'h> FoldIn<'h> {
         shared.has_image(self.domain, key) && shared.lookup_image(self.domain, key, pages).is_some()
     }
 
+    /// The image of the domain named `key` whose frame `k` still holds
+    /// `pages[k]` for every `k`, each frame pinned until this restore
+    /// ends: [`image_frames`](Self::image_frames) where it finds one,
+    /// making none otherwise.
+    pub(crate) fn whole_image(&mut self, key: &Address, pages: &[Address]) -> Option<FrameNumber> {
+        let pinned = &mut self.pinned;
+        lock(&self.inner.shared).lookup_image_pinned(self.domain, key, pages, |f| pinned.push(f))
+    }
+
     /// Whether the domain has an image named `key` at all (cheap; it may
     /// have lost frames since, which
     /// [`has_whole_image`](Self::has_whole_image) checks).
@@ -258,16 +267,8 @@ impl<'h> FoldIn<'h> {
         zero: &Address,
         mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
     ) -> Result<(FrameNumber, bool), E> {
-        {
-            let mut shared = lock(&self.inner.shared);
-            if let Some(start) = shared.lookup_image(self.domain, key, pages) {
-                for k in 0..pages.len() {
-                    let f = FrameNumber(start.0 + k as u64);
-                    shared.add_ref(f, 1);
-                    self.pinned.push(f);
-                }
-                return Ok((start, true));
-            }
+        if let Some(start) = self.whole_image(key, pages) {
+            return Ok((start, true));
         }
         if pages.is_empty() {
             return Err(DedupError::Frames(FrameError::Empty).into());

@@ -116,6 +116,40 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Hashes a frame number with [`mix`]: the keys of `address_of` are the
+/// allocator's frame numbers, which no guest chooses, so they need no
+/// keyed hash (SipHash was a third of checking a 1 GiB image).
+#[derive(Clone, Copy, Debug, Default)]
+struct FrameHash;
+
+impl std::hash::BuildHasher for FrameHash {
+    type Hasher = FrameHasher;
+
+    fn build_hasher(&self) -> FrameHasher {
+        FrameHasher(0)
+    }
+}
+
+/// The hasher of [`FrameHash`].
+#[derive(Clone, Copy, Debug, Default)]
+struct FrameHasher(u64);
+
+impl std::hash::Hasher for FrameHasher {
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 ^= x;
+    }
+}
+
 fn content_key(domain: DomainId, hash: u64) -> u64 {
     mix(hash ^ u64::from(domain.0).rotate_left(32))
 }
@@ -151,7 +185,7 @@ pub(crate) struct SharedFrames {
     /// its frame.
     by_address: HashMap<(DomainId, Address), FrameNumber>,
     /// The address of each frame that has one, by frame number.
-    address_of: HashMap<u64, Address>,
+    address_of: HashMap<u64, Address, FrameHash>,
     /// Images (a run of frames holding a snapshot's pages in page order)
     /// by their key, per domain: where each starts. An entry may outlive
     /// frames of its image; [`lookup_image`](Self::lookup_image) checks
@@ -259,6 +293,24 @@ impl SharedFrames {
             self.images.remove(&(domain, *key));
         }
         whole.then_some(start)
+    }
+
+    /// [`lookup_image`](Self::lookup_image), and a reference on each of
+    /// the image's frames taken at once (`pin` is told each frame).
+    pub(crate) fn lookup_image_pinned(
+        &mut self,
+        domain: DomainId,
+        key: &Address,
+        pages: &[Address],
+        mut pin: impl FnMut(FrameNumber),
+    ) -> Option<FrameNumber> {
+        let start = self.lookup_image(domain, key, pages)?;
+        for k in 0..pages.len() {
+            let f = FrameNumber(start.0 + k as u64);
+            self.add_ref(f, 1);
+            pin(f);
+        }
+        Some(start)
     }
 
     /// Whether an image of `domain` is named `key` (it may have lost
