@@ -16,8 +16,7 @@ use std::{
 use pagefold::{
     dedup::VmOptions,
     snapshot::{
-        restore_folded_lazy, save, FetchHook, LazyFoldOptions, LazyOptions, SaveOptions,
-        SnapshotReader,
+        restore_folded_lazy, save, LazyFoldOptions, LazyOptions, SaveOptions, SnapshotReader,
     },
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
@@ -25,45 +24,11 @@ use pagefold::{
 mod common;
 use common::{
     folded::{host, image, pages, saved, source},
+    lazy::{gated_options, touch},
     temp_dir::TempDir,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// Reads a page through its raw host pointer (faulting it in).
-fn touch(mem: &GuestMemory, gpa: GuestPhysAddr) -> Vec<u8> {
-    let hva = mem.host_address(gpa).unwrap().0 as *const u8;
-    let mut out = vec![0u8; PAGE_SIZE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: `hva` is the page's host address in a live mapping of
-        // the memory, which outlives this call.
-        *b = unsafe { std::ptr::read_volatile(hva.add(i)) };
-    }
-    out
-}
-
-/// A hook that holds the fetch thread until `gate` opens (or 30 s pass:
-/// a failed test never hangs).
-fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
-    let gate = Arc::clone(gate);
-    Arc::new(move |_| {
-        let t0 = Instant::now();
-        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        gate.store(true, Ordering::Release);
-    })
-}
-
-fn gated_options(gate: &Arc<AtomicBool>) -> LazyFoldOptions {
-    LazyFoldOptions {
-        lazy: LazyOptions {
-            on_fetch: Some(gated(gate)),
-            ..LazyOptions::default()
-        },
-        ..LazyFoldOptions::default()
-    }
-}
 
 /// Options whose fetch never starts within a test (dropping the restore
 /// stops the wait at once): every page arrives on fault.

@@ -10,19 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
 };
 
 use pagefold::{
     dedup::{DedupError, VmOptions},
-    snapshot::{
-        restore_folded_lazy, FetchHook, LazyError, LazyFoldOptions, LazyOptions, SnapshotReader,
-    },
+    snapshot::{restore_folded_lazy, LazyError, LazyFoldOptions, SnapshotReader},
     GuestMemory, GuestPhysAddr, PAGE_SIZE,
 };
 use rand::{seq::SliceRandom, SeedableRng};
@@ -30,45 +25,9 @@ use rand::{seq::SliceRandom, SeedableRng};
 mod common;
 use common::{
     folded::{host, image, layout, nonzero, pages, saved, source},
+    lazy::{gated_options, touch},
     temp_dir::TempDir,
 };
-
-/// Reads a page through its raw host pointer (faulting it in).
-fn touch(mem: &GuestMemory, gpa: GuestPhysAddr) -> Vec<u8> {
-    let hva = mem.host_address(gpa).unwrap().0 as *const u8;
-    let mut out = vec![0u8; PAGE_SIZE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: `hva` is the page's host address in a live mapping of
-        // the memory, which outlives this call.
-        *b = unsafe { std::ptr::read_volatile(hva.add(i)) };
-    }
-    out
-}
-
-/// A hook that holds the fetch thread until `gate` opens, so the touches
-/// before it are served on fault.
-fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
-    let gate = Arc::clone(gate);
-    Arc::new(move |_| {
-        let t0 = std::time::Instant::now();
-        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Open for good: a test that failed with the gate shut does not
-        // hold the fetch (and its drop) for every page.
-        gate.store(true, Ordering::Release);
-    })
-}
-
-fn gated_options(gate: &Arc<AtomicBool>) -> LazyFoldOptions {
-    LazyFoldOptions {
-        lazy: LazyOptions {
-            on_fetch: Some(gated(gate)),
-            ..LazyOptions::default()
-        },
-        ..LazyFoldOptions::default()
-    }
-}
 
 fn snapshot(dir: &TempDir, salt: u64) -> (GuestMemory, Arc<SnapshotReader>) {
     let (orig, _) = source(salt);

@@ -19,5 +19,8 @@ pub(crate) mod small_vms;
 // indexes are small.
 #[allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
 pub(crate) mod folded;
+// Each test binary uses a subset; a failed unwrap is a failed test.
+#[allow(dead_code, clippy::unwrap_used)]
+pub(crate) mod lazy;
 pub(crate) mod strategies;
 pub(crate) mod temp_dir;
