@@ -171,13 +171,18 @@ pub fn restore_folded_lazy(
             .enumerate()
             .try_for_each(|(c, chunk)| {
                 let base = region_first + (c * LOCATE_CHUNK) as u64;
-                for (k, a) in chunk.iter_mut().enumerate() {
-                    *a = match snap.locate(base + k as u64)? {
-                        Located::Zero => zero,
-                        Located::Stored { file, slot } => stored_hash(file, slot)?,
-                    };
-                }
-                Ok::<(), SnapshotError>(())
+                snap.locate_each(base, chunk.len() as u64, |page, located| {
+                    if let Located::Stored { file, slot } = located {
+                        // `page` is `base + k` for `k` below the chunk's length.
+                        if let Some(a) = usize::try_from(page - base)
+                            .ok()
+                            .and_then(|k| chunk.get_mut(k))
+                        {
+                            *a = stored_hash(file, slot)?;
+                        }
+                    }
+                    Ok(())
+                })
             })?;
     }
     if addrs.is_empty() {

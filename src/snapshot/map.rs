@@ -137,6 +137,33 @@ impl PageMap {
         Ok(PageMap { runs, starts })
     }
 
+    /// Where each of pages `first..first + n` is, in order, told to `f`:
+    /// one binary search, then the runs walked (a lookup per page costs a
+    /// search of every run per page).
+    pub(crate) fn sources(&self, first: u64, n: u64, mut f: impl FnMut(u64, PageSource)) {
+        let mut i = self
+            .starts
+            .partition_point(|&s| s <= first)
+            .saturating_sub(1);
+        let mut page = first;
+        let end = first.saturating_add(n);
+        while page < end {
+            let (Some(run), Some(&start)) = (self.runs.get(i), self.starts.get(i)) else {
+                // Past the map (never for pages below its total): zeros.
+                f(page, PageSource::Zero);
+                page += 1;
+                continue;
+            };
+            let run_end = start + u64::from(run.pages);
+            if page >= run_end {
+                i += 1;
+                continue;
+            }
+            f(page, run.source(page - start));
+            page += 1;
+        }
+    }
+
     /// Where page `page` (an index into the layout's pages, below the
     /// total the map was checked against) is.
     pub(crate) fn source(&self, page: u64) -> PageSource {
@@ -272,6 +299,18 @@ mod tests {
             assert_eq!(map.source(i as u64), p, "page {i}");
         }
         assert_eq!(map.source(pages.len() as u64 + 4), PageSource::Zero);
+        // Walking the runs says what a lookup per page says, from any
+        // page and for any length, past the end too.
+        let total = pages.len() as u64 + 5;
+        for first in 0..total {
+            for n in 0..=total + 2 - first {
+                let mut seen = Vec::new();
+                map.sources(first, n, |p, s| seen.push((p, s)));
+                let want: Vec<(u64, PageSource)> =
+                    (first..first + n).map(|p| (p, map.source(p))).collect();
+                assert_eq!(seen, want, "from {first}, {n} pages");
+            }
+        }
         assert!(PageMap::parse(&bytes, 0, false, 4, 17).is_err());
         assert!(PageMap::parse(&bytes, 0, true, 3, 17).is_err());
         assert!(PageMap::parse(&bytes, 0, true, 4, 18).is_err());

@@ -479,20 +479,51 @@ impl SnapshotReader {
                 PageSource::Parent => {
                     at = at.parent.as_deref().ok_or(missing(at.header.parent))?;
                 }
-                PageSource::Content(n) => {
-                    return match at.table.slot(n) {
-                        Slot::Local(slot) => Ok(Located::Stored { file: at, slot }),
-                        Slot::Ancestor { depth, slot } => {
-                            let mut anc = at;
-                            for _ in 0..depth {
-                                anc = anc.parent.as_deref().ok_or(missing(anc.header.parent))?;
-                            }
-                            Ok(Located::Stored { file: anc, slot })
-                        }
-                    }
-                }
+                PageSource::Content(n) => return at.content_at(n, page),
             }
         }
+    }
+
+    /// Where content `n` of this file's table (page `page`'s) is stored:
+    /// here, or in the ancestor the table names.
+    fn content_at(&self, n: u64, page: u64) -> Result<Located<'_>, SnapshotError> {
+        match self.table.slot(n) {
+            Slot::Local(slot) => Ok(Located::Stored { file: self, slot }),
+            Slot::Ancestor { depth, slot } => {
+                let mut anc = self;
+                for _ in 0..depth {
+                    anc = anc.parent.as_deref().ok_or(SnapshotError::ParentMissing {
+                        gpa: self.layout.addr_of(page).unwrap_or(GuestPhysAddr(0)),
+                        parent: anc.header.parent,
+                    })?;
+                }
+                Ok(Located::Stored { file: anc, slot })
+            }
+        }
+    }
+
+    /// [`locate`](Self::locate) of pages `first..first + n`, in order,
+    /// each told to `f` (stopping at its first error): this file's map is
+    /// walked by runs, an ancestor's looked up per page it holds.
+    pub(crate) fn locate_each(
+        &self,
+        first: u64,
+        n: u64,
+        mut f: impl FnMut(u64, Located<'_>) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        let mut out = Ok(());
+        self.map.sources(first, n, |page, source| {
+            if out.is_err() {
+                return;
+            }
+            let located = match source {
+                PageSource::Zero => Ok(Located::Zero),
+                PageSource::Content(c) => self.content_at(c, page),
+                PageSource::Parent => self.locate(page),
+            };
+            out = located.and_then(|l| f(page, l));
+        });
+        out
     }
 
     /// Reads stored slots `first..` into `dst` (whole pages), one `pread`,
