@@ -889,6 +889,152 @@ mod tests {
         }
     }
 
+    /// Many frames per content (lists of dozens), and frees that fail (a
+    /// store that never allocated the frames: `NotAllocated` after the
+    /// record was unindexed) retried any number of times, through
+    /// `drop_ref` and `free_unreferenced`, with compactions and reused
+    /// slots between: the lists stay linked both ways, a content is found
+    /// while a frame of it is indexed, and a retried `unindex` corrupts
+    /// nothing. Written by a review of the lists.
+    #[test]
+    fn lists_survive_failed_frees_and_their_retries() -> Result<(), FrameError> {
+        use std::collections::HashMap;
+
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        for seed in 0..3 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let store = FrameStore::memfd()?;
+            let bad = FrameStore::memfd()?;
+            let mut t = SharedFrames::default();
+            // frame -> (hash, refs, indexed)
+            let mut m: HashMap<u64, (u64, u32, bool)> = HashMap::new();
+            let mut ever: Vec<u64> = Vec::new();
+            for step in 0..400 {
+                match rng.gen_range(0..100) {
+                    0..=19 => {
+                        let n = if rng.gen_bool(0.2) {
+                            rng.gen_range(CHUNK as u64 / 2..CHUNK as u64 + 500)
+                        } else {
+                            rng.gen_range(1..200)
+                        };
+                        let r = store.allocate(n)?;
+                        let c: Vec<u64> = (0..r.count).map(|_| rng.gen_range(0..4u64)).collect();
+                        t.insert_run(r.start, c.iter().map(|&h| (DomainId(1), h)));
+                        for (k, &h) in c.iter().enumerate() {
+                            let f = r.start.0 + k as u64;
+                            t.add_ref(FrameNumber(f), 1);
+                            assert!(m.insert(f, (h, 1, true)).is_none());
+                            ever.push(f);
+                        }
+                    }
+                    20..=59 if !ever.is_empty() => {
+                        let f = ever[rng.gen_range(0..ever.len())];
+                        let fail = rng.gen_bool(0.3);
+                        let s = if fail { &bad } else { &store };
+                        let res = t.drop_ref(s, FrameNumber(f));
+                        if let Some(e) = m.get_mut(&f) {
+                            e.1 = e.1.saturating_sub(1);
+                            if e.1 == 0 {
+                                if fail {
+                                    assert!(res.is_err());
+                                    e.2 = false;
+                                } else {
+                                    res?;
+                                    m.remove(&f);
+                                }
+                            }
+                        }
+                    }
+                    60..=69 => {
+                        // A retry that fails again, or one that frees all.
+                        if rng.gen_bool(0.5) {
+                            let _ = t.free_unreferenced(&bad);
+                            for e in m.values_mut().filter(|e| e.1 == 0) {
+                                e.2 = false;
+                            }
+                        } else {
+                            t.free_unreferenced(&store)?;
+                            m.retain(|_, e| e.1 > 0);
+                        }
+                    }
+                    70..=74 => t.trim(),
+                    75..=79 => {
+                        // Most frames dropped at once (a VM gone): frees
+                        // in numbers, some failing, then a compaction.
+                        let mut fs: Vec<u64> =
+                            m.iter().filter(|(_, e)| e.1 > 0).map(|(&f, _)| f).collect();
+                        fs.sort_unstable();
+                        for f in fs {
+                            if rng.gen_bool(0.3) {
+                                continue;
+                            }
+                            let fail = rng.gen_bool(0.1);
+                            let res = t.drop_ref(if fail { &bad } else { &store }, FrameNumber(f));
+                            if let Some(e) = m.get_mut(&f) {
+                                e.1 -= 1;
+                                if e.1 == 0 {
+                                    if fail {
+                                        assert!(res.is_err());
+                                        e.2 = false;
+                                    } else {
+                                        res?;
+                                        m.remove(&f);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if step % 4 != 0 {
+                    continue;
+                }
+                let unindexed = m.values().filter(|e| !e.2).count();
+                let listed = t.dups.values().filter(|l| l.prev != NONE).count();
+                assert_eq!(
+                    t.by_content.len() + listed + unindexed,
+                    t.live,
+                    "seed {seed} step {step}"
+                );
+                for (&s, l) in &t.dups {
+                    assert_ne!(t.record(s).frame, FREE.frame, "a free slot listed");
+                    if l.prev != NONE {
+                        assert_eq!(t.dups[&l.prev].next, s, "seed {seed} step {step}");
+                    }
+                    if l.next != NONE {
+                        assert_eq!(t.dups[&l.next].prev, s, "seed {seed} step {step}");
+                    }
+                }
+                assert_eq!(t.len(), m.len() as u64);
+                for h in 0..4u64 {
+                    let any = m.values().any(|e| e.0 == h && e.2);
+                    let found = t.lookup(DomainId(1), h);
+                    assert_eq!(found.is_some(), any, "seed {seed} step {step} hash {h}");
+                    if let Some(f) = found {
+                        assert!(m.get(&f.0).is_some_and(|e| e.0 == h && e.2));
+                    }
+                }
+                // Every list, walked from its first, holds its content's
+                // indexed frames, each once.
+                for &first in t.by_content.iter() {
+                    let h = t.record(first).hash;
+                    let mut n = 0;
+                    let mut s = first;
+                    while s != NONE {
+                        let r = t.record(s);
+                        assert!(m.get(&r.frame.0).is_some_and(|e| e.0 == h && e.2));
+                        n += 1;
+                        s = t.dups.get(&s).map_or(NONE, |l| l.next);
+                        assert!(n <= m.len(), "a cycle, seed {seed} step {step}");
+                    }
+                    let want = m.values().filter(|e| e.0 == h && e.2).count();
+                    assert_eq!(n, want, "seed {seed} step {step} hash {h}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Random passes, guest allocations from the same store, references,
     /// drops, recounts, frees and trims against a map of frame -> (domain,
     /// hash, references), with the store's own count of frames (a frame
