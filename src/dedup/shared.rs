@@ -116,9 +116,10 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Hashes a frame number with [`mix`]: the keys of `address_of` are the
-/// allocator's frame numbers, which no guest chooses, so they need no
-/// keyed hash (SipHash was a third of checking a 1 GiB image).
+/// Hashes a frame number (or a slot) with [`mix`]: the keys of
+/// `address_of` and `dups` are the allocator's frame numbers and the
+/// slab's slots, which no guest chooses, so they need no keyed hash
+/// (SipHash was a third of checking a 1 GiB image).
 #[derive(Clone, Copy, Debug, Default)]
 struct FrameHash;
 
@@ -147,6 +148,10 @@ impl std::hash::Hasher for FrameHasher {
 
     fn write_u64(&mut self, x: u64) {
         self.0 ^= x;
+    }
+
+    fn write_u32(&mut self, x: u32) {
+        self.0 ^= u64::from(x);
     }
 }
 
@@ -178,7 +183,7 @@ pub(crate) struct SharedFrames {
     /// frames costs no probe chain of thousands of equal hashes (found by
     /// measurement: dropping a host with two image clones of a 1 GiB
     /// guest took 20 s, most of it in removing such entries one by one).
-    dups: HashMap<u32, Link>,
+    dups: HashMap<u32, Link, FrameHash>,
     /// Content addresses (BLAKE3 of the bytes, a snapshot's name for a
     /// content) of the frames filled from one, per domain: how a restore
     /// finds a content it needs without reading it. An entry goes with
@@ -644,7 +649,7 @@ impl SharedFrames {
             self.slab = Slab::default();
             self.extents = Vec::new();
             self.by_content = HashTable::with_capacity(live);
-            self.dups = HashMap::new();
+            self.dups = HashMap::default();
             for r in records {
                 let Some(s) = self.slab.push(r) else { break };
                 self.extend_extents(r.frame, s);
