@@ -6,48 +6,23 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
 };
 
 use pagefold::{
     dedup::VmOptions,
-    snapshot::{restore_folded_lazy, FetchHook, LazyFoldOptions, LazyOptions},
+    snapshot::{restore_folded_lazy, LazyFoldOptions},
     PAGE_SIZE,
 };
 
 mod common;
 use common::{
     folded::{host, image, layout, nonzero, saved, source},
+    lazy::gated_options,
     temp_dir::TempDir,
 };
-
-/// A hook that holds the fetch thread until `gate` opens (or 30 s pass:
-/// a failed test never hangs).
-fn gated(gate: &Arc<AtomicBool>) -> FetchHook {
-    let gate = Arc::clone(gate);
-    Arc::new(move |_| {
-        let t0 = Instant::now();
-        while !gate.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        gate.store(true, Ordering::Release);
-    })
-}
-
-fn gated_options(gate: &Arc<AtomicBool>) -> LazyFoldOptions {
-    LazyFoldOptions {
-        lazy: LazyOptions {
-            on_fetch: Some(gated(gate)),
-            ..LazyOptions::default()
-        },
-        ..LazyFoldOptions::default()
-    }
-}
 
 fn excluding_second() -> VmOptions {
     VmOptions {
