@@ -118,14 +118,6 @@ impl<'h> FoldIn<'h> {
         })
     }
 
-    /// Whether the domain has an image named `key` whose frame `k` still
-    /// holds `pages[k]` for every `k` (what
-    /// [`image_frames`](Self::image_frames) would find rather than make).
-    pub(crate) fn has_whole_image(&self, key: &Address, pages: &[Address]) -> bool {
-        let mut shared = lock(&self.inner.shared);
-        shared.has_image(self.domain, key) && shared.lookup_image(self.domain, key, pages).is_some()
-    }
-
     /// The image of the domain named `key` whose frame `k` still holds
     /// `pages[k]` for every `k`, each frame pinned until this restore
     /// ends: [`image_frames`](Self::image_frames) where it finds one,
@@ -137,7 +129,7 @@ impl<'h> FoldIn<'h> {
 
     /// Whether the domain has an image named `key` at all (cheap; it may
     /// have lost frames since, which
-    /// [`has_whole_image`](Self::has_whole_image) checks).
+    /// [`whole_image`](Self::whole_image) checks).
     pub(crate) fn has_image(&self, key: &Address) -> bool {
         lock(&self.inner.shared).has_image(self.domain, key)
     }
@@ -326,7 +318,7 @@ impl<'h> FoldIn<'h> {
     /// named `key` that clones map while it arrives (`arriving.rs`): the
     /// one a clone restored lazily before made, if it is still arriving,
     /// else new frames. The caller looked for a whole image first
-    /// ([`has_whole_image`](Self::has_whole_image)).
+    /// ([`whole_image`](Self::whole_image)).
     pub(crate) fn arriving_image(
         &mut self,
         key: &Address,

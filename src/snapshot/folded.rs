@@ -257,21 +257,21 @@ pub fn restore_folded_with(
         zero,
     };
     let mut fold_in = host.fold_in(options.domain)?;
-    // The whole image's page addresses, where one was looked for.
+    // The whole image's page addresses, where one was looked for, and
+    // where it starts if found (pinned: the image path maps it as found,
+    // with no second check of every frame).
     let mut whole_addrs = None;
+    let mut whole_start = None;
     let choice = match fold.layout {
         FoldLayout::Contents => Choice::Contents,
         FoldLayout::Image => Choice::Image(Arc::default()),
         FoldLayout::Auto => {
-            let whole = if fold_in.has_image(&key) {
+            if fold_in.has_image(&key) {
                 let a = planned.image_addrs(layout.total(), &[])?;
-                let whole = fold_in.has_whole_image(&key, &a);
+                whole_start = fold_in.whole_image(&key, &a);
                 whole_addrs = Some(a);
-                whole
-            } else {
-                false
-            };
-            if whole {
+            }
+            if whole_start.is_some() {
                 // Its contents are all there in an image: no memory
                 // either way, and a remap per region.
                 Choice::Image(Arc::default())
@@ -321,6 +321,8 @@ pub fn restore_folded_with(
             // Every page mapped by content: no image to make.
             let (start, found) = if page_addrs.is_empty() {
                 (FrameNumber(0), true)
+            } else if let Some(start) = whole_start.filter(|_| cover.is_empty()) {
+                (start, true)
             } else {
                 fold_in.image_frames(&image_key, &page_addrs, &zero, |first, dst: &mut [u8]| {
                     let n = dst.len() / PAGE_SIZE;
